@@ -1,0 +1,33 @@
+# Both entry points create .venv when missing and install what they need.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+JOBS ?= 2
+
+.PHONY: test demo zoo bench install clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python setup.cfg setup.py
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n $(JOBS) --durations=15 tests
+
+demo: $(STAMP)
+	$(BIN)/sparsify demo --out demo-out
+
+zoo: $(STAMP)
+	$(BIN)/python benchmarks/zoo.py --out docs/coverage.md
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis demo-out

@@ -1,0 +1,178 @@
+"""The functions users call: ``sparsify``, ``plan``, ``step``, ``penalty``, ``report``,
+``finalize``, ``param_groups``."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from .build import build
+from .finalize import finalize_model
+from .methods import get_method
+from .plan import Plan
+from .recipe import load_recipe
+from .report import Report, build_report
+from .schedules import resolve_time
+from .state import find_state, unwrap
+
+__all__ = ["sparsify", "plan", "step", "penalty", "report", "finalize", "param_groups"]
+
+
+def _check_times(recipe, total_steps):
+    if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
+                                    or total_steps <= 0):
+        raise ValueError(f"total_steps must be a positive number of optimizer steps, got {total_steps!r}")
+    for rule in recipe.rules:
+        if rule.method is None:
+            continue
+        for key in get_method(rule.method).schedule_keys:
+            resolve_time(rule.params.get(key), total_steps, what=f"{rule.path}.params.{key}")
+
+
+def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int | None = None,
+             inplace: bool = False, **overrides) -> nn.Module:
+    """Return a copy of ``model`` rewritten by ``recipe`` for sparse training.
+
+    ``recipe`` is a built-in name (``sparsify recipes`` lists them), a path to a JSON file, or a
+    dict. ``overrides`` set recipe parameters (``sparsity=0.95``, ``end=2000``). ``total_steps``
+    is the number of optimizer steps of the run, needed when the recipe gives times as fractions.
+    ``example_inputs`` (a tensor or a tuple) fix the shapes used for MAC counts and the
+    ``finalize`` check; without them a 224² image (or the first layer's natural size) is tried.
+    The caller's model is never modified unless ``inplace=True`` (then no weight is copied).
+
+    >>> import torch, torchvision, sparsify
+    >>> m = sparsify.sparsify(torchvision.models.resnet18(), "st3", total_steps=1000)
+    >>> type(m.layer1[0].conv1).__name__
+    'ST3Conv2d'
+    """
+    recipe = load_recipe(recipe, **overrides)
+    _check_times(recipe, total_steps)
+    root, plan_ = build(model, recipe, example_inputs=example_inputs, total_steps=total_steps, inplace=inplace)
+    for i in plan_.unmatched_rules:
+        warnings.warn(f"sparsify: rule {i} of recipe {recipe.name!r} matched nothing "
+                      f"({recipe.rules[i].match}); see sparsify.plan(model, recipe)", stacklevel=2)
+    return root
+
+
+def plan(model: nn.Module, recipe, *, example_inputs=None, total_steps: int | None = None, **overrides) -> Plan:
+    """Dry run: what ``sparsify`` would rewrite, what stays dense and why, and the parameter and
+    MAC shares of the rewritten layers. The model is not modified.
+
+    >>> import torchvision, sparsify
+    >>> p = sparsify.plan(torchvision.models.resnet18(), "st3")
+    >>> len(p.rewritten)
+    21
+    """
+    recipe = load_recipe(recipe, **overrides)
+    _, plan_ = build(model, recipe, example_inputs=example_inputs, total_steps=total_steps, dry_run=True)
+    return plan_
+
+
+def step(model: nn.Module, loss=None) -> int:
+    """Advance the schedules by one optimizer step; call it right after ``optimizer.step()``.
+
+    Recomputes thresholds and masks, moves staged recipes forward and forgets recorded
+    penalties. ``loss`` (a float or tensor) is used by methods that track the best step
+    (semi-structured masks). Returns the new step count.
+
+    >>> import torch, sparsify
+    >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), "st3", begin=0, end=2, fix=None)
+    >>> sparsify.step(m)
+    1
+    """
+    state = find_state(model)
+    if loss is not None and isinstance(loss, torch.Tensor):
+        loss = float(loss.detach())
+    with torch.no_grad():
+        state.step += 1
+        t = int(state.step)
+        for group in state.groups.values():
+            group.clear()
+            group.update(t, loss)
+    for group in state.groups.values():
+        for msg in getattr(group, "warnings", lambda: [])():
+            if msg not in state.warned:
+                state.warned.add(msg)
+                warnings.warn(msg, stacklevel=2)
+    return t
+
+
+def penalty(model: nn.Module):
+    """The sum of the activation regularizers recorded by the last training-mode forward (then
+    forgotten), in float32; ``0.0`` when the recipe regularizes nothing.
+
+    >>> import torch, sparsify
+    >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), "st3", begin=0, end=2, fix=None)
+    >>> sparsify.penalty(m)
+    0.0
+    """
+    state = find_state(model)
+    terms = [p for g in state.groups.values() if (p := g.penalty()) is not None]
+    if not terms:
+        return 0.0
+    return torch.stack([t.float().reshape(()) for t in terms]).sum()
+
+
+def report(model: nn.Module) -> Report:
+    """Per-layer and global target vs achieved sparsity, parameters and MACs (dense / non-zero).
+
+    >>> import torch, sparsify
+    >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), "st3", begin=0, end=0, fix=None)
+    >>> sparsify.report(m).totals["weight_sparsity"] >= 0.5
+    True
+    """
+    state = find_state(model)
+    return build_report(unwrap(model), state)
+
+
+def finalize(model: nn.Module, example_inputs=None, *, check: bool = True, rtol: float = 1e-4,
+             atol: float = 1e-5) -> nn.Module:
+    """A deployable copy: plain ``nn.Conv2d`` / ``nn.Linear`` holding the effective weights,
+    inserted nodes folded or removed, no sparsify state. Its eval output is checked against the
+    sparse model's on ``example_inputs`` (default: those given to ``sparsify``) and a
+    ``FinalizeError`` is raised if they differ. The training model is not modified.
+
+    >>> import torch, sparsify
+    >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), "st3", begin=0, end=0, fix=None)
+    >>> type(sparsify.finalize(m)[0]).__name__
+    'Linear'
+    """
+    return finalize_model(model, example_inputs, check=check, rtol=rtol, atol=atol)
+
+
+def param_groups(model: nn.Module, weight_decay: float = 0.0, *, no_decay: tuple[str, ...] = (),
+                 **options) -> list[dict]:
+    """Optimizer parameter groups that give each method what it needs.
+
+    Every parameter gets ``weight_decay`` except names ending with one of ``no_decay`` (e.g.
+    ``("bias", "bn")``-style suffixes); methods may add groups of their own (STR's thresholds
+    must be decayed to sparsify). ``options`` (``lr=...``) go into every group.
+
+    >>> import torch, sparsify
+    >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), "st3", begin=0, end=0, fix=None)
+    >>> [g["weight_decay"] for g in sparsify.param_groups(m, 1e-4)]
+    [0.0001]
+    """
+    state = find_state(model)
+    root = unwrap(model)
+    claimed = {}
+    groups = []
+    for g in state.groups.values():
+        for params, opts in getattr(g, "param_options", lambda wd: [])(weight_decay):
+            params = [p for p in params if id(p) not in claimed]
+            for p in params:
+                claimed[id(p)] = True
+            if params:
+                groups.append({"params": params, **options, **opts})
+    decay, plain = [], []
+    for name, p in root.named_parameters():
+        if id(p) in claimed:
+            continue
+        (plain if no_decay and name.endswith(tuple(no_decay)) else decay).append(p)
+    base = []
+    if decay:
+        base.append({"params": decay, "weight_decay": weight_decay, **options})
+    if plain:
+        base.append({"params": plain, "weight_decay": 0.0, **options})
+    return base + groups

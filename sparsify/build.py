@@ -1,0 +1,241 @@
+"""From (model, recipe) to a rewritten model and its plan.
+
+Two traces at most: a full-depth one to find what the rules select, then, only if some traced
+submodule holds nothing to rewrite, one that keeps exactly those submodules as leaves (so their
+``self.training`` branches stay live: stochastic depth still switches off in ``eval()``).
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch.fx as fx
+from torch import nn
+
+from passes import PassResult, Pipeline, first_and_last, node_name, target_module, trace
+from passes.tracing import TraceResult, module_path_of  # noqa: F401  (module_path_of documents the meta used)
+
+from .macs import guess_example_inputs, positions_per_sample
+from .matching import Candidate, compile_match
+from .methods import SparseWeightMixin, get_method
+from .methods.base import WEIGHT_TYPES, GroupContext, Site
+from .plan import Plan, PlanEntry
+from .recipe import Recipe
+from .state import STATE_ATTR, SparsifyState
+
+__all__ = ["build", "check_model"]
+
+_WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel")
+
+
+def check_model(model) -> None:
+    """Reject what ``sparsify`` cannot take, saying what to do instead."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sparsify takes a torch.nn.Module, got {type(model).__name__}")
+    if type(model).__name__ in _WRAPPERS:
+        raise TypeError(f"the model is wrapped in {type(model).__name__}: call sparsify on the plain model "
+                        "first, then wrap the result (DDP(sparsify.sparsify(model, recipe)))")
+    if hasattr(model, "_orig_mod"):
+        raise TypeError("the model was compiled with torch.compile: call sparsify on the plain model, "
+                        "then torch.compile the result")
+    for name, m in model.named_modules():
+        if isinstance(m, (SparsifyState, SparseWeightMixin)):
+            raise ValueError(f"the model is already sparsified ({name or 'root'} is "
+                             f"{type(m).__name__}): start from the dense model, or call "
+                             "sparsify.finalize(model) to get plain modules first")
+
+
+@dataclass
+class _Rule:
+    rule: object
+    pred: object
+    method: object  # Method or None
+
+
+class _Matcher:
+    def __init__(self, recipe: Recipe):
+        self.rules = [_Rule(r, compile_match(r.match), get_method(r.method) if r.method else None)
+                      for r in recipe.rules]
+        self.matched_any: set[int] = set()
+
+    def winner(self, c: Candidate):
+        """The last rule that matches ``c`` (a rule with a module method only matches its targets)."""
+        win = None
+        for r in self.rules:
+            if r.method is not None and r.method.site == "module" and not isinstance(c.module, r.method.targets):
+                continue
+            if r.method is not None and r.method.site == "node" and c.node is None:
+                continue
+            if r.pred(c):
+                self.matched_any.add(r.rule.index)
+                win = r
+        return win
+
+
+def _candidates(tr: TraceResult, root: nn.Module) -> list[Candidate]:
+    out = []
+    is_compute = lambda n, m: m is not None and isinstance(m, WEIGHT_TYPES)  # noqa: E731
+    for prefix, gm in tr.graphs.items():
+        first, last = first_and_last(gm, is_compute)
+        for node in gm.graph.nodes:
+            if node.op in ("placeholder", "output", "get_attr"):
+                continue
+            out.append(Candidate(node_name(node, prefix), target_module(gm, node), node, gm, prefix,
+                                 node.name in first, node.name in last))
+    for name in tr.direct:
+        out.append(Candidate(name, root.get_submodule(name)))
+    return out
+
+
+def _enclosing(c: Candidate) -> list[str]:
+    """Qualified names of the modules whose forward contains ``c`` (not ``c``'s own module)."""
+    if c.node is None:
+        return []
+    paths = [v[0] for v in (c.node.meta.get("nn_module_stack") or {}).values()]
+    if c.node.op == "call_module" and paths and paths[-1] == c.node.target:
+        paths = paths[:-1]
+    q = lambda p: f"{c.prefix}.{p}" if c.prefix else p  # noqa: E731
+    return [q(p) for p in paths if p]
+
+
+def _trace(root: nn.Module, matcher: _Matcher):
+    def is_site(name, m):
+        w = matcher.winner(Candidate(name, m))
+        return w is not None and w.method is not None
+
+    tr = trace(root, None, is_site=is_site)
+    cands = _candidates(tr, root)
+    descended, needed = set(), set()
+    for c in cands:
+        paths = _enclosing(c)
+        descended.update(paths)
+        w = matcher.winner(c)
+        if w is not None and w.method is not None:
+            needed.update(paths)
+    if descended <= needed:
+        return tr, cands, cands
+    first_cands = cands
+    tr = trace(root, lambda name, m: name in needed, is_site=is_site)
+    return tr, _candidates(tr, root), first_cands
+
+
+def _dense_reasons(root: nn.Module, tr: TraceResult, all_cands: list[Candidate], matcher: _Matcher,
+                   rewritten: set[str]) -> list[PlanEntry]:
+    """Every Conv/Linear weight (and MultiheadAttention projection) left dense, with why."""
+    by_name = {c.name: c for c in all_cands}
+    get_attr_owners = {}
+    for prefix, gm in tr.graphs.items():
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                owner = str(node.target).rpartition(".")[0]
+                get_attr_owners[f"{prefix}.{owner}" if prefix else owner] = prefix or "<root>"
+    leaves = {}  # torch leaf modules that own weight layers (e.g. MultiheadAttention)
+    for name, m in root.named_modules():
+        if not isinstance(m, WEIGHT_TYPES) and fx.Tracer().is_leaf_module(m, "") and any(
+                isinstance(c, WEIGHT_TYPES) for c in m.modules()):
+            leaves[name] = m
+    fallbacks = [f.name for f in tr.fallbacks]
+    entries = []
+    for name, m in root.named_modules():
+        if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
+            entries.append(PlanEntry(f"{name}.in_proj_weight", "MultiheadAttention.in_proj_weight", None, None,
+                                     "parameter read directly by nn.MultiheadAttention (no module call to rewrite)",
+                                     m.in_proj_weight.numel()))
+        if not isinstance(m, WEIGHT_TYPES) or name in rewritten:
+            continue
+        owner_leaf = next((leaf for leaf in leaves if name.startswith(leaf + ".")), None)
+        c = by_name.get(name)
+        w = matcher.winner(c) if c is not None else None
+        if name in get_attr_owners:
+            reason = f"weight read outside a module call (get_attr in graph {get_attr_owners[name]})"
+        elif owner_leaf is not None:
+            reason = f"inside leaf {type(leaves[owner_leaf]).__name__} {owner_leaf}, which reads the weights directly"
+        elif w is not None and w.method is None:
+            reason = f"excluded by rule {w.rule.index}"
+        elif w is not None:
+            reason = w.method.accepts(Site(name, m)) or "not rewritten"
+        elif any(name.startswith(f + ".") or f == "" for f in fallbacks):
+            reason = "no rule matched (inside an untraceable submodule)"
+        else:
+            reason = "no rule matched"
+        entries.append(PlanEntry(name, type(m).__name__, None, w.rule.index if w else None, reason, m.weight.numel()))
+    return entries
+
+
+def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps: int | None = None,
+          inplace: bool = False, dry_run: bool = False):
+    """Trace, match, rewrite. Returns ``(root, plan)``; ``root`` carries a SparsifyState unless
+    ``dry_run``. Never mutates ``model`` unless ``inplace``."""
+    check_model(model)
+    root = model if inplace else copy.deepcopy(model)
+    was_training = root.training
+    root.train()
+    matcher = _Matcher(recipe)
+    tr, cands, first_cands = _trace(root, matcher)
+    root = tr.module
+
+    plan = Plan(recipe=recipe.name)
+    plan.fallbacks = [{"name": f.name, "reason": f.reason} for f in tr.fallbacks]
+    for f in tr.fallbacks:
+        warnings.warn(f"sparsify: {f.name or 'the model root'} could not be traced ({f.reason}); "
+                      "it is kept as an opaque leaf and its layers are rewritten module by module",
+                      stacklevel=3)
+    members: dict[int, dict[str, nn.Module]] = defaultdict(dict)
+    changes_by_graph = defaultdict(list)
+    rewritten = set()
+    for c in cands:
+        w = matcher.winner(c)
+        if w is None or w.method is None:
+            continue
+        site = Site(c.name, c.module, c.gm, c.node, c.prefix, root)
+        why = w.method.accepts(site)
+        weight_params = c.module.weight.numel() if isinstance(c.module, WEIGHT_TYPES) else 0
+        if why:
+            plan.entries.append(PlanEntry(c.name, c.kind, None, w.rule.index, why, weight_params))
+            continue
+        plan.entries.append(PlanEntry(c.name, c.kind, w.rule.method, w.rule.index, "", weight_params))
+        rewritten.add(c.name)
+        if not dry_run:
+            w.method.apply(site, w.rule.params)
+            members[w.rule.index].update(site.members)
+            changes_by_graph[c.prefix].extend(site.changes)
+    plan.entries.extend(_dense_reasons(root, tr, first_cands, matcher, rewritten))
+    plan.unmatched_rules = [r.rule.index for r in matcher.rules if r.rule.index not in matcher.matched_any]
+
+    for prefix, gm in tr.graphs.items():
+        changes = changes_by_graph.get(prefix, [])
+        Pipeline([lambda g, ch=changes: PassResult(g, bool(ch), ch)]).run(gm)
+
+    if example_inputs is None:
+        example_inputs = guess_example_inputs(root)
+    elif isinstance(example_inputs, (list, tuple)):
+        example_inputs = tuple(example_inputs)
+    else:
+        example_inputs = (example_inputs,)
+    factors = positions_per_sample(root, example_inputs) if example_inputs is not None else {}
+    if example_inputs is not None:
+        plan.input_shapes = [list(x.shape) for x in example_inputs if hasattr(x, "shape")]
+        for e in plan.entries:
+            base = e.name[: -len(".in_proj_weight")] if e.name.endswith(".in_proj_weight") else e.name
+            if e.params and base in factors:
+                e.macs = int(round(factors[base] * e.params))
+    root.train(was_training)
+    if dry_run:
+        return root, plan
+
+    state = SparsifyState(recipe.to_json(), total_steps, list(tr.graphs))
+    ctx = GroupContext(root=root, total_steps=total_steps)
+    for rule in recipe.rules:
+        if rule.index in members:
+            method = get_method(rule.method)
+            state.groups[f"rule{rule.index}_{method.name.replace('-', '_')}"] = method.make_group(
+                rule.params, members[rule.index], ctx)
+    state.plan = plan
+    state.example_inputs = example_inputs
+    state.layer_factors = factors
+    root.add_module(STATE_ATTR, state)
+    for group in state.groups.values():
+        group.update(0, None)
+    return root, plan

@@ -1,0 +1,110 @@
+"""``sparsify.finalize``: plain torch modules for deployment, checked against the sparse model."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from passes import set_submodule
+
+from .state import STATE_ATTR, SparsifyState, find_state, unwrap
+
+__all__ = ["FinalizeError", "finalize_model", "outputs_close"]
+
+
+class FinalizeError(RuntimeError):
+    """The finalized model does not compute what the sparse model computes."""
+
+
+def _flatten(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _flatten(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _flatten(v)]
+    return []
+
+
+def outputs_close(a, b, rtol: float = 1e-4, atol: float = 1e-5) -> tuple[bool, float]:
+    """Whether two model outputs (tensors or nested containers) agree; also the largest
+    difference relative to the largest magnitude of ``a``."""
+    fa, fb = _flatten(a), _flatten(b)
+    if len(fa) != len(fb):
+        return False, float("inf")
+    worst = 0.0
+    ok = True
+    for x, y in zip(fa, fb):
+        if x.shape != y.shape:
+            return False, float("inf")
+        scale = float(x.abs().max()) if x.numel() else 0.0
+        diff = float((x.float() - y.float()).abs().max()) if x.numel() else 0.0
+        worst = max(worst, diff / (scale or 1.0))
+        ok = ok and bool(torch.allclose(x.float(), y.float(), rtol=rtol, atol=atol * max(scale, 1.0)))
+    return ok, worst
+
+
+def _remove_node(root: nn.Module, graph_paths: list[str], qualname: str) -> bool:
+    """Drop the call of module ``qualname`` from its graph: its users read its input instead."""
+    for prefix in graph_paths:
+        gm = root.get_submodule(prefix) if prefix else root
+        if not isinstance(gm, fx.GraphModule):
+            continue
+        local = qualname[len(prefix) + 1:] if prefix else qualname
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and node.target == local:
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+                gm.delete_submodule(local)
+                gm.graph.lint()
+                gm.recompile()
+                return True
+    return False
+
+
+@torch.no_grad()
+def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
+                   rtol: float = 1e-4, atol: float = 1e-5) -> nn.Module:
+    """See :func:`sparsify.finalize`."""
+    state: SparsifyState = find_state(model)
+    source = unwrap(model)
+    final = copy.deepcopy(source)
+    fstate: SparsifyState = getattr(final, STATE_ATTR)
+    for group in fstate.groups.values():
+        for name, member in group.members.items():
+            new = group.finalize_member(name, member)
+            if new is None:
+                if not _remove_node(final, fstate.graph_paths, name):
+                    raise FinalizeError(f"could not remove {name} from the graph")
+            elif new is not member:
+                set_submodule(final, name, new)
+    delattr(final, STATE_ATTR)
+    for prefix in fstate.graph_paths:
+        gm = final.get_submodule(prefix) if prefix else final
+        if isinstance(gm, fx.GraphModule):
+            gm.recompile()
+    final.train(False)
+    for p in final.parameters():
+        p.requires_grad_(False)
+    if not check:
+        return final
+    inputs = example_inputs if example_inputs is not None else state.example_inputs
+    if inputs is None:
+        raise FinalizeError("finalize checks the plain model against the sparse one and needs example "
+                            "inputs: pass example_inputs=... here or to sparsify(...), or check=False")
+    if not isinstance(inputs, (tuple, list)):
+        inputs = (inputs,)
+    was_training = source.training
+    source.eval()
+    try:
+        expected = source(*inputs)
+    finally:
+        source.train(was_training)
+    got = final(*inputs)
+    ok, worst = outputs_close(expected, got, rtol, atol)
+    if not ok:
+        raise FinalizeError(f"the finalized model's output differs from the sparse model's eval output "
+                            f"(largest relative difference {worst:.3g}; rtol={rtol}, atol={atol})")
+    return final

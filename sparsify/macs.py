@@ -1,0 +1,97 @@
+"""Per-layer multiply-accumulate counts of Conv and Linear layers.
+
+A layer's dense MACs per sample are ``positions × weight.numel()`` where ``positions`` is the
+number of output positions per sample (spatial positions for a conv, tokens for a Linear); for
+weight-sparse layers the non-zero MACs are ``positions × nnz(W)``. Padding is not discounted, the
+usual convention (dense ResNet-18 at 224² = 1,814,073,344; checked against
+``torch.utils.flop_counter`` in the tests).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .methods.base import WEIGHT_TYPES
+
+__all__ = ["positions_per_sample", "guess_example_inputs", "dense_macs"]
+
+
+def _batch_of(inputs: Sequence) -> int:
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            return x.shape[0]
+    return 1
+
+
+@torch.no_grad()
+def positions_per_sample(model: nn.Module, example_inputs: Sequence) -> dict[str, float]:
+    """Run ``model`` once in eval mode and return, for each Conv/Linear layer by qualified name,
+    its output positions per sample (MACs per sample = positions × weight elements).
+
+    >>> positions_per_sample(nn.Sequential(nn.Conv2d(3, 8, 3)), (torch.zeros(2, 3, 10, 10),))
+    {'0': 64.0}
+    """
+    batch = _batch_of(example_inputs)
+    out: dict[str, float] = {}
+    handles = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, WEIGHT_TYPES):
+            out_ch = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
+
+            def hook(m, inp, y, name=name, out_ch=out_ch):
+                out[name] = out.get(name, 0.0) + y.numel() / out_ch / batch
+            handles.append(mod.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        model(*example_inputs)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return out
+
+
+def dense_macs(model: nn.Module, example_inputs: Sequence) -> int:
+    """Total dense Conv/Linear MACs per sample.
+
+    >>> import torchvision
+    >>> dense_macs(torchvision.models.resnet18(), (torch.zeros(1, 3, 224, 224),))
+    1814073344
+    """
+    pos = positions_per_sample(model, example_inputs)
+    mods = dict(model.named_modules())
+    return int(round(sum(p * _weight_numel(mods[n]) for n, p in pos.items())))
+
+
+def _weight_numel(mod: nn.Module) -> int:
+    return mod.weight.numel()
+
+
+def guess_example_inputs(model: nn.Module) -> tuple | None:
+    """A plausible single-sample input from the first Conv/Linear layer (224² images, 112² video
+    clips of 8 frames, 128-long sequences), or None when the model rejects it."""
+    first = next((m for m in model.modules() if isinstance(m, WEIGHT_TYPES)), None)
+    if first is None:
+        return None
+    if isinstance(first, nn.Conv2d):
+        shape = (1, first.in_channels, 224, 224)
+    elif isinstance(first, nn.Conv3d):
+        shape = (1, first.in_channels, 8, 112, 112)
+    elif isinstance(first, nn.Conv1d):
+        shape = (1, first.in_channels, 128)
+    else:
+        shape = (1, first.in_features)
+    x = (torch.zeros(shape, device=first.weight.device, dtype=first.weight.dtype),)
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(*x)
+        return x
+    except Exception:
+        return None
+    finally:
+        model.train(was_training)

@@ -1,0 +1,30 @@
+"""The method registry: recipe method names -> :class:`~sparsify.methods.base.Method` objects.
+
+Adding a method = one file in this folder + one line in ``_REGISTERED`` + a recipe.
+"""
+from __future__ import annotations
+
+from .base import Group, GroupContext, Method, Site, SparseWeightMixin, plain_copy, specialize, weight_base
+from .st3 import ST3Method
+
+_REGISTERED: list[type[Method]] = [
+    ST3Method,
+]
+
+REGISTRY: dict[str, Method] = {cls.name: cls() for cls in _REGISTERED}
+
+
+def get_method(name: str) -> Method:
+    """The registered method called ``name``; a ``KeyError`` listing the known ones otherwise.
+
+    >>> get_method("st3").name
+    'st3'
+    """
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r}; known methods: {', '.join(sorted(REGISTRY))}") from None
+
+
+__all__ = ["REGISTRY", "get_method", "Method", "Group", "GroupContext", "Site", "SparseWeightMixin",
+           "specialize", "plain_copy", "weight_base"]

@@ -1,0 +1,305 @@
+"""What a sparsification method is, for the rest of the library.
+
+A method file (``st3.py``, ``sas.py``, ...) holds:
+
+* its module(s): for weight methods a :class:`SparseWeightMixin` specialised to Conv1d/2d/3d and
+  Linear with :func:`specialize`, so the layer keeps its class's behaviour, its qualified name
+  and its parameter names (``layer1.0.conv1.weight`` stays ``layer1.0.conv1.weight``);
+* a :class:`Method` subclass: its parameters and defaults, how it rewrites one matched site
+  (:meth:`Method.apply`), and the :class:`Group` that owns per-step state;
+* a registry entry (``sparsify/methods/__init__.py``) and a recipe (``sparsify/recipes``).
+
+Per-step state (thresholds, masks, schedule position) lives in buffers of the member modules and
+of the group, so ``state_dict()`` carries all of it.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from passes import Change, insert_after, replace_module, reroute_input
+
+from ..schedules import resolve_time
+
+__all__ = ["Method", "Group", "Site", "GroupContext", "SparseWeightMixin", "specialize",
+           "WEIGHT_TYPES", "plain_copy", "weight_base"]
+
+WEIGHT_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+# --------------------------------------------------------------------------------------------
+# modules
+# --------------------------------------------------------------------------------------------
+
+def weight_base(module: nn.Module) -> type:
+    """The torch.nn weight class (Conv1d/2d/3d or Linear) ``module`` is an instance of.
+
+    >>> weight_base(nn.Conv2d(1, 1, 1)).__name__
+    'Conv2d'
+    """
+    return next(c for c in type(module).__mro__ if c in WEIGHT_TYPES)
+
+
+class SparseWeightMixin:
+    """Mixed in front of a Conv/Linear class: the forward uses :meth:`effective_weight`.
+
+    Subclasses implement ``effective_weight()`` (what the forward multiplies with, autograd
+    included) and may override ``init_sparse(**params)`` to add buffers/parameters.
+    """
+
+    def init_sparse(self, **params) -> None:
+        pass
+
+    def effective_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def deployed_weight(self) -> torch.Tensor:
+        """The weight a plain layer must hold to compute what this layer computes in eval mode."""
+        return self.effective_weight().detach()
+
+    def forward(self, x):
+        return self.forward_with(x, self.effective_weight())
+
+    def forward_with(self, x, weight):
+        if isinstance(self, nn.Linear):
+            return F.linear(x, weight, self.bias)
+        return self._conv_forward(x, weight, self.bias)
+
+    @classmethod
+    def from_dense(cls, dense: nn.Module, **params):
+        """Wrap ``dense`` without copying its parameters: the new layer shares them."""
+        new = cls.__new__(cls)
+        new.__dict__.update(dense.__dict__)
+        # containers must not be shared with the dense layer, or adding a buffer would add it there
+        for key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set",
+                    "_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
+            if key in dense.__dict__:
+                new.__dict__[key] = type(dense.__dict__[key])(dense.__dict__[key])
+        new.init_sparse(**params)
+        return new
+
+    def dense_class(self) -> type:
+        """The torch.nn class this layer specialises (Conv2d, Linear, ...)."""
+        return weight_base(self)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", {self.sparse_repr()}"
+
+    def sparse_repr(self) -> str:
+        return ""
+
+
+def specialize(mixin: type, namespace: dict | None = None, prefix: str | None = None) -> dict[type, type]:
+    """Create ``{Conv1d: <prefix>Conv1d, ..., Linear: <prefix>Linear}`` classes from a mixin.
+
+    The classes are stored in the mixin's module namespace under their names, so pickling and
+    ``torch.save(model)`` find them.
+
+    >>> class _HalfMixin(SparseWeightMixin):
+    ...     def effective_weight(self):
+    ...         return self.weight * 0.5
+    >>> classes = specialize(_HalfMixin, prefix="Half")
+    >>> classes[nn.Linear].__name__
+    'HalfLinear'
+    """
+    module = sys.modules[mixin.__module__]
+    namespace = namespace if namespace is not None else vars(module)
+    prefix = prefix or mixin.__name__.replace("Mixin", "")
+    out = {}
+    for base in WEIGHT_TYPES:
+        name = f"{prefix}{base.__name__}"
+        cls = type(name, (mixin, base), {"__module__": mixin.__module__, "__qualname__": name})
+        namespace[name] = cls
+        out[base] = cls
+    return out
+
+
+def plain_copy(layer: nn.Module, weight: torch.Tensor | None = None) -> nn.Module:
+    """A plain torch.nn layer equal to ``layer`` with ``weight`` (default: its deployed weight).
+
+    >>> lin = nn.Linear(3, 2)
+    >>> type(plain_copy(lin)).__name__
+    'Linear'
+    """
+    cls = layer.dense_class() if isinstance(layer, SparseWeightMixin) else type(layer)
+    if weight is None:
+        weight = layer.deployed_weight() if isinstance(layer, SparseWeightMixin) else layer.weight
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    for k, v in layer.__dict__.items():
+        if not k.startswith("_") and k != "training":
+            new.__dict__[k] = v
+    new.training = layer.training
+    new.weight = nn.Parameter(weight.detach().clone(), requires_grad=layer.weight.requires_grad)
+    bias = getattr(layer, "bias", None)
+    new.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+    return new
+
+
+# --------------------------------------------------------------------------------------------
+# rewriting one matched site
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Site:
+    """One matched place in a graph, handed to :meth:`Method.apply`.
+
+    ``name`` is the qualified name from the model root (a module's path for ``call_module``
+    nodes, ``<graph path>.<node name>`` otherwise). Methods edit the graph only through the
+    helpers here, which log what they change and register the modules the group will manage.
+    ``gm`` and ``node`` are ``None`` for layers reached outside any graph (inside an untraceable
+    submodule): then only :meth:`replace` is possible.
+    """
+
+    name: str
+    module: nn.Module | None
+    gm: fx.GraphModule | None = None
+    node: fx.Node | None = None
+    prefix: str = ""  # qualified name of ``gm`` from the model root
+    root: nn.Module | None = None
+    members: dict[str, nn.Module] = field(default_factory=dict)
+    changes: list[Change] = field(default_factory=list)
+
+    def qualify(self, local: str) -> str:
+        return f"{self.prefix}.{local}" if self.prefix else local
+
+    def replace(self, new: nn.Module) -> nn.Module:
+        """Put ``new`` where the matched module was, keeping its qualified name."""
+        if self.node is not None:
+            self.changes.append(replace_module(self.gm, self.node, new))
+        else:
+            from passes import set_submodule
+            set_submodule(self.root, self.name, new)
+            self.changes.append(Change("replace", self.name, f"{type(self.module).__name__} -> "
+                                       f"{type(new).__name__} (attribute swap)"))
+        self.members[self.name] = new
+        return new
+
+    def insert_after(self, module: nn.Module, suffix: str, node: fx.Node | None = None) -> fx.Node:
+        """Call ``module`` on the output of ``node`` (default: the site's node); all former users
+        of that output read the new node. Its qualified name is ``<site name>_<suffix>`` placed
+        next to the site's module (or in the graph's root for function nodes)."""
+        if self.gm is None:
+            raise RuntimeError(f"{self.name}: cannot insert nodes outside a traced graph")
+        node = node if node is not None else self.node
+        base = str(node.target) if node.op == "call_module" else node.name
+        local = f"{base}_{suffix}".replace(".", "_") if node.op != "call_module" else f"{base}_{suffix}"
+        new_node, change = insert_after(self.gm, node, module, local)
+        self.changes.append(change)
+        self.members[self.qualify(str(new_node.target))] = module
+        return new_node
+
+    def reroute(self, user: fx.Node, old: fx.Node, new: fx.Node) -> None:
+        """Make ``user`` read ``new`` where it read ``old``."""
+        self.changes.append(reroute_input(user, old, new))
+
+
+# --------------------------------------------------------------------------------------------
+# per-step state
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class GroupContext:
+    """What a group may need beyond its params: the model root and the training length."""
+
+    root: nn.Module
+    total_steps: int | None = None
+
+    def time(self, value, what: str) -> int | None:
+        """Resolve a recipe time (steps, or a fraction of ``total_steps``) to a step index."""
+        return resolve_time(value, self.total_steps, what=what)
+
+
+class Group(nn.Module):
+    """The modules one rule's method created, with the state they share (e.g. a global threshold).
+
+    Members are referenced, not registered, so their parameters appear once in ``state_dict``
+    (under their own qualified names). Subclasses override what they need.
+    """
+
+    def __init__(self, method: "Method", params: dict, members: dict[str, nn.Module], ctx: GroupContext):
+        super().__init__()
+        self.method_name = method.name
+        self.params = dict(params)
+        object.__setattr__(self, "members", dict(members))
+
+    # -- called by sparsify.step --------------------------------------------------------
+    def update(self, step: int, loss: float | None = None) -> None:
+        """Advance to optimizer step ``step`` (recompute thresholds, masks, ...)."""
+
+    def penalty(self) -> torch.Tensor | None:
+        """The regularization term recorded since the last call (then forgotten), or None."""
+        return None
+
+    def clear(self) -> None:
+        """Drop anything recorded during the last forward (called by ``sparsify.step``)."""
+
+    # -- reporting -----------------------------------------------------------------------
+    def target(self, step: int) -> float | None:
+        """The scheduled target sparsity at ``step`` (None when the method has none)."""
+        return self.params.get("sparsity")
+
+    def final_target(self) -> float | None:
+        return self.params.get("sparsity")
+
+    def describe(self, step: int) -> dict:
+        """Group-level facts for the report (phase, threshold, ...)."""
+        return {}
+
+    def layer_stats(self, name: str, module: nn.Module) -> dict:
+        """Extra per-layer facts for the report; weight sparsity is measured by the report."""
+        return {}
+
+    # -- deployment ----------------------------------------------------------------------
+    def finalize_member(self, name: str, module: nn.Module) -> nn.Module | None:
+        """The plain module that replaces ``module``; ``None`` removes the node (its input is
+        used instead). Default: a plain layer with :meth:`SparseWeightMixin.deployed_weight`."""
+        if isinstance(module, SparseWeightMixin):
+            return plain_copy(module)
+        return None
+
+
+class Method:
+    """A sparsification method as recipes name it. Subclass and register in ``methods/__init__``.
+
+    ``site`` says what a rule's ``match`` selects for this method: ``"module"`` nodes calling
+    one of ``targets`` (Conv/Linear), or ``"node"``: any graph node (activations, for
+    regularizers and masks). ``params`` lists every parameter a rule may set, with its default.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    site: ClassVar[str] = "module"
+    targets: ClassVar[tuple[type, ...]] = WEIGHT_TYPES
+    params: ClassVar[dict[str, Any]] = {}
+    group_class: ClassVar[type[Group]] = Group
+    schedule_keys: ClassVar[tuple[str, ...]] = ()  # params that the recipe's "schedule" block fills
+
+    def check(self, params: dict) -> list[tuple[str, str]]:
+        """Problems with ``params`` as ``(param name, message)``; unknown names are caught earlier."""
+        problems = []
+        s = params.get("sparsity")
+        if s is not None and not (isinstance(s, (int, float)) and 0 <= s < 1):
+            problems.append(("sparsity", f"must be a fraction in [0, 1), got {s!r}"))
+        return problems
+
+    def accepts(self, site: Site) -> str | None:
+        """None when this method can rewrite ``site``, else why not (shown by ``plan``)."""
+        if self.site == "module" and not isinstance(site.module, self.targets):
+            return f"{self.name} applies to {', '.join(t.__name__ for t in self.targets)} only"
+        return None
+
+    def apply(self, site: Site, params: dict) -> None:
+        """Rewrite ``site``; every module created must go through ``site.replace`` /
+        ``site.insert_after`` so the group gets it."""
+        raise NotImplementedError
+
+    def make_group(self, params: dict, members: dict[str, nn.Module], ctx: GroupContext) -> Group:
+        return self.group_class(self, params, members, ctx)

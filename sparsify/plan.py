@@ -1,0 +1,79 @@
+"""The dry run's result: what each rule matched, what stays dense and why, expected shares."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+__all__ = ["PlanEntry", "Plan"]
+
+
+@dataclass
+class PlanEntry:
+    """One matched site or one Conv/Linear left dense."""
+
+    name: str
+    kind: str  # module class name or op name
+    method: str | None  # None: stays dense
+    rule: int | None  # index of the winning rule, None when no rule matched
+    reason: str = ""  # why it stays dense (empty for rewritten sites)
+    params: int = 0  # weight parameters (Conv/Linear)
+    macs: int | None = None  # dense MACs per sample at the example input size
+
+
+@dataclass
+class Plan:
+    """``sparsify.plan(...)``'s result: print it, or use ``to_dict()`` / ``to_json()``."""
+
+    recipe: str
+    entries: list[PlanEntry] = field(default_factory=list)
+    fallbacks: list[dict] = field(default_factory=list)  # {"name", "reason"} of untraceable submodules
+    unmatched_rules: list[int] = field(default_factory=list)
+    input_shapes: list | None = None
+
+    @property
+    def rewritten(self) -> list[PlanEntry]:
+        return [e for e in self.entries if e.method is not None]
+
+    @property
+    def dense(self) -> list[PlanEntry]:
+        return [e for e in self.entries if e.method is None]
+
+    def shares(self) -> dict:
+        """Fractions of Conv/Linear parameters and MACs that the rewritten layers hold."""
+        weighted = [e for e in self.entries if e.params]
+        total_p = sum(e.params for e in weighted)
+        hit_p = sum(e.params for e in weighted if e.method is not None)
+        out = {"param_share": hit_p / total_p if total_p else 0.0, "mac_share": None}
+        if weighted and all(e.macs is not None for e in weighted):
+            total_m = sum(e.macs for e in weighted)
+            hit_m = sum(e.macs for e in weighted if e.method is not None)
+            out["mac_share"] = hit_m / total_m if total_m else 0.0
+        return out
+
+    def to_dict(self) -> dict:
+        return {"recipe": self.recipe, "entries": [asdict(e) for e in self.entries],
+                "fallbacks": self.fallbacks, "unmatched_rules": self.unmatched_rules,
+                "input_shapes": self.input_shapes, **self.shares()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def __str__(self) -> str:
+        rows = [("layer / node", "kind", "rule", "method", "params", "MACs", "note")]
+        for e in self.entries:
+            rows.append((e.name, e.kind, "-" if e.rule is None else str(e.rule), e.method or "dense",
+                         f"{e.params:,}" if e.params else "", f"{e.macs:,}" if e.macs else "", e.reason))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        lines = [f"plan for recipe {self.recipe!r}"]
+        for r in rows:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+        s = self.shares()
+        lines.append(f"{len(self.rewritten)} sites rewritten, {len(self.dense)} Conv/Linear left dense; "
+                     f"rewritten layers hold {s['param_share']:.1%} of Conv/Linear parameters"
+                     + (f" and {s['mac_share']:.1%} of their MACs" if s["mac_share"] is not None else
+                        " (MACs unknown: pass example_inputs)"))
+        for fb in self.fallbacks:
+            lines.append(f"untraceable, kept as a leaf: {fb['name'] or '<root>'}: {fb['reason']}")
+        for i in self.unmatched_rules:
+            lines.append(f"warning: rule {i} matched nothing")
+        return "\n".join(lines)

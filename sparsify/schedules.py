@@ -1,0 +1,71 @@
+"""Schedules over optimizer steps (never epochs or forward calls).
+
+Times in a recipe are either whole step counts or fractions in (0, 1) of ``total_steps``.
+"""
+from __future__ import annotations
+
+import math
+
+__all__ = ["resolve_time", "cubic", "polynomial", "constant", "ScheduleError"]
+
+
+class ScheduleError(ValueError):
+    """A schedule time could not be resolved (e.g. a fraction without ``total_steps``)."""
+
+
+def resolve_time(value, total_steps: int | None, *, what: str = "time") -> int:
+    """Turn a recipe time into a step index.
+
+    Integers (and floats >= 1) are steps; a float in (0, 1) is a fraction of ``total_steps``;
+    0 is step 0.
+
+    >>> resolve_time(0.5, 1000)
+    500
+    >>> resolve_time(20, None)
+    20
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or math.isnan(value):
+        raise ScheduleError(f"{what} must be a step count >= 0 or a fraction in (0, 1), got {value!r}")
+    if isinstance(value, float) and 0 < value < 1:
+        if total_steps is None:
+            raise ScheduleError(
+                f"{what}={value} is a fraction of the training length: pass total_steps=N to "
+                "sparsify(...) (N = number of optimizer steps), or give the time in steps")
+        return int(round(value * total_steps))
+    return int(value)
+
+
+def cubic(t: int, begin: int, end: int, final: float) -> float:
+    """Zhu & Gupta cubic ramp: ``final * (1 - (1 - (t-begin)/(end-begin))**3)``.
+
+    0 before ``begin``, ``final`` from ``end`` on.
+
+    >>> round(cubic(50, 0, 100, 0.8), 6)
+    0.7
+    """
+    return polynomial(t, begin, end, final, power=3)
+
+
+def polynomial(t: int, begin: int, end: int, final: float, power: float = 3) -> float:
+    """``final * (1 - (1 - p)**power)`` with ``p = (t-begin)/(end-begin)`` clipped to [0, 1].
+
+    >>> round(polynomial(5, 0, 10, 0.2, power=2), 6)
+    0.15
+    """
+    if t < begin:
+        return 0.0
+    if t >= end:
+        return float(final)
+    p = (t - begin) / (end - begin)
+    return float(final) * (1.0 - (1.0 - p) ** power)
+
+
+def constant(t: int, begin: int, final: float) -> float:
+    """``final`` from ``begin`` on, 0 before.
+
+    >>> constant(3, 5, 0.9)
+    0.0
+    """
+    return float(final) if t >= begin else 0.0
