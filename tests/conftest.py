@@ -1,0 +1,39 @@
+"""Shared test set-up: every test starts from the same random state, and hypothesis runs a
+modest, deadline-free profile by default.
+
+Profiles (pick one with ``HYPOTHESIS_PROFILE=<name>``):
+
+* ``default`` — 20 examples per property, no deadline (CPU timings are noisy: the machine is
+  shared by parallel workers), ``too_slow`` and ``function_scoped_fixture`` health checks off
+  (the autouse seeding fixture below is function-scoped on purpose; properties that need
+  randomness per example seed torch from a drawn integer, see ``tests/strategies.py``).
+* ``thorough`` — the same with 200 examples, for a longer local run.
+
+Thread counts are left alone: tests must pass whatever ``torch.get_num_threads()`` is.
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                                      HealthCheck.data_too_large])
+settings.register_profile("default", max_examples=20, **_COMMON)
+settings.register_profile("thorough", max_examples=200, **_COMMON)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+SEED = 0
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_seed():
+    """Seed python, numpy and torch before every test so failures reproduce."""
+    random.seed(SEED)
+    np.random.seed(SEED)
+    torch.manual_seed(SEED)
+    yield
