@@ -46,4 +46,9 @@ def quantile(values: torch.Tensor, q: float) -> torch.Tensor:
     at_or_below = int((values <= lo).sum())
     hi = lo if at_or_below >= k + 2 else values[values > lo].min()
     # torch.lerp rounds exactly as torch.quantile / numpy do
-    return torch.lerp(lo, hi, torch.tensor(frac, dtype=lo.dtype))
+    out = torch.lerp(lo, hi, torch.tensor(frac, dtype=lo.dtype))
+    if bool(out >= hi) and bool(hi > lo):
+        # rounded up onto the next value (gap of ~1 ulp, common with millions of float32
+        # weights): step one ulp back so that ``|w| <= tau`` still prunes exactly k + 1 values
+        out = torch.nextafter(hi, lo)
+    return out
