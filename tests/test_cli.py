@@ -1,0 +1,88 @@
+"""The ``sparsify`` command: recipes, plan, train, demo (small runs on digits)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import sparsify
+from sparsify.cli import main, parse_overrides
+
+
+def run_cli(capsys, *argv):
+    rc = main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_recipes_lists_every_builtin_with_its_description(capsys):
+    rc, out, _ = run_cli(capsys, "recipes")
+    assert rc == 0
+    for name, desc in sparsify.builtin_recipes().items():
+        line = next(line for line in out.splitlines() if line.split() and line.split()[0] == name)
+        assert desc[:30] in line
+
+
+def test_recipes_json_and_show(capsys):
+    rc, out, _ = run_cli(capsys, "recipes", "--json")
+    assert rc == 0 and json.loads(out) == sparsify.builtin_recipes()
+    rc, out, _ = run_cli(capsys, "recipes", "--show", "st3")
+    assert rc == 0 and json.loads(out)["rules"][0]["method"] == "st3"
+
+
+def test_plan_torchvision_model_table_and_json(capsys):
+    rc, out, _ = run_cli(capsys, "plan", "--model", "resnet18", "--recipe", "st3", "--input-shape", "1,3,64,64")
+    assert rc == 0
+    assert "layer1.0.conv1" in out and "21 sites rewritten" in out
+    rc, out, _ = run_cli(capsys, "plan", "--model", "resnet18", "--recipe", "st3", "--json",
+                         "--input-shape", "1,3,64,64")
+    plan = json.loads(out)
+    assert len([e for e in plan["entries"] if e["method"] == "st3"]) == 21
+    assert plan["input_shapes"] == [[1, 3, 64, 64]]
+
+
+def test_plan_builtin_model_and_override(capsys):
+    rc, out, _ = run_cli(capsys, "plan", "--model", "lenet5", "--recipe", "st3", "--set", "sparsity=0.5", "--json")
+    assert rc == 0
+    plan = json.loads(out)
+    assert {e["name"] for e in plan["entries"]} == {"conv1", "conv2", "fc1", "fc2", "fc3"}
+    assert next(e for e in plan["entries"] if e["name"] == "conv1")["macs"] == 6 * 25 * 28 * 28
+
+
+def test_plan_factory_model(capsys, tmp_path, monkeypatch):
+    (tmp_path / "mynets.py").write_text(
+        "import torch.nn as nn\n"
+        "def tiny(num_classes=3):\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(num_classes))\n"
+        "def small():\n"
+        "    return nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 2))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rc, out, _ = run_cli(capsys, "plan", "--model", "mynets:small", "--recipe", "st3", "--json")
+    assert rc == 0
+    assert [e["name"] for e in json.loads(out)["entries"]] == ["0", "2"]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["plan", "--model", "resnt18", "--recipe", "st3"], "did you mean resnet18"),
+    (["plan", "--model", "nosuchpkg.mod:f", "--recipe", "st3"], "cannot import module 'nosuchpkg.mod'"),
+    (["plan", "--model", "cnn", "--recipe", "nosuch"], "unknown recipe 'nosuch'"),
+    (["plan", "--model", "cnn", "--recipe", "st3", "--set", "spars=0.9"], "'spars' is not a parameter"),
+    (["plan", "--model", "cnn", "--recipe", "st3", "--set", "sparsity"], "--set takes key=value"),
+    (["train", "--data", "cifar", "--epochs", "1"], "unknown dataset 'cifar'"),
+])
+def test_user_errors_exit_2_with_one_line(capsys, argv, needle):
+    rc, out, err = run_cli(capsys, *argv)
+    assert rc == 2
+    assert needle in err and "Traceback" not in err
+
+
+def test_parse_overrides_json_values():
+    assert parse_overrides(["a=1", "b=[1, 2]", "c=true", "d=st3"]) == {"a": 1, "b": [1, 2], "c": True, "d": "st3"}
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "sparsify.cli", "recipes", "--json"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "st3" in json.loads(out)
