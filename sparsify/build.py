@@ -189,7 +189,7 @@ def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps:
         w = matcher.winner(c)
         if w is None or w.method is None:
             continue
-        site = Site(c.name, c.module, c.gm, c.node, c.prefix, root)
+        site = Site(c.name, c.module, c.gm, c.node, c.prefix, root, params=w.rule.params)
         why = w.method.accepts(site)
         weight_params = c.module.weight.numel() if isinstance(c.module, WEIGHT_TYPES) else 0
         if why:
@@ -226,7 +226,7 @@ def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps:
         return root, plan
 
     state = SparsifyState(recipe.to_json(), total_steps, list(tr.graphs))
-    ctx = GroupContext(root=root, total_steps=total_steps)
+    ctx = GroupContext(root=root, total_steps=total_steps, stages=recipe.stages, example_inputs=example_inputs)
     for rule in recipe.rules:
         if rule.index in members:
             method = get_method(rule.method)

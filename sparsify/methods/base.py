@@ -166,6 +166,7 @@ class Site:
     root: nn.Module | None = None
     members: dict[str, nn.Module] = field(default_factory=dict)
     changes: list[Change] = field(default_factory=list)
+    params: dict = field(default_factory=dict)  # the winning rule's resolved params (for accepts)
 
     def qualify(self, local: str) -> str:
         return f"{self.prefix}.{local}" if self.prefix else local
@@ -211,10 +212,21 @@ class GroupContext:
 
     root: nn.Module
     total_steps: int | None = None
+    stages: list[dict] = field(default_factory=list)  # the recipe's "stages" block, unresolved
+    example_inputs: tuple | None = None  # inputs used for shapes (None when unknown)
 
     def time(self, value, what: str) -> int | None:
         """Resolve a recipe time (steps, or a fraction of ``total_steps``) to a step index."""
         return resolve_time(value, self.total_steps, what=what)
+
+    def stage(self, name: str) -> tuple[int, int | None]:
+        """``(begin, end)`` steps of the recipe stage called ``name`` (end None: open-ended)."""
+        for st in self.stages:
+            if st.get("name") == name:
+                return (self.time(st["begin"], f"stages[{name}].begin"),
+                        self.time(st.get("end"), f"stages[{name}].end"))
+        known = ", ".join(repr(st.get("name")) for st in self.stages) or "none"
+        raise ValueError(f"unknown stage {name!r}: the recipe's stages block defines {known}")
 
 
 class Group(nn.Module):
