@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (its settings are reused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (one line per epoch)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers for imagefolder data")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; 1 is fastest for the small built-in models)")
 
     p = sub.add_parser("demo", help="dense + every built-in recipe on digits, one comparison table")
     p.add_argument("--out", default="demo-out")
