@@ -9,6 +9,7 @@ from torch import nn
 
 from .build import build
 from .finalize import finalize_model
+from .measure import Measurement, measure
 from .methods import get_method
 from .plan import Plan
 from .recipe import load_recipe
@@ -16,7 +17,7 @@ from .report import Report, build_report
 from .schedules import resolve_time
 from .state import find_state, unwrap
 
-__all__ = ["sparsify", "plan", "step", "penalty", "report", "finalize", "param_groups"]
+__all__ = ["sparsify", "plan", "step", "penalty", "report", "finalize", "param_groups", "measure", "Measurement"]
 
 
 def _check_times(recipe, total_steps):

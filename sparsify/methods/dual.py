@@ -1,0 +1,178 @@
+"""Weight ℓ1 + threshold pruning with fixed masks: stage 2 of dual sparse training (Yu & Tian 2024).
+
+Method ``l1-prune``: from ``begin`` (or its recipe stage's begin) every selected Conv/Linear adds
+``l1 · Σ|W|`` to ``sparsify.penalty`` (recorded in training-mode forwards, float32); at the prune
+step (``prune_at``, a fraction of the stage) the weights at or below one global magnitude
+threshold are pruned (``sparsity``: the fraction pruned, by exact quantile; or ``threshold``: an
+absolute value), the ℓ1 term stops and the masks are fixed for good: the forward computes with
+``W ⊙ M`` (pruned weights get zero gradient), through every later stage. The recipe ``dual``
+stages it with Transformed-ℓ1 on activations (``regularizers.py``). See docs/methods/dual.md.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..threshold import quantile
+from .base import Group, GroupContext, Method, SparseWeightMixin, specialize, weight_base
+from .staging import active_range, in_range, stage_at
+
+__all__ = ["L1PruneMixin", "L1PruneGroup", "L1PruneMethod"]
+
+
+class L1PruneMixin(SparseWeightMixin):
+    """Conv/Linear with a fixed-after-pruning mask and an optional recorded ℓ1 term."""
+
+    def init_sparse(self, **params) -> None:
+        w = self.weight
+        self.register_buffer("mask", torch.ones_like(w, dtype=torch.bool))
+        self.register_buffer("fixed", torch.zeros((), dtype=torch.bool, device=w.device))
+        self.l1 = 0.0  # λ of the ℓ1 term while it is on, else 0 (kept in state_dict via extra state)
+        self._fixed = False  # python mirror of ``fixed``: no device sync in forward
+        self.records: list[torch.Tensor] = []
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.weight * self.mask if self._fixed else self.weight
+
+    def forward(self, x):
+        if self.training and self.l1 and torch.is_grad_enabled():
+            self.records.append(self.l1 * self.weight.float().abs().sum())
+        return self.forward_with(x, self.effective_weight())
+
+    @torch.no_grad()
+    def prune(self, tau: float) -> None:
+        """Fix the mask ``|W| > tau`` and zero the pruned latent weights."""
+        torch.gt(self.weight.abs(), tau, out=self.mask)
+        self.weight.mul_(self.mask)
+        self.fixed.fill_(True)
+        self._fixed = True
+
+    def get_extra_state(self):
+        return {"l1": self.l1}
+
+    def set_extra_state(self, state) -> None:
+        self.l1 = float(state.get("l1", 0.0))
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._fixed = bool(self.fixed)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["records"] = []
+        return state
+
+    def __deepcopy__(self, memo):
+        import copy
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            new.__dict__[k] = [] if k == "records" else copy.deepcopy(v, memo)
+        return new
+
+    def sparse_repr(self) -> str:
+        return f"l1={self.l1:g}, fixed={self._fixed}"
+
+
+L1PRUNE_CLASSES = specialize(L1PruneMixin, prefix="L1Prune")
+
+
+class L1PruneGroup(Group):
+    """All layers of one ``l1-prune`` rule: ℓ1 on, then one global threshold, then fixed masks."""
+
+    def __init__(self, method, params, members, ctx: GroupContext):
+        super().__init__(method, params, members, ctx)
+        self.begin, self.end = active_range(params, ctx, method.name)
+        frac = float(params["prune_at"])
+        if self.end is None:
+            self.prune_step = self.begin if frac == 0 else None
+            if self.prune_step is None:
+                raise ValueError("l1-prune: an open-ended stage needs prune_at = 0 (prune at its begin) "
+                                 "or an end step")
+        else:
+            self.prune_step = self.begin + int(round(frac * (self.end - self.begin)))
+        self._stages, self._resolve = list(ctx.stages), ctx.time
+        self.register_buffer("tau", torch.zeros((), dtype=torch.float64))
+        self.uncollected = 0
+
+    @torch.no_grad()
+    def update(self, step: int, loss=None) -> None:
+        layers = list(self.members.values())
+        if step >= self.prune_step:
+            if not any(m._fixed for m in layers):
+                self.tau.fill_(self._threshold(layers))
+                for m in layers:
+                    m.prune(float(self.tau))
+            for m in layers:
+                m.l1 = 0.0
+            return
+        on = in_range(step, self.begin, self.end)
+        for m in layers:
+            m.l1 = float(self.params["l1"]) if on else 0.0
+
+    def _threshold(self, layers) -> float:
+        if self.params["threshold"] is not None:
+            return float(self.params["threshold"])
+        mags = torch.cat([m.weight.detach().abs().float().reshape(-1) for m in layers])
+        return float(quantile(mags, float(self.params["sparsity"])))
+
+    def penalty(self):
+        terms = [t for m in self.members.values() for t in m.records]
+        for m in self.members.values():
+            m.records = []
+        if not terms:
+            return None
+        return torch.stack([t.reshape(()) for t in terms]).sum()
+
+    def clear(self) -> None:
+        for m in self.members.values():
+            self.uncollected += len(m.records)
+            m.records = []
+
+    def warnings(self) -> list[str]:
+        if self.uncollected:
+            return ["sparsify: the l1-prune layers recorded an ℓ1 penalty that was never collected: "
+                    "add sparsify.penalty(model) to the loss before backward()"]
+        return []
+
+    def target(self, step: int):
+        if self.params["threshold"] is not None:
+            return None
+        return float(self.params["sparsity"]) if step >= self.prune_step else 0.0
+
+    def final_target(self):
+        return None if self.params["threshold"] is not None else float(self.params["sparsity"])
+
+    def describe(self, step: int) -> dict:
+        phase = ("fixed" if step >= self.prune_step else "l1" if in_range(step, self.begin, self.end)
+                 else "dense")
+        out = {"phase": phase, "l1": self.params["l1"], "begin": self.begin, "end": self.end,
+               "prune_step": self.prune_step, "threshold": float(self.tau)}
+        if self._stages:
+            out["stage"] = stage_at(self._stages, self._resolve, step)
+        return out
+
+
+class L1PruneMethod(Method):
+    name = "l1-prune"
+    description = "Weight ℓ1 penalty, then global magnitude-threshold pruning with fixed masks (dual stage 2)"
+    params = {"l1": 1e-5, "sparsity": 0.5, "threshold": None, "prune_at": 0.5, "begin": 0, "end": None,
+              "stage": None}
+    schedule_keys = ("begin", "end")
+    group_class = L1PruneGroup
+
+    def check(self, params):
+        problems = super().check(params)
+        l1 = params.get("l1")
+        if isinstance(l1, bool) or not isinstance(l1, (int, float)) or l1 < 0:
+            problems.append(("l1", f"must be a number >= 0, got {l1!r}"))
+        t = params.get("threshold")
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t < 0):
+            problems.append(("threshold", f"must be null or a magnitude >= 0, got {t!r}"))
+        p = params.get("prune_at")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+            problems.append(("prune_at", f"must be a fraction in [0, 1] of the stage, got {p!r}"))
+        return problems
+
+    def apply(self, site, params) -> None:
+        site.replace(L1PRUNE_CLASSES[weight_base(site.module)].from_dense(site.module))

@@ -1,0 +1,283 @@
+"""Semi-structured activation sparsity (Grimaldi et al., ICCV-W 2023; repo Deeplite/activ-sparse).
+
+A :class:`PositionMask` node right after each selected conv (before its BatchNorm) multiplies the
+conv output by a 2-D mask over output positions, shared by every channel and sample:
+``y = conv(x) ⊙ m[h, w]``, i.e. whole im2col columns (patches) are dropped. See METHODS.md §5 and
+docs/methods/semistructured.md.
+
+Masks: one random score map U[0, 1) at the network's input resolution, avg-pooled
+(``adaptive_avg_pool2d``) to each layer's output size; the ``round(s·H·W)`` lowest scores are
+dropped, so layers of equal resolution share their mask. Schedule ``s(t) = s_final·(1 − (1 − p)²)``
+with ``p = clip((t − begin)/(end − begin), 0, 1)``. During the ramp a new map is drawn after every
+optimizer step; the map whose step had the lowest training loss (``sparsify.step(model,
+loss=loss)``) is kept, a map drawn at sparsity 0 never counts, and at ``end`` the kept map is
+frozen at ``s_final``. Under ``torch.distributed`` the map is broadcast from rank 0 and the loss
+is averaged over ranks before the comparison, so every rank holds the same masks. No rescaling;
+masks stay on in eval mode.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..schedules import polynomial
+from .base import Group, GroupContext, Method, Site
+from .staging import active_range, stage_at
+
+__all__ = ["PositionMask", "SemiStructuredGroup", "SemiStructuredMethod", "position_mask", "input_size_of"]
+
+
+def position_mask(scores: torch.Tensor, size: tuple[int, int], sparsity: float) -> torch.Tensor:
+    """The float32 ``(H, W)`` 0/1 mask for one layer: ``scores`` (the input-resolution map)
+    avg-pooled to ``size``, then its ``round(sparsity·H·W)`` lowest positions set to 0 (ties broken
+    by position, so equal inputs give equal masks).
+
+    >>> m = position_mask(torch.rand(32, 32), (8, 8), 0.25)
+    >>> int((m == 0).sum())
+    16
+    """
+    h, w = int(size[0]), int(size[1])
+    pooled = F.adaptive_avg_pool2d(scores.float()[None, None], (h, w))[0, 0].reshape(-1)
+    k = int(round(sparsity * h * w))
+    mask = torch.ones(h * w, dtype=torch.float32, device=scores.device)
+    if k > 0:
+        order = torch.sort(pooled, stable=True).indices
+        mask[order[:k]] = 0.0
+    return mask.reshape(h, w)
+
+
+class PositionMask(nn.Module):
+    """Multiplies a conv output ``(N, C, H, W)`` by the 0/1 buffer ``mask`` of shape ``(H, W)``.
+
+    For deployment (patch-skipping convs): the positions where ``mask == 0`` are output
+    positions of the preceding conv that need not be computed at all (their im2col columns are
+    dropped); the conv's bias is masked too (the mask applies to ``conv(x) + b``). ``mask`` has
+    shape ``(0, 0)`` and the node is the identity until the layer's output size is known and a
+    sparsity > 0 is scheduled. ``enabled`` is False while the mask has no zero (then the forward
+    returns its input as is). Masks apply in train and eval mode alike, with no rescaling.
+
+    When BatchNorm is folded into the conv, the masked positions of the *folded* layer must hold
+    the folded bias ``β − γμ/sqrt(σ²+ε)``, not 0: compute ``conv_without_bias(x) ⊙ mask + b_folded``.
+    """
+
+    def __init__(self, mask: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("mask", torch.ones(0, 0) if mask is None else mask.detach().float().clone())
+        self.size: tuple[int, int] | None = tuple(self.mask.shape) if mask is not None else None
+        self.enabled = bool(self.mask.numel()) and bool((self.mask == 0).any())
+
+    @torch.no_grad()
+    def set_mask(self, mask: torch.Tensor) -> None:
+        if tuple(self.mask.shape) != tuple(mask.shape):
+            self.mask = torch.empty(mask.shape, dtype=torch.float32, device=self.mask.device)
+        self.mask.copy_(mask)
+        self.enabled = bool((mask == 0).any())
+
+    def forward(self, y):
+        self.size = (int(y.shape[-2]), int(y.shape[-1]))
+        if not self.enabled:
+            return y
+        if self.size != tuple(self.mask.shape):
+            raise RuntimeError(
+                f"PositionMask: the mask is {tuple(self.mask.shape)} but this conv's output is {self.size}: "
+                "semi-structured masks are tied to one input resolution; give sparsify(...) "
+                "example_inputs at the training resolution")
+        return y * self.mask.to(y.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "mask"
+        if key in state_dict and state_dict[key].shape != self.mask.shape:
+            self.mask = torch.empty_like(state_dict[key], device=self.mask.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.enabled = bool(self.mask.numel()) and bool((self.mask == 0).any())
+
+    def extra_repr(self) -> str:
+        if not self.mask.numel():
+            return "mask=unset"
+        zeros = int((self.mask == 0).sum())
+        return f"mask={tuple(self.mask.shape)}, dropped={zeros}/{self.mask.numel()}"
+
+
+def input_size_of(example_inputs) -> tuple[int, int] | None:
+    """The spatial size ``(H, W)`` of the first image-like (>= 3-D) example input, else None."""
+    for x in example_inputs or ():
+        if isinstance(x, torch.Tensor) and x.dim() >= 3:
+            return int(x.shape[-2]), int(x.shape[-1])
+    return None
+
+
+def _distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+class SemiStructuredGroup(Group):
+    """The masks of one rule: schedule, score-map draws, best-loss tracking, freezing."""
+
+    def __init__(self, method, params, members, ctx: GroupContext):
+        super().__init__(method, params, members, ctx)
+        self.begin, self.end = active_range(params, ctx, method.name)
+        if self.end is None:
+            raise ValueError("semi-structured: end (when the masks freeze) must be set")
+        self._stages, self._resolve = list(ctx.stages), ctx.time
+        self.input_size = input_size_of(ctx.example_inputs)
+        size = self.input_size or (0, 0)
+        self.register_buffer("scores", torch.zeros(size))  # the map the masks now come from
+        self.register_buffer("best_scores", torch.zeros(size))
+        self.register_buffer("best_loss", torch.tensor(math.inf, dtype=torch.float64))
+        self.register_buffer("current_sparsity", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
+        self.generator = torch.Generator().manual_seed(int(params["seed"]))
+
+    # -- schedule --------------------------------------------------------------------------
+    def target(self, step: int) -> float:
+        if self.end == self.begin:
+            return float(self.params["sparsity"]) if step >= self.end else 0.0
+        return polynomial(step, self.begin, self.end, self.params["sparsity"], power=self.params["power"])
+
+    def final_target(self) -> float:
+        return float(self.params["sparsity"])
+
+    def _input_size(self) -> tuple[int, int] | None:
+        if self.input_size is None:  # no example inputs: the largest output size seen so far
+            sizes = [m.size for m in self.members.values() if m.size is not None]
+            if sizes:
+                self.input_size = max(sizes, key=lambda s: s[0] * s[1])
+        return self.input_size
+
+    @torch.no_grad()
+    def _draw(self) -> None:
+        size = self._input_size()
+        if size is None:
+            return
+        fresh = torch.rand(size, generator=self.generator)
+        if tuple(self.scores.shape) != tuple(size):
+            self.scores = torch.empty(size, device=self.scores.device)
+            self.best_scores = torch.zeros(size, device=self.scores.device)
+        self.scores.copy_(fresh)
+        if _distributed():  # every rank must mask the same positions
+            torch.distributed.broadcast(self.scores, src=0)
+
+    @torch.no_grad()
+    def _apply(self, scores: torch.Tensor, sparsity: float) -> None:
+        cache = {}
+        for m in self.members.values():
+            if m.size is None:
+                continue
+            if m.size not in cache:
+                cache[m.size] = position_mask(scores, m.size, sparsity) if sparsity > 0 else None
+            if cache[m.size] is None:
+                m.set_mask(torch.ones(m.size, device=scores.device))
+            else:
+                m.set_mask(cache[m.size].to(m.mask.device))
+        self.current_sparsity.fill_(sparsity)
+
+    def _mean_loss(self, loss: float) -> float:
+        if not _distributed():
+            return float(loss)
+        t = torch.tensor([float(loss)], dtype=torch.float64, device=self.scores.device)
+        torch.distributed.all_reduce(t)
+        return float(t) / torch.distributed.get_world_size()
+
+    @torch.no_grad()
+    def update(self, step: int, loss=None) -> None:
+        if bool(self.frozen):
+            return
+        # ``loss`` was computed with the masks set at the previous update: credit that map,
+        # unless it was drawn at sparsity 0 (never applied)
+        if loss is not None and float(self.current_sparsity) > 0:
+            loss = self._mean_loss(loss)
+            if math.isfinite(loss) and loss < float(self.best_loss):
+                self.best_loss.fill_(loss)
+                self.best_scores.copy_(self.scores)
+        if step >= self.end:
+            if not math.isfinite(float(self.best_loss)):
+                self._draw()  # no map was ever scored (e.g. begin == end): take a fresh one
+                if self.scores.numel():
+                    self.best_scores.copy_(self.scores)
+            if self._input_size() is None or not self.best_scores.numel():
+                return  # sizes unknown until the first forward: freeze at the next step
+            self.scores.copy_(self.best_scores)
+            self._apply(self.best_scores, float(self.params["sparsity"]))
+            self.frozen.fill_(True)
+            return
+        s = self.target(step)
+        if s > 0:
+            self._draw()
+            if self.scores.numel():
+                self._apply(self.scores, s)
+        else:
+            self._apply(self.scores, 0.0)
+
+    # -- reporting --------------------------------------------------------------------------
+    def describe(self, step: int) -> dict:
+        phase = "frozen" if bool(self.frozen) else "dense" if step < self.begin else "ramp"
+        out = {"phase": phase, "sparsity_now": round(float(self.current_sparsity), 6), "begin": self.begin,
+               "end": self.end, "input_size": self.input_size,
+               "best_loss": float(self.best_loss) if math.isfinite(float(self.best_loss)) else None,
+               "masks": len(self.members)}
+        if self._stages:
+            out["stage"] = stage_at(self._stages, self._resolve, step)
+        return out
+
+    def layer_stats(self, name: str, module: nn.Module) -> dict:
+        n = module.mask.numel()
+        zeros = int((module.mask == 0).sum()) if n else 0
+        return {"mask_size": list(module.mask.shape), "masked_positions": zeros,
+                "position_sparsity": zeros / n if n else 0.0}
+
+    def finalize_member(self, name: str, module: nn.Module):
+        if not module.enabled:
+            return None  # an all-ones mask is the identity: drop the node
+        return PositionMask(module.mask)
+
+    # the generator state makes a resumed run draw the same maps
+    def get_extra_state(self):
+        return {"generator": self.generator.get_state(), "input_size": self.input_size}
+
+    def set_extra_state(self, state) -> None:
+        self.generator.set_state(state["generator"])
+        self.input_size = tuple(state["input_size"]) if state.get("input_size") else None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for key in ("scores", "best_scores"):
+            if prefix + key in state_dict and state_dict[prefix + key].shape != getattr(self, key).shape:
+                setattr(self, key, torch.empty_like(state_dict[prefix + key], device=self.best_loss.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class SemiStructuredMethod(Method):
+    name = "semi-structured"
+    description = "Semi-structured activation sparsity: random output-position masks after convs (ICCV-W 2023)"
+    site = "module"
+    targets = (nn.Conv2d,)
+    params = {"sparsity": 0.2, "begin": 0.1, "end": 0.9, "power": 2, "skip_1x1": True, "seed": 0, "stage": None}
+    schedule_keys = ("begin", "end")
+    group_class = SemiStructuredGroup
+
+    def check(self, params):
+        problems = super().check(params)
+        if not isinstance(params.get("skip_1x1"), bool):
+            problems.append(("skip_1x1", "must be true or false"))
+        power = params.get("power")
+        if isinstance(power, bool) or not isinstance(power, (int, float)) or power <= 0:
+            problems.append(("power", f"must be a number > 0, got {power!r}"))
+        if isinstance(params.get("seed"), bool) or not isinstance(params.get("seed"), int):
+            problems.append(("seed", "must be an integer"))
+        return problems
+
+    def accepts(self, site: Site) -> str | None:
+        why = super().accepts(site)
+        if why:
+            return why
+        skip = site.params.get("skip_1x1", self.params["skip_1x1"])
+        if skip and tuple(site.module.kernel_size) == (1, 1):
+            return "1x1 conv (skip_1x1)"
+        if site.node is None or site.gm is None:
+            return "inside an untraceable submodule: no graph to insert a mask node into"
+        return None
+
+    def apply(self, site: Site, params) -> None:
+        site.insert_after(PositionMask(), "pmask")
