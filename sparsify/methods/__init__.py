@@ -6,12 +6,18 @@ from __future__ import annotations
 
 from .base import Group, GroupContext, Method, Site, SparseWeightMixin, plain_copy, specialize, weight_base
 from .st3 import ST3Method
+from .str import STRMethod
+from .magnitude import MagnitudeMethod
+from .nm import NMMethod
 from .regularizers import ActivationL1Method, HoyerSquareMethod, TL1Method
 from .semistructured import SemiStructuredMethod
 from .dual import L1PruneMethod
 
 _REGISTERED: list[type[Method]] = [
     ST3Method,
+    STRMethod,
+    MagnitudeMethod,
+    NMMethod,
     TL1Method, ActivationL1Method, HoyerSquareMethod,
     SemiStructuredMethod,
     L1PruneMethod,

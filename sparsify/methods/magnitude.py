@@ -1,0 +1,166 @@
+"""Gradual magnitude pruning (GMP; Zhu & Gupta 2017), the baseline of SparseML and torch.ao.
+
+Hard masks: the forward multiplies with ``W ⊙ M`` (pruned weights get zero gradient, latent
+values are kept), and ``M`` is recomputed from ``|W|`` after every optimizer step while the
+cubic schedule ``r_t = s·(1 − (1 − (t−begin)/(end−begin))³)`` ramps up; from the ``fix`` step
+(default: ``end``, as in Zhu & Gupta) the mask is frozen. See docs/methods/magnitude.md.
+
+* ``scope="global"``: one threshold over all layers of the rule (exact linear-interpolated
+  quantile, found by :class:`~sparsify.threshold.QuantileTracker` without a full sort);
+  ``scope="layer"``: every layer pruned to ``r_t`` on its own.
+* ``block=[bo, bi]``: prune whole blocks of ``bo`` output rows × ``bi`` consecutive entries of
+  the flattened input dimension (``Cin·kh·kw``), scored by their mean ``|W|``; layers whose
+  shape the block does not divide stay dense and ``plan`` says why.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..schedules import cubic
+from ..threshold import QuantileTracker
+from .base import Group, GroupContext, Method, SparseWeightMixin, specialize, weight_base
+
+__all__ = ["MagnitudeMethod", "MagnitudeMixin", "block_scores", "expand_blocks"]
+
+
+def block_scores(weight: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
+    """Mean ``|W|`` of each ``(bo, bi)`` block of the ``(Cout, rest)`` view (``|W|`` if no block).
+
+    >>> block_scores(torch.tensor([[1., -3., 0., 2.]]), (1, 2))
+    tensor([[2., 1.]])
+    """
+    a = weight.detach().abs()
+    if block is None:
+        return a
+    bo, bi = block
+    a = a.reshape(1, 1, weight.shape[0], -1).float()
+    return F.avg_pool2d(a, (bo, bi)).reshape(weight.shape[0] // bo, -1)
+
+
+def expand_blocks(keep: torch.Tensor, block: tuple[int, int] | None, shape: torch.Size) -> torch.Tensor:
+    """The element mask of ``shape`` from a block mask (identity without blocks).
+
+    >>> expand_blocks(torch.tensor([[True, False]]), (1, 2), torch.Size([1, 4]))
+    tensor([[ True,  True, False, False]])
+    """
+    if block is None:
+        return keep
+    bo, bi = block
+    return keep.repeat_interleave(bo, 0).repeat_interleave(bi, 1).reshape(shape)
+
+
+class MagnitudeMixin(SparseWeightMixin):
+    """Conv/Linear computing with ``W ⊙ M``; ``M`` is set by the group."""
+
+    def init_sparse(self, **params) -> None:
+        self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.bool))
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.weight * self.mask
+
+    def sparse_repr(self) -> str:
+        return f"density={float(self.mask.float().mean()):.3g}"
+
+
+MAGNITUDE_CLASSES = specialize(MagnitudeMixin, prefix="Magnitude")
+
+
+class MagnitudeGroup(Group):
+    """The layers of one GMP rule: the cubic schedule, the (global or per-layer) threshold."""
+
+    def __init__(self, method, params, members, ctx: GroupContext):
+        super().__init__(method, params, members, ctx)
+        self.begin = ctx.time(params["begin"], "begin")
+        self.end = ctx.time(params["end"], "end")
+        fix = ctx.time(params["fix"], "fix")
+        self.fix_at = self.end if fix is None else fix
+        if self.end < self.begin:
+            raise ValueError(f"magnitude: end ({self.end}) is before begin ({self.begin})")
+        if self.fix_at < self.end:
+            raise ValueError(f"magnitude: fix ({self.fix_at}) is before end ({self.end}): the mask "
+                             "would freeze before the target sparsity is reached")
+        self.every = int(params["frequency"])
+        self.block = tuple(params["block"]) if params["block"] else None
+        self.register_buffer("tau", torch.zeros((), dtype=torch.float64))  # last global threshold
+        self._trackers: dict[str, QuantileTracker] = {}  # speed only; not state
+
+    def target(self, step: int) -> float:
+        if self.end == self.begin:
+            return float(self.params["sparsity"]) if step >= self.end else 0.0
+        return cubic(step, self.begin, self.end, self.params["sparsity"])
+
+    def _tracker(self, key: str) -> QuantileTracker:
+        return self._trackers.setdefault(key, QuantileTracker())
+
+    @torch.no_grad()
+    def update(self, step: int, loss=None) -> None:
+        if step > self.fix_at:
+            return  # frozen
+        layers = list(self.members.items())
+        r = self.target(step)
+        if r <= 0:
+            for _, m in layers:
+                m.mask.fill_(True)
+            return
+        if (step - self.begin) % self.every and step not in (self.end, self.fix_at):
+            return  # not a pruning step
+        scores = {n: block_scores(m.weight, self.block) for n, m in layers}
+        if self.params["scope"] == "global":
+            tau = self._tracker("global")(torch.cat([s.reshape(-1).float() for s in scores.values()]), r)
+            self.tau.fill_(float(tau))
+            taus = {n: tau for n in scores}
+        else:
+            taus = {n: self._tracker(n)(s.reshape(-1).float(), r) for n, s in scores.items()}
+        for n, m in layers:
+            keep = scores[n].float() > taus[n]
+            m.mask.copy_(expand_blocks(keep, self.block, m.weight.shape))
+
+    def describe(self, step: int) -> dict:
+        phase = ("dense" if step < self.begin else "ramp" if step < self.end else
+                 "fixed" if step >= self.fix_at else "hold")
+        out = {"phase": phase, "scope": self.params["scope"], "begin": self.begin, "end": self.end,
+               "fix": self.fix_at}
+        if self.params["scope"] == "global":
+            out["threshold"] = float(self.tau)
+        if self.block:
+            out["block"] = list(self.block)
+        return out
+
+
+class MagnitudeMethod(Method):
+    name = "magnitude"
+    description = "GMP: magnitude pruning with a hard mask and a cubic schedule (global or per-layer, unstructured or block)"
+    params = {"sparsity": 0.9, "begin": 0, "end": 0, "fix": None, "scope": "global", "block": None,
+              "frequency": 1}
+    schedule_keys = ("begin", "end", "fix")
+    group_class = MagnitudeGroup
+
+    def check(self, params):
+        problems = super().check(params)
+        if params.get("scope") not in ("global", "layer"):
+            problems.append(("scope", f"must be \"global\" or \"layer\", got {params.get('scope')!r}"))
+        b = params.get("block")
+        if b is not None and not (isinstance(b, (list, tuple)) and len(b) == 2
+                                  and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in b)):
+            problems.append(("block", f"must be null or [rows, cols] of positive integers, got {b!r}"))
+        f = params.get("frequency")
+        if isinstance(f, bool) or not isinstance(f, int) or f < 1:
+            problems.append(("frequency", f"must be a whole number of steps >= 1, got {f!r}"))
+        return problems
+
+    def accepts(self, site):
+        why = super().accepts(site)
+        block = (site.params or {}).get("block")
+        if why or not block:
+            return why
+        w = site.module.weight
+        rest = w[0].numel()
+        if w.shape[0] % block[0] or rest % block[1]:
+            return (f"block {block[0]}x{block[1]} does not divide its weight "
+                    f"({w.shape[0]} x {rest} as out x in·kh·kw)")
+        return None
+
+    def apply(self, site, params) -> None:
+        site.replace(MAGNITUDE_CLASSES[weight_base(site.module)].from_dense(site.module))

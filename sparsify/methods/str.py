@@ -1,0 +1,218 @@
+"""STR: soft threshold reparameterization (Kusupati et al., ICML 2020; repo RAIVNLab/STR).
+
+Each layer computes with ``Ŵ = sign(W) ⊙ ReLU(|W| − sigmoid(s))`` where ``s`` is learned by the
+optimizer like any weight (plain autograd: ``∂L/∂W = ∂L/∂Ŵ ⊙ 1[|W| > sigmoid(s)]``). Sparsity
+comes from weight decay on ``W`` **and on s** (decay pulls a very negative ``s`` toward 0, which
+raises the threshold). See METHODS.md §2 and docs/methods/str.md.
+
+``granularity``: ``"layer"`` (one scalar per layer, the paper's), ``"channel"`` (one per output
+channel), or ``"global"`` (one scalar shared by every layer of the rule; it is registered once,
+on the group, as ``sparsify_state.groups.<rule>.s``). ``s`` and the sigmoid are float32 even
+under autocast or after ``model.half()``.
+
+``sparsify.param_groups(model, weight_decay)`` gives every ``s`` the decay ``threshold_decay``
+(default: ``weight_decay``, as in the paper), and ``sparsify.step`` warns once when an optimizer
+steps an ``s`` without weight decay (the user would get no sparsity).
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from .base import Group, GroupContext, Method, SparseWeightMixin, specialize, weight_base
+
+__all__ = ["STRMethod", "STRMixin", "str_weight", "str_threshold"]
+
+
+def str_threshold(s: torch.Tensor) -> torch.Tensor:
+    """``sigmoid(s)`` in float32, whatever autocast or the parameter's dtype say.
+
+    >>> str_threshold(torch.tensor(-3200.0))
+    tensor(0.)
+    """
+    with torch.autocast(s.device.type, enabled=False):
+        return torch.sigmoid(s.float())
+
+
+def str_weight(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """``sign(W) ⊙ ReLU(|W| − threshold)`` (the threshold broadcasts: scalar or per channel).
+
+    >>> str_weight(torch.tensor([0.5, -0.05, -0.3]), torch.tensor(0.1))
+    tensor([ 0.4000, -0.0000, -0.2000])
+    """
+    with torch.autocast(weight.device.type, enabled=False):
+        out = torch.sign(weight) * torch.relu(weight.abs() - threshold)
+    return out.to(weight.dtype)
+
+
+class STRMixin(SparseWeightMixin):
+    """Conv/Linear computing with the STR weight; its ``s`` is its own parameter, or the group's
+    shared one (global granularity: then ``_shared_s`` references it without registering)."""
+
+    def init_sparse(self, granularity: str = "layer", s_init: float = -10.0, **_) -> None:
+        w = self.weight
+        if granularity == "global":
+            # the group registers the shared parameter once and sets it here (not registered);
+            # until then (shape propagation at build time) the layer computes with s_init
+            object.__setattr__(self, "_shared_s", torch.tensor(float(s_init), device=w.device))
+            return
+        shape = () if granularity == "layer" else (w.shape[0],) + (1,) * (w.dim() - 1)
+        self.s = nn.Parameter(torch.full(shape, float(s_init), dtype=torch.float32, device=w.device))
+
+    def threshold_param(self) -> nn.Parameter:
+        s = self._parameters.get("s")
+        return s if s is not None else self.__dict__["_shared_s"]
+
+    def threshold(self) -> torch.Tensor:
+        """``sigmoid(s)`` in float32 (scalar or ``(Cout, 1, ...)``)."""
+        return str_threshold(self.threshold_param())
+
+    def effective_weight(self) -> torch.Tensor:
+        return str_weight(self.weight, self.threshold())
+
+    def sparse_repr(self) -> str:
+        t = self.threshold().detach()
+        return f"threshold={float(t.mean()):.4g}" + ("" if t.dim() == 0 else " (mean)")
+
+
+STR_CLASSES = specialize(STRMixin, prefix="STR")
+
+# Optimizers seen stepping an STR threshold without weight decay, reported by the groups' warnings().
+_GROUPS: "weakref.WeakSet[STRGroup]" = weakref.WeakSet()
+_HOOK = None
+
+
+def _decay_of(group: dict) -> float:
+    wd = group.get("weight_decay", 0.0)
+    return float(wd) if isinstance(wd, (int, float)) else 0.0
+
+
+def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    """Global optimizer post-step hook: note STR thresholds stepped with weight_decay == 0."""
+    if not _GROUPS:
+        return
+    undecayed = {id(p) for g in optimizer.param_groups if _decay_of(g) == 0.0 for p in g["params"]}
+    seen = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    for group in list(_GROUPS):
+        if any(id(p) in seen for _, p in group.thresholds()):
+            group.stepped_by_torch_optimizer = True
+    if not undecayed:
+        return
+    for group in list(_GROUPS):
+        for name, p in group.thresholds():
+            if id(p) in undecayed:
+                group.undecayed.add(f"{type(optimizer).__name__} (weight_decay=0)")
+                break
+
+
+def _install_hook() -> None:
+    global _HOOK
+    if _HOOK is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+        _HOOK = register_optimizer_step_post_hook(_after_optimizer_step)
+
+
+class STRGroup(Group):
+    """The layers of one STR rule: the shared threshold (global), decay options and the warning."""
+
+    def __init__(self, method, params, members, ctx: GroupContext):
+        super().__init__(method, params, members, ctx)
+        if params["granularity"] == "global":
+            device = next(iter(members.values())).weight.device
+            self.s = nn.Parameter(torch.full((), float(params["s_init"]), dtype=torch.float32, device=device))
+            for m in members.values():
+                object.__setattr__(m, "_shared_s", self.s)
+        self.undecayed: set[str] = set()
+        self.stepped_by_torch_optimizer = False  # then the hook's verdict is exact
+        self._last: dict[str, torch.Tensor] | None = None  # s after the previous step, to spot no decay
+        self._frozen_names: list[str] = []
+        _GROUPS.add(self)
+        _install_hook()
+
+    def thresholds(self) -> list[tuple[str, nn.Parameter]]:
+        """``(name, s)`` of every threshold parameter of this rule (once for global)."""
+        if self.params["granularity"] == "global":
+            return [("<global>", self.s)]
+        return [(n, m.s) for n, m in self.members.items()]
+
+    # -- optimizer plumbing ------------------------------------------------------------------
+    def param_options(self, weight_decay: float) -> list[tuple[list[nn.Parameter], dict]]:
+        """The thresholds get ``threshold_decay`` (default: the model's ``weight_decay``)."""
+        decay = self.params["threshold_decay"]
+        decay = weight_decay if decay is None else float(decay)
+        return [([p for _, p in self.thresholds()], {"weight_decay": decay})]
+
+    @torch.no_grad()
+    def update(self, step: int, loss=None) -> None:
+        # a threshold whose loss gradient is exactly zero (sigmoid(s) underflows, as with the
+        # paper's s_init = -3200) moves only by weight decay: if it did not move, nothing decays it
+        now = {n: p.detach().clone() for n, p in self.thresholds()}
+        frozen = []
+        if self._last is not None and not self.stepped_by_torch_optimizer:
+            for n, p in self.thresholds():
+                grad_zero = p.grad is None or not bool(p.grad.any())
+                if grad_zero and bool((p != 0).any()) and torch.equal(now[n], self._last[n]):
+                    frozen.append(n)
+        self._frozen_names = frozen
+        self._last = now
+
+    def warnings(self) -> list[str]:
+        out = []
+        if self.undecayed or self._frozen_names:
+            where = (", ".join(sorted(self.undecayed)) if self.undecayed else
+                     f"thresholds {', '.join(self._frozen_names[:3])}{' ...' if len(self._frozen_names) > 3 else ''} "
+                     "did not move")
+            out.append(f"STR: the optimizer applies no weight decay to the thresholds s ({where}); STR gets "
+                       "its sparsity from that decay, so this run will stay dense. Build the optimizer with "
+                       "sparsify.param_groups(model, weight_decay=...) or give every '.s' parameter "
+                       "weight_decay > 0.")
+        return out
+
+    # -- reporting -------------------------------------------------------------------------
+    def target(self, step: int):
+        return None  # learned sparsity: no schedule
+
+    def final_target(self):
+        return None
+
+    def describe(self, step: int) -> dict:
+        ts = [float(str_threshold(p.detach()).mean()) for _, p in self.thresholds()]
+        out = {"granularity": self.params["granularity"], "s_init": self.params["s_init"]}
+        if ts:
+            out["threshold_mean"] = sum(ts) / len(ts)
+        return out
+
+    def layer_stats(self, name: str, module: nn.Module) -> dict:
+        t = module.threshold().detach()
+        return {"threshold": float(t.mean()), "s": float(module.threshold_param().detach().float().mean())}
+
+
+class STRMethod(Method):
+    name = "str"
+    description = "STR: learned per-layer soft thresholds sigmoid(s), sparsity driven by weight decay (ICML 2020)"
+    params = {"s_init": -10.0, "granularity": "layer", "threshold_decay": None}
+    group_class = STRGroup
+
+    def check(self, params):
+        problems = super().check(params)
+        s = params.get("s_init")
+        if isinstance(s, bool) or not isinstance(s, (int, float)):
+            problems.append(("s_init", f"must be a number (e.g. -3200 as in the paper), got {s!r}"))
+        elif s > 0:
+            problems.append(("s_init", f"{s} prunes every weight with |w| < sigmoid({s}) = "
+                             f"{float(torch.sigmoid(torch.tensor(float(s)))):.3g} at step 0 (the official "
+                             "repo's default 100 prunes everything); use a negative value such as -10, or the "
+                             "paper's -3200 for long ImageNet runs"))
+        if params.get("granularity") not in ("layer", "channel", "global"):
+            problems.append(("granularity", f"must be \"layer\", \"channel\" or \"global\", got "
+                             f"{params.get('granularity')!r}"))
+        d = params.get("threshold_decay")
+        if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or d < 0):
+            problems.append(("threshold_decay", f"must be null (= the optimizer's weight_decay) or >= 0, got {d!r}"))
+        return problems
+
+    def apply(self, site, params) -> None:
+        site.replace(STR_CLASSES[weight_base(site.module)].from_dense(
+            site.module, granularity=params["granularity"], s_init=params["s_init"]))
