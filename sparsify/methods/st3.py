@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..schedules import cubic
-from ..threshold import quantile
+from ..threshold import QuantileTracker
 from .base import Group, GroupContext, Method, SparseWeightMixin, specialize, weight_base
 
 __all__ = ["ST3Method", "ST3Mixin", "st3_effective_weight", "st3_scale", "sigma_of"]
@@ -129,6 +129,7 @@ class ST3Group(Group):
             raise ValueError(f"st3: end ({self.end}) is before begin ({self.begin})")
         self.register_buffer("tau", torch.zeros((), dtype=torch.float64))
         self.sigmas = {name: (sigma_of(m.weight) if params["sigma"] else 1.0) for name, m in members.items()}
+        self._quantile = QuantileTracker()  # exact quantile, reusing the previous τ (speed only, not state)
 
     def target(self, step: int) -> float:
         if self.end == self.begin:
@@ -149,7 +150,7 @@ class ST3Group(Group):
                 m.set_threshold(0.0)
             return
         scaled = torch.cat([(m.weight.detach().abs().float() / self.sigmas[n]).reshape(-1) for n, m in layers])
-        tau = float(quantile(scaled, r))
+        tau = float(self._quantile(scaled, r))
         self.tau.fill_(tau)
         for n, m in layers:
             m.set_threshold(tau * self.sigmas[n])
