@@ -17,6 +17,7 @@ from torch import nn
 from passes import PassResult, Pipeline, first_and_last, node_name, target_module, trace
 from passes.tracing import TraceResult, module_path_of  # noqa: F401  (module_path_of documents the meta used)
 
+from .hidden import hidden_candidates, hidden_positions, needed_paths, rewire_hidden_reads
 from .macs import guess_example_inputs, positions_per_sample
 from .matching import Candidate, compile_match
 from .methods import SparseWeightMixin, get_method
@@ -114,6 +115,7 @@ def _trace(root: nn.Module, matcher: _Matcher):
         w = matcher.winner(c)
         if w is not None and w.method is not None:
             needed.update(paths)
+    needed |= needed_paths(tr.graphs, matcher.winner)  # forwards that read a rewritten weight
     if descended <= needed:
         return tr, cands, cands
     first_cands = cands
@@ -139,7 +141,8 @@ def _dense_reasons(root: nn.Module, tr: TraceResult, all_cands: list[Candidate],
     fallbacks = [f.name for f in tr.fallbacks]
     entries = []
     for name, m in root.named_modules():
-        if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
+        if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None and \
+                (f"{name}.in_proj" if name else "in_proj") not in rewritten:
             entries.append(PlanEntry(f"{name}.in_proj_weight", "MultiheadAttention.in_proj_weight", None, None,
                                      "parameter read directly by nn.MultiheadAttention (no module call to rewrite)",
                                      m.in_proj_weight.numel()))
@@ -185,7 +188,9 @@ def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps:
     members: dict[int, dict[str, nn.Module]] = defaultdict(dict)
     changes_by_graph = defaultdict(list)
     rewritten = set()
-    for c in cands:
+    called = {c.name for c in cands if c.node is not None and c.node.op == "call_module"}
+    hidden = hidden_candidates(root, tr.graphs, matcher.winner, called=called, convert=not dry_run)
+    for c in cands + hidden:
         w = matcher.winner(c)
         if w is None or w.method is None:
             continue
@@ -201,6 +206,9 @@ def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps:
             w.method.apply(site, w.rule.params)
             members[w.rule.index].update(site.members)
             changes_by_graph[c.prefix].extend(site.changes)
+    if not dry_run:
+        for prefix, ch in rewire_hidden_reads(tr.graphs, rewritten).items():
+            changes_by_graph[prefix].extend(ch)
     plan.entries.extend(_dense_reasons(root, tr, first_cands, matcher, rewritten))
     plan.unmatched_rules = [r.rule.index for r in matcher.rules if r.rule.index not in matcher.matched_any]
 
@@ -215,6 +223,7 @@ def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps:
     else:
         example_inputs = (example_inputs,)
     factors = positions_per_sample(root, example_inputs) if example_inputs is not None else {}
+    factors.update(hidden_positions(root, example_inputs, [c.name for c in hidden]))
     if example_inputs is not None:
         plan.input_shapes = [list(x.shape) for x in example_inputs if hasattr(x, "shape")]
         for e in plan.entries:

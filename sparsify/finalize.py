@@ -80,6 +80,8 @@ def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
                     raise FinalizeError(f"could not remove {name} from the graph")
             elif new is not member:
                 set_submodule(final, name, new)
+    from .hidden import finalize_hidden  # weights read outside module calls (Swin, MultiheadAttention)
+    finalize_hidden(final, fstate.graph_paths)
     delattr(final, STATE_ATTR)
     for prefix in fstate.graph_paths:
         gm = final.get_submodule(prefix) if prefix else final
