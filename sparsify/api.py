@@ -7,7 +7,7 @@ import warnings
 import torch
 from torch import nn
 
-from .build import build
+from .build import build, check_model
 from .finalize import finalize_model
 from .measure import Measurement, measure
 from .methods import get_method
@@ -47,6 +47,7 @@ def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int 
     >>> type(m.layer1[0].conv1).__name__
     'ST3Conv2d'
     """
+    check_model(model)  # a wrong model is the first thing to report, before any recipe problem
     recipe = load_recipe(recipe, **overrides)
     _check_times(recipe, total_steps)
     root, plan_ = build(model, recipe, example_inputs=example_inputs, total_steps=total_steps, inplace=inplace)
