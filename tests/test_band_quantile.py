@@ -1,0 +1,83 @@
+"""The fast exact global threshold (band selection) against the sort/kthvalue reference."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from sparsify import threshold
+from sparsify.threshold import QuantileTracker, band_quantile, quantile
+
+
+def sorted_reference(v: torch.Tensor, q: float) -> torch.Tensor:
+    """numpy's linear interpolation from a full sort (the definition, independent of kthvalue)."""
+    s = torch.sort(v.reshape(-1)).values
+    pos = (s.numel() - 1) * q
+    k = int(pos)
+    if pos == k or k + 1 >= s.numel():
+        return s[k]
+    return threshold._interpolate(s[k], s[k + 1], pos - k)
+
+
+@pytest.fixture
+def tiny_sample(monkeypatch):
+    """Shrink the sample and band limits so that small inputs take every code path."""
+    monkeypatch.setattr(threshold, "_SAMPLE", 8)
+    monkeypatch.setattr(threshold, "_MAX_BAND", 64)
+
+
+values_random = arrays(np.float32, st.integers(9, 400), elements=st.floats(0, 10, width=32))
+values_tied = arrays(np.float32, st.integers(9, 400), elements=st.sampled_from([0.0, 0.25, 0.5, 1.0, 3.0]))
+
+
+@given(st.one_of(values_random, values_tied), st.floats(0, 1),
+       st.one_of(st.none(), st.floats(-1, 11, width=32)), st.floats(0, 5))
+def test_property_equals_reference(tiny_sample, values, q, hint, width):
+    v = torch.from_numpy(values)
+    got, new_width = band_quantile(v, q, hint, width)
+    want = quantile(v, q)
+    assert got.dtype == want.dtype
+    assert torch.equal(got, want), (float(got), float(want))
+    assert torch.equal(want, sorted_reference(v, q))
+    assert new_width >= 0
+
+
+@given(values_tied, st.lists(st.floats(0, 1), min_size=1, max_size=5))
+def test_property_tracker_sequence(tiny_sample, values, levels):
+    v = torch.from_numpy(values)
+    tracker = QuantileTracker()
+    for q in levels:
+        v = v * 1.01
+        assert torch.equal(tracker(v, q), quantile(v, q))
+
+
+@pytest.mark.parametrize("kind", ["normal", "zeros", "tied"])
+def test_large_inputs_take_the_band_path(kind, monkeypatch):
+    monkeypatch.setattr(threshold, "_SAMPLE", 1024)
+    n = 40_001
+    v = torch.randn(n).abs()
+    if kind == "zeros":
+        v[: n // 2] = 0.0  # half the weights already pruned to exactly 0
+    elif kind == "tied":
+        v = (v * 4).round() / 4  # a handful of distinct values: bands are huge, fallback
+    tracker = QuantileTracker()
+    for i, q in enumerate([0.3, 0.31, 0.5, 0.9, 0.9, 0.95, 0.999, 1.0, 0.0]):
+        w = v * (1 + 1e-3 * i)
+        got = tracker(w, q)
+        assert torch.equal(got, quantile(w, q)), (kind, q)
+        assert torch.equal(got, sorted_reference(w, q)), (kind, q)
+
+
+def test_errors_match_the_reference():
+    v = torch.rand(100_000)
+    v[7] = float("nan")
+    with pytest.raises(FloatingPointError, match="diverged"):
+        band_quantile(v, 0.5)
+    v[7] = float("inf")
+    with pytest.raises(FloatingPointError, match="diverged"):
+        band_quantile(v, 0.5)
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        band_quantile(torch.rand(10), 1.5)
