@@ -12,6 +12,7 @@ from .nm import NMMethod
 from .regularizers import ActivationL1Method, HoyerSquareMethod, TL1Method
 from .semistructured import SemiStructuredMethod
 from .dual import L1PruneMethod
+from .sas import SASMethod
 
 _REGISTERED: list[type[Method]] = [
     ST3Method,
@@ -21,6 +22,7 @@ _REGISTERED: list[type[Method]] = [
     TL1Method, ActivationL1Method, HoyerSquareMethod,
     SemiStructuredMethod,
     L1PruneMethod,
+    SASMethod,
 ]
 
 REGISTRY: dict[str, Method] = {cls.name: cls() for cls in _REGISTERED}

@@ -1,0 +1,284 @@
+"""SAS modules and slot rules (METHODS.md §3): the official M = 2 computation, the two-conv identity,
+the oracles on special weights/inputs, general M, AMP, padding modes, deployment."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsify.methods.sas import (SASConv1d, SASConv2d, SASConv3d, SASLinear, SignedLevelsRule, SignRule,
+                                  blocked_weight, make_slot_rule, register_slot_rule)
+
+
+# ---- a small reference of the official code (DensoITLab/sas_, sas_conv2d.py / sas_linear.py) ------
+
+def official_projection(x: torch.Tensor) -> torch.Tensor:
+    """The official SAS_proj for M = 2: a zeros tensor with an extra slot axis after the channels,
+    |x| masked by the sign written into slot 0 (x > 0) and slot 1 (x <= 0), then interleaved."""
+    shape = list(x.shape)
+    ch = 1 if x.dim() > 2 else -1
+    proj_shape = shape[:ch % x.dim() + 1] + [2] + shape[ch % x.dim() + 1:]
+    proj = torch.zeros(proj_shape, dtype=x.dtype, device=x.device)
+    y = x.abs()
+    with torch.no_grad():
+        sgn = (x > 0).float()
+    idx = [slice(None)] * len(proj_shape)
+    idx[ch % x.dim() + 1] = 0
+    proj[tuple(idx)] = y * sgn
+    idx[ch % x.dim() + 1] = 1
+    proj[tuple(idx)] = y * (1.0 - sgn)
+    return proj.flatten(ch % x.dim(), ch % x.dim() + 1)
+
+
+def official_conv(x, weight, bias, **kw):
+    conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[x.dim()]
+    return conv(official_projection(x), weight, bias, **kw)
+
+
+def official_linear(x, weight, bias):
+    return F.linear(official_projection(x), weight, bias)
+
+
+def two_convs(x, weight, bias, **kw):
+    """METHODS.md: SAS(x) = conv(relu(x), W[:, 0::2]) + conv(relu(-x), W[:, 1::2]) + b."""
+    conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[x.dim()]
+    return conv(x.relu(), weight[:, 0::2], bias, **kw) + conv((-x).relu(), weight[:, 1::2], None, **kw)
+
+
+def _grads(fn, x, *params):
+    x = x.detach().clone().requires_grad_(True)
+    params = [p.detach().clone().requires_grad_(True) if p is not None else None for p in params]
+    out = fn(x, *params)
+    g = torch.randn_like(out, generator=torch.Generator().manual_seed(1))
+    (out * g).sum().backward()
+    return out.detach(), x.grad, [p.grad for p in params if p is not None]
+
+
+def _assert_same(a, b, tol=1e-5):
+    out_a, gx_a, gp_a = a
+    out_b, gx_b, gp_b = b
+    scale = max(1.0, float(out_a.abs().max()))
+    torch.testing.assert_close(out_a, out_b, rtol=tol, atol=tol * scale)
+    torch.testing.assert_close(gx_a, gx_b, rtol=tol, atol=tol * max(1.0, float(gx_a.abs().max())))
+    for ga, gb in zip(gp_a, gp_b):
+        torch.testing.assert_close(ga, gb, rtol=tol, atol=tol * max(1.0, float(ga.abs().max())))
+
+
+CONV_CASES = [  # (cin, cout, kernel, stride, padding, dilation, groups)
+    (6, 4, 3, 1, 1, 1, 1),
+    (6, 9, 3, 2, 0, 1, 3),
+    (8, 8, 3, 1, 2, 2, 8),   # depthwise, dilated
+    (4, 6, 1, 1, 0, 1, 2),
+    (5, 3, (3, 1), (2, 1), (1, 0), 1, 1),
+]
+
+
+def _sas_conv(cin, cout, k, s, p, d, g, bias=True):
+    torch.manual_seed(cin * 31 + cout)
+    return SASConv2d(cin, cout, k, stride=s, padding=p, dilation=d, groups=g, bias=bias)
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv_equals_official_and_two_convs(case):
+    layer = _sas_conv(*case)
+    cin, _, _, s, p, d, g = case
+    kw = dict(stride=s, padding=p, dilation=d, groups=g)
+    x = torch.randn(2, cin, 9, 8)
+    x[0, 0, :2] = 0.0  # exact zeros: relu'(0) = 0 in every formulation
+    ours = _grads(lambda x, w, b: SASConv2d.forward(_with(layer, w, b), x), x, layer.weight, layer.bias)
+    _assert_same(ours, _grads(lambda x, w, b: official_conv(x, w, b, **kw), x, layer.weight, layer.bias))
+    if g == 1:
+        _assert_same(ours, _grads(lambda x, w, b: two_convs(x, w, b, **kw), x, layer.weight, layer.bias))
+    _assert_same(ours, _grads(lambda x, w, b: _with(layer, w, b).reference_forward(x), x, layer.weight, layer.bias))
+
+
+def _with(layer, weight, bias):
+    """``layer`` computing with the given (leaf) tensors, so gradients can be compared."""
+    import copy
+    new = copy.copy(layer)
+    new._parameters = dict(layer._parameters)
+    new._parameters["weight"] = weight
+    new._parameters["bias"] = bias
+    return new
+
+
+def test_conv1d_conv3d_and_no_bias():
+    torch.manual_seed(0)
+    c1 = SASConv1d(4, 5, 3, padding=1, bias=False)
+    x = torch.randn(3, 4, 11)
+    _assert_same(_grads(lambda x, w: _with(c1, w, None)(x), x, c1.weight),
+                 _grads(lambda x, w: official_conv(x, w, None, padding=1), x, c1.weight))
+    c3 = SASConv3d(2, 3, 3, stride=2, groups=1)
+    x = torch.randn(1, 2, 5, 6, 7)
+    _assert_same(_grads(lambda x, w, b: _with(c3, w, b)(x), x, c3.weight, c3.bias),
+                 _grads(lambda x, w, b: official_conv(x, w, b, stride=2), x, c3.weight, c3.bias))
+
+
+@pytest.mark.parametrize("shape", [(7, 6), (2, 3, 6), (2, 2, 3, 6)])
+def test_linear_any_rank_equals_official(shape):
+    torch.manual_seed(1)
+    lin = SASLinear(6, 4)
+    x = torch.randn(*shape)
+    ref = _grads(lambda x, w, b: official_linear(x.reshape(-1, 6), w, b).reshape(*shape[:-1], 4),
+                 x, lin.weight, lin.bias)
+    _assert_same(_grads(lambda x, w, b: _with(lin, w, b)(x), x, lin.weight, lin.bias), ref)
+
+
+def test_official_initialisation_and_state_dict_layout():
+    torch.manual_seed(0)
+    layer = SASConv2d(16, 32, 3, padding=1)
+    assert layer.weight.shape == (32, 32, 3, 3) and layer.in_channels == 16
+    bound = 1 / math.sqrt(32 * 9)  # kaiming_uniform(a=sqrt 5) over the wide fan-in
+    assert float(layer.weight.abs().max()) <= bound + 1e-7
+    assert float(layer.weight.abs().max()) > 0.9 * bound
+    assert float(layer.bias.abs().max()) <= 1 / math.sqrt(16 * 9) + 1e-7  # official: narrow fan-in
+    # an official state_dict (same keys, interleaved layout) loads as is and gives its outputs
+    official = {"weight": torch.randn(32, 32, 3, 3), "bias": torch.randn(32)}
+    layer.load_state_dict(official)
+    x = torch.randn(2, 16, 6, 6)
+    torch.testing.assert_close(layer(x), official_conv(x, official["weight"], official["bias"], padding=1),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_oracles_on_special_weights_and_inputs():
+    torch.manual_seed(2)
+    dense = nn.Conv2d(6, 4, 3, padding=1, groups=2)
+    w = dense.weight.detach()
+    layer = SASConv2d.from_dense(dense)  # default: negative half zero
+    assert torch.equal(layer.weight[:, 0::2], w) and not layer.weight[:, 1::2].any()
+    x = torch.randn(2, 6, 7, 7)
+    tol = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x), dense(x.relu()), **tol)                # W- = 0: conv(relu x, W+)
+    with torch.no_grad():
+        layer.weight[:, 1::2] = torch.randn_like(w)
+    torch.testing.assert_close(layer(x.abs()), dense(x.abs()), **tol)          # x >= 0: the dense conv
+    with torch.no_grad():
+        layer.weight[:, 1::2] = -w
+    torch.testing.assert_close(layer(x), dense(x), **tol)                       # W- = -W+: conv(x, W+)
+    ident = SASConv2d.from_dense(dense, coefficients=SignRule().identity_coefficients())
+    torch.testing.assert_close(ident(x), dense(x), **tol)
+
+
+def test_blocked_weight_matches_blocked_projection():
+    w = torch.randn(3, 8, 2, 2)  # cin = 4, m = 2
+    b = blocked_weight(w, 2)
+    assert torch.equal(b[:, :4], w[:, 0::2]) and torch.equal(b[:, 4:], w[:, 1::2])
+
+
+def test_padding_modes_and_same_padding():
+    torch.manual_seed(3)
+    x = torch.randn(2, 4, 7, 6)
+    for kw in (dict(padding=1, padding_mode="reflect"), dict(padding="same"), dict(padding=1, padding_mode="circular")):
+        layer = SASConv2d(4, 5, 3, **kw)
+        _assert_same(_grads(lambda x, w, b: _with(layer, w, b)(x), x, layer.weight, layer.bias),
+                     _grads(lambda x, w, b: _with(layer, w, b).reference_forward(x), x, layer.weight, layer.bias))
+
+
+def test_only_x_is_saved_for_backward():
+    layer = SASConv2d(8, 8, 3, padding=1)
+    x = torch.randn(2, 8, 16, 16, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    # x, the (blocked copy of the) weight and the bias; never a 2x-wide activation
+    assert max(saved) == x.numel() and sum(saved) <= x.numel() + 2 * layer.weight.numel() + 8
+
+
+def test_bfloat16_autocast():
+    torch.manual_seed(4)
+    layer = SASConv2d(8, 6, 3, padding=1)
+    lin = SASLinear(6, 3)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lin(layer(x).mean((2, 3)))
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
+    ref = lin.reference_forward(layer.reference_forward(x.detach()).mean((2, 3)))
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+
+
+# ---- slot rules -------------------------------------------------------------------------------
+
+def test_signed_levels_with_two_slots_is_the_sign_rule():
+    x = torch.randn(1000)
+    x[:10] = 0
+    for a, b in zip(SignedLevelsRule(2).slots(x), SignRule().slots(x)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("m", [3, 4, 6])
+def test_signed_levels_one_hot_and_coefficients(m):
+    rule = make_slot_rule("auto", m)
+    assert isinstance(rule, SignedLevelsRule)
+    x = torch.randn(20000)
+    slots = torch.stack(rule.slots(x))
+    assert ((slots != 0).sum(0) <= 1).all()                       # at most one slot active
+    assert torch.equal(slots.sum(0), x.abs())                      # the active slot holds |x|
+    for coeffs, target in ((rule.identity_coefficients(), x), (rule.relu_coefficients(), x.relu())):
+        torch.testing.assert_close((torch.tensor(coeffs)[:, None] * slots).sum(0), target)
+    if m % 2 == 0:  # equal shares of a unit normal per slot
+        shares = (slots != 0).float().mean(1)
+        assert torch.allclose(shares, torch.full((m,), 1 / m), atol=0.02)
+
+
+def test_general_m_layer_gradients_float64():
+    torch.manual_seed(5)
+    layer = SASConv2d(3, 2, 3, padding=1, groups=1, m=4).double()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: _with(layer, w, layer.bias)(x), (x, layer.weight))
+    _assert_same(_grads(lambda x, w, b: _with(layer, w, b)(x), x, layer.weight, layer.bias),
+                 _grads(lambda x, w, b: _with(layer, w, b).reference_forward(x), x, layer.weight, layer.bias),
+                 tol=1e-9)
+    dense = nn.Linear(5, 3)
+    lin = SASLinear.from_dense(dense, m=3, coefficients=make_slot_rule("auto", 3).relu_coefficients())
+    z = torch.randn(4, 5)
+    torch.testing.assert_close(lin(z), dense(z.relu()))
+
+
+def test_slot_rule_errors_and_registration():
+    with pytest.raises(ValueError, match="exactly 2 slots"):
+        make_slot_rule("sign", 4)
+    with pytest.raises(ValueError, match="unknown slot rule 'nope'"):
+        make_slot_rule("nope", 2)
+
+    @register_slot_rule
+    class Clipped(SignRule):
+        """relu(x) and relu(-x) clipped at 1 in slot 0: a user rule."""
+        name = "test_clipped"
+
+        def slots(self, x):
+            return [torch.clamp(x, 0, 1), torch.relu(-x)]
+
+        def project(self, x, dim):  # use the generic (autograd) fast paths
+            return super(SignRule, self).project(x, dim)
+
+        def project_backward(self, x, grad, dim):
+            return super(SignRule, self).project_backward(x, grad, dim)
+
+    layer = SASLinear(4, 2, slot_rule="test_clipped")
+    x = torch.randn(3, 4) * 3
+    _assert_same(_grads(lambda x, w, b: _with(layer, w, b)(x), x, layer.weight, layer.bias),
+                 _grads(lambda x, w, b: _with(layer, w, b).reference_forward(x), x, layer.weight, layer.bias))
+
+
+def test_deploy_module_is_plain_and_exportable():
+    torch.manual_seed(6)
+    layer = SASConv2d(4, 6, 3, stride=2, padding=1, groups=2, m=4)
+    lin = SASLinear(6, 3)
+    x = torch.randn(2, 4, 8, 8)
+    for mod, inp in ((layer, x), (lin, torch.randn(2, 5, 6))):
+        dep = mod.deploy_module()
+        assert isinstance(dep, torch.fx.GraphModule)
+        assert {n.op for n in dep.graph.nodes} <= {"placeholder", "get_attr", "call_function", "call_method", "output"}
+        torch.testing.assert_close(dep(inp), mod(inp))
+        assert set(dep.state_dict()) == set(mod.state_dict())
+        exported = torch.export.export(dep, (inp,))
+        torch.testing.assert_close(exported.module()(inp), mod(inp))
