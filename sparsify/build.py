@@ -149,7 +149,8 @@ def _dense_reasons(root: nn.Module, tr: TraceResult, all_cands: list[Candidate],
         if not isinstance(m, WEIGHT_TYPES) or name in rewritten:
             continue
         owner_leaf = next((leaf for leaf in leaves if name.startswith(leaf + ".")), None)
-        c = by_name.get(name)
+        inside_fallback = any(name.startswith(f + ".") or f == "" for f in fallbacks)
+        c = by_name.get(name) or (Candidate(name, m) if inside_fallback else None)
         w = matcher.winner(c) if c is not None else None
         if name in get_attr_owners:
             reason = f"weight read outside a module call (get_attr in graph {get_attr_owners[name]})"
@@ -158,8 +159,8 @@ def _dense_reasons(root: nn.Module, tr: TraceResult, all_cands: list[Candidate],
         elif w is not None and w.method is None:
             reason = f"excluded by rule {w.rule.index}"
         elif w is not None:
-            reason = w.method.accepts(Site(name, m)) or "not rewritten"
-        elif any(name.startswith(f + ".") or f == "" for f in fallbacks):
+            reason = w.method.accepts(Site(name, m, params=w.rule.params)) or "not rewritten"
+        elif inside_fallback:
             reason = "no rule matched (inside an untraceable submodule)"
         else:
             reason = "no rule matched"
@@ -209,7 +210,8 @@ def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps:
     if not dry_run:
         for prefix, ch in rewire_hidden_reads(tr.graphs, rewritten).items():
             changes_by_graph[prefix].extend(ch)
-    plan.entries.extend(_dense_reasons(root, tr, first_cands, matcher, rewritten))
+    listed = {e.name for e in plan.entries}  # sites a method refused are listed already, with its reason
+    plan.entries.extend(e for e in _dense_reasons(root, tr, first_cands, matcher, rewritten) if e.name not in listed)
     plan.unmatched_rules = [r.rule.index for r in matcher.rules if r.rule.index not in matcher.matched_any]
 
     for prefix, gm in tr.graphs.items():

@@ -71,7 +71,7 @@ class Plan:
         lines.append(f"{len(self.rewritten)} sites rewritten, {len(self.dense)} Conv/Linear left dense; "
                      f"rewritten layers hold {s['param_share']:.1%} of Conv/Linear parameters"
                      + (f" and {s['mac_share']:.1%} of their MACs" if s["mac_share"] is not None else
-                        " (MACs unknown: pass example_inputs)"))
+                        " (MACs unknown for layers the example inputs did not run: pass example_inputs that do)"))
         for fb in self.fallbacks:
             lines.append(f"untraceable, kept as a leaf: {fb['name'] or '<root>'}: {fb['reason']}")
         for i in self.unmatched_rules:

@@ -171,6 +171,8 @@ class ST3Method(Method):
 
     def check(self, params):
         problems = super().check(params)
+        if params.get("sparsity") is None:
+            problems.append(("sparsity", "must be a fraction in [0, 1), got None"))
         if not isinstance(params.get("sigma"), bool):
             problems.append(("sigma", "must be true or false"))
         return problems
