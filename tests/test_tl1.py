@@ -1,0 +1,253 @@
+"""Transformed-ℓ1 / ℓ1 / Hoyer-square activation regularizers: METHODS.md §4 oracles and behaviour."""
+from __future__ import annotations
+
+import copy
+import gc
+import warnings
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import sparsify
+from sparsify.methods.regularizers import ActivationRegularizer, penalty_value, tl1, tl1_grad
+
+X32 = torch.randn(2, 3, 32, 32)
+
+
+def regs(model):
+    return [m for m in model.modules() if isinstance(m, ActivationRegularizer)]
+
+
+def rule(method="tl1", match=None, **params):
+    return {"version": 1, "rules": [{"match": match or {"type": ["ReLU"], "op": ["relu"]}, "method": method,
+                                     "params": params}]}
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10)
+
+
+# ---------------------------------------------------------------------------------------------
+# the function itself
+# ---------------------------------------------------------------------------------------------
+
+def test_tl1_oracle_values_and_sum():
+    x = torch.tensor([0.0, 1.0, 3.0])
+    assert torch.allclose(tl1(x, 1.0), torch.tensor([0.0, 1.0, 1.5]))
+    assert float(penalty_value(x, "tl1", a=1.0, reduction="sum")) == pytest.approx(2.5)
+    assert float(penalty_value(x, "tl1", a=1.0, reduction="mean")) == pytest.approx(2.5 / 3)
+
+
+def test_tl1_oracle_gradient_and_unit_points():
+    x = torch.tensor([0.5], requires_grad=True)
+    penalty_value(x, "tl1", a=0.5, reduction="sum").backward()
+    assert float(x.grad) == pytest.approx(0.75)
+    assert float(tl1_grad(torch.tensor([0.5]), 0.5)) == pytest.approx(0.75)
+    for a in (0.01, 0.5, 1.0, 7.0, 1e4):
+        assert torch.allclose(tl1(torch.tensor([-1.0, 1.0, 0.0]), a), torch.tensor([1.0, 1.0, 0.0]))
+    # between ℓ0 (a → 0) and ℓ1 (a → ∞)
+    x = torch.tensor([0.3, 2.0])
+    assert torch.allclose(tl1(x, 1e-6), torch.ones(2), atol=1e-4)
+    assert torch.allclose(tl1(x, 1e7), x, rtol=1e-5)
+
+
+@pytest.mark.parametrize("function", ["tl1", "l1", "hoyer"])
+def test_custom_backward_matches_finite_differences(function):
+    x = (torch.randn(3, 4, dtype=torch.float64) + 0.05).requires_grad_()
+    # float32 inside: compare against a float64 reference built from the plain formulas
+    ref = {"tl1": lambda t: ((1.7 * t.abs()) / (0.7 + t.abs())).sum(),
+           "l1": lambda t: t.abs().sum(),
+           "hoyer": lambda t: t.abs().sum() ** 2 / (t * t).sum()}[function]
+    g_ref, = torch.autograd.grad(ref(x), x)
+    g, = torch.autograd.grad(penalty_value(x, function, a=0.7, reduction="sum"), x)
+    assert torch.allclose(g, g_ref, rtol=1e-5, atol=1e-6)
+    assert penalty_value(x, function, a=0.7, reduction="sum").dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# nodes in real models
+# ---------------------------------------------------------------------------------------------
+
+def test_default_recipe_regularizes_every_relu_call_and_outputs_are_bit_identical(resnet):
+    m = sparsify.sparsify(resnet, "tl1", example_inputs=X32)
+    assert len(regs(m)) == 17  # the stem relu + 2 calls in each of the 8 BasicBlocks
+    ref = copy.deepcopy(resnet)
+    for train in (True, False):  # the train-mode pass updates both models' BN statistics alike
+        ref.train(train)
+        m.train(train)
+        torch.manual_seed(1)
+        a = ref(X32)
+        torch.manual_seed(1)
+        b = m(X32)
+        assert torch.equal(a, b)
+        sparsify.penalty(m)
+
+
+def test_penalty_value_equals_lambda_times_mean_rho_of_each_relu_output(resnet):
+    m = sparsify.sparsify(resnet, "tl1", example_inputs=X32, lam=0.5, a=2.0)
+    ref = copy.deepcopy(resnet)
+    outs = []
+    hooks = [mod.register_forward_hook(lambda mod, i, o: outs.append(o.detach().clone()))
+             for mod in ref.modules() if isinstance(mod, nn.ReLU)]
+    ref(X32)
+    for h in hooks:
+        h.remove()
+    expected = sum(0.5 * float(tl1(o.double(), 2.0).mean()) for o in outs)
+    m(X32)
+    p = sparsify.penalty(m)
+    assert p.dtype == torch.float32 and p.requires_grad
+    assert float(p) == pytest.approx(expected, rel=1e-5)
+    assert sparsify.penalty(m) == 0.0  # popped
+
+
+def test_no_penalty_in_eval_mode_or_without_autograd(resnet):
+    m = sparsify.sparsify(resnet, "tl1", example_inputs=X32)
+    m.eval()
+    m(X32)
+    assert sparsify.penalty(m) == 0.0
+    m.train()
+    with torch.no_grad():
+        m(X32)
+    assert sparsify.penalty(m) == 0.0
+
+
+def test_no_autograd_graph_survives_the_step_and_a_forgotten_penalty_warns(resnet):
+    m = sparsify.sparsify(resnet, "tl1", example_inputs=X32)
+    seen = []
+    regs(m)[3].register_forward_hook(lambda mod, inp, out: seen.append(weakref.ref(inp[0])))
+    m(X32)  # the output is dropped at once: only the recorded penalty keeps the activation alive
+    gc.collect()
+    assert seen[0]() is not None
+    with pytest.warns(UserWarning, match="never collected"):
+        sparsify.step(m)
+    gc.collect()
+    assert seen[0]() is None
+    assert all(not r.records for r in regs(m))
+
+
+def test_penalty_under_autocast_is_float32_and_backpropagates(resnet):
+    m = sparsify.sparsify(resnet, "tl1", example_inputs=X32)
+    m(X32)
+    p32 = float(sparsify.penalty(m))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(X32)
+        p = sparsify.penalty(m)
+    assert p.dtype == torch.float32
+    assert float(p) == pytest.approx(p32, rel=0.05)
+    (out.float().sum() + p).backward()
+    assert m.conv1.weight.grad is not None
+
+
+def test_penalty_gradient_reaches_the_weights(resnet):
+    m = sparsify.sparsify(resnet, "tl1", example_inputs=X32, lam=1.0)
+    m(X32)
+    sparsify.penalty(m).backward()
+    assert float(m.layer1[0].conv1.weight.grad.abs().sum()) > 0
+
+
+def test_pre_activation_placement_on_inplace_relus_backpropagates(resnet):
+    m = sparsify.sparsify(resnet, "tl1", example_inputs=X32, placement="pre")
+    assert not m.layer1[0].relu.inplace  # made out of place: the penalty's backward reads its input
+    assert {r.regularizes for r in regs(m)} >= {"bn1", "add"}
+    torch.manual_seed(1)
+    out = m(X32)
+    torch.manual_seed(1)
+    assert torch.equal(out, copy.deepcopy(resnet)(X32))
+    (out.sum() + sparsify.penalty(m)).backward()
+
+
+def test_pre_placement_value_and_network_input_excluded():
+    net = nn.Sequential(nn.ReLU(), nn.Linear(4, 4), nn.ReLU())
+    x = torch.randn(3, 4)
+    p = sparsify.plan(net, rule(placement="pre", reduction="sum"), example_inputs=x)
+    notes = {e.name: e.reason for e in p.entries}
+    assert "network input" in notes["0"]
+    m = sparsify.sparsify(net, rule(placement="pre", reduction="sum", lam=1.0), example_inputs=x)
+    assert len(regs(m)) == 1
+    m(x)
+    pre = net[1](net[0](x))
+    assert float(sparsify.penalty(m)) == pytest.approx(float(tl1(pre, 1.0).sum()), rel=1e-5)
+
+
+def test_explicit_node_names_and_functional_ops():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = F.relu(self.a(x))
+            return self.b(h).relu()
+
+    net = Net()
+    m = sparsify.sparsify(net, rule(), example_inputs=torch.randn(2, 4))
+    assert sorted(r.regularizes for r in regs(m)) == ["relu", "relu_1"]
+    m2 = sparsify.sparsify(net, rule(match={"name": "a"}), example_inputs=torch.randn(2, 4))
+    assert [r.regularizes for r in regs(m2)] == ["a"]
+
+
+@pytest.mark.parametrize("method,function", [("activation-l1", "l1"), ("activation-hoyer", "hoyer")])
+def test_l1_and_hoyer_methods_record_their_function(method, function):
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(5, 4)
+    m = sparsify.sparsify(net, rule(method, lam=2.0, reduction="sum"), example_inputs=x)
+    m(x)
+    h = net[1](net[0](x))
+    assert float(sparsify.penalty(m)) == pytest.approx(2.0 * float(penalty_value(h, function, reduction="sum")),
+                                                       rel=1e-5)
+
+
+def test_begin_end_switch_the_penalty_and_survive_a_checkpoint():
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+    x = torch.randn(2, 4)
+    m = sparsify.sparsify(net, rule(begin=2, end=4), example_inputs=x)
+    got = []
+    for _ in range(5):
+        m(x)
+        got.append(isinstance(sparsify.penalty(m), torch.Tensor))
+        sparsify.step(m)
+    assert got == [False, False, True, True, False]
+    fresh = sparsify.sparsify(net, rule(begin=2, end=4), example_inputs=x)
+    m2 = sparsify.sparsify(net, rule(begin=2, end=4), example_inputs=x)
+    for _ in range(2):
+        sparsify.step(m2)
+    fresh.load_state_dict(m2.state_dict())
+    assert all(r.active for r in regs(fresh))
+
+
+def test_bad_params_name_the_json_path():
+    with pytest.raises(sparsify.RecipeError, match=r"rules\[0\]\.params\.reduction"):
+        sparsify.load_recipe(rule(reduction="avg"))
+    with pytest.raises(sparsify.RecipeError, match=r"params\.a"):
+        sparsify.load_recipe("tl1", a=0)
+
+
+def test_finalize_removes_the_nodes(resnet):
+    m = sparsify.sparsify(resnet, "tl1", example_inputs=X32)
+    f = sparsify.finalize(m)  # checks outputs against the sparse model in eval mode
+    assert not regs(f)
+    assert torch.equal(f(X32), copy.deepcopy(resnet).eval()(X32))
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0", "convnext_tiny"])
+def test_other_torchvision_models(name):
+    net = getattr(torchvision.models, name)(num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default rule must match something in each model
+        m = sparsify.sparsify(net, "tl1", example_inputs=x)
+    kinds = {"mobilenet_v2": nn.ReLU6, "efficientnet_b0": nn.SiLU, "convnext_tiny": nn.GELU}[name]
+    assert len(regs(m)) == sum(1 for mod in net.modules() if isinstance(mod, kinds)) > 0
+    m.eval()
+    assert torch.equal(m(x), net.eval()(x))
+    sparsify.finalize(m)
+    m.train()
+    out = m(x)
+    (out.sum() + sparsify.penalty(m)).backward()
+    assert m.features[0][0].weight.grad is not None
