@@ -1,0 +1,139 @@
+"""GMP (magnitude pruning): hard masks, cubic schedule, global vs per-layer, blocks, fix."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsify
+from sparsify.methods.magnitude import MagnitudeMixin, block_scores
+from sparsify.recipe import RecipeError
+from sparsify.threshold import pruned_count
+
+
+def small_cnn():
+    return nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 8))
+
+
+X = torch.randn(2, 4, 8, 8)
+
+
+def make(**kw):
+    return sparsify.sparsify(small_cnn(), "gmp", example_inputs=X, **kw)
+
+
+def layers(m):
+    return [mod for mod in m.modules() if isinstance(mod, MagnitudeMixin)]
+
+
+def run(m, steps, lr=0.05):
+    opt = torch.optim.SGD(sparsify.param_groups(m, 1e-4), lr=lr, momentum=0.9)
+    y = torch.arange(2)
+    for _ in range(steps):
+        loss = F.cross_entropy(m(X), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sparsify.step(m)
+    return opt
+
+
+def test_global_one_shot_prunes_the_exact_count_of_smallest_magnitudes():
+    m = make(begin=0, end=0, sparsity=0.7)
+    ls = layers(m)
+    mags = torch.cat([l.weight.detach().abs().reshape(-1) for l in ls])
+    n = mags.numel()
+    zeros = sum(int((l.effective_weight() == 0).sum()) for l in ls)
+    assert zeros == pruned_count(n, 0.7)
+    kept_min = min(float(l.weight.detach().abs()[l.mask].min()) for l in ls)
+    pruned_max = max(float(l.weight.detach().abs()[~l.mask].max()) for l in ls)
+    assert pruned_max < kept_min  # one global threshold, not per layer
+    sizes = {l.weight.numel(): float((~l.mask).float().mean()) for l in ls}
+    assert max(sizes.values()) - min(sizes.values()) > 0.05  # layers end up at different sparsities
+
+
+def test_layer_scope_prunes_every_layer_to_the_target():
+    m = make(begin=0, end=0, sparsity=0.5, scope="layer")
+    for l in layers(m):
+        assert int((~l.mask).sum()) == pruned_count(l.weight.numel(), 0.5)
+
+
+def test_hard_mask_forward_and_zero_gradient_for_pruned_weights():
+    m = make(begin=0, end=0, sparsity=0.6)
+    l = layers(m)[1]
+    assert torch.equal(l.effective_weight(), l.weight * l.mask)
+    m(X).sum().backward()
+    assert bool((l.weight.grad[~l.mask] == 0).all())
+    assert bool((l.weight.grad[l.mask] != 0).any())
+
+
+def test_cubic_schedule_then_frozen_mask():
+    m = make(begin=2, end=10, sparsity=0.8)
+    group = next(iter(sparsify.api.find_state(m).groups.values()))
+    seen = {}
+    opt = torch.optim.SGD(sparsify.param_groups(m, 1e-4), lr=0.05, momentum=0.9)
+    for t in range(1, 14):
+        loss = F.cross_entropy(m(X), torch.arange(2))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sparsify.step(m)
+        masks = [l.mask.clone() for l in layers(m)]
+        seen[t] = (1 - sum(int(k.sum()) for k in masks) / sum(k.numel() for k in masks), masks)
+    assert seen[1][0] == 0.0  # before begin: dense
+    assert group.target(6) == pytest.approx(0.8 * (1 - 0.5 ** 3))  # midpoint 0.875 * final
+    assert seen[6][0] == pytest.approx(group.target(6), abs=2e-3)
+    assert seen[10][0] == pytest.approx(0.8, abs=2e-3)
+    assert all(torch.equal(a, b) for a, b in zip(seen[10][1], seen[13][1]))  # fix defaults to end
+    assert sparsify.report(m).groups["rule0_magnitude"]["phase"] == "fixed"
+
+
+def test_masks_keep_moving_until_an_explicit_fix():
+    m = make(begin=0, end=2, fix=8, sparsity=0.5)
+    run(m, 3)
+    before = [l.mask.clone() for l in layers(m)]
+    run(m, 5, lr=0.5)  # big steps reshuffle magnitudes
+    after = [l.mask.clone() for l in layers(m)]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+    run(m, 3, lr=0.5)
+    assert all(torch.equal(a, l.mask) for a, l in zip(after, layers(m)))
+
+
+def test_block_pruning_zeroes_whole_blocks():
+    m = make(begin=0, end=0, sparsity=0.5, block=[2, 4])
+    conv2 = layers(m)[1]  # 16 x 72
+    mask = conv2.mask.reshape(8, 2, 18, 4)  # (out blocks, bo, in blocks, bi)
+    per_block = mask.sum(dim=(1, 3))
+    assert bool(((per_block == 0) | (per_block == 8)).all())
+    assert 0.3 < float((per_block == 0).float().mean()) < 0.7
+    scores = block_scores(conv2.weight, (2, 4))
+    assert float(scores[per_block == 0].max()) <= float(scores[per_block == 8].min())
+
+
+def test_block_that_does_not_divide_leaves_the_layer_dense_with_a_reason():
+    p = sparsify.plan(small_cnn(), "gmp", block=[1, 8], example_inputs=X)
+    dense = {e.name: e.reason for e in p.dense}
+    assert "does not divide" in dense["0"]  # 4*3*3 = 36 inputs: not a multiple of 8
+    assert {e.name for e in p.rewritten} == {"2", "6"}  # 8*3*3 = 72 and 16 inputs
+    assert len([e for e in p.entries if e.name == "0"]) == 1
+
+
+def test_bad_params_are_reported_with_their_path():
+    with pytest.raises(RecipeError, match="scope"):
+        make(scope="model")
+    with pytest.raises(RecipeError, match="block"):
+        make(block=[0, 4])
+    with pytest.raises(ValueError, match="fix"):
+        make(begin=0, end=10, fix=5)
+
+
+def test_builtin_recipe_reaches_its_target_and_finalizes():
+    m = sparsify.sparsify(small_cnn(), "gmp", total_steps=10, example_inputs=X)
+    run(m, 10)
+    rep = sparsify.report(m)
+    assert rep.totals["weight_sparsity"] == pytest.approx(0.9, abs=2e-3)
+    final = sparsify.finalize(m)
+    m.eval()
+    assert torch.allclose(final(X), m(X), atol=1e-6)
