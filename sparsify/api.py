@@ -137,7 +137,7 @@ def finalize(model: nn.Module, example_inputs=None, *, check: bool = True, rtol:
 
     >>> import torch, sparsify
     >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), "st3", begin=0, end=0, fix=None)
-    >>> type(sparsify.finalize(m)[0]).__name__
+    >>> type(sparsify.finalize(m).get_submodule("0")).__name__
     'Linear'
     """
     return finalize_model(model, example_inputs, check=check, rtol=rtol, atol=atol)

@@ -56,7 +56,7 @@ def st3_effective_weight(weight: torch.Tensor, tau: float, mask: torch.Tensor,
     >>> w = torch.tensor([[0.5, -0.05, 0.3, -0.4]])
     >>> m = w.abs() > 0.1
     >>> st3_effective_weight(w, 0.1, m, st3_scale(w, m))
-    tensor([[ 0.4165, -0.0000,  0.2082, -0.3124]])
+    tensor([[ 0.4165,  0.0000,  0.2082, -0.3124]])
     """
     shape = (-1,) + (1,) * (weight.dim() - 1)
     return scale.reshape(shape) * (weight - torch.sign(weight) * tau) * mask
@@ -65,8 +65,8 @@ def st3_effective_weight(weight: torch.Tensor, tau: float, mask: torch.Tensor,
 def sigma_of(weight: torch.Tensor) -> float:
     """ST-3σ's layer scale ``σ = 1 / sqrt(sum of the weight's dimensions)`` (e.g. Cout+Cin+kh+kw).
 
-    >>> sigma_of(torch.zeros(64, 32, 3, 3))
-    0.0928476690885259
+    >>> sigma_of(torch.zeros(64, 32, 3, 3))  # 1 / sqrt(64 + 32 + 3 + 3)
+    0.09901475429766744
     """
     return 1.0 / math.sqrt(sum(weight.shape))
 

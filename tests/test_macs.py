@@ -1,0 +1,73 @@
+"""MAC counting: METHODS.md check values, and agreement with torch.utils.flop_counter (FLOPs = 2·MACs)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import sparsify
+from sparsify.macs import dense_macs, positions_per_sample
+
+
+def flop_count(model, x) -> int:
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("name, macs", [("resnet18", 1_814_073_344), ("resnet50", 4_089_184_256)])
+def test_dense_check_values_at_224(name, macs):
+    model = getattr(torchvision.models, name)()
+    x = torch.zeros(1, 3, 224, 224)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:  # one forward for both counts
+        assert dense_macs(model, (x,)) == macs
+    assert counter.get_total_flops() == 2 * macs
+
+
+@pytest.mark.parametrize("factory, shape", [
+    (lambda: torchvision.models.mobilenet_v3_small(), (2, 3, 64, 64)),  # depthwise + SE 1x1 convs
+    (lambda: nn.Sequential(nn.Conv1d(4, 6, 3, stride=2, groups=2), nn.Flatten(), nn.Linear(6 * 7, 5)), (3, 4, 16)),
+    (lambda: nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)), (2, 5, 8)),  # tokens
+])
+def test_dense_macs_agree_with_flop_counter(factory, shape):
+    model = factory()
+    x = torch.randn(shape)
+    assert 2 * dense_macs(model, (x,)) * shape[0] == flop_count(model, x)
+
+
+def test_positions_per_sample():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(8 * 5 * 5, 2))
+    pos = positions_per_sample(model, (torch.zeros(4, 3, 10, 10),))
+    assert pos == {"0": 25.0, "2": 1.0}
+    assert model.training, "the model's mode is restored"
+
+
+def test_report_and_plan_macs():
+    x = torch.zeros(1, 3, 224, 224)
+    model = torchvision.models.resnet18()
+    plan = sparsify.plan(model, "st3", example_inputs=x, total_steps=10)
+    assert sum(e.macs for e in plan.entries) == 1_814_073_344
+    assert plan.shares() == {"param_share": 1.0, "mac_share": 1.0}
+    m = sparsify.sparsify(model, "st3", sparsity=0.5, begin=0, end=0, fix=None, example_inputs=x)
+    rep = sparsify.report(m)
+    assert rep.totals["macs"] == 1_814_073_344
+    mods = dict(m.named_modules())
+    factors = positions_per_sample(model, (x,))
+    for row in rep.layers:
+        w = mods[row.name].effective_weight()
+        assert row.nonzero_macs == round(factors[row.name] * int(torch.count_nonzero(w)))
+    assert rep.totals["nonzero_macs"] == sum(r.nonzero_macs for r in rep.layers)
+    assert rep.totals["mac_reduction"] == pytest.approx(1 - rep.totals["nonzero_macs"] / rep.totals["macs"])
+
+
+def test_report_counts_layers_left_dense():
+    x = torch.zeros(1, 3, 224, 224)
+    recipe = {"version": 1, "rules": [{"match": {"type": "Conv2d"}, "method": "st3", "params": {"sparsity": 0.5}},
+                                      {"match": {"name": "layer4.**"}, "method": None}]}
+    m = sparsify.sparsify(torchvision.models.resnet18(), recipe, example_inputs=x)
+    rep = sparsify.report(m)
+    assert rep.totals["macs"] == 1_814_073_344  # dense layers (layer4, fc) still count
+    assert all(not r.name.startswith("layer4") and r.name != "fc" for r in rep.layers)
