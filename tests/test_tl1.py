@@ -236,18 +236,31 @@ def test_finalize_removes_the_nodes(resnet):
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0", "convnext_tiny"])
-def test_other_torchvision_models(name):
+def test_activation_family_on_other_torchvision_models(name):
+    """tl1 after every activation (ReLU6 / SiLU / GELU) and semi-structured masks after every
+    non-1x1 conv, in one model: identical outputs while the masks are off, then masks, penalty,
+    backward, measure and finalize."""
+    from sparsify.methods.semistructured import PositionMask
     net = getattr(torchvision.models, name)(num_classes=10)
     x = torch.randn(2, 3, 32, 32)
+    act = sparsify.load_recipe("tl1").data["rules"][0]["match"]
+    rec = {"version": 1, "rules": [
+        {"match": act, "method": "tl1"},
+        {"match": {"type": "Conv2d"}, "method": "semi-structured", "params": {"begin": 0, "end": 1}}]}
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the default rule must match something in each model
-        m = sparsify.sparsify(net, "tl1", example_inputs=x)
+        warnings.simplefilter("error")  # every rule must match something in each model
+        m = sparsify.sparsify(net, rec, example_inputs=x)
     kinds = {"mobilenet_v2": nn.ReLU6, "efficientnet_b0": nn.SiLU, "convnext_tiny": nn.GELU}[name]
     assert len(regs(m)) == sum(1 for mod in net.modules() if isinstance(mod, kinds)) > 0
+    pms = [mod for mod in m.modules() if isinstance(mod, PositionMask)]
+    assert len(pms) == sum(1 for mod in net.modules() if isinstance(mod, nn.Conv2d) and mod.kernel_size != (1, 1))
     m.eval()
     assert torch.equal(m(x), net.eval()(x))
-    sparsify.finalize(m)
     m.train()
     out = m(x)
     (out.sum() + sparsify.penalty(m)).backward()
-    assert m.features[0][0].weight.grad is not None
+    sparsify.step(m, loss=1.0)  # end of the ramp: masks frozen at s = 0.2
+    assert any(pm.enabled for pm in pms)
+    r = sparsify.measure(m, [x])
+    assert len(r.nodes) == len(regs(m)) + len(pms) and r.mult_macs < r.dense_macs
+    sparsify.finalize(m)

@@ -1,0 +1,228 @@
+"""Semi-structured activation masks: METHODS.md §5 oracles, best-loss tracking, DDP agreement."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import sparsify
+from sparsify.methods.semistructured import PositionMask, position_mask
+
+X32 = torch.randn(2, 3, 32, 32)
+
+
+def masks(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, PositionMask)}
+
+
+def group(model):
+    return next(iter(model.sparsify_state.groups.values()))
+
+
+def recipe(**params):
+    return {"version": 1, "rules": [{"match": {"type": "Conv2d"}, "method": "semi-structured", "params": params}]}
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10)
+
+
+def test_position_mask_drops_round_s_hw_lowest_pooled_scores():
+    scores = torch.rand(32, 32)
+    for size, s in [((16, 16), 0.2), ((7, 7), 0.2), ((8, 4), 0.33), ((1, 1), 0.4), ((5, 5), 0.0)]:
+        m = position_mask(scores, size, s)
+        k = int((m == 0).sum())
+        assert k == round(s * size[0] * size[1])
+        pooled = F.adaptive_avg_pool2d(scores[None, None], size)[0, 0]
+        if 0 < k < m.numel():
+            assert float(pooled[m == 0].max()) <= float(pooled[m == 1].min())
+
+
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 1, 1), (2, 0, 1), (1, 2, 2), (3, 1, 1)])
+def test_masked_conv_equals_gemm_on_masked_im2col_columns(stride, padding, dilation):
+    conv = nn.Conv2d(3, 5, 3, stride=stride, padding=padding, dilation=dilation, bias=False)
+    x = torch.randn(2, 3, 13, 13)
+    m = sparsify.sparsify(nn.Sequential(conv), recipe(sparsity=0.3, begin=0, end=0), example_inputs=x)
+    pm = next(iter(masks(m).values()))
+    y = m(x)
+    h, w = y.shape[-2:]
+    cols = F.unfold(x, 3, dilation=dilation, padding=padding, stride=stride)  # (N, Cin*9, L)
+    expected = (conv.weight.reshape(5, -1) @ (cols * pm.mask.reshape(1, 1, -1))).reshape(2, 5, h, w)
+    assert torch.allclose(y, expected, atol=1e-5)
+    assert int((pm.mask == 0).sum()) == round(0.3 * h * w)
+    # shared by every channel and sample, no rescaling of the kept positions
+    assert bool((y[:, :, pm.mask == 0] == 0).all())
+    assert torch.equal(y[:, :, pm.mask == 1], conv(x)[:, :, pm.mask == 1])
+
+
+def test_sparsity_zero_is_bit_identical_to_dense(resnet):
+    m = sparsify.sparsify(resnet, "semi-structured", example_inputs=X32, sparsity=0.0, begin=0, end=2)
+    ref = copy.deepcopy(resnet).eval()
+    m.eval()
+    for _ in range(3):
+        assert torch.equal(m(X32), ref(X32))
+        sparsify.step(m, loss=1.0)
+    assert not any(pm.enabled for pm in masks(m).values())
+
+
+def test_schedule_closed_form():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3))
+    m = sparsify.sparsify(net, "semi-structured", example_inputs=torch.randn(1, 3, 12, 12), total_steps=100)
+    g = group(m)
+    assert (g.begin, g.end) == (10, 90)
+    assert g.target(10) == 0.0 and g.target(5) == 0.0
+    assert g.target(50) == pytest.approx(0.2 * 0.75)  # p = 1/2: 1 - (1/2)^2
+    assert g.target(90) == pytest.approx(0.2)
+    assert g.target(30) == pytest.approx(0.2 * (1 - 0.75 ** 2))
+
+
+def test_resnet18_masks_per_layer_shared_by_resolution_and_1x1_skipped(resnet):
+    m = sparsify.sparsify(resnet, "semi-structured", example_inputs=X32, begin=0, end=0)
+    ms = masks(m)
+    assert len(ms) == 17 and not any("downsample" in n for n in ms)
+    by_size = {}
+    for pm in ms.values():
+        h, w = pm.mask.shape
+        assert int((pm.mask == 0).sum()) == round(0.2 * h * w)
+        by_size.setdefault((h, w), []).append(pm.mask)
+    assert len(by_size) > 1
+    for group_masks in by_size.values():
+        assert all(torch.equal(group_masks[0], g) for g in group_masks)
+    m_all = sparsify.sparsify(resnet, "semi-structured", example_inputs=X32, skip_1x1=False, begin=0, end=0)
+    assert len(masks(m_all)) == 20
+    # the mask sits between the conv and its BatchNorm
+    code = m.code
+    assert code.index("self.conv1(x)") < code.index("self.conv1_pmask(conv1)") < code.index("self.bn1(conv1_pmask)")
+
+
+def test_fresh_map_each_ramp_step_best_loss_kept_and_frozen():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1))
+    x = torch.randn(2, 3, 16, 16)
+    m = sparsify.sparsify(net, recipe(sparsity=0.5, begin=0, end=6), example_inputs=x)
+    g = group(m)
+    # the loss of step t belongs to the map applied since the previous step; the lowest loss is
+    # handed in while the map was drawn at sparsity 0, which must never count
+    losses = [0.0, 5.0, 4.0, 1.0, 3.0, 2.0]
+    applied, sparsities = [], []
+    for loss in losses:
+        m(x)
+        applied.append(g.scores.clone())
+        sparsities.append(float(g.current_sparsity))
+        sparsify.step(m, loss=loss)
+    assert sparsities[0] == 0.0 and all(s > 0 for s in sparsities[1:])
+    assert len({tuple(a.reshape(-1)[:4].tolist()) for a in applied[1:]}) == 5  # a fresh map every step
+    assert bool(g.frozen) and float(g.best_loss) == 1.0
+    assert torch.equal(g.scores, applied[3])
+    for pm in masks(m).values():
+        assert torch.equal(pm.mask, position_mask(applied[3], pm.mask.shape, 0.5))
+    before = {n: pm.mask.clone() for n, pm in masks(m).items()}
+    for _ in range(3):
+        sparsify.step(m, loss=0.0)
+    assert all(torch.equal(before[n], pm.mask) for n, pm in masks(m).items())
+    assert "frozen" in str(sparsify.report(m))
+
+
+def test_masks_stay_on_in_eval_and_finalize_keeps_constant_masks(resnet):
+    m = sparsify.sparsify(resnet, "semi-structured", example_inputs=X32, begin=0, end=0)
+    m.eval()
+    y = m(X32)
+    f = sparsify.finalize(m)  # checks eval outputs
+    fm = masks(f)
+    # layer4's outputs are 1x1 at this size: round(0.2 * 1) = 0 positions, an identity node, dropped
+    assert len(fm) == sum(pm.enabled for pm in masks(m).values()) == 13 and not hasattr(f, "sparsify_state")
+    assert torch.equal(f(X32), y)
+    assert not torch.equal(y, copy.deepcopy(resnet).eval()(X32))
+
+
+def test_bn_folded_deployment_writes_the_folded_bias_at_masked_positions():
+    conv, bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    bn.weight.data.uniform_(0.5, 2)
+    bn.bias.data.uniform_(-1, 1)
+    x = torch.randn(2, 3, 8, 8)
+    m = sparsify.sparsify(nn.Sequential(conv, bn), recipe(sparsity=0.25, begin=0, end=0), example_inputs=x).eval()
+    mask = next(iter(masks(m).values())).mask
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    w_folded = conv.weight * scale.reshape(-1, 1, 1, 1)
+    b_folded = bn.bias - bn.running_mean * scale
+    folded = F.conv2d(x, w_folded, None, padding=1) * mask + b_folded.reshape(1, -1, 1, 1)
+    assert torch.allclose(m(x), folded, atol=1e-5)
+    assert not bool((m(x)[:, :, mask == 0] == 0).any())  # after BN the masked positions are not 0
+
+
+def test_checkpoint_resume_continues_the_same_draws():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
+    x = torch.randn(1, 3, 8, 8)
+    rec = recipe(sparsity=0.5, begin=0, end=20)
+    a = sparsify.sparsify(net, rec, example_inputs=x)
+    for loss in (3.0, 2.0, 4.0):
+        sparsify.step(a, loss=loss)
+    b = sparsify.sparsify(net, rec, example_inputs=x)
+    b.load_state_dict(a.state_dict())
+    assert float(group(b).best_loss) == 2.0
+    for m in (a, b):
+        sparsify.step(m, loss=1.0)
+    assert torch.equal(next(iter(masks(a).values())).mask, next(iter(masks(b).values())).mask)
+    assert torch.equal(group(a).best_scores, group(b).best_scores)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.distributed: masks broadcast from rank 0, loss averaged; penalty computed in forward
+# ---------------------------------------------------------------------------------------------
+
+def _ddp_worker(rank, world, port, out_dir):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(rank)  # ranks differ in data; the recipe seed differs too: only a broadcast aligns them
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(2 * 8 * 8, 3))
+    torch.manual_seed(0)
+    net_init = copy.deepcopy(net)
+    x = torch.randn(2, 3, 8, 8)
+    rec = {"version": 1, "rules": [
+        {"match": {"type": "Conv2d"}, "method": "semi-structured",
+         "params": {"sparsity": 0.5, "begin": 0, "end": 4, "seed": rank}},
+        {"match": {"type": "ReLU"}, "method": "tl1", "params": {"lam": 1.0}}]}
+    m = sparsify.sparsify(net_init, rec, example_inputs=x)
+    ddp = DDP(m)
+    torch.manual_seed(100 + rank)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    for _ in range(6):
+        xb = torch.randn(2, 3, 8, 8)
+        loss = ddp(xb).square().mean()
+        pen = sparsify.penalty(ddp)
+        assert isinstance(pen, torch.Tensor) and pen.requires_grad
+        (loss + pen).backward()
+        opt.step()
+        opt.zero_grad()
+        sparsify.step(ddp, loss=loss)
+    result = {"masks": [pm.mask.tolist() for pm in masks(m).values()],
+              "weight": m.get_submodule("0").weight.reshape(-1)[:5].tolist(),
+              "best": float(group(m).best_loss)}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+def test_ddp_ranks_agree_on_masks_and_train_with_the_penalty(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["masks"] == r1["masks"]
+    assert any(0.0 in row for mk in r0["masks"] for row in mk)
+    assert r0["weight"] == pytest.approx(r1["weight"])  # gradients (penalty included) were all-reduced
+    assert r0["best"] == r1["best"]
