@@ -6,6 +6,7 @@ Staged recipes (``dual``) give a ``stages`` block of named step ranges; a rule j
 """
 from __future__ import annotations
 
+from ..schedules import ScheduleError
 from .base import GroupContext
 
 __all__ = ["active_range", "stage_at", "in_range"]
@@ -24,6 +25,8 @@ def active_range(params: dict, ctx: GroupContext, method: str) -> tuple[int, int
     if stage is not None:
         try:
             return ctx.stage(stage)
+        except ScheduleError:
+            raise
         except ValueError as e:
             raise ValueError(f"{method}: params.stage: {e}") from None
     begin = ctx.time(params.get("begin", 0), f"{method}: begin") or 0

@@ -1,0 +1,94 @@
+"""Dual sparse training: the staged recipe ``dual`` (dense → weight ℓ1 + pruning → activation Tℓ1)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import sparsify
+from sparsify.methods.dual import L1PruneMixin
+from sparsify.methods.regularizers import ActivationRegularizer
+from sparsify.threshold import pruned_count
+
+
+def layers(model):
+    return [m for m in model.modules() if isinstance(m, L1PruneMixin)]
+
+
+def test_stages_in_order_on_resnet18():
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    m = sparsify.sparsify(net, "dual", example_inputs=x, total_steps=10)  # stages 0-3, 3-6 (prune at 4/5), 6-
+    opt = torch.optim.SGD(sparsify.param_groups(m, 0.0), lr=0.01)
+    reg_nodes = [r for r in m.modules() if isinstance(r, ActivationRegularizer)]
+    n_weights = sum(mod.weight.numel() for mod in layers(m))
+    seen = []
+    groups = m.sparsify_state.groups
+    for t in range(10):
+        info = groups["rule0_l1_prune"].describe(t)  # what the report's group line shows
+        assert groups["rule1_tl1"].describe(t)["stage"] == info["stage"]
+        out = m(x)
+        l1_on = any(mod.records for mod in layers(m))
+        act_on = any(r.records for r in reg_nodes)
+        seen.append((info["stage"], info["phase"], l1_on, act_on))
+        loss = F.cross_entropy(out, y) + sparsify.penalty(m)
+        opt.zero_grad()
+        loss.backward()
+        if t == 7:  # masks kept in stage 3: pruned weights get no gradient
+            for mod in layers(m):
+                assert bool((mod.weight.grad[~mod.mask] == 0).all())
+        opt.step()
+        sparsify.step(m, loss=loss)
+    assert [s[0] for s in seen] == ["dense"] * 3 + ["weights"] * 3 + ["activations"] * 4
+    assert [s[1] for s in seen] == ["dense"] * 3 + ["l1"] * 2 + ["fixed"] * 5
+    assert [s[2] for s in seen] == [False] * 3 + [True] * 2 + [False] * 5
+    assert [s[3] for s in seen] == [False] * 6 + [True] * 4
+    # one global threshold, exact count, zeros still there after more optimizer steps
+    zeros = sum(int((mod.deployed_weight() == 0).sum()) for mod in layers(m))
+    assert zeros == pruned_count(n_weights, 0.5)
+    assert "stage=activations" in str(sparsify.report(m))
+    f = sparsify.finalize(m)
+    assert type(f.conv1) is nn.Conv2d and not any(isinstance(r, ActivationRegularizer) for r in f.modules())
+    assert int((f.conv1.weight == 0).sum()) == int((~layers(m)[0].mask).sum())
+
+
+def test_l1_penalty_value_and_absolute_threshold():
+    net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    rec = {"version": 1, "rules": [{"match": {"type": "Linear"}, "method": "l1-prune",
+                                    "params": {"l1": 0.5, "threshold": 0.2, "begin": 0, "end": 4}}]}
+    m = sparsify.sparsify(net, rec, example_inputs=torch.randn(1, 4))
+    m(torch.randn(2, 4))
+    expected = 0.5 * float(net[0].weight.abs().sum() + net[2].weight.abs().sum())
+    assert float(sparsify.penalty(m)) == pytest.approx(expected, rel=1e-6)
+    for _ in range(2):
+        sparsify.step(m)
+    for mod, dense in zip(layers(m), (net[0], net[2])):
+        assert torch.equal(mod.mask, dense.weight.abs() > 0.2)
+    m(torch.randn(2, 4))
+    assert sparsify.penalty(m) == 0.0  # the ℓ1 term stops once the masks are fixed
+
+
+def test_checkpoint_resume_keeps_masks_and_flags():
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(2, 4)
+    a = sparsify.sparsify(net, "dual", example_inputs=x, total_steps=10)
+    for _ in range(7):
+        sparsify.step(a)
+    b = sparsify.sparsify(net, "dual", example_inputs=x, total_steps=10)
+    b.load_state_dict(a.state_dict())
+    assert all(torch.equal(p.mask, q.mask) and q._fixed for p, q in zip(layers(a), layers(b)))
+    assert all(r.active for r in b.modules() if isinstance(r, ActivationRegularizer))
+    assert torch.equal(a(x), b(x))
+
+
+def test_unknown_stage_and_missing_total_steps_are_clear_errors():
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    bad = sparsify.load_recipe("dual").data
+    bad["rules"][1]["params"]["stage"] = "activation"
+    with pytest.raises(ValueError, match="unknown stage 'activation'.*'activations'"):
+        sparsify.sparsify(net, bad, example_inputs=torch.randn(1, 4), total_steps=10)
+    with pytest.raises(sparsify.ScheduleError, match="total_steps"):
+        sparsify.sparsify(net, "dual", example_inputs=torch.randn(1, 4))
