@@ -202,6 +202,19 @@ def summarize(model: nn.Module, dense: bool, example, act: dict) -> dict:
     return out
 
 
+def library_measurement(model: nn.Module, batches) -> dict | None:
+    """``sparsify.measure`` on the test batches (its multiplicative MACs also skip the output
+    positions of semi-structured masks; padding counts as zero input there), or None."""
+    fn = getattr(sp, "measure", None)
+    if fn is None:
+        return None
+    try:
+        m = fn(model, batches)
+        return {"mult_macs": m.mult_macs, "dense_macs": m.dense_macs, "node_zero_fraction": m.zero_fraction}
+    except Exception as e:  # a measurement problem must not lose a finished run
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
 # ---------------------------------------------------------------------------------------------
 # checkpoints
 # ---------------------------------------------------------------------------------------------
@@ -421,7 +434,8 @@ def _finish(model, cfg, data, out, history, opt_settings, total_steps, test_batc
     result = {"config": {**asdict(cfg), "resume": None}, "optimizer": opt_settings, "total_steps": total_steps,
               "data": {"name": data.name, "train": len(data.train), "test": len(data.test)},
               "accuracy": history[-1]["test_acc"] if history else None, **summary,
-              "history": history, "activation": act, "seconds": seconds}
+              "history": history, "activation": act, "measure": library_measurement(model, test_batches()),
+              "seconds": seconds}
     weights = {}
     if not cfg.dense:
         rep = sp.report(model)
