@@ -216,7 +216,8 @@ def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps:
 
     for prefix, gm in tr.graphs.items():
         changes = changes_by_graph.get(prefix, [])
-        Pipeline([lambda g, ch=changes: PassResult(g, bool(ch), ch)]).run(gm)
+        # swapping the module a node calls leaves the graph's code as it is: no recompile needed
+        Pipeline([lambda g, ch=changes: PassResult(g, any(c.kind != "replace" for c in ch), ch)]).run(gm)
 
     if example_inputs is None:
         example_inputs = guess_example_inputs(root)
@@ -224,11 +225,14 @@ def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps:
         example_inputs = tuple(example_inputs)
     else:
         example_inputs = (example_inputs,)
-    factors = positions_per_sample(root, example_inputs) if example_inputs is not None else {}
-    factors.update(hidden_positions(root, example_inputs, [c.name for c in hidden]))
+    hidden_names = [c.name for c in hidden]
+    factors = None  # sparsify(): measured by the first report() (a forward costs more than the trace)
+    if dry_run:
+        factors = positions_per_sample(root, example_inputs) if example_inputs is not None else {}
+        factors.update(hidden_positions(root, example_inputs, hidden_names))
     if example_inputs is not None:
         plan.input_shapes = [list(x.shape) for x in example_inputs if hasattr(x, "shape")]
-        for e in plan.entries:
+        for e in plan.entries if factors else ():
             base = e.name[: -len(".in_proj_weight")] if e.name.endswith(".in_proj_weight") else e.name
             if e.params and base in factors:
                 e.macs = int(round(factors[base] * e.params))
@@ -245,7 +249,7 @@ def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps:
                 rule.params, members[rule.index], ctx)
     state.plan = plan
     state.example_inputs = example_inputs
-    state.layer_factors = factors
+    state.measure_factors_later(root, hidden_names)
     root.add_module(STATE_ATTR, state)
     for group in state.groups.values():
         group.update(0, None)

@@ -7,6 +7,7 @@ and recipe resumes exactly.
 from __future__ import annotations
 
 import json
+import warnings
 
 import torch
 from torch import nn
@@ -30,6 +31,45 @@ class SparsifyState(nn.Module):
         self.example_inputs = None  # tensors used for shapes and the finalize check (not saved)
         self.layer_factors: dict[str, float] = {}  # MACs per weight element, per layer
         self.warned: set[str] = set()
+
+    @property
+    def layer_factors(self) -> dict[str, float]:
+        """Output positions per sample (MACs per weight element) of each Conv/Linear, by name.
+
+        Measured by one eval-mode forward on ``example_inputs`` the first time something asks
+        (``report``), not inside ``sparsify()``, which then costs about a trace and a copy.
+        """
+        if self._layer_factors is None:
+            self._layer_factors = self._measure_factors()
+        return self._layer_factors
+
+    @layer_factors.setter
+    def layer_factors(self, value: dict[str, float] | None) -> None:
+        self._layer_factors = value
+
+    def measure_factors_later(self, root: nn.Module, hidden_names: list[str]) -> None:
+        """Measure ``layer_factors`` on ``root`` when first needed (``root`` is not registered)."""
+        object.__setattr__(self, "_factor_root", root)
+        self._hidden_names = list(hidden_names)
+        self._layer_factors = None
+
+    def _measure_factors(self) -> dict[str, float]:
+        from .hidden import hidden_positions
+        from .macs import positions_per_sample
+        root, inputs = self.__dict__.get("_factor_root"), self.example_inputs
+        if root is None or inputs is None:
+            return {}
+        try:
+            # the model may have moved (model.cuda()) since the inputs were given
+            device = next(root.parameters()).device
+            inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
+            factors = positions_per_sample(root, inputs)
+            factors.update(hidden_positions(root, inputs, getattr(self, "_hidden_names", [])))
+            return factors
+        except Exception as exc:  # MACs are a report column, never a reason to stop training
+            warnings.warn(f"sparsify: could not run the example inputs to count MACs ({type(exc).__name__}: "
+                          f"{exc}); the report shows no MACs")
+            return {}
 
     @property
     def recipe(self) -> dict:

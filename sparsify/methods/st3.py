@@ -93,6 +93,8 @@ class ST3Mixin(SparseWeightMixin):
     @torch.no_grad()
     def set_threshold(self, tau: float) -> None:
         """Recompute mask and scale from the current latent weight at threshold ``tau``."""
+        if tau <= 0 and float(self.tau) <= 0:
+            return  # dense already: the mask is all ones and the scale 1 (nothing to write)
         self.tau.fill_(tau)
         if tau <= 0:
             self.mask.fill_(True)
