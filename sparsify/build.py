@@ -110,17 +110,26 @@ def _trace(root: nn.Module, matcher: _Matcher):
     cands = _candidates(tr, root)
     descended, needed = set(), set()
     for c in cands:
-        paths = _enclosing(c)
+        # a graph traced below an untraceable parent (fallback) is reached through its own path
+        paths = _enclosing(c) + [c.prefix.rsplit(".", k)[0] for k in range(c.prefix.count(".") + 1) if c.prefix]
         descended.update(paths)
         w = matcher.winner(c)
         if w is not None and w.method is not None:
             needed.update(paths)
     needed |= needed_paths(tr.graphs, matcher.winner)  # forwards that read a rewritten weight
-    if descended <= needed:
+    # a method whose rewrite reads the nodes around a site (SAS: the relu feeding a layer, which may
+    # sit inside a module with nothing to rewrite) keeps the full-depth graph
+    full = any(r.method is not None and getattr(r.method, "full_trace", False) for r in matcher.rules)
+    if descended <= needed or full:
         return tr, cands, cands
     first_cands = cands
     tr = trace(root, lambda name, m: name in needed, is_site=is_site)
-    return tr, _candidates(tr, root), first_cands
+    # first/last describe the model, not how deep this trace went (a leaf stem hides its conv)
+    flags = {c.name: (c.first, c.last) for c in first_cands}
+    cands = _candidates(tr, root)
+    for c in cands:
+        c.first, c.last = flags.get(c.name, (c.first, c.last))
+    return tr, cands, first_cands
 
 
 def _dense_reasons(root: nn.Module, tr: TraceResult, all_cands: list[Candidate], matcher: _Matcher,

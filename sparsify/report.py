@@ -52,9 +52,12 @@ class Report:
         def num(v):
             return "-" if v is None else f"{v:,}"
         rows = [("layer", "method", "target", "achieved", "params", "non-zero", "MACs", "non-zero MACs")]
+        executed = any("executed_macs" in r.extra for r in self.layers)  # methods that run more than they count (SAS)
+        rows[0] += ("executed MACs",) if executed else ()
         for r in self.layers:
             rows.append((r.name, r.method, pct(r.target), pct(r.weight_sparsity), num(r.params),
-                         num(r.nonzero_params), num(r.macs), num(r.nonzero_macs)))
+                         num(r.nonzero_params), num(r.macs), num(r.nonzero_macs))
+                        + ((num(r.extra.get("executed_macs", r.macs)),) if executed else ()))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = [f"recipe {self.recipe!r}, step {self.step}" + (f" of {self.total_steps}" if self.total_steps else "")]
         for name, g in self.groups.items():
@@ -65,7 +68,8 @@ class Report:
             f"sparsified layers: {pct(t['weight_sparsity'])} of their weights are zero (target now "
             f"{pct(t['target'])}); whole model: {num(t['nonzero_params'])} of {num(t['params'])} parameters non-zero"
             + (f"; Conv/Linear MACs {num(t['nonzero_macs'])} of {num(t['macs'])} ({pct(t['mac_reduction'])} fewer)"
-               if t["macs"] else ""))
+               if t["macs"] else "")
+            + (f"; executed MACs {num(t['executed_macs'])}" if t.get("executed_macs") not in (None, t["macs"]) else ""))
         return "\n".join(lines)
 
 
@@ -110,11 +114,13 @@ def build_report(root, state: SparsifyState) -> Report:
             dense_rest += int(round(factor * mods[name].weight.numel()))
     macs = sum(r.macs or 0 for r in sparse_rows) + dense_rest if state.layer_factors else None
     nz_macs = sum(r.nonzero_macs or 0 for r in sparse_rows) + dense_rest if state.layer_factors else None
+    exec_macs = (sum(r.extra.get("executed_macs", r.macs or 0) for r in sparse_rows) + dense_rest
+                 if state.layer_factors else None)  # what dense hardware runs (SAS: M x the counted MACs)
     totals = {
         "weight_sparsity": 1.0 - snz / sp if sp else None,
         "target": sum(t * p for t, p in targets) / sum(p for _, p in targets) if targets else None,
         "params": param_total, "nonzero_params": param_nnz,
-        "macs": macs, "nonzero_macs": nz_macs,
+        "macs": macs, "nonzero_macs": nz_macs, "executed_macs": exec_macs,
         "mac_reduction": 1.0 - nz_macs / macs if macs else None,
     }
     return Report(state.recipe.get("name", ""), step, state.total_steps, layers, groups, totals)

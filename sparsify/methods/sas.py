@@ -640,6 +640,7 @@ class SASMethod(Method):
     params = {"m": 2, "slot_rule": "auto", "slot_options": {}, "input": "rewire", "not_relu": "dense",
               "through_average": False, "init": "auto"}
     group_class = SASGroup
+    full_trace = True  # the relu feeding a layer may sit inside a module with nothing to rewrite
 
     def check(self, params):
         problems = []
@@ -671,9 +672,7 @@ class SASMethod(Method):
             return "sas: input unknown (layer outside a traced graph); not_relu='as_is' converts it as is"
         if find_relu_input(site.gm, site.node, p["through_average"]) is None:
             src = site.node.args[0].name if site.node.args and isinstance(site.node.args[0], fx.Node) else "?"
-            return (f"sas: input {src} is not a relu output (left dense; not_relu='as_is' converts it as is"
-                    + ("" if p["through_average"] else ", through_average=true looks through average pooling")
-                    + ")")
+            return f"sas: input {src} is not a relu output (not_relu='as_is' would convert it as is)"
         return None
 
     def apply(self, site: Site, params) -> None:
