@@ -127,6 +127,9 @@ def _trace_children(parent: nn.Module, descend: Descend, is_site: Descend, prefi
         full = f"{prefix}.{child_name}" if prefix else child_name
         if is_site(full, child):
             result.direct.append(full)
+        elif isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            # containers are never called themselves: look at what they hold
+            _trace_children(child, descend, is_site, full, result)
         elif not _is_torch_leaf(child) and descend(full, child):
             sub = trace(child, descend, is_site=is_site, prefix=full)
             if sub.module is not child:

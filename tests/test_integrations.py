@@ -1,0 +1,125 @@
+"""PyTorch Lightning and Hugging Face Trainer callbacks (optional extra ``integrations``)."""
+from __future__ import annotations
+
+import importlib.util
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsify
+from sparsify.state import find_state
+
+
+def _require(module):
+    if importlib.util.find_spec(module) is None:
+        print(f"skipping: {module} is not installed (pip install fx-sparsify[integrations])")
+        pytest.skip(f"{module} is not installed (pip install fx-sparsify[integrations])")
+
+
+def tiny_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(16, 10))
+
+
+def loader(n=12, batch=4):
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(n, 3, 16, 16, generator=g), torch.randint(0, 10, (n,), generator=g))
+    return torch.utils.data.DataLoader(data, batch_size=batch)
+
+
+def _lightning_module():
+    import lightning.pytorch as pl
+
+    class Classifier(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_cnn()
+            self.ce = []
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = F.cross_entropy(self.net(x), y)
+            self.ce.append(float(loss))
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(sparsify.param_groups(self.net, weight_decay=5e-4), lr=0.05)
+    return Classifier()
+
+
+def _trainer(callback, **kw):
+    import lightning.pytorch as pl
+    return pl.Trainer(max_steps=3, callbacks=[callback], logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", **kw)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_lightning_callback_sparsifies_and_steps(accumulate):
+    _require("lightning")
+    from sparsify.integrations.lightning import SparsifyCallback
+    module = _lightning_module()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _trainer(SparsifyCallback("st3", attr="net", example_inputs=torch.zeros(1, 3, 16, 16)),
+                 accumulate_grad_batches=accumulate).fit(module, loader(n=4 * 3 * accumulate))
+    state = find_state(module.net)
+    assert int(state.step) == 3  # one sparsify.step per optimizer step, not per batch
+    assert state.total_steps == 3  # from trainer.estimated_stepping_batches
+    # ST-3 at 90% (end = half of 3 steps): the schedule has reached its target
+    assert sparsify.report(module.net).totals["weight_sparsity"] == pytest.approx(0.9, abs=0.02)
+    assert type(sparsify.finalize(module.net).get_submodule("0")) is nn.Conv2d
+
+
+def test_lightning_callback_adds_the_penalty():
+    _require("lightning")
+    from sparsify.integrations.lightning import SparsifyCallback
+    module = _lightning_module()
+    cb = SparsifyCallback("tl1", attr="net", example_inputs=torch.zeros(1, 3, 16, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _trainer(cb).fit(module, loader())
+    # the wrapped training_step returns cross-entropy + the activation penalty
+    x, y = next(iter(loader()))
+    module.train()
+    total = module.training_step((x, y), 0)
+    assert float(total) > module.ce[-1] + 1e-6
+
+
+def _hf_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+    torch.manual_seed(0)
+    return ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                               num_attention_heads=2, intermediate_size=64, num_labels=10))
+
+
+def test_huggingface_trainer_callback(tmp_path):
+    _require("transformers")
+    _require("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    from sparsify.integrations.huggingface import SparsifyTrainerCallback, linear_share
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            return {"pixel_values": torch.randn(3, 32, 32, generator=g), "labels": i % 10}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = sparsify.sparsify(_hf_vit(), "st3", total_steps=2, example_inputs=(torch.randn(1, 3, 32, 32),))
+        share = linear_share(model)
+        assert share["rewritten"] > 0
+        args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+                                 report_to=[], save_strategy="no", use_cpu=True, learning_rate=1e-3,
+                                 logging_strategy="no", dataloader_num_workers=0)
+        Trainer(model=model, args=args, train_dataset=Images(), callbacks=[SparsifyTrainerCallback()]).train()
+    assert int(find_state(model).step) == 2
+    rows = sparsify.report(model).layers
+    assert len(rows) == share["rewritten"] and all(r.weight_sparsity > 0.5 for r in rows)
