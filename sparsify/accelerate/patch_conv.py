@@ -1,0 +1,185 @@
+"""Patch-skipping convolution: a Conv2d (BN folded in) that computes only the kept output positions.
+
+Semi-structured activation sparsity (METHODS.md §5) masks whole output positions (h, w), the same
+for every channel and sample: whole im2col columns. Here those columns are never computed:
+
+1. the input is padded once, in channels-last order (N, Hp, Wp, C);
+2. for stride-1-in-width kernels of dilation 1, the kw input pixels of one kernel row are
+   contiguous in that order, so each kept position needs kh chunks of kw*C floats; a precomputed
+   index (kept positions x kernel rows) gathers them straight from the padded input into a
+   (N*P, kh*kw*C) matrix (P kept positions; the full im2col is never built);
+3. one GEMM with the (Cout, kh*kw*C) weight (oneDNN, packed once; see ``gemm.py``);
+4. the rows are scattered into an output pre-filled with the folded bias, which is exactly what
+   the masked, BN-folded dense layer holds at skipped positions.
+
+The output is a channels-last tensor (an NCHW-shaped view of NHWC memory), which torch's other
+CPU operators take as is.
+
+>>> import torch
+>>> conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+>>> keep = torch.ones(8, 8, dtype=torch.bool); keep[0] = False
+>>> fast = PatchSkipConv2d.from_conv(conv, keep)
+>>> x = torch.randn(1, 3, 8, 8)
+>>> ref = conv(x) * keep + conv.bias.view(4, 1, 1) * ~keep
+>>> bool(torch.allclose(fast(x), ref, atol=1e-5))
+True
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .gemm import PackCache, gemm
+
+__all__ = ["PatchSkipConv2d", "fold_bn", "supports_patch_skip"]
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def supports_patch_skip(conv: nn.Module) -> str | None:
+    """None when ``conv`` can become a :class:`PatchSkipConv2d`, else why not.
+
+    >>> supports_patch_skip(torch.nn.Conv2d(4, 4, 3, groups=4))
+    'grouped/depthwise conv (no single GEMM)'
+    """
+    if not isinstance(conv, nn.Conv2d):
+        return "not a Conv2d"
+    if conv.groups != 1:
+        return "grouped/depthwise conv (no single GEMM)"
+    if isinstance(conv.padding, str):
+        return f"padding={conv.padding!r} (numeric padding only)"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r} (zero padding only)"
+    return None
+
+
+@torch.no_grad()
+def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conv weight and bias with an eval-mode BatchNorm that follows the conv folded in.
+
+    >>> bn = torch.nn.BatchNorm2d(2).eval()
+    >>> w, b = fold_bn(torch.ones(2, 1, 1, 1), None, bn)
+    >>> [round(v, 4) for v in w.flatten().tolist()], b.tolist()
+    ([1.0, 1.0], [0.0, 0.0])
+    """
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1.0 / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+    b = bias if bias is not None else torch.zeros_like(bn.running_mean)
+    w = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+    return w, (b - bn.running_mean) * scale + shift
+
+
+class PatchSkipConv2d(nn.Module):
+    """Conv2d over a fixed input size computing only the output positions where ``keep`` is True;
+    skipped positions hold ``bias`` (see the module docstring for the algorithm).
+
+    ``weight`` is (Cout, Cin, kh, kw) with any BatchNorm already folded in (:func:`fold_bn`);
+    ``keep`` is a bool (Ho, Wo) tensor; ``input_hw`` the (H, W) the layer is built for (other
+    input sizes raise a ``ValueError``: the mask belongs to one resolution).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor,
+                 input_hw: tuple[int, int] | None = None, stride=1, padding=0, dilation=1):
+        super().__init__()
+        cout, cin, kh, kw = weight.shape
+        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        self.in_channels, self.out_channels, self.kernel_size = cin, cout, (kh, kw)
+        keep = keep.bool()
+        ho, wo = keep.shape
+        if input_hw is None:  # the smallest input giving that output (any larger one is ambiguous)
+            input_hw = tuple((o - 1) * s - 2 * p + d * (k - 1) + 1 for o, s, p, d, k in
+                             zip((ho, wo), self.stride, self.padding, self.dilation, (kh, kw)))
+        self.input_hw = tuple(int(v) for v in input_hw)
+        expect = tuple((i + 2 * p - d * (k - 1) - 1) // s + 1 for i, s, p, d, k in
+                       zip(self.input_hw, self.stride, self.padding, self.dilation, (kh, kw)))
+        if expect != (ho, wo):
+            raise ValueError(f"keep mask is {ho}x{wo} but a {self.input_hw} input gives a {expect} output")
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.bias = nn.Parameter((bias if bias is not None else torch.zeros(cout, dtype=weight.dtype,
+                                                                            device=weight.device)).detach().clone(),
+                                 requires_grad=False)
+        self.register_buffer("keep", keep.clone())
+        hp, wp = self.input_hw[0] + 2 * self.padding[0], self.input_hw[1] + 2 * self.padding[1]
+        self._padded_hw = (hp, wp)
+        # dilation 1 in width: one chunk of kw*C floats per kernel row; else one pixel per tap
+        self._taps_per_chunk = kw if self.dilation[1] == 1 else 1
+        pos = keep.flatten().nonzero().flatten()
+        oh, ow = pos // wo, pos % wo
+        start = (oh * self.stride[0]) * wp + ow * self.stride[1]  # top-left input pixel, per kept position
+        if self._taps_per_chunk == kw:
+            taps = torch.arange(kh) * self.dilation[0] * wp
+        else:
+            taps = (torch.arange(kh)[:, None] * self.dilation[0] * wp + torch.arange(kw)[None, :] * self.dilation[1]).flatten()
+        self.register_buffer("gather_index", (start[:, None] + taps[None, :]).flatten(), persistent=False)
+        self.register_buffer("kept_positions", pos, persistent=False)
+        self._pack = PackCache()
+        self._batch_cache: dict = {}
+        self._gemm_weight = (None, None)
+
+    def gemm_weight(self) -> torch.Tensor:
+        """The weight in the gathered column order (kernel row, kernel column, input channel),
+        re-derived whenever ``weight`` changes (e.g. ``load_state_dict``)."""
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.device)
+        if self._gemm_weight[0] != key:
+            self._gemm_weight = (key, self.weight.detach().permute(0, 2, 3, 1).reshape(self.out_channels, -1)
+                                 .contiguous())
+        return self._gemm_weight[1]
+
+    @classmethod
+    @torch.no_grad()
+    def from_conv(cls, conv: nn.Conv2d, keep: torch.Tensor, bn: nn.Module | None = None,
+                  input_hw: tuple[int, int] | None = None) -> "PatchSkipConv2d":
+        """Build from a plain ``conv`` (and the eval-mode ``bn`` after it, folded in)."""
+        why = supports_patch_skip(conv)
+        if why:
+            raise ValueError(f"cannot skip patches of this conv: {why}")
+        w, b = conv.weight, conv.bias
+        if bn is not None:
+            w, b = fold_bn(w, b, bn)
+        return cls(w, b, keep, input_hw, conv.stride, conv.padding, conv.dilation)
+
+    def _indices(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather and scatter indices for a batch of ``n`` (cached per batch size)."""
+        key = (n, device)
+        got = self._batch_cache.get(key)
+        if got is None:
+            hp, wp = self._padded_hw
+            ho, wo = self.keep.shape
+            g = self.gather_index.to(device)
+            s = self.kept_positions.to(device)
+            if n > 1:
+                g = (g[None, :] + (torch.arange(n, device=device) * hp * wp)[:, None]).flatten()
+                s = (s[None, :] + (torch.arange(n, device=device) * ho * wo)[:, None]).flatten()
+            got = (g, s)
+            self._batch_cache = {key: got}  # one batch size at a time keeps memory bounded
+        return got
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        if (h, w) != self.input_hw:
+            raise ValueError(f"PatchSkipConv2d was built for {self.input_hw[0]}x{self.input_hw[1]} inputs "
+                             f"(its position mask belongs to that resolution), got {h}x{w}")
+        kh, kw = self.kernel_size
+        ph, pw = self.padding
+        hp, wp = self._padded_hw
+        ho, wo = self.keep.shape
+        xp = x.new_zeros(n, hp, wp, c) if (ph or pw) else x.new_empty(n, hp, wp, c)
+        xp[:, ph:ph + h, pw:pw + w].copy_(x.permute(0, 2, 3, 1))
+        flat = xp.view(-1)
+        chunk = self._taps_per_chunk * c
+        # row r of this overlapping view = `chunk` floats starting at pixel r (no copy)
+        rows = flat.as_strided((flat.numel() // c - self._taps_per_chunk + 1, chunk), (c, 1))
+        gidx, sidx = self._indices(n, x.device)
+        cols = rows.index_select(0, gidx).view(-1, kh * kw * c)
+        y = gemm(cols, self.gemm_weight(), self.bias, self._pack)
+        out = self.bias.to(y.dtype).expand(n * ho * wo, self.out_channels).clone()
+        out.index_copy_(0, sidx, y)
+        return out.view(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
+
+    def extra_repr(self) -> str:
+        kept = int(self.keep.sum())
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, input={self.input_hw}, kept={kept}/{self.keep.numel()} positions")

@@ -1,0 +1,113 @@
+"""The per-layer path decision: time each candidate implementation on the layer's real input
+shape and keep the fastest (or apply a fixed policy), and the report of what each layer took."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+__all__ = ["LayerPath", "AccelerationReport", "choose", "time_call", "DECISIONS"]
+
+# "measure": time every candidate, take the fastest (a sparse path must beat dense by ``margin``);
+# "always": take the first sparse candidate whenever the layer is eligible (tests, or when the
+#           deployment CPU differs from the one converting); "never": keep everything dense.
+DECISIONS = ("measure", "always", "never")
+
+
+@dataclass
+class LayerPath:
+    """Which implementation one layer got, and why."""
+
+    name: str
+    kind: str  # e.g. "Conv2d 3x3", "Linear", "Conv2d 1x1"
+    path: str  # "dense", "patch-skip", "csr", "bsr16", ...
+    reason: str
+    sparsity: float | None = None  # weight sparsity (Linear / 1x1) or skipped position fraction (patch-skip)
+    times_ms: dict = field(default_factory=dict)  # candidate -> median milliseconds on the layer's input
+
+
+@dataclass
+class AccelerationReport:
+    """What :func:`sparsify.accelerate.accelerate` did to each candidate layer; ``str()`` is a table.
+
+    >>> r = AccelerationReport([LayerPath("fc", "Linear", "csr", "fastest", 0.9, {"dense": 2.0, "csr": 1.0})])
+    >>> r.count()
+    {'csr': 1}
+    """
+
+    layers: list[LayerPath]
+    decide: str = "measure"
+    input_shapes: list = field(default_factory=list)
+
+    def count(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for row in self.layers:
+            out[row.path] = out.get(row.path, 0) + 1
+        return out
+
+    def path_of(self, name: str) -> str:
+        return next(r.path for r in self.layers if r.name == name)
+
+    def to_dict(self) -> dict:
+        return {"decide": self.decide, "input_shapes": self.input_shapes, "paths": self.count(),
+                "layers": [asdict(r) for r in self.layers]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def __str__(self) -> str:
+        def fmt_t(t):
+            return ", ".join(f"{k} {v:.3f}" for k, v in t.items()) or "-"
+        rows = [("layer", "kind", "path", "sparsity", "times (ms)", "why")]
+        for r in self.layers:
+            rows.append((r.name, r.kind, r.path, "-" if r.sparsity is None else f"{100 * r.sparsity:.1f}%",
+                         fmt_t(r.times_ms), r.reason))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+        lines = [f"acceleration ({self.decide}): " + ", ".join(f"{k}: {v}" for k, v in self.count().items())]
+        lines += ["  ".join([c.ljust(w) for c, w in zip(row[:-1], widths)] + [row[-1]]) for row in rows]
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def time_call(fn: Callable[[], object], repeats: int = 7, warmup: int = 2) -> float:
+    """Median wall time of ``fn()`` in milliseconds.
+
+    >>> time_call(lambda: None, repeats=3) >= 0
+    True
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return 1e3 * times[len(times) // 2]
+
+
+def choose(candidates: dict[str, Callable[[], object]], decide: str = "measure", margin: float = 0.05,
+           repeats: int = 7) -> tuple[str, dict[str, float], str]:
+    """Pick among ``candidates`` (name -> zero-argument call; ``"dense"`` must be one of them).
+
+    Returns ``(name, times in ms, why)``. Under ``"measure"`` a sparse candidate wins only if it
+    is at least ``margin`` faster than dense, so timing noise does not swap layers for nothing.
+
+    >>> choose({"dense": lambda: None, "csr": lambda: None}, decide="always")[0]
+    'csr'
+    """
+    if decide not in DECISIONS:
+        raise ValueError(f"decide must be one of {DECISIONS}, got {decide!r}")
+    sparse = [k for k in candidates if k != "dense"]
+    if decide == "never" or not sparse:
+        return "dense", {}, "acceleration off (decide='never')" if decide == "never" else "no sparse candidate"
+    if decide == "always":
+        return sparse[0], {}, "eligible (decide='always')"
+    times = {k: time_call(f, repeats=repeats) for k, f in candidates.items()}
+    best = min(sparse, key=times.get)
+    if times[best] <= (1 - margin) * times["dense"]:
+        return best, times, f"fastest: {times['dense'] / times[best]:.2f}x dense on this input"
+    return "dense", times, f"no sparse path beat dense by {100 * margin:.0f}% on this input"

@@ -1,0 +1,153 @@
+"""Linear and 1x1 conv layers whose weight is held as a CSR or BSR matrix (torch.sparse, MKL).
+
+The sparse matrix is kept as its plain component tensors (row pointers, column indices,
+values) so ``deepcopy``, ``state_dict`` and ``torch.load(weights_only=True)`` work (torch's
+sparse CSR tensors cannot be deep-copied); the CSR/BSR tensor is a view over them, rebuilt lazily.
+
+>>> import torch
+>>> lin = torch.nn.Linear(8, 4)
+>>> with torch.no_grad(): lin.weight[:, :6] = 0
+>>> fast = SparseLinear.from_linear(lin, "csr")
+>>> x = torch.randn(3, 8)
+>>> bool(torch.allclose(fast(x), lin(x), atol=1e-6))
+True
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["SparseLinear", "SparseConv1x1", "supports_sparse_linear"]
+
+
+def supports_sparse_linear(module: nn.Module) -> str | None:
+    """None when ``module`` (Linear, or a 1x1 Conv2d without padding and groups) can hold a
+    sparse weight here, else why not.
+
+    >>> supports_sparse_linear(torch.nn.Conv2d(4, 4, 3))
+    'Conv2d with a 3x3 kernel (1x1 only)'
+    """
+    if isinstance(module, nn.Linear):
+        return None
+    if isinstance(module, nn.Conv2d):
+        if tuple(module.kernel_size) != (1, 1):
+            return f"Conv2d with a {module.kernel_size[0]}x{module.kernel_size[1]} kernel (1x1 only)"
+        if module.groups != 1:
+            return "grouped 1x1 conv"
+        if module.padding not in ((0, 0), 0, "valid"):
+            return "padded 1x1 conv"
+        return None
+    return f"{type(module).__name__} (Linear or 1x1 Conv2d only)"
+
+
+class _SparseWeight(nn.Module):
+    """Holds an (out, in) weight as CSR (``blocksize`` None) or BSR components."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, layout: str = "csr",
+                 blocksize: int | None = None):
+        super().__init__()
+        if layout not in ("csr", "bsr"):
+            raise ValueError(f"layout must be 'csr' or 'bsr', got {layout!r}")
+        if layout == "bsr":
+            blocksize = blocksize or 16
+            if weight.shape[0] % blocksize or weight.shape[1] % blocksize:
+                raise ValueError(f"BSR blocks of {blocksize} do not tile a {tuple(weight.shape)} weight")
+        self.layout, self.blocksize = layout, blocksize
+        self.out_features, self.in_features = weight.shape
+        w = weight.detach()
+        sp = w.to_sparse_csr() if layout == "csr" else w.to_sparse_bsr((blocksize, blocksize))
+        self.register_buffer("crow_indices", sp.crow_indices().clone())
+        self.register_buffer("col_indices", sp.col_indices().clone())
+        self.register_buffer("values", sp.values().clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._cache = (None, None)
+
+    def sparse_weight(self) -> torch.Tensor:
+        """The CSR/BSR tensor over the component buffers (rebuilt when they change)."""
+        key = tuple((t.data_ptr(), t._version) for t in (self.crow_indices, self.col_indices, self.values))
+        if self._cache[0] != key:
+            make = torch.sparse_csr_tensor if self.layout == "csr" else torch.sparse_bsr_tensor
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+                w = make(self.crow_indices, self.col_indices, self.values,
+                         (self.out_features, self.in_features), check_invariants=False)
+            self._cache = (key, w)
+        return self._cache[1]
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_cache"] = (None, None)
+        return state
+
+    def __deepcopy__(self, memo):
+        import copy
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            new.__dict__[k] = (None, None) if k == "_cache" else copy.deepcopy(v, memo)
+        return new
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.sparse_weight().to_dense()
+
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    def matmul_rows(self, x2: torch.Tensor) -> torch.Tensor:
+        """``x2 @ W.T + b`` for a 2-D (rows, in_features) ``x2``: computed as ``(W @ x2.T).T``
+        because torch's CPU sparse kernels (MKL) take the sparse operand on the left."""
+        w = self.sparse_weight()
+        if self.bias is not None:
+            y = torch.addmm(self.bias.unsqueeze(1), w, x2.t())
+        else:
+            y = torch.mm(w, x2.t())
+        return y.t()
+
+    def extra_repr(self) -> str:
+        dens = self.nnz() / (self.out_features * self.in_features)
+        return (f"{self.in_features}, {self.out_features}, layout={self.layout}"
+                + (f", blocksize={self.blocksize}" if self.layout == "bsr" else "")
+                + f", stored density={dens:.3f}")
+
+
+class SparseLinear(_SparseWeight):
+    """``nn.Linear`` equivalent with a CSR/BSR weight; any leading batch dimensions."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, layout: str = "csr", blocksize: int | None = None) -> "SparseLinear":
+        return cls(linear.weight, linear.bias, layout, blocksize)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = self.matmul_rows(x.reshape(-1, self.in_features))
+        return y.reshape(*lead, self.out_features)
+
+
+class SparseConv1x1(_SparseWeight):
+    """Bias-optional 1x1 ``nn.Conv2d`` (no padding, no groups, any stride) with a CSR/BSR weight.
+
+    The output is channels-last memory (an NCHW-shaped view), like oneDNN's convs produce for
+    channels-last input.
+    """
+
+    def __init__(self, weight, bias, layout="csr", blocksize=None, stride=1):
+        super().__init__(weight.reshape(weight.shape[0], -1), bias, layout, blocksize)
+        self.stride = tuple(stride) if isinstance(stride, (tuple, list)) else (stride, stride)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, layout: str = "csr", blocksize: int | None = None) -> "SparseConv1x1":
+        why = supports_sparse_linear(conv)
+        if why:
+            raise ValueError(f"cannot hold this conv's weight as a sparse matrix: {why}")
+        return cls(conv.weight, conv.bias, layout, blocksize, conv.stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride != (1, 1):
+            x = x[:, :, ::self.stride[0], ::self.stride[1]]
+        n, c, h, w = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(-1, c)
+        y = self.matmul_rows(rows)
+        return y.reshape(n, h, w, self.out_features).permute(0, 3, 1, 2)
