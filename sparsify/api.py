@@ -129,7 +129,7 @@ def report(model: nn.Module) -> Report:
 
 
 def finalize(model: nn.Module, example_inputs=None, *, check: bool = True, rtol: float = 1e-4,
-             atol: float = 1e-5) -> nn.Module:
+             atol: float = 1e-5, accelerate: bool | dict = False) -> nn.Module:
     """A deployable copy: plain ``nn.Conv2d`` / ``nn.Linear`` holding the effective weights,
     inserted nodes folded or removed, no sparsify state. Its eval output is checked against the
     sparse model's on ``example_inputs`` (default: those given to ``sparsify``) and a
@@ -139,8 +139,23 @@ def finalize(model: nn.Module, example_inputs=None, *, check: bool = True, rtol:
     >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), "st3", begin=0, end=0, fix=None)
     >>> type(sparsify.finalize(m).get_submodule("0")).__name__
     'Linear'
+
+    ``accelerate=True`` (CPU inference) then swaps layers for faster sparse implementations
+    where they pay on this machine: patch-skipping convs for semi-structured masks, CSR/BSR for
+    Linear / 1x1 conv layers with at least 80% zero weights (a dict passes options to
+    :func:`sparsify.accelerate.accelerate`); the result's ``acceleration`` attribute lists the
+    path each layer took. See docs/deployment.md.
     """
-    return finalize_model(model, example_inputs, check=check, rtol=rtol, atol=atol)
+    final = finalize_model(model, example_inputs, check=check, rtol=rtol, atol=atol)
+    if accelerate:
+        from .accelerate import accelerate as _accelerate
+        inputs = example_inputs if example_inputs is not None else find_state(model).example_inputs
+        if inputs is None:
+            raise ValueError("finalize(accelerate=True) builds and times layers on example inputs: pass "
+                             "example_inputs=... here or to sparsify(...)")
+        options = accelerate if isinstance(accelerate, dict) else {}
+        final = _accelerate(final, inputs, **{"check": check, **options})
+    return final
 
 
 def param_groups(model: nn.Module, weight_decay: float = 0.0, *, no_decay: tuple[str, ...] = (),
