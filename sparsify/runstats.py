@@ -6,8 +6,9 @@ layer's input and the *effective* multiplies, those whose weight AND input activ
 non-zero (the count of the dual-sparse-training paper). The count is exact: the layer is run on
 the indicator tensors ``1[x != 0]`` and ``1[W != 0]``. Zero padding is counted as non-zero input,
 so a dense model's effective MACs equal its dense MACs (the convention of ``sparsify.macs``).
-Layers whose weight does not match their input (SAS doubles the input dimension internally) get
-no effective count and are counted at their non-zero-weight MACs.
+A SAS layer (weight k times wider than its input: one of k slots is non-zero per input) is
+counted as the narrow layer on its non-zero inputs; other layers whose weight does not match
+their input are counted at their non-zero-weight MACs.
 """
 from __future__ import annotations
 
@@ -26,8 +27,18 @@ def _weight(m: nn.Module) -> torch.Tensor:
     return m.weight.detach()
 
 
+def _lifted(w: torch.Tensor, in_dim: int) -> bool:
+    """SAS-style layer: the weight is k times wider than the input (k slots, one non-zero)."""
+    return w.shape[1] != in_dim and w.shape[1] % in_dim == 0
+
+
 def _effective(m: nn.Module, x: torch.Tensor, w: torch.Tensor) -> float | None:
     ix, iw = (x != 0).to(torch.float32), (w != 0).to(torch.float32)
+    in_dim = x.shape[-1] if isinstance(m, nn.Linear) else x.shape[1] // getattr(m, "groups", 1)
+    if _lifted(w, in_dim):
+        # each non-zero input meets one slot's weight per output: count as the narrow layer
+        # (exact when no weight of the chosen slot is zero)
+        iw = torch.ones((w.shape[0], in_dim) + tuple(w.shape[2:]), dtype=torch.float32)
     if isinstance(m, nn.Linear):
         if ix.shape[-1] != iw.shape[1]:
             return None
@@ -67,11 +78,13 @@ def activation_stats(model: nn.Module, batches, *, max_batches: int | None = Non
             x = inp[0]
             w = _weight(mod)
             positions = out.numel() / out.shape[0] / w.shape[0]
+            in_dim = x.shape[-1] if isinstance(mod, nn.Linear) else x.shape[1] // getattr(mod, "groups", 1)
+            dense_w = w.numel() // (w.shape[1] // in_dim) if _lifted(w, in_dim) else w.numel()
             eff = _effective(mod, x, w)
             if eff is None:  # count the weight's non-zeros at every output position
                 eff = float(torch.count_nonzero(w)) * positions * out.shape[0]
             rec = layers.setdefault(name, {"zeros": 0, "elements": 0, "effective": 0.0, "samples": 0,
-                                           "dense": w.numel() * positions})
+                                           "dense": dense_w * positions})
             if name not in order:
                 order.append(name)
             rec["zeros"] += int((x == 0).sum())

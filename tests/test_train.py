@@ -172,3 +172,15 @@ def test_effective_macs_of_a_sparsified_model_use_the_effective_weights():
     h = torch.relu(F.linear(x, w0, l0.bias))
     expect = float(((w0 != 0).float().sum()) * 5 + ((h != 0).float() @ (w2 != 0).float().T).sum()) / 5
     assert stats["effective_macs"] == pytest.approx(expect)
+
+
+def test_sas_layers_count_as_the_narrow_dense_layer():
+    from sparsify.models import build_model
+    net = build_model("cnn", num_classes=10, in_channels=1, image_size=8)
+    x = torch.randn(4, 1, 8, 8)
+    dense = activation_stats(net, [x])
+    with pytest.warns(UserWarning, match="matched nothing"):  # the recipe's downsample rule: no such layer here
+        m = sparsify.sparsify(net, "sas", example_inputs=x[:1])
+    stats = activation_stats(m, [x])
+    assert stats["dense_macs"] == dense["dense_macs"]  # same multiplies per output as the narrow layers
+    assert stats["effective_macs"] == pytest.approx(dense["dense_macs"])  # pre-activations: no zero inputs
