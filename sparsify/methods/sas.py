@@ -11,10 +11,10 @@ Three parts:
 
 * :class:`SlotRule` (``sign`` for M = 2, ``signed_levels`` for any M; register your own with
   :func:`register_slot_rule`) says how an element is lifted;
-* the modules ``SASConv1d/2d/3d`` and ``SASLinear``: the weight is kept in the official interleaved
-  layout, the forward runs one conv/linear over the blocked projection ``[slot 0 | slot 1 | ...]``
-  (per group) with a blocked view of the weight, and its backward recomputes the projection from
-  ``x`` instead of saving it (:class:`_SASFunction`): only ``x`` is kept for the backward;
+* the modules ``SASConv1d/2d/3d`` and ``SASLinear``: the weight is the official interleaved
+  parameter, the forward writes the projection straight into the interleaved layout (no zeros
+  tensor, no masks) and runs one conv/linear; its backward recomputes the projection from ``x``
+  instead of saving it (:class:`_SASFunction`): only ``x`` is kept for the backward;
 * the ReLU rewiring (:func:`find_relu_input` and :meth:`SASMethod.apply`): a selected layer fed by a
   relu reads the relu's input instead, and the relu stays only for its other users.
 """
@@ -33,7 +33,7 @@ from passes import Change, reroute_input
 from .base import Group, GroupContext, Method, Site, SparseWeightMixin, specialize, weight_base
 
 __all__ = ["SlotRule", "SignRule", "SignedLevelsRule", "SLOT_RULES", "register_slot_rule", "make_slot_rule",
-           "SASMixin", "SAS_CLASSES", "SASMethod", "SASGroup", "find_relu_input", "blocked_weight"]
+           "SASMixin", "SAS_CLASSES", "SASMethod", "SASGroup", "find_relu_input"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,27 +226,18 @@ def make_slot_rule(name: str, m: int, options: dict | None = None) -> SlotRule:
 # layouts and the memory-lean autograd function
 # --------------------------------------------------------------------------------------------
 
-def blocked_weight(weight: torch.Tensor, m: int) -> torch.Tensor:
-    """The official interleaved weight ``(Cout, m·c, *k)`` (column ``m·i + s`` = slot s of input i)
-    as the blocked one ``(Cout, m·c, *k)`` (column ``s·c + i``) that matches ``[slot 0 | slot 1 | ...]``.
-
-    >>> blocked_weight(torch.arange(4.).reshape(1, 4), 2)
-    tensor([[0., 2., 1., 3.]])
-    """
-    cout, wide = weight.shape[:2]
-    k = weight.shape[2:]
-    return weight.reshape(cout, wide // m, m, *k).transpose(1, 2).reshape(cout, wide, *k)
+_SLOT_DIM = 2  # slots go right after the channel of ``_flat_view``: the official interleaved layout
 
 
-def _grouped_view(x: torch.Tensor, linear: bool, groups: int) -> torch.Tensor:
-    """``x`` as ``(N, groups, c, S)``: the slot dimension is inserted at 2."""
+def _flat_view(x: torch.Tensor, linear: bool) -> torch.Tensor:
+    """``x`` as ``(N, C, S)`` (channels/features in the middle, positions last)."""
     if linear:
-        return x.reshape(-1, 1, x.shape[-1], 1)
-    return x.reshape(x.shape[0], groups, x.shape[1] // groups, -1)
+        return x.reshape(-1, x.shape[-1], 1)
+    return x.reshape(x.shape[0], x.shape[1], -1)
 
 
 def _unproject(buf: torch.Tensor, x_shape, linear: bool, m: int) -> torch.Tensor:
-    """``(N, g, m, c, S)`` back to the layer's input layout with ``m`` times the channels."""
+    """``(N, C, m, S)`` back to the layer's input layout with ``m·C`` interleaved channels."""
     if linear:
         return buf.reshape(*x_shape[:-1], m * x_shape[-1])
     return buf.reshape(x_shape[0], m * x_shape[1], *x_shape[2:])
@@ -260,36 +251,36 @@ def _autocast_dtype(x: torch.Tensor):
 
 
 class _SASFunction(torch.autograd.Function):
-    """One conv/linear over the blocked projection; saves ``x`` only and recomputes the
-    projection in the backward (the official code keeps a 2x-wide interleaved copy and masks)."""
+    """One conv/linear over the interleaved projection; saves ``x`` only and recomputes the
+    projection in the backward (the official code keeps a 2x-wide copy and two masks)."""
 
     @staticmethod
-    def forward(ctx, x, wb, bias, rule, conf):
+    def forward(ctx, x, weight, bias, rule, conf):
         linear, stride, padding, dilation, groups = conf
         cast = _autocast_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             xc = x if cast is None else x.to(cast)
-            w = wb if cast is None else wb.to(cast)
+            w = weight if cast is None else weight.to(cast)
             b = bias if cast is None or bias is None else bias.to(cast)
-            buf = _unproject(rule.project(_grouped_view(xc, linear, groups), 2), x.shape, linear, rule.m)
+            buf = _unproject(rule.project(_flat_view(xc, linear), _SLOT_DIM), x.shape, linear, rule.m)
             if linear:
                 out = F.linear(buf, w, b)
             else:
                 out = torch.convolution(buf, w, b, stride, padding, dilation, False, [0] * len(stride), groups)
-        ctx.save_for_backward(x, wb, bias)
+        ctx.save_for_backward(x, weight, bias)
         ctx.rule, ctx.conf, ctx.cast = rule, conf, cast
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, wb, bias = ctx.saved_tensors
+        x, weight, bias = ctx.saved_tensors
         rule, cast = ctx.rule, ctx.cast
         linear, stride, padding, dilation, groups = ctx.conf
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         xc = x if cast is None else x.to(cast)
-        w = wb if cast is None else wb.to(cast)
-        xv = _grouped_view(xc, linear, groups)
-        buf = _unproject(rule.project(xv, 2), x.shape, linear, rule.m)
+        w = weight if cast is None else weight.to(cast)
+        xv = _flat_view(xc, linear)
+        buf = _unproject(rule.project(xv, _SLOT_DIM), x.shape, linear, rule.m)
         grad = grad.to(buf.dtype)
         gx = gw = gb = None
         if linear:
@@ -303,9 +294,9 @@ class _SASFunction(torch.autograd.Function):
                 [0] * len(stride), groups, [need_x, need_w, need_b and bias is not None])
         if need_x:
             gshape = xv.shape[:2] + (rule.m,) + xv.shape[2:]
-            gx = rule.project_backward(xv, gbuf.reshape(gshape), 2).reshape(x.shape).to(x.dtype)
+            gx = rule.project_backward(xv, gbuf.reshape(gshape), _SLOT_DIM).reshape(x.shape).to(x.dtype)
         if gw is not None:
-            gw = gw.to(wb.dtype)
+            gw = gw.to(weight.dtype)
         if gb is not None:
             gb = gb.to(bias.dtype)
         return gx, gw, gb, None, None
@@ -374,7 +365,7 @@ class SASMixin(SparseWeightMixin):
                 x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
                 padding = (0,) * len(self.kernel_size)
             conf = (False, list(self.stride), list(padding), list(self.dilation), self.groups)
-        return _SASFunction.apply(x, blocked_weight(self.weight, self.sas_m), self.bias, self.slot_rule, conf)
+        return _SASFunction.apply(x, self.weight, self.bias, self.slot_rule, conf)
 
     def reference_forward(self, x):
         """The same result through plain autograd ops (slots stacked, interleaved, one wide layer)."""

@@ -1,0 +1,91 @@
+"""One SGD training step of SAS ResNet-18 (recipe ``sas``) vs dense ResNet-18, and vs the same SAS
+network computing its layers the official way (interleaved zeros tensor + one wide conv).
+
+SAS executes about 2x the MACs of the dense network on dense hardware (every SAS layer runs a conv
+over twice the input channels), so ~2x is the expected ratio; the goal is <= 2.0. The three models
+are timed interleaved in the same run; the minimum over repetitions is kept (shared machine).
+Memory: bytes autograd keeps for the backward (activations; parameters excluded).
+
+    .venv/bin/python benchmarks/sas_train_step.py [--batch 16] [--size 112] [--reps 5] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import types
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import sparsify
+from sparsify.methods.sas import SASMixin
+
+from sas_conv import official_forward
+
+
+def officialize(model):
+    """The same SAS model, every SAS layer computing with the official projection."""
+    for m in model.modules():
+        if isinstance(m, SASMixin):
+            m.forward = types.MethodType(official_forward, m)
+    return model
+
+
+def saved_activation_bytes(model, x, y):
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(model(x), y)
+    del loss
+    return sum(seen.values())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--size", type=int, default=112)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    y = torch.randint(0, 1000, (args.batch,))
+    dense = torchvision.models.resnet18()
+    models = {
+        "dense": dense,
+        "sas": sparsify.sparsify(dense, "sas", example_inputs=x[:1]),
+        "sas (official layers)": officialize(sparsify.sparsify(dense, "sas", example_inputs=x[:1])),
+    }
+    opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
+    times = {k: [] for k in models}
+    for rep in range(args.reps + 1):
+        for k, m in models.items():
+            t0 = time.perf_counter()
+            opts[k].zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opts[k].step()
+            if rep:  # the first round warms up
+                times[k].append(time.perf_counter() - t0)
+    best = {k: min(v) for k, v in times.items()}
+    mem = {k: saved_activation_bytes(m, x, y) for k, m in models.items()}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+          f"{args.size}x{args.size}, min of {args.reps}")
+    print("| model | step ms | vs dense | activations kept for backward (MB) |")
+    print("|---|---|---|---|")
+    for k in models:
+        print(f"| {k} | {1e3 * best[k]:.0f} | {best[k] / best['dense']:.2f}x | {mem[k] / 2**20:.0f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "step_s": best, "saved_bytes": mem, "all_s": times}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
