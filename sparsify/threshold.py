@@ -76,22 +76,24 @@ def _ranks(n: int, q: float) -> tuple[int, int, float]:
 
 
 def _try_band(values: torch.Tensor, k: int, k_hi: int, frac: float, lo, hi):
-    """The quantile if order statistics ``k`` and ``k_hi`` (0-based) lie in ``[lo, hi]``, else
-    ``None`` (band missed) or ``"wide"`` (too many values inside: sorting them would not pay)."""
+    """``(quantile, values in band)`` if order statistics ``k`` and ``k_hi`` (0-based) lie in
+    ``[lo, hi]``; ``(None, _)`` when the band missed them, ``("wide", _)`` when it holds too many
+    values for sorting them to pay."""
     # count_nonzero is ~8x faster than bool.sum() on CPU
     below = int(torch.count_nonzero(values < lo))
     if below > k:
-        return None
+        return None, 0
     band = values[(values >= lo) & (values <= hi)]
-    if below + band.numel() <= k_hi:
-        return None
-    if band.numel() > _MAX_BAND:
-        return "wide"
+    inside = band.numel()
+    if below + inside <= k_hi:
+        return None, inside
+    if inside > _MAX_BAND:
+        return "wide", inside
     band = torch.sort(band).values
     a = band[k - below]
     if k_hi == k:
-        return a
-    return _interpolate(a, band[k_hi - below], frac)
+        return a, inside
+    return _interpolate(a, band[k_hi - below], frac), inside
 
 
 def _all_finite(values: torch.Tensor) -> bool:
@@ -104,17 +106,18 @@ def band_quantile(values: torch.Tensor, q: float, hint: float | None = None,
                   width: float | None = None) -> tuple[torch.Tensor, float]:
     """Exactly :func:`quantile` (same value, bit for bit), without sorting all the values.
 
-    Counts the values below a narrow band ``[hint - width, hint + width]`` around a guess (the
-    previous step's threshold), and sorts only the values inside it. Without a usable guess the
-    band is placed from a strided sample (ranks ``k·m/n`` ± a margin, widened on a miss). Returns
-    ``(quantile, width)``: pass both back next time as ``hint`` and ``width``. Only the speed
-    depends on them; many tied values in the band fall back to :func:`quantile`.
+    Counts the values below a narrow band ``[hint - width, hint + width]`` around a guess (e.g.
+    predicted from the previous step's threshold), and sorts only the values inside it. Without
+    a guess, or when the band misses, the band is placed from a strided sample (sample ranks
+    ``k·m/n`` ± a margin, widened on a miss); many tied values fall back to :func:`quantile`.
+    Only the speed depends on ``hint`` and ``width``. Returns ``(quantile, density)``: the number
+    of values per unit around the quantile (0.0 when unknown), to size the next band.
 
     >>> v = torch.rand(100_000)
-    >>> tau, w = band_quantile(v, 0.9)
+    >>> tau, density = band_quantile(v, 0.9)
     >>> bool(tau == quantile(v, 0.9))
     True
-    >>> bool(band_quantile(v, 0.9, hint=float(tau), width=w)[0] == quantile(v, 0.9))
+    >>> bool(band_quantile(v, 0.9, hint=float(tau), width=100 / density)[0] == quantile(v, 0.9))
     True
     """
     if not 0.0 <= q <= 1.0:
@@ -127,17 +130,22 @@ def band_quantile(values: torch.Tensor, q: float, hint: float | None = None,
         raise FloatingPointError("cannot threshold non-finite weights (NaN or inf): training diverged; "
                                  "lower the learning rate or check the loss")
     k, k_hi, frac = _ranks(n, q)
+
+    def density(inside, lo, hi):
+        span = float(hi) - float(lo)
+        return inside / span if 0 < span < float("inf") else 0.0
+
     if hint is not None and width and width > 0 and hint == hint:
         lo = torch.tensor(hint - width, dtype=values.dtype)
         hi = torch.tensor(hint + width, dtype=values.dtype)
-        out = _try_band(values, k, k_hi, frac, lo, hi)
+        out, inside = _try_band(values, k, k_hi, frac, lo, hi)
         if isinstance(out, torch.Tensor):
-            return out, width
+            return out, density(inside, lo, hi)
     # place the band from a strided sample: ranks k/stride ± a margin of sampling error
     stride = n // _SAMPLE
     sample = torch.sort(values[::stride]).values
     m = sample.numel()
-    margin = 64
+    margin = 32
     for _ in range(4):
         j_lo = max(0, (k * m) // n - margin)
         j_hi = min(m - 1, (k_hi * m) // n + margin)
@@ -146,11 +154,9 @@ def band_quantile(values: torch.Tensor, q: float, hint: float | None = None,
             lo = torch.tensor(-float("inf"), dtype=values.dtype)
         if j_hi == m - 1:
             hi = torch.tensor(float("inf"), dtype=values.dtype)
-        out = _try_band(values, k, k_hi, frac, lo, hi)
+        out, inside = _try_band(values, k, k_hi, frac, lo, hi)
         if isinstance(out, torch.Tensor):
-            center = float(out)
-            spread = max(center - float(lo), float(hi) - center)
-            return out, (spread if spread != float("inf") else 0.0)
+            return out, density(inside, lo, hi)
         if out == "wide":
             break
         margin *= 8
@@ -158,7 +164,9 @@ def band_quantile(values: torch.Tensor, q: float, hint: float | None = None,
 
 
 class QuantileTracker:
-    """Stateful :func:`band_quantile`: remembers the last threshold and band width.
+    """Stateful :func:`band_quantile` for a threshold recomputed every step: the band is centred
+    where the previous threshold and the local density predict the new one, about
+    ``max(2048, n/2048)`` ranks wide on each side.
 
     Nothing here changes the result (always equal to :func:`quantile`), only the speed, so it
     needs no saving: a resumed run starts from a sample and is bit-for-bit the same.
@@ -171,9 +179,18 @@ class QuantileTracker:
 
     def __init__(self):
         self.last: float | None = None
-        self.width: float = 0.0
+        self.last_rank = 0
+        self.density = 0.0
 
     def __call__(self, values: torch.Tensor, q: float) -> torch.Tensor:
-        out, width = band_quantile(values, q, self.last, self.width)
-        self.last, self.width = float(out), width
+        n = values.numel()
+        k = int((n - 1) * q)
+        hint = width = None
+        if self.last is not None and self.density > 0:
+            shift = k - self.last_rank
+            hint = self.last + shift / self.density
+            width = (max(2048, n >> 11) + abs(shift) / 2) / self.density
+        out, density = band_quantile(values, q, hint, width)
+        self.last, self.last_rank = float(out), k
+        self.density = density or self.density
         return out

@@ -37,12 +37,12 @@ values_tied = arrays(np.float32, st.integers(9, 400), elements=st.sampled_from([
        st.one_of(st.none(), st.floats(-1, 11, width=32)), st.floats(0, 5))
 def test_property_equals_reference(tiny_sample, values, q, hint, width):
     v = torch.from_numpy(values)
-    got, new_width = band_quantile(v, q, hint, width)
+    got, density = band_quantile(v, q, hint, width)
     want = quantile(v, q)
     assert got.dtype == want.dtype
     assert torch.equal(got, want), (float(got), float(want))
     assert torch.equal(want, sorted_reference(v, q))
-    assert new_width >= 0
+    assert density >= 0
 
 
 @given(values_tied, st.lists(st.floats(0, 1), min_size=1, max_size=5))

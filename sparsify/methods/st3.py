@@ -35,7 +35,7 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
-def st3_scale(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def st3_scale(weight: torch.Tensor, mask: torch.Tensor, magnitude: torch.Tensor | None = None) -> torch.Tensor:
     """Per-output-channel rescale ``c = 1.01 / (ρ + 0.01)`` with
     ``ρ = (mean|W|·M + 1e-6) / (mean|W| + 1e-6)`` over each output channel.
 
@@ -43,7 +43,7 @@ def st3_scale(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     >>> st3_scale(w, w.abs() > 0.1)
     tensor([1.0412])
     """
-    a = weight.detach().abs().reshape(weight.shape[0], -1)
+    a = (weight.detach().abs() if magnitude is None else magnitude).reshape(weight.shape[0], -1)
     m = mask.reshape(weight.shape[0], -1)
     rho = ((a * m).mean(1) + 1e-6) / (a.mean(1) + 1e-6)
     return 1.01 / (rho + 0.01)
@@ -91,8 +91,9 @@ class ST3Mixin(SparseWeightMixin):
         return _StraightThrough.apply(self.weight, eff)
 
     @torch.no_grad()
-    def set_threshold(self, tau: float) -> None:
-        """Recompute mask and scale from the current latent weight at threshold ``tau``."""
+    def set_threshold(self, tau: float, magnitude: torch.Tensor | None = None) -> None:
+        """Recompute mask and scale from the current latent weight at threshold ``tau``
+        (``magnitude``: ``|W|`` if the caller has it already)."""
         if tau <= 0 and float(self.tau) <= 0:
             return  # dense already: the mask is all ones and the scale 1 (nothing to write)
         self.tau.fill_(tau)
@@ -100,8 +101,9 @@ class ST3Mixin(SparseWeightMixin):
             self.mask.fill_(True)
             self.scale.fill_(1.0)
             return
-        torch.gt(self.weight.abs(), tau, out=self.mask)
-        self.scale.copy_(st3_scale(self.weight, self.mask))
+        a = self.weight.abs() if magnitude is None else magnitude
+        torch.gt(a, tau, out=self.mask)
+        self.scale.copy_(st3_scale(self.weight, self.mask, a))
 
     @torch.no_grad()
     def fix(self) -> None:
@@ -151,11 +153,13 @@ class ST3Group(Group):
             for _, m in layers:
                 m.set_threshold(0.0)
             return
-        scaled = torch.cat([(m.weight.detach().abs().float() / self.sigmas[n]).reshape(-1) for n, m in layers])
+        mags = {n: m.weight.detach().abs() for n, m in layers}  # |W| once per layer and step
+        scaled = torch.cat([(a.float() if self.sigmas[n] == 1.0 else a.float() / self.sigmas[n]).reshape(-1)
+                            for n, a in mags.items()])
         tau = float(self._quantile(scaled, r))
         self.tau.fill_(tau)
         for n, m in layers:
-            m.set_threshold(tau * self.sigmas[n])
+            m.set_threshold(tau * self.sigmas[n], mags[n])
 
     def describe(self, step: int) -> dict:
         phase = ("dense" if step < self.begin else "ramp" if step < self.end else

@@ -1,0 +1,97 @@
+"""Training-step time of the weight methods vs dense ResNet-18 (CPU, same run, interleaved).
+
+One step = forward, backward, SGD step, ``sparsify.step``. Each method is measured in its
+costliest phase: ST-3 and GMP inside their ramp (global threshold and masks recomputed every
+step), STR (per-layer and global thresholds, learned: always the same cost), N:M before its fix
+(mask recomputed every step, straight-through backward). Variants are interleaved round-robin so
+load changes hit all alike; the median step per variant and its ratio to dense are reported.
+
+    .venv/bin/python benchmarks/train_step_weight.py --batch 32 --size 112 --steps 4 --rounds 5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import sparsify
+
+RAMP = dict(begin=0, end=10 ** 6)  # inside the ramp for the whole benchmark
+VARIANTS = {
+    "dense": None,
+    "st3": ("st3", dict(fix=None, **RAMP)),
+    "str": ("str", {}),
+    "str-global": ("str-global", {}),
+    "gmp": ("gmp", dict(fix=None, **RAMP)),
+    "gmp (layer)": ("gmp", dict(fix=None, scope="layer", **RAMP)),
+    "nm-2-4": ("nm-2-4", dict(begin=0, fix=None)),
+}
+
+
+def make(variant: str, x):
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18()
+    spec = VARIANTS[variant]
+    if spec is None:
+        return net, torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4), False
+    recipe, kw = spec
+    m = sparsify.sparsify(net, recipe, example_inputs=x[:1], **kw)
+    return m, torch.optim.SGD(sparsify.param_groups(m, 1e-4), lr=1e-3, momentum=0.9), True
+
+
+def step_times(model, opt, is_sparse, x, y, steps):
+    model.train()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if is_sparse:
+            sparsify.step(model)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--size", type=int, default=112)
+    ap.add_argument("--steps", type=int, default=4, help="steps per variant per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--only", nargs="*", default=None, help="variants to run (dense is always included)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    names = ["dense"] + [v for v in VARIANTS if v != "dense" and (args.only is None or v in args.only)]
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    y = torch.randint(0, 1000, (args.batch,))
+    built = {v: make(v, x) for v in names}
+    for v in names:  # warm-up: allocator, kernels, the first (cold) threshold search
+        step_times(*built[v], x, y, 1)
+    times = {v: [] for v in names}
+    for r in range(args.rounds):
+        for v in names:
+            times[v] += step_times(*built[v], x, y, args.steps)
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{v} {statistics.median(t):.3f}s" for v, t in times.items()),
+              flush=True)
+    med = {v: statistics.median(t) for v, t in times.items()}
+    print(f"\nResNet-18, batch {args.batch}, {args.size}x{args.size}, CPU, {torch.get_num_threads()} threads; "
+          f"median of {args.rounds * args.steps} steps")
+    print(f"{'variant':14s} {'step (s)':>9s} {'vs dense':>9s}")
+    for v in names:
+        print(f"{v:14s} {med[v]:9.3f} {med[v] / med['dense']:9.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "median_s": med, "ratio": {v: med[v] / med["dense"] for v in names}},
+                      f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
