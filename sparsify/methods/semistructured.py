@@ -130,6 +130,21 @@ class SemiStructuredGroup(Group):
         self.register_buffer("current_sparsity", torch.zeros((), dtype=torch.float64))
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
         self.generator = torch.Generator().manual_seed(int(params["seed"]))
+        if ctx.example_inputs is not None and any(m.size is None for m in members.values()):
+            self._probe_sizes(ctx.root, ctx.example_inputs)
+
+    @staticmethod
+    @torch.no_grad()
+    def _probe_sizes(root: nn.Module, example_inputs) -> None:
+        """One eval forward so every mask learns its conv's output size (masks are identities now)."""
+        was_training = root.training
+        root.eval()
+        try:
+            root(*example_inputs)
+        except Exception:  # sizes are then learned at the first training forward
+            pass
+        finally:
+            root.train(was_training)
 
     # -- schedule --------------------------------------------------------------------------
     def target(self, step: int) -> float:
