@@ -5,7 +5,9 @@ A state dict is stored as plain tensors, lists, strings and dicts only, so
 a bitmask of its non-zeros (``uint8``, 8 entries per byte) plus the non-zero values in order,
 whenever that is smaller than the dense tensor (for float32: from about 3% zeros on; at 90%
 zeros a weight takes 4.2 bits per entry instead of 32). Everything else is stored as is.
-Loading gives back the exact tensors, bit for bit (dtype, shape, values, ``-0.0`` and NaN included).
+Loading gives back equal tensors (dtype, shape, every value, NaN and inf included) with one
+exception: ``-0.0`` comes back as ``0.0``. Pruned weights are often ``-0.0`` (a masked negative
+product); keeping the sign would cost a stored value per zero, and no layer output changes.
 
 >>> import torch, tempfile, os
 >>> lin = torch.nn.Linear(64, 64)
@@ -44,14 +46,6 @@ def _unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return bits.reshape(-1)[:numel]
 
 
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _bits_nonzero(t: torch.Tensor) -> torch.Tensor:
-    """Entries whose bit pattern is not all zeros (so ``-0.0`` counts as a value and survives)."""
-    return t.view(_INT_OF_SIZE[t.element_size()]) != 0
-
-
 def _compact_bytes(t: torch.Tensor, nnz: int) -> int:
     return (t.numel() + 7) // 8 + nnz * t.element_size()
 
@@ -67,7 +61,7 @@ def compact_state_dict(state_dict: dict) -> dict:
     for key, t in state_dict.items():
         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.layout == torch.strided and t.numel():
             t = t.detach().cpu().contiguous()
-            nz = _bits_nonzero(t)
+            nz = t != 0  # NaN counts as a value; -0.0 is stored as 0.0
             nnz = int(nz.sum())
             if _compact_bytes(t, nnz) < t.numel() * t.element_size():
                 sparse[key] = {"shape": list(t.shape), "bitmask": _pack_bits(nz), "values": t.reshape(-1)[nz.reshape(-1)].clone()}

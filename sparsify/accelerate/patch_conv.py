@@ -9,8 +9,9 @@ for every channel and sample: whole im2col columns. Here those columns are never
    index (kept positions x kernel rows) gathers them straight from the padded input into a
    (N*P, kh*kw*C) matrix (P kept positions; the full im2col is never built);
 3. one GEMM with the (Cout, kh*kw*C) weight (oneDNN, packed once; see ``gemm.py``);
-4. the rows are scattered into an output pre-filled with the folded bias, which is exactly what
-   the masked, BN-folded dense layer holds at skipped positions.
+4. the rows are scattered into an output pre-filled with what the masked layer holds at skipped
+   positions: the mask multiplies ``conv(x) + b``, so that is ``BN(0)``, the BN-folded bias of a
+   bias-free conv (``β − γμ/sqrt(σ²+ε)``), or 0 without BN.
 
 The output is a channels-last tensor (an NCHW-shaped view of NHWC memory), which torch's other
 CPU operators take as is.
@@ -20,7 +21,7 @@ CPU operators take as is.
 >>> keep = torch.ones(8, 8, dtype=torch.bool); keep[0] = False
 >>> fast = PatchSkipConv2d.from_conv(conv, keep)
 >>> x = torch.randn(1, 3, 8, 8)
->>> ref = conv(x) * keep + conv.bias.view(4, 1, 1) * ~keep
+>>> ref = conv(x) * keep
 >>> bool(torch.allclose(fast(x), ref, atol=1e-5))
 True
 """
@@ -74,15 +75,16 @@ def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Module) -> t
 
 class PatchSkipConv2d(nn.Module):
     """Conv2d over a fixed input size computing only the output positions where ``keep`` is True;
-    skipped positions hold ``bias`` (see the module docstring for the algorithm).
+    skipped positions hold ``skip_value`` (per channel; default 0). See the module docstring.
 
-    ``weight`` is (Cout, Cin, kh, kw) with any BatchNorm already folded in (:func:`fold_bn`);
+    ``weight`` and ``bias`` (kept positions) have any BatchNorm already folded in (:func:`fold_bn`);
     ``keep`` is a bool (Ho, Wo) tensor; ``input_hw`` the (H, W) the layer is built for (other
     input sizes raise a ``ValueError``: the mask belongs to one resolution).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor,
-                 input_hw: tuple[int, int] | None = None, stride=1, padding=0, dilation=1):
+                 input_hw: tuple[int, int] | None = None, stride=1, padding=0, dilation=1,
+                 skip_value: torch.Tensor | None = None):
         super().__init__()
         cout, cin, kh, kw = weight.shape
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
@@ -102,6 +104,8 @@ class PatchSkipConv2d(nn.Module):
                                                                             device=weight.device)).detach().clone(),
                                  requires_grad=False)
         self.register_buffer("keep", keep.clone())
+        self.register_buffer("skip_value", torch.zeros_like(self.bias) if skip_value is None
+                             else skip_value.detach().clone().to(self.bias))
         hp, wp = self.input_hw[0] + 2 * self.padding[0], self.input_hw[1] + 2 * self.padding[1]
         self._padded_hw = (hp, wp)
         # dilation 1 in width: one chunk of kw*C floats per kernel row; else one pixel per tap
@@ -136,10 +140,11 @@ class PatchSkipConv2d(nn.Module):
         why = supports_patch_skip(conv)
         if why:
             raise ValueError(f"cannot skip patches of this conv: {why}")
-        w, b = conv.weight, conv.bias
+        w, b, skip = conv.weight, conv.bias, None
         if bn is not None:
             w, b = fold_bn(w, b, bn)
-        return cls(w, b, keep, input_hw, conv.stride, conv.padding, conv.dilation)
+            skip = fold_bn(conv.weight[:, :1, :1, :1], None, bn)[1]  # BN(0): the mask zeroed conv(x) + b
+        return cls(w, b, keep, input_hw, conv.stride, conv.padding, conv.dilation, skip)
 
     def _indices(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather and scatter indices for a batch of ``n`` (cached per batch size)."""
@@ -175,7 +180,7 @@ class PatchSkipConv2d(nn.Module):
         gidx, sidx = self._indices(n, x.device)
         cols = rows.index_select(0, gidx).view(-1, kh * kw * c)
         y = gemm(cols, self.gemm_weight(), self.bias, self._pack)
-        out = self.bias.to(y.dtype).expand(n * ho * wo, self.out_channels).clone()
+        out = self.skip_value.to(y.dtype).expand(n * ho * wo, self.out_channels).clone()
         out.index_copy_(0, sidx, y)
         return out.view(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
 

@@ -1,0 +1,200 @@
+"""finalize(..., accelerate=True): patch-skipping convs and CSR/BSR layers compute what the
+finalized model computes, and the acceleration report names every candidate layer's path."""
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import sparsify
+from sparsify.accelerate import (AccelerationError, PatchSkipConv2d, SparseConv1x1, SparseLinear, accelerate,
+                                 fold_bn, supports_patch_skip)
+from sparsify.accelerate.convert import _bsr_block
+from sparsify.accelerate.select import choose
+from sparsify.finalize import outputs_close
+from sparsify.methods.semistructured import PositionMask
+
+
+def _random_bn(c):
+    bn = nn.BatchNorm2d(c)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    return bn.eval()
+
+
+@pytest.mark.parametrize("k,stride,padding,dilation,hw", [
+    (3, 1, 1, 1, (10, 10)), (3, 2, 1, 1, (11, 9)), (7, 2, 3, 1, (16, 16)), (1, 1, 0, 1, (6, 7)),
+    (1, 2, 0, 1, (8, 8)), (3, 1, 2, 2, (9, 9)), (5, 1, 0, 1, (9, 12)), (3, 2, 0, 1, (12, 12))])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_patch_skip_conv_equals_masked_conv_then_bn(k, stride, padding, dilation, hw, batch):
+    conv = nn.Conv2d(5, 6, k, stride, padding, dilation, bias=bool(k % 2)).eval()
+    bn = _random_bn(6)
+    x = torch.randn(batch, 5, *hw)
+    with torch.no_grad():
+        y = conv(x)
+        keep = torch.rand(y.shape[-2:]) > 0.4
+        keep[0, 0] = False  # at least one skipped position
+        expected = bn(y * keep)
+        fast = PatchSkipConv2d.from_conv(conv, keep, bn, input_hw=hw)
+        got = fast(x)
+        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+        # skipped positions hold BN(0) exactly: the folded bias of the bias-free conv
+        _, b = fold_bn(conv.weight, None, bn)
+        assert torch.equal(got[:, :, ~keep], b.view(1, -1, 1).expand(batch, -1, int((~keep).sum())))
+        # a plain NCHW input and a channels-last one give the same result
+        assert torch.equal(fast(x.contiguous(memory_format=torch.channels_last)), got)
+
+
+def test_patch_skip_conv_refuses_another_resolution_and_grouped_convs():
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    fast = PatchSkipConv2d.from_conv(conv, torch.ones(8, 8, dtype=torch.bool), input_hw=(8, 8))
+    with pytest.raises(ValueError, match="built for 8x8"):
+        fast(torch.randn(1, 4, 9, 9))
+    assert "depthwise" in supports_patch_skip(nn.Conv2d(4, 4, 3, groups=4))
+    with pytest.raises(ValueError, match="keep mask is 5x5"):
+        PatchSkipConv2d.from_conv(conv, torch.ones(5, 5, dtype=torch.bool), input_hw=(8, 8))
+
+
+def test_patch_skip_gathers_only_kept_columns(monkeypatch):
+    """The GEMM sees one row per kept position and sample, never the full im2col."""
+    import sparsify.accelerate.patch_conv as pc
+    rows_seen = []
+    real = pc.gemm
+    monkeypatch.setattr(pc, "gemm", lambda cols, *a, **k: rows_seen.append(cols.shape) or real(cols, *a, **k))
+    monkeypatch.setattr(F, "unfold", lambda *a, **k: pytest.fail("full im2col materialised"))
+    keep = torch.zeros(6, 6, dtype=torch.bool)
+    keep[::2, 1::3] = True
+    fast = PatchSkipConv2d.from_conv(nn.Conv2d(3, 4, 3, padding=1), keep, input_hw=(6, 6))
+    fast(torch.randn(2, 3, 6, 6))
+    assert rows_seen == [torch.Size([2 * int(keep.sum()), 3 * 3 * 3])]
+
+
+@pytest.mark.parametrize("layout,block", [("csr", None), ("bsr", 8), ("bsr", 16)])
+def test_sparse_linear_and_1x1_conv_equal_dense(layout, block):
+    lin = nn.Linear(32, 48)
+    conv = nn.Conv2d(32, 48, 1, stride=2)
+    with torch.no_grad():
+        for w in (lin.weight, conv.weight):
+            w.mul_(torch.rand_like(w) > 0.85)
+    x = torch.randn(2, 5, 32)
+    assert torch.allclose(SparseLinear.from_linear(lin, layout, block)(x), lin(x), atol=1e-5)
+    xi = torch.randn(2, 32, 9, 9)
+    fast = SparseConv1x1.from_conv(conv, layout, block)
+    assert torch.allclose(fast(xi), conv(xi), atol=1e-5)
+    # the sparse layers copy and round-trip their state dicts like any module
+    clone = copy.deepcopy(fast)
+    clone.load_state_dict(fast.state_dict())
+    assert torch.equal(clone(xi), fast(xi))
+
+
+def test_bsr_is_offered_only_for_block_sparse_weights():
+    w = torch.zeros(64, 64)
+    w[:16, 16:32] = torch.randn(16, 16)
+    assert _bsr_block(w) == 32
+    scattered = torch.randn(64, 64) * (torch.rand(64, 64) > 0.9)
+    assert _bsr_block(scattered) is None
+
+
+def _semi_structured_resnet(x, sparsity=0.3, model="resnet18"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = sparsify.sparsify(getattr(torchvision.models, model)(num_classes=10), "semi-structured",
+                              sparsity=sparsity, begin=0, end=0, example_inputs=x)
+    return m
+
+
+def test_finalize_accelerate_turns_semi_structured_resnet18_into_patch_skipping_convs():
+    x = torch.randn(2, 3, 64, 64)
+    m = _semi_structured_resnet(x)
+    plain = sparsify.finalize(m)
+    fast = sparsify.finalize(m, accelerate={"decide": "always"})
+    report = fast.acceleration
+    masked = [n for n, mod in plain.named_modules() if isinstance(mod, PositionMask)]
+    assert len(masked) == 17  # stem + 16 3x3 convs; 1x1 convs are skipped by the recipe
+    convs_with_mask = {r.name for r in report.layers if r.path == "patch-skip"}
+    assert len(convs_with_mask) == 17 and "conv1" in convs_with_mask
+    assert all(isinstance(fast.get_submodule(n), PatchSkipConv2d) for n in convs_with_mask)
+    # masks and the BNs after them are gone (folded)
+    assert not any(isinstance(mod, PositionMask) for mod in fast.modules())
+    assert not hasattr(fast.layer1[0], "bn1")
+    # every other conv/linear is listed as dense with a reason
+    assert report.path_of("fc") == "dense" and report.path_of("layer2.0.downsample.0") == "dense"
+    with torch.no_grad():
+        for xb in (x, torch.randn(5, 3, 64, 64)):
+            ok, worst = outputs_close(plain(xb), fast(xb), rtol=1e-4, atol=1e-5)
+            assert ok, worst
+    assert "patch-skip: 17" in str(report)
+
+
+def test_accelerate_keeps_depthwise_convs_dense_with_a_reason():
+    x = torch.randn(1, 3, 64, 64)
+    m = _semi_structured_resnet(x, 0.2, "mobilenet_v3_small")
+    fast = sparsify.finalize(m, accelerate={"decide": "always"})
+    rows = {r.name: r for r in fast.acceleration.layers}
+    dw = [r for r in rows.values() if "depthwise" in r.reason]
+    assert dw and all(r.path == "dense" for r in dw)
+    assert rows["features.0.0"].path == "patch-skip"
+    with torch.no_grad():
+        assert outputs_close(sparsify.finalize(m)(x), fast(x))[0]
+
+
+def test_sparse_linear_path_for_very_sparse_mlp_and_dense_below_threshold():
+    mlp = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 10))
+    x = torch.randn(4, 64)
+    m = sparsify.sparsify(mlp, "st3", sparsity=0.9, begin=0, end=0, fix=None, example_inputs=x)
+    fast = sparsify.finalize(m, accelerate={"decide": "always"})
+    paths = {r.name: r.path for r in fast.acceleration.layers}
+    # global threshold: the big layers are past 80% sparsity
+    sp = {r.name: r.sparsity for r in fast.acceleration.layers}
+    for name, s in sp.items():
+        assert paths[name] == ("csr" if s >= 0.8 else "dense"), (name, s, paths[name])
+    assert "csr" in paths.values()
+    assert isinstance(fast.get_submodule("0"), SparseLinear) == (paths["0"] == "csr")
+    with torch.no_grad():
+        assert outputs_close(sparsify.finalize(m)(x), fast(x))[0]
+    never = sparsify.finalize(m, accelerate={"decide": "never"})
+    assert set(r.path for r in never.acceleration.layers) == {"dense"}
+
+
+def test_measured_choice_keeps_dense_when_the_sparse_candidate_is_slower():
+    path, times, why = choose({"dense": lambda: None, "csr": lambda: time.sleep(0.002)}, repeats=3)
+    assert path == "dense" and times["csr"] > times["dense"] and "beat dense" in why
+    path, _, _ = choose({"dense": lambda: time.sleep(0.002), "csr": lambda: None}, repeats=3)
+    assert path == "csr"
+
+
+def test_measured_acceleration_output_equals_finalized():
+    x = torch.randn(1, 3, 32, 32)
+    m = _semi_structured_resnet(x)
+    fast = sparsify.finalize(m, accelerate=True)  # decide="measure": whatever wins, outputs agree
+    masks = sum(isinstance(mod, PositionMask) for mod in sparsify.finalize(m).modules())
+    assert masks >= 10  # layer4's 1x1 outputs at 32x32 keep their single position: no mask there
+    assert len(fast.acceleration.layers) == masks + 4  # + 3 downsample 1x1 convs + fc
+    assert all(r.times_ms for r in fast.acceleration.layers if r.path != "dense" or "beat" in r.reason)
+
+
+def test_accelerate_raises_when_outputs_differ(monkeypatch):
+    import sparsify.accelerate.convert as cv
+    x = torch.randn(1, 3, 32, 32)
+    final = sparsify.finalize(_semi_structured_resnet(x))
+    monkeypatch.setattr(cv.PatchSkipConv2d, "forward", lambda self, inp: torch.zeros(
+        inp.shape[0], self.out_channels, *self.keep.shape))
+    with pytest.raises(AccelerationError, match="differs"):
+        accelerate(final, x, decide="always")
+
+
+def test_finalize_accelerate_needs_example_inputs():
+    m = sparsify.sparsify(nn.Sequential(nn.Linear(4, 4)), "st3", begin=0, end=0, fix=None)
+    m.sparsify_state.example_inputs = None
+    with pytest.raises(ValueError, match="example_inputs"):
+        sparsify.finalize(m, torch.randn(1, 4), check=True, accelerate=False) and sparsify.finalize(
+            m, accelerate=True, check=False)
