@@ -3,11 +3,13 @@
 Compares, in the same run and on the same weights, the exact linear-interpolated quantile by
 (a) a full ``torch.sort`` (the baseline), (b) ``torch.kthvalue`` (``sparsify.threshold.quantile``,
 the reference), (c) ``QuantileTracker`` (band selection reusing the previous step's threshold).
-Each "step" perturbs the weights slightly (as an optimizer step does) and advances the ratio along
-a cubic ramp; every method must give the identical threshold. Times are medians over the steps;
+Each "step" perturbs every weight by 1e-3 of its layer's std (an optimizer-sized move) and
+advances the ratio along a cubic ramp of ``--ramp`` steps (from step ``--at`` on; ImageNet ST-3
+ramps over 45 epochs = 225k steps, so 5000 is a fast ramp); every method must give the
+identical threshold. Times are medians over the steps;
 building the magnitude vector (``cat`` of ``|W|``) is timed separately, it is common to all.
 
-    .venv/bin/python benchmarks/threshold_speed.py [--steps 8] [--json out.json]
+    .venv/bin/python benchmarks/threshold_speed.py [--steps 8] [--ramp 5000] [--at 500] [--json out.json]
 """
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ def timed(fn, *args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--ramp", type=int, default=5000, help="length of the cubic ramp in steps")
+    ap.add_argument("--at", type=int, default=500, help="first measured step of the ramp")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -52,7 +56,7 @@ def main(argv=None):
     tracker = QuantileTracker()
     times = {"cat |W|": [], "torch.sort": [], "kthvalue (quantile)": [], "band (QuantileTracker)": []}
     for step in range(args.steps):
-        r = cubic(step + 1, 0, 2 * args.steps, 0.9) or 0.05
+        r = cubic(args.at + step, 0, args.ramp, 0.9)
         with torch.no_grad():
             for w in weights:  # an optimizer-sized move
                 w.add_(torch.randn_like(w), alpha=1e-3 * float(w.std()))
