@@ -251,7 +251,10 @@ def write_results(runs_dir: Path, seeds, path: Path, demo: dict | None) -> None:
              "Conv/Linear weights); *activation sparsity* = zeros among the inputs of every Conv/Linear layer "
              "but the first, on the test set; *non-zero MACs* = multiplies with a non-zero weight per sample "
              "(Conv/Linear only, as `sparsify.report`); *effective MACs* = multiplies whose weight and input "
-             "activation are both non-zero (the dual-sparse-training paper's count; `sparsify/runstats.py`).", ""]
+             "activation are both non-zero (the dual-sparse-training paper's count; `sparsify/runstats.py`; padding "
+             "counts as non-zero input, so a dense net's count is its dense MACs minus the ReLU zeros; a SAS layer "
+             "counts as its narrow dense layer). *s / run* is wall time while other jobs shared the 2 cores (load "
+             "average 10-20 during the recorded runs), so it overstates the cost several times.", ""]
     if demo:
         parts += ["## `make demo`", "",
                   f"`make demo` (= `sparsify demo --out demo-out`, small CNN on 8x8 digits, {demo['epochs']} epochs "
