@@ -17,7 +17,7 @@ back into plain graphs and modules (:func:`finalize_hidden`).
 
 >>> import torch, torchvision, sparsify
 >>> vit = torchvision.models.VisionTransformer(32, 16, 1, 2, 64, 128)
->>> m = sparsify.sparsify(vit, "st3", example_inputs=torch.zeros(1, 3, 32, 32))
+>>> m = sparsify.sparsify(vit, "st3", total_steps=10, example_inputs=torch.zeros(1, 3, 32, 32))
 >>> type(m.encoder.layers[0].self_attention).__name__
 'SparseMultiheadAttention'
 """
