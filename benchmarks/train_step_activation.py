@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -70,9 +71,11 @@ def main():
     variants = ["dense", "tl1", "semi-structured (ramp)", "semi-structured (frozen)"]
     models = {v: make(v, x) for v in variants}
     samples = {v: [] for v in variants}
-    for _ in range(args.rounds):
+    for i in range(args.rounds):
         for v in variants:
             samples[v].append(run(*models[v], x, y, args.steps))
+        print(f"round {i + 1}/{args.rounds}: " + ", ".join(f"{v} {samples[v][-1]:.4f}s" for v in variants),
+              file=sys.stderr, flush=True)
     med = {v: statistics.median(s) for v, s in samples.items()}
     out = {"batch": args.batch, "size": args.size, "threads": torch.get_num_threads(),
            "seconds_per_step": med, "ratio_to_dense": {v: med[v] / med["dense"] for v in variants},
