@@ -35,17 +35,20 @@ def _num(v) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """The comparison table (plain text, also valid Markdown)."""
+    """The comparison table (plain text, also valid Markdown). MACs are per sample: *non-zero*
+    counts non-zero weights (``sparsify.report``), *effective* also skips zero input activations
+    (``sparsify/runstats.py``, padding counted as input), *measured* is ``sparsify.measure``'s
+    multiplicative count (also skips semi-structured masked positions; padding counts as zero)."""
     head = ["run", "test acc", "weight sparsity", "act. sparsity", "params (non-zero / all)",
-            "non-zero MACs", "effective MACs", "time"]
+            "non-zero MACs", "effective MACs", "measured MACs", "time"]
     lines = [head]
     for r in rows:
         if r.get("error"):
-            lines.append([r["name"], "failed", "-", "-", "-", "-", "-", f"{r['seconds']:.1f}s"])
+            lines.append([r["name"], "failed", "-", "-", "-", "-", "-", "-", f"{r['seconds']:.1f}s"])
             continue
         lines.append([r["name"], _pct(r["accuracy"]), _pct(r["weight_sparsity"]), _pct(r["activation_sparsity"]),
                       f"{_num(r['nonzero_params'])} / {_num(r['params'])}", _num(r["nonzero_macs"]),
-                      _num(r["effective_macs"]), f"{r['seconds']:.1f}s"])
+                      _num(r["effective_macs"]), _num(r.get("measured_macs")), f"{r['seconds']:.1f}s"])
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
     fmt = lambda row: "| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
     out = [fmt(lines[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in lines[1:]]
@@ -78,7 +81,8 @@ def run_demo(out: str = "demo-out", *, epochs: int | None = None, seed: int = 0,
             row = {"name": name, "error": None, "seconds": time.time() - t,
                    **{k: res.get(k) for k in ("accuracy", "weight_sparsity", "activation_sparsity", "params",
                                               "nonzero_params", "dense_macs", "nonzero_macs", "effective_macs",
-                                              "finalize")}}
+                                              "finalize")},
+                   "measured_macs": (res.get("measure") or {}).get("mult_macs")}
         except Exception as e:  # one failing recipe must not stop the demo
             row = {"name": name, "error": f"{type(e).__name__}: {e}".splitlines()[0][:300],
                    "traceback": traceback.format_exc(), "seconds": time.time() - t, "accuracy": None}
