@@ -1,18 +1,20 @@
 """SAS layer forward+backward: this library's SASConv2d / SASLinear vs the official computation.
 
 The official code (DensoITLab/sas_, sas_conv2d.py) builds an interleaved zeros tensor of twice the
-input, writes |x|·[x>0] and |x|·[x<=0] into it and runs one wide conv. Ours runs one conv over the
-blocked projection [relu(x) | relu(-x)] with a blocked view of the same weight, saving only x for
-the backward and recomputing the projection there. Both are timed in the same run, interleaved
+input, writes |x|·[x>0] and |x|·[x<=0] into it and runs one wide conv. Ours (sparsify's
+_SASFunction) writes relu(x), relu(-x) into one buffer and runs one narrow conv per slot, keeping the
+slots (or, with recompute, only x) for the backward. Also timed: two convs and cat + blocked weight
+through plain autograd. Both are timed in the same run, interleaved
 (ABAB...), and the minimum over repetitions is kept (the machine is shared; the minimum is the
 least disturbed run). Memory: bytes of tensors autograd keeps for the backward (distinct storages,
 parameters excluded), the term that grows with depth and batch in training.
 
-    .venv/bin/python benchmarks/sas_conv.py [--reps 7] [--batch 8] [--json out.json]
+    .venv/bin/python benchmarks/sas_conv.py [--reps 7] [--batch 8] [--threads N] [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 
@@ -53,6 +55,41 @@ def official_forward(layer, x):
     return F.conv2d(proj, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
 
 
+def _conv_kw(layer):
+    return dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+
+
+def two_convs_forward(layer, x):
+    """Alternative 1: conv(relu(x), W[:, 0::2]) + conv(relu(-x), W[:, 1::2]), plain autograd."""
+    if isinstance(layer, SASLinear):
+        return F.linear(x.relu(), layer.weight[:, 0::2], layer.bias) + F.linear((-x).relu(), layer.weight[:, 1::2])
+    kw = _conv_kw(layer)
+    return F.conv2d(x.relu(), layer.weight[:, 0::2], layer.bias, **kw) + F.conv2d((-x).relu(), layer.weight[:, 1::2], None, **kw)
+
+
+def cat_forward(layer, x):
+    """Alternative 2: one conv over cat([relu(x), relu(-x)]) (per group) with a blocked weight view."""
+    w = layer.weight
+    blocked = w.reshape(w.shape[0], w.shape[1] // 2, 2, *w.shape[2:]).transpose(1, 2).reshape(w.shape)
+    if isinstance(layer, SASLinear):
+        return F.linear(torch.cat([x.relu(), (-x).relu()], -1), blocked, layer.bias)
+    g = layer.groups
+    xs = x.reshape(x.shape[0], g, x.shape[1] // g, *x.shape[2:])
+    buf = torch.stack([xs.relu(), (-xs).relu()], 2).reshape(x.shape[0], 2 * x.shape[1], *x.shape[2:])
+    return F.conv2d(buf, blocked, layer.bias, **_conv_kw(layer))
+
+
+def recompute_forward(layer, x):
+    """Ours with ``recompute=True``: only x is kept for the backward."""
+    twin = copy.copy(layer)  # shares the parameters
+    twin.sas_recompute = True
+    return twin(x)
+
+
+VARIANTS = {"official": official_forward, "ours": None, "ours recompute": recompute_forward,
+            "two convs": two_convs_forward, "cat": cat_forward}
+
+
 def saved_bytes(fn, x, params=()):
     """Bytes of distinct storages autograd saves for the backward of ``fn(x)``, parameters excluded."""
     skip = {p.untyped_storage().data_ptr() for p in params}
@@ -84,28 +121,31 @@ def bench(name, cin, cout, hw, k, stride, groups, batch, reps):
     else:
         layer = SASConv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=False)
         x = torch.randn(batch, cin, hw, hw, requires_grad=True)
-    ours = layer
-    official = lambda t: official_forward(layer, t)  # noqa: E731
-    g = torch.randn_like(official(x).detach())
-    out_o = step(official, x, g).detach()
-    gx_o, gw_o = x.grad.clone(), layer.weight.grad.clone()
-    layer.weight.grad = None
-    out_s = step(ours, x, g).detach()
-    gx_s, gw_s = x.grad.clone(), layer.weight.grad.clone()
-    err = max(float((out_s - out_o).abs().max() / out_o.abs().max()),
-              float((gx_s - gx_o).abs().max() / gx_o.abs().max()),
-              float((gw_s - gw_o).abs().max() / gw_o.abs().max()))
-    times = {"official": [], "ours": []}
+    fns = {k: (layer if f is None else (lambda t, f=f: f(layer, t))) for k, f in VARIANTS.items()}
+    g = torch.randn_like(fns["official"](x).detach())
+    ref = None
+    err = {}
+    for key, fn in fns.items():
+        layer.weight.grad = None
+        out = step(fn, x, g).detach()
+        res = (out, x.grad.clone(), layer.weight.grad.clone())
+        ref = ref or res
+        err[key] = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(res, ref))
+    t0 = time.perf_counter()
+    step(fns["official"], x, g)
+    inner = max(1, int(0.05 / max(time.perf_counter() - t0, 1e-6)))  # rounds of >= ~50 ms
+    times = {k: [] for k in fns}
     for _ in range(reps):
-        for key, fn in (("official", official), ("ours", ours)):
-            layer.weight.grad = None
+        for key, fn in fns.items():
             t0 = time.perf_counter()
-            step(fn, x, g)
-            times[key].append(time.perf_counter() - t0)
-    mem = {k: saved_bytes(fn, x, layer.parameters()) for k, fn in (("official", official), ("ours", ours))}
-    t_o, t_s = min(times["official"]), min(times["ours"])
-    return {"layer": name, "input": list(x.shape), "official_ms": 1e3 * t_o, "ours_ms": 1e3 * t_s,
-            "speedup": t_o / t_s, "official_saved_MB": mem["official"] / 2**20, "ours_saved_MB": mem["ours"] / 2**20,
+            for _ in range(inner):
+                layer.weight.grad = None
+                step(fn, x, g)
+            times[key].append((time.perf_counter() - t0) / inner)
+    mem = {k: saved_bytes(fn, x, layer.parameters()) for k, fn in fns.items()}
+    best = {k: min(v) for k, v in times.items()}
+    return {"layer": name, "input": list(x.shape), "ms": {k: 1e3 * v for k, v in best.items()},
+            "speedup": best["official"] / best["ours"], "saved_MB": {k: v / 2**20 for k, v in mem.items()},
             "max_rel_diff": err}
 
 
@@ -113,15 +153,23 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = [bench(*s, batch=args.batch, reps=args.reps) for s in SHAPES]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, min of {args.reps}")
-    print("| layer | input | official ms | ours ms | speedup | saved for backward, official → ours (MB) | max rel. diff |")
-    print("|---|---|---|---|---|---|---|")
+    print("| layer | input | official ms | ours ms | ours vs official | ours recompute ms | two convs ms | cat ms "
+          "| saved for backward MB: official / ours / ours recompute / two convs / cat |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['layer']} | {'x'.join(map(str, r['input']))} | {r['official_ms']:.1f} | {r['ours_ms']:.1f} | "
-              f"{r['speedup']:.2f}x | {r['official_saved_MB']:.1f} → {r['ours_saved_MB']:.1f} | {r['max_rel_diff']:.1e} |")
+        ms, mb = r["ms"], r["saved_MB"]
+        print(f"| {r['layer']} | {'x'.join(map(str, r['input']))} | {ms['official']:.1f} | {ms['ours']:.1f} | "
+              f"{r['speedup']:.2f}x | {ms['ours recompute']:.1f} | {ms['two convs']:.1f} | {ms['cat']:.1f} | "
+              + " / ".join(f"{mb[k]:.1f}" for k in VARIANTS) + " |")
+    print("max relative difference to the official outputs and gradients:",
+          max(r["max_rel_diff"]["ours"] for r in rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

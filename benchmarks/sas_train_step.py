@@ -6,7 +6,7 @@ over twice the input channels), so ~2x is the expected ratio; the goal is <= 2.0
 are timed interleaved in the same run; the minimum over repetitions is kept (shared machine).
 Memory: bytes autograd keeps for the backward (activations; parameters excluded).
 
-    .venv/bin/python benchmarks/sas_train_step.py [--batch 16] [--size 112] [--reps 5] [--json out.json]
+    .venv/bin/python benchmarks/sas_train_step.py [--batch 16] [--size 112] [--reps 5] [--threads N] [--json out.json]
 """
 from __future__ import annotations
 
@@ -53,8 +53,11 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--size", type=int, default=112)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size)
     y = torch.randint(0, 1000, (args.batch,))
@@ -62,6 +65,7 @@ def main():
     models = {
         "dense": dense,
         "sas": sparsify.sparsify(dense, "sas", example_inputs=x[:1]),
+        "sas, recompute=true": sparsify.sparsify(dense, "sas", example_inputs=x[:1], recompute=True),
         "sas (official layers)": officialize(sparsify.sparsify(dense, "sas", example_inputs=x[:1])),
     }
     opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}

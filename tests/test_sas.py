@@ -171,8 +171,9 @@ def test_padding_modes_and_same_padding():
                      _grads(lambda x, w, b: _with(layer, w, b).reference_forward(x), x, layer.weight, layer.bias))
 
 
-def test_only_x_is_saved_for_backward():
-    layer = SASConv2d(8, 8, 3, padding=1)
+@pytest.mark.parametrize("recompute", [False, True])
+def test_saved_for_backward(recompute):
+    layer = SASConv2d(8, 8, 3, padding=1, recompute=recompute)
     x = torch.randn(2, 8, 16, 16, requires_grad=True)
     saved = []
 
@@ -180,9 +181,11 @@ def test_only_x_is_saved_for_backward():
         saved.append(t.numel())
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(x)
-    # x, the weight parameter and the bias; never a 2x-wide activation
-    assert sorted(saved) == [8, layer.weight.numel(), x.numel()]
+        out = layer(x)
+    # x, the weight parameter, the bias and (without recompute) the slots; never a zeros tensor
+    assert sorted(saved) == sorted([8, layer.weight.numel(), x.numel()] + ([] if recompute else [2 * x.numel()]))
+    _assert_same(_grads(lambda x, w, b: _with(layer, w, b)(x), x, layer.weight, layer.bias),
+                 _grads(lambda x, w, b: official_conv(x, w, b, padding=1), x, layer.weight, layer.bias))
 
 
 def test_bfloat16_autocast():
@@ -254,8 +257,8 @@ def test_slot_rule_errors_and_registration():
         def project(self, x, dim):  # use the generic (autograd) fast paths
             return super(SignRule, self).project(x, dim)
 
-        def project_backward(self, x, grad, dim):
-            return super(SignRule, self).project_backward(x, grad, dim)
+        def project_backward(self, x, grads):
+            return super(SignRule, self).project_backward(x, grads)
 
     layer = SASLinear(4, 2, slot_rule="test_clipped")
     x = torch.randn(3, 4) * 3
