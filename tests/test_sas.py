@@ -182,8 +182,8 @@ def test_saved_for_backward(recompute):
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = layer(x)
-    # x, the weight parameter, the bias and (without recompute) the slots; never a zeros tensor
-    assert sorted(saved) == sorted([8, layer.weight.numel(), x.numel()] + ([] if recompute else [2 * x.numel()]))
+    # the weight parameter, the bias, and x (recompute) or the slots (x is rebuilt from them)
+    assert sorted(saved) == sorted([8, layer.weight.numel(), x.numel() if recompute else 2 * x.numel()])
     _assert_same(_grads(lambda x, w, b: _with(layer, w, b)(x), x, layer.weight, layer.bias),
                  _grads(lambda x, w, b: official_conv(x, w, b, padding=1), x, layer.weight, layer.bias))
 
@@ -247,23 +247,31 @@ def test_slot_rule_errors_and_registration():
         make_slot_rule("nope", 2)
 
     @register_slot_rule
-    class Clipped(SignRule):
-        """relu(x) and relu(-x) clipped at 1 in slot 0: a user rule."""
-        name = "test_clipped"
+    class Swapped(SignRule):
+        """A user rule: the sign rule with the slots swapped, through the generic (autograd) paths."""
+        name = "test_swapped"
 
         def slots(self, x):
-            return [torch.clamp(x, 0, 1), torch.relu(-x)]
+            return [torch.relu(-x), torch.relu(x)]
 
-        def project(self, x, dim):  # use the generic (autograd) fast paths
+        def relu_coefficients(self):
+            return [0.0, 1.0]
+
+        def identity_coefficients(self):
+            return [-1.0, 1.0]
+
+        def project(self, x, dim):
             return super(SignRule, self).project(x, dim)
 
         def project_backward(self, x, grads):
             return super(SignRule, self).project_backward(x, grads)
 
-    layer = SASLinear(4, 2, slot_rule="test_clipped")
+    layer = SASLinear(4, 2, slot_rule="test_swapped")
     x = torch.randn(3, 4) * 3
     _assert_same(_grads(lambda x, w, b: _with(layer, w, b)(x), x, layer.weight, layer.bias),
                  _grads(lambda x, w, b: _with(layer, w, b).reference_forward(x), x, layer.weight, layer.bias))
+    swapped = torch.cat([layer.weight[:, 1::2], layer.weight[:, 0::2]], 1).reshape(2, 2, 4).transpose(1, 2)
+    torch.testing.assert_close(layer(x), official_linear(x, swapped.reshape(2, 8), layer.bias))
 
 
 def test_deploy_module_is_plain_and_exportable():

@@ -47,7 +47,8 @@ class SlotRule:
     finalized model runs) and map 0 to all-zero slots (zero padding then commutes with the
     projection). ``relu_coefficients`` ``c`` satisfy ``Σ c_k·slot_k(x) = relu(x)`` and
     ``identity_coefficients`` ``Σ c_k·slot_k(x) = x``: they initialise a SAS layer from a dense one
-    fed by a relu (rewired) or by anything (converted as is). :meth:`project` and
+    fed by a relu (rewired) or by anything (converted as is), and the backward rebuilds ``x`` from
+    the kept slots with the latter. :meth:`project` and
     :meth:`project_backward` are the fast paths used in training; the defaults derive them from
     :meth:`slots`.
     """
@@ -274,7 +275,9 @@ class _SASFunction(torch.autograd.Function):
                 out = F.linear(slots.reshape(*x.shape[:-1], -1), w, b)
             else:
                 out = _conv_slots(slots, w, b, x.shape, conf)
-        ctx.save_for_backward(x, weight, bias, None if recompute else slots)
+        # x is rebuilt from the kept slots (x = Σ identity_coefficient_k · slot_k, exact: one slot is non-zero)
+        ctx.save_for_backward(x if recompute else None, weight, bias, None if recompute else slots)
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.rule, ctx.conf, ctx.cast = rule, conf, cast
         return out
 
@@ -285,12 +288,16 @@ class _SASFunction(torch.autograd.Function):
         linear, stride, padding, dilation, groups = conf
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and bias is not None
-        xc = x if cast is None else x.to(cast)
         w = weight if cast is None else weight.to(cast)
-        xv = _flat_view(xc, linear)
         m = rule.m
+        dim = 2 if linear else 0
         if slots is None:
-            slots = rule.project(xv, 2 if linear else 0)
+            xv = _flat_view(x if cast is None else x.to(cast), linear)
+            slots = rule.project(xv, dim)
+        elif need_x:
+            coeff = rule.identity_coefficients()
+            xv = sum(c * s for c, s in zip(coeff, slots.unbind(dim)) if c)
+        x_shape = ctx.x_shape
         grad = grad.to(slots.dtype)
         gx = gw = gb = None
         if linear:
@@ -303,9 +310,9 @@ class _SASFunction(torch.autograd.Function):
             gslots, gws = [], []
             for k in range(m):
                 gi, gwk, gbk = torch.ops.aten.convolution_backward(
-                    grad, slots[k].reshape(x.shape), w[:, k::m], [w.shape[0]] if bias is not None else None,
+                    grad, slots[k].reshape(x_shape), w[:, k::m], [w.shape[0]] if bias is not None else None,
                     stride, padding, dilation, False, [0] * len(stride), groups, [need_x, need_w, need_b and k == 0])
-                gslots.append(gi.reshape(xv.shape) if need_x else None)
+                gslots.append(gi.reshape(slots.shape[1:]) if need_x else None)
                 gws.append(gwk)
                 if k == 0:
                     gb = gbk
@@ -315,7 +322,7 @@ class _SASFunction(torch.autograd.Function):
             if need_w:
                 gw = torch.stack(gws, 2).flatten(1, 2)
         if gx is not None:
-            gx = gx.reshape(x.shape).to(x.dtype)
+            gx = gx.reshape(x_shape).to(ctx.x_dtype)
         if gw is not None:
             gw = gw.to(weight.dtype)
         if gb is not None:
