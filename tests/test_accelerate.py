@@ -126,6 +126,8 @@ def test_finalize_accelerate_turns_semi_structured_resnet18_into_patch_skipping_
     # masks and the BNs after them are gone (folded)
     assert not any(isinstance(mod, PositionMask) for mod in fast.modules())
     assert not hasattr(fast.layer1[0], "bn1")
+    # conv -> mask -> bn -> relu: the ReLU is fused; conv2 feeds the residual add: not fused
+    assert fast.layer1[0].conv1.relu and not fast.layer1[0].conv2.relu and fast.conv1.relu
     # every other conv/linear is listed as dense with a reason
     assert report.path_of("fc") == "dense" and report.path_of("layer2.0.downsample.0") == "dense"
     with torch.no_grad():

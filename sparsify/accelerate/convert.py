@@ -82,6 +82,16 @@ def _only_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
+def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)) is nn.ReLU
+    if node.op == "call_function":  # in place or not: the conv output has no other reader
+        return node.target in (torch.relu, torch.relu_, torch.nn.functional.relu)
+    if node.op == "call_method":
+        return node.target in ("relu", "relu_")
+    return False
+
+
 def _patch_skip_pass(model, shapes, decide, margin, rows, done):
     for prefix, gm in list(model.named_modules()):
         if not isinstance(gm, fx.GraphModule):
@@ -134,6 +144,13 @@ def _patch_skip_pass(model, shapes, decide, margin, rows, done):
                 gm.graph.erase_node(dead)
                 gm.delete_submodule(str(dead.target))
                 erased.add(dead)
+            relu_node = _only_user(node)
+            if relu_node is not None and _is_relu(gm, relu_node) and relu_node.args[0] is node:
+                fast.relu = True  # fused into the GEMM; skipped positions hold relu(value)
+                relu_node.replace_all_uses_with(node)
+                gm.graph.erase_node(relu_node)  # the ReLU module may serve other nodes: keep it
+                erased.add(relu_node)
+                rows[-1].reason += "; ReLU fused"
             changed = True
         if changed:
             gm.graph.lint()

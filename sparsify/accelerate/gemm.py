@@ -39,10 +39,10 @@ class PackCache:
 
 
 def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cache: PackCache,
-         use_onednn: bool = True) -> torch.Tensor:
+         use_onednn: bool = True, relu: bool = False) -> torch.Tensor:
     """``x @ weight.T + bias`` for 2-D ``x``; oneDNN with a weight packed once (kept in
     ``cache``, re-packed if the weight changes) for float32 on CPU without autograd, else
-    ``F.linear``.
+    ``F.linear``. ``relu`` applies a ReLU to the result (fused into the oneDNN GEMM).
 
     >>> gemm(torch.ones(2, 3), torch.eye(3), torch.zeros(3), PackCache()).tolist()
     [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
@@ -53,5 +53,6 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cache
         if cache.key != key:
             cache.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
             cache.key = key
-        return torch.ops.mkldnn._linear_pointwise(x, cache.packed, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+        return torch.ops.mkldnn._linear_pointwise(x, cache.packed, bias, "relu" if relu else "none", [], "")
+    y = F.linear(x, weight, bias)
+    return F.relu(y) if relu else y

@@ -119,6 +119,7 @@ class PatchSkipConv2d(nn.Module):
             taps = (torch.arange(kh)[:, None] * self.dilation[0] * wp + torch.arange(kw)[None, :] * self.dilation[1]).flatten()
         self.register_buffer("gather_index", (start[:, None] + taps[None, :]).flatten(), persistent=False)
         self.register_buffer("kept_positions", pos, persistent=False)
+        self.relu = False  # set when a following ReLU is fused in (see ``convert.py``)
         self._pack = PackCache()
         self._batch_cache: dict = {}
         self._gemm_weight = (None, None)
@@ -179,12 +180,14 @@ class PatchSkipConv2d(nn.Module):
         rows = flat.as_strided((flat.numel() // c - self._taps_per_chunk + 1, chunk), (c, 1))
         gidx, sidx = self._indices(n, x.device)
         cols = rows.index_select(0, gidx).view(-1, kh * kw * c)
-        y = gemm(cols, self.gemm_weight(), self.bias, self._pack)
-        out = self.skip_value.to(y.dtype).expand(n * ho * wo, self.out_channels).clone()
+        y = gemm(cols, self.gemm_weight(), self.bias, self._pack, relu=self.relu)
+        skip = self.skip_value.to(y.dtype)
+        out = (skip.clamp_min(0) if self.relu else skip).expand(n * ho * wo, self.out_channels).clone()
         out.index_copy_(0, sidx, y)
         return out.view(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
 
     def extra_repr(self) -> str:
         kept = int(self.keep.sum())
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, input={self.input_hw}, kept={kept}/{self.keep.numel()} positions")
+                f"padding={self.padding}, input={self.input_hw}, kept={kept}/{self.keep.numel()} positions"
+                + (", relu" if self.relu else ""))
