@@ -217,19 +217,33 @@ def comparisons(s: dict, ds: str) -> list[str]:
         out.append(f"**STR.** Sparsity is learned, not set: with the command's default weight decay for STR "
                    f"it reached {pct(mean(s['str']['ws']))} weight sparsity at {pp(delta('str'))} vs dense. "
                    "The paper's budgets (e.g. 90.23% on ResNet-50) come from 100-epoch runs with tuned decay and "
-                   "s_init; a few epochs reach a different point of the trade-off, so no direct comparison.")
+                   "s_init; a few epochs reach a different point of the trade-off, so no direct comparison."
+                   + (" At this run length the command's STR default (weight decay 2e-2, chosen for the 184-step "
+                      "demo) over-prunes and costs accuracy: pass a smaller --weight-decay for longer runs."
+                      if mean(s["str"]["ws"]) > 0.9 and (delta("str") or 0) < -0.02 else ""))
     if "sas (M=2) lr=0.02" in s and "dense lr=0.02" in s:
         d2 = acc("dense lr=0.02")
         diff = acc("sas (M=2) lr=0.02") - d2
         out.append(
             f"**SAS at lr 0.02.** At the default lr 0.05, SAS-LeNet-5 (no BatchNorm) diverged "
             f"(accuracy {pct(acc('sas (M=2)'))}, NaN loss in the first epoch), while dense LeNet-5 trained; "
-            f"the doubled input weights make the net less stable at that step size. At lr 0.02 SAS (M=2) "
+            f"presumably the doubled input weights make the net less stable at that step size (not investigated further). At lr 0.02 SAS (M=2) "
             f"reaches {pct(acc('sas (M=2) lr=0.02'))} vs dense {pct(d2)} ({pp(diff)}) at equal non-zero MACs. "
             + verdict(diff, ["sas (M=2) lr=0.02", "dense lr=0.02"],
                       "The gain over dense agrees with the paper's direction.",
                       "SAS is below dense, which disagrees with the paper."))
-    if "sas (M=2)" in s:
+    if "sas (M=2)" in s and acc("sas (M=2)") < 0.5:
+        out.append(
+            f"**SAS vs the wide net (lr 0.05).** SAS (M=2) diverged at lr 0.05 (above). The 2x-wide dense net "
+            f"reaches {pct(acc('dense 2x wide'))} at {mean(s['dense 2x wide']['nzm']):,.0f} MACs and "
+            f"{mean(s['dense 2x wide']['params']):,.0f} parameters (doubling every width quadruples the inner "
+            f"layers, so it is larger than the paper's 2x-parameter baseline), above SAS at lr 0.02 "
+            + (f"({pct(acc('sas (M=2) lr=0.02'))})" if "sas (M=2) lr=0.02" in s else "")
+            + ", the paper's ordering (wide > SAS), though the learning rates differ. SAS with M=4 at lr 0.05: "
+            + (f"{pct(acc('sas (M=4)'))} ± {100 * spread('sas (M=4)'):.1f} (accuracies "
+               + ", ".join(pct(a) for a in s['sas (M=4)']['acc']) + "): it diverged on some seeds too."
+               if "sas (M=4)" in s else "not run."))
+    elif "sas (M=2)" in s:
         w = acc("dense 2x wide")
         out.append(
             f"**SAS.** The paper: SAS-ResNet-18 beats dense at equal non-zero multiplies (+1.9 points at 90 "
@@ -254,9 +268,12 @@ def comparisons(s: dict, ds: str) -> list[str]:
                                                 f"accuracy)" if g2 is not None else "")
             + f" (relative to dense: {100 * g / act('dense'):+.1f}%"
             + (f" and {100 * g2 / act('dense'):+.1f}%" if g2 is not None else "") + ")"
-            + ". " + ("This is far below the paper's gain, read as absolute points or as relative: ours disagrees (the paper's λ, a and normalisation "
-                      "are not published; our defaults are conservative)." if max(g, g2 or g) < 0.3 else
-                      "This is in the range of the paper's claim."))
+            + ". " + (
+                "Both are below the paper's +44.04%, whether that figure is read as points or as a relative "
+                "increase: ours disagrees at the default λ, and a larger λ closes part of the gap (the paper's λ, "
+                "a and normalisation are not published; the recipe's default is conservative)."
+                if max(g, g2 if g2 is not None else g) / act("dense") < 0.44 else
+                "The larger λ reaches the paper's figure read as a relative increase; the default does not."))
     if "dual" in s:
         e = mean(s["dual"]["eff"]) / mean(s["dense"]["macs"])
         out.append(
@@ -272,7 +289,11 @@ def comparisons(s: dict, ds: str) -> list[str]:
             "zeros not counted): " + ", ".join(
                 f"s = {k.split()[-1]}: {mean(s[k]['mult']):,.0f}" for k in semi if mean(s[k]["mult"]) is not None)
             + (f" vs dense {mean(s['dense']['mult']):,.0f}" if mean(s["dense"]["mult"]) is not None else "")
-            + ". The accuracy cost grows with s as in the paper. (The masked positions are conv outputs before "
+            + ". " + ("The accuracy cost grows with s as in the paper."
+                      if len(semi) == 3 and acc(semi[0]) >= acc(semi[1]) >= acc(semi[2]) else
+                      "The costs are not monotone in s here and lie within the seed spread "
+                      f"(±{100 * spread(*semi):.2f} points), so the paper's graded loss is not resolved.")
+            + " (The masked positions are conv outputs before "
             "BatchNorm or bias, so they do not show up as zero activations at the next layer's input; the saving "
             "is the skipped im2col columns, ideal speedup 1/(1-s).)")
     return out
