@@ -33,7 +33,13 @@ from torch import nn
 
 from .gemm import PackCache, gemm
 
-__all__ = ["PatchSkipConv2d", "fold_bn", "supports_patch_skip"]
+__all__ = ["PatchSkipConv2d", "fold_bn", "supports_patch_skip", "CHUNK_BYTES"]
+
+# The gathered patch matrix is kh*kw times the input: at batch 8 an early ResNet layer's is ~40 MB,
+# past the last-level cache, and the gather then costs a third of the GEMM (measured). Larger
+# blocks are split into row blocks of about this size, one GEMM each (set by benchmark; see
+# docs/deployment.md).
+CHUNK_BYTES: int | None = 4 * 2 ** 20
 
 
 def _pair(v):
@@ -120,6 +126,8 @@ class PatchSkipConv2d(nn.Module):
         self.register_buffer("gather_index", (start[:, None] + taps[None, :]).flatten(), persistent=False)
         self.register_buffer("kept_positions", pos, persistent=False)
         self.relu = False  # set when a following ReLU is fused in (see ``convert.py``)
+        # gather at most this many bytes of patches per GEMM (None: all at once); see CHUNK_BYTES
+        self.chunk_bytes: int | None = CHUNK_BYTES
         self._pack = PackCache()
         self._batch_cache: dict = {}
         self._gemm_weight = (None, None)
@@ -179,11 +187,15 @@ class PatchSkipConv2d(nn.Module):
         # row r of this overlapping view = `chunk` floats starting at pixel r (no copy)
         rows = flat.as_strided((flat.numel() // c - self._taps_per_chunk + 1, chunk), (c, 1))
         gidx, sidx = self._indices(n, x.device)
-        cols = rows.index_select(0, gidx).view(-1, kh * kw * c)
-        y = gemm(cols, self.gemm_weight(), self.bias, self._pack, relu=self.relu)
-        skip = self.skip_value.to(y.dtype)
+        skip = self.skip_value.to(x.dtype)
         out = (skip.clamp_min(0) if self.relu else skip).expand(n * ho * wo, self.out_channels).clone()
-        out.index_copy_(0, sidx, y)
+        k = kh * kw * c
+        taps = gidx.numel() // max(1, sidx.numel())  # gathered chunks per output row
+        step = sidx.numel() if not self.chunk_bytes else max(64, self.chunk_bytes // (k * x.element_size()))
+        weight = self.gemm_weight()
+        for r0 in range(0, sidx.numel(), step):  # one GEMM unless the gathered block outgrows the cache
+            cols = rows.index_select(0, gidx[r0 * taps:(r0 + step) * taps]).view(-1, k)
+            out.index_copy_(0, sidx[r0:r0 + step], gemm(cols, weight, self.bias, self._pack, relu=self.relu))
         return out.view(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
 
     def extra_repr(self) -> str:
