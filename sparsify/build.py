@@ -228,8 +228,13 @@ def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps:
         # swapping the module a node calls leaves the graph's code as it is: no recompile needed
         Pipeline([lambda g, ch=changes: PassResult(g, any(c.kind != "replace" for c in ch), ch)]).run(gm)
 
+    # a guessed input costs a full forward at 224²: only the dry run and methods that size
+    # buffers at build time pay it now; sparsify() guesses on first use (report, finalize)
+    guess_now = dry_run or any(getattr(get_method(r.method), "needs_example_inputs", False)
+                               for r in recipe.rules if r.method and r.index in members)
+    guessed = example_inputs is None
     if example_inputs is None:
-        example_inputs = guess_example_inputs(root)
+        example_inputs = guess_example_inputs(root) if guess_now else None
     elif isinstance(example_inputs, (list, tuple)):
         example_inputs = tuple(example_inputs)
     else:
@@ -258,6 +263,7 @@ def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps:
                 rule.params, members[rule.index], ctx)
     state.plan = plan
     state.example_inputs = example_inputs
+    state.guess_inputs_later = guessed and example_inputs is None
     state.measure_factors_later(root, hidden_names)
     root.add_module(STATE_ATTR, state)
     for group in state.groups.values():

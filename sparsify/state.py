@@ -28,9 +28,25 @@ class SparsifyState(nn.Module):
         self.total_steps = total_steps
         self.graph_paths = list(graph_paths)
         self.plan = None  # the Plan made at sparsify time (not saved)
-        self.example_inputs = None  # tensors used for shapes and the finalize check (not saved)
+        self._example_inputs = None  # tensors used for shapes and the finalize check (not saved)
+        self.guess_inputs_later = False  # guess example_inputs from the model on first use
         self.layer_factors: dict[str, float] = {}  # MACs per weight element, per layer
         self.warned: set[str] = set()
+
+    @property
+    def example_inputs(self):
+        """The example inputs given to ``sparsify`` or, when none were, a guessed single sample
+        (see :func:`sparsify.macs.guess_example_inputs`), worked out on first use."""
+        root = self.__dict__.get("_factor_root")
+        if self._example_inputs is None and self.guess_inputs_later and root is not None:
+            from .macs import guess_example_inputs
+            self.guess_inputs_later = False
+            self._example_inputs = guess_example_inputs(root)
+        return self._example_inputs
+
+    @example_inputs.setter
+    def example_inputs(self, value) -> None:
+        self._example_inputs = value
 
     @property
     def layer_factors(self) -> dict[str, float]:

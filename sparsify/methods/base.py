@@ -293,6 +293,7 @@ class Method:
     params: ClassVar[dict[str, Any]] = {}
     group_class: ClassVar[type[Group]] = Group
     schedule_keys: ClassVar[tuple[str, ...]] = ()  # params that the recipe's "schedule" block fills
+    needs_example_inputs: ClassVar[bool] = False  # True: the group sizes buffers from input shapes at build
 
     def check(self, params: dict) -> list[tuple[str, str]]:
         """Problems with ``params`` as ``(param name, message)``; unknown names are caught earlier."""

@@ -266,6 +266,7 @@ class SemiStructuredGroup(Group):
 class SemiStructuredMethod(Method):
     name = "semi-structured"
     description = "Semi-structured activation sparsity: random output-position masks after convs (ICCV-W 2023)"
+    needs_example_inputs = True  # masks are sized from the input resolution at build time
     site = "module"
     targets = (nn.Conv2d,)
     params = {"sparsity": 0.2, "begin": 0.1, "end": 0.9, "power": 2, "skip_1x1": True, "seed": 0, "stage": None}
