@@ -2,11 +2,12 @@
 
 The official code (DensoITLab/sas_, sas_conv2d.py) builds an interleaved zeros tensor of twice the
 input, writes |x|·[x>0] and |x|·[x<=0] into it and runs one wide conv. Ours (sparsify's
-_SASFunction) writes relu(x), relu(-x) into one buffer and runs one narrow conv per slot, keeping the
-slots (or, with recompute, only x) for the backward. Also timed: two convs and cat + blocked weight
-through plain autograd. Both are timed in the same run, interleaved
-(ABAB...), and the minimum over repetitions is kept (the machine is shared; the minimum is the
-least disturbed run). Memory: bytes of tensors autograd keeps for the backward (distinct storages,
+_SASFunction) writes relu(x), relu(-x) into one interleaved buffer (no zeros tensor, no masks) and
+runs one conv (depthwise: one narrow conv per slot), keeping only x for the backward (default
+recompute=True; "keep slots" keeps the slots instead). Also timed: two convs, and one conv over
+cat + blocked weight, through plain autograd. All are timed in the same run, interleaved, and the
+minimum over repetitions is kept (the machine is shared; the minimum is the least disturbed run).
+Memory: bytes of tensors autograd keeps for the backward (distinct storages,
 parameters excluded), the term that grows with depth and batch in training.
 
     .venv/bin/python benchmarks/sas_conv.py [--reps 7] [--batch 8] [--threads N] [--json out.json]
@@ -79,14 +80,14 @@ def cat_forward(layer, x):
     return F.conv2d(buf, blocked, layer.bias, **_conv_kw(layer))
 
 
-def recompute_forward(layer, x):
-    """Ours with ``recompute=True``: only x is kept for the backward."""
+def keep_slots_forward(layer, x):
+    """Ours with ``recompute=False``: the slots are kept for the backward."""
     twin = copy.copy(layer)  # shares the parameters
-    twin.sas_recompute = True
+    twin.sas_recompute = False
     return twin(x)
 
 
-VARIANTS = {"official": official_forward, "ours": None, "ours recompute": recompute_forward,
+VARIANTS = {"official": official_forward, "ours": None, "ours keep slots": keep_slots_forward,
             "two convs": two_convs_forward, "cat": cat_forward}
 
 
@@ -160,13 +161,13 @@ def main():
         torch.set_num_threads(args.threads)
     rows = [bench(*s, batch=args.batch, reps=args.reps) for s in SHAPES]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, min of {args.reps}")
-    print("| layer | input | official ms | ours ms | ours vs official | ours recompute ms | two convs ms | cat ms "
-          "| saved for backward MB: official / ours / ours recompute / two convs / cat |")
+    print("| layer | input | official ms | ours ms | ours vs official | ours keep slots ms | two convs ms | cat ms "
+          "| saved for backward MB: official / ours / ours keep slots / two convs / cat |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ms, mb = r["ms"], r["saved_MB"]
         print(f"| {r['layer']} | {'x'.join(map(str, r['input']))} | {ms['official']:.1f} | {ms['ours']:.1f} | "
-              f"{r['speedup']:.2f}x | {ms['ours recompute']:.1f} | {ms['two convs']:.1f} | {ms['cat']:.1f} | "
+              f"{r['speedup']:.2f}x | {ms['ours keep slots']:.1f} | {ms['two convs']:.1f} | {ms['cat']:.1f} | "
               + " / ".join(f"{mb[k]:.1f}" for k in VARIANTS) + " |")
     print("max relative difference to the official outputs and gradients:",
           max(r["max_rel_diff"]["ours"] for r in rows))

@@ -65,7 +65,7 @@ def main():
     models = {
         "dense": dense,
         "sas": sparsify.sparsify(dense, "sas", example_inputs=x[:1]),
-        "sas, recompute=true": sparsify.sparsify(dense, "sas", example_inputs=x[:1], recompute=True),
+        "sas, recompute=false": sparsify.sparsify(dense, "sas", example_inputs=x[:1], recompute=False),
         "sas (official layers)": officialize(sparsify.sparsify(dense, "sas", example_inputs=x[:1])),
     }
     opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}

@@ -12,8 +12,8 @@ Three parts:
 * :class:`SlotRule` (``sign`` for M = 2, ``signed_levels`` for any M; register your own with
   :func:`register_slot_rule`) says how an element is lifted;
 * the modules ``SASConv1d/2d/3d`` and ``SASLinear``: the weight is the official interleaved
-  parameter; the forward writes the slots into one buffer (no zeros tensor, no masks) and runs one
-  narrow conv per slot (Linear: one matmul over the interleaved slots); the backward recomputes
+  parameter; the forward writes the slots into one interleaved buffer (no zeros tensor, no masks)
+  and runs one conv/matmul (depthwise convs: one narrow conv per slot); the backward recomputes
   the slots from ``x`` instead of saving them (:class:`_SASFunction`): only ``x`` is kept;
 * the ReLU rewiring (:func:`find_relu_input` and :meth:`SASMethod.apply`): a selected layer fed by a
   relu reads the relu's input instead, and the relu stays only for its other users.
@@ -241,10 +241,15 @@ def _autocast_dtype(x: torch.Tensor):
     return None
 
 
+def _per_slot(linear: bool, groups: int, x_shape) -> bool:
+    """Depthwise convs run one narrow conv per slot (a depthwise kernel, 2-4x faster on CPU than one
+    grouped conv with m inputs per group); other convs one conv over the interleaved slots, which
+    beat two narrow convs in the ResNet-18 training step (benchmarks/sas_train_step.py)."""
+    return not linear and groups > 1 and groups == x_shape[1]
+
+
 def _conv_slots(slots, weight, bias, x_shape, conf):
-    """Σ_k conv(slot_k, W[:, k::m]) (+ b): one narrow conv per slot. Measured faster than one conv over
-    the m-wide input on CPU (grouped/depthwise and strided 1x1 convs most of all), and no m-wide
-    activation exists at any time."""
+    """Σ_k conv(slot_k, W[:, k::m]) (+ b): one narrow conv per slot."""
     _, stride, padding, dilation, groups = conf
     m = slots.shape[0]
     out = None
@@ -256,8 +261,8 @@ def _conv_slots(slots, weight, bias, x_shape, conf):
 
 
 class _SASFunction(torch.autograd.Function):
-    """SAS layer forward/backward without the official zeros tensor and masks. Convs run one narrow
-    conv per slot; Linear runs one matmul over the interleaved slots. For the backward it keeps the
+    """SAS layer forward/backward without the official zeros tensor and masks: one conv/matmul over
+    the interleaved slots (depthwise convs: one narrow conv per slot). For the backward it keeps the
     slots (M x the input), or with ``recompute`` only ``x``, recomputing the slots (one elementwise
     pass) in the backward."""
 
@@ -270,11 +275,16 @@ class _SASFunction(torch.autograd.Function):
             w = weight if cast is None else weight.to(cast)
             b = bias if cast is None or bias is None else bias.to(cast)
             # (N, C, m, S) is the official interleaved layout; (m, N, C, S) gives contiguous slots
-            slots = rule.project(_flat_view(xc, linear), 2 if linear else 0)
+            per_slot = _per_slot(linear, conf[4], x.shape)
+            slots = rule.project(_flat_view(xc, linear), 0 if per_slot else 2)
             if linear:
                 out = F.linear(slots.reshape(*x.shape[:-1], -1), w, b)
-            else:
+            elif per_slot:
                 out = _conv_slots(slots, w, b, x.shape, conf)
+            else:
+                _, stride, padding, dilation, groups = conf
+                wide = slots.reshape(x.shape[0], -1, *x.shape[2:])
+                out = torch.convolution(wide, w, b, stride, padding, dilation, False, [0] * len(stride), groups)
         # x is rebuilt from the kept slots (x = Σ identity_coefficient_k · slot_k, exact: one slot is non-zero)
         ctx.save_for_backward(x if recompute else None, weight, bias, None if recompute else slots)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
@@ -290,14 +300,15 @@ class _SASFunction(torch.autograd.Function):
         need_b = need_b and bias is not None
         w = weight if cast is None else weight.to(cast)
         m = rule.m
-        dim = 2 if linear else 0
+        x_shape = ctx.x_shape
+        per_slot = _per_slot(linear, groups, x_shape)
+        dim = 0 if per_slot else 2
         if slots is None:
             xv = _flat_view(x if cast is None else x.to(cast), linear)
             slots = rule.project(xv, dim)
         elif need_x:
             coeff = rule.identity_coefficients()
             xv = sum(c * s for c, s in zip(coeff, slots.unbind(dim)) if c)
-        x_shape = ctx.x_shape
         grad = grad.to(slots.dtype)
         gx = gw = gb = None
         if linear:
@@ -306,6 +317,14 @@ class _SASFunction(torch.autograd.Function):
                 gx = rule.project_backward(xv, list((g2 @ w).reshape(slots.shape).unbind(2)))
             gw = g2.t() @ slots.reshape(g2.shape[0], -1) if need_w else None
             gb = g2.sum(0) if need_b else None
+        elif not per_slot:
+            wide = slots.reshape(x_shape[0], -1, *x_shape[2:])
+            gi, gw, gb = torch.ops.aten.convolution_backward(
+                grad, wide, w, [w.shape[0]] if bias is not None else None, stride, padding, dilation, False,
+                [0] * len(stride), groups, [need_x, need_w, need_b])
+            del wide, slots
+            if need_x:
+                gx = rule.project_backward(xv, list(gi.reshape(xv.shape[:2] + (m,) + xv.shape[2:]).unbind(2)))
         else:
             gslots, gws = [], []
             for k in range(m):
@@ -348,14 +367,14 @@ class SASMixin(SparseWeightMixin):
     """
 
     def __init__(self, *args, m: int = 2, slot_rule: str = "auto", slot_options: dict | None = None,
-                 recompute: bool = False, **kwargs):
+                 recompute: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.init_sparse(m=m, slot_rule=slot_rule, slot_options=slot_options, recompute=recompute)
         self.reset_sas_parameters()
 
     def init_sparse(self, m: int = 2, slot_rule: str = "auto", slot_options: dict | None = None,
                     coefficients: list[float] | None = None, sas_input: str = "as constructed",
-                    recompute: bool = False) -> None:
+                    recompute: bool = True) -> None:
         """Widen ``weight`` to ``m`` slots: slot k holds ``coefficients[k] · W`` (default all zero
         but slot 0, i.e. the dense layer on relu inputs)."""
         rule = make_slot_rule(slot_rule, int(m), slot_options)
@@ -411,7 +430,7 @@ class SASMixin(SparseWeightMixin):
         return fx.symbolic_trace(SASDeploy(self))
 
     def sparse_repr(self) -> str:
-        return f"m={self.sas_m}, slot_rule={self.slot_rule!r}" + (", recompute" if self.sas_recompute else "")
+        return f"m={self.sas_m}, slot_rule={self.slot_rule!r}" + ("" if self.sas_recompute else ", keep slots")
 
 
 SAS_CLASSES = specialize(SASMixin, prefix="SAS")
@@ -655,14 +674,15 @@ class SASMethod(Method):
     * ``init``: ``"auto"`` (relu coefficients where the input is a relu output, identity
       coefficients otherwise, so the converted network computes what the dense one did),
       ``"zero"`` (the official converter: negative slots zero everywhere) or ``"identity"``;
-    * ``recompute`` (false): keep only the input for the backward and recompute the slots there
-      (M x less activation memory for the layer, one more elementwise pass).
+    * ``recompute`` (true): keep only the input for the backward and recompute the slots there
+      (M x less activation memory for the layer, one more elementwise pass; measured no slower);
+      false keeps the slots.
     """
 
     name = "sas"
     description = "SAS: structured activation sparsification, M slots per input, relu rewiring (ICLR 2024)"
     params = {"m": 2, "slot_rule": "auto", "slot_options": {}, "input": "rewire", "not_relu": "dense",
-              "through_average": False, "init": "auto", "recompute": False}
+              "through_average": False, "init": "auto", "recompute": True}
     group_class = SASGroup
     full_trace = True  # the relu feeding a layer may sit inside a module with nothing to rewrite
 
