@@ -194,9 +194,8 @@ def test_accelerate_raises_when_outputs_differ(monkeypatch):
         accelerate(final, x, decide="always")
 
 
-def test_finalize_accelerate_needs_example_inputs():
+def test_finalize_accelerate_takes_example_inputs_given_to_finalize():
     m = sparsify.sparsify(nn.Sequential(nn.Linear(4, 4)), "st3", begin=0, end=0, fix=None)
-    m.sparsify_state.example_inputs = None
-    with pytest.raises(ValueError, match="example_inputs"):
-        sparsify.finalize(m, torch.randn(1, 4), check=True, accelerate=False) and sparsify.finalize(
-            m, accelerate=True, check=False)
+    fast = sparsify.finalize(m, torch.randn(3, 4), accelerate=True)
+    assert fast.acceleration.input_shapes == [[3, 4]]
+    assert fast.acceleration.path_of("0") == "dense"
