@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 JOBS ?= 2
 
-.PHONY: test demo zoo bench install clean
+.PHONY: test demo zoo install clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,9 +25,6 @@ demo: $(STAMP)
 
 zoo: $(STAMP)
 	$(BIN)/python benchmarks/zoo.py --out docs/coverage.md
-
-bench: $(STAMP)
-	$(BIN)/python benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis demo-out
