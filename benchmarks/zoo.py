@@ -35,6 +35,7 @@ import torchvision
 from torchvision import models as tvm
 
 import sparsify
+from sparsify.finalize import flatten_tensors
 from sparsify.methods.base import WEIGHT_TYPES
 
 FAMILIES = {
@@ -94,16 +95,6 @@ def pick_input(family: str, name: str, model: torch.nn.Module):
     raise RuntimeError(f"no input size worked: {type(last).__name__}: {str(last).splitlines()[0][:100]}")
 
 
-def _tensors(out):
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _tensors(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _tensors(v)]
-    return []
-
-
 def _targets(name: str, image: torch.Tensor) -> list[dict]:
     h, w = image.shape[-2:]
     t = {"boxes": torch.tensor([[4.0, 4.0, w / 2, h / 2]]), "labels": torch.tensor([1])}
@@ -123,7 +114,7 @@ def train_step(family: str, name: str, m: torch.nn.Module, inputs) -> float:
         losses = m(inputs[0], _targets(name, inputs[0][0]))
         loss = sum(losses.values())
     else:
-        loss = sum(t.float().pow(2).mean() for t in _tensors(m(*inputs)) if t.is_floating_point())
+        loss = sum(t.float().pow(2).mean() for t in flatten_tensors(m(*inputs)) if t.is_floating_point())
     loss = loss + sparsify.penalty(m)
     opt.zero_grad()
     loss.backward()

@@ -55,9 +55,9 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike | None
     if not dynamo:
         # named outputs: without them the exporter reads ``model.graph``, which on an fx GraphModule
         # is the fx graph, and fails
-        from .finalize import _flatten
+        from .finalize import flatten_tensors
         with torch.no_grad():
-            n_out = len(_flatten(model(*inputs)))
+            n_out = len(flatten_tensors(model(*inputs)))
         kwargs["output_names"] = [f"output{i}" for i in range(n_out)]
         if dynamic_batch:
             kwargs["dynamic_axes"] = {n: {0: "batch"} for n in names + kwargs["output_names"]}

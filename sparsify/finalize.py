@@ -11,27 +11,32 @@ from passes import set_submodule
 
 from .state import STATE_ATTR, SparsifyState, find_state, unwrap
 
-__all__ = ["FinalizeError", "finalize_model", "outputs_close"]
+__all__ = ["FinalizeError", "finalize_model", "outputs_close", "flatten_tensors"]
 
 
 class FinalizeError(RuntimeError):
     """The finalized model does not compute what the sparse model computes."""
 
 
-def _flatten(out):
+def flatten_tensors(out) -> list[torch.Tensor]:
+    """The tensors of a model output (a tensor, or dicts/lists/tuples of them), in order.
+
+    >>> len(flatten_tensors({"a": torch.zeros(1), "b": [torch.zeros(2), None]}))
+    2
+    """
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, dict):
-        return [t for v in out.values() for t in _flatten(v)]
+        return [t for v in out.values() for t in flatten_tensors(v)]
     if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _flatten(v)]
+        return [t for v in out for t in flatten_tensors(v)]
     return []
 
 
 def outputs_close(a, b, rtol: float = 1e-4, atol: float = 1e-5) -> tuple[bool, float]:
     """Whether two model outputs (tensors or nested containers) agree; also the largest
     difference relative to the largest magnitude of ``a``."""
-    fa, fb = _flatten(a), _flatten(b)
+    fa, fb = flatten_tensors(a), flatten_tensors(b)
     if len(fa) != len(fb):
         return False, float("inf")
     worst = 0.0

@@ -27,7 +27,7 @@ from passes import Change, insert_after, replace_module, reroute_input
 
 from ..schedules import resolve_time
 
-__all__ = ["Method", "Group", "Site", "GroupContext", "SparseWeightMixin", "specialize",
+__all__ = ["Method", "Group", "Site", "GroupContext", "SparseWeightMixin", "RecordsMixin", "specialize",
            "WEIGHT_TYPES", "plain_copy", "weight_base"]
 
 WEIGHT_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -44,6 +44,27 @@ def weight_base(module: nn.Module) -> type:
     'Conv2d'
     """
     return next(c for c in type(module).__mro__ if c in WEIGHT_TYPES)
+
+
+class RecordsMixin:
+    """For modules that keep penalty terms of the current forward in ``self.records``.
+
+    Those terms belong to the live autograd graph, so copies (``copy.deepcopy``, as ``finalize``
+    makes) and pickles start with no records instead of dragging the graph along.
+    """
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["records"] = []
+        return state
+
+    def __deepcopy__(self, memo):
+        import copy
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            new.__dict__[k] = [] if k == "records" else copy.deepcopy(v, memo)
+        return new
 
 
 class SparseWeightMixin:

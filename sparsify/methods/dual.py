@@ -14,13 +14,13 @@ import torch
 from torch import nn
 
 from ..threshold import quantile
-from .base import Group, GroupContext, Method, SparseWeightMixin, specialize, weight_base
+from .base import Group, GroupContext, Method, RecordsMixin, SparseWeightMixin, specialize, weight_base
 from .staging import active_range, in_range, stage_at
 
 __all__ = ["L1PruneMixin", "L1PruneGroup", "L1PruneMethod"]
 
 
-class L1PruneMixin(SparseWeightMixin):
+class L1PruneMixin(RecordsMixin, SparseWeightMixin):
     """Conv/Linear with a fixed-after-pruning mask and an optional recorded ℓ1 term."""
 
     def init_sparse(self, **params) -> None:
@@ -56,19 +56,6 @@ class L1PruneMixin(SparseWeightMixin):
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._fixed = bool(self.fixed)
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["records"] = []
-        return state
-
-    def __deepcopy__(self, memo):
-        import copy
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        for k, v in self.__dict__.items():
-            new.__dict__[k] = [] if k == "records" else copy.deepcopy(v, memo)
-        return new
 
     def sparse_repr(self) -> str:
         return f"l1={self.l1:g}, fixed={self._fixed}"

@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .base import Group, GroupContext, Method, Site
+from .base import Group, GroupContext, Method, RecordsMixin, Site
 from .staging import active_range, in_range, stage_at
 
 __all__ = ["tl1", "tl1_grad", "ActivationRegularizer", "ActivationRegGroup", "TL1Method",
@@ -130,7 +130,7 @@ def penalty_value(x: torch.Tensor, function: str, a: float = 1.0, reduction: str
     return v
 
 
-class ActivationRegularizer(nn.Module):
+class ActivationRegularizer(RecordsMixin, nn.Module):
     """Identity node that records ``lam · penalty_value(x)`` during training-mode forwards.
 
     Nothing is recorded in eval mode, with autograd off (``torch.no_grad()``), outside the
@@ -168,20 +168,6 @@ class ActivationRegularizer(nn.Module):
 
     def set_extra_state(self, state) -> None:
         self.active = bool(state.get("active", True))
-
-    def __deepcopy__(self, memo):
-        # recorded penalties belong to the live autograd graph: copies start empty
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        import copy
-        for k, v in self.__dict__.items():
-            new.__dict__[k] = [] if k == "records" else copy.deepcopy(v, memo)
-        return new
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["records"] = []
-        return state
 
     def extra_repr(self) -> str:
         extra = f", a={self.a:g}" if self.function == "tl1" else ""
