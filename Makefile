@@ -18,7 +18,7 @@ $(STAMP): $(BIN)/python setup.cfg setup.py
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(JOBS) --durations=15 tests
+	$(BIN)/python -m pytest -q -rs -n $(JOBS) --durations=15 tests
 
 demo: $(STAMP)
 	$(BIN)/sparsify demo --out demo-out
