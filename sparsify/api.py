@@ -52,6 +52,8 @@ def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int 
     _check_times(recipe, total_steps)
     root, plan_ = build(model, recipe, example_inputs=example_inputs, total_steps=total_steps, inplace=inplace)
     for i in plan_.unmatched_rules:
+        if recipe.data["rules"][i].get("optional"):
+            continue  # the recipe says this rule may match nothing (e.g. no downsample layers)
         warnings.warn(f"sparsify: rule {i} of recipe {recipe.name!r} matched nothing "
                       f"({recipe.rules[i].match}); see sparsify.plan(model, recipe)", stacklevel=2)
     return root

@@ -163,6 +163,15 @@ def test_rule_matching_nothing_warns_and_is_in_plan():
     assert plan.to_dict()["unmatched_rules"] == [1, 2]
 
 
+def test_optional_rule_matching_nothing_does_not_warn_but_is_in_plan():
+    r = recipe(RULE, {"match": {"name": "encoder.**"}, "method": None, "optional": True}, name="mine")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        sparsify.sparsify(net(), r, example_inputs=X, begin=0, end=0, fix=None)
+    assert not [w for w in record if "matched nothing" in str(w.message)]
+    assert sparsify.plan(net(), r, example_inputs=X, begin=0, end=0, fix=None).unmatched_rules == [1]
+
+
 # ---------------------------------------------------------------------------------------------
 # models sparsify cannot take
 # ---------------------------------------------------------------------------------------------
