@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torch import nn
 
 import sparsify
+
+from loops import train
 from sparsify.distributed import assert_synchronized, state_fingerprint
 from sparsify.state import find_state
 
@@ -38,18 +39,6 @@ def batches():
             for _ in range(STEPS)]
 
 
-def run(model, data, step_model=None):
-    """Train ``model`` (plain or DDP) on ``data``; returns the losses (global means)."""
-    opt = torch.optim.SGD(sparsify.param_groups(model, weight_decay=5e-4), lr=0.1, momentum=0.9)
-    losses = []
-    for x, y in data:
-        loss = F.cross_entropy(model(x), y) + sparsify.penalty(model)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sparsify.step(model, loss)
-        losses.append(float(loss.detach()))
-    return losses
 
 
 def build(recipe):
@@ -70,7 +59,7 @@ def _worker(rank, port, outdir, recipes):
                     if isinstance(getattr(group, "generator", None), torch.Generator):
                         group.generator.manual_seed(1000 + rank)
             ddp = nn.parallel.DistributedDataParallel(model)
-            losses = run(ddp, [(x[sl], y[sl]) for x, y in batches()])
+            losses = train(ddp, [(x[sl], y[sl]) for x, y in batches()])
             assert_synchronized(ddp)  # raises on every rank when the states differ
             # per-rank losses are local means: average them into the global-batch loss
             t = torch.tensor(losses, dtype=torch.float64)
@@ -106,7 +95,7 @@ def test_ranks_agree_and_match_single_process(ddp_results, recipe):
     for k, v in r0["state"].items():  # bitwise: masks, thresholds, score maps, weights
         assert torch.equal(v, r1["state"][k]), k
     single = build(recipe)
-    losses = run(single, batches())
+    losses = train(single, batches())
     assert losses == pytest.approx(r0["losses"], rel=1e-5, abs=1e-6)
     ref = {k: v for k, v in single.state_dict().items() if isinstance(v, torch.Tensor)}
     assert ref.keys() == r0["state"].keys()
