@@ -19,7 +19,7 @@ from passes.tracing import TraceResult, module_path_of  # noqa: F401  (module_pa
 
 from .hidden import hidden_candidates, hidden_positions, needed_paths, rewire_hidden_reads
 from .macs import guess_example_inputs, positions_per_sample
-from .matching import Candidate, compile_match
+from .matching import Candidate, compile_match, op_name
 from .methods import SparseWeightMixin, get_method
 from .methods.base import WEIGHT_TYPES, GroupContext, Site
 from .plan import Plan, PlanEntry
@@ -101,6 +101,17 @@ def _enclosing(c: Candidate) -> list[str]:
     return [q(p) for p in paths if p]
 
 
+_ACTIVATION_OPS = {"relu", "relu6", "gelu", "silu", "hardswish", "hardsigmoid", "leaky_relu", "elu",
+                   "selu", "celu", "mish", "sigmoid", "tanh", "hardtanh", "softplus"}
+
+
+def _structural(c: Candidate) -> bool:
+    """A Conv/Linear call or an activation call: what rewrites that read around a site look for."""
+    if c.module is not None:
+        return isinstance(c.module, WEIGHT_TYPES) or type(c.module).__module__ == "torch.nn.modules.activation"
+    return op_name(c.node) in _ACTIVATION_OPS
+
+
 def _trace(root: nn.Module, matcher: _Matcher):
     def is_site(name, m):
         w = matcher.winner(Candidate(name, m))
@@ -108,19 +119,20 @@ def _trace(root: nn.Module, matcher: _Matcher):
 
     tr = trace(root, None, is_site=is_site)
     cands = _candidates(tr, root)
+    # a method whose rewrite reads the nodes around a site (SAS: the relu feeding a layer, which may
+    # sit inside a module with nothing to rewrite) needs every module holding a layer or an
+    # activation traced through; modules with neither (stochastic depth) still stay leaves
+    full = any(r.method is not None and getattr(r.method, "full_trace", False) for r in matcher.rules)
     descended, needed = set(), set()
     for c in cands:
         # a graph traced below an untraceable parent (fallback) is reached through its own path
         paths = _enclosing(c) + [c.prefix.rsplit(".", k)[0] for k in range(c.prefix.count(".") + 1) if c.prefix]
         descended.update(paths)
         w = matcher.winner(c)
-        if w is not None and w.method is not None:
+        if (w is not None and w.method is not None) or (full and _structural(c)):
             needed.update(paths)
     needed |= needed_paths(tr.graphs, matcher.winner)  # forwards that read a rewritten weight
-    # a method whose rewrite reads the nodes around a site (SAS: the relu feeding a layer, which may
-    # sit inside a module with nothing to rewrite) keeps the full-depth graph
-    full = any(r.method is not None and getattr(r.method, "full_trace", False) for r in matcher.rules)
-    if descended <= needed or full:
+    if descended <= needed:
         return tr, cands, cands
     first_cands = cands
     tr = trace(root, lambda name, m: name in needed, is_site=is_site)

@@ -329,3 +329,16 @@ def test_plan_says_why_layers_stay_dense_and_bad_params():
         sparsify.plan(torchvision.models.resnet18(), "sas", m=3, slot_rule="sign")
     with pytest.raises(sparsify.recipe.RecipeError, match=r"params.not_relu: must be one of"):
         sparsify.plan(torchvision.models.resnet18(), "sas", not_relu="keep")
+
+
+def test_stochastic_depth_stays_live_under_sas():
+    # SAS traces through every module holding a layer or an activation, but a module with neither
+    # (StochasticDepth) stays a leaf: eval() must switch it off, so eval outputs are deterministic
+    model = sparsify.sparsify(torchvision.models.efficientnet_b0(num_classes=10), "sas",
+                              example_inputs=X32[:1], not_relu="as_is")
+    assert any(type(m).__name__ == "StochasticDepth" for m in model.modules())
+    assert _sas_layers(model)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(X32[:2]), model(X32[:2]))
+    sparsify.finalize(model)  # raises when the check sees random eval outputs
