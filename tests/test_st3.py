@@ -279,3 +279,11 @@ def test_fix_keeps_output_and_stops_pruned_gradients():
         assert torch.equal(lay.mask, mask), "the mask is frozen after the fix"
         assert bool((lay.effective_weight()[~mask] == 0).all())
     assert find_state(m).step == 7
+
+
+def test_cubic_with_begin_equal_end_is_a_step():
+    # one-shot pruning (begin == end) goes through the same cubic schedule, without a special case
+    from sparsify.schedules import cubic
+    assert cubic(9, 10, 10, 0.9) == 0.0
+    assert cubic(10, 10, 10, 0.9) == 0.9
+    assert cubic(0, 0, 0, 0.9) == 0.9

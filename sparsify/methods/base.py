@@ -240,6 +240,13 @@ class GroupContext:
         """Resolve a recipe time (steps, or a fraction of ``total_steps``) to a step index."""
         return resolve_time(value, self.total_steps, what=what)
 
+    def ramp(self, params: dict, method: str) -> tuple[int, int]:
+        """The ``(begin, end)`` steps of a schedule's ramp, checked to be in order."""
+        begin, end = self.time(params["begin"], "begin"), self.time(params["end"], "end")
+        if end < begin:
+            raise ValueError(f"{method}: end ({end}) is before begin ({begin})")
+        return begin, end
+
     def stage(self, name: str) -> tuple[int, int | None]:
         """``(begin, end)`` steps of the recipe stage called ``name`` (end None: open-ended)."""
         for st in self.stages:

@@ -72,12 +72,9 @@ class MagnitudeGroup(Group):
 
     def __init__(self, method, params, members, ctx: GroupContext):
         super().__init__(method, params, members, ctx)
-        self.begin = ctx.time(params["begin"], "begin")
-        self.end = ctx.time(params["end"], "end")
+        self.begin, self.end = ctx.ramp(params, "magnitude")
         fix = ctx.time(params["fix"], "fix")
         self.fix_at = self.end if fix is None else fix
-        if self.end < self.begin:
-            raise ValueError(f"magnitude: end ({self.end}) is before begin ({self.begin})")
         if self.fix_at < self.end:
             raise ValueError(f"magnitude: fix ({self.fix_at}) is before end ({self.end}): the mask "
                              "would freeze before the target sparsity is reached")
@@ -87,9 +84,7 @@ class MagnitudeGroup(Group):
         self._trackers: dict[str, QuantileTracker] = {}  # speed only; not state
 
     def target(self, step: int) -> float:
-        if self.end == self.begin:
-            return float(self.params["sparsity"]) if step >= self.end else 0.0
-        return cubic(step, self.begin, self.end, self.params["sparsity"])
+        return cubic(step, self.begin, self.end, self.params["sparsity"])  # begin == end: a step
 
     def _tracker(self, key: str) -> QuantileTracker:
         return self._trackers.setdefault(key, QuantileTracker())

@@ -126,19 +126,14 @@ class ST3Group(Group):
 
     def __init__(self, method, params, members, ctx: GroupContext):
         super().__init__(method, params, members, ctx)
-        self.begin = ctx.time(params["begin"], "begin")
-        self.end = ctx.time(params["end"], "end")
+        self.begin, self.end = ctx.ramp(params, "st3")
         self.fix_at = ctx.time(params["fix"], "fix")
-        if self.end < self.begin:
-            raise ValueError(f"st3: end ({self.end}) is before begin ({self.begin})")
         self.register_buffer("tau", torch.zeros((), dtype=torch.float64))
         self.sigmas = {name: (sigma_of(m.weight) if params["sigma"] else 1.0) for name, m in members.items()}
         self._quantile = QuantileTracker()  # exact quantile, reusing the previous τ (speed only, not state)
 
     def target(self, step: int) -> float:
-        if self.end == self.begin:
-            return float(self.params["sparsity"]) if step >= self.end else 0.0
-        return cubic(step, self.begin, self.end, self.params["sparsity"])
+        return cubic(step, self.begin, self.end, self.params["sparsity"])  # begin == end: a step
 
     @torch.no_grad()
     def update(self, step: int, loss=None) -> None:
