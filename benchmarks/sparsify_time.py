@@ -8,8 +8,9 @@
 
 Goals (issue 2): sparsify <= 3x the trace and <= 0.5x prepare_qat_fx. Each measurement is the
 median (and the best) of ``--repeats`` runs, the three methods interleaved so that machine load hits them alike.
-Baselines get a fresh deep copy outside the timer (prepare_qat_fx rewrites its input); sparsify is
-timed as users call it (it copies the model itself), and also with ``inplace=True``.
+Baselines get a fresh deep copy outside the timer (prepare_qat_fx rewrites its input). sparsify is
+timed in its three modes: the default (new modules sharing the caller's tensors), ``copy=True``
+(an independent copy) and ``inplace=True`` (rewrites the caller's modules; fresh copy outside the timer).
 """
 from __future__ import annotations
 
@@ -52,10 +53,13 @@ def _prepare_qat(model, x):
         return prepare_qat_fx(model, get_default_qat_qconfig_mapping("x86"), (x,))
 
 
+MODES = {"sparsify": {}, "copy": {"copy": True}, "inplace": {"inplace": True}}
+
+
 def measure(name: str, repeats: int) -> dict:
     model = getattr(torchvision.models, name)().train()
     x = torch.randn(1, 3, 224, 224)
-    times = {"symbolic_trace": [], "prepare_qat_fx": [], "sparsify": [], "sparsify_inplace": []}
+    times = {k: [] for k in ("symbolic_trace", "prepare_qat_fx", *MODES)}
     # one untimed round first: imports, allocator and caches warm
     torch.fx.symbolic_trace(copy.deepcopy(model))
     _prepare_qat(copy.deepcopy(model), x)
@@ -66,30 +70,21 @@ def measure(name: str, repeats: int) -> dict:
         times["symbolic_trace"].append(_timed(lambda: torch.fx.symbolic_trace(m), "symbolic_trace"))
         m = copy.deepcopy(model)
         times["prepare_qat_fx"].append(_timed(lambda: _prepare_qat(m, x), "prepare_qat_fx"))
-        times["sparsify"].append(_timed(lambda: sparsify.sparsify(model, "st3", total_steps=1000, example_inputs=x),
-                                        "sparsify"))
-        m = copy.deepcopy(model)
-        times["sparsify_inplace"].append(_timed(
-            lambda: sparsify.sparsify(m, "st3", total_steps=1000, example_inputs=x, inplace=True), "sparsify_inplace"))
+        for mode, kw in MODES.items():
+            m = copy.deepcopy(model) if mode == "inplace" else model
+            times[mode].append(_timed(
+                lambda: sparsify.sparsify(m, "st3", total_steps=1000, example_inputs=x, **kw), mode))
         _timed(lambda: copy.deepcopy(model), "deepcopy")
     med = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
     cpu = {k: min(v) for k, v in _CPU.items()}  # CPU time hardly depends on other processes' load
-    return {
-        "model": name, "repeats": repeats, "threads": torch.get_num_threads(),
-        "median_s": med, "min_s": best, "min_cpu_s": cpu,
-        "cpu_sparsify_vs_trace": cpu["sparsify"] / cpu["symbolic_trace"],
-        "cpu_sparsify_vs_prepare_qat_fx": cpu["sparsify"] / cpu["prepare_qat_fx"],
-        "cpu_inplace_vs_trace": cpu["sparsify_inplace"] / cpu["symbolic_trace"],
-        "cpu_inplace_vs_prepare_qat_fx": cpu["sparsify_inplace"] / cpu["prepare_qat_fx"],
-        "min_sparsify_vs_trace": best["sparsify"] / best["symbolic_trace"],
-        "min_sparsify_vs_prepare_qat_fx": best["sparsify"] / best["prepare_qat_fx"],
-        "min_inplace_vs_trace": best["sparsify_inplace"] / best["symbolic_trace"],
-        "sparsify_vs_trace": med["sparsify"] / med["symbolic_trace"],
-        "sparsify_vs_prepare_qat_fx": med["sparsify"] / med["prepare_qat_fx"],
-        "inplace_vs_trace": med["sparsify_inplace"] / med["symbolic_trace"],
-        "inplace_vs_prepare_qat_fx": med["sparsify_inplace"] / med["prepare_qat_fx"],
-    }
+    ratios = {}
+    for mode in MODES:
+        for base, short in (("symbolic_trace", "trace"), ("prepare_qat_fx", "qat")):
+            ratios[f"{mode}/{short}"] = {"median": med[mode] / med[base], "best": best[mode] / best[base],
+                                         "cpu": cpu[mode] / cpu[base]}
+    return {"model": name, "repeats": repeats, "threads": torch.get_num_threads(),
+            "median_s": med, "min_s": best, "min_cpu_s": cpu, "ratios": ratios}
 
 
 def profile(name: str) -> None:
@@ -114,25 +109,14 @@ def main(argv=None) -> None:
         profile(args.profile)
         return
     results = []
-    print(f"{'model':<10} {'trace s':>8} {'qat s':>8} {'sparsify s':>10} {'inplace s':>9} "
-          f"{'/trace':>7} {'/qat':>6} {'inpl/trace':>10} {'inpl/qat':>8}")
     for name in args.models.split(","):
         r = measure(name, args.repeats)
         results.append(r)
-        m = r["median_s"]
-        print(f"{name:<10} {m['symbolic_trace']:8.3f} {m['prepare_qat_fx']:8.3f} {m['sparsify']:10.3f} "
-              f"{m['sparsify_inplace']:9.3f} {r['sparsify_vs_trace']:7.2f} {r['sparsify_vs_prepare_qat_fx']:6.2f} "
-              f"{r['inplace_vs_trace']:10.2f} {r['inplace_vs_prepare_qat_fx']:8.2f}  "
-              f"(best of {r['repeats']}: /trace {r['min_sparsify_vs_trace']:.2f}, "
-              f"/qat {r['min_sparsify_vs_prepare_qat_fx']:.2f}, inplace/trace {r['min_inplace_vs_trace']:.2f})",
-              flush=True)
-    print("process CPU seconds (best of repeats; all threads; insensitive to other processes' load):")
-    for r in results:
-        c = r["min_cpu_s"]
-        print(f"{r['model']:<10} trace {c['symbolic_trace']:.3f}  prepare_qat_fx {c['prepare_qat_fx']:.3f}  "
-              f"sparsify {c['sparsify']:.3f}  inplace {c['sparsify_inplace']:.3f}  deepcopy {c['deepcopy']:.3f}  "
-              f"| sparsify/trace {r['cpu_sparsify_vs_trace']:.2f}  sparsify/qat {r['cpu_sparsify_vs_prepare_qat_fx']:.2f}"
-              f"  inplace/trace {r['cpu_inplace_vs_trace']:.2f}  inplace/qat {r['cpu_inplace_vs_prepare_qat_fx']:.2f}")
+        print(f"{name}: median wall seconds " + ", ".join(f"{k} {v:.3f}" for k, v in r["median_s"].items()))
+        print(f"{name}: best CPU seconds " + ", ".join(f"{k} {v:.3f}" for k, v in r["min_cpu_s"].items()))
+        print(f"  {'ratio':<16} {'median':>7} {'best':>7} {'cpu':>7}")
+        for k, v in r["ratios"].items():
+            print(f"  {k:<16} {v['median']:7.2f} {v['best']:7.2f} {v['cpu']:7.2f}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -32,15 +32,20 @@ def _check_times(recipe, total_steps):
 
 
 def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int | None = None,
-             inplace: bool = False, **overrides) -> nn.Module:
-    """Return a copy of ``model`` rewritten by ``recipe`` for sparse training.
+             inplace: bool = False, copy: bool = False, **overrides) -> nn.Module:
+    """Return ``model`` rewritten by ``recipe`` for sparse training, as a new module.
 
     ``recipe`` is a built-in name (``sparsify recipes`` lists them), a path to a JSON file, or a
     dict. ``overrides`` set recipe parameters (``sparsity=0.95``, ``end=2000``). ``total_steps``
     is the number of optimizer steps of the run, needed when the recipe gives times as fractions.
     ``example_inputs`` (a tensor or a tuple) fix the shapes used for MAC counts and the
     ``finalize`` check; without them a 224² image (or the first layer's natural size) is tried.
-    The caller's model is never modified unless ``inplace=True`` (then no weight is copied).
+
+    The caller's modules are left as they are, and no weight is copied: the returned model holds
+    new module objects around the caller's own parameter and buffer tensors (as
+    ``torch.fx.symbolic_trace`` and ``prepare_qat_fx`` do), so training it trains those tensors.
+    ``copy=True`` gives a fully independent model (the caller's tensors never change; costs one
+    copy of the weights); ``inplace=True`` rewrites the caller's module tree itself.
 
     >>> import torch, torchvision, sparsify
     >>> m = sparsify.sparsify(torchvision.models.resnet18(), "st3", total_steps=1000)
@@ -50,7 +55,8 @@ def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int 
     check_model(model)  # a wrong model is the first thing to report, before any recipe problem
     recipe = load_recipe(recipe, **overrides)
     _check_times(recipe, total_steps)
-    root, plan_ = build(model, recipe, example_inputs=example_inputs, total_steps=total_steps, inplace=inplace)
+    root, plan_ = build(model, recipe, example_inputs=example_inputs, total_steps=total_steps, inplace=inplace,
+                          copy=copy)
     for i in plan_.unmatched_rules:
         if recipe.data["rules"][i].get("optional"):
             continue  # the recipe says this rule may match nothing (e.g. no downsample layers)

@@ -6,7 +6,8 @@ submodule holds nothing to rewrite, one that keeps exactly those submodules as l
 """
 from __future__ import annotations
 
-import copy
+import copy as _copy
+import itertools
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -46,6 +47,24 @@ def check_model(model) -> None:
             raise ValueError(f"the model is already sparsified ({name or 'root'} is "
                              f"{type(m).__name__}): start from the dense model, or call "
                              "sparsify.finalize(model) to get plain modules first")
+
+
+def copy_structure(model: nn.Module, share_tensors: bool = True) -> nn.Module:
+    """A copy of ``model``'s module tree; with ``share_tensors`` its parameters and buffers are the
+    caller's own tensors (no weight is copied), as ``torch.fx.symbolic_trace`` and ``prepare_qat_fx``
+    share them, so a rewrite can swap and configure modules without touching the caller's.
+
+    >>> import torch
+    >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    >>> c = copy_structure(m)
+    >>> c[0] is m[0], c[0].weight is m[0].weight
+    (False, True)
+    """
+    memo: dict[int, object] = {}
+    if share_tensors:
+        for t in itertools.chain(model.parameters(), model.buffers()):
+            memo[id(t)] = t
+    return _copy.deepcopy(model, memo)
 
 
 @dataclass
@@ -190,11 +209,14 @@ def _dense_reasons(root: nn.Module, tr: TraceResult, all_cands: list[Candidate],
 
 
 def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps: int | None = None,
-          inplace: bool = False, dry_run: bool = False):
+          inplace: bool = False, copy: bool = False, dry_run: bool = False):
     """Trace, match, rewrite. Returns ``(root, plan)``; ``root`` carries a SparsifyState unless
-    ``dry_run``. Never mutates ``model`` unless ``inplace``."""
+    ``dry_run``. ``model``'s modules are never changed unless ``inplace``; its parameter and buffer
+    tensors are shared with ``root`` unless ``copy`` (see :func:`sparsify.sparsify`)."""
     check_model(model)
-    root = model if inplace else copy.deepcopy(model)
+    if inplace and copy:
+        raise ValueError("sparsify: inplace=True rewrites the caller's model and copy=True copies it; pick one")
+    root = model if inplace else copy_structure(model, share_tensors=not copy)
     was_training = root.training
     root.train()
     matcher = _Matcher(recipe)

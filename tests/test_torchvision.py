@@ -53,7 +53,7 @@ def test_sparsify_train_report_finalize(name):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(2, 3, size, size)
     # 3 steps: begin 0.05*3 -> 0, end 0.5*3 -> 2, fix 0.9*3 -> 3: ramp, hold, then the fix
-    m = sparsify.sparsify(model, "st3", total_steps=3, example_inputs=x)
+    m = sparsify.sparsify(model, "st3", total_steps=3, example_inputs=x, copy=True)  # the caller's stays as is
     layers = sparse_layers(m)
     assert layers, "nothing was rewritten"
     opt = torch.optim.SGD(sparsify.param_groups(m, 1e-4), lr=0.01, momentum=0.9)
@@ -87,7 +87,7 @@ def test_sparsify_train_report_finalize(name):
     for r in rep.layers:
         assert int(torch.count_nonzero(final_weight(final, r.name))) == r.nonzero_params
     for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), f"sparsify changed the caller's model at {k}"
+        assert torch.equal(v, before[k]), f"training the copy changed the caller's model at {k}"
 
 
 def test_convnext_stochastic_depth_stays_live():

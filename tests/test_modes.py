@@ -1,0 +1,79 @@
+"""What ``sparsify`` does to the caller's model in its three modes: share (default), copy, inplace."""
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import sparsify
+from sparsify.methods.base import SparseWeightMixin
+
+
+def _model():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=4)
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, {n: type(m) for n, m in model.named_modules()}
+
+
+def _train_step(m, x):
+    opt = torch.optim.SGD(sparsify.param_groups(m, 1e-4), lr=0.1)
+    loss = F.cross_entropy(m(x), torch.tensor([0, 1])) + sparsify.penalty(m)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sparsify.step(m)
+
+
+@pytest.mark.parametrize("recipe", ["st3", "sas", "tl1", "semi-structured"])
+def test_default_shares_tensors_and_leaves_modules(recipe):
+    model = _model()
+    state, types = _snapshot(model)
+    x = torch.randn(2, 3, 32, 32)
+    m = sparsify.sparsify(model, recipe, total_steps=10, example_inputs=x)
+    # the caller's module tree and values are untouched by sparsify itself
+    assert {n: type(mod) for n, mod in model.named_modules()} == types
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert model.layer1[0].relu.inplace  # tl1 makes its own copy's relus out of place only
+    # no parameter is copied: every caller parameter the result still uses is the same tensor
+    caller = {id(p) for p in model.parameters()}
+    own = [p for p in m.parameters() if id(p) not in caller]
+    if recipe == "st3":
+        assert m.layer1[0].conv1.weight is model.layer1[0].conv1.weight and not own
+    assert m.layer1[0].conv1 is not model.layer1[0].conv1
+    _train_step(m, x)
+    if recipe == "st3":  # training the result trains the shared tensors
+        assert not torch.equal(model.layer1[0].conv1.weight, state["layer1.0.conv1.weight"])
+
+
+def test_copy_is_independent():
+    model = _model()
+    state, types = _snapshot(model)
+    x = torch.randn(2, 3, 32, 32)
+    m = sparsify.sparsify(model, "st3", total_steps=10, example_inputs=x, copy=True)
+    assert not {p.data_ptr() for p in m.parameters()} & {p.data_ptr() for p in model.parameters()}
+    for _ in range(2):
+        _train_step(m, x)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert {n: type(mod) for n, mod in model.named_modules()} == types
+
+
+def test_inplace_rewrites_the_callers_modules():
+    model = _model()
+    m = sparsify.sparsify(model, "st3", total_steps=10, example_inputs=torch.randn(2, 3, 32, 32), inplace=True)
+    assert isinstance(model.layer1[0].conv1, SparseWeightMixin)
+    assert m.layer1[0].conv1 is model.layer1[0].conv1
+
+
+def test_inplace_and_copy_together_is_an_error():
+    with pytest.raises(ValueError, match="pick one"):
+        sparsify.sparsify(_model(), "st3", total_steps=10, inplace=True, copy=True)
+
+
+def test_two_sparsifications_of_one_model_share_weights_but_not_state():
+    model = _model()
+    a = sparsify.sparsify(model, "st3", total_steps=10)
+    b = sparsify.sparsify(model, "gmp", total_steps=10)
+    assert a.fc.weight is b.fc.weight
+    assert a.fc is not b.fc and a.sparsify_state is not b.sparsify_state
