@@ -6,7 +6,9 @@ implementations, layer by layer, and check the result against the model it came 
 * Linear and 1x1 Conv2d layers whose weight is at least ``min_sparsity`` zeros become
   :class:`SparseLinear` / :class:`SparseConv1x1` (CSR, or BSR when the zeros come in blocks);
 * each replacement is kept only if it is faster on the layer's real input shape (``decide``);
-  everything else stays as it was. The :class:`AccelerationReport` lists every candidate layer.
+  everything else stays dense, with eval BatchNorms that follow a conv folded into it
+  (``fold_bn``; a masked conv that stays dense then fills its skipped positions with ``BN(0)``,
+  :class:`PositionFill`). The :class:`AccelerationReport` lists every candidate layer.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from torch import nn
 
 from passes import set_submodule
 
+from .fold import PositionFill, foldable_bn, folded_conv
 from .patch_conv import PatchSkipConv2d, supports_patch_skip
 from .select import AccelerationReport, LayerPath, choose
 from .sparse_linear import SparseConv1x1, SparseLinear, supports_sparse_linear
@@ -26,6 +29,9 @@ __all__ = ["accelerate", "keep_mask_of", "AccelerationError", "BSR_BLOCKS"]
 
 BSR_BLOCKS = (32, 16, 8)  # block sizes tried, largest first, when the zeros come in blocks
 _MAX_BLOCK_DENSITY = 0.35  # a BSR layout storing more than this fraction of blocks is not tried
+# CSR layers are also timed taking the input this many rows at a time (SparseLinear.token_block):
+# at 1576 rows (vit_b_16, batch 8) whole-input calls leave the cache and run 1.5-3x slower.
+TOKEN_BLOCKS = (128, 32)
 
 
 class AccelerationError(RuntimeError):
@@ -82,6 +88,12 @@ def _only_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
+def _drop_module(gm: fx.GraphModule, target) -> None:
+    """Delete a submodule whose node was erased, unless another node still calls it."""
+    if not any(n.op == "call_module" and n.target == target for n in gm.graph.nodes):
+        gm.delete_submodule(str(target))
+
+
 def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         return type(gm.get_submodule(node.target)) is nn.ReLU
@@ -92,7 +104,7 @@ def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
     return False
 
 
-def _patch_skip_pass(model, shapes, decide, margin, rows, done):
+def _patch_skip_pass(model, shapes, decide, margin, rows, done, fold=True):
     for prefix, gm in list(model.named_modules()):
         if not isinstance(gm, fx.GraphModule):
             continue
@@ -123,38 +135,83 @@ def _patch_skip_pass(model, shapes, decide, margin, rows, done):
                 continue
             bn_node = _only_user(mask_node)
             bn = gm.get_submodule(bn_node.target) if bn_node is not None and bn_node.op == "call_module" else None
-            if not (isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats and not bn.training
-                    and bn_node.args[0] is mask_node):
+            if not (foldable_bn(bn) and bn_node.args[0] is mask_node):
                 bn, bn_node = None, None
+            last = bn_node if bn_node is not None else mask_node
+            relu_node = _only_user(last)
+            if relu_node is None or not _is_relu(gm, relu_node) or relu_node.args[0] is not last:
+                relu_node = None
             x = torch.randn(shapes[name]).contiguous(memory_format=torch.channels_last)
             fast = PatchSkipConv2d.from_conv(conv, keep, bn, input_hw=tuple(shapes[name][-2:]))
-            chain = [m for m in (conv, mask_mod, bn) if m is not None]
-            dense_cl = copy.deepcopy(nn.Sequential(*chain)).to(memory_format=torch.channels_last)
-            path, times, reason = choose({"dense": lambda: dense_cl(x), "patch-skip": lambda: fast(x)},
+            fast.relu = relu_node is not None  # fused into the GEMM; skipped positions hold relu(value)
+            if bn is not None and fold:  # the dense alternative folds BN too: compare like with like
+                dense_chain = [folded_conv(conv, bn), PositionFill(keep, fast.skip_value)]
+            else:
+                dense_chain = [copy.deepcopy(m) for m in (conv, mask_mod, bn) if m is not None]
+            relu = [nn.ReLU(inplace=True)] if relu_node is not None else []
+            dense = nn.Sequential(*dense_chain, *relu).to(memory_format=torch.channels_last)
+            path, times, reason = choose({"dense": lambda: dense(x), "patch-skip": lambda: fast(x)},
                                          decide, margin)
-            rows.append(LayerPath(name, kind, path, reason + ("" if bn is None or path == "dense" else "; BN folded"),
+            folded = bn is not None and (path != "dense" or fold)
+            rows.append(LayerPath(name, kind, path, reason + ("; BN folded" if folded else "")
+                                  + ("; ReLU fused" if path != "dense" and relu_node is not None else ""),
                                   skipped, times))
             done.add(name)
             if path == "dense":
+                if bn is not None and fold:  # conv(folded) -> fill skipped positions with BN(0)
+                    set_submodule(gm, str(node.target), dense_chain[0])
+                    set_submodule(gm, str(mask_node.target), dense_chain[1])
+                    bn_node.replace_all_uses_with(mask_node)
+                    gm.graph.erase_node(bn_node)
+                    _drop_module(gm, bn_node.target)
+                    erased.add(bn_node)
+                    changed = True
                 continue
             set_submodule(gm, str(node.target), fast)
-            last = bn_node if bn_node is not None else mask_node
             last.replace_all_uses_with(node)
             for dead in ([bn_node] if bn_node is not None else []) + [mask_node]:
                 gm.graph.erase_node(dead)
-                gm.delete_submodule(str(dead.target))
+                _drop_module(gm, dead.target)
                 erased.add(dead)
-            relu_node = _only_user(node)
-            if relu_node is not None and _is_relu(gm, relu_node) and relu_node.args[0] is node:
-                fast.relu = True  # fused into the GEMM; skipped positions hold relu(value)
+            if relu_node is not None:
                 relu_node.replace_all_uses_with(node)
                 gm.graph.erase_node(relu_node)  # the ReLU module may serve other nodes: keep it
                 erased.add(relu_node)
-                rows[-1].reason += "; ReLU fused"
             changed = True
         if changed:
             gm.graph.lint()
             gm.recompile()
+
+
+def _fold_bn_pass(model) -> int:
+    """Fold every eval BatchNorm2d that is the only reader of a plain Conv2d's output (fx graphs
+    only); returns how many were folded. Masked convs were handled by the patch-skip pass."""
+    folded = 0
+    for _, gm in list(model.named_modules()):
+        if not isinstance(gm, fx.GraphModule):
+            continue
+        changed = False
+        erased: set[fx.Node] = set()
+        for node in list(gm.graph.nodes):
+            if node in erased or node.op != "call_module" or type(gm.get_submodule(node.target)) is not nn.Conv2d:
+                continue
+            bn_node = _only_user(node)
+            if bn_node is None or bn_node.op != "call_module" or bn_node.args[0] is not node:
+                continue
+            bn = gm.get_submodule(bn_node.target)
+            if not foldable_bn(bn) or sum(n.target == node.target for n in gm.graph.nodes if n.op == "call_module") > 1:
+                continue  # a conv module called from two places may feed something else there
+            set_submodule(gm, str(node.target), folded_conv(gm.get_submodule(node.target), bn))
+            bn_node.replace_all_uses_with(node)
+            gm.graph.erase_node(bn_node)
+            _drop_module(gm, bn_node.target)
+            erased.add(bn_node)
+            folded += 1
+            changed = True
+        if changed:
+            gm.graph.lint()
+            gm.recompile()
+    return folded
 
 
 def _bsr_block(weight2d: torch.Tensor) -> int | None:
@@ -190,22 +247,31 @@ def _sparse_linear_pass(model, shapes, decide, margin, min_sparsity, rows, done)
         make = (lambda layout, b=None: SparseLinear.from_linear(m, layout, b)) if cls is SparseLinear else \
             (lambda layout, b=None: SparseConv1x1.from_conv(m, layout, b))
         options = {"csr": make("csr")}
-        b = _bsr_block(w2)
-        if b is not None:
-            options[f"bsr{b}"] = make("bsr", b)
         x = torch.randn(shapes[name])
         if isinstance(m, nn.Conv2d):
             x = x.contiguous(memory_format=torch.channels_last)
+            n_rows = x.shape[0] * len(range(0, x.shape[2], m.stride[0])) * len(range(0, x.shape[3], m.stride[1]))
+        else:
+            n_rows = x.numel() // x.shape[-1]
+        for tb in TOKEN_BLOCKS:  # the same CSR matrix, the input taken in row blocks
+            if n_rows > 2 * tb:
+                options[f"csr/{tb}"] = make("csr")
+                options[f"csr/{tb}"].token_block = tb
+        b = _bsr_block(w2)
+        if b is not None:
+            options[f"bsr{b}"] = make("bsr", b)
         cands = {"dense": lambda: m(x), **{k: (lambda mod=v: mod(x)) for k, v in options.items()}}
         path, times, reason = choose(cands, decide, margin)
-        rows.append(LayerPath(name, kind, path, reason, sparsity, times))
+        if "/" in path:
+            reason += f"; {path.split('/')[1]} input rows per sparse call"
+        rows.append(LayerPath(name, kind, path.split("/")[0], reason, sparsity, times))
         if path != "dense":
             set_submodule(model, name, options[path])
 
 
 @torch.no_grad()
 def accelerate(model: nn.Module, example_inputs, *, decide: str = "measure", min_sparsity: float = 0.8,
-               margin: float = 0.05, channels_last: bool | None = None, check: bool = True,
+               margin: float = 0.05, channels_last: bool | None = None, fold_bn: bool = True, check: bool = True,
                rtol: float = 1e-4, atol: float = 1e-5) -> nn.Module:
     """A copy of the finalized ``model`` with faster sparse layers where they pay (CPU, float32).
 
@@ -214,6 +280,8 @@ def accelerate(model: nn.Module, example_inputs, *, decide: str = "measure", min
     candidate on this machine, keep what beats dense by ``margin``), ``"always"`` or ``"never"``.
     ``channels_last`` (default: when any patch-skipping conv was chosen) stores the remaining conv
     weights channels-last so the whole network runs in the layout the patch-skipping convs produce.
+    ``fold_bn`` folds every eval BatchNorm that directly follows a conv (masked or not) into it, so
+    the layers that stay dense cost what they cost in the strongest dense deployment.
     The result's ``acceleration`` attribute is the :class:`AccelerationReport`; with ``check`` its
     output is compared with ``model``'s (``rtol`` / ``atol`` relative to the output's largest
     magnitude, as in ``finalize``) and an ``AccelerationError`` raised if they differ.
@@ -233,7 +301,8 @@ def accelerate(model: nn.Module, example_inputs, *, decide: str = "measure", min
     shapes = _record_inputs(out, inputs)
     rows: list[LayerPath] = []
     done: set[str] = set()
-    _patch_skip_pass(out, shapes, decide, margin, rows, done)
+    _patch_skip_pass(out, shapes, decide, margin, rows, done, fold=fold_bn)
+    folded = _fold_bn_pass(out) if fold_bn else 0
     _sparse_linear_pass(out, shapes, decide, margin, min_sparsity, rows, done)
     if channels_last is None:
         channels_last = any(r.path == "patch-skip" for r in rows)
@@ -241,7 +310,7 @@ def accelerate(model: nn.Module, example_inputs, *, decide: str = "measure", min
         for m in out.modules():
             if type(m) is nn.Conv2d:
                 m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
-    report = AccelerationReport(rows, decide, [list(x.shape) for x in inputs if hasattr(x, "shape")])
+    report = AccelerationReport(rows, decide, [list(x.shape) for x in inputs if hasattr(x, "shape")], folded)
     out.acceleration = report
     if check:
         ok, worst = outputs_close(model(*inputs), out(*inputs), rtol, atol)

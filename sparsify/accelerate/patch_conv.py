@@ -155,46 +155,67 @@ class PatchSkipConv2d(nn.Module):
             skip = fold_bn(conv.weight[:, :1, :1, :1], None, bn)[1]  # BN(0): the mask zeroed conv(x) + b
         return cls(w, b, keep, input_hw, conv.stride, conv.padding, conv.dilation, skip)
 
-    def _indices(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather and scatter indices for a batch of ``n`` (cached per batch size)."""
-        key = (n, device)
-        got = self._batch_cache.get(key)
-        if got is None:
+    def _batch_state(self, n: int, x: torch.Tensor) -> dict:
+        """Indices and reusable work buffers for a batch of ``n`` (cached for one batch size).
+
+        Reusing the padded input and the gather buffer matters at batch 8: a fresh 7 MB tensor
+        costs ~2 ms of page faults per call on a 56² layer (measured), a quarter of the GEMM.
+        """
+        key = (n, x.device, x.dtype)
+        st = self._batch_cache.get(key)
+        if st is None:
+            dev = x.device
             hp, wp = self._padded_hw
             ho, wo = self.keep.shape
-            g = self.gather_index.to(device)
-            s = self.kept_positions.to(device)
+            g = self.gather_index.to(dev)
+            s = self.kept_positions.to(dev)
+            skipped = (~self.keep.flatten()).nonzero().flatten().to(dev)
             if n > 1:
-                g = (g[None, :] + (torch.arange(n, device=device) * hp * wp)[:, None]).flatten()
-                s = (s[None, :] + (torch.arange(n, device=device) * ho * wo)[:, None]).flatten()
-            got = (g, s)
-            self._batch_cache = {key: got}  # one batch size at a time keeps memory bounded
-        return got
+                g = (g[None, :] + (torch.arange(n, device=dev) * hp * wp)[:, None]).flatten()
+                s = (s[None, :] + (torch.arange(n, device=dev) * ho * wo)[:, None]).flatten()
+                skipped = (skipped[None, :] + (torch.arange(n, device=dev) * ho * wo)[:, None]).flatten()
+            c = self.in_channels
+            k = self.kernel_size[0] * self.kernel_size[1] * c
+            step = s.numel() if not self.chunk_bytes else max(64, self.chunk_bytes // (k * x.element_size()))
+            step = max(1, min(step, s.numel()))
+            st = {"gather": g, "scatter": s, "skipped": skipped, "step": step,
+                  # borders stay zero: only the interior is written on each call
+                  "padded": x.new_zeros(n, hp, wp, c) if any(self.padding) else None,
+                  "cols": x.new_empty(step * (g.numel() // max(1, s.numel())), self._taps_per_chunk * c)}
+            self._batch_cache = {key: st}  # one batch size at a time keeps memory bounded
+        return st
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         if (h, w) != self.input_hw:
             raise ValueError(f"PatchSkipConv2d was built for {self.input_hw[0]}x{self.input_hw[1]} inputs "
                              f"(its position mask belongs to that resolution), got {h}x{w}")
-        kh, kw = self.kernel_size
+        st = self._batch_state(n, x)
         ph, pw = self.padding
-        hp, wp = self._padded_hw
         ho, wo = self.keep.shape
-        xp = x.new_zeros(n, hp, wp, c) if (ph or pw) else x.new_empty(n, hp, wp, c)
-        xp[:, ph:ph + h, pw:pw + w].copy_(x.permute(0, 2, 3, 1))
-        flat = xp.view(-1)
+        xp = st["padded"]
+        if xp is not None:
+            xp[:, ph:ph + h, pw:pw + w].copy_(x.permute(0, 2, 3, 1))
+        else:  # no padding: gather straight from a channels-last input, else from one NHWC copy
+            xp = x.permute(0, 2, 3, 1)
+            if not xp.is_contiguous():
+                xp = xp.contiguous()
+        flat = xp.reshape(-1)
         chunk = self._taps_per_chunk * c
         # row r of this overlapping view = `chunk` floats starting at pixel r (no copy)
         rows = flat.as_strided((flat.numel() // c - self._taps_per_chunk + 1, chunk), (c, 1))
-        gidx, sidx = self._indices(n, x.device)
+        gidx, sidx, step, cols_buf = st["gather"], st["scatter"], st["step"], st["cols"]
+        out = x.new_empty(n * ho * wo, self.out_channels)
         skip = self.skip_value.to(x.dtype)
-        out = (skip.clamp_min(0) if self.relu else skip).expand(n * ho * wo, self.out_channels).clone()
-        k = kh * kw * c
+        skip = skip.clamp_min(0) if self.relu else skip
+        # skipped rows hold the skip value; each output row is written exactly once
+        out.index_copy_(0, st["skipped"], skip.expand(st["skipped"].numel(), self.out_channels))
+        k = self.kernel_size[0] * self.kernel_size[1] * c
         taps = gidx.numel() // max(1, sidx.numel())  # gathered chunks per output row
-        step = sidx.numel() if not self.chunk_bytes else max(64, self.chunk_bytes // (k * x.element_size()))
         weight = self.gemm_weight()
         for r0 in range(0, sidx.numel(), step):  # one GEMM unless the gathered block outgrows the cache
-            cols = rows.index_select(0, gidx[r0 * taps:(r0 + step) * taps]).view(-1, k)
+            g = gidx[r0 * taps:(r0 + step) * taps]
+            cols = torch.index_select(rows, 0, g, out=cols_buf[:g.numel()]).view(-1, k)
             out.index_copy_(0, sidx[r0:r0 + step], gemm(cols, weight, self.bias, self._pack, relu=self.relu))
         return out.view(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
 

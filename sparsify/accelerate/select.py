@@ -41,6 +41,7 @@ class AccelerationReport:
     layers: list[LayerPath]
     decide: str = "measure"
     input_shapes: list = field(default_factory=list)
+    folded_bn: int = 0  # BatchNorms folded into convs that are not listed (plain conv -> BN pairs)
 
     def count(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -53,6 +54,7 @@ class AccelerationReport:
 
     def to_dict(self) -> dict:
         return {"decide": self.decide, "input_shapes": self.input_shapes, "paths": self.count(),
+                "folded_bn": self.folded_bn,
                 "layers": [asdict(r) for r in self.layers]}
 
     def to_json(self) -> str:
@@ -66,7 +68,8 @@ class AccelerationReport:
             rows.append((r.name, r.kind, r.path, "-" if r.sparsity is None else f"{100 * r.sparsity:.1f}%",
                          fmt_t(r.times_ms), r.reason))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-        lines = [f"acceleration ({self.decide}): " + ", ".join(f"{k}: {v}" for k, v in self.count().items())]
+        lines = [f"acceleration ({self.decide}): " + ", ".join(f"{k}: {v}" for k, v in self.count().items())
+                 + (f"; BN folded into {self.folded_bn} other convs" if self.folded_bn else "")]
         lines += ["  ".join([c.ljust(w) for c, w in zip(row[:-1], widths)] + [row[-1]]) for row in rows]
         return "\n".join(lines)
 

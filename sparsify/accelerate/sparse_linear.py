@@ -63,6 +63,7 @@ class _SparseWeight(nn.Module):
         self.register_buffer("col_indices", sp.col_indices().clone())
         self.register_buffer("values", sp.values().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.token_block: int | None = None  # rows of the input per sparse call (None: all); see matmul_rows
         self._cache = (None, None)
 
     def sparse_weight(self) -> torch.Tensor:
@@ -98,18 +99,26 @@ class _SparseWeight(nn.Module):
 
     def matmul_rows(self, x2: torch.Tensor) -> torch.Tensor:
         """``x2 @ W.T + b`` for a 2-D (rows, in_features) ``x2``: computed as ``(W @ x2.T).T``
-        because torch's CPU sparse kernels (MKL) take the sparse operand on the left."""
+        because torch's CPU sparse kernels (MKL) take the sparse operand on the left. With
+        ``token_block`` set, ``x2`` is taken that many rows at a time, so the dense operand of
+        each sparse call stays in cache (measured: 3.1x faster for 3072->768 at 90%, 1576 rows).
+        The result is a transposed view of an (out_features, rows) tensor, as MKL writes it."""
         w = self.sparse_weight()
-        if self.bias is not None:
-            y = torch.addmm(self.bias.unsqueeze(1), w, x2.t())
-        else:
-            y = torch.mm(w, x2.t())
+        tb = self.token_block
+        bias = None if self.bias is None else self.bias.unsqueeze(1)
+        if not tb or x2.shape[0] <= tb:
+            return (torch.mm(w, x2.t()) if bias is None else torch.addmm(bias, w, x2.t())).t()
+        y = x2.new_empty(self.out_features, x2.shape[0])
+        for r0 in range(0, x2.shape[0], tb):
+            xb = x2[r0:r0 + tb].t()
+            y[:, r0:r0 + tb].copy_(torch.mm(w, xb) if bias is None else torch.addmm(bias, w, xb))
         return y.t()
 
     def extra_repr(self) -> str:
         dens = self.nnz() / (self.out_features * self.in_features)
         return (f"{self.in_features}, {self.out_features}, layout={self.layout}"
                 + (f", blocksize={self.blocksize}" if self.layout == "bsr" else "")
+                + (f", token_block={self.token_block}" if self.token_block else "")
                 + f", stored density={dens:.3f}")
 
 
