@@ -11,8 +11,9 @@ recipe matches every activation call: ReLU, ReLU6, SiLU, GELU, Hardswish); ``"pr
 the matched node's input (the pre-activation). Explicit node names are rules matching by
 ``name``. The network input (a placeholder) is never regularized.
 
-The penalty functions are custom autograd functions that keep only the input tensor (already
-kept alive by the activation's own backward) for the backward pass: no extra activation memory.
+The penalty functions (penalty_kernels.py) are custom autograd functions that keep only the
+input tensor (already kept alive by the activation's own backward) for the backward pass, allocate
+nothing activation-sized in the forward and only the returned gradient in the backward.
 """
 from __future__ import annotations
 
@@ -23,10 +24,12 @@ import torch.fx as fx
 from torch import nn
 
 from .base import Group, GroupContext, Method, RecordsMixin, Site
+from .penalty_kernels import hoyer_square, l1_sum, tl1_sum
 from .staging import active_range, in_range, stage_at
 
 __all__ = ["tl1", "tl1_grad", "ActivationRegularizer", "ActivationRegGroup", "TL1Method",
-           "ActivationL1Method", "HoyerSquareMethod", "penalty_value", "ACTIVATION_TYPES", "ACTIVATION_OPS"]
+           "ActivationL1Method", "HoyerSquareMethod", "penalty_value", "produces_nonnegative",
+           "ACTIVATION_TYPES", "ACTIVATION_OPS"]
 
 # what the built-in recipes regularize: every common activation, as modules and as functions
 ACTIVATION_TYPES = ["ReLU", "ReLU6", "SiLU", "GELU", "Hardswish", "LeakyReLU", "Mish"]
@@ -54,80 +57,50 @@ def tl1_grad(x: torch.Tensor, a: float) -> torch.Tensor:
     return (a * (1.0 + a)) * torch.sign(x) / (d * d)
 
 
-class _TL1Sum(torch.autograd.Function):
-    """``Σ ρ_a(x)`` in float32; saves only ``x``."""
-
-    @staticmethod
-    def forward(ctx, x, a):
-        ctx.save_for_backward(x)
-        ctx.a = a
-        t = x.float().abs()
-        # (1 + a) factors out of the sum: one pass fewer
-        return (t / (t + a)).sum() * (1.0 + a)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return (tl1_grad(x.float(), ctx.a) * grad).to(x.dtype), None
+_NONNEG_MODULES = (nn.ReLU, nn.ReLU6)
+_NONNEG_FUNCTIONS = {torch.relu, torch.relu_, torch.nn.functional.relu, torch.nn.functional.relu6}
+_NONNEG_METHODS = {"relu", "relu_"}
 
 
-class _L1Sum(torch.autograd.Function):
-    """``Σ |x|`` in float32; saves only ``x``."""
+def produces_nonnegative(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node``'s output is >= 0 by construction (a ReLU/ReLU6 call): the penalty then skips ``abs``.
 
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x.float().abs().sum()
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return torch.sign(x) * grad.to(x.dtype)
-
-
-class _HoyerSquare(torch.autograd.Function):
-    """``(Σ|x|)² / Σx²`` in float32 (0 for an all-zero tensor); saves ``x`` and two scalars."""
-
-    @staticmethod
-    def forward(ctx, x):
-        xf = x.float()
-        s1 = xf.abs().sum()
-        s2 = (xf * xf).sum()
-        ctx.save_for_backward(x, s1, s2)
-        return torch.where(s2 > 0, s1 * s1 / s2.clamp_min(1e-30), torch.zeros_like(s2))
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, s1, s2 = ctx.saved_tensors
-        if float(s2) == 0.0:
-            return torch.zeros_like(x)
-        xf = x.float()
-        g = (2 * s1 / s2) * torch.sign(xf) - (2 * s1 * s1 / (s2 * s2)) * xf
-        return (g * grad).to(x.dtype)
+    >>> gm = fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+    >>> [produces_nonnegative(gm, n) for n in gm.graph.nodes if n.op == "call_module"]
+    [False, True]
+    """
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _NONNEG_MODULES)
+    if node.op == "call_function":
+        return node.target in _NONNEG_FUNCTIONS
+    return node.op == "call_method" and node.target in _NONNEG_METHODS
 
 
-def penalty_value(x: torch.Tensor, function: str, a: float = 1.0, reduction: str = "mean") -> torch.Tensor:
-    """The unweighted penalty of one activation map (float32 scalar, differentiable).
+def penalty_value(x: torch.Tensor, function: str, a: float = 1.0, reduction: str = "mean", *,
+                  weight: float = 1.0, nonneg: bool = False) -> torch.Tensor:
+    """The penalty of one activation map times ``weight`` (float32 scalar, differentiable).
 
     ``reduction``: ``"sum"`` over every element of the batch (the paper's formula), ``"mean"``
     (divided by the number of elements) or ``"batchmean"`` (divided by the batch size).
+    ``nonneg=True`` promises ``x >= 0`` (a ReLU output) and saves a pass. Computed by the
+    low-allocation kernels of :mod:`sparsify.methods.penalty_kernels` (float32 arithmetic for
+    float32/bfloat16/float16 maps; float64 maps stay float64).
 
     >>> penalty_value(torch.tensor([0.0, 1.0, 3.0]), "tl1", a=1.0, reduction="sum")
     tensor(2.5000)
     """
-    if function == "tl1":
-        v = _TL1Sum.apply(x, float(a))
-    elif function == "l1":
-        v = _L1Sum.apply(x)
-    elif function == "hoyer":
-        v = _HoyerSquare.apply(x)
-    else:
-        raise ValueError(f"unknown penalty function {function!r}")
+    scale = float(weight)
     if reduction == "mean":
-        v = v / max(x.numel(), 1)
+        scale /= max(x.numel(), 1)
     elif reduction == "batchmean":
-        v = v / max(x.shape[0] if x.dim() else 1, 1)
-    return v
+        scale /= max(x.shape[0] if x.dim() else 1, 1)
+    if function == "tl1":
+        return tl1_sum(x, a, scale, nonneg)
+    if function == "l1":
+        return l1_sum(x, scale, nonneg)
+    if function == "hoyer":
+        return hoyer_square(x, scale, nonneg)
+    raise ValueError(f"unknown penalty function {function!r}")
 
 
 class ActivationRegularizer(RecordsMixin, nn.Module):
@@ -140,17 +113,19 @@ class ActivationRegularizer(RecordsMixin, nn.Module):
     """
 
     def __init__(self, function: str = "tl1", lam: float = 1.0, a: float = 1.0, reduction: str = "mean",
-                 placement: str = "post", regularizes: str = ""):
+                 placement: str = "post", regularizes: str = "", nonneg: bool = False):
         super().__init__()
         self.function, self.lam, self.a, self.reduction = function, float(lam), float(a), reduction
         self.placement, self.regularizes = placement, regularizes
+        self.nonneg = bool(nonneg)  # the regularized value is a ReLU output: no abs needed
         self.active = True
         self.records: list[torch.Tensor] = []
 
     def forward(self, x):
         if (self.training and self.active and self.lam != 0.0 and torch.is_grad_enabled()
                 and isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel()):
-            self.records.append(self.lam * penalty_value(x, self.function, self.a, self.reduction))
+            self.records.append(penalty_value(x, self.function, self.a, self.reduction, weight=self.lam,
+                                              nonneg=self.nonneg))
         return x
 
     def pop(self) -> list[torch.Tensor]:
@@ -312,7 +287,8 @@ class _ActivationRegMethod(Method):
     def apply(self, site: Site, params) -> None:
         target = self._regularized_node(site, params["placement"])
         reg = ActivationRegularizer(self.function, params["lam"], params.get("a", 1.0), params["reduction"],
-                                    params["placement"], regularizes=target.name)
+                                    params["placement"], regularizes=target.name,
+                                    nonneg=produces_nonnegative(site.gm, target))
         new = site.insert_after(reg, self.name.replace("-", "_"), node=target)
         _make_users_out_of_place(site.gm, new)
 

@@ -1,0 +1,246 @@
+"""Penalty sums of the activation regularizers with few passes and no large temporaries.
+
+Each regularizer computes a scalar over an activation map of millions of elements in every
+training forward, and its gradient in the backward. Written as plain tensor expressions
+(``t = x.abs(); ((1 + a) * t / (a + t)).sum()``) that is three fresh activation-sized tensors in
+the forward and about six in the backward, and on CPU a fresh large tensor costs page faults
+worth ten elementwise passes (GROUND.md). So here:
+
+- on CPU the map is processed in chunks of ``CHUNK`` elements through two small work buffers
+  that are reused (one pair per thread, 2 MiB in all): every pass over a chunk hits the cache and
+  the forward allocates nothing activation-sized; the backward allocates exactly one tensor, the
+  gradient it returns;
+- on other devices (whose caching allocators make temporaries cheap, and where one kernel per
+  small chunk would be slow) the same code runs on the whole map as one chunk;
+- arithmetic is float32 whatever the activation dtype (bfloat16/float16 under autocast are
+  converted chunk by chunk); float64 inputs stay float64, so ``torch.autograd.gradcheck`` works;
+- ``nonneg=True`` (the input is a ReLU output) skips the ``abs`` and the sign handling;
+- the backward is the analytic derivative, equal to what autograd gives for the plain
+  composition, including 0 at ``x == 0`` (the subgradient ``sign(0) = 0``).
+
+Only the input tensor is saved for the backward, and the activation's own backward keeps it
+alive anyway: no extra activation memory.
+
+>>> x = torch.tensor([0.0, 1.0, 3.0], requires_grad=True)
+>>> p = tl1_sum(x, a=1.0)
+>>> p
+tensor(2.5000, grad_fn=<_TL1SumBackward>)
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch.autograd.function import once_differentiable
+
+__all__ = ["tl1_sum", "l1_sum", "hoyer_square", "CHUNK"]
+
+# elements per CPU chunk: two float32 work buffers of this size (2 MiB) stay in L2/L3 while the
+# three or four passes of one chunk run; much smaller chunks pay Python overhead per op
+CHUNK = 1 << 18
+
+_INF = float("inf")
+_local = threading.local()
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _work(k: int, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The k-th work buffer (``n`` elements). Per thread, because DataParallel replicas share modules."""
+    if device.type != "cpu":
+        return torch.empty(n, dtype=dtype, device=device)
+    bufs = _local.__dict__.setdefault("bufs", {})
+    b = bufs.get((k, dtype))
+    if b is None or b.numel() < n:
+        b = bufs[(k, dtype)] = torch.empty(max(n, CHUNK), dtype=dtype)
+    return b[:n]
+
+
+def _flat(t: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor | None:
+    """A 1-D view of ``t`` in memory order (the order of ``like``'s strides), or None if there is none."""
+    if like is None and t.is_contiguous():
+        return t.view(-1)
+    ref = like if like is not None else t
+    order = sorted(range(ref.dim()), key=lambda d: -ref.stride(d))
+    p = t.permute(order)
+    return p.view(-1) if p.is_contiguous() else None
+
+
+def _chunk_size(x: torch.Tensor) -> int:
+    return CHUNK if x.device.type == "cpu" else max(x.numel(), 1)
+
+
+def _reduce(x: torch.Tensor, per_chunk) -> torch.Tensor:
+    """``Σ_chunks per_chunk(src, w)``: src = the chunk in the compute dtype, w = a work buffer."""
+    cdt = _compute_dtype(x)
+    flat = _flat(x)
+    if flat is None:  # not dense in any order (a strided view): one copy
+        flat = x.contiguous().view(-1)
+    n, size = flat.numel(), _chunk_size(x)
+    parts = torch.empty((n + size - 1) // size, dtype=cdt, device=x.device)
+    for i, start in enumerate(range(0, n, size)):
+        c = flat[start:start + size]
+        w0, w1 = _work(0, c.numel(), cdt, x.device), _work(1, c.numel(), cdt, x.device)
+        if c.dtype != cdt:
+            w0.copy_(c)
+            c = w0
+        torch.sum(per_chunk(c, w0, w1), 0, out=parts[i])
+    return parts.sum()
+
+
+def _map(x: torch.Tensor, per_chunk) -> torch.Tensor:
+    """A tensor like ``x`` (dtype, strides) whose chunks are ``per_chunk(src, dst, w)`` computed in
+    the compute dtype (src: the chunk of x; dst: where to write; w: a spare work buffer)."""
+    cdt = _compute_dtype(x)
+    out = torch.empty_like(x)
+    fx, fo = _flat(x), _flat(out, like=x)
+    if fx is None or fo is None:
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        fx, fo = x.view(-1), out.view(-1)
+    n, size = fx.numel(), _chunk_size(x)
+    for start in range(0, n, size):
+        c, o = fx[start:start + size], fo[start:start + size]
+        m = c.numel()
+        if c.dtype != cdt:
+            c = _work(1, m, cdt, x.device).copy_(c)
+        dst = o if o.dtype == cdt else _work(0, m, cdt, x.device)
+        per_chunk(c, dst, _work(2, m, cdt, x.device))
+        if dst is not o:
+            o.copy_(dst)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformed-ℓ1: Σ (1 + a)|x| / (a + |x|)
+# ---------------------------------------------------------------------------------------------
+
+class _TL1Sum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, a, scale, nonneg):
+        ctx.save_for_backward(x)
+        ctx.a, ctx.scale, ctx.nonneg = a, scale, nonneg
+
+        def chunk(c, w0, w1):
+            if not nonneg:
+                c = torch.abs(c, out=w0)
+            torch.add(c, a, out=w1)
+            return torch.div(c, w1, out=w1)  # |x| / (a + |x|): no cancellation for small |x|
+
+        # (1 + a) and the reduction's scale factor out of the sum
+        return _reduce(x, chunk) * ((1.0 + a) * scale)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        a, nonneg = ctx.a, ctx.nonneg
+        k = grad * (a * (1.0 + a) * ctx.scale)  # a 0-dim tensor: no device sync
+
+        def chunk(c, dst, w):
+            # dρ/dx = a(1+a)·sign(x)/(a+|x|)²; |x| = 0 becomes inf first, so the power gives 0 there
+            if nonneg:
+                torch.threshold(c, 0.0, _INF, out=dst)
+            else:
+                torch.abs(c, out=dst)
+                torch.threshold(dst, 0.0, _INF, out=dst)
+            dst.add_(a).pow_(-2).mul_(k)
+            if not nonneg:
+                dst.copysign_(c)
+
+        return _map(x, chunk), None, None, None
+
+
+def tl1_sum(x: torch.Tensor, a: float = 1.0, scale: float = 1.0, nonneg: bool = False) -> torch.Tensor:
+    """``scale · Σ (1 + a)|x| / (a + |x|)`` as a float32 scalar (float64 for float64 ``x``).
+
+    ``nonneg=True`` promises ``x >= 0`` (a ReLU output): one pass fewer each way.
+
+    >>> float(tl1_sum(torch.tensor([0.0, 1.0, 3.0]), a=1.0))
+    2.5
+    """
+    return _TL1Sum.apply(x, float(a), float(scale), bool(nonneg))
+
+
+# ---------------------------------------------------------------------------------------------
+# ℓ1: Σ |x|
+# ---------------------------------------------------------------------------------------------
+
+def _abs_sum(x: torch.Tensor, nonneg: bool) -> torch.Tensor:
+    cdt = _compute_dtype(x)
+    if x.dtype == cdt:  # one pass, no temporary: the norm kernel reduces |x| directly
+        return x.sum() if nonneg else torch.linalg.vector_norm(x, 1)
+    return _reduce(x, lambda c, w0, w1: c if nonneg else torch.abs(c, out=w0))
+
+
+class _L1Sum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, nonneg):
+        ctx.save_for_backward(x)
+        ctx.scale = scale
+        return _abs_sum(x, nonneg) * scale
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        k = grad * ctx.scale
+
+        def chunk(c, dst, w):
+            torch.sign(c, out=dst).mul_(k)
+
+        return _map(x, chunk), None, None
+
+
+def l1_sum(x: torch.Tensor, scale: float = 1.0, nonneg: bool = False) -> torch.Tensor:
+    """``scale · Σ |x|`` as a float32 scalar (float64 for float64 ``x``).
+
+    >>> float(l1_sum(torch.tensor([-1.0, 0.0, 2.0])))
+    3.0
+    """
+    return _L1Sum.apply(x, float(scale), bool(nonneg))
+
+
+# ---------------------------------------------------------------------------------------------
+# Hoyer-square: (Σ|x|)² / Σx²
+# ---------------------------------------------------------------------------------------------
+
+def _square_sum(x: torch.Tensor) -> torch.Tensor:
+    # not vector_norm(x, 2)²: the square of the rounded root is off in the last bit
+    return _reduce(x, lambda c, w0, w1: torch.mul(c, c, out=w1))
+
+
+class _HoyerSquare(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, nonneg):
+        s1, s2 = _abs_sum(x, nonneg), _square_sum(x)
+        ctx.save_for_backward(x, s1, s2)
+        ctx.scale = scale
+        # 0 for an all-zero map (its limit along any ray is undefined; 0 keeps the loss finite)
+        return torch.where(s2 > 0, s1 * s1 / s2.clamp_min(1e-30), torch.zeros_like(s2)) * scale
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, s1, s2 = ctx.saved_tensors
+        if float(s2) == 0.0:
+            return torch.zeros_like(x), None, None
+        r = s1 / s2
+        k1 = grad * (2.0 * ctx.scale) * r  # d/dx = 2 r·sign(x) - 2 r²·x, r = Σ|x| / Σx²
+        k2 = -k1 * r
+
+        def chunk(c, dst, w):
+            torch.sign(c, out=dst).mul_(k1).addcmul_(c, k2)
+
+        return _map(x, chunk), None, None
+
+
+def hoyer_square(x: torch.Tensor, scale: float = 1.0, nonneg: bool = False) -> torch.Tensor:
+    """``scale · (Σ|x|)² / Σx²`` as a float32 scalar (float64 for float64 ``x``; 0 if ``x`` is all zero).
+
+    >>> float(hoyer_square(torch.tensor([1.0, 0.0, -1.0])))
+    2.0
+    """
+    return _HoyerSquare.apply(x, float(scale), bool(nonneg))
