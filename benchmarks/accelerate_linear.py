@@ -66,7 +66,8 @@ def main(argv=None):
     for sparsity in (0.9, 0.95):
         for batch in (1, 8):
             x = torch.randn(batch, 197, 768)
-            m = sparsify.sparsify(dense, "st3", sparsity=sparsity, begin=0, end=0, fix=None, example_inputs=x)
+            m = sparsify.sparsify(dense, "st3", sparsity=sparsity, begin=0, end=0, fix=None, example_inputs=x,
+                                  copy=True)
             final = sparsify.finalize(m)
             fast = sparsify.finalize(m, accelerate=True)
             paths = fast.acceleration.count()

@@ -16,6 +16,7 @@ import sparsify
 from sparsify.accelerate import (AccelerationError, PatchSkipConv2d, SparseConv1x1, SparseLinear, accelerate,
                                  fold_bn, supports_patch_skip)
 from sparsify.accelerate.convert import _bsr_block
+from sparsify.accelerate.fold import PositionFill, folded_conv
 from sparsify.accelerate.select import choose
 from sparsify.finalize import outputs_close
 from sparsify.methods.semistructured import PositionMask
@@ -199,3 +200,90 @@ def test_finalize_accelerate_takes_example_inputs_given_to_finalize():
     fast = sparsify.finalize(m, torch.randn(3, 4), accelerate=True)
     assert fast.acceleration.input_shapes == [[3, 4]]
     assert fast.acceleration.path_of("0") == "dense"
+
+
+def test_patch_skip_conv_reuses_its_buffers_without_stale_values():
+    """The padded input and gather buffers live across calls (no fresh 7 MB tensors per call at
+    batch 8); each call still computes from its own input, any batch size, padded or not."""
+    for padding in (1, 0):
+        conv = nn.Conv2d(4, 6, 3, padding=padding).eval()
+        bn = _random_bn(6)
+        hw = (9, 9)
+        keep = torch.rand(9 - 2 * (1 - padding), 9 - 2 * (1 - padding)) > 0.3
+        keep[0, 0] = False
+        fast = PatchSkipConv2d.from_conv(conv, keep, bn, input_hw=hw)
+        fast.chunk_bytes = 4 * 9 * 4 * 7  # row blocks of 7 rows: several GEMMs per call
+        with torch.no_grad():
+            buffers = set()
+            for batch in (2, 2, 3, 3):
+                x = torch.randn(batch, 4, *hw) * 10
+                assert torch.allclose(fast(x), bn(conv(x) * keep), atol=1e-4, rtol=1e-5)
+                nchw = fast(x.contiguous(memory_format=torch.channels_last))
+                assert torch.equal(nchw, fast(x))
+                st = next(iter(fast._batch_cache.values()))
+                buffers.add((batch, st["cols"].data_ptr()))
+            assert len(buffers) == 2  # built when the batch size changes, not on every call
+
+
+def test_accelerate_folds_batchnorm_into_the_convs_that_stay_dense():
+    x = torch.randn(2, 3, 32, 32)
+    m = _semi_structured_resnet(x)
+    plain = sparsify.finalize(m)
+    never = sparsify.finalize(m, x, accelerate={"decide": "never"})
+    masked = sum(isinstance(mod, PositionMask) for mod in plain.modules())
+    assert not any(isinstance(mod, (nn.BatchNorm2d, PositionMask)) for mod in never.modules())
+    assert sum(isinstance(mod, PositionFill) for mod in never.modules()) == masked
+    # resnet18 has 20 BNs; those after a mask are listed with their conv, the rest (downsample
+    # BNs, and layer4's at 32x32, whose 1x1 outputs keep their one position) are counted
+    assert never.acceleration.folded_bn == 20 - masked
+    assert all("BN folded" in r.reason for r in never.acceleration.layers if r.kind.endswith("3x3"))
+    assert f"BN folded into {20 - masked} other convs" in str(never.acceleration)
+    kept_bn = sparsify.finalize(m, x, accelerate={"decide": "never", "fold_bn": False})
+    assert sum(isinstance(mod, nn.BatchNorm2d) for mod in kept_bn.modules()) == 20
+    with torch.no_grad():
+        for xb in (x, torch.randn(3, 3, 32, 32)):
+            assert outputs_close(plain(xb), never(xb))[0]
+            assert torch.equal(plain(xb), kept_bn(xb))
+
+
+def test_position_fill_writes_bn_of_zero_at_skipped_positions_in_both_layouts():
+    conv, bn = nn.Conv2d(3, 5, 3, padding=1).eval(), _random_bn(5)
+    keep = torch.rand(6, 6) > 0.5
+    keep[0, 0] = False
+    dense = nn.Sequential(folded_conv(conv, bn), PositionFill(keep, fold_bn(conv.weight, None, bn)[1]))
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        expected = bn(conv(x) * keep)
+        assert torch.allclose(dense(x), expected, atol=1e-5)
+        cl = dense.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+        assert torch.allclose(cl, expected, atol=1e-5)
+        with pytest.raises(ValueError, match="built for"):
+            dense(torch.randn(1, 3, 7, 7))
+
+
+def test_sparse_linear_row_blocks_equal_one_call():
+    lin = nn.Linear(48, 40)
+    with torch.no_grad():
+        lin.weight.mul_(torch.rand_like(lin.weight) > 0.9)
+    fast = SparseLinear.from_linear(lin, "csr")
+    x = torch.randn(3, 23, 48)
+    whole = fast(x)
+    fast.token_block = 8  # 69 rows: 8 full blocks and a partial one
+    assert torch.allclose(fast(x), whole, atol=1e-6) and torch.allclose(whole, lin(x), atol=1e-5)
+    # the output is a transposed view; a following sparse layer takes it as is
+    nxt = SparseLinear.from_linear(nn.Linear(40, 16), "csr")
+    nxt.token_block = 16
+    assert torch.allclose(nxt(fast(x)), nxt(whole.contiguous()), atol=1e-5)
+    assert "token_block=8" in repr(fast)
+
+
+def test_measured_csr_choice_tries_row_blocks_on_many_rows():
+    mlp = nn.Sequential(nn.Linear(64, 128))
+    with torch.no_grad():
+        mlp[0].weight.mul_(torch.rand_like(mlp[0].weight) > 0.9)
+    fast = accelerate(mlp, torch.randn(4, 100, 64))  # 400 rows: blocks of 128 and 32 are timed
+    row = fast.acceleration.layers[0]
+    assert {"dense", "csr", "csr/128", "csr/32"} <= set(row.times_ms)
+    assert row.path in ("dense", "csr")
+    few = accelerate(mlp, torch.randn(2, 64))
+    assert set(few.acceleration.layers[0].times_ms) <= {"dense", "csr"}
