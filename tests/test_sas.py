@@ -73,6 +73,9 @@ CONV_CASES = [  # (cin, cout, kernel, stride, padding, dilation, groups)
     (8, 8, 3, 1, 2, 2, 8),   # depthwise, dilated
     (4, 6, 1, 1, 0, 1, 2),
     (5, 3, (3, 1), (2, 1), (1, 0), 1, 1),
+    (6, 5, 1, 2, 0, 1, 1),   # strided 1x1 (ResNet downsample): only the positions read are projected
+    (6, 6, 1, (2, 3), 0, 3, 3),
+    (6, 6, 1, 2, 1, 1, 6),   # strided 1x1 with padding, depthwise: the ordinary paths
 ]
 
 
@@ -81,9 +84,11 @@ def _sas_conv(cin, cout, k, s, p, d, g, bias=True):
     return SASConv2d(cin, cout, k, stride=s, padding=p, dilation=d, groups=g, bias=bias)
 
 
+@pytest.mark.parametrize("recompute", [True, False])
 @pytest.mark.parametrize("case", CONV_CASES)
-def test_conv_equals_official_and_two_convs(case):
+def test_conv_equals_official_and_two_convs(case, recompute):
     layer = _sas_conv(*case)
+    layer.sas_recompute = recompute
     cin, _, _, s, p, d, g = case
     kw = dict(stride=s, padding=p, dilation=d, groups=g)
     x = torch.randn(2, cin, 9, 8)
@@ -117,14 +122,55 @@ def test_conv1d_conv3d_and_no_bias():
                  _grads(lambda x, w, b: official_conv(x, w, b, stride=2), x, c3.weight, c3.bias))
 
 
+@pytest.mark.parametrize("recompute", [True, False])
 @pytest.mark.parametrize("shape", [(7, 6), (2, 3, 6), (2, 2, 3, 6)])
-def test_linear_any_rank_equals_official(shape):
+def test_linear_any_rank_equals_official(shape, recompute):
     torch.manual_seed(1)
-    lin = SASLinear(6, 4)
+    lin = SASLinear(6, 4, recompute=recompute)
     x = torch.randn(*shape)
+    x[0, ..., :2] = 0.0
     ref = _grads(lambda x, w, b: official_linear(x.reshape(-1, 6), w, b).reshape(*shape[:-1], 4),
                  x, lin.weight, lin.bias)
     _assert_same(_grads(lambda x, w, b: _with(lin, w, b)(x), x, lin.weight, lin.bias), ref)
+
+
+def test_shared_workspace_never_leaks_into_results():
+    """Every SAS layer projects into one per-thread scratch buffer: a layer applied twice before one
+    backward still gets the official gradients, and an output survives the next layer's forward."""
+    torch.manual_seed(5)
+    conv, lin = SASConv2d(4, 4, 3, padding=1), SASLinear(4, 3)
+    x = torch.randn(2, 4, 6, 6)
+    x[0, 0, 0] = 0.0
+
+    def ours(x, wc, bc, wl, bl):
+        c = _with(conv, wc, bc)
+        return _with(lin, wl, bl)(c(c(x)).mean((2, 3)))
+
+    def official(x, wc, bc, wl, bl):
+        h = official_conv(official_conv(x, wc, bc, padding=1), wc, bc, padding=1)
+        return official_linear(h.mean((2, 3)), wl, bl)
+    params = (conv.weight, conv.bias, lin.weight, lin.bias)
+    _assert_same(_grads(ours, x, *params), _grads(official, x, *params))
+    y = conv(x).detach()
+    kept = y.clone()
+    conv(torch.randn(3, 4, 9, 9))
+    assert torch.equal(y, kept)
+
+
+def test_layers_in_threads_get_their_own_workspace():
+    from concurrent.futures import ThreadPoolExecutor
+    torch.manual_seed(6)
+    layer = SASConv2d(4, 5, 3, padding=1)
+    xs = [torch.randn(2, 4, 8, 8) for _ in range(3)]
+    ref = [_grads(lambda x, w, b: official_conv(x, w, b, padding=1), x, layer.weight, layer.bias) for x in xs]
+
+    def work(i):
+        return [_grads(lambda x, w, b: _with(layer, w, b)(x), xs[i], layer.weight, layer.bias) for _ in range(15)]
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(work, range(3)))
+    for i, runs in enumerate(results):
+        for r in runs:
+            _assert_same(r, ref[i])
 
 
 def test_official_initialisation_and_state_dict_layout():
@@ -260,11 +306,11 @@ def test_slot_rule_errors_and_registration():
         def identity_coefficients(self):
             return [-1.0, 1.0]
 
-        def project(self, x, dim):
-            return super(SignRule, self).project(x, dim)
+        def project(self, x, dim, out=None):
+            return super(SignRule, self).project(x, dim, out)
 
-        def project_backward(self, x, grads):
-            return super(SignRule, self).project_backward(x, grads)
+        def project_backward(self, x, grads, slots=None):
+            return super(SignRule, self).project_backward(x, grads, slots)
 
     layer = SASLinear(4, 2, slot_rule="test_swapped")
     x = torch.randn(3, 4) * 3

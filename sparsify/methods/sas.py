@@ -21,6 +21,7 @@ Three parts:
 from __future__ import annotations
 
 import math
+import threading
 from statistics import NormalDist
 
 import torch
@@ -67,13 +68,19 @@ class SlotRule:
     def identity_coefficients(self) -> list[float]:
         raise NotImplementedError
 
-    def project(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        """The slots stacked along a new dimension ``dim`` (no autograd)."""
-        return torch.stack(self.slots(x), dim)
+    def project(self, x: torch.Tensor, dim: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The slots stacked along a new dimension ``dim`` (no autograd), written into ``out``
+        (shaped like the result) when given."""
+        slots = torch.stack(self.slots(x), dim)
+        return slots if out is None else out.copy_(slots)
 
-    def project_backward(self, x: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
+    def project_backward(self, x: torch.Tensor | None, grads: list[torch.Tensor],
+                         slots: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Gradient w.r.t. ``x`` given the gradient of each slot (by recomputing the slots); may
-        overwrite ``grads``."""
+        overwrite ``grads``. ``x`` may be None when the ``slots`` are given (x is rebuilt from
+        them with the identity coefficients: exact, at most one slot is non-zero)."""
+        if x is None:
+            x = sum(c * s for c, s in zip(self.identity_coefficients(), slots) if c)
         with torch.enable_grad():
             xd = x.detach().requires_grad_(True)
             return torch.autograd.grad(self.slots(xd), xd, grads)[0]
@@ -109,20 +116,29 @@ class SignRule(SlotRule):
     def identity_coefficients(self):
         return [1.0, -1.0]
 
-    def project(self, x, dim):
-        shape = list(x.shape)
-        shape.insert(dim % (x.dim() + 1), 2)
-        out = x.new_empty(shape)
+    def project(self, x, dim, out=None):
+        if out is None:
+            shape = list(x.shape)
+            shape.insert(dim % (x.dim() + 1), 2)
+            out = x.new_empty(shape)
         pos, neg = out.unbind(dim)
         torch.clamp_min(x, 0, out=pos)
-        torch.clamp_max(x, 0, out=neg)
-        neg.neg_()
+        # relu(-x) = relu(x) - x exactly (one of the two terms is 0): one pass instead of clamp + neg
+        torch.sub(pos, x, out=neg)
         return out
 
-    def project_backward(self, x, grads):
+    def project_backward(self, x, grads, slots=None):
         gpos, gneg = grads
-        # relu'(0) = 0 for both slots, as autograd (and the official |x|·mask code) gives
-        return torch.where(x > 0, gpos, torch.where(x < 0, gneg.neg_(), 0.0))
+        # relu'(0) = 0 for both slots, as autograd (and the official |x|·mask code) gives. Two
+        # vectorized masking kernels and a subtraction: torch.where is ~50x slower on this CPU and
+        # float masks would cost a pass each
+        if x is None:  # x > 0 <=> slot 0 > 0, x < 0 <=> slot 1 > 0
+            gx = torch.ops.aten.threshold_backward(gpos, slots[0], 0)
+            torch.ops.aten.threshold_backward.grad_input(gneg, slots[1], 0, grad_input=gneg)
+        else:
+            gx = torch.ops.aten.threshold_backward(gpos, x, 0)
+            torch.ops.aten.hardtanh_backward.grad_input(gneg, x, -math.inf, 0.0, grad_input=gneg)
+        return gx.sub_(gneg)
 
 
 class SignedLevelsRule(SlotRule):
@@ -224,14 +240,40 @@ def make_slot_rule(name: str, m: int, options: dict | None = None) -> SlotRule:
 
 
 # --------------------------------------------------------------------------------------------
-# layouts and the memory-lean autograd function
+# the autograd function: slots in a reused workspace, one conv/matmul, only x kept
 # --------------------------------------------------------------------------------------------
 
-def _flat_view(x: torch.Tensor, linear: bool) -> torch.Tensor:
-    """``x`` as ``(N, C, S)`` (channels/features in the middle, positions last)."""
-    if linear:
-        return x.reshape(-1, x.shape[-1], 1)
-    return x.reshape(x.shape[0], x.shape[1], -1)
+_WORKSPACES = threading.local()
+
+
+def _workspace(shape, like: torch.Tensor, index: int = 0) -> torch.Tensor:
+    """Scratch space of ``shape`` for slots and slot gradients that never leave the layer.
+
+    On CPU one buffer per thread, dtype and ``index``, grown as needed and shared by every SAS
+    layer (each use ends before the next layer's starts; the backward recomputes the slots into
+    it): a fresh multi-MB tensor costs a page fault per 4 kB on its first write on this project's
+    CPU, more than the elementwise pass itself (docs/performance.md). Other devices get a fresh
+    tensor (their caching allocators make that cheap). Free with :func:`release_workspaces`.
+    """
+    if like.device.type != "cpu":
+        return like.new_empty(shape)
+    bufs = getattr(_WORKSPACES, "bufs", None)
+    if bufs is None:
+        bufs = _WORKSPACES.bufs = {}
+    numel = math.prod(shape)
+    key = (index, like.dtype)
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = bufs[key] = torch.empty(numel, dtype=like.dtype)
+    return buf[:numel].view(shape)
+
+
+def release_workspaces() -> None:
+    """Free the calling thread's SAS scratch buffers (M x the largest SAS layer input it has seen).
+
+    >>> release_workspaces()
+    """
+    _WORKSPACES.bufs = {}
 
 
 def _autocast_dtype(x: torch.Tensor):
@@ -243,105 +285,131 @@ def _autocast_dtype(x: torch.Tensor):
 
 def _per_slot(linear: bool, groups: int, x_shape) -> bool:
     """Depthwise convs run one narrow conv per slot (a depthwise kernel, 2-4x faster on CPU than one
-    grouped conv with m inputs per group); other convs one conv over the interleaved slots, which
-    beat two narrow convs in the ResNet-18 training step (benchmarks/sas_train_step.py)."""
+    grouped conv with m inputs per group); other convs one conv over the interleaved slots (the
+    official layout, so the weight and its gradient need no reshuffling)."""
     return not linear and groups > 1 and groups == x_shape[1]
 
 
-def _conv_slots(slots, weight, bias, x_shape, conf):
+def _pointwise_subsample(conf, kernel) -> tuple | None:
+    """For a 1x1 conv without padding and with stride > 1 (ResNet downsample shortcuts): the index
+    that picks the input positions it reads. Projecting only those (1/stride² of the input) and
+    running the conv with stride 1 gives the same outputs; the official code projects everything."""
+    linear, stride, padding, _, _ = conf
+    if linear or any(k != 1 for k in kernel) or any(padding) or all(s == 1 for s in stride):
+        return None
+    return (slice(None), slice(None)) + tuple(slice(None, None, s) for s in stride)
+
+
+def _slot_dim(linear: bool, per_slot: bool, ndim: int) -> int:
+    """Where the slot axis goes: last for Linear (interleaved features), after the channels for
+    convs (the official interleaved layout), first for per-slot depthwise convs."""
+    return ndim if linear else 0 if per_slot else 2
+
+
+def _conv_slots(slots, weight, bias, conf):
     """Σ_k conv(slot_k, W[:, k::m]) (+ b): one narrow conv per slot."""
     _, stride, padding, dilation, groups = conf
     m = slots.shape[0]
     out = None
     for k in range(m):
-        y = torch.convolution(slots[k].reshape(x_shape), weight[:, k::m], bias if k == 0 else None,
+        y = torch.convolution(slots[k], weight[:, k::m], bias if k == 0 else None,
                               stride, padding, dilation, False, [0] * len(stride), groups)
         out = y if out is None else out.add_(y)
     return out
 
 
 class _SASFunction(torch.autograd.Function):
-    """SAS layer forward/backward without the official zeros tensor and masks: one conv/matmul over
-    the interleaved slots (depthwise convs: one narrow conv per slot). For the backward it keeps the
-    slots (M x the input), or with ``recompute`` only ``x``, recomputing the slots (one elementwise
-    pass) in the backward."""
+    """SAS layer forward/backward without the official zeros tensor and masks: the slots are
+    written into a reused workspace (:func:`_workspace`) and one conv/matmul runs over them (the
+    official interleaved layout; depthwise convs: one narrow conv per slot; strided 1x1 convs:
+    only the positions they read). For the backward it keeps only ``x`` (``recompute``), projecting
+    again into the workspace there, or a fresh copy of the slots."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, rule, conf, recompute):
-        linear = conf[0]
         cast = _autocast_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            xc = x if cast is None else x.to(cast)
             w = weight if cast is None else weight.to(cast)
             b = bias if cast is None or bias is None else bias.to(cast)
-            # (N, C, m, S) is the official interleaved layout; (m, N, C, S) gives contiguous slots
-            per_slot = _per_slot(linear, conf[4], x.shape)
-            slots = rule.project(_flat_view(xc, linear), 0 if per_slot else 2)
+            xe, conf_e = _SASFunction._effective(x if cast is None else x.to(cast), conf, weight.shape)
+            linear, stride, padding, dilation, groups = conf_e
+            per_slot = _per_slot(linear, groups, xe.shape)
+            slots = _SASFunction._project(rule, xe, linear, per_slot, fresh=not recompute)
             if linear:
-                out = F.linear(slots.reshape(*x.shape[:-1], -1), w, b)
+                out = F.linear(slots.flatten(-2), w, b)
             elif per_slot:
-                out = _conv_slots(slots, w, b, x.shape, conf)
+                out = _conv_slots(slots, w, b, conf_e)
             else:
-                _, stride, padding, dilation, groups = conf
-                wide = slots.reshape(x.shape[0], -1, *x.shape[2:])
-                out = torch.convolution(wide, w, b, stride, padding, dilation, False, [0] * len(stride), groups)
-        # x is rebuilt from the kept slots (x = Σ identity_coefficient_k · slot_k, exact: one slot is non-zero)
+                out = torch.convolution(slots.flatten(1, 2), w, b, stride, padding, dilation, False,
+                                        [0] * len(stride), groups)
         ctx.save_for_backward(x if recompute else None, weight, bias, None if recompute else slots)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        ctx.rule, ctx.conf, ctx.cast = rule, conf, cast
+        ctx.rule, ctx.conf, ctx.conf_e, ctx.per_slot, ctx.cast = rule, conf, conf_e, per_slot, cast
         return out
+
+    @staticmethod
+    def _effective(x, conf, wshape):
+        """The input positions the layer reads and the conv settings for them."""
+        index = _pointwise_subsample(conf, wshape[2:])
+        if index is None:
+            return x, conf
+        linear, stride, padding, dilation, groups = conf
+        return x[index], (linear, [1] * len(stride), padding, dilation, groups)
+
+    @staticmethod
+    def _project(rule, xe, linear: bool, per_slot: bool, fresh: bool):
+        dim = _slot_dim(linear, per_slot, xe.dim())
+        shape = list(xe.shape)
+        shape.insert(dim, rule.m)
+        return rule.project(xe, dim, xe.new_empty(shape) if fresh else _workspace(shape, xe))
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, bias, slots = ctx.saved_tensors
-        rule, cast, conf = ctx.rule, ctx.cast, ctx.conf
-        linear, stride, padding, dilation, groups = conf
+        rule, cast, per_slot = ctx.rule, ctx.cast, ctx.per_slot
+        linear, stride, padding, dilation, groups = ctx.conf_e
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and bias is not None
         w = weight if cast is None else weight.to(cast)
         m = rule.m
-        x_shape = ctx.x_shape
-        per_slot = _per_slot(linear, groups, x_shape)
-        dim = 0 if per_slot else 2
-        if slots is None:
-            xv = _flat_view(x if cast is None else x.to(cast), linear)
-            slots = rule.project(xv, dim)
-        elif need_x:
-            coeff = rule.identity_coefficients()
-            xv = sum(c * s for c, s in zip(coeff, slots.unbind(dim)) if c)
+        xe = None
+        if x is not None:
+            xe = _SASFunction._effective(x if cast is None else x.to(cast), ctx.conf, weight.shape)[0]
+            slots = _SASFunction._project(rule, xe, linear, per_slot, fresh=False)
+        dim = _slot_dim(linear, per_slot, slots.dim() - 1)
         grad = grad.to(slots.dtype)
-        gx = gw = gb = None
+        gx = gw = gb = gslots = None
         if linear:
             g2 = grad.reshape(-1, grad.shape[-1])
-            if need_x:
-                gx = rule.project_backward(xv, list((g2 @ w).reshape(slots.shape).unbind(2)))
-            gw = g2.t() @ slots.reshape(g2.shape[0], -1) if need_w else None
+            s2 = slots.reshape(g2.shape[0], -1)
+            gw = g2.t() @ s2 if need_w else None
             gb = g2.sum(0) if need_b else None
-        elif not per_slot:
-            wide = slots.reshape(x_shape[0], -1, *x_shape[2:])
-            gi, gw, gb = torch.ops.aten.convolution_backward(
-                grad, wide, w, [w.shape[0]] if bias is not None else None, stride, padding, dilation, False,
-                [0] * len(stride), groups, [need_x, need_w, need_b])
-            del wide, slots
             if need_x:
-                gx = rule.project_backward(xv, list(gi.reshape(xv.shape[:2] + (m,) + xv.shape[2:]).unbind(2)))
+                gslots = torch.mm(g2, w, out=_workspace(s2.shape, s2, 1)).view(slots.shape).unbind(dim)
+        elif not per_slot:
+            gi, gw, gb = torch.ops.aten.convolution_backward(
+                grad, slots.flatten(1, 2), w, [w.shape[0]] if bias is not None else None, stride, padding,
+                dilation, False, [0] * len(stride), groups, [need_x, need_w, need_b])
+            gslots = gi.view(slots.shape).unbind(dim) if need_x else None
         else:
             gslots, gws = [], []
             for k in range(m):
                 gi, gwk, gbk = torch.ops.aten.convolution_backward(
-                    grad, slots[k].reshape(x_shape), w[:, k::m], [w.shape[0]] if bias is not None else None,
+                    grad, slots[k], w[:, k::m], [w.shape[0]] if bias is not None else None,
                     stride, padding, dilation, False, [0] * len(stride), groups, [need_x, need_w, need_b and k == 0])
-                gslots.append(gi.reshape(slots.shape[1:]) if need_x else None)
+                gslots.append(gi)
                 gws.append(gwk)
                 if k == 0:
                     gb = gbk
-            del slots
-            if need_x:
-                gx = rule.project_backward(xv, gslots)
             if need_w:
                 gw = torch.stack(gws, 2).flatten(1, 2)
-        if gx is not None:
-            gx = gx.reshape(x_shape).to(ctx.x_dtype)
+        if need_x:
+            gx = rule.project_backward(xe, list(gslots), None if xe is not None else list(slots.unbind(dim)))
+            if gx.shape != ctx.x_shape:  # strided 1x1 conv: the positions it does not read get 0
+                full = gx.new_zeros(ctx.x_shape)
+                full[_pointwise_subsample(ctx.conf, weight.shape[2:])] = gx
+                gx = full
+            gx = gx.to(ctx.x_dtype)
         if gw is not None:
             gw = gw.to(weight.dtype)
         if gb is not None:
