@@ -102,17 +102,21 @@ class _SparseWeight(nn.Module):
         because torch's CPU sparse kernels (MKL) take the sparse operand on the left. With
         ``token_block`` set, ``x2`` is taken that many rows at a time, so the dense operand of
         each sparse call stays in cache (measured: 3.1x faster for 3072->768 at 90%, 1576 rows).
-        The result is a transposed view of an (out_features, rows) tensor, as MKL writes it."""
+        In one call the result is a transposed view of the (out_features, rows) tensor MKL writes;
+        in row blocks it is contiguous."""
         w = self.sparse_weight()
         tb = self.token_block
         bias = None if self.bias is None else self.bias.unsqueeze(1)
         if not tb or x2.shape[0] <= tb:
             return (torch.mm(w, x2.t()) if bias is None else torch.addmm(bias, w, x2.t())).t()
-        y = x2.new_empty(self.out_features, x2.shape[0])
+        # rows-major result and a contiguous (in, block) operand per call: a chain of sparse layers
+        # (an MLP) then never hands MKL a strided operand it would copy (measured: 69 vs 83 ms
+        # for a 768-3072-768 MLP at 1576 rows, 1 thread, against a (out, rows) result)
+        y = x2.new_empty(x2.shape[0], self.out_features)
         for r0 in range(0, x2.shape[0], tb):
-            xb = x2[r0:r0 + tb].t()
-            y[:, r0:r0 + tb].copy_(torch.mm(w, xb) if bias is None else torch.addmm(bias, w, xb))
-        return y.t()
+            xb = x2[r0:r0 + tb].t().contiguous()
+            y[r0:r0 + tb].copy_((torch.mm(w, xb) if bias is None else torch.addmm(bias, w, xb)).t())
+        return y
 
     def extra_repr(self) -> str:
         dens = self.nnz() / (self.out_features * self.in_features)
