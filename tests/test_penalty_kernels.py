@@ -68,6 +68,16 @@ def test_gradcheck_in_float64(function, reduction, nonneg, small_chunks):
 
 
 @pytest.mark.parametrize("function", ["tl1", "l1", "hoyer"])
+@pytest.mark.parametrize("upstream", [-2.5, 0.0])
+def test_any_upstream_gradient_scales_the_result(function, upstream, small_chunks):
+    x = with_zeros((5, 9)).requires_grad_()
+    go = torch.tensor(upstream)
+    g, = torch.autograd.grad(penalty_value(x, function, A, "sum"), x, grad_outputs=go)
+    g_ref, = torch.autograd.grad(composition(x, function, "sum"), x, grad_outputs=go)
+    torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("function", ["tl1", "l1", "hoyer"])
 def test_weight_and_batchmean_scale_value_and_gradient(function):
     x = with_zeros((4, 6)).requires_grad_()
     v = penalty_value(x, function, A, "batchmean", weight=0.3)
