@@ -14,13 +14,13 @@ of such formulations; where it is below the 1.3x goal (compute-bound shapes) onl
 conv (depthwise per slot, strided 1x1 on the positions read) can get there.
 
 All variants run in the same process, rounds interleaved, the minimum over rounds kept (the
-machine is shared; the minimum is the least disturbed run). ``--cpu-time`` measures process CPU
+machine is shared; the minimum is the least disturbed run). ``--clock cpu`` measures process CPU
 time instead of wall time: with ``--threads 1`` it is nearly blind to other processes' load.
 Memory: bytes of tensors autograd keeps for the backward (distinct storages, parameters
 excluded), and the peak of memory allocated during one forward+backward (torch profiler, SAS
 scratch buffers included: they are freed before the measured step).
 
-    .venv/bin/python benchmarks/sas_conv.py [--reps 7] [--batch 8] [--threads N] [--cpu-time] [--json out.json]
+    .venv/bin/python benchmarks/sas_conv.py [--reps 7] [--batch 8] [--threads N] [--clock cpu] [--json out.json]
 """
 from __future__ import annotations
 
@@ -207,18 +207,19 @@ def main():
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--cpu-time", action="store_true", help="process CPU time instead of wall time")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall: time.perf_counter; cpu: this process's CPU time (use with --threads 1 under load)")
     ap.add_argument("--only", default=None, help="run the shapes whose name contains this")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    clock = time.process_time if args.cpu_time else time.perf_counter
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     load = os.getloadavg()[0]
     rows = [bench(*s, batch=args.batch, reps=args.reps, clock=clock) for s in SHAPES
             if args.only is None or args.only in s[0]]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, min of {args.reps}, "
-          f"{'process CPU' if args.cpu_time else 'wall'} time, load average {load:.1f} -> {os.getloadavg()[0]:.1f}")
+          f"{args.clock} clock, load average {load:.1f} -> {os.getloadavg()[0]:.1f}")
     print("| layer | input | official ms | ours ms | **ours vs official** | wide conv only ms | official / wide conv only "
           "| ours keep slots ms | two convs ms | cat ms "
           "| saved for backward MB: official / ours / keep slots / two convs / cat "

@@ -100,6 +100,23 @@ def test_conv_equals_official_and_two_convs(case, recompute):
     _assert_same(ours, _grads(lambda x, w, b: _with(layer, w, b).reference_forward(x), x, layer.weight, layer.bias))
 
 
+@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("case", [(16, 8, 3, 1, 1, 1, 1), (16, 12, 3, 2, 1, 1, 4), (16, 8, 1, 1, 0, 1, 1)])
+def test_small_spatial_conv_per_slot_backward_equals_official(case, recompute):
+    """Fewer output positions than wide input channels (ResNet layer4 on CPU): the backward runs
+    one narrow conv per slot (recompute) instead of the wide conv; same gradients."""
+    from sparsify.methods.sas import _per_slot_backward
+    layer = _sas_conv(*case)
+    layer.sas_recompute = recompute
+    cin, _, _, s, p, d, g = case
+    x = torch.randn(2, cin, 3, 3)
+    x[1, :3] = 0.0
+    assert _per_slot_backward(x, layer(x), 2)
+    ours = _grads(lambda x, w, b: _with(layer, w, b)(x), x, layer.weight, layer.bias)
+    _assert_same(ours, _grads(lambda x, w, b: official_conv(x, w, b, stride=s, padding=p, dilation=d, groups=g),
+                              x, layer.weight, layer.bias))
+
+
 def _with(layer, weight, bias):
     """``layer`` computing with the given (leaf) tensors, so gradients can be compared."""
     import copy

@@ -290,6 +290,15 @@ def _per_slot(linear: bool, groups: int, x_shape) -> bool:
     return not linear and groups > 1 and groups == x_shape[1]
 
 
+def _per_slot_backward(x: torch.Tensor, grad: torch.Tensor, m: int) -> bool:
+    """Whether a conv that ran one wide conv forward runs its backward as one narrow conv per slot
+    (recomputing the slots in the per-slot layout). Measured on the CPU (oneDNN): the wide weight
+    gradient is up to 3x slower than two narrow ones when the output has fewer positions
+    (batch x spatial) than the wide input has channels (ResNet-18 layer4: 512 positions, 1024
+    channels), and no faster otherwise; other devices keep the one wide conv."""
+    return x.device.type == "cpu" and grad.numel() // grad.shape[1] <= m * x.shape[1]
+
+
 def _pointwise_subsample(conf, kernel) -> tuple | None:
     """For a 1x1 conv without padding and with stride > 1 (ResNet downsample shortcuts): the index
     that picks the input positions it reads. Projecting only those (1/stride² of the input) and
@@ -367,6 +376,8 @@ class _SASFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, bias, slots = ctx.saved_tensors
         rule, cast, per_slot = ctx.rule, ctx.cast, ctx.per_slot
+        if x is not None and not per_slot and not ctx.conf_e[0]:
+            per_slot = _per_slot_backward(x, grad, rule.m)
         linear, stride, padding, dilation, groups = ctx.conf_e
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and bias is not None
