@@ -10,8 +10,16 @@ import time
 import torch
 
 
+def clock_of(cpu_time: bool):
+    """The timer: wall time, or with ``cpu_time`` this process's CPU time (all its threads). CPU
+    time is the steadier measure on a machine shared with other jobs, where wall time also counts
+    the time this process waited for a core; with more than one thread it also counts OpenMP's
+    spin-waiting, so use it with ``--threads 1``."""
+    return time.process_time if cpu_time else time.perf_counter
+
+
 @torch.no_grad()
-def interleaved(fns: dict, rounds: int = 30, warmup: int = 3) -> dict[str, dict[str, float]]:
+def interleaved(fns: dict, rounds: int = 30, warmup: int = 3, clock=time.perf_counter) -> dict[str, dict[str, float]]:
     """``{name: {"median": ms, "min": ms}}`` for each zero-argument call in ``fns``, run round-robin."""
     for _ in range(warmup):
         for f in fns.values():
@@ -19,9 +27,9 @@ def interleaved(fns: dict, rounds: int = 30, warmup: int = 3) -> dict[str, dict[
     samples = {k: [] for k in fns}
     for _ in range(rounds):
         for k, f in fns.items():
-            t = time.perf_counter()
+            t = clock()
             f()
-            samples[k].append(1e3 * (time.perf_counter() - t))
+            samples[k].append(1e3 * (clock() - t))
     return {k: {"median": statistics.median(v), "min": min(v)} for k, v in samples.items()}
 
 

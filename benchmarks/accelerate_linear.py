@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import sparsify  # noqa: E402
 from passes import set_submodule  # noqa: E402
 from sparsify.accelerate.gemm import PackCache, gemm  # noqa: E402
-from _timing import interleaved, load_average  # noqa: E402
+from _timing import clock_of, interleaved, load_average  # noqa: E402
 
 
 def vit_mlp_stack() -> nn.Sequential:
@@ -56,6 +56,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cpu-time", action="store_true", help="time by process CPU time (steadier under load; "
+                    "use with --threads 1)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -73,8 +75,10 @@ def main(argv=None):
             paths = fast.acceleration.count()
             dense_onednn = onednn_copy(dense)
             t = interleaved({"dense": lambda: dense(x), "dense_onednn": lambda: dense_onednn(x),
-                             "finalized": lambda: final(x), "accelerated": lambda: fast(x)}, rounds=args.rounds)
-            row = {"sparsity": sparsity, "batch": batch, "times_ms": t, "paths": paths, "load": load_average(),
+                             "finalized": lambda: final(x), "accelerated": lambda: fast(x)}, rounds=args.rounds,
+                            clock=clock_of(args.cpu_time))
+            row = {"sparsity": sparsity, "batch": batch, "threads": args.threads,
+                   "clock": "cpu" if args.cpu_time else "wall", "times_ms": t, "paths": paths, "load": load_average(),
                    "speedup_median": t["dense"]["median"] / t["accelerated"]["median"],
                    "speedup_min": t["dense"]["min"] / t["accelerated"]["min"],
                    "speedup_vs_onednn_dense_median": t["dense_onednn"]["median"] / t["accelerated"]["median"],

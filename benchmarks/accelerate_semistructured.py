@@ -29,7 +29,7 @@ from torch.fx.experimental.optimization import fuse
 
 sys.path.insert(0, os.path.dirname(__file__))
 import sparsify  # noqa: E402
-from _timing import interleaved, load_average  # noqa: E402
+from _timing import clock_of, interleaved, load_average  # noqa: E402
 from sparsify.methods.semistructured import PositionMask  # noqa: E402
 
 
@@ -63,6 +63,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sparsities", default="0.1,0.2,0.3")
     ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--cpu-time", action="store_true", help="time by process CPU time (steadier under load; "
+                    "use with --threads 1)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -84,8 +86,10 @@ def main(argv=None):
             fast = sparsify.finalize(m, x, accelerate=True)  # decisions timed at this batch size
             t = interleaved({"dense": lambda: dense(x), "dense_cl": lambda: dense_cl(xcl),
                              "dense_cl_folded": lambda: dense_fold(xcl), "finalized": lambda: final(x),
-                             "accelerated": lambda: fast(x)}, rounds=args.rounds)
-            row = {"sparsity": s, "batch": batch, "ideal_mac_ratio": ideal, "times_ms": t,
+                             "accelerated": lambda: fast(x)}, rounds=args.rounds,
+                            clock=clock_of(args.cpu_time))
+            row = {"sparsity": s, "batch": batch, "threads": args.threads, "clock": "cpu" if args.cpu_time else "wall",
+                   "ideal_mac_ratio": ideal, "times_ms": t,
                    "paths": fast.acceleration.count(), "load": load_average()}
             for stat in ("median", "min"):
                 row[f"speedup_vs_dense_{stat}"] = t["dense"][stat] / t["accelerated"][stat]
