@@ -12,9 +12,11 @@ Three parts:
 * :class:`SlotRule` (``sign`` for M = 2, ``signed_levels`` for any M; register your own with
   :func:`register_slot_rule`) says how an element is lifted;
 * the modules ``SASConv1d/2d/3d`` and ``SASLinear``: the weight is the official interleaved
-  parameter; the forward writes the slots into one interleaved buffer (no zeros tensor, no masks)
-  and runs one conv/matmul (depthwise convs: one narrow conv per slot); the backward recomputes
-  the slots from ``x`` instead of saving them (:class:`_SASFunction`): only ``x`` is kept;
+  parameter; the forward writes the slots into a scratch buffer shared by all SAS layers (no
+  zeros tensor, no masks, no fresh allocation) and runs one conv/matmul (depthwise convs: one
+  narrow conv per slot; strided 1x1 convs: only the positions they read); the backward
+  recomputes the slots from ``x`` instead of saving them (:class:`_SASFunction`): only ``x`` is
+  kept;
 * the ReLU rewiring (:func:`find_relu_input` and :meth:`SASMethod.apply`): a selected layer fed by a
   relu reads the relu's input instead, and the relu stays only for its other users.
 """
@@ -34,7 +36,7 @@ from passes import Change, reroute_input
 from .base import Group, GroupContext, Method, Site, SparseWeightMixin, specialize, weight_base
 
 __all__ = ["SlotRule", "SignRule", "SignedLevelsRule", "SLOT_RULES", "register_slot_rule", "make_slot_rule",
-           "SASMixin", "SAS_CLASSES", "SASMethod", "SASGroup", "find_relu_input"]
+           "SASMixin", "SAS_CLASSES", "SASMethod", "SASGroup", "find_relu_input", "release_workspaces"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,7 +342,11 @@ class _SASFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             w = weight if cast is None else weight.to(cast)
             b = bias if cast is None or bias is None else bias.to(cast)
-            xe, conf_e = _SASFunction._effective(x if cast is None else x.to(cast), conf, weight.shape)
+            xc = x if cast is None else x.to(cast)
+            xe, conf_e = _SASFunction._effective(xc, conf, weight.shape)
+            gathered = xe is not xc
+            if gathered:  # strided 1x1: read the positions once; the passes below run contiguous
+                xe = xe.contiguous()
             linear, stride, padding, dilation, groups = conf_e
             per_slot = _per_slot(linear, groups, xe.shape)
             slots = _SASFunction._project(rule, xe, linear, per_slot, fresh=not recompute)
@@ -351,8 +357,10 @@ class _SASFunction(torch.autograd.Function):
             else:
                 out = torch.convolution(slots.flatten(1, 2), w, b, stride, padding, dilation, False,
                                         [0] * len(stride), groups)
-        ctx.save_for_backward(x if recompute else None, weight, bias, None if recompute else slots)
-        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        # a strided 1x1 conv keeps its gathered input (1/stride² of x) instead of x
+        kept = (xe if gathered else x) if recompute else None
+        ctx.save_for_backward(kept, weight, bias, None if recompute else slots)
+        ctx.x_shape, ctx.x_dtype, ctx.gathered = x.shape, x.dtype, gathered
         ctx.rule, ctx.conf, ctx.conf_e, ctx.per_slot, ctx.cast = rule, conf, conf_e, per_slot, cast
         return out
 
@@ -385,7 +393,7 @@ class _SASFunction(torch.autograd.Function):
         m = rule.m
         xe = None
         if x is not None:
-            xe = _SASFunction._effective(x if cast is None else x.to(cast), ctx.conf, weight.shape)[0]
+            xe = x if ctx.gathered or cast is None else x.to(cast)
             slots = _SASFunction._project(rule, xe, linear, per_slot, fresh=False)
         dim = _slot_dim(linear, per_slot, slots.dim() - 1)
         grad = grad.to(slots.dtype)
@@ -754,8 +762,8 @@ class SASMethod(Method):
       coefficients otherwise, so the converted network computes what the dense one did),
       ``"zero"`` (the official converter: negative slots zero everywhere) or ``"identity"``;
     * ``recompute`` (true): keep only the input for the backward and recompute the slots there
-      (M x less activation memory for the layer, one more elementwise pass; measured no slower);
-      false keeps the slots.
+      into the shared scratch buffer (M x less activation memory for the layer, two more
+      elementwise passes; measured no slower); false keeps a copy of the slots.
     """
 
     name = "sas"
