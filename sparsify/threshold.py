@@ -75,47 +75,104 @@ def _ranks(n: int, q: float) -> tuple[int, int, float]:
     return k, (k + 1 if frac != 0.0 and k + 1 < n else k), frac
 
 
-def _try_band(values: torch.Tensor, k: int, k_hi: int, frac: float, lo, hi):
-    """``(quantile, values in band)`` if order statistics ``k`` and ``k_hi`` (0-based) lie in
-    ``[lo, hi]``; ``(None, _)`` when the band missed them, ``("wide", _)`` when it holds too many
-    values for sorting them to pay."""
-    # two float passes (< lo, <= hi) and cheap bool ones; count_nonzero is ~8x faster than
-    # bool.sum() on CPU. Misses are detected from the counts, before selecting anything.
+def _parts(values) -> list[torch.Tensor]:
+    """``values`` (one tensor or a sequence of tensors) as a list of flat tensors of one dtype."""
+    parts = [values.reshape(-1)] if isinstance(values, torch.Tensor) else [v.reshape(-1) for v in values]
+    if not parts:
+        raise ValueError("quantile of an empty tensor")
+    if len({p.dtype for p in parts}) > 1:
+        raise TypeError(f"all parts must have one dtype, got {sorted({str(p.dtype) for p in parts})}")
+    return parts
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+_ROW = 64  # values per row when locating the band's values (rows without any are skipped)
+
+
+class _Scratch:
+    """Two float32 buffers reused by every band search of a tracker (sized to the largest part)."""
+
+    def __init__(self):
+        self.bufs: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def get(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.bufs is None or self.bufs[0].numel() < n or self.bufs[0].device != device:
+            self.bufs = (torch.empty(n, device=device), torch.empty(n, device=device))
+        return self.bufs[0][:n], self.bufs[1][:n]
+
+
+def _count(p: torch.Tensor, lo, hi, scratch: _Scratch):
+    """``(values < lo, values in [lo, hi], in-band count per row of _ROW values, in the tail)``
+    of one part, as float tensors (exact: small integers summed in float64)."""
+    # comparisons written as float32 0/1 are ~4x faster than bool outputs on CPU
+    below_f, band_f = scratch.get(p.numel(), p.device)
+    torch.lt(p, lo, out=below_f)
+    torch.le(p, hi, out=band_f)
+    band_f.sub_(below_f)  # lo <= v <= hi
+    m = p.numel() - p.numel() % _ROW
+    rows = band_f[:m].view(-1, _ROW).sum(1)
+    tail = band_f[m:].sum()
+    below = below_f[:m].view(-1, _ROW).sum(1).sum(dtype=torch.float64) + below_f[m:].sum()
+    return below, rows.sum(dtype=torch.float64) + tail, rows, tail
+
+
+def _select(p: torch.Tensor, lo, hi, rows: torch.Tensor, tail) -> torch.Tensor:
+    """The values of ``p`` in ``[lo, hi]``, reading only the rows that hold some."""
+    m = p.numel() - p.numel() % _ROW
+    hit = p[:m].view(-1, _ROW)[torch.nonzero(rows).squeeze(1)].reshape(-1)
+    if float(tail):
+        hit = torch.cat([hit, p[m:]])
+    return hit[(hit >= lo) & (hit <= hi)]
+
+
+def _try_band(parts: list[torch.Tensor], k: int, k_hi: int, frac: float, lo, hi, scratch: _Scratch):
+    """``(quantile, the band's values sorted)`` if order statistics ``k`` and ``k_hi`` (0-based)
+    of all ``parts`` together lie in ``[lo, hi]``; ``(None, _)`` when the band missed them,
+    ``("wide", _)`` when it holds too many values for sorting them to pay."""
     if bool(lo > hi):
         return None, 0
-    below_mask = values < lo
-    below = int(torch.count_nonzero(below_mask))
-    if below > k:
-        return None, 0
-    upto_mask = values <= hi
-    inside = int(torch.count_nonzero(upto_mask)) - below
-    if below + inside <= k_hi:
+    counts = [_count(p, lo, hi, scratch) for p in parts]
+    below = int(sum(c[0] for c in counts))
+    inside = int(sum(c[1] for c in counts))
+    if below > k or below + inside <= k_hi:
         return None, inside
     if inside > _MAX_BAND:
         return "wide", inside
-    band = torch.sort(values[upto_mask ^ below_mask]).values  # lo <= v <= hi (below implies upto)
+    # the order of the parts does not matter to a sort
+    band = torch.sort(_cat([_select(p, lo, hi, c[2], c[3]) for p, c in zip(parts, counts)])).values
     a = band[k - below]
     if k_hi == k:
-        return a, inside
-    return _interpolate(a, band[k_hi - below], frac), inside
+        return a, band
+    return _interpolate(a, band[k_hi - below], frac), band
 
 
-def _all_finite(values: torch.Tensor) -> bool:
-    # one min/max pass (NaN propagates into both) instead of isfinite(...).all()'s slow path
-    lo, hi = torch.aminmax(values)
-    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+def _all_finite(parts: list[torch.Tensor]) -> bool:
+    # a finite sum (in float32: one fast pass) proves every value finite: NaN and ±inf reach it;
+    # a non-finite sum may be an overflow, so only then look at the extremes
+    for p in parts:
+        if p.numel() and not bool(torch.isfinite(p.sum())):
+            lo, hi = torch.aminmax(p)
+            if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+                return False
+    return True
 
 
-def band_quantile(values: torch.Tensor, q: float, hint: float | None = None,
-                  width: float | None = None) -> tuple[torch.Tensor, float]:
+def band_quantile(values, q: float, hint: float | None = None, width: float | None = None,
+                  scratch: _Scratch | None = None) -> tuple[torch.Tensor, float]:
     """Exactly :func:`quantile` (same value, bit for bit), without sorting all the values.
 
+    ``values`` is a tensor or a sequence of tensors of one dtype (e.g. each layer's ``|W|``):
+    a sequence is taken as the concatenation of its flattened parts, without building it.
     Counts the values below a narrow band ``[hint - width, hint + width]`` around a guess (e.g.
     predicted from the previous step's threshold), and sorts only the values inside it. Without
     a guess, or when the band misses, the band is placed from a strided sample (sample ranks
     ``k·m/n`` ± a margin, widened on a miss); many tied values fall back to :func:`quantile`.
-    Only the speed depends on ``hint`` and ``width``. Returns ``(quantile, density)``: the number
-    of values per unit around the quantile (0.0 when unknown), to size the next band.
+    Only the speed depends on ``hint`` and ``width`` (and ``scratch``: buffers reused across
+    calls). Returns ``(quantile, density)``: the number of values per unit around the quantile
+    (0.0 when unknown), to size the next band.
 
     >>> v = torch.rand(100_000)
     >>> tau, density = band_quantile(v, 0.9)
@@ -123,31 +180,38 @@ def band_quantile(values: torch.Tensor, q: float, hint: float | None = None,
     True
     >>> bool(band_quantile(v, 0.9, hint=float(tau), width=100 / density)[0] == quantile(v, 0.9))
     True
+    >>> bool(band_quantile([v[:30_000], v[30_000:]], 0.9)[0] == quantile(v, 0.9))
+    True
     """
     if not 0.0 <= q <= 1.0:
         raise ValueError(f"quantile level must be in [0, 1], got {q}")
-    values = values.reshape(-1)
-    n = values.numel()
+    parts = _parts(values)
+    n = sum(p.numel() for p in parts)
     if n <= _SAMPLE:
-        return quantile(values, q), 0.0
-    if not _all_finite(values):
+        return quantile(_cat(parts), q), 0.0
+    if not _all_finite(parts):
         raise FloatingPointError("cannot threshold non-finite weights (NaN or inf): training diverged; "
                                  "lower the learning rate or check the loss")
+    dtype = parts[0].dtype
     k, k_hi, frac = _ranks(n, q)
+    scratch = scratch or _Scratch()
+    scratch.get(max(p.numel() for p in parts), parts[0].device)  # sized once for the largest part
 
-    def density(inside, lo, hi):
-        span = float(hi) - float(lo)
-        return inside / span if 0 < span < float("inf") else 0.0
+    def density(band):
+        # values per unit around the quantile, from the band's own extremes (its bounds may be
+        # infinite when the quantile sits at either end)
+        span = float(band[-1]) - float(band[0])
+        return (band.numel() - 1) / span if 0 < span < float("inf") else 0.0
 
     if hint is not None and width and width > 0 and hint == hint:
-        lo = torch.tensor(hint - width, dtype=values.dtype)
-        hi = torch.tensor(hint + width, dtype=values.dtype)
-        out, inside = _try_band(values, k, k_hi, frac, lo, hi)
+        lo = torch.tensor(hint - width, dtype=dtype)
+        hi = torch.tensor(hint + width, dtype=dtype)
+        out, band = _try_band(parts, k, k_hi, frac, lo, hi, scratch)
         if isinstance(out, torch.Tensor):
-            return out, density(inside, lo, hi)
+            return out, density(band)
     # place the band from a strided sample: ranks k/stride ± a margin of sampling error
     stride = n // _SAMPLE
-    sample = torch.sort(values[::stride]).values
+    sample = torch.sort(_cat([p[::stride] for p in parts])).values
     m = sample.numel()
     # 4 standard deviations of a sample rank (binomial), so that one try almost always hits
     margin = int(4 * (m * q * (1 - q)) ** 0.5) + 16
@@ -156,20 +220,21 @@ def band_quantile(values: torch.Tensor, q: float, hint: float | None = None,
         j_hi = min(m - 1, (k_hi * m) // n + margin)
         lo, hi = sample[j_lo], sample[j_hi]
         if j_lo == 0:
-            lo = torch.tensor(-float("inf"), dtype=values.dtype)
+            lo = torch.tensor(-float("inf"), dtype=dtype)
         if j_hi == m - 1:
-            hi = torch.tensor(float("inf"), dtype=values.dtype)
-        out, inside = _try_band(values, k, k_hi, frac, lo, hi)
+            hi = torch.tensor(float("inf"), dtype=dtype)
+        out, band = _try_band(parts, k, k_hi, frac, lo, hi, scratch)
         if isinstance(out, torch.Tensor):
-            return out, density(inside, lo, hi)
-        if out == "wide":
+            return out, density(band)
+        if isinstance(out, str):  # "wide"
             break
         margin *= 8
-    return quantile(values, q), 0.0
+    return quantile(_cat(parts), q), 0.0
 
 
 class QuantileTracker:
-    """Stateful :func:`band_quantile` for a threshold recomputed every step: the band is centred
+    """Stateful :func:`band_quantile` for a threshold recomputed every step (of one tensor, or of
+    several taken together, e.g. every layer's ``|W|`` without concatenating them): the band is centred
     where the previous threshold and the local density predict the new one, about
     ``max(2048, n/2048)`` ranks wide on each side.
 
@@ -186,16 +251,18 @@ class QuantileTracker:
         self.last: float | None = None
         self.last_rank = 0
         self.density = 0.0
+        self.scratch = _Scratch()
 
-    def __call__(self, values: torch.Tensor, q: float) -> torch.Tensor:
-        n = values.numel()
+    def __call__(self, values, q: float) -> torch.Tensor:
+        """The ``q`` quantile of ``values`` (a tensor, or a sequence of tensors taken together)."""
+        n = values.numel() if isinstance(values, torch.Tensor) else sum(v.numel() for v in values)
         k = int((n - 1) * q)
         hint = width = None
         if self.last is not None and self.density > 0:
             shift = k - self.last_rank
             hint = self.last + shift / self.density
             width = (max(2048, n >> 11) + abs(shift) / 2) / self.density
-        out, density = band_quantile(values, q, hint, width)
+        out, density = band_quantile(values, q, hint, width, self.scratch)
         self.last, self.last_rank = float(out), k
         self.density = density or self.density
         return out

@@ -81,3 +81,35 @@ def test_errors_match_the_reference():
         band_quantile(v, 0.5)
     with pytest.raises(ValueError, match="in \\[0, 1\\]"):
         band_quantile(torch.rand(10), 1.5)
+
+
+@given(st.lists(st.one_of(values_random, values_tied), min_size=1, max_size=4), st.floats(0, 1),
+       st.one_of(st.none(), st.floats(-1, 11, width=32)), st.floats(0, 5))
+def test_property_parts_equal_their_concatenation(tiny_sample, arrays_, q, hint, width):
+    parts = [torch.from_numpy(a) for a in arrays_]
+    whole = torch.cat(parts)
+    got, _ = band_quantile(parts, q, hint, width)
+    assert torch.equal(got, quantile(whole, q)), (float(got), float(quantile(whole, q)))
+    assert torch.equal(got, sorted_reference(whole, q))
+
+
+@pytest.mark.parametrize("kind", ["normal", "zeros", "tied"])
+def test_tracker_over_layers_equals_the_concatenated_reference(kind, monkeypatch):
+    # per-layer |W| of very different sizes and scales, one global threshold, moving every step
+    monkeypatch.setattr(threshold, "_SAMPLE", 1024)
+    g = torch.Generator().manual_seed(0)
+    layers = [torch.randn(n, generator=g).abs() * s for n, s in [(27, 1.0), (5000, 0.1), (40_003, 0.02), (777, 0.5)]]
+    if kind == "zeros":
+        layers[2][:20_000] = 0.0
+    elif kind == "tied":
+        layers = [(v * 8).round() / 8 for v in layers]
+    tracker = QuantileTracker()
+    for i, q in enumerate([0.0, 1e-4, 0.3, 0.5, 0.5, 0.9, 0.999, 1.0]):
+        parts = [v * (1 + 1e-3 * i) for v in layers]
+        got = tracker(parts, q)
+        assert torch.equal(got, sorted_reference(torch.cat(parts), q)), (kind, q)
+
+
+def test_parts_must_share_a_dtype():
+    with pytest.raises(TypeError, match="one dtype"):
+        band_quantile([torch.rand(10), torch.rand(10, dtype=torch.float64)], 0.5)

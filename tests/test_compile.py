@@ -21,8 +21,7 @@ STEPS = 4
 
 def tiny_cnn():
     torch.manual_seed(0)
-    # two sparse layers only: each ST-3 layer adds a graph break (docs/compile.md), and every
-    # graph piece is a separate inductor compile
+    # two sparse layers only: small graphs compile fast
     return nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
 
@@ -34,10 +33,17 @@ def data():
 
 
 
+# st3's default 90% prunes 420 of the first conv's 432 weights: BatchNorm then divides channels
+# left without weights by sqrt(eps), which turns inductor's float noise (1e-8, as for the dense
+# model) into 1e-2 weight differences within 4 steps. At 70% both runs agree to 1e-7.
+OVERRIDES = {"st3": dict(sparsity=0.7)}
+
+
 @pytest.mark.parametrize("recipe", ["st3", "semi-structured"])
 def test_compiled_training_matches_eager(recipe):
     torch._dynamo.reset()
-    eager = sparsify.sparsify(tiny_cnn(), recipe, total_steps=STEPS, example_inputs=torch.zeros(1, 3, 16, 16))
+    eager = sparsify.sparsify(tiny_cnn(), recipe, total_steps=STEPS, example_inputs=torch.zeros(1, 3, 16, 16),
+                              **OVERRIDES.get(recipe, {}))
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, backend="inductor")
     expected = train(eager, data())

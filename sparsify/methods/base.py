@@ -15,6 +15,7 @@ of the group, so ``state_dict()`` carries all of it.
 from __future__ import annotations
 
 import sys
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -28,7 +29,7 @@ from passes import Change, insert_after, replace_module, reroute_input
 from ..schedules import resolve_time
 
 __all__ = ["Method", "Group", "Site", "GroupContext", "SparseWeightMixin", "RecordsMixin", "specialize",
-           "WEIGHT_TYPES", "plain_copy", "weight_base"]
+           "WEIGHT_TYPES", "plain_copy", "weight_base", "plain_eager", "masked_weight"]
 
 WEIGHT_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -83,7 +84,9 @@ class SparseWeightMixin:
     @torch.no_grad()
     def deployed_weight(self) -> torch.Tensor:
         """The weight a plain layer must hold to compute what this layer computes in eval mode."""
-        return self.effective_weight().detach()
+        w = self.effective_weight().detach()
+        # a cached effective weight is overwritten by later steps: hand out a copy
+        return w.clone() if self._aliases_scratch(w) else w
 
     def forward(self, x):
         return self.forward_with(x, self.effective_weight())
@@ -115,6 +118,151 @@ class SparseWeightMixin:
 
     def sparse_repr(self) -> str:
         return ""
+
+    # -- scratch tensors and cached effective weights (speed only, never state) ------------
+    # Kept outside the module (in ``_SCRATCH``, keyed weakly by the module) so that
+    # state_dict, deepcopy, pickling, DDP's buffer broadcast and ``.to()`` never see them.
+
+    def scratch(self, name: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A tensor of ``like``'s shape and device (and ``dtype``, default ``like``'s) that this
+        layer keeps between calls, for writing with ``out=`` instead of allocating every step.
+
+        Its content is whatever was last written; ``drop_caches(free=True)`` and ``.to()`` free it.
+
+        >>> from sparsify.methods.magnitude import MAGNITUDE_CLASSES
+        >>> lin = MAGNITUDE_CLASSES[nn.Linear].from_dense(nn.Linear(3, 2))
+        >>> buf = lin.scratch("tmp", lin.weight)
+        >>> buf.shape, buf is lin.scratch("tmp", lin.weight)
+        (torch.Size([2, 3]), True)
+        """
+        dtype = like.dtype if dtype is None else dtype
+        if torch.is_inference_mode_enabled():
+            # an inference tensor could never be used by autograd later: do not keep it
+            return torch.empty(like.shape, dtype=dtype, device=like.device)
+        store = _SCRATCH.setdefault(self, ({}, {}))[0]
+        buf = store.get(name)
+        if buf is None or buf.shape != like.shape or buf.dtype != dtype or buf.device != like.device:
+            buf = store[name] = torch.empty(like.shape, dtype=dtype, device=like.device)
+        return buf
+
+    def cached(self, name: str, *sources: torch.Tensor) -> torch.Tensor | None:
+        """The tensor last stored under ``name`` by :meth:`store_cached`, if neither it nor any
+        of ``sources`` changed since (same tensor objects, storage and version counter), else None.
+
+        In-place writes that bypass PyTorch's version counter (``.data``, some fused third-party
+        optimizers, raw collectives) are not seen; the methods that cache refresh or drop their
+        caches on every ``sparsify.step``.
+        """
+        entry = _SCRATCH.get(self)
+        if entry is None or name not in entry[1]:
+            return None
+        value, key = entry[1][name]
+        return value if key == _tensors_key(value, *sources) else None
+
+    def store_cached(self, name: str, value: torch.Tensor, *sources: torch.Tensor) -> torch.Tensor:
+        """Remember ``value`` (usually a :meth:`scratch` tensor) as computed from ``sources``
+        in their current state; a later :meth:`cached` call returns it while they are unchanged."""
+        key = None if value.is_inference() else _tensors_key(value, *sources)
+        if key is not None:
+            _SCRATCH.setdefault(self, ({}, {}))[1][name] = (value, key)
+        return value
+
+    def drop_caches(self, free: bool = False) -> None:
+        """Forget the cached values of this layer (``free``: drop its scratch tensors too)."""
+        if free:
+            _SCRATCH.pop(self, None)
+        elif self in _SCRATCH:
+            _SCRATCH[self][1].clear()
+
+    def _aliases_scratch(self, t: torch.Tensor) -> bool:
+        entry = _SCRATCH.get(self)
+        if entry is None or t.device.type == "meta":
+            return False
+        try:
+            ptr = t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):
+            return False
+        return any(b.untyped_storage().data_ptr() == ptr for b in entry[0].values())
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .half() / to_empty(): scratch tensors would stay on the old device
+        self.drop_caches(free=True)
+        return super()._apply(fn, recurse)
+
+
+_SCRATCH: "weakref.WeakKeyDictionary[nn.Module, tuple[dict, dict]]" = weakref.WeakKeyDictionary()
+
+
+def _tensors_key(*tensors: torch.Tensor) -> tuple | None:
+    """What identifies the current content of ``tensors`` without reading it (None: cannot tell)."""
+    try:
+        return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
+    except (RuntimeError, NotImplementedError):  # inference tensors, tensors without storage
+        return None
+
+
+def plain_eager() -> bool:
+    """True when tensors are computed for real, right now: not while torch.compile/export, the
+    JIT tracer, a dispatch or function mode (FakeTensor, make_fx, meta device context) or a
+    functorch transform traces the forward. Only then may a layer return a cached tensor or
+    write into :meth:`SparseWeightMixin.scratch` (a tracer would capture them as constants).
+
+    >>> plain_eager()
+    True
+    """
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
+        return False
+    if torch._C._is_torch_function_mode_enabled():
+        # torch.set_default_device / `with torch.device(...)` only place new tensors (scratch
+        # tensors name their device): harmless; any other function mode may be tracing
+        from torch.overrides import _get_current_function_mode_stack
+        from torch.utils._device import DeviceContext
+        return all(isinstance(m, DeviceContext) for m in _get_current_function_mode_stack())
+    return True
+
+
+class _MaskedProduct(torch.autograd.Function):
+    """Forward: ``W ⊙ M`` computed beforehand (``product``). Backward: ``grad ⊙ M`` to ``W``."""
+
+    @staticmethod
+    def forward(ctx, weight, product, mask_f):
+        ctx.save_for_backward(mask_f)
+        return product
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask_f,) = ctx.saved_tensors
+        return grad * mask_f, None, None
+
+
+def masked_weight(layer: "SparseWeightMixin", mask: torch.Tensor) -> torch.Tensor:
+    """``layer.weight * mask`` (a bool mask), gradients included: the same values and gradients,
+    but the product is written into a scratch tensor and reused until the weight or the mask
+    changes, and both products use a float copy of the mask (mixed bool/float multiplies are
+    several times slower on CPU).
+
+    >>> from sparsify.methods.magnitude import MAGNITUDE_CLASSES
+    >>> layer = MAGNITUDE_CLASSES[nn.Linear].from_dense(nn.Linear(2, 1))
+    >>> mask = torch.tensor([[True, False]])
+    >>> bool(torch.equal(masked_weight(layer, mask), layer.weight * mask))
+    True
+    """
+    w = layer.weight
+    if not plain_eager():
+        return w * mask
+    mask_f = layer.cached("mask_f", mask)
+    if mask_f is None:
+        # bool -> float copies are ~8x slower than uint8 -> float ones (same bytes)
+        src = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+        mask_f = layer.store_cached("mask_f", layer.scratch("mask_f", w).copy_(src), mask)
+    product = layer.cached("masked", w, mask)
+    if product is None:
+        with torch.no_grad():
+            product = torch.mul(w, mask_f, out=layer.scratch("masked", w))
+        layer.store_cached("masked", product, w, mask)
+    return _MaskedProduct.apply(w, product, mask_f)
 
 
 def specialize(mixin: type, namespace: dict | None = None, prefix: str | None = None) -> dict[type, type]:

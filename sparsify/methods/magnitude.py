@@ -11,6 +11,11 @@ cubic schedule ``r_t = s·(1 − (1 − (t−begin)/(end−begin))³)`` ramps up
 * ``block=[bo, bi]``: prune whole blocks of ``bo`` output rows × ``bi`` consecutive entries of
   the flattened input dimension (``Cin·kh·kw``), scored by their mean ``|W|``; layers whose
   shape the block does not divide stay dense and ``plan`` says why.
+
+Speed: ``|W|`` goes into a per-layer scratch tensor, the global threshold is found over the
+layers' ``|W|`` without concatenating them, masks are written in place, and the forward's
+``W ⊙ M`` (and its backward) use a float copy of the mask and a reused product
+(:func:`~sparsify.methods.base.masked_weight`); see docs/performance.md.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from torch import nn
 
 from ..schedules import cubic
 from ..threshold import QuantileTracker
-from .base import Group, GroupContext, Method, SparseWeightMixin, specialize, weight_base
+from .base import Group, GroupContext, Method, SparseWeightMixin, masked_weight, plain_eager, specialize, weight_base
 
 __all__ = ["MagnitudeMethod", "MagnitudeMixin", "block_scores", "expand_blocks"]
 
@@ -58,7 +63,7 @@ class MagnitudeMixin(SparseWeightMixin):
         self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.bool))
 
     def effective_weight(self) -> torch.Tensor:
-        return self.weight * self.mask
+        return masked_weight(self, self.mask)
 
     def sparse_repr(self) -> str:
         return f"density={float(self.mask.float().mean()):.3g}"
@@ -91,9 +96,13 @@ class MagnitudeGroup(Group):
 
     @torch.no_grad()
     def update(self, step: int, loss=None) -> None:
+        layers = list(self.members.items())
+        for _, m in layers:
+            # an optimizer may write W without bumping its version (fused kernels, .data):
+            # never reuse W ⊙ M across steps
+            m.drop_caches()
         if step > self.fix_at:
             return  # frozen
-        layers = list(self.members.items())
         r = self.target(step)
         if r <= 0:
             for _, m in layers:
@@ -101,16 +110,30 @@ class MagnitudeGroup(Group):
             return
         if (step - self.begin) % self.every and step not in (self.end, self.fix_at):
             return  # not a pruning step
-        scores = {n: block_scores(m.weight, self.block) for n, m in layers}
+        eager = plain_eager()
+        scores = {n: self._scores(m, eager) for n, m in layers}
         if self.params["scope"] == "global":
-            tau = self._tracker("global")(torch.cat([s.reshape(-1).float() for s in scores.values()]), r)
+            tau = self._tracker("global")([s.reshape(-1) for s in scores.values()], r)
             self.tau.fill_(float(tau))
             taus = {n: tau for n in scores}
         else:
-            taus = {n: self._tracker(n)(s.reshape(-1).float(), r) for n, s in scores.items()}
+            taus = {n: self._tracker(n)(s.reshape(-1), r) for n, s in scores.items()}
         for n, m in layers:
-            keep = scores[n].float() > taus[n]
-            m.mask.copy_(expand_blocks(keep, self.block, m.weight.shape))
+            if self.block is None and eager:
+                # through a float 0/1 (bool outputs are slow to write), kept for the forward
+                mask_f = torch.gt(scores[n], taus[n], out=m.scratch("mask_f", m.weight))
+                m.mask.copy_(mask_f)
+                m.store_cached("mask_f", mask_f, m.mask)
+            elif self.block is None:
+                torch.gt(scores[n], taus[n], out=m.mask)
+            else:
+                m.mask.copy_(expand_blocks(scores[n] > taus[n], self.block, m.weight.shape))
+
+    def _scores(self, m: MagnitudeMixin, eager: bool) -> torch.Tensor:
+        """The layer's float32 scores (``|W|``, or block means), into a scratch tensor if possible."""
+        if self.block is None and eager and m.weight.dtype == torch.float32:
+            return torch.abs(m.weight, out=m.scratch("magnitude", m.weight))
+        return block_scores(m.weight, self.block).float()
 
     def describe(self, step: int) -> dict:
         phase = ("dense" if step < self.begin else "ramp" if step < self.end else

@@ -8,17 +8,25 @@ Per layer (buffers): ``tau`` (τ_l; <= 0 means dense), ``mask`` (M = |W| > τ_l)
 (c per output channel) and ``fixed``. The group holds the global τ and recomputes everything
 after every optimizer step until the fix step, where W ← W_eff and the forward becomes W ⊙ M.
 Biases stay dense and unpruned (the official code removes them; torchvision models need them).
+
+Speed (docs/performance.md): the group's update computes ``|W|``, the global τ (band search over
+the layers' ``|W|`` without concatenating them), M, c and W_eff into per-layer scratch tensors
+(``F.softshrink`` is ``(W − sign(W)·τ) ⊙ M`` when M = |W| > τ); the forward reuses that W_eff while
+W, τ, M and c are unchanged (version counters), so the training step pays no effective-weight
+arithmetic and the straight-through backward none either. Under torch.compile/export the forward
+is the plain tensor formula, without Python scalars (no graph break).
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..schedules import cubic
 from ..threshold import QuantileTracker
-from .base import Group, GroupContext, Method, SparseWeightMixin, specialize, weight_base
+from .base import Group, GroupContext, Method, SparseWeightMixin, masked_weight, plain_eager, specialize, weight_base
 
 __all__ = ["ST3Method", "ST3Mixin", "st3_effective_weight", "st3_scale", "sigma_of"]
 
@@ -81,19 +89,39 @@ class ST3Mixin(SparseWeightMixin):
         self.register_buffer("scale", torch.ones(w.shape[0], dtype=w.dtype, device=w.device))
         self.register_buffer("fixed", torch.zeros((), dtype=torch.bool, device=w.device))
 
+    def _sources(self) -> tuple[torch.Tensor, ...]:
+        return self.weight, self.tau, self.mask, self.scale, self.fixed
+
     def effective_weight(self) -> torch.Tensor:
+        if not plain_eager():
+            return self._traced_effective_weight()
+        eff = self.cached("st3", *self._sources())  # W_eff written by set_threshold
+        if eff is not None:
+            return _StraightThrough.apply(self.weight, eff)
         if bool(self.fixed):
-            return self.weight * self.mask
+            return masked_weight(self, self.mask)
         tau = float(self.tau)
         if tau <= 0:
             return self.weight
+        # W changed since the thresholds were set (M may no longer be |W| > τ): the definition
         eff = st3_effective_weight(self.weight.detach(), tau, self.mask, self.scale)
         return _StraightThrough.apply(self.weight, eff)
 
+    def _traced_effective_weight(self) -> torch.Tensor:
+        """The same values and gradients from tensor ops only: no ``.item()``, no Python
+        branch on buffers, so torch.compile traces one graph that serves every phase."""
+        w = self.weight
+        tau = self.tau.to(w.dtype)
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        wd = w.detach()
+        eff = self.scale.reshape(shape) * (wd - torch.sign(wd) * tau) * self.mask
+        live = torch.where(tau > 0, _StraightThrough.apply(w, eff), w)
+        return torch.where(self.fixed, w * self.mask, live)
+
     @torch.no_grad()
     def set_threshold(self, tau: float, magnitude: torch.Tensor | None = None) -> None:
-        """Recompute mask and scale from the current latent weight at threshold ``tau``
-        (``magnitude``: ``|W|`` if the caller has it already)."""
+        """Recompute mask, scale and the effective weight from the current latent weight at
+        threshold ``tau`` (``magnitude``: ``|W|`` if the caller has it already)."""
         if tau <= 0 and float(self.tau) <= 0:
             return  # dense already: the mask is all ones and the scale 1 (nothing to write)
         self.tau.fill_(tau)
@@ -101,9 +129,27 @@ class ST3Mixin(SparseWeightMixin):
             self.mask.fill_(True)
             self.scale.fill_(1.0)
             return
-        a = self.weight.abs() if magnitude is None else magnitude
-        torch.gt(a, tau, out=self.mask)
-        self.scale.copy_(st3_scale(self.weight, self.mask, a))
+        w = self.weight
+        if not plain_eager():
+            a = w.abs() if magnitude is None else magnitude
+            torch.gt(a, tau, out=self.mask)
+            self.scale.copy_(st3_scale(w, self.mask, a))
+            return
+        if magnitude is None:
+            magnitude = torch.abs(w, out=self.scratch("magnitude", w))
+        t = float(self.tau)  # τ as stored (float32): what the mask, the scale and W_eff all use
+        eff = self.scratch("st3", w)
+        # M = |W| > τ through a float 0/1 (a bool output is ~4x slower to write on CPU)
+        self.mask.copy_(torch.gt(magnitude, t, out=eff))
+        rows = (w.shape[0], -1)
+        # c from the per-channel means of |W| ⊙ M (= threshold(|W|, τ, 0)) and of |W|
+        kept = torch.mean(torch.threshold(magnitude, t, 0.0, out=eff).view(rows), 1)
+        rho = (kept + 1e-6) / (magnitude.view(rows).mean(1) + 1e-6)
+        self.scale.copy_(1.01 / (rho + 0.01))
+        # (W − sign(W)·τ) ⊙ M with M = |W| > τ, in one pass; then c per output channel
+        torch._C._nn.softshrink(w, t, out=eff)
+        eff.mul_(self.scale.view((-1,) + (1,) * (w.dim() - 1)))
+        self.store_cached("st3", eff, *self._sources())
 
     @torch.no_grad()
     def fix(self) -> None:
@@ -138,6 +184,10 @@ class ST3Group(Group):
     @torch.no_grad()
     def update(self, step: int, loss=None) -> None:
         layers = list(self.members.items())
+        for _, m in layers:
+            # an optimizer may write W without bumping its version (fused kernels, .data):
+            # never reuse an effective weight across steps
+            m.drop_caches()
         if self.fix_at is not None and step >= self.fix_at:
             for _, m in layers:
                 m.fix()
@@ -148,13 +198,24 @@ class ST3Group(Group):
             for _, m in layers:
                 m.set_threshold(0.0)
             return
-        mags = {n: m.weight.detach().abs() for n, m in layers}  # |W| once per layer and step
-        scaled = torch.cat([(a.float() if self.sigmas[n] == 1.0 else a.float() / self.sigmas[n]).reshape(-1)
-                            for n, a in mags.items()])
+        # |W| once per layer and step, into scratch tensors when running eagerly
+        eager = plain_eager()
+        mags = {n: (torch.abs(m.weight, out=m.scratch("magnitude", m.weight)) if eager else m.weight.abs())
+                for n, m in layers}
+        scaled = [self._scaled(m, mags[n], self.sigmas[n], eager) for n, m in layers]
         tau = float(self._quantile(scaled, r))
         self.tau.fill_(tau)
         for n, m in layers:
             m.set_threshold(tau * self.sigmas[n], mags[n])
+
+    @staticmethod
+    def _scaled(m: ST3Mixin, a: torch.Tensor, sigma: float, eager: bool) -> torch.Tensor:
+        """``|W| / σ`` in float32, the values the global quantile is taken over."""
+        a = a.float()
+        if sigma == 1.0:
+            return a
+        # the layer's W_eff scratch is free until set_threshold writes it
+        return torch.div(a, sigma, out=m.scratch("st3", a)) if eager else a / sigma
 
     def describe(self, step: int) -> dict:
         phase = ("dense" if step < self.begin else "ramp" if step < self.end else
