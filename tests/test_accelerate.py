@@ -169,10 +169,26 @@ def test_sparse_linear_path_for_very_sparse_mlp_and_dense_below_threshold():
 
 
 def test_measured_choice_keeps_dense_when_the_sparse_candidate_is_slower():
-    path, times, why = choose({"dense": lambda: None, "csr": lambda: time.sleep(0.002)}, repeats=3)
+    path, times, why = choose({"dense": lambda: None, "csr": lambda: time.sleep(0.002)}, repeats=3, clock="wall")
     assert path == "dense" and times["csr"] > times["dense"] and "beat dense" in why
-    path, _, _ = choose({"dense": lambda: time.sleep(0.002), "csr": lambda: None}, repeats=3)
+    path, _, _ = choose({"dense": lambda: time.sleep(0.002), "csr": lambda: None}, repeats=3, clock="wall")
     assert path == "csr"
+
+
+def test_timing_clock_counts_cpu_work_on_one_thread():
+    """With one thread the decision uses CPU time: a call that only waits costs nothing."""
+    from sparsify.accelerate.select import time_calls
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        t = time_calls({"sleep": lambda: time.sleep(0.02), "work": lambda: sum(range(200_000))}, repeats=2)
+        assert t["sleep"] < t["work"]
+        torch.set_num_threads(2)
+        assert time_calls({"sleep": lambda: time.sleep(0.02)}, repeats=1)["sleep"] >= 20
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="clock"):
+        time_calls({"a": lambda: None}, clock="gpu")
 
 
 def test_measured_acceleration_output_equals_finalized():

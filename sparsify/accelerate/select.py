@@ -75,11 +75,23 @@ class AccelerationReport:
 
 
 @torch.no_grad()
-def time_calls(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 2) -> dict[str, float]:
-    """Fastest wall time of each call in milliseconds, the calls run in turn (round-robin).
+def _clock(clock: str):
+    if clock == "auto":  # one thread: CPU time is the work itself, without the waits for a core
+        clock = "cpu" if torch.get_num_threads() == 1 else "wall"
+    if clock not in ("wall", "cpu"):
+        raise ValueError(f"clock must be 'auto', 'wall' or 'cpu', got {clock!r}")
+    return time.process_time if clock == "cpu" else time.perf_counter
+
+
+def time_calls(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 2,
+               clock: str = "auto") -> dict[str, float]:
+    """Fastest time of each call in milliseconds, the calls run in turn (round-robin).
 
     Why the minimum, interleaved: on a shared machine other processes only ever add time, and a
-    burst of load then hits every candidate alike instead of whichever ran during it.
+    burst of load then hits every candidate alike instead of whichever ran during it. ``clock``:
+    ``"wall"``, ``"cpu"`` (process CPU time), or ``"auto"``: CPU time when torch runs one thread
+    (steadier under load: waiting for a core is not counted), else wall time (with several
+    threads CPU time would also count OpenMP's spin-waiting).
 
     >>> sorted(time_calls({"a": lambda: None, "b": lambda: None}, repeats=3))
     ['a', 'b']
@@ -87,17 +99,18 @@ def time_calls(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: i
     for _ in range(warmup):
         for f in fns.values():
             f()
+    now = _clock(clock)
     best = {k: float("inf") for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
-            t = time.perf_counter()
+            t = now()
             f()
-            best[k] = min(best[k], 1e3 * (time.perf_counter() - t))
+            best[k] = min(best[k], 1e3 * (now() - t))
     return best
 
 
 def choose(candidates: dict[str, Callable[[], object]], decide: str = "measure", margin: float = 0.05,
-           repeats: int = 7) -> tuple[str, dict[str, float], str]:
+           repeats: int = 7, clock: str = "auto") -> tuple[str, dict[str, float], str]:
     """Pick among ``candidates`` (name -> zero-argument call; ``"dense"`` must be one of them).
 
     Returns ``(name, times in ms, why)``. Under ``"measure"`` a sparse candidate wins only if it
@@ -113,7 +126,7 @@ def choose(candidates: dict[str, Callable[[], object]], decide: str = "measure",
         return "dense", {}, "acceleration off (decide='never')" if decide == "never" else "no sparse candidate"
     if decide == "always":
         return sparse[0], {}, "eligible (decide='always')"
-    times = time_calls(candidates, repeats=repeats)
+    times = time_calls(candidates, repeats=repeats, clock=clock)
     best = min(sparse, key=times.get)
     if times[best] <= (1 - margin) * times["dense"]:
         return best, times, f"fastest: {times['dense'] / times[best]:.2f}x dense on this input"
