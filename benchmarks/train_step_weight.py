@@ -47,18 +47,21 @@ def make(variant: str, x):
     return m, torch.optim.SGD(sparsify.param_groups(m, 1e-4), lr=1e-3, momentum=0.9), True
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.process_time (CPU seconds of this process)
+
+
 def step_times(model, opt, is_sparse, x, y, steps):
     model.train()
     times = []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if is_sparse:
             sparsify.step(model)
-        times.append(time.perf_counter() - t0)
+        times.append(CLOCK() - t0)
     return times
 
 
@@ -70,7 +73,15 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--only", nargs="*", default=None, help="variants to run (dense is always included)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: CPU seconds of this process, less disturbed by other processes on a "
+                         "shared machine (use with --threads 1: idle OpenMP threads spin)")
     args = ap.parse_args(argv)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    if args.threads:
+        torch.set_num_threads(args.threads)
     names = ["dense"] + [v for v in VARIANTS if v != "dense" and (args.only is None or v in args.only)]
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size)
@@ -86,8 +97,8 @@ def main(argv=None):
               flush=True)
     med = {v: statistics.median(t) for v, t in times.items()}
     best = {v: min(t) for v, t in times.items()}  # least disturbed by other processes
-    print(f"\nResNet-18, batch {args.batch}, {args.size}x{args.size}, CPU, {torch.get_num_threads()} threads; "
-          f"median of {args.rounds * args.steps} steps")
+    print(f"\nResNet-18, batch {args.batch}, {args.size}x{args.size}, CPU, {torch.get_num_threads()} threads, "
+          f"{args.clock} clock; median of {args.rounds * args.steps} steps")
     print(f"{'variant':14s} {'step (s)':>9s} {'vs dense':>9s} {'fastest':>9s} {'vs dense':>9s}")
     for v in names:
         print(f"{v:14s} {med[v]:9.3f} {med[v] / med['dense']:9.3f} {best[v]:9.3f} {best[v] / best['dense']:9.3f}")

@@ -108,21 +108,24 @@ def _count(p: torch.Tensor, lo, hi, scratch: _Scratch):
     """``(values < lo, values in [lo, hi], in-band count per row of _ROW values, in the tail)``
     of one part, as float tensors (exact: small integers summed in float64)."""
     # comparisons written as float32 0/1 are ~4x faster than bool outputs on CPU
-    below_f, band_f = scratch.get(p.numel(), p.device)
+    below_f, upto_f = scratch.get(p.numel(), p.device)
     torch.lt(p, lo, out=below_f)
-    torch.le(p, hi, out=band_f)
-    band_f.sub_(below_f)  # lo <= v <= hi
+    torch.le(p, hi, out=upto_f)
     m = p.numel() - p.numel() % _ROW
-    rows = band_f[:m].view(-1, _ROW).sum(1)
-    tail = band_f[m:].sum()
-    below = below_f[:m].view(-1, _ROW).sum(1).sum(dtype=torch.float64) + below_f[m:].sum()
-    return below, rows.sum(dtype=torch.float64) + tail, rows, tail
+    below_rows = below_f[:m].view(-1, _ROW).sum(1)
+    rows = upto_f[:m].view(-1, _ROW).sum(1).sub_(below_rows)  # lo <= v <= hi, per row
+    below_tail = below_f[m:].sum()
+    tail = upto_f[m:].sum() - below_tail
+    return below_rows.sum(dtype=torch.float64) + below_tail, rows.sum(dtype=torch.float64) + tail, rows, tail
 
 
 def _select(p: torch.Tensor, lo, hi, rows: torch.Tensor, tail) -> torch.Tensor:
     """The values of ``p`` in ``[lo, hi]``, reading only the rows that hold some."""
     m = p.numel() - p.numel() % _ROW
-    hit = p[:m].view(-1, _ROW)[torch.nonzero(rows).squeeze(1)].reshape(-1)
+    hit_rows = torch.nonzero(rows).squeeze(1)
+    if 4 * hit_rows.numel() > rows.numel():  # most rows: gathering them would cost more
+        return p[(p >= lo) & (p <= hi)]
+    hit = p[:m].view(-1, _ROW)[hit_rows].reshape(-1)
     if float(tail):
         hit = torch.cat([hit, p[m:]])
     return hit[(hit >= lo) & (hit <= hi)]
@@ -236,7 +239,7 @@ class QuantileTracker:
     """Stateful :func:`band_quantile` for a threshold recomputed every step (of one tensor, or of
     several taken together, e.g. every layer's ``|W|`` without concatenating them): the band is centred
     where the previous threshold and the local density predict the new one, about
-    ``max(2048, n/2048)`` ranks wide on each side.
+    ``max(1024, n/8192)`` ranks wide on each side (plus half the rank shift asked for).
 
     Nothing here changes the result (always equal to :func:`quantile`), only the speed, so it
     needs no saving: a resumed run starts from a sample and is bit-for-bit the same.
@@ -261,7 +264,7 @@ class QuantileTracker:
         if self.last is not None and self.density > 0:
             shift = k - self.last_rank
             hint = self.last + shift / self.density
-            width = (max(2048, n >> 11) + abs(shift) / 2) / self.density
+            width = (max(1024, n >> 13) + abs(shift) / 2) / self.density
         out, density = band_quantile(values, q, hint, width, self.scratch)
         self.last, self.last_rank = float(out), k
         self.density = density or self.density
