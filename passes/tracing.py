@@ -9,13 +9,16 @@ still reach inside it. When the root itself cannot be traced, the same happens o
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["Fallback", "TraceResult", "trace", "module_path_of"]
+__all__ = ["Fallback", "TraceResult", "TracedModule", "CallRecord", "trace", "traced_module", "module_path_of"]
 
 Descend = Callable[[str, nn.Module], bool]
 
@@ -46,10 +49,11 @@ class TraceResult:
 
 
 class _DepthTracer(fx.Tracer):
-    def __init__(self, descend: Descend, forced_leaves: set[str], prefix: str):
+    # defaults: torch rebuilds a pickled GraphModule with a subclass of the tracer that made it
+    def __init__(self, descend: Descend | None = None, forced_leaves: set[str] | None = None, prefix: str = ""):
         super().__init__()
-        self._descend = descend
-        self._forced = forced_leaves
+        self._descend = descend or (lambda name, m: True)
+        self._forced = forced_leaves if forced_leaves is not None else set()
         self._prefix = prefix
         self.culprit: str | None = None
 
@@ -77,14 +81,18 @@ def _first_line(exc: BaseException) -> str:
 
 
 def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend | None = None,
-          prefix: str = "", max_fallbacks: int = 1000) -> TraceResult:
+          prefix: str = "", max_fallbacks: int = 1000, calls: CallRecord | None = None,
+          concrete_args: dict | None = None) -> TraceResult:
     """Symbolically trace ``root``, descending only where ``descend`` says, with fallbacks.
 
     ``descend(qualname, module)`` is asked for every non-standard submodule (``torch.nn``'s own
     modules are always leaves); ``None`` descends everywhere, like ``torch.fx.symbolic_trace``.
     ``is_site(qualname, module)`` names modules a caller wants to rewrite; inside fallbacks they
     are reported in ``TraceResult.direct``. The root's ``training`` flag is used as is: call
-    ``root.train()`` first to trace the training behaviour.
+    ``root.train()`` first to trace the training behaviour. ``calls`` (a :class:`CallRecord` of
+    the same root) specialises children traced under an untraceable parent to how that parent
+    calls them (arguments it passes as ``None`` or as a flag); ``concrete_args`` goes to
+    ``torch.fx.Tracer.trace`` for ``root`` itself.
 
     >>> import torchvision
     >>> r = trace(torchvision.models.resnet18(), lambda name, m: name.startswith("layer1"))
@@ -98,45 +106,250 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
     while True:
         tracer = _DepthTracer(descend, forced, prefix)
         try:
-            graph = tracer.trace(root)
+            graph = tracer.trace(root, concrete_args or None)
+            _keep_argument_names(graph, concrete_args or {})
             break
         except Exception as exc:  # any tracing failure becomes a fallback, never a crash
             culprit = tracer.culprit
             if culprit is None or culprit in forced or len(forced) >= max_fallbacks:
                 result.fallbacks.append(Fallback(prefix, _first_line(exc)))
-                _trace_children(root, descend, is_site, prefix, result)
+                _trace_children(root, descend, is_site, prefix, result, calls)
                 return result
             forced.add(culprit)
             full = f"{prefix}.{culprit}" if prefix else culprit
             result.fallbacks.append(Fallback(full, _first_line(exc)))
-    name = root.__class__.__name__
-    gm = fx.GraphModule(tracer.root, graph, name)
-    _keep_hierarchy(root, gm)
-    gm.training = root.training
+    gm = traced_module(root, graph)
     result.module = gm
     result.graphs[prefix] = gm
     for leaf in sorted(forced):
         _trace_children(gm.get_submodule(leaf), descend, is_site,
-                        f"{prefix}.{leaf}" if prefix else leaf, result)
+                        f"{prefix}.{leaf}" if prefix else leaf, result, calls)
     return result
 
 
+def _keep_argument_names(graph: fx.Graph, concrete_args: dict) -> None:
+    # fx names the placeholder of a concrete argument "<name>_<n>", which breaks callers that
+    # pass it by keyword (BertModel calls its embeddings with token_type_ids=...)
+    taken = {n.target for n in graph.nodes if n.op == "placeholder"}
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        base, _, count = str(node.target).rpartition("_")
+        if base in concrete_args and count.isdigit() and base not in taken:
+            node.target = base
+            taken.add(base)
+
+
 def _trace_children(parent: nn.Module, descend: Descend, is_site: Descend, prefix: str,
-                    result: TraceResult) -> None:
+                    result: TraceResult, calls: CallRecord | None = None) -> None:
     for child_name, child in list(parent.named_children()):
         full = f"{prefix}.{child_name}" if prefix else child_name
         if is_site(full, child):
             result.direct.append(full)
         elif isinstance(child, (nn.ModuleList, nn.ModuleDict)):
             # containers are never called themselves: look at what they hold
-            _trace_children(child, descend, is_site, full, result)
+            _trace_children(child, descend, is_site, full, result, calls)
         elif not _is_torch_leaf(child) and descend(full, child):
-            sub = trace(child, descend, is_site=is_site, prefix=full)
+            # the parent's own code calls this child: trace it as it is called there
+            concrete = calls.concrete_args(full, child) if calls is not None else None
+            sub = trace(child, descend, is_site=is_site, prefix=full, calls=calls, concrete_args=concrete)
             if sub.module is not child:
                 setattr(parent, child_name, sub.module)
             result.graphs.update(sub.graphs)
             result.fallbacks.extend(sub.fallbacks)
             result.direct.extend(sub.direct)
+
+
+_OTHER = object()  # an argument value that is neither None nor a flag: stays an input of the graph
+
+
+class CallRecord:
+    """How each submodule of ``root`` is called, from one forward with ``example_inputs``.
+
+    A child traced on its own because its parent does not trace would otherwise treat every
+    argument as a tensor input: ``if token_type_ids is None:`` is then decided at trace time,
+    wrongly when the parent passes ``None``. :meth:`concrete_args` gives the arguments that were
+    ``None`` (or one and the same ``bool``) in every recorded call, for ``torch.fx`` to
+    specialise on; the traced graph asserts that later calls pass the same. The forward runs
+    lazily (at the first question), without gradients, in the root's mode (eval if that fails);
+    buffers and the random generator are restored afterwards.
+
+    >>> import torch
+    >>> class Emb(torch.nn.Module):
+    ...     def forward(self, ids, types=None):
+    ...         return ids if types is None else ids + types
+    >>> class Model(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__(); self.emb = Emb()
+    ...     def forward(self, ids):
+    ...         return self.emb(ids, types=None)
+    >>> CallRecord(Model(), (torch.zeros(2),)).concrete_args("emb", Emb())
+    {'types': None}
+    """
+
+    def __init__(self, root: nn.Module, example_inputs: tuple):
+        self._root = root
+        self._inputs = tuple(example_inputs)
+        self._calls: dict[str, list[dict]] | None = None
+
+    def concrete_args(self, qualname: str, module: nn.Module) -> dict:
+        """``{argument: value}`` of ``module.forward`` that were None or one bool in every call."""
+        if self._calls is None:
+            self._calls = self._record()
+        seen = self._calls.get(qualname)
+        if not seen:
+            return {}
+        out = {}
+        for name in seen[0]:
+            values = [c.get(name, _OTHER) for c in seen]
+            first = values[0]
+            if first is not _OTHER and all(v is first for v in values):
+                out[name] = first
+        return out
+
+    def _record(self) -> dict[str, list[dict]]:
+        calls: dict[str, list[dict]] = {}
+        hooks = []
+
+        def hook(name, module, args, kwargs):
+            try:
+                bound = inspect.signature(module.forward).bind(*args, **kwargs)
+            except (TypeError, ValueError):
+                return
+            bound.apply_defaults()
+            summary = {}
+            for pname, param in bound.signature.parameters.items():
+                if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                    continue
+                v = bound.arguments.get(pname)
+                summary[pname] = v if v is None or isinstance(v, bool) else _OTHER
+            calls.setdefault(name, []).append(summary)
+
+        for name, m in self._root.named_modules():
+            if name and not _is_torch_leaf(m):
+                hooks.append(m.register_forward_pre_hook(functools.partial(hook, name), with_kwargs=True))
+        buffers = [(b, b.detach().clone()) for b in self._root.buffers()]
+        rng = torch.random.get_rng_state()
+        mode = self._root.training
+        try:
+            with torch.no_grad():
+                try:
+                    self._root(*self._inputs)
+                except Exception:  # e.g. a detection model wants targets in training mode
+                    calls.clear()
+                    try:
+                        self._root.eval()(*self._inputs)
+                    except Exception:
+                        calls.clear()  # no record: children are traced unspecialised
+        finally:
+            for h in hooks:
+                h.remove()
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+            torch.random.set_rng_state(rng)
+            self._root.train(mode)
+        return calls
+
+
+class TracedModule(fx.GraphModule):
+    """A ``GraphModule`` that is still an instance of the class it was traced from.
+
+    A parent whose forward is not traced (a fallback) calls its traced child as before, and may
+    call the child's other methods too (a detection model calls ``self.head.compute_loss``); a
+    plain ``GraphModule`` has lost them. :func:`traced_module` builds one per traced module: its
+    class derives from this one and from the original class (``forward`` is the graph's), its
+    ``__dict__`` keeps the original's attributes, and both survive ``copy.deepcopy`` and pickling.
+    """
+
+    _traced_from: type = nn.Module  # set on each per-class subclass
+
+    def _deepcopy_init(self):
+        # GraphModule's deepcopy rebuilds the module from a deep copy of __dict__ but keeps only
+        # children, parameters and buffers, under the class name "GraphModule"
+        name = type(self).__name__
+
+        def init(res, fake_mod, graph):
+            fx.GraphModule.__init__(res, fake_mod, graph, name)
+            _keep_attributes(fake_mod.__dict__, res)
+        return init
+
+    def __reduce__(self):
+        fn, args = super().__reduce__()
+        return _unpickle_traced, (self._traced_from, type(self).__name__, fn, args)
+
+
+class _SkipOriginalInit(nn.Module):
+    # sits between GraphModule and the original class in the MRO: GraphModule.__init__ calls
+    # super().__init__(), which must not run the original constructor (it needs its arguments)
+    def __init__(self):
+        nn.Module.__init__(self)
+
+
+_TRACED_CLASSES: dict[type, type] = {}
+
+
+def _traced_class(cls: type) -> type:
+    """``TracedModule`` subclass that also derives from ``cls`` (cached per class)."""
+    if cls not in _TRACED_CLASSES:
+        made = TracedModule
+        # a subclass of a torch layer (a Conv2d with its own forward) stays a plain graph, so
+        # isinstance checks for layer types never see a graph; Sequential is a container
+        layer = any(b.__module__.startswith("torch.nn.modules") and b not in (nn.Module, nn.Sequential)
+                    for b in cls.__mro__)
+        if cls is not nn.Module and not issubclass(cls, fx.GraphModule) and not layer:
+            try:
+                made = type(cls.__name__, (TracedModule, _SkipOriginalInit, cls),
+                            {"_traced_from": cls, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+            except TypeError:  # metaclass or __init_subclass__ conflicts: keep the graph only
+                made = TracedModule
+        _TRACED_CLASSES[cls] = made
+    return _TRACED_CLASSES[cls]
+
+
+def traced_module(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """The module that replaces ``root`` once its forward is ``graph``.
+
+    It keeps ``root``'s children (all of them, not only those the graph calls), parameters,
+    buffers and other attributes, and derives from ``root``'s class, so methods other than
+    ``forward`` still work (a :class:`TracedModule`).
+
+    >>> import torch
+    >>> class Head(torch.nn.Module):
+    ...     scale = 2.0
+    ...     def forward(self, x):
+    ...         return x.relu()
+    ...     def loss(self, y):
+    ...         return y.mean() * self.scale
+    >>> head = Head()
+    >>> gm = traced_module(head, torch.fx.Tracer().trace(head))
+    >>> isinstance(gm, torch.fx.GraphModule), isinstance(gm, Head), float(gm.loss(gm(torch.ones(2))))
+    (True, True, 2.0)
+    """
+    cls = _traced_class(getattr(type(root), "_traced_from", type(root)))  # a retrace keeps the class
+    gm = cls(root, graph, type(root).__name__)
+    _keep_hierarchy(root, gm)
+    _keep_attributes(root.__dict__, gm)
+    gm.training = root.training
+    return gm
+
+
+def _keep_attributes(src: dict, gm: nn.Module) -> None:
+    """Copy the plain attributes in ``src`` (a module's ``__dict__``) that ``gm`` lacks."""
+    for k, v in src.items():
+        # an instance-level forward (a patched one) would shadow the graph's
+        if k not in gm.__dict__ and k not in ("forward", "__call__"):
+            gm.__dict__[k] = v
+
+
+def _unpickle_traced(original: type, name: str, fn, args) -> fx.GraphModule:
+    plain = fn(*args)  # torch's own unpickling: a GraphModule holding every attribute
+    cls = _traced_class(original)
+    gm = cls.__new__(cls)
+    gm.__dict__.update(plain.__dict__)
+    type(gm).__name__ = name
+    gm.graph = plain.graph  # takes ownership and installs forward on gm's own class
+    return gm
 
 
 def _keep_hierarchy(root: nn.Module, gm: fx.GraphModule) -> None:

@@ -16,7 +16,7 @@ import torch.fx as fx
 from torch import nn
 
 from passes import PassResult, Pipeline, first_and_last, node_name, target_module, trace
-from passes.tracing import TraceResult, module_path_of  # noqa: F401  (module_path_of documents the meta used)
+from passes.tracing import CallRecord, TraceResult, module_path_of  # noqa: F401  (module_path_of documents the meta used)
 
 from .hidden import hidden_candidates, hidden_positions, needed_paths, rewire_hidden_reads
 from .macs import guess_example_inputs, positions_per_sample
@@ -131,12 +131,17 @@ def _structural(c: Candidate) -> bool:
     return op_name(c.node) in _ACTIVATION_OPS
 
 
-def _trace(root: nn.Module, matcher: _Matcher):
+def _trace(root: nn.Module, matcher: _Matcher, example_inputs=None):
+    # children traced under an untraceable parent are specialised to how it calls them
+    calls = None
+    if example_inputs is not None:
+        calls = CallRecord(root, example_inputs if isinstance(example_inputs, (list, tuple)) else (example_inputs,))
+
     def is_site(name, m):
         w = matcher.winner(Candidate(name, m))
         return w is not None and w.method is not None
 
-    tr = trace(root, None, is_site=is_site)
+    tr = trace(root, None, is_site=is_site, calls=calls)
     cands = _candidates(tr, root)
     # a method whose rewrite reads the nodes around a site (SAS: the relu feeding a layer, which may
     # sit inside a module with nothing to rewrite) needs every module holding a layer or an
@@ -146,6 +151,8 @@ def _trace(root: nn.Module, matcher: _Matcher):
     for c in cands:
         # a graph traced below an untraceable parent (fallback) is reached through its own path
         paths = _enclosing(c) + [c.prefix.rsplit(".", k)[0] for k in range(c.prefix.count(".") + 1) if c.prefix]
+        if c.node is None:  # swapped as an attribute inside fallbacks: the retrace must reach it again
+            paths += [c.name.rsplit(".", k)[0] for k in range(1, c.name.count(".") + 1)]
         descended.update(paths)
         w = matcher.winner(c)
         if (w is not None and w.method is not None) or (full and _structural(c)):
@@ -154,7 +161,7 @@ def _trace(root: nn.Module, matcher: _Matcher):
     if descended <= needed:
         return tr, cands, cands
     first_cands = cands
-    tr = trace(root, lambda name, m: name in needed, is_site=is_site)
+    tr = trace(root, lambda name, m: name in needed, is_site=is_site, calls=calls)
     # first/last describe the model, not how deep this trace went (a leaf stem hides its conv)
     flags = {c.name: (c.first, c.last) for c in first_cands}
     cands = _candidates(tr, root)
@@ -175,7 +182,7 @@ def _dense_reasons(root: nn.Module, tr: TraceResult, all_cands: list[Candidate],
                 get_attr_owners[f"{prefix}.{owner}" if prefix else owner] = prefix or "<root>"
     leaves = {}  # torch leaf modules that own weight layers (e.g. MultiheadAttention)
     for name, m in root.named_modules():
-        if not isinstance(m, WEIGHT_TYPES) and fx.Tracer().is_leaf_module(m, "") and any(
+        if not isinstance(m, (*WEIGHT_TYPES, nn.ModuleList, nn.ModuleDict)) and fx.Tracer().is_leaf_module(m, "") and any(
                 isinstance(c, WEIGHT_TYPES) for c in m.modules()):
             leaves[name] = m
     fallbacks = [f.name for f in tr.fallbacks]
@@ -220,7 +227,7 @@ def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps:
     was_training = root.training
     root.train()
     matcher = _Matcher(recipe)
-    tr, cands, first_cands = _trace(root, matcher)
+    tr, cands, first_cands = _trace(root, matcher, example_inputs)
     root = tr.module
 
     plan = Plan(recipe=recipe.name)

@@ -54,6 +54,8 @@ def outputs_close(a, b, rtol: float = 1e-4, atol: float = 1e-5) -> tuple[bool, f
 def _remove_node(root: nn.Module, graph_paths: list[str], qualname: str) -> bool:
     """Drop the call of module ``qualname`` from its graph: its users read its input instead."""
     for prefix in graph_paths:
+        if prefix and not qualname.startswith(prefix + "."):
+            continue  # else a cut-off name ("...conv.2_tl1" under a longer prefix: "1") hits another node
         gm = root.get_submodule(prefix) if prefix else root
         if not isinstance(gm, fx.GraphModule):
             continue
