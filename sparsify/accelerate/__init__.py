@@ -9,6 +9,7 @@ activation masks, CSR/BSR for very sparse Linear and 1x1 conv layers. See docs/d
 'dense'
 """
 from .convert import AccelerationError, accelerate, keep_mask_of
+from .fold import PositionFill, folded_conv
 from .gemm import onednn_available
 from .patch_conv import PatchSkipConv2d, fold_bn, supports_patch_skip
 from .select import AccelerationReport, LayerPath
@@ -16,4 +17,4 @@ from .sparse_linear import SparseConv1x1, SparseLinear, supports_sparse_linear
 
 __all__ = ["accelerate", "AccelerationError", "AccelerationReport", "LayerPath", "keep_mask_of",
            "PatchSkipConv2d", "fold_bn", "supports_patch_skip", "SparseLinear", "SparseConv1x1",
-           "supports_sparse_linear", "onednn_available"]
+           "supports_sparse_linear", "onednn_available", "PositionFill", "folded_conv"]
