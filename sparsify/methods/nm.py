@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .base import Group, GroupContext, Method, SparseWeightMixin, specialize, weight_base
+from .reuse import ReusedWeight, Transient, content_key, eager, scratch
 
 __all__ = ["NMMethod", "NMMixin", "nm_mask", "nm_compliant"]
 
@@ -28,18 +29,83 @@ def _grouped(t: torch.Tensor, m: int) -> torch.Tensor:
     return t.movedim(1, -1).reshape(-1, m)
 
 
-def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Keep the ``n`` largest ``|W|`` of every ``m`` consecutive input channels.
+def _keep_planes(weight: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, int, int]:
+    """The N:M keep flags of ``weight`` in planes layout: ``flat[:N]`` viewed ``(m, rows, k)``
+    holds member ``j`` of every group (``rows`` groups of ``k`` kernel positions) in plane ``j``.
+
+    ``flat`` is a thread-shared uint8 scratch tensor of ``N`` rounded up to 8 bytes, its tail
+    zeroed (so it can be compared 8 bytes at a time). Member ``j`` is kept when fewer than ``n``
+    members beat it: later members win only by a larger ``|W|``, so ties keep the lower channel.
+    ``m(m−1)/2`` comparisons of contiguous planes, no sort.
+    """
+    w = weight.detach()
+    cout, cin = w.shape[0], w.shape[1]
+    if cin % m:
+        raise ValueError(f"nm_mask: {cin} input channels are not a multiple of m={m}")
+    k = w[0, 0].numel()  # kernel positions
+    rows = cout * (cin // m)
+    size = rows * k
+    planes = scratch((m, rows, k), w.dtype, w.device)
+    torch.abs(w.reshape(rows, m, k).transpose(0, 1), out=planes)
+    planes = planes.view(m, size)
+    # rank[j] = (members beating member j) − n, kept iff negative. The earlier members win
+    # ties, so it starts at j − n, and each comparison with a later member i moves it (i beats
+    # j iff |W_i| > |W_j|). int8 planes: the additions and the sign test are ~10x cheaper than
+    # on floats or against a Python scalar.
+    rank_dtype = torch.int8 if m <= 60 else torch.int32
+    rank = scratch((m, size), rank_dtype, w.device)
+    for j in range(m):
+        rank[j].fill_(j - n)
+    beats = scratch((size,), torch.bool, w.device)
+    for j in range(m):
+        for i in range(j + 1, m):
+            torch.lt(planes[j], planes[i], out=beats)
+            b = beats.view(torch.int8) if rank_dtype == torch.int8 else beats.to(rank_dtype)
+            rank[j].add_(b)
+            rank[i].sub_(b)
+    total = m * size
+    flat = scratch((-(-total // 8) * 8,), torch.uint8, w.device)
+    flat[total:].zero_()
+    torch.signbit(rank, out=flat[:total].view(torch.bool).view(m, size))
+    return flat, rows, k
+
+
+def _to_weight_layout(flat: torch.Tensor, out: torch.Tensor, m: int, rows: int, k: int) -> None:
+    """Write planes-layout keep flags into a contiguous bool tensor in the weight's layout."""
+    out.view(torch.uint8).view(rows, m, k).copy_(flat[:out.numel()].view(m, rows, k).transpose(0, 1))
+
+
+def nm_mask(weight: torch.Tensor, n: int, m: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep the ``n`` largest ``|W|`` of every ``m`` consecutive input channels (ties: the
+    lower channel), as a bool tensor shaped like ``weight`` (written into ``out`` if given).
+
+    Exact and sort-free (``m(m−1)/2`` comparisons of contiguous planes of ``|W|``).
 
     >>> nm_mask(torch.tensor([[0.1, -0.9, 0.5, 0.2, 1.0, 0.0, 0.0, -2.0]]), 2, 4).int()
     tensor([[0, 1, 1, 0, 1, 0, 0, 1]], dtype=torch.int32)
     """
-    a = _grouped(weight.detach().abs(), m)
-    # stable descending sort: equal magnitudes keep the lower index (topk's choice is unspecified)
-    idx = torch.sort(a, dim=1, descending=True, stable=True).indices[:, :n]
-    keep = torch.zeros_like(a, dtype=torch.bool).scatter_(1, idx, True)
-    moved = weight.movedim(1, -1).shape
-    return keep.reshape(moved).movedim(-1, 1)
+    with torch.no_grad():
+        flat, rows, k = _keep_planes(weight, n, m)
+        if out is None:
+            out = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
+        target = out if out.is_contiguous() and out.dtype == torch.bool else torch.empty(
+            weight.shape, dtype=torch.bool, device=weight.device)
+        _to_weight_layout(flat, target, m, rows, k)
+        if target is not out:
+            out.copy_(target)
+    return out
+
+
+def _changed(flat: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """Indices where two equally long uint8 tensors (length a multiple of 8) differ: compared
+    8 bytes at a time, then byte by byte inside the words that differ (a few per step)."""
+    words = torch.bitwise_xor(flat.view(torch.int64), prev.view(torch.int64),
+                              out=scratch((flat.numel() // 8,), torch.int64, flat.device))
+    at = words.nonzero().view(-1)
+    if at.numel() == 0:
+        return at
+    row, col = (flat.view(-1, 8)[at] != prev.view(-1, 8)[at]).nonzero().unbind(1)
+    return at[row] * 8 + col
 
 
 def nm_compliant(weight: torch.Tensor, n: int, m: int) -> bool:
@@ -52,7 +118,10 @@ def nm_compliant(weight: torch.Tensor, n: int, m: int) -> bool:
 
 
 class _MaskedStraightThrough(torch.autograd.Function):
-    """Forward ``W ⊙ M``; backward: the gradient to every W, plus ``decay·(1−M)⊙W`` (SR-STE)."""
+    """Forward ``W ⊙ M``; backward: the gradient to every W, plus ``decay·(1−M)⊙W`` (SR-STE).
+
+    The plain version (a bool mask, fresh tensors): what tracers and transforms run, and the
+    reference :class:`_NMWeight` is tested against."""
 
     @staticmethod
     def forward(ctx, weight, mask, decay: float):
@@ -69,8 +138,48 @@ class _MaskedStraightThrough(torch.autograd.Function):
         return grad, None, None
 
 
+class _NMWeight(torch.autograd.Function):
+    """Autograd for ``Ŵ = W ⊙ M`` given ``Ŵ`` (``eff``) and the float mask ``mask_f``.
+
+    ``straight``: the straight-through gradient (plus SR-STE's ``decay·(1−M)⊙W``, computed as
+    ``decay·(W − Ŵ)``: the same numbers); else the hard mask's ``grad ⊙ M``. ``in_place``: the
+    incoming gradient belongs to this node alone (the layer's own conv made it) and is edited in
+    place: no allocation. ``pinned``: ``(ReusedWeight, pin)``, released once the backward ran."""
+
+    @staticmethod
+    def forward(ctx, weight, eff, mask_f, straight: bool, decay: float, in_place: bool, pinned):
+        ctx.straight, ctx.decay, ctx.in_place, ctx.pinned = straight, decay, in_place, pinned
+        # what the backward reads, and eff always: a pinned buffer is released through it
+        sr_ste = straight and bool(decay)
+        ctx.save_for_backward(weight if sr_ste else None, eff, mask_f if sr_ste or not straight else None)
+        return eff.detach()  # an alias sharing eff's version counter
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, eff, mask_f = ctx.saved_tensors
+        in_place = (ctx.in_place and not torch.is_grad_enabled() and grad.is_contiguous()
+                    and grad.dtype == eff.dtype)
+        if ctx.straight and ctx.decay:
+            if in_place:
+                pruned = torch.sub(weight, eff, out=scratch(eff.shape, eff.dtype, eff.device))
+                gw = grad.add_(pruned.mul_(ctx.decay))
+            else:
+                gw = grad + ctx.decay * weight * (1 - mask_f)  # differentiable in weight, as the reference
+        elif ctx.straight:
+            gw = grad
+        else:
+            gw = grad.mul_(mask_f) if in_place else grad * mask_f
+        if ctx.pinned is not None:
+            ctx.pinned[0].unpin(eff, ctx.pinned[1])
+        return gw, None, None, None, None, None, None
+
+
 class NMMixin(SparseWeightMixin):
-    """Conv/Linear computing with ``W ⊙ M`` (N:M mask set by the group)."""
+    """Conv/Linear computing with ``W ⊙ M`` (N:M mask set by the group).
+
+    The forward multiplies by a float copy of the mask (bool/float products are several times
+    slower), refreshed when the mask changes, into a reused buffer recomputed only when ``W``
+    or the mask changed (see :mod:`sparsify.methods.reuse`)."""
 
     def init_sparse(self, n: int = 2, m: int = 4, decay: float = 0.0, **_) -> None:
         self.nm = (int(n), int(m))
@@ -78,10 +187,110 @@ class NMMixin(SparseWeightMixin):
         self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.bool))
         self.register_buffer("fixed", torch.zeros((), dtype=torch.bool, device=self.weight.device))
 
+    def _holder(self, name: str) -> ReusedWeight:
+        r = self.__dict__.get(name)
+        if r is None:
+            r = self.__dict__[name] = ReusedWeight()
+        return r
+
+    def _is_fixed(self) -> bool:
+        # bool(tensor) would synchronise a GPU in every forward: remember it per version
+        key = content_key(self.fixed)
+        seen = self.__dict__.get("_fixed_seen")
+        if key is None or seen is None or seen[0] != key:
+            seen = self.__dict__["_fixed_seen"] = (key, bool(self.fixed))
+        return seen[1]
+
+    def mask_float(self) -> torch.Tensor:
+        """The mask as 0/1 in the weight's dtype (refreshed when the bool mask changed)."""
+        w, mask = self.weight, self.mask
+        reused = self._holder("_mask_f")
+        key = content_key(mask)
+        mask_f = reused.lookup(w, key)
+        if mask_f is None:
+            buf = reused.target(w)
+            with torch.no_grad():
+                # through uint8: bool -> float copies are ~2x slower than uint8 -> float
+                src = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+                mask_f = src.to(w.dtype) if buf is None else reused.store(buf.copy_(src), key)
+        return mask_f
+
+    def _fast(self) -> bool:
+        w = self.weight
+        return w.is_floating_point() and w.layout == torch.strided and self.mask.shape == w.shape and eager()
+
     def effective_weight(self) -> torch.Tensor:
-        if bool(self.fixed):
-            return self.weight * self.mask
-        return _MaskedStraightThrough.apply(self.weight, self.mask, self.sr_ste_decay)
+        w = self.weight
+        if not self._fast():
+            if self._is_fixed():
+                return w * self.mask
+            return _MaskedStraightThrough.apply(w, self.mask, self.sr_ste_decay)
+        mask_f = self.mask_float()
+        with torch.no_grad():
+            eff = w * mask_f
+        if not (torch.is_grad_enabled() and w.requires_grad):
+            return eff
+        return _NMWeight.apply(w, eff, mask_f, not self._is_fixed(), self.sr_ste_decay, False, None)
+
+    def forward(self, x):
+        return self.forward_with(x, self._forward_weight())
+
+    def _forward_weight(self) -> torch.Tensor:
+        """:meth:`effective_weight` for this layer's own conv/linear: a reused buffer,
+        backpropagated in place."""
+        if not self._fast():
+            return self.effective_weight()
+        w = self.weight
+        mask_f = self.mask_float()
+        reused = self._holder("_reused")
+        key = content_key(w, mask_f)
+        eff = reused.lookup(w, key)
+        if eff is None:
+            buf = reused.target(w)  # None while a pending graph still needs the buffer
+            with torch.no_grad():
+                eff = w * mask_f if buf is None else reused.store(torch.mul(w, mask_f, out=buf), key)
+        if not (torch.is_grad_enabled() and w.requires_grad):
+            return eff
+        pinned = (reused, reused.pin(eff)) if reused.holds(eff) else None
+        return _NMWeight.apply(w, eff, mask_f, not self._is_fixed(), self.sr_ste_decay, True, pinned)
+
+    @torch.no_grad()
+    def recompute_mask(self, n: int, m: int) -> None:
+        """Set ``mask`` to :func:`nm_mask` of the current weight.
+
+        Between steps only a few thousand of millions of flags flip, so the layer keeps its
+        mask in planes layout as well and writes only the flags that changed (into ``mask`` and
+        its float copy); a full rewrite happens the first time and whenever something else
+        wrote the mask (``load_state_dict``, a user)."""
+        w, mask = self.weight, self.mask
+        flat, rows, k = _keep_planes(w, n, m)
+        state = self.__dict__.get("_nm_state")
+        if state is None:
+            state = self.__dict__["_nm_state"] = Transient()
+        prev = state.get("keep")
+        key = content_key(mask)
+        if (prev is None or key is None or state.get("mask_key") != key or prev.shape != flat.shape
+                or prev.device != flat.device or not mask.is_contiguous() or mask.dtype != torch.bool):
+            nm_mask(w, n, m, out=mask) if not mask.is_contiguous() or mask.dtype != torch.bool else \
+                _to_weight_layout(flat, mask, m, rows, k)
+            if prev is None or prev.shape != flat.shape or prev.device != flat.device:
+                prev = state["keep"] = torch.empty_like(flat)
+            prev.copy_(flat)
+        else:
+            at = _changed(flat, prev)
+            if at.numel():
+                vals = flat[at]
+                prev[at] = vals
+                size = rows * k
+                member, rest = at // size, at % size
+                at_w = (rest // k) * (m * k) + member * k + rest % k  # planes -> weight layout
+                holder = self._holder("_mask_f")
+                mask_f = holder.lookup(w, key)  # still the float copy of the old mask?
+                mask.view(-1)[at_w] = vals.view(torch.bool)
+                if mask_f is not None:
+                    mask_f.view(-1)[at_w] = vals.to(mask_f.dtype)
+                    holder.store(mask_f, content_key(mask))
+        state["mask_key"] = content_key(mask)
 
     def sparse_repr(self) -> str:
         return f"{self.nm[0]}:{self.nm[1]}, fixed={bool(self.fixed)}"
@@ -115,7 +324,7 @@ class NMGroup(Group):
             if step < self.begin:
                 m.mask.fill_(True)
                 continue
-            m.mask.copy_(nm_mask(m.weight, self.n, self.m))
+            m.recompute_mask(self.n, self.m)
             if self.fix_at is not None and step >= self.fix_at:
                 m.fixed.fill_(True)
 
