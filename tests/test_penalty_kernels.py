@@ -184,3 +184,23 @@ def test_gelu_and_functional_relu_detection():
     m = sparsify.sparsify(Net(), rec, example_inputs=torch.randn(2, 4))
     flags = {r.regularizes: r.nonneg for r in m.modules() if isinstance(r, ActivationRegularizer)}
     assert flags == {"act": False, "relu": True}
+
+
+def test_tracers_get_the_plain_expression_so_torch_compile_sees_no_break():
+    import torch._dynamo as dynamo
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.GELU())
+    x = torch.randn(2, 3, 8, 8)
+    rec = {"version": 1, "rules": [{"match": {"type": ["ReLU", "GELU"]}, "method": "tl1",
+                                    "params": {"reduction": "sum"}}]}
+    m = sparsify.sparsify(net, rec, example_inputs=x)
+    m(x)
+    eager = sparsify.penalty(m)
+    dynamo.reset()
+    ex = dynamo.explain(m)(x)
+    assert ex.graph_count == 1 and ex.graph_break_count == 0  # the kernels' loops and buffers would break it
+    traced = sparsify.penalty(m)
+    torch.testing.assert_close(traced, eager)
+    h = net[1](net[0](x))
+    ref = penalty_kernels.plain_penalty(h, "tl1") + penalty_kernels.plain_penalty(net[3](net[2](h)), "tl1")
+    torch.testing.assert_close(eager, 0.01 * ref)  # the default lam

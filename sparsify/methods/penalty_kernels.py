@@ -16,7 +16,10 @@ worth ten elementwise passes (GROUND.md). So here:
   converted chunk by chunk); float64 inputs stay float64, so ``torch.autograd.gradcheck`` works;
 - ``nonneg=True`` (the input is a ReLU output) skips the ``abs`` and the sign handling;
 - the backward is the analytic derivative, equal to what autograd gives for the plain
-  composition, including 0 at ``x == 0`` (the subgradient ``sign(0) = 0``).
+  composition, including 0 at ``x == 0`` (the subgradient ``sign(0) = 0``);
+- while a tracer runs (torch.compile, export, make_fx, functorch transforms: see
+  ``base.plain_eager``) the callers use :func:`plain_penalty`, the same value as whole-tensor
+  ops that tracers and compilers understand (and fuse themselves).
 
 Only the input tensor is saved for the backward, and the activation's own backward keeps it
 alive anyway: no extra activation memory.
@@ -33,7 +36,7 @@ import threading
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["tl1_sum", "l1_sum", "hoyer_square", "CHUNK"]
+__all__ = ["tl1_sum", "l1_sum", "hoyer_square", "plain_penalty", "CHUNK"]
 
 # elements per CPU chunk: the chunk and its work buffers (4 MiB each) stay in the last-level cache
 # while the three or four passes over it run. Measured on the 2-core dev machine (ResNet-18 maps,
@@ -119,6 +122,25 @@ def _map(x: torch.Tensor, per_chunk) -> torch.Tensor:
         if dst is not o:
             o.copy_(dst)
     return out
+
+
+def plain_penalty(x: torch.Tensor, function: str, a: float = 1.0, scale: float = 1.0) -> torch.Tensor:
+    """The penalties as plain whole-tensor expressions (autograd differentiates them); the
+    reference the kernels are tested against, and what runs under tracers and compilers.
+
+    >>> float(plain_penalty(torch.tensor([0.0, 1.0, 3.0]), "tl1", a=1.0))
+    2.5
+    """
+    xf = x.to(_compute_dtype(x))
+    t = xf.abs()
+    if function == "tl1":
+        return (t / (t + a)).sum() * ((1.0 + a) * scale)
+    if function == "l1":
+        return t.sum() * scale
+    if function == "hoyer":
+        s1, s2 = t.sum(), (xf * xf).sum()
+        return torch.where(s2 > 0, s1 * s1 / s2.clamp_min(1e-30), torch.zeros_like(s2)) * scale
+    raise ValueError(f"unknown penalty function {function!r}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .base import Group, GroupContext, Method, RecordsMixin, Site
-from .penalty_kernels import hoyer_square, l1_sum, tl1_sum
+from .base import Group, GroupContext, Method, RecordsMixin, Site, plain_eager
+from .penalty_kernels import hoyer_square, l1_sum, plain_penalty, tl1_sum
 from .staging import active_range, in_range, stage_at
 
 __all__ = ["tl1", "tl1_grad", "ActivationRegularizer", "ActivationRegGroup", "TL1Method",
@@ -94,6 +94,8 @@ def penalty_value(x: torch.Tensor, function: str, a: float = 1.0, reduction: str
         scale /= max(x.numel(), 1)
     elif reduction == "batchmean":
         scale /= max(x.shape[0] if x.dim() else 1, 1)
+    if not plain_eager():  # a tracer or compiler: plain ops it understands, same value
+        return plain_penalty(x, function, a, scale)
     if function == "tl1":
         return tl1_sum(x, a, scale, nonneg)
     if function == "l1":
