@@ -222,7 +222,7 @@ class NMMixin(SparseWeightMixin):
     def effective_weight(self) -> torch.Tensor:
         w = self.weight
         if not self._fast():
-            if self._is_fixed():
+            if bool(self.fixed):  # a tracer records the branch taken (as before these fast paths)
                 return w * self.mask
             return _MaskedStraightThrough.apply(w, self.mask, self.sr_ste_decay)
         mask_f = self.mask_float()
