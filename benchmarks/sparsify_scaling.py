@@ -65,10 +65,12 @@ def main(argv=None):
         rows.append((nodes, t_trace, t_sp, t_plan))
         print(f"{nodes:6d} nodes: symbolic_trace {t_trace:.3f}s, sparsify {t_sp:.3f}s "
               f"({1e3 * t_sp / nodes:.3f} ms/node, {t_sp / t_trace:.1f}x trace), plan {t_plan:.3f}s", flush=True)
-    n0, _, s0, _ = rows[0]
-    n1, _, s1, _ = rows[-1]
+    n0, _, s0, p0 = rows[0]
+    n1, _, s1, p1 = rows[-1]
     import math
+    import os
     slope = math.log(s1 / s0) / math.log(n1 / n0)
+    slope_plan = math.log(p1 / p0) / math.log(n1 / n0)
     lines = ["", "## Scaling", "",
              f"`sparsify()` time against graph size (`.venv/bin/python benchmarks/sparsify_scaling.py "
              f"--recipe {args.recipe} --out docs/coverage.md`; synthetic residual CNN, 8 graph nodes and "
@@ -77,8 +79,9 @@ def main(argv=None):
              "|---|---|---|---|---|---|"]
     for nodes, tt, ts, tp in rows:
         lines.append(f"| {nodes:,} | {tt:.3f} | {ts:.3f} | {1e3 * ts / nodes:.3f} | {ts / tt:.1f}x | {tp:.3f} |")
-    lines += ["", f"Growth exponent between {n0:,} and {n1:,} nodes: time ∝ nodes^{slope:.2f} "
-              "(1.0 is linear).", ""]
+    lines += ["", f"Growth exponent between {n0:,} and {n1:,} nodes: sparsify time ∝ nodes^{slope:.2f}, "
+              f"plan ∝ nodes^{slope_plan:.2f} (1.0 is linear). Load average at the end: "
+              f"{os.getloadavg()[0]:.1f}.", ""]
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -46,7 +46,8 @@ def positions_per_sample(model: nn.Module, example_inputs: Sequence) -> dict[str
     was_training = model.training
     model.eval()
     try:
-        model(*example_inputs)
+        with torch.no_grad():  # only shapes are read: an autograd graph would cost time and memory
+            model(*example_inputs)
     finally:
         model.train(was_training)
         for h in handles:
