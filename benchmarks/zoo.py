@@ -167,7 +167,9 @@ def run_one(family, name, recipe, model, inputs) -> dict:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             t = time.perf_counter()
-            m = sparsify.sparsify(model, recipe, total_steps=10, example_inputs=inputs)
+            # copy=True: every recipe starts from the same weights (the default shares the
+            # caller's tensors, so one recipe's training step would carry into the next)
+            m = sparsify.sparsify(model, recipe, total_steps=10, example_inputs=inputs, copy=True)
             rec["sparsify_s"] = time.perf_counter() - t
         st = sparsify.state.find_state(m)
         plan = st.plan
