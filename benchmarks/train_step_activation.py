@@ -86,7 +86,8 @@ def main():
     samples = {v: [] for v in variants}
     load_start = os.getloadavg()[0]
     for i in range(args.rounds):
-        for v in variants:
+        # the order alternates so that neither variant always follows the other
+        for v in (variants if i % 2 == 0 else variants[::-1]):
             samples[v].append(run(*models[v], x, y, args.steps, clock))
         print(f"round {i + 1}/{args.rounds}: " + ", ".join(f"{v} {samples[v][-1]:.4f}s" for v in variants),
               file=sys.stderr, flush=True)
@@ -94,17 +95,22 @@ def main():
     out = {"batch": args.batch, "size": args.size, "threads": torch.get_num_threads(), "clock": args.clock,
            "load_average": {"start": load_start, "end": os.getloadavg()[0]},
            "seconds_per_step": med, "ratio_to_dense": {v: med[v] / med["dense"] for v in variants},
-           "spread": {v: (min(s) / med["dense"], max(s) / med["dense"]) for v, s in samples.items()}}
+           "spread": {v: (min(s) / med["dense"], max(s) / med["dense"]) for v, s in samples.items()},
+           # median over rounds of (variant / dense in the same round): load changes between
+           # rounds cancel out
+           "paired_ratio": {v: statistics.median(a / b for a, b in zip(samples[v], samples["dense"]))
+                            for v in variants}}
     if args.json:
         print(json.dumps(out, indent=2))
         return
     print(f"ResNet-18 training step, batch {args.batch}, {args.size}x{args.size}, {out['threads']} threads, "
           f"median of {args.rounds} interleaved rounds x {args.steps - 1} steps, {args.clock} clock, "
           f"load average {load_start:.2f} at the start, {out['load_average']['end']:.2f} at the end")
-    print(f"{'variant':28} {'s/step':>8} {'vs dense':>9}  (min-max of round medians)")
+    print(f"{'variant':28} {'s/step':>8} {'vs dense':>9} {'paired':>7}  (min-max of round medians)")
     for v in variants:
         lo, hi = out["spread"][v]
-        print(f"{v:28} {med[v]:8.4f} {out['ratio_to_dense'][v]:9.3f}  ({lo:.3f}-{hi:.3f})")
+        print(f"{v:28} {med[v]:8.4f} {out['ratio_to_dense'][v]:9.3f} {out['paired_ratio'][v]:7.3f}  "
+              f"({lo:.3f}-{hi:.3f})")
 
 
 if __name__ == "__main__":

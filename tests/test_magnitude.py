@@ -137,3 +137,35 @@ def test_builtin_recipe_reaches_its_target_and_finalizes():
     final = sparsify.finalize(m)
     m.eval()
     assert torch.allclose(final(X), m(X), atol=1e-6)
+
+
+def _masks(m):
+    return [l.mask.clone() for l in layers(m)]
+
+
+@pytest.mark.parametrize("frequency, ramp, interval", [(None, (0, 6400), 100), (None, (0, 320), 10), (7, (0, 6400), 7)])
+def test_masks_change_only_every_pruning_interval(frequency, ramp, interval):
+    # Zhu & Gupta's Δt: 100 steps by default, fewer in a short ramp (>= 32 updates), or as given
+    kw = {} if frequency is None else {"frequency": frequency}
+    m = make(begin=ramp[0], end=ramp[1], sparsity=0.9, **kw)
+    opt = torch.optim.SGD(sparsify.param_groups(m, 1e-4), lr=0.05, momentum=0.9)
+    changed_at = []
+    before = _masks(m)
+    for step in range(1, 2 * interval + 2):
+        F.cross_entropy(m(X), torch.arange(2)).backward()
+        opt.step()
+        opt.zero_grad()
+        sparsify.step(m)
+        now = _masks(m)
+        if any(not torch.equal(a, b) for a, b in zip(before, now)):
+            changed_at.append(step)
+        before = now
+    assert changed_at and all(s % interval == 0 for s in changed_at), changed_at
+    assert interval in changed_at
+
+
+def test_frequency_must_be_null_or_a_positive_whole_number():
+    with pytest.raises(RecipeError, match="frequency"):
+        make(frequency=0)
+    with pytest.raises(RecipeError, match="frequency"):
+        make(frequency=2.5)
