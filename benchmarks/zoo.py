@@ -240,14 +240,17 @@ def write_markdown(out: str, results: dict, models: list[tuple[str, str]], recip
             elif r["status"] == "failure":
                 failures.append(r)
                 cells.append(f"**fail** ({r['stage']})")
-            elif r["status"] == "fallback":
-                cells.append(f"fallback {r['param_share']:.0%}")
             else:
-                cells.append(f"ok {r['param_share']:.0%}")
+                # a recipe that only inserts nodes (tl1) reaches no weights: count its nodes
+                reach = (f"{r['rewritten']} nodes" if not r["param_share"] and r.get("rewritten")
+                         else f"{r['param_share']:.0%}")
+                cells.append(f"{r['status']} {reach}")
         if any(cells):
             nodes = traces.get(name, {}).get("nodes")
             L.append(f"| {name} | {fam} | {nodes if nodes is not None else '-'} | " + " | ".join(cells) + " |")
-    L += ["", "The percentage is the share of Conv/Linear weight parameters the recipe rewrote (plan).", ""]
+    L += ["", "The percentage is the share of Conv/Linear weight parameters in the layers the recipe rewrote",
+          "(plan; semi-structured: the convs whose outputs it masks). A recipe that only inserts nodes",
+          "(tl1's regularizers) shows how many it inserted.", ""]
     if failures:
         L += ["## Failures", "", "| model | recipe | stage | reason | where |", "|---|---|---|---|---|"]
         for r in failures:
