@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import warnings
@@ -22,6 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import sparsify  # noqa: E402
 from passes import set_submodule  # noqa: E402
 from sparsify.accelerate.gemm import PackCache, gemm  # noqa: E402
+from _report import write_json  # noqa: E402
 from _timing import clock_of, interleaved, load_average  # noqa: E402
 
 
@@ -90,9 +90,7 @@ def main(argv=None):
                   f"fastest rounds; vs oneDNN dense {t['dense_onednn']['median']:.1f} ms: "
                   f"{row['speedup_vs_onednn_dense_median']:.2f}x / {row['speedup_vs_onednn_dense_min']:.2f}x; "
                   f"paths {paths} (load {row['load']:.1f})", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    write_json(args.json, results)
     return results
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import warnings
@@ -29,6 +28,7 @@ from torch.fx.experimental.optimization import fuse
 
 sys.path.insert(0, os.path.dirname(__file__))
 import sparsify  # noqa: E402
+from _report import write_json  # noqa: E402
 from _timing import clock_of, interleaved, load_average  # noqa: E402
 from sparsify.methods.semistructured import PositionMask  # noqa: E402
 
@@ -105,9 +105,7 @@ def main(argv=None):
                   f" vs channels-last BN-folded {row['speedup_vs_dense_cl_folded_median']:.2f}x /"
                   f" {row['speedup_vs_dense_cl_folded_min']:.2f}x; paths {row['paths']} (load {row['load']:.1f})",
                   flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    write_json(args.json, results)
     return results
 
 

@@ -9,7 +9,6 @@ the recipe's final sparsity; recipes without weight sparsity show what the forma
 from __future__ import annotations
 
 import argparse
-import json
 import warnings
 
 import torch
@@ -17,6 +16,8 @@ import torchvision
 
 import sparsify
 from sparsify.serialize import saved_size
+
+from _report import write_json
 
 CASES = [  # (label, recipe, overrides)
     ("dense (no recipe)", None, {}),
@@ -57,9 +58,7 @@ def main(argv=None):
             rows.append(row)
             print(f"{model_name:18s} {label:20s} zeros {100 * zeros:5.1f}%  dense {dense_b / 1e6:7.2f} MB  "
                   f"compact {compact_b / 1e6:7.2f} MB  ({row['ratio']:.2f}x smaller)", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    write_json(args.json, rows)
     return rows
 
 

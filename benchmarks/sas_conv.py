@@ -36,6 +36,8 @@ import torch.nn.functional as F
 
 from sparsify.methods.sas import SASConv2d, SASLinear, release_workspaces
 
+from _report import write_json
+
 # (name, cin, cout, spatial, kernel, stride, groups): ResNet-18/50, MobileNetV2 shapes at 224x224
 SHAPES = [
     ("r18 layer1 3x3", 64, 64, 56, 3, 1, 1),
@@ -233,9 +235,7 @@ def main():
               + " / ".join(f"{pk[k]:.1f}" for k in VARIANTS) + " |")
     print("max relative difference to the official outputs and gradients:",
           max(r["max_rel_diff"]["ours"] for r in rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+    write_json(args.json, {"args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

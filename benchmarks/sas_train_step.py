@@ -16,7 +16,6 @@ buffers are freed first, so they are counted).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -29,7 +28,8 @@ import torchvision
 import sparsify
 from sparsify.methods.sas import SASMixin
 
-from sas_conv import official_forward, peak_bytes
+from _report import write_json
+from sas_conv import official_forward, peak_bytes, saved_bytes
 
 
 def officialize(model):
@@ -38,21 +38,6 @@ def officialize(model):
         if isinstance(m, SASMixin):
             m.forward = types.MethodType(official_forward, m)
     return model
-
-
-def saved_activation_bytes(model, x, y):
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = F.cross_entropy(model(x), y)
-    del loss
-    return sum(seen.values())
 
 
 def main():
@@ -94,7 +79,7 @@ def main():
                 times[k].append(clock() - t0)
     best = {k: min(v) for k, v in times.items()}
     median = {k: statistics.median(v) for k, v in times.items()}
-    mem = {k: saved_activation_bytes(m, x, y) for k, m in models.items()}
+    mem = {k: saved_bytes(lambda x, m=m: F.cross_entropy(m(x), y), x, m.parameters()) for k, m in models.items()}
     peak = {k: peak_bytes(lambda k=k: train_step(k)) for k in models}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
           f"{args.size}x{args.size}, {args.reps} rounds, {args.clock} clock, "
@@ -105,10 +90,8 @@ def main():
     for k in models:
         print(f"| {k} | {1e3 * best[k]:.0f} | **{best[k] / best['dense']:.2f}x** | {1e3 * median[k]:.0f} | "
               f"{median[k] / median['dense']:.2f}x | {mem[k] / 2**20:.0f} | {peak[k] / 2**20:.0f} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "step_s": best, "median_s": median, "saved_bytes": mem,
-                       "peak_bytes": peak, "all_s": times, "load": load}, f, indent=2)
+    write_json(args.json, {"args": vars(args), "step_s": best, "median_s": median, "saved_bytes": mem,
+                           "peak_bytes": peak, "all_s": times, "load": load})
 
 
 if __name__ == "__main__":

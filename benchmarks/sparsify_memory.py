@@ -13,7 +13,6 @@ is made either (tracemalloc cannot see torch's allocator).
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sparsify  # noqa: E402
+from _report import write_json  # noqa: E402
 
 MB = 2 ** 20
 MODES = {"default": {}, "copy": {"copy": True}, "inplace": {"inplace": True}}
@@ -108,8 +108,7 @@ def main(argv=None) -> None:
         if "rss_growth_mb" in d:
             line += f"; RSS growth {d['rss_growth_mb']:.1f} MB (peak {d['peak_rss_growth_mb']:.1f} MB)"
         print(line)
-    if args.json:
-        Path(args.json).write_text(json.dumps(r, indent=2))
+    write_json(args.json, r)
 
 
 if __name__ == "__main__":

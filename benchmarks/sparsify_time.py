@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import cProfile
-import json
 import pstats
 import statistics
 import sys
@@ -30,6 +29,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sparsify  # noqa: E402
+from _report import write_json  # noqa: E402
 
 
 _CPU: dict[str, list[float]] = {}
@@ -117,8 +117,7 @@ def main(argv=None) -> None:
         print(f"  {'ratio':<16} {'median':>7} {'best':>7} {'cpu':>7}")
         for k, v in r["ratios"].items():
             print(f"  {k:<16} {v['median']:7.2f} {v['best']:7.2f} {v['cpu']:7.2f}", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ building the magnitude vector (``cat`` of ``|W|``) is timed separately, it is co
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -26,6 +25,8 @@ from torch import nn
 
 from sparsify.schedules import cubic
 from sparsify.threshold import QuantileTracker, _interpolate, quantile
+
+from _report import write_json
 
 
 def sort_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
@@ -92,9 +93,7 @@ def main(argv=None):
           f"with the cat: {(med['torch.sort'] + med['cat |W|']) / (med['band (QuantileTracker)'] + med['cat |W|']):.1f}x; "
           f"band vs kthvalue: {med['kthvalue (quantile)'] / med['band (QuantileTracker)']:.1f}x; "
           f"sort + cat vs band over layers: {(med['torch.sort'] + med['cat |W|']) / med['band over layers (abs + band)']:.1f}x")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"weights": n, "median_s": med, "cold_band_s": cold, "speedup_vs_sort": speedup}, f, indent=2)
+    write_json(args.json, {"weights": n, "median_s": med, "cold_band_s": cold, "speedup_vs_sort": speedup})
 
 
 if __name__ == "__main__":
