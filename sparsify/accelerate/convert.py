@@ -104,113 +104,119 @@ def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
     return False
 
 
-def _patch_skip_pass(model, shapes, decide, margin, rows, done, fold=True):
+def _erase(gm: fx.GraphModule, node: fx.Node, erased: set[fx.Node]) -> None:
+    """Erase ``node`` (its uses already rerouted) and its module, and mark it for the walk."""
+    gm.graph.erase_node(node)
+    _drop_module(gm, node.target)
+    erased.add(node)
+
+
+def _rewrite_graphs(model: nn.Module, rewrite) -> None:
+    """Call ``rewrite(prefix, gm, node, erased) -> changed`` on each call_module node of every fx
+    GraphModule in ``model``, skipping the nodes a rewrite erased (it adds them to ``erased``);
+    every graph a rewrite changed is linted and recompiled."""
     for prefix, gm in list(model.named_modules()):
         if not isinstance(gm, fx.GraphModule):
             continue
         changed = False
         erased: set[fx.Node] = set()
         for node in list(gm.graph.nodes):
-            if node.op != "call_module" or node in erased:
-                continue
-            conv = gm.get_submodule(node.target)
-            if not isinstance(conv, nn.Conv2d):
-                continue
-            mask_node = _only_user(node)
-            if mask_node is None or mask_node.op != "call_module" or mask_node.args[0] is not node:
-                continue
-            mask_mod = gm.get_submodule(mask_node.target)
-            keep = keep_mask_of(mask_mod)
-            if keep is None:
-                continue
-            name = _qual(prefix, str(node.target))
-            kind = f"Conv2d {conv.kernel_size[0]}x{conv.kernel_size[1]}"
-            skipped = 1.0 - float(keep.float().mean())
-            why = supports_patch_skip(conv)
-            if why is None and name not in shapes:
-                why = "never called on the example inputs"
-            if why:
-                rows.append(LayerPath(name, kind, "dense", why, skipped))
-                done.add(name)
-                continue
-            bn_node = _only_user(mask_node)
-            bn = gm.get_submodule(bn_node.target) if bn_node is not None and bn_node.op == "call_module" else None
-            if not (foldable_bn(bn) and bn_node.args[0] is mask_node):
-                bn, bn_node = None, None
-            last = bn_node if bn_node is not None else mask_node
-            relu_node = _only_user(last)
-            if relu_node is None or not _is_relu(gm, relu_node) or relu_node.args[0] is not last:
-                relu_node = None
-            x = torch.randn(shapes[name]).contiguous(memory_format=torch.channels_last)
-            fast = PatchSkipConv2d.from_conv(conv, keep, bn, input_hw=tuple(shapes[name][-2:]))
-            fast.relu = relu_node is not None  # fused into the GEMM; skipped positions hold relu(value)
-            if bn is not None and fold:  # the dense alternative folds BN too: compare like with like
-                dense_chain = [folded_conv(conv, bn), PositionFill(keep, fast.skip_value)]
-            else:
-                dense_chain = [copy.deepcopy(m) for m in (conv, mask_mod, bn) if m is not None]
-            relu = [nn.ReLU(inplace=True)] if relu_node is not None else []
-            dense = nn.Sequential(*dense_chain, *relu).to(memory_format=torch.channels_last)
-            path, times, reason = choose({"dense": lambda: dense(x), "patch-skip": lambda: fast(x)},
-                                         decide, margin)
-            folded = bn is not None and (path != "dense" or fold)
-            rows.append(LayerPath(name, kind, path, reason + ("; BN folded" if folded else "")
-                                  + ("; ReLU fused" if path != "dense" and relu_node is not None else ""),
-                                  skipped, times))
-            done.add(name)
-            if path == "dense":
-                if bn is not None and fold:  # conv(folded) -> fill skipped positions with BN(0)
-                    set_submodule(gm, str(node.target), dense_chain[0])
-                    set_submodule(gm, str(mask_node.target), dense_chain[1])
-                    bn_node.replace_all_uses_with(mask_node)
-                    gm.graph.erase_node(bn_node)
-                    _drop_module(gm, bn_node.target)
-                    erased.add(bn_node)
-                    changed = True
-                continue
-            set_submodule(gm, str(node.target), fast)
-            last.replace_all_uses_with(node)
-            for dead in ([bn_node] if bn_node is not None else []) + [mask_node]:
-                gm.graph.erase_node(dead)
-                _drop_module(gm, dead.target)
-                erased.add(dead)
-            if relu_node is not None:
-                relu_node.replace_all_uses_with(node)
-                gm.graph.erase_node(relu_node)  # the ReLU module may serve other nodes: keep it
-                erased.add(relu_node)
-            changed = True
+            if node.op == "call_module" and node not in erased:
+                changed |= rewrite(prefix, gm, node, erased)
         if changed:
             gm.graph.lint()
             gm.recompile()
+
+
+def _patch_skip_pass(model, shapes, decide, margin, rows, done, fold=True):
+    def rewrite(prefix, gm, node, erased) -> bool:
+        conv = gm.get_submodule(node.target)
+        if not isinstance(conv, nn.Conv2d):
+            return False
+        mask_node = _only_user(node)
+        if mask_node is None or mask_node.op != "call_module" or mask_node.args[0] is not node:
+            return False
+        mask_mod = gm.get_submodule(mask_node.target)
+        keep = keep_mask_of(mask_mod)
+        if keep is None:
+            return False
+        name = _qual(prefix, str(node.target))
+        kind = f"Conv2d {conv.kernel_size[0]}x{conv.kernel_size[1]}"
+        skipped = 1.0 - float(keep.float().mean())
+        why = supports_patch_skip(conv)
+        if why is None and name not in shapes:
+            why = "never called on the example inputs"
+        if why:
+            rows.append(LayerPath(name, kind, "dense", why, skipped))
+            done.add(name)
+            return False
+        bn_node = _only_user(mask_node)
+        bn = gm.get_submodule(bn_node.target) if bn_node is not None and bn_node.op == "call_module" else None
+        if not (foldable_bn(bn) and bn_node.args[0] is mask_node):
+            bn, bn_node = None, None
+        last = bn_node if bn_node is not None else mask_node
+        relu_node = _only_user(last)
+        if relu_node is None or not _is_relu(gm, relu_node) or relu_node.args[0] is not last:
+            relu_node = None
+        x = torch.randn(shapes[name]).contiguous(memory_format=torch.channels_last)
+        fast = PatchSkipConv2d.from_conv(conv, keep, bn, input_hw=tuple(shapes[name][-2:]))
+        fast.relu = relu_node is not None  # fused into the GEMM; skipped positions hold relu(value)
+        if bn is not None and fold:  # the dense alternative folds BN too: compare like with like
+            dense_chain = [folded_conv(conv, bn), PositionFill(keep, fast.skip_value)]
+        else:
+            dense_chain = [copy.deepcopy(m) for m in (conv, mask_mod, bn) if m is not None]
+        relu = [nn.ReLU(inplace=True)] if relu_node is not None else []
+        dense = nn.Sequential(*dense_chain, *relu).to(memory_format=torch.channels_last)
+        path, times, reason = choose({"dense": lambda: dense(x), "patch-skip": lambda: fast(x)},
+                                     decide, margin)
+        folded = bn is not None and (path != "dense" or fold)
+        rows.append(LayerPath(name, kind, path, reason + ("; BN folded" if folded else "")
+                              + ("; ReLU fused" if path != "dense" and relu_node is not None else ""),
+                              skipped, times))
+        done.add(name)
+        if path == "dense":
+            if bn is not None and fold:  # conv(folded) -> fill skipped positions with BN(0)
+                set_submodule(gm, str(node.target), dense_chain[0])
+                set_submodule(gm, str(mask_node.target), dense_chain[1])
+                bn_node.replace_all_uses_with(mask_node)
+                _erase(gm, bn_node, erased)
+                return True
+            return False
+        set_submodule(gm, str(node.target), fast)
+        last.replace_all_uses_with(node)
+        for dead in ([bn_node] if bn_node is not None else []) + [mask_node]:
+            _erase(gm, dead, erased)
+        if relu_node is not None:
+            relu_node.replace_all_uses_with(node)
+            gm.graph.erase_node(relu_node)  # the ReLU module may serve other nodes: keep it
+            erased.add(relu_node)
+        return True
+
+    _rewrite_graphs(model, rewrite)
 
 
 def _fold_bn_pass(model) -> int:
     """Fold every eval BatchNorm2d that is the only reader of a plain Conv2d's output (fx graphs
     only); returns how many were folded. Masked convs were handled by the patch-skip pass."""
     folded = 0
-    for _, gm in list(model.named_modules()):
-        if not isinstance(gm, fx.GraphModule):
-            continue
-        changed = False
-        erased: set[fx.Node] = set()
-        for node in list(gm.graph.nodes):
-            if node in erased or node.op != "call_module" or type(gm.get_submodule(node.target)) is not nn.Conv2d:
-                continue
-            bn_node = _only_user(node)
-            if bn_node is None or bn_node.op != "call_module" or bn_node.args[0] is not node:
-                continue
-            bn = gm.get_submodule(bn_node.target)
-            if not foldable_bn(bn) or sum(n.target == node.target for n in gm.graph.nodes if n.op == "call_module") > 1:
-                continue  # a conv module called from two places may feed something else there
-            set_submodule(gm, str(node.target), folded_conv(gm.get_submodule(node.target), bn))
-            bn_node.replace_all_uses_with(node)
-            gm.graph.erase_node(bn_node)
-            _drop_module(gm, bn_node.target)
-            erased.add(bn_node)
-            folded += 1
-            changed = True
-        if changed:
-            gm.graph.lint()
-            gm.recompile()
+
+    def rewrite(_prefix, gm, node, erased) -> bool:
+        nonlocal folded
+        if type(gm.get_submodule(node.target)) is not nn.Conv2d:
+            return False
+        bn_node = _only_user(node)
+        if bn_node is None or bn_node.op != "call_module" or bn_node.args[0] is not node:
+            return False
+        bn = gm.get_submodule(bn_node.target)
+        if not foldable_bn(bn) or sum(n.target == node.target for n in gm.graph.nodes if n.op == "call_module") > 1:
+            return False  # a conv module called from two places may feed something else there
+        set_submodule(gm, str(node.target), folded_conv(gm.get_submodule(node.target), bn))
+        bn_node.replace_all_uses_with(node)
+        _erase(gm, bn_node, erased)
+        folded += 1
+        return True
+
+    _rewrite_graphs(model, rewrite)
     return folded
 
 
