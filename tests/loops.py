@@ -1,4 +1,5 @@
-"""The training loop of the README, shared by tests that compare runs (compile, DDP)."""
+"""The training loop of the README, shared by tests that train a model: whole runs compared
+across setups (compile, DDP) and the few steps a method's tests take before checking its state."""
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -7,18 +8,28 @@ import torch.optim
 import sparsify
 
 
+def run_steps(model, opt, batches, *, call=None, penalty=False) -> list[float]:
+    """One ``opt`` step per ``(x, y)`` in ``batches`` on the cross-entropy loss, each followed by
+    ``sparsify.step(model)``. ``penalty`` makes it the README's loop: ``sparsify.penalty(model)``
+    added to the loss, and the loss handed to ``sparsify.step``. ``call`` runs the forward
+    (default: ``model`` itself, e.g. a compiled or DDP-wrapped one). Returns the losses."""
+    call = call or model
+    losses = []
+    for x, y in batches:
+        loss = F.cross_entropy(call(x), y)
+        if penalty:
+            loss = loss + sparsify.penalty(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sparsify.step(model, loss if penalty else None)
+        losses.append(float(loss.detach()))
+    return losses
+
+
 def train(model, batches, call=None) -> list[float]:
     """SGD over ``batches`` of ``(x, y)`` the way users are told to: task loss + penalty,
     ``sparsify.step(model, loss)`` after each optimizer step. ``call`` runs the forward
     (default: ``model`` itself, e.g. a compiled or DDP-wrapped one). Returns the losses."""
-    call = call or model
     opt = torch.optim.SGD(sparsify.param_groups(model, weight_decay=5e-4), lr=0.1, momentum=0.9)
-    losses = []
-    for x, y in batches:
-        loss = F.cross_entropy(call(x), y) + sparsify.penalty(model)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sparsify.step(model, loss)
-        losses.append(float(loss.detach()))
-    return losses
+    return run_steps(model, opt, batches, call=call, penalty=True)

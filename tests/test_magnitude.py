@@ -11,6 +11,8 @@ from sparsify.methods.magnitude import MagnitudeMixin, block_scores
 from sparsify.recipe import RecipeError
 from sparsify.threshold import pruned_count
 
+from loops import run_steps
+
 
 def small_cnn():
     return nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(),
@@ -29,15 +31,7 @@ def layers(m):
 
 
 def run(m, steps, lr=0.05):
-    opt = torch.optim.SGD(sparsify.param_groups(m, 1e-4), lr=lr, momentum=0.9)
-    y = torch.arange(2)
-    for _ in range(steps):
-        loss = F.cross_entropy(m(X), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sparsify.step(m)
-    return opt
+    run_steps(m, torch.optim.SGD(sparsify.param_groups(m, 1e-4), lr=lr, momentum=0.9), [(X, torch.arange(2))] * steps)
 
 
 def test_global_one_shot_prunes_the_exact_count_of_smallest_magnitudes():
@@ -75,11 +69,7 @@ def test_cubic_schedule_then_frozen_mask():
     seen = {}
     opt = torch.optim.SGD(sparsify.param_groups(m, 1e-4), lr=0.05, momentum=0.9)
     for t in range(1, 14):
-        loss = F.cross_entropy(m(X), torch.arange(2))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sparsify.step(m)
+        run_steps(m, opt, [(X, torch.arange(2))])
         masks = [l.mask.clone() for l in layers(m)]
         seen[t] = (1 - sum(int(k.sum()) for k in masks) / sum(k.numel() for k in masks), masks)
     assert seen[1][0] == 0.0  # before begin: dense

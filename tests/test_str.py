@@ -12,6 +12,8 @@ import sparsify
 from sparsify.methods.str import STRMixin, str_weight
 from sparsify.recipe import RecipeError
 
+from loops import run_steps
+
 
 def small_cnn():
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(),
@@ -30,13 +32,7 @@ def str_layers(m):
 
 def train(m, opt, steps=3, x=None):
     x = torch.randn(4, 3, 8, 8) if x is None else x
-    y = torch.arange(4) % 5
-    for _ in range(steps):
-        loss = F.cross_entropy(m(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sparsify.step(m)
+    run_steps(m, opt, [(x, torch.arange(4) % 5)] * steps)
 
 
 def test_paper_init_is_exactly_dense_and_s_gets_no_loss_gradient():

@@ -15,6 +15,8 @@ from sparsify.methods.base import SparseWeightMixin, plain_eager
 from sparsify.methods.magnitude import MagnitudeMixin
 from sparsify.methods.st3 import ST3Mixin, _StraightThrough, st3_effective_weight, st3_scale
 
+from loops import run_steps
+
 X = torch.randn(2, 4, 8, 8)
 Y = torch.tensor([1, 3])
 
@@ -31,13 +33,7 @@ def build(recipe, seed=0, **kw):
 
 
 def train(m, steps=2, lr=0.05):
-    opt = torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9)
-    for _ in range(steps):
-        loss = F.cross_entropy(m(X), Y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sparsify.step(m)
+    run_steps(m, torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9), [(X, Y)] * steps)
 
 
 def layers(m):
