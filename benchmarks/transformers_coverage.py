@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/transformers_coverage.py                 # st3 and tl1, markdown table
     .venv/bin/python benchmarks/transformers_coverage.py --recipes st3 sas-m4 --e2e
 
-For each (model, recipe): ``sparsify.plan`` with example inputs, then the share of ``nn.Linear``
-layers and of their parameters the recipe rewrote, the activation nodes it rewrote (by kind), and
+For each (model, recipe): ``sparsify.plan`` with example inputs, then the share of Linear layers
+(``nn.Linear`` and transformers' ``Conv1D``, GPT-2's transposed Linear) and of their parameters the
+recipe rewrote, the activation nodes it rewrote (by kind), and
 the untraceable submodules kept as leaves. ``--e2e`` also runs sparsify, two training steps,
 report and finalize with its output check (benchmarks/zoo.py's pipeline) and prints the status.
 The table goes into docs/integrations.md.
@@ -22,6 +23,7 @@ from torch import nn
 
 import sparsify
 from sparsify.finalize import flatten_tensors
+from sparsify.methods.conv1d import linear_like
 
 
 def bert():
@@ -48,11 +50,11 @@ MODELS = {"BertForSequenceClassification": bert, "GPT2LMHeadModel": gpt2, "ViTFo
 
 
 def coverage(model: nn.Module, recipe: str, inputs) -> dict:
-    """Linear layers / parameters and activation nodes the recipe's plan rewrites."""
+    """Linear / Conv1D layers, their parameters and activation nodes the recipe's plan rewrites."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         plan = sparsify.plan(model, recipe, example_inputs=inputs)
-    linear = {n: m.weight.numel() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linear = {n: m.weight.numel() for n, m in model.named_modules() if linear_like(m)}
     done = {e.name for e in plan.rewritten}
     activations = collections.Counter(e.kind for e in plan.rewritten if e.name not in linear and not e.params)
     return {"linear": len(linear), "linear_rewritten": sum(1 for n in linear if n in done),
@@ -95,7 +97,7 @@ def main(argv=None):
     ap.add_argument("--models", nargs="*", default=list(MODELS))
     ap.add_argument("--e2e", action="store_true", help="also train two steps, report and finalize")
     args = ap.parse_args(argv)
-    print("| model | recipe | nn.Linear rewritten | Linear params | activation nodes rewritten | untraceable (leaves)"
+    print("| model | recipe | Linear/Conv1D rewritten | their params | activation nodes rewritten | untraceable (leaves)"
           + (" | end to end |" if args.e2e else " |"))
     print("|---|---|---|---|---|---|" + ("---|" if args.e2e else ""))
     for name in args.models:

@@ -93,6 +93,16 @@ class _Matcher:
                 win = r
         return win
 
+    def refused(self, c: Candidate) -> str | None:
+        """Why the last rule that would match ``c`` but whose method does not take its module
+        type (SAS and a Conv1D) skipped it, for the plan; None when there is no such rule."""
+        why = None
+        for r in self.rules:
+            if r.method is not None and r.method.site == "module" and c.module is not None \
+                    and not isinstance(c.module, r.method.targets) and r.pred(c):
+                why = f"{r.method.accepts(Site(c.name, c.module))} (rule {r.rule.index})"
+        return why
+
 
 def _candidates(tr: TraceResult, root: nn.Module) -> list[Candidate]:
     out = []
@@ -131,6 +141,12 @@ def _structural(c: Candidate) -> bool:
     return op_name(c.node) in _ACTIVATION_OPS
 
 
+def _not_a_layer(name: str, m: nn.Module) -> bool:
+    """Trace through ``m``? Not through a weight layer: torch's are leaves anyway, and
+    transformers' Conv1D must stay one module call for a method to replace it."""
+    return not isinstance(m, WEIGHT_TYPES)
+
+
 def _trace(root: nn.Module, matcher: _Matcher, example_inputs=None):
     # children traced under an untraceable parent are specialised to how it calls them
     calls = None
@@ -141,7 +157,7 @@ def _trace(root: nn.Module, matcher: _Matcher, example_inputs=None):
         w = matcher.winner(Candidate(name, m))
         return w is not None and w.method is not None
 
-    tr = trace(root, None, is_site=is_site, calls=calls)
+    tr = trace(root, _not_a_layer, is_site=is_site, calls=calls)
     cands = _candidates(tr, root)
     # a method whose rewrite reads the nodes around a site (SAS: the relu feeding a layer, which may
     # sit inside a module with nothing to rewrite) needs every module holding a layer or an
@@ -161,7 +177,7 @@ def _trace(root: nn.Module, matcher: _Matcher, example_inputs=None):
     if descended <= needed:
         return tr, cands, cands
     first_cands = cands
-    tr = trace(root, lambda name, m: name in needed, is_site=is_site, calls=calls)
+    tr = trace(root, lambda name, m: name in needed and _not_a_layer(name, m), is_site=is_site, calls=calls)
     # first/last describe the model, not how deep this trace went (a leaf stem hides its conv)
     flags = {c.name: (c.first, c.last) for c in first_cands}
     cands = _candidates(tr, root)
@@ -203,6 +219,8 @@ def _dense_reasons(root: nn.Module, tr: TraceResult, all_cands: list[Candidate],
             reason = f"weight read outside a module call (get_attr in graph {get_attr_owners[name]})"
         elif owner_leaf is not None:
             reason = f"inside leaf {type(leaves[owner_leaf]).__name__} {owner_leaf}, which reads the weights directly"
+        elif w is None and c is not None and matcher.refused(c):
+            reason = matcher.refused(c)
         elif w is not None and w.method is None:
             reason = f"excluded by rule {w.rule.index}"
         elif w is not None:

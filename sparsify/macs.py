@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .methods.base import WEIGHT_TYPES
+from .methods.conv1d import in_features_of, out_features_of
 
 __all__ = ["positions_per_sample", "guess_example_inputs", "dense_macs"]
 
@@ -38,7 +39,7 @@ def positions_per_sample(model: nn.Module, example_inputs: Sequence) -> dict[str
     handles = []
     for name, mod in model.named_modules():
         if isinstance(mod, WEIGHT_TYPES):
-            out_ch = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
+            out_ch = out_features_of(mod)
 
             def hook(m, inp, y, name=name, out_ch=out_ch):
                 out[name] = out.get(name, 0.0) + y.numel() / out_ch / batch
@@ -84,7 +85,7 @@ def guess_example_inputs(model: nn.Module) -> tuple | None:
     elif isinstance(first, nn.Conv1d):
         shape = (1, first.in_channels, 128)
     else:
-        shape = (1, first.in_features)
+        shape = (1, in_features_of(first))
     x = (torch.zeros(shape, device=first.weight.device, dtype=first.weight.dtype),)
     was_training = model.training
     try:

@@ -8,6 +8,8 @@ from torch import nn
 
 from passes import glob_to_regex
 
+from .methods.conv1d import is_conv1d
+
 __all__ = ["Candidate", "compile_match", "op_name"]
 
 
@@ -47,13 +49,20 @@ def _as_list(v):
 
 
 def _type_names(module: nn.Module) -> set[str]:
-    return {c.__name__ for c in type(module).__mro__}
+    names = {c.__name__ for c in type(module).__mro__}
+    if is_conv1d(module):
+        # transformers' Conv1D is a Linear with its weight transposed: rules written for
+        # Linear layers (every built-in weight recipe) reach GPT-2's projections too
+        names.add("Linear")
+    return names
 
 
 def compile_match(match: dict):
     """A predicate ``Candidate -> bool`` for a schema-valid ``match`` block.
 
     ``type`` and ``op`` are alternatives (a node matches either); every other key must hold.
+    ``type`` names a class of the module or one of its bases; ``"Linear"`` also matches
+    transformers' ``Conv1D`` (a transposed Linear), which ``"Conv1D"`` matches alone.
 
     >>> pred = compile_match({"type": "Conv2d", "name": "layer1.**"})
     >>> pred(Candidate("layer1.0.conv1", nn.Conv2d(1, 1, 1)))
@@ -89,8 +98,8 @@ def compile_match(match: dict):
                 return False
         if kernel is not None and not (hasattr(m, "kernel_size") and max(m.kernel_size) in kernel):
             return False
-        for key, attrs in (("in_channels", ("in_channels", "in_features")),
-                           ("out_channels", ("out_channels", "out_features"))):
+        for key, attrs in (("in_channels", ("in_channels", "in_features", "nx")),
+                           ("out_channels", ("out_channels", "out_features", "nf"))):
             if key in match:
                 value = next((getattr(m, a) for a in attrs if hasattr(m, a)), None)
                 lo, hi = match[key].get("min"), match[key].get("max")

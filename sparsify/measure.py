@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .methods.base import WEIGHT_TYPES, SparseWeightMixin
+from .methods.conv1d import linear_like, out_features_of, torch_layout
 from .methods.regularizers import ActivationRegularizer
 from .methods.semistructured import PositionMask
 from .state import unwrap
@@ -102,7 +103,8 @@ class Measurement:
 
 
 def _weight(mod: nn.Module) -> torch.Tensor:
-    return mod.deployed_weight() if isinstance(mod, SparseWeightMixin) else mod.weight.detach()
+    """The weight in torch's (out, in, ...) layout (a Conv1D's transposed)."""
+    return torch_layout(mod, mod.deployed_weight() if isinstance(mod, SparseWeightMixin) else mod.weight.detach())
 
 
 def _conv_nd(x, w, mod):
@@ -118,12 +120,12 @@ def _conv_nd(x, w, mod):
 def _layer_counts(mod: nn.Module, x: torch.Tensor, y: torch.Tensor, out_mask: torch.Tensor | None):
     """(dense MACs, multiplicative MACs, input zeros, input elements) for one call, whole batch."""
     w = _weight(mod)
-    if isinstance(mod, nn.Linear):
+    if linear_like(mod):
         if x.shape[-1] != w.shape[1]:
             return None
         per_in = (w != 0).sum(0).to(torch.float64)  # products an input feature takes part in
         mult = float(((x != 0).reshape(-1, w.shape[1]).to(torch.float64) @ per_in).sum())
-        dense = y.numel() // mod.out_features * w.numel()
+        dense = y.numel() // out_features_of(mod) * w.numel()
     else:
         g = mod.groups
         if x.shape[1] != w.shape[1] * g:
@@ -213,7 +215,7 @@ def measure(model: nn.Module, batches: Iterable, *, input_fn: Callable | None = 
             acc = layer_acc.setdefault(name, [0, 0, 0, 0, True])
             if res is None:
                 acc[4] = False
-                acc[0] += out.numel() // (mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels) \
+                acc[0] += out.numel() // out_features_of(mod) \
                     * mod.weight.numel()
                 return
             for i in range(4):

@@ -17,14 +17,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .methods.base import WEIGHT_TYPES, SparseWeightMixin
+from .methods.conv1d import linear_like, torch_layout
 
 __all__ = ["activation_stats"]
 
 
 def _weight(m: nn.Module) -> torch.Tensor:
+    """The weight in torch's (out, in, ...) layout (a Conv1D's transposed)."""
     if isinstance(m, SparseWeightMixin):
-        return m.deployed_weight()
-    return m.weight.detach()
+        return torch_layout(m, m.deployed_weight())
+    return torch_layout(m, m.weight.detach())
 
 
 def _lifted(w: torch.Tensor, in_dim: int) -> bool:
@@ -34,12 +36,12 @@ def _lifted(w: torch.Tensor, in_dim: int) -> bool:
 
 def _effective(m: nn.Module, x: torch.Tensor, w: torch.Tensor) -> float | None:
     ix, iw = (x != 0).to(torch.float32), (w != 0).to(torch.float32)
-    in_dim = x.shape[-1] if isinstance(m, nn.Linear) else x.shape[1] // getattr(m, "groups", 1)
+    in_dim = x.shape[-1] if linear_like(m) else x.shape[1] // getattr(m, "groups", 1)
     if _lifted(w, in_dim):
         # each non-zero input meets one slot's weight per output: count as the narrow layer
         # (exact when no weight of the chosen slot is zero)
         iw = torch.ones((w.shape[0], in_dim) + tuple(w.shape[2:]), dtype=torch.float32)
-    if isinstance(m, nn.Linear):
+    if linear_like(m):
         if ix.shape[-1] != iw.shape[1]:
             return None
         return float(F.linear(ix, iw).sum())
@@ -78,7 +80,7 @@ def activation_stats(model: nn.Module, batches, *, max_batches: int | None = Non
             x = inp[0]
             w = _weight(mod)
             positions = out.numel() / out.shape[0] / w.shape[0]
-            in_dim = x.shape[-1] if isinstance(mod, nn.Linear) else x.shape[1] // getattr(mod, "groups", 1)
+            in_dim = x.shape[-1] if linear_like(mod) else x.shape[1] // getattr(mod, "groups", 1)
             dense_w = w.numel() // (w.shape[1] // in_dim) if _lifted(w, in_dim) else w.numel()
             eff = _effective(mod, x, w)
             if eff is None:  # count the weight's non-zeros at every output position

@@ -21,9 +21,10 @@ __all__ = ["SparsifyTrainerCallback", "linear_share"]
 
 
 def linear_share(model: nn.Module) -> dict:
-    """How many ``nn.Linear`` layers of a sparsified model were rewritten, by the plan."""
+    """How many ``nn.Linear`` layers (and transformers ``Conv1D``, GPT-2's transposed Linears) of a
+    sparsified model were rewritten, by the plan."""
     plan = find_state(model).plan
-    lin = [e for e in plan.entries if e.kind.endswith("Linear") or e.kind == "Linear"]
+    lin = [e for e in plan.entries if e.kind.endswith("Linear") or e.kind == "Conv1D"]
     done = [e for e in lin if e.method is not None]
     return {"linear": len(lin), "rewritten": len(done),
             "param_share": sum(e.params for e in done) / max(1, sum(e.params for e in lin))}

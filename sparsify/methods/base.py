@@ -27,11 +27,14 @@ from torch import nn
 from passes import Change, insert_after, replace_module, reroute_input
 
 from ..schedules import resolve_time
+from .conv1d import Conv1DLike, conv1d_forward, is_conv1d_class
 
 __all__ = ["Method", "Group", "Site", "GroupContext", "SparseWeightMixin", "RecordsMixin", "specialize",
-           "WEIGHT_TYPES", "plain_copy", "weight_base", "plain_eager", "masked_weight"]
+           "WEIGHT_TYPES", "TORCH_WEIGHT_TYPES", "plain_copy", "weight_base", "plain_eager", "masked_weight"]
 
-WEIGHT_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+TORCH_WEIGHT_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# transformers' Conv1D (GPT-2) too, recognised by duck typing (see conv1d.py)
+WEIGHT_TYPES: tuple[type, ...] = TORCH_WEIGHT_TYPES + (Conv1DLike,)
 
 
 # --------------------------------------------------------------------------------------------
@@ -39,12 +42,13 @@ WEIGHT_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # --------------------------------------------------------------------------------------------
 
 def weight_base(module: nn.Module) -> type:
-    """The torch.nn weight class (Conv1d/2d/3d or Linear) ``module`` is an instance of.
+    """The weight class (torch's Conv1d/2d/3d or Linear, or a ``Conv1D`` class) ``module`` is an
+    instance of.
 
     >>> weight_base(nn.Conv2d(1, 1, 1)).__name__
     'Conv2d'
     """
-    return next(c for c in type(module).__mro__ if c in WEIGHT_TYPES)
+    return next(c for c in type(module).__mro__ if c in TORCH_WEIGHT_TYPES or is_conv1d_class(c))
 
 
 class RecordsMixin:
@@ -73,7 +77,24 @@ class SparseWeightMixin:
 
     Subclasses implement ``effective_weight()`` (what the forward multiplies with, autograd
     included) and may override ``init_sparse(**params)`` to add buffers/parameters.
+
+    ``out_axis`` is the weight dimension of the output features: 0 for torch's layers, 1 for a
+    ``Conv1D`` (weight ``(in, out)``). Per-output-channel state is shaped with :meth:`out_shape`.
     """
+
+    out_axis: int = 0
+
+    def out_shape(self, n: int = -1) -> tuple[int, ...]:
+        """The shape that makes a per-output-channel vector of ``n`` entries broadcast against
+        the weight: ``(n, 1, ...)``, or ``(1, n)`` for a ``Conv1D``.
+
+        >>> from sparsify.methods.magnitude import MAGNITUDE_CLASSES
+        >>> MAGNITUDE_CLASSES[nn.Conv2d].from_dense(nn.Conv2d(2, 4, 3)).out_shape()
+        (-1, 1, 1, 1)
+        """
+        shape = [1] * self.weight.dim()
+        shape[self.out_axis] = n
+        return tuple(shape)
 
     def init_sparse(self, **params) -> None:
         pass
@@ -94,6 +115,8 @@ class SparseWeightMixin:
     def forward_with(self, x, weight):
         if isinstance(self, nn.Linear):
             return F.linear(x, weight, self.bias)
+        if self.out_axis:  # transformers' Conv1D
+            return conv1d_forward(x, weight, self.bias, self.nf)
         return self._conv_forward(x, weight, self.bias)
 
     @classmethod
@@ -110,10 +133,12 @@ class SparseWeightMixin:
         return new
 
     def dense_class(self) -> type:
-        """The torch.nn class this layer specialises (Conv2d, Linear, ...)."""
+        """The torch.nn class this layer specialises (Conv2d, Linear, ..., or a ``Conv1D``)."""
         return weight_base(self)
 
     def extra_repr(self) -> str:
+        if self.out_axis:  # Conv1D has no extra_repr (it overrides __repr__)
+            return f"nf={self.nf}, nx={self.weight.shape[0]}, {self.sparse_repr()}"
         return super().extra_repr() + f", {self.sparse_repr()}"
 
     def sparse_repr(self) -> str:
@@ -265,11 +290,48 @@ def masked_weight(layer: "SparseWeightMixin", mask: torch.Tensor) -> torch.Tenso
     return _MaskedProduct.apply(w, product, mask_f)
 
 
+class _Specialized(dict):
+    """``{weight class: sparse class}``; a ``Conv1D`` class gets its sparse class on first use
+    (``<prefix>Conv1D``, with ``out_axis = 1``), so transformers is never imported here."""
+
+    def __init__(self, mixin: type, namespace: dict, prefix: str):
+        super().__init__()
+        self.mixin, self.namespace, self.prefix = mixin, namespace, prefix
+
+    def __missing__(self, base: type) -> type:
+        if not is_conv1d_class(base):
+            raise KeyError(base)
+        name = f"{self.prefix}Conv1D"
+        if base.__module__ != "transformers.pytorch_utils":
+            # another class called Conv1D: its own name (picklable only where it was made)
+            name = f"{name}_{sum(1 for b in self if is_conv1d_class(b)) + 1}"
+        cls = type(name, (self.mixin, base), {"__module__": self.mixin.__module__, "__qualname__": name,
+                                               "out_axis": 1, "__repr__": nn.Module.__repr__})
+        self.namespace[name] = self[base] = cls
+        return cls
+
+
+# module name -> {"<prefix>Conv1D": classes}: what the module-level __getattr__ below resolves
+_LAZY: dict[str, dict[str, _Specialized]] = {}
+
+
+def _lazy_getattr(module_name: str):
+    def __getattr__(name: str):
+        classes = _LAZY.get(module_name, {}).get(name)
+        if classes is None:
+            raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
+        # unpickling a sparse Conv1D (torch.save(model)) in a process that has not made its class yet
+        from transformers.pytorch_utils import Conv1D
+        return classes[Conv1D]
+    return __getattr__
+
+
 def specialize(mixin: type, namespace: dict | None = None, prefix: str | None = None) -> dict[type, type]:
     """Create ``{Conv1d: <prefix>Conv1d, ..., Linear: <prefix>Linear}`` classes from a mixin.
 
     The classes are stored in the mixin's module namespace under their names, so pickling and
-    ``torch.save(model)`` find them.
+    ``torch.save(model)`` find them. A ``Conv1D`` class (transformers') looked up in the result
+    gets ``<prefix>Conv1D`` made then; the module resolves that name lazily too (for unpickling).
 
     >>> class _HalfMixin(SparseWeightMixin):
     ...     def effective_weight(self):
@@ -281,12 +343,15 @@ def specialize(mixin: type, namespace: dict | None = None, prefix: str | None = 
     module = sys.modules[mixin.__module__]
     namespace = namespace if namespace is not None else vars(module)
     prefix = prefix or mixin.__name__.replace("Mixin", "")
-    out = {}
-    for base in WEIGHT_TYPES:
+    out = _Specialized(mixin, namespace, prefix)
+    for base in TORCH_WEIGHT_TYPES:
         name = f"{prefix}{base.__name__}"
         cls = type(name, (mixin, base), {"__module__": mixin.__module__, "__qualname__": name})
         namespace[name] = cls
         out[base] = cls
+    if namespace is vars(module):
+        _LAZY.setdefault(module.__name__, {})[f"{prefix}Conv1D"] = out
+        namespace.setdefault("__getattr__", _lazy_getattr(module.__name__))
     return out
 
 
@@ -482,7 +547,10 @@ class Method:
     def accepts(self, site: Site) -> str | None:
         """None when this method can rewrite ``site``, else why not (shown by ``plan``)."""
         if self.site == "module" and not isinstance(site.module, self.targets):
-            return f"{self.name} applies to {', '.join(t.__name__ for t in self.targets)} only"
+            names = ", ".join(getattr(t, "label", t.__name__) for t in self.targets)
+            if isinstance(site.module, Conv1DLike):
+                return f"{self.name} applies to {names} only, not to transformers' Conv1D (a transposed Linear)"
+            return f"{self.name} applies to {names} only"
         return None
 
     def apply(self, site: Site, params: dict) -> None:

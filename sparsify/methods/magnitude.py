@@ -10,7 +10,8 @@ values are kept), and ``M`` is recomputed from ``|W|`` every Δt steps (``freque
   quantile, found by :class:`~sparsify.threshold.QuantileTracker` without a full sort);
   ``scope="layer"``: every layer pruned to ``r_t`` on its own.
 * ``block=[bo, bi]``: prune whole blocks of ``bo`` output rows × ``bi`` consecutive entries of
-  the flattened input dimension (``Cin·kh·kw``), scored by their mean ``|W|``; layers whose
+  the flattened input dimension (``Cin·kh·kw``; a ``Conv1D``'s weight is read as ``(out, in)``),
+  scored by their mean ``|W|``; layers whose
   shape the block does not divide stay dense and ``plan`` says why.
 
 Speed: ``|W|`` goes into a per-layer scratch tensor, the global threshold is found over the
@@ -27,6 +28,7 @@ from torch import nn
 from ..schedules import cubic
 from ..threshold import QuantileTracker
 from .base import Group, GroupContext, Method, SparseWeightMixin, masked_weight, plain_eager, specialize, weight_base
+from .conv1d import torch_layout
 
 __all__ = ["MagnitudeMethod", "MagnitudeMixin", "block_scores", "expand_blocks"]
 
@@ -148,14 +150,15 @@ class MagnitudeGroup(Group):
                 m.store_cached("mask_f", mask_f, m.mask)
             elif self.block is None:
                 torch.gt(scores[n], taus[n], out=m.mask)
-            else:
-                m.mask.copy_(expand_blocks(scores[n] > taus[n], self.block, m.weight.shape))
+            else:  # blocks of the (out, in) layout: transposed back for a Conv1D
+                w = torch_layout(m, m.weight)
+                m.mask.copy_(torch_layout(m, expand_blocks(scores[n] > taus[n], self.block, w.shape)))
 
     def _scores(self, m: MagnitudeMixin, eager: bool) -> torch.Tensor:
         """The layer's float32 scores (``|W|``, or block means), into a scratch tensor if possible."""
         if self.block is None and eager and m.weight.dtype == torch.float32:
             return torch.abs(m.weight, out=m.scratch("magnitude", m.weight))
-        return block_scores(m.weight, self.block).float()
+        return block_scores(torch_layout(m, m.weight), self.block).float()
 
     def describe(self, step: int) -> dict:
         phase = ("dense" if step < self.begin else "ramp" if step < self.end else
@@ -196,7 +199,7 @@ class MagnitudeMethod(Method):
         block = (site.params or {}).get("block")
         if why or not block:
             return why
-        w = site.module.weight
+        w = torch_layout(site.module, site.module.weight)
         rest = w[0].numel()
         if w.shape[0] % block[0] or rest % block[1]:
             return (f"block {block[0]}x{block[1]} does not divide its weight "

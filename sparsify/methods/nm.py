@@ -2,8 +2,9 @@
 
 Groups run along the input dimension the way sparse tensor cores consume them (NVIDIA ASP):
 for a conv weight ``(Cout, Cin/groups, kh, kw)``, each group is M consecutive input channels at
-a fixed ``(out, kh, kw)``; for a Linear, M consecutive input features. The N largest ``|W|`` of
-each group are kept (ties: the lower index).
+a fixed ``(out, kh, kw)``; for a Linear, M consecutive input features; for transformers'
+``Conv1D`` (weight ``(in, out)``), M consecutive rows of its weight at a fixed column. The N
+largest ``|W|`` of each group are kept (ties: the lower index).
 
 Training is straight-through (Zhou et al., ICLR 2021): the forward computes with ``W ⊙ M``, the
 backward passes the gradient to every latent weight (pruned ones included), and the mask is
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from .base import Group, GroupContext, Method, SparseWeightMixin, specialize, weight_base
+from .conv1d import torch_layout
 from .reuse import ReusedWeight, Transient, content_key, eager, scratch
 
 __all__ = ["NMMethod", "NMMixin", "nm_mask", "nm_compliant"]
@@ -263,7 +265,9 @@ class NMMixin(SparseWeightMixin):
         its float copy); a full rewrite happens the first time and whenever something else
         wrote the mask (``load_state_dict``, a user)."""
         w, mask = self.weight, self.mask
-        flat, rows, k = _keep_planes(w, n, m)
+        # groups run along the input dimension: computed in torch's (out, in, ...) layout
+        wt = torch_layout(self, w)
+        flat, rows, k = _keep_planes(wt, n, m)
         state = self.__dict__.get("_nm_state")
         if state is None:
             state = self.__dict__["_nm_state"] = Transient()
@@ -271,7 +275,13 @@ class NMMixin(SparseWeightMixin):
         key = content_key(mask)
         if (prev is None or key is None or state.get("mask_key") != key or prev.shape != flat.shape
                 or prev.device != flat.device or not mask.is_contiguous() or mask.dtype != torch.bool):
-            nm_mask(w, n, m, out=mask) if not mask.is_contiguous() or mask.dtype != torch.bool else \
+            if not mask.is_contiguous() or mask.dtype != torch.bool:
+                nm_mask(wt, n, m, out=torch_layout(self, mask))
+            elif self.out_axis:  # a Conv1D's mask is the transpose of the torch layout
+                full = torch.empty(wt.shape, dtype=torch.bool, device=w.device)
+                _to_weight_layout(flat, full, m, rows, k)
+                mask.copy_(full.t())
+            else:
                 _to_weight_layout(flat, mask, m, rows, k)
             if prev is None or prev.shape != flat.shape or prev.device != flat.device:
                 prev = state["keep"] = torch.empty_like(flat)
@@ -284,6 +294,9 @@ class NMMixin(SparseWeightMixin):
                 size = rows * k
                 member, rest = at // size, at % size
                 at_w = (rest // k) * (m * k) + member * k + rest % k  # planes -> weight layout
+                if self.out_axis:  # (out, in) index -> the Conv1D's (in, out) one
+                    cout, cin = wt.shape
+                    at_w = (at_w % cin) * cout + at_w // cin
                 holder = self._holder("_mask_f")
                 mask_f = holder.lookup(w, key)  # still the float copy of the old mask?
                 mask.view(-1)[at_w] = vals.view(torch.bool)
@@ -329,7 +342,7 @@ class NMGroup(Group):
                 m.fixed.fill_(True)
 
     def _compliance(self) -> dict[str, bool]:
-        return {n: nm_compliant(m.deployed_weight(), self.n, self.m) for n, m in self.members.items()}
+        return {n: nm_compliant(torch_layout(m, m.deployed_weight()), self.n, self.m) for n, m in self.members.items()}
 
     def describe(self, step: int) -> dict:
         phase = ("dense" if step < self.begin else
@@ -338,7 +351,8 @@ class NMGroup(Group):
                 "begin": self.begin, "fix": self.fix_at}
 
     def layer_stats(self, name: str, module: nn.Module) -> dict:
-        return {"nm": f"{self.n}:{self.m}", "nm_compliant": nm_compliant(module.deployed_weight(), self.n, self.m)}
+        return {"nm": f"{self.n}:{self.m}",
+                "nm_compliant": nm_compliant(torch_layout(module, module.deployed_weight()), self.n, self.m)}
 
 
 class NMMethod(Method):
@@ -364,7 +378,7 @@ class NMMethod(Method):
         if why:
             return why
         m = int((site.params or {}).get("m", self.params["m"]))
-        cin = site.module.weight.shape[1]
+        cin = torch_layout(site.module, site.module.weight).shape[1]
         if cin % m:
             return (f"N:M groups run along the input channels: {cin} input channel(s) per group is not a "
                     f"multiple of {m} (depthwise convs and RGB stems stay dense, as with NVIDIA ASP)")

@@ -33,7 +33,7 @@ from torch import nn
 
 from passes import Change, reroute_input
 
-from .base import Group, GroupContext, Method, Site, SparseWeightMixin, specialize, weight_base
+from .base import TORCH_WEIGHT_TYPES, Group, GroupContext, Method, Site, SparseWeightMixin, specialize, weight_base
 
 __all__ = ["SlotRule", "SignRule", "SignedLevelsRule", "SLOT_RULES", "register_slot_rule", "make_slot_rule",
            "SASMixin", "SAS_CLASSES", "SASMethod", "SASGroup", "find_relu_input", "release_workspaces"]
@@ -771,6 +771,7 @@ class SASMethod(Method):
     params = {"m": 2, "slot_rule": "auto", "slot_options": {}, "input": "rewire", "not_relu": "dense",
               "through_average": False, "init": "auto", "recompute": True}
     group_class = SASGroup
+    targets = TORCH_WEIGHT_TYPES  # not transformers' Conv1D: its slot layout is not implemented
     full_trace = True  # the relu feeding a layer may sit inside a module with nothing to rewrite
 
     def check(self, params):

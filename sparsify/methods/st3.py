@@ -43,30 +43,35 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
-def st3_scale(weight: torch.Tensor, mask: torch.Tensor, magnitude: torch.Tensor | None = None) -> torch.Tensor:
+def st3_scale(weight: torch.Tensor, mask: torch.Tensor, magnitude: torch.Tensor | None = None,
+              out_axis: int = 0) -> torch.Tensor:
     """Per-output-channel rescale ``c = 1.01 / (ρ + 0.01)`` with
-    ``ρ = (mean|W|·M + 1e-6) / (mean|W| + 1e-6)`` over each output channel.
+    ``ρ = (mean|W|·M + 1e-6) / (mean|W| + 1e-6)`` over each output channel (the weight's
+    dimension ``out_axis``: 1 for transformers' ``Conv1D``).
 
     >>> w = torch.tensor([[0.5, -0.05, 0.3, -0.4]])
     >>> st3_scale(w, w.abs() > 0.1)
     tensor([1.0412])
     """
-    a = (weight.detach().abs() if magnitude is None else magnitude).reshape(weight.shape[0], -1)
-    m = mask.reshape(weight.shape[0], -1)
+    n = weight.shape[out_axis]
+    a = (weight.detach().abs() if magnitude is None else magnitude).movedim(out_axis, 0).reshape(n, -1)
+    m = mask.movedim(out_axis, 0).reshape(n, -1)
     rho = ((a * m).mean(1) + 1e-6) / (a.mean(1) + 1e-6)
     return 1.01 / (rho + 0.01)
 
 
 def st3_effective_weight(weight: torch.Tensor, tau: float, mask: torch.Tensor,
-                         scale: torch.Tensor) -> torch.Tensor:
-    """``W_eff = c · (W − sign(W)·τ) ⊙ M`` (no autograd tricks; see :class:`ST3Mixin`).
+                         scale: torch.Tensor, out_axis: int = 0) -> torch.Tensor:
+    """``W_eff = c · (W − sign(W)·τ) ⊙ M`` (no autograd tricks; see :class:`ST3Mixin`); ``c``
+    runs along the weight's dimension ``out_axis``.
 
     >>> w = torch.tensor([[0.5, -0.05, 0.3, -0.4]])
     >>> m = w.abs() > 0.1
     >>> st3_effective_weight(w, 0.1, m, st3_scale(w, m))
     tensor([[ 0.4165,  0.0000,  0.2082, -0.3124]])
     """
-    shape = (-1,) + (1,) * (weight.dim() - 1)
+    shape = [1] * weight.dim()
+    shape[out_axis] = -1
     return scale.reshape(shape) * (weight - torch.sign(weight) * tau) * mask
 
 
@@ -86,7 +91,7 @@ class ST3Mixin(SparseWeightMixin):
         w = self.weight
         self.register_buffer("tau", torch.zeros((), dtype=torch.float32, device=w.device))
         self.register_buffer("mask", torch.ones_like(w, dtype=torch.bool))
-        self.register_buffer("scale", torch.ones(w.shape[0], dtype=w.dtype, device=w.device))
+        self.register_buffer("scale", torch.ones(w.shape[self.out_axis], dtype=w.dtype, device=w.device))
         self.register_buffer("fixed", torch.zeros((), dtype=torch.bool, device=w.device))
 
     def _sources(self) -> tuple[torch.Tensor, ...]:
@@ -104,7 +109,7 @@ class ST3Mixin(SparseWeightMixin):
         if tau <= 0:
             return self.weight
         # W changed since the thresholds were set (M may no longer be |W| > τ): the definition
-        eff = st3_effective_weight(self.weight.detach(), tau, self.mask, self.scale)
+        eff = st3_effective_weight(self.weight.detach(), tau, self.mask, self.scale, self.out_axis)
         return _StraightThrough.apply(self.weight, eff)
 
     def _traced_effective_weight(self) -> torch.Tensor:
@@ -112,9 +117,8 @@ class ST3Mixin(SparseWeightMixin):
         branch on buffers, so torch.compile traces one graph that serves every phase."""
         w = self.weight
         tau = self.tau.to(w.dtype)
-        shape = (-1,) + (1,) * (w.dim() - 1)
         wd = w.detach()
-        eff = self.scale.reshape(shape) * (wd - torch.sign(wd) * tau) * self.mask
+        eff = self.scale.reshape(self.out_shape()) * (wd - torch.sign(wd) * tau) * self.mask
         live = torch.where(tau > 0, _StraightThrough.apply(w, eff), w)
         return torch.where(self.fixed, w * self.mask, live)
 
@@ -133,7 +137,7 @@ class ST3Mixin(SparseWeightMixin):
         if not plain_eager():
             a = w.abs() if magnitude is None else magnitude
             torch.gt(a, tau, out=self.mask)
-            self.scale.copy_(st3_scale(w, self.mask, a))
+            self.scale.copy_(st3_scale(w, self.mask, a, self.out_axis))
             return
         if magnitude is None:
             magnitude = torch.abs(w, out=self.scratch("magnitude", w))
@@ -143,12 +147,14 @@ class ST3Mixin(SparseWeightMixin):
         self.mask.copy_(torch.gt(magnitude, t, out=eff))
         rows = (w.shape[0], -1)
         # c from the per-channel means of |W| ⊙ M (= threshold(|W|, τ, 0)) and of |W|
-        kept = torch.mean(torch.threshold(magnitude, t, 0.0, out=eff).view(rows), 1)
-        rho = (kept + 1e-6) / (magnitude.view(rows).mean(1) + 1e-6)
+        # (a Conv1D's output channels are its columns)
+        per_out = (lambda a: a.view(rows).mean(1)) if self.out_axis == 0 else (lambda a: a.mean(0))
+        kept = per_out(torch.threshold(magnitude, t, 0.0, out=eff))
+        rho = (kept + 1e-6) / (per_out(magnitude) + 1e-6)
         self.scale.copy_(1.01 / (rho + 0.01))
         # (W − sign(W)·τ) ⊙ M with M = |W| > τ, in one pass; then c per output channel
         torch._C._nn.softshrink(w, t, out=eff)
-        eff.mul_(self.scale.view((-1,) + (1,) * (w.dim() - 1)))
+        eff.mul_(self.scale.view(self.out_shape()))
         self.store_cached("st3", eff, *self._sources())
 
     @torch.no_grad()

@@ -156,7 +156,8 @@ class STRMixin(SparseWeightMixin):
             # until then (shape propagation at build time) the layer computes with s_init
             object.__setattr__(self, "_shared_s", torch.tensor(float(s_init), device=w.device))
             return
-        shape = () if granularity == "layer" else (w.shape[0],) + (1,) * (w.dim() - 1)
+        # per channel: one threshold per output feature, (Cout, 1, ...) or a Conv1D's (1, out)
+        shape = () if granularity == "layer" else self.out_shape(w.shape[self.out_axis])
         self.s = nn.Parameter(torch.full(shape, float(s_init), dtype=torch.float32, device=w.device))
 
     def threshold_param(self) -> nn.Parameter:
