@@ -153,6 +153,32 @@ def _default_inputs(batch):
     raise TypeError(f"measure: cannot take model inputs from a {type(batch).__name__}; pass input_fn")
 
 
+def run_eval(model: nn.Module, batches: Iterable, input_fn: Callable, max_batches: int | None, handles) -> int:
+    """Run ``model`` in eval mode on ``input_fn(batch)`` for each of at most ``max_batches``
+    batches, then put back its mode and remove the hook ``handles`` (also on an error). Returns
+    the samples seen: per batch, the first dimension of its first non-scalar input tensor, else 1.
+
+    >>> net = nn.Linear(2, 1).train()
+    >>> run_eval(net, [torch.zeros(3, 2), torch.zeros(4, 2)], lambda b: (b,), None, []), net.training
+    (7, True)
+    """
+    samples = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            inputs = input_fn(batch)
+            samples += next((int(t.shape[0]) for t in inputs if isinstance(t, torch.Tensor) and t.dim()), 1)
+            model(*inputs)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return samples
+
+
 @torch.no_grad()
 def measure(model: nn.Module, batches: Iterable, *, input_fn: Callable | None = None,
             max_batches: int | None = None) -> Measurement:
@@ -177,7 +203,6 @@ def measure(model: nn.Module, batches: Iterable, *, input_fn: Callable | None = 
     node_kind: dict[str, str] = {}
     layer_acc: dict[str, list] = {}
     mask_after: dict[int, PositionMask] = {}
-    samples = 0
     handles = []
 
     def node_hook(name, kind):
@@ -231,19 +256,7 @@ def measure(model: nn.Module, batches: Iterable, *, input_fn: Callable | None = 
             handles.append(mod.register_forward_hook(node_hook(name, "mask")))
         elif isinstance(mod, WEIGHT_TYPES):
             handles.append(mod.register_forward_hook(layer_hook(name)))
-    was_training = root.training
-    root.eval()
-    try:
-        for i, batch in enumerate(batches):
-            if max_batches is not None and i >= max_batches:
-                break
-            inputs = input_fn(batch)
-            samples += next((int(t.shape[0]) for t in inputs if isinstance(t, torch.Tensor) and t.dim()), 1)
-            root(*inputs)
-    finally:
-        root.train(was_training)
-        for h in handles:
-            h.remove()
+    samples = run_eval(root, batches, input_fn, max_batches, handles)
     if not samples:
         raise ValueError("measure: batches yielded nothing")
     out = Measurement(samples)

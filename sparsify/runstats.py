@@ -9,6 +9,10 @@ so a dense model's effective MACs equal its dense MACs (the convention of ``spar
 A SAS layer (weight k times wider than its input: one of k slots is non-zero per input) is
 counted as the narrow layer on its non-zero inputs; other layers whose weight does not match
 their input are counted at their non-zero-weight MACs.
+
+``sparsify.measure`` counts by another convention (padding as zero input, SAS layers not related
+to their input, masked output positions skipped), so only its weight view and batch loop are
+shared here: the numbers ``train`` / ``demo`` report keep the paper's convention.
 """
 from __future__ import annotations
 
@@ -16,17 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .methods.base import WEIGHT_TYPES, SparseWeightMixin
-from .methods.conv1d import linear_like, torch_layout
+from .measure import _weight, run_eval
+from .methods.base import WEIGHT_TYPES
+from .methods.conv1d import linear_like
 
 __all__ = ["activation_stats"]
-
-
-def _weight(m: nn.Module) -> torch.Tensor:
-    """The weight in torch's (out, in, ...) layout (a Conv1D's transposed)."""
-    if isinstance(m, SparseWeightMixin):
-        return torch_layout(m, m.deployed_weight())
-    return torch_layout(m, m.weight.detach())
 
 
 def _lifted(w: torch.Tensor, in_dim: int) -> bool:
@@ -94,18 +92,7 @@ def activation_stats(model: nn.Module, batches, *, max_batches: int | None = Non
             rec["effective"] += eff
             rec["samples"] += out.shape[0]
         handles.append(m.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        for i, batch in enumerate(batches):
-            if max_batches is not None and i >= max_batches:
-                break
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(x)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    run_eval(model, batches, lambda b: (b[0] if isinstance(b, (tuple, list)) else b,), max_batches, handles)
     out_layers = {}
     for name in order:
         r = layers[name]
