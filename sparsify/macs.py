@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .eval_loop import run_eval
 from .methods.base import WEIGHT_TYPES
 from .methods.conv1d import in_features_of, out_features_of
 
@@ -44,15 +45,8 @@ def positions_per_sample(model: nn.Module, example_inputs: Sequence) -> dict[str
             def hook(m, inp, y, name=name, out_ch=out_ch):
                 out[name] = out.get(name, 0.0) + y.numel() / out_ch / batch
             handles.append(mod.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():  # only shapes are read: an autograd graph would cost time and memory
-            model(*example_inputs)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    with torch.no_grad():  # only shapes are read: an autograd graph would cost time and memory
+        run_eval(model, [example_inputs], tuple, None, handles)
     return out
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .eval_loop import run_eval
 from .methods.base import WEIGHT_TYPES, SparseWeightMixin
 from .methods.conv1d import linear_like, out_features_of, torch_layout
 from .methods.regularizers import ActivationRegularizer
@@ -151,32 +152,6 @@ def _default_inputs(batch):
     if isinstance(batch, dict):
         raise TypeError("measure: batches are dicts: pass input_fn=lambda b: (b['x'],) to say what the model takes")
     raise TypeError(f"measure: cannot take model inputs from a {type(batch).__name__}; pass input_fn")
-
-
-def run_eval(model: nn.Module, batches: Iterable, input_fn: Callable, max_batches: int | None, handles) -> int:
-    """Run ``model`` in eval mode on ``input_fn(batch)`` for each of at most ``max_batches``
-    batches, then put back its mode and remove the hook ``handles`` (also on an error). Returns
-    the samples seen: per batch, the first dimension of its first non-scalar input tensor, else 1.
-
-    >>> net = nn.Linear(2, 1).train()
-    >>> run_eval(net, [torch.zeros(3, 2), torch.zeros(4, 2)], lambda b: (b,), None, []), net.training
-    (7, True)
-    """
-    samples = 0
-    was_training = model.training
-    model.eval()
-    try:
-        for i, batch in enumerate(batches):
-            if max_batches is not None and i >= max_batches:
-                break
-            inputs = input_fn(batch)
-            samples += next((int(t.shape[0]) for t in inputs if isinstance(t, torch.Tensor) and t.dim()), 1)
-            model(*inputs)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return samples
 
 
 @torch.no_grad()

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .measure import _weight, run_eval
+from .eval_loop import run_eval
+from .measure import _weight
 from .methods.base import WEIGHT_TYPES
 from .methods.conv1d import linear_like
 

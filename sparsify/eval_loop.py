@@ -1,0 +1,37 @@
+"""The forward passes behind the counting tools (``measure``, ``activation_stats``, the MAC
+counter): a model run in eval mode over batches while hooks record what they see, and left in the
+mode it came in with its hooks removed, also when a forward fails."""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["run_eval"]
+
+
+def run_eval(model: nn.Module, batches: Iterable, input_fn: Callable, max_batches: int | None, handles) -> int:
+    """Run ``model`` in eval mode on ``input_fn(batch)`` for each of at most ``max_batches``
+    batches, then put back its mode and remove the hook ``handles`` (also on an error). Returns
+    the samples seen: per batch, the first dimension of its first non-scalar input tensor, else 1.
+
+    >>> net = nn.Linear(2, 1).train()
+    >>> run_eval(net, [torch.zeros(3, 2), torch.zeros(4, 2)], lambda b: (b,), None, []), net.training
+    (7, True)
+    """
+    samples = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            inputs = input_fn(batch)
+            samples += next((int(t.shape[0]) for t in inputs if isinstance(t, torch.Tensor) and t.dim()), 1)
+            model(*inputs)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return samples
