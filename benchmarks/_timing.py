@@ -10,6 +10,30 @@ import time
 import torch
 
 
+def add_interleaved_args(ap) -> None:
+    """The options of the benchmarks timed with :func:`interleaved`: ``--rounds``, ``--threads``
+    (default 2) and ``--cpu-time``."""
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cpu-time", action="store_true", help="time by process CPU time (steadier under load; "
+                    "use with --threads 1)")
+
+
+def add_clock_args(ap) -> None:
+    """The timing options of the SAS benchmarks: ``--threads`` (default: torch's) and ``--clock``;
+    :func:`clock_from_args` applies them."""
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall: time.perf_counter; cpu: this process's CPU time (use with --threads 1 under load)")
+
+
+def clock_from_args(args):
+    """Set ``--threads`` (when given) and return the timer ``--clock`` names."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return clock_of(args.clock == "cpu")
+
+
 def clock_of(cpu_time: bool):
     """The timer: wall time, or with ``cpu_time`` this process's CPU time (all its threads). CPU
     time is the steadier measure on a machine shared with other jobs, where wall time also counts

@@ -22,7 +22,7 @@ import sparsify  # noqa: E402
 from passes import set_submodule  # noqa: E402
 from sparsify.accelerate.gemm import PackCache, gemm  # noqa: E402
 from _report import write_json  # noqa: E402
-from _timing import clock_of, interleaved, load_average  # noqa: E402
+from _timing import add_interleaved_args, clock_of, interleaved, load_average  # noqa: E402
 
 
 def vit_mlp_stack() -> nn.Sequential:
@@ -54,10 +54,7 @@ def onednn_copy(model: nn.Module) -> nn.Module:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--cpu-time", action="store_true", help="time by process CPU time (steadier under load; "
-                    "use with --threads 1)")
+    add_interleaved_args(ap)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

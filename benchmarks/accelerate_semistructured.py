@@ -29,7 +29,7 @@ from torch.fx.experimental.optimization import fuse
 sys.path.insert(0, os.path.dirname(__file__))
 import sparsify  # noqa: E402
 from _report import write_json  # noqa: E402
-from _timing import clock_of, interleaved, load_average  # noqa: E402
+from _timing import add_interleaved_args, clock_of, interleaved, load_average  # noqa: E402
 from sparsify.methods.semistructured import PositionMask  # noqa: E402
 
 
@@ -59,12 +59,9 @@ def ideal_mac_ratio(final: nn.Module, x: torch.Tensor) -> float:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=2)
+    add_interleaved_args(ap)
     ap.add_argument("--sparsities", default="0.1,0.2,0.3")
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--cpu-time", action="store_true", help="time by process CPU time (steadier under load; "
-                    "use with --threads 1)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -29,7 +29,6 @@ import copy
 import json
 import os
 import tempfile
-import time
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from sparsify.methods.sas import SASConv2d, SASLinear, release_workspaces
 
 from _report import write_json
+from _timing import add_clock_args, clock_from_args
 
 # (name, cin, cout, spatial, kernel, stride, groups): ResNet-18/50, MobileNetV2 shapes at 224x224
 SHAPES = [
@@ -208,15 +208,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                    help="wall: time.perf_counter; cpu: this process's CPU time (use with --threads 1 under load)")
+    add_clock_args(ap)
     ap.add_argument("--only", default=None, help="run the shapes whose name contains this")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    clock = clock_from_args(args)
     load = os.getloadavg()[0]
     rows = [bench(*s, batch=args.batch, reps=args.reps, clock=clock) for s in SHAPES
             if args.only is None or args.only in s[0]]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 import types
 
 import torch
@@ -29,6 +28,7 @@ import sparsify
 from sparsify.methods.sas import SASMixin
 
 from _report import write_json
+from _timing import add_clock_args, clock_from_args
 from sas_conv import official_forward, peak_bytes, saved_bytes
 
 
@@ -45,14 +45,10 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--size", type=int, default=112)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                    help="wall: time.perf_counter; cpu: this process's CPU time (use with --threads 1 under load)")
+    add_clock_args(ap)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    clock = clock_from_args(args)
     load = os.getloadavg()[0]
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size)
