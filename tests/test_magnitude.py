@@ -159,3 +159,12 @@ def test_frequency_must_be_null_or_a_positive_whole_number():
         make(frequency=0)
     with pytest.raises(RecipeError, match="frequency"):
         make(frequency=2.5)
+
+
+def test_gmp_keeps_two_weight_sized_work_tensors_per_layer():
+    # |W| for the threshold goes into the (stale) W ⊙ M buffer: only W ⊙ M and the float mask stay
+    from sparsify.methods.base import _SCRATCH
+    m = make(begin=0, end=0, sparsity=0.5)
+    run(m, 2)
+    for layer in layers(m):
+        assert sorted(_SCRATCH[layer][0]) == ["mask_f", "masked"]

@@ -157,7 +157,9 @@ class MagnitudeGroup(Group):
     def _scores(self, m: MagnitudeMixin, eager: bool) -> torch.Tensor:
         """The layer's float32 scores (``|W|``, or block means), into a scratch tensor if possible."""
         if self.block is None and eager and m.weight.dtype == torch.float32:
-            return torch.abs(m.weight, out=m.scratch("magnitude", m.weight))
+            # into the buffer of the forward's W ⊙ M: stale now (W changed; update() dropped it)
+            # and rewritten by the next forward, so |W| costs no weight-sized tensor of its own
+            return torch.abs(m.weight, out=m.scratch("masked", m.weight))
         return block_scores(torch_layout(m, m.weight), self.block).float()
 
     def describe(self, step: int) -> dict:
