@@ -5,10 +5,10 @@
 """
 from .api import finalize, param_groups, penalty, plan, report, sparsify, step
 from .measure import measure
-from .finalize import FinalizeError
+from .finalize import FinalizeError, FinalizeWarning
 from .recipe import RecipeError, builtin_recipes, load_recipe
 from .schedules import ScheduleError
 
 __version__ = "0.1.0"
 __all__ = ["sparsify", "plan", "step", "penalty", "report", "finalize", "param_groups", "measure",
-           "load_recipe", "builtin_recipes", "RecipeError", "ScheduleError", "FinalizeError"]
+           "load_recipe", "builtin_recipes", "RecipeError", "ScheduleError", "FinalizeError", "FinalizeWarning"]

@@ -141,7 +141,10 @@ def finalize(model: nn.Module, example_inputs=None, *, check: bool = True, rtol:
     """A deployable copy: plain ``nn.Conv2d`` / ``nn.Linear`` holding the effective weights,
     inserted nodes folded or removed, no sparsify state. Its eval output is checked against the
     sparse model's on ``example_inputs`` (default: those given to ``sparsify``) and a
-    ``FinalizeError`` is raised if they differ. The training model is not modified.
+    ``FinalizeError`` is raised if they differ, naming the layer where the difference starts;
+    a ``FinalizeWarning`` instead when it starts only in code finalize did not change (top-k/NMS
+    over near-equal scores amplifying rounding; see :mod:`sparsify.divergence`). The training
+    model is not modified.
 
     >>> import torch, sparsify
     >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), "st3", begin=0, end=0, fix=None)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 import torch.fx as fx
@@ -11,11 +12,15 @@ from passes import set_submodule
 
 from .state import STATE_ATTR, SparsifyState, find_state, unwrap
 
-__all__ = ["FinalizeError", "finalize_model", "outputs_close", "flatten_tensors"]
+__all__ = ["FinalizeError", "FinalizeWarning", "finalize_model", "outputs_close", "flatten_tensors"]
 
 
 class FinalizeError(RuntimeError):
     """The finalized model does not compute what the sparse model computes."""
+
+
+class FinalizeWarning(UserWarning):
+    """The outputs differ, but only where the model's own unchanged code amplifies rounding."""
 
 
 def flatten_tensors(out) -> list[torch.Tensor]:
@@ -114,6 +119,32 @@ def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
     got = final(*inputs)
     ok, worst = outputs_close(expected, got, rtol, atol)
     if not ok:
-        raise FinalizeError(f"the finalized model's output differs from the sparse model's eval output "
-                            f"(largest relative difference {worst:.3g}; rtol={rtol}, atol={atol})")
+        _explain_difference(source, final, inputs, worst, rtol, atol)
     return final
+
+
+def _explain_difference(source: nn.Module, final: nn.Module, inputs, worst: float, rtol: float, atol: float) -> None:
+    """The outputs differ: find the module calls where that starts (:mod:`sparsify.divergence`).
+    Accepted, with a warning, when it starts only in code finalize did not change (a detector's
+    top-k/NMS over near-equal scores amplifying rounding); else a FinalizeError naming them."""
+    from .divergence import locate_divergence
+    was_training = source.training
+    source.eval()
+    try:
+        d = locate_divergence(source, final, inputs, rtol, atol)
+    finally:
+        source.train(was_training)
+    where = ", ".join(f"{n or '<root>'} ({r:.3g})" for n, r in d.own[:3]) + (" ..." if len(d.own) > 3 else "")
+    message = (f"the finalized model's output differs from the sparse model's eval output (largest "
+               f"relative difference {worst:.3g}; rtol={rtol}, atol={atol})")
+    if d.amplified_only:
+        warnings.warn(f"finalize: {message}, but only after code finalize did not change: the outputs of "
+                      f"{where} differ while everything they call agrees (largest relative difference "
+                      f"{d.worst_agreeing:.3g}, {d.agreeing} module calls agree). That code amplifies "
+                      "rounding below the tolerance (e.g. top-k or NMS over near-equal scores), so the check "
+                      "compared the module outputs instead and they agree", FinalizeWarning, stacklevel=3)
+        return
+    if d.changed:
+        changed = ", ".join(f"{n or '<root>'} ({r:.3g})" for n, r in d.changed[:3])
+        raise FinalizeError(f"{message}; it starts in code finalize changed: {changed}")
+    raise FinalizeError(message)
