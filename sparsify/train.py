@@ -312,6 +312,14 @@ def train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
     >>> r = train(TrainConfig(model="cnn", recipe="st3", epochs=1, out=tempfile.mkdtemp(), progress=False),
     ...           quiet=True)  # doctest: +SKIP
     """
+    previous = torch.get_num_threads()
+    try:
+        return _train(cfg, on_step=on_step, quiet=quiet)
+    finally:  # --threads is for this run: a caller's later work keeps its own setting
+        torch.set_num_threads(previous)
+
+
+def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
     ckpt = None
     if cfg.resume:
         cfg, ckpt = _load_resume(cfg)

@@ -41,6 +41,8 @@ def test_stages_in_order_on_resnet18():
             for mod in layers(m):
                 assert bool((mod.weight.grad[~mod.mask] == 0).all())
         opt.step()
+        if t == 4:  # the magnitudes the pruning step below sees
+            mags = torch.cat([mod.weight.detach().abs().reshape(-1) for mod in layers(m)])
         sparsify.step(m, loss=loss)
     assert [s[0] for s in seen] == ["dense"] * 3 + ["weights"] * 3 + ["activations"] * 4
     assert [s[1] for s in seen] == ["dense"] * 3 + ["l1"] * 2 + ["fixed"] * 5
@@ -48,7 +50,10 @@ def test_stages_in_order_on_resnet18():
     assert [s[3] for s in seen] == [False] * 6 + [True] * 4
     # one global threshold, exact count, zeros still there after more optimizer steps
     zeros = sum(int((mod.deployed_weight() == 0).sum()) for mod in layers(m))
-    assert zeros == pruned_count(n_weights, 0.5)
+    k = pruned_count(n_weights, 0.5)
+    # k weights, plus any tied with the k-th smallest: ties among 11 M float32 magnitudes are
+    # common, and which ones occur depends on the thread count (rounding of the conv gradients)
+    assert zeros == int((mags <= mags.kthvalue(k).values).sum()) >= k
     assert "stage=activations" in str(sparsify.report(m))
     f = sparsify.finalize(m)
     assert type(f.conv1) is nn.Conv2d and not any(isinstance(r, ActivationRegularizer) for r in f.modules())

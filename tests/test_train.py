@@ -183,3 +183,11 @@ def test_sas_layers_count_as_the_narrow_dense_layer():
     stats = activation_stats(m, [x])
     assert stats["dense_macs"] == dense["dense_macs"]  # same multiplies per output as the narrow layers
     assert stats["effective_macs"] == pytest.approx(dense["dense_macs"])  # pre-activations: no zero inputs
+
+
+def test_threads_setting_is_restored_after_the_run(tmp_path):
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    train(TrainConfig(model="cnn", recipe="st3", data="digits", epochs=1, batch_size=512, threads=other,
+                      out=str(tmp_path / "run"), progress=False), quiet=True)
+    assert torch.get_num_threads() == before
