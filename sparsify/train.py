@@ -284,7 +284,9 @@ def _load_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
     saved = json.loads((folder / CONFIG).read_text())
     known = {f.name for f in fields(TrainConfig)}
     new = TrainConfig(**{k: v for k, v in saved.items() if k in known})
-    new.out, new.resume, new.progress, new.threads = str(folder), str(folder), cfg.progress, cfg.threads
+    new.out, new.resume, new.progress = str(folder), str(folder), cfg.progress
+    if cfg.threads is not None:  # else the saved run's: the thread count changes float reductions
+        new.threads = cfg.threads
     ckpt = torch.load(folder / CHECKPOINT, map_location="cpu", weights_only=False)
     return new, ckpt
 
