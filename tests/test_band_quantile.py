@@ -71,6 +71,23 @@ def test_large_inputs_take_the_band_path(kind, monkeypatch):
         assert torch.equal(got, sorted_reference(w, q)), (kind, q)
 
 
+def test_a_wide_first_band_on_many_values_is_sorted_not_concatenated(monkeypatch):
+    # the first call places its band from a sample; on very many values (600 M weights) that band
+    # holds more than _MAX_BAND values, and the old fallback concatenated everything (+10 GB)
+    v = torch.rand(2_000_000)
+    parts = [v[:700_000], v[700_000:]]
+    expected = sorted_reference(v, 0.9)
+    monkeypatch.setattr(threshold, "_MAX_BAND", 1000)  # the sample band (~20 k values) is "wide"
+
+    def no_full_quantile(*a, **k):
+        raise AssertionError("fell back to the full quantile")
+    monkeypatch.setattr(threshold, "quantile", no_full_quantile)
+    assert torch.equal(band_quantile(parts, 0.9)[0], expected)
+    monkeypatch.setattr(threshold, "_MAX_BAND_SHARE", 10 ** 9)  # the old limit: it does fall back
+    with pytest.raises(AssertionError, match="fell back"):
+        band_quantile(parts, 0.9)
+
+
 def test_errors_match_the_reference():
     v = torch.rand(100_000)
     v[7] = float("nan")
