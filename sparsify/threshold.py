@@ -217,7 +217,9 @@ def band_quantile(values, q: float, hint: float | None = None, width: float | No
         if isinstance(out, torch.Tensor):
             return out, density(band)
     # place the band from a strided sample: ranks k/stride ± a margin of sampling error
-    stride = n // _SAMPLE
+    # at least 1/1024 of the values: the band's share of them falls as 1/sqrt(sample size), so on
+    # 600 M weights a 65,536-value sample gives a band of ~10 M values, this one ~3 M
+    stride = n // max(_SAMPLE, n >> 10)
     sample = torch.sort(_cat([p[::stride] for p in parts])).values
     m = sample.numel()
     # 4 standard deviations of a sample rank (binomial), so that one try almost always hits
