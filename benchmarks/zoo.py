@@ -280,8 +280,11 @@ def write_markdown(out: str, results: dict, models: list[tuple[str, str]], recip
         L += [f"- {m}: {f}" for m, f in fb]
         L.append("")
     ratios = []
+    retimed = any(r.get("timing") == "retimed" for r in rows)
     for r in rows:
         tr = traces.get(r["model"], {})
+        if retimed and r.get("timing") != "retimed":
+            continue  # timed by the sweep under whatever load it had: not comparable
         if r.get("sparsify_s") and tr.get("trace_s"):
             ratios.append((r["sparsify_s"] / tr["trace_s"], r["model"], r["recipe"], r["sparsify_s"], tr["trace_s"], tr["nodes"]))
     if ratios:
@@ -293,7 +296,9 @@ def write_markdown(out: str, results: dict, models: list[tuple[str, str]], recip
               "forward, setting up the groups), re-measured on a quiet machine by",
               "`benchmarks/zoo.py --retime` (runs not re-measured carry the sweep's own timing, taken under",
               "whatever load it had).", "",
-              f"Median ratio {med:.1f}x over {len(ratios)} runs; the worst 10:", "",
+              f"Median ratio {med:.1f}x over {len(ratios)} runs"
+              + (f" of {len({x[1] for x in ratios})} models (the re-measured ones)" if retimed else "")
+              + "; the worst 10:", "",
               "| model | recipe | sparsify (s) | symbolic_trace (s) | ratio | nodes |", "|---|---|---|---|---|---|"]
         for ratio, m, rc, s, t, n in ratios[:10]:
             L.append(f"| {m} | {rc} | {s:.2f} | {t:.3f} | {ratio:.1f}x | {n} |")

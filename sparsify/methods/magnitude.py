@@ -14,7 +14,7 @@ values are kept), and ``M`` is recomputed from ``|W|`` every Δt steps (``freque
   scored by their mean ``|W|``; layers whose
   shape the block does not divide stay dense and ``plan`` says why.
 
-Speed: ``|W|`` goes into a per-layer scratch tensor, the global threshold is found over the
+Speed: ``|W|`` goes into the layer's (stale) ``W ⊙ M`` buffer, the global threshold is found over the
 layers' ``|W|`` without concatenating them, masks are written in place, and the forward's
 ``W ⊙ M`` (and its backward) use a float copy of the mask and a reused product
 (:func:`~sparsify.methods.base.masked_weight`); see docs/performance.md.
