@@ -9,7 +9,9 @@ Profiles (pick one with ``HYPOTHESIS_PROFILE=<name>``):
   randomness per example seed torch from a drawn integer, see ``tests/strategies.py``).
 * ``thorough`` — the same with 200 examples, for a longer local run.
 
-Thread counts are left alone: tests must pass whatever ``torch.get_num_threads()`` is.
+Tests must pass whatever ``torch.get_num_threads()`` is. Under pytest-xdist each worker starts
+with ``cpu_count // workers`` threads: with torch's default every worker would run one thread
+per core, and OpenMP threads that outnumber the cores spin-wait (the suite took 2.5x as long).
 """
 from __future__ import annotations
 
@@ -28,6 +30,10 @@ settings.register_profile("thorough", max_examples=200, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 SEED = 0
+
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 
 @pytest.fixture(autouse=True)
