@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import torch
 
 from sparsify.methods.regularizers import penalty_value
+from _timing import add_clock_args, clock_from_args
 
 
 class _Previous(torch.autograd.Function):
@@ -56,12 +56,9 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--size", type=int, default=112)
     ap.add_argument("--reps", type=int, default=9)
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    add_clock_args(ap)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    clock = clock_from_args(args)
     torch.manual_seed(0)
     xs = [torch.relu(torch.randn(s)).requires_grad_() for s in relu_shapes(args.batch, args.size)]
     lam, a = 0.01, 1.0

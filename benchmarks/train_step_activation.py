@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import torchvision
 
 import sparsify
+from _timing import add_clock_args, clock_from_args
 
 
 VARIANTS = ["dense", "tl1", "semi-structured (ramp)", "semi-structured (frozen)"]
@@ -70,18 +71,14 @@ def main():
     ap.add_argument("--size", type=int, default=112)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
-    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                    help="wall: time.perf_counter; cpu: this process's CPU time (use with --threads 1 under load)")
+    add_clock_args(ap)
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    clock = clock_from_args(args)
     x = torch.randn(args.batch, 3, args.size, args.size)
     y = torch.randint(0, 100, (args.batch,))
     variants = ["dense"] + [v for v in args.variants if v != "dense"]
-    clock = time.perf_counter if args.clock == "wall" else time.process_time
     models = {v: make(v, x) for v in variants}
     samples = {v: [] for v in variants}
     load_start = os.getloadavg()[0]
