@@ -173,8 +173,9 @@ def run_one(family, name, recipe, model, inputs, copy: bool = True) -> dict:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             t = time.perf_counter()
-            # copy=True: every recipe starts from the same weights (the default shares the
-            # caller's tensors, so one recipe's training step would carry into the next)
+            # every recipe must start from the same weights: the default mode shares the caller's
+            # tensors, so one recipe's training step would carry into the next; hence a copy, or
+            # (copy=False, models over BIG) a freshly built model per recipe
             m = sparsify.sparsify(model, recipe, total_steps=10, example_inputs=inputs, copy=copy)
             rec["sparsify_s"] = time.perf_counter() - t
         st = sparsify.state.find_state(m)
@@ -294,8 +295,8 @@ def write_markdown(out: str, results: dict, models: list[tuple[str, str]], recip
               "Both measured on the same model: the trace of the dense model in train mode (best of 3) and",
               "`sparsify` in its default mode (best of 2: tracing, matching, rewriting, the MAC-counting",
               "forward, setting up the groups), re-measured on a quiet machine by",
-              "`benchmarks/zoo.py --retime` (runs not re-measured carry the sweep's own timing, taken under",
-              "whatever load it had).", "",
+              "`benchmarks/zoo.py --retime`; once any run is re-measured, the table uses only those (the",
+              "sweep's own timings were taken under whatever load it had).", "",
               f"Median ratio {med:.1f}x over {len(ratios)} runs"
               + (f" of {len({x[1] for x in ratios})} models (the re-measured ones)" if retimed else "")
               + "; the worst 10:", "",
