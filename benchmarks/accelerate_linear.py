@@ -20,7 +20,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(__file__))
 import sparsify  # noqa: E402
 from passes import set_submodule  # noqa: E402
-from sparsify.accelerate.gemm import PackCache, gemm  # noqa: E402
+from sparsify.deploy.accelerate.gemm import PackCache, gemm  # noqa: E402
 from _report import write_json  # noqa: E402
 from _timing import add_interleaved_args, clock_of, interleaved, load_average  # noqa: E402
 

@@ -1,5 +1,5 @@
 """File size of saved finalized models: ``torch.save(state_dict)`` (dense) against
-``sparsify.serialize.save`` (bitmask + non-zero values), ResNet-18 and MobileNetV3-small.
+``sparsify.deploy.serialize.save`` (bitmask + non-zero values), ResNet-18 and MobileNetV3-small.
 
 Weight-sparsity recipes are set to reach their target at once (begin = end = 0) so the file holds
 the recipe's final sparsity; recipes without weight sparsity show what the format costs them.
@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 import sparsify
-from sparsify.serialize import saved_size
+from sparsify.deploy.serialize import saved_size
 
 from _report import write_json
 

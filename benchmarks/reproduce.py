@@ -27,9 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sparsify.recipe import builtin_recipes  # noqa: E402
+from sparsify.prepare.recipe import builtin_recipes  # noqa: E402
 
-SPARSIFY = [sys.executable, "-m", "sparsify.cli"]
+SPARSIFY = [sys.executable, "-m", "sparsify.app.cli"]
 
 DATASETS = {
     "mnist": {"model": "lenet5", "data": "mnist", "epochs": 2, "batch_size": 256},

@@ -1,7 +1,7 @@
 """Global magnitude threshold per training step on ResNet-50 (25.5 M prunable weights).
 
 Compares, in the same run and on the same weights, the exact linear-interpolated quantile by
-(a) a full ``torch.sort`` (the baseline), (b) ``torch.kthvalue`` (``sparsify.threshold.quantile``,
+(a) a full ``torch.sort`` (the baseline), (b) ``torch.kthvalue`` (``sparsify.core.threshold.quantile``,
 the reference), (c) ``QuantileTracker`` (band selection reusing the previous step's threshold), and (d) the same
 tracker over the layers' ``|W|`` as separate tensors, the way ST-3 and GMP call it (``|W|``
 written into buffers kept across steps, no ``cat``; its time includes that ``abs`` pass).
@@ -23,8 +23,8 @@ import torch
 import torchvision
 from torch import nn
 
-from sparsify.schedules import cubic
-from sparsify.threshold import QuantileTracker, _interpolate, quantile
+from sparsify.core.schedules import cubic
+from sparsify.core.threshold import QuantileTracker, _interpolate, quantile
 
 from _report import write_json
 

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 import sparsify
-from sparsify.finalize import flatten_tensors
-from sparsify.methods.conv1d import linear_like
+from sparsify.deploy.compare import flatten_tensors
+from sparsify.core.conv1d import linear_like
 
 
 def bert():

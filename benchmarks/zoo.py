@@ -35,8 +35,8 @@ import torchvision
 from torchvision import models as tvm
 
 import sparsify
-from sparsify.finalize import flatten_tensors
-from sparsify.methods.base import WEIGHT_TYPES
+from sparsify.deploy.compare import flatten_tensors
+from sparsify.core.layers import WEIGHT_TYPES
 
 FAMILIES = {
     "classification": tvm,
@@ -178,7 +178,7 @@ def run_one(family, name, recipe, model, inputs, copy: bool = True) -> dict:
             # (copy=False, models over BIG) a freshly built model per recipe
             m = sparsify.sparsify(model, recipe, total_steps=10, example_inputs=inputs, copy=copy)
             rec["sparsify_s"] = time.perf_counter() - t
-        st = sparsify.state.find_state(m)
+        st = sparsify.core.state.find_state(m)
         plan = st.plan
         rec["fallbacks"] = [f["name"] or "<root>" for f in plan.fallbacks]
         rec["rewritten"] = len(plan.rewritten)

@@ -3,11 +3,11 @@
 >>> import torchvision, sparsify
 >>> model = sparsify.sparsify(torchvision.models.resnet18(), "st3", total_steps=1000)
 """
-from .api import finalize, param_groups, penalty, plan, report, sparsify, step
-from .measure import measure
-from .finalize import FinalizeError, FinalizeWarning
-from .recipe import RecipeError, builtin_recipes, load_recipe
-from .schedules import ScheduleError
+from sparsify.api import finalize, param_groups, penalty, plan, report, sparsify, step
+from sparsify.stats.measure import measure
+from sparsify.deploy.finalize import FinalizeError, FinalizeWarning
+from sparsify.prepare.recipe import RecipeError, builtin_recipes, load_recipe
+from sparsify.core.schedules import ScheduleError
 
 __version__ = "0.1.0"
 __all__ = ["sparsify", "plan", "step", "penalty", "report", "finalize", "param_groups", "measure",

@@ -7,15 +7,16 @@ import warnings
 import torch
 from torch import nn
 
-from .build import build, check_model
-from .finalize import finalize_model
-from .measure import Measurement, measure
-from .methods import get_method
-from .plan import Plan
-from .recipe import load_recipe
-from .report import Report, build_report
-from .schedules import resolve_time
-from .state import find_state, unwrap
+from sparsify.prepare.build import build, check_model
+from sparsify.deploy.finalize import finalize_model
+from sparsify.stats.measure import Measurement, measure
+from sparsify.methods import get_method
+from sparsify.prepare.plan import Plan
+from sparsify.prepare.recipe import load_recipe
+from sparsify.stats.report import Report, build_report
+from sparsify.core.schedules import resolve_time
+from sparsify.core.state import find_state, unwrap
+from sparsify.prepare.inputs import state_inputs
 
 __all__ = ["sparsify", "plan", "step", "penalty", "report", "finalize", "param_groups", "measure", "Measurement"]
 
@@ -143,7 +144,7 @@ def finalize(model: nn.Module, example_inputs=None, *, check: bool = True, rtol:
     sparse model's on ``example_inputs`` (default: those given to ``sparsify``) and a
     ``FinalizeError`` is raised if they differ, naming the layer where the difference starts;
     a ``FinalizeWarning`` instead when it starts only in code finalize did not change (top-k/NMS
-    over near-equal scores amplifying rounding; see :mod:`sparsify.divergence`). The training
+    over near-equal scores amplifying rounding; see :mod:`sparsify.deploy.divergence`). The training
     model is not modified.
 
     >>> import torch, sparsify
@@ -154,13 +155,13 @@ def finalize(model: nn.Module, example_inputs=None, *, check: bool = True, rtol:
     ``accelerate=True`` (CPU inference) then swaps layers for faster sparse implementations
     where they pay on this machine: patch-skipping convs for semi-structured masks, CSR/BSR for
     Linear / 1x1 conv layers with at least 80% zero weights (a dict passes options to
-    :func:`sparsify.accelerate.accelerate`); the result's ``acceleration`` attribute lists the
+    :func:`sparsify.deploy.accelerate.accelerate`); the result's ``acceleration`` attribute lists the
     path each layer took. See docs/deployment.md.
     """
     final = finalize_model(model, example_inputs, check=check, rtol=rtol, atol=atol)
     if accelerate:
-        from .accelerate import accelerate as _accelerate
-        inputs = example_inputs if example_inputs is not None else find_state(model).example_inputs
+        from sparsify.deploy.accelerate import accelerate as _accelerate
+        inputs = example_inputs if example_inputs is not None else state_inputs(find_state(model), unwrap(model))
         if inputs is None:
             raise ValueError("finalize(accelerate=True) builds and times layers on example inputs: pass "
                              "example_inputs=... here or to sparsify(...)")

@@ -13,12 +13,11 @@ import torchvision
 from torch import nn
 
 import sparsify
-from sparsify.accelerate import (AccelerationError, PatchSkipConv2d, SparseConv1x1, SparseLinear, accelerate,
-                                 fold_bn, supports_patch_skip)
-from sparsify.accelerate.convert import _bsr_block
-from sparsify.accelerate.fold import PositionFill, folded_conv
-from sparsify.accelerate.select import choose
-from sparsify.finalize import outputs_close
+from sparsify.deploy.accelerate import (AccelerationError, PatchSkipConv2d, SparseConv1x1, SparseLinear, accelerate, fold_bn, supports_patch_skip)
+from sparsify.deploy.accelerate.convert import _bsr_block
+from sparsify.deploy.accelerate.fold import PositionFill, folded_conv
+from sparsify.deploy.accelerate.select import choose
+from sparsify.deploy.compare import outputs_close
 from sparsify.methods.semistructured import PositionMask
 
 
@@ -67,7 +66,7 @@ def test_patch_skip_conv_refuses_another_resolution_and_grouped_convs():
 
 def test_patch_skip_gathers_only_kept_columns(monkeypatch):
     """The GEMM sees one row per kept position and sample, never the full im2col."""
-    import sparsify.accelerate.patch_conv as pc
+    import sparsify.deploy.accelerate.patch_conv as pc
     rows_seen = []
     real = pc.gemm
     monkeypatch.setattr(pc, "gemm", lambda cols, *a, **k: rows_seen.append(cols.shape) or real(cols, *a, **k))
@@ -177,7 +176,7 @@ def test_measured_choice_keeps_dense_when_the_sparse_candidate_is_slower():
 
 def test_timing_clock_counts_cpu_work_on_one_thread():
     """With one thread the decision uses CPU time: a call that only waits costs nothing."""
-    from sparsify.accelerate.select import time_calls
+    from sparsify.deploy.accelerate.select import time_calls
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -202,7 +201,7 @@ def test_measured_acceleration_output_equals_finalized():
 
 
 def test_accelerate_raises_when_outputs_differ(monkeypatch):
-    import sparsify.accelerate.convert as cv
+    import sparsify.deploy.accelerate.convert as cv
     x = torch.randn(1, 3, 32, 32)
     final = sparsify.finalize(_semi_structured_resnet(x))
     monkeypatch.setattr(cv.PatchSkipConv2d, "forward", lambda self, inp: torch.zeros(

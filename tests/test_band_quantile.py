@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from sparsify import threshold
-from sparsify.threshold import QuantileTracker, band_quantile, quantile
+from sparsify.core import threshold
+from sparsify.core.threshold import QuantileTracker, band_quantile, quantile
 
 
 def sorted_reference(v: torch.Tensor, q: float) -> torch.Tensor:

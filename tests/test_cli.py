@@ -8,7 +8,8 @@ import sys
 import pytest
 
 import sparsify
-from sparsify.cli import main, parse_overrides
+from sparsify.app.cli import main
+from sparsify.app.overrides import parse_overrides
 
 
 def run_cli(capsys, *argv):
@@ -83,7 +84,7 @@ def test_parse_overrides_json_values():
 
 
 def test_console_script_runs():
-    out = subprocess.run([sys.executable, "-m", "sparsify.cli", "recipes", "--json"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "sparsify.app.cli", "recipes", "--json"], capture_output=True,
                          text=True, check=True).stdout
     assert "st3" in json.loads(out)
 

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 import sparsify
-from sparsify.matching import Candidate, compile_match
-from sparsify.methods.base import SparseWeightMixin
-from sparsify.state import find_state
+from sparsify.prepare.matching import Candidate, compile_match
+from sparsify.core.layers import SparseWeightMixin
+from sparsify.core.state import find_state
 
 if importlib.util.find_spec("transformers") is None:
     print("skipping: transformers is not installed (pip install fx-sparsify[integrations])")

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sparsify.data import DataError, load_data
-from sparsify.models import ModelError, build_model, input_channels
+from sparsify.app.data import DataError, load_data
+from sparsify.app.models import ModelError, build_model, input_channels
 
 
 def test_digits_split_is_fixed_stratified_and_standardized():

@@ -15,8 +15,8 @@ from torch import nn
 import sparsify
 
 from loops import train
-from sparsify.distributed import assert_synchronized, state_fingerprint
-from sparsify.state import find_state
+from sparsify.integrations.distributed import assert_synchronized, state_fingerprint
+from sparsify.core.state import find_state
 
 WORLD = 2
 STEPS = 3

@@ -23,8 +23,8 @@ MODULES = _modules(passes) + _modules(sparsify)
 
 
 def test_every_module_is_collected():
-    assert {"passes.tracing", "passes.select", "sparsify.api", "sparsify.recipe", "sparsify.methods.st3",
-            "sparsify.threshold", "sparsify.schedules"} <= set(MODULES)
+    assert {"passes.tracing", "passes.select", "sparsify.api", "sparsify.prepare.recipe", "sparsify.methods.st3",
+            "sparsify.core.threshold", "sparsify.core.schedules"} <= set(MODULES)
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -10,7 +10,7 @@ from torch import nn
 import sparsify
 from sparsify.methods.dual import L1PruneMixin
 from sparsify.methods.regularizers import ActivationRegularizer
-from sparsify.threshold import pruned_count
+from sparsify.core.threshold import pruned_count
 
 
 def layers(model):

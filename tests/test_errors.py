@@ -331,7 +331,7 @@ def test_finalize_without_example_inputs():
 
 
 def find_inputs(m):
-    from sparsify.state import find_state
+    from sparsify.core.state import find_state
     return find_state(m).example_inputs
 
 
@@ -344,7 +344,7 @@ def test_checkpoint_from_another_recipe():
 
 def test_recipe_stored_in_model_and_report():
     m = sparsify.sparsify(net(), "st3", sparsity=0.8, total_steps=10, example_inputs=X)
-    from sparsify.state import find_state
+    from sparsify.core.state import find_state
     stored = json.loads(find_state(m).recipe_json)
     assert stored["rules"][0]["params"]["sparsity"] == 0.8
     assert sparsify.report(m).recipe == "st3"

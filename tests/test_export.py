@@ -9,8 +9,8 @@ import torch
 import torchvision
 
 import sparsify
-from sparsify.export import check_deployable, export_onnx, run_onnx
-from sparsify.finalize import outputs_close
+from sparsify.deploy.export import check_deployable, export_onnx, run_onnx
+from sparsify.deploy.compare import outputs_close
 
 MODELS = ["resnet18", "mobilenet_v3_small"]
 RECIPES = sorted(sparsify.builtin_recipes())

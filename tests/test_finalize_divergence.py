@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 import sparsify
-from sparsify.divergence import locate_divergence
-from sparsify.finalize import outputs_close
-from sparsify.methods.base import Group, plain_copy
+from sparsify.deploy.divergence import locate_divergence
+from sparsify.deploy.compare import outputs_close
+from sparsify.core.contract import Group
+from sparsify.core.layers import plain_copy
 
 
 class TiedScores(nn.Module):
@@ -109,7 +110,7 @@ def test_sas_on_a_detector_like_model_finalizes(one_thread):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the root falls back: expected
         m = sparsify.sparsify(model, "sas", example_inputs=(images,))
-    assert {e.name for e in sparsify.state.find_state(m).plan.rewritten} == {"backbone.2", "backbone.4"}
+    assert {e.name for e in sparsify.core.state.find_state(m).plan.rewritten} == {"backbone.2", "backbone.4"}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         final = sparsify.finalize(m, rtol=1e-3, atol=1e-4)

@@ -11,9 +11,9 @@ from torchvision.models.swin_transformer import SwinTransformer
 from torchvision.models.vision_transformer import VisionTransformer
 
 import sparsify
-from sparsify.hidden import SparseMultiheadAttention, effective_weight_of
+from sparsify.prepare.hidden import SparseMultiheadAttention, effective_weight_of
 from sparsify.methods import REGISTRY, SparseWeightMixin
-from sparsify.methods.base import WEIGHT_TYPES
+from sparsify.core.layers import WEIGHT_TYPES
 
 
 def tiny_vit():

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsify
-from sparsify.state import find_state
+from sparsify.core.state import find_state
 
 
 def _require(module):

@@ -8,7 +8,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import sparsify
-from sparsify.macs import dense_macs, positions_per_sample
+from sparsify.stats.macs import dense_macs
+from sparsify.prepare.inputs import positions_per_sample
 
 
 def flop_count(model, x) -> int:

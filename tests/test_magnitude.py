@@ -8,8 +8,8 @@ from torch import nn
 
 import sparsify
 from sparsify.methods.magnitude import MagnitudeMixin, block_scores
-from sparsify.recipe import RecipeError
-from sparsify.threshold import pruned_count
+from sparsify.prepare.recipe import RecipeError
+from sparsify.core.threshold import pruned_count
 
 from loops import run_steps
 
@@ -163,7 +163,7 @@ def test_frequency_must_be_null_or_a_positive_whole_number():
 
 def test_gmp_keeps_two_weight_sized_work_tensors_per_layer():
     # |W| for the threshold goes into the (stale) W ⊙ M buffer: only W ⊙ M and the float mask stay
-    from sparsify.methods.base import _SCRATCH
+    from sparsify.core.layers import _SCRATCH
     m = make(begin=0, end=0, sparsity=0.5)
     run(m, 2)
     for layer in layers(m):

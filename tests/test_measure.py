@@ -8,8 +8,8 @@ import torchvision
 from torch import nn
 
 import sparsify
-from sparsify.macs import dense_macs
-from sparsify.measure import _layer_counts
+from sparsify.stats.macs import dense_macs
+from sparsify.stats.measure import _layer_counts
 
 
 def brute_force_mult(conv: nn.Conv2d, x: torch.Tensor) -> int:

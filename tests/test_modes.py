@@ -5,7 +5,7 @@ import torch.nn.functional as F
 import torchvision
 
 import sparsify
-from sparsify.methods.base import SparseWeightMixin
+from sparsify.core.layers import SparseWeightMixin
 
 
 def _model():

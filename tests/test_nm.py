@@ -8,7 +8,7 @@ from torch import nn
 
 import sparsify
 from sparsify.methods.nm import NMMixin, nm_compliant, nm_mask
-from sparsify.recipe import RecipeError
+from sparsify.prepare.recipe import RecipeError
 
 
 def small_cnn():
@@ -84,7 +84,7 @@ def test_sr_ste_decay_adds_to_pruned_gradients_only():
 
 def test_training_keeps_every_layer_compliant_and_the_report_says_so():
     m = sparsify.sparsify(small_cnn(), "nm-2-4", total_steps=8, example_inputs=X)
-    plan = sparsify.state.find_state(m).plan
+    plan = sparsify.core.state.find_state(m).plan
     dense = {e.name: e.reason for e in plan.dense}
     assert "input channels" in dense["0"] and "input channels" in dense["4"]  # RGB stem, depthwise
     before = [l.mask.clone() for l in layers(m)]

@@ -11,7 +11,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import sparsify
-from sparsify.methods import penalty_kernels
+from sparsify.methods.regularizers import kernels as penalty_kernels
 from sparsify.methods.regularizers import ActivationRegularizer, penalty_value
 
 A = 0.7

@@ -13,7 +13,7 @@ from strategies import (build_model, example_input, models_and_recipes, quiet_sp
 
 import sparsify
 from sparsify.methods import SparseWeightMixin
-from sparsify.state import find_state
+from sparsify.core.state import find_state
 
 
 def outputs(model, x, mode: str):

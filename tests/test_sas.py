@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsify.methods.sas import (SASConv1d, SASConv2d, SASConv3d, SASLinear, SignedLevelsRule, SignRule,
-                                  make_slot_rule, register_slot_rule)
+from sparsify.methods.sas import (SASConv1d, SASConv2d, SASConv3d, SASLinear, SignedLevelsRule, SignRule, make_slot_rule, register_slot_rule)
 
 
 # ---- a small reference of the official code (DensoITLab/sas_, sas_conv2d.py / sas_linear.py) ------

@@ -15,7 +15,7 @@ from torch import nn
 
 import sparsify
 from sparsify.methods.sas import SASMixin, is_relu
-from sparsify.state import find_state
+from sparsify.core.state import find_state
 
 from test_sas import official_conv, official_linear
 
@@ -183,7 +183,7 @@ def test_training_reaches_the_negative_half():
 
 def test_report_counts_nonzero_and_executed_macs():
     model = sparsify.sparsify(torchvision.models.resnet18(), "sas", example_inputs=X32)
-    dense_macs = sparsify.macs.dense_macs(torchvision.models.resnet18(), (X32,))
+    dense_macs = sparsify.stats.macs.dense_macs(torchvision.models.resnet18(), (X32,))
     rep = sparsify.report(model)
     t = rep.totals
     assert t["macs"] == t["nonzero_macs"] == dense_macs and t["mac_reduction"] == 0
@@ -323,11 +323,11 @@ def test_plan_says_why_layers_stay_dense_and_bad_params():
     assert len(plan.entries) == len({e.name for e in plan.entries})
     reasons = {e.name: e.reason for e in plan.dense}
     assert "is not a relu output" in reasons["features.2.conv.0.0"]
-    with pytest.raises(sparsify.recipe.RecipeError, match=r"params.m: must be an integer >= 2"):
+    with pytest.raises(sparsify.prepare.recipe.RecipeError, match=r"params.m: must be an integer >= 2"):
         sparsify.plan(torchvision.models.resnet18(), "sas", m=1)
-    with pytest.raises(sparsify.recipe.RecipeError, match=r"params.slot_rule: slot rule 'sign' has exactly 2"):
+    with pytest.raises(sparsify.prepare.recipe.RecipeError, match=r"params.slot_rule: slot rule 'sign' has exactly 2"):
         sparsify.plan(torchvision.models.resnet18(), "sas", m=3, slot_rule="sign")
-    with pytest.raises(sparsify.recipe.RecipeError, match=r"params.not_relu: must be one of"):
+    with pytest.raises(sparsify.prepare.recipe.RecipeError, match=r"params.not_relu: must be one of"):
         sparsify.plan(torchvision.models.resnet18(), "sas", not_relu="keep")
 
 

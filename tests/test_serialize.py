@@ -12,8 +12,8 @@ import torchvision
 from torch import nn
 
 import sparsify
-from sparsify.accelerate import accelerate
-from sparsify.serialize import compact_state_dict, expand_state_dict, load, save, saved_size
+from sparsify.deploy.accelerate import accelerate
+from sparsify.deploy.serialize import compact_state_dict, expand_state_dict, load, save, saved_size
 
 
 def _finalized_resnet18(sparsity=0.9):

@@ -9,9 +9,9 @@ from torch import nn
 
 import sparsify
 from sparsify.methods.st3 import ST3_CLASSES, sigma_of, st3_effective_weight, st3_scale
-from sparsify.schedules import cubic
-from sparsify.state import find_state
-from sparsify.threshold import pruned_count
+from sparsify.core.schedules import cubic
+from sparsify.core.state import find_state
+from sparsify.core.threshold import pruned_count
 
 
 def small_net():
@@ -283,7 +283,7 @@ def test_fix_keeps_output_and_stops_pruned_gradients():
 
 def test_cubic_with_begin_equal_end_is_a_step():
     # one-shot pruning (begin == end) goes through the same cubic schedule, without a special case
-    from sparsify.schedules import cubic
+    from sparsify.core.schedules import cubic
     assert cubic(9, 10, 10, 0.9) == 0.0
     assert cubic(10, 10, 10, 0.9) == 0.9
     assert cubic(0, 0, 0, 0.9) == 0.9

@@ -10,7 +10,7 @@ from torch import nn
 
 import sparsify
 from sparsify.methods.str import STRMixin, str_weight
-from sparsify.recipe import RecipeError
+from sparsify.prepare.recipe import RecipeError
 
 from loops import run_steps
 

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from sparsify.threshold import pruned_count, quantile
+from sparsify.core.threshold import pruned_count, quantile
 
 LEVELS = [0.0, 1e-7, 0.1, 0.25, 0.5, 0.77, 0.9, 0.999, 1.0]
 

@@ -14,7 +14,7 @@ from torchvision.ops import StochasticDepth
 
 import sparsify
 from sparsify.methods import SparseWeightMixin
-from sparsify.threshold import pruned_count
+from sparsify.core.threshold import pruned_count
 
 WEIGHT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 

@@ -102,7 +102,7 @@ def test_retinanet_trains_with_its_head_traced_under_the_fallback():
         warnings.simplefilter("ignore")
         m = sparsify.sparsify(model, "st3", total_steps=10, example_inputs=([image],))
     assert isinstance(m.head, torch.fx.GraphModule) and isinstance(m.head, type(model.head))
-    rewritten = {e.name for e in sparsify.state.find_state(m).plan.rewritten}
+    rewritten = {e.name for e in sparsify.core.state.find_state(m).plan.rewritten}
     assert any(n.startswith("head.classification_head.") for n in rewritten)
     net = copy.deepcopy(m)  # the copy keeps the head's methods too
     opt = torch.optim.SGD(sparsify.param_groups(net, 1e-4), lr=1e-3)
@@ -145,7 +145,7 @@ def test_finalize_removes_each_regularizer_from_its_own_graph():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         m = sparsify.sparsify(model, "tl1", total_steps=4, example_inputs=(xs,))
-    assert sparsify.state.find_state(m).graph_paths[1:] == ["h.classif.conv", "h.reg.conv"]
+    assert sparsify.core.state.find_state(m).graph_paths[1:] == ["h.classif.conv", "h.reg.conv"]
     final = sparsify.finalize(m, (xs,))
     kinds = [type(x).__name__ for x in final.modules()]
     assert kinds.count("ReLU") == 4 and not any(type(x).__module__.startswith("sparsify") for x in final.modules())

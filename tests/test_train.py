@@ -1,4 +1,4 @@
-"""``sparsify.train``: outputs, determinism, Ctrl-C + exact resume, atomic checkpoints, optimizer
+"""``sparsify.app.train``: outputs, determinism, Ctrl-C + exact resume, atomic checkpoints, optimizer
 defaults, the demo, and the activation statistics behind the tables."""
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from PIL import Image
 from torch import nn
 
 import sparsify
-from sparsify.demo import run_demo
-from sparsify.runstats import activation_stats
-from sparsify.train import CHECKPOINT, TrainConfig, resolve_optimizer, save_atomic, train
+from sparsify.app.demo import run_demo
+from sparsify.stats.runstats import activation_stats
+from sparsify.app.train import CHECKPOINT, TrainConfig, resolve_optimizer, save_atomic, train
 
 
 def cfg(tmp_path, name="run", **kw):
@@ -175,7 +175,7 @@ def test_effective_macs_of_a_sparsified_model_use_the_effective_weights():
 
 
 def test_sas_layers_count_as_the_narrow_dense_layer():
-    from sparsify.models import build_model
+    from sparsify.app.models import build_model
     net = build_model("cnn", num_classes=10, in_channels=1, image_size=8)
     x = torch.randn(4, 1, 8, 8)
     dense = activation_stats(net, [x])

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparsify
-from sparsify.methods.base import SparseWeightMixin, plain_eager
+from sparsify.core.layers import SparseWeightMixin, plain_eager
 from sparsify.methods.magnitude import MagnitudeMixin
 from sparsify.methods.st3 import ST3Mixin, _StraightThrough, st3_effective_weight, st3_scale
 

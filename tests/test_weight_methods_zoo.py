@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 import sparsify
-from sparsify.methods.base import SparseWeightMixin
+from sparsify.core.layers import SparseWeightMixin
 
 RECIPES = {"st3": dict(begin=0, end=1, fix=None), "str": dict(s_init=-4.0), "str-global": dict(s_init=-4.0),
            "gmp": dict(begin=0, end=1), "nm-2-4": dict(begin=0, fix=None)}
@@ -48,7 +48,7 @@ def test_weight_method_on(model_name, recipe):
     y = torch.tensor([1, 2])
     dense = MODELS[model_name]()
     m = sparsify.sparsify(dense, recipe, example_inputs=x, total_steps=4, **RECIPES[recipe])
-    plan = sparsify.state.find_state(m).plan
+    plan = sparsify.core.state.find_state(m).plan
     # every Conv/Linear is accounted for: rewritten, or dense with a reason
     listed = {e.name: e for e in plan.entries}
     for name in weight_layers(dense):
@@ -87,7 +87,7 @@ def test_depthwise_and_stem_under_nm_are_reported_dense():
 
 def test_vit_attention_weights_are_rewritten_or_reported():
     m = sparsify.sparsify(small_vit(), "gmp", begin=0, end=0, example_inputs=torch.randn(1, 3, 32, 32))
-    plan = sparsify.state.find_state(m).plan
+    plan = sparsify.core.state.find_state(m).plan
     attn = [e for e in plan.entries if "self_attention" in e.name]
     assert attn
     for e in attn:

@@ -50,7 +50,7 @@ def test_detection_backbone_sparsified_through_fallback():
         warnings.simplefilter("always")
         m = sparsify.sparsify(model, "st3", total_steps=10, example_inputs=([image],))
     assert any("could not be traced" in str(w.message) for w in caught)
-    plan = sparsify.state.find_state(m).plan
+    plan = sparsify.core.state.find_state(m).plan
     assert plan.fallbacks[0]["name"] == ""  # the root
     rewritten = {e.name for e in plan.rewritten}
     assert "backbone.body.0.0" in rewritten and any(n.startswith("backbone.fpn.") for n in rewritten)

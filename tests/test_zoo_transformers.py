@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import sparsify
-from sparsify.state import find_state
+from sparsify.core.state import find_state
 
 if importlib.util.find_spec("transformers") is None:
     print("skipping: transformers is not installed (pip install fx-sparsify[integrations])")

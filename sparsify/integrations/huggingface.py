@@ -15,7 +15,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 import sparsify
-from sparsify.state import find_state
+from sparsify.core.state import find_state
 
 __all__ = ["SparsifyTrainerCallback", "linear_share"]
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import sparsify
-from sparsify.state import find_state
+from sparsify.core.state import find_state
 
 __all__ = ["SparsifyCallback", "sparsified_modules"]
 

@@ -1,18 +1,19 @@
-"""The method registry: recipe method names -> :class:`~sparsify.methods.base.Method` objects.
+"""The method registry: recipe method names -> :class:`~sparsify.core.contract.Method` objects.
 
 Adding a method = one file in this folder + one line in ``_REGISTERED`` + a recipe.
 """
 from __future__ import annotations
 
-from .base import Group, GroupContext, Method, Site, SparseWeightMixin, plain_copy, specialize, weight_base
-from .st3 import ST3Method
-from .str import STRMethod
-from .magnitude import MagnitudeMethod
-from .nm import NMMethod
-from .regularizers import ActivationL1Method, HoyerSquareMethod, TL1Method
-from .semistructured import SemiStructuredMethod
-from .dual import L1PruneMethod
-from .sas import SASMethod
+from sparsify.core.contract import Group, GroupContext, Method, Site
+from sparsify.core.layers import SparseWeightMixin, plain_copy, specialize, weight_base
+from sparsify.methods.st3 import ST3Method
+from sparsify.methods.str import STRMethod
+from sparsify.methods.magnitude import MagnitudeMethod
+from sparsify.methods.nm import NMMethod
+from sparsify.methods.regularizers import ActivationL1Method, HoyerSquareMethod, TL1Method
+from sparsify.methods.semistructured import SemiStructuredMethod
+from sparsify.methods.dual import L1PruneMethod
+from sparsify.methods.sas import SASMethod
 
 _REGISTERED: list[type[Method]] = [
     ST3Method,

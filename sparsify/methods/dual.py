@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..threshold import quantile
-from .base import Group, GroupContext, Method, RecordsMixin, SparseWeightMixin, specialize, weight_base
-from .staging import active_range, in_range, stage_at
+from sparsify.core.threshold import quantile
+from sparsify.core.contract import Group, GroupContext, Method
+from sparsify.core.layers import RecordsMixin, SparseWeightMixin, specialize, weight_base
+from sparsify.core.staging import active_range, in_range, stage_at
 
 __all__ = ["L1PruneMixin", "L1PruneGroup", "L1PruneMethod"]
 

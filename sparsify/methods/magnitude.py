@@ -7,7 +7,7 @@ values are kept), and ``M`` is recomputed from ``|W|`` every Δt steps (``freque
 ``end``, as in Zhu & Gupta) the mask is frozen. See docs/methods/magnitude.md.
 
 * ``scope="global"``: one threshold over all layers of the rule (exact linear-interpolated
-  quantile, found by :class:`~sparsify.threshold.QuantileTracker` without a full sort);
+  quantile, found by :class:`~sparsify.core.threshold.QuantileTracker` without a full sort);
   ``scope="layer"``: every layer pruned to ``r_t`` on its own.
 * ``block=[bo, bi]``: prune whole blocks of ``bo`` output rows × ``bi`` consecutive entries of
   the flattened input dimension (``Cin·kh·kw``; a ``Conv1D``'s weight is read as ``(out, in)``),
@@ -17,7 +17,7 @@ values are kept), and ``M`` is recomputed from ``|W|`` every Δt steps (``freque
 Speed: ``|W|`` goes into the layer's (stale) ``W ⊙ M`` buffer, the global threshold is found over the
 layers' ``|W|`` without concatenating them, masks are written in place, and the forward's
 ``W ⊙ M`` (and its backward) use a float copy of the mask and a reused product
-(:func:`~sparsify.methods.base.masked_weight`); see docs/performance.md.
+(:func:`~sparsify.core.layers.masked_weight`); see docs/performance.md.
 """
 from __future__ import annotations
 
@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..schedules import cubic
-from ..threshold import QuantileTracker
-from .base import Group, GroupContext, Method, SparseWeightMixin, masked_weight, plain_eager, specialize, weight_base
-from .conv1d import torch_layout
+from sparsify.core.schedules import cubic
+from sparsify.core.threshold import QuantileTracker
+from sparsify.core.contract import Group, GroupContext, Method
+from sparsify.core.layers import SparseWeightMixin, masked_weight, plain_eager, specialize, weight_base
+from sparsify.core.conv1d import torch_layout
 
 __all__ = ["MagnitudeMethod", "MagnitudeMixin", "block_scores", "expand_blocks"]
 

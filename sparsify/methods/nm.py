@@ -19,9 +19,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Group, GroupContext, Method, SparseWeightMixin, specialize, weight_base
-from .conv1d import torch_layout
-from .reuse import ReusedWeight, Transient, content_key, eager, scratch
+from sparsify.core.contract import Group, GroupContext, Method
+from sparsify.core.layers import SparseWeightMixin, specialize, weight_base
+from sparsify.core.conv1d import torch_layout
+from sparsify.core.buffers import ReusedWeight, Transient, content_key, eager, scratch
 
 __all__ = ["NMMethod", "NMMixin", "nm_mask", "nm_compliant"]
 
@@ -181,7 +182,7 @@ class NMMixin(SparseWeightMixin):
 
     The forward multiplies by a float copy of the mask (bool/float products are several times
     slower), refreshed when the mask changes, into a reused buffer recomputed only when ``W``
-    or the mask changed (see :mod:`sparsify.methods.reuse`)."""
+    or the mask changed (see :mod:`sparsify.core.buffers`)."""
 
     def init_sparse(self, n: int = 2, m: int = 4, decay: float = 0.0, **_) -> None:
         self.nm = (int(n), int(m))
@@ -350,7 +351,7 @@ class NMGroup(Group):
         return {"phase": phase, "nm": f"{self.n}:{self.m}", "nm_compliant": all(self._compliance().values()),
                 "begin": self.begin, "fix": self.fix_at}
 
-    def layer_stats(self, name: str, module: nn.Module) -> dict:
+    def layer_stats(self, name: str, module: nn.Module, factor: float | None = None) -> dict:
         return {"nm": f"{self.n}:{self.m}",
                 "nm_compliant": nm_compliant(torch_layout(module, module.deployed_weight()), self.n, self.m)}
 

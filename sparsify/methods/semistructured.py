@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..schedules import polynomial
-from .base import Group, GroupContext, Method, Site
-from .staging import active_range, stage_at
+from sparsify.core.schedules import polynomial
+from sparsify.core.contract import Group, GroupContext, Method, Site
+from sparsify.core.staging import active_range, stage_at
 
 __all__ = ["PositionMask", "SemiStructuredGroup", "SemiStructuredMethod", "position_mask", "input_size_of"]
 
@@ -237,7 +237,7 @@ class SemiStructuredGroup(Group):
             out["stage"] = stage_at(self._stages, self._resolve, step)
         return out
 
-    def layer_stats(self, name: str, module: nn.Module) -> dict:
+    def layer_stats(self, name: str, module: nn.Module, factor: float | None = None) -> dict:
         n = module.mask.numel()
         zeros = int((module.mask == 0).sum()) if n else 0
         return {"mask_size": list(module.mask.shape), "masked_positions": zeros,

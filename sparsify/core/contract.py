@@ -1,0 +1,211 @@
+"""The method contract: what a sparsification method is, for the rest of the library.
+
+A method file (``sparsify/methods/st3.py``, ``sparsify/methods/sas/``, ...) holds its layer
+modules (built on :mod:`sparsify.core.layers`), a :class:`Method` subclass (its parameters and
+defaults, how it rewrites one matched :class:`Site`) and the :class:`Group` that owns per-step
+state. Every hook a group may implement is declared on :class:`Group` with its default; the rest of
+the library calls the hooks, never ``getattr`` with a default.
+
+Per-step state (thresholds, masks, schedule position) lives in buffers of the member modules and
+of the group, so ``state_dict()`` carries all of it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from passes import Change, insert_after, replace_module, reroute_input, set_submodule
+
+from sparsify.core.conv1d import Conv1DLike
+from sparsify.core.layers import WEIGHT_TYPES, SparseWeightMixin, plain_copy
+from sparsify.core.schedules import resolve_time
+
+__all__ = ["Method", "Group", "Site", "GroupContext"]
+
+# --------------------------------------------------------------------------------------------
+# rewriting one matched site
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Site:
+    """One matched place in a graph, handed to :meth:`Method.apply`.
+
+    ``name`` is the qualified name from the model root (a module's path for ``call_module``
+    nodes, ``<graph path>.<node name>`` otherwise). Methods edit the graph only through the
+    helpers here, which log what they change and register the modules the group will manage.
+    ``gm`` and ``node`` are ``None`` for layers reached outside any graph (inside an untraceable
+    submodule): then only :meth:`replace` is possible.
+    """
+
+    name: str
+    module: nn.Module | None
+    gm: fx.GraphModule | None = None
+    node: fx.Node | None = None
+    prefix: str = ""  # qualified name of ``gm`` from the model root
+    root: nn.Module | None = None
+    members: dict[str, nn.Module] = field(default_factory=dict)
+    changes: list[Change] = field(default_factory=list)
+    params: dict = field(default_factory=dict)  # the winning rule's resolved params (for accepts)
+
+    def qualify(self, local: str) -> str:
+        return f"{self.prefix}.{local}" if self.prefix else local
+
+    def replace(self, new: nn.Module) -> nn.Module:
+        """Put ``new`` where the matched module was, keeping its qualified name."""
+        if self.node is not None:
+            self.changes.append(replace_module(self.gm, self.node, new))
+        else:
+            set_submodule(self.root, self.name, new)
+            self.changes.append(Change("replace", self.name, f"{type(self.module).__name__} -> "
+                                       f"{type(new).__name__} (attribute swap)"))
+        self.members[self.name] = new
+        return new
+
+    def insert_after(self, module: nn.Module, suffix: str, node: fx.Node | None = None) -> fx.Node:
+        """Call ``module`` on the output of ``node`` (default: the site's node); all former users
+        of that output read the new node. Its qualified name is ``<site name>_<suffix>`` placed
+        next to the site's module (or in the graph's root for function nodes)."""
+        if self.gm is None:
+            raise RuntimeError(f"{self.name}: cannot insert nodes outside a traced graph")
+        node = node if node is not None else self.node
+        base = str(node.target) if node.op == "call_module" else node.name
+        local = f"{base}_{suffix}".replace(".", "_") if node.op != "call_module" else f"{base}_{suffix}"
+        new_node, change = insert_after(self.gm, node, module, local)
+        self.changes.append(change)
+        self.members[self.qualify(str(new_node.target))] = module
+        return new_node
+
+    def reroute(self, user: fx.Node, old: fx.Node, new: fx.Node) -> None:
+        """Make ``user`` read ``new`` where it read ``old``."""
+        self.changes.append(reroute_input(user, old, new))
+
+
+# --------------------------------------------------------------------------------------------
+# per-step state
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class GroupContext:
+    """What a group may need beyond its params: the model root and the training length."""
+
+    root: nn.Module
+    total_steps: int | None = None
+    stages: list[dict] = field(default_factory=list)  # the recipe's "stages" block, unresolved
+    example_inputs: tuple | None = None  # inputs used for shapes (None when unknown)
+
+    def time(self, value, what: str) -> int | None:
+        """Resolve a recipe time (steps, or a fraction of ``total_steps``) to a step index."""
+        return resolve_time(value, self.total_steps, what=what)
+
+    def ramp(self, params: dict, method: str) -> tuple[int, int]:
+        """The ``(begin, end)`` steps of a schedule's ramp, checked to be in order."""
+        begin, end = self.time(params["begin"], "begin"), self.time(params["end"], "end")
+        if end < begin:
+            raise ValueError(f"{method}: end ({end}) is before begin ({begin})")
+        return begin, end
+
+    def stage(self, name: str) -> tuple[int, int | None]:
+        """``(begin, end)`` steps of the recipe stage called ``name`` (end None: open-ended)."""
+        for st in self.stages:
+            if st.get("name") == name:
+                return (self.time(st["begin"], f"stages[{name}].begin"),
+                        self.time(st.get("end"), f"stages[{name}].end"))
+        known = ", ".join(repr(st.get("name")) for st in self.stages) or "none"
+        raise ValueError(f"unknown stage {name!r}: the recipe's stages block defines {known}")
+
+
+class Group(nn.Module):
+    """The modules one rule's method created, with the state they share (e.g. a global threshold).
+
+    Members are referenced, not registered, so their parameters appear once in ``state_dict``
+    (under their own qualified names). Subclasses override what they need.
+    """
+
+    def __init__(self, method: "Method", params: dict, members: dict[str, nn.Module], ctx: GroupContext):
+        super().__init__()
+        self.method_name = method.name
+        self.params = dict(params)
+        object.__setattr__(self, "members", dict(members))
+
+    # -- called by sparsify.step --------------------------------------------------------
+    def update(self, step: int, loss: float | None = None) -> None:
+        """Advance to optimizer step ``step`` (recompute thresholds, masks, ...)."""
+
+    def penalty(self) -> torch.Tensor | None:
+        """The regularization term recorded since the last call (then forgotten), or None."""
+        return None
+
+    def clear(self) -> None:
+        """Drop anything recorded during the last forward (called by ``sparsify.step``)."""
+
+    # -- reporting -----------------------------------------------------------------------
+    def target(self, step: int) -> float | None:
+        """The scheduled target sparsity at ``step`` (None when the method has none)."""
+        return self.params.get("sparsity")
+
+    def final_target(self) -> float | None:
+        return self.params.get("sparsity")
+
+    def describe(self, step: int) -> dict:
+        """Group-level facts for the report (phase, threshold, ...)."""
+        return {}
+
+    def layer_stats(self, name: str, module: nn.Module, factor: float | None = None) -> dict:
+        """Extra per-layer facts for the report; weight sparsity is measured by the report.
+        ``factor``: the layer's output positions per sample (MACs per weight element), when known."""
+        return {}
+
+    # -- deployment ----------------------------------------------------------------------
+    def finalize_member(self, name: str, module: nn.Module) -> nn.Module | None:
+        """The plain module that replaces ``module``; ``None`` removes the node (its input is
+        used instead). Default: a plain layer with :meth:`SparseWeightMixin.deployed_weight`."""
+        if isinstance(module, SparseWeightMixin):
+            return plain_copy(module)
+        return None
+
+
+class Method:
+    """A sparsification method as recipes name it. Subclass and register in ``methods/__init__``.
+
+    ``site`` says what a rule's ``match`` selects for this method: ``"module"`` nodes calling
+    one of ``targets`` (Conv/Linear), or ``"node"``: any graph node (activations, for
+    regularizers and masks). ``params`` lists every parameter a rule may set, with its default.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    site: ClassVar[str] = "module"
+    targets: ClassVar[tuple[type, ...]] = WEIGHT_TYPES
+    params: ClassVar[dict[str, Any]] = {}
+    group_class: ClassVar[type[Group]] = Group
+    schedule_keys: ClassVar[tuple[str, ...]] = ()  # params that the recipe's "schedule" block fills
+    needs_example_inputs: ClassVar[bool] = False  # True: the group sizes buffers from input shapes at build
+
+    def check(self, params: dict) -> list[tuple[str, str]]:
+        """Problems with ``params`` as ``(param name, message)``; unknown names are caught earlier."""
+        problems = []
+        s = params.get("sparsity")
+        if s is not None and not (isinstance(s, (int, float)) and 0 <= s < 1):
+            problems.append(("sparsity", f"must be a fraction in [0, 1), got {s!r}"))
+        return problems
+
+    def accepts(self, site: Site) -> str | None:
+        """None when this method can rewrite ``site``, else why not (shown by ``plan``)."""
+        if self.site == "module" and not isinstance(site.module, self.targets):
+            names = ", ".join(getattr(t, "label", t.__name__) for t in self.targets)
+            if isinstance(site.module, Conv1DLike):
+                return f"{self.name} applies to {names} only, not to transformers' Conv1D (a transposed Linear)"
+            return f"{self.name} applies to {names} only"
+        return None
+
+    def apply(self, site: Site, params: dict) -> None:
+        """Rewrite ``site``; every module created must go through ``site.replace`` /
+        ``site.insert_after`` so the group gets it."""
+        raise NotImplementedError
+
+    def make_group(self, params: dict, members: dict[str, nn.Module], ctx: GroupContext) -> Group:
+        return self.group_class(self, params, members, ctx)

@@ -1,0 +1,368 @@
+"""Layer building blocks every weight method shares.
+
+* :class:`SparseWeightMixin`: a Conv1d/2d/3d or Linear (or transformers' ``Conv1D``) whose forward
+  uses an effective weight; :func:`specialize` makes one class per weight class, so a sparse layer
+  keeps its class's behaviour, its qualified name and its parameter names (``layer1.0.conv1.weight``
+  stays ``layer1.0.conv1.weight``);
+* :func:`masked_weight`: ``W ⊙ M`` with its gradient, reused while neither changes;
+* :func:`plain_copy`: the plain torch layer a sparse layer finalizes to.
+
+The method contract (``Method``, ``Group``, ``Site``) is in :mod:`sparsify.core.contract`.
+"""
+from __future__ import annotations
+
+import sys
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsify.core.conv1d import Conv1DLike, conv1d_forward, is_conv1d_class
+
+__all__ = ["SparseWeightMixin", "RecordsMixin", "specialize", "WEIGHT_TYPES", "TORCH_WEIGHT_TYPES", "plain_copy",
+           "weight_base", "plain_eager", "masked_weight"]
+
+TORCH_WEIGHT_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# transformers' Conv1D (GPT-2) too, recognised by duck typing (see conv1d.py)
+WEIGHT_TYPES: tuple[type, ...] = TORCH_WEIGHT_TYPES + (Conv1DLike,)
+
+
+# --------------------------------------------------------------------------------------------
+# modules
+# --------------------------------------------------------------------------------------------
+
+def weight_base(module: nn.Module) -> type:
+    """The weight class (torch's Conv1d/2d/3d or Linear, or a ``Conv1D`` class) ``module`` is an
+    instance of.
+
+    >>> weight_base(nn.Conv2d(1, 1, 1)).__name__
+    'Conv2d'
+    """
+    return next(c for c in type(module).__mro__ if c in TORCH_WEIGHT_TYPES or is_conv1d_class(c))
+
+
+class RecordsMixin:
+    """For modules that keep penalty terms of the current forward in ``self.records``.
+
+    Those terms belong to the live autograd graph, so copies (``copy.deepcopy``, as ``finalize``
+    makes) and pickles start with no records instead of dragging the graph along.
+    """
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["records"] = []
+        return state
+
+    def __deepcopy__(self, memo):
+        import copy
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            new.__dict__[k] = [] if k == "records" else copy.deepcopy(v, memo)
+        return new
+
+
+class SparseWeightMixin:
+    """Mixed in front of a Conv/Linear class: the forward uses :meth:`effective_weight`.
+
+    Subclasses implement ``effective_weight()`` (what the forward multiplies with, autograd
+    included) and may override ``init_sparse(**params)`` to add buffers/parameters.
+
+    ``out_axis`` is the weight dimension of the output features: 0 for torch's layers, 1 for a
+    ``Conv1D`` (weight ``(in, out)``). Per-output-channel state is shaped with :meth:`out_shape`.
+    """
+
+    out_axis: int = 0
+
+    def out_shape(self, n: int = -1) -> tuple[int, ...]:
+        """The shape that makes a per-output-channel vector of ``n`` entries broadcast against
+        the weight: ``(n, 1, ...)``, or ``(1, n)`` for a ``Conv1D``.
+
+        >>> from sparsify.methods.magnitude import MAGNITUDE_CLASSES
+        >>> MAGNITUDE_CLASSES[nn.Conv2d].from_dense(nn.Conv2d(2, 4, 3)).out_shape()
+        (-1, 1, 1, 1)
+        """
+        shape = [1] * self.weight.dim()
+        shape[self.out_axis] = n
+        return tuple(shape)
+
+    def init_sparse(self, **params) -> None:
+        pass
+
+    def effective_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def deployed_weight(self) -> torch.Tensor:
+        """The weight a plain layer must hold to compute what this layer computes in eval mode."""
+        w = self.effective_weight().detach()
+        # a cached effective weight is overwritten by later steps: hand out a copy
+        return w.clone() if self._aliases_scratch(w) else w
+
+    def forward(self, x):
+        return self.forward_with(x, self.effective_weight())
+
+    def forward_with(self, x, weight):
+        if isinstance(self, nn.Linear):
+            return F.linear(x, weight, self.bias)
+        if self.out_axis:  # transformers' Conv1D
+            return conv1d_forward(x, weight, self.bias, self.nf)
+        return self._conv_forward(x, weight, self.bias)
+
+    @classmethod
+    def from_dense(cls, dense: nn.Module, **params):
+        """Wrap ``dense`` without copying its parameters: the new layer shares them."""
+        new = cls.__new__(cls)
+        new.__dict__.update(dense.__dict__)
+        # containers must not be shared with the dense layer, or adding a buffer would add it there
+        for key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set",
+                    "_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
+            if key in dense.__dict__:
+                new.__dict__[key] = type(dense.__dict__[key])(dense.__dict__[key])
+        new.init_sparse(**params)
+        return new
+
+    def dense_class(self) -> type:
+        """The torch.nn class this layer specialises (Conv2d, Linear, ..., or a ``Conv1D``)."""
+        return weight_base(self)
+
+    def extra_repr(self) -> str:
+        if self.out_axis:  # Conv1D has no extra_repr (it overrides __repr__)
+            return f"nf={self.nf}, nx={self.weight.shape[0]}, {self.sparse_repr()}"
+        return super().extra_repr() + f", {self.sparse_repr()}"
+
+    def sparse_repr(self) -> str:
+        return ""
+
+    # -- scratch tensors and cached effective weights (speed only, never state) ------------
+    # Kept outside the module (in ``_SCRATCH``, keyed weakly by the module) so that
+    # state_dict, deepcopy, pickling, DDP's buffer broadcast and ``.to()`` never see them.
+
+    def scratch(self, name: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A tensor of ``like``'s shape and device (and ``dtype``, default ``like``'s) that this
+        layer keeps between calls, for writing with ``out=`` instead of allocating every step.
+
+        Its content is whatever was last written; ``drop_caches(free=True)`` and ``.to()`` free it.
+
+        >>> from sparsify.methods.magnitude import MAGNITUDE_CLASSES
+        >>> lin = MAGNITUDE_CLASSES[nn.Linear].from_dense(nn.Linear(3, 2))
+        >>> buf = lin.scratch("tmp", lin.weight)
+        >>> buf.shape, buf is lin.scratch("tmp", lin.weight)
+        (torch.Size([2, 3]), True)
+        """
+        dtype = like.dtype if dtype is None else dtype
+        if torch.is_inference_mode_enabled():
+            # an inference tensor could never be used by autograd later: do not keep it
+            return torch.empty(like.shape, dtype=dtype, device=like.device)
+        store = _SCRATCH.setdefault(self, ({}, {}))[0]
+        buf = store.get(name)
+        if buf is None or buf.shape != like.shape or buf.dtype != dtype or buf.device != like.device:
+            buf = store[name] = torch.empty(like.shape, dtype=dtype, device=like.device)
+        return buf
+
+    def cached(self, name: str, *sources: torch.Tensor) -> torch.Tensor | None:
+        """The tensor last stored under ``name`` by :meth:`store_cached`, if neither it nor any
+        of ``sources`` changed since (same tensor objects, storage and version counter), else None.
+
+        In-place writes that bypass PyTorch's version counter (``.data``, some fused third-party
+        optimizers, raw collectives) are not seen; the methods that cache refresh or drop their
+        caches on every ``sparsify.step``.
+        """
+        entry = _SCRATCH.get(self)
+        if entry is None or name not in entry[1]:
+            return None
+        value, key = entry[1][name]
+        return value if key == _tensors_key(value, *sources) else None
+
+    def store_cached(self, name: str, value: torch.Tensor, *sources: torch.Tensor) -> torch.Tensor:
+        """Remember ``value`` (usually a :meth:`scratch` tensor) as computed from ``sources``
+        in their current state; a later :meth:`cached` call returns it while they are unchanged."""
+        key = None if value.is_inference() else _tensors_key(value, *sources)
+        if key is not None:
+            _SCRATCH.setdefault(self, ({}, {}))[1][name] = (value, key)
+        return value
+
+    def drop_caches(self, free: bool = False) -> None:
+        """Forget the cached values of this layer (``free``: drop its scratch tensors too)."""
+        if free:
+            _SCRATCH.pop(self, None)
+        elif self in _SCRATCH:
+            _SCRATCH[self][1].clear()
+
+    def _aliases_scratch(self, t: torch.Tensor) -> bool:
+        entry = _SCRATCH.get(self)
+        if entry is None or t.device.type == "meta":
+            return False
+        try:
+            ptr = t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):
+            return False
+        return any(b.untyped_storage().data_ptr() == ptr for b in entry[0].values())
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .half() / to_empty(): scratch tensors would stay on the old device
+        self.drop_caches(free=True)
+        return super()._apply(fn, recurse)
+
+
+_SCRATCH: "weakref.WeakKeyDictionary[nn.Module, tuple[dict, dict]]" = weakref.WeakKeyDictionary()
+
+
+def _tensors_key(*tensors: torch.Tensor) -> tuple | None:
+    """What identifies the current content of ``tensors`` without reading it (None: cannot tell)."""
+    try:
+        return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
+    except (RuntimeError, NotImplementedError):  # inference tensors, tensors without storage
+        return None
+
+
+def plain_eager() -> bool:
+    """True when tensors are computed for real, right now: not while torch.compile/export, the
+    JIT tracer, a dispatch or function mode (FakeTensor, make_fx, meta device context) or a
+    functorch transform traces the forward. Only then may a layer return a cached tensor or
+    write into :meth:`SparseWeightMixin.scratch` (a tracer would capture them as constants).
+
+    >>> plain_eager()
+    True
+    """
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
+        return False
+    if torch._C._is_torch_function_mode_enabled():
+        # torch.set_default_device / `with torch.device(...)` only place new tensors (scratch
+        # tensors name their device): harmless; any other function mode may be tracing
+        from torch.overrides import _get_current_function_mode_stack
+        from torch.utils._device import DeviceContext
+        return all(isinstance(m, DeviceContext) for m in _get_current_function_mode_stack())
+    return True
+
+
+class _MaskedProduct(torch.autograd.Function):
+    """Forward: ``W ⊙ M`` computed beforehand (``product``). Backward: ``grad ⊙ M`` to ``W``."""
+
+    @staticmethod
+    def forward(ctx, weight, product, mask_f):
+        ctx.save_for_backward(mask_f)
+        return product
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask_f,) = ctx.saved_tensors
+        return grad * mask_f, None, None
+
+
+def masked_weight(layer: "SparseWeightMixin", mask: torch.Tensor) -> torch.Tensor:
+    """``layer.weight * mask`` (a bool mask), gradients included: the same values and gradients,
+    but the product is written into a scratch tensor and reused until the weight or the mask
+    changes, and both products use a float copy of the mask (mixed bool/float multiplies are
+    several times slower on CPU).
+
+    >>> from sparsify.methods.magnitude import MAGNITUDE_CLASSES
+    >>> layer = MAGNITUDE_CLASSES[nn.Linear].from_dense(nn.Linear(2, 1))
+    >>> mask = torch.tensor([[True, False]])
+    >>> bool(torch.equal(masked_weight(layer, mask), layer.weight * mask))
+    True
+    """
+    w = layer.weight
+    if not plain_eager():
+        return w * mask
+    mask_f = layer.cached("mask_f", mask)
+    if mask_f is None:
+        # bool -> float copies are ~8x slower than uint8 -> float ones (same bytes)
+        src = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+        mask_f = layer.store_cached("mask_f", layer.scratch("mask_f", w).copy_(src), mask)
+    product = layer.cached("masked", w, mask)
+    if product is None:
+        with torch.no_grad():
+            product = torch.mul(w, mask_f, out=layer.scratch("masked", w))
+        layer.store_cached("masked", product, w, mask)
+    return _MaskedProduct.apply(w, product, mask_f)
+
+
+class _Specialized(dict):
+    """``{weight class: sparse class}``; a ``Conv1D`` class gets its sparse class on first use
+    (``<prefix>Conv1D``, with ``out_axis = 1``), so transformers is never imported here."""
+
+    def __init__(self, mixin: type, namespace: dict, prefix: str):
+        super().__init__()
+        self.mixin, self.namespace, self.prefix = mixin, namespace, prefix
+
+    def __missing__(self, base: type) -> type:
+        if not is_conv1d_class(base):
+            raise KeyError(base)
+        name = f"{self.prefix}Conv1D"
+        if base.__module__ != "transformers.pytorch_utils":
+            # another class called Conv1D: its own name (picklable only where it was made)
+            name = f"{name}_{sum(1 for b in self if is_conv1d_class(b)) + 1}"
+        cls = type(name, (self.mixin, base), {"__module__": self.mixin.__module__, "__qualname__": name,
+                                               "out_axis": 1, "__repr__": nn.Module.__repr__})
+        self.namespace[name] = self[base] = cls
+        return cls
+
+
+# module name -> {"<prefix>Conv1D": classes}: what the module-level __getattr__ below resolves
+_LAZY: dict[str, dict[str, _Specialized]] = {}
+
+
+def _lazy_getattr(module_name: str):
+    def __getattr__(name: str):
+        classes = _LAZY.get(module_name, {}).get(name)
+        if classes is None:
+            raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
+        # unpickling a sparse Conv1D (torch.save(model)) in a process that has not made its class yet
+        from transformers.pytorch_utils import Conv1D
+        return classes[Conv1D]
+    return __getattr__
+
+
+def specialize(mixin: type, namespace: dict | None = None, prefix: str | None = None) -> dict[type, type]:
+    """Create ``{Conv1d: <prefix>Conv1d, ..., Linear: <prefix>Linear}`` classes from a mixin.
+
+    The classes are stored in the mixin's module namespace under their names, so pickling and
+    ``torch.save(model)`` find them. A ``Conv1D`` class (transformers') looked up in the result
+    gets ``<prefix>Conv1D`` made then; the module resolves that name lazily too (for unpickling).
+
+    >>> class _HalfMixin(SparseWeightMixin):
+    ...     def effective_weight(self):
+    ...         return self.weight * 0.5
+    >>> classes = specialize(_HalfMixin, prefix="Half")
+    >>> classes[nn.Linear].__name__
+    'HalfLinear'
+    """
+    module = sys.modules[mixin.__module__]
+    namespace = namespace if namespace is not None else vars(module)
+    prefix = prefix or mixin.__name__.replace("Mixin", "")
+    out = _Specialized(mixin, namespace, prefix)
+    for base in TORCH_WEIGHT_TYPES:
+        name = f"{prefix}{base.__name__}"
+        cls = type(name, (mixin, base), {"__module__": mixin.__module__, "__qualname__": name})
+        namespace[name] = cls
+        out[base] = cls
+    if namespace is vars(module):
+        _LAZY.setdefault(module.__name__, {})[f"{prefix}Conv1D"] = out
+        namespace.setdefault("__getattr__", _lazy_getattr(module.__name__))
+    return out
+
+
+def plain_copy(layer: nn.Module, weight: torch.Tensor | None = None) -> nn.Module:
+    """A plain torch.nn layer equal to ``layer`` with ``weight`` (default: its deployed weight).
+
+    >>> lin = nn.Linear(3, 2)
+    >>> type(plain_copy(lin)).__name__
+    'Linear'
+    """
+    cls = layer.dense_class() if isinstance(layer, SparseWeightMixin) else type(layer)
+    if weight is None:
+        weight = layer.deployed_weight() if isinstance(layer, SparseWeightMixin) else layer.weight
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    for k, v in layer.__dict__.items():
+        if not k.startswith("_") and k != "training":
+            new.__dict__[k] = v
+    new.training = layer.training
+    new.weight = nn.Parameter(weight.detach().clone(), requires_grad=layer.weight.requires_grad)
+    bias = getattr(layer, "bias", None)
+    new.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+    return new

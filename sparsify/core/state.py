@@ -1,0 +1,73 @@
+"""The state a sparsified model carries: step counter, method groups, resolved recipe.
+
+It is a submodule of the returned model (``model.sparsify_state``) so ``state_dict()`` carries the
+step and every group buffer, and ``load_state_dict`` into a fresh ``sparsify`` of the same model
+and recipe resumes exactly.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+__all__ = ["SparsifyState", "STATE_ATTR", "find_state", "unwrap"]
+
+STATE_ATTR = "sparsify_state"
+
+
+class SparsifyState(nn.Module):
+    """Holds ``step`` (optimizer steps taken), the groups (``groups``, by rule) and the recipe."""
+
+    def __init__(self, recipe_json: str, total_steps: int | None, graph_paths: list[str]):
+        super().__init__()
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        self.groups = nn.ModuleDict()
+        self.recipe_json = recipe_json
+        self.total_steps = total_steps
+        self.graph_paths = list(graph_paths)
+        self.plan = None  # the Plan made at sparsify time (not saved)
+        self.example_inputs = None  # tensors used for shapes and the finalize check (not saved)
+        self.guess_inputs_later = False  # guess example_inputs from the model on first use (stats)
+        self.hidden_names: list[str] = []  # layers whose weights are read outside module calls
+        self.layer_factors: dict[str, float] | None = None  # MACs per weight element by layer (stats)
+        self.warned: set[str] = set()
+
+    @property
+    def recipe(self) -> dict:
+        return json.loads(self.recipe_json)
+
+    def get_extra_state(self):
+        return {"recipe": self.recipe_json, "total_steps": self.total_steps}
+
+    def set_extra_state(self, state) -> None:
+        if state["recipe"] != self.recipe_json or state["total_steps"] != self.total_steps:
+            raise RuntimeError(
+                "this checkpoint was made with a different recipe or total_steps than the model it is "
+                "loaded into; build the model with the same sparsify(...) call before load_state_dict. "
+                f"checkpoint total_steps={state['total_steps']}, model total_steps={self.total_steps}")
+
+    def extra_repr(self) -> str:
+        return f"step={int(self.step)}, groups={list(self.groups)}"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP / DataParallel / FSDP / torch.compile wrappers."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif type(model).__name__ in ("DistributedDataParallel", "DataParallel",
+                                      "FullyShardedDataParallel") and hasattr(model, "module"):
+            model = model.module
+    return model
+
+
+def find_state(model: nn.Module, *, required: bool = True) -> SparsifyState | None:
+    """The :class:`SparsifyState` of a model returned by ``sparsify`` (wrappers allowed)."""
+    state = getattr(unwrap(model), STATE_ATTR, None)
+    if state is None and required:
+        raise TypeError("this model was not made by sparsify.sparsify(...): call "
+                        "model = sparsify.sparsify(model, recipe) first")
+    return state

@@ -1,0 +1,326 @@
+"""``accelerate(model, example_inputs)``: swap layers of a finalized model for faster sparse
+implementations, layer by layer, and check the result against the model it came from.
+
+* conv -> position mask [-> BatchNorm] (semi-structured activation sparsity, mask before BN) in an
+  fx graph becomes one :class:`PatchSkipConv2d` (BN folded, skipped positions hold the folded bias);
+* Linear and 1x1 Conv2d layers whose weight is at least ``min_sparsity`` zeros become
+  :class:`SparseLinear` / :class:`SparseConv1x1` (CSR, or BSR when the zeros come in blocks);
+* each replacement is kept only if it is faster on the layer's real input shape (``decide``);
+  everything else stays dense, with eval BatchNorms that follow a conv folded into it
+  (``fold_bn``; a masked conv that stays dense then fills its skipped positions with ``BN(0)``,
+  :class:`PositionFill`). The :class:`AccelerationReport` lists every candidate layer.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from passes import set_submodule
+
+from sparsify.deploy.accelerate.fold import PositionFill, foldable_bn, folded_conv
+from sparsify.deploy.accelerate.patch_conv import PatchSkipConv2d, supports_patch_skip
+from sparsify.deploy.accelerate.select import AccelerationReport, LayerPath, choose
+from sparsify.deploy.accelerate.sparse_linear import SparseConv1x1, SparseLinear, supports_sparse_linear
+
+__all__ = ["accelerate", "keep_mask_of", "AccelerationError", "BSR_BLOCKS"]
+
+BSR_BLOCKS = (32, 16, 8)  # block sizes tried, largest first, when the zeros come in blocks
+_MAX_BLOCK_DENSITY = 0.35  # a BSR layout storing more than this fraction of blocks is not tried
+# CSR layers are also timed taking the input this many rows at a time (SparseLinear.token_block):
+# at 1576 rows (vit_b_16, batch 8) whole-input calls leave the cache and run 1.5-3x slower.
+TOKEN_BLOCKS = (128, 32)
+
+
+class AccelerationError(RuntimeError):
+    """The accelerated model does not compute what the model it came from computes."""
+
+
+def keep_mask_of(module: nn.Module) -> torch.Tensor | None:
+    """The (H, W) bool kept-output-position mask of a semi-structured mask module, else None.
+
+    A module qualifies by a ``keep_positions()`` method returning that mask, or by being a
+    ``*PositionMask`` class whose 2-D ``mask`` buffer multiplies its input (``y = x * mask``).
+
+    >>> keep_mask_of(torch.nn.ReLU()) is None
+    True
+    """
+    fn = getattr(module, "keep_positions", None)
+    if callable(fn):
+        keep = fn()
+        return None if keep is None else keep.bool()
+    if type(module).__name__.endswith("PositionMask"):
+        m = getattr(module, "mask", None)
+        if isinstance(m, torch.Tensor) and m.dim() == 2:
+            return m != 0
+    return None
+
+
+def _record_inputs(model: nn.Module, inputs: tuple) -> dict[str, torch.Size]:
+    """Input shape of every Conv2d / Linear call in one forward."""
+    shapes, hooks = {}, []
+
+    def hook(name):
+        def record(mod, args):  # must return None: a pre-hook's return value replaces the inputs
+            if args and isinstance(args[0], torch.Tensor):
+                shapes.setdefault(name, args[0].shape)
+        return record
+
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            hooks.append(m.register_forward_pre_hook(hook(name)))
+    try:
+        model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+def _qual(prefix: str, local: str) -> str:
+    return f"{prefix}.{local}" if prefix else local
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _drop_module(gm: fx.GraphModule, target) -> None:
+    """Delete a submodule whose node was erased, unless another node still calls it."""
+    if not any(n.op == "call_module" and n.target == target for n in gm.graph.nodes):
+        gm.delete_submodule(str(target))
+
+
+def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)) is nn.ReLU
+    if node.op == "call_function":  # in place or not: the conv output has no other reader
+        return node.target in (torch.relu, torch.relu_, torch.nn.functional.relu)
+    if node.op == "call_method":
+        return node.target in ("relu", "relu_")
+    return False
+
+
+def _erase(gm: fx.GraphModule, node: fx.Node, erased: set[fx.Node]) -> None:
+    """Erase ``node`` (its uses already rerouted) and its module, and mark it for the walk."""
+    gm.graph.erase_node(node)
+    _drop_module(gm, node.target)
+    erased.add(node)
+
+
+def _rewrite_graphs(model: nn.Module, rewrite) -> None:
+    """Call ``rewrite(prefix, gm, node, erased) -> changed`` on each call_module node of every fx
+    GraphModule in ``model``, skipping the nodes a rewrite erased (it adds them to ``erased``);
+    every graph a rewrite changed is linted and recompiled."""
+    for prefix, gm in list(model.named_modules()):
+        if not isinstance(gm, fx.GraphModule):
+            continue
+        changed = False
+        erased: set[fx.Node] = set()
+        for node in list(gm.graph.nodes):
+            if node.op == "call_module" and node not in erased:
+                changed |= rewrite(prefix, gm, node, erased)
+        if changed:
+            gm.graph.lint()
+            gm.recompile()
+
+
+def _patch_skip_pass(model, shapes, decide, margin, rows, done, fold=True):
+    def rewrite(prefix, gm, node, erased) -> bool:
+        conv = gm.get_submodule(node.target)
+        if not isinstance(conv, nn.Conv2d):
+            return False
+        mask_node = _only_user(node)
+        if mask_node is None or mask_node.op != "call_module" or mask_node.args[0] is not node:
+            return False
+        mask_mod = gm.get_submodule(mask_node.target)
+        keep = keep_mask_of(mask_mod)
+        if keep is None:
+            return False
+        name = _qual(prefix, str(node.target))
+        kind = f"Conv2d {conv.kernel_size[0]}x{conv.kernel_size[1]}"
+        skipped = 1.0 - float(keep.float().mean())
+        why = supports_patch_skip(conv)
+        if why is None and name not in shapes:
+            why = "never called on the example inputs"
+        if why:
+            rows.append(LayerPath(name, kind, "dense", why, skipped))
+            done.add(name)
+            return False
+        bn_node = _only_user(mask_node)
+        bn = gm.get_submodule(bn_node.target) if bn_node is not None and bn_node.op == "call_module" else None
+        if not (foldable_bn(bn) and bn_node.args[0] is mask_node):
+            bn, bn_node = None, None
+        last = bn_node if bn_node is not None else mask_node
+        relu_node = _only_user(last)
+        if relu_node is None or not _is_relu(gm, relu_node) or relu_node.args[0] is not last:
+            relu_node = None
+        x = torch.randn(shapes[name]).contiguous(memory_format=torch.channels_last)
+        fast = PatchSkipConv2d.from_conv(conv, keep, bn, input_hw=tuple(shapes[name][-2:]))
+        fast.relu = relu_node is not None  # fused into the GEMM; skipped positions hold relu(value)
+        if bn is not None and fold:  # the dense alternative folds BN too: compare like with like
+            dense_chain = [folded_conv(conv, bn), PositionFill(keep, fast.skip_value)]
+        else:
+            dense_chain = [copy.deepcopy(m) for m in (conv, mask_mod, bn) if m is not None]
+        relu = [nn.ReLU(inplace=True)] if relu_node is not None else []
+        dense = nn.Sequential(*dense_chain, *relu).to(memory_format=torch.channels_last)
+        path, times, reason = choose({"dense": lambda: dense(x), "patch-skip": lambda: fast(x)},
+                                     decide, margin)
+        folded = bn is not None and (path != "dense" or fold)
+        rows.append(LayerPath(name, kind, path, reason + ("; BN folded" if folded else "")
+                              + ("; ReLU fused" if path != "dense" and relu_node is not None else ""),
+                              skipped, times))
+        done.add(name)
+        if path == "dense":
+            if bn is not None and fold:  # conv(folded) -> fill skipped positions with BN(0)
+                set_submodule(gm, str(node.target), dense_chain[0])
+                set_submodule(gm, str(mask_node.target), dense_chain[1])
+                bn_node.replace_all_uses_with(mask_node)
+                _erase(gm, bn_node, erased)
+                return True
+            return False
+        set_submodule(gm, str(node.target), fast)
+        last.replace_all_uses_with(node)
+        for dead in ([bn_node] if bn_node is not None else []) + [mask_node]:
+            _erase(gm, dead, erased)
+        if relu_node is not None:
+            relu_node.replace_all_uses_with(node)
+            gm.graph.erase_node(relu_node)  # the ReLU module may serve other nodes: keep it
+            erased.add(relu_node)
+        return True
+
+    _rewrite_graphs(model, rewrite)
+
+
+def _fold_bn_pass(model) -> int:
+    """Fold every eval BatchNorm2d that is the only reader of a plain Conv2d's output (fx graphs
+    only); returns how many were folded. Masked convs were handled by the patch-skip pass."""
+    folded = 0
+
+    def rewrite(_prefix, gm, node, erased) -> bool:
+        nonlocal folded
+        if type(gm.get_submodule(node.target)) is not nn.Conv2d:
+            return False
+        bn_node = _only_user(node)
+        if bn_node is None or bn_node.op != "call_module" or bn_node.args[0] is not node:
+            return False
+        bn = gm.get_submodule(bn_node.target)
+        if not foldable_bn(bn) or sum(n.target == node.target for n in gm.graph.nodes if n.op == "call_module") > 1:
+            return False  # a conv module called from two places may feed something else there
+        set_submodule(gm, str(node.target), folded_conv(gm.get_submodule(node.target), bn))
+        bn_node.replace_all_uses_with(node)
+        _erase(gm, bn_node, erased)
+        folded += 1
+        return True
+
+    _rewrite_graphs(model, rewrite)
+    return folded
+
+
+def _bsr_block(weight2d: torch.Tensor) -> int | None:
+    """The largest block size in :data:`BSR_BLOCKS` tiling the weight whose non-zero blocks are
+    at most ``_MAX_BLOCK_DENSITY`` of all blocks, else None."""
+    o, i = weight2d.shape
+    nz = weight2d != 0
+    for b in BSR_BLOCKS:
+        if o % b or i % b:
+            continue
+        blocks = nz.reshape(o // b, b, i // b, b).any(3).any(1)
+        if float(blocks.float().mean()) <= _MAX_BLOCK_DENSITY:
+            return b
+    return None
+
+
+def _sparse_linear_pass(model, shapes, decide, margin, min_sparsity, rows, done):
+    for name, m in list(model.named_modules()):
+        if name in done or not isinstance(m, (nn.Linear, nn.Conv2d)) or type(m) not in (nn.Linear, nn.Conv2d):
+            continue
+        if isinstance(m, nn.Conv2d) and supports_sparse_linear(m) is not None:
+            continue  # k x k convs without a position mask: dense, not listed (nothing to decide)
+        kind = "Linear" if isinstance(m, nn.Linear) else "Conv2d 1x1"
+        w2 = m.weight.detach().reshape(m.weight.shape[0], -1)
+        sparsity = float((w2 == 0).float().mean())
+        if sparsity < min_sparsity:
+            rows.append(LayerPath(name, kind, "dense", f"weight sparsity below {100 * min_sparsity:.0f}%", sparsity))
+            continue
+        if name not in shapes:
+            rows.append(LayerPath(name, kind, "dense", "never called on the example inputs", sparsity))
+            continue
+        cls = SparseLinear if isinstance(m, nn.Linear) else SparseConv1x1
+        make = (lambda layout, b=None: SparseLinear.from_linear(m, layout, b)) if cls is SparseLinear else \
+            (lambda layout, b=None: SparseConv1x1.from_conv(m, layout, b))
+        options = {"csr": make("csr")}
+        x = torch.randn(shapes[name])
+        if isinstance(m, nn.Conv2d):
+            x = x.contiguous(memory_format=torch.channels_last)
+            n_rows = x.shape[0] * len(range(0, x.shape[2], m.stride[0])) * len(range(0, x.shape[3], m.stride[1]))
+        else:
+            n_rows = x.numel() // x.shape[-1]
+        for tb in TOKEN_BLOCKS:  # the same CSR matrix, the input taken in row blocks
+            if n_rows > 2 * tb:
+                options[f"csr/{tb}"] = make("csr")
+                options[f"csr/{tb}"].token_block = tb
+        b = _bsr_block(w2)
+        if b is not None:
+            options[f"bsr{b}"] = make("bsr", b)
+        cands = {"dense": lambda: m(x), **{k: (lambda mod=v: mod(x)) for k, v in options.items()}}
+        path, times, reason = choose(cands, decide, margin)
+        if "/" in path:
+            reason += f"; {path.split('/')[1]} input rows per sparse call"
+        rows.append(LayerPath(name, kind, path.split("/")[0], reason, sparsity, times))
+        if path != "dense":
+            set_submodule(model, name, options[path])
+
+
+@torch.no_grad()
+def accelerate(model: nn.Module, example_inputs, *, decide: str = "measure", min_sparsity: float = 0.8,
+               margin: float = 0.05, channels_last: bool | None = None, fold_bn: bool = True, check: bool = True,
+               rtol: float = 1e-4, atol: float = 1e-5) -> nn.Module:
+    """A copy of the finalized ``model`` with faster sparse layers where they pay (CPU, float32).
+
+    ``example_inputs`` (a tensor or tuple) fix the shapes layers are timed and built for (a
+    patch-skipping conv serves one input resolution). ``decide`` is ``"measure"`` (time each
+    candidate on this machine, keep what beats dense by ``margin``), ``"always"`` or ``"never"``.
+    ``channels_last`` (default: when any patch-skipping conv was chosen) stores the remaining conv
+    weights channels-last so the whole network runs in the layout the patch-skipping convs produce.
+    ``fold_bn`` folds every eval BatchNorm that directly follows a conv (masked or not) into it, so
+    the layers that stay dense cost what they cost in the strongest dense deployment.
+    The result's ``acceleration`` attribute is the :class:`AccelerationReport`; with ``check`` its
+    output is compared with ``model``'s (``rtol`` / ``atol`` relative to the output's largest
+    magnitude, as in ``finalize``) and an ``AccelerationError`` raised if they differ.
+
+    >>> import torch, sparsify
+    >>> lin = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    >>> with torch.no_grad(): lin[0].weight[:, :60] = 0
+    >>> fast = accelerate(lin, torch.randn(2, 64), decide="always")
+    >>> fast.acceleration.path_of("0")
+    'csr'
+    """
+    from sparsify.deploy.compare import outputs_close
+
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    model.eval()
+    out = copy.deepcopy(model).eval()
+    shapes = _record_inputs(out, inputs)
+    rows: list[LayerPath] = []
+    done: set[str] = set()
+    _patch_skip_pass(out, shapes, decide, margin, rows, done, fold=fold_bn)
+    folded = _fold_bn_pass(out) if fold_bn else 0
+    _sparse_linear_pass(out, shapes, decide, margin, min_sparsity, rows, done)
+    if channels_last is None:
+        channels_last = any(r.path == "patch-skip" for r in rows)
+    if channels_last:
+        for m in out.modules():
+            if type(m) is nn.Conv2d:
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+    report = AccelerationReport(rows, decide, [list(x.shape) for x in inputs if hasattr(x, "shape")], folded)
+    out.acceleration = report
+    if check:
+        ok, worst = outputs_close(model(*inputs), out(*inputs), rtol, atol)
+        if not ok:
+            raise AccelerationError(f"the accelerated model's output differs from the finalized model's "
+                                    f"(largest relative difference {worst:.3g}; rtol={rtol}, atol={atol})\n{report}")
+    return out

@@ -1,0 +1,152 @@
+"""Where two models that should compute the same function part ways: the module calls whose
+outputs differ although everything they called agrees.
+
+``finalize`` compares the finalized model's output with the sparse model's. Rounding differs
+between a sparse layer's training path and its plain deployed form (SAS: one wide conv instead of
+one conv per slot), by about one float32 ulp. Most models carry that through unchanged, but code
+that *selects* (top-k, sort, NMS in a detection model's post-processing) turns it into different
+boxes when thousands of candidate scores lie within an ulp of each other, as they do in a
+randomly initialised detector. Comparing the final outputs then says nothing about finalize.
+
+:func:`locate_divergence` runs both models once more with hooks on every module call and pairs
+the calls by module name and occurrence. A call *diverges on its own* when its output differs
+(same ``rtol``/``atol`` as the output check) while every call made inside it agrees. If each such
+call runs code that is the same in both models (same class, or a graph with the same code),
+finalize changed nothing that caused the difference: inputs that agree within the tolerance went
+through identical code, which amplified them. If one of them is code finalize changed (a
+finalized layer, an edited graph), that is a real difference and it is named.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+__all__ = ["Divergence", "locate_divergence", "same_code"]
+
+
+@dataclass
+class Divergence:
+    """What :func:`locate_divergence` found.
+
+    ``own``: ``(module name, relative difference)`` of every call that diverges on its own, in
+    call order ("" is the root). ``changed``: those of them whose code differs between the two
+    models. ``agreeing``: how many paired calls agree; ``worst_agreeing``: the largest relative
+    difference among the calls inside the ones in ``own``.
+    """
+
+    own: list[tuple[str, float]] = field(default_factory=list)
+    changed: list[tuple[str, float]] = field(default_factory=list)
+    agreeing: int = 0
+    worst_agreeing: float = 0.0
+
+    @property
+    def amplified_only(self) -> bool:
+        """True when every call that diverges on its own runs code both models share."""
+        return bool(self.own) and not self.changed
+
+
+def same_code(a: nn.Module, b: nn.Module) -> bool:
+    """Whether ``a`` and ``b`` run the same forward code: the same graph code for two
+    ``GraphModule``s (each has its own class), else the same class.
+
+    >>> same_code(nn.ReLU(), nn.ReLU()), same_code(nn.ReLU(), nn.GELU())
+    (True, False)
+    """
+    if isinstance(a, fx.GraphModule) or isinstance(b, fx.GraphModule):
+        return isinstance(a, fx.GraphModule) and isinstance(b, fx.GraphModule) and a.code == b.code
+    return type(a) is type(b)
+
+
+class _Calls:
+    """Forward pre/post hooks on every module: ``(name, occurrence)`` of each call, the call it
+    was made from, and its output tensors (cloned: a later in-place op must not change them)."""
+
+    def __init__(self, model: nn.Module):
+        self.parent: dict[tuple[str, int], tuple[str, int] | None] = {}
+        self.outputs: dict[tuple[str, int], list[torch.Tensor]] = {}
+        self._count: dict[str, int] = {}
+        self._stack: list[tuple[str, int]] = []
+        self._handles = []
+        for name, m in model.named_modules():
+            self._handles.append(m.register_forward_pre_hook(self._pre(name)))
+            self._handles.append(m.register_forward_hook(self._post(), always_call=True))
+
+    def _pre(self, name):
+        def hook(module, args):
+            k = self._count.get(name, 0)
+            self._count[name] = k + 1
+            key = (name, k)
+            self.parent[key] = self._stack[-1] if self._stack else None
+            self._stack.append(key)
+        return hook
+
+    def _post(self):
+        def hook(module, args, out):
+            if self._stack:
+                key = self._stack.pop()
+                from sparsify.deploy.compare import flatten_tensors
+                self.outputs[key] = [t.detach().clone() for t in flatten_tensors(out)]
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _relative(a: list[torch.Tensor], b: list[torch.Tensor], rtol: float, atol: float) -> tuple[bool, float]:
+    from sparsify.deploy.compare import outputs_close
+    return outputs_close(a, b, rtol, atol)
+
+
+@torch.no_grad()
+def locate_divergence(source: nn.Module, final: nn.Module, inputs: tuple, rtol: float = 1e-4,
+                      atol: float = 1e-5) -> Divergence:
+    """Run both models (eval mode, as they are) on ``inputs`` and find the calls that diverge on
+    their own (see the module docstring). Calls are paired by module name and occurrence; calls
+    only one model makes (nodes finalize removed) are not compared.
+
+    >>> class Pick(nn.Module):  # selects: a tiny change in its input changes its output
+    ...     def __init__(self, w):
+    ...         super().__init__(); self.lin = nn.Linear(4, 4, bias=False)
+    ...         with torch.no_grad(): self.lin.weight.copy_(w)
+    ...     def forward(self, x):
+    ...         return self.lin(x).argmax(-1)
+    >>> a, b = Pick(torch.eye(4)), Pick(torch.diag(torch.tensor([1 + 1e-6, 1, 1, 1])))
+    >>> d = locate_divergence(a, b, (torch.tensor([[1.0, 1.0 + 2e-7, 0, 0]]),))
+    >>> d.own, d.amplified_only
+    ([('', 1.0)], True)
+    """
+    runs = []
+    for model in (source, final):
+        calls = _Calls(model)
+        try:
+            model(*inputs)
+        finally:
+            calls.remove()
+        runs.append(calls)
+    src, fin = runs
+    smods, fmods = dict(source.named_modules()), dict(final.named_modules())
+    paired = [key for key in src.outputs if key in fin.outputs]
+    verdict = {key: _relative(src.outputs[key], fin.outputs[key], rtol, atol) for key in paired}
+    inside: dict[tuple[str, int], list[tuple[str, int]]] = {}
+    for key in paired:
+        p = src.parent.get(key)
+        if p is not None:
+            inside.setdefault(p, []).append(key)
+    out = Divergence()
+    for key in paired:
+        ok, worst = verdict[key]
+        if ok:
+            out.agreeing += 1
+            continue
+        children = inside.get(key, [])
+        if any(not verdict[c][0] for c in children):
+            continue  # the difference comes from further in
+        out.own.append((key[0], worst))
+        out.worst_agreeing = max([out.worst_agreeing] + [verdict[c][1] for c in children])
+        if not same_code(smods[key[0]], fmods[key[0]]):
+            out.changed.append((key[0], worst))
+    return out

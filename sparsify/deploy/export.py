@@ -1,0 +1,127 @@
+"""Export helpers for finalized models: ``torch.export``, ONNX, and an onnxruntime check.
+
+``finalize`` already returns plain torch modules; these helpers make the deployment round trip
+one call each and compare outputs with the same tolerance rule as ``finalize``.
+
+ONNX export uses torch's TorchScript-based exporter (``dynamo=False``): it needs only ``onnx``
+(the ``export`` extra), works offline, and takes well under a second for a ResNet-18. The newer
+dynamo exporter additionally needs ``onnxscript``; pass ``dynamo=True`` to use it when installed.
+"""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+
+import torch
+from torch import nn
+
+from sparsify.deploy.compare import outputs_close
+
+__all__ = ["export_program", "export_onnx", "run_onnx", "check_deployable", "DeployCheck"]
+
+
+def _as_tuple(inputs) -> tuple:
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+def export_program(model: nn.Module, example_inputs) -> "torch.export.ExportedProgram":
+    """``torch.export.export`` of ``model`` in eval mode on ``example_inputs``.
+
+    >>> import torch
+    >>> ep = export_program(torch.nn.Linear(3, 2), torch.randn(1, 3))
+    >>> tuple(ep.module()(torch.ones(1, 3)).shape)
+    (1, 2)
+    """
+    model.eval()
+    with torch.no_grad():
+        return torch.export.export(model, _as_tuple(example_inputs))
+
+
+def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike | None = None, *,
+                opset: int = 17, dynamo: bool = False, dynamic_batch: bool = True) -> bytes:
+    """Export ``model`` (eval mode) to ONNX; returns the serialized model, also written to ``path``
+    if given. ``dynamic_batch`` makes the first dimension of every input and output symbolic.
+
+    >>> import torch
+    >>> blob = export_onnx(torch.nn.Linear(3, 2), torch.randn(1, 3))
+    >>> blob[:2] != b""
+    True
+    """
+    model.eval()
+    inputs = _as_tuple(example_inputs)
+    names = [f"input{i}" for i in range(len(inputs))]
+    kwargs = {}
+    if not dynamo:
+        # named outputs: without them the exporter reads ``model.graph``, which on an fx GraphModule
+        # is the fx graph, and fails
+        from sparsify.deploy.compare import flatten_tensors
+        with torch.no_grad():
+            n_out = len(flatten_tensors(model(*inputs)))
+        kwargs["output_names"] = [f"output{i}" for i in range(n_out)]
+        if dynamic_batch:
+            kwargs["dynamic_axes"] = {n: {0: "batch"} for n in names + kwargs["output_names"]}
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter announces its own deprecation
+        torch.onnx.export(model, inputs, buf, opset_version=opset, input_names=names, dynamo=dynamo, **kwargs)
+    blob = buf.getvalue()
+    if path is not None:
+        with open(path, "wb") as f:
+            f.write(blob)
+    return blob
+
+
+def run_onnx(onnx_model: bytes | str | os.PathLike, inputs, threads: int | None = None) -> list[torch.Tensor]:
+    """Run an ONNX model (bytes or a path) in onnxruntime's CPU provider on torch ``inputs``;
+    returns the outputs as torch tensors.
+
+    >>> import torch
+    >>> lin = torch.nn.Linear(3, 2)
+    >>> out = run_onnx(export_onnx(lin, torch.randn(1, 3)), torch.ones(4, 3))[0]
+    >>> bool(torch.allclose(out, lin(torch.ones(4, 3)), atol=1e-6))
+    True
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    src = onnx_model if isinstance(onnx_model, bytes) else os.fspath(onnx_model)
+    sess = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+    feeds = {i.name: x.detach().cpu().numpy() for i, x in zip(sess.get_inputs(), _as_tuple(inputs))}
+    return [torch.from_numpy(o) for o in sess.run(None, feeds)]
+
+
+class DeployCheck(dict):
+    """What :func:`check_deployable` found: ``{"torch.export": rel. diff, "onnx": rel. diff}``."""
+
+
+def check_deployable(model: nn.Module, example_inputs, reference=None, *, rtol: float = 1e-4, atol: float = 1e-5,
+                     onnx: bool = True) -> DeployCheck:
+    """Export ``model`` with ``torch.export`` and to ONNX, run both, and compare each output with
+    ``reference`` (default: ``model``'s own eval output) under ``finalize``'s tolerance rule
+    (``allclose`` with ``atol`` scaled by the reference's largest magnitude). Raises
+    ``AssertionError`` naming the path that differs; returns the largest relative differences.
+
+    >>> import torch
+    >>> sorted(check_deployable(torch.nn.Linear(3, 2), torch.randn(2, 3)))
+    ['onnx', 'torch.export']
+    """
+    inputs = _as_tuple(example_inputs)
+    model.eval()
+    with torch.no_grad():
+        expected = model(*inputs) if reference is None else reference
+        got = export_program(model, inputs).module()(*inputs)
+    result = DeployCheck()
+    ok, worst = outputs_close(expected, got, rtol, atol)
+    if not ok:
+        raise AssertionError(f"torch.export output differs (largest relative difference {worst:.3g})")
+    result["torch.export"] = worst
+    if onnx:
+        outs = run_onnx(export_onnx(model, inputs), inputs)
+        ok, worst = outputs_close(expected, outs if len(outs) > 1 else outs[0], rtol, atol)
+        if not ok:
+            raise AssertionError(f"onnxruntime output differs (largest relative difference {worst:.3g})")
+        result["onnx"] = worst
+    return result

@@ -1,0 +1,119 @@
+"""``sparsify.finalize``: plain torch modules for deployment, checked against the sparse model."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from passes import set_submodule
+
+from sparsify.deploy.compare import outputs_close
+from sparsify.prepare.inputs import state_inputs
+from sparsify.core.state import STATE_ATTR, SparsifyState, find_state, unwrap
+
+__all__ = ["FinalizeError", "FinalizeWarning", "finalize_model"]
+
+
+class FinalizeError(RuntimeError):
+    """The finalized model does not compute what the sparse model computes."""
+
+
+class FinalizeWarning(UserWarning):
+    """The outputs differ, but only where the model's own unchanged code amplifies rounding."""
+
+
+def _remove_node(root: nn.Module, graph_paths: list[str], qualname: str) -> bool:
+    """Drop the call of module ``qualname`` from its graph: its users read its input instead."""
+    for prefix in graph_paths:
+        if prefix and not qualname.startswith(prefix + "."):
+            continue  # else a cut-off name ("...conv.2_tl1" under a longer prefix: "1") hits another node
+        gm = root.get_submodule(prefix) if prefix else root
+        if not isinstance(gm, fx.GraphModule):
+            continue
+        local = qualname[len(prefix) + 1:] if prefix else qualname
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and node.target == local:
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+                gm.delete_submodule(local)
+                gm.graph.lint()
+                gm.recompile()
+                return True
+    return False
+
+
+@torch.no_grad()
+def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
+                   rtol: float = 1e-4, atol: float = 1e-5) -> nn.Module:
+    """See :func:`sparsify.finalize`."""
+    state: SparsifyState = find_state(model)
+    source = unwrap(model)
+    final = copy.deepcopy(source)
+    fstate: SparsifyState = getattr(final, STATE_ATTR)
+    for group in fstate.groups.values():
+        for name, member in group.members.items():
+            new = group.finalize_member(name, member)
+            if new is None:
+                if not _remove_node(final, fstate.graph_paths, name):
+                    raise FinalizeError(f"could not remove {name} from the graph")
+            elif new is not member:
+                set_submodule(final, name, new)
+    from sparsify.prepare.hidden import finalize_hidden  # weights read outside module calls (Swin, MultiheadAttention)
+    finalize_hidden(final, fstate.graph_paths)
+    delattr(final, STATE_ATTR)
+    for prefix in fstate.graph_paths:
+        gm = final.get_submodule(prefix) if prefix else final
+        if isinstance(gm, fx.GraphModule):
+            gm.recompile()
+    final.train(False)
+    for p in final.parameters():
+        p.requires_grad_(False)
+    if not check:
+        return final
+    inputs = example_inputs if example_inputs is not None else state_inputs(state, unwrap(model))
+    if inputs is None:
+        raise FinalizeError("finalize checks the plain model against the sparse one and needs example "
+                            "inputs: pass example_inputs=... here or to sparsify(...), or check=False")
+    if not isinstance(inputs, (tuple, list)):
+        inputs = (inputs,)
+    was_training = source.training
+    source.eval()
+    try:
+        expected = source(*inputs)
+    finally:
+        source.train(was_training)
+    got = final(*inputs)
+    ok, worst = outputs_close(expected, got, rtol, atol)
+    if not ok:
+        _explain_difference(source, final, inputs, worst, rtol, atol)
+    return final
+
+
+def _explain_difference(source: nn.Module, final: nn.Module, inputs, worst: float, rtol: float, atol: float) -> None:
+    """The outputs differ: find the module calls where that starts (:mod:`sparsify.deploy.divergence`).
+    Accepted, with a warning, when it starts only in code finalize did not change (a detector's
+    top-k/NMS over near-equal scores amplifying rounding); else a FinalizeError naming them."""
+    from sparsify.deploy.divergence import locate_divergence
+    was_training = source.training
+    source.eval()
+    try:
+        d = locate_divergence(source, final, inputs, rtol, atol)
+    finally:
+        source.train(was_training)
+    where = ", ".join(f"{n or '<root>'} ({r:.3g})" for n, r in d.own[:3]) + (" ..." if len(d.own) > 3 else "")
+    message = (f"the finalized model's output differs from the sparse model's eval output (largest "
+               f"relative difference {worst:.3g}; rtol={rtol}, atol={atol})")
+    if d.amplified_only:
+        warnings.warn(f"finalize: {message}, but only after code finalize did not change: the outputs of "
+                      f"{where} differ while everything they call agrees (largest relative difference "
+                      f"{d.worst_agreeing:.3g}, {d.agreeing} module calls agree). That code amplifies "
+                      "rounding below the tolerance (e.g. top-k or NMS over near-equal scores), so the check "
+                      "compared the module outputs instead and they agree", FinalizeWarning, stacklevel=3)
+        return
+    if d.changed:
+        changed = ", ".join(f"{n or '<root>'} ({r:.3g})" for n, r in d.changed[:3])
+        raise FinalizeError(f"{message}; it starts in code finalize changed: {changed}")
+    raise FinalizeError(message)

@@ -1,0 +1,318 @@
+"""Activation regularizers: Transformed-ℓ1 (Yu & Tian 2024), ℓ1 and Hoyer-square (as in SparseML).
+
+A regularizer is a node inserted into the graph after the activation it regularizes. It returns
+its input unchanged (the very same tensor, so outputs are bit-identical) and, in training mode
+with autograd on, records ``λ · reduce(f(x))`` in float32. ``sparsify.penalty(model)`` pops and
+sums the records of the last forward(s); ``sparsify.step`` forgets whatever was not collected,
+so no autograd graph outlives its step. See METHODS.md §4 and docs/methods/tl1.md.
+
+Placement (param ``placement``): ``"post"`` regularizes the matched node's output (the default
+recipe matches every activation call: ReLU, ReLU6, SiLU, GELU, Hardswish); ``"pre"`` regularizes
+the matched node's input (the pre-activation). Explicit node names are rules matching by
+``name``. The network input (a placeholder) is never regularized.
+
+The penalty functions (kernels.py) are custom autograd functions that keep only the
+input tensor (already kept alive by the activation's own backward) for the backward pass, allocate
+nothing activation-sized in the forward and only the returned gradient in the backward.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from sparsify.core.contract import Group, GroupContext, Method, Site
+from sparsify.core.layers import RecordsMixin, plain_eager
+from sparsify.methods.regularizers.kernels import hoyer_square, l1_sum, plain_penalty, tl1_sum
+from sparsify.core.staging import active_range, in_range, stage_at
+
+__all__ = ["tl1", "tl1_grad", "ActivationRegularizer", "ActivationRegGroup", "TL1Method",
+           "ActivationL1Method", "HoyerSquareMethod", "penalty_value", "produces_nonnegative",
+           "ACTIVATION_TYPES", "ACTIVATION_OPS"]
+
+# what the built-in recipes regularize: every common activation, as modules and as functions
+ACTIVATION_TYPES = ["ReLU", "ReLU6", "SiLU", "GELU", "Hardswish", "LeakyReLU", "Mish"]
+ACTIVATION_OPS = ["relu", "relu6", "silu", "gelu", "hardswish", "leaky_relu", "mish"]
+REDUCTIONS = ("sum", "mean", "batchmean")
+
+
+def tl1(x: torch.Tensor, a: float) -> torch.Tensor:
+    """Transformed-ℓ1 per element: ``ρ_a(x) = (1 + a)|x| / (a + |x|)``.
+
+    >>> tl1(torch.tensor([0.0, 1.0, 3.0]), 1.0)
+    tensor([0.0000, 1.0000, 1.5000])
+    """
+    t = x.abs()
+    return (1.0 + a) * t / (a + t)
+
+
+def tl1_grad(x: torch.Tensor, a: float) -> torch.Tensor:
+    """``dρ_a/dx = a(1 + a)·sign(x) / (a + |x|)²``.
+
+    >>> tl1_grad(torch.tensor([0.5]), 0.5)
+    tensor([0.7500])
+    """
+    d = a + x.abs()
+    return (a * (1.0 + a)) * torch.sign(x) / (d * d)
+
+
+_NONNEG_MODULES = (nn.ReLU, nn.ReLU6)
+_NONNEG_FUNCTIONS = {torch.relu, torch.relu_, torch.nn.functional.relu, torch.nn.functional.relu6}
+_NONNEG_METHODS = {"relu", "relu_"}
+
+
+def produces_nonnegative(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node``'s output is >= 0 by construction (a ReLU/ReLU6 call): the penalty then skips ``abs``.
+
+    >>> gm = fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+    >>> [produces_nonnegative(gm, n) for n in gm.graph.nodes if n.op == "call_module"]
+    [False, True]
+    """
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _NONNEG_MODULES)
+    if node.op == "call_function":
+        return node.target in _NONNEG_FUNCTIONS
+    return node.op == "call_method" and node.target in _NONNEG_METHODS
+
+
+def penalty_value(x: torch.Tensor, function: str, a: float = 1.0, reduction: str = "mean", *,
+                  weight: float = 1.0, nonneg: bool = False) -> torch.Tensor:
+    """The penalty of one activation map times ``weight`` (float32 scalar, differentiable).
+
+    ``reduction``: ``"sum"`` over every element of the batch (the paper's formula), ``"mean"``
+    (divided by the number of elements) or ``"batchmean"`` (divided by the batch size).
+    ``nonneg=True`` promises ``x >= 0`` (a ReLU output) and saves a pass. Computed by the
+    low-allocation kernels of :mod:`sparsify.methods.regularizers.kernels` (float32 arithmetic for
+    float32/bfloat16/float16 maps; float64 maps stay float64).
+
+    >>> penalty_value(torch.tensor([0.0, 1.0, 3.0]), "tl1", a=1.0, reduction="sum")
+    tensor(2.5000)
+    """
+    scale = float(weight)
+    if reduction == "mean":
+        scale /= max(x.numel(), 1)
+    elif reduction == "batchmean":
+        scale /= max(x.shape[0] if x.dim() else 1, 1)
+    if not plain_eager():  # a tracer or compiler: plain ops it understands, same value
+        return plain_penalty(x, function, a, scale)
+    if function == "tl1":
+        return tl1_sum(x, a, scale, nonneg)
+    if function == "l1":
+        return l1_sum(x, scale, nonneg)
+    if function == "hoyer":
+        return hoyer_square(x, scale, nonneg)
+    raise ValueError(f"unknown penalty function {function!r}")
+
+
+class ActivationRegularizer(RecordsMixin, nn.Module):
+    """Identity node that records ``lam · penalty_value(x)`` during training-mode forwards.
+
+    Nothing is recorded in eval mode, with autograd off (``torch.no_grad()``), outside the
+    rule's active steps (``active`` False), or for non-floating-point values. ``records`` holds
+    the recorded scalars until :meth:`pop` (called through ``sparsify.penalty``) or
+    :meth:`clear_records` (``sparsify.step``).
+    """
+
+    def __init__(self, function: str = "tl1", lam: float = 1.0, a: float = 1.0, reduction: str = "mean",
+                 placement: str = "post", regularizes: str = "", nonneg: bool = False):
+        super().__init__()
+        self.function, self.lam, self.a, self.reduction = function, float(lam), float(a), reduction
+        self.placement, self.regularizes = placement, regularizes
+        self.nonneg = bool(nonneg)  # the regularized value is a ReLU output: no abs needed
+        self.active = True
+        self.records: list[torch.Tensor] = []
+
+    def forward(self, x):
+        if (self.training and self.active and self.lam != 0.0 and torch.is_grad_enabled()
+                and isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel()):
+            self.records.append(penalty_value(x, self.function, self.a, self.reduction, weight=self.lam,
+                                              nonneg=self.nonneg))
+        return x
+
+    def pop(self) -> list[torch.Tensor]:
+        out, self.records = self.records, []
+        return out
+
+    def clear_records(self) -> int:
+        n = len(self.records)
+        self.records = []
+        return n
+
+    # the active flag follows the step; keep it in state_dict so a resumed run is exact
+    def get_extra_state(self):
+        return {"active": self.active}
+
+    def set_extra_state(self, state) -> None:
+        self.active = bool(state.get("active", True))
+
+    def extra_repr(self) -> str:
+        extra = f", a={self.a:g}" if self.function == "tl1" else ""
+        return (f"{self.function}, lam={self.lam:g}{extra}, reduction={self.reduction}, "
+                f"placement={self.placement}, active={self.active}")
+
+
+# in-place users of a regularized tensor would modify what the penalty's backward reads
+_INPLACE_FUNCS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                  operator.itruediv: operator.truediv}
+
+
+def _make_users_out_of_place(gm: fx.GraphModule, node: fx.Node) -> list[str]:
+    """Turn in-place consumers of ``node`` into out-of-place ones (same values); returns what changed."""
+    changed = []
+    for user in list(node.users):
+        first = user.args[0] if user.args else None
+        if user.op == "call_module":
+            mod = gm.get_submodule(user.target)
+            if getattr(mod, "inplace", False) and first is node:
+                mod.inplace = False
+                changed.append(str(user.target))
+        elif user.op == "call_function":
+            if user.kwargs.get("inplace") and first is node:
+                user.kwargs = {**user.kwargs, "inplace": False}
+                changed.append(user.name)
+            elif user.target in _INPLACE_FUNCS and first is node:
+                user.target = _INPLACE_FUNCS[user.target]
+                changed.append(user.name)
+        elif user.op == "call_method":
+            t = str(user.target)
+            if t.endswith("_") and not t.endswith("__") and first is node and hasattr(torch.Tensor, t[:-1]):
+                user.target = t[:-1]
+                changed.append(user.name)
+    return changed
+
+
+class ActivationRegGroup(Group):
+    """Every regularizer node of one rule: switches them on in their step range, collects penalties."""
+
+    def __init__(self, method, params, members, ctx: GroupContext):
+        super().__init__(method, params, members, ctx)
+        self.begin, self.end = active_range(params, ctx, method.name)
+        self._stages, self._resolve = list(ctx.stages), ctx.time
+        self.uncollected = 0
+
+    def update(self, step: int, loss=None) -> None:
+        on = in_range(step, self.begin, self.end)
+        for m in self.members.values():
+            m.active = on
+
+    def penalty(self):
+        terms = [t for m in self.members.values() for t in m.pop()]
+        if not terms:
+            return None
+        return torch.stack([t.float().reshape(()) for t in terms]).sum()
+
+    def clear(self) -> None:
+        self.uncollected += sum(m.clear_records() for m in self.members.values())
+
+    def warnings(self) -> list[str]:
+        if self.uncollected:
+            return [f"sparsify: the {self.method_name} regularizers recorded a penalty that was never "
+                    "collected: add sparsify.penalty(model) to the loss before backward()"]
+        return []
+
+    def target(self, step: int):
+        return None
+
+    def final_target(self):
+        return None
+
+    def describe(self, step: int) -> dict:
+        p = self.params
+        out = {"function": self.method_name, "lam": p["lam"], "reduction": p["reduction"],
+               "placement": p["placement"], "active": in_range(step, self.begin, self.end),
+               "begin": self.begin, "end": self.end, "nodes": len(self.members)}
+        if "a" in p:
+            out["a"] = p["a"]
+        if self._stages:
+            out["stage"] = stage_at(self._stages, self._resolve, step)
+        return out
+
+    def layer_stats(self, name: str, module: nn.Module, factor: float | None = None) -> dict:
+        return {"regularizes": module.regularizes, "placement": module.placement}
+
+    def finalize_member(self, name: str, module: nn.Module):
+        return None  # the node is removed: its users read its input again
+
+
+class _ActivationRegMethod(Method):
+    """Shared by the three regularizer methods; ``function`` picks the penalty."""
+
+    site = "node"
+    function = "tl1"
+    group_class = ActivationRegGroup
+    schedule_keys = ("begin", "end")
+
+    def check(self, params):
+        problems = super().check(params)
+        lam = params.get("lam")
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or lam < 0:
+            problems.append(("lam", f"must be a number >= 0, got {lam!r}"))
+        if "a" in params:
+            a = params["a"]
+            if isinstance(a, bool) or not isinstance(a, (int, float)) or not a > 0:
+                problems.append(("a", f"must be a number > 0, got {a!r}"))
+        if params.get("reduction") not in REDUCTIONS:
+            problems.append(("reduction", f"must be one of {', '.join(REDUCTIONS)}, got {params.get('reduction')!r}"))
+        if params.get("placement") not in ("post", "pre"):
+            problems.append(("placement", f"must be 'post' (the node's output) or 'pre' (its input), "
+                                          f"got {params.get('placement')!r}"))
+        if params.get("stage") is not None and not isinstance(params["stage"], str):
+            problems.append(("stage", "must be the name of a stage of the recipe's stages block, or null"))
+        return problems
+
+    @staticmethod
+    def _regularized_node(site: Site, placement: str) -> fx.Node | None:
+        if placement == "post":
+            return site.node
+        first = site.node.args[0] if site.node.args else None
+        return first if isinstance(first, fx.Node) else None
+
+    def accepts(self, site: Site) -> str | None:
+        if site.node is None or site.gm is None:
+            return "inside an untraceable submodule: no graph to insert a regularizer node into"
+        if site.node.op not in ("call_module", "call_function", "call_method"):
+            return f"{site.node.op} nodes are not regularized"
+        placement = site.params.get("placement", self.params["placement"])
+        target = self._regularized_node(site, placement)
+        if target is None:
+            return "its input is not a graph value (placement 'pre')"
+        if target.op in ("placeholder", "get_attr"):
+            return "the network input and constants are never regularized"
+        if target.op == "call_module" and isinstance(site.gm.get_submodule(target.target), ActivationRegularizer):
+            return "already regularized"
+        if any(u.op == "call_module" and isinstance(site.gm.get_submodule(u.target), ActivationRegularizer)
+               for u in target.users):
+            return "already regularized by an earlier site"
+        return None
+
+    def apply(self, site: Site, params) -> None:
+        target = self._regularized_node(site, params["placement"])
+        reg = ActivationRegularizer(self.function, params["lam"], params.get("a", 1.0), params["reduction"],
+                                    params["placement"], regularizes=target.name,
+                                    nonneg=produces_nonnegative(site.gm, target))
+        new = site.insert_after(reg, self.name.replace("-", "_"), node=target)
+        _make_users_out_of_place(site.gm, new)
+
+
+class TL1Method(_ActivationRegMethod):
+    name = "tl1"
+    description = "Transformed-ℓ1 activation regularizer ρ_a(x) = (1+a)|x|/(a+|x|) (Yu & Tian 2024)"
+    function = "tl1"
+    params = {"lam": 0.01, "a": 1.0, "reduction": "mean", "placement": "post", "begin": 0, "end": None,
+              "stage": None}
+
+
+class ActivationL1Method(_ActivationRegMethod):
+    name = "activation-l1"
+    description = "ℓ1 activation regularizer λ·Σ|x| (SparseML's 'l1')"
+    function = "l1"
+    params = {"lam": 0.01, "reduction": "mean", "placement": "post", "begin": 0, "end": None, "stage": None}
+
+
+class HoyerSquareMethod(_ActivationRegMethod):
+    name = "activation-hoyer"
+    description = "Hoyer-square activation regularizer λ·(Σ|x|)²/Σx² (SparseML's 'hs', DeepHoyer)"
+    function = "hoyer"
+    params = {"lam": 1e-4, "reduction": "mean", "placement": "post", "begin": 0, "end": None, "stage": None}

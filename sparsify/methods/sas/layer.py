@@ -1,0 +1,131 @@
+"""SAS layers (``SASConv1d/2d/3d``, ``SASLinear``) in the official interleaved weight layout, and the
+plain module they finalize to."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+
+from sparsify.core.layers import SparseWeightMixin, specialize, weight_base
+from sparsify.methods.sas.rules import make_slot_rule
+from sparsify.methods.sas.kernel import _SASFunction
+
+
+class SASMixin(SparseWeightMixin):
+    """A Conv1d/2d/3d or Linear whose input is lifted into ``sas_m`` slots (see the module doc).
+
+    Build one directly like the torch layer plus ``m``/``slot_rule`` (weights initialised like the
+    official ``SASConv2d``), or from a dense layer with :meth:`from_dense`. ``weight`` has the
+    official interleaved layout ``(Cout, m·Cin/groups, *k)`` / ``(out, m·in)``; ``in_channels`` /
+    ``in_features`` keep the narrow input size.
+
+    >>> layer = SASConv2d(8, 16, 3, padding=1)
+    >>> tuple(layer.weight.shape), tuple(layer(torch.randn(2, 8, 5, 5)).shape)
+    ((16, 16, 3, 3), (2, 16, 5, 5))
+    """
+
+    def __init__(self, *args, m: int = 2, slot_rule: str = "auto", slot_options: dict | None = None,
+                 recompute: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.init_sparse(m=m, slot_rule=slot_rule, slot_options=slot_options, recompute=recompute)
+        self.reset_sas_parameters()
+
+    def init_sparse(self, m: int = 2, slot_rule: str = "auto", slot_options: dict | None = None,
+                    coefficients: list[float] | None = None, sas_input: str = "as constructed",
+                    recompute: bool = True) -> None:
+        """Widen ``weight`` to ``m`` slots: slot k holds ``coefficients[k] · W`` (default all zero
+        but slot 0, i.e. the dense layer on relu inputs)."""
+        rule = make_slot_rule(slot_rule, int(m), slot_options)
+        self.sas_m = rule.m
+        self.slot_rule = rule
+        self.sas_input = sas_input
+        self.sas_recompute = bool(recompute)  # keep only x for the backward (memory) or the slots (speed)
+        dense = self.weight.detach()
+        coefficients = coefficients if coefficients is not None else [1.0] + [0.0] * (rule.m - 1)
+        wide = torch.stack([c * dense for c in coefficients], 2).flatten(1, 2)
+        self.weight = nn.Parameter(wide.contiguous(), requires_grad=self.weight.requires_grad)
+
+    @torch.no_grad()
+    def reset_sas_parameters(self) -> None:
+        """The official initialisation: Kaiming-uniform over the wide weight, bias bound from the
+        narrow fan-in."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = nn.init._calculate_fan_in_and_fan_out(self.weight)[0] / self.sas_m
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def dense_class(self) -> type:
+        return weight_base(self)
+
+    def forward(self, x):
+        linear = isinstance(self, nn.Linear)
+        if linear:
+            conf = (True, None, None, None, 1)
+        else:
+            padding = self.padding
+            if isinstance(padding, str) or self.padding_mode != "zeros":
+                # slot rules map 0 to 0 and copy-padding commutes with the elementwise projection
+                mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+                x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
+                padding = (0,) * len(self.kernel_size)
+            conf = (False, list(self.stride), list(padding), list(self.dilation), self.groups)
+        return _SASFunction.apply(x, self.weight, self.bias, self.slot_rule, conf, self.sas_recompute)
+
+    def reference_forward(self, x):
+        """The same result through plain autograd ops (slots stacked, interleaved, one wide layer)."""
+        linear = isinstance(self, nn.Linear)
+        dim = -1 if linear else 2
+        proj = torch.stack(self.slot_rule.slots(x), dim).flatten(dim - 1, dim)
+        return F.linear(proj, self.weight, self.bias) if linear else self._conv_forward(proj, self.weight, self.bias)
+
+    def deploy_module(self) -> fx.GraphModule:
+        """A plain-ops copy (slot ops, stack, conv/linear) as a ``GraphModule`` holding
+        ``weight`` (official layout) and ``bias``; ``torch.export`` accepts it."""
+        return fx.symbolic_trace(SASDeploy(self))
+
+    def sparse_repr(self) -> str:
+        return f"m={self.sas_m}, slot_rule={self.slot_rule!r}" + ("" if self.sas_recompute else ", keep slots")
+
+
+SAS_CLASSES = specialize(SASMixin, prefix="SAS")
+SASConv1d, SASConv2d, SASConv3d, SASLinear = (SAS_CLASSES[t] for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+
+
+class SASDeploy(nn.Module):
+    """What :meth:`SASMixin.deploy_module` traces: the official forward without the zeros tensor."""
+
+    def __init__(self, layer: SASMixin):
+        super().__init__()
+        self.linear = isinstance(layer, nn.Linear)
+        self.rule = layer.slot_rule
+        self.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        if not self.linear:
+            self.conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(layer.kernel_size)]
+            self.pad = None
+            self.padding = layer.padding
+            if layer.padding_mode != "zeros":
+                self.pad = (layer._reversed_padding_repeated_twice, layer.padding_mode)
+                self.padding = 0
+            self.stride, self.dilation, self.groups = layer.stride, layer.dilation, layer.groups
+
+    def forward(self, x):
+        if self.linear:
+            proj = torch.stack(self.rule.slots(x), -1).flatten(-2)
+            return F.linear(proj, self.weight, self.bias)
+        if self.pad is not None:
+            x = F.pad(x, self.pad[0], mode=self.pad[1])
+        proj = torch.stack(self.rule.slots(x), 2).flatten(1, 2)
+        return self.conv(proj, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+# --------------------------------------------------------------------------------------------
+# the ReLU rewiring

@@ -1,0 +1,122 @@
+"""The SAS method: which sites it takes, how it rewrites them, its group (reporting, deployment)."""
+from __future__ import annotations
+
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+
+from sparsify.core.contract import Group, Method, Site
+from sparsify.core.layers import TORCH_WEIGHT_TYPES, weight_base
+from sparsify.methods.sas.rules import make_slot_rule
+from sparsify.methods.sas.layer import SAS_CLASSES
+from sparsify.methods.sas.rewire import _non_negative, _rewire, find_relu_input
+
+
+class SASGroup(Group):
+    """The SAS layers of one rule: no per-step state; reporting and deployment."""
+
+    def describe(self, step: int) -> dict:
+        m = self.params["m"]
+        rule = make_slot_rule(self.params["slot_rule"], m, self.params["slot_options"])
+        return {"m": m, "slot_rule": repr(rule), "activation_sparsity": 1 - 1 / m}
+
+    @torch.no_grad()
+    def layer_stats(self, name: str, module: nn.Module, factor: float | None = None) -> dict:
+        w = module.weight
+        m = module.sas_m
+        nnz = int(torch.count_nonzero(w))
+        out = {"params": w.numel(), "nonzero_params": nnz, "weight_sparsity": 1 - nnz / w.numel(),
+               "m": m, "input": module.sas_input, "activation_sparsity": 1 - 1 / m}
+        if factor is not None:
+            narrow = int(round(factor * w.numel() / m))
+            # the authors count one multiply per input element (its one active slot): the dense MACs
+            out.update(macs=narrow, nonzero_macs=narrow, executed_macs=int(round(factor * w.numel())))
+        return out
+
+    def finalize_member(self, name: str, module: nn.Module) -> nn.Module:
+        return module.deploy_module()
+
+
+_CHOICES = {"input": ("rewire", "as_is"), "not_relu": ("dense", "as_is"), "init": ("auto", "zero", "identity")}
+
+
+class SASMethod(Method):
+    """Recipe method ``sas``; parameters (see docs/methods/sas.md):
+
+    * ``m`` (2): slots per input element; ``slot_rule`` (``"auto"``: ``sign`` for m = 2,
+      ``signed_levels`` otherwise) and ``slot_options`` (e.g. ``{"scale": 1.0}``);
+    * ``input``: ``"rewire"`` (a layer fed by a relu reads the relu's input) or ``"as_is"``;
+    * ``not_relu``: for ``rewire`` layers not fed by a relu, ``"dense"`` (left alone) or ``"as_is"``;
+    * ``through_average`` (false): also look through average pooling to find the relu (the
+      official ResNet head; changes the function);
+    * ``init``: ``"auto"`` (relu coefficients where the input is a relu output, identity
+      coefficients otherwise, so the converted network computes what the dense one did),
+      ``"zero"`` (the official converter: negative slots zero everywhere) or ``"identity"``;
+    * ``recompute`` (true): keep only the input for the backward and recompute the slots there
+      into the shared scratch buffer (M x less activation memory for the layer, two more
+      elementwise passes; measured no slower); false keeps a copy of the slots.
+    """
+
+    name = "sas"
+    description = "SAS: structured activation sparsification, M slots per input, relu rewiring (ICLR 2024)"
+    params = {"m": 2, "slot_rule": "auto", "slot_options": {}, "input": "rewire", "not_relu": "dense",
+              "through_average": False, "init": "auto", "recompute": True}
+    group_class = SASGroup
+    targets = TORCH_WEIGHT_TYPES  # not transformers' Conv1D: its slot layout is not implemented
+    full_trace = True  # the relu feeding a layer may sit inside a module with nothing to rewrite
+
+    def check(self, params):
+        problems = []
+        m = params.get("m")
+        if isinstance(m, bool) or not isinstance(m, int) or m < 2:
+            problems.append(("m", f"must be an integer >= 2, got {m!r}"))
+        elif not isinstance(params.get("slot_options"), dict):
+            problems.append(("slot_options", "must be an object of slot rule options"))
+        else:
+            try:
+                make_slot_rule(params.get("slot_rule"), m, params.get("slot_options"))
+            except (ValueError, TypeError) as e:
+                problems.append(("slot_rule", str(e)))
+        for key, allowed in _CHOICES.items():
+            if params.get(key) not in allowed:
+                problems.append((key, f"must be one of {', '.join(map(repr, allowed))}, got {params.get(key)!r}"))
+        for key in ("through_average", "recompute"):
+            if not isinstance(params.get(key), bool):
+                problems.append((key, "must be true or false"))
+        return problems
+
+    def accepts(self, site: Site) -> str | None:
+        why = super().accepts(site)
+        if why:
+            return why
+        p = {**self.params, **site.params}
+        if p["input"] == "as_is" or p["not_relu"] == "as_is":
+            return None
+        if site.node is None:
+            return "sas: input unknown (layer outside a traced graph); not_relu='as_is' converts it as is"
+        if find_relu_input(site.gm, site.node, p["through_average"]) is None:
+            src = site.node.args[0].name if site.node.args and isinstance(site.node.args[0], fx.Node) else "?"
+            return f"sas: input {src} is not a relu output (not_relu='as_is' would convert it as is)"
+        return None
+
+    def apply(self, site: Site, params) -> None:
+        p = {**self.params, **params}
+        found = None
+        if p["input"] == "rewire" and site.node is not None:
+            found = find_relu_input(site.gm, site.node, p["through_average"])
+        rule = make_slot_rule(p["slot_rule"], p["m"], p["slot_options"])
+        relu_input = found is not None or (site.node is not None and _non_negative(site.gm, site.node))
+        init = p["init"]
+        if init == "auto":
+            init = "zero" if relu_input else "identity"
+        coefficients = rule.relu_coefficients() if init == "zero" else rule.identity_coefficients()
+        if found is not None:
+            how = _rewire(site.gm, site.node, *found, site.changes)
+        else:
+            how = "as is" + (" (input is a relu output)" if relu_input else "")
+        new = SAS_CLASSES[weight_base(site.module)].from_dense(
+            site.module, m=p["m"], slot_rule=p["slot_rule"], slot_options=p["slot_options"],
+            coefficients=coefficients, sas_input=how, recompute=p["recompute"])
+        site.replace(new)

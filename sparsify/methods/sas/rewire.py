@@ -1,0 +1,174 @@
+"""The ReLU rewiring: a selected layer fed by a relu reads the relu's input instead; the relu
+stays only for its other users."""
+from __future__ import annotations
+
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from passes import Change, reroute_input
+
+
+
+# --------------------------------------------------------------------------------------------
+
+_RELU_FUNCTIONS = {torch.relu, torch.relu_, F.relu, F.relu_}
+# ops g with relu(g(x)) == g(relu(x)): the relu can be moved past them without changing anything
+_EXACT_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+                  nn.AdaptiveMaxPool3d, nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d,
+                  nn.Dropout2d, nn.Dropout3d)
+_EXACT_OPS = {"max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
+              "adaptive_max_pool3d", "flatten", "reshape", "view", "contiguous", "squeeze", "unsqueeze",
+              "dropout", "dropout1d", "dropout2d", "dropout3d"}
+# averaging ops: looking through them (the official ResNet head) changes the function
+_AVERAGE_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+                    nn.AdaptiveAvgPool3d)
+_AVERAGE_OPS = {"avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+                "adaptive_avg_pool3d", "mean"}
+
+
+def _module(gm: fx.GraphModule, node: fx.Node):
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _fn_name(node: fx.Node) -> str | None:
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", "").strip("_")
+    if node.op == "call_method":
+        return str(node.target)
+    return None
+
+
+def is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``nn.ReLU`` calls, ``F.relu`` / ``torch.relu`` (in place or not) and ``x.relu()``."""
+    if node.op == "call_module":
+        return type(_module(gm, node)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _relu_inplace(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return bool(_module(gm, node).inplace)
+    if node.op == "call_method":
+        return node.target == "relu_"
+    if node.target in (torch.relu_, F.relu_):
+        return True
+    return bool(node.kwargs.get("inplace", node.args[1] if len(node.args) > 1 else False))
+
+
+def _pass_through(gm: fx.GraphModule, node: fx.Node, through_average: bool) -> str | None:
+    """``"exact"`` / ``"average"`` when a relu may be looked through ``node``, else None."""
+    if node.op == "call_module":
+        mod = _module(gm, node)
+        if isinstance(mod, _EXACT_MODULES):
+            if getattr(mod, "return_indices", False) or getattr(mod, "inplace", False):
+                return None
+            return "exact"
+        return "average" if through_average and isinstance(mod, _AVERAGE_MODULES) else None
+    name = _fn_name(node)
+    if name is None or str(node.target).endswith("_") or node.kwargs.get("return_indices") or \
+            node.kwargs.get("inplace"):
+        return None
+    if name in _EXACT_OPS:
+        return "exact"
+    return "average" if through_average and name in _AVERAGE_OPS else None
+
+
+def find_relu_input(gm: fx.GraphModule, node: fx.Node, through_average: bool = False):
+    """For the layer call ``node``: ``(relu node, ops between it and the layer, exact)`` when its
+    input is a relu output, looking through ops that commute with relu (max pooling, flatten,
+    reshapes, dropout) and, with ``through_average``, through average pooling; else None.
+    ``exact`` is False when an average pool was crossed.
+
+    >>> seq = nn.Sequential(nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(1, 1, 1))
+    >>> gm = fx.symbolic_trace(seq)
+    >>> relu, chain, exact = find_relu_input(gm, list(gm.graph.nodes)[3])
+    >>> relu.target, [n.target for n in chain], exact
+    ('0', ['1'], True)
+    """
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    cur, chain, exact = node.args[0], [], True
+    for _ in range(16):
+        if is_relu(gm, cur):
+            if not cur.args or not isinstance(cur.args[0], fx.Node):
+                return None
+            return cur, chain[::-1], exact
+        kind = _pass_through(gm, cur, through_average)
+        if kind is None or not cur.args or not isinstance(cur.args[0], fx.Node):
+            return None
+        exact = exact and kind == "exact"
+        chain.append(cur)
+        cur = cur.args[0]
+    return None
+
+
+def _non_negative(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether the layer's input is known to be >= 0 (a relu output, through exact ops)."""
+    found = find_relu_input(gm, node)
+    return found is not None
+
+
+def _make_relu_out_of_place(gm: fx.GraphModule, relu: fx.Node, changes: list[Change]) -> fx.Node:
+    """Replace an in-place relu by ``torch.relu``. Users of its input placed after it saw the
+    mutated (relu'd) tensor: they now read the relu's output, which is the same value."""
+    if not _relu_inplace(gm, relu):
+        return relu
+    graph = gm.graph
+    x = relu.args[0]
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for user in list(x.users):
+        if user is not relu and order[user] > order[relu]:
+            changes.append(reroute_input(user, x, relu))
+    with graph.inserting_after(relu):
+        new = graph.call_function(torch.relu, (x,))
+    new.meta.update(relu.meta)
+    relu.replace_all_uses_with(new)
+    graph.erase_node(relu)
+    changes.append(Change("replace", relu.name, f"in-place relu -> torch.relu ({new.name}) so that its input "
+                                                "stays the pre-activation"))
+    return new
+
+
+def _rewire(gm: fx.GraphModule, node: fx.Node, relu: fx.Node, chain: list[fx.Node], exact: bool,
+            changes: list[Change]) -> str:
+    """Feed ``node`` (the SAS layer) the relu's input, passed through a copy of ``chain``."""
+    graph = gm.graph
+    relu = _make_relu_out_of_place(gm, relu, changes)
+    relu_name = str(relu.target) if relu.op == "call_module" else relu.name
+    pre = relu.args[0]
+    if not chain:
+        changes.append(reroute_input(node, relu, pre))
+    else:
+        prev, prev_new = relu, pre
+        for op in chain:
+            with graph.inserting_before(op):
+                new = graph.node_copy(op, lambda n, p=prev, q=prev_new: q if n is p else n)
+            changes.append(Change("insert", new.name, f"copy of {op.name} on the pre-activation {pre.name}"))
+            prev, prev_new = op, new
+        changes.append(reroute_input(node, chain[-1], prev_new))
+        end = chain[-1]
+        if exact and end.users:
+            # relu commutes with the chain: its other users get relu(chain(x)), the same values
+            with graph.inserting_after(prev_new):
+                r = graph.call_function(torch.relu, (prev_new,))
+            r.meta.update(end.meta)
+            end.replace_all_uses_with(r)
+            changes.append(Change("insert", r.name, f"relu moved past {', '.join(n.name for n in chain)}"))
+        for op in reversed(chain):
+            if not op.users:
+                graph.erase_node(op)
+                changes.append(Change("erase", op.name))
+    if not relu.users:
+        graph.erase_node(relu)
+        changes.append(Change("erase", relu.name, "relu without users after the SAS rewiring"))
+    return f"rewired from relu {relu_name}" + (f" through {', '.join(n.name for n in chain)}" if chain else "")
+
+
+# --------------------------------------------------------------------------------------------
+# method and group
+# --------------------------------------------------------------------------------------------

@@ -1,0 +1,331 @@
+"""From (model, recipe) to a rewritten model and its plan.
+
+Two traces at most: a full-depth one to find what the rules select, then, only if some traced
+submodule holds nothing to rewrite, one that keeps exactly those submodules as leaves (so their
+``self.training`` branches stay live: stochastic depth still switches off in ``eval()``).
+"""
+from __future__ import annotations
+
+import copy as _copy
+import itertools
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch.fx as fx
+from torch import nn
+
+from passes import PassResult, Pipeline, first_and_last, node_name, target_module, trace
+from passes.tracing import CallRecord, TraceResult, module_path_of  # noqa: F401  (module_path_of documents the meta used)
+
+from sparsify.prepare.hidden import hidden_candidates, hidden_positions, needed_paths, rewire_hidden_reads
+from sparsify.prepare.inputs import guess_example_inputs, positions_per_sample
+from sparsify.prepare.matching import Candidate, compile_match, op_name
+from sparsify.methods import SparseWeightMixin, get_method
+from sparsify.core.layers import WEIGHT_TYPES
+from sparsify.core.contract import GroupContext, Site
+from sparsify.prepare.plan import Plan, PlanEntry
+from sparsify.prepare.recipe import Recipe
+from sparsify.core.state import STATE_ATTR, SparsifyState
+
+__all__ = ["build", "check_model"]
+
+_WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel")
+
+
+def check_model(model) -> None:
+    """Reject what ``sparsify`` cannot take, saying what to do instead."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sparsify takes a torch.nn.Module, got {type(model).__name__}")
+    if type(model).__name__ in _WRAPPERS:
+        raise TypeError(f"the model is wrapped in {type(model).__name__}: call sparsify on the plain model "
+                        "first, then wrap the result (DDP(sparsify.sparsify(model, recipe)))")
+    if hasattr(model, "_orig_mod"):
+        raise TypeError("the model was compiled with torch.compile: call sparsify on the plain model, "
+                        "then torch.compile the result")
+    for name, m in model.named_modules():
+        if isinstance(m, (SparsifyState, SparseWeightMixin)):
+            raise ValueError(f"the model is already sparsified ({name or 'root'} is "
+                             f"{type(m).__name__}): start from the dense model, or call "
+                             "sparsify.finalize(model) to get plain modules first")
+
+
+def copy_structure(model: nn.Module, share_tensors: bool = True) -> nn.Module:
+    """A copy of ``model``'s module tree; with ``share_tensors`` its parameters and buffers are the
+    caller's own tensors (no weight is copied), as ``torch.fx.symbolic_trace`` and ``prepare_qat_fx``
+    share them, so a rewrite can swap and configure modules without touching the caller's.
+
+    >>> import torch
+    >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    >>> c = copy_structure(m)
+    >>> c[0] is m[0], c[0].weight is m[0].weight
+    (False, True)
+    """
+    memo: dict[int, object] = {}
+    if share_tensors:
+        for t in itertools.chain(model.parameters(), model.buffers()):
+            memo[id(t)] = t
+    return _copy.deepcopy(model, memo)
+
+
+@dataclass
+class _Rule:
+    rule: object
+    pred: object
+    method: object  # Method or None
+
+
+class _Matcher:
+    def __init__(self, recipe: Recipe):
+        self.rules = [_Rule(r, compile_match(r.match), get_method(r.method) if r.method else None)
+                      for r in recipe.rules]
+        self.matched_any: set[int] = set()
+
+    def winner(self, c: Candidate):
+        """The last rule that matches ``c`` (a rule with a module method only matches its targets)."""
+        win = None
+        for r in self.rules:
+            if r.method is not None and r.method.site == "module" and not isinstance(c.module, r.method.targets):
+                continue
+            if r.method is not None and r.method.site == "node" and c.node is None:
+                continue
+            if r.pred(c):
+                self.matched_any.add(r.rule.index)
+                win = r
+        return win
+
+    def refused(self, c: Candidate) -> str | None:
+        """Why the last rule that would match ``c`` but whose method does not take its module
+        type (SAS and a Conv1D) skipped it, for the plan; None when there is no such rule."""
+        why = None
+        for r in self.rules:
+            if r.method is not None and r.method.site == "module" and c.module is not None \
+                    and not isinstance(c.module, r.method.targets) and r.pred(c):
+                why = f"{r.method.accepts(Site(c.name, c.module))} (rule {r.rule.index})"
+        return why
+
+
+def _candidates(tr: TraceResult, root: nn.Module) -> list[Candidate]:
+    out = []
+    is_compute = lambda n, m: m is not None and isinstance(m, WEIGHT_TYPES)  # noqa: E731
+    for prefix, gm in tr.graphs.items():
+        first, last = first_and_last(gm, is_compute)
+        for node in gm.graph.nodes:
+            if node.op in ("placeholder", "output", "get_attr"):
+                continue
+            out.append(Candidate(node_name(node, prefix), target_module(gm, node), node, gm, prefix,
+                                 node.name in first, node.name in last))
+    for name in tr.direct:
+        out.append(Candidate(name, root.get_submodule(name)))
+    return out
+
+
+def _enclosing(c: Candidate) -> list[str]:
+    """Qualified names of the modules whose forward contains ``c`` (not ``c``'s own module)."""
+    if c.node is None:
+        return []
+    paths = [v[0] for v in (c.node.meta.get("nn_module_stack") or {}).values()]
+    if c.node.op == "call_module" and paths and paths[-1] == c.node.target:
+        paths = paths[:-1]
+    q = lambda p: f"{c.prefix}.{p}" if c.prefix else p  # noqa: E731
+    return [q(p) for p in paths if p]
+
+
+_ACTIVATION_OPS = {"relu", "relu6", "gelu", "silu", "hardswish", "hardsigmoid", "leaky_relu", "elu",
+                   "selu", "celu", "mish", "sigmoid", "tanh", "hardtanh", "softplus"}
+
+
+def _structural(c: Candidate) -> bool:
+    """A Conv/Linear call or an activation call: what rewrites that read around a site look for."""
+    if c.module is not None:
+        return isinstance(c.module, WEIGHT_TYPES) or type(c.module).__module__ == "torch.nn.modules.activation"
+    return op_name(c.node) in _ACTIVATION_OPS
+
+
+def _not_a_layer(name: str, m: nn.Module) -> bool:
+    """Trace through ``m``? Not through a weight layer: torch's are leaves anyway, and
+    transformers' Conv1D must stay one module call for a method to replace it."""
+    return not isinstance(m, WEIGHT_TYPES)
+
+
+def _trace(root: nn.Module, matcher: _Matcher, example_inputs=None):
+    # children traced under an untraceable parent are specialised to how it calls them
+    calls = None
+    if example_inputs is not None:
+        calls = CallRecord(root, example_inputs if isinstance(example_inputs, (list, tuple)) else (example_inputs,))
+
+    def is_site(name, m):
+        w = matcher.winner(Candidate(name, m))
+        return w is not None and w.method is not None
+
+    tr = trace(root, _not_a_layer, is_site=is_site, calls=calls)
+    cands = _candidates(tr, root)
+    # a method whose rewrite reads the nodes around a site (SAS: the relu feeding a layer, which may
+    # sit inside a module with nothing to rewrite) needs every module holding a layer or an
+    # activation traced through; modules with neither (stochastic depth) still stay leaves
+    full = any(r.method is not None and getattr(r.method, "full_trace", False) for r in matcher.rules)
+    descended, needed = set(), set()
+    for c in cands:
+        # a graph traced below an untraceable parent (fallback) is reached through its own path
+        paths = _enclosing(c) + [c.prefix.rsplit(".", k)[0] for k in range(c.prefix.count(".") + 1) if c.prefix]
+        if c.node is None:  # swapped as an attribute inside fallbacks: the retrace must reach it again
+            paths += [c.name.rsplit(".", k)[0] for k in range(1, c.name.count(".") + 1)]
+        descended.update(paths)
+        w = matcher.winner(c)
+        if (w is not None and w.method is not None) or (full and _structural(c)):
+            needed.update(paths)
+    needed |= needed_paths(tr.graphs, matcher.winner)  # forwards that read a rewritten weight
+    if descended <= needed:
+        return tr, cands, cands
+    first_cands = cands
+    tr = trace(root, lambda name, m: name in needed and _not_a_layer(name, m), is_site=is_site, calls=calls)
+    # first/last describe the model, not how deep this trace went (a leaf stem hides its conv)
+    flags = {c.name: (c.first, c.last) for c in first_cands}
+    cands = _candidates(tr, root)
+    for c in cands:
+        c.first, c.last = flags.get(c.name, (c.first, c.last))
+    return tr, cands, first_cands
+
+
+def _dense_reasons(root: nn.Module, tr: TraceResult, all_cands: list[Candidate], matcher: _Matcher,
+                   rewritten: set[str]) -> list[PlanEntry]:
+    """Every Conv/Linear weight (and MultiheadAttention projection) left dense, with why."""
+    by_name = {c.name: c for c in all_cands}
+    get_attr_owners = {}
+    for prefix, gm in tr.graphs.items():
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                owner = str(node.target).rpartition(".")[0]
+                get_attr_owners[f"{prefix}.{owner}" if prefix else owner] = prefix or "<root>"
+    leaves = {}  # torch leaf modules that own weight layers (e.g. MultiheadAttention)
+    for name, m in root.named_modules():
+        if not isinstance(m, (*WEIGHT_TYPES, nn.ModuleList, nn.ModuleDict)) and fx.Tracer().is_leaf_module(m, "") and any(
+                isinstance(c, WEIGHT_TYPES) for c in m.modules()):
+            leaves[name] = m
+    fallbacks = [f.name for f in tr.fallbacks]
+    entries = []
+    for name, m in root.named_modules():
+        if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None and \
+                (f"{name}.in_proj" if name else "in_proj") not in rewritten:
+            entries.append(PlanEntry(f"{name}.in_proj_weight", "MultiheadAttention.in_proj_weight", None, None,
+                                     "parameter read directly by nn.MultiheadAttention (no module call to rewrite)",
+                                     m.in_proj_weight.numel()))
+        if not isinstance(m, WEIGHT_TYPES) or name in rewritten:
+            continue
+        owner_leaf = next((leaf for leaf in leaves if name.startswith(leaf + ".")), None)
+        inside_fallback = any(name.startswith(f + ".") or f == "" for f in fallbacks)
+        c = by_name.get(name) or (Candidate(name, m) if inside_fallback else None)
+        w = matcher.winner(c) if c is not None else None
+        if name in get_attr_owners:
+            reason = f"weight read outside a module call (get_attr in graph {get_attr_owners[name]})"
+        elif owner_leaf is not None:
+            reason = f"inside leaf {type(leaves[owner_leaf]).__name__} {owner_leaf}, which reads the weights directly"
+        elif w is None and c is not None and matcher.refused(c):
+            reason = matcher.refused(c)
+        elif w is not None and w.method is None:
+            reason = f"excluded by rule {w.rule.index}"
+        elif w is not None:
+            reason = w.method.accepts(Site(name, m, params=w.rule.params)) or "not rewritten"
+        elif inside_fallback:
+            reason = "no rule matched (inside an untraceable submodule)"
+        else:
+            reason = "no rule matched"
+        entries.append(PlanEntry(name, type(m).__name__, None, w.rule.index if w else None, reason, m.weight.numel()))
+    return entries
+
+
+def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps: int | None = None,
+          inplace: bool = False, copy: bool = False, dry_run: bool = False):
+    """Trace, match, rewrite. Returns ``(root, plan)``; ``root`` carries a SparsifyState unless
+    ``dry_run``. ``model``'s modules are never changed unless ``inplace``; its parameter and buffer
+    tensors are shared with ``root`` unless ``copy`` (see :func:`sparsify.sparsify`)."""
+    check_model(model)
+    if inplace and copy:
+        raise ValueError("sparsify: inplace=True rewrites the caller's model and copy=True copies it; pick one")
+    root = model if inplace else copy_structure(model, share_tensors=not copy)
+    was_training = root.training
+    root.train()
+    matcher = _Matcher(recipe)
+    tr, cands, first_cands = _trace(root, matcher, example_inputs)
+    root = tr.module
+
+    plan = Plan(recipe=recipe.name)
+    plan.fallbacks = [{"name": f.name, "reason": f.reason} for f in tr.fallbacks]
+    for f in tr.fallbacks:
+        warnings.warn(f"sparsify: {f.name or 'the model root'} could not be traced ({f.reason}); "
+                      "it is kept as an opaque leaf and its layers are rewritten module by module",
+                      stacklevel=3)
+    members: dict[int, dict[str, nn.Module]] = defaultdict(dict)
+    changes_by_graph = defaultdict(list)
+    rewritten = set()
+    called = {c.name for c in cands if c.node is not None and c.node.op == "call_module"}
+    hidden = hidden_candidates(root, tr.graphs, matcher.winner, called=called, convert=not dry_run)
+    for c in cands + hidden:
+        w = matcher.winner(c)
+        if w is None or w.method is None:
+            continue
+        site = Site(c.name, c.module, c.gm, c.node, c.prefix, root, params=w.rule.params)
+        why = w.method.accepts(site)
+        weight_params = c.module.weight.numel() if isinstance(c.module, WEIGHT_TYPES) else 0
+        if why:
+            plan.entries.append(PlanEntry(c.name, c.kind, None, w.rule.index, why, weight_params))
+            continue
+        plan.entries.append(PlanEntry(c.name, c.kind, w.rule.method, w.rule.index, "", weight_params))
+        rewritten.add(c.name)
+        if not dry_run:
+            w.method.apply(site, w.rule.params)
+            members[w.rule.index].update(site.members)
+            changes_by_graph[c.prefix].extend(site.changes)
+    if not dry_run:
+        for prefix, ch in rewire_hidden_reads(tr.graphs, rewritten).items():
+            changes_by_graph[prefix].extend(ch)
+    listed = {e.name for e in plan.entries}  # sites a method refused are listed already, with its reason
+    plan.entries.extend(e for e in _dense_reasons(root, tr, first_cands, matcher, rewritten) if e.name not in listed)
+    plan.unmatched_rules = [r.rule.index for r in matcher.rules if r.rule.index not in matcher.matched_any]
+
+    for prefix, gm in tr.graphs.items():
+        changes = changes_by_graph.get(prefix, [])
+        # swapping the module a node calls leaves the graph's code as it is: no recompile needed
+        Pipeline([lambda g, ch=changes: PassResult(g, any(c.kind != "replace" for c in ch), ch)]).run(gm)
+
+    # a guessed input costs a full forward at 224²: only the dry run and methods that size
+    # buffers at build time pay it now; sparsify() guesses on first use (report, finalize)
+    guess_now = dry_run or any(getattr(get_method(r.method), "needs_example_inputs", False)
+                               for r in recipe.rules if r.method and r.index in members)
+    guessed = example_inputs is None
+    if example_inputs is None:
+        example_inputs = guess_example_inputs(root) if guess_now else None
+    elif isinstance(example_inputs, (list, tuple)):
+        example_inputs = tuple(example_inputs)
+    else:
+        example_inputs = (example_inputs,)
+    hidden_names = [c.name for c in hidden]
+    factors = None  # sparsify(): measured by the first report() (a forward costs more than the trace)
+    if dry_run:
+        factors = positions_per_sample(root, example_inputs) if example_inputs is not None else {}
+        factors.update(hidden_positions(root, example_inputs, hidden_names))
+    if example_inputs is not None:
+        plan.input_shapes = [list(x.shape) for x in example_inputs if hasattr(x, "shape")]
+        for e in plan.entries if factors else ():
+            base = e.name[: -len(".in_proj_weight")] if e.name.endswith(".in_proj_weight") else e.name
+            if e.params and base in factors:
+                e.macs = int(round(factors[base] * e.params))
+    root.train(was_training)
+    if dry_run:
+        return root, plan
+
+    state = SparsifyState(recipe.to_json(), total_steps, list(tr.graphs))
+    ctx = GroupContext(root=root, total_steps=total_steps, stages=recipe.stages, example_inputs=example_inputs)
+    for rule in recipe.rules:
+        if rule.index in members:
+            method = get_method(rule.method)
+            state.groups[f"rule{rule.index}_{method.name.replace('-', '_')}"] = method.make_group(
+                rule.params, members[rule.index], ctx)
+    state.plan = plan
+    state.example_inputs = example_inputs
+    state.guess_inputs_later = guessed and example_inputs is None
+    state.hidden_names = hidden_names
+    root.add_module(STATE_ATTR, state)
+    for group in state.groups.values():
+        group.update(0, None)
+    return root, plan

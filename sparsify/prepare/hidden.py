@@ -1,0 +1,358 @@
+"""Weights used outside a module call, made sparse by every weight method.
+
+Two patterns hide Conv/Linear weights from a ``call_module`` node:
+
+* a traced forward reads ``layer.weight`` itself (a ``get_attr`` node), as torchvision's Swin does
+  in its wrapped ``shifted_window_attention(x, qkv.weight, proj.weight, ...)``. The layer is
+  swapped as an attribute like any other rewritten layer, and each such ``get_attr`` becomes
+  ``effective_weight_of(<get_attr layer>)``: the read now returns what
+  :meth:`SparseWeightMixin.effective_weight` computes, gradients included.
+* ``nn.MultiheadAttention`` (a torch leaf) reads its ``in_proj_weight`` parameter and its
+  ``out_proj.weight`` directly. It is replaced by :class:`SparseMultiheadAttention`, whose packed
+  input projection becomes a ``Linear`` child ``in_proj`` (so a weight method can replace it like
+  any layer) and whose forward computes with the effective weights of ``in_proj`` and ``out_proj``.
+
+Both are method-agnostic: any :class:`SparseWeightMixin` method gets them. ``finalize`` turns them
+back into plain graphs and modules (:func:`finalize_hidden`).
+
+>>> import torch, torchvision, sparsify
+>>> vit = torchvision.models.VisionTransformer(32, 16, 1, 2, 64, 128)
+>>> m = sparsify.sparsify(vit, "st3", total_steps=10, example_inputs=torch.zeros(1, 3, 32, 32))
+>>> type(m.encoder.layers[0].self_attention).__name__
+'SparseMultiheadAttention'
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from passes import Change
+
+from sparsify.prepare.matching import Candidate
+from sparsify.core.layers import WEIGHT_TYPES, SparseWeightMixin
+
+__all__ = ["effective_weight_of", "SparseMultiheadAttention", "hidden_reads", "hidden_candidates",
+           "rewire_hidden_reads", "finalize_hidden", "hidden_positions"]
+
+
+def effective_weight_of(layer: nn.Module) -> torch.Tensor:
+    """The weight ``layer`` computes with: its effective weight when sparse, else ``layer.weight``.
+
+    >>> effective_weight_of(nn.Linear(2, 3)).shape
+    torch.Size([3, 2])
+    """
+    if isinstance(layer, SparseWeightMixin):
+        return _record(layer, layer.effective_weight())
+    return layer.weight
+
+
+# --------------------------------------------------------------------------------------------
+# get_attr reads of a layer's weight
+# --------------------------------------------------------------------------------------------
+
+def _owner_of_weight(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The local path of the Conv/Linear whose ``weight`` the ``get_attr`` ``node`` reads."""
+    if node.op != "get_attr":
+        return None
+    owner, _, attr = str(node.target).rpartition(".")
+    if attr != "weight" or not owner:
+        return None
+    try:
+        mod = gm.get_submodule(owner)
+    except AttributeError:
+        return None
+    return owner if isinstance(mod, WEIGHT_TYPES) else None
+
+
+def hidden_reads(graphs: dict[str, fx.GraphModule]) -> list[tuple[str, str, fx.Node]]:
+    """``(qualified layer name, graph prefix, get_attr node)`` of every Conv/Linear weight read
+    through ``get_attr`` in ``graphs`` (``{prefix: GraphModule}``, as in ``TraceResult.graphs``)."""
+    out = []
+    for prefix, gm in graphs.items():
+        for node in gm.graph.nodes:
+            owner = _owner_of_weight(gm, node)
+            if owner is not None:
+                out.append((f"{prefix}.{owner}" if prefix else owner, prefix, node))
+    return out
+
+
+def rewire_hidden_reads(graphs: dict[str, fx.GraphModule], rewritten: set[str]) -> dict[str, list[Change]]:
+    """Make every ``get_attr`` of a rewritten layer's weight read its effective weight.
+
+    Returns the changes by graph prefix (the caller recompiles)."""
+    changes: dict[str, list[Change]] = {}
+    for name, prefix, node in hidden_reads(graphs):
+        if name not in rewritten:
+            continue
+        gm = graphs[prefix]
+        owner = str(node.target).rpartition(".")[0]
+        with gm.graph.inserting_before(node):
+            layer = gm.graph.get_attr(owner)
+            new = gm.graph.call_function(effective_weight_of, (layer,))
+        new.meta.update({k: v for k, v in node.meta.items() if k == "nn_module_stack"})
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        changes.setdefault(prefix, []).append(
+            Change("reroute", new.name, f"get_attr {node.target} -> effective_weight_of({owner})"))
+    return changes
+
+
+# --------------------------------------------------------------------------------------------
+# nn.MultiheadAttention
+# --------------------------------------------------------------------------------------------
+
+def _load_dense_keys(module, state_dict, prefix, *args, **kwargs):
+    # checkpoints of the dense model name the packed projection ``in_proj_weight``
+    old = prefix + "in_proj_weight"
+    if old in state_dict and prefix + "in_proj.weight" not in state_dict:
+        state_dict[prefix + "in_proj.weight"] = state_dict.pop(old)
+
+
+class SparseMultiheadAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` whose packed input projection is the ``Linear`` child ``in_proj``
+    and whose forward multiplies with the effective weights of ``in_proj`` and ``out_proj``.
+
+    ``in_proj_weight`` stays readable (it returns the effective weight); in ``state_dict`` the
+    parameter is ``in_proj.weight``, and dense checkpoints (``in_proj_weight``) still load. The
+    inference fast path (``torch._native_multi_head_attention``) is not used; results are equal.
+    """
+
+    @classmethod
+    def from_dense(cls, mha: nn.MultiheadAttention) -> "SparseMultiheadAttention":
+        if not mha._qkv_same_embed_dim or mha.__dict__.get("_parameters", {}).get("in_proj_weight") is None:
+            raise ValueError("only MultiheadAttention with a packed in_proj_weight (kdim == vdim == embed_dim)")
+        new = cls.__new__(cls)
+        new.__dict__.update(mha.__dict__)
+        for key in ("_parameters", "_buffers", "_modules", "_load_state_dict_pre_hooks"):
+            if key in mha.__dict__:
+                new.__dict__[key] = type(mha.__dict__[key])(mha.__dict__[key])
+        weight = new._parameters.pop("in_proj_weight")
+        lin = nn.Linear.__new__(nn.Linear)
+        nn.Module.__init__(lin)
+        lin.in_features, lin.out_features = weight.shape[1], weight.shape[0]
+        lin.weight = weight
+        lin.bias = None  # the bias stays in_proj_bias, read by the attention as before
+        lin.train(mha.training)
+        new.in_proj = lin
+        new._register_load_state_dict_pre_hook(_load_dense_keys, with_module=True)
+        return new
+
+    @property
+    def in_proj_weight(self) -> torch.Tensor:  # noqa: D401  (attribute of the base class)
+        return effective_weight_of(self.in_proj)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights: bool = True, attn_mask=None,
+                average_attn_weights: bool = True, is_causal: bool = False):
+        is_batched = query.dim() == 3
+        key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
+                                             other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
+                                             target_type=query.dtype)
+        attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+                                      target_type=query.dtype, check_other=False)
+        if self.batch_first and is_batched:
+            # keep "query is key is value": the packed projection is one matmul only then
+            if key is value:
+                if query is key:
+                    query = key = value = query.transpose(1, 0)
+                else:
+                    query, key = (x.transpose(1, 0) for x in (query, key))
+                    value = key
+            else:
+                query, key, value = (x.transpose(1, 0) for x in (query, key, value))
+        out, weights = F.multi_head_attention_forward(
+            query, key, value, self.embed_dim, self.num_heads, effective_weight_of(self.in_proj),
+            self.in_proj_bias, self.bias_k, self.bias_v, self.add_zero_attn, self.dropout,
+            effective_weight_of(self.out_proj), self.out_proj.bias, training=self.training,
+            key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights, is_causal=is_causal)
+        if self.batch_first and is_batched:
+            return out.transpose(1, 0), weights
+        return out, weights
+
+    def to_plain(self) -> nn.MultiheadAttention:
+        """A plain ``nn.MultiheadAttention`` computing with the deployed weights."""
+        plain = nn.MultiheadAttention.__new__(nn.MultiheadAttention)
+        plain.__dict__.update(self.__dict__)
+        for key in ("_parameters", "_buffers", "_modules", "_load_state_dict_pre_hooks"):
+            plain.__dict__[key] = type(self.__dict__[key])(self.__dict__[key])
+        for k, hook in list(plain._load_state_dict_pre_hooks.items()):
+            if getattr(hook, "hook", hook) is _load_dense_keys or getattr(hook, "__wrapped__", None) is _load_dense_keys:
+                del plain._load_state_dict_pre_hooks[k]
+        in_proj = plain._modules.pop("in_proj")
+        w = in_proj.deployed_weight() if isinstance(in_proj, SparseWeightMixin) else in_proj.weight.detach()
+        plain._parameters = {"in_proj_weight": nn.Parameter(w.clone(), requires_grad=in_proj.weight.requires_grad),
+                             **plain._parameters}
+        return plain
+
+
+def _mha_candidates(root: nn.Module, winner, convert: bool) -> list[Candidate]:
+    out = []
+    for name, mha in list(root.named_modules()):
+        if type(mha) is not nn.MultiheadAttention or not mha._qkv_same_embed_dim or mha.in_proj_weight is None:
+            continue
+        q = lambda s: f"{name}.{s}" if name else s  # noqa: E731
+        probe = SparseMultiheadAttention.from_dense(mha)  # shares the parameters; replaces mha only if used
+        cands = [Candidate(q("in_proj"), probe.in_proj), Candidate(q("out_proj"), mha.out_proj)]
+        wins = [winner(c) for c in cands]
+        if not any(w is not None and w.method is not None for w in wins):
+            continue
+        if convert:
+            parent, _, attr = name.rpartition(".")
+            setattr(root.get_submodule(parent) if parent else root, attr, probe)
+        out.extend(cands)
+    return out
+
+
+def hidden_candidates(root: nn.Module, graphs: dict[str, fx.GraphModule], winner, *,
+                      called: set[str], convert: bool) -> list[Candidate]:
+    """Candidates for layers whose weights are read outside a module call.
+
+    ``winner(candidate)`` is the rule matcher; ``called`` holds layers already reached through a
+    ``call_module`` node. With ``convert`` the MultiheadAttention modules a rule reaches are
+    replaced by :class:`SparseMultiheadAttention` (same computation) so their projections can be
+    rewritten. The candidates have no graph node: methods swap them as attributes.
+    """
+    out, seen = [], set(called)
+    for name, prefix, node in hidden_reads(graphs):
+        if name in seen:
+            continue
+        seen.add(name)
+        out.append(Candidate(name, root.get_submodule(name)))
+    return out + _mha_candidates(root, winner, convert)
+
+
+def needed_paths(graphs: dict[str, fx.GraphModule], winner) -> set[str]:
+    """Modules whose forwards hold a ``get_attr`` of a weight some rule rewrites: these must be
+    traced through (not kept as leaves), or the read would vanish into an opaque call."""
+    needed = set()
+    for name, prefix, node in hidden_reads(graphs):
+        gm = graphs[prefix]
+        w = winner(Candidate(name, gm.get_submodule(str(node.target).rpartition(".")[0])))
+        if w is None or w.method is None:
+            continue
+        for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+            if path:
+                needed.add(f"{prefix}.{path}" if prefix else path)
+    return needed
+
+
+# --------------------------------------------------------------------------------------------
+# finalize and MACs
+# --------------------------------------------------------------------------------------------
+
+def finalize_hidden(root: nn.Module, graph_paths: list[str]) -> None:
+    """Turn ``effective_weight_of(layer)`` back into ``get_attr layer.weight`` and every
+    :class:`SparseMultiheadAttention` into a plain ``nn.MultiheadAttention`` (after the layers
+    themselves were finalized)."""
+    for prefix in graph_paths:
+        gm = root.get_submodule(prefix) if prefix else root
+        if not isinstance(gm, fx.GraphModule):
+            continue
+        touched = False
+        for node in list(gm.graph.nodes):
+            if node.op == "call_function" and node.target is effective_weight_of and node.args[0].op == "get_attr":
+                layer = node.args[0]
+                with gm.graph.inserting_before(node):
+                    plain = gm.graph.get_attr(f"{layer.target}.weight")
+                node.replace_all_uses_with(plain)
+                gm.graph.erase_node(node)
+                if not layer.users:
+                    gm.graph.erase_node(layer)
+                touched = True
+        if touched:
+            gm.graph.lint()
+            gm.recompile()
+    for name, m in list(root.named_modules()):
+        if isinstance(m, SparseMultiheadAttention):
+            parent, _, attr = name.rpartition(".")
+            setattr(root.get_submodule(parent) if parent else root, attr, m.to_plain())
+
+
+_RECORD: dict | None = None  # id(weight tensor) -> (tensor, layer) while hidden_positions watches
+
+
+def _record(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    if _RECORD is not None:
+        _RECORD[id(weight)] = (weight, layer)  # the tensor is kept so its id is not reused
+    return weight
+
+
+class _Watch(torch.overrides.TorchFunctionMode):
+    """Counts output positions per sample of watched weights in F.linear / F.conv* calls, and of
+    the two projections of F.multi_head_attention_forward (its inner calls are not seen)."""
+
+    def __init__(self, layers: dict[int, str], batch: int):
+        super().__init__()
+        self.layers, self.batch, self.out = layers, batch, {}
+
+    def _name(self, w):
+        if not isinstance(w, torch.Tensor):
+            return None
+        hit = _RECORD.get(id(w)) if _RECORD is not None else None
+        return self.layers.get(id(hit[1]) if hit is not None else id(w))
+
+    def _add(self, w, positions):
+        name = self._name(w)
+        if name is not None:
+            self.out[name] = self.out.get(name, 0.0) + positions
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if func is F.multi_head_attention_forward:
+            self._add(args[5], args[0].numel() / args[0].shape[-1] / self.batch)  # (L, N, E): L·N tokens
+            self._add(args[11], args[0].numel() / args[0].shape[-1] / self.batch)
+        elif func in (F.linear, F.conv1d, F.conv2d, F.conv3d) and len(args) > 1 and isinstance(result, torch.Tensor):
+            self._add(args[1], result.numel() / args[1].shape[0] / self.batch)
+        return result
+
+
+@torch.no_grad()
+def hidden_positions(root: nn.Module, example_inputs, names: list[str]) -> dict[str, float]:
+    """Output positions per sample (MACs per weight element) of the layers ``names``, whose
+    weights are read outside module calls, found by watching which F.linear / F.conv /
+    multi-head-attention call receives their weight during one eval forward.
+
+    >>> mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    >>> class Net(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__(); self.mha = mha
+    ...     def forward(self, x):
+    ...         return self.mha(x, x, x)[0]
+    >>> hidden_positions(Net(), (torch.zeros(2, 5, 8),), ["mha.out_proj"])
+    {'mha.out_proj': 5.0}
+    """
+    global _RECORD
+    if not names or example_inputs is None:
+        return {}
+    layers = {}
+    for name in names:
+        try:
+            layer = root.get_submodule(name)
+        except AttributeError:  # a dry run: MultiheadAttention not converted, watch its parameter
+            parent, _, attr = name.rpartition(".")
+            mha = root.get_submodule(parent) if parent else root
+            if attr == "in_proj" and isinstance(mha, nn.MultiheadAttention):
+                layers[id(mha.in_proj_weight)] = name
+            continue
+        layers[id(layer)] = name
+        layers[id(layer.weight)] = name
+    batch = next((x.shape[0] for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0), 1)
+    mode = _Watch(layers, batch)
+    was_training = root.training
+    fast = torch.backends.mha.get_fastpath_enabled()
+    _RECORD = {}
+    try:
+        root.eval()
+        torch.backends.mha.set_fastpath_enabled(False)
+        with mode:
+            root(*example_inputs)
+    except Exception:  # MACs are a report nicety; a model that rejects the watch keeps None
+        return {}
+    finally:
+        _RECORD = None
+        root.train(was_training)
+        torch.backends.mha.set_fastpath_enabled(fast)
+    return mode.out

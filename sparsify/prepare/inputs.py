@@ -1,0 +1,82 @@
+"""Example inputs: guessing one from the model, and what one forward on them shows (the output
+positions per sample of every Conv/Linear layer, i.e. MACs per weight element)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from sparsify.core.conv1d import in_features_of, out_features_of
+from sparsify.core.eval_loop import run_eval
+from sparsify.core.layers import WEIGHT_TYPES
+from sparsify.core.state import SparsifyState
+
+__all__ = ["positions_per_sample", "guess_example_inputs", "state_inputs"]
+
+
+def _batch_of(inputs: Sequence) -> int:
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            return x.shape[0]
+    return 1
+
+
+@torch.no_grad()
+def positions_per_sample(model: nn.Module, example_inputs: Sequence) -> dict[str, float]:
+    """Run ``model`` once in eval mode and return, for each Conv/Linear layer by qualified name,
+    its output positions per sample (MACs per sample = positions × weight elements).
+
+    >>> positions_per_sample(nn.Sequential(nn.Conv2d(3, 8, 3)), (torch.zeros(2, 3, 10, 10),))
+    {'0': 64.0}
+    """
+    batch = _batch_of(example_inputs)
+    out: dict[str, float] = {}
+    handles = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, WEIGHT_TYPES):
+            out_ch = out_features_of(mod)
+
+            def hook(m, inp, y, name=name, out_ch=out_ch):
+                out[name] = out.get(name, 0.0) + y.numel() / out_ch / batch
+            handles.append(mod.register_forward_hook(hook))
+    with torch.no_grad():  # only shapes are read: an autograd graph would cost time and memory
+        run_eval(model, [example_inputs], tuple, None, handles)
+    return out
+
+
+def guess_example_inputs(model: nn.Module) -> tuple | None:
+    """A plausible single-sample input from the first Conv/Linear layer (224² images, 112² video
+    clips of 8 frames, 128-long sequences), or None when the model rejects it."""
+    first = next((m for m in model.modules() if isinstance(m, WEIGHT_TYPES)), None)
+    if first is None:
+        return None
+    if isinstance(first, nn.Conv2d):
+        shape = (1, first.in_channels, 224, 224)
+    elif isinstance(first, nn.Conv3d):
+        shape = (1, first.in_channels, 8, 112, 112)
+    elif isinstance(first, nn.Conv1d):
+        shape = (1, first.in_channels, 128)
+    else:
+        shape = (1, in_features_of(first))
+    x = (torch.zeros(shape, device=first.weight.device, dtype=first.weight.dtype),)
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(*x)
+        return x
+    except Exception:
+        return None
+    finally:
+        model.train(was_training)
+
+
+def state_inputs(state: SparsifyState, root: nn.Module):
+    """The example inputs given to ``sparsify`` or, when none were, a single sample guessed from
+    the model (:func:`sparsify.prepare.inputs.guess_example_inputs`) on first use; ``None`` when the
+    model rejects the guess. Stored in ``state.example_inputs``."""
+    if state.example_inputs is None and state.guess_inputs_later:
+        state.guess_inputs_later = False
+        state.example_inputs = guess_example_inputs(root)
+    return state.example_inputs

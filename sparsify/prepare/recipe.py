@@ -1,0 +1,199 @@
+"""Recipes: loading (built-in name, JSON path or dict), schema validation, parameter resolution.
+
+A recipe is data, never code. Errors name the file, line and column for malformed JSON and the
+JSON path (``$.rules[1].match.typ``) for anything the schema or a method rejects.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from sparsify.methods import REGISTRY, get_method
+
+__all__ = ["RecipeError", "Rule", "Recipe", "load_recipe", "builtin_recipes", "schema"]
+
+
+class RecipeError(ValueError):
+    """A recipe is malformed; the message says where and what to do."""
+
+
+@dataclass
+class Rule:
+    """One rule after resolution: ``params`` holds every parameter of its method."""
+
+    index: int
+    match: dict
+    method: str | None
+    params: dict = field(default_factory=dict)
+
+    @property
+    def path(self) -> str:
+        return f"$.rules[{self.index}]"
+
+
+@dataclass
+class Recipe:
+    """A validated recipe with overrides applied. ``data`` is the resolved JSON document."""
+
+    name: str
+    description: str
+    source: str
+    data: dict
+    rules: list[Rule]
+
+    @property
+    def options(self) -> dict:
+        return self.data.get("options", {})
+
+    @property
+    def stages(self) -> list[dict]:
+        return self.data.get("stages", [])
+
+    def to_json(self) -> str:
+        return json.dumps(self.data, indent=2, sort_keys=True)
+
+
+def _recipe_dir():
+    return resources.files("sparsify") / "recipes"
+
+
+def schema() -> dict:
+    """The recipe JSON Schema shipped as ``sparsify/recipes/recipe.schema.json``."""
+    return json.loads((_recipe_dir() / "recipe.schema.json").read_text())
+
+
+def builtin_recipes() -> dict[str, str]:
+    """Built-in recipe names and their one-line descriptions.
+
+    >>> "st3" in builtin_recipes()
+    True
+    """
+    out = {}
+    for entry in sorted(_recipe_dir().iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".json") and entry.name != "recipe.schema.json":
+            out[entry.name[:-5]] = json.loads(entry.read_text()).get("description", "")
+    return out
+
+
+def _json_path(parts) -> str:
+    out = "$"
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else f".{p}"
+    return out
+
+
+def _parse(text: str, source: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecipeError(f"{source}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
+
+
+def _read(spec) -> tuple[dict, str]:
+    if isinstance(spec, dict):
+        return copy.deepcopy(spec), "<dict>"
+    if isinstance(spec, Path) or (isinstance(spec, str) and (spec.endswith(".json") or "/" in spec)):
+        path = Path(spec)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {str(path)!r} does not exist")
+        return _parse(path.read_text(), str(path)), str(path)
+    if isinstance(spec, str):
+        known = builtin_recipes()
+        if spec not in known:
+            raise RecipeError(f"unknown recipe {spec!r}; built-in recipes: {', '.join(known)} "
+                              "(or pass a path to a .json file, or a dict)")
+        entry = _recipe_dir() / f"{spec}.json"
+        return _parse(entry.read_text(), f"<built-in {spec}>"), f"built-in:{spec}"
+    raise RecipeError(f"a recipe is a built-in name, a path to a JSON file, or a dict; got {type(spec).__name__}")
+
+
+def _validate_schema(data, source: str) -> None:
+    validator = jsonschema.Draft202012Validator(schema())
+    errors = sorted(validator.iter_errors(data), key=lambda e: (list(e.absolute_path), e.message))
+    if not errors:
+        return
+    lines = []
+    for err in errors[:5]:
+        path = list(err.absolute_path)
+        msg = err.message
+        if err.validator == "additionalProperties":
+            extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+            if extra:
+                allowed = ", ".join(sorted(err.schema.get("properties", {})))
+                path = path + [extra[0]]
+                msg = f"unknown key {extra[0]!r} (allowed here: {allowed})"
+        lines.append(f"{_json_path(path)}: {msg}")
+    raise RecipeError(f"{source}: invalid recipe:\n  " + "\n  ".join(lines))
+
+
+def _resolve_rule(index: int, raw: dict, schedule: dict, source: str) -> Rule:
+    method_name = raw["method"]
+    path = f"$.rules[{index}]"
+    if method_name is None:
+        return Rule(index, raw["match"], None, {})
+    if method_name not in REGISTRY:
+        raise RecipeError(f"{source}: {path}.method: unknown method {method_name!r}; "
+                          f"known methods: {', '.join(sorted(REGISTRY))}")
+    method = get_method(method_name)
+    params = dict(method.params)
+    for key in method.schedule_keys:
+        if key in schedule:
+            params[key] = schedule[key]
+    for key, value in raw.get("params", {}).items():
+        if key not in method.params:
+            raise RecipeError(f"{source}: {path}.params.{key}: unknown parameter of method "
+                              f"{method_name!r}; its parameters: {', '.join(sorted(method.params))}")
+        params[key] = value
+    return Rule(index, raw["match"], method_name, params)
+
+
+def load_recipe(spec, **overrides) -> Recipe:
+    """Load, validate and resolve a recipe; ``overrides`` set a parameter in every rule whose
+    method has it (and the schedule block).
+
+    >>> r = load_recipe("st3", sparsity=0.95)
+    >>> r.rules[0].params["sparsity"]
+    0.95
+    >>> load_recipe({"version": 1, "rules": [{"match": {"typ": "Conv2d"}, "method": "st3"}]})
+    Traceback (most recent call last):
+    ...
+    sparsify.prepare.recipe.RecipeError: <dict>: invalid recipe:
+      $.rules[0].match.typ: unknown key 'typ' (allowed here: depthwise, first, grouped, in_channels, kernel_size, last, name, not_name, op, out_channels, type)
+    """
+    data, source = _read(spec)
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a JSON object, got {type(data).__name__}")
+    _validate_schema(data, source)
+    schedule = dict(data.get("schedule", {}))
+    for key in overrides:
+        if key in schedule:
+            schedule[key] = overrides[key]
+    data["schedule"] = schedule
+    rules = [_resolve_rule(i, raw, schedule, source) for i, raw in enumerate(data["rules"])]
+    used = set(schedule)
+    for rule in rules:
+        if rule.method is None:
+            continue
+        for key, value in overrides.items():
+            if key in rule.params:
+                rule.params[key] = value
+                used.add(key)
+        data["rules"][rule.index]["params"] = dict(rule.params)
+        problems = get_method(rule.method).check(rule.params)
+        if problems:
+            raise RecipeError(f"{source}: " + "; ".join(
+                f"{rule.path}.params.{k}: {msg}" + (" (from the call's overrides)" if k in overrides else "")
+                for k, msg in problems))
+    unused = sorted(set(overrides) - used)
+    if unused:
+        known = sorted({k for r in rules if r.method for k in r.params} | set(schedule))
+        raise RecipeError(f"override {', '.join(map(repr, unused))} is not a parameter of this recipe "
+                          f"({source}); its parameters: {', '.join(known)}")
+    return Recipe(name=data.get("name", Path(source).stem), description=data.get("description", ""),
+                  source=source, data=data, rules=rules)

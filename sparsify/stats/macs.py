@@ -1,0 +1,63 @@
+"""Per-layer multiply-accumulate counts of Conv and Linear layers.
+
+A layer's dense MACs per sample are ``positions × weight.numel()`` where ``positions`` is the
+number of output positions per sample (spatial positions for a conv, tokens for a Linear); for
+weight-sparse layers the non-zero MACs are ``positions × nnz(W)``. Padding is not discounted, the
+usual convention (dense ResNet-18 at 224² = 1,814,073,344; checked against
+``torch.utils.flop_counter`` in the tests).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from sparsify.core.state import SparsifyState
+from sparsify.prepare.hidden import hidden_positions
+from sparsify.prepare.inputs import positions_per_sample, state_inputs
+
+__all__ = ["dense_macs", "layer_factors"]
+
+
+def layer_factors(state: SparsifyState, root: nn.Module) -> dict[str, float]:
+    """Output positions per sample (MACs per weight element) of each Conv/Linear of ``root``, by name.
+
+    Measured by one eval-mode forward on the example inputs the first time a report asks, not
+    inside ``sparsify()``, which then costs about a trace and a copy; stored in
+    ``state.layer_factors`` (an empty dict when no input runs).
+    """
+    if state.layer_factors is not None:
+        return state.layer_factors
+    inputs = state_inputs(state, root)
+    factors: dict[str, float] = {}
+    if inputs is not None:
+        try:
+            # the model may have moved (model.cuda()) since the inputs were given
+            device = next(root.parameters()).device
+            inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
+            factors = positions_per_sample(root, inputs)
+            factors.update(hidden_positions(root, inputs, state.hidden_names))
+        except Exception as exc:  # MACs are a report column, never a reason to stop training
+            warnings.warn(f"sparsify: could not run the example inputs to count MACs ({type(exc).__name__}: "
+                          f"{exc}); the report shows no MACs")
+            factors = {}
+    state.layer_factors = factors
+    return factors
+
+
+def dense_macs(model: nn.Module, example_inputs: Sequence) -> int:
+    """Total dense Conv/Linear MACs per sample.
+
+    >>> import torchvision
+    >>> dense_macs(torchvision.models.resnet18(), (torch.zeros(1, 3, 224, 224),))
+    1814073344
+    """
+    pos = positions_per_sample(model, example_inputs)
+    mods = dict(model.named_modules())
+    return int(round(sum(p * _weight_numel(mods[n]) for n, p in pos.items())))
+
+
+def _weight_numel(mod: nn.Module) -> int:
+    return mod.weight.numel()

@@ -1,0 +1,128 @@
+"""``sparsify.report``: per-layer and global sparsity, parameters and MACs, target vs achieved."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from sparsify.core.layers import SparseWeightMixin
+from sparsify.core.state import SparsifyState
+from sparsify.stats.macs import layer_factors
+
+__all__ = ["LayerRow", "Report", "build_report"]
+
+
+@dataclass
+class LayerRow:
+    name: str
+    method: str
+    kind: str
+    target: float | None  # scheduled target now
+    final_target: float | None
+    weight_sparsity: float | None  # achieved: fraction of zeros of the effective weight
+    params: int
+    nonzero_params: int
+    macs: int | None  # dense MACs per sample
+    nonzero_macs: int | None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    """What :func:`sparsify.report` returns: print it, or ``to_dict()`` / ``to_json()``."""
+
+    recipe: str
+    step: int
+    total_steps: int | None
+    layers: list[LayerRow]
+    groups: dict
+    totals: dict
+
+    def to_dict(self) -> dict:
+        return {"recipe": self.recipe, "step": self.step, "total_steps": self.total_steps,
+                "layers": [asdict(r) for r in self.layers], "groups": self.groups, "totals": self.totals}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def __str__(self) -> str:
+        def pct(v):
+            return "-" if v is None else f"{100 * v:.1f}%"
+
+        def num(v):
+            return "-" if v is None else f"{v:,}"
+        rows = [("layer", "method", "target", "achieved", "params", "non-zero", "MACs", "non-zero MACs")]
+        executed = any("executed_macs" in r.extra for r in self.layers)  # methods that run more than they count (SAS)
+        rows[0] += ("executed MACs",) if executed else ()
+        for r in self.layers:
+            rows.append((r.name, r.method, pct(r.target), pct(r.weight_sparsity), num(r.params),
+                         num(r.nonzero_params), num(r.macs), num(r.nonzero_macs))
+                        + ((num(r.extra.get("executed_macs", r.macs)),) if executed else ()))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = [f"recipe {self.recipe!r}, step {self.step}" + (f" of {self.total_steps}" if self.total_steps else "")]
+        for name, g in self.groups.items():
+            lines.append(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in g.items()))
+        lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+        t = self.totals
+        lines.append(
+            f"sparsified layers: {pct(t['weight_sparsity'])} of their weights are zero (target now "
+            f"{pct(t['target'])}); whole model: {num(t['nonzero_params'])} of {num(t['params'])} parameters non-zero"
+            + (f"; Conv/Linear MACs {num(t['nonzero_macs'])} of {num(t['macs'])} ({pct(t['mac_reduction'])} fewer)"
+               if t["macs"] else "")
+            + (f"; executed MACs {num(t['executed_macs'])}" if t.get("executed_macs") not in (None, t["macs"]) else ""))
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def build_report(root, state: SparsifyState) -> Report:
+    step = int(state.step)
+    factors = layer_factors(state, root)
+    layers, groups = [], {}
+    for gname, group in state.groups.items():
+        groups[gname] = {"method": group.method_name, "target": group.target(step), **group.describe(step)}
+        for name, mod in group.members.items():
+            extra = dict(group.layer_stats(name, mod, factors.get(name)))
+            row = LayerRow(name, group.method_name, type(mod).__name__, group.target(step), group.final_target(),
+                           None, 0, 0, None, None, extra)
+            if isinstance(mod, SparseWeightMixin):
+                w = mod.deployed_weight()
+                nnz = int(torch.count_nonzero(w))
+                row.params, row.nonzero_params = w.numel(), nnz
+                row.weight_sparsity = 1.0 - nnz / w.numel()
+                factor = factors.get(name)
+                if factor is not None:
+                    row.macs = int(round(factor * w.numel()))
+                    row.nonzero_macs = int(round(factor * nnz))
+            for key in ("params", "nonzero_params", "macs", "nonzero_macs", "weight_sparsity"):
+                if key in extra:  # a method with its own accounting (e.g. SAS) overrides
+                    setattr(row, key, extra.pop(key))
+            layers.append(row)
+    sparse_rows = [r for r in layers if r.params]
+    sp = sum(r.params for r in sparse_rows)
+    snz = sum(r.nonzero_params for r in sparse_rows)
+    targets = [(r.target, r.params) for r in sparse_rows if r.target is not None]
+    all_params = [p for n, p in root.named_parameters()]
+    rewritten = {r.name for r in sparse_rows}
+    param_total = sum(p.numel() for p in all_params)
+    # model-wide non-zeros: the sparsified layers' effective weights replace their latent ones
+    param_nnz = sum(int(torch.count_nonzero(p)) for n, p in root.named_parameters()
+                    if n.rpartition(".")[0] not in rewritten or not n.endswith("weight"))
+    param_nnz += snz
+    dense_rest = 0
+    mods = dict(root.named_modules())
+    for name, factor in factors.items():
+        if name not in rewritten and name in mods:
+            dense_rest += int(round(factor * mods[name].weight.numel()))
+    macs = sum(r.macs or 0 for r in sparse_rows) + dense_rest if factors else None
+    nz_macs = sum(r.nonzero_macs or 0 for r in sparse_rows) + dense_rest if factors else None
+    exec_macs = (sum(r.extra.get("executed_macs", r.macs or 0) for r in sparse_rows) + dense_rest
+                 if factors else None)  # what dense hardware runs (SAS: M x the counted MACs)
+    totals = {
+        "weight_sparsity": 1.0 - snz / sp if sp else None,
+        "target": sum(t * p for t, p in targets) / sum(p for _, p in targets) if targets else None,
+        "params": param_total, "nonzero_params": param_nnz,
+        "macs": macs, "nonzero_macs": nz_macs, "executed_macs": exec_macs,
+        "mac_reduction": 1.0 - nz_macs / macs if macs else None,
+    }
+    return Report(state.recipe.get("name", ""), step, state.total_steps, layers, groups, totals)
