@@ -238,7 +238,7 @@ def write_markdown(out: str, results: dict, models: list[tuple[str, str]], recip
          "worked with the whole model traced; `fallback`: it worked, with some submodule kept as an",
          "untraceable leaf and rewritten module by module inside (detection models: the root); `failure`:",
          "the stage and first line of the error. Random weights (`weights=None`).", "",
-         f"Progress: {len(done_models)} of {len(models)} models done, {len(rows)} runs: "
+         f"Result: {len(done_models)} of {len(models)} models, {len(rows)} runs: "
          f"{counts['ok']} ok, {counts['fallback']} fallback, {counts['failure']} failure.", ""]
     L.append("| model | family | nodes | " + " | ".join(recipes) + " |")
     L.append("|---|---|---|" + "---|" * len(recipes))
@@ -285,7 +285,7 @@ def write_markdown(out: str, results: dict, models: list[tuple[str, str]], recip
     for r in rows:
         tr = traces.get(r["model"], {})
         if retimed and r.get("timing") != "retimed":
-            continue  # timed by the sweep under whatever load it had: not comparable
+            continue  # timed by the sweep beside its other work: not comparable with --retime runs
         if r.get("sparsify_s") and tr.get("trace_s"):
             ratios.append((r["sparsify_s"] / tr["trace_s"], r["model"], r["recipe"], r["sparsify_s"], tr["trace_s"], tr["nodes"]))
     if ratios:
@@ -294,9 +294,9 @@ def write_markdown(out: str, results: dict, models: list[tuple[str, str]], recip
         L += ["## sparsify() time against torch.fx.symbolic_trace", "",
               "Both measured on the same model: the trace of the dense model in train mode (best of 3) and",
               "`sparsify` in its default mode (best of 2: tracing, matching, rewriting, the MAC-counting",
-              "forward, setting up the groups), re-measured on a quiet machine by",
-              "`benchmarks/zoo.py --retime`; once any run is re-measured, the table uses only those (the",
-              "sweep's own timings were taken under whatever load it had).", "",
+              "forward, setting up the groups), by `benchmarks/zoo.py --retime --out docs/coverage.md`",
+              "(which replaces the sweep's own timings) on a 2-core AMD EPYC (AVX-512), torch 2.15.0, 2",
+              "threads. Detection roots do not trace, so they have no ratio.", "",
               f"Median ratio {med:.1f}x over {len(ratios)} runs"
               + (f" of {len({x[1] for x in ratios})} models (the re-measured ones)" if retimed else "")
               + "; the worst 10:", "",
@@ -308,7 +308,7 @@ def write_markdown(out: str, results: dict, models: list[tuple[str, str]], recip
     if os.path.exists(out):
         with open(out) as f:
             text = f.read()
-        i = text.find("\n## Scaling")
+        i = text.find("\n## Notes")
         tail = text[i:] if i >= 0 else ""
     with open(out, "w") as f:
         f.write("\n".join(L) + tail)
@@ -365,7 +365,7 @@ def main(argv=None):
     ap.add_argument("--max-params", type=float, default=None, help="skip models with more parameters (millions)")
     ap.add_argument("--retime", action="store_true",
                     help="only re-measure sparsify() (default mode, best of 2) against symbolic_trace (best of "
-                         "3) for the cached runs, e.g. on a quiet machine; updates the cache's timings")
+                         "3) for the cached runs; updates the cache's timings")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     warnings.simplefilter("ignore")
