@@ -89,6 +89,16 @@ def test_console_script_runs():
     assert "st3" in json.loads(out)
 
 
+def test_python_dash_m_sparsify_is_the_command():
+    """``python -m sparsify`` takes the same arguments and gives the same output and exit status."""
+    run = lambda *a: subprocess.run([sys.executable, "-m", *a], capture_output=True, text=True)  # noqa: E731
+    as_module, as_cli = run("sparsify", "recipes", "--json"), run("sparsify.app.cli", "recipes", "--json")
+    assert as_module.returncode == 0 and json.loads(as_module.stdout) == json.loads(as_cli.stdout)
+    bad = run("sparsify", "plan", "--model", "cnn", "--recipe", "nosuch")
+    assert bad.returncode == 2 and "unknown recipe 'nosuch'" in bad.stderr
+    assert run("sparsify", "--help").stdout.startswith("usage: sparsify")
+
+
 def test_train_command_end_to_end(capsys, tmp_path):
     rc, out, _ = run_cli(capsys, "train", "--model", "cnn", "--recipe", "st3", "--epochs", "1", "--threads", "1",
                          "--out", str(tmp_path / "r"), "--no-progress", "--set", "sparsity=0.5", "--seed", "3")

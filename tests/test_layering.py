@@ -35,7 +35,11 @@ def layer_of(module: str) -> str | None:
         return None
     if len(parts) > 1 and parts[1] in RANK:
         return parts[1]
-    return "api"  # sparsify, sparsify.api, sparsify.__main__
+    if parts[1:] == ["__main__"]:
+        # ``python -m sparsify`` is the command-line entry point, the same as the ``sparsify``
+        # console script (sparsify.app.cli): it sits on top, with app, and imports the CLI
+        return "app"
+    return "api"  # sparsify, sparsify.api
 
 
 def resolve(module: str, is_package: bool, node: ast.ImportFrom) -> str:
@@ -111,3 +115,4 @@ def test_the_checker_sees_an_upward_import(tmp_path):
     assert layer_of("sparsify.core.state") == "core" and layer_of("sparsify.methods.st3") == "methods"
     assert RANK[layer_of("sparsify.methods.st3")] >= RANK[layer_of("sparsify.core.state")]
     assert layer_of("sparsify") == "api" and layer_of("torch") is None
+    assert layer_of("sparsify.__main__") == "app"
