@@ -240,45 +240,118 @@ def test_fraction_times_resolve_against_total_steps():
 # the fix phase
 # ---------------------------------------------------------------------------------------------
 
-def test_fix_keeps_output_and_stops_pruned_gradients():
-    m = sparsify.sparsify(small_net(), "st3", sparsity=0.7, begin=0, end=2, fix=4, example_inputs=inputs())
+def official_fix(weights: list[torch.Tensor], ratio: float, sigma: bool = False):
+    """The official fix step (METHODS.md §1; stthree ``_change_model(..., fix_model=True)``), in
+    plain torch: τ at the final ratio from the CURRENT weights (numpy's linear quantile over
+    ``|W|/σ_l``), per layer M = |W| > τ·σ_l, c = 1.01 / (ρ + 0.01), and only then W ← W_eff.
+    Returns the baked weights and the masks."""
+    sig = [1 / np.sqrt(sum(w.shape)) if sigma else 1.0 for w in weights]
+    scaled = torch.cat([(w.abs().double() / s).float().reshape(-1) for w, s in zip(weights, sig)]).double()
+    v, _ = torch.sort(scaled)
+    pos = (len(v) - 1) * ratio
+    lo = int(np.floor(pos))
+    tau = float(v[lo] + (v[min(lo + 1, len(v) - 1)] - v[lo]) * (pos - lo))
+    baked, masks = [], []
+    for w, s in zip(weights, sig):
+        t = float(torch.tensor(tau * s, dtype=torch.float32))  # the layer stores τ_l in float32
+        mask = (w.abs() > t).float()
+        dims = tuple(range(1, w.dim()))
+        rho = ((w.abs() * mask).mean(dims, keepdim=True) + 1e-6) / (w.abs().mean(dims, keepdim=True) + 1e-6)
+        c = 1.01 / (rho + 0.01)
+        baked.append(c * (w - torch.sign(w) * t) * mask)
+        masks.append(mask.bool())
+    return baked, masks
+
+
+def _train_until_fix(m, fix_at, tamper=None):
+    """Train to just before the fix step's ``sparsify.step``; ``tamper`` edits the weights as
+    part of that step's optimizer update."""
+    torch.manual_seed(1)
     opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
-    x = inputs()
 
     def train_step():
         F.cross_entropy(m(inputs()), torch.tensor([0, 3])).backward()
         opt.step()
         opt.zero_grad()
 
-    for _ in range(3):
+    for _ in range(fix_at - 1):
         train_step()
         sparsify.step(m)
     train_step()
+    if tamper is not None:
+        with torch.no_grad():
+            tamper(st3_layers(m))
+    return opt, train_step
+
+
+@pytest.mark.parametrize("sigma", [False, True])
+@pytest.mark.parametrize("begin,end,fix", [(0, 2, 4), (0, 10, 4)], ids=["fix-after-end", "fix-before-end"])
+def test_fix_step_follows_the_official_order(begin, end, fix, sigma):
+    s = 0.7
+    m = sparsify.sparsify(small_net(), "st3", sparsity=s, begin=begin, end=end, fix=fix, sigma=sigma,
+                          example_inputs=inputs())
+    crossed = {}
+
+    def tamper(layers):
+        # a kept weight crosses to the other side of zero, below τ, in the fix step's update
+        lay = layers[1]
+        idx = int(torch.nonzero(lay.mask.reshape(-1))[0])
+        w = lay.weight.view(-1)
+        w[idx] = -torch.sign(w[idx]) * 1e-4 * float(lay.tau)
+        crossed.update(layer=lay, idx=idx)
+
+    opt, train_step = _train_until_fix(m, fix, tamper)
+    assert bool(crossed["layer"].mask.view(-1)[crossed["idx"]]), "still in the previous step's mask"
+    ref_w, ref_masks = official_fix([lay.weight.detach().clone() for lay in st3_layers(m)], s, sigma)
+    x = inputs()
+    if end > fix:
+        with pytest.warns(UserWarning, match="before the ramp's end"):
+            sparsify.step(m)
+    else:
+        sparsify.step(m)
+    layers = st3_layers(m)
+    assert all(bool(lay.fixed) for lay in layers)
+    for lay, w, mask in zip(layers, ref_w, ref_masks):
+        assert torch.equal(lay.mask, mask)
+        torch.testing.assert_close(lay.weight.detach(), w, rtol=1e-6, atol=1e-7)
+    assert float(crossed["layer"].weight.detach().view(-1)[crossed["idx"]]) == 0.0, "the crossed weight is pruned, not flipped"
+    zeros, n = zeros_of(m)
+    assert zeros == pruned_count(n, s), "the fix applies the final ratio"
+    assert group_of(m).target(fix) == s
+
+    # the output across the fix: the official forward with the recomputed state, then W ⊙ M
+    def net_with(ws):
+        convs = [F.relu(F.conv2d(x, ws[0], layers[0].bias))]
+        convs.append(F.relu(F.conv2d(convs[0], ws[1], layers[1].bias, stride=2)))
+        return F.linear(convs[1].flatten(1), ws[2], layers[2].bias)
+
     with torch.no_grad():
-        before = m(x)
-    assert not any(bool(lay.fixed) for lay in st3_layers(m))
-    sparsify.step(m)  # step 4: the fix
-    assert all(bool(lay.fixed) for lay in st3_layers(m))
-    with torch.no_grad():
-        after = m(x)
-    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
-    zeros_at_fix, n = zeros_of(m)
-    assert zeros_at_fix >= pruned_count(n, 0.7)
+        torch.testing.assert_close(m(x), net_with(ref_w), rtol=1e-5, atol=1e-6)
 
     F.cross_entropy(m(x), torch.tensor([0, 3])).backward()
-    for lay in st3_layers(m):
+    for lay in layers:
         assert bool((lay.weight.grad[~lay.mask] == 0).all())
         assert (lay.weight.grad[lay.mask] != 0).any()
-        assert bool((lay.weight.detach()[~lay.mask] == 0).all()), "W <- W_eff is baked into the latent weight"
     opt.zero_grad()
-    masks = [lay.mask.clone() for lay in st3_layers(m)]
+    masks = [lay.mask.clone() for lay in layers]
     for _ in range(3):
         train_step()
         sparsify.step(m)
     for lay, mask in zip(st3_layers(m), masks):
         assert torch.equal(lay.mask, mask), "the mask is frozen after the fix"
         assert bool((lay.effective_weight()[~mask] == 0).all())
-    assert find_state(m).step == 7
+    assert find_state(m).step == fix + 3
+
+
+def test_stale_fix_differs_from_the_official_one():
+    """The reference is not vacuous: baking the previous step's τ/M/c into the moved weights
+    (the order this test guards against) gives other weights."""
+    m = sparsify.sparsify(small_net(), "st3", sparsity=0.7, begin=0, end=2, fix=4, example_inputs=inputs())
+    _train_until_fix(m, 4)
+    layers = st3_layers(m)
+    stale = [st3_effective_weight(lay.weight.detach(), float(lay.tau), lay.mask, lay.scale) for lay in layers]
+    ref, _ = official_fix([lay.weight.detach().clone() for lay in layers], 0.7)
+    assert any(not torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(stale, ref))
 
 
 def test_cubic_with_begin_equal_end_is_a_step():

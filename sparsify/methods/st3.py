@@ -160,7 +160,8 @@ class ST3Mixin(SparseWeightMixin):
 
     @torch.no_grad()
     def fix(self) -> None:
-        """Bake W ← W_eff and freeze the mask: from now on the forward is W ⊙ M."""
+        """Bake W ← W_eff and freeze the mask: from now on the forward is W ⊙ M. The group calls
+        :meth:`set_threshold` first (the official order), so W_eff is that of the current W."""
         if bool(self.fixed):
             return
         self.weight.copy_(self.effective_weight().detach())
@@ -184,8 +185,11 @@ class ST3Group(Group):
         self.register_buffer("tau", torch.zeros((), dtype=torch.float64))
         self.sigmas = {name: (sigma_of(m.weight) if params["sigma"] else 1.0) for name, m in members.items()}
         self._quantile = QuantileTracker()  # exact quantile, reusing the previous τ (speed only, not state)
+        self._early_fix: str | None = None
 
     def target(self, step: int) -> float:
+        if self.fix_at is not None and step >= self.fix_at:
+            return self.params["sparsity"]  # the fix forces the final ratio (also before the ramp's end)
         return cubic(step, self.begin, self.end, self.params["sparsity"])  # begin == end: a step
 
     @torch.no_grad()
@@ -195,11 +199,26 @@ class ST3Group(Group):
             # an optimizer may write W without bumping its version (fused kernels, .data):
             # never reuse an effective weight across steps
             m.drop_caches()
-        if self.fix_at is not None and step >= self.fix_at:
+        if all(bool(m.fixed) for _, m in layers):
+            return  # frozen (also a loaded official checkpoint saved after its fix)
+        fixing = self.fix_at is not None and step >= self.fix_at
+        # the official order at the fix step: the ratio forced to its final value, τ, M and c
+        # recomputed from the weights this step's optimizer update wrote, and only then W ← W_eff
+        r = self.target(step)
+        self._set_ratio(layers, r)
+        if fixing:
             for _, m in layers:
                 m.fix()
-            return
-        r = self.target(step)
+            if step < self.end:
+                self._early_fix = (f"ST-3: fixed at step {step}, before the ramp's end (step {self.end}): the final "
+                                   f"sparsity {r} was applied at the fix, as the official code does; put 'fix' "
+                                   "after 'end' to reach it gradually")
+
+    def warnings(self) -> list[str]:
+        return [self._early_fix] if self._early_fix else []
+
+    def _set_ratio(self, layers, r: float) -> None:
+        """The global τ at ratio ``r`` over the layers' current weights, then each layer's M and c."""
         if r <= 0:
             self.tau.fill_(0.0)
             for _, m in layers:
