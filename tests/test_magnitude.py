@@ -163,8 +163,8 @@ def test_frequency_must_be_null_or_a_positive_whole_number():
 
 def test_gmp_keeps_two_weight_sized_work_tensors_per_layer():
     # |W| for the threshold goes into the (stale) W ⊙ M buffer: only W ⊙ M and the float mask stay
-    from sparsify.core.layers import _SCRATCH
+    from sparsify.core.buffers import layer_buffers
     m = make(begin=0, end=0, sparsity=0.5)
     run(m, 2)
     for layer in layers(m):
-        assert sorted(_SCRATCH[layer][0]) == ["mask_f", "masked"]
+        assert layer_buffers(layer).names() == ["mask_f", "masked"]

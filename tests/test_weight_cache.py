@@ -11,7 +11,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparsify
-from sparsify.core.layers import SparseWeightMixin, plain_eager
+from sparsify.core.buffers import eager
+from sparsify.core.layers import SparseWeightMixin
 from sparsify.methods.magnitude import MagnitudeMixin
 from sparsify.methods.st3 import ST3Mixin, _StraightThrough, st3_effective_weight, st3_scale
 
@@ -173,12 +174,12 @@ class _Spy(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_plain_eager_only_when_nothing_traces():
-    assert plain_eager()
+def test_eager_only_when_nothing_traces():
+    assert eager()
     with torch.device("cpu"):
-        assert plain_eager()
+        assert eager()
     with _Spy():
-        assert not plain_eager()
+        assert not eager()
     m = build("gmp")
     train(m)
     lay = layers(m)[0]

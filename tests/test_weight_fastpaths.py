@@ -13,6 +13,7 @@ import torchvision
 from torch import nn
 
 import sparsify
+from sparsify.core.buffers import layer_buffers
 import sparsify.methods.str as str_mod
 from sparsify.methods.nm import NMMixin, _MaskedStraightThrough, _NMWeight, nm_mask
 from sparsify.methods.str import STRMixin, _shrink, _SoftThreshold, soft_threshold, str_weight
@@ -156,10 +157,10 @@ def test_str_buffer_is_reused_once_the_graph_is_gone_and_copies_start_without_it
     y.backward()
     torch.testing.assert_close(layer.weight.grad, 2 * once)
     # copies and pickles hold no buffers, and keep the same state_dict
-    assert layer.__dict__["_reused"]._entries
+    assert layer_buffers(layer).names() == ["eff"]
     for other in (layers(copy.deepcopy(m), STRMixin)[0], pickle.loads(pickle.dumps(layer))):
-        held = other.__dict__.get("_reused")
-        assert held is None or not held._entries
+        held = layer_buffers(other, create=False)
+        assert held is None or not held.names()
         assert other.state_dict().keys() == layer.state_dict().keys()
         assert torch.equal(other(torch.ones(1, 8)), layer(torch.ones(1, 8)))
 
@@ -252,7 +253,7 @@ def test_nm_fast_path_trains_bit_identically_to_the_plain_path():
                 sparsify.step(m)
             m.eval()
             runs.append((m.state_dict(), m(X)))
-        assert any(layer.__dict__.get("_reused") for layer in layers(m, NMMixin)) == fast  # the path ran
+        assert any("eff" in layer_buffers(layer).names() for layer in layers(m, NMMixin)) == fast  # the path ran
     (sd_fast, out_fast), (sd_ref, out_ref) = runs
     assert torch.equal(out_fast, out_ref)
     for k, v in sd_fast.items():  # weights, masks, momentum-driven BN statistics

@@ -1,25 +1,28 @@
-"""Weight-sized tensors that STR and N:M layers reuse from step to step instead of allocating.
+"""The one buffer facility: per-layer reusable tensors, one thread-local workspace, one eager rule.
 
-On CPU a fresh weight-sized tensor costs several times the arithmetic that fills it (the pages
-are new to the process every time: ``w * m`` is ~10x slower than ``torch.mul(w, m, out=buf)``
-on ResNet-18's 11 M weights). A layer's forward therefore writes its effective weight into a
-:class:`ReusedWeight` buffer, and the backward of its custom autograd function works in
-place on the incoming gradient (the conv/linear it feeds created that gradient for it alone).
+Every method that computes a weight-sized or activation-sized tensor in every step (ST-3, GMP,
+STR, N:M, SAS, the penalty kernels) takes its memory from here instead of allocating: on CPU a
+fresh large tensor costs several times the arithmetic that fills it (its pages are new to the
+process every time: ``w * m`` is ~10x slower than ``torch.mul(w, m, out=buf)`` on ResNet-18's
+11 M weights; docs/performance.md).
 
-Rules that keep this exact and safe:
-
-* the buffer is overwritten only when no autograd graph still needs its content: every
-  forward that hands it out with history pins it (:meth:`ReusedWeight.pin`) until that graph's
-  backward ran or the graph was freed; while pinned, a forward that needs new content gets a
-  fresh tensor (the old, allocating behaviour);
-* its content is reused without recomputing only while the tensors it was computed from are
-  the same objects at the same version (:func:`content_key`), and the buffer itself was not
-  written by anyone else;
-* whatever a caller holds is an alias sharing the buffer's version counter, so a graph that
-  saved it and is backpropagated after a rewrite fails loudly (PyTorch's "modified by an
-  inplace operation") instead of computing with the new values;
-* none of this runs while a tracer or transform records the forward (:func:`eager`); buffers
-  never appear in ``state_dict``, copies or pickles.
+* :func:`layer_buffers` gives a layer its :class:`LayerBuffers`: named tensors, one per device
+  (DataParallel replicas, ``.to()``), kept outside the module (keyed weakly by it), so
+  ``state_dict``, ``copy.deepcopy``, pickles, DDP's buffer broadcast and ``.to()`` never see them;
+* a buffer's content is reused without recomputing only while the tensors it was computed from
+  are the same objects at the same version and the buffer itself was not written since
+  (:func:`content_key`; :meth:`LayerBuffers.cached`);
+* a buffer handed out to an autograd graph is *pinned* (:meth:`LayerBuffers.pin`) until that
+  graph's backward ran or the graph was freed; while pinned, :meth:`LayerBuffers.target` says
+  None and the caller computes into a fresh tensor. Whatever a caller holds is an alias sharing
+  the buffer's version counter, so a graph that saved it and is backpropagated after a rewrite
+  fails loudly (PyTorch's "modified by an inplace operation") instead of using the new values;
+* :func:`workspace`: temporaries that never leave one backward node, one forward op or one group
+  update, shared by every layer of a thread; reused on CPU, fresh on other devices (their caching
+  allocators recycle memory already, and a kept activation-sized workspace would hold memory
+  the allocator could give to others);
+* :func:`eager` is the one rule for "may a layer reuse or cache now": never while a tracer or
+  transform records the forward (a tracer would capture buffers as constants).
 """
 from __future__ import annotations
 
@@ -28,25 +31,38 @@ import weakref
 
 import torch
 
-__all__ = ["ReusedWeight", "Transient", "content_key", "eager", "scratch"]
+__all__ = ["LayerBuffers", "layer_buffers", "content_key", "eager", "workspace", "release_workspaces"]
 
 
 def eager() -> bool:
-    """True when tensors are computed for real, now: not under ``torch.compile``/export, the
-    JIT, a dispatch or torch-function mode (FakeTensor, make_fx) or a functorch transform.
+    """True when tensors are computed for real, right now: not under ``torch.compile``/export,
+    the JIT, a dispatch mode (FakeTensor, make_fx), a torch-function mode other than a default
+    device (``torch.set_default_device``, ``with torch.device(...)``: buffers name their device)
+    or a functorch transform. Only then may a layer reuse buffers or return cached tensors.
 
     >>> eager()
+    True
+    >>> with torch.device("cpu"):
+    ...     eager()
     True
     """
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
         return False
-    return not (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
-                or torch._C._are_functorch_transforms_active())
+    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
+        return False
+    if torch._C._is_torch_function_mode_enabled():
+        from torch.overrides import _get_current_function_mode_stack
+        from torch.utils._device import DeviceContext
+        return all(isinstance(m, DeviceContext) for m in _get_current_function_mode_stack())
+    return True
 
 
 def content_key(*tensors: torch.Tensor) -> tuple | None:
     """What identifies the current content of ``tensors`` without reading it: object, storage
     and version counter of each (None when one of them has no version counter).
+
+    In-place writes that bypass the version counter (``.data``, some fused optimizers, raw
+    collectives) are not seen: the methods that cache drop their caches on every ``sparsify.step``.
 
     >>> w = torch.zeros(2)
     >>> k = content_key(w)
@@ -60,117 +76,153 @@ def content_key(*tensors: torch.Tensor) -> tuple | None:
 
 
 class _Pin:
-    __slots__ = ("__weakref__",)
+    """Held by an autograd ``ctx`` while its graph may still read a buffer."""
+    __slots__ = ("pins", "__weakref__")
+
+    def __init__(self, pins: weakref.WeakSet):
+        self.pins = pins
+        pins.add(self)
+
+    def release(self) -> None:
+        self.pins.discard(self)
 
 
-class _Entry:
-    __slots__ = ("buf", "key", "pins")
-
-    def __init__(self):
-        self.buf: torch.Tensor | None = None
-        self.key = None
-        self.pins: weakref.WeakSet = weakref.WeakSet()
+def _empty(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    with torch.inference_mode(False):  # an inference tensor could not be written with history later
+        return torch.empty(like.shape, dtype=dtype, device=like.device)
 
 
-class ReusedWeight:
-    """One layer's reusable weight-sized buffer (one per device, for DataParallel replicas).
+class LayerBuffers:
+    """One layer's named buffers (one per name and device) and its cached values.
 
-    Copies and pickles of a layer start with an empty one.
-
-    >>> r = ReusedWeight()
+    >>> b = LayerBuffers()
     >>> w = torch.randn(3)
-    >>> buf = r.target(w)
-    >>> r.store(torch.mul(w, 2, out=buf), content_key(w)) is buf
+    >>> buf = b.target("eff", w)
+    >>> b.store("eff", torch.mul(w, 2, out=buf), w) is buf
     True
-    >>> r.lookup(w, content_key(w)) is buf, r.lookup(w.mul_(2), content_key(w))
+    >>> b.cached("eff", w) is buf, b.cached("eff", w.mul_(2))
     (True, None)
     """
 
+    __slots__ = ("_bufs", "_cache", "_pins", "state", "__weakref__")
+
     def __init__(self):
-        self._entries: dict[torch.device, _Entry] = {}
+        self._bufs: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._cache: dict[str, tuple[torch.Tensor, tuple]] = {}
+        self._pins: dict[tuple[str, torch.device], weakref.WeakSet] = {}
+        self.state: dict = {}  # other per-layer speed state (never saved or copied)
 
-    def __deepcopy__(self, memo):
-        return type(self)()
-
-    def __reduce__(self):
-        return (type(self), ())
-
-    def _entry(self, like: torch.Tensor) -> _Entry:
-        e = self._entries.get(like.device)
-        if e is None:
-            e = self._entries[like.device] = _Entry()
-        return e
-
-    def lookup(self, like: torch.Tensor, key) -> torch.Tensor | None:
-        """The buffer when it holds what ``key`` (from :func:`content_key`) describes, else None."""
-        e = self._entries.get(like.device)
-        if key is None or e is None or e.buf is None or e.key is None:
-            return None
-        buf = e.buf
-        if buf.shape != like.shape or buf.dtype != like.dtype or e.key != (key, buf._version):
-            return None
+    def buffer(self, name: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The layer's tensor ``name`` shaped like ``like``, on its device, in ``dtype`` (default
+        ``like``'s), kept between calls for writing with ``out=``; content: whatever was last written.
+        Pins are not consulted: for writes that happen only between steps (group updates)."""
+        dtype = like.dtype if dtype is None else dtype
+        key = (name, like.device)
+        buf = self._bufs.get(key)
+        if buf is None or buf.shape != like.shape or buf.dtype != dtype or not buf.is_contiguous():
+            buf = self._bufs[key] = _empty(like, dtype)
         return buf
 
-    def target(self, like: torch.Tensor) -> torch.Tensor | None:
-        """The buffer to overwrite (allocated on first use, or when ``like``'s shape, dtype or
-        device changed), or None while a pending graph still needs its content."""
-        e = self._entry(like)
-        if len(e.pins):
+    def target(self, name: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """:meth:`buffer`, or None while a pending graph still needs its content (:meth:`pin`)."""
+        pins = self._pins.get((name, like.device))
+        if pins is not None and len(pins):
             return None
-        buf = e.buf
-        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or not buf.is_contiguous():
-            with torch.inference_mode(False):  # an inference tensor could not be written later
-                buf = e.buf = torch.empty(like.shape, dtype=like.dtype, device=like.device)
-        e.key = None  # its content is about to change
-        return buf
+        return self.buffer(name, like, dtype)
 
-    def store(self, buf: torch.Tensor, key) -> torch.Tensor:
-        """Record that ``buf`` (from :meth:`target`) now holds what ``key`` describes."""
-        e = self._entry(buf)
-        if e.buf is buf and key is not None:
-            e.key = (key, buf._version)
-        return buf
+    def pin(self, name: str, like: torch.Tensor) -> _Pin:
+        """Keep buffer ``name`` (on ``like``'s device) from :meth:`target` until the returned pin is
+        released or dies (store it on the autograd ``ctx``: it dies with the graph)."""
+        pins = self._pins.get((name, like.device))
+        if pins is None:
+            pins = self._pins[(name, like.device)] = weakref.WeakSet()
+        return _Pin(pins)
 
-    def pin(self, like: torch.Tensor) -> _Pin:
-        """Keep the buffer from being overwritten until :meth:`unpin` or the returned pin dies
-        (store it on the autograd ``ctx``: it dies with the graph)."""
-        p = _Pin()
-        self._entry(like).pins.add(p)
-        return p
+    def cached(self, name: str, *sources: torch.Tensor) -> torch.Tensor | None:
+        """The value last stored under ``name`` if neither it nor any of ``sources`` changed since
+        (same objects, storage and version counters), else None."""
+        entry = self._cache.get(name)
+        if entry is None:
+            return None
+        value, key = entry
+        return value if key == content_key(value, *sources) else None
 
-    def unpin(self, like: torch.Tensor, pin: _Pin | None) -> None:
-        e = self._entries.get(like.device)
-        if e is not None and pin is not None:
-            e.pins.discard(pin)
+    def store(self, name: str, value: torch.Tensor, *sources: torch.Tensor) -> torch.Tensor:
+        """Remember ``value`` as computed from ``sources`` in their current state."""
+        key = None if value.is_inference() else content_key(value, *sources)
+        if key is not None:
+            self._cache[name] = (value, key)
+        return value
 
     def holds(self, t: torch.Tensor) -> bool:
         """Whether ``t`` shares storage with one of the buffers."""
+        if not self._bufs or t.device.type == "meta":
+            return False
         try:
             ptr = t.untyped_storage().data_ptr()
         except (RuntimeError, NotImplementedError):
             return False
-        return any(e.buf is not None and e.buf.untyped_storage().data_ptr() == ptr for e in self._entries.values())
+        return any(b.device == t.device and b.untyped_storage().data_ptr() == ptr for b in self._bufs.values())
+
+    def names(self) -> list[str]:
+        """The names of the buffers held (any device), sorted.
+
+        >>> b = LayerBuffers(); _ = b.buffer("x", torch.zeros(2)); b.names()
+        ['x']
+        """
+        return sorted({name for name, _ in self._bufs})
+
+    def clear(self, free: bool = False) -> None:
+        """Forget the cached values (``free``: the buffers, pins and state too)."""
+        self._cache.clear()
+        if free:
+            self._bufs.clear()
+            self._pins.clear()
+            self.state.clear()
+
+
+_LAYERS: "weakref.WeakKeyDictionary[object, LayerBuffers]" = weakref.WeakKeyDictionary()
+
+
+def layer_buffers(layer, create: bool = True) -> LayerBuffers | None:
+    """The :class:`LayerBuffers` of ``layer`` (made on first use; None if there are none and
+    ``create`` is false). Copies and pickles of the layer start without any.
+
+    >>> lin = torch.nn.Linear(2, 2)
+    >>> layer_buffers(lin) is layer_buffers(lin), layer_buffers(torch.nn.Linear(2, 2), create=False)
+    (True, None)
+    """
+    b = _LAYERS.get(layer)
+    if b is None and create:
+        b = _LAYERS[layer] = LayerBuffers()
+    return b
 
 
 _LOCAL = threading.local()
 
 
-def scratch(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A contiguous temporary tensor shared by every layer of this thread (one backward node or
-    one group update runs at a time per thread); valid until the next call with the same
-    dtype and device. It grows to the largest size asked for and is never handed out beyond a
-    backward or an update.
+def workspace(shape, dtype: torch.dtype, device: torch.device, index: int = 0) -> torch.Tensor:
+    """A contiguous temporary of ``shape``, valid until the next call with the same ``dtype``,
+    ``device`` and ``index`` in this thread (one backward node, forward op or group update runs at
+    a time per thread; ``index`` tells apart temporaries of one op that live together).
 
-    >>> scratch((2, 3), torch.float32, torch.device("cpu")).shape
+    On CPU one flat buffer per thread and key, grown to the largest size asked for and shared by
+    every layer; on other devices a fresh tensor (see the module docstring). Free the CPU ones
+    with :func:`release_workspaces`.
+
+    >>> workspace((2, 3), torch.float32, torch.device("cpu")).shape
     torch.Size([2, 3])
     """
+    device = torch.device(device)
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
     store = getattr(_LOCAL, "store", None)
     if store is None:
         store = _LOCAL.store = {}
-    key = (torch.device(device), dtype)
     n = 1
     for d in shape:
         n *= d
+    key = (dtype, index)
     flat = store.get(key)
     if flat is None or flat.numel() < n:
         with torch.inference_mode(False):
@@ -178,17 +230,9 @@ def scratch(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return flat[:n].view(shape)
 
 
-class Transient(dict):
-    """A dict of per-layer speed state that copies and pickles of the layer start without.
+def release_workspaces() -> None:
+    """Free the calling thread's workspaces.
 
-    >>> import copy
-    >>> t = Transient(a=torch.zeros(1))
-    >>> copy.deepcopy(t), len(t)
-    ({}, 1)
+    >>> release_workspaces()
     """
-
-    def __deepcopy__(self, memo):
-        return type(self)()
-
-    def __reduce__(self):
-        return (type(self), ())
+    _LOCAL.store = {}

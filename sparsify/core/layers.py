@@ -12,16 +12,16 @@ The method contract (``Method``, ``Group``, ``Site``) is in :mod:`sparsify.core.
 from __future__ import annotations
 
 import sys
-import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsify.core.buffers import eager, layer_buffers
 from sparsify.core.conv1d import Conv1DLike, conv1d_forward, is_conv1d_class
 
 __all__ = ["SparseWeightMixin", "RecordsMixin", "specialize", "WEIGHT_TYPES", "TORCH_WEIGHT_TYPES", "plain_copy",
-           "weight_base", "plain_eager", "masked_weight"]
+           "weight_base", "masked_weight"]
 
 TORCH_WEIGHT_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # transformers' Conv1D (GPT-2) too, recognised by duck typing (see conv1d.py)
@@ -135,13 +135,14 @@ class SparseWeightMixin:
     def sparse_repr(self) -> str:
         return ""
 
-    # -- scratch tensors and cached effective weights (speed only, never state) ------------
-    # Kept outside the module (in ``_SCRATCH``, keyed weakly by the module) so that
-    # state_dict, deepcopy, pickling, DDP's buffer broadcast and ``.to()`` never see them.
+    # -- reused buffers and cached effective weights (speed only, never state) -------------
+    # Held by sparsify.core.buffers (keyed weakly by the module), so state_dict, deepcopy,
+    # pickling, DDP's buffer broadcast and ``.to()`` never see them.
 
     def scratch(self, name: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A tensor of ``like``'s shape and device (and ``dtype``, default ``like``'s) that this
-        layer keeps between calls, for writing with ``out=`` instead of allocating every step.
+        layer keeps between calls, for writing with ``out=`` instead of allocating every step
+        (:meth:`sparsify.core.buffers.LayerBuffers.buffer`).
 
         Its content is whatever was last written; ``drop_caches(free=True)`` and ``.to()`` free it.
 
@@ -151,92 +152,33 @@ class SparseWeightMixin:
         >>> buf.shape, buf is lin.scratch("tmp", lin.weight)
         (torch.Size([2, 3]), True)
         """
-        dtype = like.dtype if dtype is None else dtype
-        if torch.is_inference_mode_enabled():
-            # an inference tensor could never be used by autograd later: do not keep it
-            return torch.empty(like.shape, dtype=dtype, device=like.device)
-        store = _SCRATCH.setdefault(self, ({}, {}))[0]
-        buf = store.get(name)
-        if buf is None or buf.shape != like.shape or buf.dtype != dtype or buf.device != like.device:
-            buf = store[name] = torch.empty(like.shape, dtype=dtype, device=like.device)
-        return buf
+        return layer_buffers(self).buffer(name, like, dtype)
 
     def cached(self, name: str, *sources: torch.Tensor) -> torch.Tensor | None:
         """The tensor last stored under ``name`` by :meth:`store_cached`, if neither it nor any
-        of ``sources`` changed since (same tensor objects, storage and version counter), else None.
-
-        In-place writes that bypass PyTorch's version counter (``.data``, some fused third-party
-        optimizers, raw collectives) are not seen; the methods that cache refresh or drop their
-        caches on every ``sparsify.step``.
-        """
-        entry = _SCRATCH.get(self)
-        if entry is None or name not in entry[1]:
-            return None
-        value, key = entry[1][name]
-        return value if key == _tensors_key(value, *sources) else None
+        of ``sources`` changed since (same tensor objects, storage and version counter), else None."""
+        b = layer_buffers(self, create=False)
+        return None if b is None else b.cached(name, *sources)
 
     def store_cached(self, name: str, value: torch.Tensor, *sources: torch.Tensor) -> torch.Tensor:
         """Remember ``value`` (usually a :meth:`scratch` tensor) as computed from ``sources``
         in their current state; a later :meth:`cached` call returns it while they are unchanged."""
-        key = None if value.is_inference() else _tensors_key(value, *sources)
-        if key is not None:
-            _SCRATCH.setdefault(self, ({}, {}))[1][name] = (value, key)
-        return value
+        return layer_buffers(self).store(name, value, *sources)
 
     def drop_caches(self, free: bool = False) -> None:
-        """Forget the cached values of this layer (``free``: drop its scratch tensors too)."""
-        if free:
-            _SCRATCH.pop(self, None)
-        elif self in _SCRATCH:
-            _SCRATCH[self][1].clear()
+        """Forget the cached values of this layer (``free``: drop its buffers too)."""
+        b = layer_buffers(self, create=False)
+        if b is not None:
+            b.clear(free)
 
     def _aliases_scratch(self, t: torch.Tensor) -> bool:
-        entry = _SCRATCH.get(self)
-        if entry is None or t.device.type == "meta":
-            return False
-        try:
-            ptr = t.untyped_storage().data_ptr()
-        except (RuntimeError, NotImplementedError):
-            return False
-        return any(b.untyped_storage().data_ptr() == ptr for b in entry[0].values())
+        b = layer_buffers(self, create=False)
+        return b is not None and b.holds(t)
 
     def _apply(self, fn, recurse=True):
-        # .to() / .cuda() / .half() / to_empty(): scratch tensors would stay on the old device
+        # .to() / .cuda() / .half() / to_empty(): buffers would stay on the old device
         self.drop_caches(free=True)
         return super()._apply(fn, recurse)
-
-
-_SCRATCH: "weakref.WeakKeyDictionary[nn.Module, tuple[dict, dict]]" = weakref.WeakKeyDictionary()
-
-
-def _tensors_key(*tensors: torch.Tensor) -> tuple | None:
-    """What identifies the current content of ``tensors`` without reading it (None: cannot tell)."""
-    try:
-        return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
-    except (RuntimeError, NotImplementedError):  # inference tensors, tensors without storage
-        return None
-
-
-def plain_eager() -> bool:
-    """True when tensors are computed for real, right now: not while torch.compile/export, the
-    JIT tracer, a dispatch or function mode (FakeTensor, make_fx, meta device context) or a
-    functorch transform traces the forward. Only then may a layer return a cached tensor or
-    write into :meth:`SparseWeightMixin.scratch` (a tracer would capture them as constants).
-
-    >>> plain_eager()
-    True
-    """
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
-        return False
-    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
-        return False
-    if torch._C._is_torch_function_mode_enabled():
-        # torch.set_default_device / `with torch.device(...)` only place new tensors (scratch
-        # tensors name their device): harmless; any other function mode may be tracing
-        from torch.overrides import _get_current_function_mode_stack
-        from torch.utils._device import DeviceContext
-        return all(isinstance(m, DeviceContext) for m in _get_current_function_mode_stack())
-    return True
 
 
 class _MaskedProduct(torch.autograd.Function):
@@ -266,7 +208,7 @@ def masked_weight(layer: "SparseWeightMixin", mask: torch.Tensor) -> torch.Tenso
     True
     """
     w = layer.weight
-    if not plain_eager():
+    if not eager():
         return w * mask
     mask_f = layer.cached("mask_f", mask)
     if mask_f is None:

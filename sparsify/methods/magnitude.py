@@ -28,7 +28,8 @@ from torch import nn
 from sparsify.core.schedules import cubic
 from sparsify.core.threshold import QuantileTracker
 from sparsify.core.contract import Group, GroupContext, Method
-from sparsify.core.layers import SparseWeightMixin, masked_weight, plain_eager, specialize, weight_base
+from sparsify.core.buffers import eager
+from sparsify.core.layers import SparseWeightMixin, masked_weight, specialize, weight_base
 from sparsify.core.conv1d import torch_layout
 
 __all__ = ["MagnitudeMethod", "MagnitudeMixin", "block_scores", "expand_blocks"]
@@ -135,8 +136,8 @@ class MagnitudeGroup(Group):
             return
         if (step - self.begin) % self.every and step not in (self.end, self.fix_at):
             return  # not a pruning step
-        eager = plain_eager()
-        scores = {n: self._scores(m, eager) for n, m in layers}
+        live = eager()
+        scores = {n: self._scores(m, live) for n, m in layers}
         if self.params["scope"] == "global":
             tau = self._tracker("global")([s.reshape(-1) for s in scores.values()], r)
             self.tau.fill_(float(tau))
@@ -144,7 +145,7 @@ class MagnitudeGroup(Group):
         else:
             taus = {n: self._tracker(n)(s.reshape(-1), r) for n, s in scores.items()}
         for n, m in layers:
-            if self.block is None and eager:
+            if self.block is None and live:
                 # through a float 0/1 (bool outputs are slow to write), kept for the forward
                 mask_f = torch.gt(scores[n], taus[n], out=m.scratch("mask_f", m.weight))
                 m.mask.copy_(mask_f)
@@ -155,9 +156,9 @@ class MagnitudeGroup(Group):
                 w = torch_layout(m, m.weight)
                 m.mask.copy_(torch_layout(m, expand_blocks(scores[n] > taus[n], self.block, w.shape)))
 
-    def _scores(self, m: MagnitudeMixin, eager: bool) -> torch.Tensor:
+    def _scores(self, m: MagnitudeMixin, live: bool) -> torch.Tensor:
         """The layer's float32 scores (``|W|``, or block means), into a scratch tensor if possible."""
-        if self.block is None and eager and m.weight.dtype == torch.float32:
+        if self.block is None and live and m.weight.dtype == torch.float32:
             # into the buffer of the forward's W ⊙ M: stale now (W changed; update() dropped it)
             # and rewritten by the next forward, so |W| costs no weight-sized tensor of its own
             return torch.abs(m.weight, out=m.scratch("masked", m.weight))

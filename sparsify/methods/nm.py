@@ -22,7 +22,7 @@ from torch import nn
 from sparsify.core.contract import Group, GroupContext, Method
 from sparsify.core.layers import SparseWeightMixin, specialize, weight_base
 from sparsify.core.conv1d import torch_layout
-from sparsify.core.buffers import ReusedWeight, Transient, content_key, eager, scratch
+from sparsify.core.buffers import content_key, eager, layer_buffers, workspace
 
 __all__ = ["NMMethod", "NMMixin", "nm_mask", "nm_compliant"]
 
@@ -48,7 +48,7 @@ def _keep_planes(weight: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, in
     k = w[0, 0].numel()  # kernel positions
     rows = cout * (cin // m)
     size = rows * k
-    planes = scratch((m, rows, k), w.dtype, w.device)
+    planes = workspace((m, rows, k), w.dtype, w.device)
     torch.abs(w.reshape(rows, m, k).transpose(0, 1), out=planes)
     planes = planes.view(m, size)
     # rank[j] = (members beating member j) − n, kept iff negative. The earlier members win
@@ -56,10 +56,10 @@ def _keep_planes(weight: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, in
     # j iff |W_i| > |W_j|). int8 planes: the additions and the sign test are ~10x cheaper than
     # on floats or against a Python scalar.
     rank_dtype = torch.int8 if m <= 60 else torch.int32
-    rank = scratch((m, size), rank_dtype, w.device)
+    rank = workspace((m, size), rank_dtype, w.device)
     for j in range(m):
         rank[j].fill_(j - n)
-    beats = scratch((size,), torch.bool, w.device)
+    beats = workspace((size,), torch.bool, w.device)
     for j in range(m):
         for i in range(j + 1, m):
             torch.lt(planes[j], planes[i], out=beats)
@@ -67,7 +67,7 @@ def _keep_planes(weight: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, in
             rank[j].add_(b)
             rank[i].sub_(b)
     total = m * size
-    flat = scratch((-(-total // 8) * 8,), torch.uint8, w.device)
+    flat = workspace((-(-total // 8) * 8,), torch.uint8, w.device)
     flat[total:].zero_()
     torch.signbit(rank, out=flat[:total].view(torch.bool).view(m, size))
     return flat, rows, k
@@ -103,7 +103,7 @@ def _changed(flat: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     """Indices where two equally long uint8 tensors (length a multiple of 8) differ: compared
     8 bytes at a time, then byte by byte inside the words that differ (a few per step)."""
     words = torch.bitwise_xor(flat.view(torch.int64), prev.view(torch.int64),
-                              out=scratch((flat.numel() // 8,), torch.int64, flat.device))
+                              out=workspace((flat.numel() // 8,), torch.int64, flat.device))
     at = words.nonzero().view(-1)
     if at.numel() == 0:
         return at
@@ -147,7 +147,7 @@ class _NMWeight(torch.autograd.Function):
     ``straight``: the straight-through gradient (plus SR-STE's ``decay·(1−M)⊙W``, computed as
     ``decay·(W − Ŵ)``: the same numbers); else the hard mask's ``grad ⊙ M``. ``in_place``: the
     incoming gradient belongs to this node alone (the layer's own conv made it) and is edited in
-    place: no allocation. ``pinned``: ``(ReusedWeight, pin)``, released once the backward ran."""
+    place: no allocation. ``pinned``: the buffer's pin, released once the backward ran."""
 
     @staticmethod
     def forward(ctx, weight, eff, mask_f, straight: bool, decay: float, in_place: bool, pinned):
@@ -164,7 +164,7 @@ class _NMWeight(torch.autograd.Function):
                     and grad.dtype == eff.dtype)
         if ctx.straight and ctx.decay:
             if in_place:
-                pruned = torch.sub(weight, eff, out=scratch(eff.shape, eff.dtype, eff.device))
+                pruned = torch.sub(weight, eff, out=workspace(eff.shape, eff.dtype, eff.device))
                 gw = grad.add_(pruned.mul_(ctx.decay))
             else:
                 gw = grad + ctx.decay * weight * (1 - mask_f)  # differentiable in weight, as the reference
@@ -173,7 +173,7 @@ class _NMWeight(torch.autograd.Function):
         else:
             gw = grad.mul_(mask_f) if in_place else grad * mask_f
         if ctx.pinned is not None:
-            ctx.pinned[0].unpin(eff, ctx.pinned[1])
+            ctx.pinned.release()
         return gw, None, None, None, None, None, None
 
 
@@ -190,12 +190,6 @@ class NMMixin(SparseWeightMixin):
         self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.bool))
         self.register_buffer("fixed", torch.zeros((), dtype=torch.bool, device=self.weight.device))
 
-    def _holder(self, name: str) -> ReusedWeight:
-        r = self.__dict__.get(name)
-        if r is None:
-            r = self.__dict__[name] = ReusedWeight()
-        return r
-
     def _is_fixed(self) -> bool:
         # bool(tensor) would synchronise a GPU in every forward: remember it per version
         key = content_key(self.fixed)
@@ -207,15 +201,14 @@ class NMMixin(SparseWeightMixin):
     def mask_float(self) -> torch.Tensor:
         """The mask as 0/1 in the weight's dtype (refreshed when the bool mask changed)."""
         w, mask = self.weight, self.mask
-        reused = self._holder("_mask_f")
-        key = content_key(mask)
-        mask_f = reused.lookup(w, key)
+        bufs = layer_buffers(self)
+        mask_f = bufs.cached("mask_f", mask)
         if mask_f is None:
-            buf = reused.target(w)
+            buf = bufs.target("mask_f", w)
             with torch.no_grad():
                 # through uint8: bool -> float copies are ~2x slower than uint8 -> float
                 src = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-                mask_f = src.to(w.dtype) if buf is None else reused.store(buf.copy_(src), key)
+                mask_f = src.to(w.dtype) if buf is None else bufs.store("mask_f", buf.copy_(src), mask)
         return mask_f
 
     def _fast(self) -> bool:
@@ -245,16 +238,15 @@ class NMMixin(SparseWeightMixin):
             return self.effective_weight()
         w = self.weight
         mask_f = self.mask_float()
-        reused = self._holder("_reused")
-        key = content_key(w, mask_f)
-        eff = reused.lookup(w, key)
+        bufs = layer_buffers(self)
+        eff = bufs.cached("eff", w, mask_f)
         if eff is None:
-            buf = reused.target(w)  # None while a pending graph still needs the buffer
+            buf = bufs.target("eff", w)  # None while a pending graph still needs the buffer
             with torch.no_grad():
-                eff = w * mask_f if buf is None else reused.store(torch.mul(w, mask_f, out=buf), key)
+                eff = w * mask_f if buf is None else bufs.store("eff", torch.mul(w, mask_f, out=buf), w, mask_f)
         if not (torch.is_grad_enabled() and w.requires_grad):
             return eff
-        pinned = (reused, reused.pin(eff)) if reused.holds(eff) else None
+        pinned = bufs.pin("eff", eff) if bufs.holds(eff) else None
         return _NMWeight.apply(w, eff, mask_f, not self._is_fixed(), self.sr_ste_decay, True, pinned)
 
     @torch.no_grad()
@@ -269,9 +261,7 @@ class NMMixin(SparseWeightMixin):
         # groups run along the input dimension: computed in torch's (out, in, ...) layout
         wt = torch_layout(self, w)
         flat, rows, k = _keep_planes(wt, n, m)
-        state = self.__dict__.get("_nm_state")
-        if state is None:
-            state = self.__dict__["_nm_state"] = Transient()
+        state = layer_buffers(self).state
         prev = state.get("keep")
         key = content_key(mask)
         if (prev is None or key is None or state.get("mask_key") != key or prev.shape != flat.shape
@@ -298,12 +288,12 @@ class NMMixin(SparseWeightMixin):
                 if self.out_axis:  # (out, in) index -> the Conv1D's (in, out) one
                     cout, cin = wt.shape
                     at_w = (at_w % cin) * cout + at_w // cin
-                holder = self._holder("_mask_f")
-                mask_f = holder.lookup(w, key)  # still the float copy of the old mask?
+                bufs = layer_buffers(self)
+                mask_f = bufs.cached("mask_f", mask)  # still the float copy of the old mask?
                 mask.view(-1)[at_w] = vals.view(torch.bool)
                 if mask_f is not None:
                     mask_f.view(-1)[at_w] = vals.to(mask_f.dtype)
-                    holder.store(mask_f, content_key(mask))
+                    bufs.store("mask_f", mask_f, mask)
         state["mask_key"] = content_key(mask)
 
     def sparse_repr(self) -> str:

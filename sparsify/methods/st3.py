@@ -27,7 +27,8 @@ from torch import nn
 from sparsify.core.schedules import cubic
 from sparsify.core.threshold import QuantileTracker
 from sparsify.core.contract import Group, GroupContext, Method
-from sparsify.core.layers import SparseWeightMixin, masked_weight, plain_eager, specialize, weight_base
+from sparsify.core.buffers import eager
+from sparsify.core.layers import SparseWeightMixin, masked_weight, specialize, weight_base
 
 __all__ = ["ST3Method", "ST3Mixin", "st3_effective_weight", "st3_scale", "sigma_of"]
 
@@ -99,7 +100,7 @@ class ST3Mixin(SparseWeightMixin):
         return self.weight, self.tau, self.mask, self.scale, self.fixed
 
     def effective_weight(self) -> torch.Tensor:
-        if not plain_eager():
+        if not eager():
             return self._traced_effective_weight()
         eff = self.cached("st3", *self._sources())  # W_eff written by set_threshold
         if eff is not None:
@@ -135,7 +136,7 @@ class ST3Mixin(SparseWeightMixin):
             self.scale.fill_(1.0)
             return
         w = self.weight
-        if not plain_eager():
+        if not eager():
             a = w.abs() if magnitude is None else magnitude
             torch.gt(a, tau, out=self.mask)
             self.scale.copy_(st3_scale(w, self.mask, a, self.out_axis))
@@ -225,23 +226,23 @@ class ST3Group(Group):
                 m.set_threshold(0.0)
             return
         # |W| once per layer and step, into scratch tensors when running eagerly
-        eager = plain_eager()
-        mags = {n: (torch.abs(m.weight, out=m.scratch("magnitude", m.weight)) if eager else m.weight.abs())
+        live = eager()
+        mags = {n: (torch.abs(m.weight, out=m.scratch("magnitude", m.weight)) if live else m.weight.abs())
                 for n, m in layers}
-        scaled = [self._scaled(m, mags[n], self.sigmas[n], eager) for n, m in layers]
+        scaled = [self._scaled(m, mags[n], self.sigmas[n], live) for n, m in layers]
         tau = float(self._quantile(scaled, r))
         self.tau.fill_(tau)
         for n, m in layers:
             m.set_threshold(tau * self.sigmas[n], mags[n])
 
     @staticmethod
-    def _scaled(m: ST3Mixin, a: torch.Tensor, sigma: float, eager: bool) -> torch.Tensor:
+    def _scaled(m: ST3Mixin, a: torch.Tensor, sigma: float, live: bool) -> torch.Tensor:
         """``|W| / σ`` in float32, the values the global quantile is taken over."""
         a = a.float()
         if sigma == 1.0:
             return a
         # the layer's W_eff scratch is free until set_threshold writes it
-        return torch.div(a, sigma, out=m.scratch("st3", a)) if eager else a / sigma
+        return torch.div(a, sigma, out=m.scratch("st3", a)) if live else a / sigma
 
     def describe(self, step: int) -> dict:
         phase = ("dense" if step < self.begin else "ramp" if step < self.end else

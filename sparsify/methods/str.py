@@ -24,7 +24,7 @@ from torch import nn
 
 from sparsify.core.contract import Group, GroupContext, Method
 from sparsify.core.layers import SparseWeightMixin, specialize, weight_base
-from sparsify.core.buffers import ReusedWeight, content_key, eager, scratch
+from sparsify.core.buffers import eager, layer_buffers, workspace
 
 __all__ = ["STRMethod", "STRMixin", "str_weight", "str_threshold", "soft_threshold"]
 
@@ -88,7 +88,7 @@ class _SoftThreshold(torch.autograd.Function):
 
     ``in_place``: the incoming gradient belongs to this node alone (the layer's own conv made
     it), so the weight gradient is written into it and ``sign(Ŵ)`` into a shared scratch tensor:
-    no allocation. ``pinned``: ``(ReusedWeight, pin)`` released once the backward has run."""
+    no allocation. ``pinned``: the buffer's pin, released once the backward has run."""
 
     @staticmethod
     def forward(ctx, weight, threshold, eff, in_place: bool, pinned):
@@ -110,7 +110,7 @@ class _SoftThreshold(torch.autograd.Function):
             in_place = ctx.in_place and grad.is_contiguous() and grad.dtype == eff.dtype
             sign = None
             if need_t:
-                sign = torch.sign(eff, out=scratch(eff.shape, eff.dtype, eff.device)) if in_place else torch.sign(eff)
+                sign = torch.sign(eff, out=workspace(eff.shape, eff.dtype, eff.device)) if in_place else torch.sign(eff)
                 gt = _signed_sum(grad, sign, ctx.threshold_shape).neg_()
             if need_w:
                 # grad where Ŵ != 0: softshrink's own backward, one kernel (|Ŵ| > 0 ⟺ |W| > t)
@@ -119,7 +119,7 @@ class _SoftThreshold(torch.autograd.Function):
                 else:
                     gw = torch.ops.aten.softshrink_backward(grad, eff, 0.0)
         if ctx.pinned is not None:
-            ctx.pinned[0].unpin(eff, ctx.pinned[1])
+            ctx.pinned.release()
         return gw, None if gt is None else gt.to(ctx.threshold_dtype), None, None, None
 
 
@@ -183,18 +183,15 @@ class STRMixin(SparseWeightMixin):
         t = str_threshold(s)
         if not _fast(w, t):
             return str_weight(w, t)
-        reused = self.__dict__.get("_reused")
-        if reused is None:
-            reused = self.__dict__["_reused"] = ReusedWeight()
-        key = content_key(w, s)
-        eff = reused.lookup(w, key)
+        bufs = layer_buffers(self)
+        eff = bufs.cached("eff", w, s)
         if eff is None:
-            buf = reused.target(w)  # None while a pending graph still needs the buffer
+            buf = bufs.target("eff", w)  # None while a pending graph still needs the buffer
             with torch.no_grad():
-                eff = _shrink(w, t) if buf is None else reused.store(_shrink(w, t, out=buf), key)
+                eff = _shrink(w, t) if buf is None else bufs.store("eff", _shrink(w, t, out=buf), w, s)
         if not (torch.is_grad_enabled() and (w.requires_grad or t.requires_grad)):
             return eff
-        pinned = (reused, reused.pin(eff)) if reused.holds(eff) else None
+        pinned = bufs.pin("eff", eff) if bufs.holds(eff) else None
         return _SoftThreshold.apply(w, t, eff, True, pinned)
 
     def sparse_repr(self) -> str:

@@ -18,7 +18,7 @@ worth ten elementwise passes (GROUND.md). So here:
 - the backward is the analytic derivative, equal to what autograd gives for the plain
   composition, including 0 at ``x == 0`` (the subgradient ``sign(0) = 0``);
 - while a tracer runs (torch.compile, export, make_fx, functorch transforms: see
-  ``base.plain_eager``) the callers use :func:`plain_penalty`, the same value as whole-tensor
+  :func:`sparsify.core.buffers.eager`) the callers use :func:`plain_penalty`, the same value as whole-tensor
   ops that tracers and compilers understand (and fuse themselves).
 
 Only the input tensor is saved for the backward, and the activation's own backward keeps it
@@ -31,10 +31,10 @@ tensor(2.5000, grad_fn=<_TL1SumBackward>)
 """
 from __future__ import annotations
 
-import threading
-
 import torch
 from torch.autograd.function import once_differentiable
+
+from sparsify.core.buffers import workspace
 
 __all__ = ["tl1_sum", "l1_sum", "hoyer_square", "plain_penalty", "CHUNK"]
 
@@ -45,7 +45,6 @@ __all__ = ["tl1_sum", "l1_sum", "hoyer_square", "plain_penalty", "CHUNK"]
 CHUNK = 1 << 20
 
 _INF = float("inf")
-_local = threading.local()
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -53,14 +52,9 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _work(k: int, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The k-th work buffer (``n`` elements). Per thread, because DataParallel replicas share modules."""
-    if device.type != "cpu":
-        return torch.empty(n, dtype=dtype, device=device)
-    bufs = _local.__dict__.setdefault("bufs", {})
-    b = bufs.get((k, dtype))
-    if b is None or b.numel() < n:
-        b = bufs[(k, dtype)] = torch.empty(max(n, CHUNK), dtype=dtype)
-    return b[:n]
+    """The k-th work buffer (``n`` elements): the thread's workspace
+    (:func:`sparsify.core.buffers.workspace`; per thread, because DataParallel replicas share modules)."""
+    return workspace((n,), dtype, device, index=k)
 
 
 def _flat(t: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor | None:

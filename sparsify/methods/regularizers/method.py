@@ -24,7 +24,8 @@ import torch.fx as fx
 from torch import nn
 
 from sparsify.core.contract import Group, GroupContext, Method, Site
-from sparsify.core.layers import RecordsMixin, plain_eager
+from sparsify.core.buffers import eager
+from sparsify.core.layers import RecordsMixin
 from sparsify.methods.regularizers.kernels import hoyer_square, l1_sum, plain_penalty, tl1_sum
 from sparsify.core.staging import active_range, in_range, stage_at
 
@@ -95,7 +96,7 @@ def penalty_value(x: torch.Tensor, function: str, a: float = 1.0, reduction: str
         scale /= max(x.numel(), 1)
     elif reduction == "batchmean":
         scale /= max(x.shape[0] if x.dim() else 1, 1)
-    if not plain_eager():  # a tracer or compiler: plain ops it understands, same value
+    if not eager():  # a tracer or compiler: plain ops it understands, same value
         return plain_penalty(x, function, a, scale)
     if function == "tl1":
         return tl1_sum(x, a, scale, nonneg)

@@ -2,46 +2,18 @@
 slots recomputed from ``x`` in the backward (only ``x`` is saved)."""
 from __future__ import annotations
 
-import math
-import threading
-
 import torch
 import torch.nn.functional as F
 
-
-
-
-_WORKSPACES = threading.local()
-
+from sparsify.core.buffers import release_workspaces, workspace
 
 def _workspace(shape, like: torch.Tensor, index: int = 0) -> torch.Tensor:
-    """Scratch space of ``shape`` for slots and slot gradients that never leave the layer.
-
-    On CPU one buffer per thread, dtype and ``index``, grown as needed and shared by every SAS
-    layer (each use ends before the next layer's starts; the backward recomputes the slots into
-    it): a fresh multi-MB tensor costs a page fault per 4 kB on its first write on this project's
-    CPU, more than the elementwise pass itself (docs/performance.md). Other devices get a fresh
-    tensor (their caching allocators make that cheap). Free with :func:`release_workspaces`.
-    """
-    if like.device.type != "cpu":
-        return like.new_empty(shape)
-    bufs = getattr(_WORKSPACES, "bufs", None)
-    if bufs is None:
-        bufs = _WORKSPACES.bufs = {}
-    numel = math.prod(shape)
-    key = (index, like.dtype)
-    buf = bufs.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = bufs[key] = torch.empty(numel, dtype=like.dtype)
-    return buf[:numel].view(shape)
-
-
-def release_workspaces() -> None:
-    """Free the calling thread's SAS scratch buffers (M x the largest SAS layer input it has seen).
-
-    >>> release_workspaces()
-    """
-    _WORKSPACES.bufs = {}
+    """Room of ``shape`` for slots and slot gradients that never leave the layer: the thread's
+    workspace (:func:`sparsify.core.buffers.workspace`), shared by every SAS layer (each use ends
+    before the next layer's starts; the backward recomputes the slots into it). On CPU a fresh
+    multi-MB tensor costs a page fault per 4 kB on its first write, more than the elementwise pass
+    itself (docs/performance.md)."""
+    return workspace(shape, like.dtype, like.device, index)
 
 
 def _autocast_dtype(x: torch.Tensor):
