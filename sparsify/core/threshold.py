@@ -52,7 +52,7 @@ def _interpolate(lo: torch.Tensor, hi: torch.Tensor, frac: float) -> torch.Tenso
     """``lo + frac * (hi - lo)`` between consecutive order statistics (shared by every exact
     quantile here, so that they agree bit for bit)."""
     # torch.lerp rounds exactly as torch.quantile / numpy do
-    out = torch.lerp(lo, hi, torch.tensor(frac, dtype=lo.dtype))
+    out = torch.lerp(lo, hi, torch.tensor(frac, dtype=lo.dtype, device=lo.device))
     if bool(out >= hi) and bool(hi > lo):
         # rounded up onto the next value (gap of ~1 ulp, common with millions of float32
         # weights): step one ulp back so that ``|w| <= tau`` still prunes exactly k + 1 values
@@ -211,8 +211,8 @@ def band_quantile(values, q: float, hint: float | None = None, width: float | No
         return (band.numel() - 1) / span if 0 < span < float("inf") else 0.0
 
     if hint is not None and width and width > 0 and hint == hint:
-        lo = torch.tensor(hint - width, dtype=dtype)
-        hi = torch.tensor(hint + width, dtype=dtype)
+        lo = torch.tensor(hint - width, dtype=dtype, device=parts[0].device)
+        hi = torch.tensor(hint + width, dtype=dtype, device=parts[0].device)
         out, band = _try_band(parts, k, k_hi, frac, lo, hi, scratch)
         if isinstance(out, torch.Tensor):
             return out, density(band)
@@ -229,9 +229,9 @@ def band_quantile(values, q: float, hint: float | None = None, width: float | No
         j_hi = min(m - 1, (k_hi * m) // n + margin)
         lo, hi = sample[j_lo], sample[j_hi]
         if j_lo == 0:
-            lo = torch.tensor(-float("inf"), dtype=dtype)
+            lo = torch.tensor(-float("inf"), dtype=dtype, device=parts[0].device)
         if j_hi == m - 1:
-            hi = torch.tensor(float("inf"), dtype=dtype)
+            hi = torch.tensor(float("inf"), dtype=dtype, device=parts[0].device)
         out, band = _try_band(parts, k, k_hi, frac, lo, hi, scratch)
         if isinstance(out, torch.Tensor):
             return out, density(band)

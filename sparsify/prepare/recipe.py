@@ -12,8 +12,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-
 from sparsify.methods import REGISTRY, get_method
 
 __all__ = ["RecipeError", "Rule", "Recipe", "load_recipe", "builtin_recipes", "schema"]
@@ -114,6 +112,14 @@ def _read(spec) -> tuple[dict, str]:
 
 
 def _validate_schema(data, source: str) -> None:
+    try:  # imported here: the library works without it (GPU images often lack it), unchecked
+        import jsonschema
+    except ImportError:
+        import warnings
+        warnings.warn(f"{source}: recipe not checked against recipe.schema.json: jsonschema is not "
+                      "installed (pip install jsonschema); the methods' own parameter checks still run",
+                      stacklevel=3)
+        return
     validator = jsonschema.Draft202012Validator(schema())
     errors = sorted(validator.iter_errors(data), key=lambda e: (list(e.absolute_path), e.message))
     if not errors:

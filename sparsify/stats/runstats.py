@@ -39,7 +39,7 @@ def _effective(m: nn.Module, x: torch.Tensor, w: torch.Tensor) -> float | None:
     if _lifted(w, in_dim):
         # each non-zero input meets one slot's weight per output: count as the narrow layer
         # (exact when no weight of the chosen slot is zero)
-        iw = torch.ones((w.shape[0], in_dim) + tuple(w.shape[2:]), dtype=torch.float32)
+        iw = torch.ones((w.shape[0], in_dim) + tuple(w.shape[2:]), dtype=torch.float32, device=w.device)
     if linear_like(m):
         if ix.shape[-1] != iw.shape[1]:
             return None
