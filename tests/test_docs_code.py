@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").rglob("*.md"))
-FENCE = re.compile(r"^```([\w+-]*)[^\n]*\n(.*?)^```[ \t]*$", re.S | re.M)
+# a fence may be indented (a block inside a list item); its code is dedented
+FENCE = re.compile(r"^([ \t]*)```([\w+-]*)[^\n]*\n(.*?)^\1```[ \t]*$", re.S | re.M)
 MARKER = re.compile(r"<!--\s*(not-run|requires)\s*:([^\n]*?)-->")  # one line
 MARKER_BEFORE = re.compile(MARKER.pattern + r"\s*\Z")
 PYTHON = ("python", "py", "python3")
@@ -49,7 +51,7 @@ def blocks(page: Path) -> list[Block]:
     text = page.read_text(encoding="utf-8")
     out = []
     for m in FENCE.finditer(text):
-        if m.group(1).lower() not in PYTHON:
+        if m.group(2).lower() not in PYTHON:
             continue
         before = MARKER_BEFORE.search(text[:m.start()])
         not_run, requires = None, ()
@@ -57,7 +59,7 @@ def blocks(page: Path) -> list[Block]:
             not_run = before.group(2).strip()
         elif before:
             requires = tuple(r.strip() for r in before.group(2).split(",") if r.strip())
-        out.append(Block(page, text[:m.start(2)].count("\n") + 1, m.group(2), not_run, requires))
+        out.append(Block(page, text[:m.start(3)].count("\n") + 1, textwrap.dedent(m.group(3)), not_run, requires))
     return out
 
 
@@ -105,7 +107,7 @@ def test_markers_have_reasons_and_precede_python_blocks():
                 problems.append(f"{_page_id(page)}: empty <!-- {m.group(1)}: --> marker")
             nxt = FENCE.search(text, m.end())
             gap = text[m.end():nxt.start()] if nxt else "x"
-            line = text[:nxt.start(2)].count("\n") + 1 if nxt else None
+            line = text[:nxt.start(3)].count("\n") + 1 if nxt else None
             if gap.strip() or line not in marked:
                 problems.append(f"{_page_id(page)}: <!-- {m.group(1)}: ... --> is not right above a python block")
     assert not problems, "\n".join(problems)
@@ -123,9 +125,11 @@ def test_marker_parsing(tmp_path):
     page = tmp_path / "p.md"
     page.write_text("x\n\n<!-- not-run: needs 8 GPUs -->\n```python\nraise SystemExit\n```\n\n"
                     "<!-- requires: lightning, transformers -->\n```py\nimport lightning\n```\n"
-                    "```bash\nls\n```\n```python\nx = 1\n```\n", encoding="utf-8")
+                    "```bash\nls\n```\n```python\nx = 1\n```\n- item:\n\n  ```python\n  y = 2\n  ```\n",
+                    encoding="utf-8")
     got = [(b.line, b.not_run, b.requires, b.code) for b in blocks(page)]
     assert got == [(5, "needs 8 GPUs", (), "raise SystemExit\n"),
                    (10, None, ("lightning", "transformers"), "import lightning\n"),
-                   (16, None, (), "x = 1\n")]
+                   (16, None, (), "x = 1\n"),
+                   (21, None, (), "y = 2\n")]
 

@@ -1,4 +1,4 @@
-"""MAC counting: METHODS.md check values, and agreement with torch.utils.flop_counter (FLOPs = 2·MACs)."""
+"""MAC counting: the check values of docs/index.md (report), and agreement with torch.utils.flop_counter (FLOPs = 2·MACs)."""
 from __future__ import annotations
 
 import pytest

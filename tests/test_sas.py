@@ -1,4 +1,4 @@
-"""SAS modules and slot rules (METHODS.md §3): the official M = 2 computation, the two-conv identity,
+"""SAS modules and slot rules (docs/methods/sas.md): the official M = 2 computation, the two-conv identity,
 the oracles on special weights/inputs, general M, AMP, padding modes, deployment."""
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def official_linear(x, weight, bias):
 
 
 def two_convs(x, weight, bias, **kw):
-    """METHODS.md: SAS(x) = conv(relu(x), W[:, 0::2]) + conv(relu(-x), W[:, 1::2]) + b."""
+    """docs/methods/sas.md: SAS(x) = conv(relu(x), W[:, 0::2]) + conv(relu(-x), W[:, 1::2]) + b."""
     conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[x.dim()]
     return conv(x.relu(), weight[:, 0::2], bias, **kw) + conv((-x).relu(), weight[:, 1::2], None, **kw)
 

@@ -1,4 +1,4 @@
-"""Semi-structured activation masks: METHODS.md §5 oracles, best-loss tracking, DDP agreement."""
+"""Semi-structured activation masks: the oracles of docs/methods/semistructured.md, best-loss tracking, DDP agreement."""
 from __future__ import annotations
 
 import copy

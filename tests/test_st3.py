@@ -1,4 +1,4 @@
-"""ST-3 / ST-3σ against the oracles of METHODS.md §1."""
+"""ST-3 / ST-3σ against the oracles of docs/methods/st3.md."""
 from __future__ import annotations
 
 import numpy as np
@@ -241,7 +241,7 @@ def test_fraction_times_resolve_against_total_steps():
 # ---------------------------------------------------------------------------------------------
 
 def official_fix(weights: list[torch.Tensor], ratio: float, sigma: bool = False):
-    """The official fix step (METHODS.md §1; stthree ``_change_model(..., fix_model=True)``), in
+    """The official fix step (docs/methods/st3.md; stthree ``_change_model(..., fix_model=True)``), in
     plain torch: τ at the final ratio from the CURRENT weights (numpy's linear quantile over
     ``|W|/σ_l``), per layer M = |W| > τ·σ_l, c = 1.01 / (ρ + 0.01), and only then W ← W_eff.
     Returns the baked weights and the masks."""

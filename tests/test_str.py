@@ -1,4 +1,4 @@
-"""STR (METHODS.md §2): oracles, granularities, float32 thresholds, optimizer plumbing, warning."""
+"""STR (docs/methods/str.md): oracles, granularities, float32 thresholds, optimizer plumbing, warning."""
 from __future__ import annotations
 
 import warnings

@@ -1,4 +1,4 @@
-"""Transformed-ℓ1 / ℓ1 / Hoyer-square activation regularizers: METHODS.md §4 oracles and behaviour."""
+"""Transformed-ℓ1 / ℓ1 / Hoyer-square activation regularizers: the oracles of docs/methods/tl1.md and behaviour."""
 from __future__ import annotations
 
 import copy

@@ -42,7 +42,7 @@ def layers(m):
 
 
 def st3_reference(layer) -> torch.Tensor:
-    """METHODS.md §1 from the layer's buffers, without any cache."""
+    """docs/methods/st3.md from the layer's buffers, without any cache."""
     if bool(layer.fixed):
         return layer.weight.detach() * layer.mask
     if float(layer.tau) <= 0:

@@ -2,7 +2,7 @@
 
 A :class:`PositionMask` node right after each selected conv (before its BatchNorm) multiplies the
 conv output by a 2-D mask over output positions, shared by every channel and sample:
-``y = conv(x) ⊙ m[h, w]``, i.e. whole im2col columns (patches) are dropped. See METHODS.md §5 and
+``y = conv(x) ⊙ m[h, w]``, i.e. whole im2col columns (patches) are dropped. See
 docs/methods/semistructured.md.
 
 Masks: one random score map U[0, 1) at the network's input resolution, avg-pooled

@@ -2,7 +2,7 @@
 
 Global magnitude pruning whose forward soft-thresholds and rescales the kept weights, with a
 straight-through backward (every latent weight, pruned or not, gets the gradient of its
-effective weight). See METHODS.md §1 and docs/methods/st3.md.
+effective weight). See docs/methods/st3.md.
 
 Per layer (buffers): ``tau`` (τ_l; <= 0 means dense), ``mask`` (M = |W| > τ_l), ``scale``
 (c per output channel) and ``fixed``. The group holds the global τ and recomputes everything

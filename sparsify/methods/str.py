@@ -3,7 +3,7 @@
 Each layer computes with ``Ŵ = sign(W) ⊙ ReLU(|W| − sigmoid(s))`` where ``s`` is learned by the
 optimizer like any weight (plain autograd: ``∂L/∂W = ∂L/∂Ŵ ⊙ 1[|W| > sigmoid(s)]``). Sparsity
 comes from weight decay on ``W`` **and on s** (decay pulls a very negative ``s`` toward 0, which
-raises the threshold). See METHODS.md §2 and docs/methods/str.md.
+raises the threshold). See docs/methods/str.md.
 
 ``granularity``: ``"layer"`` (one scalar per layer, the paper's), ``"channel"`` (one per output
 channel), or ``"global"`` (one scalar shared by every layer of the rule; it is registered once,

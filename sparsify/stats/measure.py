@@ -3,7 +3,7 @@
 For every regularizer node (``tl1``, ``activation-l1``, ``activation-hoyer``) and every
 semi-structured :class:`~sparsify.methods.semistructured.PositionMask` node: the fraction of exact
 zeros in what it sees, and their element-weighted global value. For every Conv/Linear layer: the
-dense MACs and the multiplicative MACs of METHODS.md §4, where a multiply counts only when the
+dense MACs and the multiplicative MACs of docs/methods/dual.md (the paper's count), where a multiply counts only when the
 weight *and* the input activation are both non-zero (and, after a position mask, only at output
 positions the mask keeps: those are never computed). Padding zeros are zero inputs; dense MACs
 count them, as ``macs.py`` does.

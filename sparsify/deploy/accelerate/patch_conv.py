@@ -1,6 +1,6 @@
 """Patch-skipping convolution: a Conv2d (BN folded in) that computes only the kept output positions.
 
-Semi-structured activation sparsity (METHODS.md §5) masks whole output positions (h, w), the same
+Semi-structured activation sparsity (docs/methods/semistructured.md) masks whole output positions (h, w), the same
 for every channel and sample: whole im2col columns. Here those columns are never computed:
 
 1. the input is padded once, in channels-last order (N, Hp, Wp, C);

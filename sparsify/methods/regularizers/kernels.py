@@ -4,7 +4,7 @@ Each regularizer computes a scalar over an activation map of millions of element
 training forward, and its gradient in the backward. Written as plain tensor expressions
 (``t = x.abs(); ((1 + a) * t / (a + t)).sum()``) that is three fresh activation-sized tensors in
 the forward and about six in the backward, and on CPU a fresh large tensor costs page faults
-worth ten elementwise passes (GROUND.md). So here:
+worth ten elementwise passes. So here:
 
 - on CPU the map is processed in chunks of ``CHUNK`` elements through small work buffers that
   are reused (at most three per thread, 4 MiB each): every pass over a chunk hits the cache and

@@ -4,7 +4,7 @@ A regularizer is a node inserted into the graph after the activation it regulari
 its input unchanged (the very same tensor, so outputs are bit-identical) and, in training mode
 with autograd on, records ``λ · reduce(f(x))`` in float32. ``sparsify.penalty(model)`` pops and
 sums the records of the last forward(s); ``sparsify.step`` forgets whatever was not collected,
-so no autograd graph outlives its step. See METHODS.md §4 and docs/methods/tl1.md.
+so no autograd graph outlives its step. See docs/methods/tl1.md.
 
 Placement (param ``placement``): ``"post"`` regularizes the matched node's output (the default
 recipe matches every activation call: ReLU, ReLU6, SiLU, GELU, Hardswish); ``"pre"`` regularizes

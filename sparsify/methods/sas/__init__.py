@@ -1,4 +1,4 @@
-"""SAS: structured activation sparsification (ICLR 2024; repo DensoITLab/sas_). METHODS.md §3.
+"""SAS: structured activation sparsification (ICLR 2024; repo DensoITLab/sas_). docs/methods/sas.md.
 
 Each input element of a Conv/Linear is lifted into M slots of which at most one is non-zero and
 the weight is M times wider along its input dimension, so the layer picks input-dependent weights

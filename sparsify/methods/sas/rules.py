@@ -1,4 +1,4 @@
-"""Slot rules: how SAS lifts one input element into M slots (METHODS.md §3; docs/methods/sas.md)."""
+"""Slot rules: how SAS lifts one input element into M slots (docs/methods/sas.md)."""
 from __future__ import annotations
 
 import math
