@@ -1,7 +1,7 @@
 """Official checkpoint layouts (ST-3: vanderschuea/stthree; STR: RAIVNLab/STR) load into the
 sparsified model and give the official outputs; what we save loads into the official layers.
 
-The official layers below are written from METHODS.md §1-2 in plain torch (forward and the
+The official layers below are written from docs/methods/st3.md and docs/methods/str.md in plain torch (forward and the
 gradients their autograd gives), with the official parameter names and shapes."""
 from __future__ import annotations
 
