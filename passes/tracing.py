@@ -9,14 +9,14 @@ still reach inside it. When the root itself cannot be traced, the same happens o
 """
 from __future__ import annotations
 
-import functools
-import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.fx as fx
 from torch import nn
+
+from .calls import CallGuard, CallRecord
 
 __all__ = ["Fallback", "TraceResult", "TracedModule", "CallRecord", "trace", "traced_module", "module_path_of"]
 
@@ -56,6 +56,40 @@ class _DepthTracer(fx.Tracer):
         self._forced = forced_leaves if forced_leaves is not None else set()
         self._prefix = prefix
         self.culprit: str | None = None
+        self.modes: dict[fx.Node, tuple[str, bool]] = {}  # get_attr node of a module's mode -> (path, value)
+        self.baked: dict[str, bool] = {}  # modes that Python control flow read: the graph holds one branch
+        self._saved: list[tuple[nn.Module, bool]] = []
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        out = super().create_args_for_root(root_fn, is_module, concrete_args)
+        if is_module:
+            # `self.training` in any forward traced through reads a graph node, so train()/eval()
+            # still switch it (F.dropout(x, p, training=self.training) stays live)
+            for name, m in self.root.named_modules():
+                value = m.__dict__.get("training")
+                if isinstance(value, bool):
+                    proxy = self.create_proxy("get_attr", f"{name}.training" if name else "training", (), {})
+                    self.modes[proxy.node] = (name, value)
+                    self._saved.append((m, value))
+                    m.__dict__["training"] = proxy
+        return out
+
+    def restore_modes(self, graph: fx.Graph | None) -> None:
+        for m, value in self._saved:
+            m.__dict__["training"] = value
+        self._saved.clear()
+        for node in list(graph.nodes) if graph is not None else ():
+            if node in self.modes and not node.users:
+                graph.erase_node(node)
+
+    def to_bool(self, obj):
+        # `if self.training:` cannot stay live in a graph: it takes the trace-time branch, and
+        # the graph's CallGuard sends calls in the other mode to the module's own forward
+        if obj.node in self.modes:
+            path, value = self.modes[obj.node]
+            self.baked[path] = value
+            return value
+        return super().to_bool(obj)
 
     def _full(self, qualname: str) -> str:
         return f"{self._prefix}.{qualname}" if self._prefix else qualname
@@ -105,20 +139,30 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
     forced: set[str] = set()
     while True:
         tracer = _DepthTracer(descend, forced, prefix)
+        graph = None
         try:
             graph = tracer.trace(root, concrete_args or None)
             _keep_argument_names(graph, concrete_args or {})
-            break
         except Exception as exc:  # any tracing failure becomes a fallback, never a crash
-            culprit = tracer.culprit
-            if culprit is None or culprit in forced or len(forced) >= max_fallbacks:
-                result.fallbacks.append(Fallback(prefix, _first_line(exc)))
-                _trace_children(root, descend, is_site, prefix, result, calls)
-                return result
-            forced.add(culprit)
-            full = f"{prefix}.{culprit}" if prefix else culprit
-            result.fallbacks.append(Fallback(full, _first_line(exc)))
+            error = exc
+        else:
+            error = None
+        finally:
+            tracer.restore_modes(graph)
+        if error is None:
+            break
+        culprit = tracer.culprit
+        if culprit is None or culprit in forced or len(forced) >= max_fallbacks:
+            result.fallbacks.append(Fallback(prefix, _first_line(error)))
+            _trace_children(root, descend, is_site, prefix, result, calls)
+            return result
+        forced.add(culprit)
+        full = f"{prefix}.{culprit}" if prefix else culprit
+        result.fallbacks.append(Fallback(full, _first_line(error)))
     gm = traced_module(root, graph)
+    # any other way of calling it, or the other mode where the graph took one branch, runs its
+    # own forward (see passes/calls.py)
+    gm._call_guard = CallGuard.for_module(root, concrete_args or {}, graph, tracer.baked)
     result.module = gm
     result.graphs[prefix] = gm
     for leaf in sorted(forced):
@@ -160,98 +204,6 @@ def _trace_children(parent: nn.Module, descend: Descend, is_site: Descend, prefi
             result.direct.extend(sub.direct)
 
 
-_OTHER = object()  # an argument value that is neither None nor a flag: stays an input of the graph
-
-
-class CallRecord:
-    """How each submodule of ``root`` is called, from one forward with ``example_inputs``.
-
-    A child traced on its own because its parent does not trace would otherwise treat every
-    argument as a tensor input: ``if token_type_ids is None:`` is then decided at trace time,
-    wrongly when the parent passes ``None``. :meth:`concrete_args` gives the arguments that were
-    ``None`` (or one and the same ``bool``) in every recorded call, for ``torch.fx`` to
-    specialise on; the traced graph asserts that later calls pass the same. The forward runs
-    lazily (at the first question), without gradients, in the root's mode (eval if that fails);
-    buffers and the random generator are restored afterwards.
-
-    >>> import torch
-    >>> class Emb(torch.nn.Module):
-    ...     def forward(self, ids, types=None):
-    ...         return ids if types is None else ids + types
-    >>> class Model(torch.nn.Module):
-    ...     def __init__(self):
-    ...         super().__init__(); self.emb = Emb()
-    ...     def forward(self, ids):
-    ...         return self.emb(ids, types=None)
-    >>> CallRecord(Model(), (torch.zeros(2),)).concrete_args("emb", Emb())
-    {'types': None}
-    """
-
-    def __init__(self, root: nn.Module, example_inputs: tuple):
-        self._root = root
-        self._inputs = tuple(example_inputs)
-        self._calls: dict[str, list[dict]] | None = None
-
-    def concrete_args(self, qualname: str, module: nn.Module) -> dict:
-        """``{argument: value}`` of ``module.forward`` that were None or one bool in every call."""
-        if self._calls is None:
-            self._calls = self._record()
-        seen = self._calls.get(qualname)
-        if not seen:
-            return {}
-        out = {}
-        for name in seen[0]:
-            values = [c.get(name, _OTHER) for c in seen]
-            first = values[0]
-            if first is not _OTHER and all(v is first for v in values):
-                out[name] = first
-        return out
-
-    def _record(self) -> dict[str, list[dict]]:
-        calls: dict[str, list[dict]] = {}
-        hooks = []
-
-        def hook(name, module, args, kwargs):
-            try:
-                bound = inspect.signature(module.forward).bind(*args, **kwargs)
-            except (TypeError, ValueError):
-                return
-            bound.apply_defaults()
-            summary = {}
-            for pname, param in bound.signature.parameters.items():
-                if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-                    continue
-                v = bound.arguments.get(pname)
-                summary[pname] = v if v is None or isinstance(v, bool) else _OTHER
-            calls.setdefault(name, []).append(summary)
-
-        for name, m in self._root.named_modules():
-            if name and not _is_torch_leaf(m):
-                hooks.append(m.register_forward_pre_hook(functools.partial(hook, name), with_kwargs=True))
-        buffers = [(b, b.detach().clone()) for b in self._root.buffers()]
-        rng = torch.random.get_rng_state()
-        mode = self._root.training
-        try:
-            with torch.no_grad():
-                try:
-                    self._root(*self._inputs)
-                except Exception:  # e.g. a detection model wants targets in training mode
-                    calls.clear()
-                    try:
-                        self._root.eval()(*self._inputs)
-                    except Exception:
-                        calls.clear()  # no record: children are traced unspecialised
-        finally:
-            for h in hooks:
-                h.remove()
-            with torch.no_grad():
-                for b, saved in buffers:
-                    b.copy_(saved)
-            torch.random.set_rng_state(rng)
-            self._root.train(mode)
-        return calls
-
-
 class TracedModule(fx.GraphModule):
     """A ``GraphModule`` that is still an instance of the class it was traced from.
 
@@ -263,6 +215,18 @@ class TracedModule(fx.GraphModule):
     """
 
     _traced_from: type = nn.Module  # set on each per-class subclass
+
+    def __call__(self, *args, **kwargs):
+        guard = self.__dict__.get("_call_guard")
+        if guard is not None and not guard.fits(args, kwargs, self):
+            # a call the graph was not traced for: the original forward, through Module.__call__
+            # so hooks still run
+            self.__dict__["forward"] = lambda *a, **k: guard.eager(self, a, k)
+            try:
+                return super().__call__(*args, **kwargs)
+            finally:
+                del self.__dict__["forward"]
+        return super().__call__(*args, **kwargs)
 
     def _deepcopy_init(self):
         # GraphModule's deepcopy rebuilds the module from a deep copy of __dict__ but keeps only

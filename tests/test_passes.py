@@ -72,11 +72,17 @@ def test_trace_depth_is_limited_by_descend():
 def test_leaf_keeps_mode_dependent_code_live():
     x = torch.randn(1, 3, 5, 5)
     net = Net().train()
-    deep = trace(net).module  # traced through ModeDependent: the training branch is baked in
+    deep = trace(net).module  # traced through ModeDependent: the graph holds its training branch
     shallow = trace(net, lambda name, m: name != "mode").module
+    assert deep._call_guard.modes == {"mode": True}
     deep.eval(), shallow.eval(), net.eval()
     assert torch.equal(shallow(x), net(x))
-    assert not torch.equal(deep(x), net(x))
+    assert torch.equal(deep(x), net(x))  # in eval the guard runs Net's own forward
+    deep.train(), net.train()
+    torch.manual_seed(0)
+    a = deep(x)
+    torch.manual_seed(0)
+    assert torch.equal(a, net(x))
 
 
 def test_trace_keeps_hierarchy_and_state_dict():

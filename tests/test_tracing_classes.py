@@ -187,5 +187,7 @@ def test_children_under_a_fallback_are_specialised_to_how_the_parent_calls_them(
     r = trace(work, calls=CallRecord(work, (xs,)))
     assert "embed" in r.graphs and isinstance(r.module.embed, _Embed)
     torch.testing.assert_close(r.module(xs), expected)
-    with pytest.raises(Exception, match="specialized to have value None"):
-        r.module.embed(xs[0], torch.ones(2, 4), scale=True)
+    # a call the graph was not specialised to runs the module's own forward (its CallGuard)
+    types = torch.ones(2, 4)
+    torch.testing.assert_close(r.module.embed(xs[0], types, scale=False), model.embed(xs[0], types, scale=False))
+    torch.testing.assert_close(r.module.embed(xs[0], types, scale=True), model.embed(xs[0], types, scale=True))

@@ -64,9 +64,8 @@ def test_bert_embeddings_are_traced_as_bert_calls_them():
     model, inputs = cov.bert()
     model.eval()
     expected = model(*inputs).logits
-    plain = trace(copy.deepcopy(model)).module  # unspecialised: the old behaviour
-    with pytest.raises(TypeError, match="must be Tensor, not NoneType"):
-        plain(*inputs)
+    plain = trace(copy.deepcopy(model)).module  # unspecialised: BertModel's call misfits its guard
+    torch.testing.assert_close(plain(*inputs).logits, expected)
     work = copy.deepcopy(model)
     r = trace(work, calls=CallRecord(work, inputs))
     # specialised, the embeddings slice a buffer by the traced sequence length: kept as a leaf

@@ -1,0 +1,220 @@
+"""How a module is called: recorded from one forward (:class:`CallRecord`), and checked on every
+later call of a graph traced for one way of calling it (:class:`CallGuard`).
+
+``torch.fx`` decides ``if mask is None:`` once, at trace time: a graph traced with ``mask`` as a
+tensor is wrong for a call that leaves it out, and one traced with ``mask=None`` is wrong for a
+call that passes it. A :class:`CallGuard` remembers which arguments the trace took as ``None``,
+as a fixed ``bool`` or as a value, and sends every call that does not fit to the module's own
+Python ``forward`` (whose submodules are the same objects the graph calls), so a traced module
+answers every call its original accepted.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+__all__ = ["CallRecord", "CallGuard"]
+
+_OTHER = object()  # a recorded argument value that is neither None nor a flag
+
+
+class _Absent:  # an argument the call left out
+    pass
+
+
+def _is_torch_leaf(m: nn.Module) -> bool:
+    return fx.Tracer().is_leaf_module(m, "")
+
+
+class CallGuard:
+    """Which calls a graph traced from ``forward`` with ``fixed`` arguments computes correctly.
+
+    ``fixed`` maps argument names to the ``None`` or ``bool`` the trace specialised on; every other
+    named argument was a graph input (any value but ``None`` fits; the trace took ``x is None`` as
+    false). Extra positional or keyword arguments (``*args``, ``**kwargs``) fit only when absent or
+    ``None``. ``nodes`` are the graph's node names at trace time, to tell later edits apart.
+
+    >>> def forward(self, x, mask=None, scale=True): ...
+    >>> g = CallGuard(forward, {"mask": None})
+    >>> g.fits((1,), {}), g.fits((1, 2), {}), g.fits((1,), {"scale": False}), g.fits((None,), {})
+    (True, False, True, False)
+    """
+
+    def __init__(self, forward, fixed: dict, nodes=(), modes: dict | None = None):
+        self.forward = forward  # the original Python forward, called unbound on the traced module
+        params = list(inspect.signature(forward).parameters.values())[1:]  # drop self
+        self.names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        self.kwonly = [p.name for p in params if p.kind == p.KEYWORD_ONLY]
+        # what leaving an argument out passes: None, a flag, "value" (any other) or "required"
+        self.defaults = {p.name: (p.default if p.default is None or isinstance(p.default, bool) else
+                                  "required" if p.default is p.empty else "value") for p in params}
+        self.fixed = dict(fixed)
+        self.nodes = frozenset(nodes)
+        self.modes = dict(modes or {})  # {submodule path: training flag} the graph took a branch on
+        self._warned: set = set()
+
+    @classmethod
+    def for_module(cls, module: nn.Module, fixed: dict, graph: fx.Graph, modes: dict | None = None) -> CallGuard | None:
+        """The guard for ``module`` traced into ``graph`` (``modes``: the ``training`` flags its
+        control flow read); None when no call could misfit (every argument required, no
+        ``*args``/``**kwargs``, no mode read) or the forward is not a plain function."""
+        old = module.__dict__.get("_call_guard")
+        modes = dict(modes or {})
+        if old is not None:  # a retrace of a traced module: its graph was specialised already
+            forward, fixed, modes = old.forward, {**old.fixed, **fixed}, {**old.modes, **modes}
+        else:
+            forward = getattr(type(module), "forward", None)
+            if not inspect.isfunction(forward):
+                return None
+        try:
+            guard = cls(forward, fixed, (n.name for n in graph.nodes), modes)
+        except (TypeError, ValueError):  # a signature inspect cannot read
+            return None
+        params = list(inspect.signature(forward).parameters.values())[1:]
+        if not guard.fixed and not guard.modes and all(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                                   for p in params):
+            return None
+        return guard
+
+    def fits(self, args: tuple, kwargs: dict, module: nn.Module | None = None) -> bool:
+        """Does the call ``(args, kwargs)`` of ``module`` take the path the graph was traced on?"""
+        for path, value in self.modes.items() if module is not None else ():
+            if (module.get_submodule(path) if path else module).training is not value:
+                return False
+        n = len(self.names)
+        if len(args) > n and any(a is not None for a in args[n:]):
+            return False
+        for i, name in enumerate(self.names):
+            if not self._fits(name, args[i] if i < len(args) else kwargs.get(name, _Absent), i < len(args)):
+                return False
+        for name in self.kwonly:
+            if not self._fits(name, kwargs.get(name, _Absent), False):
+                return False
+        named = set(self.names[len(args):]) | set(self.kwonly)
+        return all(v is None for k, v in kwargs.items() if k not in named)
+
+    def _fits(self, name: str, value, positional: bool) -> bool:
+        if not positional and value is _Absent:
+            default = self.defaults.get(name, "required")
+            if default == "required":
+                return False  # the original forward raises the right TypeError
+            value = default if default is None or isinstance(default, bool) else _Absent
+        if name not in self.fixed:  # a graph input
+            return value is not None
+        return value is self.fixed[name]
+
+    def eager(self, module: nn.Module, args: tuple, kwargs: dict):
+        """Run the original forward on ``module`` (warning once per call pattern when the graph
+        holds edits that this call therefore skips)."""
+        graph = getattr(module, "graph", None)
+        if graph is not None:
+            added = sorted(n.name for n in graph.nodes if n.name not in self.nodes and n.op == "call_module")
+            key = (len(args), tuple(sorted(kwargs)))
+            if added and key not in self._warned:
+                self._warned.add(key)
+                warnings.warn(f"sparsify: {type(module).__name__} was called with arguments its graph was not "
+                              f"traced for; its own forward runs, without the nodes added to its graph "
+                              f"({', '.join(added[:4])}{'...' if len(added) > 4 else ''}): pass example_inputs "
+                              "that call it this way", stacklevel=3)
+        return self.forward(module, *args, **kwargs)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_warned"] = set()
+        return state
+
+
+class CallRecord:
+    """How each submodule of ``root`` is called, from one forward with ``example_inputs``.
+
+    A child traced on its own because its parent does not trace would otherwise treat every
+    argument as a tensor input: ``if token_type_ids is None:`` is then decided at trace time,
+    wrongly when the parent passes ``None``. :meth:`concrete_args` gives the arguments that were
+    ``None`` (or one and the same ``bool``) in every recorded call, for ``torch.fx`` to
+    specialise on; the traced graph asserts that later calls pass the same. The forward runs
+    lazily (at the first question), without gradients, in the root's mode (eval if that fails);
+    buffers and the random generator are restored afterwards.
+
+    >>> import torch
+    >>> class Emb(torch.nn.Module):
+    ...     def forward(self, ids, types=None):
+    ...         return ids if types is None else ids + types
+    >>> class Model(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__(); self.emb = Emb()
+    ...     def forward(self, ids):
+    ...         return self.emb(ids, types=None)
+    >>> CallRecord(Model(), (torch.zeros(2),)).concrete_args("emb", Emb())
+    {'types': None}
+    """
+
+    def __init__(self, root: nn.Module, example_inputs: tuple):
+        self._root = root
+        self._inputs = tuple(example_inputs)
+        self._calls: dict[str, list[dict]] | None = None
+
+    def concrete_args(self, qualname: str, module: nn.Module) -> dict:
+        """``{argument: value}`` of ``module.forward`` that were None or one bool in every call."""
+        if self._calls is None:
+            self._calls = self._record()
+        seen = self._calls.get(qualname)
+        if not seen:
+            return {}
+        out = {}
+        for name in seen[0]:
+            values = [c.get(name, _OTHER) for c in seen]
+            first = values[0]
+            if first is not _OTHER and all(v is first for v in values):
+                out[name] = first
+        return out
+
+    def _record(self) -> dict[str, list[dict]]:
+        calls: dict[str, list[dict]] = {}
+        hooks = []
+
+        def hook(name, module, args, kwargs):
+            try:
+                bound = inspect.signature(module.forward).bind(*args, **kwargs)
+            except (TypeError, ValueError):
+                return
+            bound.apply_defaults()
+            summary = {}
+            for pname, param in bound.signature.parameters.items():
+                if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                    continue
+                v = bound.arguments.get(pname)
+                summary[pname] = v if v is None or isinstance(v, bool) else _OTHER
+            calls.setdefault(name, []).append(summary)
+
+        for name, m in self._root.named_modules():
+            if name and not _is_torch_leaf(m):
+                hooks.append(m.register_forward_pre_hook(functools.partial(hook, name), with_kwargs=True))
+        buffers = [(b, b.detach().clone()) for b in self._root.buffers()]
+        rng = torch.random.get_rng_state()
+        mode = self._root.training
+        try:
+            with torch.no_grad():
+                try:
+                    self._root(*self._inputs)
+                except Exception:  # e.g. a detection model wants targets in training mode
+                    calls.clear()
+                    try:
+                        self._root.eval()(*self._inputs)
+                    except Exception:
+                        calls.clear()  # no record: children are traced unspecialised
+        finally:
+            for h in hooks:
+                h.remove()
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+            torch.random.set_rng_state(rng)
+            self._root.train(mode)
+        return calls
+
+
