@@ -113,14 +113,22 @@ class CallGuard:
         holds edits that this call therefore skips)."""
         graph = getattr(module, "graph", None)
         if graph is not None:
-            added = sorted(n.name for n in graph.nodes if n.name not in self.nodes and n.op == "call_module")
-            key = (len(args), tuple(sorted(kwargs)))
+            # nodes added after the trace; a module that says it is an identity outside training
+            # (an activation regularizer) loses nothing in eval
+            added = sorted(n.name for n in graph.nodes if n.name not in self.nodes and n.op == "call_module"
+                           and not (not module.training and getattr(module.get_submodule(str(n.target)),
+                                                                    "identity_in_eval", False)))
+            mode = next((m for m in self.modes if (module.get_submodule(m) if m else module).training
+                         is not self.modes[m]), None)
+            key = (len(args), tuple(sorted(kwargs)), mode)
             if added and key not in self._warned:
                 self._warned.add(key)
-                warnings.warn(f"sparsify: {type(module).__name__} was called with arguments its graph was not "
-                              f"traced for; its own forward runs, without the nodes added to its graph "
-                              f"({', '.join(added[:4])}{'...' if len(added) > 4 else ''}): pass example_inputs "
-                              "that call it this way", stacklevel=3)
+                why = (f"in {'train' if module.training else 'eval'} mode, which its graph's control flow did "
+                       "not take" if mode is not None else "with arguments its graph was not traced for")
+                warnings.warn(f"{type(module).__name__} was called {why}; its own forward runs, without the "
+                              f"nodes added to its graph ({', '.join(added[:4])}{'...' if len(added) > 4 else ''})"
+                              + ("" if mode is not None else ": pass example_inputs that call it this way"),
+                              stacklevel=3)
         return self.forward(module, *args, **kwargs)
 
     def __getstate__(self):

@@ -78,3 +78,35 @@ def test_tl1_reaches_the_mlp_activations():
     model, inputs = cov.vit()
     c = cov.coverage(model, "tl1", inputs)
     assert c["activations"].get("gelu", 0) == 2  # one per encoder layer's MLP
+
+
+@pytest.mark.parametrize("name", ["BertForSequenceClassification", "GPT2LMHeadModel"])
+def test_every_call_works_without_example_inputs(name):
+    """Sparsified without example_inputs (nothing recorded, nothing guessed), the model answers the
+    calls its users make: keywords, optional inputs present or absent, labels, other lengths and
+    batch sizes. st3 is dense at step 0, so the outputs equal the original's."""
+    torch.manual_seed(0)
+    model, _ = cov.MODELS[name]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = sparsify.sparsify(model, "st3", total_steps=100)
+    m.eval(), model.eval()
+    gen = torch.Generator().manual_seed(1)
+    for batch, length in ((2, 8), (3, 5), (1, 12)):
+        ids = torch.randint(0, 100, (batch, length), generator=gen)
+        mask = torch.ones_like(ids)
+        mask[0, -2:] = 0
+        labels = ids if name.startswith("GPT2") else torch.randint(0, 3, (batch,), generator=gen)
+        calls = [((ids,), {}), ((), {"input_ids": ids}), ((), {"input_ids": ids, "attention_mask": mask}),
+                 ((), {"input_ids": ids, "attention_mask": mask, "labels": labels})]
+        if name.startswith("Bert"):
+            calls.append(((), {"input_ids": ids, "token_type_ids": torch.ones_like(ids), "labels": labels}))
+        for args, kwargs in calls:
+            got, want = m(*args, **kwargs), model(*args, **kwargs)
+            torch.testing.assert_close(got.logits, want.logits)
+            if "labels" in kwargs:
+                torch.testing.assert_close(got.loss, want.loss)
+    m.train()
+    ids = torch.randint(0, 100, (2, 6), generator=gen)
+    labels = ids if name.startswith("GPT2") else torch.tensor([0, 2])
+    m(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss.backward()

@@ -116,6 +116,8 @@ class ActivationRegularizer(RecordsMixin, nn.Module):
     :meth:`clear_records` (``sparsify.step``).
     """
 
+    identity_in_eval = True  # records nothing outside training: a CallGuard need not warn
+
     def __init__(self, function: str = "tl1", lam: float = 1.0, a: float = 1.0, reduction: str = "mean",
                  placement: str = "post", regularizes: str = "", nonneg: bool = False):
         super().__init__()
