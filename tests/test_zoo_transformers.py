@@ -77,7 +77,7 @@ def test_tl1_reaches_the_mlp_activations():
     torch.manual_seed(0)
     model, inputs = cov.vit()
     c = cov.coverage(model, "tl1", inputs)
-    assert c["activations"].get("gelu", 0) == 2  # one per encoder layer's MLP
+    assert c["activations"].get("GELUActivation", 0) == 2  # one per encoder layer's MLP, kept a module call
 
 
 @pytest.mark.parametrize("name", ["BertForSequenceClassification", "GPT2LMHeadModel"])

@@ -22,6 +22,7 @@ from sparsify.prepare.hidden import hidden_candidates, hidden_positions, needed_
 from sparsify.prepare.inputs import guess_example_inputs, positions_per_sample
 from sparsify.prepare.matching import Candidate, compile_match, op_name
 from sparsify.methods import SparseWeightMixin, get_method
+from sparsify.core.activations import is_activation_module
 from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.core.contract import GroupContext, Site
 from sparsify.prepare.plan import Plan, PlanEntry
@@ -138,14 +139,15 @@ _ACTIVATION_OPS = {"relu", "relu6", "gelu", "silu", "hardswish", "hardsigmoid", 
 def _structural(c: Candidate) -> bool:
     """A Conv/Linear call or an activation call: what rewrites that read around a site look for."""
     if c.module is not None:
-        return isinstance(c.module, WEIGHT_TYPES) or type(c.module).__module__ == "torch.nn.modules.activation"
+        return isinstance(c.module, WEIGHT_TYPES) or is_activation_module(c.module)
     return op_name(c.node) in _ACTIVATION_OPS
 
 
 def _not_a_layer(name: str, m: nn.Module) -> bool:
     """Trace through ``m``? Not through a weight layer: torch's are leaves anyway, and
-    transformers' Conv1D must stay one module call for a method to replace it."""
-    return not isinstance(m, WEIGHT_TYPES)
+    transformers' Conv1D must stay one module call for a method to replace it; nor through an
+    activation module (transformers' GELUActivation...), which rules match by type and name."""
+    return not isinstance(m, WEIGHT_TYPES) and not is_activation_module(m)
 
 
 def _trace(root: nn.Module, matcher: _Matcher, example_inputs=None):

@@ -8,6 +8,7 @@ from torch import nn
 
 from passes import glob_to_regex
 
+from sparsify.core.activations import activation_kind
 from sparsify.core.conv1d import is_conv1d
 
 __all__ = ["Candidate", "compile_match", "op_name"]
@@ -54,6 +55,9 @@ def _type_names(module: nn.Module) -> set[str]:
         # transformers' Conv1D is a Linear with its weight transposed: rules written for
         # Linear layers (every built-in weight recipe) reach GPT-2's projections too
         names.add("Linear")
+    kind = activation_kind(module)
+    if kind is not None:  # transformers' GELU variants match "GELU" (sparsify/core/activations.py)
+        names.add(kind)
     return names
 
 

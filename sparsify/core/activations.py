@@ -1,0 +1,46 @@
+"""Activation modules, torch's and those other libraries define (transformers' ``GELUActivation``,
+``NewGELUActivation``, ``QuickGELUActivation``, ...), recognised by class name so sparsify never
+imports those libraries.
+
+Tracing keeps every activation module one ``call_module`` node (never traced through into its
+arithmetic), so rules by module type and by name reach it, and the activation methods insert after
+it. A recipe's ``"type": "GELU"`` also matches the GELU variants (exact or approximations, as
+``"Linear"`` also matches transformers' ``Conv1D``); each class's own name matches it alone.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["ALIASES", "activation_kind", "is_activation_module"]
+
+# class name -> the torch activation it computes or approximates
+ALIASES = {
+    "GELUActivation": "GELU", "NewGELUActivation": "GELU", "FastGELUActivation": "GELU",
+    "QuickGELUActivation": "GELU", "ClippedGELUActivation": "GELU", "AccurateGELUActivation": "GELU",
+    "GELUTanh": "GELU", "PytorchGELUTanh": "GELU", "SiLUActivation": "SiLU", "MishActivation": "Mish",
+}
+
+
+def activation_kind(module) -> str | None:
+    """The torch activation class name ``module`` is or stands for; None for other modules.
+
+    >>> activation_kind(nn.ReLU()), activation_kind(type("NewGELUActivation", (nn.Module,), {})())
+    ('ReLU', 'GELU')
+    >>> activation_kind(nn.Linear(1, 1)) is None
+    True
+    """
+    for cls in type(module).__mro__:
+        if cls.__module__ == "torch.nn.modules.activation" and cls is not nn.Module:
+            return cls.__name__
+        if cls.__name__ in ALIASES:
+            return ALIASES[cls.__name__]
+    return None
+
+
+def is_activation_module(module) -> bool:
+    """Whether ``module`` is an activation (see :func:`activation_kind`).
+
+    >>> is_activation_module(nn.GELU()), is_activation_module(nn.Sequential())
+    (True, False)
+    """
+    return activation_kind(module) is not None
