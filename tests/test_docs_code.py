@@ -133,3 +133,20 @@ def test_marker_parsing(tmp_path):
                    (16, None, (), "x = 1\n"),
                    (21, None, (), "y = 2\n")]
 
+
+
+def test_code_and_docs_cite_only_what_the_repository_holds():
+    """Citations go to docs/ pages or papers: a reader of the repository cannot open the project's
+    private specifications or another machine's paths."""
+    outside = re.compile("|".join(re.escape(n) for n in ("METHODS" + ".md", "DESIGN" + ".md", "GROUND" + ".md",
+                                                          "/work/" + "shared")))
+    hits = []
+    for folder in ("sparsify", "passes", "tests", "benchmarks", "examples", "docs"):
+        for path in sorted((ROOT / folder).rglob("*")):
+            if path.suffix in (".py", ".md", ".json", ".cfg", ".txt") and path.is_file():
+                for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+                    if outside.search(line):
+                        hits.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()[:100]}")
+    hits += [f"README.md:{i}" for i, line in enumerate((ROOT / "README.md").read_text().splitlines(), 1)
+             if outside.search(line)]
+    assert not hits, "cite docs/methods/*.md or the paper instead:\n" + "\n".join(hits)
