@@ -5,6 +5,9 @@ implementations, layer by layer, and check the result against the model it came 
   fx graph becomes one :class:`PatchSkipConv2d` (BN folded, skipped positions hold the folded bias);
 * Linear and 1x1 Conv2d layers whose weight is at least ``min_sparsity`` zeros become
   :class:`SparseLinear` / :class:`SparseConv1x1` (CSR, or BSR when the zeros come in blocks);
+* Conv2d layers (any kernel, stride, dilation, groups) whose weight is at least
+  ``min_conv_sparsity`` zeros may become :class:`DirectSparseConv2d` (a compiled direct sparse
+  convolution), with a ReLU that only reads its output fused in;
 * each replacement is kept only if it is faster on the layer's real input shape (``decide``);
   everything else stays dense, with eval BatchNorms that follow a conv folded into it
   (``fold_bn``; a masked conv that stays dense then fills its skipped positions with ``BN(0)``,
@@ -20,6 +23,7 @@ from torch import nn
 
 from passes import set_submodule
 
+from sparsify.deploy.accelerate.direct_conv import DirectSparseConv2d, direct_available, supports_direct
 from sparsify.deploy.accelerate.fold import PositionFill, foldable_bn, folded_conv
 from sparsify.deploy.accelerate.patch_conv import PatchSkipConv2d, supports_patch_skip
 from sparsify.deploy.accelerate.select import AccelerationReport, LayerPath, choose
@@ -234,38 +238,63 @@ def _bsr_block(weight2d: torch.Tensor) -> int | None:
     return None
 
 
-def _sparse_linear_pass(model, shapes, decide, margin, min_sparsity, rows, done):
+def _kind(m: nn.Module) -> str:
+    if isinstance(m, nn.Linear):
+        return "Linear"
+    return f"Conv2d {m.kernel_size[0]}x{m.kernel_size[1]}" + (f" g{m.groups}" if m.groups > 1 else "")
+
+
+def _sparse_linear_pass(model, shapes, decide, margin, min_sparsity, rows, done, min_conv_sparsity=1.0):
     for name, m in list(model.named_modules()):
         if name in done or not isinstance(m, (nn.Linear, nn.Conv2d)) or type(m) not in (nn.Linear, nn.Conv2d):
             continue
-        if isinstance(m, nn.Conv2d) and supports_sparse_linear(m) is not None:
-            continue  # k x k convs without a position mask: dense, not listed (nothing to decide)
-        kind = "Linear" if isinstance(m, nn.Linear) else "Conv2d 1x1"
+        is_conv = isinstance(m, nn.Conv2d)
+        csr_ok = supports_sparse_linear(m) is None
+        direct_ok = is_conv and supports_direct(m) is None
+        if not csr_ok and not direct_ok:
+            continue  # e.g. a conv with padding='same': dense, not listed (nothing to decide)
+        kind = _kind(m)
         w2 = m.weight.detach().reshape(m.weight.shape[0], -1)
         sparsity = float((w2 == 0).float().mean())
-        if sparsity < min_sparsity:
-            rows.append(LayerPath(name, kind, "dense", f"weight sparsity below {100 * min_sparsity:.0f}%", sparsity))
+        csr_ok = csr_ok and sparsity >= min_sparsity
+        direct_ok = direct_ok and sparsity >= min_conv_sparsity
+        if not csr_ok and not direct_ok:
+            floor = min(min_sparsity if supports_sparse_linear(m) is None else 1.0,
+                        min_conv_sparsity if is_conv else 1.0)
+            if floor < 1.0:  # listed only where some sparse path could apply at a higher sparsity
+                rows.append(LayerPath(name, kind, "dense", f"weight sparsity below {100 * floor:.0f}%", sparsity))
             continue
         if name not in shapes:
             rows.append(LayerPath(name, kind, "dense", "never called on the example inputs", sparsity))
             continue
-        cls = SparseLinear if isinstance(m, nn.Linear) else SparseConv1x1
-        make = (lambda layout, b=None: SparseLinear.from_linear(m, layout, b)) if cls is SparseLinear else \
-            (lambda layout, b=None: SparseConv1x1.from_conv(m, layout, b))
-        options = {"csr": make("csr")}
+        unavailable = direct_available() if direct_ok else None
+        if unavailable:
+            direct_ok = False
+            if not csr_ok:
+                rows.append(LayerPath(name, kind, "dense", unavailable, sparsity))
+                continue
+        options = {}
         x = torch.randn(shapes[name])
-        if isinstance(m, nn.Conv2d):
+        if direct_ok:  # the network runs in NCHW unless patch-skipping convs turned it channels-last
+            options["direct"] = DirectSparseConv2d.from_conv(m)
+        elif is_conv:
             x = x.contiguous(memory_format=torch.channels_last)
-            n_rows = x.shape[0] * len(range(0, x.shape[2], m.stride[0])) * len(range(0, x.shape[3], m.stride[1]))
-        else:
-            n_rows = x.numel() // x.shape[-1]
-        for tb in TOKEN_BLOCKS:  # the same CSR matrix, the input taken in row blocks
-            if n_rows > 2 * tb:
-                options[f"csr/{tb}"] = make("csr")
-                options[f"csr/{tb}"].token_block = tb
-        b = _bsr_block(w2)
-        if b is not None:
-            options[f"bsr{b}"] = make("bsr", b)
+        if csr_ok:
+            cls = SparseLinear if isinstance(m, nn.Linear) else SparseConv1x1
+            make = (lambda layout, b=None: SparseLinear.from_linear(m, layout, b)) if cls is SparseLinear else \
+                (lambda layout, b=None: SparseConv1x1.from_conv(m, layout, b))
+            options["csr"] = make("csr")
+            if is_conv:
+                n_rows = x.shape[0] * len(range(0, x.shape[2], m.stride[0])) * len(range(0, x.shape[3], m.stride[1]))
+            else:
+                n_rows = x.numel() // x.shape[-1]
+            for tb in TOKEN_BLOCKS:  # the same CSR matrix, the input taken in row blocks
+                if n_rows > 2 * tb:
+                    options[f"csr/{tb}"] = make("csr")
+                    options[f"csr/{tb}"].token_block = tb
+            b = _bsr_block(w2)
+            if b is not None:
+                options[f"bsr{b}"] = make("bsr", b)
         cands = {"dense": lambda: m(x), **{k: (lambda mod=v: mod(x)) for k, v in options.items()}}
         path, times, reason = choose(cands, decide, margin)
         if "/" in path:
@@ -275,9 +304,35 @@ def _sparse_linear_pass(model, shapes, decide, margin, min_sparsity, rows, done)
             set_submodule(model, name, options[path])
 
 
+def _fuse_relu_pass(model, rows) -> None:
+    """A ReLU that is the only reader of a direct sparse conv's output is applied in its pass."""
+    fused = set()
+
+    def rewrite(prefix, gm, node, erased) -> bool:
+        conv = gm.get_submodule(node.target)
+        if not isinstance(conv, DirectSparseConv2d) or conv.relu:
+            return False
+        relu_node = _only_user(node)
+        if relu_node is None or not _is_relu(gm, relu_node) or relu_node.args[0] is not node:
+            return False
+        if sum(n.target == node.target for n in gm.graph.nodes if n.op == "call_module") > 1:
+            return False
+        conv.relu = True
+        relu_node.replace_all_uses_with(node)
+        gm.graph.erase_node(relu_node)  # the ReLU module may serve other nodes: keep it
+        erased.add(relu_node)
+        fused.add(_qual(prefix, str(node.target)))
+        return True
+
+    _rewrite_graphs(model, rewrite)
+    for r in rows:
+        if r.name in fused:
+            r.reason += "; ReLU fused"
+
+
 @torch.no_grad()
 def accelerate(model: nn.Module, example_inputs, *, decide: str = "measure", min_sparsity: float = 0.8,
-               margin: float = 0.05, channels_last: bool | None = None, fold_bn: bool = True, check: bool = True,
+               min_conv_sparsity: float = 0.5, margin: float = 0.05, channels_last: bool | None = None, fold_bn: bool = True, check: bool = True,
                rtol: float = 1e-4, atol: float = 1e-5) -> nn.Module:
     """A copy of the finalized ``model`` with faster sparse layers where they pay (CPU, float32).
 
@@ -286,6 +341,8 @@ def accelerate(model: nn.Module, example_inputs, *, decide: str = "measure", min
     candidate on this machine, keep what beats dense by ``margin``), ``"always"`` or ``"never"``.
     ``channels_last`` (default: when any patch-skipping conv was chosen) stores the remaining conv
     weights channels-last so the whole network runs in the layout the patch-skipping convs produce.
+    ``min_conv_sparsity``: a Conv2d with at least this fraction of zero weights is also timed as a
+    :class:`DirectSparseConv2d` (built on first use; dense with one warning where it cannot be).
     ``fold_bn`` folds every eval BatchNorm that directly follows a conv (masked or not) into it, so
     the layers that stay dense cost what they cost in the strongest dense deployment.
     The result's ``acceleration`` attribute is the :class:`AccelerationReport`; with ``check`` its
@@ -309,7 +366,8 @@ def accelerate(model: nn.Module, example_inputs, *, decide: str = "measure", min
     done: set[str] = set()
     _patch_skip_pass(out, shapes, decide, margin, rows, done, fold=fold_bn)
     folded = _fold_bn_pass(out) if fold_bn else 0
-    _sparse_linear_pass(out, shapes, decide, margin, min_sparsity, rows, done)
+    _sparse_linear_pass(out, shapes, decide, margin, min_sparsity, rows, done, min_conv_sparsity)
+    _fuse_relu_pass(out, rows)
     if channels_last is None:
         channels_last = any(r.path == "patch-skip" for r in rows)
     if channels_last:

@@ -1,0 +1,260 @@
+// Direct sparse convolution on CPU (float32, NCHW), after Park et al., "Faster CNNs with direct
+// sparse convolutions and guided pruning" (ICLR 2017): every non-zero weight w[o, c, ky, kx]
+// adds w times a shifted, strided input plane into output plane o; zero weights cost nothing.
+//
+// Layout. The input is copied once per call into P (per image: C x phases x Hq x Wq): padded and,
+// for stride s, split into its s x s phases (rows/columns congruent mod s), so that the input
+// pixels one tap reads for consecutive outputs are consecutive floats. In P every tap is then one
+// integer offset (computed by the Python side per input size), and output plane o, read row by
+// row with row pitch Wq (the Wq - Wo extra columns are computed and dropped), is
+//     out_o[j] = b_o + sum over taps t of o: v_t * P[off_t + j],  j = y * Wq + x
+// a 1-D sum over a flat index. A tile of 16*R consecutive j stays in R vector registers while the
+// taps of o are added; tiles are the outer loop, then blocks of input channels, then output
+// channels, so the input rows under a tile for one channel block stay in cache across channels. Stride 1 without padding reads the input in
+// place when no tap shifts along the width. Output channels are split across threads with at::parallel_for, balanced by tap count.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+typedef float vf __attribute__((vector_size(64)));
+typedef float vfu __attribute__((vector_size(64), aligned(4), may_alias));
+constexpr int64_t V = 16;
+constexpr int R = 4;  // vectors per tile: 64 outputs in flight, 4 independent FMA chains
+constexpr int64_t T = V * R;
+
+inline vf loadu(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+inline void storeu(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+inline vf splat(float v) { return vf{} + v; }
+
+// The first n (< V) floats at p, zeros after: the last partial vector of a plane, where reading
+// on could leave the buffer (the input read in place).
+inline vf load_part(const float* p, int64_t n) {
+#if defined(__AVX512F__)
+  return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), p);
+#else
+  vf v = vf{};
+  for (int64_t i = 0; i < n; ++i) v[i] = p[i];
+  return v;
+#endif
+}
+
+struct Geometry {
+  int64_t N, C, H, W, Cout, Ho, Wo, Hq, Wq, sh, sw, ph, pw;
+  std::vector<int64_t> phases;  // (py, px) pairs of the phases the taps read
+  bool in_place;                // P is the input itself (stride 1, no padding)
+  int64_t image() const { return C * static_cast<int64_t>(phases.size() / 2) * Hq * Wq; }
+};
+
+// P[n, c, phase (py, px), r, q] = x[n, c, r*sh + py - ph, q*sw + px - pw], 0 outside.
+void fill(const float* x, float* P, const Geometry& g) {
+  const int64_t nph = g.phases.size() / 2;
+  at::parallel_for(0, g.N * g.C, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const float* xs = x + i * g.H * g.W;
+      float* d = P + i * nph * g.Hq * g.Wq;
+      for (int64_t f = 0; f < nph; ++f) {
+        const int64_t py = g.phases[2 * f], px = g.phases[2 * f + 1];
+        for (int64_t r = 0; r < g.Hq; ++r) {
+          float* row = d + (f * g.Hq + r) * g.Wq;
+          const int64_t yy = r * g.sh + py - g.ph;
+          if (yy < 0 || yy >= g.H) {
+            std::memset(row, 0, sizeof(float) * g.Wq);
+            continue;
+          }
+          const float* src = xs + yy * g.W;
+          if (g.sw == 1) {
+            const int64_t q0 = std::min(g.Wq, std::max<int64_t>(0, g.pw - px));
+            const int64_t q1 = std::max(q0, std::min(g.Wq, g.W + g.pw - px));
+            std::memset(row, 0, sizeof(float) * q0);
+            std::memcpy(row + q0, src + q0 + px - g.pw, sizeof(float) * (q1 - q0));
+            std::memset(row + q1, 0, sizeof(float) * (g.Wq - q1));
+          } else {
+            for (int64_t q = 0; q < g.Wq; ++q) {
+              const int64_t xx = q * g.sw + px - g.pw;
+              row[q] = (xx >= 0 && xx < g.W) ? src[xx] : 0.f;
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// Writes n valid outputs, flat index j0.. (row pitch Wq), into plane o (row pitch Wo).
+inline void scatter(const float* tile, int64_t j0, int64_t n, float* o, const Geometry& g) {
+  int64_t y = j0 / g.Wq, x = j0 % g.Wq, i = 0;
+  while (i < n) {
+    const int64_t seg = std::min(g.Wq - x, n - i);
+    if (x < g.Wo) std::memcpy(o + y * g.Wo + x, tile + i, sizeof(float) * std::min(seg, g.Wo - x));
+    i += seg;
+    ++y;
+    x = 0;
+  }
+}
+
+inline vf relu_v(vf a) { return a > 0 ? a : vf{}; }
+
+// acc[0..R) += taps k0..k1 at the tile Pj; len valid outputs (T for a full tile)
+template <bool FULL>
+inline void add_taps(vf* acc, const float* Pj, const int32_t* off, const float* val, int32_t k0, int32_t k1,
+                     int64_t len) {
+  if (FULL) {
+    vf a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
+    for (int32_t k = k0; k < k1; ++k) {
+      const float* p = Pj + off[k];
+      const vf w = splat(val[k]);
+      a0 += w * loadu(p);
+      a1 += w * loadu(p + V);
+      a2 += w * loadu(p + 2 * V);
+      a3 += w * loadu(p + 3 * V);
+    }
+    acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3;
+  } else {  // the input read in place, last tile of a plane: masked loads, nothing read past len
+#if defined(__AVX512F__)
+    __mmask16 m[R];
+    for (int r = 0; r < R; ++r) {
+      const int64_t n = std::max<int64_t>(0, std::min<int64_t>(V, len - V * r));
+      m[r] = (__mmask16)((1u << n) - 1u);
+    }
+    vf a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
+    for (int32_t k = k0; k < k1; ++k) {
+      const float* p = Pj + off[k];
+      const vf w = splat(val[k]);
+      a0 += w * (vf)_mm512_maskz_loadu_ps(m[0], p);
+      a1 += w * (vf)_mm512_maskz_loadu_ps(m[1], p + V);
+      a2 += w * (vf)_mm512_maskz_loadu_ps(m[2], p + 2 * V);
+      a3 += w * (vf)_mm512_maskz_loadu_ps(m[3], p + 3 * V);
+    }
+    acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3;
+#else
+    const int64_t full = len / V, rest = len % V;
+    for (int32_t k = k0; k < k1; ++k) {
+      const float* p = Pj + off[k];
+      const vf w = splat(val[k]);
+      for (int64_t r = 0; r < full; ++r) acc[r] += w * loadu(p + V * r);
+      if (rest) acc[full] += w * load_part(p + V * full, rest);
+    }
+#endif
+  }
+}
+
+constexpr int64_t OCB = 32;  // output channels whose tiles stay in L1 while a channel block is added
+
+// blk[o * (nb + 1) + b]: the first tap of output channel o in input channel block b (taps are
+// sorted by channel), so each tile adds one block of input channels at a time to OCB output
+// tiles: the input rows under the tile for that block (a few KB) stay in L1 while they are reused
+// by every output channel, instead of the whole tile column over all channels (tens of KB, L2).
+void conv(const float* P, const int32_t* off, const int32_t* blk, int64_t nb, const float* val,
+          const float* bias, float* out, const Geometry& g, bool relu) {
+  const int64_t L = g.Ho * g.Wq, plane = g.Ho * g.Wo, img = g.in_place ? g.C * g.H * g.W : g.image();
+  const bool dense_rows = g.Wq == g.Wo;
+  const int64_t stride = nb + 1;
+  // chunks of output channels with about equal tap counts, a few per thread
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t nchunks = std::min<int64_t>(g.Cout, nt * 4);
+  std::vector<int64_t> bounds(nchunks + 1, g.Cout);
+  bounds[0] = 0;
+  const int64_t total = blk[g.Cout * stride - 1];
+  for (int64_t k = 1, o = 0; k < nchunks; ++k) {
+    while (o < g.Cout && static_cast<int64_t>(blk[o * stride]) * nchunks < total * k) ++o;
+    bounds[k] = o;
+  }
+  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+    const int64_t o0 = bounds[cb], o1 = bounds[ce];
+    alignas(64) float obuf[OCB * T];
+    for (int64_t n = 0; n < g.N; ++n) {
+      const float* Pn = P + n * img;
+      float* outn = out + n * g.Cout * plane;
+      for (int64_t j0 = 0; j0 < L; j0 += T) {
+        const int64_t len = std::min(T, L - j0);
+        const float* Pj = Pn + j0;
+        for (int64_t ob = o0; ob < o1; ob += OCB) {
+          const int64_t oe = std::min(o1, ob + OCB);
+          for (int64_t o = ob; o < oe; ++o) {
+            const vf b = splat(bias ? bias[o] : 0.f);
+            for (int r = 0; r < R; ++r) storeu(obuf + (o - ob) * T + V * r, b);
+          }
+          for (int64_t b = 0; b < nb; ++b) {
+            for (int64_t o = ob; o < oe; ++o) {
+              const int32_t k0 = blk[o * stride + b], k1 = blk[o * stride + b + 1];
+              if (k0 == k1) continue;
+              float* t = obuf + (o - ob) * T;
+              vf acc[R];
+              for (int r = 0; r < R; ++r) acc[r] = loadu(t + V * r);
+              if (len == T || !g.in_place)  // a copied input has slack to read whole tiles from
+                add_taps<true>(acc, Pj, off, val, k0, k1, len);
+              else
+                add_taps<false>(acc, Pj, off, val, k0, k1, len);
+              for (int r = 0; r < R; ++r) storeu(t + V * r, acc[r]);
+            }
+          }
+          for (int64_t o = ob; o < oe; ++o) {
+            float* t = obuf + (o - ob) * T;
+            if (relu)
+              for (int r = 0; r < R; ++r) storeu(t + V * r, relu_v(loadu(t + V * r)));
+            float* op = outn + o * plane;
+            if (dense_rows && len == T)
+              std::memcpy(op + j0, t, sizeof(float) * T);
+            else
+              scatter(t, j0, len, op, g);
+          }
+        }
+      }
+    }
+  });
+}
+
+// x: (N, C, H, W) float32; off: int32 tap offsets into one image of P; blocks: int32 (Cout, nb + 1),
+// first tap of each output channel in each input channel block, then its end; values: float32 taps; geometry: [Cout, Ho, Wo, Hq, Wq, sh, sw, ph, pw, py0, px0, py1, px1, ...].
+at::Tensor direct_conv2d(const at::Tensor& x_, const at::Tensor& off, const at::Tensor& blocks,
+                         const at::Tensor& values, const std::optional<at::Tensor>& bias,
+                         at::IntArrayRef geometry, bool relu) {
+  TORCH_CHECK(x_.dim() == 4 && x_.scalar_type() == at::kFloat && x_.device().is_cpu(),
+              "direct sparse conv: a 4-D float32 CPU input is needed, got ", x_.sizes(), " ", x_.scalar_type());
+  TORCH_CHECK(geometry.size() >= 11 && geometry.size() % 2 == 1, "direct sparse conv: bad geometry");
+  TORCH_CHECK(off.scalar_type() == at::kInt && blocks.scalar_type() == at::kInt && blocks.dim() == 2 &&
+                  values.scalar_type() == at::kFloat && off.numel() == values.numel(),
+              "direct sparse conv: int32 offsets/blocks and float32 values of one length are needed");
+  const at::Tensor x = x_.contiguous();
+  Geometry g;
+  g.N = x.size(0); g.C = x.size(1); g.H = x.size(2); g.W = x.size(3);
+  g.Cout = geometry[0]; g.Ho = geometry[1]; g.Wo = geometry[2]; g.Hq = geometry[3]; g.Wq = geometry[4];
+  g.sh = geometry[5]; g.sw = geometry[6]; g.ph = geometry[7]; g.pw = geometry[8];
+  g.phases.assign(geometry.begin() + 9, geometry.end());
+  TORCH_CHECK(blocks.size(0) == g.Cout && blocks.size(1) >= 2, "direct sparse conv: blocks must be (Cout, nb + 1)");
+  g.in_place = g.phases.size() == 2 && g.phases[0] == 0 && g.phases[1] == 0 && g.sh == 1 && g.sw == 1 &&
+               g.ph == 0 && g.pw == 0 && g.Hq == g.H && g.Wq == g.W && g.Wq == g.Wo;
+  at::Tensor out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, x.options());
+  at::Tensor Pbuf;
+  const float* P = x.data_ptr<float>();
+  if (!g.in_place) {
+    // slack: the dropped columns of the last rows read up to Wq floats past the last plane, and
+    // the last tile up to T past the last output
+    Pbuf = at::empty({g.N * g.image() + g.Wq + 2 * T}, x.options());
+    fill(x.data_ptr<float>(), Pbuf.data_ptr<float>(), g);
+    P = Pbuf.data_ptr<float>();
+  }
+  const at::Tensor bl = blocks.contiguous(), of = off.contiguous(), va = values.contiguous();
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) b = bias->contiguous().to(at::kFloat);
+  conv(P, of.data_ptr<int32_t>(), bl.data_ptr<int32_t>(), bl.size(1) - 1, va.data_ptr<float>(),
+       b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr<float>(), g, relu);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(sparsify_direct, m) {
+  m.def("conv2d(Tensor x, Tensor offsets, Tensor blocks, Tensor values, Tensor? bias, int[] geometry, "
+        "bool relu) -> Tensor", &direct_conv2d);
+}
