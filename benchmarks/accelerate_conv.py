@@ -1,0 +1,133 @@
+"""Weight-sparse CNNs on CPU: every Conv2d and the classifier magnitude-pruned per layer to the
+given sparsity (random weights: speed does not depend on training), then
+``accelerate(model, x)`` (direct sparse convs, CSR, BN folded, chosen per layer by measurement).
+Compared in the same run, rounds interleaved (order reversed every other round), against
+
+* ``dense``: the unpruned torchvision model in eager mode (NCHW, separate BatchNorms);
+* ``best dense``: the same traced, every BN folded into its conv, weights and input channels-last.
+
+Each ratio is the median over rounds of that round's dense time over its accelerated time
+("paired"), with the 25th-75th percentile of those per-round ratios. Per layer: the speedup the
+conversion measured for the chosen path against the dense conv (BN folded), and the ideal
+(1 / density: the multiply ratio).
+
+    PYTHONPATH=. .venv/bin/python benchmarks/accelerate_conv.py --model resnet18 --sparsity 0.9 --batch 1 \
+        [--rounds 15] [--threads 2] [--cpu-time] [--layers] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+import torch.fx as fx
+import torchvision
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+from sparsify.deploy.accelerate import accelerate  # noqa: E402
+from _report import write_json  # noqa: E402
+from _timing import clock_of, load_average  # noqa: E402
+
+
+@torch.no_grad()
+def prune_per_layer(model: nn.Module, sparsity: float) -> nn.Module:
+    """Zero the smallest-magnitude ``sparsity`` of every Conv2d and Linear weight."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            w = m.weight
+            k = int(sparsity * w.numel())
+            if k:
+                w.mul_(w.abs() > w.abs().flatten().kthvalue(k).values)
+    return model
+
+
+@torch.no_grad()
+def paired_rounds(fns: dict, rounds: int, warmup: int = 2, clock=time.perf_counter) -> dict[str, list[float]]:
+    """Per-round times (ms) of each call, run in turn, the order reversed every other round."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    samples = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for k in (names if r % 2 == 0 else names[::-1]):
+            t = clock()
+            fns[k]()
+            samples[k].append(1e3 * (clock() - t))
+    return samples
+
+
+def ratio_stats(num: list[float], den: list[float]) -> dict[str, float]:
+    r = sorted(a / b for a, b in zip(num, den))
+    q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
+    return {"median": statistics.median(r), "p25": q[0], "p75": q[2]}
+
+
+def layer_rows(report) -> list[dict]:
+    rows = []
+    for r in report.layers:
+        if r.sparsity is None or "dense" not in r.times_ms:
+            continue
+        best = r.times_ms.get(r.path, r.times_ms["dense"])
+        rows.append({"layer": r.name, "kind": r.kind, "path": r.path, "sparsity": r.sparsity,
+                     "dense_ms": r.times_ms["dense"], "chosen_ms": best,
+                     "achieved": r.times_ms["dense"] / best, "ideal": 1 / max(1e-9, 1 - r.sparsity),
+                     "direct_vs_dense": r.times_ms["dense"] / r.times_ms["direct"] if "direct" in r.times_ms else None})
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet18", choices=["resnet18", "resnet50", "mobilenet_v2"])
+    ap.add_argument("--sparsity", type=float, default=0.9)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cpu-time", action="store_true", help="time by this process's CPU time (steadier on a "
+                    "loaded machine; use with --threads 1, where accelerate() decides by CPU time too)")
+    ap.add_argument("--layers", action="store_true", help="print the per-layer table")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    warnings.filterwarnings("ignore")
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    dense = getattr(torchvision.models, args.model)().eval()
+    best = accelerate(fx.symbolic_trace(dense), xc, decide="never", channels_last=True)
+    t0 = time.perf_counter()
+    pruned = prune_per_layer(fx.symbolic_trace(getattr(torchvision.models, args.model)().eval()), args.sparsity)
+    fast = accelerate(pruned, x)
+    convert_s = time.perf_counter() - t0
+    s = paired_rounds({"dense": lambda: dense(x), "best_dense": lambda: best(xc), "accelerated": lambda: fast(x)},
+                      args.rounds, clock=clock_of(args.cpu_time))
+    med = {k: statistics.median(v) for k, v in s.items()}
+    row = {"model": args.model, "sparsity": args.sparsity, "batch": args.batch, "size": args.size,
+           "threads": args.threads, "clock": "cpu" if args.cpu_time else "wall", "rounds": args.rounds, "median_ms": med,
+           "vs_dense": ratio_stats(s["dense"], s["accelerated"]),
+           "vs_best_dense": ratio_stats(s["best_dense"], s["accelerated"]),
+           "paths": fast.acceleration.count(), "convert_s": convert_s, "load": load_average(),
+           "layers": layer_rows(fast.acceleration), "torch": torch.__version__}
+    vd, vb = row["vs_dense"], row["vs_best_dense"]
+    print(f"{args.model} s={args.sparsity} batch {args.batch}: dense {med['dense']:.1f} ms, best dense "
+          f"{med['best_dense']:.1f} ms, accelerated {med['accelerated']:.1f} ms -> {vd['median']:.2f}x dense "
+          f"[{vd['p25']:.2f}-{vd['p75']:.2f}], {vb['median']:.2f}x best dense [{vb['p25']:.2f}-{vb['p75']:.2f}]; "
+          f"paths {row['paths']}; converted in {convert_s:.0f} s (load {row['load']:.1f})", flush=True)
+    if args.layers:
+        print(f"{'layer':24} {'kind':14} {'path':7} {'sparsity':>8} {'dense ms':>9} {'chosen ms':>9} "
+              f"{'achieved':>8} {'ideal':>6}")
+        for r in row["layers"]:
+            print(f"{r['layer']:24} {r['kind']:14} {r['path']:7} {100 * r['sparsity']:7.1f}% {r['dense_ms']:9.3f} "
+                  f"{r['chosen_ms']:9.3f} {r['achieved']:7.2f}x {r['ideal']:5.1f}x")
+    write_json(args.json, row)
+    return row
+
+
+if __name__ == "__main__":
+    main()
