@@ -3,6 +3,7 @@ buffers and the incremental N:M mask give the numbers of the plain compositions 
 from __future__ import annotations
 
 import copy
+import math
 import pickle
 from unittest import mock
 
@@ -241,18 +242,27 @@ def test_nm_incremental_masks_equal_a_full_recompute_after_every_step():
 
 
 def test_nm_fast_path_trains_bit_identically_to_the_plain_path():
+    # a batch of 8 at lr 0.01 trains stably (a batch of 2 at lr 0.1 diverged to NaN within 5 steps,
+    # and NaN == NaN is False: the comparison then depended on the torch build)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
     runs = []
     for fast in (True, False):
-        m = nm_net(0, begin=1, fix=3, decay=2e-4)  # dense, straight-through + SR-STE, then fixed
-        opt = torch.optim.SGD(sparsify.param_groups(m, 1e-4), lr=0.1, momentum=0.9)
+        m = sparsify.sparsify(net(0), "nm-2-4", example_inputs=x, begin=1, fix=3, decay=2e-4)
+        opt = torch.optim.SGD(sparsify.param_groups(m, 1e-4), lr=0.01, momentum=0.9)
+        losses = []
         with mock.patch.object(NMMixin, "_fast", lambda self: fast):
-            for _ in range(5):
-                F.cross_entropy(m(X), Y).backward()
+            for _ in range(5):  # dense, straight-through + SR-STE, then fixed
+                loss = F.cross_entropy(m(x), y)
+                loss.backward()
+                losses.append(float(loss))
                 opt.step()
                 opt.zero_grad()
                 sparsify.step(m)
             m.eval()
-            runs.append((m.state_dict(), m(X)))
+            runs.append((m.state_dict(), m(x)))
+        assert all(math.isfinite(v) and v < 10 for v in losses), f"the run diverged: losses {losses}"
+        assert runs[-1][1].abs().max() < 100, "the eval outputs blew up"
         assert any("eff" in layer_buffers(layer).names() for layer in layers(m, NMMixin)) == fast  # the path ran
     (sd_fast, out_fast), (sd_ref, out_ref) = runs
     assert torch.equal(out_fast, out_ref)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from sparsify.core.schedules import ScheduleError
 from sparsify.core.contract import GroupContext
 
-__all__ = ["active_range", "stage_at", "in_range"]
+__all__ = ["active_range", "resolve_stages", "stage_at", "in_range"]
 
 
 def active_range(params: dict, ctx: GroupContext, method: str) -> tuple[int, int | None]:
@@ -41,18 +41,25 @@ def in_range(step: int, begin: int, end: int | None) -> bool:
     return step >= begin and (end is None or step < end)
 
 
-def stage_at(ctx_stages: list[dict], resolve, step: int) -> str | None:
+def resolve_stages(ctx: GroupContext) -> list[tuple[str, int, int | None]]:
+    """The recipe's stages as ``(name, begin step, end step or None)``: plain data a group can keep
+    (a group holding ``ctx`` would hold the model root, and a model that references itself cannot
+    be pickled).
+
+    >>> from torch import nn
+    >>> resolve_stages(GroupContext(nn.Identity(), 100, stages=[{"name": "a", "begin": 0, "end": 0.5}]))
+    [('a', 0, 50)]
+    """
+    return [(st["name"], ctx.time(st["begin"], f"stages[{st['name']}].begin"),
+             ctx.time(st.get("end"), f"stages[{st['name']}].end")) for st in ctx.stages]
+
+
+def stage_at(stages: list[tuple[str, int, int | None]], step: int) -> str | None:
     """Name(s) of the recipe stage(s) running at ``step`` ("+"-joined when they overlap), or None.
 
-    ``resolve(value, what)`` turns a stage time into a step (``GroupContext.time``).
+    ``stages`` comes from :func:`resolve_stages`.
 
-    >>> stage_at([{"name": "a", "begin": 0, "end": 10}, {"name": "b", "begin": 10}], lambda v, w: v, 12)
+    >>> stage_at([("a", 0, 10), ("b", 10, None)], 12)
     'b'
     """
-    names = []
-    for st in ctx_stages:
-        b = resolve(st["begin"], "stage begin")
-        e = resolve(st.get("end"), "stage end")
-        if in_range(step, b, e):
-            names.append(st["name"])
-    return "+".join(names) or None
+    return "+".join(name for name, b, e in stages if in_range(step, b, e)) or None

@@ -16,7 +16,7 @@ from torch import nn
 from sparsify.core.threshold import quantile
 from sparsify.core.contract import Group, GroupContext, Method
 from sparsify.core.layers import RecordsMixin, SparseWeightMixin, specialize, weight_base
-from sparsify.core.staging import active_range, in_range, stage_at
+from sparsify.core.staging import active_range, in_range, resolve_stages, stage_at
 
 __all__ = ["L1PruneMixin", "L1PruneGroup", "L1PruneMethod"]
 
@@ -79,7 +79,7 @@ class L1PruneGroup(Group):
                                  "or an end step")
         else:
             self.prune_step = self.begin + int(round(frac * (self.end - self.begin)))
-        self._stages, self._resolve = list(ctx.stages), ctx.time
+        self._stages = resolve_stages(ctx)  # plain data: a group keeps no reference to the model
         self.register_buffer("tau", torch.zeros((), dtype=torch.float64))
         self.uncollected = 0
 
@@ -137,7 +137,7 @@ class L1PruneGroup(Group):
         out = {"phase": phase, "l1": self.params["l1"], "begin": self.begin, "end": self.end,
                "prune_step": self.prune_step, "threshold": float(self.tau)}
         if self._stages:
-            out["stage"] = stage_at(self._stages, self._resolve, step)
+            out["stage"] = stage_at(self._stages, step)
         return out
 
 

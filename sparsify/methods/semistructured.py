@@ -25,7 +25,7 @@ from torch import nn
 
 from sparsify.core.schedules import polynomial
 from sparsify.core.contract import Group, GroupContext, Method, Site
-from sparsify.core.staging import active_range, stage_at
+from sparsify.core.staging import active_range, resolve_stages, stage_at
 
 __all__ = ["PositionMask", "SemiStructuredGroup", "SemiStructuredMethod", "position_mask", "input_size_of"]
 
@@ -121,7 +121,7 @@ class SemiStructuredGroup(Group):
         self.begin, self.end = active_range(params, ctx, method.name)
         if self.end is None:
             raise ValueError("semi-structured: end (when the masks freeze) must be set")
-        self._stages, self._resolve = list(ctx.stages), ctx.time
+        self._stages = resolve_stages(ctx)  # plain data: a group keeps no reference to the model
         self.input_size = input_size_of(ctx.example_inputs)
         size = self.input_size or (0, 0)
         self.register_buffer("scores", torch.zeros(size))  # the map the masks now come from
@@ -176,7 +176,7 @@ class SemiStructuredGroup(Group):
             torch.distributed.broadcast(self.scores, src=0)
 
     @torch.no_grad()
-    def _apply(self, scores: torch.Tensor, sparsity: float) -> None:
+    def _set_masks(self, scores: torch.Tensor, sparsity: float) -> None:
         cache = {}
         for m in self.members.values():
             if m.size is None:
@@ -215,16 +215,16 @@ class SemiStructuredGroup(Group):
             if self._input_size() is None or not self.best_scores.numel():
                 return  # sizes unknown until the first forward: freeze at the next step
             self.scores.copy_(self.best_scores)
-            self._apply(self.best_scores, float(self.params["sparsity"]))
+            self._set_masks(self.best_scores, float(self.params["sparsity"]))
             self.frozen.fill_(True)
             return
         s = self.target(step)
         if s > 0:
             self._draw()
             if self.scores.numel():
-                self._apply(self.scores, s)
+                self._set_masks(self.scores, s)
         else:
-            self._apply(self.scores, 0.0)
+            self._set_masks(self.scores, 0.0)
 
     # -- reporting --------------------------------------------------------------------------
     def describe(self, step: int) -> dict:
@@ -234,7 +234,7 @@ class SemiStructuredGroup(Group):
                "best_loss": float(self.best_loss) if math.isfinite(float(self.best_loss)) else None,
                "masks": len(self.members)}
         if self._stages:
-            out["stage"] = stage_at(self._stages, self._resolve, step)
+            out["stage"] = stage_at(self._stages, step)
         return out
 
     def layer_stats(self, name: str, module: nn.Module, factor: float | None = None) -> dict:

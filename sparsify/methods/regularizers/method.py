@@ -27,7 +27,7 @@ from sparsify.core.contract import Group, GroupContext, Method, Site
 from sparsify.core.buffers import eager
 from sparsify.core.layers import RecordsMixin
 from sparsify.methods.regularizers.kernels import hoyer_square, l1_sum, plain_penalty, tl1_sum
-from sparsify.core.staging import active_range, in_range, stage_at
+from sparsify.core.staging import active_range, in_range, resolve_stages, stage_at
 
 __all__ = ["tl1", "tl1_grad", "ActivationRegularizer", "ActivationRegGroup", "TL1Method",
            "ActivationL1Method", "HoyerSquareMethod", "penalty_value", "produces_nonnegative",
@@ -192,7 +192,7 @@ class ActivationRegGroup(Group):
     def __init__(self, method, params, members, ctx: GroupContext):
         super().__init__(method, params, members, ctx)
         self.begin, self.end = active_range(params, ctx, method.name)
-        self._stages, self._resolve = list(ctx.stages), ctx.time
+        self._stages = resolve_stages(ctx)  # plain data: a group keeps no reference to the model
         self.uncollected = 0
 
     def update(self, step: int, loss=None) -> None:
@@ -229,7 +229,7 @@ class ActivationRegGroup(Group):
         if "a" in p:
             out["a"] = p["a"]
         if self._stages:
-            out["stage"] = stage_at(self._stages, self._resolve, step)
+            out["stage"] = stage_at(self._stages, step)
         return out
 
     def layer_stats(self, name: str, module: nn.Module, factor: float | None = None) -> dict:
