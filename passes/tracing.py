@@ -74,6 +74,16 @@ class _DepthTracer(fx.Tracer):
                     m.__dict__["training"] = proxy
         return out
 
+    def trace(self, root, concrete_args=None):
+        # torch also rebuilds an unpickled GraphModule with (a subclass of) this tracer: the modes
+        # are put back here, not only by :func:`trace`, or the modules keep proxies as ``training``
+        graph = None
+        try:
+            graph = super().trace(root, concrete_args)
+            return graph
+        finally:
+            self.restore_modes(graph)
+
     def restore_modes(self, graph: fx.Graph | None) -> None:
         for m, value in self._saved:
             m.__dict__["training"] = value

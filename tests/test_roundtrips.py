@@ -137,3 +137,28 @@ def test_moves_to_a_gpu_and_back(recipe):
     model.cpu()
     with torch.no_grad():
         torch.testing.assert_close(model(X), ref, rtol=1e-3, atol=1e-4)
+
+
+class _FunctionalDropout(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(F.dropout(torch.relu(self.fc(x)), 0.5, self.training))
+
+
+@pytest.mark.parametrize("how", list(COPIES))
+def test_a_copied_graph_still_reads_the_mode_at_run_time(how):
+    # torch rebuilds an unpickled GraphModule by tracing its code again with the tracer class that
+    # made it: that must not leave the modules' ``training`` flags as trace-time proxies
+    model = sparsify.sparsify(_FunctionalDropout(), "st3", example_inputs=(torch.zeros(2, 8),), total_steps=10)
+    other = COPIES[how](model)
+    assert all(isinstance(m.training, bool) for m in other.modules())
+    x = torch.randn(64, 8)
+    other.train()
+    torch.manual_seed(0)
+    dropped = other(x)
+    other.eval()
+    assert not torch.equal(dropped, other(x))
+    assert torch.equal(other(x), model.eval()(x))
