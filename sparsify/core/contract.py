@@ -142,6 +142,10 @@ class Group(nn.Module):
     def clear(self) -> None:
         """Drop anything recorded during the last forward (called by ``sparsify.step``)."""
 
+    def warnings(self) -> list[str]:
+        """Problems to tell the user (``sparsify.step`` warns once per message)."""
+        return []
+
     # -- reporting -----------------------------------------------------------------------
     def target(self, step: int) -> float | None:
         """The scheduled target sparsity at ``step`` (None when the method has none)."""
@@ -191,6 +195,10 @@ class Method:
         s = params.get("sparsity")
         if s is not None and not (isinstance(s, (int, float)) and 0 <= s < 1):
             problems.append(("sparsity", f"must be a fraction in [0, 1), got {s!r}"))
+        d = params.get("min_density")
+        if "min_density" in params and (isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d < 1):
+            problems.append(("min_density", f"must be a fraction in [0, 1) of each layer's weights kept "
+                                            f"(0: no guard, the official global threshold), got {d!r}"))
         return problems
 
     def accepts(self, site: Site) -> str | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparsify.core.threshold import quantile
+from sparsify.core.keep import DEFAULT_MIN_DENSITY, guarded_thresholds, warn_empty
 from sparsify.core.contract import Group, GroupContext, Method
 from sparsify.core.layers import RecordsMixin, SparseWeightMixin, specialize, weight_base
 from sparsify.core.staging import active_range, in_range, resolve_stages, stage_at
@@ -82,15 +82,19 @@ class L1PruneGroup(Group):
         self._stages = resolve_stages(ctx)  # plain data: a group keeps no reference to the model
         self.register_buffer("tau", torch.zeros((), dtype=torch.float64))
         self.uncollected = 0
+        self.floored: list[str] = []  # layers held at min_density by the prune step
 
     @torch.no_grad()
     def update(self, step: int, loss=None) -> None:
         layers = list(self.members.values())
         if step >= self.prune_step:
             if not any(m._fixed for m in layers):
-                self.tau.fill_(self._threshold(layers))
-                for m in layers:
-                    m.prune(float(self.tau))
+                taus = self._thresholds(layers)
+                self.tau.fill_(max(taus))
+                for m, tau in zip(layers, taus):
+                    m.prune(tau)
+                warn_empty("l1-prune", {n: m.mask for n, m in self.members.items()}, set(),
+                           float(self.params["min_density"]))
             for m in layers:
                 m.l1 = 0.0
             return
@@ -98,11 +102,15 @@ class L1PruneGroup(Group):
         for m in layers:
             m.l1 = float(self.params["l1"]) if on else 0.0
 
-    def _threshold(self, layers) -> float:
+    def _thresholds(self, layers) -> list[float]:
+        """One global threshold, except for layers it would push below min_density (their own)."""
         if self.params["threshold"] is not None:
-            return float(self.params["threshold"])
-        mags = torch.cat([m.weight.detach().abs().float().reshape(-1) for m in layers])
-        return float(quantile(mags, float(self.params["sparsity"])))
+            return [float(self.params["threshold"])] * len(layers)
+        mags = [m.weight.detach().abs().float().reshape(-1) for m in layers]
+        taus, capped = guarded_thresholds(mags, float(self.params["sparsity"]), float(self.params["min_density"]))
+        names = list(self.members)
+        self.floored = [names[i] for i in capped]
+        return [float(t) for t in taus]
 
     def penalty(self):
         terms = [t for m in self.members.values() for t in m.records]
@@ -136,6 +144,8 @@ class L1PruneGroup(Group):
                  else "dense")
         out = {"phase": phase, "l1": self.params["l1"], "begin": self.begin, "end": self.end,
                "prune_step": self.prune_step, "threshold": float(self.tau)}
+        if self.floored:
+            out["held_at_min_density"] = list(self.floored)
         if self._stages:
             out["stage"] = stage_at(self._stages, step)
         return out
@@ -145,7 +155,7 @@ class L1PruneMethod(Method):
     name = "l1-prune"
     description = "Weight ℓ1 penalty, then global magnitude-threshold pruning with fixed masks (dual stage 2)"
     params = {"l1": 1e-5, "sparsity": 0.5, "threshold": None, "prune_at": 0.5, "begin": 0, "end": None,
-              "stage": None}
+              "stage": None, "min_density": DEFAULT_MIN_DENSITY}
     schedule_keys = ("begin", "end")
     group_class = L1PruneGroup
 

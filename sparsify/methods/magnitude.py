@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.core.schedules import cubic
+from sparsify.core.keep import DEFAULT_MIN_DENSITY, guarded_thresholds, warn_empty
 from sparsify.core.threshold import QuantileTracker
 from sparsify.core.contract import Group, GroupContext, Method
 from sparsify.core.buffers import eager
@@ -97,6 +98,8 @@ class MagnitudeGroup(Group):
         self.block = tuple(params["block"]) if params["block"] else None
         self.register_buffer("tau", torch.zeros((), dtype=torch.float64))  # last global threshold
         self._trackers: dict[str, QuantileTracker] = {}  # speed only; not state
+        self.floored: list[str] = []  # layers held at min_density by the last update
+        self._warned: set[str] = set()
 
     @staticmethod
     def pruning_interval(frequency: int | None, begin: int, end: int) -> int:
@@ -138,10 +141,16 @@ class MagnitudeGroup(Group):
             return  # not a pruning step
         live = eager()
         scores = {n: self._scores(m, live) for n, m in layers}
+        md = float(self.params["min_density"])
         if self.params["scope"] == "global":
-            tau = self._tracker("global")([s.reshape(-1) for s in scores.values()], r)
-            self.tau.fill_(float(tau))
-            taus = {n: tau for n in scores}
+            # the official global threshold unless a layer would fall below min_density
+            # (docs/methods/magnitude.md): then that layer keeps its floor, the others prune more
+            names = list(scores)
+            found, capped = guarded_thresholds([s.reshape(-1) for s in scores.values()], r, md,
+                                               self._tracker("global"), self._tracker("rest"))
+            self.floored = [names[i] for i in capped]
+            self.tau.fill_(float(found[next((i for i in range(len(names)) if i not in capped), 0)]))
+            taus = dict(zip(names, found))
         else:
             taus = {n: self._tracker(n)(s.reshape(-1), r) for n, s in scores.items()}
         for n, m in layers:
@@ -155,6 +164,7 @@ class MagnitudeGroup(Group):
             else:  # blocks of the (out, in) layout: transposed back for a Conv1D
                 w = torch_layout(m, m.weight)
                 m.mask.copy_(torch_layout(m, expand_blocks(scores[n] > taus[n], self.block, w.shape)))
+        warn_empty("magnitude", {n: m.mask for n, m in layers}, self._warned, md)
 
     def _scores(self, m: MagnitudeMixin, live: bool) -> torch.Tensor:
         """The layer's float32 scores (``|W|``, or block means), into a scratch tensor if possible."""
@@ -171,6 +181,8 @@ class MagnitudeGroup(Group):
                "fix": self.fix_at}
         if self.params["scope"] == "global":
             out["threshold"] = float(self.tau)
+        if self.floored:
+            out["held_at_min_density"] = list(self.floored)
         if self.block:
             out["block"] = list(self.block)
         return out
@@ -180,7 +192,7 @@ class MagnitudeMethod(Method):
     name = "magnitude"
     description = "GMP: magnitude pruning with a hard mask and a cubic schedule (global or per-layer, unstructured or block)"
     params = {"sparsity": 0.9, "begin": 0, "end": 0, "fix": None, "scope": "global", "block": None,
-              "frequency": None}
+              "frequency": None, "min_density": DEFAULT_MIN_DENSITY}
     schedule_keys = ("begin", "end", "fix")
     group_class = MagnitudeGroup
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.core.schedules import cubic
+from sparsify.core.keep import DEFAULT_MIN_DENSITY, guarded_thresholds, warn_empty
 from sparsify.core.threshold import QuantileTracker
 from sparsify.core.contract import Group, GroupContext, Method
 from sparsify.core.buffers import eager
@@ -187,6 +188,9 @@ class ST3Group(Group):
         self.sigmas = {name: (sigma_of(m.weight) if params["sigma"] else 1.0) for name, m in members.items()}
         self._quantile = QuantileTracker()  # exact quantile, reusing the previous τ (speed only, not state)
         self._early_fix: str | None = None
+        self._rest_quantile = QuantileTracker()  # the same over the layers not held at their floor
+        self.floored: list[str] = []  # layers held at min_density by the last update
+        self._warned: set[str] = set()
 
     def target(self, step: int) -> float:
         if self.fix_at is not None and step >= self.fix_at:
@@ -230,10 +234,14 @@ class ST3Group(Group):
         mags = {n: (torch.abs(m.weight, out=m.scratch("magnitude", m.weight)) if live else m.weight.abs())
                 for n, m in layers}
         scaled = [self._scaled(m, mags[n], self.sigmas[n], live) for n, m in layers]
-        tau = float(self._quantile(scaled, r))
-        self.tau.fill_(tau)
-        for n, m in layers:
-            m.set_threshold(tau * self.sigmas[n], mags[n])
+        # the official global τ, unless a layer would fall below min_density (docs/methods/st3.md)
+        md = float(self.params["min_density"])
+        taus, capped = guarded_thresholds(scaled, r, md, self._quantile, self._rest_quantile)
+        self.floored = [layers[i][0] for i in capped]
+        self.tau.fill_(float(taus[next((i for i in range(len(layers)) if i not in capped), 0)]))
+        for (n, m), tau in zip(layers, taus):
+            m.set_threshold(float(tau) * self.sigmas[n], mags[n])
+        warn_empty("st3", {n: m.mask for n, m in layers}, self._warned, md)
 
     @staticmethod
     def _scaled(m: ST3Mixin, a: torch.Tensor, sigma: float, live: bool) -> torch.Tensor:
@@ -247,14 +255,18 @@ class ST3Group(Group):
     def describe(self, step: int) -> dict:
         phase = ("dense" if step < self.begin else "ramp" if step < self.end else
                  "fixed" if self.fix_at is not None and step >= self.fix_at else "hold")
-        return {"phase": phase, "threshold": float(self.tau), "begin": self.begin, "end": self.end,
-                "fix": self.fix_at}
+        out = {"phase": phase, "threshold": float(self.tau), "begin": self.begin, "end": self.end,
+               "fix": self.fix_at}
+        if self.floored:
+            out["held_at_min_density"] = list(self.floored)
+        return out
 
 
 class ST3Method(Method):
     name = "st3"
     description = "ST-3: global magnitude threshold, soft threshold + rescale, straight-through gradients"
-    params = {"sparsity": 0.9, "begin": 0, "end": 0, "fix": None, "sigma": False}
+    params = {"sparsity": 0.9, "begin": 0, "end": 0, "fix": None, "sigma": False,
+              "min_density": DEFAULT_MIN_DENSITY}
     schedule_keys = ("begin", "end", "fix")
     group_class = ST3Group
 

@@ -71,6 +71,9 @@ class Report:
             + (f"; Conv/Linear MACs {num(t['nonzero_macs'])} of {num(t['macs'])} ({pct(t['mac_reduction'])} fewer)"
                if t["macs"] else "")
             + (f"; executed MACs {num(t['executed_macs'])}" if t.get("executed_macs") not in (None, t["macs"]) else ""))
+        if t.get("empty_layers"):
+            lines.append(f"warning: 100% sparse: {', '.join(t['empty_layers'])} (every weight pruned: "
+                         "the output no longer depends on the input)")
         return "\n".join(lines)
 
 
@@ -124,5 +127,7 @@ def build_report(root, state: SparsifyState) -> Report:
         "params": param_total, "nonzero_params": param_nnz,
         "macs": macs, "nonzero_macs": nz_macs, "executed_macs": exec_macs,
         "mac_reduction": 1.0 - nz_macs / macs if macs else None,
+        # layers with every weight pruned (a collapsed layer: see docs/methods/st3.md)
+        "empty_layers": [r.name for r in sparse_rows if r.nonzero_params == 0],
     }
     return Report(state.recipe.get("name", ""), step, state.total_steps, layers, groups, totals)

@@ -1,0 +1,138 @@
+"""Global thresholds that never empty a layer (the ``min_density`` guard of st3, magnitude and
+l1-prune; see docs/methods/st3.md, "Layer collapse").
+
+One global magnitude threshold prunes ``K = floor((N - 1) r) + 1`` of the ``N`` values (the
+official methods' count). It can prune a whole layer whose weights happen to be small (LeNet-5's
+fc2, MobileNet's classifier and depthwise convs). The guard keeps the count ``K`` and moves what a
+layer may not prune to the others: every layer keeps at least ``ceil(min_density * n_l)`` of its
+``n_l`` values; a layer the global threshold would push below that is *capped* (it prunes exactly
+its ``n_l - keep_l`` smallest values, at a threshold of its own) and the other layers share the
+remaining count under one common threshold, found again over their values alone (repeated until
+no further layer is capped). When no layer reaches its floor the result is the official global
+threshold, bit for bit. When the floors together leave fewer than ``K`` values prunable they
+shrink in proportion: the global count always wins.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+from sparsify.core.threshold import pruned_count, quantile
+
+__all__ = ["min_kept", "guarded_thresholds", "DEFAULT_MIN_DENSITY", "EmptyLayerWarning", "warn_empty"]
+
+#: Default share of every layer kept by the global methods (1/10 of the average density at
+#: their 90% default): enough to keep a classifier or a depthwise conv working, small enough
+#: that the global allocation decides everywhere else.
+DEFAULT_MIN_DENSITY = 0.01
+
+
+def min_kept(sizes: Sequence[int], min_density: float, pruned: int) -> list[int]:
+    """Values each layer keeps at least: ``ceil(min_density * n)``, scaled down together when
+    they would leave fewer than ``pruned`` values to prune.
+
+    >>> min_kept([100, 1000], 0.05, 900)
+    [5, 50]
+    >>> min_kept([100, 1000], 0.05, 1090)  # only 10 may stay: the floors shrink, the count holds
+    [0, 9]
+    """
+    keep = [min(n, math.ceil(min_density * n)) for n in sizes]
+    room = sum(sizes) - pruned
+    if sum(keep) > room:
+        total = sum(keep)
+        keep = [k * room // total for k in keep]
+    return keep
+
+
+def _level(pruned: int, n: int) -> float:
+    """A quantile level whose threshold prunes exactly ``pruned`` of ``n`` distinct values
+    (halfway between the two order statistics, as the interpolated quantile puts it)."""
+    if n <= 1:
+        return 0.0 if pruned <= 0 else 1.0
+    return min(1.0, max(0.0, (pruned - 0.5) / (n - 1)))
+
+
+def _count_at_or_below(v: torch.Tensor, tau) -> int:
+    return int(torch.count_nonzero(v <= tau))
+
+
+def guarded_thresholds(values: Sequence[torch.Tensor], q: float, min_density: float,
+                       global_quantile: Callable | None = None,
+                       rest_quantile: Callable | None = None) -> tuple[list[float], list[int]]:
+    """Per-layer thresholds (``v <= tau`` is pruned) that prune exactly the global count of the
+    ``q`` quantile over all ``values`` together while every layer keeps its :func:`min_kept`.
+
+    ``values``: each layer's flattened scores (e.g. ``|W|``). ``global_quantile(values, q)`` and
+    ``rest_quantile(values, q)`` compute exact quantiles over several tensors (default:
+    :func:`~sparsify.core.threshold.quantile` of their concatenation; a
+    :class:`~sparsify.core.threshold.QuantileTracker` is faster). Returns the thresholds and the
+    indices of the capped layers (empty: the official global threshold everywhere).
+
+    >>> big, small = torch.arange(1.0, 101.0), torch.linspace(0.1, 0.5, 10)
+    >>> taus, capped = guarded_thresholds([big, small], 0.5, 0.2)
+    >>> capped, [int((v <= t).sum()) for v, t in zip([big, small], taus)]
+    ([1], [47, 8])
+    >>> 47 + 8 == int((110 - 1) * 0.5) + 1
+    True
+    """
+    values = [v.reshape(-1) for v in values]
+    cat = lambda vs, level: quantile(torch.cat(vs), level)  # noqa: E731
+    global_quantile = global_quantile or cat
+    rest_quantile = rest_quantile or cat
+    tau = global_quantile(values, q)
+    if min_density <= 0:
+        return [tau] * len(values), []
+    sizes = [v.numel() for v in values]
+    total = pruned_count(sum(sizes), q)
+    cap = [n - k for n, k in zip(sizes, min_kept(sizes, min_density, total))]
+    # a layer can only go below its floor when the global count exceeds what it may prune
+    over = [i for i in range(len(values)) if cap[i] < total and _count_at_or_below(values[i], tau) > cap[i]]
+    if not over:
+        return [tau] * len(values), []
+    capped: set[int] = set()
+    while over:
+        capped.update(over)
+        rest = [i for i in range(len(values)) if i not in capped]
+        left = total - sum(cap[i] for i in capped)
+        if not rest:
+            break
+        n_rest = sum(sizes[i] for i in rest)
+        tau = rest_quantile([values[i] for i in rest], _level(left, n_rest))
+        over = [i for i in rest if _count_at_or_below(values[i], tau) > cap[i]]
+    taus = []
+    for i, v in enumerate(values):
+        if i not in capped:
+            taus.append(tau)
+        elif cap[i] <= 0:
+            taus.append(quantile(v, 0.0) - 1)  # below every value: nothing pruned
+        else:
+            taus.append(quantile(v, _level(cap[i], sizes[i])))
+    return taus, sorted(capped)
+
+
+class EmptyLayerWarning(UserWarning):
+    """A layer lost every weight: its output no longer depends on its input."""
+
+
+def warn_empty(method: str, masks: dict[str, torch.Tensor], warned: set[str], min_density: float) -> None:
+    """Warn once per layer whose mask keeps nothing (``warned``: the layers already named).
+
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as w:
+    ...     warnings.simplefilter("always")
+    ...     warn_empty("st3", {"fc": torch.zeros(3, dtype=torch.bool)}, set(), 0.0)
+    >>> "fc" in str(w[0].message)
+    True
+    """
+    empty = [n for n, m in masks.items() if n not in warned and not bool(m.any())]
+    if not empty:
+        return
+    warned.update(empty)
+    import warnings
+    why = ("min_density is 0: the official global threshold, which has no guard" if min_density <= 0 else
+           f"min_density {min_density:g} left no room: the target leaves too few weights for every layer's floor")
+    warnings.warn(f"sparsify: {method} pruned every weight of {', '.join(empty)} (100% sparse: the output "
+                  f"no longer depends on the input; {why}); raise the rule's min_density or lower its "
+                  "sparsity", EmptyLayerWarning, stacklevel=3)
