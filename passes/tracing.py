@@ -9,6 +9,7 @@ still reach inside it. When the root itself cannot be traced, the same happens o
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -46,6 +47,9 @@ class TraceResult:
     graphs: dict[str, fx.GraphModule] = field(default_factory=dict)
     fallbacks: list[Fallback] = field(default_factory=list)
     direct: list[str] = field(default_factory=list)
+    # warnings raised while tracing (torch.fx internals, code run on proxies), held back so that
+    # a caller can summarise them in one line: ``"<category>: <first line>"``, without repeats
+    warnings: list[str] = field(default_factory=list)
 
 
 class _DepthTracer(fx.Tracer):
@@ -119,6 +123,14 @@ class _DepthTracer(fx.Tracer):
             raise
 
 
+def _hold(result: TraceResult, caught: list) -> None:
+    for w in caught:
+        text = str(w.message).strip().splitlines()
+        line = f"{w.category.__name__}: {text[0] if text else ''}"
+        if line not in result.warnings:
+            result.warnings.append(line)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
@@ -151,7 +163,12 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
         tracer = _DepthTracer(descend, forced, prefix)
         graph = None
         try:
-            graph = tracer.trace(root, concrete_args or None)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    graph = tracer.trace(root, concrete_args or None)
+                finally:
+                    _hold(result, caught)
             _keep_argument_names(graph, concrete_args or {})
         except Exception as exc:  # any tracing failure becomes a fallback, never a crash
             error = exc
@@ -212,6 +229,7 @@ def _trace_children(parent: nn.Module, descend: Descend, is_site: Descend, prefi
             result.graphs.update(sub.graphs)
             result.fallbacks.extend(sub.fallbacks)
             result.direct.extend(sub.direct)
+            result.warnings.extend(w for w in sub.warnings if w not in result.warnings)
 
 
 class TracedModule(fx.GraphModule):

@@ -2,6 +2,7 @@
 ``finalize``, ``param_groups``."""
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -95,17 +96,30 @@ def step(model: nn.Module, loss=None) -> int:
     state = find_state(model)
     if loss is not None and isinstance(loss, torch.Tensor):
         loss = float(loss.detach())
+    said = []
     with torch.no_grad():
         state.step += 1
         t = int(state.step)
-        for group in state.groups.values():
+        for name, group in state.groups.items():
             group.clear()
-            group.update(t, loss)
+            try:
+                group.update(t, loss)
+            except FloatingPointError as e:  # non-finite weights: keep the last thresholds and masks
+                said.append((f"nonfinite:{name}", f"sparsify.step: {name} ({group.method_name}) met non-finite "
+                             f"weights at step {t} and kept its previous thresholds and masks ({e})"))
+    if loss is not None and not math.isfinite(loss):
+        said.append(("nonfinite-loss", f"sparsify.step: the loss is {loss} at step {t}: training diverged; "
+                     "lower the learning rate or check the loss (stop at the first non-finite loss)"))
+    if state.total_steps and t > state.total_steps:
+        said.append(("past-total", f"sparsify.step: step {t} is past total_steps={state.total_steps} given to "
+                     "sparsify(): schedules stay at their final values; pass the number of optimizer steps "
+                     "the run really takes (epochs x batches per epoch)"))
     for group in state.groups.values():
-        for msg in getattr(group, "warnings", lambda: [])():
-            if msg not in state.warned:
-                state.warned.add(msg)
-                warnings.warn(msg, stacklevel=2)
+        said += [(msg, msg) for msg in group.warnings()]
+    for key, msg in said:
+        if key not in state.warned:  # each once per model
+            state.warned.add(key)
+            warnings.warn(msg, stacklevel=2)
     return t
 
 

@@ -45,7 +45,7 @@ def test_guard_is_the_official_threshold_when_no_layer_reaches_its_floor():
 
 def lenet(recipe, **overrides):
     """LeNet-5 (8x8 inputs) with PyTorch's default init, under which the global 90% threshold
-    lies above every weight of conv2 and fc2 (the built-in model uses He init)."""
+    lies above every weight of conv2 and fc2 (the built-in model uses LeCun init)."""
     torch.manual_seed(0)
     model = build_model("lenet5", num_classes=10, in_channels=1, image_size=8)
     for m in model.modules():

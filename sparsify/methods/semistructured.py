@@ -130,6 +130,7 @@ class SemiStructuredGroup(Group):
         self.register_buffer("current_sparsity", torch.zeros((), dtype=torch.float64))
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
         self.generator = torch.Generator().manual_seed(int(params["seed"]))
+        self.missing_loss = False
         if ctx.example_inputs is not None and any(m.size is None for m in members.values()):
             self._probe_sizes(ctx.root, ctx.example_inputs)
 
@@ -202,6 +203,8 @@ class SemiStructuredGroup(Group):
             return
         # ``loss`` was computed with the masks set at the previous update: credit that map,
         # unless it was drawn at sparsity 0 (never applied)
+        if loss is None and float(self.current_sparsity) > 0:
+            self.missing_loss = True  # the applied map cannot be scored (warned once by sparsify.step)
         if loss is not None and float(self.current_sparsity) > 0:
             loss = self._mean_loss(loss)
             if math.isfinite(loss) and loss < float(self.best_loss):
@@ -225,6 +228,13 @@ class SemiStructuredGroup(Group):
                 self._set_masks(self.scores, s)
         else:
             self._set_masks(self.scores, 0.0)
+
+    def warnings(self) -> list[str]:
+        if self.missing_loss:
+            return ["sparsify.step: semi-structured got no loss: call sparsify.step(model, loss=loss) so that it "
+                    "keeps the mask map with the lowest training loss (without it the frozen map is a random "
+                    "draw, not the best one)"]
+        return []
 
     # -- reporting --------------------------------------------------------------------------
     def describe(self, step: int) -> dict:

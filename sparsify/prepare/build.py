@@ -236,6 +236,26 @@ def _dense_reasons(root: nn.Module, tr: TraceResult, all_cands: list[Candidate],
     return entries
 
 
+def tracing_summary(fallbacks, held: list[str]) -> str | None:
+    """One line for everything tracing fell back on (the per-submodule reasons are in the plan).
+
+    >>> from passes.tracing import Fallback
+    >>> tracing_summary([Fallback("", "TypeError: x"), Fallback("h.0", "ValueError: y")], ["UserWarning: z"])[:60]
+    'sparsify: torch.fx could not trace 2 submodules (the model r'
+    """
+    if not fallbacks and not held:
+        return None
+    names = [f.name or "the model root" for f in fallbacks]
+    shown = ", ".join(names[:4]) + (f", ... ({len(names) - 4} more)" if len(names) > 4 else "")
+    parts = []
+    if fallbacks:
+        parts.append(f"torch.fx could not trace {len(names)} submodule{'s' if len(names) != 1 else ''} ({shown}): "
+                     "they run as they are and the layers inside them are rewritten module by module")
+    if held:
+        parts.append(f"{len(held)} warning{'s' if len(held) != 1 else ''} raised while tracing held back")
+    return "sparsify: " + "; ".join(parts) + "; see sparsify.plan(model, recipe) for each reason"
+
+
 def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps: int | None = None,
           inplace: bool = False, copy: bool = False, dry_run: bool = False):
     """Trace, match, rewrite. Returns ``(root, plan)``; ``root`` carries a SparsifyState unless
@@ -253,10 +273,10 @@ def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps:
 
     plan = Plan(recipe=recipe.name)
     plan.fallbacks = [{"name": f.name, "reason": f.reason} for f in tr.fallbacks]
-    for f in tr.fallbacks:
-        warnings.warn(f"sparsify: {f.name or 'the model root'} could not be traced ({f.reason}); "
-                      "it is kept as an opaque leaf and its layers are rewritten module by module",
-                      stacklevel=3)
+    plan.trace_warnings = list(tr.warnings)
+    summary = tracing_summary(tr.fallbacks, tr.warnings)
+    if summary and not dry_run:
+        warnings.warn(summary, stacklevel=3)
     members: dict[int, dict[str, nn.Module]] = defaultdict(dict)
     changes_by_graph = defaultdict(list)
     rewritten = set()

@@ -27,6 +27,7 @@ class Plan:
     recipe: str
     entries: list[PlanEntry] = field(default_factory=list)
     fallbacks: list[dict] = field(default_factory=list)  # {"name", "reason"} of untraceable submodules
+    trace_warnings: list[str] = field(default_factory=list)  # warnings raised while tracing (held back)
     unmatched_rules: list[int] = field(default_factory=list)
     input_shapes: list | None = None
 
@@ -52,7 +53,7 @@ class Plan:
 
     def to_dict(self) -> dict:
         return {"recipe": self.recipe, "entries": [asdict(e) for e in self.entries],
-                "fallbacks": self.fallbacks, "unmatched_rules": self.unmatched_rules,
+                "fallbacks": self.fallbacks, "trace_warnings": self.trace_warnings, "unmatched_rules": self.unmatched_rules,
                 "input_shapes": self.input_shapes, **self.shares()}
 
     def to_json(self) -> str:
@@ -74,6 +75,8 @@ class Plan:
                         " (MACs unknown for layers the example inputs did not run: pass example_inputs that do)"))
         for fb in self.fallbacks:
             lines.append(f"untraceable, kept as a leaf: {fb['name'] or '<root>'}: {fb['reason']}")
+        for w in self.trace_warnings:
+            lines.append(f"warning while tracing: {w}")
         for i in self.unmatched_rules:
             lines.append(f"warning: rule {i} matched nothing")
         return "\n".join(lines)

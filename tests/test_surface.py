@@ -1,0 +1,96 @@
+"""What the user sees: divergence stops ``sparsify train``; warnings that say what went wrong, once."""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import sparsify
+from sparsify.app.cli import main
+from sparsify.app.train import TrainConfig, TrainingDiverged, train
+
+
+
+
+@pytest.mark.parametrize("recipe", ["st3", "sas", "tl1", "dense"])
+def test_cli_stops_at_the_first_nonfinite_loss_with_one_line_and_status_2(recipe, tmp_path, capsys):
+    rc = main(["train", "--model", "lenet5", "--recipe", recipe, "--epochs", "1", "--lr", "1e6", "--threads", "1",
+               "--out", str(tmp_path), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and "training diverged at step" in err and "Traceback" not in err
+    assert "--lr, now 1e+06" in err
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_divergence_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """Weights turned NaN in epoch 2: the run stops at once, the epoch-1 checkpoint stays."""
+    import sparsify.app.train as app_train
+    holder = {}
+    real = app_train.sp.sparsify
+
+    def keep(model, *a, **k):
+        holder["model"] = real(model, *a, **k)
+        return holder["model"]
+    monkeypatch.setattr(app_train.sp, "sparsify", keep)
+    on_step = lambda s: s == 30 and [p.data.fill_(float("nan")) for p in holder["model"].parameters()]  # noqa: E731
+    with pytest.raises(TrainingDiverged, match=r"step 31 \(epoch 2\).*checkpoint.pt, is kept"):
+        train(TrainConfig(model="lenet5", recipe="st3", epochs=2, threads=1, out=str(tmp_path), progress=False),
+              on_step=on_step, quiet=True)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(t).all() for t in ckpt["model"].values()
+                                   if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+
+def small():
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+
+
+def test_step_past_total_steps_warns_once():
+    m = sparsify.sparsify(small(), "st3", total_steps=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(5):
+            sparsify.step(m)
+    past = [str(w.message) for w in caught if "past total_steps" in str(w.message)]
+    assert len(past) == 1 and "step 3 is past total_steps=2" in past[0]
+
+
+def test_nonfinite_weights_warn_once_and_keep_the_thresholds():
+    m = sparsify.sparsify(small(), "st3", total_steps=10, begin=0, end=0, fix=None)
+    sparsify.step(m)
+    masks = [l.mask.clone() for l in m.modules() if hasattr(l, "mask")]
+    with torch.no_grad():
+        m[0].weight[0, 0, 0, 0] = float("nan")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sparsify.step(m, loss=float("nan"))
+        sparsify.step(m, loss=float("nan"))
+    said = [str(w.message) for w in caught]
+    assert len([s for s in said if "non-finite weights" in s]) == 1
+    assert len([s for s in said if "the loss is nan" in s]) == 1
+    assert all(torch.equal(a, l.mask) for a, l in zip(masks, [l for l in m.modules() if hasattr(l, "mask")]))
+
+
+def test_semistructured_step_without_loss_warns_once():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+    m = sparsify.sparsify(net, "semi-structured", total_steps=10, begin=0, end=5,
+                          example_inputs=(torch.zeros(1, 1, 8, 8),))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            m(torch.randn(2, 1, 8, 8))
+            sparsify.step(m)
+    said = [str(w.message) for w in caught if "semi-structured got no loss" in str(w.message)]
+    assert len(said) == 1 and "sparsify.step(model, loss=loss)" in said[0]
+    with warnings.catch_warnings(record=True) as caught:  # with a loss: silent
+        warnings.simplefilter("always")
+        m2 = sparsify.sparsify(net, "semi-structured", total_steps=10, begin=0, end=5,
+                               example_inputs=(torch.zeros(1, 1, 8, 8),))
+        for _ in range(4):
+            sparsify.step(m2, loss=1.0)
+    assert not [w for w in caught if "no loss" in str(w.message)]
