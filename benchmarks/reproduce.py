@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _blocks import extract_blocks  # noqa: E402
 from sparsify.prepare.recipe import builtin_recipes  # noqa: E402
 
 SPARSIFY = [sys.executable, "-m", "sparsify.app.cli"]
@@ -132,8 +133,7 @@ def stats(rows) -> dict:
 
 
 def mean(v):
-    v = [x for x in v if x is not None]
-    return statistics.mean(v) if v else None
+    return statistics.mean([x for x in v if x is not None]) if any(x is not None for x in v) else None
 
 
 def table(ds: str, runs_dir: Path, seeds, available) -> tuple[str, dict]:
@@ -300,8 +300,7 @@ def comparisons(s: dict, ds: str) -> list[str]:
 
 
 def _torch_version() -> str:
-    import torch
-    return torch.__version__.split("+")[0]
+    return __import__("torch").__version__.split("+")[0]
 
 
 def write_results(runs_dir: Path, seeds, path: Path, demo: dict | None) -> None:
@@ -318,6 +317,7 @@ def write_results(runs_dir: Path, seeds, path: Path, demo: dict | None) -> None:
              "counts as non-zero input, so a dense net's count is its dense MACs minus the ReLU zeros; a SAS layer "
              "counts as its narrow dense layer). *s / run* is the wall time of one run as recorded, with other "
              "runs sharing the 2 cores: an upper bound of what a run costs.", ""]
+    parts += extract_blocks(path.read_text()) if path.exists() else []  # other scripts' sections
     if demo:
         parts += ["## `make demo`", "",
                   f"`make demo` (= `sparsify demo --out demo-out`, small CNN on 8x8 digits, {demo['epochs']} epochs "

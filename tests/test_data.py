@@ -60,6 +60,18 @@ def test_image_folder_split_and_train_val_layout(tmp_path):
     assert (len(d.train), len(d.test), d.image_size) == (8, 4, 64)
 
 
+def test_image_folder_is_decoded_once_into_the_same_tensors(tmp_path):
+    _images(tmp_path / "flat", ["a", "b"], 4)
+    spec = f"imagefolder:{tmp_path / 'flat'}"
+    pre, lazy = load_data(spec, image_size=10), load_data(spec, image_size=10, preload_limit=0)
+    assert pre.in_memory and not lazy.in_memory
+    for a, b in ((pre.train, lazy.train), (pre.test, lazy.test)):
+        assert len(a) == len(b)
+        for i in range(len(b)):
+            x, y = b[i]
+            assert torch.equal(a.tensors[0][i], x) and int(a.tensors[1][i]) == y
+
+
 def test_image_folder_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_data(f"imagefolder:{tmp_path / 'nope'}")

@@ -7,7 +7,9 @@
   numpy<2, which the library does not need);
 * ``imagefolder:PATH``: a user's images, one sub-folder per class (torchvision ``ImageFolder``);
   ``PATH/train`` and ``PATH/val`` (or ``PATH/test``) are used when present, otherwise a fixed 80/20
-  split. Images are resized to ``image_size`` (default 64).
+  split. Images are resized to ``image_size`` (default 64) and decoded once into tensors when
+  both splits fit in ``preload_limit`` bytes (default 2 GiB), so every epoch slices tensors
+  instead of decoding every image again; larger folders stay lazy (a DataLoader per epoch).
 
 >>> d = load_data("digits")
 >>> (len(d.train), len(d.test), d.num_classes, d.in_channels, d.image_size)
@@ -94,7 +96,18 @@ def _mnist() -> Data:
                 TensorDataset(xte, torch.from_numpy(yte).long()), 10, 1, 28)
 
 
-def _image_folder(path: str, image_size: int) -> Data:
+#: Image folders up to this many bytes of float32 tensors (both splits) are decoded once into memory.
+PRELOAD_LIMIT = 2 * 1024 ** 3
+
+
+def _preload(dataset: Dataset, workers: int = 0) -> TensorDataset:
+    """``dataset`` as one image tensor and one label tensor (each image decoded once)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=256, shuffle=False, num_workers=workers)
+    xs, ys = zip(*loader)
+    return TensorDataset(torch.cat(xs), torch.cat(ys))
+
+
+def _image_folder(path: str, image_size: int, workers: int = 0, preload_limit: int = PRELOAD_LIMIT) -> Data:
     from torchvision import datasets, transforms
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -125,11 +138,15 @@ def _image_folder(path: str, image_size: int) -> Data:
         n_test = max(1, len(full) // 5)
         train, test = Subset(full, perm[n_test:]), Subset(full, perm[:n_test])
         classes = full.classes
+    if (len(train) + len(test)) * 3 * image_size ** 2 * 4 <= preload_limit:
+        train, test = _preload(train, workers), _preload(test, workers)
     return Data(f"imagefolder:{path}", train, test, len(classes), 3, image_size)
 
 
-def load_data(spec: str = "digits", *, image_size: int | None = None) -> Data:
-    """Load ``digits``, ``mnist`` or ``imagefolder:PATH`` (see the module docstring).
+def load_data(spec: str = "digits", *, image_size: int | None = None, workers: int = 0,
+              preload_limit: int = PRELOAD_LIMIT) -> Data:
+    """Load ``digits``, ``mnist`` or ``imagefolder:PATH`` (see the module docstring; ``workers``
+    and ``preload_limit`` apply to image folders).
 
     >>> load_data("cifar")
     Traceback (most recent call last):
@@ -144,5 +161,5 @@ def load_data(spec: str = "digits", *, image_size: int | None = None) -> Data:
         path = spec.partition(":")[2]
         if not path:
             raise DataError("imagefolder needs a path: --data imagefolder:/path/to/images")
-        return _image_folder(path, image_size or 64)
+        return _image_folder(path, image_size or 64, workers, preload_limit)
     raise DataError(f"unknown dataset {spec!r}; use digits, mnist, or imagefolder:PATH")

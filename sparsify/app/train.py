@@ -246,7 +246,7 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
-    data = load_data(cfg.data, image_size=cfg.image_size)
+    data = load_data(cfg.data, image_size=cfg.image_size, workers=cfg.workers)
     _seed_all(cfg.seed)
     model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels,
                         image_size=data.image_size, width=cfg.width)
