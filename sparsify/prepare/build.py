@@ -26,6 +26,7 @@ from sparsify.core.activations import is_activation_module
 from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.core.contract import GroupContext, Site
 from sparsify.prepare.plan import Plan, PlanEntry
+from sparsify.prepare.unhandled import frozen_reason, tied_to, unhandled_entries
 from sparsify.prepare.recipe import Recipe
 from sparsify.core.state import STATE_ATTR, SparsifyState
 
@@ -289,6 +290,13 @@ def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps:
         site = Site(c.name, c.module, c.gm, c.node, c.prefix, root, params=w.rule.params)
         why = w.method.accepts(site)
         weight_params = c.module.weight.numel() if isinstance(c.module, WEIGHT_TYPES) else 0
+        if not why and weight_params:
+            why = frozen_reason(c.module, recipe.options)
+            tied = None if why else tied_to(root, c.name, c.module)
+            if tied:
+                why = (f"weight tied to {tied}: rewriting this layer alone would leave that use dense; untie "
+                       "them (e.g. tie_word_embeddings=False) to sparsify it")
+                warnings.warn(f"sparsify: {c.name} stays dense: {why}", stacklevel=3)
         if why:
             plan.entries.append(PlanEntry(c.name, c.kind, None, w.rule.index, why, weight_params))
             continue
@@ -303,6 +311,7 @@ def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps:
             changes_by_graph[prefix].extend(ch)
     listed = {e.name for e in plan.entries}  # sites a method refused are listed already, with its reason
     plan.entries.extend(e for e in _dense_reasons(root, tr, first_cands, matcher, rewritten) if e.name not in listed)
+    plan.entries.extend(e for e in unhandled_entries(root, tr.graphs) if e.name not in listed)
     plan.unmatched_rules = [r.rule.index for r in matcher.rules if r.rule.index not in matcher.matched_any]
 
     for prefix, gm in tr.graphs.items():

@@ -9,7 +9,7 @@ __all__ = ["PlanEntry", "Plan"]
 
 @dataclass
 class PlanEntry:
-    """One matched site or one Conv/Linear left dense."""
+    """One matched site, one Conv/Linear left dense, or another weight matrix no method rewrites."""
 
     name: str
     kind: str  # module class name or op name
@@ -40,7 +40,8 @@ class Plan:
         return [e for e in self.entries if e.method is None]
 
     def shares(self) -> dict:
-        """Fractions of Conv/Linear parameters and MACs that the rewritten layers hold."""
+        """Fractions of the weight parameters (Conv/Linear and the other weight matrices listed) and
+        of their MACs that the rewritten layers hold."""
         weighted = [e for e in self.entries if e.params]
         total_p = sum(e.params for e in weighted)
         hit_p = sum(e.params for e in weighted if e.method is not None)
@@ -69,8 +70,8 @@ class Plan:
         for r in rows:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
         s = self.shares()
-        lines.append(f"{len(self.rewritten)} sites rewritten, {len(self.dense)} Conv/Linear left dense; "
-                     f"rewritten layers hold {s['param_share']:.1%} of Conv/Linear parameters"
+        lines.append(f"{len(self.rewritten)} sites rewritten, {len(self.dense)} weight layers left dense; "
+                     f"rewritten layers hold {s['param_share']:.1%} of the weight parameters"
                      + (f" and {s['mac_share']:.1%} of their MACs" if s["mac_share"] is not None else
                         " (MACs unknown for layers the example inputs did not run: pass example_inputs that do)"))
         for fb in self.fallbacks:

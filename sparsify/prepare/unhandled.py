@@ -1,0 +1,112 @@
+"""What the plan lists besides Conv/Linear layers: weight matrices no method rewrites, tied weights
+and frozen layers, each with the reason, so the plan's shares count every weight a forward
+multiplies with.
+
+* modules whose weights a fused kernel reads directly: ``ConvTranspose1d/2d/3d``, ``LSTM`` /
+  ``GRU`` / ``RNN`` and their cells, ``Bilinear``, ``nn.MultiheadAttention`` with separate
+  ``q/k/v_proj_weight`` (``kdim``/``vdim`` other than ``embed_dim``);
+* bare ``nn.Parameter`` s (owned by a module that is no weight layer) that a traced forward feeds to
+  ``F.linear``, ``F.conv*``, ``matmul`` and friends;
+* a Conv/Linear weight shared with another module (an embedding tied to the LM head): rewriting one
+  use would leave the other reading the dense tensor, so it stays dense (:func:`tied_to`);
+* a frozen Conv/Linear (``requires_grad=False``): left as it is unless the recipe's
+  ``options.frozen`` is ``"include"`` (:func:`frozen_reason`).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from sparsify.core.layers import WEIGHT_TYPES
+from sparsify.prepare.plan import PlanEntry
+
+__all__ = ["unhandled_entries", "tied_to", "frozen_reason"]
+
+_FUSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.RNNBase, nn.RNNCellBase, nn.Bilinear)
+_MATMUL = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+           F.bilinear, torch.matmul, torch.mm, torch.bmm, torch.addmm, torch.einsum, operator.matmul,
+           "matmul", "mm", "bmm", "__matmul__", "__rmatmul__"}
+
+
+def _weights(m: nn.Module) -> int:
+    return sum(p.numel() for n, p in m.named_parameters(recurse=False) if "weight" in n and p.dim() >= 2)
+
+
+def unhandled_entries(root: nn.Module, graphs: dict[str, fx.GraphModule]) -> list[PlanEntry]:
+    """Weight matrices outside Conv/Linear layers that no method rewrites, with why.
+
+    >>> [e.kind for e in unhandled_entries(nn.Sequential(nn.ConvTranspose2d(2, 2, 3), nn.LSTM(2, 2)), {})]
+    ['ConvTranspose2d', 'LSTM']
+    """
+    out = []
+    for name, m in root.named_modules():
+        if isinstance(m, _FUSED) and not isinstance(m, WEIGHT_TYPES):
+            out.append(PlanEntry(name, type(m).__name__, None, None,
+                                 f"{type(m).__name__} weights are read by its own kernel: no method rewrites them",
+                                 _weights(m)))
+        elif isinstance(m, nn.MultiheadAttention) and not m._qkv_same_embed_dim:
+            n = sum(getattr(m, k).numel() for k in ("q_proj_weight", "k_proj_weight", "v_proj_weight"))
+            out.append(PlanEntry(f"{name}.q_proj_weight" if name else "q_proj_weight",
+                                 "MultiheadAttention.q/k/v_proj_weight", None, None,
+                                 "separate q/k/v weights (kdim/vdim != embed_dim) are read directly by "
+                                 "nn.MultiheadAttention: not rewritten", n))
+    seen = set()
+    for prefix, gm in graphs.items():
+        for node in gm.graph.nodes:
+            if node.op != "get_attr" or not any(u.target in _MATMUL for u in node.users):
+                continue
+            owner, _, attr = str(node.target).rpartition(".")
+            try:
+                holder = gm.get_submodule(owner) if owner else gm
+                p = getattr(holder, attr)
+            except AttributeError:
+                continue
+            full = f"{prefix}.{node.target}" if prefix else str(node.target)
+            if not isinstance(p, nn.Parameter) or isinstance(holder, WEIGHT_TYPES) or full in seen:
+                continue
+            seen.add(full)
+            user = next(u for u in node.users if u.target in _MATMUL)
+            fn = getattr(user.target, "__name__", str(user.target))
+            out.append(PlanEntry(full, "Parameter", None, None,
+                                 f"bare parameter multiplied by {fn} in graph {prefix or '<root>'}: no layer to "
+                                 "rewrite (wrap it in an nn.Linear to sparsify it)", p.numel()))
+    return out
+
+
+def tied_to(root: nn.Module, name: str, module: nn.Module) -> str | None:
+    """The other place the weight of the layer ``name`` is registered (a tied embedding), if any.
+
+    >>> emb, head = nn.Embedding(5, 3), nn.Linear(3, 5, bias=False)
+    >>> head.weight = emb.weight
+    >>> tied_to(nn.ModuleDict({"emb": emb, "head": head}), "head", head)
+    'emb.weight'
+    """
+    w = getattr(module, "weight", None)
+    if w is None:
+        return None
+    for other, m in root.named_modules(remove_duplicate=False):
+        if m is module:
+            continue
+        for pname, p in m.named_parameters(recurse=False):
+            if p is w:
+                return f"{other}.{pname}" if other else pname
+    return None
+
+
+def frozen_reason(module: nn.Module, options: dict) -> str:
+    """Why a frozen layer stays as it is ("" when it is trainable or the recipe includes frozen
+    layers with ``"options": {"frozen": "include"}``).
+
+    >>> lin = nn.Linear(2, 2).requires_grad_(False)
+    >>> frozen_reason(lin, {}).split(":")[0], frozen_reason(lin, {"frozen": "include"})
+    ('frozen (requires_grad=False)', '')
+    """
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.requires_grad or options.get("frozen") == "include":
+        return ""
+    return ('frozen (requires_grad=False): left as it is; "options": {"frozen": "include"} in the recipe '
+            "sparsifies it too")

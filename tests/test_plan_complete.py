@@ -1,0 +1,92 @@
+"""The plan lists every weight matrix it does not rewrite, with the reason, and counts it in the
+shares; tied and frozen weights are left dense by default (the recipe option ``frozen`` opts in)."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsify
+from sparsify.core.layers import SparseWeightMixin
+
+
+class Mixed(nn.Module):
+    """An embedding tied to the head, a transposed conv, a GRU, a bare parameter used through
+    F.linear, a frozen Linear, attention with separate q/k/v weights, one plain Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.head = nn.Linear(8, 10, bias=False)
+        self.head.weight = self.emb.weight
+        self.up = nn.ConvTranspose1d(8, 8, 3)
+        self.rnn = nn.GRU(8, 8, batch_first=True)
+        self.w = nn.Parameter(torch.randn(8, 8))
+        self.frozen = nn.Linear(8, 8).requires_grad_(False)
+        self.mha = nn.MultiheadAttention(8, 2, kdim=4, vdim=4, batch_first=True)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = self.up(h.transpose(1, 2))[..., : ids.shape[1]].transpose(1, 2)
+        h, _ = self.rnn(h)
+        h = F.linear(h, self.w)
+        h = self.frozen(self.fc(h))
+        return self.head(h)
+
+
+def _plan(recipe="st3"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return sparsify.plan(Mixed(), recipe, example_inputs=torch.randint(0, 10, (2, 5)))
+
+
+def test_every_weight_matrix_is_listed_and_counted():
+    plan = _plan()
+    kinds = {e.name: e for e in plan.entries}
+    assert [e.name for e in plan.rewritten] == ["fc"]
+    for name, words in {"up": "ConvTranspose1d", "rnn": "GRU weights", "w": "bare parameter",
+                        "mha.q_proj_weight": "separate q/k/v", "head": "tied to emb.weight",
+                        "frozen": "frozen"}.items():
+        assert words in kinds[name].reason, (name, kinds[name].reason)
+    rnn = Mixed().rnn
+    assert kinds["rnn"].params == sum(p.numel() for n, p in rnn.named_parameters() if n.startswith("weight"))
+    total = sum(e.params for e in plan.entries)
+    assert plan.shares()["param_share"] == pytest.approx(64 / total)
+    assert "weight parameters" in str(plan)
+
+
+def test_tied_weights_stay_consistent():
+    torch.manual_seed(0)
+    model = Mixed()
+    with pytest.warns(UserWarning, match="head stays dense: weight tied to emb.weight"):
+        m = sparsify.sparsify(model, "gmp", total_steps=4, example_inputs=torch.randint(0, 10, (2, 5)))
+    assert not isinstance(m.head, SparseWeightMixin) and m.head.weight is m.emb.weight
+
+
+@pytest.mark.parametrize("recipe", ["st3", "dual", "str"])
+def test_frozen_layers_are_left_alone_unless_included(recipe):
+    torch.manual_seed(0)
+    model = Mixed()
+    before = model.frozen.weight.detach().clone()
+    x = torch.randint(0, 10, (2, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = sparsify.sparsify(model, recipe, total_steps=4, example_inputs=x)
+        opt = torch.optim.SGD(sparsify.param_groups(m, 1e-3), lr=0.1)
+        for _ in range(4):
+            loss = m(x).pow(2).mean() + sparsify.penalty(m)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sparsify.step(m)
+    assert not isinstance(m.frozen, SparseWeightMixin)
+    assert not any(p.requires_grad for p in m.frozen.parameters())  # no trainable threshold either
+    assert torch.equal(m.frozen.weight, before)
+    data = {"version": 1, "name": "inc", "options": {"frozen": "include"},
+            "rules": [{"match": {"type": "Linear"}, "method": "st3"}]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        included = sparsify.plan(Mixed(), data, example_inputs=x)
+    assert "frozen" in {e.name for e in included.rewritten}
