@@ -1,7 +1,18 @@
-"""Files of a ``sparsify train`` run written so that an interrupt loses nothing: atomic writes
-(temporary file + ``os.replace``) and Ctrl-C handling that finishes the current step first."""
+"""Files of a ``sparsify train`` run: written so that an interrupt loses nothing, read so that a
+damaged or foreign file changes nothing and runs no code.
+
+* ``checkpoint.pt`` holds tensors only (model, optimizer and scheduler state, torch's RNG state)
+  and is read with ``torch.load(weights_only=True)``: a crafted file cannot run code;
+* ``checkpoint.json`` beside it holds the rest (epoch, batch, history, Python and NumPy RNG states,
+  the run's settings) and the SHA-256 and size of ``checkpoint.pt``, checked before it is read: a
+  flipped byte, a truncated or empty file, or a checkpoint copied from another run is refused with
+  one line (:class:`CheckpointError`);
+* writes are atomic (temporary file + ``os.replace``); the temporary files of an interrupted write
+  are removed (by the writer when it can, else by the next run in that folder).
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -9,26 +20,117 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["save_atomic", "write_json", "StopOnSigint"]
+__all__ = ["save_atomic", "write_json", "StopOnSigint", "CheckpointError", "save_checkpoint",
+           "load_checkpoint", "remove_stale_temporaries", "CHECKPOINT", "CHECKPOINT_META"]
 
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_META = "checkpoint.json"
+FORMAT = 1
+_TMP_MARK = ".tmp"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (damaged, from another run, unreadable): one line."""
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save_atomic(obj, path: Path) -> None:
     """``torch.save`` to a temporary file in the same folder, then ``os.replace``: a crash or a
-    Ctrl-C while writing leaves the previous checkpoint intact."""
+    Ctrl-C while writing leaves the previous file intact, and the temporary file is removed."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    path = Path(path)
+    tmp = _tmp_name(path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(folder: Path) -> list[str]:
+    """Remove the temporary files a killed writer left in ``folder`` (``.<name>.tmp<pid>``)."""
+    removed = []
+    for p in Path(folder).glob(f".*{_TMP_MARK}*"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+    return removed
+
+
+def save_checkpoint(tensors: dict, meta: dict, folder: Path) -> None:
+    """Write ``tensors`` (tensors and plain containers only) to ``checkpoint.pt`` and ``meta``
+    (JSON-able) with the file's hash to ``checkpoint.json``, each atomically, .pt first."""
+    folder = Path(folder)
+    pt = folder / CHECKPOINT
+    tmp = _tmp_name(pt)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(tensors, f)
+            f.flush()
+            os.fsync(f.fileno())
+        digest, size = _sha256(tmp), tmp.stat().st_size
+        os.replace(tmp, pt)
+    finally:
+        tmp.unlink(missing_ok=True)
+    write_json({"format": FORMAT, "sha256": digest, "size": size, **meta}, folder / CHECKPOINT_META)
+
+
+def load_checkpoint(folder: Path) -> tuple[dict, dict]:
+    """``(tensors, meta)`` of the checkpoint in ``folder``, after checking its size and hash;
+    read with ``weights_only=True``. Raises :class:`CheckpointError` (one line) otherwise."""
+    folder = Path(folder)
+    pt, js = folder / CHECKPOINT, folder / CHECKPOINT_META
+    where = f"--resume {folder}"
+    if not pt.is_file() or not js.is_file():
+        missing = " and ".join(p.name for p in (pt, js) if not p.is_file())
+        raise CheckpointError(f"{where}: no {missing} there (is it the --out folder of a sparsify train run "
+                              "that saved a checkpoint?)")
+    try:
+        meta = json.loads(js.read_text())
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ValueError("not a checkpoint description of this version")
+        digest, size = str(meta["sha256"]), int(meta["size"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{where}: {CHECKPOINT_META} is damaged or not from sparsify train ({e}); "
+                              "the run cannot be resumed from it") from None
+    actual = pt.stat().st_size
+    if actual != size:
+        raise CheckpointError(f"{where}: {CHECKPOINT} has {actual} bytes, {CHECKPOINT_META} says {size} "
+                              "(truncated, empty or replaced); the run cannot be resumed from it")
+    if _sha256(pt) != digest:
+        raise CheckpointError(f"{where}: {CHECKPOINT} does not match the SHA-256 in {CHECKPOINT_META} (the file "
+                              "is corrupted or was changed); the run cannot be resumed from it")
+    try:
+        tensors = torch.load(pt, map_location="cpu", weights_only=True)
+    except Exception as e:  # anything torch.load refuses: a foreign or crafted file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{where}: {CHECKPOINT} cannot be read as plain tensors ({first[:200]})") from None
+    if not isinstance(tensors, dict):
+        raise CheckpointError(f"{where}: {CHECKPOINT} does not hold a sparsify train checkpoint")
+    return tensors, meta
 
 
 class StopOnSigint:

@@ -90,9 +90,11 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
                    help="override a recipe parameter (value parsed as JSON), repeatable: --set sparsity=0.95")
 
 
-def _add_model_args(p: argparse.ArgumentParser, default: str | None) -> None:
-    p.add_argument("--model", default=default, required=default is None,
-                   help="lenet5, cnn, resnet8, resnet20, a torchvision model name, or package.module:factory")
+def _add_model_args(p: argparse.ArgumentParser, default: str | None, train: bool = False) -> None:
+    p.add_argument("--model", default=default, required=default is None and not train,
+                   help="lenet5, cnn, resnet8, resnet20, a torchvision model name, or package.module:factory"
+                   + (" (default cnn; with --resume: the run's, and a package.module:factory model must be "
+                      "named again to be imported)" if train else ""))
     p.add_argument("--width", type=float, default=1.0, help="width multiplier of the built-in models (default 1)")
 
 
@@ -114,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     p = sub.add_parser("train", help="train a model with a recipe (checkpoints, report, plots)")
-    _add_model_args(p, "cnn")
+    _add_model_args(p, None, train=True)
     _add_recipe_args(p)
     p.add_argument("--data", default="digits", help="digits (default), mnist, or imagefolder:PATH")
     p.add_argument("--image-size", type=int, default=None, help="resize imagefolder images to this size (default 64)")
@@ -128,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default runs/<model>-<recipe>-s<seed>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (its settings are reused)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (else refused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (one line per epoch)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers for imagefolder data")
     p.add_argument("--threads", type=int, default=None,
@@ -150,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     from sparsify.app.models import ModelError
     from sparsify.prepare.recipe import RecipeError
     from sparsify.core.schedules import ScheduleError
-    user_errors = (RecipeError, ScheduleError, ModelError, DataError, FileNotFoundError, ValueError)
+    user_errors = (RecipeError, ScheduleError, ModelError, DataError, FileNotFoundError, FileExistsError,
+                   ValueError)
     try:
         if args.command == "recipes":
             return _cmd_show(args.show) if args.show else _cmd_recipes(args)

@@ -75,7 +75,8 @@ def run_demo(out: str = "demo-out", *, epochs: int | None = None, seed: int = 0,
     for name in names:
         t = time.time()
         cfg = TrainConfig(model="cnn", recipe=None if name == "dense" else name, data="digits", epochs=epochs,
-                          seed=seed, out=str(out_dir / name), progress=progress, threads=1)
+                          seed=seed, out=str(out_dir / name), progress=progress, threads=1,
+                          overwrite=True)  # the demo owns its folder
         try:
             res = train(cfg, quiet=True)
             row = {"name": name, "error": None, "seconds": time.time() - t,
