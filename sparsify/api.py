@@ -168,7 +168,8 @@ def finalize(model: nn.Module, example_inputs=None, *, check: bool = True, rtol:
 
     ``accelerate=True`` (CPU inference) then swaps layers for faster sparse implementations
     where they pay on this machine: patch-skipping convs for semi-structured masks, CSR/BSR for
-    Linear / 1x1 conv layers with at least 80% zero weights (a dict passes options to
+    Linear / 1x1 conv layers with at least 80% zero weights, a compiled direct sparse convolution
+    for Conv2d layers with at least 50% zero weights (a dict passes options to
     :func:`sparsify.deploy.accelerate.accelerate`); the result's ``acceleration`` attribute lists the
     path each layer took. See docs/deployment.md.
     """
