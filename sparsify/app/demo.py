@@ -34,21 +34,28 @@ def _num(v) -> str:
     return "-" if v is None else f"{v:,}"
 
 
+def _achieved(r: dict) -> str:
+    """What the run's methods sparsify, e.g. ``weights 90.0%`` or ``input slots 50.0%``."""
+    got = r.get("achieved") or {}
+    return "; ".join(f"{kind} {_pct(v)}" for kind, v in got.items()) or "-"
+
+
 def format_table(rows: list[dict]) -> str:
-    """The comparison table (plain text, also valid Markdown). MACs are per sample: *non-zero*
-    counts non-zero weights (``sparsify.report``), *effective* also skips zero input activations
-    (``sparsify/runstats.py``, padding counted as input), *measured* is ``sparsify.measure``'s
-    multiplicative count (also skips semi-structured masked positions; padding counts as zero)."""
-    head = ["run", "test acc", "weight sparsity", "act. sparsity", "params (non-zero / all)",
-            "non-zero MACs", "effective MACs", "measured MACs", "time"]
+    """The comparison table (plain text, also valid Markdown). MACs are per sample, named as in
+    docs/macs.md: *dense*, *non-zero-weight* (``sparsify.report``), *effective* (weight and input
+    activation both non-zero, measured on the test set) and *executed* (what dense hardware runs:
+    SAS runs M x its narrow layers)."""
+    head = ["run", "test acc", "sparsified (achieved)", "weight sparsity", "act. sparsity",
+            "params (non-zero / all)", "dense MACs", "non-zero-weight MACs", "effective MACs", "executed MACs", "time"]
     lines = [head]
     for r in rows:
         if r.get("error"):
-            lines.append([r["name"], "failed", "-", "-", "-", "-", "-", "-", f"{r['seconds']:.1f}s"])
+            lines.append([r["name"], "failed"] + ["-"] * (len(head) - 3) + [f"{r['seconds']:.1f}s"])
             continue
-        lines.append([r["name"], _pct(r["accuracy"]), _pct(r["weight_sparsity"]), _pct(r["activation_sparsity"]),
-                      f"{_num(r['nonzero_params'])} / {_num(r['params'])}", _num(r["nonzero_macs"]),
-                      _num(r["effective_macs"]), _num(r.get("measured_macs")), f"{r['seconds']:.1f}s"])
+        lines.append([r["name"], _pct(r["accuracy"]), _achieved(r), _pct(r["weight_sparsity"]),
+                      _pct(r["activation_sparsity"]), f"{_num(r['nonzero_params'])} / {_num(r['params'])}",
+                      _num(r["dense_macs"]), _num(r["nonzero_macs"]), _num(r["effective_macs"]),
+                      _num(r.get("executed_macs")), f"{r['seconds']:.1f}s"])
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
     fmt = lambda row: "| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
     out = [fmt(lines[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in lines[1:]]
@@ -82,8 +89,7 @@ def run_demo(out: str = "demo-out", *, epochs: int | None = None, seed: int = 0,
             row = {"name": name, "error": None, "seconds": time.time() - t,
                    **{k: res.get(k) for k in ("accuracy", "weight_sparsity", "activation_sparsity", "params",
                                               "nonzero_params", "dense_macs", "nonzero_macs", "effective_macs",
-                                              "finalize")},
-                   "measured_macs": (res.get("measure") or {}).get("mult_macs")}
+                                              "executed_macs", "achieved", "finalize")}}
         except Exception as e:  # one failing recipe must not stop the demo
             row = {"name": name, "error": f"{type(e).__name__}: {e}".splitlines()[0][:300],
                    "traceback": traceback.format_exc(), "seconds": time.time() - t, "accuracy": None}

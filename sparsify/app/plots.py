@@ -22,16 +22,24 @@ def _save(fig, path) -> str:
     return str(path)
 
 
-def plot_layers(weight: dict[str, float | None], activation: dict[str, float], path, title: str = "") -> str:
-    """Two bar charts: per-layer weight sparsity and per-layer input-activation sparsity."""
+def plot_layers(weight: dict[str, float | None], activation: dict[str, float], path, title: str = "",
+                targets: dict[str, float | None] | None = None, label: str = "weight sparsity") -> str:
+    """Two bar charts: per-layer sparsity of what the recipe sparsifies (``weight``: achieved, with
+    each layer's scheduled target marked when ``targets`` has one) and per-layer measured
+    input-activation sparsity."""
     names = list(dict.fromkeys(list(weight) + list(activation)))
     height = max(3.0, 0.28 * len(names) + 1.5)
     fig, axes = plt.subplots(1, 2, figsize=(11, height), sharey=True)
     pos = list(range(len(names)))
-    axes[0].barh(pos, [100 * (weight.get(n) or 0.0) for n in names], color="tab:blue")
-    axes[0].set_title("weight sparsity (% zeros)")
+    axes[0].barh(pos, [100 * (weight.get(n) or 0.0) for n in names], color="tab:blue", label="achieved")
+    marked = [(p, 100 * targets[n]) for p, n in zip(pos, names) if targets and targets.get(n) is not None]
+    if marked:
+        axes[0].scatter([t for _, t in marked], [p for p, _ in marked], marker="|", s=200, color="black",
+                        zorder=3, label="target")
+        axes[0].legend(fontsize=8, loc="lower right")
+    axes[0].set_title(f"{label} (% zeros)")
     axes[1].barh(pos, [100 * activation.get(n, 0.0) for n in names], color="tab:orange")
-    axes[1].set_title("input activation sparsity (% zeros)")
+    axes[1].set_title("input activation sparsity (% zeros, measured)")
     axes[0].set_yticks(pos, names, fontsize=7)
     axes[0].invert_yaxis()
     for ax in axes:
@@ -51,10 +59,13 @@ def plot_history(history: list[dict], path, title: str = "") -> str:
             a1.plot(ep, [100 * (h.get(key) or 0) for h in history], marker="o", label=label)
     a1.set_title("accuracy (%)")
     a1.set_xlabel("epoch")
-    for key, label in (("weight_sparsity", "weights (achieved)"), ("target", "weights (scheduled)"),
-                       ("activation_sparsity", "activations")):
-        if any(h.get(key) is not None for h in history):
-            a2.plot(ep, [100 * (h.get(key) or 0) for h in history], marker="o", label=label)
+    for key, label, style in (("weight_sparsity", "weights (achieved)", "-o"), ("target", "weights (scheduled)", "--"),
+                              ("activation_sparsity", "activations (measured)", "-o")):
+        if any(h.get(key) for h in history):
+            a2.plot(ep, [100 * (h.get(key) or 0) for h in history], style, label=label)
+    # what other methods sparsify (SAS slots, masked positions, regularized activations)
+    for kind in dict.fromkeys(k for h in history for k in (h.get("achieved") or {}) if k != "weights"):
+        a2.plot(ep, [100 * ((h.get("achieved") or {}).get(kind) or 0) for h in history], "-s", label=kind)
     a2.set_title("sparsity (% zeros)")
     a2.set_xlabel("epoch")
     a2.set_ylim(0, 100)
@@ -67,35 +78,28 @@ def plot_history(history: list[dict], path, title: str = "") -> str:
 
 
 def plot_comparison(rows: list[dict], path, title: str = "") -> str:
-    """One bar group per run: test accuracy, weight and activation sparsity, and the share of
-    dense MACs left (non-zero weights; and with activation zeros skipped too)."""
+    """The trade-off: test accuracy against MACs per sample (% of dense), one point per run, with
+    the dense run as the reference lines; left: effective MACs (weight and activation non-zero),
+    right: executed MACs (what dense hardware runs; SAS runs M x). Names as in docs/macs.md."""
     rows = [r for r in rows if r.get("accuracy") is not None]
-    names = [r["name"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(14, max(3.5, 0.35 * len(names) + 1.5)), sharey=True)
-    pos = list(range(len(names)))
-    axes[0].barh(pos, [100 * r["accuracy"] for r in rows], color="tab:green")
-    lo = min([100 * r["accuracy"] for r in rows] or [0])
-    axes[0].set_xlim(max(0, lo - 10), 100)
-    axes[0].set_title("test accuracy (%)")
-    w = 0.4
-    axes[1].barh([p - w / 2 for p in pos], [100 * (r.get("weight_sparsity") or 0) for r in rows], w, label="weights")
-    axes[1].barh([p + w / 2 for p in pos], [100 * (r.get("activation_sparsity") or 0) for r in rows], w,
-                 label="activations")
-    axes[1].set_xlim(0, 100)
-    axes[1].set_title("sparsity (% zeros)")
-    axes[1].legend(fontsize=8)
-
-    def share(r, key):
-        return 100 * r[key] / r["dense_macs"] if r.get(key) is not None and r.get("dense_macs") else 0
-    axes[2].barh([p - w / 2 for p in pos], [share(r, "nonzero_macs") for r in rows], w, label="non-zero weights")
-    axes[2].barh([p + w / 2 for p in pos], [share(r, "effective_macs") for r in rows], w,
-                 label="non-zero weight x activation")
-    axes[2].set_title("MACs left (% of dense)")
-    axes[2].legend(fontsize=8)
-    axes[0].set_yticks(pos, names, fontsize=8)
-    axes[0].invert_yaxis()
-    for ax in axes:
-        ax.grid(axis="x", alpha=0.3)
+    dense = next((r for r in rows if r["name"] == "dense"), None)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for ax, key, what in ((axes[0], "effective_macs", "effective MACs (weight x activation non-zero)"),
+                          (axes[1], "executed_macs", "executed MACs (dense hardware)")):
+        for i, r in enumerate(rows):
+            if r.get(key) is None or not r.get("dense_macs"):
+                continue
+            x, y = 100 * r[key] / r["dense_macs"], 100 * r["accuracy"]
+            ax.scatter([x], [y], s=60 if r is dense else 40, color="black" if r is dense else "tab:blue", zorder=3)
+            # staggered labels: runs often share a point (same accuracy on a small test set)
+            ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(5, 4 - 9 * (i % 4)), fontsize=7)
+        if dense is not None:
+            ax.axhline(100 * dense["accuracy"], color="gray", lw=0.8, ls="--", label="dense accuracy")
+            ax.axvline(100.0, color="gray", lw=0.8, ls=":", label="dense MACs")
+        ax.set_xlabel(f"{what}, % of dense")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    axes[0].set_ylabel("test accuracy (%)")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(f"{title}: accuracy against MACs (up and left is better)")
     return _save(fig, path)

@@ -38,11 +38,12 @@ def weight_sparsity(model: nn.Module, dense: bool) -> float | None:
 
 def summarize(model: nn.Module, dense: bool, example, act: dict) -> dict:
     """The comparison numbers of a trained model: weight sparsity, parameters (total / non-zero),
-    MACs per sample (dense / non-zero weights / non-zero weight x activation)."""
+    MACs per sample (dense / non-zero-weight / effective weight x activation / executed: docs/macs.md)."""
     if not dense:
         t = sp.report(model).totals
         out = {"weight_sparsity": t["weight_sparsity"], "params": t["params"], "nonzero_params": t["nonzero_params"],
-               "dense_macs": t["macs"], "nonzero_macs": t["nonzero_macs"]}
+               "dense_macs": t["macs"], "nonzero_macs": t["nonzero_macs"], "executed_macs": t.get("executed_macs"),
+               "achieved": t.get("achieved") or {}}
     else:
         params = sum(p.numel() for p in model.parameters())
         nnz = sum(int(torch.count_nonzero(p)) for p in model.parameters())
@@ -51,7 +52,7 @@ def summarize(model: nn.Module, dense: bool, example, act: dict) -> dict:
         macs = int(round(sum(f * mods[n].weight.numel() for n, f in factors.items())))
         nz = int(round(sum(f * int(torch.count_nonzero(mods[n].weight)) for n, f in factors.items())))
         out = {"weight_sparsity": weight_sparsity(model, True), "params": params, "nonzero_params": nnz,
-               "dense_macs": macs, "nonzero_macs": nz}
+               "dense_macs": macs, "nonzero_macs": nz, "executed_macs": macs, "achieved": {}}
     out["activation_sparsity"] = act["activation_sparsity"]
     out["effective_macs"] = int(round(act["effective_macs"]))
     return out

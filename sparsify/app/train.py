@@ -386,21 +386,24 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
                 break
             start_batch = 0
             act = activation_stats(model, test_batches(), max_batches=2)
-            target = None
+            target, achieved = None, {}
             if not cfg.dense:
-                target = sp.report(model).totals.get("target")
+                totals = sp.report(model).totals
+                target, achieved = totals.get("target"), totals.get("achieved") or {}
             history.append({"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
                             "train_loss": running["loss"] / max(running["seen"], 1),
                             "train_acc": running["correct"] / max(running["seen"], 1),
                             "test_acc": evaluate(model, test_batches()),
                             "weight_sparsity": weight_sparsity(model, cfg.dense), "target": target,
-                            "activation_sparsity": act["activation_sparsity"]})
+                            "activation_sparsity": act["activation_sparsity"], "achieved": achieved})
             running = {"loss": 0.0, "correct": 0, "seen": 0}
             h = history[-1]
             checkpoint(epoch + 1, 0)
             say(f"epoch {h['epoch']}/{cfg.epochs}: loss {h['train_loss']:.4f}  train acc {h['train_acc']:.4f}  "
                 f"test acc {h['test_acc']:.4f}  weight sparsity {h['weight_sparsity'] or 0:.3f}  "
-                f"activation sparsity {h['activation_sparsity']:.3f}")
+                f"activation sparsity {h['activation_sparsity']:.3f}"
+                # what the recipe's own methods sparsify besides weights (SAS slots, masked positions, ...)
+                + "".join(f"  {kind} sparsity {v:.3f}" for kind, v in achieved.items() if kind != "weights"))
             if stop.requested:  # Ctrl-C during the last step of an epoch: the epoch checkpoint is it
                 interrupted = epoch + 1 < cfg.epochs
                 break
@@ -424,7 +427,10 @@ def _finish(model, cfg, data, out, history, opt_settings, total_steps, test_batc
     if not cfg.dense:
         rep = sp.report(model)
         result["report"] = rep.to_dict()
-        weights = {r.name: r.weight_sparsity for r in rep.layers if r.weight_sparsity is not None}
+        # per layer: what its method sparsifies (weights, SAS slots, masked positions, ...)
+        weights = {r.name: r.achieved for r in rep.layers if r.achieved is not None}
+        targets = {r.name: r.target for r in rep.layers}
+        kinds = sorted({r.sparsifies for r in rep.layers})
         say(str(rep))
         try:
             with warnings.catch_warnings():
@@ -436,14 +442,18 @@ def _finish(model, cfg, data, out, history, opt_settings, total_steps, test_batc
             result["finalize"] = f"failed: {type(e).__name__}: {e}"
             say(f"warning: finalize failed: {e}")
     else:
+        targets, kinds = {}, ["weight"]
         weights = {n: 1 - int(torch.count_nonzero(m.weight)) / m.weight.numel()
                    for n, m in model.named_modules() if isinstance(m, WEIGHT_TYPES)}
     title = f"{cfg.model} / {cfg.recipe or 'dense'} / {data.name}"
-    plot_layers(weights, {n: v["input_sparsity"] for n, v in act["layers"].items()}, out / "layers.png", title)
+    plot_layers(weights, {n: v["input_sparsity"] for n, v in act["layers"].items()}, out / "layers.png", title,
+                targets=targets, label=" / ".join(kinds) + " sparsity")
     plot_history(history, out / "training.png", title)
     write_json(history, out / "history.json")
     write_json(result, out / "report.json")
+    num = lambda v: "-" if v is None else f"{v:,}"  # noqa: E731
     say(f"test accuracy {result['accuracy']:.4f}; weight sparsity {summary['weight_sparsity'] or 0:.3f}; "
-        f"activation sparsity {summary['activation_sparsity']:.3f}; non-zero MACs "
-        f"{summary['nonzero_macs']:,} of {summary['dense_macs']:,}; results in {out}")
+        f"activation sparsity {summary['activation_sparsity']:.3f}; MACs per sample (docs/macs.md): dense "
+        f"{num(summary['dense_macs'])}, non-zero-weight {num(summary['nonzero_macs'])}, effective "
+        f"{num(summary['effective_macs'])}, executed {num(summary['executed_macs'])}; results in {out}")
     return result

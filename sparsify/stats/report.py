@@ -26,6 +26,10 @@ class LayerRow:
     macs: int | None  # dense MACs per sample
     nonzero_macs: int | None
     extra: dict = field(default_factory=dict)
+    # what the method makes sparse ("weights", "input slots", "output positions", "activations")
+    # and the fraction of it that is zero now (weights: weight_sparsity)
+    sparsifies: str = "weights"
+    achieved: float | None = None
 
 
 @dataclass
@@ -52,12 +56,14 @@ class Report:
 
         def num(v):
             return "-" if v is None else f"{v:,}"
-        rows = [("layer", "method", "target", "achieved", "params", "non-zero", "MACs", "non-zero MACs")]
+        # MAC names as defined in docs/macs.md
+        rows = [("layer", "method", "sparsifies", "target", "achieved", "params", "non-zero", "dense MACs",
+                 "non-zero-weight MACs")]
         executed = any("executed_macs" in r.extra for r in self.layers)  # methods that run more than they count (SAS)
         rows[0] += ("executed MACs",) if executed else ()
         for r in self.layers:
-            rows.append((r.name, r.method, pct(r.target), pct(r.weight_sparsity), num(r.params),
-                         num(r.nonzero_params), num(r.macs), num(r.nonzero_macs))
+            rows.append((r.name, r.method, r.sparsifies, pct(r.target), pct(r.achieved), num(r.params or None),
+                         num(r.nonzero_params if r.params else None), num(r.macs), num(r.nonzero_macs))
                         + ((num(r.extra.get("executed_macs", r.macs)),) if executed else ()))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = [f"recipe {self.recipe!r}, step {self.step}" + (f" of {self.total_steps}" if self.total_steps else "")]
@@ -66,15 +72,35 @@ class Report:
         lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
         t = self.totals
         lines.append(
-            f"sparsified layers: {pct(t['weight_sparsity'])} of their weights are zero (target now "
-            f"{pct(t['target'])}); whole model: {num(t['nonzero_params'])} of {num(t['params'])} parameters non-zero"
-            + (f"; Conv/Linear MACs {num(t['nonzero_macs'])} of {num(t['macs'])} ({pct(t['mac_reduction'])} fewer)"
-               if t["macs"] else "")
+            (f"sparsified layers: {pct(t['weight_sparsity'])} of their weights are zero (target now "
+             f"{pct(t['target'])}); " if t["weight_sparsity"] is not None else "")
+            + f"whole model: {num(t['nonzero_params'])} of {num(t['params'])} parameters non-zero"
+            + (f"; Conv/Linear non-zero-weight MACs {num(t['nonzero_macs'])} of {num(t['macs'])} dense "
+               f"({pct(t['mac_reduction'])} fewer)" if t["macs"] else "")
             + (f"; executed MACs {num(t['executed_macs'])}" if t.get("executed_macs") not in (None, t["macs"]) else ""))
+        if t.get("achieved"):
+            lines.append("achieved (what each method sparsifies): " + "; ".join(
+                f"{kind} {pct(v)}" for kind, v in t["achieved"].items()))
         if t.get("empty_layers"):
             lines.append(f"warning: 100% sparse: {', '.join(t['empty_layers'])} (every weight pruned: "
                          "the output no longer depends on the input)")
         return "\n".join(lines)
+
+
+def _achieved_by_kind(rows: list[LayerRow]) -> dict:
+    """Achieved sparsity per kind of thing sparsified, weighted by size (weights by parameters,
+    the others as a plain mean over layers)."""
+    out = {}
+    for kind in dict.fromkeys(r.sparsifies for r in rows):
+        rs = [r for r in rows if r.sparsifies == kind and r.achieved is not None]
+        if not rs:
+            continue
+        if kind == "weights":
+            n = sum(r.params for r in rs)
+            out[kind] = sum(r.achieved * r.params for r in rs) / n if n else None
+        else:
+            out[kind] = sum(r.achieved for r in rs) / len(rs)
+    return out
 
 
 @torch.no_grad()
@@ -97,9 +123,12 @@ def build_report(root, state: SparsifyState) -> Report:
                 if factor is not None:
                     row.macs = int(round(factor * w.numel()))
                     row.nonzero_macs = int(round(factor * nnz))
-            for key in ("params", "nonzero_params", "macs", "nonzero_macs", "weight_sparsity"):
+            for key in ("params", "nonzero_params", "macs", "nonzero_macs", "weight_sparsity", "sparsifies",
+                        "achieved"):
                 if key in extra:  # a method with its own accounting (e.g. SAS) overrides
                     setattr(row, key, extra.pop(key))
+            if row.sparsifies == "weights" and row.achieved is None:
+                row.achieved = row.weight_sparsity
             layers.append(row)
     sparse_rows = [r for r in layers if r.params]
     sp = sum(r.params for r in sparse_rows)
@@ -127,6 +156,7 @@ def build_report(root, state: SparsifyState) -> Report:
         "params": param_total, "nonzero_params": param_nnz,
         "macs": macs, "nonzero_macs": nz_macs, "executed_macs": exec_macs,
         "mac_reduction": 1.0 - nz_macs / macs if macs else None,
+        "achieved": _achieved_by_kind(layers),
         # layers with every weight pruned (a collapsed layer: see docs/methods/st3.md)
         "empty_layers": [r.name for r in sparse_rows if r.nonzero_params == 0],
     }

@@ -7,7 +7,7 @@ non-zero (the count of the dual-sparse-training paper). The count is exact: the 
 the indicator tensors ``1[x != 0]`` and ``1[W != 0]``. Zero padding is counted as non-zero input,
 so a dense model's effective MACs equal its dense MACs (the convention of ``sparsify.stats.macs``).
 A SAS layer (weight k times wider than its input: one of k slots is non-zero per input) is
-counted as the narrow layer on its non-zero inputs; other layers whose weight does not match
+counted as the narrow layer on its non-zero inputs, and its input sparsity is that of its k slots; other layers whose weight does not match
 their input are counted at their non-zero-weight MACs.
 
 ``sparsify.measure`` counts by another convention (padding as zero input, SAS layers not related
@@ -88,8 +88,11 @@ def activation_stats(model: nn.Module, batches, *, max_batches: int | None = Non
                                            "dense": dense_w * positions})
             if name not in order:
                 order.append(name)
-            rec["zeros"] += int((x == 0).sum())
-            rec["elements"] += x.numel()
+            k = w.shape[1] // in_dim if _lifted(w, in_dim) else 1
+            # a SAS layer reads k slots per input element, at most one non-zero: its input
+            # sparsity is that of the slots (the activation sparsity the method creates)
+            rec["zeros"] += k * x.numel() - int(torch.count_nonzero(x))
+            rec["elements"] += k * x.numel()
             rec["effective"] += eff
             rec["samples"] += out.shape[0]
         handles.append(m.register_forward_hook(hook))
