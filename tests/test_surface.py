@@ -41,8 +41,9 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(TrainingDiverged, match=r"step 31 \(epoch 2\).*checkpoint.pt, is kept"):
         train(TrainConfig(model="lenet5", recipe="st3", epochs=2, threads=1, out=str(tmp_path), progress=False),
               on_step=on_step, quiet=True)
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert ckpt["epoch"] == 1 and all(torch.isfinite(t).all() for t in ckpt["model"].values()
+    from sparsify.app.checkpoint import load_checkpoint
+    ckpt, meta = load_checkpoint(tmp_path)
+    assert meta["epoch"] == 1 and all(torch.isfinite(t).all() for t in ckpt["model"].values()
                                    if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 
