@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 JOBS ?= 2
 
-.PHONY: test demo zoo install clean
+.PHONY: test test-deep test-min demo zoo install clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -20,6 +20,22 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -rs -n $(JOBS) --durations=15 tests
 
+# the property tests with 10x the examples (hypothesis profile "deep", tests/conftest.py)
+test-deep: $(STAMP)
+	HYPOTHESIS_PROFILE=deep $(BIN)/python -m pytest -q -rs -n $(JOBS) --hypothesis-show-statistics \
+		tests/test_properties.py tests/test_method_properties.py
+
+# the whole suite in a separate venv at the lowest torch/torchvision setup.cfg declares
+MIN_VENV := .venv-min
+MIN_TORCH := $(shell sed -n 's/^ *torch>=\([0-9.]*\).*/\1/p' setup.cfg)
+MIN_TORCHVISION := $(shell sed -n 's/^ *torchvision>=\([0-9.]*\).*/\1/p' setup.cfg)
+test-min:
+	test -x $(MIN_VENV)/bin/python || $(PY) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/pip install --quiet "torch==$(MIN_TORCH).*" "torchvision==$(MIN_TORCHVISION).*"
+	$(MIN_VENV)/bin/pip install --quiet -e '.[dev]'
+	$(MIN_VENV)/bin/python -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
+	$(MIN_VENV)/bin/python -m pytest -q -rs -n $(JOBS) tests
+
 demo: $(STAMP)
 	$(BIN)/sparsify demo --out demo-out
 
@@ -27,4 +43,4 @@ zoo: $(STAMP)
 	$(BIN)/python benchmarks/zoo.py --out docs/coverage.md
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis demo-out
+	rm -rf $(VENV) $(MIN_VENV) build *.egg-info .pytest_cache .hypothesis demo-out
