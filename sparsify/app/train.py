@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 import sparsify as sp
 
-from sparsify.app.checkpoint import (CHECKPOINT, CHECKPOINT_META, CheckpointError, StopOnSigint, load_checkpoint,
-                                     remove_stale_temporaries, save_atomic, save_checkpoint, write_json)
+from sparsify.app.checkpoint import CHECKPOINT, StopOnSigint, remove_stale_temporaries, save_atomic, write_json
+from sparsify.app.resume import CONFIG, RUN_KEYS, claim_out, load_run, restore, save_run
 from sparsify.app.data import load_data
 from sparsify.app.summary import evaluate, library_measurement, summarize, weight_sparsity
 from sparsify.core.layers import WEIGHT_TYPES
@@ -45,14 +45,6 @@ from sparsify.prepare.recipe import load_recipe
 from sparsify.stats.runstats import activation_stats
 
 __all__ = ["TrainConfig", "TrainingDiverged", "train", "config_from_args", "METHOD_DEFAULTS", "resolve_optimizer", "summarize"]
-
-CONFIG = "config.json"
-#: what a run writes into its folder (``--overwrite`` removes these, and only these)
-RUN_FILES = (CONFIG, CHECKPOINT, CHECKPOINT_META, "report.json", "history.json", "final_state_dict.pt",
-             "layers.png", "training.png")
-#: the settings that define a run: a checkpoint is resumed only into a run with the same ones
-RUN_KEYS = ("model", "recipe", "overrides", "data", "image_size", "width", "epochs", "batch_size", "optimizer",
-            "lr", "weight_decay", "momentum", "seed")
 
 #: Optimizer settings a method needs to work in a short run (applied unless given explicitly).
 #: STR sparsifies only through weight decay on its threshold parameters; with the library's
@@ -185,68 +177,13 @@ def _default_out(cfg: TrainConfig) -> str:
 
 
 def _load_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict, dict]:
-    """The saved run's config and its checkpoint ``(tensors, meta)``, all checked; nothing is
-    imported or written here."""
-    folder = Path(cfg.resume)
-    if not (folder / CONFIG).is_file():
-        raise FileNotFoundError(f"--resume {folder}: no {CONFIG} and {CHECKPOINT} there (is it the --out folder "
-                                "of a sparsify train run?)")
-    try:
-        saved = json.loads((folder / CONFIG).read_text())
-        if not isinstance(saved, dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"--resume {folder}: {CONFIG} is damaged ({e})") from None
-    model = saved.get("model")
-    if isinstance(model, str) and ":" in model and cfg.model != model:
-        # a module:function factory is code: run it only when the user names it on the command line
-        raise CheckpointError(f"--resume {folder}: the run's model is {model!r}, code that resuming would import; "
-                              f"name it to allow that: --resume {folder} --model {model}")
-    if cfg.model not in (None, model) and cfg.model != TrainConfig.model:
-        raise CheckpointError(f"--resume {folder}: --model {cfg.model} is not the run's model ({model!r})")
-    tensors, meta = load_checkpoint(folder)
-    run = {k: saved.get(k) for k in RUN_KEYS}
-    if meta.get("run") != run:
-        diff = [k for k in RUN_KEYS if (meta.get("run") or {}).get(k) != run[k]]
-        raise CheckpointError(f"--resume {folder}: {CHECKPOINT} was made by another run than {CONFIG} describes "
-                              f"(different {', '.join(diff) or 'settings'}); copy the whole folder of that run instead")
+    saved, tensors, meta = load_run(Path(cfg.resume), cfg.model, TrainConfig.model)
     known = {f.name for f in fields(TrainConfig)}
     new = TrainConfig(**{k: v for k, v in saved.items() if k in known})
-    new.out, new.resume, new.progress, new.overwrite = str(folder), str(folder), cfg.progress, False
+    new.out, new.resume, new.progress, new.overwrite = str(cfg.resume), str(cfg.resume), cfg.progress, False
     if cfg.threads is not None:  # else the saved run's: the thread count changes float reductions
         new.threads = cfg.threads
     return new, tensors, meta
-
-
-def _claim_out(out: Path, overwrite: bool) -> None:
-    """Refuse an ``out`` folder holding another run unless ``overwrite`` (then remove its run files)."""
-    held = [name for name in RUN_FILES if (out / name).exists()]
-    if held and not overwrite:
-        raise FileExistsError(f"--out {out} holds another run ({', '.join(held[:3])}); continue it with "
-                              f"--resume {out}, or pass --overwrite to replace it")
-    for name in held:
-        (out / name).unlink()
-
-
-def _restore(model, optimizer, sched, tensors: dict, meta: dict, folder: str) -> None:
-    try:
-        model.load_state_dict(tensors["model"])
-        optimizer.load_state_dict(tensors["optimizer"])
-        sched.load_state_dict(tensors["scheduler"])
-        torch.set_rng_state(tensors["rng_torch"])
-    except (RuntimeError, KeyError, ValueError, TypeError) as e:
-        what = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
-        raise CheckpointError(f"--resume {folder}: {CHECKPOINT} does not fit the model and optimizer of this run "
-                              f"({what[:300]})") from None
-    py = meta["rng_python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    npy = meta["rng_numpy"]
-    np.random.set_state((npy[0], np.asarray(npy[1], dtype=np.uint32), *npy[2:]))
-
-
-class TrainingDiverged(ValueError):
-    """The loss became NaN or infinite: the run stops there (``sparsify train``: one line on stderr,
-    exit status 2); the checkpoint of the last finished epoch is left as it was."""
 
 
 def _diverged(opt: dict, out: Path, epoch: int, step: int, task_value: float, loss) -> str:
@@ -318,27 +255,21 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
     history: list[dict] = []
     start_epoch, start_batch, running = 0, 0, {"loss": 0.0, "correct": 0, "seen": 0}
     if ckpt is not None:
-        _restore(model, optimizer, sched, ckpt, meta, cfg.resume)
+        restore(model, optimizer, sched, ckpt, meta, cfg.resume)
         history, running = meta["history"], meta["running"]
         start_epoch, start_batch = meta["epoch"], meta["batch"]
         remove_stale_temporaries(out)  # of a writer that was killed
         say(f"resuming {out} at epoch {start_epoch + 1}, batch {start_batch} (step {start_epoch * steps_per_epoch + start_batch})")
     else:
-        _claim_out(out, cfg.overwrite)
+        claim_out(out, cfg.overwrite)
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)
         write_json({**asdict(cfg), "resume": None, "overwrite": False}, out / CONFIG)
     run_settings = {k: asdict(cfg)[k] for k in RUN_KEYS}
 
     def checkpoint(epoch: int, batch: int) -> None:
-        py, npy = random.getstate(), np.random.get_state()
-        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": sched.state_dict(), "rng_torch": torch.get_rng_state()},
-                        {"epoch": epoch, "batch": batch, "history": history, "running": running,
-                         "total_steps": total_steps, "run": run_settings,
-                         "rng_python": [py[0], list(py[1]), py[2]],
-                         "rng_numpy": [npy[0], npy[1].tolist(), *(v.item() if hasattr(v, "item") else v
-                                                                  for v in npy[2:])]}, out)
+        save_run(model, optimizer, sched, out, epoch=epoch, batch=batch, history=history, running=running,
+                 total_steps=total_steps, run=run_settings)
 
     test_batches = lambda: _batches(data.test, torch.arange(len(data.test)), 500, cfg.workers, fix)  # noqa: E731
     interrupted = False

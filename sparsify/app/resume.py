@@ -1,0 +1,98 @@
+"""A run folder of ``sparsify train``: what a checkpoint holds, how it is checked before a resume,
+and when an ``--out`` folder may be written into.
+
+The checkpoint files themselves (hash, atomic writes, ``weights_only`` reads) are
+:mod:`sparsify.app.checkpoint`; here: which run they belong to, the RNG states, and the rule that
+a ``module:function`` model named in a run folder is imported only when the user names it again.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sparsify.app.checkpoint import (CHECKPOINT, CHECKPOINT_META, CheckpointError, load_checkpoint,
+                                     save_checkpoint)
+
+__all__ = ["CONFIG", "RUN_FILES", "RUN_KEYS", "load_run", "claim_out", "restore", "save_run", "checkpoint_meta"]
+
+CONFIG = "config.json"
+#: what a run writes into its folder (``--overwrite`` removes these, and only these)
+RUN_FILES = (CONFIG, CHECKPOINT, CHECKPOINT_META, "report.json", "history.json", "final_state_dict.pt",
+             "layers.png", "training.png")
+#: the settings that define a run: a checkpoint is resumed only into a run with the same ones
+RUN_KEYS = ("model", "recipe", "overrides", "data", "image_size", "width", "epochs", "batch_size", "optimizer",
+            "lr", "weight_decay", "momentum", "seed")
+
+
+def load_run(folder: Path, given_model: str | None, default_model: str) -> tuple[dict, dict, dict]:
+    """``(saved config, checkpoint tensors, checkpoint meta)`` of the run in ``folder``, all
+    checked; nothing is imported or written here. ``given_model``: the model the user named (None
+    or ``default_model`` when not named)."""
+    if not (folder / CONFIG).is_file():
+        raise FileNotFoundError(f"--resume {folder}: no {CONFIG} and {CHECKPOINT} there (is it the --out folder "
+                                "of a sparsify train run?)")
+    try:
+        saved = json.loads((folder / CONFIG).read_text())
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"--resume {folder}: {CONFIG} is damaged ({e})") from None
+    model = saved.get("model")
+    if isinstance(model, str) and ":" in model and given_model != model:
+        # a module:function factory is code: run it only when the user names it on the command line
+        raise CheckpointError(f"--resume {folder}: the run's model is {model!r}, code that resuming would import; "
+                              f"name it to allow that: --resume {folder} --model {model}")
+    if given_model not in (None, model, default_model):
+        raise CheckpointError(f"--resume {folder}: --model {given_model} is not the run's model ({model!r})")
+    tensors, meta = load_checkpoint(folder)
+    run = {k: saved.get(k) for k in RUN_KEYS}
+    if meta.get("run") != run:
+        diff = [k for k in RUN_KEYS if (meta.get("run") or {}).get(k) != run[k]]
+        raise CheckpointError(f"--resume {folder}: {CHECKPOINT} was made by another run than {CONFIG} describes "
+                              f"(different {', '.join(diff) or 'settings'}); copy the whole folder of that run instead")
+    return saved, tensors, meta
+
+
+def claim_out(out: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` folder holding another run unless ``overwrite`` (then remove its run files)."""
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if held and not overwrite:
+        raise FileExistsError(f"--out {out} holds another run ({', '.join(held[:3])}); continue it with "
+                              f"--resume {out}, or pass --overwrite to replace it")
+    for name in held:
+        (out / name).unlink()
+
+
+def checkpoint_meta(**fields) -> dict:
+    """The JSON half of a checkpoint: ``fields`` plus the Python and NumPy RNG states."""
+    py, npy = random.getstate(), np.random.get_state()
+    return {**fields, "rng_python": [py[0], list(py[1]), py[2]],
+            "rng_numpy": [npy[0], npy[1].tolist(), *(v.item() if hasattr(v, "item") else v for v in npy[2:])]}
+
+
+def save_run(model, optimizer, sched, out: Path, **fields) -> None:
+    """Write the checkpoint of a run: state dicts and torch's RNG state as tensors, the rest as JSON."""
+    save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": sched.state_dict(), "rng_torch": torch.get_rng_state()},
+                    checkpoint_meta(**fields), out)
+
+
+def restore(model, optimizer, sched, tensors: dict, meta: dict, folder: str) -> None:
+    """Load a checked checkpoint into a freshly built run; one line when it does not fit."""
+    try:
+        model.load_state_dict(tensors["model"])
+        optimizer.load_state_dict(tensors["optimizer"])
+        sched.load_state_dict(tensors["scheduler"])
+        torch.set_rng_state(tensors["rng_torch"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        what = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+        raise CheckpointError(f"--resume {folder}: {CHECKPOINT} does not fit the model and optimizer of this run "
+                              f"({what[:300]})") from None
+    py = meta["rng_python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npy = meta["rng_numpy"]
+    np.random.set_state((npy[0], np.asarray(npy[1], dtype=np.uint32), *npy[2:]))
