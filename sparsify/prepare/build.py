@@ -257,6 +257,38 @@ def tracing_summary(fallbacks, held: list[str]) -> str | None:
     return "sparsify: " + "; ".join(parts) + "; see sparsify.plan(model, recipe) for each reason"
 
 
+def _is_call(c) -> bool:
+    return c.node is not None and c.node.op == "call_module"
+
+
+def _refused_multi_calls(cands, matcher, root) -> dict[str, str]:
+    """Modules called more than once whose rewrite some call does not allow, with why: a module
+    is one layer, so it is converted for every call or for none (e.g. SAS rewires a call fed by a
+    relu; converting a call that is not would change the output at step 0)."""
+    calls = defaultdict(list)
+    for c in cands:
+        if _is_call(c):
+            calls[c.name].append(c)
+    refused = {}
+    for name, group in calls.items():
+        if len(group) < 2:
+            continue
+        winners = [matcher.winner(c) for c in group]
+        if any(w is None or w.method is None for w in winners):
+            continue
+        if len({(w.rule.index, w.method.name) for w in winners}) > 1:
+            refused[name] = (f"called {len(group)} times and the calls match different rules: a layer is "
+                             "converted only when every call is converted the same way")
+            continue
+        for i, (c, w) in enumerate(zip(group, winners), 1):
+            why = w.method.accepts(Site(c.name, c.module, c.gm, c.node, c.prefix, root, params=w.rule.params))
+            if why:
+                refused[name] = (f"called {len(group)} times and call {i} ({c.node.name}) does not qualify "
+                                 f"({why}); a layer is converted only when every call does")
+                break
+    return refused
+
+
 def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps: int | None = None,
           inplace: bool = False, copy: bool = False, dry_run: bool = False):
     """Trace, match, rewrite. Returns ``(root, plan)``; ``root`` carries a SparsifyState unless
@@ -281,14 +313,20 @@ def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps:
     members: dict[int, dict[str, nn.Module]] = defaultdict(dict)
     changes_by_graph = defaultdict(list)
     rewritten = set()
+    plan_warned: set[str] = set()
     called = {c.name for c in cands if c.node is not None and c.node.op == "call_module"}
     hidden = hidden_candidates(root, tr.graphs, matcher.winner, called=called, convert=not dry_run)
+    refused = _refused_multi_calls(cands, matcher, root)
     for c in cands + hidden:
         w = matcher.winner(c)
         if w is None or w.method is None:
             continue
         site = Site(c.name, c.module, c.gm, c.node, c.prefix, root, params=w.rule.params)
-        why = w.method.accepts(site)
+        why = refused.get(c.name) if _is_call(c) else None
+        if why and not dry_run and c.name not in plan_warned:
+            plan_warned.add(c.name)
+            warnings.warn(f"sparsify: {c.name} stays dense: {why}", stacklevel=3)
+        why = why or w.method.accepts(site)
         weight_params = c.module.weight.numel() if isinstance(c.module, WEIGHT_TYPES) else 0
         if not why and weight_params:
             why = frozen_reason(c.module, recipe.options)
