@@ -7,7 +7,10 @@ Profiles (pick one with ``HYPOTHESIS_PROFILE=<name>``):
   shared by parallel workers), ``too_slow`` and ``function_scoped_fixture`` health checks off
   (the autouse seeding fixture below is function-scoped on purpose; properties that need
   randomness per example seed torch from a drawn integer, see ``tests/strategies.py``).
-* ``thorough`` — the same with 200 examples, for a longer local run.
+* ``thorough`` / ``deep`` — the same with 200 examples (10x), for a longer run (``make test-deep``).
+
+The number of hypothesis examples run is printed at the end of a session (``count_example`` in
+``tests/strategies.py``, summed over xdist workers).
 
 Tests must pass whatever ``torch.get_num_threads()`` is. Under pytest-xdist each worker starts
 with ``cpu_count // workers`` threads: with torch's default every worker would run one thread
@@ -27,6 +30,7 @@ _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Healt
                                                       HealthCheck.data_too_large])
 settings.register_profile("default", max_examples=20, **_COMMON)
 settings.register_profile("thorough", max_examples=200, **_COMMON)
+settings.register_profile("deep", max_examples=200, **_COMMON)  # make test-deep: 10x the default
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 SEED = 0
@@ -43,3 +47,33 @@ def _deterministic_seed():
     np.random.seed(SEED)
     torch.manual_seed(SEED)
     yield
+
+
+# -- the number of hypothesis examples run, summed over xdist workers ------------------------------
+
+_COUNT_DIR = "SPARSIFY_TEST_EXAMPLE_COUNTS"
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput") and _COUNT_DIR not in os.environ:
+        import tempfile
+        os.environ[_COUNT_DIR] = tempfile.mkdtemp(prefix="sparsify-examples-")  # workers inherit it
+
+
+def pytest_sessionfinish(session):
+    from strategies import examples_run
+    folder = os.environ.get(_COUNT_DIR)
+    if folder and os.path.isdir(folder):
+        worker = getattr(session.config, "workerinput", {}).get("workerid", "main")
+        with open(os.path.join(folder, worker), "w") as f:
+            f.write(str(examples_run()))
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    folder = os.environ.get(_COUNT_DIR)
+    if hasattr(config, "workerinput") or not folder or not os.path.isdir(folder):
+        return
+    total = sum(int(open(os.path.join(folder, n)).read() or 0) for n in os.listdir(folder))
+    if total:
+        terminalreporter.write_line(f"hypothesis examples run: {total} (profile {settings.default.max_examples} "
+                                    "per property, 4x that for tests/test_method_properties.py)")

@@ -45,9 +45,20 @@ from torch import nn
 import sparsify
 
 __all__ = ["ModelSpec", "model_specs", "build_model", "example_input", "recipes", "models_and_recipes",
-           "weight_layer_names", "quiet_sparsify", "WEIGHT_TYPES"]
+           "weight_layer_names", "quiet_sparsify", "WEIGHT_TYPES", "count_example", "examples_run"]
 
 WEIGHT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+_EXAMPLES = [0]
+
+
+def count_example() -> None:
+    """Called first in every property: tests/conftest.py prints the total examples run."""
+    _EXAMPLES[0] += 1
+
+
+def examples_run() -> int:
+    return _EXAMPLES[0]
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import (build_model, example_input, models_and_recipes, quiet_sparsify, recipes, model_specs,
+from strategies import (build_model, count_example, example_input, models_and_recipes, quiet_sparsify, recipes,
+                        model_specs,
                         weight_layer_names)
 
 import sparsify
@@ -46,6 +47,7 @@ def train(model, spec, steps: int, seed: int = 1):
 
 @given(models_and_recipes())
 def test_graph_lints_and_shapes_match(case):
+    count_example()
     spec, model, recipe = case
     x = example_input(spec)
     m = quiet_sparsify(model, recipe, example_inputs=x)
@@ -61,6 +63,7 @@ def test_graph_lints_and_shapes_match(case):
 
 @given(models_and_recipes(sparsity=0.0))
 def test_sparsity_zero_changes_nothing(case):
+    count_example()
     spec, model, recipe = case
     x = example_input(spec)
     reference = copy.deepcopy(model)
@@ -73,6 +76,7 @@ def test_sparsity_zero_changes_nothing(case):
 
 @given(models_and_recipes())
 def test_plan_names_exactly_the_rewritten_layers(case):
+    count_example()
     spec, model, recipe = case
     x = example_input(spec)
     plan = sparsify.plan(model, recipe, example_inputs=x)
@@ -92,6 +96,7 @@ def test_plan_names_exactly_the_rewritten_layers(case):
 
 @given(models_and_recipes())
 def test_later_rules_win(case):
+    count_example()
     spec, model, recipe = case
     x = example_input(spec)
     layers = set(weight_layer_names(model))
@@ -109,6 +114,7 @@ def test_later_rules_win(case):
 
 @given(models_and_recipes(), st.integers(0, 6))
 def test_state_dict_resumes_exactly(case, steps):
+    count_example()
     spec, model, recipe = case
     x = example_input(spec)
     original = copy.deepcopy(model.state_dict())
@@ -136,6 +142,7 @@ def test_state_dict_resumes_exactly(case, steps):
 
 @given(models_and_recipes(), st.integers(0, 8))
 def test_finalize_matches_sparse_eval(case, steps):
+    count_example()
     spec, model, recipe = case
     x = example_input(spec)
     m = quiet_sparsify(model, recipe, example_inputs=x)
@@ -156,6 +163,7 @@ def test_finalize_matches_sparse_eval(case, steps):
 
 @given(model_specs(), st.data())
 def test_report_counts_zeros(spec, data):
+    count_example()
     model = build_model(spec)
     recipe = data.draw(recipes(model))
     x = example_input(spec)
