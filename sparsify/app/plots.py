@@ -33,7 +33,11 @@ def plot_layers(weight: dict[str, float | None], activation: dict[str, float], p
     pos = list(range(len(names)))
     axes[0].barh(pos, [100 * (weight.get(n) or 0.0) for n in names], color="tab:blue", label="achieved")
     marked = [(p, 100 * targets[n]) for p, n in zip(pos, names) if targets and targets.get(n) is not None]
-    if marked:
+    if marked and len({t for _, t in marked}) == 1 and len(marked) > 1:
+        # one target for every layer (a global threshold spreads it unevenly over the layers)
+        axes[0].axvline(marked[0][1], color="black", ls="--", lw=1, label="target (whole rule)")
+        axes[0].legend(fontsize=8, loc="lower right")
+    elif marked:
         axes[0].scatter([t for _, t in marked], [p for p, _ in marked], marker="|", s=200, color="black",
                         zorder=3, label="target")
         axes[0].legend(fontsize=8, loc="lower right")

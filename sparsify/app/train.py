@@ -361,7 +361,7 @@ def _finish(model, cfg, data, out, history, opt_settings, total_steps, test_batc
         # per layer: what its method sparsifies (weights, SAS slots, masked positions, ...)
         weights = {r.name: r.achieved for r in rep.layers if r.achieved is not None}
         targets = {r.name: r.target for r in rep.layers}
-        kinds = sorted({r.sparsifies for r in rep.layers})
+        kinds = sorted({"weight" if r.sparsifies == "weights" else r.sparsifies for r in rep.layers})
         say(str(rep))
         try:
             with warnings.catch_warnings():
