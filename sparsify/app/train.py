@@ -186,6 +186,11 @@ def _load_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict, dict]:
     return new, tensors, meta
 
 
+class TrainingDiverged(ValueError):
+    """The loss became NaN or infinite: the run stops there (``sparsify train``: one line on stderr,
+    exit status 2); the checkpoint of the last finished epoch is left as it was."""
+
+
 def _diverged(opt: dict, out: Path, epoch: int, step: int, task_value: float, loss) -> str:
     what = (f"the loss is {task_value}" if not math.isfinite(task_value) else
             f"the loss is {float(loss.detach())} (the task loss is {task_value}: the penalty is not finite)")
