@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 JOBS ?= 2
 
-.PHONY: test test-deep test-min demo zoo install clean
+.PHONY: test test-deep test-min demo zoo install clean gpu-check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,18 @@ test-min:
 
 demo: $(STAMP)
 	$(BIN)/sparsify demo --out demo-out
+
+# On a GPU machine (no venv, no internet: the image's python3 with torch): the CUDA cases of the
+# test suite, then the GPU check and benchmarks, into $(GPU_OUT) (docs/gpu.md). Wheels in .whl/
+# (jsonschema, ...) are installed first when present. GPU_CHECK_ARGS=--dry-run runs it on a CPU.
+GPU_OUT ?= $(if $(OUT),$(OUT),gpu-check-out)
+gpu-check:
+	mkdir -p $(GPU_OUT)
+	if ls .whl/*.whl >/dev/null 2>&1; then $(PY) -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; fi
+	PYTHONPATH=.:/tmp/site:$$PYTHONPATH $(PY) -m pytest -q -rs -p no:cacheprovider tests/test_devices.py -k cuda \
+		--junitxml $(GPU_OUT)/pytest.xml > $(GPU_OUT)/pytest.log 2>&1; tests=$$?; cat $(GPU_OUT)/pytest.log; \
+	PYTHONPATH=.:/tmp/site:$$PYTHONPATH PYTHONUNBUFFERED=1 $(PY) benchmarks/gpu_check.py --out $(GPU_OUT) $(GPU_CHECK_ARGS); \
+	check=$$?; echo "gpu-check: tests exit $$tests, check exit $$check"; test $$tests = 0 -a $$check = 0
 
 zoo: $(STAMP)
 	$(BIN)/python benchmarks/zoo.py --out docs/coverage.md

@@ -152,7 +152,8 @@ def report(model: nn.Module) -> Report:
 
 
 def finalize(model: nn.Module, example_inputs=None, *, check: bool = True, rtol: float = 1e-4,
-             atol: float = 1e-5, accelerate: bool | dict = False) -> nn.Module:
+             atol: float = 1e-5, accelerate: bool | dict = False,
+             semi_structured: bool | torch.dtype = False) -> nn.Module:
     """A deployable copy: plain ``nn.Conv2d`` / ``nn.Linear`` holding the effective weights,
     inserted nodes folded or removed, no sparsify state. Its eval output is checked against the
     sparse model's on ``example_inputs`` (default: those given to ``sparsify``) and a
@@ -172,8 +173,22 @@ def finalize(model: nn.Module, example_inputs=None, *, check: bool = True, rtol:
     for Conv2d layers with at least 50% zero weights (a dict passes options to
     :func:`sparsify.deploy.accelerate.accelerate`); the result's ``acceleration`` attribute lists the
     path each layer took. See docs/deployment.md.
+
+    ``semi_structured=True`` (CUDA inference, N:M 2:4 models) stores every Linear whose weight is
+    2:4 as torch's semi-structured sparse tensor for the GPU's sparse tensor cores; the model must
+    be on a CUDA device in fp16/bf16, or pass the dtype (``semi_structured=torch.bfloat16``) to
+    cast the plain model first. The result's ``semi_structured`` attribute says what each Linear
+    got. See docs/gpu.md.
     """
+    if accelerate and semi_structured:
+        raise ValueError("finalize: accelerate (CPU inference) and semi_structured (CUDA inference) "
+                         "exclude each other: pass one")
     final = finalize_model(model, example_inputs, check=check, rtol=rtol, atol=atol)
+    if semi_structured:
+        from sparsify.deploy.semistructured24 import to_semi_structured
+        if isinstance(semi_structured, torch.dtype):
+            final = final.to(semi_structured)
+        return to_semi_structured(final)
     if accelerate:
         from sparsify.deploy.accelerate import accelerate as _accelerate
         inputs = example_inputs if example_inputs is not None else state_inputs(find_state(model), unwrap(model))

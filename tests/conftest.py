@@ -77,3 +77,15 @@ def pytest_terminal_summary(terminalreporter, config):
     if total:
         terminalreporter.write_line(f"hypothesis examples run: {total} (profile {settings.default.max_examples} "
                                     "per property, 4x that for tests/test_method_properties.py)")
+
+
+DEVICES = ["cpu", "cuda"]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """Each available device in turn: ``cpu``, and ``cuda`` where torch sees a GPU (elsewhere the
+    CUDA case skips, saying so; ``make gpu-check`` runs them on a GPU machine)."""
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine: the cuda case runs under `make gpu-check` on a GPU")
+    return torch.device(request.param)

@@ -25,6 +25,7 @@ from torch import nn
 from sparsify.core.contract import Group, GroupContext, Method
 from sparsify.core.layers import SparseWeightMixin, specialize, weight_base
 from sparsify.core.buffers import eager, layer_buffers, workspace
+from sparsify.core.devices import no_autocast
 
 __all__ = ["STRMethod", "STRMixin", "str_weight", "str_threshold", "soft_threshold"]
 
@@ -35,7 +36,7 @@ def str_threshold(s: torch.Tensor) -> torch.Tensor:
     >>> str_threshold(torch.tensor(-3200.0))
     tensor(0.)
     """
-    with torch.autocast(s.device.type, enabled=False):
+    with no_autocast(s.device.type):
         return torch.sigmoid(s.float())
 
 
@@ -48,7 +49,7 @@ def str_weight(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     >>> str_weight(torch.tensor([0.5, -0.05, -0.3]), torch.tensor(0.1))
     tensor([ 0.4000, -0.0000, -0.2000])
     """
-    with torch.autocast(weight.device.type, enabled=False):
+    with no_autocast(weight.device.type):
         out = torch.sign(weight) * torch.relu(weight.abs() - threshold)
     return out.to(weight.dtype)
 
@@ -69,7 +70,7 @@ def _shrink(weight: torch.Tensor, threshold: torch.Tensor, out: torch.Tensor | N
 def _signed_sum(grad: torch.Tensor, sign: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """``Σ grad ⊙ sign`` reduced to ``shape`` (a scalar or ``(Cout, 1, ...)``), without
     materialising the product when the layout allows a BLAS dot product."""
-    with torch.autocast(grad.device.type, enabled=False):  # a dot product is on autocast's lists
+    with no_autocast(grad.device.type):  # a dot product is on autocast's lists
         if grad.is_contiguous() and sign.is_contiguous():
             if all(d == 1 for d in shape):
                 return torch.dot(grad.reshape(-1), sign.reshape(-1)).reshape(shape)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsify.core.buffers import release_workspaces, workspace
+from sparsify.core.devices import autocast_dtype, no_autocast
 
 def _workspace(shape, like: torch.Tensor, index: int = 0) -> torch.Tensor:
     """Room of ``shape`` for slots and slot gradients that never leave the layer: the thread's
@@ -14,13 +15,6 @@ def _workspace(shape, like: torch.Tensor, index: int = 0) -> torch.Tensor:
     multi-MB tensor costs a page fault per 4 kB on its first write, more than the elementwise pass
     itself (docs/performance.md)."""
     return workspace(shape, like.dtype, like.device, index)
-
-
-def _autocast_dtype(x: torch.Tensor):
-    kind = x.device.type
-    if torch.is_autocast_enabled(kind):
-        return torch.get_autocast_dtype(kind)
-    return None
 
 
 def _per_slot(linear: bool, groups: int, x_shape) -> bool:
@@ -76,8 +70,8 @@ class _SASFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, rule, conf, recompute):
-        cast = _autocast_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
+        cast = autocast_dtype(x)
+        with no_autocast(x.device.type):
             w = weight if cast is None else weight.to(cast)
             b = bias if cast is None or bias is None else bias.to(cast)
             xc = x if cast is None else x.to(cast)

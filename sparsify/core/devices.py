@@ -1,0 +1,44 @@
+"""Device helpers every method shares, so that code written once runs on any device (CPU, CUDA,
+and ``meta`` for shape-only runs and tests).
+
+>>> with no_autocast("meta"):
+...     autocast_dtype(torch.zeros(1, device="meta")) is None
+True
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+__all__ = ["no_autocast", "autocast_dtype"]
+
+
+def _has_autocast(device_type: str) -> bool:
+    check = getattr(torch.amp, "is_autocast_available", None)
+    return device_type in ("cpu", "cuda") if check is None else bool(check(device_type))
+
+
+def no_autocast(device_type: str):
+    """``torch.autocast(device_type, enabled=False)``, or nothing on a device without autocast
+    (``meta``; torch.autocast raises there).
+
+    >>> with no_autocast("cpu"):
+    ...     torch.is_autocast_enabled("cpu")
+    False
+    """
+    if _has_autocast(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast computes in on ``x``'s device right now, or None when it is off.
+
+    >>> autocast_dtype(torch.zeros(1)) is None
+    True
+    """
+    kind = x.device.type
+    if _has_autocast(kind) and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None

@@ -1,0 +1,111 @@
+"""Every method on every available device (``device`` fixture: cpu, and cuda where there is one),
+and shape-only runs on the ``meta`` device, where a tensor made on the wrong device raises: the
+methods, the buffer facility, the penalty kernels, report and finalize make their tensors on
+their inputs' device, with no silent CPU copies."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+import sparsify
+from sparsify.core.buffers import LayerBuffers, workspace
+from sparsify.deploy.semistructured24 import SemiStructuredError
+from sparsify.methods.regularizers.kernels import l1_sum, tl1_sum
+from loops import train
+
+RECIPES = sorted(sparsify.builtin_recipes())
+STEPS = 3
+
+
+def _net(device):
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10).to(device)
+
+
+def _batches(device, n=STEPS):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(4, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (4,), generator=g).to(device))
+            for _ in range(n)]
+
+
+def _tensors_off(model, device) -> list[str]:
+    return [k for k, v in model.state_dict().items() if isinstance(v, torch.Tensor) and v.device.type != device.type]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_trains_reports_finalizes_and_round_trips_on_device(device, recipe):
+    x0 = torch.zeros(1, 3, 32, 32, device=device)
+    m = sparsify.sparsify(_net(device), recipe, total_steps=STEPS, example_inputs=x0)
+    assert _tensors_off(m, device) == [], "the state lives on the model's device"
+    losses = train(m, _batches(device))
+    assert all(l == l and abs(l) < 1e3 for l in losses), losses
+    assert _tensors_off(m, device) == []
+    totals = sparsify.report(m).to_dict()["totals"]
+    assert totals
+    m.eval()
+    x = torch.randn(2, 3, 32, 32, device=device)
+    with torch.no_grad():
+        expected = m(x)
+    final = sparsify.finalize(m, x0)
+    with torch.no_grad():
+        got = final(x)
+    assert got.device.type == device.type
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # state_dict round trip into a freshly sparsified model on the same device
+    fresh = sparsify.sparsify(_net(device), recipe, total_steps=STEPS, example_inputs=x0)
+    fresh.load_state_dict(m.state_dict())
+    fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("recipe", ["gmp", "str", "str-global", "tl1", "dual", "sas", "sas-m4"])
+def test_shape_only_training_step_on_meta(recipe):
+    """Recipes whose first steps need no tensor values (no thresholds read back) build, run forward
+    + penalty + backward on ``meta``: any tensor made on the CPU inside would raise here."""
+    m = sparsify.sparsify(_net("meta"), recipe, total_steps=4, example_inputs=torch.zeros(1, 3, 32, 32, device="meta"))
+    out = m(torch.zeros(2, 3, 32, 32, device="meta"))
+    (out.sum() + sparsify.penalty(m)).backward()
+    assert out.device.type == "meta"
+    assert {p.grad.device.type for p in m.parameters() if p.grad is not None} == {"meta"}
+
+
+def test_buffers_and_penalty_kernels_follow_their_inputs_device():
+    like = torch.empty(3, 4, device="meta")
+    bufs = LayerBuffers()
+    assert bufs.buffer("w", like).device.type == "meta"
+    assert bufs.target("w", like, torch.float16).dtype == torch.float16
+    assert workspace((5, 2), torch.float32, torch.device("meta")).device.type == "meta"
+    x = torch.randn(2, 8, 4, 4, device="meta", requires_grad=True)
+    for f in (tl1_sum, l1_sum):
+        x.grad = None
+        y = f(x)
+        y.backward()
+        assert y.device.type == "meta" and x.grad.device.type == "meta"
+
+
+def test_semi_structured_finalize_is_refused_off_cuda_with_the_reason():
+    m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(64, 64)), "nm-2-4", total_steps=4,
+                          example_inputs=torch.zeros(1, 64))
+    with pytest.raises(SemiStructuredError, match="need a CUDA device: the model is on cpu"):
+        sparsify.finalize(m, semi_structured=True)
+    with pytest.raises(ValueError, match="exclude each other"):
+        sparsify.finalize(m, accelerate=True, semi_structured=True)
+
+
+def test_semi_structured_finalize_on_cuda(device):
+    if device.type != "cuda":
+        pytest.skip("torch's semi-structured sparse tensors run on CUDA only (the CPU refusal is tested above)")
+    if torch.cuda.get_device_capability(device)[0] < 8:
+        pytest.skip("semi-structured sparse tensors need compute capability 8.0 or newer")
+    net = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.ReLU(), torch.nn.Linear(256, 128)).to(device)
+    m = sparsify.sparsify(net, "nm-2-4", begin=0, fix=1, total_steps=4, example_inputs=torch.zeros(1, 128, device=device))
+    sparsify.step(m)
+    sparsify.step(m)
+    x = torch.randn(64, 128, device=device)
+    dense = sparsify.finalize(m).to(torch.bfloat16)
+    fast = sparsify.finalize(m, semi_structured=torch.bfloat16)
+    assert set(fast.semi_structured.values()) == {"2:4"}
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x.bfloat16()), dense(x.bfloat16()), rtol=2e-2, atol=2e-2)
