@@ -16,6 +16,7 @@ from sparsify.prepare.plan import Plan
 from sparsify.prepare.recipe import load_recipe
 from sparsify.stats.report import Report, build_report
 from sparsify.core.schedules import resolve_time
+from sparsify.core.devices import model_device, move_buffers
 from sparsify.core.state import find_state, unwrap
 from sparsify.prepare.inputs import state_inputs
 
@@ -64,6 +65,8 @@ def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int 
             continue  # the recipe says this rule may match nothing (e.g. no downsample layers)
         warnings.warn(f"sparsify: rule {i} of recipe {recipe.name!r} matched nothing "
                       f"({recipe.rules[i].match}); see sparsify.plan(model, recipe)", stacklevel=2)
+    state = find_state(root)  # its groups make their buffers (step, thresholds) on the CPU
+    move_buffers((state, *state.groups.values()), model_device(root))
     return root
 
 

@@ -11,7 +11,7 @@ import contextlib
 
 import torch
 
-__all__ = ["no_autocast", "autocast_dtype"]
+__all__ = ["no_autocast", "autocast_dtype", "model_device", "move_buffers"]
 
 
 def _has_autocast(device_type: str) -> bool:
@@ -42,3 +42,28 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     if _has_autocast(kind) and torch.is_autocast_enabled(kind):
         return torch.get_autocast_dtype(kind)
     return None
+
+
+def model_device(model: torch.nn.Module) -> torch.device | None:
+    """The device of ``model``'s first parameter (None without parameters).
+
+    >>> model_device(torch.nn.Linear(1, 1))
+    device(type='cpu')
+    """
+    param = next(model.parameters(), None)
+    return None if param is None else param.device
+
+
+def move_buffers(modules, device: torch.device | None) -> None:
+    """Put the buffers registered directly on each of ``modules`` (not their submodules') on
+    ``device``, as ``.to(device)`` would.
+
+    >>> m = torch.nn.BatchNorm1d(2); move_buffers([m], torch.device("meta")); m.running_mean.device
+    device(type='meta')
+    """
+    if device is None:
+        return
+    for mod in modules:
+        for key, buf in list(mod._buffers.items()):
+            if buf is not None and buf.device != device:
+                mod._buffers[key] = buf.to(device)

@@ -394,20 +394,7 @@ def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps:
     state.example_inputs = example_inputs
     state.guess_inputs_later = guessed and example_inputs is None
     state.hidden_names = hidden_names
-    _to_model_device(state, root)
     root.add_module(STATE_ATTR, state)
     for group in state.groups.values():
         group.update(0, None)
     return root, plan
-
-
-def _to_model_device(state: SparsifyState, root) -> None:
-    """Put the state's own buffers (step counter, thresholds) on the model's device, where
-    ``model.to(device)`` would have put them: the groups make them on the CPU."""
-    param = next(root.parameters(), None)
-    if param is None or param.device.type == "cpu":
-        return
-    for mod in (state, *state.groups.values()):  # not the member layers: they stay where they are
-        for key, buf in list(mod._buffers.items()):
-            if buf is not None and buf.device != param.device:
-                mod._buffers[key] = buf.to(param.device)
