@@ -249,11 +249,11 @@ class _HoyerSquare(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         x, s1, s2 = ctx.saved_tensors
-        if float(s2) == 0.0:
-            return torch.zeros_like(x), None, None
-        r = s1 / s2
-        k1 = grad * (2.0 * ctx.scale) * r  # d/dx = 2 r·sign(x) - 2 r²·x, r = Σ|x| / Σx²
-        k2 = -k1 * r
+        # an all-zero map gets a zero gradient; decided on the device (no host sync on a GPU)
+        pos = s2 > 0
+        r = torch.where(pos, s1 / s2, torch.zeros_like(s2))
+        k1 = torch.where(pos, grad * (2.0 * ctx.scale) * r, torch.zeros_like(r))  # d/dx = 2 r·sign(x) - 2 r²·x,
+        k2 = -k1 * r  # r = Σ|x| / Σx²
 
         def chunk(c, dst, w):
             torch.sign(c, out=dst).mul_(k1).addcmul_(c, k2)
