@@ -119,3 +119,19 @@ def test_each_method_reports_what_it_sparsifies(recipe, kind, lo, hi, tmp_path, 
         # M = 2: every SAS layer runs twice its narrow layer's MACs
         assert report["executed_macs"] == report["dense_macs"] + sum(r["macs"] for r in report["report"]["layers"])
     assert (tmp_path / "layers.png").stat().st_size > 0 and (tmp_path / "training.png").stat().st_size > 0
+
+
+def test_transformers_model_gives_one_tracing_line_and_plan_keeps_the_reasons():
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=100, bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2Model(cfg)
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = sparsify.sparsify(model, "st3", total_steps=10, example_inputs=(ids,))
+    said = [str(w.message) for w in caught]
+    assert len(said) == 1, said
+    assert "torch.fx could not trace" in said[0] and "see sparsify.plan" in said[0]
+    plan = sparsify.core.state.find_state(m).plan
+    assert plan.fallbacks and all(f["reason"] for f in plan.fallbacks)
+    assert "untraceable, kept as a leaf" in str(plan)
