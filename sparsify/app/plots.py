@@ -82,27 +82,36 @@ def plot_history(history: list[dict], path, title: str = "") -> str:
 
 
 def plot_comparison(rows: list[dict], path, title: str = "") -> str:
-    """The trade-off: test accuracy against MACs per sample (% of dense), one point per run, with
-    the dense run as the reference lines; left: effective MACs (weight and activation non-zero),
-    right: executed MACs (what dense hardware runs; SAS runs M x). Names as in docs/macs.md."""
+    """The trade-off: test accuracy against MACs per sample (% of dense), one point per run (runs
+    on the same point share one label), the dense run as the reference lines; left: non-zero-weight
+    MACs, right: effective MACs (weight and activation non-zero). Names as in docs/macs.md; the
+    executed MACs (SAS: M x dense) are in the table."""
     rows = [r for r in rows if r.get("accuracy") is not None]
     dense = next((r for r in rows if r["name"] == "dense"), None)
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
-    for ax, key, what in ((axes[0], "effective_macs", "effective MACs (weight x activation non-zero)"),
-                          (axes[1], "executed_macs", "executed MACs (dense hardware)")):
-        for i, r in enumerate(rows):
+    for ax, key, what in ((axes[0], "nonzero_macs", "non-zero-weight MACs"),
+                          (axes[1], "effective_macs", "effective MACs (weight x activation non-zero)")):
+        points: dict[tuple, list[str]] = {}
+        for r in rows:
             if r.get(key) is None or not r.get("dense_macs"):
                 continue
             x, y = 100 * r[key] / r["dense_macs"], 100 * r["accuracy"]
-            ax.scatter([x], [y], s=60 if r is dense else 40, color="black" if r is dense else "tab:blue", zorder=3)
-            # staggered labels: runs often share a point (same accuracy on a small test set)
-            ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(5, 4 - 9 * (i % 4)), fontsize=7)
+            ax.scatter([x], [y], s=70 if r is dense else 40, color="black" if r is dense else "tab:blue",
+                       zorder=4 if r is dense else 3)
+            # runs within 3% of each other at the same accuracy share one label
+            points.setdefault((round(x / 3), round(y, 2)), [x, y, []])[2].append(r["name"])
+        for i, (x, y, names) in enumerate(sorted(points.values(), key=lambda p: (p[0], p[1]))):
+            # neighbours alternate above and below their point
+            ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, 5 if i % 2 else -11),
+                        fontsize=7)
         if dense is not None:
             ax.axhline(100 * dense["accuracy"], color="gray", lw=0.8, ls="--", label="dense accuracy")
             ax.axvline(100.0, color="gray", lw=0.8, ls=":", label="dense MACs")
         ax.set_xlabel(f"{what}, % of dense")
+        ax.set_xlim(0, 110)
+        ax.margins(y=0.15)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="lower left")
     axes[0].set_ylabel("test accuracy (%)")
     if title:
         fig.suptitle(f"{title}: accuracy against MACs (up and left is better)")
