@@ -135,3 +135,16 @@ def test_transformers_model_gives_one_tracing_line_and_plan_keeps_the_reasons():
     plan = sparsify.core.state.find_state(m).plan
     assert plan.fallbacks and all(f["reason"] for f in plan.fallbacks)
     assert "untraceable, kept as a leaf" in str(plan)
+
+
+def test_demo_table_shows_what_sas_does(tmp_path, capsys):
+    """The SAS row shows its slot sparsity and 2x executed MACs, not 0.0% / 0.0%."""
+    from sparsify.app.demo import run_demo
+    rows = run_demo(str(tmp_path), epochs=1, recipes=["sas"], quiet=True)
+    sas = {r["name"]: r for r in rows}["sas"]
+    assert sas["achieved"] == {"input slots": 0.5} and sas["activation_sparsity"] >= 0.5
+    assert sas["dense_macs"] < sas["executed_macs"] <= 2 * sas["dense_macs"]
+    table = (tmp_path / "comparison.md").read_text()
+    for column in ("dense MACs", "non-zero-weight MACs", "effective MACs", "executed MACs"):
+        assert column in table
+    assert "input slots 50.0%" in table and "measured MACs" not in table
