@@ -18,7 +18,7 @@ from sparsify.stats.report import Report, build_report
 from sparsify.core.schedules import resolve_time
 from sparsify.core.devices import model_device, move_buffers
 from sparsify.core.state import find_state, unwrap
-from sparsify.prepare.inputs import state_inputs
+from sparsify.prepare.inputs import check_inputs, state_inputs
 
 __all__ = ["sparsify", "plan", "step", "penalty", "report", "finalize", "param_groups", "measure", "Measurement"]
 
@@ -55,9 +55,11 @@ def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int 
     >>> type(m.layer1[0].conv1).__name__
     'ST3Conv2d'
     """
+    check_inputs(model, None)  # a TorchScript module: before the checks that assume a Python module
     check_model(model)  # a wrong model is the first thing to report, before any recipe problem
     recipe = load_recipe(recipe, **overrides)
     _check_times(recipe, total_steps)
+    check_inputs(model, example_inputs)  # wrong shapes fail here, not later in finalize
     root, plan_ = build(model, recipe, example_inputs=example_inputs, total_steps=total_steps, inplace=inplace,
                           copy=copy)
     for i in plan_.unmatched_rules:
@@ -80,6 +82,7 @@ def plan(model: nn.Module, recipe, *, example_inputs=None, total_steps: int | No
     21
     """
     recipe = load_recipe(recipe, **overrides)
+    check_inputs(model, example_inputs)
     _, plan_ = build(model, recipe, example_inputs=example_inputs, total_steps=total_steps, dry_run=True)
     return plan_
 

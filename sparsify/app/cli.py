@@ -29,7 +29,41 @@ def _parse_shape(text: str | None) -> tuple[int, ...] | None:
         raise ValueError(f"--input-shape takes comma-separated integers (e.g. 1,3,224,224), got {text!r}") from None
     if not shape or any(v <= 0 for v in shape):
         raise ValueError(f"--input-shape must be positive integers, got {text!r}")
+    if len(shape) < 2:
+        raise ValueError(f"--input-shape is batch first (e.g. 1,3,224,224 or 1,784), got {text!r}")
     return shape
+
+
+def _check_args(args) -> None:
+    """Numbers the parser accepts but a run cannot use: one line each, before anything runs."""
+    import math
+    positive = ("epochs", "batch_size", "threads", "image_size", "num_classes")
+    for key in positive:
+        v = getattr(args, key, None)
+        if v is not None and v < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {v}")
+    for key in ("workers", "seed"):
+        v = getattr(args, key, None)
+        if v is not None and v < 0:
+            raise ValueError(f"--{key} must be 0 or more, got {v}")
+    for key, low, strict in (("lr", 0.0, True), ("weight_decay", 0.0, False), ("momentum", 0.0, False),
+                             ("width", 0.0, True)):
+        v = getattr(args, key, None)
+        if v is None:
+            continue
+        if not math.isfinite(v) or v < low or (strict and v == low):
+            bound = "a positive" if strict else "a non-negative"
+            raise ValueError(f"--{key.replace('_', '-')} must be {bound} finite number, got {v}")
+    if getattr(args, "momentum", None) is not None and args.momentum >= 1:
+        raise ValueError(f"--momentum must be below 1, got {args.momentum}")
+    if args.command == "train" and getattr(args, "set", None) and not args.recipe and not args.resume:
+        raise ValueError("--set changes recipe parameters: give the recipe too (--recipe NAME_OR_PATH)")
+    if args.command == "demo" and args.recipes:
+        from sparsify.prepare.recipe import builtin_recipes
+        unknown = [r for r in args.recipes.split(",") if r not in builtin_recipes() and r != "dense"]
+        if unknown:
+            raise ValueError(f"--recipes: unknown recipe {unknown[0]!r}; built-in recipes: "
+                             f"{', '.join(builtin_recipes())}")
 
 
 def _cmd_recipes(args) -> int:
@@ -156,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     user_errors = (RecipeError, ScheduleError, ModelError, DataError, FileNotFoundError, FileExistsError,
                    ValueError)
     try:
+        _check_args(args)
         if args.command == "recipes":
             return _cmd_show(args.show) if args.show else _cmd_recipes(args)
         if args.command == "plan":

@@ -12,7 +12,7 @@ from sparsify.core.eval_loop import run_eval
 from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.core.state import SparsifyState
 
-__all__ = ["positions_per_sample", "guess_example_inputs", "state_inputs"]
+__all__ = ["positions_per_sample", "guess_example_inputs", "state_inputs", "check_inputs"]
 
 
 def _batch_of(inputs: Sequence) -> int:
@@ -80,3 +80,33 @@ def state_inputs(state: SparsifyState, root: nn.Module):
         state.guess_inputs_later = False
         state.example_inputs = guess_example_inputs(root)
     return state.example_inputs
+
+
+def check_inputs(model: nn.Module, example_inputs) -> None:
+    """Say now, in one line, what would otherwise fail later (in ``finalize`` or a MAC count): a
+    TorchScript model, or ``example_inputs`` the model cannot run on (checked by one eval forward).
+
+    >>> check_inputs(nn.Linear(4, 2), (torch.zeros(1, 3),))
+    Traceback (most recent call last):
+    ValueError: example_inputs do not fit the model: shapes (1, 3) raise RuntimeError: mat1 and mat2 shapes cannot be multiplied (1x3 and 4x2); pass what the model's forward takes, batch first (e.g. example_inputs=(torch.zeros(1, 3, 224, 224),) for an image model)
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError("sparsify takes a Python nn.Module, not a TorchScript module (torch.jit.script/trace "
+                        "output cannot be traced by torch.fx): sparsify the original module, then script the "
+                        "result of sparsify.finalize")
+    if example_inputs is None:
+        return
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as e:
+        shapes = ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs)
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"example_inputs do not fit the model: shapes {shapes} raise {type(e).__name__}: {first}; "
+                         "pass what the model's forward takes, batch first (e.g. "
+                         "example_inputs=(torch.zeros(1, 3, 224, 224),) for an image model)") from None
+    finally:
+        model.train(was_training)
