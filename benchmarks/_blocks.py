@@ -25,6 +25,7 @@ def replace_block(path: Path, name: str, body: str, before: str = "\n## ") -> No
     if old is not None:
         text = text.replace(old, block)
     else:
-        i = text.find(before)
+        found = [j for j in (text.find(before), text.find("\n<!-- begin:")) if j >= 0]  # not inside a block
+        i = min(found) if found else -1
         text = text + "\n" + block if i < 0 else text[:i + 1] + block + text[i:]
     path.write_text(text)
