@@ -1,14 +1,12 @@
 """A networkx view of an fx graph, and the analyses built on it."""
 from __future__ import annotations
 
-from typing import Iterable
-
 import networkx as nx
 import torch.fx as fx
 
 from .select import Predicate, target_module
 
-__all__ = ["to_networkx", "compute_nodes", "first_and_last", "joins", "feeds"]
+__all__ = ["to_networkx", "compute_nodes", "first_and_last"]
 
 
 def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
@@ -52,15 +50,3 @@ def first_and_last(gm: fx.GraphModule, is_compute: Predicate,
     for v in reversed(order):
         down[v] = any(down[s] or s in compute for s in graph.successors(v))
     return {c for c in compute if not up[c]}, {c for c in compute if not down[c]}
-
-
-def joins(gm: fx.GraphModule) -> list[fx.Node]:
-    """Nodes that merge two or more tensor-producing paths (residual adds, concatenations)."""
-    return [n for n in gm.graph.nodes
-            if n.op in ("call_function", "call_method") and len(n.all_input_nodes) >= 2]
-
-
-def feeds(graph: nx.DiGraph, sources: Iterable[str], sinks: Iterable[str]) -> bool:
-    """Whether any of ``sources`` reaches any of ``sinks``."""
-    sinks = set(sinks)
-    return any(nx.descendants(graph, s) & sinks for s in sources)

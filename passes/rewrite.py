@@ -10,15 +10,15 @@ from dataclasses import dataclass
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["Change", "replace_module", "insert_after", "reroute_input", "erase_dead",
-           "set_submodule", "unique_name"]
+__all__ = ["Change", "replace_module", "insert_after", "insert_call", "reroute_input", "replace_uses",
+           "remove_node", "copy_chain", "set_call", "set_submodule", "unique_name"]
 
 
 @dataclass(frozen=True)
 class Change:
     """One edit, as logged by the pipeline: what kind, on which node/module, and details."""
 
-    kind: str  # "replace", "insert", "reroute", "erase"
+    kind: str  # "replace", "insert", "reroute", "erase", "edit"
     target: str
     detail: str = ""
 
@@ -89,9 +89,87 @@ def reroute_input(user: fx.Node, old: fx.Node, new: fx.Node) -> Change:
     return Change("reroute", user.name, f"input {old.name} -> {new.name}")
 
 
-def erase_dead(gm: fx.GraphModule) -> list[Change]:
-    """Remove nodes without users and without side effects (``Graph.eliminate_dead_code``)."""
-    before = {n.name for n in gm.graph.nodes}
-    gm.graph.eliminate_dead_code()
-    after = {n.name for n in gm.graph.nodes}
-    return [Change("erase", name) for name in sorted(before - after)]
+def insert_call(gm: fx.GraphModule, anchor: fx.Node, op: str, target, args: tuple = (), kwargs: dict | None = None,
+                *, before: bool = False, meta_from: fx.Node | None = None) -> tuple[fx.Node, Change]:
+    """Add a ``call_function`` / ``call_method`` / ``get_attr`` node right after (or ``before``)
+    ``anchor``; nothing reads it yet. ``meta_from`` copies a node's ``meta`` (module stack, shapes).
+
+    >>> import torch
+    >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.ReLU()))
+    >>> relu = list(gm.graph.nodes)[1]
+    >>> new, change = insert_call(gm, relu, "call_function", torch.neg, (relu,))
+    >>> change.kind, sorted(u.name for u in relu.users)
+    ('insert', ['neg', 'output'])
+    """
+    where = gm.graph.inserting_before(anchor) if before else gm.graph.inserting_after(anchor)
+    with where:
+        new = gm.graph.create_node(op, target, tuple(args), dict(kwargs or {}))
+    if meta_from is not None:
+        new.meta.update(meta_from.meta)
+    what = getattr(target, "__name__", str(target))
+    return new, Change("insert", new.name, f"{op} {what} {'before' if before else 'after'} {anchor.name}")
+
+
+def replace_uses(old: fx.Node, new: fx.Node) -> Change:
+    """Make every user of ``old`` read ``new`` instead (``new`` itself excepted)."""
+    old.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+    return Change("reroute", old.name, f"every use -> {new.name}")
+
+
+def remove_node(gm: fx.GraphModule, node: fx.Node, replacement: fx.Node | None = None, *,
+                delete_module: bool = False, detail: str = "") -> Change:
+    """Erase ``node``; its users first read ``replacement`` (default: its first input, which
+    suits identity-like calls). ``delete_module`` also removes the module a ``call_module`` node
+    called (when no other node calls it).
+
+    >>> import torch
+    >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Identity(), torch.nn.ReLU()))
+    >>> remove_node(gm, list(gm.graph.nodes)[1], delete_module=True).kind
+    'erase'
+    >>> [n.op for n in gm.graph.nodes], hasattr(gm, "0")
+    (['placeholder', 'call_module', 'output'], False)
+    """
+    if node.users:
+        replacement = replacement if replacement is not None else node.args[0]
+        node.replace_all_uses_with(replacement)
+    target = node.target
+    gm.graph.erase_node(node)
+    if delete_module and node.op == "call_module" and not any(
+            n.op == "call_module" and n.target == target for n in gm.graph.nodes):
+        gm.delete_submodule(str(target))
+    return Change("erase", node.name, detail or (f"users read {replacement.name}" if replacement is not None else ""))
+
+
+def copy_chain(gm: fx.GraphModule, chain: list[fx.Node], old_input: fx.Node,
+               new_input: fx.Node) -> tuple[list[fx.Node], list[Change]]:
+    """Copy the nodes of ``chain`` (each reading the previous one, the first reading
+    ``old_input``) so that the copies compute the same ops on ``new_input``; each copy is placed
+    before its original. Returns the copies and one Change each."""
+    copies, changes = [], []
+    prev, prev_new = old_input, new_input
+    for op in chain:
+        with gm.graph.inserting_before(op):
+            new = gm.graph.node_copy(op, lambda n, p=prev, q=prev_new: q if n is p else n)
+        changes.append(Change("insert", new.name, f"copy of {op.name} on {new_input.name}"))
+        copies.append(new)
+        prev, prev_new = op, new
+    return copies, changes
+
+
+def set_call(node: fx.Node, *, target=None, kwargs: dict | None = None) -> Change:
+    """Change what ``node`` calls (``target``) and/or update its keyword arguments.
+
+    >>> import torch
+    >>> gm = torch.fx.symbolic_trace(lambda x: torch.relu(x))
+    >>> set_call(list(gm.graph.nodes)[1], target=torch.sigmoid).detail
+    'target relu -> sigmoid'
+    """
+    parts = []
+    if target is not None:
+        name = lambda t: getattr(t, "__name__", str(t))  # noqa: E731
+        parts.append(f"target {name(node.target)} -> {name(target)}")
+        node.target = target
+    if kwargs:
+        parts.append(", ".join(f"{k}={v!r}" for k, v in kwargs.items()))
+        node.kwargs = {**node.kwargs, **kwargs}
+    return Change("edit", node.name, "; ".join(parts))

@@ -1,8 +1,5 @@
-"""Selecting graph nodes: by module type, functional op, qualified-name glob and predicates.
-
-Every selector is a plain predicate ``(node, module_or_None) -> bool`` so they compose with
-:func:`all_of` / :func:`any_of` / :func:`none_of`; :func:`select` applies one to a graph.
-"""
+"""Naming and selecting graph nodes: qualified names, full-match globs on them (linear time),
+and predicates ``(node, module_or_None) -> bool`` on convolution shapes."""
 from __future__ import annotations
 
 import fnmatch
@@ -12,11 +9,8 @@ from typing import Callable, Iterable
 import torch.fx as fx
 from torch import nn
 
-__all__ = [
-    "Predicate", "node_name", "target_module", "select", "by_type", "by_op", "by_name",
-    "all_of", "any_of", "none_of", "is_grouped", "is_depthwise", "kernel_size_in",
-    "channels_between", "glob_to_regex",
-]
+__all__ = ["Predicate", "node_name", "target_module", "is_grouped", "is_depthwise", "kernel_size_in", "Glob",
+           "compile_glob"]
 
 Predicate = Callable[[fx.Node, "nn.Module | None"], bool]
 
@@ -39,76 +33,6 @@ def node_name(node: fx.Node, prefix: str = "") -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def select(gm: fx.GraphModule, predicate: Predicate) -> list[fx.Node]:
-    """Nodes of ``gm`` (in graph order) for which ``predicate(node, module)`` holds.
-
-    >>> import torch
-    >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()))
-    >>> [n.target for n in select(gm, by_type(torch.nn.Linear))]
-    ['0']
-    """
-    return [n for n in gm.graph.nodes if predicate(n, target_module(gm, n))]
-
-
-def by_type(*types: type) -> Predicate:
-    """``call_module`` nodes whose module is an instance of one of ``types``."""
-    return lambda node, mod: mod is not None and isinstance(mod, types)
-
-
-def by_op(*ops: Callable | str) -> Predicate:
-    """``call_function`` / ``call_method`` nodes calling one of ``ops`` (functions or method names)."""
-    fns = {op for op in ops if callable(op)}
-    methods = {op for op in ops if isinstance(op, str)}
-    return lambda node, mod: ((node.op == "call_function" and node.target in fns)
-                              or (node.op == "call_method" and node.target in methods))
-
-
-def glob_to_regex(pattern: str) -> re.Pattern:
-    """A full-match glob: ``*`` matches within one dotted component, ``**`` across components.
-
-    >>> bool(glob_to_regex("layer1.*.conv1").fullmatch("layer1.0.conv1"))
-    True
-    >>> bool(glob_to_regex("layer*").fullmatch("layer1.0.conv1"))
-    False
-    >>> bool(glob_to_regex("layer**").fullmatch("layer1.0.conv1"))
-    True
-    """
-    parts = re.split(r"(\*\*|\*|\?|\[[^\]]*\])", pattern)
-    out = []
-    for p in parts:
-        if p == "**":
-            out.append(".*")
-        elif p == "*":
-            out.append(r"[^.]*")
-        elif p == "?":
-            out.append(r"[^.]")
-        elif p.startswith("[") and p.endswith("]") and len(p) > 2:
-            out.append(fnmatch.translate(p)[4:-3])  # reuse fnmatch's class translation
-        else:
-            out.append(re.escape(p))
-    return re.compile("".join(out))
-
-
-def by_name(patterns: str | Iterable[str], prefix: str = "") -> Predicate:
-    """Nodes whose :func:`node_name` fully matches one of the globs in ``patterns``."""
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    regexes = [glob_to_regex(p) for p in patterns]
-    return lambda node, mod: any(r.fullmatch(node_name(node, prefix)) for r in regexes)
-
-
-def all_of(*preds: Predicate) -> Predicate:
-    return lambda node, mod: all(p(node, mod) for p in preds)
-
-
-def any_of(*preds: Predicate) -> Predicate:
-    return lambda node, mod: any(p(node, mod) for p in preds)
-
-
-def none_of(*preds: Predicate) -> Predicate:
-    return lambda node, mod: not any(p(node, mod) for p in preds)
-
-
 def is_grouped(node: fx.Node, mod: nn.Module | None) -> bool:
     """Convolutions with ``groups > 1`` (depthwise included)."""
     return getattr(mod, "groups", 1) > 1
@@ -126,17 +50,83 @@ def kernel_size_in(sizes: Iterable[int]) -> Predicate:
     return lambda node, mod: (hasattr(mod, "kernel_size") and max(mod.kernel_size) in sizes)
 
 
-def _channels(mod: nn.Module | None, which: str) -> int | None:
-    names = {"in": ("in_channels", "in_features"), "out": ("out_channels", "out_features")}[which]
-    for n in names:
-        if hasattr(mod, n):
-            return getattr(mod, n)
-    return None
+class Glob:
+    """A compiled full-match glob (see :func:`compile_glob`); ``fullmatch(name)`` is True or False.
+
+    Matching simulates the pattern as a set of positions over the name (Thompson's construction),
+    so it costs O(len(pattern) * len(name)) whatever the pattern: a regex translation backtracks
+    exponentially on patterns with many ``*``.
+    """
+
+    def __init__(self, pattern: str):
+        self.pattern = pattern
+        # ("lit", c) | ("any",) one non-dot | ("star",) non-dots | ("dstar",) anything | ("cls", regex)
+        tokens = []
+        for p in re.split(r"(\*\*|\*|\?|\[[^\]]*\])", pattern):
+            if p == "**":
+                tokens.append(("dstar", None))
+            elif p == "*":
+                tokens.append(("star", None))
+            elif p == "?":
+                tokens.append(("any", None))
+            elif p.startswith("[") and p.endswith("]") and len(p) > 2:
+                # fnmatch's translation of one character class matches exactly one character
+                tokens.append(("cls", re.compile(fnmatch.translate(p)[4:-3])))
+            else:
+                tokens.extend(("lit", ch) for ch in p)
+        self._tokens = tokens
+
+    def _closure(self, states: set[int]) -> set[int]:
+        # a star may match nothing: being before it means being after it too
+        todo, seen = list(states), set(states)
+        while todo:
+            i = todo.pop()
+            if i < len(self._tokens) and self._tokens[i][0] in ("star", "dstar") and i + 1 not in seen:
+                seen.add(i + 1)
+                todo.append(i + 1)
+        return seen
+
+    def fullmatch(self, name: str) -> bool:
+        toks = self._tokens
+        states = self._closure({0})
+        for ch in name:
+            nxt = set()
+            for i in states:
+                if i == len(toks):
+                    continue
+                kind, arg = toks[i]
+                if kind == "lit":
+                    if ch == arg:
+                        nxt.add(i + 1)
+                elif kind == "any":
+                    if ch != ".":
+                        nxt.add(i + 1)
+                elif kind == "cls":
+                    if arg.fullmatch(ch):
+                        nxt.add(i + 1)
+                elif kind == "star":
+                    if ch != ".":
+                        nxt.add(i)
+                else:  # dstar
+                    nxt.add(i)
+            if not nxt:
+                return False
+            states = self._closure(nxt)
+        return len(toks) in states
+
+    def __repr__(self) -> str:
+        return f"Glob({self.pattern!r})"
 
 
-def channels_between(which: str, low: int | None = None, high: int | None = None) -> Predicate:
-    """Modules whose input (``which="in"``) or output channels/features lie in [low, high]."""
-    def pred(node, mod):
-        c = _channels(mod, which)
-        return c is not None and (low is None or c >= low) and (high is None or c <= high)
-    return pred
+def compile_glob(pattern: str) -> Glob:
+    """A full-match glob: ``*`` matches within one dotted component, ``**`` across components,
+    ``?`` one character of a component, ``[...]`` a character class. Linear in the name's length.
+
+    >>> compile_glob("layer1.*.conv1").fullmatch("layer1.0.conv1")
+    True
+    >>> compile_glob("layer*").fullmatch("layer1.0.conv1")
+    False
+    >>> compile_glob("layer**").fullmatch("layer1.0.conv1")
+    True
+    """
+    return Glob(pattern)

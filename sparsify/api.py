@@ -11,27 +11,14 @@ from torch import nn
 from sparsify.prepare.build import build, check_model
 from sparsify.deploy.finalize import finalize_model
 from sparsify.stats.measure import Measurement, measure
-from sparsify.methods import get_method
 from sparsify.prepare.plan import Plan
 from sparsify.prepare.recipe import load_recipe
 from sparsify.stats.report import Report, build_report
-from sparsify.core.schedules import resolve_time
 from sparsify.core.devices import model_device, move_buffers
 from sparsify.core.state import find_state, unwrap
 from sparsify.prepare.inputs import check_inputs, state_inputs
 
 __all__ = ["sparsify", "plan", "step", "penalty", "report", "finalize", "param_groups", "measure", "Measurement"]
-
-
-def _check_times(recipe, total_steps):
-    if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
-                                    or total_steps <= 0):
-        raise ValueError(f"total_steps must be a positive number of optimizer steps, got {total_steps!r}")
-    for rule in recipe.rules:
-        if rule.method is None:
-            continue
-        for key in get_method(rule.method).schedule_keys:
-            resolve_time(rule.params.get(key), total_steps, what=f"{rule.path}.params.{key}")
 
 
 def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int | None = None,
@@ -58,7 +45,6 @@ def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int 
     check_inputs(model, None)  # a TorchScript module: before the checks that assume a Python module
     check_model(model)  # a wrong model is the first thing to report, before any recipe problem
     recipe = load_recipe(recipe, **overrides)
-    _check_times(recipe, total_steps)
     check_inputs(model, example_inputs)  # wrong shapes fail here, not later in finalize
     root, plan_ = build(model, recipe, example_inputs=example_inputs, total_steps=total_steps, inplace=inplace,
                           copy=copy)
@@ -224,7 +210,7 @@ def param_groups(model: nn.Module, weight_decay: float = 0.0, *, no_decay: tuple
     claimed = {}
     groups = []
     for g in state.groups.values():
-        for params, opts in getattr(g, "param_options", lambda wd: [])(weight_decay):
+        for params, opts in g.param_options(weight_decay):
             params = [p for p in params if id(p) not in claimed]
             for p in params:
                 claimed[id(p)] = True

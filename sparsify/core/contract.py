@@ -22,6 +22,7 @@ from passes import Change, insert_after, replace_module, reroute_input, set_subm
 
 from sparsify.core.conv1d import Conv1DLike
 from sparsify.core.layers import WEIGHT_TYPES, SparseWeightMixin, plain_copy
+from sparsify.core.params import Params
 from sparsify.core.schedules import resolve_time
 
 __all__ = ["Method", "Group", "Site", "GroupContext"]
@@ -143,7 +144,14 @@ class Group(nn.Module):
         """Drop anything recorded during the last forward (called by ``sparsify.step``)."""
 
     def warnings(self) -> list[str]:
-        """Problems to tell the user (``sparsify.step`` warns once per message)."""
+        """Problems to tell the user about after a step (each message is warned once per model)."""
+        return []
+
+    # -- optimizer -----------------------------------------------------------------------
+    def param_options(self, weight_decay: float) -> list[tuple[list[nn.Parameter], dict]]:
+        """Optimizer groups this method needs, as ``(parameters, options)`` (e.g. STR's thresholds
+        with their own weight decay); ``weight_decay`` is the caller's. The parameters listed
+        here leave the default groups of :func:`sparsify.param_groups`."""
         return []
 
     # -- reporting -----------------------------------------------------------------------
@@ -152,6 +160,7 @@ class Group(nn.Module):
         return self.params.get("sparsity")
 
     def final_target(self) -> float | None:
+        """The target sparsity at the end of the schedule (None when the method has none)."""
         return self.params.get("sparsity")
 
     def describe(self, step: int) -> dict:
@@ -172,34 +181,42 @@ class Group(nn.Module):
         return None
 
 
+@dataclass
+class NoParams(Params):
+    """A method without parameters."""
+
+
 class Method:
-    """A sparsification method as recipes name it. Subclass and register in ``methods/__init__``.
+    """A sparsification method as recipes name it: subclass, decorate with
+    :func:`sparsify.methods.register`, and declare the params as a nested ``Params`` dataclass.
 
     ``site`` says what a rule's ``match`` selects for this method: ``"module"`` nodes calling
     one of ``targets`` (Conv/Linear), or ``"node"``: any graph node (activations, for
-    regularizers and masks). ``params`` lists every parameter a rule may set, with its default.
+    regularizers and masks). ``Params`` (a :class:`~sparsify.core.params.Params` dataclass) types
+    every parameter a rule may set, with its default and range; ``params`` (the defaults) and
+    ``schedule_keys`` (its ``time=True`` fields, which the recipe's ``schedule`` block fills) are
+    derived from it.
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     site: ClassVar[str] = "module"
     targets: ClassVar[tuple[type, ...]] = WEIGHT_TYPES
+    Params: ClassVar[type[Params]] = NoParams
     params: ClassVar[dict[str, Any]] = {}
     group_class: ClassVar[type[Group]] = Group
     schedule_keys: ClassVar[tuple[str, ...]] = ()  # params that the recipe's "schedule" block fills
     needs_example_inputs: ClassVar[bool] = False  # True: the group sizes buffers from input shapes at build
+    full_trace: ClassVar[bool] = False  # True: rewrites read the nodes around a site (trace every module holding one)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.params = cls.Params.defaults()
+        cls.schedule_keys = cls.Params.time_keys()
 
     def check(self, params: dict) -> list[tuple[str, str]]:
-        """Problems with ``params`` as ``(param name, message)``; unknown names are caught earlier."""
-        problems = []
-        s = params.get("sparsity")
-        if s is not None and not (isinstance(s, (int, float)) and 0 <= s < 1):
-            problems.append(("sparsity", f"must be a fraction in [0, 1), got {s!r}"))
-        d = params.get("min_density")
-        if "min_density" in params and (isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d < 1):
-            problems.append(("min_density", f"must be a fraction in [0, 1) of each layer's weights kept "
-                                            f"(0: no guard, the official global threshold), got {d!r}"))
-        return problems
+        """Problems with ``params`` (every param of the method) as ``(param name, message)``."""
+        return self.Params.problems(params)
 
     def accepts(self, site: Site) -> str | None:
         """None when this method can rewrite ``site``, else why not (shown by ``plan``)."""

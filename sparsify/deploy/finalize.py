@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from passes import set_submodule
+from passes import remove_node, set_submodule
 
 from sparsify.deploy.compare import outputs_close
 from sparsify.prepare.inputs import state_inputs
@@ -36,9 +36,7 @@ def _remove_node(root: nn.Module, graph_paths: list[str], qualname: str) -> bool
         local = qualname[len(prefix) + 1:] if prefix else qualname
         for node in gm.graph.nodes:
             if node.op == "call_module" and node.target == local:
-                node.replace_all_uses_with(node.args[0])
-                gm.graph.erase_node(node)
-                gm.delete_submodule(local)
+                remove_node(gm, node, delete_module=True)
                 gm.graph.lint()
                 gm.recompile()
                 return True

@@ -1,11 +1,27 @@
-"""The method registry: recipe method names -> :class:`~sparsify.core.contract.Method` objects.
+"""The sparsification methods, one module (or package) each, and the registry recipes use.
 
-Adding a method = one file in this folder + one line in ``_REGISTERED`` + a recipe.
+Adding a method:
+
+1. one file ``sparsify/methods/<name>.py`` (or a folder): its layer modules (built on
+   :mod:`sparsify.core.layers`), a ``Params`` dataclass (typed params with defaults, ranges and
+   one-line docs: :mod:`sparsify.core.params`), its :class:`~sparsify.core.contract.Group` (per-step
+   state; override the hooks it needs: ``update``, ``penalty``, ``target``, ``describe``,
+   ``layer_stats``, ``finalize_member``, ``warnings``, ``param_options``, ...) and a
+   :class:`~sparsify.core.contract.Method` subclass decorated with
+   :func:`~sparsify.core.registry.register`, whose docstring lists its params;
+2. one import line below (importing the module registers the method), then
+   ``python -m sparsify.prepare.schema`` to regenerate the recipe schema;
+3. a recipe ``sparsify/recipes/<name>.json`` and a docs page ``docs/methods/<name>.md``.
+
+docs/recipes.md ("Writing a method") walks through an example.
 """
 from __future__ import annotations
 
 from sparsify.core.contract import Group, GroupContext, Method, Site
 from sparsify.core.layers import SparseWeightMixin, plain_copy, specialize, weight_base
+from sparsify.core.registry import REGISTRY, get_method, register
+
+# importing a method's module registers it (the order is the one `sparsify recipes` lists)
 from sparsify.methods.st3 import ST3Method
 from sparsify.methods.str import STRMethod
 from sparsify.methods.magnitude import MagnitudeMethod
@@ -15,31 +31,17 @@ from sparsify.methods.semistructured import SemiStructuredMethod
 from sparsify.methods.dual import L1PruneMethod
 from sparsify.methods.sas import SASMethod
 
-_REGISTERED: list[type[Method]] = [
-    ST3Method,
-    STRMethod,
-    MagnitudeMethod,
-    NMMethod,
-    TL1Method, ActivationL1Method, HoyerSquareMethod,
-    SemiStructuredMethod,
-    L1PruneMethod,
-    SASMethod,
-]
 
-REGISTRY: dict[str, Method] = {cls.name: cls() for cls in _REGISTERED}
+def time_keys(name: str) -> tuple[str, ...]:
+    """The params of method ``name`` that are times (steps, or fractions of ``total_steps``).
 
-
-def get_method(name: str) -> Method:
-    """The registered method called ``name``; a ``KeyError`` listing the known ones otherwise.
-
-    >>> get_method("st3").name
-    'st3'
+    >>> time_keys("st3")
+    ('begin', 'end', 'fix')
     """
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"unknown method {name!r}; known methods: {', '.join(sorted(REGISTRY))}") from None
+    return get_method(name).schedule_keys
 
 
-__all__ = ["REGISTRY", "get_method", "Method", "Group", "GroupContext", "Site", "SparseWeightMixin",
-           "specialize", "plain_copy", "weight_base"]
+__all__ = ["REGISTRY", "get_method", "register", "time_keys", "Method", "Group", "GroupContext", "Site",
+           "SparseWeightMixin", "specialize", "plain_copy", "weight_base", "ST3Method", "STRMethod",
+           "MagnitudeMethod", "NMMethod", "TL1Method", "ActivationL1Method", "HoyerSquareMethod",
+           "SemiStructuredMethod", "L1PruneMethod", "SASMethod"]

@@ -10,11 +10,15 @@ stages it with Transformed-ℓ1 on activations (``regularizers.py``). See docs/m
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from sparsify.core.keep import DEFAULT_MIN_DENSITY, guarded_thresholds, warn_empty
 from sparsify.core.contract import Group, GroupContext, Method
+from sparsify.core.registry import register
+from sparsify.core.params import Params, param
 from sparsify.core.layers import RecordsMixin, SparseWeightMixin, specialize, weight_base
 from sparsify.core.staging import active_range, in_range, resolve_stages, stage_at
 
@@ -151,26 +155,39 @@ class L1PruneGroup(Group):
         return out
 
 
+@dataclass
+class L1PruneParams(Params):
+    l1: float = param(1e-5, "Weight of the l1 penalty on the weights.", ge=0)
+    sparsity: float = param(0.5, "Fraction of weights pruned at prune_at (one global threshold).",
+                            ge=0, lt=1, what="a fraction in [0, 1)")
+    threshold: float | None = param(None, "Prune |w| <= threshold instead of a sparsity (null: use sparsity).",
+                                    ge=0, what="null or a magnitude >= 0")
+    prune_at: float = param(0.5, "When to prune, as a fraction of the active range.", ge=0, le=1,
+                            what="a fraction in [0, 1] of the stage")
+    begin: float = param(0, "Step where the penalty starts.", time=True)
+    end: float | None = param(None, "Step where the method stops (null: never).", time=True)
+    stage: str | None = param(None, "Name of a recipe stage whose range replaces begin/end (null: none).")
+    min_density: float = param(DEFAULT_MIN_DENSITY, "Share of each layer's weights always kept (0: no guard, "
+                               "the official global threshold).", ge=0, lt=1,
+                               what="a fraction in [0, 1) of each layer's weights kept (0: no guard, the official "
+                                    "global threshold)")
+
+
+@register
 class L1PruneMethod(Method):
+    """Recipe method ``l1-prune`` (dual's stage 2, docs/methods/dual.md); params (:class:`L1PruneParams`):
+
+    * ``l1`` (1e-5): weight of the ℓ1 penalty on the weights;
+    * ``sparsity`` (0.5) or ``threshold`` (null): what the global magnitude pruning removes at
+      ``prune_at`` (0.5, a fraction of the active range), after which the masks are fixed;
+    * ``begin`` (0), ``end`` (null) or ``stage``: the active range;
+    * ``min_density`` (0.01): share of each layer's weights the global pruning always keeps.
+    """
+
     name = "l1-prune"
     description = "Weight ℓ1 penalty, then global magnitude-threshold pruning with fixed masks (dual stage 2)"
-    params = {"l1": 1e-5, "sparsity": 0.5, "threshold": None, "prune_at": 0.5, "begin": 0, "end": None,
-              "stage": None, "min_density": DEFAULT_MIN_DENSITY}
-    schedule_keys = ("begin", "end")
+    Params = L1PruneParams
     group_class = L1PruneGroup
-
-    def check(self, params):
-        problems = super().check(params)
-        l1 = params.get("l1")
-        if isinstance(l1, bool) or not isinstance(l1, (int, float)) or l1 < 0:
-            problems.append(("l1", f"must be a number >= 0, got {l1!r}"))
-        t = params.get("threshold")
-        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t < 0):
-            problems.append(("threshold", f"must be null or a magnitude >= 0, got {t!r}"))
-        p = params.get("prune_at")
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
-            problems.append(("prune_at", f"must be a fraction in [0, 1] of the stage, got {p!r}"))
-        return problems
 
     def apply(self, site, params) -> None:
         site.replace(L1PRUNE_CLASSES[weight_base(site.module)].from_dense(site.module))

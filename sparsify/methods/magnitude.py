@@ -21,6 +21,8 @@ layers' ``|W|`` without concatenating them, masks are written in place, and the 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +31,8 @@ from sparsify.core.schedules import cubic
 from sparsify.core.keep import DEFAULT_MIN_DENSITY, guarded_thresholds, warn_empty
 from sparsify.core.threshold import QuantileTracker
 from sparsify.core.contract import Group, GroupContext, Method
+from sparsify.core.registry import register
+from sparsify.core.params import Literal, Params, param
 from sparsify.core.buffers import eager
 from sparsify.core.layers import SparseWeightMixin, masked_weight, specialize, weight_base
 from sparsify.core.conv1d import torch_layout
@@ -188,27 +192,45 @@ class MagnitudeGroup(Group):
         return out
 
 
+@dataclass
+class MagnitudeParams(Params):
+    sparsity: float = param(0.9, "Target fraction of zero weights.", ge=0, lt=1, what="a fraction in [0, 1)")
+    begin: float = param(0, "Step where the cubic ramp starts.", time=True)
+    end: float = param(0, "Step where the ramp reaches `sparsity`.", time=True)
+    fix: float | None = param(None, "Step from which the masks are frozen (null: never).", time=True)
+    scope: Literal["global", "layer"] = param("global", "One threshold over the rule's layers, or one per layer.")
+    block: list[int] | None = param(None, "[rows, cols] blocks pruned as a whole (null: single weights).",
+                                    what="null or [rows, cols] of positive integers")
+    frequency: int | None = param(None, "Steps between mask updates (null: Zhu & Gupta's 100, fewer in a short ramp).",
+                                  ge=1, what="null (Zhu & Gupta's 100 steps, fewer in a short ramp) or a whole "
+                                             "number of steps >= 1")
+
+    min_density: float = param(DEFAULT_MIN_DENSITY, "Share of each layer's weights always kept (0: no guard, "
+                               "the official global threshold).", ge=0, lt=1,
+                               what="a fraction in [0, 1) of each layer's weights kept (0: no guard, the official "
+                                    "global threshold)")
+
+    def check(self):
+        b = self.block
+        if b is not None and not (len(b) == 2 and all(x >= 1 for x in b)):
+            return [("block", f"must be null or [rows, cols] of positive integers, got {b!r}")]
+        return []
+
+
+@register
 class MagnitudeMethod(Method):
+    """Recipe method ``magnitude`` (GMP, docs/methods/magnitude.md); params (:class:`MagnitudeParams`):
+
+    * ``sparsity`` (0.9) reached by a cubic ramp from ``begin`` (0) to ``end`` (0), masks updated
+      every ``frequency`` steps (null: 100, fewer in a short ramp), frozen from ``fix`` (null: never);
+    * ``scope`` ("global" or "layer"); ``block`` (null or [rows, cols]): block pruning;
+    * ``min_density`` (0.01): share of each layer's weights a global threshold always keeps.
+    """
+
     name = "magnitude"
     description = "GMP: magnitude pruning with a hard mask and a cubic schedule (global or per-layer, unstructured or block)"
-    params = {"sparsity": 0.9, "begin": 0, "end": 0, "fix": None, "scope": "global", "block": None,
-              "frequency": None, "min_density": DEFAULT_MIN_DENSITY}
-    schedule_keys = ("begin", "end", "fix")
+    Params = MagnitudeParams
     group_class = MagnitudeGroup
-
-    def check(self, params):
-        problems = super().check(params)
-        if params.get("scope") not in ("global", "layer"):
-            problems.append(("scope", f"must be \"global\" or \"layer\", got {params.get('scope')!r}"))
-        b = params.get("block")
-        if b is not None and not (isinstance(b, (list, tuple)) and len(b) == 2
-                                  and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in b)):
-            problems.append(("block", f"must be null or [rows, cols] of positive integers, got {b!r}"))
-        f = params.get("frequency")
-        if f is not None and (isinstance(f, bool) or not isinstance(f, int) or f < 1):
-            problems.append(("frequency", f"must be null (Zhu & Gupta's 100 steps, fewer in a short ramp) "
-                                          f"or a whole number of steps >= 1, got {f!r}"))
-        return problems
 
     def accepts(self, site):
         why = super().accepts(site)

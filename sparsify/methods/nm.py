@@ -16,10 +16,14 @@ and pruned weights get zero gradient. Layers whose input channels are not a mult
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from sparsify.core.contract import Group, GroupContext, Method
+from sparsify.core.registry import register
+from sparsify.core.params import Params, param
 from sparsify.core.layers import SparseWeightMixin, specialize, weight_base
 from sparsify.core.conv1d import torch_layout
 from sparsify.core.buffers import content_key, eager, layer_buffers, workspace
@@ -346,23 +350,29 @@ class NMGroup(Group):
                 "nm_compliant": nm_compliant(torch_layout(module, module.deployed_weight()), self.n, self.m)}
 
 
+@dataclass
+class NMParams(Params):
+    n: int = param(2, "Weights kept in every group of m (along the input channels).", ge=1)
+    m: int = param(4, "Group size along the input channels.", ge=2)
+    begin: float = param(0, "Step from which the N:M masks apply.", time=True)
+    fix: float | None = param(None, "Step from which the masks are frozen (null: never).", time=True)
+    decay: float = param(0.0, "SR-STE decay of the pruned weights.", ge=0, what="a number >= 0 (SR-STE uses 2e-4)")
+
+    def check(self):
+        ok = self.n < self.m
+        return [] if ok else [("n", f"n and m must be whole numbers with 1 <= n < m, got n={self.n!r}, m={self.m!r}")]
+
+
+@register
 class NMMethod(Method):
+    """Recipe method ``nm`` (docs/methods/nm.md); params (:class:`NMParams`): ``n`` (2) of every
+    ``m`` (4) weights kept along the input channels; ``begin`` (0): first masked step; ``fix``
+    (null): masks frozen from this step; ``decay`` (0): SR-STE's decay of the pruned weights."""
+
     name = "nm"
     description = "N:M weight sparsity (N kept in every M input channels), straight-through training"
-    params = {"n": 2, "m": 4, "begin": 0, "fix": None, "decay": 0.0}
-    schedule_keys = ("begin", "fix")
+    Params = NMParams
     group_class = NMGroup
-
-    def check(self, params):
-        problems = super().check(params)
-        n, m = params.get("n"), params.get("m")
-        ok = all(isinstance(x, int) and not isinstance(x, bool) for x in (n, m))
-        if not ok or not (1 <= n < m):
-            problems.append(("n", f"n and m must be whole numbers with 1 <= n < m, got n={n!r}, m={m!r}"))
-        d = params.get("decay")
-        if isinstance(d, bool) or not isinstance(d, (int, float)) or d < 0:
-            problems.append(("decay", f"must be a number >= 0 (SR-STE uses 2e-4), got {d!r}"))
-        return problems
 
     def accepts(self, site):
         why = super().accepts(site)

@@ -17,6 +17,8 @@ masks stay on in eval mode.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import math
 
 import torch
@@ -25,6 +27,8 @@ from torch import nn
 
 from sparsify.core.schedules import polynomial
 from sparsify.core.contract import Group, GroupContext, Method, Site
+from sparsify.core.registry import register
+from sparsify.core.params import Params, param
 from sparsify.core.staging import active_range, resolve_stages, stage_at
 
 __all__ = ["PositionMask", "SemiStructuredGroup", "SemiStructuredMethod", "position_mask", "input_size_of"]
@@ -274,26 +278,34 @@ class SemiStructuredGroup(Group):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+@dataclass
+class SemiStructuredParams(Params):
+    sparsity: float = param(0.2, "Final fraction of masked output positions.", ge=0, lt=1, what="a fraction in [0, 1)")
+    begin: float = param(0.1, "Step where the masking ramp starts.", time=True)
+    end: float | None = param(0.9, "Step where the ramp reaches `sparsity`.", time=True)
+    power: float = param(2, "Exponent of the polynomial ramp.", gt=0)
+    skip_1x1: bool = param(True, "Leave 1x1 convolutions unmasked (as the official example does).")
+    seed: int = param(0, "Seed of the random masks (the same on every rank).")
+    stage: str | None = param(None, "Name of a recipe stage whose range replaces begin/end (null: none).")
+
+
+@register
 class SemiStructuredMethod(Method):
+    """Recipe method ``semi-structured`` (docs/methods/semistructured.md); params
+    (:class:`SemiStructuredParams`):
+
+    * ``sparsity`` (0.2): final fraction of masked output positions, reached by a polynomial ramp
+      of exponent ``power`` (2) from ``begin`` (0.1) to ``end`` (0.9), or over ``stage``;
+    * ``skip_1x1`` (true): 1x1 convs stay unmasked; ``seed`` (0): seed of the random masks.
+    """
+
     name = "semi-structured"
     description = "Semi-structured activation sparsity: random output-position masks after convs (ICCV-W 2023)"
     needs_example_inputs = True  # masks are sized from the input resolution at build time
     site = "module"
     targets = (nn.Conv2d,)
-    params = {"sparsity": 0.2, "begin": 0.1, "end": 0.9, "power": 2, "skip_1x1": True, "seed": 0, "stage": None}
-    schedule_keys = ("begin", "end")
+    Params = SemiStructuredParams
     group_class = SemiStructuredGroup
-
-    def check(self, params):
-        problems = super().check(params)
-        if not isinstance(params.get("skip_1x1"), bool):
-            problems.append(("skip_1x1", "must be true or false"))
-        power = params.get("power")
-        if isinstance(power, bool) or not isinstance(power, (int, float)) or power <= 0:
-            problems.append(("power", f"must be a number > 0, got {power!r}"))
-        if isinstance(params.get("seed"), bool) or not isinstance(params.get("seed"), int):
-            problems.append(("seed", "must be an integer"))
-        return problems
 
     def accepts(self, site: Site) -> str | None:
         why = super().accepts(site)

@@ -19,6 +19,7 @@ is the plain tensor formula, without Python scalars (no graph break).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,8 @@ from sparsify.core.schedules import cubic
 from sparsify.core.keep import DEFAULT_MIN_DENSITY, guarded_thresholds, warn_empty
 from sparsify.core.threshold import QuantileTracker
 from sparsify.core.contract import Group, GroupContext, Method
+from sparsify.core.registry import register
+from sparsify.core.params import Params, param
 from sparsify.core.buffers import eager
 from sparsify.core.layers import SparseWeightMixin, masked_weight, specialize, weight_base
 
@@ -262,21 +265,36 @@ class ST3Group(Group):
         return out
 
 
+@dataclass
+class ST3Params(Params):
+    sparsity: float = param(0.9, "Target fraction of zero weights, one global threshold over the rule's layers.",
+                            ge=0, lt=1, what="a fraction in [0, 1)")
+    begin: float = param(0, "Step where the cubic sparsity ramp starts.", time=True)
+    end: float = param(0, "Step where the ramp reaches `sparsity` (begin == end: a single step).", time=True)
+    fix: float | None = param(None, "Step from which W <- W_eff and the masks are frozen (null: never).", time=True)
+    sigma: bool = param(False, "ST-3sigma: each layer's threshold scaled by 1/sqrt(sum of its weight's dimensions).")
+    min_density: float = param(DEFAULT_MIN_DENSITY, "Share of each layer's weights always kept (0: no guard, "
+                               "the official global threshold).", ge=0, lt=1,
+                               what="a fraction in [0, 1) of each layer's weights kept (0: no guard, the official "
+                                    "global threshold)")
+
+
+@register
 class ST3Method(Method):
+    """Recipe method ``st3`` (docs/methods/st3.md); params (:class:`ST3Params`):
+
+    * ``sparsity`` (0.9): target fraction of zero weights, one global threshold over the rule's layers;
+    * ``begin`` (0), ``end`` (0): the cubic ramp's steps; ``fix`` (null): from this step W <- W_eff
+      and the masks are frozen;
+    * ``sigma`` (false): ST-3σ, each layer's threshold scaled by its σ = 1/sqrt(sum of weight dims);
+    * ``min_density`` (0.01): share of each layer's weights always kept (docs/methods/st3.md,
+      "Layer collapse and min_density"; 0: the official threshold).
+    """
+
     name = "st3"
     description = "ST-3: global magnitude threshold, soft threshold + rescale, straight-through gradients"
-    params = {"sparsity": 0.9, "begin": 0, "end": 0, "fix": None, "sigma": False,
-              "min_density": DEFAULT_MIN_DENSITY}
-    schedule_keys = ("begin", "end", "fix")
+    Params = ST3Params
     group_class = ST3Group
-
-    def check(self, params):
-        problems = super().check(params)
-        if params.get("sparsity") is None:
-            problems.append(("sparsity", "must be a fraction in [0, 1), got None"))
-        if not isinstance(params.get("sigma"), bool):
-            problems.append(("sigma", "must be true or false"))
-        return problems
 
     def apply(self, site, params) -> None:
         site.replace(ST3_CLASSES[weight_base(site.module)].from_dense(site.module))

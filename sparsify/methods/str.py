@@ -16,6 +16,8 @@ steps an ``s`` without weight decay (the user would get no sparsity).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import weakref
 
 import torch
@@ -23,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.core.contract import Group, GroupContext, Method
+from sparsify.core.registry import register
+from sparsify.core.params import Literal, Params, param
 from sparsify.core.layers import SparseWeightMixin, specialize, weight_base
 from sparsify.core.buffers import eager, layer_buffers, workspace
 from sparsify.core.devices import no_autocast
@@ -312,29 +316,38 @@ class STRGroup(Group):
         return {"threshold": float(t.mean()), "s": float(module.threshold_param().detach().float().mean())}
 
 
+@dataclass
+class STRParams(Params):
+    s_init: float = param(-10.0, "Initial threshold parameter s (threshold sigmoid(s)); negative starts near-dense.",
+                          what="a number (e.g. -3200 as in the paper)")
+    granularity: Literal["layer", "channel", "global"] = param(
+        "layer", "One threshold per layer, per output channel, or one for the whole rule.")
+    threshold_decay: float | None = param(None, "Weight decay of the threshold parameters (null: the optimizer's).",
+                                          ge=0, what="null (= the optimizer's weight_decay) or >= 0")
+
+    def check(self):
+        s = self.s_init
+        if s > 0:
+            return [("s_init", f"{s} prunes every weight with |w| < sigmoid({s}) = "
+                     f"{float(torch.sigmoid(torch.tensor(float(s)))):.3g} at step 0 (the official "
+                     "repo's default 100 prunes everything); use a negative value such as -10, or the "
+                     "paper's -3200 for long ImageNet runs")]
+        return []
+
+
+@register
 class STRMethod(Method):
+    """Recipe method ``str`` (docs/methods/str.md); params (:class:`STRParams`):
+
+    * ``s_init`` (-10): initial threshold parameter s, threshold sigmoid(s); must be <= 0;
+    * ``granularity`` ("layer"): ``"layer"``, ``"channel"`` or ``"global"`` thresholds;
+    * ``threshold_decay`` (null): weight decay of the thresholds (null: the optimizer's).
+    """
+
     name = "str"
     description = "STR: learned per-layer soft thresholds sigmoid(s), sparsity driven by weight decay (ICML 2020)"
-    params = {"s_init": -10.0, "granularity": "layer", "threshold_decay": None}
+    Params = STRParams
     group_class = STRGroup
-
-    def check(self, params):
-        problems = super().check(params)
-        s = params.get("s_init")
-        if isinstance(s, bool) or not isinstance(s, (int, float)):
-            problems.append(("s_init", f"must be a number (e.g. -3200 as in the paper), got {s!r}"))
-        elif s > 0:
-            problems.append(("s_init", f"{s} prunes every weight with |w| < sigmoid({s}) = "
-                             f"{float(torch.sigmoid(torch.tensor(float(s)))):.3g} at step 0 (the official "
-                             "repo's default 100 prunes everything); use a negative value such as -10, or the "
-                             "paper's -3200 for long ImageNet runs"))
-        if params.get("granularity") not in ("layer", "channel", "global"):
-            problems.append(("granularity", f"must be \"layer\", \"channel\" or \"global\", got "
-                             f"{params.get('granularity')!r}"))
-        d = params.get("threshold_decay")
-        if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or d < 0):
-            problems.append(("threshold_decay", f"must be null (= the optimizer's weight_decay) or >= 0, got {d!r}"))
-        return problems
 
     def apply(self, site, params) -> None:
         site.replace(STR_CLASSES[weight_base(site.module)].from_dense(

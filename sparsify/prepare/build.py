@@ -10,7 +10,6 @@ import copy as _copy
 import itertools
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass
 
 import torch.fx as fx
 from torch import nn
@@ -18,16 +17,19 @@ from torch import nn
 from passes import PassResult, Pipeline, first_and_last, node_name, target_module, trace
 from passes.tracing import CallRecord, TraceResult, module_path_of  # noqa: F401  (module_path_of documents the meta used)
 
-from sparsify.prepare.hidden import hidden_candidates, hidden_positions, needed_paths, rewire_hidden_reads
+from sparsify.prepare.hidden import (convert_hidden, hidden_candidates, hidden_positions, needed_paths,
+                                     rewire_hidden_reads)
 from sparsify.prepare.inputs import guess_example_inputs, positions_per_sample
-from sparsify.prepare.matching import Candidate, compile_match, op_name
-from sparsify.methods import SparseWeightMixin, get_method
+from sparsify.prepare.matching import Candidate, MatchTable, op_name
+from sparsify.methods import SparseWeightMixin, get_method, time_keys
 from sparsify.core.activations import is_activation_module
 from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.core.contract import GroupContext, Site
 from sparsify.prepare.plan import Plan, PlanEntry
 from sparsify.prepare.unhandled import frozen_reason, tied_to, unhandled_entries
 from sparsify.prepare.recipe import Recipe
+from sparsify.prepare.undo import TreeSnapshot
+from sparsify.prepare.validate import check_times
 from sparsify.core.state import STATE_ATTR, SparsifyState
 
 __all__ = ["build", "check_model"]
@@ -68,43 +70,6 @@ def copy_structure(model: nn.Module, share_tensors: bool = True) -> nn.Module:
         for t in itertools.chain(model.parameters(), model.buffers()):
             memo[id(t)] = t
     return _copy.deepcopy(model, memo)
-
-
-@dataclass
-class _Rule:
-    rule: object
-    pred: object
-    method: object  # Method or None
-
-
-class _Matcher:
-    def __init__(self, recipe: Recipe):
-        self.rules = [_Rule(r, compile_match(r.match), get_method(r.method) if r.method else None)
-                      for r in recipe.rules]
-        self.matched_any: set[int] = set()
-
-    def winner(self, c: Candidate):
-        """The last rule that matches ``c`` (a rule with a module method only matches its targets)."""
-        win = None
-        for r in self.rules:
-            if r.method is not None and r.method.site == "module" and not isinstance(c.module, r.method.targets):
-                continue
-            if r.method is not None and r.method.site == "node" and c.node is None:
-                continue
-            if r.pred(c):
-                self.matched_any.add(r.rule.index)
-                win = r
-        return win
-
-    def refused(self, c: Candidate) -> str | None:
-        """Why the last rule that would match ``c`` but whose method does not take its module
-        type (SAS and a Conv1D) skipped it, for the plan; None when there is no such rule."""
-        why = None
-        for r in self.rules:
-            if r.method is not None and r.method.site == "module" and c.module is not None \
-                    and not isinstance(c.module, r.method.targets) and r.pred(c):
-                why = f"{r.method.accepts(Site(c.name, c.module))} (rule {r.rule.index})"
-        return why
 
 
 def _candidates(tr: TraceResult, root: nn.Module) -> list[Candidate]:
@@ -151,7 +116,7 @@ def _not_a_layer(name: str, m: nn.Module) -> bool:
     return not isinstance(m, WEIGHT_TYPES) and not is_activation_module(m)
 
 
-def _trace(root: nn.Module, matcher: _Matcher, example_inputs=None):
+def _trace(root: nn.Module, matcher: MatchTable, example_inputs=None):
     # children traced under an untraceable parent are specialised to how it calls them
     calls = None
     if example_inputs is not None:
@@ -166,7 +131,7 @@ def _trace(root: nn.Module, matcher: _Matcher, example_inputs=None):
     # a method whose rewrite reads the nodes around a site (SAS: the relu feeding a layer, which may
     # sit inside a module with nothing to rewrite) needs every module holding a layer or an
     # activation traced through; modules with neither (stochastic depth) still stay leaves
-    full = any(r.method is not None and getattr(r.method, "full_trace", False) for r in matcher.rules)
+    full = any(r.method is not None and r.method.full_trace for r in matcher.rules)
     descended, needed = set(), set()
     for c in cands:
         # a graph traced below an untraceable parent (fallback) is reached through its own path
@@ -190,7 +155,7 @@ def _trace(root: nn.Module, matcher: _Matcher, example_inputs=None):
     return tr, cands, first_cands
 
 
-def _dense_reasons(root: nn.Module, tr: TraceResult, all_cands: list[Candidate], matcher: _Matcher,
+def _dense_reasons(root: nn.Module, tr: TraceResult, all_cands: list[Candidate], matcher: MatchTable,
                    rewritten: set[str]) -> list[PlanEntry]:
     """Every Conv/Linear weight (and MultiheadAttention projection) left dense, with why."""
     by_name = {c.name: c for c in all_cands}
@@ -297,10 +262,21 @@ def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps:
     check_model(model)
     if inplace and copy:
         raise ValueError("sparsify: inplace=True rewrites the caller's model and copy=True copies it; pick one")
-    root = model if inplace else copy_structure(model, share_tensors=not copy)
+    check_times(recipe, time_keys, total_steps, require=not dry_run)  # before anything is touched
+    if not inplace:
+        return _build(copy_structure(model, share_tensors=not copy), recipe, example_inputs, total_steps, dry_run)
+    snapshot = TreeSnapshot(model)
+    try:
+        return _build(model, recipe, example_inputs, total_steps, dry_run)
+    except BaseException:
+        snapshot.restore()  # a failed sparsify leaves the caller's model as it was
+        raise
+
+
+def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | None, dry_run: bool):
     was_training = root.training
     root.train()
-    matcher = _Matcher(recipe)
+    matcher = MatchTable(recipe.rules, get_method)
     tr, cands, first_cands = _trace(root, matcher, example_inputs)
     root = tr.module
 
@@ -315,7 +291,9 @@ def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps:
     rewritten = set()
     plan_warned: set[str] = set()
     called = {c.name for c in cands if c.node is not None and c.node.op == "call_module"}
-    hidden = hidden_candidates(root, tr.graphs, matcher.winner, called=called, convert=not dry_run)
+    hidden, swaps = hidden_candidates(root, tr.graphs, matcher.winner, called=called)
+    if not dry_run:
+        changes_by_graph[""].extend(convert_hidden(root, swaps))
     refused = _refused_multi_calls(cands, matcher, root)
     for c in cands + hidden:
         w = matcher.winner(c)
@@ -350,7 +328,7 @@ def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps:
     listed = {e.name for e in plan.entries}  # sites a method refused are listed already, with its reason
     plan.entries.extend(e for e in _dense_reasons(root, tr, first_cands, matcher, rewritten) if e.name not in listed)
     plan.entries.extend(e for e in unhandled_entries(root, tr.graphs) if e.name not in listed)
-    plan.unmatched_rules = [r.rule.index for r in matcher.rules if r.rule.index not in matcher.matched_any]
+    plan.unmatched_rules = matcher.unmatched()
 
     for prefix, gm in tr.graphs.items():
         changes = changes_by_graph.get(prefix, [])
@@ -359,7 +337,7 @@ def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps:
 
     # a guessed input costs a full forward at 224²: only the dry run and methods that size
     # buffers at build time pay it now; sparsify() guesses on first use (report, finalize)
-    guess_now = dry_run or any(getattr(get_method(r.method), "needs_example_inputs", False)
+    guess_now = dry_run or any(get_method(r.method).needs_example_inputs
                                for r in recipe.rules if r.method and r.index in members)
     guessed = example_inputs is None
     if example_inputs is None:

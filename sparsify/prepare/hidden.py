@@ -28,12 +28,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from passes import Change
+from passes import Change, insert_call, remove_node, set_submodule
 
 from sparsify.prepare.matching import Candidate
 from sparsify.core.layers import WEIGHT_TYPES, SparseWeightMixin
 
-__all__ = ["effective_weight_of", "SparseMultiheadAttention", "hidden_reads", "hidden_candidates",
+__all__ = ["effective_weight_of", "SparseMultiheadAttention", "hidden_reads", "hidden_candidates", "convert_hidden",
            "rewire_hidden_reads", "finalize_hidden", "hidden_positions"]
 
 
@@ -88,14 +88,11 @@ def rewire_hidden_reads(graphs: dict[str, fx.GraphModule], rewritten: set[str]) 
             continue
         gm = graphs[prefix]
         owner = str(node.target).rpartition(".")[0]
-        with gm.graph.inserting_before(node):
-            layer = gm.graph.get_attr(owner)
-            new = gm.graph.call_function(effective_weight_of, (layer,))
+        layer, added = insert_call(gm, node, "get_attr", owner, before=True)
+        new, called = insert_call(gm, node, "call_function", effective_weight_of, (layer,), before=True)
         new.meta.update({k: v for k, v in node.meta.items() if k == "nn_module_stack"})
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        changes.setdefault(prefix, []).append(
-            Change("reroute", new.name, f"get_attr {node.target} -> effective_weight_of({owner})"))
+        changes.setdefault(prefix, []).extend([added, called, remove_node(
+            gm, node, new, detail=f"get_attr {node.target} -> effective_weight_of({owner})")])
     return changes
 
 
@@ -187,8 +184,8 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
         return plain
 
 
-def _mha_candidates(root: nn.Module, winner, convert: bool) -> list[Candidate]:
-    out = []
+def _mha_candidates(root: nn.Module, winner) -> tuple[list[Candidate], list[tuple[str, nn.Module]]]:
+    out, swaps = [], []
     for name, mha in list(root.named_modules()):
         if type(mha) is not nn.MultiheadAttention or not mha._qkv_same_embed_dim or mha.in_proj_weight is None:
             continue
@@ -198,20 +195,19 @@ def _mha_candidates(root: nn.Module, winner, convert: bool) -> list[Candidate]:
         wins = [winner(c) for c in cands]
         if not any(w is not None and w.method is not None for w in wins):
             continue
-        if convert:
-            parent, _, attr = name.rpartition(".")
-            setattr(root.get_submodule(parent) if parent else root, attr, probe)
+        swaps.append((name, probe))
         out.extend(cands)
-    return out
+    return out, swaps
 
 
 def hidden_candidates(root: nn.Module, graphs: dict[str, fx.GraphModule], winner, *,
-                      called: set[str], convert: bool) -> list[Candidate]:
-    """Candidates for layers whose weights are read outside a module call.
+                      called: set[str]) -> tuple[list[Candidate], list[tuple[str, nn.Module]]]:
+    """Candidates for layers whose weights are read outside a module call, and the module swaps
+    that make them rewritable; nothing is changed (apply the swaps with :func:`convert_hidden`).
 
     ``winner(candidate)`` is the rule matcher; ``called`` holds layers already reached through a
-    ``call_module`` node. With ``convert`` the MultiheadAttention modules a rule reaches are
-    replaced by :class:`SparseMultiheadAttention` (same computation) so their projections can be
+    ``call_module`` node. The swaps put a :class:`SparseMultiheadAttention` (same computation,
+    same parameters) where a rule reaches a MultiheadAttention, so its projections can be
     rewritten. The candidates have no graph node: methods swap them as attributes.
     """
     out, seen = [], set(called)
@@ -220,7 +216,17 @@ def hidden_candidates(root: nn.Module, graphs: dict[str, fx.GraphModule], winner
             continue
         seen.add(name)
         out.append(Candidate(name, root.get_submodule(name)))
-    return out + _mha_candidates(root, winner, convert)
+    mha, swaps = _mha_candidates(root, winner)
+    return out + mha, swaps
+
+
+def convert_hidden(root: nn.Module, swaps: list[tuple[str, nn.Module]]) -> list[Change]:
+    """Apply the swaps :func:`hidden_candidates` returned; one Change each."""
+    changes = []
+    for name, new in swaps:
+        set_submodule(root, name, new)
+        changes.append(Change("replace", name, f"MultiheadAttention -> {type(new).__name__} (attribute swap)"))
+    return changes
 
 
 def needed_paths(graphs: dict[str, fx.GraphModule], winner) -> set[str]:
@@ -254,12 +260,10 @@ def finalize_hidden(root: nn.Module, graph_paths: list[str]) -> None:
         for node in list(gm.graph.nodes):
             if node.op == "call_function" and node.target is effective_weight_of and node.args[0].op == "get_attr":
                 layer = node.args[0]
-                with gm.graph.inserting_before(node):
-                    plain = gm.graph.get_attr(f"{layer.target}.weight")
-                node.replace_all_uses_with(plain)
-                gm.graph.erase_node(node)
+                plain, _ = insert_call(gm, node, "get_attr", f"{layer.target}.weight", before=True)
+                remove_node(gm, node, plain)
                 if not layer.users:
-                    gm.graph.erase_node(layer)
+                    remove_node(gm, layer)
                 touched = True
         if touched:
             gm.graph.lint()

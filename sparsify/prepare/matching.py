@@ -6,12 +6,13 @@ from dataclasses import dataclass
 import torch.fx as fx
 from torch import nn
 
-from passes import glob_to_regex
+from passes import compile_glob, is_depthwise, is_grouped, kernel_size_in
 
 from sparsify.core.activations import activation_kind
+from sparsify.core.contract import Site
 from sparsify.core.conv1d import is_conv1d
 
-__all__ = ["Candidate", "compile_match", "op_name"]
+__all__ = ["Candidate", "MatchTable", "compile_match", "op_name"]
 
 
 @dataclass
@@ -74,9 +75,9 @@ def compile_match(match: dict):
     """
     types = set(_as_list(match["type"])) if "type" in match else None
     ops = {o.rstrip("_") for o in _as_list(match["op"])} if "op" in match else None
-    names = [glob_to_regex(p) for p in _as_list(match["name"])] if "name" in match else None
-    not_names = [glob_to_regex(p) for p in _as_list(match["not_name"])] if "not_name" in match else []
-    kernel = set(match["kernel_size"]) if "kernel_size" in match else None
+    names = [compile_glob(p) for p in _as_list(match["name"])] if "name" in match else None
+    not_names = [compile_glob(p) for p in _as_list(match["not_name"])] if "not_name" in match else []
+    kernel = kernel_size_in(match["kernel_size"]) if "kernel_size" in match else None
 
     def pred(c: Candidate) -> bool:
         if types is not None or ops is not None:
@@ -93,14 +94,11 @@ def compile_match(match: dict):
         if "last" in match and c.last != match["last"]:
             return False
         m = c.module
-        groups = getattr(m, "groups", 1)
-        if "grouped" in match and (groups > 1) != match["grouped"]:
+        if "grouped" in match and is_grouped(c.node, m) != match["grouped"]:
             return False
-        if "depthwise" in match:
-            dw = groups > 1 and groups == getattr(m, "in_channels", -1)
-            if dw != match["depthwise"]:
-                return False
-        if kernel is not None and not (hasattr(m, "kernel_size") and max(m.kernel_size) in kernel):
+        if "depthwise" in match and is_depthwise(c.node, m) != match["depthwise"]:
+            return False
+        if kernel is not None and not kernel(c.node, m):
             return False
         for key, attrs in (("in_channels", ("in_channels", "in_features", "nx")),
                            ("out_channels", ("out_channels", "out_features", "nf"))):
@@ -112,3 +110,65 @@ def compile_match(match: dict):
         return True
 
     return pred
+
+
+@dataclass
+class CompiledRule:
+    rule: object  # sparsify.prepare.recipe.Rule
+    pred: object  # Candidate -> bool
+    method: object  # Method or None
+
+
+class MatchTable:
+    """Which rule wins each candidate: computed once per candidate and kept, so the trace, the
+    rewrite, the plan and the dense reasons all read the same answer. Queries change nothing
+    (the table is a cache); :meth:`unmatched` lists the rules no candidate looked up matched.
+
+    >>> from sparsify.prepare.recipe import load_recipe
+    >>> from sparsify.methods import get_method
+    >>> table = MatchTable(load_recipe("st3").rules, get_method)
+    >>> table.winner(Candidate("conv", nn.Conv2d(1, 1, 1))).rule.index, table.unmatched()
+    (0, [])
+    """
+
+    def __init__(self, rules, get_method):
+        self.rules = [CompiledRule(r, compile_match(r.match), get_method(r.method) if r.method else None)
+                      for r in rules]
+        # keyed by identity; each entry keeps its candidate alive so that no id is reused
+        self._table: dict[tuple, tuple[CompiledRule | None, tuple[int, ...], Candidate]] = {}
+
+    def _entry(self, c: Candidate):
+        key = (c.name, id(c.module), id(c.node), c.first, c.last)
+        entry = self._table.get(key)
+        if entry is None:
+            hits = tuple(r for r in self.rules if self._applies(r, c))
+            entry = self._table[key] = (hits[-1] if hits else None, tuple(r.rule.index for r in hits), c)
+        return entry
+
+    @staticmethod
+    def _applies(r: CompiledRule, c: Candidate) -> bool:
+        # a rule with a module method only matches its targets; a node method needs a graph node
+        if r.method is not None and r.method.site == "module" and not isinstance(c.module, r.method.targets):
+            return False
+        if r.method is not None and r.method.site == "node" and c.node is None:
+            return False
+        return bool(r.pred(c))
+
+    def winner(self, c: Candidate) -> CompiledRule | None:
+        """The last rule that matches ``c``, or None."""
+        return self._entry(c)[0]
+
+    def refused(self, c: Candidate) -> str | None:
+        """Why the last rule that would match ``c`` but whose method does not take its module
+        type (SAS and a Conv1D) skipped it, for the plan; None when there is no such rule."""
+        why = None
+        for r in self.rules:
+            if r.method is not None and r.method.site == "module" and c.module is not None \
+                    and not isinstance(c.module, r.method.targets) and r.pred(c):
+                why = f"{r.method.accepts(Site(c.name, c.module))} (rule {r.rule.index})"
+        return why
+
+    def unmatched(self) -> list[int]:
+        """Indices of the rules that matched none of the candidates looked up so far."""
+        hit = {i for _, matched, _ in self._table.values() for i in matched}
+        return [r.rule.index for r in self.rules if r.rule.index not in hit]

@@ -13,12 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from sparsify.methods import REGISTRY, get_method
+from sparsify.prepare.validate import RecipeError, check_duplicates, check_finite, json_path, loads_strict
 
 __all__ = ["RecipeError", "Rule", "Recipe", "load_recipe", "builtin_recipes", "schema"]
-
-
-class RecipeError(ValueError):
-    """A recipe is malformed; the message says where and what to do."""
 
 
 @dataclass
@@ -79,18 +76,25 @@ def builtin_recipes() -> dict[str, str]:
     return out
 
 
-def _json_path(parts) -> str:
-    out = "$"
-    for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else f".{p}"
-    return out
-
-
 def _parse(text: str, source: str) -> Any:
     try:
-        return json.loads(text)
+        data = loads_strict(text)
     except json.JSONDecodeError as e:
         raise RecipeError(f"{source}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
+    _raise(source, check_duplicates(data))
+    return data
+
+
+def _raise(source: str, problems: list[tuple[list, str]], note: str = "") -> None:
+    if problems:
+        lines = [f"{json_path(path)}: {msg}" for path, msg in problems[:5]]
+        raise RecipeError(f"{source}: invalid recipe{note}:\n  " + "\n  ".join(lines))
+
+
+def _checked_elsewhere(path: list) -> bool:
+    # a rule's method and params get the method's own messages (unknown method, unknown or bad
+    # param) once the call's overrides are in: the schema's copy of them is for editors
+    return len(path) >= 3 and path[0] == "rules" and path[2] in ("method", "params")
 
 
 def _read(spec) -> tuple[dict, str]:
@@ -112,6 +116,7 @@ def _read(spec) -> tuple[dict, str]:
 
 
 def _validate_schema(data, source: str) -> None:
+    _raise(source, check_finite(data))
     try:  # imported here: the library works without it (GPU images often lack it), unchecked
         import jsonschema
     except ImportError:
@@ -121,7 +126,8 @@ def _validate_schema(data, source: str) -> None:
                       stacklevel=3)
         return
     validator = jsonschema.Draft202012Validator(schema())
-    errors = sorted(validator.iter_errors(data), key=lambda e: (list(e.absolute_path), e.message))
+    errors = sorted((e for e in validator.iter_errors(data) if not _checked_elsewhere(list(e.absolute_path))),
+                    key=lambda e: (list(e.absolute_path), e.message))
     if not errors:
         return
     lines = []
@@ -134,7 +140,7 @@ def _validate_schema(data, source: str) -> None:
                 allowed = ", ".join(sorted(err.schema.get("properties", {})))
                 path = path + [extra[0]]
                 msg = f"unknown key {extra[0]!r} (allowed here: {allowed})"
-        lines.append(f"{_json_path(path)}: {msg}")
+        lines.append(f"{json_path(path)}: {msg}")
     raise RecipeError(f"{source}: invalid recipe:\n  " + "\n  ".join(lines))
 
 
@@ -169,7 +175,7 @@ def load_recipe(spec, **overrides) -> Recipe:
     >>> load_recipe({"version": 1, "rules": [{"match": {"typ": "Conv2d"}, "method": "st3"}]})
     Traceback (most recent call last):
     ...
-    sparsify.prepare.recipe.RecipeError: <dict>: invalid recipe:
+    sparsify.prepare.validate.RecipeError: <dict>: invalid recipe:
       $.rules[0].match.typ: unknown key 'typ' (allowed here: depthwise, first, grouped, in_channels, kernel_size, last, name, not_name, op, out_channels, type)
     """
     data, source = _read(spec)
@@ -196,6 +202,7 @@ def load_recipe(spec, **overrides) -> Recipe:
             raise RecipeError(f"{source}: " + "; ".join(
                 f"{rule.path}.params.{k}: {msg}" + (" (from the call's overrides)" if k in overrides else "")
                 for k, msg in problems))
+    _raise(source, check_finite(data), " (with the call's overrides)")
     unused = sorted(set(overrides) - used)
     if unused:
         known = sorted({k for r in rules if r.method for k in r.params} | set(schedule))

@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from passes import set_submodule
+from passes import remove_node, replace_uses, set_submodule
 
 from sparsify.deploy.accelerate.direct_conv import DirectSparseConv2d, direct_available, supports_direct
 from sparsify.deploy.accelerate.fold import PositionFill, foldable_bn, folded_conv
@@ -92,12 +92,6 @@ def _only_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
-def _drop_module(gm: fx.GraphModule, target) -> None:
-    """Delete a submodule whose node was erased, unless another node still calls it."""
-    if not any(n.op == "call_module" and n.target == target for n in gm.graph.nodes):
-        gm.delete_submodule(str(target))
-
-
 def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         return type(gm.get_submodule(node.target)) is nn.ReLU
@@ -108,10 +102,11 @@ def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
     return False
 
 
-def _erase(gm: fx.GraphModule, node: fx.Node, erased: set[fx.Node]) -> None:
-    """Erase ``node`` (its uses already rerouted) and its module, and mark it for the walk."""
-    gm.graph.erase_node(node)
-    _drop_module(gm, node.target)
+def _erase(gm: fx.GraphModule, node: fx.Node, erased: set[fx.Node], replacement: fx.Node | None = None,
+           *, keep_module: bool = False) -> None:
+    """Erase ``node`` (its users read ``replacement``) and its module unless another node calls it
+    or ``keep_module``, and mark it for the walk."""
+    remove_node(gm, node, replacement, delete_module=not keep_module)
     erased.add(node)
 
 
@@ -182,18 +177,15 @@ def _patch_skip_pass(model, shapes, decide, margin, rows, done, fold=True):
             if bn is not None and fold:  # conv(folded) -> fill skipped positions with BN(0)
                 set_submodule(gm, str(node.target), dense_chain[0])
                 set_submodule(gm, str(mask_node.target), dense_chain[1])
-                bn_node.replace_all_uses_with(mask_node)
-                _erase(gm, bn_node, erased)
+                _erase(gm, bn_node, erased, mask_node)
                 return True
             return False
         set_submodule(gm, str(node.target), fast)
-        last.replace_all_uses_with(node)
+        replace_uses(last, node)
         for dead in ([bn_node] if bn_node is not None else []) + [mask_node]:
             _erase(gm, dead, erased)
         if relu_node is not None:
-            relu_node.replace_all_uses_with(node)
-            gm.graph.erase_node(relu_node)  # the ReLU module may serve other nodes: keep it
-            erased.add(relu_node)
+            _erase(gm, relu_node, erased, node, keep_module=True)  # the ReLU module may serve other nodes
         return True
 
     _rewrite_graphs(model, rewrite)
@@ -215,8 +207,7 @@ def _fold_bn_pass(model) -> int:
         if not foldable_bn(bn) or sum(n.target == node.target for n in gm.graph.nodes if n.op == "call_module") > 1:
             return False  # a conv module called from two places may feed something else there
         set_submodule(gm, str(node.target), folded_conv(gm.get_submodule(node.target), bn))
-        bn_node.replace_all_uses_with(node)
-        _erase(gm, bn_node, erased)
+        _erase(gm, bn_node, erased, node)
         folded += 1
         return True
 

@@ -18,12 +18,17 @@ nothing activation-sized in the forward and only the returned gradient in the ba
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 from torch import nn
 
+from passes import Change, set_call
+
 from sparsify.core.contract import Group, GroupContext, Method, Site
+from sparsify.core.registry import register
+from sparsify.core.params import Literal, Params, param
 from sparsify.core.buffers import eager
 from sparsify.core.layers import RecordsMixin
 from sparsify.methods.regularizers.kernels import hoyer_square, l1_sum, plain_penalty, tl1_sum
@@ -173,7 +178,7 @@ _INPLACE_FUNCS = {operator.iadd: operator.add, operator.isub: operator.sub, oper
                   operator.itruediv: operator.truediv}
 
 
-def _make_users_out_of_place(gm: fx.GraphModule, node: fx.Node) -> list[str]:
+def _make_users_out_of_place(gm: fx.GraphModule, node: fx.Node) -> list[Change]:
     """Turn in-place consumers of ``node`` into out-of-place ones (same values); returns what changed."""
     changed = []
     for user in list(node.users):
@@ -181,20 +186,17 @@ def _make_users_out_of_place(gm: fx.GraphModule, node: fx.Node) -> list[str]:
         if user.op == "call_module":
             mod = gm.get_submodule(user.target)
             if getattr(mod, "inplace", False) and first is node:
-                mod.inplace = False
-                changed.append(str(user.target))
+                mod.inplace = False  # a module attribute, not a graph edit: the node stays as it is
+                changed.append(Change("edit", str(user.target), "inplace=False"))
         elif user.op == "call_function":
             if user.kwargs.get("inplace") and first is node:
-                user.kwargs = {**user.kwargs, "inplace": False}
-                changed.append(user.name)
+                changed.append(set_call(user, kwargs={"inplace": False}))
             elif user.target in _INPLACE_FUNCS and first is node:
-                user.target = _INPLACE_FUNCS[user.target]
-                changed.append(user.name)
+                changed.append(set_call(user, target=_INPLACE_FUNCS[user.target]))
         elif user.op == "call_method":
             t = str(user.target)
             if t.endswith("_") and not t.endswith("__") and first is node and hasattr(torch.Tensor, t[:-1]):
-                user.target = t[:-1]
-                changed.append(user.name)
+                changed.append(set_call(user, target=t[:-1]))
     return changed
 
 
@@ -253,31 +255,38 @@ class ActivationRegGroup(Group):
         return None  # the node is removed: its users read its input again
 
 
+@dataclass
+class RegularizerParams(Params):
+    lam: float = param(0.01, "Weight of the penalty in the loss (sparsify.penalty).", ge=0)
+    reduction: Literal[REDUCTIONS] = param("mean", "How the per-element penalty is reduced over the tensor.")
+    placement: Literal["post", "pre"] = param("post", "Regularize the node's output (post) or its input (pre).",
+                                              what="'post' (the node's output) or 'pre' (its input)")
+    begin: float = param(0, "Step where the penalty starts.", time=True)
+    end: float | None = param(None, "Step where it stops (null: never).", time=True)
+    stage: str | None = param(None, "Name of a recipe stage whose range replaces begin/end (null: none).")
+
+
+@dataclass
+class TL1Params(RegularizerParams):
+    lam: float = param(0.01, "Weight of the penalty in the loss (sparsify.penalty).", ge=0)
+    a: float = param(1.0, "Shape of rho_a(x) = (1+a)|x|/(a+|x|): small a approaches l0, large a l1.", gt=0)
+
+
+@dataclass
+class HoyerParams(RegularizerParams):
+    lam: float = param(1e-4, "Weight of the penalty in the loss (sparsify.penalty).", ge=0)
+
+
 class _ActivationRegMethod(Method):
-    """Shared by the three regularizer methods; ``function`` picks the penalty."""
+    """Shared by the three regularizer methods; ``function`` picks the penalty. Params
+    (:class:`RegularizerParams`): ``lam`` (weight in the loss), ``reduction`` (``"sum"``,
+    ``"mean"``, ``"batchmean"``), ``placement`` (``"post"``: the node's output, ``"pre"``: its
+    input), ``begin`` / ``end`` (null: never ends) or ``stage``."""
 
     site = "node"
     function = "tl1"
     group_class = ActivationRegGroup
-    schedule_keys = ("begin", "end")
-
-    def check(self, params):
-        problems = super().check(params)
-        lam = params.get("lam")
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or lam < 0:
-            problems.append(("lam", f"must be a number >= 0, got {lam!r}"))
-        if "a" in params:
-            a = params["a"]
-            if isinstance(a, bool) or not isinstance(a, (int, float)) or not a > 0:
-                problems.append(("a", f"must be a number > 0, got {a!r}"))
-        if params.get("reduction") not in REDUCTIONS:
-            problems.append(("reduction", f"must be one of {', '.join(REDUCTIONS)}, got {params.get('reduction')!r}"))
-        if params.get("placement") not in ("post", "pre"):
-            problems.append(("placement", f"must be 'post' (the node's output) or 'pre' (its input), "
-                                          f"got {params.get('placement')!r}"))
-        if params.get("stage") is not None and not isinstance(params["stage"], str):
-            problems.append(("stage", "must be the name of a stage of the recipe's stages block, or null"))
-        return problems
+    Params = RegularizerParams
 
     @staticmethod
     def _regularized_node(site: Site, placement: str) -> fx.Node | None:
@@ -310,26 +319,40 @@ class _ActivationRegMethod(Method):
                                     params["placement"], regularizes=target.name,
                                     nonneg=produces_nonnegative(site.gm, target))
         new = site.insert_after(reg, self.name.replace("-", "_"), node=target)
-        _make_users_out_of_place(site.gm, new)
+        site.changes.extend(_make_users_out_of_place(site.gm, new))
 
 
+@register
 class TL1Method(_ActivationRegMethod):
+    """Recipe method ``tl1`` (docs/methods/tl1.md): Transformed-ℓ1 on activations. Params
+    (:class:`TL1Params`): ``lam`` (0.01), ``a`` (1.0, > 0), ``reduction`` ("mean"),
+    ``placement`` ("post"), ``begin`` (0), ``end`` (null), ``stage`` (null)."""
+
     name = "tl1"
     description = "Transformed-ℓ1 activation regularizer ρ_a(x) = (1+a)|x|/(a+|x|) (Yu & Tian 2024)"
     function = "tl1"
-    params = {"lam": 0.01, "a": 1.0, "reduction": "mean", "placement": "post", "begin": 0, "end": None,
-              "stage": None}
+    Params = TL1Params
 
 
+@register
 class ActivationL1Method(_ActivationRegMethod):
+    """Recipe method ``activation-l1``: λ·Σ|x| on activations. Params (:class:`RegularizerParams`):
+    ``lam`` (0.01), ``reduction`` ("mean"), ``placement`` ("post"), ``begin`` (0), ``end`` (null),
+    ``stage`` (null)."""
+
     name = "activation-l1"
     description = "ℓ1 activation regularizer λ·Σ|x| (SparseML's 'l1')"
     function = "l1"
-    params = {"lam": 0.01, "reduction": "mean", "placement": "post", "begin": 0, "end": None, "stage": None}
+    Params = RegularizerParams
 
 
+@register
 class HoyerSquareMethod(_ActivationRegMethod):
+    """Recipe method ``activation-hoyer``: λ·(Σ|x|)²/Σx² on activations. Params
+    (:class:`HoyerParams`): ``lam`` (1e-4), ``reduction`` ("mean"), ``placement`` ("post"),
+    ``begin`` (0), ``end`` (null), ``stage`` (null)."""
+
     name = "activation-hoyer"
     description = "Hoyer-square activation regularizer λ·(Σ|x|)²/Σx² (SparseML's 'hs', DeepHoyer)"
     function = "hoyer"
-    params = {"lam": 1e-4, "reduction": "mean", "placement": "post", "begin": 0, "end": None, "stage": None}
+    Params = HoyerParams

@@ -1,6 +1,8 @@
 """The SAS method: which sites it takes, how it rewrites them, its group (reporting, deployment)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 
 import torch
 import torch.fx as fx
@@ -8,6 +10,8 @@ from torch import nn
 
 
 from sparsify.core.contract import Group, Method, Site
+from sparsify.core.registry import register
+from sparsify.core.params import Literal, Params, param
 from sparsify.core.layers import TORCH_WEIGHT_TYPES, weight_base
 from sparsify.methods.sas.rules import make_slot_rule
 from sparsify.methods.sas.layer import SAS_CLASSES
@@ -42,9 +46,26 @@ class SASGroup(Group):
         return module.deploy_module()
 
 
-_CHOICES = {"input": ("rewire", "as_is"), "not_relu": ("dense", "as_is"), "init": ("auto", "zero", "identity")}
+@dataclass
+class SASParams(Params):
+    m: int = param(2, "Slots per input element.", ge=2)
+    slot_rule: str = param("auto", "How inputs are split into slots (auto: sign for m = 2, signed_levels otherwise).")
+    slot_options: dict = param({}, "Options of the slot rule (e.g. {\"scale\": 1.0}).")
+    input: Literal["rewire", "as_is"] = param("rewire", "rewire: a layer fed by a relu reads the relu's input.")
+    not_relu: Literal["dense", "as_is"] = param("dense", "Rewire layers not fed by a relu: left dense, or converted as is.")
+    through_average: bool = param(False, "Also look through average pooling for the relu (the official ResNet head).")
+    init: Literal["auto", "zero", "identity"] = param("auto", "Slot coefficients: auto, zero (official) or identity.")
+    recompute: bool = param(True, "Recompute the slots in the backward instead of keeping them.")
+
+    def check(self):
+        try:
+            make_slot_rule(self.slot_rule, self.m, self.slot_options)
+        except (ValueError, TypeError) as e:
+            return [("slot_rule", str(e))]
+        return []
 
 
+@register
 class SASMethod(Method):
     """Recipe method ``sas``; parameters (see docs/methods/sas.md):
 
@@ -64,31 +85,10 @@ class SASMethod(Method):
 
     name = "sas"
     description = "SAS: structured activation sparsification, M slots per input, relu rewiring (ICLR 2024)"
-    params = {"m": 2, "slot_rule": "auto", "slot_options": {}, "input": "rewire", "not_relu": "dense",
-              "through_average": False, "init": "auto", "recompute": True}
+    Params = SASParams
     group_class = SASGroup
     targets = TORCH_WEIGHT_TYPES  # not transformers' Conv1D: its slot layout is not implemented
     full_trace = True  # the relu feeding a layer may sit inside a module with nothing to rewrite
-
-    def check(self, params):
-        problems = []
-        m = params.get("m")
-        if isinstance(m, bool) or not isinstance(m, int) or m < 2:
-            problems.append(("m", f"must be an integer >= 2, got {m!r}"))
-        elif not isinstance(params.get("slot_options"), dict):
-            problems.append(("slot_options", "must be an object of slot rule options"))
-        else:
-            try:
-                make_slot_rule(params.get("slot_rule"), m, params.get("slot_options"))
-            except (ValueError, TypeError) as e:
-                problems.append(("slot_rule", str(e)))
-        for key, allowed in _CHOICES.items():
-            if params.get(key) not in allowed:
-                problems.append((key, f"must be one of {', '.join(map(repr, allowed))}, got {params.get(key)!r}"))
-        for key in ("through_average", "recompute"):
-            if not isinstance(params.get(key), bool):
-                problems.append((key, "must be true or false"))
-        return problems
 
     def accepts(self, site: Site) -> str | None:
         why = super().accepts(site)

@@ -8,7 +8,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from passes import Change, reroute_input
+from passes import Change, copy_chain, insert_call, remove_node, replace_uses, reroute_input
 
 
 
@@ -118,54 +118,41 @@ def _make_relu_out_of_place(gm: fx.GraphModule, relu: fx.Node, changes: list[Cha
     mutated (relu'd) tensor: they now read the relu's output, which is the same value."""
     if not _relu_inplace(gm, relu):
         return relu
-    graph = gm.graph
     x = relu.args[0]
-    order = {n: i for i, n in enumerate(graph.nodes)}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for user in list(x.users):
         if user is not relu and order[user] > order[relu]:
             changes.append(reroute_input(user, x, relu))
-    with graph.inserting_after(relu):
-        new = graph.call_function(torch.relu, (x,))
-    new.meta.update(relu.meta)
-    relu.replace_all_uses_with(new)
-    graph.erase_node(relu)
-    changes.append(Change("replace", relu.name, f"in-place relu -> torch.relu ({new.name}) so that its input "
-                                                "stays the pre-activation"))
+    new, change = insert_call(gm, relu, "call_function", torch.relu, (x,), meta_from=relu)
+    changes.append(change)
+    changes.append(remove_node(gm, relu, new, detail=f"in-place relu -> torch.relu ({new.name}) so that its "
+                                                     "input stays the pre-activation"))
     return new
 
 
 def _rewire(gm: fx.GraphModule, node: fx.Node, relu: fx.Node, chain: list[fx.Node], exact: bool,
             changes: list[Change]) -> str:
     """Feed ``node`` (the SAS layer) the relu's input, passed through a copy of ``chain``."""
-    graph = gm.graph
     relu = _make_relu_out_of_place(gm, relu, changes)
     relu_name = str(relu.target) if relu.op == "call_module" else relu.name
     pre = relu.args[0]
     if not chain:
         changes.append(reroute_input(node, relu, pre))
     else:
-        prev, prev_new = relu, pre
-        for op in chain:
-            with graph.inserting_before(op):
-                new = graph.node_copy(op, lambda n, p=prev, q=prev_new: q if n is p else n)
-            changes.append(Change("insert", new.name, f"copy of {op.name} on the pre-activation {pre.name}"))
-            prev, prev_new = op, new
-        changes.append(reroute_input(node, chain[-1], prev_new))
+        copies, copied = copy_chain(gm, chain, relu, pre)
+        changes.extend(copied)
+        changes.append(reroute_input(node, chain[-1], copies[-1]))
         end = chain[-1]
         if exact and end.users:
             # relu commutes with the chain: its other users get relu(chain(x)), the same values
-            with graph.inserting_after(prev_new):
-                r = graph.call_function(torch.relu, (prev_new,))
-            r.meta.update(end.meta)
-            end.replace_all_uses_with(r)
-            changes.append(Change("insert", r.name, f"relu moved past {', '.join(n.name for n in chain)}"))
+            r, change = insert_call(gm, copies[-1], "call_function", torch.relu, (copies[-1],), meta_from=end)
+            changes.append(change)
+            changes.append(replace_uses(end, r))
         for op in reversed(chain):
             if not op.users:
-                graph.erase_node(op)
-                changes.append(Change("erase", op.name))
+                changes.append(remove_node(gm, op))
     if not relu.users:
-        graph.erase_node(relu)
-        changes.append(Change("erase", relu.name, "relu without users after the SAS rewiring"))
+        changes.append(remove_node(gm, relu, detail="relu without users after the SAS rewiring"))
     return f"rewired from relu {relu_name}" + (f" through {', '.join(n.name for n in chain)}" if chain else "")
 
 

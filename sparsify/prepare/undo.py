@@ -1,0 +1,44 @@
+"""Putting a module tree back as it was when a rewrite fails halfway.
+
+``sparsify(..., inplace=True)`` swaps the caller's own submodules. The recipe is validated before
+anything is touched, but a method or a trace can still raise in the middle of the rewrite: then
+:class:`TreeSnapshot` restores every module's attributes, children, parameters and buffers (the
+tensor objects themselves, which the rewrite never replaces), so the caller can fix the call and
+retry on the same model.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["TreeSnapshot"]
+
+_CONTAINERS = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set")
+
+
+class TreeSnapshot:
+    """What :meth:`restore` needs to undo any change to the structure of ``root``'s modules.
+
+    >>> import torch
+    >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+    >>> snap, old = TreeSnapshot(m), m[0]
+    >>> m[0] = torch.nn.Identity(); m[1].inplace = True
+    >>> snap.restore()
+    >>> m[0] is old, m[1].inplace
+    (True, False)
+    """
+
+    def __init__(self, root: nn.Module):
+        self._saved = []
+        for m in root.modules():
+            attrs = dict(m.__dict__)
+            contents = {k: type(attrs[k])(attrs[k]) for k in _CONTAINERS if k in attrs}
+            self._saved.append((m, attrs, contents))
+
+    def restore(self) -> None:
+        for m, attrs, contents in self._saved:
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+            for key, content in contents.items():
+                # the rewrite mutated these containers in place: give them their old content back
+                attrs[key].clear()
+                attrs[key].update(content)

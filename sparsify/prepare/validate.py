@@ -1,0 +1,164 @@
+"""Validating a recipe as a whole, before any module is created or swapped.
+
+:func:`sparsify.prepare.recipe.load_recipe` runs the document checks (duplicate keys, finite
+numbers, the JSON Schema, each method's typed params); :func:`check_times` runs the checks that
+need ``total_steps`` (every time resolved to a step, ``begin <= end <= fix``, stages in order,
+every ``params.stage`` naming a stage). ``build`` calls it first, so a recipe that would fail
+halfway through a rewrite fails before the model is touched. Every message names the JSON path
+of the offending field.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Iterator
+
+from sparsify.core.schedules import resolve_time
+
+__all__ = ["RecipeError", "json_path", "loads_strict", "check_duplicates", "check_finite", "check_total_steps",
+           "check_times"]
+
+
+class RecipeError(ValueError):
+    """A recipe is malformed; the message says where and what to do."""
+
+
+def json_path(parts) -> str:
+    """``$.rules[0].params.lam`` from ``["rules", 0, "params", "lam"]``.
+
+    >>> json_path(["rules", 0, "params", "lam"])
+    '$.rules[0].params.lam'
+    """
+    out = "$"
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else f".{p}"
+    return out
+
+
+class _Pairs(dict):
+    """A JSON object that remembers the keys it was given more than once."""
+
+    duplicates: tuple = ()
+
+
+def _pairs(pairs) -> dict:
+    out = _Pairs()
+    seen = set()
+    dups = []
+    for key, value in pairs:
+        if key in seen and key not in dups:
+            dups.append(key)
+        seen.add(key)
+        out[key] = value  # the last value wins, as in json.loads; reported below anyway
+    out.duplicates = tuple(dups)
+    return out
+
+
+def loads_strict(text: str):
+    """``json.loads`` whose objects remember duplicated keys (see :func:`check_duplicates`).
+
+    >>> check_duplicates(loads_strict('{"a": {"b": 1, "b": 2}}'))
+    [(['a', 'b'], "duplicate key 'b' (a JSON object holds each key once; the last value would win silently)")]
+    """
+    return json.loads(text, object_pairs_hook=_pairs)
+
+
+def _walk(value, path: list) -> Iterator[tuple[list, Any]]:
+    yield path, value
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _walk(v, path + [k])
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _walk(v, path + [i])
+
+
+def check_duplicates(data) -> list[tuple[list, str]]:
+    """``(path, message)`` for every key given twice in one object of a :func:`loads_strict` document."""
+    out = []
+    for path, value in _walk(data, []):
+        for key in getattr(value, "duplicates", ()):
+            out.append((path + [key], f"duplicate key {key!r} (a JSON object holds each key once; "
+                                      "the last value would win silently)"))
+    return out
+
+
+def check_finite(data) -> list[tuple[list, str]]:
+    """``(path, message)`` for every NaN or infinite number (JSON's ``NaN`` / ``Infinity``).
+
+    >>> check_finite({"rules": [{"params": {"lam": float("nan")}}]})
+    [(['rules', 0, 'params', 'lam'], 'must be a finite number, got nan')]
+    """
+    return [(path, f"must be a finite number, got {value!r}") for path, value in _walk(data, [])
+            if isinstance(value, float) and not math.isfinite(value)]
+
+
+def check_total_steps(total_steps) -> None:
+    """``total_steps`` is None or a positive whole number of optimizer steps."""
+    if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
+                                    or total_steps <= 0):
+        raise ValueError(f"total_steps must be a positive number of optimizer steps, got {total_steps!r}")
+
+
+def _time(value, total_steps, what: str, require: bool):
+    """The step of a recipe time; None when it is None, or a fraction nobody can resolve yet (a
+    dry run without total_steps)."""
+    if not require and total_steps is None and isinstance(value, float) and 0 < value < 1:
+        return None
+    return resolve_time(value, total_steps, what=what)
+
+
+def _stage_ranges(stages: list[dict], total_steps, require: bool, source: str) -> dict[str, tuple]:
+    ranges: dict[str, tuple] = {}
+    previous = None
+    for i, st in enumerate(stages):
+        path = f"$.stages[{i}]"
+        if st["name"] in ranges:
+            raise RecipeError(f"{source}: {path}.name: stage {st['name']!r} is defined twice")
+        begin = _time(st["begin"], total_steps, f"{path}.begin", require)
+        end = _time(st.get("end"), total_steps, f"{path}.end", require)
+        if begin is not None and end is not None and end < begin:
+            raise RecipeError(f"{source}: {path}.end: end ({end}) is before begin ({begin})")
+        if begin is not None and previous is not None and begin < previous:
+            raise RecipeError(f"{source}: {path}.begin: stages are listed in the order they start; "
+                              f"this one begins ({begin}) before the one above it ({previous})")
+        previous = begin if begin is not None else previous
+        ranges[st["name"]] = (begin, end)
+    return ranges
+
+
+def check_times(recipe, time_keys, total_steps: int | None, *, require: bool = True) -> None:
+    """Resolve every time of ``recipe`` against ``total_steps`` and check their order.
+
+    ``time_keys(method_name)`` lists the params of a method that are times. ``require=False``
+    (dry runs) skips fractions when ``total_steps`` is unknown instead of failing.
+
+    >>> from sparsify.prepare.recipe import load_recipe
+    >>> from sparsify.methods import time_keys
+    >>> check_times(load_recipe("st3", begin=10, end=5, fix=None), time_keys, None)
+    Traceback (most recent call last):
+    ...
+    sparsify.prepare.validate.RecipeError: built-in:st3: $.rules[0].params.end: end (5) is before begin (10)
+    """
+    check_total_steps(total_steps)
+    source = recipe.source
+    stages = _stage_ranges(recipe.stages, total_steps, require, source)
+    for rule in recipe.rules:
+        if rule.method is None:
+            continue
+        p = rule.params
+        at = f"{rule.path}.params"
+        stage = p.get("stage")
+        if stage is not None:
+            if stage not in stages:
+                known = ", ".join(map(repr, stages)) or "none (the recipe has no stages block)"
+                raise RecipeError(f"{source}: {at}.stage: unknown stage {stage!r}; the recipe's stages: {known}")
+            continue  # the stage's range replaces the rule's own begin / end
+        steps = {key: _time(p.get(key), total_steps, f"{at}.{key}", require)
+                 for key in time_keys(rule.method) if key in p}
+        order = [k for k in ("begin", "end", "fix") if steps.get(k) is not None]
+        for a, b in zip(order, order[1:]):
+            if steps[b] < steps[a]:
+                raise RecipeError(f"{source}: {at}.{b}: {b} ({steps[b]}) is before {a} ({steps[a]})"
+                                  + (" (times are ordered begin <= end <= fix)" if b == "fix" else ""))
+
