@@ -309,9 +309,7 @@ def _fuse_relu_pass(model, rows) -> None:
         if sum(n.target == node.target for n in gm.graph.nodes if n.op == "call_module") > 1:
             return False
         conv.relu = True
-        relu_node.replace_all_uses_with(node)
-        gm.graph.erase_node(relu_node)  # the ReLU module may serve other nodes: keep it
-        erased.add(relu_node)
+        _erase(gm, relu_node, erased, node, keep_module=True)  # the ReLU module may serve other nodes
         fused.add(_qual(prefix, str(node.target)))
         return True
 
