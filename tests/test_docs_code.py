@@ -80,7 +80,8 @@ def test_page_code_runs(page, tmp_path, monkeypatch):
         if b.not_run is not None or b.missing():
             continue
         # pad with newlines so that a traceback names the line of the markdown file
-        code = compile("\n" * (b.line - 1) + b.code, str(b.page), "exec")
+        # dont_inherit: a block runs as a user runs it, without this file's __future__ imports
+        code = compile("\n" * (b.line - 1) + b.code, str(b.page), "exec", dont_inherit=True)
         try:
             exec(code, namespace)
         except Exception as e:
