@@ -106,7 +106,11 @@ def test_time_order_is_checked_before_the_model_is_touched():
     with pytest.raises(RecipeError, match=re.escape("$.rules[0].params.end: end (5) is before begin (10)")):
         sparsify.sparsify(model, "st3", begin=10, end=5, fix=None, inplace=True)
     with pytest.raises(RecipeError, match=re.escape("$.rules[0].params.fix: fix (20) is before end (50)")):
-        sparsify.sparsify(model, "st3", fix=0.2, total_steps=100)
+        sparsify.sparsify(model, "gmp", fix=0.2, total_steps=100)
+    with pytest.raises(RecipeError, match=re.escape("$.rules[0].params.fix: fix (3) is before begin (5)")):
+        sparsify.sparsify(model, "st3", begin=5, end=10, fix=3)
+    # ST-3 may fix before its ramp ends, as the official code does (the fix applies the final ratio)
+    sparsify.plan(model, "st3", begin=5, end=10, fix=8)
     with pytest.raises(RecipeError, match=re.escape("$.rules[0].params.fix: fix (3) is before begin (5)")):
         sparsify.sparsify(model, "nm-2-4", begin=5, fix=3)
     with pytest.raises(ScheduleError, match=re.escape("$.rules[0].params.begin=0.05 is a fraction")):

@@ -100,7 +100,8 @@ def _schema_type(tp) -> dict:
 class Params:
     """Base of a method's params dataclass (decorate the subclass with ``@dataclass``)."""
 
-    _hints: ClassVar[dict | None] = None
+    #: pairs of time params ``(a, b)`` with ``a <= b`` (checked once ``total_steps`` is known)
+    time_order: ClassVar[tuple[tuple[str, str], ...]] = (("begin", "end"), ("end", "fix"), ("begin", "fix"))
 
     @classmethod
     def _fields(cls):

@@ -32,16 +32,7 @@ from sparsify.methods.dual import L1PruneMethod
 from sparsify.methods.sas import SASMethod
 
 
-def time_keys(name: str) -> tuple[str, ...]:
-    """The params of method ``name`` that are times (steps, or fractions of ``total_steps``).
-
-    >>> time_keys("st3")
-    ('begin', 'end', 'fix')
-    """
-    return get_method(name).schedule_keys
-
-
-__all__ = ["REGISTRY", "get_method", "register", "time_keys", "Method", "Group", "GroupContext", "Site",
+__all__ = ["REGISTRY", "get_method", "register", "Method", "Group", "GroupContext", "Site",
            "SparseWeightMixin", "specialize", "plain_copy", "weight_base", "ST3Method", "STRMethod",
            "MagnitudeMethod", "NMMethod", "TL1Method", "ActivationL1Method", "HoyerSquareMethod",
            "SemiStructuredMethod", "L1PruneMethod", "SASMethod"]

@@ -21,7 +21,7 @@ from sparsify.prepare.hidden import (convert_hidden, hidden_candidates, hidden_p
                                      rewire_hidden_reads)
 from sparsify.prepare.inputs import guess_example_inputs, positions_per_sample
 from sparsify.prepare.matching import Candidate, MatchTable, op_name
-from sparsify.methods import SparseWeightMixin, get_method, time_keys
+from sparsify.methods import SparseWeightMixin, get_method
 from sparsify.core.activations import is_activation_module
 from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.core.contract import GroupContext, Site
@@ -262,7 +262,7 @@ def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps:
     check_model(model)
     if inplace and copy:
         raise ValueError("sparsify: inplace=True rewrites the caller's model and copy=True copies it; pick one")
-    check_times(recipe, time_keys, total_steps, require=not dry_run)  # before anything is touched
+    check_times(recipe, get_method, total_steps, require=not dry_run)  # before anything is touched
     if not inplace:
         return _build(copy_structure(model, share_tensors=not copy), recipe, example_inputs, total_steps, dry_run)
     snapshot = TreeSnapshot(model)

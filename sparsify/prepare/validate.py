@@ -2,8 +2,9 @@
 
 :func:`sparsify.prepare.recipe.load_recipe` runs the document checks (duplicate keys, finite
 numbers, the JSON Schema, each method's typed params); :func:`check_times` runs the checks that
-need ``total_steps`` (every time resolved to a step, ``begin <= end <= fix``, stages in order,
-every ``params.stage`` naming a stage). ``build`` calls it first, so a recipe that would fail
+need ``total_steps`` (every time resolved to a step and ordered as the method's
+``Params.time_order`` says, ``begin <= end <= fix`` by default; stages in order; every
+``params.stage`` naming a stage). ``build`` calls it first, so a recipe that would fail
 halfway through a rewrite fails before the model is touched. Every message names the JSON path
 of the offending field.
 """
@@ -127,15 +128,16 @@ def _stage_ranges(stages: list[dict], total_steps, require: bool, source: str) -
     return ranges
 
 
-def check_times(recipe, time_keys, total_steps: int | None, *, require: bool = True) -> None:
+def check_times(recipe, get_method, total_steps: int | None, *, require: bool = True) -> None:
     """Resolve every time of ``recipe`` against ``total_steps`` and check their order.
 
-    ``time_keys(method_name)`` lists the params of a method that are times. ``require=False``
-    (dry runs) skips fractions when ``total_steps`` is unknown instead of failing.
+    ``get_method(name)`` gives a method, whose ``schedule_keys`` are its time params and whose
+    ``Params.time_order`` the pairs that must not decrease. ``require=False`` (dry runs) skips
+    fractions when ``total_steps`` is unknown instead of failing.
 
     >>> from sparsify.prepare.recipe import load_recipe
-    >>> from sparsify.methods import time_keys
-    >>> check_times(load_recipe("st3", begin=10, end=5, fix=None), time_keys, None)
+    >>> from sparsify.methods import get_method
+    >>> check_times(load_recipe("st3", begin=10, end=5, fix=None), get_method, None)
     Traceback (most recent call last):
     ...
     sparsify.prepare.validate.RecipeError: built-in:st3: $.rules[0].params.end: end (5) is before begin (10)
@@ -154,11 +156,10 @@ def check_times(recipe, time_keys, total_steps: int | None, *, require: bool = T
                 known = ", ".join(map(repr, stages)) or "none (the recipe has no stages block)"
                 raise RecipeError(f"{source}: {at}.stage: unknown stage {stage!r}; the recipe's stages: {known}")
             continue  # the stage's range replaces the rule's own begin / end
+        method = get_method(rule.method)
         steps = {key: _time(p.get(key), total_steps, f"{at}.{key}", require)
-                 for key in time_keys(rule.method) if key in p}
-        order = [k for k in ("begin", "end", "fix") if steps.get(k) is not None]
-        for a, b in zip(order, order[1:]):
-            if steps[b] < steps[a]:
-                raise RecipeError(f"{source}: {at}.{b}: {b} ({steps[b]}) is before {a} ({steps[a]})"
-                                  + (" (times are ordered begin <= end <= fix)" if b == "fix" else ""))
+                 for key in method.schedule_keys if key in p}
+        for a, b in method.Params.time_order:
+            if steps.get(a) is not None and steps.get(b) is not None and steps[b] < steps[a]:
+                raise RecipeError(f"{source}: {at}.{b}: {b} ({steps[b]}) is before {a} ({steps[a]})")
 
