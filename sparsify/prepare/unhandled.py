@@ -89,7 +89,9 @@ def tied_to(root: nn.Module, name: str, module: nn.Module) -> str | None:
     if w is None:
         return None
     for other, m in root.named_modules(remove_duplicate=False):
-        if m is module:
+        # an enclosing module holding the same tensor is the one being rewritten through this
+        # layer (MultiheadAttention's in_proj_weight behind its in_proj view, see hidden.py)
+        if m is module or name.startswith(f"{other}.") or not other:
             continue
         for pname, p in m.named_parameters(recurse=False):
             if p is w:

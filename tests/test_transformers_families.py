@@ -1,0 +1,45 @@
+"""transformers families from tiny configs (no download) × every built-in recipe: sparsify, three
+steps on the model's own loss (labels passed), report, finalize with its output check, save and
+reload (benchmarks/transformers_coverage.py's end_to_end); and what the recipes reach there."""
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import pytest
+
+import sparsify
+
+if importlib.util.find_spec("transformers") is None:
+    print("skipping: transformers is not installed (pip install fx-sparsify[integrations])")
+    pytest.skip("transformers is not installed (pip install fx-sparsify[integrations])", allow_module_level=True)
+
+_spec = importlib.util.spec_from_file_location(
+    "transformers_coverage", pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "transformers_coverage.py")
+cov = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cov)
+
+
+@pytest.mark.parametrize("recipe", sorted(sparsify.builtin_recipes()))
+@pytest.mark.parametrize("family", list(cov.FAMILIES))
+def test_family_end_to_end(family, recipe):
+    assert cov.end_to_end(family, recipe) == "ok"
+
+
+# activation modules each family's MLPs call (transformers' own classes or torch's), all reached
+ACTIVATIONS = {"bert": "GELUActivation", "gpt2": "NewGELUActivation", "vit": "GELUActivation", "llama": "SiLUActivation",
+               "t5": "ReLU", "clip": "QuickGELUActivation"}
+
+
+@pytest.mark.parametrize("family", list(ACTIVATIONS))
+def test_tl1_reaches_the_mlp_activations(family):
+    model, inputs, _ = cov.FAMILIES[family]()
+    c = cov.coverage(model, "tl1", inputs)
+    assert c["activations"].get(ACTIVATIONS[family], 0) >= 2, c["activations"]
+
+
+@pytest.mark.parametrize("family", list(cov.FAMILIES))
+def test_st3_reaches_every_linear(family):
+    model, inputs, _ = cov.FAMILIES[family]()
+    c = cov.coverage(model, "st3", inputs)
+    assert c["linear_rewritten"] == c["linear"] and c["weight_param_share"] == 1.0
