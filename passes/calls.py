@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["CallRecord", "CallGuard"]
+__all__ = ["CallRecord", "CallGuard", "call_shell", "keep_argument_names"]
 
 _OTHER = object()  # a recorded argument value that is neither None nor a flag
 
@@ -226,3 +226,43 @@ class CallRecord:
         return calls
 
 
+
+
+def keep_argument_names(graph: fx.Graph, concrete_args: dict) -> None:
+    """Give placeholders of ``concrete_args`` their argument names back: fx names them
+    ``<name>_<n>``, which breaks callers that pass them by keyword (BertModel calls its embeddings
+    with ``token_type_ids=...``)."""
+    taken = {n.target for n in graph.nodes if n.op == "placeholder"}
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        base, _, count = str(node.target).rpartition("_")
+        if base in concrete_args and count.isdigit() and base not in taken:
+            node.target = base
+            taken.add(base)
+
+
+class CallShell(fx.GraphModule):
+    """A graph that only calls the module it holds (see :func:`call_shell`)."""
+
+    shell_of = ""  # the attribute name of the held module
+
+
+def call_shell(module: nn.Module, name: str) -> fx.GraphModule:
+    """A ``GraphModule`` holding ``module`` as child ``name`` whose graph calls it once on its one
+    input: an activation module called by an untraceable parent becomes a node that methods can
+    insert after, while the parent still calls ``parent.<name>(x)``.
+
+    >>> shell = call_shell(torch.nn.GELU(), "act")
+    >>> [n.op for n in shell.graph.nodes], float(shell(torch.zeros(1)))
+    (['placeholder', 'call_module', 'output'], 0.0)
+    """
+    holder = nn.Module()
+    holder.add_module(name, module)
+    graph = fx.Graph()
+    x = graph.placeholder("input")
+    graph.output(graph.call_module(name, (x,)))
+    gm = CallShell(holder, graph, f"{type(module).__name__}Shell")
+    gm.shell_of = name
+    gm.training = module.training
+    return gm

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .calls import CallGuard, CallRecord
+from .calls import CallGuard, CallRecord, call_shell, keep_argument_names
 
 __all__ = ["Fallback", "TraceResult", "TracedModule", "CallRecord", "trace", "traced_module", "module_path_of"]
 
@@ -138,7 +138,7 @@ def _first_line(exc: BaseException) -> str:
 
 def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend | None = None,
           prefix: str = "", max_fallbacks: int = 1000, calls: CallRecord | None = None,
-          concrete_args: dict | None = None) -> TraceResult:
+          concrete_args: dict | None = None, shell: Descend | None = None) -> TraceResult:
     """Symbolically trace ``root``, descending only where ``descend`` says, with fallbacks.
 
     ``descend(qualname, module)`` is asked for every non-standard submodule (``torch.nn``'s own
@@ -148,7 +148,9 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
     ``root.train()`` first to trace the training behaviour. ``calls`` (a :class:`CallRecord` of
     the same root) specialises children traced under an untraceable parent to how that parent
     calls them (arguments it passes as ``None`` or as a flag); ``concrete_args`` goes to
-    ``torch.fx.Tracer.trace`` for ``root`` itself.
+    ``torch.fx.Tracer.trace`` for ``root`` itself. ``shell(qualname, module)`` names leaves (an
+    activation module) that, called by an untraceable parent, get a graph of their own holding one
+    call of them (:func:`passes.calls.call_shell`), so nodes can be inserted after them.
 
     >>> import torchvision
     >>> r = trace(torchvision.models.resnet18(), lambda name, m: name.startswith("layer1"))
@@ -169,7 +171,7 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
                     graph = tracer.trace(root, concrete_args or None)
                 finally:
                     _hold(result, caught)
-            _keep_argument_names(graph, concrete_args or {})
+            keep_argument_names(graph, concrete_args or {})
         except Exception as exc:  # any tracing failure becomes a fallback, never a crash
             error = exc
         else:
@@ -181,7 +183,7 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
         culprit = tracer.culprit
         if culprit is None or culprit in forced or len(forced) >= max_fallbacks:
             result.fallbacks.append(Fallback(prefix, _first_line(error)))
-            _trace_children(root, descend, is_site, prefix, result, calls)
+            _trace_children(root, descend, is_site, prefix, result, calls, shell)
             return result
         forced.add(culprit)
         full = f"{prefix}.{culprit}" if prefix else culprit
@@ -194,36 +196,28 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
     result.graphs[prefix] = gm
     for leaf in sorted(forced):
         _trace_children(gm.get_submodule(leaf), descend, is_site,
-                        f"{prefix}.{leaf}" if prefix else leaf, result, calls)
+                        f"{prefix}.{leaf}" if prefix else leaf, result, calls, shell)
     return result
 
 
-def _keep_argument_names(graph: fx.Graph, concrete_args: dict) -> None:
-    # fx names the placeholder of a concrete argument "<name>_<n>", which breaks callers that
-    # pass it by keyword (BertModel calls its embeddings with token_type_ids=...)
-    taken = {n.target for n in graph.nodes if n.op == "placeholder"}
-    for node in graph.nodes:
-        if node.op != "placeholder":
-            continue
-        base, _, count = str(node.target).rpartition("_")
-        if base in concrete_args and count.isdigit() and base not in taken:
-            node.target = base
-            taken.add(base)
-
-
 def _trace_children(parent: nn.Module, descend: Descend, is_site: Descend, prefix: str,
-                    result: TraceResult, calls: CallRecord | None = None) -> None:
+                    result: TraceResult, calls: CallRecord | None = None, shell: Descend | None = None) -> None:
     for child_name, child in list(parent.named_children()):
         full = f"{prefix}.{child_name}" if prefix else child_name
         if is_site(full, child):
             result.direct.append(full)
         elif isinstance(child, (nn.ModuleList, nn.ModuleDict)):
             # containers are never called themselves: look at what they hold
-            _trace_children(child, descend, is_site, full, result, calls)
+            _trace_children(child, descend, is_site, full, result, calls, shell)
+        elif shell is not None and shell(full, child):
+            gm = call_shell(child, child_name)
+            setattr(parent, child_name, gm)
+            result.graphs[full] = gm
         elif not _is_torch_leaf(child) and descend(full, child):
             # the parent's own code calls this child: trace it as it is called there
             concrete = calls.concrete_args(full, child) if calls is not None else None
-            sub = trace(child, descend, is_site=is_site, prefix=full, calls=calls, concrete_args=concrete)
+            sub = trace(child, descend, is_site=is_site, prefix=full, calls=calls, concrete_args=concrete,
+                        shell=shell)
             if sub.module is not child:
                 setattr(parent, child_name, sub.module)
             result.graphs.update(sub.graphs)

@@ -80,8 +80,10 @@ def _candidates(tr: TraceResult, root: nn.Module) -> list[Candidate]:
         for node in gm.graph.nodes:
             if node.op in ("placeholder", "output", "get_attr"):
                 continue
-            out.append(Candidate(node_name(node, prefix), target_module(gm, node), node, gm, prefix,
-                                 node.name in first, node.name in last))
+            # the one call in a shell (passes.calls.call_shell) is named as the parent calls it
+            shelled = node.op == "call_module" and node.target == getattr(gm, "shell_of", None)
+            out.append(Candidate(prefix if shelled else node_name(node, prefix), target_module(gm, node), node, gm,
+                                 prefix, node.name in first, node.name in last))
     for name in tr.direct:
         out.append(Candidate(name, root.get_submodule(name)))
     return out
@@ -126,7 +128,12 @@ def _trace(root: nn.Module, matcher: MatchTable, example_inputs=None):
         w = matcher.winner(Candidate(name, m))
         return w is not None and w.method is not None
 
-    tr = trace(root, _not_a_layer, is_site=is_site, calls=calls)
+    # activation modules called by an untraceable parent get a one-call graph when a rule may
+    # insert after them (tl1 and friends); without parameters, so state_dict keys stay
+    node_rules = any(r.method is not None and r.method.site == "node" for r in matcher.rules)
+    shell = (lambda name, m: is_activation_module(m) and not any(True for _ in m.parameters())  # noqa: E731
+             and not any(True for _ in m.buffers())) if node_rules else None
+    tr = trace(root, _not_a_layer, is_site=is_site, calls=calls, shell=shell)
     cands = _candidates(tr, root)
     # a method whose rewrite reads the nodes around a site (SAS: the relu feeding a layer, which may
     # sit inside a module with nothing to rewrite) needs every module holding a layer or an
@@ -146,7 +153,8 @@ def _trace(root: nn.Module, matcher: MatchTable, example_inputs=None):
     if descended <= needed:
         return tr, cands, cands
     first_cands = cands
-    tr = trace(root, lambda name, m: name in needed and _not_a_layer(name, m), is_site=is_site, calls=calls)
+    tr = trace(root, lambda name, m: name in needed and _not_a_layer(name, m), is_site=is_site, calls=calls,
+               shell=shell)
     # first/last describe the model, not how deep this trace went (a leaf stem hides its conv)
     flags = {c.name: (c.first, c.last) for c in first_cands}
     cands = _candidates(tr, root)
