@@ -225,10 +225,17 @@ def main(argv=None):
     ap.add_argument("--families", nargs="*", default=list(FAMILIES))
     ap.add_argument("--e2e", action="store_true", help="also train, report, finalize, save and reload")
     ap.add_argument("--times", action="store_true", help="sparsify() against symbolic_trace / torch.export")
+    ap.add_argument("--out", help="also write the tables as the 'transformers' block of this page (docs/coverage.md)")
     args = ap.parse_args(argv)
-    print("| family | recipe | Linear-like rewritten | their params | all weight params | activation nodes "
-          "rewritten | untraceable (leaves)" + (" | end to end |" if args.e2e else " |"))
-    print("|---|---|---|---|---|---|---|" + ("---|" if args.e2e else ""))
+    lines = []
+
+    def emit(text: str = "") -> None:  # every table line also goes to --out
+        lines.append(text)
+        print(text, flush=True)
+
+    emit("| family | recipe | Linear-like rewritten | their params | all weight params | activation nodes "
+         "rewritten | untraceable (leaves)" + (" | end to end |" if args.e2e else " |"))
+    emit("|---|---|---|---|---|---|---|" + ("---|" if args.e2e else ""))
     for family in args.families:
         for recipe in args.recipes:
             torch.manual_seed(0)
@@ -240,14 +247,43 @@ def main(argv=None):
                    f"{c['weight_param_share']:.0%} | {acts} | {len(fb)} |")
             if args.e2e:
                 row += f" {end_to_end(family, recipe)} |"
-            print(row, flush=True)
+            emit(row)
     if args.times:
-        print("\n| family | sparsify(st3) (s) | symbolic_trace (s) | torch.export (s) |\n|---|---|---|---|")
+        emit("\n| family | sparsify(st3) (s) | symbolic_trace (s) | torch.export (s) |\n|---|---|---|---|")
         for family in args.families:
             t = times(family)
             cell = lambda k: f"{t[k + '_s']:.3f}" if t[k + "_s"] is not None else f"fails ({t[k + '_error']})"  # noqa: E731
-            print(f"| {family} | {t['sparsify_s']:.3f} | {cell('symbolic_trace')} | {cell('export')} |", flush=True)
+            emit(f"| {family} | {t['sparsify_s']:.3f} | {cell('symbolic_trace')} | {cell('export')} |")
+    if args.out:
+        _write_block(args.out, lines, args)
     return 0
+
+
+def _write_block(path: str, lines: list, args) -> None:
+    import importlib.util
+    import pathlib
+    spec = importlib.util.spec_from_file_location("_blocks", pathlib.Path(__file__).with_name("_blocks.py"))
+    blocks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(blocks)
+    body = "\n".join([_INTRO.format(torch=torch.__version__, command=" ".join(sys.argv[1:]))] + lines)
+    blocks.replace_block(pathlib.Path(path), "transformers", body)
+
+
+_INTRO = """## transformers families (tiny configs) × built-in recipes
+
+Produced by `.venv/bin/python benchmarks/transformers_coverage.py {command}` (torch {torch}, a
+2-core AMD EPYC): for each family built from a tiny config (2 layers, width 32; no download) and each recipe, the
+plan with example inputs. *Linear-like*: `nn.Linear` and transformers' `Conv1D`; *all weight
+params*: every weight matrix the plan counts (the patch and feature convolutions, layers a method
+refuses); *activation nodes*: the activation modules or calls the recipe rewrote, by kind;
+*untraceable*: submodules kept as leaves (their children are rewritten one by one). SAS reaches only
+layers fed by a relu (T5); semi-structured takes Conv2d layers only; T5 ties its LM head to the
+embedding even with `tie_word_embeddings=False`, so the plan leaves that head dense (tied weight). Every cell also runs end to end
+(sparsify, three AdamW steps on the model's own loss with labels, report, finalize with its output
+check, save and reload) in `tests/test_transformers_families.py` (`--e2e` adds that column here).
+The timing table compares `sparsify(model, "st3")` (best of 3) with `torch.fx.symbolic_trace` and
+`torch.export.export` of the dense model on the same inputs.
+"""
 
 
 if __name__ == "__main__":

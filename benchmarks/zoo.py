@@ -304,14 +304,25 @@ def write_markdown(out: str, results: dict, models: list[tuple[str, str]], recip
         for ratio, m, rc, s, t, n in ratios[:10]:
             L.append(f"| {m} | {rc} | {s:.2f} | {t:.3f} | {ratio:.1f}x | {n} |")
         L.append("")
-    tail = ""
+    tail, blocks = "", []
     if os.path.exists(out):
         with open(out) as f:
             text = f.read()
         i = text.find("\n## Notes")
         tail = text[i:] if i >= 0 else ""
+        # sections other scripts own (transformers_coverage.py's table) stay
+        blocks = [b for b in _blocks().extract_blocks(text) if b not in tail]
     with open(out, "w") as f:
-        f.write("\n".join(L) + tail)
+        f.write("\n".join(L) + ("\n" + "\n".join(blocks) if blocks else "") + tail)
+
+
+def _blocks():
+    """benchmarks/_blocks.py, also when this file is loaded by path (tests/test_zoo_subset.py)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_blocks", os.path.join(os.path.dirname(__file__), "_blocks.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _best(f, n: int) -> float:

@@ -47,7 +47,7 @@ def _sparsify(model, recipe, inputs, **kw):
 @pytest.mark.parametrize("recipe", WEIGHT_RECIPES)
 def test_gpt2_conv1d_layers_are_sparsified_trained_reported_and_finalized(recipe):
     torch.manual_seed(0)
-    model, inputs = cov.gpt2()
+    model, inputs, _ = cov.gpt2()
     names = _conv1d_names(model)
     assert len(names) == 8  # c_attn, c_proj, c_fc, mlp.c_proj in each of the 2 blocks
     m = _sparsify(model, recipe, inputs)
@@ -186,7 +186,7 @@ def test_linear_rules_match_conv1d_and_sas_leaves_it_alone():
     assert not compile_match({"type": "Conv1d"})(c)
     assert compile_match({"type": "Linear", "in_channels": {"min": 32}, "out_channels": {"min": 96}})(c)
     torch.manual_seed(0)
-    model, inputs = cov.gpt2()
+    model, inputs, _ = cov.gpt2()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         plan = sparsify.plan(model, "sas", example_inputs=inputs)

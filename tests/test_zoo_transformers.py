@@ -27,7 +27,7 @@ _spec.loader.exec_module(cov)
 @pytest.mark.parametrize("name", ["BertForSequenceClassification", "ViTForImageClassification"])
 def test_st3_reaches_every_linear_and_trains(name):
     torch.manual_seed(0)
-    model, inputs = cov.MODELS[name]()
+    model, inputs, _ = cov.MODELS[name]()
     linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -61,7 +61,7 @@ def test_bert_embeddings_are_traced_as_bert_calls_them():
     from passes import trace
     from passes.tracing import CallRecord
     torch.manual_seed(0)
-    model, inputs = cov.bert()
+    model, inputs, _ = cov.bert()
     model.eval()
     expected = model(*inputs).logits
     plain = trace(copy.deepcopy(model)).module  # unspecialised: BertModel's call misfits its guard
@@ -75,7 +75,7 @@ def test_bert_embeddings_are_traced_as_bert_calls_them():
 
 def test_tl1_reaches_the_mlp_activations():
     torch.manual_seed(0)
-    model, inputs = cov.vit()
+    model, inputs, _ = cov.vit()
     c = cov.coverage(model, "tl1", inputs)
     assert c["activations"].get("GELUActivation", 0) == 2  # one per encoder layer's MLP, kept a module call
 
@@ -86,7 +86,7 @@ def test_every_call_works_without_example_inputs(name):
     calls its users make: keywords, optional inputs present or absent, labels, other lengths and
     batch sizes. st3 is dense at step 0, so the outputs equal the original's."""
     torch.manual_seed(0)
-    model, _ = cov.MODELS[name]()
+    model, _, _ = cov.MODELS[name]()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         m = sparsify.sparsify(model, "st3", total_steps=100)
