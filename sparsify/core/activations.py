@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["ALIASES", "activation_kind", "is_activation_module"]
+__all__ = ["ALIASES", "activation_kind", "is_activation_module", "shell_activation"]
 
 # class name -> the torch activation it computes or approximates
 ALIASES = {
@@ -44,3 +44,15 @@ def is_activation_module(module) -> bool:
     (True, False)
     """
     return activation_kind(module) is not None
+
+
+def shell_activation(name: str, module) -> bool:
+    """Give ``module`` a one-call graph of its own where an untraceable parent calls it
+    (``passes.trace``'s ``shell``): an activation without parameters or buffers, so the
+    state_dict keys stay as they are.
+
+    >>> shell_activation("act", nn.GELU()), shell_activation("act", nn.PReLU())
+    (True, False)
+    """
+    return (is_activation_module(module) and not any(True for _ in module.parameters())
+            and not any(True for _ in module.buffers()))

@@ -22,11 +22,11 @@ from sparsify.prepare.hidden import (convert_hidden, hidden_candidates, hidden_p
 from sparsify.prepare.inputs import guess_example_inputs, positions_per_sample
 from sparsify.prepare.matching import Candidate, MatchTable, op_name
 from sparsify.methods import SparseWeightMixin, get_method
-from sparsify.core.activations import is_activation_module
+from sparsify.core.activations import is_activation_module, shell_activation
 from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.core.contract import GroupContext, Site
 from sparsify.prepare.plan import Plan, PlanEntry
-from sparsify.prepare.unhandled import frozen_reason, tied_to, unhandled_entries
+from sparsify.prepare.unhandled import kept_dense, unhandled_entries
 from sparsify.prepare.recipe import Recipe
 from sparsify.prepare.undo import TreeSnapshot
 from sparsify.prepare.validate import check_times
@@ -128,11 +128,8 @@ def _trace(root: nn.Module, matcher: MatchTable, example_inputs=None):
         w = matcher.winner(Candidate(name, m))
         return w is not None and w.method is not None
 
-    # activation modules called by an untraceable parent get a one-call graph when a rule may
-    # insert after them (tl1 and friends); without parameters, so state_dict keys stay
-    node_rules = any(r.method is not None and r.method.site == "node" for r in matcher.rules)
-    shell = (lambda name, m: is_activation_module(m) and not any(True for _ in m.parameters())  # noqa: E731
-             and not any(True for _ in m.buffers())) if node_rules else None
+    # activation modules called by an untraceable parent get a one-call graph when a rule may insert after them
+    shell = shell_activation if any(r.method is not None and r.method.site == "node" for r in matcher.rules) else None
     tr = trace(root, _not_a_layer, is_site=is_site, calls=calls, shell=shell)
     cands = _candidates(tr, root)
     # a method whose rewrite reads the nodes around a site (SAS: the relu feeding a layer, which may
@@ -315,12 +312,7 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
         why = why or w.method.accepts(site)
         weight_params = c.module.weight.numel() if isinstance(c.module, WEIGHT_TYPES) else 0
         if not why and weight_params:
-            why = frozen_reason(c.module, recipe.options)
-            tied = None if why else tied_to(root, c.name, c.module)
-            if tied:
-                why = (f"weight tied to {tied}: rewriting this layer alone would leave that use dense; untie "
-                       "them (e.g. tie_word_embeddings=False) to sparsify it")
-                warnings.warn(f"sparsify: {c.name} stays dense: {why}", stacklevel=3)
+            why = kept_dense(root, c.name, c.module, recipe.options)
         if why:
             plan.entries.append(PlanEntry(c.name, c.kind, None, w.rule.index, why, weight_params))
             continue

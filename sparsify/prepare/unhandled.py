@@ -15,6 +15,7 @@ multiplies with.
 from __future__ import annotations
 
 import operator
+import warnings
 
 import torch
 import torch.fx as fx
@@ -24,7 +25,7 @@ from torch import nn
 from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.prepare.plan import PlanEntry
 
-__all__ = ["unhandled_entries", "tied_to", "frozen_reason"]
+__all__ = ["unhandled_entries", "tied_to", "frozen_reason", "kept_dense"]
 
 _FUSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.RNNBase, nn.RNNCellBase, nn.Bilinear)
 _MATMUL = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
@@ -112,3 +113,15 @@ def frozen_reason(module: nn.Module, options: dict) -> str:
         return ""
     return ('frozen (requires_grad=False): left as it is; "options": {"frozen": "include"} in the recipe '
             "sparsifies it too")
+
+
+def kept_dense(root: nn.Module, name: str, module: nn.Module, options: dict) -> str:
+    """Why the weight layer ``name`` stays dense although a rule matched it: frozen, or its weight
+    tied to another module's (warned); "" when it can be rewritten."""
+    why = frozen_reason(module, options)
+    tied = None if why else tied_to(root, name, module)
+    if tied:
+        why = (f"weight tied to {tied}: rewriting this layer alone would leave that use dense; untie "
+               "them (e.g. tie_word_embeddings=False) to sparsify it")
+        warnings.warn(f"sparsify: {name} stays dense: {why}", stacklevel=4)
+    return why
