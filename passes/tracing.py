@@ -243,11 +243,15 @@ class TracedModule(fx.GraphModule):
         if guard is not None and not guard.fits(args, kwargs, self):
             # a call the graph was not traced for: the original forward, through Module.__call__
             # so hooks still run
+            outer = self.__dict__.get("forward")  # a call nested in another eager call of this module
             self.__dict__["forward"] = lambda *a, **k: guard.eager(self, a, k)
             try:
                 return super().__call__(*args, **kwargs)
             finally:
-                del self.__dict__["forward"]
+                if outer is None:
+                    self.__dict__.pop("forward", None)
+                else:
+                    self.__dict__["forward"] = outer
         return super().__call__(*args, **kwargs)
 
     def _deepcopy_init(self):
