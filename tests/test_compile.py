@@ -50,7 +50,10 @@ def test_compiled_training_matches_eager(recipe):
     got = train(compiled, data())  # sparsify's functions take the compiled wrapper too
     assert got == pytest.approx(expected, rel=1e-4, abs=1e-5)
     # the masks moved during the run, and moved the same way
-    assert sparsify.report(compiled).to_dict()["totals"] == pytest.approx(sparsify.report(eager).to_dict()["totals"])
+    got_totals, want_totals = sparsify.report(compiled).to_dict()["totals"], sparsify.report(eager).to_dict()["totals"]
+    assert got_totals.pop("empty_layers") == want_totals.pop("empty_layers")
+    assert got_totals.pop("achieved") == pytest.approx(want_totals.pop("achieved"))  # approx takes no nested dict
+    assert got_totals == pytest.approx(want_totals)
     for (k, a), b in zip(eager.state_dict().items(), compiled_model.state_dict().values()):
         if isinstance(a, torch.Tensor) and a.is_floating_point():
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=k)

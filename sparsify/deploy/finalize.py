@@ -67,8 +67,11 @@ def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
         if isinstance(gm, fx.GraphModule):
             gm.recompile()
     final.train(False)
-    for p in final.parameters():
-        p.requires_grad_(False)
+    # a frozen layer stays frozen and a trainable one trainable: the finalized model can be
+    # fine-tuned or sparsified again (frozen layers are left dense by sparsify)
+    trainable = {n: p.requires_grad for n, p in source.named_parameters()}
+    for n, p in final.named_parameters():
+        p.requires_grad_(trainable.get(n, True))
     if not check:
         return final
     inputs = example_inputs if example_inputs is not None else state_inputs(state, unwrap(model))
