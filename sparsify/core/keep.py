@@ -21,7 +21,7 @@ import torch
 
 from sparsify.core.threshold import pruned_count, quantile
 
-__all__ = ["min_kept", "guarded_thresholds", "DEFAULT_MIN_DENSITY", "EmptyLayerWarning", "warn_empty"]
+__all__ = ["min_kept", "guarded_thresholds", "DEFAULT_MIN_DENSITY", "EmptyLayerWarning", "warn_empty", "HeldLayers"]
 
 #: Default share of every layer kept by the global methods (1/10 of the average density at
 #: their 90% default): enough to keep a classifier or a depthwise conv working, small enough
@@ -136,3 +136,16 @@ def warn_empty(method: str, masks: dict[str, torch.Tensor], warned: set[str], mi
     warnings.warn(f"sparsify: {method} pruned every weight of {', '.join(empty)} (100% sparse: the output "
                   f"no longer depends on the input; {why}); raise the rule's min_density or lower its "
                   "sparsity", EmptyLayerWarning, stacklevel=3)
+
+
+class HeldLayers:
+    """For groups whose last update held layers at ``min_density`` (``self.floored``, reported as
+    ``held_at_min_density``): the list travels in ``state_dict`` as the group's extra state, so a
+    loaded model reports what the saved one did before its next update."""
+
+    def get_extra_state(self):
+        return {"held_at_min_density": list(self.floored)}
+
+    def set_extra_state(self, state) -> None:
+        self.floored = list(state.get("held_at_min_density", []))
+

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sparsify.core.keep import DEFAULT_MIN_DENSITY, guarded_thresholds, warn_empty
+from sparsify.core.keep import HeldLayers, DEFAULT_MIN_DENSITY, guarded_thresholds, warn_empty
 from sparsify.core.contract import Group, GroupContext, Method
 from sparsify.core.registry import register
 from sparsify.core.params import Params, param
@@ -69,7 +69,7 @@ class L1PruneMixin(RecordsMixin, SparseWeightMixin):
 L1PRUNE_CLASSES = specialize(L1PruneMixin, prefix="L1Prune")
 
 
-class L1PruneGroup(Group):
+class L1PruneGroup(HeldLayers, Group):
     """All layers of one ``l1-prune`` rule: ℓ1 on, then one global threshold, then fixed masks."""
 
     def __init__(self, method, params, members, ctx: GroupContext):

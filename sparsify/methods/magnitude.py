@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.core.schedules import cubic
-from sparsify.core.keep import DEFAULT_MIN_DENSITY, guarded_thresholds, warn_empty
+from sparsify.core.keep import HeldLayers, DEFAULT_MIN_DENSITY, guarded_thresholds, warn_empty
 from sparsify.core.threshold import QuantileTracker
 from sparsify.core.contract import Group, GroupContext, Method
 from sparsify.core.registry import register
@@ -87,7 +87,7 @@ DEFAULT_INTERVAL = 100
 MIN_UPDATES = 32  # a short ramp is cut into at least this many updates (else: every step)
 
 
-class MagnitudeGroup(Group):
+class MagnitudeGroup(HeldLayers, Group):
     """The layers of one GMP rule: the cubic schedule, the (global or per-layer) threshold."""
 
     def __init__(self, method, params, members, ctx: GroupContext):

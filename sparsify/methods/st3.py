@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.core.schedules import cubic
-from sparsify.core.keep import DEFAULT_MIN_DENSITY, guarded_thresholds, warn_empty
+from sparsify.core.keep import HeldLayers, DEFAULT_MIN_DENSITY, guarded_thresholds, warn_empty
 from sparsify.core.threshold import QuantileTracker
 from sparsify.core.contract import Group, GroupContext, Method
 from sparsify.core.registry import register
@@ -180,7 +180,7 @@ class ST3Mixin(SparseWeightMixin):
 ST3_CLASSES = specialize(ST3Mixin, prefix="ST3")
 
 
-class ST3Group(Group):
+class ST3Group(HeldLayers, Group):
     """All layers of one ST-3 rule: one global threshold, the cubic schedule, the fix step."""
 
     def __init__(self, method, params, members, ctx: GroupContext):
