@@ -342,3 +342,19 @@ def test_stochastic_depth_stays_live_under_sas():
     with torch.no_grad():
         assert torch.equal(model(X32[:2]), model(X32[:2]))
     sparsify.finalize(model)  # raises when the check sees random eval outputs
+
+
+def test_sas_looks_through_a_regularizer_on_its_relu():
+    """A recipe with SAS and tl1: the regularizer after each relu does not hide the relu from SAS,
+    plan and sparsify agree, and the regularizer still sees the relu's output."""
+    recipe = {"version": 1, "name": "sas+tl1", "rules": [
+        {"match": {"type": ["Conv2d", "Linear"]}, "method": "sas", "params": {"not_relu": "dense"}},
+        {"match": {"type": ["ReLU"]}, "method": "tl1", "params": {"lam": 1e-3}}]}
+    model = torchvision.models.resnet18(num_classes=10)
+    plan = sparsify.plan(model, recipe, example_inputs=X32)
+    planned = {e.name for e in plan.entries if e.method == "sas"}
+    sparse = sparsify.sparsify(model, recipe, example_inputs=X32)
+    assert planned and planned == set(_sas_layers(sparse))
+    sparse.train()
+    sparse(X32)
+    assert float(sparsify.penalty(sparse)) > 0

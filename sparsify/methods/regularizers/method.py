@@ -122,6 +122,7 @@ class ActivationRegularizer(RecordsMixin, nn.Module):
     """
 
     identity_in_eval = True  # records nothing outside training: a CallGuard need not warn
+    returns_input = True  # graph analyses (SAS's relu search) may look through it
 
     def __init__(self, function: str = "tl1", lam: float = 1.0, a: float = 1.0, reduction: str = "mean",
                  placement: str = "post", regularizes: str = "", nonneg: bool = False):

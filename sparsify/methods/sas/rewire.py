@@ -94,6 +94,8 @@ def find_relu_input(gm: fx.GraphModule, node: fx.Node, through_average: bool = F
         return None
     cur, chain, exact = node.args[0], [], True
     for _ in range(16):
+        if _returns_input(gm, cur) and cur.args and isinstance(cur.args[0], fx.Node) and is_relu(gm, cur.args[0]):
+            cur = cur.args[0]  # an observer right after the relu (a regularizer): the relu's output as is
         if is_relu(gm, cur):
             if not cur.args or not isinstance(cur.args[0], fx.Node):
                 return None
@@ -105,6 +107,12 @@ def find_relu_input(gm: fx.GraphModule, node: fx.Node, through_average: bool = F
         chain.append(cur)
         cur = cur.args[0]
     return None
+
+
+def _returns_input(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A module call that returns its input unchanged and only observes it (an activation
+    regularizer, ``returns_input = True``): SAS looks through it to the relu it observes."""
+    return node.op == "call_module" and getattr(type(_module(gm, node)), "returns_input", False)
 
 
 def _non_negative(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -136,10 +144,12 @@ def _rewire(gm: fx.GraphModule, node: fx.Node, relu: fx.Node, chain: list[fx.Nod
     relu = _make_relu_out_of_place(gm, relu, changes)
     relu_name = str(relu.target) if relu.op == "call_module" else relu.name
     pre = relu.args[0]
+    # what the chain (or the layer) reads: the relu, or an observer of its output that stays put
+    out = (chain[0] if chain else node).args[0]
     if not chain:
-        changes.append(reroute_input(node, relu, pre))
+        changes.append(reroute_input(node, out, pre))
     else:
-        copies, copied = copy_chain(gm, chain, relu, pre)
+        copies, copied = copy_chain(gm, chain, out, pre)
         changes.extend(copied)
         changes.append(reroute_input(node, chain[-1], copies[-1]))
         end = chain[-1]
