@@ -26,7 +26,7 @@ from sparsify.core.activations import is_activation_module, shell_activation
 from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.core.contract import GroupContext, Site
 from sparsify.prepare.plan import Plan, PlanEntry
-from sparsify.prepare.unhandled import kept_dense, unhandled_entries
+from sparsify.prepare.unhandled import kept_dense, param_owners, unhandled_entries
 from sparsify.prepare.recipe import Recipe
 from sparsify.prepare.undo import TreeSnapshot
 from sparsify.prepare.validate import check_times
@@ -300,6 +300,7 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     if not dry_run:
         changes_by_graph[""].extend(convert_hidden(root, swaps))
     refused = _refused_multi_calls(cands, matcher, root)
+    owners = param_owners(root)
     for c in cands + hidden:
         w = matcher.winner(c)
         if w is None or w.method is None:
@@ -312,7 +313,7 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
         why = why or w.method.accepts(site)
         weight_params = c.module.weight.numel() if isinstance(c.module, WEIGHT_TYPES) else 0
         if not why and weight_params:
-            why = kept_dense(root, c.name, c.module, recipe.options)
+            why = kept_dense(root, c.name, c.module, recipe.options, owners)
         if why:
             plan.entries.append(PlanEntry(c.name, c.kind, None, w.rule.index, why, weight_params))
             continue

@@ -25,7 +25,7 @@ from torch import nn
 from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.prepare.plan import PlanEntry
 
-__all__ = ["unhandled_entries", "tied_to", "frozen_reason", "kept_dense"]
+__all__ = ["unhandled_entries", "tied_to", "param_owners", "frozen_reason", "kept_dense"]
 
 _FUSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.RNNBase, nn.RNNCellBase, nn.Bilinear)
 _MATMUL = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
@@ -78,8 +78,25 @@ def unhandled_entries(root: nn.Module, graphs: dict[str, fx.GraphModule]) -> lis
     return out
 
 
-def tied_to(root: nn.Module, name: str, module: nn.Module) -> str | None:
+def param_owners(root: nn.Module) -> dict[int, list[str]]:
+    """``id(parameter) -> qualified names it is registered under`` (one walk of the model, so that
+    checking every layer for ties costs one pass, not one per layer).
+
+    >>> emb, head = nn.Embedding(5, 3), nn.Linear(3, 5, bias=False)
+    >>> head.weight = emb.weight
+    >>> param_owners(nn.ModuleDict({"emb": emb, "head": head}))[id(emb.weight)]
+    ['emb.weight', 'head.weight']
+    """
+    owners: dict[int, list[str]] = {}
+    for other, m in root.named_modules(remove_duplicate=False):
+        for pname, p in m.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(f"{other}.{pname}" if other else pname)
+    return owners
+
+
+def tied_to(root: nn.Module, name: str, module: nn.Module, owners: dict[int, list[str]] | None = None) -> str | None:
     """The other place the weight of the layer ``name`` is registered (a tied embedding), if any.
+    ``owners``: :func:`param_owners` of ``root``, when the caller checks many layers.
 
     >>> emb, head = nn.Embedding(5, 3), nn.Linear(3, 5, bias=False)
     >>> head.weight = emb.weight
@@ -89,14 +106,14 @@ def tied_to(root: nn.Module, name: str, module: nn.Module) -> str | None:
     w = getattr(module, "weight", None)
     if w is None:
         return None
-    for other, m in root.named_modules(remove_duplicate=False):
-        # an enclosing module holding the same tensor is the one being rewritten through this
-        # layer (MultiheadAttention's in_proj_weight behind its in_proj view, see hidden.py)
-        if m is module or name.startswith(f"{other}.") or not other:
+    owners = param_owners(root) if owners is None else owners
+    for full in owners.get(id(w), ()):
+        other = full.rpartition(".")[0]
+        # the layer itself, or an enclosing module holding the same tensor: the one being rewritten
+        # through this layer (MultiheadAttention's in_proj_weight behind its in_proj view, see hidden.py)
+        if other == name or not other or name.startswith(f"{other}."):
             continue
-        for pname, p in m.named_parameters(recurse=False):
-            if p is w:
-                return f"{other}.{pname}" if other else pname
+        return full
     return None
 
 
@@ -115,11 +132,12 @@ def frozen_reason(module: nn.Module, options: dict) -> str:
             "sparsifies it too")
 
 
-def kept_dense(root: nn.Module, name: str, module: nn.Module, options: dict) -> str:
+def kept_dense(root: nn.Module, name: str, module: nn.Module, options: dict,
+               owners: dict[int, list[str]] | None = None) -> str:
     """Why the weight layer ``name`` stays dense although a rule matched it: frozen, or its weight
     tied to another module's (warned); "" when it can be rewritten."""
     why = frozen_reason(module, options)
-    tied = None if why else tied_to(root, name, module)
+    tied = None if why else tied_to(root, name, module, owners)
     if tied:
         why = (f"weight tied to {tied}: rewriting this layer alone would leave that use dense; untie "
                "them (e.g. tie_word_embeddings=False) to sparsify it")
