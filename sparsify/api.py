@@ -45,9 +45,10 @@ def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int 
     check_inputs(model, None)  # a TorchScript module: before the checks that assume a Python module
     check_model(model)  # a wrong model is the first thing to report, before any recipe problem
     recipe = load_recipe(recipe, **overrides)
-    check_inputs(model, example_inputs)  # wrong shapes fail here, not later in finalize
+    # wrong shapes fail here, not later in finalize; the same forward gives the MAC factors
+    factors = check_inputs(model, example_inputs)
     root, plan_ = build(model, recipe, example_inputs=example_inputs, total_steps=total_steps, inplace=inplace,
-                          copy=copy)
+                        copy=copy, factors=factors)
     for i in plan_.unmatched_rules:
         if recipe.data["rules"][i].get("optional"):
             continue  # the recipe says this rule may match nothing (e.g. no downsample layers)
@@ -68,8 +69,9 @@ def plan(model: nn.Module, recipe, *, example_inputs=None, total_steps: int | No
     21
     """
     recipe = load_recipe(recipe, **overrides)
-    check_inputs(model, example_inputs)
-    _, plan_ = build(model, recipe, example_inputs=example_inputs, total_steps=total_steps, dry_run=True)
+    factors = check_inputs(model, example_inputs)
+    _, plan_ = build(model, recipe, example_inputs=example_inputs, total_steps=total_steps, dry_run=True,
+                     factors=factors)
     return plan_
 
 

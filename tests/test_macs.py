@@ -72,3 +72,25 @@ def test_report_counts_layers_left_dense():
     rep = sparsify.report(m)
     assert rep.totals["macs"] == 1_814_073_344  # dense layers (layer4, fc) still count
     assert all(not r.name.startswith("layer4") and r.name != "fc" for r in rep.layers)
+
+
+def test_sparsify_counts_macs_with_the_forward_that_checks_the_inputs():
+    """sparsify() runs the given example_inputs once (to say at once when they do not fit); the
+    report's MACs come from that forward, so report() runs none of its own, and they match the
+    dense count of the original model."""
+    stems = []
+
+    def count(module, args):  # real forwards of any copy of the stem (tracing passes proxies)
+        if isinstance(module, nn.Conv2d) and module.in_channels == 3 and isinstance(args[0], torch.Tensor):
+            stems.append(1)
+    model = torchvision.models.resnet18(num_classes=10)
+    x = torch.zeros(1, 3, 64, 64)
+    expected = dense_macs(model, (x,))
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(count)
+    try:
+        sparse = sparsify.sparsify(model, "st3", total_steps=100, example_inputs=x)
+        report = sparsify.report(sparse)
+    finally:
+        handle.remove()
+    assert len(stems) == 1
+    assert report.totals["macs"] == expected

@@ -260,25 +260,29 @@ def _refused_multi_calls(cands, matcher, root) -> dict[str, str]:
 
 
 def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps: int | None = None,
-          inplace: bool = False, copy: bool = False, dry_run: bool = False):
+          inplace: bool = False, copy: bool = False, dry_run: bool = False, factors: dict | None = None):
     """Trace, match, rewrite. Returns ``(root, plan)``; ``root`` carries a SparsifyState unless
     ``dry_run``. ``model``'s modules are never changed unless ``inplace``; its parameter and buffer
-    tensors are shared with ``root`` unless ``copy`` (see :func:`sparsify.sparsify`)."""
+    tensors are shared with ``root`` unless ``copy`` (see :func:`sparsify.sparsify`). ``factors``:
+    :func:`~sparsify.prepare.inputs.positions_per_sample` of ``model`` on ``example_inputs``, when the
+    caller measured them (qualified names survive the rewrite, so they hold for ``root``)."""
     check_model(model)
     if inplace and copy:
         raise ValueError("sparsify: inplace=True rewrites the caller's model and copy=True copies it; pick one")
     check_times(recipe, get_method, total_steps, require=not dry_run)  # before anything is touched
     if not inplace:
-        return _build(copy_structure(model, share_tensors=not copy), recipe, example_inputs, total_steps, dry_run)
+        return _build(copy_structure(model, share_tensors=not copy), recipe, example_inputs, total_steps, dry_run,
+                      factors)
     snapshot = TreeSnapshot(model)
     try:
-        return _build(model, recipe, example_inputs, total_steps, dry_run)
+        return _build(model, recipe, example_inputs, total_steps, dry_run, factors)
     except BaseException:
         snapshot.restore()  # a failed sparsify leaves the caller's model as it was
         raise
 
 
-def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | None, dry_run: bool):
+def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | None, dry_run: bool,
+           measured: dict | None):
     was_training = root.training
     root.train()
     matcher = MatchTable(recipe.rules, get_method)
@@ -348,10 +352,13 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     else:
         example_inputs = (example_inputs,)
     hidden_names = [c.name for c in hidden]
-    factors = None  # sparsify(): measured by the first report() (a forward costs more than the trace)
-    if dry_run:
+    # measured: by the forward that checked the caller's example_inputs; else sparsify() leaves them
+    # to the first report() (a forward costs more than the trace), the dry run measures them now
+    factors = dict(measured) if measured is not None else None
+    if factors is None and dry_run:
         factors = positions_per_sample(root, example_inputs) if example_inputs is not None else {}
-        factors.update(hidden_positions(root, example_inputs, hidden_names))
+    if factors is not None and hidden_names:
+        factors.update(hidden_positions(root, example_inputs, hidden_names) if example_inputs is not None else {})
     if example_inputs is not None:
         plan.input_shapes = [list(x.shape) for x in example_inputs if hasattr(x, "shape")]
         for e in plan.entries if factors else ():
@@ -373,6 +380,7 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     state.example_inputs = example_inputs
     state.guess_inputs_later = guessed and example_inputs is None
     state.hidden_names = hidden_names
+    state.layer_factors = factors
     root.add_module(STATE_ATTR, state)
     for group in state.groups.values():
         group.update(0, None)

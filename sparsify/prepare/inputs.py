@@ -82,31 +82,30 @@ def state_inputs(state: SparsifyState, root: nn.Module):
     return state.example_inputs
 
 
-def check_inputs(model: nn.Module, example_inputs) -> None:
+def check_inputs(model: nn.Module, example_inputs) -> dict[str, float] | None:
     """Say now, in one line, what would otherwise fail later (in ``finalize`` or a MAC count): a
-    TorchScript model, or ``example_inputs`` the model cannot run on (checked by one eval forward).
+    TorchScript model, or ``example_inputs`` the model cannot run on. The one eval forward that
+    checks them also measures :func:`positions_per_sample`, returned for the MAC counts (so a
+    later ``report`` needs no forward of its own); ``None`` without example inputs.
 
     >>> check_inputs(nn.Linear(4, 2), (torch.zeros(1, 3),))
     Traceback (most recent call last):
     ValueError: example_inputs do not fit the model: shapes (1, 3) raise RuntimeError: mat1 and mat2 shapes cannot be multiplied (1x3 and 4x2); pass what the model's forward takes, batch first (e.g. example_inputs=(torch.zeros(1, 3, 224, 224),) for an image model)
+    >>> check_inputs(nn.Linear(4, 2), (torch.zeros(1, 4),))
+    {'': 1.0}
     """
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError("sparsify takes a Python nn.Module, not a TorchScript module (torch.jit.script/trace "
                         "output cannot be traced by torch.fx): sparsify the original module, then script the "
                         "result of sparsify.finalize")
     if example_inputs is None:
-        return
+        return None
     inputs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            model(*inputs)
+        return positions_per_sample(model, inputs)
     except Exception as e:
         shapes = ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs)
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise ValueError(f"example_inputs do not fit the model: shapes {shapes} raise {type(e).__name__}: {first}; "
                          "pass what the model's forward takes, batch first (e.g. "
                          "example_inputs=(torch.zeros(1, 3, 224, 224),) for an image model)") from None
-    finally:
-        model.train(was_training)
