@@ -354,10 +354,11 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     hidden_names = [c.name for c in hidden]
     # measured: by the forward that checked the caller's example_inputs; else sparsify() leaves them
     # to the first report() (a forward costs more than the trace), the dry run measures them now
-    factors = dict(measured) if measured is not None else None
+    # (weights read outside module calls need a forward of their own: left to report() too)
+    factors = dict(measured) if measured is not None and (dry_run or not hidden_names) else None
     if factors is None and dry_run:
         factors = positions_per_sample(root, example_inputs) if example_inputs is not None else {}
-    if factors is not None and hidden_names:
+    if dry_run and hidden_names:
         factors.update(hidden_positions(root, example_inputs, hidden_names) if example_inputs is not None else {})
     if example_inputs is not None:
         plan.input_shapes = [list(x.shape) for x in example_inputs if hasattr(x, "shape")]
