@@ -3,21 +3,12 @@ steps on the model's own loss (labels passed), report, finalize with its output 
 reload (benchmarks/transformers_coverage.py's end_to_end); and what the recipes reach there."""
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 
 import pytest
 
 import sparsify
 
-if importlib.util.find_spec("transformers") is None:
-    print("skipping: transformers is not installed (pip install fx-sparsify[integrations])")
-    pytest.skip("transformers is not installed (pip install fx-sparsify[integrations])", allow_module_level=True)
-
-_spec = importlib.util.spec_from_file_location(
-    "transformers_coverage", pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "transformers_coverage.py")
-cov = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cov)
+from hf_harness import cov  # skips this module without transformers
 
 
 @pytest.mark.parametrize("recipe", sorted(sparsify.builtin_recipes()))

@@ -3,8 +3,6 @@ ST-3, end to end (sparsify -> 2 training steps -> report -> finalize with its ou
 from __future__ import annotations
 
 import copy
-import importlib.util
-import pathlib
 import warnings
 
 import pytest
@@ -14,14 +12,7 @@ from torch import nn
 import sparsify
 from sparsify.core.state import find_state
 
-if importlib.util.find_spec("transformers") is None:
-    print("skipping: transformers is not installed (pip install fx-sparsify[integrations])")
-    pytest.skip("transformers is not installed (pip install fx-sparsify[integrations])", allow_module_level=True)
-
-_spec = importlib.util.spec_from_file_location(
-    "transformers_coverage", pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "transformers_coverage.py")
-cov = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cov)
+from hf_harness import cov  # skips this module without transformers
 
 
 @pytest.mark.parametrize("name", ["BertForSequenceClassification", "ViTForImageClassification"])

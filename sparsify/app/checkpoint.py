@@ -51,13 +51,18 @@ def save_atomic(obj, path: Path) -> None:
     path = Path(path)
     tmp = _tmp_name(path)
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        _save_synced(obj, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _save_synced(obj, path: Path) -> None:
+    """``torch.save`` that returns only once the bytes are on disk."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_json(obj, path: Path) -> None:
@@ -87,10 +92,7 @@ def save_checkpoint(tensors: dict, meta: dict, folder: Path) -> None:
     pt = folder / CHECKPOINT
     tmp = _tmp_name(pt)
     try:
-        with open(tmp, "wb") as f:
-            torch.save(tensors, f)
-            f.flush()
-            os.fsync(f.fileno())
+        _save_synced(tensors, tmp)
         digest, size = _sha256(tmp), tmp.stat().st_size
         os.replace(tmp, pt)
     finally:
