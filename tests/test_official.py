@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsify
-from sparsify.methods.official import load_official_state_dict, to_official_state_dict
+from sparsify.deploy.official import load_official_state_dict, to_official_state_dict
 
 
 class OfficialST3Layer(nn.Module):
