@@ -349,3 +349,13 @@ def test_recipe_stored_in_model_and_report():
     stored = json.loads(find_state(m).recipe_json)
     assert stored["rules"][0]["params"]["sparsity"] == 0.8
     assert sparsify.report(m).recipe == "st3"
+
+
+def test_dense_checkpoint_into_a_sparsified_model_says_what_to_do():
+    dense = net()
+    m = sparsify.sparsify(net(), "st3", total_steps=10, example_inputs=X)
+    with pytest.raises(RuntimeError, match=r"holds no sparsify state.*strict=False"):
+        m.load_state_dict(dense.state_dict())
+    # strict=False takes the dense weights (the layers keep their names)
+    result = m.load_state_dict(dense.state_dict(), strict=False)
+    assert torch.equal(m.get_submodule("0").weight, dense[0].weight) and not result.unexpected_keys

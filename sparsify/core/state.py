@@ -11,7 +11,7 @@ import json
 import torch
 from torch import nn
 
-__all__ = ["SparsifyState", "STATE_ATTR", "find_state", "unwrap"]
+__all__ = ["SparsifyState", "STATE_ATTR", "find_state", "unwrap", "explain_missing_state"]
 
 STATE_ATTR = "sparsify_state"
 
@@ -49,6 +49,20 @@ class SparsifyState(nn.Module):
 
     def extra_repr(self) -> str:
         return f"step={int(self.step)}, groups={list(self.groups)}"
+
+
+def explain_missing_state(module: nn.Module, incompatible_keys) -> None:
+    """``load_state_dict`` post-hook of a sparsified model: when the checkpoint holds no sparsify
+    state (it was saved from the model before ``sparsify``), the missing key says so and what to
+    do. torch's own error then reads right under ``strict=True``; ``strict=False`` (taking dense
+    weights into the sparsified model) is unaffected but for the annotated name."""
+    missing = incompatible_keys.missing_keys
+    key = f"{STATE_ATTR}._extra_state"
+    for i, k in enumerate(missing):
+        if k == key or k.endswith("." + key):
+            missing[i] = (f"{k} (this checkpoint holds no sparsify state: it was saved from a model before "
+                          "sparsify(); load it with strict=False to take its weights into the sparsified "
+                          "model, or save the sparsified model's own state_dict)")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

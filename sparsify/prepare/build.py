@@ -30,7 +30,7 @@ from sparsify.prepare.unhandled import kept_dense, param_owners, unhandled_entri
 from sparsify.prepare.recipe import Recipe
 from sparsify.prepare.undo import TreeSnapshot
 from sparsify.prepare.validate import check_times
-from sparsify.core.state import STATE_ATTR, SparsifyState
+from sparsify.core.state import STATE_ATTR, SparsifyState, explain_missing_state
 
 __all__ = ["build", "check_model"]
 
@@ -383,6 +383,7 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     state.hidden_names = hidden_names
     state.layer_factors = factors
     root.add_module(STATE_ATTR, state)
+    root.register_load_state_dict_post_hook(explain_missing_state)
     for group in state.groups.values():
         group.update(0, None)
     return root, plan
