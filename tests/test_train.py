@@ -15,7 +15,8 @@ from torch import nn
 import sparsify
 from sparsify.app.demo import run_demo
 from sparsify.stats.runstats import activation_stats
-from sparsify.app.train import CHECKPOINT, TrainConfig, resolve_optimizer, save_atomic, train
+from sparsify.app.checkpoint import save_atomic
+from sparsify.app.train import CHECKPOINT, TrainConfig, resolve_optimizer, train
 
 
 def cfg(tmp_path, name="run", **kw):

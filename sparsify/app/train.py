@@ -20,7 +20,6 @@ always win.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 
 import sparsify as sp
 
-from sparsify.app.checkpoint import CHECKPOINT, StopOnSigint, remove_stale_temporaries, save_atomic, write_json
+from sparsify.app.checkpoint import CHECKPOINT, StopOnSigint, remove_stale_temporaries, write_json
 from sparsify.app.resume import CONFIG, RUN_KEYS, claim_out, load_run, restore, save_run
 from sparsify.app.data import load_data
 from sparsify.app.summary import evaluate, library_measurement, summarize, weight_sparsity

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from sparsify.core.keep import HeldLayers, DEFAULT_MIN_DENSITY, guarded_thresholds, warn_empty
 from sparsify.core.contract import Group, GroupContext, Method

@@ -22,8 +22,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from sparsify.core.schedules import cubic
 from sparsify.core.keep import HeldLayers, DEFAULT_MIN_DENSITY, guarded_thresholds, warn_empty
