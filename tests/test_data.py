@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from sparsify.app.data import DataError, load_data
-from sparsify.app.models import ModelError, build_model, input_channels
+from sparsify.app.models import ModelError, build_model, input_channels, model_names
 
 
 def test_digits_split_is_fixed_stratified_and_standardized():
@@ -115,3 +115,21 @@ def test_torchvision_and_factory_models(tmp_path, monkeypatch):
         build_model("lenet")
     with pytest.raises(ModelError, match="built-in models .* only"):
         build_model("resnet18", width=2)
+
+
+def test_lenet300_is_the_784_300_100_mlp_with_lecun_init():
+    torch.manual_seed(0)
+    m = build_model("lenet300", num_classes=10, in_channels=1, image_size=28)
+    shapes = [tuple(p.shape) for p in m.parameters()]
+    assert shapes == [(300, 784), (300,), (100, 300), (100,), (10, 100), (10,)]
+    assert m(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    # LeCun: std 1/sqrt(fan-in), biases zero (not torch's default uniform with std 1/sqrt(3 fan-in))
+    assert abs(m.fc1.weight.std().item() * 784 ** 0.5 - 1.0) < 0.02
+    assert not m.fc1.bias.any()
+    assert "lenet300" in model_names()
+
+
+def test_a_fractional_width_gives_the_2x_parameter_lenet5():
+    n1 = sum(p.numel() for p in build_model("lenet5", in_channels=1, image_size=28).parameters())
+    n2 = sum(p.numel() for p in build_model("lenet5", in_channels=1, image_size=28, width=1.41).parameters())
+    assert 1.9 < n2 / n1 < 2.1

@@ -205,6 +205,28 @@ def test_l1_and_hoyer_methods_record_their_function(method, function):
                                                        rel=1e-5)
 
 
+@pytest.mark.parametrize("recipe,function", [("activation-l1", "l1"), ("activation-hoyer", "hoyer")])
+def test_l1_and_hoyer_recipes_validate_and_raise_activation_sparsity_on_digits(recipe, function, tmp_path):
+    """``sparsify train --model lenet300 --data digits --recipe activation-l1|activation-hoyer``: the
+    built-in recipe puts one node after each ReLU, and a large λ leaves more zero activations than λ = 0
+    (same seed, same batches) while the net still learns."""
+    from sparsify.app.models import build_model
+    from sparsify.app.train import TrainConfig, train
+    m = sparsify.sparsify(build_model("lenet300", in_channels=1, image_size=8), recipe,
+                          example_inputs=torch.zeros(2, 1, 8, 8))
+    assert [(r.function, r.lam, r.regularizes) for r in regs(m)] == [(function, 0.01, "relu1"),
+                                                                      (function, 0.01, "relu2")]
+    with pytest.raises(sparsify.RecipeError, match="lam"):
+        sparsify.sparsify(build_model("lenet300", in_channels=1, image_size=8), recipe, lam=-1.0)
+    act = {}
+    for lam in (0.0, 3.0):
+        r = train(TrainConfig(model="lenet300", recipe=recipe, data="digits", epochs=3, threads=1,
+                              overrides={"lam": lam}, out=str(tmp_path / str(lam)), progress=False), quiet=True)
+        assert r["accuracy"] > 0.8, (lam, r["accuracy"])
+        act[lam] = r["activation_sparsity"]
+    assert act[3.0] > act[0.0] + 0.05, act
+
+
 def test_begin_end_switch_the_penalty_and_survive_a_checkpoint():
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
     x = torch.randn(2, 4)

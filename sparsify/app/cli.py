@@ -92,7 +92,7 @@ def _plan_model(args):
     from sparsify.app.models import BUILTIN_MODELS, build_model
     shape = _parse_shape(args.input_shape)
     if args.model in BUILTIN_MODELS:
-        defaults = {"lenet5": (1, 1, 28, 28), "cnn": (1, 1, 8, 8)}.get(args.model, (1, 3, 32, 32))
+        defaults = {"lenet5": (1, 1, 28, 28), "lenet300": (1, 1, 28, 28), "cnn": (1, 1, 8, 8)}.get(args.model, (1, 3, 32, 32))
         shape = shape or defaults
         model = build_model(args.model, num_classes=args.num_classes or 10, in_channels=shape[1],
                             image_size=shape[-1], width=args.width)
@@ -126,7 +126,7 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser, default: str | None, train: bool = False) -> None:
     p.add_argument("--model", default=default, required=default is None and not train,
-                   help="lenet5, cnn, resnet8, resnet20, a torchvision model name, or package.module:factory"
+                   help="lenet5, lenet300, cnn, resnet8, resnet20, a torchvision model name, or package.module:factory"
                    + (" (default cnn; with --resume: the run's, and a package.module:factory model must be "
                       "named again to be imported)" if train else ""))
     p.add_argument("--width", type=float, default=1.0, help="width multiplier of the built-in models (default 1)")

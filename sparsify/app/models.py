@@ -1,6 +1,7 @@
 """Models the ``sparsify`` command can build by name.
 
-* built-ins sized for small images: ``lenet5`` (MNIST-style, ReLU + max-pool), ``cnn`` (a small
+* built-ins sized for small images: ``lenet5`` (MNIST-style, ReLU + max-pool), ``lenet300`` (the
+  LeNet-300-100 MLP, the classic MNIST pruning benchmark), ``cnn`` (a small
   BatchNorm CNN, the demo's model on 8x8 digits), ``resnet8`` / ``resnet20`` (CIFAR-style ResNets);
   all take a ``width`` multiplier (the "2x-wider dense" baselines);
 * any torchvision classification model by name (``resnet18``, ``mobilenet_v2``, ...), built with
@@ -20,7 +21,7 @@ import inspect
 import torch
 from torch import nn
 
-__all__ = ["ModelError", "LeNet5", "SmallCNN", "CifarResNet", "BUILTIN_MODELS", "build_model", "model_names",
+__all__ = ["ModelError", "LeNet5", "LeNet300100", "SmallCNN", "CifarResNet", "BUILTIN_MODELS", "build_model", "model_names",
            "input_channels"]
 
 
@@ -69,6 +70,34 @@ class LeNet5(nn.Module):
     def forward(self, x):
         x = self._features(x)
         return self.fc3(self.relu4(self.fc2(self.relu3(self.fc1(x)))))
+
+
+class LeNet300100(nn.Module):
+    """LeNet-300-100 (LeCun et al. 1998; the MNIST benchmark of Han et al. 2015 and most pruning
+    papers): the flattened image - fc 300 - ReLU - fc 100 - ReLU - fc classes, ~266k parameters
+    on 28x28 digits. LeCun initialisation as :class:`LeNet5` (no BatchNorm here either).
+
+    >>> m = LeNet300100(image_size=28)
+    >>> sum(p.numel() for p in m.parameters()), m(torch.zeros(2, 1, 28, 28)).shape
+    (266610, torch.Size([2, 10]))
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28, width: float = 1.0):
+        super().__init__()
+        h1, h2 = _w(300, width), _w(100, width)
+        self.fc1 = nn.Linear(in_channels * image_size * image_size, h1)
+        self.relu1 = nn.ReLU()
+        self.fc2 = nn.Linear(h1, h2)
+        self.relu2 = nn.ReLU()
+        self.fc3 = nn.Linear(h2, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="linear")
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        x = torch.flatten(x, 1)
+        return self.fc3(self.relu2(self.fc2(self.relu1(self.fc1(x)))))
 
 
 class SmallCNN(nn.Module):
@@ -143,6 +172,7 @@ class CifarResNet(nn.Module):
 
 BUILTIN_MODELS = {
     "lenet5": (LeNet5, "LeNet-5 (ReLU, max-pool) for 28x28 digits; ~61k parameters"),
+    "lenet300": (LeNet300100, "LeNet-300-100 MLP (784-300-100-10, ReLU) for 28x28 digits; ~266k parameters"),
     "cnn": (SmallCNN, "small 3-conv BatchNorm CNN (the demo model for 8x8 digits); ~24k parameters"),
     "resnet8": (lambda **kw: CifarResNet(8, **kw), "CIFAR-style ResNet-8 (16/32/64 channels)"),
     "resnet20": (lambda **kw: CifarResNet(20, **kw), "CIFAR-style ResNet-20 (16/32/64 channels)"),
