@@ -11,14 +11,17 @@
 // a 1-D sum over a flat index. A tile of 16*R consecutive j stays in R vector registers while the
 // taps of o are added; tiles are the outer loop, then blocks of input channels, then output
 // channels, so the input rows under a tile for one channel block stay in cache across channels. Stride 1 without padding reads the input in
-// place when no tap shifts along the width. Output channels are split across threads with at::parallel_for, balanced by tap count.
+// place when no tap shifts along the width. 
+// Threads split the tiles (and images), the output channels, or both: see partition().
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <ctime>
 #include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -150,6 +153,67 @@ inline void add_taps(vf* acc, const float* Pj, const int32_t* off, const float* 
 
 constexpr int64_t OCB = 32;  // output channels whose tiles stay in L1 while a channel block is added
 
+// One thread's share: the work units (image n, tile) u0..u1 (unit u = n * tiles + tile) times
+// the output channels o0..o1.
+struct Part {
+  int64_t u0, u1, o0, o1;
+};
+
+// Splits the units into su groups and the output channels into nt / su groups (su divides nt),
+// the su that leaves the busiest thread least work. Units cost the same (a partial last tile
+// still runs whole vectors); an output channel costs its taps plus, per tile, what is paid
+// once per channel (bias, ReLU, store: ~4 taps) and per non-empty channel block (~2 taps:
+// reloading and storing the tile's accumulators). Splitting the units (spatial) wins ties:
+// each thread then streams only its part of the input instead of all of it, so the two cores'
+// L2 caches hold disjoint halves. su = -1: choose; else that su.
+std::vector<Part> partition(const int32_t* blk, int64_t nb, const Geometry& g, int64_t nt, int64_t force_su) {
+  const int64_t stride = nb + 1, tiles = (g.Ho * g.Wq + T - 1) / T, U = g.N * tiles;
+  std::vector<int64_t> cum(g.Cout + 1, 0);  // prefix sums of the channel costs
+  for (int64_t o = 0; o < g.Cout; ++o) {
+    int64_t c = blk[o * stride + nb] - blk[o * stride] + 4;
+    for (int64_t b = 0; b < nb; ++b) c += 2 * (blk[o * stride + b + 1] > blk[o * stride + b]);
+    cum[o + 1] = cum[o] + c;
+  }
+  std::vector<Part> best;
+  double best_max = 0;
+  for (int64_t su = nt; su >= 1; --su) {
+    if (nt % su || (force_su > 0 && su != force_su) || (su > 1 && U < su)) continue;
+    const int64_t sc = nt / su;
+    std::vector<int64_t> ob(sc + 1, g.Cout);  // channel groups of about equal cost
+    ob[0] = 0;
+    for (int64_t k = 1, o = 0; k < sc; ++k) {
+      while (o < g.Cout && cum[o] * sc < cum[g.Cout] * k) ++o;
+      ob[k] = o;
+    }
+    std::vector<Part> parts;
+    double worst = 0;
+    for (int64_t i = 0; i < su; ++i)
+      for (int64_t k = 0; k < sc; ++k) {
+        const Part p{U * i / su, U * (i + 1) / su, ob[k], ob[k + 1]};
+        worst = std::max(worst, double(p.u1 - p.u0) * double(cum[p.o1] - cum[p.o0]));
+        parts.push_back(p);
+      }
+    if (best.empty() || worst < 0.98 * best_max) {
+      best = parts;
+      best_max = worst;
+    }
+  }
+  return best;
+}
+
+// Per-part CPU time of the last conv2d call (ns), recorded while profiling is on: the time each
+// thread spends on its share, without the wait at the end, so the balance and the cost of
+// splitting can be measured on a machine whose cores are shared (wall clock cannot).
+std::atomic<bool> profiling{false};
+std::atomic<int64_t> profile_su{-1};  // while profiling: the unit groups to force (-1: choose)
+std::vector<int64_t> part_ns, part_thread;
+
+inline int64_t thread_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
 // blk[o * (nb + 1) + b]: the first tap of output channel o in input channel block b (taps are
 // sorted by channel), so each tile adds one block of input channels at a time to OCB output
 // tiles: the input rows under the tile for that block (a few KB) stay in L1 while they are reused
@@ -157,29 +221,30 @@ constexpr int64_t OCB = 32;  // output channels whose tiles stay in L1 while a c
 void conv(const float* P, const int32_t* off, const int32_t* blk, int64_t nb, const float* val,
           const float* bias, float* out, const Geometry& g, bool relu) {
   const int64_t L = g.Ho * g.Wq, plane = g.Ho * g.Wo, img = g.in_place ? g.C * g.H * g.W : g.image();
+  const int64_t tiles = (L + T - 1) / T;
   const bool dense_rows = g.Wq == g.Wo;
   const int64_t stride = nb + 1;
-  // chunks of output channels with about equal tap counts, a few per thread
+  const bool prof = profiling.load(std::memory_order_relaxed);
   const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t nchunks = std::min<int64_t>(g.Cout, nt * 4);
-  std::vector<int64_t> bounds(nchunks + 1, g.Cout);
-  bounds[0] = 0;
-  const int64_t total = blk[g.Cout * stride - 1];
-  for (int64_t k = 1, o = 0; k < nchunks; ++k) {
-    while (o < g.Cout && static_cast<int64_t>(blk[o * stride]) * nchunks < total * k) ++o;
-    bounds[k] = o;
+  std::vector<Part> parts = partition(blk, nb, g, nt, prof ? profile_su.load() : -1);
+  if (parts.empty()) parts = partition(blk, nb, g, nt, -1);  // the forced split does not fit
+  if (prof) {
+    part_ns.assign(parts.size(), 0);
+    part_thread.assign(parts.size(), -1);
   }
-  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
-    const int64_t o0 = bounds[cb], o1 = bounds[ce];
+  at::parallel_for(0, static_cast<int64_t>(parts.size()), 1, [&](int64_t pb, int64_t pe) {
     alignas(64) float obuf[OCB * T];
-    for (int64_t n = 0; n < g.N; ++n) {
-      const float* Pn = P + n * img;
-      float* outn = out + n * g.Cout * plane;
-      for (int64_t j0 = 0; j0 < L; j0 += T) {
+    for (int64_t pi = pb; pi < pe; ++pi) {
+      const Part& part = parts[pi];
+      const int64_t t_start = prof ? thread_ns() : 0;
+      for (int64_t u = part.u0; u < part.u1; ++u) {
+        const int64_t n = u / tiles, j0 = (u % tiles) * T;
+        const float* Pn = P + n * img;
+        float* outn = out + n * g.Cout * plane;
         const int64_t len = std::min(T, L - j0);
         const float* Pj = Pn + j0;
-        for (int64_t ob = o0; ob < o1; ob += OCB) {
-          const int64_t oe = std::min(o1, ob + OCB);
+        for (int64_t ob = part.o0; ob < part.o1; ob += OCB) {
+          const int64_t oe = std::min(part.o1, ob + OCB);
           for (int64_t o = ob; o < oe; ++o) {
             const vf b = splat(bias ? bias[o] : 0.f);
             for (int r = 0; r < R; ++r) storeu(obuf + (o - ob) * T + V * r, b);
@@ -210,8 +275,66 @@ void conv(const float* P, const int32_t* off, const int32_t* blk, int64_t nb, co
           }
         }
       }
+      if (prof) {
+        part_ns[pi] = thread_ns() - t_start;
+        part_thread[pi] = at::get_thread_num();
+      }
     }
   });
+}
+
+Geometry geometry_of(at::IntArrayRef xs, const at::Tensor& blocks, at::IntArrayRef geometry) {
+  TORCH_CHECK(geometry.size() >= 11 && geometry.size() % 2 == 1, "direct sparse conv: bad geometry");
+  Geometry g;
+  g.N = xs[0]; g.C = xs[1]; g.H = xs[2]; g.W = xs[3];
+  g.Cout = geometry[0]; g.Ho = geometry[1]; g.Wo = geometry[2]; g.Hq = geometry[3]; g.Wq = geometry[4];
+  g.sh = geometry[5]; g.sw = geometry[6]; g.ph = geometry[7]; g.pw = geometry[8];
+  g.phases.assign(geometry.begin() + 9, geometry.end());
+  TORCH_CHECK(blocks.scalar_type() == at::kInt && blocks.dim() == 2 && blocks.size(0) == g.Cout &&
+                  blocks.size(1) >= 2, "direct sparse conv: blocks must be int32 (Cout, nb + 1)");
+  g.in_place = g.phases.size() == 2 && g.phases[0] == 0 && g.phases[1] == 0 && g.sh == 1 && g.sw == 1 &&
+               g.ph == 0 && g.pw == 0 && g.Hq == g.H && g.Wq == g.W && g.Wq == g.Wo;
+  return g;
+}
+
+// The split conv2d makes for `threads` threads on an input of shape x_shape, one row per thread:
+// (first unit, end unit, first output channel, end output channel, taps x output positions,
+// taps x positions computed: whole tiles, as the kernel runs a partial last tile at full width).
+// spatial_groups: -1 as conv2d chooses, else that many unit groups. For measuring the balance.
+at::Tensor direct_partition(const at::Tensor& blocks, at::IntArrayRef x_shape, at::IntArrayRef geometry,
+                            int64_t threads, int64_t spatial_groups) {
+  TORCH_CHECK(x_shape.size() == 4 && threads >= 1, "direct sparse conv partition: a 4-D shape, threads >= 1");
+  const Geometry g = geometry_of(x_shape, blocks, geometry);
+  const at::Tensor bl = blocks.contiguous();
+  const int32_t* blk = bl.data_ptr<int32_t>();
+  const int64_t nb = bl.size(1) - 1, L = g.Ho * g.Wq, tiles = (L + T - 1) / T;
+  const std::vector<Part> parts = partition(blk, nb, g, threads, spatial_groups);
+  TORCH_CHECK(!parts.empty(), "direct sparse conv partition: no split into ", spatial_groups, " unit groups");
+  at::Tensor res = at::empty({static_cast<int64_t>(parts.size()), 6}, bl.options().dtype(at::kLong));
+  int64_t* r = res.data_ptr<int64_t>();
+  for (const Part& p : parts) {
+    int64_t positions = 0;
+    for (int64_t u = p.u0; u < p.u1; ++u) positions += std::min(T, L - (u % tiles) * T);
+    const int64_t taps = p.o1 > p.o0 ? blk[(p.o1 - 1) * (nb + 1) + nb] - blk[p.o0 * (nb + 1)] : 0;
+    *r++ = p.u0; *r++ = p.u1; *r++ = p.o0; *r++ = p.o1; *r++ = positions * taps; *r++ = (p.u1 - p.u0) * T * taps;
+  }
+  return res;
+}
+
+// Turns the per-thread timing on or off; returns, for each part of the last conv2d call made
+// while it was on, its CPU ns and the thread that ran it (int64 (parts, 2); the copy into the
+// padded input not included).
+// spatial_groups: force that many unit groups while profiling (-1: the usual choice).
+at::Tensor direct_profile(bool enable, int64_t spatial_groups) {
+  profiling.store(enable);
+  profile_su.store(spatial_groups);
+  at::Tensor res = at::empty({static_cast<int64_t>(part_ns.size()), 2}, at::TensorOptions().dtype(at::kLong));
+  int64_t* r = res.data_ptr<int64_t>();
+  for (size_t i = 0; i < part_ns.size(); ++i) {
+    r[2 * i] = part_ns[i];
+    r[2 * i + 1] = part_thread[i];
+  }
+  return res;
 }
 
 // x: (N, C, H, W) float32; off: int32 tap offsets into one image of P; blocks: int32 (Cout, nb + 1),
@@ -221,19 +344,11 @@ at::Tensor direct_conv2d(const at::Tensor& x_, const at::Tensor& off, const at::
                          at::IntArrayRef geometry, bool relu) {
   TORCH_CHECK(x_.dim() == 4 && x_.scalar_type() == at::kFloat && x_.device().is_cpu(),
               "direct sparse conv: a 4-D float32 CPU input is needed, got ", x_.sizes(), " ", x_.scalar_type());
-  TORCH_CHECK(geometry.size() >= 11 && geometry.size() % 2 == 1, "direct sparse conv: bad geometry");
   TORCH_CHECK(off.scalar_type() == at::kInt && blocks.scalar_type() == at::kInt && blocks.dim() == 2 &&
                   values.scalar_type() == at::kFloat && off.numel() == values.numel(),
               "direct sparse conv: int32 offsets/blocks and float32 values of one length are needed");
   const at::Tensor x = x_.contiguous();
-  Geometry g;
-  g.N = x.size(0); g.C = x.size(1); g.H = x.size(2); g.W = x.size(3);
-  g.Cout = geometry[0]; g.Ho = geometry[1]; g.Wo = geometry[2]; g.Hq = geometry[3]; g.Wq = geometry[4];
-  g.sh = geometry[5]; g.sw = geometry[6]; g.ph = geometry[7]; g.pw = geometry[8];
-  g.phases.assign(geometry.begin() + 9, geometry.end());
-  TORCH_CHECK(blocks.size(0) == g.Cout && blocks.size(1) >= 2, "direct sparse conv: blocks must be (Cout, nb + 1)");
-  g.in_place = g.phases.size() == 2 && g.phases[0] == 0 && g.phases[1] == 0 && g.sh == 1 && g.sw == 1 &&
-               g.ph == 0 && g.pw == 0 && g.Hq == g.H && g.Wq == g.W && g.Wq == g.Wo;
+  const Geometry g = geometry_of(x.sizes(), blocks, geometry);
   at::Tensor out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, x.options());
   at::Tensor Pbuf;
   const float* P = x.data_ptr<float>();
@@ -257,4 +372,7 @@ at::Tensor direct_conv2d(const at::Tensor& x_, const at::Tensor& off, const at::
 TORCH_LIBRARY(sparsify_direct, m) {
   m.def("conv2d(Tensor x, Tensor offsets, Tensor blocks, Tensor values, Tensor? bias, int[] geometry, "
         "bool relu) -> Tensor", &direct_conv2d);
+  m.def("partition(Tensor blocks, int[] x_shape, int[] geometry, int threads, int spatial_groups) -> Tensor",
+        &direct_partition);
+  m.def("profile(bool enable, int spatial_groups=-1) -> Tensor", &direct_profile);
 }

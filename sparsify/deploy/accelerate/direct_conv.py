@@ -32,7 +32,10 @@ __all__ = ["DirectSparseConv2d", "supports_direct", "direct_available", "EXTENSI
 
 EXTENSION_NAME = "sparsify_direct_conv"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "direct_conv.cpp")
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast"]
+# -fopenmp: without it _OPENMP is undefined in the ATen headers and at::parallel_for runs its
+# body on the calling thread only. The library then links the libgomp torch already loaded.
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
 _state = {"tried": False, "why": None}  # why: None when the operator is loaded, else the reason
 _lock = threading.Lock()
 # Input bytes one channel block may span under a 64-output tile, so the block's rows stay in
@@ -46,7 +49,8 @@ def _build() -> None:
     from torch.utils.cpp_extension import load
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "No CUDA runtime is found" and similar, irrelevant here
-        load(name=EXTENSION_NAME, sources=[_SOURCE], extra_cflags=_FLAGS, is_python_module=False, verbose=False)
+        load(name=EXTENSION_NAME, sources=[_SOURCE], extra_cflags=_FLAGS, extra_ldflags=_LDFLAGS,
+             is_python_module=False, verbose=False)
 
 
 def _op_loaded() -> bool:
@@ -192,6 +196,22 @@ class DirectSparseConv2d(nn.Module):
             return self._dense_forward(x)
         off, blocks, geometry = self.plan(x.shape[2], x.shape[3])
         return torch.ops.sparsify_direct.conv2d(x, off, blocks, self.values, self.bias, geometry, self.relu)
+
+    def thread_split(self, shape, threads: int, spatial_groups: int = -1) -> torch.Tensor:
+        """How the kernel splits an input of ``shape`` (N, C, H, W) over ``threads`` threads: one
+        int64 row per thread: first unit, end unit, first out channel, end out channel, work,
+        computed work. A unit is one image's tile of 64 output positions (in rows of the padded
+        width), work = taps x output positions, computed work = taps x 64 x units (a partial last
+        tile costs a whole one). ``spatial_groups``: force that many unit groups (-1: the kernel's
+        choice). Needs the compiled operator.
+
+        >>> conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+        >>> split = DirectSparseConv2d.from_conv(conv).thread_split((1, 8, 32, 32), 2)
+        >>> split.shape, int(split[:, 4].sum()) == 8 * 8 * 9 * 32 * 34
+        (torch.Size([2, 6]), True)
+        """
+        _, blocks, geometry = self.plan(int(shape[2]), int(shape[3]))
+        return torch.ops.sparsify_direct.partition(blocks, list(shape), geometry, threads, spatial_groups)
 
     def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
         key = tuple((t.data_ptr(), t._version) for t in (self.taps, self.values, self.rowptr)) + (x.dtype,)
