@@ -117,6 +117,18 @@ def test_time_order_is_checked_before_the_model_is_touched():
         sparsify.sparsify(model, "st3")
 
 
+def test_fractions_are_ordered_without_total_steps():
+    # plan has no run length; two fractions still order the same whatever it will be
+    model = torchvision.models.resnet18(num_classes=4)
+    with pytest.raises(RecipeError, match=re.escape("$.rules[0].params.end: end (0.1) is before begin (0.9)")):
+        sparsify.plan(model, "st3", begin=0.9, end=0.1)
+    with pytest.raises(RecipeError, match=re.escape("$.stages[0].end: end (0.2) is before begin (0.5)")):
+        sparsify.plan(model, recipe({"match": CONV, "method": "l1-prune", "params": {"stage": "w"}},
+                                    stages=[{"name": "w", "begin": 0.5, "end": 0.2}]))
+    sparsify.plan(model, "st3", begin=0.1, end=0.9)  # a fraction and a step: ordered once resolved
+    sparsify.plan(model, "st3", begin=10, end=0.5)
+
+
 def test_stages_are_checked_up_front():
     rule = {"match": CONV, "method": "l1-prune", "params": {"stage": "w"}}
     bad_end = [{"name": "w", "begin": 10, "end": 5}]

@@ -109,6 +109,16 @@ def _time(value, total_steps, what: str, require: bool):
     return resolve_time(value, total_steps, what=what)
 
 
+def _comparable(raw_a, step_a, raw_b, step_b):
+    """The two times in one unit, or None when they cannot be ordered yet: resolved steps, or two
+    fractions of a run whose length is still unknown (their order does not depend on it)."""
+    if step_a is not None and step_b is not None:
+        return step_a, step_b
+    if all(isinstance(v, float) and 0 < v < 1 for v in (raw_a, raw_b)):
+        return raw_a, raw_b
+    return None
+
+
 def _stage_ranges(stages: list[dict], total_steps, require: bool, source: str) -> dict[str, tuple]:
     ranges: dict[str, tuple] = {}
     previous = None
@@ -118,8 +128,9 @@ def _stage_ranges(stages: list[dict], total_steps, require: bool, source: str) -
             raise RecipeError(f"{source}: {path}.name: stage {st['name']!r} is defined twice")
         begin = _time(st["begin"], total_steps, f"{path}.begin", require)
         end = _time(st.get("end"), total_steps, f"{path}.end", require)
-        if begin is not None and end is not None and end < begin:
-            raise RecipeError(f"{source}: {path}.end: end ({end}) is before begin ({begin})")
+        pair = _comparable(st["begin"], begin, st.get("end"), end)
+        if pair is not None and pair[1] < pair[0]:
+            raise RecipeError(f"{source}: {path}.end: end ({pair[1]}) is before begin ({pair[0]})")
         if begin is not None and previous is not None and begin < previous:
             raise RecipeError(f"{source}: {path}.begin: stages are listed in the order they start; "
                               f"this one begins ({begin}) before the one above it ({previous})")
@@ -160,6 +171,9 @@ def check_times(recipe, get_method, total_steps: int | None, *, require: bool = 
         steps = {key: _time(p.get(key), total_steps, f"{at}.{key}", require)
                  for key in method.schedule_keys if key in p}
         for a, b in method.Params.time_order:
-            if steps.get(a) is not None and steps.get(b) is not None and steps[b] < steps[a]:
-                raise RecipeError(f"{source}: {at}.{b}: {b} ({steps[b]}) is before {a} ({steps[a]})")
+            if a not in steps or b not in steps:
+                continue
+            pair = _comparable(p.get(a), steps[a], p.get(b), steps[b])
+            if pair is not None and pair[1] < pair[0]:
+                raise RecipeError(f"{source}: {at}.{b}: {b} ({pair[1]}) is before {a} ({pair[0]})")
 
