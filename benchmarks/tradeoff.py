@@ -95,9 +95,8 @@ def summary(runs_dir: Path, seeds) -> dict[str, dict]:
     return out
 
 
-def draw(s: dict) -> list[tuple[str, str]]:
-    """The PNGs into docs/img/: (file name, caption) of each one drawn."""
-    img = ROOT / "docs" / "img"
+def draw(s: dict, img: Path) -> list[tuple[str, str]]:
+    """The PNGs into ``img`` (docs/img/ next to docs/results.md): (file name, caption) of each one drawn."""
     figs = [("tradeoff-weights-mnist.png", "weight methods: accuracy vs weight sparsity and vs non-zero MACs",
              lambda p: plots.weights(s, [("LeNet-5", ""), ("LeNet-300-100", L3)], WEIGHT_METHODS, SPARSITIES, p)),
             ("tradeoff-sas-mnist.png", "SAS vs dense nets of 1x, 2x and 4x the parameters, at non-zero MACs",
@@ -124,7 +123,7 @@ def _table(s: dict, runs) -> list[str]:
 
 def write_section(runs_dir: Path, seeds, results: Path, note: str | None = None) -> None:
     s = summary(runs_dir, seeds)
-    drawn = draw(s)
+    drawn = draw(s, results.parent / "img")
     cmd = lambda run: reproduce.display(reproduce.command(ds_of(run), run, 0, Path("runs/reproduce"))[0])  # noqa: E731
     lines = [f"## Trade-offs at convergence: LeNet-5 and LeNet-300-100 on MNIST ({SETTINGS['epochs']} epochs)", "",
              f"{SETTINGS['epochs']} epochs, batch {SETTINGS['batch_size']}, SGD momentum 0.9, cosine learning rate, the "
