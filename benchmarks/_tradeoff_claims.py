@@ -20,6 +20,10 @@ def _diverged(p: dict) -> int:
     return sum(a < 20.0 or a != a for a in p["acc"])  # chance is 10%; NaN never compares
 
 
+def _seeds(n: int) -> str:
+    return "3 seeds" if n >= 3 else f"{n} seed{'s' if n > 1 else ''} so far"
+
+
 def _missing(what: str) -> str:
     return f"{what}: not run yet (command below)"
 
@@ -34,7 +38,7 @@ def st3_vs_dense(s: dict) -> list[str]:
                 out.append(_missing(head))
                 continue
             diff = _vs(s, k, pre + "dense")
-            out.append(f"{head}: {diff:+.2f} ± {s[k]['sd']:.2f} ({s[k]['n']} seeds): "
+            out.append(f"{head}: {diff:+.2f} ± {s[k]['sd']:.2f} ({_seeds(s[k]['n'])}): "
                        f"**{'met' if diff >= -tol else 'missed'}**.")
     return out
 
@@ -87,7 +91,7 @@ def sas_vs_dense(s: dict) -> list[str]:
         div, diff = _diverged(s[k]), _vs(s, k)
         wide = [f"{w} {s[w]['mean'] - s[k]['mean']:+.2f} above SAS" for w in ("dense 2x params", "dense 2x wide")
                 if w in s]
-        out.append(f"{head}: {diff:+.2f} ± {s[k]['sd']:.2f} at {s[k]['nzm']:,.0f} vs {s['dense']['nzm']:,.0f} non-zero "
+        out.append(f"{head}: {diff:+.2f} ± {s[k]['sd']:.2f} ({_seeds(s[k]['n'])}) at {s[k]['nzm']:,.0f} vs {s['dense']['nzm']:,.0f} non-zero "
                    f"MACs, {div} of {s[k]['n']} seeds diverged" + (f" ({', '.join(wide)})" if wide else "")
                    + f": **{'met' if diff > 0 and not div else 'missed'}**.")
     return out
@@ -129,7 +133,7 @@ def dual_and_rest(s: dict) -> list[str]:
     if k in s and "dense" in s:
         others = ", ".join(f"s = {x}: {_vs(s, f'semi-structured {x}'):+.2f}" for x in ("0.1", "0.3")
                            if f"semi-structured {x}" in s)
-        out.append(f"{head}: {_vs(s, k):+.2f} ± {s[k]['sd']:.2f}" + (f" ({others}; the paper −0.05 and −2.65)"
+        out.append(f"{head}: {_vs(s, k):+.2f} ± {s[k]['sd']:.2f} ({_seeds(s[k]['n'])})" + (f" ({others}; the paper −0.05 and −2.65)"
                                                                      if others else "")
                    + f": **{'met' if _vs(s, k) >= -1.0 else 'missed'}**.")
     else:
@@ -139,7 +143,8 @@ def dual_and_rest(s: dict) -> list[str]:
         k = pre + "nm 2:4"
         if k in s and pre + "dense" in s:
             diff = _vs(s, k, pre + "dense")
-            out.append(f"{head}: {diff:+.2f} ± {s[k]['sd']:.2f} at {s[k]['ws']:.1f}% of the weights: "
+            out.append(f"{head}: {diff:+.2f} ± {s[k]['sd']:.2f} ({_seeds(s[k]['n'])}), {s[k]['ws']:.1f}% of the "
+                       "rewritten layers' weights: "
                        f"**{'met' if diff >= -0.2 else 'missed'}**.")
         else:
             out.append(_missing(head))
