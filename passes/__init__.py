@@ -7,9 +7,10 @@ from .rewrite import (Change, copy_chain, insert_after, insert_call, remove_node
                       reroute_input, set_call, set_submodule, unique_name)
 from .select import Glob, compile_glob, is_depthwise, is_grouped, kernel_size_in, node_name, target_module
 from .tracing import Fallback, TraceResult, module_path_of, trace
+from .export_capture import ExportCaptureError, export_trace
 
 __all__ = [
-    "trace", "TraceResult", "Fallback", "module_path_of",
+    "trace", "TraceResult", "Fallback", "module_path_of", "export_trace", "ExportCaptureError",
     "node_name", "target_module", "compile_glob", "Glob", "is_grouped", "is_depthwise", "kernel_size_in",
     "replace_module", "insert_after", "insert_call", "reroute_input", "replace_uses", "remove_node", "copy_chain",
     "set_call", "set_submodule", "unique_name", "Change",

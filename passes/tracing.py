@@ -50,6 +50,8 @@ class TraceResult:
     # warnings raised while tracing (torch.fx internals, code run on proxies), held back so that
     # a caller can summarise them in one line: ``"<category>: <first line>"``, without repeats
     warnings: list[str] = field(default_factory=list)
+    capture: str = "fx"  # what captured the graphs: "fx" (torch.fx) or "export" (passes.export_capture)
+    notes: list[str] = field(default_factory=list)  # what the capture wants the user to know
 
 
 class _DepthTracer(fx.Tracer):

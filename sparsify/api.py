@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from sparsify.prepare.build import build, check_model
+from sparsify.prepare.capture import check_capture
 from sparsify.deploy.finalize import finalize_model
 from sparsify.stats.measure import Measurement, measure
 from sparsify.prepare.plan import Plan
@@ -22,7 +23,7 @@ __all__ = ["sparsify", "plan", "step", "penalty", "report", "finalize", "param_g
 
 
 def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int | None = None,
-             inplace: bool = False, copy: bool = False, **overrides) -> nn.Module:
+             inplace: bool = False, copy: bool = False, capture: str | None = None, **overrides) -> nn.Module:
     """Return ``model`` rewritten by ``recipe`` for sparse training, as a new module.
 
     ``recipe`` is a built-in name (``sparsify recipes`` lists them), a path to a JSON file, or a
@@ -37,6 +38,13 @@ def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int 
     ``copy=True`` gives a fully independent model (the caller's tensors never change; costs one
     copy of the weights); ``inplace=True`` rewrites the caller's module tree itself.
 
+    ``capture`` chooses how the forward is captured: ``"fx"`` (torch.fx; submodules it cannot
+    trace are rewritten module by module), ``"export"`` (torch.export in training mode on
+    ``example_inputs``, for forwards torch.fx cannot trace) or ``"auto"`` (the default: torch.fx,
+    and torch.export where torch.fx fell back and torch.export reaches more sites); the recipe's
+    ``options.capture`` sets it too. ``plan`` says which capture reached each (sub)module; see
+    docs/capture.md.
+
     >>> import torch, torchvision, sparsify
     >>> m = sparsify.sparsify(torchvision.models.resnet18(), "st3", total_steps=1000)
     >>> type(m.layer1[0].conv1).__name__
@@ -44,11 +52,13 @@ def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int 
     """
     check_inputs(model, None)  # a TorchScript module: before the checks that assume a Python module
     check_model(model)  # a wrong model is the first thing to report, before any recipe problem
+    if capture is not None:
+        check_capture(capture)
     recipe = load_recipe(recipe, **overrides)
     # wrong shapes fail here, not later in finalize; the same forward gives the MAC factors
     factors = check_inputs(model, example_inputs)
     root, plan_ = build(model, recipe, example_inputs=example_inputs, total_steps=total_steps, inplace=inplace,
-                        copy=copy, factors=factors)
+                        copy=copy, factors=factors, capture=capture)
     for i in plan_.unmatched_rules:
         if recipe.data["rules"][i].get("optional"):
             continue  # the recipe says this rule may match nothing (e.g. no downsample layers)
@@ -59,9 +69,11 @@ def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int 
     return root
 
 
-def plan(model: nn.Module, recipe, *, example_inputs=None, total_steps: int | None = None, **overrides) -> Plan:
+def plan(model: nn.Module, recipe, *, example_inputs=None, total_steps: int | None = None,
+         capture: str | None = None, **overrides) -> Plan:
     """Dry run: what ``sparsify`` would rewrite, what stays dense and why, and the parameter and
-    MAC shares of the rewritten layers. The model is not modified.
+    MAC shares of the rewritten layers, and which capture (torch.fx, torch.export, module by
+    module) reached each (sub)module (``capture`` as in :func:`sparsify`). The model is not modified.
 
     >>> import torchvision, sparsify
     >>> p = sparsify.plan(torchvision.models.resnet18(), "st3")
@@ -71,7 +83,7 @@ def plan(model: nn.Module, recipe, *, example_inputs=None, total_steps: int | No
     recipe = load_recipe(recipe, **overrides)
     factors = check_inputs(model, example_inputs)
     _, plan_ = build(model, recipe, example_inputs=example_inputs, total_steps=total_steps, dry_run=True,
-                     factors=factors)
+                     factors=factors, capture=capture)
     return plan_
 
 

@@ -14,15 +14,14 @@ from collections import defaultdict
 import torch.fx as fx
 from torch import nn
 
-from passes import PassResult, Pipeline, first_and_last, node_name, target_module, trace
-from passes.tracing import CallRecord, TraceResult, module_path_of  # noqa: F401  (module_path_of documents the meta used)
+from passes import PassResult, Pipeline
+from passes.tracing import TraceResult
 
-from sparsify.prepare.hidden import (convert_hidden, hidden_candidates, hidden_positions, needed_paths,
-                                     rewire_hidden_reads)
+from sparsify.prepare.capture import capture, capture_report, check_capture
+from sparsify.prepare.hidden import convert_hidden, hidden_candidates, hidden_positions, rewire_hidden_reads
 from sparsify.prepare.inputs import guess_example_inputs, positions_per_sample
-from sparsify.prepare.matching import Candidate, MatchTable, op_name
+from sparsify.prepare.matching import Candidate, MatchTable
 from sparsify.methods import SparseWeightMixin, get_method
-from sparsify.core.activations import is_activation_module, shell_activation
 from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.core.contract import GroupContext, Site
 from sparsify.prepare.plan import Plan, PlanEntry
@@ -70,94 +69,6 @@ def copy_structure(model: nn.Module, share_tensors: bool = True) -> nn.Module:
         for t in itertools.chain(model.parameters(), model.buffers()):
             memo[id(t)] = t
     return _copy.deepcopy(model, memo)
-
-
-def _candidates(tr: TraceResult, root: nn.Module) -> list[Candidate]:
-    out = []
-    is_compute = lambda n, m: m is not None and isinstance(m, WEIGHT_TYPES)  # noqa: E731
-    for prefix, gm in tr.graphs.items():
-        first, last = first_and_last(gm, is_compute)
-        for node in gm.graph.nodes:
-            if node.op in ("placeholder", "output", "get_attr"):
-                continue
-            # the one call in a shell (passes.calls.call_shell) is named as the parent calls it
-            shelled = node.op == "call_module" and node.target == getattr(gm, "shell_of", None)
-            out.append(Candidate(prefix if shelled else node_name(node, prefix), target_module(gm, node), node, gm,
-                                 prefix, node.name in first, node.name in last))
-    for name in tr.direct:
-        out.append(Candidate(name, root.get_submodule(name)))
-    return out
-
-
-def _enclosing(c: Candidate) -> list[str]:
-    """Qualified names of the modules whose forward contains ``c`` (not ``c``'s own module)."""
-    if c.node is None:
-        return []
-    paths = [v[0] for v in (c.node.meta.get("nn_module_stack") or {}).values()]
-    if c.node.op == "call_module" and paths and paths[-1] == c.node.target:
-        paths = paths[:-1]
-    q = lambda p: f"{c.prefix}.{p}" if c.prefix else p  # noqa: E731
-    return [q(p) for p in paths if p]
-
-
-_ACTIVATION_OPS = {"relu", "relu6", "gelu", "silu", "hardswish", "hardsigmoid", "leaky_relu", "elu",
-                   "selu", "celu", "mish", "sigmoid", "tanh", "hardtanh", "softplus"}
-
-
-def _structural(c: Candidate) -> bool:
-    """A Conv/Linear call or an activation call: what rewrites that read around a site look for."""
-    if c.module is not None:
-        return isinstance(c.module, WEIGHT_TYPES) or is_activation_module(c.module)
-    return op_name(c.node) in _ACTIVATION_OPS
-
-
-def _not_a_layer(name: str, m: nn.Module) -> bool:
-    """Trace through ``m``? Not through a weight layer: torch's are leaves anyway, and
-    transformers' Conv1D must stay one module call for a method to replace it; nor through an
-    activation module (transformers' GELUActivation...), which rules match by type and name."""
-    return not isinstance(m, WEIGHT_TYPES) and not is_activation_module(m)
-
-
-def _trace(root: nn.Module, matcher: MatchTable, example_inputs=None):
-    # children traced under an untraceable parent are specialised to how it calls them
-    calls = None
-    if example_inputs is not None:
-        calls = CallRecord(root, example_inputs if isinstance(example_inputs, (list, tuple)) else (example_inputs,))
-
-    def is_site(name, m):
-        w = matcher.winner(Candidate(name, m))
-        return w is not None and w.method is not None
-
-    # activation modules called by an untraceable parent get a one-call graph when a rule may insert after them
-    shell = shell_activation if any(r.method is not None and r.method.site == "node" for r in matcher.rules) else None
-    tr = trace(root, _not_a_layer, is_site=is_site, calls=calls, shell=shell)
-    cands = _candidates(tr, root)
-    # a method whose rewrite reads the nodes around a site (SAS: the relu feeding a layer, which may
-    # sit inside a module with nothing to rewrite) needs every module holding a layer or an
-    # activation traced through; modules with neither (stochastic depth) still stay leaves
-    full = any(r.method is not None and r.method.full_trace for r in matcher.rules)
-    descended, needed = set(), set()
-    for c in cands:
-        # a graph traced below an untraceable parent (fallback) is reached through its own path
-        paths = _enclosing(c) + [c.prefix.rsplit(".", k)[0] for k in range(c.prefix.count(".") + 1) if c.prefix]
-        if c.node is None:  # swapped as an attribute inside fallbacks: the retrace must reach it again
-            paths += [c.name.rsplit(".", k)[0] for k in range(1, c.name.count(".") + 1)]
-        descended.update(paths)
-        w = matcher.winner(c)
-        if (w is not None and w.method is not None) or (full and _structural(c)):
-            needed.update(paths)
-    needed |= needed_paths(tr.graphs, matcher.winner)  # forwards that read a rewritten weight
-    if descended <= needed:
-        return tr, cands, cands
-    first_cands = cands
-    tr = trace(root, lambda name, m: name in needed and _not_a_layer(name, m), is_site=is_site, calls=calls,
-               shell=shell)
-    # first/last describe the model, not how deep this trace went (a leaf stem hides its conv)
-    flags = {c.name: (c.first, c.last) for c in first_cands}
-    cands = _candidates(tr, root)
-    for c in cands:
-        c.first, c.last = flags.get(c.name, (c.first, c.last))
-    return tr, cands, first_cands
 
 
 def _dense_reasons(root: nn.Module, tr: TraceResult, all_cands: list[Candidate], matcher: MatchTable,
@@ -260,36 +171,42 @@ def _refused_multi_calls(cands, matcher, root) -> dict[str, str]:
 
 
 def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps: int | None = None,
-          inplace: bool = False, copy: bool = False, dry_run: bool = False, factors: dict | None = None):
-    """Trace, match, rewrite. Returns ``(root, plan)``; ``root`` carries a SparsifyState unless
+          inplace: bool = False, copy: bool = False, dry_run: bool = False, factors: dict | None = None,
+          capture: str | None = None):
+    """Capture, match, rewrite. Returns ``(root, plan)``; ``root`` carries a SparsifyState unless
     ``dry_run``. ``model``'s modules are never changed unless ``inplace``; its parameter and buffer
     tensors are shared with ``root`` unless ``copy`` (see :func:`sparsify.sparsify`). ``factors``:
     :func:`~sparsify.prepare.inputs.positions_per_sample` of ``model`` on ``example_inputs``, when the
-    caller measured them (qualified names survive the rewrite, so they hold for ``root``)."""
+    caller measured them (qualified names survive the rewrite, so they hold for ``root``). ``capture``:
+    how the forward is captured (:func:`~sparsify.prepare.capture.capture`; default: the recipe's
+    ``options.capture``, else ``"auto"``)."""
     check_model(model)
+    capture = check_capture(capture or recipe.options.get("capture", "auto"))
     if inplace and copy:
         raise ValueError("sparsify: inplace=True rewrites the caller's model and copy=True copies it; pick one")
     check_times(recipe, get_method, total_steps, require=not dry_run)  # before anything is touched
     if not inplace:
         return _build(copy_structure(model, share_tensors=not copy), recipe, example_inputs, total_steps, dry_run,
-                      factors)
+                      factors, capture)
     snapshot = TreeSnapshot(model)
     try:
-        return _build(model, recipe, example_inputs, total_steps, dry_run, factors)
+        return _build(model, recipe, example_inputs, total_steps, dry_run, factors, capture)
     except BaseException:
         snapshot.restore()  # a failed sparsify leaves the caller's model as it was
         raise
 
 
 def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | None, dry_run: bool,
-           measured: dict | None):
+           measured: dict | None, mode: str = "auto"):
     was_training = root.training
-    root.train()
+    root.train()  # both captures record the training forward
     matcher = MatchTable(recipe.rules, get_method)
-    tr, cands, first_cands = _trace(root, matcher, example_inputs)
+    tr, cands, first_cands = capture(root, matcher, example_inputs, mode)
     root = tr.module
 
     plan = Plan(recipe=recipe.name)
+    plan.captures = capture_report(tr)
+    plan.capture_notes = list(tr.notes)
     plan.fallbacks = [{"name": f.name, "reason": f.reason} for f in tr.fallbacks]
     plan.trace_warnings = list(tr.warnings)
     summary = tracing_summary(tr.fallbacks, tr.warnings)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -36,10 +37,18 @@ class Candidate:
 
 
 def op_name(node: fx.Node | None) -> str | None:
-    """``relu`` for ``F.relu`` / ``torch.relu`` / ``x.relu()``; None for other node kinds."""
+    """``relu`` for ``F.relu`` / ``torch.relu`` / ``x.relu()`` / ``aten.relu.default``; None for
+    other node kinds.
+
+    >>> g = torch.fx.Graph(); x = g.placeholder("x")
+    >>> op_name(g.call_function(torch.ops.aten.relu_.default, (x,))), op_name(g.call_method("relu", (x,)))
+    ('relu', 'relu')
+    """
     if node is None:
         return None
     if node.op == "call_function":
+        if isinstance(node.target, torch._ops.OpOverload):  # a torch.export graph: aten.relu.default
+            return node.target._opname.rstrip("_")
         return getattr(node.target, "__name__", str(node.target)).rstrip("_")
     if node.op == "call_method":
         return str(node.target).rstrip("_")

@@ -30,6 +30,10 @@ class Plan:
     trace_warnings: list[str] = field(default_factory=list)  # warnings raised while tracing (held back)
     unmatched_rules: list[int] = field(default_factory=list)
     input_shapes: list | None = None
+    # {"name", "capture", "note"} per captured (sub)module: "torch.fx", "torch.export" or
+    # "module by module" (untraceable: run as it is, its layers swapped); see docs/capture.md
+    captures: list[dict] = field(default_factory=list)
+    capture_notes: list[str] = field(default_factory=list)  # why auto chose as it did, eval caveats
 
     @property
     def rewritten(self) -> list[PlanEntry]:
@@ -55,7 +59,8 @@ class Plan:
     def to_dict(self) -> dict:
         return {"recipe": self.recipe, "entries": [asdict(e) for e in self.entries],
                 "fallbacks": self.fallbacks, "trace_warnings": self.trace_warnings, "unmatched_rules": self.unmatched_rules,
-                "input_shapes": self.input_shapes, **self.shares()}
+                "input_shapes": self.input_shapes, "captures": self.captures,
+                "capture_notes": self.capture_notes, **self.shares()}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -74,6 +79,14 @@ class Plan:
                      f"rewritten layers hold {s['param_share']:.1%} of the weight parameters"
                      + (f" and {s['mac_share']:.1%} of their MACs" if s["mac_share"] is not None else
                         " (MACs unknown for layers the example inputs did not run: pass example_inputs that do)"))
+        how = {}
+        for c in self.captures:
+            how.setdefault(c["capture"], []).append(c["name"] or "<root>")
+        if how:
+            lines.append("captured by " + "; ".join(
+                f"{k}: {', '.join(v[:4])}{f', ... ({len(v) - 4} more)' if len(v) > 4 else ''}" for k, v in how.items()))
+        for note in self.capture_notes:
+            lines.append(f"capture: {note}")
         for fb in self.fallbacks:
             lines.append(f"untraceable, kept as a leaf: {fb['name'] or '<root>'}: {fb['reason']}")
         for w in self.trace_warnings:

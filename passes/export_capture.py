@@ -1,0 +1,352 @@
+"""A second capture path, for forwards ``torch.fx`` cannot trace: ``torch.export`` in training mode.
+
+``torch.export.export(..., strict=False)`` runs the forward on fake tensors, so Python control
+flow on shapes, loops over sizes, ``isinstance`` checks and other code that a ``torch.fx`` proxy
+rejects are simply executed. Its graph holds ATen ops; :func:`export_trace` turns it into a graph
+the rest of the library reads as it reads a ``torch.fx`` one:
+
+* every call of a torch leaf module (``Conv2d``, ``BatchNorm2d``, ``ReLU``, ``Dropout``...) whose
+  ops form one single-input, single-output group becomes a ``call_module`` node of the *original*
+  module again, so weight methods swap it and train/eval switch it as under ``torch.fx``;
+* the ``training`` argument that the trace fixed in the remaining ``batch_norm`` / ``dropout``
+  ops (``F.dropout(x, p, training=self.training)`` in a custom forward) becomes a run-time read of
+  the owning module's ``training`` flag;
+* ATen activations are called through their ``torch`` functions (``aten.relu`` -> ``torch.relu``),
+  the targets the activation methods look for.
+
+The module returned is a :class:`~passes.tracing.TracedModule` around the root's own children,
+parameters and buffers (same ``state_dict`` keys). Its :class:`ExportGuard` sends every call the
+graph was not captured for (another input structure, dtype, rank or fixed size) to the module's
+own forward. Shapes: every dimension of every tensor input is exported as ``Dim.AUTO``, dynamic
+unless the forward needs a fixed size (a Python branch on it, a reshape to a constant) or the
+example has size 1 there (a batch of one is doubled for the export, so the batch stays dynamic).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from .calls import CallGuard
+from .tracing import TraceResult, _DepthTracer, _first_line, _hold, _keep_attributes, _keep_hierarchy, _traced_class
+
+__all__ = ["ExportCaptureError", "ExportGuard", "export_trace"]
+
+
+class ExportCaptureError(RuntimeError):
+    """``torch.export`` could not capture the model (or its graph does not reproduce it)."""
+
+
+_OPS = torch.ops.aten
+# ATen activations called through the torch function the rest of the library recognises
+_AS_TORCH = {_OPS.relu.default: torch.relu, _OPS.relu_.default: torch.relu_, _OPS.gelu.default: F.gelu,
+             _OPS.silu.default: F.silu, _OPS.sigmoid.default: torch.sigmoid, _OPS.tanh.default: torch.tanh,
+             _OPS.hardswish.default: F.hardswish, _OPS.hardsigmoid.default: F.hardsigmoid,
+             _OPS.mish.default: F.mish}
+# op -> index of its ``training`` argument
+_MODE_ARGS = {_OPS.dropout.default: 2, _OPS.feature_dropout.default: 2, _OPS.alpha_dropout.default: 2,
+              _OPS.feature_alpha_dropout.default: 2, _OPS.batch_norm.default: 5}
+
+
+def _innermost(node: fx.Node) -> tuple[str, str] | None:
+    """``(call key, module path)`` of the innermost module call that created ``node``."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    key, (path, _) = list(stack.items())[-1]
+    return key, path
+
+
+def _is_torch_leaf(m: nn.Module) -> bool:
+    return fx.Tracer().is_leaf_module(m, "") and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+
+
+def _collapse_leaves(gm: fx.GraphModule) -> int:
+    """Replace the ops of each torch leaf module call by one ``call_module`` node (see the module
+    docstring); returns how many calls were collapsed."""
+    groups: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and (where := _innermost(node)) is not None and where[1]:
+            groups.setdefault(where[0], []).append(node)
+    done = 0
+    for key, nodes in groups.items():
+        path = _innermost(nodes[0])[1]
+        try:
+            module = gm.get_submodule(path)
+        except AttributeError:
+            continue
+        if not _is_torch_leaf(module):
+            continue
+        inside = set(nodes)
+        owned = path + "."
+        inputs, outputs = [], []
+        for n in nodes:
+            for a in n.all_input_nodes:
+                own_state = a.op == "get_attr" and str(a.target).startswith(owned)
+                if a not in inside and not own_state and a not in inputs:
+                    inputs.append(a)
+            if any(u not in inside for u in n.users):
+                outputs.append(n)
+        if len(inputs) != 1 or len(outputs) != 1:
+            continue  # several inputs (attention) or outputs (LSTM): the ops stay as they are
+        out = outputs[0]
+        with gm.graph.inserting_after(out):
+            call = gm.graph.call_module(path, (inputs[0],))
+        call.meta.update({k: v for k, v in out.meta.items() if k in ("nn_module_stack", "val", "stack_trace")})
+        out.replace_all_uses_with(call)
+        for n in reversed(nodes):
+            gm.graph.erase_node(n)
+        done += 1
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op == "call_module" or n.is_impure())
+    return done
+
+
+def _live_modes(gm: fx.GraphModule) -> None:
+    """Make the ``training`` argument of dropout / batch_norm ops read the owning module's flag."""
+    for node in list(gm.graph.nodes):
+        index = _MODE_ARGS.get(node.target) if node.op == "call_function" else None
+        if index is None or len(node.args) <= index or not isinstance(node.args[index], bool):
+            continue
+        if node.target is _OPS.batch_norm.default and node.args[3] is None:
+            continue  # no running statistics: batch statistics in both modes
+        path = (_innermost(node) or ("", ""))[1]
+        with gm.graph.inserting_before(node), warnings.catch_warnings():
+            # a bool attribute read at run time, as passes.tracing reads `self.training`
+            warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
+            flag = gm.graph.get_attr(f"{path}.training" if path else "training")
+        node.args = node.args[:index] + (flag,) + node.args[index + 1:]
+
+
+def _torch_level(gm: fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _AS_TORCH:
+            node.target = _AS_TORCH[node.target]
+
+
+class ExportGuard(CallGuard):
+    """Which calls an exported graph serves: the example's input structure, each tensor with the
+    same rank and dtype and the same size in every dimension but the dynamic ones (whose sizes
+    must pass the export's own ``_guards_fn`` checks), every other input equal to the example's
+    (``torch.export`` specialises on them); with ``modes`` set, the modules in the mode they had
+    at capture too. Other calls run the module's own forward.
+
+    >>> import torch
+    >>> class Net(torch.nn.Module):
+    ...     def forward(self, x):
+    ...         return x
+    >>> g = ExportGuard(Net.forward, ((torch.zeros(2, 3),), {}), {0: {0: ("s0", 2, 64)}})
+    >>> g.fits((torch.zeros(5, 3),), {}), g.fits((torch.zeros(5, 4),), {}), g.fits((), {"x": torch.zeros(2, 3)})
+    (True, False, False)
+    """
+
+    def __init__(self, forward, example: tuple, dynamic: dict[int, dict[int, tuple]], nodes=(),
+                 modes: dict | None = None, checks=None):
+        super().__init__(forward, {}, nodes, modes)
+        flat, self.spec = pytree.tree_flatten(example)
+        # dynamic: {leaf: {dim: (symbol, low, high)}}; dims sharing a symbol must stay equal
+        self.leaves = [(x.dim(), x.dtype, tuple(s for i, s in enumerate(x.shape) if i not in dynamic.get(j, {})),
+                        dict(dynamic.get(j, {}))) if isinstance(x, torch.Tensor) else ("value", x)
+                       for j, x in enumerate(flat)]
+        self.checks = checks  # torch.export's _guards_fn (not picklable: dropped by pickling)
+
+    def fits(self, args: tuple, kwargs: dict, module: nn.Module | None = None) -> bool:
+        for path, value in self.modes.items() if module is not None else ():
+            if (module.get_submodule(path) if path else module).training is not value:
+                return False
+        flat, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+        if spec != self.spec:
+            return False
+        sizes: dict[str, int] = {}
+        for x, leaf in zip(flat, self.leaves):
+            if leaf[0] == "value":
+                if isinstance(x, torch.Tensor) or type(x) is not type(leaf[1]) or x != leaf[1]:
+                    return False
+                continue
+            ndim, dtype, fixed, dynamic = leaf
+            if not isinstance(x, torch.Tensor) or x.dim() != ndim or x.dtype != dtype:
+                return False
+            if tuple(s for i, s in enumerate(x.shape) if i not in dynamic) != fixed:
+                return False
+            for i, (symbol, low, high) in dynamic.items():
+                # torch.export specialises sizes 0 and 1 away (ranges start at 2) yet its graphs
+                # serve them, as torch's own input checks allow
+                if not min(low, 0 if low <= 2 else low) <= x.shape[i] <= high or sizes.setdefault(symbol, x.shape[i]) != x.shape[i]:
+                    return False
+        if self.checks is not None:  # torch.export's own checks (relations between sizes too)
+            try:
+                self.checks(*flat)
+            except Exception:
+                return False
+        return True
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["checks"] = None
+        return state
+
+
+def _export(root: nn.Module, inputs: tuple, result: TraceResult):
+    """Export with every dimension ``Dim.AUTO`` (dynamic unless the forward needs it fixed); a
+    batch of one is doubled for the export, since ``torch.export`` fixes dimensions of size 1."""
+    def attempt(args):
+        dyn = tuple({i: torch.export.Dim.AUTO for i in range(a.dim())} if isinstance(a, torch.Tensor) else None
+                    for a in args)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                return torch.export.export(root, args, strict=False, dynamic_shapes=dyn)
+            finally:
+                _hold(result, caught)
+
+    doubled = tuple(torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == 1 else a
+                    for a in inputs)
+    try:
+        return attempt(doubled)
+    except Exception:
+        if doubled is inputs or all(a is b for a, b in zip(doubled, inputs)):
+            raise
+        return attempt(inputs)  # the model needs batch 1 (or 1 in its first dimension)
+
+
+def _build_module(root: nn.Module, egm: fx.GraphModule) -> fx.GraphModule:
+    """The exported graph on a :class:`TracedModule` that holds ``root``'s own children, parameters,
+    buffers and attributes, plus what the export added (its input-check module, constants)."""
+    src = nn.Module()
+    src._modules.update(root._modules)
+    src._parameters.update(root._parameters)
+    src._buffers.update(root._buffers)
+    extra = {}
+    for node in egm.graph.nodes:
+        if node.op not in ("get_attr", "call_module"):
+            continue
+        target = str(node.target)
+        try:
+            root.get_submodule(target) if node.op == "call_module" else _resolve(root, target)
+        except AttributeError:
+            if "." in target:
+                raise ExportCaptureError(f"the exported graph reads {target}, which the model does not hold") from None
+            extra[target] = _resolve(egm, target)
+            src.__dict__[target] = extra[target] if not isinstance(extra[target], nn.Module) else None
+            if isinstance(extra[target], nn.Module):
+                del src.__dict__[target]
+                src._modules[target] = extra[target]
+    gm = _traced_class(getattr(type(root), "_traced_from", type(root)))(src, egm.graph, type(root).__name__)
+    _keep_hierarchy(root, gm)
+    for name, value in extra.items():
+        if isinstance(value, nn.Module):
+            gm._modules[name] = value
+        else:
+            gm.__dict__[name] = value  # a plain attribute: no new state_dict key
+    _keep_attributes(root.__dict__, gm)
+    gm.__dict__["_in_spec"], gm.__dict__["_out_spec"] = egm._in_spec, egm._out_spec
+    gm.training = root.training
+    # pickling re-traces the generated code with this tracer (torch.export's needs its scope), one
+    # that keeps `self.training` a run-time read
+    gm.graph._tracer_cls = gm._tracer_cls = _DepthTracer
+    return gm
+
+
+def _resolve(obj, target: str):
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _same(a, b, rtol: float = 1e-4, atol: float = 1e-5) -> bool:
+    fa, sa = pytree.tree_flatten(a)
+    fb, sb = pytree.tree_flatten(b)
+    if sa != sb:
+        return False
+    return all(torch.allclose(x, y, rtol=rtol, atol=atol) if isinstance(x, torch.Tensor) else x == y
+               for x, y in zip(fa, fb))
+
+
+@torch.no_grad()
+def _eval_matches(root: nn.Module, gm: fx.GraphModule, inputs: tuple) -> bool:
+    """Does the captured graph compute what the model computes in eval mode (where nothing is
+    random)? A mismatch means the forward branched on ``self.training`` in Python."""
+    modes = [(m, m.training) for m in root.modules()] + [(gm, gm.training)]
+    try:
+        root.eval()
+        gm.eval()
+        return _same(root(*inputs), gm(*inputs))
+    except Exception:
+        return False
+    finally:
+        for m, flag in modes:
+            m.training = flag
+
+
+def _bound(value, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError, AttributeError, OverflowError):  # sympy's (and torch's) infinities
+        return default
+
+
+def _dynamic_dims(gm: fx.GraphModule, inputs: tuple, ranges: dict) -> dict[int, dict[int, tuple]]:
+    """``{input leaf: {dim: (symbol, low, high)}}`` of the dimensions the export left dynamic."""
+    out: dict[int, dict[int, tuple]] = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    flat, _ = pytree.tree_flatten((inputs, {}))
+    if len(placeholders) != len(flat):
+        return out
+    for j, (ph, x) in enumerate(zip(placeholders, flat)):
+        val = ph.meta.get("val")
+        if not isinstance(x, torch.Tensor) or not hasattr(val, "shape"):
+            continue
+        for i, size in enumerate(val.shape):
+            if isinstance(size, int):
+                continue
+            expr = size.node.expr
+            vr = ranges.get(expr)
+            low, high = (_bound(vr.lower, 0), _bound(vr.upper, 2 ** 62)) if vr is not None else (0, 2 ** 62)
+            out.setdefault(j, {})[i] = (str(expr), low, high)
+    return out
+
+
+def export_trace(root: nn.Module, example_inputs) -> TraceResult:
+    """Capture ``root`` (in its current mode: call ``root.train()`` first) with ``torch.export``
+    on ``example_inputs`` (a tensor or tuple of positional inputs); see the module docstring.
+
+    Raises :class:`ExportCaptureError` with the first line of what ``torch.export`` said when it
+    cannot capture the forward. ``TraceResult.notes`` says when the graph serves training only
+    (the eval forward took another Python branch, so eval calls run the module's own forward).
+
+    >>> import torchvision
+    >>> r = export_trace(torchvision.models.resnet18(num_classes=10).train(), torch.zeros(2, 3, 32, 32))
+    >>> [n.target for n in r.module.graph.nodes if n.op == "call_module"][1:4]
+    ['conv1', 'bn1', 'relu']
+    """
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
+    result = TraceResult(module=root, capture="export")
+    try:
+        ep = _export(root, inputs, result)
+    except Exception as exc:
+        raise ExportCaptureError(f"torch.export could not capture {type(root).__name__}: {_first_line(exc)}") from None
+    egm = ep.module()
+    checks = egm._modules.pop("_guards_fn", None)
+    for node in list(egm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            egm.graph.erase_node(node)  # the ExportGuard runs it before the graph, where a misfit can go eager
+    gm = _build_module(root, egm)
+    _collapse_leaves(gm)
+    _live_modes(gm)
+    _torch_level(gm)
+    gm.graph.lint()
+    gm.recompile()
+    dynamic = _dynamic_dims(gm, inputs, ep.range_constraints)
+    modes = None
+    if not _eval_matches(root, gm, inputs):
+        modes = {name: m.training for name, m in root.named_modules()}
+        result.notes.append("the eval forward takes another Python branch than the training one: the graph "
+                            "serves training calls; eval calls run the module's own forward")
+    gm._call_guard = ExportGuard(type(root).forward, (inputs, {}), dynamic, (n.name for n in gm.graph.nodes), modes,
+                                 checks)
+    result.module = gm
+    result.graphs[""] = gm
+    return result

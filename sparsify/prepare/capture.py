@@ -1,0 +1,189 @@
+"""How the model's forward is captured for rewriting: ``torch.fx`` (with module-by-module rewriting
+where a submodule cannot be traced) or ``torch.export`` (:mod:`passes.export_capture`), chosen by
+``capture`` (``"auto"``, ``"fx"`` or ``"export"``; see docs/capture.md), and what the plan says
+about it.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from passes import ExportCaptureError, export_trace, first_and_last, node_name, target_module, trace
+from passes.calls import CallShell
+from passes.tracing import CallRecord, TraceResult, module_path_of  # noqa: F401  (module_path_of documents the meta used)
+
+from sparsify.core.activations import is_activation_module, shell_activation
+from sparsify.core.layers import WEIGHT_TYPES
+from sparsify.prepare.hidden import needed_paths
+from sparsify.prepare.matching import Candidate, MatchTable, op_name
+
+__all__ = ["CAPTURES", "capture", "fx_capture", "check_capture", "capture_report"]
+
+CAPTURES = ("auto", "fx", "export")
+
+
+def _candidates(tr: TraceResult, root: nn.Module) -> list[Candidate]:
+    out = []
+    is_compute = lambda n, m: m is not None and isinstance(m, WEIGHT_TYPES)  # noqa: E731
+    for prefix, gm in tr.graphs.items():
+        first, last = first_and_last(gm, is_compute)
+        for node in gm.graph.nodes:
+            if node.op in ("placeholder", "output", "get_attr"):
+                continue
+            # the one call in a shell (passes.calls.call_shell) is named as the parent calls it
+            shelled = node.op == "call_module" and node.target == getattr(gm, "shell_of", None)
+            out.append(Candidate(prefix if shelled else node_name(node, prefix), target_module(gm, node), node, gm,
+                                 prefix, node.name in first, node.name in last))
+    for name in tr.direct:
+        out.append(Candidate(name, root.get_submodule(name)))
+    return out
+
+
+def _enclosing(c: Candidate) -> list[str]:
+    """Qualified names of the modules whose forward contains ``c`` (not ``c``'s own module)."""
+    if c.node is None:
+        return []
+    paths = [v[0] for v in (c.node.meta.get("nn_module_stack") or {}).values()]
+    if c.node.op == "call_module" and paths and paths[-1] == c.node.target:
+        paths = paths[:-1]
+    q = lambda p: f"{c.prefix}.{p}" if c.prefix else p  # noqa: E731
+    return [q(p) for p in paths if p]
+
+
+_ACTIVATION_OPS = {"relu", "relu6", "gelu", "silu", "hardswish", "hardsigmoid", "leaky_relu", "elu",
+                   "selu", "celu", "mish", "sigmoid", "tanh", "hardtanh", "softplus"}
+
+
+def _structural(c: Candidate) -> bool:
+    """A Conv/Linear call or an activation call: what rewrites that read around a site look for."""
+    if c.module is not None:
+        return isinstance(c.module, WEIGHT_TYPES) or is_activation_module(c.module)
+    return op_name(c.node) in _ACTIVATION_OPS
+
+
+def _not_a_layer(name: str, m: nn.Module) -> bool:
+    """Trace through ``m``? Not through a weight layer: torch's are leaves anyway, and
+    transformers' Conv1D must stay one module call for a method to replace it; nor through an
+    activation module (transformers' GELUActivation...), which rules match by type and name."""
+    return not isinstance(m, WEIGHT_TYPES) and not is_activation_module(m)
+
+
+def fx_capture(root: nn.Module, matcher: MatchTable, example_inputs=None):
+    """torch.fx, as deep as the rules need, untraceable submodules rewritten module by module:
+    ``(TraceResult, candidates, candidates of the full-depth trace)``."""
+    # children traced under an untraceable parent are specialised to how it calls them
+    calls = None
+    if example_inputs is not None:
+        calls = CallRecord(root, example_inputs if isinstance(example_inputs, (list, tuple)) else (example_inputs,))
+
+    def is_site(name, m):
+        w = matcher.winner(Candidate(name, m))
+        return w is not None and w.method is not None
+
+    # activation modules called by an untraceable parent get a one-call graph when a rule may insert after them
+    shell = shell_activation if any(r.method is not None and r.method.site == "node" for r in matcher.rules) else None
+    tr = trace(root, _not_a_layer, is_site=is_site, calls=calls, shell=shell)
+    cands = _candidates(tr, root)
+    # a method whose rewrite reads the nodes around a site (SAS: the relu feeding a layer, which may
+    # sit inside a module with nothing to rewrite) needs every module holding a layer or an
+    # activation traced through; modules with neither (stochastic depth) still stay leaves
+    full = any(r.method is not None and r.method.full_trace for r in matcher.rules)
+    descended, needed = set(), set()
+    for c in cands:
+        # a graph traced below an untraceable parent (fallback) is reached through its own path
+        paths = _enclosing(c) + [c.prefix.rsplit(".", k)[0] for k in range(c.prefix.count(".") + 1) if c.prefix]
+        if c.node is None:  # swapped as an attribute inside fallbacks: the retrace must reach it again
+            paths += [c.name.rsplit(".", k)[0] for k in range(1, c.name.count(".") + 1)]
+        descended.update(paths)
+        w = matcher.winner(c)
+        if (w is not None and w.method is not None) or (full and _structural(c)):
+            needed.update(paths)
+    needed |= needed_paths(tr.graphs, matcher.winner)  # forwards that read a rewritten weight
+    if descended <= needed:
+        return tr, cands, cands
+    first_cands = cands
+    tr = trace(root, lambda name, m: name in needed and _not_a_layer(name, m), is_site=is_site, calls=calls,
+               shell=shell)
+    # first/last describe the model, not how deep this trace went (a leaf stem hides its conv)
+    flags = {c.name: (c.first, c.last) for c in first_cands}
+    cands = _candidates(tr, root)
+    for c in cands:
+        c.first, c.last = flags.get(c.name, (c.first, c.last))
+    return tr, cands, first_cands
+
+
+def check_capture(value) -> str:
+    """``value`` when it is a capture mode, else a one-line ``ValueError`` saying which are.
+
+    >>> check_capture("export")
+    'export'
+    >>> check_capture("onnx")
+    Traceback (most recent call last):
+    ValueError: capture='onnx' is not a capture mode: use "auto" (torch.fx, torch.export where that reaches more), "fx" or "export" (needs example_inputs)
+    """
+    if value not in CAPTURES:
+        raise ValueError(f"capture={value!r} is not a capture mode: use \"auto\" (torch.fx, torch.export where "
+                         "that reaches more), \"fx\" or \"export\" (needs example_inputs)")
+    return value
+
+
+def _reached(cands: list[Candidate], matcher: MatchTable) -> int:
+    """How many sites a rule with a method matches."""
+    return sum(1 for c in cands if (w := matcher.winner(c)) is not None and w.method is not None)
+
+
+def capture(root: nn.Module, matcher: MatchTable, example_inputs=None, mode: str = "auto"):
+    """Capture ``root`` for rewriting: ``(TraceResult, candidates, full-depth candidates)``.
+
+    ``"fx"``: :func:`fx_capture`. ``"export"``: ``torch.export`` on ``example_inputs`` (required),
+    with a one-line error when it cannot capture the model. ``"auto"``: ``torch.fx``; only where it
+    fell back to module-by-module rewriting, ``example_inputs`` were given and a rule inserts nodes
+    after activations (which module-by-module rewriting reaches only as activation modules, not as
+    functional calls) is ``torch.export`` tried, and its graph used when it reproduces the model in
+    eval mode and more sites are reached through it. ``TraceResult.notes`` says why.
+    """
+    mode = check_capture(mode)
+    if mode == "export":
+        if example_inputs is None:
+            raise ValueError('capture="export" runs the forward on example inputs: pass example_inputs=... '
+                             "(a tensor or a tuple of the forward's positional inputs)")
+        try:
+            tr = export_trace(root, example_inputs)
+        except ExportCaptureError as e:
+            raise ValueError(f"sparsify: {e}; use capture=\"fx\" (module-by-module rewriting where torch.fx "
+                             "cannot trace)") from None
+        cands = _candidates(tr, root)
+        return tr, cands, cands
+    tr, cands, first = fx_capture(root, matcher, example_inputs)
+    if mode == "fx" or not tr.fallbacks:
+        return tr, cands, first
+    if example_inputs is None or not any(r.method is not None and r.method.site == "node" for r in matcher.rules):
+        return tr, cands, first
+    try:
+        ex = export_trace(root, example_inputs)
+    except ExportCaptureError as e:
+        tr.notes.append(f"auto: {e}; kept torch.fx with module-by-module rewriting")
+        return tr, cands, first
+    ex_cands = _candidates(ex, root)
+    if ex.notes or _reached(ex_cands, matcher) <= _reached(cands, matcher):
+        why = ex.notes[0] if ex.notes else "it reaches no more sites"
+        tr.notes.append(f"auto: torch.export captured the model but {why}; kept torch.fx")
+        return tr, cands, first  # export_trace changed nothing in root's modules
+    ex.notes.append(f"auto: torch.fx could not trace {', '.join(f.name or '<root>' for f in tr.fallbacks[:3])}"
+                    f"{'...' if len(tr.fallbacks) > 3 else ''}; torch.export reaches "
+                    f"{_reached(ex_cands, matcher)} sites instead of {_reached(cands, matcher)}")
+    return ex, ex_cands, ex_cands
+
+
+def capture_report(tr: TraceResult) -> list[dict]:
+    """One ``{"name", "capture", "note"}`` per captured (sub)module, for the plan: which of
+    ``torch.fx``, ``torch.export`` or module-by-module rewriting (an untraceable submodule run
+    as it is) reached the layers under it."""
+    out = []
+    how = "torch.export" if tr.capture == "export" else "torch.fx"
+    for prefix in tr.graphs:
+        if isinstance(tr.graphs[prefix], CallShell):
+            continue  # one activation module called by an untraceable parent
+        out.append({"name": prefix, "capture": how, "note": ""})
+    for f in tr.fallbacks:
+        out.append({"name": f.name, "capture": "module by module", "note": f.reason})
+    return out
