@@ -319,7 +319,7 @@ def export_trace(root: nn.Module, example_inputs) -> TraceResult:
 
     >>> import torchvision
     >>> r = export_trace(torchvision.models.resnet18(num_classes=10).train(), torch.zeros(2, 3, 32, 32))
-    >>> [n.target for n in r.module.graph.nodes if n.op == "call_module"][1:4]
+    >>> [n.target for n in r.module.graph.nodes if n.op == "call_module"][:3]
     ['conv1', 'bn1', 'relu']
     """
     inputs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
