@@ -174,7 +174,9 @@ class ExportGuard(CallGuard):
             for i, (symbol, low, high) in dynamic.items():
                 # torch.export specialises sizes 0 and 1 away (ranges start at 2) yet its graphs
                 # serve them, as torch's own input checks allow
-                if not min(low, 0 if low <= 2 else low) <= x.shape[i] <= high or sizes.setdefault(symbol, x.shape[i]) != x.shape[i]:
+                if not (0 if low <= 2 else low) <= x.shape[i] <= high:
+                    return False
+                if sizes.setdefault(symbol, x.shape[i]) != x.shape[i]:
                     return False
         if self.checks is not None:  # torch.export's own checks (relations between sizes too)
             try:
@@ -229,11 +231,11 @@ def _build_module(root: nn.Module, egm: fx.GraphModule) -> fx.GraphModule:
         except AttributeError:
             if "." in target:
                 raise ExportCaptureError(f"the exported graph reads {target}, which the model does not hold") from None
-            extra[target] = _resolve(egm, target)
-            src.__dict__[target] = extra[target] if not isinstance(extra[target], nn.Module) else None
-            if isinstance(extra[target], nn.Module):
-                del src.__dict__[target]
-                src._modules[target] = extra[target]
+            extra[target] = value = _resolve(egm, target)
+            if isinstance(value, nn.Module):
+                src._modules[target] = value
+            else:
+                src.__dict__[target] = value
     gm = _traced_class(getattr(type(root), "_traced_from", type(root)))(src, egm.graph, type(root).__name__)
     _keep_hierarchy(root, gm)
     for name, value in extra.items():
@@ -266,17 +268,29 @@ def _same(a, b, rtol: float = 1e-4, atol: float = 1e-5) -> bool:
 
 
 @torch.no_grad()
-def _eval_matches(root: nn.Module, gm: fx.GraphModule, inputs: tuple) -> bool:
-    """Does the captured graph compute what the model computes in eval mode (where nothing is
-    random)? A mismatch means the forward branched on ``self.training`` in Python."""
+def _matches(root: nn.Module, gm: fx.GraphModule, inputs: tuple, train: bool) -> bool:
+    """Does the captured graph compute what the model computes, in train or eval mode? Both run
+    from the same random state and buffers (restored afterwards). In eval mode a mismatch means
+    the forward branched on ``self.training`` in Python."""
     modes = [(m, m.training) for m in root.modules()] + [(gm, gm.training)]
+    buffers = [(b, b.clone()) for b in root.buffers()]
+    rng = torch.random.get_rng_state()
+
+    def run(module):
+        torch.random.set_rng_state(rng)
+        try:
+            return module(*inputs)
+        finally:
+            for b, saved in buffers:
+                b.copy_(saved)
     try:
-        root.eval()
-        gm.eval()
-        return _same(root(*inputs), gm(*inputs))
+        root.train(train)
+        gm.train(train)
+        return _same(run(root), run(gm))
     except Exception:
         return False
     finally:
+        torch.random.set_rng_state(rng)
         for m, flag in modes:
             m.training = flag
 
@@ -340,8 +354,11 @@ def export_trace(root: nn.Module, example_inputs) -> TraceResult:
     gm.graph.lint()
     gm.recompile()
     dynamic = _dynamic_dims(gm, inputs, ep.range_constraints)
+    if not _matches(root, gm, inputs, train=True):
+        raise ExportCaptureError(f"the graph torch.export captured of {type(root).__name__} does not reproduce its "
+                                 "training forward on the example inputs")
     modes = None
-    if not _eval_matches(root, gm, inputs):
+    if not _matches(root, gm, inputs, train=False):
         modes = {name: m.training for name, m in root.named_modules()}
         result.notes.append("the eval forward takes another Python branch than the training one: the graph "
                             "serves training calls; eval calls run the module's own forward")
