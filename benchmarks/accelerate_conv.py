@@ -13,6 +13,10 @@ conversion measured for the chosen path against the dense conv (BN folded), and 
 
     PYTHONPATH=. .venv/bin/python benchmarks/accelerate_conv.py --model resnet18 --sparsity 0.9 --batch 1 \
         [--rounds 15] [--threads 2] [--cpu-time] [--layers] [--json out.json]
+
+``--table`` runs the six ResNet rows of docs/performance.md's two-thread table in one process
+(ResNet-18 and ResNet-50: 90% at batch 1 and 8, 95% at batch 1; ``--rounds`` default 7 there)
+and prints them as a Markdown table: about two minutes on an idle 2-core machine.
 """
 from __future__ import annotations
 
@@ -81,22 +85,54 @@ def layer_rows(report) -> list[dict]:
     return rows
 
 
+TABLE = [("resnet18", 0.9, 1), ("resnet18", 0.9, 8), ("resnet18", 0.95, 1),
+         ("resnet50", 0.9, 1), ("resnet50", 0.9, 8), ("resnet50", 0.95, 1)]
+NAMES = {"resnet18": "ResNet-18", "resnet50": "ResNet-50", "mobilenet_v2": "MobileNetV2"}
+
+
+def table(args) -> list[dict]:
+    """The rows of TABLE with ``args``' threads, clock and rounds, printed as a Markdown table."""
+    rows = []
+    for model, sparsity, batch in TABLE:
+        args.model, args.sparsity, args.batch = model, sparsity, batch
+        rows.append(run(args))
+    print(f"\n{args.threads} thread(s), {'process CPU time' if args.cpu_time else 'wall clock'}, {args.rounds} "
+          f"rounds, torch {torch.__version__}\n")
+    print("| model | sparsity | batch | dense | best dense | accelerated | vs dense | vs best dense |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        m, vd, vb = r["median_ms"], r["vs_dense"], r["vs_best_dense"]
+        print(f"| {NAMES[r['model']]} | {100 * r['sparsity']:.0f}% | {r['batch']} | {m['dense']:.1f} ms | "
+              f"{m['best_dense']:.1f} ms | {m['accelerated']:.1f} ms | **{vd['median']:.2f}×** "
+              f"[{vd['p25']:.2f}–{vd['p75']:.2f}] | **{vb['median']:.2f}×** [{vb['p25']:.2f}–{vb['p75']:.2f}] |")
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet18", choices=["resnet18", "resnet50", "mobilenet_v2"])
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=None, help="default 15, 7 with --table")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cpu-time", action="store_true", help="time by this process's CPU time (steadier on a "
                     "loaded machine; use with --threads 1, where accelerate() decides by CPU time too)")
     ap.add_argument("--layers", action="store_true", help="print the per-layer table")
+    ap.add_argument("--table", action="store_true", help="the six ResNet rows of the docs' table, one process")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    args.rounds = args.rounds or (7 if args.table else 15)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     warnings.filterwarnings("ignore")
+    rows = table(args) if args.table else run(args)
+    write_json(args.json, rows)
+    return rows
+
+
+def run(args) -> dict:
+    """One model, sparsity and batch: the timings, ratios and per-layer rows; prints a summary."""
+    torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size)
     xc = x.contiguous(memory_format=torch.channels_last)
     dense = getattr(torchvision.models, args.model)().eval()
@@ -125,7 +161,6 @@ def main(argv=None):
         for r in row["layers"]:
             print(f"{r['layer']:24} {r['kind']:14} {r['path']:7} {100 * r['sparsity']:7.1f}% {r['dense_ms']:9.3f} "
                   f"{r['chosen_ms']:9.3f} {r['achieved']:7.2f}x {r['ideal']:5.1f}x")
-    write_json(args.json, row)
     return row
 
 
