@@ -199,8 +199,9 @@ def test_measured_acceleration_output_equals_finalized():
     assert masks >= 10  # layer4's 1x1 outputs at 32x32 keep their single position: no mask there
     # every conv and linear is listed: the masked ones, the 3 downsample 1x1 convs + fc, and the
     # unmasked k x k convs (dense: weight sparsity below min_conv_sparsity)
-    assert len(fast.acceleration.layers) == sum(isinstance(mod, (nn.Conv2d, nn.Linear)) for mod in plain.modules())
-    assert len(fast.acceleration.layers) > masks + 4
+    rows = [r for r in fast.acceleration.layers if not r.kind.startswith("MaxPool2d")]  # pools: own rows
+    assert len(rows) == sum(isinstance(mod, (nn.Conv2d, nn.Linear)) for mod in plain.modules())
+    assert len(rows) > masks + 4
     assert all(r.times_ms for r in fast.acceleration.layers if r.path != "dense" or "beat" in r.reason)
 
 
@@ -256,7 +257,8 @@ def test_accelerate_folds_batchnorm_into_the_convs_that_stay_dense():
     # BNs, and layer4's at 32x32, whose 1x1 outputs keep their one position) are counted
     assert never.acceleration.folded_bn == 20 - masked
     # the masked 3x3 convs say so; unmasked ones are listed as weight-dense (direct conv candidates)
-    masked_rows = [r for r in never.acceleration.layers if r.kind.endswith("3x3") and "weight sparsity" not in r.reason]
+    masked_rows = [r for r in never.acceleration.layers
+                   if r.kind.startswith("Conv2d") and r.kind.endswith("3x3") and "weight sparsity" not in r.reason]
     assert len(masked_rows) >= masked - 1 and all("BN folded" in r.reason for r in masked_rows)
     assert f"BN folded into {20 - masked} other convs" in str(never.acceleration)
     kept_bn = sparsify.finalize(m, x, accelerate={"decide": "never", "fold_bn": False})
@@ -308,3 +310,36 @@ def test_measured_csr_choice_tries_row_blocks_on_many_rows():
     assert row.path in ("dense", "csr")
     few = accelerate(mlp, torch.randn(2, 64))
     assert set(few.acceleration.layers[0].times_ms) <= {"dense", "csr"}
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation,ceil_mode", [
+    (3, 2, 1, 1, False), (2, 2, 0, 1, False), (3, 1, 1, 1, False), (3, 2, 0, 2, True), ((3, 2), (2, 1), (1, 0), 1, True),
+])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_channels_last_max_pool_equals_max_pool_and_keeps_the_layout(kernel, stride, padding, dilation, ceil_mode,
+                                                                     layout):
+    from sparsify.deploy.accelerate.pool import ChannelsLastMaxPool2d
+    pool = nn.MaxPool2d(kernel, stride, padding, dilation, ceil_mode=ceil_mode)
+    fast = ChannelsLastMaxPool2d.from_pool(pool)
+    x = torch.randn(2, 5, 13, 11).contiguous(memory_format=layout)
+    y = fast(x)
+    assert torch.equal(y, pool(x)) and y.is_contiguous(memory_format=layout)
+    assert torch.equal(fast(x[0]), pool(x[0]))  # 3-D input: the plain pool
+    with pytest.raises(ValueError, match="indices"):
+        ChannelsLastMaxPool2d.from_pool(nn.MaxPool2d(2, return_indices=True))
+
+
+def test_accelerate_times_the_max_pool_of_an_nchw_network_and_reports_it():
+    from sparsify.deploy.accelerate.pool import ChannelsLastMaxPool2d
+    torch.manual_seed(0)
+    model = torch.fx.symbolic_trace(torchvision.models.resnet18(num_classes=10).eval())
+    x = torch.randn(1, 3, 64, 64)
+    fast = accelerate(model, x, decide="always")
+    row = next(r for r in fast.acceleration.layers if r.name == "maxpool")
+    assert (row.kind, row.path) == ("MaxPool2d 3x3", "channels-last")
+    assert isinstance(fast.get_submodule("maxpool"), ChannelsLastMaxPool2d)
+    with torch.no_grad():
+        assert torch.allclose(fast(x), model(x), rtol=1e-4, atol=1e-5)
+    measured = accelerate(model, x)  # whichever wins, it is timed and listed
+    row = next(r for r in measured.acceleration.layers if r.name == "maxpool")
+    assert set(row.times_ms) == {"dense", "channels-last"} and row.path in ("dense", "channels-last")

@@ -26,6 +26,7 @@ from passes import remove_node, replace_uses, set_submodule
 from sparsify.deploy.accelerate.direct_conv import DirectSparseConv2d, direct_available, supports_direct
 from sparsify.deploy.accelerate.fold import PositionFill, foldable_bn, folded_conv
 from sparsify.deploy.accelerate.patch_conv import PatchSkipConv2d, supports_patch_skip
+from sparsify.deploy.accelerate.pool import channels_last_pool_pass
 from sparsify.deploy.accelerate.select import AccelerationReport, LayerPath, choose
 from sparsify.deploy.accelerate.sparse_linear import SparseConv1x1, SparseLinear, supports_sparse_linear
 
@@ -63,7 +64,7 @@ def keep_mask_of(module: nn.Module) -> torch.Tensor | None:
 
 
 def _record_inputs(model: nn.Module, inputs: tuple) -> dict[str, torch.Size]:
-    """Input shape of every Conv2d / Linear call in one forward."""
+    """Input shape of every Conv2d / Linear / MaxPool2d call in one forward."""
     shapes, hooks = {}, []
 
     def hook(name):
@@ -73,7 +74,7 @@ def _record_inputs(model: nn.Module, inputs: tuple) -> dict[str, torch.Size]:
         return record
 
     for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
+        if isinstance(m, (nn.Conv2d, nn.Linear, nn.MaxPool2d)):
             hooks.append(m.register_forward_pre_hook(hook(name)))
     try:
         model(*inputs)
@@ -363,6 +364,8 @@ def accelerate(model: nn.Module, example_inputs, *, decide: str = "measure", min
         for m in out.modules():
             if type(m) is nn.Conv2d:
                 m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+    else:  # an NCHW network: its max pools may run faster channels-last
+        channels_last_pool_pass(out, shapes, decide, margin, rows)
     report = AccelerationReport(rows, decide, [list(x.shape) for x in inputs if hasattr(x, "shape")], folded)
     out.acceleration = report
     if check:
