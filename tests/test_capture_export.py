@@ -133,6 +133,9 @@ def test_torchvision_model_both_ways(capture):
                    capture="fx", total_steps=10)
     again.load_state_dict(m.state_dict())
     assert torch.allclose(again.eval()(x), m(x), atol=1e-6)
+    # both captures reach the same layers under the same names
+    names = lambda model: [e.name for e in sparsify.core.state.find_state(model).plan.rewritten]  # noqa: E731
+    assert names(m) == names(again) and len(names(m)) == 26
 
 
 def test_export_graph_serves_other_batch_sizes_and_sends_misfits_to_the_forward():
