@@ -52,6 +52,13 @@ def test_plan_builtin_model_and_override(capsys):
     assert next(e for e in plan["entries"] if e["name"] == "conv1")["macs"] == 6 * 25 * 28 * 28
 
 
+def test_plan_capture_option(capsys):
+    rc, out, _ = run_cli(capsys, "plan", "--model", "cnn", "--recipe", "st3", "--capture", "export", "--json")
+    plan = json.loads(out)
+    assert rc == 0 and [c["capture"] for c in plan["captures"]] == ["torch.export"]
+    assert len([e for e in plan["entries"] if e["method"] == "st3"]) == 4
+
+
 def test_plan_factory_model(capsys, tmp_path, monkeypatch):
     (tmp_path / "mynets.py").write_text(
         "import torch.nn as nn\n"

@@ -108,7 +108,8 @@ def _cmd_plan(args) -> int:
     model, example = _plan_model(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        plan = sparsify.plan(model, args.recipe, example_inputs=example, **parse_overrides(args.set))
+        plan = sparsify.plan(model, args.recipe, example_inputs=example, capture=args.capture,
+                             **parse_overrides(args.set))
     if args.json:
         print(plan.to_json())
     else:
@@ -147,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=None,
                    help="classes of the model's head (default 10 for built-ins, 1000 for torchvision)")
     p.add_argument("--input-shape", help="example input for MAC counts, e.g. 1,3,224,224 (default: guessed)")
+    p.add_argument("--capture", choices=["auto", "fx", "export"], default=None,
+                   help="how the forward is captured: torch.fx, torch.export (uses --input-shape), or auto "
+                        "(default: the recipe's options.capture, else auto; docs/capture.md)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     p = sub.add_parser("train", help="train a model with a recipe (checkpoints, report, plots)")
