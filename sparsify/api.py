@@ -16,6 +16,8 @@ from sparsify.prepare.plan import Plan
 from sparsify.prepare.recipe import load_recipe
 from sparsify.stats.report import Report, build_report
 from sparsify.core.devices import model_device, move_buffers
+from sparsify.core.layers import SparseWeightMixin
+from sparsify.core.sharded import full_parameters, sharded_modules
 from sparsify.core.state import find_state, unwrap
 from sparsify.prepare.inputs import check_inputs, state_inputs
 
@@ -106,13 +108,22 @@ def step(model: nn.Module, loss=None) -> int:
     with torch.no_grad():
         state.step += 1
         t = int(state.step)
-        for name, group in state.groups.items():
-            group.clear()
-            try:
-                group.update(t, loss)
-            except FloatingPointError as e:  # non-finite weights: keep the last thresholds and masks
-                said.append((f"nonfinite:{name}", f"sparsify.step: {name} ({group.method_name}) met non-finite "
-                             f"weights at step {t} and kept its previous thresholds and masks ({e})"))
+        # FSDP2: the groups that read weights this step see them whole (docs/distributed.md)
+        readers = [m for g in state.groups.values() if g.reads_weights(t) for m in (g, *g.members.values())]
+        with full_parameters(readers):
+            for name, group in state.groups.items():
+                group.clear()
+                try:
+                    group.update(t, loss)
+                except FloatingPointError as e:  # non-finite weights: keep the last thresholds and masks
+                    said.append((f"nonfinite:{name}", f"sparsify.step: {name} ({group.method_name}) met "
+                                 f"non-finite weights at step {t} and kept its previous thresholds and masks ({e})"))
+        layers = [m for g in state.groups.values() for m in g.members.values() if isinstance(m, SparseWeightMixin)]
+        if sharded_modules(layers):
+            # FSDP2 gathers new weight values into the same tensor without bumping its version:
+            # nothing computed from a weight in this step's forward may be reused in the next one
+            for m in layers:
+                m.drop_caches()
     if loss is not None and not math.isfinite(loss):
         said.append(("nonfinite-loss", f"sparsify.step: the loss is {loss} at step {t}: training diverged; "
                      "lower the learning rate or check the loss (stop at the first non-finite loss)"))
@@ -154,7 +165,9 @@ def report(model: nn.Module) -> Report:
     True
     """
     state = find_state(model)
-    return build_report(unwrap(model), state)
+    root = unwrap(model)
+    with full_parameters(root.modules()):  # FSDP2: whole weights on every rank (a collective)
+        return build_report(root, state)
 
 
 def finalize(model: nn.Module, example_inputs=None, *, check: bool = True, rtol: float = 1e-4,

@@ -198,7 +198,7 @@ def test_str_official_checkpoint_gives_official_outputs():
     sd["fc.weight"] = sd["fc.weight"][:, :, None, None]
     ours = sparsify.sparsify(Net(), "str", example_inputs=x_batch())
     load_official_state_dict(ours, sd)
-    assert float(ours.conv1.s) == -2.0 and ours.conv1.s.shape == ()
+    assert float(ours.conv1.s) == -2.0 and ours.conv1.s.shape == (1,)
     assert_same_outputs_and_grads(ours, official)
     for name in ("conv1", "conv2", "fc"):
         torch.testing.assert_close(getattr(ours, name).s.grad.reshape(1, 1),

@@ -129,7 +129,8 @@ def test_param_groups_decay_thresholds_and_threshold_decay_overrides():
     (g,) = [g for g in groups if {id(p) for p in g["params"]} & s_ids]
     assert {id(p) for p in g["params"]} == s_ids and g["weight_decay"] == 1e-4
     m2 = make(threshold_decay=0.05)
-    g2 = [g for g in sparsify.param_groups(m2, 1e-4) if any(p.dim() == 0 for p in g["params"])]
+    s2 = {id(layer.s) for layer in str_layers(m2)}
+    g2 = [g for g in sparsify.param_groups(m2, 1e-4) if {id(p) for p in g["params"]} & s2]
     assert [g["weight_decay"] for g in g2] == [0.05]
     every = [p for g in groups for p in g["params"]]
     assert len(every) == len({id(p) for p in every}) == len(list(m.parameters()))
@@ -212,3 +213,17 @@ def test_builtin_recipes_train_and_finalize():
         final = sparsify.finalize(m)
         assert all(type(mod) in (nn.Conv2d, nn.Linear) for mod in final.modules()
                    if isinstance(mod, (nn.Conv2d, nn.Linear)))
+
+
+@pytest.mark.parametrize("granularity", ["layer", "global"])
+def test_single_threshold_is_one_element_and_old_scalar_checkpoints_load(granularity):
+    """A single s is a (1,) tensor (FSDP2 refuses 0-d parameters); a checkpoint whose s is 0-d
+    (saved before) loads into it with the same value."""
+    m = make(granularity)
+    sd = m.state_dict()
+    keys = [k for k in sd if k.endswith(".s")]
+    assert keys and all(sd[k].shape == (1,) for k in keys)
+    old = {k: (v.reshape(()) - 1.0 if k in keys else v) for k, v in sd.items()}
+    m2 = make(granularity)
+    m2.load_state_dict(old)
+    assert all(torch.equal(m2.state_dict()[k], sd[k] - 1.0) for k in keys)

@@ -136,6 +136,12 @@ class Group(nn.Module):
     def update(self, step: int, loss: float | None = None) -> None:
         """Advance to optimizer step ``step`` (recompute thresholds, masks, ...)."""
 
+    def reads_weights(self, step: int) -> bool:
+        """Whether :meth:`update` at ``step`` reads (or writes) its members' parameters. Under
+        FSDP2 ``sparsify.step`` all-gathers them for it (:mod:`sparsify.core.sharded`), so a
+        group says False on the steps that leave them alone (e.g. between GMP's pruning steps)."""
+        return True
+
     def penalty(self) -> torch.Tensor | None:
         """The regularization term recorded since the last call (then forgotten), or None."""
         return None

@@ -19,6 +19,7 @@ from torch import nn
 
 from sparsify.core.buffers import eager, layer_buffers
 from sparsify.core.conv1d import Conv1DLike, conv1d_forward, is_conv1d_class
+from sparsify.core.sharded import check_gathered
 
 __all__ = ["SparseWeightMixin", "RecordsMixin", "specialize", "WEIGHT_TYPES", "TORCH_WEIGHT_TYPES", "plain_copy",
            "weight_base", "masked_weight"]
@@ -101,6 +102,7 @@ class SparseWeightMixin:
         return w.clone() if self._aliases_scratch(w) else w
 
     def forward(self, x):
+        check_gathered(self, self.weight)
         return self.forward_with(x, self.effective_weight())
 
     def forward_with(self, x, weight):

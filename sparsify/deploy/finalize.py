@@ -12,6 +12,7 @@ from passes import remove_node, set_submodule
 
 from sparsify.deploy.compare import outputs_close
 from sparsify.prepare.inputs import state_inputs
+from sparsify.core.sharded import sharded_modules
 from sparsify.core.state import STATE_ATTR, SparsifyState, find_state, unwrap
 
 __all__ = ["FinalizeError", "FinalizeWarning", "finalize_model"]
@@ -49,6 +50,11 @@ def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
     """See :func:`sparsify.finalize`."""
     state: SparsifyState = find_state(model)
     source = unwrap(model)
+    if sharded_modules(source.modules()):
+        raise RuntimeError("finalize: this model's parameters are sharded (FSDP2's fully_shard); finalize a full "
+                           "copy instead: get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, "
+                           "cpu_offload=True)) from torch.distributed.checkpoint.state_dict, load it on rank 0 into "
+                           "the same sparsify(...) of a fresh model and finalize that (docs/distributed.md)")
     final = copy.deepcopy(source)
     fstate: SparsifyState = getattr(final, STATE_ATTR)
     for group in fstate.groups.values():

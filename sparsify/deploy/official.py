@@ -78,7 +78,7 @@ def to_official_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         else:
             s = m.threshold_param().detach().float()
             sd.pop(p + "s", None)
-            sd[p + "sparseThreshold"] = s.reshape(1, 1).clone() if s.dim() == 0 else s.clone()
+            sd[p + "sparseThreshold"] = s.reshape(1, 1).clone() if s.dim() <= 1 else s.clone()
     if kept_bias:
         warnings.warn(f"to_official_state_dict: {len(kept_bias)} ST-3 layer(s) have a non-zero bias "
                       f"({', '.join(kept_bias[:3])}{' ...' if len(kept_bias) > 3 else ''}), which the official "

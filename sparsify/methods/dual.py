@@ -19,6 +19,7 @@ from sparsify.core.contract import Group, GroupContext, Method
 from sparsify.core.registry import register
 from sparsify.core.params import Params, param
 from sparsify.core.layers import RecordsMixin, SparseWeightMixin, specialize, weight_base
+from sparsify.core.sharded import check_gathered
 from sparsify.core.staging import active_range, in_range, resolve_stages, stage_at
 
 __all__ = ["L1PruneMixin", "L1PruneGroup", "L1PruneMethod"]
@@ -39,6 +40,7 @@ class L1PruneMixin(RecordsMixin, SparseWeightMixin):
         return self.weight * self.mask if self._fixed else self.weight
 
     def forward(self, x):
+        check_gathered(self, self.weight)
         if self.training and self.l1 and torch.is_grad_enabled():
             self.records.append(self.l1 * self.weight.float().abs().sum())
         return self.forward_with(x, self.effective_weight())
@@ -86,6 +88,9 @@ class L1PruneGroup(HeldLayers, Group):
         self.register_buffer("tau", torch.zeros((), dtype=torch.float64))
         self.uncollected = 0
         self.floored: list[str] = []  # layers held at min_density by the prune step
+
+    def reads_weights(self, step: int) -> bool:
+        return step >= self.prune_step and not any(m._fixed for m in self.members.values())
 
     @torch.no_grad()
     def update(self, step: int, loss=None) -> None:

@@ -126,6 +126,10 @@ class MagnitudeGroup(HeldLayers, Group):
     def _tracker(self, key: str) -> QuantileTracker:
         return self._trackers.setdefault(key, QuantileTracker())
 
+    def reads_weights(self, step: int) -> bool:
+        return (step <= self.fix_at and self.target(step) > 0
+                and not ((step - self.begin) % self.every and step not in (self.end, self.fix_at)))
+
     @torch.no_grad()
     def update(self, step: int, loss=None) -> None:
         layers = list(self.members.items())

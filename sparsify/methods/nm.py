@@ -27,6 +27,7 @@ from sparsify.core.params import Params, param
 from sparsify.core.layers import SparseWeightMixin, specialize, weight_base
 from sparsify.core.conv1d import torch_layout
 from sparsify.core.buffers import content_key, eager, layer_buffers, workspace
+from sparsify.core.sharded import check_gathered
 
 __all__ = ["NMMethod", "NMMixin", "nm_mask", "nm_compliant"]
 
@@ -233,6 +234,7 @@ class NMMixin(SparseWeightMixin):
         return _NMWeight.apply(w, eff, mask_f, not self._is_fixed(), self.sr_ste_decay, False, None)
 
     def forward(self, x):
+        check_gathered(self, self.weight)
         return self.forward_with(x, self._forward_weight())
 
     def _forward_weight(self) -> torch.Tensor:
@@ -323,6 +325,9 @@ class NMGroup(Group):
 
     def final_target(self) -> float:
         return 1.0 - self.n / self.m
+
+    def reads_weights(self, step: int) -> bool:
+        return step >= self.begin and not all(bool(m.fixed) for m in self.members.values())
 
     @torch.no_grad()
     def update(self, step: int, loss=None) -> None:

@@ -198,6 +198,10 @@ class ST3Group(HeldLayers, Group):
             return self.params["sparsity"]  # the fix forces the final ratio (also before the ramp's end)
         return cubic(step, self.begin, self.end, self.params["sparsity"])  # begin == end: a step
 
+    def reads_weights(self, step: int) -> bool:
+        fixing = self.fix_at is not None and step >= self.fix_at
+        return not all(bool(m.fixed) for m in self.members.values()) and (fixing or self.target(step) > 0)
+
     @torch.no_grad()
     def update(self, step: int, loss=None) -> None:
         layers = list(self.members.items())

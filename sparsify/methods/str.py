@@ -5,9 +5,11 @@ optimizer like any weight (plain autograd: ``∂L/∂W = ∂L/∂Ŵ ⊙ 1[|W| > 
 comes from weight decay on ``W`` **and on s** (decay pulls a very negative ``s`` toward 0, which
 raises the threshold). See docs/methods/str.md.
 
-``granularity``: ``"layer"`` (one scalar per layer, the paper's), ``"channel"`` (one per output
-channel), or ``"global"`` (one scalar shared by every layer of the rule; it is registered once,
-on the group, as ``sparsify_state.groups.<rule>.s``). ``s`` and the sigmoid are float32 even
+``granularity``: ``"layer"`` (one value per layer, the paper's), ``"channel"`` (one per output
+channel), or ``"global"`` (one value shared by every layer of the rule; it is registered once,
+on the group, as ``sparsify_state.groups.<rule>.s``). A single threshold is a 1-element tensor,
+not a 0-d one (as the official ``sparseThreshold``, and because FSDP2 shards no 0-d parameter);
+a 0-d ``s`` in an older checkpoint is reshaped on load. ``s`` and the sigmoid are float32 even
 under autocast or after ``model.half()``.
 
 ``sparsify.param_groups(model, weight_decay)`` gives every ``s`` the decay ``threshold_decay``
@@ -30,6 +32,7 @@ from sparsify.core.params import Literal, Params, param
 from sparsify.core.layers import SparseWeightMixin, specialize, weight_base
 from sparsify.core.buffers import eager, layer_buffers, workspace
 from sparsify.core.devices import no_autocast
+from sparsify.core.sharded import check_gathered, is_sharded
 
 __all__ = ["STRMethod", "STRMixin", "str_weight", "str_threshold", "soft_threshold"]
 
@@ -61,7 +64,7 @@ def str_weight(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 def _shrink(weight: torch.Tensor, threshold: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``W − clamp(W, −t, t)``: equal to ``sign(W)·relu(|W| − t)`` (up to the sign of zeros:
     ``±(|W| − t)`` rounds the same either way), in one pass (two with per-channel thresholds)."""
-    if threshold.dim() == 0 and weight.device.type == "cpu":
+    if threshold.numel() == 1 and weight.device.type == "cpu":
         # one kernel; float() of a CPU scalar costs no sync
         if out is None:
             return F.softshrink(weight, float(threshold))
@@ -163,12 +166,20 @@ class STRMixin(SparseWeightMixin):
             object.__setattr__(self, "_shared_s", torch.tensor(float(s_init), device=w.device))
             return
         # per channel: one threshold per output feature, (Cout, 1, ...) or a Conv1D's (1, out)
-        shape = () if granularity == "layer" else self.out_shape(w.shape[self.out_axis])
+        shape = (1,) if granularity == "layer" else self.out_shape(w.shape[self.out_axis])
         self.s = nn.Parameter(torch.full(shape, float(s_init), dtype=torch.float32, device=w.device))
 
     def threshold_param(self) -> nn.Parameter:
         s = self._parameters.get("s")
-        return s if s is not None else self.__dict__["_shared_s"]
+        if s is not None:
+            return s
+        # global: read from the group each time, as FSDP2 swaps its sharded and gathered parameters
+        owner = self.__dict__.get("_s_owner")
+        return owner._parameters["s"] if owner is not None else self.__dict__["_shared_s"]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _reshape_scalar_s(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def threshold(self) -> torch.Tensor:
         """``sigmoid(s)`` in float32 (scalar or ``(Cout, 1, ...)``)."""
@@ -179,6 +190,7 @@ class STRMixin(SparseWeightMixin):
         return soft_threshold(w, t) if _fast(w, t) else str_weight(w, t)
 
     def forward(self, x):
+        check_gathered(self, self.weight)
         return self.forward_with(x, self._forward_weight())
 
     def _forward_weight(self) -> torch.Tensor:
@@ -201,10 +213,22 @@ class STRMixin(SparseWeightMixin):
 
     def sparse_repr(self) -> str:
         t = self.threshold().detach()
-        return f"threshold={float(t.mean()):.4g}" + ("" if t.dim() == 0 else " (mean)")
+        return f"threshold={float(t.mean()):.4g}" + ("" if t.numel() == 1 else " (mean)")
 
 
 STR_CLASSES = specialize(STRMixin, prefix="STR")
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached, gathered if FSDP2 shards it (a collective then: every rank calls it)."""
+    return t.detach().full_tensor() if is_sharded(t) else t.detach()
+
+
+def _reshape_scalar_s(module: nn.Module, state_dict: dict, prefix: str) -> None:
+    """A 0-d ``s`` (checkpoints from before single thresholds were 1-element) loads as ``(1,)``."""
+    v, own = state_dict.get(prefix + "s"), module._parameters.get("s")
+    if isinstance(v, torch.Tensor) and own is not None and v.dim() == 0 and own.shape == (1,):
+        state_dict[prefix + "s"] = v.reshape(1)
 
 # Optimizers seen stepping an STR threshold without weight decay, reported by the groups' warnings().
 _GROUPS: "weakref.WeakSet[STRGroup]" = weakref.WeakSet()
@@ -248,9 +272,9 @@ class STRGroup(Group):
         super().__init__(method, params, members, ctx)
         if params["granularity"] == "global":
             device = next(iter(members.values())).weight.device
-            self.s = nn.Parameter(torch.full((), float(params["s_init"]), dtype=torch.float32, device=device))
+            self.s = nn.Parameter(torch.full((1,), float(params["s_init"]), dtype=torch.float32, device=device))
             for m in members.values():
-                object.__setattr__(m, "_shared_s", self.s)
+                object.__setattr__(m, "_s_owner", self)
         self.undecayed: set[str] = set()
         self.stepped_by_torch_optimizer = False  # then the hook's verdict is exact
         self._last: dict[str, torch.Tensor] | None = None  # s after the previous step, to spot no decay
@@ -271,16 +295,23 @@ class STRGroup(Group):
         decay = weight_decay if decay is None else float(decay)
         return [([p for _, p in self.thresholds()], {"weight_decay": decay})]
 
+    def reads_weights(self, step: int) -> bool:
+        return False  # only the thresholds, gathered below when FSDP2 shards them
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _reshape_scalar_s(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @torch.no_grad()
     def update(self, step: int, loss=None) -> None:
         # a threshold whose loss gradient is exactly zero (sigmoid(s) underflows, as with the
         # paper's s_init = -3200) moves only by weight decay: if it did not move, nothing decays it
-        now = {n: p.detach().clone() for n, p in self.thresholds()}
+        now = {n: _whole(p).clone() for n, p in self.thresholds()}
         frozen = []
         if self._last is not None and not self.stepped_by_torch_optimizer:
             for n, p in self.thresholds():
-                grad_zero = p.grad is None or not bool(p.grad.any())
-                if grad_zero and bool((p != 0).any()) and torch.equal(now[n], self._last[n]):
+                grad_zero = p.grad is None or not bool(_whole(p.grad).any())
+                if grad_zero and bool((now[n] != 0).any()) and torch.equal(now[n], self._last[n]):
                     frozen.append(n)
         self._frozen_names = frozen
         self._last = now
