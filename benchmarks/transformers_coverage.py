@@ -47,7 +47,7 @@ def bert():
 def gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
     cfg = GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0,
-                     tie_word_embeddings=False)  # tied, the LM head stays dense (see docs/index.md, plan)
+                     tie_word_embeddings=False)  # untied: tests/test_tied_weights.py covers the tied GPT-2
     ids = _ids((2, 8))
     return GPT2LMHeadModel(cfg), (ids,), {"labels": ids}
 
@@ -278,7 +278,8 @@ params*: every weight matrix the plan counts (the patch and feature convolutions
 refuses); *activation nodes*: the activation modules or calls the recipe rewrote, by kind;
 *untraceable*: submodules kept as leaves (their children are rewritten one by one). SAS reaches only
 layers fed by a relu (T5); semi-structured takes Conv2d layers only; T5 ties its LM head to the
-embedding even with `tie_word_embeddings=False`, so the plan leaves that head dense (tied weight). Every cell also runs end to end
+embedding even with `tie_word_embeddings=False`: the weight recipes rewrite that head and the
+embeddings read its effective weight (one mask, recipe option `tied`). Every cell also runs end to end
 (sparsify, three AdamW steps on the model's own loss with labels, report, finalize with its output
 check, save and reload) in `tests/test_transformers_families.py` (`--e2e` adds that column here).
 The timing table compares `sparsify(model, "st3")` (best of 3) with `torch.fx.symbolic_trace` and

@@ -16,6 +16,8 @@ Families (``spec.dim``):
   (``ScaleShift``: tracing should keep it a leaf), then a head: flatten (``torch.flatten`` or
   ``nn.Flatten``, or global average pooling first) and one or two Linear layers;
 * ``1``: the same with Conv1d / BatchNorm1d / 1-d pooling on ``(batch, C, L)``;
+* in both, a weight block may be a ConvTranspose1d/2d instead (random kernel 1–3, stride 1–2
+  while the map is small, padding, output padding, bias or not; groups 1);
 * ``0``: MLPs on ``(batch, F)``: Linear, BatchNorm1d, activations, residual and concat of Linears.
 
 Strategies:
@@ -47,7 +49,7 @@ import sparsify
 __all__ = ["ModelSpec", "model_specs", "build_model", "example_input", "recipes", "models_and_recipes",
            "weight_layer_names", "quiet_sparsify", "WEIGHT_TYPES", "count_example", "examples_run"]
 
-WEIGHT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+WEIGHT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose1d, nn.ConvTranspose2d)
 
 _EXAMPLES = [0]
 
@@ -166,6 +168,19 @@ def _conv(draw, c: int, size: int, *, same: bool = False):
 
 
 @st.composite
+def _convt(draw, c: int, size: int):
+    """A transposed conv spec ``("convt", cin, cout, k, stride, pad, output_padding, bias)`` and the
+    new (c, size); stride 2 only while the map is small (the flattened head stays small)."""
+    cout = draw(st.integers(1, 8))
+    k = draw(st.sampled_from([1, 2, 3]))
+    stride = draw(st.integers(1, 2)) if size <= 6 else 1
+    pad = draw(st.integers(0, (k - 1) // 2))  # the output keeps at least one position
+    out_pad = draw(st.integers(0, stride - 1))
+    new_size = (size - 1) * stride - 2 * pad + k + out_pad
+    return ("convt", c, cout, k, stride, pad, out_pad, draw(st.booleans())), cout, new_size
+
+
+@st.composite
 def _linear(draw, f: int, *, same: bool = False):
     out = f if same else draw(st.integers(1, 12))
     return ("linear", f, out, draw(st.booleans())), out
@@ -189,7 +204,7 @@ def _block(draw, dim: int, c: int, size: int):
         if dim == 0:
             spec, f = draw(_linear(c))
             return spec, f, size
-        return draw(_conv(c, size))
+        return draw(_convt(c, size)) if draw(st.integers(0, 3)) == 0 else draw(_conv(c, size))
     if kind == "residual":
         if dim == 0:
             body, _ = draw(_linear(c, same=True))
@@ -236,6 +251,7 @@ def model_specs(draw, dims=(0, 1, 2), max_blocks: int = 5) -> ModelSpec:
 # ---------------------------------------------------------------------------------------------
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d}
+_CONVT = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d}
 _BN = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d}
 _POOL = {(1, "max"): nn.MaxPool1d, (2, "max"): nn.MaxPool2d, (1, "avg"): nn.AvgPool1d, (2, "avg"): nn.AvgPool2d}
 _GAP = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d}
@@ -250,6 +266,9 @@ def _make(dim: int, spec: tuple) -> nn.Module:
     if kind == "conv":
         _, cin, cout, k, stride, pad, groups, bias = spec
         return _CONV[dim](cin, cout, k, stride=stride, padding=pad, groups=groups, bias=bias)
+    if kind == "convt":
+        _, cin, cout, k, stride, pad, out_pad, bias = spec
+        return _CONVT[dim](cin, cout, k, stride=stride, padding=pad, output_padding=out_pad, bias=bias)
     if kind == "linear":
         _, fin, fout, bias = spec
         return nn.Linear(fin, fout, bias=bias)

@@ -25,7 +25,7 @@ from sparsify.core.state import find_state
 #: = 540 examples; HYPOTHESIS_PROFILE=deep: 10x that)
 EXAMPLES = settings.default.max_examples * 4
 TOTAL = 8  # total_steps of every drawn recipe (times are drawn as steps)
-WEIGHT_MATCH = {"type": ["Conv1d", "Conv2d", "Linear"]}
+WEIGHT_MATCH = {"type": ["Conv1d", "Conv2d", "ConvTranspose1d", "ConvTranspose2d", "Linear"]}
 ACT_MATCH = {"type": ["ReLU", "GELU"], "op": ["relu", "gelu"]}
 #: methods whose layers compute exactly like the dense ones until their ``begin``
 STARTS_AS_IDENTITY = {"st3", "magnitude", "nm", "l1-prune", "semi-structured"}

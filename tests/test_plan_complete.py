@@ -1,5 +1,6 @@
 """The plan lists every weight matrix it does not rewrite, with the reason, and counts it in the
-shares; tied and frozen weights are left dense by default (the recipe option ``frozen`` opts in)."""
+shares; frozen weights are left dense by default (the recipe option ``frozen`` opts in), tied ones on
+request (``"tied": "dense"``)."""
 import warnings
 
 import pytest
@@ -12,7 +13,7 @@ from sparsify.core.layers import SparseWeightMixin
 
 
 class Mixed(nn.Module):
-    """An embedding tied to the head, a transposed conv, a GRU, a bare parameter used through
+    """An embedding tied to the head, a transposed conv (rewritten), a GRU, a bare parameter used through
     F.linear, a frozen Linear, attention with separate q/k/v weights, one plain Linear."""
 
     def __init__(self):
@@ -45,24 +46,27 @@ def _plan(recipe="st3"):
 def test_every_weight_matrix_is_listed_and_counted():
     plan = _plan()
     kinds = {e.name: e for e in plan.entries}
-    assert [e.name for e in plan.rewritten] == ["fc"]
-    for name, words in {"up": "ConvTranspose1d", "rnn": "GRU weights", "w": "bare parameter",
-                        "mha.q_proj_weight": "separate q/k/v", "head": "tied to emb.weight",
-                        "frozen": "frozen"}.items():
+    # the head tied to the embedding is rewritten (one mask for both uses: test_tied_weights.py)
+    assert sorted(e.name for e in plan.rewritten) == ["fc", "head", "up"]
+    for name, words in {"rnn": "GRU weights", "w": "bare parameter",
+                        "mha.q_proj_weight": "separate q/k/v", "frozen": "frozen"}.items():
         assert words in kinds[name].reason, (name, kinds[name].reason)
     rnn = Mixed().rnn
     assert kinds["rnn"].params == sum(p.numel() for n, p in rnn.named_parameters() if n.startswith("weight"))
     total = sum(e.params for e in plan.entries)
-    assert plan.shares()["param_share"] == pytest.approx(64 / total)
+    assert plan.shares()["param_share"] == pytest.approx((64 + 8 * 8 * 3 + 80) / total)
     assert "weight parameters" in str(plan)
 
 
-def test_tied_weights_stay_consistent():
+def test_tied_weights_left_dense_on_request():
     torch.manual_seed(0)
     model = Mixed()
+    recipe = dict(sparsify.load_recipe("gmp").data, options={"tied": "dense"})
     with pytest.warns(UserWarning, match="head stays dense: weight tied to emb.weight"):
-        m = sparsify.sparsify(model, "gmp", total_steps=4, example_inputs=torch.randint(0, 10, (2, 5)))
+        m = sparsify.sparsify(model, recipe, total_steps=4, example_inputs=torch.randint(0, 10, (2, 5)))
     assert not isinstance(m.head, SparseWeightMixin) and m.head.weight is m.emb.weight
+    plan = sparsify.plan(Mixed(), recipe, example_inputs=torch.randint(0, 10, (2, 5)))
+    assert "tied to emb.weight" in next(e for e in plan.entries if e.name == "head").reason
 
 
 @pytest.mark.parametrize("recipe", ["st3", "dual", "str"])

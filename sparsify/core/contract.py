@@ -20,7 +20,7 @@ from torch import nn
 
 from passes import Change, insert_after, replace_module, reroute_input, set_submodule
 
-from sparsify.core.conv1d import Conv1DLike
+from sparsify.core.conv1d import Conv1DLike, grouped_transpose
 from sparsify.core.layers import WEIGHT_TYPES, SparseWeightMixin, plain_copy
 from sparsify.core.params import Params
 from sparsify.core.schedules import resolve_time
@@ -214,6 +214,10 @@ class Method:
     schedule_keys: ClassVar[tuple[str, ...]] = ()  # params that the recipe's "schedule" block fills
     needs_example_inputs: ClassVar[bool] = False  # True: the group sizes buffers from input shapes at build
     full_trace: ClassVar[bool] = False  # True: rewrites read the nodes around a site (trace every module holding one)
+    # a layer whose weight another module registers too (sparsify.prepare.tied): "share" (the rewritten
+    # layer computes with an effective weight of the same shape from the same parameter, which the other
+    # uses can read), "refuse" (the rewrite changes the weight), "keep" (the layer keeps its weight)
+    tied_weights: ClassVar[str] = "share"
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -224,6 +228,13 @@ class Method:
         """Problems with ``params`` (every param of the method) as ``(param name, message)``."""
         return self.Params.problems(params)
 
+    def out_channel_state(self, params: dict) -> bool:
+        """Whether a layer rewritten with ``params`` (defaults filled in) keeps state or structure
+        per output channel (a scale, a threshold, blocks or groups read in the ``(out, in, ...)``
+        layout): then a grouped ConvTranspose, whose output channels are no weight dimension,
+        stays dense."""
+        return False
+
     def accepts(self, site: Site) -> str | None:
         """None when this method can rewrite ``site``, else why not (shown by ``plan``)."""
         if self.site == "module" and not isinstance(site.module, self.targets):
@@ -231,6 +242,11 @@ class Method:
             if isinstance(site.module, Conv1DLike):
                 return f"{self.name} applies to {names} only, not to transformers' Conv1D (a transposed Linear)"
             return f"{self.name} applies to {names} only"
+        if self.site == "module" and grouped_transpose(site.module) and \
+                self.out_channel_state({**self.params, **(site.params or {})}):
+            return (f"{self.name} works per output channel and a {type(site.module).__name__} with "
+                    f"groups={site.module.groups} holds its output channels across two weight dimensions "
+                    "(in, out/groups, ...): left dense")
         return None
 
     def apply(self, site: Site, params: dict) -> None:

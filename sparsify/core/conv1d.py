@@ -9,6 +9,9 @@ that counts or reshapes weights treat them as Linears: :func:`torch_layout` give
 tensor in torch's ``(out, in, ...)`` layout (a transposed view for Conv1D, the tensor itself for
 torch layers), :func:`out_features_of` / :func:`in_features_of` the feature counts.
 
+The ConvTranspose helpers live here too (their weight is also stored transposed, ``(in, out/groups,
+*kernel)``): :data:`CONV_TRANSPOSE_TYPES`, :func:`conv_transpose_forward`, :func:`grouped_transpose`.
+
 Weight methods specialise the class lazily (``ST3Conv1D``, ...; see
 :func:`~sparsify.core.layers.specialize`): its parameter stays ``weight`` of shape ``(in, out)``,
 so state dicts and checkpoints keep their keys and shapes.
@@ -19,7 +22,10 @@ import torch
 from torch import nn
 
 __all__ = ["Conv1DLike", "is_conv1d", "is_conv1d_class", "linear_like", "torch_layout",
-           "out_features_of", "in_features_of", "conv1d_forward"]
+           "out_features_of", "in_features_of", "conv1d_forward", "CONV_TRANSPOSE_TYPES", "conv_transpose_forward",
+           "grouped_transpose"]
+
+CONV_TRANSPOSE_TYPES: tuple[type, ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def is_conv1d_class(cls: type) -> bool:
@@ -77,14 +83,34 @@ def linear_like(module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+def grouped_transpose(module) -> bool:
+    """A ConvTranspose with ``groups > 1``: its output channels are not one weight dimension
+    (weight ``(in, out/groups, *kernel)``), so per-output-channel state has no axis to run along.
+
+    >>> grouped_transpose(nn.ConvTranspose2d(4, 4, 3, groups=2)), grouped_transpose(nn.ConvTranspose2d(4, 4, 3))
+    (True, False)
+    """
+    return isinstance(module, CONV_TRANSPOSE_TYPES) and module.groups > 1
+
+
 def torch_layout(module, t: torch.Tensor) -> torch.Tensor:
     """``t`` (shaped like ``module.weight``) in torch's ``(out, in, *kernel)`` layout: a transposed
-    view for a ``Conv1D``, ``t`` itself otherwise. Applying it twice gives ``t`` back.
+    view for a ``Conv1D`` and a ConvTranspose (weight ``(in, out, *kernel)``; ``in`` is the
+    dimension its kernel sums over), ``t`` itself otherwise. Applying it twice gives ``t`` back.
+    A grouped ConvTranspose has no such view (see :func:`grouped_transpose`): ValueError.
 
     >>> torch_layout(nn.Linear(2, 3), torch.zeros(3, 2)).shape
     torch.Size([3, 2])
+    >>> torch_layout(nn.ConvTranspose2d(2, 5, 3), torch.zeros(2, 5, 3, 3)).shape
+    torch.Size([5, 2, 3, 3])
     """
-    return t.t() if is_conv1d(module) else t
+    if is_conv1d(module):
+        return t.t()
+    if isinstance(module, CONV_TRANSPOSE_TYPES):
+        if module.groups > 1:
+            raise ValueError(f"a ConvTranspose with groups={module.groups} has no (out, in, ...) view of its weight")
+        return t.transpose(0, 1)
+    return t
 
 
 def out_features_of(module) -> int:
@@ -111,6 +137,24 @@ def in_features_of(module) -> int:
     if is_conv1d(module):
         return module.weight.shape[0]
     return module.in_channels
+
+
+def conv_transpose_forward(module, x: torch.Tensor, weight: torch.Tensor, output_size=None) -> torch.Tensor:
+    """What ``nn.ConvTranspose{1,2,3}d.forward(x, output_size)`` computes, with ``weight`` given.
+
+    >>> up = nn.ConvTranspose2d(2, 3, 3, stride=2)
+    >>> x = torch.randn(1, 2, 4, 4)
+    >>> bool(torch.equal(conv_transpose_forward(up, x, up.weight, [10, 10]), up(x, output_size=[10, 10])))
+    True
+    """
+    if module.padding_mode != "zeros":
+        raise ValueError(f"Only `zeros` padding mode is supported for {type(module).__name__}")
+    nd = weight.dim() - 2
+    output_padding = module._output_padding(x, output_size, module.stride, module.padding, module.kernel_size, nd,
+                                            module.dilation)
+    fn = (torch.nn.functional.conv_transpose1d, torch.nn.functional.conv_transpose2d,
+          torch.nn.functional.conv_transpose3d)[nd - 1]
+    return fn(x, weight, module.bias, module.stride, module.padding, output_padding, module.groups, module.dilation)
 
 
 def conv1d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, nf: int) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """Layer building blocks every weight method shares.
 
-* :class:`SparseWeightMixin`: a Conv1d/2d/3d or Linear (or transformers' ``Conv1D``) whose forward
-  uses an effective weight; :func:`specialize` makes one class per weight class, so a sparse layer
-  keeps its class's behaviour, its qualified name and its parameter names (``layer1.0.conv1.weight``
-  stays ``layer1.0.conv1.weight``);
+* :class:`SparseWeightMixin`: a Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear (or transformers'
+  ``Conv1D``) whose forward uses an effective weight; :func:`specialize` makes one class per
+  weight class, so a sparse layer keeps its class's behaviour, its qualified name and its
+  parameter names (``layer1.0.conv1.weight`` stays ``layer1.0.conv1.weight``);
 * :func:`masked_weight`: ``W ⊙ M`` with its gradient, reused while neither changes;
 * :func:`plain_copy`: the plain torch layer a sparse layer finalizes to.
 
@@ -18,13 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.core.buffers import eager, layer_buffers
-from sparsify.core.conv1d import Conv1DLike, conv1d_forward, is_conv1d_class
+from sparsify.core.conv1d import (CONV_TRANSPOSE_TYPES, Conv1DLike, conv1d_forward, conv_transpose_forward,
+                                  is_conv1d_class)
 from sparsify.core.sharded import check_gathered
 
 __all__ = ["SparseWeightMixin", "RecordsMixin", "specialize", "WEIGHT_TYPES", "TORCH_WEIGHT_TYPES", "plain_copy",
-           "weight_base", "masked_weight"]
+           "weight_base", "masked_weight", "CONV_TRANSPOSE_TYPES"]
 
-TORCH_WEIGHT_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# ConvTranspose1d/2d/3d: weight (in, out/groups, *kernel), output channels along dimension 1
+TORCH_WEIGHT_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) + CONV_TRANSPOSE_TYPES
 # transformers' Conv1D (GPT-2) too, recognised by duck typing (see conv1d.py)
 WEIGHT_TYPES: tuple[type, ...] = TORCH_WEIGHT_TYPES + (Conv1DLike,)
 
@@ -70,8 +72,11 @@ class SparseWeightMixin:
     Subclasses implement ``effective_weight()`` (what the forward multiplies with, autograd
     included) and may override ``init_sparse(**params)`` to add buffers/parameters.
 
-    ``out_axis`` is the weight dimension of the output features: 0 for torch's layers, 1 for a
-    ``Conv1D`` (weight ``(in, out)``). Per-output-channel state is shaped with :meth:`out_shape`.
+    ``out_axis`` is the weight dimension of the output features: 0 for torch's Conv/Linear, 1 for
+    a ``Conv1D`` (weight ``(in, out)``) and a ConvTranspose (weight ``(in, out/groups, *kernel)``;
+    methods with per-output-channel state leave grouped ones dense, see
+    :meth:`~sparsify.core.contract.Method.accepts`). Per-output-channel state is shaped with
+    :meth:`out_shape`.
     """
 
     out_axis: int = 0
@@ -101,11 +106,16 @@ class SparseWeightMixin:
         # a cached effective weight is overwritten by later steps: hand out a copy
         return w.clone() if self._aliases_scratch(w) else w
 
-    def forward(self, x):
+    def forward(self, x, output_size=None):
         check_gathered(self, self.weight)
-        return self.forward_with(x, self.effective_weight())
+        return self.forward_with(x, self.effective_weight(), output_size)
 
-    def forward_with(self, x, weight):
+    def forward_with(self, x, weight, output_size=None):
+        """The dense layer's forward with ``weight`` (``output_size``: a ConvTranspose's argument)."""
+        if isinstance(self, CONV_TRANSPOSE_TYPES):
+            return conv_transpose_forward(self, x, weight, output_size)
+        if output_size is not None:
+            raise TypeError(f"{type(self).__name__}.forward() takes no output_size (only ConvTranspose layers do)")
         if isinstance(self, nn.Linear):
             return F.linear(x, weight, self.bias)
         if self.out_axis:  # transformers' Conv1D
@@ -130,7 +140,8 @@ class SparseWeightMixin:
         return weight_base(self)
 
     def extra_repr(self) -> str:
-        if self.out_axis:  # Conv1D has no extra_repr (it overrides __repr__)
+        # Conv1D has no extra_repr (it overrides __repr__)
+        if self.out_axis and not isinstance(self, CONV_TRANSPOSE_TYPES):
             return f"nf={self.nf}, nx={self.weight.shape[0]}, {self.sparse_repr()}"
         return super().extra_repr() + f", {self.sparse_repr()}"
 
@@ -281,7 +292,10 @@ def specialize(mixin: type, namespace: dict | None = None, prefix: str | None = 
     out = _Specialized(mixin, namespace, prefix)
     for base in TORCH_WEIGHT_TYPES:
         name = f"{prefix}{base.__name__}"
-        cls = type(name, (mixin, base), {"__module__": mixin.__module__, "__qualname__": name})
+        attrs = {"__module__": mixin.__module__, "__qualname__": name}
+        if base in CONV_TRANSPOSE_TYPES:
+            attrs["out_axis"] = 1
+        cls = type(name, (mixin, base), attrs)
         namespace[name] = cls
         out[base] = cls
     if namespace is vars(module):

@@ -14,6 +14,7 @@ from sparsify.deploy.compare import outputs_close
 from sparsify.prepare.inputs import state_inputs
 from sparsify.core.sharded import sharded_modules
 from sparsify.core.state import STATE_ATTR, SparsifyState, find_state, unwrap
+from sparsify.core.tied import TiedUse, plain_tied
 
 __all__ = ["FinalizeError", "FinalizeWarning", "finalize_model"]
 
@@ -67,6 +68,7 @@ def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
                 set_submodule(final, name, new)
     from sparsify.prepare.hidden import finalize_hidden  # weights read outside module calls (Swin, MultiheadAttention)
     finalize_hidden(final, fstate.graph_paths)
+    _finalize_tied(final)
     delattr(final, STATE_ATTR)
     for prefix in fstate.graph_paths:
         gm = final.get_submodule(prefix) if prefix else final
@@ -97,6 +99,14 @@ def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
     if not ok:
         _explain_difference(source, final, inputs, worst, rtol, atol)
     return final
+
+
+def _finalize_tied(final: nn.Module) -> None:
+    """Tied users (:mod:`sparsify.core.tied`) become plain modules registered with their finalized
+    owner's parameter, which holds the deployed weight: the tie is kept."""
+    for name, m in list(final.named_modules()):
+        if isinstance(m, TiedUse):
+            set_submodule(final, name, plain_tied(m, final.get_submodule(m.tied_to).weight))
 
 
 def _explain_difference(source: nn.Module, final: nn.Module, inputs, worst: float, rtol: float, atol: float) -> None:

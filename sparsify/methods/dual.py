@@ -39,11 +39,11 @@ class L1PruneMixin(RecordsMixin, SparseWeightMixin):
     def effective_weight(self) -> torch.Tensor:
         return self.weight * self.mask if self._fixed else self.weight
 
-    def forward(self, x):
+    def forward(self, x, output_size=None):
         check_gathered(self, self.weight)
         if self.training and self.l1 and torch.is_grad_enabled():
             self.records.append(self.l1 * self.weight.float().abs().sum())
-        return self.forward_with(x, self.effective_weight())
+        return self.forward_with(x, self.effective_weight(), output_size)
 
     @torch.no_grad()
     def prune(self, tau: float) -> None:

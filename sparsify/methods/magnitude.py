@@ -235,6 +235,9 @@ class MagnitudeMethod(Method):
     Params = MagnitudeParams
     group_class = MagnitudeGroup
 
+    def out_channel_state(self, params: dict) -> bool:
+        return bool(params["block"])  # blocks of output rows
+
     def accepts(self, site):
         why = super().accepts(site)
         block = (site.params or {}).get("block")

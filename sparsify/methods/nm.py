@@ -233,9 +233,9 @@ class NMMixin(SparseWeightMixin):
             return eff
         return _NMWeight.apply(w, eff, mask_f, not self._is_fixed(), self.sr_ste_decay, False, None)
 
-    def forward(self, x):
+    def forward(self, x, output_size=None):
         check_gathered(self, self.weight)
-        return self.forward_with(x, self._forward_weight())
+        return self.forward_with(x, self._forward_weight(), output_size)
 
     def _forward_weight(self) -> torch.Tensor:
         """:meth:`effective_weight` for this layer's own conv/linear: a reused buffer,
@@ -274,10 +274,10 @@ class NMMixin(SparseWeightMixin):
                 or prev.device != flat.device or not mask.is_contiguous() or mask.dtype != torch.bool):
             if not mask.is_contiguous() or mask.dtype != torch.bool:
                 nm_mask(wt, n, m, out=torch_layout(self, mask))
-            elif self.out_axis:  # a Conv1D's mask is the transpose of the torch layout
+            elif self.out_axis:  # a Conv1D's / ConvTranspose's mask is the transpose of the torch layout
                 full = torch.empty(wt.shape, dtype=torch.bool, device=w.device)
                 _to_weight_layout(flat, full, m, rows, k)
-                mask.copy_(full.t())
+                mask.copy_(torch_layout(self, full))
             else:
                 _to_weight_layout(flat, mask, m, rows, k)
             if prev is None or prev.shape != flat.shape or prev.device != flat.device:
@@ -291,9 +291,10 @@ class NMMixin(SparseWeightMixin):
                 size = rows * k
                 member, rest = at // size, at % size
                 at_w = (rest // k) * (m * k) + member * k + rest % k  # planes -> weight layout
-                if self.out_axis:  # (out, in) index -> the Conv1D's (in, out) one
-                    cout, cin = wt.shape
-                    at_w = (at_w % cin) * cout + at_w // cin
+                if self.out_axis:  # (out, in, k) index -> the Conv1D's / ConvTranspose's (in, out, k) one
+                    cout, cin = wt.shape[0], wt.shape[1]
+                    o, i = at_w // (cin * k), (at_w // k) % cin
+                    at_w = (i * cout + o) * k + at_w % k
                 bufs = layer_buffers(self)
                 mask_f = bufs.cached("mask_f", mask)  # still the float copy of the old mask?
                 mask.view(-1)[at_w] = vals.view(torch.bool)
@@ -378,6 +379,9 @@ class NMMethod(Method):
     description = "N:M weight sparsity (N kept in every M input channels), straight-through training"
     Params = NMParams
     group_class = NMGroup
+
+    def out_channel_state(self, params: dict) -> bool:
+        return True  # groups read in the (out, in, ...) layout
 
     def accepts(self, site):
         why = super().accepts(site)

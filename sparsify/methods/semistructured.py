@@ -304,6 +304,7 @@ class SemiStructuredMethod(Method):
     needs_example_inputs = True  # masks are sized from the input resolution at build time
     site = "module"
     targets = (nn.Conv2d,)
+    tied_weights = "keep"  # the conv keeps its weight; masks go after it
     Params = SemiStructuredParams
     group_class = SemiStructuredGroup
 

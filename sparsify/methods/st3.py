@@ -151,8 +151,9 @@ class ST3Mixin(SparseWeightMixin):
         self.mask.copy_(torch.gt(magnitude, t, out=eff))
         rows = (w.shape[0], -1)
         # c from the per-channel means of |W| ⊙ M (= threshold(|W|, τ, 0)) and of |W|
-        # (a Conv1D's output channels are its columns)
-        per_out = (lambda a: a.view(rows).mean(1)) if self.out_axis == 0 else (lambda a: a.mean(0))
+        # (a Conv1D's and a ConvTranspose's output channels are their weight's dimension 1)
+        others = [d for d in range(w.dim()) if d != self.out_axis]
+        per_out = (lambda a: a.view(rows).mean(1)) if self.out_axis == 0 else (lambda a: a.mean(others))
         kept = per_out(torch.threshold(magnitude, t, 0.0, out=eff))
         rho = (kept + 1e-6) / (per_out(magnitude) + 1e-6)
         self.scale.copy_(1.01 / (rho + 0.01))
@@ -299,6 +300,9 @@ class ST3Method(Method):
     description = "ST-3: global magnitude threshold, soft threshold + rescale, straight-through gradients"
     Params = ST3Params
     group_class = ST3Group
+
+    def out_channel_state(self, params: dict) -> bool:
+        return True  # the scale c
 
     def apply(self, site, params) -> None:
         site.replace(ST3_CLASSES[weight_base(site.module)].from_dense(site.module))

@@ -189,9 +189,9 @@ class STRMixin(SparseWeightMixin):
         w, t = self.weight, self.threshold()
         return soft_threshold(w, t) if _fast(w, t) else str_weight(w, t)
 
-    def forward(self, x):
+    def forward(self, x, output_size=None):
         check_gathered(self, self.weight)
-        return self.forward_with(x, self._forward_weight())
+        return self.forward_with(x, self._forward_weight(), output_size)
 
     def _forward_weight(self) -> torch.Tensor:
         """:meth:`effective_weight` for this layer's own conv/linear: written into a reused
@@ -379,6 +379,9 @@ class STRMethod(Method):
     description = "STR: learned per-layer soft thresholds sigmoid(s), sparsity driven by weight decay (ICML 2020)"
     Params = STRParams
     group_class = STRGroup
+
+    def out_channel_state(self, params: dict) -> bool:
+        return params["granularity"] == "channel"
 
     def apply(self, site, params) -> None:
         site.replace(STR_CLASSES[weight_base(site.module)].from_dense(

@@ -25,7 +25,8 @@ from sparsify.methods import SparseWeightMixin, get_method
 from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.core.contract import GroupContext, Site
 from sparsify.prepare.plan import Plan, PlanEntry
-from sparsify.prepare.unhandled import kept_dense, param_owners, unhandled_entries
+from sparsify.prepare.tied import param_owners, share_tied, tie_decision
+from sparsify.prepare.unhandled import frozen_reason, unhandled_entries
 from sparsify.prepare.recipe import Recipe
 from sparsify.prepare.undo import TreeSnapshot
 from sparsify.prepare.validate import check_times
@@ -222,6 +223,7 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
         changes_by_graph[""].extend(convert_hidden(root, swaps))
     refused = _refused_multi_calls(cands, matcher, root)
     owners = param_owners(root)
+    tied_users: dict[str, str] = {}  # module -> the rewritten layer whose weight it reads
     for c in cands + hidden:
         w = matcher.winner(c)
         if w is None or w.method is None:
@@ -233,15 +235,22 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
             warnings.warn(f"sparsify: {c.name} stays dense: {why}", stacklevel=3)
         why = why or w.method.accepts(site)
         weight_params = c.module.weight.numel() if isinstance(c.module, WEIGHT_TYPES) else 0
+        if c.name in tied_users:  # counted once, with the layer owning the mask
+            why, weight_params = f"tied to {tied_users[c.name]}: computes with its effective weight (one mask)", 0
+        users = []
         if not why and weight_params:
-            why = kept_dense(root, c.name, c.module, recipe.options, owners)
+            why = frozen_reason(c.module, recipe.options)
+            why, users = (why, []) if why else tie_decision(root, c.name, c.module, w.method, recipe.options, owners,
+                                                            dry_run=dry_run)
         if why:
             plan.entries.append(PlanEntry(c.name, c.kind, None, w.rule.index, why, weight_params))
             continue
         plan.entries.append(PlanEntry(c.name, c.kind, w.rule.method, w.rule.index, "", weight_params))
         rewritten.add(c.name)
+        tied_users.update(dict.fromkeys(users, c.name))
         if not dry_run:
             w.method.apply(site, w.rule.params)
+            share_tied(root, c.name, users)
             members[w.rule.index].update(site.members)
             changes_by_graph[c.prefix].extend(site.changes)
     if not dry_run:

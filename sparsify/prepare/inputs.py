@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from sparsify.core.conv1d import in_features_of, out_features_of
+from sparsify.core.conv1d import CONV_TRANSPOSE_TYPES, in_features_of, out_features_of
 from sparsify.core.eval_loop import run_eval
 from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.core.state import SparsifyState
@@ -25,7 +25,8 @@ def _batch_of(inputs: Sequence) -> int:
 @torch.no_grad()
 def positions_per_sample(model: nn.Module, example_inputs: Sequence) -> dict[str, float]:
     """Run ``model`` once in eval mode and return, for each Conv/Linear layer by qualified name,
-    its output positions per sample (MACs per sample = positions × weight elements).
+    its output positions per sample (MACs per sample = positions × weight elements; a
+    ConvTranspose's input positions, each of which meets every weight element).
 
     >>> positions_per_sample(nn.Sequential(nn.Conv2d(3, 8, 3)), (torch.zeros(2, 3, 10, 10),))
     {'0': 64.0}
@@ -34,7 +35,12 @@ def positions_per_sample(model: nn.Module, example_inputs: Sequence) -> dict[str
     out: dict[str, float] = {}
     handles = []
     for name, mod in model.named_modules():
-        if isinstance(mod, WEIGHT_TYPES):
+        if isinstance(mod, CONV_TRANSPOSE_TYPES):
+            # every input position meets every weight element (padding crops the output only)
+            def hook(m, inp, y, name=name, in_ch=mod.in_channels):
+                out[name] = out.get(name, 0.0) + inp[0].numel() / in_ch / batch
+            handles.append(mod.register_forward_hook(hook))
+        elif isinstance(mod, WEIGHT_TYPES):
             out_ch = out_features_of(mod)
 
             def hook(m, inp, y, name=name, out_ch=out_ch):
@@ -51,7 +57,9 @@ def guess_example_inputs(model: nn.Module) -> tuple | None:
     first = next((m for m in model.modules() if isinstance(m, WEIGHT_TYPES)), None)
     if first is None:
         return None
-    if isinstance(first, nn.Conv2d):
+    if isinstance(first, CONV_TRANSPOSE_TYPES):  # a decoder or generator: a small feature map
+        shape = (1, first.in_channels, *([8] * (first.weight.dim() - 2)))
+    elif isinstance(first, nn.Conv2d):
         shape = (1, first.in_channels, 224, 224)
     elif isinstance(first, nn.Conv3d):
         shape = (1, first.in_channels, 8, 112, 112)

@@ -2,20 +2,19 @@
 and frozen layers, each with the reason, so the plan's shares count every weight a forward
 multiplies with.
 
-* modules whose weights a fused kernel reads directly: ``ConvTranspose1d/2d/3d``, ``LSTM`` /
-  ``GRU`` / ``RNN`` and their cells, ``Bilinear``, ``nn.MultiheadAttention`` with separate
-  ``q/k/v_proj_weight`` (``kdim``/``vdim`` other than ``embed_dim``);
+* modules whose weights a fused kernel reads directly: ``LSTM`` / ``GRU`` / ``RNN`` and their
+  cells, ``Bilinear``, ``nn.MultiheadAttention`` with separate ``q/k/v_proj_weight``
+  (``kdim``/``vdim`` other than ``embed_dim``);
 * bare ``nn.Parameter`` s (owned by a module that is no weight layer) that a traced forward feeds to
   ``F.linear``, ``F.conv*``, ``matmul`` and friends;
-* a Conv/Linear weight shared with another module (an embedding tied to the LM head): rewriting one
-  use would leave the other reading the dense tensor, so it stays dense (:func:`tied_to`);
+* a Conv/Linear weight shared with another module (an embedding tied to the LM head) when the
+  recipe's ``options.tied`` is ``"dense"`` (by default both uses share one mask: :mod:`sparsify.prepare.tied`);
 * a frozen Conv/Linear (``requires_grad=False``): left as it is unless the recipe's
   ``options.frozen`` is ``"include"`` (:func:`frozen_reason`).
 """
 from __future__ import annotations
 
 import operator
-import warnings
 
 import torch
 import torch.fx as fx
@@ -25,9 +24,10 @@ from torch import nn
 from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.prepare.plan import PlanEntry
 
-__all__ = ["unhandled_entries", "tied_to", "param_owners", "frozen_reason", "kept_dense"]
+__all__ = ["unhandled_entries", "frozen_reason"]
 
-_FUSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.RNNBase, nn.RNNCellBase, nn.Bilinear)
+# (ConvTranspose1d/2d/3d are weight layers the methods rewrite: sparsify.core.layers.WEIGHT_TYPES)
+_FUSED = (nn.RNNBase, nn.RNNCellBase, nn.Bilinear)
 _MATMUL = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
            F.bilinear, torch.matmul, torch.mm, torch.bmm, torch.addmm, torch.einsum, operator.matmul,
            "matmul", "mm", "bmm", "__matmul__", "__rmatmul__"}
@@ -40,8 +40,8 @@ def _weights(m: nn.Module) -> int:
 def unhandled_entries(root: nn.Module, graphs: dict[str, fx.GraphModule]) -> list[PlanEntry]:
     """Weight matrices outside Conv/Linear layers that no method rewrites, with why.
 
-    >>> [e.kind for e in unhandled_entries(nn.Sequential(nn.ConvTranspose2d(2, 2, 3), nn.LSTM(2, 2)), {})]
-    ['ConvTranspose2d', 'LSTM']
+    >>> [e.kind for e in unhandled_entries(nn.Sequential(nn.Bilinear(2, 2, 2), nn.LSTM(2, 2)), {})]
+    ['Bilinear', 'LSTM']
     """
     out = []
     for name, m in root.named_modules():
@@ -78,45 +78,6 @@ def unhandled_entries(root: nn.Module, graphs: dict[str, fx.GraphModule]) -> lis
     return out
 
 
-def param_owners(root: nn.Module) -> dict[int, list[str]]:
-    """``id(parameter) -> qualified names it is registered under`` (one walk of the model, so that
-    checking every layer for ties costs one pass, not one per layer).
-
-    >>> emb, head = nn.Embedding(5, 3), nn.Linear(3, 5, bias=False)
-    >>> head.weight = emb.weight
-    >>> param_owners(nn.ModuleDict({"emb": emb, "head": head}))[id(emb.weight)]
-    ['emb.weight', 'head.weight']
-    """
-    owners: dict[int, list[str]] = {}
-    for other, m in root.named_modules(remove_duplicate=False):
-        for pname, p in m.named_parameters(recurse=False):
-            owners.setdefault(id(p), []).append(f"{other}.{pname}" if other else pname)
-    return owners
-
-
-def tied_to(root: nn.Module, name: str, module: nn.Module, owners: dict[int, list[str]] | None = None) -> str | None:
-    """The other place the weight of the layer ``name`` is registered (a tied embedding), if any.
-    ``owners``: :func:`param_owners` of ``root``, when the caller checks many layers.
-
-    >>> emb, head = nn.Embedding(5, 3), nn.Linear(3, 5, bias=False)
-    >>> head.weight = emb.weight
-    >>> tied_to(nn.ModuleDict({"emb": emb, "head": head}), "head", head)
-    'emb.weight'
-    """
-    w = getattr(module, "weight", None)
-    if w is None:
-        return None
-    owners = param_owners(root) if owners is None else owners
-    for full in owners.get(id(w), ()):
-        other = full.rpartition(".")[0]
-        # the layer itself, or an enclosing module holding the same tensor: the one being rewritten
-        # through this layer (MultiheadAttention's in_proj_weight behind its in_proj view, see hidden.py)
-        if other == name or not other or name.startswith(f"{other}."):
-            continue
-        return full
-    return None
-
-
 def frozen_reason(module: nn.Module, options: dict) -> str:
     """Why a frozen layer stays as it is ("" when it is trainable or the recipe includes frozen
     layers with ``"options": {"frozen": "include"}``).
@@ -130,16 +91,3 @@ def frozen_reason(module: nn.Module, options: dict) -> str:
         return ""
     return ('frozen (requires_grad=False): left as it is; "options": {"frozen": "include"} in the recipe '
             "sparsifies it too")
-
-
-def kept_dense(root: nn.Module, name: str, module: nn.Module, options: dict,
-               owners: dict[int, list[str]] | None = None) -> str:
-    """Why the weight layer ``name`` stays dense although a rule matched it: frozen, or its weight
-    tied to another module's (warned); "" when it can be rewritten."""
-    why = frozen_reason(module, options)
-    tied = None if why else tied_to(root, name, module, owners)
-    if tied:
-        why = (f"weight tied to {tied}: rewriting this layer alone would leave that use dense; untie "
-               "them (e.g. tie_word_embeddings=False) to sparsify it")
-        warnings.warn(f"sparsify: {name} stays dense: {why}", stacklevel=4)
-    return why

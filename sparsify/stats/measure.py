@@ -23,7 +23,7 @@ from torch import nn
 
 from sparsify.core.eval_loop import run_eval
 from sparsify.core.layers import WEIGHT_TYPES, SparseWeightMixin
-from sparsify.core.conv1d import linear_like, out_features_of, torch_layout
+from sparsify.core.conv1d import CONV_TRANSPOSE_TYPES, linear_like, out_features_of, torch_layout
 from sparsify.methods.regularizers import ActivationRegularizer
 from sparsify.methods.semistructured import PositionMask
 from sparsify.core.state import unwrap
@@ -120,6 +120,8 @@ def _conv_nd(x, w, mod):
 @torch.no_grad()
 def _layer_counts(mod: nn.Module, x: torch.Tensor, y: torch.Tensor, out_mask: torch.Tensor | None):
     """(dense MACs, multiplicative MACs, input zeros, input elements) for one call, whole batch."""
+    if isinstance(mod, CONV_TRANSPOSE_TYPES):
+        return _transpose_counts(mod, x)
     w = _weight(mod)
     if linear_like(mod):
         if x.shape[-1] != w.shape[1]:
@@ -142,6 +144,18 @@ def _layer_counts(mod: nn.Module, x: torch.Tensor, y: torch.Tensor, out_mask: to
         dense = y.numel() // mod.out_channels * w.numel()
         mult = float(counts.sum(dtype=torch.float64))
     return dense, int(round(mult)), int((x == 0).sum()), x.numel()
+
+
+def _transpose_counts(mod: nn.Module, x: torch.Tensor):
+    """:func:`_layer_counts` of a ConvTranspose: input element ``(i, p)`` is multiplied by every
+    weight of ``W[i]`` (``(out/groups, *kernel)``), so its products are the non-zeros of ``W[i]``."""
+    w = mod.deployed_weight() if isinstance(mod, SparseWeightMixin) else mod.weight.detach()
+    if x.shape[1] != w.shape[0]:
+        return None
+    per_in = (w != 0).reshape(w.shape[0], -1).sum(1).to(torch.float64)
+    nz = (x != 0).to(torch.float64).movedim(1, -1).reshape(-1, w.shape[0])
+    dense = x.numel() // w.shape[0] * w.numel()
+    return dense, int(round(float((nz @ per_in).sum()))), int((x == 0).sum()), x.numel()
 
 
 def _default_inputs(batch):

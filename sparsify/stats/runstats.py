@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.core.eval_loop import run_eval
-from sparsify.stats.measure import _weight
+from sparsify.stats.measure import _transpose_counts, _weight
 from sparsify.core.layers import WEIGHT_TYPES
-from sparsify.core.conv1d import linear_like
+from sparsify.core.conv1d import CONV_TRANSPOSE_TYPES, linear_like
 
 __all__ = ["activation_stats"]
 
@@ -77,18 +77,23 @@ def activation_stats(model: nn.Module, batches, *, max_batches: int | None = Non
 
         def hook(mod, inp, out, name=name):
             x = inp[0]
-            w = _weight(mod)
-            positions = out.numel() / out.shape[0] / w.shape[0]
-            in_dim = x.shape[-1] if linear_like(mod) else x.shape[1] // getattr(mod, "groups", 1)
-            dense_w = w.numel() // (w.shape[1] // in_dim) if _lifted(w, in_dim) else w.numel()
-            eff = _effective(mod, x, w)
-            if eff is None:  # count the weight's non-zeros at every output position
-                eff = float(torch.count_nonzero(w)) * positions * out.shape[0]
+            k = 1
+            if isinstance(mod, CONV_TRANSPOSE_TYPES):  # every input element meets every weight of its channel
+                dense, eff, _, _ = _transpose_counts(mod, x)
+                dense_ps = dense / x.shape[0]
+            else:
+                w = _weight(mod)
+                positions = out.numel() / out.shape[0] / w.shape[0]
+                in_dim = x.shape[-1] if linear_like(mod) else x.shape[1] // getattr(mod, "groups", 1)
+                dense_ps = (w.numel() // (w.shape[1] // in_dim) if _lifted(w, in_dim) else w.numel()) * positions
+                eff = _effective(mod, x, w)
+                if eff is None:  # count the weight's non-zeros at every output position
+                    eff = float(torch.count_nonzero(w)) * positions * out.shape[0]
+                k = w.shape[1] // in_dim if _lifted(w, in_dim) else 1
             rec = layers.setdefault(name, {"zeros": 0, "elements": 0, "effective": 0.0, "samples": 0,
-                                           "dense": dense_w * positions})
+                                           "dense": dense_ps})
             if name not in order:
                 order.append(name)
-            k = w.shape[1] // in_dim if _lifted(w, in_dim) else 1
             # a SAS layer reads k slots per input element, at most one non-zero: its input
             # sparsity is that of the slots (the activation sparsity the method creates)
             rec["zeros"] += k * x.numel() - int(torch.count_nonzero(x))

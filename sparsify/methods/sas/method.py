@@ -12,7 +12,7 @@ from torch import nn
 from sparsify.core.contract import Group, Method, Site
 from sparsify.core.registry import register
 from sparsify.core.params import Literal, Params, param
-from sparsify.core.layers import TORCH_WEIGHT_TYPES, weight_base
+from sparsify.core.layers import weight_base
 from sparsify.methods.sas.rules import make_slot_rule
 from sparsify.methods.sas.layer import SAS_CLASSES
 from sparsify.methods.sas.rewire import _non_negative, _rewire, find_relu_input
@@ -87,8 +87,10 @@ class SASMethod(Method):
     description = "SAS: structured activation sparsification, M slots per input, relu rewiring (ICLR 2024)"
     Params = SASParams
     group_class = SASGroup
-    targets = TORCH_WEIGHT_TYPES  # not transformers' Conv1D: its slot layout is not implemented
+    # not transformers' Conv1D (its slot layout is not implemented), nor ConvTranspose (docs/methods/sas.md)
+    targets = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
     full_trace = True  # the relu feeding a layer may sit inside a module with nothing to rewrite
+    tied_weights = "refuse"  # the weight gets M times wider: a tied embedding cannot read it
 
     def accepts(self, site: Site) -> str | None:
         why = super().accepts(site)

@@ -1,0 +1,128 @@
+"""Tied weights: one ``nn.Parameter`` registered in two modules (an embedding tied to the LM head,
+``tie_word_embeddings``), sparsified with one mask for both uses.
+
+The weight layer a method rewrites owns the mask (or threshold); every other module registered
+with the same parameter becomes a *tied user*: it keeps that parameter registered as its own
+``weight`` (so ``state_dict`` keys, ``named_parameters`` and the tie itself are unchanged) but
+computes with the owner's effective weight, gradients included:
+
+* ``nn.Embedding`` -> :class:`TiedEmbedding`: ``F.embedding(x, owner.effective_weight(), ...)``;
+* a weight layer of the owner's class and weight shape (two Linears sharing a matrix) ->
+  ``Tied<Class>`` (:data:`TIED_CLASSES`), whose effective weight is the owner's.
+
+``finalize`` gives the owner a plain layer holding the deployed weight and then the users plain
+modules registered with that same parameter (:func:`plain_tied`), so the tie survives.
+
+>>> emb, head = nn.Embedding(5, 3), nn.Linear(3, 5, bias=False)
+>>> head.weight = emb.weight
+>>> user = tied_user(emb, head, "head")
+>>> type(user).__name__, user.weight is head.weight
+('TiedEmbedding', True)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsify.core.layers import SparseWeightMixin, specialize, weight_base, WEIGHT_TYPES
+
+__all__ = ["TiedUse", "TiedEmbedding", "TiedWeightMixin", "TIED_CLASSES", "tied_user", "why_not_shared",
+           "plain_tied"]
+
+
+class TiedUse:
+    """Marks a tied user; ``tied_to`` is the owner's qualified name, ``owner()`` the owner layer
+    (held without registering it, so it is not a second path to the same module)."""
+
+    tied_to: str = ""
+
+    def owner(self) -> nn.Module:
+        return self.__dict__["_tied_owner"]
+
+    def bind(self, owner: nn.Module, name: str) -> None:
+        object.__setattr__(self, "_tied_owner", owner)
+        self.tied_to = name
+
+    def owner_weight(self) -> torch.Tensor:
+        """What the owner computes with: its effective weight once it is a sparse layer."""
+        owner = self.owner()
+        return owner.effective_weight() if isinstance(owner, SparseWeightMixin) else owner.weight
+
+
+class TiedEmbedding(TiedUse, nn.Embedding):
+    """An ``nn.Embedding`` looking rows up in its owner's effective weight."""
+
+    def forward(self, x):
+        return F.embedding(x, self.owner_weight(), self.padding_idx, self.max_norm, self.norm_type,
+                           self.scale_grad_by_freq, self.sparse)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", tied_to={self.tied_to}"
+
+
+class TiedWeightMixin(TiedUse, SparseWeightMixin):
+    """A weight layer computing with its owner's effective weight (same class, same shape)."""
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.owner_weight()
+
+    @torch.no_grad()
+    def deployed_weight(self) -> torch.Tensor:
+        owner = self.owner()
+        return owner.deployed_weight() if isinstance(owner, SparseWeightMixin) else owner.weight.detach()
+
+    def sparse_repr(self) -> str:
+        return f"tied_to={self.tied_to}"
+
+
+TIED_CLASSES = specialize(TiedWeightMixin, prefix="Tied")
+
+
+def why_not_shared(user: nn.Module, owner: nn.Module) -> str:
+    """Why ``user`` (a module registered with ``owner``'s weight) cannot read the owner's
+    effective weight; "" when it can.
+
+    >>> emb, head = nn.Embedding(5, 3, max_norm=1.0), nn.Linear(3, 5, bias=False)
+    >>> why_not_shared(emb, head)
+    'an Embedding with max_norm renormalises its weight in place'
+    """
+    if type(user) is nn.Embedding:
+        if user.max_norm is not None:
+            return "an Embedding with max_norm renormalises its weight in place"
+        if user.sparse:
+            return "an Embedding with sparse=True needs a leaf weight for its sparse gradient"
+        return "" if user.weight.shape == owner.weight.shape else "its weight has another shape"
+    if isinstance(user, WEIGHT_TYPES) and type(user) is weight_base(owner):
+        return "" if user.weight.shape == owner.weight.shape else "its weight has another shape"
+    return f"a {type(user).__name__} reads the weight in its own forward (only an nn.Embedding or a " \
+           f"{weight_base(owner).__name__} can read the owner's effective weight)"
+
+
+def tied_user(user: nn.Module, owner: nn.Module, owner_name: str) -> nn.Module:
+    """``user`` as a tied user of ``owner`` (see the module docstring), sharing its parameters."""
+    cls = TiedEmbedding if type(user) is nn.Embedding else TIED_CLASSES[type(user)]
+    new = cls.__new__(cls)
+    new.__dict__.update(user.__dict__)
+    for key in ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks"):
+        if key in user.__dict__:
+            new.__dict__[key] = type(user.__dict__[key])(user.__dict__[key])
+    new.bind(owner, owner_name)
+    return new
+
+
+def plain_tied(user: TiedUse, weight: nn.Parameter) -> nn.Module:
+    """The plain module ``user`` finalizes to, registered with ``weight`` (the finalized owner's)."""
+    cls = nn.Embedding if isinstance(user, TiedEmbedding) else weight_base(user)
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    for k, v in user.__dict__.items():
+        if not k.startswith("_") and k not in ("training", "tied_to"):
+            new.__dict__[k] = v
+    new.training = user.training
+    new.weight = weight
+    for name, p in user._parameters.items():
+        if name != "weight":
+            new.register_parameter(name, None if p is None else nn.Parameter(p.detach().clone(),
+                                                                              requires_grad=p.requires_grad))
+    return new

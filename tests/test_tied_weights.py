@@ -1,0 +1,159 @@
+"""Tied weights (an embedding registered with the LM head's parameter): one mask for both uses by
+default (``options.tied = "share"``), kept tied through training, state_dict and finalize; left
+dense (``"dense"``) or refused (``"error"``, or where sharing is impossible) with one clear line."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsify
+from sparsify.core.layers import SparseWeightMixin
+from sparsify.core.tied import TiedEmbedding, TiedUse
+
+RECIPES = ["st3", "st3-sigma", "gmp", "str", "str-global", "nm-2-4", "dual"]
+
+
+class TinyLM(nn.Module):
+    """An embedding tied to the LM head (tie_word_embeddings), one hidden Linear."""
+
+    def __init__(self, vocab=16, dim=8, max_norm=None):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim, max_norm=max_norm)
+        self.fc = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(F.relu(self.fc(self.emb(ids))))
+
+
+IDS = torch.randint(0, 16, (2, 5), generator=torch.Generator().manual_seed(0))
+
+
+def _train(m, args, steps=3, loss_fn=lambda out: out.square().mean()):
+    opt = torch.optim.SGD(sparsify.param_groups(m, 1e-4), lr=0.1, momentum=0.9)
+    for _ in range(steps):
+        loss = loss_fn(m(*args)) + sparsify.penalty(m)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sparsify.step(m)
+
+
+def _recipe(name, tied):
+    data = copy.deepcopy(sparsify.load_recipe(name).data)
+    data.setdefault("options", {})["tied"] = tied
+    return data
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_one_mask_for_both_uses(recipe):
+    torch.manual_seed(0)
+    model = TinyLM()
+    keys = sorted(model.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # sharing is the default: no "stays dense" warning
+        m = sparsify.sparsify(model, recipe, example_inputs=IDS, total_steps=3)
+    assert isinstance(m.head, SparseWeightMixin) and isinstance(m.emb, TiedEmbedding)
+    assert m.emb.weight is m.head.weight  # the parameter stays shared (one latent weight)
+    assert model.emb.weight is model.head.weight and type(model.emb) is nn.Embedding  # caller's model untouched
+    _train(m, (IDS,))
+    eff = m.head.effective_weight().detach()
+    assert torch.equal(m.emb(IDS).detach(), eff[IDS])  # the lookup reads the head's effective weight
+    rep = sparsify.report(m)
+    if recipe not in ("str", "str-global"):  # STR needs many decayed steps to prune
+        assert rep.totals["weight_sparsity"] > 0.3
+    # the shared matrix counted once, with its effective weight's non-zeros
+    assert rep.totals["params"] == sum(p.numel() for p in m.parameters())
+    latent = {id(m.head.weight), id(m.fc.weight)}
+    nnz = sum(int(p.count_nonzero()) for p in m.parameters() if id(p) not in latent)
+    nnz += int(eff.count_nonzero()) + int(m.fc.deployed_weight().count_nonzero())
+    assert rep.totals["nonzero_params"] == nnz
+    assert sorted(m.state_dict()) == sorted(keys + [k for k in m.state_dict() if k not in keys])
+    m.eval()
+    out = m(IDS)
+    final = sparsify.finalize(m)  # checks its outputs against m's
+    assert type(final.emb) is nn.Embedding and type(final.head) is nn.Linear
+    assert final.emb.weight is final.head.weight and torch.equal(final.head.weight, eff)
+    torch.testing.assert_close(final(IDS), out)
+    fresh = sparsify.sparsify(TinyLM(), recipe, example_inputs=IDS, total_steps=3)
+    fresh.load_state_dict(m.state_dict())
+    assert fresh.emb.weight is fresh.head.weight
+    torch.testing.assert_close(fresh.eval()(IDS), out, rtol=0, atol=0)
+
+
+def test_two_layers_sharing_a_weight():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6))
+    model[2].weight = model[0].weight
+    x = torch.randn(3, 6)
+    m = sparsify.sparsify(model, "gmp", example_inputs=x, total_steps=3)
+    assert isinstance(m[2], TiedUse) and m[2].tied_to == "0" and m[2].weight is m[0].weight
+    plan = sparsify.core.state.find_state(m).plan
+    entry = next(e for e in plan.entries if e.name == "2")
+    assert entry.method is None and "tied to 0" in entry.reason and entry.params == 0
+    _train(m, (x,))
+    assert torch.equal(m[2].effective_weight(), m[0].effective_weight())
+    final = sparsify.finalize(m)
+    assert final[0].weight is final[2].weight and type(final[2]) is nn.Linear
+
+
+def test_dense_option_keeps_the_old_behaviour():
+    with pytest.warns(UserWarning, match="head stays dense: weight tied to emb.weight"):
+        m = sparsify.sparsify(TinyLM(), _recipe("st3", "dense"), example_inputs=IDS, total_steps=3)
+    assert type(m.head) is nn.Linear and type(m.emb) is nn.Embedding and m.head.weight is m.emb.weight
+
+
+def test_error_option_and_impossible_shares_refuse_with_one_line():
+    with pytest.raises(ValueError, match=r"head's weight is tied to emb.weight .*options.tied is 'error'.*"
+                                         r'"options": \{"tied": "dense"\}'):
+        sparsify.sparsify(TinyLM(), _recipe("st3", "error"), example_inputs=IDS, total_steps=3)
+    # the plan does not raise: it lists what sparsify would refuse
+    plan = sparsify.plan(TinyLM(), _recipe("st3", "error"), example_inputs=IDS)
+    assert "sparsify refuses" in next(e for e in plan.entries if e.name == "head").reason
+    with pytest.raises(ValueError, match="emb: an Embedding with max_norm renormalises its weight in place"):
+        sparsify.sparsify(TinyLM(max_norm=1.0), "gmp", example_inputs=IDS, total_steps=3)
+    sas = {"version": 1, "name": "s", "rules": [{"match": {"type": "Linear"}, "method": "sas",
+                                                 "params": {"not_relu": "as_is"}}]}
+    with pytest.raises(ValueError, match="sas changes the weight's shape, so emb cannot share it"):
+        sparsify.sparsify(TinyLM(), sas, example_inputs=IDS, total_steps=3)
+    with pytest.raises(ValueError, match=r"options\.tied"):
+        sparsify.sparsify(TinyLM(), _recipe("st3", "sometimes"), example_inputs=IDS, total_steps=3)
+
+
+def test_gpt2_tied_embeddings():
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    cfg = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0,
+                                  eos_token_id=0)  # tie_word_embeddings defaults to True
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracing fallbacks, said elsewhere
+        m = sparsify.sparsify(model, "st3", example_inputs=(ids,), total_steps=3)
+        plan = sparsify.core.state.find_state(m).plan
+    assert "lm_head" in {e.name for e in plan.rewritten}
+    assert isinstance(m.transformer.wte, TiedEmbedding) and m.transformer.wte.weight is m.lm_head.weight
+    m.train()
+    opt = torch.optim.AdamW(sparsify.param_groups(m, 1e-4), lr=1e-3)
+    for _ in range(3):
+        loss = m(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sparsify.step(m)
+    eff = m.lm_head.effective_weight().detach()
+    assert float((eff == 0).float().mean()) > 0.5
+    assert torch.equal(m.transformer.wte(ids).detach(), eff[ids])
+    m.eval()
+    logits = m(ids).logits
+    final = sparsify.finalize(m, (ids,))
+    assert final.lm_head.weight is final.transformer.wte.weight
+    assert type(final.transformer.wte) is nn.Embedding
+    torch.testing.assert_close(final(ids).logits, logits, rtol=1e-4, atol=1e-5)
