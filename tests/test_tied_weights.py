@@ -157,3 +157,15 @@ def test_gpt2_tied_embeddings():
     assert final.lm_head.weight is final.transformer.wte.weight
     assert type(final.transformer.wte) is nn.Embedding
     torch.testing.assert_close(final(ids).logits, logits, rtol=1e-4, atol=1e-5)
+
+
+def test_one_embedding_under_several_names_stays_one_module():
+    """T5 registers its shared embedding as shared, encoder.embed_tokens and decoder.embed_tokens."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    model.enc = nn.ModuleDict({"embed": model.emb})
+    m = sparsify.sparsify(model, "st3", example_inputs=IDS, total_steps=3)
+    assert m.enc["embed"] is m.emb and isinstance(m.emb, TiedEmbedding)
+    final = sparsify.finalize(m)
+    assert final.enc["embed"] is final.emb and type(final.emb) is nn.Embedding
+    assert final.emb.weight is final.head.weight

@@ -104,9 +104,12 @@ def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
 def _finalize_tied(final: nn.Module) -> None:
     """Tied users (:mod:`sparsify.core.tied`) become plain modules registered with their finalized
     owner's parameter, which holds the deployed weight: the tie is kept."""
-    for name, m in list(final.named_modules()):
+    made: dict[int, nn.Module] = {}  # a module registered under several names stays one module
+    for name, m in list(final.named_modules(remove_duplicate=False)):
         if isinstance(m, TiedUse):
-            set_submodule(final, name, plain_tied(m, final.get_submodule(m.tied_to).weight))
+            if id(m) not in made:
+                made[id(m)] = plain_tied(m, final.get_submodule(m.tied_to).weight)
+            set_submodule(final, name, made[id(m)])
 
 
 def _explain_difference(source: nn.Module, final: nn.Module, inputs, worst: float, rtol: float, atol: float) -> None:

@@ -111,9 +111,12 @@ def share_tied(root: nn.Module, owner_name: str, users: list[str]) -> None:
     if not users:
         return
     owner = root.get_submodule(owner_name)
+    made: dict[int, nn.Module] = {}  # one module under several names (T5's shared embedding) stays one
     for user_name in users:
         user = root.get_submodule(user_name)
         if isinstance(user, TiedUse):  # a layer called twice is rewritten once per call
             user.bind(owner, owner_name)
             continue
-        set_submodule(root, user_name, tied_user(user, owner, owner_name))
+        if id(user) not in made:
+            made[id(user)] = tied_user(user, owner, owner_name)
+        set_submodule(root, user_name, made[id(user)])
