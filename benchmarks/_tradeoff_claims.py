@@ -92,7 +92,8 @@ def sas_vs_dense(s: dict) -> list[str]:
         wide = [f"{w} {s[w]['mean'] - s[k]['mean']:+.2f} above SAS" for w in ("dense 2x params", "dense 2x wide")
                 if w in s]
         out.append(f"{head}: {diff:+.2f} ± {s[k]['sd']:.2f} ({_seeds(s[k]['n'])}) at {s[k]['nzm']:,.0f} vs {s['dense']['nzm']:,.0f} non-zero "
-                   f"MACs, {div} of {s[k]['n']} seeds diverged" + (f" ({', '.join(wide)})" if wide else "")
+                   f"MACs{', within the seed spread' if abs(diff) <= max(s[k]['sd'], s['dense']['sd']) else ''}, "
+                   f"{div} of {s[k]['n']} seeds diverged" + (f" ({', '.join(wide)})" if wide else "")
                    + f": **{'met' if diff > 0 and not div else 'missed'}**.")
     return out
 

@@ -78,7 +78,7 @@ def weights(s: dict, models: list[tuple[str, str]], methods, sparsities, path: P
                 ax.plot([d["nzm"]], [d["mean"]], "k*", ms=10, label="dense")
                 _kilo(ax)
             else:
-                ax.set_xlim(45, 100)  # nm 2:4 at 50% ... 98%
+                ax.set_xlim(min([45] + [s[k]["ws"] - 5 for k in extra]), 100)  # nm 2:4 at 50% ... 98%, STR anywhere
             ax.grid(alpha=0.3)
         row[0].legend(loc="lower left", fontsize=8)
     _save(fig, path)
