@@ -192,3 +192,13 @@ def test_threads_setting_is_restored_after_the_run(tmp_path):
     train(TrainConfig(model="cnn", recipe="st3", data="digits", epochs=1, batch_size=512, threads=other,
                       out=str(tmp_path / "run"), progress=False), quiet=True)
     assert torch.get_num_threads() == before
+
+
+def test_dead_activations_are_warned(tmp_path, capsys):
+    # a Transformed-l1 penalty far too strong zeroes every activation: accuracy falls to chance and
+    # nothing else in the run says why
+    train(cfg(tmp_path, recipe="tl1", overrides={"lam": 100.0}, epochs=1), quiet=False)
+    out = capsys.readouterr().out
+    assert "warning: every input of" in out and "after epoch 1" in out and "at the end of training" in out
+    train(cfg(tmp_path, "fine", recipe="tl1", epochs=1), quiet=False)
+    assert "warning: every input of" not in capsys.readouterr().out

@@ -9,7 +9,7 @@ import sparsify as sp
 from sparsify.core.layers import WEIGHT_TYPES, SparseWeightMixin
 from sparsify.prepare.inputs import positions_per_sample
 
-__all__ = ["evaluate", "weight_sparsity", "summarize", "library_measurement"]
+__all__ = ["evaluate", "weight_sparsity", "summarize", "library_measurement", "dead_inputs", "dead_message"]
 
 
 def evaluate(model: nn.Module, batches) -> float:
@@ -74,3 +74,20 @@ def library_measurement(model: nn.Module, batches) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------------
+
+
+def dead_inputs(act: dict) -> list[str]:
+    """Layers whose every input value was zero on the batches :func:`activation_stats` ran: what
+    they compute no longer depends on the data (an activation penalty too strong, a dead ReLU
+    layer).
+
+    >>> dead_inputs({"layers": {"conv": {"input_sparsity": 0.4}, "fc": {"input_sparsity": 1.0}}})
+    ['fc']
+    """
+    return [name for name, v in act["layers"].items() if v.get("input_sparsity") == 1.0]
+
+
+def dead_message(dead: list[str], when: str) -> str:
+    """The warning line for :func:`dead_inputs`' layers."""
+    return (f"warning: every input of {', '.join(dead)} is zero on the test data {when}: the output no longer "
+            f"depends on the input (an activation penalty too strong? lower lam)")

@@ -37,7 +37,7 @@ import sparsify as sp
 from sparsify.app.checkpoint import CHECKPOINT, StopOnSigint, remove_stale_temporaries, write_json
 from sparsify.app.resume import CONFIG, RUN_KEYS, claim_out, load_run, restore, save_run
 from sparsify.app.data import load_data
-from sparsify.app.summary import evaluate, library_measurement, summarize, weight_sparsity
+from sparsify.app.summary import dead_inputs, dead_message, evaluate, library_measurement, summarize, weight_sparsity
 from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.app.models import build_model, input_channels
 from sparsify.prepare.recipe import load_recipe
@@ -277,6 +277,7 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
 
     test_batches = lambda: _batches(data.test, torch.arange(len(data.test)), 500, cfg.workers, fix)  # noqa: E731
     interrupted = False
+    warned_dead = False
     from tqdm import tqdm
     with StopOnSigint() as stop:
         for epoch in range(start_epoch, cfg.epochs):
@@ -339,6 +340,10 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
                 f"activation sparsity {h['activation_sparsity']:.3f}"
                 # what the recipe's own methods sparsify besides weights (SAS slots, masked positions, ...)
                 + "".join(f"  {kind} sparsity {v:.3f}" for kind, v in achieved.items() if kind != "weights"))
+            dead = dead_inputs(act)
+            if dead and not warned_dead:
+                warned_dead = True
+                say(dead_message(dead, f"after epoch {h['epoch']}"))
             if stop.requested:  # Ctrl-C during the last step of an epoch: the epoch checkpoint is it
                 interrupted = epoch + 1 < cfg.epochs
                 break
@@ -352,6 +357,9 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
 def _finish(model, cfg, data, out, history, opt_settings, total_steps, test_batches, example, seconds, say) -> dict:
     from sparsify.app.plots import plot_history, plot_layers
     act = activation_stats(model, test_batches())
+    dead = dead_inputs(act)
+    if dead:
+        say(dead_message(dead, "at the end of training"))
     summary = summarize(model, cfg.dense, example, act)
     result = {"config": {**asdict(cfg), "resume": None}, "optimizer": opt_settings, "total_steps": total_steps,
               "data": {"name": data.name, "train": len(data.train), "test": len(data.test)},
