@@ -118,15 +118,17 @@ def activations(s: dict, families: list[tuple[str, list[str]]], path: Path) -> b
     pts_all = [s[k] for _, ks in families for k in ks if k in s]
     low = _floor(ax, pts_all, d)
     ax.plot([d["as"]], [d["mean"]], "k*", ms=10, label=f"dense ({d['as']:.1f}% zeros)")
-    for name, ks in families:
+    for fam, (name, ks) in enumerate(families):
         pts = [(k, s[k]) for k in ks if k in s]
         if not pts:
             continue
         line = ax.errorbar([p["as"] for _, p in pts], [max(p["mean"], low) for _, p in pts],
                            yerr=[p["sd"] for _, p in pts], marker="o", capsize=3, label=name)
         for k, p in pts:
-            ax.annotate(k.split()[-1], (p["as"], max(p["mean"], low)), textcoords="offset points", xytext=(4, 4),
-                        fontsize=7, color=line[0].get_color())
+            clipped = f" ({p['mean']:.1f}%, below the axis)" if p["mean"] < low else ""
+            # collapsed runs of every family land on one spot: stack their labels
+            ax.annotate(k.split()[-1] + clipped, (p["as"], max(p["mean"], low)), textcoords="offset points",
+                        xytext=(-160, 4 + 10 * fam) if clipped else (4, 4), fontsize=7, color=line[0].get_color())
     ax.set_xlabel("activation sparsity (% zeros at the inputs of Conv/Linear layers 2..n, test set)")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
