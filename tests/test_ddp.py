@@ -79,6 +79,9 @@ def _free_port():
 
 
 RECIPES = sorted(sparsify.builtin_recipes())
+#: penalties that are not a sum over samples: Hoyer-square is (sum |x|)^2 / sum x^2 over the whole
+#: batch's map, so each rank's half-batch penalty differs from the global batch's (docs/distributed.md)
+BATCH_COUPLED = {"activation-hoyer"}
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +97,8 @@ def test_ranks_agree_and_match_single_process(ddp_results, recipe):
     assert r0["fingerprint"] == r1["fingerprint"]
     for k, v in r0["state"].items():  # bitwise: masks, thresholds, score maps, weights
         assert torch.equal(v, r1["state"][k]), k
+    if recipe in BATCH_COUPLED:
+        return
     single = build(recipe)
     losses = train(single, batches())
     assert losses == pytest.approx(r0["losses"], rel=1e-5, abs=1e-6)
