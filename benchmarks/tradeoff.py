@@ -41,7 +41,7 @@ RUNS += [("nm 2:4", "nm-2-4", {}, [])]
 RUNS += [(f"str wd={wd}", "str", {}, ["--weight-decay", str(wd)]) for wd in ("5e-4", "2e-3", "5e-3")]
 RUNS += [("sas (M=2)", "sas", {}, []), ("sas (M=4)", "sas-m4", {}, []), ("dense 2x wide", None, {}, ["--width", "2"])]
 RUNS += [(f"tl1 lam={lam}", "tl1", {"lam": lam}, []) for lam in (0.01, 0.1, 1.0)]
-RUNS += [("dual", "dual", {}, [])]
+RUNS += [("dual", "dual", {"sparsity": 0.5, "lam": 0.01}, [])]  # the dual recipe's defaults when it ran
 RUNS += [(f"semi-structured {s}", "semi-structured", {"sparsity": s}, []) for s in (0.1, 0.2, 0.3)]
 # added after the grid above started: its labels (and so its run folders) stay as they are
 LAMS = (0.01, 0.1, 1.0)  # tl1's sweep: the three penalties share a scale (docs/methods/tl1.md)
@@ -50,6 +50,10 @@ RUNS += [(f"hoyer lam={lam}", "activation-hoyer", {"lam": lam}, []) for lam in L
 # SAS (M=2) has 123,026 parameters, width 1.41 gives 123,425 (LeNet-5: 61,706); "dense 2x wide"
 # (width 2, 244,362) is close to SAS (M=4)'s 245,666
 RUNS += [("dense 2x params", None, {}, ["--width", "1.41"])]
+# between tl1's last good point and its collapse; dual with more weight pruning and tl1 at its best
+RUNS += [(f"tl1 lam={lam}", "tl1", {"lam": lam}, []) for lam in (0.3, 0.5)]
+DUALS = ["dual"] + [f"dual {round(100 * sp)}% lam=0.1" for sp in (0.8, 0.9)]
+RUNS += [(k, "dual", {"sparsity": sp, "lam": 0.1}, []) for k, sp in zip(DUALS[1:], (0.8, 0.9))]
 
 # LeNet-300-100, the classic MNIST pruning benchmark (Han et al. 2015): labels start with "lenet300 "
 DS300 = "mnist10-lenet300"
@@ -67,12 +71,13 @@ ALL_RUNS = RUNS + RUNS300
 def ds_of(run) -> str:
     return DS300 if run[0].startswith(L3) else DS
 
-FAMILIES = [("Transformed-ℓ1", [f"tl1 lam={lam}" for lam in (0.01, 0.1, 1.0)]),
+TL1_LAMS = (0.01, 0.1, 0.3, 0.5, 1.0)
+FAMILIES = [("Transformed-ℓ1", [f"tl1 lam={lam}" for lam in TL1_LAMS]),
             ("ℓ1", [f"l1 lam={lam}" for lam in LAMS]), ("Hoyer-square", [f"hoyer lam={lam}" for lam in LAMS])]
 SAS_RUNS = [("dense", "dense"), ("dense 2x params", "dense, 2x params (width 1.41)"),
             ("dense 2x wide", "dense, 2x wide = 4x params (width 2)"), ("sas (M=2)", "SAS M=2"),
             ("sas (M=4)", "SAS M=4")]
-EFF_RUNS = ["dense", "dual"] + [f"tl1 lam={lam}" for lam in (0.01, 0.1, 1.0)] + [f"{r} 90%" for r in WEIGHT_METHODS]
+EFF_RUNS = ["dense"] + DUALS + [f"tl1 lam={lam}" for lam in TL1_LAMS] + [f"{r} 90%" for r in WEIGHT_METHODS]
 SEMI = [(0.0, "dense")] + [(x, f"semi-structured {x}") for x in (0.1, 0.2, 0.3)]
 
 

@@ -21,7 +21,7 @@ def test_stages_in_order_on_resnet18():
     torch.manual_seed(0)
     net = torchvision.models.resnet18(num_classes=10)
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
-    m = sparsify.sparsify(net, "dual", example_inputs=x, total_steps=10)  # stages 0-3, 3-6 (prune at 4/5), 6-
+    m = sparsify.sparsify(net, "dual", sparsity=0.5, example_inputs=x, total_steps=10)  # stages 0-3, 3-6 (prune at 4/5), 6-
     opt = torch.optim.SGD(sparsify.param_groups(m, 0.0), lr=0.01)
     reg_nodes = [r for r in m.modules() if isinstance(r, ActivationRegularizer)]
     n_weights = sum(mod.weight.numel() for mod in layers(m))

@@ -214,8 +214,8 @@ def test_l1_and_hoyer_recipes_validate_and_raise_activation_sparsity_on_digits(r
     from sparsify.app.train import TrainConfig, train
     m = sparsify.sparsify(build_model("lenet300", in_channels=1, image_size=8), recipe,
                           example_inputs=torch.zeros(2, 1, 8, 8))
-    assert [(r.function, r.lam, r.regularizes) for r in regs(m)] == [(function, 0.01, "relu1"),
-                                                                      (function, 0.01, "relu2")]
+    assert [(r.function, r.lam, r.regularizes) for r in regs(m)] == [(function, 0.1, "relu1"),
+                                                                      (function, 0.1, "relu2")]
     with pytest.raises(sparsify.RecipeError, match="lam"):
         sparsify.sparsify(build_model("lenet300", in_channels=1, image_size=8), recipe, lam=-1.0)
     act = {}
