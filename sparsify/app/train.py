@@ -340,9 +340,9 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
                 f"activation sparsity {h['activation_sparsity']:.3f}"
                 # what the recipe's own methods sparsify besides weights (SAS slots, masked positions, ...)
                 + "".join(f"  {kind} sparsity {v:.3f}" for kind, v in achieved.items() if kind != "weights"))
-            if dead_inputs(act) and not warned_dead:
+            if (dead := dead_inputs(act)) and not warned_dead:
                 warned_dead = True
-                say(dead_message(dead_inputs(act), f"after epoch {h['epoch']}"))
+                say(dead_message(dead, f"after epoch {h['epoch']}"))
             if stop.requested:  # Ctrl-C during the last step of an epoch: the epoch checkpoint is it
                 interrupted = epoch + 1 < cfg.epochs
                 break
@@ -356,8 +356,8 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
 def _finish(model, cfg, data, out, history, opt_settings, total_steps, test_batches, example, seconds, say) -> dict:
     from sparsify.app.plots import plot_history, plot_layers
     act = activation_stats(model, test_batches())
-    if dead_inputs(act):
-        say(dead_message(dead_inputs(act), "at the end of training"))
+    if dead := dead_inputs(act):
+        say(dead_message(dead, "at the end of training"))
     summary = summarize(model, cfg.dense, example, act)
     result = {"config": {**asdict(cfg), "resume": None}, "optimizer": opt_settings, "total_steps": total_steps,
               "data": {"name": data.name, "train": len(data.train), "test": len(data.test)},
