@@ -18,12 +18,13 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.fx as fx
 from torch import nn
 
-from passes import remove_node, replace_uses, set_submodule
+from passes import replace_uses, set_submodule
 
 from sparsify.deploy.accelerate.direct_conv import DirectSparseConv2d, direct_available, supports_direct
+from sparsify.deploy.accelerate.fuse import fuse_relu_pass, fuse_residual_pass
+from sparsify.deploy.accelerate.graph_edits import erase, is_relu, only_user, qual, rewrite_graphs
 from sparsify.deploy.accelerate.fold import PositionFill, foldable_bn, folded_conv
 from sparsify.deploy.accelerate.patch_conv import PatchSkipConv2d, supports_patch_skip
 from sparsify.deploy.accelerate.pool import channels_last_pool_pass
@@ -84,63 +85,19 @@ def _record_inputs(model: nn.Module, inputs: tuple) -> dict[str, torch.Size]:
     return shapes
 
 
-def _qual(prefix: str, local: str) -> str:
-    return f"{prefix}.{local}" if prefix else local
-
-
-def _only_user(node: fx.Node) -> fx.Node | None:
-    users = list(node.users)
-    return users[0] if len(users) == 1 else None
-
-
-def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return type(gm.get_submodule(node.target)) is nn.ReLU
-    if node.op == "call_function":  # in place or not: the conv output has no other reader
-        return node.target in (torch.relu, torch.relu_, torch.nn.functional.relu)
-    if node.op == "call_method":
-        return node.target in ("relu", "relu_")
-    return False
-
-
-def _erase(gm: fx.GraphModule, node: fx.Node, erased: set[fx.Node], replacement: fx.Node | None = None,
-           *, keep_module: bool = False) -> None:
-    """Erase ``node`` (its users read ``replacement``) and its module unless another node calls it
-    or ``keep_module``, and mark it for the walk."""
-    remove_node(gm, node, replacement, delete_module=not keep_module)
-    erased.add(node)
-
-
-def _rewrite_graphs(model: nn.Module, rewrite) -> None:
-    """Call ``rewrite(prefix, gm, node, erased) -> changed`` on each call_module node of every fx
-    GraphModule in ``model``, skipping the nodes a rewrite erased (it adds them to ``erased``);
-    every graph a rewrite changed is linted and recompiled."""
-    for prefix, gm in list(model.named_modules()):
-        if not isinstance(gm, fx.GraphModule):
-            continue
-        changed = False
-        erased: set[fx.Node] = set()
-        for node in list(gm.graph.nodes):
-            if node.op == "call_module" and node not in erased:
-                changed |= rewrite(prefix, gm, node, erased)
-        if changed:
-            gm.graph.lint()
-            gm.recompile()
-
-
 def _patch_skip_pass(model, shapes, decide, margin, rows, done, fold=True):
     def rewrite(prefix, gm, node, erased) -> bool:
         conv = gm.get_submodule(node.target)
         if not isinstance(conv, nn.Conv2d):
             return False
-        mask_node = _only_user(node)
+        mask_node = only_user(node)
         if mask_node is None or mask_node.op != "call_module" or mask_node.args[0] is not node:
             return False
         mask_mod = gm.get_submodule(mask_node.target)
         keep = keep_mask_of(mask_mod)
         if keep is None:
             return False
-        name = _qual(prefix, str(node.target))
+        name = qual(prefix, str(node.target))
         kind = f"Conv2d {conv.kernel_size[0]}x{conv.kernel_size[1]}"
         skipped = 1.0 - float(keep.float().mean())
         why = supports_patch_skip(conv)
@@ -150,13 +107,13 @@ def _patch_skip_pass(model, shapes, decide, margin, rows, done, fold=True):
             rows.append(LayerPath(name, kind, "dense", why, skipped))
             done.add(name)
             return False
-        bn_node = _only_user(mask_node)
+        bn_node = only_user(mask_node)
         bn = gm.get_submodule(bn_node.target) if bn_node is not None and bn_node.op == "call_module" else None
         if not (foldable_bn(bn) and bn_node.args[0] is mask_node):
             bn, bn_node = None, None
         last = bn_node if bn_node is not None else mask_node
-        relu_node = _only_user(last)
-        if relu_node is None or not _is_relu(gm, relu_node) or relu_node.args[0] is not last:
+        relu_node = only_user(last)
+        if relu_node is None or not is_relu(gm, relu_node) or relu_node.args[0] is not last:
             relu_node = None
         x = torch.randn(shapes[name]).contiguous(memory_format=torch.channels_last)
         fast = PatchSkipConv2d.from_conv(conv, keep, bn, input_hw=tuple(shapes[name][-2:]))
@@ -178,18 +135,18 @@ def _patch_skip_pass(model, shapes, decide, margin, rows, done, fold=True):
             if bn is not None and fold:  # conv(folded) -> fill skipped positions with BN(0)
                 set_submodule(gm, str(node.target), dense_chain[0])
                 set_submodule(gm, str(mask_node.target), dense_chain[1])
-                _erase(gm, bn_node, erased, mask_node)
+                erase(gm, bn_node, erased, mask_node)
                 return True
             return False
         set_submodule(gm, str(node.target), fast)
         replace_uses(last, node)
         for dead in ([bn_node] if bn_node is not None else []) + [mask_node]:
-            _erase(gm, dead, erased)
+            erase(gm, dead, erased)
         if relu_node is not None:
-            _erase(gm, relu_node, erased, node, keep_module=True)  # the ReLU module may serve other nodes
+            erase(gm, relu_node, erased, node, keep_module=True)  # the ReLU module may serve other nodes
         return True
 
-    _rewrite_graphs(model, rewrite)
+    rewrite_graphs(model, rewrite)
 
 
 def _fold_bn_pass(model) -> int:
@@ -201,18 +158,18 @@ def _fold_bn_pass(model) -> int:
         nonlocal folded
         if type(gm.get_submodule(node.target)) is not nn.Conv2d:
             return False
-        bn_node = _only_user(node)
+        bn_node = only_user(node)
         if bn_node is None or bn_node.op != "call_module" or bn_node.args[0] is not node:
             return False
         bn = gm.get_submodule(bn_node.target)
         if not foldable_bn(bn) or sum(n.target == node.target for n in gm.graph.nodes if n.op == "call_module") > 1:
             return False  # a conv module called from two places may feed something else there
         set_submodule(gm, str(node.target), folded_conv(gm.get_submodule(node.target), bn))
-        _erase(gm, bn_node, erased, node)
+        erase(gm, bn_node, erased, node)
         folded += 1
         return True
 
-    _rewrite_graphs(model, rewrite)
+    rewrite_graphs(model, rewrite)
     return folded
 
 
@@ -296,30 +253,6 @@ def _sparse_linear_pass(model, shapes, decide, margin, min_sparsity, rows, done,
             set_submodule(model, name, options[path])
 
 
-def _fuse_relu_pass(model, rows) -> None:
-    """A ReLU that is the only reader of a direct sparse conv's output is applied in its pass."""
-    fused = set()
-
-    def rewrite(prefix, gm, node, erased) -> bool:
-        conv = gm.get_submodule(node.target)
-        if not isinstance(conv, DirectSparseConv2d) or conv.relu:
-            return False
-        relu_node = _only_user(node)
-        if relu_node is None or not _is_relu(gm, relu_node) or relu_node.args[0] is not node:
-            return False
-        if sum(n.target == node.target for n in gm.graph.nodes if n.op == "call_module") > 1:
-            return False
-        conv.relu = True
-        _erase(gm, relu_node, erased, node, keep_module=True)  # the ReLU module may serve other nodes
-        fused.add(_qual(prefix, str(node.target)))
-        return True
-
-    _rewrite_graphs(model, rewrite)
-    for r in rows:
-        if r.name in fused:
-            r.reason += "; ReLU fused"
-
-
 @torch.no_grad()
 def accelerate(model: nn.Module, example_inputs, *, decide: str = "measure", min_sparsity: float = 0.8,
                min_conv_sparsity: float = 0.5, margin: float = 0.05, channels_last: bool | None = None, fold_bn: bool = True, check: bool = True,
@@ -357,7 +290,8 @@ def accelerate(model: nn.Module, example_inputs, *, decide: str = "measure", min
     _patch_skip_pass(out, shapes, decide, margin, rows, done, fold=fold_bn)
     folded = _fold_bn_pass(out) if fold_bn else 0
     _sparse_linear_pass(out, shapes, decide, margin, min_sparsity, rows, done, min_conv_sparsity)
-    _fuse_relu_pass(out, rows)
+    fuse_residual_pass(out, rows)
+    fuse_relu_pass(out, rows)
     if channels_last is None:
         channels_last = any(r.path == "patch-skip" for r in rows)
     if channels_last:

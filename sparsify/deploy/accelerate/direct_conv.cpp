@@ -93,19 +93,37 @@ void fill(const float* x, float* P, const Geometry& g) {
   });
 }
 
-// Writes n valid outputs, flat index j0.. (row pitch Wq), into plane o (row pitch Wo).
-inline void scatter(const float* tile, int64_t j0, int64_t n, float* o, const Geometry& g) {
+inline vf relu_v(vf a) { return a > 0 ? a : vf{}; }
+
+// The epilogue: writes the n valid outputs of a tile (flat index j0.., row pitch Wq) into plane o
+// (row pitch Wo), adding the residual plane rp (same layout as o; null: none) and then applying
+// the ReLU, in that order, as the unfused `relu(conv(x) + residual)` does.
+inline void store_tile(const float* tile, int64_t j0, int64_t n, float* o, const float* rp, bool relu,
+                       const Geometry& g) {
+  if (g.Wq == g.Wo && n == T) {  // whole rows, a whole tile: vectors straight through
+    for (int r = 0; r < R; ++r) {
+      vf v = loadu(tile + V * r);
+      if (rp) v += loadu(rp + j0 + V * r);
+      storeu(o + j0 + V * r, relu ? relu_v(v) : v);
+    }
+    return;
+  }
   int64_t y = j0 / g.Wq, x = j0 % g.Wq, i = 0;
   while (i < n) {
     const int64_t seg = std::min(g.Wq - x, n - i);
-    if (x < g.Wo) std::memcpy(o + y * g.Wo + x, tile + i, sizeof(float) * std::min(seg, g.Wo - x));
+    if (x < g.Wo) {
+      const int64_t m = std::min(seg, g.Wo - x), at = y * g.Wo + x;
+      for (int64_t k = 0; k < m; ++k) {
+        float v = tile[i + k];
+        if (rp) v += rp[at + k];
+        o[at + k] = (relu && !(v > 0.f)) ? 0.f : v;
+      }
+    }
     i += seg;
     ++y;
     x = 0;
   }
 }
-
-inline vf relu_v(vf a) { return a > 0 ? a : vf{}; }
 
 // acc[0..R) += taps k0..k1 at the tile Pj; len valid outputs (T for a full tile)
 template <bool FULL>
@@ -230,10 +248,9 @@ inline int64_t thread_ns() {
 // tiles: the input rows under the tile for that block (a few KB) stay in L1 while they are reused
 // by every output channel, instead of the whole tile column over all channels (tens of KB, L2).
 void conv(const float* P, const int32_t* off, const int32_t* blk, int64_t nb, const float* val,
-          const float* bias, float* out, const Geometry& g, bool relu) {
+          const float* bias, const float* res, float* out, const Geometry& g, bool relu) {
   const int64_t L = g.Ho * g.Wq, plane = g.Ho * g.Wo, img = g.in_place ? g.C * g.H * g.W : g.image();
   const int64_t tiles = (L + T - 1) / T;
-  const bool dense_rows = g.Wq == g.Wo;
   const int64_t stride = nb + 1;
   const bool prof = profiling.load(std::memory_order_relaxed);
   const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
@@ -274,16 +291,9 @@ void conv(const float* P, const int32_t* off, const int32_t* blk, int64_t nb, co
               for (int r = 0; r < R; ++r) storeu(t + V * r, acc[r]);
             }
           }
-          for (int64_t o = ob; o < oe; ++o) {
-            float* t = obuf + (o - ob) * T;
-            if (relu)
-              for (int r = 0; r < R; ++r) storeu(t + V * r, relu_v(loadu(t + V * r)));
-            float* op = outn + o * plane;
-            if (dense_rows && len == T)
-              std::memcpy(op + j0, t, sizeof(float) * T);
-            else
-              scatter(t, j0, len, op, g);
-          }
+          for (int64_t o = ob; o < oe; ++o)
+            store_tile(obuf + (o - ob) * T, j0, len, outn + o * plane,
+                       res ? res + (n * g.Cout + o) * plane : nullptr, relu, g);
         }
       }
       if (prof) {
@@ -349,10 +359,12 @@ at::Tensor direct_profile(bool enable, int64_t spatial_groups) {
 }
 
 // x: (N, C, H, W) float32; off: int32 tap offsets into one image of P; blocks: int32 (Cout, nb + 1),
-// first tap of each output channel in each input channel block, then its end; values: float32 taps; geometry: [Cout, Ho, Wo, Hq, Wq, sh, sw, ph, pw, py0, px0, py1, px1, ...].
+// first tap of each output channel in each input channel block, then its end; values: float32 taps;
+// geometry: [Cout, Ho, Wo, Hq, Wq, sh, sw, ph, pw, py0, px0, py1, px1, ...]; residual: added to the
+// output before the ReLU (a residual connection), of the output's shape.
 at::Tensor direct_conv2d(const at::Tensor& x_, const at::Tensor& off, const at::Tensor& blocks,
                          const at::Tensor& values, const std::optional<at::Tensor>& bias,
-                         at::IntArrayRef geometry, bool relu) {
+                         at::IntArrayRef geometry, bool relu, const std::optional<at::Tensor>& residual) {
   TORCH_CHECK(x_.dim() == 4 && x_.scalar_type() == at::kFloat && x_.device().is_cpu(),
               "direct sparse conv: a 4-D float32 CPU input is needed, got ", x_.sizes(), " ", x_.scalar_type());
   TORCH_CHECK(off.scalar_type() == at::kInt && blocks.scalar_type() == at::kInt && blocks.dim() == 2 &&
@@ -373,8 +385,17 @@ at::Tensor direct_conv2d(const at::Tensor& x_, const at::Tensor& off, const at::
   const at::Tensor bl = blocks.contiguous(), of = off.contiguous(), va = values.contiguous();
   at::Tensor b;
   if (bias.has_value() && bias->defined()) b = bias->contiguous().to(at::kFloat);
+  at::Tensor r;
+  if (residual.has_value() && residual->defined()) {
+    TORCH_CHECK(residual->sizes() == out.sizes() && residual->scalar_type() == at::kFloat &&
+                    residual->device().is_cpu(),
+                "direct sparse conv: the residual must be float32 on the CPU and of the output's shape ",
+                out.sizes(), ", got ", residual->sizes(), " ", residual->scalar_type());
+    r = residual->contiguous();
+  }
   conv(P, of.data_ptr<int32_t>(), bl.data_ptr<int32_t>(), bl.size(1) - 1, va.data_ptr<float>(),
-       b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr<float>(), g, relu);
+       b.defined() ? b.data_ptr<float>() : nullptr, r.defined() ? r.data_ptr<float>() : nullptr,
+       out.data_ptr<float>(), g, relu);
   return out;
 }
 
@@ -382,7 +403,7 @@ at::Tensor direct_conv2d(const at::Tensor& x_, const at::Tensor& off, const at::
 
 TORCH_LIBRARY(sparsify_direct, m) {
   m.def("conv2d(Tensor x, Tensor offsets, Tensor blocks, Tensor values, Tensor? bias, int[] geometry, "
-        "bool relu) -> Tensor", &direct_conv2d);
+        "bool relu, Tensor? residual=None) -> Tensor", &direct_conv2d);
   m.def("partition(Tensor blocks, int[] x_shape, int[] geometry, int threads, int spatial_groups) -> Tensor",
         &direct_partition);
   m.def("profile(bool enable, int spatial_groups=-1) -> Tensor", &direct_profile);

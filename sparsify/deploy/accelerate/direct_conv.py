@@ -109,7 +109,7 @@ class DirectSparseConv2d(nn.Module):
     Buffers (all in the ``state_dict``): ``rowptr`` (int32, out + 1), ``taps`` (int32, nnz x 3),
     ``values`` (float32, nnz), ``bias`` (or None). The per-input-size plan (tap offsets in the
     padded, phase-split input) is derived on first use and not saved. ``relu`` applies a ReLU to
-    the output in the same pass.
+    the output in the same pass; ``forward(x, residual)`` adds a residual connection before it.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, stride=1, padding=0, dilation=1,
@@ -190,12 +190,29 @@ class DirectSparseConv2d(nn.Module):
         self._plan = (key, off.to(torch.int32), blocks.to(torch.int32), geometry)
         return self._plan[1], self._plan[2], geometry
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``conv(x)``, or with ``residual`` (a tensor of the output's shape) ``conv(x) + residual``,
+        then the ReLU if ``relu``: a residual connection's add in the conv's own pass."""
         if (x.dim() != 4 or x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[1] != self.in_channels
                 or (torch.is_grad_enabled() and x.requires_grad) or direct_available() is not None):
-            return self._dense_forward(x)
+            return self._dense_forward(x, residual)
         off, blocks, geometry = self.plan(x.shape[2], x.shape[3])
-        return torch.ops.sparsify_direct.conv2d(x, off, blocks, self.values, self.bias, geometry, self.relu)
+        if residual is not None and not self._fusable(residual, x.shape[0], geometry):
+            y = torch.ops.sparsify_direct.conv2d(x, off, blocks, self.values, self.bias, geometry, False)
+            return self._epilogue(y, residual)
+        return torch.ops.sparsify_direct.conv2d(x, off, blocks, self.values, self.bias, geometry, self.relu, residual)
+
+    def _fusable(self, residual: torch.Tensor, n: int, geometry: list[int]) -> bool:
+        """Whether the kernel can add ``residual`` itself (else the add runs in torch, broadcast
+        and type promotion included)."""
+        return (residual.dtype == torch.float32 and residual.device.type == "cpu"
+                and not (torch.is_grad_enabled() and residual.requires_grad)
+                and tuple(residual.shape) == (n, self.out_channels, geometry[1], geometry[2]))
+
+    def _epilogue(self, y: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        if residual is not None:
+            y = y + residual
+        return F.relu(y) if self.relu else y
 
     def thread_split(self, shape, threads: int, spatial_groups: int = -1) -> torch.Tensor:
         """How the kernel splits an input of ``shape`` (N, C, H, W) over ``threads`` threads: one
@@ -213,13 +230,13 @@ class DirectSparseConv2d(nn.Module):
         _, blocks, geometry = self.plan(int(shape[2]), int(shape[3]))
         return torch.ops.sparsify_direct.partition(blocks, list(shape), geometry, threads, spatial_groups)
 
-    def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _dense_forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         key = tuple((t.data_ptr(), t._version) for t in (self.taps, self.values, self.rowptr)) + (x.dtype,)
         if self._dense is None or self._dense[0] != key:  # rebuilt after load_state_dict
             self._dense = (key, self.dense_weight().to(x.dtype))
         y = F.conv2d(x, self._dense[1], None if self.bias is None else self.bias.to(x.dtype), self.stride,
                      self.padding, self.dilation, self.groups)
-        return F.relu(y) if self.relu else y
+        return self._epilogue(y, residual)
 
     def extra_repr(self) -> str:
         total = self.out_channels * (self.in_channels // self.groups) * self.kernel_size[0] * self.kernel_size[1]

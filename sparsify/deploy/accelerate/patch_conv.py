@@ -28,7 +28,6 @@ True
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sparsify.deploy.accelerate.gemm import PackCache, gemm

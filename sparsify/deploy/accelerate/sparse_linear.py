@@ -17,7 +17,6 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["SparseLinear", "SparseConv1x1", "supports_sparse_linear"]

@@ -1,0 +1,56 @@
+"""Small fx graph edits shared by the acceleration passes (each edit itself goes through
+``passes``): find a node's single reader, recognise a ReLU, erase a node, and run a rewrite over
+every GraphModule of a model."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from passes import remove_node
+
+__all__ = ["qual", "only_user", "is_relu", "erase", "rewrite_graphs"]
+
+
+def qual(prefix: str, local: str) -> str:
+    return f"{prefix}.{local}" if prefix else local
+
+
+def only_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)) is nn.ReLU
+    if node.op == "call_function":  # in place or not: the conv output has no other reader
+        return node.target in (torch.relu, torch.relu_, torch.nn.functional.relu)
+    if node.op == "call_method":
+        return node.target in ("relu", "relu_")
+    return False
+
+
+def erase(gm: fx.GraphModule, node: fx.Node, erased: set[fx.Node], replacement: fx.Node | None = None,
+           *, keep_module: bool = False) -> None:
+    """Erase ``node`` (its users read ``replacement``) and its module unless another node calls it
+    or ``keep_module``, and mark it for the walk."""
+    remove_node(gm, node, replacement, delete_module=not keep_module)
+    erased.add(node)
+
+
+def rewrite_graphs(model: nn.Module, rewrite) -> None:
+    """Call ``rewrite(prefix, gm, node, erased) -> changed`` on each call_module node of every fx
+    GraphModule in ``model``, skipping the nodes a rewrite erased (it adds them to ``erased``);
+    every graph a rewrite changed is linted and recompiled."""
+    for prefix, gm in list(model.named_modules()):
+        if not isinstance(gm, fx.GraphModule):
+            continue
+        changed = False
+        erased: set[fx.Node] = set()
+        for node in list(gm.graph.nodes):
+            if node.op == "call_module" and node not in erased:
+                changed |= rewrite(prefix, gm, node, erased)
+        if changed:
+            gm.graph.lint()
+            gm.recompile()
