@@ -125,12 +125,17 @@ inline void store_tile(const float* tile, int64_t j0, int64_t n, float* o, const
   }
 }
 
-// acc[0..R) += taps k0..k1 at the tile Pj; len valid outputs (T for a full tile)
-template <bool FULL>
-inline void add_taps(vf* acc, const float* Pj, const int32_t* off, const float* val, int32_t k0, int32_t k1,
+// acc[0..NV) += taps k0..k1 at the tile Pj: NV vectors, the ones holding the tile's len outputs
+// (a plane's last tile may need fewer than R: 14x14 = 3 whole tiles and one of a single vector).
+// MASKED: the input is read in place and this is the plane's last tile: the last vector's lanes
+// past len are not read (reading on could leave the buffer).
+template <int NV, bool MASKED>
+inline void add_taps(float* t, const float* Pj, const int32_t* off, const float* val, int32_t k0, int32_t k1,
                      int64_t len) {
-  if (FULL) {
-    vf a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
+  vf acc[NV];
+  for (int r = 0; r < NV; ++r) acc[r] = loadu(t + V * r);
+  if (NV == 4 && !MASKED) {  // the common case, written out: four named accumulators compile to
+    vf a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];  // a tighter loop than the array below
     for (int32_t k = k0; k < k1; ++k) {
       const float* p = Pj + off[k];
       const vf w = splat(val[k]);
@@ -139,37 +144,58 @@ inline void add_taps(vf* acc, const float* Pj, const int32_t* off, const float* 
       a2 += w * loadu(p + 2 * V);
       a3 += w * loadu(p + 3 * V);
     }
-    acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3;
-  } else {  // the input read in place, last tile of a plane: masked loads, nothing read past len
-#if defined(__AVX512F__)
-    __mmask16 m[R];
-    for (int r = 0; r < R; ++r) {
-      const int64_t n = std::max<int64_t>(0, std::min<int64_t>(V, len - V * r));
-      m[r] = (__mmask16)((1u << n) - 1u);
-    }
-    vf a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
-    for (int32_t k = k0; k < k1; ++k) {
-      const float* p = Pj + off[k];
-      const vf w = splat(val[k]);
-      a0 += w * (vf)_mm512_maskz_loadu_ps(m[0], p);
-      a1 += w * (vf)_mm512_maskz_loadu_ps(m[1], p + V);
-      a2 += w * (vf)_mm512_maskz_loadu_ps(m[2], p + 2 * V);
-      a3 += w * (vf)_mm512_maskz_loadu_ps(m[3], p + 3 * V);
-    }
-    acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3;
-#else
-    const int64_t full = len / V, rest = len % V;
-    for (int32_t k = k0; k < k1; ++k) {
-      const float* p = Pj + off[k];
-      const vf w = splat(val[k]);
-      for (int64_t r = 0; r < full; ++r) acc[r] += w * loadu(p + V * r);
-      if (rest) acc[full] += w * load_part(p + V * full, rest);
-    }
-#endif
+    storeu(t, a0); storeu(t + V, a1); storeu(t + 2 * V, a2); storeu(t + 3 * V, a3);
+    return;
   }
+  vf a[NV];
+  for (int r = 0; r < NV; ++r) a[r] = acc[r];
+  const int64_t rest = len - V * (NV - 1);  // lanes of the last vector, 1..V
+#if defined(__AVX512F__)
+  const __mmask16 m = (__mmask16)(rest >= V ? 0xFFFFu : (1u << rest) - 1u);
+#endif
+  for (int32_t k = k0; k < k1; ++k) {
+    const float* p = Pj + off[k];
+    const vf w = splat(val[k]);
+    for (int r = 0; r < (MASKED ? NV - 1 : NV); ++r) a[r] += w * loadu(p + V * r);
+    if (MASKED) {
+#if defined(__AVX512F__)
+      a[NV - 1] += w * (vf)_mm512_maskz_loadu_ps(m, p + V * (NV - 1));
+#else
+      a[NV - 1] += w * load_part(p + V * (NV - 1), rest);
+#endif
+    }
+  }
+  for (int r = 0; r < NV; ++r) storeu(t + V * r, a[r]);
 }
 
 constexpr int64_t OCB = 32;  // output channels whose tiles stay in L1 while a channel block is added
+
+// Adds, for one tile, the taps of output channels ob..oe (their tiles at obuf, T floats apart),
+// input channel block by block (see conv()).
+template <int NV, bool MASKED>
+void add_channel_block(float* obuf, const float* Pj, const int32_t* off, const int32_t* blk, int64_t nb,
+                       const float* val, int64_t ob, int64_t oe, int64_t len) {
+  const int64_t stride = nb + 1;
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t o = ob; o < oe; ++o) {
+      const int32_t k0 = blk[o * stride + b], k1 = blk[o * stride + b + 1];
+      if (k0 != k1) add_taps<NV, MASKED>(obuf + (o - ob) * T, Pj, off, val, k0, k1, len);
+    }
+}
+
+// The instance for a tile of len outputs: its vectors, and masked where the input is read in
+// place (a copied input has slack to read whole vectors from).
+typedef void (*ChannelBlockFn)(float*, const float*, const int32_t*, const int32_t*, int64_t, const float*, int64_t,
+                               int64_t, int64_t);
+inline ChannelBlockFn channel_block_fn(int64_t len, bool in_place) {
+  static const ChannelBlockFn fns[2][4] = {
+      {add_channel_block<1, false>, add_channel_block<2, false>, add_channel_block<3, false>,
+       add_channel_block<4, false>},
+      {add_channel_block<1, true>, add_channel_block<2, true>, add_channel_block<3, true>,
+       add_channel_block<4, true>}};
+  static_assert(R == 4, "channel_block_fn holds instances for 1..4 vectors");
+  return fns[in_place && len < T][(len + V - 1) / V - 1];
+}
 
 // One thread's share: the work units (image n, tile) u0..u1 (unit u = n * tiles + tile) times
 // the output channels o0..o1.
@@ -251,7 +277,6 @@ void conv(const float* P, const int32_t* off, const int32_t* blk, int64_t nb, co
           const float* bias, const float* res, float* out, const Geometry& g, bool relu) {
   const int64_t L = g.Ho * g.Wq, plane = g.Ho * g.Wo, img = g.in_place ? g.C * g.H * g.W : g.image();
   const int64_t tiles = (L + T - 1) / T;
-  const int64_t stride = nb + 1;
   const bool prof = profiling.load(std::memory_order_relaxed);
   const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
   std::vector<Part> parts = partition(blk, nb, g, nt, prof ? profile_su.load() : -1);
@@ -270,6 +295,7 @@ void conv(const float* P, const int32_t* off, const int32_t* blk, int64_t nb, co
         const float* Pn = P + n * img;
         float* outn = out + n * g.Cout * plane;
         const int64_t len = std::min(T, L - j0);
+        const ChannelBlockFn add_block = channel_block_fn(len, g.in_place);
         const float* Pj = Pn + j0;
         for (int64_t ob = part.o0; ob < part.o1; ob += OCB) {
           const int64_t oe = std::min(part.o1, ob + OCB);
@@ -277,20 +303,7 @@ void conv(const float* P, const int32_t* off, const int32_t* blk, int64_t nb, co
             const vf b = splat(bias ? bias[o] : 0.f);
             for (int r = 0; r < R; ++r) storeu(obuf + (o - ob) * T + V * r, b);
           }
-          for (int64_t b = 0; b < nb; ++b) {
-            for (int64_t o = ob; o < oe; ++o) {
-              const int32_t k0 = blk[o * stride + b], k1 = blk[o * stride + b + 1];
-              if (k0 == k1) continue;
-              float* t = obuf + (o - ob) * T;
-              vf acc[R];
-              for (int r = 0; r < R; ++r) acc[r] = loadu(t + V * r);
-              if (len == T || !g.in_place)  // a copied input has slack to read whole tiles from
-                add_taps<true>(acc, Pj, off, val, k0, k1, len);
-              else
-                add_taps<false>(acc, Pj, off, val, k0, k1, len);
-              for (int r = 0; r < R; ++r) storeu(t + V * r, acc[r]);
-            }
-          }
+          add_block(obuf, Pj, off, blk, nb, val, ob, oe, len);
           for (int64_t o = ob; o < oe; ++o)
             store_tile(obuf + (o - ob) * T, j0, len, outn + o * plane,
                        res ? res + (n * g.Cout + o) * plane : nullptr, relu, g);
