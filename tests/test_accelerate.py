@@ -330,16 +330,21 @@ def test_channels_last_max_pool_equals_max_pool_and_keeps_the_layout(kernel, str
 
 
 def test_accelerate_times_the_max_pool_of_an_nchw_network_and_reports_it():
-    from sparsify.deploy.accelerate.pool import ChannelsLastMaxPool2d
+    from sparsify.deploy.accelerate.direct_conv import direct_available
+    from sparsify.deploy.accelerate.pool import ChannelsLastMaxPool2d, DirectMaxPool2d
     torch.manual_seed(0)
     model = torch.fx.symbolic_trace(torchvision.models.resnet18(num_classes=10).eval())
     x = torch.randn(1, 3, 64, 64)
+    built = direct_available() is None  # the compiled NCHW pool comes with the direct conv's build
+    print("compiled pool available:", built)
+    first, cls = ("direct", DirectMaxPool2d) if built else ("channels-last", ChannelsLastMaxPool2d)
     fast = accelerate(model, x, decide="always")
     row = next(r for r in fast.acceleration.layers if r.name == "maxpool")
-    assert (row.kind, row.path) == ("MaxPool2d 3x3", "channels-last")
-    assert isinstance(fast.get_submodule("maxpool"), ChannelsLastMaxPool2d)
+    assert (row.kind, row.path) == ("MaxPool2d 3x3", first)
+    assert isinstance(fast.get_submodule("maxpool"), cls)
     with torch.no_grad():
         assert torch.allclose(fast(x), model(x), rtol=1e-4, atol=1e-5)
     measured = accelerate(model, x)  # whichever wins, it is timed and listed
     row = next(r for r in measured.acceleration.layers if r.name == "maxpool")
-    assert set(row.times_ms) == {"dense", "channels-last"} and row.path in ("dense", "channels-last")
+    paths = {"dense", "channels-last"} | ({"direct"} if built else set())
+    assert set(row.times_ms) == paths and row.path in paths

@@ -32,6 +32,8 @@ __all__ = ["DirectSparseConv2d", "supports_direct", "direct_available", "EXTENSI
 
 EXTENSION_NAME = "sparsify_direct_conv"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "direct_conv.cpp")
+# built into the same library: the NCHW max pool that networks of direct convs use (pool.py)
+_EXTRA_SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "max_pool.cpp")]
 # -fopenmp: without it _OPENMP is undefined in the ATen headers and at::parallel_for runs its
 # body on the calling thread only. The library then links the libgomp torch already loaded.
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
@@ -49,13 +51,13 @@ def _build() -> None:
     from torch.utils.cpp_extension import load
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "No CUDA runtime is found" and similar, irrelevant here
-        load(name=EXTENSION_NAME, sources=[_SOURCE], extra_cflags=_FLAGS, extra_ldflags=_LDFLAGS,
+        load(name=EXTENSION_NAME, sources=[_SOURCE, *_EXTRA_SOURCES], extra_cflags=_FLAGS, extra_ldflags=_LDFLAGS,
              is_python_module=False, verbose=False)
 
 
 def _op_loaded() -> bool:
     try:
-        return hasattr(torch.ops.sparsify_direct, "conv2d")
+        return all(hasattr(torch.ops.sparsify_direct, op) for op in ("conv2d", "max_pool2d"))
     except (AttributeError, RuntimeError):
         return False
 
