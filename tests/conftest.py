@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -89,3 +90,22 @@ def device(request) -> torch.device:
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device on this machine: the cuda case runs under `make gpu-check` on a GPU")
     return torch.device(request.param)
+
+
+def _compiler_missing() -> str | None:
+    for tool in ("c++", "ninja"):
+        if shutil.which(tool) is None:
+            return f"no {tool} on PATH: the direct sparse conv extension cannot be built here"
+    return None
+
+
+@pytest.fixture(scope="module")
+def built():
+    """The compiled operator (built once per test session, then taken from the build cache).
+    A build that fails where the compiler exists is a failure, not a skip."""
+    why = _compiler_missing()
+    if why:
+        print(why)
+        pytest.skip(why)
+    from sparsify.deploy.accelerate.direct_conv import direct_available
+    assert direct_available() is None, direct_available()

@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -19,7 +18,7 @@ from sparsify.deploy.accelerate import DirectSparseConv2d, accelerate
 from sparsify.deploy.accelerate.fuse import add_operands
 from sparsify.deploy.compare import outputs_close
 
-from test_direct_conv import _close, _sparse_conv, _sparse_resnet, built  # noqa: F401  (fixture)
+from test_direct_conv import _close, _sparse_conv, _sparse_resnet
 
 
 @settings(max_examples=30, deadline=None)

@@ -13,7 +13,6 @@ from torch import nn
 
 from sparsify.deploy.accelerate.pool import DirectMaxPool2d
 
-from test_direct_conv import built  # noqa: F401  (fixture: the compiled library, or a printed skip)
 
 
 @settings(max_examples=60, deadline=None)
