@@ -337,7 +337,7 @@ def test_accelerate_times_the_max_pool_of_an_nchw_network_and_reports_it():
     x = torch.randn(1, 3, 64, 64)
     built = direct_available() is None  # the compiled NCHW pool comes with the direct conv's build
     print("compiled pool available:", built)
-    first, cls = ("direct", DirectMaxPool2d) if built else ("channels-last", ChannelsLastMaxPool2d)
+    first, cls = ("direct-pool", DirectMaxPool2d) if built else ("channels-last", ChannelsLastMaxPool2d)
     fast = accelerate(model, x, decide="always")
     row = next(r for r in fast.acceleration.layers if r.name == "maxpool")
     assert (row.kind, row.path) == ("MaxPool2d 3x3", first)
@@ -346,5 +346,5 @@ def test_accelerate_times_the_max_pool_of_an_nchw_network_and_reports_it():
         assert torch.allclose(fast(x), model(x), rtol=1e-4, atol=1e-5)
     measured = accelerate(model, x)  # whichever wins, it is timed and listed
     row = next(r for r in measured.acceleration.layers if r.name == "maxpool")
-    paths = {"dense", "channels-last"} | ({"direct"} if built else set())
+    paths = {"dense", "channels-last"} | ({"direct-pool"} if built else set())
     assert set(row.times_ms) == paths and row.path in paths

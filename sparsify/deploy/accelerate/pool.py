@@ -112,7 +112,7 @@ def channels_last_pool_pass(model: nn.Module, shapes: dict, decide: str, margin:
         x = torch.randn(shapes[name])
         options = {}  # the first is what decide="always" takes: the direct pool needs no copies
         if DirectMaxPool2d.supports(m) is None and direct_available() is None:
-            options["direct"] = DirectMaxPool2d.from_pool(m)
+            options["direct-pool"] = DirectMaxPool2d.from_pool(m)
         options["channels-last"] = ChannelsLastMaxPool2d.from_pool(m)
         cands = {"dense": lambda: m(x), **{k: (lambda f=f: f(x)) for k, f in options.items()}}
         path, times, reason = choose(cands, decide, margin)
