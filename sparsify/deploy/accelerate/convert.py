@@ -7,7 +7,8 @@ implementations, layer by layer, and check the result against the model it came 
   :class:`SparseLinear` / :class:`SparseConv1x1` (CSR, or BSR when the zeros come in blocks);
 * Conv2d layers (any kernel, stride, dilation, groups) whose weight is at least
   ``min_conv_sparsity`` zeros may become :class:`DirectSparseConv2d` (a compiled direct sparse
-  convolution), with a ReLU that only reads its output fused in;
+  convolution), with a ReLU that only reads its output fused in; path ``direct-b4`` (``-b2``) where
+  groups of 4 (2) output channels share their non-zero positions (``block=[4, 1]`` pruning);
 * each replacement is kept only if it is faster on the layer's real input shape (``decide``);
   everything else stays dense, with eval BatchNorms that follow a conv folded into it
   (``fold_bn``; a masked conv that stays dense then fills its skipped positions with ``BN(0)``,
@@ -225,7 +226,8 @@ def _sparse_linear_pass(model, shapes, decide, margin, min_sparsity, rows, done,
         options = {}
         x = torch.randn(shapes[name])
         if direct_ok:  # the network runs in NCHW unless patch-skipping convs turned it channels-last
-            options["direct"] = DirectSparseConv2d.from_conv(m)
+            direct = DirectSparseConv2d.from_conv(m)  # "direct-b4": with groups of 4 output channels
+            options["direct" + (f"-b{direct.block_size()}" if direct.block_size() > 1 else "")] = direct
         elif is_conv:
             x = x.contiguous(memory_format=torch.channels_last)
         if csr_ok:
@@ -248,6 +250,8 @@ def _sparse_linear_pass(model, shapes, decide, margin, min_sparsity, rows, done,
         path, times, reason = choose(cands, decide, margin)
         if "/" in path:
             reason += f"; {path.split('/')[1]} input rows per sparse call"
+        if path.startswith("direct-b"):
+            reason += f"; {100 * options[path].blocked_fraction():.0f}% of its taps in output channel blocks"
         rows.append(LayerPath(name, kind, path.split("/")[0], reason, sparsity, times))
         if path != "dense":
             set_submodule(model, name, options[path])

@@ -168,16 +168,21 @@ inline void add_taps(float* t, const float* Pj, const int32_t* off, const float*
   for (int r = 0; r < NV; ++r) storeu(t + V * r, a[r]);
 }
 
+#include "direct_block.h"  // the kernel for block-structured weights
 constexpr int64_t OCB = 32;  // output channels whose tiles stay in L1 while a channel block is added
 
 // Adds, for one tile, the taps of output channels ob..oe (their tiles at obuf, T floats apart),
-// input channel block by block (see conv()).
+// input channel block by block (see conv()); grp: the block groups or null (see conv()).
 template <int NV, bool MASKED>
 void add_channel_block(float* obuf, const float* Pj, const int32_t* off, const int32_t* blk, int64_t nb,
-                       const float* val, int64_t ob, int64_t oe, int64_t len) {
+                       const float* val, int64_t ob, int64_t oe, int64_t len, const int32_t* grp) {
   const int64_t stride = nb + 1;
   for (int64_t b = 0; b < nb; ++b)
     for (int64_t o = ob; o < oe; ++o) {
+      if (grp && grp[o] > 1) {  // its channels' tiles are consecutive in obuf
+        o += add_group<NV, MASKED>(obuf + (o - ob) * T, grp[o], Pj, off, val, blk, stride, o, b, len) - 1;
+        continue;
+      }
       const int32_t k0 = blk[o * stride + b], k1 = blk[o * stride + b + 1];
       if (k0 != k1) add_taps<NV, MASKED>(obuf + (o - ob) * T, Pj, off, val, k0, k1, len);
     }
@@ -186,7 +191,7 @@ void add_channel_block(float* obuf, const float* Pj, const int32_t* off, const i
 // The instance for a tile of len outputs: its vectors, and masked where the input is read in
 // place (a copied input has slack to read whole vectors from).
 typedef void (*ChannelBlockFn)(float*, const float*, const int32_t*, const int32_t*, int64_t, const float*, int64_t,
-                               int64_t, int64_t);
+                               int64_t, int64_t, const int32_t*);
 inline ChannelBlockFn channel_block_fn(int64_t len, bool in_place) {
   static const ChannelBlockFn fns[2][4] = {
       {add_channel_block<1, false>, add_channel_block<2, false>, add_channel_block<3, false>,
@@ -212,13 +217,15 @@ struct Part {
 // each) and the input under its units, so splitting the units suits large maps with few taps
 // (early layers, batches), splitting the channels small maps with many taps (late layers).
 // su = -1: choose; else that su (no split when it does not fit).
-std::vector<Part> partition(const int32_t* blk, int64_t nb, const Geometry& g, int64_t nt, int64_t force_su) {
+// grp (may be null): the block groups (see conv()), never split; a tap costs half in a group.
+std::vector<Part> partition(const int32_t* blk, int64_t nb, const Geometry& g, int64_t nt, int64_t force_su,
+                            const int32_t* grp) {
   const int64_t stride = nb + 1, tiles = (g.Ho * g.Wq + T - 1) / T, U = g.N * tiles;
   const double in_bytes = 4.0 * g.N * (g.in_place ? g.C * g.H * g.W : g.image());
-  std::vector<int64_t> cum(g.Cout + 1, 0);  // prefix sums of the channel costs
+  std::vector<int64_t> cum(g.Cout + 1, 0);  // prefix sums of the channel costs (in half taps)
   for (int64_t o = 0; o < g.Cout; ++o) {
-    int64_t c = blk[o * stride + nb] - blk[o * stride] + 4;
-    for (int64_t b = 0; b < nb; ++b) c += 2 * (blk[o * stride + b + 1] > blk[o * stride + b]);
+    int64_t c = (!grp || grp[o] == 1 ? 2 : 1) * (blk[o * stride + nb] - blk[o * stride]) + 8;
+    for (int64_t b = 0; b < nb; ++b) c += 4 * (blk[o * stride + b + 1] > blk[o * stride + b]);
     cum[o + 1] = cum[o] + c;
   }
   auto taps = [&](int64_t o0, int64_t o1) { return o1 > o0 ? blk[(o1 - 1) * stride + nb] - blk[o0 * stride] : 0; };
@@ -236,6 +243,7 @@ std::vector<Part> partition(const int32_t* blk, int64_t nb, const Geometry& g, i
       const double target = double(cum[g.Cout]) * k / sc;
       while (o < g.Cout && cum[o] < target) ++o;
       if (o > ob[k - 1] + 1 && target - cum[o - 1] < cum[o] - target) --o;  // the nearer boundary
+      while (grp && o < g.Cout && grp[o] == 0) --o;  // to the start of its group
       ob[k] = o;
     }
     Candidate c{{}, 0, 0};
@@ -273,14 +281,15 @@ inline int64_t thread_ns() {
 // sorted by channel), so each tile adds one block of input channels at a time to OCB output
 // tiles: the input rows under the tile for that block (a few KB) stay in L1 while they are reused
 // by every output channel, instead of the whole tile column over all channels (tens of KB, L2).
+// grp (null: none): per output channel 4 or 2 where a block group starts (direct_block.h), 1 alone, 0 inside.
 void conv(const float* P, const int32_t* off, const int32_t* blk, int64_t nb, const float* val,
-          const float* bias, const float* res, float* out, const Geometry& g, bool relu) {
+          const float* bias, const float* res, float* out, const Geometry& g, bool relu, const int32_t* grp) {
   const int64_t L = g.Ho * g.Wq, plane = g.Ho * g.Wo, img = g.in_place ? g.C * g.H * g.W : g.image();
   const int64_t tiles = (L + T - 1) / T;
   const bool prof = profiling.load(std::memory_order_relaxed);
   const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
-  std::vector<Part> parts = partition(blk, nb, g, nt, prof ? profile_su.load() : -1);
-  if (parts.empty()) parts = partition(blk, nb, g, nt, -1);  // the forced split does not fit
+  std::vector<Part> parts = partition(blk, nb, g, nt, prof ? profile_su.load() : -1, grp);
+  if (parts.empty()) parts = partition(blk, nb, g, nt, -1, grp);  // the forced split does not fit
   if (prof) {
     part_ns.assign(parts.size(), 0);
     part_thread.assign(parts.size(), -1);
@@ -297,13 +306,14 @@ void conv(const float* P, const int32_t* off, const int32_t* blk, int64_t nb, co
         const int64_t len = std::min(T, L - j0);
         const ChannelBlockFn add_block = channel_block_fn(len, g.in_place);
         const float* Pj = Pn + j0;
-        for (int64_t ob = part.o0; ob < part.o1; ob += OCB) {
-          const int64_t oe = std::min(part.o1, ob + OCB);
+        for (int64_t ob = part.o0, oe; ob < part.o1; ob = oe) {
+          oe = std::min(part.o1, ob + OCB);
+          while (grp && oe < part.o1 && grp[oe] == 0) --oe;  // a group stays in one chunk
           for (int64_t o = ob; o < oe; ++o) {
             const vf b = splat(bias ? bias[o] : 0.f);
             for (int r = 0; r < R; ++r) storeu(obuf + (o - ob) * T + V * r, b);
           }
-          add_block(obuf, Pj, off, blk, nb, val, ob, oe, len);
+          add_block(obuf, Pj, off, blk, nb, val, ob, oe, len, grp);
           for (int64_t o = ob; o < oe; ++o)
             store_tile(obuf + (o - ob) * T, j0, len, outn + o * plane,
                        res ? res + (n * g.Cout + o) * plane : nullptr, relu, g);
@@ -336,13 +346,13 @@ Geometry geometry_of(at::IntArrayRef xs, const at::Tensor& blocks, at::IntArrayR
 // taps x positions computed: whole tiles, as the kernel runs a partial last tile at full width).
 // spatial_groups: -1 as conv2d chooses, else that many unit groups. For measuring the balance.
 at::Tensor direct_partition(const at::Tensor& blocks, at::IntArrayRef x_shape, at::IntArrayRef geometry,
-                            int64_t threads, int64_t spatial_groups) {
+                            int64_t threads, int64_t spatial_groups, const std::optional<at::Tensor>& groups) {
   TORCH_CHECK(x_shape.size() == 4 && threads >= 1, "direct sparse conv partition: a 4-D shape, threads >= 1");
   const Geometry g = geometry_of(x_shape, blocks, geometry);
   const at::Tensor bl = blocks.contiguous();
   const int32_t* blk = bl.data_ptr<int32_t>();
   const int64_t nb = bl.size(1) - 1, L = g.Ho * g.Wq, tiles = (L + T - 1) / T;
-  const std::vector<Part> parts = partition(blk, nb, g, threads, spatial_groups);
+  const std::vector<Part> parts = partition(blk, nb, g, threads, spatial_groups, groups_of(groups, bl));
   TORCH_CHECK(!parts.empty(), "direct sparse conv partition: no split into ", spatial_groups, " unit groups");
   at::Tensor res = at::empty({static_cast<int64_t>(parts.size()), 6}, bl.options().dtype(at::kLong));
   int64_t* r = res.data_ptr<int64_t>();
@@ -377,7 +387,8 @@ at::Tensor direct_profile(bool enable, int64_t spatial_groups) {
 // output before the ReLU (a residual connection), of the output's shape.
 at::Tensor direct_conv2d(const at::Tensor& x_, const at::Tensor& off, const at::Tensor& blocks,
                          const at::Tensor& values, const std::optional<at::Tensor>& bias,
-                         at::IntArrayRef geometry, bool relu, const std::optional<at::Tensor>& residual) {
+                         at::IntArrayRef geometry, bool relu, const std::optional<at::Tensor>& residual,
+                         const std::optional<at::Tensor>& groups) {
   TORCH_CHECK(x_.dim() == 4 && x_.scalar_type() == at::kFloat && x_.device().is_cpu(),
               "direct sparse conv: a 4-D float32 CPU input is needed, got ", x_.sizes(), " ", x_.scalar_type());
   TORCH_CHECK(off.scalar_type() == at::kInt && blocks.scalar_type() == at::kInt && blocks.dim() == 2 &&
@@ -397,6 +408,7 @@ at::Tensor direct_conv2d(const at::Tensor& x_, const at::Tensor& off, const at::
   }
   const at::Tensor bl = blocks.contiguous(), of = off.contiguous(), va = values.contiguous();
   at::Tensor b;
+  const int32_t* grp = groups_of(groups, bl);
   if (bias.has_value() && bias->defined()) b = bias->contiguous().to(at::kFloat);
   at::Tensor r;
   if (residual.has_value() && residual->defined()) {
@@ -408,7 +420,7 @@ at::Tensor direct_conv2d(const at::Tensor& x_, const at::Tensor& off, const at::
   }
   conv(P, of.data_ptr<int32_t>(), bl.data_ptr<int32_t>(), bl.size(1) - 1, va.data_ptr<float>(),
        b.defined() ? b.data_ptr<float>() : nullptr, r.defined() ? r.data_ptr<float>() : nullptr,
-       out.data_ptr<float>(), g, relu);
+       out.data_ptr<float>(), g, relu, grp);
   return out;
 }
 
@@ -416,8 +428,8 @@ at::Tensor direct_conv2d(const at::Tensor& x_, const at::Tensor& off, const at::
 
 TORCH_LIBRARY(sparsify_direct, m) {
   m.def("conv2d(Tensor x, Tensor offsets, Tensor blocks, Tensor values, Tensor? bias, int[] geometry, "
-        "bool relu, Tensor? residual=None) -> Tensor", &direct_conv2d);
-  m.def("partition(Tensor blocks, int[] x_shape, int[] geometry, int threads, int spatial_groups) -> Tensor",
-        &direct_partition);
+        "bool relu, Tensor? residual=None, Tensor? groups=None) -> Tensor", &direct_conv2d);
+  m.def("partition(Tensor blocks, int[] x_shape, int[] geometry, int threads, int spatial_groups, "
+        "Tensor? groups=None) -> Tensor", &direct_partition);
   m.def("profile(bool enable, int spatial_groups=-1) -> Tensor", &direct_profile);
 }

@@ -112,6 +112,11 @@ class DirectSparseConv2d(nn.Module):
     ``values`` (float32, nnz), ``bias`` (or None). The per-input-size plan (tap offsets in the
     padded, phase-split input) is derived on first use and not saved. ``relu`` applies a ReLU to
     the output in the same pass; ``forward(x, residual)`` adds a residual connection before it.
+
+    Block-structured weights: aligned groups of 4 (else 2) consecutive output channels whose taps
+    sit at the same positions (magnitude pruning with ``block=[4, 1]``) are found from the taps
+    and computed together, each input vector loaded once for the group (:meth:`block_groups`;
+    ``use_blocks = False`` turns it off). Other channels run one by one, the results are the same.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, stride=1, padding=0, dilation=1,
@@ -133,6 +138,8 @@ class DirectSparseConv2d(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self._plan = None  # ((H, W, taps version), offsets, geometry)
         self._dense = None  # (key, dense weight) for the fallback, built on demand
+        self._groups = None  # (taps key, block groups or None)
+        self.use_blocks = True
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, relu: bool = False) -> "DirectSparseConv2d":
@@ -143,11 +150,52 @@ class DirectSparseConv2d(nn.Module):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_plan"], state["_dense"] = None, None
+        state["_plan"], state["_dense"], state["_groups"] = None, None, None
         return state
 
     def nnz(self) -> int:
         return self.values.numel()
+
+    def block_groups(self) -> torch.Tensor | None:
+        """Per output channel (int32): 4 or 2 where an aligned group of that many consecutive
+        channels with identical taps (input channel, ky, kx) starts, 0 inside such a group, 1 for a
+        channel computed on its own; None when no group has a tap (or ``use_blocks`` is off).
+
+        >>> w = torch.zeros(6, 2, 3, 3); w[:4, 0, 1, 1] = 1.0; w[4, 1, 0, 0] = 2.0
+        >>> DirectSparseConv2d(w, None).block_groups().tolist()
+        [4, 0, 0, 0, 1, 1]
+        """
+        if not self.use_blocks:
+            return None
+        key = (self.taps.data_ptr(), self.taps._version, self.rowptr.data_ptr(), self.rowptr._version)
+        if self._groups is None or self._groups[0] != key:
+            self._groups = (key, _find_groups(self.rowptr.long(), self.taps))
+        return self._groups[1]
+
+    def block_size(self) -> int:
+        """The largest output-channel group the kernel runs together (1: none).
+
+        >>> w = torch.zeros(4, 1, 3, 3); w[:, 0, 1] = 1.0
+        >>> DirectSparseConv2d(w, None).block_size()
+        4
+        """
+        g = self.block_groups()
+        return 1 if g is None else int(g.max())
+
+    def blocked_fraction(self) -> float:
+        """The share of the taps that run in block groups (0.0 without groups).
+
+        >>> w = torch.zeros(6, 1, 3, 3); w[:4, 0, 1] = 1.0; w[4, 0, 0, 0] = 1.0
+        >>> DirectSparseConv2d(w, None).blocked_fraction()
+        0.9230769230769231
+        """
+        g = self.block_groups()
+        if g is None or not self.nnz():
+            return 0.0
+        counts = (self.rowptr[1:] - self.rowptr[:-1]).long()
+        start = torch.cummax(torch.where(g != 0, torch.arange(g.numel()), 0), 0).values  # each channel's group
+        member = g.long()[start] > 1
+        return float(counts[member].sum()) / self.nnz()
 
     def dense_weight(self) -> torch.Tensor:
         """The (out, in / groups, kh, kw) weight these taps came from."""
@@ -200,9 +248,11 @@ class DirectSparseConv2d(nn.Module):
             return self._dense_forward(x, residual)
         off, blocks, geometry = self.plan(x.shape[2], x.shape[3])
         if residual is not None and not self._fusable(residual, x.shape[0], geometry):
-            y = torch.ops.sparsify_direct.conv2d(x, off, blocks, self.values, self.bias, geometry, False)
+            y = torch.ops.sparsify_direct.conv2d(x, off, blocks, self.values, self.bias, geometry, False, None,
+                                                 self.block_groups())
             return self._epilogue(y, residual)
-        return torch.ops.sparsify_direct.conv2d(x, off, blocks, self.values, self.bias, geometry, self.relu, residual)
+        return torch.ops.sparsify_direct.conv2d(x, off, blocks, self.values, self.bias, geometry, self.relu,
+                                                residual, self.block_groups())
 
     def _fusable(self, residual: torch.Tensor, n: int, geometry: list[int]) -> bool:
         """Whether the kernel can add ``residual`` itself (else the add runs in torch, broadcast
@@ -230,7 +280,8 @@ class DirectSparseConv2d(nn.Module):
         (torch.Size([2, 6]), True)
         """
         _, blocks, geometry = self.plan(int(shape[2]), int(shape[3]))
-        return torch.ops.sparsify_direct.partition(blocks, list(shape), geometry, threads, spatial_groups)
+        return torch.ops.sparsify_direct.partition(blocks, list(shape), geometry, threads, spatial_groups,
+                                                   self.block_groups())
 
     def _dense_forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         key = tuple((t.data_ptr(), t._version) for t in (self.taps, self.values, self.rowptr)) + (x.dtype,)
@@ -244,4 +295,33 @@ class DirectSparseConv2d(nn.Module):
         total = self.out_channels * (self.in_channels // self.groups) * self.kernel_size[0] * self.kernel_size[1]
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}"
-                + (", relu=True" if self.relu else "") + f", stored density={self.nnz() / max(total, 1):.3f}")
+                + (", relu=True" if self.relu else "") + f", stored density={self.nnz() / max(total, 1):.3f}"
+                + (f", blocks of {self.block_size()} channels" if self.block_size() > 1 else ""))
+
+
+def _find_groups(rowptr: torch.Tensor, taps: torch.Tensor) -> torch.Tensor | None:
+    """:meth:`DirectSparseConv2d.block_groups` from the CSR rows: groups of 4 first, then pairs
+    among the channels left (both aligned to their size)."""
+    cout = rowptr.numel() - 1
+    counts = rowptr[1:] - rowptr[:-1]
+    o = torch.repeat_interleave(torch.arange(cout), counts)
+    taps = taps[:o.numel()]
+    groups = torch.ones(cout, dtype=torch.int32)
+    for bo in (4, 2):
+        ng = cout // bo
+        if ng == 0:
+            continue
+        free = (groups[:ng * bo] == 1).view(ng, bo).all(1)
+        c = counts[:ng * bo].view(ng, bo)
+        ok = free & (c == c[:, :1]).all(1) & (c[:, 0] > 0)
+        inside = o < ng * bo  # taps of channels that could be in a group
+        first = (o[inside] // bo) * bo
+        pos = torch.arange(o.numel())[inside] - rowptr[o[inside]]
+        ref = (rowptr[first] + pos).clamp(max=max(o.numel() - 1, 0))  # equal counts: the first channel's tap
+        differ = (taps[inside] != taps[ref]).any(1)
+        ok &= torch.zeros(ng, dtype=torch.long).index_add_(0, o[inside] // bo, differ.long()) == 0
+        starts = torch.nonzero(ok).flatten() * bo
+        if starts.numel():
+            groups[(starts.unsqueeze(1) + torch.arange(bo)).flatten()] = 0
+            groups[starts] = bo
+    return groups if bool((groups > 1).any()) else None
