@@ -54,6 +54,11 @@ RUNS += [("dense 2x params", None, {}, ["--width", "1.41"])]
 RUNS += [(f"tl1 lam={lam}", "tl1", {"lam": lam}, []) for lam in (0.3, 0.5)]
 DUALS = ["dual"] + [f"dual {round(100 * sp)}% lam=0.1" for sp in (0.8, 0.9)]
 RUNS += [(k, "dual", {"sparsity": sp, "lam": 0.1}, []) for k, sp in zip(DUALS[1:], (0.8, 0.9))]
+# GMP pruning whole blocks of 4 (or 2) output channels x 1 input weight, the blocks the direct sparse
+# conv runs faster (docs/performance.md); with [4, 1] conv1 (6 outputs) and fc3 (10) stay dense
+BLOCKS = [(f"gmp {round(100 * s)}% block {bo}x1", "gmp", {"sparsity": s, "block": [bo, 1]}, [])
+          for bo in (4, 2) for s in (0.9, 0.95)]
+RUNS += BLOCKS
 
 # LeNet-300-100, the classic MNIST pruning benchmark (Han et al. 2015): labels start with "lenet300 "
 DS300 = "mnist10-lenet300"
