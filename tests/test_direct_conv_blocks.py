@@ -162,9 +162,9 @@ def test_the_operator_refuses_groups_whose_channels_differ(built):
     x = torch.randn(1, 8, 9, 9)
     bad = torch.tensor([4, 0, 0, 0, 1, 1, 1, 1], dtype=torch.int32)
     with pytest.raises(RuntimeError, match="have different taps"):
-        torch.ops.sparsify_direct.conv2d(x, off, blocks, fast.values, fast.bias, geometry, False, bad)
+        torch.ops.sparsify_direct.conv2d(x, off, blocks, fast.values, fast.bias, geometry, False, None, bad)
     with pytest.raises(RuntimeError, match="bad group size"):
-        torch.ops.sparsify_direct.conv2d(x, off, blocks, fast.values, fast.bias, geometry, False,
+        torch.ops.sparsify_direct.conv2d(x, off, blocks, fast.values, fast.bias, geometry, False, None,
                                          torch.tensor([3, 0, 0, 1, 1, 1, 1, 1], dtype=torch.int32))
 
 
