@@ -15,21 +15,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import sparsify
-from sparsify.deploy.accelerate import DirectSparseConv2d, accelerate, direct_conv
+from sparsify.deploy.accelerate import DirectSparseConv2d, accelerate
 from sparsify.deploy.compare import outputs_close
 
 from loops import run_steps
-from test_direct_conv import _close, _compiler_missing
-
-
-@pytest.fixture(scope="module")
-def built():
-    """The compiled operator; a build that fails where the compiler exists is a failure."""
-    why = _compiler_missing()
-    if why:
-        print(why)
-        pytest.skip(why)
-    assert direct_conv.direct_available() is None, direct_conv.direct_available()
+from test_direct_conv import _close
 
 
 @pytest.fixture
