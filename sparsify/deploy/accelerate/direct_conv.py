@@ -69,9 +69,10 @@ def direct_available() -> str | None:
     >>> direct_available() is None or isinstance(direct_available(), str)
     True
     """
+    if _state["tried"]:  # settled: every forward asks, so no lock once the answer is known
+        return _state["why"]
     with _lock:
         if not _state["tried"]:
-            _state["tried"] = True
             if os.environ.get("SPARSIFY_DIRECT_CONV", "1") == "0":
                 _state["why"] = "disabled by SPARSIFY_DIRECT_CONV=0"
             else:
@@ -84,6 +85,7 @@ def direct_available() -> str | None:
                     _state["why"] = f"the direct sparse conv extension could not be built ({first})"
                     warnings.warn(f"{_state['why']}; weight-sparse convs stay dense. It needs a C++ compiler "
                                   f"(g++) and ninja; see docs/deployment.md", RuntimeWarning, stacklevel=2)
+            _state["tried"] = True  # last: a caller that skips the lock must see the final answer
         return _state["why"]
 
 
@@ -136,7 +138,7 @@ class DirectSparseConv2d(nn.Module):
         counts = torch.bincount(o, minlength=self.out_channels)
         self.register_buffer("rowptr", torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32))
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        self._plan = None  # ((H, W, taps version), offsets, geometry)
+        self._plan = None  # ((H, W, taps, taps version), offsets, blocks, geometry)
         self._dense = None  # (key, dense weight) for the fallback, built on demand
         self._groups = None  # (taps key, block groups or None)
         self.use_blocks = True
@@ -167,9 +169,11 @@ class DirectSparseConv2d(nn.Module):
         """
         if not self.use_blocks:
             return None
-        key = (self.taps.data_ptr(), self.taps._version, self.rowptr.data_ptr(), self.rowptr._version)
-        if self._groups is None or self._groups[0] != key:
-            self._groups = (key, _find_groups(self.rowptr.long(), self.taps))
+        taps, rowptr, cached = self.taps, self.rowptr, self._groups  # per forward: identity tests only
+        if cached is not None and cached[0][0] is taps and cached[0][1] == taps._version \
+                and cached[0][2] is rowptr and cached[0][3] == rowptr._version:
+            return cached[1]
+        self._groups = ((taps, taps._version, rowptr, rowptr._version), _find_groups(rowptr.long(), taps))
         return self._groups[1]
 
     def block_size(self) -> int:
@@ -210,9 +214,10 @@ class DirectSparseConv2d(nn.Module):
         """Tap offsets into one image of the padded, phase-split input, the (out, blocks + 1)
         first tap of each output channel per input channel block, and the geometry list the
         operator takes, for an ``h`` x ``w`` input (cached for the last size)."""
-        key = (h, w, self.taps.data_ptr(), self.taps._version)
-        if self._plan is not None and self._plan[0] == key:
-            return self._plan[1], self._plan[2], self._plan[3]
+        plan, taps = self._plan, self.taps  # asked on every forward: no tensor comparisons
+        if plan is not None and plan[0][:2] == (h, w) and plan[0][2] is taps and plan[0][3] == taps._version:
+            return plan[1], plan[2], plan[3]
+        key = (h, w, taps, taps._version)  # the tensor itself (not its id): a new one never matches
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
         ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         if ho <= 0 or wo <= 0:
