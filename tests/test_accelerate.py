@@ -348,3 +348,11 @@ def test_accelerate_times_the_max_pool_of_an_nchw_network_and_reports_it():
     row = next(r for r in measured.acceleration.layers if r.name == "maxpool")
     paths = {"dense", "channels-last"} | ({"direct-pool"} if built else set())
     assert set(row.times_ms) == paths and row.path in paths
+
+
+def test_accelerate_refuses_a_model_off_the_cpu_in_one_line():
+    lin = nn.Sequential(nn.Linear(8, 8, device="meta"))  # any non-CPU device: meta runs everywhere
+    with pytest.raises(ValueError, match=r"on meta: call it on model\.cpu\(\)"):
+        accelerate(lin, torch.randn(2, 8), decide="always")
+    with pytest.raises(ValueError, match="on meta"):
+        accelerate(nn.Sequential(nn.Linear(8, 8)), torch.randn(2, 8, device="meta"), decide="always")

@@ -286,6 +286,11 @@ def accelerate(model: nn.Module, example_inputs, *, decide: str = "measure", min
     from sparsify.deploy.compare import outputs_close
 
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    elsewhere = sorted({str(t.device) for t in (*model.parameters(), *model.buffers(), *inputs)
+                        if isinstance(t, torch.Tensor) and t.device.type != "cpu"})
+    if elsewhere:  # candidates are built and timed on CPU tensors: a GPU model would fail deep inside
+        raise ValueError(f"accelerate() builds CPU inference layers, but the model or its example inputs are on "
+                         f"{', '.join(elsewhere)}: call it on model.cpu() with CPU inputs")
     model.eval()
     out = copy.deepcopy(model).eval()
     shapes = _record_inputs(out, inputs)
