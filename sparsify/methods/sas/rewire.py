@@ -33,12 +33,19 @@ def _module(gm: fx.GraphModule, node: fx.Node):
     return gm.get_submodule(node.target) if node.op == "call_module" else None
 
 
-def _fn_name(node: fx.Node) -> str | None:
+def _raw_name(node: fx.Node) -> str | None:
+    """The called function's or method's name; an aten op (a graph captured with torch.export)
+    by its name without the overload (``aten.mean.dim`` -> ``mean``)."""
     if node.op == "call_function":
-        return getattr(node.target, "__name__", "").strip("_")
+        return getattr(getattr(node.target, "overloadpacket", node.target), "__name__", "")
     if node.op == "call_method":
         return str(node.target)
     return None
+
+
+def _fn_name(node: fx.Node) -> str | None:
+    name = _raw_name(node)
+    return name.strip("_") if node.op == "call_function" else name
 
 
 def is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -70,8 +77,8 @@ def _pass_through(gm: fx.GraphModule, node: fx.Node, through_average: bool) -> s
             return "exact"
         return "average" if through_average and isinstance(mod, _AVERAGE_MODULES) else None
     name = _fn_name(node)
-    if name is None or str(node.target).endswith("_") or node.kwargs.get("return_indices") or \
-            node.kwargs.get("inplace"):
+    if name is None or _raw_name(node).endswith("_") or node.kwargs.get("return_indices") or \
+            node.kwargs.get("inplace"):  # an in-place op changes its input, which the relu also feeds
         return None
     if name in _EXACT_OPS:
         return "exact"
