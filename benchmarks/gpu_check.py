@@ -90,6 +90,18 @@ def _close(a: float, b: float, rtol: float) -> bool:
     return abs(a - b) <= rtol * max(abs(b), 1e-3)
 
 
+def _equal(a, b) -> bool:
+    """Exact equality of state: tensors, and the dicts / lists holding them (a method's extra
+    state, e.g. semi-structured's frozen maps)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return bool(a == b)
+
+
 def check_recipe(name, make, batch, size, recipe, device, steps, cpu_train: bool) -> dict:
     """One (model, recipe) correctness check; see the module docstring."""
     row = {"model": name, "recipe": recipe}
@@ -106,8 +118,9 @@ def check_recipe(name, make, batch, size, recipe, device, steps, cpu_train: bool
     ref = build("cpu")
     gpu = build(device)
     ref.train()
-    with torch.no_grad():
-        first_cpu = float(F.cross_entropy(ref(batches[0][0]), batches[0][1]) + sparsify.penalty(ref))
+    # with autograd on: activation regularizers record their penalty only in a training forward
+    # (sparsify.penalty then hands it over and clears it, so the CPU run below starts afresh)
+    first_cpu = float((F.cross_entropy(ref(batches[0][0]), batches[0][1]) + sparsify.penalty(ref)).detach())
     # bf16 autocast on the GPU; the CPU dry run checks the script, in float32 (CPU bf16 is slow)
     losses = _train(gpu, [(x.to(device), y.to(device)) for x, y in batches], device, amp=device.type == "cuda")
     row["losses"] = losses
@@ -130,8 +143,7 @@ def check_recipe(name, make, batch, size, recipe, device, steps, cpu_train: bool
     fresh = build(device)
     fresh.load_state_dict(gpu.state_dict())
     fresh.eval()
-    same = all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
-               for a, b in zip(fresh.state_dict().values(), gpu.state_dict().values()))
+    same = _equal(fresh.state_dict(), gpu.state_dict())
     with torch.no_grad():
         if not same or not torch.allclose(fresh(x), expected, rtol=1e-5, atol=1e-6):
             problems.append("state_dict round trip changed the state or the outputs")

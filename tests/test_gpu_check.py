@@ -27,6 +27,15 @@ def test_dry_run_writes_the_summaries(tmp_path):
         assert heading in md
 
 
+def test_dry_run_passes_every_recipe(tmp_path):
+    # the check itself must hold for every method (a penalty read without autograd, a method's
+    # extra state in the round trip), or the GPU run reports failures that are the script's own
+    rc = gpu_check.main(["--out", str(tmp_path), "--dry-run", "--models", "resnet18", "--skip-bench"])
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [r["recipe"] for r in result["correctness"] if not r["ok"]] == [], result["correctness"]
+    assert rc == 0 and len(result["correctness"]) == len(gpu_check.sparsify.builtin_recipes())
+
+
 def test_a_failing_check_is_reported_and_fails_the_run(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check, "LOSS_RTOL", -1.0)  # no loss can agree
     rc = gpu_check.main(["--out", str(tmp_path), "--dry-run", "--recipes", "gmp", "--skip-bench",
