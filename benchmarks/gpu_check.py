@@ -19,7 +19,6 @@ on ResNet-50 (batch 128, bf16 autocast, channels_last) and ViT-B/16 (batch 64, b
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
