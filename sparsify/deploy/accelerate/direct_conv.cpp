@@ -283,7 +283,7 @@ Geometry geometry_of(at::IntArrayRef xs, const at::Tensor& blocks, at::IntArrayR
 
 // The split conv2d makes for `threads` threads on an input of shape x_shape, one row per thread:
 // (first unit, end unit, first output channel, end output channel, taps x output positions,
-// taps x positions computed: whole tiles, as the kernel runs a partial last tile at full width).
+// taps x positions computed: whole vectors, as the kernel runs a partial last vector at full width).
 // spatial_groups: -1 as conv2d chooses, else that many unit groups. For measuring the balance.
 at::Tensor direct_partition(const at::Tensor& blocks, at::IntArrayRef x_shape, at::IntArrayRef geometry,
                             int64_t threads, int64_t spatial_groups, const std::optional<at::Tensor>& groups) {
@@ -297,10 +297,13 @@ at::Tensor direct_partition(const at::Tensor& blocks, at::IntArrayRef x_shape, a
   at::Tensor res = at::empty({static_cast<int64_t>(parts.size()), 6}, bl.options().dtype(at::kLong));
   int64_t* r = res.data_ptr<int64_t>();
   for (const Part& p : parts) {
-    int64_t positions = 0;
-    for (int64_t u = p.u0; u < p.u1; ++u) positions += std::min(T, L - (u % tiles) * T);
+    int64_t positions = 0, computed = 0;
+    for (int64_t u = p.u0; u < p.u1; ++u) {
+      positions += std::min(T, L - (u % tiles) * T);
+      computed += V * tile_vectors(L, u % tiles);
+    }
     const int64_t taps = p.o1 > p.o0 ? blk[(p.o1 - 1) * (nb + 1) + nb] - blk[p.o0 * (nb + 1)] : 0;
-    *r++ = p.u0; *r++ = p.u1; *r++ = p.o0; *r++ = p.o1; *r++ = positions * taps; *r++ = (p.u1 - p.u0) * T * taps;
+    *r++ = p.u0; *r++ = p.u1; *r++ = p.o0; *r++ = p.o1; *r++ = positions * taps; *r++ = computed * taps;
   }
   return res;
 }

@@ -275,8 +275,8 @@ class DirectSparseConv2d(nn.Module):
         """How the kernel splits an input of ``shape`` (N, C, H, W) over ``threads`` threads: one
         int64 row per thread: first unit, end unit, first out channel, end out channel, work,
         computed work. A unit is one image's tile of 64 output positions (in rows of the padded
-        width), work = taps x output positions, computed work = taps x 64 x units (a partial last
-        tile costs a whole one). ``spatial_groups``: force that many unit groups (-1: the kernel's
+        width), work = taps x output positions, computed work = taps x the positions of the vectors
+        computed (a partial last vector costs a whole one). ``spatial_groups``: force that many unit groups (-1: the kernel's
         choice). Needs the compiled operator.
 
         >>> conv = torch.nn.Conv2d(8, 8, 3, padding=1)

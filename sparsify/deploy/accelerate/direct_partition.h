@@ -2,6 +2,10 @@
 // direct_conv.cpp inside its anonymous namespace, after Geometry and the tile constants (T).
 #pragma once
 
+// Vectors tile `tile` of a plane of L outputs (row pitch included) computes: a plane's last tile
+// runs only the vectors its outputs fill.
+inline int64_t tile_vectors(int64_t L, int64_t tile) { return (std::min(T, L - tile * T) + V - 1) / V; }
+
 // One thread's share: the work units (image n, tile) u0..u1 (unit u = n * tiles + tile) times
 // the output channels o0..o1.
 struct Part {
@@ -9,7 +13,7 @@ struct Part {
 };
 
 // Splits the units into su groups and the output channels into nt / su groups (su divides nt).
-// Units cost the same (a partial last tile still runs whole vectors); an output channel costs
+// A unit costs the vectors its tile computes (a plane's last tile may run fewer); an output channel costs
 // its taps plus, per tile, what is paid once per channel (bias, ReLU, store: ~4 taps) and per
 // non-empty channel block (~2 taps: reloading and storing the tile's accumulators). Among the
 // splits whose busiest thread has at most 3% more work than the best one's, the one whose
@@ -20,7 +24,14 @@ struct Part {
 // grp (may be null): the block groups (see conv()), never split; a tap costs half in a group.
 std::vector<Part> partition(const int32_t* blk, int64_t nb, const Geometry& g, int64_t nt, int64_t force_su,
                             const int32_t* grp) {
-  const int64_t stride = nb + 1, tiles = (g.Ho * g.Wq + T - 1) / T, U = g.N * tiles;
+  const int64_t stride = nb + 1, L = g.Ho * g.Wq, tiles = (L + T - 1) / T, U = g.N * tiles;
+  std::vector<int64_t> ucum(U + 1, 0);  // prefix sums of the units' costs: the vectors they compute
+  for (int64_t u = 0; u < U; ++u) ucum[u + 1] = ucum[u] + tile_vectors(L, u % tiles);
+  auto unit_bound = [&](int64_t i, int64_t su) {  // the unit where group i of su starts (cost-balanced)
+    const double target = double(ucum[U]) * i / su;
+    int64_t u = std::lower_bound(ucum.begin(), ucum.end(), static_cast<int64_t>(target + 0.5)) - ucum.begin();
+    return std::min<int64_t>(U - (su - i), std::max<int64_t>(u, i));  // every group keeps a unit
+  };
   const double in_bytes = 4.0 * g.N * (g.in_place ? g.C * g.H * g.W : g.image());
   std::vector<int64_t> cum(g.Cout + 1, 0);  // prefix sums of the channel costs (in half taps)
   for (int64_t o = 0; o < g.Cout; ++o) {
@@ -49,8 +60,8 @@ std::vector<Part> partition(const int32_t* blk, int64_t nb, const Geometry& g, i
     Candidate c{{}, 0, 0};
     for (int64_t i = 0; i < su; ++i)
       for (int64_t k = 0; k < sc; ++k) {
-        const Part p{U * i / su, U * (i + 1) / su, ob[k], ob[k + 1]};
-        c.work = std::max(c.work, double(p.u1 - p.u0) * double(cum[p.o1] - cum[p.o0]));
+        const Part p{unit_bound(i, su), unit_bound(i + 1, su), ob[k], ob[k + 1]};
+        c.work = std::max(c.work, double(ucum[p.u1] - ucum[p.u0]) * double(cum[p.o1] - cum[p.o0]));
         c.bytes = std::max(c.bytes, 8.0 * taps(p.o0, p.o1) + in_bytes * (p.u1 - p.u0) / U);
         c.parts.push_back(p);
       }
