@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from sparsify.deploy.accelerate import DirectSparseConv2d, accelerate
-from sparsify.deploy.accelerate import direct_conv
+from sparsify.deploy.accelerate import extension
 from sparsify.deploy.compare import outputs_close
 
 
@@ -163,15 +163,15 @@ def test_direct_conv_falls_back_to_dense_with_one_warning_when_it_cannot_be_buil
     def no_compiler():
         raise RuntimeError("simulated: c++: command not found")
 
-    monkeypatch.setattr(direct_conv, "_build", no_compiler)
-    monkeypatch.setattr(direct_conv, "_op_loaded", lambda: False)
-    monkeypatch.setattr(direct_conv, "_state", {"tried": False, "why": None})
+    monkeypatch.setattr(extension, "_build", no_compiler)
+    monkeypatch.setattr(extension, "_op_loaded", lambda: False)
+    monkeypatch.setattr(extension, "_state", {"tried": False, "why": None})
     with pytest.warns(RuntimeWarning, match="could not be built.*c\\+\\+: command not found.*stay dense"):
-        why = direct_conv.direct_available()
+        why = extension.direct_available()
     assert "simulated" in why
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once: later calls are quiet
-        assert direct_conv.direct_available() == why
+        assert extension.direct_available() == why
         model = nn.Sequential(_sparse_conv(4, 8, 3, 1, 1, 1, 1, 0.9), nn.ReLU())
         x = torch.randn(1, 4, 12, 12)
         fast = accelerate(model, x, decide="always")

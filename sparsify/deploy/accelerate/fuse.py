@@ -45,14 +45,30 @@ def _single_call(gm: fx.GraphModule, node: fx.Node) -> bool:
     return sum(n.op == "call_module" and n.target == node.target for n in gm.graph.nodes) == 1
 
 
-def fuse_residual_pass(model, rows) -> None:
-    """``conv(x) + y`` -> ``conv(x, y)`` where the add is the conv output's only reader and ``y``
-    is another value (an in-place add only where it updates the conv's output)."""
+def _fusion_pass(model, rows, fuse, note: str) -> None:
+    """Run ``fuse(gm, node, erased) -> bool`` on every call of a direct sparse conv that has no
+    ReLU yet, and add ``note`` to the report row of every conv it fused something into."""
     fused = set()
 
     def rewrite(prefix, gm, node, erased) -> bool:
         conv = gm.get_submodule(node.target)
-        if not isinstance(conv, DirectSparseConv2d) or conv.relu or len(node.args) != 1 or node.kwargs:
+        if not isinstance(conv, DirectSparseConv2d) or conv.relu or not fuse(gm, node, erased):
+            return False
+        fused.add(qual(prefix, str(node.target)))
+        return True
+
+    rewrite_graphs(model, rewrite)
+    for r in rows:
+        if r.name in fused:
+            r.reason += note
+
+
+def fuse_residual_pass(model, rows) -> None:
+    """``conv(x) + y`` -> ``conv(x, y)`` where the add is the conv output's only reader and ``y``
+    is another value (an in-place add only where it updates the conv's output)."""
+
+    def fuse(gm, node, erased) -> bool:
+        if len(node.args) != 1 or node.kwargs:
             return False
         add = only_user(node)
         operands = None if add is None else add_operands(add)
@@ -67,34 +83,22 @@ def fuse_residual_pass(model, rows) -> None:
         replace_uses(add, new)
         erase(gm, add, erased, new)
         erase(gm, node, erased, keep_module=True)  # the new call uses the same module
-        fused.add(qual(prefix, str(node.target)))
         return True
 
-    rewrite_graphs(model, rewrite)
-    for r in rows:
-        if r.name in fused:
-            r.reason += "; residual add fused"
+    _fusion_pass(model, rows, fuse, "; residual add fused")
 
 
 def fuse_relu_pass(model, rows) -> None:
     """A ReLU that is the only reader of a direct sparse conv's output is applied in its pass."""
-    fused = set()
 
-    def rewrite(prefix, gm, node, erased) -> bool:
-        conv = gm.get_submodule(node.target)
-        if not isinstance(conv, DirectSparseConv2d) or conv.relu:
-            return False
+    def fuse(gm, node, erased) -> bool:
         relu_node = only_user(node)
         if relu_node is None or not is_relu(gm, relu_node) or relu_node.args[0] is not node:
             return False
         if not _single_call(gm, node):
             return False
-        conv.relu = True
+        gm.get_submodule(node.target).relu = True
         erase(gm, relu_node, erased, node, keep_module=True)  # the ReLU module may serve other nodes
-        fused.add(qual(prefix, str(node.target)))
         return True
 
-    rewrite_graphs(model, rewrite)
-    for r in rows:
-        if r.name in fused:
-            r.reason += "; ReLU fused"
+    _fusion_pass(model, rows, fuse, "; ReLU fused")

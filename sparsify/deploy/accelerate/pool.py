@@ -19,7 +19,7 @@ from torch import nn
 
 from passes import set_submodule
 
-from sparsify.deploy.accelerate.direct_conv import direct_available
+from sparsify.deploy.accelerate.extension import direct_available
 from sparsify.deploy.accelerate.select import LayerPath, choose
 
 __all__ = ["ChannelsLastMaxPool2d", "DirectMaxPool2d", "channels_last_pool_pass"]
