@@ -48,7 +48,7 @@ RUNS = [
     ("sas (M=2)", "sas", {}, []),
     ("dense 2x wide", None, {}, ["--width", "2"]),
     ("tl1", "tl1", {}, []),
-    ("tl1 lam=0.1", "tl1", {"lam": 0.1}, []),
+    ("tl1 lam=0.01", "tl1", {"lam": 0.01}, []),
     ("dual", "dual", {}, []),
     ("semi-structured 0.1", "semi-structured", {"sparsity": 0.1}, []),
     ("semi-structured 0.2", "semi-structured", {"sparsity": 0.2}, []),
@@ -225,9 +225,11 @@ def comparisons(s: dict, ds: str) -> list[str]:
         d2 = acc("dense lr=0.02")
         diff = acc("sas (M=2) lr=0.02") - d2
         out.append(
-            f"**SAS at lr 0.02.** At the default lr 0.05, SAS-LeNet-5 (no BatchNorm) diverged "
-            f"(accuracy {pct(acc('sas (M=2)'))}, NaN loss in the first epoch), while dense LeNet-5 trained; "
-            f"presumably the doubled input weights make the net less stable at that step size (not investigated further). At lr 0.02 SAS (M=2) "
+            "**SAS at lr 0.02.** " + (
+                f"At the default lr 0.05, SAS-LeNet-5 (no BatchNorm) diverged (accuracy {pct(acc('sas (M=2)'))}), "
+                "while dense LeNet-5 trained. " if acc("sas (M=2)") is not None and acc("sas (M=2)") < 0.5 else
+                f"At the default lr 0.05 SAS-LeNet-5 trained ({pct(acc('sas (M=2)'))}); the lower rate is kept "
+                "as a second point. ") + f"At lr 0.02 SAS (M=2) "
             f"reaches {pct(acc('sas (M=2) lr=0.02'))} vs dense {pct(d2)} ({pp(diff)}) at equal non-zero MACs. "
             + verdict(diff, ["sas (M=2) lr=0.02", "dense lr=0.02"],
                       "The gain over dense agrees with the paper's direction.",
@@ -259,21 +261,20 @@ def comparisons(s: dict, ds: str) -> list[str]:
                 "SAS is below dense here, which disagrees with the paper.")
             + (f" SAS with M=4: {pp(delta('sas (M=4)'))} vs dense." if "sas (M=4)" in s else ""))
     if "tl1" in s:
-        g = act("tl1") - act("dense")
-        g2 = act("tl1 lam=0.1") - act("dense") if "tl1 lam=0.1" in s else None
+        lams = [("the default λ = 0.1", "tl1"), ("λ = 0.01", "tl1 lam=0.01")]
+        gains = [(name, k, act(k) - act("dense")) for name, k in lams if k in s]
+        best = max(g for _, _, g in gains)
         out.append(
             f"**Transformed-ℓ1.** The paper reports +44.04% activation sparsity for LeNet-5 on MNIST. Dense "
-            f"activation sparsity here is {pct(act('dense'))}; the default tl1 recipe adds {100 * g:+.2f} points "
-            f"({pp(delta('tl1'))} accuracy)" + (f", λ = 0.1 adds {100 * g2:+.2f} points ({pp(delta('tl1 lam=0.1'))} "
-                                                f"accuracy)" if g2 is not None else "")
-            + f" (relative to dense: {100 * g / act('dense'):+.1f}%"
-            + (f" and {100 * g2 / act('dense'):+.1f}%" if g2 is not None else "") + ")"
-            + ". " + (
-                "Both are below the paper's +44.04%, whether that figure is read as points or as a relative "
-                "increase: ours disagrees at the default λ, and a larger λ closes part of the gap (the paper's λ, "
-                "a and normalisation are not published; the recipe's default is conservative)."
-                if max(g, g2 if g2 is not None else g) / act("dense") < 0.44 else
-                "The larger λ reaches the paper's figure read as a relative increase; the default does not."))
+            f"activation sparsity here is {pct(act('dense'))}; "
+            + ", ".join(f"{name} adds {100 * g:+.2f} points ({100 * g / act('dense'):+.1f}% relative, "
+                        f"{pp(delta(k))} accuracy)" for name, k, g in gains)
+            + ". " + ("The paper's figure is reached." if best >= 0.44 else
+                      "The paper's figure is reached read as a relative increase, not as points."
+                      if best / act("dense") >= 0.44 else
+                      "Both are below the paper's +44.04%, whether that figure is read as points or as a relative "
+                      "increase, in this short run (the 10-epoch section above has the longer picture; the paper's "
+                      "λ, a and normalisation are not published)."))
     if "dual" in s:
         e = mean(s["dual"]["eff"]) / mean(s["dense"]["macs"])
         out.append(
@@ -349,7 +350,7 @@ def time_demo(runs_dir: Path) -> dict:
     out = runs_dir / "demo-out"
     t = time.time()
     before = os.times()
-    proc = subprocess.run([str(Path(sys.executable).parent / "sparsify"), "demo", "--out", str(out)],
+    proc = subprocess.run(SPARSIFY + ["demo", "--out", str(out)],
                           capture_output=True, text=True, cwd=ROOT)
     wall = time.time() - t
     after = os.times()
