@@ -15,9 +15,10 @@ from torch import nn
 
 import sparsify
 from sparsify.core.buffers import layer_buffers
-import sparsify.methods.str as str_mod
+import sparsify.methods.str.layer as str_mod  # the module whose layers call _fast and _shrink
 from sparsify.methods.nm import NMMixin, _MaskedStraightThrough, _NMWeight, nm_mask
-from sparsify.methods.str import STRMixin, _shrink, _SoftThreshold, soft_threshold, str_weight
+from sparsify.methods.str import STRMixin, soft_threshold, str_weight
+from sparsify.methods.str.kernel import _shrink, _SoftThreshold
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 Y = torch.tensor([3, 7])
