@@ -16,7 +16,8 @@ from torch import nn
 import sparsify
 from sparsify.core.buffers import layer_buffers
 import sparsify.methods.str.layer as str_mod  # the module whose layers call _fast and _shrink
-from sparsify.methods.nm import NMMixin, _MaskedStraightThrough, _NMWeight, nm_mask
+from sparsify.methods.nm import NMMixin, nm_mask
+from sparsify.methods.nm.kernel import _MaskedStraightThrough, _NMWeight
 from sparsify.methods.str import STRMixin, soft_threshold, str_weight
 from sparsify.methods.str.kernel import _shrink, _SoftThreshold
 
