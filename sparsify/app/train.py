@@ -13,19 +13,16 @@ The loop is the one the README asks users to write (loss = task loss + ``sparsif
 * at the end: the report table, ``report.json``, ``history.json``, ``layers.png`` and
   ``training.png`` in the output folder.
 
-Optimizer defaults: SGD (momentum 0.9, cosine learning rate over the run) with lr 0.05 and weight
-decay 5e-4; a method can need other settings (:data:`METHOD_DEFAULTS`, e.g. STR sparsifies only
-through weight decay), and a recipe can carry its own under ``options.train``. Explicit arguments
-always win.
+Optimizer defaults (lr, weight decay; a method's own, a recipe's ``options.train``) and the run's
+settings: :mod:`sparsify.app.config`; the epochs' batches: :mod:`sparsify.app.batches`; what a
+finished run writes: :mod:`sparsify.app.results`.
 """
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
-import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -35,154 +32,24 @@ import torch.nn.functional as F
 import sparsify as sp
 
 from sparsify.app.checkpoint import CHECKPOINT, StopOnSigint, remove_stale_temporaries, write_json
-from sparsify.app.resume import CONFIG, RUN_KEYS, claim_out, load_run, restore, save_run
+from sparsify.app.resume import CONFIG, RUN_KEYS, claim_out, restore, save_run
+from sparsify.app.config import (BASE_DEFAULTS, METHOD_DEFAULTS, TrainConfig, _default_out, _load_resume,
+                                 config_from_args, resolve_optimizer)
+from sparsify.app.batches import _batches, _channel_fixer, _epoch_order
 from sparsify.app.data import load_data
-from sparsify.app.summary import dead_inputs, dead_message, evaluate, library_measurement, summarize, weight_sparsity
-from sparsify.core.layers import WEIGHT_TYPES
+from sparsify.app.results import _finish
+from sparsify.app.summary import dead_inputs, dead_message, evaluate, summarize, weight_sparsity
 from sparsify.app.models import build_model, input_channels
-from sparsify.prepare.recipe import load_recipe
 from sparsify.stats.runstats import activation_stats
 
-__all__ = ["TrainConfig", "TrainingDiverged", "train", "config_from_args", "METHOD_DEFAULTS", "resolve_optimizer", "summarize"]
+__all__ = ["TrainConfig", "TrainingDiverged", "train", "config_from_args", "METHOD_DEFAULTS", "resolve_optimizer",
+           "summarize", "BASE_DEFAULTS"]
 
-#: Optimizer settings a method needs to work in a short run (applied unless given explicitly).
-#: STR sparsifies only through weight decay on its threshold parameters; with the library's
-#: default threshold init (s_init = -10) the usual 5e-4 barely moves them in a short run: 2e-2 gives
-#: 45% sparsity at 99.4% accuracy in the 184-step demo (lower it for long runs).
-#: SAS removes the ReLUs its layers read through (both signs pass, each to its own weights): on
-#: LeNet-5 / MNIST at lr 0.05 the logits grow from ~10 to NaN within 30 steps while dense trains;
-#: at 0.02 it trains (docs/methods/sas.md, "Training it").
-METHOD_DEFAULTS: dict[str, dict] = {
-    "str": {"weight_decay": 2e-2},
-    "sas": {"lr": 0.02},
-}
-BASE_DEFAULTS = {"sgd": {"lr": 0.05, "weight_decay": 5e-4}, "adam": {"lr": 1e-3, "weight_decay": 0.0},
-                 "adamw": {"lr": 1e-3, "weight_decay": 1e-2}}
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a run (saved as ``config.json`` in the output folder)."""
-
-    model: str = "cnn"
-    recipe: str | None = None  # None or "dense": no sparsification
-    overrides: dict = field(default_factory=dict)
-    data: str = "digits"
-    image_size: int | None = None
-    width: float = 1.0
-    epochs: int = 10
-    batch_size: int = 64
-    optimizer: str | None = None
-    lr: float | None = None
-    weight_decay: float | None = None
-    momentum: float = 0.9
-    seed: int = 0
-    out: str | None = None
-    progress: bool = True
-    workers: int = 0
-    resume: str | None = None
-    threads: int | None = None  # torch intra-op threads (None: torch's default)
-    overwrite: bool = False  # replace the run already in ``out`` (else such an ``out`` is refused)
-
-    @property
-    def dense(self) -> bool:
-        return self.recipe in (None, "", "dense")
-
-
-def config_from_args(args) -> TrainConfig:
-    """A :class:`TrainConfig` from the ``sparsify train`` arguments."""
-    from sparsify.app.overrides import parse_overrides
-    # --resume: None unless given, so a model factory saved in the run folder is imported only
-    # when the user names it again
-    model = args.model if args.resume else (args.model or "cnn")
-    return TrainConfig(model=model, recipe=args.recipe, overrides=parse_overrides(args.set), data=args.data,
-                       image_size=args.image_size, width=args.width, epochs=args.epochs, batch_size=args.batch_size,
-                       optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
-                       momentum=args.momentum, seed=args.seed, out=args.out, progress=not args.no_progress,
-                       workers=args.workers, resume=args.resume, threads=args.threads,
-                       overwrite=getattr(args, "overwrite", False))
-
-
-def resolve_optimizer(cfg: TrainConfig) -> dict:
-    """The optimizer name, lr and weight decay for ``cfg``: explicit values, else the recipe's
-    ``options.train``, else :data:`METHOD_DEFAULTS` of its methods, else :data:`BASE_DEFAULTS`.
-
-    >>> resolve_optimizer(TrainConfig(recipe="st3"))
-    {'optimizer': 'sgd', 'lr': 0.05, 'weight_decay': 0.0005}
-    """
-    hints: dict = {}
-    if not cfg.dense:
-        recipe = load_recipe(cfg.recipe, **cfg.overrides)
-        for rule in recipe.rules:
-            hints.update(METHOD_DEFAULTS.get(rule.method or "", {}))
-        hints.update(recipe.options.get("train", {}) if isinstance(recipe.options, dict) else {})
-    name = cfg.optimizer or hints.get("optimizer", "sgd")
-    base = BASE_DEFAULTS[name]
-    pick = lambda key, given: given if given is not None else hints.get(key, base[key])  # noqa: E731
-    return {"optimizer": name, "lr": float(pick("lr", cfg.lr)), "weight_decay": float(pick("weight_decay",
-                                                                                           cfg.weight_decay))}
-
-
-# ---------------------------------------------------------------------------------------------
-# data
-# ---------------------------------------------------------------------------------------------
-
-def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-
-
-def _batches(dataset, indices: torch.Tensor, batch_size: int, workers: int = 0, fix_channels=None):
-    """Batches of ``dataset`` in the order ``indices``; tensors are sliced, other datasets go
-    through a DataLoader over exactly those indices."""
-    fix = fix_channels or (lambda x: x)
-    if isinstance(dataset, torch.utils.data.TensorDataset):
-        x_all, y_all = dataset.tensors
-        for i in range(0, len(indices), batch_size):
-            idx = indices[i:i + batch_size]
-            yield fix(x_all[idx]), y_all[idx]
-        return
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices.tolist()), batch_size=batch_size,
-                                         shuffle=False, num_workers=workers)
-    for x, y in loader:
-        yield fix(x), y
-
-
-def _channel_fixer(model_channels: int | None, data_channels: int):
-    if model_channels is None or model_channels == data_channels:
-        return None
-    if data_channels == 1:
-        return lambda x: x.expand(-1, model_channels, *x.shape[2:])
-    if model_channels == 1:
-        return lambda x: x.mean(1, keepdim=True)
-    raise ValueError(f"the model takes {model_channels}-channel images and the data has {data_channels} channels")
-
-
-# ---------------------------------------------------------------------------------------------
-# measurements
-# ---------------------------------------------------------------------------------------------
-
-# ---------------------------------------------------------------------------------------------
-# the run
-# ---------------------------------------------------------------------------------------------
 
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _default_out(cfg: TrainConfig) -> str:
-    return os.path.join("runs", f"{cfg.model.replace(':', '_')}-{Path(str(cfg.recipe or 'dense')).stem}-s{cfg.seed}")
-
-
-def _load_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict, dict]:
-    saved, tensors, meta = load_run(Path(cfg.resume), cfg.model, TrainConfig.model)
-    known = {f.name for f in fields(TrainConfig)}
-    new = TrainConfig(**{k: v for k, v in saved.items() if k in known})
-    new.out, new.resume, new.progress, new.overwrite = str(cfg.resume), str(cfg.resume), cfg.progress, False
-    if cfg.threads is not None:  # else the saved run's: the thread count changes float reductions
-        new.threads = cfg.threads
-    return new, tensors, meta
 
 
 class TrainingDiverged(ValueError):
@@ -351,50 +218,3 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
         return {"interrupted": True, "out": str(out)}
     return _finish(model, cfg, data, out, history, opt_settings, total_steps, test_batches, example,
                    time.time() - t_start, say)
-
-
-def _finish(model, cfg, data, out, history, opt_settings, total_steps, test_batches, example, seconds, say) -> dict:
-    from sparsify.app.plots import plot_history, plot_layers
-    act = activation_stats(model, test_batches())
-    if dead := dead_inputs(act):
-        say(dead_message(dead, "at the end of training"))
-    summary = summarize(model, cfg.dense, example, act)
-    result = {"config": {**asdict(cfg), "resume": None}, "optimizer": opt_settings, "total_steps": total_steps,
-              "data": {"name": data.name, "train": len(data.train), "test": len(data.test)},
-              "accuracy": history[-1]["test_acc"] if history else None, **summary,
-              "history": history, "activation": act, "measure": library_measurement(model, test_batches()),
-              "seconds": seconds}
-    weights = {}
-    if not cfg.dense:
-        rep = sp.report(model)
-        result["report"] = rep.to_dict()
-        # per layer: what its method sparsifies (weights, SAS slots, masked positions, ...)
-        weights = {r.name: r.achieved for r in rep.layers if r.achieved is not None}
-        targets = {r.name: r.target for r in rep.layers}
-        kinds = sorted({"weight" if r.sparsifies == "weights" else r.sparsifies for r in rep.layers})
-        say(str(rep))
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                final = sp.finalize(model, example)
-            torch.save(final.state_dict(), out / "final_state_dict.pt")
-            result["finalize"] = "ok"
-        except Exception as e:  # reported, not fatal: the trained checkpoint is still there
-            result["finalize"] = f"failed: {type(e).__name__}: {e}"
-            say(f"warning: finalize failed: {e}")
-    else:
-        targets, kinds = {}, ["weight"]
-        weights = {n: 1 - int(torch.count_nonzero(m.weight)) / m.weight.numel()
-                   for n, m in model.named_modules() if isinstance(m, WEIGHT_TYPES)}
-    title = f"{cfg.model} / {cfg.recipe or 'dense'} / {data.name}"
-    plot_layers(weights, {n: v["input_sparsity"] for n, v in act["layers"].items()}, out / "layers.png", title,
-                targets=targets, label=" / ".join(kinds) + " sparsity")
-    plot_history(history, out / "training.png", title)
-    write_json(history, out / "history.json")
-    write_json(result, out / "report.json")
-    num = lambda v: "-" if v is None else f"{v:,}"  # noqa: E731
-    say(f"test accuracy {result['accuracy']:.4f}; weight sparsity {summary['weight_sparsity'] or 0:.3f}; "
-        f"activation sparsity {summary['activation_sparsity']:.3f}; MACs per sample (docs/macs.md): dense "
-        f"{num(summary['dense_macs'])}, non-zero-weight {num(summary['nonzero_macs'])}, effective "
-        f"{num(summary['effective_macs'])}, executed {num(summary['executed_macs'])}; results in {out}")
-    return result

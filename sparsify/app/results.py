@@ -1,0 +1,63 @@
+"""The end of a ``sparsify train`` run: the final activation statistics and summary, the report
+table, the finalized model (``final_state_dict.pt``), ``report.json``, ``history.json``,
+``layers.png``, ``training.png`` and the closing line."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict
+
+import torch
+
+import sparsify as sp
+
+from sparsify.app.checkpoint import write_json
+from sparsify.app.summary import dead_inputs, dead_message, library_measurement, summarize
+from sparsify.core.layers import WEIGHT_TYPES
+from sparsify.stats.runstats import activation_stats
+
+
+def _finish(model, cfg, data, out, history, opt_settings, total_steps, test_batches, example, seconds, say) -> dict:
+    from sparsify.app.plots import plot_history, plot_layers
+    act = activation_stats(model, test_batches())
+    if dead := dead_inputs(act):
+        say(dead_message(dead, "at the end of training"))
+    summary = summarize(model, cfg.dense, example, act)
+    result = {"config": {**asdict(cfg), "resume": None}, "optimizer": opt_settings, "total_steps": total_steps,
+              "data": {"name": data.name, "train": len(data.train), "test": len(data.test)},
+              "accuracy": history[-1]["test_acc"] if history else None, **summary,
+              "history": history, "activation": act, "measure": library_measurement(model, test_batches()),
+              "seconds": seconds}
+    weights = {}
+    if not cfg.dense:
+        rep = sp.report(model)
+        result["report"] = rep.to_dict()
+        # per layer: what its method sparsifies (weights, SAS slots, masked positions, ...)
+        weights = {r.name: r.achieved for r in rep.layers if r.achieved is not None}
+        targets = {r.name: r.target for r in rep.layers}
+        kinds = sorted({"weight" if r.sparsifies == "weights" else r.sparsifies for r in rep.layers})
+        say(str(rep))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                final = sp.finalize(model, example)
+            torch.save(final.state_dict(), out / "final_state_dict.pt")
+            result["finalize"] = "ok"
+        except Exception as e:  # reported, not fatal: the trained checkpoint is still there
+            result["finalize"] = f"failed: {type(e).__name__}: {e}"
+            say(f"warning: finalize failed: {e}")
+    else:
+        targets, kinds = {}, ["weight"]
+        weights = {n: 1 - int(torch.count_nonzero(m.weight)) / m.weight.numel()
+                   for n, m in model.named_modules() if isinstance(m, WEIGHT_TYPES)}
+    title = f"{cfg.model} / {cfg.recipe or 'dense'} / {data.name}"
+    plot_layers(weights, {n: v["input_sparsity"] for n, v in act["layers"].items()}, out / "layers.png", title,
+                targets=targets, label=" / ".join(kinds) + " sparsity")
+    plot_history(history, out / "training.png", title)
+    write_json(history, out / "history.json")
+    write_json(result, out / "report.json")
+    num = lambda v: "-" if v is None else f"{v:,}"  # noqa: E731
+    say(f"test accuracy {result['accuracy']:.4f}; weight sparsity {summary['weight_sparsity'] or 0:.3f}; "
+        f"activation sparsity {summary['activation_sparsity']:.3f}; MACs per sample (docs/macs.md): dense "
+        f"{num(summary['dense_macs'])}, non-zero-weight {num(summary['nonzero_macs'])}, effective "
+        f"{num(summary['effective_macs'])}, executed {num(summary['executed_macs'])}; results in {out}")
+    return result
