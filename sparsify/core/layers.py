@@ -108,7 +108,11 @@ class SparseWeightMixin:
 
     def forward(self, x, output_size=None):
         check_gathered(self, self.weight)
-        return self.forward_with(x, self.effective_weight(), output_size)
+        return self.forward_with(x, self._forward_weight(), output_size)
+
+    def _forward_weight(self) -> torch.Tensor:
+        """What the layer's own forward computes with (a method may reuse a buffer here)."""
+        return self.effective_weight()
 
     def forward_with(self, x, weight, output_size=None):
         """The dense layer's forward with ``weight`` (``output_size``: a ConvTranspose's argument)."""

@@ -7,7 +7,6 @@ import torch
 from sparsify.core.layers import SparseWeightMixin, specialize
 from sparsify.core.conv1d import torch_layout
 from sparsify.core.buffers import content_key, eager, layer_buffers
-from sparsify.core.sharded import check_gathered
 from sparsify.methods.nm.mask import _changed, _keep_planes, _to_weight_layout, nm_mask
 from sparsify.methods.nm.kernel import _MaskedStraightThrough, _NMWeight
 
@@ -64,10 +63,6 @@ class NMMixin(SparseWeightMixin):
         if not (torch.is_grad_enabled() and w.requires_grad):
             return eff
         return _NMWeight.apply(w, eff, mask_f, not self._is_fixed(), self.sr_ste_decay, False, None)
-
-    def forward(self, x, output_size=None):
-        check_gathered(self, self.weight)
-        return self.forward_with(x, self._forward_weight(), output_size)
 
     def _forward_weight(self) -> torch.Tensor:
         """:meth:`effective_weight` for this layer's own conv/linear: a reused buffer,

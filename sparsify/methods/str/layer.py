@@ -8,7 +8,6 @@ from torch import nn
 
 from sparsify.core.layers import SparseWeightMixin, specialize
 from sparsify.core.buffers import layer_buffers
-from sparsify.core.sharded import check_gathered
 from sparsify.methods.str.kernel import _SoftThreshold, _fast, _shrink, soft_threshold, str_threshold, str_weight
 
 __all__ = ["STRMixin", "STR_CLASSES"]
@@ -48,10 +47,6 @@ class STRMixin(SparseWeightMixin):
     def effective_weight(self) -> torch.Tensor:
         w, t = self.weight, self.threshold()
         return soft_threshold(w, t) if _fast(w, t) else str_weight(w, t)
-
-    def forward(self, x, output_size=None):
-        check_gathered(self, self.weight)
-        return self.forward_with(x, self._forward_weight(), output_size)
 
     def _forward_weight(self) -> torch.Tensor:
         """:meth:`effective_weight` for this layer's own conv/linear: written into a reused
