@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from sparsify.prepare.recipe import builtin_recipes
+from sparsify.app.results import thousands
 from sparsify.app.train import TrainConfig, train
 
 __all__ = ["run_demo", "format_table", "DEMO_EPOCHS"]
@@ -28,10 +29,6 @@ DEMO_EPOCHS = 8
 
 def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
-
-
-def _num(v) -> str:
-    return "-" if v is None else f"{v:,}"
 
 
 def _achieved(r: dict) -> str:
@@ -53,9 +50,9 @@ def format_table(rows: list[dict]) -> str:
             lines.append([r["name"], "failed"] + ["-"] * (len(head) - 3) + [f"{r['seconds']:.1f}s"])
             continue
         lines.append([r["name"], _pct(r["accuracy"]), _achieved(r), _pct(r["weight_sparsity"]),
-                      _pct(r["activation_sparsity"]), f"{_num(r['nonzero_params'])} / {_num(r['params'])}",
-                      _num(r["dense_macs"]), _num(r["nonzero_macs"]), _num(r["effective_macs"]),
-                      _num(r.get("executed_macs")), f"{r['seconds']:.1f}s"])
+                      _pct(r["activation_sparsity"]), f"{thousands(r['nonzero_params'])} / {thousands(r['params'])}",
+                      thousands(r["dense_macs"]), thousands(r["nonzero_macs"]), thousands(r["effective_macs"]),
+                      thousands(r.get("executed_macs")), f"{r['seconds']:.1f}s"])
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
     fmt = lambda row: "| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
     out = [fmt(lines[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in lines[1:]]

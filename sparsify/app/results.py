@@ -16,6 +16,15 @@ from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.stats.runstats import activation_stats
 
 
+def thousands(v) -> str:
+    """A count with thousands separators, ``-`` when there is none (the closing line, the demo's table).
+
+    >>> thousands(1234567), thousands(None)
+    ('1,234,567', '-')
+    """
+    return "-" if v is None else f"{v:,}"
+
+
 def _finish(model, cfg, data, out, history, opt_settings, total_steps, test_batches, example, seconds, say) -> dict:
     from sparsify.app.plots import plot_history, plot_layers
     act = activation_stats(model, test_batches())
@@ -55,9 +64,8 @@ def _finish(model, cfg, data, out, history, opt_settings, total_steps, test_batc
     plot_history(history, out / "training.png", title)
     write_json(history, out / "history.json")
     write_json(result, out / "report.json")
-    num = lambda v: "-" if v is None else f"{v:,}"  # noqa: E731
     say(f"test accuracy {result['accuracy']:.4f}; weight sparsity {summary['weight_sparsity'] or 0:.3f}; "
         f"activation sparsity {summary['activation_sparsity']:.3f}; MACs per sample (docs/macs.md): dense "
-        f"{num(summary['dense_macs'])}, non-zero-weight {num(summary['nonzero_macs'])}, effective "
-        f"{num(summary['effective_macs'])}, executed {num(summary['executed_macs'])}; results in {out}")
+        f"{thousands(summary['dense_macs'])}, non-zero-weight {thousands(summary['nonzero_macs'])}, effective "
+        f"{thousands(summary['effective_macs'])}, executed {thousands(summary['executed_macs'])}; results in {out}")
     return result
