@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsify.methods.nm import nm_compliant
+
 __all__ = ["SemiStructuredLinear", "semi_structured_available", "to_semi_structured", "SemiStructuredError"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.int8)
@@ -48,7 +50,7 @@ def semi_structured_available(device: torch.device) -> tuple[bool, str]:
 
 def _two_four(w: torch.Tensor) -> bool:
     """Every 4 consecutive input features of ``w`` (out, in) hold at most 2 non-zeros."""
-    return w.shape[1] % 4 == 0 and bool(((w != 0).view(w.shape[0], -1, 4).sum(-1) <= 2).all())
+    return w.shape[1] % 4 == 0 and nm_compliant(w, 2, 4)
 
 
 class SemiStructuredLinear(nn.Module):
