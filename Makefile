@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 JOBS ?= 2
 
-.PHONY: test test-deep test-min demo zoo install clean gpu-check
+.PHONY: test test-deep test-min demo zoo install clean gpu-check gpu-wheels
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -41,15 +41,32 @@ demo: $(STAMP)
 
 # On a GPU machine (no venv, no internet: the image's python3 with torch): the CUDA cases of the
 # test suite, then the GPU check and benchmarks, into $(GPU_OUT) (docs/gpu.md). Wheels in .whl/
-# (jsonschema, ...) are installed first when present. GPU_CHECK_ARGS=--dry-run runs it on a CPU.
+# (make gpu-wheels) are installed into $(GPU_SITE) first when present; a python without pip unpacks
+# them instead (a wheel is a zip of site-packages), and without them the run goes on (jsonschema is
+# optional). GPU_CHECK_ARGS=--dry-run runs it on a CPU.
 GPU_OUT ?= $(if $(OUT),$(OUT),gpu-check-out)
+GPU_SITE ?= /tmp/site
 gpu-check:
 	mkdir -p $(GPU_OUT)
-	if ls .whl/*.whl >/dev/null 2>&1; then $(PY) -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; fi
-	PYTHONPATH=.:/tmp/site:$$PYTHONPATH $(PY) -m pytest -q -rs -p no:cacheprovider tests/test_devices.py -k cuda \
+	if ls .whl/*.whl >/dev/null 2>&1; then \
+		$(PY) -m pip install -q --no-index --no-deps --target $(GPU_SITE) .whl/*.whl \
+		|| for w in .whl/*.whl; do $(PY) -m zipfile -e $$w $(GPU_SITE); done \
+		|| echo "gpu-check: could not install .whl/ into $(GPU_SITE); going on without it"; fi
+	PYTHONPATH=.:$(GPU_SITE):$$PYTHONPATH $(PY) -m pytest -q -rs -p no:cacheprovider tests/test_devices.py -k cuda \
 		--junitxml $(GPU_OUT)/pytest.xml > $(GPU_OUT)/pytest.log 2>&1; tests=$$?; cat $(GPU_OUT)/pytest.log; \
-	PYTHONPATH=.:/tmp/site:$$PYTHONPATH PYTHONUNBUFFERED=1 $(PY) benchmarks/gpu_check.py --out $(GPU_OUT) $(GPU_CHECK_ARGS); \
+	PYTHONPATH=.:$(GPU_SITE):$$PYTHONPATH PYTHONUNBUFFERED=1 $(PY) benchmarks/gpu_check.py --out $(GPU_OUT) $(GPU_CHECK_ARGS); \
 	check=$$?; echo "gpu-check: tests exit $$tests, check exit $$check"; test $$tests = 0 -a $$check = 0
+
+# jsonschema (setup.cfg's requirement) and its dependencies as wheels for the GPU image's python
+# (CPython 3.12, manylinux x86_64), which has no jsonschema and no internet; a run carries .whl/
+GPU_PYTHON ?= 3.12
+JSONSCHEMA_REQ := $(shell sed -n 's/^ *\(jsonschema>=[0-9.]*\).*/\1/p' setup.cfg)
+gpu-wheels:
+	mkdir -p .whl
+	$(PY) -m pip download -q --no-cache-dir --only-binary=:all: --implementation cp \
+		--python-version $(GPU_PYTHON) --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux_2_28_x86_64 -d .whl "$(JSONSCHEMA_REQ)"
+	ls .whl
 
 zoo: $(STAMP)
 	$(BIN)/python benchmarks/zoo.py --out docs/coverage.md

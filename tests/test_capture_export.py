@@ -195,10 +195,6 @@ def test_capture_option_errors_are_one_line():
         sparsify.sparsify(ShapeBranchNet(), "st3", capture="onnx")
     with pytest.raises(ValueError, match=r'^capture="export" runs the forward on example inputs'):
         sparsify.plan(ShapeBranchNet(), "st3", capture="export")
-    with pytest.raises(ValueError, match=r"\$\.options\.capture: 'jit' is not one of"):
-        recipe = {"version": 1, "name": "r", "schedule": {"begin": 0, "end": 1}, "options": {"capture": "jit"},
-                  "rules": [{"match": {"type": "Linear"}, "method": "st3"}]}
-        sparsify.plan(ShapeBranchNet(), recipe)
 
     class DataDependent(nn.Module):
         def forward(self, x):
@@ -209,6 +205,23 @@ def test_capture_option_errors_are_one_line():
     with pytest.raises(ValueError, match=r'^sparsify: torch.export could not capture .*use capture="fx"'):
         sparsify.plan(nn.Sequential(nn.Linear(2, 2), DataDependent()), "st3", example_inputs=torch.ones(2, 2),
                       capture="export")
+
+
+def test_recipe_capture_option_is_checked_with_or_without_the_schema():
+    recipe = {"version": 1, "name": "r", "schedule": {"begin": 0, "end": 1}, "options": {"capture": "jit"},
+              "rules": [{"match": {"type": "Linear"}, "method": "st3"}]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # without jsonschema: "recipe not checked against the schema"
+        with pytest.raises(ValueError, match=r"'jit' is not"):
+            sparsify.plan(ShapeBranchNet(), recipe)
+
+
+@pytest.mark.jsonschema
+def test_recipe_capture_option_error_names_its_json_path():
+    recipe = {"version": 1, "name": "r", "schedule": {"begin": 0, "end": 1}, "options": {"capture": "jit"},
+              "rules": [{"match": {"type": "Linear"}, "method": "st3"}]}
+    with pytest.raises(ValueError, match=r"\$\.options\.capture: 'jit' is not one of"):
+        sparsify.plan(ShapeBranchNet(), recipe)
 
 
 def test_recipe_option_selects_the_capture():

@@ -56,6 +56,7 @@ def test_missing_file_and_non_object(tmp_path):
         sparsify.load_recipe(42)
 
 
+@pytest.mark.jsonschema
 @pytest.mark.parametrize("bad, path", [
     (recipe(RULE, extra=1), "$.extra"),
     (recipe({"match": {"type": "Conv2d"}, "method": "st3", "parms": {}}), "$.rules[0].parms"),
@@ -72,6 +73,7 @@ def test_unknown_key_names_its_json_path(bad, path):
     assert "allowed here:" in str(e.value)
 
 
+@pytest.mark.jsonschema
 def test_schema_type_errors_name_the_path():
     with pytest.raises(RecipeError, match=re.escape("$.rules[0].match.first")):
         sparsify.load_recipe(recipe({"match": {"first": "yes"}, "method": None}))

@@ -284,6 +284,7 @@ def test_shipped_schema_is_the_generated_one():
     assert shipped == generated_schema(shipped), "run: python -m sparsify.prepare.schema"
 
 
+@pytest.mark.jsonschema
 def test_schema_gives_editors_each_methods_params():
     import jsonschema
     from sparsify.prepare.schema import schema_path
