@@ -52,8 +52,9 @@ RUNS += [(f"hoyer lam={lam}", "activation-hoyer", {"lam": lam}, []) for lam in L
 RUNS += [("dense 2x params", None, {}, ["--width", "1.41"])]
 # between tl1's last good point and its collapse; dual with more weight pruning and tl1 at its best
 RUNS += [(f"tl1 lam={lam}", "tl1", {"lam": lam}, []) for lam in (0.3, 0.5)]
-DUALS = ["dual"] + [f"dual {round(100 * sp)}% lam=0.1" for sp in (0.8, 0.9)]
-RUNS += [(k, "dual", {"sparsity": sp, "lam": 0.1}, []) for k, sp in zip(DUALS[1:], (0.8, 0.9))]
+DUAL_POINTS = [(0.8, 0.1), (0.9, 0.1), (0.95, 0.1), (0.95, 0.3), (0.98, 0.1)]  # (weight sparsity, λ)
+DUALS = ["dual"] + [f"dual {round(100 * sp)}% lam={lam}" for sp, lam in DUAL_POINTS]
+RUNS += [(k, "dual", {"sparsity": sp, "lam": lam}, []) for k, (sp, lam) in zip(DUALS[1:], DUAL_POINTS)]
 # GMP pruning whole blocks of 4 (or 2) output channels x 1 input weight, the blocks the direct sparse
 # conv runs faster (docs/performance.md); with [4, 1] conv1 (6 outputs) and fc3 (10) stay dense
 BLOCKS = [(f"gmp {round(100 * s)}% block {bo}x1", "gmp", {"sparsity": s, "block": [bo, 1]}, [])
