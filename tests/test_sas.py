@@ -104,7 +104,7 @@ def test_conv_equals_official_and_two_convs(case, recompute):
 def test_small_spatial_conv_per_slot_backward_equals_official(case, recompute):
     """Fewer output positions than wide input channels (ResNet layer4 on CPU): the backward runs
     one narrow conv per slot (recompute) instead of the wide conv; same gradients."""
-    from sparsify.methods.sas import _per_slot_backward
+    from sparsify.methods.sas.kernel import _per_slot_backward
     layer = _sas_conv(*case)
     layer.sas_recompute = recompute
     cin, _, _, s, p, d, g = case
@@ -243,7 +243,7 @@ def test_saved_for_backward(recompute):
         saved.append(t.numel())
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = layer(x)
+        layer(x)
     # the weight parameter, the bias, and x (recompute) or the slots (x is rebuilt from them)
     assert sorted(saved) == sorted([8, layer.weight.numel(), x.numel() if recompute else 2 * x.numel()])
     _assert_same(_grads(lambda x, w, b: _with(layer, w, b)(x), x, layer.weight, layer.bias),

@@ -1,5 +1,6 @@
-"""STR and N:M fast paths (sparsify/methods/reuse.py): custom autograd functions, reused weight
-buffers and the incremental N:M mask give the numbers of the plain compositions they replace."""
+"""STR and N:M fast paths (sparsify/methods/str/kernel.py, sparsify/methods/nm/kernel.py): custom
+autograd functions, reused weight buffers and the incremental N:M mask give the numbers of the
+plain compositions they replace."""
 from __future__ import annotations
 
 import copy

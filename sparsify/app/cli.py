@@ -187,7 +187,6 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sparsify`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     from sparsify.app.data import DataError
-    from sparsify.deploy.finalize import FinalizeError  # noqa: F401  (imported so user errors below are known)
     from sparsify.app.models import ModelError
     from sparsify.prepare.recipe import RecipeError
     from sparsify.core.schedules import ScheduleError

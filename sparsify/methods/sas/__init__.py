@@ -24,7 +24,7 @@ Three parts (``rules.py``; ``layer.py`` with its autograd function in ``kernel.p
 from __future__ import annotations
 
 from sparsify.methods.sas.rules import SLOT_RULES, SignRule, SignedLevelsRule, SlotRule, make_slot_rule, register_slot_rule
-from sparsify.methods.sas.kernel import _per_slot_backward, release_workspaces  # noqa: F401  (tests)
+from sparsify.methods.sas.kernel import release_workspaces
 from sparsify.methods.sas.layer import SAS_CLASSES, SASConv1d, SASConv2d, SASConv3d, SASDeploy, SASLinear, SASMixin
 from sparsify.methods.sas.rewire import find_relu_input, is_relu
 from sparsify.methods.sas.method import SASGroup, SASMethod
