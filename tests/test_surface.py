@@ -129,7 +129,7 @@ def test_transformers_model_gives_one_tracing_line_and_plan_keeps_the_reasons():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         m = sparsify.sparsify(model, "st3", total_steps=10, example_inputs=(ids,))
-    said = [str(w.message) for w in caught]
+    said = [str(w.message) for w in caught if "jsonschema is not installed" not in str(w.message)]
     assert len(said) == 1, said
     assert "torch.fx could not trace" in said[0] and "see sparsify.plan" in said[0]
     plan = sparsify.core.state.find_state(m).plan

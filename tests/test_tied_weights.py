@@ -58,6 +58,7 @@ def test_one_mask_for_both_uses(recipe):
     keys = sorted(model.state_dict())
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # sharing is the default: no "stays dense" warning
+        warnings.filterwarnings("ignore", message=".*jsonschema is not installed")  # a GPU image's, not ours
         m = sparsify.sparsify(model, recipe, example_inputs=IDS, total_steps=3)
     assert isinstance(m.head, SparseWeightMixin) and isinstance(m.emb, TiedEmbedding)
     assert m.emb.weight is m.head.weight  # the parameter stays shared (one latent weight)
@@ -107,6 +108,21 @@ def test_dense_option_keeps_the_old_behaviour():
     with pytest.warns(UserWarning, match="head stays dense: weight tied to emb.weight"):
         m = sparsify.sparsify(TinyLM(), _recipe("st3", "dense"), example_inputs=IDS, total_steps=3)
     assert type(m.head) is nn.Linear and type(m.emb) is nn.Embedding and m.head.weight is m.emb.weight
+
+
+def test_tied_option_is_checked_where_jsonschema_is_missing(monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_jsonschema(name, *args, **kwargs):
+        if name.split(".")[0] == "jsonschema":
+            raise ImportError("No module named 'jsonschema'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_jsonschema)
+    with pytest.warns(UserWarning, match="jsonschema is not installed"), \
+            pytest.raises(ValueError, match=r"^sparsify: options.tied is 'sometimes': use 'share'"):
+        sparsify.sparsify(TinyLM(), _recipe("st3", "sometimes"), example_inputs=IDS, total_steps=3)
 
 
 def test_error_option_and_impossible_shares_refuse_with_one_line():

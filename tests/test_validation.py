@@ -32,6 +32,7 @@ def _message(spec, **kw):
 # every block has a schema
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.jsonschema
 @pytest.mark.parametrize("top, path", [
     ({"schedule": {"ned": 0.5}}, "$.schedule.ned"),
     ({"options": {"trian": {}}}, "$.options.trian"),
@@ -42,6 +43,7 @@ def test_typo_in_schedule_or_options_names_its_path(top, path):
     assert f"{path}: unknown key {path.rsplit('.', 1)[1]!r}" in msg
 
 
+@pytest.mark.jsonschema
 def test_schedule_and_options_values_are_typed():
     assert "$.schedule.end" in _message(recipe(schedule={"end": "late"}))
     assert "$.schedule.begin" in _message(recipe(schedule={"begin": -1}))

@@ -85,6 +85,8 @@ def tie_decision(root: nn.Module, name: str, module: nn.Module, method, options:
     if not tied or method.tied_weights == "keep":
         return "", []
     mode = options.get("tied", "share")
+    if mode not in ("share", "dense", "error"):  # the schema says so too, where jsonschema is installed
+        raise ValueError(f"sparsify: options.tied is {mode!r}: use 'share' (the default), 'dense' or 'error'")
     names = ", ".join(tied)
     if mode == "dense":
         why = (f"weight tied to {names}: left dense (options.tied is 'dense'); "
