@@ -17,7 +17,8 @@ from sparsify.prepare.recipe import load_recipe
 from sparsify.stats.report import Report, build_report
 from sparsify.core.devices import model_device, move_buffers
 from sparsify.core.layers import SparseWeightMixin
-from sparsify.core.sharded import full_parameters, sharded_modules
+from sparsify.core.buffers import release_workspaces
+from sparsify.core.sharded import full_parameters, note_fsdp, sharded_modules
 from sparsify.core.state import find_state, unwrap
 from sparsify.prepare.inputs import check_inputs, state_inputs
 
@@ -119,11 +120,14 @@ def step(model: nn.Module, loss=None) -> int:
                     said.append((f"nonfinite:{name}", f"sparsify.step: {name} ({group.method_name}) met "
                                  f"non-finite weights at step {t} and kept its previous thresholds and masks ({e})"))
         layers = [m for g in state.groups.values() for m in g.members.values() if isinstance(m, SparseWeightMixin)]
-        if sharded_modules(layers):
+        if sharded_modules(unwrap(model).modules()):
             # FSDP2 gathers new weight values into the same tensor without bumping its version:
-            # nothing computed from a weight in this step's forward may be reused in the next one
+            # nothing computed from a weight in this step's forward may be reused in the next one;
+            # and no full-size tensor stays alive until then (docs/distributed.md, "Memory under FSDP2")
             for m in layers:
-                m.drop_caches()
+                note_fsdp(m)
+                m.drop_caches(free=True)
+            release_workspaces()  # sized to the largest weight or activation the thread met
     if loss is not None and not math.isfinite(loss):
         said.append(("nonfinite-loss", f"sparsify.step: the loss is {loss} at step {t}: training diverged; "
                      "lower the learning rate or check the loss (stop at the first non-finite loss)"))

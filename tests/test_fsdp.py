@@ -17,6 +17,7 @@ from torch import nn
 import sparsify
 
 from loops import train
+from sparsify.core.buffers import layer_buffers, workspace_bytes
 from sparsify.core.layers import SparseWeightMixin
 from sparsify.core.sharded import is_sharded
 from sparsify.core.state import find_state
@@ -71,13 +72,30 @@ def full_state(model) -> dict:
 PROBE = torch.linspace(-1, 1, 2 * 3 * 16 * 16).reshape(2, 3, 16, 16)
 
 
+def held_bytes(model) -> dict:
+    """What sparsify keeps on this rank between steps: its masks, the tensors it keeps per layer
+    for reuse (:mod:`sparsify.core.buffers`) and in the thread's workspaces, and any floating-point
+    buffer of a layer's full weight shape; and the number of weights of the sparse layers."""
+    layers = [m for m in model.modules() if isinstance(m, SparseWeightMixin)]
+    kept = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for m in layers if (b := layer_buffers(m, create=False)) for t in b.held()}
+    full_float = [b for m in layers for b in m.buffers(recurse=False)
+                  if b.is_floating_point() and b.shape == m.weight.shape]  # a DTensor's shape: the full one
+    return {"masks": sum(b.numel() * b.element_size() for m in layers
+                         for n, b in m.named_buffers(recurse=False) if n == "mask"),
+            "weights": sum(m.weight.numel() for m in layers),
+            "kept": sum(kept.values()) + workspace_bytes(),
+            "full_float_buffers": sum(b.numel() * b.element_size() for b in full_float)}
+
+
 def run(wrapped, model, rank) -> dict:
     losses = train(wrapped, batches(rank))
+    held = held_bytes(model)  # right after the last sparsify.step
     assert_synchronized(wrapped)  # raises on every rank when the states differ
     t = torch.tensor(losses, dtype=torch.float64)
     dist.all_reduce(t)  # per-rank losses are local means: their average is the global batch's
     return {"losses": (t / WORLD).tolist(), "fingerprint": state_fingerprint(wrapped), "state": full_state(model),
-            "report": sparsify.report(wrapped).totals}
+            "report": sparsify.report(wrapped).totals, "held": held}
 
 
 def finalized_output(model) -> torch.Tensor:
@@ -214,6 +232,24 @@ def test_fsdp2_prunes(results):
         mask = results[0][recipe]["fsdp"]["state"]["4.mask"]
         assert 0.4 <= 1 - mask.float().mean() < 1, recipe
 
+
+
+# the recipes whose weight layers keep a bool mask (1 byte per weight)
+MASKED = {"st3", "st3-sigma", "gmp", "nm-2-4", "dual"}
+
+
+@pytest.mark.parametrize("recipe", [*RECIPES, "resnet18"])
+def test_fsdp2_keeps_no_weight_sized_float_tensors_between_steps(results, recipe):
+    """Under FSDP2 a rank holds only its parameter shards; sparsify adds its masks (1 byte per
+    weight) and nothing weight-sized in floating point: no kept effective weights, float masks or
+    scores, no workspaces (docs/distributed.md, "Memory under FSDP2")."""
+    for r in results:
+        held = r[recipe]["fsdp"]["held"]
+        assert held["kept"] == 0 and held["full_float_buffers"] == 0, held
+        assert held["masks"] == (held["weights"] if recipe in MASKED or recipe == "resnet18" else 0), held
+    if recipe in ("st3", "gmp", "nm-2-4", "str"):
+        # DDP's replicas keep their reused tensors (the speed path of an unsharded model)
+        assert results[0][recipe]["ddp"]["held"]["kept"] > 0
 
 
 def test_fsdp2_resnet18_units_match_ddp(results):

@@ -22,7 +22,11 @@ process every time: ``w * m`` is ~10x slower than ``torch.mul(w, m, out=buf)`` o
   allocators recycle memory already, and a kept activation-sized workspace would hold memory
   the allocator could give to others);
 * :func:`eager` is the one rule for "may a layer reuse or cache now": never while a tracer or
-  transform records the forward (a tracer would capture buffers as constants).
+  transform records the forward (a tracer would capture buffers as constants);
+* a *transient* :class:`LayerBuffers` (:meth:`LayerBuffers.make_transient`) keeps nothing: every
+  buffer it hands out is a fresh tensor, nothing is cached. For layers whose weight FSDP2 shards
+  (:func:`sparsify.core.sharded.note_fsdp`): full-size buffers kept on every rank would cost more
+  than the rank's parameter shards (docs/distributed.md, "Memory under FSDP2").
 """
 from __future__ import annotations
 
@@ -31,7 +35,8 @@ import weakref
 
 import torch
 
-__all__ = ["LayerBuffers", "layer_buffers", "content_key", "eager", "workspace", "release_workspaces"]
+__all__ = ["LayerBuffers", "layer_buffers", "content_key", "eager", "workspace", "release_workspaces",
+           "workspace_bytes"]
 
 
 def eager() -> bool:
@@ -104,19 +109,34 @@ class LayerBuffers:
     (True, None)
     """
 
-    __slots__ = ("_bufs", "_cache", "_pins", "state", "__weakref__")
+    __slots__ = ("_bufs", "_cache", "_pins", "state", "transient", "__weakref__")
 
     def __init__(self):
         self._bufs: dict[tuple[str, torch.device], torch.Tensor] = {}
         self._cache: dict[str, tuple[torch.Tensor, tuple]] = {}
         self._pins: dict[tuple[str, torch.device], weakref.WeakSet] = {}
         self.state: dict = {}  # other per-layer speed state (never saved or copied)
+        self.transient = False  # keep nothing between calls (make_transient)
+
+    def make_transient(self) -> None:
+        """From now on keep nothing: :meth:`buffer` and :meth:`target` give fresh tensors and
+        :meth:`store` caches nothing; what is held now is freed. Callers that fill :attr:`state`
+        free it with ``clear(free=True)``.
+
+        >>> b = LayerBuffers(); w = torch.zeros(2)
+        >>> b.make_transient(); b.buffer("x", w) is b.buffer("x", w), b.held()
+        (False, [])
+        """
+        self.clear(free=True)
+        self.transient = True
 
     def buffer(self, name: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The layer's tensor ``name`` shaped like ``like``, on its device, in ``dtype`` (default
         ``like``'s), kept between calls for writing with ``out=``; content: whatever was last written.
         Pins are not consulted: for writes that happen only between steps (group updates)."""
         dtype = like.dtype if dtype is None else dtype
+        if self.transient:
+            return _empty(like, dtype)
         key = (name, like.device)
         buf = self._bufs.get(key)
         if buf is None or buf.shape != like.shape or buf.dtype != dtype or not buf.is_contiguous():
@@ -149,7 +169,7 @@ class LayerBuffers:
 
     def store(self, name: str, value: torch.Tensor, *sources: torch.Tensor) -> torch.Tensor:
         """Remember ``value`` as computed from ``sources`` in their current state."""
-        key = None if value.is_inference() else content_key(value, *sources)
+        key = None if value.is_inference() or self.transient else content_key(value, *sources)
         if key is not None:
             self._cache[name] = (value, key)
         return value
@@ -171,6 +191,15 @@ class LayerBuffers:
         ['x']
         """
         return sorted({name for name, _ in self._bufs})
+
+    def held(self) -> list[torch.Tensor]:
+        """Every tensor kept between calls: buffers, cached values, tensors in :attr:`state`.
+
+        >>> b = LayerBuffers(); _ = b.buffer("x", torch.zeros(2)); [t.shape for t in b.held()]
+        [torch.Size([2])]
+        """
+        cached = [v for v, _ in self._cache.values()]
+        return [*self._bufs.values(), *cached, *(v for v in self.state.values() if isinstance(v, torch.Tensor))]
 
     def clear(self, free: bool = False) -> None:
         """Forget the cached values (``free``: the buffers, pins and state too)."""
@@ -236,3 +265,13 @@ def release_workspaces() -> None:
     >>> release_workspaces()
     """
     _LOCAL.store = {}
+
+
+def workspace_bytes() -> int:
+    """Bytes held by the calling thread's workspaces (:func:`workspace`).
+
+    >>> release_workspaces(); workspace_bytes()
+    0
+    """
+    store = getattr(_LOCAL, "store", None) or {}
+    return sum(t.untyped_storage().nbytes() for t in store.values())

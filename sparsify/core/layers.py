@@ -20,7 +20,7 @@ from torch import nn
 from sparsify.core.buffers import eager, layer_buffers
 from sparsify.core.conv1d import (CONV_TRANSPOSE_TYPES, Conv1DLike, conv1d_forward, conv_transpose_forward,
                                   is_conv1d_class)
-from sparsify.core.sharded import check_gathered
+from sparsify.core.sharded import check_gathered, note_fsdp
 
 __all__ = ["SparseWeightMixin", "RecordsMixin", "specialize", "WEIGHT_TYPES", "TORCH_WEIGHT_TYPES", "plain_copy",
            "weight_base", "masked_weight", "CONV_TRANSPOSE_TYPES"]
@@ -108,6 +108,7 @@ class SparseWeightMixin:
 
     def forward(self, x, output_size=None):
         check_gathered(self, self.weight)
+        note_fsdp(self)  # FSDP2: nothing weight-sized kept between forwards
         return self.forward_with(x, self._forward_weight(), output_size)
 
     def _forward_weight(self) -> torch.Tensor:
@@ -225,7 +226,9 @@ def masked_weight(layer: "SparseWeightMixin", mask: torch.Tensor) -> torch.Tenso
     True
     """
     w = layer.weight
-    if not eager():
+    bufs = layer_buffers(layer, create=False)
+    if not eager() or (bufs is not None and bufs.transient):
+        # the same values and gradients; autograd keeps the bool mask, not a float copy
         return w * mask
     mask_f = layer.cached("mask_f", mask)
     if mask_f is None:

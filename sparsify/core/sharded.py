@@ -24,7 +24,9 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-__all__ = ["is_sharded", "sharded_modules", "full_parameters", "check_gathered"]
+from sparsify.core.buffers import layer_buffers
+
+__all__ = ["is_sharded", "sharded_modules", "full_parameters", "check_gathered", "note_fsdp"]
 
 
 def is_sharded(t) -> bool:
@@ -54,6 +56,27 @@ def check_gathered(module: nn.Module, weight: torch.Tensor) -> None:
                        "was given a module the sparsified model never calls (its graph calls the layers directly, "
                        "not their blocks); shard the units of sparsify.integrations.distributed.fsdp_units(model), "
                        "or the layers themselves, then the model (docs/distributed.md)")
+
+
+def note_fsdp(module: nn.Module) -> bool:
+    """Whether FSDP2 manages ``module``'s parameters (given to ``fully_shard``, or a parameter
+    sharded right now, i.e. outside its forward); if so, its buffers
+    (:mod:`sparsify.core.buffers`) become transient from now on: a full-size tensor kept per layer
+    on every rank would outweigh the rank's parameter shards (docs/distributed.md).
+
+    >>> note_fsdp(torch.nn.Linear(1, 1))
+    False
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    bufs = layer_buffers(module, create=False)
+    if bufs is not None and bufs.transient:
+        return True
+    from torch.distributed.fsdp import FSDPModule
+    if not (isinstance(module, FSDPModule) or any(is_sharded(p) for p in module._parameters.values())):
+        return False
+    layer_buffers(module).make_transient()
+    return True
 
 
 def sharded_modules(modules: Iterable[nn.Module]) -> list[nn.Module]:
