@@ -119,14 +119,15 @@ def step(model: nn.Module, loss=None) -> int:
                 except FloatingPointError as e:  # non-finite weights: keep the last thresholds and masks
                     said.append((f"nonfinite:{name}", f"sparsify.step: {name} ({group.method_name}) met "
                                  f"non-finite weights at step {t} and kept its previous thresholds and masks ({e})"))
-        layers = [m for g in state.groups.values() for m in g.members.values() if isinstance(m, SparseWeightMixin)]
-        if sharded_modules(unwrap(model).modules()):
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed and sharded_modules(unwrap(model).modules()):
             # FSDP2 gathers new weight values into the same tensor without bumping its version:
             # nothing computed from a weight in this step's forward may be reused in the next one;
             # and no full-size tensor stays alive until then (docs/distributed.md, "Memory under FSDP2")
-            for m in layers:
-                note_fsdp(m)
-                m.drop_caches(free=True)
+            for m in (m for g in state.groups.values() for m in g.members.values()):
+                if isinstance(m, SparseWeightMixin):
+                    note_fsdp(m)
+                    m.drop_caches(free=True)
             release_workspaces()  # sized to the largest weight or activation the thread met
     if loss is not None and not math.isfinite(loss):
         said.append(("nonfinite-loss", f"sparsify.step: the loss is {loss} at step {t}: training diverged; "
