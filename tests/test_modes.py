@@ -77,3 +77,38 @@ def test_two_sparsifications_of_one_model_share_weights_but_not_state():
     b = sparsify.sparsify(model, "gmp", total_steps=10)
     assert a.fc.weight is b.fc.weight
     assert a.fc is not b.fc and a.sparsify_state is not b.sparsify_state
+
+
+class _Tied(torch.nn.Module):
+    """Two Linear layers sharing one weight, then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.head(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+FIX_AT_START = {
+    "st3": {"version": 1, "schedule": {"begin": 0, "end": 0, "fix": 0},
+            "rules": [{"match": {"type": ["Linear"]}, "method": "st3", "params": {"sparsity": 0.5}}]},
+    "l1-prune": {"version": 1, "rules": [{"match": {"type": ["Linear"]}, "method": "l1-prune",
+                                          "params": {"sparsity": 0.5, "prune_at": 0, "begin": 0}}]},
+}
+
+
+@pytest.mark.parametrize("method", sorted(FIX_AT_START))
+def test_weights_written_at_step_zero_are_not_the_callers(method):
+    # a fix (ST-3) or prune (l1-prune) scheduled at step 0 runs inside sparsify(): it writes the
+    # result's own copy of those weights, never the caller's shared tensors
+    torch.manual_seed(0)
+    model = _Tied()
+    state, _ = _snapshot(model)
+    m = sparsify.sparsify(model, FIX_AT_START[method], total_steps=10, example_inputs=torch.randn(2, 8))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert m.a.weight is not model.a.weight and m.a.weight is m.b.weight  # still tied in the result
+    assert m.head.weight is not model.head.weight
+    assert 0.45 <= float((m.a.weight == 0).float().mean()) <= 0.55  # the write happened, on the copy
+    assert m.head.bias is model.head.bias  # what is not written stays shared

@@ -142,6 +142,12 @@ class Group(nn.Module):
         group says False on the steps that leave them alone (e.g. between GMP's pruning steps)."""
         return True
 
+    def writes_weights(self, step: int) -> bool:
+        """Whether :meth:`update` at ``step`` writes its members' weights in place (ST-3's fix,
+        the ``l1-prune`` step). ``sparsify()`` runs step 0: weights written there get their own
+        copy first, so that the caller's model, which shares the other tensors, is left as it was."""
+        return False
+
     def penalty(self) -> torch.Tensor | None:
         """The regularization term recorded since the last call (then forgotten), or None."""
         return None

@@ -92,6 +92,9 @@ class L1PruneGroup(HeldLayers, Group):
     def reads_weights(self, step: int) -> bool:
         return step >= self.prune_step and not any(m._fixed for m in self.members.values())
 
+    def writes_weights(self, step: int) -> bool:
+        return self.reads_weights(step)  # the prune step zeroes the pruned latent weights
+
     @torch.no_grad()
     def update(self, step: int, loss=None) -> None:
         layers = list(self.members.values())

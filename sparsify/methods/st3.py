@@ -203,6 +203,10 @@ class ST3Group(HeldLayers, Group):
         fixing = self.fix_at is not None and step >= self.fix_at
         return not all(bool(m.fixed) for m in self.members.values()) and (fixing or self.target(step) > 0)
 
+    def writes_weights(self, step: int) -> bool:
+        fixing = self.fix_at is not None and step >= self.fix_at
+        return fixing and not all(bool(m.fixed) for m in self.members.values())
+
     @torch.no_grad()
     def update(self, step: int, loss=None) -> None:
         layers = list(self.members.items())

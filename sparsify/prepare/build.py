@@ -188,7 +188,7 @@ def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps:
     check_times(recipe, get_method, total_steps, require=not dry_run)  # before anything is touched
     if not inplace:
         return _build(copy_structure(model, share_tensors=not copy), recipe, example_inputs, total_steps, dry_run,
-                      factors, capture)
+                      factors, capture, shared=not copy)
     snapshot = TreeSnapshot(model)
     try:
         return _build(model, recipe, example_inputs, total_steps, dry_run, factors, capture)
@@ -198,7 +198,8 @@ def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps:
 
 
 def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | None, dry_run: bool,
-           measured: dict | None, mode: str = "auto"):
+           measured: dict | None, mode: str = "auto", shared: bool = False):
+    """:func:`build` on ``root`` (``shared``: its tensors are the caller's model's)."""
     was_training = root.training
     root.train()  # both captures record the training forward
     matcher = MatchTable(recipe.rules, get_method)
@@ -310,6 +311,22 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     state.layer_factors = factors
     root.add_module(STATE_ATTR, state)
     root.register_load_state_dict_post_hook(explain_missing_state)
+    if shared:
+        own_written_weights(root, state.groups.values())
     for group in state.groups.values():
         group.update(0, None)
     return root, plan
+
+
+def own_written_weights(root: nn.Module, groups) -> None:
+    """Give the weights that a group writes at step 0 (a fix or prune scheduled at the start)
+    their own copy, in every module of ``root`` that holds them (tied weights stay tied): the
+    caller's model shares ``root``'s other tensors, and ``sparsify()`` writes nothing into it."""
+    written = {id(m.weight) for g in groups if g.writes_weights(0) for m in g.members.values()}
+    copies: dict[int, nn.Parameter] = {}
+    for module in root.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and id(p) in written:
+                if id(p) not in copies:
+                    copies[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                module._parameters[name] = copies[id(p)]
