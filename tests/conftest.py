@@ -94,6 +94,23 @@ def device(request) -> torch.device:
     return torch.device(request.param)
 
 
+@pytest.fixture
+def no_jsonschema(monkeypatch):
+    """Run as where jsonschema is not installed (the GPU image): its import fails, and the
+    once-per-process warning about unchecked recipes is due again."""
+    import builtins
+    import sparsify.prepare.recipe as recipe_module
+    real_import = builtins.__import__
+
+    def blocked(name, *args, **kwargs):
+        if name.split(".")[0] == "jsonschema":
+            raise ImportError("No module named 'jsonschema'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", blocked)
+    monkeypatch.setattr(recipe_module, "_WARNED_UNCHECKED", False)
+
+
 def pytest_collection_modifyitems(config, items):
     # jsonschema is a dependency, but a GPU image may lack it (docs/gpu.md): recipes then load
     # unchecked with a warning, so only the tests of the schema's own messages cannot run

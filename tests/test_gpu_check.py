@@ -47,22 +47,12 @@ def test_a_failing_check_is_reported_and_fails_the_run(tmp_path, monkeypatch):
     assert "**no**" in (tmp_path / "gpu_check.md").read_text()
 
 
-def test_sparsify_works_without_jsonschema_and_says_so(monkeypatch):
+def test_sparsify_works_without_jsonschema_and_says_so(no_jsonschema):
     """The GPU image has no jsonschema: recipes then skip the schema check with a warning."""
-    import builtins
-
     import pytest
     import torch
 
     import sparsify
-    real_import = builtins.__import__
-
-    def no_jsonschema(name, *args, **kwargs):
-        if name == "jsonschema" or name.startswith("jsonschema."):
-            raise ImportError("No module named 'jsonschema'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_jsonschema)
     with pytest.warns(UserWarning, match="jsonschema is not installed"):
         m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 8)), "st3", total_steps=10)
     assert type(m[0]).__name__ == "ST3Linear"

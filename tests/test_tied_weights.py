@@ -110,16 +110,7 @@ def test_dense_option_keeps_the_old_behaviour():
     assert type(m.head) is nn.Linear and type(m.emb) is nn.Embedding and m.head.weight is m.emb.weight
 
 
-def test_tied_option_is_checked_where_jsonschema_is_missing(monkeypatch):
-    import builtins
-    real_import = builtins.__import__
-
-    def no_jsonschema(name, *args, **kwargs):
-        if name.split(".")[0] == "jsonschema":
-            raise ImportError("No module named 'jsonschema'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_jsonschema)
+def test_tied_option_is_checked_where_jsonschema_is_missing(no_jsonschema):
     with pytest.warns(UserWarning, match="jsonschema is not installed"), \
             pytest.raises(ValueError, match=r"^sparsify: options.tied is 'sometimes': use 'share'"):
         sparsify.sparsify(TinyLM(), _recipe("st3", "sometimes"), example_inputs=IDS, total_steps=3)

@@ -328,3 +328,11 @@ def test_every_method_documents_its_params():
 def test_typed_params(method, key, bad, says):
     msg = _message(recipe({"match": CONV, "method": method, "params": {key: bad}}))
     assert f"$.rules[0].params.{key}: {says}" in msg
+
+
+def test_without_jsonschema_one_warning_per_process(no_jsonschema, recwarn):
+    # every recipe goes unchecked the same way: one warning, not one per recipe loaded
+    for name in ("st3", "gmp", "tl1"):
+        sparsify.load_recipe(name)
+    said = [w for w in recwarn.list if "jsonschema is not installed" in str(w.message)]
+    assert len(said) == 1 and "recipes are not checked against recipe.schema.json" in str(said[0].message)

@@ -115,15 +115,21 @@ def _read(spec) -> tuple[dict, str]:
     raise RecipeError(f"a recipe is a built-in name, a path to a JSON file, or a dict; got {type(spec).__name__}")
 
 
+_WARNED_UNCHECKED = False
+
+
 def _validate_schema(data, source: str) -> None:
     _raise(source, check_finite(data))
     try:  # imported here: the library works without it (GPU images often lack it), unchecked
         import jsonschema
     except ImportError:
-        import warnings
-        warnings.warn(f"{source}: recipe not checked against recipe.schema.json: jsonschema is not "
-                      "installed (pip install jsonschema); the methods' own parameter checks still run",
-                      stacklevel=3)
+        global _WARNED_UNCHECKED
+        if not _WARNED_UNCHECKED:  # the same for every recipe: said once per process
+            _WARNED_UNCHECKED = True
+            import warnings
+            warnings.warn(f"{source}: recipes are not checked against recipe.schema.json: jsonschema is not "
+                          "installed (pip install jsonschema); the methods' own parameter checks still run",
+                          stacklevel=3)
         return
     validator = jsonschema.Draft202012Validator(schema())
     errors = sorted((e for e in validator.iter_errors(data) if not _checked_elsewhere(list(e.absolute_path))),
