@@ -18,7 +18,7 @@ from sparsify.stats.report import Report, build_report
 from sparsify.core.devices import model_device, move_buffers
 from sparsify.core.layers import SparseWeightMixin
 from sparsify.core.buffers import release_workspaces
-from sparsify.core.sharded import full_parameters, note_fsdp, sharded_modules
+from sparsify.core.sharded import full_parameters, is_distributed, note_fsdp, sharded_modules
 from sparsify.core.state import find_state, unwrap
 from sparsify.prepare.inputs import check_inputs, state_inputs
 
@@ -119,8 +119,7 @@ def step(model: nn.Module, loss=None) -> int:
                 except FloatingPointError as e:  # non-finite weights: keep the last thresholds and masks
                     said.append((f"nonfinite:{name}", f"sparsify.step: {name} ({group.method_name}) met "
                                  f"non-finite weights at step {t} and kept its previous thresholds and masks ({e})"))
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if distributed and sharded_modules(unwrap(model).modules()):
+        if is_distributed() and sharded_modules(unwrap(model).modules()):
             # FSDP2 gathers new weight values into the same tensor without bumping its version:
             # nothing computed from a weight in this step's forward may be reused in the next one;
             # and no full-size tensor stays alive until then (docs/distributed.md, "Memory under FSDP2")

@@ -26,7 +26,16 @@ from torch import nn
 
 from sparsify.core.buffers import layer_buffers
 
-__all__ = ["is_sharded", "sharded_modules", "full_parameters", "check_gathered", "note_fsdp"]
+__all__ = ["is_distributed", "is_sharded", "sharded_modules", "full_parameters", "check_gathered", "note_fsdp"]
+
+
+def is_distributed() -> bool:
+    """Whether a default ``torch.distributed`` process group is up.
+
+    >>> is_distributed()
+    False
+    """
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def is_sharded(t) -> bool:
@@ -67,7 +76,7 @@ def note_fsdp(module: nn.Module) -> bool:
     >>> note_fsdp(torch.nn.Linear(1, 1))
     False
     """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not is_distributed():
         return False
     bufs = layer_buffers(module, create=False)
     if bufs is not None and bufs.transient:

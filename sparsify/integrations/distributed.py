@@ -21,15 +21,10 @@ import torch.fx as fx
 from torch import nn
 
 from sparsify.core.layers import SparseWeightMixin
-from sparsify.core.sharded import full_parameters
+from sparsify.core.sharded import full_parameters, is_distributed
 from sparsify.core.state import find_state, unwrap
 
 __all__ = ["state_fingerprint", "assert_synchronized", "is_distributed", "fsdp_units"]
-
-
-def is_distributed() -> bool:
-    """Whether a default ``torch.distributed`` process group is up."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def fsdp_units(model: nn.Module) -> list[list[nn.Module]]:

@@ -29,6 +29,7 @@ from sparsify.core.schedules import polynomial
 from sparsify.core.contract import Group, GroupContext, Method, Site
 from sparsify.core.registry import register
 from sparsify.core.params import Params, param
+from sparsify.core.sharded import is_distributed
 from sparsify.core.staging import active_range, resolve_stages, stage_at
 
 __all__ = ["PositionMask", "SemiStructuredGroup", "SemiStructuredMethod", "position_mask", "input_size_of"]
@@ -113,10 +114,6 @@ def input_size_of(example_inputs) -> tuple[int, int] | None:
     return None
 
 
-def _distributed():
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 class SemiStructuredGroup(Group):
     """The masks of one rule: schedule, score-map draws, best-loss tracking, freezing."""
 
@@ -177,7 +174,7 @@ class SemiStructuredGroup(Group):
             self.scores = torch.empty(size, device=self.scores.device)
             self.best_scores = torch.zeros(size, device=self.scores.device)
         self.scores.copy_(fresh)
-        if _distributed():  # every rank must mask the same positions
+        if is_distributed():  # every rank must mask the same positions
             torch.distributed.broadcast(self.scores, src=0)
 
     @torch.no_grad()
@@ -195,7 +192,7 @@ class SemiStructuredGroup(Group):
         self.current_sparsity.fill_(sparsity)
 
     def _mean_loss(self, loss: float) -> float:
-        if not _distributed():
+        if not is_distributed():
             return float(loss)
         t = torch.tensor([float(loss)], dtype=torch.float64, device=self.scores.device)
         torch.distributed.all_reduce(t)
