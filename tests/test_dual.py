@@ -97,3 +97,39 @@ def test_unknown_stage_and_missing_total_steps_are_clear_errors():
         sparsify.sparsify(net, bad, example_inputs=torch.randn(1, 4), total_steps=10)
     with pytest.raises(sparsify.ScheduleError, match="total_steps"):
         sparsify.sparsify(net, "dual", example_inputs=torch.randn(1, 4))
+
+
+def test_sigma_scales_the_global_threshold_as_st3_sigma():
+    """``sigma``: the exact count of the smallest ``|W| / σ_l`` is pruned (not of ``|W|``), so a
+    big layer prunes harder than under the plain global threshold; the same allocation as st3-sigma."""
+    from sparsify.core.keep import sigma_of
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(32 * 4 * 4, 10))
+    x = torch.randn(2, 3, 8, 8)
+    rule = {"match": {"type": ["Conv2d", "Linear"]}, "method": "l1-prune",
+            "params": {"sparsity": 0.6, "begin": 0, "end": 2, "prune_at": 0, "min_density": 0}}
+    plain = sparsify.sparsify(net, {"version": 1, "rules": [rule]}, example_inputs=x, copy=True)
+    rule["params"]["sigma"] = True
+    scaled = sparsify.sparsify(net, {"version": 1, "rules": [rule]}, example_inputs=x, copy=True)
+    sparsify.step(plain)
+    sparsify.step(scaled)
+    score = torch.cat([(mod.weight.detach().abs() / sigma_of(mod.weight)).reshape(-1) for mod in (net[0], net[2], net[5])])
+    n = score.numel()
+    pruned = torch.cat([(~mod.mask).reshape(-1) for mod in layers(scaled)])
+    assert int(pruned.sum()) == pruned_count(n, 0.6)
+    assert torch.equal(pruned, score <= score.kthvalue(pruned_count(n, 0.6)).values)
+    # the plain global threshold prunes the classifier (most weights, smallest σ-free magnitudes) differently
+    assert not torch.equal(layers(plain)[2].mask, layers(scaled)[2].mask)
+    st3s = sparsify.sparsify(net, "st3-sigma", sparsity=0.6, begin=0, end=0, fix=None, min_density=0,
+                             example_inputs=x, copy=True)
+    sparsify.step(st3s)
+    st3_layers = [mod for mod in st3s.modules() if hasattr(mod, "mask")]
+    assert all(torch.equal(a.mask, b.mask) for a, b in zip(layers(scaled), st3_layers))
+
+
+def test_sigma_with_an_absolute_threshold_is_a_clear_error():
+    rec = {"version": 1, "rules": [{"match": {"type": "Linear"}, "method": "l1-prune",
+                                    "params": {"threshold": 0.2, "sigma": True}}]}
+    with pytest.raises(sparsify.RecipeError, match=r"sigma.*absolute 'threshold'"):
+        sparsify.sparsify(nn.Sequential(nn.Linear(4, 3)), rec)

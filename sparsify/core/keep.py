@@ -21,7 +21,7 @@ import torch
 
 from sparsify.core.threshold import pruned_count, quantile
 
-__all__ = ["min_kept", "guarded_thresholds", "DEFAULT_MIN_DENSITY", "EmptyLayerWarning", "warn_empty", "HeldLayers"]
+__all__ = ["min_kept", "guarded_thresholds", "sigma_of", "DEFAULT_MIN_DENSITY", "EmptyLayerWarning", "warn_empty", "HeldLayers"]
 
 #: Default share of every layer kept by the global methods (1/10 of the average density at
 #: their 90% default): enough to keep a classifier or a depthwise conv working, small enough
@@ -44,6 +44,16 @@ def min_kept(sizes: Sequence[int], min_density: float, pruned: int) -> list[int]
         total = sum(keep)
         keep = [k * room // total for k in keep]
     return keep
+
+
+def sigma_of(weight: torch.Tensor) -> float:
+    """ST-3σ's layer scale ``σ = 1 / sqrt(sum of the weight's dimensions)`` (e.g. Cout+Cin+kh+kw):
+    a global threshold taken over ``|W| / σ`` and applied as ``τ·σ`` prunes big layers harder.
+
+    >>> sigma_of(torch.zeros(64, 32, 3, 3))  # 1 / sqrt(64 + 32 + 3 + 3)
+    0.09901475429766744
+    """
+    return 1.0 / math.sqrt(sum(weight.shape))
 
 
 def _level(pruned: int, n: int) -> float:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsify.core.keep import HeldLayers, DEFAULT_MIN_DENSITY, guarded_thresholds, warn_empty
+from sparsify.core.keep import HeldLayers, DEFAULT_MIN_DENSITY, guarded_thresholds, sigma_of, warn_empty
 from sparsify.core.contract import Group, GroupContext, Method
 from sparsify.core.registry import register
 from sparsify.core.params import Params, param
@@ -88,6 +88,7 @@ class L1PruneGroup(HeldLayers, Group):
         self.register_buffer("tau", torch.zeros((), dtype=torch.float64))
         self.uncollected = 0
         self.floored: list[str] = []  # layers held at min_density by the prune step
+        self.sigmas = [sigma_of(m.weight) if params["sigma"] else 1.0 for m in members.values()]
 
     def reads_weights(self, step: int) -> bool:
         return step >= self.prune_step and not any(m._fixed for m in self.members.values())
@@ -114,14 +115,15 @@ class L1PruneGroup(HeldLayers, Group):
             m.l1 = float(self.params["l1"]) if on else 0.0
 
     def _thresholds(self, layers) -> list[float]:
-        """One global threshold, except for layers it would push below min_density (their own)."""
+        """One global threshold over ``|W| / σ`` (σ = 1 without ``sigma``), applied as ``τ·σ``, except
+        for layers it would push below min_density (their own)."""
         if self.params["threshold"] is not None:
             return [float(self.params["threshold"])] * len(layers)
-        mags = [m.weight.detach().abs().float().reshape(-1) for m in layers]
+        mags = [m.weight.detach().abs().float().reshape(-1) / s for m, s in zip(layers, self.sigmas)]
         taus, capped = guarded_thresholds(mags, float(self.params["sparsity"]), float(self.params["min_density"]))
         names = list(self.members)
         self.floored = [names[i] for i in capped]
-        return [float(t) for t in taus]
+        return [float(t) * s for t, s in zip(taus, self.sigmas)]
 
     def penalty(self):
         terms = [t for m in self.members.values() for t in m.records]
@@ -178,6 +180,14 @@ class L1PruneParams(Params):
                                "the official global threshold).", ge=0, lt=1,
                                what="a fraction in [0, 1) of each layer's weights kept (0: no guard, the official "
                                     "global threshold)")
+    sigma: bool = param(False, "ST-3sigma's layer scaling: the global threshold is taken over |W| / sigma_l and "
+                        "applied as tau * sigma_l, sigma_l = 1/sqrt(sum of the weight's dimensions).")
+
+    def check(self):
+        if self.sigma and self.threshold is not None:
+            return [("sigma", "scales the global threshold that 'sparsity' sets; with an absolute 'threshold' it "
+                              "does nothing: set 'threshold' to null or 'sigma' to false")]
+        return []
 
 
 @register
@@ -188,7 +198,8 @@ class L1PruneMethod(Method):
     * ``sparsity`` (0.5) or ``threshold`` (null): what the global magnitude pruning removes at
       ``prune_at`` (0.5, a fraction of the active range), after which the masks are fixed;
     * ``begin`` (0), ``end`` (null) or ``stage``: the active range;
-    * ``min_density`` (0.01): share of each layer's weights the global pruning always keeps.
+    * ``min_density`` (0.01): share of each layer's weights the global pruning always keeps;
+    * ``sigma`` (false): ST-3σ's layer scaling of the global threshold (docs/methods/dual.md).
     """
 
     name = "l1-prune"

@@ -18,13 +18,12 @@ is the plain tensor formula, without Python scalars (no graph break).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from sparsify.core.schedules import cubic
-from sparsify.core.keep import HeldLayers, DEFAULT_MIN_DENSITY, guarded_thresholds, warn_empty
+from sparsify.core.keep import HeldLayers, DEFAULT_MIN_DENSITY, guarded_thresholds, sigma_of, warn_empty
 from sparsify.core.threshold import QuantileTracker
 from sparsify.core.contract import Group, GroupContext, Method
 from sparsify.core.registry import register
@@ -77,15 +76,6 @@ def st3_effective_weight(weight: torch.Tensor, tau: float, mask: torch.Tensor,
     shape = [1] * weight.dim()
     shape[out_axis] = -1
     return scale.reshape(shape) * (weight - torch.sign(weight) * tau) * mask
-
-
-def sigma_of(weight: torch.Tensor) -> float:
-    """ST-3σ's layer scale ``σ = 1 / sqrt(sum of the weight's dimensions)`` (e.g. Cout+Cin+kh+kw).
-
-    >>> sigma_of(torch.zeros(64, 32, 3, 3))  # 1 / sqrt(64 + 32 + 3 + 3)
-    0.09901475429766744
-    """
-    return 1.0 / math.sqrt(sum(weight.shape))
 
 
 class ST3Mixin(SparseWeightMixin):
