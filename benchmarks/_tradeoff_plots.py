@@ -85,24 +85,27 @@ def weights(s: dict, models: list[tuple[str, str]], methods, sparsities, path: P
     return True
 
 
-def sas(s: dict, runs: list[tuple[str, str]], path: Path) -> bool:
-    """Accuracy vs non-zero MACs: SAS against the dense nets of 1x, 2x and 4x the parameters."""
-    if "dense" not in s or not any(k in s for k, _ in runs):
+def sas(s: dict, panels: list[tuple[str, str, list[tuple[str, str]]]], path: Path) -> bool:
+    """Accuracy vs non-zero MACs: SAS against dense nets of 1x, 2x and 4x the parameters, one panel
+    per ``(title, dense label, runs)`` whose dense run is done."""
+    panels = [p for p in panels if p[1] in s and any(k in s for k, _ in p[2])]
+    if not panels:
         return False
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 4.6))
-    d = s["dense"]
-    _dense_band(ax, d)
-    low = _floor(ax, [s[k] for k, _ in runs if k in s], d)
-    for k, name in runs:
-        if k in s:
-            _point(ax, s[k], s[k]["nzm"], low, f"{name}, {s[k]['params']:,.0f} params")
-    ax.set_xlabel("non-zero MACs per image")
-    ax.set_ylabel("test accuracy (%)")
-    _kilo(ax)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("SAS vs dense at non-zero MACs (LeNet-5 / MNIST)")
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 4.6), squeeze=False)
+    for ax, (title, dense, runs) in zip(axes[0], panels):
+        d = s[dense]
+        _dense_band(ax, d)
+        low = _floor(ax, [s[k] for k, _ in runs if k in s], d)
+        for k, name in runs:
+            if k in s:
+                _point(ax, s[k], s[k]["nzm"], low, f"{name}, {s[k]['params']:,.0f} params")
+        ax.set_xlabel("non-zero MACs per image")
+        ax.set_ylabel("test accuracy (%)")
+        _kilo(ax)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+        ax.set_title(f"SAS vs dense at non-zero MACs ({title} / MNIST)")
     _save(fig, path)
     return True
 

@@ -33,6 +33,8 @@ def test_the_section_states_each_target_from_the_numbers(tmp_path):
     _report(runs, "gmp 90%", [0.988, 0.987, 0.991], weight_sparsity=0.9)
     _report(runs, "str wd=2e-3", [0.988, 0.988, 0.988], weight_sparsity=0.93)  # 93% at -0.30: met
     _report(runs, "sas (M=2)", [0.995, 0.996, 0.098], nonzero_macs=416_520)   # one seed at chance: diverged
+    _report(runs, "narrow dense", [0.980, 0.981, 0.982], nonzero_macs=63_040)
+    _report(runs, "narrow sas (M=2)", [0.985, 0.984, 0.986], nonzero_macs=63_040)  # +0.40 over its own dense
     _report(runs, "tl1 lam=1.0", [0.988, 0.988, 0.988], activation_sparsity=0.85)  # +35 points at -0.30
     _report(runs, "dual", [0.988, 0.988, 0.988], effective_macs=100_000)      # 76% fewer: missed
     _report(runs, "lenet300 dense", [0.983])
@@ -45,8 +47,11 @@ def test_the_section_states_each_target_from_the_numbers(tmp_path):
     assert "90%: +0.03 (ST-3 higher on 2 of 3 seeds); 3 sparsities not run yet: **met** so far." in \
         lines["ST-3 ≥ GMP at every sparsity, LeNet-5"]
     assert lines["STR learns ≥ 90% at ≤ 0.5 points below dense, LeNet-5"].endswith("**met**.")
-    assert "1 of 3 seeds diverged" in lines["SAS M=2 above dense at equal non-zero MACs, never diverging"]
-    assert lines["SAS M=2 above dense at equal non-zero MACs, never diverging"].endswith("**missed**.")
+    assert "1 of 3 seeds diverged" in lines["SAS M=2 above dense at equal non-zero MACs, never diverging, LeNet-5"]
+    assert lines["SAS M=2 above dense at equal non-zero MACs, never diverging, LeNet-5"].endswith("**missed**.")
+    narrow = lines["SAS M=2 above dense at equal non-zero MACs, never diverging, LeNet-5 at width 0.25"]
+    assert "+0.40 ± 0.10 (3 seeds) at 63,040 vs 63,040 non-zero MACs" in narrow and narrow.endswith("**met**.")
+    assert "not run yet" in lines["SAS M=4 above dense at equal non-zero MACs, never diverging, LeNet-5 at width 0.25"]
     assert "+35.0 points at -0.30" in lines["Transformed-ℓ1: ≥ +30 points of activation sparsity at ≤ 0.5 points below dense"]
     assert lines["Transformed-ℓ1: ≥ +30 points of activation sparsity at ≤ 0.5 points below dense"].endswith("**met**.")
     assert "76.0% fewer" in lines["Dual: ≥ 80% fewer effective MACs at ≤ 0.5 points below dense"]
