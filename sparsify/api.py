@@ -109,6 +109,12 @@ def step(model: nn.Module, loss=None) -> int:
     with torch.no_grad():
         state.step += 1
         t = int(state.step)
+        members = [m for g in state.groups.values() for m in g.members.values() if isinstance(m, SparseWeightMixin)]
+        # an optimizer may write a weight without bumping its version counter (torch's fused AdamW
+        # and SGD kernels, the default of transformers' Trainer; writes through .data): nothing a
+        # layer computed from its weight before this step is reused after it
+        for m in members:
+            m.drop_caches()
         # FSDP2: the groups that read weights this step see them whole (docs/distributed.md)
         readers = [m for g in state.groups.values() if g.reads_weights(t) for m in (g, *g.members.values())]
         with full_parameters(readers):
@@ -123,10 +129,9 @@ def step(model: nn.Module, loss=None) -> int:
             # FSDP2 gathers new weight values into the same tensor without bumping its version:
             # nothing computed from a weight in this step's forward may be reused in the next one;
             # and no full-size tensor stays alive until then (docs/distributed.md, "Memory under FSDP2")
-            for m in (m for g in state.groups.values() for m in g.members.values()):
-                if isinstance(m, SparseWeightMixin):
-                    note_fsdp(m)
-                    m.drop_caches(free=True)
+            for m in members:
+                note_fsdp(m)
+                m.drop_caches(free=True)
             release_workspaces()  # sized to the largest weight or activation the thread met
     if loss is not None and not math.isfinite(loss):
         said.append(("nonfinite-loss", f"sparsify.step: the loss is {loss} at step {t}: training diverged; "

@@ -125,3 +125,41 @@ def test_huggingface_trainer_callback(tmp_path):
     # every Linear (share) plus the patch-embedding Conv2d, reached inside the untraceable embeddings
     assert sum(r.kind.endswith("Linear") for r in rows) == share["rewritten"] == share["linear"]
     assert len(rows) == share["rewritten"] + 1 and all(r.weight_sparsity > 0.5 for r in rows)
+
+
+@pytest.mark.parametrize("recipe", ["str", "dual", "nm-2-4"])
+def test_huggingface_trainer_checkpoints_and_resumes_exactly(tmp_path, recipe):
+    """The Trainer's defaults: checkpoints in safetensors (tensors only) and the fused AdamW, which
+    writes weights without bumping their version counter. A run resumed from its step-2 checkpoint
+    ends exactly where the uninterrupted one does."""
+    _require("transformers")
+    _require("accelerate")
+    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+    from sparsify.integrations.huggingface import SparsifyTrainerCallback
+
+    def model():
+        torch.manual_seed(0)
+        bert = BertForSequenceClassification(BertConfig(
+            vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            num_labels=3, max_position_embeddings=16))
+        kw = {"s_init": -3.0} if recipe == "str" else {}  # STR's soft threshold in play from the start
+        return sparsify.sparsify(bert, recipe, total_steps=4, **kw)
+
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(0, 50, (8,), generator=g), "attention_mask": torch.ones(8, dtype=torch.long),
+             "labels": i % 3} for i in range(16)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, use_cpu=True,
+                             report_to=[], save_strategy="steps", save_steps=2, logging_strategy="no",
+                             learning_rate=1e-2, seed=0, dataloader_num_workers=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        whole = model()
+        Trainer(model=whole, args=args, train_dataset=data, callbacks=[SparsifyTrainerCallback()]).train()
+        resumed = model()
+        Trainer(model=resumed, args=args, train_dataset=data, callbacks=[SparsifyTrainerCallback()]).train(
+            resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert int(find_state(resumed).step) == 4 and sparsify.report(resumed).totals["weight_sparsity"] > 0

@@ -91,14 +91,35 @@ def test_copies_give_the_same_outputs_and_train_on_identically(recipe, how):
     assert sparsify.report(other).to_dict() == sparsify.report(model).to_dict()
 
 
+def safetensors_round_trip(state: dict) -> dict:
+    """What ``save_pretrained``, ``Trainer`` checkpoints and accelerate's ``save_state`` write:
+    safetensors, which holds tensors only (no dicts, no strings)."""
+    try:
+        from safetensors.torch import load, save
+    except ImportError:
+        pytest.skip("safetensors is not installed (it comes with transformers: pip install fx-sparsify[dev])")
+    return load(save(state))
+
+
+STATE_COPIES = {"deepcopy": copy.deepcopy, "safetensors": safetensors_round_trip}
+
+
+@pytest.mark.parametrize("how", list(STATE_COPIES))
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_state_dict_round_trip_into_a_fresh_sparsify(recipe):
-    model, _ = trained(recipe)
+def test_state_dict_round_trip_into_a_fresh_sparsify(recipe, how):
+    model, opt = trained(recipe)
     fresh, _ = trained(recipe, steps=0)
-    fresh.load_state_dict(copy.deepcopy(model.state_dict()))
+    fresh.load_state_dict(STATE_COPIES[how](model.state_dict()))
     with torch.no_grad():
         assert torch.equal(fresh(X), model(X))
     assert sparsify.report(fresh).to_dict() == sparsify.report(model).to_dict()
+    # and it trains on as the original does (thresholds, masks, generators, stage flags all loaded)
+    opt2 = torch.optim.SGD(sparsify.param_groups(fresh, 1e-4), lr=0.01, momentum=0.9)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    one_step(model, opt)
+    one_step(fresh, opt2)
+    with torch.no_grad():
+        assert torch.equal(fresh(X), model(X))
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

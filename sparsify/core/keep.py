@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from sparsify.core.extra_state import pack, unpack
 from sparsify.core.threshold import pruned_count, quantile
 
 __all__ = ["min_kept", "guarded_thresholds", "sigma_of", "DEFAULT_MIN_DENSITY", "EmptyLayerWarning", "warn_empty", "HeldLayers"]
@@ -154,8 +155,8 @@ class HeldLayers:
     loaded model reports what the saved one did before its next update."""
 
     def get_extra_state(self):
-        return {"held_at_min_density": list(self.floored)}
+        return pack({"held_at_min_density": list(self.floored)})
 
     def set_extra_state(self, state) -> None:
-        self.floored = list(state.get("held_at_min_density", []))
+        self.floored = list(unpack(state).get("held_at_min_density", []))
 

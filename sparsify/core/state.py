@@ -11,6 +11,8 @@ import json
 import torch
 from torch import nn
 
+from sparsify.core.extra_state import pack, unpack
+
 __all__ = ["SparsifyState", "STATE_ATTR", "find_state", "unwrap", "explain_missing_state"]
 
 STATE_ATTR = "sparsify_state"
@@ -38,9 +40,10 @@ class SparsifyState(nn.Module):
         return json.loads(self.recipe_json)
 
     def get_extra_state(self):
-        return {"recipe": self.recipe_json, "total_steps": self.total_steps}
+        return pack({"recipe": self.recipe_json, "total_steps": self.total_steps})
 
     def set_extra_state(self, state) -> None:
+        state = unpack(state)
         if state["recipe"] != self.recipe_json or state["total_steps"] != self.total_steps:
             raise RuntimeError(
                 "this checkpoint was made with a different recipe or total_steps than the model it is "

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sparsify.core.extra_state import pack, unpack
 from sparsify.core.keep import HeldLayers, DEFAULT_MIN_DENSITY, guarded_thresholds, sigma_of, warn_empty
 from sparsify.core.contract import Group, GroupContext, Method
 from sparsify.core.registry import register
@@ -54,10 +55,10 @@ class L1PruneMixin(RecordsMixin, SparseWeightMixin):
         self._fixed = True
 
     def get_extra_state(self):
-        return {"l1": self.l1}
+        return pack({"l1": self.l1})
 
     def set_extra_state(self, state) -> None:
-        self.l1 = float(state.get("l1", 0.0))
+        self.l1 = float(unpack(state).get("l1", 0.0))
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)

@@ -133,10 +133,6 @@ class MagnitudeGroup(HeldLayers, Group):
     @torch.no_grad()
     def update(self, step: int, loss=None) -> None:
         layers = list(self.members.items())
-        for _, m in layers:
-            # an optimizer may write W without bumping its version (fused kernels, .data):
-            # never reuse W ⊙ M across steps
-            m.drop_caches()
         if step > self.fix_at:
             return  # frozen
         r = self.target(step)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsify.core.extra_state import pack, unpack
 from sparsify.core.schedules import polynomial
 from sparsify.core.contract import Group, GroupContext, Method, Site
 from sparsify.core.registry import register
@@ -262,9 +263,10 @@ class SemiStructuredGroup(Group):
 
     # the generator state makes a resumed run draw the same maps
     def get_extra_state(self):
-        return {"generator": self.generator.get_state(), "input_size": self.input_size}
+        return pack({"generator": self.generator.get_state(), "input_size": self.input_size})
 
     def set_extra_state(self, state) -> None:
+        state = unpack(state)
         self.generator.set_state(state["generator"])
         self.input_size = tuple(state["input_size"]) if state.get("input_size") else None
 

@@ -200,10 +200,6 @@ class ST3Group(HeldLayers, Group):
     @torch.no_grad()
     def update(self, step: int, loss=None) -> None:
         layers = list(self.members.items())
-        for _, m in layers:
-            # an optimizer may write W without bumping its version (fused kernels, .data):
-            # never reuse an effective weight across steps
-            m.drop_caches()
         if all(bool(m.fixed) for _, m in layers):
             return  # frozen (also a loaded official checkpoint saved after its fix)
         fixing = self.fix_at is not None and step >= self.fix_at

@@ -26,6 +26,7 @@ from torch import nn
 
 from passes import Change, set_call
 
+from sparsify.core.extra_state import pack, unpack
 from sparsify.core.contract import Group, GroupContext, Method, Site
 from sparsify.core.registry import register
 from sparsify.core.params import Literal, Params, param
@@ -163,10 +164,10 @@ class ActivationRegularizer(RecordsMixin, nn.Module):
 
     # the active flag follows the step; keep it in state_dict so a resumed run is exact
     def get_extra_state(self):
-        return {"active": self.active}
+        return pack({"active": self.active})
 
     def set_extra_state(self, state) -> None:
-        self.active = bool(state.get("active", True))
+        self.active = bool(unpack(state).get("active", True))
 
     def extra_repr(self) -> str:
         extra = f", a={self.a:g}" if self.function == "tl1" else ""
