@@ -183,3 +183,17 @@ def test_a_copied_graph_still_reads_the_mode_at_run_time(how):
     other.eval()
     assert not torch.equal(dropped, other(x))
     assert torch.equal(other(x), model.eval()(x))
+
+
+@pytest.mark.parametrize("recipe", ["dual", "semi-structured", "st3"])
+def test_checkpoints_with_extra_state_as_dicts_still_load(recipe):
+    """Before extra state became a uint8 tensor (safetensors), it was saved as a dict."""
+    from sparsify.core.extra_state import unpack
+    model, _ = trained(recipe)
+    old = {k: unpack(v) if k.endswith("_extra_state") else v for k, v in model.state_dict().items()}
+    assert any(isinstance(v, dict) for v in old.values())
+    fresh, _ = trained(recipe, steps=0)
+    fresh.load_state_dict(old)
+    with torch.no_grad():
+        assert torch.equal(fresh(X), model(X))
+    assert sparsify.report(fresh).to_dict() == sparsify.report(model).to_dict()
