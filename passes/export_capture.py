@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .calls import CallGuard
+from .checkpoint_guard import refuse_checkpoint
 from .tracing import TraceResult, _DepthTracer, _first_line, _hold, _keep_attributes, _keep_hierarchy, _traced_class
 
 __all__ = ["ExportCaptureError", "ExportGuard", "export_trace"]
@@ -200,7 +201,8 @@ def _export(root: nn.Module, inputs: tuple, result: TraceResult):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                return torch.export.export(root, args, strict=False, dynamic_shapes=dyn)
+                with refuse_checkpoint(root):  # the exported graph would drop activation checkpointing
+                    return torch.export.export(root, args, strict=False, dynamic_shapes=dyn)
             finally:
                 _hold(result, caught)
 

@@ -18,6 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from .calls import CallGuard, CallRecord, call_shell, keep_argument_names
+from .checkpoint_guard import refuse_checkpoint
 
 __all__ = ["Fallback", "TraceResult", "TracedModule", "CallRecord", "trace", "traced_module", "module_path_of"]
 
@@ -170,7 +171,8 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 try:
-                    graph = tracer.trace(root, concrete_args or None)
+                    with refuse_checkpoint(root):  # a graph would drop activation checkpointing
+                        graph = tracer.trace(root, concrete_args or None)
                 finally:
                     _hold(result, caught)
             keep_argument_names(graph, concrete_args or {})

@@ -33,3 +33,15 @@ def train(model, batches, call=None) -> list[float]:
     (default: ``model`` itself, e.g. a compiled or DDP-wrapped one). Returns the losses."""
     opt = torch.optim.SGD(sparsify.param_groups(model, weight_decay=5e-4), lr=0.1, momentum=0.9)
     return run_steps(model, opt, batches, call=call, penalty=True)
+
+
+def rank_state(state_dict: dict) -> tuple[dict, dict]:
+    """A ``state_dict`` as two parts compared across DDP / FSDP ranks: the tensors (weights, masks,
+    thresholds, score maps, step), and each module's extra state as plain data without a random
+    generator's state (semi-structured: rank 0 draws the score maps for every rank, the others'
+    generators are never used)."""
+    from sparsify.core.extra_state import unpack
+    tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+    extra = {k: {n: x for n, x in unpack(v).items() if n != "generator"}
+             for k, v in state_dict.items() if k.endswith("_extra_state")}
+    return tensors, extra

@@ -14,7 +14,7 @@ from torch import nn
 
 import sparsify
 
-from loops import train
+from loops import rank_state, train
 from sparsify.integrations.distributed import assert_synchronized, state_fingerprint
 from sparsify.core.state import find_state
 
@@ -64,9 +64,9 @@ def _worker(rank, port, outdir, recipes):
             # per-rank losses are local means: average them into the global-batch loss
             t = torch.tensor(losses, dtype=torch.float64)
             dist.all_reduce(t)
+            state, extra = rank_state(ddp.module.state_dict())
             out[recipe] = {"losses": (t / WORLD).tolist(), "fingerprint": state_fingerprint(ddp),
-                           "state": {k: v.clone() for k, v in ddp.module.state_dict().items()
-                                     if isinstance(v, torch.Tensor)}}
+                           "state": {k: v.clone() for k, v in state.items()}, "extra": extra}
         torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -97,12 +97,14 @@ def test_ranks_agree_and_match_single_process(ddp_results, recipe):
     assert r0["fingerprint"] == r1["fingerprint"]
     for k, v in r0["state"].items():  # bitwise: masks, thresholds, score maps, weights
         assert torch.equal(v, r1["state"][k]), k
+    assert r0["extra"] == r1["extra"]  # the recipe, stage flags, held layers
     if recipe in BATCH_COUPLED:
         return
     single = build(recipe)
     losses = train(single, batches())
     assert losses == pytest.approx(r0["losses"], rel=1e-5, abs=1e-6)
-    ref = {k: v for k, v in single.state_dict().items() if isinstance(v, torch.Tensor)}
+    ref, ref_extra = rank_state(single.state_dict())
+    assert ref_extra == r0["extra"]
     assert ref.keys() == r0["state"].keys()
     for k, v in r0["state"].items():
         if v.dtype == torch.bool:  # a mask may flip only where a weight sits on the threshold

@@ -16,7 +16,7 @@ from torch import nn
 
 import sparsify
 
-from loops import train
+from loops import rank_state, train
 from sparsify.core.buffers import layer_buffers, workspace_bytes
 from sparsify.core.layers import SparseWeightMixin
 from sparsify.core.sharded import is_sharded
@@ -65,8 +65,7 @@ def build(recipe, rank):
 
 
 def full_state(model) -> dict:
-    return {k: (v.full_tensor() if is_sharded(v) else v).detach().clone()
-            for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    return {k: (v.full_tensor() if is_sharded(v) else v).detach().clone() for k, v in rank_state(model.state_dict())[0].items()}
 
 
 PROBE = torch.linspace(-1, 1, 2 * 3 * 16 * 16).reshape(2, 3, 16, 16)
@@ -95,7 +94,7 @@ def run(wrapped, model, rank) -> dict:
     t = torch.tensor(losses, dtype=torch.float64)
     dist.all_reduce(t)  # per-rank losses are local means: their average is the global batch's
     return {"losses": (t / WORLD).tolist(), "fingerprint": state_fingerprint(wrapped), "state": full_state(model),
-            "report": sparsify.report(wrapped).totals, "held": held}
+            "extra": rank_state(model.state_dict())[1], "report": sparsify.report(wrapped).totals, "held": held}
 
 
 def finalized_output(model) -> torch.Tensor:
@@ -196,6 +195,7 @@ def test_fsdp2_ranks_agree_and_match_ddp(results, recipe):
     assert f0["fingerprint"] == f1["fingerprint"]
     for k, v in f0["state"].items():  # bitwise across ranks: weights, masks, thresholds, scales, step
         assert torch.equal(v, f1["state"][k]), k
+    assert f0["extra"] == f1["extra"] == r0["ddp"]["extra"]
     ddp = r0["ddp"]
     assert f0["losses"] == pytest.approx(ddp["losses"], rel=1e-5, abs=1e-6)
     assert f0["state"].keys() == ddp["state"].keys()

@@ -20,6 +20,7 @@ from torch import nn
 from sparsify.core.buffers import eager, layer_buffers
 from sparsify.core.conv1d import (CONV_TRANSPOSE_TYPES, Conv1DLike, conv1d_forward, conv_transpose_forward,
                                   is_conv1d_class)
+from sparsify.core.records import RecordsMixin  # noqa: F401  (its home before records.py)
 from sparsify.core.sharded import check_gathered, note_fsdp
 
 __all__ = ["SparseWeightMixin", "RecordsMixin", "specialize", "WEIGHT_TYPES", "TORCH_WEIGHT_TYPES", "plain_copy",
@@ -43,27 +44,6 @@ def weight_base(module: nn.Module) -> type:
     'Conv2d'
     """
     return next(c for c in type(module).__mro__ if c in TORCH_WEIGHT_TYPES or is_conv1d_class(c))
-
-
-class RecordsMixin:
-    """For modules that keep penalty terms of the current forward in ``self.records``.
-
-    Those terms belong to the live autograd graph, so copies (``copy.deepcopy``, as ``finalize``
-    makes) and pickles start with no records instead of dragging the graph along.
-    """
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["records"] = []
-        return state
-
-    def __deepcopy__(self, memo):
-        import copy
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        for k, v in self.__dict__.items():
-            new.__dict__[k] = [] if k == "records" else copy.deepcopy(v, memo)
-        return new
 
 
 class SparseWeightMixin:

@@ -19,7 +19,8 @@ from sparsify.core.keep import HeldLayers, DEFAULT_MIN_DENSITY, guarded_threshol
 from sparsify.core.contract import Group, GroupContext, Method
 from sparsify.core.registry import register
 from sparsify.core.params import Params, param
-from sparsify.core.layers import RecordsMixin, SparseWeightMixin, specialize, weight_base
+from sparsify.core.layers import SparseWeightMixin, specialize, weight_base
+from sparsify.core.records import RecordsGroupMixin, RecordsMixin
 from sparsify.core.sharded import check_gathered
 from sparsify.core.staging import active_range, in_range, resolve_stages, stage_at
 
@@ -42,8 +43,8 @@ class L1PruneMixin(RecordsMixin, SparseWeightMixin):
 
     def forward(self, x, output_size=None):
         check_gathered(self, self.weight)
-        if self.training and self.l1 and torch.is_grad_enabled():
-            self.records.append(self.l1 * self.weight.float().abs().sum())
+        if self.l1 and self.recording():
+            self.record(self.l1 * self.weight.float().abs().sum())
         return self.forward_with(x, self.effective_weight(), output_size)
 
     @torch.no_grad()
@@ -71,7 +72,7 @@ class L1PruneMixin(RecordsMixin, SparseWeightMixin):
 L1PRUNE_CLASSES = specialize(L1PruneMixin, prefix="L1Prune")
 
 
-class L1PruneGroup(HeldLayers, Group):
+class L1PruneGroup(HeldLayers, RecordsGroupMixin, Group):
     """All layers of one ``l1-prune`` rule: ℓ1 on, then one global threshold, then fixed masks."""
 
     def __init__(self, method, params, members, ctx: GroupContext):
@@ -87,7 +88,7 @@ class L1PruneGroup(HeldLayers, Group):
             self.prune_step = self.begin + int(round(frac * (self.end - self.begin)))
         self._stages = resolve_stages(ctx)  # plain data: a group keeps no reference to the model
         self.register_buffer("tau", torch.zeros((), dtype=torch.float64))
-        self.uncollected = 0
+        self._init_records()
         self.floored: list[str] = []  # layers held at min_density by the prune step
         self.sigmas = [sigma_of(m.weight) if params["sigma"] else 1.0 for m in members.values()]
 
@@ -125,25 +126,6 @@ class L1PruneGroup(HeldLayers, Group):
         names = list(self.members)
         self.floored = [names[i] for i in capped]
         return [float(t) * s for t, s in zip(taus, self.sigmas)]
-
-    def penalty(self):
-        terms = [t for m in self.members.values() for t in m.records]
-        for m in self.members.values():
-            m.records = []
-        if not terms:
-            return None
-        return torch.stack([t.reshape(()) for t in terms]).sum()
-
-    def clear(self) -> None:
-        for m in self.members.values():
-            self.uncollected += len(m.records)
-            m.records = []
-
-    def warnings(self) -> list[str]:
-        if self.uncollected:
-            return ["sparsify: the l1-prune layers recorded an ℓ1 penalty that was never collected: "
-                    "add sparsify.penalty(model) to the loss before backward()"]
-        return []
 
     def target(self, step: int):
         if self.params["threshold"] is not None:

@@ -31,7 +31,7 @@ from sparsify.core.contract import Group, GroupContext, Method, Site
 from sparsify.core.registry import register
 from sparsify.core.params import Literal, Params, param
 from sparsify.core.buffers import eager
-from sparsify.core.layers import RecordsMixin
+from sparsify.core.records import RecordsGroupMixin, RecordsMixin
 from sparsify.methods.regularizers.kernels import hoyer_square, l1_sum, plain_penalty, tl1_sum
 from sparsify.core.staging import active_range, in_range, resolve_stages, stage_at
 
@@ -139,10 +139,9 @@ class ActivationRegularizer(RecordsMixin, nn.Module):
         self._counting = False
 
     def forward(self, x):
-        if (self.training and self.active and self.lam != 0.0 and torch.is_grad_enabled()
-                and isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel()):
-            self.records.append(penalty_value(x, self.function, self.a, self.reduction, weight=self.lam,
-                                              nonneg=self.nonneg))
+        if (self.active and self.lam != 0.0 and isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel()
+                and self.recording()):
+            self.record(penalty_value(x, self.function, self.a, self.reduction, weight=self.lam, nonneg=self.nonneg))
         if self.training:
             self._counting = False
         elif isinstance(x, torch.Tensor) and x.numel() and eager():
@@ -152,15 +151,6 @@ class ActivationRegularizer(RecordsMixin, nn.Module):
             self.zeros += x.numel() - int(torch.count_nonzero(x))
             self.seen += x.numel()
         return x
-
-    def pop(self) -> list[torch.Tensor]:
-        out, self.records = self.records, []
-        return out
-
-    def clear_records(self) -> int:
-        n = len(self.records)
-        self.records = []
-        return n
 
     # the active flag follows the step; keep it in state_dict so a resumed run is exact
     def get_extra_state(self):
@@ -202,34 +192,21 @@ def _make_users_out_of_place(gm: fx.GraphModule, node: fx.Node) -> list[Change]:
     return changed
 
 
-class ActivationRegGroup(Group):
+class ActivationRegGroup(RecordsGroupMixin, Group):
     """Every regularizer node of one rule: switches them on in their step range, collects penalties."""
+
+    record_noun = "regularizers"
 
     def __init__(self, method, params, members, ctx: GroupContext):
         super().__init__(method, params, members, ctx)
         self.begin, self.end = active_range(params, ctx, method.name)
         self._stages = resolve_stages(ctx)  # plain data: a group keeps no reference to the model
-        self.uncollected = 0
+        self._init_records()
 
     def update(self, step: int, loss=None) -> None:
         on = in_range(step, self.begin, self.end)
         for m in self.members.values():
             m.active = on
-
-    def penalty(self):
-        terms = [t for m in self.members.values() for t in m.pop()]
-        if not terms:
-            return None
-        return torch.stack([t.float().reshape(()) for t in terms]).sum()
-
-    def clear(self) -> None:
-        self.uncollected += sum(m.clear_records() for m in self.members.values())
-
-    def warnings(self) -> list[str]:
-        if self.uncollected:
-            return [f"sparsify: the {self.method_name} regularizers recorded a penalty that was never "
-                    "collected: add sparsify.penalty(model) to the loss before backward()"]
-        return []
 
     def target(self, step: int):
         return None

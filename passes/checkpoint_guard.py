@@ -1,0 +1,95 @@
+"""Keep activation checkpointing out of traced graphs.
+
+``torch.utils.checkpoint.checkpoint(fn, x)`` called during ``torch.fx`` tracing runs ``fn`` on the
+proxies and leaves no node of its own: the graph computes the same values, but the recomputation
+in backward, and the memory it saves, are gone without a word. While :func:`refuse_checkpoint` is
+active, a call of ``checkpoint`` or ``checkpoint_sequential`` from the forward being traced raises
+:class:`CheckpointInGraph`; the tracer then makes the calling module a leaf that runs its own
+forward (a fallback, reported with this reason), which keeps the checkpointing.
+
+The functions are found where code reaches them: the ``torch.utils.checkpoint`` module itself,
+names bound by ``from torch.utils.checkpoint import checkpoint`` in the modules defining the
+traced classes, and ``functools.partial`` objects stored on modules (transformers keeps
+``self._gradient_checkpointing_func = partial(checkpoint, ...)``). They are restored on exit.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Iterator
+
+import torch.utils.checkpoint as cp
+from torch import nn
+
+__all__ = ["CheckpointInGraph", "refuse_checkpoint"]
+
+
+class CheckpointInGraph(RuntimeError):
+    """Raised while tracing by a call of ``torch.utils.checkpoint``."""
+
+
+def _refuse(*args, **kwargs):
+    raise CheckpointInGraph("calls torch.utils.checkpoint (activation checkpointing), which a traced graph "
+                            "would drop: this module runs its own forward")
+
+
+_TARGETS = (cp.checkpoint, cp.checkpoint_sequential)  # taken at import: refuse_checkpoint replaces them
+
+
+def _is_checkpoint(value) -> bool:
+    return any(value is f for f in _TARGETS) or (isinstance(value, functools.partial)
+                                                  and any(value.func is f for f in _TARGETS))
+
+
+def _namespaces(root: nn.Module) -> dict[int, dict]:
+    """The globals of every function defined by the classes of ``root``'s modules, and the
+    ``torch.utils.checkpoint`` module's own (``cp.checkpoint(...)`` looks the name up there)."""
+    spaces = {id(cp.__dict__): cp.__dict__}
+    for cls in {type(m) for m in root.modules()}:
+        for klass in cls.__mro__:
+            if klass.__module__.startswith("torch."):
+                continue
+            for value in vars(klass).values():
+                g = getattr(value, "__globals__", None)
+                if isinstance(g, dict):
+                    spaces[id(g)] = g
+    return spaces
+
+
+@contextlib.contextmanager
+def refuse_checkpoint(root: nn.Module) -> Iterator[None]:
+    """While active, code traced from ``root`` that calls ``torch.utils.checkpoint`` raises
+    :class:`CheckpointInGraph` (see the module docstring).
+
+    >>> import torch
+    >>> from torch.utils.checkpoint import checkpoint
+    >>> class Net(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.lin = torch.nn.Linear(2, 2)
+    ...     def forward(self, x):
+    ...         return checkpoint(self.lin, x, use_reentrant=False)
+    >>> with refuse_checkpoint(Net()):
+    ...     torch.fx.symbolic_trace(Net())
+    Traceback (most recent call last):
+    ...
+    passes.checkpoint_guard.CheckpointInGraph: calls torch.utils.checkpoint (activation checkpointing), which a traced graph would drop: this module runs its own forward
+    >>> len(torch.fx.symbolic_trace(Net()).graph.nodes)  # outside: traced through, checkpointing gone
+    3
+    """
+    undo: list = []
+    try:
+        for space in _namespaces(root).values():
+            for key, value in list(space.items()):
+                if _is_checkpoint(value):
+                    undo.append((space, key, value))
+                    space[key] = _refuse
+        for m in root.modules():
+            for key, value in list(vars(m).items()):
+                if _is_checkpoint(value):
+                    undo.append((m.__dict__, key, value))
+                    m.__dict__[key] = _refuse
+        yield
+    finally:
+        for space, key, value in reversed(undo):
+            space[key] = value

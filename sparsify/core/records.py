@@ -1,0 +1,116 @@
+"""Penalty terms recorded in the forward and collected by ``sparsify.penalty``: the layer side
+(:class:`RecordsMixin`) and the group side (:class:`RecordsGroupMixin`) that every penalty method
+(the activation regularizers, ``l1-prune``) shares.
+
+A term is recorded by a training-mode forward with gradients. A forward that runs again inside
+``backward()`` records nothing: activation checkpointing recomputes forwards there, and the first
+run already recorded the term (a term recorded again could not reach the loss and would only be
+reported as never collected). The re-run still computes it: non-reentrant checkpointing checks
+that a re-run saves the tensors the first run saved. Reentrant checkpointing
+(``use_reentrant=True``) runs the first forward without gradients, so a term inside it can never
+reach the loss: the group says so.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["RecordsMixin", "RecordsGroupMixin", "in_backward"]
+
+
+def in_backward() -> bool:
+    """Whether the calling code runs inside an autograd backward pass (e.g. a checkpointed forward
+    being recomputed).
+
+    >>> in_backward()
+    False
+    """
+    if torch.compiler.is_compiling():  # compiled forwards are never recomputed by checkpoint's hooks
+        return False
+    return torch._C._current_graph_task_id() != -1
+
+
+class RecordsMixin:
+    """For modules that keep penalty terms of the current forward in ``self.records``.
+
+    Those terms belong to the live autograd graph, so copies (``copy.deepcopy``, as ``finalize``
+    makes) and pickles start with no records instead of dragging the graph along.
+    """
+
+    records: list
+    _recorded = False  # a term was recorded since the last step
+    _lost = 0  # forwards that ran with gradients only inside backward since the last step
+
+    def recording(self) -> bool:
+        """Whether this forward computes its term: training mode with gradients."""
+        return self.training and torch.is_grad_enabled()
+
+    def record(self, term: torch.Tensor) -> None:
+        """Keep ``term`` for ``sparsify.penalty``, unless this forward is a re-run inside backward.
+        The re-run still computes the term: non-reentrant checkpointing checks that it saves the
+        tensors the first run saved."""
+        if in_backward():
+            if not self._recorded:
+                self._lost += 1
+            return
+        self._recorded = True
+        self.records.append(term)
+
+    def pop(self) -> list[torch.Tensor]:
+        out, self.records = self.records, []
+        return out
+
+    def clear_records(self) -> tuple[int, int]:
+        """Forget this step's terms: ``(terms never collected, forwards whose term was lost)``."""
+        left, lost = len(self.records), self._lost
+        self.records, self._recorded, self._lost = [], False, 0
+        return left, lost
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["records"] = []
+        return state
+
+    def __deepcopy__(self, memo):
+        import copy
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            new.__dict__[k] = [] if k == "records" else copy.deepcopy(v, memo)
+        return new
+
+
+class RecordsGroupMixin:
+    """Group side: :meth:`penalty` sums the members' terms, :meth:`clear` (every ``sparsify.step``)
+    counts what was left or lost, :meth:`warnings` says what to do about it. ``record_noun`` names
+    the members in the warnings."""
+
+    record_noun = "layers"
+
+    def _init_records(self) -> None:
+        self.uncollected = 0
+        self.lost = 0
+
+    def penalty(self):
+        terms = [t for m in self.members.values() for t in m.pop()]
+        if not terms:
+            return None
+        return torch.stack([t.float().reshape(()) for t in terms]).sum()
+
+    def clear(self) -> None:
+        for m in self.members.values():
+            left, lost = m.clear_records()
+            self.uncollected += left
+            self.lost += lost
+
+    def warnings(self) -> list[str]:
+        out = []
+        if self.uncollected:
+            out.append(f"sparsify: the {self.method_name} {self.record_noun} recorded a penalty that was never "
+                       "collected: add sparsify.penalty(model) to the loss before backward()")
+        if self.lost:
+            out.append(f"sparsify: the {self.method_name} {self.record_noun} ran their training forward with "
+                       "gradients only inside backward(), so their penalty never reached the loss: reentrant "
+                       "activation checkpointing runs the first forward without gradients; use "
+                       "use_reentrant=False (transformers: gradient_checkpointing_enable("
+                       "gradient_checkpointing_kwargs={'use_reentrant': False}))")
+        return out
