@@ -7,15 +7,17 @@ active, a call of ``checkpoint`` or ``checkpoint_sequential`` from the forward b
 :class:`CheckpointInGraph`; the tracer then makes the calling module a leaf that runs its own
 forward (a fallback, reported with this reason), which keeps the checkpointing.
 
-The functions are found where code reaches them: the ``torch.utils.checkpoint`` module itself,
-names bound by ``from torch.utils.checkpoint import checkpoint`` in the modules defining the
-traced classes, and ``functools.partial`` objects stored on modules (transformers keeps
+The functions are found where code reaches them: names bound to them in the globals of imported
+modules (``torch.utils.checkpoint`` itself, ``from torch.utils.checkpoint import checkpoint`` in a
+model's module or in a helper such as timm's ``checkpoint_seq``) and of the functions of the traced
+classes, and ``functools.partial`` objects stored on modules (transformers keeps
 ``self._gradient_checkpointing_func = partial(checkpoint, ...)``). They are restored on exit.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from typing import Iterator
 
 import torch.utils.checkpoint as cp
@@ -41,10 +43,29 @@ def _is_checkpoint(value) -> bool:
                                                   and any(value.func is f for f in _TARGETS))
 
 
+_MODULES: dict = {"count": -1, "spaces": []}  # imported modules whose globals hold the functions
+
+
+def _module_namespaces() -> list[dict]:
+    """Globals of imported modules that hold the functions (``torch.utils.checkpoint`` itself,
+    helpers such as timm's ``checkpoint_seq`` module, torch's ``checkpoint_wrapper``): one scan
+    (about 25 ms) per change in the number of imported modules."""
+    if _MODULES["count"] != len(sys.modules):
+        found = []
+        for mod in list(sys.modules.values()):
+            space = getattr(mod, "__dict__", None)
+            # _refuse too: a scan made while an outer refuse_checkpoint is active finds the same spaces
+            if isinstance(space, dict) and any(v is _refuse or _is_checkpoint(v) for v in list(space.values())):
+                found.append(space)
+        _MODULES.update(count=len(sys.modules), spaces=found)
+    return _MODULES["spaces"]
+
+
 def _namespaces(root: nn.Module) -> dict[int, dict]:
-    """The globals of every function defined by the classes of ``root``'s modules, and the
-    ``torch.utils.checkpoint`` module's own (``cp.checkpoint(...)`` looks the name up there)."""
+    """The globals of every function defined by the classes of ``root``'s modules (they may live
+    outside any imported module: a notebook, a doctest), and those of :func:`_module_namespaces`."""
     spaces = {id(cp.__dict__): cp.__dict__}
+    spaces.update((id(g), g) for g in _module_namespaces())
     for cls in {type(m) for m in root.modules()}:
         for klass in cls.__mro__:
             if klass.__module__.startswith("torch."):

@@ -129,3 +129,24 @@ def test_export_capture_refuses_a_forward_that_checkpoints():
         sparsify.sparsify(Net(False), "tl1", example_inputs=X, total_steps=8, capture="export")
     plan = sparsify.plan(Net(False), "tl1", example_inputs=X)
     assert any("torch.utils.checkpoint" in note for note in plan.capture_notes)
+
+
+def test_checkpoint_sequential_is_kept_too():
+    """Reached through another module's globals (``checkpoint_sequential`` calls ``checkpoint``
+    inside torch.utils.checkpoint; timm's ``checkpoint_seq`` does the same from timm)."""
+    from torch.utils.checkpoint import checkpoint_sequential
+
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(checkpoint_sequential(self.body, 2, x, use_reentrant=False).mean((2, 3)))
+
+    model = sparsify.sparsify(Seq(), "st3", total_steps=4)
+    calls = []
+    model.body[0].register_forward_pre_hook(lambda *args: calls.append(1))
+    F.cross_entropy(model(X), torch.tensor([0, 1, 2, 3])).backward()
+    assert len(calls) == 2
