@@ -55,7 +55,9 @@ class CallGuard:
                                   "required" if p.default is p.empty else "value") for p in params}
         self.fixed = dict(fixed)
         self.nodes = frozenset(nodes)
-        self.modes = dict(modes or {})  # {submodule path: training flag} the graph took a branch on
+        # {(submodule path, flag name): value} of the mode flags (MODE_FLAGS) the graph took a branch on;
+        # a bare path is the "training" flag (guards pickled before other flags were followed)
+        self.modes = {(k if isinstance(k, tuple) else (k, "training")): v for k, v in (modes or {}).items()}
         self._warned: set = set()
 
     @classmethod
@@ -81,11 +83,19 @@ class CallGuard:
             return None
         return guard
 
+    def off_mode(self, module: nn.Module) -> tuple[str, str] | None:
+        """The first ``(path, flag)`` whose value now differs from the branch the graph holds."""
+        modes = self.__dict__.get("modes", {})
+        for key, value in modes.items():
+            path, flag = key if isinstance(key, tuple) else (key, "training")
+            if getattr(module.get_submodule(path) if path else module, flag, value) is not value:
+                return path, flag
+        return None
+
     def fits(self, args: tuple, kwargs: dict, module: nn.Module | None = None) -> bool:
         """Does the call ``(args, kwargs)`` of ``module`` take the path the graph was traced on?"""
-        for path, value in self.modes.items() if module is not None else ():
-            if (module.get_submodule(path) if path else module).training is not value:
-                return False
+        if module is not None and self.off_mode(module) is not None:
+            return False
         n = len(self.names)
         if len(args) > n and any(a is not None for a in args[n:]):
             return False
@@ -118,13 +128,14 @@ class CallGuard:
             added = sorted(n.name for n in graph.nodes if n.name not in self.nodes and n.op == "call_module"
                            and not (not module.training and getattr(module.get_submodule(str(n.target)),
                                                                     "identity_in_eval", False)))
-            mode = next((m for m in self.modes if (module.get_submodule(m) if m else module).training
-                         is not self.modes[m]), None)
+            mode = self.off_mode(module)
             key = (len(args), tuple(sorted(kwargs)), mode)
             if added and key not in self._warned:
                 self._warned.add(key)
-                why = (f"in {'train' if module.training else 'eval'} mode, which its graph's control flow did "
-                       "not take" if mode is not None else "with arguments its graph was not traced for")
+                flag = None if mode is None else getattr(module.get_submodule(mode[0]) if mode[0] else module, mode[1])
+                why = ("with arguments its graph was not traced for" if mode is None else
+                       f"in {'train' if module.training else 'eval'} mode, which its graph's control flow did not take"
+                       if mode[1] == "training" else f"with {mode[1]}={flag}, which its graph's control flow did not take")
                 warnings.warn(f"{type(module).__name__} was called {why}; its own forward runs, without the "
                               f"nodes added to its graph ({', '.join(added[:4])}{'...' if len(added) > 4 else ''})"
                               + ("" if mode is not None else ": pass example_inputs that call it this way"),

@@ -155,9 +155,8 @@ class ExportGuard(CallGuard):
         self.checks = checks  # torch.export's _guards_fn (not picklable: dropped by pickling)
 
     def fits(self, args: tuple, kwargs: dict, module: nn.Module | None = None) -> bool:
-        for path, value in self.modes.items() if module is not None else ():
-            if (module.get_submodule(path) if path else module).training is not value:
-                return False
+        if module is not None and self.off_mode(module) is not None:
+            return False
         flat, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
         if spec != self.spec:
             return False

@@ -13,7 +13,6 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
 import torch.fx as fx
 from torch import nn
 
@@ -55,6 +54,12 @@ class TraceResult:
     notes: list[str] = field(default_factory=list)  # what the capture wants the user to know
 
 
+#: module attributes that switch a forward's behaviour like ``training`` does: a graph follows the
+#: value they had at trace time, and a call made with another value runs the module's own forward
+#: (``grad_checkpointing``: timm's switch; ``gradient_checkpointing``: transformers')
+MODE_FLAGS = ("training", "grad_checkpointing", "gradient_checkpointing")
+
+
 class _DepthTracer(fx.Tracer):
     # defaults: torch rebuilds a pickled GraphModule with a subclass of the tracer that made it
     def __init__(self, descend: Descend | None = None, forced_leaves: set[str] | None = None, prefix: str = ""):
@@ -63,22 +68,24 @@ class _DepthTracer(fx.Tracer):
         self._forced = forced_leaves if forced_leaves is not None else set()
         self._prefix = prefix
         self.culprit: str | None = None
-        self.modes: dict[fx.Node, tuple[str, bool]] = {}  # get_attr node of a module's mode -> (path, value)
-        self.baked: dict[str, bool] = {}  # modes that Python control flow read: the graph holds one branch
-        self._saved: list[tuple[nn.Module, bool]] = []
+        self.modes: dict[fx.Node, tuple[tuple[str, str], bool]] = {}  # get_attr node of a mode flag -> ((path, flag), value)
+        self.baked: dict[tuple[str, str], bool] = {}  # flags that Python control flow read: the graph holds one branch
+        self._saved: list[tuple[nn.Module, str, bool]] = []
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
         out = super().create_args_for_root(root_fn, is_module, concrete_args)
         if is_module:
             # `self.training` in any forward traced through reads a graph node, so train()/eval()
-            # still switch it (F.dropout(x, p, training=self.training) stays live)
+            # still switch it (F.dropout(x, p, training=self.training) stays live); the same for the
+            # other MODE_FLAGS (a gradient-checkpointing switch turned on after sparsify)
             for name, m in self.root.named_modules():
-                value = m.__dict__.get("training")
-                if isinstance(value, bool):
-                    proxy = self.create_proxy("get_attr", f"{name}.training" if name else "training", (), {})
-                    self.modes[proxy.node] = (name, value)
-                    self._saved.append((m, value))
-                    m.__dict__["training"] = proxy
+                for flag in MODE_FLAGS:
+                    value = m.__dict__.get(flag)
+                    if isinstance(value, bool):
+                        proxy = self.create_proxy("get_attr", f"{name}.{flag}" if name else flag, (), {})
+                        self.modes[proxy.node] = ((name, flag), value)
+                        self._saved.append((m, flag, value))
+                        m.__dict__[flag] = proxy
         return out
 
     def trace(self, root, concrete_args=None):
@@ -92,8 +99,8 @@ class _DepthTracer(fx.Tracer):
             self.restore_modes(graph)
 
     def restore_modes(self, graph: fx.Graph | None) -> None:
-        for m, value in self._saved:
-            m.__dict__["training"] = value
+        for m, flag, value in self._saved:
+            m.__dict__[flag] = value
         self._saved.clear()
         for node in list(graph.nodes) if graph is not None else ():
             if node in self.modes and not node.users:
@@ -103,8 +110,8 @@ class _DepthTracer(fx.Tracer):
         # `if self.training:` cannot stay live in a graph: it takes the trace-time branch, and
         # the graph's CallGuard sends calls in the other mode to the module's own forward
         if obj.node in self.modes:
-            path, value = self.modes[obj.node]
-            self.baked[path] = value
+            key, value = self.modes[obj.node]
+            self.baked[key] = value
             return value
         return super().to_bool(obj)
 

@@ -150,3 +150,28 @@ def test_checkpoint_sequential_is_kept_too():
     model.body[0].register_forward_pre_hook(lambda *args: calls.append(1))
     F.cross_entropy(model(X), torch.tensor([0, 1, 2, 3])).backward()
     assert len(calls) == 2
+
+
+def test_a_checkpointing_switch_turned_on_after_sparsify_is_followed():
+    """timm's ``set_grad_checkpointing(True)`` after ``sparsify``: the graph was traced with the
+    switch off, so a call with it on runs the module's own forward, which checkpoints."""
+    class Switch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.block, self.fc = nn.Conv2d(3, 8, 3, padding=1), Block(), nn.Linear(8, 4)
+            self.grad_checkpointing = False
+
+        def forward(self, x):
+            x = torch.relu(self.stem(x))
+            x = checkpoint(self.block, x, use_reentrant=False) if self.grad_checkpointing else self.block(x)
+            return self.fc(x.mean((2, 3)))
+
+    model = sparsify.sparsify(Switch(), "st3", total_steps=4)
+    calls = []
+    model.block.conv.register_forward_pre_hook(lambda *args: calls.append(1))
+    for on, expected in ((False, 1), (True, 2)):
+        model.grad_checkpointing = on
+        calls.clear()
+        F.cross_entropy(model(X), Y).backward()
+        assert len(calls) == expected
+    assert model._call_guard.modes == {("", "grad_checkpointing"): False}

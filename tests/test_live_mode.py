@@ -80,4 +80,4 @@ def test_dropout_mode_is_a_graph_node():
     m = sparsify.sparsify(Net(), "st3", total_steps=10, example_inputs=torch.randn(2, 3, 8, 8))
     reads = [n.target for n in m.graph.nodes if n.op == "get_attr" and str(n.target).endswith("training")]
     assert reads == ["head.training"]
-    assert m._call_guard.modes == {"": True}  # the root's `if self.training:` took the train branch
+    assert m._call_guard.modes == {("", "training"): True}  # the root's `if self.training:` took the train branch

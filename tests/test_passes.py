@@ -81,7 +81,7 @@ def test_leaf_keeps_mode_dependent_code_live():
     net = Net().train()
     deep = trace(net).module  # traced through ModeDependent: the graph holds its training branch
     shallow = trace(net, lambda name, m: name != "mode").module
-    assert deep._call_guard.modes == {"mode": True}
+    assert deep._call_guard.modes == {("mode", "training"): True}
     deep.eval(), shallow.eval(), net.eval()
     assert torch.equal(shallow(x), net(x))
     assert torch.equal(deep(x), net(x))  # in eval the guard runs Net's own forward
