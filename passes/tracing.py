@@ -331,6 +331,12 @@ def traced_module(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     gm = cls(root, graph, type(root).__name__)
     _keep_hierarchy(root, gm)
     _keep_attributes(root.__dict__, gm)
+    for name in gm._buffers:
+        if name not in root._buffers:
+            # a tensor the forward made from code (fx's ``_tensor_constantN``, e.g. timm Swin's relative
+            # position index): not state, so state_dict keeps the original's keys (a finalized model
+            # loads into a freshly built one, and the other way round)
+            gm._non_persistent_buffers_set.add(name)
     gm.training = root.training
     return gm
 

@@ -19,7 +19,8 @@ from sparsify.core.devices import model_device, move_buffers
 from sparsify.core.layers import SparseWeightMixin
 from sparsify.core.buffers import release_workspaces
 from sparsify.core.sharded import full_parameters, is_distributed, note_fsdp, sharded_modules
-from sparsify.core.state import find_state, unwrap
+from sparsify.core.state import find_state, forget_replaced, unwrap
+from sparsify.core.subclasses import OWN_FORWARD
 from sparsify.prepare.inputs import check_inputs, state_inputs
 
 __all__ = ["sparsify", "plan", "step", "penalty", "report", "finalize", "param_groups", "measure", "Measurement"]
@@ -62,6 +63,12 @@ def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int 
     factors = check_inputs(model, example_inputs)
     root, plan_ = build(model, recipe, example_inputs=example_inputs, total_steps=total_steps, inplace=inplace,
                         copy=copy, factors=factors, capture=capture)
+    own = sorted({e.kind for e in plan_.dense if OWN_FORWARD in e.reason})
+    if own:  # a plain sparse layer would drop their forward (weight standardisation): said, not silent
+        n = sum(1 for e in plan_.dense if OWN_FORWARD in e.reason)
+        warnings.warn(f"sparsify: {n} layer(s) of class {', '.join(own)} left dense: they compute with their own "
+                      "forward, which a sparse layer would not keep (see sparsify.plan(model, recipe) and "
+                      "docs/integrations.md#timm)", stacklevel=2)
     for i in plan_.unmatched_rules:
         if recipe.data["rules"][i].get("optional"):
             continue  # the recipe says this rule may match nothing (e.g. no downsample layers)
@@ -90,6 +97,20 @@ def plan(model: nn.Module, recipe, *, example_inputs=None, total_steps: int | No
     return plan_
 
 
+def _forget_replaced(model: nn.Module, where: str) -> None:
+    """Layers the user replaced after ``sparsify`` leave their groups, said once per model."""
+    state = find_state(model)
+    gone = forget_replaced(unwrap(model), state)
+    if gone:
+        key = "replaced:" + ",".join(gone)
+        if key not in state.warned:
+            state.warned.add(key)
+            warnings.warn(f"sparsify.{where}: {', '.join(gone[:5])}{' ...' if len(gone) > 5 else ''} replaced after "
+                          "sparsify() (as timm's reset_classifier does): the new layer stays dense and the sparse "
+                          "one it replaced leaves the schedule, report and finalize; to sparsify the new layer, "
+                          "replace it before calling sparsify()", stacklevel=3)
+
+
 def step(model: nn.Module, loss=None) -> int:
     """Advance the schedules by one optimizer step; call it right after ``optimizer.step()``.
 
@@ -102,6 +123,7 @@ def step(model: nn.Module, loss=None) -> int:
     >>> sparsify.step(m)
     1
     """
+    _forget_replaced(model, "step")
     state = find_state(model)
     if loss is not None and isinstance(loss, torch.Tensor):
         loss = float(loss.detach())
@@ -173,6 +195,7 @@ def report(model: nn.Module) -> Report:
     >>> sparsify.report(m).totals["weight_sparsity"] >= 0.5
     True
     """
+    _forget_replaced(model, "report")
     state = find_state(model)
     root = unwrap(model)
     with full_parameters(root.modules()):  # FSDP2: whole weights on every rank (a collective)
@@ -211,6 +234,7 @@ def finalize(model: nn.Module, example_inputs=None, *, check: bool = True, rtol:
     if accelerate and semi_structured:
         raise ValueError("finalize: accelerate (CPU inference) and semi_structured (CUDA inference) "
                          "exclude each other: pass one")
+    _forget_replaced(model, "finalize")
     final = finalize_model(model, example_inputs, check=check, rtol=rtol, atol=atol)
     if semi_structured:
         from sparsify.deploy.semistructured24 import to_semi_structured

@@ -21,9 +21,10 @@ from torch import nn
 from passes import Change, insert_after, replace_module, reroute_input, set_submodule
 
 from sparsify.core.conv1d import Conv1DLike, grouped_transpose
-from sparsify.core.layers import WEIGHT_TYPES, SparseWeightMixin, plain_copy
+from sparsify.core.layers import WEIGHT_TYPES, SparseWeightMixin, plain_copy, weight_base
 from sparsify.core.params import Params
 from sparsify.core.schedules import resolve_time
+from sparsify.core.subclasses import refusal
 
 __all__ = ["Method", "Group", "Site", "GroupContext"]
 
@@ -224,6 +225,10 @@ class Method:
     # layer computes with an effective weight of the same shape from the same parameter, which the other
     # uses can read), "refuse" (the rewrite changes the weight), "keep" (the layer keeps its weight)
     tied_weights: ClassVar[str] = "share"
+    # a Conv/Linear subclass with its own forward (timm's Conv2dSame, StdConv2d; sparsify.core.subclasses):
+    # "run" (the sparse layer runs that forward with its effective weight where it uses the weight as is),
+    # "keep" (the layer itself is not replaced), "dense" (leave every such layer dense)
+    own_forward: ClassVar[str] = "dense"
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -248,6 +253,10 @@ class Method:
             if isinstance(site.module, Conv1DLike):
                 return f"{self.name} applies to {names} only, not to transformers' Conv1D (a transposed Linear)"
             return f"{self.name} applies to {names} only"
+        if self.site == "module" and self.own_forward != "keep":
+            why = refusal(site.module, weight_base(site.module), self.own_forward == "run")
+            if why:
+                return why
         if self.site == "module" and grouped_transpose(site.module) and \
                 self.out_channel_state({**self.params, **(site.params or {})}):
             return (f"{self.name} works per output channel and a {type(site.module).__name__} with "

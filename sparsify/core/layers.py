@@ -22,6 +22,7 @@ from sparsify.core.conv1d import (CONV_TRANSPOSE_TYPES, Conv1DLike, conv1d_forwa
                                   is_conv1d_class)
 from sparsify.core.records import RecordsMixin  # noqa: F401  (its home before records.py)
 from sparsify.core.sharded import check_gathered, note_fsdp
+from sparsify.core.subclasses import own_forward_class, own_forward_with
 
 __all__ = ["SparseWeightMixin", "RecordsMixin", "specialize", "WEIGHT_TYPES", "TORCH_WEIGHT_TYPES", "plain_copy",
            "weight_base", "masked_weight", "CONV_TRANSPOSE_TYPES"]
@@ -97,6 +98,9 @@ class SparseWeightMixin:
 
     def forward_with(self, x, weight, output_size=None):
         """The dense layer's forward with ``weight`` (``output_size``: a ConvTranspose's argument)."""
+        own = self.__dict__.get("_own_forward")
+        if own is not None:  # timm's Conv2dSame: its padding stays (sparsify.core.subclasses)
+            return own_forward_with(self, own, x, weight)
         if isinstance(self, CONV_TRANSPOSE_TYPES):
             return conv_transpose_forward(self, x, weight, output_size)
         if output_size is not None:
@@ -117,12 +121,16 @@ class SparseWeightMixin:
                     "_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
             if key in dense.__dict__:
                 new.__dict__[key] = type(dense.__dict__[key])(dense.__dict__[key])
+        own = own_forward_class(dense, weight_base(dense))
+        if own is not None:  # a class whose forward uses the weight as is (Method.accepts refused the others)
+            new._own_forward, new._dense_class = own, type(dense)
         new.init_sparse(**params)
         return new
 
     def dense_class(self) -> type:
-        """The torch.nn class this layer specialises (Conv2d, Linear, ..., or a ``Conv1D``)."""
-        return weight_base(self)
+        """The class this layer finalizes to: the torch.nn class it specialises (Conv2d, Linear, ...,
+        or a ``Conv1D``), or the subclass it was made from when that has its own forward."""
+        return self.__dict__.get("_dense_class") or weight_base(self)
 
     def extra_repr(self) -> str:
         # Conv1D has no extra_repr (it overrides __repr__)

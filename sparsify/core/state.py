@@ -13,7 +13,7 @@ from torch import nn
 
 from sparsify.core.extra_state import pack, unpack
 
-__all__ = ["SparsifyState", "STATE_ATTR", "find_state", "unwrap", "explain_missing_state"]
+__all__ = ["SparsifyState", "STATE_ATTR", "find_state", "unwrap", "explain_missing_state", "forget_replaced"]
 
 STATE_ATTR = "sparsify_state"
 
@@ -88,3 +88,29 @@ def find_state(model: nn.Module, *, required: bool = True) -> SparsifyState | No
         raise TypeError("this model was not made by sparsify.sparsify(...): call "
                         "model = sparsify.sparsify(model, recipe) first")
     return state
+
+
+def forget_replaced(root: nn.Module, state: SparsifyState) -> list[str]:
+    """Drop from the groups the members the model no longer holds at their name, and return those
+    names: a layer replaced after ``sparsify`` (timm's ``model.reset_classifier(5)`` puts a new
+    ``nn.Linear`` where the sparse head was). The new layer is the model's now: it stays as it is
+    (dense), and the old one no longer counts in thresholds, ``report`` or ``finalize`` (which would
+    otherwise put it back). A name that does not resolve is kept (nothing is known to replace it).
+
+    >>> import torch, sparsify
+    >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), "st3", total_steps=10)
+    >>> m[0] = torch.nn.Linear(4, 2)
+    >>> forget_replaced(m, find_state(m))
+    ['0']
+    """
+    gone = []
+    for group in state.groups.values():
+        for name, member in list(group.members.items()):
+            try:
+                now = root.get_submodule(name)
+            except AttributeError:
+                continue
+            if now is not member:
+                del group.members[name]
+                gone.append(name)
+    return gone

@@ -186,6 +186,7 @@ class L1PruneMethod(Method):
     """
 
     name = "l1-prune"
+    own_forward = "run"  # its layer computes through SparseWeightMixin.forward_with
     description = "Weight ℓ1 penalty, then global magnitude-threshold pruning with fixed masks (dual stage 2)"
     Params = L1PruneParams
     group_class = L1PruneGroup

@@ -227,6 +227,7 @@ class MagnitudeMethod(Method):
     """
 
     name = "magnitude"
+    own_forward = "run"  # its layer computes through SparseWeightMixin.forward_with
     description = "GMP: magnitude pruning with a hard mask and a cubic schedule (global or per-layer, unstructured or block)"
     Params = MagnitudeParams
     group_class = MagnitudeGroup

@@ -299,6 +299,7 @@ class SemiStructuredMethod(Method):
     """
 
     name = "semi-structured"
+    own_forward = "keep"  # the mask node follows the conv, which stays as it is
     description = "Semi-structured activation sparsity: random output-position masks after convs (ICCV-W 2023)"
     needs_example_inputs = True  # masks are sized from the input resolution at build time
     site = "module"

@@ -287,6 +287,7 @@ class ST3Method(Method):
     """
 
     name = "st3"
+    own_forward = "run"  # its layer computes through SparseWeightMixin.forward_with
     description = "ST-3: global magnitude threshold, soft threshold + rescale, straight-through gradients"
     Params = ST3Params
     group_class = ST3Group

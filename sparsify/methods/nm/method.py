@@ -85,6 +85,7 @@ class NMMethod(Method):
     (null): masks frozen from this step; ``decay`` (0): SR-STE's decay of the pruned weights."""
 
     name = "nm"
+    own_forward = "run"  # its layer computes through SparseWeightMixin.forward_with
     description = "N:M weight sparsity (N kept in every M input channels), straight-through training"
     Params = NMParams
     group_class = NMGroup

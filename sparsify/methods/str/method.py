@@ -171,6 +171,7 @@ class STRMethod(Method):
     """
 
     name = "str"
+    own_forward = "run"  # its layer computes through SparseWeightMixin.forward_with
     description = "STR: learned per-layer soft thresholds sigmoid(s), sparsity driven by weight decay (ICML 2020)"
     Params = STRParams
     group_class = STRGroup

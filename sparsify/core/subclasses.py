@@ -1,0 +1,109 @@
+"""Conv/Linear subclasses that compute with their own forward (timm's ``StdConv2d``, ``Conv2dSame``).
+
+A sparse layer computes ``F.conv2d`` / ``F.linear`` with its effective weight. A subclass with its
+own ``forward`` may do more: pad the input at run time (timm's ``Conv2dSame``, TF "same"
+padding) or transform the weight first (timm's ``StdConv2d`` / ``ScaledStdConv2d`` standardise it,
+Qiao et al. 2019, "Micro-Batch Training with Batch-Channel Normalization and Weight
+Standardization"). Replacing such a layer by a plain sparse one would silently change the model.
+
+Two cases:
+
+* classes whose forward hands ``self.weight`` unchanged to the conv/linear (:data:`KEEPS_WEIGHT`):
+  a weight method's sparse layer runs that forward with its effective weight in place of
+  ``self.weight`` (:func:`own_forward_with`) and finalizes to the same class, so the sparse
+  weights are the kernel the layer uses;
+* any other own forward (weight standardisation: masking the raw weight would give no zeros in the
+  standardised kernel): the layer stays dense, with :func:`refusal` as the plan's reason.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["KEEPS_WEIGHT", "OWN_FORWARD", "own_forward_class", "keeps_weight", "refusal", "own_forward_with"]
+
+# qualified names of classes whose forward is the torch layer's computation on ``self.weight`` as
+# it is (after padding the input, or a dtype cast under TorchScript): a sparse weight stays sparse
+KEEPS_WEIGHT = {
+    "timm.layers.conv2d_same.Conv2dSame",  # pad_same(x) then F.conv2d(x, self.weight, ...)
+    "timm.layers.linear.Linear",  # F.linear(x, self.weight, self.bias)
+}
+
+OWN_FORWARD = "computes with its own forward"  # the plan's reason starts so (sparsify() warns once)
+
+
+def own_forward_class(module: nn.Module, base: type) -> type | None:
+    """The class between ``type(module)`` and its torch weight class ``base`` that defines
+    ``forward`` (or ``_conv_forward``), or None when the layer computes as ``base`` does.
+
+    >>> class Padded(nn.Conv2d):
+    ...     def forward(self, x):
+    ...         return super().forward(nn.functional.pad(x, (1, 1, 1, 1)))
+    >>> own_forward_class(Padded(1, 1, 3), nn.Conv2d).__name__
+    'Padded'
+    >>> own_forward_class(nn.Conv2d(1, 1, 3), nn.Conv2d) is None
+    True
+    """
+    for cls in type(module).__mro__:
+        if cls is base or not issubclass(cls, base):
+            return None
+        if "forward" in vars(cls) or "_conv_forward" in vars(cls):
+            return cls
+    return None
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def keeps_weight(cls: type) -> bool:
+    """Whether ``cls``'s own forward uses ``self.weight`` unchanged (:data:`KEEPS_WEIGHT`)."""
+    return _qualified(cls) in KEEPS_WEIGHT
+
+
+def refusal(module: nn.Module, base: type, runs_own_forward: bool) -> str | None:
+    """Why a layer of a subclass with its own forward stays dense, or None when it may be rewritten.
+
+    ``runs_own_forward``: the method's sparse layer runs a :data:`KEEPS_WEIGHT` class's forward
+    with its effective weight (the weight methods); other methods (SAS, which widens the layer)
+    leave every such layer dense.
+
+    >>> class Std(nn.Conv2d):
+    ...     def forward(self, x):
+    ...         w = (self.weight - self.weight.mean()) / self.weight.std()
+    ...         return self._conv_forward(x, w, self.bias)
+    >>> refusal(Std(1, 1, 3), nn.Conv2d, True).split(":")[0]
+    'Std computes with its own forward (sparsify.core.subclasses.Std), which a sparse layer would not keep'
+    """
+    cls = own_forward_class(module, base)
+    if cls is None or (runs_own_forward and keeps_weight(cls)):
+        return None
+    return (f"{type(module).__name__} {OWN_FORWARD} ({_qualified(cls)}), which a sparse layer would not keep: "
+            "left dense (it may transform the weight, as weight standardisation does, so masking the stored "
+            "weight would not make its kernel sparse)")
+
+
+class _WithWeight:
+    """``layer`` with ``weight`` read in place of ``layer.weight`` (every other attribute is the layer's)."""
+
+    __slots__ = ("_layer", "weight")
+
+    def __init__(self, layer: nn.Module, weight):
+        object.__setattr__(self, "_layer", layer)
+        object.__setattr__(self, "weight", weight)
+
+    def __getattr__(self, name):
+        return getattr(self._layer, name)
+
+
+def own_forward_with(layer: nn.Module, cls: type, x, weight):
+    """``cls.forward`` of ``layer`` computed with ``weight`` in place of ``layer.weight``.
+
+    >>> import torch
+    >>> class Padded(nn.Conv2d):
+    ...     def forward(self, x):
+    ...         return nn.functional.conv2d(nn.functional.pad(x, (1, 1, 1, 1)), self.weight, self.bias)
+    >>> conv = Padded(1, 1, 3)
+    >>> own_forward_with(conv, Padded, torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 3, 3)).shape
+    torch.Size([1, 1, 2, 2])
+    """
+    return cls.forward(_WithWeight(layer, weight), x)
