@@ -1,0 +1,166 @@
+"""timm models, called the way timm users call them (docs/integrations.md#timm, docs/coverage-timm.md).
+
+Small models and inputs; random weights (``pretrained=False``), nothing downloaded.
+"""
+from __future__ import annotations
+
+import importlib.util
+import io
+import pathlib
+import warnings
+
+import pytest
+import torch
+
+import sparsify
+from sparsify.core.layers import SparseWeightMixin
+from sparsify.core.state import find_state
+
+timm = pytest.importorskip("timm", reason="timm is not installed (pip install -e '.[dev]')")
+
+_spec = importlib.util.spec_from_file_location(
+    "timm_coverage", pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "timm_coverage.py")
+coverage = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(coverage)
+
+
+def _model(name, **kwargs):
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
+
+
+def _x(side, n=2):
+    return torch.randn(n, 3, side, side, generator=torch.Generator().manual_seed(0))
+
+
+def _reloaded(name, final, **kwargs):
+    """``final``'s state_dict saved and loaded into a freshly built timm model."""
+    buf = io.BytesIO()
+    torch.save(final.state_dict(), buf)
+    buf.seek(0)
+    torch.manual_seed(1)
+    fresh = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    return fresh.eval()
+
+
+def test_conv2d_same_keeps_its_padding_sparse_and_after_finalize():
+    """tf_efficientnet_b0's stride-2 convs are ``Conv2dSame`` (TF 'same' padding computed from the
+    input size). The sparse layers pad as they did, so at sparsity 0 the model is the dense one on
+    an odd input size; at 90% the finalized layers are ``Conv2dSame`` again with sparse weights and
+    load into a fresh timm model with equal outputs."""
+    from timm.layers import Conv2dSame
+    dense = _model("tf_efficientnet_b0")
+    same = [n for n, m in dense.named_modules() if type(m) is Conv2dSame]
+    assert same
+    x = _x(33)
+    zero = sparsify.sparsify(dense, "gmp", total_steps=10, example_inputs=(x,))  # before begin: all weights kept
+    assert all(isinstance(zero.get_submodule(n), SparseWeightMixin) for n in same)
+    with torch.no_grad():
+        torch.testing.assert_close(zero.eval()(x), dense(x))
+    m = sparsify.sparsify(dense, "st3", total_steps=10, example_inputs=(x,), begin=0, end=0, fix=None)
+    final = sparsify.finalize(m.eval(), (x,), rtol=1e-3, atol=1e-4)
+    for n in same:
+        layer = final.get_submodule(n)
+        assert type(layer) is Conv2dSame
+        assert (layer.weight == 0).any()  # ST-3's global threshold: the depthwise ones less than 90%
+    with torch.no_grad():
+        torch.testing.assert_close(_reloaded("tf_efficientnet_b0", final)(x), final(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,cls", [("resnetv2_50x1_bit", "StdConv2d"), ("nf_resnet26", "ScaledStdConv2d")])
+def test_weight_standardised_convs_stay_dense_with_a_reason_and_a_warning(name, cls):
+    """A sparse plain conv in place of a weight-standardising one would drop the standardisation
+    (and masking the stored weight gives no zeros in the standardised kernel): left dense."""
+    dense = _model(name)
+    x = _x(32)
+    with pytest.warns(UserWarning, match=f"class {cls} left dense: they compute with their own forward"):
+        m = sparsify.sparsify(dense, "st3", total_steps=10, example_inputs=(x,))
+    plan = find_state(m).plan
+    std = [e for e in plan.entries if e.kind == cls]
+    assert std and all(e.method is None and "its own forward" in e.reason for e in std)
+    assert any(e.method == "st3" for e in plan.entries)  # the head (a plain Linear/Conv2d) is sparse
+    with torch.no_grad():
+        torch.testing.assert_close(m.eval()(x), dense(x))  # the step-0 weights: the dense model's output
+    final = sparsify.finalize(m, (x,))
+    assert type(final.get_submodule(std[0].name)).__name__ == cls
+
+
+def test_timm_model_api_keeps_working_on_the_sparsified_model():
+    """forward_features / forward_head / get_classifier / pretrained_cfg / resolve_data_config /
+    set_grad_checkpointing on a sparsified ViT, and forward_features runs the sparse layers."""
+    dense = _model("vit_tiny_patch16_224", img_size=32)
+    x = _x(32)
+    m = sparsify.sparsify(dense, "st3", total_steps=10, example_inputs=(x,), begin=0, end=0, fix=None).eval()
+    assert m.pretrained_cfg["architecture"] == "vit_tiny_patch16_224"
+    assert timm.data.resolve_data_config(model=m)["input_size"] == timm.data.resolve_data_config(model=dense)["input_size"]
+    assert isinstance(m.get_classifier(), SparseWeightMixin)
+    called = []
+    hooks = [mod.register_forward_hook(lambda *a: called.append(1)) for mod in m.modules()
+             if isinstance(mod, SparseWeightMixin)]
+    with torch.no_grad():
+        feats = m.forward_features(x)
+    assert len(called) == len(hooks) - 1  # every sparse layer but the head
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        out = m(x)
+        torch.testing.assert_close(m.forward_head(feats), out)
+        assert m.forward_head(feats, pre_logits=True).shape == (2, 192)
+        assert not torch.allclose(out, dense(x))  # the sparse weights are the ones used
+    m.train().set_grad_checkpointing(True)
+    torch.manual_seed(0)
+    m(x).sum().backward()
+    assert m.blocks[0].mlp.fc1.weight.grad is not None
+
+
+def test_reset_classifier_after_sparsify_keeps_the_new_head():
+    """timm's ``reset_classifier`` puts a new dense head where the sparse one was: it stays, the old
+    one leaves the groups (said once) and finalize does not put it back."""
+    m = sparsify.sparsify(_model("resnet18"), "st3", total_steps=10, example_inputs=(_x(32),))
+    m.reset_classifier(5)
+    with pytest.warns(UserWarning, match="fc replaced after sparsify"):
+        sparsify.step(m)
+    assert "fc" not in {layer.name for layer in sparsify.report(m).layers}
+    final = sparsify.finalize(m, (_x(32),))
+    assert final.fc.out_features == 5 and final.eval()(_x(32)).shape == (2, 5)
+
+
+def test_swin_state_dict_stays_timms():
+    """Swin's relative position index becomes a graph constant when traced: it is no state, so the
+    sparse and finalized state_dicts hold timm's keys and the finalized one loads into timm's model."""
+    kwargs = {"img_size": 64, "window_size": 2}
+    dense = _model("swin_tiny_patch4_window7_224", **kwargs)
+    x = _x(64)
+    m = sparsify.sparsify(dense, "gmp", total_steps=10, example_inputs=(x,))
+    assert not [k for k in m.state_dict() if "_tensor_constant" in k]
+    final = sparsify.finalize(m, (x,))
+    assert final.state_dict().keys() == dense.state_dict().keys()
+    with torch.no_grad():
+        torch.testing.assert_close(_reloaded("swin_tiny_patch4_window7_224", final, **kwargs)(x), final(x))
+
+
+CASES = [
+    # (model, recipe, least share of Conv/Linear weights rewritten)
+    ("resnet10t", "sas", 0.9),  # relu rewiring through timm's blocks
+    ("resnet10t", "nm-2-4", 0.9),
+    ("efficientnet_b0", "tl1", 0.0),  # SiLU inside BatchNormAct2d: regularizers after each
+    ("efficientnet_b0", "semi-structured", 0.01),  # masks before BatchNormAct2d
+    ("lcnet_050", "str", 1.0),  # depthwise-separable, hard-swish
+    ("convnext_atto", "dual", 1.0),
+]
+
+
+@pytest.mark.parametrize("name,recipe,share", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_end_to_end_like_the_coverage_benchmark(name, recipe, share):
+    """sparsify, a training step, report, finalize (output check) and a reload into a fresh
+    timm model (benchmarks/timm_coverage.py's pipeline)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rec = coverage.run_one(name, recipe)
+    assert rec["status"] == "ok", rec
+    assert rec["param_share"] >= share
+    assert rec["reload"] is (not recipe.startswith("sas"))
+    if recipe == "tl1":  # one regularizer per activation, those inside BatchNormAct2d included
+        acts = sum(1 for mod in _model(name).modules() if isinstance(mod, torch.nn.SiLU))
+        assert rec["rewritten"] == acts
