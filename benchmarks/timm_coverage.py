@@ -42,6 +42,7 @@ MODELS = {
     "tf_efficientnet_b0": ({}, 32),                           # Conv2dSame (TF 'same' padding)
     "mobilenetv3_small_100": ({}, 32),                        # hard-swish, hard-sigmoid SE
     "mobilenetv4_conv_small": ({}, 32),                       # universal inverted bottleneck
+    "mixnet_s": ({}, 32),                                     # create_conv2d MixedConv2d (kernel-size groups)
     "ghostnet_100": ({}, 32),                                 # ghost modules (cheap ops, slicing)
     "lcnet_050": ({}, 32),                                    # depthwise-separable, hard-swish
     "regnetx_002": ({}, 32),                                  # grouped convs

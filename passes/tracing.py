@@ -343,10 +343,14 @@ def traced_module(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
 
 def _keep_attributes(src: dict, gm: nn.Module) -> None:
     """Copy the plain attributes in ``src`` (a module's ``__dict__``) that ``gm`` lacks."""
+    registered = (*gm._parameters, *gm._buffers, *gm._modules)
     for k, v in src.items():
-        # an instance-level forward (a patched one) would shadow the graph's
-        if k not in gm.__dict__ and k not in ("forward", "__call__"):
-            gm.__dict__[k] = v
+        # an instance-level forward (a patched one) would shadow the graph's; a plain tensor named as a
+        # buffer of ``gm`` would shadow that buffer (``.to(device)`` would not move what the graph reads);
+        # fx's ``_tensor_constantN`` left on the root by an earlier trace are no attributes of the model
+        if k in gm.__dict__ or k in ("forward", "__call__") or k in registered or k.startswith("_tensor_constant"):
+            continue
+        gm.__dict__[k] = v
 
 
 def _unpickle_traced(original: type, name: str, fn, args) -> fx.GraphModule:

@@ -134,6 +134,9 @@ def test_swin_state_dict_stays_timms():
     x = _x(64)
     m = sparsify.sparsify(dense, "gmp", total_steps=10, example_inputs=(x,))
     assert not [k for k in m.state_dict() if "_tensor_constant" in k]
+    constants = [n.target for n in m.graph.nodes if n.op == "get_attr" and "_tensor_constant" in n.target]
+    assert constants and all(getattr(m.to("meta"), c).is_meta for c in constants)  # buffers: moved by .to()
+    m = sparsify.sparsify(dense, "gmp", total_steps=10, example_inputs=(x,))
     final = sparsify.finalize(m, (x,))
     assert final.state_dict().keys() == dense.state_dict().keys()
     with torch.no_grad():
