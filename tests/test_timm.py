@@ -86,7 +86,7 @@ def test_weight_standardised_convs_stay_dense_with_a_reason_and_a_warning(name, 
     assert type(final.get_submodule(std[0].name)).__name__ == cls
 
 
-def test_timm_model_api_keeps_working_on_the_sparsified_model():
+def test_timm_model_api_keeps_working_on_the_sparsified_model(monkeypatch):
     """forward_features / forward_head / get_classifier / pretrained_cfg / resolve_data_config /
     set_grad_checkpointing on a sparsified ViT, and forward_features runs the sparse layers."""
     dense = _model("vit_tiny_patch16_224", img_size=32)
@@ -108,9 +108,12 @@ def test_timm_model_api_keeps_working_on_the_sparsified_model():
         torch.testing.assert_close(m.forward_head(feats), out)
         assert m.forward_head(feats, pre_logits=True).shape == (2, 192)
         assert not torch.allclose(out, dense(x))  # the sparse weights are the ones used
+    checkpointed = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: checkpointed.append(1) or real(*a, **k))
     m.train().set_grad_checkpointing(True)
-    torch.manual_seed(0)
     m(x).sum().backward()
+    assert len(checkpointed) == len(m.blocks)  # timm's checkpoint_seq ran: the flag is read at call time
     assert m.blocks[0].mlp.fc1.weight.grad is not None
 
 
