@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 JOBS ?= 2
 
-.PHONY: test test-deep test-min demo zoo install clean gpu-check gpu-wheels
+.PHONY: test test-deep test-min demo zoo timm-coverage install clean gpu-check gpu-wheels
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -70,6 +70,9 @@ gpu-wheels:
 
 zoo: $(STAMP)
 	$(BIN)/python benchmarks/zoo.py --out docs/coverage.md
+
+timm-coverage: $(STAMP)
+	$(BIN)/python benchmarks/timm_coverage.py --out docs/coverage-timm.md
 
 clean:
 	rm -rf $(VENV) $(MIN_VENV) build *.egg-info .pytest_cache .hypothesis demo-out
