@@ -170,3 +170,10 @@ def test_end_to_end_like_the_coverage_benchmark(name, recipe, share):
     if recipe == "tl1":  # one regularizer per activation, those inside BatchNormAct2d included
         acts = sum(1 for mod in _model(name).modules() if isinstance(mod, torch.nn.SiLU))
         assert rec["rewritten"] == acts
+
+
+def test_sas_head_reads_through_timms_global_pool():
+    """timm's head pools with ``SelectAdaptivePool2d`` (adaptive_avg_pool2d then flatten, one module):
+    SAS's head rule looks through it to the last relu, as through torchvision's avgpool + flatten."""
+    plan = sparsify.plan(_model("resnet10t"), "sas", example_inputs=(_x(32),))
+    assert {e.name: e.method for e in plan.entries}["fc"] == "sas"

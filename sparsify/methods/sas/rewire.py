@@ -75,7 +75,9 @@ def _pass_through(gm: fx.GraphModule, node: fx.Node, through_average: bool) -> s
             if getattr(mod, "return_indices", False) or getattr(mod, "inplace", False):
                 return None
             return "exact"
-        return "average" if through_average and isinstance(mod, _AVERAGE_MODULES) else None
+        if through_average and isinstance(mod, _AVERAGE_MODULES):
+            return "average"
+        return _chain_kind(mod, through_average)
     name = _fn_name(node)
     if name is None or _raw_name(node).endswith("_") or node.kwargs.get("return_indices") or \
             node.kwargs.get("inplace"):  # an in-place op changes its input, which the relu also feeds
@@ -83,6 +85,37 @@ def _pass_through(gm: fx.GraphModule, node: fx.Node, through_average: bool) -> s
     if name in _EXACT_OPS:
         return "exact"
     return "average" if through_average and name in _AVERAGE_OPS else None
+
+
+def _chain_kind(mod: nn.Module, through_average: bool) -> str | None:
+    """A parameter-free container whose forward is a chain of ops a relu may be looked through
+    (timm's ``SelectAdaptivePool2d``: its ``pool`` then its ``flatten``): the chain's kind, else None.
+
+    >>> pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+    >>> _chain_kind(pool, True), _chain_kind(pool, False)
+    ('average', None)
+    """
+    if next(mod.parameters(), None) is not None or next(mod.children(), None) is None:
+        return None
+    try:
+        sub = fx.symbolic_trace(mod)
+    except Exception:  # an untraceable forward: nothing known about it
+        return None
+    placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        return None
+    cur, kind = placeholders[0], "exact"
+    for n in sub.graph.nodes:
+        if n.op == "placeholder":
+            continue
+        if n.op == "output":
+            return kind if n.args[0] is cur else None
+        step = _pass_through(sub, n, through_average)
+        if step is None or not n.args or n.args[0] is not cur or len(cur.users) != 1:
+            return None
+        kind = "average" if step == "average" else kind
+        cur = n
+    return None
 
 
 def find_relu_input(gm: fx.GraphModule, node: fx.Node, through_average: bool = False):
