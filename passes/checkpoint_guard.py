@@ -39,7 +39,9 @@ _TARGETS = (cp.checkpoint, cp.checkpoint_sequential)  # taken at import: refuse_
 
 
 def _is_checkpoint(value) -> bool:
-    return any(value is f for f in _TARGETS) or (isinstance(value, functools.partial)
+    # type(), not isinstance(): isinstance reads __class__, which some module globals turn into a
+    # deprecation warning (torch.distributed.reduce_op)
+    return any(value is f for f in _TARGETS) or (type(value) is functools.partial
                                                   and any(value.func is f for f in _TARGETS))
 
 

@@ -175,3 +175,16 @@ def test_a_checkpointing_switch_turned_on_after_sparsify_is_followed():
         F.cross_entropy(model(X), Y).backward()
         assert len(calls) == expected
     assert model._call_guard.modes == {("", "grad_checkpointing"): False}
+
+
+def test_looking_for_checkpoint_in_imported_modules_warns_about_nothing():
+    """The scan reads every imported module's globals; some (torch.distributed.reduce_op) warn
+    when their class is asked for, and a warning while tracing is reported as a tracing problem."""
+    import torch.distributed  # noqa: F401  (holds the deprecated reduce_op)
+
+    from passes import checkpoint_guard
+    checkpoint_guard._MODULES["count"] = -1  # scan again
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spaces = checkpoint_guard._module_namespaces()
+    assert any(s is vars(torch.utils.checkpoint) for s in spaces)
