@@ -33,7 +33,8 @@ from torch.utils import _pytree as pytree
 
 from .calls import CallGuard
 from .checkpoint_guard import refuse_checkpoint
-from .tracing import TraceResult, _DepthTracer, _first_line, _hold, _keep_attributes, _keep_hierarchy, _traced_class
+from .traced import _keep_attributes, _keep_hierarchy, _traced_class
+from .tracing import TraceResult, _DepthTracer, _first_line, _hold
 
 __all__ = ["ExportCaptureError", "ExportGuard", "export_trace"]
 

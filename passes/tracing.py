@@ -18,6 +18,8 @@ from torch import nn
 
 from .calls import CallGuard, CallRecord, call_shell, keep_argument_names
 from .checkpoint_guard import refuse_checkpoint
+from .traced import TracedModule, traced_module
+from .traced import _unpickle_traced  # noqa: F401  (pickles made before traced.py name it here)
 
 __all__ = ["Fallback", "TraceResult", "TracedModule", "CallRecord", "trace", "traced_module", "module_path_of"]
 
@@ -236,148 +238,6 @@ def _trace_children(parent: nn.Module, descend: Descend, is_site: Descend, prefi
             result.direct.extend(sub.direct)
             result.warnings.extend(w for w in sub.warnings if w not in result.warnings)
 
-
-class TracedModule(fx.GraphModule):
-    """A ``GraphModule`` that is still an instance of the class it was traced from.
-
-    A parent whose forward is not traced (a fallback) calls its traced child as before, and may
-    call the child's other methods too (a detection model calls ``self.head.compute_loss``); a
-    plain ``GraphModule`` has lost them. :func:`traced_module` builds one per traced module: its
-    class derives from this one and from the original class (``forward`` is the graph's), its
-    ``__dict__`` keeps the original's attributes, and both survive ``copy.deepcopy`` and pickling.
-    """
-
-    _traced_from: type = nn.Module  # set on each per-class subclass
-
-    def __call__(self, *args, **kwargs):
-        guard = self.__dict__.get("_call_guard")
-        if guard is not None and not guard.fits(args, kwargs, self):
-            # a call the graph was not traced for: the original forward, through Module.__call__
-            # so hooks still run
-            outer = self.__dict__.get("forward")  # a call nested in another eager call of this module
-            self.__dict__["forward"] = lambda *a, **k: guard.eager(self, a, k)
-            try:
-                return super().__call__(*args, **kwargs)
-            finally:
-                if outer is None:
-                    self.__dict__.pop("forward", None)
-                else:
-                    self.__dict__["forward"] = outer
-        return super().__call__(*args, **kwargs)
-
-    def _deepcopy_init(self):
-        # GraphModule's deepcopy rebuilds the module from a deep copy of __dict__ but keeps only
-        # children, parameters and buffers, under the class name "GraphModule"
-        name = type(self).__name__
-
-        def init(res, fake_mod, graph):
-            fx.GraphModule.__init__(res, fake_mod, graph, name)
-            _keep_attributes(fake_mod.__dict__, res)
-        return init
-
-    def __reduce__(self):
-        fn, args = super().__reduce__()
-        return _unpickle_traced, (self._traced_from, type(self).__name__, fn, args)
-
-
-class _SkipOriginalInit(nn.Module):
-    # sits between GraphModule and the original class in the MRO: GraphModule.__init__ calls
-    # super().__init__(), which must not run the original constructor (it needs its arguments)
-    def __init__(self):
-        nn.Module.__init__(self)
-
-
-_TRACED_CLASSES: dict[type, type] = {}
-
-
-def _traced_class(cls: type) -> type:
-    """``TracedModule`` subclass that also derives from ``cls`` (cached per class)."""
-    if cls not in _TRACED_CLASSES:
-        made = TracedModule
-        # a subclass of a torch layer (a Conv2d with its own forward) stays a plain graph, so
-        # isinstance checks for layer types never see a graph; Sequential is a container
-        layer = any(b.__module__.startswith("torch.nn.modules") and b not in (nn.Module, nn.Sequential)
-                    for b in cls.__mro__)
-        if cls is not nn.Module and not issubclass(cls, fx.GraphModule) and not layer:
-            try:
-                made = type(cls.__name__, (TracedModule, _SkipOriginalInit, cls),
-                            {"_traced_from": cls, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
-            except TypeError:  # metaclass or __init_subclass__ conflicts: keep the graph only
-                made = TracedModule
-        _TRACED_CLASSES[cls] = made
-    return _TRACED_CLASSES[cls]
-
-
-def traced_module(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
-    """The module that replaces ``root`` once its forward is ``graph``.
-
-    It keeps ``root``'s children (all of them, not only those the graph calls), parameters,
-    buffers and other attributes, and derives from ``root``'s class, so methods other than
-    ``forward`` still work (a :class:`TracedModule`).
-
-    >>> import torch
-    >>> class Head(torch.nn.Module):
-    ...     scale = 2.0
-    ...     def forward(self, x):
-    ...         return x.relu()
-    ...     def loss(self, y):
-    ...         return y.mean() * self.scale
-    >>> head = Head()
-    >>> gm = traced_module(head, torch.fx.Tracer().trace(head))
-    >>> isinstance(gm, torch.fx.GraphModule), isinstance(gm, Head), float(gm.loss(gm(torch.ones(2))))
-    (True, True, 2.0)
-    """
-    cls = _traced_class(getattr(type(root), "_traced_from", type(root)))  # a retrace keeps the class
-    gm = cls(root, graph, type(root).__name__)
-    _keep_hierarchy(root, gm)
-    _keep_attributes(root.__dict__, gm)
-    for name in gm._buffers:
-        if name not in root._buffers:
-            # a tensor the forward made from code (fx's ``_tensor_constantN``, e.g. timm Swin's relative
-            # position index): not state, so state_dict keeps the original's keys (a finalized model
-            # loads into a freshly built one, and the other way round)
-            gm._non_persistent_buffers_set.add(name)
-    gm.training = root.training
-    return gm
-
-
-def _keep_attributes(src: dict, gm: nn.Module) -> None:
-    """Copy the plain attributes in ``src`` (a module's ``__dict__``) that ``gm`` lacks."""
-    registered = (*gm._parameters, *gm._buffers, *gm._modules)
-    for k, v in src.items():
-        # an instance-level forward (a patched one) would shadow the graph's; a plain tensor named as a
-        # buffer of ``gm`` would shadow that buffer (``.to(device)`` would not move what the graph reads);
-        # fx's ``_tensor_constantN`` left on the root by an earlier trace are no attributes of the model
-        if k in gm.__dict__ or k in ("forward", "__call__") or k in registered or k.startswith("_tensor_constant"):
-            continue
-        gm.__dict__[k] = v
-
-
-def _unpickle_traced(original: type, name: str, fn, args) -> fx.GraphModule:
-    plain = fn(*args)  # torch's own unpickling: a GraphModule holding every attribute
-    cls = _traced_class(original)
-    gm = cls.__new__(cls)
-    gm.__dict__.update(plain.__dict__)
-    type(gm).__name__ = name
-    gm.graph = plain.graph  # takes ownership and installs forward on gm's own class
-    return gm
-
-
-def _keep_hierarchy(root: nn.Module, gm: fx.GraphModule) -> None:
-    """Give ``gm`` the root's own children, parameters and buffers.
-
-    ``GraphModule`` rebuilds only the paths the graph uses, with plain ``Module`` containers;
-    keeping the original objects keeps ``model.layer1[0]`` indexable, modules the graph does not
-    call (e.g. heads used only in the other mode) and every state_dict key of the original.
-    """
-    for child_name, child in root.named_children():
-        gm._modules[child_name] = child
-    for pname, p in root._parameters.items():
-        if pname not in gm._parameters:
-            gm.register_parameter(pname, p)
-    for bname, b in root._buffers.items():
-        if bname not in gm._buffers:
-            gm.register_buffer(bname, b, persistent=bname not in root._non_persistent_buffers_set)
 
 
 def _is_torch_leaf(m: nn.Module) -> bool:
