@@ -163,3 +163,30 @@ def test_huggingface_trainer_checkpoints_and_resumes_exactly(tmp_path, recipe):
     assert a.keys() == b.keys()
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     assert int(find_state(resumed).step) == 4 and sparsify.report(resumed).totals["weight_sparsity"] > 0
+
+
+def test_accelerate_save_state_and_load_state_resume_exactly(tmp_path):
+    """accelerate's ``save_state`` writes the model as safetensors (tensors only)."""
+    _require("accelerate")
+    from accelerate import Accelerator
+
+    def build():
+        model = sparsify.sparsify(tiny_cnn(), "dual", total_steps=6, example_inputs=torch.zeros(1, 3, 16, 16))
+        return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(3)]
+    saver = Accelerator(cpu=True)
+    model, opt = saver.prepare(*build())
+    for x, y in batches:
+        loss = F.cross_entropy(model(x), y) + sparsify.penalty(model)
+        opt.zero_grad()
+        saver.backward(loss)
+        opt.step()
+        sparsify.step(model)
+    saver.save_state(str(tmp_path))
+    loader = Accelerator(cpu=True)
+    fresh, fresh_opt = loader.prepare(*build())
+    loader.load_state(str(tmp_path))
+    a, b = model.state_dict(), fresh.state_dict()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == [] and int(find_state(fresh).step) == 3
