@@ -24,7 +24,7 @@ def in_backward() -> bool:
     >>> in_backward()
     False
     """
-    if torch.compiler.is_compiling():  # compiled forwards are never recomputed by checkpoint's hooks
+    if torch.compiler.is_compiling():  # no graph break for the C call: a compiled forward keeps its terms
         return False
     return torch._C._current_graph_task_id() != -1
 
