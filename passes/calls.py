@@ -55,9 +55,8 @@ class CallGuard:
                                   "required" if p.default is p.empty else "value") for p in params}
         self.fixed = dict(fixed)
         self.nodes = frozenset(nodes)
-        # {(submodule path, flag name): value} of the mode flags (MODE_FLAGS) the graph took a branch on;
-        # a bare path is the "training" flag (guards pickled before other flags were followed)
-        self.modes = {(k if isinstance(k, tuple) else (k, "training")): v for k, v in (modes or {}).items()}
+        # {(submodule path, flag name): value} of the mode flags (MODE_FLAGS) the graph took a branch on
+        self.modes = _mode_keys(modes or {})
         self._warned: set = set()
 
     @classmethod
@@ -85,9 +84,7 @@ class CallGuard:
 
     def off_mode(self, module: nn.Module) -> tuple[str, str] | None:
         """The first ``(path, flag)`` whose value now differs from the branch the graph holds."""
-        modes = self.__dict__.get("modes", {})
-        for key, value in modes.items():
-            path, flag = key if isinstance(key, tuple) else (key, "training")
+        for (path, flag), value in self.modes.items():
             if getattr(module.get_submodule(path) if path else module, flag, value) is not value:
                 return path, flag
         return None
@@ -146,6 +143,16 @@ class CallGuard:
         state = dict(self.__dict__)
         state["_warned"] = set()
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.modes = _mode_keys(state.get("modes") or {})
+
+
+def _mode_keys(modes: dict) -> dict:
+    """``modes`` keyed by ``(path, flag)``; a bare path is the ``training`` flag (guards pickled
+    before other flags were followed)."""
+    return {(k if isinstance(k, tuple) else (k, "training")): v for k, v in modes.items()}
 
 
 class CallRecord:
