@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["KEEPS_WEIGHT", "OWN_FORWARD", "own_forward_class", "keeps_weight", "refusal", "own_forward_with"]
+__all__ = ["KEEPS_WEIGHT", "OWN_FORWARD", "own_forward_class", "own_forward_reason", "keeps_weight", "refusal",
+           "own_forward_with"]
 
 # qualified names of classes whose forward is the torch layer's computation on ``self.weight`` as
 # it is (after padding the input, or a dtype cast under TorchScript): a sparse weight stays sparse
@@ -49,6 +50,19 @@ def own_forward_class(module: nn.Module, base: type) -> type | None:
         if "forward" in vars(cls) or "_conv_forward" in vars(cls):
             return cls
     return None
+
+
+def own_forward_reason(module: nn.Module, base: type) -> str | None:
+    """Why a path that computes as ``base`` does (the CPU acceleration kernels) cannot take
+    ``module``, or None.
+
+    >>> class Padded(nn.Conv2d):
+    ...     def forward(self, x):
+    ...         return super().forward(nn.functional.pad(x, (1, 1, 1, 1)))
+    >>> own_forward_reason(Padded(1, 1, 3), nn.Conv2d)
+    'Padded computes with its own forward'
+    """
+    return None if own_forward_class(module, base) is None else f"{type(module).__name__} {OWN_FORWARD}"
 
 
 def _qualified(cls: type) -> str:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.deploy.accelerate.extension import EXTENSION_NAME, direct_available
-from sparsify.core.subclasses import own_forward_class
+from sparsify.core.subclasses import own_forward_reason
 
 __all__ = ["DirectSparseConv2d", "supports_direct", "direct_available", "EXTENSION_NAME"]
 
@@ -43,8 +43,8 @@ def supports_direct(conv: nn.Module) -> str | None:
     """
     if not isinstance(conv, nn.Conv2d):
         return "not a Conv2d"
-    if own_forward_class(conv, nn.Conv2d) is not None:  # timm's Conv2dSame pads at run time
-        return f"{type(conv).__name__} computes with its own forward"
+    if own := own_forward_reason(conv, nn.Conv2d):  # timm's Conv2dSame pads at run time
+        return own
     if isinstance(conv.padding, str):
         return f"padding={conv.padding!r} (numeric padding only)"
     if conv.padding_mode != "zeros":

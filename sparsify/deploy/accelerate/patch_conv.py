@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from sparsify.deploy.accelerate.gemm import PackCache, gemm
-from sparsify.core.subclasses import own_forward_class
+from sparsify.core.subclasses import own_forward_reason
 
 __all__ = ["PatchSkipConv2d", "fold_bn", "supports_patch_skip", "CHUNK_BYTES"]
 
@@ -54,8 +54,8 @@ def supports_patch_skip(conv: nn.Module) -> str | None:
     """
     if not isinstance(conv, nn.Conv2d):
         return "not a Conv2d"
-    if own_forward_class(conv, nn.Conv2d) is not None:  # timm's Conv2dSame pads at run time
-        return f"{type(conv).__name__} computes with its own forward"
+    if own := own_forward_reason(conv, nn.Conv2d):  # timm's Conv2dSame pads at run time
+        return own
     if conv.groups != 1:
         return "grouped/depthwise conv (no single GEMM)"
     if isinstance(conv.padding, str):

@@ -19,7 +19,7 @@ import warnings
 import torch
 from torch import nn
 
-from sparsify.core.subclasses import own_forward_class
+from sparsify.core.subclasses import own_forward_reason
 
 __all__ = ["SparseLinear", "SparseConv1x1", "supports_sparse_linear"]
 
@@ -31,8 +31,8 @@ def supports_sparse_linear(module: nn.Module) -> str | None:
     >>> supports_sparse_linear(torch.nn.Conv2d(4, 4, 3))
     'Conv2d with a 3x3 kernel (1x1 only)'
     """
-    if own_forward_class(module, nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d) is not None:
-        return f"{type(module).__name__} computes with its own forward"
+    if own := own_forward_reason(module, nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d):
+        return own
     if isinstance(module, nn.Linear):
         return None
     if isinstance(module, nn.Conv2d):
