@@ -1,4 +1,4 @@
-"""The functions users call: ``sparsify``, ``plan``, ``step``, ``penalty``, ``report``,
+"""The functions users call: ``sparsify``, ``plan``, ``step``, ``sync``, ``penalty``, ``report``,
 ``finalize``, ``param_groups``."""
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from sparsify.prepare.plan import Plan
 from sparsify.prepare.recipe import load_recipe
 from sparsify.stats.report import Report, build_report
 from sparsify.core.devices import model_device, move_buffers
+from sparsify.core.averaging import sync_sparsity
 from sparsify.core.layers import SparseWeightMixin
 from sparsify.core.buffers import release_workspaces
 from sparsify.core.sharded import full_parameters, is_distributed, note_fsdp, sharded_modules
@@ -23,7 +24,7 @@ from sparsify.core.state import find_state, forget_replaced, unwrap
 from sparsify.core.subclasses import OWN_FORWARD
 from sparsify.prepare.inputs import check_inputs, state_inputs
 
-__all__ = ["sparsify", "plan", "step", "penalty", "report", "finalize", "param_groups", "measure", "Measurement"]
+__all__ = ["sparsify", "plan", "step", "sync", "penalty", "report", "finalize", "param_groups", "measure", "Measurement"]
 
 
 def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int | None = None,
@@ -169,6 +170,30 @@ def step(model: nn.Module, loss=None) -> int:
             state.warned.add(key)
             warnings.warn(msg, stacklevel=2)
     return t
+
+
+def sync(averaged: nn.Module, model: nn.Module) -> nn.Module:
+    """Give ``averaged``, an EMA / SWA copy of ``model`` (torch's ``AveragedModel``, timm's
+    ``ModelEmaV2`` / ``ModelEmaV3``, or a ``copy.deepcopy`` you average yourself), ``model``'s
+    sparsity: masks, thresholds computed from the weights, the step, every method's state. Its
+    parameters stay the averaged ones. Call it after each update of the average: those tools
+    average or copy the sparsity as if it were a weight (a bool mask averages to the union of all
+    masks so far) and never see the Python state. Returns ``averaged``. See
+    docs/index.md#weight-averaging-ema-swa.
+
+    >>> import copy, torch, sparsify
+    >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 8)), "gmp", total_steps=4, begin=0, end=1)
+    >>> ema = torch.optim.swa_utils.AveragedModel(m, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9),
+    ...                                           use_buffers=True)
+    >>> ema.update_parameters(m)  # the first update copies
+    >>> _ = sparsify.step(m); ema.update_parameters(m)
+    >>> bool(ema.module[0].mask.all()), bool(m[0].mask.all())  # averaged as a number: the union
+    (True, False)
+    >>> bool(torch.equal(sparsify.sync(ema, m).module[0].mask, m[0].mask))
+    True
+    """
+    sync_sparsity(averaged, model)
+    return averaged
 
 
 def penalty(model: nn.Module):

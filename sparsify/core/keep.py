@@ -155,7 +155,8 @@ class HeldLayers:
     loaded model reports what the saved one did before its next update."""
 
     def get_extra_state(self):
-        return pack({"held_at_min_density": list(self.floored)})
+        every = set(self.members) | set(self.floored)  # a replaced layer stays held until the next update
+        return pack({"held_at_min_density": list(self.floored)}, like={"held_at_min_density": list(every)})
 
     def set_extra_state(self, state) -> None:
         self.floored = list(unpack(state).get("held_at_min_density", []))

@@ -68,15 +68,21 @@ def explain_missing_state(module: nn.Module, incompatible_keys) -> None:
                           "model, or save the sparsified model's own state_dict)")
 
 
+# matched by name, so that neither torch.distributed nor timm is imported here
+_WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel",
+             "AveragedModel", "ModelEma", "ModelEmaV2", "ModelEmaV3")
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside DDP / DataParallel / FSDP / torch.compile wrappers."""
+    """The user's module inside DDP / DataParallel / FSDP / torch.compile wrappers, and inside the
+    weight-averaging wrappers that hold a copy as ``.module`` (torch's ``AveragedModel``, timm's
+    ``ModelEmaV2`` / ``ModelEmaV3``), so that ``report`` and ``finalize`` take an EMA as it is."""
     seen = set()
     while id(model) not in seen:
         seen.add(id(model))
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod
-        elif type(model).__name__ in ("DistributedDataParallel", "DataParallel",
-                                      "FullyShardedDataParallel") and hasattr(model, "module"):
+        elif type(model).__name__ in _WRAPPERS and isinstance(getattr(model, "module", None), nn.Module):
             model = model.module
     return model
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsify.core.extra_state import pack, unpack
+from sparsify.core.extra_state import WIDEST_FLOAT, pack, unpack
 from sparsify.core.keep import HeldLayers, DEFAULT_MIN_DENSITY, guarded_thresholds, sigma_of, warn_empty
 from sparsify.core.contract import Group, GroupContext, Method
 from sparsify.core.registry import register
@@ -56,7 +56,7 @@ class L1PruneMixin(RecordsMixin, SparseWeightMixin):
         self._fixed = True
 
     def get_extra_state(self):
-        return pack({"l1": self.l1})
+        return pack({"l1": self.l1}, like={"l1": WIDEST_FLOAT})
 
     def set_extra_state(self, state) -> None:
         self.l1 = float(unpack(state).get("l1", 0.0))

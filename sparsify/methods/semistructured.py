@@ -263,7 +263,9 @@ class SemiStructuredGroup(Group):
 
     # the generator state makes a resumed run draw the same maps
     def get_extra_state(self):
-        return pack({"generator": self.generator.get_state(), "input_size": self.input_size})
+        generator = self.generator.get_state()
+        return pack({"generator": generator, "input_size": self.input_size},
+                    like={"generator": generator, "input_size": [-2 ** 63] * 2})
 
     def set_extra_state(self, state) -> None:
         state = unpack(state)

@@ -154,7 +154,7 @@ class ActivationRegularizer(RecordsMixin, nn.Module):
 
     # the active flag follows the step; keep it in state_dict so a resumed run is exact
     def get_extra_state(self):
-        return pack({"active": self.active})
+        return pack({"active": self.active}, like={"active": False})
 
     def set_extra_state(self, state) -> None:
         self.active = bool(unpack(state).get("active", True))

@@ -1,0 +1,66 @@
+"""What a weight-averaged copy (EMA, SWA) of a sparsified model takes from the training model.
+
+The tools that keep such a copy average every floating-point parameter and treat the rest their
+own way: torch's ``AveragedModel`` copies the buffers (``use_buffers=False``) or averages them
+(``True``); timm's ``ModelEmaV3`` copies integer and bool buffers and averages float ones;
+``ModelEmaV2`` averages every ``state_dict`` entry, so a bool mask becomes the union of every mask
+so far and the step counter a truncated mean. None of them calls ``set_extra_state``, so Python
+state (a regularizer's active flag, a generator) stays where it was when the copy was made.
+
+A mask, a threshold computed from the weights, a schedule step is not a quantity to average: the
+averaged model should compute with the training model's sparsity, applied to its own averaged
+weights. :func:`sync_sparsity` copies exactly that part, the buffers and extra state of the
+library's modules, through the modules' own loading (which re-shapes lazily sized maps and sets
+the Python flags that follow a buffer). Learned parameters (STR's thresholds, SAS's weights) are
+parameters: the averaging tool averages them, and the method computes from the averages.
+See docs/index.md#weight-averaging-ema-swa.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from sparsify.core.state import find_state, unwrap
+
+__all__ = ["sparsity_entries", "sync_sparsity"]
+
+def _is_library_module(module: nn.Module) -> bool:
+    return type(module).__module__.split(".")[0] == "sparsify"
+
+
+def sparsity_entries(model: nn.Module) -> dict:
+    """The ``state_dict`` entries that hold ``model``'s sparsity: the buffers and extra state of
+    the library's modules (sparse layers, inserted nodes, groups, the step), not the parameters.
+
+    >>> import torch, sparsify
+    >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), "gmp", total_steps=10)
+    >>> sorted(sparsity_entries(m))
+    ['0.mask', 'sparsify_state._extra_state', 'sparsify_state.groups.rule0_magnitude._extra_state', \
+'sparsify_state.groups.rule0_magnitude.tau', 'sparsify_state.step']
+    """
+    owners = {name for name, module in model.named_modules(remove_duplicate=False) if _is_library_module(module)}
+    parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    return {key: value for key, value in model.state_dict().items()
+            if key not in parameters and key.rpartition(".")[0] in owners}
+
+
+def sync_sparsity(averaged: nn.Module, model: nn.Module) -> None:
+    """Copy ``model``'s sparsity (:func:`sparsity_entries`) into ``averaged``, a copy of it whose
+    parameters some tool averages; see the module docstring."""
+    target, source = unwrap(averaged), unwrap(model)
+    if target is source:
+        raise ValueError("sparsify.sync: the averaged model and the training model are the same module; "
+                         "pass the EMA / SWA copy first and the model it averages second")
+    mine, theirs = find_state(target), find_state(source)
+    if mine.recipe_json != theirs.recipe_json or mine.total_steps != theirs.total_steps:
+        raise ValueError("sparsify.sync: the averaged model was sparsified with another recipe or total_steps "
+                         "than the training model; make it as a copy of the sparsified model "
+                         "(AveragedModel(model), ModelEmaV3(model), copy.deepcopy(model))")
+    entries = sparsity_entries(source)
+    unknown = sorted(set(entries) - set(target.state_dict()))
+    if unknown:
+        raise ValueError(f"sparsify.sync: the averaged model has no {unknown[0]!r} ({len(unknown)} entries "
+                         "missing): it is not a copy of the training model")
+    target.load_state_dict(entries, strict=False)
+    for module in target.modules():
+        if hasattr(module, "drop_caches"):  # the averaging tool wrote its weights in place
+            module.drop_caches()

@@ -1,0 +1,230 @@
+"""Weight averaging (EMA / SWA) of a sparsified model, the way trainers keep one: torch's
+``AveragedModel`` (with and without averaged buffers) and timm's ``ModelEmaV2`` / ``ModelEmaV3``
+(timm's train script's ``--model-ema``), updated after each step and then ``sparsify.sync``-ed.
+
+The averaged model must compute with the training model's sparsity on its own averaged weights:
+with decay 0 it is the training model, entry for entry and output for output; with decay 0.5 its
+parameters are the running average and its masks the model's."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+import sparsify
+from sparsify.core.averaging import sparsity_entries
+from sparsify.core.extra_state import WIDEST_FLOAT, pack, unpack
+
+RECIPES = sorted(sparsify.builtin_recipes())
+TOOLS = ["averaged-buffers", "averaged", "timm-v2", "timm-v3"]
+X = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+Y = torch.tensor([1, 2, 3, 4])
+STEPS = 8
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 8))
+
+
+def sparse(recipe: str) -> nn.Module:
+    # STR starts exactly dense at its official s_init; -3 puts its soft threshold in play at once
+    kw = {"s_init": -3.0} if recipe.startswith("str") else {}
+    return sparsify.sparsify(net(), recipe, total_steps=12, example_inputs=X[:1], **kw)
+
+
+def averager(tool: str, model: nn.Module, decay: float):
+    """The averaged copy and its update function, as each tool's users make them."""
+    if tool.startswith("timm"):
+        model_ema = pytest.importorskip("timm.utils.model_ema", reason="timm is not installed (the dev extra has it)")
+        ema = (model_ema.ModelEmaV2(model, decay=decay) if tool == "timm-v2"
+               else model_ema.ModelEmaV3(model, decay=decay))
+        return ema, lambda: ema.update(model)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=tool == "averaged-buffers")
+    ema.update_parameters(model)  # its first update copies; from then on it averages
+    return ema, lambda: ema.update_parameters(model)
+
+
+def train(model, update, steps: int = STEPS, sync_to=None):
+    opt = torch.optim.SGD(sparsify.param_groups(model, 5e-3), lr=0.1, momentum=0.9)
+    for _ in range(steps):
+        model.train()
+        loss = F.cross_entropy(model(X), Y) + sparsify.penalty(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sparsify.step(model, loss)
+        yield
+        update()
+        if sync_to is not None:
+            sparsify.sync(sync_to, model)
+
+
+def state_of(module: nn.Module) -> dict:
+    """The state_dict as comparable data: tensors, and extra state unpacked."""
+    out = {}
+    for k, v in module.state_dict().items():
+        out[k] = unpack(v) if k.endswith("_extra_state") else v
+    return out
+
+
+def assert_same_state(got: dict, want: dict, what: str):
+    assert got.keys() == want.keys()
+    for k in want:
+        if isinstance(want[k], torch.Tensor):
+            assert torch.equal(got[k], want[k]), f"{what}: {k} differs"
+        else:
+            assert str(got[k]) == str(want[k]), f"{what}: {k} differs"
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_with_decay_0_the_synced_average_is_the_model(recipe, tool):
+    model = sparse(recipe)
+    ema, update = averager(tool, model, decay=0.0)
+    for _ in train(model, update, sync_to=ema):
+        pass
+    inner = ema.module
+    assert_same_state(state_of(inner), state_of(model), f"{recipe} / {tool}")
+    model.eval(), inner.eval()
+    with torch.no_grad():
+        assert torch.equal(inner(X), model(X))
+    # report and finalize take the wrapper itself
+    assert sparsify.report(ema).totals == sparsify.report(model).totals
+    with torch.no_grad():
+        assert torch.equal(sparsify.finalize(ema)(X), sparsify.finalize(model)(X))
+
+
+@pytest.mark.parametrize("tool", ["averaged-buffers", "timm-v2", "timm-v3"])
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_with_decay_one_half_parameters_average_and_sparsity_follows_the_model(recipe, tool):
+    model = sparse(recipe)
+    ema, update = averager(tool, model, decay=0.5)
+    expected = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for _ in train(model, update, sync_to=ema):
+        for n, p in model.named_parameters():
+            expected[n] = 0.5 * expected[n] + 0.5 * p.detach()
+    inner = ema.module
+    for n, p in inner.named_parameters():
+        torch.testing.assert_close(p, expected[n], rtol=1e-6, atol=1e-7, msg=f"{recipe}: parameter {n}")
+    want = {k: unpack(v) if k.endswith("_extra_state") else v for k, v in sparsity_entries(model).items()}
+    got = {k: unpack(v) if k.endswith("_extra_state") else v for k, v in sparsity_entries(inner).items()}
+    assert_same_state(got, want, f"{recipe} / {tool}")
+    # a masked layer of the averaged model deploys with the model's zeros
+    final = sparsify.finalize(ema)
+    for name, layer in model.named_modules():
+        if isinstance(getattr(layer, "mask", None), torch.Tensor) and layer.mask.dtype == torch.bool:
+            assert not final.get_submodule(name).weight[~layer.mask].any(), f"{recipe}: {name} lost its zeros"
+
+
+def test_without_sync_an_averaged_mask_is_the_union_of_the_masks():
+    # why sync exists: averaging a bool mask as a number keeps every weight any mask kept
+    model = sparsify.sparsify(net(), "gmp", total_steps=12, example_inputs=X[:1], begin=0, end=6)
+    ema, update = averager("averaged-buffers", model, decay=0.9)
+    for _ in train(model, update):
+        pass
+    assert int((~model[0].mask).sum()) > 0
+    assert bool(ema.module[0].mask.all())
+    sparsify.sync(ema, model)
+    assert torch.equal(ema.module[0].mask, model[0].mask)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_extra_state_keeps_its_size_over_a_run(recipe):
+    # timm's EMAs copy every state_dict entry in place: a size change stops them mid-run
+    model = sparse(recipe)
+    sizes = {k: v.shape for k, v in model.state_dict().items() if k.endswith("_extra_state")}
+    for _ in train(model, lambda: None, steps=12):
+        now = {k: v.shape for k, v in model.state_dict().items() if k.endswith("_extra_state")}
+        assert now == sizes
+
+
+@settings(max_examples=60, deadline=None)
+@given(l1=st.floats(allow_nan=True, allow_infinity=True), active=st.booleans(),
+       held=st.lists(st.sampled_from(["conv1", "layer1.0.conv2", "fc"]), unique=True))
+def test_packed_state_has_the_size_of_its_widest_form_and_reads_back(l1, active, held):
+    every = ["conv1", "layer1.0.conv2", "fc"]
+    for state, like in [({"l1": l1}, {"l1": WIDEST_FLOAT}), ({"active": active}, {"active": False}),
+                        ({"held_at_min_density": held}, {"held_at_min_density": every})]:
+        packed = pack(state, like=like)
+        assert packed.shape == pack(like).shape
+        assert str(unpack(packed)) == str(state)
+
+
+def test_sync_refuses_what_is_not_an_averaged_copy():
+    model = sparse("gmp")
+    with pytest.raises(ValueError, match="same module"):
+        sparsify.sync(model, model)
+    with pytest.raises(ValueError, match="another recipe"):
+        sparsify.sync(AveragedModel(sparse("st3")), model)
+    with pytest.raises(TypeError, match="not made by sparsify"):
+        sparsify.sync(AveragedModel(net()), model)
+    other = sparsify.sparsify(nn.Sequential(nn.Linear(4, 4)), "gmp", total_steps=12)
+    with pytest.raises(ValueError, match="not a copy"):
+        sparsify.sync(other, model)
+
+
+def test_sync_works_across_devices_and_copies():
+    # a deepcopy averaged by hand, kept in float64 as some EMA setups do
+    model = sparse("st3")
+    ema = copy.deepcopy(model).double()
+    for _ in train(model, lambda: None, steps=4):
+        pass
+    sparsify.sync(ema, model)
+    assert torch.equal(ema[0].mask, model[0].mask)
+    assert ema[0].weight.dtype == torch.float64
+
+
+@pytest.mark.parametrize("recipe", ["dual", "st3", "semi-structured", "nm-2-4", "sas"])
+def test_a_torchvision_model_and_its_synced_average_agree_with_decay_0(recipe):
+    torchvision = pytest.importorskip("torchvision", reason="torchvision is not installed")
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    model = sparsify.sparsify(torchvision.models.resnet18(num_classes=10), recipe, total_steps=4, example_inputs=(x,))
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.0), use_buffers=True)
+    opt = torch.optim.SGD(sparsify.param_groups(model, 1e-4), lr=0.01)
+    for _ in range(3):
+        loss = F.cross_entropy(model(x), y) + sparsify.penalty(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sparsify.step(model, loss)
+        ema.update_parameters(model)
+        sparsify.sync(ema, model)
+    model.eval(), ema.eval()
+    with torch.no_grad():
+        assert torch.equal(ema(x), model(x))
+
+
+@pytest.mark.filterwarnings("ignore:sparsify. torch.fx could not trace")  # BERT's root: expected, see docs
+@pytest.mark.parametrize("recipe", ["dual", "st3"])
+def test_a_transformers_model_called_with_labels_and_its_synced_average(recipe):
+    pytest.importorskip("transformers", reason="transformers is not installed (the integrations extra has it)")
+    from transformers import BertConfig, BertForSequenceClassification
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 2])
+    model = sparsify.sparsify(BertForSequenceClassification(cfg), recipe, total_steps=4, example_inputs=(ids,))
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.0), use_buffers=True)
+    opt = torch.optim.AdamW(sparsify.param_groups(model, 1e-4), lr=1e-3)
+    for _ in range(4):
+        loss = model(input_ids=ids, labels=labels).loss + sparsify.penalty(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sparsify.step(model, loss)
+        ema.update_parameters(model)
+        sparsify.sync(ema, model)
+    model.eval(), ema.eval()
+    with torch.no_grad():
+        assert torch.equal(ema(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert sparsify.report(ema).totals == sparsify.report(model).totals
