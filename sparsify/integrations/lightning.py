@@ -7,6 +7,12 @@
 With ``recipe`` and ``attr`` the callback sparsifies ``pl_module.<attr>`` itself at ``setup``
 (before ``configure_optimizers`` runs), with ``total_steps = trainer.estimated_stepping_batches``.
 Without them it drives every submodule the user already sparsified.
+
+With Lightning's ``EMAWeightAveraging`` / ``StochasticWeightAveraging``-style ``WeightAveraging``
+callbacks, in either order, the averaged copy is made from the sparsified module and keeps the
+training model's sparsity (``sparsify.sync``, docs/index.md#weight-averaging-ema-swa): without
+that, the averaged masks (the union of all masks so far) are what validation runs with and what
+``fit`` leaves in the model at its end.
 """
 from __future__ import annotations
 
@@ -15,9 +21,10 @@ import torch
 from torch import nn
 
 import sparsify
+from sparsify.core.layers import SparseWeightMixin
 from sparsify.core.state import find_state
 
-__all__ = ["SparsifyCallback", "sparsified_modules"]
+__all__ = ["SparsifyCallback", "sparsified_modules", "averaging_callbacks"]
 
 
 def sparsified_modules(module: nn.Module) -> list[nn.Module]:
@@ -30,6 +37,29 @@ def sparsified_modules(module: nn.Module) -> list[nn.Module]:
             found.append(m)
             skip.add(name)
     return found
+
+
+def averaging_callbacks(trainer) -> list:
+    """The trainer's weight-averaging callbacks (Lightning's ``WeightAveraging`` and subclasses).
+
+    >>> ema = pl.callbacks.EMAWeightAveraging()
+    >>> averaging_callbacks(pl.Trainer(callbacks=[SparsifyCallback(), ema], logger=False)) == [ema]
+    True
+    """
+    kind = getattr(pl.callbacks, "WeightAveraging", None)
+    return [] if kind is None else [c for c in trainer.callbacks if isinstance(c, kind)]
+
+
+def _averaged(callback) -> nn.Module | None:
+    # Lightning keeps the AveragedModel private; it exists from the callback's setup("fit") on
+    return getattr(callback, "_average_model", None)
+
+
+def _drop_caches(module: nn.Module) -> None:
+    # Lightning swaps averaged and current weights through .data, which no version counter sees
+    for m in module.modules():
+        if isinstance(m, SparseWeightMixin):
+            m.drop_caches()
 
 
 class SparsifyCallback(pl.Callback):
@@ -49,6 +79,9 @@ class SparsifyCallback(pl.Callback):
             kwargs = dict(self.kwargs)
             kwargs.setdefault("total_steps", int(trainer.estimated_stepping_batches))
             setattr(pl_module, self.attr, sparsify.sparsify(getattr(pl_module, self.attr), self.recipe, **kwargs))
+            for callback in averaging_callbacks(trainer):
+                if _averaged(callback) is not None:  # it copied the module before it was sparsified
+                    callback.setup(trainer, pl_module, stage or "fit")
         if not sparsified_modules(pl_module):
             raise RuntimeError("SparsifyCallback: no sparsified module in the LightningModule; pass "
                                "SparsifyCallback(recipe, attr='net') or sparsify the network yourself")
@@ -66,6 +99,38 @@ class SparsifyCallback(pl.Callback):
             pl_module.training_step = training_step
             pl_module._sparsify_penalty_wrapped = True
 
+    def _sync_averages(self, trainer, pl_module) -> None:
+        """Give every averaged copy the training model's sparsity (after an update of it, and before
+        it is swapped into the model, copied into it or saved)."""
+        for callback in averaging_callbacks(trainer):
+            averaged = _averaged(callback)
+            if averaged is None:
+                continue
+            for copy, module in zip(sparsified_modules(averaged.module), sparsified_modules(pl_module)):
+                sparsify.sync(copy, module)
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self._sync_averages(trainer, pl_module)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 0 and averaging_callbacks(trainer):
+            _drop_caches(pl_module)  # after every on_validation_epoch_start: the averaged weights are in
+
+    def on_validation_end(self, trainer, pl_module):
+        if averaging_callbacks(trainer):
+            _drop_caches(pl_module)  # after every on_validation_epoch_end: the training weights are back
+
+    def on_train_end(self, trainer, pl_module):
+        self._sync_averages(trainer, pl_module)
+
+    def on_fit_end(self, trainer, pl_module):
+        if averaging_callbacks(trainer):
+            _drop_caches(pl_module)  # the averaged weights were copied in at on_train_end
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        self._sync_averages(trainer, pl_module)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self._last_step is None:
             self._last_step = 0
@@ -75,6 +140,7 @@ class SparsifyCallback(pl.Callback):
                 for _ in range(trainer.global_step - self._last_step):
                     sparsify.step(m, loss if isinstance(loss, torch.Tensor) else None)
             self._last_step = trainer.global_step
+            self._sync_averages(trainer, pl_module)  # the averaging callbacks listed before this one updated
         else:  # accumulating: forget penalties recorded by this micro-batch's forward
             pass
 
