@@ -228,3 +228,17 @@ def test_a_transformers_model_called_with_labels_and_its_synced_average(recipe):
     with torch.no_grad():
         assert torch.equal(ema(input_ids=ids).logits, model(input_ids=ids).logits)
     assert sparsify.report(ema).totals == sparsify.report(model).totals
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_swa_with_update_bn_leaves_the_synced_sparsity_alone(recipe):
+    # torch's SWA recipe: equal-weight average, then update_bn runs training-mode forwards over data
+    model = sparse(recipe)
+    swa = AveragedModel(model)
+    for _ in train(model, lambda: swa.update_parameters(model), sync_to=swa):
+        pass
+    before = {k: unpack(v) if k.endswith("_extra_state") else v.clone() for k, v in sparsity_entries(swa.module).items()}
+    torch.optim.swa_utils.update_bn([(X, Y)] * 2, swa)
+    after = {k: unpack(v) if k.endswith("_extra_state") else v for k, v in sparsity_entries(swa.module).items()}
+    assert_same_state(after, before, recipe)
+    assert float(sparsify.penalty(swa)) == 0.0  # its no-grad forwards recorded no penalty term
