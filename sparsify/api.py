@@ -16,7 +16,7 @@ from sparsify.prepare.plan import Plan
 from sparsify.prepare.recipe import load_recipe
 from sparsify.stats.report import Report, build_report
 from sparsify.core.devices import model_device, move_buffers
-from sparsify.core.averaging import sync_sparsity
+from sparsify.core.averaging import sync_sparsity, unsynced_warning
 from sparsify.core.layers import SparseWeightMixin
 from sparsify.core.buffers import release_workspaces
 from sparsify.core.sharded import full_parameters, is_distributed, note_fsdp, sharded_modules
@@ -110,6 +110,15 @@ def _forget_replaced(model: nn.Module, where: str) -> None:
                           "sparsify() (as timm's reset_classifier does): the new layer stays dense and the sparse "
                           "one it replaced leaves the schedule, report and finalize; to sparsify the new layer, "
                           "replace it before calling sparsify()", stacklevel=3)
+
+
+def _check_averaged(model: nn.Module, where: str) -> None:
+    """An EMA / SWA wrapper that sync never updated: said once per model."""
+    msg = unsynced_warning(model, where)
+    state = find_state(model)
+    if msg and "unsynced" not in state.warned:
+        state.warned.add("unsynced")
+        warnings.warn(msg, stacklevel=3)
 
 
 def step(model: nn.Module, loss=None) -> int:
@@ -221,6 +230,7 @@ def report(model: nn.Module) -> Report:
     True
     """
     _forget_replaced(model, "report")
+    _check_averaged(model, "report")
     state = find_state(model)
     root = unwrap(model)
     with full_parameters(root.modules()):  # FSDP2: whole weights on every rank (a collective)
@@ -260,6 +270,7 @@ def finalize(model: nn.Module, example_inputs=None, *, check: bool = True, rtol:
         raise ValueError("finalize: accelerate (CPU inference) and semi_structured (CUDA inference) "
                          "exclude each other: pass one")
     _forget_replaced(model, "finalize")
+    _check_averaged(model, "finalize")
     final = finalize_model(model, example_inputs, check=check, rtol=rtol, atol=atol)
     if semi_structured:
         from sparsify.deploy.semistructured24 import to_semi_structured

@@ -8,6 +8,7 @@ parameters are the running average and its masks the model's."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -67,12 +68,19 @@ def train(model, update, steps: int = STEPS, sync_to=None):
             sparsify.sync(sync_to, model)
 
 
-def state_of(module: nn.Module) -> dict:
-    """The state_dict as comparable data: tensors, and extra state unpacked."""
+def as_data(entries: dict) -> dict:
+    """State entries as comparable data: tensors, and extra state unpacked, without the flag that
+    tells an averaged copy sync updated from the model it copies."""
     out = {}
-    for k, v in module.state_dict().items():
-        out[k] = unpack(v) if k.endswith("_extra_state") else v
+    for k, v in entries.items():
+        if k.endswith("_extra_state"):
+            v = {n: x for n, x in unpack(v).items() if n != "synced"}
+        out[k] = v
     return out
+
+
+def state_of(module: nn.Module) -> dict:
+    return as_data(module.state_dict())
 
 
 def assert_same_state(got: dict, want: dict, what: str):
@@ -114,8 +122,7 @@ def test_with_decay_one_half_parameters_average_and_sparsity_follows_the_model(r
     inner = ema.module
     for n, p in inner.named_parameters():
         torch.testing.assert_close(p, expected[n], rtol=1e-6, atol=1e-7, msg=f"{recipe}: parameter {n}")
-    want = {k: unpack(v) if k.endswith("_extra_state") else v for k, v in sparsity_entries(model).items()}
-    got = {k: unpack(v) if k.endswith("_extra_state") else v for k, v in sparsity_entries(inner).items()}
+    want, got = as_data(sparsity_entries(model)), as_data(sparsity_entries(inner))
     assert_same_state(got, want, f"{recipe} / {tool}")
     # a masked layer of the averaged model deploys with the model's zeros
     final = sparsify.finalize(ema)
@@ -237,8 +244,28 @@ def test_swa_with_update_bn_leaves_the_synced_sparsity_alone(recipe):
     swa = AveragedModel(model)
     for _ in train(model, lambda: swa.update_parameters(model), sync_to=swa):
         pass
-    before = {k: unpack(v) if k.endswith("_extra_state") else v.clone() for k, v in sparsity_entries(swa.module).items()}
+    before = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in as_data(sparsity_entries(swa.module)).items()}
     torch.optim.swa_utils.update_bn([(X, Y)] * 2, swa)
-    after = {k: unpack(v) if k.endswith("_extra_state") else v for k, v in sparsity_entries(swa.module).items()}
+    after = as_data(sparsity_entries(swa.module))
     assert_same_state(after, before, recipe)
     assert float(sparsify.penalty(swa)) == 0.0  # its no-grad forwards recorded no penalty term
+
+
+def test_report_and_finalize_of_an_average_never_synced_warn_once():
+    model = sparse("gmp")
+    ema, update = averager("averaged-buffers", model, decay=0.9)
+    for _ in train(model, update):
+        pass
+    with pytest.warns(UserWarning, match=r"never given the training model's sparsity.*sparsify.sync"):
+        sparsify.report(ema)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per model
+        sparsify.report(ema)
+        sparsify.sync(ema, model)
+        sparsify.finalize(ema)
+    # the synced flag travels with the average's state_dict: a reloaded EMA does not warn
+    again, _ = averager("averaged-buffers", sparse("gmp"), decay=0.9)
+    again.load_state_dict(ema.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparsify.report(again)

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from sparsify.core.state import find_state, unwrap
+from sparsify.core.state import AVERAGING_WRAPPERS, find_state, unwrap
 
-__all__ = ["sparsity_entries", "sync_sparsity"]
+__all__ = ["sparsity_entries", "sync_sparsity", "unsynced_warning"]
+
 
 def _is_library_module(module: nn.Module) -> bool:
     return type(module).__module__.split(".")[0] == "sparsify"
@@ -61,6 +62,27 @@ def sync_sparsity(averaged: nn.Module, model: nn.Module) -> None:
         raise ValueError(f"sparsify.sync: the averaged model has no {unknown[0]!r} ({len(unknown)} entries "
                          "missing): it is not a copy of the training model")
     target.load_state_dict(entries, strict=False)
+    mine.synced = True  # after the load, which brought the training model's (False)
     for module in target.modules():
         if hasattr(module, "drop_caches"):  # the averaging tool wrote its weights in place
             module.drop_caches()
+
+
+def unsynced_warning(model: nn.Module, where: str) -> str | None:
+    """What to say when ``model`` is an averaging wrapper whose copy ``sparsify.sync`` never
+    updated (its masks are whatever the tool made of them), else None.
+
+    >>> import torch, sparsify
+    >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), "gmp", total_steps=10)
+    >>> ema = torch.optim.swa_utils.AveragedModel(m)
+    >>> unsynced_warning(ema, "report").split(":")[0]
+    'sparsify.report'
+    >>> unsynced_warning(sparsify.sync(ema, m), "report") is None
+    True
+    """
+    if type(model).__name__ not in AVERAGING_WRAPPERS or find_state(model).synced:
+        return None
+    return (f"sparsify.{where}: this {type(model).__name__} was never given the training model's sparsity: "
+            "its masks and thresholds are what the averaging made of them (a bool mask averages to the union "
+            "of all masks so far); call sparsify.sync(ema, model) after each update of the average "
+            "(docs/index.md#weight-averaging-ema-swa)")

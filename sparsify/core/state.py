@@ -13,7 +13,7 @@ from torch import nn
 
 from sparsify.core.extra_state import pack, unpack
 
-__all__ = ["SparsifyState", "STATE_ATTR", "find_state", "unwrap", "explain_missing_state", "forget_replaced"]
+__all__ = ["SparsifyState", "STATE_ATTR", "AVERAGING_WRAPPERS", "find_state", "unwrap", "explain_missing_state", "forget_replaced"]
 
 STATE_ATTR = "sparsify_state"
 
@@ -34,13 +34,15 @@ class SparsifyState(nn.Module):
         self.hidden_names: list[str] = []  # layers whose weights are read outside module calls
         self.layer_factors: dict[str, float] | None = None  # MACs per weight element by layer (stats)
         self.warned: set[str] = set()
+        self.synced = False  # an averaged copy that sparsify.sync gave a model's sparsity (saved)
 
     @property
     def recipe(self) -> dict:
         return json.loads(self.recipe_json)
 
     def get_extra_state(self):
-        return pack({"recipe": self.recipe_json, "total_steps": self.total_steps})
+        return pack({"recipe": self.recipe_json, "total_steps": self.total_steps, "synced": self.synced},
+                    like={"recipe": self.recipe_json, "total_steps": self.total_steps, "synced": False})
 
     def set_extra_state(self, state) -> None:
         state = unpack(state)
@@ -49,6 +51,7 @@ class SparsifyState(nn.Module):
                 "this checkpoint was made with a different recipe or total_steps than the model it is "
                 "loaded into; build the model with the same sparsify(...) call before load_state_dict. "
                 f"checkpoint total_steps={state['total_steps']}, model total_steps={self.total_steps}")
+        self.synced = bool(state.get("synced", False))
 
     def extra_repr(self) -> str:
         return f"step={int(self.step)}, groups={list(self.groups)}"
@@ -69,8 +72,8 @@ def explain_missing_state(module: nn.Module, incompatible_keys) -> None:
 
 
 # matched by name, so that neither torch.distributed nor timm is imported here
-_WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel",
-             "AveragedModel", "ModelEma", "ModelEmaV2", "ModelEmaV3")
+AVERAGING_WRAPPERS = ("AveragedModel", "ModelEma", "ModelEmaV2", "ModelEmaV3")  # torch's, timm's
+_WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel") + AVERAGING_WRAPPERS
 
 
 def unwrap(model: nn.Module) -> nn.Module:
