@@ -24,7 +24,8 @@ from sparsify.core.state import find_state, forget_replaced, unwrap
 from sparsify.core.subclasses import OWN_FORWARD
 from sparsify.prepare.inputs import check_inputs, state_inputs
 
-__all__ = ["sparsify", "plan", "step", "sync", "penalty", "report", "finalize", "param_groups", "measure", "Measurement"]
+__all__ = ["sparsify", "plan", "step", "sync", "penalty", "report", "finalize", "param_groups", "measure",
+           "Measurement"]
 
 
 def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int | None = None,

@@ -151,6 +151,32 @@ def test_lightning_weight_averaging_keeps_the_sparsity(recipe, order):
         assert torch.equal(net(next(iter(loader(n=4)))[0]), module.seen[-1])
 
 
+@pytest.mark.parametrize("order", ["sparsify-first", "swa-first"])
+def test_lightning_stochastic_weight_averaging(order):
+    """Lightning's SWA copies the module in its setup, averages parameters, copies them back at
+    the end and adds an epoch that only refreshes BatchNorm statistics (no backward): the copy is
+    made from the sparsified module in either order (listed first, it used to copy the dense one),
+    that epoch is no sparsify.step (it used to warn of a step past total_steps), and the model
+    ends with its own masks."""
+    _require("lightning")
+    import lightning.pytorch as pl
+    from sparsify.integrations.lightning import SparsifyCallback
+    module = _lightning_module()
+    swa = pl.callbacks.StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=2)
+    callbacks = [SparsifyCallback("gmp", attr="net", example_inputs=torch.zeros(1, 3, 16, 16)), swa]
+    if order == "swa-first":
+        callbacks.reverse()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        pl.Trainer(max_epochs=4, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, accelerator="cpu").fit(module, loader(n=12))
+    assert not [w for w in said if "sparsify" in str(w.message)], [str(w.message) for w in said]
+    state = find_state(module.net)
+    assert int(state.step) == state.total_steps == 12  # 4 epochs x 3 batches; the BatchNorm epoch is not a step
+    assert sparsify.report(module.net).totals["weight_sparsity"] == pytest.approx(0.9, abs=0.01)
+    assert find_state(swa._average_model.net) is not None  # its copy is of the sparsified module
+
+
 def _hf_vit():
     from transformers import ViTConfig, ViTForImageClassification
     torch.manual_seed(0)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from sparsify.core.layers import drop_all_caches
 from sparsify.core.state import AVERAGING_WRAPPERS, find_state, unwrap
 
 __all__ = ["sparsity_entries", "sync_sparsity", "unsynced_warning"]
@@ -63,9 +64,7 @@ def sync_sparsity(averaged: nn.Module, model: nn.Module) -> None:
                          "missing): it is not a copy of the training model")
     target.load_state_dict(entries, strict=False)
     mine.synced = True  # after the load, which brought the training model's (False)
-    for module in target.modules():
-        if hasattr(module, "drop_caches"):  # the averaging tool wrote its weights in place
-            module.drop_caches()
+    drop_all_caches(target)  # the averaging tool wrote its weights in place
 
 
 def unsynced_warning(model: nn.Module, where: str) -> str | None:

@@ -25,7 +25,7 @@ from sparsify.core.sharded import check_gathered, note_fsdp
 from sparsify.core.subclasses import own_forward_class, own_forward_with
 
 __all__ = ["SparseWeightMixin", "RecordsMixin", "specialize", "WEIGHT_TYPES", "TORCH_WEIGHT_TYPES", "plain_copy",
-           "weight_base", "masked_weight", "CONV_TRANSPOSE_TYPES"]
+           "weight_base", "masked_weight", "drop_all_caches", "CONV_TRANSPOSE_TYPES"]
 
 # ConvTranspose1d/2d/3d: weight (in, out/groups, *kernel), output channels along dimension 1
 TORCH_WEIGHT_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) + CONV_TRANSPOSE_TYPES
@@ -199,6 +199,15 @@ class _MaskedProduct(torch.autograd.Function):
     def backward(ctx, grad):
         (mask_f,) = ctx.saved_tensors
         return grad * mask_f, None, None
+
+
+def drop_all_caches(root: nn.Module) -> None:
+    """Forget what every sparse layer under ``root`` computed from its weights: after a write
+    that no version counter sees (Lightning's weight swaps through ``.data``) or an in-place
+    rewrite of the weights by an averaging tool."""
+    for m in root.modules():
+        if isinstance(m, SparseWeightMixin):
+            m.drop_caches()
 
 
 def masked_weight(layer: "SparseWeightMixin", mask: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ from torch import nn
 
 from sparsify.core.extra_state import pack, unpack
 
-__all__ = ["SparsifyState", "STATE_ATTR", "AVERAGING_WRAPPERS", "find_state", "unwrap", "explain_missing_state", "forget_replaced"]
+__all__ = ["SparsifyState", "STATE_ATTR", "AVERAGING_WRAPPERS", "find_state", "unwrap", "explain_missing_state",
+           "forget_replaced"]
 
 STATE_ATTR = "sparsify_state"
 

@@ -8,8 +8,8 @@ With ``recipe`` and ``attr`` the callback sparsifies ``pl_module.<attr>`` itself
 (before ``configure_optimizers`` runs), with ``total_steps = trainer.estimated_stepping_batches``.
 Without them it drives every submodule the user already sparsified.
 
-With Lightning's ``EMAWeightAveraging`` / ``StochasticWeightAveraging``-style ``WeightAveraging``
-callbacks, in either order, the averaged copy is made from the sparsified module and keeps the
+With Lightning's ``WeightAveraging`` callbacks (``EMAWeightAveraging``, your own subclasses), in
+either order in ``callbacks=[...]``, the averaged copy is made from the sparsified module and keeps the
 training model's sparsity (``sparsify.sync``, docs/index.md#weight-averaging-ema-swa): without
 that, the averaged masks (the union of all masks so far) are what validation runs with and what
 ``fit`` leaves in the model at its end.
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import sparsify
-from sparsify.core.layers import SparseWeightMixin
+from sparsify.core.layers import drop_all_caches
 from sparsify.core.state import find_state
 
 __all__ = ["SparsifyCallback", "sparsified_modules", "averaging_callbacks"]
@@ -39,27 +39,27 @@ def sparsified_modules(module: nn.Module) -> list[nn.Module]:
     return found
 
 
-def averaging_callbacks(trainer) -> list:
-    """The trainer's weight-averaging callbacks (Lightning's ``WeightAveraging`` and subclasses).
+def averaging_callbacks(trainer, kinds: tuple[str, ...] = ("WeightAveraging",)) -> list:
+    """The trainer's callbacks of Lightning's classes named ``kinds`` (and their subclasses):
+    by default the weight-averaging ones (``WeightAveraging``, ``EMAWeightAveraging``).
 
     >>> ema = pl.callbacks.EMAWeightAveraging()
     >>> averaging_callbacks(pl.Trainer(callbacks=[SparsifyCallback(), ema], logger=False)) == [ema]
     True
     """
-    kind = getattr(pl.callbacks, "WeightAveraging", None)
-    return [] if kind is None else [c for c in trainer.callbacks if isinstance(c, kind)]
+    classes = tuple(c for c in (getattr(pl.callbacks, k, None) for k in kinds) if c is not None)
+    return [c for c in trainer.callbacks if classes and isinstance(c, classes)]
+
+
+# callbacks that copy the LightningModule in their setup: listed before this one, they copied it
+# before it was sparsified (StochasticWeightAveraging averages parameters only and copies them
+# back at the end: its copy needs the same parameters, not the training model's sparsity)
+_COPYING = ("WeightAveraging", "StochasticWeightAveraging")
 
 
 def _averaged(callback) -> nn.Module | None:
     # Lightning keeps the AveragedModel private; it exists from the callback's setup("fit") on
     return getattr(callback, "_average_model", None)
-
-
-def _drop_caches(module: nn.Module) -> None:
-    # Lightning swaps averaged and current weights through .data, which no version counter sees
-    for m in module.modules():
-        if isinstance(m, SparseWeightMixin):
-            m.drop_caches()
 
 
 class SparsifyCallback(pl.Callback):
@@ -79,7 +79,7 @@ class SparsifyCallback(pl.Callback):
             kwargs = dict(self.kwargs)
             kwargs.setdefault("total_steps", int(trainer.estimated_stepping_batches))
             setattr(pl_module, self.attr, sparsify.sparsify(getattr(pl_module, self.attr), self.recipe, **kwargs))
-            for callback in averaging_callbacks(trainer):
+            for callback in averaging_callbacks(trainer, _COPYING):
                 if _averaged(callback) is not None:  # it copied the module before it was sparsified
                     callback.setup(trainer, pl_module, stage or "fit")
         if not sparsified_modules(pl_module):
@@ -110,23 +110,22 @@ class SparsifyCallback(pl.Callback):
                 sparsify.sync(copy, module)
 
     def on_validation_epoch_start(self, trainer, pl_module):
-        if not trainer.sanity_checking:
-            self._sync_averages(trainer, pl_module)
+        self._sync_averages(trainer, pl_module)
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         if batch_idx == 0 and averaging_callbacks(trainer):
-            _drop_caches(pl_module)  # after every on_validation_epoch_start: the averaged weights are in
+            drop_all_caches(pl_module)  # the averaged weights came in through .data (no version bump)
 
     def on_validation_end(self, trainer, pl_module):
         if averaging_callbacks(trainer):
-            _drop_caches(pl_module)  # after every on_validation_epoch_end: the training weights are back
+            drop_all_caches(pl_module)  # after every on_validation_epoch_end: the training weights are back
 
     def on_train_end(self, trainer, pl_module):
         self._sync_averages(trainer, pl_module)
 
     def on_fit_end(self, trainer, pl_module):
         if averaging_callbacks(trainer):
-            _drop_caches(pl_module)  # the averaged weights were copied in at on_train_end
+            drop_all_caches(pl_module)  # the averaged weights were copied in at on_train_end
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         self._sync_averages(trainer, pl_module)
@@ -136,7 +135,10 @@ class SparsifyCallback(pl.Callback):
             self._last_step = 0
         if trainer.global_step > self._last_step:  # an optimizer step happened in this batch
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-            for m in sparsified_modules(pl_module):
+            # Lightning's StochasticWeightAveraging ends with an epoch that only refreshes the
+            # BatchNorm statistics: no backward, so its one optimizer step is no training step
+            trained = not getattr(trainer.fit_loop, "_skip_backward", False)
+            for m in sparsified_modules(pl_module) if trained else ():
                 for _ in range(trainer.global_step - self._last_step):
                     sparsify.step(m, loss if isinstance(loss, torch.Tensor) else None)
             self._last_step = trainer.global_step
