@@ -109,3 +109,34 @@ def test_semi_structured_finalize_on_cuda(device):
     assert set(fast.semi_structured.values()) == {"2:4"}
     with torch.no_grad():
         torch.testing.assert_close(fast(x.bfloat16()), dense(x.bfloat16()), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("recipe", ["gmp", "dual", "st3", "semi-structured", "str"])
+def test_an_average_kept_on_the_cpu_follows_the_model_on_device(device, recipe):
+    # timm's ModelEmaV3(device="cpu") and AveragedModel(device="cpu") keep the average off the GPU;
+    # sparsify.sync copies the sparsity across devices (decay 0: the average is the model)
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    x0 = torch.zeros(1, 3, 32, 32, device=device)
+    m = sparsify.sparsify(_net(device), recipe, total_steps=STEPS, example_inputs=x0)
+    ema = AveragedModel(m, device="cpu", multi_avg_fn=get_ema_multi_avg_fn(0.0), use_buffers=True)
+    opt = torch.optim.SGD(sparsify.param_groups(m, 1e-4), lr=0.01)
+    for x, y in _batches(device):
+        loss = torch.nn.functional.cross_entropy(m(x), y) + sparsify.penalty(m)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sparsify.step(m, loss)
+        ema.update_parameters(m)
+        sparsify.sync(ema, m)
+    assert _tensors_off(ema.module, torch.device("cpu")) == []
+    from sparsify.core.averaging import sparsity_entries
+    mine, theirs = sparsity_entries(ema.module), sparsity_entries(m)
+    for k, v in theirs.items():
+        if not k.endswith("_extra_state"):  # (the synced flag differs)
+            assert torch.equal(mine[k], v.cpu()), k
+    for (k, p), (_, q) in zip(ema.module.named_parameters(), m.named_parameters()):
+        assert torch.equal(p, q.cpu()), k
+    m.eval(), ema.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # another device's kernels (TF32 convolutions on CUDA): a loose tolerance
+        torch.testing.assert_close(ema(x), m(x.to(device)).cpu(), rtol=2e-2, atol=2e-2)
