@@ -285,3 +285,20 @@ def test_report_and_finalize_of_an_average_never_synced_warn_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sparsify.report(again)
+
+
+def test_the_sync_benchmark_writes_a_row_per_recipe(tmp_path, monkeypatch):
+    import importlib.util as iu
+    import json
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "ema_sync.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # its helpers (_timing, _report), as when run as a script
+    spec = iu.spec_from_file_location("ema_sync", path)
+    bench = iu.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "rows.json"
+    bench.main(["--model", "resnet18", "--recipes", "gmp,dual", "--rounds", "1", "--batch", "2", "--size", "32",
+                "--threads", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert [r["recipe"] for r in rows] == ["gmp", "dual"]
+    assert all(r["sync_ms"] > 0 and r["update_ms"] > 0 and r["train_step_ms"] > 0 for r in rows)
