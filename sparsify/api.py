@@ -20,7 +20,7 @@ from sparsify.core.averaging import sync_sparsity, unsynced_warning
 from sparsify.core.layers import SparseWeightMixin
 from sparsify.core.buffers import release_workspaces
 from sparsify.core.sharded import full_parameters, is_distributed, note_fsdp, sharded_modules
-from sparsify.core.state import find_state, forget_replaced, unwrap
+from sparsify.core.state import check_filled, find_state, forget_replaced, refuse_unfilled, unwrap
 from sparsify.core.subclasses import OWN_FORWARD
 from sparsify.prepare.inputs import check_inputs, state_inputs
 
@@ -78,6 +78,8 @@ def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int 
                       f"({recipe.rules[i].match}); see sparsify.plan(model, recipe)", stacklevel=2)
     state = find_state(root)  # its groups make their buffers (step, thresholds) on the CPU
     move_buffers((state, *state.groups.values()), model_device(root))
+    if state.step.is_meta:  # a shape-only model: refuse to run once materialized without values
+        root.register_forward_pre_hook(refuse_unfilled)
     return root
 
 
@@ -100,8 +102,10 @@ def plan(model: nn.Module, recipe, *, example_inputs=None, total_steps: int | No
 
 
 def _forget_replaced(model: nn.Module, where: str) -> None:
-    """Layers the user replaced after ``sparsify`` leave their groups, said once per model."""
+    """Layers the user replaced after ``sparsify`` leave their groups, said once per model (and a
+    model materialized from ``meta`` without its state's values is refused)."""
     state = find_state(model)
+    check_filled(state, where)
     gone = forget_replaced(unwrap(model), state)
     if gone:
         key = "replaced:" + ",".join(gone)

@@ -14,7 +14,7 @@ from torch import nn
 from sparsify.core.extra_state import pack, unpack
 
 __all__ = ["SparsifyState", "STATE_ATTR", "AVERAGING_WRAPPERS", "find_state", "unwrap", "explain_missing_state",
-           "forget_replaced"]
+           "forget_replaced", "check_filled", "refuse_unfilled"]
 
 STATE_ATTR = "sparsify_state"
 
@@ -36,6 +36,7 @@ class SparsifyState(nn.Module):
         self.layer_factors: dict[str, float] | None = None  # MACs per weight element by layer (stats)
         self.warned: set[str] = set()
         self.synced = False  # an averaged copy that sparsify.sync gave a model's sparsity (saved)
+        self.unfilled = False  # sparsified on meta, then materialized: the state holds no values
 
     @property
     def recipe(self) -> dict:
@@ -53,9 +54,35 @@ class SparsifyState(nn.Module):
                 "loaded into; build the model with the same sparsify(...) call before load_state_dict. "
                 f"checkpoint total_steps={state['total_steps']}, model total_steps={self.total_steps}")
         self.synced = bool(state.get("synced", False))
+        self.unfilled = False  # a checkpoint's state is in (load_state_dict sets buffers before this)
+
+    def _apply(self, fn, recurse=True):
+        # to_empty() (meta-device initialisation) gives the step, masks and thresholds memory but
+        # no values: nothing may use them until a checkpoint fills them (see check_filled)
+        was_meta = self.step.is_meta
+        out = super()._apply(fn, recurse)
+        if was_meta and not self.step.is_meta:
+            self.unfilled = True
+            self.example_inputs = _off_meta(self.example_inputs, self.step.device)
+        return out
 
     def extra_repr(self) -> str:
         return f"step={int(self.step)}, groups={list(self.groups)}"
+
+
+def _off_meta(value, device: torch.device):
+    """``value``'s meta tensors as tensors of the same shape on ``device``: floating ones drawn
+    from a fixed seed (finalize's check compares outputs on them), the others zero."""
+    if isinstance(value, torch.Tensor) and value.is_meta:
+        if value.is_floating_point():
+            drawn = torch.randn(value.shape, generator=torch.Generator().manual_seed(0))
+            return drawn.to(device=device, dtype=value.dtype)
+        return torch.zeros(value.shape, dtype=value.dtype, device=device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_off_meta(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _off_meta(v, device) for k, v in value.items()}
+    return value
 
 
 def explain_missing_state(module: nn.Module, incompatible_keys) -> None:
@@ -124,3 +151,33 @@ def forget_replaced(root: nn.Module, state: SparsifyState) -> list[str]:
                 del group.members[name]
                 gone.append(name)
     return gone
+
+
+def check_filled(state: SparsifyState, where: str) -> None:
+    """Refuse to use a state that was made on the ``meta`` device and then given memory without
+    values (``to_empty``): its masks, thresholds and step counter would be whatever that memory
+    held. A ``load_state_dict`` of a sparsified model's checkpoint fills it.
+
+    >>> import torch, sparsify
+    >>> with torch.device("meta"):
+    ...     net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    >>> m = sparsify.sparsify(net, "gmp", total_steps=10, example_inputs=torch.zeros(1, 4, device="meta"))
+    >>> m = m.to_empty(device="cpu")
+    >>> check_filled(find_state(m), "step")
+    Traceback (most recent call last):
+    ...
+    RuntimeError: sparsify.step: this model was sparsified on the meta device and then materialized ...
+    """
+    if state.unfilled:
+        raise RuntimeError(
+            f"sparsify.{where}: this model was sparsified on the meta device and then materialized (to_empty), "
+            "which gives its masks, thresholds and step counter memory but no values; load the state_dict of "
+            "a sparsified checkpoint into it, or call sparsify() on the model after materializing and "
+            "initializing its weights (docs/distributed.md#meta-device-initialization)")
+
+
+def refuse_unfilled(module: nn.Module, args) -> None:
+    """Forward pre-hook of a model sparsified on ``meta``: :func:`check_filled` before its forward."""
+    state = getattr(module, STATE_ATTR, None)
+    if state is not None:
+        check_filled(state, "forward")

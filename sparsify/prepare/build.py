@@ -313,8 +313,16 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     root.register_load_state_dict_post_hook(explain_missing_state)
     if shared:
         own_written_weights(root, state.groups.values())
-    for group in state.groups.values():
-        group.update(0, None)
+    for name, group in state.groups.items():
+        try:
+            group.update(0, None)
+        except (RuntimeError, NotImplementedError) as e:
+            if not any(m.weight.is_meta for m in group.members.values() if hasattr(m, "weight")):
+                raise
+            raise RuntimeError(f"sparsify: {group.method_name} ({name}) reads the weights' values when it is set up "
+                               "(its step-0 thresholds or masks), which a model on the meta device does not have: "
+                               "call sparsify() on the model after materializing and initializing its weights "
+                               "(docs/distributed.md#meta-device-initialization)") from e
     return root, plan
 
 
