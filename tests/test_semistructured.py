@@ -226,3 +226,12 @@ def test_ddp_ranks_agree_on_masks_and_train_with_the_penalty(tmp_path):
     assert any(0.0 in row for mk in r0["masks"] for row in mk)
     assert r0["weight"] == pytest.approx(r1["weight"])  # gradients (penalty included) were all-reduced
     assert r0["best"] == r1["best"]
+
+
+def test_another_resolution_is_refused_and_leaves_the_masks_size():
+    m = PositionMask(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+    y = torch.ones(1, 3, 2, 2)
+    with pytest.raises(RuntimeError, match=r"mask is \(2, 2\) but this conv's output is \(3, 3\).*resolution its masks"):
+        m(torch.ones(1, 3, 3, 3))
+    assert m.size == (2, 2)  # the size the masks were made for, which the group's updates read
+    assert torch.equal(m(y)[0, 0], torch.tensor([[1.0, 0.0], [1.0, 1.0]]))

@@ -83,15 +83,15 @@ class PositionMask(nn.Module):
         self.enabled = bool((mask == 0).any())
 
     def forward(self, y):
-        self.size = (int(y.shape[-2]), int(y.shape[-1]))
-        if not self.enabled:
-            return y
-        if self.size != tuple(self.mask.shape):
+        size = (int(y.shape[-2]), int(y.shape[-1]))
+        if self.enabled and size != tuple(self.mask.shape):  # (the size the masks were made for stays)
             raise RuntimeError(
-                f"PositionMask: the mask is {tuple(self.mask.shape)} but this conv's output is {self.size}: "
-                "semi-structured masks are tied to one input resolution; give sparsify(...) "
-                "example_inputs at the training resolution")
-        return y * self.mask.to(y.dtype)
+                f"PositionMask: the mask is {tuple(self.mask.shape)} but this conv's output is {size}: "
+                "semi-structured masks mask output positions of one input resolution; run the model at the "
+                "resolution its masks were made for (train and evaluate alike), and give sparsify(...) "
+                "example_inputs at the resolution you train at")
+        self.size = size
+        return y * self.mask.to(y.dtype) if self.enabled else y
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "mask"
