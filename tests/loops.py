@@ -8,11 +8,12 @@ import torch.optim
 import sparsify
 
 
-def run_steps(model, opt, batches, *, call=None, penalty=False) -> list[float]:
+def run_steps(model, opt, batches, *, call=None, penalty=False, after=None) -> list[float]:
     """One ``opt`` step per ``(x, y)`` in ``batches`` on the cross-entropy loss, each followed by
     ``sparsify.step(model)``. ``penalty`` makes it the README's loop: ``sparsify.penalty(model)``
     added to the loss, and the loss handed to ``sparsify.step``. ``call`` runs the forward
-    (default: ``model`` itself, e.g. a compiled or DDP-wrapped one). Returns the losses."""
+    (default: ``model`` itself, e.g. a compiled or DDP-wrapped one); ``after()`` runs after each
+    step (e.g. an EMA update and ``sparsify.sync``). Returns the losses."""
     call = call or model
     losses = []
     for x, y in batches:
@@ -23,6 +24,8 @@ def run_steps(model, opt, batches, *, call=None, penalty=False) -> list[float]:
         loss.backward()
         opt.step()
         sparsify.step(model, loss if penalty else None)
+        if after is not None:
+            after()
         losses.append(float(loss.detach()))
     return losses
 

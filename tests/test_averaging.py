@@ -21,6 +21,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 import sparsify
 from sparsify.core.averaging import sparsity_entries
 from sparsify.core.extra_state import WIDEST_FLOAT, pack, unpack
+from loops import run_steps
 
 RECIPES = sorted(sparsify.builtin_recipes())
 TOOLS = ["averaged-buffers", "averaged", "timm-v2", "timm-v3"]
@@ -213,14 +214,8 @@ def test_a_torchvision_model_and_its_synced_average_agree_with_decay_0(recipe):
     model = sparsify.sparsify(torchvision.models.resnet18(num_classes=10), recipe, total_steps=4, example_inputs=(x,))
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.0), use_buffers=True)
     opt = torch.optim.SGD(sparsify.param_groups(model, 1e-4), lr=0.01)
-    for _ in range(3):
-        loss = F.cross_entropy(model(x), y) + sparsify.penalty(model)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sparsify.step(model, loss)
-        ema.update_parameters(model)
-        sparsify.sync(ema, model)
+    run_steps(model, opt, [(x, y)] * 3, penalty=True,
+              after=lambda: (ema.update_parameters(model), sparsify.sync(ema, model)))
     model.eval(), ema.eval()
     with torch.no_grad():
         assert torch.equal(ema(x), model(x))

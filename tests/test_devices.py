@@ -12,7 +12,7 @@ import sparsify
 from sparsify.core.buffers import LayerBuffers, workspace
 from sparsify.deploy.semistructured24 import SemiStructuredError
 from sparsify.methods.regularizers.kernels import hoyer_square, l1_sum, tl1_sum
-from loops import train
+from loops import run_steps, train
 
 RECIPES = sorted(sparsify.builtin_recipes())
 STEPS = 3
@@ -120,14 +120,7 @@ def test_an_average_kept_on_the_cpu_follows_the_model_on_device(device, recipe):
     m = sparsify.sparsify(_net(device), recipe, total_steps=STEPS, example_inputs=x0)
     ema = AveragedModel(m, device="cpu", multi_avg_fn=get_ema_multi_avg_fn(0.0), use_buffers=True)
     opt = torch.optim.SGD(sparsify.param_groups(m, 1e-4), lr=0.01)
-    for x, y in _batches(device):
-        loss = torch.nn.functional.cross_entropy(m(x), y) + sparsify.penalty(m)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sparsify.step(m, loss)
-        ema.update_parameters(m)
-        sparsify.sync(ema, m)
+    run_steps(m, opt, _batches(device), penalty=True, after=lambda: (ema.update_parameters(m), sparsify.sync(ema, m)))
     assert _tensors_off(ema.module, torch.device("cpu")) == []
     from sparsify.core.averaging import sparsity_entries
     mine, theirs = sparsity_entries(ema.module), sparsity_entries(m)

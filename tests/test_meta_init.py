@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import torchvision
 
 import sparsify
+from loops import run_steps
 
 RECIPES = sorted(sparsify.builtin_recipes())
 # their step-0 update reads the weights (ST-3's thresholds, N:M's masks)
@@ -30,13 +31,7 @@ def trained(recipe: str):
     torch.manual_seed(0)
     model = sparsify.sparsify(torchvision.models.resnet18(num_classes=10), recipe, total_steps=10,
                               example_inputs=(X[:1],))
-    opt = torch.optim.SGD(sparsify.param_groups(model, 1e-4), lr=0.01)
-    for _ in range(3):
-        loss = F.cross_entropy(model(X), Y) + sparsify.penalty(model)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sparsify.step(model, loss)
+    run_steps(model, torch.optim.SGD(sparsify.param_groups(model, 1e-4), lr=0.01), [(X, Y)] * 3, penalty=True)
     return model
 
 
