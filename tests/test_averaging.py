@@ -297,3 +297,16 @@ def test_the_sync_benchmark_writes_a_row_per_recipe(tmp_path, monkeypatch):
     rows = json.loads(out.read_text())
     assert [r["recipe"] for r in rows] == ["gmp", "dual"]
     assert all(r["sync_ms"] > 0 and r["update_ms"] > 0 and r["train_step_ms"] > 0 for r in rows)
+
+
+def test_a_subclass_of_averaged_model_is_taken_as_a_wrapper():
+    # torchvision's reference training scripts keep their EMA as such a subclass
+    class ExponentialMovingAverage(AveragedModel):
+        def __init__(self, model, decay):
+            super().__init__(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+    model = sparse("gmp")
+    ema = ExponentialMovingAverage(model, 0.0)
+    for _ in train(model, lambda: ema.update_parameters(model), sync_to=ema):
+        pass
+    assert sparsify.report(ema).totals == sparsify.report(model).totals

@@ -20,7 +20,7 @@ from __future__ import annotations
 from torch import nn
 
 from sparsify.core.layers import drop_all_caches
-from sparsify.core.state import AVERAGING_WRAPPERS, find_state, unwrap
+from sparsify.core.state import find_state, is_wrapper, unwrap
 
 __all__ = ["sparsity_entries", "sync_sparsity", "unsynced_warning"]
 
@@ -79,7 +79,7 @@ def unsynced_warning(model: nn.Module, where: str) -> str | None:
     >>> unsynced_warning(sparsify.sync(ema, m), "report") is None
     True
     """
-    if type(model).__name__ not in AVERAGING_WRAPPERS or find_state(model).synced:
+    if not is_wrapper(model) or find_state(model).synced:
         return None
     return (f"sparsify.{where}: this {type(model).__name__} was never given the training model's sparsity: "
             "its masks and thresholds are what the averaging made of them (a bool mask averages to the union "

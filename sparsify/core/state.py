@@ -14,7 +14,7 @@ from torch import nn
 from sparsify.core.extra_state import pack, unpack
 
 __all__ = ["SparsifyState", "STATE_ATTR", "AVERAGING_WRAPPERS", "find_state", "unwrap", "explain_missing_state",
-           "forget_replaced", "check_filled", "refuse_unfilled"]
+           "forget_replaced", "check_filled", "refuse_unfilled", "is_wrapper"]
 
 STATE_ATTR = "sparsify_state"
 
@@ -104,6 +104,18 @@ AVERAGING_WRAPPERS = ("AveragedModel", "ModelEma", "ModelEmaV2", "ModelEmaV3")  
 _WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel") + AVERAGING_WRAPPERS
 
 
+def is_wrapper(model, names: tuple[str, ...] = AVERAGING_WRAPPERS) -> bool:
+    """Whether ``model``'s class, or a class it derives from, is called one of ``names``
+    (torchvision's reference scripts keep their EMA in a subclass of ``AveragedModel``).
+
+    >>> from torch.optim.swa_utils import AveragedModel
+    >>> class ExponentialMovingAverage(AveragedModel): pass
+    >>> is_wrapper(ExponentialMovingAverage(nn.Linear(1, 1)))
+    True
+    """
+    return any(c.__name__ in names for c in type(model).__mro__)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's module inside DDP / DataParallel / FSDP / torch.compile wrappers, and inside the
     weight-averaging wrappers that hold a copy as ``.module`` (torch's ``AveragedModel``, timm's
@@ -113,7 +125,7 @@ def unwrap(model: nn.Module) -> nn.Module:
         seen.add(id(model))
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod
-        elif type(model).__name__ in _WRAPPERS and isinstance(getattr(model, "module", None), nn.Module):
+        elif is_wrapper(model, _WRAPPERS) and isinstance(getattr(model, "module", None), nn.Module):
             model = model.module
     return model
 
