@@ -193,6 +193,16 @@ def test_sync_refuses_what_is_not_an_averaged_copy():
     other = sparsify.sparsify(nn.Sequential(nn.Linear(4, 4)), "gmp", total_steps=12)
     with pytest.raises(ValueError, match="not a copy"):
         sparsify.sync(other, model)
+    # the training model second: refused before it could take the averaged masks
+    ema, update = averager("averaged-buffers", model, decay=0.9)
+    with pytest.raises(ValueError, match="look reversed"):
+        sparsify.sync(model, ema)
+    for _ in train(model, update):
+        pass
+    plain = copy.deepcopy(model)
+    sparsify.step(model)
+    with pytest.raises(ValueError, match=r"look reversed \(the second is at step 8, the first at 9\)"):
+        sparsify.sync(model, plain)
 
 
 def test_sync_works_across_devices_and_copies():

@@ -53,6 +53,11 @@ def sync_sparsity(averaged: nn.Module, model: nn.Module) -> None:
         raise ValueError("sparsify.sync: the averaged model and the training model are the same module; "
                          "pass the EMA / SWA copy first and the model it averages second")
     mine, theirs = find_state(target), find_state(source)
+    # reversed arguments would write the averaged (e.g. unioned) masks into the training model
+    if (is_wrapper(model) and not is_wrapper(averaged)) or int(theirs.step) < int(mine.step):
+        raise ValueError(f"sparsify.sync: the arguments look reversed (the second is at step {int(theirs.step)}, "
+                         f"the first at {int(mine.step)}): pass the EMA / SWA copy first and the model it "
+                         "averages second, sparsify.sync(ema, model)")
     if mine.recipe_json != theirs.recipe_json or mine.total_steps != theirs.total_steps:
         raise ValueError("sparsify.sync: the averaged model was sparsified with another recipe or total_steps "
                          "than the training model; make it as a copy of the sparsified model "
