@@ -126,6 +126,35 @@ def _check_averaged(model: nn.Module, where: str) -> None:
         warnings.warn(msg, stacklevel=3)
 
 
+def schedule_unfinished(model: nn.Module) -> str | None:
+    """What ``finalize`` warns when the model is not where its schedules end: ``sparsify.step``
+    never called although the model trained (it has gradients), or a target sparsity not reached
+    yet (training stopped early, or ``step`` was called less often than the optimizer's, e.g. once
+    per epoch); None when neither.
+
+    >>> import torch, sparsify
+    >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 8)), "gmp", total_steps=100)
+    >>> schedule_unfinished(m).split(",")[0]
+    'sparsify.finalize: at step 0 the gmp schedule (rule0_magnitude) is at sparsity 0 of its final 0.9'
+    """
+    state = find_state(model)
+    t = int(state.step)
+    behind = [(name, g, now, final) for name, g in state.groups.items()
+              if (final := g.final_target()) is not None and (now := g.target(t)) is not None and now < final - 1e-9]
+    advice = ("call sparsify.step(model) after every optimizer step, and give sparsify() total_steps= the number "
+              "of optimizer steps the run takes")
+    if behind:
+        name, g, now, final = behind[0]
+        recipe = state.recipe.get("name") or g.method_name
+        return (f"sparsify.finalize: at step {t} the {recipe} schedule ({name}) is at sparsity {now:.3g} of its final "
+                f"{final:.3g}, so the deployed model is less sparse than the recipe's target: training stopped before "
+                "the schedule's end, or sparsify.step was not called after every optimizer step; " + advice)
+    if t == 0 and any(p.grad is not None for p in unwrap(model).parameters()):
+        return ("sparsify.finalize: the model has gradients but sparsify.step was never called, so no method "
+                "moved past step 0; " + advice)
+    return None
+
+
 def step(model: nn.Module, loss=None) -> int:
     """Advance the schedules by one optimizer step; call it right after ``optimizer.step()``.
 
@@ -276,6 +305,8 @@ def finalize(model: nn.Module, example_inputs=None, *, check: bool = True, rtol:
                          "exclude each other: pass one")
     _forget_replaced(model, "finalize")
     _check_averaged(model, "finalize")
+    if (msg := schedule_unfinished(model)) is not None:
+        warnings.warn(msg, stacklevel=2)
     final = finalize_model(model, example_inputs, check=check, rtol=rtol, atol=atol)
     if semi_structured:
         from sparsify.deploy.semistructured24 import to_semi_structured

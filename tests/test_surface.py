@@ -61,6 +61,29 @@ def test_step_past_total_steps_warns_once():
     assert len(past) == 1 and "step 3 is past total_steps=2" in past[0]
 
 
+@pytest.mark.parametrize("recipe", sorted(sparsify.builtin_recipes()))
+def test_finalize_says_when_the_schedule_is_unfinished_or_step_was_never_called(recipe):
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(8 * 12 * 12, 4))
+    m = sparsify.sparsify(net, recipe, total_steps=20, example_inputs=x[:1])
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    for _ in range(3):  # the classic slip: the optimizer steps, sparsify.step is forgotten
+        loss = torch.nn.functional.cross_entropy(m(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with pytest.warns(UserWarning, match=r"sparsify.finalize: .*(is at sparsity 0 of its final|never called)"):
+        sparsify.finalize(m)
+    for _ in range(20):
+        sparsify.step(m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*past total_steps")  # (20 steps without the 3 forgotten)
+        sparsify.finalize(m)  # at the schedule's end: nothing to say
+
+
 def test_nonfinite_weights_warn_once_and_keep_the_thresholds():
     m = sparsify.sparsify(small(), "st3", total_steps=10, begin=0, end=0, fix=None)
     sparsify.step(m)
