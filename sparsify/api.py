@@ -17,6 +17,7 @@ from sparsify.prepare.recipe import load_recipe
 from sparsify.stats.report import Report, build_report
 from sparsify.core.devices import model_device, move_buffers
 from sparsify.core.averaging import sync_sparsity, unsynced_warning
+from sparsify.core.lag import reset, watch
 from sparsify.core.layers import SparseWeightMixin
 from sparsify.core.buffers import release_workspaces
 from sparsify.core.sharded import full_parameters, is_distributed, note_fsdp, sharded_modules
@@ -80,6 +81,7 @@ def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int 
     move_buffers((state, *state.groups.values()), model_device(root))
     if state.step.is_meta:  # a shape-only model: refuse to run once materialized without values
         root.register_forward_pre_hook(refuse_unfilled)
+    watch(state)  # warns when optimizer steps outrun sparsify.step (sparsify.core.lag)
     return root
 
 
@@ -172,6 +174,7 @@ def step(model: nn.Module, loss=None) -> int:
     if loss is not None and isinstance(loss, torch.Tensor):
         loss = float(loss.detach())
     said = []
+    reset(state)
     with torch.no_grad():
         state.step += 1
         t = int(state.step)

@@ -84,6 +84,45 @@ def test_finalize_says_when_the_schedule_is_unfinished_or_step_was_never_called(
         sparsify.finalize(m)  # at the schedule's end: nothing to say
 
 
+def _lagging(m, opts, iterations, step_every):
+    x, y = torch.randn(2, 1, 8, 8), torch.tensor([0, 1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(iterations):
+            loss = torch.nn.functional.cross_entropy(m(x), y)
+            for opt in opts:
+                opt.zero_grad()
+            loss.backward()
+            for opt in opts:
+                opt.step()
+            if (i + 1) % step_every == 0:
+                sparsify.step(m)
+    return [str(w.message) for w in caught if "since the last sparsify.step" in str(w.message)]
+
+
+def test_optimizer_steps_outrunning_sparsify_step_warn_once():
+    from sparsify.core.lag import LAG
+    m = sparsify.sparsify(small(), "gmp", total_steps=100)
+    said = _lagging(m, [torch.optim.SGD(m.parameters(), lr=0.01)], 2 * LAG + 5, step_every=LAG + 5)  # "per epoch"
+    assert len(said) == 1 and f"SGD stepped {LAG} times" in said[0] and "not once per epoch" in said[0]
+
+
+def test_the_contract_kept_two_optimizers_or_frozen_sparse_layers_do_not_warn():
+    from sparsify.core.lag import LAG
+    m = sparsify.sparsify(small(), "str", total_steps=100)
+    assert _lagging(m, [torch.optim.SGD(sparsify.param_groups(m, 1e-4), lr=0.01)], 2 * LAG, step_every=1) == []
+    # weights and thresholds in two optimizers, one sparsify.step per iteration
+    s = [p for n, p in m.named_parameters() if n.endswith(".s")]
+    w = [p for n, p in m.named_parameters() if not n.endswith(".s")]
+    opts = [torch.optim.SGD(w, lr=0.01), torch.optim.SGD(s, lr=0.01, weight_decay=1e-4)]
+    assert _lagging(m, opts, 2 * LAG, step_every=1) == []
+    # only the (dense) head of a model whose sparse layers are frozen: nothing to count
+    only_first = {"version": 1, "rules": [{"match": {"name": "0"}, "method": "magnitude", "params": {"sparsity": 0.5}}]}
+    m = sparsify.sparsify(small(), only_first, total_steps=100)
+    head = [p for n, p in m.named_parameters() if n.startswith("3.")]
+    assert _lagging(m, [torch.optim.SGD(head, lr=0.01)], 2 * LAG, step_every=10 ** 9) == []
+
+
 def test_nonfinite_weights_warn_once_and_keep_the_thresholds():
     m = sparsify.sparsify(small(), "st3", total_steps=10, begin=0, end=0, fix=None)
     sparsify.step(m)
