@@ -17,7 +17,7 @@ from sparsify.prepare.recipe import load_recipe
 from sparsify.stats.report import Report, build_report
 from sparsify.core.devices import model_device, move_buffers
 from sparsify.core.averaging import sync_sparsity, unsynced_warning
-from sparsify.core.lag import reset, watch
+from sparsify.core.pace import reset, schedule_unfinished, watch
 from sparsify.core.layers import SparseWeightMixin
 from sparsify.core.buffers import release_workspaces
 from sparsify.core.sharded import full_parameters, is_distributed, note_fsdp, sharded_modules
@@ -81,7 +81,7 @@ def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int 
     move_buffers((state, *state.groups.values()), model_device(root))
     if state.step.is_meta:  # a shape-only model: refuse to run once materialized without values
         root.register_forward_pre_hook(refuse_unfilled)
-    watch(state)  # warns when optimizer steps outrun sparsify.step (sparsify.core.lag)
+    watch(state)  # warns when optimizer steps outrun sparsify.step (sparsify.core.pace)
     return root
 
 
@@ -126,35 +126,6 @@ def _check_averaged(model: nn.Module, where: str) -> None:
     if msg and "unsynced" not in state.warned:
         state.warned.add("unsynced")
         warnings.warn(msg, stacklevel=3)
-
-
-def schedule_unfinished(model: nn.Module) -> str | None:
-    """What ``finalize`` warns when the model is not where its schedules end: ``sparsify.step``
-    never called although the model trained (it has gradients), or a target sparsity not reached
-    yet (training stopped early, or ``step`` was called less often than the optimizer's, e.g. once
-    per epoch); None when neither.
-
-    >>> import torch, sparsify
-    >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 8)), "gmp", total_steps=100)
-    >>> schedule_unfinished(m).split(",")[0]
-    'sparsify.finalize: at step 0 the gmp schedule (rule0_magnitude) is at sparsity 0 of its final 0.9'
-    """
-    state = find_state(model)
-    t = int(state.step)
-    behind = [(name, g, now, final) for name, g in state.groups.items()
-              if (final := g.final_target()) is not None and (now := g.target(t)) is not None and now < final - 1e-9]
-    advice = ("call sparsify.step(model) after every optimizer step, and give sparsify() total_steps= the number "
-              "of optimizer steps the run takes")
-    if behind:
-        name, g, now, final = behind[0]
-        recipe = state.recipe.get("name") or g.method_name
-        return (f"sparsify.finalize: at step {t} the {recipe} schedule ({name}) is at sparsity {now:.3g} of its final "
-                f"{final:.3g}, so the deployed model is less sparse than the recipe's target: training stopped before "
-                "the schedule's end, or sparsify.step was not called after every optimizer step; " + advice)
-    if t == 0 and any(p.grad is not None for p in unwrap(model).parameters()):
-        return ("sparsify.finalize: the model has gradients but sparsify.step was never called, so no method "
-                "moved past step 0; " + advice)
-    return None
 
 
 def step(model: nn.Module, loss=None) -> int:

@@ -101,14 +101,14 @@ def _lagging(m, opts, iterations, step_every):
 
 
 def test_optimizer_steps_outrunning_sparsify_step_warn_once():
-    from sparsify.core.lag import LAG
+    from sparsify.core.pace import LAG
     m = sparsify.sparsify(small(), "gmp", total_steps=100)
     said = _lagging(m, [torch.optim.SGD(m.parameters(), lr=0.01)], 2 * LAG + 5, step_every=LAG + 5)  # "per epoch"
     assert len(said) == 1 and f"SGD stepped {LAG} times" in said[0] and "not once per epoch" in said[0]
 
 
 def test_the_contract_kept_two_optimizers_or_frozen_sparse_layers_do_not_warn():
-    from sparsify.core.lag import LAG
+    from sparsify.core.pace import LAG
     m = sparsify.sparsify(small(), "str", total_steps=100)
     assert _lagging(m, [torch.optim.SGD(sparsify.param_groups(m, 1e-4), lr=0.01)], 2 * LAG, step_every=1) == []
     # weights and thresholds in two optimizers, one sparsify.step per iteration

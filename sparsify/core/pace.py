@@ -1,0 +1,112 @@
+"""Whether ``sparsify.step`` keeps pace with training. The one silent way to break the
+training-loop contract is to call ``sparsify.step`` less often than ``optimizer.step`` (once per
+epoch, or not at all): the schedules then stand still or crawl, ``total_steps`` means something
+else than the run, and nothing fails. Two checks say so:
+
+* during training, a global optimizer post-step hook counts, for every sparsified model still
+  alive, the ``torch.optim`` steps that updated one of its sparse layers' weights;
+  ``sparsify.step`` resets the count, and :data:`LAG` steps in a row without it warn once;
+* at ``finalize``, :func:`schedule_unfinished` says when a schedule has not reached its final
+  target, or when the model has gradients but never took a ``sparsify.step``.
+
+Two optimizers stepping one model (weights and thresholds apart) count twice per iteration and
+stay far below :data:`LAG`; an optimizer that updates none of the sparse layers (a frozen
+backbone) is not counted.
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+
+from torch import nn
+
+from sparsify.core.state import find_state, unwrap
+
+__all__ = ["LAG", "ADVICE", "watch", "reset", "optimizer_steps", "schedule_unfinished"]
+
+#: optimizer steps in a row without ``sparsify.step`` that warn (a once-per-epoch call is caught
+#: within its first epoch of this many batches)
+LAG = 20
+
+ADVICE = ("call sparsify.step(model) after every optimizer step (not once per epoch), and give sparsify() "
+          "total_steps= the number of optimizer steps the run takes")
+
+_STATES: "weakref.WeakSet" = weakref.WeakSet()
+_COUNTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_HOOK = None
+
+
+def _weights(state) -> set[int]:
+    return {id(m.weight) for g in state.groups.values() for m in g.members.values()
+            if getattr(m, "weight", None) is not None}
+
+
+def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    if not _STATES:
+        return
+    stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    for state in list(_STATES):
+        if stepped.isdisjoint(_weights(state)):
+            continue
+        n = _COUNTS[state] = _COUNTS.get(state, 0) + 1
+        if n == LAG and "lag" not in state.warned:
+            state.warned.add("lag")
+            warnings.warn(f"sparsify: {type(optimizer).__name__} stepped {n} times since the last sparsify.step, "
+                          f"and the schedules, thresholds and masks stand still in between: {ADVICE}", stacklevel=3)
+
+
+def watch(state) -> None:
+    """Count the optimizer steps that update ``state``'s model's sparse layers.
+
+    >>> import torch, sparsify
+    >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), "gmp", total_steps=10)
+    >>> opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    >>> m(torch.ones(1, 4)).sum().backward(); opt.step(); opt.step()
+    >>> optimizer_steps(m.sparsify_state)
+    2
+    >>> _ = sparsify.step(m); optimizer_steps(m.sparsify_state)
+    0
+    """
+    global _HOOK
+    _STATES.add(state)
+    if _HOOK is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+        _HOOK = register_optimizer_step_post_hook(_after_optimizer_step)
+
+
+def reset(state) -> None:
+    """``sparsify.step`` ran: no optimizer step is behind it."""
+    if state in _COUNTS:
+        _COUNTS[state] = 0
+
+
+def optimizer_steps(state) -> int:
+    """The optimizer steps on ``state``'s model since its last ``sparsify.step``."""
+    return _COUNTS.get(state, 0)
+
+
+def schedule_unfinished(model: nn.Module) -> str | None:
+    """What ``finalize`` warns when the model is not where its schedules end: ``sparsify.step``
+    never called although the model trained (it has gradients), or a target sparsity not reached
+    yet (training stopped early, or ``step`` was called less often than the optimizer's, e.g. once
+    per epoch); None when neither.
+
+    >>> import torch, sparsify
+    >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 8)), "gmp", total_steps=100)
+    >>> schedule_unfinished(m).split(",")[0]
+    'sparsify.finalize: at step 0 the gmp schedule (rule0_magnitude) is at sparsity 0 of its final 0.9'
+    """
+    state = find_state(model)
+    t = int(state.step)
+    behind = [(name, g, now, final) for name, g in state.groups.items()
+              if (final := g.final_target()) is not None and (now := g.target(t)) is not None and now < final - 1e-9]
+    if behind:
+        name, g, now, final = behind[0]
+        recipe = state.recipe.get("name") or g.method_name
+        return (f"sparsify.finalize: at step {t} the {recipe} schedule ({name}) is at sparsity {now:.3g} of its final "
+                f"{final:.3g}, so the deployed model is less sparse than the recipe's target: training stopped before "
+                "the schedule's end, or sparsify.step was not called after every optimizer step: " + ADVICE)
+    if t == 0 and any(p.grad is not None for p in unwrap(model).parameters()):
+        return ("sparsify.finalize: the model has gradients but sparsify.step was never called, so no method "
+                "moved past step 0; " + ADVICE)
+    return None
