@@ -108,9 +108,12 @@ def test_python_dash_m_sparsify_is_the_command():
 
 def test_train_command_end_to_end(capsys, tmp_path):
     rc, out, _ = run_cli(capsys, "train", "--model", "cnn", "--recipe", "st3", "--epochs", "1", "--threads", "1",
-                         "--out", str(tmp_path / "r"), "--no-progress", "--set", "sparsity=0.5", "--seed", "3")
+                         "--out", str(tmp_path / "r"), "--no-progress", "--set", "sparsity=0.5", "--seed", "3",
+                         "--ema", "0.5")
     assert rc == 0
     assert "epoch 1/1" in out and "non-zero-weight MACs" in out and "features.3" in out  # progress line + report table
+    assert "ema test acc" in out and "EMA (decay 0.5): test accuracy" in out
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
     assert rep["weight_sparsity"] == pytest.approx(0.5, abs=0.005)
     assert rep["config"]["seed"] == 3 and rep["config"]["overrides"] == {"sparsity": 0.5}
+    assert rep["config"]["ema"] == 0.5 and rep["ema"]["finalize"] == "ok"

@@ -76,6 +76,29 @@ def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path, stop_at):
     assert full == cut
 
 
+def test_ema_is_evaluated_saved_sparse_and_resumed_exactly(tmp_path):
+    full = train(cfg(tmp_path, "full", recipe="gmp", ema=0.9), quiet=True)
+    out = tmp_path / "full"
+    history = json.loads((out / "history.json").read_text())
+    assert all(0.0 <= h["ema_test_acc"] <= 1.0 for h in history)
+    assert full["ema"]["accuracy"] == history[-1]["ema_test_acc"]
+    # the average has the model's sparsity (sparsify.sync), not the union of its masks
+    assert full["ema"]["weight_sparsity"] == pytest.approx(full["weight_sparsity"], abs=1e-6) == pytest.approx(0.9, abs=0.01)
+    assert full["ema"]["finalize"] == "ok"
+    ema_final = torch.load(out / "ema_final_state_dict.pt", weights_only=True)
+    assert ema_final.keys() == torch.load(out / "final_state_dict.pt", weights_only=True).keys()
+    # Ctrl-C in epoch 2 and --resume: the average continues where it stopped
+    def interrupt(step):
+        if step == 30:
+            os.kill(os.getpid(), signal.SIGINT)
+    assert train(cfg(tmp_path, "cut", recipe="gmp", ema=0.9), on_step=interrupt, quiet=True)["interrupted"]
+    train(TrainConfig(resume=str(tmp_path / "cut"), progress=False), quiet=True)
+    ema_of = lambda run: torch.load(tmp_path / run / CHECKPOINT, weights_only=True)["ema"]  # noqa: E731
+    assert same_state(ema_of("full"), ema_of("cut"))
+    with pytest.raises(ValueError, match="--ema 1.5: the decay is a number in"):
+        train(cfg(tmp_path, "bad", ema=1.5), quiet=True)
+
+
 def test_resume_needs_a_run_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json and checkpoint.pt"):
         train(TrainConfig(resume=str(tmp_path)), quiet=True)

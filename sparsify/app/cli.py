@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default runs/<model>-<recipe>-s<seed>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (its settings are reused)")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (else refused)")
+    p.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                   help="also keep an exponential moving average of the weights (e.g. 0.999), with the model's "
+                        "sparsity (sparsify.sync); it is evaluated every epoch and saved beside the model")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (one line per epoch)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers for imagefolder data")
     p.add_argument("--threads", type=int, default=None,

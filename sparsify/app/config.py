@@ -56,6 +56,7 @@ class TrainConfig:
     resume: str | None = None
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     overwrite: bool = False  # replace the run already in ``out`` (else such an ``out`` is refused)
+    ema: float | None = None  # decay of an EMA of the weights, evaluated and saved beside the model
 
     @property
     def dense(self) -> bool:
@@ -73,7 +74,7 @@ def config_from_args(args) -> TrainConfig:
                        optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
                        momentum=args.momentum, seed=args.seed, out=args.out, progress=not args.no_progress,
                        workers=args.workers, resume=args.resume, threads=args.threads,
-                       overwrite=getattr(args, "overwrite", False))
+                       overwrite=getattr(args, "overwrite", False), ema=getattr(args, "ema", None))
 
 
 def resolve_optimizer(cfg: TrainConfig) -> dict:

@@ -25,7 +25,8 @@ def thousands(v) -> str:
     return "-" if v is None else f"{v:,}"
 
 
-def _finish(model, cfg, data, out, history, opt_settings, total_steps, test_batches, example, seconds, say) -> dict:
+def _finish(model, cfg, data, out, history, opt_settings, total_steps, test_batches, example, seconds, say,
+            ema=None) -> dict:
     from sparsify.app.plots import plot_history, plot_layers
     act = activation_stats(model, test_batches())
     if dead := dead_inputs(act):
@@ -58,6 +59,8 @@ def _finish(model, cfg, data, out, history, opt_settings, total_steps, test_batc
         targets, kinds = {}, ["weight"]
         weights = {n: 1 - int(torch.count_nonzero(m.weight)) / m.weight.numel()
                    for n, m in model.named_modules() if isinstance(m, WEIGHT_TYPES)}
+    if ema is not None:
+        result["ema"] = _finish_ema(ema, cfg, example, out, history, say)
     title = f"{cfg.model} / {cfg.recipe or 'dense'} / {data.name}"
     plot_layers(weights, {n: v["input_sparsity"] for n, v in act["layers"].items()}, out / "layers.png", title,
                 targets=targets, label=" / ".join(kinds) + " sparsity")
@@ -69,3 +72,24 @@ def _finish(model, cfg, data, out, history, opt_settings, total_steps, test_batc
         f"{thousands(summary['dense_macs'])}, non-zero-weight {thousands(summary['nonzero_macs'])}, effective "
         f"{thousands(summary['effective_macs'])}, executed {thousands(summary['executed_macs'])}; results in {out}")
     return result
+
+
+def _finish_ema(ema, cfg, example, out, history, say) -> dict:
+    """``--ema``: the average's last accuracy, sparsity and finalized weights (``ema_final_state_dict.pt``)."""
+    found = {"decay": cfg.ema, "accuracy": history[-1].get("ema_test_acc") if history else None}
+    if not cfg.dense:
+        found["weight_sparsity"] = sp.report(ema).totals.get("weight_sparsity")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                final = sp.finalize(ema, example)
+            torch.save(final.state_dict(), out / "ema_final_state_dict.pt")
+            found["finalize"] = "ok"
+        except Exception as e:  # reported, not fatal, as for the model
+            found["finalize"] = f"failed: {type(e).__name__}: {e}"
+            say(f"warning: finalize of the EMA failed: {e}")
+    else:
+        torch.save(ema.module.state_dict(), out / "ema_final_state_dict.pt")
+    say(f"EMA (decay {cfg.ema}): test accuracy {found['accuracy']:.4f}"
+        + (f", weight sparsity {found['weight_sparsity'] or 0:.3f}" if "weight_sparsity" in found else ""))
+    return found

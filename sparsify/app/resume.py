@@ -22,10 +22,11 @@ __all__ = ["CONFIG", "RUN_FILES", "RUN_KEYS", "load_run", "claim_out", "restore"
 CONFIG = "config.json"
 #: what a run writes into its folder (``--overwrite`` removes these, and only these)
 RUN_FILES = (CONFIG, CHECKPOINT, CHECKPOINT_META, "report.json", "history.json", "final_state_dict.pt",
+             "ema_final_state_dict.pt",
              "layers.png", "training.png")
 #: the settings that define a run: a checkpoint is resumed only into a run with the same ones
 RUN_KEYS = ("model", "recipe", "overrides", "data", "image_size", "width", "epochs", "batch_size", "optimizer",
-            "lr", "weight_decay", "momentum", "seed")
+            "lr", "weight_decay", "momentum", "seed", "ema")
 
 
 def load_run(folder: Path, given_model: str | None, default_model: str) -> tuple[dict, dict, dict]:
@@ -74,17 +75,22 @@ def checkpoint_meta(**fields) -> dict:
             "rng_numpy": [npy[0], npy[1].tolist(), *(v.item() if hasattr(v, "item") else v for v in npy[2:])]}
 
 
-def save_run(model, optimizer, sched, out: Path, **fields) -> None:
-    """Write the checkpoint of a run: state dicts and torch's RNG state as tensors, the rest as JSON."""
-    save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": sched.state_dict(), "rng_torch": torch.get_rng_state()},
-                    checkpoint_meta(**fields), out)
+def save_run(model, optimizer, sched, out: Path, ema=None, **fields) -> None:
+    """Write the checkpoint of a run: state dicts (``ema``: the weight average's too) and torch's
+    RNG state as tensors, the rest as JSON."""
+    tensors = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+               "scheduler": sched.state_dict(), "rng_torch": torch.get_rng_state()}
+    if ema is not None:
+        tensors["ema"] = ema.state_dict()
+    save_checkpoint(tensors, checkpoint_meta(**fields), out)
 
 
-def restore(model, optimizer, sched, tensors: dict, meta: dict, folder: str) -> None:
+def restore(model, optimizer, sched, tensors: dict, meta: dict, folder: str, ema=None) -> None:
     """Load a checked checkpoint into a freshly built run; one line when it does not fit."""
     try:
         model.load_state_dict(tensors["model"])
+        if ema is not None:
+            ema.load_state_dict(tensors["ema"])
         optimizer.load_state_dict(tensors["optimizer"])
         sched.load_state_dict(tensors["scheduler"])
         torch.set_rng_state(tensors["rng_torch"])

@@ -80,6 +80,17 @@ def _make_optimizer(model, cfg: TrainConfig, opt: dict, total_steps: int):
     return optimizer, sched
 
 
+def _make_ema(model, decay: float | None):
+    """``--ema``: torch's ``AveragedModel`` with an EMA of parameters and buffers (BatchNorm
+    statistics too), or None."""
+    if decay is None:
+        return None
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"--ema {decay}: the decay is a number in [0, 1), e.g. 0.999")
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
     """Run ``cfg`` and return the result written to ``report.json`` (``interrupted`` is True
     when Ctrl-C stopped it; the checkpoint then lets ``TrainConfig(resume=out)`` continue).
@@ -122,11 +133,12 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
         model = sp.sparsify(model, cfg.recipe, total_steps=total_steps, example_inputs=example, **cfg.overrides)
     opt_settings = resolve_optimizer(cfg)
     optimizer, sched = _make_optimizer(model, cfg, opt_settings, total_steps)
+    ema = _make_ema(model, cfg.ema)
 
     history: list[dict] = []
     start_epoch, start_batch, running = 0, 0, {"loss": 0.0, "correct": 0, "seen": 0}
     if ckpt is not None:
-        restore(model, optimizer, sched, ckpt, meta, cfg.resume)
+        restore(model, optimizer, sched, ckpt, meta, cfg.resume, ema=ema)
         history, running = meta["history"], meta["running"]
         start_epoch, start_batch = meta["epoch"], meta["batch"]
         remove_stale_temporaries(out)  # of a writer that was killed
@@ -139,7 +151,7 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
     run_settings = {k: asdict(cfg)[k] for k in RUN_KEYS}
 
     def checkpoint(epoch: int, batch: int) -> None:
-        save_run(model, optimizer, sched, out, epoch=epoch, batch=batch, history=history, running=running,
+        save_run(model, optimizer, sched, out, ema=ema, epoch=epoch, batch=batch, history=history, running=running,
                  total_steps=total_steps, run=run_settings)
 
     test_batches = lambda: _batches(data.test, torch.arange(len(data.test)), 500, cfg.workers, fix)  # noqa: E731
@@ -169,6 +181,10 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
                 sched.step()
                 if not cfg.dense:
                     sp.step(model, loss=task)
+                if ema is not None:
+                    ema.update_parameters(model)
+                    if not cfg.dense:
+                        sp.sync(ema, model)  # the model's masks and thresholds, not their average
                 running["loss"] += task_value * len(y)
                 running["correct"] += int((logits.argmax(1) == y).sum())
                 running["seen"] += len(y)
@@ -199,12 +215,15 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
                             "test_acc": evaluate(model, test_batches()),
                             "weight_sparsity": weight_sparsity(model, cfg.dense), "target": target,
                             "activation_sparsity": act["activation_sparsity"], "achieved": achieved})
+            if ema is not None:
+                history[-1]["ema_test_acc"] = evaluate(ema.module, test_batches())
             running = {"loss": 0.0, "correct": 0, "seen": 0}
             h = history[-1]
             checkpoint(epoch + 1, 0)
             say(f"epoch {h['epoch']}/{cfg.epochs}: loss {h['train_loss']:.4f}  train acc {h['train_acc']:.4f}  "
                 f"test acc {h['test_acc']:.4f}  weight sparsity {h['weight_sparsity'] or 0:.3f}  "
                 f"activation sparsity {h['activation_sparsity']:.3f}"
+                + (f"  ema test acc {h['ema_test_acc']:.4f}" if ema is not None else "")
                 # what the recipe's own methods sparsify besides weights (SAS slots, masked positions, ...)
                 + "".join(f"  {kind} sparsity {v:.3f}" for kind, v in achieved.items() if kind != "weights"))
             if (dead := dead_inputs(act)) and not warned_dead:
@@ -217,4 +236,4 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
         say(f"interrupted: checkpoint saved in {out / CHECKPOINT}; continue with: sparsify train --resume {out}")
         return {"interrupted": True, "out": str(out)}
     return _finish(model, cfg, data, out, history, opt_settings, total_steps, test_batches, example,
-                   time.time() - t_start, say)
+                   time.time() - t_start, say, ema=ema)
