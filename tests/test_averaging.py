@@ -320,3 +320,22 @@ def test_a_subclass_of_averaged_model_is_taken_as_a_wrapper():
     for _ in train(model, lambda: ema.update_parameters(model), sync_to=ema):
         pass
     assert sparsify.report(ema).totals == sparsify.report(model).totals
+
+
+@pytest.mark.parametrize("recipe", ["st3", "st3-sigma"])
+def test_st3s_fix_bakes_the_averaged_weights_as_it_bakes_the_models(recipe):
+    # the fix writes W <- W_eff into the model; a frozen average (decay 1) of a model that does not
+    # learn (lr 0) holds the pre-fix latent weights and must come out of the fix equal to the model
+    model = sparsify.sparsify(net(), recipe, total_steps=6, example_inputs=X[:1], begin=0, end=2, fix=3)
+    # (use_buffers=False: BatchNorm statistics copied, parameters averaged)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(1.0), use_buffers=False)
+    ema.update_parameters(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    run_steps(model, opt, [(X, Y)] * 5, penalty=True, after=lambda: (ema.update_parameters(model),
+                                                                      sparsify.sync(ema, model)))
+    assert bool(model[0].fixed)
+    for (name, p), (_, q) in zip(ema.module.named_parameters(), model.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+    model.eval(), ema.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ema(X), model(X), rtol=1e-5, atol=1e-6)

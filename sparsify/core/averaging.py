@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from sparsify.core.layers import drop_all_caches
+from sparsify.core.layers import SparseWeightMixin, drop_all_caches
 from sparsify.core.state import find_state, is_wrapper, unwrap
 
 __all__ = ["sparsity_entries", "sync_sparsity", "unsynced_warning"]
@@ -67,7 +67,11 @@ def sync_sparsity(averaged: nn.Module, model: nn.Module) -> None:
     if unknown:
         raise ValueError(f"sparsify.sync: the averaged model has no {unknown[0]!r} ({len(unknown)} entries "
                          "missing): it is not a copy of the training model")
+    layers = [(name, m) for name, m in target.named_modules() if isinstance(m, SparseWeightMixin)]
+    before = [m.before_sync() for _, m in layers]
     target.load_state_dict(entries, strict=False)
+    for (name, m), b in zip(layers, before):
+        m.after_sync(b, source.get_submodule(name))
     mine.synced = True  # after the load, which brought the training model's (False)
     drop_all_caches(target)  # the averaging tool wrote its weights in place
 

@@ -141,6 +141,18 @@ class SparseWeightMixin:
     def sparse_repr(self) -> str:
         return ""
 
+    # -- an averaged copy taking the training model's state (sparsify.sync) -------------------
+    def before_sync(self):
+        """Called on an EMA / SWA copy's layer before ``sparsify.sync`` loads the training
+        model's state into it; what it returns goes to :meth:`after_sync`. Default: nothing."""
+        return None
+
+    def after_sync(self, before, source=None) -> None:
+        """Called after that load with :meth:`before_sync`'s value and the training model's layer
+        of the same name: a method whose state change also rewrote the training model's weights
+        (ST-3's fix bakes ``W ← W_eff``) applies it to the copy's averaged weights here, so that
+        they keep meaning what the model's mean."""
+
     # -- reused buffers and cached effective weights (speed only, never state) -------------
     # Held by sparsify.core.buffers (keyed weakly by the module), so state_dict, deepcopy,
     # pickling, DDP's buffer broadcast and ``.to()`` never see them.

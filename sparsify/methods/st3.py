@@ -87,6 +87,7 @@ class ST3Mixin(SparseWeightMixin):
         self.register_buffer("mask", torch.ones_like(w, dtype=torch.bool))
         self.register_buffer("scale", torch.ones(w.shape[self.out_axis], dtype=w.dtype, device=w.device))
         self.register_buffer("fixed", torch.zeros((), dtype=torch.bool, device=w.device))
+        self._baked = False  # W holds W_eff (the fix ran on this module's weights)
 
     def _sources(self) -> tuple[torch.Tensor, ...]:
         return self.weight, self.tau, self.mask, self.scale, self.fixed
@@ -161,6 +162,29 @@ class ST3Mixin(SparseWeightMixin):
         self.weight.copy_(self.effective_weight().detach())
         self.mask &= self.weight != 0
         self.fixed.fill_(True)
+        self._baked = True
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._baked = bool(self.fixed)  # a checkpoint saved after the fix holds baked weights
+
+    def before_sync(self) -> bool:
+        return getattr(self, "_baked", bool(self.fixed))
+
+    @torch.no_grad()
+    def after_sync(self, was_baked: bool, source=None) -> None:
+        # The model baked W <- W_eff at its fix. An averaged copy that has not bakes its own W_eff
+        # with the model's τ, scale and mask, the formula its forward used until now (so its
+        # output does not jump); else it would average latent weights (larger by τ) into baked
+        # ones and compute W ⊙ M on the mix. The tool's update at the fix step already mixed in
+        # (1 - decay) of the model's baked W: that part is shrunk by τ once more, an error of
+        # (1 - decay)·τ (0.001·τ at decay 0.999); a copy equal to the model (decay 0) is left as is.
+        if was_baked or not bool(self.fixed) or float(self.tau) <= 0:
+            return
+        self._baked = True
+        if source is not None and torch.equal(self.weight, source.weight.to(self.weight.device)):
+            return
+        self.weight.copy_(st3_effective_weight(self.weight, float(self.tau), self.mask, self.scale, self.out_axis))
 
     def sparse_repr(self) -> str:
         return f"tau={float(self.tau):.4g}, fixed={bool(self.fixed)}"
