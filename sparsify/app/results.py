@@ -46,15 +46,7 @@ def _finish(model, cfg, data, out, history, opt_settings, total_steps, test_batc
         targets = {r.name: r.target for r in rep.layers}
         kinds = sorted({"weight" if r.sparsifies == "weights" else r.sparsifies for r in rep.layers})
         say(str(rep))
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                final = sp.finalize(model, example)
-            torch.save(final.state_dict(), out / "final_state_dict.pt")
-            result["finalize"] = "ok"
-        except Exception as e:  # reported, not fatal: the trained checkpoint is still there
-            result["finalize"] = f"failed: {type(e).__name__}: {e}"
-            say(f"warning: finalize failed: {e}")
+        result["finalize"] = _save_finalized(model, example, out / "final_state_dict.pt", say, "finalize")
     else:
         targets, kinds = {}, ["weight"]
         weights = {n: 1 - int(torch.count_nonzero(m.weight)) / m.weight.numel()
@@ -74,20 +66,26 @@ def _finish(model, cfg, data, out, history, opt_settings, total_steps, test_batc
     return result
 
 
+def _save_finalized(model, example, path, say, what: str) -> str:
+    """``finalize`` the model and save its ``state_dict`` to ``path``: "ok", or "failed: ..."
+    (reported, not fatal: the trained checkpoint is still there)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            final = sp.finalize(model, example)
+        torch.save(final.state_dict(), path)
+        return "ok"
+    except Exception as e:
+        say(f"warning: {what} failed: {e}")
+        return f"failed: {type(e).__name__}: {e}"
+
+
 def _finish_ema(ema, cfg, example, out, history, say) -> dict:
     """``--ema``: the average's last accuracy, sparsity and finalized weights (``ema_final_state_dict.pt``)."""
     found = {"decay": cfg.ema, "accuracy": history[-1].get("ema_test_acc") if history else None}
     if not cfg.dense:
         found["weight_sparsity"] = sp.report(ema).totals.get("weight_sparsity")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                final = sp.finalize(ema, example)
-            torch.save(final.state_dict(), out / "ema_final_state_dict.pt")
-            found["finalize"] = "ok"
-        except Exception as e:  # reported, not fatal, as for the model
-            found["finalize"] = f"failed: {type(e).__name__}: {e}"
-            say(f"warning: finalize of the EMA failed: {e}")
+        found["finalize"] = _save_finalized(ema, example, out / "ema_final_state_dict.pt", say, "finalize of the EMA")
     else:
         torch.save(ema.module.state_dict(), out / "ema_final_state_dict.pt")
     say(f"EMA (decay {cfg.ema}): test accuracy {found['accuracy']:.4f}"
