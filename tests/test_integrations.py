@@ -214,6 +214,32 @@ def test_huggingface_trainer_callback(tmp_path):
     assert len(rows) == share["rewritten"] + 1 and all(r.weight_sparsity > 0.5 for r in rows)
 
 
+@pytest.mark.filterwarnings("ignore:sparsify. torch.fx could not trace")  # ViT's root: expected, see docs
+def test_huggingface_trainer_without_the_callback_is_told_about_it(tmp_path):
+    _require("transformers")
+    _require("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    from sparsify.core.pace import LAG
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4 * LAG
+
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            return {"pixel_values": torch.randn(3, 32, 32, generator=g), "labels": i % 10}
+    model = sparsify.sparsify(_hf_vit(), "st3", total_steps=LAG, example_inputs=(torch.randn(1, 3, 32, 32),))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=LAG, per_device_train_batch_size=4, report_to=[],
+                             save_strategy="no", use_cpu=True, logging_strategy="no", dataloader_num_workers=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(model=model, args=args, train_dataset=Images()).train()  # no SparsifyTrainerCallback
+    said = [str(w.message) for w in caught if "since the last sparsify.step" in str(w.message)]
+    assert len(said) == 1 and "SparsifyTrainerCallback" in said[0]
+    assert int(find_state(model).step) == 0
+
+
 @pytest.mark.parametrize("recipe", ["str", "dual", "nm-2-4"])
 def test_huggingface_trainer_checkpoints_and_resumes_exactly(tmp_path, recipe):
     """The Trainer's defaults: checkpoints in safetensors (tensors only) and the fused AdamW, which

@@ -28,7 +28,8 @@ __all__ = ["LAG", "ADVICE", "watch", "reset", "optimizer_steps", "schedule_unfin
 #: within its first epoch of this many batches)
 LAG = 20
 
-ADVICE = ("call sparsify.step(model) after every optimizer step (not once per epoch), and give sparsify() "
+ADVICE = ("call sparsify.step(model) after every optimizer step (not once per epoch; with transformers' Trainer "
+          "pass callbacks=[SparsifyTrainerCallback()], with Lightning SparsifyCallback), and give sparsify() "
           "total_steps= the number of optimizer steps the run takes")
 
 _STATES: "weakref.WeakSet" = weakref.WeakSet()
