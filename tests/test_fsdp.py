@@ -4,6 +4,7 @@ the run equals DDP's on the same data split (tolerance in docs/distributed.md). 
 every recipe, DDP and FSDP2 in turn."""
 from __future__ import annotations
 
+import math
 import os
 import socket
 
@@ -140,6 +141,7 @@ def _worker(rank, port, outdir):
             res["error"], res["final"] = fsdp_finalized_output(model, recipe, rank)
             out[recipe] = {"ddp": ddp, "fsdp": res, "sharded": sharded}
         out["resnet18"] = resnet_runs(rank)
+        out["meta"] = meta_runs(rank)
         torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -170,6 +172,37 @@ def resnet_runs(rank) -> dict:
         out["error"] = ""
     except RuntimeError as e:
         out["error"] = str(e)
+    return out
+
+
+# recipes that build on meta (ST-3 and N:M read weight values at sparsify time and refuse it)
+META_RECIPES = ["gmp", "str", "dual", "tl1", "semi-structured"]
+
+
+def meta_runs(rank) -> dict:
+    """docs/distributed.md's meta-device flow: sparsify on meta, shard, ``to_empty``, then the full
+    state dict of a trained sparsified model (the same on every rank) through torch's
+    ``set_model_state_dict``; the eval output against that model's, and one more step."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    out = {}
+    for recipe in META_RECIPES:
+        source = build(recipe, 0)
+        train(source, batches(0))
+        with torch.device("meta"):
+            net = tiny_cnn()
+        model = sparsify.sparsify(net, recipe, total_steps=TOTAL, example_inputs=torch.zeros(1, 3, 16, 16, device="meta"))
+        for m in list(model.modules()):
+            if isinstance(m, SparseWeightMixin):
+                fsdp.fully_shard(m)
+        fsdp.fully_shard(model)
+        model.to_empty(device="cpu")
+        set_model_state_dict(model, source.state_dict(), options=StateDictOptions(full_state_dict=True))
+        source.eval(), model.eval()
+        with torch.no_grad():
+            diff = float((model(PROBE) - source(PROBE)).abs().max())
+        model.train()
+        losses = train(model, batches(rank)[:1])
+        out[recipe] = {"diff": diff, "step": int(find_state(model).step), "loss": losses[0]}
     return out
 
 
@@ -277,3 +310,11 @@ def test_fsdp2_on_a_block_the_graph_never_calls_is_one_clear_error(results):
         err = r["resnet18"]["error"]
         assert err.startswith("ST3Conv2d: its weight is still sharded (FSDP2) when it computes"), err
         assert "fsdp_units(model)" in err
+
+
+@pytest.mark.parametrize("recipe", META_RECIPES)
+def test_fsdp2_meta_init_then_a_full_state_dict_gives_the_trained_model(results, recipe):
+    for rank in range(WORLD):
+        got = results[rank]["meta"][recipe]
+        assert got["diff"] < 1e-6, (rank, got)
+        assert got["step"] == STEPS + 1 and math.isfinite(got["loss"])
