@@ -14,7 +14,7 @@ from torch import nn
 from sparsify.core.extra_state import pack, unpack
 
 __all__ = ["SparsifyState", "STATE_ATTR", "AVERAGING_WRAPPERS", "find_state", "unwrap", "explain_missing_state",
-           "forget_replaced", "check_filled", "refuse_unfilled", "is_wrapper"]
+           "forget_replaced", "check_filled", "refuse_unfilled", "is_wrapper", "start_groups"]
 
 STATE_ATTR = "sparsify_state"
 
@@ -193,3 +193,18 @@ def refuse_unfilled(module: nn.Module, args) -> None:
     state = getattr(module, STATE_ATTR, None)
     if state is not None:
         check_filled(state, "forward")
+
+
+def start_groups(state: SparsifyState) -> None:
+    """Every group's step-0 update, as ``sparsify()`` ends. On a ``meta`` model a method that
+    reads the weights' values there (ST-3's thresholds, N:M's masks) says so in one line."""
+    for name, group in state.groups.items():
+        try:
+            group.update(0, None)
+        except (RuntimeError, NotImplementedError) as e:
+            if not any(m.weight.is_meta for m in group.members.values() if hasattr(m, "weight")):
+                raise
+            raise RuntimeError(f"sparsify: {group.method_name} ({name}) reads the weights' values when it is set up "
+                               "(its step-0 thresholds or masks), which a model on the meta device does not have: "
+                               "call sparsify() on the model after materializing and initializing its weights "
+                               "(docs/distributed.md#meta-device-initialization)") from e

@@ -30,7 +30,7 @@ from sparsify.prepare.unhandled import frozen_reason, unhandled_entries
 from sparsify.prepare.recipe import Recipe
 from sparsify.prepare.undo import TreeSnapshot
 from sparsify.prepare.validate import check_times
-from sparsify.core.state import STATE_ATTR, SparsifyState, explain_missing_state
+from sparsify.core.state import STATE_ATTR, SparsifyState, explain_missing_state, start_groups
 
 __all__ = ["build", "check_model"]
 
@@ -313,16 +313,7 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     root.register_load_state_dict_post_hook(explain_missing_state)
     if shared:
         own_written_weights(root, state.groups.values())
-    for name, group in state.groups.items():
-        try:
-            group.update(0, None)
-        except (RuntimeError, NotImplementedError) as e:
-            if not any(m.weight.is_meta for m in group.members.values() if hasattr(m, "weight")):
-                raise
-            raise RuntimeError(f"sparsify: {group.method_name} ({name}) reads the weights' values when it is set up "
-                               "(its step-0 thresholds or masks), which a model on the meta device does not have: "
-                               "call sparsify() on the model after materializing and initializing its weights "
-                               "(docs/distributed.md#meta-device-initialization)") from e
+    start_groups(state)
     return root, plan
 
 
