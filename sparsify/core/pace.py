@@ -32,7 +32,7 @@ ADVICE = ("call sparsify.step(model) after every optimizer step (not once per ep
           "pass callbacks=[SparsifyTrainerCallback()], with Lightning SparsifyCallback), and give sparsify() "
           "total_steps= the number of optimizer steps the run takes")
 
-_STATES: "weakref.WeakSet" = weakref.WeakSet()
+# watched states (the models still alive) -> optimizer steps since their last sparsify.step
 _COUNTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _HOOK = None
 
@@ -43,13 +43,13 @@ def _weights(state) -> set[int]:
 
 
 def _after_optimizer_step(optimizer, args, kwargs) -> None:
-    if not _STATES:
+    if not _COUNTS:
         return
     stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    for state in list(_STATES):
+    for state in list(_COUNTS):
         if stepped.isdisjoint(_weights(state)):
             continue
-        n = _COUNTS[state] = _COUNTS.get(state, 0) + 1
+        n = _COUNTS[state] = _COUNTS[state] + 1
         if n == LAG and "lag" not in state.warned:
             state.warned.add("lag")
             warnings.warn(f"sparsify: {type(optimizer).__name__} stepped {n} times since the last sparsify.step, "
@@ -69,7 +69,7 @@ def watch(state) -> None:
     0
     """
     global _HOOK
-    _STATES.add(state)
+    _COUNTS.setdefault(state, 0)
     if _HOOK is None:
         from torch.optim.optimizer import register_optimizer_step_post_hook
         _HOOK = register_optimizer_step_post_hook(_after_optimizer_step)
