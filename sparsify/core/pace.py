@@ -22,7 +22,7 @@ from torch import nn
 
 from sparsify.core.state import find_state, unwrap
 
-__all__ = ["LAG", "ADVICE", "watch", "reset", "optimizer_steps", "schedule_unfinished"]
+__all__ = ["LAG", "ADVICE", "watch", "reset", "optimizer_steps", "schedule_unfinished", "schedule_short"]
 
 #: optimizer steps in a row without ``sparsify.step`` that warn (a once-per-epoch call is caught
 #: within its first epoch of this many batches)
@@ -99,11 +99,9 @@ def schedule_unfinished(model: nn.Module) -> str | None:
     """
     state = find_state(model)
     t = int(state.step)
-    behind = [(name, g, now, final) for name, g in state.groups.items()
-              if (final := g.final_target()) is not None and (now := g.target(t)) is not None and now < final - 1e-9]
+    behind = _behind(state, t)
     if behind:
-        name, g, now, final = behind[0]
-        recipe = state.recipe.get("name") or g.method_name
+        recipe, name, now, final = behind
         return (f"sparsify.finalize: at step {t} the {recipe} schedule ({name}) is at sparsity {now:.3g} of its final "
                 f"{final:.3g}, so the deployed model is less sparse than the recipe's target: training stopped before "
                 "the schedule's end, or sparsify.step was not called after every optimizer step: " + ADVICE)
@@ -111,3 +109,35 @@ def schedule_unfinished(model: nn.Module) -> str | None:
         return ("sparsify.finalize: the model has gradients but sparsify.step was never called, so no method "
                 "moved past step 0; " + ADVICE)
     return None
+
+
+def _behind(state, t: int):
+    """(recipe name, group name, target at step ``t``, final target) of the first group whose
+    schedule has not reached its final target at step ``t``; None when every one has."""
+    for name, g in state.groups.items():
+        final, now = g.final_target(), g.target(t)
+        if final is not None and now is not None and now < final - 1e-9:
+            return state.recipe.get("name") or g.method_name, name, now, final
+    return None
+
+
+def schedule_short(model: nn.Module, steps: int) -> str | None:
+    """What a trainer that knows its run length (``steps`` optimizer steps in all) warns before
+    training when the run ends before the recipe's schedules do; None when it does not.
+
+    >>> import torch, sparsify
+    >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 8)), "gmp", total_steps=100)
+    >>> schedule_short(m, 100) is None
+    True
+    >>> print(schedule_short(m, 10))  # doctest: +NORMALIZE_WHITESPACE
+    sparsify: the run takes 10 optimizer steps, and at its end the gmp schedule (rule0_magnitude) is at
+    sparsity 0.268 of its final 0.9: give sparsify() total_steps=10 (it has total_steps=100)
+    """
+    state = find_state(model)
+    behind = _behind(state, int(steps))
+    if behind is None:
+        return None
+    recipe, name, now, final = behind
+    return (f"sparsify: the run takes {steps} optimizer steps, and at its end the {recipe} schedule ({name}) is at "
+            f"sparsity {now:.3g} of its final {final:.3g}: give sparsify() total_steps={steps} (it has "
+            f"total_steps={state.total_steps})")
