@@ -6,7 +6,9 @@
 
 With ``recipe`` and ``attr`` the callback sparsifies ``pl_module.<attr>`` itself at ``setup``
 (before ``configure_optimizers`` runs), with ``total_steps = trainer.estimated_stepping_batches``.
-Without them it drives every submodule the user already sparsified.
+Without them it drives every submodule the user already sparsified, and warns when the run ends
+before its schedules do. Under manual optimization (``automatic_optimization = False``) the
+training step runs its own backward: add ``sparsify.penalty(self.net)`` to the loss there.
 
 With Lightning's ``WeightAveraging`` callbacks (``EMAWeightAveraging``, your own subclasses), in
 either order in ``callbacks=[...]``, the averaged copy is made from the sparsified module and keeps the
@@ -16,12 +18,16 @@ that, the averaged masks (the union of all masks so far) are what validation run
 """
 from __future__ import annotations
 
+import math
+import warnings
+
 import lightning.pytorch as pl
 import torch
 from torch import nn
 
 import sparsify
 from sparsify.core.layers import drop_all_caches
+from sparsify.core.pace import schedule_short
 from sparsify.core.state import find_state
 
 __all__ = ["SparsifyCallback", "sparsified_modules", "averaging_callbacks"]
@@ -85,14 +91,23 @@ class SparsifyCallback(pl.Callback):
         if not sparsified_modules(pl_module):
             raise RuntimeError("SparsifyCallback: no sparsified module in the LightningModule; pass "
                                "SparsifyCallback(recipe, attr='net') or sparsify the network yourself")
+        steps = trainer.estimated_stepping_batches
+        if stage in (None, "fit") and math.isfinite(steps):
+            for m in sparsified_modules(pl_module):
+                if short := schedule_short(m, int(steps)):
+                    warnings.warn(short + " (SparsifyCallback: the Trainer's estimated_stepping_batches)", stacklevel=2)
         if not getattr(pl_module, "_sparsify_penalty_wrapped", False):
             original = pl_module.training_step
 
             def training_step(*args, **kwargs):
                 out = original(*args, **kwargs)
-                penalty = sum((sparsify.penalty(m) for m in sparsified_modules(pl_module)), 0.0)
-                if isinstance(penalty, float) and penalty == 0.0:
+                if not pl_module.automatic_optimization:
+                    # the step already ran its backward: the penalty is the user's to add before
+                    # it, and sparsify.step warns when the recorded terms were never collected
                     return out
+                penalty = sum((sparsify.penalty(m) for m in sparsified_modules(pl_module)), 0.0)
+                if out is None or (isinstance(penalty, float) and penalty == 0.0):
+                    return out  # None: Lightning skips this batch, and its terms are forgotten
                 if isinstance(out, dict):
                     return {**out, "loss": out["loss"] + penalty}
                 return out + penalty
@@ -134,7 +149,7 @@ class SparsifyCallback(pl.Callback):
         if self._last_step is None:
             self._last_step = 0
         if trainer.global_step > self._last_step:  # an optimizer step happened in this batch
-            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs  # {} when the step returned None
             # Lightning's StochasticWeightAveraging ends with an epoch that only refreshes the
             # BatchNorm statistics: no backward, so its one optimizer step is no training step
             trained = not getattr(trainer.fit_loop, "_skip_backward", False)
