@@ -3,6 +3,7 @@
     python benchmarks/fsdp_memory.py                       # resnet18, 2 gloo CPU processes
     python benchmarks/fsdp_memory.py --wrap ddp            # the same under DDP (unsharded)
     python benchmarks/fsdp_memory.py --recipes st3 gmp --steps 4 --json out.json
+    python benchmarks/fsdp_memory.py --time 7           # and the time cost of recomputing in backward
 
 Builds ResNet-18 (``weights=None``, 10 classes) sparsified with each weight recipe (and dense),
 shards it as docs/distributed.md shows (``fully_shard`` on each of ``fsdp_units(model)``, then on
@@ -20,17 +21,19 @@ the bytes of the tensors alive between steps (storages told apart by data pointe
 Printed as ratios to ``params``; with N ranks the parameter shards shrink as 1/N while the
 sparsify state is per full weight, so the ratios grow with N. ``graph`` is not held between
 steps but from each forward to its backward: the bytes autograd saved in the last forward beyond
-the dense model's (effective weights the convolutions keep for their backward, float masks),
-parameters, registered buffers and the tensors counted above left out (FSDP2 frees the gathered
-weights itself).
+the dense model's, parameters, registered buffers and the tensors counted above left out (FSDP2
+frees the gathered weights itself; the effective weights are recomputed in backward,
+:mod:`sparsify.core.recompute`, and ``--time`` gives what that costs).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import socket
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -42,6 +45,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sparsify  # noqa: E402
 from _report import write_json  # noqa: E402
+from sparsify.core import recompute  # noqa: E402
 from sparsify.core.buffers import layer_buffers, workspace_bytes  # noqa: E402
 from sparsify.core.layers import SparseWeightMixin  # noqa: E402
 from sparsify.core.sharded import is_sharded  # noqa: E402
@@ -144,6 +148,39 @@ def measure(recipe: str, steps: int, rank: int, wrap: str) -> dict:
     return out
 
 
+def time_recompute(recipe: str, rank: int, rounds: int, batch: int) -> dict:
+    """Seconds per training step under FSDP2 with the effective weights recomputed in backward
+    (sparsify.core.recompute) and with them saved from the forward, alternating the two in
+    ``rounds`` rounds of 3 steps on one model; the medians and their ratio."""
+    from torch.distributed.fsdp import fully_shard
+    model = build(recipe, 1000)
+    for unit in fsdp_units(model):
+        fully_shard(unit)
+    fully_shard(model)
+    opt = torch.optim.SGD(sparsify.param_groups(model, weight_decay=5e-4), lr=0.01, momentum=0.9)
+    g = torch.Generator().manual_seed(rank)
+    x, y = torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    try:
+        for r in range(rounds + 1):
+            for on in (True, False) if r % 2 else (False, True):
+                recompute.ENABLED = on
+                dist.barrier()
+                t0 = time.perf_counter()
+                for _ in range(3):
+                    loss = F.cross_entropy(model(x), y) + sparsify.penalty(model)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    sparsify.step(model)
+                if r:  # round 0 warms up
+                    times[on].append((time.perf_counter() - t0) / 3)
+    finally:
+        recompute.ENABLED = True
+    on, off = statistics.median(times[True]), statistics.median(times[False])
+    return {"recomputed_s": on, "saved_s": off, "ratio": on / off}
+
+
 def _saved_by_autograd(model: torch.nn.Module, into: dict[int, int]):
     """Record the storages autograd saves for backward, parameters and buffers left out."""
     own = {b.untyped_storage().data_ptr() for b in model.buffers()}
@@ -158,12 +195,17 @@ def _saved_by_autograd(model: torch.nn.Module, into: dict[int, int]):
     return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
 
-def _worker(rank: int, world: int, port: int, recipes: list[str], steps: int, wrap: str, outdir: str) -> None:
+def _worker(rank: int, world: int, port: int, recipes: list[str], steps: int, wrap: str, outdir: str,
+            time_rounds: int = 0, batch: int = 32) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         rows = {r: measure(r, steps, rank, wrap) for r in recipes}
+        if time_rounds and wrap == "fsdp":
+            for r in recipes:
+                if r != "dense":
+                    rows[r]["time"] = time_recompute(r, rank, time_rounds, batch)
         torch.save(rows, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -181,10 +223,15 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--wrap", choices=["fsdp", "ddp"], default="fsdp")
+    ap.add_argument("--time", type=int, default=0, metavar="ROUNDS",
+                    help="also time training steps with the effective weights recomputed in backward against "
+                         "saved from the forward (FSDP2; ROUNDS alternating rounds of 3 steps)")
+    ap.add_argument("--batch", type=int, default=32, help="batch per rank of the timed steps (32x32 images)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(args.world, _free_port(), args.recipes, args.steps, args.wrap, d), nprocs=args.world, join=True)
+        mp.spawn(_worker, args=(args.world, _free_port(), args.recipes, args.steps, args.wrap, d, args.time,
+                                args.batch), nprocs=args.world, join=True)
         ranks = [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(args.world)]
     print(f"resnet18, {args.wrap}, {args.world} ranks (gloo, CPU), {args.steps} steps, torch {torch.__version__}; "
           "bytes held between steps, as a ratio to the rank's parameters")
@@ -199,6 +246,13 @@ def main(argv=None) -> None:
             print(f"{recipe:10s} {rank:4d} {r['params'] / 2 ** 20:9.2f} "
                   + " ".join(f"{r[k] / r['params']:13.3f}" for k in KINDS)
                   + f" {total / r['params']:9.3f} {total / r['weights']:8.2f} {graph:7.3f}")
+    if args.time:
+        print(f"\nstep time, recomputed / saved effective weights (rank 0; batch {args.batch} per rank, median of "
+              f"{args.time} rounds):")
+        for recipe in args.recipes:
+            t = ranks[0][recipe].get("time")
+            if t:
+                print(f"{recipe:10s} {t['recomputed_s'] * 1e3:8.1f} ms {t['saved_s'] * 1e3:8.1f} ms  {t['ratio']:.3f}")
     write_json(args.json, {"wrap": args.wrap, "world": args.world, "steps": args.steps, "torch": torch.__version__,
                            "ranks": ranks})
 

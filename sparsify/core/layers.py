@@ -20,6 +20,7 @@ from torch import nn
 from sparsify.core.buffers import eager, layer_buffers
 from sparsify.core.conv1d import (CONV_TRANSPOSE_TYPES, Conv1DLike, conv1d_forward, conv_transpose_forward,
                                   is_conv1d_class)
+from sparsify.core import recompute
 from sparsify.core.records import RecordsMixin  # noqa: F401  (its home before records.py)
 from sparsify.core.sharded import check_gathered, note_fsdp
 from sparsify.core.subclasses import own_forward_class, own_forward_with
@@ -90,7 +91,19 @@ class SparseWeightMixin:
     def forward(self, x, output_size=None):
         check_gathered(self, self.weight)
         note_fsdp(self)  # FSDP2: nothing weight-sized kept between forwards
-        return self.forward_with(x, self._forward_weight(), output_size)
+        return self.forward_saving(x, self._forward_weight, output_size)
+
+    def forward_saving(self, x, weight_fn, output_size=None):
+        """:meth:`forward_with` the weight ``weight_fn()`` gives. A layer that keeps nothing
+        between calls (FSDP2, :func:`~sparsify.core.sharded.note_fsdp`) does not keep that
+        weight from its forward to its backward either: backward computes it again from the
+        weights FSDP2 gathers for it (:mod:`sparsify.core.recompute`)."""
+        bufs = layer_buffers(self, create=False)
+        if (bufs is None or not bufs.transient or not torch.is_grad_enabled() or not eager()
+                or not recompute.ENABLED):
+            return self.forward_with(x, weight_fn(), output_size)
+        with recompute.recomputed(weight_fn) as r:
+            return self.forward_with(x, r.weight(), output_size)
 
     def _forward_weight(self) -> torch.Tensor:
         """What the layer's own forward computes with (a method may reuse a buffer here)."""

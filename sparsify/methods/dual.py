@@ -45,7 +45,7 @@ class L1PruneMixin(RecordsMixin, SparseWeightMixin):
         check_gathered(self, self.weight)
         if self.l1 and self.recording():
             self.record(self.l1 * self.weight.float().abs().sum())
-        return self.forward_with(x, self.effective_weight(), output_size)
+        return self.forward_saving(x, self.effective_weight, output_size)
 
     @torch.no_grad()
     def prune(self, tau: float) -> None:

@@ -47,6 +47,8 @@ class _NMWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         weight, eff, mask_f = ctx.saved_tensors
+        if mask_f is not None and mask_f.dtype == torch.bool:  # FSDP2 saved the bool mask (mask_float)
+            mask_f = mask_f.to(grad.dtype)
         in_place = (ctx.in_place and not torch.is_grad_enabled() and grad.is_contiguous()
                     and grad.dtype == eff.dtype)
         if ctx.straight and ctx.decay:

@@ -62,7 +62,7 @@ class NMMixin(SparseWeightMixin):
             eff = w * mask_f
         if not (torch.is_grad_enabled() and w.requires_grad):
             return eff
-        return _NMWeight.apply(w, eff, mask_f, not self._is_fixed(), self.sr_ste_decay, False, None)
+        return _NMWeight.apply(w, eff, self._saved_mask(mask_f), not self._is_fixed(), self.sr_ste_decay, False, None)
 
     def _forward_weight(self) -> torch.Tensor:
         """:meth:`effective_weight` for this layer's own conv/linear: a reused buffer,
@@ -80,7 +80,13 @@ class NMMixin(SparseWeightMixin):
         if not (torch.is_grad_enabled() and w.requires_grad):
             return eff
         pinned = bufs.pin("eff", eff) if bufs.holds(eff) else None
-        return _NMWeight.apply(w, eff, mask_f, not self._is_fixed(), self.sr_ste_decay, True, pinned)
+        return _NMWeight.apply(w, eff, self._saved_mask(mask_f), not self._is_fixed(), self.sr_ste_decay, True, pinned)
+
+    def _saved_mask(self, mask_f: torch.Tensor) -> torch.Tensor:
+        """What the backward keeps of the mask: a layer that keeps nothing between calls (FSDP2)
+        keeps the bool buffer, not a float copy alive from the forward to the backward."""
+        bufs = layer_buffers(self, create=False)
+        return self.mask if bufs is not None and bufs.transient and self.mask.shape == mask_f.shape else mask_f
 
     @torch.no_grad()
     def recompute_mask(self, n: int, m: int) -> None:
