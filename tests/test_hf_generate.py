@@ -1,0 +1,44 @@
+"""Causal LMs as their users call them after training: ``generate`` (KV cache, greedy) on the
+sparsified model, on its finalized copy, and on the original class reloaded with
+``from_pretrained`` from the finalized model's ``save_pretrained`` folder: the same tokens."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import sparsify
+from hf_harness import cov  # skips this module without transformers
+
+# SAS widens the layers it rewrites: its finalized model is another architecture than the config's
+RECIPES = ["st3", "gmp", "nm-2-4", "str", "dual", "tl1", "semi-structured"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_generate_after_training_and_after_save_pretrained(family, recipe, tmp_path):
+    model, (ids,), _ = cov.FAMILIES[family]()
+    cls = type(model)
+    kw = {"s_init": -3.0} if recipe == "str" else {}  # STR's soft threshold in play from the start
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = sparsify.sparsify(model, recipe, total_steps=3, example_inputs=(ids,), **kw)
+        opt = torch.optim.AdamW(sparsify.param_groups(m, 1e-4), lr=1e-2)
+        for _ in range(3):
+            loss = m(input_ids=ids, labels=ids).loss + sparsify.penalty(m)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sparsify.step(m)
+        assert (sparsify.report(m).totals.get("weight_sparsity") or 0) > 0 or recipe in ("tl1", "semi-structured")
+        m.eval()
+        prompt = ids[:, :4]
+        tokens = m.generate(prompt, max_new_tokens=6, do_sample=False)
+        final = sparsify.finalize(m, (ids,))
+        assert torch.equal(final.generate(prompt, max_new_tokens=6, do_sample=False), tokens)
+        final.save_pretrained(tmp_path)
+        reloaded = cls.from_pretrained(tmp_path)
+    assert type(reloaded) is cls
+    assert torch.equal(reloaded.generate(prompt, max_new_tokens=6, do_sample=False), tokens)
+    assert tokens.shape == (2, 10)
