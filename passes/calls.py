@@ -199,6 +199,27 @@ class CallRecord:
                 out[name] = first
         return out
 
+    def root_concrete_args(self) -> dict:
+        """The root's own arguments that the example call leaves at a ``None`` or ``bool``
+        default (or passes as one): a graph of the root traced for that call (timm's ViT,
+        ``forward(x, attn_mask=None, is_causal=False)``, called with ``x`` alone).
+
+        >>> class Net(torch.nn.Module):
+        ...     def forward(self, x, mask=None, causal=False, scale=2.0):
+        ...         return x
+        >>> CallRecord(Net(), (torch.zeros(1),)).root_concrete_args()
+        {'mask': None, 'causal': False}
+        """
+        try:
+            bound = inspect.signature(self._root.forward).bind(*self._inputs)
+        except (TypeError, ValueError):
+            return {}
+        bound.apply_defaults()
+        return {name: v for name, v in bound.arguments.items()
+                if (v is None or isinstance(v, bool))
+                and bound.signature.parameters[name].kind not in (inspect.Parameter.VAR_POSITIONAL,
+                                                                  inspect.Parameter.VAR_KEYWORD)}
+
     def _record(self) -> dict[str, list[dict]]:
         calls: dict[str, list[dict]] = {}
         hooks = []

@@ -172,3 +172,35 @@ def test_two_processes_accumulating_equal_the_whole_batch(tmp_path, recipe):
     whole = one_step(gpt2(recipe), token_data(), accumulate=1, batch=8)
     assert rel_diff(ranks[0], ranks[1]) == 0
     assert rel_diff(whole, ranks[0]) < 1e-5
+
+
+def test_the_step_gets_the_training_loss():
+    """sparsify.step ran without the loss under the Trainer: semi-structured, which keeps the
+    mask map of the lowest training loss, froze a random draw (best loss inf) and told the user
+    to pass a loss they cannot pass; now the callback gives each step its micro-batches' loss."""
+    from torch import nn
+    from torch.nn import functional as F
+
+    from sparsify.core.state import find_state
+
+    class CNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 10)
+
+        def forward(self, pixel_values, labels=None):
+            logits = self.fc(F.relu(self.c2(F.relu(self.c1(pixel_values)))).mean((2, 3)))
+            return {"logits": logits} if labels is None else {"logits": logits, "loss": F.cross_entropy(logits, labels)}
+
+    torch.manual_seed(0)
+    data = [{"pixel_values": torch.randn(3, 16, 16), "labels": i % 10} for i in range(40)]
+    model = sparsify.sparsify(CNN(), "semi-structured", total_steps=10, example_inputs=(torch.randn(1, 3, 16, 16),))
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=10, per_device_train_batch_size=4,
+                             gradient_accumulation_steps=2, use_cpu=True, report_to=[], save_strategy="no",
+                             logging_strategy="no", dataloader_num_workers=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(model=model, args=args, train_dataset=data, callbacks=[hf.SparsifyTrainerCallback()]).train()
+    group = find_state(model).groups["rule0_semi_structured"]
+    assert bool(group.frozen) and 0 < float(group.best_loss) < 10
+    assert not [w for w in caught if "got no loss" in str(w.message)]

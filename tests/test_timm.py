@@ -177,3 +177,33 @@ def test_sas_head_reads_through_timms_global_pool():
     SAS's head rule looks through it to the last relu, as through torchvision's avgpool + flatten."""
     plan = sparsify.plan(_model("resnet10t"), "sas", example_inputs=(_x(32),))
     assert {e.name: e.method for e in plan.entries}["fc"] == "sas"
+
+
+@pytest.mark.parametrize("recipe", ["tl1", "semi-structured"])
+def test_vit_activation_recipes_run_in_its_graph(recipe):
+    """timm's ViT takes ``forward(x, attn_mask=None, is_causal=False)``. Its graph took both as
+    inputs, so the call guard sent every call, ``m(x)`` included, to timm's own forward, without
+    the inserted nodes: tl1's penalty was 0 and semi-structured masked nothing, for the whole run.
+    The root is now traced as ``example_inputs`` call it (both at their defaults); a call that
+    passes a mask runs timm's forward, and says so."""
+    x = _x(32)
+    m = sparsify.sparsify(_model("vit_tiny_patch16_224", img_size=32), recipe, total_steps=4, example_inputs=(x,))
+    m.train()
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "called with arguments its graph was not traced for"
+        for _ in range(4):
+            out = m(x)
+            penalty = sparsify.penalty(m)
+            loss = out.square().mean() + penalty
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sparsify.step(m, loss.item())
+    if recipe == "tl1":
+        assert float(penalty) > 0
+    else:
+        assert sparsify.report(m).totals["achieved"]["output positions"] > 0.1
+    with pytest.warns(UserWarning, match="its own forward runs"):
+        masked = m(x, attn_mask=torch.ones(5, 5, dtype=torch.bool))  # 4 patches and the class token
+    assert masked.shape == out.shape

@@ -10,6 +10,7 @@ children one by one (see docs/integrations.md for the share of Linear layers eac
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -20,7 +21,7 @@ import sparsify
 from sparsify.core.pace import schedule_short
 from sparsify.core.state import find_state
 
-__all__ = ["SparsifyTrainerCallback", "linear_share", "penalty_share"]
+__all__ = ["SparsifyTrainerCallback", "linear_share", "penalty_share", "step_loss"]
 
 
 def linear_share(model: nn.Module) -> dict:
@@ -94,37 +95,62 @@ def penalty_share(model: nn.Module, kwargs: dict):
     return labels.ne(-100).sum() / total
 
 
-def _add_penalty(module, args, kwargs, output):
-    if not module.training or _loss_of(output) is None:
+def _add_penalty(module, args, kwargs, output, losses: list | None = None):
+    loss = _loss_of(output) if module.training else None
+    if loss is None:
         # no loss to add to (Trainer's label smoothing or compute_loss_func computes it outside
         # the model): the terms stay recorded, and sparsify.step warns that they were never
         # collected unless the user's loss function adds sparsify.penalty(model)
         return output
+    if losses is not None:
+        losses.append((loss.detach(), kwargs.get("num_items_in_batch") is not None))
     penalty = sparsify.penalty(module)
     if not isinstance(penalty, torch.Tensor):
         return output
     share = penalty_share(module, kwargs)
-    return _with_loss(output, _loss_of(output) + (penalty if share is None else penalty * share))
+    return _with_loss(output, loss + (penalty if share is None else penalty * share))
+
+
+def step_loss(losses: list) -> float | None:
+    """The training loss of one optimizer step from its micro-batches' ``(loss, normalized)``:
+    their sum where the Trainer normalized each over the whole accumulated batch, else their mean.
+
+    >>> step_loss([(torch.tensor(1.0), False), (torch.tensor(3.0), False)])
+    2.0
+    >>> step_loss([(torch.tensor(1.0), True), (torch.tensor(3.0), True)]), step_loss([])
+    (4.0, None)
+    """
+    if not losses:
+        return None
+    total = torch.stack([v.float() for v, _ in losses]).sum()
+    return float(total if all(n for _, n in losses) else total / len(losses))
 
 
 class SparsifyTrainerCallback(TrainerCallback):
     """Drives a model made by ``sparsify.sparsify`` inside ``transformers.Trainer``: adds the
     penalty to the model output's loss, weighted as the Trainer weights that loss under gradient
-    accumulation (:func:`penalty_share`), calls ``sparsify.step`` after every optimizer step, and
-    warns before training when the run is shorter than the recipe's schedules."""
+    accumulation (:func:`penalty_share`), calls ``sparsify.step`` with the step's training loss
+    after every optimizer step (semi-structured keeps the mask map of the lowest loss; a
+    non-finite loss is reported), and warns before training when the run is shorter than the
+    recipe's schedules."""
 
     def __init__(self):
         self._hook = None
+        self._losses: list = []
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         find_state(model)  # a clear error when the model was not sparsified
         if state.max_steps and (short := schedule_short(model, state.max_steps)):
             warnings.warn(short + " (SparsifyTrainerCallback: TrainingArguments give the run's length)", stacklevel=2)
         if self._hook is None:
-            self._hook = model.register_forward_hook(_add_penalty, with_kwargs=True)
+            self._losses = []
+            self._hook = model.register_forward_hook(functools.partial(_add_penalty, losses=self._losses),
+                                                     with_kwargs=True)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        sparsify.step(model)  # called once per optimizer step (after gradient accumulation)
+        # once per optimizer step (after gradient accumulation), with the loss of its micro-batches
+        sparsify.step(model, step_loss(self._losses))
+        self._losses.clear()
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self._hook is not None:

@@ -71,9 +71,10 @@ def fx_capture(root: nn.Module, matcher: MatchTable, example_inputs=None):
     """torch.fx, as deep as the rules need, untraceable submodules rewritten module by module:
     ``(TraceResult, candidates, candidates of the full-depth trace)``."""
     # children traced under an untraceable parent are specialised to how it calls them
-    calls = None
+    calls = root_args = None
     if example_inputs is not None:
         calls = CallRecord(root, example_inputs if isinstance(example_inputs, (list, tuple)) else (example_inputs,))
+        root_args = calls.root_concrete_args() or None  # the root too: traced as the example calls it
 
     def is_site(name, m):
         w = matcher.winner(Candidate(name, m))
@@ -81,7 +82,7 @@ def fx_capture(root: nn.Module, matcher: MatchTable, example_inputs=None):
 
     # activation modules called by an untraceable parent get a one-call graph when a rule may insert after them
     shell = shell_activation if any(r.method is not None and r.method.site == "node" for r in matcher.rules) else None
-    tr = trace(root, _not_a_layer, is_site=is_site, calls=calls, shell=shell)
+    tr = trace(root, _not_a_layer, is_site=is_site, calls=calls, shell=shell, concrete_args=root_args)
     cands = _candidates(tr, root)
     # a method whose rewrite reads the nodes around a site (SAS: the relu feeding a layer, which may
     # sit inside a module with nothing to rewrite) needs every module holding a layer or an
@@ -102,7 +103,7 @@ def fx_capture(root: nn.Module, matcher: MatchTable, example_inputs=None):
         return tr, cands, cands
     first_cands = cands
     tr = trace(root, lambda name, m: name in needed and _not_a_layer(name, m), is_site=is_site, calls=calls,
-               shell=shell)
+               shell=shell, concrete_args=root_args)
     # first/last describe the model, not how deep this trace went (a leaf stem hides its conv)
     flags = {c.name: (c.first, c.last) for c in first_cands}
     cands = _candidates(tr, root)
