@@ -81,7 +81,7 @@ def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int 
     move_buffers((state, *state.groups.values()), model_device(root))
     if state.step.is_meta:  # a shape-only model: refuse to run once materialized without values
         root.register_forward_pre_hook(refuse_unfilled)
-    watch(state)  # warns when optimizer steps outrun sparsify.step (sparsify.core.pace)
+    watch(state, root)  # warns when optimizer steps outrun sparsify.step (sparsify.core.pace)
     return root
 
 

@@ -107,6 +107,20 @@ def test_optimizer_steps_outrunning_sparsify_step_warn_once():
     assert len(said) == 1 and f"SGD stepped {LAG} times" in said[0] and "not once per epoch" in said[0]
 
 
+@pytest.mark.parametrize("recipe", ["tl1", "activation-l1", "activation-hoyer"])
+def test_an_activation_recipe_without_sparsify_step_warns_and_keeps_no_graphs(recipe):
+    """With no sparse layer to watch, the steps updating any of the model's parameters count
+    (transformers' Trainer without the callback trained tl1 as a dense model, silently); the
+    terms recorded by each forward, never collected, held their autograd graphs (activations)
+    alive until a sparsify.step that never came: they are dropped after the next optimizer step."""
+    from sparsify.core.pace import LAG
+    m = sparsify.sparsify(small(), recipe, total_steps=100)
+    said = _lagging(m, [torch.optim.SGD(m.parameters(), lr=0.01)], LAG + 2, step_every=10 ** 9)
+    assert len(said) == 1 and "penalty recorded meanwhile was never added to a loss" in said[0]
+    held = [len(l.records) for l in m.modules() if hasattr(l, "records")]
+    assert held and max(held) <= 2  # the last forward's terms (a module called twice records twice)
+
+
 def test_the_contract_kept_two_optimizers_or_frozen_sparse_layers_do_not_warn():
     from sparsify.core.pace import LAG
     m = sparsify.sparsify(small(), "str", total_steps=100)

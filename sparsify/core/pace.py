@@ -20,6 +20,7 @@ import weakref
 
 from torch import nn
 
+from sparsify.core.records import RecordsGroupMixin
 from sparsify.core.state import find_state, unwrap
 
 __all__ = ["LAG", "ADVICE", "watch", "reset", "optimizer_steps", "schedule_unfinished", "schedule_short"]
@@ -34,12 +35,31 @@ ADVICE = ("call sparsify.step(model) after every optimizer step (not once per ep
 
 # watched states (the models still alive) -> optimizer steps since their last sparsify.step
 _COUNTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# watched states -> their model (weakly): a recipe with no sparse layers (activation penalties
+# only) is counted by the steps that update any of the model's parameters
+_MODELS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _HOOK = None
 
 
 def _weights(state) -> set[int]:
-    return {id(m.weight) for g in state.groups.values() for m in g.members.values()
-            if getattr(m, "weight", None) is not None}
+    ids = {id(m.weight) for g in state.groups.values() for m in g.members.values()
+           if getattr(m, "weight", None) is not None}
+    if not ids and (model := _MODELS.get(state, lambda: None)()) is not None:
+        ids = {id(p) for p in model.parameters()}
+    return ids
+
+
+def _drop_records(state) -> int:
+    """Forget the penalty terms recorded before an optimizer step that no sparsify.step
+    followed: they can no longer reach a loss, and each holds its forward's autograd graph
+    (activations included) alive. Returns how many there were."""
+    left = 0
+    for g in state.groups.values():
+        if isinstance(g, RecordsGroupMixin):
+            before = g.uncollected
+            g.clear()
+            left += g.uncollected - before
+    return left
 
 
 def _after_optimizer_step(optimizer, args, kwargs) -> None:
@@ -50,14 +70,18 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
         if stepped.isdisjoint(_weights(state)):
             continue
         n = _COUNTS[state] = _COUNTS[state] + 1
+        dropped = _drop_records(state) if n >= 2 else 0  # a whole iteration without sparsify.step
         if n == LAG and "lag" not in state.warned:
             state.warned.add("lag")
+            what = ("the schedules, thresholds and masks stand still in between" if not dropped else
+                    "the recipe's penalty recorded meanwhile was never added to a loss")
             warnings.warn(f"sparsify: {type(optimizer).__name__} stepped {n} times since the last sparsify.step, "
-                          f"and the schedules, thresholds and masks stand still in between: {ADVICE}", stacklevel=3)
+                          f"and {what}: {ADVICE}", stacklevel=3)
 
 
-def watch(state) -> None:
-    """Count the optimizer steps that update ``state``'s model's sparse layers.
+def watch(state, model: nn.Module | None = None) -> None:
+    """Count the optimizer steps that update ``state``'s model's sparse layers (all of
+    ``model``'s parameters when the recipe has no sparse layers).
 
     >>> import torch, sparsify
     >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), "gmp", total_steps=10)
@@ -70,6 +94,8 @@ def watch(state) -> None:
     """
     global _HOOK
     _COUNTS.setdefault(state, 0)
+    if model is not None:
+        _MODELS[state] = weakref.ref(model)
     if _HOOK is None:
         from torch.optim.optimizer import register_optimizer_step_post_hook
         _HOOK = register_optimizer_step_post_hook(_after_optimizer_step)
