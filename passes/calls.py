@@ -22,6 +22,9 @@ __all__ = ["CallRecord", "CallGuard", "call_shell", "keep_argument_names"]
 
 _OTHER = object()  # a recorded argument value that is neither None nor a flag
 
+#: mode flags that switch activation checkpointing (timm's, transformers' older models')
+CHECKPOINT_FLAGS = ("grad_checkpointing", "gradient_checkpointing")
+
 
 class _Absent:  # an argument the call left out
     pass
@@ -83,8 +86,13 @@ class CallGuard:
         return guard
 
     def off_mode(self, module: nn.Module) -> tuple[str, str] | None:
-        """The first ``(path, flag)`` whose value now differs from the branch the graph holds."""
+        """The first ``(path, flag)`` whose value now differs from the branch the graph holds. A
+        checkpointing switch matters only to a training forward with gradients: anywhere else
+        the graph computes what the other branch would (nothing is saved for a backward)."""
+        training = module.training and torch.is_grad_enabled()
         for (path, flag), value in self.modes.items():
+            if flag in CHECKPOINT_FLAGS and not training:
+                continue
             if getattr(module.get_submodule(path) if path else module, flag, value) is not value:
                 return path, flag
         return None
@@ -127,6 +135,13 @@ class CallGuard:
                                                                     "identity_in_eval", False)))
             mode = self.off_mode(module)
             key = (len(args), tuple(sorted(kwargs)), mode)
+            if added and mode is not None and mode[1] in CHECKPOINT_FLAGS:
+                raise RuntimeError(
+                    f"sparsify: {type(module).__name__} has {'.'.join(p for p in mode if p)}=True, a branch its "
+                    f"graph was not traced on, so its own forward would run without the nodes sparsify inserted "
+                    f"({', '.join(added[:4])}{'...' if len(added) > 4 else ''}) and the recipe would not apply: "
+                    "turn checkpointing on before sparsify() (timm: model.set_grad_checkpointing(True)), which "
+                    "rewrites the model block by block with each block checkpointed, or leave it off")
             if added and key not in self._warned:
                 self._warned.add(key)
                 flag = None if mode is None else getattr(module.get_submodule(mode[0]) if mode[0] else module, mode[1])

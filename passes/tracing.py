@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from .calls import CallGuard, CallRecord, call_shell, keep_argument_names
-from .checkpoint_guard import refuse_checkpoint
+from .checkpoint_guard import CheckpointInGraph, refuse_checkpoint
 from .traced import TracedModule, traced_module
 from .traced import _unpickle_traced  # noqa: F401  (pickles made before traced.py name it here)
 
@@ -196,7 +196,11 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
         culprit = tracer.culprit
         if culprit is None or culprit in forced or len(forced) >= max_fallbacks:
             result.fallbacks.append(Fallback(prefix, _first_line(error)))
-            _trace_children(root, descend, is_site, prefix, result, calls, shell)
+            # a forward that checkpoints may run the blocks of a Sequential one by one (timm's
+            # checkpoint_seq): each block gets its own graph, or one graph over the Sequential
+            # would hold their inserted nodes where those calls never look
+            _trace_children(root, descend, is_site, prefix, result, calls, shell,
+                            blockwise=isinstance(error, CheckpointInGraph))
             return result
         forced.add(culprit)
         full = f"{prefix}.{culprit}" if prefix else culprit
@@ -214,14 +218,15 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
 
 
 def _trace_children(parent: nn.Module, descend: Descend, is_site: Descend, prefix: str,
-                    result: TraceResult, calls: CallRecord | None = None, shell: Descend | None = None) -> None:
+                    result: TraceResult, calls: CallRecord | None = None, shell: Descend | None = None,
+                    blockwise: bool = False) -> None:
     for child_name, child in list(parent.named_children()):
         full = f"{prefix}.{child_name}" if prefix else child_name
         if is_site(full, child):
             result.direct.append(full)
-        elif isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+        elif isinstance(child, (nn.ModuleList, nn.ModuleDict)) or (blockwise and type(child) is nn.Sequential):
             # containers are never called themselves: look at what they hold
-            _trace_children(child, descend, is_site, full, result, calls, shell)
+            _trace_children(child, descend, is_site, full, result, calls, shell, blockwise)
         elif shell is not None and shell(full, child):
             gm = call_shell(child, child_name)
             setattr(parent, child_name, gm)

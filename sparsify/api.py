@@ -22,7 +22,6 @@ from sparsify.core.layers import SparseWeightMixin
 from sparsify.core.buffers import release_workspaces
 from sparsify.core.sharded import full_parameters, is_distributed, note_fsdp, sharded_modules
 from sparsify.core.state import check_filled, find_state, forget_replaced, refuse_unfilled, unwrap
-from sparsify.core.subclasses import OWN_FORWARD
 from sparsify.prepare.inputs import check_inputs, state_inputs
 
 __all__ = ["sparsify", "plan", "step", "sync", "penalty", "report", "finalize", "param_groups", "measure",
@@ -66,17 +65,8 @@ def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int 
     factors = check_inputs(model, example_inputs)
     root, plan_ = build(model, recipe, example_inputs=example_inputs, total_steps=total_steps, inplace=inplace,
                         copy=copy, factors=factors, capture=capture)
-    own = sorted({e.kind for e in plan_.dense if OWN_FORWARD in e.reason})
-    if own:  # a plain sparse layer would drop their forward (weight standardisation): said, not silent
-        n = sum(1 for e in plan_.dense if OWN_FORWARD in e.reason)
-        warnings.warn(f"sparsify: {n} layer(s) of class {', '.join(own)} left dense: they compute with their own "
-                      "forward, which a sparse layer would not keep (see sparsify.plan(model, recipe) and "
-                      "docs/integrations.md#timm)", stacklevel=2)
-    for i in plan_.unmatched_rules:
-        if recipe.data["rules"][i].get("optional"):
-            continue  # the recipe says this rule may match nothing (e.g. no downsample layers)
-        warnings.warn(f"sparsify: rule {i} of recipe {recipe.name!r} matched nothing "
-                      f"({recipe.rules[i].match}); see sparsify.plan(model, recipe)", stacklevel=2)
+    for message in plan_.warnings(recipe):
+        warnings.warn(message, stacklevel=2)
     state = find_state(root)  # its groups make their buffers (step, thresholds) on the CPU
     move_buffers((state, *state.groups.values()), model_device(root))
     if state.step.is_meta:  # a shape-only model: refuse to run once materialized without values

@@ -207,3 +207,65 @@ def test_vit_activation_recipes_run_in_its_graph(recipe):
     with pytest.warns(UserWarning, match="its own forward runs"):
         masked = m(x, attn_mask=torch.ones(5, 5, dtype=torch.bool))  # 4 patches and the class token
     assert masked.shape == out.shape
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224"])
+def test_grad_checkpointing_on_before_sparsify_keeps_the_inserted_nodes(name):
+    """timm's ``checkpoint_seq`` runs a Sequential's blocks one by one: a graph over the whole
+    Sequential held tl1's nodes where those calls never look (ViT's penalty was 0, silently).
+    A model that checkpoints is rewritten block by block: the penalty and the gradients equal
+    those of the same model without checkpointing."""
+    kw = {"img_size": 32} if name.startswith("vit") else {}
+    x = _x(32)
+    runs = []
+    for on in (False, True):
+        net = _model(name, **kw).train()
+        net.set_grad_checkpointing(on)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m = sparsify.sparsify(net, "tl1", total_steps=4, example_inputs=(x,))
+        out = m(x)
+        penalty = sparsify.penalty(m)
+        (out.square().mean() + penalty).backward()
+        runs.append((float(penalty), {n: p.grad for n, p in m.named_parameters()}))
+    (p0, g0), (p1, g1) = runs
+    assert p0 > 0 and p1 == pytest.approx(p0, rel=1e-5)
+    assert g0.keys() == g1.keys() and all(torch.allclose(g0[k], g1[k], rtol=1e-4, atol=1e-6) for k in g0)
+
+
+@pytest.mark.parametrize("recipe", ["tl1", "semi-structured"])
+def test_grad_checkpointing_turned_on_after_sparsify(recipe):
+    """The graph holds the branch without checkpointing. Evaluation runs it (nothing to
+    checkpoint there: the masks stay, and finalize deploys them); a training forward would
+    have run timm's forward without the inserted nodes after one warning: it now refuses,
+    saying how to checkpoint with them."""
+    x = _x(32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = sparsify.sparsify(_model("resnet18"), recipe, total_steps=4, example_inputs=(x,))
+        if recipe == "semi-structured":  # masks in place
+            m.train()
+            for _ in range(4):
+                loss = m(x).square().mean()
+                loss.backward()
+                sparsify.step(m, loss.item())
+    m.eval()
+    with torch.no_grad():
+        ref = m(x)
+        m.set_grad_checkpointing(True)
+        assert torch.equal(m(x), ref)
+        final = sparsify.finalize(m, (x,))
+        assert torch.allclose(final(x), ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError, match=r"set_grad_checkpointing\(True\)\) before|before sparsify"):
+        m.train()(x)
+
+
+def test_a_recipe_that_rewrites_nothing_says_so():
+    """SAS on a ViT: every Linear reads a LayerNorm or GELU output, not a ReLU's, so SAS leaves
+    all 50 matched sites dense; nothing said so, in sparsify, training, report or finalize."""
+    x = _x(32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sparsify.sparsify(_model("vit_tiny_patch16_224", img_size=32), "sas", total_steps=4, example_inputs=(x,))
+    said = [str(w.message) for w in caught if "rewrote nothing" in str(w.message)]
+    assert len(said) == 1 and "not a relu output" in said[0] and "sparsify.plan" in said[0]

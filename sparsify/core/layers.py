@@ -98,9 +98,12 @@ class SparseWeightMixin:
         between calls (FSDP2, :func:`~sparsify.core.sharded.note_fsdp`) does not keep that
         weight from its forward to its backward either: backward computes it again from the
         weights FSDP2 gathers for it (:mod:`sparsify.core.recompute`)."""
+        # eager() first: under torch.compile the buffers' weak map is not read (dynamo would guard
+        # on its keys, which other models' garbage collection changes)
+        if not eager() or not torch.is_grad_enabled() or not recompute.ENABLED:
+            return self.forward_with(x, weight_fn(), output_size)
         bufs = layer_buffers(self, create=False)
-        if (bufs is None or not bufs.transient or not torch.is_grad_enabled() or not eager()
-                or not recompute.ENABLED):
+        if bufs is None or not bufs.transient:
             return self.forward_with(x, weight_fn(), output_size)
         with recompute.recomputed(weight_fn) as r:
             return self.forward_with(x, r.weight(), output_size)

@@ -4,7 +4,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["PlanEntry", "Plan"]
+from sparsify.core.subclasses import OWN_FORWARD
+
+__all__ = ["PlanEntry", "Plan", "NO_RULE"]
+
+NO_RULE = "no rule matched"  # the reason of a layer no rule of the recipe selected
 
 
 @dataclass
@@ -34,6 +38,27 @@ class Plan:
     # "module by module" (untraceable: run as it is, its layers swapped); see docs/capture.md
     captures: list[dict] = field(default_factory=list)
     capture_notes: list[str] = field(default_factory=list)  # why auto chose as it did, eval caveats
+
+    def warnings(self, recipe) -> list[str]:
+        """What ``sparsify`` warns about this plan of ``recipe`` (a loaded ``Recipe``): layers
+        left dense because they compute with their own forward, rules that matched nothing
+        (unless marked optional), and a recipe whose methods declined every site they matched."""
+        out = []
+        own = [e for e in self.dense if OWN_FORWARD in e.reason]
+        if own:  # a plain sparse layer would drop their forward (weight standardisation): said, not silent
+            out.append(f"sparsify: {len(own)} layer(s) of class {', '.join(sorted({e.kind for e in own}))} left "
+                       "dense: they compute with their own forward, which a sparse layer would not keep (see "
+                       "sparsify.plan(model, recipe) and docs/integrations.md#timm)")
+        for i in self.unmatched_rules:
+            if not recipe.data["rules"][i].get("optional"):  # optional: may match nothing (no downsample layers)
+                out.append(f"sparsify: rule {i} of recipe {recipe.name!r} matched nothing "
+                           f"({recipe.rules[i].match}); see sparsify.plan(model, recipe)")
+        declined = [e for e in self.dense if e.reason != NO_RULE]
+        if not self.rewritten and declined:  # rules matched, and every method left its sites alone
+            out.append(f"sparsify: recipe {recipe.name!r} rewrote nothing in this model: {len(declined)} matched "
+                       f"site(s) stay dense (first: {declined[0].name}: {declined[0].reason}); see "
+                       "sparsify.plan(model, recipe)")
+        return out
 
     @property
     def rewritten(self) -> list[PlanEntry]:

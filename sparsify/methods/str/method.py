@@ -39,7 +39,11 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
     """Global optimizer post-step hook: note STR thresholds stepped with weight_decay == 0."""
     if not _GROUPS:
         return
-    undecayed = {id(p) for g in optimizer.param_groups if _decay_of(g) == 0.0 for p in g["params"]}
+    groups = optimizer.param_groups
+    # which param group, of how many: timm's and torchvision's optimizer factories put 1-d
+    # parameters (a scalar s) into a group of their own without decay
+    undecayed = {id(p): f"{type(optimizer).__name__} param group {i + 1} of {len(groups)}, weight_decay=0"
+                 for i, g in enumerate(groups) if _decay_of(g) == 0.0 for p in g["params"]}
     seen = {id(p) for g in optimizer.param_groups for p in g["params"]}
     for group in list(_GROUPS):
         if any(id(p) in seen for _, p in group.thresholds()):
@@ -49,7 +53,7 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
     for group in list(_GROUPS):
         for name, p in group.thresholds():
             if id(p) in undecayed:
-                group.undecayed.add(f"{type(optimizer).__name__} (weight_decay=0)")
+                group.undecayed.add(undecayed[id(p)])
                 break
 
 
@@ -118,9 +122,9 @@ class STRGroup(Group):
                      f"thresholds {', '.join(self._frozen_names[:3])}{' ...' if len(self._frozen_names) > 3 else ''} "
                      "did not move")
             out.append(f"STR: the optimizer applies no weight decay to the thresholds s ({where}); STR gets "
-                       "its sparsity from that decay, so this run will stay dense. Build the optimizer with "
-                       "sparsify.param_groups(model, weight_decay=...) or give every '.s' parameter "
-                       "weight_decay > 0.")
+                       "its sparsity from that decay, so the thresholds stay near s_init and so does the sparsity. "
+                       "Build the optimizer with sparsify.param_groups(model, weight_decay=...) or give every "
+                       "'.s' parameter weight_decay > 0.")
         return out
 
     # -- reporting -------------------------------------------------------------------------
