@@ -5,7 +5,7 @@
 
 For each (model, recipe): ``timm.create_model(name, pretrained=False, num_classes=10, **small)``,
 ``sparsify`` (train mode, ``total_steps=10``, example inputs), one SGD step on
-``cross_entropy + sparsify.penalty(m)`` (gradient norm clipped to 1) with ``sparsify.step(m)``, ``sparsify.report``, ``sparsify.finalize``
+``cross_entropy + sparsify.penalty(m)`` (the penalty recipes: a term > 0, i.e. the inserted nodes ran) (gradient norm clipped to 1) with ``sparsify.step(m)``, ``sparsify.report``, ``sparsify.finalize``
 with its output check, and, when the finalized model has the architecture timm builds (every
 recipe but SAS, which finalizes to another module tree), its ``state_dict`` loaded into a fresh
 ``timm.create_model`` of the same name, with outputs equal to the finalized model's. ``ok``: all of
@@ -70,6 +70,9 @@ MODELS = {
 # beit/eva (relative position tables, 86M), vgg (129M), nest (224² input only).
 
 
+PENALTY_RECIPES = ("tl1", "activation-l1", "activation-hoyer")  # a training forward records a term > 0
+
+
 def build(name: str) -> tuple[torch.nn.Module, tuple]:
     import timm
     kwargs, side = MODELS[name]
@@ -115,7 +118,12 @@ def run_one(name: str, recipe: str) -> dict:
         opt = torch.optim.SGD(sparsify.param_groups(m, weight_decay=1e-4), lr=1e-3)
         m.train()
         labels = torch.arange(inputs[0].shape[0]) % 10
-        loss = F.cross_entropy(m(*inputs), labels) + sparsify.penalty(m)
+        logits = m(*inputs)
+        penalty = sparsify.penalty(m)
+        if find_state(m).groups and recipe in PENALTY_RECIPES and not float(penalty) > 0:
+            # the nodes inserted into the graph did not run (the graph not taken, or bypassed)
+            raise RuntimeError(f"the {recipe} penalty of a training forward is {float(penalty)}")
+        loss = F.cross_entropy(logits, labels) + penalty
         if not math.isfinite(float(loss)):
             raise FloatingPointError(f"loss is {float(loss)}")
         opt.zero_grad()
