@@ -183,7 +183,8 @@ def markdown(results: list[dict], models: list[str], recipes: list[str], command
          "`timm.create_model(name, pretrained=False, num_classes=10, ...)` with a small `img_size` where the",
          "architecture takes one, batch 2. For each recipe: `sparsify` (train mode, `total_steps=10`, example",
          "inputs), one SGD step on `cross_entropy + sparsify.penalty(m)` (gradient norm clipped to 1) with",
-         "`sparsify.step(m)`, `sparsify.report`,",
+         "`sparsify.step(m)` (the penalty recipes must record a term > 0 there: their inserted nodes ran),",
+         "`sparsify.report`,"
          "`sparsify.finalize` with its output check (rtol 1e-3), then the finalized `state_dict` loaded into a",
          "fresh `timm.create_model` of the same name with equal outputs (every recipe but SAS, whose",
          "finalized model is another module tree). `ok`: all of it, the whole model traced; `fallback`: some",
