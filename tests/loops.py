@@ -8,16 +8,17 @@ import torch.optim
 import sparsify
 
 
-def run_steps(model, opt, batches, *, call=None, penalty=False, after=None) -> list[float]:
+def run_steps(model, opt, batches, *, call=None, penalty=False, after=None, loss_of=None) -> list[float]:
     """One ``opt`` step per ``(x, y)`` in ``batches`` on the cross-entropy loss, each followed by
     ``sparsify.step(model)``. ``penalty`` makes it the README's loop: ``sparsify.penalty(model)``
     added to the loss, and the loss handed to ``sparsify.step``. ``call`` runs the forward
     (default: ``model`` itself, e.g. a compiled or DDP-wrapped one); ``after()`` runs after each
-    step (e.g. an EMA update and ``sparsify.sync``). Returns the losses."""
+    step (e.g. an EMA update and ``sparsify.sync``); ``loss_of(x, y)`` replaces the forward and
+    the cross-entropy (a transformers model's own loss). Returns the losses."""
     call = call or model
     losses = []
     for x, y in batches:
-        loss = F.cross_entropy(call(x), y)
+        loss = F.cross_entropy(call(x), y) if loss_of is None else loss_of(x, y)
         if penalty:
             loss = loss + sparsify.penalty(model)
         opt.zero_grad()

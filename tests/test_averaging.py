@@ -244,14 +244,12 @@ def test_a_transformers_model_called_with_labels_and_its_synced_average(recipe):
     model = sparsify.sparsify(BertForSequenceClassification(cfg), recipe, total_steps=4, example_inputs=(ids,))
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.0), use_buffers=True)
     opt = torch.optim.AdamW(sparsify.param_groups(model, 1e-4), lr=1e-3)
-    for _ in range(4):
-        loss = model(input_ids=ids, labels=labels).loss + sparsify.penalty(model)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sparsify.step(model, loss)
+
+    def average():
         ema.update_parameters(model)
         sparsify.sync(ema, model)
+    run_steps(model, opt, [(ids, labels)] * 4, penalty=True, after=average,
+              loss_of=lambda x, y: model(input_ids=x, labels=y).loss)
     model.eval(), ema.eval()
     with torch.no_grad():
         assert torch.equal(ema(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -10,6 +10,7 @@ import torch
 
 import sparsify
 from hf_harness import cov  # skips this module without transformers
+from loops import run_steps
 
 # SAS widens the layers it rewrites: its finalized model is another architecture than the config's
 RECIPES = ["st3", "gmp", "nm-2-4", "str", "dual", "tl1", "semi-structured"]
@@ -25,12 +26,7 @@ def test_generate_after_training_and_after_save_pretrained(family, recipe, tmp_p
         warnings.simplefilter("ignore")
         m = sparsify.sparsify(model, recipe, total_steps=3, example_inputs=(ids,), **kw)
         opt = torch.optim.AdamW(sparsify.param_groups(m, 1e-4), lr=1e-2)
-        for _ in range(3):
-            loss = m(input_ids=ids, labels=ids).loss + sparsify.penalty(m)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sparsify.step(m)
+        run_steps(m, opt, [(ids, ids)] * 3, penalty=True, loss_of=lambda x, y: m(input_ids=x, labels=y).loss)
         assert (sparsify.report(m).totals.get("weight_sparsity") or 0) > 0 or recipe in ("tl1", "semi-structured")
         m.eval()
         prompt = ids[:, :4]
