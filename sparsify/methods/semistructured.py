@@ -272,6 +272,20 @@ class SemiStructuredGroup(Group):
         self.generator.set_state(state["generator"])
         self.input_size = tuple(state["input_size"]) if state.get("input_size") else None
 
+    # torch.multiprocessing (mp.spawn, Lightning's ddp_spawn) sends tensors as shared memory that
+    # the sender must keep alive: a torch.Generator pickles a state tensor made for the occasion,
+    # freed before the other process opens it ("unable to resize file"). Its state travels as bytes.
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["generator"] = bytes(self.generator.get_state().numpy())
+        return state
+
+    def __setstate__(self, state):
+        generator = torch.Generator()
+        generator.set_state(torch.frombuffer(bytearray(state.pop("generator")), dtype=torch.uint8))
+        super().__setstate__(state)
+        self.generator = generator
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for key in ("scores", "best_scores"):
             if prefix + key in state_dict and state_dict[prefix + key].shape != getattr(self, key).shape:
