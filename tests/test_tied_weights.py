@@ -176,3 +176,44 @@ def test_one_embedding_under_several_names_stays_one_module():
     final = sparsify.finalize(m)
     assert final.enc["embed"] is final.emb and type(final.emb) is nn.Embedding
     assert final.emb.weight is final.head.weight
+
+
+@pytest.mark.parametrize("recipe", ["st3", "gmp", "nm-2-4"])
+def test_gemma_scaled_embedding_tied_to_the_head(recipe, tmp_path):
+    """Gemma ties its head to a ``GemmaTextScaledWordEmbedding`` (an nn.Embedding subclass whose
+    forward scales the lookup): every weight recipe refused the model ("reads the weight in its
+    own forward"). Its forward now runs unchanged on the head's effective weight; finalize,
+    save_pretrained / from_pretrained and torch.save keep the class and the tie."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    cls = transformers.GemmaForCausalLM
+    torch.manual_seed(0)
+    model = cls(transformers.GemmaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                         max_position_embeddings=64))
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracing fallbacks, said elsewhere
+        m = sparsify.sparsify(model, recipe, example_inputs=(ids,), total_steps=3)
+        opt = torch.optim.AdamW(sparsify.param_groups(m, 1e-4), lr=1e-2)
+        for _ in range(3):
+            loss = m(input_ids=ids, labels=ids).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sparsify.step(m)
+    emb = m.model.embed_tokens
+    assert isinstance(emb, TiedUse) and emb.weight is m.lm_head.weight  # outside its forward: the parameter
+    eff = m.lm_head.effective_weight().detach()
+    assert float((eff == 0).float().mean()) >= 0.5
+    assert torch.equal(emb(ids).detach(), F.embedding(ids, eff) * emb.embed_scale)
+    m.eval()
+    prompt = ids[:, :4]
+    tokens = m.generate(prompt, max_new_tokens=5, do_sample=False)
+    final = sparsify.finalize(m, (ids,))
+    assert type(final.model.embed_tokens) is type(model.model.embed_tokens)
+    assert final.lm_head.weight is final.model.embed_tokens.weight
+    final.save_pretrained(tmp_path)
+    assert torch.equal(cls.from_pretrained(tmp_path).generate(prompt, max_new_tokens=5, do_sample=False), tokens)
+    torch.save(m, tmp_path / "model.pt")
+    again = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert torch.equal(again(input_ids=ids).logits, m(input_ids=ids).logits)

@@ -7,6 +7,8 @@ with the same parameter becomes a *tied user*: it keeps that parameter registere
 computes with the owner's effective weight, gradients included:
 
 * ``nn.Embedding`` -> :class:`TiedEmbedding`: ``F.embedding(x, owner.effective_weight(), ...)``;
+* a subclass of it with its own forward (a scaled embedding) -> ``Tied<Class>``
+  (:func:`tied_forward_class`), whose ``weight`` reads as the owner's effective weight;
 * a weight layer of the owner's class and weight shape (two Linears sharing a matrix) ->
   ``Tied<Class>`` (:data:`TIED_CLASSES`), whose effective weight is the owner's.
 
@@ -27,8 +29,8 @@ from torch import nn
 
 from sparsify.core.layers import SparseWeightMixin, specialize, weight_base, WEIGHT_TYPES
 
-__all__ = ["TiedUse", "TiedEmbedding", "TiedWeightMixin", "TIED_CLASSES", "tied_user", "why_not_shared",
-           "plain_tied"]
+__all__ = ["TiedUse", "TiedEmbedding", "TiedForwardMixin", "tied_forward_class", "TiedWeightMixin", "TIED_CLASSES",
+           "tied_user", "why_not_shared", "plain_tied"]
 
 
 class TiedUse:
@@ -61,6 +63,55 @@ class TiedEmbedding(TiedUse, nn.Embedding):
         return super().extra_repr() + f", tied_to={self.tied_to}"
 
 
+class TiedForwardMixin(TiedUse):
+    """In front of an ``nn.Embedding`` subclass with its own forward (Gemma's and BART's scaled
+    word embeddings: the lookup times a constant): inside that forward ``self.weight`` reads as
+    the owner's effective weight, so it runs unchanged on it. Outside, ``weight`` is the shared
+    parameter, still registered (transformers' ``tie_weights`` and embedding utilities see it)."""
+
+    def forward(self, *args, **kwargs):
+        self.__dict__["_in_forward"] = True
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self.__dict__["_in_forward"] = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.owner_weight() if self.__dict__.get("_in_forward") else self._parameters["weight"]
+
+    @weight.setter
+    def weight(self, value) -> None:
+        self._parameters["weight"] = value
+
+    def original_class(self) -> type:
+        return type(self).__bases__[1]
+
+    def __reduce_ex__(self, protocol):
+        # the class is made at run time: pickled as the user's class it derives from
+        return _rebuild_tied, (self.original_class(), self.__dict__.copy())
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", tied_to={self.tied_to}"
+
+
+_TIED_FORWARD: dict[type, type] = {}
+
+
+def tied_forward_class(cls: type) -> type:
+    """``Tied<cls>``: :class:`TiedForwardMixin` in front of ``cls`` (made once per class)."""
+    if cls not in _TIED_FORWARD:
+        name = f"Tied{cls.__name__}"
+        _TIED_FORWARD[cls] = type(name, (TiedForwardMixin, cls), {"__module__": __name__, "__qualname__": name})
+    return _TIED_FORWARD[cls]
+
+
+def _rebuild_tied(cls: type, state: dict) -> nn.Module:
+    new = object.__new__(tied_forward_class(cls))
+    new.__setstate__(state)
+    return new
+
+
 class TiedWeightMixin(TiedUse, SparseWeightMixin):
     """A weight layer computing with its owner's effective weight (same class, same shape)."""
 
@@ -87,7 +138,7 @@ def why_not_shared(user: nn.Module, owner: nn.Module) -> str:
     >>> why_not_shared(emb, head)
     'an Embedding with max_norm renormalises its weight in place'
     """
-    if type(user) is nn.Embedding:
+    if isinstance(user, nn.Embedding):  # subclasses too: they read the weight through self.weight
         if user.max_norm is not None:
             return "an Embedding with max_norm renormalises its weight in place"
         if user.sparse:
@@ -101,7 +152,8 @@ def why_not_shared(user: nn.Module, owner: nn.Module) -> str:
 
 def tied_user(user: nn.Module, owner: nn.Module, owner_name: str) -> nn.Module:
     """``user`` as a tied user of ``owner`` (see the module docstring), sharing its parameters."""
-    cls = TiedEmbedding if type(user) is nn.Embedding else TIED_CLASSES[type(user)]
+    cls = (TiedEmbedding if type(user) is nn.Embedding else
+           tied_forward_class(type(user)) if isinstance(user, nn.Embedding) else TIED_CLASSES[type(user)])
     new = cls.__new__(cls)
     new.__dict__.update(user.__dict__)
     for key in ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks"):
@@ -113,7 +165,8 @@ def tied_user(user: nn.Module, owner: nn.Module, owner_name: str) -> nn.Module:
 
 def plain_tied(user: TiedUse, weight: nn.Parameter) -> nn.Module:
     """The plain module ``user`` finalizes to, registered with ``weight`` (the finalized owner's)."""
-    cls = nn.Embedding if isinstance(user, TiedEmbedding) else weight_base(user)
+    cls = (nn.Embedding if isinstance(user, TiedEmbedding) else
+           user.original_class() if isinstance(user, TiedForwardMixin) else weight_base(user))
     new = cls.__new__(cls)
     nn.Module.__init__(new)
     for k, v in user.__dict__.items():
@@ -125,4 +178,7 @@ def plain_tied(user: TiedUse, weight: nn.Parameter) -> nn.Module:
         if name != "weight":
             new.register_parameter(name, None if p is None else nn.Parameter(p.detach().clone(),
                                                                               requires_grad=p.requires_grad))
+    for name, b in user._buffers.items():  # a scaled embedding's scale
+        new.register_buffer(name, None if b is None else b.detach().clone(),
+                            persistent=name not in user._non_persistent_buffers_set)
     return new

@@ -63,8 +63,10 @@ def _structural(c: Candidate) -> bool:
 def _not_a_layer(name: str, m: nn.Module) -> bool:
     """Trace through ``m``? Not through a weight layer: torch's are leaves anyway, and
     transformers' Conv1D must stay one module call for a method to replace it; nor through an
-    activation module (transformers' GELUActivation...), which rules match by type and name."""
-    return not isinstance(m, WEIGHT_TYPES) and not is_activation_module(m)
+    embedding (Gemma's scaled one): tied to a rewritten head, it must stay a module that reads
+    its weight through ``self.weight`` (sparsify.core.tied); nor through an activation module
+    (transformers' GELUActivation...), which rules match by type and name."""
+    return not isinstance(m, (*WEIGHT_TYPES, nn.Embedding)) and not is_activation_module(m)
 
 
 def fx_capture(root: nn.Module, matcher: MatchTable, example_inputs=None):
