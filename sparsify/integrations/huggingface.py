@@ -6,7 +6,7 @@
 >>> Trainer(model=model, args=args, train_dataset=ds, callbacks=[SparsifyTrainerCallback()])  # doctest: +SKIP
 
 transformers models do not trace whole with torch.fx: ``sparsify`` falls back to tracing their
-children one by one (see docs/integrations.md for the share of Linear layers each recipe reaches).
+children one by one (see docs/transformers.md for the share of Linear layers each recipe reaches).
 """
 from __future__ import annotations
 
