@@ -186,7 +186,7 @@ def sync(averaged: nn.Module, model: nn.Module) -> nn.Module:
     parameters stay the averaged ones. Call it after each update of the average: those tools
     average or copy the sparsity as if it were a weight (a bool mask averages to the union of all
     masks so far) and never see the Python state. Returns ``averaged``. See
-    docs/index.md#weight-averaging-ema-swa.
+    docs/averaging.md.
 
     >>> import copy, torch, sparsify
     >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 8)), "gmp", total_steps=4, begin=0, end=1)

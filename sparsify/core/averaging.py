@@ -13,7 +13,7 @@ weights. :func:`sync_sparsity` copies exactly that part, the buffers and extra s
 library's modules, through the modules' own loading (which re-shapes lazily sized maps and sets
 the Python flags that follow a buffer). Learned parameters (STR's thresholds, SAS's weights) are
 parameters: the averaging tool averages them, and the method computes from the averages.
-See docs/index.md#weight-averaging-ema-swa.
+See docs/averaging.md.
 """
 from __future__ import annotations
 
@@ -93,4 +93,4 @@ def unsynced_warning(model: nn.Module, where: str) -> str | None:
     return (f"sparsify.{where}: this {type(model).__name__} was never given the training model's sparsity: "
             "its masks and thresholds are what the averaging made of them (a bool mask averages to the union "
             "of all masks so far); call sparsify.sync(ema, model) after each update of the average "
-            "(docs/index.md#weight-averaging-ema-swa)")
+            "(docs/averaging.md)")

@@ -11,7 +11,7 @@ before this format holds.
 The tensor keeps one size over a run (``pack(state, like=...)`` pads the JSON with spaces to the
 size of the largest state the module can hold): EMA tools copy every ``state_dict`` entry into
 the averaged model's in place (timm's ``ModelEmaV2`` / ``ModelEmaV3``), which fails on a tensor
-whose size changed since the copy was made (see docs/index.md#weight-averaging-ema-swa).
+whose size changed since the copy was made (see docs/averaging.md).
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ training step runs its own backward: add ``sparsify.penalty(self.net)`` to the l
 
 With Lightning's ``WeightAveraging`` callbacks (``EMAWeightAveraging``, your own subclasses), in
 either order in ``callbacks=[...]``, the averaged copy is made from the sparsified module and keeps the
-training model's sparsity (``sparsify.sync``, docs/index.md#weight-averaging-ema-swa): without
+training model's sparsity (``sparsify.sync``, docs/averaging.md): without
 that, the averaged masks (the union of all masks so far) are what validation runs with and what
 ``fit`` leaves in the model at its end.
 """
