@@ -38,3 +38,15 @@ def test_generate_after_training_and_after_save_pretrained(family, recipe, tmp_p
     assert type(reloaded) is cls
     assert torch.equal(reloaded.generate(prompt, max_new_tokens=6, do_sample=False), tokens)
     assert tokens.shape == (2, 10)
+
+
+@pytest.mark.parametrize("recipe", ["semi-structured", "tl1", "sas"])
+def test_no_false_rewrote_nothing_warning(recipe):
+    """The "rewrote nothing" warning is for sites a rule's method matched and declined: layers no
+    rule selected (inside an untraceable submodule) are not such sites."""
+    model, (ids,), _ = cov.FAMILIES["gpt2"]()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sparsify.sparsify(model, recipe, total_steps=3, example_inputs=(ids,))
+    said = [str(w.message) for w in caught if "rewrote nothing" in str(w.message)]
+    assert said == [] or ("no rule matched" not in said[0] and recipe == "sas")

@@ -53,7 +53,8 @@ class Plan:
             if not recipe.data["rules"][i].get("optional"):  # optional: may match nothing (no downsample layers)
                 out.append(f"sparsify: rule {i} of recipe {recipe.name!r} matched nothing "
                            f"({recipe.rules[i].match}); see sparsify.plan(model, recipe)")
-        declined = [e for e in self.dense if e.reason != NO_RULE]
+        # sites a rule with a method matched and its method left dense (not: no rule, an exclusion)
+        declined = [e for e in self.dense if e.rule is not None and recipe.data["rules"][e.rule].get("method")]
         if not self.rewritten and declined:  # rules matched, and every method left its sites alone
             out.append(f"sparsify: recipe {recipe.name!r} rewrote nothing in this model: {len(declined)} matched "
                        f"site(s) stay dense (first: {declined[0].name}: {declined[0].reason}); see "
