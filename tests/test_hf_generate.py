@@ -50,3 +50,29 @@ def test_no_false_rewrote_nothing_warning(recipe):
         sparsify.sparsify(model, recipe, total_steps=3, example_inputs=(ids,))
     said = [str(w.message) for w in caught if "rewrote nothing" in str(w.message)]
     assert said == [] or ("no rule matched" not in said[0] and recipe == "sas")
+
+
+def test_falcon_linear_is_rewritten_and_comes_back_as_itself(tmp_path):
+    """Falcon's ``FalconLinear`` computes ``x @ W.T + b`` in its own forward: it was left dense
+    (1 of 9 Linear layers rewritten). It hands its weight to the matmul unchanged, so the sparse
+    layer runs that forward with the effective weight and finalizes to a FalconLinear."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    from sparsify.integrations.huggingface import linear_share
+    torch.manual_seed(0)
+    model = FalconForCausalLM(FalconConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2))
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = sparsify.sparsify(model, "st3", total_steps=3, example_inputs=(ids,))
+        assert linear_share(m)["param_share"] == 1.0
+        opt = torch.optim.AdamW(sparsify.param_groups(m, 1e-4), lr=1e-2)
+        run_steps(m, opt, [(ids, ids)] * 3, loss_of=lambda x, y: m(input_ids=x, labels=y).loss)
+        m.eval()
+        tokens = m.generate(ids[:, :4], max_new_tokens=5, do_sample=False)
+        final = sparsify.finalize(m, (ids,))
+        assert {type(x).__name__ for x in final.modules() if isinstance(x, torch.nn.Linear)} == {"Linear", "FalconLinear"}
+        final.save_pretrained(tmp_path)
+        assert torch.equal(FalconForCausalLM.from_pretrained(tmp_path).generate(ids[:, :4], max_new_tokens=5,
+                                                                               do_sample=False), tokens)
+    assert sparsify.report(m).totals["mac_reduction"] == pytest.approx(0.9, abs=0.01)

@@ -27,6 +27,7 @@ __all__ = ["KEEPS_WEIGHT", "OWN_FORWARD", "own_forward_class", "own_forward_reas
 KEEPS_WEIGHT = {
     "timm.layers.conv2d_same.Conv2dSame",  # pad_same(x) then F.conv2d(x, self.weight, ...)
     "timm.layers.linear.Linear",  # F.linear(x, self.weight, self.bias)
+    "transformers.models.falcon.modeling_falcon.FalconLinear",  # x @ self.weight.T (+ self.bias)
 }
 
 OWN_FORWARD = "computes with its own forward"  # the plan's reason starts so (sparsify() warns once)
