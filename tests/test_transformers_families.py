@@ -42,3 +42,19 @@ def test_st3_reaches_every_linear(family):
     done = {e.name for e in plan.rewritten}
     tied = {e.name for e in plan.dense if "tied to" in e.reason}
     assert layers == done | tied and tied <= ({"lm_head"} if family == "t5" else set())
+
+
+def test_bloom_gelu_is_an_activation():
+    """Bloom's MLP calls ``BloomGelu`` (GELU's tanh approximation through its own autograd
+    function): not recognised, tl1 reached nothing and dual lost its Tℓ1 stage, with only "rule
+    matched nothing" said."""
+    import torch
+    from transformers import BloomConfig, BloomForCausalLM
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    model = BloomForCausalLM(BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=2))
+    m = sparsify.sparsify(model, "tl1", total_steps=3, example_inputs=(ids,))
+    assert sum(len(g.members) for g in m.sparsify_state.groups.values()) == 2  # one per block
+    m.train()
+    m(input_ids=ids, labels=ids)
+    assert float(sparsify.penalty(m)) > 0

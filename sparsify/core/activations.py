@@ -18,6 +18,7 @@ ALIASES = {
     "GELUActivation": "GELU", "NewGELUActivation": "GELU", "FastGELUActivation": "GELU",
     "QuickGELUActivation": "GELU", "ClippedGELUActivation": "GELU", "AccurateGELUActivation": "GELU",
     "GELUTanh": "GELU", "PytorchGELUTanh": "GELU", "SiLUActivation": "SiLU", "MishActivation": "Mish",
+    "BloomGelu": "GELU",  # the tanh approximation with its own autograd function
 }
 
 
