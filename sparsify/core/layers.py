@@ -100,9 +100,8 @@ class SparseWeightMixin:
         weights FSDP2 gathers for it (:mod:`sparsify.core.recompute`)."""
         # eager() first: under torch.compile the buffers' weak map is not read (dynamo would guard
         # on its keys, which other models' garbage collection changes)
-        if not eager() or not torch.is_grad_enabled() or not recompute.ENABLED:
-            return self.forward_with(x, weight_fn(), output_size)
-        bufs = layer_buffers(self, create=False)
+        bufs = (layer_buffers(self, create=False) if eager() and torch.is_grad_enabled() and recompute.ENABLED
+                else None)
         if bufs is None or not bufs.transient:
             return self.forward_with(x, weight_fn(), output_size)
         with recompute.recomputed(weight_fn) as r:

@@ -82,12 +82,13 @@ class SparsifyCallback(pl.Callback):
     def setup(self, trainer, pl_module, stage=None):
         if self.recipe is not None and stage in (None, "fit") and \
                 find_state(getattr(pl_module, self.attr), required=False) is None:
-            if hasattr(getattr(trainer.strategy, "launcher", None), "_recover_results_in_main_process"):
+            launcher = getattr(trainer.strategy, "launcher", None)
+            if hasattr(launcher, "_recover_results_in_main_process"):
                 # spawned or forked processes: the module of the process that called fit stays
                 # dense, and Lightning loads the trained weights into it (not strictly) at the end
                 raise RuntimeError(
                     f"SparsifyCallback({self.recipe!r}, attr={self.attr!r}) would sparsify inside the processes "
-                    f"strategy {type(trainer.strategy).__name__} ({trainer.strategy.launcher._start_method}) starts: "
+                    f"strategy {type(trainer.strategy).__name__} ({getattr(launcher, '_start_method', '?')}) starts: "
                     "the module of the process that calls fit stays dense and gets the trained weights without "
                     f"their masks. Sparsify it before fit (pl_module.{self.attr} = sparsify.sparsify(..., "
                     "total_steps=...), then SparsifyCallback()), or use strategy='ddp'")

@@ -24,7 +24,7 @@ from sparsify.prepare.matching import Candidate, MatchTable
 from sparsify.methods import SparseWeightMixin, get_method
 from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.core.contract import GroupContext, Site
-from sparsify.prepare.plan import NO_RULE, Plan, PlanEntry
+from sparsify.prepare.plan import Plan, PlanEntry
 from sparsify.prepare.tied import param_owners, share_tied, tie_decision
 from sparsify.prepare.unhandled import frozen_reason, unhandled_entries
 from sparsify.prepare.recipe import Recipe
@@ -114,7 +114,7 @@ def _dense_reasons(root: nn.Module, tr: TraceResult, all_cands: list[Candidate],
         elif inside_fallback:
             reason = "no rule matched (inside an untraceable submodule)"
         else:
-            reason = NO_RULE
+            reason = "no rule matched"
         entries.append(PlanEntry(name, type(m).__name__, None, w.rule.index if w else None, reason, m.weight.numel()))
     return entries
 

@@ -6,9 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from sparsify.core.subclasses import OWN_FORWARD
 
-__all__ = ["PlanEntry", "Plan", "NO_RULE"]
-
-NO_RULE = "no rule matched"  # the reason of a layer no rule of the recipe selected
+__all__ = ["PlanEntry", "Plan"]
 
 
 @dataclass
@@ -54,7 +52,7 @@ class Plan:
                 out.append(f"sparsify: rule {i} of recipe {recipe.name!r} matched nothing "
                            f"({recipe.rules[i].match}); see sparsify.plan(model, recipe)")
         # sites a rule with a method matched and its method left dense (not: no rule, an exclusion)
-        declined = [e for e in self.dense if e.rule is not None and recipe.data["rules"][e.rule].get("method")]
+        declined = [e for e in self.dense if e.rule is not None and recipe.rules[e.rule].method is not None]
         if not self.rewritten and declined:  # rules matched, and every method left its sites alone
             out.append(f"sparsify: recipe {recipe.name!r} rewrote nothing in this model: {len(declined)} matched "
                        f"site(s) stay dense (first: {declined[0].name}: {declined[0].reason}); see "
