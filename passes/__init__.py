@@ -2,6 +2,7 @@
 primitives that return the Change they made, a networkx view of graphs, and a pass pipeline.
 Nothing here knows about sparsity."""
 from .graph_view import compute_nodes, first_and_last, to_networkx
+from .ends import model_ends
 from .pipeline import Pipeline, PassResult, propagate_shapes
 from .rewrite import (Change, copy_chain, insert_after, insert_call, remove_node, replace_module, replace_uses,
                       reroute_input, set_call, set_submodule, unique_name)
@@ -14,6 +15,6 @@ __all__ = [
     "node_name", "target_module", "compile_glob", "Glob", "is_grouped", "is_depthwise", "kernel_size_in",
     "replace_module", "insert_after", "insert_call", "reroute_input", "replace_uses", "remove_node", "copy_chain",
     "set_call", "set_submodule", "unique_name", "Change",
-    "to_networkx", "compute_nodes", "first_and_last",
+    "to_networkx", "compute_nodes", "first_and_last", "model_ends",
     "Pipeline", "PassResult", "propagate_shapes",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import warnings
 
 import torch
@@ -198,6 +199,15 @@ class CallRecord:
         self._root = root
         self._inputs = tuple(example_inputs)
         self._calls: dict[str, list[dict]] | None = None
+        self._order: dict[str, tuple[int, int]] = {}
+
+    def call_order(self) -> dict[str, tuple[int, int]]:
+        """``{qualified name: (index of its first call, index of its last call)}`` over every
+        submodule the example forward called (empty when it failed): the order an untraceable
+        parent calls its children in (:func:`passes.ends.model_ends`)."""
+        if self._calls is None:
+            self._calls = self._record()
+        return self._order
 
     def concrete_args(self, qualname: str, module: nn.Module) -> dict:
         """``{argument: value}`` of ``module.forward`` that were None or one bool in every call."""
@@ -238,6 +248,12 @@ class CallRecord:
     def _record(self) -> dict[str, list[dict]]:
         calls: dict[str, list[dict]] = {}
         hooks = []
+        order: dict[str, tuple[int, int]] = {}
+        count = itertools.count()
+
+        def called(name, module, args):
+            i = next(count)
+            order[name] = (order[name][0] if name in order else i, i)
 
         def hook(name, module, args, kwargs):
             try:
@@ -254,6 +270,8 @@ class CallRecord:
             calls.setdefault(name, []).append(summary)
 
         for name, m in self._root.named_modules():
+            if name:
+                hooks.append(m.register_forward_pre_hook(functools.partial(called, name)))
             if name and not _is_torch_leaf(m):
                 hooks.append(m.register_forward_pre_hook(functools.partial(hook, name), with_kwargs=True))
         buffers = [(b, b.detach().clone()) for b in self._root.buffers()]
@@ -265,10 +283,12 @@ class CallRecord:
                     self._root(*self._inputs)
                 except Exception:  # e.g. a detection model wants targets in training mode
                     calls.clear()
+                    order.clear()
                     try:
                         self._root.eval()(*self._inputs)
                     except Exception:
                         calls.clear()  # no record: children are traced unspecialised
+                        order.clear()
         finally:
             for h in hooks:
                 h.remove()
@@ -277,6 +297,7 @@ class CallRecord:
                     b.copy_(saved)
             torch.random.set_rng_state(rng)
             self._root.train(mode)
+        self._order = order
         return calls
 
 

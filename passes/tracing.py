@@ -54,6 +54,9 @@ class TraceResult:
     warnings: list[str] = field(default_factory=list)
     capture: str = "fx"  # what captured the graphs: "fx" (torch.fx) or "export" (passes.export_capture)
     notes: list[str] = field(default_factory=list)  # what the capture wants the user to know
+    # qualified names of the model's first and last compute modules, once a caller worked them
+    # out (passes.ends.model_ends): what a rule's first / last match against
+    ends: tuple[set[str], set[str]] | None = None
 
 
 #: module attributes that switch a forward's behaviour like ``training`` does: a graph follows the

@@ -193,7 +193,7 @@ def test_linear_rules_match_conv1d_and_sas_leaves_it_alone():
     done = {e.name for e in plan.rewritten}
     assert not any(n in done for n in _conv1d_names(model))
     reasons = {e.name: e.reason for e in plan.entries}
-    assert "not to transformers' Conv1D" in reasons["transformer.h.0.attn.c_attn"]
+    assert "not to transformers' Conv1D" in reasons["transformer.h.1.attn.c_attn"]
 
 
 def test_sparse_conv1d_pickles_and_its_class_resolves_by_name():

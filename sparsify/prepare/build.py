@@ -76,6 +76,7 @@ def _dense_reasons(root: nn.Module, tr: TraceResult, all_cands: list[Candidate],
                    rewritten: set[str]) -> list[PlanEntry]:
     """Every Conv/Linear weight (and MultiheadAttention projection) left dense, with why."""
     by_name = {c.name: c for c in all_cands}
+    first, last = tr.ends or (set(), set())
     get_attr_owners = {}
     for prefix, gm in tr.graphs.items():
         for node in gm.graph.nodes:
@@ -99,13 +100,15 @@ def _dense_reasons(root: nn.Module, tr: TraceResult, all_cands: list[Candidate],
             continue
         owner_leaf = next((leaf for leaf in leaves if name.startswith(leaf + ".")), None)
         inside_fallback = any(name.startswith(f + ".") or f == "" for f in fallbacks)
-        c = by_name.get(name) or (Candidate(name, m) if inside_fallback else None)
-        w = matcher.winner(c) if c is not None else None
+        # a layer no graph reached (inside a fallback, or a leaf holding no site) is matched as
+        # the rules see it, so the plan names the rule that kept it dense
+        c = by_name.get(name) or Candidate(name, m, first=name in first, last=name in last)
+        w = matcher.winner(c)
         if name in get_attr_owners:
             reason = f"weight read outside a module call (get_attr in graph {get_attr_owners[name]})"
         elif owner_leaf is not None:
             reason = f"inside leaf {type(leaves[owner_leaf]).__name__} {owner_leaf}, which reads the weights directly"
-        elif w is None and c is not None and matcher.refused(c):
+        elif w is None and matcher.refused(c):
             reason = matcher.refused(c)
         elif w is not None and w.method is None:
             reason = f"excluded by rule {w.rule.index}"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from passes import ExportCaptureError, export_trace, first_and_last, node_name, target_module, trace
+from passes import ExportCaptureError, export_trace, model_ends, node_name, target_module, trace
 from passes.calls import CallShell
 from passes.tracing import CallRecord, TraceResult, module_path_of  # noqa: F401  (module_path_of documents the meta used)
 
@@ -21,20 +21,29 @@ __all__ = ["CAPTURES", "capture", "fx_capture", "check_capture", "capture_report
 CAPTURES = ("auto", "fx", "export")
 
 
-def _candidates(tr: TraceResult, root: nn.Module) -> list[Candidate]:
+def _is_compute(m: nn.Module) -> bool:
+    return isinstance(m, WEIGHT_TYPES)
+
+
+def _candidates(tr: TraceResult, root: nn.Module, calls: CallRecord | None = None) -> list[Candidate]:
+    """Every node of every graph, and the layers swapped inside untraceable modules; ``first`` /
+    ``last`` over the whole model (docs/recipes.md#match), not within each graph."""
     out = []
-    is_compute = lambda n, m: m is not None and isinstance(m, WEIGHT_TYPES)  # noqa: E731
+    tr.ends = model_ends(tr, _is_compute, calls.call_order() if calls is not None and tr.fallbacks else None)
+    first, last = tr.ends
     for prefix, gm in tr.graphs.items():
-        first, last = first_and_last(gm, is_compute)
         for node in gm.graph.nodes:
             if node.op in ("placeholder", "output", "get_attr"):
                 continue
             # the one call in a shell (passes.calls.call_shell) is named as the parent calls it
             shelled = node.op == "call_module" and node.target == getattr(gm, "shell_of", None)
-            out.append(Candidate(prefix if shelled else node_name(node, prefix), target_module(gm, node), node, gm,
-                                 prefix, node.name in first, node.name in last))
+            mod = target_module(gm, node)
+            name = prefix if shelled else node_name(node, prefix)
+            compute = mod is not None and _is_compute(mod)
+            out.append(Candidate(name, mod, node, gm, prefix, compute and name in first, compute and name in last))
     for name in tr.direct:
-        out.append(Candidate(name, root.get_submodule(name)))
+        mod = root.get_submodule(name)
+        out.append(Candidate(name, mod, first=_is_compute(mod) and name in first, last=_is_compute(mod) and name in last))
     return out
 
 
@@ -85,7 +94,7 @@ def fx_capture(root: nn.Module, matcher: MatchTable, example_inputs=None):
     # activation modules called by an untraceable parent get a one-call graph when a rule may insert after them
     shell = shell_activation if any(r.method is not None and r.method.site == "node" for r in matcher.rules) else None
     tr = trace(root, _not_a_layer, is_site=is_site, calls=calls, shell=shell, concrete_args=root_args)
-    cands = _candidates(tr, root)
+    cands = _candidates(tr, root, calls)
     # a method whose rewrite reads the nodes around a site (SAS: the relu feeding a layer, which may
     # sit inside a module with nothing to rewrite) needs every module holding a layer or an
     # activation traced through; modules with neither (stochastic depth) still stay leaves
@@ -108,7 +117,7 @@ def fx_capture(root: nn.Module, matcher: MatchTable, example_inputs=None):
                shell=shell, concrete_args=root_args)
     # first/last describe the model, not how deep this trace went (a leaf stem hides its conv)
     flags = {c.name: (c.first, c.last) for c in first_cands}
-    cands = _candidates(tr, root)
+    cands = _candidates(tr, root, calls)
     for c in cands:
         c.first, c.last = flags.get(c.name, (c.first, c.last))
     return tr, cands, first_cands

@@ -6,7 +6,10 @@ from dataclasses import asdict, dataclass, field
 
 from sparsify.core.subclasses import OWN_FORWARD
 
-__all__ = ["PlanEntry", "Plan"]
+__all__ = ["PlanEntry", "Plan", "STACKED"]
+
+#: how the plan's reason for a stacked weight tensor (fused MoE experts) begins
+STACKED = "stacked weight matrices"
 
 
 @dataclass
@@ -40,7 +43,8 @@ class Plan:
     def warnings(self, recipe) -> list[str]:
         """What ``sparsify`` warns about this plan of ``recipe`` (a loaded ``Recipe``): layers
         left dense because they compute with their own forward, rules that matched nothing
-        (unless marked optional), and a recipe whose methods declined every site they matched."""
+        (unless marked optional), a recipe whose methods declined every site they matched, and
+        stacked weight tensors (fused MoE experts) that stay dense."""
         out = []
         own = [e for e in self.dense if OWN_FORWARD in e.reason]
         if own:  # a plain sparse layer would drop their forward (weight standardisation): said, not silent
@@ -57,6 +61,13 @@ class Plan:
             out.append(f"sparsify: recipe {recipe.name!r} rewrote nothing in this model: {len(declined)} matched "
                        f"site(s) stay dense (first: {declined[0].name}: {declined[0].reason}); see "
                        "sparsify.plan(model, recipe)")
+        stacked = [e for e in self.dense if e.reason.startswith(STACKED)]
+        if stacked:  # the report's "sparsified layers" figure would read as the model's
+            total = sum(e.params for e in self.entries)
+            out.append(f"sparsify: {len(stacked)} stacked weight tensor(s) stay dense, "
+                       f"{sum(e.params for e in stacked) / total:.0%} of the model's weight parameters "
+                       f"(first: {stacked[0].name}, read by the forward of {stacked[0].kind.split('.')[0]}: fused "
+                       "experts, which no method rewrites); see docs/transformers.md#mixture-of-experts")
         return out
 
     @property

@@ -7,6 +7,8 @@ multiplies with.
   (``kdim``/``vdim`` other than ``embed_dim``);
 * bare ``nn.Parameter`` s (owned by a module that is no weight layer) that a traced forward feeds to
   ``F.linear``, ``F.conv*``, ``matmul`` and friends;
+* stacked weight matrices: a 3-D parameter of more than one matrix owned by a module that is no
+  weight layer (the fused experts of Mixtral / Qwen2-MoE in transformers 5), traced or not;
 * a Conv/Linear weight shared with another module (an embedding tied to the LM head) when the
   recipe's ``options.tied`` is ``"dense"`` (by default both uses share one mask: :mod:`sparsify.prepare.tied`);
 * a frozen Conv/Linear (``requires_grad=False``): left as it is unless the recipe's
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.core.layers import WEIGHT_TYPES
-from sparsify.prepare.plan import PlanEntry
+from sparsify.prepare.plan import STACKED, PlanEntry
 
 __all__ = ["unhandled_entries", "frozen_reason"]
 
@@ -75,6 +77,15 @@ def unhandled_entries(root: nn.Module, graphs: dict[str, fx.GraphModule]) -> lis
             out.append(PlanEntry(full, "Parameter", None, None,
                                  f"bare parameter multiplied by {fn} in graph {prefix or '<root>'}: no layer to "
                                  "rewrite (wrap it in an nn.Linear to sparsify it)", p.numel()))
+    for name, m in root.named_modules():
+        if isinstance(m, (*WEIGHT_TYPES, nn.Embedding, *_FUSED, nn.MultiheadAttention)):
+            continue
+        for pname, p in m.named_parameters(recurse=False):
+            full = f"{name}.{pname}" if name else pname
+            if p.dim() == 3 and p.shape[0] > 1 and min(p.shape[1:]) > 1 and full not in seen:
+                out.append(PlanEntry(full, f"{type(m).__name__}.{pname}", None, None,
+                                     f"{STACKED} ({' x '.join(map(str, p.shape))}) read by the forward of {type(m).__name__} "
+                                     "(fused experts): no method rewrites them", p.numel()))
     return out
 
 

@@ -1,0 +1,109 @@
+"""``first`` / ``last`` in a rule describe the whole model, also when torch.fx traced it in pieces.
+
+They were decided inside each traced graph: under the module-by-module fallback of transformers
+models every block's MLP began with a "first" layer and ended with a "last" one, so a recipe that
+keeps the model's ends dense (the built-in ``sas`` ones) kept every MLP dense, silently.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import sparsify
+from strategies import Residual, build_model, count_example, example_input, model_specs, recipes
+
+ENDS = {"version": 1, "rules": [
+    {"match": {"type": ["Linear", "Conv1D", "Conv1d", "Conv2d"]}, "method": "magnitude", "params": {"sparsity": 0.5}},
+    {"match": {"first": True}, "method": None},
+    {"match": {"last": True}, "method": None}]}
+
+
+def _plan(model, recipe, example_inputs=None):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return sparsify.plan(model, recipe, example_inputs=example_inputs)
+
+
+def _ends(plan) -> tuple[list[str], list[str]]:
+    return (sorted(e.name for e in plan.dense if e.rule == 1), sorted(e.name for e in plan.dense if e.rule == 2))
+
+
+def _make_untraceable(m: nn.Module) -> None:
+    """``m``'s forward asks a question of its input that torch.fx cannot answer (a fallback)."""
+    base = type(m)
+
+    def forward(self, x):
+        if x.numel() >= 0:  # a Proxy cannot be a condition: tracing this module fails
+            return base.forward(self, x)
+
+    m.__class__ = type(f"Untraceable{base.__name__}", (base,), {"forward": forward})
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_untraceable_pieces_keep_the_plan(data):
+    """Property: making the root, its two Sequentials or any residual block untraceable (so the
+    model is traced in pieces, see docs/capture.md) leaves every site's method as it was, for
+    random recipes with ``first`` / ``last`` rules, with and without example inputs."""
+    count_example()
+    spec = data.draw(model_specs(max_blocks=4))
+    model = build_model(spec)
+    recipe = data.draw(recipes(model))
+    recipe["rules"] += [{"match": {"first": True}, "method": None}, {"match": {"last": True}, "method": None}]
+    example = (example_input(spec),) if data.draw(st.booleans()) else None
+    want = {e.name: (e.method, e.rule) for e in _plan(model, recipe, example).entries}
+
+    pieces = build_model(spec)
+    names = [n for n, m in pieces.named_modules() if n in ("", "blocks", "head") or isinstance(m, Residual)]
+    chosen = data.draw(st.sets(st.sampled_from(names), min_size=1))
+    for name in chosen:
+        _make_untraceable(pieces.get_submodule(name))
+    plan = _plan(pieces, recipe, example)
+    # a piece holding no site is not traced into at all (a leaf): fewer fallbacks than chosen
+    assert {f["name"] for f in plan.fallbacks} <= chosen
+    assert {e.name: (e.method, e.rule) for e in plan.entries} == want
+
+
+# which layers are the model's ends, by family (tiny configs; inside a module run as it is, the
+# first of q / k / v that it calls stands for all three: docs/recipes.md#match)
+FAMILY_ENDS = {
+    "bert": (["bert.encoder.layer.0.attention.self.query"], ["classifier"]),
+    "gpt2": (["transformer.h.0.attn.c_attn"], ["lm_head"]),
+    "vit": (["vit.embeddings.patch_embeddings.projection"], ["classifier"]),
+    "llama": (["model.layers.0.self_attn.q_proj"], ["lm_head"]),
+    "t5": (["encoder.block.0.layer.0.SelfAttention.q"], ["lm_head"]),
+    "whisper": (["model.encoder.conv1"], ["proj_out"]),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_ENDS))
+def test_transformers_ends_are_the_models(family):
+    from hf_harness import cov  # skips without transformers
+    model, inputs, _ = cov.FAMILIES[family]()
+    with_inputs = _plan(model, ENDS, inputs)
+    assert with_inputs.fallbacks  # traced in pieces: what this test is about
+    assert _ends(with_inputs) == FAMILY_ENDS[family]
+    assert _ends(_plan(model, ENDS)) == FAMILY_ENDS[family]  # registration order, no forward
+    # every other layer, each block's MLP included, is rewritten
+    assert len(with_inputs.rewritten) == len(with_inputs.entries) - 2
+
+
+@pytest.mark.parametrize("untraceable", [["", "layer2"], ["layer2", "layer1.0"]])
+def test_resnet_traced_in_pieces(untraceable):
+    """ResNet-18 traced block by block: its stem and head are still the ends, and the built-in
+    ``sas`` recipe still keeps the stem dense by its ``first`` rule."""
+    import torchvision
+    x = (torch.randn(1, 3, 64, 64),)
+    pieces = torchvision.models.resnet18(num_classes=10)
+    for name in untraceable:
+        _make_untraceable(pieces.get_submodule(name))
+    plan = _plan(pieces, ENDS, x)
+    assert sorted(f["name"] for f in plan.fallbacks) == sorted(untraceable)
+    assert _ends(plan) == (["conv1"], ["fc"]) and len(plan.rewritten) == len(plan.entries) - 2
+    sas = {e.name: e for e in _plan(pieces, "sas", x).entries}
+    assert sas["conv1"].reason == "excluded by rule 1"
