@@ -14,6 +14,8 @@ import functools
 import inspect
 import itertools
 import warnings
+import weakref
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -29,6 +31,17 @@ CHECKPOINT_FLAGS = ("grad_checkpointing", "gradient_checkpointing")
 
 class _Absent:  # an argument the call left out
     pass
+
+
+class CallSpan(NamedTuple):
+    """When one forward called a module: indices of its first and last call among all module
+    calls, and a token for the tensor each of those calls got first (equal tokens: one and the
+    same tensor object, so neither call's input came out of the other)."""
+
+    first: int
+    last: int
+    first_input: int | None
+    last_input: int | None
 
 
 def _is_torch_leaf(m: nn.Module) -> bool:
@@ -199,12 +212,12 @@ class CallRecord:
         self._root = root
         self._inputs = tuple(example_inputs)
         self._calls: dict[str, list[dict]] | None = None
-        self._order: dict[str, tuple[int, int]] = {}
+        self._order: dict[str, CallSpan] = {}
 
-    def call_order(self) -> dict[str, tuple[int, int]]:
-        """``{qualified name: (index of its first call, index of its last call)}`` over every
-        submodule the example forward called (empty when it failed): the order an untraceable
-        parent calls its children in (:func:`passes.ends.model_ends`)."""
+    def call_order(self) -> dict[str, CallSpan]:
+        """``{qualified name: CallSpan}`` for every submodule the example forward called (empty
+        when it failed): the order an untraceable parent calls its children in, and which of
+        them read the same tensor (:func:`passes.ends.model_ends`)."""
         if self._calls is None:
             self._calls = self._record()
         return self._order
@@ -248,12 +261,24 @@ class CallRecord:
     def _record(self) -> dict[str, list[dict]]:
         calls: dict[str, list[dict]] = {}
         hooks = []
-        order: dict[str, tuple[int, int]] = {}
-        count = itertools.count()
+        order: dict[str, CallSpan] = {}
+        count, tokens = itertools.count(), itertools.count()
+        seen: dict[int, tuple[weakref.ref, int]] = {}  # id of a live input tensor -> its token
 
-        def called(name, module, args):
-            i = next(count)
-            order[name] = (order[name][0] if name in order else i, i)
+        def token(args, kwargs):
+            t = next((a for a in itertools.chain(args, kwargs.values()) if isinstance(a, torch.Tensor)), None)
+            if t is None:
+                return None
+            ref, tok = seen.get(id(t), (None, None))
+            if ref is None or ref() is not t:  # a new tensor (perhaps at a freed one's address)
+                tok = next(tokens)
+                seen[id(t)] = (weakref.ref(t), tok)
+            return tok
+
+        def called(name, module, args, kwargs):
+            i, tok = next(count), token(args, kwargs)
+            before = order.get(name)
+            order[name] = CallSpan(before.first if before else i, i, before.first_input if before else tok, tok)
 
         def hook(name, module, args, kwargs):
             try:
@@ -271,7 +296,7 @@ class CallRecord:
 
         for name, m in self._root.named_modules():
             if name:
-                hooks.append(m.register_forward_pre_hook(functools.partial(called, name)))
+                hooks.append(m.register_forward_pre_hook(functools.partial(called, name), with_kwargs=True))
             if name and not _is_torch_leaf(m):
                 hooks.append(m.register_forward_pre_hook(functools.partial(hook, name), with_kwargs=True))
         buffers = [(b, b.detach().clone()) for b in self._root.buffers()]

@@ -16,6 +16,7 @@ from typing import Callable, Mapping
 import torch.fx as fx
 from torch import nn
 
+from .calls import CallSpan
 from .graph_view import first_and_last
 from .select import node_name, target_module
 from .tracing import TraceResult
@@ -26,15 +27,16 @@ _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
 
 
 def model_ends(tr: TraceResult, is_compute: Callable[[nn.Module], bool],
-               order: Mapping[str, tuple[int, int]] | None = None) -> tuple[set[str], set[str]]:
+               order: Mapping[str, CallSpan] | None = None) -> tuple[set[str], set[str]]:
     """Qualified names of the compute modules with no compute upstream (first) or downstream
     (last) in the whole of ``tr.module``.
 
-    ``order`` maps a module's qualified name to the indices of its first and last call in one
-    forward (:meth:`passes.calls.CallRecord.call_order`); modules it does not list were not called
-    then and are skipped inside untraceable modules. Without it, registration order stands in:
-    inside an untraceable module, layers called one after the other on independent inputs (``q``,
-    ``k``, ``v``) cannot be told from a chain, so only the earliest counts as first.
+    ``order`` (:meth:`passes.calls.CallRecord.call_order`) says when one forward called each
+    module; modules it does not list were not called then and are skipped inside untraceable
+    modules. There, the earliest child and those called on the very same tensor (``q``, ``k``,
+    ``v``) are first; the latest and those called on the same tensor as it (a detector's class
+    and box heads) are last. Without ``order``, registration order stands in, and only the
+    earliest child is first and the latest last.
 
     >>> import torch
     >>> from passes.tracing import trace
@@ -62,7 +64,7 @@ def model_ends(tr: TraceResult, is_compute: Callable[[nn.Module], bool],
         return holds_cache[id(m)]
 
     def units(path: str, m: nn.Module):
-        """The children an untraceable ``m`` calls that hold compute (containers looked through)."""
+        """The children of ``m`` that hold compute (containers looked through), in registration order."""
         for name, child in m.named_children():
             full = f"{path}.{name}" if path else name
             if not holds(child):
@@ -83,16 +85,18 @@ def model_ends(tr: TraceResult, is_compute: Callable[[nn.Module], bool],
                 if node.name in picked:
                     out |= ends(node_name(node, path), target_module(gm, node), end)
             return out
-        if path in fallbacks or isinstance(m, _CONTAINERS):
-            found = list(units(path, m))
-            if order:
-                found = sorted((u for u in found if u[0] in order), key=lambda u: order[u[0]][end])
-            if not found:
-                return set()
-            return ends(*found[0 if end == 0 else -1], end)
-        # a leaf that holds compute layers (not traced into): its first / last one in registration order
-        inside = [f"{path}.{n}" if path else n for n, x in m.named_modules() if n and is_compute(x)]
-        return {inside[0 if end == 0 else -1]} if inside else set()
+        # run as it is (untraceable, or a leaf the trace did not enter): its children's calls decide
+        found = list(units(path, m))
+        called = sorted((u for u in found if u[0] in order), key=lambda u: order[u[0]][end]) if order else []
+        if not called:  # no record, or its children are not called as modules (MultiheadAttention)
+            return ends(*found[0 if end == 0 else -1], end) if found else set()
+        pick = called[0 if end == 0 else -1]
+        out = ends(*pick, end)
+        tok = order[pick[0]][2 + end]
+        for u in called if tok is not None else ():  # siblings reading the very tensor the end reads
+            if u is not pick and order[u[0]][2 + end] == tok:
+                out |= ends(*u, end)
+        return out
 
     if not holds(tr.module):
         return set(), set()

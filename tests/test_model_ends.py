@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import sparsify
-from strategies import Residual, build_model, count_example, example_input, model_specs, recipes
+from strategies import Concat, Residual, build_model, count_example, example_input, model_specs, recipes
 
 ENDS = {"version": 1, "rules": [
     {"match": {"type": ["Linear", "Conv1D", "Conv1d", "Conv2d"]}, "method": "magnitude", "params": {"sparsity": 0.5}},
@@ -47,9 +47,9 @@ def _make_untraceable(m: nn.Module) -> None:
 @settings(max_examples=40, deadline=None)
 @given(st.data())
 def test_untraceable_pieces_keep_the_plan(data):
-    """Property: making the root, its two Sequentials or any residual block untraceable (so the
-    model is traced in pieces, see docs/capture.md) leaves every site's method as it was, for
-    random recipes with ``first`` / ``last`` rules, with and without example inputs."""
+    """Property: making the root, its two Sequentials, any residual block or (with example inputs)
+    any two-branch concat untraceable (so the model is traced in pieces, see docs/capture.md)
+    leaves every site's method as it was, for random recipes with ``first`` / ``last`` rules."""
     count_example()
     spec = data.draw(model_specs(max_blocks=4))
     model = build_model(spec)
@@ -59,7 +59,10 @@ def test_untraceable_pieces_keep_the_plan(data):
     want = {e.name: (e.method, e.rule) for e in _plan(model, recipe, example).entries}
 
     pieces = build_model(spec)
-    names = [n for n, m in pieces.named_modules() if n in ("", "blocks", "head") or isinstance(m, Residual)]
+    # with example inputs the calls say which branches read one tensor (Concat's two), without
+    # them registration order cannot tell parallel branches from a chain
+    kinds = (Residual, Concat) if example else (Residual,)
+    names = [n for n, m in pieces.named_modules() if n in ("", "blocks", "head") or isinstance(m, kinds)]
     chosen = data.draw(st.sets(st.sampled_from(names), min_size=1))
     for name in chosen:
         _make_untraceable(pieces.get_submodule(name))
@@ -69,16 +72,19 @@ def test_untraceable_pieces_keep_the_plan(data):
     assert {e.name: (e.method, e.rule) for e in plan.entries} == want
 
 
-# which layers are the model's ends, by family (tiny configs; inside a module run as it is, the
-# first of q / k / v that it calls stands for all three: docs/recipes.md#match)
+# the model's ends by family (tiny configs). Inside a module run as it is, the layers called on
+# one and the same tensor (q, k, v) are all first with example inputs; without them registration
+# order stands in and only the first registered one is (docs/recipes.md#first-and-last)
 FAMILY_ENDS = {
-    "bert": (["bert.encoder.layer.0.attention.self.query"], ["classifier"]),
+    "bert": (["bert.encoder.layer.0.attention.self." + p for p in ("key", "query", "value")], ["classifier"]),
     "gpt2": (["transformer.h.0.attn.c_attn"], ["lm_head"]),
     "vit": (["vit.embeddings.patch_embeddings.projection"], ["classifier"]),
-    "llama": (["model.layers.0.self_attn.q_proj"], ["lm_head"]),
-    "t5": (["encoder.block.0.layer.0.SelfAttention.q"], ["lm_head"]),
+    "llama": (["model.layers.0.self_attn." + p for p in ("k_proj", "q_proj", "v_proj")], ["lm_head"]),
+    "t5": (["encoder.block.0.layer.0.SelfAttention." + p for p in "kqv"], ["lm_head"]),
     "whisper": (["model.encoder.conv1"], ["proj_out"]),
 }
+REGISTERED_FIRST = {"bert": ["bert.encoder.layer.0.attention.self.query"], "llama": ["model.layers.0.self_attn.q_proj"],
+                    "t5": ["encoder.block.0.layer.0.SelfAttention.q"]}
 
 
 @pytest.mark.parametrize("family", list(FAMILY_ENDS))
@@ -87,10 +93,42 @@ def test_transformers_ends_are_the_models(family):
     model, inputs, _ = cov.FAMILIES[family]()
     with_inputs = _plan(model, ENDS, inputs)
     assert with_inputs.fallbacks  # traced in pieces: what this test is about
-    assert _ends(with_inputs) == FAMILY_ENDS[family]
-    assert _ends(_plan(model, ENDS)) == FAMILY_ENDS[family]  # registration order, no forward
+    first, last = FAMILY_ENDS[family]
+    assert _ends(with_inputs) == (first, last)
+    assert _ends(_plan(model, ENDS)) == (REGISTERED_FIRST.get(family, first), last)  # no forward run
     # every other layer, each block's MLP included, is rewritten
-    assert len(with_inputs.rewritten) == len(with_inputs.entries) - 2
+    assert len(with_inputs.rewritten) == len(with_inputs.entries) - len(first) - len(last)
+
+
+def test_call_order_says_which_calls_read_one_tensor():
+    from passes.calls import CallRecord
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.c(self.a(x)) + self.b(x) + self.a(x + 1)
+
+    spans = CallRecord(Net(), (torch.zeros(1, 2),)).call_order()
+    assert [spans[n][:2] for n in "abc"] == [(0, 3), (2, 2), (1, 1)]
+    assert spans["a"].first_input == spans["b"].first_input != spans["c"].first_input
+    assert spans["a"].last_input not in (spans["a"].first_input, spans["c"].first_input)
+
+
+def test_parallel_heads_of_a_detector_are_all_last():
+    """Faster R-CNN's box predictor (untraceable: it asserts on its input) calls its class and
+    box layers on one tensor: both are last, as a graph would say (then it holds no site and
+    the second trace leaves it a leaf)."""
+    import torchvision
+    torch.manual_seed(0)
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=5)
+    plan = _plan(model, ENDS, ([torch.rand(3, 96, 96)],))
+    assert {"", "roi_heads"} <= {f["name"] for f in plan.fallbacks}
+    assert _ends(plan) == (["backbone.body.0.0"],
+                           ["roi_heads.box_predictor.bbox_pred", "roi_heads.box_predictor.cls_score"])
 
 
 @pytest.mark.parametrize("untraceable", [["", "layer2"], ["layer2", "layer1.0"]])

@@ -29,7 +29,8 @@ def _candidates(tr: TraceResult, root: nn.Module, calls: CallRecord | None = Non
     """Every node of every graph, and the layers swapped inside untraceable modules; ``first`` /
     ``last`` over the whole model (docs/recipes.md#match), not within each graph."""
     out = []
-    tr.ends = model_ends(tr, _is_compute, calls.call_order() if calls is not None and tr.fallbacks else None)
+    if tr.ends is None:
+        tr.ends = model_ends(tr, _is_compute, calls.call_order() if calls is not None and tr.fallbacks else None)
     first, last = tr.ends
     for prefix, gm in tr.graphs.items():
         for node in gm.graph.nodes:
@@ -112,15 +113,13 @@ def fx_capture(root: nn.Module, matcher: MatchTable, example_inputs=None):
     needed |= needed_paths(tr.graphs, matcher.winner)  # forwards that read a rewritten weight
     if descended <= needed:
         return tr, cands, cands
-    first_cands = cands
+    first_cands, ends = cands, tr.ends
     tr = trace(root, lambda name, m: name in needed and _not_a_layer(name, m), is_site=is_site, calls=calls,
                shell=shell, concrete_args=root_args)
-    # first/last describe the model, not how deep this trace went (a leaf stem hides its conv)
-    flags = {c.name: (c.first, c.last) for c in first_cands}
-    cands = _candidates(tr, root, calls)
-    for c in cands:
-        c.first, c.last = flags.get(c.name, (c.first, c.last))
-    return tr, cands, first_cands
+    # first/last describe the model, not how deep this trace went (a leaf stem hides its conv):
+    # the full-depth trace saw more of it
+    tr.ends = ends
+    return tr, _candidates(tr, root), first_cands
 
 
 def check_capture(value) -> str:
