@@ -27,7 +27,7 @@ def _is_compute(m: nn.Module) -> bool:
 
 def _candidates(tr: TraceResult, root: nn.Module, calls: CallRecord | None = None) -> list[Candidate]:
     """Every node of every graph, and the layers swapped inside untraceable modules; ``first`` /
-    ``last`` over the whole model (docs/recipes.md#match), not within each graph."""
+    ``last`` over the whole model (docs/recipes.md#first-and-last), not within each graph."""
     out = []
     if tr.ends is None:
         tr.ends = model_ends(tr, _is_compute, calls.call_order() if calls is not None and tr.fallbacks else None)
