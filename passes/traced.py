@@ -39,7 +39,14 @@ class TracedModule(fx.GraphModule):
                     self.__dict__.pop("forward", None)
                 else:
                     self.__dict__["forward"] = outer
-        return super().__call__(*args, **kwargs)
+        out = super().__call__(*args, **kwargs)
+        kind = self.__dict__.get("_output_type")
+        if kind is not None and type(out) is dict:  # the graph's dict back into the forward's type
+            try:
+                return kind(**out)
+            except TypeError:
+                return out
+        return out
 
     def _deepcopy_init(self):
         # GraphModule's deepcopy rebuilds the module from a deep copy of __dict__ but keeps only

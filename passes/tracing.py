@@ -9,10 +9,12 @@ still reach inside it. When the root itself cannot be traced, the same happens o
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -76,9 +78,19 @@ class _DepthTracer(fx.Tracer):
         self.modes: dict[fx.Node, tuple[tuple[str, str], bool]] = {}  # get_attr node of a mode flag -> ((path, flag), value)
         self.baked: dict[tuple[str, str], bool] = {}  # flags that Python control flow read: the graph holds one branch
         self._saved: list[tuple[nn.Module, str, bool]] = []
+        self.output_type: type | None = None
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
-        out = super().create_args_for_root(root_fn, is_module, concrete_args)
+        fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+
+        def noting_output_type(*a):
+            # a graph returns a dataclass-dict (transformers' ModelOutput, diffusers' BaseOutput)
+            # as a plain dict: TracedModule turns it back into this type
+            result = fn(*a)
+            if isinstance(result, dict) and type(result) is not dict:
+                self.output_type = type(result)
+            return result
+        out = noting_output_type, args
         if is_module:
             # `self.training` in any forward traced through reads a graph node, so train()/eval()
             # still switch it (F.dropout(x, p, training=self.training) stays live); the same for the
@@ -151,6 +163,26 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
 
 
+@contextlib.contextmanager
+def proxies_are_tensors() -> Iterator[None]:
+    """While tracing, ``torch.is_tensor`` says True of a traced value: code that branches on it
+    (diffusers' UNets: ``if not torch.is_tensor(timesteps): timesteps = torch.tensor([timesteps])``)
+    then records the tensor branch, not one for Python numbers that fails on every real call.
+
+    >>> with proxies_are_tensors():
+    ...     torch.is_tensor(fx.Proxy(fx.Graph().placeholder("x")))
+    True
+    >>> torch.is_tensor(fx.Proxy(fx.Graph().placeholder("x")))
+    False
+    """
+    original = torch.is_tensor
+    torch.is_tensor = lambda obj: isinstance(obj, (torch.Tensor, fx.Proxy))
+    try:
+        yield
+    finally:
+        torch.is_tensor = original
+
+
 def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend | None = None,
           prefix: str = "", max_fallbacks: int = 1000, calls: CallRecord | None = None,
           concrete_args: dict | None = None, shell: Descend | None = None) -> TraceResult:
@@ -183,7 +215,7 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 try:
-                    with refuse_checkpoint(root):  # a graph would drop activation checkpointing
+                    with refuse_checkpoint(root), proxies_are_tensors():  # a graph would drop checkpointing
                         graph = tracer.trace(root, concrete_args or None)
                 finally:
                     _hold(result, caught)
@@ -209,6 +241,9 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
         full = f"{prefix}.{culprit}" if prefix else culprit
         result.fallbacks.append(Fallback(full, _first_line(error)))
     gm = traced_module(root, graph)
+    output_type = tracer.output_type or root.__dict__.get("_output_type")  # a retrace returns the dict
+    if output_type is not None:
+        gm.__dict__["_output_type"] = output_type
     # any other way of calling it, or the other mode where the graph took one branch, runs its
     # own forward (see passes/calls.py)
     gm._call_guard = CallGuard.for_module(root, concrete_args or {}, graph, tracer.baked)
