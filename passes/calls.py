@@ -127,6 +127,11 @@ class CallGuard:
         named = set(self.names[len(args):]) | set(self.kwonly)
         return all(v is None for k, v in kwargs.items() if k not in named)
 
+    def adapt(self, args: tuple, kwargs: dict, module: nn.Module | None = None):
+        """``(args, kwargs)`` to call the graph with, or None when the call needs the module's
+        own forward (:class:`passes.export_guard.ExportGuard` reorders them)."""
+        return (args, kwargs) if self.fits(args, kwargs, module) else None
+
     def _fits(self, name: str, value, positional: bool) -> bool:
         if not positional and value is _Absent:
             default = self.defaults.get(name, "required")

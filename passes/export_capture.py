@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .calls import CallGuard
 from .checkpoint_guard import refuse_checkpoint
+from .export_guard import ExportGuard  # also where pickles made before the split find it
 from .traced import _keep_attributes, _keep_hierarchy, _traced_class
 from .tracing import TraceResult, _DepthTracer, _first_line, _hold
 
@@ -127,69 +127,6 @@ def _torch_level(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in _AS_TORCH:
             node.target = _AS_TORCH[node.target]
-
-
-class ExportGuard(CallGuard):
-    """Which calls an exported graph serves: the example's input structure, each tensor with the
-    same rank and dtype and the same size in every dimension but the dynamic ones (whose sizes
-    must pass the export's own ``_guards_fn`` checks), every other input equal to the example's
-    (``torch.export`` specialises on them); with ``modes`` set, the modules in the mode they had
-    at capture too. Other calls run the module's own forward.
-
-    >>> import torch
-    >>> class Net(torch.nn.Module):
-    ...     def forward(self, x):
-    ...         return x
-    >>> g = ExportGuard(Net.forward, ((torch.zeros(2, 3),), {}), {0: {0: ("s0", 2, 64)}})
-    >>> g.fits((torch.zeros(5, 3),), {}), g.fits((torch.zeros(5, 4),), {}), g.fits((), {"x": torch.zeros(2, 3)})
-    (True, False, False)
-    """
-
-    def __init__(self, forward, example: tuple, dynamic: dict[int, dict[int, tuple]], nodes=(),
-                 modes: dict | None = None, checks=None):
-        super().__init__(forward, {}, nodes, modes)
-        flat, self.spec = pytree.tree_flatten(example)
-        # dynamic: {leaf: {dim: (symbol, low, high)}}; dims sharing a symbol must stay equal
-        self.leaves = [(x.dim(), x.dtype, tuple(s for i, s in enumerate(x.shape) if i not in dynamic.get(j, {})),
-                        dict(dynamic.get(j, {}))) if isinstance(x, torch.Tensor) else ("value", x)
-                       for j, x in enumerate(flat)]
-        self.checks = checks  # torch.export's _guards_fn (not picklable: dropped by pickling)
-
-    def fits(self, args: tuple, kwargs: dict, module: nn.Module | None = None) -> bool:
-        if module is not None and self.off_mode(module) is not None:
-            return False
-        flat, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
-        if spec != self.spec:
-            return False
-        sizes: dict[str, int] = {}
-        for x, leaf in zip(flat, self.leaves):
-            if leaf[0] == "value":
-                if isinstance(x, torch.Tensor) or type(x) is not type(leaf[1]) or x != leaf[1]:
-                    return False
-                continue
-            ndim, dtype, fixed, dynamic = leaf
-            if not isinstance(x, torch.Tensor) or x.dim() != ndim or x.dtype != dtype:
-                return False
-            if tuple(s for i, s in enumerate(x.shape) if i not in dynamic) != fixed:
-                return False
-            for i, (symbol, low, high) in dynamic.items():
-                # torch.export specialises sizes 0 and 1 away (ranges start at 2) yet its graphs
-                # serve them, as torch's own input checks allow
-                if not (0 if low <= 2 else low) <= x.shape[i] <= high:
-                    return False
-                if sizes.setdefault(symbol, x.shape[i]) != x.shape[i]:
-                    return False
-        if self.checks is not None:  # torch.export's own checks (relations between sizes too)
-            try:
-                self.checks(*flat)
-            except Exception:
-                return False
-        return True
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state["checks"] = None
-        return state
 
 
 def _export(root: nn.Module, inputs: tuple, result: TraceResult):

@@ -27,7 +27,8 @@ class TracedModule(fx.GraphModule):
 
     def __call__(self, *args, **kwargs):
         guard = self.__dict__.get("_call_guard")
-        if guard is not None and not guard.fits(args, kwargs, self):
+        adapted = guard.adapt(args, kwargs, self) if guard is not None else (args, kwargs)
+        if adapted is None:
             # a call the graph was not traced for: the original forward, through Module.__call__
             # so hooks still run
             outer = self.__dict__.get("forward")  # a call nested in another eager call of this module
@@ -39,7 +40,7 @@ class TracedModule(fx.GraphModule):
                     self.__dict__.pop("forward", None)
                 else:
                     self.__dict__["forward"] = outer
-        out = super().__call__(*args, **kwargs)
+        out = super().__call__(*adapted[0], **adapted[1])
         kind = self.__dict__.get("_output_type")
         if kind is not None and type(out) is dict:  # the graph's dict back into the forward's type
             try:

@@ -9,6 +9,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import sparsify
@@ -87,3 +88,43 @@ def test_a_dataclass_dict_output_keeps_its_type():
                 assert type(out) is DecoderOutput and out.sample.shape == (2, 3, 8, 8), recipe
             for copy in (sparsify.finalize(m), copy_module.deepcopy(m), pickle.loads(pickle.dumps(m))):
                 assert type(copy.eval()(x)) is DecoderOutput, recipe
+
+
+class CrossNet(nn.Module):
+    """A UNet-like call: ``net(sample, timestep, encoder_hidden_states=..., return_dict=True)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.ctx = nn.Linear(4, 8)
+        self.out = nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, return_dict=True):
+        h = F.gelu(self.conv(sample)) + self.ctx(encoder_hidden_states).mean(1)[:, :, None, None]
+        h = self.out(F.gelu(h)) * timestep[:, None, None, None]
+        return h if return_dict else (h,)
+
+
+def test_an_exported_graph_serves_keyword_calls():
+    """``example_inputs`` are positional; a graph captured by torch.export took only calls of that
+    exact form, so ``net(x, t, encoder_hidden_states=e)`` ran the original forward: tl1's penalty
+    0 for the whole run, with a warning whose advice (pass such example_inputs) cannot be taken."""
+    torch.manual_seed(0)
+    x, t, e = torch.randn(2, 3, 8, 8), torch.tensor([1.0, 2.0]), torch.randn(2, 5, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = sparsify.sparsify(CrossNet(), "tl1", example_inputs=(x, t, e), total_steps=3, capture="export")
+    m.train()
+    want = m(x, t, e)
+    expected = float(sparsify.penalty(m))
+    assert expected > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "called with arguments its graph was not traced for"
+        for call in (lambda: m(x, t, encoder_hidden_states=e), lambda: m(sample=x, timestep=t, encoder_hidden_states=e),
+                     lambda: m(x, t, e, return_dict=True)):
+            assert torch.equal(call(), want)
+            assert float(sparsify.penalty(m)) == expected
+    with warnings.catch_warnings(record=True) as caught:  # another value than the example's: own forward, said
+        warnings.simplefilter("always")
+        assert torch.equal(m(x, t, e, return_dict=False)[0], want)
+    assert any("not traced for" in str(w.message) for w in caught)
