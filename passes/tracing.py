@@ -20,6 +20,7 @@ from torch import nn
 
 from .calls import CallGuard, CallRecord, call_shell, keep_argument_names
 from .checkpoint_guard import CheckpointInGraph, refuse_checkpoint
+from .mode_branches import same_in_both_modes
 from .traced import TracedModule, traced_module
 from .traced import _unpickle_traced  # noqa: F401  (pickles made before traced.py name it here)
 
@@ -240,13 +241,25 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
         forced.add(culprit)
         full = f"{prefix}.{culprit}" if prefix else culprit
         result.fallbacks.append(Fallback(full, _first_line(error)))
+    baked = tracer.baked
+    if any(flag == "training" for _, flag in baked):
+        def retrace():
+            again = _DepthTracer(descend, forced, prefix)
+            with warnings.catch_warnings(), refuse_checkpoint(root), proxies_are_tensors():
+                warnings.simplefilter("ignore")
+                g = again.trace(root, concrete_args or None)
+            keep_argument_names(g, concrete_args or {})
+            return g if again.baked.keys() == baked.keys() else fx.Graph()
+        if same_in_both_modes(root, graph, baked, retrace):
+            # the branch only changed a memory layout: the graph serves both modes
+            baked = {key: value for key, value in baked.items() if key[1] != "training"}
     gm = traced_module(root, graph)
     output_type = tracer.output_type or root.__dict__.get("_output_type")  # a retrace returns the dict
     if output_type is not None:
         gm.__dict__["_output_type"] = output_type
     # any other way of calling it, or the other mode where the graph took one branch, runs its
     # own forward (see passes/calls.py)
-    gm._call_guard = CallGuard.for_module(root, concrete_args or {}, graph, tracer.baked)
+    gm._call_guard = CallGuard.for_module(root, concrete_args or {}, graph, baked)
     result.module = gm
     result.graphs[prefix] = gm
     for leaf in sorted(forced):

@@ -128,3 +128,44 @@ def test_an_exported_graph_serves_keyword_calls():
         warnings.simplefilter("always")
         assert torch.equal(m(x, t, e, return_dict=False)[0], want)
     assert any("not traced for" in str(w.message) for w in caught)
+
+
+class LayoutBlock(nn.Module):
+    """diffusers' ``ResnetBlock2D``: ``if self.training: x = x.contiguous()`` before the shortcut;
+    ``scale`` makes the branch change values instead (then the graph holds one mode only)."""
+
+    def __init__(self, scale: bool = False):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.shortcut = nn.Conv2d(3, 8, 1)
+        self.scale = scale
+
+    def forward(self, x):
+        h = self.conv2(F.silu(self.conv1(x)))
+        if self.training:
+            x = x * 2 if self.scale else x.contiguous()
+        return F.silu(h + self.shortcut(x))
+
+
+def test_a_training_branch_that_only_changes_layout_serves_eval():
+    """The graph held the training branch, so every eval call ran the module's own forward without
+    the semi-structured masks: the deployed model was not the trained one, and finalize's check
+    compared that forward with itself."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    for scale in (False, True):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            m = sparsify.sparsify(LayoutBlock(scale), "semi-structured", example_inputs=(x,), total_steps=3)
+            with torch.no_grad():
+                trained = m.train()(x)
+                evaluated = m.eval()(x)
+        eager = [w for w in caught if "was called in eval mode" in str(w.message)]
+        modes = m._call_guard.modes if m._call_guard is not None else {}  # None: every call fits
+        if scale:  # values differ by mode: the graph is the training one, eval runs its own forward, said
+            assert ("", "training") in modes and eager
+        else:
+            assert ("", "training") not in modes and not eager
+            assert torch.equal(trained, evaluated)
+            final = sparsify.finalize(m, (x,))
+            assert torch.equal(final.eval()(x), trained)
