@@ -234,6 +234,41 @@ def _matches(root: nn.Module, gm: fx.GraphModule, inputs: tuple, train: bool) ->
             m.training = flag
 
 
+_RANDOM = {"rand", "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm", "bernoulli",
+           "bernoulli_", "multinomial", "normal", "normal_", "uniform_", "exponential_", "poisson"}
+
+
+def _op_name(target) -> str:
+    """``aten::rand`` / ``torch.rand`` -> ``"rand"``."""
+    schema = getattr(target, "_schema", None)
+    return schema.name.split("::")[-1] if schema is not None else getattr(target, "__name__", str(target))
+
+
+@torch.no_grad()
+def _random_only_in_training(root: nn.Module, gm: fx.GraphModule, inputs: tuple) -> bool:
+    """Does the graph draw random numbers (beyond dropout, whose mode stays live) where the eval
+    forward is deterministic? Then a Python branch on ``self.training`` put them there (DiT's
+    class-label dropout: ``if self.training: labels = where(rand(n) < p, null, labels)``), and one
+    eval comparison passes whenever that draw happens to change nothing."""
+    if not any(n.op == "call_function" and _op_name(n.target) in _RANDOM for n in gm.graph.nodes):
+        return False
+    modes = [(m, m.training) for m in root.modules()]
+    rng = torch.random.get_rng_state()
+    try:
+        root.eval()
+        outs = []
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            outs.append(root(*inputs))
+        return _same(*outs)
+    except Exception:
+        return True
+    finally:
+        torch.random.set_rng_state(rng)
+        for m, flag in modes:
+            m.training = flag
+
+
 def _bound(value, default: int) -> int:
     try:
         return int(value)
@@ -297,7 +332,7 @@ def export_trace(root: nn.Module, example_inputs) -> TraceResult:
         raise ExportCaptureError(f"the graph torch.export captured of {type(root).__name__} does not reproduce its "
                                  "training forward on the example inputs")
     modes = None
-    if not _matches(root, gm, inputs, train=False):
+    if not _matches(root, gm, inputs, train=False) or _random_only_in_training(root, gm, inputs):
         modes = {name: m.training for name, m in root.named_modules()}
         result.notes.append("the eval forward takes another Python branch than the training one: the graph "
                             "serves training calls; eval calls run the module's own forward")

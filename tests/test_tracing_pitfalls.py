@@ -169,3 +169,41 @@ def test_a_training_branch_that_only_changes_layout_serves_eval():
             assert torch.equal(trained, evaluated)
             final = sparsify.finalize(m, (x,))
             assert torch.equal(final.eval()(x), trained)
+
+
+class LabelDropNet(nn.Module):
+    """DiT's class conditioning: in training, labels are replaced by the null class with
+    probability ``drop`` (a buffer: 0 when captured, raised later)."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Embedding(11, 8)  # class 10: the null class
+        self.register_buffer("drop", torch.tensor(0.0))
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.out = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x, labels):
+        if self.training:
+            labels = torch.where(torch.rand(labels.shape[0]) < self.drop, torch.full_like(labels, 10), labels)
+        return self.out(F.gelu(self.conv(x) + self.table(labels)[:, :, None, None]))
+
+
+def test_an_exported_training_only_random_draw_does_not_serve_eval():
+    """torch.export captures the training branch with its random draw; the one eval comparison
+    passed (the draw changed nothing on the example), so eval and the finalized model replaced
+    labels at random. Eval calls now run the module's own forward."""
+    from passes.export_capture import _random_only_in_training, export_trace
+    torch.manual_seed(0)
+    x, labels = torch.randn(8, 3, 8, 8), torch.arange(8)
+    net = LabelDropNet()
+    assert _random_only_in_training(net, export_trace(net.train(), (x, labels)).module, (x, labels))
+    plain = LabelDropNet()
+    plain.forward = lambda x, labels: plain.out(F.gelu(plain.conv(x) + plain.table(labels)[:, :, None, None]))
+    assert not _random_only_in_training(plain, export_trace(plain.train(), (x, labels)).module, (x, labels))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = sparsify.sparsify(net, "tl1", example_inputs=(x, labels), total_steps=3, capture="export")
+        m.drop.fill_(0.5)
+        want = net.eval()(x, labels)
+        for _ in range(3):
+            assert torch.equal(m.eval()(x, labels), want)
