@@ -142,16 +142,21 @@ class CallGuard:
             return value is not None
         return value is self.fixed[name]
 
+    def added(self, module: nn.Module, training: bool) -> list[str]:
+        """Nodes added to ``module``'s graph after the trace that a call in that mode computes
+        with (a module that says it is an identity outside training, an activation regularizer,
+        counts only in training): what its own forward would skip."""
+        graph = getattr(module, "graph", None)
+        return sorted(n.name for n in graph.nodes if n.name not in self.nodes and n.op == "call_module"
+                      and (training or not getattr(module.get_submodule(str(n.target)), "identity_in_eval", False))
+                      ) if graph is not None else []
+
     def eager(self, module: nn.Module, args: tuple, kwargs: dict):
         """Run the original forward on ``module`` (warning once per call pattern when the graph
         holds edits that this call therefore skips)."""
         graph = getattr(module, "graph", None)
         if graph is not None:
-            # nodes added after the trace; a module that says it is an identity outside training
-            # (an activation regularizer) loses nothing in eval
-            added = sorted(n.name for n in graph.nodes if n.name not in self.nodes and n.op == "call_module"
-                           and not (not module.training and getattr(module.get_submodule(str(n.target)),
-                                                                    "identity_in_eval", False)))
+            added = self.added(module, module.training)
             mode = self.off_mode(module)
             key = (len(args), tuple(sorted(kwargs)), mode)
             if added and mode is not None and mode[1] in CHECKPOINT_FLAGS:

@@ -164,6 +164,11 @@ def test_a_training_branch_that_only_changes_layout_serves_eval():
         modes = m._call_guard.modes if m._call_guard is not None else {}  # None: every call fits
         if scale:  # values differ by mode: the graph is the training one, eval runs its own forward, said
             assert ("", "training") in modes and eager
+            with warnings.catch_warnings(record=True) as caught:  # and finalize says its check cannot see it
+                warnings.simplefilter("always")
+                sparsify.finalize(m, (x,))
+            assert any("holds the training branch" in str(w.message) and "conv1_pmask" in str(w.message)
+                       for w in caught)
         else:
             assert ("", "training") not in modes and not eager
             assert torch.equal(trained, evaluated)

@@ -88,6 +88,7 @@ def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
                             "inputs: pass example_inputs=... here or to sparsify(...), or check=False")
     if not isinstance(inputs, (tuple, list)):
         inputs = (inputs,)
+    _warn_training_only_graphs(source)
     was_training = source.training
     source.eval()
     try:
@@ -99,6 +100,23 @@ def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
     if not ok:
         _explain_difference(source, final, inputs, worst, rtol, atol)
     return final
+
+
+def _warn_training_only_graphs(source: nn.Module) -> None:
+    """The check compares eval outputs; a graph that holds the training branch of a module's
+    ``if self.training:`` runs that module's own forward in eval, without the nodes a method
+    inserted (semi-structured's masks), in the sparse model and the finalized one alike."""
+    for name, m in source.named_modules():
+        guard = m.__dict__.get("_call_guard")
+        if guard is None or not any(flag == "training" and value for (_, flag), value in guard.modes.items()):
+            continue
+        skipped = guard.added(m, training=False)
+        if skipped:
+            warnings.warn(f"finalize: {type(m).__name__} ({name or '<root>'}) branches on self.training and its "
+                          f"graph holds the training branch, so in eval (and in the finalized model) its own forward "
+                          f"runs without {', '.join(skipped[:3])}{'...' if len(skipped) > 3 else ''}: the deployed "
+                          "model does not apply them, and this check cannot see it (docs/capture.md#training-and-"
+                          "eval-branches)", FinalizeWarning, stacklevel=3)
 
 
 def _finalize_tied(final: nn.Module) -> None:
