@@ -16,7 +16,7 @@ from typing import Callable, Mapping
 import torch.fx as fx
 from torch import nn
 
-from .calls import CallSpan
+from .call_record import CallSpan
 from .graph_view import first_and_last
 from .select import node_name, target_module
 from .tracing import TraceResult
@@ -31,7 +31,7 @@ def model_ends(tr: TraceResult, is_compute: Callable[[nn.Module], bool],
     """Qualified names of the compute modules with no compute upstream (first) or downstream
     (last) in the whole of ``tr.module``.
 
-    ``order`` (:meth:`passes.calls.CallRecord.call_order`) says when one forward called each
+    ``order`` (:meth:`passes.call_record.CallRecord.call_order`) says when one forward called each
     module; modules it does not list were not called then and are skipped inside untraceable
     modules. There, the earliest child and those called on the very same tensor (``q``, ``k``,
     ``v``) are first; the latest and those called on the same tensor as it (a detector's class

@@ -18,7 +18,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .calls import CallGuard, CallRecord, call_shell, keep_argument_names
+from .call_record import CallRecord
+from .calls import CallGuard, call_shell, keep_argument_names
 from .checkpoint_guard import CheckpointInGraph, refuse_checkpoint
 from .mode_branches import same_in_both_modes
 from .traced import TracedModule, traced_module

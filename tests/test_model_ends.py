@@ -101,7 +101,7 @@ def test_transformers_ends_are_the_models(family):
 
 
 def test_call_order_says_which_calls_read_one_tensor():
-    from passes.calls import CallRecord
+    from passes.call_record import CallRecord
 
     class Net(nn.Module):
         def __init__(self):
