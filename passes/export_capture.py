@@ -23,7 +23,9 @@ example has size 1 there (a batch of one is doubled for the export, so the batch
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
+from typing import Iterator
 
 import torch
 import torch.fx as fx
@@ -206,32 +208,39 @@ def _same(a, b, rtol: float = 1e-4, atol: float = 1e-5) -> bool:
                for x, y in zip(fa, fb))
 
 
+@contextlib.contextmanager
+def _kept_state(*modules: nn.Module) -> Iterator[torch.Tensor]:
+    """The modules' modes and the random state (yielded) as they were, whatever runs inside."""
+    modes = [(m, m.training) for module in modules for m in module.modules()]
+    rng = torch.random.get_rng_state()
+    try:
+        yield rng
+    finally:
+        torch.random.set_rng_state(rng)
+        for m, flag in modes:
+            m.training = flag
+
+
 @torch.no_grad()
 def _matches(root: nn.Module, gm: fx.GraphModule, inputs: tuple, train: bool) -> bool:
     """Does the captured graph compute what the model computes, in train or eval mode? Both run
     from the same random state and buffers (restored afterwards). In eval mode a mismatch means
     the forward branched on ``self.training`` in Python."""
-    modes = [(m, m.training) for m in root.modules()] + [(gm, gm.training)]
     buffers = [(b, b.clone()) for b in root.buffers()]
-    rng = torch.random.get_rng_state()
-
-    def run(module):
-        torch.random.set_rng_state(rng)
+    with _kept_state(root, gm) as rng:
+        def run(module):
+            torch.random.set_rng_state(rng)
+            try:
+                return module(*inputs)
+            finally:
+                for b, saved in buffers:
+                    b.copy_(saved)
         try:
-            return module(*inputs)
-        finally:
-            for b, saved in buffers:
-                b.copy_(saved)
-    try:
-        root.train(train)
-        gm.train(train)
-        return _same(run(root), run(gm))
-    except Exception:
-        return False
-    finally:
-        torch.random.set_rng_state(rng)
-        for m, flag in modes:
-            m.training = flag
+            root.train(train)
+            gm.train(train)
+            return _same(run(root), run(gm))
+        except Exception:
+            return False
 
 
 _RANDOM = {"rand", "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm", "bernoulli",
@@ -252,21 +261,16 @@ def _random_only_in_training(root: nn.Module, gm: fx.GraphModule, inputs: tuple)
     eval comparison passes whenever that draw happens to change nothing."""
     if not any(n.op == "call_function" and _op_name(n.target) in _RANDOM for n in gm.graph.nodes):
         return False
-    modes = [(m, m.training) for m in root.modules()]
-    rng = torch.random.get_rng_state()
-    try:
-        root.eval()
-        outs = []
-        for seed in (0, 1):
-            torch.manual_seed(seed)
-            outs.append(root(*inputs))
-        return _same(*outs)
-    except Exception:
-        return True
-    finally:
-        torch.random.set_rng_state(rng)
-        for m, flag in modes:
-            m.training = flag
+    with _kept_state(root):
+        try:
+            root.eval()
+            outs = []
+            for seed in (0, 1):
+                torch.manual_seed(seed)
+                outs.append(root(*inputs))
+            return _same(*outs)
+        except Exception:
+            return True
 
 
 def _bound(value, default: int) -> int:
