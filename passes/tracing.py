@@ -167,22 +167,32 @@ def _first_line(exc: BaseException) -> str:
 
 @contextlib.contextmanager
 def proxies_are_tensors() -> Iterator[None]:
-    """While tracing, ``torch.is_tensor`` says True of a traced value: code that branches on it
-    (diffusers' UNets: ``if not torch.is_tensor(timesteps): timesteps = torch.tensor([timesteps])``)
-    then records the tensor branch, not one for Python numbers that fails on every real call.
+    """While tracing, ``torch.is_tensor`` and ``torch.jit.isinstance(x, torch.Tensor)`` say True of
+    a traced value: code that branches on them (diffusers' UNets: ``if not torch.is_tensor(t): t =
+    torch.tensor([t])``; MONAI's ``UpCat`` concatenates its skip input only
+    ``if torch.jit.isinstance(x_e, torch.Tensor)``) then records the tensor branch, not one for
+    other values that fails on every real call or, worse, silently computes something else.
 
     >>> with proxies_are_tensors():
-    ...     torch.is_tensor(fx.Proxy(fx.Graph().placeholder("x")))
-    True
+    ...     x = fx.Proxy(fx.Graph().placeholder("x"))
+    ...     torch.is_tensor(x), torch.jit.isinstance(x, torch.Tensor), torch.jit.isinstance(x, int)
+    (True, True, False)
     >>> torch.is_tensor(fx.Proxy(fx.Graph().placeholder("x")))
     False
     """
-    original = torch.is_tensor
+    is_tensor, jit_isinstance = torch.is_tensor, torch.jit.isinstance
+
+    def traced_jit_isinstance(obj, target_type):
+        if isinstance(obj, fx.Proxy):
+            return isinstance(target_type, type) and issubclass(torch.Tensor, target_type)
+        return jit_isinstance(obj, target_type)
+
     torch.is_tensor = lambda obj: isinstance(obj, (torch.Tensor, fx.Proxy))
+    torch.jit.isinstance = traced_jit_isinstance
     try:
         yield
     finally:
-        torch.is_tensor = original
+        torch.is_tensor, torch.jit.isinstance = is_tensor, jit_isinstance
 
 
 def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend | None = None,

@@ -217,3 +217,60 @@ def test_gemma_scaled_embedding_tied_to_the_head(recipe, tmp_path):
     torch.save(m, tmp_path / "model.pt")
     again = torch.load(tmp_path / "model.pt", weights_only=False)
     assert torch.equal(again(input_ids=ids).logits, m(input_ids=ids).logits)
+
+
+class _SharedBlock(nn.Module):
+    def __init__(self, i, o):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(i, o, 3, padding=1), nn.Conv2d(o, o, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.conv1(x)))
+
+
+class _Skip(nn.Module):
+    def __init__(self, down, nxt):
+        super().__init__()
+        self.down, self.nxt = down, nxt
+
+    def forward(self, x):
+        return self.nxt(self.down(x))
+
+
+class _TwoNames(nn.Module):
+    """MONAI's DynUNet: ``skip_layers`` registers the blocks a second time; forward calls only it."""
+
+    def __init__(self):
+        super().__init__()
+        self.input_block, self.bottleneck = _SharedBlock(4, 8), _SharedBlock(8, 8)
+        self.skip = _Skip(self.input_block, self.bottleneck)
+
+    def forward(self, x):
+        return self.skip(x)
+
+
+@pytest.mark.parametrize("recipe", ["st3", "nm-2-4", "gmp"])
+def test_a_block_registered_under_two_names(recipe):
+    """sparsify raised ``KeyError: <class 'ST3Conv2d'>``: the second name of the rewritten layer's
+    parent was taken for a tied user of it. Both names reach the one sparse layer, which trains,
+    finalizes and reloads."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = sparsify.sparsify(_TwoNames(), recipe, example_inputs=(x,), total_steps=4)
+    assert m.input_block.conv1 is m.skip.down.conv1 and type(m.skip.down.conv1) is not nn.Conv2d
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    for _ in range(4):
+        m(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        sparsify.step(m)
+    assert float((m.skip.nxt.conv2.effective_weight() == 0).float().mean()) > 0.4
+    final = sparsify.finalize(m, (x,))
+    assert torch.allclose(final(x), m.eval()(x), atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh = sparsify.sparsify(_TwoNames(), recipe, example_inputs=(x,), total_steps=4)
+    fresh.load_state_dict(m.state_dict())
+    assert torch.equal(fresh.eval()(x), m(x))

@@ -212,3 +212,39 @@ def test_an_exported_training_only_random_draw_does_not_serve_eval():
         want = net.eval()(x, labels)
         for _ in range(3):
             assert torch.equal(m.eval()(x, labels), want)
+
+
+class SkipUp(nn.Module):
+    """MONAI's ``UpCat``: the skip input is used only ``if torch.jit.isinstance(x_e, torch.Tensor)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x, skip):
+        if skip is not None and torch.jit.isinstance(skip, torch.Tensor):
+            x = x + skip
+        return self.conv(x)
+
+
+class SkipNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(4, 4, 3, padding=1)
+        self.up = SkipUp()
+
+    def forward(self, x):
+        return self.up(torch.relu(self.stem(x)), x)
+
+
+def test_jit_isinstance_of_a_traced_value_keeps_the_skip_connection():
+    """``torch.jit.isinstance(Proxy, torch.Tensor)`` was False: the graph dropped the skip input,
+    silently here (shapes fit; 1.8 off at sparsity 0, and finalize agreed with the wrong graph),
+    with a channel-count crash in MONAI's BasicUNet."""
+    torch.manual_seed(0)
+    net, x = SkipNet(), torch.randn(2, 4, 8, 8)
+    for recipe in ("st3", "tl1"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m = sparsify.sparsify(net, recipe, example_inputs=(x,), total_steps=3, copy=True)
+        assert torch.equal(m.eval()(x), net(x)), recipe

@@ -116,6 +116,8 @@ def share_tied(root: nn.Module, owner_name: str, users: list[str]) -> None:
     made: dict[int, nn.Module] = {}  # one module under several names (T5's shared embedding) stays one
     for user_name in users:
         user = root.get_submodule(user_name)
+        if user is owner:  # the owner's parent is registered under a second name (MONAI's DynUNet)
+            continue
         if isinstance(user, TiedUse):  # a layer called twice is rewritten once per call
             user.bind(owner, owner_name)
             continue
