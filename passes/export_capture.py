@@ -24,6 +24,8 @@ example has size 1 there (a batch of one is doubled for the export, so the batch
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import warnings
 from typing import Iterator
 
@@ -140,7 +142,10 @@ def _export(root: nn.Module, inputs: tuple, result: TraceResult):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                with refuse_checkpoint(root):  # the exported graph would drop activation checkpointing
+                # torch logs and prints whole graphs when a data-dependent size has no user frame
+                # (PyG's int(batch.max())): an attempt whose failure becomes one line of the plan
+                with refuse_checkpoint(root), _quiet("torch.fx.experimental.symbolic_shapes"), \
+                        contextlib.redirect_stderr(io.StringIO()):
                     return torch.export.export(root, args, strict=False, dynamic_shapes=dyn)
             finally:
                 _hold(result, caught)
@@ -206,6 +211,17 @@ def _same(a, b, rtol: float = 1e-4, atol: float = 1e-5) -> bool:
         return False
     return all(torch.allclose(x, y, rtol=rtol, atol=atol) if isinstance(x, torch.Tensor) else x == y
                for x, y in zip(fa, fb))
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 @contextlib.contextmanager

@@ -248,3 +248,29 @@ def test_jit_isinstance_of_a_traced_value_keeps_the_skip_connection():
             warnings.simplefilter("ignore")
             m = sparsify.sparsify(net, recipe, example_inputs=(x,), total_steps=3, copy=True)
         assert torch.equal(m.eval()(x), net(x)), recipe
+
+
+class PoolByIndex(nn.Module):
+    """PyG's ``global_mean_pool``: the number of graphs is ``int(batch.max()) + 1``, data-dependent."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x, batch):
+        out = torch.zeros(int(batch.max()) + 1, 4).index_add(0, batch, F.relu(self.lin(x)))
+        return out
+
+
+def test_a_failed_export_attempt_prints_nothing(capfd):
+    """torch.export printed the partial graph of every failed attempt to stderr (about 250 lines
+    per sparsify / plan call of a PyG model); the failure is one line of the plan."""
+    x, batch = torch.randn(6, 8), torch.tensor([0, 0, 0, 1, 1, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            sparsify.plan(PoolByIndex(), "tl1", example_inputs=(x, batch), capture="export")
+        except ValueError as e:
+            assert "torch.export could not capture" in str(e)
+    err = capfd.readouterr().err
+    assert "def forward" not in err and "Unable to find user code" not in err, err[:300]
