@@ -94,3 +94,42 @@ def test_frozen_layers_are_left_alone_unless_included(recipe):
         warnings.simplefilter("ignore")
         included = sparsify.plan(Mixed(), data, example_inputs=x)
     assert "frozen" in {e.name for e in included.rewritten}
+
+
+class OtherLinear(nn.Module):
+    """A layer class of another library (PyTorch Geometric's ``Linear``): ``F.linear`` in its forward."""
+
+    def __init__(self, i, o):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(o, i) * 0.1)
+
+    def forward(self, x):
+        return F.linear(x, self.weight)
+
+
+class GraphNet(nn.Module):
+    """``int(batch.max())`` in the root's forward: untraceable, rewritten module by module."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin0, self.conv, self.lin2 = nn.Linear(8, 16), OtherLinear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x, batch):
+        h = F.relu(self.conv(F.relu(self.lin0(x))))
+        pooled = torch.zeros(int(batch.max()) + 1, 16).index_add(0, batch, h)
+        return self.lin2(pooled)
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_weights_of_other_layer_classes_are_listed_once(traced):
+    """The plan said the rewritten layers held 100% of the weights, and report 0.9 weight
+    sparsity, while a PyG-style layer holding most of them stayed dense and unlisted."""
+    x, batch = torch.randn(6, 8), torch.tensor([0, 0, 0, 1, 1, 1])
+    model = GraphNet() if not traced else nn.Sequential(nn.Linear(8, 16), OtherLinear(16, 16), nn.Linear(16, 3))
+    inputs = (x, batch) if not traced else (x,)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = sparsify.plan(model, "st3", example_inputs=inputs)
+    other = [e for e in plan.dense if "OtherLinear" in e.reason or e.name in ("conv", "conv.weight", "1.weight")]
+    assert len(other) == 1 and other[0].params == 256, [(e.name, e.reason) for e in plan.entries]
+    assert plan.shares()["param_share"] == pytest.approx((128 + 48) / (128 + 48 + 256))

@@ -110,10 +110,13 @@ class Plan:
         for r in rows:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
         s = self.shares()
-        lines.append(f"{len(self.rewritten)} sites rewritten, {len(self.dense)} weight layers left dense; "
-                     f"rewritten layers hold {s['param_share']:.1%} of the weight parameters"
-                     + (f" and {s['mac_share']:.1%} of their MACs" if s["mac_share"] is not None else
-                        " (MACs unknown for layers the example inputs did not run: pass example_inputs that do)"))
+        if not any(e.params for e in self.entries):
+            lines.append(f"{len(self.rewritten)} sites rewritten; no weight matrices found")
+        else:
+            lines.append(f"{len(self.rewritten)} sites rewritten, {len(self.dense)} weight layers left dense; "
+                         f"rewritten layers hold {s['param_share']:.1%} of the weight parameters"
+                         + (f" and {s['mac_share']:.1%} of their MACs" if s["mac_share"] is not None else
+                            " (MACs unknown for some layers: pass example_inputs that run them)"))
         how = {}
         for c in self.captures:
             how.setdefault(c["capture"], []).append(c["name"] or "<root>")

@@ -7,6 +7,8 @@ multiplies with.
   (``kdim``/``vdim`` other than ``embed_dim``);
 * bare ``nn.Parameter`` s (owned by a module that is no weight layer) that a traced forward feeds to
   ``F.linear``, ``F.conv*``, ``matmul`` and friends;
+* the 2-D ``weight`` of a module that is no torch weight layer (PyTorch Geometric's ``Linear``, a
+  MoE router), unless a traced forward already showed it multiplied (above);
 * stacked weight matrices: a 3-D parameter of more than one matrix owned by a module that is no
   weight layer (the fused experts of Mixtral / Qwen2-MoE in transformers 5), traced or not;
 * a Conv/Linear weight shared with another module (an embedding tied to the LM head) when the
@@ -78,11 +80,18 @@ def unhandled_entries(root: nn.Module, graphs: dict[str, fx.GraphModule]) -> lis
                                  f"bare parameter multiplied by {fn} in graph {prefix or '<root>'}: no layer to "
                                  "rewrite (wrap it in an nn.Linear to sparsify it)", p.numel()))
     for name, m in root.named_modules():
-        if isinstance(m, (*WEIGHT_TYPES, nn.Embedding, *_FUSED, nn.MultiheadAttention)):
+        if isinstance(m, (*WEIGHT_TYPES, nn.Embedding, nn.EmbeddingBag, *_FUSED, nn.MultiheadAttention)):
             continue
         for pname, p in m.named_parameters(recurse=False):
             full = f"{name}.{pname}" if name else pname
-            if p.dim() == 3 and p.shape[0] > 1 and min(p.shape[1:]) > 1 and full not in seen:
+            if pname == "weight" and p.dim() == 2 and full not in seen:
+                # a layer class of another library (PyTorch Geometric's Linear, a MoE router):
+                # dense, and counted, so the plan's shares are of every weight matrix
+                out.append(PlanEntry(name, type(m).__name__, None, None,
+                                     f"weight of a {type(m).__module__}.{type(m).__qualname__}, not a torch "
+                                     "Conv/Linear layer: no method rewrites it (an nn.Linear in its place would "
+                                     "be)", p.numel()))
+            elif p.dim() == 3 and p.shape[0] > 1 and min(p.shape[1:]) > 1 and full not in seen:
                 out.append(PlanEntry(full, f"{type(m).__name__}.{pname}", None, None,
                                      f"{STACKED} ({' x '.join(map(str, p.shape))}) read by the forward of {type(m).__name__} "
                                      "(fused experts): no method rewrites them", p.numel()))
