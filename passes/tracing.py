@@ -242,6 +242,9 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
             break
         culprit = tracer.culprit
         if culprit is None or culprit in forced or len(forced) >= max_fallbacks:
+            # the children are traced one by one now: the culprits forced so far are met again there
+            result.fallbacks = [f for f in result.fallbacks if f.name not in
+                                {f"{prefix}.{c}" if prefix else c for c in forced}]
             result.fallbacks.append(Fallback(prefix, _first_line(error)))
             # a forward that checkpoints may run the blocks of a Sequential one by one (timm's
             # checkpoint_seq): each block gets its own graph, or one graph over the Sequential
