@@ -1,0 +1,66 @@
+"""Why each Conv/Linear layer the rewrite left alone stays dense: the plan's entries for them
+(a weight read outside a module call, a leaf that reads weights itself, a rule that excluded it,
+a method that declined it, or no rule at all)."""
+from __future__ import annotations
+
+import torch.fx as fx
+from torch import nn
+
+from passes.tracing import TraceResult
+
+from sparsify.core.contract import Site
+from sparsify.core.layers import WEIGHT_TYPES
+from sparsify.prepare.matching import Candidate, MatchTable
+from sparsify.prepare.plan import PlanEntry
+
+__all__ = ["dense_entries"]
+
+
+def dense_entries(root: nn.Module, tr: TraceResult, all_cands: list[Candidate], matcher: MatchTable,
+                   rewritten: set[str]) -> list[PlanEntry]:
+    """Every Conv/Linear weight (and MultiheadAttention projection) left dense, with why."""
+    by_name = {c.name: c for c in all_cands}
+    first, last = tr.ends or (set(), set())
+    get_attr_owners = {}
+    for prefix, gm in tr.graphs.items():
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                owner = str(node.target).rpartition(".")[0]
+                get_attr_owners[f"{prefix}.{owner}" if prefix else owner] = prefix or "<root>"
+    leaves = {}  # torch leaf modules that own weight layers (e.g. MultiheadAttention)
+    for name, m in root.named_modules():
+        if not isinstance(m, (*WEIGHT_TYPES, nn.ModuleList, nn.ModuleDict)) and fx.Tracer().is_leaf_module(m, "") and any(
+                isinstance(c, WEIGHT_TYPES) for c in m.modules()):
+            leaves[name] = m
+    fallbacks = [f.name for f in tr.fallbacks]
+    entries = []
+    for name, m in root.named_modules():
+        if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None and \
+                (f"{name}.in_proj" if name else "in_proj") not in rewritten:
+            entries.append(PlanEntry(f"{name}.in_proj_weight", "MultiheadAttention.in_proj_weight", None, None,
+                                     "parameter read directly by nn.MultiheadAttention (no module call to rewrite)",
+                                     m.in_proj_weight.numel()))
+        if not isinstance(m, WEIGHT_TYPES) or name in rewritten:
+            continue
+        owner_leaf = next((leaf for leaf in leaves if name.startswith(leaf + ".")), None)
+        inside_fallback = any(name.startswith(f + ".") or f == "" for f in fallbacks)
+        # a layer no graph reached (inside a fallback, or a leaf holding no site) is matched as
+        # the rules see it, so the plan names the rule that kept it dense
+        c = by_name.get(name) or Candidate(name, m, first=name in first, last=name in last)
+        w = matcher.winner(c)
+        if name in get_attr_owners:
+            reason = f"weight read outside a module call (get_attr in graph {get_attr_owners[name]})"
+        elif owner_leaf is not None:
+            reason = f"inside leaf {type(leaves[owner_leaf]).__name__} {owner_leaf}, which reads the weights directly"
+        elif w is None and matcher.refused(c):
+            reason = matcher.refused(c)
+        elif w is not None and w.method is None:
+            reason = f"excluded by rule {w.rule.index}"
+        elif w is not None:
+            reason = w.method.accepts(Site(name, m, params=w.rule.params)) or "not rewritten"
+        elif inside_fallback:
+            reason = "no rule matched (inside an untraceable submodule)"
+        else:
+            reason = "no rule matched"
+        entries.append(PlanEntry(name, type(m).__name__, None, w.rule.index if w else None, reason, m.weight.numel()))
+    return entries
