@@ -289,3 +289,18 @@ def test_activation_family_on_other_torchvision_models(name):
     r = sparsify.measure(m, [x])
     assert len(r.nodes) == len(regs(m)) + len(pms) and r.mult_macs < r.dense_macs
     sparsify.finalize(m)
+
+
+def test_tl1_regularizes_prelu_outputs():
+    """MONAI's networks use PReLU by default: the activation recipes matched nothing there."""
+    import warnings
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.PReLU(), torch.nn.Conv2d(4, 2, 3), torch.nn.PReLU())
+    x = torch.randn(2, 3, 8, 8)
+    for recipe in ("tl1", "activation-l1", "activation-hoyer"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "rule matched nothing"
+            m = sparsify.sparsify(model, recipe, example_inputs=(x,), total_steps=3, copy=True)
+        m.train()
+        out = m(x)
+        assert torch.allclose(out, model(x)) and float(sparsify.penalty(m)) > 0, recipe

@@ -40,8 +40,8 @@ __all__ = ["tl1", "tl1_grad", "ActivationRegularizer", "ActivationRegGroup", "TL
            "ACTIVATION_TYPES", "ACTIVATION_OPS"]
 
 # what the built-in recipes regularize: every common activation, as modules and as functions
-ACTIVATION_TYPES = ["ReLU", "ReLU6", "SiLU", "GELU", "Hardswish", "LeakyReLU", "Mish"]
-ACTIVATION_OPS = ["relu", "relu6", "silu", "gelu", "hardswish", "leaky_relu", "mish"]
+ACTIVATION_TYPES = ["ReLU", "ReLU6", "SiLU", "GELU", "Hardswish", "LeakyReLU", "PReLU", "Mish"]
+ACTIVATION_OPS = ["relu", "relu6", "silu", "gelu", "hardswish", "leaky_relu", "prelu", "mish"]
 REDUCTIONS = ("sum", "mean", "batchmean")
 
 
