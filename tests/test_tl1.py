@@ -304,3 +304,22 @@ def test_tl1_regularizes_prelu_outputs():
         m.train()
         out = m(x)
         assert torch.allclose(out, model(x)) and float(sparsify.penalty(m)) > 0, recipe
+
+
+def test_report_says_activation_zeros_come_from_eval_forwards():
+    """A tl1 report after training showed '-' in every row and an empty 'achieved', unexplained."""
+    import warnings
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 3))
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = sparsify.sparsify(model, "tl1", example_inputs=(x,), total_steps=3)
+    m.train()
+    (m(x).sum() + sparsify.penalty(m)).backward()
+    sparsify.step(m)
+    assert "counted by eval-mode forwards" in str(sparsify.report(m))
+    with torch.no_grad():
+        m.eval()(x)
+    text = str(sparsify.report(m))
+    assert "counted by eval-mode forwards" not in text and "achieved (what each method sparsifies): activations" in text

@@ -81,6 +81,9 @@ class Report:
         if t.get("achieved"):
             lines.append("achieved (what each method sparsifies): " + "; ".join(
                 f"{kind} {pct(v)}" for kind, v in t["achieved"].items()))
+        if any(r.sparsifies == "activations" and r.achieved is None for r in self.layers):
+            lines.append("activations: their zeros are counted by eval-mode forwards (model.eval(), then a "
+                         "forward: your validation loop); '-' until one has run")
         if t.get("empty_layers"):
             lines.append(f"warning: 100% sparse: {', '.join(t['empty_layers'])} (every weight pruned: "
                          "the output no longer depends on the input)")
