@@ -78,8 +78,10 @@ class ExportGuard(CallGuard):
         the example left at its default must be left there (or passed as that default)."""
         layout = self.__dict__.get("layout")  # None: pickled before calls were adapted
         if layout is not None:
+            sig = self.__dict__.get("_signature")
+            if sig is None:  # read once per guard (a call of the model root per training step)
+                sig = self.__dict__["_signature"] = inspect.signature(self.forward)
             try:
-                sig = inspect.signature(self.forward)
                 given = sig.bind(None, *args, **kwargs).arguments
             except TypeError:
                 return None
@@ -125,4 +127,5 @@ class ExportGuard(CallGuard):
     def __getstate__(self):
         state = super().__getstate__()
         state["checks"] = None
+        state.pop("_signature", None)  # read again after loading (defaults need not pickle)
         return state

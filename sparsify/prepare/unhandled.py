@@ -84,14 +84,16 @@ def unhandled_entries(root: nn.Module, graphs: dict[str, fx.GraphModule]) -> lis
             continue
         for pname, p in m.named_parameters(recurse=False):
             full = f"{name}.{pname}" if name else pname
-            if pname == "weight" and p.dim() == 2 and full not in seen:
+            if full in seen:  # a traced forward showed it multiplied: listed above
+                continue
+            if pname == "weight" and p.dim() == 2:
                 # a layer class of another library (PyTorch Geometric's Linear, a MoE router):
                 # dense, and counted, so the plan's shares are of every weight matrix
                 out.append(PlanEntry(name, type(m).__name__, None, None,
                                      f"weight of a {type(m).__module__}.{type(m).__qualname__}, not a torch "
                                      "Conv/Linear layer: no method rewrites it (an nn.Linear in its place would "
                                      "be)", p.numel()))
-            elif p.dim() == 3 and p.shape[0] > 1 and min(p.shape[1:]) > 1 and full not in seen:
+            elif p.dim() == 3 and p.shape[0] > 1 and min(p.shape[1:]) > 1:
                 out.append(PlanEntry(full, f"{type(m).__name__}.{pname}", None, None,
                                      f"{STACKED} ({' x '.join(map(str, p.shape))}) read by the forward of {type(m).__name__} "
                                      "(fused experts): no method rewrites them", p.numel()))
