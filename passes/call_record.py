@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .calls import _OTHER, _is_torch_leaf
+from .reproduce import kept_state
 
 __all__ = ["CallRecord", "CallSpan"]
 
@@ -58,6 +59,7 @@ class CallRecord:
         self._inputs = tuple(example_inputs)
         self._calls: dict[str, list[dict]] | None = None
         self._order: dict[str, CallSpan] = {}
+        self._held: dict[str, tuple[tuple, dict]] = {}
 
     def call_order(self) -> dict[str, CallSpan]:
         """``{qualified name: CallSpan}`` for every submodule the example forward called (empty
@@ -144,28 +146,59 @@ class CallRecord:
                 hooks.append(m.register_forward_pre_hook(functools.partial(called, name), with_kwargs=True))
             if name and not _is_torch_leaf(m):
                 hooks.append(m.register_forward_pre_hook(functools.partial(hook, name), with_kwargs=True))
-        buffers = [(b, b.detach().clone()) for b in self._root.buffers()]
-        rng = torch.random.get_rng_state()
+
+        def reset():
+            calls.clear()
+            order.clear()
+        self._forward_once(hooks, reset)  # no record when it fails: children are traced unspecialised
+        self._order = order
+        return calls
+
+    def _forward_once(self, hooks: list, reset) -> None:
+        """One example forward without gradients in the root's mode, or in eval mode when that
+        fails (a detection model wants targets in training mode); ``reset()`` clears what a
+        failed attempt recorded. Removes ``hooks`` and restores buffers, random state and mode."""
         mode = self._root.training
         try:
-            with torch.no_grad():
+            with torch.no_grad(), kept_state(self._root):
                 try:
                     self._root(*self._inputs)
-                except Exception:  # e.g. a detection model wants targets in training mode
-                    calls.clear()
-                    order.clear()
+                except Exception:
+                    reset()
                     try:
                         self._root.eval()(*self._inputs)
                     except Exception:
-                        calls.clear()  # no record: children are traced unspecialised
-                        order.clear()
+                        reset()
         finally:
             for h in hooks:
                 h.remove()
-            with torch.no_grad():
-                for b, saved in buffers:
-                    b.copy_(saved)
-            torch.random.set_rng_state(rng)
             self._root.train(mode)
-        self._order = order
-        return calls
+
+    def hold_inputs(self, names: list[str]) -> None:
+        """Keep the arguments of the first call of each named submodule in one example forward,
+        for :meth:`inputs` (a graph traced of it is checked on them, passes/reproduce.py). Only
+        the modules about to be traced are held, not every module's, to keep memory small."""
+        wanted = [n for n in names if n not in self._held]
+        if not wanted:
+            return
+        held: dict[str, tuple[tuple, dict]] = {}
+
+        def hold(name, module, args, kwargs):
+            held.setdefault(name, (args, kwargs))
+        hooks = []
+        for name in wanted:
+            try:
+                m = self._root.get_submodule(name)
+            except AttributeError:
+                continue
+            hooks.append(m.register_forward_pre_hook(functools.partial(hold, name), with_kwargs=True))
+        self._forward_once(hooks, held.clear)
+        self._held.update(held)
+
+    def inputs(self, qualname: str, module: nn.Module) -> tuple[tuple, dict] | None:
+        """``(args, kwargs)`` that ``module`` (the root, or a submodule named in an earlier
+        :meth:`hold_inputs`) was called with in the example forward; None when unknown. A
+        submodule's are handed out once."""
+        if module is self._root:
+            return self._inputs, {}
+        return self._held.pop(qualname, None)

@@ -38,7 +38,9 @@ from torch.utils import _pytree as pytree
 from .checkpoint_guard import refuse_checkpoint
 from .export_guard import ExportGuard  # also where pickles made before the split find it
 from .traced import _keep_attributes, _keep_hierarchy, _traced_class
-from .tracing import TraceResult, _DepthTracer, _first_line, _hold
+from .depth_tracer import _DepthTracer, _first_line, _hold
+from .reproduce import reproduces, same_outputs
+from .tracing import TraceResult
 
 __all__ = ["ExportCaptureError", "ExportGuard", "export_trace"]
 
@@ -204,15 +206,6 @@ def _resolve(obj, target: str):
     return obj
 
 
-def _same(a, b, rtol: float = 1e-4, atol: float = 1e-5) -> bool:
-    fa, sa = pytree.tree_flatten(a)
-    fb, sb = pytree.tree_flatten(b)
-    if sa != sb:
-        return False
-    return all(torch.allclose(x, y, rtol=rtol, atol=atol) if isinstance(x, torch.Tensor) else x == y
-               for x, y in zip(fa, fb))
-
-
 @contextlib.contextmanager
 def _quiet(logger: str) -> Iterator[None]:
     log = logging.getLogger(logger)
@@ -237,26 +230,14 @@ def _kept_state(*modules: nn.Module) -> Iterator[torch.Tensor]:
             m.training = flag
 
 
-@torch.no_grad()
 def _matches(root: nn.Module, gm: fx.GraphModule, inputs: tuple, train: bool) -> bool:
-    """Does the captured graph compute what the model computes, in train or eval mode? Both run
-    from the same random state and buffers (restored afterwards). In eval mode a mismatch means
-    the forward branched on ``self.training`` in Python."""
-    buffers = [(b, b.clone()) for b in root.buffers()]
-    with _kept_state(root, gm) as rng:
-        def run(module):
-            torch.random.set_rng_state(rng)
-            try:
-                return module(*inputs)
-            finally:
-                for b, saved in buffers:
-                    b.copy_(saved)
-        try:
-            root.train(train)
-            gm.train(train)
-            return _same(run(root), run(gm))
-        except Exception:
-            return False
+    """Does the captured graph compute what the model computes, in train or eval mode
+    (passes/reproduce.py)? In eval mode a mismatch means the forward branched on
+    ``self.training`` in Python."""
+    with _kept_state(root, gm):
+        root.train(train)
+        gm.train(train)
+        return reproduces(root, gm, inputs, {}) is True
 
 
 _RANDOM = {"rand", "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm", "bernoulli",
@@ -284,7 +265,7 @@ def _random_only_in_training(root: nn.Module, gm: fx.GraphModule, inputs: tuple)
             for seed in (0, 1):
                 torch.manual_seed(seed)
                 outs.append(root(*inputs))
-            return _same(*outs)
+            return same_outputs(*outs)
         except Exception:
             return True
 

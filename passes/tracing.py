@@ -9,25 +9,25 @@ still reach inside it. When the root itself cannot be traced, the same happens o
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
-import torch
 import torch.fx as fx
 from torch import nn
 
 from .call_record import CallRecord
 from .calls import CallGuard, call_shell, keep_argument_names
 from .checkpoint_guard import CheckpointInGraph, refuse_checkpoint
+from .depth_tracer import Descend, _DepthTracer, _first_line, _hold, capture_graph  # noqa: F401  (_DepthTracer: pickles name it here)
+from .depth_tracer import proxies_are_tensors, python_draws
+from .mistraced import NOT_REPRODUCED, RANDOM_DRAW, mistraced_modules
 from .mode_branches import same_in_both_modes
+from .reproduce import reproduces
 from .traced import TracedModule, traced_module
 from .traced import _unpickle_traced  # noqa: F401  (pickles made before traced.py name it here)
 
 __all__ = ["Fallback", "TraceResult", "TracedModule", "CallRecord", "trace", "traced_module", "module_path_of"]
 
-Descend = Callable[[str, nn.Module], bool]
 
 
 @dataclass
@@ -63,138 +63,6 @@ class TraceResult:
     ends: tuple[set[str], set[str]] | None = None
 
 
-#: module attributes that switch a forward's behaviour like ``training`` does: a graph follows the
-#: value they had at trace time, and a call made with another value runs the module's own forward
-#: (``grad_checkpointing``: timm's switch; ``gradient_checkpointing``: transformers')
-MODE_FLAGS = ("training", "grad_checkpointing", "gradient_checkpointing")
-
-
-class _DepthTracer(fx.Tracer):
-    # defaults: torch rebuilds a pickled GraphModule with a subclass of the tracer that made it
-    def __init__(self, descend: Descend | None = None, forced_leaves: set[str] | None = None, prefix: str = ""):
-        super().__init__()
-        self._descend = descend or (lambda name, m: True)
-        self._forced = forced_leaves if forced_leaves is not None else set()
-        self._prefix = prefix
-        self.culprit: str | None = None
-        self.modes: dict[fx.Node, tuple[tuple[str, str], bool]] = {}  # get_attr node of a mode flag -> ((path, flag), value)
-        self.baked: dict[tuple[str, str], bool] = {}  # flags that Python control flow read: the graph holds one branch
-        self._saved: list[tuple[nn.Module, str, bool]] = []
-        self.output_type: type | None = None
-
-    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
-        fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
-
-        def noting_output_type(*a):
-            # a graph returns a dataclass-dict (transformers' ModelOutput, diffusers' BaseOutput)
-            # as a plain dict: TracedModule turns it back into this type
-            result = fn(*a)
-            if isinstance(result, dict) and type(result) is not dict:
-                self.output_type = type(result)
-            return result
-        out = noting_output_type, args
-        if is_module:
-            # `self.training` in any forward traced through reads a graph node, so train()/eval()
-            # still switch it (F.dropout(x, p, training=self.training) stays live); the same for the
-            # other MODE_FLAGS (a gradient-checkpointing switch turned on after sparsify)
-            for name, m in self.root.named_modules():
-                for flag in MODE_FLAGS:
-                    value = m.__dict__.get(flag)
-                    if isinstance(value, bool):
-                        proxy = self.create_proxy("get_attr", f"{name}.{flag}" if name else flag, (), {})
-                        self.modes[proxy.node] = ((name, flag), value)
-                        self._saved.append((m, flag, value))
-                        m.__dict__[flag] = proxy
-        return out
-
-    def trace(self, root, concrete_args=None):
-        # torch also rebuilds an unpickled GraphModule with (a subclass of) this tracer: the modes
-        # are put back here, not only by :func:`trace`, or the modules keep proxies as ``training``
-        graph = None
-        try:
-            graph = super().trace(root, concrete_args)
-            return graph
-        finally:
-            self.restore_modes(graph)
-
-    def restore_modes(self, graph: fx.Graph | None) -> None:
-        for m, flag, value in self._saved:
-            m.__dict__[flag] = value
-        self._saved.clear()
-        for node in list(graph.nodes) if graph is not None else ():
-            if node in self.modes and not node.users:
-                graph.erase_node(node)
-
-    def to_bool(self, obj):
-        # `if self.training:` cannot stay live in a graph: it takes the trace-time branch, and
-        # the graph's CallGuard sends calls in the other mode to the module's own forward
-        if obj.node in self.modes:
-            key, value = self.modes[obj.node]
-            self.baked[key] = value
-            return value
-        return super().to_bool(obj)
-
-    def _full(self, qualname: str) -> str:
-        return f"{self._prefix}.{qualname}" if self._prefix else qualname
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if module_qualified_name in self._forced or super().is_leaf_module(m, module_qualified_name):
-            return True
-        return not self._descend(self._full(module_qualified_name), m)
-
-    def call_module(self, m, forward, args, kwargs):
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception:
-            # the innermost module whose forward raised is the one to turn into a leaf
-            if self.culprit is None:
-                self.culprit = self.path_of_module(m)
-            raise
-
-
-def _hold(result: TraceResult, caught: list) -> None:
-    for w in caught:
-        text = str(w.message).strip().splitlines()
-        line = f"{w.category.__name__}: {text[0] if text else ''}"
-        if line not in result.warnings:
-            result.warnings.append(line)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
-
-
-@contextlib.contextmanager
-def proxies_are_tensors() -> Iterator[None]:
-    """While tracing, ``torch.is_tensor`` and ``torch.jit.isinstance(x, torch.Tensor)`` say True of
-    a traced value: code that branches on them (diffusers' UNets: ``if not torch.is_tensor(t): t =
-    torch.tensor([t])``; MONAI's ``UpCat`` concatenates its skip input only
-    ``if torch.jit.isinstance(x_e, torch.Tensor)``) then records the tensor branch, not one for
-    other values that fails on every real call or, worse, silently computes something else.
-
-    >>> with proxies_are_tensors():
-    ...     x = fx.Proxy(fx.Graph().placeholder("x"))
-    ...     torch.is_tensor(x), torch.jit.isinstance(x, torch.Tensor), torch.jit.isinstance(x, int)
-    (True, True, False)
-    >>> torch.is_tensor(fx.Proxy(fx.Graph().placeholder("x")))
-    False
-    """
-    is_tensor, jit_isinstance = torch.is_tensor, torch.jit.isinstance
-
-    def traced_jit_isinstance(obj, target_type):
-        if isinstance(obj, fx.Proxy):
-            return isinstance(target_type, type) and issubclass(torch.Tensor, target_type)
-        return jit_isinstance(obj, target_type)
-
-    torch.is_tensor = lambda obj: isinstance(obj, (torch.Tensor, fx.Proxy))
-    torch.jit.isinstance = traced_jit_isinstance
-    try:
-        yield
-    finally:
-        torch.is_tensor, torch.jit.isinstance = is_tensor, jit_isinstance
-
-
 def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend | None = None,
           prefix: str = "", max_fallbacks: int = 1000, calls: CallRecord | None = None,
           concrete_args: dict | None = None, shell: Descend | None = None) -> TraceResult:
@@ -220,46 +88,61 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
     is_site = is_site or (lambda name, m: False)
     result = TraceResult(module=root)
     forced: set[str] = set()
+    example = calls.inputs(prefix, root) if calls is not None else None
     while True:
-        tracer = _DepthTracer(descend, forced, prefix)
-        graph = None
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                try:
-                    with refuse_checkpoint(root), proxies_are_tensors():  # a graph would drop checkpointing
-                        graph = tracer.trace(root, concrete_args or None)
-                finally:
-                    _hold(result, caught)
-            keep_argument_names(graph, concrete_args or {})
-        except Exception as exc:  # any tracing failure becomes a fallback, never a crash
-            error = exc
-        else:
-            error = None
-        finally:
-            tracer.restore_modes(graph)
-        if error is None:
+        while True:
+            caught: list = []
+            tracer, graph, error = capture_graph(root, descend, forced, prefix, concrete_args, caught)
+            _hold(result, caught)
+            if error is None:
+                break
+            culprit = tracer.culprit
+            if culprit is None or culprit in forced or len(forced) >= max_fallbacks:
+                # a forward that checkpoints may run the blocks of a Sequential one by one (timm's
+                # checkpoint_seq): each block gets its own graph, or one graph over the Sequential
+                # would hold their inserted nodes where those calls never look
+                return _fall_back(root, descend, is_site, prefix, result, calls, shell, forced, _first_line(error),
+                                  blockwise=isinstance(error, CheckpointInGraph))
+            _force(forced, [culprit], _first_line(error), prefix, result)
+        gm = _graph_module(root, descend, forced, prefix, concrete_args, tracer, graph)
+        if not tracer.drew_random and (example is None or reproduces(root, gm, *example) is not False):
             break
-        culprit = tracer.culprit
-        if culprit is None or culprit in forced or len(forced) >= max_fallbacks:
-            # the children are traced one by one now: the culprits forced so far are met again there
-            result.fallbacks = [f for f in result.fallbacks if f.name not in
-                                {f"{prefix}.{c}" if prefix else c for c in forced}]
-            result.fallbacks.append(Fallback(prefix, _first_line(error)))
-            # a forward that checkpoints may run the blocks of a Sequential one by one (timm's
-            # checkpoint_seq): each block gets its own graph, or one graph over the Sequential
-            # would hold their inserted nodes where those calls never look
-            _trace_children(root, descend, is_site, prefix, result, calls, shell,
-                            blockwise=isinstance(error, CheckpointInGraph))
-            return result
-        forced.add(culprit)
-        full = f"{prefix}.{culprit}" if prefix else culprit
-        result.fallbacks.append(Fallback(full, _first_line(error)))
+        # a graph that computes something else: the modules that asked the question become leaves
+        # like culprits that raised, or the root runs its own forward when it asked itself
+        wrong = mistraced_modules(root, descend, prefix, forced, calls)
+        if not wrong or len(forced) >= max_fallbacks:
+            return _fall_back(root, descend, is_site, prefix, result, calls, shell, forced,
+                              RANDOM_DRAW if tracer.drew_random else NOT_REPRODUCED)
+        for path, reason in wrong:
+            _force(forced, [path], reason, prefix, result)
+    result.module = gm
+    result.graphs[prefix] = gm
+    for leaf in sorted(forced):
+        _trace_children(gm.get_submodule(leaf), descend, is_site,
+                        f"{prefix}.{leaf}" if prefix else leaf, result, calls, shell)
+    return result
+
+
+def _force(forced: set[str], names: list[str], reason: str, prefix: str, result: TraceResult) -> None:
+    """Make ``names`` leaves of the graph. A leaf inside another is dropped with its fallback:
+    the outer one's children are traced one by one, where it is met again."""
+    full = (lambda n: f"{prefix}.{n}" if prefix else n)  # noqa: E731
+    forced.update(names)
+    inner = {n for n in forced if any(n.startswith(o + ".") for o in forced)}
+    forced -= inner
+    result.fallbacks = [f for f in result.fallbacks if f.name not in {full(n) for n in inner}]
+    result.fallbacks += [Fallback(full(n), reason) for n in names if n not in inner]
+
+
+def _graph_module(root: nn.Module, descend: Descend, forced: set[str], prefix: str, concrete_args: dict | None,
+                  tracer: _DepthTracer, graph: fx.Graph) -> fx.GraphModule:
+    """The module of ``graph``: its output type, and the guard that sends calls it was not traced
+    for (other arguments, the other mode where its forward branched on one) to the own forward."""
     baked = tracer.baked
     if any(flag == "training" for _, flag in baked):
         def retrace():
             again = _DepthTracer(descend, forced, prefix)
-            with warnings.catch_warnings(), refuse_checkpoint(root), proxies_are_tensors():
+            with warnings.catch_warnings(), refuse_checkpoint(root), proxies_are_tensors(), python_draws():
                 warnings.simplefilter("ignore")
                 g = again.trace(root, concrete_args or None)
             keep_argument_names(g, concrete_args or {})
@@ -271,22 +154,33 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
     output_type = tracer.output_type or root.__dict__.get("_output_type")  # a retrace returns the dict
     if output_type is not None:
         gm.__dict__["_output_type"] = output_type
-    # any other way of calling it, or the other mode where the graph took one branch, runs its
-    # own forward (see passes/calls.py)
     gm._call_guard = CallGuard.for_module(root, concrete_args or {}, graph, baked)
-    result.module = gm
-    result.graphs[prefix] = gm
-    for leaf in sorted(forced):
-        _trace_children(gm.get_submodule(leaf), descend, is_site,
-                        f"{prefix}.{leaf}" if prefix else leaf, result, calls, shell)
+    return gm
+
+
+def _fall_back(root: nn.Module, descend: Descend, is_site: Descend, prefix: str, result: TraceResult,
+               calls: CallRecord | None, shell: Descend | None, forced: set[str], reason: str,
+               blockwise: bool = False) -> TraceResult:
+    """``root`` runs its own forward; its children are traced one by one, where the culprits
+    forced to leaves so far are met again (so they are not listed twice)."""
+    result.fallbacks = [f for f in result.fallbacks if f.name not in {f"{prefix}.{c}" if prefix else c for c in forced}]
+    result.fallbacks.append(Fallback(prefix, reason))
+    _trace_children(root, descend, is_site, prefix, result, calls, shell, blockwise=blockwise)
     return result
 
 
 def _trace_children(parent: nn.Module, descend: Descend, is_site: Descend, prefix: str,
                     result: TraceResult, calls: CallRecord | None = None, shell: Descend | None = None,
                     blockwise: bool = False) -> None:
-    for child_name, child in list(parent.named_children()):
-        full = f"{prefix}.{child_name}" if prefix else child_name
+    children = [(name, child, f"{prefix}.{name}" if prefix else name) for name, child in parent.named_children()]
+
+    def traced_alone(full, child):
+        return not is_site(full, child) and not isinstance(child, (nn.ModuleList, nn.ModuleDict)) \
+            and not (blockwise and type(child) is nn.Sequential) and not (shell is not None and shell(full, child)) \
+            and not _is_torch_leaf(child) and descend(full, child)
+    if calls is not None:  # one example forward gives every child traced here its inputs for the check
+        calls.hold_inputs([full for _, child, full in children if traced_alone(full, child)])
+    for child_name, child, full in children:
         if is_site(full, child):
             result.direct.append(full)
         elif isinstance(child, (nn.ModuleList, nn.ModuleDict)) or (blockwise and type(child) is nn.Sequential):
@@ -307,7 +201,6 @@ def _trace_children(parent: nn.Module, descend: Descend, is_site: Descend, prefi
             result.fallbacks.extend(sub.fallbacks)
             result.direct.extend(sub.direct)
             result.warnings.extend(w for w in sub.warnings if w not in result.warnings)
-
 
 
 def _is_torch_leaf(m: nn.Module) -> bool:

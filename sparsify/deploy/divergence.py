@@ -24,6 +24,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from passes import kept_state
+
 __all__ = ["Divergence", "locate_divergence", "same_code"]
 
 
@@ -123,7 +125,8 @@ def locate_divergence(source: nn.Module, final: nn.Module, inputs: tuple, rtol: 
     for model in (source, final):
         calls = _Calls(model)
         try:
-            model(*inputs)
+            with kept_state(model):  # both from one random state (sparsify/deploy/finalize.py)
+                model(*inputs)
         finally:
             calls.remove()
         runs.append(calls)

@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from passes import remove_node, set_submodule
+from passes import kept_state, remove_node, set_submodule
 
 from sparsify.deploy.compare import outputs_close
 from sparsify.prepare.inputs import state_inputs
@@ -92,10 +92,14 @@ def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
     was_training = source.training
     source.eval()
     try:
-        expected = source(*inputs)
+        # both from one random state: a model that draws in eval too (MC dropout, augmentation
+        # layers) draws the same numbers in each
+        with kept_state(source):
+            expected = source(*inputs)
     finally:
         source.train(was_training)
-    got = final(*inputs)
+    with kept_state(final):
+        got = final(*inputs)
     ok, worst = outputs_close(expected, got, rtol, atol)
     if not ok:
         _explain_difference(source, final, inputs, worst, rtol, atol)

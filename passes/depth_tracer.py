@@ -1,0 +1,199 @@
+"""The ``torch.fx`` tracer of :func:`passes.tracing.trace`: it goes only as deep as ``descend``
+says, keeps ``self.training`` (and the other mode flags) a run-time read where it can, and names
+the innermost module whose forward raised (the culprit turned into a leaf). Split from
+``passes.tracing``, which re-exports ``_DepthTracer`` (pickled graphs name it there).
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+import sys
+import warnings
+from typing import Callable, Iterator
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .calls import keep_argument_names
+from .checkpoint_guard import refuse_checkpoint
+
+Descend = Callable[[str, nn.Module], bool]
+
+
+#: module attributes that switch a forward's behaviour like ``training`` does: a graph follows the
+#: value they had at trace time, and a call made with another value runs the module's own forward
+#: (``grad_checkpointing``: timm's switch; ``gradient_checkpointing``: transformers')
+MODE_FLAGS = ("training", "grad_checkpointing", "gradient_checkpointing")
+
+
+class _DepthTracer(fx.Tracer):
+    # defaults: torch rebuilds a pickled GraphModule with a subclass of the tracer that made it
+    def __init__(self, descend: Descend | None = None, forced_leaves: set[str] | None = None, prefix: str = ""):
+        super().__init__()
+        self._descend = descend or (lambda name, m: True)
+        self._forced = forced_leaves if forced_leaves is not None else set()
+        self._prefix = prefix
+        self.culprit: str | None = None
+        self.modes: dict[fx.Node, tuple[tuple[str, str], bool]] = {}  # get_attr node of a mode flag -> ((path, flag), value)
+        self.baked: dict[tuple[str, str], bool] = {}  # flags that Python control flow read: the graph holds one branch
+        self._saved: list[tuple[nn.Module, str, bool]] = []
+        self.output_type: type | None = None
+        self.drew_random = False  # the forward drew from Python's random while traced (capture_graph)
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+
+        def noting_output_type(*a):
+            # a graph returns a dataclass-dict (transformers' ModelOutput, diffusers' BaseOutput)
+            # as a plain dict: TracedModule turns it back into this type
+            result = fn(*a)
+            if isinstance(result, dict) and type(result) is not dict:
+                self.output_type = type(result)
+            return result
+        out = noting_output_type, args
+        if is_module:
+            # `self.training` in any forward traced through reads a graph node, so train()/eval()
+            # still switch it (F.dropout(x, p, training=self.training) stays live); the same for the
+            # other MODE_FLAGS (a gradient-checkpointing switch turned on after sparsify)
+            for name, m in self.root.named_modules():
+                for flag in MODE_FLAGS:
+                    value = m.__dict__.get(flag)
+                    if isinstance(value, bool):
+                        proxy = self.create_proxy("get_attr", f"{name}.{flag}" if name else flag, (), {})
+                        self.modes[proxy.node] = ((name, flag), value)
+                        self._saved.append((m, flag, value))
+                        m.__dict__[flag] = proxy
+        return out
+
+    def trace(self, root, concrete_args=None):
+        # torch also rebuilds an unpickled GraphModule with (a subclass of) this tracer: the modes
+        # are put back here, not only by :func:`trace`, or the modules keep proxies as ``training``
+        graph = None
+        try:
+            graph = super().trace(root, concrete_args)
+            return graph
+        finally:
+            self.restore_modes(graph)
+
+    def restore_modes(self, graph: fx.Graph | None) -> None:
+        for m, flag, value in self._saved:
+            m.__dict__[flag] = value
+        self._saved.clear()
+        for node in list(graph.nodes) if graph is not None else ():
+            if node in self.modes and not node.users:
+                graph.erase_node(node)
+
+    def to_bool(self, obj):
+        # `if self.training:` cannot stay live in a graph: it takes the trace-time branch, and
+        # the graph's CallGuard sends calls in the other mode to the module's own forward
+        if obj.node in self.modes:
+            key, value = self.modes[obj.node]
+            self.baked[key] = value
+            return value
+        return super().to_bool(obj)
+
+    def _full(self, qualname: str) -> str:
+        return f"{self._prefix}.{qualname}" if self._prefix else qualname
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self._forced or super().is_leaf_module(m, module_qualified_name):
+            return True
+        return not self._descend(self._full(module_qualified_name), m)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            # the innermost module whose forward raised is the one to turn into a leaf
+            if self.culprit is None:
+                self.culprit = self.path_of_module(m)
+            raise
+
+
+def _hold(result, caught: list) -> None:
+    for w in caught:
+        text = str(w.message).strip().splitlines()
+        line = f"{w.category.__name__}: {text[0] if text else ''}"
+        if line not in result.warnings:
+            result.warnings.append(line)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+
+
+@contextlib.contextmanager
+def proxies_are_tensors() -> Iterator[None]:
+    """While tracing, ``torch.is_tensor`` and ``torch.jit.isinstance(x, torch.Tensor)`` say True of
+    a traced value: code that branches on them (diffusers' UNets: ``if not torch.is_tensor(t): t =
+    torch.tensor([t])``; MONAI's ``UpCat`` concatenates its skip input only
+    ``if torch.jit.isinstance(x_e, torch.Tensor)``) then records the tensor branch, not one for
+    other values that fails on every real call or, worse, silently computes something else.
+
+    >>> with proxies_are_tensors():
+    ...     x = fx.Proxy(fx.Graph().placeholder("x"))
+    ...     torch.is_tensor(x), torch.jit.isinstance(x, torch.Tensor), torch.jit.isinstance(x, int)
+    (True, True, False)
+    >>> torch.is_tensor(fx.Proxy(fx.Graph().placeholder("x")))
+    False
+    """
+    is_tensor, jit_isinstance = torch.is_tensor, torch.jit.isinstance
+
+    def traced_jit_isinstance(obj, target_type):
+        if isinstance(obj, fx.Proxy):
+            return isinstance(target_type, type) and issubclass(torch.Tensor, target_type)
+        return jit_isinstance(obj, target_type)
+
+    torch.is_tensor = lambda obj: isinstance(obj, (torch.Tensor, fx.Proxy))
+    torch.jit.isinstance = traced_jit_isinstance
+    try:
+        yield
+    finally:
+        torch.is_tensor, torch.jit.isinstance = is_tensor, jit_isinstance
+
+
+@contextlib.contextmanager
+def python_draws() -> Iterator[list]:
+    """Did the code inside draw from Python's ``random`` (or numpy's global generator)? The
+    yielded list holds True afterwards if so; the generators are put back either way. A forward
+    that draws there (LayerDrop written with ``random.random()``: fairseq, x-transformers) is
+    traced with one fixed outcome: its graph would skip the same layers on every call."""
+    np = sys.modules.get("numpy")
+    before = random.getstate(), (np.random.get_state() if np is not None else None)
+    drew: list = []
+    try:
+        yield drew
+    finally:
+        after = random.getstate(), (np.random.get_state() if np is not None else None)
+        if after[0] != before[0] or (np is not None and not all(
+                np.array_equal(a, b) if hasattr(a, "shape") else a == b for a, b in zip(after[1], before[1]))):
+            drew.append(True)
+        random.setstate(before[0])
+        if np is not None:
+            np.random.set_state(before[1])
+
+
+def capture_graph(root: nn.Module, descend: Descend, forced: set[str], prefix: str, concrete_args: dict | None,
+                  caught: list) -> tuple[_DepthTracer, fx.Graph | None, Exception | None]:
+    """One trace of ``root`` with ``forced`` leaves: ``(tracer, graph, None)`` or ``(tracer, None,
+    error)``; the warnings raised meanwhile are appended to ``caught``."""
+    tracer = _DepthTracer(descend, forced, prefix)
+    graph = error = None
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            try:
+                # a graph would drop checkpointing, and hold one fixed outcome of each Python draw
+                with refuse_checkpoint(root), proxies_are_tensors(), python_draws() as drew:
+                    graph = tracer.trace(root, concrete_args or None)
+            finally:
+                caught.extend(seen)
+                tracer.drew_random = bool(drew)
+        keep_argument_names(graph, concrete_args or {})
+    except Exception as exc:  # any tracing failure becomes a fallback, never a crash
+        error, graph = exc, None
+    finally:
+        tracer.restore_modes(graph)
+    return tracer, graph, error
