@@ -71,7 +71,8 @@ class _DepthTracer(fx.Tracer):
         # are put back here, not only by :func:`trace`, or the modules keep proxies as ``training``
         graph = None
         try:
-            graph = super().trace(root, concrete_args)
+            with no_stored_proxies(root if isinstance(root, nn.Module) else None):
+                graph = super().trace(root, concrete_args)
             return graph
         finally:
             self.restore_modes(graph)
@@ -152,6 +153,38 @@ def proxies_are_tensors() -> Iterator[None]:
         yield
     finally:
         torch.is_tensor, torch.jit.isinstance = is_tensor, jit_isinstance
+
+
+_MODULE_DICTS = {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"}
+
+
+@contextlib.contextmanager
+def no_stored_proxies(root: nn.Module | None) -> Iterator[None]:
+    """Put back what a traced forward stored in its modules' attributes: a cache filled while
+    traced holds proxies of a graph (timm's LeViT / EfficientFormerV2 cache their attention
+    biases in eval mode), which a later forward would return instead of tensors, and a later
+    trace would wire into its graph."""
+    if root is None:
+        yield
+        return
+    saved = [(m, dict(m.__dict__), {k: dict(v) for k, v in m.__dict__.items()
+                                    if type(v) is dict and k not in _MODULE_DICTS and not k.endswith("hooks")})
+             for m in root.modules()]
+    try:
+        yield
+    finally:
+        for m, attrs, dicts in saved:
+            for k, v in list(m.__dict__.items()):
+                if isinstance(v, fx.Proxy):
+                    if k in attrs:
+                        m.__dict__[k] = attrs[k]
+                    else:
+                        del m.__dict__[k]
+            for k, before in dicts.items():
+                now = m.__dict__.get(k)
+                if type(now) is dict and any(isinstance(v, fx.Proxy) for v in now.values()):
+                    now.clear()
+                    now.update(before)
 
 
 @contextlib.contextmanager

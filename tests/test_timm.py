@@ -154,6 +154,7 @@ CASES = [
     ("efficientnet_b0", "semi-structured", 0.01),  # masks before BatchNormAct2d
     ("lcnet_050", "str", 1.0),  # depthwise-separable, hard-swish
     ("convnext_atto", "dual", 1.0),
+    ("levit_128s", "tl1", 0.0),  # eval-mode attention-bias cache: no trace may leave a proxy in it
 ]
 
 
@@ -167,7 +168,7 @@ def test_end_to_end_like_the_coverage_benchmark(name, recipe, share):
     assert rec["status"] == "ok", rec
     assert rec["param_share"] >= share
     assert rec["reload"] is (not recipe.startswith("sas"))
-    if recipe == "tl1":  # one regularizer per activation, those inside BatchNormAct2d included
+    if name == "efficientnet_b0" and recipe == "tl1":  # one regularizer per SiLU, those inside BatchNormAct2d too
         acts = sum(1 for mod in _model(name).modules() if isinstance(mod, torch.nn.SiLU))
         assert rec["rewritten"] == acts
 

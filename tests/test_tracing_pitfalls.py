@@ -306,3 +306,52 @@ def test_each_untraceable_submodule_is_listed_once():
         plan = sparsify.plan(PatchNet(), "st3", example_inputs=(torch.randn(2, 3, 4, 4),))
     names = [f["name"] for f in plan.fallbacks]
     assert len(names) == len(set(names)) and "embed.0" in names, names
+
+
+class CachedBias(nn.Module):
+    """timm's LeViT / EfficientFormerV2 attention: in eval mode the bias is computed once per
+    device and kept in a plain dict attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.bias = nn.Parameter(torch.randn(8))
+        self.cache: dict = {}
+
+    def forward(self, x):
+        if self.training:
+            return self.fc(x) + self.bias * 2
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.bias * 2
+        return self.fc(x) + self.cache[key]
+
+
+class CachedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = CachedBias(), CachedBias()
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_a_cache_filled_while_traced_keeps_no_proxy():
+    """Tracing the eval branch (to see whether a training-only branch changes values) stored a
+    proxy in an empty cache: ``plan`` of timm's levit_128s / efficientformerv2_s0 raised KeyError
+    (the next trace wired the stale proxy into its graph), and the model's own eval forward
+    then returned a proxy."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8)
+    for example in (None, x):
+        model = CachedNet()
+        expected = copy_module.deepcopy(model).eval()(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            plan = sparsify.plan(model, "tl1", example_inputs=example)
+            m = sparsify.sparsify(model, "tl1", example_inputs=example, copy=True)
+        assert len(plan.rewritten) == 1
+        assert all(not isinstance(v, torch.fx.Proxy) for c in (model.a, model.b, m.a, m.b) for v in c.cache.values())
+        copy_module.deepcopy(m)
+        assert torch.equal(m.eval()(x), expected)
+        assert torch.equal(model.eval()(x), expected)
