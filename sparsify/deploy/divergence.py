@@ -9,12 +9,18 @@ boxes when thousands of candidate scores lie within an ulp of each other, as the
 randomly initialised detector. Comparing the final outputs then says nothing about finalize.
 
 :func:`locate_divergence` runs both models once more with hooks on every module call and pairs
-the calls by module name and occurrence. A call *diverges on its own* when its output differs
-(same ``rtol``/``atol`` as the output check) while every call made inside it agrees. If each such
-call runs code that is the same in both models (same class, or a graph with the same code),
-finalize changed nothing that caused the difference: inputs that agree within the tolerance went
-through identical code, which amplified them. If one of them is code finalize changed (a
-finalized layer, an edited graph), that is a real difference and it is named.
+the calls by module name and occurrence, comparing what each call got and what it returned (same
+``rtol``/``atol`` as the output check). A call *diverges on its own* when it got agreeing inputs
+and either its output differs while every call made inside it agrees, or its own code (between
+the calls it makes) handed a call inside it differing inputs before any of them diverged. If
+each such call runs code that is the same in both models (same class, or a graph with the same
+code), finalize changed nothing that caused the difference: inputs that agree within the
+tolerance went through identical code, which amplified them. If one of them is code finalize
+changed (a finalized layer, an edited graph), that is a real difference and it is named.
+
+A call that got differing inputs after an earlier call beside it diverged is downstream of that
+one and not judged: whether its own code also changed cannot be told from values that already
+differ (a finalized layer behind a detector's top-k gets other boxes either way).
 """
 from __future__ import annotations
 
@@ -25,6 +31,8 @@ import torch.fx as fx
 from torch import nn
 
 from passes import kept_state
+
+from sparsify.deploy.compare import flatten_tensors, outputs_close
 
 __all__ = ["Divergence", "locate_divergence", "same_code"]
 
@@ -63,25 +71,28 @@ def same_code(a: nn.Module, b: nn.Module) -> bool:
 
 
 class _Calls:
-    """Forward pre/post hooks on every module: ``(name, occurrence)`` of each call, the call it
-    was made from, and its output tensors (cloned: a later in-place op must not change them)."""
+    """Forward pre/post hooks on every module: ``(name, occurrence)`` of each call in call order,
+    the call it was made from, and its input and output tensors (cloned: a later in-place op, an
+    ``inplace=True`` ReLU on its input, must not change them)."""
 
     def __init__(self, model: nn.Module):
         self.parent: dict[tuple[str, int], tuple[str, int] | None] = {}
+        self.inputs: dict[tuple[str, int], list[torch.Tensor]] = {}
         self.outputs: dict[tuple[str, int], list[torch.Tensor]] = {}
         self._count: dict[str, int] = {}
         self._stack: list[tuple[str, int]] = []
         self._handles = []
         for name, m in model.named_modules():
-            self._handles.append(m.register_forward_pre_hook(self._pre(name)))
+            self._handles.append(m.register_forward_pre_hook(self._pre(name), with_kwargs=True))
             self._handles.append(m.register_forward_hook(self._post(), always_call=True))
 
     def _pre(self, name):
-        def hook(module, args):
+        def hook(module, args, kwargs):
             k = self._count.get(name, 0)
             self._count[name] = k + 1
             key = (name, k)
             self.parent[key] = self._stack[-1] if self._stack else None
+            self.inputs[key] = [t.detach().clone() for t in flatten_tensors([args, kwargs])]
             self._stack.append(key)
         return hook
 
@@ -89,7 +100,6 @@ class _Calls:
         def hook(module, args, out):
             if self._stack:
                 key = self._stack.pop()
-                from sparsify.deploy.compare import flatten_tensors
                 self.outputs[key] = [t.detach().clone() for t in flatten_tensors(out)]
         return hook
 
@@ -99,7 +109,6 @@ class _Calls:
 
 
 def _relative(a: list[torch.Tensor], b: list[torch.Tensor], rtol: float, atol: float) -> tuple[bool, float]:
-    from sparsify.deploy.compare import outputs_close
     return outputs_close(a, b, rtol, atol)
 
 
@@ -132,24 +141,40 @@ def locate_divergence(source: nn.Module, final: nn.Module, inputs: tuple, rtol: 
         runs.append(calls)
     src, fin = runs
     smods, fmods = dict(source.named_modules()), dict(final.named_modules())
-    paired = [key for key in src.outputs if key in fin.outputs]
-    verdict = {key: _relative(src.outputs[key], fin.outputs[key], rtol, atol) for key in paired}
-    inside: dict[tuple[str, int], list[tuple[str, int]]] = {}
+    paired = [key for key in src.parent if key in src.outputs and key in fin.outputs]  # call order
+    got = {key: _relative(src.inputs[key], fin.inputs[key], rtol, atol) for key in paired}
+    gave = {key: _relative(src.outputs[key], fin.outputs[key], rtol, atol) for key in paired}
+    pairs = set(paired)
+    inside: dict[tuple[str, int] | None, list[tuple[str, int]]] = {}
     for key in paired:
         p = src.parent.get(key)
-        if p is not None:
-            inside.setdefault(p, []).append(key)
-    out = Divergence()
-    for key in paired:
-        ok, worst = verdict[key]
-        if ok:
-            out.agreeing += 1
-            continue
-        children = inside.get(key, [])
-        if any(not verdict[c][0] for c in children):
-            continue  # the difference comes from further in
+        while p is not None and p not in pairs:  # a call only one model makes: look through it
+            p = src.parent.get(p)
+        inside.setdefault(p, []).append(key)
+    out = Divergence(agreeing=sum(ok for ok, _ in gave.values()))
+
+    def own(key, worst, agreeing_inside):
         out.own.append((key[0], worst))
-        out.worst_agreeing = max([out.worst_agreeing] + [verdict[c][1] for c in children])
+        out.worst_agreeing = max([out.worst_agreeing] + [gave[c][1] for c in agreeing_inside])
         if not same_code(smods[key[0]], fmods[key[0]]):
             out.changed.append((key[0], worst))
+
+    def visit(key):  # a call whose inputs agree
+        before, diverged = [], False
+        for c in inside.get(key, []):
+            if not got[c][0]:
+                if not diverged:  # nothing inside diverged yet: the call's own code made the difference
+                    own(key, got[c][1], before)
+                    diverged = True
+            elif not gave[c][0]:
+                visit(c)
+                diverged = True
+            elif not diverged:
+                before.append(c)
+        if not gave[key][0] and not diverged:
+            own(key, gave[key][1], before)
+
+    for key in inside.get(None, []):
+        if got[key][0]:
+            visit(key)
     return out
