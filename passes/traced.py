@@ -57,6 +57,10 @@ class TracedModule(fx.GraphModule):
         def init(res, fake_mod, graph):
             fx.GraphModule.__init__(res, fake_mod, graph, name)
             _keep_attributes(fake_mod.__dict__, res)
+            # torch before 2.14 registers the copied buffers as persistent: the graph's constants
+            # (traced_module) would turn into state_dict keys of the copy (finalize makes one)
+            kept = fake_mod.__dict__.get("_non_persistent_buffers_set", ())
+            res._non_persistent_buffers_set |= set(kept) & set(res._buffers)
         return init
 
     def __reduce__(self):
