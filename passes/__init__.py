@@ -10,6 +10,7 @@ from .select import Glob, compile_glob, is_depthwise, is_grouped, kernel_size_in
 from .tracing import Fallback, TraceResult, module_path_of, trace
 from .export_capture import ExportCaptureError, export_trace
 from .reproduce import kept_state, reproduces, same_outputs
+from .own_calls import own_calls
 
 __all__ = [
     "trace", "TraceResult", "Fallback", "module_path_of", "export_trace", "ExportCaptureError",
@@ -17,5 +18,5 @@ __all__ = [
     "replace_module", "insert_after", "insert_call", "reroute_input", "replace_uses", "remove_node", "copy_chain",
     "set_call", "set_submodule", "unique_name", "Change",
     "to_networkx", "compute_nodes", "first_and_last", "model_ends",
-    "Pipeline", "PassResult", "propagate_shapes", "reproduces", "same_outputs", "kept_state",
+    "Pipeline", "PassResult", "propagate_shapes", "reproduces", "same_outputs", "kept_state", "own_calls",
 ]

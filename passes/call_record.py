@@ -60,6 +60,8 @@ class CallRecord:
         self._calls: dict[str, list[dict]] | None = None
         self._order: dict[str, CallSpan] = {}
         self._held: dict[str, tuple[tuple, dict]] = {}
+        self._missed: set[str] = set()  # held for, but not called in the example forward
+        self._vouched: dict[tuple[str, bool], list[frozenset[str]]] = {}
 
     def call_order(self) -> dict[str, CallSpan]:
         """``{qualified name: CallSpan}`` for every submodule the example forward called (empty
@@ -178,7 +180,7 @@ class CallRecord:
         """Keep the arguments of the first call of each named submodule in one example forward,
         for :meth:`inputs` (a graph traced of it is checked on them, passes/reproduce.py). Only
         the modules about to be traced are held, not every module's, to keep memory small."""
-        wanted = [n for n in names if n not in self._held]
+        wanted = [n for n in names if n not in self._held and n not in self._missed]
         if not wanted:
             return
         held: dict[str, tuple[tuple, dict]] = {}
@@ -194,11 +196,27 @@ class CallRecord:
             hooks.append(m.register_forward_pre_hook(functools.partial(hold, name), with_kwargs=True))
         self._forward_once(hooks, held.clear)
         self._held.update(held)
+        self._missed.update(n for n in wanted if n not in held)
 
     def inputs(self, qualname: str, module: nn.Module) -> tuple[tuple, dict] | None:
-        """``(args, kwargs)`` that ``module`` (the root, or a submodule named in an earlier
-        :meth:`hold_inputs`) was called with in the example forward; None when unknown. A
-        submodule's are handed out once."""
+        """``(args, kwargs)`` that ``module`` (the root or a submodule) was called with in the
+        example forward; None when it was not called. A submodule's are handed out once, held
+        by an earlier :meth:`hold_inputs` or else by an example forward of their own."""
         if module is self._root:
             return self._inputs, {}
+        if qualname not in self._held:
+            self.hold_inputs([qualname])
         return self._held.pop(qualname, None)
+
+    def vouch(self, qualname: str, through: frozenset[str]) -> None:
+        """The graph of the module at ``qualname``, which traced through the modules ``through``
+        (paths from it), reproduced its forward in the root's current mode."""
+        self._vouched.setdefault((qualname, self._root.training), []).append(through)
+
+    def vouched(self, qualname: str, through: frozenset[str] | None = None) -> bool:
+        """Does a graph of ``qualname`` that traces through ``through`` need no check? It does not
+        when one that traced through all of those (and perhaps more) reproduced: a module that now
+        runs its own forward (a leaf) computes what that graph's part of it did. Without
+        ``through``: was any graph of it vouched for?"""
+        graphs = self._vouched.get((qualname, self._root.training), [])
+        return bool(graphs) if through is None else any(through <= g for g in graphs)

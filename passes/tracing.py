@@ -88,7 +88,7 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
     is_site = is_site or (lambda name, m: False)
     result = TraceResult(module=root)
     forced: set[str] = set()
-    example = calls.inputs(prefix, root) if calls is not None else None
+    example: tuple | None = None
     while True:
         while True:
             caught: list = []
@@ -105,8 +105,16 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
                                   blockwise=isinstance(error, CheckpointInGraph))
             _force(forced, [culprit], _first_line(error), prefix, result)
         gm = _graph_module(root, descend, forced, prefix, concrete_args, tracer, graph)
-        if not tracer.drew_random and (example is None or reproduces(root, gm, *example) is not False):
-            break
+        if not tracer.drew_random:
+            through = _traced_through(graph)
+            if calls is None or calls.vouched(prefix, through):
+                break
+            example = example or calls.inputs(prefix, root)
+            verdict = reproduces(root, gm, *example) if example is not None else None
+            if verdict is not False:
+                if verdict:
+                    calls.vouch(prefix, through)
+                break
         # a graph that computes something else: the modules that asked the question become leaves
         # like culprits that raised, or the root runs its own forward when it asked itself
         wrong = mistraced_modules(root, descend, prefix, forced, calls)
@@ -121,6 +129,16 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
         _trace_children(gm.get_submodule(leaf), descend, is_site,
                         f"{prefix}.{leaf}" if prefix else leaf, result, calls, shell)
     return result
+
+
+def _traced_through(graph: fx.Graph) -> frozenset[str]:
+    """Paths of the modules whose forward code ``graph`` holds (traced through, not leaves)."""
+    out = set()
+    for n in graph.nodes:
+        for path, _ in (n.meta.get("nn_module_stack") or {}).values():
+            if not (n.op == "call_module" and path == n.target):
+                out.add(path)
+    return frozenset(out)
 
 
 def _force(forced: set[str], names: list[str], reason: str, prefix: str, result: TraceResult) -> None:
@@ -174,16 +192,26 @@ def _trace_children(parent: nn.Module, descend: Descend, is_site: Descend, prefi
                     blockwise: bool = False) -> None:
     children = [(name, child, f"{prefix}.{name}" if prefix else name) for name, child in parent.named_children()]
 
-    def traced_alone(full, child):
-        return not is_site(full, child) and not isinstance(child, (nn.ModuleList, nn.ModuleDict)) \
-            and not (blockwise and type(child) is nn.Sequential) and not (shell is not None and shell(full, child)) \
-            and not _is_torch_leaf(child) and descend(full, child)
-    if calls is not None:  # one example forward gives every child traced here its inputs for the check
-        calls.hold_inputs([full for _, child, full in children if traced_alone(full, child)])
+    def container(child):
+        return isinstance(child, (nn.ModuleList, nn.ModuleDict)) or (blockwise and type(child) is nn.Sequential)
+
+    def traced_alone(module, path):
+        """Qualified names of the modules traced one by one below ``module``: its children, and
+        the items of the containers among them."""
+        for name, child in module.named_children():
+            full = f"{path}.{name}" if path else name
+            if is_site(full, child) or (shell is not None and shell(full, child)):
+                continue
+            if container(child):
+                yield from traced_alone(child, full)
+            elif not _is_torch_leaf(child) and descend(full, child):
+                yield full
+    if calls is not None:  # one example forward gives every module traced here its inputs for the check
+        calls.hold_inputs([name for name in traced_alone(parent, prefix) if not calls.vouched(name)])
     for child_name, child, full in children:
         if is_site(full, child):
             result.direct.append(full)
-        elif isinstance(child, (nn.ModuleList, nn.ModuleDict)) or (blockwise and type(child) is nn.Sequential):
+        elif container(child):
             # containers are never called themselves: look at what they hold
             _trace_children(child, descend, is_site, full, result, calls, shell, blockwise)
         elif shell is not None and shell(full, child):

@@ -83,6 +83,36 @@ def test_auto_takes_export_only_where_fx_falls_back_and_export_reaches_more():
     assert [c["capture"] for c in resnet.captures] == ["torch.fx"]
 
 
+class ShapeCheckNet(ShapeBranchNet):
+    """Untraceable for torch.fx like ShapeBranchNet (an input check on the shape, as
+    segmentation_models_pytorch's models start), but its own code calls no activation function:
+    its ReLU is a module."""
+
+    def __init__(self):
+        super().__init__()
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        if x.shape[-1] % 2:
+            raise ValueError("odd width")
+        return self.fc(self.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_auto_does_not_export_when_the_untraceable_code_calls_no_function_a_rule_matches(monkeypatch):
+    """Module by module reaches the ReLU module already; torch.export could reach nothing more, so it
+    is not run (it cost 15-30 s on segmentation_models_pytorch's models for the same sites)."""
+    import sparsify.prepare.capture as capture
+    exported = []
+    monkeypatch.setattr(capture, "export_trace", lambda *a: exported.append(a) or export_trace(*a))
+    auto = sparsify.plan(ShapeCheckNet(), "tl1", example_inputs=_x())
+    assert not exported and [c["capture"] for c in auto.captures] == ["module by module"]
+    assert [e.kind for e in auto.rewritten] == ["ReLU"]
+    assert "calls no function a rule inserts after" in auto.capture_notes[0]
+    # the functional relu of ShapeBranchNet is a reason to try
+    sparsify.plan(ShapeBranchNet(), "tl1", example_inputs=_x())
+    assert len(exported) == 1
+
+
 @pytest.mark.parametrize("recipe", ["st3", "tl1"])
 def test_exported_untraceable_net_equals_the_original_trains_finalizes_and_reloads(recipe):
     net = ShapeBranchNet()

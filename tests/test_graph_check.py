@@ -287,3 +287,31 @@ def test_finalize_compares_a_model_random_in_eval_from_one_random_state(recipe):
         warnings.filterwarnings("ignore", message=".*schedule.*")
         final = sparsify.finalize(m)
     assert not any(type(x).__module__.startswith("sparsify") for x in final.modules())
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Sequential(nn.Linear(4, 4))
+        _mistraced(self.b)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def test_a_reproduced_graph_vouches_for_shallower_graphs_only(monkeypatch):
+    """sparsify traces twice when its rules need less depth than the first trace went (the first
+    one finds the sites): a graph tracing through no more than one that reproduced is not run
+    again, one tracing through more is."""
+    import passes.tracing as tracing
+    model = nn.Sequential(_Block()).train()
+    calls = CallRecord(model, (torch.randn(2, 4),))
+    checked = []
+    monkeypatch.setattr(tracing, "reproduces", lambda *a: checked.append(a[0]) or reproduces(*a))
+    shallow = trace(model, lambda name, m: name != "0.b", calls=calls)  # b stays a leaf: right
+    assert len(checked) == 1 and not shallow.fallbacks
+    again = trace(model, lambda name, m: name not in ("0", "0.b"), calls=calls)
+    assert len(checked) == 1 and not again.fallbacks
+    deep = trace(model, calls=calls)  # through b, which the first graph did not vouch for
+    assert len(checked) > 1 and [(f.name, f.reason) for f in deep.fallbacks] == [("0.b", NOT_REPRODUCED)]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from passes import ExportCaptureError, export_trace, model_ends, node_name, target_module, trace
+from passes import ExportCaptureError, export_trace, model_ends, node_name, own_calls, target_module, trace
 from passes.calls import CallShell
 from passes.tracing import CallRecord, TraceResult, module_path_of  # noqa: F401  (module_path_of documents the meta used)
 
@@ -169,6 +169,10 @@ def capture(root: nn.Module, matcher: MatchTable, example_inputs=None, mode: str
         return tr, cands, first
     if example_inputs is None or not any(r.method is not None and r.method.site == "node" for r in matcher.rules):
         return tr, cands, first
+    if not _export_may_reach_more(tr, matcher, example_inputs):
+        tr.notes.append("auto: the code torch.fx could not trace calls no function a rule inserts after; kept "
+                        "torch.fx with module-by-module rewriting")
+        return tr, cands, first
     try:
         ex = export_trace(root, example_inputs)
     except ExportCaptureError as e:
@@ -183,6 +187,30 @@ def capture(root: nn.Module, matcher: MatchTable, example_inputs=None, mode: str
                     f"{'...' if len(tr.fallbacks) > 3 else ''}; torch.export reaches "
                     f"{_reached(ex_cands, matcher)} sites instead of {_reached(cands, matcher)}")
     return ex, ex_cands, ex_cands
+
+
+def _export_may_reach_more(tr: TraceResult, matcher: MatchTable, example_inputs) -> bool:
+    """Could ``torch.export`` reach sites that module-by-module rewriting misses? Those are calls
+    of functions (``F.relu``) in the code of the modules that run their own forward: activation
+    modules they call are reached through one-call graphs, everything else through the graphs of
+    their children. So: does that code, run once on the example inputs, call a function that a
+    rule inserting nodes matches by ``op``? (A rule matching nodes by name alone could match any
+    call: then export is tried.)"""
+    ops: set[str] = set()
+    for r in matcher.rules:
+        if r.method is None or r.method.site != "node":
+            continue
+        if "op" not in r.rule.match:
+            if "type" not in r.rule.match:
+                return True
+            continue
+        op = r.rule.match["op"]
+        ops |= {o.rstrip("_") for o in ([op] if isinstance(op, str) else op)}
+    if not ops:
+        return False
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
+    called = own_calls(tr.module, [f.name for f in tr.fallbacks], inputs)
+    return called is None or bool(called & ops)
 
 
 def capture_report(tr: TraceResult) -> list[dict]:
