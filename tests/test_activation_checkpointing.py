@@ -127,8 +127,18 @@ def test_export_capture_refuses_a_forward_that_checkpoints():
     with one line saying why, and ``auto`` keeps torch.fx with its fallback."""
     with pytest.raises(ValueError, match=r'torch\.utils\.checkpoint.*capture="fx"'):
         sparsify.sparsify(Net(False), "tl1", example_inputs=X, total_steps=8, capture="export")
-    plan = sparsify.plan(Net(False), "tl1", example_inputs=X)
+    plan = sparsify.plan(FunctionalNet(False), "tl1", example_inputs=X)
     assert any("torch.utils.checkpoint" in note for note in plan.capture_notes)
+    assert "torch.export" not in {c["capture"] for c in plan.captures}
+    # with every activation a module, module by module reaches them all: export is not even tried
+    plan = sparsify.plan(Net(False), "tl1", example_inputs=X)
+    assert any("calls no function a rule inserts after" in note for note in plan.capture_notes)
+
+
+class FunctionalNet(Net):
+    def forward(self, x):
+        x = F.relu(self.stem(x))  # a functional relu in the untraceable forward: export could reach it
+        return self.fc(checkpoint(self.block, x, use_reentrant=self.reentrant).mean((2, 3)))
 
 
 def test_checkpoint_sequential_is_kept_too():
