@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import pickle
 import warnings
 
@@ -180,6 +181,26 @@ def test_direct_conv_falls_back_to_dense_with_one_warning_when_it_cannot_be_buil
         direct = DirectSparseConv2d.from_conv(model[0])
         with torch.no_grad():
             _close(direct(x), model[0](x))
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp_path):
+    """torch waits forever on the lock of a build that was killed (SIGKILL, a CI time limit): the
+    test suite hung on one. A lock older than a build could take is removed, with a warning."""
+    import time
+    lock = tmp_path / "lock"
+    lock.touch()
+    assert not extension.clear_stale_lock(str(tmp_path)) and lock.exists()  # a build may be running
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="left 60 minutes ago by a build .* that did not finish"):
+        assert extension.clear_stale_lock(str(tmp_path))
+    assert not lock.exists()
+    assert not extension.clear_stale_lock(str(tmp_path))  # no lock: nothing to say
+
+
+def test_each_torch_version_builds_in_a_folder_of_its_own():
+    folder = os.path.basename(extension.build_directory())
+    assert torch.__version__.split("+")[0] in folder and folder.startswith(extension.EXTENSION_NAME)
 
 
 @pytest.fixture
