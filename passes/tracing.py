@@ -61,6 +61,18 @@ class TraceResult:
     # qualified names of the model's first and last compute modules, once a caller worked them
     # out (passes.ends.model_ends): what a rule's first / last match against
     ends: tuple[set[str], set[str]] | None = None
+    # (parent, attribute, original child) for every child replaced by its graph below an
+    # untraceable module, in order: what :meth:`restore` puts back
+    replaced: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)
+
+    def restore(self) -> None:
+        """Put back the children this trace replaced by their graphs (below untraceable modules,
+        where the parent itself is kept), so that the model can be traced again from its own
+        modules: a second trace of a replaced child would read the first trace's graph, which
+        went as deep as that trace did."""
+        for parent, name, child in reversed(self.replaced):
+            setattr(parent, name, child)
+        self.replaced = []
 
 
 def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend | None = None,
@@ -216,6 +228,7 @@ def _trace_children(parent: nn.Module, descend: Descend, is_site: Descend, prefi
             _trace_children(child, descend, is_site, full, result, calls, shell, blockwise)
         elif shell is not None and shell(full, child):
             gm = call_shell(child, child_name)
+            result.replaced.append((parent, child_name, child))
             setattr(parent, child_name, gm)
             result.graphs[full] = gm
         elif not _is_torch_leaf(child) and descend(full, child):
@@ -223,7 +236,9 @@ def _trace_children(parent: nn.Module, descend: Descend, is_site: Descend, prefi
             concrete = calls.concrete_args(full, child) if calls is not None else None
             sub = trace(child, descend, is_site=is_site, prefix=full, calls=calls, concrete_args=concrete,
                         shell=shell)
+            result.replaced.extend(sub.replaced)
             if sub.module is not child:
+                result.replaced.append((parent, child_name, child))
                 setattr(parent, child_name, sub.module)
             result.graphs.update(sub.graphs)
             result.fallbacks.extend(sub.fallbacks)

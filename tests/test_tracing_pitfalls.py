@@ -355,3 +355,57 @@ def test_a_cache_filled_while_traced_keeps_no_proxy():
         copy_module.deepcopy(m)
         assert torch.equal(m.eval()(x), expected)
         assert torch.equal(model.eval()(x), expected)
+
+
+class DropPath(nn.Module):
+    """timm's DropPath: a random per-sample drop in training, the identity in eval."""
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        return x * x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(0.9) / 0.9
+
+
+class DropBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.drop_path = DropPath()
+
+    def forward(self, x):
+        return x + self.drop_path(self.act(self.conv(x)))
+
+
+class ShapeCheckedNet(nn.Module):
+    """segmentation_models_pytorch's models in small: the root checks the input size (torch.fx
+    cannot trace it), the blocks under it use stochastic depth."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = DropBlock()
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        if x.shape[-1] % 2:
+            raise ValueError("the width must be even")
+        return self.head(self.block(self.stem(x)))
+
+
+def test_a_block_under_an_untraceable_root_is_traced_again_from_its_modules():
+    """sparsify traces twice when the rules need less depth than the first trace went; below an
+    untraceable root, the second trace read the first one's graph of each child, traced through
+    the stochastic depth and so holding its training branch: in eval (and in the finalized
+    model) the block ran its own forward without the semi-structured masks (smp's Segformer)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the root is untraceable: said, expected
+        m = sparsify.sparsify(ShapeCheckedNet(), "semi-structured", example_inputs=(x,), total_steps=4)
+    assert "drop_path" in [n.target for n in m.block.graph.nodes if n.op == "call_module"]
+    guard = m.block.__dict__.get("_call_guard")
+    assert guard is None or not guard.modes  # no branch baked: the graph serves eval too
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sparsify.FinalizeWarning)
+        sparsify.finalize(m)

@@ -114,6 +114,7 @@ def fx_capture(root: nn.Module, matcher: MatchTable, example_inputs=None):
     if descended <= needed:
         return tr, cands, cands
     first_cands, ends = cands, tr.ends
+    tr.restore()  # below untraceable modules, the second trace starts from the modules, not the first graphs
     tr = trace(root, lambda name, m: name in needed and _not_a_layer(name, m), is_site=is_site, calls=calls,
                shell=shell, concrete_args=root_args)
     # first/last describe the model, not how deep this trace went (a leaf stem hides its conv):
