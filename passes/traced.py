@@ -57,10 +57,7 @@ class TracedModule(fx.GraphModule):
         def init(res, fake_mod, graph):
             fx.GraphModule.__init__(res, fake_mod, graph, name)
             _keep_attributes(fake_mod.__dict__, res)
-            # torch before 2.14 registers the copied buffers as persistent: the graph's constants
-            # (traced_module) would turn into state_dict keys of the copy (finalize makes one)
-            kept = fake_mod.__dict__.get("_non_persistent_buffers_set", ())
-            res._non_persistent_buffers_set |= set(kept) & set(res._buffers)
+            _keep_non_persistent(fake_mod.__dict__, res)
         return init
 
     def __reduce__(self):
@@ -129,6 +126,14 @@ def traced_module(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     return gm
 
 
+def _keep_non_persistent(src: dict, gm: nn.Module) -> None:
+    """Buffers that were non-persistent in ``src`` (a module's ``__dict__``) stay so in ``gm``,
+    rebuilt from it: torch before 2.14 registers the buffers of a copied or unpickled GraphModule
+    as persistent, so the graph's constants (:func:`traced_module`) and a model's own
+    non-persistent buffers (Llama's ``original_inv_freq``) turned into state_dict keys."""
+    gm._non_persistent_buffers_set |= set(src.get("_non_persistent_buffers_set", ())) & set(gm._buffers)
+
+
 def _keep_attributes(src: dict, gm: nn.Module) -> None:
     """Copy the plain attributes in ``src`` (a module's ``__dict__``) that ``gm`` lacks."""
     registered = (*gm._parameters, *gm._buffers, *gm._modules)
@@ -143,6 +148,8 @@ def _keep_attributes(src: dict, gm: nn.Module) -> None:
 
 def _unpickle_traced(original: type, name: str, fn, args) -> fx.GraphModule:
     plain = fn(*args)  # torch's own unpickling: a GraphModule holding every attribute
+    body = next((a for a in args if isinstance(a, dict)), {})
+    _keep_non_persistent(body, plain)
     cls = _traced_class(original)
     gm = cls.__new__(cls)
     gm.__dict__.update(plain.__dict__)

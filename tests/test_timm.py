@@ -144,6 +144,12 @@ def test_swin_state_dict_stays_timms():
     assert final.state_dict().keys() == dense.state_dict().keys()
     with torch.no_grad():
         torch.testing.assert_close(_reloaded("swin_tiny_patch4_window7_224", final, **kwargs)(x), final(x))
+    # a pickled copy keeps them out too (torch before 2.14 rebuilt it with persistent buffers)
+    for model in (m, final):
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        assert torch.load(buf, weights_only=False).state_dict().keys() == model.state_dict().keys()
 
 
 CASES = [
