@@ -17,6 +17,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .library_leaves import library_leaf
+
 __all__ = ["CallGuard", "call_shell", "keep_argument_names"]
 
 _OTHER = object()  # a recorded argument value that is neither None nor a flag
@@ -30,7 +32,8 @@ class _Absent:  # an argument the call left out
 
 
 def _is_torch_leaf(m: nn.Module) -> bool:
-    return fx.Tracer().is_leaf_module(m, "")
+    """A module every trace keeps whole: torch.nn's own, or a library's (passes/library_leaves.py)."""
+    return fx.Tracer().is_leaf_module(m, "") or library_leaf(m)
 
 
 class CallGuard:

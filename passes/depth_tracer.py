@@ -17,6 +17,7 @@ from torch import nn
 
 from .calls import keep_argument_names
 from .checkpoint_guard import refuse_checkpoint
+from .library_leaves import library_functions, library_leaf
 
 Descend = Callable[[str, nn.Module], bool]
 
@@ -30,7 +31,7 @@ MODE_FLAGS = ("training", "grad_checkpointing", "gradient_checkpointing")
 class _DepthTracer(fx.Tracer):
     # defaults: torch rebuilds a pickled GraphModule with a subclass of the tracer that made it
     def __init__(self, descend: Descend | None = None, forced_leaves: set[str] | None = None, prefix: str = ""):
-        super().__init__()
+        super().__init__(autowrap_functions=library_functions())
         self._descend = descend or (lambda name, m: True)
         self._forced = forced_leaves if forced_leaves is not None else set()
         self._prefix = prefix
@@ -98,9 +99,15 @@ class _DepthTracer(fx.Tracer):
         return f"{self._prefix}.{qualname}" if self._prefix else qualname
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if module_qualified_name in self._forced or super().is_leaf_module(m, module_qualified_name):
+        if module_qualified_name in self._forced or super().is_leaf_module(m, module_qualified_name) or library_leaf(m):
             return True
         return not self._descend(self._full(module_qualified_name), m)
+
+    def iter(self, obj):
+        # ``map(f, x.chunk(3, -1))`` (lucidrains' attention): the pieces of a chunk are known
+        # without the shape; a dimension too small for them fails loudly when the graph runs
+        n = _chunks(obj.node)
+        return iter([obj[i] for i in range(n)]) if n is not None else super().iter(obj)
 
     def call_module(self, m, forward, args, kwargs):
         try:
@@ -110,6 +117,14 @@ class _DepthTracer(fx.Tracer):
             if self.culprit is None:
                 self.culprit = self.path_of_module(m)
             raise
+
+
+def _chunks(node: fx.Node) -> int | None:
+    """How many pieces ``node`` (a ``chunk`` call with a constant count) returns, else None."""
+    if node.target not in ("chunk", torch.chunk) or node.op not in ("call_method", "call_function"):
+        return None
+    n = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks")
+    return n if isinstance(n, int) and n > 0 else None
 
 
 def _hold(result, caught: list) -> None:

@@ -16,7 +16,7 @@ import torch.fx as fx
 from torch import nn
 
 from .call_record import CallRecord
-from .calls import CallGuard, call_shell, keep_argument_names
+from .calls import CallGuard, _is_torch_leaf, call_shell, keep_argument_names
 from .checkpoint_guard import CheckpointInGraph, refuse_checkpoint
 from .depth_tracer import Descend, _DepthTracer, _first_line, _hold, capture_graph  # noqa: F401  (_DepthTracer: pickles name it here)
 from .depth_tracer import proxies_are_tensors, python_draws
@@ -244,10 +244,6 @@ def _trace_children(parent: nn.Module, descend: Descend, is_site: Descend, prefi
             result.fallbacks.extend(sub.fallbacks)
             result.direct.extend(sub.direct)
             result.warnings.extend(w for w in sub.warnings if w not in result.warnings)
-
-
-def _is_torch_leaf(m: nn.Module) -> bool:
-    return fx.Tracer().is_leaf_module(m, "")
 
 
 def module_path_of(node: fx.Node) -> str:
