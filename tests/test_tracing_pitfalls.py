@@ -8,6 +8,7 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, fields
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -393,7 +394,8 @@ class ShapeCheckedNet(nn.Module):
         return self.head(self.block(self.stem(x)))
 
 
-def test_a_block_under_an_untraceable_root_is_traced_again_from_its_modules():
+@pytest.mark.parametrize("recipe", sorted(sparsify.builtin_recipes()))
+def test_a_block_under_an_untraceable_root_is_traced_again_from_its_modules(recipe):
     """sparsify traces twice when the rules need less depth than the first trace went; below an
     untraceable root, the second trace read the first one's graph of each child, traced through
     the stochastic depth and so holding its training branch: in eval (and in the finalized
@@ -402,7 +404,8 @@ def test_a_block_under_an_untraceable_root_is_traced_again_from_its_modules():
     x = torch.randn(2, 3, 8, 8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the root is untraceable: said, expected
-        m = sparsify.sparsify(ShapeCheckedNet(), "semi-structured", example_inputs=(x,), total_steps=4)
+        m = sparsify.sparsify(ShapeCheckedNet(), recipe, example_inputs=(x,), total_steps=4)
+    assert isinstance(m.block, torch.fx.GraphModule)
     assert "drop_path" in [n.target for n in m.block.graph.nodes if n.op == "call_module"]
     guard = m.block.__dict__.get("_call_guard")
     assert guard is None or not guard.modes  # no branch baked: the graph serves eval too
