@@ -19,6 +19,9 @@ ALIASES = {
     "QuickGELUActivation": "GELU", "ClippedGELUActivation": "GELU", "AccurateGELUActivation": "GELU",
     "GELUTanh": "GELU", "PytorchGELUTanh": "GELU", "SiLUActivation": "SiLU", "MishActivation": "Mish",
     "BloomGelu": "GELU",  # the tanh approximation with its own autograd function
+    "MemoryEfficientSwish": "SiLU",  # efficientnet_pytorch: x * sigmoid(x) by its own autograd function
+    "SwishMe": "SiLU", "MishMe": "Mish", "HardSwishMe": "Hardswish",  # timm's memory-efficient variants
+    "QuickGELU": "GELU",  # timm / open_clip: x * sigmoid(1.702 x)
 }
 
 

@@ -11,6 +11,8 @@ The method contract (``Method``, ``Group``, ``Site``) is in :mod:`sparsify.core.
 """
 from __future__ import annotations
 
+import copy
+
 import sys
 
 import torch
@@ -139,6 +141,8 @@ class SparseWeightMixin:
         own = own_forward_class(dense, weight_base(dense))
         if own is not None:  # a class whose forward uses the weight as is (Method.accepts refused the others)
             new._own_forward, new._dense_class = own, type(dense)
+            # what that forward calls besides the weight (efficientnet_pytorch's static_padding)
+            new._dense_children = tuple(dense._modules)
         new.init_sparse(**params)
         return new
 
@@ -354,4 +358,6 @@ def plain_copy(layer: nn.Module, weight: torch.Tensor | None = None) -> nn.Modul
     new.weight = nn.Parameter(weight.detach().clone(), requires_grad=layer.weight.requires_grad)
     bias = getattr(layer, "bias", None)
     new.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+    for name in layer.__dict__.get("_dense_children", ()):  # an own forward's children (a padding module)
+        new.add_module(name, copy.deepcopy(layer._modules[name]))
     return new

@@ -28,6 +28,10 @@ KEEPS_WEIGHT = {
     "timm.layers.conv2d_same.Conv2dSame",  # pad_same(x) then F.conv2d(x, self.weight, ...)
     "timm.layers.linear.Linear",  # F.linear(x, self.weight, self.bias)
     "transformers.models.falcon.modeling_falcon.FalconLinear",  # x @ self.weight.T (+ self.bias)
+    # lukemelas' efficientnet_pytorch: TF "same" padding (a ZeroPad2d child, or computed per call),
+    # then F.conv2d(x, self.weight, ...)
+    "efficientnet_pytorch.utils.Conv2dStaticSamePadding",
+    "efficientnet_pytorch.utils.Conv2dDynamicSamePadding",
 }
 
 OWN_FORWARD = "computes with its own forward"  # the plan's reason starts so (sparsify() warns once)
