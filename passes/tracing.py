@@ -26,7 +26,8 @@ from .reproduce import reproduces
 from .traced import TracedModule, traced_module
 from .traced import _unpickle_traced  # noqa: F401  (pickles made before traced.py name it here)
 
-__all__ = ["Fallback", "TraceResult", "TracedModule", "CallRecord", "trace", "traced_module", "module_path_of"]
+__all__ = ["Fallback", "TraceResult", "TracedModule", "CallRecord", "trace", "traced_module", "module_path_of",
+           "enclosing_modules"]
 
 
 
@@ -145,12 +146,7 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
 
 def _traced_through(graph: fx.Graph) -> frozenset[str]:
     """Paths of the modules whose forward code ``graph`` holds (traced through, not leaves)."""
-    out = set()
-    for n in graph.nodes:
-        for path, _ in (n.meta.get("nn_module_stack") or {}).values():
-            if not (n.op == "call_module" and path == n.target):
-                out.add(path)
-    return frozenset(out)
+    return frozenset(path for n in graph.nodes for path in enclosing_modules(n))
 
 
 def _force(forced: set[str], names: list[str], reason: str, prefix: str, result: TraceResult) -> None:
@@ -244,6 +240,21 @@ def _trace_children(parent: nn.Module, descend: Descend, is_site: Descend, prefi
             result.fallbacks.extend(sub.fallbacks)
             result.direct.extend(sub.direct)
             result.warnings.extend(w for w in sub.warnings if w not in result.warnings)
+
+
+def enclosing_modules(node: fx.Node) -> list[str]:
+    """Qualified names (from the traced root, outermost first) of the modules whose forward
+    created ``node``; a leaf's own ``call_module`` node is not inside the leaf.
+
+    >>> import torch
+    >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Sequential(torch.nn.ReLU())))
+    >>> [enclosing_modules(n) for n in gm.graph.nodes if n.op == "call_module"]
+    [['0']]
+    """
+    paths = [v[0] for v in (node.meta.get("nn_module_stack") or {}).values()]
+    if node.op == "call_module" and paths and paths[-1] == node.target:
+        paths = paths[:-1]
+    return [p for p in paths if p]
 
 
 def module_path_of(node: fx.Node) -> str:

@@ -12,7 +12,6 @@ The method contract (``Method``, ``Group``, ``Site``) is in :mod:`sparsify.core.
 from __future__ import annotations
 
 import copy
-
 import sys
 
 import torch

@@ -108,10 +108,6 @@ class _Calls:
             h.remove()
 
 
-def _relative(a: list[torch.Tensor], b: list[torch.Tensor], rtol: float, atol: float) -> tuple[bool, float]:
-    return outputs_close(a, b, rtol, atol)
-
-
 @torch.no_grad()
 def locate_divergence(source: nn.Module, final: nn.Module, inputs: tuple, rtol: float = 1e-4,
                       atol: float = 1e-5) -> Divergence:
@@ -142,8 +138,8 @@ def locate_divergence(source: nn.Module, final: nn.Module, inputs: tuple, rtol: 
     src, fin = runs
     smods, fmods = dict(source.named_modules()), dict(final.named_modules())
     paired = [key for key in src.parent if key in src.outputs and key in fin.outputs]  # call order
-    got = {key: _relative(src.inputs[key], fin.inputs[key], rtol, atol) for key in paired}
-    gave = {key: _relative(src.outputs[key], fin.outputs[key], rtol, atol) for key in paired}
+    got = {key: outputs_close(src.inputs[key], fin.inputs[key], rtol, atol) for key in paired}
+    gave = {key: outputs_close(src.outputs[key], fin.outputs[key], rtol, atol) for key in paired}
     pairs = set(paired)
     inside: dict[tuple[str, int] | None, list[tuple[str, int]]] = {}
     for key in paired:

@@ -9,7 +9,7 @@ from torch import nn
 
 from passes import ExportCaptureError, export_trace, model_ends, node_name, own_calls, target_module, trace
 from passes.calls import CallShell
-from passes.tracing import CallRecord, TraceResult, module_path_of  # noqa: F401  (module_path_of documents the meta used)
+from passes.tracing import CallRecord, TraceResult, enclosing_modules
 
 from sparsify.core.activations import is_activation_module, shell_activation
 from sparsify.core.layers import WEIGHT_TYPES
@@ -52,11 +52,7 @@ def _enclosing(c: Candidate) -> list[str]:
     """Qualified names of the modules whose forward contains ``c`` (not ``c``'s own module)."""
     if c.node is None:
         return []
-    paths = [v[0] for v in (c.node.meta.get("nn_module_stack") or {}).values()]
-    if c.node.op == "call_module" and paths and paths[-1] == c.node.target:
-        paths = paths[:-1]
-    q = lambda p: f"{c.prefix}.{p}" if c.prefix else p  # noqa: E731
-    return [q(p) for p in paths if p]
+    return [f"{c.prefix}.{p}" if c.prefix else p for p in enclosing_modules(c.node)]
 
 
 _ACTIVATION_OPS = {"relu", "relu6", "gelu", "silu", "hardswish", "hardsigmoid", "leaky_relu", "elu",
