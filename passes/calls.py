@@ -50,7 +50,7 @@ class CallGuard:
     (True, False, True, False)
     """
 
-    def __init__(self, forward, fixed: dict, nodes=(), modes: dict | None = None):
+    def __init__(self, forward, fixed: dict, nodes=(), modes: dict | None = None, ranks: dict | None = None):
         self.forward = forward  # the original Python forward, called unbound on the traced module
         params = list(inspect.signature(forward).parameters.values())[1:]  # drop self
         self.names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -62,27 +62,32 @@ class CallGuard:
         self.nodes = frozenset(nodes)
         # {(submodule path, flag name): value} of the mode flags (MODE_FLAGS) the graph took a branch on
         self.modes = _mode_keys(modes or {})
+        # {argument: rank} of tensor arguments whose rank the forward read in Python (`*x.shape`)
+        self.ranks = dict(ranks or {})
         self._warned: set = set()
 
     @classmethod
-    def for_module(cls, module: nn.Module, fixed: dict, graph: fx.Graph, modes: dict | None = None) -> CallGuard | None:
+    def for_module(cls, module: nn.Module, fixed: dict, graph: fx.Graph, modes: dict | None = None,
+                   ranks: dict | None = None) -> CallGuard | None:
         """The guard for ``module`` traced into ``graph`` (``modes``: the ``training`` flags its
-        control flow read); None when no call could misfit (every argument required, no
-        ``*args``/``**kwargs``, no mode read) or the forward is not a plain function."""
+        control flow read; ``ranks``: the ranks of arguments it read); None when no call could
+        misfit (every argument required, no ``*args``/``**kwargs``, no mode or rank read) or the
+        forward is not a plain function."""
         old = module.__dict__.get("_call_guard")
-        modes = dict(modes or {})
+        modes, ranks = dict(modes or {}), dict(ranks or {})
         if old is not None:  # a retrace of a traced module: its graph was specialised already
             forward, fixed, modes = old.forward, {**old.fixed, **fixed}, {**old.modes, **modes}
+            ranks = {**getattr(old, "ranks", {}), **ranks}
         else:
             forward = getattr(type(module), "forward", None)
             if not inspect.isfunction(forward):
                 return None
         try:
-            guard = cls(forward, fixed, (n.name for n in graph.nodes), modes)
+            guard = cls(forward, fixed, (n.name for n in graph.nodes), modes, ranks)
         except (TypeError, ValueError):  # a signature inspect cannot read
             return None
         params = list(inspect.signature(forward).parameters.values())[1:]
-        if not guard.fixed and not guard.modes and all(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        if not guard.fixed and not guard.modes and not guard.ranks and all(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
                                    for p in params):
             return None
         return guard
@@ -121,6 +126,9 @@ class CallGuard:
         return (args, kwargs) if self.fits(args, kwargs, module) else None
 
     def _fits(self, name: str, value, positional: bool) -> bool:
+        rank = self.ranks.get(name)
+        if rank is not None and isinstance(value, torch.Tensor) and value.dim() != rank:
+            return False
         if not positional and value is _Absent:
             default = self.defaults.get(name, "required")
             if default == "required":
@@ -174,6 +182,7 @@ class CallGuard:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.modes = _mode_keys(state.get("modes") or {})
+        self.ranks = state.get("ranks") or {}  # guards pickled before ranks were read
 
 
 def _mode_keys(modes: dict) -> dict:

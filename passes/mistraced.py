@@ -56,7 +56,7 @@ def _search(module: nn.Module, rel: str, descend: Descend, prefix: str, forced: 
         example = calls.inputs(full(path), child) if calls is not None else None
         own = {f[len(path) + 1:] for f in forced if f.startswith(path + ".")}
         concrete = calls.concrete_args(full(path), child) if calls is not None else None
-        tracer, graph, _ = capture_graph(child, descend, own, full(path), concrete, [])
+        tracer, graph, _ = capture_graph(child, descend, own, full(path), concrete, [], lambda: example)
         if graph is None:
             continue
         if tracer.drew_random:

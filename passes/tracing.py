@@ -102,10 +102,16 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
     result = TraceResult(module=root)
     forced: set[str] = set()
     example: tuple | None = None
+
+    def example_call():  # the module's inputs in the example forward, fetched at the first question
+        nonlocal example
+        if example is None and calls is not None:
+            example = calls.inputs(prefix, root)
+        return example
     while True:
         while True:
             caught: list = []
-            tracer, graph, error = capture_graph(root, descend, forced, prefix, concrete_args, caught)
+            tracer, graph, error = capture_graph(root, descend, forced, prefix, concrete_args, caught, example_call)
             _hold(result, caught)
             if error is None:
                 break
@@ -117,12 +123,12 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
                 return _fall_back(root, descend, is_site, prefix, result, calls, shell, forced, _first_line(error),
                                   blockwise=isinstance(error, CheckpointInGraph))
             _force(forced, [culprit], _first_line(error), prefix, result)
-        gm = _graph_module(root, descend, forced, prefix, concrete_args, tracer, graph)
+        gm = _graph_module(root, descend, forced, prefix, concrete_args, tracer, graph, example_call)
         if not tracer.drew_random:
             through = _traced_through(graph)
             if calls is None or calls.vouched(prefix, through):
                 break
-            example = example or calls.inputs(prefix, root)
+            example_call()
             verdict = reproduces(root, gm, *example) if example is not None else None
             if verdict is not False:
                 if verdict:
@@ -161,13 +167,14 @@ def _force(forced: set[str], names: list[str], reason: str, prefix: str, result:
 
 
 def _graph_module(root: nn.Module, descend: Descend, forced: set[str], prefix: str, concrete_args: dict | None,
-                  tracer: _DepthTracer, graph: fx.Graph) -> fx.GraphModule:
+                  tracer: _DepthTracer, graph: fx.Graph, example=None) -> fx.GraphModule:
     """The module of ``graph``: its output type, and the guard that sends calls it was not traced
-    for (other arguments, the other mode where its forward branched on one) to the own forward."""
+    for (other arguments, inputs of other ranks, the other mode where its forward branched on one)
+    to the own forward."""
     baked = tracer.baked
     if any(flag == "training" for _, flag in baked):
         def retrace():
-            again = _DepthTracer(descend, forced, prefix)
+            again = _DepthTracer(descend, forced, prefix, example)
             with warnings.catch_warnings(), refuse_checkpoint(root), proxies_are_tensors(), python_draws():
                 warnings.simplefilter("ignore")
                 g = again.trace(root, concrete_args or None)
@@ -180,7 +187,8 @@ def _graph_module(root: nn.Module, descend: Descend, forced: set[str], prefix: s
     output_type = tracer.output_type or root.__dict__.get("_output_type")  # a retrace returns the dict
     if output_type is not None:
         gm.__dict__["_output_type"] = output_type
-    gm._call_guard = CallGuard.for_module(root, concrete_args or {}, graph, baked)
+    ranks = {str(t.target): rank for t, rank in tracer.ranks.items() if t.op == "placeholder"}
+    gm._call_guard = CallGuard.for_module(root, concrete_args or {}, graph, baked, ranks)
     return gm
 
 

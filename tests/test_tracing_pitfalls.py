@@ -3,6 +3,7 @@ beyond torchvision / timm / transformers (found by calling diffusers' models as 
 from __future__ import annotations
 
 import copy as copy_module
+import io
 import pickle
 import warnings
 from collections import OrderedDict
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import passes.tracing
 import sparsify
 
 
@@ -379,7 +381,7 @@ class DropBlock(nn.Module):
 
 
 class ShapeCheckedNet(nn.Module):
-    """segmentation_models_pytorch's models in small: the root checks the input size (torch.fx
+    """segmentation_models_pytorch's models in small: the root branches on the input size (torch.fx
     cannot trace it), the blocks under it use stochastic depth."""
 
     def __init__(self):
@@ -390,7 +392,7 @@ class ShapeCheckedNet(nn.Module):
 
     def forward(self, x):
         if x.shape[-1] % 2:
-            raise ValueError("the width must be even")
+            x = nn.functional.pad(x, (0, 1))
         return self.head(self.block(self.stem(x)))
 
 
@@ -412,3 +414,28 @@ def test_a_block_under_an_untraceable_root_is_traced_again_from_its_modules(reci
     with warnings.catch_warnings():
         warnings.simplefilter("error", sparsify.FinalizeWarning)
         sparsify.finalize(m)
+
+
+class OptionalMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x, mask=None):
+        return self.fc(x) if mask is None else self.fc(x) * mask
+
+
+def test_reloading_a_graph_traced_for_a_none_argument_leaves_torch_fx_working():
+    """A graph traced with ``mask=None`` calls torch.fx's ``_assert_is_none``; traced again on
+    unpickling, torch marked that call as wrapped and the reloaded code registered
+    ``wrap("torch.fx._symbolic_trace._assert_is_none")``: every later trace in the process then
+    raised KeyError (a transformers ViT saved after sparsify, reloaded twice)."""
+    gm = passes.tracing.trace(OptionalMask(), concrete_args={"mask": None}).module
+    for _ in range(2):
+        buf = io.BytesIO()
+        torch.save(gm, buf)
+        buf.seek(0)
+        gm = torch.load(buf, weights_only=False)  # our own pickle, made just above
+    torch.fx.symbolic_trace(nn.Sequential(nn.ReLU()))
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(gm(x), gm.fc(x))

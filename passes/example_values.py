@@ -1,0 +1,161 @@
+"""The values a graph's nodes take on one example call, computed while the graph is still being
+traced (:class:`ExampleValues`), and which of them only read a tensor's rank (:func:`rank_only`).
+
+``torch.fx`` cannot answer ``len(x.shape)``, ``b, n, _, h = *x.shape, self.heads`` or ``if
+x.ndim == 4:``: a proxy has no rank. A module's input rank hardly ever changes from call to call,
+so :mod:`passes.depth_tracer` answers these from the example inputs (the rank of the tensor
+there), records the rank in the graph (an assertion) and in the module's
+:class:`passes.calls.CallGuard` (a call with inputs of another rank runs the module's own
+forward). Shape *values* (``if h % 7:``) and tensor data are never taken from the example: a
+graph specialised to them would compute something else for the next batch.
+"""
+from __future__ import annotations
+
+import builtins
+import inspect
+import operator
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+__all__ = ["ExampleValues", "NoValue", "rank_only", "shape_of"]
+
+
+class NoValue(Exception):
+    """The example value of a node cannot be worked out (no example, or running it failed)."""
+
+
+#: node forms that read a tensor's rank: ``x.dim()``, ``x.ndim``
+_RANK_METHODS = {"dim", "ndimension"}
+#: operations on ranks that keep the result a function of ranks only
+_RANK_OPS = {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.add,
+             operator.sub, operator.mul, operator.floordiv, operator.mod, operator.neg, operator.not_, builtins.len}
+
+
+def shape_of(node: fx.Node) -> fx.Node | None:
+    """The tensor node whose whole shape ``node`` reads (``x.shape``, ``x.size()``), else None.
+
+    >>> g = fx.Graph(); x = g.placeholder("x")
+    >>> shape_of(g.call_method("size", (x,))) is x, shape_of(g.call_method("size", (x, 0)))
+    (True, None)
+    """
+    if node.op == "call_method" and node.target == "size" and len(node.args) == 1 and not node.kwargs:
+        return node.args[0] if isinstance(node.args[0], fx.Node) else None
+    if node.op == "call_function" and node.target is builtins.getattr and node.args[1:] == ("shape",):
+        return node.args[0] if isinstance(node.args[0], fx.Node) else None
+    return None
+
+
+def rank_only(node: fx.Node) -> bool:
+    """Is ``node`` a function of tensor ranks alone (``x.ndim == 4``, ``x.dim() - 2``)?
+
+    >>> g = fx.Graph(); x = g.placeholder("x")
+    >>> four = g.call_function(operator.eq, (g.call_method("dim", (x,)), 4))
+    >>> rank_only(four), rank_only(g.call_function(operator.eq, (g.call_method("size", (x, 0)), 4)))
+    (True, False)
+    """
+    if node.op == "call_method" and node.target in _RANK_METHODS and len(node.args) == 1:
+        return True
+    if node.op == "call_function" and node.target is builtins.getattr and node.args[1:] == ("ndim",):
+        return True
+    if node.op == "call_function" and node.target is builtins.len:
+        return isinstance(node.args[0], fx.Node) and shape_of(node.args[0]) is not None
+    if node.op == "call_function" and node.target in _RANK_OPS:
+        inputs = [a for a in (*node.args, *node.kwargs.values())]
+        return (any(isinstance(a, fx.Node) for a in inputs)
+                and all(rank_only(a) if isinstance(a, fx.Node) else isinstance(a, (int, bool)) for a in inputs))
+    return False
+
+
+class ExampleValues:
+    """Lazily computes, for nodes of a graph ``tracer`` is building, their values on the example
+    call ``inputs()`` (``(args, kwargs)`` of the traced module, or None when there is none).
+
+    Only the nodes a question needs are run, each once, without gradients; what running them
+    changes (running statistics, random state) is put back by :meth:`close`. While a node runs,
+    ``tracer.evaluating`` is set so that the tracer's patched ``Module.__call__`` and
+    ``__getattr__`` act as usual, and the modules' mode flags hold their real values.
+    """
+
+    def __init__(self, tracer, root: nn.Module, inputs: Callable[[], tuple[tuple, dict] | None]):
+        self._tracer, self._root, self._inputs = tracer, root, inputs
+        self._values: dict[fx.Node, Any] = {}
+        self._bound: dict[str, Any] | None = None
+        self._state = None  # the kept_state context, entered at the first run
+
+    def __call__(self, node: fx.Node) -> Any:
+        if node in self._values:
+            return self._values[node]
+        order, stack, seen = [], [node], set()
+        while stack:  # the node's inputs first, without recursion (graphs run thousands deep)
+            n = stack.pop()
+            if n in self._values or n in seen:
+                continue
+            seen.add(n)
+            order.append(n)
+            stack.extend(a for a in n.all_input_nodes if a not in self._values)
+        for n in sorted(order, key=_position(node.graph)):
+            self._values[n] = self._run(n)
+        return self._values[node]
+
+    def close(self) -> None:
+        """Put back buffers and random generators as they were before the first run."""
+        if self._state is not None:
+            state, self._state = self._state, None
+            state.__exit__(None, None, None)
+        self._values.clear()
+
+    def _arguments(self) -> dict[str, Any]:
+        if self._bound is None:
+            example = self._inputs()
+            if example is None:
+                raise NoValue("no example inputs")
+            args, kwargs = example
+            try:
+                bound = inspect.signature(type(self._root).forward).bind(self._root, *args, **kwargs)
+            except (TypeError, ValueError) as exc:
+                raise NoValue(str(exc)) from None
+            bound.apply_defaults()
+            self._bound = dict(bound.arguments)
+        return self._bound
+
+    def _run(self, n: fx.Node) -> Any:
+        if n.op == "placeholder":
+            arguments = self._arguments()
+            name = str(n.target).lstrip("*")
+            base, _, count = name.rpartition("_")
+            for key in (name, base if count.isdigit() else None):
+                if key in arguments:
+                    return arguments[key]
+            raise NoValue(f"no example value for argument {n.target}")
+        mode = self._tracer.modes.get(n)
+        if mode is not None:
+            return mode[1]
+        if self._state is None:
+            from .reproduce import kept_state
+            self._state = kept_state(self._root)
+            self._state.__enter__()
+        args, kwargs = fx.node.map_arg((n.args, n.kwargs), self._values.__getitem__)
+        try:
+            with torch.no_grad(), self._tracer.evaluating_examples():
+                if n.op == "get_attr":
+                    value = self._root
+                    for part in str(n.target).split("."):
+                        value = getattr(value, part)
+                    return value
+                if n.op == "call_module":
+                    return self._root.get_submodule(str(n.target))(*args, **kwargs)
+                if n.op == "call_method":
+                    return getattr(args[0], str(n.target))(*args[1:], **kwargs)
+                if n.op == "call_function":
+                    return n.target(*args, **kwargs)
+        except Exception as exc:
+            raise NoValue(f"{n.format_node()}: {type(exc).__name__}: {exc}") from None
+        raise NoValue(f"no example value for {n.op} nodes")
+
+
+def _position(graph: fx.Graph):
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    return index.__getitem__
