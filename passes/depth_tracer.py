@@ -6,8 +6,6 @@ the innermost module whose forward raised (the culprit turned into a leaf). Spli
 from __future__ import annotations
 
 import contextlib
-import operator
-import os
 import random
 import sys
 import warnings
@@ -19,13 +17,11 @@ from torch import nn
 
 from .calls import keep_argument_names
 from .checkpoint_guard import refuse_checkpoint
-from .example_values import ExampleValues, NoValue, rank_only, shape_of
+from .example_answers import Example, ExampleAnswers
 from .library_leaves import library_functions, library_leaf
 from .proxy_reads import rank_reads, symbolic_type_info, values_not_callable
-from .raise_branches import raise_is_caught, surviving_value, user_frame
 
 Descend = Callable[[str, nn.Module], bool]
-Example = Callable[[], "tuple[tuple, dict] | None"]
 
 
 #: module attributes that switch a forward's behaviour like ``training`` does: a graph follows the
@@ -34,27 +30,12 @@ Example = Callable[[], "tuple[tuple, dict] | None"]
 MODE_FLAGS = ("training", "grad_checkpointing", "gradient_checkpointing")
 
 
-#: the files between a traced forward and :meth:`_DepthTracer.to_bool`
-_TRACING_FILES = (os.path.join("fx", "proxy.py"), os.path.join("passes", "depth_tracer.py"))
-#: code whose try blocks do not catch what a traced forward raises (torch's, and this tracer's,
-#: which names the module that raised and raises again)
-_LIBRARY_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
-
-
-def _trace_frame(frame) -> bool:
-    """Is ``frame`` torch.fx's ``Tracer.trace``, the outermost frame of a trace?"""
-    return frame.f_code.co_name == "trace" and frame.f_code.co_filename.endswith("_symbolic_trace.py")
-
-
-class _DepthTracer(fx.Tracer):
+class _DepthTracer(ExampleAnswers, fx.Tracer):
     # defaults: torch rebuilds a pickled GraphModule with a subclass of the tracer that made it
     def __init__(self, descend: Descend | None = None, forced_leaves: set[str] | None = None, prefix: str = "",
                  example: Example | None = None):
         super().__init__(autowrap_functions=library_functions())
-        self._example = example  # () -> (args, kwargs) of one call of the traced module, or None
-        self.values: ExampleValues | None = None
-        self.evaluating = False  # ExampleValues is running nodes: module calls and attributes act as usual
-        self.ranks: dict[fx.Node, int] = {}  # tensors whose rank the trace took from the example
+        self.init_answers(example)
         self._descend = descend or (lambda name, m: True)
         self._forced = forced_leaves if forced_leaves is not None else set()
         self._prefix = prefix
@@ -94,8 +75,7 @@ class _DepthTracer(fx.Tracer):
         # torch also rebuilds an unpickled GraphModule with (a subclass of) this tracer: the modes
         # are put back here, not only by :func:`trace`, or the modules keep proxies as ``training``
         graph = None
-        if self._example is not None and isinstance(root, nn.Module):
-            self.values = ExampleValues(self, root, self._example)
+        self.start_answers(root)
         try:
             with no_stored_proxies(root if isinstance(root, nn.Module) else None), symbolic_type_info(self), \
                     rank_reads(self), values_not_callable():
@@ -103,8 +83,7 @@ class _DepthTracer(fx.Tracer):
             _unmark_torch_wrapped(graph)
             return graph
         finally:
-            if self.values is not None:
-                self.values.close()
+            self.end_answers()
             self.restore_modes(graph)
 
     def restore_modes(self, graph: fx.Graph | None) -> None:
@@ -122,53 +101,7 @@ class _DepthTracer(fx.Tracer):
             key, value = self.modes[obj.node]
             self.baked[key] = value
             return value
-        frame = user_frame(_TRACING_FILES)
-        survives = surviving_value(frame) if frame is not None else None
-        if survives is not None and not raise_is_caught(frame, _LIBRARY_DIRS, _trace_frame):
-            # `assert n <= self.max_len` / `if h % 32: raise ...`: the graph goes on the way the
-            # forward does not raise, and checks the condition when it runs
-            path = frame.f_code.co_filename
-            where = f"{os.path.basename(os.path.dirname(path))}/{os.path.basename(path)}:{frame.f_lineno}"
-            # `== False`, not `not`: a graph is traced again when it is unpickled, and `not` asks
-            # the proxy for a bool
-            cond = obj if survives else self.create_proxy("call_function", operator.eq, (obj, False), {})
-            self.create_proxy("call_function", torch._assert, (cond, f"sparsify: the module's own forward raises at "
-                              f"{where} for this call (its graph checks that condition)"), {})
-            return survives
-        if rank_only(obj.node):  # `if x.ndim == 4:`
-            return bool(self.rank_value(obj.node, lambda: super(_DepthTracer, self).to_bool(obj)))
-        return super().to_bool(obj)
-
-    def rank_value(self, node: fx.Node, otherwise: Callable):
-        """The example value of ``node``, a function of tensor ranks only; each rank it reads
-        becomes an assertion in the graph. Without example values, ``otherwise()`` (torch.fx's
-        own answer, which raises)."""
-        ranks = [self.rank_of(t) for t in _rank_reads(node)]
-        if None in ranks:
-            return otherwise()
-        try:
-            return self.values(node)
-        except NoValue:
-            return otherwise()
-
-    def rank_of(self, tensor: fx.Node) -> int | None:
-        """The rank of ``tensor`` in the example call (None if unknown), asserted in the graph: a
-        later call with another rank fails loudly there (a module's CallGuard sends inputs of
-        another rank to its own forward before that)."""
-        if tensor in self.ranks:
-            return self.ranks[tensor]
-        try:
-            rank = self.values(tensor).dim() if self.values is not None else None
-        except (NoValue, AttributeError, TypeError):
-            rank = None
-        if not isinstance(rank, int):
-            return None
-        self.ranks[tensor] = rank
-        ndim = self.create_proxy("call_method", "dim", (fx.Proxy(tensor, self),), {})
-        same = self.create_proxy("call_function", operator.eq, (ndim, rank), {})
-        self.create_proxy("call_function", torch._assert, (same, f"sparsify: {tensor.name} was {rank}-dimensional "
-                          "in example_inputs when this graph was traced, and the graph holds that rank"), {})
-        return rank
+        return self.answer_bool(obj, lambda: super(_DepthTracer, self).to_bool(obj))
 
     def _full(self, qualname: str) -> str:
         return f"{self._prefix}.{qualname}" if self._prefix else qualname
@@ -177,44 +110,6 @@ class _DepthTracer(fx.Tracer):
         if module_qualified_name in self._forced or super().is_leaf_module(m, module_qualified_name) or library_leaf(m):
             return True
         return not self._descend(self._full(module_qualified_name), m)
-
-    def iter(self, obj):
-        # ``map(f, x.chunk(3, -1))`` (lucidrains' attention): the pieces of a chunk are known
-        # without the shape; a dimension too small for them fails loudly when the graph runs
-        n = self.length(obj.node)
-        return iter([obj[i] for i in range(n)]) if n is not None else super().iter(obj)
-
-    def length(self, node: fx.Node) -> int | None:
-        """How many items ``node`` holds, where the trace can tell: the pieces of a ``chunk``, a
-        shape (``*x.shape``: the rank in the example call) or a slice of one (``*x.shape[-2:]``)."""
-        n = _chunks(node)
-        if n is not None:
-            return n
-        sliced = node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], slice)
-        whole = node.args[0] if sliced and isinstance(node.args[0], fx.Node) else node
-        tensor = shape_of(whole)
-        rank = self.rank_of(tensor) if tensor is not None else None
-        if rank is None:
-            return None
-        return len(range(rank)[node.args[1]]) if sliced else rank
-
-    @contextlib.contextmanager
-    def evaluating_examples(self) -> Iterator[None]:
-        """While :class:`ExampleValues` runs nodes: modules hold their real mode flags, and the
-        patched ``Module.__call__`` / ``__getattr__`` call and return as they would untraced."""
-        proxies = [(m, flag, m.__dict__.get(flag)) for m, flag, _ in self._saved]
-        outer, self.evaluating = self.evaluating, True
-        for m, flag, value in self._saved:
-            m.__dict__[flag] = value
-        try:
-            yield
-        finally:
-            self.evaluating = outer
-            for m, flag, proxy in proxies:
-                m.__dict__[flag] = proxy
-
-    def getattr(self, attr, attr_val, parameter_proxy_cache):
-        return attr_val if self.evaluating else super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def call_module(self, m, forward, args, kwargs):
         if self.evaluating:
@@ -237,25 +132,6 @@ def _unmark_torch_wrapped(graph: fx.Graph) -> None:
     for node in graph.nodes:
         if node.meta.get("is_wrapped") and str(getattr(node.target, "__module__", "")).startswith("torch."):
             del node.meta["is_wrapped"]
-
-
-def _rank_reads(node: fx.Node) -> list[fx.Node]:
-    """The tensors whose rank ``node`` (a :func:`rank_only` node) reads."""
-    if node.op == "call_method" and node.target in ("dim", "ndimension"):
-        return [node.args[0]]
-    if node.op == "call_function" and node.target is getattr and node.args[1:] == ("ndim",):
-        return [node.args[0]]
-    if node.op == "call_function" and node.target is len:
-        return [shape_of(node.args[0])]
-    return [t for a in node.all_input_nodes for t in _rank_reads(a)]
-
-
-def _chunks(node: fx.Node) -> int | None:
-    """How many pieces ``node`` (a ``chunk`` call with a constant count) returns, else None."""
-    if node.target not in ("chunk", torch.chunk) or node.op not in ("call_method", "call_function"):
-        return None
-    n = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks")
-    return n if isinstance(n, int) and n > 0 else None
 
 
 def _hold(result, caught: list) -> None:
