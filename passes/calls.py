@@ -19,7 +19,7 @@ from torch import nn
 
 from .library_leaves import library_leaf
 
-__all__ = ["CallGuard", "call_shell", "keep_argument_names"]
+__all__ = ["CallGuard", "call_shell", "keep_argument_names", "input_tuple"]
 
 _OTHER = object()  # a recorded argument value that is neither None nor a flag
 
@@ -29,6 +29,16 @@ CHECKPOINT_FLAGS = ("grad_checkpointing", "gradient_checkpointing")
 
 class _Absent:  # an argument the call left out
     pass
+
+
+def input_tuple(example_inputs) -> tuple:
+    """``example_inputs`` as the positional arguments of one call: a list or tuple is the
+    arguments, anything else (one tensor) the only one.
+
+    >>> input_tuple(torch.zeros(1)).__len__(), input_tuple([1, 2])
+    (1, (1, 2))
+    """
+    return tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
 
 
 def _is_torch_leaf(m: nn.Module) -> bool:

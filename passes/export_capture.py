@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .calls import input_tuple
 from .checkpoint_guard import refuse_checkpoint
 from .export_guard import ExportGuard  # also where pickles made before the split find it
 from .traced import _keep_attributes, _keep_hierarchy, _traced_class
@@ -311,7 +312,7 @@ def export_trace(root: nn.Module, example_inputs) -> TraceResult:
     >>> [n.target for n in r.module.graph.nodes if n.op == "call_module"][:3]
     ['conv1', 'bn1', 'relu']
     """
-    inputs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
+    inputs = input_tuple(example_inputs)
     result = TraceResult(module=root, capture="export")
     try:
         ep = _export(root, inputs, result)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from passes import ExportCaptureError, export_trace, model_ends, node_name, own_calls, target_module, trace
-from passes.calls import CallShell
+from passes.calls import CallShell, input_tuple
 from passes.tracing import CallRecord, TraceResult, enclosing_modules
 
 from sparsify.core.activations import is_activation_module, shell_activation
@@ -81,7 +81,7 @@ def fx_capture(root: nn.Module, matcher: MatchTable, example_inputs=None):
     # children traced under an untraceable parent are specialised to how it calls them
     calls = root_args = None
     if example_inputs is not None:
-        calls = CallRecord(root, example_inputs if isinstance(example_inputs, (list, tuple)) else (example_inputs,))
+        calls = CallRecord(root, input_tuple(example_inputs))
         root_args = calls.root_concrete_args() or None  # the root too: traced as the example calls it
 
     def is_site(name, m):
@@ -205,7 +205,7 @@ def _export_may_reach_more(tr: TraceResult, matcher: MatchTable, example_inputs)
         ops |= {o.rstrip("_") for o in ([op] if isinstance(op, str) else op)}
     if not ops:
         return False
-    inputs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
+    inputs = input_tuple(example_inputs)
     called = own_calls(tr.module, [f.name for f in tr.fallbacks], inputs)
     return called is None or bool(called & ops)
 

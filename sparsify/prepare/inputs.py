@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from passes.calls import input_tuple
 from sparsify.core.conv1d import CONV_TRANSPOSE_TYPES, in_features_of, out_features_of
 from sparsify.core.eval_loop import run_eval
 from sparsify.core.layers import WEIGHT_TYPES
@@ -108,7 +109,7 @@ def check_inputs(model: nn.Module, example_inputs) -> dict[str, float] | None:
                         "result of sparsify.finalize")
     if example_inputs is None:
         return None
-    inputs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
+    inputs = input_tuple(example_inputs)
     try:
         return positions_per_sample(model, inputs)
     except Exception as e:
