@@ -208,34 +208,42 @@ def _trace_children(parent: nn.Module, descend: Descend, is_site: Descend, prefi
                     blockwise: bool = False) -> None:
     children = [(name, child, f"{prefix}.{name}" if prefix else name) for name, child in parent.named_children()]
 
-    def container(child):
-        return isinstance(child, (nn.ModuleList, nn.ModuleDict)) or (blockwise and type(child) is nn.Sequential)
+    def kind(full: str, child: nn.Module) -> str | None:
+        """What happens to a child here: rewritten as an attribute ("site"), looked into
+        ("container": never called itself), given a one-call graph ("shell"), traced on its own
+        ("trace"), or nothing (a leaf)."""
+        if is_site(full, child):
+            return "site"
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)) or (blockwise and type(child) is nn.Sequential):
+            return "container"
+        if shell is not None and shell(full, child):
+            return "shell"
+        return "trace" if not _is_torch_leaf(child) and descend(full, child) else None
 
     def traced_alone(module, path):
         """Qualified names of the modules traced one by one below ``module``: its children, and
         the items of the containers among them."""
         for name, child in module.named_children():
             full = f"{path}.{name}" if path else name
-            if is_site(full, child) or (shell is not None and shell(full, child)):
-                continue
-            if container(child):
+            k = kind(full, child)
+            if k == "container":
                 yield from traced_alone(child, full)
-            elif not _is_torch_leaf(child) and descend(full, child):
+            elif k == "trace":
                 yield full
     if calls is not None:  # one example forward gives every module traced here its inputs for the check
         calls.hold_inputs([name for name in traced_alone(parent, prefix) if not calls.vouched(name)])
     for child_name, child, full in children:
-        if is_site(full, child):
+        k = kind(full, child)
+        if k == "site":
             result.direct.append(full)
-        elif container(child):
-            # containers are never called themselves: look at what they hold
+        elif k == "container":
             _trace_children(child, descend, is_site, full, result, calls, shell, blockwise)
-        elif shell is not None and shell(full, child):
+        elif k == "shell":
             gm = call_shell(child, child_name)
             result.replaced.append((parent, child_name, child))
             setattr(parent, child_name, gm)
             result.graphs[full] = gm
-        elif not _is_torch_leaf(child) and descend(full, child):
+        elif k == "trace":
             # the parent's own code calls this child: trace it as it is called there
             concrete = calls.concrete_args(full, child) if calls is not None else None
             sub = trace(child, descend, is_site=is_site, prefix=full, calls=calls, concrete_args=concrete,
