@@ -24,7 +24,7 @@ from sparsify.core.conv1d import Conv1DLike, grouped_transpose
 from sparsify.core.layers import WEIGHT_TYPES, SparseWeightMixin, plain_copy, weight_base
 from sparsify.core.params import Params
 from sparsify.core.schedules import resolve_time
-from sparsify.core.subclasses import refusal
+from sparsify.core.subclasses import computed_weight_reason, refusal
 
 __all__ = ["Method", "Group", "Site", "GroupContext"]
 
@@ -253,6 +253,8 @@ class Method:
             if isinstance(site.module, Conv1DLike):
                 return f"{self.name} applies to {names} only, not to transformers' Conv1D (a transposed Linear)"
             return f"{self.name} applies to {names} only"
+        if self.site == "module" and computed_weight_reason(site.module):
+            return computed_weight_reason(site.module)
         if self.site == "module" and self.own_forward != "keep":
             why = refusal(site.module, weight_base(site.module), self.own_forward == "run")
             if why:

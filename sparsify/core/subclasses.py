@@ -35,6 +35,26 @@ KEEPS_WEIGHT = {
 }
 
 OWN_FORWARD = "computes with its own forward"  # the plan's reason starts so (sparsify() warns once)
+COMPUTED_WEIGHT = "weight is computed by"  # a parametrized layer's reason holds this (sparsify() warns once)
+
+
+def computed_weight_reason(module: nn.Module) -> str | None:
+    """Why a layer whose ``weight`` is no parameter of its own (``weight_norm`` and other
+    parametrizations: wav2vec2's positional conv) stays dense, or None.
+
+    >>> conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(2, 2, 3))
+    >>> computed_weight_reason(conv).split(",")[0]
+    'the weight is computed by a parametrization (_WeightNorm)'
+    >>> computed_weight_reason(nn.Conv1d(2, 2, 3)) is None
+    True
+    """
+    if "weight" in module._parameters:
+        return None
+    via = getattr(getattr(module, "parametrizations", None), "weight", None)
+    how = (f"a parametrization ({', '.join(type(p).__name__ for p in via)})" if via is not None
+           else "something other than a parameter (torch.nn.utils.weight_norm's hook?)")
+    # neither a mask on the stored tensors nor a sparse copy of the weight would hold
+    return f"the {COMPUTED_WEIGHT} {how}, which a sparse layer would not keep: left dense"
 
 
 def own_forward_class(module: nn.Module, base: type) -> type | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from sparsify.core.subclasses import OWN_FORWARD
+from sparsify.core.subclasses import COMPUTED_WEIGHT, OWN_FORWARD
 
 __all__ = ["PlanEntry", "Plan", "STACKED"]
 
@@ -51,6 +51,12 @@ class Plan:
             out.append(f"sparsify: {len(own)} layer(s) of class {', '.join(sorted({e.kind for e in own}))} left "
                        "dense: they compute with their own forward, which a sparse layer would not keep (see "
                        "sparsify.plan(model, recipe) and docs/integrations.md#timm)")
+        computed = [e for e in self.dense if COMPUTED_WEIGHT in e.reason]
+        if computed:
+            out.append(f"sparsify: {len(computed)} layer(s) left dense, {sum(e.params for e in computed) / max(1, sum(e.params for e in self.entries)):.0%} "
+                       f"of the model's weight parameters: their weight is computed by a parametrization (first: "
+                       f"{computed[0].name}: {computed[0].reason}); remove it (torch.nn.utils.parametrize."
+                       "remove_parametrizations) before sparsify() to sparsify them")
         for i in self.unmatched_rules:
             if not recipe.data["rules"][i].get("optional"):  # optional: may match nothing (no downsample layers)
                 out.append(f"sparsify: rule {i} of recipe {recipe.name!r} matched nothing "
@@ -129,6 +135,12 @@ class Plan:
             lines.append(f"untraceable, kept as a leaf: {fb['name'] or '<root>'}: {fb['reason']}")
         for w in self.trace_warnings:
             lines.append(f"warning while tracing: {w}")
+        computed = [e for e in self.dense if COMPUTED_WEIGHT in e.reason]
+        if computed:
+            out.append(f"sparsify: {len(computed)} layer(s) left dense, {sum(e.params for e in computed) / max(1, sum(e.params for e in self.entries)):.0%} "
+                       f"of the model's weight parameters: their weight is computed by a parametrization (first: "
+                       f"{computed[0].name}: {computed[0].reason}); remove it (torch.nn.utils.parametrize."
+                       "remove_parametrizations) before sparsify() to sparsify them")
         for i in self.unmatched_rules:
             lines.append(f"warning: rule {i} matched nothing")
         return "\n".join(lines)

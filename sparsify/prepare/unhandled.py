@@ -80,7 +80,10 @@ def unhandled_entries(root: nn.Module, graphs: dict[str, fx.GraphModule]) -> lis
                                  f"bare parameter multiplied by {fn} in graph {prefix or '<root>'}: no layer to "
                                  "rewrite (wrap it in an nn.Linear to sparsify it)", p.numel()))
     for name, m in root.named_modules():
-        if isinstance(m, (*WEIGHT_TYPES, nn.Embedding, nn.EmbeddingBag, *_FUSED, nn.MultiheadAttention)):
+        # a ParametrizationList holds the tensors a parametrized layer (weight_norm) computes its
+        # weight from: that layer is listed already, with why it stays dense
+        if isinstance(m, (*WEIGHT_TYPES, nn.Embedding, nn.EmbeddingBag, *_FUSED, nn.MultiheadAttention,
+                          nn.utils.parametrize.ParametrizationList)):
             continue
         for pname, p in m.named_parameters(recurse=False):
             full = f"{name}.{pname}" if name else pname

@@ -1,0 +1,81 @@
+"""Layers whose weight a parametrization computes (``weight_norm``: wav2vec2's and HuBERT's
+positional convolution). Before, every weight method raised AttributeError in ``sparsify`` ('ST3Conv1d'
+object has no attribute 'weight') and the plan listed the parametrization's tensors as fused
+experts; now such a layer stays dense, with its reason, and sparsify says so once."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import sparsify
+
+WEIGHT_RECIPES = ["st3", "st3-sigma", "gmp", "str", "str-global", "nm-2-4", "dual", "sas"]
+
+
+class PosConv(nn.Module):
+    """wav2vec2's shape: a projection, a weight-normed grouped conv over time, a head."""
+
+    def __init__(self, legacy: bool = False):
+        super().__init__()
+        self.proj = nn.Linear(8, 16)
+        conv = nn.Conv1d(16, 16, 5, padding=2, groups=2)
+        if legacy:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm is deprecated
+                self.conv = nn.utils.weight_norm(conv, dim=2)
+        else:
+            self.conv = nn.utils.parametrizations.weight_norm(conv, dim=2)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):  # x: (batch, time, 8)
+        h = torch.relu(self.proj(x))
+        h = h + nn.functional.gelu(self.conv(h.transpose(1, 2))).transpose(1, 2)
+        return self.head(h.mean(1))
+
+
+def _x():
+    return torch.randn(2, 10, 8, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["parametrizations", "legacy-hook"])
+@pytest.mark.parametrize("recipe", WEIGHT_RECIPES)
+def test_a_weight_normed_layer_stays_dense_and_the_rest_trains_and_finalizes(recipe, legacy):
+    torch.manual_seed(0)
+    model = PosConv(legacy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = sparsify.sparsify(model, recipe, total_steps=3, example_inputs=(_x(),))
+    said = [str(w.message) for w in caught if "their weight is computed by a parametrization" in str(w.message)]
+    assert len(said) == 1 and "conv" in said[0], [str(w.message) for w in caught]
+    plan = sparsify.core.state.find_state(m).plan
+    dense = {e.name: e.reason for e in plan.dense}
+    assert "weight is computed by" in dense["conv"]
+    assert not any("parametrizations" in name for name in dense)  # its tensors are not listed again
+    assert type(m.conv).__name__.startswith("Parametrized") or hasattr(m.conv, "weight_g")  # left as it was
+    # SAS takes layers fed by a relu: only the conv is, and it stays dense
+    layers = {e.name for e in plan.rewritten if e.kind in ("Linear", "Conv1d")}
+    assert layers == (set() if recipe == "sas" else {"proj", "head"})
+    opt = torch.optim.SGD(sparsify.param_groups(m, 1e-4), lr=1e-2)
+    for _ in range(3):
+        loss = m(_x()).square().mean() + sparsify.penalty(m)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sparsify.step(m)
+    m.eval()
+    if legacy:  # torch cannot deepcopy a module whose hook computed weight after a forward (torch's message says so)
+        return
+    final = sparsify.finalize(m, (_x(),))
+    with torch.no_grad():
+        torch.testing.assert_close(final(_x()), m(_x()), rtol=1e-4, atol=1e-5)
+
+
+def test_removing_the_parametrization_first_sparsifies_the_layer():
+    """What the warning suggests: the layer then holds a plain weight, which the recipe rewrites."""
+    model = PosConv()
+    nn.utils.parametrize.remove_parametrizations(model.conv, "weight")
+    plan = sparsify.plan(model, "st3", example_inputs=(_x(),))
+    assert "conv" in {e.name for e in plan.rewritten}
