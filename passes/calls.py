@@ -52,7 +52,8 @@ class CallGuard:
     ``fixed`` maps argument names to the ``None`` or ``bool`` the trace specialised on; every other
     named argument was a graph input (any value but ``None`` fits; the trace took ``x is None`` as
     false). Extra positional or keyword arguments (``*args``, ``**kwargs``) fit only when absent or
-    ``None``. ``nodes`` are the graph's node names at trace time, to tell later edits apart.
+    ``None``, except the keys of a ``**kwargs`` the trace read (``var_keys``), which must all come
+    with a value. ``nodes`` are the graph's node names at trace time, to tell later edits apart.
 
     >>> def forward(self, x, mask=None, scale=True): ...
     >>> g = CallGuard(forward, {"mask": None})
@@ -60,7 +61,8 @@ class CallGuard:
     (True, False, True, False)
     """
 
-    def __init__(self, forward, fixed: dict, nodes=(), modes: dict | None = None, ranks: dict | None = None):
+    def __init__(self, forward, fixed: dict, nodes=(), modes: dict | None = None, ranks: dict | None = None,
+                 var_keys: tuple | None = None):
         self.forward = forward  # the original Python forward, called unbound on the traced module
         params = list(inspect.signature(forward).parameters.values())[1:]  # drop self
         self.names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -74,11 +76,14 @@ class CallGuard:
         self.modes = _mode_keys(modes or {})
         # {argument: rank} of tensor arguments whose rank the forward read in Python (`*x.shape`)
         self.ranks = dict(ranks or {})
+        # the keys a `**kwargs` argument was traced with (None: it was not read), which every call
+        # must pass with a value, and no others but None
+        self.var_keys = None if var_keys is None else frozenset(var_keys)
         self._warned: set = set()
 
     @classmethod
     def for_module(cls, module: nn.Module, fixed: dict, graph: fx.Graph, modes: dict | None = None,
-                   ranks: dict | None = None) -> CallGuard | None:
+                   ranks: dict | None = None, var_keys: tuple | None = None) -> CallGuard | None:
         """The guard for ``module`` traced into ``graph`` (``modes``: the ``training`` flags its
         control flow read; ``ranks``: the ranks of arguments it read); None when no call could
         misfit (every argument required, no ``*args``/``**kwargs``, no mode or rank read) or the
@@ -88,12 +93,13 @@ class CallGuard:
         if old is not None:  # a retrace of a traced module: its graph was specialised already
             forward, fixed, modes = old.forward, {**old.fixed, **fixed}, {**old.modes, **modes}
             ranks = {**getattr(old, "ranks", {}), **ranks}
+            var_keys = var_keys if var_keys is not None else getattr(old, "var_keys", None)
         else:
             forward = getattr(type(module), "forward", None)
             if not inspect.isfunction(forward):
                 return None
         try:
-            guard = cls(forward, fixed, (n.name for n in graph.nodes), modes, ranks)
+            guard = cls(forward, fixed, (n.name for n in graph.nodes), modes, ranks, var_keys)
         except (TypeError, ValueError):  # a signature inspect cannot read
             return None
         params = list(inspect.signature(forward).parameters.values())[1:]
@@ -128,7 +134,8 @@ class CallGuard:
             if not self._fits(name, kwargs.get(name, _Absent), False):
                 return False
         named = set(self.names[len(args):]) | set(self.kwonly)
-        return all(v is None for k, v in kwargs.items() if k not in named)
+        extra = {k for k, v in kwargs.items() if k not in named and v is not None}
+        return extra == (self.var_keys or frozenset())
 
     def adapt(self, args: tuple, kwargs: dict, module: nn.Module | None = None):
         """``(args, kwargs)`` to call the graph with, or None when the call needs the module's
@@ -193,6 +200,7 @@ class CallGuard:
         self.__dict__.update(state)
         self.modes = _mode_keys(state.get("modes") or {})
         self.ranks = state.get("ranks") or {}  # guards pickled before ranks were read
+        self.var_keys = state.get("var_keys")
 
 
 def _mode_keys(modes: dict) -> dict:

@@ -1,7 +1,7 @@
 """What :class:`passes.depth_tracer._DepthTracer` answers of a traced value that torch.fx does
 not (:class:`ExampleAnswers`, a mixin of the tracer): how many items it holds (a ``chunk``, a
-shape: the rank in the example call), a condition on ranks, and a condition whose other branch
-only raises. docs/capture.md ("What a trace reads from the example inputs") lists them.
+shape: the rank in the example call), the keys of a ``**kwargs`` argument, a condition on ranks,
+and a condition whose other branch only raises. docs/capture.md ("What a trace reads from the example inputs") lists them.
 """
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ class ExampleAnswers:
         self.values: ExampleValues | None = None
         self.evaluating = False  # ExampleValues is running nodes: module calls and attributes act as usual
         self.ranks: dict[fx.Node, int] = {}  # tensors whose rank the trace took from the example
+        self.var_keys: tuple[str, ...] | None = None  # the **kwargs keys taken from the example
 
     def start_answers(self, root) -> None:
         if getattr(self, "_example", None) is not None and isinstance(root, nn.Module):
@@ -101,6 +102,20 @@ class ExampleAnswers:
         self.create_proxy("call_function", torch._assert, (same, f"sparsify: {tensor.name} was {rank}-dimensional "
                           "in example_inputs when this graph was traced, and the graph holds that rank"), {})
         return rank
+
+    def keys(self, obj):
+        # `self.fn(x, **kwargs)` in a module traced on its own (vit-pytorch's CaiT wrappers): the
+        # keys the example call passed with a value; the CallGuard takes calls with those only
+        node = obj.node
+        if node.op == "placeholder" and str(node.target).startswith("**") and self.values is not None:
+            try:
+                given = self.values(node)
+            except NoValue:
+                given = None
+            if isinstance(given, dict):
+                self.var_keys = tuple(k for k, v in given.items() if v is not None)
+                return list(self.var_keys)
+        return super().keys(obj)
 
     def iter(self, obj):
         # ``map(f, x.chunk(3, -1))`` (lucidrains' attention): the pieces of a chunk are known

@@ -195,3 +195,59 @@ def test_a_rank_read_from_the_example_serves_every_call_of_that_rank(rank, other
         with torch.no_grad():
             for x in (of_rank(rank, batch), of_rank(other, batch)):
                 torch.testing.assert_close(m(x), own.forward(m, x), rtol=1e-5, atol=1e-6)
+
+
+class CrossAttend(nn.Module):
+    def __init__(self, dim=16):
+        super().__init__()
+        self.q, self.kv = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim)
+
+    def forward(self, x, context=None):
+        k, v = self.kv(default(context, x)).chunk(2, dim=-1)
+        return nn.functional.gelu((self.q(x) @ k.transpose(-1, -2)).softmax(-1) @ v)
+
+
+class PreNorm(nn.Module):
+    """vit-pytorch's / CaiT's wrapper: passes on whatever keywords it gets."""
+
+    def __init__(self, fn, dim=16):
+        super().__init__()
+        self.norm, self.fn = nn.LayerNorm(dim), fn
+
+    def forward(self, x, **kwargs):
+        return self.fn(self.norm(x), **kwargs)
+
+
+class Decoder(nn.Module):
+    """Its own forward branches on a size, so each block is traced on its own, ``**kwargs`` a
+    traced argument."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([PreNorm(CrossAttend()), PreNorm(CrossAttend())])
+
+    def forward(self, x, context=None):
+        for block in self.blocks:
+            x = x + block(x, context=context)
+        return x[:, :1] if x.shape[1] % 2 else x
+
+
+def test_keyword_arguments_passed_on_are_traced_with_the_example_keys():
+    """Before: ``**kwargs`` of a block traced on its own could not be unpacked, and every block
+    ran its own forward. The keys the example passed are traced; a call passing others (here:
+    none) runs the block's own forward."""
+    torch.manual_seed(0)
+    model, x, ctx = Decoder(), torch.randn(2, 4, 16), torch.randn(2, 3, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = sparsify.sparsify(model, "tl1", total_steps=4, example_inputs=(x, ctx), copy=True)
+    assert [f["name"] for f in _plan_of(m).fallbacks] == [""]  # the root only
+    guard = m.blocks[0].__dict__["_call_guard"]
+    assert guard.var_keys == {"context"}
+    m.eval(), model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, ctx), model(x, ctx))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.testing.assert_close(m(x), model(x))  # context=None: the blocks' own forward
+    assert guard.fits((x,), {"context": ctx}) and guard.fits((x,), {"context": None}) is False
