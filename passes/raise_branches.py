@@ -12,6 +12,7 @@ traced code would catch that exception (the condition is then left to torch.fx, 
 from __future__ import annotations
 
 import dis
+import functools
 import sys
 import types
 
@@ -59,9 +60,7 @@ def surviving_value(frame: types.FrameType) -> bool | None:
 
 
 def _decide(frame: types.FrameType) -> bool | None:
-    code = frame.f_code
-    instructions = list(dis.get_instructions(code))
-    at = {ins.offset: i for i, ins in enumerate(instructions)}
+    instructions, at = _read(frame.f_code)
     i = at.get(frame.f_lasti)
     if i is None:
         return None
@@ -78,19 +77,31 @@ def _decide(frame: types.FrameType) -> bool | None:
     target = at.get(jump.argval)
     if target is None:
         return None
-    taken_raises = _raises(instructions, target, i + 1)
-    through_raises = _raises(instructions, i + 1, target)
+    taken_raises = _raises(instructions, at, target, i + 1)
+    through_raises = _raises(instructions, at, i + 1, target)
     if taken_raises == through_raises:
         return None
     jumps_on = "IF_TRUE" in jump.opname  # the value for which the jump is taken
     return (not jumps_on) if taken_raises else jumps_on
 
 
-def _raises(instructions: list, start: int, other: int) -> bool:
+@functools.lru_cache(maxsize=512)
+def _read(code: types.CodeType) -> tuple[list, dict]:
+    """``code``'s instructions and their index by offset (a forward asks many times)."""
+    instructions = list(dis.get_instructions(code))
+    return instructions, {ins.offset: i for i, ins in enumerate(instructions)}
+
+
+@functools.lru_cache(maxsize=512)
+def _entries(code: types.CodeType):
+    """``code``'s exception table (None before Python 3.11, which has none)."""
+    return getattr(dis.Bytecode(code), "exception_entries", None)
+
+
+def _raises(instructions: list, at: dict, start: int, other: int) -> bool:
     """Does every path from instruction ``start`` raise before it returns, loops, yields or
     reaches ``other`` (the first instruction of the other branch)? Local work on the way (a
     message's ternaries and stores) is allowed: the frame is left by the exception."""
-    at = {ins.offset: i for i, ins in enumerate(instructions)}
     stack, seen = [start], set()
     while stack:
         i = stack.pop()
@@ -145,11 +156,10 @@ def raise_is_caught(frame: types.FrameType, skip_dirs: tuple[str, ...], stop) ->
 
 
 def _caught(code: types.CodeType, offset: int) -> bool:
-    instructions = list(dis.get_instructions(code))
-    entries = getattr(dis.Bytecode(code), "exception_entries", None)
+    instructions, at = _read(code)
+    entries = _entries(code)
     if entries is None:  # Python 3.10: a try block opened before the offset, handled after it
         return any(ins.opname == "SETUP_FINALLY" and ins.offset < offset < ins.argval for ins in instructions)
-    at = {ins.offset: i for i, ins in enumerate(instructions)}
     for entry in entries:
         if entry.start <= offset < entry.end and entry.target in at and _catches(instructions[at[entry.target]:]):
             return True

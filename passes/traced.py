@@ -7,6 +7,9 @@ before the split name ``passes.tracing._unpickle_traced``).
 """
 from __future__ import annotations
 
+import operator
+from collections import OrderedDict
+
 import torch.fx as fx
 from torch import nn
 
@@ -65,6 +68,41 @@ class TracedModule(fx.GraphModule):
         return _unpickle_traced, (self._traced_from, type(self).__name__, fn, args)
 
 
+class _SequentialLayers:
+    """``len``, indexing and iteration of a traced ``nn.Sequential``: the layers it was traced with
+    (by name, so a layer swapped in since is the one returned), not the modules a rewrite added
+    for the graph to call nor state attached to the model afterwards, which ``_modules`` also
+    holds. ``model[-1]`` stays the head; an eager call of the container's own forward (a call its
+    graph was not traced for) runs those layers only."""
+
+    def _layer_items(self) -> list[tuple[str, nn.Module]]:
+        names = self.__dict__.get("_layer_names")
+        return list(self._modules.items()) if names is None else [(n, self._modules[n]) for n in names
+                                                                  if n in self._modules]
+
+    def __len__(self) -> int:
+        return len(self._layer_items())
+
+    def __iter__(self):
+        return iter([m for _, m in self._layer_items()])
+
+    def __getitem__(self, idx):
+        items = self._layer_items()
+        if isinstance(idx, slice):
+            return nn.Sequential(OrderedDict(items[idx]))
+        return items[operator.index(idx)][1]
+
+    def __setitem__(self, idx, module: nn.Module) -> None:
+        setattr(self, self._layer_items()[operator.index(idx)][0], module)
+
+    def __delitem__(self, idx) -> None:
+        items = self._layer_items()
+        gone = [n for n, _ in (items[idx] if isinstance(idx, slice) else [items[operator.index(idx)]])]
+        for name in gone:
+            delattr(self, name)
+        self.__dict__["_layer_names"] = tuple(n for n, _ in items if n not in gone)
+
+
 class _SkipOriginalInit(nn.Module):
     # sits between GraphModule and the original class in the MRO: GraphModule.__init__ calls
     # super().__init__(), which must not run the original constructor (it needs its arguments)
@@ -85,7 +123,8 @@ def _traced_class(cls: type) -> type:
                     for b in cls.__mro__)
         if cls is not nn.Module and not issubclass(cls, fx.GraphModule) and not layer:
             try:
-                made = type(cls.__name__, (TracedModule, _SkipOriginalInit, cls),
+                view = (_SequentialLayers,) if issubclass(cls, nn.Sequential) else ()
+                made = type(cls.__name__, (TracedModule, *view, _SkipOriginalInit, cls),
                             {"_traced_from": cls, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
             except TypeError:  # metaclass or __init_subclass__ conflicts: keep the graph only
                 made = TracedModule
@@ -114,6 +153,8 @@ def traced_module(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     """
     cls = _traced_class(getattr(type(root), "_traced_from", type(root)))  # a retrace keeps the class
     gm = cls(root, graph, type(root).__name__)
+    if isinstance(root, nn.Sequential) and "_layer_names" not in root.__dict__:
+        gm.__dict__["_layer_names"] = tuple(root._modules)  # a retrace keeps the first trace's (copied below)
     _keep_hierarchy(root, gm)
     _keep_attributes(root.__dict__, gm)
     for name in gm._buffers:

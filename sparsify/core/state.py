@@ -38,6 +38,12 @@ class SparsifyState(nn.Module):
         self.synced = False  # an averaged copy that sparsify.sync gave a model's sparsity (saved)
         self.unfilled = False  # sparsified on meta, then materialized: the state holds no values
 
+    def forward(self, x, *args, **kwargs):
+        """The identity: a model whose own forward calls each of its children in turn (an
+        ``nn.Sequential`` run eagerly, sentence-transformers' ``SentenceTransformer``) passes
+        its input through the state it now holds as it did before."""
+        return x
+
     @property
     def recipe(self) -> dict:
         return json.loads(self.recipe_json)

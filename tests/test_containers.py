@@ -1,0 +1,100 @@
+"""Models that are containers: sparsify attaches its state as a child module (``sparsify_state``,
+so that ``state_dict`` and ``.to()`` carry it) and a rewrite adds the modules its graph calls.
+Before, an ``nn.Sequential`` model counted both among its layers (``len(model)`` grew,
+``model[-1]`` was the state, ``model[-1] = head`` overwrote it), and a model whose own forward
+calls each child in turn (sentence-transformers' ``SentenceTransformer``) raised
+NotImplementedError at its first forward: the state has no forward."""
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+import sparsify
+
+RECIPES = sorted(sparsify.builtin_recipes())
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_a_sequential_model_keeps_its_layers(recipe):
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # semi-structured matches no Linear: said, expected
+        m = sparsify.sparsify(_mlp(), recipe, total_steps=4, example_inputs=(x,))
+    assert len(m) == 3
+    assert [m[i] for i in range(3)] == list(m) == [m._modules[n] for n in ("0", "1", "2")]
+    assert m[-1] is m._modules["2"] and isinstance(m[:2], nn.Sequential) and len(m[:2]) == 2
+    if not recipe.startswith("sas"):  # SAS feeds its layer the relu's input: no longer a chain of the layers
+        with torch.no_grad():
+            torch.testing.assert_close(nn.Sequential(*m).eval()(x), m.eval()(x))
+
+
+def test_a_sequential_models_head_can_be_replaced_by_index():
+    m = sparsify.sparsify(_mlp(), "st3", total_steps=4)
+    head = nn.Linear(8, 5)
+    m[-1] = head
+    assert m._modules["2"] is head and isinstance(m._modules["sparsify_state"], nn.Module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the replaced head is dropped from the recipe's groups: said
+        assert m(torch.randn(2, 8)).shape == (2, 5)
+
+
+class Pool(nn.Module):
+    def forward(self, features):
+        features["embedding"] = features["tokens"].mean(1)
+        return features
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj, self.act, self.out = nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)
+
+    def forward(self, features):
+        features["tokens"] = self.out(self.act(self.proj(features["input"])))
+        return features
+
+
+class Pipeline(nn.Sequential):
+    """SentenceTransformer's shape: a Sequential whose own forward hands a dict from child to
+    child, and calls each with the keywords its forward accepts."""
+
+    def forward(self, features, **kwargs):
+        for name, module in self.named_children():
+            # the keywords a child takes (torch.fx cannot iterate **kwargs: this root runs eagerly)
+            features = module(features, **{k: v for k, v in kwargs.items() if k in self.takes.get(name, ())})
+        return features
+
+    takes: dict = {}
+
+
+@pytest.mark.parametrize("recipe", ["st3", "tl1", "dual", "nm-2-4"])
+def test_a_model_that_calls_each_child_in_turn_runs_trains_and_finalizes(recipe):
+    torch.manual_seed(0)
+
+    def feats():
+        return {"input": torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))}
+    model = Pipeline(OrderedDict(encoder=Encoder(), pool=Pool()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = sparsify.sparsify(model, recipe, total_steps=3, example_inputs=(feats(),))
+        assert sparsify.core.state.find_state(m).plan.rewritten
+        opt = torch.optim.SGD(sparsify.param_groups(m, 1e-4), lr=1e-2)
+        for _ in range(3):
+            loss = m(feats())["embedding"].square().mean() + sparsify.penalty(m)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sparsify.step(m)
+        m.eval()
+        final = sparsify.finalize(m, (feats(),))
+    with torch.no_grad():
+        torch.testing.assert_close(final(feats())["embedding"], m(feats())["embedding"], rtol=1e-4, atol=1e-5)
