@@ -54,6 +54,7 @@ def test_a_weight_normed_layer_stays_dense_and_the_rest_trains_and_finalizes(rec
     dense = {e.name: e.reason for e in plan.dense}
     assert "weight is computed by" in dense["conv"]
     assert not any("parametrizations" in name for name in dense)  # its tensors are not listed again
+    assert "weight is computed by" in str(plan)  # printed with the other dense layers
     assert type(m.conv).__name__.startswith("Parametrized") or hasattr(m.conv, "weight_g")  # left as it was
     # SAS takes layers fed by a relu: only the conv is, and it stays dense
     layers = {e.name for e in plan.rewritten if e.kind in ("Linear", "Conv1d")}

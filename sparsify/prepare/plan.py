@@ -52,9 +52,10 @@ class Plan:
                        "dense: they compute with their own forward, which a sparse layer would not keep (see "
                        "sparsify.plan(model, recipe) and docs/integrations.md#timm)")
         computed = [e for e in self.dense if COMPUTED_WEIGHT in e.reason]
-        if computed:
-            out.append(f"sparsify: {len(computed)} layer(s) left dense, {sum(e.params for e in computed) / max(1, sum(e.params for e in self.entries)):.0%} "
-                       f"of the model's weight parameters: their weight is computed by a parametrization (first: "
+        if computed:  # weight_norm & co.: the user can remove the parametrization first
+            share = sum(e.params for e in computed) / max(1, sum(e.params for e in self.entries))
+            out.append(f"sparsify: {len(computed)} layer(s) left dense, {share:.0%} of the model's weight "
+                       f"parameters: their weight is computed by a parametrization (first: "
                        f"{computed[0].name}: {computed[0].reason}); remove it (torch.nn.utils.parametrize."
                        "remove_parametrizations) before sparsify() to sparsify them")
         for i in self.unmatched_rules:
@@ -135,12 +136,6 @@ class Plan:
             lines.append(f"untraceable, kept as a leaf: {fb['name'] or '<root>'}: {fb['reason']}")
         for w in self.trace_warnings:
             lines.append(f"warning while tracing: {w}")
-        computed = [e for e in self.dense if COMPUTED_WEIGHT in e.reason]
-        if computed:
-            out.append(f"sparsify: {len(computed)} layer(s) left dense, {sum(e.params for e in computed) / max(1, sum(e.params for e in self.entries)):.0%} "
-                       f"of the model's weight parameters: their weight is computed by a parametrization (first: "
-                       f"{computed[0].name}: {computed[0].reason}); remove it (torch.nn.utils.parametrize."
-                       "remove_parametrizations) before sparsify() to sparsify them")
         for i in self.unmatched_rules:
             lines.append(f"warning: rule {i} matched nothing")
         return "\n".join(lines)
