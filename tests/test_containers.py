@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import sparsify
+from loops import run_steps
 
 RECIPES = sorted(sparsify.builtin_recipes())
 
@@ -88,12 +89,7 @@ def test_a_model_that_calls_each_child_in_turn_runs_trains_and_finalizes(recipe)
         m = sparsify.sparsify(model, recipe, total_steps=3, example_inputs=(feats(),))
         assert sparsify.core.state.find_state(m).plan.rewritten
         opt = torch.optim.SGD(sparsify.param_groups(m, 1e-4), lr=1e-2)
-        for _ in range(3):
-            loss = m(feats())["embedding"].square().mean() + sparsify.penalty(m)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sparsify.step(m)
+        run_steps(m, opt, [(feats(), None)] * 3, penalty=True, loss_of=lambda f, _: m(f)["embedding"].square().mean())
         m.eval()
         final = sparsify.finalize(m, (feats(),))
     with torch.no_grad():

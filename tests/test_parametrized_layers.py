@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import sparsify
+from loops import run_steps
 
 WEIGHT_RECIPES = ["st3", "st3-sigma", "gmp", "str", "str-global", "nm-2-4", "dual", "sas"]
 
@@ -60,12 +61,7 @@ def test_a_weight_normed_layer_stays_dense_and_the_rest_trains_and_finalizes(rec
     layers = {e.name for e in plan.rewritten if e.kind in ("Linear", "Conv1d")}
     assert layers == (set() if recipe == "sas" else {"proj", "head"})
     opt = torch.optim.SGD(sparsify.param_groups(m, 1e-4), lr=1e-2)
-    for _ in range(3):
-        loss = m(_x()).square().mean() + sparsify.penalty(m)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sparsify.step(m)
+    run_steps(m, opt, [(_x(), None)] * 3, penalty=True, loss_of=lambda x, _: m(x).square().mean())
     m.eval()
     if legacy:  # torch cannot deepcopy a module whose hook computed weight after a forward (torch's message says so)
         return

@@ -14,6 +14,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import sparsify
+from loops import run_steps
 
 
 def _plan_of(m):
@@ -85,12 +86,7 @@ def test_a_transformer_that_reads_shapes_is_traced_whole(recipe):
     targets = [n.target for n in m.graph.nodes]
     assert torch.finfo in targets and torch._assert in targets
     opt = torch.optim.SGD(sparsify.param_groups(m, 1e-4), lr=1e-2)
-    for _ in range(3):
-        loss = m(x).pow(2).mean() + sparsify.penalty(m)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sparsify.step(m)
+    run_steps(m, opt, [(x, None)] * 3, penalty=True, loss_of=lambda x, _: m(x).pow(2).mean())
     final = sparsify.finalize(m)
     m.eval()
     other = torch.randn(3, 7, 16)  # another batch and length: the graph read them, not the example's
