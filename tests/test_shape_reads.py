@@ -247,3 +247,29 @@ def test_keyword_arguments_passed_on_are_traced_with_the_example_keys():
             warnings.simplefilter("always")
             torch.testing.assert_close(m(x), model(x))  # context=None: the blocks' own forward
     assert guard.fits((x,), {"context": ctx}) and guard.fits((x,), {"context": None}) is False
+
+
+class TokensOrImage(nn.Module):
+    """Takes tokens (b, n, d) or an image (b, d, h, w), as many vision-transformer blocks do."""
+
+    def __init__(self, dim=8):
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        if x.ndim == 4:
+            x = x.flatten(2).transpose(1, 2)
+        return torch.relu(self.fc(x))
+
+
+def test_a_condition_on_the_rank_takes_the_examples_branch_and_guards_it():
+    torch.manual_seed(0)
+    model = TokensOrImage()
+    image, tokens = torch.randn(2, 8, 3, 3), torch.randn(2, 9, 8)
+    m = sparsify.sparsify(model, "tl1", total_steps=4, example_inputs=(image,), copy=True)
+    assert _plan_of(m).fallbacks == [] and m.__dict__["_call_guard"].ranks == {"x": 4}
+    assert "flatten" in [n.target for n in m.graph.nodes]  # the image branch, traced
+    m.eval(), model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m(image), model(image))
+        torch.testing.assert_close(m(tokens), model(tokens))  # rank 3: the module's own forward
