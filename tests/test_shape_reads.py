@@ -273,3 +273,48 @@ def test_a_condition_on_the_rank_takes_the_examples_branch_and_guards_it():
     with torch.no_grad():
         torch.testing.assert_close(m(image), model(image))
         torch.testing.assert_close(m(tokens), model(tokens))  # rank 3: the module's own forward
+
+
+class Checked(nn.Module):
+    """Raises on inputs longer than ``limit`` (through an assert or an explicit raise)."""
+
+    def __init__(self, limit: int, style: str):
+        super().__init__()
+        self.limit, self.style = limit, style
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        n = x.shape[1]
+        if self.style == "assert":
+            assert n <= self.limit, f"{n} > {self.limit}"
+        elif self.style == "raise":
+            if n > self.limit:
+                raise ValueError(f"{n} > {self.limit}")
+        else:  # the check sits in an `or`, as segmentation_models_pytorch's does
+            if n > self.limit or x.shape[2] != 4:
+                raise RuntimeError("bad input")
+        return torch.relu(self.fc(x)).mean(1)
+
+
+@settings(max_examples=20, deadline=None)
+@given(limit=st.integers(1, 6), example=st.integers(1, 6), other=st.integers(1, 8),
+       style=st.sampled_from(["assert", "raise", "or"]))
+def test_a_traced_check_fails_exactly_where_the_forward_does(limit, example, other, style):
+    """Traced on an example that passes the check, the graph holds no branch for it and raises on
+    exactly the inputs the module's own forward raises on; elsewhere it computes the same."""
+    example = min(example, limit)
+    model = Checked(limit, style)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = sparsify.sparsify(model, "tl1", total_steps=4, example_inputs=(torch.randn(2, example, 4),), copy=True)
+    assert _plan_of(m).fallbacks == []
+    m.eval(), model.eval()
+    x = torch.randn(3, other, 4)
+    if other > limit:
+        with pytest.raises(Exception):
+            model(x)
+        with pytest.raises(AssertionError, match="raises at .*test_shape_reads.py"):
+            m(x)
+    else:
+        with torch.no_grad():
+            torch.testing.assert_close(m(x), model(x))
