@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .example_values import ExampleValues, NoValue, rank_only, shape_of
+from .example_values import ExampleValues, NoValue, rank_only, rank_inputs, shape_of
 from .raise_branches import raise_is_caught, surviving_value, user_frame
 
 __all__ = ["Example", "ExampleAnswers"]
@@ -76,7 +76,7 @@ class ExampleAnswers:
     def rank_value(self, node: fx.Node, otherwise: Callable):
         """The example value of ``node``, a function of tensor ranks only; each rank it reads
         becomes an assertion in the graph. Without example values, ``otherwise()``."""
-        ranks = [self.rank_of(t) for t in _rank_reads(node)]
+        ranks = [self.rank_of(t) for t in rank_inputs(node)]
         if None in ranks:
             return otherwise()
         try:
@@ -155,17 +155,6 @@ class ExampleAnswers:
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
         return attr_val if self.evaluating else super().getattr(attr, attr_val, parameter_proxy_cache)
-
-
-def _rank_reads(node: fx.Node) -> list[fx.Node]:
-    """The tensors whose rank ``node`` (a :func:`passes.example_values.rank_only` node) reads."""
-    if node.op == "call_method" and node.target in ("dim", "ndimension"):
-        return [node.args[0]]
-    if node.op == "call_function" and node.target is getattr and node.args[1:] == ("ndim",):
-        return [node.args[0]]
-    if node.op == "call_function" and node.target is len:
-        return [shape_of(node.args[0])]
-    return [t for a in node.all_input_nodes for t in _rank_reads(a)]
 
 
 def _chunks(node: fx.Node) -> int | None:

@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["ExampleValues", "NoValue", "rank_only", "shape_of"]
+__all__ = ["ExampleValues", "NoValue", "rank_only", "rank_read", "rank_inputs", "shape_of"]
 
 
 class NoValue(Exception):
@@ -48,6 +48,29 @@ def shape_of(node: fx.Node) -> fx.Node | None:
     return None
 
 
+def rank_read(node: fx.Node) -> fx.Node | None:
+    """The tensor node whose rank ``node`` reads itself (``x.dim()``, ``x.ndim``,
+    ``len(x.shape)``), else None.
+
+    >>> g = fx.Graph(); x = g.placeholder("x")
+    >>> rank_read(g.call_method("dim", (x,))) is x, rank_read(g.call_method("size", (x,)))
+    (True, None)
+    """
+    if node.op == "call_method" and node.target in _RANK_METHODS and len(node.args) == 1:
+        return node.args[0] if isinstance(node.args[0], fx.Node) else None
+    if node.op == "call_function" and node.target is builtins.getattr and node.args[1:] == ("ndim",):
+        return node.args[0] if isinstance(node.args[0], fx.Node) else None
+    if node.op == "call_function" and node.target is builtins.len and isinstance(node.args[0], fx.Node):
+        return shape_of(node.args[0])
+    return None
+
+
+def rank_inputs(node: fx.Node) -> list[fx.Node]:
+    """The tensors whose ranks ``node`` (a :func:`rank_only` node) reads."""
+    read = rank_read(node)
+    return [read] if read is not None else [t for a in node.all_input_nodes for t in rank_inputs(a)]
+
+
 def rank_only(node: fx.Node) -> bool:
     """Is ``node`` a function of tensor ranks alone (``x.ndim == 4``, ``x.dim() - 2``)?
 
@@ -56,12 +79,8 @@ def rank_only(node: fx.Node) -> bool:
     >>> rank_only(four), rank_only(g.call_function(operator.eq, (g.call_method("size", (x, 0)), 4)))
     (True, False)
     """
-    if node.op == "call_method" and node.target in _RANK_METHODS and len(node.args) == 1:
+    if rank_read(node) is not None:
         return True
-    if node.op == "call_function" and node.target is builtins.getattr and node.args[1:] == ("ndim",):
-        return True
-    if node.op == "call_function" and node.target is builtins.len:
-        return isinstance(node.args[0], fx.Node) and shape_of(node.args[0]) is not None
     if node.op == "call_function" and node.target in _RANK_OPS:
         inputs = [a for a in (*node.args, *node.kwargs.values())]
         return (any(isinstance(a, fx.Node) for a in inputs)
@@ -86,18 +105,16 @@ class ExampleValues:
         self._state = None  # the kept_state context, entered at the first run
 
     def __call__(self, node: fx.Node) -> Any:
-        if node in self._values:
-            return self._values[node]
-        order, stack, seen = [], [node], set()
-        while stack:  # the node's inputs first, without recursion (graphs run thousands deep)
-            n = stack.pop()
-            if n in self._values or n in seen:
+        stack = [(node, False)]
+        while stack:  # a node after its inputs, without recursion (graphs run thousands deep)
+            n, inputs_done = stack.pop()
+            if n in self._values:
                 continue
-            seen.add(n)
-            order.append(n)
-            stack.extend(a for a in n.all_input_nodes if a not in self._values)
-        for n in sorted(order, key=_position(node.graph)):
-            self._values[n] = self._run(n)
+            if inputs_done:
+                self._values[n] = self._run(n)
+            else:
+                stack.append((n, True))
+                stack.extend((a, False) for a in n.all_input_nodes if a not in self._values)
         return self._values[node]
 
     def close(self) -> None:
@@ -154,8 +171,3 @@ class ExampleValues:
         except Exception as exc:
             raise NoValue(f"{n.format_node()}: {type(exc).__name__}: {exc}") from None
         raise NoValue(f"no example value for {n.op} nodes")
-
-
-def _position(graph: fx.Graph):
-    index = {n: i for i, n in enumerate(graph.nodes)}
-    return index.__getitem__

@@ -253,8 +253,8 @@ class Method:
             if isinstance(site.module, Conv1DLike):
                 return f"{self.name} applies to {names} only, not to transformers' Conv1D (a transposed Linear)"
             return f"{self.name} applies to {names} only"
-        if self.site == "module" and computed_weight_reason(site.module):
-            return computed_weight_reason(site.module)
+        if self.site == "module" and (computed := computed_weight_reason(site.module)):
+            return computed
         if self.site == "module" and self.own_forward != "keep":
             why = refusal(site.module, weight_base(site.module), self.own_forward == "run")
             if why:

@@ -46,6 +46,7 @@ class Plan:
         (unless marked optional), a recipe whose methods declined every site they matched, and
         stacked weight tensors (fused MoE experts) that stay dense."""
         out = []
+        total = sum(e.params for e in self.entries)
         own = [e for e in self.dense if OWN_FORWARD in e.reason]
         if own:  # a plain sparse layer would drop their forward (weight standardisation): said, not silent
             out.append(f"sparsify: {len(own)} layer(s) of class {', '.join(sorted({e.kind for e in own}))} left "
@@ -53,7 +54,7 @@ class Plan:
                        "sparsify.plan(model, recipe) and docs/integrations.md#timm)")
         computed = [e for e in self.dense if COMPUTED_WEIGHT in e.reason]
         if computed:  # weight_norm & co.: the user can remove the parametrization first
-            share = sum(e.params for e in computed) / max(1, sum(e.params for e in self.entries))
+            share = sum(e.params for e in computed) / max(1, total)
             out.append(f"sparsify: {len(computed)} layer(s) left dense, {share:.0%} of the model's weight "
                        f"parameters: their weight is computed by a parametrization (first: "
                        f"{computed[0].name}: {computed[0].reason}); remove it (torch.nn.utils.parametrize."
@@ -70,7 +71,6 @@ class Plan:
                        "sparsify.plan(model, recipe)")
         stacked = [e for e in self.dense if e.reason.startswith(STACKED)]
         if stacked:  # the report's "sparsified layers" figure would read as the model's
-            total = sum(e.params for e in self.entries)
             out.append(f"sparsify: {len(stacked)} stacked weight tensor(s) stay dense, "
                        f"{sum(e.params for e in stacked) / total:.0%} of the model's weight parameters "
                        f"(first: {stacked[0].name}, read by the forward of {stacked[0].kind.split('.')[0]}: fused "
