@@ -4,12 +4,15 @@ methods, the buffer facility, the penalty kernels, report and finalize make thei
 their inputs' device, with no silent CPU copies."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torchvision
 
 import sparsify
 from sparsify.core.buffers import LayerBuffers, workspace
+from sparsify.core.state import find_state
 from sparsify.deploy.semistructured24 import SemiStructuredError
 from sparsify.methods.regularizers.kernels import hoyer_square, l1_sum, tl1_sum
 from loops import run_steps, train
@@ -133,3 +136,26 @@ def test_an_average_kept_on_the_cpu_follows_the_model_on_device(device, recipe):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():  # another device's kernels (TF32 convolutions on CUDA): a loose tolerance
         torch.testing.assert_close(ema(x), m(x.to(device)).cpu(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_a_model_moved_after_sparsify_finalizes_on_its_stored_example_inputs(device, recipe):
+    # sparsify on the CPU, then `.to("cuda")` and/or `.to(torch.bfloat16)` (docs/gpu.md): the
+    # example inputs kept for finalize's check move and cast with the model (they stayed on the
+    # CPU in float32 before, and finalize(model) raised torch's dtype/device mismatch)
+    dtype = torch.bfloat16
+    m = sparsify.sparsify(_net("cpu"), recipe, total_steps=STEPS, example_inputs=torch.randn(2, 3, 32, 32))
+    m = m.to(device=device, dtype=dtype)
+    (stored,) = find_state(m).example_inputs
+    assert (stored.device.type, stored.dtype) == (device.type, dtype)
+    batches = [(x.to(dtype), y) for x, y in _batches(device, 2)]
+    opt = torch.optim.SGD(sparsify.param_groups(m, 1e-4), lr=0.01)
+    run_steps(m, opt, batches, penalty=True)
+    assert sparsify.report(m).to_dict()["totals"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the schedule stops short of its end: 2 of 3 steps
+        final = sparsify.finalize(m)  # checks the plain model against the sparse one on the stored inputs
+    m.eval()
+    x = batches[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(final(x), m(x), rtol=1e-2, atol=1e-2)

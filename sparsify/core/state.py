@@ -10,6 +10,7 @@ import json
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from sparsify.core.extra_state import pack, unpack
 
@@ -70,10 +71,42 @@ class SparsifyState(nn.Module):
         if was_meta and not self.step.is_meta:
             self.unfilled = True
             self.example_inputs = _off_meta(self.example_inputs, self.step.device)
+        elif not self.step.is_meta:
+            # finalize's check and the MAC counts run these: a model moved to the GPU or cast to
+            # bf16 after sparsify() takes inputs moved and cast alike
+            self.example_inputs = _moved_like(self.example_inputs, fn)
         return out
 
     def extra_repr(self) -> str:
         return f"step={int(self.step)}, groups={list(self.groups)}"
+
+
+def _moved_like(value, fn):
+    """``value`` (a tensor, or a pytree of them: tuples, lists, dicts) with each tensor moved and cast as
+    ``fn`` (the function ``Module._apply`` got from ``.to()``, ``.cuda()``, ``.half()``...) moves
+    and casts a tensor of its dtype and device; values kept (``fn`` itself may make empty
+    tensors: ``to_empty``). A tensor that ``fn`` does not turn into a plain tensor stays as it is.
+
+    >>> half = lambda t: t.half() if t.is_floating_point() else t
+    >>> x, rest = _moved_like((torch.ones(2), {"ids": torch.ones(2, dtype=torch.int64)}), half)
+    >>> x.dtype, rest["ids"].dtype
+    (torch.float16, torch.int64)
+    """
+    seen: dict = {}
+
+    def move(v):
+        if not isinstance(v, torch.Tensor) or v.is_meta:
+            return v
+        key = (v.dtype, v.device)
+        if key not in seen:
+            try:
+                probe = fn(torch.zeros((), dtype=v.dtype, device=v.device))
+            except Exception:  # a function meant for parameters only: the inputs stay
+                probe = None
+            seen[key] = (probe.device, probe.dtype) if type(probe) is torch.Tensor and not probe.is_meta else None
+        return v if seen[key] is None else v.to(device=seen[key][0], dtype=seen[key][1])
+
+    return pytree.tree_map(move, value)
 
 
 def _off_meta(value, device: torch.device):
