@@ -5,7 +5,8 @@ regularizer (tl1, activation-l1, activation-hoyer), see tests/strategies.py for 
 Invariants: the graphs lint, output shapes are kept, a method that starts as the identity changes
 nothing before it begins, ``plan`` names exactly what was rewritten, ``state_dict`` loads into a
 fresh ``sparsify`` of the same model and recipe and continues identically, ``finalize`` gives the
-eval outputs, and the model survives ``.double()``, ``copy.deepcopy`` and pickle."""
+eval outputs, and the model survives ``.double()`` (and trains and finalizes after it),
+``copy.deepcopy`` and pickle."""
 from __future__ import annotations
 
 import copy
@@ -173,3 +174,11 @@ def test_copies_and_dtype_moves(case, steps):
         assert all(id(m) in members for g in find_state(other).groups.values() for m in g.members.values())
     model.double()
     torch.testing.assert_close(outputs(model, x.double()), ref.double(), rtol=1e-4, atol=1e-5)
+    # it trains on in float64, and finalize checks it on the example inputs sparsify kept, which
+    # were cast with it
+    model.train()
+    out = model(x.double())
+    (F.mse_loss(out, torch.zeros_like(out)) + sparsify.penalty(model)).backward()
+    sparsify.step(model)
+    final = sparsify.finalize(model)
+    torch.testing.assert_close(outputs(final, x.double()), outputs(model, x.double()), rtol=1e-6, atol=1e-7)

@@ -175,6 +175,8 @@ class MagnitudeGroup(HeldLayers, Group):
             # into the buffer of the forward's W ⊙ M: stale now (W changed; update() dropped it)
             # and rewritten by the next forward, so |W| costs no weight-sized tensor of its own
             return torch.abs(m.weight, out=m.scratch("masked", m.weight))
+        if self.block is None:  # in the weight's own layout, as the mask (a Conv1D's is (in, out))
+            return m.weight.detach().abs().float()
         return block_scores(torch_layout(m, m.weight), self.block).float()
 
     def describe(self, step: int) -> dict:
