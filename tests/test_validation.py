@@ -336,3 +336,10 @@ def test_without_jsonschema_one_warning_per_process(no_jsonschema, recwarn):
         sparsify.load_recipe(name)
     said = [w for w in recwarn.list if "jsonschema is not installed" in str(w.message)]
     assert len(said) == 1 and "recipes are not checked against recipe.schema.json" in str(said[0].message)
+
+
+def test_one_problem_is_one_line_and_several_are_listed():
+    one = _message({"version": 1, "name": "e", "rules": []})
+    assert one == "<dict>: invalid recipe: $.rules: [] should be non-empty"
+    several = _message({"version": 1, "rules": [{"match": {"typ": "Conv2d"}, "method": "st3", "extra": 1}]})
+    assert several.count("\n") == 2 and several.startswith("<dict>: invalid recipe:\n  $.rules[0]")

@@ -87,8 +87,12 @@ def _parse(text: str, source: str) -> Any:
 
 def _raise(source: str, problems: list[tuple[list, str]], note: str = "") -> None:
     if problems:
-        lines = [f"{json_path(path)}: {msg}" for path, msg in problems[:5]]
-        raise RecipeError(f"{source}: invalid recipe{note}:\n  " + "\n  ".join(lines))
+        raise _invalid(source + ": invalid recipe" + note, [f"{json_path(path)}: {msg}" for path, msg in problems[:5]])
+
+
+def _invalid(head: str, lines: list[str]) -> RecipeError:
+    """One problem on one line; several, one a line under ``head``."""
+    return RecipeError(f"{head}: {lines[0]}" if len(lines) == 1 else f"{head}:\n  " + "\n  ".join(lines))
 
 
 def _checked_elsewhere(path: list) -> bool:
@@ -147,7 +151,7 @@ def _validate_schema(data, source: str) -> None:
                 path = path + [extra[0]]
                 msg = f"unknown key {extra[0]!r} (allowed here: {allowed})"
         lines.append(f"{json_path(path)}: {msg}")
-    raise RecipeError(f"{source}: invalid recipe:\n  " + "\n  ".join(lines))
+    raise _invalid(f"{source}: invalid recipe", lines)
 
 
 def _resolve_rule(index: int, raw: dict, schedule: dict, source: str) -> Rule:
@@ -181,8 +185,7 @@ def load_recipe(spec, **overrides) -> Recipe:
     >>> load_recipe({"version": 1, "rules": [{"match": {"typ": "Conv2d"}, "method": "st3"}]})
     Traceback (most recent call last):
     ...
-    sparsify.prepare.validate.RecipeError: <dict>: invalid recipe:
-      $.rules[0].match.typ: unknown key 'typ' (allowed here: depthwise, first, grouped, in_channels, kernel_size, last, name, not_name, op, out_channels, type)
+    sparsify.prepare.validate.RecipeError: <dict>: invalid recipe: $.rules[0].match.typ: unknown key 'typ' (allowed here: depthwise, first, grouped, in_channels, kernel_size, last, name, not_name, op, out_channels, type)
     """
     data, source = _read(spec)
     if not isinstance(data, dict):
