@@ -157,6 +157,11 @@ def test_finalize_equals_the_eval_outputs(case, steps):
     ref = outputs(model, x)
     final = sparsify.finalize(model, (x,))
     torch.testing.assert_close(outputs(final, x), ref, rtol=1e-4, atol=1e-5)
+    # plain modules, and no hook of sparsify's left on them
+    assert not [type(m).__name__ for m in final.modules() if type(m).__module__.startswith("sparsify.core")]
+    hooks = [h for m in final.modules() for d in (m._forward_hooks, m._forward_pre_hooks, m._state_dict_hooks,
+             m._load_state_dict_pre_hooks, m._load_state_dict_post_hooks) for h in d.values()]
+    assert not [h for h in hooks if getattr(h, "__module__", "").startswith("sparsify")]
 
 
 @settings(max_examples=EXAMPLES)
