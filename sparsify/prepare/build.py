@@ -25,6 +25,7 @@ from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.core.contract import GroupContext, Site
 from sparsify.prepare.plan import Plan, PlanEntry
 from sparsify.prepare.tied import param_owners, share_tied, tie_decision
+from sparsify.prepare.adapters import adapter_reason
 from sparsify.prepare.unhandled import frozen_reason, unhandled_entries
 from sparsify.prepare.recipe import Recipe
 from sparsify.prepare.undo import TreeSnapshot
@@ -192,7 +193,7 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
             why, weight_params = f"tied to {tied_users[c.name]}: computes with its effective weight (one mask)", 0
         users = []
         if not why and weight_params:
-            why = frozen_reason(c.module, recipe.options)
+            why = adapter_reason(root, c.name, recipe.options) or frozen_reason(c.module, recipe.options)
             why, users = (why, []) if why else tie_decision(root, c.name, c.module, w.method, recipe.options, owners,
                                                             dry_run=dry_run)
         if why:

@@ -5,6 +5,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from sparsify.core.subclasses import COMPUTED_WEIGHT, OWN_FORWARD
+from sparsify.prepare.adapters import ADAPTER
 
 __all__ = ["PlanEntry", "Plan", "STACKED"]
 
@@ -59,13 +60,17 @@ class Plan:
                        f"parameters: their weight is computed by a parametrization (first: "
                        f"{computed[0].name}: {computed[0].reason}); remove it (torch.nn.utils.parametrize."
                        "remove_parametrizations) before sparsify() to sparsify them")
+        adapters = [e for e in self.dense if e.reason.startswith(ADAPTER)]
+        if adapters:  # sparse LoRA factors would make nothing sparse: said, with the ways in
+            out.append(f"sparsify: {len(adapters)} layer(s) of PEFT adapters left dense ({adapters[0].reason}); see "
+                       "docs/integrations.md#peft-lora")
         for i in self.unmatched_rules:
             if not recipe.data["rules"][i].get("optional"):  # optional: may match nothing (no downsample layers)
                 out.append(f"sparsify: rule {i} of recipe {recipe.name!r} matched nothing "
                            f"({recipe.rules[i].match}); see sparsify.plan(model, recipe)")
         # sites a rule with a method matched and its method left dense (not: no rule, an exclusion)
         declined = [e for e in self.dense if e.rule is not None and recipe.rules[e.rule].method is not None]
-        if not self.rewritten and declined:  # rules matched, and every method left its sites alone
+        if not self.rewritten and declined and not adapters:  # rules matched, and every method left its sites alone
             out.append(f"sparsify: recipe {recipe.name!r} rewrote nothing in this model: {len(declined)} matched "
                        f"site(s) stay dense (first: {declined[0].name}: {declined[0].reason}); see "
                        "sparsify.plan(model, recipe)")

@@ -1,0 +1,120 @@
+"""PEFT (LoRA) models: weight methods leave the adapter factors dense and say why (masking
+low-rank factors makes nothing sparse), ``"options": {"adapters": "include"}`` sparsifies them,
+activation methods work through the adapters, and a merged, unfrozen model is sparse-trained as
+any other. A tiny Llama and a torchvision ResNet from configs (no download)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import warnings
+
+import pytest
+import torch
+import torchvision
+
+import sparsify
+from sparsify.prepare.adapters import ADAPTER
+from loops import run_steps
+
+if importlib.util.find_spec("peft") is None:
+    print("skipping tests/test_peft.py: peft is not installed (pip install fx-sparsify[dev])")
+peft = pytest.importorskip("peft", reason="peft is not installed (pip install fx-sparsify[dev])")
+transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+
+WEIGHT_RECIPES = ["st3", "gmp", "nm-2-4", "str", "dual"]
+
+
+def lora_llama():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=100, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return peft.get_peft_model(transformers.LlamaForCausalLM(cfg), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+
+
+def lora_resnet():
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10)
+    return peft.get_peft_model(net, peft.LoraConfig(r=4, target_modules=["layer1.0.conv1", "layer4.1.conv2", "fc"]))
+
+
+IDS = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def lm_steps(model, n=2) -> list[float]:
+    opt = torch.optim.AdamW(sparsify.param_groups(model, 1e-2), lr=1e-2)
+    return run_steps(model, opt, [(IDS, IDS)] * n, penalty=True,
+                     loss_of=lambda x, y: model(input_ids=x, labels=y).loss)
+
+
+def adapter_names(model) -> set[str]:
+    return {n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+            and ".lora_" in n}
+
+
+@pytest.mark.parametrize("recipe", WEIGHT_RECIPES)
+def test_weight_recipes_leave_lora_factors_dense_and_say_why(recipe):
+    model = lora_llama()
+    names = adapter_names(model)
+    assert len(names) == 8  # lora_A and lora_B of q_proj and v_proj in 2 layers
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = sparsify.sparsify(model, recipe, total_steps=4)
+    said = [str(w.message) for w in caught if "PEFT adapters" in str(w.message)]
+    assert len(said) == 1 and "8 layer(s)" in said[0] and "merge_and_unload().requires_grad_()" in said[0]
+    assert not [str(w.message) for w in caught if "rewrote nothing" in str(w.message)]  # the adapter warning says it
+    plan = sparsify.core.state.find_state(m).plan
+    assert not [e.name for e in plan.rewritten if e.params]  # base layers frozen, factors adapters (dual's tl1: activations)
+    reasons = {e.name: e.reason for e in plan.entries}
+    assert all(reasons[n].startswith(ADAPTER) for n in names)
+    trainable = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
+    losses = lm_steps(m)
+    assert all(loss == loss for loss in losses)
+    assert all(not torch.equal(p, trainable[n]) for n, p in m.named_parameters() if n.endswith("lora_A.default.weight"))
+
+
+def test_adapters_include_sparsifies_the_factors():
+    data = json.loads(json.dumps(sparsify.load_recipe("st3").data))
+    data["options"] = {**data.get("options", {}), "adapters": "include"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallbacks of the PEFT wrappers
+        m = sparsify.sparsify(lora_llama(), data, total_steps=4, begin=0, end=1)
+    assert {e.name for e in sparsify.core.state.find_state(m).plan.rewritten} == adapter_names(m)
+    lm_steps(m, 2)
+    rows = {r.name: r for r in sparsify.report(m).layers}
+    assert all(rows[n].weight_sparsity > 0.5 for n in adapter_names(m) if ".lora_A." in n)
+
+
+def test_an_activation_recipe_trains_a_lora_model():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = sparsify.sparsify(lora_llama(), "tl1", total_steps=4)
+    assert not [w for w in caught if "PEFT" in str(w.message)]
+    assert len(sparsify.core.state.find_state(m).plan.rewritten) == 2  # the MLP activation of each layer
+    out = m(input_ids=IDS, labels=IDS)
+    assert float(sparsify.penalty(m).detach()) > 0
+    assert lm_steps(m)[0] == pytest.approx(float(out.loss), rel=0.5)
+
+
+@pytest.mark.parametrize("recipe", ["st3", "nm-2-4"])
+def test_a_merged_unfrozen_model_is_sparse_trained(recipe):
+    merged = lora_llama().merge_and_unload().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = sparsify.sparsify(merged, recipe, total_steps=4, begin=0, **({"end": 1} if recipe == "st3" else {}))
+    rewritten = {e.name for e in sparsify.core.state.find_state(m).plan.rewritten}
+    assert {f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qkvo"} <= rewritten
+    lm_steps(m, 2)
+    final = sparsify.finalize(m, check=False)
+    assert float((final.model.layers[0].self_attn.q_proj.weight == 0).float().mean()) >= 0.5
+
+
+def test_lora_on_a_cnn_leaves_conv_and_linear_factors_dense():
+    model = lora_resnet()
+    names = adapter_names(model)
+    assert len(names) == 6
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = sparsify.plan(model, "st3", total_steps=4, example_inputs=torch.zeros(1, 3, 32, 32))
+    reasons = {e.name: e.reason for e in p.entries}
+    assert all(reasons[n].startswith(ADAPTER) for n in names)
+    assert not p.rewritten
