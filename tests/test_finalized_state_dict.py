@@ -1,0 +1,53 @@
+"""A finalized model serves without fx-sparsify: for every recipe that keeps the architecture, its
+``state_dict`` has the dense model's keys and shapes and loads, strictly, into the model built as
+usual, which then computes exactly the finalized model's outputs. SAS (wider layers) and
+semi-structured (a position-mask buffer per masked conv) change the architecture: they must be
+the only ones (docs/deployment.md#serving-without-fx-sparsify)."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torchvision
+
+import sparsify
+
+RECIPES = sorted(sparsify.builtin_recipes())
+CHANGE_ARCHITECTURE = {"sas", "sas-m4", "semi-structured"}
+X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def dense():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10)
+
+
+def finalized(recipe):
+    m = sparsify.sparsify(dense(), recipe, total_steps=2, example_inputs=X)
+    opt = torch.optim.SGD(sparsify.param_groups(m, 1e-4), lr=0.05)
+    for _ in range(2):  # to the schedule's end: pruned, masks fixed
+        loss = m(X).logsumexp(1).mean() + sparsify.penalty(m)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sparsify.step(m, loss.detach())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # semi-structured: no loss given to step
+        return sparsify.finalize(m).eval()
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_the_finalized_state_dict_loads_into_the_plain_model(recipe):
+    final = finalized(recipe)
+    plain = dense().eval()
+    if recipe in CHANGE_ARCHITECTURE:
+        with pytest.raises(RuntimeError, match="size mismatch|Unexpected key"):
+            plain.load_state_dict(final.state_dict())
+        return
+    plain.load_state_dict(final.state_dict())  # strict: same keys, same shapes
+    assert type(plain) is torchvision.models.ResNet
+    with torch.no_grad():
+        torch.testing.assert_close(plain(X), final(X), rtol=0, atol=0)
+    if recipe in ("gmp", "st3", "st3-sigma", "nm-2-4", "dual"):  # pruned on a schedule: the zeros are in it
+        assert float((plain.layer4[1].conv2.weight == 0).float().mean()) > 0.3
