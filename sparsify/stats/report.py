@@ -70,6 +70,9 @@ class Report:
         for name, g in self.groups.items():
             lines.append(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in g.items()))
         lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+        if not self.layers:  # said where the table would be, not left to an empty header
+            lines.append("(no layer of this model is sparsified: the recipe matched none, or each stays dense for "
+                         "the reason sparsify.plan(model, recipe) gives)")
         t = self.totals
         lines.append(
             (f"sparsified layers: {pct(t['weight_sparsity'])} of their weights are zero (target now "
