@@ -47,6 +47,9 @@ BAD = [
     ["plan", "--model", "cnn"],
     ["recipes", "--show", "nope"],
     ["demo", "--epochs", "0"],
+    ["train", "--device", "gpu"],
+    ["train", "--device", "tpu"],
+    *([] if torch.cuda.is_available() else [["train", "--device", "cuda"]]),  # a GPU machine runs it
     ["demo", "--recipes", "st3,nope"],
 ]
 

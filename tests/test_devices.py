@@ -159,3 +159,25 @@ def test_a_model_moved_after_sparsify_finalizes_on_its_stored_example_inputs(dev
     x = batches[0][0]
     with torch.no_grad():
         torch.testing.assert_close(final(x), m(x), rtol=1e-2, atol=1e-2)
+
+
+def test_sparsify_train_on_the_device_and_resume_on_the_cpu(device, tmp_path):
+    # `sparsify train --device cuda --amp bf16`, interrupted, continued on the CPU: the checkpoint is
+    # read to the CPU, the saved files hold CPU tensors (they load on a machine without a GPU)
+    import os
+    import signal
+    from sparsify.app.train import TrainConfig, train as train_run
+    if device.type == "cpu":
+        pytest.skip("the cpu run is tests/test_train.py's; this one moves a run off a GPU")
+    base = dict(model="cnn", recipe="st3", data="digits", epochs=2, progress=False, threads=1)
+
+    def interrupt(step):
+        if step == 30:
+            os.kill(os.getpid(), signal.SIGINT)
+    out = tmp_path / "run"
+    assert train_run(TrainConfig(**base, out=str(out), device=str(device), amp="bf16"), on_step=interrupt,
+                     quiet=True)["interrupted"]
+    res = train_run(TrainConfig(resume=str(out), device="cpu", progress=False), quiet=True)
+    assert res["finalize"] == "ok" and res["config"]["amp"] == "bf16" and res["accuracy"] > 0.3
+    saved = torch.load(out / "final_state_dict.pt", map_location=None, weights_only=True)
+    assert {v.device.type for v in saved.values() if isinstance(v, torch.Tensor)} == {"cpu"}

@@ -225,3 +225,27 @@ def test_dead_activations_are_warned(tmp_path, capsys):
     assert "warning: every input of" in out and "after epoch 1" in out and "at the end of training" in out
     train(cfg(tmp_path, "fine", recipe="tl1", epochs=1), quiet=False)
     assert "warning: every input of" not in capsys.readouterr().out
+
+
+def test_bf16_autocast_run_trains_records_and_resumes_with_it(tmp_path):
+    fp32 = train(cfg(tmp_path, "fp32", recipe="tl1"), quiet=True)
+    bf16 = train(cfg(tmp_path, "bf16", recipe="tl1", amp="bf16"), quiet=True)
+    assert bf16["config"]["amp"] == "bf16" and bf16["finalize"] == "ok"
+    assert abs(bf16["accuracy"] - fp32["accuracy"]) < 0.05 and bf16["accuracy"] > 0.5
+    assert not same_state(final_state(tmp_path / "fp32"), final_state(tmp_path / "bf16"))  # autocast ran
+
+    def interrupt(step):
+        if step == 30:
+            os.kill(os.getpid(), signal.SIGINT)
+    assert train(cfg(tmp_path, "cut", recipe="tl1", amp="bf16"), on_step=interrupt, quiet=True)["interrupted"]
+    train(TrainConfig(resume=str(tmp_path / "cut"), progress=False), quiet=True)  # the run's amp is reused
+    assert same_state(final_state(tmp_path / "bf16"), final_state(tmp_path / "cut"))
+
+
+def test_device_is_resolved_and_saved_files_load_on_the_cpu(tmp_path):
+    from sparsify.app.device import resolve_device
+    res = train(cfg(tmp_path, epochs=1, device="auto"), quiet=True)
+    assert res["config"]["device"] == "auto"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    saved = torch.load(tmp_path / "run" / "final_state_dict.pt", weights_only=True)
+    assert {v.device.type for v in saved.values() if isinstance(v, torch.Tensor)} == {"cpu"}

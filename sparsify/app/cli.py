@@ -174,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "sparsity (sparsify.sync); it is evaluated every epoch and saved beside the model")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (one line per epoch)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers for imagefolder data")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1, mps... (default auto: the GPU when torch sees one, else the CPU)")
+    p.add_argument("--amp", choices=["bf16"], default=None,
+                   help="bf16: forward and loss under bfloat16 autocast (weights and optimizer stay float32)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 is fastest for the small built-in models)")
 

@@ -57,6 +57,8 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     overwrite: bool = False  # replace the run already in ``out`` (else such an ``out`` is refused)
     ema: float | None = None  # decay of an EMA of the weights, evaluated and saved beside the model
+    device: str | None = None  # None / "auto": the GPU when torch sees one, else the CPU (sparsify.app.device)
+    amp: str | None = None  # "bf16": forward and loss under bfloat16 autocast
 
     @property
     def dense(self) -> bool:
@@ -74,7 +76,8 @@ def config_from_args(args) -> TrainConfig:
                        optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
                        momentum=args.momentum, seed=args.seed, out=args.out, progress=not args.no_progress,
                        workers=args.workers, resume=args.resume, threads=args.threads,
-                       overwrite=getattr(args, "overwrite", False), ema=getattr(args, "ema", None))
+                       overwrite=getattr(args, "overwrite", False), ema=getattr(args, "ema", None),
+                       device=getattr(args, "device", None), amp=getattr(args, "amp", None))
 
 
 def resolve_optimizer(cfg: TrainConfig) -> dict:
@@ -108,4 +111,6 @@ def _load_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict, dict]:
     new.out, new.resume, new.progress, new.overwrite = str(cfg.resume), str(cfg.resume), cfg.progress, False
     if cfg.threads is not None:  # else the saved run's: the thread count changes float reductions
         new.threads = cfg.threads
+    if cfg.device is not None:  # a run continues on another machine's device (the checkpoint is read to the CPU)
+        new.device = cfg.device
     return new, tensors, meta

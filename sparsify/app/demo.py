@@ -80,7 +80,8 @@ def run_demo(out: str = "demo-out", *, epochs: int | None = None, seed: int = 0,
         t = time.time()
         cfg = TrainConfig(model="cnn", recipe=None if name == "dense" else name, data="digits", epochs=epochs,
                           seed=seed, out=str(out_dir / name), progress=progress, threads=1,
-                          overwrite=True)  # the demo owns its folder
+                          overwrite=True,  # the demo owns its folder
+                          device="cpu")  # its table's numbers are the CPU's (a small CNN: a GPU gains nothing)
         try:
             res = train(cfg, quiet=True)
             row = {"name": name, "error": None, "seconds": time.time() - t,

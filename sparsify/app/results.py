@@ -66,6 +66,11 @@ def _finish(model, cfg, data, out, history, opt_settings, total_steps, test_batc
     return result
 
 
+def cpu_state(model) -> dict:
+    """``model``'s state dict with its tensors on the CPU: the saved files load on any machine."""
+    return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()}
+
+
 def _save_finalized(model, example, path, say, what: str) -> str:
     """``finalize`` the model and save its ``state_dict`` to ``path``: "ok", or "failed: ..."
     (reported, not fatal: the trained checkpoint is still there)."""
@@ -73,7 +78,7 @@ def _save_finalized(model, example, path, say, what: str) -> str:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             final = sp.finalize(model, example)
-        torch.save(final.state_dict(), path)
+        torch.save(cpu_state(final), path)
         return "ok"
     except Exception as e:
         say(f"warning: {what} failed: {e}")
@@ -87,7 +92,7 @@ def _finish_ema(ema, cfg, example, out, history, say) -> dict:
         found["weight_sparsity"] = sp.report(ema).totals.get("weight_sparsity")
         found["finalize"] = _save_finalized(ema, example, out / "ema_final_state_dict.pt", say, "finalize of the EMA")
     else:
-        torch.save(ema.module.state_dict(), out / "ema_final_state_dict.pt")
+        torch.save(cpu_state(ema.module), out / "ema_final_state_dict.pt")
     say(f"EMA (decay {cfg.ema}): test accuracy {found['accuracy']:.4f}"
         + (f", weight sparsity {found['weight_sparsity'] or 0:.3f}" if "weight_sparsity" in found else ""))
     return found

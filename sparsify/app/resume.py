@@ -26,7 +26,7 @@ RUN_FILES = (CONFIG, CHECKPOINT, CHECKPOINT_META, "report.json", "history.json",
              "layers.png", "training.png")
 #: the settings that define a run: a checkpoint is resumed only into a run with the same ones
 RUN_KEYS = ("model", "recipe", "overrides", "data", "image_size", "width", "epochs", "batch_size", "optimizer",
-            "lr", "weight_decay", "momentum", "seed", "ema")
+            "lr", "weight_decay", "momentum", "seed", "ema", "amp")
 
 
 def load_run(folder: Path, given_model: str | None, default_model: str) -> tuple[dict, dict, dict]:
@@ -75,17 +75,20 @@ def checkpoint_meta(**fields) -> dict:
             "rng_numpy": [npy[0], npy[1].tolist(), *(v.item() if hasattr(v, "item") else v for v in npy[2:])]}
 
 
-def save_run(model, optimizer, sched, out: Path, ema=None, **fields) -> None:
+def save_run(model, optimizer, sched, out: Path, ema=None, device: torch.device | None = None, **fields) -> None:
     """Write the checkpoint of a run: state dicts (``ema``: the weight average's too) and torch's
-    RNG state as tensors, the rest as JSON."""
+    RNG states (the CPU's, and the CUDA device's a run on one draws from) as tensors, the rest as JSON."""
     tensors = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                "scheduler": sched.state_dict(), "rng_torch": torch.get_rng_state()}
+    if device is not None and device.type == "cuda":
+        tensors["rng_cuda"] = torch.cuda.get_rng_state(device)
     if ema is not None:
         tensors["ema"] = ema.state_dict()
     save_checkpoint(tensors, checkpoint_meta(**fields), out)
 
 
-def restore(model, optimizer, sched, tensors: dict, meta: dict, folder: str, ema=None) -> None:
+def restore(model, optimizer, sched, tensors: dict, meta: dict, folder: str, ema=None,
+            device: torch.device | None = None) -> None:
     """Load a checked checkpoint into a freshly built run; one line when it does not fit."""
     try:
         model.load_state_dict(tensors["model"])
@@ -94,6 +97,8 @@ def restore(model, optimizer, sched, tensors: dict, meta: dict, folder: str, ema
         optimizer.load_state_dict(tensors["optimizer"])
         sched.load_state_dict(tensors["scheduler"])
         torch.set_rng_state(tensors["rng_torch"])
+        if "rng_cuda" in tensors and device is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng_cuda"], device)
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         what = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
         raise CheckpointError(f"--resume {folder}: {CHECKPOINT} does not fit the model and optimizer of this run "

@@ -37,6 +37,7 @@ from sparsify.app.config import (BASE_DEFAULTS, METHOD_DEFAULTS, TrainConfig, _d
                                  config_from_args, resolve_optimizer)
 from sparsify.app.batches import _batches, _channel_fixer, _epoch_order
 from sparsify.app.data import load_data
+from sparsify.app.device import autocast, on_device, resolve_device
 from sparsify.app.results import _finish
 from sparsify.app.summary import dead_inputs, dead_message, evaluate, summarize, weight_sparsity
 from sparsify.app.models import build_model, input_channels
@@ -119,16 +120,20 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
     t_start = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    if device.type != "cpu" or cfg.amp:
+        say(f"training on {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+            + (f", {cfg.amp} autocast" if cfg.amp else ""))
 
     data = load_data(cfg.data, image_size=cfg.image_size, workers=cfg.workers)
     _seed_all(cfg.seed)
     model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels,
-                        image_size=data.image_size, width=cfg.width)
+                        image_size=data.image_size, width=cfg.width).to(device)
     fix = _channel_fixer(input_channels(model), data.in_channels)
     n_train = len(data.train)
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
-    example = (next(_batches(data.test, torch.arange(min(2, len(data.test))), 2, fix_channels=fix))[0],)
+    example = (next(_batches(data.test, torch.arange(min(2, len(data.test))), 2, fix_channels=fix))[0].to(device),)
     if not cfg.dense:
         model = sp.sparsify(model, cfg.recipe, total_steps=total_steps, example_inputs=example, **cfg.overrides)
     opt_settings = resolve_optimizer(cfg)
@@ -138,7 +143,7 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
     history: list[dict] = []
     start_epoch, start_batch, running = 0, 0, {"loss": 0.0, "correct": 0, "seen": 0}
     if ckpt is not None:
-        restore(model, optimizer, sched, ckpt, meta, cfg.resume, ema=ema)
+        restore(model, optimizer, sched, ckpt, meta, cfg.resume, ema=ema, device=device)
         history, running = meta["history"], meta["running"]
         start_epoch, start_batch = meta["epoch"], meta["batch"]
         remove_stale_temporaries(out)  # of a writer that was killed
@@ -151,10 +156,11 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
     run_settings = {k: asdict(cfg)[k] for k in RUN_KEYS}
 
     def checkpoint(epoch: int, batch: int) -> None:
-        save_run(model, optimizer, sched, out, ema=ema, epoch=epoch, batch=batch, history=history, running=running,
-                 total_steps=total_steps, run=run_settings)
+        save_run(model, optimizer, sched, out, ema=ema, device=device, epoch=epoch, batch=batch, history=history,
+                 running=running, total_steps=total_steps, run=run_settings)
 
-    test_batches = lambda: _batches(data.test, torch.arange(len(data.test)), 500, cfg.workers, fix)  # noqa: E731
+    test_batches = lambda: on_device(_batches(data.test, torch.arange(len(data.test)), 500, cfg.workers, fix),  # noqa: E731
+                                     device)
     interrupted = False
     warned_dead = False
     from tqdm import tqdm
@@ -166,10 +172,12 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
             model.train()
             refresh = max(1, steps_per_epoch // 10)
             sparsity_now = weight_sparsity(model, cfg.dense)
-            for b, (x, y) in enumerate(_batches(data.train, order, cfg.batch_size, cfg.workers, fix), start_batch):
-                logits = model(x)
-                task = F.cross_entropy(logits, y)
-                loss = task + sp.penalty(model) if not cfg.dense else task
+            batches = on_device(_batches(data.train, order, cfg.batch_size, cfg.workers, fix), device)
+            for b, (x, y) in enumerate(batches, start_batch):
+                with autocast(device, cfg.amp):
+                    logits = model(x)
+                    task = F.cross_entropy(logits, y)
+                    loss = task + sp.penalty(model) if not cfg.dense else task
                 task_value = float(task.detach())
                 if not math.isfinite(task_value if loss is task else float(loss.detach())):
                     bar.close()
