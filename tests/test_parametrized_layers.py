@@ -49,7 +49,7 @@ def test_a_weight_normed_layer_stays_dense_and_the_rest_trains_and_finalizes(rec
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         m = sparsify.sparsify(model, recipe, total_steps=3, example_inputs=(_x(),))
-    said = [str(w.message) for w in caught if "their weight is computed by a parametrization" in str(w.message)]
+    said = [str(w.message) for w in caught if "their weight is computed, not a parameter" in str(w.message)]
     assert len(said) == 1 and "conv" in said[0], [str(w.message) for w in caught]
     plan = sparsify.core.state.find_state(m).plan
     dense = {e.name: e.reason for e in plan.dense}
@@ -76,3 +76,26 @@ def test_removing_the_parametrization_first_sparsifies_the_layer():
     nn.utils.parametrize.remove_parametrizations(model.conv, "weight")
     plan = sparsify.plan(model, "st3", example_inputs=(_x(),))
     assert "conv" in {e.name for e in plan.rewritten}
+
+
+@pytest.mark.parametrize("recipe", ["st3", "gmp"])
+def test_a_layer_pruned_with_torch_prune_says_how_to_take_it_in(recipe):
+    # torch.nn.utils.prune leaves weight_orig x weight_mask behind a forward pre-hook: the layer
+    # stays dense with one warning naming prune.remove (not weight_norm's advice), and after
+    # prune.remove the layer is sparsified with its zeros kept
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    torch.nn.utils.prune.l1_unstructured(model[0], "weight", 0.5)
+    x = torch.randn(3, 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = sparsify.sparsify(model, recipe, total_steps=3, example_inputs=(x,))
+    said = [str(w.message) for w in caught if "computed, not a parameter" in str(w.message)]
+    assert len(said) == 1 and "torch.nn.utils.prune.remove(layer, 'weight')" in said[0] and "L1Unstructured" in said[0]
+    assert "weight_norm" not in said[0] and "parametrize" not in said[0]
+    assert not [w for w in caught if "rewrote nothing" in str(w.message)]
+    assert {e.name for e in sparsify.core.state.find_state(m).plan.rewritten} == {"2"}
+    torch.nn.utils.prune.remove(model[0], "weight")
+    assert float((model[0].weight == 0).float().mean()) == 0.5
+    m = sparsify.sparsify(model, recipe, total_steps=3, example_inputs=(x,))
+    assert {e.name for e in sparsify.core.state.find_state(m).plan.rewritten} == {"0", "2"}

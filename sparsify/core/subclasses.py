@@ -18,6 +18,7 @@ Two cases:
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.utils import prune
 
 __all__ = ["KEEPS_WEIGHT", "OWN_FORWARD", "own_forward_class", "own_forward_reason", "keeps_weight", "refusal",
            "own_forward_with"]
@@ -40,21 +41,37 @@ COMPUTED_WEIGHT = "weight is computed by"  # a parametrized layer's reason holds
 
 def computed_weight_reason(module: nn.Module) -> str | None:
     """Why a layer whose ``weight`` is no parameter of its own (``weight_norm`` and other
-    parametrizations: wav2vec2's positional conv) stays dense, or None.
+    parametrizations: wav2vec2's positional conv; ``torch.nn.utils.prune``) stays dense, with the
+    call that makes it a parameter again, or None.
 
     >>> conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(2, 2, 3))
     >>> computed_weight_reason(conv).split(",")[0]
     'the weight is computed by a parametrization (_WeightNorm)'
+    >>> pruned = prune.l1_unstructured(nn.Conv1d(2, 2, 3), "weight", 0.5)
+    >>> computed_weight_reason(pruned).split(", which")[0]
+    'the weight is computed by torch.nn.utils.prune (weight_orig x weight_mask, L1Unstructured)'
     >>> computed_weight_reason(nn.Conv1d(2, 2, 3)) is None
     True
     """
     if "weight" in module._parameters:
         return None
     via = getattr(getattr(module, "parametrizations", None), "weight", None)
-    how = (f"a parametrization ({', '.join(type(p).__name__ for p in via)})" if via is not None
-           else "something other than a parameter (torch.nn.utils.weight_norm's hook?)")
+    pruning = [h for h in module._forward_pre_hooks.values()
+               if isinstance(h, prune.BasePruningMethod) and getattr(h, "_tensor_name", None) == "weight"]
+    if via is not None:
+        how = f"a parametrization ({', '.join(type(p).__name__ for p in via)})"
+        fix = "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight') before sparsify() takes it in"
+    elif pruning:
+        # a PruningContainer holds the methods applied one after the other
+        names = [type(m).__name__ for h in pruning for m in getattr(h, "_pruning_methods", (h,))]
+        how = f"torch.nn.utils.prune (weight_orig x weight_mask, {', '.join(names)})"
+        fix = ("torch.nn.utils.prune.remove(layer, 'weight') before sparsify() makes the pruned weight a parameter "
+               "again (its zeros stay) and takes it in")
+    else:
+        how = "something other than a parameter (torch.nn.utils.weight_norm's hook?)"
+        fix = "make it a parameter of the layer before sparsify() (torch.nn.utils.remove_weight_norm for that hook)"
     # neither a mask on the stored tensors nor a sparse copy of the weight would hold
-    return f"the {COMPUTED_WEIGHT} {how}, which a sparse layer would not keep: left dense"
+    return f"the {COMPUTED_WEIGHT} {how}, which a sparse layer would not keep: left dense; {fix}"
 
 
 def own_forward_class(module: nn.Module, base: type) -> type | None:

@@ -57,9 +57,8 @@ class Plan:
         if computed:  # weight_norm & co.: the user can remove the parametrization first
             share = sum(e.params for e in computed) / max(1, total)
             out.append(f"sparsify: {len(computed)} layer(s) left dense, {share:.0%} of the model's weight "
-                       f"parameters: their weight is computed by a parametrization (first: "
-                       f"{computed[0].name}: {computed[0].reason}); remove it (torch.nn.utils.parametrize."
-                       "remove_parametrizations) before sparsify() to sparsify them")
+                       f"parameters: their weight is computed, not a parameter (first: {computed[0].name}: "
+                       f"{computed[0].reason})")
         adapters = [e for e in self.dense if e.reason.startswith(ADAPTER)]
         if adapters:  # sparse LoRA factors would make nothing sparse: said, with the ways in
             out.append(f"sparsify: {len(adapters)} layer(s) of PEFT adapters left dense ({adapters[0].reason}); see "
@@ -69,8 +68,10 @@ class Plan:
                 out.append(f"sparsify: rule {i} of recipe {recipe.name!r} matched nothing "
                            f"({recipe.rules[i].match}); see sparsify.plan(model, recipe)")
         # sites a rule with a method matched and its method left dense (not: no rule, an exclusion)
-        declined = [e for e in self.dense if e.rule is not None and recipe.rules[e.rule].method is not None]
-        if not self.rewritten and declined and not adapters:  # rules matched, and every method left its sites alone
+        # (computed weights are named above; a PEFT model's frozen base layers are what adapters mean)
+        declined = [e for e in self.dense if e.rule is not None and recipe.rules[e.rule].method is not None
+                    and COMPUTED_WEIGHT not in e.reason]
+        if not self.rewritten and declined and not adapters:  # rules matched, every method left its sites alone
             out.append(f"sparsify: recipe {recipe.name!r} rewrote nothing in this model: {len(declined)} matched "
                        f"site(s) stay dense (first: {declined[0].name}: {declined[0].reason}); see "
                        "sparsify.plan(model, recipe)")
