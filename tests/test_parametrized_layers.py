@@ -99,3 +99,22 @@ def test_a_layer_pruned_with_torch_prune_says_how_to_take_it_in(recipe):
     assert float((model[0].weight == 0).float().mean()) == 0.5
     m = sparsify.sparsify(model, recipe, total_steps=3, example_inputs=(x,))
     assert {e.name for e in sparsify.core.state.find_state(m).plan.rewritten} == {"0", "2"}
+
+
+def test_a_layer_under_torch_ao_pruning_says_squash_mask():
+    from torch.ao.pruning import WeightNormSparsifier
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    sp = WeightNormSparsifier(sparsity_level=0.5)
+    sp.prepare(model, [{"tensor_fqn": "0.weight"}])
+    sp.step()
+    x = torch.randn(3, 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = sparsify.sparsify(model, "st3", total_steps=3, example_inputs=(x,))
+    said = [str(w.message) for w in caught if "computed, not a parameter" in str(w.message)]
+    assert len(said) == 1 and "FakeSparsity" in said[0] and "squash_mask()" in said[0]
+    assert {e.name for e in sparsify.core.state.find_state(m).plan.rewritten} == {"2"}
+    sp.squash_mask()
+    m = sparsify.sparsify(model, "st3", total_steps=3, example_inputs=(x,))
+    assert {e.name for e in sparsify.core.state.find_state(m).plan.rewritten} == {"0", "2"}

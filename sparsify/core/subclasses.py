@@ -60,7 +60,9 @@ def computed_weight_reason(module: nn.Module) -> str | None:
                if isinstance(h, prune.BasePruningMethod) and getattr(h, "_tensor_name", None) == "weight"]
     if via is not None:
         how = f"a parametrization ({', '.join(type(p).__name__ for p in via)})"
-        fix = "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight') before sparsify() takes it in"
+        fix = ("sparsifier.squash_mask() (torch.ao.pruning) before sparsify() takes it in, its zeros kept"
+               if any(type(p).__name__ == "FakeSparsity" for p in via) else
+               "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight') before sparsify() takes it in")
     elif pruning:
         # a PruningContainer holds the methods applied one after the other
         names = [type(m).__name__ for h in pruning for m in getattr(h, "_pruning_methods", (h,))]
