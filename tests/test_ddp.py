@@ -4,17 +4,16 @@ batch (tolerance: losses and weights within 1e-5 relative; see docs/distributed.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import sparsify
 
 from loops import rank_state, train
+from spawned import spawn
 from sparsify.integrations.distributed import assert_synchronized, state_fingerprint
 from sparsify.core.state import find_state
 
@@ -72,11 +71,6 @@ def _worker(rank, port, outdir, recipes):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 RECIPES = sorted(sparsify.builtin_recipes())
 #: penalties that are not a sum over samples: Hoyer-square is (sum |x|)^2 / sum x^2 over the whole
@@ -87,7 +81,7 @@ BATCH_COUPLED = {"activation-hoyer"}
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(_free_port(), str(out), RECIPES), nprocs=WORLD, join=True)
+    spawn(_worker, str(out), RECIPES, nprocs=WORLD)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 

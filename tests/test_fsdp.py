@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torchvision
 from torch import nn
 
 import sparsify
 
 from loops import rank_state, train
+from spawned import spawn
 from sparsify.core.buffers import layer_buffers, workspace_bytes
 from sparsify.core.layers import SparseWeightMixin
 from sparsify.core.sharded import is_sharded
@@ -206,16 +205,11 @@ def meta_runs(rank) -> dict:
     return out
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    spawn(_worker, str(out), nprocs=WORLD)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 

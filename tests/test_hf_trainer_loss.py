@@ -10,11 +10,11 @@ import warnings
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from hf_harness import cov  # noqa: F401  (skips the module, with the reason printed, without transformers)
 
 import sparsify
+from spawned import spawn
 from sparsify.integrations import huggingface as hf
 
 pytest.importorskip("accelerate", reason="the Trainer needs accelerate (pip install fx-sparsify[integrations])")
@@ -166,8 +166,7 @@ def test_two_processes_accumulating_equal_the_whole_batch(tmp_path, recipe):
     """2 processes x 2 micro-batches of 2: the Trainer averages the item count across processes
     and multiplies each process's loss by 2 before DDP averages the gradients; the penalty's
     share makes the step equal one process's step on the whole batch of 8."""
-    from test_ddp import _free_port  # the same port picking as the DDP tests
-    mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path), recipe), nprocs=2, join=True)
+    spawn(_ddp_worker, str(tmp_path), recipe, nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     whole = one_step(gpt2(recipe), token_data(), accumulate=1, batch=8)
     assert rel_diff(ranks[0], ranks[1]) == 0
