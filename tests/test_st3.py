@@ -1,6 +1,8 @@
 """ST-3 / ST-3σ against the oracles of docs/methods/st3.md."""
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -360,3 +362,25 @@ def test_cubic_with_begin_equal_end_is_a_step():
     assert cubic(9, 10, 10, 0.9) == 0.0
     assert cubic(10, 10, 10, 0.9) == 0.9
     assert cubic(0, 0, 0, 0.9) == 0.9
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_low_precision_layer_has_one_effective_weight_whichever_path_made_it(dtype):
+    # τ just below a number v of the weight's dtype, which τ rounds to: a weight equal to v was
+    # outside M where the comparison rounds τ (torch 2.11) but inside softshrink's W_eff, and the
+    # formula (a finalized copy's path) gave other bits than set_threshold's cached W_eff
+    torch.manual_seed(0)
+    v = float(torch.tensor(0.0261).to(dtype))
+    tau = v * (1 - 2**-16)
+    layer = ST3_CLASSES[nn.Linear].from_dense(nn.Linear(256, 64).to(dtype))  # τ stays a float32 buffer
+    with torch.no_grad():
+        w = torch.rand(64, 256) * 0.06 - 0.03
+        w[:, :8] = v * torch.sign(torch.randn(64, 8))
+        layer.weight.copy_(w.to(dtype))
+    layer.set_threshold(tau)
+    cached = layer.effective_weight().detach()
+    assert not bool((cached[~layer.mask] != 0).any())  # W_eff is zero outside M
+    definition = st3_effective_weight(layer.weight.detach(), layer._tau(), layer.mask, layer.scale)
+    assert torch.equal(cached, definition)
+    copy = pickle.loads(pickle.dumps(layer))  # no cached W_eff: computed by the formula
+    assert torch.equal(copy.deployed_weight(), cached)

@@ -100,12 +100,20 @@ class ST3Mixin(SparseWeightMixin):
             return _StraightThrough.apply(self.weight, eff)
         if bool(self.fixed):
             return masked_weight(self, self.mask)
-        tau = float(self.tau)
+        tau = self._tau()
         if tau <= 0:
             return self.weight
         # W changed since the thresholds were set (M may no longer be |W| > τ): the definition
         eff = st3_effective_weight(self.weight.detach(), tau, self.mask, self.scale, self.out_axis)
         return _StraightThrough.apply(self.weight, eff)
+
+    def _tau(self) -> float:
+        """τ in the weight's dtype, the value ``|W| > τ`` compares with there: the mask, the
+        ``softshrink`` of ``set_threshold`` and the formula of :func:`st3_effective_weight` then
+        agree bit for bit (a bfloat16 layer's float32 τ would be rounded by the comparison but not by
+        ``softshrink``: W_eff kept a few weights outside M, and a finalized copy, which recomputes
+        W_eff by the formula, differed from the sparse model's output)."""
+        return float(self.tau.to(self.weight.dtype))
 
     def _traced_effective_weight(self) -> torch.Tensor:
         """The same values and gradients from tensor ops only: no ``.item()``, no Python
@@ -136,7 +144,7 @@ class ST3Mixin(SparseWeightMixin):
             return
         if magnitude is None:
             magnitude = torch.abs(w, out=self.scratch("magnitude", w))
-        t = float(self.tau)  # τ as stored (float32): what the mask, the scale and W_eff all use
+        t = self._tau()  # what the mask, the scale and W_eff all use
         eff = self.scratch("st3", w)
         # M = |W| > τ through a float 0/1 (a bool output is ~4x slower to write on CPU)
         self.mask.copy_(torch.gt(magnitude, t, out=eff))
@@ -184,7 +192,7 @@ class ST3Mixin(SparseWeightMixin):
         self._baked = True
         if source is not None and torch.equal(self.weight, source.weight.to(self.weight.device)):
             return
-        self.weight.copy_(st3_effective_weight(self.weight, float(self.tau), self.mask, self.scale, self.out_axis))
+        self.weight.copy_(st3_effective_weight(self.weight, self._tau(), self.mask, self.scale, self.out_axis))
 
     def sparse_repr(self) -> str:
         return f"tau={float(self.tau):.4g}, fixed={bool(self.fixed)}"
