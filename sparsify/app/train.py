@@ -121,6 +121,7 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    autocast(device, cfg.amp)  # an unknown amp fails here, before anything is written
     if device.type != "cpu" or cfg.amp:
         say(f"training on {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
             + (f", {cfg.amp} autocast" if cfg.amp else ""))

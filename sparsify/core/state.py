@@ -82,9 +82,9 @@ class SparsifyState(nn.Module):
 
 
 def _moved_like(value, fn):
-    """``value`` (a tensor, or a pytree of them: tuples, lists, dicts) with each tensor moved and cast as
-    ``fn`` (the function ``Module._apply`` got from ``.to()``, ``.cuda()``, ``.half()``...) moves
-    and casts a tensor of its dtype and device; values kept (``fn`` itself may make empty
+    """``value`` (a tensor, or a pytree of them: tuples, lists, dicts) with each tensor moved and
+    cast as ``fn`` (the function ``Module._apply`` got from ``.to()``, ``.cuda()``, ``.half()``...)
+    moves and casts a tensor of its dtype and device; values kept (``fn`` itself may make empty
     tensors: ``to_empty``). A tensor that ``fn`` does not turn into a plain tensor stays as it is.
 
     >>> half = lambda t: t.half() if t.is_floating_point() else t

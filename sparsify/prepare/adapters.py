@@ -6,9 +6,10 @@ would rewrite what is trainable there: the low-rank factors ``A`` and ``B``. Mas
 nothing of the model sparse (the base weight stays dense, and the merged weight ``W + BA`` is
 dense whatever zeros ``A`` and ``B`` hold), so the plan lists them as dense with this reason and
 ``sparsify`` warns once with the ways in: merge the adapters and unfreeze the merged model
-(``model = model.merge_and_unload().requires_grad_()``) and sparse-train it, or ``"options": {"adapters": "include"}`` in the recipe to
-sparsify the adapter factors themselves. Activation methods are unaffected: they regularize or
-mask the model's activations whatever trains the weights. docs/integrations.md#peft-lora.
+(``model = model.merge_and_unload().requires_grad_()``) and sparse-train it, or
+``"options": {"adapters": "include"}`` in the recipe to sparsify the adapter factors themselves.
+Activation methods are unaffected: they regularize or mask the model's activations whatever
+trains the weights. docs/integrations.md#peft-lora.
 
 Recognised without importing ``peft``: a module whose class derives from a class named
 ``BaseTunerLayer`` defined in a ``peft`` module holds adapter layers, except its ``base_layer``.
