@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 import torchvision
+from torch import nn
 
 import sparsify
 
@@ -51,3 +52,45 @@ def test_the_finalized_state_dict_loads_into_the_plain_model(recipe):
         torch.testing.assert_close(plain(X), final(X), rtol=0, atol=0)
     if recipe in ("gmp", "st3", "st3-sigma", "nm-2-4", "dual"):  # pruned on a schedule: the zeros are in it
         assert float((plain.layer4[1].conv2.weight == 0).float().mean()) > 0.3
+
+
+class ScaledLinear(nn.Linear):
+    """A user's Linear subclass: no forward of its own, a buffer and a method of its own."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.register_buffer("calls", torch.zeros(()))
+        self.register_buffer("scratch", torch.ones(3), persistent=False)
+
+    def norm(self):
+        return self.weight.norm()
+
+
+@pytest.mark.parametrize("recipe", ["st3", "gmp", "nm-2-4", "str"])
+def test_finalized_layers_keep_their_own_class_and_tensors(recipe):
+    torch.manual_seed(0)
+    dense_model = nn.Sequential(ScaledLinear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    keys = set(dense_model.state_dict())
+    m = sparsify.sparsify(dense_model, recipe, total_steps=2, example_inputs=torch.randn(2, 16))
+    sparsify.step(m)
+    sparsify.step(m)
+    final = sparsify.finalize(m)
+    assert type(final[0]) is ScaledLinear and type(final[2]) is nn.Linear
+    assert set(final.state_dict()) == keys and "scratch" in dict(final[0].named_buffers())
+    assert float(final[0].norm()) == pytest.approx(float(final[0].weight.norm()))
+
+
+def test_multihead_attention_keeps_its_unquantizable_out_proj():
+    # torch marks MultiheadAttention.out_proj NonDynamicallyQuantizableLinear (its forward reads the
+    # weight itself); a finalized plain nn.Linear there made quantize_dynamic break the attention
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(0)
+    m = sparsify.sparsify(torchvision.models.vit_b_16(num_classes=10, image_size=32), "st3", total_steps=2,
+                          example_inputs=x)
+    sparsify.step(m)
+    final = sparsify.finalize(m).eval()
+    out_proj = final.encoder.layers.encoder_layer_0.self_attention.out_proj
+    assert type(out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    quantized = torch.ao.quantization.quantize_dynamic(final, {nn.Linear}, dtype=torch.qint8)
+    with torch.no_grad():
+        assert quantized(x).shape == (2, 10)

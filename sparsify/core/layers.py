@@ -139,15 +139,19 @@ class SparseWeightMixin:
                 new.__dict__[key] = type(dense.__dict__[key])(dense.__dict__[key])
         own = own_forward_class(dense, weight_base(dense))
         if own is not None:  # a class whose forward uses the weight as is (Method.accepts refused the others)
-            new._own_forward, new._dense_class = own, type(dense)
-            # what that forward calls besides the weight (efficientnet_pytorch's static_padding)
-            new._dense_children = tuple(dense._modules)
+            new._own_forward = own
+        # what finalize gives back: the layer's own class (MultiheadAttention's
+        # NonDynamicallyQuantizableLinear, which quantize_dynamic must skip; a user's subclass) with
+        # what it held besides weight and bias (efficientnet_pytorch's static_padding child)
+        new._dense_class = type(dense)
+        new._dense_children = tuple(dense._modules)
+        new._dense_tensors = (tuple(k for k in dense._parameters if k not in ("weight", "bias")), tuple(dense._buffers))
         new.init_sparse(**params)
         return new
 
     def dense_class(self) -> type:
-        """The class this layer finalizes to: the torch.nn class it specialises (Conv2d, Linear, ...,
-        or a ``Conv1D``), or the subclass it was made from when that has its own forward."""
+        """The class this layer finalizes to: the class of the layer it was made from (layers made
+        before that was recorded: the torch.nn class it specialises, or a ``Conv1D``)."""
         return self.__dict__.get("_dense_class") or weight_base(self)
 
     def extra_repr(self) -> str:
@@ -359,4 +363,12 @@ def plain_copy(layer: nn.Module, weight: torch.Tensor | None = None) -> nn.Modul
     new.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
     for name in layer.__dict__.get("_dense_children", ()):  # an own forward's children (a padding module)
         new.add_module(name, copy.deepcopy(layer._modules[name]))
+    params, buffers = layer.__dict__.get("_dense_tensors", ((), ()))
+    for name in params:  # a subclass's own parameters and buffers (not the sparse layer's mask & co.)
+        p = layer._parameters.get(name)
+        new.register_parameter(name, None if p is None else nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+    for name in buffers:
+        b = layer._buffers.get(name)
+        new.register_buffer(name, None if b is None else b.clone(),
+                            persistent=name not in layer._non_persistent_buffers_set)
     return new
