@@ -58,15 +58,19 @@ def _trainer(callback, **kw):
                       enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", **kw)
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_lightning_callback_sparsifies_and_steps(accumulate):
+@pytest.mark.parametrize("accumulate,precision", [(1, None), (2, None), (1, "bf16-true")])
+def test_lightning_callback_sparsifies_and_steps(accumulate, precision):
+    # bf16-true: Lightning casts the module (and the inputs) to bfloat16; finalize checks on the
+    # example inputs, cast with it
     _require("lightning")
     from sparsify.integrations.lightning import SparsifyCallback
     module = _lightning_module()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _trainer(SparsifyCallback("st3", attr="net", example_inputs=torch.zeros(1, 3, 16, 16)),
-                 accumulate_grad_batches=accumulate).fit(module, loader(n=4 * 3 * accumulate))
+                 accumulate_grad_batches=accumulate, **({"precision": precision} if precision else {})
+                 ).fit(module, loader(n=4 * 3 * accumulate))
+    assert next(module.net.parameters()).dtype == (torch.bfloat16 if precision else torch.float32)
     state = find_state(module.net)
     assert int(state.step) == 3  # one sparsify.step per optimizer step, not per batch
     assert state.total_steps == 3  # from trainer.estimated_stepping_batches
