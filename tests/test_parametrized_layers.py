@@ -51,6 +51,7 @@ def test_a_weight_normed_layer_stays_dense_and_the_rest_trains_and_finalizes(rec
         m = sparsify.sparsify(model, recipe, total_steps=3, example_inputs=(_x(),))
     said = [str(w.message) for w in caught if "their weight is computed, not a parameter" in str(w.message)]
     assert len(said) == 1 and "conv" in said[0], [str(w.message) for w in caught]
+    assert ("remove_weight_norm(layer)" if legacy else "remove_parametrizations(layer, 'weight')") in said[0]
     plan = sparsify.core.state.find_state(m).plan
     dense = {e.name: e.reason for e in plan.dense}
     assert "weight is computed by" in dense["conv"]

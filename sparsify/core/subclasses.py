@@ -50,6 +50,8 @@ def computed_weight_reason(module: nn.Module) -> str | None:
     >>> pruned = prune.l1_unstructured(nn.Conv1d(2, 2, 3), "weight", 0.5)
     >>> computed_weight_reason(pruned).split(", which")[0]
     'the weight is computed by torch.nn.utils.prune (weight_orig x weight_mask, L1Unstructured)'
+    >>> computed_weight_reason(nn.utils.spectral_norm(nn.Linear(2, 2))).split(";")[1]
+    ' torch.nn.utils.remove_spectral_norm(layer) before sparsify() makes it a parameter again and takes it in'
     >>> computed_weight_reason(nn.Conv1d(2, 2, 3)) is None
     True
     """
@@ -70,8 +72,14 @@ def computed_weight_reason(module: nn.Module) -> str | None:
         fix = ("torch.nn.utils.prune.remove(layer, 'weight') before sparsify() makes the pruned weight a parameter "
                "again (its zeros stay) and takes it in")
     else:
-        how = "something other than a parameter (torch.nn.utils.weight_norm's hook?)"
-        fix = "make it a parameter of the layer before sparsify() (torch.nn.utils.remove_weight_norm for that hook)"
+        # the deprecated torch.nn.utils.weight_norm / spectral_norm: a pre-hook recomputing `weight`
+        hooks = [type(h).__name__ for h in module._forward_pre_hooks.values() if getattr(h, "name", None) == "weight"]
+        how = f"a forward pre-hook ({', '.join(hooks)})" if hooks else "something other than a parameter"
+        removers = {"WeightNorm": "torch.nn.utils.remove_weight_norm(layer)",
+                    "SpectralNorm": "torch.nn.utils.remove_spectral_norm(layer)"}
+        fix = (f"{' and '.join(removers[h] for h in hooks if h in removers) or 'removing the hook'} before sparsify() "
+               "makes it a parameter again and takes it in" if hooks else
+               "make it a parameter of the layer before sparsify() to take it in")
     # neither a mask on the stored tensors nor a sparse copy of the weight would hold
     return f"the {COMPUTED_WEIGHT} {how}, which a sparse layer would not keep: left dense; {fix}"
 
