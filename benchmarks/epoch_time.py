@@ -6,7 +6,7 @@
     python benchmarks/epoch_time.py --from-json out.json --results docs/results.md  # no measuring
 
 Each recipe runs ``train()`` exactly as ``sparsify train --model lenet5 --data mnist --threads 1
---epochs 2`` does, and is stopped at the first step of epoch 2: the time between the first step
+--device cpu --epochs 2`` does, and is stopped at the first step of epoch 2: the time between the first step
 of epoch 1 and the first step of epoch 2 is one epoch as a user sees it (every training step,
 ``sparsify.step``, the end-of-epoch evaluation on the 10,000 test images and the checkpoint). Both
 this process's CPU time (steady under load from other processes; equal to the wall time on an idle
@@ -49,7 +49,7 @@ def time_epoch(recipe: str | None, batch_size: int, n_train: int = 50_000) -> di
             raise _EpochDone
 
     cfg = TrainConfig(model="lenet5", data="mnist", recipe=recipe, epochs=2, batch_size=batch_size, threads=1,
-                      progress=False, out=tempfile.mkdtemp(prefix="epoch_time-"))
+                      device="cpu", progress=False, out=tempfile.mkdtemp(prefix="epoch_time-"))
     try:
         train(cfg, on_step=on_step, quiet=True)
     except _EpochDone:

@@ -73,7 +73,8 @@ def command(ds: str, run, seed: int, runs_dir: Path) -> tuple[list[str], Path]:
     d = DATASETS[ds]
     out = runs_dir / ds / slug(label) / f"s{seed}"
     args = ["train", "--model", d["model"], "--data", d["data"], "--epochs", str(d["epochs"]),
-            "--batch-size", str(d["batch_size"]), "--seed", str(seed), "--threads", "1", "--no-progress"]
+            "--batch-size", str(d["batch_size"]), "--seed", str(seed), "--threads", "1", "--device", "cpu",
+            "--no-progress"]
     if recipe:
         args += ["--recipe", recipe]
     for k, v in sets.items():
@@ -90,7 +91,7 @@ def run_one(ds, run, seed, runs_dir) -> str:
     if (out / "report.json").exists():
         return f"done already: {out}"
     if (out / "checkpoint.pt").exists():
-        args = ["train", "--resume", str(out), "--threads", "1", "--no-progress"]
+        args = ["train", "--resume", str(out), "--threads", "1", "--device", "cpu", "--no-progress"]
     out.mkdir(parents=True, exist_ok=True)
     try:  # several reproduce processes may share the work (e.g. seeds in opposite orders)
         os.close(os.open(out / ".lock", os.O_CREAT | os.O_EXCL))
