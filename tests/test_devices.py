@@ -154,7 +154,9 @@ def test_a_model_moved_after_sparsify_finalizes_on_its_stored_example_inputs(dev
     assert sparsify.report(m).to_dict()["totals"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the schedule stops short of its end: 2 of 3 steps
-        final = sparsify.finalize(m)  # checks the plain model against the sparse one on the stored inputs
+        # checks the plain model against the sparse one on the stored inputs (bf16: a bf16 tolerance,
+        # the GPU's kernels may order sums differently for the two)
+        final = sparsify.finalize(m, rtol=1e-2, atol=1e-2)
     m.eval()
     x = batches[0][0]
     with torch.no_grad():
