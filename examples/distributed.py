@@ -7,6 +7,7 @@
 Swap the random batches for a DataLoader with a DistributedSampler; everything else stays.
 """
 import argparse
+import gc
 import os
 
 import torch
@@ -72,4 +73,9 @@ if rank == 0:
     zeros = sum(int((m.weight == 0).sum()) for m in final.modules() if isinstance(m, torch.nn.Conv2d))
     print(f"{args.wrap}, {dist.get_world_size()} processes: weight sparsity "
           f"{report.totals['weight_sparsity']:.3f}; finalized with {zeros:,} zero conv weights")
+# free the wrapped model (and the process group its buffers and shards hold) while Python is alive:
+# a traced model is freed by the cycle collector, and one left to interpreter exit can take gloo's
+# threads down with it (SIGABRT, "terminate called without an active exception")
+del model, wrapped, opt, loss, final
+gc.collect()
 dist.destroy_process_group()

@@ -18,6 +18,7 @@ per core, and OpenMP threads that outnumber the cores spin-wait (the suite took 
 """
 from __future__ import annotations
 
+import gc
 import os
 import random
 import shutil
@@ -50,6 +51,15 @@ def _deterministic_seed():
     np.random.seed(SEED)
     torch.manual_seed(SEED)
     yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _collect_after_module():
+    """Free the models a test module built: a traced model sits in a reference cycle (torch.fx's
+    GraphModule and its graph), which only the cycle collector frees; between its rare full runs a
+    worker's memory grew to 7.9 GB (docs/benchmarks.md#memory)."""
+    yield
+    gc.collect()
 
 
 # -- the number of hypothesis examples run, summed over xdist workers ------------------------------

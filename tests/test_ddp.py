@@ -3,6 +3,7 @@ state is identical across ranks, and the result equals a single-process run on t
 batch (tolerance: losses and weights within 1e-5 relative; see docs/distributed.md)."""
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -68,6 +69,7 @@ def _worker(rank, port, outdir, recipes):
                            "state": {k: v.clone() for k, v in state.items()}, "extra": extra}
         torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
+        gc.collect()  # the models (cyclic garbage) and the group they hold go while Python is alive
         dist.destroy_process_group()
 
 

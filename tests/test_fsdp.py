@@ -5,6 +5,7 @@ every recipe, DDP and FSDP2 in turn."""
 from __future__ import annotations
 
 import math
+import gc
 import os
 
 import pytest
@@ -143,6 +144,7 @@ def _worker(rank, port, outdir):
         out["meta"] = meta_runs(rank)
         torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
+        gc.collect()  # the models (cyclic garbage) and the group they hold go while Python is alive
         dist.destroy_process_group()
 
 

@@ -4,6 +4,7 @@ model (label smoothing) says the penalty was not collected; a run shorter than t
 says so before training."""
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 import warnings
@@ -157,6 +158,7 @@ def _ddp_worker(rank, port, out, recipe):
     torch.set_num_threads(1)
     delta = one_step(gpt2(recipe), token_data(), accumulate=2, batch=2, ddp_backend="gloo")
     torch.save(delta, os.path.join(out, f"rank{rank}.pt"))
+    gc.collect()  # the Trainer's models (cyclic garbage) and the group they hold go while Python is alive
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
