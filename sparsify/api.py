@@ -20,7 +20,7 @@ from sparsify.core.averaging import sync_sparsity, unsynced_warning
 from sparsify.core.pace import reset, schedule_unfinished, watch
 from sparsify.core.layers import SparseWeightMixin
 from sparsify.core.buffers import release_workspaces
-from sparsify.core.sharded import full_parameters, is_distributed, note_fsdp, sharded_modules
+from sparsify.core.sharded import collect_at_exit, full_parameters, is_distributed, note_fsdp, sharded_modules
 from sparsify.core.state import check_filled, find_state, forget_replaced, refuse_unfilled, unwrap
 from sparsify.prepare.inputs import check_inputs, state_inputs
 
@@ -155,6 +155,8 @@ def step(model: nn.Module, loss=None) -> int:
                 except FloatingPointError as e:  # non-finite weights: keep the last thresholds and masks
                     said.append((f"nonfinite:{name}", f"sparsify.step: {name} ({group.method_name}) met "
                                  f"non-finite weights at step {t} and kept its previous thresholds and masks ({e})"))
+        if is_distributed():
+            collect_at_exit()
         if is_distributed() and sharded_modules(unwrap(model).modules()):
             # FSDP2 gathers new weight values into the same tensor without bumping its version:
             # nothing computed from a weight in this step's forward may be reused in the next one;

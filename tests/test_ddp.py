@@ -118,3 +118,23 @@ def test_semi_structured_maps_come_from_rank0(ddp_results):
     key = next(k for k in ddp_results[0]["semi-structured"]["state"] if k.endswith(".scores"))
     maps = [r["semi-structured"]["state"][key] for r in ddp_results]
     assert maps[0].numel() and maps[0].std() > 0 and torch.equal(maps[0], maps[1])
+
+
+def test_a_step_under_a_process_group_collects_garbage_at_exit(monkeypatch):
+    # a dropped sparsified model is cyclic garbage; left to interpreter teardown, the process group
+    # it refers to takes gloo's threads down with it (SIGABRT): sparsify.step registers, once, a
+    # gc.collect at exit, while Python is still whole
+    import sparsify.core.sharded as sharded
+    registered = []
+    monkeypatch.setattr(sharded, "_COLLECTING_AT_EXIT", False)
+    monkeypatch.setattr(sharded.atexit, "register", registered.append)
+    m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), "gmp", total_steps=4)
+    sparsify.step(m)
+    assert registered == []  # no process group: nothing to do
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        sparsify.step(m)
+        sparsify.step(m)
+    finally:
+        dist.destroy_process_group()
+    assert registered == [gc.collect]

@@ -18,7 +18,9 @@ Without sharded parameters nothing happens:
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 from typing import Iterable, Iterator
 
 import torch
@@ -26,7 +28,10 @@ from torch import nn
 
 from sparsify.core.buffers import layer_buffers
 
-__all__ = ["is_distributed", "is_sharded", "sharded_modules", "full_parameters", "check_gathered", "note_fsdp"]
+__all__ = ["is_distributed", "is_sharded", "sharded_modules", "full_parameters", "check_gathered", "note_fsdp",
+           "collect_at_exit"]
+
+_COLLECTING_AT_EXIT = False
 
 
 def is_distributed() -> bool:
@@ -36,6 +41,21 @@ def is_distributed() -> bool:
     False
     """
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def collect_at_exit() -> None:
+    """Run the cycle collector once more when the interpreter exits (registered once).
+
+    A sparsified model, like any torch.fx graph, is cyclic garbage when dropped; one still
+    uncollected at exit is freed during interpreter teardown, and with it the process group its
+    DDP hooks or FSDP2 shards refer to, whose gloo threads then abort the process ("terminate
+    called without an active exception"). ``atexit`` handlers run while Python is still whole.
+    A model a global name still holds is not garbage: docs/distributed.md says to drop it first.
+    """
+    global _COLLECTING_AT_EXIT
+    if not _COLLECTING_AT_EXIT:
+        atexit.register(gc.collect)
+        _COLLECTING_AT_EXIT = True
 
 
 def is_sharded(t) -> bool:
