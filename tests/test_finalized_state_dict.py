@@ -85,8 +85,9 @@ def test_multihead_attention_keeps_its_unquantizable_out_proj():
     # weight itself); a finalized plain nn.Linear there made quantize_dynamic break the attention
     x = torch.randn(2, 3, 32, 32)
     torch.manual_seed(0)
-    m = sparsify.sparsify(torchvision.models.vit_b_16(num_classes=10, image_size=32), "st3", total_steps=2,
-                          example_inputs=x)
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=32,
+                                               mlp_dim=64, num_classes=10)  # torchvision's ViT, small
+    m = sparsify.sparsify(vit, "st3", total_steps=2, example_inputs=x)
     sparsify.step(m)
     final = sparsify.finalize(m).eval()
     out_proj = final.encoder.layers.encoder_layer_0.self_attention.out_proj
