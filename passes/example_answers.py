@@ -47,11 +47,11 @@ class ExampleAnswers:
         self.var_keys: tuple[str, ...] | None = None  # the **kwargs keys taken from the example
 
     def start_answers(self, root) -> None:
-        if getattr(self, "_example", None) is not None and isinstance(root, nn.Module):
+        if self._example is not None and isinstance(root, nn.Module):
             self.values = ExampleValues(self, root, self._example)
 
     def end_answers(self) -> None:
-        if getattr(self, "values", None) is not None:
+        if self.values is not None:
             self.values.close()
 
     def answer_bool(self, obj: fx.Proxy, otherwise: Callable[[], bool]) -> bool:

@@ -15,7 +15,7 @@ import sparsify
 from sparsify.deploy.divergence import locate_divergence
 from sparsify.deploy.compare import outputs_close
 from sparsify.core.contract import Group
-from sparsify.core.layers import plain_copy
+from sparsify.core.plain import plain_copy
 
 
 class TiedScores(nn.Module):

@@ -21,7 +21,8 @@ from torch import nn
 from passes import Change, insert_after, replace_module, reroute_input, set_submodule
 
 from sparsify.core.conv1d import Conv1DLike, grouped_transpose
-from sparsify.core.layers import WEIGHT_TYPES, SparseWeightMixin, plain_copy, weight_base
+from sparsify.core.layers import WEIGHT_TYPES, SparseWeightMixin, weight_base
+from sparsify.core.plain import plain_copy
 from sparsify.core.params import Params
 from sparsify.core.schedules import resolve_time
 from sparsify.core.subclasses import computed_weight_reason, refusal

@@ -4,14 +4,14 @@
   ``Conv1D``) whose forward uses an effective weight; :func:`specialize` makes one class per
   weight class, so a sparse layer keeps its class's behaviour, its qualified name and its
   parameter names (``layer1.0.conv1.weight`` stays ``layer1.0.conv1.weight``);
-* :func:`masked_weight`: ``W ⊙ M`` with its gradient, reused while neither changes;
-* :func:`plain_copy`: the plain torch layer a sparse layer finalizes to.
+* :func:`masked_weight`: ``W ⊙ M`` with its gradient, reused while neither changes.
+
+The plain torch layer a sparse layer finalizes to: :func:`sparsify.core.plain.plain_copy`.
 
 The method contract (``Method``, ``Group``, ``Site``) is in :mod:`sparsify.core.contract`.
 """
 from __future__ import annotations
 
-import copy
 import sys
 
 import torch
@@ -26,8 +26,8 @@ from sparsify.core.records import RecordsMixin  # noqa: F401  (its home before r
 from sparsify.core.sharded import check_gathered, note_fsdp
 from sparsify.core.subclasses import own_forward_class, own_forward_with
 
-__all__ = ["SparseWeightMixin", "RecordsMixin", "specialize", "WEIGHT_TYPES", "TORCH_WEIGHT_TYPES", "plain_copy",
-           "weight_base", "masked_weight", "drop_all_caches", "CONV_TRANSPOSE_TYPES"]
+__all__ = ["SparseWeightMixin", "RecordsMixin", "specialize", "WEIGHT_TYPES", "TORCH_WEIGHT_TYPES", "weight_base",
+           "masked_weight", "drop_all_caches", "CONV_TRANSPOSE_TYPES"]
 
 # ConvTranspose1d/2d/3d: weight (in, out/groups, *kernel), output channels along dimension 1
 TORCH_WEIGHT_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) + CONV_TRANSPOSE_TYPES
@@ -340,35 +340,3 @@ def specialize(mixin: type, namespace: dict | None = None, prefix: str | None = 
         _LAZY.setdefault(module.__name__, {})[f"{prefix}Conv1D"] = out
         namespace.setdefault("__getattr__", _lazy_getattr(module.__name__))
     return out
-
-
-def plain_copy(layer: nn.Module, weight: torch.Tensor | None = None) -> nn.Module:
-    """A plain torch.nn layer equal to ``layer`` with ``weight`` (default: its deployed weight).
-
-    >>> lin = nn.Linear(3, 2)
-    >>> type(plain_copy(lin)).__name__
-    'Linear'
-    """
-    cls = layer.dense_class() if isinstance(layer, SparseWeightMixin) else type(layer)
-    if weight is None:
-        weight = layer.deployed_weight() if isinstance(layer, SparseWeightMixin) else layer.weight
-    new = cls.__new__(cls)
-    nn.Module.__init__(new)
-    for k, v in layer.__dict__.items():
-        if not k.startswith("_") and k != "training":
-            new.__dict__[k] = v
-    new.training = layer.training
-    new.weight = nn.Parameter(weight.detach().clone(), requires_grad=layer.weight.requires_grad)
-    bias = getattr(layer, "bias", None)
-    new.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
-    for name in layer.__dict__.get("_dense_children", ()):  # an own forward's children (a padding module)
-        new.add_module(name, copy.deepcopy(layer._modules[name]))
-    params, buffers = layer.__dict__.get("_dense_tensors", ((), ()))
-    for name in params:  # a subclass's own parameters and buffers (not the sparse layer's mask & co.)
-        p = layer._parameters.get(name)
-        new.register_parameter(name, None if p is None else nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
-    for name in buffers:
-        b = layer._buffers.get(name)
-        new.register_buffer(name, None if b is None else b.clone(),
-                            persistent=name not in layer._non_persistent_buffers_set)
-    return new

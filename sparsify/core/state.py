@@ -110,18 +110,17 @@ def _moved_like(value, fn):
 
 
 def _off_meta(value, device: torch.device):
-    """``value``'s meta tensors as tensors of the same shape on ``device``: floating ones drawn
-    from a fixed seed (finalize's check compares outputs on them), the others zero."""
-    if isinstance(value, torch.Tensor) and value.is_meta:
-        if value.is_floating_point():
-            drawn = torch.randn(value.shape, generator=torch.Generator().manual_seed(0))
-            return drawn.to(device=device, dtype=value.dtype)
-        return torch.zeros(value.shape, dtype=value.dtype, device=device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_off_meta(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _off_meta(v, device) for k, v in value.items()}
-    return value
+    """``value`` (a pytree, as for :func:`_moved_like`) with its meta tensors as tensors of the
+    same shape on ``device``: floating ones drawn from a fixed seed (finalize's check compares
+    outputs on them), the others zero."""
+    def materialize(v):
+        if not (isinstance(v, torch.Tensor) and v.is_meta):
+            return v
+        if v.is_floating_point():
+            return torch.randn(v.shape, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=v.dtype)
+        return torch.zeros(v.shape, dtype=v.dtype, device=device)
+
+    return pytree.tree_map(materialize, value)
 
 
 def explain_missing_state(module: nn.Module, incompatible_keys) -> None:

@@ -18,7 +18,8 @@ docs/recipes.md ("Writing a method") walks through an example.
 from __future__ import annotations
 
 from sparsify.core.contract import Group, GroupContext, Method, Site
-from sparsify.core.layers import SparseWeightMixin, plain_copy, specialize, weight_base
+from sparsify.core.layers import SparseWeightMixin, specialize, weight_base
+from sparsify.core.plain import plain_copy
 from sparsify.core.registry import REGISTRY, get_method, register
 
 # importing a method's module registers it (the order is the one `sparsify recipes` lists)

@@ -1,0 +1,46 @@
+"""The plain torch layer a sparse layer finalizes to (:func:`plain_copy`): the class of the layer it
+was made from, holding the deployed weight and whatever else that layer held (its bias, a
+subclass's own parameters, buffers and children), without the sparse layer's masks and
+thresholds."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from sparsify.core.layers import SparseWeightMixin
+
+__all__ = ["plain_copy"]
+
+
+def plain_copy(layer: nn.Module, weight: torch.Tensor | None = None) -> nn.Module:
+    """A plain torch.nn layer equal to ``layer`` with ``weight`` (default: its deployed weight).
+
+    >>> lin = nn.Linear(3, 2)
+    >>> type(plain_copy(lin)).__name__
+    'Linear'
+    """
+    cls = layer.dense_class() if isinstance(layer, SparseWeightMixin) else type(layer)
+    if weight is None:
+        weight = layer.deployed_weight() if isinstance(layer, SparseWeightMixin) else layer.weight
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    for k, v in layer.__dict__.items():
+        if not k.startswith("_") and k != "training":
+            new.__dict__[k] = v
+    new.training = layer.training
+    new.weight = nn.Parameter(weight.detach().clone(), requires_grad=layer.weight.requires_grad)
+    bias = getattr(layer, "bias", None)
+    new.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+    for name in layer.__dict__.get("_dense_children", ()):  # an own forward's children (a padding module)
+        new.add_module(name, copy.deepcopy(layer._modules[name]))
+    params, buffers = layer.__dict__.get("_dense_tensors", ((), ()))
+    for name in params:  # a subclass's own parameters and buffers (not the sparse layer's mask & co.)
+        p = layer._parameters.get(name)
+        new.register_parameter(name, None if p is None else nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+    for name in buffers:
+        b = layer._buffers.get(name)
+        new.register_buffer(name, None if b is None else b.clone(),
+                            persistent=name not in layer._non_persistent_buffers_set)
+    return new
