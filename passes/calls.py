@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from collections.abc import Mapping
 
 import torch
 import torch.fx as fx
@@ -19,7 +20,7 @@ from torch import nn
 
 from .library_leaves import library_leaf
 
-__all__ = ["CallGuard", "call_shell", "keep_argument_names", "input_tuple"]
+__all__ = ["CallGuard", "call_shell", "keep_argument_names", "input_tuple", "positional_inputs"]
 
 _OTHER = object()  # a recorded argument value that is neither None nor a flag
 
@@ -39,6 +40,48 @@ def input_tuple(example_inputs) -> tuple:
     (1, (1, 2))
     """
     return tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
+
+
+def positional_inputs(module: nn.Module, example_inputs):
+    """``example_inputs`` given as keyword arguments (a dict, or a tokenizer's ``BatchEncoding``)
+    as the positional arguments of the same call of ``module``: the named ones in the place of
+    ``forward``'s parameters, those left out before the last named one at their defaults. Other
+    example inputs are returned as they are.
+
+    >>> class Net(nn.Module):
+    ...     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
+    ...         return input_ids
+    >>> positional_inputs(Net(), {"labels": 1, "input_ids": 2})
+    (2, None, None, 1)
+    >>> positional_inputs(Net(), {"pixel_values": 1})
+    Traceback (most recent call last):
+    ValueError: example_inputs: Net.forward has no parameter 'pixel_values' (it takes input_ids, attention_mask, token_type_ids, labels)
+    """
+    if not isinstance(example_inputs, Mapping):
+        return example_inputs
+    fn = module.forward
+    owner = type(module).__name__
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        raise ValueError(f"example_inputs: the parameters of {owner}.forward cannot be read; pass the inputs "
+                         "as a tuple in the order forward takes them") from None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = [p.name for p in positional]
+    unknown = [k for k in example_inputs if k not in names]
+    if unknown:
+        takes = ", ".join(names) or "no named parameters"
+        raise ValueError(f"example_inputs: {owner}.forward has no parameter {unknown[0]!r} (it takes {takes})")
+    last = max((names.index(k) for k in example_inputs), default=-1)
+    args = []
+    for p in positional[:last + 1]:
+        if p.name in example_inputs:
+            args.append(example_inputs[p.name])
+        elif p.default is not p.empty:
+            args.append(p.default)
+        else:
+            raise ValueError(f"example_inputs: {owner}.forward needs {p.name!r}, which they leave out")
+    return tuple(args)
 
 
 def _is_torch_leaf(m: nn.Module) -> bool:

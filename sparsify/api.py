@@ -8,6 +8,7 @@ import warnings
 import torch
 from torch import nn
 
+from passes.calls import positional_inputs
 from sparsify.prepare.build import build, check_model
 from sparsify.prepare.capture import check_capture
 from sparsify.deploy.finalize import finalize_model
@@ -35,8 +36,9 @@ def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int 
     ``recipe`` is a built-in name (``sparsify recipes`` lists them), a path to a JSON file, or a
     dict. ``overrides`` set recipe parameters (``sparsity=0.95``, ``end=2000``). ``total_steps``
     is the number of optimizer steps of the run, needed when the recipe gives times as fractions.
-    ``example_inputs`` (a tensor or a tuple) fix the shapes used for MAC counts and the
-    ``finalize`` check; without them a 224² image (or the first layer's natural size) is tried.
+    ``example_inputs`` (a tensor, a tuple of positional arguments, or a dict of keyword arguments
+    such as a tokenizer's output) fix the shapes used for MAC counts and the ``finalize`` check;
+    without them a 224² image (or the first layer's natural size) is tried.
 
     The caller's modules are left as they are, and no weight is copied: the returned model holds
     new module objects around the caller's own parameter and buffer tensors (as
@@ -61,6 +63,7 @@ def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int 
     if capture is not None:
         check_capture(capture)
     recipe = load_recipe(recipe, **overrides)
+    example_inputs = positional_inputs(model, example_inputs)
     # wrong shapes fail here, not later in finalize; the same forward gives the MAC factors
     factors = check_inputs(model, example_inputs)
     root, plan_ = build(model, recipe, example_inputs=example_inputs, total_steps=total_steps, inplace=inplace,
@@ -87,6 +90,7 @@ def plan(model: nn.Module, recipe, *, example_inputs=None, total_steps: int | No
     21
     """
     recipe = load_recipe(recipe, **overrides)
+    example_inputs = positional_inputs(model, example_inputs)
     factors = check_inputs(model, example_inputs)
     _, plan_ = build(model, recipe, example_inputs=example_inputs, total_steps=total_steps, dry_run=True,
                      factors=factors, capture=capture)
@@ -274,6 +278,7 @@ def finalize(model: nn.Module, example_inputs=None, *, check: bool = True, rtol:
     _check_averaged(model, "finalize")
     if (msg := schedule_unfinished(model)) is not None:
         warnings.warn(msg, stacklevel=2)
+    example_inputs = positional_inputs(unwrap(model), example_inputs)
     final = finalize_model(model, example_inputs, check=check, rtol=rtol, atol=atol)
     if semi_structured:
         from sparsify.deploy.semistructured24 import to_semi_structured

@@ -7,6 +7,7 @@ and recipe resumes exactly.
 from __future__ import annotations
 
 import json
+import warnings
 
 import torch
 from torch import nn
@@ -14,7 +15,7 @@ from torch.utils import _pytree as pytree
 
 from sparsify.core.extra_state import pack, unpack
 
-__all__ = ["SparsifyState", "STATE_ATTR", "AVERAGING_WRAPPERS", "find_state", "unwrap", "explain_missing_state",
+__all__ = ["SparsifyState", "STATE_ATTR", "AVERAGING_WRAPPERS", "find_state", "unwrap", "after_load",
            "forget_replaced", "check_filled", "refuse_unfilled", "is_wrapper", "start_groups"]
 
 STATE_ATTR = "sparsify_state"
@@ -123,18 +124,40 @@ def _off_meta(value, device: torch.device):
     return pytree.tree_map(materialize, value)
 
 
-def explain_missing_state(module: nn.Module, incompatible_keys) -> None:
-    """``load_state_dict`` post-hook of a sparsified model: when the checkpoint holds no sparsify
-    state (it was saved from the model before ``sparsify``), the missing key says so and what to
-    do. torch's own error then reads right under ``strict=True``; ``strict=False`` (taking dense
-    weights into the sparsified model) is unaffected but for the annotated name."""
+def after_load(module: nn.Module, incompatible_keys) -> None:
+    """``load_state_dict`` post-hook of a sparsified model, for a checkpoint that holds no sparsify
+    state (saved from the model before ``sparsify``: a pretrained or dense checkpoint).
+
+    The missing key says so and what to do, so that torch's own error reads right under
+    ``strict=True``. And the model is made what ``sparsify`` of the loaded weights would have
+    made: at step 0 every group's step-0 update runs again on the new weights (N:M's masks, ST-3's
+    thresholds, ... were computed from the weights the model had), so that ``sparsify(model)``
+    then ``load_state_dict(dense, strict=False)`` equals ``sparsify`` of the loaded model. Past
+    step 0 the masks and thresholds stay those of the earlier weights (a schedule's history cannot
+    be redone): a warning says so."""
     missing = incompatible_keys.missing_keys
     key = f"{STATE_ATTR}._extra_state"
+    dense = False
     for i, k in enumerate(missing):
         if k == key or k.endswith("." + key):
+            dense = True
             missing[i] = (f"{k} (this checkpoint holds no sparsify state: it was saved from a model before "
                           "sparsify(); load it with strict=False to take its weights into the sparsified "
                           "model, or save the sparsified model's own state_dict)")
+    state = getattr(module, STATE_ATTR, None)
+    if not dense or not isinstance(state, SparsifyState) or state.unfilled or state.step.is_meta:
+        return  # a model materialized from meta stays refused until a sparsified checkpoint fills it
+    step = int(state.step)
+    if step == 0:
+        from sparsify.core.sharded import full_parameters  # FSDP2: the groups read whole weights
+        readers = [m for g in state.groups.values() for m in (g, *g.members.values())]
+        with full_parameters(readers):
+            start_groups(state)
+    else:
+        warnings.warn(f"sparsify: weights loaded from a checkpoint without sparsify state into a model at step "
+                      f"{step}: its masks and thresholds stay those computed from its earlier weights; to start "
+                      "sparse training from these weights, load them before the first sparsify.step (or call "
+                      "sparsify() on the loaded model)", stacklevel=3)
 
 
 # matched by name, so that neither torch.distributed nor timm is imported here

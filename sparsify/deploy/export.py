@@ -16,6 +16,7 @@ import warnings
 import torch
 from torch import nn
 
+from passes.calls import positional_inputs
 from sparsify.deploy.compare import outputs_close
 
 __all__ = ["export_program", "export_onnx", "run_onnx", "check_deployable", "DeployCheck"]
@@ -35,7 +36,7 @@ def export_program(model: nn.Module, example_inputs) -> "torch.export.ExportedPr
     """
     model.eval()
     with torch.no_grad():
-        return torch.export.export(model, _as_tuple(example_inputs))
+        return torch.export.export(model, _as_tuple(positional_inputs(model, example_inputs)))
 
 
 def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike | None = None, *,
@@ -49,7 +50,7 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike | None
     True
     """
     model.eval()
-    inputs = _as_tuple(example_inputs)
+    inputs = _as_tuple(positional_inputs(model, example_inputs))
     names = [f"input{i}" for i in range(len(inputs))]
     kwargs = {}
     if not dynamo:
@@ -108,7 +109,7 @@ def check_deployable(model: nn.Module, example_inputs, reference=None, *, rtol: 
     >>> sorted(check_deployable(torch.nn.Linear(3, 2), torch.randn(2, 3)))
     ['onnx', 'torch.export']
     """
-    inputs = _as_tuple(example_inputs)
+    inputs = _as_tuple(positional_inputs(model, example_inputs))
     model.eval()
     with torch.no_grad():
         expected = model(*inputs) if reference is None else reference

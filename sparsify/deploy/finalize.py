@@ -13,7 +13,7 @@ from passes import kept_state, remove_node, set_submodule
 from sparsify.deploy.compare import outputs_close
 from sparsify.prepare.inputs import state_inputs
 from sparsify.core.sharded import sharded_modules
-from sparsify.core.state import STATE_ATTR, SparsifyState, explain_missing_state, find_state, unwrap
+from sparsify.core.state import STATE_ATTR, SparsifyState, after_load, find_state, unwrap
 from sparsify.core.tied import TiedUse, plain_tied
 
 __all__ = ["FinalizeError", "FinalizeWarning", "finalize_model"]
@@ -70,9 +70,9 @@ def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
     finalize_hidden(final, fstate.graph_paths)
     _finalize_tied(final)
     delattr(final, STATE_ATTR)
-    # its hook explains a missing sparsify state to load_state_dict: the plain model has none
+    # its load_state_dict hook handles checkpoints without sparsify state: the plain model has none
     for key, hook in list(final._load_state_dict_post_hooks.items()):
-        if hook is explain_missing_state:
+        if hook is after_load:
             del final._load_state_dict_post_hooks[key]
     for prefix in fstate.graph_paths:
         gm = final.get_submodule(prefix) if prefix else final

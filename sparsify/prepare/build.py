@@ -30,7 +30,7 @@ from sparsify.prepare.unhandled import frozen_reason, unhandled_entries
 from sparsify.prepare.recipe import Recipe
 from sparsify.prepare.undo import TreeSnapshot
 from sparsify.prepare.validate import check_times
-from sparsify.core.state import STATE_ATTR, SparsifyState, explain_missing_state, start_groups
+from sparsify.core.state import STATE_ATTR, SparsifyState, after_load, start_groups
 
 __all__ = ["build", "check_model"]
 
@@ -263,7 +263,7 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     state.hidden_names = hidden_names
     state.layer_factors = factors
     root.add_module(STATE_ATTR, state)
-    root.register_load_state_dict_post_hook(explain_missing_state)
+    root.register_load_state_dict_post_hook(after_load)
     if shared:
         own_written_weights(root, state.groups.values())
     start_groups(state)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from passes import replace_uses, set_submodule
+from passes.calls import positional_inputs
 
 from sparsify.deploy.accelerate.direct_conv import DirectSparseConv2d, direct_available, supports_direct
 from sparsify.deploy.accelerate.fuse import fuse_relu_pass, fuse_residual_pass
@@ -285,6 +286,7 @@ def accelerate(model: nn.Module, example_inputs, *, decide: str = "measure", min
     """
     from sparsify.deploy.compare import outputs_close
 
+    example_inputs = positional_inputs(model, example_inputs)
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     elsewhere = sorted({str(t.device) for t in (*model.parameters(), *model.buffers(), *inputs)
                         if isinstance(t, torch.Tensor) and t.device.type != "cpu"})

@@ -44,10 +44,29 @@ class SASMixin(SparseWeightMixin):
         self.slot_rule = rule
         self.sas_input = sas_input
         self.sas_recompute = bool(recompute)  # keep only x for the backward (memory) or the slots (speed)
-        dense = self.weight.detach()
         coefficients = coefficients if coefficients is not None else [1.0] + [0.0] * (rule.m - 1)
-        wide = torch.stack([c * dense for c in coefficients], 2).flatten(1, 2)
-        self.weight = nn.Parameter(wide.contiguous(), requires_grad=self.weight.requires_grad)
+        self.sas_coefficients = [float(c) for c in coefficients]
+        self.weight = nn.Parameter(self.widen(self.weight.detach()), requires_grad=self.weight.requires_grad)
+
+    def widen(self, dense: torch.Tensor) -> torch.Tensor:
+        """The wide weight this layer was made of for the dense (narrow) weight ``dense``: slot k
+        holds ``sas_coefficients[k] · dense``.
+
+        >>> layer = SASLinear.from_dense(nn.Linear(3, 2), coefficients=[1.0, -1.0])
+        >>> layer.widen(torch.ones(2, 3))[0].tolist()
+        [1.0, -1.0, 1.0, -1.0, 1.0, -1.0]
+        """
+        return torch.stack([c * dense for c in self.sas_coefficients], 2).flatten(1, 2).contiguous()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a dense (pretrained) checkpoint: its narrow weight is converted as sparsify() converted
+        # the layer's own, so that loading it after sparsify() equals sparsify() of the loaded model
+        key = prefix + "weight"
+        w = state_dict.get(key)
+        if isinstance(w, torch.Tensor) and w.dim() == self.weight.dim() and w.shape[0] == self.weight.shape[0] \
+                and w.shape[1] * self.sas_m == self.weight.shape[1] and w.shape[2:] == self.weight.shape[2:]:
+            state_dict = {**state_dict, key: self.widen(w.to(self.weight.device))}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def reset_sas_parameters(self) -> None:

@@ -1,0 +1,110 @@
+"""``example_inputs`` as keyword arguments, the way transformers models are called: a dict or a
+tokenizer's ``BatchEncoding`` goes to ``sparsify``, ``plan``, ``finalize`` and the export helpers
+(docs/index.md). Before, the dict was passed as the model's first positional argument and
+``sparsify`` refused it ("shapes dict raise TypeError")."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import sparsify
+from passes.calls import positional_inputs
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+
+IDS = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+MASK = torch.ones_like(IDS).index_fill_(1, torch.tensor([10, 11]), 0)
+
+
+def bert():
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  vocab_size=100, max_position_embeddings=64, num_labels=3)
+    return transformers.BertForSequenceClassification(cfg)
+
+
+def llama():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=100, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+SOON = {"st3": {"begin": 0, "end": 2}}  # pruned within the two steps
+
+
+@pytest.mark.parametrize("recipe", ["st3", "tl1", "nm-2-4"])
+def test_a_batch_encoding_is_the_example_call(recipe):
+    enc = transformers.BatchEncoding({"input_ids": IDS, "attention_mask": MASK})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = sparsify.sparsify(bert(), recipe, total_steps=2, example_inputs=enc, **SOON.get(recipe, {}))
+    opt = torch.optim.AdamW(sparsify.param_groups(model), lr=1e-2)
+    labels = torch.tensor([0, 2])
+    for _ in range(2):
+        out = model(**enc, labels=labels)
+        (out.loss + sparsify.penalty(model)).backward()
+        opt.step()
+        opt.zero_grad()
+        sparsify.step(model)
+    assert model.sparsify_state.example_inputs[1] is not None  # the mask is the second argument
+    final = sparsify.finalize(model)  # checked on the kept call, attention mask included
+    with torch.no_grad():
+        torch.testing.assert_close(final(**enc).logits, model.eval()(**enc).logits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        positional = sparsify.sparsify(bert(), recipe, total_steps=2, example_inputs=(IDS, MASK), **SOON.get(recipe, {}))
+    macs = [row.macs for row in sparsify.report(model).layers]  # counted on the kept call
+    assert macs == [row.macs for row in sparsify.report(positional).layers]
+    assert recipe == "tl1" or all(macs)  # activation rows count no MACs of their own
+
+
+def test_keyword_inputs_to_plan_and_finalize():
+    enc = {"input_ids": IDS, "labels": IDS}  # a causal LM called with labels returns its loss
+    p = sparsify.plan(llama(), "gmp", total_steps=4, example_inputs=enc)
+    assert len(p.rewritten) > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = sparsify.sparsify(llama(), "gmp", total_steps=4)
+        final = sparsify.finalize(model, {"input_ids": IDS, "attention_mask": MASK})
+    assert isinstance(final, transformers.LlamaForCausalLM)
+
+
+def test_keyword_inputs_fill_the_parameters_between_at_their_defaults():
+    args = positional_inputs(llama(), {"input_ids": IDS, "labels": IDS})
+    assert args[0] is IDS and args[-1] is IDS and all(a is None for a in args[1:-1])
+
+
+def test_an_unknown_keyword_is_one_line():
+    with pytest.raises(ValueError, match=r"^example_inputs: BertForSequenceClassification.forward has no parameter "
+                                         r"'pixel_values' \(it takes input_ids, attention_mask"):
+        sparsify.sparsify(bert(), "st3", total_steps=4, example_inputs={"pixel_values": IDS})
+
+
+def test_a_required_parameter_left_out_is_one_line():
+    class Two(nn.Module):
+        def forward(self, x, y):
+            return x + y
+
+    with pytest.raises(ValueError, match="^example_inputs: Two.forward needs 'x', which they leave out$"):
+        positional_inputs(Two(), {"y": torch.zeros(1)})
+
+
+def test_export_helpers_take_keyword_inputs():
+    from sparsify.deploy.export import export_program
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x, scale=None):
+            return self.fc(x) if scale is None else self.fc(x) * scale
+
+    net = Net()
+    x, s = torch.randn(3, 4), torch.full((1,), 2.0)
+    ep = export_program(net, {"x": x, "scale": s})
+    torch.testing.assert_close(ep.module()(x, s), net(x, s))
