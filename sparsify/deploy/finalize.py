@@ -12,6 +12,7 @@ from passes import kept_state, remove_node, set_submodule
 
 from sparsify.deploy.compare import outputs_close
 from sparsify.prepare.inputs import state_inputs
+from sparsify.prepare.pretrained import unguard_save_pretrained
 from sparsify.core.sharded import sharded_modules
 from sparsify.core.state import STATE_ATTR, SparsifyState, after_load, find_state, unwrap
 from sparsify.core.tied import TiedUse, plain_tied
@@ -74,6 +75,7 @@ def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
     for key, hook in list(final._load_state_dict_post_hooks.items()):
         if hook is after_load:
             del final._load_state_dict_post_hooks[key]
+    unguard_save_pretrained(final)
     for prefix in fstate.graph_paths:
         gm = final.get_submodule(prefix) if prefix else final
         if isinstance(gm, fx.GraphModule):

@@ -139,7 +139,7 @@ class SparsifyTrainerCallback(TrainerCallback):
         self._losses: list = []
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        find_state(model)  # a clear error when the model was not sparsified
+        find_state(model).in_trainer = True  # (a clear error when the model was not sparsified)
         if state.max_steps and (short := schedule_short(model, state.max_steps)):
             warnings.warn(short + " (SparsifyTrainerCallback: TrainingArguments give the run's length)", stacklevel=2)
         if self._hook is None:
@@ -153,6 +153,8 @@ class SparsifyTrainerCallback(TrainerCallback):
         self._losses.clear()
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        # a save_pretrained after training (trainer.save_model()) is no checkpoint: it warns
+        find_state(model).in_trainer = False
         if self._hook is not None:
             self._hook.remove()
             self._hook = None

@@ -26,6 +26,7 @@ from sparsify.core.contract import GroupContext, Site
 from sparsify.prepare.plan import Plan, PlanEntry
 from sparsify.prepare.tied import param_owners, share_tied, tie_decision
 from sparsify.prepare.adapters import adapter_reason
+from sparsify.prepare.pretrained import guard_save_pretrained
 from sparsify.prepare.unhandled import frozen_reason, unhandled_entries
 from sparsify.prepare.recipe import Recipe
 from sparsify.prepare.undo import TreeSnapshot
@@ -264,6 +265,7 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     state.layer_factors = factors
     root.add_module(STATE_ATTR, state)
     root.register_load_state_dict_post_hook(after_load)
+    guard_save_pretrained(root)
     if shared:
         own_written_weights(root, state.groups.values())
     start_groups(state)

@@ -1,0 +1,58 @@
+"""``save_pretrained`` of a model in sparse training (transformers, diffusers, peft models).
+
+Such a folder holds what the class saves: the raw weights, with the masks and thresholds as
+extra entries. ``from_pretrained`` into the plain class drops the extra entries (transformers
+lists them as "UNEXPECTED ... can be ignored") and gives the dense weights: the sparsity is gone,
+silently. The finalized model is the one to save for serving; the sparsified one's folder is a
+training checkpoint. A sparsified model with a ``save_pretrained`` method therefore says so, once,
+when it is called outside a running ``Trainer`` (whose checkpoints are resumed into a sparsified
+model: ``SparsifyTrainerCallback`` marks the run, see :attr:`SparsifyState.in_trainer`).
+"""
+from __future__ import annotations
+
+import types
+import warnings
+
+from torch import nn
+
+from sparsify.core.state import STATE_ATTR
+
+__all__ = ["guard_save_pretrained", "unguard_save_pretrained"]
+
+SAVE_ADVICE = ("save_pretrained of a model in sparse training writes a training checkpoint (raw weights; masks "
+               "and thresholds as extra entries): from_pretrained of it into the plain class drops those entries "
+               "and gives the DENSE model. For a model to serve, save the finalized one: "
+               "sparsify.finalize(model).save_pretrained(path); to resume training, build the model with the same "
+               "sparsify(...) call and load_state_dict the folder's weights (docs/transformers.md#saving)")
+
+
+def save_pretrained(self, *args, **kwargs):
+    """The class's ``save_pretrained``, with the warning of the module docstring."""
+    state = self.__dict__.get("_modules", {}).get(STATE_ATTR)
+    if state is not None and not state.in_trainer and "save_pretrained" not in state.warned:
+        state.warned.add("save_pretrained")
+        warnings.warn("sparsify: " + SAVE_ADVICE, stacklevel=2)
+    return type(self).save_pretrained(self, *args, **kwargs)
+
+
+def guard_save_pretrained(root: nn.Module) -> None:
+    """Route ``root.save_pretrained`` (when its class has one) through :func:`save_pretrained`:
+    an instance attribute, so that the model's class is left as it is.
+
+    >>> import torch
+    >>> class Pretrained(torch.nn.Linear):
+    ...     def save_pretrained(self, path): return path
+    >>> m = Pretrained(2, 2)
+    >>> guard_save_pretrained(m)
+    >>> m.save_pretrained("out")  # no sparsify state: nothing to say
+    'out'
+    """
+    if callable(getattr(type(root), "save_pretrained", None)):
+        root.__dict__["save_pretrained"] = types.MethodType(save_pretrained, root)
+
+
+def unguard_save_pretrained(root: nn.Module) -> None:
+    """Undo :func:`guard_save_pretrained` (``finalize``'s plain model saves as its class does)."""
+    method = root.__dict__.get("save_pretrained")
+    if isinstance(method, types.MethodType) and method.__func__ is save_pretrained:
+        del root.__dict__["save_pretrained"]

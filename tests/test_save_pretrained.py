@@ -1,0 +1,99 @@
+"""``save_pretrained`` of a model in sparse training (docs/transformers.md#saving): its folder is a
+training checkpoint, and ``from_pretrained`` of it into the plain class gives the dense model
+(the masks are entries transformers drops). ``sparsify`` says so once, outside a running
+``Trainer`` (whose checkpoints are resumed into a sparsified model); the finalized model saves
+silently and reloads sparse."""
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+
+import sparsify
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+
+IDS = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+WARNING = "save_pretrained of a model in sparse training writes a training checkpoint"
+
+
+def trained_llama(recipe="gmp"):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=100, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the untraceable root: expected (docs/transformers.md)
+        model = sparsify.sparsify(transformers.LlamaForCausalLM(cfg), recipe, total_steps=2, example_inputs=(IDS,),
+                                  begin=0, end=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(2):
+        model(IDS, labels=IDS).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        sparsify.step(model)
+    return model
+
+
+def saves(model, path) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.save_pretrained(path)
+    return [str(w.message) for w in caught if WARNING in str(w.message)]
+
+
+def test_the_sparsified_model_says_its_folder_reloads_dense(tmp_path):
+    model = trained_llama()
+    said = saves(model, tmp_path / "a")
+    assert len(said) == 1 and "sparsify.finalize(model).save_pretrained(path)" in said[0]
+    assert saves(model, tmp_path / "b") == []  # once
+    # what it warns about: the reloaded plain model is dense
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "a")
+    assert float((reloaded.model.layers[0].mlp.up_proj.weight == 0).float().mean()) == 0.0
+
+
+def test_the_finalized_model_saves_silently_and_reloads_sparse(tmp_path):
+    model = trained_llama()
+    final = sparsify.finalize(model)
+    assert "save_pretrained" not in final.__dict__
+    assert saves(final, tmp_path) == []
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert float((reloaded.model.layers[0].mlp.up_proj.weight == 0).float().mean()) > 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, final(IDS).logits)
+
+
+def test_copies_and_pickles_keep_a_working_save_pretrained(tmp_path):
+    model = trained_llama()
+    twin = copy.deepcopy(model)
+    assert twin.save_pretrained.__self__ is twin
+    assert len(saves(twin, tmp_path / "twin")) == 1
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    back.save_pretrained(tmp_path / "back")  # whatever route pickling gives it, it saves
+    assert (tmp_path / "back" / "config.json").exists()
+
+
+def test_trainer_checkpoints_are_quiet_and_the_final_save_model_warns(tmp_path):
+    pytest.importorskip("accelerate", reason="accelerate is not installed")
+    from sparsify.integrations.huggingface import SparsifyTrainerCallback
+
+    model = trained_llama()
+    data = [{"input_ids": IDS[0], "labels": IDS[0]}] * 8
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
+                                          use_cpu=True, report_to=[], save_strategy="steps", save_steps=1,
+                                          logging_strategy="no", dataloader_num_workers=0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[SparsifyTrainerCallback()])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert (tmp_path / "checkpoint-2").exists()
+    assert [w for w in caught if WARNING in str(w.message)] == []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.save_model(str(tmp_path / "final"))
+    assert len([w for w in caught if WARNING in str(w.message)]) == 1
