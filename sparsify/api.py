@@ -24,6 +24,7 @@ from sparsify.core.buffers import release_workspaces
 from sparsify.core.sharded import collect_at_exit, full_parameters, is_distributed, note_fsdp, sharded_modules
 from sparsify.core.state import check_filled, find_state, forget_replaced, refuse_unfilled, unwrap
 from sparsify.prepare.inputs import check_inputs, state_inputs
+from sparsify.prepare.sharing import SHARED_WARNING, mark_trained, remember_holder, trained_through_earlier
 
 __all__ = ["sparsify", "plan", "step", "sync", "penalty", "report", "finalize", "param_groups", "measure",
            "Measurement"]
@@ -42,7 +43,8 @@ def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int 
 
     The caller's modules are left as they are, and no weight is copied: the returned model holds
     new module objects around the caller's own parameter and buffer tensors (as
-    ``torch.fx.symbolic_trace`` and ``prepare_qat_fx`` do), so training it trains those tensors.
+    ``torch.fx.symbolic_trace`` and ``prepare_qat_fx`` do), so training it trains those tensors (a
+    later ``sparsify`` of tensors a returned model trained warns: sweeps over recipes need ``copy``).
     ``copy=True`` gives a fully independent model (the caller's tensors never change; costs one
     copy of the weights); ``inplace=True`` rewrites the caller's module tree itself.
 
@@ -66,10 +68,15 @@ def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int 
     example_inputs = positional_inputs(model, example_inputs)
     # wrong shapes fail here, not later in finalize; the same forward gives the MAC factors
     factors = check_inputs(model, example_inputs)
+    reused = trained_through_earlier(model)  # copy=True copies weights another run may have trained
     root, plan_ = build(model, recipe, example_inputs=example_inputs, total_steps=total_steps, inplace=inplace,
                         copy=copy, factors=factors, capture=capture)
     for message in plan_.warnings(recipe):
         warnings.warn(message, stacklevel=2)
+    if reused:
+        warnings.warn(SHARED_WARNING, stacklevel=2)
+    if not copy:
+        remember_holder(root)
     state = find_state(root)  # its groups make their buffers (step, thresholds) on the CPU
     move_buffers((state, *state.groups.values()), model_device(root))
     if state.step.is_meta:  # a shape-only model: refuse to run once materialized without values
@@ -89,6 +96,8 @@ def plan(model: nn.Module, recipe, *, example_inputs=None, total_steps: int | No
     >>> len(p.rewritten)
     21
     """
+    check_inputs(model, None)
+    check_model(model)
     recipe = load_recipe(recipe, **overrides)
     example_inputs = positional_inputs(model, example_inputs)
     factors = check_inputs(model, example_inputs)
@@ -136,6 +145,9 @@ def step(model: nn.Module, loss=None) -> int:
     """
     _forget_replaced(model, "step")
     state = find_state(model)
+    if not state.stepped_here:  # a later sparsify() of these weights says they were trained
+        state.stepped_here = True
+        mark_trained(unwrap(model))
     if loss is not None and isinstance(loss, torch.Tensor):
         loss = float(loss.detach())
     said = []

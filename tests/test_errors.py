@@ -195,6 +195,16 @@ def test_already_sparsified():
     assert isinstance(again.get_submodule("0"), SparseWeightMixin)
 
 
+@pytest.mark.parametrize("call", ["sparsify", "plan"])
+def test_uninitialized_lazy_layers_are_one_line(call):
+    model = nn.Sequential(nn.LazyConv2d(8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
+    with pytest.raises(ValueError, match=r"^the model has lazy layers without their shapes yet \(0: LazyConv2d and 1 "
+                                         r"more\): run one forward \(model\(example_batch\)\) to initialize them"):
+        getattr(sparsify, call)(model, "st3", total_steps=10)
+    model(torch.randn(1, 3, 8, 8))  # initialized: fine
+    assert isinstance(sparsify.sparsify(model, "st3", total_steps=10).get_submodule("3").weight, nn.Parameter)
+
+
 def test_functions_need_a_sparsified_model():
     for fn in (sparsify.step, sparsify.penalty, sparsify.report, sparsify.finalize, sparsify.param_groups):
         with pytest.raises(TypeError, match=re.escape("call model = sparsify.sparsify(model, recipe) first")):

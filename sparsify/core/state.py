@@ -39,6 +39,7 @@ class SparsifyState(nn.Module):
         self.warned: set[str] = set()
         self.synced = False  # an averaged copy that sparsify.sync gave a model's sparsity (saved)
         self.unfilled = False  # sparsified on meta, then materialized: the state holds no values
+        self.stepped_here = False  # sparsify.step ran on this model in this process (sparsify.prepare.sharing)
         self.in_trainer = False  # SparsifyTrainerCallback's Trainer runs: its save_pretrained calls are checkpoints
 
     def forward(self, x, *args, **kwargs):

@@ -12,6 +12,7 @@ import warnings
 from collections import defaultdict
 
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from passes import PassResult, Pipeline
 
@@ -53,6 +54,12 @@ def check_model(model) -> None:
             raise ValueError(f"the model is already sparsified ({name or 'root'} is "
                              f"{type(m).__name__}): start from the dense model, or call "
                              "sparsify.finalize(model) to get plain modules first")
+    lazy = [f"{name or 'the root'}: {type(m).__name__}" for name, m in model.named_modules()
+            if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
+    if lazy:
+        more = f" and {len(lazy) - 1} more" if len(lazy) > 1 else ""
+        raise ValueError(f"the model has lazy layers without their shapes yet ({lazy[0]}{more}): run one forward "
+                         "(model(example_batch)) to initialize them, then sparsify")
 
 
 def copy_structure(model: nn.Module, share_tensors: bool = True) -> nn.Module:
