@@ -45,17 +45,20 @@ def input_tuple(example_inputs) -> tuple:
 def positional_inputs(module: nn.Module, example_inputs):
     """``example_inputs`` given as keyword arguments (a dict, or a tokenizer's ``BatchEncoding``)
     as the positional arguments of the same call of ``module``: the named ones in the place of
-    ``forward``'s parameters, those left out before the last named one at their defaults. Other
-    example inputs are returned as they are.
+    ``forward``'s parameters, those left out before the last named one at their defaults. A dict
+    none of whose keys names a parameter is the one argument of a forward that takes a dict
+    (sentence-transformers' ``forward(features)``) and is returned as it is, like other inputs.
 
     >>> class Net(nn.Module):
     ...     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
     ...         return input_ids
     >>> positional_inputs(Net(), {"labels": 1, "input_ids": 2})
     (2, None, None, 1)
-    >>> positional_inputs(Net(), {"pixel_values": 1})
+    >>> positional_inputs(Net(), {"input_ids": 2, "pixel_values": 1})
     Traceback (most recent call last):
     ValueError: example_inputs: Net.forward has no parameter 'pixel_values' (it takes input_ids, attention_mask, token_type_ids, labels)
+    >>> positional_inputs(Net(), {"features": 1})
+    {'features': 1}
     """
     if not isinstance(example_inputs, Mapping):
         return example_inputs
@@ -69,6 +72,8 @@ def positional_inputs(module: nn.Module, example_inputs):
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     names = [p.name for p in positional]
     unknown = [k for k in example_inputs if k not in names]
+    if len(unknown) == len(example_inputs):
+        return example_inputs
     if unknown:
         takes = ", ".join(names) or "no named parameters"
         raise ValueError(f"example_inputs: {owner}.forward has no parameter {unknown[0]!r} (it takes {takes})")

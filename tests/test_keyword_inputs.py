@@ -81,7 +81,23 @@ def test_keyword_inputs_fill_the_parameters_between_at_their_defaults():
 def test_an_unknown_keyword_is_one_line():
     with pytest.raises(ValueError, match=r"^example_inputs: BertForSequenceClassification.forward has no parameter "
                                          r"'pixel_values' \(it takes input_ids, attention_mask"):
-        sparsify.sparsify(bert(), "st3", total_steps=4, example_inputs={"pixel_values": IDS})
+        sparsify.sparsify(bert(), "st3", total_steps=4, example_inputs={"input_ids": IDS, "pixel_values": IDS})
+
+
+def test_a_dict_naming_no_parameter_is_the_one_argument():
+    """A forward that takes a dict (sentence-transformers' ``forward(features)``) gets it as before."""
+    class Features(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 4)
+
+        def forward(self, features):
+            return {**features, "embedding": self.proj(features["tokens"]).mean(1)}
+
+    feats = {"tokens": torch.randn(2, 5, 8)}
+    model = sparsify.sparsify(Features(), "st3", total_steps=4, example_inputs=feats)
+    assert model.sparsify_state.example_inputs[0] is feats  # the first positional argument
+    assert sparsify.finalize(model)(feats)["embedding"].shape == (2, 4)
 
 
 def test_a_required_parameter_left_out_is_one_line():
