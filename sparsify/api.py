@@ -18,7 +18,7 @@ from sparsify.prepare.recipe import load_recipe
 from sparsify.stats.report import Report, build_report
 from sparsify.core.devices import model_device, move_buffers
 from sparsify.core.averaging import sync_sparsity, unsynced_warning
-from sparsify.core.pace import reset, schedule_unfinished, watch
+from sparsify.core.pace import check_held, reset, schedule_unfinished, watch
 from sparsify.core.layers import SparseWeightMixin
 from sparsify.core.buffers import release_workspaces
 from sparsify.core.sharded import collect_at_exit, full_parameters, is_distributed, note_fsdp, sharded_modules
@@ -69,6 +69,7 @@ def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int 
     # wrong shapes fail here, not later in finalize; the same forward gives the MAC factors
     factors = check_inputs(model, example_inputs)
     reused = trained_through_earlier(model)  # copy=True copies weights another run may have trained
+    before = {id(p) for p in model.parameters()}
     root, plan_ = build(model, recipe, example_inputs=example_inputs, total_steps=total_steps, inplace=inplace,
                         copy=copy, factors=factors, capture=capture)
     for message in plan_.warnings(recipe):
@@ -81,7 +82,8 @@ def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int 
     move_buffers((state, *state.groups.values()), model_device(root))
     if state.step.is_meta:  # a shape-only model: refuse to run once materialized without values
         root.register_forward_pre_hook(refuse_unfilled)
-    watch(state, root)  # warns when optimizer steps outrun sparsify.step (sparsify.core.pace)
+    # warns when optimizer steps outrun sparsify.step, or optimizers miss what sparsify created (core.pace)
+    watch(state, root, [n for n, p in root.named_parameters() if p.requires_grad and id(p) not in before])
     return root
 
 
@@ -151,6 +153,8 @@ def step(model: nn.Module, loss=None) -> int:
     if loss is not None and isinstance(loss, torch.Tensor):
         loss = float(loss.detach())
     said = []
+    if (held := check_held(state)) is not None:  # the optimizer was built before sparsify()
+        said.append(("held", held))
     reset(state)
     with torch.no_grad():
         state.step += 1

@@ -12,6 +12,12 @@ else than the run, and nothing fails. Two checks say so:
 Two optimizers stepping one model (weights and thresholds apart) count twice per iteration and
 stay far below :data:`LAG`; an optimizer that updates none of the sparse layers (a frozen
 backbone) is not counted.
+
+The same hook sees which parameters the optimizers hold. An optimizer built *before* ``sparsify``
+holds the model's parameters from then: not the ones the recipe added or replaced (STR's
+thresholds, SAS's wider weights), which then never train, and nothing fails. At the first
+``sparsify.step`` after an optimizer step, :func:`check_held` warns when no optimizer stepped
+one of them (or, with ``copy=True``, any parameter of the model).
 """
 from __future__ import annotations
 
@@ -23,7 +29,8 @@ from torch import nn
 from sparsify.core.records import RecordsGroupMixin
 from sparsify.core.state import find_state, unwrap
 
-__all__ = ["LAG", "ADVICE", "watch", "reset", "optimizer_steps", "schedule_unfinished", "schedule_short"]
+__all__ = ["LAG", "ADVICE", "watch", "reset", "optimizer_steps", "check_held", "schedule_unfinished",
+           "schedule_short"]
 
 #: optimizer steps in a row without ``sparsify.step`` that warn (a once-per-epoch call is caught
 #: within its first epoch of this many batches)
@@ -38,6 +45,9 @@ _COUNTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 # watched states -> their model (weakly): a recipe with no sparse layers (activation penalties
 # only) is counted by the steps that update any of the model's parameters
 _MODELS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# watched states -> (the trainable parameters sparsify created, by name; the ids of the parameters
+# optimizers stepped since), until check_held has looked once
+_HELD: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _HOOK = None
 
 
@@ -66,6 +76,8 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
     if not _COUNTS:
         return
     stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    for seen in list(_HELD.values()):
+        seen[1].update(stepped)
     for state in list(_COUNTS):
         if stepped.isdisjoint(_weights(state)):
             continue
@@ -79,9 +91,10 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
                           f"and {what}: {ADVICE}", stacklevel=3)
 
 
-def watch(state, model: nn.Module | None = None) -> None:
+def watch(state, model: nn.Module | None = None, created: list[str] = ()) -> None:
     """Count the optimizer steps that update ``state``'s model's sparse layers (all of
-    ``model``'s parameters when the recipe has no sparse layers).
+    ``model``'s parameters when the recipe has no sparse layers); ``created``: the trainable
+    parameters ``sparsify`` added or replaced, by name (see :func:`check_held`).
 
     >>> import torch, sparsify
     >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), "gmp", total_steps=10)
@@ -96,6 +109,8 @@ def watch(state, model: nn.Module | None = None) -> None:
     _COUNTS.setdefault(state, 0)
     if model is not None:
         _MODELS[state] = weakref.ref(model)
+        if created:
+            _HELD[state] = (list(created), set())
     if _HOOK is None:
         from torch.optim.optimizer import register_optimizer_step_post_hook
         _HOOK = register_optimizer_step_post_hook(_after_optimizer_step)
@@ -105,6 +120,40 @@ def reset(state) -> None:
     """``sparsify.step`` ran: no optimizer step is behind it."""
     if state in _COUNTS:
         _COUNTS[state] = 0
+
+
+def check_held(state) -> str | None:
+    """Once, at the first ``sparsify.step`` after an optimizer step: what to warn when the
+    optimizers miss parameters ``sparsify`` created (they were built before it); None when they
+    hold them all (or nothing is known yet).
+
+    >>> import torch, sparsify
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)     # before sparsify: misses STR's thresholds
+    >>> m = sparsify.sparsify(net, "str", total_steps=10)
+    >>> m(torch.ones(1, 4)).sum().backward(); opt.step()
+    >>> print(check_held(m.sparsify_state)[:103])
+    sparsify: no optimizer updates 1 parameter that sparsify() added or replaced ('0.s'): the optimizer was
+    """
+    entry = _HELD.get(state)
+    model = _MODELS.get(state, lambda: None)()
+    if entry is None or model is None or not entry[1]:
+        return None
+    del _HELD[state]
+    created, seen = entry
+    current = dict(model.named_parameters())
+    missing = [n for n in created if n in current and current[n].requires_grad and id(current[n]) not in seen]
+    if not missing:
+        return None
+    fix = ("build it after sparsify(), from the sparsified model: "
+           "torch.optim.SGD(sparsify.param_groups(model, weight_decay), lr=...)")
+    if seen.isdisjoint(id(p) for p in current.values()):
+        return (f"sparsify: no optimizer updates any parameter of this model (sparsify(copy=True) gave it its own "
+                f"tensors): the optimizer was built before sparsify(); {fix}")
+    names = ", ".join(repr(n) for n in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    return (f"sparsify: no optimizer updates {len(missing)} parameter{'s' if len(missing) > 1 else ''} that "
+            f"sparsify() added or replaced ({names}): the optimizer was built before sparsify() and holds the "
+            f"model's parameters from then, so these never train (STR's thresholds, SAS's wider weights); {fix}")
 
 
 def optimizer_steps(state) -> int:

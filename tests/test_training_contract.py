@@ -1,0 +1,80 @@
+"""An optimizer built before ``sparsify`` (docs/index.md#the-training-loop-contract): it holds
+the model's parameters from then, so the ones the recipe added or replaced (STR's thresholds,
+SAS's wider weights; every one with ``copy=True``) never train. Before, nothing said so: STR
+learned no sparsity, SAS's layers kept their initial weights. The first ``sparsify.step`` after
+an optimizer step now warns, once; an optimizer built after ``sparsify`` (or two that share the
+parameters) stays quiet."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import sparsify
+
+X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+Y = torch.tensor([0, 1, 2, 3])
+SAID = "no optimizer updates"
+
+
+def resnet():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10)
+
+
+def steps(model, optimizers, n=2) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(n):
+            loss = F.cross_entropy(model(X), Y) + sparsify.penalty(model)
+            loss.backward()
+            for opt in optimizers:
+                opt.step()
+                opt.zero_grad()
+            sparsify.step(model)
+    return [str(w.message) for w in caught if SAID in str(w.message)]
+
+
+@pytest.mark.parametrize("recipe,created", [("str", "conv1.s"), ("sas", "layer1.0.conv1.weight")])
+def test_an_optimizer_built_before_sparsify_is_named(recipe, created):
+    net = resnet()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    model = sparsify.sparsify(net, recipe, total_steps=4, example_inputs=X)
+    before = model.get_parameter(created).detach().clone()
+    said = steps(model, [opt])
+    assert len(said) == 1 and repr(created) in said[0] and "sparsify.param_groups" in said[0]
+    assert torch.equal(model.get_parameter(created), before)  # what it warns about: never trained
+
+
+def test_copy_true_and_an_old_optimizer_train_nothing_and_say_so():
+    net = resnet()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    model = sparsify.sparsify(net, "st3", total_steps=4, example_inputs=X, copy=True)
+    said = steps(model, [opt])
+    assert len(said) == 1 and "any parameter of this model" in said[0]
+
+
+@pytest.mark.parametrize("recipe", ["str", "sas", "st3"])
+def test_optimizers_built_after_sparsify_are_quiet(recipe):
+    model = sparsify.sparsify(resnet(), recipe, total_steps=4, example_inputs=X)
+    assert steps(model, [torch.optim.SGD(sparsify.param_groups(model, 1e-4), lr=0.01)]) == []
+
+
+def test_two_optimizers_sharing_the_parameters_are_quiet():
+    """Weights and thresholds in two optimizers: together they hold everything."""
+    model = sparsify.sparsify(resnet(), "str", total_steps=4, example_inputs=X)
+    thresholds = [p for n, p in model.named_parameters() if n.endswith(".s")]
+    rest = [p for n, p in model.named_parameters() if not n.endswith(".s")]
+    opts = [torch.optim.SGD(rest, lr=0.01), torch.optim.Adam(thresholds, lr=0.01)]
+    assert steps(model, opts) == []
+
+
+def test_frozen_parameters_are_not_asked_for():
+    net = resnet()
+    model = sparsify.sparsify(net, "str", total_steps=4, example_inputs=X)
+    for n, p in model.named_parameters():
+        p.requires_grad_(not n.endswith(".s"))  # thresholds fixed on purpose
+    assert steps(model, [torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)]) == []
