@@ -18,7 +18,7 @@ from sparsify.prepare.recipe import load_recipe
 from sparsify.stats.report import Report, build_report
 from sparsify.core.devices import model_device, move_buffers
 from sparsify.core.averaging import sync_sparsity, unsynced_warning
-from sparsify.core.pace import check_held, reset, schedule_unfinished, watch
+from sparsify.core.pace import check_held, check_idle, reset, schedule_unfinished, watch
 from sparsify.core.layers import SparseWeightMixin
 from sparsify.core.buffers import release_workspaces
 from sparsify.core.sharded import collect_at_exit, full_parameters, is_distributed, note_fsdp, sharded_modules
@@ -155,6 +155,8 @@ def step(model: nn.Module, loss=None) -> int:
     said = []
     if (held := check_held(state)) is not None:  # the optimizer was built before sparsify()
         said.append(("held", held))
+    if (idle := check_idle(state)) is not None:  # called more often than the optimizer steps
+        said.append(("idle", idle))
     reset(state)
     with torch.no_grad():
         state.step += 1

@@ -78,3 +78,66 @@ def test_frozen_parameters_are_not_asked_for():
     for n, p in model.named_parameters():
         p.requires_grad_(not n.endswith(".s"))  # thresholds fixed on purpose
     assert steps(model, [torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)]) == []
+
+
+# -- sparsify.step called more often than the optimizer steps ------------------------------------
+
+IDLE = "sparsify.step calls followed no optimizer step"
+
+
+def small():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+
+
+def accumulate(model, opt, calls: int, every: int, step_each_micro_batch: bool, scaler=None) -> list[str]:
+    x, y = torch.randn(4, 8), torch.tensor([0, 1, 2, 3])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(calls):
+            loss = F.cross_entropy(model(x), y) / every
+            if scaler is not None:
+                scaler.scale(loss * float("inf")).backward()  # non-finite gradients every step
+            else:
+                loss.backward()
+            if i % every == every - 1:
+                if scaler is not None:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+                opt.zero_grad()
+                if not step_each_micro_batch:
+                    sparsify.step(model)
+            if step_each_micro_batch:
+                sparsify.step(model)
+    return [str(w.message) for w in caught if IDLE in str(w.message)]
+
+
+def test_a_step_per_micro_batch_is_told():
+    model = sparsify.sparsify(small(), "gmp", total_steps=100)
+    said = accumulate(model, torch.optim.SGD(model.parameters(), lr=0.01), 80, 4, step_each_micro_batch=True)
+    assert len(said) == 1 and "only after the optimizer.step that ends each accumulation" in said[0]
+
+
+def test_a_step_per_optimizer_step_under_accumulation_is_quiet():
+    model = sparsify.sparsify(small(), "gmp", total_steps=100)
+    assert accumulate(model, torch.optim.SGD(model.parameters(), lr=0.01), 160, 4, step_each_micro_batch=False) == []
+
+
+def test_a_grad_scaler_that_skips_every_step_is_told():
+    model = sparsify.sparsify(small(), "st3", total_steps=100)
+    scaler = torch.amp.GradScaler("cpu")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    opt.step()  # one real step: the model is known to be stepped by this optimizer
+    said = accumulate(model, opt, 30, 1, step_each_micro_batch=False, scaler=scaler)
+    assert len(said) == 1 and "GradScaler" in said[0]
+
+
+def test_sparse_layers_no_optimizer_steps_are_not_asked_about():
+    """A frozen sparsified backbone, a trained head: the sparse layers are never stepped."""
+    recipe = {"version": 1, "rules": [{"match": {"name": "0"}, "method": "magnitude"}]}
+    model = sparsify.sparsify(small(), recipe, total_steps=100)
+    model.get_submodule("0").requires_grad_(False)
+    opt = torch.optim.SGD(model.get_submodule("2").parameters(), lr=0.01)
+    assert accumulate(model, opt, 60, 1, step_each_micro_batch=True) == []

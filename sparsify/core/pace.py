@@ -13,6 +13,11 @@ Two optimizers stepping one model (weights and thresholds apart) count twice per
 stay far below :data:`LAG`; an optimizer that updates none of the sparse layers (a frozen
 backbone) is not counted.
 
+The other way round, ``sparsify.step`` called more often than the optimizer steps (once per
+micro-batch under gradient accumulation, or a float16 ``GradScaler`` skipping every step on
+non-finite gradients) runs the schedules ahead of training: :func:`check_idle` warns when half of
+:data:`LAG` calls in a row followed no optimizer step (once an optimizer has stepped the model).
+
 The same hook sees which parameters the optimizers hold. An optimizer built *before* ``sparsify``
 holds the model's parameters from then: not the ones the recipe added or replaced (STR's
 thresholds, SAS's wider weights), which then never train, and nothing fails. At the first
@@ -29,8 +34,8 @@ from torch import nn
 from sparsify.core.records import RecordsGroupMixin
 from sparsify.core.state import find_state, unwrap
 
-__all__ = ["LAG", "ADVICE", "watch", "reset", "optimizer_steps", "check_held", "schedule_unfinished",
-           "schedule_short"]
+__all__ = ["LAG", "ADVICE", "watch", "reset", "optimizer_steps", "check_held", "check_idle",
+           "schedule_unfinished", "schedule_short"]
 
 #: optimizer steps in a row without ``sparsify.step`` that warn (a once-per-epoch call is caught
 #: within its first epoch of this many batches)
@@ -48,6 +53,9 @@ _MODELS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 # watched states -> (the trainable parameters sparsify created, by name; the ids of the parameters
 # optimizers stepped since), until check_held has looked once
 _HELD: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# watched states an optimizer has stepped -> [sparsify.step calls in the current window of LAG,
+# those that followed no optimizer step]
+_IDLE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _HOOK = None
 
 
@@ -154,6 +162,42 @@ def check_held(state) -> str | None:
     return (f"sparsify: no optimizer updates {len(missing)} parameter{'s' if len(missing) > 1 else ''} that "
             f"sparsify() added or replaced ({names}): the optimizer was built before sparsify() and holds the "
             f"model's parameters from then, so these never train (STR's thresholds, SAS's wider weights); {fix}")
+
+
+def check_idle(state) -> str | None:
+    """Called by ``sparsify.step`` before :func:`reset`: what to warn when, in the current window
+    of :data:`LAG` calls, half or more followed no optimizer step on the model; None otherwise
+    (or before any optimizer has stepped it: a frozen backbone's sparse layers are never
+    stepped, and optimizers outside ``torch.optim`` are not seen).
+
+    >>> import torch, sparsify
+    >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), "gmp", total_steps=100)
+    >>> opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    >>> said = []
+    >>> for i in range(40):                     # 4 micro-batches per optimizer step
+    ...     m(torch.ones(1, 4)).sum().backward()
+    ...     if i % 4 == 3: opt.step()
+    ...     said.append(check_idle(m.sparsify_state)); _ = reset(m.sparsify_state)
+    >>> [i for i, s in enumerate(said) if s], said[22][:74]
+    ([22], 'sparsify: 15 of the last 20 sparsify.step calls followed no optimizer step')
+    """
+    n = _COUNTS.get(state)
+    if n is None or (n == 0 and state not in _IDLE):
+        return None
+    window = _IDLE.setdefault(state, [0, 0])
+    window[0] += 1
+    window[1] += n == 0
+    if window[0] < LAG:
+        return None
+    idle = window[1]
+    window[:] = [0, 0]
+    if 2 * idle < LAG:
+        return None
+    return (f"sparsify: {idle} of the last {LAG} sparsify.step calls followed no optimizer step on this model, so "
+            "its schedules run ahead of training: call sparsify.step once per optimizer step (with gradient "
+            "accumulation, only after the optimizer.step that ends each accumulation). Under float16 autocast, a "
+            "GradScaler that skips steps on non-finite gradients does this too (check scaler.get_scale(); "
+            "bfloat16 has float32's range)")
 
 
 def optimizer_steps(state) -> int:
