@@ -7,13 +7,14 @@ before the split name ``passes.tracing._unpickle_traced``).
 """
 from __future__ import annotations
 
+import hashlib
 import operator
 from collections import OrderedDict
 
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["TracedModule", "traced_module"]
+__all__ = ["TracedModule", "traced_module", "untraced", "graph_fingerprint"]
 
 
 class TracedModule(fx.GraphModule):
@@ -157,6 +158,9 @@ def traced_module(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
         gm.__dict__["_layer_names"] = tuple(root._modules)  # a retrace keeps the first trace's (copied below)
     _keep_hierarchy(root, gm)
     _keep_attributes(root.__dict__, gm)
+    # what the original module held, for untraced(): a retrace keeps the first trace's
+    gm.__dict__["_original_members"] = root.__dict__.get("_original_members") or (
+        tuple(root.__dict__), tuple(root._parameters), tuple(root._buffers), tuple(root._modules))
     for name in gm._buffers:
         if name not in root._buffers:
             # a tensor the forward made from code (fx's ``_tensor_constantN``, e.g. timm Swin's relative
@@ -165,6 +169,60 @@ def traced_module(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
             gm._non_persistent_buffers_set.add(name)
     gm.training = root.training
     return gm
+
+
+def untraced(gm: nn.Module) -> nn.Module | None:
+    """An instance of the class ``gm`` was traced from, holding ``gm``'s current children,
+    parameters, buffers, hooks and attributes of the original module (not the graph, nor the
+    constants and modules the trace added): its own ``forward`` runs again. ``None`` when ``gm``
+    is no :class:`TracedModule` of a class of its own. Its pickle names only that class.
+
+    >>> import torch
+    >>> class Net(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.fc = torch.nn.Linear(2, 2)
+    ...     def forward(self, x):
+    ...         return self.fc(x).relu()
+    >>> net = Net()
+    >>> plain = untraced(traced_module(net, torch.fx.Tracer().trace(net)))
+    >>> type(plain) is Net, plain.fc is net.fc, isinstance(plain, torch.fx.GraphModule)
+    (True, True, False)
+    """
+    members = gm.__dict__.get("_original_members")
+    cls = getattr(type(gm), "_traced_from", nn.Module)
+    if members is None or cls is nn.Module or not isinstance(gm, cls):
+        return None
+    keys, params, buffers, modules = members
+    plain = cls.__new__(cls)
+    body = {k: gm.__dict__[k] for k in keys if k in gm.__dict__}
+    body["_parameters"] = {n: gm._parameters[n] for n in params if n in gm._parameters}
+    body["_buffers"] = {n: gm._buffers[n] for n in buffers if n in gm._buffers}
+    body["_modules"] = {n: gm._modules[n] for n in modules if n in gm._modules}
+    body["_non_persistent_buffers_set"] = {n for n in gm._non_persistent_buffers_set if n in body["_buffers"]}
+    body["training"] = gm.training
+    plain.__dict__.update(body)
+    return plain
+
+
+def graph_fingerprint(graph: fx.Graph) -> str:
+    """A digest of ``graph``'s structure: each node's op, target and arguments (nodes by position).
+    Two graphs with equal digests compute the same calls in the same order.
+
+    >>> import torch
+    >>> g = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.ReLU())).graph
+    >>> graph_fingerprint(g) == graph_fingerprint(torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.ReLU())).graph)
+    True
+    """
+    index: dict[fx.Node, int] = {}
+    parts = []
+    for i, node in enumerate(graph.nodes):
+        index[node] = i
+        target = node.target if isinstance(node.target, str) else \
+            f"{getattr(node.target, '__module__', '')}.{getattr(node.target, '__qualname__', repr(node.target))}"
+        args = fx.node.map_arg((node.args, node.kwargs), lambda n: f"%{index[n]}")
+        parts.append(f"{node.op}|{target}|{args!r}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def _keep_non_persistent(src: dict, gm: nn.Module) -> None:

@@ -297,7 +297,8 @@ def finalize(model: nn.Module, example_inputs=None, *, check: bool = True, rtol:
     if (msg := schedule_unfinished(model)) is not None:
         warnings.warn(msg, stacklevel=2)
     example_inputs = positional_inputs(unwrap(model), example_inputs)
-    final = finalize_model(model, example_inputs, check=check, rtol=rtol, atol=atol)
+    # accelerate rewrites the finalized graphs: they stay graphs then
+    final = finalize_model(model, example_inputs, check=check, rtol=rtol, atol=atol, plain_classes=not accelerate)
     if semi_structured:
         from sparsify.deploy.semistructured24 import to_semi_structured
         if isinstance(semi_structured, torch.dtype):

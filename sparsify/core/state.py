@@ -31,6 +31,7 @@ class SparsifyState(nn.Module):
         self.recipe_json = recipe_json
         self.total_steps = total_steps
         self.graph_paths = list(graph_paths)
+        self.graph_fingerprints: dict[str, str] = {}  # each graph as captured (passes.traced.graph_fingerprint)
         self.plan = None  # the Plan made at sparsify time (not saved)
         self.example_inputs = None  # tensors used for shapes and the finalize check (not saved)
         self.guess_inputs_later = False  # guess example_inputs from the model on first use (stats)

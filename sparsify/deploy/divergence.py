@@ -31,8 +31,10 @@ import torch.fx as fx
 from torch import nn
 
 from passes import kept_state
+from passes.traced import graph_fingerprint
 
 from sparsify.deploy.compare import flatten_tensors, outputs_close
+from sparsify.core.state import find_state
 
 __all__ = ["Divergence", "locate_divergence", "same_code"]
 
@@ -58,13 +60,17 @@ class Divergence:
         return bool(self.own) and not self.changed
 
 
-def same_code(a: nn.Module, b: nn.Module) -> bool:
+def same_code(a: nn.Module, b: nn.Module, captured: str | None = None) -> bool:
     """Whether ``a`` and ``b`` run the same forward code: the same graph code for two
-    ``GraphModule``s (each has its own class), else the same class.
+    ``GraphModule``s (each has its own class), else the same class. A graph ``a`` and the instance
+    ``b`` of the class it was traced from that finalize made of it (:func:`passes.traced.untraced`)
+    run the same code when ``a``'s graph is still the one captured (digest ``captured``).
 
     >>> same_code(nn.ReLU(), nn.ReLU()), same_code(nn.ReLU(), nn.GELU())
     (True, False)
     """
+    if isinstance(a, fx.GraphModule) and not isinstance(b, fx.GraphModule) and captured is not None:
+        return type(b) is getattr(type(a), "_traced_from", None) and graph_fingerprint(a.graph) == captured
     if isinstance(a, fx.GraphModule) or isinstance(b, fx.GraphModule):
         return isinstance(a, fx.GraphModule) and isinstance(b, fx.GraphModule) and a.code == b.code
     return type(a) is type(b)
@@ -110,7 +116,7 @@ class _Calls:
 
 @torch.no_grad()
 def locate_divergence(source: nn.Module, final: nn.Module, inputs: tuple, rtol: float = 1e-4,
-                      atol: float = 1e-5) -> Divergence:
+                      atol: float = 1e-5, captured: dict[str, str] | None = None) -> Divergence:
     """Run both models (eval mode, as they are) on ``inputs`` and find the calls that diverge on
     their own (see the module docstring). Calls are paired by module name and occurrence; calls
     only one model makes (nodes finalize removed) are not compared.
@@ -125,7 +131,13 @@ def locate_divergence(source: nn.Module, final: nn.Module, inputs: tuple, rtol: 
     >>> d = locate_divergence(a, b, (torch.tensor([[1.0, 1.0 + 2e-7, 0, 0]]),))
     >>> d.own, d.amplified_only
     ([('', 1.0)], True)
+
+    ``captured``: the digests of the source's graphs as captured (default: its sparsify state's),
+    for :func:`same_code`.
     """
+    if captured is None:
+        state = find_state(source, required=False)
+        captured = state.graph_fingerprints if state is not None else {}
     runs = []
     for model in (source, final):
         calls = _Calls(model)
@@ -152,7 +164,7 @@ def locate_divergence(source: nn.Module, final: nn.Module, inputs: tuple, rtol: 
     def own(key, worst, agreeing_inside):
         out.own.append((key[0], worst))
         out.worst_agreeing = max([out.worst_agreeing] + [gave[c][1] for c in agreeing_inside])
-        if not same_code(smods[key[0]], fmods[key[0]]):
+        if not same_code(smods[key[0]], fmods[key[0]], captured.get(key[0])):
             out.changed.append((key[0], worst))
 
     def visit(key):  # a call whose inputs agree

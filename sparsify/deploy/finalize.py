@@ -9,6 +9,7 @@ import torch.fx as fx
 from torch import nn
 
 from passes import kept_state, remove_node, set_submodule
+from passes.traced import graph_fingerprint, untraced
 
 from sparsify.deploy.compare import outputs_close
 from sparsify.prepare.inputs import state_inputs
@@ -48,8 +49,8 @@ def _remove_node(root: nn.Module, graph_paths: list[str], qualname: str) -> bool
 
 @torch.no_grad()
 def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
-                   rtol: float = 1e-4, atol: float = 1e-5) -> nn.Module:
-    """See :func:`sparsify.finalize`."""
+                   rtol: float = 1e-4, atol: float = 1e-5, plain_classes: bool = True) -> nn.Module:
+    """See :func:`sparsify.finalize`. ``plain_classes``: see :func:`_untrace`."""
     state: SparsifyState = find_state(model)
     source = unwrap(model)
     if sharded_modules(source.modules()):
@@ -80,6 +81,8 @@ def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
         gm = final.get_submodule(prefix) if prefix else final
         if isinstance(gm, fx.GraphModule):
             gm.recompile()
+    if plain_classes:
+        final = _untrace(final, fstate)
     final.train(False)
     # a frozen layer stays frozen and a trainable one trainable: the finalized model can be
     # fine-tuned or sparsified again (frozen layers are left dense by sparsify)
@@ -109,6 +112,26 @@ def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
     ok, worst = outputs_close(expected, got, rtol, atol)
     if not ok:
         _explain_difference(source, final, inputs, worst, rtol, atol)
+    return final
+
+
+def _untrace(final: nn.Module, state: SparsifyState) -> nn.Module:
+    """Give each traced module whose finalized graph is the graph as captured (the weight and
+    regularizer recipes: layers swapped back, inserted nodes removed) its own class back, running
+    its own forward (:func:`passes.traced.untraced`): the finalized model is then the user's
+    classes and torch's layers only, and pickles without fx-sparsify. Graphs a recipe changed for
+    good (SAS's rewiring, semi-structured's masks) stay graphs. Deepest first, the root last."""
+    for prefix in sorted(state.graph_paths, key=lambda p: (p.count(".") + bool(p), p), reverse=True):
+        gm = final.get_submodule(prefix) if prefix else final
+        if not isinstance(gm, fx.GraphModule) or state.graph_fingerprints.get(prefix) != graph_fingerprint(gm.graph):
+            continue
+        plain = untraced(gm)
+        if plain is None:
+            continue
+        if prefix:
+            set_submodule(final, prefix, plain)
+        else:
+            final = plain
     return final
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from passes import PassResult, Pipeline
+from passes.traced import graph_fingerprint
 
 from sparsify.prepare.capture import capture, capture_report, check_capture
 from sparsify.prepare.dense import dense_entries
@@ -166,6 +167,8 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     matcher = MatchTable(recipe.rules, get_method)
     tr, cands, first_cands = capture(root, matcher, example_inputs, mode)
     root = tr.module
+    # each graph as captured: finalize gives a graph that ends the same its module's own class back
+    fingerprints = {prefix: graph_fingerprint(gm.graph) for prefix, gm in tr.graphs.items()}
 
     plan = Plan(recipe=recipe.name)
     plan.captures = capture_report(tr)
@@ -259,6 +262,7 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
         return root, plan
 
     state = SparsifyState(recipe.to_json(), total_steps, list(tr.graphs))
+    state.graph_fingerprints = fingerprints
     ctx = GroupContext(root=root, total_steps=total_steps, stages=recipe.stages, example_inputs=example_inputs)
     for rule in recipe.rules:
         if rule.index in members:
