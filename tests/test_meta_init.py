@@ -65,7 +65,9 @@ def test_a_sparsified_checkpoint_fills_the_materialized_model(recipe):
         assert torch.equal(model(X), source(X))
     assert sparsify.report(model).totals == sparsify.report(source).totals
     with torch.no_grad():  # the example inputs given on meta are shapes only: finalize checks on drawn ones
-        assert torch.equal(sparsify.finalize(model)(X), sparsify.finalize(source)(X))
+        final = sparsify.finalize(model)
+        assert torch.equal(final(X), sparsify.finalize(source)(X))
+    assert not final._forward_pre_hooks  # sparsify's refusal of an unfilled model is not deployed
     model.train()
     opt = torch.optim.SGD(sparsify.param_groups(model, 1e-4), lr=0.01)
     loss = F.cross_entropy(model(X), Y) + sparsify.penalty(model)

@@ -15,7 +15,7 @@ from sparsify.deploy.compare import outputs_close
 from sparsify.prepare.inputs import state_inputs
 from sparsify.prepare.pretrained import unguard_save_pretrained
 from sparsify.core.sharded import sharded_modules
-from sparsify.core.state import STATE_ATTR, SparsifyState, after_load, find_state, unwrap
+from sparsify.core.state import STATE_ATTR, SparsifyState, after_load, find_state, refuse_unfilled, unwrap
 from sparsify.core.tied import TiedUse, plain_tied
 
 __all__ = ["FinalizeError", "FinalizeWarning", "finalize_model"]
@@ -76,6 +76,9 @@ def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
     for key, hook in list(final._load_state_dict_post_hooks.items()):
         if hook is after_load:
             del final._load_state_dict_post_hooks[key]
+    for key, hook in list(final._forward_pre_hooks.items()):  # a model sparsified on meta
+        if hook is refuse_unfilled:
+            del final._forward_pre_hooks[key]
     unguard_save_pretrained(final)
     for prefix in fstate.graph_paths:
         gm = final.get_submodule(prefix) if prefix else final
