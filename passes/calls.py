@@ -75,6 +75,9 @@ def positional_inputs(module: nn.Module, example_inputs):
     if len(unknown) == len(example_inputs):
         return example_inputs
     if unknown:
+        if any(p.name == unknown[0] and p.kind == p.KEYWORD_ONLY for p in params):
+            raise ValueError(f"example_inputs: {owner}.forward takes {unknown[0]!r} by keyword only, which example "
+                             "inputs cannot pass (they are bound to positional parameters): leave it out")
         takes = ", ".join(names) or "no named parameters"
         raise ValueError(f"example_inputs: {owner}.forward has no parameter {unknown[0]!r} (it takes {takes})")
     last = max((names.index(k) for k in example_inputs), default=-1)

@@ -100,6 +100,15 @@ def test_a_dict_naming_no_parameter_is_the_one_argument():
     assert sparsify.finalize(model)(feats)["embedding"].shape == (2, 4)
 
 
+def test_a_keyword_only_parameter_is_named_as_such():
+    class KeywordOnly(nn.Module):
+        def forward(self, x, *, scale=None):
+            return x
+
+    with pytest.raises(ValueError, match="^example_inputs: KeywordOnly.forward takes 'scale' by keyword only"):
+        positional_inputs(KeywordOnly(), {"x": torch.zeros(1), "scale": 2.0})
+
+
 def test_a_required_parameter_left_out_is_one_line():
     class Two(nn.Module):
         def forward(self, x, y):
