@@ -119,7 +119,8 @@ def _forget_replaced(model: nn.Module, where: str) -> None:
         if key not in state.warned:
             state.warned.add(key)
             warnings.warn(f"sparsify.{where}: {', '.join(gone[:5])}{' ...' if len(gone) > 5 else ''} replaced after "
-                          "sparsify() (as timm's reset_classifier does): the new layer stays dense and the sparse "
+                          "sparsify() (as timm's reset_classifier does), or given a weight of another shape (as "
+                          "transformers' resize_token_embeddings does): the new layer stays dense and the sparse "
                           "one it replaced leaves the schedule, report and finalize; to sparsify the new layer, "
                           "replace it before calling sparsify()", stacklevel=3)
 

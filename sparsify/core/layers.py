@@ -63,6 +63,9 @@ class SparseWeightMixin:
     """
 
     out_axis: int = 0
+    #: the weight shape its masks and thresholds were made for (:meth:`from_dense`); another one
+    #: (resize_token_embeddings) makes it compute dense until the state drops it (core/state.py)
+    _sparse_shape: torch.Size | None = None
 
     def out_shape(self, n: int = -1) -> tuple[int, ...]:
         """The shape that makes a per-output-channel vector of ``n`` entries broadcast against
@@ -99,6 +102,10 @@ class SparseWeightMixin:
         between calls (FSDP2, :func:`~sparsify.core.sharded.note_fsdp`) does not keep that
         weight from its forward to its backward either: backward computes it again from the
         weights FSDP2 gathers for it (:mod:`sparsify.core.recompute`)."""
+        if self._sparse_shape is not None and self._sparse_shape != self.weight.shape:
+            # given a weight of another shape since sparsify() (resize_token_embeddings): its masks no
+            # longer fit; dense until sparsify.step / report / finalize make it the plain layer (state.py)
+            return self.forward_with(x, self.weight, output_size)
         # eager() first: under torch.compile the buffers' weak map is not read (dynamo would guard
         # on its keys, which other models' garbage collection changes)
         bufs = (layer_buffers(self, create=False) if eager() and torch.is_grad_enabled() and recompute.ENABLED
@@ -147,6 +154,7 @@ class SparseWeightMixin:
         new._dense_children = tuple(dense._modules)
         new._dense_tensors = (tuple(k for k in dense._parameters if k not in ("weight", "bias")), tuple(dense._buffers))
         new.init_sparse(**params)
+        new._sparse_shape = new.weight.shape  # what its masks and thresholds were made for
         return new
 
     def dense_class(self) -> type:

@@ -14,15 +14,17 @@ from sparsify.core.layers import SparseWeightMixin
 __all__ = ["plain_copy"]
 
 
-def plain_copy(layer: nn.Module, weight: torch.Tensor | None = None) -> nn.Module:
+def plain_copy(layer: nn.Module, weight: torch.Tensor | None = None, share: bool = False) -> nn.Module:
     """A plain torch.nn layer equal to ``layer`` with ``weight`` (default: its deployed weight).
+    ``share``: holding ``layer``'s own weight and bias parameters (not copies), the layer as it
+    trains on without its sparsity.
 
     >>> lin = nn.Linear(3, 2)
     >>> type(plain_copy(lin)).__name__
     'Linear'
     """
     cls = layer.dense_class() if isinstance(layer, SparseWeightMixin) else type(layer)
-    if weight is None:
+    if weight is None and not share:
         weight = layer.deployed_weight() if isinstance(layer, SparseWeightMixin) else layer.weight
     new = cls.__new__(cls)
     nn.Module.__init__(new)
@@ -30,9 +32,12 @@ def plain_copy(layer: nn.Module, weight: torch.Tensor | None = None) -> nn.Modul
         if not k.startswith("_") and k != "training":
             new.__dict__[k] = v
     new.training = layer.training
-    new.weight = nn.Parameter(weight.detach().clone(), requires_grad=layer.weight.requires_grad)
     bias = getattr(layer, "bias", None)
-    new.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+    if share:
+        new.weight, new.bias = layer.weight, bias
+    else:
+        new.weight = nn.Parameter(weight.detach().clone(), requires_grad=layer.weight.requires_grad)
+        new.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
     for name in layer.__dict__.get("_dense_children", ()):  # an own forward's children (a padding module)
         new.add_module(name, copy.deepcopy(layer._modules[name]))
     params, buffers = layer.__dict__.get("_dense_tensors", ((), ()))

@@ -13,7 +13,10 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from passes import set_submodule
+
 from sparsify.core.extra_state import pack, unpack
+from sparsify.core.plain import plain_copy
 
 __all__ = ["SparsifyState", "STATE_ATTR", "AVERAGING_WRAPPERS", "find_state", "unwrap", "after_load",
            "forget_replaced", "check_filled", "refuse_unfilled", "is_wrapper", "start_groups"]
@@ -209,6 +212,9 @@ def forget_replaced(root: nn.Module, state: SparsifyState) -> list[str]:
     ``nn.Linear`` where the sparse head was). The new layer is the model's now: it stays as it is
     (dense), and the old one no longer counts in thresholds, ``report`` or ``finalize`` (which would
     otherwise put it back). A name that does not resolve is kept (nothing is known to replace it).
+    A member whose weight was replaced by one of another shape (transformers'
+    ``resize_token_embeddings`` re-ties a resized embedding's weight into the LM head) is one too:
+    its masks and thresholds no longer fit, and it becomes the plain layer holding that weight.
 
     >>> import torch, sparsify
     >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), "st3", total_steps=10)
@@ -223,7 +229,11 @@ def forget_replaced(root: nn.Module, state: SparsifyState) -> list[str]:
                 now = root.get_submodule(name)
             except AttributeError:
                 continue
-            if now is not member:
+            shape = getattr(member, "_sparse_shape", None)  # (a regularizer member has no weight)
+            resized = now is member and shape is not None and shape != member.weight.shape
+            if resized:
+                set_submodule(root, name, plain_copy(member, share=True))
+            if now is not member or resized:
                 del group.members[name]
                 gone.append(name)
     return gone

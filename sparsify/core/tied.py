@@ -47,9 +47,13 @@ class TiedUse:
         self.tied_to = name
 
     def owner_weight(self) -> torch.Tensor:
-        """What the owner computes with: its effective weight once it is a sparse layer."""
+        """What the owner computes with: its effective weight once it is a sparse layer (its weight
+        as it is when it was given one of another shape, as ``resize_token_embeddings`` does: the
+        model then computes it dense, see :func:`sparsify.core.state.forget_replaced`)."""
         owner = self.owner()
-        return owner.effective_weight() if isinstance(owner, SparseWeightMixin) else owner.weight
+        if isinstance(owner, SparseWeightMixin) and owner._sparse_shape in (None, owner.weight.shape):
+            return owner.effective_weight()
+        return owner.weight
 
 
 class TiedEmbedding(TiedUse, nn.Embedding):
