@@ -152,6 +152,9 @@ def step(model: nn.Module, loss=None) -> int:
         state.stepped_here = True
         mark_trained(unwrap(model))
     if loss is not None and isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise ValueError(f"sparsify.step: loss is the step's training loss, one number; got a tensor of shape "
+                             f"{tuple(loss.shape)} (per-sample losses? pass loss.mean())")
         loss = float(loss.detach())
     said = []
     if (held := check_held(state)) is not None:  # the optimizer was built before sparsify()

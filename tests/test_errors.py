@@ -205,6 +205,14 @@ def test_uninitialized_lazy_layers_are_one_line(call):
     assert isinstance(sparsify.sparsify(model, "st3", total_steps=10).get_submodule("3").weight, nn.Parameter)
 
 
+def test_a_per_sample_loss_given_to_step_is_one_line():
+    m = sparsify.sparsify(nn.Sequential(nn.Linear(4, 4)), "st3", total_steps=10)
+    with pytest.raises(ValueError, match=r"^sparsify.step: loss is the step's training loss, one number; got a "
+                                         r"tensor of shape \(3,\) \(per-sample losses\? pass loss.mean\(\)\)$"):
+        sparsify.step(m, torch.ones(3))
+    assert sparsify.step(m, torch.ones(())) == 1
+
+
 def test_functions_need_a_sparsified_model():
     for fn in (sparsify.step, sparsify.penalty, sparsify.report, sparsify.finalize, sparsify.param_groups):
         with pytest.raises(TypeError, match=re.escape("call model = sparsify.sparsify(model, recipe) first")):
