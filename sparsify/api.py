@@ -19,10 +19,9 @@ from sparsify.stats.report import Report, build_report
 from sparsify.core.devices import model_device, move_buffers
 from sparsify.core.averaging import sync_sparsity, unsynced_warning
 from sparsify.core.pace import check_held, check_idle, reset, schedule_unfinished, watch
-from sparsify.core.layers import SparseWeightMixin
-from sparsify.core.buffers import release_workspaces
-from sparsify.core.sharded import collect_at_exit, full_parameters, is_distributed, note_fsdp, sharded_modules
+from sparsify.core.sharded import full_parameters
 from sparsify.core.state import check_filled, find_state, forget_replaced, refuse_unfilled, unwrap
+from sparsify.core.advance import advance
 from sparsify.prepare.inputs import check_inputs, state_inputs
 from sparsify.prepare.sharing import SHARED_WARNING, mark_trained, remember_holder, trained_through_earlier
 
@@ -148,49 +147,21 @@ def step(model: nn.Module, loss=None) -> int:
     """
     _forget_replaced(model, "step")
     state = find_state(model)
-    if not state.stepped_here:  # a later sparsify() of these weights says they were trained
-        state.stepped_here = True
-        mark_trained(unwrap(model))
     if loss is not None and isinstance(loss, torch.Tensor):
         if loss.numel() != 1:
             raise ValueError(f"sparsify.step: loss is the step's training loss, one number; got a tensor of shape "
                              f"{tuple(loss.shape)} (per-sample losses? pass loss.mean())")
         loss = float(loss.detach())
+    if not state.stepped_here:  # a later sparsify() of these weights says they were trained
+        state.stepped_here = True
+        mark_trained(unwrap(model))
     said = []
     if (held := check_held(state)) is not None:  # the optimizer was built before sparsify()
         said.append(("held", held))
     if (idle := check_idle(state)) is not None:  # called more often than the optimizer steps
         said.append(("idle", idle))
     reset(state)
-    with torch.no_grad():
-        state.step += 1
-        t = int(state.step)
-        members = [m for g in state.groups.values() for m in g.members.values() if isinstance(m, SparseWeightMixin)]
-        # an optimizer may write a weight without bumping its version counter (torch's fused AdamW
-        # and SGD kernels, the default of transformers' Trainer; writes through .data): nothing a
-        # layer computed from its weight before this step is reused after it
-        for m in members:
-            m.drop_caches()
-        # FSDP2: the groups that read weights this step see them whole (docs/distributed.md)
-        readers = [m for g in state.groups.values() if g.reads_weights(t) for m in (g, *g.members.values())]
-        with full_parameters(readers):
-            for name, group in state.groups.items():
-                group.clear()
-                try:
-                    group.update(t, loss)
-                except FloatingPointError as e:  # non-finite weights: keep the last thresholds and masks
-                    said.append((f"nonfinite:{name}", f"sparsify.step: {name} ({group.method_name}) met "
-                                 f"non-finite weights at step {t} and kept its previous thresholds and masks ({e})"))
-        if is_distributed():
-            collect_at_exit()
-        if is_distributed() and sharded_modules(unwrap(model).modules()):
-            # FSDP2 gathers new weight values into the same tensor without bumping its version:
-            # nothing computed from a weight in this step's forward may be reused in the next one;
-            # and no full-size tensor stays alive until then (docs/distributed.md, "Memory under FSDP2")
-            for m in members:
-                note_fsdp(m)
-                m.drop_caches(free=True)
-            release_workspaces()  # sized to the largest weight or activation the thread met
+    t = advance(state, unwrap(model), loss, said)
     if loss is not None and not math.isfinite(loss):
         said.append(("nonfinite-loss", f"sparsify.step: the loss is {loss} at step {t}: training diverged; "
                      "lower the learning rate or check the loss (stop at the first non-finite loss)"))

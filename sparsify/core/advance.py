@@ -1,0 +1,55 @@
+"""One optimizer step of a sparsified model's schedules: what ``sparsify.step`` does once it has
+checked its arguments (split from the API so that each file holds one thing)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparsify.core.buffers import release_workspaces
+from sparsify.core.layers import SparseWeightMixin
+from sparsify.core.sharded import collect_at_exit, full_parameters, is_distributed, note_fsdp, sharded_modules
+from sparsify.core.state import SparsifyState
+
+__all__ = ["advance"]
+
+
+@torch.no_grad()
+def advance(state: SparsifyState, root: nn.Module, loss: float | None, said: list[tuple[str, str]]) -> int:
+    """Count one optimizer step on ``state`` (of the unwrapped model ``root``) and give every group
+    its update for it; what should be warned goes to ``said`` as (key, message). Returns the new
+    step count.
+
+    >>> import torch, sparsify
+    >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), "gmp", total_steps=10)
+    >>> advance(m.sparsify_state, m, None, [])
+    1
+    """
+    state.step += 1
+    t = int(state.step)
+    members = [m for g in state.groups.values() for m in g.members.values() if isinstance(m, SparseWeightMixin)]
+    # an optimizer may write a weight without bumping its version counter (torch's fused AdamW
+    # and SGD kernels, the default of transformers' Trainer; writes through .data): nothing a
+    # layer computed from its weight before this step is reused after it
+    for m in members:
+        m.drop_caches()
+    # FSDP2: the groups that read weights this step see them whole (docs/distributed.md)
+    readers = [m for g in state.groups.values() if g.reads_weights(t) for m in (g, *g.members.values())]
+    with full_parameters(readers):
+        for name, group in state.groups.items():
+            group.clear()
+            try:
+                group.update(t, loss)
+            except FloatingPointError as e:  # non-finite weights: keep the last thresholds and masks
+                said.append((f"nonfinite:{name}", f"sparsify.step: {name} ({group.method_name}) met "
+                             f"non-finite weights at step {t} and kept its previous thresholds and masks ({e})"))
+    if is_distributed():
+        collect_at_exit()
+    if is_distributed() and sharded_modules(root.modules()):
+        # FSDP2 gathers new weight values into the same tensor without bumping its version:
+        # nothing computed from a weight in this step's forward may be reused in the next one;
+        # and no full-size tensor stays alive until then (docs/distributed.md, "Memory under FSDP2")
+        for m in members:
+            note_fsdp(m)
+            m.drop_caches(free=True)
+        release_workspaces()  # sized to the largest weight or activation the thread met
+    return t
