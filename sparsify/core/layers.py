@@ -151,6 +151,7 @@ class SparseWeightMixin:
         # NonDynamicallyQuantizableLinear, which quantize_dynamic must skip; a user's subclass) with
         # what it held besides weight and bias (efficientnet_pytorch's static_padding child)
         new._dense_class = type(dense)
+        new._dense_keys = frozenset(dense.__dict__)
         new._dense_children = tuple(dense._modules)
         new._dense_tensors = (tuple(k for k in dense._parameters if k not in ("weight", "bias")), tuple(dense._buffers))
         new.init_sparse(**params)

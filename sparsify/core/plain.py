@@ -13,6 +13,8 @@ from sparsify.core.layers import SparseWeightMixin
 
 __all__ = ["plain_copy"]
 
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__)
+
 
 def plain_copy(layer: nn.Module, weight: torch.Tensor | None = None, share: bool = False) -> nn.Module:
     """A plain torch.nn layer equal to ``layer`` with ``weight`` (default: its deployed weight).
@@ -28,8 +30,15 @@ def plain_copy(layer: nn.Module, weight: torch.Tensor | None = None, share: bool
         weight = layer.deployed_weight() if isinstance(layer, SparseWeightMixin) else layer.weight
     new = cls.__new__(cls)
     nn.Module.__init__(new)
+    # the attributes the dense layer had (a Conv's private _reversed_padding_repeated_twice, which
+    # its forward reads for reflect / circular padding and TorchScript compiles), not the sparse
+    # layer's own; fresh module internals (no hooks)
+    dense_keys = layer.__dict__.get("_dense_keys")
     for k, v in layer.__dict__.items():
-        if not k.startswith("_") and k != "training":
+        if k in _MODULE_INTERNALS or k == "training":
+            continue
+        if (k in dense_keys) if dense_keys is not None else (not k.startswith("_")
+                                                             or k == "_reversed_padding_repeated_twice"):
             new.__dict__[k] = v
     new.training = layer.training
     bias = getattr(layer, "bias", None)
