@@ -160,7 +160,8 @@ def traced_module(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     _keep_attributes(root.__dict__, gm)
     # what the original module held, for untraced(): a retrace keeps the first trace's
     gm.__dict__["_original_members"] = root.__dict__.get("_original_members") or (
-        tuple(root.__dict__), tuple(root._parameters), tuple(root._buffers), tuple(root._modules))
+        tuple(root.__dict__), tuple(root._parameters), tuple(root._buffers), tuple(root._modules),
+        getattr(type(root), "_traced_from", type(root)))
     for name in gm._buffers:
         if name not in root._buffers:
             # a tensor the forward made from code (fx's ``_tensor_constantN``, e.g. timm Swin's relative
@@ -175,7 +176,8 @@ def untraced(gm: nn.Module) -> nn.Module | None:
     """An instance of the class ``gm`` was traced from, holding ``gm``'s current children,
     parameters, buffers, hooks and attributes of the original module (not the graph, nor the
     constants and modules the trace added): its own ``forward`` runs again. ``None`` when ``gm``
-    is no :class:`TracedModule` of a class of its own. Its pickle names only that class.
+    was not made by :func:`traced_module` from a module of a class of its own. Its pickle names
+    only that class.
 
     >>> import torch
     >>> class Net(torch.nn.Module):
@@ -190,10 +192,12 @@ def untraced(gm: nn.Module) -> nn.Module | None:
     (True, True, False)
     """
     members = gm.__dict__.get("_original_members")
-    cls = getattr(type(gm), "_traced_from", nn.Module)
-    if members is None or cls is nn.Module or not isinstance(gm, cls):
+    if members is None:
         return None
-    keys, params, buffers, modules = members
+    keys, params, buffers, modules, cls = members
+    # a torch.nn class (nn.TransformerDecoderLayer) was traced into a plain graph: given back too
+    if cls is nn.Module or issubclass(cls, fx.GraphModule):
+        return None
     plain = cls.__new__(cls)
     body = {k: gm.__dict__[k] for k in keys if k in gm.__dict__}
     body["_parameters"] = {n: gm._parameters[n] for n in params if n in gm._parameters}

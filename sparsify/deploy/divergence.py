@@ -70,7 +70,8 @@ def same_code(a: nn.Module, b: nn.Module, captured: str | None = None) -> bool:
     (True, False)
     """
     if isinstance(a, fx.GraphModule) and not isinstance(b, fx.GraphModule) and captured is not None:
-        return type(b) is getattr(type(a), "_traced_from", None) and graph_fingerprint(a.graph) == captured
+        members = a.__dict__.get("_original_members")
+        return members is not None and type(b) is members[-1] and graph_fingerprint(a.graph) == captured
     if isinstance(a, fx.GraphModule) or isinstance(b, fx.GraphModule):
         return isinstance(a, fx.GraphModule) and isinstance(b, fx.GraphModule) and a.code == b.code
     return type(a) is type(b)

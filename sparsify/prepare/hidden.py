@@ -107,6 +107,15 @@ def _load_dense_keys(module, state_dict, prefix, *args, **kwargs):
         state_dict[prefix + "in_proj.weight"] = state_dict.pop(old)
 
 
+def no_fast_path(module: nn.Module, args) -> None:
+    """A forward pre-hook that does nothing, on every :class:`SparseMultiheadAttention`: torch's
+    ``nn.TransformerEncoderLayer`` skips its inference fast path
+    (``torch._transformer_encoder_layer_fwd``) when a module inside it has hooks, and that path
+    reads ``self_attn.out_proj.weight`` as stored, not the sparse layer's effective weight (in
+    eval under ``no_grad`` the sparse model computed with dense ``out_proj`` weights)."""
+    return None
+
+
 class SparseMultiheadAttention(nn.MultiheadAttention):
     """``nn.MultiheadAttention`` whose packed input projection is the ``Linear`` child ``in_proj``
     and whose forward multiplies with the effective weights of ``in_proj`` and ``out_proj``.
@@ -122,7 +131,7 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
             raise ValueError("only MultiheadAttention with a packed in_proj_weight (kdim == vdim == embed_dim)")
         new = cls.__new__(cls)
         new.__dict__.update(mha.__dict__)
-        for key in ("_parameters", "_buffers", "_modules", "_load_state_dict_pre_hooks"):
+        for key in ("_parameters", "_buffers", "_modules", "_load_state_dict_pre_hooks", "_forward_pre_hooks"):
             if key in mha.__dict__:
                 new.__dict__[key] = type(mha.__dict__[key])(mha.__dict__[key])
         weight = new._parameters.pop("in_proj_weight")
@@ -134,6 +143,7 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
         lin.train(mha.training)
         new.in_proj = lin
         new._register_load_state_dict_pre_hook(_load_dense_keys, with_module=True)
+        new.register_forward_pre_hook(no_fast_path)
         return new
 
     @property
@@ -172,8 +182,11 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
         """A plain ``nn.MultiheadAttention`` computing with the deployed weights."""
         plain = nn.MultiheadAttention.__new__(nn.MultiheadAttention)
         plain.__dict__.update(self.__dict__)
-        for key in ("_parameters", "_buffers", "_modules", "_load_state_dict_pre_hooks"):
+        for key in ("_parameters", "_buffers", "_modules", "_load_state_dict_pre_hooks", "_forward_pre_hooks"):
             plain.__dict__[key] = type(self.__dict__[key])(self.__dict__[key])
+        for k, hook in list(plain._forward_pre_hooks.items()):
+            if hook is no_fast_path:  # the deployed weights are in the tensors: the fast path is right again
+                del plain._forward_pre_hooks[k]
         for k, hook in list(plain._load_state_dict_pre_hooks.items()):
             if getattr(hook, "hook", hook) is _load_dense_keys or getattr(hook, "__wrapped__", None) is _load_dense_keys:
                 del plain._load_state_dict_pre_hooks[k]

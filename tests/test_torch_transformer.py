@@ -1,0 +1,66 @@
+"""torch's own ``nn.TransformerEncoder`` / ``nn.TransformerDecoderLayer``.
+
+In eval under ``no_grad`` ``nn.TransformerEncoderLayer`` takes an inference fast path
+(``torch._transformer_encoder_layer_fwd``) that reads ``self_attn.out_proj.weight`` as stored:
+the sparse model computed with the dense ``out_proj`` there (gmp: 0.56 max abs apart from its own
+training-mode path; finalize refused it: "relative difference 0.178"). A sparse attention module
+now carries a no-op forward pre-hook, which makes torch take the regular path; the finalized model
+has no hook and takes the fast path again. And a torch layer traced as the root is given its class
+back by finalize (it was a graph whose ``_assert_is_none`` TorchScript cannot compile)."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import sparsify
+
+X = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+RECIPES = ["gmp", "nm-2-4", "str", "st3", "dual"]
+
+
+def trained(net, recipe, args):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the encoder's FFN stays dense (a leaf reading its weights): said
+        m = sparsify.sparsify(net, recipe, total_steps=2, example_inputs=args, begin=0, end=1) if recipe in (
+            "gmp", "st3") else sparsify.sparsify(net, recipe, total_steps=2, example_inputs=args)
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    for _ in range(2):
+        (m(*args).pow(2).mean() + sparsify.penalty(m)).backward()
+        opt.step()
+        opt.zero_grad()
+        sparsify.step(m)
+    return m
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_the_encoders_inference_fast_path_sees_the_sparse_weights(recipe):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+    m = trained(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), recipe, (X,)).eval()
+    assert sparsify.report(m).layers  # the attention projections are sparse
+    with torch.no_grad():
+        inference = m(X)  # where torch would take its fast path
+    torch.testing.assert_close(inference, m(X).detach(), rtol=1e-5, atol=1e-6)  # the path with gradients (0.56 apart before)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        final = sparsify.finalize(m)  # its check compares eval outputs under no_grad
+    assert type(final) is nn.TransformerEncoder
+    assert not any(mod._forward_pre_hooks for mod in final.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(final(X), inference, rtol=1e-4, atol=1e-5)
+
+
+def test_a_torch_layer_traced_as_the_root_is_its_class_again_and_scripts():
+    torch.manual_seed(0)
+    m = trained(nn.TransformerDecoderLayer(16, 2, 32, batch_first=True, dropout=0.0), "gmp", (X, X))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        final = sparsify.finalize(m)
+    assert type(final) is nn.TransformerDecoderLayer
+    scripted = torch.jit.script(final)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(X, X), final(X, X), rtol=0, atol=0)
