@@ -32,6 +32,7 @@ from passes import Change, insert_call, remove_node, set_submodule
 
 from sparsify.prepare.matching import Candidate
 from sparsify.core.layers import WEIGHT_TYPES, SparseWeightMixin
+from sparsify.prepare.hidden_positions import hidden_positions, record_read
 
 __all__ = ["effective_weight_of", "SparseMultiheadAttention", "hidden_reads", "hidden_candidates", "convert_hidden",
            "rewire_hidden_reads", "finalize_hidden", "hidden_positions"]
@@ -44,7 +45,7 @@ def effective_weight_of(layer: nn.Module) -> torch.Tensor:
     torch.Size([3, 2])
     """
     if isinstance(layer, SparseWeightMixin):
-        return _record(layer, layer.effective_weight())
+        return record_read(layer, layer.effective_weight())
     return layer.weight
 
 
@@ -285,91 +286,3 @@ def finalize_hidden(root: nn.Module, graph_paths: list[str]) -> None:
         if isinstance(m, SparseMultiheadAttention):
             parent, _, attr = name.rpartition(".")
             setattr(root.get_submodule(parent) if parent else root, attr, m.to_plain())
-
-
-_RECORD: dict | None = None  # id(weight tensor) -> (tensor, layer) while hidden_positions watches
-
-
-def _record(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    if _RECORD is not None:
-        _RECORD[id(weight)] = (weight, layer)  # the tensor is kept so its id is not reused
-    return weight
-
-
-class _Watch(torch.overrides.TorchFunctionMode):
-    """Counts output positions per sample of watched weights in F.linear / F.conv* calls, and of
-    the two projections of F.multi_head_attention_forward (its inner calls are not seen)."""
-
-    def __init__(self, layers: dict[int, str], batch: int):
-        super().__init__()
-        self.layers, self.batch, self.out = layers, batch, {}
-
-    def _name(self, w):
-        if not isinstance(w, torch.Tensor):
-            return None
-        hit = _RECORD.get(id(w)) if _RECORD is not None else None
-        return self.layers.get(id(hit[1]) if hit is not None else id(w))
-
-    def _add(self, w, positions):
-        name = self._name(w)
-        if name is not None:
-            self.out[name] = self.out.get(name, 0.0) + positions
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        result = func(*args, **kwargs)
-        if func is F.multi_head_attention_forward:
-            self._add(args[5], args[0].numel() / args[0].shape[-1] / self.batch)  # (L, N, E): L·N tokens
-            self._add(args[11], args[0].numel() / args[0].shape[-1] / self.batch)
-        elif func in (F.linear, F.conv1d, F.conv2d, F.conv3d) and len(args) > 1 and isinstance(result, torch.Tensor):
-            self._add(args[1], result.numel() / args[1].shape[0] / self.batch)
-        return result
-
-
-@torch.no_grad()
-def hidden_positions(root: nn.Module, example_inputs, names: list[str]) -> dict[str, float]:
-    """Output positions per sample (MACs per weight element) of the layers ``names``, whose
-    weights are read outside module calls, found by watching which F.linear / F.conv /
-    multi-head-attention call receives their weight during one eval forward.
-
-    >>> mha = nn.MultiheadAttention(8, 2, batch_first=True)
-    >>> class Net(nn.Module):
-    ...     def __init__(self):
-    ...         super().__init__(); self.mha = mha
-    ...     def forward(self, x):
-    ...         return self.mha(x, x, x)[0]
-    >>> hidden_positions(Net(), (torch.zeros(2, 5, 8),), ["mha.out_proj"])
-    {'mha.out_proj': 5.0}
-    """
-    global _RECORD
-    if not names or example_inputs is None:
-        return {}
-    layers = {}
-    for name in names:
-        try:
-            layer = root.get_submodule(name)
-        except AttributeError:  # a dry run: MultiheadAttention not converted, watch its parameter
-            parent, _, attr = name.rpartition(".")
-            mha = root.get_submodule(parent) if parent else root
-            if attr == "in_proj" and isinstance(mha, nn.MultiheadAttention):
-                layers[id(mha.in_proj_weight)] = name
-            continue
-        layers[id(layer)] = name
-        layers[id(layer.weight)] = name
-    batch = next((x.shape[0] for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0), 1)
-    mode = _Watch(layers, batch)
-    was_training = root.training
-    fast = torch.backends.mha.get_fastpath_enabled()
-    _RECORD = {}
-    try:
-        root.eval()
-        torch.backends.mha.set_fastpath_enabled(False)
-        with mode:
-            root(*example_inputs)
-    except Exception:  # MACs are a report nicety; a model that rejects the watch keeps None
-        return {}
-    finally:
-        _RECORD = None
-        root.train(was_training)
-        torch.backends.mha.set_fastpath_enabled(fast)
-    return mode.out

@@ -1,0 +1,98 @@
+"""Output positions per sample of layers whose weights are read outside module calls
+(:mod:`sparsify.prepare.hidden`), for the MAC counts: one eval forward watched by a torch function
+mode that sees which F.linear / F.conv / multi-head-attention call receives each weight."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["hidden_positions", "record_read"]
+
+_RECORD: dict | None = None  # id(weight tensor) -> (tensor, layer) while hidden_positions watches
+
+
+def record_read(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """``weight``, noted as ``layer``'s while :func:`hidden_positions` watches."""
+    if _RECORD is not None:
+        _RECORD[id(weight)] = (weight, layer)  # the tensor is kept so its id is not reused
+    return weight
+
+
+class _Watch(torch.overrides.TorchFunctionMode):
+    """Counts output positions per sample of watched weights in F.linear / F.conv* calls, and of
+    the two projections of F.multi_head_attention_forward (its inner calls are not seen)."""
+
+    def __init__(self, layers: dict[int, str], batch: int):
+        super().__init__()
+        self.layers, self.batch, self.out = layers, batch, {}
+
+    def _name(self, w):
+        if not isinstance(w, torch.Tensor):
+            return None
+        hit = _RECORD.get(id(w)) if _RECORD is not None else None
+        return self.layers.get(id(hit[1]) if hit is not None else id(w))
+
+    def _add(self, w, positions):
+        name = self._name(w)
+        if name is not None:
+            self.out[name] = self.out.get(name, 0.0) + positions
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if func is F.multi_head_attention_forward:
+            self._add(args[5], args[0].numel() / args[0].shape[-1] / self.batch)  # (L, N, E): L·N tokens
+            self._add(args[11], args[0].numel() / args[0].shape[-1] / self.batch)
+        elif func in (F.linear, F.conv1d, F.conv2d, F.conv3d) and len(args) > 1 and isinstance(result, torch.Tensor):
+            self._add(args[1], result.numel() / args[1].shape[0] / self.batch)
+        return result
+
+
+@torch.no_grad()
+def hidden_positions(root: nn.Module, example_inputs, names: list[str]) -> dict[str, float]:
+    """Output positions per sample (MACs per weight element) of the layers ``names``, whose
+    weights are read outside module calls, found by watching which F.linear / F.conv /
+    multi-head-attention call receives their weight during one eval forward.
+
+    >>> mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    >>> class Net(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__(); self.mha = mha
+    ...     def forward(self, x):
+    ...         return self.mha(x, x, x)[0]
+    >>> hidden_positions(Net(), (torch.zeros(2, 5, 8),), ["mha.out_proj"])
+    {'mha.out_proj': 5.0}
+    """
+    global _RECORD
+    if not names or example_inputs is None:
+        return {}
+    layers = {}
+    for name in names:
+        try:
+            layer = root.get_submodule(name)
+        except AttributeError:  # a dry run: MultiheadAttention not converted, watch its parameter
+            parent, _, attr = name.rpartition(".")
+            mha = root.get_submodule(parent) if parent else root
+            if attr == "in_proj" and isinstance(mha, nn.MultiheadAttention):
+                layers[id(mha.in_proj_weight)] = name
+            continue
+        layers[id(layer)] = name
+        layers[id(layer.weight)] = name
+    batch = next((x.shape[0] for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0), 1)
+    mode = _Watch(layers, batch)
+    was_training = root.training
+    fast = torch.backends.mha.get_fastpath_enabled()
+    _RECORD = {}
+    try:
+        root.eval()
+        torch.backends.mha.set_fastpath_enabled(False)
+        with mode:
+            root(*example_inputs)
+    except Exception:  # MACs are a report nicety; a model that rejects the watch keeps None
+        return {}
+    finally:
+        _RECORD = None
+        root.train(was_training)
+        torch.backends.mha.set_fastpath_enabled(fast)
+    return mode.out
