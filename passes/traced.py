@@ -14,7 +14,7 @@ from collections import OrderedDict
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["TracedModule", "traced_module", "untraced", "graph_fingerprint"]
+__all__ = ["TracedModule", "traced_module", "untraced", "original_class", "graph_fingerprint"]
 
 
 class TracedModule(fx.GraphModule):
@@ -191,13 +191,10 @@ def untraced(gm: nn.Module) -> nn.Module | None:
     >>> type(plain) is Net, plain.fc is net.fc, isinstance(plain, torch.fx.GraphModule)
     (True, True, False)
     """
-    members = gm.__dict__.get("_original_members")
-    if members is None:
+    cls = original_class(gm)
+    if cls is None:
         return None
-    keys, params, buffers, modules, cls = members
-    # a torch.nn class (nn.TransformerDecoderLayer) was traced into a plain graph: given back too
-    if cls is nn.Module or issubclass(cls, fx.GraphModule):
-        return None
+    keys, params, buffers, modules, _ = gm.__dict__["_original_members"]
     plain = cls.__new__(cls)
     body = {k: gm.__dict__[k] for k in keys if k in gm.__dict__}
     body["_parameters"] = {n: gm._parameters[n] for n in params if n in gm._parameters}
@@ -207,6 +204,16 @@ def untraced(gm: nn.Module) -> nn.Module | None:
     body["training"] = gm.training
     plain.__dict__.update(body)
     return plain
+
+
+def original_class(gm: nn.Module) -> type | None:
+    """The class of the module :func:`traced_module` made ``gm`` from (a torch.nn class such as
+    ``nn.TransformerDecoderLayer`` too, which is traced into a plain graph), when it has one of its
+    own to give back: None for a plain ``nn.Module`` or a ``GraphModule``, and for what
+    :func:`traced_module` did not make."""
+    members = gm.__dict__.get("_original_members")
+    cls = members[-1] if members is not None else None
+    return None if cls is None or cls is nn.Module or issubclass(cls, fx.GraphModule) else cls
 
 
 def graph_fingerprint(graph: fx.Graph) -> str:

@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 
+from sparsify.app.device import AMP_CHOICES
 from sparsify.app.overrides import parse_overrides
 
 __all__ = ["main", "parse_overrides"]
@@ -176,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers for imagefolder data")
     p.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:1, mps... (default auto: the GPU when torch sees one, else the CPU)")
-    p.add_argument("--amp", choices=["bf16"], default=None,
+    p.add_argument("--amp", choices=AMP_CHOICES, default=None,
                    help="bf16: forward and loss under bfloat16 autocast (weights and optimizer stay float32)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 is fastest for the small built-in models)")

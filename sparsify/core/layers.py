@@ -63,9 +63,16 @@ class SparseWeightMixin:
     """
 
     out_axis: int = 0
-    #: the weight shape its masks and thresholds were made for (:meth:`from_dense`); another one
-    #: (resize_token_embeddings) makes it compute dense until the state drops it (core/state.py)
+    #: the weight shape its masks and thresholds were made for (:meth:`from_dense`); see :meth:`resized`
     _sparse_shape: torch.Size | None = None
+
+    def resized(self) -> bool:
+        """Whether the layer was given a weight of another shape than its masks and thresholds were
+        made for (transformers' ``resize_token_embeddings`` writes a resized tensor into a tied LM
+        head's weight): it then computes dense until ``sparsify.step`` / ``report`` / ``finalize``
+        make it the plain layer (:func:`sparsify.core.state.forget_replaced`), and a tied user reads
+        its weight as it is."""
+        return self._sparse_shape is not None and self._sparse_shape != self.weight.shape
 
     def out_shape(self, n: int = -1) -> tuple[int, ...]:
         """The shape that makes a per-output-channel vector of ``n`` entries broadcast against
@@ -102,9 +109,7 @@ class SparseWeightMixin:
         between calls (FSDP2, :func:`~sparsify.core.sharded.note_fsdp`) does not keep that
         weight from its forward to its backward either: backward computes it again from the
         weights FSDP2 gathers for it (:mod:`sparsify.core.recompute`)."""
-        if self._sparse_shape is not None and self._sparse_shape != self.weight.shape:
-            # given a weight of another shape since sparsify() (resize_token_embeddings): its masks no
-            # longer fit; dense until sparsify.step / report / finalize make it the plain layer (state.py)
+        if self.resized():  # its masks no longer fit the weight: dense
             return self.forward_with(x, self.weight, output_size)
         # eager() first: under torch.compile the buffers' weak map is not read (dynamo would guard
         # on its keys, which other models' garbage collection changes)

@@ -16,7 +16,9 @@ from torch.utils import _pytree as pytree
 from passes import set_submodule
 
 from sparsify.core.extra_state import pack, unpack
+from sparsify.core.layers import SparseWeightMixin
 from sparsify.core.plain import plain_copy
+from sparsify.core.sharded import full_parameters
 
 __all__ = ["SparsifyState", "STATE_ATTR", "AVERAGING_WRAPPERS", "find_state", "unwrap", "after_load",
            "forget_replaced", "check_filled", "refuse_unfilled", "is_wrapper", "start_groups"]
@@ -155,10 +157,7 @@ def after_load(module: nn.Module, incompatible_keys) -> None:
         return  # a model materialized from meta stays refused until a sparsified checkpoint fills it
     step = int(state.step)
     if step == 0:
-        from sparsify.core.sharded import full_parameters  # FSDP2: the groups read whole weights
-        readers = [m for g in state.groups.values() for m in (g, *g.members.values())]
-        with full_parameters(readers):
-            start_groups(state)
+        start_groups(state)
     else:
         warnings.warn(f"sparsify: weights loaded from a checkpoint without sparsify state into a model at step "
                       f"{step}: its masks and thresholds stay those computed from its earlier weights; to start "
@@ -229,8 +228,7 @@ def forget_replaced(root: nn.Module, state: SparsifyState) -> list[str]:
                 now = root.get_submodule(name)
             except AttributeError:
                 continue
-            shape = getattr(member, "_sparse_shape", None)  # (a regularizer member has no weight)
-            resized = now is member and shape is not None and shape != member.weight.shape
+            resized = now is member and isinstance(member, SparseWeightMixin) and member.resized()
             if resized:
                 set_submodule(root, name, plain_copy(member, share=True))
             if now is not member or resized:
@@ -270,15 +268,18 @@ def refuse_unfilled(module: nn.Module, args) -> None:
 
 
 def start_groups(state: SparsifyState) -> None:
-    """Every group's step-0 update, as ``sparsify()`` ends. On a ``meta`` model a method that
-    reads the weights' values there (ST-3's thresholds, N:M's masks) says so in one line."""
-    for name, group in state.groups.items():
-        try:
-            group.update(0, None)
-        except (RuntimeError, NotImplementedError) as e:
-            if not any(m.weight.is_meta for m in group.members.values() if hasattr(m, "weight")):
-                raise
-            raise RuntimeError(f"sparsify: {group.method_name} ({name}) reads the weights' values when it is set up "
-                               "(its step-0 thresholds or masks), which a model on the meta device does not have: "
-                               "call sparsify() on the model after materializing and initializing its weights "
-                               "(docs/distributed.md#meta-device-initialization)") from e
+    """Every group's step-0 update, as ``sparsify()`` ends and when a dense checkpoint is loaded at
+    step 0 (:func:`after_load`; under FSDP2 the groups see the whole weights). On a ``meta`` model a
+    method that reads the weights' values there (ST-3's thresholds, N:M's masks) says so in one line."""
+    readers = [m for g in state.groups.values() for m in (g, *g.members.values())]
+    with full_parameters(readers):
+        for name, group in state.groups.items():
+            try:
+                group.update(0, None)
+            except (RuntimeError, NotImplementedError) as e:
+                if not any(m.weight.is_meta for m in group.members.values() if hasattr(m, "weight")):
+                    raise
+                raise RuntimeError(f"sparsify: {group.method_name} ({name}) reads the weights' values when it is set "
+                                   "up (its step-0 thresholds or masks), which a model on the meta device does not "
+                                   "have: call sparsify() on the model after materializing and initializing its "
+                                   "weights (docs/distributed.md#meta-device-initialization)") from e

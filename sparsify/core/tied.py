@@ -51,7 +51,7 @@ class TiedUse:
         as it is when it was given one of another shape, as ``resize_token_embeddings`` does: the
         model then computes it dense, see :func:`sparsify.core.state.forget_replaced`)."""
         owner = self.owner()
-        if isinstance(owner, SparseWeightMixin) and owner._sparse_shape in (None, owner.weight.shape):
+        if isinstance(owner, SparseWeightMixin) and not owner.resized():
             return owner.effective_weight()
         return owner.weight
 

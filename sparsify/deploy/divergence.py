@@ -31,7 +31,7 @@ import torch.fx as fx
 from torch import nn
 
 from passes import kept_state
-from passes.traced import graph_fingerprint
+from passes.traced import graph_fingerprint, original_class
 
 from sparsify.deploy.compare import flatten_tensors, outputs_close
 from sparsify.core.state import find_state
@@ -70,8 +70,7 @@ def same_code(a: nn.Module, b: nn.Module, captured: str | None = None) -> bool:
     (True, False)
     """
     if isinstance(a, fx.GraphModule) and not isinstance(b, fx.GraphModule) and captured is not None:
-        members = a.__dict__.get("_original_members")
-        return members is not None and type(b) is members[-1] and graph_fingerprint(a.graph) == captured
+        return type(b) is original_class(a) and graph_fingerprint(a.graph) == captured
     if isinstance(a, fx.GraphModule) or isinstance(b, fx.GraphModule):
         return isinstance(a, fx.GraphModule) and isinstance(b, fx.GraphModule) and a.code == b.code
     return type(a) is type(b)

@@ -15,7 +15,7 @@ import warnings
 
 from torch import nn
 
-from sparsify.core.state import STATE_ATTR
+from sparsify.core.state import find_state
 
 __all__ = ["guard_save_pretrained", "unguard_save_pretrained"]
 
@@ -28,7 +28,7 @@ SAVE_ADVICE = ("save_pretrained of a model in sparse training writes a training 
 
 def save_pretrained(self, *args, **kwargs):
     """The class's ``save_pretrained``, with the warning of the module docstring."""
-    state = self.__dict__.get("_modules", {}).get(STATE_ATTR)
+    state = find_state(self, required=False)
     if state is not None and not state.in_trainer and "save_pretrained" not in state.warned:
         state.warned.add("save_pretrained")
         warnings.warn("sparsify: " + SAVE_ADVICE, stacklevel=2)
