@@ -18,6 +18,7 @@ from torch import nn
 from .calls import keep_argument_names
 from .checkpoint_guard import refuse_checkpoint
 from .example_answers import Example, ExampleAnswers
+from .hooks import has_call_hooks
 from .library_leaves import library_functions, library_leaf
 from .proxy_reads import rank_reads, symbolic_type_info, values_not_callable
 
@@ -45,6 +46,7 @@ class _DepthTracer(ExampleAnswers, fx.Tracer):
         self._saved: list[tuple[nn.Module, str, bool]] = []
         self.output_type: type | None = None
         self.drew_random = False  # the forward drew from Python's random while traced (capture_graph)
+        self.hooked: set[str] = set()  # modules kept as leaves for the hooks registered on them
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
         fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
@@ -109,7 +111,14 @@ class _DepthTracer(ExampleAnswers, fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self._forced or super().is_leaf_module(m, module_qualified_name) or library_leaf(m):
             return True
-        return not self._descend(self._full(module_qualified_name), m)
+        if not self._descend(self._full(module_qualified_name), m):
+            return True
+        if has_call_hooks(m):
+            # a graph would run its code without calling it, and so without its hooks: it keeps
+            # its call here and is traced on its own (passes.tracing.trace)
+            self.hooked.add(module_qualified_name)
+            return True
+        return False
 
     def call_module(self, m, forward, args, kwargs):
         if self.evaluating:

@@ -14,6 +14,8 @@ from collections import OrderedDict
 import torch.fx as fx
 from torch import nn
 
+from .hooks import share_hooks
+
 __all__ = ["TracedModule", "traced_module", "untraced", "original_class", "graph_fingerprint"]
 
 
@@ -60,6 +62,7 @@ class TracedModule(fx.GraphModule):
 
         def init(res, fake_mod, graph):
             fx.GraphModule.__init__(res, fake_mod, graph, name)
+            share_hooks(fake_mod.__dict__, res)  # torch's copy keeps the state_dict hooks only
             _keep_attributes(fake_mod.__dict__, res)
             _keep_non_persistent(fake_mod.__dict__, res)
         return init
@@ -157,6 +160,7 @@ def traced_module(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     if isinstance(root, nn.Sequential) and "_layer_names" not in root.__dict__:
         gm.__dict__["_layer_names"] = tuple(root._modules)  # a retrace keeps the first trace's (copied below)
     _keep_hierarchy(root, gm)
+    share_hooks(root.__dict__, gm)  # hooks on the module that the graph replaces still run around its call
     _keep_attributes(root.__dict__, gm)
     # what the original module held, for untraced(): a retrace keeps the first trace's
     gm.__dict__["_original_members"] = root.__dict__.get("_original_members") or (
@@ -263,6 +267,7 @@ def _unpickle_traced(original: type, name: str, fn, args) -> fx.GraphModule:
     cls = _traced_class(original)
     gm = cls.__new__(cls)
     gm.__dict__.update(plain.__dict__)
+    share_hooks(body, gm)  # torch rebuilt the module without its forward and backward hooks
     type(gm).__name__ = name
     gm.graph = plain.graph  # takes ownership and installs forward on gm's own class
     return gm

@@ -22,6 +22,7 @@ from .depth_tracer import Descend, _DepthTracer, _first_line, _hold, capture_gra
 from .depth_tracer import proxies_are_tensors, python_draws
 from .mistraced import NOT_REPRODUCED, RANDOM_DRAW, mistraced_modules
 from .mode_branches import same_in_both_modes
+from .module_stack import enclosing_modules, module_path_of, traced_through  # noqa: F401  (re-exported)
 from .reproduce import reproduces
 from .traced import TracedModule, traced_module
 from .traced import _unpickle_traced  # noqa: F401  (pickles made before traced.py name it here)
@@ -125,7 +126,7 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
             _force(forced, [culprit], _first_line(error), prefix, result)
         gm = _graph_module(root, descend, forced, prefix, concrete_args, tracer, graph, example_call)
         if not tracer.drew_random:
-            through = _traced_through(graph)
+            through = traced_through(graph)
             if calls is None or calls.vouched(prefix, through):
                 break
             example_call()
@@ -147,12 +148,16 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
     for leaf in sorted(forced):
         _trace_children(gm.get_submodule(leaf), descend, is_site,
                         f"{prefix}.{leaf}" if prefix else leaf, result, calls, shell)
+    hooked = sorted(tracer.hooked)  # modules with hooks: called by the graph, their code in a graph of their own
+    if hooked and calls is not None:
+        calls.hold_inputs([f"{prefix}.{p}" if prefix else p for p in hooked])
+    for path in hooked:
+        full = f"{prefix}.{path}" if prefix else path
+        result.notes.append(f"{full} keeps its own call for the hooks registered on it (they run); no rewrite "
+                            "reaches across that call")
+        parent, _, name = path.rpartition(".")
+        _trace_alone(gm.get_submodule(parent), name, full, descend, is_site, result, calls, shell)
     return result
-
-
-def _traced_through(graph: fx.Graph) -> frozenset[str]:
-    """Paths of the modules whose forward code ``graph`` holds (traced through, not leaves)."""
-    return frozenset(path for n in graph.nodes for path in enclosing_modules(n))
 
 
 def _force(forced: set[str], names: list[str], reason: str, prefix: str, result: TraceResult) -> None:
@@ -244,44 +249,21 @@ def _trace_children(parent: nn.Module, descend: Descend, is_site: Descend, prefi
             setattr(parent, child_name, gm)
             result.graphs[full] = gm
         elif k == "trace":
-            # the parent's own code calls this child: trace it as it is called there
-            concrete = calls.concrete_args(full, child) if calls is not None else None
-            sub = trace(child, descend, is_site=is_site, prefix=full, calls=calls, concrete_args=concrete,
-                        shell=shell)
-            result.replaced.extend(sub.replaced)
-            if sub.module is not child:
-                result.replaced.append((parent, child_name, child))
-                setattr(parent, child_name, sub.module)
-            result.graphs.update(sub.graphs)
-            result.fallbacks.extend(sub.fallbacks)
-            result.direct.extend(sub.direct)
-            result.warnings.extend(w for w in sub.warnings if w not in result.warnings)
+            _trace_alone(parent, child_name, full, descend, is_site, result, calls, shell)
 
 
-def enclosing_modules(node: fx.Node) -> list[str]:
-    """Qualified names (from the traced root, outermost first) of the modules whose forward
-    created ``node``; a leaf's own ``call_module`` node is not inside the leaf.
-
-    >>> import torch
-    >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Sequential(torch.nn.ReLU())))
-    >>> [enclosing_modules(n) for n in gm.graph.nodes if n.op == "call_module"]
-    [['0']]
-    """
-    paths = [v[0] for v in (node.meta.get("nn_module_stack") or {}).values()]
-    if node.op == "call_module" and paths and paths[-1] == node.target:
-        paths = paths[:-1]
-    return [p for p in paths if p]
-
-
-def module_path_of(node: fx.Node) -> str:
-    """Qualified name of the innermost module whose forward created ``node`` ("" at the root).
-
-    >>> import torch
-    >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.ReLU()))
-    >>> module_path_of(list(gm.graph.nodes)[1])
-    '0'
-    """
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    return list(stack.values())[-1][0]
+def _trace_alone(parent: nn.Module, child_name: str, full: str, descend: Descend, is_site: Descend,
+                 result: TraceResult, calls: CallRecord | None, shell: Descend | None) -> None:
+    """Trace ``parent``'s child ``child_name`` (``full`` in the model) on its own, as the code that
+    calls it calls it, and put its module in its place."""
+    child = parent._modules[child_name]
+    concrete = calls.concrete_args(full, child) if calls is not None else None
+    sub = trace(child, descend, is_site=is_site, prefix=full, calls=calls, concrete_args=concrete, shell=shell)
+    result.replaced.extend(sub.replaced)
+    if sub.module is not child:
+        result.replaced.append((parent, child_name, child))
+        setattr(parent, child_name, sub.module)
+    result.graphs.update(sub.graphs)
+    result.fallbacks.extend(sub.fallbacks)
+    result.direct.extend(sub.direct)
+    result.warnings.extend(w for w in sub.warnings if w not in result.warnings)

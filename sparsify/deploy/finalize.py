@@ -9,6 +9,7 @@ import torch.fx as fx
 from torch import nn
 
 from passes import kept_state, remove_node, set_submodule
+from passes.hooks import kept_hooks, unguard_called
 from passes.traced import graph_fingerprint, untraced
 
 from sparsify.deploy.compare import outputs_close
@@ -58,7 +59,7 @@ def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
                            "copy instead: get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, "
                            "cpu_offload=True)) from torch.distributed.checkpoint.state_dict, load it on rank 0 into "
                            "the same sparsify(...) of a fresh model and finalize that (docs/distributed.md)")
-    final = copy.deepcopy(source)
+    final = copy.deepcopy(source, kept_hooks(source))  # the caller's hook objects run in it, not copies
     fstate: SparsifyState = getattr(final, STATE_ATTR)
     for group in fstate.groups.values():
         for name, member in group.members.items():
@@ -86,6 +87,7 @@ def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
             gm.recompile()
     if plain_classes:
         final = _untrace(final, fstate)
+    unguard_called(final)  # a module called again runs hooks registered on it
     final.train(False)
     # a frozen layer stays frozen and a trainable one trainable: the finalized model can be
     # fine-tuned or sparsified again (frozen layers are left dense by sparsify)

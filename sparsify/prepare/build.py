@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from passes import PassResult, Pipeline
+from passes.hooks import guard_graphs, kept_hooks
 from passes.traced import graph_fingerprint
 
 from sparsify.prepare.capture import capture, capture_report, check_capture
@@ -74,7 +75,7 @@ def copy_structure(model: nn.Module, share_tensors: bool = True) -> nn.Module:
     >>> c[0] is m[0], c[0].weight is m[0].weight
     (False, True)
     """
-    memo: dict[int, object] = {}
+    memo = kept_hooks(model)  # the caller's hook objects run in the copy, not copies of them
     if share_tensors:
         for t in itertools.chain(model.parameters(), model.buffers()):
             memo[id(t)] = t
@@ -261,6 +262,7 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     if dry_run:
         return root, plan
 
+    guard_graphs(tr.graphs)  # a hook registered later on a module whose code a graph runs: a warning
     state = SparsifyState(recipe.to_json(), total_steps, list(tr.graphs))
     state.graph_fingerprints = fingerprints
     ctx = GroupContext(root=root, total_steps=total_steps, stages=recipe.stages, example_inputs=example_inputs)

@@ -1,0 +1,168 @@
+"""Module hooks across a trace.
+
+A graph runs the code of every module it was traced through without calling that module, so
+``nn.Module`` hooks on it would never run. Three rules keep hooks honest:
+
+- a module that carries hooks when traced keeps its own call (:func:`has_call_hooks`: the tracer
+  makes it a leaf, then traces it on its own), so its hooks run;
+- the module that replaces a traced root shares the root's hook dictionaries
+  (:func:`share_hooks`), so hooks on the model itself run, and their handles still remove them;
+- a module a graph runs the code of warns when a hook is registered on it later
+  (:func:`guard_graphs`), instead of ignoring the hook silently.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .module_stack import traced_through
+
+__all__ = ["CALL_HOOKS", "has_call_hooks", "share_hooks", "kept_hooks", "guard_graphs", "unguard_called", "InlinedHooks"]
+
+#: the hook dictionaries that act around a module's call (a graph that inlines the module skips them)
+CALL_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+#: every hook dictionary of ``nn.Module`` (torch 2.11 to 2.14), shared by :func:`share_hooks`
+_ALL_HOOKS = (*CALL_HOOKS, "_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
+              "_forward_hooks_always_called", "_is_full_backward_hook", "_state_dict_hooks",
+              "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def has_call_hooks(module: nn.Module) -> bool:
+    """Whether a hook that runs around ``module``'s call is registered on it.
+
+    >>> m = nn.Sequential(nn.ReLU())
+    >>> has_call_hooks(m), m.register_forward_hook(lambda *a: None) is not None, has_call_hooks(m)
+    (False, True, True)
+    """
+    return any(module.__dict__.get(name) for name in CALL_HOOKS)
+
+
+def share_hooks(src: dict, dst: nn.Module) -> None:
+    """Give ``dst`` the very hook dictionaries in ``src`` (a module's ``__dict__``; not copies: the
+    handles of hooks registered on that module remove them from ``dst`` too). Dictionaries ``dst``
+    already fills are kept.
+
+    >>> a, b = nn.Sequential(), nn.Sequential()
+    >>> handle = a.register_forward_hook(lambda m, i, o: o + 1)
+    >>> share_hooks(a.__dict__, b); int(b(0))
+    1
+    >>> handle.remove(); int(b(0))
+    0
+    """
+    for name in _ALL_HOOKS:
+        if name in src and not dst.__dict__.get(name):
+            dst.__dict__[name] = src[name]
+
+
+def kept_hooks(model: nn.Module) -> dict[int, object]:
+    """A ``copy.deepcopy`` memo that keeps the hooks registered on ``model``'s modules as they are:
+    a copy of the model then calls the caller's hook objects (one that records outputs records
+    them where the caller reads them), not copies of them. A hook that is a method of one of the
+    model's own modules is copied with its module.
+
+    >>> import copy
+    >>> class Keep:
+    ...     def __call__(self, module, args, out):
+    ...         self.seen = True
+    >>> m, keep = nn.Sequential(nn.ReLU()), Keep()
+    >>> _ = m[0].register_forward_hook(keep)
+    >>> c = copy.deepcopy(m, kept_hooks(m)); _ = c(torch.ones(1)); keep.seen
+    True
+    """
+    own = {id(m) for m in model.modules()}
+    memo: dict[int, object] = {}
+    for module in model.modules():
+        for name in CALL_HOOKS:
+            for hook in module.__dict__.get(name, {}).values():
+                if id(getattr(hook, "__self__", None)) not in own:
+                    memo[id(hook)] = hook
+    return memo
+
+
+class InlinedHooks(OrderedDict):
+    """The hook dictionary of a module that a graph runs the code of: registering a hook warns
+    once per model, since the module is never called while the graph stands."""
+
+    def __init__(self, where: str, told: list, *args):
+        super().__init__(*args)
+        self.where, self.told = where, told
+
+    def __setitem__(self, key, value):
+        if not self.told:
+            self.told.append(True)
+            warnings.warn(
+                f"sparsify: a hook registered on `{self.where}` will not run: the traced graph runs that "
+                "module's code without calling it (the layers inside it, Conv/Linear/activations, are still "
+                "called). Register it before sparsify(...), which then keeps that module's own call, or hook "
+                "a layer inside it (further such hooks on this model are not reported)", stacklevel=3)
+        super().__setitem__(key, value)
+
+    def __reduce__(self):
+        # rebuilt without warning again: the registration was reported when it happened
+        return _rebuild, (self.where, self.told, list(self.items()))
+
+
+def _rebuild(where: str, told: list, items: list) -> InlinedHooks:
+    guard = InlinedHooks(where, told)
+    for key, value in items:
+        OrderedDict.__setitem__(guard, key, value)
+    return guard
+
+
+def guard_graphs(graphs: dict[str, fx.GraphModule]) -> None:
+    """Make every module whose code one of ``graphs`` (qualified name in the model -> graph, as in
+    ``TraceResult.graphs``) runs warn when a hook is registered on it: once for the whole model.
+
+    >>> import torch
+    >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Sequential(nn.ReLU())))
+    >>> guard_graphs({"": gm})
+    >>> with warnings.catch_warnings(record=True) as seen:
+    ...     warnings.simplefilter("always")
+    ...     _ = gm.get_submodule("0").register_forward_hook(lambda *a: None)
+    ...     _ = gm.get_submodule("0").register_forward_pre_hook(lambda *a: None)
+    >>> [str(w.message)[:47] for w in seen]
+    ['sparsify: a hook registered on `0` will not run']
+    """
+    told: list = []
+    for prefix, gm in graphs.items():
+        for path in traced_through(gm.graph):
+            try:
+                module = gm.get_submodule(path)
+            except AttributeError:  # a graph torch.export captured names modules its own way
+                continue
+            where = f"{prefix}.{path}" if prefix else path
+            for name in CALL_HOOKS:
+                current = module.__dict__.get(name)
+                if current is not None and not isinstance(current, InlinedHooks):
+                    module.__dict__[name] = InlinedHooks(where, told, current)
+
+
+def unguard_called(root: nn.Module) -> None:
+    """Plain hook dictionaries again on the modules of ``root`` that no graph in it runs the code
+    of (called again, after ``finalize`` gave a module its own forward back): their hooks run. A
+    hook registered while guarded keeps running, but its handle no longer removes it.
+
+    >>> import torch
+    >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Sequential(nn.ReLU())))
+    >>> guard_graphs({"": gm}); plain = nn.Sequential(gm.get_submodule("0")); unguard_called(plain)
+    >>> type(plain[0]._forward_hooks).__name__
+    'OrderedDict'
+    """
+    inlined = set()
+    for gm in root.modules():
+        for path in traced_through(gm.graph) if isinstance(gm, fx.GraphModule) else ():
+            try:
+                inlined.add(id(gm.get_submodule(path)))
+            except AttributeError:  # a module the finalized graph no longer holds
+                pass
+    for module in root.modules():
+        if id(module) in inlined:
+            continue
+        for name in CALL_HOOKS:
+            current = module.__dict__.get(name)
+            if isinstance(current, InlinedHooks):
+                module.__dict__[name] = OrderedDict(current)

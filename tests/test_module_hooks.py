@@ -1,0 +1,187 @@
+"""Hooks on the model's modules (docs/index.md#hooks-on-blocks): a graph runs the code of the
+modules it was traced through without calling them, so before, a forward hook on a block
+(``model.layer2``, the usual way to take features for distillation or Grad-CAM) and on the model
+itself never ran in the sparse model, silently. Now a module carrying hooks when ``sparsify`` runs
+keeps its call, the model's own hooks carry over, the caller's hook objects run (not copies), a
+hook registered later on a module whose code a graph runs warns, and ``finalize`` makes such a
+module called again where it gives a module its own forward back."""
+from __future__ import annotations
+
+import copy
+import pickle
+import warnings
+from collections import OrderedDict
+
+import pytest
+import torch
+import torchvision
+
+import sparsify
+from passes.hooks import InlinedHooks
+
+RECIPES = sorted(sparsify.builtin_recipes())
+X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+class Record:
+    """A hook object that keeps what it saw: the pattern of feature-taking code."""
+
+    def __init__(self):
+        self.outputs = []
+
+    def __call__(self, module, args, out):
+        self.outputs.append(out.detach().clone())
+
+
+def build(recipe, hooked=()):
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10)
+    records = {}
+    for path in hooked:
+        records[path] = Record()
+        (net.get_submodule(path) if path else net).register_forward_hook(records[path])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracing summary, schedules at step 0
+        model = sparsify.sparsify(net, recipe, example_inputs=(X,), total_steps=20)
+    for r in records.values():
+        r.outputs.clear()  # sparsify's own example forward
+    return model, records
+
+
+def train(model, steps=2):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(steps):
+        loss = model(X).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sparsify.step(model)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_hooks_registered_before_sparsify_run_in_the_sparse_model(recipe):
+    model, records = build(recipe, hooked=("layer2", "layer3.1", ""))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(model)
+    assert [len(records[p].outputs) for p in ("layer2", "layer3.1", "")] == [2, 2, 2]
+    out = model(X)
+    assert torch.equal(records[""].outputs[-1], out.detach())  # the root's hook saw the model's output
+    assert records["layer2"].outputs[-1].shape == (2, 128, 4, 4)
+    if recipe.startswith("sas"):
+        return  # SAS rewires a relu into the next layer: the stem's modules called one by one are not its graph
+    # the block's hook sees what the block computes in the sparse model
+    assert torch.equal(records["layer3.1"].outputs[-1], model.layer3[1](model.layer3[0](
+        model.layer2(model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(X)))))))).detach())
+
+
+@pytest.mark.parametrize("recipe", sorted(set(RECIPES) - {"sas", "sas-m4"}))
+def test_a_kept_call_computes_what_the_graph_did(recipe):
+    # the boundary changes no computation: same outputs, hook or not, after training steps
+    outs = []
+    for hooked in ((), ("layer2",)):
+        model, _ = build(recipe, hooked)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            train(model)
+        outs.append(model.eval()(X).detach())
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_sas_says_what_a_kept_call_stops():
+    # SAS widens a relu's output into the next conv: not across a call kept for its hooks, and the
+    # plan says so
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10)
+    net.layer2.register_forward_hook(lambda *a: None)
+    plan = sparsify.plan(net, "sas", example_inputs=(X,))
+    assert any(n.startswith("layer2 keeps its own call") for n in plan.capture_notes)
+    entry = next(e for e in plan.entries if e.name == "layer3.0.conv1")
+    assert entry.method is None and "layer2" in entry.reason
+    assert "layer2 keeps its own call" in str(plan)
+
+
+def test_the_callers_hook_object_runs_and_copies_keep_their_own():
+    model, records = build("gmp", hooked=("layer2",))
+    model(X)
+    assert len(records["layer2"].outputs) == 1  # the caller's object, not a copy made with the model
+    # an EMA copy, a checkpoint: as for any torch module, the copy holds a copy of each hook, which runs
+    for dup in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        dup(X)
+        assert len(records["layer2"].outputs) == 1
+        assert [len(h.outputs) for h in dup.layer2._forward_hooks.values()] == [2]  # the one copied, and this call
+
+
+def test_a_backward_hook_on_a_block_runs():
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10)
+    grads = []
+    net.layer4.register_full_backward_hook(lambda m, gin, gout: grads.append(gout[0].shape))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = sparsify.sparsify(net, "st3", example_inputs=(X,), total_steps=20)
+    model(X).sum().backward()
+    assert grads == [(2, 512, 1, 1)]
+
+
+def test_a_hook_registered_later_on_an_inlined_module_warns_once():
+    model, _ = build("gmp", hooked=("layer2",))
+    seen = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.layer2.register_forward_hook(lambda *a: seen.append("kept"))  # kept call: runs, quiet
+        model.layer3[0].register_forward_hook(lambda *a: seen.append("inlined"))
+        model.layer4.register_forward_pre_hook(lambda *a: seen.append("inlined"))
+        model.layer1[0].conv1.register_forward_hook(lambda *a: seen.append("layer"))  # a called layer
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "`layer3.0` will not run" in messages[0], messages
+    model(X)
+    assert seen == ["layer", "kept"]
+
+
+def test_guards_survive_copies_and_leave_with_finalize():
+    model, _ = build("gmp")
+    for dup in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert isinstance(dup.layer2[0]._forward_hooks, InlinedHooks)
+        with pytest.warns(UserWarning, match="will not run"):
+            dup.layer2[0].register_forward_hook(Record())
+    seen = Record()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.layer2[0].register_forward_hook(seen)
+        final = sparsify.finalize(model)
+    seen.outputs.clear()  # finalize's own check
+    assert type(final) is torchvision.models.ResNet  # its own forward: every block called again
+    assert not [m for m in final.modules() for d in (m._forward_hooks, m._forward_pre_hooks)
+                if isinstance(d, InlinedHooks)]
+    final(X)
+    assert len(seen.outputs) == 1 and isinstance(final.layer2[0]._forward_hooks, OrderedDict)
+
+
+def test_graphs_finalize_keeps_still_warn():
+    # SAS's finalized graph still runs the blocks' code: hooks registered there keep warning
+    model, _ = build("sas")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        final = sparsify.finalize(model)
+    with pytest.warns(UserWarning, match="will not run"):
+        final.layer2[0].register_forward_hook(Record())
+
+
+def test_transformers_block_hooks_run_with_keyword_inputs():
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_labels=3)
+    torch.manual_seed(0)
+    net = transformers.BertForSequenceClassification(cfg)
+    ids, labels = torch.randint(0, 100, (2, 8)), torch.tensor([0, 2])
+    forward, backward = [], []
+    net.bert.encoder.layer[0].register_forward_hook(lambda m, i, o: forward.append(1))
+    net.bert.encoder.layer[1].output.register_full_backward_hook(lambda m, gi, go: backward.append(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = sparsify.sparsify(net, "st3-sigma", example_inputs={"input_ids": ids, "labels": labels},
+                                  total_steps=10)
+    forward.clear()
+    model(input_ids=ids, labels=labels).loss.backward()
+    assert (len(forward), len(backward)) == (1, 1)
