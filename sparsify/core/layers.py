@@ -22,6 +22,7 @@ from sparsify.core.buffers import eager, layer_buffers
 from sparsify.core.conv1d import (CONV_TRANSPOSE_TYPES, Conv1DLike, conv1d_forward, conv_transpose_forward,
                                   is_conv1d_class)
 from sparsify.core import recompute
+from sparsify.core.retrace import refuse_retrace
 from sparsify.core.records import RecordsMixin  # noqa: F401  (its home before records.py)
 from sparsify.core.sharded import check_gathered, note_fsdp
 from sparsify.core.subclasses import own_forward_class, own_forward_with
@@ -33,6 +34,7 @@ __all__ = ["SparseWeightMixin", "RecordsMixin", "specialize", "WEIGHT_TYPES", "T
 TORCH_WEIGHT_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) + CONV_TRANSPOSE_TYPES
 # transformers' Conv1D (GPT-2) too, recognised by duck typing (see conv1d.py)
 WEIGHT_TYPES: tuple[type, ...] = TORCH_WEIGHT_TYPES + (Conv1DLike,)
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,6 +102,7 @@ class SparseWeightMixin:
         return w.clone() if self._aliases_scratch(w) else w
 
     def forward(self, x, output_size=None):
+        refuse_retrace(x)
         check_gathered(self, self.weight)
         note_fsdp(self)  # FSDP2: nothing weight-sized kept between forwards
         return self.forward_saving(x, self._forward_weight, output_size)
