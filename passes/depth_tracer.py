@@ -18,7 +18,7 @@ from torch import nn
 from .calls import keep_argument_names
 from .checkpoint_guard import refuse_checkpoint
 from .example_answers import Example, ExampleAnswers
-from .hooks import has_call_hooks
+from .hooks import HOOK_DICTS, has_call_hooks
 from .library_leaves import library_functions, library_leaf
 from .proxy_reads import rank_reads, symbolic_type_info, values_not_callable
 
@@ -194,28 +194,39 @@ def no_stored_proxies(root: nn.Module | None) -> Iterator[None]:
     """Put back what a traced forward stored in its modules' attributes: a cache filled while
     traced holds proxies of a graph (timm's LeViT / EfficientFormerV2 cache their attention
     biases in eval mode), which a later forward would return instead of tensors, and a later
-    trace would wire into its graph."""
+    trace would wire into its graph. Dictionaries are looked at in the modules and in the plain
+    objects they hold (timm's FeatureHooks keys its outputs by ``x.device``: a proxy, traced)."""
     if root is None:
         yield
         return
-    saved = [(m, dict(m.__dict__), {k: dict(v) for k, v in m.__dict__.items()
-                                    if type(v) is dict and k not in _MODULE_DICTS and not k.endswith("hooks")})
-             for m in root.modules()]
+    saved = [(m, dict(m.__dict__)) for m in root.modules()]
+    dicts = [(d, dict(d)) for m in root.modules() for d in _stored_dicts(m)]
     try:
         yield
     finally:
-        for m, attrs, dicts in saved:
+        for m, attrs in saved:
             for k, v in list(m.__dict__.items()):
                 if isinstance(v, fx.Proxy):
                     if k in attrs:
                         m.__dict__[k] = attrs[k]
                     else:
                         del m.__dict__[k]
-            for k, before in dicts.items():
-                now = m.__dict__.get(k)
-                if type(now) is dict and any(isinstance(v, fx.Proxy) for v in now.values()):
-                    now.clear()
-                    now.update(before)
+        for d, before in dicts:
+            if any(isinstance(x, fx.Proxy) for item in d.items() for x in item):
+                d.clear()
+                d.update(before)
+
+
+def _stored_dicts(m: nn.Module) -> Iterator[dict]:
+    """The dictionaries a forward may fill: in ``m``'s attributes (not torch's own registries and
+    hook dicts), and one level down in the plain objects it holds."""
+    for k, v in m.__dict__.items():
+        if k in _MODULE_DICTS or k in HOOK_DICTS:
+            continue
+        if isinstance(v, dict):
+            yield v
+        elif not isinstance(v, (nn.Module, torch.Tensor, type)) and isinstance(getattr(v, "__dict__", None), dict):
+            yield from (d for d in vars(v).values() if isinstance(d, dict))
 
 
 @contextlib.contextmanager

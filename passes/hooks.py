@@ -21,12 +21,12 @@ from torch import nn
 
 from .module_stack import traced_through
 
-__all__ = ["CALL_HOOKS", "has_call_hooks", "share_hooks", "kept_hooks", "guard_graphs", "unguard_called", "InlinedHooks"]
+__all__ = ["CALL_HOOKS", "HOOK_DICTS", "has_call_hooks", "share_hooks", "kept_hooks", "guard_graphs", "unguard_called", "InlinedHooks"]
 
 #: the hook dictionaries that act around a module's call (a graph that inlines the module skips them)
 CALL_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 #: every hook dictionary of ``nn.Module`` (torch 2.11 to 2.14), shared by :func:`share_hooks`
-_ALL_HOOKS = (*CALL_HOOKS, "_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
+HOOK_DICTS = (*CALL_HOOKS, "_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
               "_forward_hooks_always_called", "_is_full_backward_hook", "_state_dict_hooks",
               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
 
@@ -53,7 +53,7 @@ def share_hooks(src: dict, dst: nn.Module) -> None:
     >>> handle.remove(); int(b(0))
     0
     """
-    for name in _ALL_HOOKS:
+    for name in HOOK_DICTS:
         if name in src and not dst.__dict__.get(name):
             dst.__dict__[name] = src[name]
 
@@ -61,8 +61,8 @@ def share_hooks(src: dict, dst: nn.Module) -> None:
 def kept_hooks(model: nn.Module) -> dict[int, object]:
     """A ``copy.deepcopy`` memo that keeps the hooks registered on ``model``'s modules as they are:
     a copy of the model then calls the caller's hook objects (one that records outputs records
-    them where the caller reads them), not copies of them. A hook that is a method of one of the
-    model's own modules is copied with its module.
+    them where the caller reads them), not copies of them. A hook the model holds itself (one of
+    its modules' methods, or an object a module keeps as an attribute) is copied with the model.
 
     >>> import copy
     >>> class Keep:
@@ -73,12 +73,15 @@ def kept_hooks(model: nn.Module) -> dict[int, object]:
     >>> c = copy.deepcopy(m, kept_hooks(m)); _ = c(torch.ones(1)); keep.seen
     True
     """
-    own = {id(m) for m in model.modules()}
+    # the model's own objects: its modules and what they hold (timm's FeatureHookNet keeps the
+    # FeatureHooks whose methods are its hooks, and reads their outputs from it)
+    own = {id(v) for m in model.modules() for v in (m, *m.__dict__.values())}
     memo: dict[int, object] = {}
     for module in model.modules():
         for name in CALL_HOOKS:
             for hook in module.__dict__.get(name, {}).values():
-                if id(getattr(hook, "__self__", None)) not in own:
+                bound = getattr(hook, "__self__", getattr(getattr(hook, "func", None), "__self__", None))  # a partial's
+                if id(hook) not in own and (bound is None or id(bound) not in own):
                     memo[id(hook)] = hook
     return memo
 

@@ -185,3 +185,29 @@ def test_transformers_block_hooks_run_with_keyword_inputs():
     forward.clear()
     model(input_ids=ids, labels=labels).loss.backward()
     assert (len(forward), len(backward)) == (1, 1)
+
+
+@pytest.mark.parametrize("feature_cls", ["hook", None])
+@pytest.mark.parametrize("recipe", ["gmp", "st3-sigma", "sas"])
+def test_timm_feature_models_return_their_features(recipe, feature_cls):
+    # timm's features_only=True, feature_cls="hook" (FeatureHookNet) collects the features with forward
+    # hooks on its stages into an object it holds: before, the sparse model returned an empty list
+    # (the stages' code ran inline) and finalize failed on proxies its trace had left in that object
+    timm = pytest.importorskip("timm", reason="timm is not installed (pip install -e '.[dev]')")
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    extra = {"feature_cls": feature_cls} if feature_cls else {}
+    torch.manual_seed(0)
+    net = timm.create_model("resnet18", pretrained=False, features_only=True, **extra)
+    dense = [f.detach() for f in net(x)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = sparsify.sparsify(net, recipe, example_inputs=(x,), total_steps=10, copy=True)
+        feats = model(x)
+        if recipe == "gmp":  # sparsity 0 at step 0: the dense model's features
+            assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(feats, dense))
+        sum(f.mean() for f in feats).backward()
+        sparsify.step(model)
+        final = sparsify.finalize(model)
+    assert [tuple(f.shape) for f in feats] == [tuple(f.shape) for f in dense] == [
+        (2, 64, 32, 32), (2, 64, 16, 16), (2, 128, 8, 8), (2, 256, 4, 4), (2, 512, 2, 2)]
+    assert len(final(x)) == 5
