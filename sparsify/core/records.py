@@ -39,10 +39,17 @@ class RecordsMixin:
     records: list
     _recorded = False  # a term was recorded since the last step
     _lost = 0  # forwards that ran with gradients only inside backward since the last step
+    _evaluated = 0  # eval-mode forwards with gradients since the last step (trained in eval mode?)
 
     def recording(self) -> bool:
-        """Whether this forward computes its term: training mode with gradients."""
-        return self.training and torch.is_grad_enabled()
+        """Whether this forward computes its term: training mode with gradients. An eval-mode
+        forward with gradients is counted: when a step saw only those, the model was trained in
+        eval mode, where no term is recorded."""
+        if self.training:
+            return torch.is_grad_enabled()
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and not in_backward():
+            self._evaluated += 1
+        return False
 
     def record(self, term: torch.Tensor) -> None:
         """Keep ``term`` for ``sparsify.penalty``, unless this forward is a re-run inside backward.
@@ -59,11 +66,12 @@ class RecordsMixin:
         out, self.records = self.records, []
         return out
 
-    def clear_records(self) -> tuple[int, int]:
-        """Forget this step's terms: ``(terms never collected, forwards whose term was lost)``."""
-        left, lost = len(self.records), self._lost
-        self.records, self._recorded, self._lost = [], False, 0
-        return left, lost
+    def clear_records(self) -> tuple[int, int, int]:
+        """Forget this step's terms: ``(terms never collected, forwards whose term was lost,
+        eval-mode forwards with gradients in a step that recorded nothing)``."""
+        left, lost, evaluated = len(self.records), self._lost, 0 if self._recorded else self._evaluated
+        self.records, self._recorded, self._lost, self._evaluated = [], False, 0, 0
+        return left, lost, evaluated
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -85,6 +93,7 @@ class RecordsGroupMixin:
     the members in the warnings."""
 
     record_noun = "layers"
+    evaluated = 0  # eval-mode forwards with gradients in steps that recorded no term (trained in eval mode)
 
     def _init_records(self) -> None:
         self.uncollected = 0
@@ -98,9 +107,10 @@ class RecordsGroupMixin:
 
     def clear(self) -> None:
         for m in self.members.values():
-            left, lost = m.clear_records()
+            left, lost, evaluated = m.clear_records()
             self.uncollected += left
             self.lost += lost
+            self.evaluated += evaluated
 
     def warnings(self) -> list[str]:
         out = []
@@ -113,4 +123,9 @@ class RecordsGroupMixin:
                        "activation checkpointing runs the first forward without gradients; use "
                        "use_reentrant=False (transformers: gradient_checkpointing_enable("
                        "gradient_checkpointing_kwargs={'use_reentrant': False}))")
+        if self.evaluated:
+            out.append(f"sparsify: the {self.method_name} {self.record_noun} ran in eval mode with gradients and "
+                       "recorded no penalty before a sparsify.step: the model trained in eval mode (model.eval() "
+                       "left on), where the recipe's penalty is not computed; call model.train() before the "
+                       "training forwards")
         return out
