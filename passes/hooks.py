@@ -7,8 +7,8 @@ A graph runs the code of every module it was traced through without calling that
   makes it a leaf, then traces it on its own), so its hooks run;
 - the module that replaces a traced root shares the root's hook dictionaries
   (:func:`share_hooks`), so hooks on the model itself run, and their handles still remove them;
-- a module a graph runs the code of warns when a hook is registered on it later
-  (:func:`guard_graphs`), instead of ignoring the hook silently.
+- a hook registered later on a module a graph runs the code of makes the model's next call warn
+  (:func:`guard_graphs`), instead of being ignored silently.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from torch import nn
 
 from .module_stack import traced_through
 
-__all__ = ["CALL_HOOKS", "HOOK_DICTS", "has_call_hooks", "share_hooks", "kept_hooks", "guard_graphs", "unguard_called", "InlinedHooks"]
+__all__ = ["CALL_HOOKS", "HOOK_DICTS", "has_call_hooks", "share_hooks", "kept_hooks", "guard_graphs",
+           "unguard_called", "is_inlined", "InlinedHooks", "HookNotes"]
 
 #: the hook dictionaries that act around a module's call (a graph that inlines the module skips them)
 CALL_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
@@ -86,52 +87,81 @@ def kept_hooks(model: nn.Module) -> dict[int, object]:
     return memo
 
 
-class InlinedHooks(OrderedDict):
-    """The hook dictionary of a module that a graph runs the code of: registering a hook warns
-    once per model, since the module is never called while the graph stands."""
+class HookNotes:
+    """What the guards of one model share: the guards a hook was registered on since the model's
+    last call, and whether the model has warned. The warning waits for a call (:meth:`check`):
+    a tool that registers hooks on every module and removes them unused (Lightning's model
+    summary) says nothing wrong."""
 
-    def __init__(self, where: str, told: list, *args):
-        super().__init__(*args)
-        self.where, self.told = where, told
+    def __init__(self):
+        self.pending: list[InlinedHooks] = []
+        self.told = False
 
-    def __setitem__(self, key, value):
-        if not self.told:
-            self.told.append(True)
+    def check(self) -> None:
+        """Warn, once per model, when a hook registered on an inlined module is still there."""
+        pending, self.pending = self.pending, []
+        held = next((guard for guard in pending if guard), None)
+        if held is not None and not self.told:
+            self.told = True
             warnings.warn(
-                f"sparsify: a hook registered on `{self.where}` will not run: the traced graph runs that "
+                f"sparsify: a hook registered on `{held.where}` does not run: the traced graph runs that "
                 "module's code without calling it (the layers inside it, Conv/Linear/activations, are still "
                 "called). Register it before sparsify(...), which then keeps that module's own call, or hook "
                 "a layer inside it (further such hooks on this model are not reported)", stacklevel=3)
+
+
+class InlinedHooks(OrderedDict):
+    """The hook dictionary of a module that a graph runs the code of: a hook registered on it is
+    noted, and the model's next call warns (:class:`HookNotes`) if it is still registered."""
+
+    def __init__(self, where: str, notes: HookNotes, *args):
+        super().__init__(*args)
+        self.where, self.notes = where, notes
+
+    def __setitem__(self, key, value):
+        if not self.notes.told:
+            self.notes.pending.append(self)
         super().__setitem__(key, value)
 
     def __reduce__(self):
-        # rebuilt without warning again: the registration was reported when it happened
-        return _rebuild, (self.where, self.told, list(self.items()))
+        # rebuilt without noting the hooks again: they were noted when registered
+        return _rebuild, (self.where, self.notes, list(self.items()))
 
 
-def _rebuild(where: str, told: list, items: list) -> InlinedHooks:
-    guard = InlinedHooks(where, told)
+def _rebuild(where: str, notes: HookNotes, items: list) -> InlinedHooks:
+    guard = InlinedHooks(where, notes)
     for key, value in items:
         OrderedDict.__setitem__(guard, key, value)
     return guard
 
 
+def is_inlined(module: nn.Module) -> bool:
+    """Whether a graph runs ``module``'s code without calling it (:func:`guard_graphs` marked it):
+    a hook on it would not run."""
+    return isinstance(module.__dict__.get("_forward_hooks"), InlinedHooks)
+
+
 def guard_graphs(graphs: dict[str, fx.GraphModule]) -> None:
     """Make every module whose code one of ``graphs`` (qualified name in the model -> graph, as in
-    ``TraceResult.graphs``) runs warn when a hook is registered on it: once for the whole model.
+    ``TraceResult.graphs``) runs note the hooks registered on it; each graph module gets the notes
+    as ``_hook_notes``, which a :class:`~passes.traced.TracedModule` checks when called: one
+    warning for the whole model.
 
     >>> import torch
     >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Sequential(nn.ReLU())))
-    >>> guard_graphs({"": gm})
+    >>> guard_graphs({"": gm}); is_inlined(gm.get_submodule("0"))
+    True
     >>> with warnings.catch_warnings(record=True) as seen:
     ...     warnings.simplefilter("always")
     ...     _ = gm.get_submodule("0").register_forward_hook(lambda *a: None)
     ...     _ = gm.get_submodule("0").register_forward_pre_hook(lambda *a: None)
+    ...     gm._hook_notes.check()
     >>> [str(w.message)[:47] for w in seen]
-    ['sparsify: a hook registered on `0` will not run']
+    ['sparsify: a hook registered on `0` does not run']
     """
-    told: list = []
+    notes = HookNotes()
     for prefix, gm in graphs.items():
+        gm.__dict__["_hook_notes"] = notes
         for path in traced_through(gm.graph):
             try:
                 module = gm.get_submodule(path)
@@ -141,7 +171,7 @@ def guard_graphs(graphs: dict[str, fx.GraphModule]) -> None:
             for name in CALL_HOOKS:
                 current = module.__dict__.get(name)
                 if current is not None and not isinstance(current, InlinedHooks):
-                    module.__dict__[name] = InlinedHooks(where, told, current)
+                    module.__dict__[name] = InlinedHooks(where, notes, current)
 
 
 def unguard_called(root: nn.Module) -> None:

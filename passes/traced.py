@@ -32,6 +32,9 @@ class TracedModule(fx.GraphModule):
     _traced_from: type = nn.Module  # set on each per-class subclass
 
     def __call__(self, *args, **kwargs):
+        notes = self.__dict__.get("_hook_notes")
+        if notes is not None and notes.pending:  # a hook was registered on a module this graph inlines
+            notes.check()
         guard = self.__dict__.get("_call_guard")
         adapted = guard.adapt(args, kwargs, self) if guard is not None else (args, kwargs)
         if adapted is None:

@@ -124,7 +124,7 @@ def test_a_backward_hook_on_a_block_runs():
     assert grads == [(2, 512, 1, 1)]
 
 
-def test_a_hook_registered_later_on_an_inlined_module_warns_once():
+def test_a_hook_registered_later_on_an_inlined_module_warns_once_at_the_next_call():
     model, _ = build("gmp", hooked=("layer2",))
     seen = []
     with warnings.catch_warnings(record=True) as caught:
@@ -133,18 +133,33 @@ def test_a_hook_registered_later_on_an_inlined_module_warns_once():
         model.layer3[0].register_forward_hook(lambda *a: seen.append("inlined"))
         model.layer4.register_forward_pre_hook(lambda *a: seen.append("inlined"))
         model.layer1[0].conv1.register_forward_hook(lambda *a: seen.append("layer"))  # a called layer
+        assert caught == []  # said at the call, where the hook fails to run
+        model(X)
+        model(X)
     messages = [str(w.message) for w in caught]
-    assert len(messages) == 1 and "`layer3.0` will not run" in messages[0], messages
-    model(X)
-    assert seen == ["layer", "kept"]
+    assert len(messages) == 1 and "`layer3.0` does not run" in messages[0], messages
+    assert seen == ["layer", "kept"] * 2
+
+
+def test_hooks_registered_and_removed_unused_are_quiet():
+    # Lightning's model summary and torchinfo register a hook on every module, then remove them
+    model, _ = build("st3")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handles = [m.register_forward_hook(lambda *a: None) for m in model.modules()]
+        for h in handles:
+            h.remove()
+        model(X)
+    assert [str(w.message) for w in caught if "does not run" in str(w.message)] == []
 
 
 def test_guards_survive_copies_and_leave_with_finalize():
     model, _ = build("gmp")
     for dup in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         assert isinstance(dup.layer2[0]._forward_hooks, InlinedHooks)
-        with pytest.warns(UserWarning, match="will not run"):
-            dup.layer2[0].register_forward_hook(Record())
+        dup.layer2[0].register_forward_hook(Record())
+        with pytest.warns(UserWarning, match="does not run"):
+            dup(X)
     seen = Record()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -164,8 +179,9 @@ def test_graphs_finalize_keeps_still_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         final = sparsify.finalize(model)
-    with pytest.warns(UserWarning, match="will not run"):
-        final.layer2[0].register_forward_hook(Record())
+    final.layer2[0].register_forward_hook(Record())
+    with pytest.warns(UserWarning, match="does not run"):
+        final(X)
 
 
 def test_transformers_block_hooks_run_with_keyword_inputs():

@@ -31,6 +31,7 @@ import torch.fx as fx
 from torch import nn
 
 from passes import kept_state
+from passes.hooks import is_inlined
 from passes.traced import graph_fingerprint, original_class
 
 from sparsify.deploy.compare import flatten_tensors, outputs_close
@@ -89,6 +90,8 @@ class _Calls:
         self._stack: list[tuple[str, int]] = []
         self._handles = []
         for name, m in model.named_modules():
+            if is_inlined(m):  # never called: a graph runs its code
+                continue
             self._handles.append(m.register_forward_pre_hook(self._pre(name), with_kwargs=True))
             self._handles.append(m.register_forward_hook(self._post(), always_call=True))
 
