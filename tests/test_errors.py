@@ -379,3 +379,15 @@ def test_dense_checkpoint_into_a_sparsified_model_says_what_to_do():
     # strict=False takes the dense weights (the layers keep their names)
     result = m.load_state_dict(dense.state_dict(), strict=False)
     assert torch.equal(m.get_submodule("0").weight, dense[0].weight) and not result.unexpected_keys
+
+
+def test_a_model_holding_a_sparsified_part_names_it():
+    # sparsify(model.backbone) and then the whole model given to step / penalty / report / finalize
+    model = nn.Sequential()
+    model.add_module("backbone", sparsify.sparsify(net()[:2], "gmp", example_inputs=X, total_steps=10))
+    model.add_module("head", nn.Sequential(nn.Flatten(), nn.Linear(4 * 4 * 4, 2)))
+    for call in (sparsify.step, sparsify.penalty, sparsify.report, sparsify.finalize):
+        with pytest.raises(TypeError, match=r"holds models it made at `backbone`: pass each of those "
+                                            r"\(sparsify\.step\(model\.backbone\)"):
+            call(model)
+    assert sparsify.step(model.backbone) == 1  # what it says works

@@ -200,6 +200,13 @@ def find_state(model: nn.Module, *, required: bool = True) -> SparsifyState | No
     """The :class:`SparsifyState` of a model returned by ``sparsify`` (wrappers allowed)."""
     state = getattr(unwrap(model), STATE_ATTR, None)
     if state is None and required:
+        inner = [name for name, m in unwrap(model).named_modules() if STATE_ATTR in m._modules]
+        if inner:  # the user sparsified a part (a backbone) and passes the whole model
+            shown = ", ".join(f"`{n}`" for n in inner[:3]) + (f" (and {len(inner) - 3} more)" if len(inner) > 3 else "")
+            raise TypeError(f"this model was not made by sparsify.sparsify(...), but holds models it made at {shown}: "
+                            f"pass each of those (sparsify.step(model.{inner[0]}), the same for penalty, report, "
+                            "finalize), or sparsify the whole model with a recipe that leaves the rest dense (a rule "
+                            "{\"match\": {\"name\": \"head.**\"}, \"method\": null}, docs/recipes.md#rules)")
         raise TypeError("this model was not made by sparsify.sparsify(...): call "
                         "model = sparsify.sparsify(model, recipe) first")
     return state
