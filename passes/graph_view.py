@@ -29,7 +29,14 @@ def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
 
 
 def compute_nodes(gm: fx.GraphModule, is_compute: Predicate) -> list[fx.Node]:
-    """Nodes satisfying ``is_compute`` in topological (graph) order."""
+    """Nodes satisfying ``is_compute`` (called with each node and the module it calls, or
+    ``None``) in topological (graph) order.
+
+    >>> import torch
+    >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)))
+    >>> [n.target for n in compute_nodes(gm, lambda node, mod: isinstance(mod, torch.nn.Linear))]
+    ['0', '2']
+    """
     return [n for n in gm.graph.nodes if is_compute(n, target_module(gm, n))]
 
 
@@ -38,6 +45,20 @@ def first_and_last(gm: fx.GraphModule, is_compute: Predicate,
     """Names of compute nodes with no compute node upstream (first) or downstream (last).
 
     With branches there can be several of each (e.g. the heads of a multi-output model).
+    ``graph`` is :func:`to_networkx` of ``gm``, when the caller already has it.
+
+    >>> import torch
+    >>> class TwoHeads(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.stem, self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2), torch.nn.Linear(4, 3)
+    ...     def forward(self, x):
+    ...         x = self.stem(x).relu()
+    ...         return self.a(x), self.b(x)
+    >>> first, last = first_and_last(torch.fx.symbolic_trace(TwoHeads()),
+    ...                              lambda node, mod: isinstance(mod, torch.nn.Linear))
+    >>> sorted(first), sorted(last)
+    (['stem'], ['a', 'b'])
     """
     graph = graph if graph is not None else to_networkx(gm)
     compute = {n.name for n in compute_nodes(gm, is_compute)}

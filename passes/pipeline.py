@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .reproduce import kept_state
 from .rewrite import Change
 
 __all__ = ["PassResult", "Pipeline", "propagate_shapes"]
@@ -31,8 +32,17 @@ Pass = Callable[[fx.GraphModule], PassResult]
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence) -> None:
-    """Run ``ShapeProp`` without autograd and without changing the module's train/eval mode."""
-    with torch.no_grad():
+    """Run ``ShapeProp`` on ``example_inputs`` without autograd and without changing the module's
+    train/eval mode, so every node with a tensor output gets ``meta["tensor_meta"]`` (shape, dtype,
+    ...). The forward is real, but what it changes is put back (:func:`~passes.reproduce.kept_state`:
+    BatchNorm running statistics in train mode, the random state of dropout).
+
+    >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 2)))
+    >>> propagate_shapes(gm, [torch.zeros(3, 4)])
+    >>> [tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes if n.op != "output"]
+    [(3, 4), (3, 2)]
+    """
+    with torch.no_grad(), kept_state(gm):
         ShapeProp(gm).propagate(*example_inputs)
 
 

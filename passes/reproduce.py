@@ -73,7 +73,16 @@ def same_outputs(a, b, rtol: float = 1e-4, atol: float = 1e-5, _depth: int = 0) 
 @contextlib.contextmanager
 def kept_state(module: nn.Module) -> Iterator[None]:
     """Buffers (running statistics, caches) and the random generators (torch's, CUDA's once it is
-    initialised, Python's) as they were, whatever runs inside."""
+    initialised, Python's) as they were, whatever runs inside: on exit the values the buffers had
+    on entry are copied back into them (in place) and the generators' states are set back.
+
+    >>> bn = nn.BatchNorm1d(2)  # in train mode: a forward moves its running statistics
+    >>> with kept_state(bn):
+    ...     _ = bn(torch.arange(8.0).reshape(4, 2))
+    ...     drawn = torch.rand(3)
+    >>> bn.running_mean.tolist(), int(bn.num_batches_tracked), bool(torch.equal(torch.rand(3), drawn))
+    ([0.0, 0.0], 0, True)
+    """
     buffers = [(b, b.detach().clone()) for b in module.buffers()]
     cpu, py = torch.random.get_rng_state(), random.getstate()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None

@@ -24,14 +24,29 @@ class Change:
 
 
 def set_submodule(root: nn.Module, qualname: str, module: nn.Module) -> None:
-    """Put ``module`` at the dotted path ``qualname`` under ``root`` (parents must exist)."""
+    """Put ``module`` at the dotted path ``qualname`` under ``root`` (parents must exist),
+    replacing whatever module was there.
+
+    >>> import torch
+    >>> m = torch.nn.Sequential(torch.nn.Sequential(torch.nn.ReLU()))
+    >>> set_submodule(m, "0.0", torch.nn.GELU()); m[0][0]
+    GELU(approximate='none')
+    """
     parent_name, _, attr = qualname.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, attr, module)
 
 
 def unique_name(root: nn.Module, wanted: str) -> str:
-    """``wanted`` or ``wanted_1``, ``wanted_2``, ... whichever is not a submodule of ``root`` yet."""
+    """``wanted`` or ``wanted_1``, ``wanted_2``, ... whichever is not a submodule of ``root`` yet
+    (the first free one, compared with the qualified names of ``root.named_modules()``).
+
+    >>> import torch
+    >>> m = torch.nn.Sequential(torch.nn.ReLU())
+    >>> m.add_module("probe", torch.nn.Identity())
+    >>> unique_name(m, "probe"), unique_name(m, "mask")
+    ('probe_1', 'mask')
+    """
     names = {n for n, _ in root.named_modules()}
     if wanted not in names:
         return wanted
@@ -84,7 +99,16 @@ def insert_after(gm: fx.GraphModule, node: fx.Node, module: nn.Module, name: str
 
 
 def reroute_input(user: fx.Node, old: fx.Node, new: fx.Node) -> Change:
-    """Make ``user`` read ``new`` wherever it read ``old``."""
+    """Make ``user`` read ``new`` wherever it read ``old``; the other users of ``old`` keep reading it.
+
+    >>> import torch
+    >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Tanh()))
+    >>> x, relu, tanh, out = gm.graph.nodes
+    >>> reroute_input(tanh, relu, x)
+    Change(kind='reroute', target='_1', detail='input _0 -> input_1')
+    >>> tanh.args
+    (input_1,)
+    """
     user.replace_input_with(old, new)
     return Change("reroute", user.name, f"input {old.name} -> {new.name}")
 
@@ -111,7 +135,17 @@ def insert_call(gm: fx.GraphModule, anchor: fx.Node, op: str, target, args: tupl
 
 
 def replace_uses(old: fx.Node, new: fx.Node) -> Change:
-    """Make every user of ``old`` read ``new`` instead (``new`` itself excepted)."""
+    """Make every user of ``old`` read ``new`` instead (``new`` itself excepted, so a node added
+    after ``old`` that reads it can take its place).
+
+    >>> import torch
+    >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.ReLU()))
+    >>> x, relu, out = gm.graph.nodes
+    >>> with gm.graph.inserting_after(relu):
+    ...     neg = gm.graph.call_function(torch.neg, (relu,))
+    >>> replace_uses(relu, neg).detail, out.args, neg.args
+    ('every use -> neg', (neg,), (_0,))
+    """
     old.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
     return Change("reroute", old.name, f"every use -> {new.name}")
 
@@ -144,7 +178,18 @@ def copy_chain(gm: fx.GraphModule, chain: list[fx.Node], old_input: fx.Node,
                new_input: fx.Node) -> tuple[list[fx.Node], list[Change]]:
     """Copy the nodes of ``chain`` (each reading the previous one, the first reading
     ``old_input``) so that the copies compute the same ops on ``new_input``; each copy is placed
-    before its original. Returns the copies and one Change each."""
+    before its original, and nothing reads the copies yet (a ``call_module`` copy calls the same
+    module). Returns the copies and one Change each.
+
+    >>> import torch
+    >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Tanh()))
+    >>> x, relu, tanh, out = gm.graph.nodes
+    >>> with gm.graph.inserting_after(x):
+    ...     neg = gm.graph.call_function(torch.neg, (x,))
+    >>> copies, changes = copy_chain(gm, [relu, tanh], x, neg)
+    >>> [(c.target, c.args) for c in copies], changes[0].detail
+    ([('0', (neg,)), ('1', (_0_1,))], 'copy of _0 on neg')
+    """
     copies, changes = [], []
     prev, prev_new = old_input, new_input
     for op in chain:

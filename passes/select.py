@@ -16,7 +16,14 @@ Predicate = Callable[[fx.Node, "nn.Module | None"], bool]
 
 
 def target_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    """The module a ``call_module`` node calls, else ``None``."""
+    """The module a ``call_module`` node calls, else ``None``: the second argument of a
+    :data:`Predicate`.
+
+    >>> import torch
+    >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.ReLU()))
+    >>> [target_module(gm, n) for n in gm.graph.nodes]
+    [None, ReLU(), None]
+    """
     return gm.get_submodule(node.target) if node.op == "call_module" else None
 
 
@@ -34,20 +41,47 @@ def node_name(node: fx.Node, prefix: str = "") -> str:
 
 
 def is_grouped(node: fx.Node, mod: nn.Module | None) -> bool:
-    """Convolutions with ``groups > 1`` (depthwise included)."""
+    """Convolutions with ``groups > 1`` (depthwise included); ``node`` is not read.
+
+    >>> import torch
+    >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(4, 8, 3), nn.Conv2d(8, 8, 3, groups=2)))
+    >>> [n.target for n in gm.graph.nodes if is_grouped(n, target_module(gm, n))]
+    ['1']
+    """
     return getattr(mod, "groups", 1) > 1
 
 
 def is_depthwise(node: fx.Node, mod: nn.Module | None) -> bool:
-    """Convolutions with one input channel per group (``groups == in_channels > 1``)."""
+    """Convolutions with one input channel per group (``groups == in_channels > 1``), whatever
+    their output channels; ``node`` is not read.
+
+    >>> import torch
+    >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(8, 8, 3, groups=2), nn.Conv2d(8, 16, 3, groups=8)))
+    >>> [(n.target, is_depthwise(n, target_module(gm, n))) for n in gm.graph.nodes if n.op == "call_module"]
+    [('0', False), ('1', True)]
+    """
     g = getattr(mod, "groups", 1)
     return g > 1 and g == getattr(mod, "in_channels", -1)
 
 
 def kernel_size_in(sizes: Iterable[int]) -> Predicate:
-    """Convolutions whose (square or not) kernel's largest side is in ``sizes``; never Linear."""
+    """A :data:`Predicate`: modules with a kernel (convolutions, pooling) whose (square or not)
+    kernel's largest side is in ``sizes``; never Linear (modules without ``kernel_size``).
+
+    >>> import torch
+    >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, (1, 3)), nn.MaxPool2d(3),
+    ...                                            nn.Flatten(), nn.LazyLinear(2)))
+    >>> is_3 = kernel_size_in([3])
+    >>> [n.target for n in gm.graph.nodes if is_3(n, target_module(gm, n))]
+    ['1', '2']
+    """
     sizes = set(sizes)
-    return lambda node, mod: (hasattr(mod, "kernel_size") and max(mod.kernel_size) in sizes)
+    return lambda node, mod: hasattr(mod, "kernel_size") and _largest(mod.kernel_size) in sizes
+
+
+def _largest(kernel_size) -> int:
+    # a pooling layer keeps the int it was given (nn.MaxPool2d(3)); convolutions keep tuples
+    return kernel_size if isinstance(kernel_size, int) else max(kernel_size)
 
 
 class Glob:

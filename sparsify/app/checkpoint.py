@@ -66,6 +66,15 @@ def _save_synced(obj, path: Path) -> None:
 
 
 def write_json(obj, path: Path) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically (temporary file in the same folder,
+    then ``os.replace``): a crash while writing leaves the previous file intact. Values JSON cannot
+    hold (paths, dtypes) are written as their ``str``.
+
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "report.json"
+    >>> write_json({"epoch": 1, "out": Path("runs")}, path); json.loads(path.read_text())
+    {'epoch': 1, 'out': 'runs'}
+    """
     path = Path(path)
     tmp = _tmp_name(path)
     try:

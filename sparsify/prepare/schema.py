@@ -22,6 +22,12 @@ __all__ = ["generated_schema", "schema_path", "write_schema"]
 
 
 def schema_path() -> Path:
+    """Where the shipped recipe schema is: ``sparsify/recipes/recipe.schema.json`` of this
+    installation (what :func:`generated_schema` starts from and :func:`write_schema` overwrites).
+
+    >>> schema_path().name, schema_path().is_file()
+    ('recipe.schema.json', True)
+    """
     return Path(__file__).resolve().parent.parent / "recipes" / "recipe.schema.json"
 
 

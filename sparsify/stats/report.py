@@ -111,6 +111,16 @@ def _achieved_by_kind(rows: list[LayerRow]) -> dict:
 
 @torch.no_grad()
 def build_report(root, state: SparsifyState) -> Report:
+    """The :class:`Report` of ``root`` (the unwrapped model) at ``state``'s current step, what
+    :func:`sparsify.report` returns: one row per sparsified layer of each group (scheduled and final
+    target, and, for weight-sparse layers, parameters, non-zeros of the deployed weight and MACs
+    from :func:`~sparsify.stats.macs.layer_factors`; counts a method's ``layer_stats`` gives
+    replace these), each group's description, and model-wide totals (parameters, with the
+    sparsified layers' effective weights counted instead of their latent ones; dense and non-zero
+    MACs of every Conv/Linear, ``None`` when no example input ran; achieved sparsity per kind;
+    fully pruned layers). Runs without autograd; the first call may run one eval-mode forward to
+    measure the MAC factors.
+    """
     step = int(state.step)
     factors = layer_factors(state, root)
     layers, groups = [], {}

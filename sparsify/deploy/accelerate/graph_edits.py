@@ -13,15 +13,36 @@ __all__ = ["qual", "only_user", "is_relu", "erase", "rewrite_graphs"]
 
 
 def qual(prefix: str, local: str) -> str:
+    """The qualified name in the whole model of the submodule ``local`` of the GraphModule at
+    ``prefix`` (``""`` for the root).
+
+    >>> qual("layer1.0", "conv1"), qual("", "conv1")
+    ('layer1.0.conv1', 'conv1')
+    """
     return f"{prefix}.{local}" if prefix else local
 
 
 def only_user(node: fx.Node) -> fx.Node | None:
+    """The node that reads ``node``'s output when it is the only one (a fusion may then rewrite
+    both), else ``None``.
+
+    >>> gm = fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
+    >>> x, conv, relu, out = gm.graph.nodes
+    >>> only_user(conv), only_user(relu)
+    (_1, output)
+    """
     users = list(node.users)
     return users[0] if len(users) == 1 else None
 
 
 def is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` applies a plain ReLU: a call of an ``nn.ReLU`` module (not a subclass), or
+    ``torch.relu`` / ``torch.relu_`` / ``F.relu`` / ``.relu()`` / ``.relu_()``.
+
+    >>> gm = fx.symbolic_trace(nn.Sequential(nn.ReLU(), nn.ReLU6()))
+    >>> [is_relu(gm, n) for n in gm.graph.nodes]
+    [False, True, False, False]
+    """
     if node.op == "call_module":
         return type(gm.get_submodule(node.target)) is nn.ReLU
     if node.op == "call_function":  # in place or not: the conv output has no other reader
