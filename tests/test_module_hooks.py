@@ -227,3 +227,32 @@ def test_timm_feature_models_return_their_features(recipe, feature_cls):
     assert [tuple(f.shape) for f in feats] == [tuple(f.shape) for f in dense] == [
         (2, 64, 32, 32), (2, 64, 16, 16), (2, 128, 8, 8), (2, 256, 4, 4), (2, 512, 2, 2)]
     assert len(final(x)) == 5
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "swin_t", "densenet121", "googlenet"])
+def test_zoo_block_hooks_fire_as_in_the_dense_model(name):
+    # a hook on every block down to depth 2: each one the dense model calls fires in the sparse model,
+    # which computes what it computes without the hooks
+    x = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    extra = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+
+    def run(hooked):
+        torch.manual_seed(0)
+        net = torchvision.models.get_model(name, weights=None, **extra).eval()
+        fired = set()
+        for path, mod in net.named_modules() if hooked else ():
+            if path and path.count(".") <= 1 and not isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
+                mod.register_forward_hook(lambda m, i, o, path=path: fired.add(path))
+        with torch.no_grad():
+            net(x)
+        dense_fired, _ = set(fired), fired.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = sparsify.sparsify(net, "gmp", example_inputs=(x,), total_steps=10).eval()
+        fired.clear()
+        with torch.no_grad():
+            return model(x), dense_fired, fired
+    plain, _, _ = run(False)
+    out, dense_fired, fired = run(True)
+    assert len(dense_fired) >= 5 and fired == dense_fired
+    assert torch.allclose(out, plain, atol=1e-6)
