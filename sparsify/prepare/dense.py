@@ -10,6 +10,7 @@ from passes.tracing import TraceResult
 
 from sparsify.core.contract import Site
 from sparsify.core.layers import WEIGHT_TYPES
+from sparsify.prepare.fast_path import TRANSFORMER_LAYERS  # their linear1 / linear2 are rewritable
 from sparsify.prepare.matching import Candidate, MatchTable
 from sparsify.prepare.plan import PlanEntry
 
@@ -29,8 +30,8 @@ def dense_entries(root: nn.Module, tr: TraceResult, all_cands: list[Candidate], 
                 get_attr_owners[f"{prefix}.{owner}" if prefix else owner] = prefix or "<root>"
     leaves = {}  # torch leaf modules that own weight layers (e.g. MultiheadAttention)
     for name, m in root.named_modules():
-        if not isinstance(m, (*WEIGHT_TYPES, nn.ModuleList, nn.ModuleDict)) and fx.Tracer().is_leaf_module(m, "") and any(
-                isinstance(c, WEIGHT_TYPES) for c in m.modules()):
+        if not isinstance(m, (*WEIGHT_TYPES, nn.ModuleList, nn.ModuleDict)) and type(m) not in TRANSFORMER_LAYERS \
+                and fx.Tracer().is_leaf_module(m, "") and any(isinstance(c, WEIGHT_TYPES) for c in m.modules()):
             leaves[name] = m
     fallbacks = [f.name for f in tr.fallbacks]
     entries = []

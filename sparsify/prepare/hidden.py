@@ -31,6 +31,7 @@ from torch import nn
 from passes import Change, insert_call, remove_node, set_submodule
 
 from sparsify.prepare.matching import Candidate
+from sparsify.prepare.fast_path import drop_fast_path_hooks, ffn_candidates, no_fast_path  # noqa: F401  (pickles)
 from sparsify.core.layers import WEIGHT_TYPES, SparseWeightMixin
 from sparsify.prepare.hidden_positions import hidden_positions, record_read
 
@@ -106,15 +107,6 @@ def _load_dense_keys(module, state_dict, prefix, *args, **kwargs):
     old = prefix + "in_proj_weight"
     if old in state_dict and prefix + "in_proj.weight" not in state_dict:
         state_dict[prefix + "in_proj.weight"] = state_dict.pop(old)
-
-
-def no_fast_path(module: nn.Module, args) -> None:
-    """A forward pre-hook that does nothing, on every :class:`SparseMultiheadAttention`: torch's
-    ``nn.TransformerEncoderLayer`` skips its inference fast path
-    (``torch._transformer_encoder_layer_fwd``) when a module inside it has hooks, and that path
-    reads ``self_attn.out_proj.weight`` as stored, not the sparse layer's effective weight (in
-    eval under ``no_grad`` the sparse model computed with dense ``out_proj`` weights)."""
-    return None
 
 
 class SparseMultiheadAttention(nn.MultiheadAttention):
@@ -231,15 +223,19 @@ def hidden_candidates(root: nn.Module, graphs: dict[str, fx.GraphModule], winner
         seen.add(name)
         out.append(Candidate(name, root.get_submodule(name)))
     mha, swaps = _mha_candidates(root, winner)
-    return out + mha, swaps
+    ffn, layers = ffn_candidates(root, winner)  # nn.TransformerEncoderLayer's linear1 / linear2
+    # a layer's copy first: the swap of its self_attn then lands in the copy the model holds
+    return out + mha + ffn, layers + swaps
 
 
 def convert_hidden(root: nn.Module, swaps: list[tuple[str, nn.Module]]) -> list[Change]:
     """Apply the swaps :func:`hidden_candidates` returned; one Change each."""
     changes = []
     for name, new in swaps:
+        old = type(root.get_submodule(name)).__name__
         set_submodule(root, name, new)
-        changes.append(Change("replace", name, f"MultiheadAttention -> {type(new).__name__} (attribute swap)"))
+        what = f"{old} -> {type(new).__name__}" if type(new).__name__ != old else f"{old} off its inference fast path"
+        changes.append(Change("replace", name, f"{what} (attribute swap)"))
     return changes
 
 
@@ -282,6 +278,7 @@ def finalize_hidden(root: nn.Module, graph_paths: list[str]) -> None:
         if touched:
             gm.graph.lint()
             gm.recompile()
+    drop_fast_path_hooks(root)  # transformer layers whose linear1 / linear2 were sparse
     for name, m in list(root.named_modules()):
         if isinstance(m, SparseMultiheadAttention):
             parent, _, attr = name.rpartition(".")
