@@ -88,3 +88,24 @@ def test_the_decoders_feed_forward_layers_are_sparse_and_finalize(recipe):
     assert float((final.layers[1].linear1.weight == 0).float().mean()) > 0.5
     with torch.no_grad():
         torch.testing.assert_close(final(X, X), m(X, X), rtol=1e-4, atol=1e-5)
+
+
+def test_the_encoders_nested_tensor_path_with_a_padding_mask():
+    # eval under no_grad with a padding mask: nn.TransformerEncoder turns the batch into a nested tensor,
+    # which a sparse layer's regular path cannot take ("Nested tensor dimension 0 cannot be transposed");
+    # the sparse encoder keeps to padded tensors, the finalized one takes the nested path again
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0), 2)
+    assert enc.use_nested_tensor
+    mask = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    m = trained(enc, "gmp", (X,)).eval()
+    with torch.no_grad():
+        inference = m(X, src_key_padding_mask=mask)
+    torch.testing.assert_close(inference, m(X, src_key_padding_mask=mask).detach(), rtol=1e-5, atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        final = sparsify.finalize(m)
+    assert final.use_nested_tensor and "_dense_use_nested_tensor" not in final.__dict__
+    with torch.no_grad():
+        got = final(X, src_key_padding_mask=mask)  # padded positions come back as zeros there
+    torch.testing.assert_close(got[~mask], inference[~mask], rtol=1e-4, atol=1e-5)

@@ -186,7 +186,7 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     called = {c.name for c in cands if c.node is not None and c.node.op == "call_module"}
     hidden, swaps = hidden_candidates(root, tr.graphs, matcher.winner, called=called)
     if not dry_run:
-        changes_by_graph[""].extend(convert_hidden(root, swaps))
+        changes_by_graph[""].extend(convert_hidden(root, swaps, [c.name for c in hidden]))
     refused = _refused_multi_calls(cands, matcher, root)
     owners = param_owners(root)
     tied_users: dict[str, str] = {}  # module -> the rewritten layer whose weight it reads

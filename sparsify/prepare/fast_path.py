@@ -6,6 +6,11 @@ with ``self_attn``'s and ``linear1`` / ``linear2``'s weights as stored: a sparse
 weight is not what is stored. torch takes the regular path when a module inside the layer has
 hooks, so a sparsified layer carries :func:`no_fast_path`, a pre-hook that does nothing.
 
+``nn.TransformerEncoder`` has a fast path of its own: in eval under ``no_grad``, given a padding
+mask, it turns the batch into a nested tensor, which the regular path of a layer cannot take
+("Nested tensor dimension 0 cannot be transposed"). An encoder with sparse parts gets
+``use_nested_tensor`` off (:func:`off_nested_path`), and ``finalize`` restores it.
+
 These torch layers are leaves of a trace (their code is never traced), but their regular forward
 calls ``linear1`` and ``linear2`` as modules: those are rewritten as attributes, like the layers
 inside an untraceable module (:func:`ffn_candidates`), and the layer is put back in place with the
@@ -24,7 +29,8 @@ from torch import nn
 
 from sparsify.prepare.matching import Candidate
 
-__all__ = ["no_fast_path", "TRANSFORMER_LAYERS", "ffn_candidates", "off_fast_path", "drop_fast_path_hooks"]
+__all__ = ["no_fast_path", "TRANSFORMER_LAYERS", "ffn_candidates", "off_fast_path", "off_nested_path",
+           "drop_fast_path_hooks"]
 
 #: torch's transformer layers whose forward calls its feed-forward ``linear1`` and ``linear2``
 TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
@@ -78,9 +84,29 @@ def off_fast_path(layer: nn.Module) -> nn.Module:
     return new
 
 
+def off_nested_path(root: nn.Module, rewritten: list[str]) -> list[str]:
+    """Turn ``use_nested_tensor`` off in every ``nn.TransformerEncoder`` of ``root`` that holds one
+    of the modules named in ``rewritten`` (the value it had is kept for
+    :func:`drop_fast_path_hooks`); returns their names. ``root`` is the model being rewritten.
+
+    >>> enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1)
+    >>> off_nested_path(enc, ["layers.0.linear1"]), enc.use_nested_tensor
+    ([''], False)
+    """
+    names = []
+    for name, m in root.named_modules():
+        if type(m) is nn.TransformerEncoder and m.__dict__.get("use_nested_tensor") and any(
+                r.startswith(f"{name}." if name else "") for r in rewritten):
+            m.__dict__["_dense_use_nested_tensor"] = True
+            m.use_nested_tensor = False
+            names.append(name)
+    return names
+
+
 def drop_fast_path_hooks(root: nn.Module) -> None:
-    """Remove :func:`no_fast_path` from every module of ``root`` (``finalize``: the weights are
-    deployed into the tensors, so torch's fast path computes the same again).
+    """Remove :func:`no_fast_path` from every module of ``root``, and give encoders their nested
+    path back (``finalize``: the weights are deployed into the tensors, so torch's fast paths
+    compute the same again).
 
     >>> layer = off_fast_path(nn.TransformerEncoderLayer(16, 2, 32)); drop_fast_path_hooks(layer)
     >>> len(layer._forward_pre_hooks)
@@ -90,3 +116,5 @@ def drop_fast_path_hooks(root: nn.Module) -> None:
         for key, hook in list(m._forward_pre_hooks.items()):
             if hook is no_fast_path:
                 del m._forward_pre_hooks[key]
+        if "_dense_use_nested_tensor" in m.__dict__:
+            m.use_nested_tensor = m.__dict__.pop("_dense_use_nested_tensor")

@@ -31,7 +31,8 @@ from torch import nn
 from passes import Change, insert_call, remove_node, set_submodule
 
 from sparsify.prepare.matching import Candidate
-from sparsify.prepare.fast_path import drop_fast_path_hooks, ffn_candidates, no_fast_path  # noqa: F401  (pickles)
+from sparsify.prepare.fast_path import drop_fast_path_hooks, ffn_candidates, off_nested_path
+from sparsify.prepare.fast_path import no_fast_path  # noqa: F401  (pickles of SparseMultiheadAttention name it here)
 from sparsify.core.layers import WEIGHT_TYPES, SparseWeightMixin
 from sparsify.prepare.hidden_positions import hidden_positions, record_read
 
@@ -228,9 +229,12 @@ def hidden_candidates(root: nn.Module, graphs: dict[str, fx.GraphModule], winner
     return out + mha + ffn, layers + swaps
 
 
-def convert_hidden(root: nn.Module, swaps: list[tuple[str, nn.Module]]) -> list[Change]:
-    """Apply the swaps :func:`hidden_candidates` returned; one Change each."""
-    changes = []
+def convert_hidden(root: nn.Module, swaps: list[tuple[str, nn.Module]], names: list[str] = ()) -> list[Change]:
+    """Apply the swaps :func:`hidden_candidates` returned; one Change each. ``names``: the
+    candidates it returned, whose encoders leave their nested-tensor path
+    (:func:`~sparsify.prepare.fast_path.off_nested_path`)."""
+    changes = [Change("edit", name, "use_nested_tensor=False (the sparse layers' regular path)")
+               for name in off_nested_path(root, list(names))]
     for name, new in swaps:
         old = type(root.get_submodule(name)).__name__
         set_submodule(root, name, new)
