@@ -48,9 +48,12 @@ def ffn_candidates(root: nn.Module, winner) -> tuple[list[Candidate], list[tuple
     rule reaches, and for each such layer the swap (qualified name, the layer off its fast path)
     that :func:`~sparsify.prepare.hidden.convert_hidden` applies; nothing is changed here.
 
-    >>> layer = nn.TransformerEncoderLayer(16, 2, 32)
-    >>> cands, swaps = ffn_candidates(nn.Sequential(layer), lambda c: None)
-    >>> cands, swaps
+    >>> from types import SimpleNamespace
+    >>> model = nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32))
+    >>> cands, swaps = ffn_candidates(model, lambda c: SimpleNamespace(method="gmp"))  # every rule rewrites
+    >>> [c.name for c in cands], [(name, swaps[0][1] is model[0]) for name, _ in swaps]
+    (['0.linear1', '0.linear2'], [('0', False)])
+    >>> ffn_candidates(model, lambda c: None)  # no rule reaches them
     ([], [])
     """
     out, swaps = [], []
