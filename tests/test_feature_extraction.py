@@ -1,4 +1,4 @@
-"""Taking features from a sparse model (docs/index.md#hooks-on-blocks): torchvision's
+"""Taking features from a sparse model (docs/hooks.md): torchvision's
 ``create_feature_extractor`` traces the model again with torch.fx. Applied to a sparsified model it
 failed deep inside a sparse layer ("symbolically traced variables cannot be used as inputs to
 control flow"); now it is a one-line error naming the two orders that work, which these tests run."""

@@ -1,4 +1,4 @@
-"""Hooks on the model's modules (docs/index.md#hooks-on-blocks): a graph runs the code of the
+"""Hooks on the model's modules (docs/hooks.md): a graph runs the code of the
 modules it was traced through without calling them, so before, a forward hook on a block
 (``model.layer2``, the usual way to take features for distillation or Grad-CAM) and on the model
 itself never ran in the sparse model, silently. Now a module carrying hooks when ``sparsify`` runs
