@@ -256,3 +256,11 @@ def test_zoo_block_hooks_fire_as_in_the_dense_model(name):
     out, dense_fired, fired = run(True)
     assert len(dense_fired) >= 5 and fired == dense_fired
     assert torch.allclose(out, plain, atol=1e-6)
+
+
+def test_a_kept_call_keeps_the_checkpoint_keys():
+    # a checkpoint of a model sparsified with hooks on its blocks loads into one sparsified without
+    plain, _ = build("st3")
+    hooked, _ = build("st3", hooked=("layer2", "layer3.0"))
+    assert list(hooked.state_dict()) == list(plain.state_dict())
+    assert not plain.load_state_dict(hooked.state_dict()).missing_keys
