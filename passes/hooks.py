@@ -106,8 +106,8 @@ class HookNotes:
             warnings.warn(
                 f"sparsify: a hook registered on `{held.where}` does not run: the traced graph runs that "
                 "module's code without calling it (the layers inside it, Conv/Linear/activations, are still "
-                "called). Register it before sparsify(...), which then keeps that module's own call, or hook "
-                "a layer inside it (further such hooks on this model are not reported)", stacklevel=3)
+                "called). Register it before sparsify(...), whose torch.fx capture then keeps that module's own "
+                "call, or hook a layer inside it (further such hooks on this model are not reported)", stacklevel=3)
 
 
 class InlinedHooks(OrderedDict):
@@ -115,8 +115,8 @@ class InlinedHooks(OrderedDict):
     noted, and the model's next call warns (:class:`HookNotes`) if it is still registered."""
 
     def __init__(self, where: str, notes: HookNotes, *args):
+        self.where, self.notes = where, notes  # first: the hooks given in ``args`` are noted too
         super().__init__(*args)
-        self.where, self.notes = where, notes
 
     def __setitem__(self, key, value):
         if not self.notes.told:

@@ -264,3 +264,19 @@ def test_a_kept_call_keeps_the_checkpoint_keys():
     hooked, _ = build("st3", hooked=("layer2", "layer3.0"))
     assert list(hooked.state_dict()) == list(plain.state_dict())
     assert not plain.load_state_dict(hooked.state_dict()).missing_keys
+
+
+def test_the_export_capture_says_that_a_blocks_hooks_do_not_run():
+    # torch.export runs a hook once while it captures (on fake tensors) and inlines the block: the
+    # model's first call says so (the fx capture keeps the call: see the tests above)
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10)
+    seen = []
+    net.layer2.register_forward_hook(lambda *a: seen.append(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = sparsify.sparsify(net, "st3-sigma", example_inputs=(X,), total_steps=10, capture="export")
+    seen.clear()
+    with pytest.warns(UserWarning, match="a hook registered on `layer2` does not run"):
+        model(X)
+    assert seen == []
