@@ -26,9 +26,12 @@ def sparse_resnet(recipe="gmp"):
 
 
 @pytest.mark.parametrize("trace", [lambda m: create_feature_extractor(m, NODES), torch.fx.symbolic_trace])
-def test_tracing_a_sparsified_model_again_is_a_one_line_error(trace):
+@pytest.mark.parametrize("recipe", sorted(sparsify.builtin_recipes()))
+def test_tracing_a_sparsified_model_again_is_a_one_line_error(trace, recipe):
+    # every recipe: weight layers, and the nodes activation recipes insert (an extractor of a tl1
+    # model traced without error, and its forwards recorded no penalty: record() is no graph op)
     with pytest.raises(RuntimeError, match=r"cannot be traced again by torch.fx .* sparsify.finalize\(model\)"):
-        trace(sparse_resnet())
+        trace(sparse_resnet(recipe))
 
 
 @pytest.mark.parametrize("recipe", ["gmp", "st3-sigma", "sas"])

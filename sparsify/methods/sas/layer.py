@@ -11,6 +11,7 @@ from torch import nn
 
 
 from sparsify.core.layers import SparseWeightMixin, specialize, weight_base
+from sparsify.core.retrace import refuse_retrace
 from sparsify.methods.sas.rules import make_slot_rule
 from sparsify.methods.sas.kernel import _SASFunction
 
@@ -85,6 +86,7 @@ class SASMixin(SparseWeightMixin):
         return weight_base(self)
 
     def forward(self, x):
+        refuse_retrace(x)
         linear = isinstance(self, nn.Linear)
         if linear:
             conf = (True, None, None, None, 1)
