@@ -21,7 +21,7 @@ from torch import nn
 
 from .module_stack import traced_through
 
-__all__ = ["CALL_HOOKS", "HOOK_DICTS", "has_call_hooks", "share_hooks", "kept_hooks", "guard_graphs",
+__all__ = ["CALL_HOOKS", "HOOK_DICTS", "has_call_hooks", "share_hooks", "remove_hooks", "kept_hooks", "guard_graphs",
            "unguard_called", "is_inlined", "InlinedHooks", "HookNotes"]
 
 #: the hook dictionaries that act around a module's call (a graph that inlines the module skips them)
@@ -57,6 +57,22 @@ def share_hooks(src: dict, dst: nn.Module) -> None:
     for name in HOOK_DICTS:
         if name in src and not dst.__dict__.get(name):
             dst.__dict__[name] = src[name]
+
+
+def remove_hooks(module: nn.Module, kind: str, *functions) -> None:
+    """Remove from ``module``'s hook dictionary ``kind`` (``"_forward_pre_hooks"``, ...) the hooks
+    that are one of ``functions``, also when registered wrapped (``with_module=True`` load hooks).
+
+    >>> def noop(module, args):
+    ...     return None
+    >>> m = nn.ReLU(); _ = m.register_forward_pre_hook(noop); remove_hooks(m, "_forward_pre_hooks", noop)
+    >>> len(m._forward_pre_hooks)
+    0
+    """
+    hooks = module.__dict__.get(kind, {})
+    for key, hook in list(hooks.items()):
+        if any(f in (hook, getattr(hook, "hook", None), getattr(hook, "__wrapped__", None)) for f in functions):
+            del hooks[key]
 
 
 def kept_hooks(model: nn.Module) -> dict[int, object]:

@@ -9,7 +9,7 @@ import torch.fx as fx
 from torch import nn
 
 from passes import kept_state, remove_node, set_submodule
-from passes.hooks import kept_hooks, unguard_called
+from passes.hooks import kept_hooks, remove_hooks, unguard_called
 from passes.traced import graph_fingerprint, untraced
 
 from sparsify.deploy.compare import outputs_close
@@ -74,12 +74,8 @@ def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
     _finalize_tied(final)
     delattr(final, STATE_ATTR)
     # its load_state_dict hook handles checkpoints without sparsify state: the plain model has none
-    for key, hook in list(final._load_state_dict_post_hooks.items()):
-        if hook is after_load:
-            del final._load_state_dict_post_hooks[key]
-    for key, hook in list(final._forward_pre_hooks.items()):  # a model sparsified on meta
-        if hook is refuse_unfilled:
-            del final._forward_pre_hooks[key]
+    remove_hooks(final, "_load_state_dict_post_hooks", after_load)
+    remove_hooks(final, "_forward_pre_hooks", refuse_unfilled)  # a model sparsified on meta
     unguard_save_pretrained(final)
     for prefix in fstate.graph_paths:
         gm = final.get_submodule(prefix) if prefix else final

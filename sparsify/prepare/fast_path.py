@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from passes.hooks import remove_hooks
+
 from sparsify.prepare.matching import Candidate
 
 __all__ = ["no_fast_path", "TRANSFORMER_LAYERS", "ffn_candidates", "off_fast_path", "off_nested_path",
@@ -116,8 +118,6 @@ def drop_fast_path_hooks(root: nn.Module) -> None:
     0
     """
     for m in root.modules():
-        for key, hook in list(m._forward_pre_hooks.items()):
-            if hook is no_fast_path:
-                del m._forward_pre_hooks[key]
+        remove_hooks(m, "_forward_pre_hooks", no_fast_path)
         if "_dense_use_nested_tensor" in m.__dict__:
             m.use_nested_tensor = m.__dict__.pop("_dense_use_nested_tensor")

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from passes import Change, insert_call, remove_node, set_submodule
+from passes.hooks import remove_hooks
 
 from sparsify.prepare.matching import Candidate
 from sparsify.prepare.fast_path import drop_fast_path_hooks, ffn_candidates, off_nested_path
@@ -178,12 +179,8 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
         plain.__dict__.update(self.__dict__)
         for key in ("_parameters", "_buffers", "_modules", "_load_state_dict_pre_hooks", "_forward_pre_hooks"):
             plain.__dict__[key] = type(self.__dict__[key])(self.__dict__[key])
-        for k, hook in list(plain._forward_pre_hooks.items()):
-            if hook is no_fast_path:  # the deployed weights are in the tensors: the fast path is right again
-                del plain._forward_pre_hooks[k]
-        for k, hook in list(plain._load_state_dict_pre_hooks.items()):
-            if getattr(hook, "hook", hook) is _load_dense_keys or getattr(hook, "__wrapped__", None) is _load_dense_keys:
-                del plain._load_state_dict_pre_hooks[k]
+        remove_hooks(plain, "_forward_pre_hooks", no_fast_path)  # deployed weights: the fast path is right again
+        remove_hooks(plain, "_load_state_dict_pre_hooks", _load_dense_keys)
         in_proj = plain._modules.pop("in_proj")
         w = in_proj.deployed_weight() if isinstance(in_proj, SparseWeightMixin) else in_proj.weight.detach()
         plain._parameters = {"in_proj_weight": nn.Parameter(w.clone(), requires_grad=in_proj.weight.requires_grad),
