@@ -178,16 +178,23 @@ def guard_graphs(graphs: dict[str, fx.GraphModule]) -> None:
     notes = HookNotes()
     for prefix, gm in graphs.items():
         gm.__dict__["_hook_notes"] = notes
-        for path in traced_through(gm.graph):
-            try:
-                module = gm.get_submodule(path)
-            except AttributeError:  # a graph torch.export captured names modules its own way
-                continue
+        for path, module in _inlined(gm):
             where = f"{prefix}.{path}" if prefix else path
             for name in CALL_HOOKS:
                 current = module.__dict__.get(name)
                 if current is not None and not isinstance(current, InlinedHooks):
                     module.__dict__[name] = InlinedHooks(where, notes, current)
+
+
+def _inlined(gm: fx.GraphModule):
+    """``(path, module)`` of each module whose code ``gm``'s graph runs, where the path still
+    names one (a graph torch.export captured names modules its own way; a finalized graph may no
+    longer hold one)."""
+    for path in traced_through(gm.graph):
+        try:
+            yield path, gm.get_submodule(path)
+        except AttributeError:
+            continue
 
 
 def unguard_called(root: nn.Module) -> None:
@@ -201,13 +208,7 @@ def unguard_called(root: nn.Module) -> None:
     >>> type(plain[0]._forward_hooks).__name__
     'OrderedDict'
     """
-    inlined = set()
-    for gm in root.modules():
-        for path in traced_through(gm.graph) if isinstance(gm, fx.GraphModule) else ():
-            try:
-                inlined.add(id(gm.get_submodule(path)))
-            except AttributeError:  # a module the finalized graph no longer holds
-                pass
+    inlined = {id(module) for gm in root.modules() if isinstance(gm, fx.GraphModule) for _, module in _inlined(gm)}
     for module in root.modules():
         if id(module) in inlined:
             continue

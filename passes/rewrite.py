@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["Change", "replace_module", "insert_after", "insert_call", "reroute_input", "replace_uses",
+__all__ = ["Change", "recast", "replace_module", "insert_after", "insert_call", "reroute_input", "replace_uses",
            "remove_node", "copy_chain", "set_call", "set_submodule", "unique_name"]
 
 
@@ -21,6 +21,25 @@ class Change:
     kind: str  # "replace", "insert", "reroute", "erase", "edit"
     target: str
     detail: str = ""
+
+
+def recast(module: nn.Module, cls: type, own: tuple[str, ...]) -> nn.Module:
+    """A ``cls`` instance holding ``module``'s attributes, parameters and children (the same
+    objects), with copies of the containers named in ``own`` (``"_parameters"``, ``"_modules"``,
+    hook dictionaries, ...) so that adding to the new module leaves ``module`` as it is.
+
+    >>> import torch
+    >>> lin = torch.nn.Linear(2, 2)
+    >>> new = recast(lin, torch.nn.Linear, ("_parameters", "_forward_pre_hooks"))
+    >>> new.weight is lin.weight, new._parameters is lin._parameters, new._buffers is lin._buffers
+    (True, False, True)
+    """
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    for key in own:
+        if key in module.__dict__:
+            new.__dict__[key] = type(module.__dict__[key])(module.__dict__[key])
+    return new
 
 
 def set_submodule(root: nn.Module, qualname: str, module: nn.Module) -> None:

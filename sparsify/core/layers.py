@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from passes.rewrite import recast
+
 from sparsify.core.buffers import eager, layer_buffers
 from sparsify.core.conv1d import (CONV_TRANSPOSE_TYPES, Conv1DLike, conv1d_forward, conv_transpose_forward,
                                   is_conv1d_class)
@@ -34,7 +36,6 @@ __all__ = ["SparseWeightMixin", "RecordsMixin", "specialize", "WEIGHT_TYPES", "T
 TORCH_WEIGHT_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) + CONV_TRANSPOSE_TYPES
 # transformers' Conv1D (GPT-2) too, recognised by duck typing (see conv1d.py)
 WEIGHT_TYPES: tuple[type, ...] = TORCH_WEIGHT_TYPES + (Conv1DLike,)
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,13 +146,9 @@ class SparseWeightMixin:
     @classmethod
     def from_dense(cls, dense: nn.Module, **params):
         """Wrap ``dense`` without copying its parameters: the new layer shares them."""
-        new = cls.__new__(cls)
-        new.__dict__.update(dense.__dict__)
         # containers must not be shared with the dense layer, or adding a buffer would add it there
-        for key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set",
-                    "_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
-            if key in dense.__dict__:
-                new.__dict__[key] = type(dense.__dict__[key])(dense.__dict__[key])
+        new = recast(dense, cls, ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set",
+                                  "_forward_hooks", "_forward_pre_hooks", "_backward_hooks"))
         own = own_forward_class(dense, weight_base(dense))
         if own is not None:  # a class whose forward uses the weight as is (Method.accepts refused the others)
             new._own_forward = own

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from passes.rewrite import recast
+
 from sparsify.core.layers import SparseWeightMixin, specialize, weight_base, WEIGHT_TYPES
 
 __all__ = ["TiedUse", "TiedEmbedding", "TiedForwardMixin", "tied_forward_class", "TiedWeightMixin", "TIED_CLASSES",
@@ -158,11 +160,7 @@ def tied_user(user: nn.Module, owner: nn.Module, owner_name: str) -> nn.Module:
     """``user`` as a tied user of ``owner`` (see the module docstring), sharing its parameters."""
     cls = (TiedEmbedding if type(user) is nn.Embedding else
            tied_forward_class(type(user)) if isinstance(user, nn.Embedding) else TIED_CLASSES[type(user)])
-    new = cls.__new__(cls)
-    new.__dict__.update(user.__dict__)
-    for key in ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks"):
-        if key in user.__dict__:
-            new.__dict__[key] = type(user.__dict__[key])(user.__dict__[key])
+    new = recast(user, cls, ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks"))
     new.bind(owner, owner_name)
     return new
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 from torch import nn
 
 from passes.hooks import remove_hooks
+from passes.rewrite import recast
 
 from sparsify.prepare.matching import Candidate
 
@@ -80,10 +81,7 @@ def off_fast_path(layer: nn.Module) -> nn.Module:
     >>> type(new) is type(layer), new.linear1 is layer.linear1, len(layer._forward_pre_hooks)
     (True, True, 0)
     """
-    new = type(layer).__new__(type(layer))
-    new.__dict__.update(layer.__dict__)
-    for key in ("_parameters", "_buffers", "_modules", "_forward_pre_hooks"):
-        new.__dict__[key] = type(layer.__dict__[key])(layer.__dict__[key])
+    new = recast(layer, type(layer), ("_parameters", "_buffers", "_modules", "_forward_pre_hooks"))
     if no_fast_path not in new._forward_pre_hooks.values():
         new.register_forward_pre_hook(no_fast_path)
     return new

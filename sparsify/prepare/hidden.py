@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from passes import Change, insert_call, remove_node, set_submodule
+from passes.rewrite import recast
 from passes.hooks import remove_hooks
 
 from sparsify.prepare.matching import Candidate
@@ -111,6 +112,10 @@ def _load_dense_keys(module, state_dict, prefix, *args, **kwargs):
         state_dict[prefix + "in_proj.weight"] = state_dict.pop(old)
 
 
+# what a SparseMultiheadAttention and the attention it replaces do not share (the rest is the same objects)
+_OWN = ("_parameters", "_buffers", "_modules", "_load_state_dict_pre_hooks", "_forward_pre_hooks")
+
+
 class SparseMultiheadAttention(nn.MultiheadAttention):
     """``nn.MultiheadAttention`` whose packed input projection is the ``Linear`` child ``in_proj``
     and whose forward multiplies with the effective weights of ``in_proj`` and ``out_proj``.
@@ -124,11 +129,7 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
     def from_dense(cls, mha: nn.MultiheadAttention) -> "SparseMultiheadAttention":
         if not mha._qkv_same_embed_dim or mha.__dict__.get("_parameters", {}).get("in_proj_weight") is None:
             raise ValueError("only MultiheadAttention with a packed in_proj_weight (kdim == vdim == embed_dim)")
-        new = cls.__new__(cls)
-        new.__dict__.update(mha.__dict__)
-        for key in ("_parameters", "_buffers", "_modules", "_load_state_dict_pre_hooks", "_forward_pre_hooks"):
-            if key in mha.__dict__:
-                new.__dict__[key] = type(mha.__dict__[key])(mha.__dict__[key])
+        new = recast(mha, cls, _OWN)
         weight = new._parameters.pop("in_proj_weight")
         lin = nn.Linear.__new__(nn.Linear)
         nn.Module.__init__(lin)
@@ -175,10 +176,7 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
 
     def to_plain(self) -> nn.MultiheadAttention:
         """A plain ``nn.MultiheadAttention`` computing with the deployed weights."""
-        plain = nn.MultiheadAttention.__new__(nn.MultiheadAttention)
-        plain.__dict__.update(self.__dict__)
-        for key in ("_parameters", "_buffers", "_modules", "_load_state_dict_pre_hooks", "_forward_pre_hooks"):
-            plain.__dict__[key] = type(self.__dict__[key])(self.__dict__[key])
+        plain = recast(self, nn.MultiheadAttention, _OWN)
         remove_hooks(plain, "_forward_pre_hooks", no_fast_path)  # deployed weights: the fast path is right again
         remove_hooks(plain, "_load_state_dict_pre_hooks", _load_dense_keys)
         in_proj = plain._modules.pop("in_proj")
