@@ -198,9 +198,10 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def find_state(model: nn.Module, *, required: bool = True) -> SparsifyState | None:
     """The :class:`SparsifyState` of a model returned by ``sparsify`` (wrappers allowed)."""
-    state = getattr(unwrap(model), STATE_ATTR, None)
+    root = unwrap(model)
+    state = getattr(root, STATE_ATTR, None)
     if state is None and required:
-        inner = [name for name, m in unwrap(model).named_modules() if STATE_ATTR in m._modules]
+        inner = [name for name, m in root.named_modules() if STATE_ATTR in m._modules]
         if inner:  # the user sparsified a part (a backbone) and passes the whole model
             shown = ", ".join(f"`{n}`" for n in inner[:3]) + (f" (and {len(inner) - 3} more)" if len(inner) > 3 else "")
             raise TypeError(f"this model was not made by sparsify.sparsify(...), but holds models it made at {shown}: "
