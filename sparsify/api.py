@@ -18,7 +18,7 @@ from sparsify.prepare.recipe import load_recipe
 from sparsify.stats.report import Report, build_report
 from sparsify.core.devices import model_device, move_buffers
 from sparsify.core.averaging import sync_sparsity, unsynced_warning
-from sparsify.core.pace import check_held, check_idle, reset, schedule_unfinished, watch
+from sparsify.core.pace import check_bypassed, check_held, check_idle, reset, schedule_unfinished, watch
 from sparsify.core.sharded import full_parameters
 from sparsify.core.state import check_filled, find_state, forget_replaced, refuse_unfilled, unwrap
 from sparsify.core.advance import advance
@@ -160,6 +160,8 @@ def step(model: nn.Module, loss=None) -> int:
         said.append(("held", held))
     if (idle := check_idle(state)) is not None:  # called more often than the optimizer steps
         said.append(("idle", idle))
+    if (bypassed := check_bypassed(state)) is not None:  # the loop trains the model given to sparsify()
+        said.append(("bypassed", bypassed))
     reset(state)
     t = advance(state, unwrap(model), loss, said)
     if loss is not None and not math.isfinite(loss):

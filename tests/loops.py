@@ -15,7 +15,7 @@ def run_steps(model, opt, batches, *, call=None, penalty=False, after=None, loss
     (default: ``model`` itself, e.g. a compiled or DDP-wrapped one); ``after()`` runs after each
     step (e.g. an EMA update and ``sparsify.sync``); ``loss_of(x, y)`` replaces the forward and
     the cross-entropy (a transformers model's own loss). Returns the losses."""
-    call = call or model
+    call = model if call is None else call  # a compiled wrapper has no truth value (len())
     losses = []
     for x, y in batches:
         loss = F.cross_entropy(call(x), y) if loss_of is None else loss_of(x, y)

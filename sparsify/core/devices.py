@@ -14,9 +14,21 @@ import torch
 __all__ = ["no_autocast", "autocast_dtype", "model_device", "move_buffers"]
 
 
+# device type -> whether autocast exists there. Remembered: torch 2.11's dynamo skips
+# torch.amp.is_autocast_available, which broke the graph at every STR layer under torch.compile
+_AUTOCAST: dict[str, bool] = {}
+
+
 def _has_autocast(device_type: str) -> bool:
-    check = getattr(torch.amp, "is_autocast_available", None)
-    return device_type in ("cpu", "cuda") if check is None else bool(check(device_type))
+    known = _AUTOCAST.get(device_type)
+    if known is None:
+        check = getattr(torch.amp, "is_autocast_available", None)
+        known = _AUTOCAST[device_type] = device_type in ("cpu", "cuda") if check is None else bool(check(device_type))
+    return known
+
+
+for _kind in ("cpu", "cuda"):  # known before any compiled forward asks
+    _has_autocast(_kind)
 
 
 def no_autocast(device_type: str):

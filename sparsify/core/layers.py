@@ -24,6 +24,7 @@ from sparsify.core.buffers import eager, layer_buffers
 from sparsify.core.conv1d import (CONV_TRANSPOSE_TYPES, Conv1DLike, conv1d_forward, conv_transpose_forward,
                                   is_conv1d_class)
 from sparsify.core import recompute
+from sparsify.core.forwards import note_forward
 from sparsify.core.retrace import refuse_retrace
 from sparsify.core.records import RecordsMixin  # noqa: F401  (its home before records.py)
 from sparsify.core.sharded import check_gathered, note_fsdp
@@ -104,8 +105,10 @@ class SparseWeightMixin:
 
     def forward(self, x, output_size=None):
         refuse_retrace(x)
+        note_forward(self)
         check_gathered(self, self.weight)
-        note_fsdp(self)  # FSDP2: nothing weight-sized kept between forwards
+        if eager():  # FSDP2: nothing weight-sized kept between forwards (sparsify.step notes it too)
+            note_fsdp(self)
         return self.forward_saving(x, self._forward_weight, output_size)
 
     def forward_saving(self, x, weight_fn, output_size=None):
@@ -271,8 +274,9 @@ def masked_weight(layer: "SparseWeightMixin", mask: torch.Tensor) -> torch.Tenso
     True
     """
     w = layer.weight
-    bufs = layer_buffers(layer, create=False)
-    if not eager() or (bufs is not None and bufs.transient):
+    # eager() first: compiled code must not read the buffers' weak map (dynamo guarded on its
+    # keys, so other models' layers coming and going recompiled, or crashed building the guard)
+    if not eager() or ((bufs := layer_buffers(layer, create=False)) is not None and bufs.transient):
         # the same values and gradients; autograd keeps the bool mask, not a float copy
         return w * mask
     mask_f = layer.cached("mask_f", mask)

@@ -31,10 +31,11 @@ import weakref
 
 from torch import nn
 
+from sparsify.core.forwards import forwarded
 from sparsify.core.records import RecordsGroupMixin
 from sparsify.core.state import find_state, unwrap
 
-__all__ = ["LAG", "ADVICE", "watch", "reset", "optimizer_steps", "check_held", "check_idle",
+__all__ = ["LAG", "ADVICE", "watch", "reset", "optimizer_steps", "check_held", "check_idle", "check_bypassed",
            "schedule_unfinished", "schedule_short"]
 
 #: optimizer steps in a row without ``sparsify.step`` that warn (a once-per-epoch call is caught
@@ -198,6 +199,33 @@ def check_idle(state) -> str | None:
             "accumulation, only after the optimizer.step that ends each accumulation). Under float16 autocast, a "
             "GradScaler that skips steps on non-finite gradients does this too (check scaler.get_scale(); "
             "bfloat16 has float32's range)")
+
+
+def check_bypassed(state) -> str | None:
+    """Called by ``sparsify.step`` before :func:`reset`: what to warn when an optimizer stepped the
+    sparse layers' weights since the last step but no forward with gradients ran through any of
+    them (:mod:`sparsify.core.forwards`): the loop trains the model ``sparsify`` was given, whose
+    parameters the sparse model shares, and no loss sees the masks; None otherwise. Clears the
+    forward flags either way.
+
+    >>> import torch, sparsify
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    >>> m = sparsify.sparsify(net, "gmp", total_steps=10)
+    >>> opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    >>> net(torch.ones(1, 4)).sum().backward(); opt.step()      # the given model, not m
+    >>> print(check_bypassed(m.sparsify_state)[:97])
+    sparsify.step: an optimizer stepped the sparse model's weights, but no forward with gradients ran
+    >>> m(torch.ones(1, 4)).sum().backward(); opt.step()
+    >>> check_bypassed(m.sparsify_state) is None
+    True
+    """
+    ran = forwarded(m for g in state.groups.values() for m in g.members.values())
+    if ran or not _COUNTS.get(state):
+        return None
+    return ("sparsify.step: an optimizer stepped the sparse model's weights, but no forward with gradients ran "
+            "through its sparse layers since the last step: the loop trains another model holding the same "
+            "parameters (the one given to sparsify(), which returns a new model: model = sparsify.sparsify(model, "
+            "...), then train that one), so no loss sees the masks and thresholds")
 
 
 def optimizer_steps(state) -> int:

@@ -18,6 +18,7 @@ from sparsify.core.extra_state import WIDEST_FLOAT, pack, unpack
 from sparsify.core.keep import HeldLayers, DEFAULT_MIN_DENSITY, guarded_thresholds, sigma_of, warn_empty
 from sparsify.core.contract import Group, GroupContext, Method
 from sparsify.core.registry import register
+from sparsify.core.forwards import note_forward
 from sparsify.core.retrace import refuse_retrace
 from sparsify.core.params import Params, param
 from sparsify.core.layers import SparseWeightMixin, specialize, weight_base
@@ -44,6 +45,7 @@ class L1PruneMixin(RecordsMixin, SparseWeightMixin):
 
     def forward(self, x, output_size=None):
         refuse_retrace(x)
+        note_forward(self)
         check_gathered(self, self.weight)
         if self.l1 and self.recording():
             self.record(self.l1 * self.weight.float().abs().sum())

@@ -54,9 +54,11 @@ class NMMixin(SparseWeightMixin):
     def effective_weight(self) -> torch.Tensor:
         w = self.weight
         if not self._fast():
-            if bool(self.fixed):  # a tracer records the branch taken (as before these fast paths)
-                return w * self.mask
-            return _MaskedStraightThrough.apply(w, self.mask, self.sr_ste_decay)
+            if eager():  # an integer or sparse weight: reading the flag costs nothing that matters here
+                return w * self.mask if bool(self.fixed) else _MaskedStraightThrough.apply(w, self.mask, self.sr_ste_decay)
+            # torch.compile / export: one graph for both phases, no graph break on the flag; the same
+            # values either way, and torch.where sends the gradient through the phase's branch
+            return torch.where(self.fixed, w * self.mask, _MaskedStraightThrough.apply(w, self.mask, self.sr_ste_decay))
         mask_f = self.mask_float()
         with torch.no_grad():
             eff = w * mask_f

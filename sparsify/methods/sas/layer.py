@@ -11,6 +11,7 @@ from torch import nn
 
 
 from sparsify.core.layers import SparseWeightMixin, specialize, weight_base
+from sparsify.core.forwards import note_forward
 from sparsify.core.retrace import refuse_retrace
 from sparsify.methods.sas.rules import make_slot_rule
 from sparsify.methods.sas.kernel import _SASFunction
@@ -87,6 +88,12 @@ class SASMixin(SparseWeightMixin):
 
     def forward(self, x):
         refuse_retrace(x)
+        note_forward(self)
+        if torch.compiler.is_compiling():
+            # plain ops: the kernel's shared workspace, out= writes into strided slot views and
+            # autograd.grad of the generic rules each break the graph (and per-layer recompiles
+            # then hit dynamo's limit); the compiler fuses the projection into one graph itself
+            return self.reference_forward(x)
         linear = isinstance(self, nn.Linear)
         if linear:
             conf = (True, None, None, None, 1)

@@ -1,0 +1,74 @@
+"""The model given to ``sparsify`` trained instead of the one it returned
+(docs/index.md#the-training-loop-contract). The sparse model shares the given model's parameters,
+so a loop that keeps forwarding the given model (``sparse = sparsify(model, ...)``, then
+``loss = f(model(x))``) trains the shared weights while the masks progress on a model no loss
+sees: the first ``sparsify.step`` after such an optimizer step warns, once. Correct loops stay
+quiet, eager, compiled and exported, and so does a validation pass between the steps."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch._dynamo.utils import counters
+
+import sparsify
+
+X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+Y = torch.tensor([0, 1, 2, 3])
+SAID = "no forward with gradients ran through its sparse layers"
+
+
+def run(recipe, forwarded, steps=3, compile=False, graphs=None, **extra) -> list[str]:
+    torch.manual_seed(0)
+    graphs = [] if graphs is None else graphs
+    dense = torchvision.models.resnet18(num_classes=10)
+    model = sparsify.sparsify(dense, recipe, example_inputs=X, total_steps=steps, **extra)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    net = {"sparse": model, "given": dense}[forwarded]
+    net = torch.compile(net, backend="aot_eager") if compile else net
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            loss = F.cross_entropy(net(X), Y) + (sparsify.penalty(model) if forwarded == "sparse" else 0)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            sparsify.step(model)
+            graphs.append(counters["stats"]["unique_graphs"])
+            with torch.no_grad():
+                model.eval(); model(X); model.train()  # a validation pass: no gradients, no training
+    return [str(w.message) for w in caught if SAID in str(w.message)]
+
+
+@pytest.mark.parametrize("recipe", sorted(sparsify.builtin_recipes()))
+def test_training_the_given_model_is_told_once(recipe):
+    said = run(recipe, "given")
+    assert len(said) == 1 and "model = sparsify.sparsify(model" in said[0], said
+
+
+@pytest.mark.parametrize("recipe", sorted(sparsify.builtin_recipes()))
+def test_training_the_sparse_model_is_quiet(recipe):
+    assert run(recipe, "sparse") == []
+
+
+@pytest.mark.parametrize("recipe", ["gmp", "sas", "tl1"])
+def test_a_compiled_sparse_model_is_quiet_and_compiles_once(recipe):
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    assert run(recipe, "sparse", compile=True, graphs=graphs) == []
+    # the forward flag is a store replayed after the graph: no guard on it, no recompilation
+    assert graphs[0] >= 1 and graphs == graphs[:1] * len(graphs), graphs
+
+
+def test_a_compiled_given_model_is_told():
+    torch._dynamo.reset()
+    assert len(run("gmp", "given", compile=True)) == 1
+
+
+def test_an_exported_capture_is_quiet_and_told():
+    assert run("gmp", "sparse", capture="export") == []
+    assert len(run("gmp", "given", capture="export")) == 1
