@@ -72,3 +72,35 @@ def test_a_compiled_given_model_is_told():
 def test_an_exported_capture_is_quiet_and_told():
     assert run("gmp", "sparse", capture="export") == []
     assert len(run("gmp", "given", capture="export")) == 1
+
+
+class Attention(torch.nn.Module):
+    """Only weights the sparse model reads without calling their layers: nn.MultiheadAttention's
+    projections (its forward reads them) and a head computing with a layer's weight directly."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.attn(x, x, x, need_weights=False)[0].mean(1)
+        return F.linear(h, self.head.weight, self.head.bias)
+
+
+@pytest.mark.parametrize("forwarded, warned", [("sparse", 0), ("given", 1)])
+def test_weights_read_without_calling_their_layer_count_as_forwarded(forwarded, warned):
+    torch.manual_seed(0)
+    dense = Attention()
+    model = sparsify.sparsify(dense, "gmp", total_steps=3, example_inputs=torch.zeros(1, 5, 16))
+    assert len(sparsify.report(model).layers) == 3  # in_proj, out_proj, head: none called as a module
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    net = {"sparse": model, "given": dense}[forwarded]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            F.cross_entropy(net(torch.randn(4, 5, 16)), Y).backward()
+            opt.step()
+            opt.zero_grad()
+            sparsify.step(model)
+    assert len([w for w in caught if SAID in str(w.message)]) == warned

@@ -29,6 +29,7 @@ from torch import nn
 
 from passes.rewrite import recast
 
+from sparsify.core.forwards import note_forward
 from sparsify.core.layers import SparseWeightMixin, specialize, weight_base, WEIGHT_TYPES
 
 __all__ = ["TiedUse", "TiedEmbedding", "TiedForwardMixin", "tied_forward_class", "TiedWeightMixin", "TIED_CLASSES",
@@ -53,6 +54,7 @@ class TiedUse:
         as it is when it was given one of another shape, as ``resize_token_embeddings`` does: the
         model then computes it dense, see :func:`sparsify.core.state.forget_replaced`)."""
         owner = self.owner()
+        note_forward(owner)  # computed with here too (sparsify.step asks whether any sparse layer was)
         if isinstance(owner, SparseWeightMixin) and not owner.resized():
             return owner.effective_weight()
         return owner.weight

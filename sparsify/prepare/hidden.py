@@ -35,6 +35,7 @@ from passes.hooks import remove_hooks
 from sparsify.prepare.matching import Candidate
 from sparsify.prepare.fast_path import drop_fast_path_hooks, ffn_candidates, off_nested_path
 from sparsify.prepare.fast_path import no_fast_path  # noqa: F401  (pickles of SparseMultiheadAttention name it here)
+from sparsify.core.forwards import note_forward
 from sparsify.core.layers import WEIGHT_TYPES, SparseWeightMixin
 from sparsify.prepare.hidden_positions import hidden_positions, record_read
 
@@ -49,6 +50,7 @@ def effective_weight_of(layer: nn.Module) -> torch.Tensor:
     torch.Size([3, 2])
     """
     if isinstance(layer, SparseWeightMixin):
+        note_forward(layer)  # computed with, though its own forward never runs (sparsify.step asks)
         return record_read(layer, layer.effective_weight())
     return layer.weight
 
