@@ -104,3 +104,20 @@ def test_weights_read_without_calling_their_layer_count_as_forwarded(forwarded, 
             opt.zero_grad()
             sparsify.step(model)
     assert len([w for w in caught if SAID in str(w.message)]) == warned
+
+
+def test_a_recipe_that_rewrote_nothing_is_quiet():
+    # sas on a model without ReLU: no sparse layer to ask, and the optimizer steps the whole model
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "rewrote nothing", said by sparsify
+        model = sparsify.sparsify(net, "sas", example_inputs=torch.zeros(1, 8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            F.cross_entropy(model(torch.randn(4, 8)), Y).backward()
+            opt.step()
+            sparsify.step(model)
+    assert not [w for w in caught if SAID in str(w.message)]

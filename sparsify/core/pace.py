@@ -219,8 +219,8 @@ def check_bypassed(state) -> str | None:
     >>> check_bypassed(m.sparsify_state) is None
     True
     """
-    ran = forwarded(m for g in state.groups.values() for m in g.members.values())
-    if ran or not _COUNTS.get(state):
+    layers = [m for g in state.groups.values() for m in g.members.values()]
+    if forwarded(layers) or not layers or not _COUNTS.get(state):  # no layers: the recipe rewrote nothing
         return None
     return ("sparsify.step: an optimizer stepped the sparse model's weights, but no forward with gradients ran "
             "through its sparse layers since the last step: the loop trains another model holding the same "
