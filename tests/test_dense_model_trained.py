@@ -121,3 +121,15 @@ def test_a_recipe_that_rewrote_nothing_is_quiet():
             opt.step()
             sparsify.step(model)
     assert not [w for w in caught if SAID in str(w.message)]
+
+
+def test_data_parallel_replicas_share_the_flag():
+    # nn.DataParallel replicates the model at every forward with shallow copies of each module
+    # (torch.nn.parallel.replicate: one per GPU); a flag set on a replica must reach the model
+    from sparsify.core.forwards import forwarded
+    model = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 4)), "gmp", total_steps=4)
+    layer = model.get_submodule("0")
+    replica = layer._replicate_for_data_parallel()
+    replica._parameters = dict(layer._parameters)  # replicate() puts each GPU's copies here
+    replica(torch.randn(2, 8)).sum().backward()
+    assert forwarded([layer]) and not forwarded([layer])

@@ -6,8 +6,8 @@ trains the shared weights while the masks and thresholds progress on the sparse 
 loss ever sees, and nothing fails: ``sparsify.step`` asks these flags whether the sparse layers
 took part in the steps the optimizer took (:func:`sparsify.core.pace.check_bypassed`).
 
-The flag is a plain attribute store: under ``torch.compile`` it is replayed after the graph, with
-no guard and no recompilation (a counter would be read, guarded on and recompiled at every value).
+The flag is a store into a list the layer holds: under ``torch.compile`` it is replayed after the
+graph, with no recompilation (a counter would be read, guarded on and recompiled at every value).
 """
 from __future__ import annotations
 
@@ -31,12 +31,25 @@ def note_forward(layer: nn.Module) -> None:
     False
     """
     if torch.is_grad_enabled():
-        layer._forwarded = True
+        box = layer.__dict__.get("_forwarded")
+        if box is None:
+            layer.__dict__["_forwarded"] = [True]
+        else:
+            box[0] = True
 
 
 def forwarded(layers: Iterable[nn.Module]) -> bool:
-    """Whether any of ``layers`` ran a forward with gradients since the last call; clears them."""
+    """Whether any of ``layers`` ran a forward with gradients since the last call; clears them.
+
+    The flag is a one-element list made here, in the layer itself: shallow copies of the layer
+    (``nn.DataParallel``'s replicas, made at every forward) share it, as they share its
+    ``records``."""
     ran = False
     for layer in layers:
-        ran |= bool(layer.__dict__.pop("_forwarded", False))
+        box = layer.__dict__.get("_forwarded")
+        if box is None:
+            layer.__dict__["_forwarded"] = [False]
+        else:
+            ran |= box[0]
+            box[0] = False
     return ran

@@ -23,6 +23,10 @@ holds the model's parameters from then: not the ones the recipe added or replace
 thresholds, SAS's wider weights), which then never train, and nothing fails. At the first
 ``sparsify.step`` after an optimizer step, :func:`check_held` warns when no optimizer stepped
 one of them (or, with ``copy=True``, any parameter of the model).
+
+And when an optimizer stepped the sparse layers' weights but no forward with gradients ran through
+any sparse layer since the last ``sparsify.step`` (:mod:`sparsify.core.forwards`), the loop trains
+the model given to ``sparsify``, which shares those weights: :func:`check_bypassed` warns once.
 """
 from __future__ import annotations
 
@@ -116,6 +120,7 @@ def watch(state, model: nn.Module | None = None, created: list[str] = ()) -> Non
     """
     global _HOOK
     _COUNTS.setdefault(state, 0)
+    forwarded(m for g in state.groups.values() for m in g.members.values())  # the flags exist before any replica
     if model is not None:
         _MODELS[state] = weakref.ref(model)
         if created:

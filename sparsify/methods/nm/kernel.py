@@ -8,24 +8,26 @@ from sparsify.core.buffers import workspace
 
 
 class _MaskedStraightThrough(torch.autograd.Function):
-    """Forward ``W ⊙ M``; backward: the gradient to every W, plus ``decay·(1−M)⊙W`` (SR-STE).
+    """Forward ``W ⊙ M``; backward: the gradient to every W, plus ``decay·(1−M)⊙W`` (SR-STE), or,
+    where the 0-d bool tensor ``fixed`` is given and true, the hard mask's ``grad ⊙ M``.
 
     The plain version (a bool mask, fresh tensors): what tracers and transforms run, and the
-    reference :class:`_NMWeight` is tested against."""
+    reference :class:`_NMWeight` is tested against. ``fixed`` serves ``torch.compile``: both
+    phases in one graph, the flag read by tensor ops only."""
 
     @staticmethod
-    def forward(ctx, weight, mask, decay: float):
+    def forward(ctx, weight, mask, decay: float, fixed=None):
         ctx.decay = decay
-        if decay:
-            ctx.save_for_backward(weight, mask)
+        ctx.save_for_backward(weight if decay else None, mask if decay or fixed is not None else None, fixed)
         return weight * mask
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.decay:
-            weight, mask = ctx.saved_tensors
-            grad = grad + ctx.decay * weight * ~mask
-        return grad, None, None
+        weight, mask, fixed = ctx.saved_tensors
+        out = grad + ctx.decay * weight * ~mask if ctx.decay else grad
+        if fixed is not None:
+            out = torch.where(fixed, grad * mask, out)
+        return out, None, None, None
 
 
 class _NMWeight(torch.autograd.Function):

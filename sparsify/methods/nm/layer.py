@@ -56,9 +56,8 @@ class NMMixin(SparseWeightMixin):
         if not self._fast():
             if eager():  # an integer or sparse weight: reading the flag costs nothing that matters here
                 return w * self.mask if bool(self.fixed) else _MaskedStraightThrough.apply(w, self.mask, self.sr_ste_decay)
-            # torch.compile / export: one graph for both phases, no graph break on the flag; the same
-            # values either way, and torch.where sends the gradient through the phase's branch
-            return torch.where(self.fixed, w * self.mask, _MaskedStraightThrough.apply(w, self.mask, self.sr_ste_decay))
+            # torch.compile / export: one graph for both phases, no graph break on the flag
+            return _MaskedStraightThrough.apply(w, self.mask, self.sr_ste_decay, self.fixed)
         mask_f = self.mask_float()
         with torch.no_grad():
             eff = w * mask_f
