@@ -33,7 +33,7 @@ def saved_bytes_and_time(model, x, y, steps: int) -> tuple[int, float]:
 
     def pack(t):
         s = t.untyped_storage()
-        seen[s.data_ptr()] = s.nbytes()
+        seen[s.data_ptr()] = s.nbytes()  # CPU and GPU storages alike
         return t
 
     def one_step(hooked: bool) -> float:
@@ -44,6 +44,8 @@ def saved_bytes_and_time(model, x, y, steps: int) -> tuple[int, float]:
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - t0
 
     # timed without the hooks: a compiled graph run under saved-tensor hooks takes another path
@@ -59,12 +61,14 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="e.g. cuda (times then synchronize the device)")
     args = ap.parse_args(argv)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 3, args.size, args.size, generator=g)
-    y = torch.randint(0, 10, (args.batch,), generator=g)
+    x = torch.randn(args.batch, 3, args.size, args.size, generator=g).to(args.device)
+    y = torch.randint(0, 10, (args.batch,), generator=g).to(args.device)
+    where = torch.cuda.get_device_name() if x.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"resnet18, batch {args.batch} at {args.size}x{args.size}, train mode, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; compiled: backend {args.backend}\n")
+          f"{where}; compiled: backend {args.backend}\n")
     print("| recipe | saved eager (MiB) | saved compiled (MiB) | x dense eager | x dense compiled | "
           "step eager (ms) | step compiled (ms) | x dense eager | x dense compiled |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -74,7 +78,7 @@ def main(argv=None) -> None:
         for mode in ("eager", "compiled"):
             torch.manual_seed(0)
             torch._dynamo.reset()
-            model = torchvision.models.resnet18(num_classes=10)
+            model = torchvision.models.resnet18(num_classes=10).to(args.device)
             if recipe != "dense":
                 model = sparsify.sparsify(model, recipe, total_steps=100, example_inputs=x[:1])
             run = model if mode == "eager" else torch.compile(model, backend=args.backend)
