@@ -42,4 +42,7 @@ def traced_through(graph: fx.Graph) -> frozenset[str]:
     >>> sorted(traced_through(torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Sequential(torch.nn.ReLU()))).graph))
     ['0']
     """
-    return frozenset(path for n in graph.nodes for path in enclosing_modules(n))
+    # a node a pass inserted after a leaf's call copies that call's module stack, the leaf
+    # included (semi-structured's mask after a conv): a module the graph calls is not traced through
+    called = {n.target for n in graph.nodes if n.op == "call_module"}
+    return frozenset(path for n in graph.nodes for path in enclosing_modules(n) if path not in called)
