@@ -249,3 +249,16 @@ def test_device_is_resolved_and_saved_files_load_on_the_cpu(tmp_path):
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     saved = torch.load(tmp_path / "run" / "final_state_dict.pt", weights_only=True)
     assert {v.device.type for v in saved.values() if isinstance(v, torch.Tensor)} == {"cpu"}
+
+
+def test_compiled_training_trains_as_eager(tmp_path):
+    # `sparsify train --compile aot_eager`: the forward through torch.compile (aot_eager traces
+    # forward and backward as inductor does, without building C++), the rest on the model
+    eager = train(cfg(tmp_path, "eager", epochs=1), quiet=True)
+    compiled = train(cfg(tmp_path, "compiled", epochs=1, compile="aot_eager"), quiet=True)
+    assert compiled["config"]["compile"] == "aot_eager" and compiled["finalize"] == "ok"
+    assert compiled["accuracy"] == pytest.approx(eager["accuracy"], abs=0.01)
+    a, b = final_state(tmp_path / "eager"), final_state(tmp_path / "compiled")
+    for k in a:
+        if isinstance(a[k], torch.Tensor) and a[k].is_floating_point():
+            torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=k)

@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16: forward and loss under bfloat16 autocast (weights and optimizer stay float32)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 is fastest for the small built-in models)")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="train through torch.compile (default backend inductor; a GPU gains, the CPU rarely: "
+                        "docs/compile.md); evaluation and checkpoints use the model itself")
 
     p = sub.add_parser("demo", help="dense + every built-in recipe on digits, one comparison table")
     p.add_argument("--out", default="demo-out")

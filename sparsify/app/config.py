@@ -59,6 +59,7 @@ class TrainConfig:
     ema: float | None = None  # decay of an EMA of the weights, evaluated and saved beside the model
     device: str | None = None  # None / "auto": the GPU when torch sees one, else the CPU (sparsify.app.device)
     amp: str | None = None  # "bf16": forward and loss under bfloat16 autocast
+    compile: str | None = None  # a torch.compile backend for the training forward ("inductor"), or None: eager
 
     @property
     def dense(self) -> bool:
@@ -77,7 +78,8 @@ def config_from_args(args) -> TrainConfig:
                        momentum=args.momentum, seed=args.seed, out=args.out, progress=not args.no_progress,
                        workers=args.workers, resume=args.resume, threads=args.threads,
                        overwrite=getattr(args, "overwrite", False), ema=getattr(args, "ema", None),
-                       device=getattr(args, "device", None), amp=getattr(args, "amp", None))
+                       device=getattr(args, "device", None), amp=getattr(args, "amp", None),
+                       compile=getattr(args, "compile", None))
 
 
 def resolve_optimizer(cfg: TrainConfig) -> dict:
@@ -113,4 +115,6 @@ def _load_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict, dict]:
         new.threads = cfg.threads
     if cfg.device is not None:  # a run continues on another machine's device (the checkpoint is read to the CPU)
         new.device = cfg.device
+    if cfg.compile is not None:  # compiling changes no result: another backend may continue the run
+        new.compile = cfg.compile
     return new, tensors, meta

@@ -140,6 +140,8 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
     opt_settings = resolve_optimizer(cfg)
     optimizer, sched = _make_optimizer(model, cfg, opt_settings, total_steps)
     ema = _make_ema(model, cfg.ema)
+    # the training forward only: evaluation, EMA and checkpoints use the model itself
+    forward = torch.compile(model, backend=cfg.compile) if cfg.compile else model
 
     history: list[dict] = []
     start_epoch, start_batch, running = 0, 0, {"loss": 0.0, "correct": 0, "seen": 0}
@@ -176,7 +178,7 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
             batches = on_device(_batches(data.train, order, cfg.batch_size, cfg.workers, fix), device)
             for b, (x, y) in enumerate(batches, start_batch):
                 with autocast(device, cfg.amp):
-                    logits = model(x)
+                    logits = forward(x)
                     task = F.cross_entropy(logits, y)
                     loss = task + sp.penalty(model) if not cfg.dense else task
                 task_value = float(task.detach())
