@@ -43,7 +43,15 @@ def forwarded(layers: Iterable[nn.Module]) -> bool:
 
     The flag is a one-element list made here, in the layer itself: shallow copies of the layer
     (``nn.DataParallel``'s replicas, made at every forward) share it, as they share its
-    ``records``."""
+    ``records``.
+
+    >>> layers = [nn.Linear(1, 1), nn.Linear(1, 1)]
+    >>> forwarded(layers)                       # makes the flags
+    False
+    >>> replica = layers[1]._replicate_for_data_parallel()
+    >>> note_forward(replica); forwarded(layers)
+    True
+    """
     ran = False
     for layer in layers:
         box = layer.__dict__.get("_forwarded")
