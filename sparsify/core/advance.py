@@ -26,7 +26,7 @@ def advance(state: SparsifyState, root: nn.Module, loss: float | None, said: lis
     """
     state.step += 1
     t = int(state.step)
-    members = [m for g in state.groups.values() for m in g.members.values() if isinstance(m, SparseWeightMixin)]
+    members = [m for m in state.members() if isinstance(m, SparseWeightMixin)]
     # an optimizer may write a weight without bumping its version counter (torch's fused AdamW
     # and SGD kernels, the default of transformers' Trainer; writes through .data): nothing a
     # layer computed from its weight before this step is reused after it

@@ -65,8 +65,7 @@ _HOOK = None
 
 
 def _weights(state) -> set[int]:
-    ids = {id(m.weight) for g in state.groups.values() for m in g.members.values()
-           if getattr(m, "weight", None) is not None}
+    ids = {id(m.weight) for m in state.members() if getattr(m, "weight", None) is not None}
     if not ids and (model := _MODELS.get(state, lambda: None)()) is not None:
         ids = {id(p) for p in model.parameters()}
     return ids
@@ -120,7 +119,7 @@ def watch(state, model: nn.Module | None = None, created: list[str] = ()) -> Non
     """
     global _HOOK
     _COUNTS.setdefault(state, 0)
-    forwarded(m for g in state.groups.values() for m in g.members.values())  # the flags exist before any replica
+    forwarded(state.members())  # the flags exist before any replica
     if model is not None:
         _MODELS[state] = weakref.ref(model)
         if created:
@@ -224,7 +223,7 @@ def check_bypassed(state) -> str | None:
     >>> check_bypassed(m.sparsify_state) is None
     True
     """
-    layers = [m for g in state.groups.values() for m in g.members.values()]
+    layers = state.members()
     if forwarded(layers) or not layers or not _COUNTS.get(state):  # no layers: the recipe rewrote nothing
         return None
     return ("sparsify.step: an optimizer stepped the sparse model's weights, but no forward with gradients ran "

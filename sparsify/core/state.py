@@ -58,6 +58,11 @@ class SparsifyState(nn.Module):
     def recipe(self) -> dict:
         return json.loads(self.recipe_json)
 
+    def members(self) -> list[nn.Module]:
+        """Every group's members (the sparse layers and the modules the recipe inserted), group
+        by group."""
+        return [m for g in self.groups.values() for m in g.members.values()]
+
     def get_extra_state(self):
         return pack({"recipe": self.recipe_json, "total_steps": self.total_steps, "synced": self.synced},
                     like={"recipe": self.recipe_json, "total_steps": self.total_steps, "synced": False})

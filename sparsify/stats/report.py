@@ -155,8 +155,7 @@ def build_report(root, state: SparsifyState) -> Report:
     param_total = sum(p.numel() for p in all_params)
     # model-wide non-zeros: the sparsified layers' effective weights replace their latent ones
     # (by identity too: a tied weight is listed once, perhaps under its embedding's name)
-    sparse_weights = {id(m.weight) for g in state.groups.values() for m in g.members.values()
-                      if isinstance(m, SparseWeightMixin)}
+    sparse_weights = {id(m.weight) for m in state.members() if isinstance(m, SparseWeightMixin)}
     param_nnz = sum(int(torch.count_nonzero(p)) for n, p in root.named_parameters()
                     if (n.rpartition(".")[0] not in rewritten or not n.endswith("weight")) and id(p) not in sparse_weights)
     param_nnz += snz
