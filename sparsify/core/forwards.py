@@ -16,7 +16,30 @@ from typing import Iterable
 import torch
 from torch import nn
 
-__all__ = ["note_forward", "forwarded"]
+from sparsify.core.retrace import refuse_retrace
+
+__all__ = ["entered", "note_forward", "forwarded"]
+
+
+def entered(layer: nn.Module, x) -> None:
+    """What every forward of a sparse layer or inserted module does first: refuse another torch.fx
+    tracer's value (:func:`~sparsify.core.retrace.refuse_retrace`), then :func:`note_forward`.
+
+    >>> layer = nn.Linear(1, 1)
+    >>> entered(layer, torch.ones(1)); forwarded([layer])
+    True
+    """
+    refuse_retrace(x)
+    note_forward(layer)
+
+
+def _flag(layer: nn.Module) -> list[bool]:
+    """The layer's one-element flag list, made on first use. Shallow copies of the layer
+    (``nn.DataParallel``'s replicas, made at every forward) share it, as they share its ``records``."""
+    box = layer.__dict__.get("_forwarded")
+    if box is None:
+        box = layer.__dict__["_forwarded"] = [False]
+    return box
 
 
 def note_forward(layer: nn.Module) -> None:
@@ -31,19 +54,12 @@ def note_forward(layer: nn.Module) -> None:
     False
     """
     if torch.is_grad_enabled():
-        box = layer.__dict__.get("_forwarded")
-        if box is None:
-            layer.__dict__["_forwarded"] = [True]
-        else:
-            box[0] = True
+        _flag(layer)[0] = True
 
 
 def forwarded(layers: Iterable[nn.Module]) -> bool:
-    """Whether any of ``layers`` ran a forward with gradients since the last call; clears them.
-
-    The flag is a one-element list made here, in the layer itself: shallow copies of the layer
-    (``nn.DataParallel``'s replicas, made at every forward) share it, as they share its
-    ``records``.
+    """Whether any of ``layers`` ran a forward with gradients since the last call; clears them
+    (and makes the flags of layers that have none, so that replicas made later share them).
 
     >>> layers = [nn.Linear(1, 1), nn.Linear(1, 1)]
     >>> forwarded(layers)                       # makes the flags
@@ -54,10 +70,7 @@ def forwarded(layers: Iterable[nn.Module]) -> bool:
     """
     ran = False
     for layer in layers:
-        box = layer.__dict__.get("_forwarded")
-        if box is None:
-            layer.__dict__["_forwarded"] = [False]
-        else:
-            ran |= box[0]
-            box[0] = False
+        box = _flag(layer)
+        ran |= box[0]
+        box[0] = False
     return ran

@@ -24,8 +24,7 @@ from sparsify.core.buffers import eager, layer_buffers
 from sparsify.core.conv1d import (CONV_TRANSPOSE_TYPES, Conv1DLike, conv1d_forward, conv_transpose_forward,
                                   is_conv1d_class)
 from sparsify.core import recompute
-from sparsify.core.forwards import note_forward
-from sparsify.core.retrace import refuse_retrace
+from sparsify.core.forwards import entered
 from sparsify.core.records import RecordsMixin  # noqa: F401  (its home before records.py)
 from sparsify.core.sharded import check_gathered, note_fsdp
 from sparsify.core.subclasses import own_forward_class, own_forward_with
@@ -104,11 +103,9 @@ class SparseWeightMixin:
         return w.clone() if self._aliases_scratch(w) else w
 
     def forward(self, x, output_size=None):
-        refuse_retrace(x)
-        note_forward(self)
+        entered(self, x)
         check_gathered(self, self.weight)
-        if eager():  # FSDP2: nothing weight-sized kept between forwards (sparsify.step notes it too)
-            note_fsdp(self)
+        note_fsdp(self)  # FSDP2: nothing weight-sized kept between forwards
         return self.forward_saving(x, self._forward_weight, output_size)
 
     def forward_saving(self, x, weight_fn, output_size=None):

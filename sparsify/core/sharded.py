@@ -26,7 +26,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from sparsify.core.buffers import layer_buffers
+from sparsify.core.buffers import eager, layer_buffers
 
 __all__ = ["is_distributed", "is_sharded", "sharded_modules", "full_parameters", "check_gathered", "note_fsdp",
            "collect_at_exit"]
@@ -93,10 +93,13 @@ def note_fsdp(module: nn.Module) -> bool:
     (:mod:`sparsify.core.buffers`) become transient from now on: a full-size tensor kept per layer
     on every rank would outweigh the rank's parameter shards (docs/distributed.md).
 
+    Nothing is noted while compiled or traced (False): compiled code must not read the buffers'
+    weak map, which dynamo would guard on; ``sparsify.step`` notes it eagerly.
+
     >>> note_fsdp(torch.nn.Linear(1, 1))
     False
     """
-    if not is_distributed():
+    if not is_distributed() or not eager():
         return False
     bufs = layer_buffers(module, create=False)
     if bufs is not None and bufs.transient:

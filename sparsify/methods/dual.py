@@ -18,8 +18,7 @@ from sparsify.core.extra_state import WIDEST_FLOAT, pack, unpack
 from sparsify.core.keep import HeldLayers, DEFAULT_MIN_DENSITY, guarded_thresholds, sigma_of, warn_empty
 from sparsify.core.contract import Group, GroupContext, Method
 from sparsify.core.registry import register
-from sparsify.core.forwards import note_forward
-from sparsify.core.retrace import refuse_retrace
+from sparsify.core.forwards import entered
 from sparsify.core.params import Params, param
 from sparsify.core.layers import SparseWeightMixin, specialize, weight_base
 from sparsify.core.records import RecordsGroupMixin, RecordsMixin
@@ -44,8 +43,7 @@ class L1PruneMixin(RecordsMixin, SparseWeightMixin):
         return self.weight * self.mask if self._fixed else self.weight
 
     def forward(self, x, output_size=None):
-        refuse_retrace(x)
-        note_forward(self)
+        entered(self, x)
         check_gathered(self, self.weight)
         if self.l1 and self.recording():
             self.record(self.l1 * self.weight.float().abs().sum())

@@ -29,8 +29,7 @@ from sparsify.core.extra_state import pack, unpack
 from sparsify.core.schedules import polynomial
 from sparsify.core.contract import Group, GroupContext, Method, Site
 from sparsify.core.registry import register
-from sparsify.core.forwards import note_forward
-from sparsify.core.retrace import refuse_retrace
+from sparsify.core.forwards import entered
 from sparsify.core.params import Params, param
 from sparsify.core.sharded import is_distributed
 from sparsify.core.staging import active_range, resolve_stages, stage_at
@@ -85,8 +84,7 @@ class PositionMask(nn.Module):
         self.enabled = bool((mask == 0).any())
 
     def forward(self, y):
-        refuse_retrace(y)
-        note_forward(self)
+        entered(self, y)
         size = (int(y.shape[-2]), int(y.shape[-1]))
         if self.enabled and size != tuple(self.mask.shape):  # (the size the masks were made for stays)
             raise RuntimeError(

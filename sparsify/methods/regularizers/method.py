@@ -29,8 +29,7 @@ from passes import Change, set_call
 from sparsify.core.extra_state import pack, unpack
 from sparsify.core.contract import Group, GroupContext, Method, Site
 from sparsify.core.registry import register
-from sparsify.core.forwards import note_forward
-from sparsify.core.retrace import refuse_retrace
+from sparsify.core.forwards import entered
 from sparsify.core.params import Literal, Params, param
 from sparsify.core.buffers import eager
 from sparsify.core.records import RecordsGroupMixin, RecordsMixin
@@ -141,8 +140,7 @@ class ActivationRegularizer(RecordsMixin, nn.Module):
         self._counting = False
 
     def forward(self, x):
-        refuse_retrace(x)  # another tracer would drop the term: record() is no graph op
-        note_forward(self)
+        entered(self, x)  # another tracer would drop the term: record() is no graph op
         if (self.active and self.lam != 0.0 and isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel()
                 and self.recording()):
             self.record(penalty_value(x, self.function, self.a, self.reduction, weight=self.lam, nonneg=self.nonneg))

@@ -11,8 +11,7 @@ from torch import nn
 
 
 from sparsify.core.layers import SparseWeightMixin, specialize, weight_base
-from sparsify.core.forwards import note_forward
-from sparsify.core.retrace import refuse_retrace
+from sparsify.core.forwards import entered
 from sparsify.methods.sas.rules import make_slot_rule
 from sparsify.methods.sas.kernel import _SASFunction
 
@@ -87,8 +86,7 @@ class SASMixin(SparseWeightMixin):
         return weight_base(self)
 
     def forward(self, x):
-        refuse_retrace(x)
-        note_forward(self)
+        entered(self, x)
         if torch.compiler.is_compiling():
             # plain ops: the kernel's shared workspace, out= writes into strided slot views and
             # autograd.grad of the generic rules each break the graph (and per-layer recompiles
