@@ -32,6 +32,13 @@ def data():
     return [(torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(STEPS)]
 
 
+def assert_states_match(got: nn.Module, want: nn.Module) -> None:
+    """Float state within the trajectories' tolerance; masks, steps and other integer state equal."""
+    for (k, a), b in zip(want.state_dict().items(), got.state_dict().values()):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=k)
+        elif isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), k
 
 
 # st3's default 90% prunes 420 of the first conv's 432 weights: BatchNorm then divides channels
@@ -55,11 +62,7 @@ def test_compiled_training_matches_eager(recipe):
     assert got_totals.pop("empty_layers") == want_totals.pop("empty_layers")
     assert got_totals.pop("achieved") == pytest.approx(want_totals.pop("achieved"))  # approx takes no nested dict
     assert got_totals == pytest.approx(want_totals)
-    for (k, a), b in zip(eager.state_dict().items(), compiled_model.state_dict().values()):
-        if isinstance(a, torch.Tensor) and a.is_floating_point():
-            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=k)
-        elif isinstance(a, torch.Tensor):
-            assert torch.equal(a, b), k
+    assert_states_match(compiled_model, eager)
     final = sparsify.finalize(compiled)
     torch.testing.assert_close(torch.compile(final)(data()[0][0]), final(data()[0][0]), rtol=1e-4, atol=1e-5)
 
@@ -106,10 +109,6 @@ def test_recipes_that_broke_the_graph_compile_whole_and_train_as_eager(recipe, e
     expected = train(eager, data())
     got = train(compiled_model, data(), call=torch.compile(compiled_model, backend="aot_eager"))
     assert got == pytest.approx(expected, rel=1e-4, abs=1e-5)
-    for (k, a), b in zip(eager.state_dict().items(), compiled_model.state_dict().values()):
-        if isinstance(a, torch.Tensor) and a.is_floating_point():
-            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=k)
-        elif isinstance(a, torch.Tensor):
-            assert torch.equal(a, b), k
+    assert_states_match(compiled_model, eager)
     if recipe == "nm-2-4":  # both phases ran: straight-through, then the fixed mask
         assert all(bool(m.fixed) for m in compiled_model.modules() if hasattr(m, "fixed"))
