@@ -38,6 +38,7 @@ class Fallback:
 
     name: str  # qualified name from the traced root ("" is the root itself)
     reason: str  # first line of the exception raised while tracing it
+    chosen: bool = False  # not untraceable: the caller asked for it (``trace(split=...)``)
 
 
 @dataclass
@@ -79,7 +80,7 @@ class TraceResult:
 
 def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend | None = None,
           prefix: str = "", max_fallbacks: int = 1000, calls: CallRecord | None = None,
-          concrete_args: dict | None = None, shell: Descend | None = None) -> TraceResult:
+          concrete_args: dict | None = None, shell: Descend | None = None, split: str | None = None) -> TraceResult:
     """Symbolically trace ``root``, descending only where ``descend`` says, with fallbacks.
 
     ``descend(qualname, module)`` is asked for every non-standard submodule (``torch.nn``'s own
@@ -91,7 +92,9 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
     calls them (arguments it passes as ``None`` or as a flag); ``concrete_args`` goes to
     ``torch.fx.Tracer.trace`` for ``root`` itself. ``shell(qualname, module)`` names leaves (an
     activation module) that, called by an untraceable parent, get a graph of their own holding one
-    call of them (:func:`passes.calls.call_shell`), so nodes can be inserted after them.
+    call of them (:func:`passes.calls.call_shell`), so nodes can be inserted after them. ``split``,
+    a reason: ``root`` runs its own forward and its children are traced one by one, as if it were
+    untraceable (a caller's policy: one graph of ``root`` would not serve all of its calls).
 
     >>> import torchvision
     >>> r = trace(torchvision.models.resnet18(), lambda name, m: name.startswith("layer1"))
@@ -103,6 +106,8 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
     result = TraceResult(module=root)
     forced: set[str] = set()
     example: tuple | None = None
+    if split is not None:
+        return _fall_back(root, descend, is_site, prefix, result, calls, shell, forced, split, chosen=True)
 
     def example_call():  # the module's inputs in the example forward, fetched at the first question
         nonlocal example
@@ -199,11 +204,11 @@ def _graph_module(root: nn.Module, descend: Descend, forced: set[str], prefix: s
 
 def _fall_back(root: nn.Module, descend: Descend, is_site: Descend, prefix: str, result: TraceResult,
                calls: CallRecord | None, shell: Descend | None, forced: set[str], reason: str,
-               blockwise: bool = False) -> TraceResult:
+               blockwise: bool = False, chosen: bool = False) -> TraceResult:
     """``root`` runs its own forward; its children are traced one by one, where the culprits
     forced to leaves so far are met again (so they are not listed twice)."""
     result.fallbacks = [f for f in result.fallbacks if f.name not in {f"{prefix}.{c}" if prefix else c for c in forced}]
-    result.fallbacks.append(Fallback(prefix, reason))
+    result.fallbacks.append(Fallback(prefix, reason, chosen))
     _trace_children(root, descend, is_site, prefix, result, calls, shell, blockwise=blockwise)
     return result
 

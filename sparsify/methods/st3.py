@@ -35,11 +35,20 @@ __all__ = ["ST3Method", "ST3Mixin", "st3_effective_weight", "st3_scale", "sigma_
 
 
 class _StraightThrough(torch.autograd.Function):
-    """Forward: the effective weight. Backward: the identity to the latent weight."""
+    """Forward: the effective weight. Backward: the identity to the latent weight.
+
+    ``setup_context`` and ``generate_vmap_rule``: torch.func's transforms (``grad``, ``vmap``:
+    per-sample gradients) accept only functions written this way."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, latent, effective):
+    def forward(latent, effective):
         return effective
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
 
     @staticmethod
     def backward(ctx, grad):

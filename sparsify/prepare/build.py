@@ -89,6 +89,7 @@ def tracing_summary(fallbacks, held: list[str]) -> str | None:
     >>> tracing_summary([Fallback("", "TypeError: x"), Fallback("h.0", "ValueError: y")], ["UserWarning: z"])[:60]
     'sparsify: torch.fx could not trace 2 submodules (the model r'
     """
+    fallbacks = [f for f in fallbacks if not f.chosen]  # the plan gives the reason of a chosen one
     if not fallbacks and not held:
         return None
     names = [f.name or "the model root" for f in fallbacks]
@@ -174,7 +175,7 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     plan = Plan(recipe=recipe.name)
     plan.captures = capture_report(tr)
     plan.capture_notes = list(tr.notes)
-    plan.fallbacks = [{"name": f.name, "reason": f.reason} for f in tr.fallbacks]
+    plan.fallbacks = [{"name": f.name, "reason": f.reason, "chosen": f.chosen} for f in tr.fallbacks]
     plan.trace_warnings = list(tr.warnings)
     summary = tracing_summary(tr.fallbacks, tr.warnings)
     if summary and not dry_run:

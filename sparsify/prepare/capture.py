@@ -5,6 +5,8 @@ about it.
 """
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 
 from passes import ExportCaptureError, export_trace, model_ends, node_name, own_calls, target_module, trace
@@ -75,6 +77,37 @@ def _not_a_layer(name: str, m: nn.Module) -> bool:
     return not isinstance(m, (*WEIGHT_TYPES, nn.Embedding)) and not is_activation_module(m)
 
 
+def _takes_labels(root: nn.Module) -> str | None:
+    """Why ``root`` is traced child by child when its forward takes labels (transformers'
+    convention, as its ``Trainer`` finds them: an argument named ``*label*``, or a question-answering
+    head's ``start_positions`` / ``end_positions``, defaulting to None); None otherwise.
+
+    Training calls pass them and inference calls leave them out, and they steer the root's control
+    flow (the loss is computed only when they are given). One graph of the root is traced for one
+    of the two calls; the other would run the root's own forward, without the nodes a recipe
+    inserted (activation regularizers, masks, SAS's rewiring): training and deployment would
+    compute different functions. The root's own forward is the loss around its children's calls,
+    and each child is traced for how the root calls it, which is the same in both calls.
+
+    >>> class Head(nn.Module):
+    ...     def forward(self, pixel_values, labels=None):
+    ...         return pixel_values
+    >>> _takes_labels(Head())[:25]
+    'its forward takes labels,'
+    """
+    try:
+        params = inspect.signature(root.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    qa = "QuestionAnswering" in type(root).__name__
+    names = [n for n, p in params.items() if p.default is None
+             and ("label" in n or (qa and n in ("start_positions", "end_positions")))]
+    if not names:
+        return None
+    return (f"its forward takes {', '.join(names)}, given in training and left out in inference: traced child by "
+            "child, so that both calls run the recipe")
+
+
 def fx_capture(root: nn.Module, matcher: MatchTable, example_inputs=None):
     """torch.fx, as deep as the rules need, untraceable submodules rewritten module by module:
     ``(TraceResult, candidates, candidates of the full-depth trace)``."""
@@ -90,7 +123,8 @@ def fx_capture(root: nn.Module, matcher: MatchTable, example_inputs=None):
 
     # activation modules called by an untraceable parent get a one-call graph when a rule may insert after them
     shell = shell_activation if any(r.method is not None and r.method.site == "node" for r in matcher.rules) else None
-    tr = trace(root, _not_a_layer, is_site=is_site, calls=calls, shell=shell, concrete_args=root_args)
+    split = _takes_labels(root)
+    tr = trace(root, _not_a_layer, is_site=is_site, calls=calls, shell=shell, concrete_args=root_args, split=split)
     cands = _candidates(tr, root, calls)
     # a method whose rewrite reads the nodes around a site (SAS: the relu feeding a layer, which may
     # sit inside a module with nothing to rewrite) needs every module holding a layer or an
@@ -112,7 +146,7 @@ def fx_capture(root: nn.Module, matcher: MatchTable, example_inputs=None):
     first_cands, ends = cands, tr.ends
     tr.restore()  # below untraceable modules, the second trace starts from the modules, not the first graphs
     tr = trace(root, lambda name, m: name in needed and _not_a_layer(name, m), is_site=is_site, calls=calls,
-               shell=shell, concrete_args=root_args)
+               shell=shell, concrete_args=root_args, split=split)
     # first/last describe the model, not how deep this trace went (a leaf stem hides its conv):
     # the full-depth trace saw more of it
     tr.ends = ends
@@ -162,7 +196,7 @@ def capture(root: nn.Module, matcher: MatchTable, example_inputs=None, mode: str
         cands = _candidates(tr, root)
         return tr, cands, cands
     tr, cands, first = fx_capture(root, matcher, example_inputs)
-    if mode == "fx" or not tr.fallbacks:
+    if mode == "fx" or all(f.chosen for f in tr.fallbacks):  # export would trace a split root whole again
         return tr, cands, first
     if example_inputs is None or not any(r.method is not None and r.method.site == "node" for r in matcher.rules):
         return tr, cands, first

@@ -32,7 +32,7 @@ class Plan:
 
     recipe: str
     entries: list[PlanEntry] = field(default_factory=list)
-    fallbacks: list[dict] = field(default_factory=list)  # {"name", "reason"} of untraceable submodules
+    fallbacks: list[dict] = field(default_factory=list)  # {"name", "reason", "chosen"}: submodules run as they are
     trace_warnings: list[str] = field(default_factory=list)  # warnings raised while tracing (held back)
     unmatched_rules: list[int] = field(default_factory=list)
     input_shapes: list | None = None
@@ -139,7 +139,8 @@ class Plan:
         for note in self.capture_notes:
             lines.append(f"capture: {note}")
         for fb in self.fallbacks:
-            lines.append(f"untraceable, kept as a leaf: {fb['name'] or '<root>'}: {fb['reason']}")
+            kind = "runs its own forward, children traced" if fb.get("chosen") else "untraceable, kept as a leaf"
+            lines.append(f"{kind}: {fb['name'] or '<root>'}: {fb['reason']}")
         for w in self.trace_warnings:
             lines.append(f"warning while tracing: {w}")
         for i in self.unmatched_rules:

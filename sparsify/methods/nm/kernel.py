@@ -13,13 +13,20 @@ class _MaskedStraightThrough(torch.autograd.Function):
 
     The plain version (a bool mask, fresh tensors): what tracers and transforms run, and the
     reference :class:`_NMWeight` is tested against. ``fixed`` serves ``torch.compile``: both
-    phases in one graph, the flag read by tensor ops only."""
+    phases in one graph, the flag read by tensor ops only. Written with ``setup_context`` and
+    ``generate_vmap_rule``, as torch.func's transforms (per-sample gradients) require."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, weight, mask, decay: float, fixed=None):
+    def forward(weight, mask, decay: float, fixed=None):
+        return weight * mask
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        weight, mask, decay, fixed = (*inputs, None)[:4]
         ctx.decay = decay
         ctx.save_for_backward(weight if decay else None, mask if decay or fixed is not None else None, fixed)
-        return weight * mask
 
     @staticmethod
     def backward(ctx, grad):

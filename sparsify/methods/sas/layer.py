@@ -11,6 +11,7 @@ from torch import nn
 
 
 from sparsify.core.layers import SparseWeightMixin, specialize, weight_base
+from sparsify.core.buffers import eager
 from sparsify.core.forwards import entered
 from sparsify.methods.sas.rules import make_slot_rule
 from sparsify.methods.sas.kernel import _SASFunction
@@ -87,10 +88,11 @@ class SASMixin(SparseWeightMixin):
 
     def forward(self, x):
         entered(self, x)
-        if torch.compiler.is_compiling():
+        if not eager():
             # plain ops: the kernel's shared workspace, out= writes into strided slot views and
-            # autograd.grad of the generic rules each break the graph (and per-layer recompiles
-            # then hit dynamo's limit); the compiler fuses the projection into one graph itself
+            # autograd.grad of the generic rules each break torch.compile's graph (and per-layer
+            # recompiles then hit dynamo's limit; the compiler fuses the projection into one graph
+            # itself), and torch.func's transforms (per-sample gradients) take no such kernel
             return self.reference_forward(x)
         linear = isinstance(self, nn.Linear)
         if linear:
