@@ -34,7 +34,7 @@ from sparsify.core.params import Params, param
 from sparsify.core.sharded import is_distributed
 from sparsify.core.staging import active_range, resolve_stages, stage_at
 
-__all__ = ["PositionMask", "SemiStructuredGroup", "SemiStructuredMethod", "position_mask", "input_size_of"]
+__all__ = ["PositionMask", "DeployedPositionMask", "SemiStructuredGroup", "SemiStructuredMethod", "position_mask", "input_size_of"]
 
 
 def position_mask(scores: torch.Tensor, size: tuple[int, int], sparsity: float) -> torch.Tensor:
@@ -107,6 +107,26 @@ class PositionMask(nn.Module):
             return "mask=unset"
         zeros = int((self.mask == 0).sum())
         return f"mask={tuple(self.mask.shape)}, dropped={zeros}/{self.mask.numel()}"
+
+
+class DeployedPositionMask(PositionMask):
+    """What ``finalize`` keeps of a :class:`PositionMask` with zeros: ``y ⊙ mask`` and the size
+    check, nothing of the training bookkeeping, so that ``torch.jit.script`` compiles it and
+    ``torch.jit.trace`` records it without warnings.
+
+    >>> m = DeployedPositionMask(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+    >>> m(torch.ones(1, 1, 2, 2))[0, 0]
+    tensor([[1., 0.],
+            [1., 1.]])
+    """
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        # (a trace records the sizes as tensors: comparing them would warn, and the traced
+        # graph is for the traced size anyway)
+        if not torch.jit.is_tracing() and (y.shape[-2] != self.mask.shape[0] or y.shape[-1] != self.mask.shape[1]):
+            raise RuntimeError("PositionMask: this conv's output size is not the one its mask was made for: run "
+                               "the model at the input resolution it was trained at")
+        return y * self.mask.to(y.dtype)
 
 
 def input_size_of(example_inputs) -> tuple[int, int] | None:
@@ -261,7 +281,7 @@ class SemiStructuredGroup(Group):
     def finalize_member(self, name: str, module: nn.Module):
         if not module.enabled:
             return None  # an all-ones mask is the identity: drop the node
-        return PositionMask(module.mask)
+        return DeployedPositionMask(module.mask)
 
     # the generator state makes a resumed run draw the same maps
     def get_extra_state(self):
@@ -321,6 +341,7 @@ class SemiStructuredMethod(Method):
     description = "Semi-structured activation sparsity: random output-position masks after convs (ICCV-W 2023)"
     needs_example_inputs = True  # masks are sized from the input resolution at build time
     site = "module"
+    inserts_after = True  # the mask node after the conv's call
     targets = (nn.Conv2d,)
     tied_weights = "keep"  # the conv keeps its weight; masks go after it
     Params = SemiStructuredParams

@@ -86,8 +86,11 @@ def _takes_labels(root: nn.Module) -> str | None:
     flow (the loss is computed only when they are given). One graph of the root is traced for one
     of the two calls; the other would run the root's own forward, without the nodes a recipe
     inserted (activation regularizers, masks, SAS's rewiring): training and deployment would
-    compute different functions. The root's own forward is the loss around its children's calls,
-    and each child is traced for how the root calls it, which is the same in both calls.
+    compute different functions. So when the recipe needs nothing of the root's own graph (a
+    transformers head: the loss around its backbone's and classifier's calls; see
+    :func:`_root_code_needed`), :func:`fx_capture` traces its children instead, each for how the
+    root calls it, which is the same in both calls; otherwise the root stays one graph (nothing
+    would reach those sites) and a call of the other kind warns that it skips the inserted nodes.
 
     >>> class Head(nn.Module):
     ...     def forward(self, pixel_values, labels=None):
@@ -108,6 +111,24 @@ def _takes_labels(root: nn.Module) -> str | None:
             "child, so that both calls run the recipe")
 
 
+def _root_code_needed(cands: list[Candidate], matcher: MatchTable) -> bool:
+    """Whether a rule needs the root's graph for nodes of the root's own code (not a child's): an
+    activation a rule matches, a layer whose method inserts nodes after it, any layer or activation
+    there when a method reads the nodes around its sites; a weight layer that a method replaces
+    module for module is rewritten without the graph."""
+    reads_around = any(r.method is not None and r.method.full_trace for r in matcher.rules)
+    for c in cands:
+        if c.node is None or c.prefix or _enclosing(c) or not _structural(c):
+            continue
+        if reads_around:
+            return True
+        w = matcher.winner(c)
+        if w is not None and w.method is not None and (
+                not isinstance(c.module, WEIGHT_TYPES) or w.method.inserts_after or w.method.site == "node"):
+            return True
+    return False
+
+
 def fx_capture(root: nn.Module, matcher: MatchTable, example_inputs=None):
     """torch.fx, as deep as the rules need, untraceable submodules rewritten module by module:
     ``(TraceResult, candidates, candidates of the full-depth trace)``."""
@@ -123,9 +144,17 @@ def fx_capture(root: nn.Module, matcher: MatchTable, example_inputs=None):
 
     # activation modules called by an untraceable parent get a one-call graph when a rule may insert after them
     shell = shell_activation if any(r.method is not None and r.method.site == "node" for r in matcher.rules) else None
-    split = _takes_labels(root)
-    tr = trace(root, _not_a_layer, is_site=is_site, calls=calls, shell=shell, concrete_args=root_args, split=split)
+    tr = trace(root, _not_a_layer, is_site=is_site, calls=calls, shell=shell, concrete_args=root_args)
     cands = _candidates(tr, root, calls)
+    split = _takes_labels(root)
+    if split is not None and "" in tr.graphs and not _root_code_needed(cands, matcher):
+        # every site the root's own code holds is a layer a module swap rewrites: tracing the
+        # children instead loses nothing
+        tr.restore()
+        tr = trace(root, _not_a_layer, is_site=is_site, calls=calls, shell=shell, concrete_args=root_args, split=split)
+        cands = _candidates(tr, root, calls)
+    else:
+        split = None
     # a method whose rewrite reads the nodes around a site (SAS: the relu feeding a layer, which may
     # sit inside a module with nothing to rewrite) needs every module holding a layer or an
     # activation traced through; modules with neither (stochastic depth) still stay leaves
