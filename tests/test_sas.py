@@ -349,3 +349,35 @@ def test_deploy_module_is_plain_and_exportable():
         assert set(dep.state_dict()) == set(mod.state_dict())
         exported = torch.export.export(dep, (inp,))
         torch.testing.assert_close(exported.module()(inp), mod(inp))
+
+
+def test_second_derivatives_are_refused_in_one_line_and_taken_through_torch_func(monkeypatch):
+    """A gradient penalty (``create_graph=True``) failed inside torch on the kernel's out= writes;
+    it is refused with what to do instead, and torch.func's grad of grad (SAS runs plain ops under
+    transforms) equals autograd's through the reference forward."""
+    from torch.func import functional_call, grad
+
+    import sparsify
+    from sparsify.methods.sas.layer import SASMixin
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
+    x = torch.randn(2, 3, 8, 8)
+    m = sparsify.sparsify(net, "sas", total_steps=4, example_inputs=(x,))
+    xr = x.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="SAS layers have no second derivative"):
+        torch.autograd.grad(m(xr).logsumexp(1).sum(), xr, create_graph=True)
+
+    params = {k: v.detach() for k, v in m.named_parameters()}
+
+    def penalty(p):
+        return grad(lambda xi: functional_call(m, p, (xi,)).logsumexp(1).sum())(x).pow(2).sum()
+
+    through_func = grad(penalty)(params)
+    monkeypatch.setattr(SASMixin, "forward", lambda self, inp: self.reference_forward(inp))
+    xr = x.clone().requires_grad_()
+    gx, = torch.autograd.grad(m(xr).logsumexp(1).sum(), xr, create_graph=True)
+    m.zero_grad()
+    gx.pow(2).sum().backward()
+    for name, p in m.named_parameters():
+        torch.testing.assert_close(through_func[name], p.grad, msg=lambda msg: f"{name}: {msg}")

@@ -97,3 +97,33 @@ def test_trainer_checkpoints_are_quiet_and_the_final_save_model_warns(tmp_path):
         warnings.simplefilter("always")
         trainer.save_model(str(tmp_path / "final"))
     assert len([w for w in caught if WARNING in str(w.message)]) == 1
+
+
+@pytest.mark.parametrize("recipe,warned", [("semi-structured", True), ("sas", True), ("st3", False), ("tl1", False)])
+def test_a_finalized_model_its_class_cannot_rebuild_says_so_at_save_pretrained(tmp_path, recipe, warned):
+    """SAS's wider layers and semi-structured's mask modules are not what the class builds:
+    from_pretrained of the folder dropped the masks silently (outputs off by 0.05 to 4 on HF ResNet,
+    ConvNeXt, CLIP) or refused the weights. The finalized model says so at save_pretrained, once."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    net = transformers.ResNetForImageClassification(transformers.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3))
+    model = sparsify.sparsify(net, recipe, total_steps=2, example_inputs={"pixel_values": x})
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(2):
+        loss = model(pixel_values=x, labels=torch.tensor([0, 1])).loss + sparsify.penalty(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sparsify.step(model, loss=loss)
+    final = sparsify.finalize(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        final.save_pretrained(tmp_path / "a")
+        final.save_pretrained(tmp_path / "b")
+    said = [str(w.message) for w in caught if "which ResNetForImageClassification does not build" in str(w.message)]
+    assert len(said) == int(warned), said
+    if recipe == "semi-structured":  # what it warns about: the reloaded model lost the masks
+        reloaded = transformers.ResNetForImageClassification.from_pretrained(tmp_path / "a").eval()
+        with torch.no_grad():
+            assert not torch.allclose(reloaded(pixel_values=x).logits, final(pixel_values=x).logits)

@@ -223,6 +223,9 @@ class Method:
     needs_example_inputs: ClassVar[bool] = False  # True: the group sizes buffers from input shapes at build
     full_trace: ClassVar[bool] = False  # True: rewrites read the nodes around a site (trace every module holding one)
     inserts_after: ClassVar[bool] = False  # True: apply inserts nodes after the site's call (needs its graph)
+    # what finalize's modules hold that the dense model's class does not build (None: nothing), said
+    # when the finalized model is saved with save_pretrained, whose from_pretrained rebuilds the class
+    deploy_layout: ClassVar[str | None] = None
     # a layer whose weight another module registers too (sparsify.prepare.tied): "share" (the rewritten
     # layer computes with an effective weight of the same shape from the same parameter, which the other
     # uses can read), "refuse" (the rewrite changes the weight), "keep" (the layer keeps its weight)

@@ -14,7 +14,8 @@ from passes.traced import graph_fingerprint, untraced
 
 from sparsify.deploy.compare import outputs_close
 from sparsify.prepare.inputs import state_inputs
-from sparsify.prepare.pretrained import unguard_save_pretrained
+from sparsify.prepare.pretrained import guard_foreign_layout, unguard_save_pretrained
+from sparsify.core.registry import get_method
 from sparsify.core.sharded import sharded_modules
 from sparsify.core.state import STATE_ATTR, SparsifyState, after_load, find_state, refuse_unfilled, unwrap
 from sparsify.core.tied import TiedUse, plain_tied
@@ -61,9 +62,13 @@ def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
                            "the same sparsify(...) of a fresh model and finalize that (docs/distributed.md)")
     final = copy.deepcopy(source, kept_hooks(source))  # the caller's hook objects run in it, not copies
     fstate: SparsifyState = getattr(final, STATE_ATTR)
+    foreign = []  # what the model's class does not build
     for group in fstate.groups.values():
+        layout = get_method(group.method_name).deploy_layout
         for name, member in group.members.items():
             new = group.finalize_member(name, member)
+            if new is not None and layout and layout not in foreign:
+                foreign.append(layout)
             if new is None:
                 if not _remove_node(final, fstate.graph_paths, name):
                     raise FinalizeError(f"could not remove {name} from the graph")
@@ -77,6 +82,8 @@ def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
     remove_hooks(final, "_load_state_dict_post_hooks", after_load)
     remove_hooks(final, "_forward_pre_hooks", refuse_unfilled)  # a model sparsified on meta
     unguard_save_pretrained(final)
+    if foreign:
+        guard_foreign_layout(final, " and ".join(foreign))
     for prefix in fstate.graph_paths:
         gm = final.get_submodule(prefix) if prefix else final
         if isinstance(gm, fx.GraphModule):

@@ -342,6 +342,7 @@ class SemiStructuredMethod(Method):
     needs_example_inputs = True  # masks are sized from the input resolution at build time
     site = "module"
     inserts_after = True  # the mask node after the conv's call
+    deploy_layout = "semi-structured's position masks, modules of their own after the masked convs"
     targets = (nn.Conv2d,)
     tied_weights = "keep"  # the conv keeps its weight; masks go after it
     Params = SemiStructuredParams

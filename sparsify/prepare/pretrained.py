@@ -17,7 +17,7 @@ from torch import nn
 
 from sparsify.core.state import find_state
 
-__all__ = ["guard_save_pretrained", "unguard_save_pretrained"]
+__all__ = ["guard_save_pretrained", "unguard_save_pretrained", "guard_foreign_layout"]
 
 SAVE_ADVICE = ("save_pretrained of a model in sparse training writes a training checkpoint (raw weights; masks "
                "and thresholds as extra entries): from_pretrained of it into the plain class drops those entries "
@@ -56,3 +56,37 @@ def unguard_save_pretrained(root: nn.Module) -> None:
     method = root.__dict__.get("save_pretrained")
     if isinstance(method, types.MethodType) and method.__func__ is save_pretrained:
         del root.__dict__["save_pretrained"]
+
+
+def _save_foreign(self, *args, **kwargs):
+    """The class's ``save_pretrained`` of a finalized model its class cannot rebuild, with a warning."""
+    why = self.__dict__.pop("_sparsify_foreign_layout", None)  # said once
+    if why:
+        warnings.warn(f"sparsify: this finalized model holds {why}, which {type(self).__name__} does not build: "
+                      "from_pretrained of the folder save_pretrained writes gives another model (it drops the "
+                      "masks silently, or refuses the wider weights). Serve it through torch.export, or "
+                      "torch.save(model) where fx-sparsify is installed (docs/deployment.md#serving-without-fx-sparsify)",
+                      stacklevel=2)
+    return type(self).save_pretrained(self, *args, **kwargs)
+
+
+def guard_foreign_layout(root: nn.Module, why: str) -> None:
+    """Warn at ``root.save_pretrained`` (when its class has one) that the finalized ``root``
+    holds ``why``: modules its class does not build, which ``from_pretrained`` cannot restore.
+
+    >>> import torch
+    >>> class Pretrained(torch.nn.Linear):
+    ...     def save_pretrained(self, path): return path
+    >>> m = Pretrained(2, 2)
+    >>> guard_foreign_layout(m, "a mask")
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as said:
+    ...     warnings.simplefilter("always")
+    ...     m.save_pretrained("out"), m.save_pretrained("out")
+    ('out', 'out')
+    >>> len(said), str(said[0].message)[:49]
+    (1, 'sparsify: this finalized model holds a mask, whi')
+    """
+    if callable(getattr(type(root), "save_pretrained", None)):
+        root.__dict__["_sparsify_foreign_layout"] = why
+        root.__dict__["save_pretrained"] = types.MethodType(_save_foreign, root)

@@ -114,6 +114,11 @@ class _SASFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph=True: torch would fail inside, on an out= write
+            raise RuntimeError(
+                "sparsify: SAS layers have no second derivative (a backward with create_graph=True: gradient "
+                "penalties, MAML); take it through torch.func (grad of grad), where SAS runs plain ops, or leave "
+                "these layers dense")
         x, weight, bias, slots = ctx.saved_tensors
         rule, cast, per_slot = ctx.rule, ctx.cast, ctx.per_slot
         if x is not None and not per_slot and not ctx.conf_e[0]:
