@@ -199,3 +199,38 @@ def test_resume_of_an_interrupted_run_still_continues(finished, tmp_path):
     b = torch.load(finished / "st3" / ck.CHECKPOINT, weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
 
+
+
+@pytest.mark.parametrize("edit,said", [
+    ({"epoch": -5}, "epoch -5"),
+    ({"epoch": 0, "batch": 1000000}, "history that is not one record"),
+    ({"epoch": 0, "history": [], "batch": 1000000}, "outside its 1 epochs"),
+    ({"epoch": "x"}, "epoch 'x'"),
+    ({"history": "oops"}, "history"),
+    ({"running": None}, "running totals"),
+    ({"rng_python": [1, 2]}, "Python RNG state"),
+    ({"rng_numpy": ["MT19937", [1, 2, 3], 0, 0, 0.0]}, "NumPy RNG state"),
+])
+def test_an_edited_description_is_refused_and_changes_nothing(finished, tmp_path, capsys, edit, said):
+    """Only checkpoint.pt is hashed: the JSON half is checked field by field (an edited epoch
+    trained "epoch -4/2" and overwrote the run; other edits crashed with a traceback)."""
+    run = copy_run(finished, tmp_path)
+    meta = json.loads((run / ck.CHECKPOINT_META).read_text())
+    meta.update(edit)
+    (run / ck.CHECKPOINT_META).write_text(json.dumps(meta))
+    before = snapshot(run)
+    assert said in cli_error(capsys, ["train", "--resume", str(run)])
+    assert snapshot(run) == before
+
+
+def test_an_edited_config_is_refused(finished, tmp_path, capsys):
+    run = copy_run(finished, tmp_path)
+    saved = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**saved, "threads": "many"}))
+    assert "threads='many'" in cli_error(capsys, ["train", "--resume", str(run)])
+
+
+def test_resume_refuses_settings_it_would_ignore(finished, tmp_path, capsys):
+    run = copy_run(finished, tmp_path)
+    err = cli_error(capsys, ["train", "--resume", str(run), "--epochs", "5", "--lr", "0.3"])
+    assert "--epochs, --lr cannot change them" in err

@@ -51,6 +51,12 @@ BAD = [
     ["train", "--device", "tpu"],
     *([] if torch.cuda.is_available() else [["train", "--device", "cuda"]]),  # a GPU machine runs it
     ["demo", "--recipes", "st3,nope"],
+    ["train", "--compile", "no_such_backend"],
+    ["train", "--resume", ""],
+    ["train", "--recipe", "st3", "--set", "end=1" + "0" * 400],
+    ["train", "--model", ":factory"],
+    ["train", "--model", "json:dumps"],  # a factory that raises (it needs an argument)
+    *([] if hasattr(torch, "xpu") and torch.xpu.is_available() else [["train", "--device", "xpu"]]),
 ]
 
 
@@ -83,3 +89,39 @@ def test_sparsifying_a_sparsified_model_says_what_to_do():
         sparsify.sparsify(model, "st3", total_steps=10)
     again = sparsify.sparsify(sparsify.finalize(model, torch.zeros(1, 4)), "st3", total_steps=10)
     assert sparsify.report(again).totals is not None  # a finalized model is plain again
+
+
+@pytest.mark.parametrize("recipe,said", [
+    ('{"version": 1, "rules": [{"match": {"type": "Conv2d"}, "method": "st3", "params": [1]}]}', "params: must be"),
+    ("[" * 100000, "nested too deeply"),
+    (b"\xff\xfe{}", "not UTF-8"),
+    ('{"version": 1, "rules": [{"match": {"type": "Conv2d"}, "method": "st3", "params": {"end": 1' + "0" * 400
+     + '}}]}', "below 2**62"),
+    ('{"version": 1, "rules": [{"match": {"type": "Conv2d"}, "method": "st3", "params": {"end": 1' + "0" * 5000
+     + '}}]}', "integer string conversion"),
+])
+def test_malformed_recipe_files_are_one_line(recipe, said, tmp_path, capsys):
+    path = tmp_path / "r.json"
+    (path.write_bytes if isinstance(recipe, bytes) else path.write_text)(recipe)
+    assert main(["plan", "--model", "cnn", "--recipe", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and said in err, err
+
+
+def test_unwritable_out_and_folder_recipes_are_one_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    assert main(["train", "--epochs", "1", "--out", str(tmp_path / "afile" / "run")]) == 2
+    assert "Not a directory" in capsys.readouterr().err
+    (tmp_path / "adir.json").mkdir()
+    assert main(["plan", "--model", "cnn", "--recipe", str(tmp_path / "adir.json")]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_demo_refuses_a_folder_of_train_runs(tmp_path, capsys):
+    """The demo replaces its runs' folders: a folder of `sparsify train` runs it did not write was
+    overwritten silently."""
+    (tmp_path / "st3").mkdir()
+    (tmp_path / "st3" / "config.json").write_text("{}")
+    assert main(["demo", "--out", str(tmp_path), "--recipes", "st3", "--epochs", "1"]) == 2
+    assert "holds runs the demo did not write" in capsys.readouterr().err
+    assert (tmp_path / "st3" / "config.json").read_text() == "{}"

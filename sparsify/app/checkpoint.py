@@ -144,6 +144,38 @@ def load_checkpoint(folder: Path) -> tuple[dict, dict]:
     return tensors, meta
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def meta_problem(meta: dict) -> str | None:
+    """What is wrong with the position, history and RNG states of a checkpoint's JSON half (only
+    ``checkpoint.pt`` is hashed: this half is checked field by field), or None.
+
+    >>> meta_problem({"epoch": -5, "batch": 0})
+    'epoch -5 (not a count of epochs)'
+    """
+    for key in ("epoch", "batch"):
+        v = meta.get(key)
+        if not _is_int(v) or v < 0:
+            return f"{key} {v!r} (not a count of {key}es)" if key == "batch" else f"{key} {v!r} (not a count of epochs)"
+    history, running = meta.get("history"), meta.get("running")
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history) or len(history) != meta["epoch"]:
+        return "a history that is not one record per finished epoch"
+    if not isinstance(running, dict) or not all(isinstance(running.get(k), (int, float)) and not isinstance(
+            running.get(k), bool) and running[k] >= 0 for k in ("loss", "correct", "seen")):
+        return "running totals that are not numbers"
+    py, npy = meta.get("rng_python"), meta.get("rng_numpy")
+    if not (isinstance(py, list) and len(py) == 3 and _is_int(py[0]) and isinstance(py[1], list) and len(py[1]) == 625
+            and all(_is_int(v) and 0 <= v < 2 ** 32 for v in py[1]) and (py[2] is None or isinstance(py[2], float))):
+        return "a Python RNG state that is not one"
+    if not (isinstance(npy, list) and len(npy) == 5 and npy[0] == "MT19937" and isinstance(npy[1], list)
+            and len(npy[1]) == 624 and all(_is_int(v) and 0 <= v < 2 ** 32 for v in npy[1]) and _is_int(npy[2])
+            and 0 <= npy[2] <= 624 and _is_int(npy[3]) and isinstance(npy[4], (int, float))):
+        return "a NumPy RNG state that is not one"
+    return None
+
+
 class StopOnSigint:
     """First SIGINT: ask the loop to stop after the current step. Second: KeyboardInterrupt."""
 

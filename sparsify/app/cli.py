@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from sparsify.app.device import AMP_CHOICES
@@ -33,6 +34,11 @@ def _parse_shape(text: str | None) -> tuple[int, ...] | None:
     if len(shape) < 2:
         raise ValueError(f"--input-shape is batch first (e.g. 1,3,224,224 or 1,784), got {text!r}")
     return shape
+
+
+#: ``train`` options a resumed run takes from its folder, not from the command line
+RESUME_FIXED = ("recipe", "set", "data", "image_size", "width", "epochs", "batch_size", "optimizer", "lr",
+                "weight_decay", "momentum", "seed", "out", "overwrite", "ema", "amp")
 
 
 def _check_args(args) -> None:
@@ -57,6 +63,22 @@ def _check_args(args) -> None:
             raise ValueError(f"--{key.replace('_', '-')} must be {bound} finite number, got {v}")
     if getattr(args, "momentum", None) is not None and args.momentum >= 1:
         raise ValueError(f"--momentum must be below 1, got {args.momentum}")
+    if getattr(args, "compile", None) is not None:
+        import torch._dynamo
+        if args.compile not in torch._dynamo.list_backends(exclude_tags=()):
+            usual = sorted({*torch._dynamo.list_backends(), "eager", "aot_eager"})
+            raise ValueError(f"--compile {args.compile}: not a torch.compile backend of this torch; one of "
+                             f"{', '.join(usual)}")
+    if args.command == "train" and args.resume is not None:
+        if not args.resume.strip():
+            raise ValueError("--resume needs the folder of the run to continue")
+        defaults = vars(build_parser().parse_args(["train", "--resume", args.resume]))
+        given = [k for k in RESUME_FIXED if getattr(args, k) != defaults[k]]
+        if given:
+            flags = ", ".join("--" + ("set" if k == "set" else k.replace("_", "-")) for k in given)
+            raise ValueError(f"--resume continues the run with the settings it was started with; {flags} cannot "
+                             "change them (only --threads, --device, --compile, --workers and --no-progress can): "
+                             "start a new run for other settings")
     if args.command == "train" and getattr(args, "set", None) and not args.recipe and not args.resume:
         raise ValueError("--set changes recipe parameters: give the recipe too (--recipe NAME_OR_PATH)")
     if args.command == "demo" and args.recipes:
@@ -201,8 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     from sparsify.app.models import ModelError
     from sparsify.prepare.recipe import RecipeError
     from sparsify.core.schedules import ScheduleError
-    user_errors = (RecipeError, ScheduleError, ModelError, DataError, FileNotFoundError, FileExistsError,
-                   ValueError)
+    # OSError: a folder that cannot be written or read (permissions, a file in the path);
+    # OverflowError: a number too large for the field that takes it
+    user_errors = (RecipeError, ScheduleError, ModelError, DataError, OSError, ValueError, OverflowError)
     try:
         _check_args(args)
         if args.command == "recipes":
@@ -217,12 +240,18 @@ def main(argv: list[str] | None = None) -> int:
             return 130 if result.get("interrupted") else 0
         if args.command == "demo":
             from sparsify.app.demo import run_demo
-            run_demo(args.out, epochs=args.epochs, seed=args.seed, progress=args.progress,
-                     recipes=args.recipes.split(",") if args.recipes else None)
-            return 0
+            rows = run_demo(args.out, epochs=args.epochs, seed=args.seed, progress=args.progress,
+                            recipes=args.recipes.split(",") if args.recipes else None)
+            return 130 if rows and rows[-1].get("interrupted") else 0
+    except BrokenPipeError:  # `sparsify recipes | head -1`: the reader left, nothing to say
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (the interpreter flushes stdout at exit)
+        return 0
     except user_errors as e:
         print(f"sparsify {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before a run saves anything (startup), or a second Ctrl-C
+        print(f"sparsify {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 1
 
 

@@ -10,10 +10,12 @@ always win.
 from __future__ import annotations
 
 import os
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from sparsify.app.resume import load_run
+from sparsify.app.checkpoint import CheckpointError
+from sparsify.app.resume import CONFIG, load_run
 from sparsify.prepare.recipe import load_recipe
 
 __all__ = ["TrainConfig", "config_from_args", "METHOD_DEFAULTS", "BASE_DEFAULTS", "resolve_optimizer"]
@@ -88,14 +90,20 @@ def resolve_optimizer(cfg: TrainConfig) -> dict:
 
     >>> resolve_optimizer(TrainConfig(recipe="st3"))
     {'optimizer': 'sgd', 'lr': 0.05, 'weight_decay': 0.0005}
+    >>> resolve_optimizer(TrainConfig(recipe="sas", optimizer="adam"))["lr"]  # SAS's lower lr is SGD's
+    0.001
     """
     hints: dict = {}
+    options: dict = {}
     if not cfg.dense:
         recipe = load_recipe(cfg.recipe, **cfg.overrides)
         for rule in recipe.rules:
             hints.update(METHOD_DEFAULTS.get(rule.method or "", {}))
-        hints.update(recipe.options.get("train", {}) if isinstance(recipe.options, dict) else {})
-    name = cfg.optimizer or hints.get("optimizer", "sgd")
+        options = recipe.options.get("train", {}) if isinstance(recipe.options, dict) else {}
+    name = cfg.optimizer or options.get("optimizer", "sgd")
+    if name != "sgd":  # the methods' learning rates are SGD's (SAS's 0.02 is 20x Adam's default)
+        hints.pop("lr", None)
+    hints.update(options)
     base = BASE_DEFAULTS[name]
     pick = lambda key, given: given if given is not None else hints.get(key, base[key])  # noqa: E731
     return {"optimizer": name, "lr": float(pick("lr", cfg.lr)), "weight_decay": float(pick("weight_decay",
@@ -106,8 +114,30 @@ def _default_out(cfg: TrainConfig) -> str:
     return os.path.join("runs", f"{cfg.model.replace(':', '_')}-{Path(str(cfg.recipe or 'dense')).stem}-s{cfg.seed}")
 
 
+def _type_problem(saved: dict) -> str | None:
+    """The first saved setting whose JSON type is not its field's (``config.json`` edited), or None.
+
+    >>> _type_problem({"epochs": "3"})
+    "epochs='3'"
+    """
+    hints = typing.get_type_hints(TrainConfig)
+    for key, value in saved.items():
+        if key not in hints:
+            continue
+        allowed = typing.get_args(hints[key]) or (hints[key],)
+        allowed = tuple(type(None) if a is None else a for a in allowed)
+        if float in allowed:
+            allowed += (int,)
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            return f"{key}={value!r}"
+    return None
+
+
 def _load_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict, dict]:
     saved, tensors, meta = load_run(Path(cfg.resume), cfg.model, TrainConfig.model)
+    if (bad := _type_problem(saved)) is not None:
+        raise CheckpointError(f"--resume {cfg.resume}: {CONFIG} holds {bad}, not a value of that setting (edited or "
+                              "damaged); the run cannot be resumed from it")
     known = {f.name for f in fields(TrainConfig)}
     new = TrainConfig(**{k: v for k, v in saved.items() if k in known})
     new.out, new.resume, new.progress, new.overwrite = str(cfg.resume), str(cfg.resume), cfg.progress, False

@@ -115,12 +115,23 @@ def _image_folder(path: str, image_size: int, workers: int = 0, preload_limit: i
     tf = transforms.Compose([transforms.Resize((image_size, image_size)), transforms.ToTensor(),
                              transforms.Normalize([0.5] * 3, [0.25] * 3)])
 
+    class Folder(datasets.ImageFolder):
+        def find_classes(self, directory):  # hidden folders (.git, .ipynb_checkpoints) are not classes
+            classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+            if not classes:
+                raise FileNotFoundError(f"no class folders in {directory}")
+            return classes, {c: i for i, c in enumerate(classes)}
+
     def open_folder(p: Path):
         try:
-            return datasets.ImageFolder(str(p), transform=tf)
+            folder = Folder(str(p), transform=tf)
         except (FileNotFoundError, RuntimeError) as e:
             raise DataError(f"image folder {str(p)!r} holds no images in class sub-folders "
                             f"(expected {p}/<class name>/<image>.png|jpg|...): {e}") from None
+        if len(folder.classes) < 2:
+            raise DataError(f"image folder {str(p)!r} has one class folder ({folder.classes[0]!r}): a classifier "
+                            f"needs at least 2 (expected {p}/<class name>/<image> for each class)")
+        return folder
 
     test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
     if (root / "train").is_dir() and test_dir is not None:
@@ -129,8 +140,8 @@ def _image_folder(path: str, image_size: int, workers: int = 0, preload_limit: i
             raise DataError(f"{root / 'train'} and {test_dir} have different class folders: "
                             f"{train.classes} vs {test.classes}")
         classes = train.classes
-    else:
-        full = open_folder(root)
+    else:  # one folder of classes (PATH/train without val/test: that one), split 80/20
+        full = open_folder(root / "train" if (root / "train").is_dir() else root)
         if len(full) < 2:
             raise DataError(f"image folder {str(root)!r} has {len(full)} image(s): need at least 2 to split "
                             "into train and test")

@@ -18,6 +18,7 @@ import torch
 
 from sparsify.prepare.recipe import builtin_recipes
 from sparsify.app.results import thousands
+from sparsify.app.resume import CONFIG
 from sparsify.app.train import TrainConfig, train
 
 __all__ = ["run_demo", "format_table", "DEMO_EPOCHS"]
@@ -62,6 +63,21 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+MARKER = ".sparsify-demo"  # in a folder the demo writes: its runs may be replaced by the next demo
+
+
+def _claim_demo_out(out_dir: Path) -> None:
+    """Refuse a folder holding runs the demo did not write (``sparsify train --out`` runs it would
+    replace); mark the folder as the demo's."""
+    if out_dir.is_dir() and not (out_dir / MARKER).exists() and not (out_dir / "comparison.json").exists():
+        runs = sorted(p.parent.name for p in out_dir.glob(f"*/{CONFIG}"))
+        if runs:
+            raise FileExistsError(f"--out {out_dir} holds runs the demo did not write ({', '.join(runs[:3])}); the "
+                                  "demo replaces its runs' folders: give it another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MARKER).write_text("a sparsify demo folder: the next demo replaces its runs\n")
+
+
 def run_demo(out: str = "demo-out", *, epochs: int | None = None, seed: int = 0, progress: bool = False,
              recipes: list[str] | None = None, quiet: bool = False) -> list[dict]:
     """Train dense + each recipe (default: all built-ins) on digits; write ``comparison.json``,
@@ -69,9 +85,9 @@ def run_demo(out: str = "demo-out", *, epochs: int | None = None, seed: int = 0,
     from sparsify.app.plots import plot_comparison
     say = (lambda *a, **k: None) if quiet else print
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _claim_demo_out(out_dir)
     epochs = epochs or DEMO_EPOCHS
-    names = ["dense"] + (list(recipes) if recipes else list(builtin_recipes()))
+    names = list(dict.fromkeys(["dense"] + (list(recipes) if recipes else list(builtin_recipes()))))
     threads = torch.get_num_threads()
     t0 = time.time()
     rows = []
@@ -84,6 +100,9 @@ def run_demo(out: str = "demo-out", *, epochs: int | None = None, seed: int = 0,
                           device="cpu")  # its table's numbers are the CPU's (a small CNN: a GPU gains nothing)
         try:
             res = train(cfg, quiet=True)
+            if res.get("interrupted"):  # Ctrl-C: the demo stops with the run (its checkpoint is kept)
+                say(f"  {name:<16} interrupted; the demo stops (rerun it to start over)")
+                return [*rows, {"name": name, "interrupted": True}]
             row = {"name": name, "error": None, "seconds": time.time() - t,
                    **{k: res.get(k) for k in ("accuracy", "weight_sparsity", "activation_sparsity", "params",
                                               "nonzero_params", "dense_macs", "nonzero_macs", "effective_macs",

@@ -39,6 +39,8 @@ def resolve_device(name: str | None) -> torch.device:
             raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)")
     elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise ValueError(f"--device {name}: this torch has no usable MPS device; use --device cpu")
+    elif device.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise ValueError(f"--device {name}: this torch has no usable XPU device; use --device cpu")
     elif device.type not in ("cpu", "cuda", "mps", "xpu"):
         raise ValueError(f"--device {name}: sparsify train runs on cpu, cuda, mps or xpu")
     return device

@@ -193,6 +193,11 @@ def model_names() -> dict[str, str]:
     return {k: v[1] for k, v in BUILTIN_MODELS.items()}
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
+
+
 def _call_with_accepted(factory, kwargs: dict):
     try:
         sig = inspect.signature(factory)
@@ -220,15 +225,22 @@ def build_model(name: str, *, num_classes: int = 10, in_channels: int = 3, image
         raise ModelError(f"width={width} applies to the built-in models ({', '.join(BUILTIN_MODELS)}) only")
     if ":" in name:
         mod_name, _, attr = name.partition(":")
+        if not mod_name or not attr:
+            raise ModelError(f"model {name!r}: name a factory as package.module:function")
         try:
             module = importlib.import_module(mod_name)
         except ImportError as e:
             raise ModelError(f"model {name!r}: cannot import module {mod_name!r} ({e}); "
                              "is it installed or on PYTHONPATH?") from None
+        except Exception as e:  # the module's own code failed (a syntax error, an exception at import)
+            raise ModelError(f"model {name!r}: importing {mod_name!r} raised {_first_line(e)}") from None
         factory = getattr(module, attr, None)
         if factory is None or not callable(factory):
             raise ModelError(f"model {name!r}: module {mod_name!r} has no callable {attr!r}")
-        model = _call_with_accepted(factory, kwargs)
+        try:
+            model = _call_with_accepted(factory, kwargs)
+        except Exception as e:  # the factory's own code: one line naming it (run it in Python for the traceback)
+            raise ModelError(f"model {name!r}: the factory raised {_first_line(e)}") from None
         if not isinstance(model, nn.Module):
             raise ModelError(f"model {name!r}: the factory returned {type(model).__name__}, not an nn.Module")
         return model

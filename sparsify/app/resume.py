@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparsify.app.checkpoint import (CHECKPOINT, CHECKPOINT_META, CheckpointError, load_checkpoint,
+from sparsify.app.checkpoint import (CHECKPOINT, CHECKPOINT_META, CheckpointError, load_checkpoint, meta_problem,
                                      save_checkpoint)
 
 __all__ = ["CONFIG", "RUN_FILES", "RUN_KEYS", "load_run", "claim_out", "restore", "save_run", "checkpoint_meta"]
@@ -50,6 +50,9 @@ def load_run(folder: Path, given_model: str | None, default_model: str) -> tuple
     if given_model not in (None, model, default_model):
         raise CheckpointError(f"--resume {folder}: --model {given_model} is not the run's model ({model!r})")
     tensors, meta = load_checkpoint(folder)
+    if (bad := meta_problem(meta)) is not None:
+        raise CheckpointError(f"--resume {folder}: {CHECKPOINT_META} has {bad} (edited or damaged); the run cannot be "
+                              "resumed from it")
     run = {k: saved.get(k) for k in RUN_KEYS}
     if meta.get("run") != run:
         diff = [k for k in RUN_KEYS if (meta.get("run") or {}).get(k) != run[k]]

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 import sparsify as sp
 
-from sparsify.app.checkpoint import CHECKPOINT, StopOnSigint, remove_stale_temporaries, write_json
+from sparsify.app.checkpoint import (CHECKPOINT, CHECKPOINT_META, CheckpointError, StopOnSigint,
+                                     remove_stale_temporaries, write_json)
 from sparsify.app.resume import CONFIG, RUN_KEYS, claim_out, restore, save_run
 from sparsify.app.config import (BASE_DEFAULTS, METHOD_DEFAULTS, TrainConfig, _default_out, _load_resume,
                                  config_from_args, resolve_optimizer)
@@ -146,6 +147,10 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
     history: list[dict] = []
     start_epoch, start_batch, running = 0, 0, {"loss": 0.0, "correct": 0, "seen": 0}
     if ckpt is not None:
+        if meta["epoch"] > cfg.epochs or meta["batch"] >= steps_per_epoch or (meta["epoch"] == cfg.epochs and meta["batch"]):
+            raise CheckpointError(f"--resume {cfg.resume}: {CHECKPOINT_META} places the run at epoch {meta['epoch']}, "
+                                  f"batch {meta['batch']}, outside its {cfg.epochs} epochs of {steps_per_epoch} "
+                                  "batches (edited or damaged); the run cannot be resumed from it")
         restore(model, optimizer, sched, ckpt, meta, cfg.resume, ema=ema, device=device)
         history, running = meta["history"], meta["running"]
         start_epoch, start_batch = meta["epoch"], meta["batch"]
@@ -246,5 +251,6 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
     if interrupted:
         say(f"interrupted: checkpoint saved in {out / CHECKPOINT}; continue with: sparsify train --resume {out}")
         return {"interrupted": True, "out": str(out)}
-    return _finish(model, cfg, data, out, history, opt_settings, total_steps, test_batches, example,
-                   time.time() - t_start, say, ema=ema)
+    with StopOnSigint():  # a Ctrl-C now would leave a run without its report: the seconds left finish it
+        return _finish(model, cfg, data, out, history, opt_settings, total_steps, test_batches, example,
+                       time.time() - t_start, say, ema=ema)

@@ -26,8 +26,12 @@ def resolve_time(value, total_steps: int | None, *, what: str = "time") -> int:
     """
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or math.isnan(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
+            isinstance(value, float) and math.isnan(value)):
         raise ScheduleError(f"{what} must be a step count >= 0 or a fraction in (0, 1), got {value!r}")
+    if value >= 2 ** 62:  # (a step count a run could reach and a tensor can hold)
+        raise ScheduleError(f"{what} must be a step count below 2**62, got {value!r}" if isinstance(value, float)
+                            else f"{what} must be a step count below 2**62, got an integer of {value.bit_length()} bits")
     if isinstance(value, float) and 0 < value < 1:
         if total_steps is None:
             raise ScheduleError(

@@ -85,7 +85,7 @@ def guard_foreign_layout(root: nn.Module, why: str) -> None:
     ...     m.save_pretrained("out"), m.save_pretrained("out")
     ('out', 'out')
     >>> len(said), str(said[0].message)[:49]
-    (1, 'sparsify: this finalized model holds a mask, whi')
+    (1, 'sparsify: this finalized model holds a mask, whic')
     """
     if callable(getattr(type(root), "save_pretrained", None)):
         root.__dict__["_sparsify_foreign_layout"] = why

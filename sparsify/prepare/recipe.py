@@ -81,6 +81,10 @@ def _parse(text: str, source: str) -> Any:
         data = loads_strict(text)
     except json.JSONDecodeError as e:
         raise RecipeError(f"{source}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
+    except RecursionError:
+        raise RecipeError(f"{source}: JSON nested too deeply to be a recipe") from None
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise RecipeError(f"{source}: {e}") from None
     _raise(source, check_duplicates(data))
     return data
 
@@ -106,11 +110,22 @@ def _read(spec) -> tuple[dict, str]:
         return copy.deepcopy(spec), "<dict>"
     if isinstance(spec, Path) or (isinstance(spec, str) and (spec.endswith(".json") or "/" in spec)):
         path = Path(spec)
+        if path.is_dir():
+            raise RecipeError(f"recipe file {str(path)!r} is a folder (give the path of a .json file)")
         if not path.is_file():
             raise RecipeError(f"recipe file {str(path)!r} does not exist")
-        return _parse(path.read_text(), str(path)), str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise RecipeError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the recipe as UTF-8 "
+                              "JSON") from None
+        except OSError as e:
+            raise RecipeError(f"recipe file {str(path)!r} cannot be read ({e.strerror})") from None
+        return _parse(text, str(path)), str(path)
     if isinstance(spec, str):
         known = builtin_recipes()
+        if spec not in known and Path(spec).is_file():  # a file named without .json or a folder
+            return _read(Path(spec))
         if spec not in known:
             raise RecipeError(f"unknown recipe {spec!r}; built-in recipes: {', '.join(known)} "
                               "(or pass a path to a .json file, or a dict)")
@@ -167,6 +182,9 @@ def _resolve_rule(index: int, raw: dict, schedule: dict, source: str) -> Rule:
     for key in method.schedule_keys:
         if key in schedule:
             params[key] = schedule[key]
+    if not isinstance(raw.get("params", {}), dict):
+        raise RecipeError(f"{source}: {path}.params: must be an object of parameter values, got "
+                          f"{type(raw['params']).__name__}")
     for key, value in raw.get("params", {}).items():
         if key not in method.params:
             raise RecipeError(f"{source}: {path}.params.{key}: unknown parameter of method "
