@@ -17,6 +17,7 @@ BAD = [
     ["train", "--recipe", "st3", "--set", "sparsity=[1,2]"],
     ["train", "--recipe", "st3", "--set", "nonexistent_key=1"],
     ["train", "--set", "sparsity=0.5"],  # --set without a recipe would be ignored
+    ["train", "--recipe", "dense", "--set", "sparsity=0.5"],
     ["train", "--threads", "-1"],
     ["train", "--threads", "0"],
     ["train", "--lr", "nan"],

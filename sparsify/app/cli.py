@@ -79,7 +79,8 @@ def _check_args(args) -> None:
             raise ValueError(f"--resume continues the run with the settings it was started with; {flags} cannot "
                              "change them (only --threads, --device, --compile, --workers and --no-progress can): "
                              "start a new run for other settings")
-    if args.command == "train" and getattr(args, "set", None) and not args.recipe and not args.resume:
+    dense = getattr(args, "recipe", None) in (None, "", "dense")
+    if args.command == "train" and getattr(args, "set", None) and dense and not args.resume:
         raise ValueError("--set changes recipe parameters: give the recipe too (--recipe NAME_OR_PATH)")
     if args.command == "demo" and args.recipes:
         from sparsify.prepare.recipe import builtin_recipes
@@ -119,6 +120,9 @@ def _plan_model(args):
         shape = shape or defaults
         model = build_model(args.model, num_classes=args.num_classes or 10, in_channels=shape[1],
                             image_size=shape[-1], width=args.width)
+    elif shape is not None:  # a factory or torchvision model at the input it is planned for
+        model = build_model(args.model, num_classes=args.num_classes or 1000, width=args.width,
+                            in_channels=shape[1], image_size=shape[-1])
     else:
         model = build_model(args.model, num_classes=args.num_classes or 1000, width=args.width)
     return model, (torch.zeros(shape),) if shape else None

@@ -27,11 +27,19 @@ SAVE_ADVICE = ("save_pretrained of a model in sparse training writes a training 
 
 
 def save_pretrained(self, *args, **kwargs):
-    """The class's ``save_pretrained``, with the warning of the module docstring."""
+    """The class's ``save_pretrained``, with the warning of the module docstring (or, for a
+    finalized model, :func:`guard_foreign_layout`'s)."""
     state = find_state(self, required=False)
     if state is not None and not state.in_trainer and "save_pretrained" not in state.warned:
         state.warned.add("save_pretrained")
         warnings.warn("sparsify: " + SAVE_ADVICE, stacklevel=2)
+    why = self.__dict__.pop("_sparsify_foreign_layout", None)  # said once
+    if why:
+        warnings.warn(f"sparsify: this finalized model holds {why}, which {type(self).__name__} does not build: "
+                      "from_pretrained of the folder save_pretrained writes gives another model (it drops the "
+                      "masks silently, or refuses the wider weights). Serve it through torch.export, or "
+                      "torch.save(model) where fx-sparsify is installed (docs/deployment.md#serving-without-fx-sparsify)",
+                      stacklevel=2)
     return type(self).save_pretrained(self, *args, **kwargs)
 
 
@@ -58,18 +66,6 @@ def unguard_save_pretrained(root: nn.Module) -> None:
         del root.__dict__["save_pretrained"]
 
 
-def _save_foreign(self, *args, **kwargs):
-    """The class's ``save_pretrained`` of a finalized model its class cannot rebuild, with a warning."""
-    why = self.__dict__.pop("_sparsify_foreign_layout", None)  # said once
-    if why:
-        warnings.warn(f"sparsify: this finalized model holds {why}, which {type(self).__name__} does not build: "
-                      "from_pretrained of the folder save_pretrained writes gives another model (it drops the "
-                      "masks silently, or refuses the wider weights). Serve it through torch.export, or "
-                      "torch.save(model) where fx-sparsify is installed (docs/deployment.md#serving-without-fx-sparsify)",
-                      stacklevel=2)
-    return type(self).save_pretrained(self, *args, **kwargs)
-
-
 def guard_foreign_layout(root: nn.Module, why: str) -> None:
     """Warn at ``root.save_pretrained`` (when its class has one) that the finalized ``root``
     holds ``why``: modules its class does not build, which ``from_pretrained`` cannot restore.
@@ -89,4 +85,4 @@ def guard_foreign_layout(root: nn.Module, why: str) -> None:
     """
     if callable(getattr(type(root), "save_pretrained", None)):
         root.__dict__["_sparsify_foreign_layout"] = why
-        root.__dict__["save_pretrained"] = types.MethodType(_save_foreign, root)
+        root.__dict__["save_pretrained"] = types.MethodType(save_pretrained, root)  # pickles by its name
