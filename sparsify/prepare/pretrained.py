@@ -7,6 +7,10 @@ silently. The finalized model is the one to save for serving; the sparsified one
 training checkpoint. A sparsified model with a ``save_pretrained`` method therefore says so, once,
 when it is called outside a running ``Trainer`` (whose checkpoints are resumed into a sparsified
 model: ``SparsifyTrainerCallback`` marks the run, see :attr:`SparsifyState.in_trainer`).
+
+A finalized model saves as its class does, unless it holds modules the class does not build (SAS's
+wider layers, semi-structured's masks: a method's ``deploy_layout``): ``from_pretrained`` could not
+restore them, and :func:`guard_foreign_layout` makes its ``save_pretrained`` say so, once.
 """
 from __future__ import annotations
 
