@@ -227,3 +227,34 @@ def test_single_threshold_is_one_element_and_old_scalar_checkpoints_load(granula
     m2 = make(granularity)
     m2.load_state_dict(old)
     assert all(torch.equal(m2.state_dict()[k], sd[k] - 1.0) for k in keys)
+
+
+def test_a_layer_pruned_whole_is_warned_once():
+    """docs/methods/str.md promised a warning for a layer STR prunes whole; only the report's table
+    said so. A head initialized small (torchvision's ViT head starts at zero) is under the
+    threshold from the start and never trains: warned by sparsify() already, once."""
+    import warnings
+
+    import torch.nn.functional as F
+
+    import sparsify
+    from sparsify.core.keep import EmptyLayerWarning
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 4))
+    with torch.no_grad():
+        net[3].weight.mul_(1e-3)
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = sparsify.sparsify(net, "str", example_inputs=(x[:1],), s_init=-5.0)  # (said here already)
+        opt = torch.optim.SGD(sparsify.param_groups(m, 5e-4), lr=0.05)
+        for _ in range(4):
+            loss = F.cross_entropy(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sparsify.step(m)
+    said = [str(w.message) for w in caught if issubclass(w.category, EmptyLayerWarning)]
+    assert len(said) == 1 and "every weight of 3 " in said[0], said
+    assert sparsify.report(m).totals["empty_layers"] == ["3"]

@@ -3,12 +3,38 @@ counter): a model run in eval mode over batches while hooks record what they see
 mode it came in with its hooks removed, also when a forward fails."""
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-__all__ = ["run_eval"]
+__all__ = ["run_eval", "internal", "in_internal"]
+
+_DEPTH = [0]
+
+
+@contextlib.contextmanager
+def internal():
+    """Forwards the library runs for itself (finalize's check, ``measure``, the MAC count): not
+    the user's evaluation, whose measured activation sparsity the report shows.
+
+    >>> with internal():
+    ...     in_internal()
+    True
+    >>> in_internal()
+    False
+    """
+    _DEPTH[0] += 1
+    try:
+        yield
+    finally:
+        _DEPTH[0] -= 1
+
+
+def in_internal() -> bool:
+    """Whether a forward runs inside :func:`internal`."""
+    return _DEPTH[0] > 0
 
 
 def run_eval(model: nn.Module, batches: Iterable, input_fn: Callable, max_batches: int | None, handles) -> int:
@@ -29,7 +55,8 @@ def run_eval(model: nn.Module, batches: Iterable, input_fn: Callable, max_batche
                 break
             inputs = input_fn(batch)
             samples += next((int(t.shape[0]) for t in inputs if isinstance(t, torch.Tensor) and t.dim()), 1)
-            model(*inputs)
+            with internal():
+                model(*inputs)
     finally:
         model.train(was_training)
         for h in handles:

@@ -16,6 +16,7 @@ from sparsify.deploy.compare import outputs_close
 from sparsify.prepare.inputs import state_inputs
 from sparsify.prepare.pretrained import guard_foreign_layout, unguard_save_pretrained
 from sparsify.core.registry import get_method
+from sparsify.core.eval_loop import internal
 from sparsify.core.sharded import sharded_modules
 from sparsify.core.state import STATE_ATTR, SparsifyState, after_load, find_state, refuse_unfilled, unwrap
 from sparsify.core.tied import TiedUse, plain_tied
@@ -111,7 +112,7 @@ def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
     try:
         # both from one random state: a model that draws in eval too (MC dropout, augmentation
         # layers) draws the same numbers in each
-        with kept_state(source):
+        with kept_state(source), internal():
             expected = source(*inputs)
     finally:
         source.train(was_training)

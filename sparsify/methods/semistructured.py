@@ -276,7 +276,7 @@ class SemiStructuredGroup(Group):
         zeros = int((module.mask == 0).sum()) if n else 0
         return {"mask_size": list(module.mask.shape), "masked_positions": zeros,
                 "position_sparsity": zeros / n if n else 0.0,
-                "sparsifies": "output positions", "achieved": zeros / n if n else 0.0}
+                "sparsifies": "output positions", "achieved": zeros / n if n else 0.0, "elements": n}
 
     def finalize_member(self, name: str, module: nn.Module):
         if not module.enabled:

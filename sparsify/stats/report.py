@@ -94,8 +94,9 @@ class Report:
 
 
 def _achieved_by_kind(rows: list[LayerRow]) -> dict:
-    """Achieved sparsity per kind of thing sparsified, weighted by size (weights by parameters,
-    the others as a plain mean over layers)."""
+    """Achieved sparsity per kind of thing sparsified, weighted by size: weights by parameters,
+    the others by the ``elements`` their rows count (activation values seen, mask positions), a
+    plain mean over layers where rows do not count them."""
     out = {}
     for kind in dict.fromkeys(r.sparsifies for r in rows):
         rs = [r for r in rows if r.sparsifies == kind and r.achieved is not None]
@@ -104,6 +105,9 @@ def _achieved_by_kind(rows: list[LayerRow]) -> dict:
         if kind == "weights":
             n = sum(r.params for r in rs)
             out[kind] = sum(r.achieved * r.params for r in rs) / n if n else None
+        elif all(r.extra.get("elements") for r in rs):
+            n = sum(r.extra["elements"] for r in rs)
+            out[kind] = sum(r.achieved * r.extra["elements"] for r in rs) / n
         else:
             out[kind] = sum(r.achieved for r in rs) / len(rs)
     return out

@@ -32,6 +32,7 @@ from sparsify.core.registry import register
 from sparsify.core.forwards import entered
 from sparsify.core.params import Literal, Params, param
 from sparsify.core.buffers import eager
+from sparsify.core.eval_loop import in_internal
 from sparsify.core.records import RecordsGroupMixin, RecordsMixin
 from sparsify.methods.regularizers.kernels import hoyer_square, l1_sum, plain_penalty, tl1_sum
 from sparsify.core.staging import active_range, in_range, resolve_stages, stage_at
@@ -134,10 +135,16 @@ class ActivationRegularizer(RecordsMixin, nn.Module):
         self.nonneg = bool(nonneg)  # the regularized value is a ReLU output: no abs needed
         self.active = True
         self.records: list[torch.Tensor] = []
-        # zeros among the values seen by the eval-mode forwards since the last training forward
-        # (the measured activation sparsity the report shows; not state)
+        # zeros among the values seen by the eval-mode forwards of the last evaluation: since the
+        # last eval() call or training forward (the measured activation sparsity the report shows;
+        # not state)
         self.zeros = self.seen = 0
         self._counting = False
+
+    def train(self, mode: bool = True):
+        if not mode:  # model.eval(): the next eval-mode forward starts a new evaluation
+            self._counting = False
+        return super().train(mode)
 
     def forward(self, x):
         entered(self, x)  # another tracer would drop the term: record() is no graph op
@@ -146,7 +153,7 @@ class ActivationRegularizer(RecordsMixin, nn.Module):
             self.record(penalty_value(x, self.function, self.a, self.reduction, weight=self.lam, nonneg=self.nonneg))
         if self.training:
             self._counting = False
-        elif isinstance(x, torch.Tensor) and x.numel() and eager():
+        elif isinstance(x, torch.Tensor) and x.numel() and eager() and not in_internal():
             if not self._counting:  # a new evaluation: forget the previous one
                 self.zeros = self.seen = 0
                 self._counting = True
@@ -230,7 +237,7 @@ class ActivationRegGroup(RecordsGroupMixin, Group):
     def layer_stats(self, name: str, module: nn.Module, factor: float | None = None) -> dict:
         # measured zeros of the regularized activation in the last evaluation (None before one)
         return {"regularizes": module.regularizes, "placement": module.placement, "sparsifies": "activations",
-                "achieved": module.zeros / module.seen if module.seen else None}
+                "achieved": module.zeros / module.seen if module.seen else None, "elements": module.seen}
 
     def finalize_member(self, name: str, module: nn.Module):
         return None  # the node is removed: its users read its input again

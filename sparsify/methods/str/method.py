@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import warnings
 import weakref
 
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 from sparsify.core.contract import Group, GroupContext, Method
 from sparsify.core.registry import register
 from sparsify.core.params import Literal, Params, param
+from sparsify.core.keep import EmptyLayerWarning
 from sparsify.core.layers import weight_base
 from sparsify.core.sharded import is_sharded
 from sparsify.methods.str.kernel import str_threshold
@@ -78,6 +80,7 @@ class STRGroup(Group):
         self.stepped_by_torch_optimizer = False  # then the hook's verdict is exact
         self._last: dict[str, torch.Tensor] | None = None  # s after the previous step, to spot no decay
         self._frozen_names: list[str] = []
+        self._warned_empty: set[str] = set()
         _GROUPS.add(self)
         _install_hook()
 
@@ -114,6 +117,25 @@ class STRGroup(Group):
                     frozen.append(n)
         self._frozen_names = frozen
         self._last = now
+        self._warn_empty()
+
+    def _warn_empty(self) -> None:
+        """Warn once per layer whose every weight is at or below its threshold: its output no
+        longer depends on its input, and the weights under a threshold get no gradient from the
+        loss, so it stays so (a decay too strong for the run; a layer initialized at zero, as
+        torchvision's ViT head is, never trains)."""
+        names = [n for n, m in self.members.items() if n not in self._warned_empty and not is_sharded(m.weight)]
+        if not names:
+            return
+        alive = torch.stack([torch.gt(self.members[n].weight.detach().abs(), self.members[n].threshold()).any()
+                             for n in names]).tolist()
+        empty = [n for n, a in zip(names, alive) if not a]
+        if empty:
+            self._warned_empty.update(empty)
+            warnings.warn(f"sparsify: str pruned every weight of {', '.join(empty)} (100% sparse: the output no longer "
+                          "depends on the input, and weights under the threshold get no gradient, so it stays so; "
+                          "a layer initialized at zero starts so): lower the thresholds' weight decay "
+                          "(threshold_decay) or leave the layer dense with a rule", EmptyLayerWarning, stacklevel=4)
 
     def warnings(self) -> list[str]:
         out = []
