@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["hidden_positions", "record_read"]
+__all__ = ["hidden_positions", "record_read", "mha_projections", "weight_numel"]
 
 _RECORD: dict | None = None  # id(weight tensor) -> (tensor, layer) while hidden_positions watches
 
@@ -96,3 +96,34 @@ def hidden_positions(root: nn.Module, example_inputs, names: list[str]) -> dict[
         root.train(was_training)
         torch.backends.mha.set_fastpath_enabled(fast)
     return mode.out
+
+
+def mha_projections(root: nn.Module) -> list[str]:
+    """``<name>.in_proj`` and ``<name>.out_proj`` of every ``nn.MultiheadAttention`` of ``root``
+    with a packed input projection: ``F.multi_head_attention_forward`` reads both weights, so no
+    module call (and no module hook) sees them, and MAC counts by module hooks miss them.
+
+    >>> mha_projections(nn.Sequential(nn.MultiheadAttention(8, 2)))
+    ['0.in_proj', '0.out_proj']
+    """
+    return [f"{n}.{p}" for n, m in root.named_modules()
+            if isinstance(m, nn.MultiheadAttention) and getattr(m, "in_proj_weight", None) is not None
+            for p in ("in_proj", "out_proj")]
+
+
+def weight_numel(mods: dict[str, nn.Module], name: str) -> int | None:
+    """Elements of the weight a MAC count names ``name``: a module's ``weight``, or a
+    MultiheadAttention's packed ``in_proj_weight`` for ``<mha>.in_proj``; None when neither.
+
+    >>> mha = nn.MultiheadAttention(8, 2)
+    >>> weight_numel({"a": mha, "a.out_proj": mha.out_proj}, "a.in_proj"), weight_numel({"a": mha}, "a.x")
+    (192, None)
+    """
+    mod = mods.get(name)
+    if mod is not None and isinstance(getattr(mod, "weight", None), torch.Tensor):
+        return mod.weight.numel()
+    parent, _, attr = name.rpartition(".")
+    mha = mods.get(parent)
+    if attr == "in_proj" and isinstance(getattr(mha, "in_proj_weight", None), torch.Tensor):
+        return mha.in_proj_weight.numel()
+    return None

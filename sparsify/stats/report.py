@@ -9,6 +9,7 @@ import torch
 from sparsify.core.layers import SparseWeightMixin
 from sparsify.core.state import SparsifyState
 from sparsify.stats.macs import layer_factors
+from sparsify.prepare.hidden_positions import weight_numel
 
 __all__ = ["LayerRow", "Report", "build_report"]
 
@@ -166,8 +167,8 @@ def build_report(root, state: SparsifyState) -> Report:
     dense_rest = 0
     mods = dict(root.named_modules())
     for name, factor in factors.items():
-        if name not in rewritten and name in mods:
-            dense_rest += int(round(factor * mods[name].weight.numel()))
+        if name not in rewritten and (numel := weight_numel(mods, name)) is not None:
+            dense_rest += int(round(factor * numel))
     macs = sum(r.macs or 0 for r in sparse_rows) + dense_rest if factors else None
     nz_macs = sum(r.nonzero_macs or 0 for r in sparse_rows) + dense_rest if factors else None
     exec_macs = (sum(r.extra.get("executed_macs", r.macs or 0) for r in sparse_rows) + dense_rest
