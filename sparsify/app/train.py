@@ -221,6 +221,7 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
                 break
             start_batch = 0
             act = activation_stats(model, test_batches(), max_batches=2)
+            test_acc = evaluate(model, test_batches())  # the evaluation whose activations the report measures
             target, achieved = None, {}
             if not cfg.dense:
                 totals = sp.report(model).totals
@@ -228,7 +229,7 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
             history.append({"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
                             "train_loss": running["loss"] / max(running["seen"], 1),
                             "train_acc": running["correct"] / max(running["seen"], 1),
-                            "test_acc": evaluate(model, test_batches()),
+                            "test_acc": test_acc,
                             "weight_sparsity": weight_sparsity(model, cfg.dense), "target": target,
                             "activation_sparsity": act["activation_sparsity"], "achieved": achieved})
             if ema is not None:

@@ -124,7 +124,8 @@ class STRGroup(Group):
         longer depends on its input, and the weights under a threshold get no gradient from the
         loss, so it stays so (a decay too strong for the run; a layer initialized at zero, as
         torchvision's ViT head is, never trains)."""
-        names = [n for n, m in self.members.items() if n not in self._warned_empty and not is_sharded(m.weight)]
+        names = [n for n, m in self.members.items() if n not in self._warned_empty and not is_sharded(m.weight)
+                 and m.weight.device.type != "meta"]
         if not names:
             return
         alive = torch.stack([torch.gt(self.members[n].weight.detach().abs(), self.members[n].threshold()).any()
