@@ -155,10 +155,10 @@ def meta_problem(meta: dict) -> str | None:
     >>> meta_problem({"epoch": -5, "batch": 0})
     'epoch -5 (not a count of epochs)'
     """
-    for key in ("epoch", "batch"):
+    for key, unit in (("epoch", "epochs"), ("batch", "batches")):
         v = meta.get(key)
         if not _is_int(v) or v < 0:
-            return f"{key} {v!r} (not a count of {key}es)" if key == "batch" else f"{key} {v!r} (not a count of epochs)"
+            return f"{key} {v!r} (not a count of {unit})"
     history, running = meta.get("history"), meta.get("running")
     if not isinstance(history, list) or not all(isinstance(h, dict) for h in history) or len(history) != meta["epoch"]:
         return "a history that is not one record per finished epoch"
