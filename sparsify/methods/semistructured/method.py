@@ -1,20 +1,5 @@
-"""Semi-structured activation sparsity (Grimaldi et al., ICCV-W 2023; repo Deeplite/activ-sparse).
-
-A :class:`PositionMask` node right after each selected conv (before its BatchNorm) multiplies the
-conv output by a 2-D mask over output positions, shared by every channel and sample:
-``y = conv(x) ⊙ m[h, w]``, i.e. whole im2col columns (patches) are dropped. See
-docs/methods/semistructured.md.
-
-Masks: one random score map U[0, 1) at the network's input resolution, avg-pooled
-(``adaptive_avg_pool2d``) to each layer's output size; the ``round(s·H·W)`` lowest scores are
-dropped, so layers of equal resolution share their mask. Schedule ``s(t) = s_final·(1 − (1 − p)²)``
-with ``p = clip((t − begin)/(end − begin), 0, 1)``. During the ramp a new map is drawn after every
-optimizer step; the map whose step had the lowest training loss (``sparsify.step(model,
-loss=loss)``) is kept, a map drawn at sparsity 0 never counts, and at ``end`` the kept map is
-frozen at ``s_final``. Under ``torch.distributed`` the map is broadcast from rank 0 and the loss
-is averaged over ranks before the comparison, so every rank holds the same masks. No rescaling;
-masks stay on in eval mode.
-"""
+"""Semi-structured activation sparsity: the masks (:func:`position_mask`), their schedule and
+selection (:class:`SemiStructuredGroup`) and the recipe method; see the package docstring."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,7 +14,7 @@ from sparsify.core.extra_state import pack, unpack
 from sparsify.core.schedules import polynomial
 from sparsify.core.contract import Group, GroupContext, Method, Site
 from sparsify.core.registry import register
-from sparsify.core.forwards import entered
+from sparsify.methods.semistructured.mask import DeployedPositionMask, PositionMask
 from sparsify.core.params import Params, param
 from sparsify.core.sharded import is_distributed
 from sparsify.core.staging import active_range, resolve_stages, stage_at
@@ -54,79 +39,6 @@ def position_mask(scores: torch.Tensor, size: tuple[int, int], sparsity: float) 
         order = torch.sort(pooled, stable=True).indices
         mask[order[:k]] = 0.0
     return mask.reshape(h, w)
-
-
-class PositionMask(nn.Module):
-    """Multiplies a conv output ``(N, C, H, W)`` by the 0/1 buffer ``mask`` of shape ``(H, W)``.
-
-    For deployment (patch-skipping convs): the positions where ``mask == 0`` are output
-    positions of the preceding conv that need not be computed at all (their im2col columns are
-    dropped); the conv's bias is masked too (the mask applies to ``conv(x) + b``). ``mask`` has
-    shape ``(0, 0)`` and the node is the identity until the layer's output size is known and a
-    sparsity > 0 is scheduled. ``enabled`` is False while the mask has no zero (then the forward
-    returns its input as is). Masks apply in train and eval mode alike, with no rescaling.
-
-    When BatchNorm is folded into the conv, the masked positions of the *folded* layer must hold
-    the folded bias ``β − γμ/sqrt(σ²+ε)``, not 0: compute ``conv_without_bias(x) ⊙ mask + b_folded``.
-    """
-
-    def __init__(self, mask: torch.Tensor | None = None):
-        super().__init__()
-        self.register_buffer("mask", torch.ones(0, 0) if mask is None else mask.detach().float().clone())
-        self.size: tuple[int, int] | None = tuple(self.mask.shape) if mask is not None else None
-        self.enabled = bool(self.mask.numel()) and bool((self.mask == 0).any())
-
-    @torch.no_grad()
-    def set_mask(self, mask: torch.Tensor) -> None:
-        if tuple(self.mask.shape) != tuple(mask.shape):
-            self.mask = torch.empty(mask.shape, dtype=torch.float32, device=self.mask.device)
-        self.mask.copy_(mask)
-        self.enabled = bool((mask == 0).any())
-
-    def forward(self, y):
-        entered(self, y)
-        size = (int(y.shape[-2]), int(y.shape[-1]))
-        if self.enabled and size != tuple(self.mask.shape):  # (the size the masks were made for stays)
-            raise RuntimeError(
-                f"PositionMask: the mask is {tuple(self.mask.shape)} but this conv's output is {size}: "
-                "semi-structured masks mask output positions of one input resolution; run the model at the "
-                "resolution its masks were made for (train and evaluate alike), and give sparsify(...) "
-                "example_inputs at the resolution you train at")
-        self.size = size
-        return y * self.mask.to(y.dtype) if self.enabled else y
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "mask"
-        if key in state_dict and state_dict[key].shape != self.mask.shape:
-            self.mask = torch.empty_like(state_dict[key], device=self.mask.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.enabled = bool(self.mask.numel()) and bool((self.mask == 0).any())
-
-    def extra_repr(self) -> str:
-        if not self.mask.numel():
-            return "mask=unset"
-        zeros = int((self.mask == 0).sum())
-        return f"mask={tuple(self.mask.shape)}, dropped={zeros}/{self.mask.numel()}"
-
-
-class DeployedPositionMask(PositionMask):
-    """What ``finalize`` keeps of a :class:`PositionMask` with zeros: ``y ⊙ mask`` and the size
-    check, nothing of the training bookkeeping, so that ``torch.jit.script`` compiles it and
-    ``torch.jit.trace`` records it without warnings.
-
-    >>> m = DeployedPositionMask(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
-    >>> m(torch.ones(1, 1, 2, 2))[0, 0]
-    tensor([[1., 0.],
-            [1., 1.]])
-    """
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        # (a trace records the sizes as tensors: comparing them would warn, and the traced
-        # graph is for the traced size anyway)
-        if not torch.jit.is_tracing() and (y.shape[-2] != self.mask.shape[0] or y.shape[-1] != self.mask.shape[1]):
-            raise RuntimeError("PositionMask: this conv's output size is not the one its mask was made for: run "
-                               "the model at the input resolution it was trained at")
-        return y * self.mask.to(y.dtype)
 
 
 def input_size_of(example_inputs) -> tuple[int, int] | None:

@@ -1,0 +1,87 @@
+"""The node semi-structured activation sparsity inserts after each selected conv
+(:class:`PositionMask`: ``y = conv(x) ⊙ m[h, w]``) and what ``finalize`` keeps of it
+(:class:`DeployedPositionMask`). The masks themselves are made in
+:mod:`sparsify.methods.semistructured.method`; the package re-exports both classes (pickles made
+when the method was one module name them there).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparsify.core.forwards import entered
+
+__all__ = ["PositionMask", "DeployedPositionMask"]
+
+
+class PositionMask(nn.Module):
+    """Multiplies a conv output ``(N, C, H, W)`` by the 0/1 buffer ``mask`` of shape ``(H, W)``.
+
+    For deployment (patch-skipping convs): the positions where ``mask == 0`` are output
+    positions of the preceding conv that need not be computed at all (their im2col columns are
+    dropped); the conv's bias is masked too (the mask applies to ``conv(x) + b``). ``mask`` has
+    shape ``(0, 0)`` and the node is the identity until the layer's output size is known and a
+    sparsity > 0 is scheduled. ``enabled`` is False while the mask has no zero (then the forward
+    returns its input as is). Masks apply in train and eval mode alike, with no rescaling.
+
+    When BatchNorm is folded into the conv, the masked positions of the *folded* layer must hold
+    the folded bias ``β − γμ/sqrt(σ²+ε)``, not 0: compute ``conv_without_bias(x) ⊙ mask + b_folded``.
+    """
+
+    def __init__(self, mask: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("mask", torch.ones(0, 0) if mask is None else mask.detach().float().clone())
+        self.size: tuple[int, int] | None = tuple(self.mask.shape) if mask is not None else None
+        self.enabled = bool(self.mask.numel()) and bool((self.mask == 0).any())
+
+    @torch.no_grad()
+    def set_mask(self, mask: torch.Tensor) -> None:
+        if tuple(self.mask.shape) != tuple(mask.shape):
+            self.mask = torch.empty(mask.shape, dtype=torch.float32, device=self.mask.device)
+        self.mask.copy_(mask)
+        self.enabled = bool((mask == 0).any())
+
+    def forward(self, y):
+        entered(self, y)
+        size = (int(y.shape[-2]), int(y.shape[-1]))
+        if self.enabled and size != tuple(self.mask.shape):  # (the size the masks were made for stays)
+            raise RuntimeError(
+                f"PositionMask: the mask is {tuple(self.mask.shape)} but this conv's output is {size}: "
+                "semi-structured masks mask output positions of one input resolution; run the model at the "
+                "resolution its masks were made for (train and evaluate alike), and give sparsify(...) "
+                "example_inputs at the resolution you train at")
+        self.size = size
+        return y * self.mask.to(y.dtype) if self.enabled else y
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "mask"
+        if key in state_dict and state_dict[key].shape != self.mask.shape:
+            self.mask = torch.empty_like(state_dict[key], device=self.mask.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.enabled = bool(self.mask.numel()) and bool((self.mask == 0).any())
+
+    def extra_repr(self) -> str:
+        if not self.mask.numel():
+            return "mask=unset"
+        zeros = int((self.mask == 0).sum())
+        return f"mask={tuple(self.mask.shape)}, dropped={zeros}/{self.mask.numel()}"
+
+
+class DeployedPositionMask(PositionMask):
+    """What ``finalize`` keeps of a :class:`PositionMask` with zeros: ``y ⊙ mask`` and the size
+    check, nothing of the training bookkeeping, so that ``torch.jit.script`` compiles it and
+    ``torch.jit.trace`` records it without warnings.
+
+    >>> m = DeployedPositionMask(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+    >>> m(torch.ones(1, 1, 2, 2))[0, 0]
+    tensor([[1., 0.],
+            [1., 1.]])
+    """
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        # (a trace records the sizes as tensors: comparing them would warn, and the traced
+        # graph is for the traced size anyway)
+        if not torch.jit.is_tracing() and (y.shape[-2] != self.mask.shape[0] or y.shape[-1] != self.mask.shape[1]):
+            raise RuntimeError("PositionMask: this conv's output size is not the one its mask was made for: run "
+                               "the model at the input resolution it was trained at")
+        return y * self.mask.to(y.dtype)
