@@ -126,3 +126,12 @@ def test_demo_refuses_a_folder_of_train_runs(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--recipes", "st3", "--epochs", "1"]) == 2
     assert "holds runs the demo did not write" in capsys.readouterr().err
     assert (tmp_path / "st3" / "config.json").read_text() == "{}"
+
+
+def test_an_unnamed_recipe_file_is_named_after_the_file_in_the_report(tmp_path):
+    import json
+    path = tmp_path / "my-recipe.json"
+    path.write_text(json.dumps({"version": 1, "rules": [{"match": {"type": "Conv2d"}, "method": "st3"}]}))
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    m = sparsify.sparsify(net, str(path), total_steps=4, example_inputs=(torch.zeros(1, 3, 8, 8),))
+    assert sparsify.report(m).recipe == sparsify.plan(net, str(path), total_steps=4).recipe == "my-recipe"

@@ -183,4 +183,7 @@ def build_report(root, state: SparsifyState) -> Report:
         # layers with every weight pruned (a collapsed layer: see docs/methods/st3.md)
         "empty_layers": [r.name for r in sparse_rows if r.nonzero_params == 0],
     }
-    return Report(state.recipe.get("name", ""), step, state.total_steps, layers, groups, totals)
+    # a recipe file without "name" is named after the file, as plan says (the name is not written
+    # into the recipe's JSON, which checkpoints are compared with)
+    name = state.recipe.get("name") or (state.plan.recipe if state.plan is not None else "")
+    return Report(name, step, state.total_steps, layers, groups, totals)
