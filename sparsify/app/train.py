@@ -147,7 +147,8 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
     history: list[dict] = []
     start_epoch, start_batch, running = 0, 0, {"loss": 0.0, "correct": 0, "seen": 0}
     if ckpt is not None:
-        if meta["epoch"] > cfg.epochs or meta["batch"] >= steps_per_epoch or (meta["epoch"] == cfg.epochs and meta["batch"]):
+        epoch, batch = meta["epoch"], meta["batch"]
+        if epoch > cfg.epochs or batch >= steps_per_epoch or (epoch == cfg.epochs and batch):
             raise CheckpointError(f"--resume {cfg.resume}: {CHECKPOINT_META} places the run at epoch {meta['epoch']}, "
                                   f"batch {meta['batch']}, outside its {cfg.epochs} epochs of {steps_per_epoch} "
                                   "batches (edited or damaged); the run cannot be resumed from it")

@@ -21,7 +21,7 @@ from passes.traced import graph_fingerprint
 from sparsify.prepare.capture import capture, capture_report, check_capture
 from sparsify.prepare.dense import dense_entries
 from sparsify.prepare.hidden import convert_hidden, hidden_candidates, hidden_positions, rewire_hidden_reads
-from sparsify.prepare.hidden_positions import mha_projections
+from sparsify.prepare.hidden_positions import watched_names
 from sparsify.prepare.inputs import guess_example_inputs, positions_per_sample
 from sparsify.prepare.matching import MatchTable
 from sparsify.methods import SparseWeightMixin, get_method
@@ -250,7 +250,7 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     # to the first report() (a forward costs more than the trace), the dry run measures them now
     # (weights read outside module calls need a forward of their own: left to report() too)
     # (and so do nn.MultiheadAttention's projections left dense: no module call counts them)
-    watched = list(dict.fromkeys(hidden_names + mha_projections(root)))
+    watched = watched_names(root, hidden_names)
     factors = dict(measured) if measured is not None and (dry_run or not watched) else None
     if factors is None and dry_run:
         factors = positions_per_sample(root, example_inputs) if example_inputs is not None else {}
@@ -259,10 +259,9 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     if example_inputs is not None:
         plan.input_shapes = [list(x.shape) for x in example_inputs if hasattr(x, "shape")]
         for e in plan.entries if factors else ():
-            packed = e.name.endswith(".in_proj_weight")  # a MultiheadAttention's: "<mha>.in_proj" counts it
-            key = next((k for k in ((e.name[:-len("_weight")], e.name[:-len(".in_proj_weight")]) if packed
-                                    else (e.name,)) if k in factors), None)
-            if e.params and key is not None:
+            # a dense MultiheadAttention's packed weight is counted as "<mha>.in_proj"
+            key = e.name[:-len("_weight")] if e.name.endswith(".in_proj_weight") else e.name
+            if e.params and key in factors:
                 e.macs = int(round(factors[key] * e.params))
     root.train(was_training)
     if dry_run:

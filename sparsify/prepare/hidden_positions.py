@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["hidden_positions", "record_read", "mha_projections", "weight_numel"]
+__all__ = ["hidden_positions", "record_read", "mha_projections", "watched_names", "weight_numel"]
 
 _RECORD: dict | None = None  # id(weight tensor) -> (tensor, layer) while hidden_positions watches
 
@@ -109,6 +109,17 @@ def mha_projections(root: nn.Module) -> list[str]:
     return [f"{n}.{p}" for n, m in root.named_modules()
             if isinstance(m, nn.MultiheadAttention) and getattr(m, "in_proj_weight", None) is not None
             for p in ("in_proj", "out_proj")]
+
+
+def watched_names(root: nn.Module, hidden_names: list[str]) -> list[str]:
+    """What :func:`hidden_positions` must watch for a MAC count of ``root``: the rewritten layers
+    whose weights are read outside module calls (``hidden_names``) and every MultiheadAttention
+    projection, dense ones included (:func:`mha_projections`), each once.
+
+    >>> watched_names(nn.Sequential(nn.MultiheadAttention(8, 2)), ["0.out_proj"])
+    ['0.out_proj', '0.in_proj']
+    """
+    return list(dict.fromkeys([*hidden_names, *mha_projections(root)]))
 
 
 def weight_numel(mods: dict[str, nn.Module], name: str) -> int | None:

@@ -89,4 +89,4 @@ def guard_foreign_layout(root: nn.Module, why: str) -> None:
     """
     if callable(getattr(type(root), "save_pretrained", None)):
         root.__dict__["_sparsify_foreign_layout"] = why
-        root.__dict__["save_pretrained"] = types.MethodType(save_pretrained, root)  # pickles by its name
+        guard_save_pretrained(root)

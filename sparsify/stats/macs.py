@@ -17,7 +17,7 @@ from torch import nn
 from sparsify.core.eval_loop import internal
 from sparsify.core.state import SparsifyState
 from sparsify.prepare.hidden import hidden_positions
-from sparsify.prepare.hidden_positions import mha_projections, weight_numel
+from sparsify.prepare.hidden_positions import mha_projections, watched_names, weight_numel
 from sparsify.prepare.inputs import positions_per_sample, state_inputs
 
 __all__ = ["dense_macs", "layer_factors"]
@@ -39,11 +39,9 @@ def layer_factors(state: SparsifyState, root: nn.Module) -> dict[str, float]:
             # the model may have moved (model.cuda()) since the inputs were given
             device = next(root.parameters()).device
             inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
-            # (dense MultiheadAttention projections too: no module call counts them)
-            hidden = list(dict.fromkeys(state.hidden_names + mha_projections(root)))
             with internal():
                 factors = positions_per_sample(root, inputs)
-                factors.update(hidden_positions(root, inputs, hidden))
+                factors.update(hidden_positions(root, inputs, watched_names(root, state.hidden_names)))
         except Exception as exc:  # MACs are a report column, never a reason to stop training
             warnings.warn(f"sparsify: could not run the example inputs to count MACs ({type(exc).__name__}: "
                           f"{exc}); the report shows no MACs")

@@ -19,7 +19,8 @@ from sparsify.core.params import Params, param
 from sparsify.core.sharded import is_distributed
 from sparsify.core.staging import active_range, resolve_stages, stage_at
 
-__all__ = ["PositionMask", "DeployedPositionMask", "SemiStructuredGroup", "SemiStructuredMethod", "position_mask", "input_size_of"]
+__all__ = ["PositionMask", "DeployedPositionMask", "SemiStructuredGroup", "SemiStructuredMethod", "position_mask",
+           "input_size_of"]
 
 
 def position_mask(scores: torch.Tensor, size: tuple[int, int], sparsity: float) -> torch.Tensor:
