@@ -37,10 +37,12 @@ def in_internal() -> bool:
     return _DEPTH[0] > 0
 
 
-def run_eval(model: nn.Module, batches: Iterable, input_fn: Callable, max_batches: int | None, handles) -> int:
+def run_eval(model: nn.Module, batches: Iterable, input_fn: Callable, max_batches: int | None, handles,
+             context: Callable[[], contextlib.AbstractContextManager] | None = None) -> int:
     """Run ``model`` in eval mode on ``input_fn(batch)`` for each of at most ``max_batches``
     batches, then put back its mode and remove the hook ``handles`` (also on an error). Returns
     the samples seen: per batch, the first dimension of its first non-scalar input tensor, else 1.
+    ``context()``, when given, is entered around each batch's forward.
 
     >>> net = nn.Linear(2, 1).train()
     >>> run_eval(net, [torch.zeros(3, 2), torch.zeros(4, 2)], lambda b: (b,), None, []), net.training
@@ -55,7 +57,7 @@ def run_eval(model: nn.Module, batches: Iterable, input_fn: Callable, max_batche
                 break
             inputs = input_fn(batch)
             samples += next((int(t.shape[0]) for t in inputs if isinstance(t, torch.Tensor) and t.dim()), 1)
-            with internal():
+            with internal(), (context() if context is not None else contextlib.nullcontext()):
                 model(*inputs)
     finally:
         model.train(was_training)

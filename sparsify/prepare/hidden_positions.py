@@ -3,13 +3,15 @@
 mode that sees which F.linear / F.conv / multi-head-attention call receives each weight."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["hidden_positions", "record_read", "mha_projections", "watched_names", "weight_numel"]
+__all__ = ["hidden_positions", "record_read", "recording", "mha_projections", "watched_names", "weight_numel"]
 
-_RECORD: dict | None = None  # id(weight tensor) -> (tensor, layer) while hidden_positions watches
+_RECORD: dict | None = None  # id(weight tensor) -> (tensor, layer) while a watch records
 
 
 def record_read(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
@@ -19,18 +21,29 @@ def record_read(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
+@contextlib.contextmanager
+def recording(into: dict):
+    """While inside, :func:`record_read` notes each weight in ``into``: id -> (tensor, layer)."""
+    global _RECORD
+    previous, _RECORD = _RECORD, into
+    try:
+        yield into
+    finally:
+        _RECORD = previous
+
+
 class _Watch(torch.overrides.TorchFunctionMode):
     """Counts output positions per sample of watched weights in F.linear / F.conv* calls, and of
     the two projections of F.multi_head_attention_forward (its inner calls are not seen)."""
 
-    def __init__(self, layers: dict[int, str], batch: int):
+    def __init__(self, layers: dict[int, str], batch: int, record: dict):
         super().__init__()
-        self.layers, self.batch, self.out = layers, batch, {}
+        self.layers, self.batch, self.record, self.out = layers, batch, record, {}
 
     def _name(self, w):
         if not isinstance(w, torch.Tensor):
             return None
-        hit = _RECORD.get(id(w)) if _RECORD is not None else None
+        hit = self.record.get(id(w))
         return self.layers.get(id(hit[1]) if hit is not None else id(w))
 
     def _add(self, w, positions):
@@ -64,7 +77,6 @@ def hidden_positions(root: nn.Module, example_inputs, names: list[str]) -> dict[
     >>> hidden_positions(Net(), (torch.zeros(2, 5, 8),), ["mha.out_proj"])
     {'mha.out_proj': 5.0}
     """
-    global _RECORD
     if not names or example_inputs is None:
         return {}
     layers = {}
@@ -80,19 +92,18 @@ def hidden_positions(root: nn.Module, example_inputs, names: list[str]) -> dict[
         layers[id(layer)] = name
         layers[id(layer.weight)] = name
     batch = next((x.shape[0] for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0), 1)
-    mode = _Watch(layers, batch)
+    record: dict = {}
+    mode = _Watch(layers, batch, record)
     was_training = root.training
     fast = torch.backends.mha.get_fastpath_enabled()
-    _RECORD = {}
     try:
         root.eval()
         torch.backends.mha.set_fastpath_enabled(False)
-        with mode:
+        with recording(record), mode:
             root(*example_inputs)
     except Exception:  # MACs are a report nicety; a model that rejects the watch keeps None
         return {}
     finally:
-        _RECORD = None
         root.train(was_training)
         torch.backends.mha.set_fastpath_enabled(fast)
     return mode.out

@@ -17,7 +17,8 @@ from torch import nn
 from sparsify.core.eval_loop import internal
 from sparsify.core.state import SparsifyState
 from sparsify.prepare.hidden import hidden_positions
-from sparsify.prepare.hidden_positions import mha_projections, watched_names, weight_numel
+from sparsify.core.layers import WEIGHT_TYPES
+from sparsify.prepare.hidden_positions import watched_names, weight_numel
 from sparsify.prepare.inputs import positions_per_sample, state_inputs
 
 __all__ = ["dense_macs", "layer_factors"]
@@ -51,13 +52,15 @@ def layer_factors(state: SparsifyState, root: nn.Module) -> dict[str, float]:
 
 
 def dense_macs(model: nn.Module, example_inputs: Sequence) -> int:
-    """Total dense Conv/Linear MACs per sample.
+    """Total dense Conv/Linear MACs per sample, layers whose weight is multiplied outside their
+    own call included (MultiheadAttention's projections, Swin's ``F.linear(x, qkv.weight)``).
 
     >>> import torchvision
     >>> dense_macs(torchvision.models.resnet18(), (torch.zeros(1, 3, 224, 224),))
     1814073344
     """
     pos = positions_per_sample(model, example_inputs)
-    pos.update(hidden_positions(model, example_inputs, mha_projections(model)))
     mods = dict(model.named_modules())
+    unseen = [n for n, m in mods.items() if isinstance(m, WEIGHT_TYPES) and n not in pos]
+    pos.update(hidden_positions(model, example_inputs, watched_names(model, unseen)))
     return int(round(sum(p * (weight_numel(mods, n) or 0) for n, p in pos.items())))

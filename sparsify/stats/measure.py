@@ -6,13 +6,16 @@ zeros in what it sees, and their element-weighted global value. For every Conv/L
 dense MACs and the multiplicative MACs of docs/methods/dual.md (the paper's count), where a multiply counts only when the
 weight *and* the input activation are both non-zero (and, after a position mask, only at output
 positions the mask keeps: those are never computed). Padding zeros are zero inputs; dense MACs
-count them, as ``macs.py`` does.
+count them, as ``macs.py`` does. Weights multiplied outside their module's call
+(``nn.MultiheadAttention``'s projections, ``F.linear(x, layer.weight)``) are counted too
+(:mod:`sparsify.stats.functional_reads`).
 
 The count per layer is exact and cheap: a conv of the 0/1 input indicator with the per-group
 number of non-zero weights (summed over output channels), i.e. one small conv per layer.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
@@ -22,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.core.eval_loop import run_eval
+from sparsify.stats.functional_reads import FunctionalReads, linear_counts
 from sparsify.core.layers import WEIGHT_TYPES, SparseWeightMixin
 from sparsify.core.conv1d import CONV_TRANSPOSE_TYPES, linear_like, out_features_of, torch_layout
 from sparsify.methods.regularizers import ActivationRegularizer
@@ -124,25 +128,20 @@ def _layer_counts(mod: nn.Module, x: torch.Tensor, y: torch.Tensor, out_mask: to
         return _transpose_counts(mod, x)
     w = _weight(mod)
     if linear_like(mod):
-        if x.shape[-1] != w.shape[1]:
-            return None
-        per_in = (w != 0).sum(0).to(torch.float64)  # products an input feature takes part in
-        mult = float(((x != 0).reshape(-1, w.shape[1]).to(torch.float64) @ per_in).sum())
-        dense = y.numel() // out_features_of(mod) * w.numel()
-    else:
-        g = mod.groups
-        if x.shape[1] != w.shape[1] * g:
-            return None
-        cout_g = w.shape[0] // g
-        # float32 counts are exact below 2**24 products per output position
-        dtype = torch.float32 if w[0].numel() * cout_g < 2 ** 24 else torch.float64
-        # non-zero weights per (group, input channel, tap), summed over the group's output channels
-        per_tap = (w != 0).reshape(g, cout_g, *w.shape[1:]).sum(1).to(dtype)
-        counts = _conv_nd((x != 0).to(dtype), per_tap, mod)  # (N, g, *out): products per position
-        if out_mask is not None:
-            counts = counts * out_mask.to(dtype)
-        dense = y.numel() // mod.out_channels * w.numel()
-        mult = float(counts.sum(dtype=torch.float64))
+        return linear_counts(w, x)
+    g = mod.groups
+    if x.shape[1] != w.shape[1] * g:
+        return None
+    cout_g = w.shape[0] // g
+    # float32 counts are exact below 2**24 products per output position
+    dtype = torch.float32 if w[0].numel() * cout_g < 2 ** 24 else torch.float64
+    # non-zero weights per (group, input channel, tap), summed over the group's output channels
+    per_tap = (w != 0).reshape(g, cout_g, *w.shape[1:]).sum(1).to(dtype)
+    counts = _conv_nd((x != 0).to(dtype), per_tap, mod)  # (N, g, *out): products per position
+    if out_mask is not None:
+        counts = counts * out_mask.to(dtype)
+    dense = y.numel() // mod.out_channels * w.numel()
+    mult = float(counts.sum(dtype=torch.float64))
     return dense, int(round(mult)), int((x == 0).sum()), x.numel()
 
 
@@ -221,6 +220,7 @@ def measure(model: nn.Module, batches: Iterable, *, input_fn: Callable | None = 
 
     def layer_hook(name):
         def hook(mod, inp, out):
+            inside.discard(id(mod))
             if not inp or not isinstance(inp[0], torch.Tensor):
                 return
             pm = mask_after.get(id(mod))
@@ -236,7 +236,29 @@ def measure(model: nn.Module, batches: Iterable, *, input_fn: Callable | None = 
                 acc[i] += res[i]
         return hook
 
+    inside: set[int] = set()  # layers whose own forward runs now: their hook counts them
+
+    def enter(mod, inp):
+        inside.add(id(mod))
+
+    def add_counts(name, counts):
+        acc = layer_acc.setdefault(name, [0, 0, 0, 0, True])
+        for i in range(4):
+            acc[i] += counts[i]
+
+    watching = [True]  # off after a first batch in which no weight was multiplied outside its layer
+
+    def watch():
+        if not watching[0]:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        mode = stack.enter_context(FunctionalReads(root, inside, add_counts))
+        stack.callback(lambda: watching.__setitem__(0, mode.hits > 0))
+        return stack
+
     for name, mod in root.named_modules():
+        if isinstance(mod, WEIGHT_TYPES):
+            handles.append(mod.register_forward_pre_hook(enter))
         if isinstance(mod, ActivationRegularizer):
             node_kind[name] = "regularizer"
             handles.append(mod.register_forward_hook(node_hook(name, "regularizer")))
@@ -245,7 +267,13 @@ def measure(model: nn.Module, batches: Iterable, *, input_fn: Callable | None = 
             handles.append(mod.register_forward_hook(node_hook(name, "mask")))
         elif isinstance(mod, WEIGHT_TYPES):
             handles.append(mod.register_forward_hook(layer_hook(name)))
-    samples = run_eval(root, batches, input_fn, max_batches, handles)
+    # the fused attention fast path multiplies the projections where no function mode sees them
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        samples = run_eval(root, batches, input_fn, max_batches, handles, watch)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
     if not samples:
         raise ValueError("measure: batches yielded nothing")
     out = Measurement(samples)
