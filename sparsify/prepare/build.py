@@ -20,8 +20,8 @@ from passes.traced import graph_fingerprint
 
 from sparsify.prepare.capture import capture, capture_report, check_capture
 from sparsify.prepare.dense import dense_entries
-from sparsify.prepare.hidden import convert_hidden, hidden_candidates, hidden_positions, rewire_hidden_reads
-from sparsify.prepare.hidden_positions import watched_names
+from sparsify.prepare.hidden import convert_hidden, hidden_candidates, hidden_positions, hidden_reads, rewire_hidden_reads
+from sparsify.prepare.hidden_positions import unreached, watched_names
 from sparsify.prepare.inputs import guess_example_inputs, positions_per_sample
 from sparsify.prepare.matching import MatchTable
 from sparsify.methods import SparseWeightMixin, get_method
@@ -245,17 +245,21 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
         example_inputs = tuple(example_inputs)
     else:
         example_inputs = (example_inputs,)
-    hidden_names = [c.name for c in hidden]
-    # measured: by the forward that checked the caller's example_inputs; else sparsify() leaves them
-    # to the first report() (a forward costs more than the trace), the dry run measures them now
-    # (weights read outside module calls need a forward of their own: left to report() too)
-    # (and so do nn.MultiheadAttention's projections left dense: no module call counts them)
-    watched = watched_names(root, hidden_names)
-    factors = dict(measured) if measured is not None and (dry_run or not watched) else None
+    # rewritten layers read outside module calls, and those left dense (their get_attr reads remain)
+    hidden_names = list(dict.fromkeys([c.name for c in hidden] + [n for n, _, _ in hidden_reads(tr.graphs)]))
+    # MAC factors: measured by the forward that checked the caller's example_inputs, or by the dry
+    # run now; else sparsify() leaves them to the first report() (a forward costs more than the
+    # trace), as it does when a layer needs a watched forward of its own: weights read outside
+    # module calls, MultiheadAttention projections, layers no module hook saw (a leaf module may
+    # multiply their weights itself)
+    factors = dict(measured) if measured is not None else None
     if factors is None and dry_run:
         factors = positions_per_sample(root, example_inputs) if example_inputs is not None else {}
-    if dry_run and watched:
-        factors.update(hidden_positions(root, example_inputs, watched) if example_inputs is not None else {})
+    watched = watched_names(root, hidden_names + unreached(root, factors or {}))
+    if watched and not dry_run:
+        factors = None
+    elif watched and example_inputs is not None:
+        factors.update(hidden_positions(root, example_inputs, watched))
     if example_inputs is not None:
         plan.input_shapes = [list(x.shape) for x in example_inputs if hasattr(x, "shape")]
         for e in plan.entries if factors else ():

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["hidden_positions", "record_read", "recording", "mha_projections", "watched_names", "weight_numel"]
+from sparsify.core.layers import WEIGHT_TYPES
+
+__all__ = ["hidden_positions", "record_read", "recording", "unreached", "mha_projections", "watched_names", "weight_numel"]
 
 _RECORD: dict | None = None  # id(weight tensor) -> (tensor, layer) while a watch records
 
@@ -131,6 +133,18 @@ def watched_names(root: nn.Module, hidden_names: list[str]) -> list[str]:
     ['0.out_proj', '0.in_proj']
     """
     return list(dict.fromkeys([*hidden_names, *mha_projections(root)]))
+
+
+def unreached(root: nn.Module, positions: dict) -> list[str]:
+    """Conv/Linear layers of ``root`` that have no entry in ``positions`` (what a forward's module
+    hooks measured): their weights are multiplied outside their own call (a leaf module's
+    ``F.linear(x, self.qkv.weight)``), or not at all.
+
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    >>> unreached(net, {"0": 1.0})
+    ['1']
+    """
+    return [n for n, m in root.named_modules() if isinstance(m, WEIGHT_TYPES) and n not in positions]
 
 
 def weight_numel(mods: dict[str, nn.Module], name: str) -> int | None:

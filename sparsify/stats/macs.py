@@ -17,8 +17,7 @@ from torch import nn
 from sparsify.core.eval_loop import internal
 from sparsify.core.state import SparsifyState
 from sparsify.prepare.hidden import hidden_positions
-from sparsify.core.layers import WEIGHT_TYPES
-from sparsify.prepare.hidden_positions import watched_names, weight_numel
+from sparsify.prepare.hidden_positions import unreached, watched_names, weight_numel
 from sparsify.prepare.inputs import positions_per_sample, state_inputs
 
 __all__ = ["dense_macs", "layer_factors"]
@@ -42,7 +41,8 @@ def layer_factors(state: SparsifyState, root: nn.Module) -> dict[str, float]:
             inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
             with internal():
                 factors = positions_per_sample(root, inputs)
-                factors.update(hidden_positions(root, inputs, watched_names(root, state.hidden_names)))
+                watched = watched_names(root, state.hidden_names + unreached(root, factors))
+                factors.update(hidden_positions(root, inputs, watched))
         except Exception as exc:  # MACs are a report column, never a reason to stop training
             warnings.warn(f"sparsify: could not run the example inputs to count MACs ({type(exc).__name__}: "
                           f"{exc}); the report shows no MACs")
@@ -61,6 +61,5 @@ def dense_macs(model: nn.Module, example_inputs: Sequence) -> int:
     """
     pos = positions_per_sample(model, example_inputs)
     mods = dict(model.named_modules())
-    unseen = [n for n, m in mods.items() if isinstance(m, WEIGHT_TYPES) and n not in pos]
-    pos.update(hidden_positions(model, example_inputs, watched_names(model, unseen)))
+    pos.update(hidden_positions(model, example_inputs, watched_names(model, unreached(model, pos))))
     return int(round(sum(p * (weight_numel(mods, n) or 0) for n, p in pos.items())))
