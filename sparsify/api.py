@@ -11,7 +11,7 @@ from torch import nn
 from passes.calls import positional_inputs
 from sparsify.prepare.build import build, check_model
 from sparsify.prepare.capture import check_capture
-from sparsify.deploy.finalize import finalize_model
+from sparsify.deploy.finalize import FinalizeError, finalize_model
 from sparsify.stats.measure import Measurement, measure
 from sparsify.prepare.plan import Plan
 from sparsify.prepare.recipe import load_recipe
@@ -22,6 +22,7 @@ from sparsify.core.pace import check_bypassed, check_held, check_idle, reset, sc
 from sparsify.core.sharded import full_parameters
 from sparsify.core.state import check_filled, find_state, forget_replaced, refuse_unfilled, unwrap
 from sparsify.core.advance import advance
+from sparsify.core.diverged import check_due, diverged_message, nonfinite_parameters
 from sparsify.prepare.inputs import check_inputs, state_inputs
 from sparsify.prepare.sharing import SHARED_WARNING, mark_trained, remember_holder, trained_through_earlier
 
@@ -167,6 +168,9 @@ def step(model: nn.Module, loss=None) -> int:
     if loss is not None and not math.isfinite(loss):
         said.append(("nonfinite-loss", f"sparsify.step: the loss is {loss} at step {t}: training diverged; "
                      "lower the learning rate or check the loss (stop at the first non-finite loss)"))
+    if check_due(t, state.total_steps) and "nonfinite-params" not in state.warned:
+        if bad := nonfinite_parameters(unwrap(model)):
+            said.append(("nonfinite-params", diverged_message("sparsify.step", bad, t)))
     if state.total_steps and t > state.total_steps:
         said.append(("past-total", f"sparsify.step: step {t} is past total_steps={state.total_steps} given to "
                      "sparsify(): schedules stay at their final values; pass the number of optimizer steps "
@@ -233,6 +237,8 @@ def report(model: nn.Module) -> Report:
     _check_averaged(model, "report")
     state = find_state(model)
     root = unwrap(model)
+    if bad := nonfinite_parameters(root):  # said at each report: its figures are read later
+        warnings.warn(diverged_message("sparsify.report", bad), stacklevel=2)
     with full_parameters(root.modules()):  # FSDP2: whole weights on every rank (a collective)
         return build_report(root, state)
 
@@ -273,6 +279,10 @@ def finalize(model: nn.Module, example_inputs=None, *, check: bool = True, rtol:
     _check_averaged(model, "finalize")
     if (msg := schedule_unfinished(model)) is not None:
         warnings.warn(msg, stacklevel=2)
+    if bad := nonfinite_parameters(unwrap(model)):  # the output check would fail on NaN, saying less
+        if check:
+            raise FinalizeError(diverged_message("sparsify.finalize", bad) + "; nothing here is worth deploying")
+        warnings.warn(diverged_message("sparsify.finalize", bad), stacklevel=2)
     example_inputs = positional_inputs(unwrap(model), example_inputs)
     # accelerate rewrites the finalized graphs: they stay graphs then
     final = finalize_model(model, example_inputs, check=check, rtol=rtol, atol=atol, plain_classes=not accelerate)

@@ -5,6 +5,8 @@ cost".
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -41,11 +43,12 @@ def str_weight(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 def _shrink(weight: torch.Tensor, threshold: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``W − clamp(W, −t, t)``: equal to ``sign(W)·relu(|W| − t)`` (up to the sign of zeros:
     ``±(|W| − t)`` rounds the same either way), in one pass (two with per-channel thresholds)."""
-    if threshold.numel() == 1 and weight.device.type == "cpu":
-        # one kernel; float() of a CPU scalar costs no sync
+    # one kernel; float() of a CPU scalar costs no sync (softshrink refuses a NaN threshold: a
+    # diverged one takes the clamp path, which gives NaN weights for sparsify.step to report)
+    if threshold.numel() == 1 and weight.device.type == "cpu" and math.isfinite(lam := float(threshold)):
         if out is None:
-            return F.softshrink(weight, float(threshold))
-        return torch._C._nn.softshrink(weight, float(threshold), out=out)
+            return F.softshrink(weight, lam)
+        return torch._C._nn.softshrink(weight, lam, out=out)
     t = threshold.to(weight.dtype)
     out = torch.clamp(weight, -t, t, out=out)
     return torch.sub(weight, out, out=out)

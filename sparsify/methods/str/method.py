@@ -128,7 +128,8 @@ class STRGroup(Group):
                  and m.weight.device.type != "meta"]
         if not names:
             return
-        alive = torch.stack([torch.gt(self.members[n].weight.detach().abs(), self.members[n].threshold()).any()
+        # "not all at or below": a NaN weight or threshold is not an emptied layer (step says diverged)
+        alive = torch.stack([~torch.le(self.members[n].weight.detach().abs(), self.members[n].threshold()).all()
                              for n in names]).tolist()
         empty = [n for n, a in zip(names, alive) if not a]
         if empty:
