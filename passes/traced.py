@@ -120,8 +120,31 @@ class _SkipOriginalInit(nn.Module):
 _TRACED_CLASSES: dict[type, type] = {}
 
 
+def _skip_call_frame() -> None:
+    """Have ``torch.compile`` run :meth:`TracedModule.__call__` (glue: hook checks, the call
+    guard, the output type) as plain Python and compile the graph's ``forward`` it calls, as it
+    does for a plain ``GraphModule``. Compiled itself, that one function served every traced
+    class in the process, guarded on the class: from the 9th sparsified model of a sweep on
+    (``torch._dynamo.config.recompile_limit``) compiled models ran eager. Done when the first
+    traced class is made (importing torch._dynamo costs about a second, not paid by ``import
+    sparsify``)."""
+    global _CALL_SKIPPED
+    if _CALL_SKIPPED:
+        return
+    _CALL_SKIPPED = True
+    try:
+        from torch._dynamo.eval_frame import skip_code
+    except ImportError:  # a torch without it: compile as before
+        return
+    skip_code(TracedModule.__call__.__code__)
+
+
+_CALL_SKIPPED = False
+
+
 def _traced_class(cls: type) -> type:
     """``TracedModule`` subclass that also derives from ``cls`` (cached per class)."""
+    _skip_call_frame()
     if cls not in _TRACED_CLASSES:
         made = TracedModule
         # a subclass of a torch layer (a Conv2d with its own forward) stays a plain graph, so

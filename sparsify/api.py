@@ -15,6 +15,8 @@ from sparsify.deploy.finalize import FinalizeError, finalize_model
 from sparsify.stats.measure import Measurement, measure
 from sparsify.prepare.plan import Plan
 from sparsify.prepare.recipe import load_recipe
+from sparsify.prepare.validate import schedule_warnings
+from sparsify.methods import get_method
 from sparsify.stats.report import Report, build_report
 from sparsify.core.devices import model_device, move_buffers
 from sparsify.core.averaging import sync_sparsity, unsynced_warning
@@ -22,6 +24,7 @@ from sparsify.core.pace import check_bypassed, check_held, check_idle, reset, sc
 from sparsify.core.sharded import full_parameters
 from sparsify.core.state import check_filled, find_state, forget_replaced, refuse_unfilled, unwrap
 from sparsify.core.advance import advance
+from sparsify.core.penalty_watch import unreached_penalty, watch_penalty
 from sparsify.core.diverged import check_due, diverged_message, nonfinite_parameters
 from sparsify.prepare.inputs import check_inputs, state_inputs
 from sparsify.prepare.sharing import SHARED_WARNING, mark_trained, remember_holder, trained_through_earlier
@@ -72,7 +75,7 @@ def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int 
     before = {id(p) for p in model.parameters()}
     root, plan_ = build(model, recipe, example_inputs=example_inputs, total_steps=total_steps, inplace=inplace,
                         copy=copy, factors=factors, capture=capture)
-    for message in plan_.warnings(recipe):
+    for message in plan_.warnings(recipe) + schedule_warnings(recipe, get_method, total_steps):
         warnings.warn(message, stacklevel=2)
     if reused:
         warnings.warn(SHARED_WARNING, stacklevel=2)
@@ -168,6 +171,8 @@ def step(model: nn.Module, loss=None) -> int:
     if loss is not None and not math.isfinite(loss):
         said.append(("nonfinite-loss", f"sparsify.step: the loss is {loss} at step {t}: training diverged; "
                      "lower the learning rate or check the loss (stop at the first non-finite loss)"))
+    if (lost := unreached_penalty(state)) is not None:
+        said.append(("penalty-unreached", lost))
     if check_due(t, state.total_steps) and "nonfinite-params" not in state.warned:
         if bad := nonfinite_parameters(unwrap(model)):
             said.append(("nonfinite-params", diverged_message("sparsify.step", bad, t)))
@@ -222,7 +227,9 @@ def penalty(model: nn.Module):
     terms = [p for g in state.groups.values() if (p := g.penalty()) is not None]
     if not terms:
         return 0.0
-    return torch.stack([t.float().reshape(()) for t in terms]).sum()
+    total = torch.stack([t.float().reshape(()) for t in terms]).sum()
+    watch_penalty(state, total)  # the next step says if no gradient passed through it
+    return total
 
 
 def report(model: nn.Module) -> Report:

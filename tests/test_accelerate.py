@@ -96,6 +96,19 @@ def test_sparse_linear_and_1x1_conv_equal_dense(layout, block):
     assert torch.equal(clone(xi), fast(xi))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_cast_sparse_linear_computes_densely(dtype):
+    """torch's CPU sparse matmul has no half kernels: a model cast after accelerate failed with
+    '"addmm_out_sparse_csr_impl_mkl" not implemented for 'Half''."""
+    lin = torch.nn.Linear(16, 8)
+    with torch.no_grad():
+        lin.weight[torch.rand_like(lin.weight) < 0.8] = 0
+    fast = SparseLinear.from_linear(lin).to(dtype)
+    x = torch.randn(3, 16)
+    y = fast(x.to(dtype))
+    assert y.dtype == dtype and torch.allclose(y.float(), lin.to(dtype)(x.to(dtype)).float(), rtol=1e-2, atol=1e-2)
+
+
 def test_bsr_is_offered_only_for_block_sparse_weights():
     w = torch.zeros(64, 64)
     w[:16, 16:32] = torch.randn(16, 16)

@@ -112,3 +112,18 @@ def test_recipes_that_broke_the_graph_compile_whole_and_train_as_eager(recipe, e
     assert_states_match(compiled_model, eager)
     if recipe == "nm-2-4":  # both phases ran: straight-through, then the fixed mask
         assert all(bool(m.fixed) for m in compiled_model.modules() if hasattr(m, "fixed"))
+
+
+def test_a_sweep_compiles_every_model():
+    """One function (TracedModule.__call__) served every traced model and dynamo guarded it on
+    the model's class: from the 9th sparsified model compiled in a process (its recompile_limit)
+    on, compiled models ran eager. Each model now compiles its own graph's forward."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    x, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 1])
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for i in range(4):
+            m = sparsify.sparsify(tiny_cnn(), "gmp", total_steps=10, example_inputs=x[:1])
+            train(m, [(x, y)], call=torch.compile(m, backend="eager"))
+            assert counters["stats"]["unique_graphs"] == i + 1, dict(counters["frames"])

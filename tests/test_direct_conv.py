@@ -103,6 +103,19 @@ def test_direct_conv_with_autograd_uses_the_dense_weight():
     assert torch.allclose(x.grad, ref.grad, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_a_cast_direct_conv_computes_densely_in_its_dtype(dtype):
+    """docs/deployment.md: for another dtype the layer computes densely; ``fast.half()`` failed
+    with "Index put requires the source and destination dtypes match" (the dense weight was
+    built in float32 whatever the values' dtype)."""
+    conv = _sparse_conv(4, 6, 3, 1, 1, 1, 1, 0.7)
+    fast = DirectSparseConv2d.from_conv(conv).to(dtype)
+    x = torch.randn(2, 4, 8, 8)
+    y = fast(x.to(dtype))
+    assert y.dtype == dtype
+    assert torch.allclose(y.float(), conv.to(dtype)(x.to(dtype)).float(), rtol=1e-2, atol=1e-2)
+
+
 def _sparse_resnet(sparsity=0.9):
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).eval()

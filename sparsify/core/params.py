@@ -102,6 +102,8 @@ class Params:
 
     #: pairs of time params ``(a, b)`` with ``a <= b`` (checked once ``total_steps`` is known)
     time_order: ClassVar[tuple[tuple[str, str], ...]] = (("begin", "end"), ("end", "fix"), ("begin", "fix"))
+    #: ``end`` is where a ramp reaches the target (st3, gmp, semi-structured), not where the method stops
+    ramp_end: ClassVar[bool] = False
 
     @classmethod
     def _fields(cls):

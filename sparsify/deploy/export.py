@@ -9,6 +9,7 @@ dynamo exporter additionally needs ``onnxscript``; pass ``dynamo=True`` to use i
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
@@ -39,6 +40,19 @@ def export_program(model: nn.Module, example_inputs) -> "torch.export.ExportedPr
         return torch.export.export(model, _as_tuple(positional_inputs(model, example_inputs)))
 
 
+@contextlib.contextmanager
+def _attention_unfused():
+    """MultiheadAttention / TransformerEncoderLayer without their inference fast path, whose fused
+    op (``aten::_native_multi_head_attention``) has no ONNX export: under ``no_grad`` in eval the
+    layers take it, and a ViT failed to export."""
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+
+
 def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike | None = None, *,
                 opset: int = 17, dynamo: bool = False, dynamic_batch: bool = True) -> bytes:
     """Export ``model`` (eval mode) to ONNX; returns the serialized model, also written to ``path``
@@ -57,13 +71,13 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike | None
         # named outputs: without them the exporter reads ``model.graph``, which on an fx GraphModule
         # is the fx graph, and fails
         from sparsify.deploy.compare import flatten_tensors
-        with torch.no_grad():
+        with torch.no_grad(), _attention_unfused():
             n_out = len(flatten_tensors(model(*inputs)))
         kwargs["output_names"] = [f"output{i}" for i in range(n_out)]
         if dynamic_batch:
             kwargs["dynamic_axes"] = {n: {0: "batch"} for n in names + kwargs["output_names"]}
     buf = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _attention_unfused():
         warnings.simplefilter("ignore")  # the TorchScript exporter announces its own deprecation
         torch.onnx.export(model, inputs, buf, opset_version=opset, input_names=names, dynamo=dynamo, **kwargs)
     blob = buf.getvalue()

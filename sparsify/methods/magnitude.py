@@ -195,6 +195,7 @@ class MagnitudeGroup(HeldLayers, Group):
 
 @dataclass
 class MagnitudeParams(Params):
+    ramp_end = True
     sparsity: float = param(0.9, "Target fraction of zero weights.", ge=0, lt=1, what="a fraction in [0, 1)")
     begin: float = param(0, "Step where the cubic ramp starts.", time=True)
     end: float = param(0, "Step where the ramp reaches `sparsity`.", time=True)

@@ -303,6 +303,7 @@ class ST3Group(HeldLayers, Group):
 class ST3Params(Params):
     # the official code may fix before the ramp's end (the fix then applies the final ratio; a warning says so)
     time_order = (("begin", "end"), ("begin", "fix"))
+    ramp_end = True
     sparsity: float = param(0.9, "Target fraction of zero weights, one global threshold over the rule's layers.",
                             ge=0, lt=1, what="a fraction in [0, 1)")
     begin: float = param(0, "Step where the cubic sparsity ramp starts.", time=True)

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 from sparsify.core.schedules import resolve_time
 
 __all__ = ["RecipeError", "json_path", "loads_strict", "check_duplicates", "check_finite", "check_total_steps",
-           "check_times"]
+           "check_times", "schedule_warnings"]
 
 
 class RecipeError(ValueError):
@@ -177,3 +177,53 @@ def check_times(recipe, get_method, total_steps: int | None, *, require: bool = 
             if pair is not None and pair[1] < pair[0]:
                 raise RecipeError(f"{source}: {at}.{b}: {b} ({pair[1]}) is before {a} ({pair[0]})")
 
+
+
+def schedule_warnings(recipe, get_method, total_steps: int | None) -> list[str]:
+    """What a valid recipe's times mean for a run of ``total_steps`` that its author may not
+    expect: a method that never acts (``begin`` at or past the end, or an empty active range), a
+    ramp that ends after the run (the target is never reached), masks that never freeze (``fix``
+    after the run). Times already pass :func:`check_times`.
+
+    >>> from sparsify.prepare.recipe import load_recipe
+    >>> from sparsify.methods import get_method
+    >>> print(schedule_warnings(load_recipe("st3", begin=10, end=100, fix=None), get_method, 40)[0][:87])
+    sparsify: rule 0 (st3) of recipe 'st3': end is step 100, after the run's total_steps=40
+    """
+    if total_steps is None:
+        return []
+    stages = _stage_ranges(recipe.stages, total_steps, True, recipe.source)
+    out = []
+    for rule in recipe.rules:
+        if rule.method is None:
+            continue
+        method, p = get_method(rule.method), rule.params
+        head = f"sparsify: rule {rule.index} ({rule.method}) of recipe {recipe.name!r}: "
+        if p.get("stage") is not None:
+            begin, end = stages[p["stage"]]
+            ramp = False
+            where = f"stage {p['stage']!r} "
+        else:
+            begin, end, ramp, where = None, None, method.Params.ramp_end, ""
+            if "begin" in method.schedule_keys:
+                begin = resolve_time(p.get("begin", 0), total_steps, what="begin")
+            if "end" in method.schedule_keys and p.get("end") is not None:
+                end = resolve_time(p["end"], total_steps, what="end")
+        fix = p.get("fix") if "fix" in method.schedule_keys else None
+        fix = resolve_time(fix, total_steps, what="fix") if fix is not None else None
+        if begin is not None and begin >= total_steps:
+            out.append(f"{head}{where}begin is step {begin}, at or after the run's total_steps={total_steps}: "
+                       "the method never acts in this run; give times as fractions of the run (0.1) or check "
+                       "total_steps")
+            continue
+        if not ramp and end is not None and begin is not None and end <= begin:
+            out.append(f"{head}{where}begin and end are both step {begin}: the method's active range is empty "
+                       "and it never acts")
+            continue
+        if ramp and end is not None and end > total_steps:
+            out.append(f"{head}end is step {end}, after the run's total_steps={total_steps}: the ramp never "
+                       "reaches the target sparsity; end it within the run (a fraction: 0.5)")
+        if fix is not None and fix > total_steps:
+            out.append(f"{head}fix is step {fix}, after the run's total_steps={total_steps}: the masks never "
+                       "freeze and the run has no fine-tuning phase")
+    return out

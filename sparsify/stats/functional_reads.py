@@ -34,7 +34,7 @@ def linear_counts(w: torch.Tensor, x: torch.Tensor, inputs_known: bool = True) -
     input as non-zero and reports no input elements.
 
     >>> linear_counts(torch.tensor([[1., 0.], [2., 3.]]), torch.tensor([[0., 5.]]))
-    (4, 2, 1, 2)
+    (4, 1, 1, 2)
     """
     if x.shape[-1] != w.shape[1]:
         return None

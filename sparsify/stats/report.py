@@ -155,13 +155,17 @@ def build_report(root, state: SparsifyState) -> Report:
     sp = sum(r.params for r in sparse_rows)
     snz = sum(r.nonzero_params for r in sparse_rows)
     targets = [(r.target, r.params) for r in sparse_rows if r.target is not None]
-    all_params = [p for n, p in root.named_parameters()]
+    # the model's parameters as finalize ships them: not the methods' own (STR's thresholds)
+    method_only = {id(p) for p in state.parameters()} | {
+        id(p) for m in state.members() if isinstance(m, SparseWeightMixin)
+        for n, p in m.named_parameters(recurse=False) if n not in ("weight", "bias")}
+    model_params = [(n, p) for n, p in root.named_parameters() if id(p) not in method_only]
     rewritten = {r.name for r in sparse_rows}
-    param_total = sum(p.numel() for p in all_params)
+    param_total = sum(p.numel() for _, p in model_params)
     # model-wide non-zeros: the sparsified layers' effective weights replace their latent ones
     # (by identity too: a tied weight is listed once, perhaps under its embedding's name)
     sparse_weights = {id(m.weight) for m in state.members() if isinstance(m, SparseWeightMixin)}
-    param_nnz = sum(int(torch.count_nonzero(p)) for n, p in root.named_parameters()
+    param_nnz = sum(int(torch.count_nonzero(p)) for n, p in model_params
                     if (n.rpartition(".")[0] not in rewritten or not n.endswith("weight")) and id(p) not in sparse_weights)
     param_nnz += snz
     dense_rest = 0

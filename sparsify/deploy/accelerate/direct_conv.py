@@ -151,9 +151,12 @@ class DirectSparseConv2d(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The (out, in / groups, kh, kw) weight these taps came from."""
-        w = torch.zeros(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+        # in the values' dtype and device: a model cast with .half() / moved computes densely from it
+        w = torch.zeros(self.out_channels, self.in_channels // self.groups, *self.kernel_size,
+                        dtype=self.values.dtype, device=self.values.device)
         if self.nnz():
-            o = torch.repeat_interleave(torch.arange(self.out_channels), (self.rowptr[1:] - self.rowptr[:-1]).long())
+            o = torch.repeat_interleave(torch.arange(self.out_channels, device=self.rowptr.device),
+                                        (self.rowptr[1:] - self.rowptr[:-1]).long())
             c, ky, kx = self.taps.long().unbind(1)
             w[o, c - (o // (self.out_channels // self.groups)) * w.shape[1], ky, kx] = self.values
         return w

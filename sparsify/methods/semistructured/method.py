@@ -230,6 +230,7 @@ class SemiStructuredGroup(Group):
 
 @dataclass
 class SemiStructuredParams(Params):
+    ramp_end = True
     sparsity: float = param(0.2, "Final fraction of masked output positions.", ge=0, lt=1, what="a fraction in [0, 1)")
     begin: float = param(0.1, "Step where the masking ramp starts.", time=True)
     end: float | None = param(0.9, "Step where the ramp reaches `sparsity`.", time=True)

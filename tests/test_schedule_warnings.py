@@ -1,0 +1,56 @@
+"""Recipe times that do not fit the run are said at sparsify(): st3 / gmp with begin=100 trained
+40 steps dense (said only at finalize), a fix after the run never froze the masks and tl1 with
+begin=100 (or begin == end) never added a penalty, all without a word."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import sparsify
+from sparsify.prepare.recipe import builtin_recipes
+
+
+def net():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+
+def said(recipe, total_steps, **overrides) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sparsify.sparsify(net(), recipe, total_steps=total_steps, example_inputs=torch.zeros(1, 3, 8, 8), **overrides)
+    return [str(w.message) for w in caught if "total_steps=" in str(w.message) or "active range" in str(w.message)]
+
+
+@pytest.mark.parametrize("recipe,overrides,expected", [
+    ("st3", dict(begin=100, end=200, fix=None), "begin is step 100, at or after the run's total_steps=40: the method never acts"),
+    ("gmp", dict(begin=100, end=200), "never acts"),
+    ("tl1", dict(begin=100), "never acts"),
+    ("activation-l1", dict(begin=0.99), "begin is step 40, at or after"),
+    ("st3", dict(begin=0, end=100, fix=None), "end is step 100, after the run's total_steps=40: the ramp never reaches"),
+    ("semi-structured", dict(end=50), "the ramp never reaches"),
+    ("st3", dict(begin=0, end=10, fix=100), "fix is step 100, after the run's total_steps=40: the masks never freeze"),
+    ("nm-2-4", dict(fix=100), "the masks never freeze"),
+    ("tl1", dict(begin=5, end=5), "begin and end are both step 5: the method's active range is empty"),
+])
+def test_times_that_do_not_fit_the_run_are_said(recipe, overrides, expected):
+    messages = said(recipe, 40, **overrides)
+    assert len(messages) == 1 and expected in messages[0], messages
+
+
+@pytest.mark.parametrize("recipe", sorted(builtin_recipes()))
+@pytest.mark.parametrize("total_steps", [3, 1000])
+def test_builtin_recipes_fit_any_run(recipe, total_steps):
+    assert said(recipe, total_steps) == []
+
+
+def test_stages_after_the_run_are_said():
+    messages = said("dual", 40, **{})  # stages at fractions of the run: fine
+    assert messages == []
+    recipe = {"version": 1, "stages": [{"name": "late", "begin": 50, "end": 60}],
+              "rules": [{"match": {"type": ["Conv2d", "Linear"]}, "method": "tl1", "params": {"stage": "late"}}]}
+    messages = said(recipe, 40)
+    assert len(messages) == 1 and "stage 'late' begin is step 50" in messages[0], messages
