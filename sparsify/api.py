@@ -25,6 +25,7 @@ from sparsify.core.sharded import full_parameters
 from sparsify.core.state import check_filled, find_state, forget_replaced, refuse_unfilled, unwrap
 from sparsify.core.advance import advance
 from sparsify.core.penalty_watch import unreached_penalty, watch_penalty
+from sparsify.core.dead_outputs import dead_outputs, dead_outputs_message
 from sparsify.core.diverged import check_due, diverged_message, nonfinite_parameters
 from sparsify.prepare.inputs import check_inputs, state_inputs
 from sparsify.prepare.sharing import SHARED_WARNING, mark_trained, remember_holder, trained_through_earlier
@@ -176,6 +177,8 @@ def step(model: nn.Module, loss=None) -> int:
     if check_due(t, state.total_steps) and "nonfinite-params" not in state.warned:
         if bad := nonfinite_parameters(unwrap(model)):
             said.append(("nonfinite-params", diverged_message("sparsify.step", bad, t)))
+    if t == state.total_steps and (dead := dead_outputs(unwrap(model), getattr(state, "output_layers", []))):
+        said.append(("dead-outputs", dead_outputs_message("sparsify.step", dead)))
     if state.total_steps and t > state.total_steps:
         said.append(("past-total", f"sparsify.step: step {t} is past total_steps={state.total_steps} given to "
                      "sparsify(): schedules stay at their final values; pass the number of optimizer steps "
@@ -286,6 +289,8 @@ def finalize(model: nn.Module, example_inputs=None, *, check: bool = True, rtol:
     _check_averaged(model, "finalize")
     if (msg := schedule_unfinished(model)) is not None:
         warnings.warn(msg, stacklevel=2)
+    if dead := dead_outputs(unwrap(model), getattr(find_state(model), "output_layers", [])):
+        warnings.warn(dead_outputs_message("sparsify.finalize", dead), stacklevel=2)
     if bad := nonfinite_parameters(unwrap(model)):  # the output check would fail on NaN, saying less
         if check:
             raise FinalizeError(diverged_message("sparsify.finalize", bad) + "; nothing here is worth deploying")

@@ -5,6 +5,7 @@ import copy
 import json
 import os
 import socket
+import warnings
 
 import pytest
 import torch
@@ -235,3 +236,30 @@ def test_another_resolution_is_refused_and_leaves_the_masks_size():
         m(torch.ones(1, 3, 3, 3))
     assert m.size == (2, 2)  # the size the masks were made for, which the group's updates read
     assert torch.equal(m(y)[0, 0], torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+
+
+@pytest.mark.parametrize("size, sparsity, said, first", [
+    (32, 0.2, "masks no output position of 4 map(s)", "layer4.0.conv1_pmask (1x1)"),  # round(0.2) = 0
+    (32, 0.6, "masks every output position of 4 map(s)", "layer4.0.conv1_pmask (1x1)"),  # round(0.6) = 1 of 1
+    (32, 0.9, "masks every output position of 8 map(s)", "layer3.0.conv1_pmask (2x2)"),  # round(3.6) = 4 of 4
+    (64, 0.2, None, None),  # 2x2 maps and up: round(0.8) = 1 of 4
+])
+def test_masks_that_round_to_all_or_nothing_are_said(size, sparsity, said, first):
+    """resnet18 at 32x32 has 2x2 and 1x1 maps: at 0.9 every position of 8 maps was masked (the
+    model's output did not depend on its input, max |f(x1) - f(x2)| = 0) and at 0.2 the 1x1 maps
+    masked nothing, both without a word."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, size, size)
+    m = sparsify.sparsify(torchvision.models.resnet18(num_classes=10), "semi-structured", example_inputs=x[:1],
+                          sparsity=sparsity, total_steps=4)
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            loss = m(x).square().mean()
+            opt.zero_grad(); loss.backward(); opt.step(); sparsify.step(m, loss=loss)
+    messages = [str(w.message) for w in caught if "output position of" in str(w.message)]
+    if said is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and said in messages[0] and first in messages[0], messages

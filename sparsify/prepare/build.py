@@ -284,6 +284,7 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     state.example_inputs = example_inputs
     state.guess_inputs_later = guessed and example_inputs is None
     state.hidden_names = hidden_names
+    state.output_layers = [c.name for c in cands + hidden if c.last and c.name in rewritten]
     state.layer_factors = factors
     root.add_module(STATE_ATTR, state)
     root.register_load_state_dict_post_hook(after_load)

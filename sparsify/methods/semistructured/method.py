@@ -167,11 +167,35 @@ class SemiStructuredGroup(Group):
             self._set_masks(self.scores, 0.0)
 
     def warnings(self) -> list[str]:
+        out = self._size_warnings()
         if self.missing_loss:
-            return ["sparsify.step: semi-structured got no loss: call sparsify.step(model, loss=loss) so that it "
-                    "keeps the mask map with the lowest training loss (without it the frozen map is a random "
-                    "draw, not the best one)"]
-        return []
+            out.append("sparsify.step: semi-structured got no loss: call sparsify.step(model, loss=loss) so that it "
+                       "keeps the mask map with the lowest training loss (without it the frozen map is a random "
+                       "draw, not the best one)")
+        return out
+
+    def _size_warnings(self) -> list[str]:
+        """Masks that the final sparsity rounds to every position of their map (the conv's output
+        no longer depends on its input) or to none (the layer stays dense), once sizes are known."""
+        sizes = {n: m.size for n, m in self.members.items()}
+        if self.__dict__.get("_sizes_said") or any(size is None for size in sizes.values()):
+            return []
+        self._sizes_said = True
+        s = float(self.params["sparsity"])
+        every = [n for n, (h, w) in sizes.items() if round(s * h * w) >= h * w]
+        none = [n for n, (h, w) in sizes.items() if s > 0 and round(s * h * w) == 0]
+        out = []
+        for names, what in ((every, "every output position of"), (none, "no output position of")):
+            if names:
+                shown = ", ".join(f"{n} ({sizes[n][0]}x{sizes[n][1]})" for n in names[:3])
+                more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+                why = ("their layers' outputs no longer depend on their inputs; lower the sparsity or leave "
+                       "small maps dense with a rule" if names is every else
+                       "those layers stay dense (a larger input resolution has more positions to mask)")
+                out.append(f"sparsify: semi-structured at sparsity {s:g} masks {what} {len(names)} map(s), "
+                           f"round(sparsity x H x W) of {'H x W' if names is every else '0'} positions: {shown}"
+                           f"{more}: {why}")
+        return out
 
     # -- reporting --------------------------------------------------------------------------
     def describe(self, step: int) -> dict:

@@ -1,0 +1,53 @@
+"""Outputs of a model's last layer that a weight method pruned whole.
+
+A global threshold (st3, gmp, STR, l1-prune) can take every weight of one output row of the last
+layer: that output is then its bias alone, the same for every input. For a classifier those are
+classes it can no longer tell apart (a ViT's head under the default st3: 7 of its 10 rows). It is
+looked at when training ends (the run's last step, finalize): a row that is zero then is dead,
+whatever made it so (torchvision's ViT head starts at zero, and is not said at the start).
+Hidden layers' dead channels are structured sparsity, not said.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparsify.core.conv1d import torch_layout
+from sparsify.core.layers import SparseWeightMixin
+from sparsify.core.sharded import is_sharded
+
+__all__ = ["dead_outputs", "dead_outputs_message"]
+
+
+@torch.no_grad()
+def dead_outputs(root: nn.Module, names: list[str]) -> list[tuple[str, list[int], int]]:
+    """``(layer, zero output rows, outputs)`` for each of the sparse layers ``names`` of ``root``
+    that computes some outputs with no weight at all."""
+    out = []
+    for name in names:
+        try:
+            layer = root.get_submodule(name)
+        except AttributeError:
+            continue
+        if not isinstance(layer, SparseWeightMixin) or is_sharded(layer.weight) or layer.weight.is_meta:
+            continue
+        eff = torch_layout(layer, layer.deployed_weight())
+        rows = torch.nonzero(~eff.reshape(eff.shape[0], -1).ne(0).any(1)).flatten().tolist()
+        if rows:
+            out.append((name, rows, eff.shape[0]))
+    return out
+
+
+def dead_outputs_message(where: str, dead: list[tuple[str, list[int], int]]) -> str:
+    """The one-line warning for :func:`dead_outputs`' layers.
+
+    >>> print(dead_outputs_message("sparsify.finalize", [("fc", [1, 3], 10)])[:77])
+    sparsify.finalize: fc: every weight of 2 of its 10 outputs pruned (rows 1, 3)
+    """
+    parts = []
+    for name, rows, n in dead:
+        shown = ", ".join(map(str, rows[:8])) + (" ..." if len(rows) > 8 else "")
+        parts.append(f"{name}: every weight of {len(rows)} of its {n} outputs pruned (rows {shown})")
+    return (f"{where}: {'; '.join(parts)}: those outputs are the bias alone, the same for every input (a "
+            "classifier's classes it can no longer tell apart); leave the last layer dense with a rule "
+            '({"match": {"last": true}, "method": null})')

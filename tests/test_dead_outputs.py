@@ -1,0 +1,55 @@
+"""Output rows of the last layer that a weight method pruned whole are said at the run's last
+step and at finalize: a ViT head under the default st3 kept 3 of its 10 classes (the others were
+their bias alone, the same for every input), and nothing said so."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsify
+
+SAID = "outputs pruned (rows"
+
+
+def net():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    with torch.no_grad():
+        model[4].weight[:4] *= 1e-4  # four classes with small weights: a global threshold takes them whole
+    return model
+
+
+def run(recipe, model=None, **overrides):
+    x, y = torch.randn(8, 16), torch.randint(0, 10, (8,))
+    m = sparsify.sparsify(model or net(), recipe, total_steps=4, example_inputs=x[:1], **overrides)
+    opt = torch.optim.SGD(sparsify.param_groups(m), lr=1e-6)
+    said = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            loss = F.cross_entropy(m(x), y) + sparsify.penalty(m)
+            opt.zero_grad(); loss.backward(); opt.step(); sparsify.step(m)
+        said.append([str(w.message) for w in caught if SAID in str(w.message)])
+        caught.clear()
+        sparsify.finalize(m)
+        said.append([str(w.message) for w in caught if SAID in str(w.message)])
+    return said
+
+
+@pytest.mark.parametrize("recipe", ["st3", "gmp"])
+def test_pruned_classes_are_said_at_the_last_step_and_at_finalize(recipe):
+    at_step, at_finalize = run(recipe, begin=0, end=2, sparsity=0.8)
+    for said in (at_step, at_finalize):
+        assert len(said) == 1 and "4: every weight of 4 of its 10 outputs pruned (rows 0, 1, 2, 3)" in said[0], said
+    assert at_step[0].startswith("sparsify.step") and at_finalize[0].startswith("sparsify.finalize")
+
+
+def test_a_dense_last_layer_and_an_nm_one_are_not_said():
+    keep_last = {"version": 1, "rules": [{"match": {"type": "Linear"}, "method": "st3", "params": {"sparsity": 0.8}},
+                                         {"match": {"last": True}, "method": None}]}
+    assert run(keep_last) == [[], []]
+    assert run("nm-2-4") == [[], []]  # N:M keeps half of every row
