@@ -16,6 +16,7 @@ from sparsify.core.keep import EmptyLayerWarning, guarded_thresholds, min_kept
 from sparsify.core.layers import SparseWeightMixin
 from sparsify.core.state import find_state
 from sparsify.core.threshold import pruned_count, quantile
+from sparsify.prepare.validate import RecipeError
 
 
 @settings(max_examples=40, deadline=None)
@@ -133,3 +134,34 @@ def test_lenet5_learns_on_digits_at_the_cli_defaults(recipe, tmp_path):
     assert result["accuracy"] > 0.8, result["accuracy"]
     assert result["report"]["totals"]["empty_layers"] == []
     assert abs(result["report"]["totals"]["weight_sparsity"] - 0.9) < 0.002
+
+
+@pytest.mark.parametrize("recipe", ["st3", "st3-sigma", "gmp"])
+def test_floors_the_target_cannot_hold_are_refused(recipe):
+    """min_density 0.5 at 90% sparsity gave every layer about 10% density, still listed as held at
+    min_density: the floors shrank in silence. Refused now; the default still shrinks above 99%."""
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    with pytest.raises(RecipeError, match=r"min_density: must be at most 1 - sparsity = 0.1 .*got min_density=0.5"):
+        sparsify.sparsify(net, recipe, sparsity=0.9, min_density=0.5, total_steps=10)
+    sparsify.sparsify(net, recipe, sparsity=0.9, min_density=0.1, total_steps=10)
+    sparsify.sparsify(net, recipe, sparsity=0.995, total_steps=10)  # the default 0.01: shrinks, as documented
+
+
+def test_l1_prune_floors_are_checked_only_against_a_sparsity():
+    bad = {"version": 1, "rules": [{"match": {"type": "Linear"}, "method": "l1-prune",
+                                    "params": {"sparsity": 0.9, "min_density": 0.5, "end": 8}}]}
+    with pytest.raises(RecipeError, match="min_density: must be at most 1 - sparsity"):
+        sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 8)), bad, total_steps=10)
+    bad["rules"][0]["params"]["threshold"] = 0.01  # an absolute threshold: no count for floors to contradict
+    sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 8)), bad, total_steps=10)
+
+
+def test_an_absolute_threshold_that_empties_layers_is_named_as_the_cause():
+    """dual with threshold=0.5 pruned every layer and the warning blamed min_density."""
+    recipe = {"version": 1, "rules": [{"match": {"type": "Linear"}, "method": "l1-prune",
+                                       "params": {"threshold": 0.5, "end": 2, "prune_at": 0.5}}]}
+    m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)), recipe, total_steps=4)
+    with pytest.warns(EmptyLayerWarning, match="absolute threshold 0.5 is at or above every weight there.*lower the "
+                                               "threshold"):
+        for _ in range(3):
+            sparsify.step(m)

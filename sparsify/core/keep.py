@@ -22,7 +22,8 @@ import torch
 from sparsify.core.extra_state import pack, unpack
 from sparsify.core.threshold import pruned_count, quantile
 
-__all__ = ["min_kept", "guarded_thresholds", "sigma_of", "DEFAULT_MIN_DENSITY", "EmptyLayerWarning", "warn_empty", "HeldLayers"]
+__all__ = ["min_kept", "guarded_thresholds", "sigma_of", "DEFAULT_MIN_DENSITY", "EmptyLayerWarning", "warn_empty",
+           "HeldLayers", "density_problems"]
 
 #: Default share of every layer kept by the global methods (1/10 of the average density at
 #: their 90% default): enough to keep a classifier or a depthwise conv working, small enough
@@ -45,6 +46,23 @@ def min_kept(sizes: Sequence[int], min_density: float, pruned: int) -> list[int]
         total = sum(keep)
         keep = [k * room // total for k in keep]
     return keep
+
+
+def density_problems(sparsity: float, min_density: float) -> list[tuple[str, str]]:
+    """A rule's params check: the floors ``min_density`` can only all hold when the target keeps
+    at least that share of the weights; above it they would shrink to the target in silence. The
+    default (0.01) is let shrink above 99% sparsity (:func:`min_kept`), as documented.
+
+    >>> density_problems(0.9, 0.5)[0][1][:60]
+    'must be at most 1 - sparsity = 0.1 (every layer keeps at lea'
+    >>> density_problems(0.9, 0.1), density_problems(0.995, DEFAULT_MIN_DENSITY)
+    ([], [])
+    """
+    if min_density <= 1.0 - sparsity + 1e-12 or min_density == DEFAULT_MIN_DENSITY:
+        return []
+    return [("min_density", f"must be at most 1 - sparsity = {1 - sparsity:.4g} (every layer keeps at least "
+                            f"min_density of its weights, and the target keeps only 1 - sparsity of them all), got "
+                            f"min_density={min_density:g} with sparsity={sparsity:g}")]
 
 
 def sigma_of(weight: torch.Tensor) -> float:
@@ -127,8 +145,10 @@ class EmptyLayerWarning(UserWarning):
     """A layer lost every weight: its output no longer depends on its input."""
 
 
-def warn_empty(method: str, masks: dict[str, torch.Tensor], warned: set[str], min_density: float) -> None:
-    """Warn once per layer whose mask keeps nothing (``warned``: the layers already named).
+def warn_empty(method: str, masks: dict[str, torch.Tensor], warned: set[str], min_density: float,
+               threshold: float | None = None) -> None:
+    """Warn once per layer whose mask keeps nothing (``warned``: the layers already named);
+    ``threshold``: the rule prunes at that absolute magnitude, which no floor guards.
 
     >>> import warnings
     >>> with warnings.catch_warnings(record=True) as w:
@@ -142,11 +162,16 @@ def warn_empty(method: str, masks: dict[str, torch.Tensor], warned: set[str], mi
         return
     warned.update(empty)
     import warnings
-    why = ("min_density is 0: the official global threshold, which has no guard" if min_density <= 0 else
-           f"min_density {min_density:g} left no room: the target leaves too few weights for every layer's floor")
+    if threshold is not None:
+        why, fix = (f"the rule's absolute threshold {threshold:g} is at or above every weight there, and "
+                    "min_density guards a sparsity, not a threshold"), "lower the threshold or give a sparsity"
+    else:
+        why = ("min_density is 0: the official global threshold, which has no guard" if min_density <= 0 else
+               f"min_density {min_density:g} left no room: the target leaves too few weights for every layer's "
+               "floor")
+        fix = "raise the rule's min_density or lower its sparsity"
     warnings.warn(f"sparsify: {method} pruned every weight of {', '.join(empty)} (100% sparse: the output "
-                  f"no longer depends on the input; {why}); raise the rule's min_density or lower its "
-                  "sparsity", EmptyLayerWarning, stacklevel=3)
+                  f"no longer depends on the input; {why}); {fix}", EmptyLayerWarning, stacklevel=3)
 
 
 class HeldLayers:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsify.core.extra_state import WIDEST_FLOAT, pack, unpack
-from sparsify.core.keep import HeldLayers, DEFAULT_MIN_DENSITY, guarded_thresholds, sigma_of, warn_empty
+from sparsify.core.keep import HeldLayers, DEFAULT_MIN_DENSITY, density_problems, guarded_thresholds, sigma_of, warn_empty
 from sparsify.core.contract import Group, GroupContext, Method
 from sparsify.core.registry import register
 from sparsify.core.forwards import entered
@@ -110,7 +110,7 @@ class L1PruneGroup(HeldLayers, RecordsGroupMixin, Group):
                 for m, tau in zip(layers, taus):
                     m.prune(tau)
                 warn_empty("l1-prune", {n: m.mask for n, m in self.members.items()}, set(),
-                           float(self.params["min_density"]))
+                           float(self.params["min_density"]), self.params["threshold"])
             for m in layers:
                 m.l1 = 0.0
             return
@@ -172,7 +172,7 @@ class L1PruneParams(Params):
         if self.sigma and self.threshold is not None:
             return [("sigma", "scales the global threshold that 'sparsity' sets; with an absolute 'threshold' it "
                               "does nothing: set 'threshold' to null or 'sigma' to false")]
-        return []
+        return density_problems(self.sparsity, self.min_density) if self.threshold is None else []
 
 
 @register

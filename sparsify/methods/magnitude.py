@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsify.core.schedules import cubic
-from sparsify.core.keep import HeldLayers, DEFAULT_MIN_DENSITY, guarded_thresholds, warn_empty
+from sparsify.core.keep import HeldLayers, DEFAULT_MIN_DENSITY, density_problems, guarded_thresholds, warn_empty
 from sparsify.core.threshold import QuantileTracker
 from sparsify.core.contract import Group, GroupContext, Method
 from sparsify.core.registry import register
@@ -216,7 +216,7 @@ class MagnitudeParams(Params):
         b = self.block
         if b is not None and not (len(b) == 2 and all(x >= 1 for x in b)):
             return [("block", f"must be null or [rows, cols] of positive integers, got {b!r}")]
-        return []
+        return density_problems(self.sparsity, self.min_density)
 
 
 @register

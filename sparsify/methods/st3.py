@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsify.core.schedules import cubic
-from sparsify.core.keep import HeldLayers, DEFAULT_MIN_DENSITY, guarded_thresholds, sigma_of, warn_empty
+from sparsify.core.keep import HeldLayers, DEFAULT_MIN_DENSITY, density_problems, guarded_thresholds, sigma_of, warn_empty
 from sparsify.core.threshold import QuantileTracker
 from sparsify.core.contract import Group, GroupContext, Method
 from sparsify.core.registry import register
@@ -314,6 +314,9 @@ class ST3Params(Params):
                                "the official global threshold).", ge=0, lt=1,
                                what="a fraction in [0, 1) of each layer's weights kept (0: no guard, the official "
                                     "global threshold)")
+
+    def check(self):
+        return density_problems(self.sparsity, self.min_density)
 
 
 @register
