@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+import torchvision
 import torch.nn.functional as F
 from torch import nn
 
@@ -75,9 +76,13 @@ def test_frozen_layers_are_left_alone_unless_included(recipe):
     model = Mixed()
     before = model.frozen.weight.detach().clone()
     x = torch.randint(0, 10, (2, 5))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         m = sparsify.sparsify(model, recipe, total_steps=4, example_inputs=x)
+        # said, with the share: the headline sparsity counts the rewritten layers only
+        said = [str(w.message) for w in caught if "frozen layer(s)" in str(w.message)]
+        assert len(said) == 1 and "1 frozen layer(s) (requires_grad=False) that the recipe matched stay dense" \
+            in said[0] and "(first: frozen)" in said[0], said
         opt = torch.optim.SGD(sparsify.param_groups(m, 1e-3), lr=0.1)
         for _ in range(4):
             loss = m(x).pow(2).mean() + sparsify.penalty(m)
@@ -133,3 +138,25 @@ def test_weights_of_other_layer_classes_are_listed_once(traced):
     other = [e for e in plan.dense if "OtherLinear" in e.reason or e.name in ("conv", "conv.weight", "1.weight")]
     assert len(other) == 1 and other[0].params == 256, [(e.name, e.reason) for e in plan.entries]
     assert plan.shares()["param_share"] == pytest.approx((128 + 48) / (128 + 48 + 256))
+
+
+def test_a_later_rule_whose_method_declines_what_an_earlier_one_takes_is_said():
+    """magnitude on every layer, then N:M on the depthwise convs (which N:M declines: one input
+    channel per group): 11 depthwise convs of mobilenet_v3_small stayed dense, silently (later
+    rules win). A later rule of the same method declining what the earlier one declines too (the
+    sas recipes' downsample rule on a classifier) is not said."""
+    recipe = {"version": 1, "name": "mix", "rules": [
+        {"match": {"type": ["Conv2d", "Linear"]}, "method": "magnitude"},
+        {"match": {"depthwise": True}, "method": "nm"}]}
+    x = torch.zeros(1, 3, 32, 32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sparsify.sparsify(torchvision.models.mobilenet_v3_small(num_classes=10), recipe, total_steps=10,
+                          example_inputs=x)
+        said = [str(w.message) for w in caught if "declines" in str(w.message)]
+        assert len(said) == 1 and said[0].startswith(
+            "sparsify: rule 1 (nm) of recipe 'mix' declines 11 layer(s) that rule 0 (magnitude) would rewrite"), said
+        caught.clear()
+        sparsify.sparsify(torchvision.models.mobilenet_v3_small(num_classes=10), "sas", total_steps=10,
+                          example_inputs=x)
+        assert not [w for w in caught if "declines" in str(w.message)]

@@ -202,6 +202,8 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
             plan_warned.add(c.name)
             warnings.warn(f"sparsify: {c.name} stays dense: {why}", stacklevel=3)
         why = why or w.method.accepts(site)
+        if why and (earlier := _taken_before(matcher, c, root)) is not None:  # dense, where an earlier rule's
+            plan.shadowed.append({"name": c.name, "rule": w.rule.index, "earlier": earlier, "reason": why})
         weight_params = c.module.weight.numel() if isinstance(c.module, WEIGHT_TYPES) else 0
         if c.name in tied_users:  # counted once, with the layer owning the mask
             why, weight_params = f"tied to {tied_users[c.name]}: computes with its effective weight (one mask)", 0
@@ -293,6 +295,15 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
         own_written_weights(root, state.groups.values())
     start_groups(state)
     return root, plan
+
+
+def _taken_before(matcher: MatchTable, c, root: nn.Module) -> int | None:
+    """The last rule before ``c``'s winner whose method would have rewritten ``c``, or None."""
+    for i in reversed(matcher.overridden(c)):
+        rule = matcher.rules[i]
+        if not rule.method.accepts(Site(c.name, c.module, c.gm, c.node, c.prefix, root, params=rule.rule.params)):
+            return i
+    return None
 
 
 def own_written_weights(root: nn.Module, groups) -> None:

@@ -167,6 +167,12 @@ class MatchTable:
         """The last rule that matches ``c``, or None."""
         return self._entry(c)[0]
 
+    def overridden(self, c: Candidate) -> list[int]:
+        """Indices of the rules with a method that match ``c`` before the one that wins it."""
+        winner, matched, _ = self._entry(c)
+        return [i for i in matched if winner is not None and i < winner.rule.index
+                and self.rules[i].method is not None]
+
     def refused(self, c: Candidate) -> str | None:
         """Why the last rule that would match ``c`` but whose method does not take its module
         type (SAS and a Conv1D) skipped it, for the plan; None when there is no such rule."""

@@ -7,10 +7,12 @@ from dataclasses import asdict, dataclass, field
 from sparsify.core.subclasses import COMPUTED_WEIGHT, OWN_FORWARD
 from sparsify.prepare.adapters import ADAPTER
 
-__all__ = ["PlanEntry", "Plan", "STACKED"]
+__all__ = ["PlanEntry", "Plan", "STACKED", "FROZEN"]
 
 #: how the plan's reason for a stacked weight tensor (fused MoE experts) begins
 STACKED = "stacked weight matrices"
+#: how the plan's reason for a layer left dense because it is frozen begins (prepare.unhandled)
+FROZEN = "frozen (requires_grad=False)"
 
 
 @dataclass
@@ -35,6 +37,9 @@ class Plan:
     fallbacks: list[dict] = field(default_factory=list)  # {"name", "reason", "chosen"}: submodules run as they are
     trace_warnings: list[str] = field(default_factory=list)  # warnings raised while tracing (held back)
     unmatched_rules: list[int] = field(default_factory=list)
+    # {"name", "rule", "earlier", "reason"}: a site a rule's method declined that an earlier rule's
+    # method would rewrite (later rules win: it stays dense)
+    shadowed: list[dict] = field(default_factory=list)
     input_shapes: list | None = None
     # {"name", "capture", "note"} per captured (sub)module: "torch.fx", "torch.export" or
     # "module by module" (untraceable: run as it is, its layers swapped); see docs/capture.md
@@ -75,6 +80,21 @@ class Plan:
             out.append(f"sparsify: recipe {recipe.name!r} rewrote nothing in this model: {len(declined)} matched "
                        f"site(s) stay dense (first: {declined[0].name}: {declined[0].reason}); see "
                        "sparsify.plan(model, recipe)")
+        by_rule: dict[tuple[int, int], list[dict]] = {}
+        for s in self.shadowed:
+            by_rule.setdefault((s["rule"], s["earlier"]), []).append(s)
+        for (rule, earlier), sites in by_rule.items():
+            out.append(f"sparsify: rule {rule} ({recipe.rules[rule].method}) of recipe {recipe.name!r} declines "
+                       f"{len(sites)} layer(s) that rule {earlier} ({recipe.rules[earlier].method}) would rewrite "
+                       f"(first: {sites[0]['name']}: {sites[0]['reason']}); later rules win, so they stay dense: "
+                       f"narrow rule {rule}'s match to the layers its method takes")
+        frozen = [e for e in self.dense if e.reason.startswith(FROZEN) and e.rule is not None
+                  and recipe.rules[e.rule].method is not None]
+        if frozen and not adapters:  # the headline sparsity counts the rewritten layers only
+            share = sum(e.params for e in frozen) / max(1, total)
+            out.append(f"sparsify: {len(frozen)} frozen layer(s) (requires_grad=False) that the recipe matched "
+                       f"stay dense, {share:.0%} of the model's weight parameters (first: {frozen[0].name}); "
+                       '"options": {"frozen": "include"} in the recipe sparsifies them too (see sparsify.plan)')
         stacked = [e for e in self.dense if e.reason.startswith(STACKED)]
         if stacked:  # the report's "sparsified layers" figure would read as the model's
             out.append(f"sparsify: {len(stacked)} stacked weight tensor(s) stay dense, "

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.core.layers import WEIGHT_TYPES
-from sparsify.prepare.plan import STACKED, PlanEntry
+from sparsify.prepare.plan import FROZEN, STACKED, PlanEntry
 
 __all__ = ["unhandled_entries", "frozen_reason"]
 
@@ -114,5 +114,4 @@ def frozen_reason(module: nn.Module, options: dict) -> str:
     w = getattr(module, "weight", None)
     if not isinstance(w, torch.Tensor) or w.requires_grad or options.get("frozen") == "include":
         return ""
-    return ('frozen (requires_grad=False): left as it is; "options": {"frozen": "include"} in the recipe '
-            "sparsifies it too")
+    return (f'{FROZEN}: left as it is; "options": {{"frozen": "include"}} in the recipe sparsifies it too')
