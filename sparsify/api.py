@@ -250,7 +250,14 @@ def report(model: nn.Module) -> Report:
     if bad := nonfinite_parameters(root):  # said at each report: its figures are read later
         warnings.warn(diverged_message("sparsify.report", bad), stacklevel=2)
     with full_parameters(root.modules()):  # FSDP2: whole weights on every rank (a collective)
-        return build_report(root, state)
+        rep = build_report(root, state)
+    dead = [r.name for r in rep.layers if r.sparsifies == "activations" and r.achieved == 1.0]
+    if dead:  # a regularizer strong enough to silence a layer: what follows it gets no signal
+        warnings.warn(f"sparsify.report: every value of {len(dead)} regularized activation(s) was zero in the last "
+                      f"evaluation ({', '.join(dead[:3])}{' ...' if len(dead) > 3 else ''}): the layers after them "
+                      "get no input, and the output no longer depends on it there; lower the rule's lam",
+                      stacklevel=2)
+    return rep
 
 
 def finalize(model: nn.Module, example_inputs=None, *, check: bool = True, rtol: float = 1e-4,

@@ -20,7 +20,7 @@ from __future__ import annotations
 from torch import nn
 
 from sparsify.core.layers import SparseWeightMixin, drop_all_caches
-from sparsify.core.state import find_state, is_wrapper, unwrap
+from sparsify.core.state import find_state, is_wrapper, partial_load, unwrap
 
 __all__ = ["sparsity_entries", "sync_sparsity", "unsynced_warning"]
 
@@ -69,7 +69,8 @@ def sync_sparsity(averaged: nn.Module, model: nn.Module) -> None:
                          "missing): it is not a copy of the training model")
     layers = [(name, m) for name, m in target.named_modules() if isinstance(m, SparseWeightMixin)]
     before = [m.before_sync() for _, m in layers]
-    target.load_state_dict(entries, strict=False)
+    with partial_load():  # the sparsity entries only, on purpose
+        target.load_state_dict(entries, strict=False)
     for (name, m), b in zip(layers, before):
         m.after_sync(b, source.get_submodule(name))
     mine.synced = True  # after the load, which brought the training model's (False)

@@ -104,6 +104,8 @@ class Params:
     time_order: ClassVar[tuple[tuple[str, str], ...]] = (("begin", "end"), ("end", "fix"), ("begin", "fix"))
     #: ``end`` is where a ramp reaches the target (st3, gmp, semi-structured), not where the method stops
     ramp_end: ClassVar[bool] = False
+    #: the method does nothing outside ``[begin, end)`` (the regularizers; l1-prune prunes at its end)
+    window_only: ClassVar[bool] = False
 
     @classmethod
     def _fields(cls):

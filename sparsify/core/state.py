@@ -6,6 +6,7 @@ and recipe resumes exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 
@@ -173,13 +174,29 @@ def after_load(module: nn.Module, incompatible_keys) -> None:
                       "sparsify() on the loaded model)", stacklevel=3)
 
 
+_PARTIAL_LOADS = [0]  # > 0 while the library loads a part of a state_dict on purpose (sparsify.sync)
+
+
+@contextlib.contextmanager
+def partial_load():
+    """A ``load_state_dict(..., strict=False)`` of some entries on purpose: not warned."""
+    _PARTIAL_LOADS[0] += 1
+    try:
+        yield
+    finally:
+        _PARTIAL_LOADS[0] -= 1
+
+
 def _warn_partial(module: nn.Module, state: SparsifyState, missing: list[str]) -> None:
     """A sparsified checkpoint loaded with ``strict=False`` that lacks some sparse layers' entries:
     those layers keep what they held (a fresh model's masks and thresholds) at the loaded step,
     and the schedule cannot redo their history (gmp ended 0.8% sparse of a 90% target)."""
+    if _PARTIAL_LOADS[0]:
+        return
     members = {id(m) for m in state.members()}
     names = [name for name, m in module.named_modules() if id(m) in members and name]
-    short = [name for name in names if any(k.startswith(name + ".") for k in missing)]
+    # keys are the loaded module's: ours, or a wrapper's holding this model (module.<name>....)
+    short = [name for name in names if any(k.startswith(name + ".") or f".{name}." in k for k in missing)]
     if short:
         warnings.warn(f"sparsify: the checkpoint loaded at step {int(state.step)} holds no entries for {len(short)} "
                       f"sparse layer(s) ({', '.join(short[:3])}{' ...' if len(short) > 3 else ''}; strict=False "

@@ -199,12 +199,12 @@ def schedule_warnings(recipe, get_method, total_steps: int | None) -> list[str]:
             continue
         method, p = get_method(rule.method), rule.params
         head = f"sparsify: rule {rule.index} ({rule.method}) of recipe {recipe.name!r}: "
+        ramp, window = method.Params.ramp_end, method.Params.window_only
         if p.get("stage") is not None:
             begin, end = stages[p["stage"]]
-            ramp = False
             where = f"stage {p['stage']!r} "
         else:
-            begin, end, ramp, where = None, None, method.Params.ramp_end, ""
+            begin, end, where = None, None, ""
             if "begin" in method.schedule_keys:
                 begin = resolve_time(p.get("begin", 0), total_steps, what="begin")
             if "end" in method.schedule_keys and p.get("end") is not None:
@@ -216,11 +216,11 @@ def schedule_warnings(recipe, get_method, total_steps: int | None) -> list[str]:
                        "the method never acts in this run; give times as fractions of the run (0.1) or check "
                        "total_steps")
             continue
-        if not ramp and end is not None and begin is not None and end <= begin:
+        if window and end is not None and begin is not None and end <= begin:
             out.append(f"{head}{where}begin and end are both step {begin}: the method's active range is empty "
                        "and it never acts")
             continue
-        if ramp and end is not None and end > total_steps:
+        if ramp and not p.get("stage") and end is not None and end > total_steps:
             out.append(f"{head}end is step {end}, after the run's total_steps={total_steps}: the ramp never "
                        "reaches the target sparsity; end it within the run (a fraction: 0.5)")
         if fix is not None and fix > total_steps:

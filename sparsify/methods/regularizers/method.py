@@ -245,6 +245,7 @@ class ActivationRegGroup(RecordsGroupMixin, Group):
 
 @dataclass
 class RegularizerParams(Params):
+    window_only = True
     lam: float = param(0.01, "Weight of the penalty in the loss (sparsify.penalty).", ge=0)
     reduction: Literal[REDUCTIONS] = param("mean", "How the per-element penalty is reduced over the tensor.")
     placement: Literal["post", "pre"] = param("post", "Regularize the node's output (post) or its input (pre).",
