@@ -66,6 +66,12 @@ def positional_inputs(module: nn.Module, example_inputs):
     owner = type(module).__name__
     try:
         params = list(inspect.signature(fn).parameters.values())
+        if all(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params) and \
+                callable(getattr(module, "get_base_model", None)):
+            # PEFT's PeftModel.forward(*args, **kwargs) hands every argument to its base model
+            base = module.get_base_model()
+            fn, owner = base.forward, type(base).__name__
+            params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
         raise ValueError(f"example_inputs: the parameters of {owner}.forward cannot be read; pass the inputs "
                          "as a tuple in the order forward takes them") from None

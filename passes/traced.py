@@ -7,6 +7,7 @@ before the split name ``passes.tracing._unpickle_traced``).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import operator
 from collections import OrderedDict
@@ -16,7 +17,7 @@ from torch import nn
 
 from .hooks import share_hooks
 
-__all__ = ["TracedModule", "traced_module", "untraced", "original_class", "graph_fingerprint"]
+__all__ = ["TracedModule", "traced_module", "untraced", "original_class", "graph_fingerprint", "deepcopy_module"]
 
 
 class TracedModule(fx.GraphModule):
@@ -314,3 +315,33 @@ def _keep_hierarchy(root: nn.Module, gm: fx.GraphModule) -> None:
     for bname, b in root._buffers.items():
         if bname not in gm._buffers:
             gm.register_buffer(bname, b, persistent=bname not in root._non_persistent_buffers_set)
+
+
+def deepcopy_module(module: nn.Module, memo: dict | None = None) -> nn.Module:
+    """``copy.deepcopy(module, memo)``, also for modules whose class's ``__getattr__`` hands
+    unknown names to a child (PEFT's ``PeftModel`` and ``LoraModel`` to their base model):
+    ``deepcopy`` looks ``__deepcopy__`` up on the instance, found a traced child's (a
+    ``GraphModule``'s) and returned a copy of that child in the module's place. Such classes get
+    ``__deepcopy__ = None`` (deepcopy's own way) while the copy is made.
+
+    >>> class Forwarding(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__(); self.inner = fx.symbolic_trace(nn.Linear(2, 2))
+    ...     def __getattr__(self, name):
+    ...         try:
+    ...             return super().__getattr__(name)
+    ...         except AttributeError:
+    ...             return getattr(self.inner, name)
+    >>> type(copy.deepcopy(Forwarding())).__name__, type(deepcopy_module(Forwarding())).__name__
+    ('GraphModule', 'Forwarding')
+    """
+    patched = [cls for cls in {type(m) for m in module.modules()}
+               if cls.__getattr__ is not nn.Module.__getattr__ and "__deepcopy__" not in vars(cls)
+               and getattr(cls, "__deepcopy__", None) is None]
+    for cls in patched:
+        cls.__deepcopy__ = None
+    try:
+        return copy.deepcopy(module, {} if memo is None else memo)
+    finally:
+        for cls in patched:
+            del cls.__deepcopy__

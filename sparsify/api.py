@@ -182,7 +182,8 @@ def step(model: nn.Module, loss=None) -> int:
     if state.total_steps and t > state.total_steps:
         said.append(("past-total", f"sparsify.step: step {t} is past total_steps={state.total_steps} given to "
                      "sparsify(): schedules stay at their final values; pass the number of optimizer steps "
-                     "the run really takes (epochs x batches per epoch)"))
+                     "the run really takes (epochs x batches per epoch, divided by the gradient accumulation "
+                     "steps)"))
     for group in state.groups.values():
         said += [(msg, msg) for msg in group.warnings()]
     for key, msg in said:

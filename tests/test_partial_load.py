@@ -50,3 +50,12 @@ def test_a_checkpoint_at_step_0_and_a_dense_one_are_not_this_warning():
     state = trained("gmp", steps=0).state_dict()
     assert load("gmp", {k: v for k, v in state.items() if not k.startswith("2.")}) == []
     assert load("gmp", net().state_dict()) == []  # dense weights: their own message, if any
+
+
+def test_regularizer_nodes_hold_nothing_to_miss():
+    """A regularizer node's only state is whether it is active: a checkpoint without it (transformers'
+    renamed ViT keys) named the nodes as layers that would miss their masks and thresholds."""
+    state = trained("tl1").state_dict()
+    nodes = [k for k in state if "tl1" in k]
+    assert nodes
+    assert load("tl1", {k: v for k, v in state.items() if k not in nodes}) == []

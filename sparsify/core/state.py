@@ -193,7 +193,9 @@ def _warn_partial(module: nn.Module, state: SparsifyState, missing: list[str]) -
     and the schedule cannot redo their history (gmp ended 0.8% sparse of a 90% target)."""
     if _PARTIAL_LOADS[0]:
         return
-    members = {id(m) for m in state.members()}
+    # members holding values (a regularizer node's only state is whether it is active)
+    members = {id(m) for m in state.members() if any(True for _ in m.parameters(recurse=False))
+               or any(True for _ in m.buffers(recurse=False))}
     names = [name for name, m in module.named_modules() if id(m) in members and name]
     # keys are the loaded module's: ours, or a wrapper's holding this model (module.<name>....)
     short = [name for name in names if any(k.startswith(name + ".") or f".{name}." in k for k in missing)]

@@ -10,7 +10,7 @@ from torch import nn
 
 from passes import kept_state, remove_node, set_submodule
 from passes.hooks import kept_hooks, remove_hooks, unguard_called
-from passes.traced import graph_fingerprint, untraced
+from passes.traced import deepcopy_module, graph_fingerprint, untraced
 
 from sparsify.deploy.compare import outputs_close
 from sparsify.prepare.inputs import state_inputs
@@ -61,7 +61,7 @@ def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
                            "copy instead: get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, "
                            "cpu_offload=True)) from torch.distributed.checkpoint.state_dict, load it on rank 0 into "
                            "the same sparsify(...) of a fresh model and finalize that (docs/distributed.md)")
-    final = copy.deepcopy(source, kept_hooks(source))  # the caller's hook objects run in it, not copies
+    final = deepcopy_module(source, kept_hooks(source))  # the caller's hook objects run in it, not copies
     fstate: SparsifyState = getattr(final, STATE_ATTR)
     foreign = []  # what the model's class does not build
     for group in fstate.groups.values():

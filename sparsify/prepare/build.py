@@ -29,7 +29,7 @@ from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.core.contract import GroupContext, Site
 from sparsify.prepare.plan import Plan, PlanEntry
 from sparsify.prepare.tied import param_owners, share_tied, tie_decision
-from sparsify.prepare.adapters import adapter_reason
+from sparsify.prepare.adapters import adapter_reason, is_tuner_layer
 from sparsify.prepare.pretrained import guard_save_pretrained
 from sparsify.prepare.unhandled import frozen_reason, unhandled_entries
 from sparsify.prepare.recipe import Recipe
@@ -174,6 +174,7 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     fingerprints = {prefix: graph_fingerprint(gm.graph) for prefix, gm in tr.graphs.items()}
 
     plan = Plan(recipe=recipe.name)
+    plan.adapters = any(is_tuner_layer(m) for m in root.modules())
     plan.captures = capture_report(tr)
     plan.capture_notes = list(tr.notes)
     plan.fallbacks = [{"name": f.name, "reason": f.reason, "chosen": f.chosen} for f in tr.fallbacks]

@@ -148,7 +148,8 @@ class STRGroup(Group):
             out.append(f"STR: the optimizer applies no weight decay to the thresholds s ({where}); STR gets "
                        "its sparsity from that decay, so the thresholds stay near s_init and so does the sparsity. "
                        "Build the optimizer with sparsify.param_groups(model, weight_decay=...) or give every "
-                       "'.s' parameter weight_decay > 0.")
+                       "'.s' parameter weight_decay > 0 (with transformers' Trainer or sparsify train: a "
+                       "weight_decay > 0 in their settings; the Trainer's default is 0).")
         return out
 
     # -- reporting -------------------------------------------------------------------------
