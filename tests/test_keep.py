@@ -165,3 +165,20 @@ def test_an_absolute_threshold_that_empties_layers_is_named_as_the_cause():
                                                "threshold"):
         for _ in range(3):
             sparsify.step(m)
+
+
+@pytest.mark.parametrize("recipe", ["st3", "gmp"])
+def test_a_layer_of_tied_magnitudes_is_not_emptied(recipe):
+    """A zero-initialized head after one Adam step has every |w| equal (torchvision's ViT head,
+    LoRA's lora_B): its own threshold at the floor fell on the tie, pruned all of it, and the
+    EmptyLayerWarning blamed min_density. The tie is kept now (denser than the floor, not empty)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, 10))
+    with torch.no_grad():
+        net[1].weight.copy_(1e-4 * torch.sign(torch.randn(10, 32)))  # 320 weights, one magnitude
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EmptyLayerWarning)
+        m = sparsify.sparsify(net, recipe, sparsity=0.9, total_steps=2, begin=0, end=0)
+    kept = int(m[1].deployed_weight().count_nonzero())
+    assert kept == 320, kept  # the tie kept whole; the global count falls on the other layer
+    assert float(sparsify.report(m).totals["weight_sparsity"]) > 0.6

@@ -137,7 +137,13 @@ def guarded_thresholds(values: Sequence[torch.Tensor], q: float, min_density: fl
         elif cap[i] <= 0:
             taus.append(quantile(v, 0.0) - 1)  # below every value: nothing pruned
         else:
-            taus.append(quantile(v, _level(cap[i], sizes[i])))
+            own = quantile(v, _level(cap[i], sizes[i]))
+            if _count_at_or_below(v, own) > cap[i]:
+                # tied values at the layer's own threshold (a zero-initialized layer after one Adam
+                # step: every |w| equal) would all go, emptying it: keep the tie instead
+                below = v[v < own]
+                own = below.max() if below.numel() else quantile(v, 0.0) - 1
+            taus.append(own)
     return taus, sorted(capped)
 
 
