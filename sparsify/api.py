@@ -83,6 +83,8 @@ def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int 
     if not copy:
         remember_holder(root)
     state = find_state(root)  # its groups make their buffers (step, thresholds) on the CPU
+    for message in (m for g in state.groups.values() for m in g.build_warnings()):
+        warnings.warn(message, stacklevel=2)
     move_buffers((state, *state.groups.values()), model_device(root))
     if state.step.is_meta:  # a shape-only model: refuse to run once materialized without values
         root.register_forward_pre_hook(refuse_unfilled)

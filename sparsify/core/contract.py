@@ -161,6 +161,11 @@ class Group(nn.Module):
         """Problems to tell the user about after a step (each message is warned once per model)."""
         return []
 
+    def build_warnings(self) -> list[str]:
+        """Problems known once the group is built, warned by ``sparsify()`` (e.g. semi-structured
+        masks that round to every position of a map at the example input's size)."""
+        return []
+
     # -- optimizer -----------------------------------------------------------------------
     def param_options(self, weight_decay: float) -> list[tuple[list[nn.Parameter], dict]]:
         """Optimizer groups this method needs, as ``(parameters, options)`` (e.g. STR's thresholds

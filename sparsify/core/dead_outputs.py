@@ -22,7 +22,16 @@ __all__ = ["dead_outputs", "dead_outputs_message"]
 @torch.no_grad()
 def dead_outputs(root: nn.Module, names: list[str]) -> list[tuple[str, list[int], int]]:
     """``(layer, zero output rows, outputs)`` for each of the sparse layers ``names`` of ``root``
-    that computes some outputs with no weight at all."""
+    that computes some outputs with no weight at all.
+
+    >>> import sparsify
+    >>> net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    >>> with torch.no_grad():
+    ...     _ = net[1].weight[:2].mul_(1e-6)  # two outputs whose weights a global threshold takes
+    >>> m = sparsify.sparsify(net, "gmp", sparsity=0.6, total_steps=1, begin=0, end=0)
+    >>> dead_outputs(m, ["1"])
+    [('1', [0, 1], 4)]
+    """
     out = []
     for name in names:
         try:

@@ -22,7 +22,7 @@ from sparsify.core.plain import plain_copy
 from sparsify.core.sharded import full_parameters
 
 __all__ = ["SparsifyState", "STATE_ATTR", "AVERAGING_WRAPPERS", "find_state", "unwrap", "after_load",
-           "forget_replaced", "check_filled", "refuse_unfilled", "is_wrapper", "start_groups"]
+           "forget_replaced", "check_filled", "refuse_unfilled", "is_wrapper", "start_groups", "partial_load"]
 
 STATE_ATTR = "sparsify_state"
 

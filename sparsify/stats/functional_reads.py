@@ -55,6 +55,12 @@ class FunctionalReads(torch.overrides.TorchFunctionMode):
 
     ``inside`` holds the ids of the layers whose own forward runs now (their module hook counts
     those). ``hits`` counts the calls seen, so a caller can stop watching a model that has none.
+
+    >>> mha, seen = nn.MultiheadAttention(4, 1), {}
+    >>> with FunctionalReads(mha, set(), lambda name, counts: seen.update({name: counts[:2]})):
+    ...     _ = mha(*[torch.ones(3, 1, 4)] * 3)  # 3 tokens: (dense, multiplicative) MACs
+    >>> seen
+    {'in_proj': (144, 144), 'out_proj': (48, 48)}
     """
 
     def __init__(self, root: nn.Module, inside: set[int], add: Callable[[str, Counts], None]):

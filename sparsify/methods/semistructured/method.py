@@ -174,6 +174,9 @@ class SemiStructuredGroup(Group):
                        "draw, not the best one)")
         return out
 
+    def build_warnings(self) -> list[str]:
+        return self._size_warnings()  # sizes are known when example inputs were given
+
     def _size_warnings(self) -> list[str]:
         """Masks that the final sparsity rounds to every position of their map (the conv's output
         no longer depends on its input) or to none (the layer stays dense), once sizes are known."""
