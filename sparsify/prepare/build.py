@@ -203,7 +203,8 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
             plan_warned.add(c.name)
             warnings.warn(f"sparsify: {c.name} stays dense: {why}", stacklevel=3)
         why = why or w.method.accepts(site)
-        if why and (earlier := _taken_before(matcher, c, root)) is not None:  # dense, where an earlier rule's
+        # declined here, though an earlier rule's method would take it: it stays dense, said (Plan.shadowed)
+        if why and (earlier := _taken_before(matcher, c, root)) is not None:
             plan.shadowed.append({"name": c.name, "rule": w.rule.index, "earlier": earlier, "reason": why})
         weight_params = c.module.weight.numel() if isinstance(c.module, WEIGHT_TYPES) else 0
         if c.name in tied_users:  # counted once, with the layer owning the mask
