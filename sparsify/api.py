@@ -2,7 +2,6 @@
 ``finalize``, ``param_groups``."""
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -11,22 +10,22 @@ from torch import nn
 from passes.calls import positional_inputs
 from sparsify.prepare.build import build, check_model
 from sparsify.prepare.capture import check_capture
-from sparsify.deploy.finalize import FinalizeError, finalize_model
+from sparsify.deploy.finalize import finalize_model
 from sparsify.stats.measure import Measurement, measure
 from sparsify.prepare.plan import Plan
 from sparsify.prepare.recipe import load_recipe
 from sparsify.prepare.validate import schedule_warnings
 from sparsify.methods import get_method
-from sparsify.stats.report import Report, build_report
+from sparsify.stats.report import Report, build_report, silenced_activations
 from sparsify.core.devices import model_device, move_buffers
 from sparsify.core.averaging import sync_sparsity, unsynced_warning
 from sparsify.core.pace import check_bypassed, check_held, check_idle, reset, schedule_unfinished, watch
 from sparsify.core.sharded import full_parameters
 from sparsify.core.state import check_filled, find_state, forget_replaced, refuse_unfilled, unwrap
 from sparsify.core.advance import advance
-from sparsify.core.penalty_watch import unreached_penalty, watch_penalty
-from sparsify.core.dead_outputs import dead_outputs, dead_outputs_message
-from sparsify.core.diverged import check_due, diverged_message, nonfinite_parameters
+from sparsify.core.penalty_watch import watch_penalty
+from sparsify.core.diverged import diverged_message, nonfinite_parameters
+from sparsify.core.step_checks import after_step, say_once
 from sparsify.prepare.inputs import check_inputs, state_inputs
 from sparsify.prepare.sharing import SHARED_WARNING, mark_trained, remember_holder, trained_through_earlier
 
@@ -83,8 +82,7 @@ def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int 
     if not copy:
         remember_holder(root)
     state = find_state(root)  # its groups make their buffers (step, thresholds) on the CPU
-    for message in (m for g in state.groups.values() for m in g.build_warnings()):
-        warnings.warn(message, stacklevel=2)
+    say_once(state, [(m, m) for g in state.groups.values() for m in g.build_warnings()], stacklevel=2)
     move_buffers((state, *state.groups.values()), model_device(root))
     if state.step.is_meta:  # a shape-only model: refuse to run once materialized without values
         root.register_forward_pre_hook(refuse_unfilled)
@@ -171,27 +169,7 @@ def step(model: nn.Module, loss=None) -> int:
         said.append(("bypassed", bypassed))
     reset(state)
     t = advance(state, unwrap(model), loss, said)
-    if loss is not None and not math.isfinite(loss):
-        said.append(("nonfinite-loss", f"sparsify.step: the loss is {loss} at step {t}: training diverged; "
-                     "lower the learning rate or check the loss (stop at the first non-finite loss)"))
-    if (lost := unreached_penalty(state)) is not None:
-        said.append(("penalty-unreached", lost))
-    if check_due(t, state.total_steps) and "nonfinite-params" not in state.warned:
-        if bad := nonfinite_parameters(unwrap(model)):
-            said.append(("nonfinite-params", diverged_message("sparsify.step", bad, t)))
-    if t == state.total_steps and (dead := dead_outputs(unwrap(model), getattr(state, "output_layers", []))):
-        said.append(("dead-outputs", dead_outputs_message("sparsify.step", dead)))
-    if state.total_steps and t > state.total_steps:
-        said.append(("past-total", f"sparsify.step: step {t} is past total_steps={state.total_steps} given to "
-                     "sparsify(): schedules stay at their final values; pass the number of optimizer steps "
-                     "the run really takes (epochs x batches per epoch, divided by the gradient accumulation "
-                     "steps)"))
-    for group in state.groups.values():
-        said += [(msg, msg) for msg in group.warnings()]
-    for key, msg in said:
-        if key not in state.warned:  # each once per model
-            state.warned.add(key)
-            warnings.warn(msg, stacklevel=2)
+    say_once(state, said + after_step(state, unwrap(model), t, loss), stacklevel=2)
     return t
 
 
@@ -254,12 +232,8 @@ def report(model: nn.Module) -> Report:
         warnings.warn(diverged_message("sparsify.report", bad), stacklevel=2)
     with full_parameters(root.modules()):  # FSDP2: whole weights on every rank (a collective)
         rep = build_report(root, state)
-    dead = [r.name for r in rep.layers if r.sparsifies == "activations" and r.achieved == 1.0]
-    if dead:  # a regularizer strong enough to silence a layer: what follows it gets no signal
-        warnings.warn(f"sparsify.report: every value of {len(dead)} regularized activation(s) was zero in the last "
-                      f"evaluation ({', '.join(dead[:3])}{' ...' if len(dead) > 3 else ''}): the layers after them "
-                      "get no input, and the output no longer depends on it there; lower the rule's lam",
-                      stacklevel=2)
+    if (msg := silenced_activations(rep)) is not None:
+        warnings.warn(msg, stacklevel=2)
     return rep
 
 
@@ -299,12 +273,6 @@ def finalize(model: nn.Module, example_inputs=None, *, check: bool = True, rtol:
     _check_averaged(model, "finalize")
     if (msg := schedule_unfinished(model)) is not None:
         warnings.warn(msg, stacklevel=2)
-    if dead := dead_outputs(unwrap(model), getattr(find_state(model), "output_layers", [])):
-        warnings.warn(dead_outputs_message("sparsify.finalize", dead), stacklevel=2)
-    if bad := nonfinite_parameters(unwrap(model)):  # the output check would fail on NaN, saying less
-        if check:
-            raise FinalizeError(diverged_message("sparsify.finalize", bad) + "; nothing here is worth deploying")
-        warnings.warn(diverged_message("sparsify.finalize", bad), stacklevel=2)
     example_inputs = positional_inputs(unwrap(model), example_inputs)
     # accelerate rewrites the finalized graphs: they stay graphs then
     final = finalize_model(model, example_inputs, check=check, rtol=rtol, atol=atol, plain_classes=not accelerate)

@@ -163,7 +163,8 @@ class Group(nn.Module):
 
     def build_warnings(self) -> list[str]:
         """Problems known once the group is built, warned by ``sparsify()`` (e.g. semi-structured
-        masks that round to every position of a map at the example input's size)."""
+        masks that round to every position of a map at the example input's size); a message also
+        returned by :meth:`warnings` later is not said again (both are said once per model)."""
         return []
 
     # -- optimizer -----------------------------------------------------------------------

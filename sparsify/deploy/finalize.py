@@ -1,7 +1,6 @@
 """``sparsify.finalize``: plain torch modules for deployment, checked against the sparse model."""
 from __future__ import annotations
 
-import copy
 import warnings
 
 import torch
@@ -16,6 +15,8 @@ from sparsify.deploy.compare import outputs_close
 from sparsify.prepare.inputs import state_inputs
 from sparsify.prepare.pretrained import guard_foreign_layout, unguard_save_pretrained
 from sparsify.core.registry import get_method
+from sparsify.core.dead_outputs import dead_outputs, dead_outputs_message
+from sparsify.core.diverged import diverged_message, nonfinite_parameters
 from sparsify.core.eval_loop import internal
 from sparsify.core.sharded import sharded_modules
 from sparsify.core.state import STATE_ATTR, SparsifyState, after_load, find_state, refuse_unfilled, unwrap
@@ -61,6 +62,13 @@ def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
                            "copy instead: get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, "
                            "cpu_offload=True)) from torch.distributed.checkpoint.state_dict, load it on rank 0 into "
                            "the same sparsify(...) of a fresh model and finalize that (docs/distributed.md)")
+    # (stacklevel 4: through the no_grad wrapper and sparsify.finalize to the caller)
+    if dead := dead_outputs(source, getattr(state, "output_layers", [])):
+        warnings.warn(dead_outputs_message("sparsify.finalize", dead), stacklevel=4)
+    if bad := nonfinite_parameters(source):  # the output check would fail on NaN, saying less
+        if check:
+            raise FinalizeError(diverged_message("sparsify.finalize", bad) + "; nothing here is worth deploying")
+        warnings.warn(diverged_message("sparsify.finalize", bad), stacklevel=4)
     final = deepcopy_module(source, kept_hooks(source))  # the caller's hook objects run in it, not copies
     fstate: SparsifyState = getattr(final, STATE_ATTR)
     foreign = []  # what the model's class does not build

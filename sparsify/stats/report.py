@@ -11,7 +11,7 @@ from sparsify.core.state import SparsifyState
 from sparsify.stats.macs import layer_factors
 from sparsify.prepare.hidden_positions import weight_numel
 
-__all__ = ["LayerRow", "Report", "build_report"]
+__all__ = ["LayerRow", "Report", "build_report", "silenced_activations"]
 
 
 @dataclass
@@ -191,3 +191,14 @@ def build_report(root, state: SparsifyState) -> Report:
     # into the recipe's JSON, which checkpoints are compared with)
     name = state.recipe.get("name") or (state.plan.recipe if state.plan is not None else "")
     return Report(name, step, state.total_steps, layers, groups, totals)
+
+
+def silenced_activations(rep: Report) -> str | None:
+    """The warning when a regularized activation was zero everywhere in the last evaluation (a
+    ``lam`` strong enough to silence a layer: what follows it gets no signal); None otherwise."""
+    dead = [r.name for r in rep.layers if r.sparsifies == "activations" and r.achieved == 1.0]
+    if not dead:
+        return None
+    return (f"sparsify.report: every value of {len(dead)} regularized activation(s) was zero in the last "
+            f"evaluation ({', '.join(dead[:3])}{' ...' if len(dead) > 3 else ''}): the layers after them "
+            "get no input, and the output no longer depends on it there; lower the rule's lam")

@@ -179,11 +179,11 @@ class SemiStructuredGroup(Group):
 
     def _size_warnings(self) -> list[str]:
         """Masks that the final sparsity rounds to every position of their map (the conv's output
-        no longer depends on its input) or to none (the layer stays dense), once sizes are known."""
+        no longer depends on its input) or to none (the layer stays dense), once sizes are known
+        (each message is said once per model, by sparsify() or the first step that knows them)."""
         sizes = {n: m.size for n, m in self.members.items()}
-        if self.__dict__.get("_sizes_said") or any(size is None for size in sizes.values()):
+        if any(size is None for size in sizes.values()):
             return []
-        self._sizes_said = True
         s = float(self.params["sparsity"])
         every = [n for n, (h, w) in sizes.items() if round(s * h * w) >= h * w]
         none = [n for n, (h, w) in sizes.items() if s > 0 and round(s * h * w) == 0]

@@ -1,0 +1,59 @@
+"""What ``sparsify.step`` says once a step has advanced the schedules: each check returns
+``(key, message)`` pairs, and :func:`say_once` warns each key once per model.
+
+The pace checks that run before the step (:mod:`sparsify.core.pace`) feed the same list.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+from torch import nn
+
+from sparsify.core.dead_outputs import dead_outputs, dead_outputs_message
+from sparsify.core.diverged import check_due, diverged_message, nonfinite_parameters
+from sparsify.core.penalty_watch import unreached_penalty
+from sparsify.core.state import SparsifyState
+
+__all__ = ["after_step", "say_once"]
+
+
+def after_step(state: SparsifyState, root: nn.Module, t: int, loss: float | None) -> list[tuple[str, str]]:
+    """The problems step ``t`` of ``state`` (unwrapped model ``root``) shows: a non-finite loss, a
+    penalty no gradient reached, NaN/inf parameters (at :func:`check_due` steps), last-layer
+    outputs pruned whole (at the run's last step), a step past ``total_steps``, and what each
+    group says.
+
+    >>> import torch, sparsify
+    >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), "st3", total_steps=1, begin=0, end=0)
+    >>> [key for key, _ in after_step(m.sparsify_state, m, 2, float("nan"))]
+    ['nonfinite-loss', 'past-total']
+    """
+    said = []
+    if loss is not None and not math.isfinite(loss):
+        said.append(("nonfinite-loss", f"sparsify.step: the loss is {loss} at step {t}: training diverged; "
+                     "lower the learning rate or check the loss (stop at the first non-finite loss)"))
+    if (lost := unreached_penalty(state)) is not None:
+        said.append(("penalty-unreached", lost))
+    if check_due(t, state.total_steps) and "nonfinite-params" not in state.warned:
+        if bad := nonfinite_parameters(root):
+            said.append(("nonfinite-params", diverged_message("sparsify.step", bad, t)))
+    if t == state.total_steps and (dead := dead_outputs(root, getattr(state, "output_layers", []))):
+        said.append(("dead-outputs", dead_outputs_message("sparsify.step", dead)))
+    if state.total_steps and t > state.total_steps:
+        said.append(("past-total", f"sparsify.step: step {t} is past total_steps={state.total_steps} given to "
+                     "sparsify(): schedules stay at their final values; pass the number of optimizer steps "
+                     "the run really takes (epochs x batches per epoch, divided by the gradient accumulation "
+                     "steps)"))
+    for group in state.groups.values():
+        said += [(msg, msg) for msg in group.warnings()]
+    return said
+
+
+def say_once(state: SparsifyState, said: list[tuple[str, str]], stacklevel: int) -> None:
+    """Warn each message whose key ``state`` has not warned yet (``stacklevel``: the caller's
+    frame as :func:`warnings.warn` counts it, from this function)."""
+    for key, msg in said:
+        if key not in state.warned:  # each once per model
+            state.warned.add(key)
+            warnings.warn(msg, stacklevel=stacklevel + 1)
