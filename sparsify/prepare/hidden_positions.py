@@ -11,7 +11,7 @@ from torch import nn
 
 from sparsify.core.layers import WEIGHT_TYPES
 
-__all__ = ["hidden_positions", "record_read", "recording", "unreached", "mha_projections", "watched_names", "weight_numel"]
+__all__ = ["hidden_positions", "record_read", "recording", "weight_owner", "MHA_IN_PROJ", "MHA_OUT_PROJ", "unreached", "mha_projections", "watched_names", "weight_numel"]
 
 _RECORD: dict | None = None  # id(weight tensor) -> (tensor, layer) while a watch records
 
@@ -21,6 +21,26 @@ def record_read(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     if _RECORD is not None:
         _RECORD[id(weight)] = (weight, layer)  # the tensor is kept so its id is not reused
     return weight
+
+
+#: positions of the packed input projection's and the output projection's weights among
+#: ``F.multi_head_attention_forward``'s arguments
+MHA_IN_PROJ, MHA_OUT_PROJ = 5, 11
+
+
+def weight_owner(w, record: dict, owners: dict):
+    """What ``owners`` holds for the weight tensor ``w`` handed to an op: under the layer whose
+    effective weight it is (noted in ``record`` by :func:`record_read`), else under the tensor
+    itself (a plain layer's parameter); None for anything else.
+
+    >>> lin = nn.Linear(2, 2)
+    >>> weight_owner(lin.weight, {}, {id(lin.weight): "fc"}), weight_owner(None, {}, {})
+    ('fc', None)
+    """
+    if not isinstance(w, torch.Tensor):
+        return None
+    hit = record.get(id(w))
+    return owners.get(id(hit[1]) if hit is not None else id(w))
 
 
 @contextlib.contextmanager
@@ -42,14 +62,8 @@ class _Watch(torch.overrides.TorchFunctionMode):
         super().__init__()
         self.layers, self.batch, self.record, self.out = layers, batch, record, {}
 
-    def _name(self, w):
-        if not isinstance(w, torch.Tensor):
-            return None
-        hit = self.record.get(id(w))
-        return self.layers.get(id(hit[1]) if hit is not None else id(w))
-
     def _add(self, w, positions):
-        name = self._name(w)
+        name = weight_owner(w, self.record, self.layers)
         if name is not None:
             self.out[name] = self.out.get(name, 0.0) + positions
 
@@ -57,8 +71,9 @@ class _Watch(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
         if func is F.multi_head_attention_forward:
-            self._add(args[5], args[0].numel() / args[0].shape[-1] / self.batch)  # (L, N, E): L·N tokens
-            self._add(args[11], args[0].numel() / args[0].shape[-1] / self.batch)
+            tokens = args[0].numel() / args[0].shape[-1] / self.batch  # (L, N, E): L·N tokens
+            self._add(args[MHA_IN_PROJ], tokens)
+            self._add(args[MHA_OUT_PROJ], tokens)
         elif func in (F.linear, F.conv1d, F.conv2d, F.conv3d) and len(args) > 1 and isinstance(result, torch.Tensor):
             self._add(args[1], result.numel() / args[1].shape[0] / self.batch)
         return result

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.core.layers import WEIGHT_TYPES
-from sparsify.prepare.hidden_positions import recording
+from sparsify.prepare.hidden_positions import MHA_IN_PROJ, MHA_OUT_PROJ, recording, weight_owner
 
 __all__ = ["FunctionalReads", "linear_counts"]
 
@@ -88,10 +88,7 @@ class FunctionalReads(torch.overrides.TorchFunctionMode):
 
     def _layer(self, w) -> tuple[str, int] | None:
         """(name, id of the layer) of a weight tensor, or None."""
-        if not isinstance(w, torch.Tensor):
-            return None
-        hit = self.record.get(id(w))
-        return self.names.get(id(hit[1]) if hit is not None else id(w))
+        return weight_owner(w, self.record, self.names)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -105,7 +102,7 @@ class FunctionalReads(torch.overrides.TorchFunctionMode):
         return result
 
     def _attention(self, args):
-        query, key, value, w_in, w_out = args[0], args[1], args[2], args[5], args[11]
+        query, key, value, w_in, w_out = args[0], args[1], args[2], args[MHA_IN_PROJ], args[MHA_OUT_PROJ]
         embed = query.shape[-1]
         layer = self._layer(w_in)
         if layer is not None:

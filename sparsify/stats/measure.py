@@ -226,14 +226,11 @@ def measure(model: nn.Module, batches: Iterable, *, input_fn: Callable | None = 
             pm = mask_after.get(id(mod))
             out_mask = pm.mask if pm is not None and pm.enabled else None
             res = _layer_counts(mod, inp[0], out, out_mask)
-            acc = layer_acc.setdefault(name, [0, 0, 0, 0, True])
-            if res is None:
-                acc[4] = False
-                acc[0] += out.numel() // out_features_of(mod) \
-                    * mod.weight.numel()
-                return
-            for i in range(4):
-                acc[i] += res[i]
+            if res is None:  # dense MACs only: the input cannot be related to the weight
+                add_counts(name, (out.numel() // out_features_of(mod) * mod.weight.numel(), 0, 0, 0))
+                layer_acc[name][4] = False
+            else:
+                add_counts(name, res)
         return hook
 
     inside: set[int] = set()  # layers whose own forward runs now: their hook counts them
