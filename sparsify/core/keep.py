@@ -23,7 +23,7 @@ from sparsify.core.extra_state import pack, unpack
 from sparsify.core.threshold import pruned_count, quantile
 
 __all__ = ["min_kept", "guarded_thresholds", "sigma_of", "DEFAULT_MIN_DENSITY", "EmptyLayerWarning", "warn_empty",
-           "HeldLayers", "density_problems"]
+           "empty_message", "HeldLayers", "density_problems"]
 
 #: Default share of every layer kept by the global methods (1/10 of the average density at
 #: their 90% default): enough to keep a classifier or a depthwise conv working, small enough
@@ -176,8 +176,17 @@ def warn_empty(method: str, masks: dict[str, torch.Tensor], warned: set[str], mi
                f"min_density {min_density:g} left no room: the target leaves too few weights for every layer's "
                "floor")
         fix = "raise the rule's min_density or lower its sparsity"
-    warnings.warn(f"sparsify: {method} pruned every weight of {', '.join(empty)} (100% sparse: the output "
-                  f"no longer depends on the input; {why}); {fix}", EmptyLayerWarning, stacklevel=3)
+    warnings.warn(empty_message(method, empty, why, fix), EmptyLayerWarning, stacklevel=3)
+
+
+def empty_message(method: str, names: list[str], why: str, fix: str) -> str:
+    """The :class:`EmptyLayerWarning` text for layers ``names`` that ``method`` emptied.
+
+    >>> empty_message("str", ["fc"], "why", "fix")
+    'sparsify: str pruned every weight of fc (100% sparse: the output no longer depends on the input; why); fix'
+    """
+    return (f"sparsify: {method} pruned every weight of {', '.join(names)} (100% sparse: the output no longer "
+            f"depends on the input; {why}); {fix}")
 
 
 class HeldLayers:

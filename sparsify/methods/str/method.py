@@ -13,7 +13,7 @@ from torch import nn
 from sparsify.core.contract import Group, GroupContext, Method
 from sparsify.core.registry import register
 from sparsify.core.params import Literal, Params, param
-from sparsify.core.keep import EmptyLayerWarning
+from sparsify.core.keep import EmptyLayerWarning, empty_message
 from sparsify.core.layers import weight_base
 from sparsify.core.sharded import is_sharded
 from sparsify.methods.str.kernel import str_threshold
@@ -134,10 +134,10 @@ class STRGroup(Group):
         empty = [n for n, a in zip(names, alive) if not a]
         if empty:
             self._warned_empty.update(empty)
-            warnings.warn(f"sparsify: str pruned every weight of {', '.join(empty)} (100% sparse: the output no longer "
-                          "depends on the input, and weights under the threshold get no gradient, so it stays so; "
-                          "a layer initialized at zero starts so): lower the thresholds' weight decay "
-                          "(threshold_decay) or leave the layer dense with a rule", EmptyLayerWarning, stacklevel=4)
+            warnings.warn(empty_message("str", empty, "weights under the threshold get no gradient, so it stays so, "
+                                        "and a layer initialized at zero starts so",
+                                        "lower the thresholds' weight decay (threshold_decay) or leave the layer "
+                                        "dense with a rule"), EmptyLayerWarning, stacklevel=4)
 
     def warnings(self) -> list[str]:
         out = []
