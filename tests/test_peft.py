@@ -151,3 +151,20 @@ def test_a_peft_model_takes_keyword_example_inputs():
         in_order = sparsify.plan(lora_llama(), "tl1", total_steps=4, example_inputs=(IDS,))
     assert [e.name for e in by_name.rewritten] == [e.name for e in in_order.rewritten] != []
     assert by_name.input_shapes == in_order.input_shapes == [[2, 12]]
+
+
+def test_a_lora_wrapper_around_a_traced_model_stays_the_wrapper():
+    """sparsify()'s structural copy had the same fault as finalize's: a PeftModel around a
+    torch.fx-traced model came back as the inner GraphModule."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.out = torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.fc(x)))
+    model = peft.get_peft_model(torch.fx.symbolic_trace(Net()), peft.LoraConfig(r=2, target_modules=["fc"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = sparsify.sparsify(model, "tl1", total_steps=2, example_inputs=torch.zeros(1, 8))
+    assert type(m).__name__ == "PeftModel"

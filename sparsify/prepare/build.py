@@ -6,7 +6,6 @@ submodule holds nothing to rewrite, one that keeps exactly those submodules as l
 """
 from __future__ import annotations
 
-import copy as _copy
 import itertools
 import warnings
 from collections import defaultdict
@@ -16,7 +15,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from passes import PassResult, Pipeline
 from passes.hooks import guard_graphs, kept_hooks
-from passes.traced import graph_fingerprint
+from passes.traced import deepcopy_module, graph_fingerprint
 
 from sparsify.prepare.capture import capture, capture_report, check_capture
 from sparsify.prepare.dense import dense_entries
@@ -80,7 +79,7 @@ def copy_structure(model: nn.Module, share_tensors: bool = True) -> nn.Module:
     if share_tensors:
         for t in itertools.chain(model.parameters(), model.buffers()):
             memo[id(t)] = t
-    return _copy.deepcopy(model, memo)
+    return deepcopy_module(model, memo)  # a PEFT wrapper around a traced model stays the wrapper
 
 
 def tracing_summary(fallbacks, held: list[str]) -> str | None:
@@ -174,7 +173,7 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     fingerprints = {prefix: graph_fingerprint(gm.graph) for prefix, gm in tr.graphs.items()}
 
     plan = Plan(recipe=recipe.name)
-    plan.adapters = any(is_tuner_layer(m) for m in root.modules())
+    plan.has_adapters = any(is_tuner_layer(m) for m in root.modules())
     plan.captures = capture_report(tr)
     plan.capture_notes = list(tr.notes)
     plan.fallbacks = [{"name": f.name, "reason": f.reason, "chosen": f.chosen} for f in tr.fallbacks]

@@ -40,7 +40,7 @@ class Plan:
     # {"name", "rule", "earlier", "reason"}: a site a rule's method declined that an earlier rule's
     # method would rewrite (later rules win: it stays dense)
     shadowed: list[dict] = field(default_factory=list)
-    adapters: bool = False  # the model holds PEFT adapter layers (LoRA)
+    has_adapters: bool = False  # the model holds PEFT adapter layers (LoRA)
     input_shapes: list | None = None
     # {"name", "capture", "note"} per captured (sub)module: "torch.fx", "torch.export" or
     # "module by module" (untraceable: run as it is, its layers swapped); see docs/capture.md
@@ -91,7 +91,7 @@ class Plan:
                        f"narrow rule {rule}'s match to the layers its method takes")
         frozen = [e for e in self.dense if e.reason.startswith(FROZEN) and e.rule is not None
                   and recipe.rules[e.rule].method is not None]
-        if frozen and not self.adapters:  # the headline sparsity counts the rewritten layers only
+        if frozen and not self.has_adapters:  # the headline sparsity counts the rewritten layers only
             # (a PEFT model's base layers are frozen by design: what its adapters mean)
             share = sum(e.params for e in frozen) / max(1, total)
             out.append(f"sparsify: {len(frozen)} frozen layer(s) (requires_grad=False) that the recipe matched "
