@@ -249,7 +249,9 @@ def finalize(model: nn.Module, example_inputs=None, *, check: bool = True, rtol:
     model is not modified.
 
     >>> import torch, sparsify
-    >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), "st3", begin=0, end=0, fix=None)
+    >>> _ = torch.manual_seed(0)
+    >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 4)), "st3", begin=0, end=0, fix=None,
+    ...                       sparsity=0.5)
     >>> type(sparsify.finalize(m).get_submodule("0")).__name__
     'Linear'
 

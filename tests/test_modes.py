@@ -64,6 +64,10 @@ def test_inplace_rewrites_the_callers_modules():
     m = sparsify.sparsify(model, "st3", total_steps=10, example_inputs=torch.randn(2, 3, 32, 32), inplace=True)
     assert isinstance(model.layer1[0].conv1, SparseWeightMixin)
     assert m.layer1[0].conv1 is model.layer1[0].conv1
+    # the top-level layers too (the traced root is a new GraphModule; model.conv1 and fc stayed dense)
+    sparse = {n for n, mod in m.named_modules() if isinstance(mod, SparseWeightMixin)}
+    assert {"conv1", "fc"} <= sparse
+    assert all(model.get_submodule(n) is m.get_submodule(n) for n in sparse)
 
 
 def test_inplace_and_copy_together_is_an_error():

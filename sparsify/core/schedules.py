@@ -10,7 +10,15 @@ __all__ = ["resolve_time", "cubic", "polynomial", "constant", "ScheduleError"]
 
 
 class ScheduleError(ValueError):
-    """A schedule time could not be resolved (e.g. a fraction without ``total_steps``)."""
+    """A schedule time could not be resolved (e.g. a fraction without ``total_steps``).
+
+    >>> import torch, sparsify
+    >>> try:
+    ...     sparsify.sparsify(torch.nn.Linear(2, 2), "st3")   # st3's times are fractions of the run
+    ... except sparsify.ScheduleError as e:
+    ...     print(str(e)[:72])
+    $.rules[0].params.begin=0.05 is a fraction of the training length: pass
+    """
 
 
 def resolve_time(value, total_steps: int | None, *, what: str = "time") -> int:

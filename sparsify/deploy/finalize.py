@@ -26,11 +26,27 @@ __all__ = ["FinalizeError", "FinalizeWarning", "finalize_model"]
 
 
 class FinalizeError(RuntimeError):
-    """The finalized model does not compute what the sparse model computes."""
+    """The finalized model does not compute what the sparse model computes (or the model cannot be
+    finalized: NaN weights); the message names the layer or graph where the outputs part.
+
+    >>> import sparsify
+    >>> issubclass(sparsify.FinalizeError, RuntimeError)
+    True
+    >>> try:
+    ...     deployable = sparsify.finalize(sparsified_model)   # doctest: +SKIP
+    ... except sparsify.FinalizeError as e:
+    ...     print(e)   # e.g. "finalize: outputs differ ... first at layer3.0.conv1 ..."
+    """
 
 
 class FinalizeWarning(UserWarning):
-    """The outputs differ, but only where the model's own unchanged code amplifies rounding."""
+    """The outputs differ, but only where the model's own unchanged code amplifies rounding (a
+    detector's top-k over near-equal scores); ``finalize`` returns the model and says where.
+
+    >>> import warnings, sparsify
+    >>> warnings.simplefilter("error", sparsify.FinalizeWarning)   # to make it an error in CI
+    >>> warnings.resetwarnings()
+    """
 
 
 def _remove_node(root: nn.Module, graph_paths: list[str], qualname: str) -> bool:

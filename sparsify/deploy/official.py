@@ -7,7 +7,7 @@ method state is laid out differently from the authors' code:
   ``mask`` float 0/1 of the weight's shape, ``scale`` ``(Cout, 1, ...)``, ``fixed`` bool ``[1]``,
   and no bias (the official layers have none). Ours: ``tau`` ``()``, ``mask`` bool, ``scale``
   ``(Cout,)``, ``fixed`` ``()``, the bias kept.
-* **STR** (RAIVNLab/STR, ``STRConv``): ``sparseThreshold`` shape ``[1, 1]`` (s). Ours: ``s`` ``()``
+* **STR** (RAIVNLab/STR, ``STRConv``): ``sparseThreshold`` shape ``[1, 1]`` (s). Ours: ``s`` ``(1,)``
   (``granularity="layer"``), ``(Cout, 1, ...)`` for ``"channel"`` (saved as is), or one shared
   scalar on the group for ``"global"`` (saved into every layer; loaded back only when all agree).
   The official classifier is a 1x1 conv: a ``(out, in, 1, 1)`` weight loads into a ``Linear``.

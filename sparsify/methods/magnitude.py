@@ -199,7 +199,7 @@ class MagnitudeParams(Params):
     sparsity: float = param(0.9, "Target fraction of zero weights.", ge=0, lt=1, what="a fraction in [0, 1)")
     begin: float = param(0, "Step where the cubic ramp starts.", time=True)
     end: float = param(0, "Step where the ramp reaches `sparsity`.", time=True)
-    fix: float | None = param(None, "Step from which the masks are frozen (null: never).", time=True)
+    fix: float | None = param(None, "Step from which the masks are frozen (null: at end).", time=True)
     scope: Literal["global", "layer"] = param("global", "One threshold over the rule's layers, or one per layer.")
     block: list[int] | None = param(None, "[rows, cols] blocks pruned as a whole (null: single weights).",
                                     what="null or [rows, cols] of positive integers")
@@ -224,7 +224,7 @@ class MagnitudeMethod(Method):
     """Recipe method ``magnitude`` (GMP, docs/methods/magnitude.md); params (:class:`MagnitudeParams`):
 
     * ``sparsity`` (0.9) reached by a cubic ramp from ``begin`` (0) to ``end`` (0), masks updated
-      every ``frequency`` steps (null: 100, fewer in a short ramp), frozen from ``fix`` (null: never);
+      every ``frequency`` steps (null: 100, fewer in a short ramp), frozen from ``fix`` (null: at ``end``);
     * ``scope`` ("global" or "layer"); ``block`` (null or [rows, cols]): block pruning;
     * ``min_density`` (0.01): share of each layer's weights a global threshold always keeps.
     """

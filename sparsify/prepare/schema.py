@@ -50,7 +50,10 @@ def generated_schema(base: dict | None = None) -> dict:
         params["description"] = method.description
         defs[f"params_{name}"] = params
         for key in method.schedule_keys:
-            times.setdefault(key, {"$ref": "#/$defs/time", "description": params["properties"][key]["description"]})
+            # one block for every method: what null means is each method's own (its params_<name>)
+            times.setdefault(key, {"$ref": "#/$defs/time", "description": (
+                f"The {key} of every rule whose method has one and does not set it; what null means is the "
+                "method's (see its params).")})
         branches.append({"if": {"properties": {"method": {"const": name}}, "required": ["method"]},
                          "then": {"properties": {"params": {"$ref": f"#/$defs/params_{name}"}}}})
     schema["$defs"] = defs

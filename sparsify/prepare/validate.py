@@ -21,7 +21,15 @@ __all__ = ["RecipeError", "json_path", "loads_strict", "check_duplicates", "chec
 
 
 class RecipeError(ValueError):
-    """A recipe is malformed; the message says where and what to do."""
+    """A recipe is malformed; the message says where (the recipe's source, then a JSON path) and what.
+
+    >>> import sparsify
+    >>> try:
+    ...     sparsify.load_recipe({"version": 1, "rules": [{"match": {"typ": "Linear"}, "method": "st3"}]})
+    ... except sparsify.RecipeError as e:
+    ...     print(str(e)[:64])
+    <dict>: invalid recipe: $.rules[0].match.typ: unknown key 'typ'
+    """
 
 
 def json_path(parts) -> str:
