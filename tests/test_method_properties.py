@@ -82,9 +82,9 @@ def outputs(model, x):
         return model(x)
 
 
-def train(model, spec, steps: int):
-    opt = torch.optim.SGD(sparsify.param_groups(model, 1e-4), lr=0.01, momentum=0.9)
-    for i in range(steps):
+def train(model, spec, steps: int, opt=None, start: int = 0):
+    opt = opt or torch.optim.SGD(sparsify.param_groups(model, 1e-4), lr=0.01, momentum=0.9)
+    for i in range(start, start + steps):
         model.train()
         torch.manual_seed(i)
         x = example_input(spec, seed=10 + i)
@@ -144,6 +144,14 @@ def test_state_dict_round_trip_continues_identically(case, steps):
     opt2 = torch.optim.SGD(sparsify.param_groups(fresh, 1e-4), lr=0.01, momentum=0.9)
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert int(find_state(fresh).step) == steps
+    # both go on with the same batches: every method's state (masks, thresholds, draws) came along
+    train(model, spec, 2, opt, start=steps)
+    train(fresh, spec, 2, opt2, start=steps)
+    assert torch.equal(outputs(fresh, x), outputs(model, x))
+    theirs = fresh.state_dict()
+    for k, v in model.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, theirs[k]), k
 
 
 @settings(max_examples=EXAMPLES)

@@ -98,6 +98,11 @@ def test_frozen_layers_are_left_alone_unless_included(recipe):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         included = sparsify.plan(Mixed(), data, example_inputs=x)
+        # finalize keeps each parameter as trainable as it was, a frozen layer rewritten or not
+        for sparse in (m, sparsify.sparsify(Mixed(), data, example_inputs=x)):
+            final = sparsify.finalize(sparse)
+            assert not any(p.requires_grad for p in final.frozen.parameters())
+            assert all(p.requires_grad for n, p in final.named_parameters() if not n.startswith("frozen."))
     assert "frozen" in {e.name for e in included.rewritten}
 
 

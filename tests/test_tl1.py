@@ -108,6 +108,50 @@ def test_penalty_value_equals_lambda_times_mean_rho_of_each_relu_output(resnet):
     assert sparsify.penalty(m) == 0.0  # popped
 
 
+class _SignedActivations(nn.Module):
+    """Activations whose outputs go negative, as modules and as functions: ρ must see |x|."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.ModuleList(nn.Linear(6, 6) for _ in range(4))
+        self.acts = nn.ModuleList([nn.SiLU(), nn.GELU(), nn.LeakyReLU(0.2), nn.Mish()])
+
+    def forward(self, x):
+        for fc, act in zip(self.fc, self.acts):
+            x = act(fc(x))
+        x = F.silu(self.fc[0](x))
+        return F.leaky_relu(x, 0.1)
+
+
+@pytest.mark.parametrize("recipe", ["tl1", "activation-l1"])
+def test_penalty_of_signed_activations_takes_the_absolute_value(recipe):
+    """Only ReLU/ReLU6 outputs may skip ``abs``: a SiLU's negative outputs are penalized like positive ones
+    and get a gradient (the value fell to an eighth when SiLU skipped it)."""
+    torch.manual_seed(0)
+    model, x = _SignedActivations(), torch.randn(16, 6)
+    m = sparsify.sparsify(model, recipe, example_inputs=x, lam=0.5)
+    outs = []
+    hooks = [mod.register_forward_hook(lambda mod, i, o: outs.append(o)) for mod in model.acts]
+    xr = x.clone().requires_grad_()
+    h = xr
+    for fc, act in zip(model.fc, model.acts):
+        h = act(fc(h))
+    outs.append(F.silu(model.fc[0](h)))
+    outs.append(F.leaky_relu(outs[-1], 0.1))
+    for hk in hooks:
+        hk.remove()
+    rho = (lambda t: tl1(t, 1.0)) if recipe == "tl1" else torch.abs
+    assert len(regs(m)) == len(outs) == 6 and all(bool((o < 0).any()) for o in outs)
+    expected = sum(0.5 * rho(o).mean() for o in outs)
+    g_ref, = torch.autograd.grad(expected, xr)
+    xs = x.clone().requires_grad_()
+    m(xs)
+    p = sparsify.penalty(m)
+    assert float(p.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    g, = torch.autograd.grad(p, xs)
+    assert torch.allclose(g, g_ref, rtol=1e-4, atol=1e-7)
+
+
 def test_no_penalty_in_eval_mode_or_without_autograd(resnet):
     m = sparsify.sparsify(resnet, "tl1", example_inputs=X32)
     m.eval()

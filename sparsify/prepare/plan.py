@@ -143,7 +143,7 @@ class Plan:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
         lines = [f"plan for recipe {self.recipe!r}"]
         for r in rows:
-            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+            lines.append(("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]).rstrip())
         s = self.shares()
         if not any(e.params for e in self.entries):
             lines.append(f"{len(self.rewritten)} sites rewritten; no weight matrices found")

@@ -1,0 +1,49 @@
+"""``report``'s model-wide totals counted by hand: with two rules at different targets the headline
+target weighs each layer by its weights (a mean over layers would say 0.70 where 0.885 is meant)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import sparsify
+
+RECIPE = {"version": 1, "name": "two-targets", "rules": [
+    {"match": {"type": "Conv2d"}, "method": "magnitude",
+     "params": {"sparsity": 0.9, "scope": "layer", "begin": 0, "end": 0}},
+    {"match": {"type": "Linear"}, "method": "magnitude",
+     "params": {"sparsity": 0.5, "scope": "layer", "begin": 0, "end": 0}}]}
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(32 * 4 * 4, 8), nn.ReLU(), nn.Linear(8, 4))
+
+
+def test_totals_weigh_each_layer_by_its_weights():
+    x = torch.randn(2, 3, 8, 8)
+    m = sparsify.sparsify(_model(), RECIPE, example_inputs=x)
+    opt = torch.optim.SGD(sparsify.param_groups(m, 0.0), lr=0.01)
+    loss = m(x).pow(2).mean()
+    loss.backward()
+    opt.step()
+    sparsify.step(m, loss)
+    rep = sparsify.report(m)
+    weights = {n: mod.deployed_weight() for n, mod in m.named_modules() if hasattr(mod, "deployed_weight")}
+    assert len(weights) == 4
+    targets = {n: 0.9 if w.dim() == 4 else 0.5 for n, w in weights.items()}
+    sizes = {n: w.numel() for n, w in weights.items()}
+    expected_target = sum(targets[n] * sizes[n] for n in weights) / sum(sizes.values())
+    zeros = sum(int((w == 0).sum()) for w in weights.values())
+    t = rep.totals
+    assert t["target"] == pytest.approx(expected_target)
+    assert abs(t["target"] - sum(targets.values()) / 4) > 0.05  # the two means differ on this model
+    assert t["weight_sparsity"] == pytest.approx(zeros / sum(sizes.values()))
+    assert t["params"] == sum(p.numel() for p in _model().parameters())
+    assert t["nonzero_params"] == t["params"] - zeros - sum(int((p == 0).sum()) for n, p in m.named_parameters()
+                                                            if n.endswith("bias"))
+    # per layer: each reaches its own rule's target (layer scope: the exact count)
+    for row in rep.layers:
+        assert row.target == targets[row.name]
+        assert row.weight_sparsity == pytest.approx(targets[row.name], abs=1.0 / row.params)
