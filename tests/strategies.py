@@ -24,11 +24,13 @@ Strategies:
 
 * ``model_specs(dims=(0, 1, 2), max_blocks=5)`` -> :class:`ModelSpec`;
 * ``recipes(model, sparsity=None, max_rules=4)`` -> a recipe dict for an already built model:
-  an ``st3`` rule over a random subset of the weight types present (random sparsity, ``sigma``
-  on or off, i.e. ST-3 or ST-3σ), then random later rules: ``"method": null`` exclusions by name
-  glob (exact names, ``*`` within a component, ``prefix.**`` across), by ``type``, ``first`` /
-  ``last`` or ``depthwise``, and re-inclusions with another sparsity. ``sparsity=0.0`` pins every
-  sparsity (for "at sparsity 0 outputs equal the original's"). Times are step counts.
+  a rule of one weight method (``WEIGHT_METHODS``: st3 / st3σ, magnitude with its scopes and
+  blocks, N:M with several n and m, STR at every granularity, l1-prune) over a random subset of
+  the weight types present, then random later rules: ``"method": null`` exclusions by name glob
+  (exact names, ``*`` within a component, ``prefix.**`` across), by ``type``, ``first`` / ``last``
+  or ``depthwise``, and re-inclusions with other params. ``sparsity=0.0`` pins every sparsity and
+  draws only the methods that have one (for "at sparsity 0 outputs equal the original's"). Times
+  are step counts.
 * ``models_and_recipes(...)`` -> ``(spec, model, recipe)`` drawn together.
 
 Helpers: :func:`weight_layer_names`, :func:`quiet_sparsify` (``sparsify`` with its "rule matched
@@ -351,14 +353,36 @@ def _glob(draw, names: list[str]):
     return name
 
 
+#: the weight methods :func:`recipes` draws; those with a ``sparsity`` (pinned by ``sparsity=0.0``)
+WEIGHT_METHODS = ("st3", "magnitude", "nm", "str", "l1-prune")
+SPARSITY_METHODS = ("st3", "magnitude", "l1-prune")
+
+
+def _weight_params(draw, method: str, sparsity) -> dict:
+    """A rule's params for ``method``, every option that changes what it computes drawn."""
+    if method == "st3":
+        return {"sparsity": draw(_sparsity(sparsity)), "sigma": draw(st.booleans())}
+    if method == "magnitude":
+        return {"sparsity": draw(_sparsity(sparsity)), "scope": draw(st.sampled_from(["global", "layer"])),
+                "block": draw(st.sampled_from([None, [2, 1], [1, 2]]))}
+    if method == "nm":
+        return {"n": draw(st.integers(1, 3)), "m": draw(st.sampled_from([4, 8])),
+                "decay": draw(st.sampled_from([0.0, 2e-4]))}
+    if method == "str":
+        return {"s_init": draw(st.sampled_from([-8.0, -3.0, -1.0])),
+                "granularity": draw(st.sampled_from(["layer", "channel", "global"]))}
+    return {"l1": draw(st.sampled_from([0.0, 1e-3])), "sparsity": draw(_sparsity(sparsity)),
+            "prune_at": draw(st.sampled_from([0.0, 0.5, 1.0]))}
+
+
 @st.composite
 def recipes(draw, model: nn.Module, sparsity: float | None = None, max_rules: int = 4) -> dict:
-    """A random st3 / st3-sigma recipe for ``model`` (see the module docstring)."""
+    """A random recipe of one weight method for ``model`` (see the module docstring)."""
     names = weight_layer_names(model)
     present = sorted({type(m).__name__ for m in model.modules() if isinstance(m, WEIGHT_TYPES)})
     types = draw(st.lists(st.sampled_from(present), min_size=1, unique=True)) if present else ["Conv2d"]
-    rules = [{"match": {"type": types}, "method": "st3",
-              "params": {"sparsity": draw(_sparsity(sparsity)), "sigma": draw(st.booleans())}}]
+    method = draw(st.sampled_from(SPARSITY_METHODS if sparsity is not None else WEIGHT_METHODS))
+    rules = [{"match": {"type": types}, "method": method, "params": _weight_params(draw, method, sparsity)}]
     for _ in range(draw(st.integers(0, max_rules - 1))):
         kind = draw(st.sampled_from(["name_null", "type_null", "flag_null", "reinclude"]))
         if kind == "name_null" and names:
@@ -369,8 +393,8 @@ def recipes(draw, model: nn.Module, sparsity: float | None = None, max_rules: in
             flag = draw(st.sampled_from(["first", "last", "depthwise"]))
             rules.append({"match": {flag: True}, "method": None})
         elif kind == "reinclude" and names:
-            rules.append({"match": {"name": draw(_glob(names))}, "method": "st3",
-                          "params": {"sparsity": draw(_sparsity(sparsity))}})
+            rules.append({"match": {"name": draw(_glob(names))}, "method": method,
+                          "params": _weight_params(draw, method, sparsity)})
     begin = draw(st.integers(0, 3))
     end = begin + draw(st.integers(0, 4))
     fix = draw(st.one_of(st.none(), st.integers(end, end + 4)))

@@ -123,6 +123,8 @@ class L1PruneGroup(HeldLayers, RecordsGroupMixin, Group):
         for layers it would push below min_density (their own)."""
         if self.params["threshold"] is not None:
             return [float(self.params["threshold"])] * len(layers)
+        if float(self.params["sparsity"]) <= 0:  # nothing pruned, as st3 / magnitude at 0 (the quantile's
+            return [-1.0] * len(layers)          # count, floor((N-1)r)+1, would still take one weight)
         mags = [m.weight.detach().abs().float().reshape(-1) / s for m, s in zip(layers, self.sigmas)]
         taus, capped = guarded_thresholds(mags, float(self.params["sparsity"]), float(self.params["min_density"]))
         names = list(self.members)
