@@ -20,9 +20,16 @@ from torch import nn
 
 from .library_leaves import library_leaf
 
-__all__ = ["CallGuard", "call_shell", "keep_argument_names", "input_tuple", "positional_inputs"]
+__all__ = ["CallGuard", "call_shell", "keep_argument_names", "input_tuple", "positional_inputs", "skipped_edit_calls"]
 
 _OTHER = object()  # a recorded argument value that is neither None nor a flag
+_SKIPPED = [0]  # calls that ran a module's own forward past nodes added to its graph, process-wide
+
+
+def skipped_edit_calls() -> int:
+    """How many calls so far ran a traced module's own forward, skipping nodes added to its graph
+    (a call with arguments the graph was not traced for): a caller compares two readings."""
+    return _SKIPPED[0]
 
 #: mode flags that switch activation checkpointing (timm's, transformers' older models')
 CHECKPOINT_FLAGS = ("grad_checkpointing", "gradient_checkpointing")
@@ -236,6 +243,7 @@ class CallGuard:
                     f"({', '.join(added[:4])}{'...' if len(added) > 4 else ''}) and the recipe would not apply: "
                     "turn checkpointing on before sparsify() (timm: model.set_grad_checkpointing(True)), which "
                     "rewrites the model block by block with each block checkpointed, or leave it off")
+            _SKIPPED[0] += bool(added)
             if added and key not in self._warned:
                 self._warned.add(key)
                 flag = None if mode is None else getattr(module.get_submodule(mode[0]) if mode[0] else module, mode[1])

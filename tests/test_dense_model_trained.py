@@ -133,3 +133,37 @@ def test_data_parallel_replicas_share_the_flag():
     replica._parameters = dict(layer._parameters)  # replicate() puts each GPU's copies here
     replica(torch.randn(2, 8)).sum().backward()
     assert forwarded([layer]) and not forwarded([layer])
+
+
+class Refiner(torch.nn.Module):
+    """RAFT's shape: a loop count argument; torch.export captures the call it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.upd = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x, num_updates: int = 4):
+        h, f = torch.zeros(int(x.shape[0]), 8, int(x.shape[2]), int(x.shape[3])), F.relu(self.enc(x))
+        for _ in range(num_updates):
+            h = F.relu(self.upd(h + f))
+        return h
+
+
+def test_a_call_the_graph_was_not_traced_for_is_named_not_the_given_model():
+    """The forward ran the module's own code (another ``num_updates`` than the example's): the step's
+    warning says so, not that the loop trains the model given to sparsify."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    model = sparsify.sparsify(Refiner(), "tl1", total_steps=4, example_inputs=x, capture="export")
+    opt = torch.optim.SGD(sparsify.param_groups(model, 1e-4), lr=0.01)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            loss = model(x, num_updates=2).pow(2).mean() + sparsify.penalty(model)
+            opt.zero_grad(); loss.backward(); opt.step()
+            sparsify.step(model, loss)
+    said = [str(w.message) for w in caught]
+    assert any("was called with arguments its graph was not traced for" in s for s in said), said
+    bypassed = [s for s in said if SAID in s]
+    assert len(bypassed) == 1 and "ran its own forward" in bypassed[0], bypassed
+    assert "model = sparsify.sparsify(model" not in bypassed[0]

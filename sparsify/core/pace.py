@@ -35,6 +35,8 @@ import weakref
 
 from torch import nn
 
+from passes.calls import skipped_edit_calls
+
 from sparsify.core.forwards import forwarded
 from sparsify.core.records import RecordsGroupMixin
 from sparsify.core.state import find_state, unwrap
@@ -52,6 +54,7 @@ ADVICE = ("call sparsify.step(model) after every optimizer step (not once per ep
 
 # watched states (the models still alive) -> optimizer steps since their last sparsify.step
 _COUNTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_SKIPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # skipped_edit_calls() at the last check
 # watched states -> their model (weakly): a recipe with no sparse layers (activation penalties
 # only) is counted by the steps that update any of the model's parameters
 _MODELS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -119,6 +122,7 @@ def watch(state, model: nn.Module | None = None, created: list[str] = ()) -> Non
     """
     global _HOOK
     _COUNTS.setdefault(state, 0)
+    _SKIPS.setdefault(state, skipped_edit_calls())
     forwarded(state.members())  # the flags exist before any replica
     if model is not None:
         _MODELS[state] = weakref.ref(model)
@@ -224,8 +228,14 @@ def check_bypassed(state) -> str | None:
     True
     """
     layers = state.members()
+    skipped, _SKIPS[state] = skipped_edit_calls() - _SKIPS.get(state, 0), skipped_edit_calls()
     if forwarded(layers) or not layers or not _COUNTS.get(state):  # no layers: the recipe rewrote nothing
         return None
+    if skipped:  # the model was trained, through its own forward: the call it got was not the traced one
+        return ("sparsify.step: an optimizer stepped the sparse model's weights, but no forward with gradients ran "
+                "through its sparse layers since the last step: a traced module was called with arguments its "
+                "graph was not traced for and ran its own forward without them (see the warning that names it): "
+                "pass example_inputs to sparsify() that call it as the training loop does")
     return ("sparsify.step: an optimizer stepped the sparse model's weights, but no forward with gradients ran "
             "through its sparse layers since the last step: the loop trains another model holding the same "
             "parameters (the one given to sparsify(), which returns a new model: model = sparsify.sparsify(model, "
