@@ -140,3 +140,24 @@ def test_layers_multiplied_inside_a_dense_leaf_count_in_plan_and_report():
     assert sum(e.macs for e in plan.entries if e.params) == expected
     m = sparsify.sparsify(swin(), recipe, total_steps=10, example_inputs=x)
     assert sparsify.report(m).totals["macs"] == expected
+
+
+class _ImageList(nn.Module):
+    """A detector's call: a list of (C, H, W) images, one per sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+    def forward(self, images):
+        return self.fc(self.conv(torch.stack(images)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_a_list_of_images_counts_one_sample_per_image(n):
+    images = [torch.randn(3, 10, 10) for _ in range(n)]
+    m = sparsify.sparsify(_ImageList(), "gmp", total_steps=4, example_inputs=(images,))
+    rows = {r.name: r for r in sparsify.report(m).layers}
+    assert rows["conv"].macs == 8 * 8 * 4 * 3 * 9 and rows["fc"].macs == 8  # per image, whatever n
+    measured = sparsify.measure(m, [(images,), (images,)], input_fn=lambda b: b)
+    assert measured.samples == 2 * n

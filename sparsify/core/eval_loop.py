@@ -9,9 +9,27 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-__all__ = ["run_eval", "internal", "in_internal"]
+__all__ = ["run_eval", "internal", "in_internal", "samples_in"]
 
 _DEPTH = [0]
+
+
+def samples_in(inputs) -> int:
+    """The samples in one call's positional inputs: the first batched tensor's length, or the length
+    of a list of unbatched samples (a torchvision detector's list of ``(C, H, W)`` images).
+
+    >>> samples_in((torch.zeros(4, 3, 8, 8),)), samples_in(([torch.zeros(3, 8, 8), torch.zeros(3, 6, 9)],))
+    (4, 2)
+    >>> samples_in(([torch.zeros(2, 8, 4, 4), torch.zeros(2, 8, 2, 2)],))  # feature levels of one batch
+    2
+    """
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            return int(x.shape[0])
+        if isinstance(x, (list, tuple)) and x and all(isinstance(t, torch.Tensor) for t in x):
+            # (C, H, W) images or (L, F) sequences, one per sample; 4-D and up are batches per item
+            return len(x) if x[0].dim() <= 3 else int(x[0].shape[0])
+    return 1
 
 
 @contextlib.contextmanager
@@ -56,7 +74,7 @@ def run_eval(model: nn.Module, batches: Iterable, input_fn: Callable, max_batche
             if max_batches is not None and i >= max_batches:
                 break
             inputs = input_fn(batch)
-            samples += next((int(t.shape[0]) for t in inputs if isinstance(t, torch.Tensor) and t.dim()), 1)
+            samples += samples_in(inputs)
             with internal(), (context() if context is not None else contextlib.nullcontext()):
                 model(*inputs)
     finally:

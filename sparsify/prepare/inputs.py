@@ -9,18 +9,11 @@ from torch import nn
 
 from passes.calls import input_tuple
 from sparsify.core.conv1d import CONV_TRANSPOSE_TYPES, in_features_of, out_features_of
-from sparsify.core.eval_loop import run_eval
+from sparsify.core.eval_loop import run_eval, samples_in
 from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.core.state import SparsifyState
 
 __all__ = ["positions_per_sample", "guess_example_inputs", "state_inputs", "check_inputs"]
-
-
-def _batch_of(inputs: Sequence) -> int:
-    for x in inputs:
-        if isinstance(x, torch.Tensor) and x.dim() > 0:
-            return x.shape[0]
-    return 1
 
 
 @torch.no_grad()
@@ -32,7 +25,7 @@ def positions_per_sample(model: nn.Module, example_inputs: Sequence) -> dict[str
     >>> positions_per_sample(nn.Sequential(nn.Conv2d(3, 8, 3)), (torch.zeros(2, 3, 10, 10),))
     {'0': 64.0}
     """
-    batch = _batch_of(example_inputs)
+    batch = samples_in(example_inputs)
     out: dict[str, float] = {}
     handles = []
     for name, mod in model.named_modules():
