@@ -52,6 +52,15 @@ def test_plan_builtin_model_and_override(capsys):
     assert next(e for e in plan["entries"] if e["name"] == "conv1")["macs"] == 6 * 25 * 28 * 28
 
 
+def test_plan_flat_input_shape(capsys):
+    """1,784 (the shape --input-shape's own message suggests) built LeNet-300-100 for 784 channels of
+    784x784 pixels: 578 GB."""
+    rc, out, _ = run_cli(capsys, "plan", "--model", "lenet300", "--recipe", "st3", "--input-shape", "1,784", "--json")
+    plan = json.loads(out)
+    assert rc == 0 and plan["input_shapes"] == [[1, 784]]
+    assert {e["name"]: e["macs"] for e in plan["entries"]} == {"fc1": 784 * 300, "fc2": 300 * 100, "fc3": 100 * 10}
+
+
 def test_plan_capture_option(capsys):
     rc, out, _ = run_cli(capsys, "plan", "--model", "cnn", "--recipe", "st3", "--capture", "export", "--json")
     plan = json.loads(out)

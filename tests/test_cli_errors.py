@@ -34,6 +34,10 @@ BAD = [
     ["train", "--image-size", "0", "--data", "imagefolder:/nonexistent"],
     ["train", "--workers", "-1"],
     ["train", "--seed", "-1"],
+    ["train", "--seed", "1000000000000000"],  # overflowed in torch, after the run's folder was written
+    ["demo", "--seed", str(2**32)],
+    ["train", "--threads", "100000"],  # segfaulted
+    ["plan", "--model", "lenet5", "--recipe", "st3", "--input-shape", "1,784"],  # a conv net takes no flat input
     ["train", "--recipe", "nope"],
     ["train", "--model", "nope"],
     ["train", "--data", "nope"],
@@ -116,6 +120,19 @@ def test_unwritable_out_and_folder_recipes_are_one_line(tmp_path, capsys):
     (tmp_path / "adir.json").mkdir()
     assert main(["plan", "--model", "cnn", "--recipe", str(tmp_path / "adir.json")]) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_a_file_where_a_folder_belongs_is_named_so(tmp_path, capsys):
+    """They said "does not exist" and "[Errno 17] File exists"."""
+    (tmp_path / "afile").write_text("")
+    for argv, said in ((["train", "--out", str(tmp_path / "afile")], "--out"),
+                       (["demo", "--out", str(tmp_path / "afile")], "--out"),
+                       (["train", "--data", f"imagefolder:{tmp_path / 'afile'}", "--out", str(tmp_path / "o")],
+                        "image folder")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and said in err and "is a file, not a folder" in err, err
+    assert (tmp_path / "afile").read_text() == "" and not (tmp_path / "o").exists()
 
 
 def test_demo_refuses_a_folder_of_train_runs(tmp_path, capsys):

@@ -10,6 +10,16 @@ def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
+def _train_size(n: int, batch_size: int) -> int:
+    """The samples of an epoch's order a run trains on: all but a last batch of one sample, on which
+    BatchNorm fails ("Expected more than 1 value per channel") after a whole epoch.
+
+    >>> _train_size(1437, 64), _train_size(1437, 718), _train_size(1, 64)
+    (1437, 1436, 1)
+    """
+    return n - 1 if n > 1 and n % batch_size == 1 else n
+
+
 def _batches(dataset, indices: torch.Tensor, batch_size: int, workers: int = 0, fix_channels=None):
     """Batches of ``dataset`` in the order ``indices``; tensors are sliced, other datasets go
     through a DataLoader over exactly those indices."""

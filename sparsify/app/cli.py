@@ -41,18 +41,30 @@ RESUME_FIXED = ("recipe", "set", "data", "image_size", "width", "epochs", "batch
                 "weight_decay", "momentum", "seed", "out", "overwrite", "ema", "amp")
 
 
-def _check_args(args) -> None:
-    """Numbers the parser accepts but a run cannot use: one line each, before anything runs."""
+#: ``--optimizer`` choices (the parser's, and what a resumed ``config.json`` may hold)
+OPTIMIZERS = ("sgd", "adam", "adamw")
+#: ``--threads`` above this is refused: torch segfaults creating 100,000 threads; a fixed bound, not
+#: the CPU count, so a run saved on a large machine resumes on a small one
+MAX_THREADS = 1024
+
+
+def check_settings(args) -> None:
+    """Numbers the parser accepts but a run cannot use: one line each, before anything runs (the
+    command line's, and the settings of a ``config.json`` being resumed)."""
     import math
     positive = ("epochs", "batch_size", "threads", "image_size", "num_classes")
     for key in positive:
         v = getattr(args, key, None)
         if v is not None and v < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {v}")
+    if (getattr(args, "threads", None) or 0) > MAX_THREADS:
+        raise ValueError(f"--threads must be at most {MAX_THREADS}, got {args.threads}")
     for key in ("workers", "seed"):
         v = getattr(args, key, None)
         if v is not None and v < 0:
             raise ValueError(f"--{key} must be 0 or more, got {v}")
+    if (getattr(args, "seed", None) or 0) >= 2**32:  # torch's epoch generators take seed * 100_003 + epoch in 64 bits
+        raise ValueError(f"--seed must be below 2**32 (4294967296), got {args.seed}")
     for key, low, strict in (("lr", 0.0, True), ("weight_decay", 0.0, False), ("momentum", 0.0, False),
                              ("width", 0.0, True)):
         v = getattr(args, key, None)
@@ -63,12 +75,19 @@ def _check_args(args) -> None:
             raise ValueError(f"--{key.replace('_', '-')} must be {bound} finite number, got {v}")
     if getattr(args, "momentum", None) is not None and args.momentum >= 1:
         raise ValueError(f"--momentum must be below 1, got {args.momentum}")
+    if getattr(args, "optimizer", None) not in (None, *OPTIMIZERS):
+        raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {args.optimizer!r}")
     if getattr(args, "compile", None) is not None:
         import torch._dynamo
         if args.compile not in torch._dynamo.list_backends(exclude_tags=()):
             usual = sorted({*torch._dynamo.list_backends(), "eager", "aot_eager"})
             raise ValueError(f"--compile {args.compile}: not a torch.compile backend of this torch; one of "
                              f"{', '.join(usual)}")
+
+
+def _check_args(args) -> None:
+    """The command line's settings (:func:`check_settings`) and the options that go together."""
+    check_settings(args)
     if args.command == "train" and args.resume is not None:
         if not args.resume.strip():
             raise ValueError("--resume needs the folder of the run to continue")
@@ -110,6 +129,22 @@ def _cmd_show(name: str) -> int:
     return 0
 
 
+def _image_of(model: str, shape: tuple[int, ...]) -> dict:
+    """The ``in_channels`` and ``image_size`` a model is built for from an example input's shape.
+
+    >>> _image_of("resnet8", (1, 3, 32, 32)), _image_of("lenet300", (1, 784))
+    ({'in_channels': 3, 'image_size': 32}, {'in_channels': 784, 'image_size': 1})
+    """
+    from sparsify.app.models import BUILTIN_MODELS
+    if len(shape) > 2:
+        return {"in_channels": shape[1], "image_size": shape[-1]}
+    if model in BUILTIN_MODELS and model != "lenet300":
+        raise ValueError(f"--input-shape {','.join(map(str, shape))}: {model} takes images, batch first (e.g. "
+                         "1,1,28,28); a flat shape fits lenet300 or a package.module:factory model")
+    # flat features (1,784): a model that flattens its input sees in_channels * image_size**2 of them
+    return {"in_channels": shape[1], "image_size": 1}
+
+
 def _plan_model(args):
     import torch
 
@@ -118,11 +153,11 @@ def _plan_model(args):
     if args.model in BUILTIN_MODELS:
         defaults = {"lenet5": (1, 1, 28, 28), "lenet300": (1, 1, 28, 28), "cnn": (1, 1, 8, 8)}.get(args.model, (1, 3, 32, 32))
         shape = shape or defaults
-        model = build_model(args.model, num_classes=args.num_classes or 10, in_channels=shape[1],
-                            image_size=shape[-1], width=args.width)
+        model = build_model(args.model, num_classes=args.num_classes or 10, width=args.width,
+                            **_image_of(args.model, shape))
     elif shape is not None:  # a factory or torchvision model at the input it is planned for
         model = build_model(args.model, num_classes=args.num_classes or 1000, width=args.width,
-                            in_channels=shape[1], image_size=shape[-1])
+                            **_image_of(args.model, shape))
     else:
         model = build_model(args.model, num_classes=args.num_classes or 1000, width=args.width)
     return model, (torch.zeros(shape),) if shape else None
@@ -187,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None, help="resize imagefolder images to this size (default 64)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default=None,
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
                    help="default: the recipe's method default (sgd with momentum 0.9 for most)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: per optimizer and method)")
     p.add_argument("--weight-decay", type=float, default=None, help="default: per method (STR needs more)")
@@ -241,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from sparsify.app.train import config_from_args, train
             result = train(config_from_args(args))
-            return 130 if result.get("interrupted") else 0
+            return 130 if result.get("interrupted") or result.get("sigint") else 0
         if args.command == "demo":
             from sparsify.app.demo import run_demo
             rows = run_demo(args.out, epochs=args.epochs, seed=args.seed, progress=args.progress,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sparsify.app.checkpoint import CheckpointError
 from sparsify.app.resume import CONFIG, load_run
-from sparsify.prepare.recipe import load_recipe
+from sparsify.prepare.recipe import builtin_recipes, load_recipe
 
 __all__ = ["TrainConfig", "config_from_args", "METHOD_DEFAULTS", "BASE_DEFAULTS", "resolve_optimizer"]
 
@@ -74,7 +74,8 @@ def config_from_args(args) -> TrainConfig:
     # --resume: None unless given, so a model factory saved in the run folder is imported only
     # when the user names it again
     model = args.model if args.resume else (args.model or "cnn")
-    return TrainConfig(model=model, recipe=args.recipe, overrides=parse_overrides(args.set), data=args.data,
+    return TrainConfig(model=model, recipe=_absolute_recipe(args.recipe), overrides=parse_overrides(args.set),
+                       data=_absolute_data(args.data),
                        image_size=args.image_size, width=args.width, epochs=args.epochs, batch_size=args.batch_size,
                        optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
                        momentum=args.momentum, seed=args.seed, out=args.out, progress=not args.no_progress,
@@ -82,6 +83,19 @@ def config_from_args(args) -> TrainConfig:
                        overwrite=getattr(args, "overwrite", False), ema=getattr(args, "ema", None),
                        device=getattr(args, "device", None), amp=getattr(args, "amp", None),
                        compile=getattr(args, "compile", None))
+
+
+# config.json keeps the paths a run reads as absolute paths: `--resume` works from any folder
+def _absolute_recipe(recipe: str | None) -> str | None:
+    if recipe in (None, "", "dense"):
+        return recipe
+    read_as_path = recipe.endswith(".json") or "/" in recipe or recipe not in builtin_recipes()  # as load_recipe
+    return os.path.abspath(recipe) if read_as_path and os.path.isfile(recipe) else recipe
+
+
+def _absolute_data(data: str) -> str:
+    kind, _, path = data.partition(":")
+    return f"{kind}:{os.path.abspath(os.path.expanduser(path))}" if kind == "imagefolder" and path else data
 
 
 def resolve_optimizer(cfg: TrainConfig) -> dict:
@@ -147,4 +161,10 @@ def _load_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict, dict]:
         new.device = cfg.device
     if cfg.compile is not None:  # compiling changes no result: another backend may continue the run
         new.compile = cfg.compile
+    from sparsify.app.cli import check_settings
+    try:  # an edited value the command line refuses (threads -1, an unknown backend) crashed, or worse
+        check_settings(new)
+    except ValueError as e:
+        raise CheckpointError(f"--resume {cfg.resume}: {CONFIG} holds a setting the command line refuses ({e}; "
+                              "edited or damaged); the run cannot be resumed from it") from None
     return new, tensors, meta

@@ -111,7 +111,8 @@ def _image_folder(path: str, image_size: int, workers: int = 0, preload_limit: i
     from torchvision import datasets, transforms
     root = Path(path).expanduser()
     if not root.is_dir():
-        raise DataError(f"image folder {str(root)!r} does not exist (expected PATH/<class>/<image> files)")
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise DataError(f"image folder {str(root)!r} {what} (expected PATH/<class>/<image> files)")
     tf = transforms.Compose([transforms.Resize((image_size, image_size)), transforms.ToTensor(),
                              transforms.Normalize([0.5] * 3, [0.25] * 3)])
 

@@ -69,6 +69,8 @@ MARKER = ".sparsify-demo"  # in a folder the demo writes: its runs may be replac
 def _claim_demo_out(out_dir: Path) -> None:
     """Refuse a folder holding runs the demo did not write (``sparsify train --out`` runs it would
     replace); mark the folder as the demo's."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"--out {out_dir} is a file, not a folder")
     if out_dir.is_dir() and not (out_dir / MARKER).exists() and not (out_dir / "comparison.json").exists():
         runs = sorted(p.parent.name for p in out_dir.glob(f"*/{CONFIG}"))
         if runs:
@@ -100,7 +102,9 @@ def run_demo(out: str = "demo-out", *, epochs: int | None = None, seed: int = 0,
                           device="cpu")  # its table's numbers are the CPU's (a small CNN: a GPU gains nothing)
         try:
             res = train(cfg, quiet=True)
-            if res.get("interrupted"):  # Ctrl-C: the demo stops with the run (its checkpoint is kept)
+            # Ctrl-C: the demo stops with the run (its checkpoint is kept); in a run's last epoch or
+            # write-up the run finishes first (sigint), and the demo still stops
+            if res.get("interrupted") or res.get("sigint"):
                 say(f"  {name:<16} interrupted; the demo stops (rerun it to start over)")
                 return [*rows, {"name": name, "interrupted": True}]
             row = {"name": name, "error": None, "seconds": time.time() - t,

@@ -49,6 +49,7 @@ def _finish(model, cfg, data, out, history, opt_settings, total_steps, test_batc
         result["finalize"] = _save_finalized(model, example, out / "final_state_dict.pt", say, "finalize")
     else:
         targets, kinds = {}, ["weight"]
+        torch.save(cpu_state(model), out / "final_state_dict.pt")  # nothing to finalize: the trained weights
         weights = {n: 1 - int(torch.count_nonzero(m.weight)) / m.weight.numel()
                    for n, m in model.named_modules() if isinstance(m, WEIGHT_TYPES)}
     if ema is not None:

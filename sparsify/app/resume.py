@@ -33,9 +33,13 @@ def load_run(folder: Path, given_model: str | None, default_model: str) -> tuple
     """``(saved config, checkpoint tensors, checkpoint meta)`` of the run in ``folder``, all
     checked; nothing is imported or written here. ``given_model``: the model the user named (None
     or ``default_model`` when not named)."""
-    if not (folder / CONFIG).is_file():
-        raise FileNotFoundError(f"--resume {folder}: no {CONFIG} and {CHECKPOINT} there (is it the --out folder "
+    missing = [name for name in (CONFIG, CHECKPOINT) if not (folder / name).is_file()]
+    if CONFIG in missing:
+        raise FileNotFoundError(f"--resume {folder}: no {' and '.join(missing)} there (is it the --out folder "
                                 "of a sparsify train run?)")
+    if missing and not (folder / CHECKPOINT_META).is_file():
+        raise FileNotFoundError(f"--resume {folder}: the run stopped before its first checkpoint (only {CONFIG} "
+                                f"there): start it again, with --out {folder} (the folder is reused)")
     try:
         saved = json.loads((folder / CONFIG).read_text())
         if not isinstance(saved, dict):
@@ -62,8 +66,13 @@ def load_run(folder: Path, given_model: str | None, default_model: str) -> tuple
 
 
 def claim_out(out: Path, overwrite: bool) -> None:
-    """Refuse an ``out`` folder holding another run unless ``overwrite`` (then remove its run files)."""
+    """Refuse an ``out`` folder holding another run unless ``overwrite`` (then remove its run files);
+    the ``config.json`` of a run that saved no checkpoint is replaced."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder")
     held = [name for name in RUN_FILES if (out / name).exists()]
+    if held == [CONFIG]:  # a run that stopped before its first checkpoint: nothing to continue, start again
+        return
     if held and not overwrite:
         raise FileExistsError(f"--out {out} holds another run ({', '.join(held[:3])}); continue it with "
                               f"--resume {out}, or pass --overwrite to replace it")

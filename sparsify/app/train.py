@@ -36,7 +36,7 @@ from sparsify.app.checkpoint import (CHECKPOINT, CHECKPOINT_META, CheckpointErro
 from sparsify.app.resume import CONFIG, RUN_KEYS, claim_out, restore, save_run
 from sparsify.app.config import (BASE_DEFAULTS, METHOD_DEFAULTS, TrainConfig, _default_out, _load_resume,
                                  config_from_args, resolve_optimizer)
-from sparsify.app.batches import _batches, _channel_fixer, _epoch_order
+from sparsify.app.batches import _batches, _channel_fixer, _epoch_order, _train_size
 from sparsify.app.data import load_data
 from sparsify.app.device import autocast, on_device, resolve_device
 from sparsify.app.results import _finish
@@ -132,7 +132,7 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
     model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels,
                         image_size=data.image_size, width=cfg.width).to(device)
     fix = _channel_fixer(input_channels(model), data.in_channels)
-    n_train = len(data.train)
+    n_train = _train_size(len(data.train), cfg.batch_size)
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     example = (next(_batches(data.test, torch.arange(min(2, len(data.test))), 2, fix_channels=fix))[0].to(device),)
@@ -152,6 +152,13 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
             raise CheckpointError(f"--resume {cfg.resume}: {CHECKPOINT_META} places the run at epoch {meta['epoch']}, "
                                   f"batch {meta['batch']}, outside its {cfg.epochs} epochs of {steps_per_epoch} "
                                   "batches (edited or damaged); the run cannot be resumed from it")
+        # the JSON half is not hashed: its position must be the one the hashed scheduler counted
+        saved_sched = ckpt.get("scheduler")
+        done = saved_sched.get("last_epoch") if isinstance(saved_sched, dict) else None
+        if done != epoch * steps_per_epoch + batch:
+            raise CheckpointError(f"--resume {cfg.resume}: {CHECKPOINT_META} places the run at step "
+                                  f"{epoch * steps_per_epoch + batch} (epoch {epoch}, batch {batch}), {CHECKPOINT} "
+                                  f"at step {done} (edited or damaged); the run cannot be resumed from it")
         restore(model, optimizer, sched, ckpt, meta, cfg.resume, ema=ema, device=device)
         history, running = meta["history"], meta["running"]
         start_epoch, start_batch = meta["epoch"], meta["batch"]
@@ -175,7 +182,7 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
     from tqdm import tqdm
     with StopOnSigint() as stop:
         for epoch in range(start_epoch, cfg.epochs):
-            order = _epoch_order(cfg.seed, epoch, n_train)[start_batch * cfg.batch_size:]
+            order = _epoch_order(cfg.seed, epoch, len(data.train))[start_batch * cfg.batch_size:n_train]
             bar = tqdm(total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=not cfg.progress or quiet, leave=False, dynamic_ncols=True)
             model.train()
@@ -253,6 +260,8 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
     if interrupted:
         say(f"interrupted: checkpoint saved in {out / CHECKPOINT}; continue with: sparsify train --resume {out}")
         return {"interrupted": True, "out": str(out)}
-    with StopOnSigint():  # a Ctrl-C now would leave a run without its report: the seconds left finish it
-        return _finish(model, cfg, data, out, history, opt_settings, total_steps, test_batches, example,
-                       time.time() - t_start, say, ema=ema)
+    with StopOnSigint() as late:  # a Ctrl-C now would leave a run without its report: the seconds left finish it
+        result = _finish(model, cfg, data, out, history, opt_settings, total_steps, test_batches, example,
+                         time.time() - t_start, say, ema=ema)
+    # a Ctrl-C in the last epoch or the write-up: the run is finished, and its caller (the demo) stops
+    return {**result, "sigint": True} if stop.requested or late.requested else result
