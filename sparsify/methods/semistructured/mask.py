@@ -11,7 +11,71 @@ from torch import nn
 
 from sparsify.core.forwards import entered
 
-__all__ = ["PositionMask", "DeployedPositionMask"]
+__all__ = ["PositionMask", "DeployedPositionMask", "Calls", "Sizes", "sizes_of"]
+
+
+class Calls:
+    """The call order of one group's masks. A conv that a head runs on every feature level
+    (torchvision's RPN / RetinaNet / FCOS heads, whose untraceable parent leaves one mask for all
+    levels) changes size between calls while the other convs keep theirs; a model run at another
+    resolution changes every conv's size in turn. Only the order tells the two apart: a mask does
+    not see where the model's forward begins."""
+
+    def __init__(self):
+        self.tick = 0
+        self.sizes: list[Sizes] = []
+
+
+class Sizes:
+    """The output sizes one mask's conv was called at (eager forwards), and whether they show a
+    conv shared across feature levels (``shared``: no single mask fits; the mask stays off)."""
+
+    def __init__(self, calls: Calls | None = None):
+        self.calls = calls if calls is not None else Calls()
+        self.calls.sizes.append(self)
+        self.shared = False
+        self.forget()
+
+    def forget(self) -> None:
+        """Start over (before the one forward that sizes the masks; ``shared`` stays)."""
+        self.seen: list[tuple[int, int]] = []  # distinct sizes, in the order first seen
+        self.size: tuple[int, int] | None = None
+        self.since = 0  # the tick of the call that set ``size``
+        self.last = 0  # the tick of the latest call
+        self.resized: int | None = None  # the tick of the latest size change
+
+    def call(self, size: tuple[int, int]) -> bool:
+        """Note a call at ``size``; True once the conv is known to be shared."""
+        calls = self.calls
+        calls.tick += 1
+        t = calls.tick
+        if self.shared:
+            return True
+        if size != self.size:
+            if self.size is not None:
+                # another conv ran at one size between this conv's last two size changes: the
+                # model's resolution did not change, this conv runs at several sizes per forward
+                # (a conv whose size no input changes, after an adaptive pool, would be taken for
+                # such a witness; the forward that sparsify() runs catches the common case exactly)
+                p = self.resized
+                if p is not None and any(o is not self and o.since <= p < o.last for o in calls.sizes):
+                    self.shared = True
+                self.resized = t
+            self.size, self.since = size, t
+            if size not in self.seen:
+                self.seen.append(size)
+        self.last = t
+        return self.shared
+
+
+def sizes_of(mask: nn.Module) -> Sizes:
+    """``mask``'s :class:`Sizes`, made on first use. In ``__dict__``, not a buffer or submodule:
+    ``nn.DataParallel``'s replicas (shallow copies) share it, deep copies copy it with its
+    group's :class:`Calls`."""
+    sizes = mask.__dict__.get("_sizes")
+    if sizes is None:
+        sizes = mask.__dict__["_sizes"] = Sizes()
+    return sizes
 
 
 class PositionMask(nn.Module):
@@ -23,6 +87,10 @@ class PositionMask(nn.Module):
     shape ``(0, 0)`` and the node is the identity until the layer's output size is known and a
     sparsity > 0 is scheduled. ``enabled`` is False while the mask has no zero (then the forward
     returns its input as is). Masks apply in train and eval mode alike, with no rescaling.
+
+    A conv called at several output sizes per forward (one head run on every feature level of an
+    FPN, behind a parent torch.fx could not trace) cannot hold one mask: once its :class:`Sizes`
+    show it, the node stays the identity (the group keeps its mask all ones and says so).
 
     When BatchNorm is folded into the conv, the masked positions of the *folded* layer must hold
     the folded bias ``β − γμ/sqrt(σ²+ε)``, not 0: compute ``conv_without_bias(x) ⊙ mask + b_folded``.
@@ -44,6 +112,12 @@ class PositionMask(nn.Module):
     def forward(self, y):
         entered(self, y)
         size = (int(y.shape[-2]), int(y.shape[-1]))
+        # eager only: under torch.compile reading the call counter would guard, and recompile,
+        # on every call (the forward sparsify() runs has already found the shared convs)
+        if not torch.compiler.is_compiling() and sizes_of(self).call(size):
+            self.enabled = False  # shared across levels: no single mask fits (the group resets it)
+            self.size = size
+            return y
         if self.enabled and size != tuple(self.mask.shape):  # (the size the masks were made for stays)
             raise RuntimeError(
                 f"PositionMask: the mask is {tuple(self.mask.shape)} but this conv's output is {size}: "
@@ -58,7 +132,8 @@ class PositionMask(nn.Module):
         if key in state_dict and state_dict[key].shape != self.mask.shape:
             self.mask = torch.empty_like(state_dict[key], device=self.mask.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.enabled = bool(self.mask.numel()) and bool((self.mask == 0).any())
+        shared = "_sizes" in self.__dict__ and self.__dict__["_sizes"].shared
+        self.enabled = bool(self.mask.numel()) and bool((self.mask == 0).any()) and not shared
 
     def extra_repr(self) -> str:
         if not self.mask.numel():

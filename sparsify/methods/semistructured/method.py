@@ -14,7 +14,7 @@ from sparsify.core.extra_state import pack, unpack
 from sparsify.core.schedules import polynomial
 from sparsify.core.contract import Group, GroupContext, Method, Site
 from sparsify.core.registry import register
-from sparsify.methods.semistructured.mask import DeployedPositionMask, PositionMask
+from sparsify.methods.semistructured.mask import Calls, DeployedPositionMask, PositionMask, Sizes, sizes_of
 from sparsify.core.params import Params, param
 from sparsify.core.sharded import is_distributed
 from sparsify.core.staging import active_range, resolve_stages, stage_at
@@ -68,13 +68,20 @@ class SemiStructuredGroup(Group):
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
         self.generator = torch.Generator().manual_seed(int(params["seed"]))
         self.missing_loss = False
+        calls = Calls()  # one clock for the group's masks: a shared conv is told by the others' calls
+        for m in members.values():
+            m.__dict__["_sizes"] = Sizes(calls)
         if ctx.example_inputs is not None and any(m.size is None for m in members.values()):
             self._probe_sizes(ctx.root, ctx.example_inputs)
+            for m in members.values():  # one forward, one input: a second size is a second feature level
+                if len(sizes_of(m).seen) > 1:
+                    sizes_of(m).shared = True
 
-    @staticmethod
     @torch.no_grad()
-    def _probe_sizes(root: nn.Module, example_inputs) -> None:
+    def _probe_sizes(self, root: nn.Module, example_inputs) -> None:
         """One eval forward so every mask learns its conv's output size (masks are identities now)."""
+        for m in self.members.values():
+            sizes_of(m).forget()
         was_training = root.training
         root.eval()
         try:
@@ -113,11 +120,24 @@ class SemiStructuredGroup(Group):
         if is_distributed():  # every rank must mask the same positions
             torch.distributed.broadcast(self.scores, src=0)
 
+    def _shared(self) -> dict[str, list[tuple[int, int]]]:
+        """The masks whose conv runs at several sizes per forward (one head for every feature
+        level): no single mask fits them, they stay all ones. By name, with the sizes seen."""
+        return {n: sizes_of(m).seen for n, m in self.members.items() if sizes_of(m).shared}
+
+    @torch.no_grad()
+    def _unmask_shared(self) -> None:
+        for name in self._shared():
+            m = self.members[name]
+            if bool((m.mask == 0).any()):  # made before the second size showed
+                m.set_mask(torch.ones(m.mask.shape, device=m.mask.device))
+            m.enabled = False
+
     @torch.no_grad()
     def _set_masks(self, scores: torch.Tensor, sparsity: float) -> None:
         cache = {}
         for m in self.members.values():
-            if m.size is None:
+            if m.size is None or sizes_of(m).shared:
                 continue
             if m.size not in cache:
                 cache[m.size] = position_mask(scores, m.size, sparsity) if sparsity > 0 else None
@@ -136,6 +156,7 @@ class SemiStructuredGroup(Group):
 
     @torch.no_grad()
     def update(self, step: int, loss=None) -> None:
+        self._unmask_shared()  # found by the forwards since the last step, frozen or not
         if bool(self.frozen):
             return
         # ``loss`` was computed with the masks set at the previous update: credit that map,
@@ -167,7 +188,7 @@ class SemiStructuredGroup(Group):
             self._set_masks(self.scores, 0.0)
 
     def warnings(self) -> list[str]:
-        out = self._size_warnings()
+        out = self._size_warnings() + self._shared_warnings()
         if self.missing_loss:
             out.append("sparsify.step: semi-structured got no loss: call sparsify.step(model, loss=loss) so that it "
                        "keeps the mask map with the lowest training loss (without it the frozen map is a random "
@@ -175,13 +196,27 @@ class SemiStructuredGroup(Group):
         return out
 
     def build_warnings(self) -> list[str]:
-        return self._size_warnings()  # sizes are known when example inputs were given
+        return self._size_warnings() + self._shared_warnings()  # sizes are known when example inputs were given
+
+    def _shared_warnings(self) -> list[str]:
+        # a mask restored shared from a checkpoint, whose sizes this process has not seen, was said there
+        shared = {n.removesuffix("_pmask"): ", ".join(map(str, s)) for n, s in self._shared().items() if len(s) > 1}
+        if not shared:
+            return []
+        one = len(set(shared.values())) == 1  # the levels of one pyramid: listed once
+        names = [n if one else f"{n} ({s})" for n, s in list(shared.items())[:3]]
+        more = f" and {len(shared) - 3} more" if len(shared) > 3 else ""
+        verb, what = ("is", "a head") if len(shared) == 1 else ("are", "heads")
+        sizes = f" ({next(iter(shared.values()))})" if one else ""
+        return [f"sparsify: semi-structured: {', '.join(names)}{more} {verb} called at several output sizes{sizes} "
+                f"per forward ({what} shared across feature levels): no single position mask fits, left unmasked"]
 
     def _size_warnings(self) -> list[str]:
         """Masks that the final sparsity rounds to every position of their map (the conv's output
         no longer depends on its input) or to none (the layer stays dense), once sizes are known
         (each message is said once per model, by sparsify() or the first step that knows them)."""
-        sizes = {n: m.size for n, m in self.members.items()}
+        shared = self._shared()  # unmasked: said on their own
+        sizes = {n: m.size for n, m in self.members.items() if n not in shared}
         if any(size is None for size in sizes.values()):
             return []
         s = float(self.params["sparsity"])
@@ -206,12 +241,19 @@ class SemiStructuredGroup(Group):
         out = {"phase": phase, "sparsity_now": round(float(self.current_sparsity), 6), "begin": self.begin,
                "end": self.end, "input_size": self.input_size,
                "best_loss": float(self.best_loss) if math.isfinite(float(self.best_loss)) else None,
-               "masks": len(self.members)}
+               "masks": len(self.members) - len(shared := self._shared())}
+        if shared:  # unmasked, their output positions all kept
+            out["unmasked_shared"] = list(shared)
         if self._stages:
             out["stage"] = stage_at(self._stages, step)
         return out
 
     def layer_stats(self, name: str, module: nn.Module, factor: float | None = None) -> dict:
+        if sizes_of(module).shared:  # every position kept, at each size it runs at
+            seen = sizes_of(module).seen or [tuple(module.mask.shape)]
+            return {"mask_size": None, "masked_positions": 0, "position_sparsity": 0.0,
+                    "sparsifies": "output positions", "achieved": 0.0, "elements": sum(h * w for h, w in seen),
+                    "shared_sizes": [list(s) for s in seen]}
         n = module.mask.numel()
         zeros = int((module.mask == 0).sum()) if n else 0
         return {"mask_size": list(module.mask.shape), "masked_positions": zeros,
@@ -219,20 +261,24 @@ class SemiStructuredGroup(Group):
                 "sparsifies": "output positions", "achieved": zeros / n if n else 0.0, "elements": n}
 
     def finalize_member(self, name: str, module: nn.Module):
-        if not module.enabled:
+        if not module.enabled or sizes_of(module).shared:
             return None  # an all-ones mask is the identity: drop the node
         return DeployedPositionMask(module.mask)
 
     # the generator state makes a resumed run draw the same maps
     def get_extra_state(self):
         generator = self.generator.get_state()
-        return pack({"generator": generator, "input_size": self.input_size},
-                    like={"generator": generator, "input_size": [-2 ** 63] * 2})
+        return pack({"generator": generator, "input_size": self.input_size, "shared": list(self._shared())},
+                    like={"generator": generator, "input_size": [-2 ** 63] * 2, "shared": list(self.members)})
 
     def set_extra_state(self, state) -> None:
         state = unpack(state)
         self.generator.set_state(state["generator"])
         self.input_size = tuple(state["input_size"]) if state.get("input_size") else None
+        for name in state.get("shared", ()):  # found before the save, perhaps by a forward this run did not repeat
+            if name in self.members:
+                sizes_of(self.members[name]).shared = True
+                self.members[name].enabled = False
 
     # torch.multiprocessing (mp.spawn, Lightning's ddp_spawn) sends tensors as shared memory that
     # the sender must keep alive: a torch.Generator pickles a state tensor made for the occasion,
