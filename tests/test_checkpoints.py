@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from run_folders import cli_error, snapshot
 
 from sparsify.app import checkpoint as ck
 from sparsify.app.checkpoint import CheckpointError
@@ -36,18 +37,6 @@ def copy_run(finished, tmp_path, name="st3"):
     dst = tmp_path / name
     shutil.copytree(finished / name, dst)
     return dst
-
-
-def snapshot(folder) -> dict:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
-
-
-def cli_error(capsys, argv) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
 
 
 def test_checkpoint_is_plain_tensors_with_its_hash_beside_it(finished):

@@ -3,7 +3,6 @@ run leaves, what an edited run folder may not do, Ctrl-C in a run's last moments
 one sample, paths that still hold from another working directory."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -12,6 +11,7 @@ import signal
 
 import pytest
 import torch
+from run_folders import cli_error, snapshot
 
 from sparsify.app import demo as demo_module
 from sparsify.app import train as train_module
@@ -35,18 +35,6 @@ def dense_run(tmp_path_factory):
 def copy_run(run, tmp_path):
     shutil.copytree(run, tmp_path / run.name)
     return tmp_path / run.name
-
-
-def snapshot(folder) -> dict:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
-
-
-def cli_error(capsys, argv) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
 
 
 def test_a_dense_run_writes_its_final_state_dict(dense_run):
