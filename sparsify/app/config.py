@@ -161,7 +161,7 @@ def _load_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict, dict]:
         new.device = cfg.device
     if cfg.compile is not None:  # compiling changes no result: another backend may continue the run
         new.compile = cfg.compile
-    from sparsify.app.cli import check_settings
+    from sparsify.app.settings import check_settings
     try:  # an edited value the command line refuses (threads -1, an unknown backend) crashed, or worse
         check_settings(new)
     except ValueError as e:
