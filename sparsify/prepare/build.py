@@ -32,7 +32,7 @@ from sparsify.prepare.adapters import adapter_reason, is_tuner_layer
 from sparsify.prepare.pretrained import guard_save_pretrained
 from sparsify.prepare.unhandled import frozen_reason, unhandled_entries
 from sparsify.prepare.recipe import Recipe
-from sparsify.prepare.undo import TreeSnapshot
+from sparsify.prepare.undo import TreeSnapshot, mirror_children
 from sparsify.prepare.validate import check_times
 from sparsify.core.state import STATE_ATTR, SparsifyState, after_load, start_groups
 
@@ -160,19 +160,9 @@ def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps:
         snapshot.restore()  # a failed sparsify leaves the caller's model as it was
         raise
     if root is not model and not dry_run:
-        _mirror_children(model, root)
+        mirror_children(model, root)
     return root, plan
 
-
-def _mirror_children(model: nn.Module, root: nn.Module) -> None:
-    """Give ``model`` the layers its traced ``root`` swapped at the top level. The GraphModule holds
-    ``model``'s own submodules, so swaps below the top happened in ``model`` already; without this
-    ``inplace=True`` left the caller's model half rewritten (``layer1[0].conv1`` sparse, ``conv1``
-    not)."""
-    for name, child in list(model.named_children()):
-        new = root._modules.get(name)
-        if isinstance(new, nn.Module) and new is not child:
-            setattr(model, name, new)
 
 
 def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | None, dry_run: bool,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["TreeSnapshot"]
+__all__ = ["TreeSnapshot", "mirror_children"]
 
 _CONTAINERS = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set")
 
@@ -42,3 +42,14 @@ class TreeSnapshot:
                 # the rewrite mutated these containers in place: give them their old content back
                 attrs[key].clear()
                 attrs[key].update(content)
+
+
+def mirror_children(model: nn.Module, root: nn.Module) -> None:
+    """Give ``model`` the layers its traced ``root`` swapped at the top level. The GraphModule holds
+    ``model``'s own submodules, so swaps below the top happened in ``model`` already; without this
+    ``inplace=True`` left the caller's model half rewritten (``layer1[0].conv1`` sparse, ``conv1``
+    not)."""
+    for name, child in list(model.named_children()):
+        new = root._modules.get(name)
+        if isinstance(new, nn.Module) and new is not child:
+            setattr(model, name, new)
