@@ -58,6 +58,9 @@ BAD = [
     ["demo", "--recipes", "st3,nope"],
     ["train", "--compile", "no_such_backend"],
     ["train", "--resume", ""],
+    ["demo", "--recipes", ""],  # ran every recipe
+    ["demo", "--recipes", "st3,"],
+    ["train", "--image-size", "32"],  # digits are 8x8 whatever it says: it was ignored silently
     ["train", "--recipe", "st3", "--set", "end=1" + "0" * 400],
     ["train", "--model", ":factory"],
     ["train", "--model", "json:dumps"],  # a factory that raises (it needs an argument)
@@ -73,6 +76,27 @@ def test_user_errors_are_one_line_and_exit_2(argv, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith(f"sparsify {argv[0]}: error: "), err
     assert not (tmp_path / "out").exists()  # nothing was written
+
+
+@pytest.mark.parametrize("argv", [["train", "--epochs", "x"], ["bogus"], ["plan", "--capture", "nope"]])
+def test_argparse_errors_are_one_line_too(argv, capsys):
+    """argparse printed its usage block first, which buried the message."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error: " in err and err.endswith("--help)"), err
+
+
+def test_recipe_errors_name_every_unknown_key_and_the_overrides(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    path.write_text('{"version": 1, "rules": [{"match": {"type": "Linear"}, "method": "st3"}], "foo": 1, "bar": 2}')
+    assert main(["plan", "--model", "cnn", "--recipe", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'bar'" in err and "unknown key 'foo'" in err, err  # only 'bar' was named
+    assert main(["train", "--recipe", "st3", "--set", "begin=0.6", "--epochs", "1", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("end (0.5 = step 12) is before begin (0.6 = step 14) (begin from the call's overrides)"), err
 
 
 def test_wrong_shaped_example_inputs_fail_at_sparsify_time():

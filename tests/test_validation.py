@@ -107,7 +107,8 @@ def test_time_order_is_checked_before_the_model_is_touched():
     model = torchvision.models.resnet18(num_classes=4)
     with pytest.raises(RecipeError, match=re.escape("$.rules[0].params.end: end (5) is before begin (10)")):
         sparsify.sparsify(model, "st3", begin=10, end=5, fix=None, inplace=True)
-    with pytest.raises(RecipeError, match=re.escape("$.rules[0].params.fix: fix (20) is before end (50)")):
+    with pytest.raises(RecipeError, match=re.escape("$.rules[0].params.fix: fix (0.2 = step 20) is before end (0.5 = step 50) "
+                                                      "(fix from the call's overrides)")):
         sparsify.sparsify(model, "gmp", fix=0.2, total_steps=100)
     with pytest.raises(RecipeError, match=re.escape("$.rules[0].params.fix: fix (3) is before begin (5)")):
         sparsify.sparsify(model, "st3", begin=5, end=10, fix=3)

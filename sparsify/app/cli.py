@@ -58,8 +58,14 @@ def _check_args(args) -> None:
     dense = getattr(args, "recipe", None) in (None, "", "dense")
     if args.command == "train" and getattr(args, "set", None) and dense and not args.resume:
         raise ValueError("--set changes recipe parameters: give the recipe too (--recipe NAME_OR_PATH)")
-    if args.command == "demo" and args.recipes:
+    if args.command == "train" and args.image_size is not None and not args.data.startswith("imagefolder:"):
+        raise ValueError(f"--image-size resizes imagefolder images; --data {args.data} has its own size "
+                         "(digits 8x8, mnist 28x28)")
+    if args.command == "demo" and args.recipes is not None:
         from sparsify.prepare.recipe import builtin_recipes
+        if not all(r.strip() for r in args.recipes.split(",")):
+            raise ValueError(f"--recipes takes comma-separated recipe names, got {args.recipes!r} (leave it out "
+                             "for every built-in recipe)")
         unknown = [r for r in args.recipes.split(",") if r not in builtin_recipes() and r != "dense"]
         if unknown:
             raise ValueError(f"--recipes: unknown recipe {unknown[0]!r}; built-in recipes: "
@@ -152,9 +158,17 @@ def _add_model_args(p: argparse.ArgumentParser, default: str | None, train: bool
     p.add_argument("--width", type=float, default=1.0, help="width multiplier of the built-in models (default 1)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the command's one-line errors: the usage block argparse prints before its
+    message buried the message; ``--help`` still shows it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``sparsify`` command."""
-    parser = argparse.ArgumentParser(prog="sparsify", description="Sparse training for PyTorch models via torch.fx.")
+    parser = _Parser(prog="sparsify", description="Sparse training for PyTorch models via torch.fx.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("recipes", help="list the built-in recipes")
@@ -215,10 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sparsify`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    from sparsify.app.data import DataError
-    from sparsify.app.models import ModelError
-    from sparsify.prepare.recipe import RecipeError
-    from sparsify.core.schedules import ScheduleError
+    try:
+        from sparsify.app.data import DataError
+        from sparsify.app.models import ModelError
+        from sparsify.core.schedules import ScheduleError
+        from sparsify.prepare.recipe import RecipeError
+    except KeyboardInterrupt:  # torch's import takes seconds: a Ctrl-C then is no traceback either
+        print(f"sparsify {args.command}: interrupted", file=sys.stderr)
+        return 130
     # OSError: a folder that cannot be written or read (permissions, a file in the path);
     # OverflowError: a number too large for the field that takes it
     user_errors = (RecipeError, ScheduleError, ModelError, DataError, OSError, ValueError, OverflowError)

@@ -41,6 +41,8 @@ class Recipe:
     source: str
     data: dict
     rules: list[Rule]
+    #: the parameters the call's overrides set (error messages name them)
+    overrides: tuple[str, ...] = ()
 
     @property
     def options(self) -> dict:
@@ -156,17 +158,18 @@ def _validate_schema(data, source: str) -> None:
     if not errors:
         return
     lines = []
-    for err in errors[:5]:
+    for err in errors:
         path = list(err.absolute_path)
-        msg = err.message
-        if err.validator == "additionalProperties":
-            extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
-            if extra:
-                allowed = ", ".join(sorted(err.schema.get("properties", {})))
-                path = path + [extra[0]]
-                msg = f"unknown key {extra[0]!r} (allowed here: {allowed})"
-        lines.append(f"{json_path(path)}: {msg}")
-    raise _invalid(f"{source}: invalid recipe", lines)
+        extra = sorted(set(err.instance) - set(err.schema.get("properties", {}))) \
+            if err.validator == "additionalProperties" else []
+        allowed = ", ".join(sorted(err.schema.get("properties", {})))
+        # every misspelt key at once: fixing them one error message at a time is a slow loop
+        lines += [f"{json_path(path + [key])}: unknown key {key!r} (allowed here: {allowed})" for key in extra] \
+            or [f"{json_path(path)}: {err.message}"]
+    shown = lines[:8]
+    if len(lines) > len(shown):
+        shown.append(f"... ({len(lines) - len(shown)} more)")
+    raise _invalid(f"{source}: invalid recipe", shown)
 
 
 def _resolve_rule(index: int, raw: dict, schedule: dict, source: str) -> Rule:
@@ -236,4 +239,4 @@ def load_recipe(spec, **overrides) -> Recipe:
         raise RecipeError(f"override {', '.join(map(repr, unused))} is not a parameter of this recipe "
                           f"({source}); its parameters: {', '.join(known)}")
     return Recipe(name=data.get("name", Path(source).stem), description=data.get("description", ""),
-                  source=source, data=data, rules=rules)
+                  source=source, data=data, rules=rules, overrides=tuple(sorted(overrides)))

@@ -159,7 +159,7 @@ def check_times(recipe, get_method, total_steps: int | None, *, require: bool = 
     >>> check_times(load_recipe("st3", begin=10, end=5, fix=None), get_method, None)
     Traceback (most recent call last):
     ...
-    sparsify.prepare.validate.RecipeError: built-in:st3: $.rules[0].params.end: end (5) is before begin (10)
+    sparsify.prepare.validate.RecipeError: built-in:st3: $.rules[0].params.end: end (5) is before begin (10) (begin and end from the call's overrides)
     """
     check_total_steps(total_steps)
     source = recipe.source
@@ -183,7 +183,15 @@ def check_times(recipe, get_method, total_steps: int | None, *, require: bool = 
                 continue
             pair = _comparable(p.get(a), steps[a], p.get(b), steps[b])
             if pair is not None and pair[1] < pair[0]:
-                raise RecipeError(f"{source}: {at}.{b}: {b} ({pair[1]}) is before {a} ({pair[0]})")
+                given = [k for k in (a, b) if k in getattr(recipe, "overrides", ())]
+                raise RecipeError(f"{source}: {at}.{b}: {b} ({_when(p.get(b), pair[1])}) is before {a} "
+                                  f"({_when(p.get(a), pair[0])})"
+                                  + (f" ({' and '.join(given)} from the call's overrides)" if given else ""))
+
+
+def _when(raw, step) -> str:
+    """A time as the error shows it: a fraction with the step it resolved to (``0.5 = step 12``)."""
+    return f"{raw} = step {step}" if isinstance(raw, float) and raw != step else f"{step}"
 
 
 
