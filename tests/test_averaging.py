@@ -231,7 +231,7 @@ def test_a_torchvision_model_and_its_synced_average_agree_with_decay_0(recipe):
         assert torch.equal(ema(x), model(x))
 
 
-@pytest.mark.filterwarnings("ignore:sparsify. torch.fx could not trace")  # BERT's root: expected, see docs
+@pytest.mark.filterwarnings("ignore:sparsify. torch.fx could not trace")  # BERT's root, under dual: expected, see docs
 @pytest.mark.parametrize("recipe", ["dual", "st3"])
 def test_a_transformers_model_called_with_labels_and_its_synced_average(recipe):
     pytest.importorskip("transformers", reason="transformers is not installed (the integrations extra has it)")

@@ -218,7 +218,6 @@ def test_huggingface_trainer_callback(tmp_path):
     assert len(rows) == share["rewritten"] + 1 and all(r.weight_sparsity > 0.5 for r in rows)
 
 
-@pytest.mark.filterwarnings("ignore:sparsify. torch.fx could not trace")  # ViT's root: expected, see docs
 def test_huggingface_trainer_without_the_callback_is_told_about_it(tmp_path):
     _require("transformers")
     _require("accelerate")

@@ -49,7 +49,7 @@ def test_detection_backbone_sparsified_through_fallback():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         m = sparsify.sparsify(model, "st3", total_steps=10, example_inputs=([image],))
-    assert len([w for w in caught if "could not trace" in str(w.message)]) == 1  # one summary line
+    assert not [w for w in caught if "could not trace" in str(w.message)]  # a weight recipe loses nothing there
     plan = sparsify.core.state.find_state(m).plan
     assert plan.fallbacks[0]["name"] == ""  # the root
     rewritten = {e.name for e in plan.rewritten}

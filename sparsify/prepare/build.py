@@ -17,7 +17,7 @@ from passes import PassResult, Pipeline
 from passes.hooks import guard_graphs, kept_hooks
 from passes.traced import deepcopy_module, graph_fingerprint
 
-from sparsify.prepare.capture import capture, capture_report, check_capture
+from sparsify.prepare.capture import capture, capture_report, check_capture, swaps_only
 from sparsify.prepare.dense import dense_entries
 from sparsify.prepare.hidden import convert_hidden, hidden_candidates, hidden_positions, hidden_reads, rewire_hidden_reads
 from sparsify.prepare.hidden_positions import unreached, watched_names
@@ -182,7 +182,7 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     plan.capture_notes = list(tr.notes)
     plan.fallbacks = [{"name": f.name, "reason": f.reason, "chosen": f.chosen} for f in tr.fallbacks]
     plan.trace_warnings = list(tr.warnings)
-    summary = tracing_summary(tr.fallbacks, tr.warnings)
+    summary = tracing_summary([] if swaps_only(matcher) else tr.fallbacks, tr.warnings)
     if summary and not dry_run:
         warnings.warn(summary, stacklevel=3)
     members: dict[int, dict[str, nn.Module]] = defaultdict(dict)

@@ -18,7 +18,7 @@ from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.prepare.hidden import needed_paths
 from sparsify.prepare.matching import Candidate, MatchTable, op_name
 
-__all__ = ["CAPTURES", "capture", "fx_capture", "check_capture", "capture_report"]
+__all__ = ["CAPTURES", "capture", "fx_capture", "check_capture", "capture_report", "swaps_only"]
 
 CAPTURES = ("auto", "fx", "export")
 
@@ -200,6 +200,20 @@ def check_capture(value) -> str:
 def _reached(cands: list[Candidate], matcher: MatchTable) -> int:
     """How many sites a rule with a method matches."""
     return sum(1 for c in cands if (w := matcher.winner(c)) is not None and w.method is not None)
+
+
+def swaps_only(matcher: MatchTable) -> bool:
+    """Whether every rule of ``matcher`` only swaps Conv/Linear modules (the weight methods): then
+    module-by-module rewriting reaches every site a graph would, and code torch.fx could not trace
+    loses nothing worth a warning (the plan still lists it).
+
+    >>> from sparsify.prepare.recipe import load_recipe
+    >>> from sparsify.methods import get_method
+    >>> [swaps_only(MatchTable(load_recipe(r).rules, get_method)) for r in ("st3", "dual", "sas")]
+    [True, False, False]
+    """
+    return all(r.method is None or (r.method.site == "module" and not r.method.full_trace
+                                    and not r.method.inserts_after) for r in matcher.rules)
 
 
 def capture(root: nn.Module, matcher: MatchTable, example_inputs=None, mode: str = "auto"):
