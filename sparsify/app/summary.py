@@ -7,6 +7,7 @@ from torch import nn
 
 import sparsify as sp
 from sparsify.core.layers import WEIGHT_TYPES, SparseWeightMixin
+from sparsify.core.modes import kept_modes
 from sparsify.prepare.inputs import positions_per_sample
 
 __all__ = ["evaluate", "weight_sparsity", "summarize", "library_measurement", "dead_inputs", "dead_message"]
@@ -14,13 +15,11 @@ __all__ = ["evaluate", "weight_sparsity", "summarize", "library_measurement", "d
 
 def evaluate(model: nn.Module, batches) -> float:
     """Top-1 accuracy over ``batches`` in eval mode."""
-    was = model.training
-    model.eval()
     correct = total = 0
-    for x, y in batches:
-        correct += int((model(x).argmax(1) == y).sum())
-        total += len(y)
-    model.train(was)
+    with kept_modes(model, training=False):
+        for x, y in batches:
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
     return correct / max(total, 1)
 
 

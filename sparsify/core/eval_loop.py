@@ -9,6 +9,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from sparsify.core.modes import kept_modes
+
 __all__ = ["run_eval", "internal", "in_internal", "samples_in"]
 
 _DEPTH = [0]
@@ -67,18 +69,16 @@ def run_eval(model: nn.Module, batches: Iterable, input_fn: Callable, max_batche
     (7, True)
     """
     samples = 0
-    was_training = model.training
-    model.eval()
     try:
-        for i, batch in enumerate(batches):
-            if max_batches is not None and i >= max_batches:
-                break
-            inputs = input_fn(batch)
-            samples += samples_in(inputs)
-            with internal(), (context() if context is not None else contextlib.nullcontext()):
-                model(*inputs)
+        with kept_modes(model, training=False):
+            for i, batch in enumerate(batches):
+                if max_batches is not None and i >= max_batches:
+                    break
+                inputs = input_fn(batch)
+                samples += samples_in(inputs)
+                with internal(), (context() if context is not None else contextlib.nullcontext()):
+                    model(*inputs)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return samples

@@ -25,6 +25,7 @@ from sparsify.prepare.inputs import guess_example_inputs, positions_per_sample
 from sparsify.prepare.matching import MatchTable
 from sparsify.methods import SparseWeightMixin, get_method
 from sparsify.core.layers import WEIGHT_TYPES
+from sparsify.core.modes import modes_of, restore_modes
 from sparsify.core.contract import GroupContext, Site
 from sparsify.prepare.plan import Plan, PlanEntry
 from sparsify.prepare.tied import param_owners, share_tied, tie_decision
@@ -168,7 +169,7 @@ def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps:
 def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | None, dry_run: bool,
            measured: dict | None, mode: str = "auto", shared: bool = False):
     """:func:`build` on ``root`` (``shared``: its tensors are the caller's model's)."""
-    was_training = root.training
+    modes = modes_of(root)
     root.train()  # both captures record the training forward
     matcher = MatchTable(recipe.rules, get_method)
     tr, cands, first_cands = capture(root, matcher, example_inputs, mode)
@@ -274,7 +275,7 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
             key = e.name[:-len("_weight")] if e.name.endswith(".in_proj_weight") else e.name
             if e.params and key in factors:
                 e.macs = int(round(factors[key] * e.params))
-    root.train(was_training)
+    restore_modes(root, modes)  # a frozen BatchNorm stays frozen (core/modes.py)
     if dry_run:
         return root, plan
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.core.layers import WEIGHT_TYPES
+from sparsify.core.modes import kept_modes
 
 __all__ = ["hidden_positions", "record_read", "recording", "weight_owner", "MHA_IN_PROJ", "MHA_OUT_PROJ", "unreached", "mha_projections", "watched_names", "weight_numel"]
 
@@ -111,17 +112,14 @@ def hidden_positions(root: nn.Module, example_inputs, names: list[str]) -> dict[
     batch = next((x.shape[0] for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0), 1)
     record: dict = {}
     mode = _Watch(layers, batch, record)
-    was_training = root.training
     fast = torch.backends.mha.get_fastpath_enabled()
     try:
-        root.eval()
         torch.backends.mha.set_fastpath_enabled(False)
-        with recording(record), mode:
+        with kept_modes(root, training=False), recording(record), mode:
             root(*example_inputs)
     except Exception:  # MACs are a report nicety; a model that rejects the watch keeps None
         return {}
     finally:
-        root.train(was_training)
         torch.backends.mha.set_fastpath_enabled(fast)
     return mode.out
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.core.extra_state import pack, unpack
+from sparsify.core.modes import kept_modes
 from sparsify.core.schedules import polynomial
 from sparsify.core.contract import Group, GroupContext, Method, Site
 from sparsify.core.registry import register
@@ -82,14 +83,11 @@ class SemiStructuredGroup(Group):
         """One eval forward so every mask learns its conv's output size (masks are identities now)."""
         for m in self.members.values():
             sizes_of(m).forget()
-        was_training = root.training
-        root.eval()
-        try:
-            root(*example_inputs)
-        except Exception:  # sizes are then learned at the first training forward
-            pass
-        finally:
-            root.train(was_training)
+        with kept_modes(root, training=False):
+            try:
+                root(*example_inputs)
+            except Exception:  # sizes are then learned at the first training forward
+                pass
 
     # -- schedule --------------------------------------------------------------------------
     def target(self, step: int) -> float:
