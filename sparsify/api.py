@@ -2,6 +2,8 @@
 ``finalize``, ``param_groups``."""
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 
 import torch
@@ -10,22 +12,24 @@ from torch import nn
 from passes.calls import positional_inputs
 from sparsify.prepare.build import build, check_model
 from sparsify.prepare.capture import check_capture
-from sparsify.deploy.finalize import finalize_model
+from sparsify.deploy.finalize import check_options, finalize_model
 from sparsify.stats.measure import Measurement, measure
 from sparsify.prepare.plan import Plan
 from sparsify.prepare.recipe import load_recipe
-from sparsify.prepare.validate import schedule_warnings
+from sparsify.prepare.validate import check_total_steps, schedule_warnings
 from sparsify.methods import get_method
 from sparsify.stats.report import Report, build_report, silenced_activations
 from sparsify.core.devices import model_device, move_buffers
 from sparsify.core.averaging import sync_sparsity, unsynced_warning
 from sparsify.core.pace import check_bypassed, check_held, check_idle, reset, schedule_unfinished, watch
+from sparsify.core.schedules import plain_number
 from sparsify.core.sharded import full_parameters
-from sparsify.core.state import check_filled, find_state, forget_replaced, refuse_unfilled, unwrap
+from sparsify.core.state import (check_filled, find_state, forget_replaced, refuse_unfilled, remember_sparsified,
+                                  unwrap)
 from sparsify.core.advance import advance
 from sparsify.core.penalty_watch import watch_penalty
 from sparsify.core.diverged import diverged_message, nonfinite_parameters
-from sparsify.core.step_checks import after_step, say_once
+from sparsify.core.step_checks import after_step, as_loss, say_once
 from sparsify.prepare.inputs import check_inputs, state_inputs
 from sparsify.prepare.sharing import SHARED_WARNING, mark_trained, remember_holder, trained_through_earlier
 
@@ -68,6 +72,7 @@ def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int 
     if capture is not None:
         check_capture(capture)
     recipe = load_recipe(recipe, **overrides)
+    total_steps = check_total_steps(total_steps)  # a numpy or tensor integer is stored as a Python int
     example_inputs = positional_inputs(model, example_inputs)
     # wrong shapes fail here, not later in finalize; the same forward gives the MAC factors
     factors = check_inputs(model, example_inputs)
@@ -81,6 +86,7 @@ def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int 
         warnings.warn(SHARED_WARNING, stacklevel=2)
     if not copy:
         remember_holder(root)
+    remember_sparsified(model, root)  # to name them in errors: the model given, a layer of the one returned
     state = find_state(root)  # its groups make their buffers (step, thresholds) on the CPU
     say_once(state, [(m, m) for g in state.groups.values() for m in g.build_warnings()], stacklevel=2)
     move_buffers((state, *state.groups.values()), model_device(root))
@@ -95,7 +101,8 @@ def plan(model: nn.Module, recipe, *, example_inputs=None, total_steps: int | No
          capture: str | None = None, **overrides) -> Plan:
     """Dry run: what ``sparsify`` would rewrite, what stays dense and why, and the parameter and
     MAC shares of the rewritten layers, and which capture (torch.fx, torch.export, module by
-    module) reached each (sub)module (``capture`` as in :func:`sparsify`). The model is not modified.
+    module) reached each (sub)module (``capture`` as in :func:`sparsify`). The model is not modified,
+    so ``plan`` takes :func:`sparsify`'s arguments but ``inplace`` and ``copy``.
 
     >>> import torchvision, sparsify
     >>> p = sparsify.plan(torchvision.models.resnet18(), "st3")
@@ -104,7 +111,12 @@ def plan(model: nn.Module, recipe, *, example_inputs=None, total_steps: int | No
     """
     check_inputs(model, None)
     check_model(model)
+    for key in ("inplace", "copy"):
+        if key in overrides:  # else reported as an unknown recipe parameter
+            raise TypeError(f"sparsify.plan takes no {key}= (a dry run never modifies or copies the model): "
+                            "drop it, and give it to sparsify()")
     recipe = load_recipe(recipe, **overrides)
+    total_steps = check_total_steps(total_steps)
     example_inputs = positional_inputs(model, example_inputs)
     factors = check_inputs(model, example_inputs)
     _, plan_ = build(model, recipe, example_inputs=example_inputs, total_steps=total_steps, dry_run=True,
@@ -115,7 +127,7 @@ def plan(model: nn.Module, recipe, *, example_inputs=None, total_steps: int | No
 def _forget_replaced(model: nn.Module, where: str) -> None:
     """Layers the user replaced after ``sparsify`` leave their groups, said once per model (and a
     model materialized from ``meta`` without its state's values is refused)."""
-    state = find_state(model)
+    state = find_state(model, where=f"sparsify.{where}")
     check_filled(state, where)
     gone = forget_replaced(unwrap(model), state)
     if gone:
@@ -142,7 +154,7 @@ def step(model: nn.Module, loss=None) -> int:
     """Advance the schedules by one optimizer step; call it right after ``optimizer.step()``.
 
     Recomputes thresholds and masks, moves staged recipes forward and forgets recorded
-    penalties. ``loss`` (a float or tensor) is used by methods that track the best step
+    penalties. ``loss`` (a number or a one-element tensor) is used by methods that track the best step
     (semi-structured masks). Returns the new step count.
 
     >>> import torch, sparsify
@@ -152,11 +164,7 @@ def step(model: nn.Module, loss=None) -> int:
     """
     _forget_replaced(model, "step")
     state = find_state(model)
-    if loss is not None and isinstance(loss, torch.Tensor):
-        if loss.numel() != 1:
-            raise ValueError(f"sparsify.step: loss is the step's training loss, one number; got a tensor of shape "
-                             f"{tuple(loss.shape)} (per-sample losses? pass loss.mean())")
-        loss = float(loss.detach())
+    loss = as_loss(loss)
     if not state.stepped_here:  # a later sparsify() of these weights says they were trained
         state.stepped_here = True
         mark_trained(unwrap(model))
@@ -193,6 +201,8 @@ def sync(averaged: nn.Module, model: nn.Module) -> nn.Module:
     >>> bool(torch.equal(sparsify.sync(ema, m).module[0].mask, m[0].mask))
     True
     """
+    find_state(averaged, where="sparsify.sync", what="averaged")
+    find_state(model, where="sparsify.sync")
     sync_sparsity(averaged, model)
     return averaged
 
@@ -207,7 +217,7 @@ def penalty(model: nn.Module):
     >>> sparsify.penalty(m)
     0.0
     """
-    state = find_state(model)
+    state = find_state(model, where="sparsify.penalty")
     terms = [p for g in state.groups.values() if (p := g.penalty()) is not None]
     if not terms:
         return 0.0
@@ -268,6 +278,7 @@ def finalize(model: nn.Module, example_inputs=None, *, check: bool = True, rtol:
     cast the plain model first. The result's ``semi_structured`` attribute says what each Linear
     got. See docs/gpu.md.
     """
+    check_options(check, rtol, atol, accelerate, semi_structured)
     if accelerate and semi_structured:
         raise ValueError("finalize: accelerate (CPU inference) and semi_structured (CUDA inference) "
                          "exclude each other: pass one")
@@ -298,16 +309,18 @@ def param_groups(model: nn.Module, weight_decay: float = 0.0, *, no_decay: tuple
                  **options) -> list[dict]:
     """Optimizer parameter groups that give each method what it needs.
 
-    Every parameter gets ``weight_decay`` except names ending with one of ``no_decay`` (e.g.
-    ``("bias", "bn")``-style suffixes); methods may add groups of their own (STR's thresholds
-    must be decayed to sparsify). ``options`` (``lr=...``) go into every group.
+    Every parameter gets ``weight_decay`` (a number >= 0) except names ending with one of
+    ``no_decay`` (name suffixes such as ``("bias", "bn")``; one suffix may be given as a string,
+    ``no_decay="bias"``); methods may add groups of their own (STR's thresholds must be decayed to
+    sparsify). ``options`` (``lr=...``) go into every group.
 
     >>> import torch, sparsify
     >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), "st3", begin=0, end=0, fix=None)
     >>> [g["weight_decay"] for g in sparsify.param_groups(m, 1e-4)]
     [0.0001]
     """
-    state = find_state(model)
+    state = find_state(model, where="sparsify.param_groups")
+    weight_decay, no_decay = _decay_arguments(weight_decay, no_decay)
     root = unwrap(model)
     claimed = {}
     groups = []
@@ -329,3 +342,24 @@ def param_groups(model: nn.Module, weight_decay: float = 0.0, *, no_decay: tuple
     if plain:
         base.append({"params": plain, "weight_decay": 0.0, **options})
     return base + groups
+
+
+def _decay_arguments(weight_decay, no_decay) -> tuple[float, tuple[str, ...]]:
+    """``param_groups``' ``weight_decay`` as a float and ``no_decay`` as a tuple of suffixes."""
+    weight_decay = plain_number(weight_decay)
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real):
+        raise TypeError(f"sparsify.param_groups: weight_decay must be a number >= 0, got {type(weight_decay).__name__}")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"sparsify.param_groups: weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    # a bare string would be split into its letters by tuple(), each letter a suffix
+    suffixes = (no_decay,) if isinstance(no_decay, str) else no_decay
+    try:
+        suffixes = tuple(suffixes)
+    except TypeError:
+        suffixes = None
+    if suffixes is None or not all(isinstance(x, str) for x in suffixes):
+        bad = type(no_decay).__name__ if suffixes is None else \
+            f"{type(no_decay).__name__} holding {type(next(x for x in suffixes if not isinstance(x, str))).__name__}"
+        raise TypeError(f"sparsify.param_groups: no_decay must be a name suffix or a tuple of them "
+                        f"(\"bias\" or (\"bias\", \"bn\")), got {bad}")
+    return float(weight_decay), suffixes

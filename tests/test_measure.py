@@ -101,7 +101,7 @@ def test_semi_structured_masks_reduce_counted_macs_by_the_dropped_positions():
 
 def test_bad_batches_say_what_to_do():
     net = nn.Sequential(nn.Linear(2, 2))
-    with pytest.raises(TypeError, match="input_fn"):
+    with pytest.raises(ValueError, match="keys x name no parameter of Sequential.forward.*input_fn"):
         sparsify.measure(net, [{"x": torch.zeros(1, 2)}])
     r = sparsify.measure(net, [{"x": torch.zeros(3, 2)}], input_fn=lambda b: (b["x"],))
     assert r.samples == 3 and r.mult_macs == 0 and r.dense_macs == 4

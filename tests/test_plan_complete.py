@@ -165,3 +165,25 @@ def test_a_later_rule_whose_method_declines_what_an_earlier_one_takes_is_said():
         sparsify.sparsify(torchvision.models.mobilenet_v3_small(num_classes=10), "sas", total_steps=10,
                           example_inputs=x)
         assert not [w for w in caught if "declines" in str(w.message)]
+
+
+def test_weights_a_fused_kernel_reads_are_warned_when_they_weigh():
+    """An LSTM (41% of timm's sequencer2d) and separate q/k/v projections stayed dense with no
+    word at sparsify(), unlike fused experts and frozen layers."""
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.lstm = nn.Linear(8, 32), nn.LSTM(32, 32, batch_first=True)
+            self.mha = nn.MultiheadAttention(32, 2, kdim=8, vdim=8, batch_first=True)
+            self.head = nn.Linear(32, 4)
+
+        def forward(self, x):
+            h, _ = self.lstm(self.fc(x))
+            return self.head(self.mha(h, x, x)[0].mean(1))
+
+    with pytest.warns(UserWarning, match=r"2 module\(s\) whose weights a fused kernel reads stay dense, 87% of the "
+                                         r"model's weight parameters \(first: lstm, LSTM\)"):
+        sparsify.sparsify(Seq(), "st3", example_inputs=(torch.randn(2, 5, 8),), total_steps=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a small GRU beside big layers is not worth a line
+        sparsify.sparsify(nn.Sequential(nn.Linear(64, 64), nn.GRU(64, 1)), "st3", total_steps=4)

@@ -57,6 +57,6 @@ def dead_outputs_message(where: str, dead: list[tuple[str, list[int], int]]) -> 
     for name, rows, n in dead:
         shown = ", ".join(map(str, rows[:8])) + (" ..." if len(rows) > 8 else "")
         parts.append(f"{name}: every weight of {len(rows)} of its {n} outputs pruned (rows {shown})")
-    return (f"{where}: {'; '.join(parts)}: those outputs are the bias alone, the same for every input (a "
-            "classifier's classes it can no longer tell apart); leave the last layer dense with a rule "
+    return (f"{where}: {'; '.join(parts)}: those outputs are the same for every input (the bias, or 0 without "
+            "one: classes or tokens the model can no longer tell apart); leave the last layer dense with a rule "
             '({"match": {"last": true}, "method": null})')

@@ -5,8 +5,11 @@ Times in a recipe are either whole step counts or fractions in (0, 1) of ``total
 from __future__ import annotations
 
 import math
+import numbers
 
-__all__ = ["resolve_time", "cubic", "polynomial", "constant", "ScheduleError"]
+import torch
+
+__all__ = ["resolve_time", "cubic", "polynomial", "constant", "ScheduleError", "plain_number"]
 
 
 class ScheduleError(ValueError):
@@ -19,6 +22,30 @@ class ScheduleError(ValueError):
     ...     print(str(e)[:72])
     $.rules[0].params.begin=0.05 is a fraction of the training length: pass
     """
+
+
+def plain_number(value):
+    """``value`` as a Python ``int`` / ``float`` when it is a number of another kind (numpy's
+    ``int64`` / ``float32``, a 0-dim torch tensor), so that every check and the JSON a recipe is
+    stored as see one kind; lists and tuples item by item; anything else (bools included) as it is.
+
+    >>> import numpy as np, torch
+    >>> plain_number(np.int64(10)), plain_number(torch.tensor(0.5)), plain_number([np.float32(0.25)])
+    (10, 0.5, [0.25])
+    """
+    if isinstance(value, bool) or type(value) in (int, float):
+        return value
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_number(v) for v in value)
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.dtype.is_complex:
+        value = value.item()
+    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")):
+        return bool(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 def resolve_time(value, total_steps: int | None, *, what: str = "time") -> int:
@@ -34,6 +61,7 @@ def resolve_time(value, total_steps: int | None, *, what: str = "time") -> int:
     """
     if value is None:
         return None
+    value = plain_number(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
             isinstance(value, float) and math.isnan(value)):
         raise ScheduleError(f"{what} must be a step count >= 0 or a fraction in (0, 1), got {value!r}")

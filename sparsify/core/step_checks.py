@@ -6,8 +6,10 @@ The pace checks that run before the step (:mod:`sparsify.core.pace`) feed the sa
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
+import torch
 from torch import nn
 
 from sparsify.core.dead_outputs import dead_outputs, dead_outputs_message
@@ -15,7 +17,32 @@ from sparsify.core.diverged import check_due, diverged_message, nonfinite_parame
 from sparsify.core.penalty_watch import unreached_penalty
 from sparsify.core.state import SparsifyState
 
-__all__ = ["after_step", "say_once"]
+__all__ = ["after_step", "as_loss", "say_once"]
+
+
+def as_loss(loss) -> float | None:
+    """``sparsify.step``'s ``loss`` as a float (None stays None): a number or a one-element tensor.
+
+    >>> as_loss(torch.tensor([2.5])), as_loss(None)
+    (2.5, None)
+    >>> as_loss("1.0")
+    Traceback (most recent call last):
+    ...
+    TypeError: sparsify.step: loss must be a number or a one-element tensor, got str
+    """
+    if loss is None:
+        return None
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise ValueError(f"sparsify.step: loss is the step's training loss, one number; got a tensor of shape "
+                             f"{tuple(loss.shape)} (per-sample losses? pass loss.mean())")
+        if loss.dtype == torch.bool or loss.is_complex():
+            raise TypeError(f"sparsify.step: loss must be a number or a one-element tensor, got a {loss.dtype} tensor")
+        return float(loss.detach())
+    # bool is a number to Python, but True as a loss is a mistake (a flag passed for the loss)
+    if isinstance(loss, bool) or not isinstance(loss, numbers.Real):
+        raise TypeError(f"sparsify.step: loss must be a number or a one-element tensor, got {type(loss).__name__}")
+    return float(loss)
 
 
 def after_step(state: SparsifyState, root: nn.Module, t: int, loss: float | None) -> list[tuple[str, str]]:

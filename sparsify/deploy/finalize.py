@@ -1,6 +1,9 @@
 """``sparsify.finalize``: plain torch modules for deployment, checked against the sparse model."""
 from __future__ import annotations
 
+import inspect
+import math
+import numbers
 import warnings
 
 import torch
@@ -12,17 +15,19 @@ from passes.hooks import kept_hooks, remove_hooks, unguard_called
 from passes.traced import deepcopy_module, graph_fingerprint, untraced
 
 from sparsify.deploy.compare import outputs_close
-from sparsify.prepare.inputs import state_inputs
+from passes.calls import input_tuple
+from sparsify.prepare.inputs import FIT_HINT, describe_inputs, misfit_error, state_inputs
 from sparsify.prepare.pretrained import guard_foreign_layout, unguard_save_pretrained
 from sparsify.core.registry import get_method
 from sparsify.core.dead_outputs import dead_outputs, dead_outputs_message
 from sparsify.core.diverged import diverged_message, nonfinite_parameters
-from sparsify.core.eval_loop import internal
+from sparsify.core.eval_loop import internal, samples_in
+from sparsify.core.modes import kept_modes
 from sparsify.core.sharded import sharded_modules
 from sparsify.core.state import STATE_ATTR, SparsifyState, after_load, find_state, refuse_unfilled, unwrap
 from sparsify.core.tied import TiedUse, plain_tied
 
-__all__ = ["FinalizeError", "FinalizeWarning", "finalize_model"]
+__all__ = ["FinalizeError", "FinalizeWarning", "finalize_model", "check_options"]
 
 
 class FinalizeError(RuntimeError):
@@ -49,6 +54,39 @@ class FinalizeWarning(UserWarning):
     """
 
 
+def check_options(check, rtol, atol, accelerate, semi_structured) -> None:
+    """One-line errors for :func:`sparsify.finalize`'s options: a string or number where a flag
+    goes would count as true, and a negative or NaN tolerance fails inside ``torch.allclose``.
+
+    >>> check_options("no", 1e-4, 1e-5, False, False)
+    Traceback (most recent call last):
+    TypeError: finalize: check is True or False; got 'no'
+    >>> check_options(True, -1, 1e-5, False, False)
+    Traceback (most recent call last):
+    ValueError: finalize: rtol is a tolerance, a finite number >= 0; got -1
+    """
+    if not isinstance(check, bool):
+        raise TypeError(f"finalize: check is True or False; got {check!r}")
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"finalize: {name} is a tolerance, a finite number >= 0; got {type(value).__name__} "
+                            f"{value!r}")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"finalize: {name} is a tolerance, a finite number >= 0; got {value!r}")
+    if not isinstance(accelerate, (bool, dict)):
+        raise TypeError(f"finalize: accelerate is True, False or a dict of options for "
+                        f"sparsify.deploy.accelerate.accelerate; got {type(accelerate).__name__} {accelerate!r}")
+    if isinstance(accelerate, dict):
+        from sparsify.deploy.accelerate import accelerate as fn
+        takes = [p.name for p in inspect.signature(fn).parameters.values() if p.kind == p.KEYWORD_ONLY]
+        if unknown := [k for k in accelerate if k not in takes]:
+            raise TypeError(f"finalize: accelerate has no option {unknown[0]!r} (a dict of options for "
+                            f"sparsify.deploy.accelerate.accelerate, which takes {', '.join(takes)})")
+    if not isinstance(semi_structured, (bool, torch.dtype)):
+        raise TypeError(f"finalize: semi_structured is True, False or a torch.dtype (torch.float16, "
+                        f"torch.bfloat16); got {type(semi_structured).__name__} {semi_structured!r}")
+
+
 def _remove_node(root: nn.Module, graph_paths: list[str], qualname: str) -> bool:
     """Drop the call of module ``qualname`` from its graph: its users read its input instead."""
     for prefix in graph_paths:
@@ -71,6 +109,9 @@ def _remove_node(root: nn.Module, graph_paths: list[str], qualname: str) -> bool
 def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
                    rtol: float = 1e-4, atol: float = 1e-5, plain_classes: bool = True) -> nn.Module:
     """See :func:`sparsify.finalize`. ``plain_classes``: see :func:`_untrace`."""
+    if example_inputs is not None and samples_in(given := input_tuple(example_inputs)) == 0:
+        raise ValueError(f"finalize: example_inputs hold 0 samples (shapes {describe_inputs(given)}): the check "
+                         "would compare nothing; pass at least one, batch first")
     state: SparsifyState = find_state(model)
     source = unwrap(model)
     if sharded_modules(source.modules()):
@@ -131,15 +172,17 @@ def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
     if not isinstance(inputs, (tuple, list)):
         inputs = (inputs,)
     _warn_training_only_graphs(source)
-    was_training = source.training
-    source.eval()
-    try:
+    # a BatchNorm the user froze stays frozen (core/modes.py)
+    with kept_modes(source, training=False):
         # both from one random state: a model that draws in eval too (MC dropout, augmentation
         # layers) draws the same numbers in each
         with kept_state(source), internal():
-            expected = source(*inputs)
-    finally:
-        source.train(was_training)
+            try:
+                expected = source(*inputs)
+            except Exception as e:
+                if example_inputs is None:  # sparsify() ran them: the model fails on its own
+                    raise
+                raise misfit_error("finalize: example_inputs", source, inputs, e, FIT_HINT) from None
     with kept_state(final):
         got = final(*inputs)
     ok, worst = outputs_close(expected, got, rtol, atol)
@@ -201,12 +244,8 @@ def _explain_difference(source: nn.Module, final: nn.Module, inputs, worst: floa
     Accepted, with a warning, when it starts only in code finalize did not change (a detector's
     top-k/NMS over near-equal scores amplifying rounding); else a FinalizeError naming them."""
     from sparsify.deploy.divergence import locate_divergence
-    was_training = source.training
-    source.eval()
-    try:
+    with kept_modes(source, training=False):
         d = locate_divergence(source, final, inputs, rtol, atol)
-    finally:
-        source.train(was_training)
     where = ", ".join(f"{n or '<root>'} ({r:.3g})" for n, r in d.own[:3]) + (" ..." if len(d.own) > 3 else "")
     message = (f"the finalized model's output differs from the sparse model's eval output (largest "
                f"relative difference {worst:.3g}; rtol={rtol}, atol={atol})")

@@ -45,8 +45,8 @@ def fsdp_units(model: nn.Module) -> list[list[nn.Module]]:
     >>> len(units), [type(x).__name__ for x in units[0]][:3]
     (11, ['MagnitudeConv2d', 'BatchNorm2d', 'MagnitudeConv2d'])
     """
+    state = find_state(model, where="fsdp_units")
     root = unwrap(model)
-    state = find_state(root)
     graphs = set(state.graph_paths)
     named = dict(root.named_modules())
     units: dict[str, list[nn.Module]] = {}
@@ -75,8 +75,8 @@ def state_fingerprint(model: nn.Module) -> str:
     """A hash of everything that decides which weights/activations are zero: every sparsify
     buffer (masks, thresholds, score maps, step) and the effective weight of every sparse layer
     (under FSDP2 a collective: the sharded weights are gathered for it)."""
+    state = find_state(model, where="state_fingerprint")
     root = unwrap(model)
-    state = find_state(root)
     sparse = [m for m in root.modules() if isinstance(m, SparseWeightMixin)]
     with full_parameters([*state.groups.values(), *sparse]):
         return _fingerprint(root, state, sparse)
@@ -100,6 +100,7 @@ def _fingerprint(root: nn.Module, state, sparse: list[nn.Module]) -> str:
 def assert_synchronized(model: nn.Module) -> None:
     """Raise on every rank if the sparsify state differs between ranks (no-op without a process
     group). Costs one all-gather of a 64-character string."""
+    find_state(model, where="assert_synchronized")  # a wrong argument fails in a test run on one process too
     if not is_distributed():
         return
     mine = state_fingerprint(model)

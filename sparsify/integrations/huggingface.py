@@ -27,7 +27,7 @@ __all__ = ["SparsifyTrainerCallback", "linear_share", "penalty_share", "step_los
 def linear_share(model: nn.Module) -> dict:
     """How many ``nn.Linear`` layers (and transformers ``Conv1D``, GPT-2's transposed Linears) of a
     sparsified model were rewritten, by the plan."""
-    plan = find_state(model).plan
+    plan = find_state(model, where="linear_share").plan
     lin = [e for e in plan.entries if e.kind.endswith("Linear") or e.kind == "Conv1D"]
     done = [e for e in lin if e.method is not None]
     return {"linear": len(lin), "rewritten": len(done),
@@ -139,7 +139,7 @@ class SparsifyTrainerCallback(TrainerCallback):
         self._losses: list = []
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        find_state(model).in_trainer = True  # (a clear error when the model was not sparsified)
+        find_state(model, where="SparsifyTrainerCallback").in_trainer = True  # (a clear error when not sparsified)
         if state.max_steps and (short := schedule_short(model, state.max_steps)):
             warnings.warn(short + " (SparsifyTrainerCallback: TrainingArguments give the run's length)", stacklevel=2)
         if self._hook is None:

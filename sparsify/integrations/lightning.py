@@ -18,6 +18,7 @@ that, the averaged masks (the union of all masks so far) are what validation run
 """
 from __future__ import annotations
 
+import difflib
 import math
 import warnings
 
@@ -29,12 +30,18 @@ import sparsify
 from sparsify.core.layers import drop_all_caches
 from sparsify.core.pace import schedule_short
 from sparsify.core.state import find_state
+from sparsify.prepare.capture import check_capture
+from sparsify.prepare.recipe import CALL_KEYWORDS, load_recipe
+from sparsify.prepare.validate import check_total_steps
 
 __all__ = ["SparsifyCallback", "sparsified_modules", "averaging_callbacks"]
 
 
 def sparsified_modules(module: nn.Module) -> list[nn.Module]:
     """The outermost submodules of ``module`` (itself included) made by ``sparsify.sparsify``."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"sparsified_modules: module must be an nn.Module (the LightningModule, or a network in it), "
+                        f"got {type(module).__name__}")
     found, skip = [], set()
     for name, m in module.named_modules():
         if any(name.startswith(s + ".") for s in skip):
@@ -68,6 +75,9 @@ def _averaged(callback) -> nn.Module | None:
     return getattr(callback, "_average_model", None)
 
 
+_MISSING = object()
+
+
 class SparsifyCallback(pl.Callback):
     """Penalty in the loss, ``sparsify.step`` after each optimizer step (gradient accumulation
     respected: it follows ``trainer.global_step``)."""
@@ -76,12 +86,23 @@ class SparsifyCallback(pl.Callback):
         super().__init__()
         if (recipe is None) != (attr is None):
             raise ValueError("give both recipe and attr (the LightningModule attribute to sparsify), or neither")
+        if recipe is None and sparsify_kwargs:  # they would be ignored: nothing is sparsified here
+            raise TypeError(f"SparsifyCallback: {', '.join(sorted(sparsify_kwargs))} given without recipe and attr: "
+                            "sparsify()'s arguments are for the module the callback sparsifies itself")
+        if recipe is not None:  # checked here: a wrong argument would otherwise surface only inside fit
+            if not (isinstance(attr, str) and attr.isidentifier()):
+                raise TypeError(f"SparsifyCallback: attr must be the name of the LightningModule attribute to "
+                                f"sparsify (a str such as 'net'), got {attr!r}")
+            load_recipe(recipe, **{k: v for k, v in sparsify_kwargs.items() if k not in CALL_KEYWORDS})
+            check_total_steps(sparsify_kwargs.get("total_steps"))
+            if sparsify_kwargs.get("capture") is not None:
+                check_capture(sparsify_kwargs["capture"])
         self.recipe, self.attr, self.kwargs = recipe, attr, sparsify_kwargs
         self._last_step = None
 
     def setup(self, trainer, pl_module, stage=None):
         if self.recipe is not None and stage in (None, "fit") and \
-                find_state(getattr(pl_module, self.attr), required=False) is None:
+                find_state(self._target(pl_module), required=False) is None:
             launcher = getattr(trainer.strategy, "launcher", None)
             if hasattr(launcher, "_recover_results_in_main_process"):
                 # spawned or forked processes: the module of the process that called fit stays
@@ -123,6 +144,19 @@ class SparsifyCallback(pl.Callback):
                 return out + penalty
             pl_module.training_step = training_step
             pl_module._sparsify_penalty_wrapped = True
+
+    def _target(self, pl_module) -> nn.Module:
+        """``pl_module.<attr>``, or an error naming the attribute and what the module holds."""
+        where = f"SparsifyCallback(attr={self.attr!r})"
+        target = getattr(pl_module, self.attr, _MISSING)
+        if target is _MISSING:
+            close = difflib.get_close_matches(self.attr, [n for n, _ in pl_module.named_children()], n=1)
+            raise AttributeError(f"{where}: {type(pl_module).__name__} has no attribute {self.attr!r}"
+                                 + (f"; did you mean {close[0]!r}?" if close else ""))
+        if not isinstance(target, nn.Module):
+            raise TypeError(f"{where}: {type(pl_module).__name__}.{self.attr} is {type(target).__name__}, not the "
+                            "nn.Module to sparsify")
+        return target
 
     def _sync_averages(self, trainer, pl_module) -> None:
         """Give every averaged copy the training model's sparsity (after an update of it, and before

@@ -174,6 +174,9 @@ class L1PruneParams(Params):
         if self.sigma and self.threshold is not None:
             return [("sigma", "scales the global threshold that 'sparsity' sets; with an absolute 'threshold' it "
                               "does nothing: set 'threshold' to null or 'sigma' to false")]
+        if self.end is None and self.stage is None and self.prune_at != 0:  # else the group refuses it, pathless
+            return [("prune_at", "is a fraction of the active range, which has no end (end is null): set end, a "
+                                 "stage with an end, or prune_at 0 (prune at begin)")]
         return density_problems(self.sparsity, self.min_density) if self.threshold is None else []
 
 

@@ -19,6 +19,7 @@ from passes.traced import deepcopy_module, graph_fingerprint
 
 from sparsify.prepare.capture import capture, capture_report, check_capture, swaps_only
 from sparsify.prepare.dense import dense_entries
+from sparsify.prepare.direct_reads import direct_reads, direct_warning
 from sparsify.prepare.hidden import convert_hidden, hidden_candidates, hidden_positions, hidden_reads, rewire_hidden_reads
 from sparsify.prepare.hidden_positions import unreached, watched_names
 from sparsify.prepare.inputs import guess_example_inputs, positions_per_sample
@@ -195,6 +196,9 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     if not dry_run:
         changes_by_graph[""].extend(convert_hidden(root, swaps, [c.name for c in hidden]))
     refused = _refused_multi_calls(cands, matcher, root)
+    unseen = {c.name for c in cands if measured is not None and c.name not in measured and c not in hidden
+              and isinstance(c.module, WEIGHT_TYPES) and getattr(matcher.winner(c), "method", None) is not None}
+    direct = direct_reads(root, sorted(unseen), example_inputs)  # Mamba's dt_proj.weight @ x
     owners = param_owners(root)
     tied_users: dict[str, str] = {}  # module -> the rewritten layer whose weight it reads
     for c in cands + hidden:
@@ -206,7 +210,7 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
         if why and not dry_run and c.name not in plan_warned:
             plan_warned.add(c.name)
             warnings.warn(f"sparsify: {c.name} stays dense: {why}", stacklevel=3)
-        why = why or w.method.accepts(site)
+        why = why or direct.get(c.name) or w.method.accepts(site)
         # declined here, though an earlier rule's method would take it: it stays dense, said (Plan.shadowed)
         if why and (earlier := _taken_before(matcher, c, root)) is not None:
             plan.shadowed.append({"name": c.name, "rule": w.rule.index, "earlier": earlier, "reason": why})
@@ -229,6 +233,8 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
             share_tied(root, c.name, users)
             members[w.rule.index].update(site.members)
             changes_by_graph[c.prefix].extend(site.changes)
+    if direct and not dry_run:
+        warnings.warn(direct_warning(direct), stacklevel=3)
     if not dry_run:
         for prefix, ch in rewire_hidden_reads(tr.graphs, rewritten).items():
             changes_by_graph[prefix].extend(ch)

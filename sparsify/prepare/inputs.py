@@ -2,18 +2,25 @@
 positions per sample of every Conv/Linear layer, i.e. MACs per weight element)."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from passes.calls import input_tuple
+from passes.calls import input_tuple, whole_dict_note
 from sparsify.core.conv1d import CONV_TRANSPOSE_TYPES, in_features_of, out_features_of
 from sparsify.core.eval_loop import run_eval, samples_in
 from sparsify.core.layers import WEIGHT_TYPES
+from sparsify.core.modes import kept_modes
 from sparsify.core.state import SparsifyState
 
-__all__ = ["positions_per_sample", "guess_example_inputs", "state_inputs", "check_inputs"]
+__all__ = ["positions_per_sample", "guess_example_inputs", "state_inputs", "check_inputs", "describe_inputs",
+           "misfit_error", "FIT_HINT"]
+
+#: what to do about example inputs a forward rejects
+FIT_HINT = ("pass what the model's forward takes, batch first (e.g. example_inputs=(torch.zeros(1, 3, 224, 224),) "
+            "for an image model)")
 
 
 @torch.no_grad()
@@ -62,16 +69,12 @@ def guess_example_inputs(model: nn.Module) -> tuple | None:
     else:
         shape = (1, in_features_of(first))
     x = (torch.zeros(shape, device=first.weight.device, dtype=first.weight.dtype),)
-    was_training = model.training
     try:
-        with torch.no_grad():
-            model.eval()
+        with torch.no_grad(), kept_modes(model, training=False):  # a frozen BatchNorm stays frozen
             model(*x)
         return x
     except Exception:
         return None
-    finally:
-        model.train(was_training)
 
 
 def state_inputs(state: SparsifyState, root: nn.Module):
@@ -84,17 +87,45 @@ def state_inputs(state: SparsifyState, root: nn.Module):
     return state.example_inputs
 
 
+def describe_inputs(inputs) -> str:
+    """One call's positional ``inputs`` for an error message: shapes and dtypes.
+
+    >>> describe_inputs((torch.zeros(2, 5), {"ids": torch.zeros(2, dtype=torch.long)}, [torch.zeros(3)], None))
+    '(2, 5) float32, {ids: (2,) int64}, [(3,) float32], NoneType'
+    """
+    def one(x):
+        if isinstance(x, torch.Tensor):
+            return f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
+        if isinstance(x, Mapping):
+            return "{" + ", ".join(f"{k}: {one(v)}" for k, v in list(x.items())[:6]) + (", ...}" if len(x) > 6 else "}")
+        if isinstance(x, (list, tuple)) and x:
+            return "[" + ", ".join(one(v) for v in x[:3]) + (", ...]" if len(x) > 3 else "]")
+        return type(x).__name__
+    return ", ".join(one(x) for x in inputs)
+
+
+def misfit_error(what: str, model: nn.Module, inputs: tuple, error: Exception, hint: str) -> ValueError:
+    """The one-line error for ``inputs`` (``what``: the argument that gave them) on which the
+    model's first forward raised ``error``: their shapes and dtypes, the error's first line, ``hint``."""
+    first = (str(error).strip().splitlines() or [""])[0][:200]
+    return ValueError(f"{what} do not fit the model: shapes {describe_inputs(inputs)}{whole_dict_note(model, inputs)} "
+                      f"raise {type(error).__name__}: {first}; {hint}")
+
+
 def check_inputs(model: nn.Module, example_inputs) -> dict[str, float] | None:
     """Say now, in one line, what would otherwise fail later (in ``finalize`` or a MAC count): a
-    TorchScript model, or ``example_inputs`` the model cannot run on. The one eval forward that
-    checks them also measures :func:`positions_per_sample`, returned for the MAC counts (so a
-    later ``report`` needs no forward of its own); ``None`` without example inputs.
+    TorchScript model, or ``example_inputs`` the model cannot run on (or that hold no sample). The
+    one eval forward that checks them also measures :func:`positions_per_sample`, returned for the
+    MAC counts (so a later ``report`` needs no forward of its own); ``None`` without example inputs.
 
     >>> check_inputs(nn.Linear(4, 2), (torch.zeros(1, 3),))
     Traceback (most recent call last):
-    ValueError: example_inputs do not fit the model: shapes (1, 3) raise RuntimeError: mat1 and mat2 shapes cannot be multiplied (1x3 and 4x2); pass what the model's forward takes, batch first (e.g. example_inputs=(torch.zeros(1, 3, 224, 224),) for an image model)
+    ValueError: example_inputs do not fit the model: shapes (1, 3) float32 raise RuntimeError: mat1 and mat2 shapes cannot be multiplied (1x3 and 4x2); pass what the model's forward takes, batch first (e.g. example_inputs=(torch.zeros(1, 3, 224, 224),) for an image model)
     >>> check_inputs(nn.Linear(4, 2), (torch.zeros(1, 4),))
     {'': 1.0}
+    >>> check_inputs(nn.Linear(4, 2), (torch.zeros(0, 4),))
+    Traceback (most recent call last):
+    ValueError: example_inputs hold 0 samples (shapes (0, 4) float32): pass at least one, batch first
     """
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError("sparsify takes a Python nn.Module, not a TorchScript module (torch.jit.script/trace "
@@ -103,11 +134,10 @@ def check_inputs(model: nn.Module, example_inputs) -> dict[str, float] | None:
     if example_inputs is None:
         return None
     inputs = input_tuple(example_inputs)
+    if samples_in(inputs) == 0:  # MACs per sample would divide by it
+        raise ValueError(f"example_inputs hold 0 samples (shapes {describe_inputs(inputs)}): pass at least one, "
+                         "batch first")
     try:
         return positions_per_sample(model, inputs)
     except Exception as e:
-        shapes = ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs)
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ValueError(f"example_inputs do not fit the model: shapes {shapes} raise {type(e).__name__}: {first}; "
-                         "pass what the model's forward takes, batch first (e.g. "
-                         "example_inputs=(torch.zeros(1, 3, 224, 224),) for an image model)") from None
+        raise misfit_error("example_inputs", model, inputs, e, FIT_HINT) from None

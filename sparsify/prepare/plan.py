@@ -7,12 +7,15 @@ from dataclasses import asdict, dataclass, field
 from sparsify.core.subclasses import COMPUTED_WEIGHT, OWN_FORWARD
 from sparsify.prepare.adapters import ADAPTER
 
-__all__ = ["PlanEntry", "Plan", "STACKED", "FROZEN"]
+__all__ = ["PlanEntry", "Plan", "STACKED", "FROZEN", "OWN_KERNEL"]
 
 #: how the plan's reason for a stacked weight tensor (fused MoE experts) begins
 STACKED = "stacked weight matrices"
 #: how the plan's reason for a layer left dense because it is frozen begins (prepare.unhandled)
 FROZEN = "frozen (requires_grad=False)"
+#: what the plan's reason for weights a fused kernel reads (LSTM, GRU, Bilinear, separate q/k/v
+#: projections) says (prepare.unhandled)
+OWN_KERNEL = "read by its own kernel"
 
 
 @dataclass
@@ -97,6 +100,11 @@ class Plan:
             out.append(f"sparsify: {len(frozen)} frozen layer(s) (requires_grad=False) that the recipe matched "
                        f"stay dense, {share:.0%} of the model's weight parameters (first: {frozen[0].name}); "
                        '"options": {"frozen": "include"} in the recipe sparsifies them too (see sparsify.plan)')
+        fused = [e for e in self.dense if OWN_KERNEL in e.reason]
+        if fused and sum(e.params for e in fused) >= 0.05 * total:  # an LSTM is 41% of timm's sequencer2d
+            out.append(f"sparsify: {len(fused)} module(s) whose weights a fused kernel reads stay dense, "
+                       f"{sum(e.params for e in fused) / total:.0%} of the model's weight parameters (first: "
+                       f"{fused[0].name}, {fused[0].kind}): no method rewrites them (see sparsify.plan)")
         stacked = [e for e in self.dense if e.reason.startswith(STACKED)]
         if stacked:  # the report's "sparsified layers" figure would read as the model's
             out.append(f"sparsify: {len(stacked)} stacked weight tensor(s) stay dense, "

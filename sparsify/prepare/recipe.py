@@ -6,12 +6,14 @@ JSON path (``$.rules[1].match.typ``) for anything the schema or a method rejects
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from sparsify.core.schedules import plain_number
 from sparsify.methods import REGISTRY, get_method
 from sparsify.prepare.validate import RecipeError, check_duplicates, check_finite, json_path, loads_strict
 
@@ -107,9 +109,26 @@ def _checked_elsewhere(path: list) -> bool:
     return len(path) >= 3 and path[0] == "rules" and path[2] in ("method", "params")
 
 
+def _plain(data):
+    """A recipe given as a dict, with numpy / torch numbers as Python's (the schema and the stored JSON
+    know only those)."""
+    if isinstance(data, dict):
+        return {k: _plain(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_plain(v) for v in data]
+    return plain_number(data)
+
+
 def _read(spec) -> tuple[dict, str]:
+    if isinstance(spec, Recipe):  # load_recipe's result: its resolved document, loaded again
+        return copy.deepcopy(spec.data), spec.source
     if isinstance(spec, dict):
-        return copy.deepcopy(spec), "<dict>"
+        return _plain(copy.deepcopy(spec)), "<dict>"
+    if isinstance(spec, str) and spec.lstrip().startswith(("{", "[")):
+        # checked first: a JSON text holding a "/" would otherwise be taken for a path
+        shown = spec.strip()[:30] + ("..." if len(spec.strip()) > 30 else "")
+        raise RecipeError(f"recipe {shown!r} is a JSON text, not a recipe name or path: pass json.loads(text) "
+                          "(a dict) or the path of a .json file")
     if isinstance(spec, Path) or (isinstance(spec, str) and (spec.endswith(".json") or "/" in spec)):
         path = Path(spec)
         if path.is_dir():
@@ -133,7 +152,8 @@ def _read(spec) -> tuple[dict, str]:
                               "(or pass a path to a .json file, or a dict)")
         entry = _recipe_dir() / f"{spec}.json"
         return _parse(entry.read_text(), f"<built-in {spec}>"), f"built-in:{spec}"
-    raise RecipeError(f"a recipe is a built-in name, a path to a JSON file, or a dict; got {type(spec).__name__}")
+    raise RecipeError(f"a recipe is a built-in name, a path to a JSON file, or a dict (or the Recipe load_recipe "
+                      f"returns); got {type(spec).__name__}")
 
 
 _WARNED_UNCHECKED = False
@@ -165,17 +185,38 @@ def _validate_schema(data, source: str) -> None:
         allowed = ", ".join(sorted(err.schema.get("properties", {})))
         # every misspelt key at once: fixing them one error message at a time is a slow loop
         lines += [f"{json_path(path + [key])}: unknown key {key!r} (allowed here: {allowed})" for key in extra] \
-            or [f"{json_path(path)}: {err.message}"]
+            or [f"{json_path(path)}: {_schema_message(err, path)}"]
     shown = lines[:8]
     if len(lines) > len(shown):
         shown.append(f"... ({len(lines) - len(shown)} more)")
     raise _invalid(f"{source}: invalid recipe", shown)
 
 
+# what a match key holding names expects, in words (the schema says only "a string or an array")
+_NAMES = {"type": "a module class name (Conv2d) or a list of class names",
+          "op": "a functional op name (relu) or a list of op names",
+          "name": "a qualified-name glob (layer1.*) or a list of globs",
+          "not_name": "a qualified-name glob (layer1.*) or a list of globs"}
+
+
+def _schema_message(err, path: list) -> str:
+    """jsonschema's message, except where it names no expectation ("3 is not valid under any of
+    the given schemas"): then what the field takes."""
+    if err.validator not in ("oneOf", "anyOf"):
+        return err.message
+    if len(path) >= 2 and path[-2] == "match" and path[-1] in _NAMES:
+        return f"must be {_NAMES[path[-1]]}, got {err.instance!r}"
+    kinds = [f"{sub.get('type')}" for sub in err.validator_value if isinstance(sub, dict) and "type" in sub]
+    return f"must be one of: {', '.join(kinds)}; got {err.instance!r}" if kinds else err.message
+
+
 def _resolve_rule(index: int, raw: dict, schedule: dict, source: str) -> Rule:
     method_name = raw["method"]
     path = f"$.rules[{index}]"
     if method_name is None:
+        if raw.get("params"):  # silently ignored, a typo (a method meant) would go unseen
+            raise RecipeError(f"{source}: {path}.params: a rule with \"method\": null leaves the layers it matches "
+                              "dense and takes no params; remove params or name a method")
         return Rule(index, raw["match"], None, {})
     if method_name not in REGISTRY:
         raise RecipeError(f"{source}: {path}.method: unknown method {method_name!r}; "
@@ -196,9 +237,15 @@ def _resolve_rule(index: int, raw: dict, schedule: dict, source: str) -> Rule:
     return Rule(index, raw["match"], method_name, params)
 
 
+#: sparsify()'s own keywords: a misspelt one arrives among the overrides (did you mean ...?)
+CALL_KEYWORDS = ("example_inputs", "total_steps", "inplace", "copy", "capture")
+
+
 def load_recipe(spec, **overrides) -> Recipe:
     """Load, validate and resolve a recipe; ``overrides`` set a parameter in every rule whose
-    method has it (and the schedule block).
+    method has it (and the schedule block). ``spec`` is a built-in name, a path to a JSON file, a
+    dict, or a :class:`Recipe` (this function's result: ``overrides`` then apply on top of it).
+    Numbers may be numpy's or 0-dim tensors: they are stored as Python's.
 
     >>> r = load_recipe("st3", sparsity=0.95)
     >>> r.rules[0].params["sparsity"]
@@ -209,6 +256,8 @@ def load_recipe(spec, **overrides) -> Recipe:
     sparsify.prepare.validate.RecipeError: <dict>: invalid recipe: $.rules[0].match.typ: unknown key 'typ' (allowed here: depthwise, first, grouped, in_channels, kernel_size, last, name, not_name, op, out_channels, type)
     """
     data, source = _read(spec)
+    overrides = {k: plain_number(v) for k, v in overrides.items()}  # np.int64(5) is the step 5
+    given = tuple(sorted(set(overrides) | set(spec.overrides if isinstance(spec, Recipe) else ())))
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a JSON object, got {type(data).__name__}")
     _validate_schema(data, source)
@@ -236,7 +285,9 @@ def load_recipe(spec, **overrides) -> Recipe:
     unused = sorted(set(overrides) - used)
     if unused:
         known = sorted({k for r in rules if r.method for k in r.params} | set(schedule))
+        close = [m for k in unused for m in difflib.get_close_matches(k, known + list(CALL_KEYWORDS), n=1)]
         raise RecipeError(f"override {', '.join(map(repr, unused))} is not a parameter of this recipe "
-                          f"({source}); its parameters: {', '.join(known)}")
+                          f"({source}){': did you mean ' + ', '.join(close) + '? Its' if close else '; its'} "
+                          f"parameters: {', '.join(known)}")
     return Recipe(name=data.get("name", Path(source).stem), description=data.get("description", ""),
-                  source=source, data=data, rules=rules, overrides=tuple(sorted(overrides)))
+                  source=source, data=data, rules=rules, overrides=given)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.core.layers import WEIGHT_TYPES
-from sparsify.prepare.plan import FROZEN, STACKED, PlanEntry
+from sparsify.prepare.plan import FROZEN, OWN_KERNEL, STACKED, PlanEntry
 
 __all__ = ["unhandled_entries", "frozen_reason"]
 
@@ -51,14 +51,14 @@ def unhandled_entries(root: nn.Module, graphs: dict[str, fx.GraphModule]) -> lis
     for name, m in root.named_modules():
         if isinstance(m, _FUSED) and not isinstance(m, WEIGHT_TYPES):
             out.append(PlanEntry(name, type(m).__name__, None, None,
-                                 f"{type(m).__name__} weights are read by its own kernel: no method rewrites them",
+                                 f"{type(m).__name__} weights are {OWN_KERNEL}: no method rewrites them",
                                  _weights(m)))
         elif isinstance(m, nn.MultiheadAttention) and not m._qkv_same_embed_dim:
             n = sum(getattr(m, k).numel() for k in ("q_proj_weight", "k_proj_weight", "v_proj_weight"))
             out.append(PlanEntry(f"{name}.q_proj_weight" if name else "q_proj_weight",
                                  "MultiheadAttention.q/k/v_proj_weight", None, None,
-                                 "separate q/k/v weights (kdim/vdim != embed_dim) are read directly by "
-                                 "nn.MultiheadAttention: not rewritten", n))
+                                 f"separate q/k/v weights (kdim/vdim != embed_dim) are {OWN_KERNEL} "
+                                 "(nn.MultiheadAttention's): not rewritten", n))
     seen = set()
     for prefix, gm in graphs.items():
         for node in gm.graph.nodes:

@@ -14,7 +14,7 @@ import json
 import math
 from typing import Any, Iterator
 
-from sparsify.core.schedules import resolve_time
+from sparsify.core.schedules import plain_number, resolve_time
 
 __all__ = ["RecipeError", "json_path", "loads_strict", "check_duplicates", "check_finite", "check_total_steps",
            "check_times", "schedule_warnings"]
@@ -102,11 +102,27 @@ def check_finite(data) -> list[tuple[list, str]]:
             if isinstance(value, float) and not math.isfinite(value)]
 
 
-def check_total_steps(total_steps) -> None:
-    """``total_steps`` is None or a positive whole number of optimizer steps."""
-    if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
-                                    or total_steps <= 0):
-        raise ValueError(f"total_steps must be a positive number of optimizer steps, got {total_steps!r}")
+def check_total_steps(total_steps) -> int | None:
+    """``total_steps`` as a Python int: None or a positive whole number of optimizer steps (numpy
+    and 0-dim torch integers too), below 2**62 as every recipe time is.
+
+    >>> import numpy as np
+    >>> check_total_steps(np.int64(10))
+    10
+    >>> check_total_steps(2.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: total_steps must be a positive number of optimizer steps (an integer below 2**62), got 2.5
+    """
+    if total_steps is None:
+        return None
+    value = plain_number(total_steps)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2 ** 62:
+        shown = f"an integer of {value.bit_length()} bits" if isinstance(value, int) and value >= 2 ** 62 \
+            else repr(total_steps)
+        raise ValueError(f"total_steps must be a positive number of optimizer steps (an integer below 2**62), "
+                         f"got {shown}")
+    return value
 
 
 def _time(value, total_steps, what: str, require: bool):
@@ -161,7 +177,7 @@ def check_times(recipe, get_method, total_steps: int | None, *, require: bool = 
     ...
     sparsify.prepare.validate.RecipeError: built-in:st3: $.rules[0].params.end: end (5) is before begin (10) (begin and end from the call's overrides)
     """
-    check_total_steps(total_steps)
+    total_steps = check_total_steps(total_steps)
     source = recipe.source
     stages = _stage_ranges(recipe.stages, total_steps, require, source)
     for rule in recipe.rules:

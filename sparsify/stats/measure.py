@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import numbers
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
 
@@ -24,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from passes.calls import positional_inputs
 from sparsify.core.eval_loop import run_eval
+from sparsify.prepare.inputs import describe_inputs, misfit_error
 from sparsify.stats.functional_reads import FunctionalReads, linear_counts
 from sparsify.core.layers import WEIGHT_TYPES, SparseWeightMixin
 from sparsify.core.conv1d import CONV_TRANSPOSE_TYPES, linear_like, out_features_of, torch_layout
@@ -157,14 +161,70 @@ def _transpose_counts(mod: nn.Module, x: torch.Tensor):
     return dense, int(round(float((nz @ per_in).sum()))), int((x == 0).sum()), x.numel()
 
 
-def _default_inputs(batch):
+_BATCHES = "measure: batches is an iterable of batches (a DataLoader or a list)"
+
+
+def _check_arguments(batches, input_fn, max_batches) -> None:
+    """One-line errors for arguments that would otherwise fail deep inside, or be iterated wrongly
+    (a tensor iterates over its rows: each row would count as a batch)."""
+    if isinstance(batches, torch.Tensor):
+        raise TypeError(f"{_BATCHES}; got one Tensor of shape {tuple(batches.shape)}: pass [x]")
+    if isinstance(batches, Mapping):
+        raise TypeError(f"{_BATCHES}; got one {type(batches).__name__} (keys {', '.join(map(str, batches))}): "
+                        "pass [batch]")
+    if isinstance(batches, (str, bytes)) or not any(hasattr(type(batches), a) for a in ("__iter__", "__getitem__")):
+        raise TypeError(f"{_BATCHES}; got {type(batches).__name__}")
+    if input_fn is not None and not callable(input_fn):
+        raise TypeError(f"measure: input_fn is a function of a batch returning the model's positional inputs; got "
+                        f"{type(input_fn).__name__}")
+    if max_batches is not None:
+        if isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral):
+            raise TypeError(f"measure: max_batches is how many batches to run, an int >= 1 (or None: all of them); "
+                            f"got {type(max_batches).__name__} {max_batches!r}")
+        if max_batches < 1:
+            raise ValueError(f"measure: max_batches is how many batches to run, an int >= 1 (or None: all of them); "
+                             f"got {max_batches}")
+
+
+def _bound(model: nn.Module, inputs: Mapping) -> tuple:
+    """Keyword inputs as forward's positional ones, as ``sparsify(example_inputs=dict)`` binds them."""
+    args = positional_inputs(model, inputs, "measure: batches")
+    return (args,) if isinstance(args, Mapping) else tuple(args)
+
+
+def _default_inputs(model: nn.Module, batch) -> tuple:
     if isinstance(batch, torch.Tensor):
         return (batch,)
+    if isinstance(batch, Mapping):  # a tokenizer's or HF collator's batch: what model(**batch) takes
+        return _bound(model, batch)
     if isinstance(batch, (list, tuple)) and batch:
-        return (batch[0],)  # (inputs, targets) as DataLoaders yield them
-    if isinstance(batch, dict):
-        raise TypeError("measure: batches are dicts: pass input_fn=lambda b: (b['x'],) to say what the model takes")
+        # (inputs, targets) as DataLoaders yield them
+        return _bound(model, batch[0]) if isinstance(batch[0], Mapping) else (batch[0],)
     raise TypeError(f"measure: cannot take model inputs from a {type(batch).__name__}; pass input_fn")
+
+
+def _given_inputs(model: nn.Module, got) -> tuple:
+    """What ``input_fn`` returned as positional inputs: a tuple or list is them, a tensor the one,
+    a dict keyword inputs."""
+    if isinstance(got, (tuple, list)):
+        return tuple(got)
+    if isinstance(got, torch.Tensor):
+        return (got,)
+    if isinstance(got, Mapping):
+        return _bound(model, got)
+    raise TypeError(f"measure: input_fn returned a {type(got).__name__}; return the model's positional inputs "
+                    "as a tuple (or one tensor, or a dict of its keyword inputs)")
+
+
+def _one_batch(batches, failed: int) -> str | None:
+    """The shapes of ``batches`` when it looks like one ``(input, target)`` batch rather than
+    batches: tensors of one length, the item that failed of another rank than the first, which ran."""
+    if not isinstance(batches, (list, tuple)) or not 2 <= len(batches) <= 4 or failed >= len(batches) or \
+            not all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in batches):
+        return None
+    if len({t.shape[0] for t in batches}) != 1 or batches[failed].dim() == batches[0].dim():
+        return None
+    return describe_inputs(batches)
 
 
 @torch.no_grad()
@@ -172,12 +232,15 @@ def measure(model: nn.Module, batches: Iterable, *, input_fn: Callable | None = 
             max_batches: int | None = None) -> Measurement:
     """Run ``model`` in eval mode over ``batches`` and measure activation zeros and MACs.
 
-    ``batches`` yields a tensor (the input), or a tuple/list whose first item is the input (as
-    ``(x, y)`` loaders do); ``input_fn(batch)`` returning the model's positional inputs as a tuple
-    handles anything else. Works on any model; the per-node rows need a model made by
-    ``sparsify`` with ``tl1``, ``dual`` or ``semi-structured`` (for a baseline, sparsify with
-    ``lam=0``: the nodes then measure without regularizing). Under DDP, call it on each rank:
-    the counts are per rank.
+    ``batches`` (a DataLoader or a list, never one tensor) yields a tensor (the input), a dict of
+    keyword inputs bound to forward's parameters as ``sparsify(example_inputs=dict)`` binds them
+    (a Hugging Face batch, ``labels`` included when forward takes them), or a tuple/list whose
+    first item is the input (as ``(x, y)`` loaders do); ``input_fn(batch)`` returning the model's
+    positional inputs as a tuple (or one tensor, or a dict) handles anything else. Batches the
+    model's first forward rejects raise a one-line ``ValueError``. Works on any model; the per-node
+    rows need a model made by ``sparsify`` with ``tl1``, ``dual`` or ``semi-structured`` (for a
+    baseline, sparsify with ``lam=0``: the nodes then measure without regularizing). Under DDP,
+    call it on each rank: the counts are per rank.
 
     >>> import torch, torchvision, sparsify
     >>> m = sparsify.sparsify(torchvision.models.resnet18(), "tl1", example_inputs=torch.randn(1, 3, 32, 32))
@@ -185,8 +248,16 @@ def measure(model: nn.Module, batches: Iterable, *, input_fn: Callable | None = 
     >>> len(r.nodes), 0 < r.zero_fraction < 1, r.mult_macs < r.dense_macs
     (17, True, True)
     """
+    _check_arguments(batches, input_fn, max_batches)
     root = unwrap(model)
-    input_fn = input_fn or _default_inputs
+    seen = {"batches": 0, "forwards": 0, "inputs": ()}
+
+    def inputs_of(batch):
+        inputs = _default_inputs(root, batch) if input_fn is None else _given_inputs(root, input_fn(batch))
+        seen["batches"] += 1
+        seen["inputs"] = inputs
+        return inputs
+
     node_zero: dict[str, list[int]] = {}
     node_kind: dict[str, str] = {}
     layer_acc: dict[str, list] = {}
@@ -253,6 +324,23 @@ def measure(model: nn.Module, batches: Iterable, *, input_fn: Callable | None = 
         stack.callback(lambda: watching.__setitem__(0, mode.hits > 0))
         return stack
 
+    @contextlib.contextmanager
+    def each_forward():
+        # only a first forward's error is about the batches; later ones are the model's own
+        try:
+            with watch():
+                yield
+        except Exception as e:
+            if seen["forwards"] == 0:
+                raise misfit_error("measure: batches", root, seen["inputs"], e, "pass batches of what the model's "
+                                   "forward takes, batch first (input_fn=... picks them out of each batch)") from None
+            if (shapes := _one_batch(batches, seen["forwards"])) is not None:
+                raise ValueError(f"{_BATCHES}, but this {type(batches).__name__} looks like one (input, target) batch "
+                                 f"(shapes {shapes}): its first item ran, its item {seen['forwards']} does not fit "
+                                 "the model: pass [batch]") from None
+            raise
+        seen["forwards"] += 1
+
     for name, mod in root.named_modules():
         if isinstance(mod, WEIGHT_TYPES):
             handles.append(mod.register_forward_pre_hook(enter))
@@ -268,11 +356,13 @@ def measure(model: nn.Module, batches: Iterable, *, input_fn: Callable | None = 
     fast = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        samples = run_eval(root, batches, input_fn, max_batches, handles, watch)
+        samples = run_eval(root, batches, inputs_of, max_batches, handles, each_forward)
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
+    if not seen["batches"]:
+        raise ValueError("measure: batches yielded no batch (an empty DataLoader or list?)")
     if not samples:
-        raise ValueError("measure: batches yielded nothing")
+        raise ValueError(f"measure: batches hold 0 samples (the last: shapes {describe_inputs(seen['inputs'])})")
     out = Measurement(samples)
     for name, (zeros, n) in node_zero.items():
         out.nodes.append(NodeStats(name, node_kind[name], n // samples, zeros / n if n else 0.0))
