@@ -305,19 +305,22 @@ def finalize(model: nn.Module, example_inputs=None, *, check: bool = True, rtol:
     return final
 
 
-def param_groups(model: nn.Module, weight_decay: float = 0.0, *, no_decay: tuple[str, ...] = (),
+def param_groups(model: nn.Module, weight_decay: float | None = None, *, no_decay: tuple[str, ...] = (),
                  **options) -> list[dict]:
     """Optimizer parameter groups that give each method what it needs.
 
-    Every parameter gets ``weight_decay`` (a number >= 0) except names ending with one of
-    ``no_decay`` (name suffixes such as ``("bias", "bn")``; one suffix may be given as a string,
-    ``no_decay="bias"``); methods may add groups of their own (STR's thresholds must be decayed to
-    sparsify). ``options`` (``lr=...``) go into every group.
+    Every parameter gets ``weight_decay`` (a number >= 0; ``None``, the default: the groups set
+    none, so the optimizer's own ``weight_decay=`` applies, as with ``model.parameters()``) except
+    names ending with one of ``no_decay`` (name suffixes such as ``("bias", "bn")``, which get 0;
+    one suffix may be given as a string, ``no_decay="bias"``); methods may add groups of their own
+    (STR's thresholds must be decayed to sparsify). ``options`` (``lr=...``) go into every group.
 
     >>> import torch, sparsify
     >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), "st3", begin=0, end=0, fix=None)
     >>> [g["weight_decay"] for g in sparsify.param_groups(m, 1e-4)]
     [0.0001]
+    >>> torch.optim.SGD(sparsify.param_groups(m), lr=0.1, weight_decay=5e-4).param_groups[0]["weight_decay"]
+    0.0005
     """
     state = find_state(model, where="sparsify.param_groups")
     weight_decay, no_decay = _decay_arguments(weight_decay, no_decay)
@@ -337,19 +340,20 @@ def param_groups(model: nn.Module, weight_decay: float = 0.0, *, no_decay: tuple
             continue
         (plain if no_decay and name.endswith(tuple(no_decay)) else decay).append(p)
     base = []
-    if decay:
-        base.append({"params": decay, "weight_decay": weight_decay, **options})
+    if decay:  # no key for None: a group's value would override the optimizer's (it silently dropped it)
+        base.append({"params": decay, **({} if weight_decay is None else {"weight_decay": weight_decay}), **options})
     if plain:
         base.append({"params": plain, "weight_decay": 0.0, **options})
     return base + groups
 
 
 def _decay_arguments(weight_decay, no_decay) -> tuple[float, tuple[str, ...]]:
-    """``param_groups``' ``weight_decay`` as a float and ``no_decay`` as a tuple of suffixes."""
+    """``param_groups``' ``weight_decay`` as a float (or None) and ``no_decay`` as a tuple of suffixes."""
     weight_decay = plain_number(weight_decay)
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real):
-        raise TypeError(f"sparsify.param_groups: weight_decay must be a number >= 0, got {type(weight_decay).__name__}")
-    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+    if weight_decay is not None and (isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real)):
+        raise TypeError(f"sparsify.param_groups: weight_decay must be a number >= 0 or None, got "
+                        f"{type(weight_decay).__name__}")
+    if weight_decay is not None and not (math.isfinite(weight_decay) and weight_decay >= 0):
         raise ValueError(f"sparsify.param_groups: weight_decay must be a finite number >= 0, got {weight_decay!r}")
     # a bare string would be split into its letters by tuple(), each letter a suffix
     suffixes = (no_decay,) if isinstance(no_decay, str) else no_decay
@@ -362,4 +366,4 @@ def _decay_arguments(weight_decay, no_decay) -> tuple[float, tuple[str, ...]]:
             f"{type(no_decay).__name__} holding {type(next(x for x in suffixes if not isinstance(x, str))).__name__}"
         raise TypeError(f"sparsify.param_groups: no_decay must be a name suffix or a tuple of them "
                         f"(\"bias\" or (\"bias\", \"bn\")), got {bad}")
-    return float(weight_decay), suffixes
+    return (None if weight_decay is None else float(weight_decay)), suffixes

@@ -47,8 +47,8 @@ def test_no_decay_string_is_one_suffix():
 @pytest.mark.parametrize("kwargs, error, expected", [
     ({"no_decay": [1]}, TypeError, "no_decay must be a name suffix or a tuple of them"),
     ({"no_decay": 5}, TypeError, "no_decay must be a name suffix or a tuple of them"),
-    ({"weight_decay": "a"}, TypeError, "weight_decay must be a number >= 0, got str"),
-    ({"weight_decay": True}, TypeError, "weight_decay must be a number >= 0, got bool"),
+    ({"weight_decay": "a"}, TypeError, "weight_decay must be a number >= 0 or None, got str"),
+    ({"weight_decay": True}, TypeError, "weight_decay must be a number >= 0 or None, got bool"),
     ({"weight_decay": -1}, ValueError, "weight_decay must be a finite number >= 0, got -1"),
     ({"weight_decay": float("nan")}, ValueError, "weight_decay must be a finite number >= 0, got nan"),
 ])
@@ -323,3 +323,15 @@ def test_l1_prune_without_an_end_is_a_recipe_error_with_its_path():
     assert len(str(e.value).splitlines()) == 1
     sparsify.sparsify(nn.Sequential(nn.Linear(4, 4)), {"version": 1, "rules": [{**rule, "params": {"prune_at": 0}}]},
                       total_steps=10)
+
+
+@pytest.mark.parametrize("recipe", ["st3", "str", "gmp"])
+def test_param_groups_without_weight_decay_leave_the_optimizers_own(recipe):
+    """SGD(param_groups(model), lr, weight_decay=5e-4), the natural edit of SGD(model.parameters(),
+    ...), trained with no decay at all: every group said 0."""
+    m = sparsify.sparsify(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), recipe, total_steps=10)
+    opt = torch.optim.SGD(sparsify.param_groups(m, no_decay="bias"), lr=0.1, weight_decay=5e-4)
+    by_param = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    for name, p in m.named_parameters():
+        assert by_param[id(p)] == (0.0 if name.endswith("bias") else 5e-4), name
+    assert {g["weight_decay"] for g in torch.optim.SGD(sparsify.param_groups(m, 1e-4), lr=0.1).param_groups} == {1e-4}

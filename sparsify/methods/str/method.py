@@ -95,7 +95,8 @@ class STRGroup(Group):
         """The thresholds get ``threshold_decay`` (default: the model's ``weight_decay``)."""
         decay = self.params["threshold_decay"]
         decay = weight_decay if decay is None else float(decay)
-        return [([p for _, p in self.thresholds()], {"weight_decay": decay})]
+        # None: the optimizer's own weight_decay, as for every other parameter
+        return [([p for _, p in self.thresholds()], {} if decay is None else {"weight_decay": decay})]
 
     def reads_weights(self, step: int) -> bool:
         return False  # only the thresholds, gathered below when FSDP2 shards them
