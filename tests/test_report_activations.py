@@ -64,3 +64,22 @@ def test_the_report_shows_the_last_evaluation_weighted_by_size():
     assert other != said
     _truth(model, VAL)  # and again on VAL: VAL's numbers, not VAL + OTHER + VAL
     assert _said(model) == said
+
+
+def test_an_old_activation_count_says_its_step():
+    """The figure of an evaluation at step 0 was shown under 'step 40 of 40' as the current one."""
+    torch.manual_seed(0)
+    m = sparsify.sparsify(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), "tl1", total_steps=3)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        m.eval()(x)
+    m.train()
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    for _ in range(3):
+        (m(x).sum() + sparsify.penalty(m)).backward()
+        opt.step()
+        sparsify.step(m)
+    assert "counted by the last eval-mode forward, at step 0 (now 3)" in str(sparsify.report(m))
+    with torch.no_grad():
+        m.eval()(x)
+    assert "counted by the last eval-mode forward" not in str(sparsify.report(m))

@@ -35,6 +35,7 @@ from passes.hooks import is_inlined
 from passes.traced import graph_fingerprint, original_class
 
 from sparsify.deploy.compare import flatten_tensors, outputs_close
+from sparsify.core.eval_loop import internal
 from sparsify.core.state import find_state
 
 __all__ = ["Divergence", "locate_divergence", "same_code"]
@@ -145,7 +146,7 @@ def locate_divergence(source: nn.Module, final: nn.Module, inputs: tuple, rtol: 
     for model in (source, final):
         calls = _Calls(model)
         try:
-            with kept_state(model):  # both from one random state (sparsify/deploy/finalize.py)
+            with kept_state(model), internal():  # both from one random state (sparsify/deploy/finalize.py)
                 model(*inputs)
         finally:
             calls.remove()

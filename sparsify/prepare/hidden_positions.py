@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.core.layers import WEIGHT_TYPES
+from sparsify.core.eval_loop import internal
 from sparsify.core.modes import kept_modes
 
 __all__ = ["hidden_positions", "record_read", "recording", "weight_owner", "MHA_IN_PROJ", "MHA_OUT_PROJ", "unreached", "mha_projections", "watched_names", "weight_numel"]
@@ -115,7 +116,7 @@ def hidden_positions(root: nn.Module, example_inputs, names: list[str]) -> dict[
     fast = torch.backends.mha.get_fastpath_enabled()
     try:
         torch.backends.mha.set_fastpath_enabled(False)
-        with kept_modes(root, training=False), recording(record), mode:
+        with kept_modes(root, training=False), internal(), recording(record), mode:
             root(*example_inputs)
     except Exception:  # MACs are a report nicety; a model that rejects the watch keeps None
         return {}

@@ -10,7 +10,7 @@ from torch import nn
 
 from passes.calls import input_tuple, whole_dict_note
 from sparsify.core.conv1d import CONV_TRANSPOSE_TYPES, in_features_of, out_features_of
-from sparsify.core.eval_loop import run_eval, samples_in
+from sparsify.core.eval_loop import internal, run_eval, samples_in
 from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.core.modes import kept_modes
 from sparsify.core.state import SparsifyState
@@ -70,7 +70,8 @@ def guess_example_inputs(model: nn.Module) -> tuple | None:
         shape = (1, in_features_of(first))
     x = (torch.zeros(shape, device=first.weight.device, dtype=first.weight.dtype),)
     try:
-        with torch.no_grad(), kept_modes(model, training=False):  # a frozen BatchNorm stays frozen
+        # internal: the guess's zeros are no evaluation of the user's (activation counts ignore it)
+        with torch.no_grad(), kept_modes(model, training=False), internal():
             model(*x)
         return x
     except Exception:

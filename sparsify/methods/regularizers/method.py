@@ -140,6 +140,9 @@ class ActivationRegularizer(RecordsMixin, nn.Module):
         # not state)
         self.zeros = self.seen = 0
         self._counting = False
+        # the training step now (the group's update sets it) and the one the counts were taken at:
+        # the report says how old the figure is
+        self.step_now, self.counted_at = 0, None
 
     def train(self, mode: bool = True):
         if not mode:  # model.eval(): the next eval-mode forward starts a new evaluation
@@ -156,7 +159,7 @@ class ActivationRegularizer(RecordsMixin, nn.Module):
         elif isinstance(x, torch.Tensor) and x.numel() and eager() and not in_internal():
             if not self._counting:  # a new evaluation: forget the previous one
                 self.zeros = self.seen = 0
-                self._counting = True
+                self._counting, self.counted_at = True, self.step_now
             self.zeros += x.numel() - int(torch.count_nonzero(x))
             self.seen += x.numel()
         return x
@@ -215,7 +218,7 @@ class ActivationRegGroup(RecordsGroupMixin, Group):
     def update(self, step: int, loss=None) -> None:
         on = in_range(step, self.begin, self.end)
         for m in self.members.values():
-            m.active = on
+            m.active, m.step_now = on, step
 
     def target(self, step: int):
         return None
@@ -237,7 +240,8 @@ class ActivationRegGroup(RecordsGroupMixin, Group):
     def layer_stats(self, name: str, module: nn.Module, factor: float | None = None) -> dict:
         # measured zeros of the regularized activation in the last evaluation (None before one)
         return {"regularizes": module.regularizes, "placement": module.placement, "sparsifies": "activations",
-                "achieved": module.zeros / module.seen if module.seen else None, "elements": module.seen}
+                "achieved": module.zeros / module.seen if module.seen else None, "elements": module.seen,
+                **({"measured_at": module.counted_at} if module.seen else {})}
 
     def finalize_member(self, name: str, module: nn.Module):
         return None  # the node is removed: its users read its input again

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsify.core.eval_loop import internal
 from sparsify.core.extra_state import pack, unpack
 from sparsify.core.modes import kept_modes
 from sparsify.core.schedules import polynomial
@@ -83,7 +84,7 @@ class SemiStructuredGroup(Group):
         """One eval forward so every mask learns its conv's output size (masks are identities now)."""
         for m in self.members.values():
             sizes_of(m).forget()
-        with kept_modes(root, training=False):
+        with kept_modes(root, training=False), internal():
             try:
                 root(*example_inputs)
             except Exception:  # sizes are then learned at the first training forward
