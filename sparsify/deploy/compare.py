@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["flatten_tensors", "outputs_close"]
+__all__ = ["flatten_tensors", "outputs_close", "answered_alike", "rolled", "same_outputs"]
 
 
 def flatten_tensors(out) -> list[torch.Tensor]:
@@ -37,3 +37,43 @@ def outputs_close(a, b, rtol: float = 1e-4, atol: float = 1e-5) -> tuple[bool, f
         worst = max(worst, diff / (scale or 1.0))
         ok = ok and bool(torch.allclose(x.float(), y.float(), rtol=rtol, atol=atol * max(scale, 1.0)))
     return ok, worst
+
+
+def answered_alike(inputs, output) -> int:
+    """How many example samples a model answered with one and the same output although they
+    differ: the batch size when every floating batch-first output is equal along the batch and
+    some input is not, else 0 (also when one sample cannot show it).
+
+    >>> x = (torch.tensor([[1.0], [2.0]]),)
+    >>> answered_alike(x, torch.ones(2, 3)), answered_alike(x, x[0] * 2)
+    (2, 0)
+    """
+    xs = [t for t in flatten_tensors(inputs) if t.dim() >= 1]
+    n = xs[0].shape[0] if xs else 0
+    if n < 2 or not any(t.shape[0] == n and not bool((t == t[:1]).all()) for t in xs):
+        return 0
+    outs = [t for t in flatten_tensors(output) if t.dim() >= 1 and t.shape[0] == n and t.is_floating_point()]
+    return n if outs and all(bool((t == t[:1]).all()) for t in outs) else 0
+
+
+def rolled(inputs: tuple) -> tuple | None:
+    """``inputs`` with every tensor rolled by one along its last dimension: another input of the
+    same values (valid token ids stay valid), or None when that changes none of them.
+
+    >>> rolled((torch.tensor([[1, 2, 3]]),)), rolled((torch.ones(1, 3),))
+    ((tensor([[3, 1, 2]]),), None)
+    """
+    out = tuple(t.roll(1, -1) if isinstance(t, torch.Tensor) and t.dim() else t for t in inputs)
+    changed = any(isinstance(a, torch.Tensor) and a.dim() and not torch.equal(a, b) for a, b in zip(inputs, out))
+    return out if changed else None
+
+
+def same_outputs(a, b) -> bool:
+    """Whether two outputs are exactly equal in every floating tensor (and have some).
+
+    >>> same_outputs(torch.ones(2), torch.ones(2)), same_outputs(torch.ones(2), torch.zeros(2))
+    (True, False)
+    """
+    fa = [t for t in flatten_tensors(a) if t.is_floating_point()]
+    fb = [t for t in flatten_tensors(b) if t.is_floating_point()]
+    return bool(fa) and len(fa) == len(fb) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(fa, fb))

@@ -14,7 +14,7 @@ from passes import kept_state, remove_node, set_submodule
 from passes.hooks import kept_hooks, remove_hooks, unguard_called
 from passes.traced import deepcopy_module, graph_fingerprint, untraced
 
-from sparsify.deploy.compare import outputs_close
+from sparsify.deploy.compare import answered_alike, outputs_close, rolled, same_outputs
 from passes.calls import input_tuple
 from sparsify.prepare.inputs import FIT_HINT, describe_inputs, misfit_error, state_inputs
 from sparsify.prepare.pretrained import guard_foreign_layout, unguard_save_pretrained
@@ -183,12 +183,34 @@ def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
                 if example_inputs is None:  # sparsify() ran them: the model fails on its own
                     raise
                 raise misfit_error("finalize: example_inputs", source, inputs, e, FIT_HINT) from None
+        alike = _answered_alike(source, inputs, expected)
+    if alike:  # nothing else says a model that ignores its input
+        warnings.warn(f"sparsify.finalize: the model gives one and the same output for {alike} different example "
+                      "inputs: it does not depend on its input (a layer whose outputs or activations are all zero: a "
+                      "sparsity too high, a penalty's lam too strong, or a zero-initialized head not trained yet; "
+                      "see sparsify.report)", stacklevel=4)
     with kept_state(final):
         got = final(*inputs)
     ok, worst = outputs_close(expected, got, rtol, atol)
     if not ok:
         _explain_difference(source, final, inputs, worst, rtol, atol)
     return final
+
+
+def _answered_alike(source: nn.Module, inputs: tuple, expected) -> int:
+    """How many different inputs ``source`` (in eval mode) answered alike: the example batch's
+    samples, or, for a batch of one, the sample and the sample rolled by one along its last
+    dimension (one more forward); 0 when it told them apart or that cannot be seen."""
+    if samples_in(inputs) != 1:
+        return answered_alike(inputs, expected)
+    other = rolled(inputs)
+    if other is None:
+        return 0
+    try:
+        with kept_state(source), internal():
+            return 2 if same_outputs(expected, source(*other)) else 0
+    except Exception:  # a model that rejects the rolled input (positions, masks) is not judged
+        return 0
 
 
 def _untrace(final: nn.Module, state: SparsifyState) -> nn.Module:
