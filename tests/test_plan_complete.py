@@ -187,3 +187,15 @@ def test_weights_a_fused_kernel_reads_are_warned_when_they_weigh():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a small GRU beside big layers is not worth a line
         sparsify.sparsify(nn.Sequential(nn.Linear(64, 64), nn.GRU(64, 1)), "st3", total_steps=4)
+
+
+def test_layers_a_method_declines_are_warned_when_they_weigh():
+    """N:M left a Linear(30, 2048) dense (30 inputs is no multiple of 4), 32% of the weights, and
+    only the plan said it."""
+    net = nn.Sequential(nn.Linear(30, 2048), nn.ReLU(), nn.Linear(2048, 64), nn.ReLU(), nn.Linear(64, 10))
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) the recipe matched stay dense, declined by their method, 32% "
+                                         r"of the model's weight parameters \(first: 0: N:M groups"):
+        sparsify.sparsify(net, "nm-2-4", total_steps=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an RGB stem is a small share: not worth a line
+        sparsify.sparsify(torchvision.models.resnet18(num_classes=10), "nm-2-4", total_steps=4)

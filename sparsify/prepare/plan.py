@@ -84,6 +84,14 @@ class Plan:
             out.append(f"sparsify: recipe {recipe.name!r} rewrote nothing in this model: {len(declined)} matched "
                        f"site(s) stay dense (first: {declined[0].name}: {declined[0].reason}); see "
                        "sparsify.plan(model, recipe)")
+        said = (OWN_FORWARD, FROZEN, "read directly by the code around it")  # each has a line of its own
+        shadowed = {s["name"] for s in self.shadowed}
+        quiet = [e for e in declined if not any(s in e.reason for s in said) and e.name not in shadowed
+                 and not e.reason.startswith(ADAPTER)]
+        if self.rewritten and quiet and sum(e.params for e in quiet) >= 0.1 * total:  # N:M on Linear(30, ...)
+            out.append(f"sparsify: {len(quiet)} layer(s) the recipe matched stay dense, declined by their method, "
+                       f"{sum(e.params for e in quiet) / total:.0%} of the model's weight parameters (first: "
+                       f"{quiet[0].name}: {quiet[0].reason}); see sparsify.plan(model, recipe)")
         by_rule: dict[tuple[int, int], list[dict]] = {}
         for s in self.shadowed:
             by_rule.setdefault((s["rule"], s["earlier"]), []).append(s)
