@@ -7,10 +7,10 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import sparsify
+from loops import run_steps
 
 SAID = "gives one and the same output for"
 
@@ -22,15 +22,9 @@ def _net():
 
 
 def _train(model, steps=30):
-    opt = torch.optim.SGD(sparsify.param_groups(model), lr=0.05, momentum=0.9)
     g = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)
-        loss = F.cross_entropy(model(x), y) + sparsify.penalty(model)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sparsify.step(model)
+    batches = [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(steps)]
+    run_steps(model, torch.optim.SGD(sparsify.param_groups(model), lr=0.05, momentum=0.9), batches, penalty=True)
 
 
 @pytest.mark.parametrize("batch", [1, 4])

@@ -13,6 +13,7 @@ from torch import nn
 
 import sparsify
 from sparsify.core.layers import SparseWeightMixin
+from loops import run_steps
 
 
 class Mixer(nn.Module):
@@ -50,13 +51,8 @@ def test_a_layer_read_directly_stays_dense_and_the_model_finalizes_equal(recipe)
     assert not isinstance(m.mix.proj, SparseWeightMixin) and isinstance(m.mix.inp, SparseWeightMixin)
     entry = next(e for e in sparsify.core.state.find_state(m).plan.entries if e.name == "mix.proj")
     assert entry.method is None and "read directly by the code around it (linear)" in entry.reason
-    opt = torch.optim.SGD(sparsify.param_groups(m), lr=0.1)
-    for _ in range(4):
-        loss = m(X).pow(2).mean() + sparsify.penalty(m)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sparsify.step(m)
+    run_steps(m, torch.optim.SGD(sparsify.param_groups(m), lr=0.1), [(X, None)] * 4, penalty=True,
+              loss_of=lambda x, _: m(x).pow(2).mean())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the head's pruned rows
         final = sparsify.finalize(m, (X,))  # its output check passes: no rounding story needed
