@@ -14,7 +14,7 @@ from passes import kept_state, remove_node, set_submodule
 from passes.hooks import kept_hooks, remove_hooks, unguard_called
 from passes.traced import deepcopy_module, graph_fingerprint, untraced
 
-from sparsify.deploy.compare import answered_alike, outputs_close, rolled, same_outputs
+from sparsify.deploy.compare import answered_alike, flatten_tensors, outputs_close, rolled, same_outputs
 from passes.calls import input_tuple
 from sparsify.prepare.inputs import FIT_HINT, describe_inputs, misfit_error, state_inputs
 from sparsify.prepare.pretrained import guard_foreign_layout, unguard_save_pretrained
@@ -200,17 +200,37 @@ def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
 def _answered_alike(source: nn.Module, inputs: tuple, expected) -> int:
     """How many different inputs ``source`` (in eval mode) answered alike: the example batch's
     samples, or, for a batch of one, the sample and the sample rolled by one along its last
-    dimension (one more forward); 0 when it told them apart or that cannot be seen."""
-    if samples_in(inputs) != 1:
-        return answered_alike(inputs, expected)
-    other = rolled(inputs)
-    if other is None:
-        return 0
+    dimension (one more forward); 0 when it told them apart, that cannot be seen, or the output
+    still has a gradient with respect to a float input (an untrained net's input-dependent part
+    rounded away beside its bias: alike, but not cut off from its input)."""
     try:
         with kept_state(source), internal():
-            return 2 if same_outputs(expected, source(*other)) else 0
+            if samples_in(inputs) != 1:
+                n = answered_alike(inputs, expected)
+            else:
+                other = rolled(inputs)
+                n = 2 if other is not None and same_outputs(expected, source(*other)) else 0
+            return n if n and not _reaches_input(source, inputs) else 0
     except Exception:  # a model that rejects the rolled input (positions, masks) is not judged
         return 0
+
+
+def _reaches_input(source: nn.Module, inputs: tuple) -> bool:
+    """Whether a random projection of ``source``'s output has a non-zero gradient with respect to
+    one of its floating inputs (one forward and backward, only for a model that answered alike)."""
+    given = [t.detach().clone().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+             for t in inputs]
+    leaves = [t for t in given if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not leaves:
+        return False
+    with torch.enable_grad():
+        outs = [t for t in flatten_tensors(source(*given)) if t.is_floating_point() and t.requires_grad]
+        if not outs:
+            return False
+        g = torch.Generator(device=outs[0].device).manual_seed(0)
+        projection = sum((t * torch.randn(t.shape, generator=g, device=t.device, dtype=t.dtype)).sum() for t in outs)
+        grads = torch.autograd.grad(projection, leaves, allow_unused=True)
+    return any(d is not None and bool(d.ne(0).any()) for d in grads)
 
 
 def _untrace(final: nn.Module, state: SparsifyState) -> nn.Module:
