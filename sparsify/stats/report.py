@@ -85,10 +85,9 @@ class Report:
         if t.get("achieved"):
             lines.append("achieved (what each method sparsifies): " + "; ".join(
                 f"{kind} {pct(v)}" for kind, v in t["achieved"].items()))
-        measured = [r.extra["measured_at"] for r in self.layers if r.extra.get("measured_at") is not None]
-        if measured and min(measured) < self.step:  # the last evaluation's figure, not this step's
-            lines.append(f"activations: counted by the last eval-mode forward, at step {min(measured)} (now "
-                         f"{self.step}): evaluate again for the current figure")
+        if any(r.extra.get("stale") for r in self.layers):  # the last evaluation's figure, not this step's
+            lines.append("activations: counted by the last eval-mode forward, before the latest training "
+                         "forwards: evaluate again for the current figure")
         if any(r.sparsifies == "activations" and r.achieved is None for r in self.layers):
             lines.append("activations: their zeros are counted by eval-mode forwards (model.eval(), then a "
                          "forward: your validation loop); '-' until one has run")

@@ -140,9 +140,8 @@ class ActivationRegularizer(RecordsMixin, nn.Module):
         # not state)
         self.zeros = self.seen = 0
         self._counting = False
-        # the training step now (the group's update sets it) and the one the counts were taken at:
-        # the report says how old the figure is
-        self.step_now, self.counted_at = 0, None
+        # a training forward ran since the counts were taken: the report says the figure is old
+        self.stale = False
 
     def train(self, mode: bool = True):
         if not mode:  # model.eval(): the next eval-mode forward starts a new evaluation
@@ -155,11 +154,11 @@ class ActivationRegularizer(RecordsMixin, nn.Module):
                 and self.recording()):
             self.record(penalty_value(x, self.function, self.a, self.reduction, weight=self.lam, nonneg=self.nonneg))
         if self.training:
-            self._counting = False
+            self._counting, self.stale = False, self.seen > 0
         elif isinstance(x, torch.Tensor) and x.numel() and eager() and not in_internal():
             if not self._counting:  # a new evaluation: forget the previous one
                 self.zeros = self.seen = 0
-                self._counting, self.counted_at = True, self.step_now
+                self._counting, self.stale = True, False
             self.zeros += x.numel() - int(torch.count_nonzero(x))
             self.seen += x.numel()
         return x
@@ -218,7 +217,7 @@ class ActivationRegGroup(RecordsGroupMixin, Group):
     def update(self, step: int, loss=None) -> None:
         on = in_range(step, self.begin, self.end)
         for m in self.members.values():
-            m.active, m.step_now = on, step
+            m.active = on
 
     def target(self, step: int):
         return None
@@ -241,7 +240,7 @@ class ActivationRegGroup(RecordsGroupMixin, Group):
         # measured zeros of the regularized activation in the last evaluation (None before one)
         return {"regularizes": module.regularizes, "placement": module.placement, "sparsifies": "activations",
                 "achieved": module.zeros / module.seen if module.seen else None, "elements": module.seen,
-                **({"measured_at": module.counted_at} if module.seen else {})}
+                **({"stale": module.stale} if module.seen else {})}
 
     def finalize_member(self, name: str, module: nn.Module):
         return None  # the node is removed: its users read its input again
