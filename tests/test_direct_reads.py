@@ -95,3 +95,31 @@ def test_mamba_reads_dt_proj_and_conv1d_weights_directly():
     mixer = m.backbone.layers[0].mixer
     assert not isinstance(mixer.dt_proj, SparseWeightMixin) and not isinstance(mixer.conv1d, SparseWeightMixin)
     assert isinstance(mixer.in_proj, SparseWeightMixin) and isinstance(mixer.out_proj, SparseWeightMixin)
+
+
+class ByName(nn.Module):
+    """Mamba's mixer: its ``act`` module exists, but the forward applies the activation by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.act, self.gate = nn.Linear(16, 32), nn.SiLU(), nn.ReLU()
+        self.activation = "silu"
+
+    def forward(self, x):
+        h = self.inp(x)
+        if h.sum() > -1e9:  # untraceable
+            h = getattr(F, self.activation)(h)
+        return self.gate(h)
+
+
+def test_an_activation_module_the_forward_never_calls_gets_no_regularizer():
+    """Its one-call graph never ran: the penalty stayed 0 and every sparsify.step said the loop
+    trained another model."""
+    net = nn.Sequential(ByName(), nn.Linear(32, 4))
+    m = sparsify.sparsify(net, "tl1", example_inputs=(X,), total_steps=4, capture="fx")
+    names = {e.name for e in sparsify.core.state.find_state(m).plan.rewritten}
+    assert "0.gate" in names and "0.act" not in names, names
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "the loop trains another model"
+        run_steps(m, torch.optim.SGD(sparsify.param_groups(m), lr=0.1), [(X, None)] * 3, penalty=True,
+                  loss_of=lambda x, _: m(x).pow(2).mean())

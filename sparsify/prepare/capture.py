@@ -144,6 +144,10 @@ def fx_capture(root: nn.Module, matcher: MatchTable, example_inputs=None):
 
     # activation modules called by an untraceable parent get a one-call graph when a rule may insert after them
     shell = shell_activation if any(r.method is not None and r.method.site == "node" for r in matcher.rules) else None
+    if shell is not None and calls is not None and (ran := calls.call_order()):
+        # one the example forward never called gets none: Mamba hands its act to a kernel by name, so a
+        # shell there would never run, its penalty stay 0, and every step blame the training loop
+        shell = lambda name, m: shell_activation(name, m) and name in ran  # noqa: E731
     tr = trace(root, _not_a_layer, is_site=is_site, calls=calls, shell=shell, concrete_args=root_args)
     cands = _candidates(tr, root, calls)
     split = _takes_labels(root)
