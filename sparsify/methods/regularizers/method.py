@@ -154,7 +154,7 @@ class ActivationRegularizer(RecordsMixin, nn.Module):
                 and self.recording()):
             self.record(penalty_value(x, self.function, self.a, self.reduction, weight=self.lam, nonneg=self.nonneg))
         if self.training:
-            self._counting, self.stale = False, self.seen > 0
+            self._counting, self.stale = False, True  # stores only: a read would be guarded on under compile
         elif isinstance(x, torch.Tensor) and x.numel() and eager() and not in_internal():
             if not self._counting:  # a new evaluation: forget the previous one
                 self.zeros = self.seen = 0
