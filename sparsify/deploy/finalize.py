@@ -16,7 +16,7 @@ from passes.traced import deepcopy_module, graph_fingerprint, untraced
 
 from sparsify.deploy.compare import answered_alike, flatten_tensors, outputs_close, rolled, same_outputs
 from passes.calls import input_tuple
-from sparsify.prepare.inputs import FIT_HINT, describe_inputs, misfit_error, state_inputs
+from sparsify.prepare.inputs import FIT_HINT, misfit_error, refuse_empty, state_inputs
 from sparsify.prepare.pretrained import guard_foreign_layout, unguard_save_pretrained
 from sparsify.core.registry import get_method
 from sparsify.core.dead_outputs import dead_outputs, dead_outputs_message
@@ -109,9 +109,8 @@ def _remove_node(root: nn.Module, graph_paths: list[str], qualname: str) -> bool
 def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
                    rtol: float = 1e-4, atol: float = 1e-5, plain_classes: bool = True) -> nn.Module:
     """See :func:`sparsify.finalize`. ``plain_classes``: see :func:`_untrace`."""
-    if example_inputs is not None and samples_in(given := input_tuple(example_inputs)) == 0:
-        raise ValueError(f"finalize: example_inputs hold 0 samples (shapes {describe_inputs(given)}): the check "
-                         "would compare nothing; pass at least one, batch first")
+    if example_inputs is not None:
+        refuse_empty(input_tuple(example_inputs), "finalize: example_inputs", "the check would compare nothing; ")
     state: SparsifyState = find_state(model)
     source = unwrap(model)
     if sharded_modules(source.modules()):

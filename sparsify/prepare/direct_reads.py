@@ -15,11 +15,13 @@ from torch import nn
 
 from sparsify.core.eval_loop import run_eval
 
-__all__ = ["direct_reads", "direct_warning", "DIRECT_READ"]
+__all__ = ["direct_reads", "direct_warning", "DIRECT_READ", "READ_DIRECTLY"]
 
+#: what the plan's reason for such a layer says (the plan's warnings leave it to :func:`direct_warning`)
+READ_DIRECTLY = "read directly by the code around it"
 #: the plan's reason for such a layer; ``{op}`` is the first op seen reading its weight
-DIRECT_READ = ("its weight is read directly by the code around it ({op}), not through a call of the layer: a "
-               "sparse layer would compute with its dense weight there")
+DIRECT_READ = (f"its weight is {READ_DIRECTLY} ({{op}}), not through a call of the layer: a sparse layer would "
+               "compute with its dense weight there")
 
 
 class _Reads(torch.overrides.TorchFunctionMode):

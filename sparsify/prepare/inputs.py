@@ -16,7 +16,7 @@ from sparsify.core.modes import kept_modes
 from sparsify.core.state import SparsifyState
 
 __all__ = ["positions_per_sample", "guess_example_inputs", "state_inputs", "check_inputs", "describe_inputs",
-           "misfit_error", "FIT_HINT"]
+           "misfit_error", "refuse_empty", "FIT_HINT"]
 
 #: what to do about example inputs a forward rejects
 FIT_HINT = ("pass what the model's forward takes, batch first (e.g. example_inputs=(torch.zeros(1, 3, 224, 224),) "
@@ -113,6 +113,19 @@ def misfit_error(what: str, model: nn.Module, inputs: tuple, error: Exception, h
                       f"raise {type(error).__name__}: {first}; {hint}")
 
 
+def refuse_empty(inputs: tuple, what: str, why: str = "") -> None:
+    """A one-line error when one call's ``inputs`` (``what`` gave them) hold no sample; ``why``
+    says what an empty batch would break.
+
+    >>> refuse_empty((torch.zeros(0, 4),), "finalize: example_inputs", "the check would compare nothing; ")
+    Traceback (most recent call last):
+    ValueError: finalize: example_inputs hold 0 samples (shapes (0, 4) float32): the check would compare nothing; pass at least one, batch first
+    """
+    if samples_in(inputs) == 0:
+        raise ValueError(f"{what} hold 0 samples (shapes {describe_inputs(inputs)}): {why}pass at least one, "
+                         "batch first")
+
+
 def check_inputs(model: nn.Module, example_inputs) -> dict[str, float] | None:
     """Say now, in one line, what would otherwise fail later (in ``finalize`` or a MAC count): a
     TorchScript model, or ``example_inputs`` the model cannot run on (or that hold no sample). The
@@ -135,9 +148,7 @@ def check_inputs(model: nn.Module, example_inputs) -> dict[str, float] | None:
     if example_inputs is None:
         return None
     inputs = input_tuple(example_inputs)
-    if samples_in(inputs) == 0:  # MACs per sample would divide by it
-        raise ValueError(f"example_inputs hold 0 samples (shapes {describe_inputs(inputs)}): pass at least one, "
-                         "batch first")
+    refuse_empty(inputs, "example_inputs")  # MACs per sample would divide by it
     try:
         return positions_per_sample(model, inputs)
     except Exception as e:

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from sparsify.core.subclasses import COMPUTED_WEIGHT, OWN_FORWARD
 from sparsify.prepare.adapters import ADAPTER
+from sparsify.prepare.direct_reads import READ_DIRECTLY
 
 __all__ = ["PlanEntry", "Plan", "STACKED", "FROZEN", "OWN_KERNEL"]
 
@@ -84,7 +85,7 @@ class Plan:
             out.append(f"sparsify: recipe {recipe.name!r} rewrote nothing in this model: {len(declined)} matched "
                        f"site(s) stay dense (first: {declined[0].name}: {declined[0].reason}); see "
                        "sparsify.plan(model, recipe)")
-        said = (OWN_FORWARD, FROZEN, "read directly by the code around it")  # each has a line of its own
+        said = (OWN_FORWARD, FROZEN, READ_DIRECTLY)  # each has a line of its own
         shadowed = {s["name"] for s in self.shadowed}
         quiet = [e for e in declined if not any(s in e.reason for s in said) and e.name not in shadowed
                  and not e.reason.startswith(ADAPTER)]
