@@ -24,8 +24,8 @@ from sparsify.core.averaging import sync_sparsity, unsynced_warning
 from sparsify.core.pace import check_bypassed, check_held, check_idle, reset, schedule_unfinished, watch
 from sparsify.core.schedules import plain_number
 from sparsify.core.sharded import full_parameters
-from sparsify.core.state import (check_filled, find_state, forget_replaced, refuse_unfilled, remember_sparsified,
-                                  unwrap)
+from sparsify.core.state import check_filled, find_state, forget_replaced, refuse_unfilled, unwrap
+from sparsify.core.wrong_model import remember_sparsified
 from sparsify.core.advance import advance
 from sparsify.core.penalty_watch import watch_penalty
 from sparsify.core.diverged import diverged_message, nonfinite_parameters

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import types
 import warnings
-import weakref
 
 import torch
 from torch import nn
@@ -20,11 +18,12 @@ from passes import set_submodule
 
 from sparsify.core.extra_state import pack, unpack
 from sparsify.core.layers import SparseWeightMixin
+from sparsify.core.wrong_model import check_module, not_sparsified
 from sparsify.core.plain import plain_copy
 from sparsify.core.sharded import full_parameters
 
 __all__ = ["SparsifyState", "STATE_ATTR", "AVERAGING_WRAPPERS", "find_state", "unwrap", "after_load",
-           "forget_replaced", "check_module", "remember_sparsified", "check_filled", "refuse_unfilled", "is_wrapper",
+           "forget_replaced", "check_filled", "refuse_unfilled", "is_wrapper",
            "start_groups", "partial_load"]
 
 STATE_ATTR = "sparsify_state"
@@ -241,60 +240,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-# what sparsify() was given and what it returned, weakly, by id (a model class may define __eq__
-# without __hash__): only to word find_state's errors
-_GIVEN: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-_RETURNED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-
-
-def remember_sparsified(given: nn.Module, returned: nn.Module) -> None:
-    """Note a ``sparsify()`` call, so that passing its input, or a part of its output, to the other
-    functions is named as such."""
-    if given is not returned:
-        _GIVEN[id(given)] = given
-    _RETURNED[id(returned)] = returned
-
-
-def _not_sparsified(root: nn.Module, where: str, what: str) -> str:
-    """Why ``root``, which holds no state, is not what ``where`` takes, as well as can be told."""
-    if _GIVEN.get(id(root)) is root:
-        return (f"{where}: {what} is the model given to sparsify.sparsify, which returns a new module: pass the one it "
-                "returned (model = sparsify.sparsify(model, ...))")
-    # the library's own classes live only inside a sparsified model: a part of one was passed
-    if isinstance(root, SparseWeightMixin) or type(root).__module__.split(".")[0] == "sparsify" or \
-            any(m is root for r in list(_RETURNED.values()) for m in r.modules()):
-        return (f"{where}: {what} is a layer inside a sparsified model ({type(root).__name__}), not the model: pass "
-                "the model sparsify.sparsify returned")
-    # finalize leaves no mark on its output: it can only be named as a possibility
-    return (f"{where}: {'this model' if what == 'model' else what} was not made by sparsify.sparsify(...), or it is "
-            "sparsify.finalize's output (plain modules: nothing to step, report or sync); call "
-            "model = sparsify.sparsify(model, recipe) first")
-
-
-def _given(value) -> str:
-    """What a wrong argument is, for an error message, with what was probably meant."""
-    if isinstance(value, torch.optim.Optimizer):
-        return f"{type(value).__name__} (an optimizer: pass the model it trains)"
-    if isinstance(value, types.GeneratorType) or \
-            (isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor)):
-        return f"{type(value).__name__} (model.parameters()? pass the model itself)"
-    if isinstance(value, (list, tuple)) and value and isinstance(value[0], nn.Module):
-        return f"{type(value).__name__} of modules (pass one model at a time)"
-    return "None" if value is None else type(value).__name__
-
-
-def check_module(value, where: str = "sparsify", what: str = "model") -> None:
-    """Refuse anything but a module, naming the function (``where``) and the argument (``what``).
-
-    >>> check_module(torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1), "sparsify.step")
-    Traceback (most recent call last):
-    ...
-    TypeError: sparsify.step: model must be the nn.Module sparsify.sparsify returned, got SGD (an optimizer: ...)
-    """
-    if not isinstance(value, nn.Module):
-        raise TypeError(f"{where}: {what} must be the nn.Module sparsify.sparsify returned, got {_given(value)}")
-
-
 def find_state(model: nn.Module, *, required: bool = True, where: str = "sparsify",
                what: str = "model") -> SparsifyState | None:
     """The :class:`SparsifyState` of a model returned by ``sparsify`` (wrappers allowed);
@@ -311,7 +256,7 @@ def find_state(model: nn.Module, *, required: bool = True, where: str = "sparsif
                             f"{shown}: pass each of those (sparsify.step(model.{inner[0]}), the same for penalty, "
                             "report, finalize), or sparsify the whole model with a recipe that leaves the rest dense "
                             "(a rule {\"match\": {\"name\": \"head.**\"}, \"method\": null}, docs/recipes.md#rules)")
-        raise TypeError(_not_sparsified(root, where, what))
+        raise TypeError(not_sparsified(root, where, what))
     return state
 
 
