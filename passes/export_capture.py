@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .calls import input_tuple
+from .call_inputs import input_tuple
 from .checkpoint_guard import refuse_checkpoint
 from .export_guard import ExportGuard  # also where pickles made before the split find it
 from .traced import _keep_attributes, _keep_hierarchy, _traced_class

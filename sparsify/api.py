@@ -9,7 +9,7 @@ import warnings
 import torch
 from torch import nn
 
-from passes.calls import positional_inputs
+from passes.call_inputs import positional_inputs
 from sparsify.prepare.build import build, check_model
 from sparsify.prepare.capture import check_capture
 from sparsify.deploy.finalize import check_options, finalize_model

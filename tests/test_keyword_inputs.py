@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import sparsify
-from passes.calls import positional_inputs
+from passes.call_inputs import positional_inputs
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 

@@ -17,7 +17,7 @@ import warnings
 import torch
 from torch import nn
 
-from passes.calls import positional_inputs
+from passes.call_inputs import positional_inputs
 from sparsify.deploy.compare import outputs_close
 
 __all__ = ["export_program", "export_onnx", "run_onnx", "check_deployable", "DeployCheck"]

@@ -15,7 +15,7 @@ from passes.hooks import kept_hooks, remove_hooks, unguard_called
 from passes.traced import deepcopy_module, graph_fingerprint, untraced
 
 from sparsify.deploy.compare import answered_alike, flatten_tensors, outputs_close, rolled, same_outputs
-from passes.calls import input_tuple
+from passes.call_inputs import input_tuple
 from sparsify.prepare.inputs import FIT_HINT, misfit_error, refuse_empty, state_inputs
 from sparsify.prepare.pretrained import guard_foreign_layout, unguard_save_pretrained
 from sparsify.core.registry import get_method

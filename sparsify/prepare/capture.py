@@ -10,7 +10,8 @@ import inspect
 from torch import nn
 
 from passes import ExportCaptureError, export_trace, model_ends, node_name, own_calls, target_module, trace
-from passes.calls import CallShell, input_tuple
+from passes.call_inputs import input_tuple
+from passes.calls import CallShell
 from passes.tracing import CallRecord, TraceResult, enclosing_modules
 
 from sparsify.core.activations import is_activation_module, shell_activation

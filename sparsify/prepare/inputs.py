@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from passes.calls import input_tuple, whole_dict_note
+from passes.call_inputs import input_tuple, whole_dict_note
 from sparsify.core.conv1d import CONV_TRANSPOSE_TYPES, in_features_of, out_features_of
 from sparsify.core.eval_loop import internal, run_eval, samples_in
 from sparsify.core.layers import WEIGHT_TYPES

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from passes.calls import positional_inputs
+from passes.call_inputs import positional_inputs
 from sparsify.core.eval_loop import run_eval
 from sparsify.prepare.inputs import describe_inputs, misfit_error
 from sparsify.stats.functional_reads import FunctionalReads, linear_counts

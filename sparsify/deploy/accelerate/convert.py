@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from passes import replace_uses, set_submodule
-from passes.calls import positional_inputs
+from passes.call_inputs import positional_inputs
 
 from sparsify.deploy.accelerate.direct_conv import DirectSparseConv2d, direct_available, supports_direct
 from sparsify.deploy.accelerate.fuse import fuse_relu_pass, fuse_residual_pass
