@@ -23,7 +23,12 @@ def flatten_tensors(out) -> list[torch.Tensor]:
 
 def outputs_close(a, b, rtol: float = 1e-4, atol: float = 1e-5) -> tuple[bool, float]:
     """Whether two model outputs (tensors or nested containers) agree; also the largest
-    difference relative to the largest magnitude of ``a``."""
+    difference relative to the largest magnitude of ``a``. Boolean tensors (a padding mask passed
+    on to a layer) are compared as 0/1.
+
+    >>> outputs_close([torch.ones(2), torch.tensor([True])], [torch.ones(2), torch.tensor([False])])
+    (False, 1.0)
+    """
     fa, fb = flatten_tensors(a), flatten_tensors(b)
     if len(fa) != len(fb):
         return False, float("inf")
@@ -32,10 +37,11 @@ def outputs_close(a, b, rtol: float = 1e-4, atol: float = 1e-5) -> tuple[bool, f
     for x, y in zip(fa, fb):
         if x.shape != y.shape:
             return False, float("inf")
+        x, y = x.float(), y.float()
         scale = float(x.abs().max()) if x.numel() else 0.0
-        diff = float((x.float() - y.float()).abs().max()) if x.numel() else 0.0
+        diff = float((x - y).abs().max()) if x.numel() else 0.0
         worst = max(worst, diff / (scale or 1.0))
-        ok = ok and bool(torch.allclose(x.float(), y.float(), rtol=rtol, atol=atol * max(scale, 1.0)))
+        ok = ok and bool(torch.allclose(x, y, rtol=rtol, atol=atol * max(scale, 1.0)))
     return ok, worst
 
 

@@ -16,6 +16,7 @@ from passes.traced import deepcopy_module, graph_fingerprint, untraced
 
 from sparsify.deploy.compare import answered_alike, flatten_tensors, outputs_close, rolled, same_outputs
 from passes.call_inputs import input_tuple
+from sparsify.prepare.open_transformer import close_transformers
 from sparsify.prepare.inputs import FIT_HINT, misfit_error, refuse_empty, state_inputs
 from sparsify.prepare.pretrained import guard_foreign_layout, unguard_save_pretrained
 from sparsify.core.registry import get_method
@@ -155,6 +156,7 @@ def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
             gm.recompile()
     if plain_classes:
         final = _untrace(final, fstate)
+    close_transformers(final)  # torch's transformer classes, and their fused inference paths, back
     unguard_called(final)  # a module called again runs hooks registered on it
     final.train(False)
     # a frozen layer stays frozen and a trainable one trainable: the finalized model can be

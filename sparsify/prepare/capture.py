@@ -18,6 +18,7 @@ from sparsify.core.activations import is_activation_module, shell_activation
 from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.prepare.hidden import needed_paths
 from sparsify.prepare.matching import Candidate, MatchTable, op_name
+from sparsify.prepare.open_transformer import close_transformers, open_transformers
 
 __all__ = ["CAPTURES", "capture", "fx_capture", "check_capture", "capture_report", "swaps_only"]
 
@@ -144,6 +145,9 @@ def fx_capture(root: nn.Module, matcher: MatchTable, example_inputs=None):
         return w is not None and w.method is not None
 
     # activation modules called by an untraceable parent get a one-call graph when a rule may insert after them
+    inserts = any(r.method is not None and (r.method.site == "node" or r.method.full_trace) for r in matcher.rules)
+    # torch's transformer layers are leaves of any trace: their activation is reached only on their regular path
+    opened = open_transformers(root) if inserts else []
     shell = shell_activation if any(r.method is not None and r.method.site == "node" for r in matcher.rules) else None
     if shell is not None and calls is not None and (ran := calls.call_order()):
         # one the example forward never called gets none: Mamba hands its act to a kernel by name, so a
@@ -176,15 +180,26 @@ def fx_capture(root: nn.Module, matcher: MatchTable, example_inputs=None):
             needed.update(paths)
     needed |= needed_paths(tr.graphs, matcher.winner)  # forwards that read a rewritten weight
     if descended <= needed:
+        _note_opened(tr, opened)
         return tr, cands, cands
     first_cands, ends = cands, tr.ends
     tr.restore()  # below untraceable modules, the second trace starts from the modules, not the first graphs
+    # an opened layer with nothing a rule reaches gets torch's class (and its fused inference path) back
+    opened = [n for n in opened if n not in close_transformers(root, [n for n in opened if n not in needed])]
     tr = trace(root, lambda name, m: name in needed and _not_a_layer(name, m), is_site=is_site, calls=calls,
                shell=shell, concrete_args=root_args, split=split)
     # first/last describe the model, not how deep this trace went (a leaf stem hides its conv):
     # the full-depth trace saw more of it
     tr.ends = ends
+    _note_opened(tr, opened)
     return tr, _candidates(tr, root), first_cands
+
+
+def _note_opened(tr: TraceResult, opened: list[str]) -> None:
+    if opened:
+        tr.notes.append(f"torch transformer modules traced on their regular path (torch.fx keeps them whole), so "
+                        f"that rules reach their activations: {', '.join(n or '<root>' for n in opened[:4])}"
+                        f"{'...' if len(opened) > 4 else ''} (docs/capture.md#torch-transformer-layers)")
 
 
 def check_capture(value) -> str:

@@ -8,8 +8,10 @@ hooks, so a sparsified layer carries :func:`no_fast_path`, a pre-hook that does 
 
 ``nn.TransformerEncoder`` has a fast path of its own: in eval under ``no_grad``, given a padding
 mask, it turns the batch into a nested tensor, which the regular path of a layer cannot take
-("Nested tensor dimension 0 cannot be transposed"). An encoder with sparse parts gets
-``use_nested_tensor`` off (:func:`off_nested_path`), and ``finalize`` restores it.
+("Nested tensor dimension 0 cannot be transposed"), and gives the padded positions back as zeros.
+An encoder with sparse parts runs its layers on padded tensors and zeroes those positions itself
+where torch would have gone nested (:func:`off_nested_path`, with the encoder of
+:mod:`sparsify.prepare.open_transformer`); ``finalize`` gives it torch's class back.
 
 These torch layers are leaves of a trace (their code is never traced), but their regular forward
 calls ``linear1`` and ``linear2`` as modules: those are rewritten as attributes, like the layers
@@ -31,6 +33,7 @@ from passes.hooks import remove_hooks
 from passes.rewrite import recast
 
 from sparsify.prepare.matching import Candidate
+from sparsify.prepare.open_transformer import open_transformers
 
 __all__ = ["no_fast_path", "TRANSFORMER_LAYERS", "ffn_candidates", "off_fast_path", "off_nested_path",
            "drop_fast_path_hooks"]
@@ -88,21 +91,18 @@ def off_fast_path(layer: nn.Module) -> nn.Module:
 
 
 def off_nested_path(root: nn.Module, rewritten: list[str]) -> list[str]:
-    """Turn ``use_nested_tensor`` off in every ``nn.TransformerEncoder`` of ``root`` that holds one
-    of the modules named in ``rewritten`` (the value it had is kept for
-    :func:`drop_fast_path_hooks`); returns their names. ``root`` is the model being rewritten.
+    """Give every ``nn.TransformerEncoder`` of ``root`` that holds one of the modules named in
+    ``rewritten`` the class that runs its layers on padded tensors and leaves the padded positions
+    as torch's nested path does (:class:`~sparsify.prepare.open_transformer.OpenTransformerEncoder`);
+    returns their names. ``root`` is the model being rewritten.
 
     >>> enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1)
-    >>> off_nested_path(enc, ["layers.0.linear1"]), enc.use_nested_tensor
-    ([''], False)
+    >>> off_nested_path(enc, ["layers.0.linear1"]), type(enc).__name__, enc.use_nested_tensor
+    ([''], 'OpenTransformerEncoder', True)
     """
-    names = []
-    for name, m in root.named_modules():
-        if type(m) is nn.TransformerEncoder and m.__dict__.get("use_nested_tensor") and any(
-                r.startswith(f"{name}." if name else "") for r in rewritten):
-            m.__dict__["_dense_use_nested_tensor"] = True
-            m.use_nested_tensor = False
-            names.append(name)
+    names = [name for name, m in root.named_modules() if type(m) is nn.TransformerEncoder
+             and m.__dict__.get("use_nested_tensor") and any(r.startswith(f"{name}." if name else "") for r in rewritten)]
+    open_transformers(root, names)
     return names
 
 
@@ -117,5 +117,5 @@ def drop_fast_path_hooks(root: nn.Module) -> None:
     """
     for m in root.modules():
         remove_hooks(m, "_forward_pre_hooks", no_fast_path)
-        if "_dense_use_nested_tensor" in m.__dict__:
+        if "_dense_use_nested_tensor" in m.__dict__:  # sparse models pickled before open_transformer.py
             m.use_nested_tensor = m.__dict__.pop("_dense_use_nested_tensor")

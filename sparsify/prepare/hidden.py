@@ -230,7 +230,8 @@ def convert_hidden(root: nn.Module, swaps: list[tuple[str, nn.Module]], names: l
     """Apply the swaps :func:`hidden_candidates` returned; one Change each. ``names``: the
     candidates it returned, whose encoders leave their nested-tensor path
     (:func:`~sparsify.prepare.fast_path.off_nested_path`)."""
-    changes = [Change("edit", name, "use_nested_tensor=False (the sparse layers' regular path)")
+    changes = [Change("replace", name, "TransformerEncoder -> OpenTransformerEncoder (the sparse layers' regular "
+                      "path, padded positions as torch's nested path leaves them)")
                for name in off_nested_path(root, list(names))]
     for name, new in swaps:
         old = type(root.get_submodule(name)).__name__

@@ -21,10 +21,10 @@ class TreeSnapshot:
     >>> import torch
     >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
     >>> snap, old = TreeSnapshot(m), m[0]
-    >>> m[0] = torch.nn.Identity(); m[1].inplace = True
+    >>> m[0] = torch.nn.Identity(); m[1].inplace = True; m[1].__class__ = torch.nn.ReLU6
     >>> snap.restore()
-    >>> m[0] is old, m[1].inplace
-    (True, False)
+    >>> m[0] is old, m[1].inplace, type(m[1]).__name__
+    (True, False, 'ReLU')
     """
 
     def __init__(self, root: nn.Module):
@@ -32,10 +32,11 @@ class TreeSnapshot:
         for m in root.modules():
             attrs = dict(m.__dict__)
             contents = {k: type(attrs[k])(attrs[k]) for k in _CONTAINERS if k in attrs}
-            self._saved.append((m, attrs, contents))
+            self._saved.append((m, type(m), attrs, contents))
 
     def restore(self) -> None:
-        for m, attrs, contents in self._saved:
+        for m, cls, attrs, contents in self._saved:
+            m.__class__ = cls  # torch's transformer layers are given a traceable class (prepare/open_transformer.py)
             m.__dict__.clear()
             m.__dict__.update(attrs)
             for key, content in contents.items():
