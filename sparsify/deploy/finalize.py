@@ -25,7 +25,7 @@ from sparsify.core.diverged import diverged_message, nonfinite_parameters
 from sparsify.core.eval_loop import internal, samples_in
 from sparsify.core.modes import kept_modes
 from sparsify.core.sharded import sharded_modules
-from sparsify.core.state import STATE_ATTR, SparsifyState, after_load, find_state, refuse_unfilled, unwrap
+from sparsify.core.state import STATE_ATTR, SparsifyState, after_load, before_load, find_state, refuse_unfilled, unwrap
 from sparsify.core.tied import TiedUse, plain_tied
 
 __all__ = ["FinalizeError", "FinalizeWarning", "finalize_model", "check_options"]
@@ -146,6 +146,7 @@ def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
     delattr(final, STATE_ATTR)
     # its load_state_dict hook handles checkpoints without sparsify state: the plain model has none
     remove_hooks(final, "_load_state_dict_post_hooks", after_load)
+    remove_hooks(final, "_load_state_dict_pre_hooks", before_load)
     remove_hooks(final, "_forward_pre_hooks", refuse_unfilled)  # a model sparsified on meta
     unguard_save_pretrained(final)
     if foreign:

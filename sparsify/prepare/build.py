@@ -36,7 +36,7 @@ from sparsify.prepare.unhandled import frozen_reason, unhandled_entries
 from sparsify.prepare.recipe import Recipe
 from sparsify.prepare.undo import TreeSnapshot, mirror_children
 from sparsify.prepare.validate import check_times
-from sparsify.core.state import STATE_ATTR, SparsifyState, after_load, start_groups
+from sparsify.core.state import STATE_ATTR, SparsifyState, after_load, before_load, start_groups
 
 __all__ = ["build", "check_model"]
 
@@ -301,6 +301,7 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     state.output_layers = [c.name for c in cands + hidden if c.last and c.name in rewritten]
     state.layer_factors = factors
     root.add_module(STATE_ATTR, state)
+    root.register_load_state_dict_pre_hook(before_load)  # before any layer takes another run's values
     root.register_load_state_dict_post_hook(after_load)
     guard_save_pretrained(root)
     if shared:

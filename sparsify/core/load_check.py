@@ -1,0 +1,82 @@
+"""How a checkpoint's run differs from the model's: what ``load_state_dict`` names when it refuses a
+checkpoint of another ``sparsify(...)`` call (``sparsify.core.state.before_load``, the model's
+pre-hook, which also drops the penalty terms recorded since the last collection).
+
+A sparsified model's ``state_dict`` holds the recipe and ``total_steps`` it was made with (the
+extra state of its :class:`~sparsify.core.state.SparsifyState`). That state is the model's last
+child, so a check in its ``set_extra_state`` runs after every layer took the checkpoint's weights,
+masks, thresholds and step: a caller who catches the error ("resume if possible, else start
+fresh") trained a model already at the checkpoint's step with another recipe's masks.
+``before_load``, a ``load_state_dict`` pre-hook of the model itself, compares first and names what
+differs (:func:`run_difference`).
+
+Penalty terms recorded by a forward whose loss never collected them (a training-mode forward for
+a metric) belong to the autograd graph of the weights as they were: after a rollback to an
+earlier checkpoint, the next ``sparsify.penalty`` added them to the loss and ``backward`` failed
+inside autograd ("modified by an inplace operation"). The load drops them.
+"""
+from __future__ import annotations
+
+import json
+
+from sparsify.core.extra_state import unpack
+
+__all__ = ["run_difference"]
+
+
+def _differences(a, b, path: str = "") -> list[str]:
+    """Paths where two JSON values differ, each with both values.
+
+    >>> _differences({"rules": [{"params": {"sparsity": 0.9}}]}, {"rules": [{"params": {"sparsity": 0.5}}]})
+    ['rules[0].params.sparsity: 0.9 in the checkpoint, 0.5 here']
+    """
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            sub = f"{path}.{k}" if path else str(k)
+            if k not in a or k not in b:
+                out.append(f"{sub}: {'absent' if k not in a else json.dumps(a[k])} in the checkpoint, "
+                           f"{'absent' if k not in b else json.dumps(b[k])} here")
+            else:
+                out.extend(_differences(a[k], b[k], sub))
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{path}[{i}]")]
+    return [] if a == b else [f"{path or 'recipe'}: {json.dumps(a)} in the checkpoint, {json.dumps(b)} here"]
+
+
+def run_difference(saved, recipe_json: str, total_steps: int | None) -> str | None:
+    """What differs between the run a checkpoint's packed state ``saved`` describes and the model's
+    (its recipe as JSON text, its ``total_steps``); None when nothing does. Recipes of two names
+    are named; for one name, the first values that differ (its description only when nothing
+    else does).
+
+    >>> from sparsify.core.extra_state import pack
+    >>> saved = pack({"recipe": '{"name": "st3", "rules": [{"method": "st3"}]}', "total_steps": 10})
+    >>> run_difference(saved, '{"name": "st3", "rules": [{"method": "st3"}]}', 20)
+    'total_steps: 10 in the checkpoint, 20 here'
+    >>> run_difference(saved, '{"name": "gmp", "rules": [{"method": "gmp"}]}', 10)
+    'recipe "st3" in the checkpoint, "gmp" here'
+    >>> run_difference(saved, '{"name": "st3", "rules": [{"method": "st3", "params": {"sparsity": 0.5}}]}', 10)
+    'rules[0].params: absent in the checkpoint, {"sparsity": 0.5} here'
+    """
+    state = unpack(saved)
+    if state["recipe"] == recipe_json and state["total_steps"] == total_steps:
+        return None
+    found = []
+    if state["total_steps"] != total_steps:
+        found.append(f"total_steps: {state['total_steps']} in the checkpoint, {total_steps} here")
+    try:
+        a, b = json.loads(state["recipe"]), json.loads(recipe_json)
+    except (TypeError, ValueError):
+        a = b = None
+    if isinstance(a, dict) and isinstance(b, dict) and a.get("name") != b.get("name"):
+        found.append(f"recipe {json.dumps(a.get('name'))} in the checkpoint, {json.dumps(b.get('name'))} here")
+    elif isinstance(a, dict) and isinstance(b, dict):
+        diffs = _differences(a, b)
+        named = [d for d in diffs if not d.startswith("description:")]
+        found.extend(named or diffs)
+    elif state["recipe"] != recipe_json:
+        found.append("the recipe")
+    shown = "; ".join(found[:3]) + (f"; and {len(found) - 3} more" if len(found) > 3 else "")
+    return shown or "the recipe"

@@ -1,0 +1,104 @@
+"""``load_state_dict`` on a sparsified model: a checkpoint of another ``sparsify(...)`` call is
+refused before any of it is loaded, and terms recorded for a penalty not yet collected are dropped.
+
+The check sat in the state's ``set_extra_state``, which runs after every layer loaded: an st3
+checkpoint at 90% refused by a model sparsified at 50% had already overwritten 36 of its 44
+entries (weights, masks, thresholds, the step: 4), so a caller who caught the error and trained
+on ("resume if possible, else start fresh") trained another run's model. And the message printed
+only ``total_steps``, which read "checkpoint total_steps=10, model total_steps=10" when the recipe
+differed."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import sparsify
+from loops import run_steps
+
+X = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+Y = torch.arange(8)
+
+
+def net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(288, 10))
+
+
+def trained(recipe, total_steps=10, **overrides):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = sparsify.sparsify(net(), recipe, total_steps=total_steps, example_inputs=X, **overrides)
+        run_steps(m, torch.optim.SGD(m.parameters(), lr=0.01), [(X, Y)] * 4, penalty=True)
+    return m
+
+
+@pytest.mark.parametrize("theirs, ours, named", [
+    (("st3", 10, {}), ("st3", 10, {"sparsity": 0.5}), "rules[0].params.sparsity: 0.9 in the checkpoint, 0.5 here"),
+    (("st3", 10, {}), ("st3", 20, {}), "total_steps: 10 in the checkpoint, 20 here"),
+    (("st3", 10, {}), ("gmp", 10, {}), 'recipe "st3" in the checkpoint, "gmp" here'),
+    (("tl1", 10, {}), ("tl1", 10, {"lam": 1.0}), "rules[0].params.lam: 0.1 in the checkpoint, 1.0 here"),
+    (("sas", 10, {}), ("sas", 10, {"m": 4}), "rules[0].params.m: 2 in the checkpoint, 4 here"),
+])
+def test_nothing_is_loaded_and_the_difference_is_named(theirs, ours, named):
+    checkpoint = trained(theirs[0], theirs[1], **theirs[2]).state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = sparsify.sparsify(net(), ours[0], total_steps=ours[1], example_inputs=X, **ours[2])
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError, match="another sparsify") as caught:
+        model.load_state_dict(checkpoint)
+    assert named in str(caught.value) and "nothing was loaded" in str(caught.value)
+    after = model.state_dict()
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []
+
+
+def test_inside_a_wrapper_module_the_prefix_is_followed():
+    class Wrapper(nn.Module):  # a LightningModule holding the sparsified net as an attribute
+        def __init__(self, inner):
+            super().__init__()
+            self.net = inner
+    checkpoint = Wrapper(trained("gmp")).state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = Wrapper(sparsify.sparsify(net(), "gmp", total_steps=12, example_inputs=X))
+    with pytest.raises(RuntimeError, match="total_steps: 10 in the checkpoint, 12 here"):
+        model.load_state_dict(checkpoint)
+    assert int(model.net.sparsify_state.step) == 0
+
+
+def test_the_same_call_loads_and_a_dense_checkpoint_still_passes_the_hook():
+    m = trained("st3")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh = sparsify.sparsify(net(), "st3", total_steps=10, example_inputs=X)
+    fresh.load_state_dict(m.state_dict())
+    assert int(fresh.sparsify_state.step) == 4
+    fresh.load_state_dict(net().state_dict(), strict=False)  # dense weights: after_load's business
+    final = sparsify.finalize(m)
+    assert not final._load_state_dict_pre_hooks  # the deployed model carries no sparsify hook
+
+
+@pytest.mark.parametrize("recipe", ["tl1", "activation-l1", "dual"])
+def test_a_rollback_after_a_stray_training_forward_trains_on(recipe):
+    # early stopping: a training-mode forward for a metric (its terms never collected), then the best
+    # checkpoint back: the next penalty summed the stale terms, whose graph holds the weights as they were,
+    # and backward failed inside autograd ("modified by an inplace operation ... is at version 6")
+    m = trained(recipe)
+    best = copy.deepcopy(m.state_dict())
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    run_steps(m, opt, [(X, Y)] * 2, penalty=True)
+    m(X)  # recorded, never collected
+    m.load_state_dict(best)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        losses = run_steps(m, opt, [(X, Y)] * 2, penalty=True)
+    fresh = trained(recipe)  # the same four steps, then the same two from the same weights
+    fresh.load_state_dict(best)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = run_steps(fresh, torch.optim.SGD(fresh.parameters(), lr=0.01), [(X, Y)] * 2, penalty=True)
+    assert losses == pytest.approx(again, rel=1e-6)
