@@ -90,7 +90,8 @@ class Report:
                          "forwards: evaluate again for the current figure")
         if any(r.sparsifies == "activations" and r.achieved is None for r in self.layers):
             lines.append("activations: their zeros are counted by eval-mode forwards (model.eval(), then a "
-                         "forward: your validation loop); '-' until one has run")
+                         "forward: your validation loop); '-' until one has run. A torch.compile'd "
+                         "model's forwards are not counted: evaluate with the model sparsify returned")
         if t.get("empty_layers"):
             lines.append(f"warning: 100% sparse: {', '.join(t['empty_layers'])} (every weight pruned: "
                          "the output no longer depends on the input)")
