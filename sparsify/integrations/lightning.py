@@ -8,7 +8,13 @@ With ``recipe`` and ``attr`` the callback sparsifies ``pl_module.<attr>`` itself
 (before ``configure_optimizers`` runs), with ``total_steps = trainer.estimated_stepping_batches``.
 Without them it drives every submodule the user already sparsified, and warns when the run ends
 before its schedules do. Under manual optimization (``automatic_optimization = False``) the
-training step runs its own backward: add ``sparsify.penalty(self.net)`` to the loss there.
+training step runs its own backward: add ``sparsify.penalty(self.net)`` to the loss there. Each
+sparsified module takes one ``sparsify.step`` per optimizer step that updates its parameters (a
+GAN's discriminator optimizer does not advance the generator's schedule); on resume it goes on
+from the module's own step counter (restored with its weights). A checkpoint written when the
+callback sparsified the module holds it sparse, and ``load_from_checkpoint`` builds it dense: call
+:func:`sparsify_as_saved` in the module's ``on_load_checkpoint``, or sparsify in ``__init__`` and
+pass ``SparsifyCallback()``.
 
 With Lightning's ``WeightAveraging`` callbacks (``EMAWeightAveraging``, your own subclasses), in
 either order in ``callbacks=[...]``, the averaged copy is made from the sparsified module and keeps the
@@ -19,6 +25,7 @@ that, the averaged masks (the union of all masks so far) are what validation run
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import warnings
 
@@ -27,14 +34,15 @@ import torch
 from torch import nn
 
 import sparsify
+from sparsify.core.extra_state import unpack
 from sparsify.core.layers import drop_all_caches
 from sparsify.core.pace import schedule_short
-from sparsify.core.state import find_state
+from sparsify.core.state import STATE_ATTR, find_state
 from sparsify.prepare.capture import check_capture
 from sparsify.prepare.recipe import CALL_KEYWORDS, load_recipe
 from sparsify.prepare.validate import check_total_steps
 
-__all__ = ["SparsifyCallback", "sparsified_modules", "averaging_callbacks"]
+__all__ = ["SparsifyCallback", "sparsified_modules", "averaging_callbacks", "sparsify_as_saved"]
 
 
 def sparsified_modules(module: nn.Module) -> list[nn.Module]:
@@ -50,6 +58,50 @@ def sparsified_modules(module: nn.Module) -> list[nn.Module]:
             found.append(m)
             skip.add(name)
     return found
+
+
+def sparsify_as_saved(pl_module: nn.Module, checkpoint: dict, **sparsify_kwargs) -> list[str]:
+    """Sparsify each submodule of a freshly built (dense) ``pl_module`` that ``checkpoint`` holds
+    sparsified, with the recipe and ``total_steps`` saved in it, so that its ``state_dict`` loads:
+    call it from ``on_load_checkpoint`` to open with ``load_from_checkpoint`` a checkpoint written
+    by ``SparsifyCallback(recipe, attr=...)``. ``sparsify_kwargs`` (``example_inputs=``) go to
+    ``sparsify.sparsify``. Returns the names of the submodules it sparsified.
+
+    >>> class Classifier(pl.LightningModule):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.net = nn.Sequential(nn.Linear(4, 4))
+    ...     def on_load_checkpoint(self, checkpoint):
+    ...         sparsify_as_saved(self, checkpoint)
+    >>> trained = Classifier()
+    >>> trained.net = sparsify.sparsify(trained.net, "gmp", sparsity=0.5, total_steps=10)
+    >>> checkpoint = {"state_dict": trained.state_dict()}
+    >>> fresh = Classifier()
+    >>> sparsify_as_saved(fresh, checkpoint)
+    ['net']
+    >>> fresh.load_state_dict(checkpoint["state_dict"])
+    <All keys matched successfully>
+    """
+    state_dict = checkpoint.get("state_dict", checkpoint)
+    suffix = f"{STATE_ATTR}._extra_state"
+    done, made = [], []
+    for key in sorted((k for k in state_dict if k == suffix or k.endswith("." + suffix)), key=len):
+        path = key[:-len(suffix)].rstrip(".")
+        if any(path == d or path.startswith(d + ".") for d in done):
+            continue  # inside a module sparsified whole
+        done.append(path)
+        module = pl_module.get_submodule(path)
+        if find_state(module, required=False) is not None:
+            continue  # sparsified already (in __init__, or by SparsifyCallback's setup when resuming)
+        if not path:
+            raise TypeError(f"sparsify_as_saved: the checkpoint holds {type(pl_module).__name__} itself sparsified; "
+                            "sparsify the network it holds (self.net), not the LightningModule")
+        saved = unpack(state_dict[key])
+        parent, _, name = path.rpartition(".")
+        setattr(pl_module.get_submodule(parent), name, sparsify.sparsify(
+            module, json.loads(saved["recipe"]), total_steps=saved["total_steps"], **sparsify_kwargs))
+        made.append(path)
+    return made
 
 
 def averaging_callbacks(trainer, kinds: tuple[str, ...] = ("WeightAveraging",)) -> list:
@@ -78,9 +130,31 @@ def _averaged(callback) -> nn.Module | None:
 _MISSING = object()
 
 
+def _updated(optimizer, modules: list[nn.Module], pl_module: nn.Module) -> list[bool]:
+    """Which of ``modules`` ``optimizer`` updates (holds a parameter of)."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    hit = [any(id(p) in held for p in m.parameters()) for m in modules]
+    if any(hit) or any(id(p) in held for p in pl_module.parameters()):
+        return hit
+    # it holds copies, none of the module's own tensors (DeepSpeed ZeRO's flat partitions): which
+    # module it updates cannot be told, and such a strategy runs this one optimizer for them all
+    return [True] * len(modules)
+
+
+def _manual_run_steps(trainer, mine: int, all_steps: int) -> int | None:
+    """The optimizer steps a module gets in a manual-optimization run whose batches give it
+    ``mine`` of their ``all_steps`` steps (max_steps counts every optimizer's steps)."""
+    ends = []
+    if trainer.max_epochs not in (None, -1) and math.isfinite(trainer.num_training_batches):
+        ends.append(int(trainer.num_training_batches) * trainer.max_epochs * mine)
+    if trainer.max_steps not in (None, -1):
+        ends.append(trainer.max_steps * mine // all_steps)
+    return min(ends) if ends else None
+
+
 class SparsifyCallback(pl.Callback):
-    """Penalty in the loss, ``sparsify.step`` after each optimizer step (gradient accumulation
-    respected: it follows ``trainer.global_step``)."""
+    """Penalty in the loss, ``sparsify.step`` after each optimizer step that updates the sparsified
+    module (gradient accumulation respected: a step is the optimizer's, not a batch)."""
 
     def __init__(self, recipe=None, attr: str | None = None, **sparsify_kwargs):
         super().__init__()
@@ -98,7 +172,10 @@ class SparsifyCallback(pl.Callback):
             if sparsify_kwargs.get("capture") is not None:
                 check_capture(sparsify_kwargs["capture"])
         self.recipe, self.attr, self.kwargs = recipe, attr, sparsify_kwargs
-        self._last_step = None
+        self._pending: dict[int, int] = {}  # id(sparsified module) -> optimizer steps not yet followed
+        self._stepped = False  # an optimizer stepped since the last batch end
+        self._derived = None  # total_steps taken from the trainer under manual optimization, to check
+        self._batch_start = 0
 
     def setup(self, trainer, pl_module, stage=None):
         if self.recipe is not None and stage in (None, "fit") and \
@@ -114,7 +191,11 @@ class SparsifyCallback(pl.Callback):
                     f"their masks. Sparsify it before fit (pl_module.{self.attr} = sparsify.sparsify(..., "
                     "total_steps=...), then SparsifyCallback()), or use strategy='ddp'")
             kwargs = dict(self.kwargs)
-            kwargs.setdefault("total_steps", int(trainer.estimated_stepping_batches))
+            if "total_steps" not in kwargs:
+                kwargs["total_steps"] = int(trainer.estimated_stepping_batches)
+                # Lightning's estimate counts batches, or max_steps, which under manual optimization
+                # counts every optimizer's steps: how many are this module's is seen at the first batch
+                self._derived = None if pl_module.automatic_optimization else kwargs["total_steps"]
             setattr(pl_module, self.attr, sparsify.sparsify(getattr(pl_module, self.attr), self.recipe, **kwargs))
             for callback in averaging_callbacks(trainer, _COPYING):
                 if _averaged(callback) is not None:  # it copied the module before it was sparsified
@@ -189,24 +270,60 @@ class SparsifyCallback(pl.Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         self._sync_averages(trainer, pl_module)
 
+    def on_train_start(self, trainer, pl_module):
+        self._pending, self._stepped = {}, False
+        # the module's own step counter (restored with its weights) is what the schedule follows:
+        # nothing is replayed. Under automatic optimization Lightning's one optimizer makes
+        # global_step the same count; under manual optimization it sums every optimizer's steps.
+        if trainer.ckpt_path is None or not pl_module.automatic_optimization:
+            return
+        names = {id(m): n for n, m in pl_module.named_modules()}
+        for m in sparsified_modules(pl_module):
+            if (step := int(find_state(m).step)) != trainer.global_step:
+                warnings.warn(f"SparsifyCallback: {names[id(m)] or 'the module'} is at sparsify step {step} but the "
+                              f"trainer resumes at global_step {trainer.global_step}: the schedule follows the "
+                              f"module's step {step}, one step per optimizer step from here", stacklevel=2)
+                return
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._batch_start = trainer.global_step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        # This hook, not trainer.global_step: under manual optimization global_step counts every
+        # optimizer's steps (a GAN's two per batch), and only the hook says which optimizer
+        # stepped. It fires for each step Lightning takes, automatic or manual, once per
+        # accumulation (not per micro-batch), also for optimizers a strategy wraps (DeepSpeed's
+        # is no torch.optim one, which a torch step hook would miss). It fires before the step:
+        # sparsify.step runs at the batch end, after the weights moved.
+        self._stepped = True
+        modules = sparsified_modules(pl_module)
+        for m, hit in zip(modules, _updated(optimizer, modules, pl_module)):
+            if hit:
+                self._pending[id(m)] = self._pending.get(id(m), 0) + 1
+
+    def _check_manual_total(self, trainer, mine: int) -> None:
+        """Under manual optimization, whether the total_steps taken from the trainer matches the
+        steps this batch's share of optimizer steps gives the module over the run."""
+        derived, self._derived = self._derived, None
+        expected = _manual_run_steps(trainer, mine, max(trainer.global_step - self._batch_start, mine))
+        if expected is not None and expected != derived:
+            warnings.warn(f"SparsifyCallback: pl_module.{self.attr} took {mine} of the "
+                          f"{trainer.global_step - self._batch_start} optimizer steps of this batch, so the run "
+                          f"gives it about {expected} steps, not total_steps={derived} (the Trainer's "
+                          f"estimated_stepping_batches): pass SparsifyCallback(..., total_steps={expected})",
+                          stacklevel=2)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self._last_step is None:
-            self._last_step = 0
-        if trainer.global_step > self._last_step:  # an optimizer step happened in this batch
-            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs  # {} when the step returned None
-            # Lightning's StochasticWeightAveraging ends with an epoch that only refreshes the
-            # BatchNorm statistics: no backward, so its one optimizer step is no training step
-            trained = not getattr(trainer.fit_loop, "_skip_backward", False)
-            for m in sparsified_modules(pl_module) if trained else ():
-                for _ in range(trainer.global_step - self._last_step):
-                    sparsify.step(m, loss if isinstance(loss, torch.Tensor) else None)
-            self._last_step = trainer.global_step
-            self._sync_averages(trainer, pl_module)  # the averaging callbacks listed before this one updated
-        else:  # accumulating: forget penalties recorded by this micro-batch's forward
-            pass
-
-    def state_dict(self):
-        return {"last_step": self._last_step}
-
-    def load_state_dict(self, state_dict):
-        self._last_step = state_dict.get("last_step")
+        if not self._stepped:  # accumulating: no optimizer step in this batch
+            return
+        pending, self._pending, self._stepped = self._pending, {}, False
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs  # {} when the step returned None
+        # Lightning's StochasticWeightAveraging ends with an epoch that only refreshes the
+        # BatchNorm statistics: no backward, so its one optimizer step is no training step
+        trained = not getattr(trainer.fit_loop, "_skip_backward", False)
+        for m in sparsified_modules(pl_module) if trained else ():
+            if self._derived is not None and pending.get(id(m)) and m is getattr(pl_module, self.attr, None):
+                self._check_manual_total(trainer, pending[id(m)])
+            for _ in range(pending.get(id(m), 0)):
+                sparsify.step(m, loss if isinstance(loss, torch.Tensor) else None)
+        self._sync_averages(trainer, pl_module)  # the averaging callbacks listed before this one updated
