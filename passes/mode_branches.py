@@ -5,7 +5,8 @@ other mode runs the module's own forward (:class:`passes.calls.CallGuard`), with
 rewrite inserted. Some branches only change the memory layout: diffusers' ``ResnetBlock2D`` does
 ``if self.training: x = x.contiguous()``, so every evaluation of a diffusers model ran without
 them. :func:`same_in_both_modes` traces such a graph again with those flags flipped and compares
-the two with value-preserving layout calls taken out; equal graphs serve both modes.
+the two with value-preserving layout calls taken out; equal graphs serve both modes. Modules whose
+branch does change values and that only wrap an activation run as they are (:func:`mode_split`).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Callable
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["same_in_both_modes", "graph_key"]
+__all__ = ["same_in_both_modes", "graph_key", "mode_split", "MODE_SPLIT"]
 
 #: calls that return their input's values unchanged (only the memory layout may differ)
 _LAYOUT_ONLY = {"contiguous"}
@@ -62,3 +63,51 @@ def same_in_both_modes(root: nn.Module, graph: fx.Graph, baked: dict, retrace: C
         for m, value in modules:
             m.training = value
     return graph_key(other) == graph_key(graph)
+
+
+#: the reason recorded for a module :func:`mode_split` makes run its own forward
+MODE_SPLIT = ("its forward branches on self.training, so a traced graph would hold one mode's branch and the "
+              "other mode would run without the inserted nodes: it runs as it is in both modes, its activations "
+              "reached through graphs of their own")
+
+
+def mode_split(root: nn.Module, baked: dict, prefix: str, forced: set[str], is_site: Callable,
+               shell: Callable | None) -> list[str]:
+    """Local paths of the modules a graph of ``root`` inlined whose ``training`` flag the trace
+    baked (``baked``: the tracer's ``{(path, flag): value}``) and that are better run as they are:
+    each calls an activation ``shell`` accepts (one that may get nodes inserted after it) and
+    holds no other module ``is_site`` rewrites. timm's ``BatchNormAct2d`` (batch norm's training
+    branch, then ``self.act``) is one: inlined, it sent every eval call of the whole graph to the
+    model's own forward, so the nodes inserted after its activation never ran in eval (no
+    activation figures for ``measure`` / ``report``; semi-structured's masks not applied). Run
+    as it is, with its activation in a one-call graph, both modes run the nodes, and the graph
+    around it no longer depends on the mode.
+
+    >>> import torch
+    >>> class BNAct(torch.nn.BatchNorm2d):
+    ...     def __init__(self):
+    ...         super().__init__(4); self.act = torch.nn.ReLU()
+    ...     def forward(self, x):
+    ...         return self.act(x if self.training else x * 2)
+    >>> root = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), BNAct())
+    >>> mode_split(root, {("1", "training"): True}, "", set(), lambda n, m: False, lambda n, m: n.endswith("act"))
+    ['1']
+    >>> mode_split(root, {("1", "training"): True}, "", set(), lambda n, m: False, None)
+    []
+    """
+    if shell is None:
+        return []
+    out = []
+    for path, flag in baked:
+        if flag != "training" or not path or path in forced:
+            continue
+        try:
+            module = root.get_submodule(path)
+        except AttributeError:
+            continue
+        full = f"{prefix}.{path}" if prefix else path
+        inside = [(f"{full}.{name}", m) for name, m in module.named_modules() if name]
+        shelled = [name for name, m in inside if shell(name, m)]
+        if shelled and not any(is_site(name, m) for name, m in inside if name not in shelled):
+            out.append(path)
+    return sorted(out)

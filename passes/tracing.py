@@ -21,7 +21,7 @@ from .checkpoint_guard import CheckpointInGraph, refuse_checkpoint
 from .depth_tracer import Descend, _DepthTracer, _first_line, _hold, capture_graph  # noqa: F401  (_DepthTracer: pickles name it here)
 from .depth_tracer import proxies_are_tensors, python_draws
 from .mistraced import NOT_REPRODUCED, RANDOM_DRAW, mistraced_modules
-from .mode_branches import same_in_both_modes
+from .mode_branches import MODE_SPLIT, mode_split, same_in_both_modes
 from .module_stack import enclosing_modules, module_path_of, traced_through  # noqa: F401  (re-exported)
 from .reproduce import reproduces
 from .traced import TracedModule, traced_module
@@ -130,6 +130,11 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
                                   blockwise=isinstance(error, CheckpointInGraph))
             _force(forced, [culprit], _first_line(error), prefix, result)
         gm = _graph_module(root, descend, forced, prefix, concrete_args, tracer, graph, example_call)
+        guard = gm.__dict__.get("_call_guard")
+        split_modes = mode_split(root, guard.modes if guard is not None else {}, prefix, forced, is_site, shell)
+        if split_modes and len(forced) < max_fallbacks:
+            _force(forced, split_modes, MODE_SPLIT, prefix, result, chosen=True)
+            continue
         if not tracer.drew_random:
             through = traced_through(graph)
             if calls is None or calls.vouched(prefix, through):
@@ -165,7 +170,8 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
     return result
 
 
-def _force(forced: set[str], names: list[str], reason: str, prefix: str, result: TraceResult) -> None:
+def _force(forced: set[str], names: list[str], reason: str, prefix: str, result: TraceResult,
+           chosen: bool = False) -> None:
     """Make ``names`` leaves of the graph. A leaf inside another is dropped with its fallback:
     the outer one's children are traced one by one, where it is met again."""
     full = (lambda n: f"{prefix}.{n}" if prefix else n)  # noqa: E731
@@ -173,7 +179,7 @@ def _force(forced: set[str], names: list[str], reason: str, prefix: str, result:
     inner = {n for n in forced if any(n.startswith(o + ".") for o in forced)}
     forced -= inner
     result.fallbacks = [f for f in result.fallbacks if f.name not in {full(n) for n in inner}]
-    result.fallbacks += [Fallback(full(n), reason) for n in names if n not in inner]
+    result.fallbacks += [Fallback(full(n), reason, chosen) for n in names if n not in inner]
 
 
 def _graph_module(root: nn.Module, descend: Descend, forced: set[str], prefix: str, concrete_args: dict | None,
