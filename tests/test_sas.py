@@ -381,3 +381,41 @@ def test_second_derivatives_are_refused_in_one_line_and_taken_through_torch_func
     gx.pow(2).sum().backward()
     for name, p in m.named_parameters():
         torch.testing.assert_close(through_func[name], p.grad, msg=lambda msg: f"{name}: {msg}")
+
+
+def test_finalize_keeps_the_attributes_model_code_reads():
+    # timm's davit Downsample reads k_h, k_w = self.conv.kernel_size in a forward torch.fx cannot trace
+    # (shape-dependent padding): the deployed SAS module had no kernel_size, so finalize failed there
+    import warnings
+    import sparsify
+
+    class Down(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3)
+
+        def forward(self, x):
+            k_h, k_w = self.conv.kernel_size
+            if x.shape[-1] % k_w:
+                x = F.pad(x, (0, k_w - x.shape[-1] % k_w))
+            return self.conv(x) * self.conv.in_channels / 8
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.stage, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Module(), nn.Linear(8, 4)
+            self.stage.downsample = Down()  # the recipe converts downsample convs as they are (davit's too)
+
+        def forward(self, x):
+            return self.fc(self.stage.downsample(F.relu(self.stem(x))).mean((2, 3)))
+
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = sparsify.sparsify(Net(), "sas", example_inputs=x, total_steps=4)
+        assert type(m.stage.downsample.conv).__name__ == "SASConv2d"
+        final = sparsify.finalize(m)
+    assert final.stage.downsample.conv.kernel_size == (3, 3) and final.stage.downsample.conv.in_channels == 8
+    with torch.no_grad():
+        torch.testing.assert_close(final(x), m.eval()(x), rtol=1e-5, atol=1e-6)

@@ -116,8 +116,20 @@ class SASMixin(SparseWeightMixin):
 
     def deploy_module(self) -> fx.GraphModule:
         """A plain-ops copy (slot ops, stack, conv/linear) as a ``GraphModule`` holding
-        ``weight`` (official layout) and ``bias``; ``torch.export`` accepts it."""
-        return fx.symbolic_trace(SASDeploy(self))
+        ``weight`` (official layout) and ``bias``; ``torch.export`` accepts it. It answers the
+        layer's public attributes (``kernel_size``, ``in_channels``, ``in_features``, ...) as the
+        layer did: model code reads them (timm's davit: ``k_h, k_w = self.conv.kernel_size``).
+
+        >>> layer = SASConv2d(4, 8, 3, padding=1)
+        >>> gm = layer.deploy_module()
+        >>> gm.kernel_size, gm.in_channels, gm.padding, tuple(gm.weight.shape)
+        ((3, 3), 4, (1, 1), (8, 8, 3, 3))
+        """
+        gm = fx.symbolic_trace(SASDeploy(self))
+        for name in _LAYER_ATTRIBUTES:
+            if name in self.__dict__:
+                setattr(gm, name, self.__dict__[name])
+        return gm
 
     def sparse_repr(self) -> str:
         return f"m={self.sas_m}, slot_rule={self.slot_rule!r}" + ("" if self.sas_recompute else ", keep slots")
@@ -125,6 +137,11 @@ class SASMixin(SparseWeightMixin):
 
 SAS_CLASSES = specialize(SASMixin, prefix="SAS")
 SASConv1d, SASConv2d, SASConv3d, SASLinear = (SAS_CLASSES[t] for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+
+
+#: what a Conv/Linear answers besides its parameters, kept on the deployed SAS module
+_LAYER_ATTRIBUTES = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                     "padding_mode", "transposed", "output_padding", "in_features", "out_features")
 
 
 class SASDeploy(nn.Module):
