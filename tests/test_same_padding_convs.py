@@ -100,3 +100,14 @@ def test_memory_efficient_swish_is_an_activation_the_activation_recipes_reach():
     x = torch.randn(2, 3, 8, 8)
     plan = sparsify.plan(Net(), "tl1", example_inputs=(x,))
     assert [(e.name, e.kind) for e in plan.rewritten] == [("act", "MemoryEfficientSwish")]
+
+
+def test_sas_leaves_them_dense_and_says_the_weight_methods_rewrite_them():
+    # SAS widens the layer and computes its own way: the message said "it may transform the weight, as
+    # weight standardisation does" (FalconLinear under SAS too), contradicting the weight recipes rewriting it
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sparsify.sparsify(Net(), "sas", total_steps=4, example_inputs=torch.randn(2, 3, 8, 8))
+    said = [str(w.message) for w in caught if "left dense (first:" in str(w.message)]
+    assert said and "the weight methods rewrite it" in said[0] and "standardisation" not in said[0]

@@ -139,10 +139,16 @@ def refusal(module: nn.Module, base: type, runs_own_forward: bool) -> str | None
     ...         return self._conv_forward(x, w, self.bias)
     >>> refusal(Std(1, 1, 3), nn.Conv2d, True).split(":")[0]
     'Std computes with its own forward (sparsify.core.subclasses.Std), which a sparse layer would not keep'
+    >>> KEEPS_WEIGHT.add(_qualified(Std)); refusal(Std(1, 1, 3), nn.Conv2d, False).split(": ")[1]
+    'left dense (the weight methods rewrite it, running that forward with the sparse weight)'
+    >>> KEEPS_WEIGHT.discard(_qualified(Std))
     """
     cls = own_forward_class(module, base)
     if cls is None or (runs_own_forward and keeps_weight(cls)):
         return None
+    if keeps_weight(cls):  # a weight method runs it; this method (SAS) computes its own way
+        return (f"{type(module).__name__} {OWN_FORWARD} ({_qualified(cls)}), which this method's layer would not "
+                "run: left dense (the weight methods rewrite it, running that forward with the sparse weight)")
     return (f"{type(module).__name__} {OWN_FORWARD} ({_qualified(cls)}), which a sparse layer would not keep: "
             "left dense (it may transform the weight, as weight standardisation does, so masking the stored "
             "weight would not make its kernel sparse)")

@@ -61,8 +61,8 @@ class Plan:
         own = [e for e in self.dense if OWN_FORWARD in e.reason]
         if own:  # a plain sparse layer would drop their forward (weight standardisation): said, not silent
             out.append(f"sparsify: {len(own)} layer(s) of class {', '.join(sorted({e.kind for e in own}))} left "
-                       "dense: they compute with their own forward, which a sparse layer would not keep (see "
-                       "sparsify.plan(model, recipe) and docs/integrations.md#timm)")
+                       f"dense (first: {own[0].name}: {own[0].reason}); see sparsify.plan(model, recipe) and "
+                       "docs/integrations.md#timm")
         computed = [e for e in self.dense if COMPUTED_WEIGHT in e.reason]
         if computed:  # weight_norm & co.: the user can remove the parametrization first
             share = sum(e.params for e in computed) / max(1, total)
@@ -81,11 +81,12 @@ class Plan:
         # (computed weights are named above; a PEFT model's frozen base layers are what adapters mean)
         declined = [e for e in self.dense if e.rule is not None and recipe.rules[e.rule].method is not None
                     and COMPUTED_WEIGHT not in e.reason]
-        if not self.rewritten and declined and not adapters:  # rules matched, every method left its sites alone
-            out.append(f"sparsify: recipe {recipe.name!r} rewrote nothing in this model: {len(declined)} matched "
-                       f"site(s) stay dense (first: {declined[0].name}: {declined[0].reason}); see "
-                       "sparsify.plan(model, recipe)")
         said = (OWN_FORWARD, FROZEN, READ_DIRECTLY)  # each has a line of its own
+        if not self.rewritten and declined and not adapters:  # rules matched, every method left its sites alone
+            first = next((e for e in declined if not any(s in e.reason for s in said)), declined[0])
+            out.append(f"sparsify: recipe {recipe.name!r} rewrote nothing in this model: {len(declined)} matched "
+                       f"site(s) stay dense (first: {first.name}: {first.reason}); see "
+                       "sparsify.plan(model, recipe)")
         shadowed = {s["name"] for s in self.shadowed}
         quiet = [e for e in declined if not any(s in e.reason for s in said) and e.name not in shadowed
                  and not e.reason.startswith(ADAPTER)]
