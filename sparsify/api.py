@@ -9,7 +9,7 @@ import warnings
 import torch
 from torch import nn
 
-from passes.call_inputs import positional_inputs
+from passes.call_inputs import input_tuple, positional_inputs
 from sparsify.prepare.build import build, check_model
 from sparsify.prepare.capture import check_capture
 from sparsify.deploy.finalize import check_options, finalize_model
@@ -30,7 +30,7 @@ from sparsify.core.advance import advance
 from sparsify.core.penalty_watch import watch_penalty
 from sparsify.core.diverged import diverged_message, nonfinite_parameters
 from sparsify.core.step_checks import after_step, as_loss, say_once
-from sparsify.prepare.inputs import check_inputs, state_inputs
+from sparsify.prepare.inputs import check_inputs, refuse_misfit, state_inputs
 from sparsify.prepare.sharing import SHARED_WARNING, mark_trained, remember_holder, trained_through_earlier
 
 __all__ = ["sparsify", "plan", "step", "sync", "penalty", "report", "finalize", "param_groups", "measure",
@@ -301,7 +301,12 @@ def finalize(model: nn.Module, example_inputs=None, *, check: bool = True, rtol:
             raise ValueError("finalize(accelerate=True) builds and times layers on example inputs: pass "
                              "example_inputs=... here or to sparsify(...)")
         options = accelerate if isinstance(accelerate, dict) else {}
-        final = _accelerate(final, inputs, **{"check": check, **options})
+        try:
+            final = _accelerate(final, inputs, **{"check": check, **options})
+        except Exception as e:
+            if example_inputs is not None and not check:  # the check would have said it: say so here
+                refuse_misfit("finalize: example_inputs", final, input_tuple(example_inputs), e)
+            raise
     return final
 
 

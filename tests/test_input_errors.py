@@ -221,6 +221,14 @@ def test_finalize_example_inputs_that_do_not_fit_are_one_line(model, inputs, par
     _one_line(e, "finalize: example_inputs do not fit the model", *parts)
 
 
+def test_finalize_accelerated_without_the_check_says_inputs_do_not_fit(request):
+    # check=False skips the comparison that ran the inputs first: the acceleration then failed in torch
+    with pytest.raises(ValueError) as e:
+        _quiet(sparsify.finalize, request.getfixturevalue("resnet"), torch.zeros(1, 1, 32, 32), check=False,
+               accelerate=True)
+    _one_line(e, "finalize: example_inputs do not fit the model", "3 channels")
+
+
 def test_finalize_dict_keys_naming_no_parameter(bert):
     model, ids = bert
     with pytest.raises(ValueError) as e:

@@ -16,7 +16,7 @@ from sparsify.core.modes import kept_modes
 from sparsify.core.state import SparsifyState
 
 __all__ = ["positions_per_sample", "guess_example_inputs", "state_inputs", "check_inputs", "describe_inputs",
-           "misfit_error", "refuse_empty", "FIT_HINT"]
+           "misfit_error", "refuse_misfit", "refuse_empty", "FIT_HINT"]
 
 #: what to do about example inputs a forward rejects
 FIT_HINT = ("pass what the model's forward takes, batch first (e.g. example_inputs=(torch.zeros(1, 3, 224, 224),) "
@@ -112,6 +112,20 @@ def misfit_error(what: str, model: nn.Module, inputs: tuple, error: Exception, h
     return ValueError(f"{what} do not fit the model: shapes {describe_inputs(inputs)}{whole_dict_note(model, inputs)} "
                       f"raise {type(error).__name__}: {first}; {hint}")
 
+
+
+def refuse_misfit(what: str, model: nn.Module, inputs: tuple, error: Exception) -> None:
+    """:func:`misfit_error` when ``inputs`` do not fit ``model`` (``error`` came from a step that
+    ran it, such as finalize's acceleration without the output check); nothing when they fit (the
+    error was something else, for the caller to raise).
+
+    >>> refuse_misfit("finalize: example_inputs", nn.Linear(2, 2), (torch.zeros(1, 2),), RuntimeError("x"))
+    """
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception:
+        raise misfit_error(what, model, inputs, error, FIT_HINT) from None
 
 def refuse_empty(inputs: tuple, what: str, why: str = "") -> None:
     """A one-line error when one call's ``inputs`` (``what`` gave them) hold no sample; ``why``
