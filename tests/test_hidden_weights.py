@@ -149,7 +149,7 @@ def test_sparse_mha_loads_dense_checkpoint_and_roundtrips():
                                attn.in_proj.weight)
 
 
-def test_mha_with_separate_kv_dims_stays_dense_with_reason():
+def test_mha_with_separate_kv_dims_is_rewritten():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -158,7 +158,7 @@ def test_mha_with_separate_kv_dims_stays_dense_with_reason():
         def forward(self, q, kv):
             return self.attn(q, kv, kv)[0]
     p = sparsify.plan(Net(), "st3", example_inputs=(torch.zeros(1, 3, 8), torch.zeros(1, 5, 4)))
-    assert "attn.out_proj" in {e.name for e in p.dense}
+    assert {"attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj"} <= {e.name for e in p.rewritten}
 
 
 def _recipes_with_weight_methods():

@@ -277,8 +277,9 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     if example_inputs is not None:
         plan.input_shapes = [list(x.shape) for x in example_inputs if hasattr(x, "shape")]
         for e in plan.entries if factors else ():
-            # a dense MultiheadAttention's packed weight is counted as "<mha>.in_proj"
-            key = e.name[:-len("_weight")] if e.name.endswith(".in_proj_weight") else e.name
+            # a dense MultiheadAttention's projection weights are counted as "<mha>.in_proj", "<mha>.q_proj"...
+            key = e.name[:-len("_weight")] if e.name.endswith(
+                (".in_proj_weight", ".q_proj_weight", ".k_proj_weight", ".v_proj_weight")) else e.name
             if e.params and key in factors:
                 e.macs = int(round(factors[key] * e.params))
     restore_modes(root, modes)  # a frozen BatchNorm stays frozen (core/modes.py)

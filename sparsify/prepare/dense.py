@@ -16,6 +16,30 @@ from sparsify.prepare.plan import PlanEntry
 
 __all__ = ["dense_entries"]
 
+_PROJECTIONS = ("in_proj", "q_proj", "k_proj", "v_proj")  # MultiheadAttention's <proj>_weight parameters
+
+
+def _attention_entries(name: str, mha: nn.MultiheadAttention, matcher: MatchTable) -> list[PlanEntry]:
+    """The projection weights ``mha`` holds as parameters (packed ``in_proj_weight``, or separate
+    ``q/k/v_proj_weight``) that no rule's method takes. One a method takes (the attention is then
+    converted, see :mod:`sparsify.prepare.hidden`) is listed as ``<mha>.<proj>`` by the rewrite,
+    rewritten or with why its method declined, so it is not listed here a second time."""
+    entries = []
+    for proj in _PROJECTIONS:
+        weight = mha._parameters.get(f"{proj}_weight")
+        if weight is None:
+            continue
+        full = f"{name}.{proj}" if name else proj
+        view = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")  # what the rules match
+        w = matcher.winner(Candidate(full, view))
+        if w is not None and w.method is not None:
+            continue
+        why = f"excluded by rule {w.rule.index}" if w is not None else \
+            "parameter read directly by nn.MultiheadAttention (no module call to rewrite)"
+        entries.append(PlanEntry(f"{full}_weight", f"MultiheadAttention.{proj}_weight", None,
+                                 w.rule.index if w else None, why, weight.numel()))
+    return entries
+
 
 def dense_entries(root: nn.Module, tr: TraceResult, all_cands: list[Candidate], matcher: MatchTable,
                    rewritten: set[str]) -> list[PlanEntry]:
@@ -36,11 +60,8 @@ def dense_entries(root: nn.Module, tr: TraceResult, all_cands: list[Candidate], 
     fallbacks = [f.name for f in tr.fallbacks]
     entries = []
     for name, m in root.named_modules():
-        if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None and \
-                (f"{name}.in_proj" if name else "in_proj") not in rewritten:
-            entries.append(PlanEntry(f"{name}.in_proj_weight", "MultiheadAttention.in_proj_weight", None, None,
-                                     "parameter read directly by nn.MultiheadAttention (no module call to rewrite)",
-                                     m.in_proj_weight.numel()))
+        if isinstance(m, nn.MultiheadAttention):
+            entries.extend(_attention_entries(name, m, matcher))
         if not isinstance(m, WEIGHT_TYPES) or name in rewritten:
             continue
         owner_leaf = next((leaf for leaf in leaves if name.startswith(leaf + ".")), None)

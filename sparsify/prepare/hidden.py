@@ -7,10 +7,12 @@ Two patterns hide Conv/Linear weights from a ``call_module`` node:
   swapped as an attribute like any other rewritten layer, and each such ``get_attr`` becomes
   ``effective_weight_of(<get_attr layer>)``: the read now returns what
   :meth:`SparseWeightMixin.effective_weight` computes, gradients included.
-* ``nn.MultiheadAttention`` (a torch leaf) reads its ``in_proj_weight`` parameter and its
-  ``out_proj.weight`` directly. It is replaced by :class:`SparseMultiheadAttention`, whose packed
-  input projection becomes a ``Linear`` child ``in_proj`` (so a weight method can replace it like
-  any layer) and whose forward computes with the effective weights of ``in_proj`` and ``out_proj``.
+* ``nn.MultiheadAttention`` (a torch leaf) reads its ``in_proj_weight`` parameter (or, with
+  ``kdim`` / ``vdim`` other than ``embed_dim``, its separate ``q_proj_weight`` / ``k_proj_weight`` /
+  ``v_proj_weight``) and its ``out_proj.weight`` directly. It is replaced by
+  :class:`SparseMultiheadAttention`, whose input projections become ``Linear`` children ``in_proj``
+  (or ``q_proj`` / ``k_proj`` / ``v_proj``), so a weight method can replace them like any layer, and
+  whose forward computes with the effective weights of those and of ``out_proj``.
 
 Both are method-agnostic: any :class:`SparseWeightMixin` method gets them. ``finalize`` turns them
 back into plain graphs and modules (:func:`finalize_hidden`).
@@ -107,11 +109,37 @@ def rewire_hidden_reads(graphs: dict[str, fx.GraphModule], rewritten: set[str]) 
 # nn.MultiheadAttention
 # --------------------------------------------------------------------------------------------
 
+#: the input projections of a MultiheadAttention with kdim / vdim other than embed_dim
+_SEPARATE = ("q_proj", "k_proj", "v_proj")
+
+
+def _projections(mha: nn.MultiheadAttention) -> tuple[str, ...]:
+    return ("in_proj",) if mha._qkv_same_embed_dim else _SEPARATE
+
+
 def _load_dense_keys(module, state_dict, prefix, *args, **kwargs):
-    # checkpoints of the dense model name the packed projection ``in_proj_weight``
-    old = prefix + "in_proj_weight"
-    if old in state_dict and prefix + "in_proj.weight" not in state_dict:
-        state_dict[prefix + "in_proj.weight"] = state_dict.pop(old)
+    # checkpoints of the dense model name the projections ``in_proj_weight`` / ``q_proj_weight`` ...
+    for proj in ("in_proj", *_SEPARATE):
+        old, new = f"{prefix}{proj}_weight", f"{prefix}{proj}.weight"
+        if proj in module._modules and old in state_dict and new not in state_dict:
+            state_dict[new] = state_dict.pop(old)
+
+
+def _linear_view(weight: nn.Parameter, training: bool = True) -> nn.Linear:
+    """A bias-free ``nn.Linear`` holding ``weight`` itself (no copy, no initialisation)."""
+    lin = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(lin)
+    lin.in_features, lin.out_features = weight.shape[1], weight.shape[0]
+    lin.weight = weight
+    lin.bias = None  # the bias stays in_proj_bias, read by the attention as before
+    lin.train(training)
+    return lin
+
+
+def _effective(mha: nn.Module, proj: str) -> torch.Tensor | None:
+    # None where the attention has the other layout, as torch registers it
+    layer = mha._modules.get(proj)
+    return None if layer is None else effective_weight_of(layer)
 
 
 # what a SparseMultiheadAttention and the attention it replaces do not share (the rest is the same objects)
@@ -119,34 +147,41 @@ _OWN = ("_parameters", "_buffers", "_modules", "_load_state_dict_pre_hooks", "_f
 
 
 class SparseMultiheadAttention(nn.MultiheadAttention):
-    """``nn.MultiheadAttention`` whose packed input projection is the ``Linear`` child ``in_proj``
-    and whose forward multiplies with the effective weights of ``in_proj`` and ``out_proj``.
+    """``nn.MultiheadAttention`` whose input projections are ``Linear`` children (``in_proj``
+    packed, or ``q_proj`` / ``k_proj`` / ``v_proj`` when ``kdim`` / ``vdim`` differ from
+    ``embed_dim``) and whose forward multiplies with their effective weights and ``out_proj``'s.
 
-    ``in_proj_weight`` stays readable (it returns the effective weight); in ``state_dict`` the
-    parameter is ``in_proj.weight``, and dense checkpoints (``in_proj_weight``) still load. The
-    inference fast path (``torch._native_multi_head_attention``) is not used; results are equal.
+    ``in_proj_weight`` / ``q_proj_weight`` ... stay readable (they return the effective weights);
+    in ``state_dict`` the parameters are ``in_proj.weight`` / ``q_proj.weight`` ..., and dense
+    checkpoints still load. The inference fast path (``torch._native_multi_head_attention``) is not
+    used; results are equal.
+
+    >>> cross = nn.MultiheadAttention(8, 2, kdim=4, vdim=6)
+    >>> sparse = SparseMultiheadAttention.from_dense(cross)
+    >>> [n for n, _ in sparse.named_children()], sparse.in_proj_weight, sparse.k_proj_weight is cross.k_proj_weight
+    (['out_proj', 'q_proj', 'k_proj', 'v_proj'], None, True)
+    >>> q, k, v = torch.randn(3, 1, 8), torch.randn(5, 1, 4), torch.randn(5, 1, 6)
+    >>> torch.allclose(sparse(q, k, v)[0], cross(q, k, v)[0])
+    True
     """
 
     @classmethod
     def from_dense(cls, mha: nn.MultiheadAttention) -> "SparseMultiheadAttention":
-        if not mha._qkv_same_embed_dim or mha.__dict__.get("_parameters", {}).get("in_proj_weight") is None:
-            raise ValueError("only MultiheadAttention with a packed in_proj_weight (kdim == vdim == embed_dim)")
+        params = mha.__dict__.get("_parameters", {})
+        if any(params.get(f"{proj}_weight") is None for proj in _projections(mha)):
+            raise ValueError("only MultiheadAttention holding its input projection weights as parameters")
         new = recast(mha, cls, _OWN)
-        weight = new._parameters.pop("in_proj_weight")
-        lin = nn.Linear.__new__(nn.Linear)
-        nn.Module.__init__(lin)
-        lin.in_features, lin.out_features = weight.shape[1], weight.shape[0]
-        lin.weight = weight
-        lin.bias = None  # the bias stays in_proj_bias, read by the attention as before
-        lin.train(mha.training)
-        new.in_proj = lin
+        for proj in _projections(mha):
+            new.add_module(proj, _linear_view(new._parameters.pop(f"{proj}_weight"), mha.training))
         new._register_load_state_dict_pre_hook(_load_dense_keys, with_module=True)
         new.register_forward_pre_hook(no_fast_path)
         return new
 
-    @property
-    def in_proj_weight(self) -> torch.Tensor:  # noqa: D401  (attribute of the base class)
-        return effective_weight_of(self.in_proj)
+    # the attributes torch's forward and callers read: effective weights, None in the other layout
+    in_proj_weight = property(lambda self: _effective(self, "in_proj"))
+    q_proj_weight = property(lambda self: _effective(self, "q_proj"))
+    k_proj_weight = property(lambda self: _effective(self, "k_proj"))
+    v_proj_weight = property(lambda self: _effective(self, "v_proj"))
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights: bool = True, attn_mask=None,
                 average_attn_weights: bool = True, is_causal: bool = False):
@@ -166,12 +201,15 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
                     value = key
             else:
                 query, key, value = (x.transpose(1, 0) for x in (query, key, value))
+        separate = {}
+        if "in_proj" not in self._modules:
+            separate = {"use_separate_proj_weight": True, **{f"{p}_weight": _effective(self, p) for p in _SEPARATE}}
         out, weights = F.multi_head_attention_forward(
-            query, key, value, self.embed_dim, self.num_heads, effective_weight_of(self.in_proj),
+            query, key, value, self.embed_dim, self.num_heads, self.in_proj_weight,
             self.in_proj_bias, self.bias_k, self.bias_v, self.add_zero_attn, self.dropout,
             effective_weight_of(self.out_proj), self.out_proj.bias, training=self.training,
             key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
-            average_attn_weights=average_attn_weights, is_causal=is_causal)
+            average_attn_weights=average_attn_weights, is_causal=is_causal, **separate)
         if self.batch_first and is_batched:
             return out.transpose(1, 0), weights
         return out, weights
@@ -181,21 +219,28 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
         plain = recast(self, nn.MultiheadAttention, _OWN)
         remove_hooks(plain, "_forward_pre_hooks", no_fast_path)  # deployed weights: the fast path is right again
         remove_hooks(plain, "_load_state_dict_pre_hooks", _load_dense_keys)
-        in_proj = plain._modules.pop("in_proj")
-        w = in_proj.deployed_weight() if isinstance(in_proj, SparseWeightMixin) else in_proj.weight.detach()
-        plain._parameters = {"in_proj_weight": nn.Parameter(w.clone(), requires_grad=in_proj.weight.requires_grad),
-                             **plain._parameters}
+        deployed = {}
+        for proj in ("in_proj", *_SEPARATE):
+            layer = plain._modules.pop(proj, None)
+            if layer is None:
+                continue
+            w = layer.deployed_weight() if isinstance(layer, SparseWeightMixin) else layer.weight.detach()
+            deployed[f"{proj}_weight"] = nn.Parameter(w.clone(), requires_grad=layer.weight.requires_grad)
+        # torch's order (the projections first), so state_dict keys come as a dense model's do
+        plain._parameters = {**deployed, **{k: v for k, v in plain._parameters.items() if k not in deployed}}
         return plain
 
 
 def _mha_candidates(root: nn.Module, winner) -> tuple[list[Candidate], list[tuple[str, nn.Module]]]:
     out, swaps = [], []
     for name, mha in list(root.named_modules()):
-        if type(mha) is not nn.MultiheadAttention or not mha._qkv_same_embed_dim or mha.in_proj_weight is None:
+        if type(mha) is not nn.MultiheadAttention or any(
+                mha._parameters.get(f"{p}_weight") is None for p in _projections(mha)):
             continue
         q = lambda s: f"{name}.{s}" if name else s  # noqa: E731
         probe = SparseMultiheadAttention.from_dense(mha)  # shares the parameters; replaces mha only if used
-        cands = [Candidate(q("in_proj"), probe.in_proj), Candidate(q("out_proj"), mha.out_proj)]
+        cands = [*(Candidate(q(p), probe.get_submodule(p)) for p in _projections(mha)),
+                 Candidate(q("out_proj"), mha.out_proj)]
         wins = [winner(c) for c in cands]
         if not any(w is not None and w.method is not None for w in wins):
             continue

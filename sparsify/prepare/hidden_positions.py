@@ -13,7 +13,7 @@ from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.core.eval_loop import internal
 from sparsify.core.modes import kept_modes
 
-__all__ = ["hidden_positions", "record_read", "recording", "weight_owner", "MHA_IN_PROJ", "MHA_OUT_PROJ", "unreached", "mha_projections", "watched_names", "weight_numel"]
+__all__ = ["hidden_positions", "record_read", "recording", "weight_owner", "MHA_IN_PROJ", "MHA_OUT_PROJ", "MHA_SEPARATE", "unreached", "mha_projections", "watched_names", "weight_numel"]
 
 _RECORD: dict | None = None  # id(weight tensor) -> (tensor, layer) while a watch records
 
@@ -28,6 +28,10 @@ def record_read(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
 #: positions of the packed input projection's and the output projection's weights among
 #: ``F.multi_head_attention_forward``'s arguments
 MHA_IN_PROJ, MHA_OUT_PROJ = 5, 11
+#: the keyword arguments of ``F.multi_head_attention_forward`` (``use_separate_proj_weight=True``)
+#: that carry the separate projections of the query, key and value, as the attention names them
+MHA_SEPARATE = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+_PROJECTIONS = ("in_proj", "q_proj", "k_proj", "v_proj")  # MultiheadAttention's <proj>_weight parameters
 
 
 def weight_owner(w, record: dict, owners: dict):
@@ -58,7 +62,7 @@ def recording(into: dict):
 
 class _Watch(torch.overrides.TorchFunctionMode):
     """Counts output positions per sample of watched weights in F.linear / F.conv* calls, and of
-    the two projections of F.multi_head_attention_forward (its inner calls are not seen)."""
+    the projections of F.multi_head_attention_forward (its inner calls are not seen)."""
 
     def __init__(self, layers: dict[int, str], batch: int, record: dict):
         super().__init__()
@@ -73,9 +77,14 @@ class _Watch(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
         if func is F.multi_head_attention_forward:
-            tokens = args[0].numel() / args[0].shape[-1] / self.batch  # (L, N, E): L·N tokens
-            self._add(args[MHA_IN_PROJ], tokens)
-            self._add(args[MHA_OUT_PROJ], tokens)
+            # (L, N, E): L·N tokens; a cross-attention's key and value have S·N
+            tokens = [x.numel() / x.shape[-1] / self.batch for x in args[:3]]
+            if kwargs.get("use_separate_proj_weight"):
+                for key, n in zip(MHA_SEPARATE, tokens):
+                    self._add(kwargs.get(key), n)
+            else:  # one weight, three row blocks, each applied to its own tokens
+                self._add(args[MHA_IN_PROJ], sum(tokens) / 3)
+            self._add(args[MHA_OUT_PROJ], tokens[0])
         elif func in (F.linear, F.conv1d, F.conv2d, F.conv3d) and len(args) > 1 and isinstance(result, torch.Tensor):
             self._add(args[1], result.numel() / args[1].shape[0] / self.batch)
         return result
@@ -95,6 +104,10 @@ def hidden_positions(root: nn.Module, example_inputs, names: list[str]) -> dict[
     ...         return self.mha(x, x, x)[0]
     >>> hidden_positions(Net(), (torch.zeros(2, 5, 8),), ["mha.out_proj"])
     {'mha.out_proj': 5.0}
+    >>> cross = nn.MultiheadAttention(8, 2, kdim=4, vdim=4, batch_first=True)  # 3 queries, 7 keys
+    >>> hidden_positions(cross, (torch.zeros(1, 3, 8), torch.zeros(1, 7, 4), torch.zeros(1, 7, 4)),
+    ...                  ["q_proj", "k_proj", "out_proj"])
+    {'q_proj': 3.0, 'k_proj': 7.0, 'out_proj': 3.0}
     """
     if not names or example_inputs is None:
         return {}
@@ -105,8 +118,9 @@ def hidden_positions(root: nn.Module, example_inputs, names: list[str]) -> dict[
         except AttributeError:  # a dry run: MultiheadAttention not converted, watch its parameter
             parent, _, attr = name.rpartition(".")
             mha = root.get_submodule(parent) if parent else root
-            if attr == "in_proj" and isinstance(mha, nn.MultiheadAttention):
-                layers[id(mha.in_proj_weight)] = name
+            if isinstance(mha, nn.MultiheadAttention) and attr in _PROJECTIONS \
+                    and (weight := mha._parameters.get(f"{attr}_weight")) is not None:
+                layers[id(weight)] = name
             continue
         layers[id(layer)] = name
         layers[id(layer.weight)] = name
@@ -126,16 +140,17 @@ def hidden_positions(root: nn.Module, example_inputs, names: list[str]) -> dict[
 
 
 def mha_projections(root: nn.Module) -> list[str]:
-    """``<name>.in_proj`` and ``<name>.out_proj`` of every ``nn.MultiheadAttention`` of ``root``
-    with a packed input projection: ``F.multi_head_attention_forward`` reads both weights, so no
-    module call (and no module hook) sees them, and MAC counts by module hooks miss them.
+    """``<name>.in_proj`` (or ``<name>.q_proj`` / ``k_proj`` / ``v_proj`` when ``kdim`` / ``vdim``
+    differ from ``embed_dim``) and ``<name>.out_proj`` of every ``nn.MultiheadAttention`` of
+    ``root``: ``F.multi_head_attention_forward`` reads these weights, so no module call (and no
+    module hook) sees them, and MAC counts by module hooks miss them.
 
-    >>> mha_projections(nn.Sequential(nn.MultiheadAttention(8, 2)))
-    ['0.in_proj', '0.out_proj']
+    >>> mha_projections(nn.Sequential(nn.MultiheadAttention(8, 2), nn.MultiheadAttention(8, 2, kdim=4)))
+    ['0.in_proj', '0.out_proj', '1.q_proj', '1.k_proj', '1.v_proj', '1.out_proj']
     """
-    return [f"{n}.{p}" for n, m in root.named_modules()
-            if isinstance(m, nn.MultiheadAttention) and getattr(m, "in_proj_weight", None) is not None
-            for p in ("in_proj", "out_proj")]
+    # the layout, not the weights: a sparse attention's in_proj_weight computes its effective weight
+    return [f"{n}.{p}" if n else p for n, m in root.named_modules() if isinstance(m, nn.MultiheadAttention)
+            for p in (("in_proj",) if m._qkv_same_embed_dim else _PROJECTIONS[1:]) + ("out_proj",)]
 
 
 def watched_names(root: nn.Module, hidden_names: list[str]) -> list[str]:
@@ -163,17 +178,20 @@ def unreached(root: nn.Module, positions: dict) -> list[str]:
 
 def weight_numel(mods: dict[str, nn.Module], name: str) -> int | None:
     """Elements of the weight a MAC count names ``name``: a module's ``weight``, or a
-    MultiheadAttention's packed ``in_proj_weight`` for ``<mha>.in_proj``; None when neither.
+    MultiheadAttention's ``in_proj_weight`` for ``<mha>.in_proj`` (``q_proj_weight`` for
+    ``<mha>.q_proj``, ...); None when neither.
 
-    >>> mha = nn.MultiheadAttention(8, 2)
+    >>> mha, cross = nn.MultiheadAttention(8, 2), nn.MultiheadAttention(8, 2, kdim=4)
     >>> weight_numel({"a": mha, "a.out_proj": mha.out_proj}, "a.in_proj"), weight_numel({"a": mha}, "a.x")
     (192, None)
+    >>> weight_numel({"c": cross}, "c.k_proj"), weight_numel({"c": cross}, "c.in_proj")
+    (32, None)
     """
     mod = mods.get(name)
     if mod is not None and isinstance(getattr(mod, "weight", None), torch.Tensor):
         return mod.weight.numel()
     parent, _, attr = name.rpartition(".")
     mha = mods.get(parent)
-    if attr == "in_proj" and isinstance(getattr(mha, "in_proj_weight", None), torch.Tensor):
-        return mha.in_proj_weight.numel()
-    return None
+    weight = mha._parameters.get(f"{attr}_weight") if isinstance(mha, nn.MultiheadAttention) and \
+        attr in _PROJECTIONS else None
+    return None if weight is None else weight.numel()

@@ -14,8 +14,8 @@ __all__ = ["PlanEntry", "Plan", "STACKED", "FROZEN", "OWN_KERNEL"]
 STACKED = "stacked weight matrices"
 #: how the plan's reason for a layer left dense because it is frozen begins (prepare.unhandled)
 FROZEN = "frozen (requires_grad=False)"
-#: what the plan's reason for weights a fused kernel reads (LSTM, GRU, Bilinear, separate q/k/v
-#: projections) says (prepare.unhandled)
+#: what the plan's reason for weights a fused kernel reads (LSTM, GRU, RNN, Bilinear)
+#: says (prepare.unhandled)
 OWN_KERNEL = "read by its own kernel"
 
 

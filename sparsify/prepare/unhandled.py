@@ -3,8 +3,9 @@ and frozen layers, each with the reason, so the plan's shares count every weight
 multiplies with.
 
 * modules whose weights a fused kernel reads directly: ``LSTM`` / ``GRU`` / ``RNN`` and their
-  cells, ``Bilinear``, ``nn.MultiheadAttention`` with separate ``q/k/v_proj_weight``
-  (``kdim``/``vdim`` other than ``embed_dim``);
+  cells, ``Bilinear`` (``nn.MultiheadAttention``'s projections, packed or separate, are rewritten
+  through :class:`~sparsify.prepare.hidden.SparseMultiheadAttention`; one left dense is listed by
+  :mod:`sparsify.prepare.dense`);
 * bare ``nn.Parameter`` s (owned by a module that is no weight layer) that a traced forward feeds to
   ``F.linear``, ``F.conv*``, ``matmul`` and friends;
 * the 2-D ``weight`` of a module that is no torch weight layer (PyTorch Geometric's ``Linear``, a
@@ -53,12 +54,6 @@ def unhandled_entries(root: nn.Module, graphs: dict[str, fx.GraphModule]) -> lis
             out.append(PlanEntry(name, type(m).__name__, None, None,
                                  f"{type(m).__name__} weights are {OWN_KERNEL}: no method rewrites them",
                                  _weights(m)))
-        elif isinstance(m, nn.MultiheadAttention) and not m._qkv_same_embed_dim:
-            n = sum(getattr(m, k).numel() for k in ("q_proj_weight", "k_proj_weight", "v_proj_weight"))
-            out.append(PlanEntry(f"{name}.q_proj_weight" if name else "q_proj_weight",
-                                 "MultiheadAttention.q/k/v_proj_weight", None, None,
-                                 f"separate q/k/v weights (kdim/vdim != embed_dim) are {OWN_KERNEL} "
-                                 "(nn.MultiheadAttention's): not rewritten", n))
     seen = set()
     for prefix, gm in graphs.items():
         for node in gm.graph.nodes:

@@ -8,9 +8,11 @@ to ``F.linear`` themselves (torchvision's Swin). A torch function mode watches t
 * ``F.linear(x, W)`` with a layer's weight (or, in a sparsified model, its effective weight),
   outside that layer's own call: counted like the layer's own call would be.
 * ``F.multi_head_attention_forward``: the packed input projection, from the query, key and
-  value and the three row blocks of ``in_proj_weight``; the output projection, whose input is
-  computed inside the function, with every input element counted as non-zero (its multiplies
-  still drop with the weight's zeros; its input zeros are not known).
+  value and the three row blocks of ``in_proj_weight``, or the separate ``q_proj_weight`` /
+  ``k_proj_weight`` / ``v_proj_weight`` (``kdim`` / ``vdim`` other than ``embed_dim``), each from
+  its own input; the output projection, whose input is computed inside the function, with every
+  input element counted as non-zero (its multiplies still drop with the weight's zeros; its input
+  zeros are not known).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.core.layers import WEIGHT_TYPES
-from sparsify.prepare.hidden_positions import MHA_IN_PROJ, MHA_OUT_PROJ, recording, weight_owner
+from sparsify.prepare.hidden_positions import MHA_IN_PROJ, MHA_OUT_PROJ, MHA_SEPARATE, recording, weight_owner
 
 __all__ = ["FunctionalReads", "linear_counts"]
 
@@ -61,6 +63,11 @@ class FunctionalReads(torch.overrides.TorchFunctionMode):
     ...     _ = mha(*[torch.ones(3, 1, 4)] * 3)  # 3 tokens: (dense, multiplicative) MACs
     >>> seen
     {'in_proj': (144, 144), 'out_proj': (48, 48)}
+    >>> cross, seen = nn.MultiheadAttention(4, 1, kdim=2, vdim=2), {}
+    >>> with FunctionalReads(cross, set(), lambda name, counts: seen.update({name: counts[:2]})):
+    ...     _ = cross(torch.ones(3, 1, 4), *[torch.ones(5, 1, 2)] * 2)  # 3 queries, 5 keys and values
+    >>> seen
+    {'q_proj': (48, 48), 'k_proj': (40, 40), 'v_proj': (40, 40), 'out_proj': (48, 48)}
     """
 
     def __init__(self, root: nn.Module, inside: set[int], add: Callable[[str, Counts], None]):
@@ -70,9 +77,11 @@ class FunctionalReads(torch.overrides.TorchFunctionMode):
         for name, mod in root.named_modules():
             if isinstance(mod, WEIGHT_TYPES) and isinstance(getattr(mod, "weight", None), torch.Tensor):
                 self.names[id(mod)] = self.names[id(mod.weight)] = (name, id(mod))
-            weight = mod._parameters.get("in_proj_weight") if isinstance(mod, nn.MultiheadAttention) else None
-            if isinstance(weight, torch.Tensor):
-                self.names[id(weight)] = (f"{name}.in_proj" if name else "in_proj", id(weight))
+            if isinstance(mod, nn.MultiheadAttention):  # a dense one's projection parameters
+                for proj in ("in_proj", "q_proj", "k_proj", "v_proj"):
+                    weight = mod._parameters.get(f"{proj}_weight")
+                    if isinstance(weight, torch.Tensor):
+                        self.names[id(weight)] = (f"{name}.{proj}" if name else proj, id(weight))
         self.record: dict = {}
 
     def __enter__(self):
@@ -98,14 +107,18 @@ class FunctionalReads(torch.overrides.TorchFunctionMode):
             if layer is not None and layer[1] not in self.inside:
                 self._count(layer[0], linear_counts(args[1], args[0]))
         elif func is F.multi_head_attention_forward:
-            self._attention(args)
+            self._attention(args, kwargs)
         return result
 
-    def _attention(self, args):
+    def _attention(self, args, kwargs):
         query, key, value, w_in, w_out = args[0], args[1], args[2], args[MHA_IN_PROJ], args[MHA_OUT_PROJ]
         embed = query.shape[-1]
-        layer = self._layer(w_in)
-        if layer is not None:
+        if kwargs.get("use_separate_proj_weight"):
+            for x, arg in zip((query, key, value), MHA_SEPARATE):
+                w = kwargs.get(arg)
+                if (layer := self._layer(w)) is not None:
+                    self._count(layer[0], linear_counts(w, x))
+        elif (layer := self._layer(w_in)) is not None:
             counts, seen = None, set()
             for i, x in enumerate((query, key, value)):
                 part = linear_counts(w_in[i * embed:(i + 1) * embed], x)
