@@ -17,6 +17,8 @@ See docs/averaging.md.
 """
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 from sparsify.core.layers import SparseWeightMixin, drop_all_caches
@@ -75,6 +77,29 @@ def sync_sparsity(averaged: nn.Module, model: nn.Module) -> None:
         m.after_sync(b, source.get_submodule(name))
     mine.synced = True  # after the load, which brought the training model's (False)
     drop_all_caches(target)  # the averaging tool wrote its weights in place
+    if "sync lag" not in mine.warned and (msg := lag_warning(layers, int(theirs.step))):
+        mine.warned.add("sync lag")  # once per averaged copy
+        warnings.warn(msg, stacklevel=3)
+
+
+def lag_warning(layers: list[tuple[str, nn.Module]], step: int, share: float = 0.1) -> str | None:
+    """What to say when, in a synced averaged copy, ``share`` or more of the weights the training
+    model keeps are turned into something else by the copy's own values (:meth:`averaged_lag`):
+    the average lags the model's sparsity schedule by more than its thresholds allow (ST-3 with
+    a decay whose horizon is a large part of the run: an EMA at chance accuracy beside a model at
+    99%), else None."""
+    lagging = kept = 0
+    for _, m in layers:
+        lag = m.averaged_lag()
+        if lag is not None:
+            lagging, kept = lagging + lag[0], kept + lag[1]
+    if not kept or lagging < share * kept:
+        return None
+    return (f"sparsify.sync: at step {step}, {lagging:,} of the {kept:,} weights the training model keeps are at or "
+            "below its threshold in the averaged copy, whose soft threshold turns their sign: the average lags the "
+            "sparsity schedule (an averaging horizon, 1 / (1 - decay) steps, long against the run) and computes "
+            "something else than the model; use a smaller decay, or start averaging when the masks are fixed "
+            "(ST-3's fix step) (docs/averaging.md)")
 
 
 def unsynced_warning(model: nn.Module, where: str) -> str | None:

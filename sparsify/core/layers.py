@@ -189,6 +189,13 @@ class SparseWeightMixin:
         (ST-3's fix bakes ``W ← W_eff``) applies it to the copy's averaged weights here, so that
         they keep meaning what the model's mean."""
 
+    def averaged_lag(self) -> tuple[int, int] | None:
+        """On an averaged copy just synced: ``(weights the training model keeps that the copy's
+        averaged values turn into something else, weights it keeps)``, for a method whose
+        effective weight depends on the weight's value against a threshold (ST-3's soft
+        threshold flips the sign of a kept weight below τ); None when it cannot (default)."""
+        return None
+
     # -- reused buffers and cached effective weights (speed only, never state) -------------
     # Held by sparsify.core.buffers (keyed weakly by the module), so state_dict, deepcopy,
     # pickling, DDP's buffer broadcast and ``.to()`` never see them.

@@ -203,6 +203,14 @@ class ST3Mixin(SparseWeightMixin):
             return
         self.weight.copy_(st3_effective_weight(self.weight, self._tau(), self.mask, self.scale, self.out_axis))
 
+    @torch.no_grad()
+    def averaged_lag(self) -> tuple[int, int] | None:
+        # before the fix W_eff = c·(W − sign(W)·τ) ⊙ M with the model's M: an averaged weight the
+        # model keeps but which lies at or below τ comes out with the opposite sign
+        if bool(self.fixed) or float(self.tau) <= 0:
+            return None
+        return int((self.mask & (self.weight.abs() <= self._tau())).sum()), int(self.mask.sum())
+
     def sparse_repr(self) -> str:
         return f"tau={float(self.tau):.4g}, fixed={bool(self.fixed)}"
 
