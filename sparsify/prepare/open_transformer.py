@@ -37,7 +37,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["OPENED", "open_transformers", "close_transformers", "opened_names", "goes_nested", "torch_pads"]
+__all__ = ["OPENED", "open_transformers", "close_transformers", "goes_nested", "torch_pads"]
 
 
 def _first_layer_tensors(layer: nn.Module) -> tuple:
@@ -162,6 +162,17 @@ OPENED = {nn.TransformerEncoderLayer: OpenTransformerEncoderLayer,
 _CLOSED = {v: k for k, v in OPENED.items()}
 
 
+def _swap_classes(root: nn.Module, classes: dict, names: list[str] | None) -> list[str]:
+    """Give every module of ``root`` whose exact class ``classes`` maps (those in ``names``,
+    default all) the class it maps to; returns their qualified names."""
+    swapped = []
+    for name, m in root.named_modules():
+        if type(m) in classes and (names is None or name in names):
+            m.__class__ = classes[type(m)]
+            swapped.append(name)
+    return swapped
+
+
 def open_transformers(root: nn.Module, names: list[str] | None = None) -> list[str]:
     """Give every torch transformer module of ``root`` (exactly torch's class, not a subclass with
     its own forward; those in ``names``, default all) its traceable class; returns their qualified
@@ -172,17 +183,7 @@ def open_transformers(root: nn.Module, names: list[str] | None = None) -> list[s
     >>> open_transformers(nn.Sequential(layer)), type(layer).__name__
     (['0'], 'OpenTransformerEncoderLayer')
     """
-    opened = []
-    for name, m in root.named_modules():
-        if type(m) in OPENED and (names is None or name in names):
-            m.__class__ = OPENED[type(m)]
-            opened.append(name)
-    return opened
-
-
-def opened_names(root: nn.Module) -> list[str]:
-    """Qualified names of the modules of ``root`` that :func:`open_transformers` opened."""
-    return [name for name, m in root.named_modules() if type(m) in _CLOSED]
+    return _swap_classes(root, OPENED, names)
 
 
 def close_transformers(root: nn.Module, names: list[str] | None = None) -> list[str]:
@@ -193,9 +194,4 @@ def close_transformers(root: nn.Module, names: list[str] | None = None) -> list[
     >>> close_transformers(seq), type(seq[0]).__name__
     (['0'], 'TransformerEncoderLayer')
     """
-    closed = []
-    for name, m in root.named_modules():
-        if type(m) in _CLOSED and (names is None or name in names):
-            m.__class__ = _CLOSED[type(m)]
-            closed.append(name)
-    return closed
+    return _swap_classes(root, _CLOSED, names)
