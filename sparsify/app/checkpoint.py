@@ -6,7 +6,8 @@ damaged or foreign file changes nothing and runs no code.
 * ``checkpoint.json`` beside it holds the rest (epoch, batch, history, Python and NumPy RNG states,
   the run's settings) and the SHA-256 and size of ``checkpoint.pt``, checked before it is read: a
   flipped byte, a truncated or empty file, or a checkpoint copied from another run is refused with
-  one line (:class:`CheckpointError`);
+  one line (:class:`CheckpointError`); a run keeps :func:`meta_digest` of the JSON in ``checkpoint.pt``
+  (:mod:`sparsify.app.resume`), so an edited value is refused too;
 * writes are atomic (temporary file + ``os.replace``); the temporary files of an interrupted write
   are removed (by the writer when it can, else by the next run in that folder).
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["save_atomic", "write_json", "StopOnSigint", "CheckpointError", "save_checkpoint",
-           "load_checkpoint", "remove_stale_temporaries", "CHECKPOINT", "CHECKPOINT_META"]
+           "load_checkpoint", "remove_stale_temporaries", "meta_digest", "CHECKPOINT", "CHECKPOINT_META"]
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_META = "checkpoint.json"
@@ -109,6 +110,18 @@ def save_checkpoint(tensors: dict, meta: dict, folder: Path) -> None:
     write_json({"format": FORMAT, "sha256": digest, "size": size, **meta}, folder / CHECKPOINT_META)
 
 
+def meta_digest(meta: dict) -> str:
+    """SHA-256 of a checkpoint description's content (without the keys :func:`save_checkpoint` adds)
+    as it reads back from ``checkpoint.json``: the same before writing and after reading.
+
+    >>> meta_digest({"epoch": 1, "t": (0.5,)}) == meta_digest({"t": [0.5], "epoch": 1, "sha256": "x"})
+    True
+    """
+    content = json.loads(json.dumps({k: v for k, v in meta.items() if k not in ("format", "sha256", "size")},
+                                    default=str))
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def load_checkpoint(folder: Path) -> tuple[dict, dict]:
     """``(tensors, meta)`` of the checkpoint in ``folder``, after checking its size and hash;
     read with ``weights_only=True``. Raises :class:`CheckpointError` (one line) otherwise."""
@@ -149,8 +162,9 @@ def _is_int(v) -> bool:
 
 
 def meta_problem(meta: dict) -> str | None:
-    """What is wrong with the position, history and RNG states of a checkpoint's JSON half (only
-    ``checkpoint.pt`` is hashed: this half is checked field by field), or None.
+    """What is wrong with the position, history and RNG states of a checkpoint's JSON half, or None
+    (its digest says only that it was edited: these checks say what is wrong, and a value a crafted
+    file could crash the run with is caught before the digest is compared).
 
     >>> meta_problem({"epoch": -5, "batch": 0})
     'epoch -5 (not a count of epochs)'
@@ -165,6 +179,11 @@ def meta_problem(meta: dict) -> str | None:
     if not isinstance(running, dict) or not all(isinstance(running.get(k), (int, float)) and not isinstance(
             running.get(k), bool) and running[k] >= 0 for k in ("loss", "correct", "seen")):
         return "running totals that are not numbers"
+    seconds = meta.get("seconds", 0.0)  # absent in checkpoints written before it was kept
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 <= seconds < float("inf"):
+        return f"seconds {seconds!r} (not a time)"
+    if not isinstance(meta.get("dataset", {}), dict):
+        return "a dataset description that is not one"
     py, npy = meta.get("rng_python"), meta.get("rng_numpy")
     if not (isinstance(py, list) and len(py) == 3 and _is_int(py[0]) and isinstance(py[1], list) and len(py[1]) == 625
             and all(_is_int(v) and 0 <= v < 2 ** 32 for v in py[1]) and (py[2] is None or isinstance(py[2], float))):

@@ -42,23 +42,82 @@ RESUME_FIXED = ("recipe", "set", "data", "image_size", "width", "epochs", "batch
                 "weight_decay", "momentum", "seed", "out", "overwrite", "ema", "amp")
 
 
-def _check_args(args) -> None:
-    """The command line's settings (:func:`check_settings`) and the options that go together."""
+def _given(argv: list[str] | None) -> set[str]:
+    """The ``train`` options named on the command line: one given with its default value is given too
+    (``--resume RUN --epochs 10`` must be compared with the run's epochs, not taken for no flag)."""
+    parser = build_parser(defaults=False)
+    return set(vars(parser.parse_args(argv)))
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _resume_conflicts(args, given: set[str]) -> list[tuple[str, str]]:
+    """``(--flag, what differs)`` for the options given with ``--resume`` whose value is not the run's.
+    A run folder whose ``config.json`` cannot be read has none here: resuming it says what is wrong."""
+    from pathlib import Path
+
+    from sparsify.app.config import _absolute_data, _absolute_recipe
+    try:
+        saved = json.loads((Path(args.resume) / "config.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return []
+    if not isinstance(saved, dict):
+        return []
+    dense = (None, "", "dense")
+    conflicts = []
+    for key in (k for k in RESUME_FIXED if k in given):
+        value, run = getattr(args, key), saved.get(key)
+        if key == "set":
+            value, run = parse_overrides(value), saved.get("overrides")
+        elif key == "recipe":
+            value = None if value in dense else _absolute_recipe(value)
+            run = None if run in dense else run
+        elif key == "data":
+            value = _absolute_data(value)
+        elif key == "out":  # the run goes on in the --resume folder, wherever it was first written
+            run = args.resume
+            if os.path.realpath(value) == os.path.realpath(run):
+                continue
+        elif key == "overwrite":
+            if value:
+                conflicts.append(("--overwrite", "a resumed run keeps its files"))
+            continue
+        if value != run:
+            conflicts.append((_flag(key), f"the run's {_flag(key)} is {_shown(run)}, not {_shown(value)}"))
+    return conflicts
+
+
+def _shown(value) -> str:
+    return "the default" if value is None else json.dumps(value) if isinstance(value, dict) else str(value)
+
+
+def _check_args(args, given: set[str]) -> None:
+    """The command line's settings (:func:`check_settings`) and the options that go together; ``given``:
+    the options named on the command line (:func:`_given`)."""
     check_settings(args)
     if args.command == "train" and args.resume is not None:
         if not args.resume.strip():
             raise ValueError("--resume needs the folder of the run to continue")
-        defaults = vars(build_parser().parse_args(["train", "--resume", args.resume]))
-        given = [k for k in RESUME_FIXED if getattr(args, k) != defaults[k]]
-        if given:
-            flags = ", ".join("--" + ("set" if k == "set" else k.replace("_", "-")) for k in given)
+        conflicts = _resume_conflicts(args, given)
+        if conflicts:
+            flags, said = ", ".join(f for f, _ in conflicts), "; ".join(d for _, d in conflicts)
             raise ValueError(f"--resume continues the run with the settings it was started with; {flags} cannot "
-                             "change them (only --threads, --device, --compile, --workers and --no-progress can): "
-                             "start a new run for other settings")
+                             f"change them ({said}; only --threads, --device, --compile, --workers "
+                             "and --no-progress can): start a new run for other settings")
     dense = getattr(args, "recipe", None) in (None, "", "dense")
     if args.command == "train" and getattr(args, "set", None) and dense and not args.resume:
         raise ValueError("--set changes recipe parameters: give the recipe too (--recipe NAME_OR_PATH)")
-    if args.command == "train" and args.image_size is not None and not args.data.startswith("imagefolder:"):
+    if args.command == "train" and "momentum" in given and not args.resume:
+        from sparsify.app.config import config_from_args, resolve_optimizer
+        name = resolve_optimizer(config_from_args(args))["optimizer"]  # a recipe's options.train may name it
+        if name != "sgd":
+            raise ValueError(f"--momentum is SGD's; the run's optimizer is {name}, which has none (its betas are "
+                             "fixed): leave --momentum out, or use --optimizer sgd")
+    # a resumed run's image size is its own (checked above), whatever --data defaults to
+    if (args.command == "train" and args.image_size is not None and not args.resume
+            and not args.data.startswith("imagefolder:")):
         raise ValueError(f"--image-size resizes imagefolder images; --data {args.data} has its own size "
                          "(digits 8x8, mnist 28x28)")
     if args.command == "demo" and args.recipes is not None:
@@ -166,8 +225,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``sparsify`` command."""
+def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
+    """The argument parser of the ``sparsify`` command (``defaults=False``: ``train`` sets only the
+    options given, see :func:`_given`)."""
     parser = _Parser(prog="sparsify", description="Sparse training for PyTorch models via torch.fx.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -216,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="train through torch.compile (default backend inductor; a GPU gains, the CPU rarely: "
                         "docs/compile.md); evaluation and checkpoints use the model itself")
+    if not defaults:  # set_defaults(x=SUPPRESS) would set the string "==SUPPRESS==": the actions' own
+        for action in p._actions:
+            action.default = argparse.SUPPRESS
 
     p = sub.add_parser("demo", help="dense + every built-in recipe on digits, one comparison table")
     p.add_argument("--out", default="demo-out")
@@ -229,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sparsify`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    given = _given(argv) if args.command == "train" else set()
     try:
         from sparsify.app.data import DataError
         from sparsify.app.models import ModelError
@@ -241,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     # OverflowError: a number too large for the field that takes it
     user_errors = (RecipeError, ScheduleError, ModelError, DataError, OSError, ValueError, OverflowError)
     try:
-        _check_args(args)
+        _check_args(args, given)
         if args.command == "recipes":
             return _cmd_show(args.show) if args.show else _cmd_recipes(args)
         if args.command == "plan":

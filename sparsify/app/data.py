@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import pickle
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-__all__ = ["DataError", "Data", "load_data", "DATASETS"]
+__all__ = ["DataError", "Data", "load_data", "fingerprint", "DATASETS"]
 
 DATASETS = {
     "digits": "scikit-learn's 8x8 digits (1,437 train / 360 test), bundled with scikit-learn",
@@ -50,6 +51,8 @@ class Data:
     num_classes: int
     in_channels: int
     image_size: int
+    #: what the splits were drawn from (:func:`fingerprint`); image folders set ``files`` and ``sha256``
+    source: dict | None = None
 
     @property
     def in_memory(self) -> bool:
@@ -140,7 +143,7 @@ def _image_folder(path: str, image_size: int, workers: int = 0, preload_limit: i
         if train.classes != test.classes:
             raise DataError(f"{root / 'train'} and {test_dir} have different class folders: "
                             f"{train.classes} vs {test.classes}")
-        classes = train.classes
+        classes, folders = train.classes, (train, test)
     else:  # one folder of classes (PATH/train without val/test: that one), split 80/20
         full = open_folder(root / "train" if (root / "train").is_dir() else root)
         if len(full) < 2:
@@ -149,10 +152,29 @@ def _image_folder(path: str, image_size: int, workers: int = 0, preload_limit: i
         perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(0)).tolist()
         n_test = max(1, len(full) // 5)
         train, test = Subset(full, perm[n_test:]), Subset(full, perm[:n_test])
-        classes = full.classes
+        classes, folders = full.classes, (full,)
+    source = _files_source(root, [p for f in folders for p, _ in f.samples])
     if (len(train) + len(test)) * 3 * image_size ** 2 * 4 <= preload_limit:
         train, test = _preload(train, workers), _preload(test, workers)
-    return Data(f"imagefolder:{path}", train, test, len(classes), 3, image_size)
+    return Data(f"imagefolder:{path}", train, test, len(classes), 3, image_size, source)
+
+
+def _files_source(root: Path, paths: list[str]) -> dict:
+    """The image files a folder's splits were drawn from: their count and a hash of their sorted
+    relative paths and sizes (the 80/20 split permutes by position in that list, so one file more or
+    less, or renamed, moves images between train and test)."""
+    rows = sorted(f"{Path(p).relative_to(root).as_posix()}\t{os.path.getsize(p)}" for p in paths)
+    return {"files": len(rows), "sha256": hashlib.sha256("\n".join(rows).encode()).hexdigest()}
+
+
+def fingerprint(data: Data) -> dict:
+    """What a resumed run must find again to train on the same splits: the split sizes, and for an
+    image folder its files (:func:`_files_source`).
+
+    >>> fingerprint(load_data("digits"))
+    {'train': 1437, 'test': 360}
+    """
+    return {"train": len(data.train), "test": len(data.test), **(data.source or {})}
 
 
 def load_data(spec: str = "digits", *, image_size: int | None = None, workers: int = 0,

@@ -8,20 +8,27 @@ a ``module:function`` model named in a run folder is imported only when the user
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from sparsify.app.checkpoint import (CHECKPOINT, CHECKPOINT_META, CheckpointError, load_checkpoint, meta_problem,
-                                     save_checkpoint)
+from sparsify.app.checkpoint import (CHECKPOINT, CHECKPOINT_META, CheckpointError, load_checkpoint, meta_digest,
+                                     meta_problem, save_checkpoint)
 
-__all__ = ["CONFIG", "RUN_FILES", "RUN_KEYS", "load_run", "claim_out", "restore", "save_run", "checkpoint_meta"]
+__all__ = ["CONFIG", "RUN_FILES", "RUN_KEYS", "load_run", "check_out", "claim_out", "restore", "save_run",
+           "checkpoint_meta", "meta_edited", "REPORT"]
 
 CONFIG = "config.json"
+#: written last by a finished run: a run folder holding it has nothing left to do
+REPORT = "report.json"
+#: the digest of checkpoint.json's content, kept in the hashed checkpoint.pt so that an edit of the JSON
+#: half is seen; the .pt's top-level keys are fixed, the scheduler's state is a plain dict that takes it
+JSON_DIGEST = "checkpoint_json_sha256"
 #: what a run writes into its folder (``--overwrite`` removes these, and only these)
-RUN_FILES = (CONFIG, CHECKPOINT, CHECKPOINT_META, "report.json", "history.json", "final_state_dict.pt",
+RUN_FILES = (CONFIG, CHECKPOINT, CHECKPOINT_META, REPORT, "history.json", "final_state_dict.pt",
              "ema_final_state_dict.pt",
              "layers.png", "training.png")
 #: the settings that define a run: a checkpoint is resumed only into a run with the same ones
@@ -65,18 +72,29 @@ def load_run(folder: Path, given_model: str | None, default_model: str) -> tuple
     return saved, tensors, meta
 
 
-def claim_out(out: Path, overwrite: bool) -> None:
-    """Refuse an ``out`` folder holding another run unless ``overwrite`` (then remove its run files);
-    the ``config.json`` of a run that saved no checkpoint is replaced."""
+def check_out(out: Path, overwrite: bool) -> list[str]:
+    """Refuse an ``out`` folder that cannot take a new run, changing nothing (a run checks it before
+    the data loads and the model is sparsified); returns the run files ``overwrite`` will remove."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file, not a folder")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"--out {out}: {existing} is a file, not a folder (Not a directory)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out}: {existing} is not writable (permission denied)")
     held = [name for name in RUN_FILES if (out / name).exists()]
     if held == [CONFIG]:  # a run that stopped before its first checkpoint: nothing to continue, start again
-        return
+        return []
     if held and not overwrite:
         raise FileExistsError(f"--out {out} holds another run ({', '.join(held[:3])}); continue it with "
                               f"--resume {out}, or pass --overwrite to replace it")
-    for name in held:
+    return held
+
+
+def claim_out(out: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` folder holding another run unless ``overwrite`` (then remove its run files);
+    the ``config.json`` of a run that saved no checkpoint is replaced."""
+    for name in check_out(out, overwrite):
         (out / name).unlink()
 
 
@@ -90,13 +108,23 @@ def checkpoint_meta(**fields) -> dict:
 def save_run(model, optimizer, sched, out: Path, ema=None, device: torch.device | None = None, **fields) -> None:
     """Write the checkpoint of a run: state dicts (``ema``: the weight average's too) and torch's
     RNG states (the CPU's, and the CUDA device's a run on one draws from) as tensors, the rest as JSON."""
+    meta = checkpoint_meta(**fields)
     tensors = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-               "scheduler": sched.state_dict(), "rng_torch": torch.get_rng_state()}
+               "scheduler": {**sched.state_dict(), JSON_DIGEST: meta_digest(meta)},
+               "rng_torch": torch.get_rng_state()}
     if device is not None and device.type == "cuda":
         tensors["rng_cuda"] = torch.cuda.get_rng_state(device)
     if ema is not None:
         tensors["ema"] = ema.state_dict()
-    save_checkpoint(tensors, checkpoint_meta(**fields), out)
+    save_checkpoint(tensors, meta, out)
+
+
+def meta_edited(tensors: dict, meta: dict) -> bool:
+    """``checkpoint.json`` no longer holds what was saved with ``checkpoint.pt`` (its field checks
+    pass values that are well-formed but not the run's, an edited accuracy in the history)."""
+    sched = tensors.get("scheduler")
+    saved = sched.get(JSON_DIGEST) if isinstance(sched, dict) else None
+    return saved is not None and saved != meta_digest(meta)  # None: written before the digest was kept
 
 
 def restore(model, optimizer, sched, tensors: dict, meta: dict, folder: str, ema=None,
@@ -107,7 +135,7 @@ def restore(model, optimizer, sched, tensors: dict, meta: dict, folder: str, ema
         if ema is not None:
             ema.load_state_dict(tensors["ema"])
         optimizer.load_state_dict(tensors["optimizer"])
-        sched.load_state_dict(tensors["scheduler"])
+        sched.load_state_dict({k: v for k, v in tensors["scheduler"].items() if k != JSON_DIGEST})
         torch.set_rng_state(tensors["rng_torch"])
         if "rng_cuda" in tensors and device is not None and device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng_cuda"], device)

@@ -33,11 +33,11 @@ import sparsify as sp
 
 from sparsify.app.checkpoint import (CHECKPOINT, CHECKPOINT_META, CheckpointError, StopOnSigint,
                                      remove_stale_temporaries, write_json)
-from sparsify.app.resume import CONFIG, RUN_KEYS, claim_out, restore, save_run
+from sparsify.app.resume import CONFIG, REPORT, RUN_KEYS, check_out, claim_out, meta_edited, restore, save_run
 from sparsify.app.config import (BASE_DEFAULTS, METHOD_DEFAULTS, TrainConfig, _default_out, _load_resume,
                                  config_from_args, resolve_optimizer)
 from sparsify.app.batches import _batches, _channel_fixer, _epoch_order, _train_size
-from sparsify.app.data import load_data
+from sparsify.app.data import fingerprint, load_data
 from sparsify.app.device import autocast, on_device, resolve_device
 from sparsify.app.results import _finish
 from sparsify.app.summary import dead_inputs, dead_message, evaluate, summarize, weight_sparsity
@@ -46,6 +46,23 @@ from sparsify.stats.runstats import activation_stats
 
 __all__ = ["TrainConfig", "TrainingDiverged", "train", "config_from_args", "METHOD_DEFAULTS", "resolve_optimizer",
            "summarize", "BASE_DEFAULTS"]
+
+
+def _data_change(then: dict, now: dict) -> str:
+    """What differs between two :func:`~sparsify.app.data.fingerprint` s, in words.
+
+    >>> _data_change({"train": 8, "test": 2, "files": 10}, {"train": 9, "test": 2, "files": 11})
+    '11 files now, 10 then; 9 train / 2 test images now, 8 / 2 then'
+    """
+    said = []
+    if then.get("files") != now.get("files"):
+        said.append(f"{now.get('files')} files now, {then.get('files')} then")
+    elif then.get("sha256") != now.get("sha256"):
+        said.append("the same number of files, but other names or sizes")
+    if (then.get("train"), then.get("test")) != (now["train"], now["test"]):
+        said.append(f"{now['train']} train / {now['test']} test images now, "
+                    f"{then.get('train')} / {then.get('test')} then")
+    return "; ".join(said) or "another dataset"
 
 
 def _seed_all(seed: int) -> None:
@@ -82,13 +99,17 @@ def _make_optimizer(model, cfg: TrainConfig, opt: dict, total_steps: int):
     return optimizer, sched
 
 
+def _check_ema(decay: float | None) -> None:
+    if decay is not None and not 0.0 <= decay < 1.0:
+        raise ValueError(f"--ema {decay}: the decay is a number in [0, 1), e.g. 0.999")
+
+
 def _make_ema(model, decay: float | None):
     """``--ema``: torch's ``AveragedModel`` with an EMA of parameters and buffers (BatchNorm
     statistics too), or None."""
     if decay is None:
         return None
-    if not 0.0 <= decay < 1.0:
-        raise ValueError(f"--ema {decay}: the decay is a number in [0, 1), e.g. 0.999")
+    _check_ema(decay)
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
@@ -109,16 +130,27 @@ def train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
         torch.set_num_threads(previous)
 
 
+def _edited(cfg: TrainConfig) -> CheckpointError:
+    return CheckpointError(f"--resume {cfg.resume}: {CHECKPOINT_META} is not what was saved with {CHECKPOINT} "
+                           "(edited or damaged); the run cannot be resumed from it")
+
+
 def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
-    ckpt = None
+    ckpt, meta, edited = None, {}, False
     if cfg.resume:
         cfg, ckpt, meta = _load_resume(cfg)
+        edited = meta_edited(ckpt, meta)
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise ValueError("--epochs and --batch-size must be at least 1")
     out = Path(cfg.out or _default_out(cfg))
     cfg.out = str(out)
     say = (lambda *a: None) if quiet else print
     t_start = time.time()
+    # the run's time over all its sessions (checkpoints written before it was kept: this session's)
+    elapsed = lambda: meta.get("seconds", 0.0) + time.time() - t_start  # noqa: E731
+    if ckpt is None:  # before the data loads and the model is sparsified: the user hears it at once
+        check_out(out, cfg.overwrite)
+        _check_ema(cfg.ema)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -128,6 +160,12 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
             + (f", {cfg.amp} autocast" if cfg.amp else ""))
 
     data = load_data(cfg.data, image_size=cfg.image_size, workers=cfg.workers)
+    dataset = fingerprint(data)
+    if ckpt is not None and not edited and meta.get("dataset", dataset) != dataset:
+        change = _data_change(meta["dataset"], dataset)
+        raise CheckpointError(f"--resume {cfg.resume}: the data changed since the run started ({change}); its "
+                              "train/test split and schedule would not be the run's: restore the data, or start a "
+                              "new run")
     _seed_all(cfg.seed)
     model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels,
                         image_size=data.image_size, width=cfg.width).to(device)
@@ -152,18 +190,30 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
             raise CheckpointError(f"--resume {cfg.resume}: {CHECKPOINT_META} places the run at epoch {meta['epoch']}, "
                                   f"batch {meta['batch']}, outside its {cfg.epochs} epochs of {steps_per_epoch} "
                                   "batches (edited or damaged); the run cannot be resumed from it")
-        # the JSON half is not hashed: its position must be the one the hashed scheduler counted
+        # its position must be the one the hashed scheduler counted (checked before the JSON's digest,
+        # which can only say "edited", so that an edited position is named)
         saved_sched = ckpt.get("scheduler")
         done = saved_sched.get("last_epoch") if isinstance(saved_sched, dict) else None
         if done != epoch * steps_per_epoch + batch:
             raise CheckpointError(f"--resume {cfg.resume}: {CHECKPOINT_META} places the run at step "
                                   f"{epoch * steps_per_epoch + batch} (epoch {epoch}, batch {batch}), {CHECKPOINT} "
                                   f"at step {done} (edited or damaged); the run cannot be resumed from it")
+        if edited:
+            raise _edited(cfg)
         restore(model, optimizer, sched, ckpt, meta, cfg.resume, ema=ema, device=device)
         history, running = meta["history"], meta["running"]
         start_epoch, start_batch = meta["epoch"], meta["batch"]
-        remove_stale_temporaries(out)  # of a writer that was killed
-        say(f"resuming {out} at epoch {start_epoch + 1}, batch {start_batch} (step {start_epoch * steps_per_epoch + start_batch})")
+        remove_stale_temporaries(out)  # of a writer that was killed: not the run's files
+        finished = start_epoch == cfg.epochs
+        # only after the checks of any resume: a damaged or edited finished run is reported, not called complete
+        if finished and (out / REPORT).is_file():
+            say(f"{out}: the run is complete ({cfg.epochs} epochs, results in {out / REPORT}); nothing to do")
+            return {"complete": True, "out": str(out)}
+        if finished:
+            say(f"{out}: the run finished training but not its write-up (no {REPORT}); writing it now")
+        else:
+            say(f"resuming {out} at epoch {start_epoch + 1}, batch {start_batch} "
+                f"(step {start_epoch * steps_per_epoch + start_batch})")
     else:
         claim_out(out, cfg.overwrite)
         out.mkdir(parents=True, exist_ok=True)
@@ -173,7 +223,7 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
 
     def checkpoint(epoch: int, batch: int) -> None:
         save_run(model, optimizer, sched, out, ema=ema, device=device, epoch=epoch, batch=batch, history=history,
-                 running=running, total_steps=total_steps, run=run_settings)
+                 running=running, total_steps=total_steps, run=run_settings, dataset=dataset, seconds=elapsed())
 
     test_batches = lambda: on_device(_batches(data.test, torch.arange(len(data.test)), 500, cfg.workers, fix),  # noqa: E731
                                      device)
@@ -262,6 +312,6 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
         return {"interrupted": True, "out": str(out)}
     with StopOnSigint() as late:  # a Ctrl-C now would leave a run without its report: the seconds left finish it
         result = _finish(model, cfg, data, out, history, opt_settings, total_steps, test_batches, example,
-                         time.time() - t_start, say, ema=ema)
+                         elapsed(), say, ema=ema)
     # a Ctrl-C in the last epoch or the write-up: the run is finished, and its caller (the demo) stops
     return {**result, "sigint": True} if stop.requested or late.requested else result
