@@ -24,12 +24,21 @@ ALIASES = {
     "QuickGELU": "GELU",  # timm / open_clip: x * sigmoid(1.702 x)
 }
 
+# timm's own activation modules (timm.layers.activations), which its create_act_layer builds for some
+# models (EfficientFormerV2's GELU inside BatchNormAct2d): names torch uses too, so known by module
+_TIMM = {"GELU": "GELU", "Swish": "SiLU", "Mish": "Mish", "Sigmoid": "Sigmoid", "Tanh": "Tanh",
+         "HardSwish": "Hardswish", "HardSigmoid": "Hardsigmoid", "HardMish": "Mish", "PReLU": "PReLU",
+         "HardSigmoidMe": "Hardsigmoid", "HardMishMe": "Mish"}
+_TIMM_MODULES = ("timm.layers.activations", "timm.layers.activations_me")
+
 
 def activation_kind(module) -> str | None:
     """The torch activation class name ``module`` is or stands for; None for other modules.
 
     >>> activation_kind(nn.ReLU()), activation_kind(type("NewGELUActivation", (nn.Module,), {})())
     ('ReLU', 'GELU')
+    >>> activation_kind(type("Swish", (nn.Module,), {"__module__": "timm.layers.activations"})())
+    'SiLU'
     >>> activation_kind(nn.Linear(1, 1)) is None
     True
     """
@@ -38,6 +47,8 @@ def activation_kind(module) -> str | None:
             return cls.__name__
         if cls.__name__ in ALIASES:
             return ALIASES[cls.__name__]
+        if cls.__module__ in _TIMM_MODULES and cls.__name__ in _TIMM:
+            return _TIMM[cls.__name__]
     return None
 
 
