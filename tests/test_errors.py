@@ -87,6 +87,9 @@ def test_unknown_parameter_and_override():
     with pytest.raises(RecipeError, match=re.escape("$.rules[0].params.sparsty: unknown parameter of method 'st3'; "
                                                     "its parameters: begin, end, fix, min_density, sigma, sparsity")):
         sparsify.load_recipe(recipe({"match": {"type": "Conv2d"}, "method": "st3", "params": {"sparsty": 0.5}}))
+    with pytest.raises(RecipeError, match=re.escape("$.rules[0].params.foo, $.rules[0].params.bar: unknown parameters")):
+        sparsify.load_recipe(recipe({"match": {"type": "Conv2d"}, "method": "st3",
+                                     "params": {"sparsity": 0.9, "foo": 1, "bar": 2}}))  # every one, not the first
     with pytest.raises(RecipeError, match="override 'sparsty' is not a parameter of this recipe.*sparsity"):
         sparsify.sparsify(net(), "st3", sparsty=0.5, total_steps=10)
 

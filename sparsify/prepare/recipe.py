@@ -229,10 +229,12 @@ def _resolve_rule(index: int, raw: dict, schedule: dict, source: str) -> Rule:
     if not isinstance(raw.get("params", {}), dict):
         raise RecipeError(f"{source}: {path}.params: must be an object of parameter values, got "
                           f"{type(raw['params']).__name__}")
+    unknown = [key for key in raw.get("params", {}) if key not in method.params]
+    if unknown:  # every one named, as for unknown recipe and rule keys
+        keys = ", ".join(f"{path}.params.{key}" for key in unknown)
+        raise RecipeError(f"{source}: {keys}: unknown parameter{'s' if len(unknown) > 1 else ''} of method "
+                          f"{method_name!r}; its parameters: {', '.join(sorted(method.params))}")
     for key, value in raw.get("params", {}).items():
-        if key not in method.params:
-            raise RecipeError(f"{source}: {path}.params.{key}: unknown parameter of method "
-                              f"{method_name!r}; its parameters: {', '.join(sorted(method.params))}")
         params[key] = value
     return Rule(index, raw["match"], method_name, params)
 
