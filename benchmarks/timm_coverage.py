@@ -74,7 +74,7 @@ MODELS = {
     "mobilevitv2_050": ({}, 64),                              # separable linear attention
     "repvit_m1": ({}, 32),                                    # re-parameterisable depthwise blocks
     "hgnetv2_b0": ({}, 32),                                   # learnable affine blocks, light convs
-    "tiny_vit_5m_224": ({"img_size": 64}, 64),                # MBConv stem, window attention
+    "tiny_vit_5m_224": ({}, 64),                              # MBConv stem, window attention
 }
 # Left out, being slow to build or to run on 2 CPU cores at any input size they accept:
 # beit/eva (relative position tables, 86M), vgg (129M), nest (224² input only).
