@@ -398,3 +398,10 @@ def test_a_model_holding_a_sparsified_part_names_it():
                                             r"\(sparsify\.step\(model\.backbone\)"):
             call(model)
     assert sparsify.step(model.backbone) == 1  # what it says works
+
+
+def test_a_type_name_in_the_wrong_case_is_pointed_out():
+    # "Conv2D" matched nothing and the CLI trained a dense model at exit 0 with only "matched nothing"
+    rule = {"match": {"type": ["Conv2D"]}, "method": "magnitude", "params": {"sparsity": 0.5}}
+    with pytest.warns(UserWarning, match=r"matched nothing \(\{'type': \['Conv2D'\]\}\) \(did you mean 'Conv2d'\?\)"):
+        sparsify.sparsify(net(), recipe(rule), total_steps=10)

@@ -19,6 +19,25 @@ FROZEN = "frozen (requires_grad=False)"
 OWN_KERNEL = "read by its own kernel"
 
 
+def misspelt_types(match: dict) -> str:
+    """`` (did you mean ...?)`` for ``"type"`` names of a rule's match that differ from a torch.nn
+    class name only in case (``"Conv2D"``: a rule that matches nothing, a run that trains dense);
+    empty otherwise (a model's own class names are matched as given).
+
+    >>> misspelt_types({"type": ["Conv2D", "Linear", "MyBlock"]})
+    " (did you mean 'Conv2d'?)"
+    >>> misspelt_types({"name": "fc"})
+    ''
+    """
+    from torch import nn
+
+    names = match.get("type", [])
+    by_lower = {n.lower(): n for n in dir(nn) if isinstance(getattr(nn, n), type)}
+    fixes = [by_lower[t.lower()] for t in ([names] if isinstance(names, str) else names)
+             if isinstance(t, str) and t.lower() in by_lower and by_lower[t.lower()] != t]
+    return f" (did you mean {', '.join(map(repr, fixes))}?)" if fixes else ""
+
+
 @dataclass
 class PlanEntry:
     """One matched site, one Conv/Linear left dense, or another weight matrix no method rewrites."""
@@ -76,7 +95,8 @@ class Plan:
         for i in self.unmatched_rules:
             if not recipe.data["rules"][i].get("optional"):  # optional: may match nothing (no downsample layers)
                 out.append(f"sparsify: rule {i} of recipe {recipe.name!r} matched nothing "
-                           f"({recipe.rules[i].match}); see sparsify.plan(model, recipe)")
+                           f"({recipe.rules[i].match}){misspelt_types(recipe.rules[i].match)}; see "
+                           "sparsify.plan(model, recipe)")
         # sites a rule with a method matched and its method left dense (not: no rule, an exclusion)
         # (computed weights are named above; a PEFT model's frozen base layers are what adapters mean)
         declined = [e for e in self.dense if e.rule is not None and recipe.rules[e.rule].method is not None
