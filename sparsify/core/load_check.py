@@ -1,5 +1,5 @@
 """How a checkpoint's run differs from the model's: what ``load_state_dict`` names when it refuses a
-checkpoint of another ``sparsify(...)`` call (``sparsify.core.state.before_load``, the model's
+checkpoint of another ``sparsify(...)`` call (``sparsify.core.load_hooks.before_load``, the model's
 pre-hook, which also drops the penalty terms recorded since the last collection).
 
 A sparsified model's ``state_dict`` holds the recipe and ``total_steps`` it was made with (the

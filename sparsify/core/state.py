@@ -18,13 +18,12 @@ from passes import set_submodule
 
 from sparsify.core.extra_state import pack, unpack
 from sparsify.core.load_check import run_difference
-from sparsify.core.records import RecordsMixin
 from sparsify.core.layers import SparseWeightMixin
 from sparsify.core.wrong_model import check_module, not_sparsified
 from sparsify.core.plain import plain_copy
 from sparsify.core.sharded import full_parameters
 
-__all__ = ["SparsifyState", "STATE_ATTR", "AVERAGING_WRAPPERS", "find_state", "unwrap", "after_load", "before_load",
+__all__ = ["SparsifyState", "STATE_ATTR", "AVERAGING_WRAPPERS", "find_state", "unwrap", "after_load",
            "forget_replaced", "check_filled", "refuse_unfilled", "is_wrapper",
            "start_groups", "partial_load"]
 
@@ -74,7 +73,7 @@ class SparsifyState(nn.Module):
                     like={"recipe": self.recipe_json, "total_steps": self.total_steps, "synced": False})
 
     def set_extra_state(self, state) -> None:
-        # the model's own pre-hook (before_load) refuses first; this is for the state loaded alone
+        # the model's own pre-hook (load_hooks.before_load) refuses first; this is for the state loaded alone
         why = run_difference(state, self.recipe_json, self.total_steps)
         if why:
             raise RuntimeError(f"load_state_dict: this checkpoint was made by another sparsify(...) call than the "
@@ -142,26 +141,6 @@ def _off_meta(value, device: torch.device):
         return torch.zeros(v.shape, dtype=v.dtype, device=device)
 
     return pytree.tree_map(materialize, value)
-
-
-def before_load(module: nn.Module, state_dict, prefix, local_metadata, strict, missing, unexpected,
-                error_msgs) -> None:
-    """``load_state_dict`` pre-hook of a sparsified model: a checkpoint made by another
-    ``sparsify(...)`` call (recipe, overrides or ``total_steps``) is refused before any of it is
-    loaded (a checkpoint without sparsify state, a dense one, passes: ``after_load`` handles it);
-    otherwise the terms recorded for a penalty not yet collected are dropped."""
-    state = module._modules.get(STATE_ATTR)
-    if not isinstance(state, SparsifyState):
-        return
-    saved = state_dict.get(f"{prefix}{STATE_ATTR}._extra_state")
-    why = None if saved is None else run_difference(saved, state.recipe_json, state.total_steps)
-    if why:
-        raise RuntimeError(f"load_state_dict: this checkpoint was made by another sparsify(...) call than the model "
-                           f"it is loaded into ({why}); nothing was loaded: build the model with the same "
-                           "recipe, overrides and total_steps before load_state_dict")
-    for member in state.members():  # their graph holds the weights as they were (load_check.py)
-        if isinstance(member, RecordsMixin):
-            member.records = []
 
 
 def after_load(module: nn.Module, incompatible_keys) -> None:

@@ -25,7 +25,8 @@ from sparsify.core.diverged import diverged_message, nonfinite_parameters
 from sparsify.core.eval_loop import internal, samples_in
 from sparsify.core.modes import kept_modes
 from sparsify.core.sharded import sharded_modules
-from sparsify.core.state import STATE_ATTR, SparsifyState, after_load, before_load, find_state, refuse_unfilled, unwrap
+from sparsify.core.load_hooks import before_load
+from sparsify.core.state import STATE_ATTR, SparsifyState, after_load, find_state, refuse_unfilled, unwrap
 from sparsify.core.tied import TiedUse, plain_tied
 
 __all__ = ["FinalizeError", "FinalizeWarning", "finalize_model", "check_options"]

@@ -36,7 +36,8 @@ from sparsify.prepare.unhandled import frozen_reason, unhandled_entries
 from sparsify.prepare.recipe import Recipe
 from sparsify.prepare.undo import TreeSnapshot, mirror_children
 from sparsify.prepare.validate import check_times
-from sparsify.core.state import STATE_ATTR, SparsifyState, after_load, before_load, start_groups
+from sparsify.core.load_hooks import before_load
+from sparsify.core.state import STATE_ATTR, SparsifyState, after_load, start_groups
 
 __all__ = ["build", "check_model"]
 

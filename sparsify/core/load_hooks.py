@@ -1,0 +1,31 @@
+"""The ``load_state_dict`` pre-hook of a sparsified model (``after_load``, the post-hook, is in
+:mod:`sparsify.core.state`): why it refuses and what it drops is in :mod:`sparsify.core.load_check`."""
+from __future__ import annotations
+
+from torch import nn
+
+from sparsify.core.load_check import run_difference
+from sparsify.core.records import RecordsMixin
+from sparsify.core.state import STATE_ATTR, SparsifyState
+
+__all__ = ["before_load"]
+
+
+def before_load(module: nn.Module, state_dict, prefix, local_metadata, strict, missing, unexpected,
+                error_msgs) -> None:
+    """``load_state_dict`` pre-hook of a sparsified model: a checkpoint made by another
+    ``sparsify(...)`` call (recipe, overrides or ``total_steps``) is refused before any of it is
+    loaded (a checkpoint without sparsify state, a dense one, passes: ``after_load`` handles it);
+    otherwise the terms recorded for a penalty not yet collected are dropped."""
+    state = module._modules.get(STATE_ATTR)
+    if not isinstance(state, SparsifyState):
+        return
+    saved = state_dict.get(f"{prefix}{STATE_ATTR}._extra_state")
+    why = None if saved is None else run_difference(saved, state.recipe_json, state.total_steps)
+    if why:
+        raise RuntimeError(f"load_state_dict: this checkpoint was made by another sparsify(...) call than the model "
+                           f"it is loaded into ({why}); nothing was loaded: build the model with the same "
+                           "recipe, overrides and total_steps before load_state_dict")
+    for member in state.members():  # their graph holds the weights as they were (load_check.py)
+        if isinstance(member, RecordsMixin):
+            member.records = []
