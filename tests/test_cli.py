@@ -115,6 +115,24 @@ def test_python_dash_m_sparsify_is_the_command():
     assert run("sparsify", "--help").stdout.startswith("usage: sparsify")
 
 
+def test_the_command_starts_without_torch_and_a_ctrl_c_while_torch_loads_is_one_line():
+    """``import sparsify`` is lazy: ``--help`` needs no torch, and a Ctrl-C during torch's seconds-long
+    import (here: raised by an import hook when torch is first imported) is "interrupted", exit 130."""
+    code = ("import sys, sparsify, sparsify.app.cli; print('torch' in sys.modules); "
+            "print(sorted(set(sparsify.__all__) - set(dir(sparsify))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "[]"]
+    hook = ("import sys\n"
+            "class Stop:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'torch': raise KeyboardInterrupt\n"
+            "sys.meta_path.insert(0, Stop())\n"
+            "from sparsify.app.cli import main\n"
+            "sys.exit(main(['plan', '--model', 'cnn', '--recipe', 'st3']))\n")
+    run = subprocess.run([sys.executable, "-c", hook], capture_output=True, text=True)
+    assert (run.returncode, run.stderr, run.stdout) == (130, "sparsify plan: interrupted\n", "")
+
+
 def test_train_command_end_to_end(capsys, tmp_path):
     rc, out, _ = run_cli(capsys, "train", "--model", "cnn", "--recipe", "st3", "--epochs", "1", "--threads", "1",
                          "--out", str(tmp_path / "r"), "--no-progress", "--set", "sparsity=0.5", "--seed", "3",

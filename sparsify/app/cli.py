@@ -16,9 +16,8 @@ import json
 import os
 import sys
 
-from sparsify.app.device import AMP_CHOICES
 from sparsify.app.overrides import parse_overrides
-from sparsify.app.settings import OPTIMIZERS, check_settings
+from sparsify.app.settings import AMP_CHOICES, OPTIMIZERS, check_settings
 
 __all__ = ["main", "parse_overrides"]
 

@@ -11,9 +11,9 @@ from typing import Iterable, Iterator
 
 import torch
 
-__all__ = ["resolve_device", "on_device", "autocast", "AMP_CHOICES"]
+from sparsify.app.settings import AMP_CHOICES
 
-AMP_CHOICES = ("bf16",)
+__all__ = ["resolve_device", "on_device", "autocast", "AMP_CHOICES"]
 
 
 def resolve_device(name: str | None) -> torch.device:

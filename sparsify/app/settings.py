@@ -5,6 +5,8 @@ from __future__ import annotations
 
 #: ``--optimizer`` choices (the parser's, and what a resumed ``config.json`` may hold)
 OPTIMIZERS = ("sgd", "adam", "adamw")
+#: ``--amp`` choices
+AMP_CHOICES = ("bf16",)
 #: ``--threads`` above this is refused: torch segfaults creating 100,000 threads; a fixed bound, not
 #: the CPU count, so a run saved on a large machine resumes on a small one
 MAX_THREADS = 1024
