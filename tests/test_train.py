@@ -227,6 +227,18 @@ def test_dead_activations_are_warned(tmp_path, capsys):
     assert "warning: every input of" not in capsys.readouterr().out
 
 
+def test_warnings_are_one_line_each_and_kept_in_the_report(tmp_path, capsys):
+    """At 99% ST-3 prunes whole rows of the 10-class layer (sparsify.step warns): stderr has it once as
+    ``warning: ...``, not Python's ``file:line: UserWarning`` with a source line, and report.json keeps it."""
+    train(cfg(tmp_path, epochs=1, overrides={"sparsity": 0.99}, progress=True))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "every weight of" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: sparsify.step: fc: every weight of"), err
+    assert "UserWarning" not in err and "sp.step(model" not in err
+    kept = json.loads((tmp_path / "run" / "report.json").read_text())["warnings"]
+    assert [w for w in kept if "every weight of" in w] == [lines[0][len("warning: "):]]
+
+
 def test_bf16_autocast_run_trains_records_and_resumes_with_it(tmp_path):
     fp32 = train(cfg(tmp_path, "fp32", recipe="tl1"), quiet=True)
     bf16 = train(cfg(tmp_path, "bf16", recipe="tl1", amp="bf16"), quiet=True)

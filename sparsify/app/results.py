@@ -26,7 +26,7 @@ def thousands(v) -> str:
 
 
 def _finish(model, cfg, data, out, history, opt_settings, total_steps, test_batches, example, seconds, say,
-            ema=None) -> dict:
+            ema=None, warned: list[str] | None = None) -> dict:
     from sparsify.app.plots import plot_history, plot_layers
     act = activation_stats(model, test_batches())
     if dead := dead_inputs(act):
@@ -59,6 +59,7 @@ def _finish(model, cfg, data, out, history, opt_settings, total_steps, test_batc
                 targets=targets, label=" / ".join(kinds) + " sparsity")
     plot_history(history, out / "training.png", title)
     write_json(history, out / "history.json")
+    result["warnings"] = list(warned or ())  # the run's, also those scrolled away or not shown (quiet)
     write_json(result, out / "report.json")
     say(f"test accuracy {result['accuracy']:.4f}; weight sparsity {summary['weight_sparsity'] or 0:.3f}; "
         f"activation sparsity {summary['activation_sparsity']:.3f}; MACs per sample (docs/macs.md): dense "

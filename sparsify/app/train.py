@@ -10,6 +10,7 @@ The loop is the one the README asks users to write (loss = task loss + ``sparsif
 * checkpoints (``checkpoint.pt``) written atomically (temporary file + ``os.replace``) after every
   epoch and when Ctrl-C is pressed: the first Ctrl-C finishes the current step, saves and exits
   (status 130); a second one aborts at once;
+* warnings as one ``warning: ...`` line each above the progress bar, kept in ``report.json``;
 * at the end: the report table, ``report.json``, ``history.json``, ``layers.png`` and
   ``training.png`` in the output folder.
 
@@ -40,6 +41,7 @@ from sparsify.app.batches import _batches, _channel_fixer, _epoch_order, _train_
 from sparsify.app.data import fingerprint, load_data
 from sparsify.app.device import autocast, on_device, resolve_device
 from sparsify.app.results import _finish
+from sparsify.app.warning_lines import warning_lines
 from sparsify.app.summary import dead_inputs, dead_message, evaluate, summarize, weight_sparsity
 from sparsify.app.models import build_model, input_channels
 from sparsify.stats.runstats import activation_stats
@@ -125,7 +127,8 @@ def train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
     """
     previous = torch.get_num_threads()
     try:
-        return _train(cfg, on_step=on_step, quiet=quiet)
+        with warning_lines(quiet) as warned:
+            return _train(cfg, on_step=on_step, quiet=quiet, warned=warned)
     finally:  # --threads is for this run: a caller's later work keeps its own setting
         torch.set_num_threads(previous)
 
@@ -135,7 +138,7 @@ def _edited(cfg: TrainConfig) -> CheckpointError:
                            "(edited or damaged); the run cannot be resumed from it")
 
 
-def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
+def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False, warned: list[str] | None = None) -> dict:
     ckpt, meta, edited = None, {}, False
     if cfg.resume:
         cfg, ckpt, meta = _load_resume(cfg)
@@ -312,6 +315,6 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
         return {"interrupted": True, "out": str(out)}
     with StopOnSigint() as late:  # a Ctrl-C now would leave a run without its report: the seconds left finish it
         result = _finish(model, cfg, data, out, history, opt_settings, total_steps, test_batches, example,
-                         elapsed(), say, ema=ema)
+                         elapsed(), say, ema=ema, warned=warned)
     # a Ctrl-C in the last epoch or the write-up: the run is finished, and its caller (the demo) stops
     return {**result, "sigint": True} if stop.requested or late.requested else result
