@@ -72,6 +72,16 @@ def test_image_folder_is_decoded_once_into_the_same_tensors(tmp_path):
             assert torch.equal(a.tensors[0][i], x) and int(a.tensors[1][i]) == y
 
 
+def test_decoding_a_large_image_folder_shows_progress(tmp_path, capsys):
+    """Decoding takes minutes on a real folder: a bar says how far it is (over 256 images: 2+ batches)."""
+    _images(tmp_path / "big", ["a", "b"], 170)
+    d = load_data(f"imagefolder:{tmp_path / 'big'}", image_size=8, progress=True)
+    err = capsys.readouterr().err
+    assert len(d.train) == 272 and "decoding train images (272):" in err and "/2 [" in err
+    load_data(f"imagefolder:{tmp_path / 'big'}", image_size=8)
+    assert capsys.readouterr().err == ""
+
+
 def test_image_folder_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_data(f"imagefolder:{tmp_path / 'nope'}")

@@ -103,14 +103,19 @@ def _mnist() -> Data:
 PRELOAD_LIMIT = 2 * 1024 ** 3
 
 
-def _preload(dataset: Dataset, workers: int = 0) -> TensorDataset:
-    """``dataset`` as one image tensor and one label tensor (each image decoded once)."""
+def _preload(dataset: Dataset, workers: int = 0, progress: bool = False, split: str = "the") -> TensorDataset:
+    """``dataset`` as one image tensor and one label tensor (each image decoded once; a folder of
+    many thousand images takes minutes, so ``progress`` shows a bar)."""
+    from tqdm import tqdm
     loader = torch.utils.data.DataLoader(dataset, batch_size=256, shuffle=False, num_workers=workers)
-    xs, ys = zip(*loader)
+    bar = tqdm(loader, desc=f"decoding {split} images ({len(dataset):,})",
+               disable=not progress or len(loader) < 2, leave=False, dynamic_ncols=True)
+    xs, ys = zip(*bar)
     return TensorDataset(torch.cat(xs), torch.cat(ys))
 
 
-def _image_folder(path: str, image_size: int, workers: int = 0, preload_limit: int = PRELOAD_LIMIT) -> Data:
+def _image_folder(path: str, image_size: int, workers: int = 0, preload_limit: int = PRELOAD_LIMIT,
+                  progress: bool = False) -> Data:
     from torchvision import datasets, transforms
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -155,7 +160,7 @@ def _image_folder(path: str, image_size: int, workers: int = 0, preload_limit: i
         classes, folders = full.classes, (full,)
     source = _files_source(root, [p for f in folders for p, _ in f.samples])
     if (len(train) + len(test)) * 3 * image_size ** 2 * 4 <= preload_limit:
-        train, test = _preload(train, workers), _preload(test, workers)
+        train, test = _preload(train, workers, progress, "train"), _preload(test, workers, progress, "test")
     return Data(f"imagefolder:{path}", train, test, len(classes), 3, image_size, source)
 
 
@@ -178,9 +183,9 @@ def fingerprint(data: Data) -> dict:
 
 
 def load_data(spec: str = "digits", *, image_size: int | None = None, workers: int = 0,
-              preload_limit: int = PRELOAD_LIMIT) -> Data:
-    """Load ``digits``, ``mnist`` or ``imagefolder:PATH`` (see the module docstring; ``workers``
-    and ``preload_limit`` apply to image folders).
+              preload_limit: int = PRELOAD_LIMIT, progress: bool = False) -> Data:
+    """Load ``digits``, ``mnist`` or ``imagefolder:PATH`` (see the module docstring; ``workers``,
+    ``preload_limit`` and ``progress``, a bar while the images are decoded, apply to image folders).
 
     >>> load_data("cifar")
     Traceback (most recent call last):
@@ -195,5 +200,5 @@ def load_data(spec: str = "digits", *, image_size: int | None = None, workers: i
         path = spec.partition(":")[2]
         if not path:
             raise DataError("imagefolder needs a path: --data imagefolder:/path/to/images")
-        return _image_folder(path, image_size or 64, workers, preload_limit)
+        return _image_folder(path, image_size or 64, workers, preload_limit, progress)
     raise DataError(f"unknown dataset {spec!r}; use digits, mnist, or imagefolder:PATH")

@@ -162,7 +162,7 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False, warned: list[
         say(f"training on {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
             + (f", {cfg.amp} autocast" if cfg.amp else ""))
 
-    data = load_data(cfg.data, image_size=cfg.image_size, workers=cfg.workers)
+    data = load_data(cfg.data, image_size=cfg.image_size, workers=cfg.workers, progress=cfg.progress and not quiet)
     dataset = fingerprint(data)
     if ckpt is not None and not edited and meta.get("dataset", dataset) != dataset:
         change = _data_change(meta["dataset"], dataset)

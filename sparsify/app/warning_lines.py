@@ -21,7 +21,9 @@ def warning_lines(quiet: bool = False) -> Iterator[list[str]]:
     ``quiet``) and appended to the list this yields; filters (``-W error``, ``-W ignore``) still apply.
 
     >>> with warning_lines(quiet=True) as seen:
-    ...     warnings.warn("a layer pruned to 100%"); warnings.warn("a layer pruned to 100%")
+    ...     warnings.simplefilter("always")  # Python's own once-per-place filter off: still once here
+    ...     for _ in range(2):
+    ...         warnings.warn("a layer pruned to 100%")
     >>> seen
     ['a layer pruned to 100%']
     """
