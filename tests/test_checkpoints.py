@@ -145,6 +145,27 @@ def test_out_holding_another_run_is_refused_unless_resume_or_overwrite(finished,
     assert json.loads((run / ck.CHECKPOINT_META).read_text())["run"]["seed"] == 3
 
 
+def test_a_replacement_that_fails_before_its_first_checkpoint_gives_the_old_run_back(finished, tmp_path):
+    """--overwrite keeps the replaced run aside until the new run's first checkpoint: an abort at step 2
+    (a second Ctrl-C) leaves the folder as it was; a replacement that checkpoints leaves nothing aside."""
+    run = copy_run(finished, tmp_path)
+    before = snapshot(run)
+
+    def abort(step):
+        if step == 2:
+            assert (run / ".overwritten" / ck.CHECKPOINT).exists() and not (run / ck.CHECKPOINT).exists()
+            raise KeyboardInterrupt
+
+    new = TrainConfig(model="cnn", recipe="st3", epochs=1, batch_size=256, out=str(run), progress=False,
+                      threads=1, seed=3, overwrite=True)
+    with pytest.raises(KeyboardInterrupt):
+        train(new, on_step=abort, quiet=True)
+    assert snapshot(run) == before
+    train(new, quiet=True)
+    assert not (run / ".overwritten").exists()
+    assert json.loads((run / ck.CHECKPOINT_META).read_text())["run"]["seed"] == 3
+
+
 def test_interrupted_writes_leave_no_temporary_files(tmp_path, monkeypatch):
     ck.save_checkpoint({"w": torch.ones(2)}, {"epoch": 0}, tmp_path)
     before = snapshot(tmp_path)

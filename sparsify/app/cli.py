@@ -260,7 +260,8 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default runs/<model>-<recipe>-s<seed>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (its settings are reused)")
-    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (else refused)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (else refused); it is kept aside until the "
+                   "new run's first checkpoint")
     p.add_argument("--ema", type=float, default=None, metavar="DECAY",
                    help="also keep an exponential moving average of the weights (e.g. 0.999), with the model's "
                         "sparsity (sparsify.sync); it is evaluated every epoch and saved beside the model")

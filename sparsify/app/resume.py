@@ -18,7 +18,7 @@ import torch
 from sparsify.app.checkpoint import (CHECKPOINT, CHECKPOINT_META, CheckpointError, load_checkpoint, meta_digest,
                                      meta_problem, save_checkpoint)
 
-__all__ = ["CONFIG", "RUN_FILES", "RUN_KEYS", "load_run", "check_out", "claim_out", "restore", "save_run",
+__all__ = ["CONFIG", "RUN_FILES", "RUN_KEYS", "load_run", "check_out", "restore", "save_run",
            "checkpoint_meta", "meta_edited", "REPORT"]
 
 CONFIG = "config.json"
@@ -27,7 +27,7 @@ REPORT = "report.json"
 #: the digest of checkpoint.json's content, kept in the hashed checkpoint.pt so that an edit of the JSON
 #: half is seen; the .pt's top-level keys are fixed, the scheduler's state is a plain dict that takes it
 JSON_DIGEST = "checkpoint_json_sha256"
-#: what a run writes into its folder (``--overwrite`` removes these, and only these)
+#: what a run writes into its folder (``--overwrite`` replaces these, and only these: :mod:`sparsify.app.replace`)
 RUN_FILES = (CONFIG, CHECKPOINT, CHECKPOINT_META, REPORT, "history.json", "final_state_dict.pt",
              "ema_final_state_dict.pt",
              "layers.png", "training.png")
@@ -89,13 +89,6 @@ def check_out(out: Path, overwrite: bool) -> list[str]:
         raise FileExistsError(f"--out {out} holds another run ({', '.join(held[:3])}); continue it with "
                               f"--resume {out}, or pass --overwrite to replace it")
     return held
-
-
-def claim_out(out: Path, overwrite: bool) -> None:
-    """Refuse an ``out`` folder holding another run unless ``overwrite`` (then remove its run files);
-    the ``config.json`` of a run that saved no checkpoint is replaced."""
-    for name in check_out(out, overwrite):
-        (out / name).unlink()
 
 
 def checkpoint_meta(**fields) -> dict:

@@ -34,12 +34,13 @@ import sparsify as sp
 
 from sparsify.app.checkpoint import (CHECKPOINT, CHECKPOINT_META, CheckpointError, StopOnSigint,
                                      remove_stale_temporaries, write_json)
-from sparsify.app.resume import CONFIG, REPORT, RUN_KEYS, check_out, claim_out, meta_edited, restore, save_run
+from sparsify.app.resume import CONFIG, REPORT, RUN_KEYS, check_out, meta_edited, restore, save_run
 from sparsify.app.config import (BASE_DEFAULTS, METHOD_DEFAULTS, TrainConfig, _default_out, _load_resume,
                                  config_from_args, resolve_optimizer)
 from sparsify.app.batches import _batches, _channel_fixer, _epoch_order, _train_size
 from sparsify.app.data import fingerprint, load_data
 from sparsify.app.device import autocast, on_device, resolve_device
+from sparsify.app.replace import Replacing
 from sparsify.app.results import _finish
 from sparsify.app.warning_lines import warning_lines
 from sparsify.app.summary import dead_inputs, dead_message, evaluate, summarize, weight_sparsity
@@ -127,8 +128,8 @@ def train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
     """
     previous = torch.get_num_threads()
     try:
-        with warning_lines(quiet) as warned:
-            return _train(cfg, on_step=on_step, quiet=quiet, warned=warned)
+        with warning_lines(quiet) as warned, Replacing() as replacing:
+            return _train(cfg, on_step=on_step, quiet=quiet, warned=warned, replacing=replacing)
     finally:  # --threads is for this run: a caller's later work keeps its own setting
         torch.set_num_threads(previous)
 
@@ -138,7 +139,8 @@ def _edited(cfg: TrainConfig) -> CheckpointError:
                            "(edited or damaged); the run cannot be resumed from it")
 
 
-def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False, warned: list[str] | None = None) -> dict:
+def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False, warned: list[str] | None = None,
+           replacing: Replacing) -> dict:
     ckpt, meta, edited = None, {}, False
     if cfg.resume:
         cfg, ckpt, meta = _load_resume(cfg)
@@ -218,7 +220,7 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False, warned: list[
             say(f"resuming {out} at epoch {start_epoch + 1}, batch {start_batch} "
                 f"(step {start_epoch * steps_per_epoch + start_batch})")
     else:
-        claim_out(out, cfg.overwrite)
+        replacing.claim(out, cfg.overwrite)  # a replaced run waits aside until the first checkpoint
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)
         write_json({**asdict(cfg), "resume": None, "overwrite": False}, out / CONFIG)
@@ -227,6 +229,7 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False, warned: list[
     def checkpoint(epoch: int, batch: int) -> None:
         save_run(model, optimizer, sched, out, ema=ema, device=device, epoch=epoch, batch=batch, history=history,
                  running=running, total_steps=total_steps, run=run_settings, dataset=dataset, seconds=elapsed())
+        replacing.saved()
 
     test_batches = lambda: on_device(_batches(data.test, torch.arange(len(data.test)), 500, cfg.workers, fix),  # noqa: E731
                                      device)
