@@ -118,6 +118,24 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert torch.load(path) == {"v": 1}
 
 
+def test_plot_write_is_atomic(tmp_path, monkeypatch):
+    """A second Ctrl-C while the write-up saves a plot leaves the previous PNG, not half of one."""
+    from matplotlib.figure import Figure
+
+    from sparsify.app.plots import plot_history
+    path = tmp_path / "training.png"
+    plot_history([{"epoch": 1, "test_acc": 0.5, "weight_sparsity": 0.2}], path)
+    before = path.read_bytes()
+
+    def interrupted(self, fname, **kw):
+        open(fname, "wb").write(b"partial")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Figure, "savefig", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        plot_history([{"epoch": 1, "test_acc": 0.9, "weight_sparsity": 0.5}], path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["training.png"]
+
+
 def test_overrides_and_dense_run(tmp_path):
     res = train(cfg(tmp_path, "half", epochs=1, overrides={"sparsity": 0.5, "fix": None}), quiet=True)
     assert res["weight_sparsity"] == pytest.approx(0.5, abs=0.005)

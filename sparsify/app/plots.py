@@ -7,18 +7,31 @@ True
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from sparsify.app.checkpoint import _tmp_name  # noqa: E402
+
 __all__ = ["plot_layers", "plot_history", "plot_comparison"]
 
 
 def _save(fig, path) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """Through a temporary file and ``os.replace``: a Ctrl-C or a full disk while writing leaves the
+    previous plot, or none, never half a PNG."""
+    path = Path(path)
+    tmp = _tmp_name(path)
+    try:
+        fig.tight_layout()
+        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return str(path)
 
 

@@ -10,7 +10,7 @@ import torch
 
 import sparsify as sp
 
-from sparsify.app.checkpoint import write_json
+from sparsify.app.checkpoint import save_atomic, write_json
 from sparsify.app.summary import dead_inputs, dead_message, library_measurement, summarize
 from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.stats.runstats import activation_stats
@@ -49,7 +49,7 @@ def _finish(model, cfg, data, out, history, opt_settings, total_steps, test_batc
         result["finalize"] = _save_finalized(model, example, out / "final_state_dict.pt", say, "finalize")
     else:
         targets, kinds = {}, ["weight"]
-        torch.save(cpu_state(model), out / "final_state_dict.pt")  # nothing to finalize: the trained weights
+        save_atomic(cpu_state(model), out / "final_state_dict.pt")  # nothing to finalize: the trained weights
         weights = {n: 1 - int(torch.count_nonzero(m.weight)) / m.weight.numel()
                    for n, m in model.named_modules() if isinstance(m, WEIGHT_TYPES)}
     if ema is not None:
@@ -80,7 +80,7 @@ def _save_finalized(model, example, path, say, what: str) -> str:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             final = sp.finalize(model, example)
-        torch.save(cpu_state(final), path)
+        save_atomic(cpu_state(final), path)
         return "ok"
     except Exception as e:
         say(f"warning: {what} failed: {e}")
@@ -94,7 +94,7 @@ def _finish_ema(ema, cfg, example, out, history, say) -> dict:
         found["weight_sparsity"] = sp.report(ema).totals.get("weight_sparsity")
         found["finalize"] = _save_finalized(ema, example, out / "ema_final_state_dict.pt", say, "finalize of the EMA")
     else:
-        torch.save(cpu_state(ema.module), out / "ema_final_state_dict.pt")
+        save_atomic(cpu_state(ema.module), out / "ema_final_state_dict.pt")
     say(f"EMA (decay {cfg.ema}): test accuracy {found['accuracy']:.4f}"
         + (f", weight sparsity {found['weight_sparsity'] or 0:.3f}" if "weight_sparsity" in found else ""))
     return found
