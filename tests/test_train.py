@@ -257,6 +257,19 @@ def test_warnings_are_one_line_each_and_kept_in_the_report(tmp_path, capsys):
     assert [w for w in kept if "every weight of" in w] == [lines[0][len("warning: "):]]
 
 
+def test_a_finalize_warning_in_the_write_up_is_not_hidden(tmp_path, monkeypatch):
+    """finalize warns when the deployed model will not apply what training applied (docs/capture.md):
+    the write-up's finalize passes that on like any warning of the run."""
+    import warnings
+
+    def finalize(model, example):
+        warnings.warn("finalize: the deployed model does not apply them", sparsify.FinalizeWarning)
+        return model
+    monkeypatch.setattr(sparsify, "finalize", finalize)
+    res = train(cfg(tmp_path, epochs=1, batch_size=256), quiet=True)
+    assert res["finalize"] == "ok" and "finalize: the deployed model does not apply them" in res["warnings"]
+
+
 def test_bf16_autocast_run_trains_records_and_resumes_with_it(tmp_path):
     fp32 = train(cfg(tmp_path, "fp32", recipe="tl1"), quiet=True)
     bf16 = train(cfg(tmp_path, "bf16", recipe="tl1", amp="bf16"), quiet=True)

@@ -3,7 +3,6 @@ table, the finalized model (``final_state_dict.pt``), ``report.json``, ``history
 ``layers.png``, ``training.png`` and the closing line."""
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict
 
 import torch
@@ -77,9 +76,7 @@ def _save_finalized(model, example, path, say, what: str) -> str:
     """``finalize`` the model and save its ``state_dict`` to ``path``: "ok", or "failed: ..."
     (reported, not fatal: the trained checkpoint is still there)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            final = sp.finalize(model, example)
+        final = sp.finalize(model, example)
         save_atomic(cpu_state(final), path)
         return "ok"
     except Exception as e:
