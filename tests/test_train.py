@@ -174,6 +174,7 @@ def test_demo_table_survives_a_failing_recipe(tmp_path, capsys):
     by = {r["name"]: r for r in rows}
     assert list(by) == ["dense", "st3", "no-such-recipe"]
     assert by["st3"]["error"] is None and by["st3"]["weight_sparsity"] > 0.5
+    assert isinstance(by["st3"]["warnings"], list)  # what the quiet run warned, kept in its row
     assert "unknown recipe 'no-such-recipe'" in by["no-such-recipe"]["error"]
     out = capsys.readouterr().out
     assert "| st3" in out and "failed" in out

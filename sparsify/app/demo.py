@@ -80,6 +80,17 @@ def _claim_demo_out(out_dir: Path) -> None:
     (out_dir / MARKER).write_text("a sparsify demo folder: the next demo replaces its runs\n")
 
 
+def _warned(warned: list[str] | None, run: Path) -> str:
+    """The demo's runs are quiet: a run that warned says how often and where the warnings are.
+
+    >>> _warned(["fc: every weight of 6 of its 10 outputs pruned"], Path("demo-out/st3")), _warned([], Path("x"))
+    ('  (1 warning: demo-out/st3/report.json)', '')
+    """
+    if not warned:
+        return ""
+    return f"  ({len(warned)} warning{'s' if len(warned) > 1 else ''}: {run / 'report.json'})"
+
+
 def run_demo(out: str = "demo-out", *, epochs: int | None = None, seed: int = 0, progress: bool = False,
              recipes: list[str] | None = None, quiet: bool = False) -> list[dict]:
     """Train dense + each recipe (default: all built-ins) on digits; write ``comparison.json``,
@@ -110,14 +121,15 @@ def run_demo(out: str = "demo-out", *, epochs: int | None = None, seed: int = 0,
             row = {"name": name, "error": None, "seconds": time.time() - t,
                    **{k: res.get(k) for k in ("accuracy", "weight_sparsity", "activation_sparsity", "params",
                                               "nonzero_params", "dense_macs", "nonzero_macs", "effective_macs",
-                                              "executed_macs", "achieved", "finalize")}}
+                                              "executed_macs", "achieved", "finalize", "warnings")}}
         except Exception as e:  # one failing recipe must not stop the demo
             row = {"name": name, "error": f"{type(e).__name__}: {e}".splitlines()[0][:300],
                    "traceback": traceback.format_exc(), "seconds": time.time() - t, "accuracy": None}
         rows.append(row)
         say(f"  {name:<16} " + (f"failed ({row['error']})" if row["error"] else
                                 f"test acc {_pct(row['accuracy'])}, weight sparsity {_pct(row['weight_sparsity'])}, "
-                                f"activation sparsity {_pct(row['activation_sparsity'])}") + f"  [{row['seconds']:.1f}s]")
+                                f"activation sparsity {_pct(row['activation_sparsity'])}") + f"  [{row['seconds']:.1f}s]"
+            + _warned(row.get("warnings"), out_dir / name))
     torch.set_num_threads(threads)
     table = format_table(rows)
     total = time.time() - t0
