@@ -28,7 +28,7 @@ from sparsify.core.state import check_filled, find_state, forget_replaced, refus
 from sparsify.core.wrong_model import remember_sparsified
 from sparsify.core.advance import advance
 from sparsify.core.penalty_watch import watch_penalty
-from sparsify.core.diverged import diverged_message, nonfinite_parameters
+from sparsify.core.diverged import diverged_message, nonfinite_parameters, refuse_nonfinite
 from sparsify.core.step_checks import after_step, as_loss, say_once
 from sparsify.prepare.inputs import check_inputs, refuse_misfit, state_inputs
 from sparsify.prepare.sharing import SHARED_WARNING, mark_trained, remember_holder, trained_through_earlier
@@ -69,6 +69,7 @@ def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int 
     """
     check_inputs(model, None)  # a TorchScript module: before the checks that assume a Python module
     check_model(model)  # a wrong model is the first thing to report, before any recipe problem
+    refuse_nonfinite(model)
     if capture is not None:
         check_capture(capture)
     recipe = load_recipe(recipe, **overrides)

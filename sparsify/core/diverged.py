@@ -12,7 +12,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-__all__ = ["check_due", "nonfinite_parameters", "diverged_message"]
+__all__ = ["check_due", "nonfinite_parameters", "diverged_message", "refuse_nonfinite"]
 
 
 def check_due(step: int, total_steps: int | None) -> bool:
@@ -69,3 +69,20 @@ def diverged_message(where: str, bad: list[str], step: int | None = None) -> str
     return (f"{where}: NaN or inf in {len(bad)} parameter(s){at} ({first}): training diverged, and the masks, "
             "thresholds and sparsity computed from these weights mean nothing; lower the learning rate or clip "
             "gradients (pass loss= to sparsify.step to be told at the first non-finite loss)")
+
+
+def refuse_nonfinite(model: nn.Module) -> None:
+    """Refuse a model that holds NaN or inf before ``sparsify`` rewrites it: no training made that
+    (its initialisation or the checkpoint loaded did), and every mask and threshold would be
+    computed from it; a ``ValueError`` naming the parameters.
+
+    >>> net = nn.Sequential(nn.Linear(2, 2)); _ = net[0].weight.data.fill_(float("inf"))
+    >>> refuse_nonfinite(net)
+    Traceback (most recent call last):
+    ValueError: sparsify: NaN or inf in 1 parameter(s) of the model given (0.weight), before any training: its initialisation or the checkpoint loaded into it is broken; masks and thresholds computed from it would mean nothing
+    """
+    if bad := nonfinite_parameters(model):
+        first = ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
+        raise ValueError(f"sparsify: NaN or inf in {len(bad)} parameter(s) of the model given ({first}), before any "
+                         "training: its initialisation or the checkpoint loaded into it is broken; masks and "
+                         "thresholds computed from it would mean nothing")

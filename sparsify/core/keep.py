@@ -179,6 +179,42 @@ def warn_empty(method: str, masks: dict[str, torch.Tensor], warned: set[str], mi
     warnings.warn(empty_message(method, empty, why, fix), EmptyLayerWarning, stacklevel=3)
 
 
+#: the key in a group's warned set once :func:`warn_short` has looked (it looks once per run)
+SHORT_CHECKED = "<short-checked>"
+
+
+def warn_short(method: str, masks: dict[str, torch.Tensor], target: float, warned: set[str]) -> None:
+    """Once, when the ramp has reached its final ``target``: warn when the masks keep more weights than
+    the target leaves (by over one point, or two weights of the smallest layer). A magnitude threshold keeps every weight equal to it, so
+    tied magnitudes (a constant initialisation, quantized or low-precision weights) cannot be
+    split; the official methods do the same, so this says it rather than breaking ties.
+
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as w:
+    ...     warnings.simplefilter("always")
+    ...     warn_short("magnitude", {"fc": torch.ones(400, dtype=torch.bool)}, 0.5, set())
+    >>> str(w[0].message)[:86]
+    'sparsify: magnitude reached 0.0% sparsity where its target is 50.0% (fc at 0.0%): many'
+    """
+    if SHORT_CHECKED in warned or not masks:
+        return
+    warned.add(SHORT_CHECKED)
+    kept = torch.stack([m.sum() for m in masks.values()]).tolist()  # one sync
+    sizes = [m.numel() for m in masks.values()]
+    achieved = 1 - sum(kept) / max(sum(sizes), 1)
+    # a quantile over n weights lands within a weight or two of the target: small layers miss it by that
+    if achieved >= target - max(0.01, 2 / max(min(sizes), 1)):
+        return
+    short = sorted(((1 - k / n, name) for (name, _), k, n in zip(masks.items(), kept, sizes) if n),
+                   key=lambda v: v[0])[:3]
+    where = ", ".join(f"{name} at {a:.1%}" for a, name in short)
+    import warnings
+    warnings.warn(f"sparsify: {method} reached {achieved:.1%} sparsity where its target is {target:.1%} ({where}): "
+                  "many weights have the same magnitude as the threshold (a constant initialisation, quantized or "
+                  "low-precision weights), and a threshold keeps every weight equal to it; the report shows the "
+                  "sparsity reached (docs/methods/magnitude.md#tied-magnitudes)", stacklevel=3)
+
+
 def empty_message(method: str, names: list[str], why: str, fix: str) -> str:
     """The :class:`EmptyLayerWarning` text for layers ``names`` that ``method`` emptied.
 

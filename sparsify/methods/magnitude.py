@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from sparsify.core.schedules import cubic
-from sparsify.core.keep import HeldLayers, DEFAULT_MIN_DENSITY, density_problems, guarded_thresholds, warn_empty
+from sparsify.core.keep import (HeldLayers, DEFAULT_MIN_DENSITY, density_problems, guarded_thresholds, warn_empty,
+                                 warn_short)
 from sparsify.core.threshold import QuantileTracker
 from sparsify.core.contract import Group, GroupContext, Method
 from sparsify.core.registry import register
@@ -168,6 +169,8 @@ class MagnitudeGroup(HeldLayers, Group):
                 w = torch_layout(m, m.weight)
                 m.mask.copy_(torch_layout(m, expand_blocks(scores[n] > taus[n], self.block, w.shape)))
         warn_empty("magnitude", {n: m.mask for n, m in layers}, self._warned, md)
+        if step >= self.end:
+            warn_short("magnitude", {n: m.mask for n, m in layers}, r, self._warned)
 
     def _scores(self, m: MagnitudeMixin, live: bool) -> torch.Tensor:
         """The layer's float32 scores (``|W|``, or block means), into a scratch tensor if possible."""

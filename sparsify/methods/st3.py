@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from sparsify.core.schedules import cubic
-from sparsify.core.keep import HeldLayers, DEFAULT_MIN_DENSITY, density_problems, guarded_thresholds, sigma_of, warn_empty
+from sparsify.core.keep import (HeldLayers, DEFAULT_MIN_DENSITY, density_problems, guarded_thresholds, sigma_of,
+                                 warn_empty, warn_short)
 from sparsify.core.threshold import QuantileTracker
 from sparsify.core.contract import Group, GroupContext, Method
 from sparsify.core.registry import register
@@ -287,6 +288,8 @@ class ST3Group(HeldLayers, Group):
         for (n, m), tau in zip(layers, taus):
             m.set_threshold(float(tau) * self.sigmas[n], mags[n])
         warn_empty("st3", {n: m.mask for n, m in layers}, self._warned, md)
+        if r >= float(self.params["sparsity"]):  # the ramp's end
+            warn_short("st3", {n: m.mask for n, m in layers}, r, self._warned)
 
     @staticmethod
     def _scaled(m: ST3Mixin, a: torch.Tensor, sigma: float, live: bool) -> torch.Tensor:
