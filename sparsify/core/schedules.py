@@ -1,6 +1,8 @@
 """Schedules over optimizer steps (never epochs or forward calls).
 
-Times in a recipe are either whole step counts or fractions in (0, 1) of ``total_steps``.
+Times in a recipe are either whole step counts or fractions in (0, 1) of ``total_steps``. A
+float of 1 or more counts steps only when it is whole (``500.0``), and never as ``1.0``, which
+reads as "the whole run": both are refused rather than guessed (docs/recipes.md).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ class ScheduleError(ValueError):
 
     >>> import torch, sparsify
     >>> try:
-    ...     sparsify.sparsify(torch.nn.Linear(2, 2), "st3")   # st3's times are fractions of the run
+    ...     sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(2, 2)), "st3")   # times: fractions of the run
     ... except sparsify.ScheduleError as e:
     ...     print(str(e)[:72])
     $.rules[0].params.begin=0.05 is a fraction of the training length: pass
@@ -51,13 +53,16 @@ def plain_number(value):
 def resolve_time(value, total_steps: int | None, *, what: str = "time") -> int:
     """Turn a recipe time into a step index.
 
-    Integers (and floats >= 1) are steps; a float in (0, 1) is a fraction of ``total_steps``;
-    0 is step 0.
+    Integers (and whole floats > 1) are steps; a float in (0, 1) is a fraction of
+    ``total_steps``; 0 is step 0. A float such as 1.5 (neither) and ``1.0`` (step 1, though it
+    reads as the whole run) are refused.
 
-    >>> resolve_time(0.5, 1000)
-    500
-    >>> resolve_time(20, None)
-    20
+    >>> resolve_time(0.5, 1000), resolve_time(20, None), resolve_time(2000.0, None)
+    (500, 20, 2000)
+    >>> resolve_time(1.0, 1000, what="end")
+    Traceback (most recent call last):
+    ...
+    sparsify.core.schedules.ScheduleError: end=1.0 would be step 1, not the whole run: a float of 1 or more counts steps and fractions of the run are below 1; write the run's last step as an integer (end=N with total_steps=N), or 1 for step 1
     """
     if value is None:
         return None
@@ -68,6 +73,13 @@ def resolve_time(value, total_steps: int | None, *, what: str = "time") -> int:
     if value >= 2 ** 62:  # (a step count a run could reach and a tensor can hold)
         raise ScheduleError(f"{what} must be a step count below 2**62, got {value!r}" if isinstance(value, float)
                             else f"{what} must be a step count below 2**62, got an integer of {value.bit_length()} bits")
+    if isinstance(value, float) and value == 1:  # it was step 1, silently: a ramp done after one step
+        raise ScheduleError(f"{what}=1.0 would be step 1, not the whole run: a float of 1 or more counts steps and "
+                            f"fractions of the run are below 1; write the run's last step as an integer "
+                            f"({what.rsplit('.', 1)[-1]}=N with total_steps=N), or 1 for step 1")
+    if isinstance(value, float) and value > 1 and not value.is_integer():  # was truncated silently
+        raise ScheduleError(f"{what}={value} is neither a step count (a whole number) nor a fraction of the run "
+                            f"(below 1): give the step as an integer ({round(value)}) or a fraction in (0, 1)")
     if isinstance(value, float) and 0 < value < 1:
         if total_steps is None:
             raise ScheduleError(

@@ -243,6 +243,7 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     plan.entries.extend(e for e in dense_entries(root, tr, first_cands, matcher, rewritten) if e.name not in listed)
     plan.entries.extend(e for e in unhandled_entries(root, tr.graphs) if e.name not in listed)
     plan.unmatched_rules = matcher.unmatched()
+    plan.overruled_rules = matcher.overruled()
 
     for prefix, gm in tr.graphs.items():
         changes = changes_by_graph.get(prefix, [])

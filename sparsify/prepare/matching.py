@@ -187,3 +187,37 @@ class MatchTable:
         """Indices of the rules that matched none of the candidates looked up so far."""
         hit = {i for _, matched, _ in self._table.values() for i in matched}
         return [r.rule.index for r in self.rules if r.rule.index not in hit]
+
+    def overruled(self) -> list[dict]:
+        """The rules that matched candidates but decide none of them, because one later rule
+        matches every one of them too (later rules win): an exception written before the broad
+        rule it means to narrow, or a rule given twice. ``{"rule", "later", "sites", "first"}``
+        each: ``later`` the last such rule, ``sites`` how many candidates, ``first`` one's name.
+
+        A broad rule that narrower later rules overrule between them (the usual shape, broad
+        rule first, then exceptions) is not listed: each of those matches only part of it.
+
+        >>> from sparsify.prepare.recipe import load_recipe
+        >>> from sparsify.methods import get_method
+        >>> rules = load_recipe({"version": 1, "rules": [{"match": {"name": "fc"}, "method": None},
+        ...     {"match": {"type": "Linear"}, "method": "st3"}]}).rules
+        >>> table = MatchTable(rules, get_method)
+        >>> table.winner(Candidate("fc", nn.Linear(1, 1))).rule.index, table.overruled()
+        (1, [{'rule': 0, 'later': 1, 'sites': 1, 'first': 'fc'}])
+        """
+        sites: dict[int, list[str]] = {}
+        won = set()
+        for winner, matched, c in self._table.values():
+            won.add(winner.rule.index if winner is not None else None)
+            for i in matched:
+                names = sites.setdefault(i, [])
+                if c.name not in names:
+                    names.append(c.name)
+        out = []
+        for i, names in sorted(sites.items()):
+            if i in won:
+                continue
+            covering = [j for j in sites if j > i and set(sites[j]) >= set(names)]
+            if covering:
+                out.append({"rule": i, "later": max(covering), "sites": len(names), "first": names[0]})
+        return out

@@ -38,6 +38,19 @@ def misspelt_types(match: dict) -> str:
     return f" (did you mean {', '.join(map(repr, fixes))}?)" if fixes else ""
 
 
+def overruled_line(o: dict, rules=None) -> str:
+    """What an entry of :attr:`Plan.overruled_rules` means, in words (``rules``: the recipe's
+    resolved rules, to name their methods).
+
+    >>> overruled_line({"rule": 0, "later": 1, "sites": 1, "first": "fc"})
+    'rule 0 decides nothing: the 1 layer(s) it matches (first: fc) are all matched by rule 1 too, and later rules win'
+    """
+    def named(i):
+        return f"rule {i}" if rules is None else f"rule {i} ({rules[i].method or 'null: dense'})"
+    return (f"{named(o['rule'])} decides nothing: the {o['sites']} layer(s) it matches (first: {o['first']}) are "
+            f"all matched by {named(o['later'])} too, and later rules win")
+
+
 @dataclass
 class PlanEntry:
     """One matched site, one Conv/Linear left dense, or another weight matrix no method rewrites."""
@@ -60,6 +73,9 @@ class Plan:
     fallbacks: list[dict] = field(default_factory=list)  # {"name", "reason", "chosen"}: submodules run as they are
     trace_warnings: list[str] = field(default_factory=list)  # warnings raised while tracing (held back)
     unmatched_rules: list[int] = field(default_factory=list)
+    # {"rule", "later", "sites", "first"}: a rule that matched layers but decides none of them, as
+    # the later rule "later" matches every one of them too (MatchTable.overruled)
+    overruled_rules: list[dict] = field(default_factory=list)
     # {"name", "rule", "earlier", "reason"}: a site a rule's method declined that an earlier rule's
     # method would rewrite (later rules win: it stays dense)
     shadowed: list[dict] = field(default_factory=list)
@@ -97,6 +113,10 @@ class Plan:
                 out.append(f"sparsify: rule {i} of recipe {recipe.name!r} matched nothing "
                            f"({recipe.rules[i].match}){misspelt_types(recipe.rules[i].match)}; see "
                            "sparsify.plan(model, recipe)")
+        for o in self.overruled_rules:
+            if not recipe.data["rules"][o["rule"]].get("optional"):  # as for a rule that matches nothing
+                out.append(f"sparsify: recipe {recipe.name!r}: {overruled_line(o, recipe.rules)}; put an "
+                           "exception after the broad rule it narrows; see sparsify.plan(model, recipe)")
         # sites a rule with a method matched and its method left dense (not: no rule, an exclusion)
         # (computed weights are named above; a PEFT model's frozen base layers are what adapters mean)
         declined = [e for e in self.dense if e.rule is not None and recipe.rules[e.rule].method is not None
@@ -167,6 +187,7 @@ class Plan:
     def to_dict(self) -> dict:
         return {"recipe": self.recipe, "entries": [asdict(e) for e in self.entries],
                 "fallbacks": self.fallbacks, "trace_warnings": self.trace_warnings, "unmatched_rules": self.unmatched_rules,
+                "overruled_rules": self.overruled_rules,
                 "input_shapes": self.input_shapes, "captures": self.captures,
                 "capture_notes": self.capture_notes, **self.shares()}
 
@@ -205,4 +226,6 @@ class Plan:
             lines.append(f"warning while tracing: {w}")
         for i in self.unmatched_rules:
             lines.append(f"warning: rule {i} matched nothing")
+        for o in self.overruled_rules:
+            lines.append(f"warning: {overruled_line(o)}")
         return "\n".join(lines)

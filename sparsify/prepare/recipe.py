@@ -15,34 +15,95 @@ from typing import Any
 
 from sparsify.core.schedules import plain_number
 from sparsify.methods import REGISTRY, get_method
-from sparsify.prepare.validate import RecipeError, check_duplicates, check_finite, json_path, loads_strict
+from sparsify.prepare.validate import (RecipeError, check_duplicates, check_finite, check_ranges, json_path,
+                                       loads_strict)
 
 __all__ = ["RecipeError", "Rule", "Recipe", "load_recipe", "builtin_recipes", "schema"]
 
 
-@dataclass
+# sparsify() builds from a Recipe's ``data``: an edit of its rules would be ignored, so it fails instead
+_READ_ONLY = ("a loaded recipe's rules are read-only (sparsify builds from the recipe's JSON, recipe.data): "
+              "set a parameter with an override, load_recipe(spec, sparsity=0.8) or sparsify(model, recipe, "
+              "sparsity=0.8), or edit a dict copy of recipe.data and pass that")
+
+
+class ReadOnlyDict(dict):
+    """A dict that refuses every edit (a :class:`Rule`'s ``match`` and ``params``); its copies
+    and pickles are read-only too, ``dict(d)`` is an editable one.
+
+    >>> d = ReadOnlyDict(sparsity=0.9)
+    >>> d["sparsity"] = 0.1
+    Traceback (most recent call last):
+    ...
+    TypeError: a loaded recipe's rules are read-only (sparsify builds from the recipe's JSON, recipe.data): set a parameter with an override, load_recipe(spec, sparsity=0.8) or sparsify(model, recipe, sparsity=0.8), or edit a dict copy of recipe.data and pass that
+    """
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError(_READ_ONLY)
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _refuse
+
+    def __reduce__(self):  # built whole by __init__ (pickle's default would set item by item)
+        return type(self), (dict(self),)
+
+
+class ReadOnlyList(list):
+    """A list that refuses every edit (a list in a :class:`Rule`); ``list(x)`` is an editable copy."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError(_READ_ONLY)
+
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = append = clear = extend = insert = pop = remove = \
+        reverse = sort = _refuse
+
+    def __reduce__(self):
+        return type(self), (list(self),)
+
+
+def _read_only(value):
+    if isinstance(value, dict):
+        return ReadOnlyDict({k: _read_only(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return ReadOnlyList(_read_only(v) for v in value)
+    return value
+
+
+@dataclass(frozen=True)
 class Rule:
-    """One rule after resolution: ``params`` holds every parameter of its method."""
+    """One rule after resolution: ``params`` holds every parameter of its method. Read-only
+    (``match`` and ``params`` too): ``sparsify`` builds from the recipe's JSON, so an edit here
+    would be ignored; it raises instead.
+
+    >>> load_recipe("st3").rules[0].params["sparsity"] = 0.5
+    Traceback (most recent call last):
+    ...
+    TypeError: a loaded recipe's rules are read-only (sparsify builds from the recipe's JSON, recipe.data): set a parameter with an override, load_recipe(spec, sparsity=0.8) or sparsify(model, recipe, sparsity=0.8), or edit a dict copy of recipe.data and pass that
+    """
 
     index: int
     match: dict
     method: str | None
     params: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        object.__setattr__(self, "match", _read_only(self.match))
+        object.__setattr__(self, "params", _read_only(self.params))
+
     @property
     def path(self) -> str:
         return f"$.rules[{self.index}]"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Recipe:
-    """A validated recipe with overrides applied. ``data`` is the resolved JSON document."""
+    """A validated recipe with overrides applied. ``data`` is the resolved JSON document, what
+    ``sparsify`` builds from; the other fields are read-only views of it."""
 
     name: str
     description: str
     source: str
     data: dict
-    rules: list[Rule]
+    rules: tuple[Rule, ...]
     #: the parameters the call's overrides set (error messages name them)
     overrides: tuple[str, ...] = ()
 
@@ -136,7 +197,7 @@ def _read(spec) -> tuple[dict, str]:
         if not path.is_file():
             raise RecipeError(f"recipe file {str(path)!r} does not exist")
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # a byte order mark, as Windows editors write it
         except UnicodeDecodeError as e:
             raise RecipeError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the recipe as UTF-8 "
                               "JSON") from None
@@ -148,8 +209,8 @@ def _read(spec) -> tuple[dict, str]:
         if spec not in known and Path(spec).is_file():  # a file named without .json or a folder
             return _read(Path(spec))
         if spec not in known:
-            raise RecipeError(f"unknown recipe {spec!r}; built-in recipes: {', '.join(known)} "
-                              "(or pass a path to a .json file, or a dict)")
+            raise RecipeError(f"unknown recipe {spec!r}{_did_you_mean(spec, known)}; built-in recipes: "
+                              f"{', '.join(known)} (or pass a path to a .json file, or a dict)")
         entry = _recipe_dir() / f"{spec}.json"
         return _parse(entry.read_text(), f"<built-in {spec}>"), f"built-in:{spec}"
     raise RecipeError(f"a recipe is a built-in name, a path to a JSON file, or a dict (or the Recipe load_recipe "
@@ -210,16 +271,21 @@ def _schema_message(err, path: list) -> str:
     return f"must be one of: {', '.join(kinds)}; got {err.instance!r}" if kinds else err.message
 
 
-def _resolve_rule(index: int, raw: dict, schedule: dict, source: str) -> Rule:
+def _resolve_params(index: int, raw: dict, schedule: dict, source: str) -> dict | None:
+    """Every parameter of rule ``index``'s method (None for a ``"method": null`` rule)."""
     method_name = raw["method"]
     path = f"$.rules[{index}]"
+    if method_name is not None and not isinstance(method_name, str):  # a list is unhashable: before REGISTRY
+        raise RecipeError(f"{source}: {path}.method: must be a method name (a string) or null, got "
+                          f"{type(method_name).__name__} {method_name!r}; known methods: {', '.join(sorted(REGISTRY))}")
     if method_name is None:
         if raw.get("params"):  # silently ignored, a typo (a method meant) would go unseen
             raise RecipeError(f"{source}: {path}.params: a rule with \"method\": null leaves the layers it matches "
                               "dense and takes no params; remove params or name a method")
-        return Rule(index, raw["match"], None, {})
+        return None
     if method_name not in REGISTRY:
-        raise RecipeError(f"{source}: {path}.method: unknown method {method_name!r}; "
+        raise RecipeError(f"{source}: {path}.method: unknown method {method_name!r}"
+                          f"{_did_you_mean(method_name, REGISTRY)}; "
                           f"known methods: {', '.join(sorted(REGISTRY))}")
     method = get_method(method_name)
     params = dict(method.params)
@@ -236,7 +302,19 @@ def _resolve_rule(index: int, raw: dict, schedule: dict, source: str) -> Rule:
                           f"{method_name!r}; its parameters: {', '.join(sorted(method.params))}")
     for key, value in raw.get("params", {}).items():
         params[key] = value
-    return Rule(index, raw["match"], method_name, params)
+    return params
+
+
+def _did_you_mean(name: str, known) -> str:
+    """`` (did you mean 'sas'?)`` for a name that differs from a known one in case or by a typo.
+
+    >>> _did_you_mean("SAS", ["sas", "st3"]), _did_you_mean("st-3", ["sas", "st3"]), _did_you_mean("x", ["sas"])
+    (" (did you mean 'sas'?)", " (did you mean 'st3'?)", '')
+    """
+    by_lower = {k.lower(): k for k in known}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=1)
+    key = name.lower() if name.lower() in by_lower else (close[0] if close else None)
+    return f" (did you mean {by_lower[key]!r}?)" if key else ""
 
 
 #: sparsify()'s own keywords: a misspelt one arrives among the overrides (did you mean ...?)
@@ -268,22 +346,26 @@ def load_recipe(spec, **overrides) -> Recipe:
         if key in schedule:
             schedule[key] = overrides[key]
     data["schedule"] = schedule
-    rules = [_resolve_rule(i, raw, schedule, source) for i, raw in enumerate(data["rules"])]
+    _raise(source, check_ranges(data))
+    resolved = [_resolve_params(i, raw, schedule, source) for i, raw in enumerate(data["rules"])]
     used = set(schedule)
-    for rule in rules:
-        if rule.method is None:
+    for index, params in enumerate(resolved):
+        if params is None:
             continue
         for key, value in overrides.items():
-            if key in rule.params:
-                rule.params[key] = value
+            if key in params:
+                params[key] = value
                 used.add(key)
-        data["rules"][rule.index]["params"] = dict(rule.params)
-        problems = get_method(rule.method).check(rule.params)
+        data["rules"][index]["params"] = dict(params)
+        problems = get_method(data["rules"][index]["method"]).check(params)
         if problems:
             raise RecipeError(f"{source}: " + "; ".join(
-                f"{rule.path}.params.{k}: {msg}" + (" (from the call's overrides)" if k in overrides else "")
+                f"$.rules[{index}].params.{k}: {msg}" + (" (from the call's overrides)" if k in overrides else "")
                 for k, msg in problems))
     _raise(source, check_finite(data), " (with the call's overrides)")
+    # read-only copies: an edit of them would not reach sparsify(), which builds from data
+    rules = tuple(Rule(i, raw["match"], raw["method"], params or {}) for i, (raw, params)
+                  in enumerate(zip(data["rules"], resolved)))
     unused = sorted(set(overrides) - used)
     if unused:
         known = sorted({k for r in rules if r.method for k in r.params} | set(schedule))

@@ -16,8 +16,8 @@ from typing import Any, Iterator
 
 from sparsify.core.schedules import plain_number, resolve_time
 
-__all__ = ["RecipeError", "json_path", "loads_strict", "check_duplicates", "check_finite", "check_total_steps",
-           "check_times", "schedule_warnings"]
+__all__ = ["RecipeError", "json_path", "loads_strict", "check_duplicates", "check_finite", "check_ranges",
+           "check_total_steps", "check_times", "schedule_warnings"]
 
 
 class RecipeError(ValueError):
@@ -100,6 +100,26 @@ def check_finite(data) -> list[tuple[list, str]]:
     """
     return [(path, f"must be a finite number, got {value!r}") for path, value in _walk(data, [])
             if isinstance(value, float) and not math.isfinite(value)]
+
+
+def check_ranges(data) -> list[tuple[list, str]]:
+    """``(path, message)`` for every ``match.in_channels`` / ``match.out_channels`` whose ``min``
+    is above its ``max``: a range no layer is in (the rule would only "match nothing").
+
+    >>> check_ranges({"rules": [{"match": {"in_channels": {"min": 10, "max": 3}}}]})
+    [(['rules', 0, 'match', 'in_channels'], 'empty range: min 10 is above max 3 (both bounds are inclusive)')]
+    """
+    out = []
+    rules = data.get("rules") if isinstance(data, dict) else None
+    for i, rule in enumerate(rules if isinstance(rules, list) else []):
+        match = rule.get("match") if isinstance(rule, dict) else None
+        for key in ("in_channels", "out_channels"):
+            bounds = match.get(key) if isinstance(match, dict) else None
+            lo, hi = (bounds.get("min"), bounds.get("max")) if isinstance(bounds, dict) else (None, None)
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi)) and lo > hi:
+                out.append((["rules", i, "match", key], f"empty range: min {lo} is above max {hi} (both bounds "
+                                                        "are inclusive)"))
+    return out
 
 
 def check_total_steps(total_steps) -> int | None:

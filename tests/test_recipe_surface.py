@@ -1,0 +1,159 @@
+"""Recipe surface: rule order, malformed fields, names, files, read-only results, schedule times."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import pickle
+import re
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import sparsify
+from sparsify import RecipeError, ScheduleError
+
+
+def net():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+
+
+X = torch.zeros(1, 3, 6, 6)
+BROAD = {"match": {"type": ["Conv2d", "Linear"]}, "method": "st3"}
+
+
+def recipe(*rules):
+    return {"version": 1, "rules": list(rules)}
+
+
+def sparsify_warnings(rules) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = sparsify.sparsify(net(), rules, total_steps=4, example_inputs=X)
+    return model, [str(w.message) for w in caught]
+
+
+# ---------------------------------------------------------------------------------------------
+# a rule a later rule overrules everywhere
+# ---------------------------------------------------------------------------------------------
+
+def test_exclusion_before_the_broad_rule_is_warned_and_planned():
+    rules = recipe({"match": {"name": "3"}, "method": None}, BROAD)  # keep the classifier dense... too early
+    model, said = sparsify_warnings(rules)
+    assert type(model[3]).__name__ == "ST3Linear"  # later rules win: documented, but no longer silent
+    lines = [m for m in said if "decides nothing" in m]
+    assert len(lines) == 1, said
+    assert "rule 0 (null: dense) decides nothing" in lines[0] and "rule 1 (st3)" in lines[0]
+    assert "later rules win" in lines[0] and "put an exception after the broad rule" in lines[0]
+    assert "(first: 3)" in lines[0]
+
+    plan = sparsify.plan(net(), rules, total_steps=4, example_inputs=X)
+    assert plan.overruled_rules == [{"rule": 0, "later": 1, "sites": 1, "first": "3"}]
+    assert json.loads(plan.to_json())["overruled_rules"] == plan.overruled_rules
+    assert "warning: rule 0 decides nothing" in str(plan) and "matched by rule 1 too" in str(plan)
+
+
+def test_a_rule_given_twice_is_warned():
+    _, said = sparsify_warnings(recipe(BROAD, BROAD))
+    assert any("rule 0 (st3) decides nothing" in m and "rule 1 (st3)" in m for m in said), said
+
+
+def test_exceptions_after_the_broad_rule_are_not_warned():
+    # the usual shape: broad first, then narrower exceptions, which here override it everywhere
+    rules = recipe(BROAD, {"match": {"name": "0"}, "method": None},
+                   {"match": {"name": "3"}, "method": "st3", "params": {"sparsity": 0.5}})
+    _, said = sparsify_warnings(rules)
+    assert not [m for m in said if "decides nothing" in m], said
+    assert sparsify.plan(net(), rules, total_steps=4).overruled_rules == []
+    _, said = sparsify_warnings(recipe({"match": {"name": "3"}, "method": None, "optional": True}, BROAD))
+    assert not [m for m in said if "decides nothing" in m], said  # optional: not warned, as for "matched nothing"
+
+
+# ---------------------------------------------------------------------------------------------
+# malformed fields, names and files
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", [["st3"], {"name": "st3"}, 3])
+def test_a_method_that_is_not_a_name_is_a_recipe_error(method, tmp_path):
+    bad = recipe({"match": {"type": "Linear"}, "method": method})
+    want = re.escape(f"<dict>: $.rules[0].method: must be a method name (a string) or null, "
+                     f"got {type(method).__name__}")
+    with pytest.raises(RecipeError, match=want):
+        sparsify.load_recipe(bad)
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(RecipeError, match=re.escape(f"{path}: $.rules[0].method: must be a method name")):
+        sparsify.load_recipe(path)
+
+
+@pytest.mark.parametrize("name, meant", [("SAS", "sas"), ("ST3", "st3"), ("st-3", "st3")])
+def test_a_near_miss_builtin_name_says_did_you_mean(name, meant):
+    with pytest.raises(RecipeError, match=re.escape(f"unknown recipe {name!r} (did you mean {meant!r}?); built-in")):
+        sparsify.load_recipe(name)
+    with pytest.raises(RecipeError, match=re.escape(f"unknown method {name!r} (did you mean {meant!r}?)")):
+        sparsify.load_recipe(recipe({"match": {"type": "Linear"}, "method": name}))
+
+
+def test_a_recipe_file_with_a_byte_order_mark_loads(tmp_path):
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(recipe({"match": {"type": "Linear"}, "method": "st3"})).encode())
+    assert sparsify.load_recipe(path).rules[0].method == "st3"
+
+
+@pytest.mark.parametrize("key", ["in_channels", "out_channels"])
+def test_an_empty_channel_range_is_refused(key):
+    with pytest.raises(RecipeError, match=re.escape(f"<dict>: invalid recipe: $.rules[0].match.{key}: empty range: "
+                                                    "min 10 is above max 3")):
+        sparsify.load_recipe(recipe({"match": {"type": "Conv2d", key: {"min": 10, "max": 3}}, "method": "st3"}))
+    sparsify.load_recipe(recipe({"match": {"type": "Conv2d", key: {"min": 3, "max": 3}}, "method": "st3"}))
+
+
+# ---------------------------------------------------------------------------------------------
+# a loaded recipe is read-only (sparsify builds from its JSON)
+# ---------------------------------------------------------------------------------------------
+
+def test_a_loaded_recipes_rules_cannot_be_edited_silently():
+    r = sparsify.load_recipe("st3")
+    for edit in (lambda: r.rules[0].params.__setitem__("sparsity", 0.1), lambda: r.rules[0].params.update(sparsity=0.1),
+                 lambda: r.rules[0].match["type"].append("Embedding"), lambda: r.rules[0].match.pop("type")):
+        with pytest.raises(TypeError, match="read-only .* override"):
+            edit()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.rules[0].params = {"sparsity": 0.1}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.name = "mine"
+    assert r.rules[0].params["sparsity"] == 0.9 and r.data["rules"][0]["params"]["sparsity"] == 0.9
+    # copies stay read-only (a copied Recipe builds from its data too); dict() gives an editable one
+    for c in (copy.deepcopy(r), pickle.loads(pickle.dumps(r)), copy.copy(r)):
+        assert c == r and c.rules[0].match["type"] == list(r.rules[0].match["type"])
+        with pytest.raises(TypeError, match="read-only"):
+            c.rules[0].match["type"].append("Embedding")
+        with pytest.raises(TypeError, match="read-only"):
+            c.rules[0].params["sparsity"] = 0.1
+    editable = dict(r.rules[0].params)
+    editable["sparsity"] = 0.1
+    assert json.loads(json.dumps(r.rules[0].params)) == r.rules[0].params
+    m = sparsify.sparsify(nn.Sequential(nn.Linear(4, 4)), r, total_steps=4, sparsity=0.5)
+    assert m.sparsify_state.recipe["rules"][0]["params"]["sparsity"] == 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# schedule times
+# ---------------------------------------------------------------------------------------------
+
+def test_a_time_of_one_point_zero_is_refused_not_step_one():
+    want = re.escape("$.rules[0].params.end=1.0 would be step 1, not the whole run")
+    with pytest.raises(ScheduleError, match=want) as e:
+        sparsify.sparsify(nn.Sequential(nn.Linear(8, 8)), "st3", total_steps=100, begin=0, end=1.0)
+    assert "end=N with total_steps=N" in str(e.value) and "\n" not in str(e.value)
+    sparsify.sparsify(nn.Sequential(nn.Linear(8, 8)), "st3", total_steps=100, begin=0, end=1, fix=None)  # step 1
+
+
+def test_a_non_whole_step_count_is_refused_not_truncated():
+    with pytest.raises(ScheduleError, match=re.escape("$.rules[0].params.end=1.5 is neither a step count (a whole "
+                                                      "number) nor a fraction of the run")):
+        sparsify.sparsify(nn.Sequential(nn.Linear(8, 8)), "st3", total_steps=100, begin=0, end=1.5)
+    m = sparsify.sparsify(nn.Sequential(nn.Linear(8, 8)), "st3", total_steps=100, begin=0, end=50.0, fix=None)
+    assert m is not None  # a whole float above 1 is still a step count
