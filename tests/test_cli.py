@@ -133,6 +133,15 @@ def test_the_command_starts_without_torch_and_a_ctrl_c_while_torch_loads_is_one_
     assert (run.returncode, run.stderr, run.stdout) == (130, "sparsify plan: interrupted\n", "")
 
 
+@pytest.mark.parametrize("command", ["recipes", "plan", "train", "demo"])
+def test_an_unknown_option_is_named_with_its_command(capsys, command):
+    with pytest.raises(SystemExit) as stop:
+        main([command, *(["--model", "cnn"] if command == "plan" else []), "--bogus"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert err == f"sparsify {command}: error: unrecognized arguments: --bogus (see sparsify {command} --help)\n"
+
+
 def test_train_command_end_to_end(capsys, tmp_path):
     rc, out, _ = run_cli(capsys, "train", "--model", "cnn", "--recipe", "st3", "--epochs", "1", "--threads", "1",
                          "--out", str(tmp_path / "r"), "--no-progress", "--set", "sparsity=0.5", "--seed", "3",

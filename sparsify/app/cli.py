@@ -223,6 +223,16 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_args(self, args=None, namespace=None):
+        # argparse leaves a command's unknown options to the top parser ("sparsify: error: ... see
+        # sparsify --help"): the command's parser names itself and its own --help
+        found, extras = self.parse_known_args(args, namespace)
+        if extras:
+            commands = next((a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)), {})
+            (commands.get(getattr(found, "command", None)) or self).error(
+                f"unrecognized arguments: {' '.join(extras)}")
+        return found
+
 
 def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     """The argument parser of the ``sparsify`` command (``defaults=False``: ``train`` sets only the

@@ -21,7 +21,7 @@ class ScheduleError(ValueError):
     >>> try:
     ...     sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(2, 2)), "st3")   # times: fractions of the run
     ... except sparsify.ScheduleError as e:
-    ...     print(str(e)[:72])
+    ...     print(str(e)[:71])
     $.rules[0].params.begin=0.05 is a fraction of the training length: pass
     """
 

@@ -2,7 +2,7 @@
 ``loss`` output and calls ``sparsify.step`` after every optimizer step.
 
 >>> from sparsify.integrations.huggingface import SparsifyTrainerCallback       # doctest: +SKIP
->>> model = sparsify_transformer(model, "st3", example_inputs=(input_ids,), total_steps=1000)  # doctest: +SKIP
+>>> model = sparsify.sparsify(model, "st3", example_inputs=(input_ids,), total_steps=1000)  # doctest: +SKIP
 >>> Trainer(model=model, args=args, train_dataset=ds, callbacks=[SparsifyTrainerCallback()])  # doctest: +SKIP
 
 transformers models do not trace whole with torch.fx: ``sparsify`` falls back to tracing their

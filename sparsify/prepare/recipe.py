@@ -15,8 +15,8 @@ from typing import Any
 
 from sparsify.core.schedules import plain_number
 from sparsify.methods import REGISTRY, get_method
-from sparsify.prepare.validate import (RecipeError, check_duplicates, check_finite, check_ranges, json_path,
-                                       loads_strict)
+from sparsify.prepare.validate import (RecipeError, check_duplicates, check_finite, check_ranges, check_time_values,
+                                       json_path, loads_strict)
 
 __all__ = ["RecipeError", "Rule", "Recipe", "load_recipe", "builtin_recipes", "schema"]
 
@@ -373,5 +373,7 @@ def load_recipe(spec, **overrides) -> Recipe:
         raise RecipeError(f"override {', '.join(map(repr, unused))} is not a parameter of this recipe "
                           f"({source}){': did you mean ' + ', '.join(close) + '? Its' if close else '; its'} "
                           f"parameters: {', '.join(known)}")
-    return Recipe(name=data.get("name", Path(source).stem), description=data.get("description", ""),
-                  source=source, data=data, rules=rules, overrides=given)
+    recipe = Recipe(name=data.get("name", Path(source).stem), description=data.get("description", ""),
+                    source=source, data=data, rules=rules, overrides=given)
+    check_time_values(recipe, get_method)  # a negative time is told here, not first by sparsify()
+    return recipe

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 from sparsify.core.schedules import plain_number, resolve_time
 
 __all__ = ["RecipeError", "json_path", "loads_strict", "check_duplicates", "check_finite", "check_ranges",
-           "check_total_steps", "check_times", "schedule_warnings"]
+           "check_total_steps", "check_time_values", "check_times", "schedule_warnings"]
 
 
 class RecipeError(ValueError):
@@ -27,7 +27,7 @@ class RecipeError(ValueError):
     >>> try:
     ...     sparsify.load_recipe({"version": 1, "rules": [{"match": {"typ": "Linear"}, "method": "st3"}]})
     ... except sparsify.RecipeError as e:
-    ...     print(str(e)[:64])
+    ...     print(str(e)[:63])
     <dict>: invalid recipe: $.rules[0].match.typ: unknown key 'typ'
     """
 
@@ -181,6 +181,27 @@ def _stage_ranges(stages: list[dict], total_steps, require: bool, source: str) -
         previous = begin if begin is not None else previous
         ranges[st["name"]] = (begin, end)
     return ranges
+
+
+def check_time_values(recipe, get_method) -> None:
+    """Each time of ``recipe`` alone, before the run's length is known: a negative time, ``1.0``, a
+    non-whole step count are refused by :func:`load_recipe`, not first by ``sparsify()``; their
+    order waits for :func:`check_times`, whose messages give the steps.
+
+    >>> from sparsify.prepare.recipe import load_recipe
+    >>> from sparsify.methods import get_method
+    >>> check_time_values(load_recipe("st3", fix=None), get_method)
+    >>> load_recipe("st3", begin=-1)
+    Traceback (most recent call last):
+    ...
+    sparsify.core.schedules.ScheduleError: $.rules[0].params.begin must be a step count >= 0 or a fraction in (0, 1), got -1
+    """
+    for rule in recipe.rules:
+        if rule.method is None:
+            continue
+        for key in get_method(rule.method).schedule_keys:
+            if key in rule.params:
+                _time(rule.params[key], None, f"{rule.path}.params.{key}", require=False)
 
 
 def check_times(recipe, get_method, total_steps: int | None, *, require: bool = True) -> None:
