@@ -24,6 +24,7 @@ example has size 1 there (a batch of one is doubled for the export, so the batch
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import warnings
@@ -43,7 +44,7 @@ from .depth_tracer import _DepthTracer, _first_line, _hold
 from .reproduce import reproduces, same_outputs
 from .tracing import TraceResult
 
-__all__ = ["ExportCaptureError", "ExportGuard", "export_trace"]
+__all__ = ["ExportCaptureError", "ExportGuard", "dynamic_spec", "export_trace"]
 
 
 class ExportCaptureError(RuntimeError):
@@ -136,12 +137,36 @@ def _torch_level(gm: fx.GraphModule) -> None:
             node.target = _AS_TORCH[node.target]
 
 
+def _auto(a):
+    return {i: torch.export.Dim.AUTO for i in range(a.dim())} if isinstance(a, torch.Tensor) else None
+
+
+def dynamic_spec(root: nn.Module, args: tuple) -> tuple:
+    """``dynamic_shapes`` for exporting ``root`` on the positional ``args``: every dimension of
+    every tensor ``Dim.AUTO``, one entry per parameter of ``forward`` the args bind to, as
+    ``torch.export`` matches them: the args a ``*args`` parameter takes nested in one tuple.
+
+    >>> class Net(nn.Module):
+    ...     def forward(self, x, *rest):
+    ...         return x
+    >>> spec = dynamic_spec(Net(), (torch.zeros(2), torch.zeros(2, 3), 1))
+    >>> len(spec), len(spec[1]), spec[1][1]
+    (2, 2, None)
+    """
+    try:
+        bound = inspect.signature(root.forward).bind(*args).arguments
+    except (TypeError, ValueError):  # no signature, or args it refuses: the export says why
+        return tuple(_auto(a) for a in args)
+    params = inspect.signature(root.forward).parameters
+    return tuple(tuple(_auto(a) for a in value) if params[name].kind is inspect.Parameter.VAR_POSITIONAL
+                 else _auto(value) for name, value in bound.items())
+
+
 def _export(root: nn.Module, inputs: tuple, result: TraceResult):
     """Export with every dimension ``Dim.AUTO`` (dynamic unless the forward needs it fixed); a
     batch of one is doubled for the export, since ``torch.export`` fixes dimensions of size 1."""
     def attempt(args):
-        dyn = tuple({i: torch.export.Dim.AUTO for i in range(a.dim())} if isinstance(a, torch.Tensor) else None
-                    for a in args)
+        dyn = dynamic_spec(root, args)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:

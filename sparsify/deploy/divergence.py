@@ -16,7 +16,12 @@ the calls it makes) handed a call inside it differing inputs before any of them 
 each such call runs code that is the same in both models (same class, or a graph with the same
 code), finalize changed nothing that caused the difference: inputs that agree within the
 tolerance went through identical code, which amplified them. If one of them is code finalize
-changed (a finalized layer, an edited graph), that is a real difference and it is named.
+changed (a finalized layer, an edited graph), that is a real difference and it is named. So is
+unchanged code that hands a parameter to an op itself, outside a call of the layer holding it,
+when that parameter differs between the models: code around a rewritten layer that reads its
+weight (``x @ self.fc.weight.t()`` beside ``self.fc(x)``) computed with the dense weight in the
+sparse model and computes with the pruned one in the finalized model (such a read in a graph is
+rewired by :mod:`sparsify.prepare.hidden` and not counted).
 
 A call that got differing inputs after an earlier call beside it diverged is downstream of that
 one and not judged: whether its own code also changed cannot be told from values that already
@@ -24,11 +29,13 @@ differ (a finalized layer behind a detector's top-k gets other boxes either way)
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from passes import kept_state
 from passes.hooks import is_inlined
@@ -47,6 +54,8 @@ class Divergence:
 
     ``own``: ``(module name, relative difference)`` of every call that diverges on its own, in
     call order ("" is the root). ``changed``: those of them whose code differs between the two
+    models. ``reads``: ``(module name, parameter name)`` for each parameter the code of a call in
+    ``own`` read directly (outside a call of a module holding it) whose value differs between the
     models. ``agreeing``: how many paired calls agree; ``worst_agreeing``: the largest relative
     difference among the calls inside the ones in ``own``.
     """
@@ -55,11 +64,13 @@ class Divergence:
     changed: list[tuple[str, float]] = field(default_factory=list)
     agreeing: int = 0
     worst_agreeing: float = 0.0
+    reads: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def amplified_only(self) -> bool:
-        """True when every call that diverges on its own runs code both models share."""
-        return bool(self.own) and not self.changed
+        """True when every call that diverges on its own runs code both models share, on
+        parameters that agree."""
+        return bool(self.own) and not self.changed and not self.reads
 
 
 def same_code(a: nn.Module, b: nn.Module, captured: str | None = None) -> bool:
@@ -81,18 +92,24 @@ def same_code(a: nn.Module, b: nn.Module, captured: str | None = None) -> bool:
 class _Calls:
     """Forward pre/post hooks on every module: ``(name, occurrence)`` of each call in call order,
     the call it was made from, and its input and output tensors (cloned: a later in-place op, an
-    ``inplace=True`` ReLU on its input, must not change them)."""
+    ``inplace=True`` ReLU on its input, must not change them). ``reads``: the parameters (by
+    name) each call's own code handed to an op outside a call of a module holding them, as
+    :class:`_Reads` records them while the model runs."""
 
     def __init__(self, model: nn.Module):
         self.parent: dict[tuple[str, int], tuple[str, int] | None] = {}
         self.inputs: dict[tuple[str, int], list[torch.Tensor]] = {}
         self.outputs: dict[tuple[str, int], list[torch.Tensor]] = {}
+        self.reads: dict[tuple[str, int], set[str]] = {}
+        self.graphs: set[str] = set()  # modules whose code is a graph: their reads are rewired, not direct
         self._count: dict[str, int] = {}
         self._stack: list[tuple[str, int]] = []
         self._handles = []
         for name, m in model.named_modules():
             if is_inlined(m):  # never called: a graph runs its code
                 continue
+            if isinstance(m, fx.GraphModule):
+                self.graphs.add(name)
             self._handles.append(m.register_forward_pre_hook(self._pre(name), with_kwargs=True))
             self._handles.append(m.register_forward_hook(self._post(), always_call=True))
 
@@ -113,9 +130,51 @@ class _Calls:
                 self.outputs[key] = [t.detach().clone() for t in flatten_tensors(out)]
         return hook
 
+    def running(self, names: set[str]) -> bool:
+        return any(key[0] in names for key in self._stack)
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+
+
+class _Reads(torch.overrides.TorchFunctionMode):
+    """Records in ``calls.reads`` each parameter of ``model`` an op gets (itself, or in a list or
+    tuple argument) and computes a tensor from (``weight.dtype`` reads no values) while the call
+    under way is none of the modules holding it, and is no graph."""
+
+    def __init__(self, model: nn.Module, calls: _Calls):
+        super().__init__()
+        self.calls = calls
+        self.params: dict[int, tuple[str, set[str]]] = {}  # id -> (name, modules holding it: a tie has several)
+        for owner, m in model.named_modules(remove_duplicate=False):
+            for local, p in m._parameters.items():
+                if p is not None:
+                    name = self.params.setdefault(id(p), (f"{owner}.{local}" if owner else local, set()))
+                    name[1].add(owner)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        stack = self.calls._stack
+        if not stack or stack[-1][0] in self.calls.graphs:
+            return out
+        for a in (*args, *kwargs.values()):
+            for t in a if isinstance(a, (list, tuple)) else (a,):
+                found = self.params.get(id(t)) if isinstance(t, torch.Tensor) else None
+                if (found is not None and not self.calls.running(found[1])
+                        and any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(out))):
+                    self.calls.reads.setdefault(stack[-1], set()).add(found[0])
+        return out
+
+
+def _differs(source: nn.Module, final: nn.Module, name: str) -> bool:
+    """Whether parameter ``name`` holds other values in ``final`` (one it no longer has: unknown, no)."""
+    try:
+        a, b = source.get_parameter(name), final.get_parameter(name)
+    except AttributeError:
+        return False
+    return a.shape != b.shape or not torch.equal(a.detach().to(b.device, b.dtype), b.detach())
 
 
 @torch.no_grad()
@@ -142,16 +201,7 @@ def locate_divergence(source: nn.Module, final: nn.Module, inputs: tuple, rtol: 
     if captured is None:
         state = find_state(source, required=False)
         captured = state.graph_fingerprints if state is not None else {}
-    runs = []
-    for model in (source, final):
-        calls = _Calls(model)
-        try:
-            with kept_state(model), internal():  # both from one random state (sparsify/deploy/finalize.py)
-                model(*inputs)
-        finally:
-            calls.remove()
-        runs.append(calls)
-    src, fin = runs
+    src, fin = _run(source, inputs), _run(final, inputs)
     smods, fmods = dict(source.named_modules()), dict(final.named_modules())
     paired = [key for key in src.parent if key in src.outputs and key in fin.outputs]  # call order
     got = {key: outputs_close(src.inputs[key], fin.inputs[key], rtol, atol) for key in paired}
@@ -164,8 +214,10 @@ def locate_divergence(source: nn.Module, final: nn.Module, inputs: tuple, rtol: 
             p = src.parent.get(p)
         inside.setdefault(p, []).append(key)
     out = Divergence(agreeing=sum(ok for ok, _ in gave.values()))
+    own_keys = []
 
     def own(key, worst, agreeing_inside):
+        own_keys.append(key)
         out.own.append((key[0], worst))
         out.worst_agreeing = max([out.worst_agreeing] + [gave[c][1] for c in agreeing_inside])
         if not same_code(smods[key[0]], fmods[key[0]], captured.get(key[0])):
@@ -189,4 +241,21 @@ def locate_divergence(source: nn.Module, final: nn.Module, inputs: tuple, rtol: 
     for key in inside.get(None, []):
         if got[key][0]:
             visit(key)
+    if own_keys and not out.changed:  # unchanged code parts the outputs: does it read what finalize changed?
+        # a run of its own: watching ops may round differently (another kernel path), and a detector's
+        # top-k turns that into other boxes, so the compared runs stay unwatched
+        reads = _run(source, inputs, watch=True).reads
+        out.reads = [(key[0], p) for key in own_keys for p in sorted(reads.get(key, ())) if _differs(source, final, p)]
     return out
+
+
+def _run(model: nn.Module, inputs: tuple, watch: bool = False) -> _Calls:
+    """The calls of one forward of ``model`` (and with ``watch`` the parameters each call's own code
+    read directly), from the random state it had (sparsify/deploy/finalize.py runs both models so)."""
+    calls = _Calls(model)
+    try:
+        with kept_state(model), internal(), _Reads(model, calls) if watch else contextlib.nullcontext():
+            model(*inputs)
+    finally:
+        calls.remove()
+    return calls

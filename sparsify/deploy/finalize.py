@@ -287,7 +287,9 @@ def _finalize_tied(final: nn.Module) -> None:
 def _explain_difference(source: nn.Module, final: nn.Module, inputs, worst: float, rtol: float, atol: float) -> None:
     """The outputs differ: find the module calls where that starts (:mod:`sparsify.deploy.divergence`).
     Accepted, with a warning, when it starts only in code finalize did not change (a detector's
-    top-k/NMS over near-equal scores amplifying rounding); else a FinalizeError naming them."""
+    top-k/NMS over near-equal scores amplifying rounding) and reading no parameter finalize changed;
+    else a FinalizeError naming them, and the parameter such code read directly (a rewritten layer's
+    weight read beside its call: the sparse model trained with the dense weight there)."""
     from sparsify.deploy.divergence import locate_divergence
     with kept_modes(source, training=False):
         d = locate_divergence(source, final, inputs, rtol, atol)
@@ -303,5 +305,14 @@ def _explain_difference(source: nn.Module, final: nn.Module, inputs, worst: floa
         return
     if d.changed:
         changed = ", ".join(f"{n or '<root>'} ({r:.3g})" for n, r in d.changed[:3])
-        raise FinalizeError(f"{message}; it starts in code finalize changed: {changed}")
+        message += f"; it starts in code finalize changed: {changed}"
+    if d.reads:  # before any amplification story: the sparse model trained with a dense weight there
+        param = d.reads[0][1]
+        layer = param.rpartition(".")[0] or "<root>"
+        code = f"the code of {d.reads[0][0] or '<root>'}"
+        message += (f"; {code + ' reads' if d.changed else 'it starts in ' + code + ', which reads'} {param} directly, "
+                    f"outside a call of {layer}, and finalize changed that parameter: the sparse model computed with "
+                    "its dense weight there, the finalized one with the pruned weight. Give sparsify() example_inputs "
+                    "that run that code, so the layer is found and left dense, or leave it dense in the recipe "
+                    f'({{"match": {{"name": "{layer}"}}, "method": null}})')
     raise FinalizeError(message)

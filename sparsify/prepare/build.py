@@ -197,9 +197,10 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     if not dry_run:
         changes_by_graph[""].extend(convert_hidden(root, swaps, [c.name for c in hidden]))
     refused = _refused_multi_calls(cands, matcher, root)
-    unseen = {c.name for c in cands if measured is not None and c.name not in measured and c not in hidden
-              and isinstance(c.module, WEIGHT_TYPES) and getattr(matcher.winner(c), "method", None) is not None}
-    direct = direct_reads(root, sorted(unseen), example_inputs)  # Mamba's dt_proj.weight @ x
+    # called or not: code that also reads a called layer's weight computes with the dense one there
+    watched = {c.name for c in cands if measured is not None and c not in hidden
+               and isinstance(c.module, WEIGHT_TYPES) and getattr(matcher.winner(c), "method", None) is not None}
+    direct = direct_reads(root, sorted(watched), example_inputs)  # Mamba's dt_proj.weight @ x
     owners = param_owners(root)
     tied_users: dict[str, str] = {}  # module -> the rewritten layer whose weight it reads
     for c in cands + hidden:

@@ -3,15 +3,19 @@
 A layer inside a forward torch.fx could not trace is rewritten module by module: its swap takes
 effect where the code *calls* it. Code that instead hands its weight to an op itself (Mamba's
 ``self.dt_proj.weight @ x``, ``F.linear(h, self.proj.weight)``, ``conv1d.weight.squeeze(1)``)
-reads the rewritten layer's dense parameter: the model would train dense there while finalize
-stores the pruned weight, and the two disagree. Such layers are found in one watched eval forward
-on the example inputs and left dense (in a traced graph such reads are rewired instead:
-:mod:`sparsify.prepare.hidden`).
+reads the rewritten layer's dense parameter, whether or not it also calls the layer: the model
+would train dense there while finalize stores the pruned weight, and the two disagree. Such
+layers are found in one watched eval forward on the example inputs and left dense (in a traced
+graph such reads are rewired instead: :mod:`sparsify.prepare.hidden`). A read counts when an op
+gets the weight and returns a tensor (``weight.dtype`` or ``weight.shape`` reads no values) while
+no module holding it runs its own call, and no graph runs the op (its reads are rewired).
 """
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from sparsify.core.eval_loop import run_eval
 
@@ -20,52 +24,117 @@ __all__ = ["direct_reads", "direct_warning", "DIRECT_READ", "READ_DIRECTLY"]
 #: what the plan's reason for such a layer says (the plan's warnings leave it to :func:`direct_warning`)
 READ_DIRECTLY = "read directly by the code around it"
 #: the plan's reason for such a layer; ``{op}`` is the first op seen reading its weight
-DIRECT_READ = (f"its weight is {READ_DIRECTLY} ({{op}}), not through a call of the layer: a sparse layer would "
+DIRECT_READ = (f"its weight is {READ_DIRECTLY} ({{op}}), outside a call of the layer: a sparse layer would "
                "compute with its dense weight there")
 
 
 class _Reads(torch.overrides.TorchFunctionMode):
-    """Notes the first op handed each watched weight (itself, or in a list or tuple argument)."""
+    """Notes the first op handed each watched weight (itself, or in a list or tuple argument)
+    outside a call of a module holding it, unless a graph runs the op."""
 
-    def __init__(self, weights: dict[int, str]):
+    def __init__(self, root: nn.Module, weights: dict[int, str]):
         super().__init__()
         self.weights, self.seen = weights, {}
+        self.owners: dict[int, set[int]] = {}  # weight -> the modules holding it (a tied weight: several)
+        for m in root.modules():
+            for p in m._parameters.values():
+                if p is not None and id(p) in weights:
+                    self.owners.setdefault(id(p), set()).add(id(m))
+        self.running: dict[int, int] = {}  # module -> calls of it under way (a module may call itself)
+        self.stack: list[nn.Module] = []
+        self.handles = [h for m in root.modules() for h in (m.register_forward_pre_hook(self._enter),
+                                                            m.register_forward_hook(self._leave, always_call=True))]
+
+    def _enter(self, module, args):
+        self.running[id(module)] = self.running.get(id(module), 0) + 1
+        self.stack.append(module)
+
+    def _leave(self, module, args, out):
+        self.running[id(module)] -= 1
+        self.stack.pop()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.stack and isinstance(self.stack[-1], fx.GraphModule):
+            return out  # a graph's get_attr read: prepare.hidden rewires it
         for a in (*args, *kwargs.values()):
             for t in a if isinstance(a, (list, tuple)) else (a,):
                 name = self.weights.get(id(t)) if isinstance(t, torch.Tensor) else None
-                if name is not None and name not in self.seen:
+                if (name is not None and name not in self.seen
+                        and not any(self.running.get(o) for o in self.owners[id(t)])
+                        and any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(out))):
                     self.seen[name] = getattr(func, "__name__", None) or str(func)
-        return func(*args, **kwargs)
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+# where torch's modules and this library's stand-ins for them (SparseMultiheadAttention...) live
+_LIBRARY = ("torch.", "sparsify.prepare.hidden", "sparsify.prepare.open_transformer")
+
+
+def _user_code(root: nn.Module) -> bool:
+    """Whether ``root``'s eval forward may run code other than graphs and torch's or this library's
+    own modules, which read only their own weights or those :mod:`sparsify.prepare.hidden` handles
+    (a MultiheadAttention's projections): a graph runs the modules it calls, such a module (a
+    container) all its children. A graph whose guard holds ``self.training`` flags may run its
+    module's own forward.
+
+    >>> _user_code(nn.Sequential(nn.Linear(2, 2))), _user_code(fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2))))
+    (False, False)
+    >>> class Net(nn.Sequential):
+    ...     pass
+    >>> _user_code(nn.Sequential(Net(nn.Linear(2, 2)))), _user_code(fx.symbolic_trace(Net(nn.Linear(2, 2))))
+    (True, False)
+    """
+    todo, seen = [root], set()
+    while todo:
+        m = todo.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        if isinstance(m, fx.GraphModule) and not getattr(m.__dict__.get("_call_guard"), "modes", None):
+            todo.extend(m.get_submodule(n.target) for n in m.graph.nodes if n.op == "call_module")
+        elif not type(m).__module__.startswith(_LIBRARY) or isinstance(m, fx.GraphModule):
+            return True
+        else:
+            todo.extend(m.children())
+    return False
 
 
 def direct_reads(root: nn.Module, names: list[str], example_inputs) -> dict[str, str]:
-    """``{layer: reason}`` for the layers ``names`` (never called as modules in the example forward)
-    whose weight some op received in one eval forward of ``root`` on ``example_inputs``; ``{}``
-    without example inputs, or when that forward fails (the caller's checks report it).
+    """``{layer: reason}`` for the layers ``names`` whose weight some op received outside the
+    layer's own call in one eval forward of ``root`` on ``example_inputs``; ``{}`` without example
+    inputs, when only graphs and torch's modules run (nothing to watch: no forward), or when that
+    forward fails (the caller's checks report it).
 
     >>> import torch.nn.functional as F
     >>> class Mixer(nn.Module):
     ...     def __init__(self):
-    ...         super().__init__(); self.proj = nn.Linear(4, 4); self.unused = nn.Linear(4, 4)
-    ...     def forward(self, x):
-    ...         return F.linear(x, self.proj.weight)
-    >>> direct_reads(Mixer(), ["proj", "unused"], (torch.zeros(1, 4),))
-    {'proj': 'its weight is read directly by the code around it (linear), not through a call of the layer: a sparse layer would compute with its dense weight there'}
+    ...         super().__init__()
+    ...         self.proj, self.gate, self.unused = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+    ...     def forward(self, x):  # gate is called, and its weight read as well
+    ...         return F.linear(x, self.proj.weight) + self.gate(x) @ self.gate.weight * x.shape[0]
+    >>> found = direct_reads(Mixer(), ["gate", "proj", "unused"], (torch.zeros(1, 4),))
+    >>> sorted(found), found["proj"]
+    (['gate', 'proj'], 'its weight is read directly by the code around it (linear), outside a call of the layer: a sparse layer would compute with its dense weight there')
     """
-    if not names or example_inputs is None:
+    if not names or example_inputs is None or not _user_code(root):
         return {}
     inputs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
     weights = {id(w): n for n in names if isinstance(w := getattr(root.get_submodule(n), "weight", None),
                                                         torch.Tensor)}
-    mode = _Reads(weights)
+    mode = _Reads(root, weights)
     try:
         with torch.no_grad():
             run_eval(root, [inputs], tuple, None, [], context=lambda: mode)
     except Exception:
         return {}
+    finally:
+        mode.remove()
     return {n: DIRECT_READ.format(op=op) for n, op in mode.seen.items()}
 
 
@@ -79,5 +148,5 @@ def direct_warning(found: dict[str, str]) -> str:
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     one = len(names) == 1
     return (f"sparsify: {len(names)} layer{'' if one else 's'} stay{'s' if one else ''} dense: the code around "
-            f"{'it reads its weight' if one else 'them reads their weights'} directly, not through a call of the "
-            f"layer ({shown}), so a sparse layer would compute with its dense weight there; see sparsify.plan")
+            f"{'it reads its weight' if one else 'them reads their weights'} directly, outside the "
+            f"layer's own calls ({shown}), so a sparse layer would compute with its dense weight there; see sparsify.plan")
