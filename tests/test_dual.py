@@ -76,6 +76,26 @@ def test_l1_penalty_value_and_absolute_threshold():
     assert sparsify.penalty(m) == 0.0  # the ℓ1 term stops once the masks are fixed
 
 
+
+def test_prune_step_zeroes_the_pruned_latent_weights_and_the_state_dict():
+    # not only W ⊙ M in the forward: .weight itself (what a dense load or an export reads) is zero there
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    before = [net[0].weight.detach().clone(), net[2].weight.detach().clone()]
+    rec = {"version": 1, "rules": [{"match": {"type": "Linear"}, "method": "l1-prune",
+                                    "params": {"l1": 0.0, "threshold": 0.2, "begin": 0, "end": 2}}]}
+    m = sparsify.sparsify(net, rec, example_inputs=torch.randn(1, 6))
+    for _ in range(2):
+        sparsify.step(m)
+    state = m.state_dict()
+    mods = {name: mod for name, mod in m.named_modules() if isinstance(mod, L1PruneMixin)}
+    for (name, mod), w in zip(mods.items(), before):
+        kept = w.abs() > 0.2
+        assert 0 < int(kept.sum()) < w.numel()
+        assert torch.equal(mod.weight.detach(), w * kept)
+        assert torch.equal(state[f"{name}.weight"], w * kept)
+
+
 def test_checkpoint_resume_keeps_masks_and_flags():
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     x = torch.randn(2, 4)

@@ -1,10 +1,13 @@
 """GMP (magnitude pruning): hard masks, cubic schedule, global vs per-layer, blocks, fix."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparsify
 from sparsify.methods.magnitude import MagnitudeMixin, block_scores
@@ -47,6 +50,35 @@ def test_global_one_shot_prunes_the_exact_count_of_smallest_magnitudes():
     sizes = {l.weight.numel(): float((~l.mask).float().mean()) for l in ls}
     assert max(sizes.values()) - min(sizes.values()) > 0.05  # layers end up at different sparsities
 
+
+
+class _Traced(TorchDispatchMode):
+    """A pass-through dispatch mode: the layer's non-eager path (no scratch buffers) computes the mask."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("traced", [False, True])
+@pytest.mark.parametrize("mags, sparsity, tau, pruned", [
+    ([1, 2, 3, 4, 5, 6, 7, 8, 9], 0.5, 5, 5),   # (N-1)·r = 4: the threshold is exactly the 5th smallest |W|
+    ([0, 0, 0, 0, 3, 5, 6, 7, 9], 0.25, 0, 4),  # exact zeros already there: τ = 0, all 4 tied zeros pruned
+])
+def test_global_threshold_prunes_the_weights_equal_to_it(mags, sparsity, tau, pruned, traced):
+    # the mask is |W| > τ (strict, as ST-3's): a weight equal to the threshold is pruned
+    w = torch.tensor(mags, dtype=torch.float32).reshape(3, 3) * 0.125 * torch.tensor([1., -1., 1.])
+    lin = nn.Linear(3, 3, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    m = sparsify.sparsify(nn.Sequential(lin), "gmp", begin=1, end=1, sparsity=sparsity, min_density=0,
+                          example_inputs=torch.randn(1, 3))
+    (layer,) = layers(m)
+    assert bool(layer.mask.all())  # dense until the one-shot step 1
+    with _Traced() if traced else contextlib.nullcontext():
+        sparsify.step(m)
+    expected = w.abs() > tau * 0.125
+    assert torch.equal(layer.mask, expected)
+    assert int((~layer.mask).sum()) == pruned >= pruned_count(9, sparsity)
 
 def test_layer_scope_prunes_every_layer_to_the_target():
     m = make(begin=0, end=0, sparsity=0.5, scope="layer")
@@ -100,6 +132,24 @@ def test_block_pruning_zeroes_whole_blocks():
     assert 0.3 < float((per_block == 0).float().mean()) < 0.7
     scores = block_scores(conv2.weight, (2, 4))
     assert float(scores[per_block == 0].max()) <= float(scores[per_block == 8].min())
+
+
+
+def test_blocks_are_ranked_by_their_mean_magnitude_not_their_largest():
+    # blocks [1, 2] of a 2 x 4 weight: A and B hold one big weight each, C and D medium ones
+    w = torch.tensor([[0.8, -0.05, 0.5, -0.5],      # A = |.8, .05| (mean .425), C = |.5, .5| (mean .5)
+                      [-0.6, 0.05, 0.55, 0.55]])    # B = |.6, .05| (mean .325), D = |.55, .55| (mean .55)
+    lin = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    m = sparsify.sparsify(nn.Sequential(lin), "gmp", begin=0, end=0, sparsity=0.5, block=[1, 2], min_density=0,
+                          example_inputs=torch.randn(1, 4))
+    (layer,) = layers(m)
+    means = torch.tensor([[(0.8 + 0.05) / 2, (0.5 + 0.5) / 2], [(0.6 + 0.05) / 2, (0.55 + 0.55) / 2]])
+    assert pruned_count(4, 0.5) == 2
+    keep = means > means.flatten().kthvalue(2).values  # the two smallest means (A, B) pruned
+    assert keep.tolist() == [[False, True], [False, True]]  # by their largest |W| A and B would stay
+    assert torch.equal(layer.mask, keep.repeat_interleave(2, 1))
 
 
 def test_block_that_does_not_divide_leaves_the_layer_dense_with_a_reason():

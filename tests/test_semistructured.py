@@ -86,6 +86,17 @@ def test_schedule_closed_form():
     assert g.target(30) == pytest.approx(0.2 * (1 - 0.75 ** 2))
 
 
+
+def test_schedule_is_quadratic_when_a_rule_omits_power():
+    # the paper's ramp, s·(1 − (1 − p)²), also for a rule that does not spell out `power`
+    m = sparsify.sparsify(nn.Sequential(nn.Conv2d(3, 4, 3)), recipe(sparsity=0.4, begin=10, end=90),
+                          example_inputs=torch.randn(1, 3, 12, 12))
+    g = group(m)
+    for t, p in ((50, 0.5), (30, 0.25), (70, 0.75)):
+        assert g.target(t) == pytest.approx(0.4 * (1 - (1 - p) * (1 - p)))
+    assert g.target(50) == pytest.approx(0.3)  # 0.75·s at the midpoint (a cubic ramp: 0.875·s)
+
+
 def test_resnet18_masks_per_layer_shared_by_resolution_and_1x1_skipped(resnet):
     m = sparsify.sparsify(resnet, "semi-structured", example_inputs=X32, begin=0, end=0)
     ms = masks(m)
