@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch.fx as fx
 from torch import nn
 
+from .traced import place_after
+
 __all__ = ["Change", "recast", "replace_module", "insert_after", "insert_call", "reroute_input", "replace_uses",
            "remove_node", "copy_chain", "set_call", "set_submodule", "unique_name"]
 
@@ -101,12 +103,19 @@ def insert_after(gm: fx.GraphModule, node: fx.Node, module: nn.Module, name: str
     >>> new, change = insert_after(gm, list(gm.graph.nodes)[1], torch.nn.Identity(), "probe")
     >>> change.target
     'probe'
+
+    Placed next to the module ``node`` calls, ``module`` comes right after it in an ``nn.Sequential``
+    (iterating or slicing it computes what the graph does) and never goes into an ``nn.ModuleList``
+    or ``nn.ModuleDict`` (whose positions and keys are the user's): ``blocks.0_probe`` is put at
+    ``blocks_0_probe`` on the module holding ``blocks``.
     """
-    name = unique_name(gm, name)
-    parent_name = name.rpartition(".")[0]
-    if parent_name:
-        gm.get_submodule(parent_name)  # raises with a clear message when the parent is missing
+    name = unique_name(gm, _outside_containers(gm, name))
+    parent_name, _, leaf = name.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm  # a missing parent raises clearly
     set_submodule(gm, name, module)
+    anchor_parent, _, anchor = str(node.target).rpartition(".")
+    if node.op == "call_module" and anchor_parent == parent_name and isinstance(parent, nn.Sequential):
+        place_after(parent, anchor, leaf)
     users = list(node.users)
     with gm.graph.inserting_after(node):
         new = gm.graph.call_module(name, (node,))
@@ -115,6 +124,16 @@ def insert_after(gm: fx.GraphModule, node: fx.Node, module: nn.Module, name: str
         for user in users:
             user.replace_input_with(node, new)
     return new, Change("insert", name, f"after {node.name}: {type(module).__name__}")
+
+
+def _outside_containers(gm: fx.GraphModule, name: str) -> str:
+    """``name`` moved up out of every ``nn.ModuleList`` / ``nn.ModuleDict`` it would be put in,
+    the container's name joined to its own (``blocks.0_probe`` -> ``blocks_0_probe``)."""
+    parent, _, leaf = name.rpartition(".")
+    while parent and isinstance(gm.get_submodule(parent), (nn.ModuleList, nn.ModuleDict)):
+        parent, _, last = parent.rpartition(".")
+        leaf = f"{last}_{leaf}"
+    return f"{parent}.{leaf}" if parent else leaf
 
 
 def reroute_input(user: fx.Node, old: fx.Node, new: fx.Node) -> Change:

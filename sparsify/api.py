@@ -70,6 +70,9 @@ def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int 
     check_inputs(model, None)  # a TorchScript module: before the checks that assume a Python module
     check_model(model)  # a wrong model is the first thing to report, before any recipe problem
     refuse_nonfinite(model)
+    for key, value in (("inplace", inplace), ("copy", copy)):
+        if not isinstance(value, bool):  # "yes", or a model passed by position, was taken as True
+            raise TypeError(f"sparsify: {key} must be True or False, got {type(value).__name__} {value!r}")
     if capture is not None:
         check_capture(capture)
     recipe = load_recipe(recipe, **overrides)
@@ -319,7 +322,7 @@ def param_groups(model: nn.Module, weight_decay: float | None = None, *, no_deca
     none, so the optimizer's own ``weight_decay=`` applies, as with ``model.parameters()``) except
     names ending with one of ``no_decay`` (name suffixes such as ``("bias", "bn")``, which get 0;
     one suffix may be given as a string, ``no_decay="bias"``); methods may add groups of their own
-    (STR's thresholds must be decayed to sparsify). ``options`` (``lr=...``) go into every group.
+    (STR's thresholds must be decayed to sparsify). ``options`` (``lr=...``, not ``params``) go into every group.
 
     >>> import torch, sparsify
     >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), "st3", begin=0, end=0, fix=None)
@@ -328,6 +331,9 @@ def param_groups(model: nn.Module, weight_decay: float | None = None, *, no_deca
     >>> torch.optim.SGD(sparsify.param_groups(m), lr=0.1, weight_decay=5e-4).param_groups[0]["weight_decay"]
     0.0005
     """
+    if "params" in options:  # spread into every group, it replaced the group's parameters: an optimizer training nothing
+        raise TypeError("sparsify.param_groups: params= is no option (it fills each group's params from the model; "
+                        "to leave parameters out of training, set requires_grad=False on them)")
     state = find_state(model, where="sparsify.param_groups")
     weight_decay, no_decay = _decay_arguments(weight_decay, no_decay)
     root = unwrap(model)

@@ -51,6 +51,8 @@ def test_no_decay_string_is_one_suffix():
     ({"weight_decay": True}, TypeError, "weight_decay must be a number >= 0 or None, got bool"),
     ({"weight_decay": -1}, ValueError, "weight_decay must be a finite number >= 0, got -1"),
     ({"weight_decay": float("nan")}, ValueError, "weight_decay must be a finite number >= 0, got nan"),
+    # spread into every group, it replaced the group's parameters: an optimizer that trained nothing
+    ({"params": []}, TypeError, "params= is no option (it fills each group's params from the model"),
 ])
 def test_param_groups_bad_arguments(kwargs, error, expected):
     m = sparse()
@@ -335,3 +337,9 @@ def test_param_groups_without_weight_decay_leave_the_optimizers_own(recipe):
     for name, p in m.named_parameters():
         assert by_param[id(p)] == (0.0 if name.endswith("bias") else 5e-4), name
     assert {g["weight_decay"] for g in torch.optim.SGD(sparsify.param_groups(m, 1e-4), lr=0.1).param_groups} == {1e-4}
+
+
+@pytest.mark.parametrize("key", ["inplace", "copy"])
+def test_inplace_and_copy_take_a_bool(key):
+    with pytest.raises(TypeError, match=f"sparsify: {key} must be True or False, got str 'yes'"):
+        sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), "st3", total_steps=10, **{key: "yes"})

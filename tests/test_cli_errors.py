@@ -104,7 +104,7 @@ def test_wrong_shaped_example_inputs_fail_at_sparsify_time():
         sparsify.sparsify(torchvision.models.resnet18(), "st3", example_inputs=(torch.zeros(1, 3, 32),),
                           total_steps=10)
     with pytest.raises(ValueError, match="example_inputs do not fit the model"):
-        sparsify.plan(nn.Linear(4, 2), "st3", example_inputs=torch.zeros(1, 3), total_steps=10)
+        sparsify.plan(nn.Sequential(nn.Linear(4, 2)), "st3", example_inputs=torch.zeros(1, 3), total_steps=10)
 
 
 def test_torchscript_modules_are_refused_with_what_to_do():

@@ -23,6 +23,7 @@ from sparsify.prepare.direct_reads import direct_reads, direct_warning
 from sparsify.prepare.hidden import convert_hidden, hidden_candidates, hidden_positions, hidden_reads, rewire_hidden_reads
 from sparsify.prepare.hidden_positions import unreached, watched_names
 from sparsify.prepare.inputs import guess_example_inputs, positions_per_sample
+from sparsify.prepare.model_kinds import refuse_model_kind
 from sparsify.prepare.matching import MatchTable
 from sparsify.methods import SparseWeightMixin, get_method
 from sparsify.core.layers import WEIGHT_TYPES
@@ -59,6 +60,7 @@ def check_model(model) -> None:
             raise ValueError(f"the model is already sparsified ({name or 'root'} is "
                              f"{type(m).__name__}): start from the dense model, or call "
                              "sparsify.finalize(model) to get plain modules first")
+    refuse_model_kind(model)  # a `sparsify_state` of its own, a ModuleList, a lone Linear
     lazy = [f"{name or 'the root'}: {type(m).__name__}" for name, m in model.named_modules()
             if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
     if lazy:
