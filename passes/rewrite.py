@@ -10,8 +10,6 @@ from dataclasses import dataclass
 import torch.fx as fx
 from torch import nn
 
-from .traced import place_after
-
 __all__ = ["Change", "recast", "replace_module", "insert_after", "insert_call", "reroute_input", "replace_uses",
            "remove_node", "copy_chain", "set_call", "set_submodule", "unique_name"]
 
@@ -104,18 +102,14 @@ def insert_after(gm: fx.GraphModule, node: fx.Node, module: nn.Module, name: str
     >>> change.target
     'probe'
 
-    Placed next to the module ``node`` calls, ``module`` comes right after it in an ``nn.Sequential``
-    (iterating or slicing it computes what the graph does) and never goes into an ``nn.ModuleList``
-    or ``nn.ModuleDict`` (whose positions and keys are the user's): ``blocks.0_probe`` is put at
-    ``blocks_0_probe`` on the module holding ``blocks``.
+    ``module`` never goes into an ``nn.ModuleList`` or ``nn.ModuleDict`` (whose positions and keys
+    are the user's): ``blocks.0_probe`` is put at ``blocks_0_probe`` on the module holding ``blocks``.
     """
     name = unique_name(gm, _outside_containers(gm, name))
-    parent_name, _, leaf = name.rpartition(".")
-    parent = gm.get_submodule(parent_name) if parent_name else gm  # a missing parent raises clearly
+    parent_name = name.rpartition(".")[0]
+    if parent_name:
+        gm.get_submodule(parent_name)  # raises with a clear message when the parent is missing
     set_submodule(gm, name, module)
-    anchor_parent, _, anchor = str(node.target).rpartition(".")
-    if node.op == "call_module" and anchor_parent == parent_name and isinstance(parent, nn.Sequential):
-        place_after(parent, anchor, leaf)
     users = list(node.users)
     with gm.graph.inserting_after(node):
         new = gm.graph.call_module(name, (node,))

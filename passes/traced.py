@@ -17,8 +17,7 @@ from torch import nn
 
 from .hooks import share_hooks
 
-__all__ = ["TracedModule", "traced_module", "untraced", "original_class", "graph_fingerprint", "deepcopy_module",
-           "place_after"]
+__all__ = ["TracedModule", "traced_module", "untraced", "original_class", "graph_fingerprint", "deepcopy_module"]
 
 
 class TracedModule(fx.GraphModule):
@@ -79,11 +78,10 @@ class TracedModule(fx.GraphModule):
 
 class _SequentialLayers:
     """``len``, indexing and iteration of a traced ``nn.Sequential``: the layers it was traced with
-    (by name, so a layer swapped in since is the one returned) and the modules a rewrite inserted
-    right after one of them (:func:`place_after`), in the order the graph calls them, so iterating
-    or slicing computes what the forward does; not state attached to the model afterwards, which
-    ``_modules`` also holds. An eager call of the container's own forward (a call its graph was
-    not traced for) runs those modules only."""
+    (by name, so a layer swapped in since is the one returned), not the modules a rewrite added
+    for the graph to call nor state attached to the model afterwards, which ``_modules`` also
+    holds. ``model[-1]`` stays the head; an eager call of the container's own forward (a call its
+    graph was not traced for) runs those layers only."""
 
     def _layer_items(self) -> list[tuple[str, nn.Module]]:
         names = self.__dict__.get("_layer_names")
@@ -111,33 +109,6 @@ class _SequentialLayers:
         for name in gone:
             delattr(self, name)
         self.__dict__["_layer_names"] = tuple(n for n, _ in items if n not in gone)
-
-
-def place_after(seq: nn.Sequential, anchor: str, name: str) -> None:
-    """Make ``seq``'s child ``name`` (just added, so last) come right after its child ``anchor`` in
-    ``seq``'s order: a module inserted into the graph after the call of ``seq.<anchor>`` then runs
-    there when ``seq`` is called, iterated or sliced on its own too (at the end of ``_modules`` a
-    plain ``nn.Sequential`` ran it after its last layer). A traced ``nn.Sequential`` keeps its order
-    in ``_layer_names`` (:class:`_SequentialLayers`).
-
-    >>> import torch
-    >>> seq = nn.Sequential(nn.Conv2d(1, 1, 1), nn.ReLU()); seq.add_module("0_mask", nn.Identity())
-    >>> place_after(seq, "0", "0_mask"); [type(m).__name__ for m in seq]
-    ['Conv2d', 'Identity', 'ReLU']
-    """
-    names = seq.__dict__.get("_layer_names")
-    if names is not None:
-        if anchor in names and name not in names:
-            i = names.index(anchor) + 1
-            seq.__dict__["_layer_names"] = (*names[:i], name, *names[i:])
-        return
-    if anchor not in seq._modules or name not in seq._modules:
-        return
-    items = [(k, v) for k, v in seq._modules.items() if k != name]
-    i = [k for k, _ in items].index(anchor) + 1
-    items.insert(i, (name, seq._modules[name]))
-    seq._modules.clear()  # the same dict: whatever holds it sees the new order
-    seq._modules.update(items)
 
 
 class _SkipOriginalInit(nn.Module):

@@ -8,6 +8,7 @@ output scrolled away, or a quiet one (the demo), still says what went wrong.
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 import warnings
 from typing import Iterator
@@ -19,20 +20,27 @@ __all__ = ["warning_lines"]
 def warning_lines(quiet: bool = False) -> Iterator[list[str]]:
     """Inside, a warning that passes the filters is printed once as ``warning: MESSAGE`` (unless
     ``quiet``) and appended to the list this yields; filters (``-W error``, ``-W ignore``) still apply.
+    A message that differs only in the call that says it (``sparsify.step: fc: ...``, then
+    ``sparsify.finalize: fc: ...``) is the same finding, said once.
 
     >>> with warning_lines(quiet=True) as seen:
     ...     warnings.simplefilter("always")  # Python's own once-per-place filter off: still once here
     ...     for _ in range(2):
-    ...         warnings.warn("a layer pruned to 100%")
+    ...         warnings.warn("sparsify.step: fc pruned to 100%")
+    ...     warnings.warn("sparsify.finalize: fc pruned to 100%")
     >>> seen
-    ['a layer pruned to 100%']
+    ['sparsify.step: fc pruned to 100%']
     """
     seen: list[str] = []
+    said: set[str] = set()
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:
         text = str(message)
-        if text in seen:
+        # the same finding from another call (sparsify.step, then the write-up's sparsify.finalize)
+        key = re.sub(r"^sparsify(\.\w+)?: ", "", text)
+        if key in said:
             return
+        said.add(key)
         seen.append(text)
         if not quiet:
             from tqdm import tqdm
