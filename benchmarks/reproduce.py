@@ -218,8 +218,9 @@ def comparisons(s: dict, ds: str) -> list[str]:
                    f"it reached {pct(mean(s['str']['ws']))} weight sparsity at {pp(delta('str'))} vs dense. "
                    "The paper's budgets (e.g. 90.23% on ResNet-50) come from 100-epoch runs with tuned decay and "
                    "s_init; a few epochs reach a different point of the trade-off, so no direct comparison."
-                   + (" At this run length the command's STR default (weight decay 2e-2, chosen for the 184-step "
-                      "demo) over-prunes and costs accuracy: pass a smaller --weight-decay for longer runs."
+                   + (" At this run length the command's STR default (weight decay 2e-2, chosen on the 230-step "
+                      "default `sparsify train` run) over-prunes and costs accuracy: pass a smaller --weight-decay "
+                      "for longer runs."
                       if mean(s["str"]["ws"]) > 0.9 and (delta("str") or 0) < -0.01 else ""))
     if "sas (M=2)" in s:
         w = acc("dense 2x wide")
