@@ -152,6 +152,19 @@ def test_blocks_are_ranked_by_their_mean_magnitude_not_their_largest():
     assert torch.equal(layer.mask, keep.repeat_interleave(2, 1))
 
 
+def test_a_block_whose_mean_equals_the_threshold_is_pruned():
+    """The block path keeps blocks strictly above τ, as the elementwise one: 5 blocks with means 1..5
+    at sparsity 0.25 put τ exactly on the second mean ((5 - 1) * 0.25 = 1), so blocks 1 and 2 go."""
+    lin = nn.Linear(10, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 4.0, 4.0, 5.0, 5.0]]))
+    m = sparsify.sparsify(nn.Sequential(lin), "gmp", begin=0, end=0, sparsity=0.25, block=[1, 2], min_density=0,
+                          scope="layer", example_inputs=torch.randn(1, 10))
+    (layer,) = layers(m)
+    assert pruned_count(5, 0.25) == 2
+    assert layer.mask.tolist() == [[False] * 4 + [True] * 6]
+
+
 def test_block_that_does_not_divide_leaves_the_layer_dense_with_a_reason():
     p = sparsify.plan(small_cnn(), "gmp", block=[1, 8], example_inputs=X)
     dense = {e.name: e.reason for e in p.dense}

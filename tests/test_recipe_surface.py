@@ -157,3 +157,13 @@ def test_a_non_whole_step_count_is_refused_not_truncated():
         sparsify.sparsify(nn.Sequential(nn.Linear(8, 8)), "st3", total_steps=100, begin=0, end=1.5)
     m = sparsify.sparsify(nn.Sequential(nn.Linear(8, 8)), "st3", total_steps=100, begin=0, end=50.0, fix=None)
     assert m is not None  # a whole float above 1 is still a step count
+
+
+def test_load_recipe_refuses_stages_out_of_order_itself():
+    """It was said only by sparsify(): a recipe file checked with load_recipe (or `sparsify recipes
+    --show`) passed with its stages out of order."""
+    rule = {"match": {"type": "Conv2d"}, "method": "l1-prune", "params": {"stage": "w"}}
+    unordered = [{"name": "w", "begin": 0.5, "end": None}, {"name": "v", "begin": 0.1, "end": 0.5}]
+    with pytest.raises(RecipeError, match=re.escape("$.stages[1].begin: stages are listed in the order")):
+        sparsify.load_recipe({"version": 1, "stages": unordered, "rules": [rule]})
+    sparsify.load_recipe({"version": 1, "stages": unordered[::-1], "rules": [rule]})

@@ -165,7 +165,7 @@ def _comparable(raw_a, step_a, raw_b, step_b):
 
 def _stage_ranges(stages: list[dict], total_steps, require: bool, source: str) -> dict[str, tuple]:
     ranges: dict[str, tuple] = {}
-    previous = None
+    previous = previous_fraction = None
     for i, st in enumerate(stages):
         path = f"$.stages[{i}]"
         if st["name"] in ranges:
@@ -175,18 +175,23 @@ def _stage_ranges(stages: list[dict], total_steps, require: bool, source: str) -
         pair = _comparable(st["begin"], begin, st.get("end"), end)
         if pair is not None and pair[1] < pair[0]:
             raise RecipeError(f"{source}: {path}.end: end ({pair[1]}) is before begin ({pair[0]})")
-        if begin is not None and previous is not None and begin < previous:
-            raise RecipeError(f"{source}: {path}.begin: stages are listed in the order they start; "
-                              f"this one begins ({begin}) before the one above it ({previous})")
+        # resolved steps, or two fractions (they order the same whatever the run's length)
+        fraction = st["begin"] if isinstance(st["begin"], float) and 0 < st["begin"] < 1 else None
+        for now, before in ((begin, previous), (fraction if begin is None else None, previous_fraction)):
+            if now is not None and before is not None and now < before:
+                raise RecipeError(f"{source}: {path}.begin: stages are listed in the order they start; "
+                                  f"this one begins ({now}) before the one above it ({before})")
         previous = begin if begin is not None else previous
+        previous_fraction = fraction if fraction is not None else previous_fraction
         ranges[st["name"]] = (begin, end)
     return ranges
 
 
 def check_time_values(recipe, get_method) -> None:
     """Each time of ``recipe`` alone, before the run's length is known: a negative time, ``1.0``, a
-    non-whole step count are refused by :func:`load_recipe`, not first by ``sparsify()``; their
-    order waits for :func:`check_times`, whose messages give the steps.
+    non-whole step count, and stages listed out of order are refused by :func:`load_recipe`, not
+    first by ``sparsify()``; the order of a rule's times waits for :func:`check_times`, whose
+    messages give the steps.
 
     >>> from sparsify.prepare.recipe import load_recipe
     >>> from sparsify.methods import get_method
@@ -202,6 +207,7 @@ def check_time_values(recipe, get_method) -> None:
         for key in get_method(rule.method).schedule_keys:
             if key in rule.params:
                 _time(rule.params[key], None, f"{rule.path}.params.{key}", require=False)
+    _stage_ranges(recipe.stages, None, False, recipe.source)  # stages out of order, or defined twice
 
 
 def check_times(recipe, get_method, total_steps: int | None, *, require: bool = True) -> None:
