@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils import _pytree as pytree
 
 from passes import kept_state
 from passes.hooks import is_inlined
@@ -43,6 +42,7 @@ from passes.traced import graph_fingerprint, original_class
 
 from sparsify.deploy.compare import flatten_tensors, outputs_close
 from sparsify.core.eval_loop import internal
+from sparsify.core.param_reads import ParamReads
 from sparsify.core.state import find_state
 
 __all__ = ["Divergence", "locate_divergence", "same_code"]
@@ -94,22 +94,19 @@ class _Calls:
     the call it was made from, and its input and output tensors (cloned: a later in-place op, an
     ``inplace=True`` ReLU on its input, must not change them). ``reads``: the parameters (by
     name) each call's own code handed to an op outside a call of a module holding them, as
-    :class:`_Reads` records them while the model runs."""
+    :meth:`watch` records them while the model runs."""
 
     def __init__(self, model: nn.Module):
         self.parent: dict[tuple[str, int], tuple[str, int] | None] = {}
         self.inputs: dict[tuple[str, int], list[torch.Tensor]] = {}
         self.outputs: dict[tuple[str, int], list[torch.Tensor]] = {}
         self.reads: dict[tuple[str, int], set[str]] = {}
-        self.graphs: set[str] = set()  # modules whose code is a graph: their reads are rewired, not direct
         self._count: dict[str, int] = {}
         self._stack: list[tuple[str, int]] = []
         self._handles = []
         for name, m in model.named_modules():
             if is_inlined(m):  # never called: a graph runs its code
                 continue
-            if isinstance(m, fx.GraphModule):
-                self.graphs.add(name)
             self._handles.append(m.register_forward_pre_hook(self._pre(name), with_kwargs=True))
             self._handles.append(m.register_forward_hook(self._post(), always_call=True))
 
@@ -130,42 +127,19 @@ class _Calls:
                 self.outputs[key] = [t.detach().clone() for t in flatten_tensors(out)]
         return hook
 
-    def running(self, names: set[str]) -> bool:
-        return any(key[0] in names for key in self._stack)
+    def watch(self, model: nn.Module) -> ParamReads:
+        """A watcher (to enter while ``model`` runs) that adds each parameter read directly to the
+        reads of the call under way."""
+        names = {id(p): n for n, p in model.named_parameters(remove_duplicate=True)}
+
+        def note(param, func):
+            if self._stack:
+                self.reads.setdefault(self._stack[-1], set()).add(names[id(param)])
+        return ParamReads(model, note)
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
-
-
-class _Reads(torch.overrides.TorchFunctionMode):
-    """Records in ``calls.reads`` each parameter of ``model`` an op gets (itself, or in a list or
-    tuple argument) and computes a tensor from (``weight.dtype`` reads no values) while the call
-    under way is none of the modules holding it, and is no graph."""
-
-    def __init__(self, model: nn.Module, calls: _Calls):
-        super().__init__()
-        self.calls = calls
-        self.params: dict[int, tuple[str, set[str]]] = {}  # id -> (name, modules holding it: a tie has several)
-        for owner, m in model.named_modules(remove_duplicate=False):
-            for local, p in m._parameters.items():
-                if p is not None:
-                    name = self.params.setdefault(id(p), (f"{owner}.{local}" if owner else local, set()))
-                    name[1].add(owner)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        stack = self.calls._stack
-        if not stack or stack[-1][0] in self.calls.graphs:
-            return out
-        for a in (*args, *kwargs.values()):
-            for t in a if isinstance(a, (list, tuple)) else (a,):
-                found = self.params.get(id(t)) if isinstance(t, torch.Tensor) else None
-                if (found is not None and not self.calls.running(found[1])
-                        and any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(out))):
-                    self.calls.reads.setdefault(stack[-1], set()).add(found[0])
-        return out
 
 
 def _differs(source: nn.Module, final: nn.Module, name: str) -> bool:
@@ -253,9 +227,12 @@ def _run(model: nn.Module, inputs: tuple, watch: bool = False) -> _Calls:
     """The calls of one forward of ``model`` (and with ``watch`` the parameters each call's own code
     read directly), from the random state it had (sparsify/deploy/finalize.py runs both models so)."""
     calls = _Calls(model)
+    reads = calls.watch(model) if watch else None
     try:
-        with kept_state(model), internal(), _Reads(model, calls) if watch else contextlib.nullcontext():
+        with kept_state(model), internal(), reads if watch else contextlib.nullcontext():
             model(*inputs)
     finally:
         calls.remove()
+        if reads is not None:
+            reads.remove()
     return calls

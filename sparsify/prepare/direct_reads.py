@@ -5,19 +5,18 @@ effect where the code *calls* it. Code that instead hands its weight to an op it
 ``self.dt_proj.weight @ x``, ``F.linear(h, self.proj.weight)``, ``conv1d.weight.squeeze(1)``)
 reads the rewritten layer's dense parameter, whether or not it also calls the layer: the model
 would train dense there while finalize stores the pruned weight, and the two disagree. Such
-layers are found in one watched eval forward on the example inputs and left dense (in a traced
-graph such reads are rewired instead: :mod:`sparsify.prepare.hidden`). A read counts when an op
-gets the weight and returns a tensor (``weight.dtype`` or ``weight.shape`` reads no values) while
-no module holding it runs its own call, and no graph runs the op (its reads are rewired).
+layers are found in one eval forward on the example inputs, watched by
+:class:`sparsify.core.param_reads.ParamReads`, and left dense (in a traced graph such reads are
+rewired instead: :mod:`sparsify.prepare.hidden`).
 """
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils import _pytree as pytree
 
 from sparsify.core.eval_loop import run_eval
+from sparsify.core.param_reads import ParamReads
 
 __all__ = ["direct_reads", "direct_warning", "DIRECT_READ", "READ_DIRECTLY"]
 
@@ -26,50 +25,6 @@ READ_DIRECTLY = "read directly by the code around it"
 #: the plan's reason for such a layer; ``{op}`` is the first op seen reading its weight
 DIRECT_READ = (f"its weight is {READ_DIRECTLY} ({{op}}), outside a call of the layer: a sparse layer would "
                "compute with its dense weight there")
-
-
-class _Reads(torch.overrides.TorchFunctionMode):
-    """Notes the first op handed each watched weight (itself, or in a list or tuple argument)
-    outside a call of a module holding it, unless a graph runs the op."""
-
-    def __init__(self, root: nn.Module, weights: dict[int, str]):
-        super().__init__()
-        self.weights, self.seen = weights, {}
-        self.owners: dict[int, set[int]] = {}  # weight -> the modules holding it (a tied weight: several)
-        for m in root.modules():
-            for p in m._parameters.values():
-                if p is not None and id(p) in weights:
-                    self.owners.setdefault(id(p), set()).add(id(m))
-        self.running: dict[int, int] = {}  # module -> calls of it under way (a module may call itself)
-        self.stack: list[nn.Module] = []
-        self.handles = [h for m in root.modules() for h in (m.register_forward_pre_hook(self._enter),
-                                                            m.register_forward_hook(self._leave, always_call=True))]
-
-    def _enter(self, module, args):
-        self.running[id(module)] = self.running.get(id(module), 0) + 1
-        self.stack.append(module)
-
-    def _leave(self, module, args, out):
-        self.running[id(module)] -= 1
-        self.stack.pop()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if self.stack and isinstance(self.stack[-1], fx.GraphModule):
-            return out  # a graph's get_attr read: prepare.hidden rewires it
-        for a in (*args, *kwargs.values()):
-            for t in a if isinstance(a, (list, tuple)) else (a,):
-                name = self.weights.get(id(t)) if isinstance(t, torch.Tensor) else None
-                if (name is not None and name not in self.seen
-                        and not any(self.running.get(o) for o in self.owners[id(t)])
-                        and any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(out))):
-                    self.seen[name] = getattr(func, "__name__", None) or str(func)
-        return out
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 # where torch's modules and this library's stand-ins for them (SparseMultiheadAttention...) live
@@ -125,9 +80,14 @@ def direct_reads(root: nn.Module, names: list[str], example_inputs) -> dict[str,
     if not names or example_inputs is None or not _user_code(root):
         return {}
     inputs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
-    weights = {id(w): n for n in names if isinstance(w := getattr(root.get_submodule(n), "weight", None),
-                                                        torch.Tensor)}
-    mode = _Reads(root, weights)
+    layers = {n: w for n in names if isinstance(w := getattr(root.get_submodule(n), "weight", None), torch.Tensor)}
+    named = {id(w): n for n, w in layers.items()}
+    seen: dict[str, str] = {}  # layer -> the first op seen reading its weight
+
+    def note(weight, func):
+        seen.setdefault(named[id(weight)], getattr(func, "__name__", None) or str(func))
+
+    mode = ParamReads(root, note, watched=list(layers.values()))
     try:
         with torch.no_grad():
             run_eval(root, [inputs], tuple, None, [], context=lambda: mode)
@@ -135,7 +95,7 @@ def direct_reads(root: nn.Module, names: list[str], example_inputs) -> dict[str,
         return {}
     finally:
         mode.remove()
-    return {n: DIRECT_READ.format(op=op) for n, op in mode.seen.items()}
+    return {n: DIRECT_READ.format(op=op) for n, op in seen.items()}
 
 
 def direct_warning(found: dict[str, str]) -> str:
