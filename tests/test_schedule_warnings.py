@@ -54,3 +54,19 @@ def test_stages_after_the_run_are_said():
               "rules": [{"match": {"type": ["Conv2d", "Linear"]}, "method": "tl1", "params": {"stage": "late"}}]}
     messages = said(recipe, 40)
     assert len(messages) == 1 and "stage 'late' begin is step 50" in messages[0], messages
+
+
+def test_a_stage_the_run_rounds_to_no_step_is_said_once():
+    # dual's weights stage is 0.3-0.6 of the run: at 2 steps both ends round to step 1, and the l1
+    # phase was skipped without a word (the prune still happens at the stage's begin)
+    messages = said("dual", 2)
+    assert len(messages) == 1, messages
+    assert ("stage 'weights' of recipe 'dual' is empty in a run of total_steps=2 (it begins and ends at step 1): "
+            "rule 0 (l1-prune) gets no step inside it") in messages[0]
+    # two rules in one empty stage: one line naming both, not the per-rule "active range is empty" as well
+    recipe = {"version": 1, "stages": [{"name": "short", "begin": 5, "end": 5}, {"name": "rest", "begin": 5, "end": None}],
+              "rules": [{"match": {"type": "Conv2d"}, "method": "tl1", "params": {"stage": "short"}},
+                        {"match": {"type": "Linear"}, "method": "l1-prune", "params": {"stage": "short"}}]}
+    messages = said(recipe, 40)
+    assert len(messages) == 1 and "rules 0 (tl1), 1 (l1-prune) get no step inside it" in messages[0], messages
+    assert said("dual", 3) == []
