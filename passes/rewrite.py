@@ -102,8 +102,9 @@ def insert_after(gm: fx.GraphModule, node: fx.Node, module: nn.Module, name: str
     >>> change.target
     'probe'
 
-    ``module`` never goes into an ``nn.ModuleList`` or ``nn.ModuleDict`` (whose positions and keys
-    are the user's): ``blocks.0_probe`` is put at ``blocks_0_probe`` on the module holding ``blocks``.
+    ``module`` never goes into an ``nn.ModuleList``, ``nn.ModuleDict`` or ``nn.Sequential`` (whose
+    positions and keys are the user's, and a Sequential called on its own would run ``module`` after
+    its last layer): ``blocks.0_probe`` is put at ``blocks_0_probe`` on the module holding ``blocks``.
     """
     name = unique_name(gm, _outside_containers(gm, name))
     parent_name = name.rpartition(".")[0]
@@ -121,10 +122,10 @@ def insert_after(gm: fx.GraphModule, node: fx.Node, module: nn.Module, name: str
 
 
 def _outside_containers(gm: fx.GraphModule, name: str) -> str:
-    """``name`` moved up out of every ``nn.ModuleList`` / ``nn.ModuleDict`` it would be put in,
-    the container's name joined to its own (``blocks.0_probe`` -> ``blocks_0_probe``)."""
+    """``name`` moved up out of every ``nn.ModuleList`` / ``nn.ModuleDict`` / ``nn.Sequential`` it
+    would be put in, the container's name joined to its own (``blocks.0_probe`` -> ``blocks_0_probe``)."""
     parent, _, leaf = name.rpartition(".")
-    while parent and isinstance(gm.get_submodule(parent), (nn.ModuleList, nn.ModuleDict)):
+    while parent and isinstance(gm.get_submodule(parent), (nn.ModuleList, nn.ModuleDict, nn.Sequential)):
         parent, _, last = parent.rpartition(".")
         leaf = f"{last}_{leaf}"
     return f"{parent}.{leaf}" if parent else leaf

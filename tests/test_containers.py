@@ -120,3 +120,43 @@ def test_a_module_inserted_after_an_element_of_a_module_list_stays_out_of_the_li
     assert float(sparsify.penalty(m).detach()) > 0.0  # the moved regularizers still run in the forward
     final = sparsify.finalize(m.eval())
     assert len(final.acts) == 2 and list(final.acts._modules) == ["0", "1"]
+
+
+class _Features(nn.Module):
+    """VGG's shape: ``features`` is a plain Sequential the model calls, and users call it too."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2),
+                                      nn.ReLU(), nn.Conv2d(8, 4, 1))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("recipe", ["semi-structured", "tl1", "sas"])
+def test_a_nested_sequential_called_on_its_own_runs_only_its_layers(recipe):
+    """The modules a recipe inserted after ``features[0]`` / ``features[1]`` went into ``features``
+    itself: called on its own (a user's feature extraction) it ran them after its last layer, where
+    semi-structured's mask (made for features[0]'s 8x8 output) raised "run the model at the
+    resolution its masks were made for" and tl1 recorded a penalty on the wrong activation."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    m = sparsify.sparsify(_Features(), recipe, total_steps=4, example_inputs=x)
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    run_steps(m, opt, [(x, torch.tensor([0, 1]))] * 3, penalty=True)
+    assert list(m.features._modules) == ["0", "1", "2", "3", "4"]
+    with torch.no_grad():
+        got, plain = m.features(x), x
+        for layer in m.features:
+            plain = layer(plain)
+    torch.testing.assert_close(got, plain)
+    if recipe == "tl1":
+        m.train()
+        sparsify.penalty(m)
+        m.features(x)
+        assert float(sparsify.penalty(m)) == 0.0  # no regularizer ran outside the model's forward
+    if recipe == "semi-structured":
+        inserted = {n: mod.layer for n, mod in m.named_modules() if n.endswith("_pmask")}
+        assert inserted == {"features_0_pmask": "features.0", "features_2_pmask": "features.2"}

@@ -250,9 +250,9 @@ def test_another_resolution_is_refused_and_leaves_the_masks_size():
 
 
 @pytest.mark.parametrize("size, sparsity, said, first", [
-    (32, 0.2, "masks no output position of 4 map(s)", "layer4.0.conv1_pmask (1x1)"),  # round(0.2) = 0
-    (32, 0.6, "masks every output position of 4 map(s)", "layer4.0.conv1_pmask (1x1)"),  # round(0.6) = 1 of 1
-    (32, 0.9, "masks every output position of 8 map(s)", "layer3.0.conv1_pmask (2x2)"),  # round(3.6) = 4 of 4
+    (32, 0.2, "masks no output position of 4 map(s)", "layer4.0.conv1 (1x1)"),  # round(0.2) = 0
+    (32, 0.6, "masks every output position of 4 map(s)", "layer4.0.conv1 (1x1)"),  # round(0.6) = 1 of 1
+    (32, 0.9, "masks every output position of 8 map(s)", "layer3.0.conv1 (2x2)"),  # round(3.6) = 4 of 4
     (64, 0.2, None, None),  # 2x2 maps and up: round(0.8) = 1 of 4
 ])
 def test_masks_that_round_to_all_or_nothing_are_said(size, sparsity, said, first):

@@ -96,8 +96,9 @@ class PositionMask(nn.Module):
     the folded bias ``β − γμ/sqrt(σ²+ε)``, not 0: compute ``conv_without_bias(x) ⊙ mask + b_folded``.
     """
 
-    def __init__(self, mask: torch.Tensor | None = None):
+    def __init__(self, mask: torch.Tensor | None = None, layer: str = ""):
         super().__init__()
+        self.layer = layer  # the conv it masks, for messages (its own name sits beside it: features_0_pmask)
         self.register_buffer("mask", torch.ones(0, 0) if mask is None else mask.detach().float().clone())
         self.size: tuple[int, int] | None = tuple(self.mask.shape) if mask is not None else None
         self.enabled = bool(self.mask.numel()) and bool((self.mask == 0).any())
@@ -120,7 +121,7 @@ class PositionMask(nn.Module):
             return y
         if self.enabled and size != tuple(self.mask.shape):  # (the size the masks were made for stays)
             raise RuntimeError(
-                f"PositionMask: the mask is {tuple(self.mask.shape)} but this conv's output is {size}: "
+                f"PositionMask: the mask is {tuple(self.mask.shape)} but {self.layer or 'this conv'}'s output is {size}: "
                 "semi-structured masks mask output positions of one input resolution; run the model at the "
                 "resolution its masks were made for (train and evaluate alike), and give sparsify(...) "
                 "example_inputs at the resolution you train at")

@@ -199,7 +199,7 @@ class SemiStructuredGroup(Group):
 
     def _shared_warnings(self) -> list[str]:
         # a mask restored shared from a checkpoint, whose sizes this process has not seen, was said there
-        shared = {n.removesuffix("_pmask"): ", ".join(map(str, s)) for n, s in self._shared().items() if len(s) > 1}
+        shared = {self._layer(n): ", ".join(map(str, s)) for n, s in self._shared().items() if len(s) > 1}
         if not shared:
             return []
         one = len(set(shared.values())) == 1  # the levels of one pyramid: listed once
@@ -209,6 +209,10 @@ class SemiStructuredGroup(Group):
         sizes = f" ({next(iter(shared.values()))})" if one else ""
         return [f"sparsify: semi-structured: {', '.join(names)}{more} {verb} called at several output sizes{sizes} "
                 f"per forward ({what} shared across feature levels): no single position mask fits, left unmasked"]
+
+    def _layer(self, name: str) -> str:
+        """The conv a mask masks (the mask's own name is the conv's own one only outside containers)."""
+        return self.members[name].layer or name.removesuffix("_pmask")
 
     def _size_warnings(self) -> list[str]:
         """Masks that the final sparsity rounds to every position of their map (the conv's output
@@ -224,7 +228,7 @@ class SemiStructuredGroup(Group):
         out = []
         for names, what in ((every, "every output position of"), (none, "no output position of")):
             if names:
-                shown = ", ".join(f"{n} ({sizes[n][0]}x{sizes[n][1]})" for n in names[:3])
+                shown = ", ".join(f"{self._layer(n)} ({sizes[n][0]}x{sizes[n][1]})" for n in names[:3])
                 more = f" and {len(names) - 3} more" if len(names) > 3 else ""
                 why = ("their layers' outputs no longer depend on their inputs; lower the sparsity or leave "
                        "small maps dense with a rule" if names is every else
@@ -262,7 +266,7 @@ class SemiStructuredGroup(Group):
     def finalize_member(self, name: str, module: nn.Module):
         if not module.enabled or sizes_of(module).shared:
             return None  # an all-ones mask is the identity: drop the node
-        return DeployedPositionMask(module.mask)
+        return DeployedPositionMask(module.mask, layer=module.layer)
 
     # the generator state makes a resumed run draw the same maps
     def get_extra_state(self):
@@ -346,4 +350,4 @@ class SemiStructuredMethod(Method):
         return None
 
     def apply(self, site: Site, params) -> None:
-        site.insert_after(PositionMask(), "pmask")
+        site.insert_after(PositionMask(layer=site.name), "pmask")
