@@ -141,3 +141,24 @@ def test_sparse_layers_no_optimizer_steps_are_not_asked_about():
     model.get_submodule("0").requires_grad_(False)
     opt = torch.optim.SGD(model.get_submodule("2").parameters(), lr=0.01)
     assert accumulate(model, opt, 60, 1, step_each_micro_batch=True) == []
+
+
+@pytest.mark.parametrize("recipe", ["tl1", "activation-hoyer", "dual"])
+def test_a_penalty_added_on_the_last_micro_batch_only_is_refused_by_name(recipe):
+    """The earlier micro-batch's term was backpropagated away with its loss: torch said only "Trying
+    to backward through the graph a second time ... retain_graph=True", naming neither sparsify
+    nor the penalty. Two forwards before one backward (two views of a batch) stay valid."""
+    torch.manual_seed(0)
+    model = sparsify.sparsify(small(), recipe, total_steps=4, begin=0) if recipe != "dual" else \
+        sparsify.sparsify(small(), recipe, total_steps=4)
+    x, y = torch.randn(4, 8), torch.tensor([0, 1, 2, 3])
+    for _ in range(3):  # dual's activations stage begins at step 2
+        both = F.cross_entropy(model(x), y) + F.cross_entropy(model(x + 1), y) + sparsify.penalty(model)
+        both.backward()
+        sparsify.step(model)
+    F.cross_entropy(model(x), y).backward()  # micro-batch 1, without the penalty
+    loss = F.cross_entropy(model(x), y) + 0.0
+    with pytest.raises(RuntimeError, match=r"^sparsify.penalty: the \S+ penalty holds terms of earlier forwards "
+                                           r"whose loss was already backpropagated"):
+        sparsify.penalty(model)
+    loss.backward()

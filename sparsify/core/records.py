@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["RecordsMixin", "RecordsGroupMixin", "in_backward"]
+__all__ = ["RecordsMixin", "RecordsGroupMixin", "in_backward", "backpropagated"]
 
 
 def in_backward() -> bool:
@@ -27,6 +27,37 @@ def in_backward() -> bool:
     if torch.compiler.is_compiling():  # no graph break for the C call: a compiled forward keeps its terms
         return False
     return torch._C._current_graph_task_id() != -1
+
+
+def backpropagated(term: torch.Tensor, limit: int = 64) -> bool:
+    """Whether a ``backward()`` already ran through the graph ``term`` was computed from, and freed
+    it (its saved tensors are gone): a term of a micro-batch whose loss was backpropagated without
+    it cannot reach a later loss. Looks at up to ``limit`` autograd nodes behind ``term``.
+
+    >>> w = torch.ones(3, requires_grad=True)
+    >>> x = torch.relu(2 * w)
+    >>> term = x.abs().mean()
+    >>> backpropagated(term)
+    False
+    >>> x.sum().backward()  # another loss over the same activation, without the term
+    >>> backpropagated(term)
+    True
+    """
+    todo, seen = [term.grad_fn], 0
+    while todo and seen < limit:
+        node = todo.pop()
+        if node is None:
+            continue
+        seen += 1
+        for name in dir(node):
+            if name.startswith("_saved_"):
+                try:
+                    getattr(node, name)
+                except RuntimeError as e:
+                    if "freed" in str(e):
+                        return True
+        todo.extend(n for n, _ in node.next_functions)
+    return False
 
 
 class RecordsMixin:
@@ -100,7 +131,15 @@ class RecordsGroupMixin:
         self.lost = 0
 
     def penalty(self):
-        terms = [t for m in self.members.values() for t in m.pop()]
+        pending = [m.pop() for m in self.members.values()]
+        # several forwards since the last collection: an earlier one may have been backpropagated alone
+        if any(len(ts) > 1 and any(backpropagated(t) for t in ts[:-1]) for ts in pending):
+            raise RuntimeError(
+                f"sparsify.penalty: the {self.method_name} penalty holds terms of earlier forwards whose loss was "
+                "already backpropagated without them (gradient accumulation with the penalty added on the last "
+                "micro-batch only), and backward() freed their graphs: add sparsify.penalty(model) to every "
+                "micro-batch's loss, scaled as that loss is")
+        terms = [t for ts in pending for t in ts]
         if not terms:
             return None
         return torch.stack([t.float().reshape(()) for t in terms]).sum()
