@@ -160,6 +160,6 @@ def test_fasterrcnn_fpn_trains_with_its_rpn_head_unmasked():
     messages = said(caught)
     assert len(messages) == 1 and "rpn.head.conv.0.0 is called" in messages[0], messages
     pm = masks(m)
-    # (rpn.head.conv and its Conv2dNormActivation are Sequentials: the mask sits beside them, named for the path)
-    assert not pm["rpn.head.conv_0_0_pmask"].enabled and pm["rpn.head.conv_0_0_pmask"].layer == "rpn.head.conv.0.0"
+    # (rpn.head.conv.0 is a Conv2dNormActivation, a Sequential: the mask sits beside it, named for the path)
+    assert not pm["rpn.head.conv.0_0_pmask"].enabled and pm["rpn.head.conv.0_0_pmask"].layer == "rpn.head.conv.0.0"
     assert any(p.enabled for n, p in pm.items() if n.startswith("backbone.body"))
