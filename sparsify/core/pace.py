@@ -263,13 +263,28 @@ def schedule_unfinished(model: nn.Module) -> str | None:
     behind = _behind(state, t)
     if behind:
         recipe, name, now, final = behind
-        return (f"sparsify.finalize: at step {t} the {recipe} schedule ({name}) is at sparsity {now:.3g} of its final "
-                f"{final:.3g}, so the deployed model is less sparse than the recipe's target: training stopped before "
+        now_s, final_s = _apart(now, final)
+        return (f"sparsify.finalize: at step {t} the {recipe} schedule ({name}) is at sparsity {now_s} of its final "
+                f"{final_s}, so the deployed model is less sparse than the recipe's target: training stopped before "
                 "the schedule's end, or sparsify.step was not called after every optimizer step: " + ADVICE)
     if t == 0 and any(p.grad is not None for p in unwrap(model).parameters()):
         return ("sparsify.finalize: the model has gradients but sparsify.step was never called, so no method "
                 "moved past step 0; " + ADVICE)
     return None
+
+
+def _apart(now: float, final: float) -> tuple[str, str]:
+    """``now`` and ``final`` to 3 significant digits, or to as many more as it takes to tell them
+    apart (a schedule one step short of its end reads 0.89999, not 0.9 of its final 0.9).
+
+    >>> _apart(0.268, 0.9), _apart(0.8999901, 0.9)
+    (('0.268', '0.9'), ('0.89999', '0.9'))
+    """
+    for digits in range(3, 18):
+        now_s, final_s = f"{now:.{digits}g}", f"{final:.{digits}g}"
+        if now_s != final_s:
+            break
+    return now_s, final_s
 
 
 def _behind(state, t: int):
@@ -299,6 +314,7 @@ def schedule_short(model: nn.Module, steps: int) -> str | None:
     if behind is None:
         return None
     recipe, name, now, final = behind
+    now_s, final_s = _apart(now, final)
     return (f"sparsify: the run takes {steps} optimizer steps, and at its end the {recipe} schedule ({name}) is at "
-            f"sparsity {now:.3g} of its final {final:.3g}: give sparsify() total_steps={steps} (it has "
+            f"sparsity {now_s} of its final {final_s}: give sparsify() total_steps={steps} (it has "
             f"total_steps={state.total_steps})")

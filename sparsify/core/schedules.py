@@ -11,7 +11,7 @@ import numbers
 
 import torch
 
-__all__ = ["resolve_time", "cubic", "polynomial", "constant", "ScheduleError", "plain_number"]
+__all__ = ["resolve_time", "cubic", "polynomial", "ScheduleError", "plain_number"]
 
 
 class ScheduleError(ValueError):
@@ -112,12 +112,3 @@ def polynomial(t: int, begin: int, end: int, final: float, power: float = 3) -> 
         return float(final)
     p = (t - begin) / (end - begin)
     return float(final) * (1.0 - (1.0 - p) ** power)
-
-
-def constant(t: int, begin: int, final: float) -> float:
-    """``final`` from ``begin`` on, 0 before.
-
-    >>> constant(3, 5, 0.9)
-    0.0
-    """
-    return float(final) if t >= begin else 0.0
