@@ -160,3 +160,19 @@ def test_a_nested_sequential_called_on_its_own_runs_only_its_layers(recipe):
     if recipe == "semi-structured":
         inserted = {n: mod.layer for n, mod in m.named_modules() if n.endswith("_pmask")}
         assert inserted == {"features_0_pmask": "features.0", "features_2_pmask": "features.2"}
+
+
+def test_a_checkpoint_with_masks_inside_a_nested_sequential_still_loads():
+    """Masks inserted in a nested Sequential were saved as ``features.0_pmask.mask`` before they
+    moved beside it: such a checkpoint loads under the new names, masks and all."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    a = sparsify.sparsify(_Features(), "semi-structured", total_steps=4, example_inputs=x)
+    run_steps(a, torch.optim.SGD(a.parameters(), lr=0.01), [(x, torch.tensor([0, 1]))] * 4)
+    saved = {k.replace("features_0_pmask", "features.0_pmask").replace("features_2_pmask", "features.2_pmask"): v
+             for k, v in a.state_dict().items()}
+    assert "features.0_pmask.mask" in saved and bool((saved["features.0_pmask.mask"] == 0).any())
+    b = sparsify.sparsify(_Features(), "semi-structured", total_steps=4, example_inputs=x)
+    b.load_state_dict(saved)
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(v, w), k

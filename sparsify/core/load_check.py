@@ -14,6 +14,10 @@ Penalty terms recorded by a forward whose loss never collected them (a training-
 a metric) belong to the autograd graph of the weights as they were: after a rollback to an
 earlier checkpoint, the next ``sparsify.penalty`` added them to the loss and ``backward`` failed
 inside autograd ("modified by an inplace operation"). The load drops them.
+
+Modules a recipe inserts inside a nested ``nn.Sequential`` were once kept in it
+(``features.0_pmask``); they now sit beside it (``features_0_pmask``), and a checkpoint of such a
+run is loaded under the new names (:func:`moved_keys`).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import json
 
 from sparsify.core.extra_state import unpack
 
-__all__ = ["run_difference"]
+__all__ = ["run_difference", "moved_keys"]
 
 
 def _differences(a, b, path: str = "") -> list[str]:
@@ -80,3 +84,24 @@ def run_difference(saved, recipe_json: str, total_steps: int | None) -> str | No
         found.append("the recipe")
     shown = "; ".join(found[:3]) + (f"; and {len(found) - 3} more" if len(found) > 3 else "")
     return shown or "the recipe"
+
+
+def moved_keys(saved: list[str], own: list[str]) -> dict[str, str]:
+    """``{checkpoint key: model key}`` for the inserted modules' entries that a checkpoint holds
+    under their former names, inside a nested ``nn.Sequential`` (``own``: the keys of those
+    modules in the model). Names are compared with every ``_`` read as ``.``; a key that
+    could be more than one is left alone (``load_state_dict`` names it).
+
+    >>> moved_keys(["features.0_pmask.mask", "features.0.weight"], ["features_0_pmask.mask"])
+    {'features.0_pmask.mask': 'features_0_pmask.mask'}
+    """
+    saved_set, candidates = set(saved), {}
+    for key in own:
+        if key not in saved_set:
+            candidates.setdefault(key.replace("_", "."), []).append(key)
+    own_set, out = set(own), {}
+    for key in saved:
+        found = candidates.get(key.replace("_", "."), [])
+        if key not in own_set and len(found) == 1:
+            out[key] = found[0]
+    return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from sparsify.core.load_check import run_difference
+from sparsify.core.load_check import moved_keys, run_difference
 from sparsify.core.records import RecordsMixin
 from sparsify.core.state import STATE_ATTR, SparsifyState
 
@@ -16,7 +16,8 @@ def before_load(module: nn.Module, state_dict, prefix, local_metadata, strict, m
     """``load_state_dict`` pre-hook of a sparsified model: a checkpoint made by another
     ``sparsify(...)`` call (recipe, overrides or ``total_steps``) is refused before any of it is
     loaded (a checkpoint without sparsify state, a dense one, passes: ``after_load`` handles it);
-    otherwise the terms recorded for a penalty not yet collected are dropped."""
+    otherwise the terms recorded for a penalty not yet collected are dropped, and entries of
+    inserted modules saved under their former names are renamed (:func:`moved_keys`)."""
     state = module._modules.get(STATE_ATTR)
     if not isinstance(state, SparsifyState):
         return
@@ -29,3 +30,8 @@ def before_load(module: nn.Module, state_dict, prefix, local_metadata, strict, m
     for member in state.members():  # their graph holds the weights as they were (load_check.py)
         if isinstance(member, RecordsMixin):
             member.records = []
+    inserted = {id(m) for m in state.members()}
+    own = [f"{prefix}{name}.{key}" for name, m in module.named_modules() if id(m) in inserted and "_" in name
+           for key in m.state_dict()]
+    for old, new in moved_keys([k for k in state_dict if k.startswith(prefix)], own).items():
+        state_dict[new] = state_dict.pop(old)
