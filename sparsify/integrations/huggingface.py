@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 import sparsify
 from sparsify.core.pace import schedule_short
 from sparsify.core.state import find_state
+from sparsify.prepare.plan import once
 
 __all__ = ["SparsifyTrainerCallback", "linear_share", "penalty_share", "step_loss"]
 
@@ -28,7 +29,7 @@ def linear_share(model: nn.Module) -> dict:
     """How many ``nn.Linear`` layers (and transformers ``Conv1D``, GPT-2's transposed Linears) of a
     sparsified model were rewritten, by the plan."""
     plan = find_state(model, where="linear_share").plan
-    lin = [e for e in plan.entries if e.kind.endswith("Linear") or e.kind == "Conv1D"]
+    lin = [e for e in once(plan.entries) if e.kind.endswith("Linear") or e.kind == "Conv1D"]  # a layer called twice: once
     done = [e for e in lin if e.method is not None]
     return {"linear": len(lin), "rewritten": len(done),
             "param_share": sum(e.params for e in done) / max(1, sum(e.params for e in lin))}

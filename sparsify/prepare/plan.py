@@ -8,7 +8,7 @@ from sparsify.core.subclasses import COMPUTED_WEIGHT, OWN_FORWARD
 from sparsify.prepare.adapters import ADAPTER
 from sparsify.prepare.direct_reads import READ_DIRECTLY
 
-__all__ = ["PlanEntry", "Plan", "STACKED", "FROZEN", "OWN_KERNEL"]
+__all__ = ["PlanEntry", "Plan", "STACKED", "FROZEN", "OWN_KERNEL", "once"]
 
 #: how the plan's reason for a stacked weight tensor (fused MoE experts) begins
 STACKED = "stacked weight matrices"
@@ -49,6 +49,17 @@ def overruled_line(o: dict, rules=None) -> str:
         return f"rule {i}" if rules is None else f"rule {i} ({rules[i].method or 'null: dense'})"
     return (f"{named(o['rule'])} decides nothing: the {o['sites']} layer(s) it matches (first: {o['first']}) are "
             f"all matched by {named(o['later'])} too, and later rules win")
+
+
+def once(entries) -> list:
+    """``entries`` with each layer once (its first entry): a layer called several times has an
+    entry per call, its weights one set, counted once in shares and totals.
+
+    >>> [e.name for e in once([PlanEntry("fc", "Linear", None, 0), PlanEntry("fc", "Linear", None, 0)])]
+    ['fc']
+    """
+    seen: set[str] = set()
+    return [e for e in entries if not (e.name in seen or seen.add(e.name))]
 
 
 @dataclass
@@ -92,19 +103,20 @@ class Plan:
         (unless marked optional), a recipe whose methods declined every site they matched, and
         stacked weight tensors (fused MoE experts) that stay dense."""
         out = []
-        total = sum(e.params for e in self.entries)
-        own = [e for e in self.dense if OWN_FORWARD in e.reason]
+        total = sum(e.params for e in once(self.entries))  # a layer called twice: its weights count once
+        dense = once(self.dense)
+        own = [e for e in dense if OWN_FORWARD in e.reason]
         if own:  # a plain sparse layer would drop their forward (weight standardisation): said, not silent
             out.append(f"sparsify: {len(own)} layer(s) of class {', '.join(sorted({e.kind for e in own}))} left "
                        f"dense (first: {own[0].name}: {own[0].reason}); see sparsify.plan(model, recipe) and "
                        "docs/integrations.md#timm")
-        computed = [e for e in self.dense if COMPUTED_WEIGHT in e.reason]
+        computed = [e for e in dense if COMPUTED_WEIGHT in e.reason]
         if computed:  # weight_norm & co.: the user can remove the parametrization first
             share = sum(e.params for e in computed) / max(1, total)
             out.append(f"sparsify: {len(computed)} layer(s) left dense, {share:.0%} of the model's weight "
                        f"parameters: their weight is computed, not a parameter (first: {computed[0].name}: "
                        f"{computed[0].reason})")
-        adapters = [e for e in self.dense if e.reason.startswith(ADAPTER)]
+        adapters = [e for e in dense if e.reason.startswith(ADAPTER)]
         if adapters:  # sparse LoRA factors would make nothing sparse: said, with the ways in
             out.append(f"sparsify: {len(adapters)} layer(s) of PEFT adapters left dense ({adapters[0].reason}); see "
                        "docs/integrations.md#peft-lora")
@@ -119,7 +131,7 @@ class Plan:
                            "exception after the broad rule it narrows; see sparsify.plan(model, recipe)")
         # sites a rule with a method matched and its method left dense (not: no rule, an exclusion)
         # (computed weights are named above; a PEFT model's frozen base layers are what adapters mean)
-        declined = [e for e in self.dense if e.rule is not None and recipe.rules[e.rule].method is not None
+        declined = [e for e in dense if e.rule is not None and recipe.rules[e.rule].method is not None
                     and COMPUTED_WEIGHT not in e.reason]
         said = (OWN_FORWARD, FROZEN, READ_DIRECTLY)  # each has a line of its own
         if not self.rewritten and declined and not adapters:  # rules matched, every method left its sites alone
@@ -142,7 +154,7 @@ class Plan:
                        f"{len(sites)} layer(s) that rule {earlier} ({recipe.rules[earlier].method}) would rewrite "
                        f"(first: {sites[0]['name']}: {sites[0]['reason']}); later rules win, so they stay dense: "
                        f"narrow rule {rule}'s match to the layers its method takes")
-        frozen = [e for e in self.dense if e.reason.startswith(FROZEN) and e.rule is not None
+        frozen = [e for e in dense if e.reason.startswith(FROZEN) and e.rule is not None
                   and recipe.rules[e.rule].method is not None]
         if frozen and not self.has_adapters:  # the headline sparsity counts the rewritten layers only
             # (a PEFT model's base layers are frozen by design: what its adapters mean)
@@ -150,12 +162,12 @@ class Plan:
             out.append(f"sparsify: {len(frozen)} frozen layer(s) (requires_grad=False) that the recipe matched "
                        f"stay dense, {share:.0%} of the model's weight parameters (first: {frozen[0].name}); "
                        '"options": {"frozen": "include"} in the recipe sparsifies them too (see sparsify.plan)')
-        fused = [e for e in self.dense if OWN_KERNEL in e.reason]
+        fused = [e for e in dense if OWN_KERNEL in e.reason]
         if fused and sum(e.params for e in fused) >= 0.05 * total:  # an LSTM is 41% of timm's sequencer2d
             out.append(f"sparsify: {len(fused)} module(s) whose weights a fused kernel reads stay dense, "
                        f"{sum(e.params for e in fused) / total:.0%} of the model's weight parameters (first: "
                        f"{fused[0].name}, {fused[0].kind}): no method rewrites them (see sparsify.plan)")
-        stacked = [e for e in self.dense if e.reason.startswith(STACKED)]
+        stacked = [e for e in dense if e.reason.startswith(STACKED)]
         if stacked:  # the report's "sparsified layers" figure would read as the model's
             out.append(f"sparsify: {len(stacked)} stacked weight tensor(s) stay dense, "
                        f"{sum(e.params for e in stacked) / total:.0%} of the model's weight parameters "
@@ -174,7 +186,7 @@ class Plan:
     def shares(self) -> dict:
         """Fractions of the weight parameters (Conv/Linear and the other weight matrices listed) and
         of their MACs that the rewritten layers hold."""
-        weighted = [e for e in self.entries if e.params]
+        weighted = [e for e in once(self.entries) if e.params]  # each layer once, however often called
         total_p = sum(e.params for e in weighted)
         hit_p = sum(e.params for e in weighted if e.method is not None)
         out = {"param_share": hit_p / total_p if total_p else 0.0, "mac_share": None}
@@ -205,10 +217,10 @@ class Plan:
             lines.append(("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]).rstrip())
         s = self.shares()
         if not any(e.params for e in self.entries):
-            lines.append(f"{len(self.rewritten)} sites rewritten; no weight matrices found")
+            lines.append(f"{len(once(self.rewritten))} sites rewritten; no weight matrices found")
         else:
-            lines.append(f"{len(self.rewritten)} sites rewritten, {len(self.dense)} weight layers left dense; "
-                         f"rewritten layers hold {s['param_share']:.1%} of the weight parameters"
+            lines.append(f"{len(once(self.rewritten))} sites rewritten, {len(once(self.dense))} weight layers left "
+                         f"dense; rewritten layers hold {s['param_share']:.1%} of the weight parameters"
                          + (f" and {s['mac_share']:.1%} of their MACs" if s["mac_share"] is not None else
                             " (MACs unknown for some layers: pass example_inputs that run them)"))
         how = {}
