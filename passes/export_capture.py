@@ -154,11 +154,11 @@ def dynamic_spec(root: nn.Module, args: tuple) -> tuple:
     (2, 2, None)
     """
     try:
-        bound = inspect.signature(root.forward).bind(*args).arguments
+        signature = inspect.signature(root.forward)
+        bound = signature.bind(*args).arguments
     except (TypeError, ValueError):  # no signature, or args it refuses: the export says why
         return tuple(_auto(a) for a in args)
-    params = inspect.signature(root.forward).parameters
-    return tuple(tuple(_auto(a) for a in value) if params[name].kind is inspect.Parameter.VAR_POSITIONAL
+    return tuple(tuple(_auto(a) for a in value) if signature.parameters[name].kind is inspect.Parameter.VAR_POSITIONAL
                  else _auto(value) for name, value in bound.items())
 
 

@@ -58,6 +58,11 @@ def nonfinite_parameters(root: nn.Module) -> list[str]:
     return bad
 
 
+def _first(bad: list[str]) -> str:
+    """The first three names of ``bad``, and `` ...`` when there are more."""
+    return ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
+
+
 def diverged_message(where: str, bad: list[str], step: int | None = None) -> str:
     """The one-line warning or error for parameters ``bad`` found non-finite.
 
@@ -65,8 +70,7 @@ def diverged_message(where: str, bad: list[str], step: int | None = None) -> str
     'sparsify.step: NaN or inf in 1 parameter(s) at step 8 (fc.weight): training di'
     """
     at = f" at step {step}" if step is not None else ""
-    first = ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
-    return (f"{where}: NaN or inf in {len(bad)} parameter(s){at} ({first}): training diverged, and the masks, "
+    return (f"{where}: NaN or inf in {len(bad)} parameter(s){at} ({_first(bad)}): training diverged, and the masks, "
             "thresholds and sparsity computed from these weights mean nothing; lower the learning rate or clip "
             "gradients (pass loss= to sparsify.step to be told at the first non-finite loss)")
 
@@ -82,7 +86,6 @@ def refuse_nonfinite(model: nn.Module) -> None:
     ValueError: sparsify: NaN or inf in 1 parameter(s) of the model given (0.weight), before any training: its initialisation or the checkpoint loaded into it is broken; masks and thresholds computed from it would mean nothing
     """
     if bad := nonfinite_parameters(model):
-        first = ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
-        raise ValueError(f"sparsify: NaN or inf in {len(bad)} parameter(s) of the model given ({first}), before any "
-                         "training: its initialisation or the checkpoint loaded into it is broken; masks and "
+        raise ValueError(f"sparsify: NaN or inf in {len(bad)} parameter(s) of the model given ({_first(bad)}), "
+                         "before any training: its initialisation or the checkpoint loaded into it is broken; masks and "
                          "thresholds computed from it would mean nothing")

@@ -184,10 +184,11 @@ SHORT_CHECKED = "<short-checked>"
 
 
 def warn_short(method: str, masks: dict[str, torch.Tensor], target: float, warned: set[str]) -> None:
-    """Once, when the ramp has reached its final ``target``: warn when the masks keep more weights than
-    the target leaves (by over one point, or two weights of the smallest layer). A magnitude threshold keeps every weight equal to it, so
-    tied magnitudes (a constant initialisation, quantized or low-precision weights) cannot be
-    split; the official methods do the same, so this says it rather than breaking ties.
+    """Once, when the ramp has reached its final ``target``: warn when the masks keep more weights
+    than the target leaves (by over one point, or two weights of the smallest layer). A magnitude
+    threshold keeps every weight equal to it, so tied magnitudes (a constant initialisation,
+    quantized or low-precision weights) cannot be split; the official methods do the same, so this
+    says it rather than breaking ties.
 
     >>> import warnings
     >>> with warnings.catch_warnings(record=True) as w:

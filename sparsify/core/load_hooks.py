@@ -30,8 +30,9 @@ def before_load(module: nn.Module, state_dict, prefix, local_metadata, strict, m
     for member in state.members():  # their graph holds the weights as they were (load_check.py)
         if isinstance(member, RecordsMixin):
             member.records = []
-    inserted = {id(m) for m in state.members()}
-    own = [f"{prefix}{name}.{key}" for name, m in module.named_modules() if id(m) in inserted and "_" in name
+    # (a name moved out of a container has a "_" where the container's "." was)
+    members = {id(m) for m in state.members()}
+    own = [f"{prefix}{name}.{key}" for name, m in module.named_modules() if id(m) in members and "_" in name
            for key in m.state_dict()]
     for old, new in moved_keys([k for k in state_dict if k.startswith(prefix)], own).items():
         state_dict[new] = state_dict.pop(old)

@@ -261,8 +261,9 @@ def _when(raw, step) -> str:
 def schedule_warnings(recipe, get_method, total_steps: int | None) -> list[str]:
     """What a valid recipe's times mean for a run of ``total_steps`` that its author may not
     expect: a method that never acts (``begin`` at or past the end, or an empty active range), a
-    stage the run's length rounds to no step, a ramp that ends after the run (the target is never reached), masks that never freeze (``fix``
-    after the run). Times already pass :func:`check_times`.
+    stage the run's length rounds to no step, a ramp that ends after the run (the target is never
+    reached), masks that never freeze (``fix`` after the run). Times already pass
+    :func:`check_times`.
 
     >>> from sparsify.prepare.recipe import load_recipe
     >>> from sparsify.methods import get_method
@@ -274,13 +275,15 @@ def schedule_warnings(recipe, get_method, total_steps: int | None) -> list[str]:
     stages = _stage_ranges(recipe.stages, total_steps, True, recipe.source)
     out, empty = [], set()
     for name, (begin, end) in stages.items():  # a stage a short run rounds away (dual's weights stage at 2 steps)
-        joined = [f"{r.index} ({r.method})" for r in recipe.rules if r.method is not None and r.params.get("stage") == name]
+        joined = [f"{r.index} ({r.method})" for r in recipe.rules
+                  if r.method is not None and r.params.get("stage") == name]
         if joined and end is not None and end <= begin < total_steps:
             empty.add(name)
-            out.append(f"sparsify: stage {name!r} of recipe {recipe.name!r} is empty in a run of total_steps={total_steps} "
-                       f"(it begins and ends at step {begin}): rule{'s' if len(joined) > 1 else ''} {', '.join(joined)} "
-                       f"get{'' if len(joined) > 1 else 's'} no step inside it, so what {'they do' if len(joined) > 1 else 'it does'} "
-                       f"during the stage (a penalty, a ramp) is skipped; the run is too short for the recipe's stages")
+            rules, gets, does = ("rules", "get", "they do") if len(joined) > 1 else ("rule", "gets", "it does")
+            out.append(f"sparsify: stage {name!r} of recipe {recipe.name!r} is empty in a run of "
+                       f"total_steps={total_steps} (it begins and ends at step {begin}): {rules} {', '.join(joined)} "
+                       f"{gets} no step inside it, so what {does} during the stage (a penalty, a ramp) is skipped; "
+                       "the run is too short for the recipe's stages")
     for rule in recipe.rules:
         if rule.method is None or rule.params.get("stage") in empty:
             continue
