@@ -276,7 +276,7 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
                    help="also keep an exponential moving average of the weights (e.g. 0.999), with the model's "
                         "sparsity (sparsify.sync); it is evaluated every epoch and saved beside the model")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (one line per epoch)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers for imagefolder data")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers for imagefolder data (default 0)")
     p.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:1, mps... (default auto: the GPU when torch sees one, else the CPU)")
     p.add_argument("--amp", choices=AMP_CHOICES, default=None,

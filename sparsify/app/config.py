@@ -54,7 +54,7 @@ class TrainConfig:
     seed: int = 0
     out: str | None = None
     progress: bool = True
-    workers: int = 0
+    workers: int | None = None  # DataLoader workers for image folders (None: 0, or a resumed run's)
     resume: str | None = None
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     overwrite: bool = False  # replace the run already in ``out`` (else such an ``out`` is refused)
@@ -161,6 +161,8 @@ def _load_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict, dict]:
         new.device = cfg.device
     if cfg.compile is not None:  # compiling changes no result: another backend may continue the run
         new.compile = cfg.compile
+    if cfg.workers is not None:  # workers load the same batches in the same order: a machine setting
+        new.workers = cfg.workers
     from sparsify.app.settings import check_settings
     try:  # an edited value the command line refuses (threads -1, an unknown backend) crashed, or worse
         check_settings(new)

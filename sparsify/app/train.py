@@ -164,7 +164,8 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False, warned: list[
         say(f"training on {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
             + (f", {cfg.amp} autocast" if cfg.amp else ""))
 
-    data = load_data(cfg.data, image_size=cfg.image_size, workers=cfg.workers, progress=cfg.progress and not quiet)
+    workers = cfg.workers or 0  # None: a new run's default
+    data = load_data(cfg.data, image_size=cfg.image_size, workers=workers, progress=cfg.progress and not quiet)
     dataset = fingerprint(data)
     if ckpt is not None and not edited and meta.get("dataset", dataset) != dataset:
         change = _data_change(meta["dataset"], dataset)
@@ -231,7 +232,7 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False, warned: list[
                  running=running, total_steps=total_steps, run=run_settings, dataset=dataset, seconds=elapsed())
         replacing.saved()
 
-    test_batches = lambda: on_device(_batches(data.test, torch.arange(len(data.test)), 500, cfg.workers, fix),  # noqa: E731
+    test_batches = lambda: on_device(_batches(data.test, torch.arange(len(data.test)), 500, workers, fix),  # noqa: E731
                                      device)
     interrupted = False
     warned_dead = False
@@ -244,7 +245,7 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False, warned: list[
             model.train()
             refresh = max(1, steps_per_epoch // 10)
             sparsity_now = weight_sparsity(model, cfg.dense)
-            batches = on_device(_batches(data.train, order, cfg.batch_size, cfg.workers, fix), device)
+            batches = on_device(_batches(data.train, order, cfg.batch_size, workers, fix), device)
             for b, (x, y) in enumerate(batches, start_batch):
                 with autocast(device, cfg.amp):
                     logits = forward(x)
