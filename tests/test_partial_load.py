@@ -59,3 +59,41 @@ def test_regularizer_nodes_hold_nothing_to_miss():
     nodes = [k for k in state if "tl1" in k]
     assert nodes
     assert load("tl1", {k: v for k, v in state.items() if k not in nodes}) == []
+
+
+class SparseFcDenseHead(nn.Module):
+    """A sparse ``fc`` beside a dense layer whose path also holds ``fc`` (``head.fc``)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.head = nn.Linear(8, 8), nn.ModuleDict({"fc": nn.Linear(8, 4)})
+
+    def forward(self, x):
+        return self.head["fc"](torch.relu(self.fc(x)))
+
+
+def _said_on_load(model, state):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.load_state_dict(state, strict=False)
+    return [str(w.message) for w in caught if "holds no entries" in str(w.message)]
+
+
+def test_a_dense_layer_missing_is_not_blamed_on_a_sparse_layer_of_the_same_name():
+    """Only the dense head.fc is missing: the sparse fc, all of whose entries loaded, is not said to
+    lack them; the same checkpoint loaded through a wrapper (keys under ``net.``) still names a sparse
+    layer that is missing."""
+    recipe = {"version": 1, "rules": [{"match": {"name": "fc"}, "method": "magnitude",
+                                       "params": {"sparsity": 0.5, "begin": 0, "end": 2}}]}
+
+    def model():
+        m = sparsify.sparsify(SparseFcDenseHead(), recipe, total_steps=10, example_inputs=torch.zeros(1, 8))
+        for _ in range(2):
+            sparsify.step(m)
+        return m
+    state = model().state_dict()
+    assert _said_on_load(model(), {k: v for k, v in state.items() if not k.startswith("head.")}) == []
+    wrapper = nn.ModuleDict({"net": model()})
+    said = _said_on_load(wrapper, {f"net.{k}": v for k, v in state.items() if not k.startswith("fc.")})
+    assert len(said) == 1 and "holds no entries for 1 sparse layer(s) (fc;" in said[0], said

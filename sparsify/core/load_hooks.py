@@ -21,6 +21,7 @@ def before_load(module: nn.Module, state_dict, prefix, local_metadata, strict, m
     state = module._modules.get(STATE_ATTR)
     if not isinstance(state, SparsifyState):
         return
+    state.load_prefix = prefix  # where this model's keys start: after_load names the layers a checkpoint lacks
     saved = state_dict.get(f"{prefix}{STATE_ATTR}._extra_state")
     why = None if saved is None else run_difference(saved, state.recipe_json, state.total_steps)
     if why:

@@ -52,6 +52,7 @@ class SparsifyState(nn.Module):
         self.unfilled = False  # sparsified on meta, then materialized: the state holds no values
         self.stepped_here = False  # sparsify.step ran on this model in this process (sparsify.prepare.sharing)
         self.in_trainer = False  # SparsifyTrainerCallback's Trainer runs: its save_pretrained calls are checkpoints
+        self.load_prefix: str | None = None  # this model's key prefix in the state_dict being loaded (load_hooks)
 
     def forward(self, x, *args, **kwargs):
         """The identity: a model whose own forward calls each of its children in turn (an
@@ -201,8 +202,13 @@ def _warn_partial(module: nn.Module, state: SparsifyState, missing: list[str]) -
     members = {id(m) for m in state.members() if any(True for _ in m.parameters(recurse=False))
                or any(True for _ in m.buffers(recurse=False))}
     names = [name for name, m in module.named_modules() if id(m) in members and name]
-    # keys are the loaded module's: ours, or a wrapper's holding this model (module.<name>....)
-    short = [name for name in names if any(k.startswith(name + ".") or f".{name}." in k for k in missing)]
+    # keys are the loaded module's: ours, or a wrapper's holding this model (module.<name>....), whose
+    # prefix the pre-hook saw (a dense layer's key holding ".fc." is not the sparse fc's)
+    prefix = getattr(state, "load_prefix", None)  # None: a model pickled before it existed
+    if prefix is None:
+        short = [name for name in names if any(k.startswith(name + ".") or f".{name}." in k for k in missing)]
+    else:
+        short = [name for name in names if any(k.startswith(f"{prefix}{name}.") for k in missing)]
     if short:
         warnings.warn(f"sparsify: the checkpoint loaded at step {int(state.step)} holds no entries for {len(short)} "
                       f"sparse layer(s) ({', '.join(short[:3])}{' ...' if len(short) > 3 else ''}; strict=False "
