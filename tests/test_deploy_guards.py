@@ -270,3 +270,35 @@ def test_accelerate_does_not_fold_bn_into_a_conv_called_elsewhere_too():
         ok, worst = outputs_close(gm(x, y), fast(x, y))
     assert ok, f"the accelerated model's output differs (relative {worst:.3g})"
     assert fast.acceleration.folded_bn == 0
+
+
+# -- 2:4 semi-structured emission: the per-layer decisions, without the CUDA kernels ---------------
+
+class AttentionAndOdd(nn.Module):
+    """An attention block (its out_proj a Linear subclass), a Linear of 6 inputs and a plain Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.odd = nn.Linear(6, 16)
+        self.fc = nn.Linear(16, 16)
+
+
+def test_semi_structured_takes_plain_linears_only_and_strict_names_the_first_dense_one(monkeypatch):
+    """to_semi_structured leaves attention's out_proj to its module, says why each Linear stays dense, and strict refuses."""
+    from sparsify.deploy import semistructured24
+    monkeypatch.setattr(semistructured24, "semi_structured_available", lambda device: (True, ""))
+    m = semistructured24.to_semi_structured(AttentionAndOdd())
+    assert "attn.out_proj" not in m.semi_structured  # MultiheadAttention reads out_proj.weight itself
+    assert set(m.semi_structured) == {"odd", "fc"}
+    assert all(v.startswith("dense: weight is torch.float32 on cpu") for v in m.semi_structured.values())
+    with pytest.raises(semistructured24.SemiStructuredError, match=r"^odd: dense: weight is torch.float32"):
+        semistructured24.to_semi_structured(AttentionAndOdd(), strict=True)
+
+
+def test_a_width_not_a_multiple_of_four_is_not_two_four():
+    """A weight of 6 inputs is never taken for 2:4, even where its flat groups of 4 would pass."""
+    from sparsify.deploy.semistructured24 import _two_four
+    w = torch.tensor([[1.0, 0, 0, 0, 0, 1], [1.0, 0, 0, 0, 0, 1]])  # flat groups of 4: 1, 2, 1 non-zeros
+    assert _two_four(w) is False
+    assert _two_four(torch.tensor([[1.0, 0, 1, 0, 0, 1, 0, 1]])) is True

@@ -114,6 +114,29 @@ def test_semi_structured_finalize_on_cuda(device):
         torch.testing.assert_close(fast(x.bfloat16()), dense(x.bfloat16()), rtol=2e-2, atol=2e-2)
 
 
+def test_semi_structured_decides_per_layer_on_cuda(device):
+    if device.type != "cuda":
+        pytest.skip("torch's semi-structured sparse tensors run on CUDA only (the decisions are tested on the CPU "
+                    "in test_deploy_guards.py)")
+    if torch.cuda.get_device_capability(device)[0] < 8:
+        pytest.skip("semi-structured sparse tensors need compute capability 8.0 or newer")
+    from sparsify.deploy.semistructured24 import SemiStructuredLinear, to_semi_structured
+
+    def net():
+        torch.manual_seed(0)
+        m = torch.nn.ModuleDict({"attn": torch.nn.MultiheadAttention(128, 4, batch_first=True),
+                                 "odd": torch.nn.Linear(6, 128), "fc": torch.nn.Linear(128, 128)})
+        with torch.no_grad():  # every weight 2:4 along its inputs, attention's out_proj included
+            for lin in (m["attn"].out_proj, m["odd"], m["fc"]):
+                lin.weight.mul_((torch.arange(lin.in_features) % 4 < 2).float())
+        return m.to(device, torch.bfloat16)
+    m = to_semi_structured(net())
+    assert m.semi_structured == {"odd": "dense: weight is not 2:4 along its inputs", "fc": "2:4"}
+    assert isinstance(m["fc"], SemiStructuredLinear) and type(m["attn"].out_proj) is not SemiStructuredLinear
+    with pytest.raises(SemiStructuredError, match="^odd: dense: weight is not 2:4"):
+        to_semi_structured(net(), strict=True)
+
+
 @pytest.mark.parametrize("recipe", ["gmp", "dual", "st3", "semi-structured", "str"])
 def test_an_average_kept_on_the_cpu_follows_the_model_on_device(device, recipe):
     # timm's ModelEmaV3(device="cpu") and AveragedModel(device="cpu") keep the average off the GPU;
