@@ -1,0 +1,70 @@
+"""What the export helpers promise beyond a round trip, on tiny models: each puts the model in eval
+mode itself (a Dropout left in training mode exports and compares as in eval), the ONNX file's batch
+dimension is symbolic on outputs as on inputs, the attention fast-path setting is the caller's
+again afterwards, ``path`` is where the file goes, and ``check_deployable(onnx=False)`` runs no
+ONNX."""
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from sparsify.deploy import export
+from sparsify.deploy.export import check_deployable, export_onnx, export_program
+
+
+def dropout_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 6), nn.Dropout(0.5), nn.Linear(6, 3)).train()
+
+
+def test_export_program_exports_the_eval_forward_of_a_model_left_in_training():
+    """export_program exports what the model computes in eval mode, even if the user left it training."""
+    m, x = dropout_net(), torch.randn(4, 6)
+    got = export_program(m, x).module()(x)
+    assert not m.training
+    with torch.no_grad():
+        assert torch.allclose(got, m(x), atol=1e-6), "the exported program dropped activations"
+
+
+def test_check_deployable_compares_eval_outputs_of_a_model_left_in_training():
+    """check_deployable on a model in training mode compares eval outputs, not one dropout draw with another."""
+    m = dropout_net()
+    found = check_deployable(m, torch.randn(4, 6), onnx=False)
+    assert sorted(found) == ["torch.export"]  # onnx=False runs no ONNX
+    assert found["torch.export"] < 1e-4
+
+
+def test_check_deployable_without_onnx_never_exports_to_onnx(monkeypatch):
+    """onnx=False does not touch the ONNX exporter (users without onnx installed rely on it)."""
+    def refuse(*a, **k):
+        raise AssertionError("export_onnx called")
+    monkeypatch.setattr(export, "export_onnx", refuse)
+    assert sorted(check_deployable(nn.Linear(3, 2), torch.randn(2, 3), onnx=False)) == ["torch.export"]
+
+
+def test_onnx_outputs_have_the_symbolic_batch_of_the_inputs():
+    """With dynamic_batch (the default), the ONNX graph's outputs are batch-symbolic like its inputs."""
+    proto = onnx.load_from_string(export_onnx(nn.Linear(3, 2), torch.randn(1, 3)))
+    dims = [v.type.tensor_type.shape.dim[0].dim_param for v in list(proto.graph.input) + list(proto.graph.output)]
+    assert dims == ["batch", "batch"]
+
+
+@pytest.mark.parametrize("before", [False, True])
+def test_export_onnx_gives_back_the_callers_attention_fast_path_setting(before):
+    """export_onnx turns the attention fast path off for the export only: the caller's setting is kept."""
+    keep = torch.backends.mha.get_fastpath_enabled()
+    try:
+        torch.backends.mha.set_fastpath_enabled(before)
+        export_onnx(nn.Linear(3, 2), torch.randn(1, 3))
+        assert torch.backends.mha.get_fastpath_enabled() is before
+    finally:
+        torch.backends.mha.set_fastpath_enabled(keep)
+
+
+def test_export_onnx_writes_the_file_it_is_given(tmp_path):
+    """The bytes export_onnx returns are the file it wrote at path."""
+    path = tmp_path / "m.onnx"
+    blob = export_onnx(nn.Linear(3, 2), torch.randn(1, 3), path)
+    assert path.read_bytes() == blob
