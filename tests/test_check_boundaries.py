@@ -194,3 +194,34 @@ def test_finalize_removes_each_regularizer_from_its_own_graph_not_a_sibling_with
     names = [n for n, _ in final.named_modules()]
     assert not any(n.endswith("_tl1") for n in names), names
     assert torch.equal(final(x), model.eval()(x))
+
+
+class Attention(nn.Module):
+    """Two attentions, one with separate q/k/v projections (kdim, vdim), and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.cross = nn.MultiheadAttention(8, 2, batch_first=True, kdim=4, vdim=4)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x, y):
+        return self.fc(self.mha(x, x, x)[0] + self.cross(x, y, y)[0])
+
+
+@pytest.mark.parametrize("frozen", [("mha.in_proj_weight",), ("cross.q_proj_weight", "cross.v_proj_weight")])
+def test_a_frozen_attention_projection_stays_frozen_after_finalize(frozen):
+    """An attention input projection frozen before sparsify is frozen after finalize, the others trainable
+    (the sparse model names it in_proj.weight, the plain one in_proj_weight: finalize made it trainable)."""
+    torch.manual_seed(0)
+    net = Attention()
+    for name in frozen:
+        net.get_parameter(name).requires_grad_(False)
+    inputs = (torch.randn(2, 5, 8), torch.randn(2, 5, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # frozen layers left dense
+        model = sparsify.sparsify(net, "gmp", total_steps=4, example_inputs=inputs)
+        final = sparsify.finalize(model.eval())
+    grads = {n: p.requires_grad for n, p in final.named_parameters()}
+    assert {n for n, g in grads.items() if not g} == set(frozen)
+    assert grads["cross.k_proj_weight"] and grads["fc.weight"]

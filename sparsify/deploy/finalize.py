@@ -163,9 +163,11 @@ def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
     final.train(False)
     # a frozen layer stays frozen and a trainable one trainable: the finalized model can be
     # fine-tuned or sparsified again (frozen layers are left dense by sparsify)
+    # (a parameter renamed on the way, MultiheadAttention's in_proj.weight -> in_proj_weight, keeps
+    # the flag it was made with)
     trainable = {n: p.requires_grad for n, p in source.named_parameters()}
     for n, p in final.named_parameters():
-        p.requires_grad_(trainable.get(n, True))
+        p.requires_grad_(trainable.get(n, p.requires_grad))
     if not check:
         return final
     inputs = example_inputs if example_inputs is not None else state_inputs(state, unwrap(model))
