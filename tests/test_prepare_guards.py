@@ -311,3 +311,14 @@ def test_a_non_peft_class_named_base_tuner_layer_is_not_an_adapter():
     plan = sparsify.plan(nn.Sequential(Scaled(), nn.ReLU(), nn.Linear(4, 2)), "gmp", total_steps=10)
     assert not plan.has_adapters
     assert [e.method for e in plan.entries if e.name == "0.lin"] == ["magnitude"]
+
+
+def test_the_plan_gives_a_refused_layer_the_methods_reason():
+    """A layer a rule matches but whose method cannot take its type is listed with that reason, not 'no rule matched'."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    recipe = {"version": 1, "name": "semi-all",
+              "rules": [{"match": {"type": ["Conv2d", "Linear"]}, "method": "semi-structured"}]}
+    entries = {e.name: e for e in sparsify.plan(net, recipe, example_inputs=torch.zeros(1, 3, 8, 8)).entries}
+    assert entries["3"].method is None
+    assert entries["3"].reason == "semi-structured applies to Conv2d only (rule 0)"
