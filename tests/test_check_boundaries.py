@@ -12,13 +12,7 @@ from torch import nn
 import sparsify
 from sparsify.core.keep import guarded_thresholds, warn_short
 from sparsify.deploy.compare import outputs_close
-
-
-def said(fn, *args, **kwargs) -> list[str]:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fn(*args, **kwargs)
-    return [str(w.message) for w in caught]
+from warned import said
 
 
 # ---------------------------------------------------------------------------------------------

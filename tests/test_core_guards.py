@@ -5,8 +5,6 @@ sparsified in eval mode, what a refused or partial load names, the penalty's ref
 .item() warning, and the step at which pruned classes are said."""
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from torch import nn
@@ -17,6 +15,7 @@ from sparsify.core.keep import guarded_thresholds
 from sparsify.core.load_check import moved_keys
 from sparsify.core.load_hooks import before_load
 from sparsify.methods.regularizers import ActivationRegularizer
+from warned import said
 
 
 def pruned(values, taus):
@@ -54,13 +53,6 @@ def test_modules_inserted_into_an_eval_model_are_in_eval_mode():
 # ---------------------------------------------------------------------------------------------
 # load checks, penalty records and watch, the held layers' report, the last step, partial loads
 # ---------------------------------------------------------------------------------------------
-
-
-def caught(fn, *args, **kwargs) -> list[str]:
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        fn(*args, **kwargs)
-    return [str(w.message) for w in seen]
 
 
 def test_an_old_key_that_could_be_two_inserted_modules_is_not_renamed():
@@ -128,14 +120,14 @@ def test_a_penalty_used_as_a_float_after_a_good_step_is_said_at_that_step():
     (the regularizer then does nothing) is warned at that very step."""
     m, x = _tl1(), torch.randn(4, 8)
     opt = torch.optim.SGD(m.parameters(), lr=0.01)
-    said = []
+    told = []
     for i in range(3):
         out = m(x)
         p = sparsify.penalty(m)
         loss = out.pow(2).mean() + (p if i == 0 else p.item())
         opt.zero_grad(); loss.backward(); opt.step()
-        said.append([w for w in caught(sparsify.step, m) if UNREACHED in w])
-    assert [len(s) for s in said] == [0, 1, 0], said  # said once per model, at step 2
+        told.append([w for w in said(sparsify.step, m) if UNREACHED in w])
+    assert [len(s) for s in told] == [0, 1, 0], told  # said once per model, at step 2
 
 
 def test_held_at_min_density_does_not_name_a_layer_the_second_threshold_puts_exactly_on_its_floor():
@@ -173,9 +165,9 @@ def test_pruned_classes_are_said_at_the_runs_last_step_not_when_they_die():
         net[2].weight[:2] *= 1e-4  # two classes a global threshold takes whole
     m = sparsify.sparsify(net, "gmp", total_steps=4, begin=0, end=1, sparsity=0.5,
                           example_inputs=torch.zeros(1, 8))
-    said = [[w for w in caught(sparsify.step, m) if DEAD in w] for _ in range(4)]
-    assert [len(s) for s in said] == [0, 0, 0, 1], said
-    assert "2: every weight of 2 of its 4 outputs pruned (rows 0, 1)" in said[3][0]
+    told = [[w for w in said(sparsify.step, m) if DEAD in w] for _ in range(4)]
+    assert [len(s) for s in told] == [0, 0, 0, 1], told
+    assert "2: every weight of 2 of its 4 outputs pruned (rows 0, 1)" in told[3][0]
 
 
 NO_ENTRIES = "holds no entries for"
@@ -201,12 +193,12 @@ def test_an_old_pickled_model_still_names_the_sparse_layer_a_checkpoint_lacks():
     state = _as_pickled_before_load_prefix().state_dict()
     without_2 = {k: v for k, v in state.items() if not k.startswith("2.")}
 
-    def said(model, sd):
-        return [w for w in caught(model.load_state_dict, sd, strict=False) if NO_ENTRIES in w]
-    direct = said(_as_pickled_before_load_prefix(), without_2)
+    def no_entries(model, sd):
+        return [w for w in said(model.load_state_dict, sd, strict=False) if NO_ENTRIES in w]
+    direct = no_entries(_as_pickled_before_load_prefix(), without_2)
     assert len(direct) == 1 and "for 1 sparse layer(s) (2;" in direct[0], direct
-    wrapped = said(nn.ModuleDict({"net": _as_pickled_before_load_prefix()}),
-                   {f"net.{k}": v for k, v in without_2.items()})
+    wrapped = no_entries(nn.ModuleDict({"net": _as_pickled_before_load_prefix()}),
+                         {f"net.{k}": v for k, v in without_2.items()})
     assert len(wrapped) == 1 and "for 1 sparse layer(s) (2;" in wrapped[0], wrapped
-    whole = said(nn.ModuleDict({"net": _as_pickled_before_load_prefix()}), {f"net.{k}": v for k, v in state.items()})
+    whole = no_entries(nn.ModuleDict({"net": _as_pickled_before_load_prefix()}), {f"net.{k}": v for k, v in state.items()})
     assert whole == []

@@ -13,15 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsify
+from warned import warned
 
 SHARED = "were trained through a model sparsify() returned earlier"
-
-
-def _caught(fn):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out = fn()
-    return out, [str(w.message) for w in caught]
 
 
 class SharedConvs(nn.Module):
@@ -64,7 +58,7 @@ def test_fresh_models_are_not_taken_for_earlier_trained_ones(monkeypatch):
     dead = weakref.ref(nn.Parameter(torch.zeros(1)))  # a trained parameter since freed, its id now p's
     assert dead() is None
     monkeypatch.setitem(sharing._HOLDERS, id(p), [dead, True])
-    _, said = _caught(lambda: sparsify.sparsify(fresh, "gmp", total_steps=2))
+    _, said = warned(lambda: sparsify.sparsify(fresh, "gmp", total_steps=2))
     assert not any(SHARED in w for w in said), said
 
 
@@ -73,7 +67,7 @@ def test_every_later_sparsify_of_a_trained_base_warns():
     net = _base()
     _train(sparsify.sparsify(net, "gmp", total_steps=2, begin=0, end=1))
     for _ in range(2):
-        _, said = _caught(lambda: sparsify.sparsify(net, "st3", total_steps=2))
+        _, said = warned(lambda: sparsify.sparsify(net, "st3", total_steps=2))
         assert any(SHARED in w for w in said), said
 
 
@@ -131,9 +125,9 @@ def _labelled(label):
 def test_a_label_keyword_other_than_labels_runs_the_recipe(label):
     """forward(pixel_values, label=None): the labelled training call runs tl1's inserted nodes."""
     x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 2])
-    m, said = _caught(lambda: sparsify.sparsify(_labelled(label), "tl1", total_steps=6,
+    m, said = warned(lambda: sparsify.sparsify(_labelled(label), "tl1", total_steps=6,
                                                 example_inputs={"pixel_values": x}))
-    out, more = _caught(lambda: m(pixel_values=x, **{label: y}))
+    out, more = warned(lambda: m(pixel_values=x, **{label: y}))
     assert out["loss"] is not None
     assert float(torch.as_tensor(sparsify.penalty(m)).detach()) > 0  # tl1's nodes ran
     assert not [w for w in said + more if "called with" in w], said + more
@@ -289,7 +283,7 @@ def test_plan_holds_tracing_warnings_back_and_sparsify_sums_them_up():
         warnings.simplefilter("error")
         plan = sparsify.plan(NoisyNet(), "gmp", total_steps=10)
     assert plan.trace_warnings
-    _, said = _caught(lambda: sparsify.sparsify(NoisyNet(), "gmp", total_steps=10))
+    _, said = warned(lambda: sparsify.sparsify(NoisyNet(), "gmp", total_steps=10))
     assert any("raised while tracing held back" in w for w in said), said
 
 
