@@ -87,16 +87,31 @@ def model_ends(tr: TraceResult, is_compute: Callable[[nn.Module], bool],
             return out
         # run as it is (untraceable, or a leaf the trace did not enter): its children's calls decide
         found = list(units(path, m))
-        called = sorted((u for u in found if u[0] in order), key=lambda u: order[u[0]][end]) if order else []
+        spans = {u[0]: s for u in found if (s := span(u[0])) is not None}
+        called = sorted((u for u in found if u[0] in spans), key=lambda u: spans[u[0]][end])
         if not called:  # no record, or its children are not called as modules (MultiheadAttention)
             return ends(*found[0 if end == 0 else -1], end) if found else set()
         pick = called[0 if end == 0 else -1]
         out = ends(*pick, end)
-        tok = order[pick[0]][2 + end]
+        tok = spans[pick[0]][2 + end]
         for u in called if tok is not None else ():  # siblings reading the very tensor the end reads
-            if u is not pick and order[u[0]][2 + end] == tok:
+            if u is not pick and spans[u[0]][2 + end] == tok:
                 out |= ends(*u, end)
         return out
+
+    def span(name: str) -> CallSpan | None:
+        """When the example forward called ``name``, or, for a child never called itself whose
+        parent reaches past it (OPT's ``self.model.decoder(...)``), its descendants: the earliest
+        of their calls to the latest."""
+        if not order:
+            return None
+        if name in order:
+            return order[name]
+        inner = [s for k, s in order.items() if k.startswith(name + ".")]
+        if not inner:
+            return None
+        first, last = min(inner, key=lambda s: s.first), max(inner, key=lambda s: s.last)
+        return CallSpan(first.first, last.last, first.first_input, last.last_input)
 
     if not holds(tr.module):
         return set(), set()

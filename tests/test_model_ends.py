@@ -145,3 +145,47 @@ def test_resnet_traced_in_pieces(untraceable):
     assert _ends(plan) == (["conv1"], ["fc"]) and len(plan.rewritten) == len(plan.entries) - 2
     sas = {e.name: e for e in _plan(pieces, "sas", x).entries}
     assert sas["conv1"].reason == "excluded by rule 1"
+
+
+class _Body(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dec = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+
+    def forward(self, x):
+        return self.dec(x)
+
+
+class _ReachesPast(nn.Module):
+    """Calls its child's child directly (``self.model.dec(x)``), as OPTForCausalLM calls
+    ``self.model.decoder(...)``; untraceable (it branches on its input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.model, self.head = _Body(), nn.Linear(8, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x * 1
+        return self.head(self.model.dec(x))
+
+
+def test_a_grandchild_called_past_its_parent_is_first():
+    """A child never called itself, whose descendants the untraceable parent calls, takes their
+    place in the call order: the first layer is the body's, not the head (the head was first
+    and last at once, and a rule keeping the first layer dense kept the head)."""
+    plan = _plan(_ReachesPast(), ENDS, torch.randn(2, 8))
+    assert _ends(plan) == (["model.dec.0"], ["head"])
+    assert len(plan.rewritten) == 1
+
+
+def test_opt_ends_are_its_first_block_and_head():
+    """transformers' OPT: the causal LM's forward calls ``self.model.decoder`` directly."""
+    pytest.importorskip("transformers", reason="transformers is not installed (pip install fx-sparsify[integrations])")
+    from transformers import OPTConfig, OPTForCausalLM
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=100, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                     num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64))
+    first, last = _ends(_plan(model, ENDS, {"input_ids": torch.randint(4, 100, (2, 8))}))
+    assert first == ["model.decoder.layers.0.self_attn." + p for p in ("k_proj", "q_proj", "v_proj")]
+    assert last == ["lm_head"]
