@@ -127,3 +127,23 @@ def test_a_finalized_model_its_class_cannot_rebuild_says_so_at_save_pretrained(t
         reloaded = transformers.ResNetForImageClassification.from_pretrained(tmp_path / "a").eval()
         with torch.no_grad():
             assert not torch.allclose(reloaded(pixel_values=x).logits, final(pixel_values=x).logits)
+
+
+def test_a_sas_training_folder_is_said_to_be_refused(tmp_path):
+    """SAS's training weights are M times wider than the class's: from_pretrained of the folder
+    refuses them (it does not give the dense model), and the warning says so and points to
+    torch.export for serving, not to the finalized model's save_pretrained."""
+    torch.manual_seed(0)
+    cfg = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic",
+                                    num_labels=2)
+    px = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = sparsify.sparsify(transformers.ResNetForImageClassification(cfg), "sas", total_steps=2,
+                                  example_inputs={"pixel_values": px})
+    said = saves(model, tmp_path)
+    assert len(said) == 1 and "SAS layers M times wider" in said[0] and "refuses" in said[0]
+    assert "DENSE" not in said[0] and "torch.export" in said[0]
+    with pytest.raises(RuntimeError, match="mismatched"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.ResNetForImageClassification.from_pretrained(tmp_path)

@@ -232,6 +232,10 @@ class Method:
     # what finalize's modules hold that the dense model's class does not build (None: nothing), said
     # when the finalized model is saved with save_pretrained, whose from_pretrained rebuilds the class
     deploy_layout: ClassVar[str | None] = None
+    # what the model in training holds in place of weights of the class's shapes (None: the class's
+    # weights, masks and thresholds as extra entries), said when it is saved with save_pretrained:
+    # from_pretrained into the plain class refuses such a folder rather than giving the dense model
+    training_layout: ClassVar[str | None] = None
     # a layer whose weight another module registers too (sparsify.prepare.tied): "share" (the rewritten
     # layer computes with an effective weight of the same shape from the same parameter, which the other
     # uses can read), "refuse" (the rewrite changes the weight), "keep" (the layer keeps its weight)

@@ -19,15 +19,27 @@ import warnings
 
 from torch import nn
 
+from sparsify.core.registry import get_method
 from sparsify.core.state import find_state
 
 __all__ = ["guard_save_pretrained", "unguard_save_pretrained", "guard_foreign_layout"]
 
-SAVE_ADVICE = ("save_pretrained of a model in sparse training writes a training checkpoint (raw weights; masks "
-               "and thresholds as extra entries): from_pretrained of it into the plain class drops those entries "
-               "and gives the DENSE model. For a model to serve, save the finalized one: "
-               "sparsify.finalize(model).save_pretrained(path); to resume training, build the model with the same "
-               "sparsify(...) call and load_state_dict the folder's weights (docs/transformers.md#saving)")
+RESUME_ADVICE = ("to resume training, build the model with the same sparsify(...) call and load_state_dict the "
+                 "folder's weights (docs/transformers.md#saving)")
+
+
+def save_advice(cls_name: str, wide: list[str]) -> str:
+    """What ``save_pretrained`` of a model in sparse training writes, and what to save instead;
+    ``wide``: the methods' ``training_layout``s (weights of other shapes than the class's)."""
+    if not wide:
+        return ("save_pretrained of a model in sparse training writes a training checkpoint (raw weights; masks "
+                "and thresholds as extra entries): from_pretrained of it into the plain class drops those entries "
+                "and gives the DENSE model. For a model to serve, save the finalized one: "
+                "sparsify.finalize(model).save_pretrained(path); " + RESUME_ADVICE)
+    return (f"save_pretrained of a model in sparse training writes a training checkpoint holding {' and '.join(wide)}, "
+            f"which {cls_name} does not build: from_pretrained of it into the plain class refuses those weights. "
+            "For a model to serve, finalize it and serve it through torch.export (docs/deployment.md#serving-"
+            "without-fx-sparsify); " + RESUME_ADVICE)
 
 
 def save_pretrained(self, *args, **kwargs):
@@ -36,7 +48,8 @@ def save_pretrained(self, *args, **kwargs):
     state = find_state(self, required=False)
     if state is not None and not state.in_trainer and "save_pretrained" not in state.warned:
         state.warned.add("save_pretrained")
-        warnings.warn("sparsify: " + SAVE_ADVICE, stacklevel=2)
+        wide = sorted({get_method(g.method_name).training_layout for g in state.groups.values()} - {None})
+        warnings.warn("sparsify: " + save_advice(type(self).__name__, wide), stacklevel=2)
     why = self.__dict__.pop("_sparsify_foreign_layout", None)  # said once
     if why:
         warnings.warn(f"sparsify: this finalized model holds {why}, which {type(self).__name__} does not build: "

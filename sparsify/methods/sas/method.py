@@ -91,6 +91,7 @@ class SASMethod(Method):
     targets = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
     full_trace = True  # the relu feeding a layer may sit inside a module with nothing to rewrite
     deploy_layout = "SAS layers M times wider than the dense ones, fed by rewired ReLUs"
+    training_layout = "SAS layers M times wider than the dense ones"
     tied_weights = "refuse"  # the weight gets M times wider: a tied embedding cannot read it
 
     def accepts(self, site: Site) -> str | None:
