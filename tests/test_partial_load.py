@@ -97,3 +97,65 @@ def test_a_dense_layer_missing_is_not_blamed_on_a_sparse_layer_of_the_same_name(
     wrapper = nn.ModuleDict({"net": model()})
     said = _said_on_load(wrapper, {f"net.{k}": v for k, v in state.items() if not k.startswith("fc.")})
     assert len(said) == 1 and "holds no entries for 1 sparse layer(s) (fc;" in said[0], said
+
+
+class _TiedLM(nn.Module):
+    """An embedding tied to the LM head, as transformers' tie_word_embeddings."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.fc, self.head = nn.Embedding(16, 8), nn.Linear(8, 8), nn.Linear(8, 16, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(F.relu(self.fc(self.emb(ids))))
+
+
+def _tied_lm(recipe):
+    ids = torch.randint(0, 16, (2, 5), generator=torch.Generator().manual_seed(0))
+    return sparsify.sparsify(_TiedLM(), recipe, total_steps=8, example_inputs=ids), ids
+
+
+@pytest.mark.parametrize("recipe", ["st3", "gmp"])
+def test_a_tied_head_left_out_of_a_checkpoint_is_loaded(recipe):
+    """transformers leaves a tied head's weight out of save_pretrained folders and Trainer
+    checkpoints; the embedding's entry restores it. A strict load of such a checkpoint into the
+    same sparsify(...) call succeeds, and a non-strict one does not say the head is missing."""
+    model, ids = _tied_lm(recipe)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        loss = model(ids).square().mean()
+        opt.zero_grad(); loss.backward(); opt.step(); sparsify.step(model)
+    saved, held = model.state_dict(), model.state_dict(keep_vars=True)
+    tied = [k for k in held if k.startswith("head.") and held[k] is held["emb.weight"]]
+    assert tied, sorted(saved)  # the head's weight is one of its keys, the embedding's tensor
+    folder = {k: v.clone() for k, v in saved.items() if k not in tied}
+    for strict in (True, False):
+        fresh, _ = _tied_lm(recipe)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fresh.load_state_dict(folder, strict=strict)
+        assert not [w for w in caught if "holds no entries" in str(w.message)]
+        model.eval(); fresh.eval()
+        assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in saved.items())
+        torch.testing.assert_close(fresh(ids), model(ids), rtol=0, atol=0)
+
+
+def test_a_missing_key_tied_to_nothing_loaded_is_still_missing():
+    """Only a key whose tensor came in under another name is taken for loaded: without the
+    embedding's entry too, the strict load fails and the non-strict one names the head."""
+    model, ids = _tied_lm("gmp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        loss = model(ids).square().mean()
+        opt.zero_grad(); loss.backward(); opt.step(); sparsify.step(model)
+    saved, held = model.state_dict(), model.state_dict(keep_vars=True)
+    folder = {k: v for k, v in saved.items() if held[k] is not held["emb.weight"]}
+    with pytest.raises(RuntimeError, match="emb.weight"):
+        _tied_lm("gmp")[0].load_state_dict(folder)
+    fresh, _ = _tied_lm("gmp")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fresh.load_state_dict(folder, strict=False)
+    assert [w for w in caught if "holds no entries for 1 sparse layer(s) (head" in str(w.message)]

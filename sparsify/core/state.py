@@ -154,8 +154,11 @@ def after_load(module: nn.Module, incompatible_keys) -> None:
     thresholds, ... were computed from the weights the model had), so that ``sparsify(model)``
     then ``load_state_dict(dense, strict=False)`` equals ``sparsify`` of the loaded model. Past
     step 0 the masks and thresholds stay those of the earlier weights (a schedule's history cannot
-    be redone): a warning says so."""
+    be redone): a warning says so. A key whose tensor the checkpoint holds under another name (a
+    tied head transformers leaves out of its folders) is not missing."""
     missing = incompatible_keys.missing_keys
+    if missing:  # in place: torch's strict check reads this list after the hook
+        missing[:] = _untied(module, missing)
     key = f"{STATE_ATTR}._extra_state"
     dense = False
     for i, k in enumerate(missing):
@@ -215,6 +218,18 @@ def _warn_partial(module: nn.Module, state: SparsifyState, missing: list[str]) -
                       "took the rest): they keep the masks, thresholds and weights they had before the load, not "
                       "the saved run's, and will not reach the recipe's sparsity as that run would; load a "
                       "checkpoint of the same model (keys renamed by a library are a common cause)", stacklevel=4)
+
+
+def _untied(module: nn.Module, missing: list[str]) -> list[str]:
+    """``missing`` without the keys of tensors the checkpoint loaded under another name: a tied
+    head's weight, which transformers leaves out of save_pretrained folders and Trainer
+    checkpoints (its embedding's entry restores it, as transformers' from_pretrained counts it)."""
+    state = getattr(module, STATE_ATTR, None)
+    prefix = getattr(state, "load_prefix", None) or ""
+    entries = module.state_dict(prefix=prefix, keep_vars=True)
+    gone = set(missing)
+    loaded = {id(v) for k, v in entries.items() if k not in gone}
+    return [k for k in missing if k not in entries or id(entries[k]) not in loaded]
 
 
 # matched by name, so that neither torch.distributed nor timm is imported here
