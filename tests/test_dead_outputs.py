@@ -53,3 +53,36 @@ def test_a_dense_last_layer_and_an_nm_one_are_not_said():
                                          {"match": {"last": True}, "method": None}]}
     assert run(keep_last) == [[], []]
     assert run("nm-2-4") == [[], []]  # N:M keeps half of every row
+
+
+class _PaddedLM(nn.Module):
+    """An embedding with a padding row, tied to the LM head (RoBERTa's, BART's, Gemma's pad token:
+    nn.Embedding zeroes that row and never updates it)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.fc = nn.Embedding(10, 16, padding_idx=1), nn.Linear(16, 16)
+        self.head = nn.Linear(16, 10, bias=False)
+        self.head.weight = self.emb.weight
+        with torch.no_grad():
+            self.emb.weight[6] *= 1e-4  # a token a global threshold takes whole
+
+    def forward(self, ids):
+        return self.head(F.relu(self.fc(self.emb(ids))))
+
+
+def test_a_tied_heads_padding_row_is_not_said_pruned():
+    """The padding row is zero by the embedding's design, not pruned: not said; a row the
+    threshold took is."""
+    ids = torch.randint(0, 10, (4, 5), generator=torch.Generator().manual_seed(0))
+    m = sparsify.sparsify(_PaddedLM(), "gmp", total_steps=2, begin=0, end=0, sparsity=0.3, example_inputs=ids[:1])
+    opt = torch.optim.SGD(sparsify.param_groups(m), lr=1e-6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            loss = F.cross_entropy(m(ids).flatten(0, 1), ids.flatten())
+            opt.zero_grad(); loss.backward(); opt.step(); sparsify.step(m)
+        sparsify.finalize(m)
+    said = [str(w.message) for w in caught if SAID in str(w.message)]
+    assert len(said) == 2 and all("head: every weight of 1 of its 10 outputs pruned (rows 6)" in s for s in said), said

@@ -4,7 +4,9 @@ A global threshold (st3, gmp, STR, l1-prune) can take every weight of one output
 layer: that output is then its bias alone, the same for every input. For a classifier those are
 classes it can no longer tell apart (a ViT's head under the default st3: 7 of its 10 rows). It is
 looked at when training ends (the run's last step, finalize): a row that is zero then is dead,
-whatever made it so (torchvision's ViT head starts at zero, and is not said at the start).
+whatever made it so (torchvision's ViT head starts at zero, and is not said at the start), except
+the padding row of a head tied to an embedding with a ``padding_idx`` (RoBERTa's, BART's, Gemma's
+pad token): that row is zero by the embedding's design and the pad token is never predicted.
 Hidden layers' dead channels are structured sparsity, not said.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import nn
 from sparsify.core.conv1d import torch_layout
 from sparsify.core.layers import SparseWeightMixin
 from sparsify.core.sharded import is_sharded
+from sparsify.core.tied import TiedUse
 
 __all__ = ["dead_outputs", "dead_outputs_message"]
 
@@ -33,6 +36,7 @@ def dead_outputs(root: nn.Module, names: list[str]) -> list[tuple[str, list[int]
     [('1', [0, 1], 4)]
     """
     out = []
+    padding = _padding_rows(root) if names else {}
     for name in names:
         try:
             layer = root.get_submodule(name)
@@ -42,9 +46,19 @@ def dead_outputs(root: nn.Module, names: list[str]) -> list[tuple[str, list[int]
             continue
         eff = torch_layout(layer, layer.deployed_weight())
         rows = torch.nonzero(~eff.reshape(eff.shape[0], -1).ne(0).any(1)).flatten().tolist()
+        rows = [r for r in rows if r not in padding.get(name, ())]
         if rows:
             out.append((name, rows, eff.shape[0]))
     return out
+
+
+def _padding_rows(root: nn.Module) -> dict[str, set[int]]:
+    """``{layer: rows}``: the ``padding_idx`` of embeddings tied to each layer's weight."""
+    rows: dict[str, set[int]] = {}
+    for m in root.modules():
+        if isinstance(m, TiedUse) and isinstance(m, nn.Embedding) and m.padding_idx is not None:
+            rows.setdefault(m.tied_to, set()).add(m.padding_idx % m.num_embeddings)
+    return rows
 
 
 def dead_outputs_message(where: str, dead: list[tuple[str, list[int], int]]) -> str:
