@@ -115,3 +115,29 @@ def test_transformers_and_mha_models_are_their_classes_again():
     _, final = trained("nm-2-4", vit)
     assert type(final) is torchvision.models.VisionTransformer and graphs(final) == []
     assert type(final.encoder.layers[0].self_attention) is torch.nn.MultiheadAttention
+
+
+class _OpaqueBlock(torch.nn.Module):
+    """An untraceable block (it branches on its input) calling a GELU module: the activation gets
+    a one-call graph of its own for the regularizer to follow (BART's and OPT's activation_fn,
+    Qwen-MoE's experts' act_fn)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x + 1
+        return self.fc2(self.act(self.fc1(x)))
+
+
+@pytest.mark.parametrize("recipe", ["activation-l1", "activation-hoyer"])
+def test_an_activations_one_call_graph_is_the_activation_again(recipe):
+    x = torch.randn(4, 8)
+    net = torch.nn.Sequential(_OpaqueBlock(), torch.nn.Linear(8, 2))
+    m, final = trained(recipe, net, x)
+    assert isinstance(m[0].act, fx.GraphModule)  # what this test is about: the shell was made
+    assert graphs(final) == [] and type(final[0].act) is torch.nn.GELU
+    with torch.no_grad():
+        torch.testing.assert_close(final(x), m.eval()(x))
