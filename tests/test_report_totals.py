@@ -47,3 +47,23 @@ def test_totals_weigh_each_layer_by_its_weights():
     for row in rep.layers:
         assert row.target == targets[row.name]
         assert row.weight_sparsity == pytest.approx(targets[row.name], abs=1.0 / row.params)
+
+
+class _TokenLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc, self.head = nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 10)
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.fc(self.emb(ids))))
+
+
+def test_a_report_without_macs_says_why():
+    """A model of token ids sparsified without example inputs cannot run the guessed float
+    sample: the MAC columns are '-', and the report says how to get them."""
+    torch.manual_seed(0)
+    bare = str(sparsify.report(sparsify.sparsify(_TokenLM(), "gmp", total_steps=4)))
+    assert "MACs: '-'" in bare and "example_inputs=" in bare
+    given = sparsify.report(sparsify.sparsify(_TokenLM(), "gmp", total_steps=4,
+                                              example_inputs=torch.zeros(1, 5, dtype=torch.long)))
+    assert given.totals["macs"] == 5 * (64 + 80) and "MACs: '-'" not in str(given)

@@ -82,6 +82,10 @@ class Report:
             + (f"; Conv/Linear non-zero-weight MACs {num(t['nonzero_macs'])} of {num(t['macs'])} dense "
                f"({pct(t['mac_reduction'])} fewer)" if t["macs"] else "")
             + (f"; executed MACs {num(t['executed_macs'])}" if t.get("executed_macs") not in (None, t["macs"]) else ""))
+        if t["macs"] is None and any(r.params for r in self.layers):
+            lines.append("MACs: '-': they are counted by one forward on example inputs, and none ran (sparsify(...) "
+                         "got no example_inputs and the model does not take a guessed float sample, as a model of "
+                         "token ids does not; or they failed, as warned): pass example_inputs=... to sparsify")
         if t.get("achieved"):
             lines.append("achieved (what each method sparsifies): " + "; ".join(
                 f"{kind} {pct(v)}" for kind, v in t["achieved"].items()))
