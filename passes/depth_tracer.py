@@ -121,7 +121,9 @@ class _DepthTracer(ExampleAnswers, fx.Tracer):
         return False
 
     def call_module(self, m, forward, args, kwargs):
-        if self.evaluating:
+        if self.evaluating or not self._installed(m):
+            # a module made at call time (transformers' ``ACT2FN["gelu"](x)``) has no name to call
+            # it by: its code is traced inline, as a function's would be
             return forward(*args, **kwargs)
         try:
             return super().call_module(m, forward, args, kwargs)
@@ -130,6 +132,14 @@ class _DepthTracer(ExampleAnswers, fx.Tracer):
             if self.culprit is None:
                 self.culprit = self.path_of_module(m)
             raise
+
+
+    def _installed(self, m: nn.Module) -> bool:
+        try:
+            self.path_of_module(m)
+        except NameError:
+            return False
+        return True
 
 
 def _unmark_torch_wrapped(graph: fx.Graph) -> None:
