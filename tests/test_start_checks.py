@@ -42,6 +42,23 @@ def test_tied_magnitudes_that_keep_the_target_from_being_reached_are_warned(reci
 
 
 @pytest.mark.parametrize("recipe", ["gmp", "st3"])
+def test_tied_magnitudes_that_overshoot_the_target_are_warned(recipe):
+    """Weights of three magnitudes (quantized): the threshold lands on one of them and prunes every
+    weight equal to it, 67% where 50% is asked, and that is said."""
+    model = net()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randint(1, 4, p.shape, generator=gen).float() * 0.1)
+    with pytest.warns(UserWarning, match=r"reached 6\d\.\d% sparsity where its target is 50\.0% .*prunes every weight "
+                                         r"equal to it"):
+        m = sparsify.sparsify(model, recipe, total_steps=4, begin=0, end=0, sparsity=0.5)
+        for _ in range(4):
+            sparsify.step(m)
+    assert sparsify.report(m).totals["weight_sparsity"] > 0.6
+
+
+@pytest.mark.parametrize("recipe", ["gmp", "st3"])
 def test_trained_weights_reach_the_target_without_that_warning(recipe):
     m = sparsify.sparsify(net(), recipe, total_steps=4, begin=0, end=2, sparsity=0.5)
     with warnings.catch_warnings():

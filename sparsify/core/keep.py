@@ -184,11 +184,12 @@ SHORT_CHECKED = "<short-checked>"
 
 
 def warn_short(method: str, masks: dict[str, torch.Tensor], target: float, warned: set[str]) -> None:
-    """Once, when the ramp has reached its final ``target``: warn when the masks keep more weights
-    than the target leaves (by over one point, or two weights of the smallest layer). A magnitude
-    threshold keeps every weight equal to it, so tied magnitudes (a constant initialisation,
-    quantized or low-precision weights) cannot be split; the official methods do the same, so this
-    says it rather than breaking ties.
+    """Once, when the ramp has reached its final ``target``: warn when the masks' sparsity misses
+    it by over one point (or two weights of the smallest layer), either way. A magnitude threshold
+    cannot split weights of equal magnitude (a constant initialisation, quantized or low-precision
+    weights): it prunes all of those equal to it (``|W| > τ`` is kept), overshooting the target, or,
+    where that would take a layer below ``min_density``, the layer's floor keeps them all. The
+    official methods do the same, so this says it rather than breaking ties.
 
     >>> import warnings
     >>> with warnings.catch_warnings(record=True) as w:
@@ -204,16 +205,20 @@ def warn_short(method: str, masks: dict[str, torch.Tensor], target: float, warne
     sizes = [m.numel() for m in masks.values()]
     achieved = 1 - sum(kept) / max(sum(sizes), 1)
     # a quantile over n weights lands within a weight or two of the target: small layers miss it by that
-    if achieved >= target - max(0.01, 2 / max(min(sizes), 1)):
+    if abs(achieved - target) <= max(0.01, 2 / max(min(sizes), 1)):
         return
-    short = sorted(((1 - k / n, name) for (name, _), k, n in zip(masks.items(), kept, sizes) if n),
-                   key=lambda v: v[0])[:3]
-    where = ", ".join(f"{name} at {a:.1%}" for a, name in short)
+    over = achieved > target
+    furthest = sorted(((1 - k / n, name) for (name, _), k, n in zip(masks.items(), kept, sizes) if n),
+                      key=lambda v: -v[0] if over else v[0])[:3]
+    where = ", ".join(f"{name} at {a:.1%}" for a, name in furthest)
     import warnings
     warnings.warn(f"sparsify: {method} reached {achieved:.1%} sparsity where its target is {target:.1%} ({where}): "
                   "many weights have the same magnitude as the threshold (a constant initialisation, quantized or "
-                  "low-precision weights), and a threshold keeps every weight equal to it; the report shows the "
-                  "sparsity reached (docs/methods/magnitude.md#tied-magnitudes)", stacklevel=3)
+                  "low-precision weights), and a threshold cannot split them: "
+                  + ("it prunes every weight equal to it" if over else
+                     "a layer the threshold would empty below its min_density keeps them all")
+                  + "; the report shows the sparsity reached (docs/methods/magnitude.md#tied-magnitudes)",
+                  stacklevel=3)
 
 
 def empty_message(method: str, names: list[str], why: str, fix: str) -> str:
