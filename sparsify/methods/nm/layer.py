@@ -94,8 +94,7 @@ class NMMixin(SparseWeightMixin):
         """Set ``mask`` to :func:`nm_mask` of the current weight.
 
         Between steps only a few thousand of millions of flags flip, so the layer keeps its
-        mask in planes layout as well and writes only the flags that changed (into ``mask`` and
-        its float copy); a full rewrite happens the first time and whenever something else
+        mask in planes layout as well and writes only the flags that changed; a full rewrite happens the first time and whenever something else
         wrote the mask (``load_state_dict``, a user)."""
         w, mask = self.weight, self.mask
         # groups run along the input dimension: computed in torch's (out, in, ...) layout
@@ -129,12 +128,9 @@ class NMMixin(SparseWeightMixin):
                     cout, cin = wt.shape[0], wt.shape[1]
                     o, i = at_w // (cin * k), (at_w // k) % cin
                     at_w = (i * cout + o) * k + at_w % k
-                bufs = layer_buffers(self)
-                mask_f = bufs.cached("mask_f", mask)  # still the float copy of the old mask?
+                # (the float copy of the mask is not patched too: sparsify.step dropped every
+                # layer's cached values before this update, and the next forward makes it anew)
                 mask.view(-1)[at_w] = vals.view(torch.bool)
-                if mask_f is not None:
-                    mask_f.view(-1)[at_w] = vals.to(mask_f.dtype)
-                    bufs.store("mask_f", mask_f, mask)
         state["mask_key"] = content_key(mask)
 
     def sparse_repr(self) -> str:
