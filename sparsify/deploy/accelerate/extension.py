@@ -45,7 +45,10 @@ def build_directory() -> str:
     from torch.utils.cpp_extension import get_default_build_root
     python = f"py{sys.version_info[0]}{sys.version_info[1]}"
     tag = re.sub(r"[^0-9A-Za-z.]+", "_", torch.__version__)
-    return os.path.join(get_default_build_root(), f"{EXTENSION_NAME}-{python}-torch{tag}")
+    # torch's load() reads TORCH_EXTENSIONS_DIR before its default root; a build folder passed to it
+    # is taken as it is, so the variable is read here
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    return os.path.join(root, f"{EXTENSION_NAME}-{python}-torch{tag}")
 
 
 def clear_stale_lock(folder: str, older_than_s: float = _STALE_LOCK_S) -> bool:
