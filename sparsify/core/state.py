@@ -154,11 +154,9 @@ def after_load(module: nn.Module, incompatible_keys) -> None:
     thresholds, ... were computed from the weights the model had), so that ``sparsify(model)``
     then ``load_state_dict(dense, strict=False)`` equals ``sparsify`` of the loaded model. Past
     step 0 the masks and thresholds stay those of the earlier weights (a schedule's history cannot
-    be redone): a warning says so. A key whose tensor the checkpoint holds under another name (a
-    tied head transformers leaves out of its folders) is not missing."""
+    be redone): a warning says so, leaving out a key whose tensor the checkpoint holds under another
+    name (a tied head transformers leaves out of its folders)."""
     missing = incompatible_keys.missing_keys
-    if missing:  # in place: torch's strict check reads this list after the hook
-        missing[:] = _untied(module, missing)
     key = f"{STATE_ATTR}._extra_state"
     dense = False
     for i, k in enumerate(missing):
@@ -201,6 +199,9 @@ def _warn_partial(module: nn.Module, state: SparsifyState, missing: list[str]) -
     and the schedule cannot redo their history (gmp ended 0.8% sparse of a 90% target)."""
     if _PARTIAL_LOADS[0]:
         return
+    # (left in missing_keys, as torch does: safetensors' load_model expects a tied duplicate it
+    # left out of the file there, and calls it unexpected otherwise)
+    missing = _untied(module, missing)
     # members holding values (a regularizer node's only state is whether it is active)
     members = {id(m) for m in state.members() if any(True for _ in m.parameters(recurse=False))
                or any(True for _ in m.buffers(recurse=False))}

@@ -25,7 +25,8 @@ from sparsify.core.state import find_state
 __all__ = ["guard_save_pretrained", "unguard_save_pretrained", "guard_foreign_layout"]
 
 RESUME_ADVICE = ("to resume training, build the model with the same sparsify(...) call and load_state_dict the "
-                 "folder's weights (docs/transformers.md#saving)")
+                 "folder's weights (strict=False where a tied head's weight was left out: "
+                 "docs/transformers.md#saving)")
 
 
 def save_advice(cls_name: str, wide: list[str]) -> str:
