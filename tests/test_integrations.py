@@ -306,3 +306,39 @@ def test_accelerate_save_state_and_load_state_resume_exactly(tmp_path):
     loader.load_state(str(tmp_path))
     a, b = model.state_dict(), fresh.state_dict()
     assert [k for k in a if not torch.equal(a[k], b[k])] == [] and int(find_state(fresh).step) == 3
+
+
+@pytest.mark.parametrize("recipe", ["gmp", "nm-2-4"])
+def test_accelerate_bf16_unwrapped_model_finalizes_as_its_class(recipe):
+    """accelerate's mixed_precision wraps the model's forward in autocast on the instance, and
+    unwrap_model keeps the wrapper by default: finalize compared its bfloat16 outputs with the
+    plain float32 model's and blamed the layers it changed (FinalizeError for gmp, a rounding
+    FinalizeWarning for nm-2-4). It runs the class's forward instead; the model keeps its wrapper."""
+    _require("accelerate")
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(True)  # one precision per process: the other tests' Accelerator is fp32
+    try:
+        _finalize_after_bf16(Accelerator(cpu=True, mixed_precision="bf16"), recipe)
+    finally:
+        AcceleratorState._reset_state(True)
+
+
+def _finalize_after_bf16(acc, recipe):
+    x, y = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 3])
+    model = sparsify.sparsify(tiny_cnn(), recipe, total_steps=4, begin=0, example_inputs=x[:1])
+    model, opt = acc.prepare(model, torch.optim.SGD(model.parameters(), lr=0.05))
+    for _ in range(4):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        acc.backward(loss)
+        opt.step()
+        sparsify.step(model)
+    unwrapped = acc.unwrap_model(model)
+    assert "forward" in unwrapped.__dict__  # what this test is about: the autocast wrapper is on it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sparsify.FinalizeWarning)
+        final = sparsify.finalize(unwrapped)
+    assert "forward" not in final.__dict__ and "forward" in unwrapped.__dict__
+    with torch.no_grad():
+        assert final(x).dtype == torch.float32 and unwrapped(x).dtype == torch.float32  # (fp32 outputs)

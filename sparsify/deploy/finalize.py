@@ -15,6 +15,7 @@ from passes.calls import CallShell
 from passes.hooks import kept_hooks, remove_hooks, unguard_called
 from passes.traced import deepcopy_module, graph_fingerprint, untraced
 
+from sparsify.deploy.wrapped_forward import class_forward
 from sparsify.deploy.compare import answered_alike, flatten_tensors, outputs_close, rolled, same_outputs
 from passes.call_inputs import input_tuple
 from sparsify.prepare.open_transformer import close_transformers
@@ -111,7 +112,14 @@ def _remove_node(root: nn.Module, graph_paths: list[str], qualname: str) -> bool
 @torch.no_grad()
 def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
                    rtol: float = 1e-4, atol: float = 1e-5, plain_classes: bool = True) -> nn.Module:
-    """See :func:`sparsify.finalize`. ``plain_classes``: see :func:`_untrace`."""
+    """See :func:`sparsify.finalize`. ``plain_classes``: see :func:`_untrace`. A forward wrapper
+    accelerate set on the instance is set aside (:mod:`sparsify.deploy.wrapped_forward`)."""
+    with class_forward(unwrap(model)):
+        return _finalize_model(model, example_inputs, check=check, rtol=rtol, atol=atol, plain_classes=plain_classes)
+
+
+def _finalize_model(model: nn.Module, example_inputs, *, check: bool, rtol: float, atol: float,
+                    plain_classes: bool) -> nn.Module:
     if example_inputs is not None:
         refuse_empty(input_tuple(example_inputs), "finalize: example_inputs", "the check would compare nothing; ")
     state: SparsifyState = find_state(model)
@@ -121,13 +129,13 @@ def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
                            "copy instead: get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, "
                            "cpu_offload=True)) from torch.distributed.checkpoint.state_dict, load it on rank 0 into "
                            "the same sparsify(...) of a fresh model and finalize that (docs/distributed.md)")
-    # (stacklevel 4: through the no_grad wrapper and sparsify.finalize to the caller)
+    # (stacklevel 5: through finalize_model, the no_grad wrapper and sparsify.finalize to the caller)
     if dead := dead_outputs(source, getattr(state, "output_layers", [])):
-        warnings.warn(dead_outputs_message("sparsify.finalize", dead), stacklevel=4)
+        warnings.warn(dead_outputs_message("sparsify.finalize", dead), stacklevel=5)
     if bad := nonfinite_parameters(source):  # the output check would fail on NaN, saying less
         if check:
             raise FinalizeError(diverged_message("sparsify.finalize", bad) + "; nothing here is worth deploying")
-        warnings.warn(diverged_message("sparsify.finalize", bad), stacklevel=4)
+        warnings.warn(diverged_message("sparsify.finalize", bad), stacklevel=5)
     final = deepcopy_module(source, kept_hooks(source))  # the caller's hook objects run in it, not copies
     fstate: SparsifyState = getattr(final, STATE_ATTR)
     foreign = []  # what the model's class does not build
@@ -194,7 +202,7 @@ def finalize_model(model: nn.Module, example_inputs=None, *, check: bool = True,
         warnings.warn(f"sparsify.finalize: the model gives one and the same output for {alike} different example "
                       "inputs: it does not depend on its input (a layer whose outputs or activations are all zero: a "
                       "sparsity too high, a penalty's lam too strong, or a zero-initialized head not trained yet; "
-                      "see sparsify.report)", stacklevel=4)
+                      "see sparsify.report)", stacklevel=5)
     with kept_state(final):
         got = final(*inputs)
     ok, worst = outputs_close(expected, got, rtol, atol)
@@ -276,7 +284,7 @@ def _warn_training_only_graphs(source: nn.Module) -> None:
                           f"graph holds the training branch, so in eval (and in the finalized model) its own forward "
                           f"runs without {', '.join(skipped[:3])}{'...' if len(skipped) > 3 else ''}: the deployed "
                           "model does not apply them, and this check cannot see it (docs/capture.md#training-and-"
-                          "eval-branches)", FinalizeWarning, stacklevel=3)
+                          "eval-branches)", FinalizeWarning, stacklevel=4)
 
 
 def _finalize_tied(final: nn.Module) -> None:
@@ -307,7 +315,7 @@ def _explain_difference(source: nn.Module, final: nn.Module, inputs, worst: floa
                       f"{where} differ while everything they call agrees (largest relative difference "
                       f"{d.worst_agreeing:.3g}, {d.agreeing} module calls agree). That code amplifies "
                       "rounding below the tolerance (e.g. top-k or NMS over near-equal scores), so the check "
-                      "compared the module outputs instead and they agree", FinalizeWarning, stacklevel=3)
+                      "compared the module outputs instead and they agree", FinalizeWarning, stacklevel=4)
         return
     if d.changed:
         changed = ", ".join(f"{n or '<root>'} ({r:.3g})" for n, r in d.changed[:3])
