@@ -107,6 +107,33 @@ def test_frozen_layers_are_left_alone_unless_included(recipe):
     assert "frozen" in {e.name for e in included.rewritten}
 
 
+def test_a_layer_left_dense_as_frozen_and_unfrozen_later_is_said_once():
+    """Frozen warm-up, then unfreeze (a common fine-tuning pattern): the layers sparsify() left
+    dense because they were frozen train dense from then on; sparsify.step says so, once, at the
+    first step they are trainable, and not before."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 10, (2, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the frozen layer's warning at sparsify(): tested above
+        m = sparsify.sparsify(Mixed(), "st3", total_steps=6, example_inputs=x)
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    said = []
+    for t in range(4):
+        if t == 2:
+            m.frozen.requires_grad_(True)
+        loss = m(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sparsify.step(m)
+        said.append([str(w.message) for w in caught if "because they were frozen" in str(w.message)])
+    assert said[:2] == [[], []] and said[3] == []
+    assert len(said[2]) == 1 and "1 layer(s) left dense at sparsify() because they were frozen are trainable now " \
+        "(first: frozen)" in said[2][0]
+
+
 class OtherLinear(nn.Module):
     """A layer class of another library (PyTorch Geometric's ``Linear``): ``F.linear`` in its forward."""
 

@@ -46,6 +46,7 @@ class SparsifyState(nn.Module):
         self.guess_inputs_later = False  # guess example_inputs from the model on first use (stats)
         self.hidden_names: list[str] = []  # layers whose weights are read outside module calls
         self.output_layers: list[str] = []  # rewritten last compute layers (sparsify.core.dead_outputs)
+        self.frozen_dense: list[str] = []  # layers a rule matched, left dense as frozen (core.step_checks)
         self.layer_factors: dict[str, float] | None = None  # MACs per weight element by layer (stats)
         self.warned: set[str] = set()
         self.synced = False  # an averaged copy that sparsify.sync gave a model's sparsity (saved)

@@ -48,8 +48,8 @@ def as_loss(loss) -> float | None:
 def after_step(state: SparsifyState, root: nn.Module, t: int, loss: float | None) -> list[tuple[str, str]]:
     """The problems step ``t`` of ``state`` (unwrapped model ``root``) shows: a non-finite loss, a
     penalty no gradient reached, NaN/inf parameters (at :func:`check_due` steps), last-layer
-    outputs pruned whole (at the run's last step), a step past ``total_steps``, and what each
-    group says.
+    outputs pruned whole (at the run's last step), layers left dense as frozen unfrozen since, a
+    step past ``total_steps``, and what each group says.
 
     >>> import torch, sparsify
     >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), "st3", total_steps=1, begin=0, end=0)
@@ -67,6 +67,11 @@ def after_step(state: SparsifyState, root: nn.Module, t: int, loss: float | None
             said.append(("nonfinite-params", diverged_message("sparsify.step", bad, t)))
     if t == state.total_steps and (dead := dead_outputs(root, getattr(state, "output_layers", []))):
         said.append(("dead-outputs", dead_outputs_message("sparsify.step", dead)))
+    if getattr(state, "frozen_dense", None) and "unfrozen" not in state.warned and (thawed := _thawed(root, state)):
+        said.append(("unfrozen", f"sparsify.step: {len(thawed)} layer(s) left dense at sparsify() because they were "
+                     f"frozen are trainable now (first: {thawed[0]}) and train dense: the recipe does not reach "
+                     "them. Unfreeze before sparsify(), or give the recipe \"options\": {\"frozen\": \"include\"} "
+                     "to sparsify frozen layers too"))
     if state.total_steps and t > state.total_steps:
         said.append(("past-total", f"sparsify.step: step {t} is past total_steps={state.total_steps} given to "
                      "sparsify(): schedules stay at their final values; pass the number of optimizer steps "
@@ -75,6 +80,19 @@ def after_step(state: SparsifyState, root: nn.Module, t: int, loss: float | None
     for group in state.groups.values():
         said += [(msg, msg) for msg in group.warnings()]
     return said
+
+
+def _thawed(root: nn.Module, state: SparsifyState) -> list[str]:
+    """The layers ``state.frozen_dense`` names whose weight requires a gradient now."""
+    out = []
+    for name in state.frozen_dense:
+        try:
+            w = getattr(root.get_submodule(name), "weight", None)
+        except AttributeError:  # replaced by the user since
+            continue
+        if isinstance(w, torch.Tensor) and w.requires_grad:
+            out.append(name)
+    return out
 
 
 def say_once(state: SparsifyState, said: list[tuple[str, str]], stacklevel: int) -> None:

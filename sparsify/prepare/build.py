@@ -305,6 +305,8 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     state.guess_inputs_later = guessed and example_inputs is None
     state.hidden_names = hidden_names
     state.output_layers = [c.name for c in cands + hidden if c.last and c.name in rewritten]
+    # (a PEFT model's frozen base layers are what its adapters mean: they stay frozen)
+    state.frozen_dense = [] if plan.has_adapters else [e.name for e in plan.frozen_matched(recipe)]
     state.layer_factors = factors
     root.add_module(STATE_ATTR, state)
     root.register_load_state_dict_pre_hook(before_load)  # before any layer takes another run's values

@@ -97,6 +97,11 @@ class Plan:
     captures: list[dict] = field(default_factory=list)
     capture_notes: list[str] = field(default_factory=list)  # why auto chose as it did, eval caveats
 
+    def frozen_matched(self, recipe) -> list[PlanEntry]:
+        """The layers a rule with a method matched that stay dense because they are frozen."""
+        return [e for e in once(self.dense) if e.reason.startswith(FROZEN) and e.rule is not None
+                and recipe.rules[e.rule].method is not None]
+
     def warnings(self, recipe) -> list[str]:
         """What ``sparsify`` warns about this plan of ``recipe`` (a loaded ``Recipe``): layers
         left dense because they compute with their own forward, rules that matched nothing
@@ -154,13 +159,13 @@ class Plan:
                        f"{len(sites)} layer(s) that rule {earlier} ({recipe.rules[earlier].method}) would rewrite "
                        f"(first: {sites[0]['name']}: {sites[0]['reason']}); later rules win, so they stay dense: "
                        f"narrow rule {rule}'s match to the layers its method takes")
-        frozen = [e for e in dense if e.reason.startswith(FROZEN) and e.rule is not None
-                  and recipe.rules[e.rule].method is not None]
+        frozen = self.frozen_matched(recipe)
         if frozen and not self.has_adapters:  # the headline sparsity counts the rewritten layers only
             # (a PEFT model's base layers are frozen by design: what its adapters mean)
             share = sum(e.params for e in frozen) / max(1, total)
             out.append(f"sparsify: {len(frozen)} frozen layer(s) (requires_grad=False) that the recipe matched "
-                       f"stay dense, {share:.0%} of the model's weight parameters (first: {frozen[0].name}); "
+                       f"stay dense, {'over 99%' if 0.995 <= share < 1 else f'{share:.0%}'} of the model's weight "
+                       f"parameters (first: {frozen[0].name}); "
                        '"options": {"frozen": "include"} in the recipe sparsifies them too (see sparsify.plan)')
         fused = [e for e in dense if OWN_KERNEL in e.reason]
         if fused and sum(e.params for e in fused) >= 0.05 * total:  # an LSTM is 41% of timm's sequencer2d
