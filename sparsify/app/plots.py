@@ -124,7 +124,8 @@ def plot_comparison(rows: list[dict], path, title: str = "") -> str:
         ax.set_xlim(0, 110)
         ax.margins(y=0.15)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower left")
+        if dense is not None:  # the reference lines are the only labelled artists
+            ax.legend(fontsize=8, loc="lower left")
     axes[0].set_ylabel("test accuracy (%)")
     if title:
         fig.suptitle(f"{title}: accuracy against MACs (up and left is better)")
