@@ -20,15 +20,8 @@ from sparsify.deploy.accelerate.select import choose
 from sparsify.deploy.compare import outputs_close
 from sparsify.methods.semistructured import PositionMask
 
+from model_parts import random_bn
 
-def _random_bn(c):
-    bn = nn.BatchNorm2d(c)
-    with torch.no_grad():
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.normal_()
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.5, 2.0)
-    return bn.eval()
 
 
 @pytest.mark.parametrize("k,stride,padding,dilation,hw", [
@@ -37,7 +30,7 @@ def _random_bn(c):
 @pytest.mark.parametrize("batch", [1, 3])
 def test_patch_skip_conv_equals_masked_conv_then_bn(k, stride, padding, dilation, hw, batch):
     conv = nn.Conv2d(5, 6, k, stride, padding, dilation, bias=bool(k % 2)).eval()
-    bn = _random_bn(6)
+    bn = random_bn(6)
     x = torch.randn(batch, 5, *hw)
     with torch.no_grad():
         y = conv(x)
@@ -275,7 +268,7 @@ def test_patch_skip_conv_reuses_its_buffers_without_stale_values():
     batch 8); each call still computes from its own input, any batch size, padded or not."""
     for padding in (1, 0):
         conv = nn.Conv2d(4, 6, 3, padding=padding).eval()
-        bn = _random_bn(6)
+        bn = random_bn(6)
         hw = (9, 9)
         keep = torch.rand(9 - 2 * (1 - padding), 9 - 2 * (1 - padding)) > 0.3
         keep[0, 0] = False
@@ -318,7 +311,7 @@ def test_accelerate_folds_batchnorm_into_the_convs_that_stay_dense():
 
 
 def test_position_fill_writes_bn_of_zero_at_skipped_positions_in_both_layouts():
-    conv, bn = nn.Conv2d(3, 5, 3, padding=1).eval(), _random_bn(5)
+    conv, bn = nn.Conv2d(3, 5, 3, padding=1).eval(), random_bn(5)
     keep = torch.rand(6, 6) > 0.5
     keep[0, 0] = False
     dense = nn.Sequential(folded_conv(conv, bn), PositionFill(keep, fold_bn(conv.weight, None, bn)[1]))

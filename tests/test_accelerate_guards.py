@@ -20,15 +20,10 @@ from sparsify.deploy.accelerate.select import time_calls
 from sparsify.deploy.compare import outputs_close
 from sparsify.methods.semistructured import PositionMask
 
+from model_parts import random_bn
 
-def _bn(c: int) -> nn.BatchNorm2d:
-    bn = nn.BatchNorm2d(c)
-    with torch.no_grad():
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.normal_()
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.5, 2.0)
-    return bn.eval()
+
+
 
 
 def _prune(layer: nn.Module, zeros: int) -> nn.Module:
@@ -46,7 +41,7 @@ def _masked_cnn(hw: int = 8) -> fx.GraphModule:
     torch.manual_seed(0)
     keep = (torch.rand(hw, hw) > 0.3).float()
     keep[0, 0] = 0
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.Identity(), _bn(8), nn.ReLU(),
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.Identity(), random_bn(8), nn.ReLU(),
                         nn.Conv2d(8, 8, 3, padding=1))
     gm = fx.symbolic_trace(net.eval())  # the mask refuses tracing: put it in after
     gm.add_submodule("1", PositionMask(keep))
@@ -168,7 +163,7 @@ def test_an_unknown_decide_is_refused():
 def test_bn_folds_into_a_reflect_padded_conv_keeping_its_padding():
     """A conv -> BN pair with padding_mode="reflect" folds into one conv that still pads by reflection."""
     torch.manual_seed(0)
-    net = fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), _bn(8),
+    net = fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), random_bn(8),
                                           nn.ReLU()).eval())
     x = torch.randn(2, 3, 8, 8)
     fast = accelerate(net, x, decide="never")  # the check compares with the unfolded model

@@ -18,6 +18,8 @@ from sparsify.app.overrides import parse_overrides
 from sparsify.app.settings import MAX_THREADS, check_settings
 from sparsify.app.warning_lines import warning_lines
 
+from image_folders import write_images
+
 
 def args(**kw):
     """The argument namespace ``check_settings`` reads: every setting unset except ``kw``."""
@@ -116,19 +118,13 @@ def test_colour_images_reach_a_grey_model_as_their_channel_mean():
 # --- image folders -----------------------------------------------------------------------------------------
 
 
-def _images(folder, classes, n, size=6):
-    g = torch.Generator().manual_seed(1)
-    for c in classes:
-        (folder / c).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            arr = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
-            Image.fromarray(arr).save(folder / c / f"{i}.png")
+
 
 
 def test_hidden_folders_are_not_classes(tmp_path):
     """docs/cli.md: hidden folders such as .git are skipped: two classes, not three."""
     from sparsify.app.data import load_data
-    _images(tmp_path / "f", ["a", "b", ".git"], 3)
+    write_images(tmp_path / "f", ["a", "b", ".git"], 3, size=6)
     d = load_data(f"imagefolder:{tmp_path / 'f'}", image_size=6)
     assert d.num_classes == 2 and len(d.train) + len(d.test) == 6
 
@@ -136,7 +132,7 @@ def test_hidden_folders_are_not_classes(tmp_path):
 def test_one_class_folder_is_refused(tmp_path):
     """A classifier needs at least 2 class folders."""
     from sparsify.app.data import DataError, load_data
-    _images(tmp_path / "f", ["a"], 4)
+    write_images(tmp_path / "f", ["a"], 4, size=6)
     with pytest.raises(DataError, match="one class folder"):
         load_data(f"imagefolder:{tmp_path / 'f'}", image_size=6)
 
@@ -144,9 +140,9 @@ def test_one_class_folder_is_refused(tmp_path):
 def test_val_is_the_test_split_before_test(tmp_path):
     """PATH/train + PATH/val, or PATH/test when there is no val: val wins when both are there."""
     from sparsify.app.data import load_data
-    _images(tmp_path / "f" / "train", ["a", "b"], 2)
-    _images(tmp_path / "f" / "val", ["a", "b"], 1)
-    _images(tmp_path / "f" / "test", ["a", "b"], 3)
+    write_images(tmp_path / "f" / "train", ["a", "b"], 2, size=6)
+    write_images(tmp_path / "f" / "val", ["a", "b"], 1, size=6)
+    write_images(tmp_path / "f" / "test", ["a", "b"], 3, size=6)
     d = load_data(f"imagefolder:{tmp_path / 'f'}", image_size=6)
     assert (len(d.train), len(d.test)) == (4, 2)
 
@@ -154,7 +150,7 @@ def test_val_is_the_test_split_before_test(tmp_path):
 def test_a_single_folder_splits_80_20(tmp_path):
     """A folder without train/val is split 80/20: 20 images give 16 to train and 4 to test."""
     from sparsify.app.data import load_data
-    _images(tmp_path / "f", ["a", "b"], 10, size=2)
+    write_images(tmp_path / "f", ["a", "b"], 10, size=2)
     d = load_data(f"imagefolder:{tmp_path / 'f'}", image_size=2)
     assert (len(d.train), len(d.test)) == (16, 4)
 
@@ -162,7 +158,7 @@ def test_a_single_folder_splits_80_20(tmp_path):
 def test_the_folder_fingerprint_follows_file_sizes(tmp_path):
     """An image replaced by another of a different size, same name, is a change of the data a resume sees."""
     from sparsify.app.data import fingerprint, load_data
-    _images(tmp_path / "f", ["a", "b"], 3)
+    write_images(tmp_path / "f", ["a", "b"], 3, size=6)
     before = fingerprint(load_data(f"imagefolder:{tmp_path / 'f'}", image_size=6))
     arr = (torch.rand(9, 9, 3) * 255).to(torch.uint8).numpy()
     Image.fromarray(arr).save(tmp_path / "f" / "a" / "0.png")

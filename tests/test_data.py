@@ -6,10 +6,11 @@ import sys
 
 import pytest
 import torch
-from PIL import Image
 
 from sparsify.app.data import DataError, load_data
 from sparsify.app.models import ModelError, build_model, input_channels, model_names
+
+from image_folders import write_images
 
 
 def test_digits_split_is_fixed_stratified_and_standardized():
@@ -39,29 +40,23 @@ def test_mnist_from_the_wheel():
     assert set(d.test.tensors[1].unique().tolist()) == set(range(10))
 
 
-def _images(folder, classes, n, size=12):
-    g = torch.Generator().manual_seed(1)
-    for c in classes:
-        (folder / c).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            arr = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
-            Image.fromarray(arr).save(folder / c / f"{i}.png")
+
 
 
 def test_image_folder_split_and_train_val_layout(tmp_path):
-    _images(tmp_path / "flat", ["a", "b", "c"], 5)
+    write_images(tmp_path / "flat", ["a", "b", "c"], 5)
     d = load_data(f"imagefolder:{tmp_path / 'flat'}", image_size=16)
     assert (len(d.train), len(d.test), d.num_classes) == (12, 3, 3)
     x, _ = d.train[0]
     assert x.shape == (3, 16, 16)
-    _images(tmp_path / "tv" / "train", ["a", "b"], 4)
-    _images(tmp_path / "tv" / "val", ["a", "b"], 2)
+    write_images(tmp_path / "tv" / "train", ["a", "b"], 4)
+    write_images(tmp_path / "tv" / "val", ["a", "b"], 2)
     d = load_data(f"imagefolder:{tmp_path / 'tv'}")
     assert (len(d.train), len(d.test), d.image_size) == (8, 4, 64)
 
 
 def test_image_folder_is_decoded_once_into_the_same_tensors(tmp_path):
-    _images(tmp_path / "flat", ["a", "b"], 4)
+    write_images(tmp_path / "flat", ["a", "b"], 4)
     spec = f"imagefolder:{tmp_path / 'flat'}"
     pre, lazy = load_data(spec, image_size=10), load_data(spec, image_size=10, preload_limit=0)
     assert pre.in_memory and not lazy.in_memory
@@ -74,7 +69,7 @@ def test_image_folder_is_decoded_once_into_the_same_tensors(tmp_path):
 
 def test_decoding_a_large_image_folder_shows_progress(tmp_path, capsys):
     """Decoding takes minutes on a real folder: a bar says how far it is (over 256 images: 2+ batches)."""
-    _images(tmp_path / "big", ["a", "b"], 170)
+    write_images(tmp_path / "big", ["a", "b"], 170)
     d = load_data(f"imagefolder:{tmp_path / 'big'}", image_size=8, progress=True)
     err = capsys.readouterr().err
     assert len(d.train) == 272 and "decoding train images (272):" in err and "/2 [" in err
@@ -90,8 +85,8 @@ def test_image_folder_errors(tmp_path):
         load_data(f"imagefolder:{tmp_path / 'empty'}")
     with pytest.raises(DataError, match="needs a path"):
         load_data("imagefolder:")
-    _images(tmp_path / "mismatch" / "train", ["a", "b"], 1)
-    _images(tmp_path / "mismatch" / "val", ["a", "c"], 1)
+    write_images(tmp_path / "mismatch" / "train", ["a", "b"], 1)
+    write_images(tmp_path / "mismatch" / "val", ["a", "c"], 1)
     with pytest.raises(DataError, match="different class folders"):
         load_data(f"imagefolder:{tmp_path / 'mismatch'}")
 

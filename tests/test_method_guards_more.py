@@ -15,6 +15,7 @@ from sparsify.methods.dual import L1PruneMixin
 from sparsify.methods.magnitude import MagnitudeMixin
 from sparsify.methods.nm import NMMixin
 
+from model_parts import only, only_group
 from warned import said, warned
 
 
@@ -22,14 +23,10 @@ def recipe(method, match="Linear", **params):
     return {"version": 1, "rules": [{"match": {"type": match}, "method": method, "params": params}]}
 
 
-def only(m, cls):
-    (layer,) = [mod for mod in m.modules() if isinstance(mod, cls)]
-    return layer
 
 
-def group(m):
-    (g,) = m.sparsify_state.groups.values()
-    return g
+
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,7 +57,7 @@ def test_magnitude_says_it_reads_the_weights_exactly_on_its_selection_steps():
     the frequency grid, at end and at a fix step off the grid, and on no step after fix."""
     rec = recipe("magnitude", sparsity=0.5, begin=0, end=4, fix=7, frequency=4, min_density=0)
     m = sparsify.sparsify(nn.Sequential(nn.Linear(16, 8)), rec, example_inputs=torch.randn(1, 16))
-    assert [t for t in range(12) if group(m).reads_weights(t)] == [4, 7]
+    assert [t for t in range(12) if only_group(m).reads_weights(t)] == [4, 7]
 
 
 def test_magnitude_phase_is_fixed_from_the_fix_step():
@@ -238,7 +235,7 @@ def test_semistructured_keeps_the_first_of_equally_good_maps():
     scores = {}
     for t, loss in zip(range(1, 6), [9.0, 2.0, 1.0, 1.0, 3.0]):  # the loss of step t scores map t − 1
         assert sparsify.step(m, loss=loss) == t
-        scores[t] = group(m).scores.clone()
+        scores[t] = only_group(m).scores.clone()
     mask = [mod for mod in m.modules() if hasattr(mod, "set_mask")][0].mask
     assert not torch.equal(scores[2], scores[3])
     assert torch.equal(mask, position_mask(scores[2], (8, 8), 0.5))

@@ -18,6 +18,7 @@ import sparsify
 from sparsify.methods.sas.layer import SASConv1d, SASConv2d, SASLinear
 from sparsify.methods.sas.rules import SignedLevelsRule
 
+from model_parts import only, only_group
 from warned import said, warned
 
 
@@ -28,14 +29,10 @@ def recipe(method, match="Linear", options=None, **params):
     return out
 
 
-def only(m, cls):
-    (layer,) = [mod for mod in m.modules() if isinstance(mod, cls)]
-    return layer
 
 
-def group(m):
-    (g,) = m.sparsify_state.groups.values()
-    return g
+
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,9 +291,9 @@ def test_st3_fix_at_the_ramps_end_is_not_called_early():
     is told that the final sparsity was applied at the fix."""
     m, messages = _st3_steps(5, sparsity=0.5, begin=0, end=3, fix=3)
     assert all(bool(layer.fixed) for layer in m.modules() if hasattr(layer, "fixed"))
-    assert group(m).warnings() == [] and not any("before the ramp's end" in s for s in messages)
+    assert only_group(m).warnings() == [] and not any("before the ramp's end" in s for s in messages)
     m, messages = _st3_steps(5, sparsity=0.5, begin=0, end=4, fix=2)
-    assert any("before the ramp's end" in s for s in group(m).warnings() + messages)
+    assert any("before the ramp's end" in s for s in only_group(m).warnings() + messages)
 
 
 def test_st3_writes_weights_only_at_its_fix_and_shares_them_until_then():
@@ -308,7 +305,7 @@ def test_st3_writes_weights_only_at_its_fix_and_shares_them_until_then():
                           example_inputs=torch.randn(2, 16))
     layers = [layer for layer in m.modules() if hasattr(layer, "fixed")]
     assert layers[0].weight.data_ptr() == net[0].weight.data_ptr()
-    g = group(m)
+    g = only_group(m)
     assert [g.writes_weights(t) for t in (0, 1, 2, 3, 4)] == [False, False, False, True, True]
     for _ in range(4):
         sparsify.step(m)
@@ -322,7 +319,7 @@ def test_st3_describes_the_fix_step_as_fixed():
     net = nn.Sequential(nn.Linear(16, 4))
     m = sparsify.sparsify(net, recipe("st3", sparsity=0.5, begin=1, end=2, fix=4, min_density=0),
                           example_inputs=torch.randn(2, 16))
-    assert [group(m).describe(t)["phase"] for t in (0, 1, 2, 3, 4, 5)] == \
+    assert [only_group(m).describe(t)["phase"] for t in (0, 1, 2, 3, 4, 5)] == \
         ["dense", "ramp", "hold", "hold", "fixed", "fixed"]
 
 
