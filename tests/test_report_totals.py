@@ -67,3 +67,29 @@ def test_a_report_without_macs_says_why():
     given = sparsify.report(sparsify.sparsify(_TokenLM(), "gmp", total_steps=4,
                                               example_inputs=torch.zeros(1, 5, dtype=torch.long)))
     assert given.totals["macs"] == 5 * (64 + 80) and "MACs: '-'" not in str(given)
+
+
+class _Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gru, self.fc = nn.GRU(8, 32, batch_first=True), nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc(self.gru(x)[0][:, -1])
+
+
+def test_a_report_says_its_macs_leave_out_weights_multiplied_by_their_own_kernels():
+    """A GRU's weights (a fused MoE's experts likewise) stay dense and are not in the Conv/Linear
+    MAC counts: '0% fewer' or '90% fewer' would read as the whole model's, so the report says how
+    much of the model its MACs leave out."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    with pytest.warns(UserWarning, match="fused kernel"):
+        m = sparsify.sparsify(_Recurrent(), "gmp", total_steps=4, example_inputs=x)
+    report = sparsify.report(m)
+    gru = sum(p.numel() for p in m.gru.parameters() if p.dim() == 2)
+    assert report.totals["uncounted"] == {"share": pytest.approx(gru / report.totals["params"]), "first": "gru"}
+    assert "MACs: Conv/Linear layers only; " in str(report) and "(first: gru)" in str(report)
+    plain = sparsify.report(sparsify.sparsify(_TokenLM(), "gmp", total_steps=4,
+                                              example_inputs=torch.zeros(1, 5, dtype=torch.long)))
+    assert plain.totals["uncounted"] is None and "Conv/Linear layers only" not in str(plain)

@@ -8,7 +8,7 @@ from sparsify.core.subclasses import COMPUTED_WEIGHT, OWN_FORWARD
 from sparsify.prepare.adapters import ADAPTER
 from sparsify.prepare.direct_reads import READ_DIRECTLY
 
-__all__ = ["PlanEntry", "Plan", "STACKED", "FROZEN", "OWN_KERNEL", "once"]
+__all__ = ["PlanEntry", "Plan", "STACKED", "FROZEN", "OWN_KERNEL", "FOREIGN_LAYER", "once"]
 
 #: how the plan's reason for a stacked weight tensor (fused MoE experts) begins
 STACKED = "stacked weight matrices"
@@ -17,6 +17,8 @@ FROZEN = "frozen (requires_grad=False)"
 #: what the plan's reason for weights a fused kernel reads (LSTM, GRU, RNN, Bilinear)
 #: says (prepare.unhandled)
 OWN_KERNEL = "read by its own kernel"
+#: what the plan's reason for another library's layer (a MoE router, PyG's Linear) says
+FOREIGN_LAYER = "not a torch Conv/Linear layer"
 
 
 def misspelt_types(match: dict) -> str:

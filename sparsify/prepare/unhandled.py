@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.core.layers import WEIGHT_TYPES
-from sparsify.prepare.plan import FROZEN, OWN_KERNEL, STACKED, PlanEntry
+from sparsify.prepare.plan import FOREIGN_LAYER, FROZEN, OWN_KERNEL, STACKED, PlanEntry
 
 __all__ = ["unhandled_entries", "frozen_reason"]
 
@@ -88,8 +88,8 @@ def unhandled_entries(root: nn.Module, graphs: dict[str, fx.GraphModule]) -> lis
                 # a layer class of another library (PyTorch Geometric's Linear, a MoE router):
                 # dense, and counted, so the plan's shares are of every weight matrix
                 out.append(PlanEntry(name, type(m).__name__, None, None,
-                                     f"weight of a {type(m).__module__}.{type(m).__qualname__}, not a torch "
-                                     "Conv/Linear layer: no method rewrites it (an nn.Linear in its place would "
+                                     f"weight of a {type(m).__module__}.{type(m).__qualname__}, {FOREIGN_LAYER}: "
+                                     "no method rewrites it (an nn.Linear in its place would "
                                      "be)", p.numel()))
             elif p.dim() == 3 and p.shape[0] > 1 and min(p.shape[1:]) > 1:
                 out.append(PlanEntry(full, f"{type(m).__name__}.{pname}", None, None,

@@ -10,6 +10,7 @@ from sparsify.core.layers import SparseWeightMixin
 from sparsify.core.state import SparsifyState
 from sparsify.stats.macs import layer_factors
 from sparsify.prepare.hidden_positions import weight_numel
+from sparsify.prepare.plan import FOREIGN_LAYER, OWN_KERNEL, STACKED, once
 
 __all__ = ["LayerRow", "Report", "build_report", "silenced_activations"]
 
@@ -86,6 +87,10 @@ class Report:
             lines.append("MACs: '-': they are counted by one forward on example inputs, and none ran (sparsify(...) "
                          "got no example_inputs and the model does not take a guessed float sample, as a model of "
                          "token ids does not; or they failed, as warned): pass example_inputs=... to sparsify")
+        if (u := t.get("uncounted")) and t["macs"]:
+            lines.append(f"MACs: Conv/Linear layers only; {pct(u['share'])} of the model's weights (first: "
+                         f"{u['first']}) are multiplied by kernels of their own (fused experts, recurrent "
+                         "layers, other libraries' layers), stay dense, and are not in these counts")
         if t.get("achieved"):
             lines.append("achieved (what each method sparsifies): " + "; ".join(
                 f"{kind} {pct(v)}" for kind, v in t["achieved"].items()))
@@ -100,6 +105,18 @@ class Report:
             lines.append(f"warning: 100% sparse: {', '.join(t['empty_layers'])} (every weight pruned: "
                          "the output no longer depends on the input)")
         return "\n".join(lines)
+
+
+def _outside_macs(plan, total: int) -> dict | None:
+    """``{"share", "first"}`` of the weights the plan lists as multiplied outside Conv/Linear layers
+    (fused experts, recurrent kernels, other libraries' layers) when they are 5% of the model's
+    parameters or more: the MAC counts leave them out (a Qwen-MoE's '90% fewer' was the attention's)."""
+    if plan is None or not total:
+        return None
+    outside = [e for e in once(plan.dense) if e.params and (e.reason.startswith(STACKED) or OWN_KERNEL in e.reason
+                                                            or FOREIGN_LAYER in e.reason)]
+    share = sum(e.params for e in outside) / total
+    return {"share": share, "first": outside[0].name} if outside and share >= 0.05 else None
 
 
 def _achieved_by_kind(rows: list[LayerRow]) -> dict:
@@ -194,6 +211,7 @@ def build_report(root, state: SparsifyState) -> Report:
         "achieved": _achieved_by_kind(layers),
         # layers with every weight pruned (a collapsed layer: see docs/methods/st3.md)
         "empty_layers": [r.name for r in sparse_rows if r.nonzero_params == 0],
+        "uncounted": _outside_macs(getattr(state, "plan", None), param_total),
     }
     # a recipe file without "name" is named after the file, as plan says (the name is not written
     # into the recipe's JSON, which checkpoints are compared with)
