@@ -224,7 +224,11 @@ def keep_argument_names(graph: fx.Graph, concrete_args: dict) -> None:
 class CallShell(fx.GraphModule):
     """A graph that only calls the module it holds (see :func:`call_shell`)."""
 
-    shell_of = ""  # the attribute name of the held module
+    @property
+    def shell_of(self) -> str:
+        """The attribute name of the held module: the graph's first module call (nodes a method
+        inserts come after it). Read from the graph, so copies of the shell know it too."""
+        return next(n.target for n in self.graph.nodes if n.op == "call_module")
 
 
 def call_shell(module: nn.Module, name: str) -> fx.GraphModule:
@@ -242,6 +246,5 @@ def call_shell(module: nn.Module, name: str) -> fx.GraphModule:
     x = graph.placeholder("input")
     graph.output(graph.call_module(name, (x,)))
     gm = CallShell(holder, graph, f"{type(module).__name__}Shell")
-    gm.shell_of = name
     gm.training = module.training
     return gm

@@ -133,7 +133,6 @@ class _DepthTracer(ExampleAnswers, fx.Tracer):
                 self.culprit = self.path_of_module(m)
             raise
 
-
     def _installed(self, m: nn.Module) -> bool:
         try:
             self.path_of_module(m)

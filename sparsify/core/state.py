@@ -198,7 +198,7 @@ def _warn_partial(module: nn.Module, state: SparsifyState, missing: list[str]) -
     """A sparsified checkpoint loaded with ``strict=False`` that lacks some sparse layers' entries:
     those layers keep what they held (a fresh model's masks and thresholds) at the loaded step,
     and the schedule cannot redo their history (gmp ended 0.8% sparse of a 90% target)."""
-    if _PARTIAL_LOADS[0]:
+    if _PARTIAL_LOADS[0] or not missing:  # (a whole checkpoint: no state_dict walk below)
         return
     # (left in missing_keys, as torch does: safetensors' load_model expects a tied duplicate it
     # left out of the file there, and calls it unexpected otherwise)

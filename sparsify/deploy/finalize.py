@@ -250,17 +250,16 @@ def _reaches_input(source: nn.Module, inputs: tuple) -> bool:
 def _untrace(final: nn.Module, state: SparsifyState) -> nn.Module:
     """Give each traced module whose finalized graph is the graph as captured (the weight and
     regularizer recipes: layers swapped back, inserted nodes removed) its own class back, running
-    its own forward (an activation's one-call shell: the activation itself) (:func:`passes.traced.untraced`): the finalized model is then the user's
-    classes and torch's layers only, and pickles without fx-sparsify. Graphs a recipe changed for
+    its own forward (:func:`passes.traced.untraced`; an activation's one-call shell gives back the
+    activation): the finalized model is then the user's classes and torch's layers only, and
+    pickles without fx-sparsify. Graphs a recipe changed for
     good (SAS's rewiring, semi-structured's masks) stay graphs. Deepest first, the root last."""
     for prefix in sorted(state.graph_paths, key=lambda p: (p.count(".") + bool(p), p), reverse=True):
         gm = final.get_submodule(prefix) if prefix else final
         if not isinstance(gm, fx.GraphModule) or state.graph_fingerprints.get(prefix) != graph_fingerprint(gm.graph):
             continue
         # an activation's one-call graph (passes.calls.call_shell) gives back the activation it calls
-        # (by the graph: a deep copy of the shell does not keep its shell_of)
-        plain = (gm.get_submodule(next(n.target for n in gm.graph.nodes if n.op == "call_module"))
-                 if isinstance(gm, CallShell) else untraced(gm))
+        plain = gm.get_submodule(gm.shell_of) if isinstance(gm, CallShell) else untraced(gm)
         if plain is None:
             continue
         if prefix:

@@ -104,6 +104,12 @@ class Plan:
         return [e for e in once(self.dense) if e.reason.startswith(FROZEN) and e.rule is not None
                 and recipe.rules[e.rule].method is not None]
 
+    def kernel_weights(self) -> list[PlanEntry]:
+        """Weights multiplied by kernels of their own, not by a Conv/Linear layer (fused experts,
+        recurrent layers, other libraries' layer classes): dense, and outside the MAC counts."""
+        return [e for e in once(self.dense) if e.params and (e.reason.startswith(STACKED) or OWN_KERNEL in e.reason
+                                                             or FOREIGN_LAYER in e.reason)]
+
     def warnings(self, recipe) -> list[str]:
         """What ``sparsify`` warns about this plan of ``recipe`` (a loaded ``Recipe``): layers
         left dense because they compute with their own forward, rules that matched nothing

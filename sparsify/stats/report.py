@@ -10,7 +10,6 @@ from sparsify.core.layers import SparseWeightMixin
 from sparsify.core.state import SparsifyState
 from sparsify.stats.macs import layer_factors
 from sparsify.prepare.hidden_positions import weight_numel
-from sparsify.prepare.plan import FOREIGN_LAYER, OWN_KERNEL, STACKED, once
 
 __all__ = ["LayerRow", "Report", "build_report", "silenced_activations"]
 
@@ -113,8 +112,7 @@ def _outside_macs(plan, total: int) -> dict | None:
     parameters or more: the MAC counts leave them out (a Qwen-MoE's '90% fewer' was the attention's)."""
     if plan is None or not total:
         return None
-    outside = [e for e in once(plan.dense) if e.params and (e.reason.startswith(STACKED) or OWN_KERNEL in e.reason
-                                                            or FOREIGN_LAYER in e.reason)]
+    outside = plan.kernel_weights()
     share = sum(e.params for e in outside) / total
     return {"share": share, "first": outside[0].name} if outside and share >= 0.05 else None
 

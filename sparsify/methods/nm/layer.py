@@ -94,8 +94,9 @@ class NMMixin(SparseWeightMixin):
         """Set ``mask`` to :func:`nm_mask` of the current weight.
 
         Between steps only a few thousand of millions of flags flip, so the layer keeps its
-        mask in planes layout as well and writes only the flags that changed; a full rewrite happens the first time and whenever something else
-        wrote the mask (``load_state_dict``, a user)."""
+        mask in planes layout as well and writes only the flags that changed; a full rewrite
+        happens the first time and whenever something else wrote the mask (``load_state_dict``,
+        a user)."""
         w, mask = self.weight, self.mask
         # groups run along the input dimension: computed in torch's (out, in, ...) layout
         wt = torch_layout(self, w)
