@@ -65,15 +65,36 @@ def _collect_after_module():
 # -- the number of hypothesis examples run, summed over xdist workers ------------------------------
 
 _COUNT_DIR = "SPARSIFY_TEST_EXAMPLE_COUNTS"
+_RUN_TMP = "SPARSIFY_TEST_TMPDIR"
 
 
 def pytest_configure(config):
-    if not hasattr(config, "workerinput") and _COUNT_DIR not in os.environ:
-        import tempfile
-        os.environ[_COUNT_DIR] = tempfile.mkdtemp(prefix="sparsify-examples-")  # workers inherit it
+    """The controller makes one folder for the run's temporary files, and points ``TMPDIR`` at it
+    before the xdist workers start: the tests' and doctests' ``mkdtemp`` folders, the subprocesses'
+    (CLI, torchrun) and pytest's own ``tmp_path`` land there. It is removed when the run passes,
+    and kept, with its path printed, when one fails; without it every run left its folders in /tmp."""
+    if hasattr(config, "workerinput") or _RUN_TMP in os.environ:
+        return
+    import tempfile
+    folder = tempfile.mkdtemp(prefix="sparsify-tests-")
+    os.environ[_RUN_TMP] = os.environ["TMPDIR"] = tempfile.tempdir = folder  # workers inherit it
+    os.environ[_COUNT_DIR] = os.path.join(folder, "example-counts")
+    os.mkdir(os.environ[_COUNT_DIR])
+    config._sparsify_tmp = folder
 
 
-def pytest_sessionfinish(session):
+def pytest_unconfigure(config):
+    folder = getattr(config, "_sparsify_tmp", None)
+    if folder is None:
+        return
+    if getattr(config, "_sparsify_failed", False):
+        print(f"\ntemporary files of the failed run kept in {folder}")
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config._sparsify_failed = exitstatus not in (0, 5)  # 5: no tests collected
     from strategies import examples_run
     folder = os.environ.get(_COUNT_DIR)
     if folder and os.path.isdir(folder):
