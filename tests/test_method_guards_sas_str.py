@@ -3,7 +3,7 @@ slots when a recompute-free layer is followed by another, the official bias boun
 directly, a frozen layer staying frozen, the deployed copy of a non-zero padding mode, a value on a
 signed-levels boundary keeping its slot, the level scale and its zero refusal, an in-place relu
 whose input is read again, init 'auto' on an as-is relu input, not_relu='as_is', the recompute and
-through_average defaults; STR's global layer before its group, s_init = 0 accepted and not reported
+through_average defaults; STR's global layer before its group, s_init = 0 refused, a threshold at 0 not reported
 as undecayed, a grouped ConvTranspose at layer granularity; ST-3's fix at the ramp's end, the steps
 it writes weights on, its 'fixed' phase, a threshold set back to 0, an EMA copy taken after the fix."""
 from __future__ import annotations
@@ -225,14 +225,26 @@ def _str_cnn():
                          nn.Linear(8, 5))
 
 
-def test_str_accepts_s_init_zero():
-    """s_init must be <= 0: 0 itself (threshold 0.5) is accepted, only positive values are refused."""
-    m = sparsify.sparsify(_str_cnn(), "str", s_init=0.0, example_inputs=torch.randn(2, 3, 8, 8))
+def test_str_refuses_s_init_zero_and_takes_a_negative_one():
+    """s_init must be < 0: 0 (threshold 0.5, above nearly every initialised weight) and positive
+    values are refused; a negative one starts at threshold sigmoid(s_init)."""
+    m = sparsify.sparsify(_str_cnn(), "str", s_init=-1.0, example_inputs=torch.randn(2, 3, 8, 8))
     for layer in m.modules():
         if hasattr(layer, "threshold_param"):
-            torch.testing.assert_close(layer.threshold(), torch.tensor([0.5]))
-    with pytest.raises(Exception, match="s_init"):
-        sparsify.sparsify(_str_cnn(), "str", s_init=0.5, example_inputs=torch.randn(2, 3, 8, 8))
+            torch.testing.assert_close(layer.threshold(), torch.sigmoid(torch.tensor([-1.0])))
+    for s_init in (0.0, 0.5):
+        with pytest.raises(sparsify.RecipeError, match=f"s_init: {s_init} prunes every weight"):
+            sparsify.sparsify(_str_cnn(), "str", s_init=s_init, example_inputs=torch.randn(2, 3, 8, 8))
+
+
+def _str_at_zero():
+    """An STR model whose threshold parameters sit at s = 0 (reached in training; s_init refuses it)."""
+    m = sparsify.sparsify(_str_cnn(), "str", s_init=-1.0, example_inputs=torch.randn(2, 3, 8, 8))
+    with torch.no_grad():
+        for layer in m.modules():
+            if hasattr(layer, "threshold_param"):
+                layer.threshold_param().zero_()
+    return m
 
 
 def test_str_threshold_resting_at_zero_is_not_reported_as_undecayed():
@@ -240,7 +252,7 @@ def test_str_threshold_resting_at_zero_is_not_reported_as_undecayed():
     fixed point, not a missing decay: no 'did not move' warning."""
     import torch.nn.functional as F
     torch.manual_seed(0)
-    m = sparsify.sparsify(_str_cnn(), "str", s_init=0.0, example_inputs=torch.randn(2, 3, 8, 8))
+    m = _str_at_zero()
     x, y = torch.randn(4, 3, 8, 8), torch.arange(4) % 5
     messages = []
     for _ in range(3):

@@ -183,7 +183,7 @@ class STRParams(Params):
 
     def check(self):
         s = self.s_init
-        if s > 0:
+        if s >= 0:  # sigmoid(0) = 0.5 already exceeds almost every initialised weight
             return [("s_init", f"{s} prunes every weight with |w| < sigmoid({s}) = "
                      f"{float(torch.sigmoid(torch.tensor(float(s)))):.3g} at step 0 (the official "
                      "repo's default 100 prunes everything); use a negative value such as -10, or the "
@@ -195,7 +195,7 @@ class STRParams(Params):
 class STRMethod(Method):
     """Recipe method ``str`` (docs/methods/str.md); params (:class:`STRParams`):
 
-    * ``s_init`` (-10): initial threshold parameter s, threshold sigmoid(s); must be <= 0;
+    * ``s_init`` (-10): initial threshold parameter s, threshold sigmoid(s); must be < 0;
     * ``granularity`` ("layer"): ``"layer"``, ``"channel"`` or ``"global"`` thresholds;
     * ``threshold_decay`` (null): weight decay of the thresholds (null: the optimizer's).
     """
