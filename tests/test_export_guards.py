@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from sparsify.deploy import export
-from sparsify.deploy.export import check_deployable, export_onnx, export_program
+from sparsify.deploy.export import check_deployable, export_onnx, export_program, run_onnx
 
 
 def dropout_net() -> nn.Module:
@@ -49,6 +49,28 @@ def test_onnx_outputs_have_the_symbolic_batch_of_the_inputs():
     proto = onnx.load_from_string(export_onnx(nn.Linear(3, 2), torch.randn(1, 3)))
     dims = [v.type.tensor_type.shape.dim[0].dim_param for v in list(proto.graph.input) + list(proto.graph.output)]
     assert dims == ["batch", "batch"]
+
+
+class _Reshaped(nn.Module):
+    """Outputs whose first dimension is not the batch: twice it, a scalar, the features."""
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return torch.cat([y, y]), y.sum(), y.t()
+
+
+def test_onnx_names_batch_only_the_output_dimensions_that_are_the_batch():
+    """Only dimensions that are the batch are named 'batch': a concatenation's 2 x batch gets a symbol
+    of its own, a transpose keeps its fixed size first, and the outputs still run at another batch."""
+    blob = export_onnx(_Reshaped(), torch.randn(1, 3))
+    proto = onnx.load_from_string(blob)
+    dims = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in proto.graph.output]
+    assert dims[0][0] not in ("batch", 1) and dims[0][1] == 2
+    assert dims[1] == [] and dims[2] == [2, "batch"]
+    assert [tuple(o.shape) for o in run_onnx(blob, torch.randn(5, 3))] == [(10, 2), (), (2, 5)]
 
 
 @pytest.mark.parametrize("before", [False, True])

@@ -56,7 +56,9 @@ def _attention_unfused():
 def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike | None = None, *,
                 opset: int = 17, dynamo: bool = False, dynamic_batch: bool = True) -> bytes:
     """Export ``model`` (eval mode) to ONNX; returns the serialized model, also written to ``path``
-    if given. ``dynamic_batch`` makes the first dimension of every input and output symbolic.
+    if given. ``dynamic_batch`` makes the first dimension of every input symbolic (``"batch"``); an
+    output's dimensions are the ones the exporter derives from it (``"batch"`` where it is the batch,
+    a symbol of its own for a concatenation's 2 x batch, a number where it does not depend on it).
 
     >>> import torch
     >>> blob = export_onnx(torch.nn.Linear(3, 2), torch.randn(1, 3))
@@ -75,7 +77,7 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike | None
             n_out = len(flatten_tensors(model(*inputs)))
         kwargs["output_names"] = [f"output{i}" for i in range(n_out)]
         if dynamic_batch:
-            kwargs["dynamic_axes"] = {n: {0: "batch"} for n in names + kwargs["output_names"]}
+            kwargs["dynamic_axes"] = {n: {0: "batch"} for n in names}
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings(), _attention_unfused():
         warnings.simplefilter("ignore")  # the TorchScript exporter announces its own deprecation
