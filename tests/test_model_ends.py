@@ -100,6 +100,17 @@ def test_transformers_ends_are_the_models(family):
     assert len(with_inputs.rewritten) == len(with_inputs.entries) - len(first) - len(last)
 
 
+@pytest.mark.parametrize("family", list(FAMILY_ENDS))
+def test_a_rule_that_only_says_first_or_last_rewrites_those_layers(family):
+    """A rule matching by ``first`` / ``last`` alone reaches the ends of a model traced in pieces:
+    only they are rewritten (they are leaves of an untraceable forward, swapped as attributes)."""
+    from hf_harness import cov  # skips without transformers
+    for end, names in zip(("first", "last"), FAMILY_ENDS[family]):
+        model, inputs, _ = cov.FAMILIES[family]()
+        recipe = {"version": 1, "rules": [{"match": {end: True}, "method": "magnitude", "params": {"sparsity": 0.5}}]}
+        assert sorted(e.name for e in _plan(model, recipe, inputs).rewritten) == names, end
+
+
 def test_call_order_says_which_calls_read_one_tensor():
     from passes.call_record import CallRecord
 

@@ -141,8 +141,12 @@ def fx_capture(root: nn.Module, matcher: MatchTable, example_inputs=None):
         root_args = calls.root_concrete_args() or None  # the root too: traced as the example calls it
 
     def is_site(name, m):
-        w = matcher.winner(Candidate(name, m))
-        return w is not None and w.method is not None
+        # first/last are known only once the trace is done: a compute layer a rule may reach through
+        # them is a site for now (a leaf either way), and the rewrite asks the matcher again with its
+        # real flags; without this, a rule that only says {"last": true} missed transformers' lm_head
+        ends = ((False, False), (True, False), (False, True), (True, True)) if _is_compute(m) else ((False, False),)
+        return any((w := matcher.winner(Candidate(name, m, first=f, last=la))) is not None and w.method is not None
+                   for f, la in ends)
 
     # activation modules called by an untraceable parent get a one-call graph when a rule may insert after them
     inserts = any(r.method is not None and (r.method.site == "node" or r.method.full_trace) for r in matcher.rules)
