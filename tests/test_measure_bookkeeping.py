@@ -1,6 +1,7 @@
 """The bookkeeping behind ``measure``'s and ``report``'s model-wide figures, counted by hand: layers
 that cannot be counted, per-sample element counts, a tensor given twice to attention, the raw input
-left out of activation sparsity, and weight-weighted totals."""
+left out of activation sparsity, weight-weighted totals, and the attention projections in the
+counts `sparsify train` reports."""
 from __future__ import annotations
 
 import pytest
@@ -106,3 +107,21 @@ def test_activation_sparsity_leaves_out_the_raw_input():
     assert s["activation_sparsity"] == pytest.approx(by_hand)
     assert s["layers"]["0"]["input_sparsity"] == pytest.approx(0.5)  # still reported per layer
     assert s["layers"]["2"]["input_sparsity"] == pytest.approx(by_hand)
+
+
+def test_train_counts_take_in_the_attention_projections():
+    """The effective MACs ``sparsify train`` reports count nn.MultiheadAttention's projections (read
+    inside torch's attention function, never called as modules): on a sparse ViT, whose GELU and
+    attention inputs hold no zeros, they equal the report's dense and non-zero-weight MACs."""
+    from torchvision.models import VisionTransformer
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
+                            num_classes=3)
+    m = sparsify.sparsify(vit, "gmp", begin=0, end=1, example_inputs=torch.zeros(1, 3, 16, 16))
+    sparsify.step(m)
+    totals = sparsify.report(m).to_dict()["totals"]
+    s = activation_stats(m, [torch.randn(4, 3, 16, 16)])
+    assert s["dense_macs"] == pytest.approx(totals["macs"])
+    assert s["effective_macs"] == pytest.approx(totals["nonzero_macs"])
+    assert s["effective_macs"] < 0.5 * s["dense_macs"]
+    assert "encoder.layers.encoder_layer_0.self_attention.out_proj" in s["layers"]

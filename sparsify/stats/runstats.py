@@ -10,6 +10,12 @@ A SAS layer (weight k times wider than its input: one of k slots is non-zero per
 counted as the narrow layer on its non-zero inputs, and its input sparsity is that of its k slots; other layers whose weight does not match
 their input are counted at their non-zero-weight MACs.
 
+Weights multiplied outside their layer's own call (``nn.MultiheadAttention``'s projections, read
+inside ``F.multi_head_attention_forward``; a forward's own ``F.linear(x, layer.weight)``) are
+counted through :class:`~sparsify.stats.functional_reads.FunctionalReads`, summed over a forward's
+calls and divided by the samples; the attention's output projection, whose input nothing sees,
+counts every input as non-zero and adds nothing to the activation sparsity.
+
 ``sparsify.measure`` counts by another convention (padding as zero input, SAS layers not related
 to their input, masked output positions skipped), so only its weight view and batch loop are
 shared here: the numbers ``train`` / ``demo`` report keep the paper's convention.
@@ -21,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.core.eval_loop import run_eval
+from sparsify.stats.functional_reads import FunctionalReads
 from sparsify.stats.measure import _transpose_counts, _weight
 from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.core.conv1d import CONV_TRANSPOSE_TYPES, linear_like
@@ -67,13 +74,27 @@ def activation_stats(model: nn.Module, batches, *, max_batches: int | None = Non
     >>> s = activation_stats(net, [torch.randn(16, 4)])
     >>> 0.0 < s["activation_sparsity"] < 1.0 and s["dense_macs"] == 48
     True
+    >>> layer = nn.TransformerEncoderLayer(4, 1, 8, dropout=0.0, batch_first=True)
+    >>> activation_stats(layer, [torch.ones(2, 3, 4)])["dense_macs"]  # 3 tokens x (48 + 16 + 32 + 32)
+    384.0
     """
     layers: dict[str, dict] = {}
     order: list[str] = []
     handles = []
+    inside: set[int] = set()  # layers whose own call ran: their hook counts them
+    functional: dict[str, list] = {}  # name -> [dense, effective, zeros, elements], summed over the batches
+
+    def add_functional(name, counts):
+        acc = functional.setdefault(name, [0, 0, 0, 0])
+        for i in range(4):
+            acc[i] += counts[i]
+        if name not in order:
+            order.append(name)
+
     for name, m in model.named_modules():
         if not isinstance(m, WEIGHT_TYPES):
             continue
+        handles.append(m.register_forward_pre_hook(lambda mod, inp: inside.add(id(mod))))
 
         def hook(mod, inp, out, name=name):
             x = inp[0]
@@ -101,7 +122,18 @@ def activation_stats(model: nn.Module, batches, *, max_batches: int | None = Non
             rec["effective"] += eff
             rec["samples"] += out.shape[0]
         handles.append(m.register_forward_hook(hook))
-    run_eval(model, batches, lambda b: (b[0] if isinstance(b, (tuple, list)) else b,), max_batches, handles)
+    # the fused attention fast path multiplies the projections where no function mode sees them
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        samples = run_eval(model, batches, lambda b: (b[0] if isinstance(b, (tuple, list)) else b,), max_batches,
+                           handles, lambda: FunctionalReads(model, inside, add_functional))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+    for name, (dense, eff, zeros, elements) in functional.items():
+        if name not in layers:  # per sample: summed over a forward's calls, divided by the samples
+            n = max(samples, 1)
+            layers[name] = {"zeros": zeros, "elements": elements, "effective": eff / n, "samples": 1, "dense": dense / n}
     out_layers = {}
     for name in order:
         r = layers[name]
