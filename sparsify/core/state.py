@@ -49,6 +49,7 @@ class SparsifyState(nn.Module):
         self.frozen_dense: list[str] = []  # layers a rule matched, left dense as frozen (core.step_checks)
         self.layer_factors: dict[str, float] | None = None  # MACs per weight element by layer (stats)
         self.warned: set[str] = set()
+        self.first_weights = None  # (step, largest |w| per sparse layer) at the first check (core.weight_growth)
         self.synced = False  # an averaged copy that sparsify.sync gave a model's sparsity (saved)
         self.unfilled = False  # sparsified on meta, then materialized: the state holds no values
         self.stepped_here = False  # sparsify.step ran on this model in this process (sparsify.prepare.sharing)

@@ -16,6 +16,7 @@ from sparsify.core.dead_outputs import dead_outputs, dead_outputs_message
 from sparsify.core.diverged import check_due, diverged_message, nonfinite_parameters
 from sparsify.core.penalty_watch import unreached_penalty
 from sparsify.core.state import SparsifyState
+from sparsify.core.weight_growth import grown, growth_due, growth_message, largest_weights
 
 __all__ = ["after_step", "as_loss", "say_once"]
 
@@ -47,7 +48,7 @@ def as_loss(loss) -> float | None:
 
 def after_step(state: SparsifyState, root: nn.Module, t: int, loss: float | None) -> list[tuple[str, str]]:
     """The problems step ``t`` of ``state`` (unwrapped model ``root``) shows: a non-finite loss, a
-    penalty no gradient reached, NaN/inf parameters (at :func:`check_due` steps), last-layer
+    penalty no gradient reached, NaN/inf parameters (at :func:`check_due` steps), runaway weights, last-layer
     outputs pruned whole (at the run's last step), layers left dense as frozen unfrozen since, a
     step past ``total_steps``, and what each group says.
 
@@ -65,6 +66,8 @@ def after_step(state: SparsifyState, root: nn.Module, t: int, loss: float | None
     if check_due(t, state.total_steps) and "nonfinite-params" not in state.warned:
         if bad := nonfinite_parameters(root):
             said.append(("nonfinite-params", diverged_message("sparsify.step", bad, t)))
+    if growth_due(t) and "weights-grew" not in state.warned:
+        said += _growth(state, root, t)
     if t == state.total_steps and (dead := dead_outputs(root, getattr(state, "output_layers", []))):
         said.append(("dead-outputs", dead_outputs_message("sparsify.step", dead)))
     if getattr(state, "frozen_dense", None) and "unfrozen" not in state.warned and (thawed := _thawed(root, state)):
@@ -80,6 +83,18 @@ def after_step(state: SparsifyState, root: nn.Module, t: int, loss: float | None
     for group in state.groups.values():
         said += [(msg, msg) for msg in group.warnings()]
     return said
+
+
+def _growth(state: SparsifyState, root: nn.Module, t: int) -> list[tuple[str, str]]:
+    """Sparse layers whose weights grew far past their size at the first check (not saved: after
+    a resume the first check of the new process is the reference)."""
+    now = largest_weights(root)
+    first = getattr(state, "first_weights", None)
+    if first is None:
+        state.first_weights = (t, now)
+        return []
+    rows = grown(first[1], now)
+    return [("weights-grew", growth_message(rows, t, first[0]))] if rows else []
 
 
 def _thawed(root: nn.Module, state: SparsifyState) -> list[str]:
