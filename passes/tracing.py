@@ -105,6 +105,7 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
     is_site = is_site or (lambda name, m: False)
     result = TraceResult(module=root)
     forced: set[str] = set()
+    checkpointing: set[str] = set()  # leaves forced for calling torch.utils.checkpoint
     example: tuple | None = None
     if split is not None:
         return _fall_back(root, descend, is_site, prefix, result, calls, shell, forced, split, chosen=True)
@@ -129,6 +130,8 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
                 return _fall_back(root, descend, is_site, prefix, result, calls, shell, forced, _first_line(error),
                                   blockwise=isinstance(error, CheckpointInGraph))
             _force(forced, [culprit], _first_line(error), prefix, result)
+            if isinstance(error, CheckpointInGraph):
+                checkpointing.add(culprit)
         gm = _graph_module(root, descend, forced, prefix, concrete_args, tracer, graph, example_call)
         guard = gm.__dict__.get("_call_guard")
         split_modes = mode_split(root, guard.modes if guard is not None else {}, prefix, forced, is_site, shell)
@@ -156,8 +159,10 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
     result.module = gm
     result.graphs[prefix] = gm
     for leaf in sorted(forced):
+        # a checkpointing leaf (timm's ConvNeXt stage: checkpoint_seq over its blocks) runs its
+        # Sequential's blocks one by one, as a checkpointing root does
         _trace_children(gm.get_submodule(leaf), descend, is_site,
-                        f"{prefix}.{leaf}" if prefix else leaf, result, calls, shell)
+                        f"{prefix}.{leaf}" if prefix else leaf, result, calls, shell, blockwise=leaf in checkpointing)
     hooked = sorted(tracer.hooked)  # modules with hooks: called by the graph, their code in a graph of their own
     if hooked and calls is not None:
         calls.hold_inputs([f"{prefix}.{p}" if prefix else p for p in hooked])

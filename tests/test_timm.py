@@ -216,12 +216,12 @@ def test_vit_activation_recipes_run_in_its_graph(recipe):
     assert masked.shape == out.shape
 
 
-@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224"])
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224", "convnext_atto"])
 def test_grad_checkpointing_on_before_sparsify_keeps_the_inserted_nodes(name):
     """timm's ``checkpoint_seq`` runs a Sequential's blocks one by one: a graph over the whole
     Sequential held tl1's nodes where those calls never look (ViT's penalty was 0, silently).
-    A model that checkpoints is rewritten block by block: the penalty and the gradients equal
-    those of the same model without checkpointing."""
+    A model that checkpoints is rewritten block by block, also where a submodule checkpoints
+    (ConvNeXt's stages): the penalty and the gradients equal those without checkpointing."""
     kw = {"img_size": 32} if name.startswith("vit") else {}
     x = _x(32)
     runs = []
