@@ -59,3 +59,19 @@ def test_a_finite_run_is_not_said_diverged():
             opt.zero_grad(); loss.backward(); opt.step(); sparsify.step(m)
         sparsify.report(m)
         sparsify.finalize(m)
+
+
+def test_finalize_refuses_nan_outputs_of_finite_parameters_in_one_line():
+    """Finite weights large enough that an activation overflows (inf - inf = NaN in the next layer):
+    finalize says so in one FinalizeError, not torch's 'atol must be greater than or equal to zero'."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    with torch.no_grad():
+        model[0].weight.fill_(3e38)  # 2 x 3e38 overflows to inf
+        model[1].weight.copy_(torch.tensor([[1.0, -1.0], [1.0, 1.0]]))
+    m = sparsify.sparsify(model, "gmp", total_steps=100, example_inputs=torch.ones(1, 2))  # dense at step 0
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    with pytest.raises(FinalizeError, match="^sparsify.finalize: the trained model answers the example inputs with "
+                                            "NaN although its parameters are finite"):
+        sparsify.finalize(m)
+    with pytest.raises(FinalizeError, match="example inputs hold NaN or inf"):
+        sparsify.finalize(m, example_inputs=torch.full((1, 2), float("nan")))

@@ -28,6 +28,15 @@ def outputs_close(a, b, rtol: float = 1e-4, atol: float = 1e-5) -> tuple[bool, f
 
     >>> outputs_close([torch.ones(2), torch.tensor([True])], [torch.ones(2), torch.tensor([False])])
     (False, 1.0)
+
+    NaN and infinities agree where both sides hold the same (a masked logit's -inf); the scale is
+    that of the finite values:
+
+    >>> inf, nan = float("inf"), float("nan")
+    >>> outputs_close(torch.tensor([1.0, -inf, nan]), torch.tensor([1.0, -inf, nan]))
+    (True, 0.0)
+    >>> outputs_close(torch.tensor([1.0, -inf]), torch.tensor([1.0, 3.0]))
+    (False, inf)
     """
     fa, fb = flatten_tensors(a), flatten_tensors(b)
     if len(fa) != len(fb):
@@ -38,10 +47,12 @@ def outputs_close(a, b, rtol: float = 1e-4, atol: float = 1e-5) -> tuple[bool, f
         if x.shape != y.shape:
             return False, float("inf")
         x, y = x.float(), y.float()
-        scale = float(x.abs().max()) if x.numel() else 0.0
-        diff = float((x - y).abs().max()) if x.numel() else 0.0
-        worst = max(worst, diff / (scale or 1.0))
-        ok = ok and bool(torch.allclose(x, y, rtol=rtol, atol=atol * max(scale, 1.0)))
+        finite = torch.isfinite(x) & torch.isfinite(y)
+        scale = float(x[finite].abs().max()) if bool(finite.any()) else 0.0
+        diff = float((x[finite] - y[finite]).abs().max()) if bool(finite.any()) else 0.0
+        same = bool(torch.allclose(x, y, rtol=rtol, atol=atol * max(scale, 1.0), equal_nan=True))
+        worst = max(worst, diff / (scale or 1.0) if bool(finite.all()) or same else float("inf"))
+        ok = ok and same
     return ok, worst
 
 

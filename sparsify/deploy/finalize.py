@@ -197,6 +197,7 @@ def _finalize_model(model: nn.Module, example_inputs, *, check: bool, rtol: floa
                 if example_inputs is None:  # sparsify() ran them: the model fails on its own
                     raise
                 raise misfit_error("finalize: example_inputs", source, inputs, e, FIT_HINT) from None
+        _refuse_nan_outputs(expected, inputs)
         alike = _answered_alike(source, inputs, expected)
     if alike:  # nothing else says a model that ignores its input
         warnings.warn(f"sparsify.finalize: the model gives one and the same output for {alike} different example "
@@ -209,6 +210,19 @@ def _finalize_model(model: nn.Module, example_inputs, *, check: bool, rtol: floa
     if not ok:
         _explain_difference(source, final, inputs, worst, rtol, atol)
     return final
+
+
+def _refuse_nan_outputs(expected, inputs) -> None:
+    """A trained model that answers its example inputs with NaN (its parameters are finite: they
+    were checked) has nothing worth deploying and nothing to compare the deployed model with."""
+    if not any(t.is_floating_point() and bool(t.isnan().any()) for t in flatten_tensors(expected)):
+        return
+    if any(t.is_floating_point() and not bool(t.isfinite().all()) for t in flatten_tensors(inputs)):
+        raise FinalizeError("sparsify.finalize: the example inputs hold NaN or inf, and so do the model's outputs: "
+                            "pass finite example_inputs")
+    raise FinalizeError("sparsify.finalize: the trained model answers the example inputs with NaN although its "
+                        "parameters are finite: an activation overflowed (weights grown too large: lower the learning "
+                        "rate) and training diverged; nothing here is worth deploying")
 
 
 def _answered_alike(source: nn.Module, inputs: tuple, expected) -> int:
