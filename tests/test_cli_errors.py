@@ -146,6 +146,15 @@ def test_unwritable_out_and_folder_recipes_are_one_line(tmp_path, capsys):
     assert "is a folder" in capsys.readouterr().err
 
 
+def test_a_folder_named_like_a_recipe_is_said_to_be_a_folder(tmp_path, monkeypatch, capsys):
+    """--recipe recipes, a folder in the working folder, is named a folder, not an unknown recipe."""
+    (tmp_path / "recipes").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan", "--model", "cnn", "--recipe", "recipes"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'recipes' is a folder" in err and "unknown recipe" not in err, err
+
+
 def test_a_file_where_a_folder_belongs_is_named_so(tmp_path, capsys):
     """They said "does not exist" and "[Errno 17] File exists"."""
     (tmp_path / "afile").write_text("")

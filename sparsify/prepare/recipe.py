@@ -206,8 +206,8 @@ def _read(spec) -> tuple[dict, str]:
         return _parse(text, str(path)), str(path)
     if isinstance(spec, str):
         known = builtin_recipes()
-        if spec not in known and Path(spec).is_file():  # a file named without .json or a folder
-            return _read(Path(spec))
+        if spec not in known and (Path(spec).is_file() or Path(spec).is_dir()):  # a file named without .json
+            return _read(Path(spec))  # or a folder: said as one, not an unknown name
         if spec not in known:
             raise RecipeError(f"unknown recipe {spec!r}{_did_you_mean(spec, known)}; built-in recipes: "
                               f"{', '.join(known)} (or pass a path to a .json file, or a dict)")
