@@ -146,6 +146,20 @@ def test_the_demo_says_warning_in_the_singular_for_one():
     assert _warned(["a", "b"], Path("r")) == "  (2 warnings: r/report.json)"
 
 
+
+def test_the_demo_says_epoch_and_run_in_the_singular_for_one(tmp_path, monkeypatch, capsys):
+    """One epoch of one run read "1 epochs per run, 1 runs" and "1 runs in"."""
+    from sparsify.app import demo
+
+    def fake_train(cfg, quiet=False):
+        raise RuntimeError("not trained here")
+    monkeypatch.setattr(demo, "train", fake_train)
+    import sparsify.app.plots as plots
+    monkeypatch.setattr(plots, "plot_comparison", lambda *a, **k: None)
+    demo.run_demo(str(tmp_path / "d"), epochs=1, recipes=["dense"])
+    out = capsys.readouterr().out
+    assert "1 epoch per run, 1 run ->" in out and "\n1 run in " in out, out
+
 # --- the write-up ------------------------------------------------------------------------------------------
 
 

@@ -214,7 +214,7 @@ def test_resume_of_an_interrupted_run_still_continues(finished, tmp_path):
 @pytest.mark.parametrize("edit,said", [
     ({"epoch": -5}, "epoch -5"),
     ({"epoch": 0, "batch": 1000000}, "history that is not one record"),
-    ({"epoch": 0, "history": [], "batch": 1000000}, "outside its 1 epochs"),
+    ({"epoch": 0, "history": [], "batch": 1000000}, "outside its 1 epoch of 6 batches"),
     ({"epoch": "x"}, "epoch 'x'"),
     ({"history": "oops"}, "history"),
     ({"running": None}, "running totals"),

@@ -89,6 +89,7 @@ def test_a_finished_run_is_left_as_it_is(runs, tmp_path, capsys):
     assert main(["train", "--resume", str(run), *QUICK]) == 0
     said = capsys.readouterr().out.strip()
     assert len(said.splitlines()) == 1 and "complete" in said and "resuming" not in said, said
+    assert "(1 epoch, results in" in said, said  # one epoch, not "1 epochs"
     assert snapshot(run) == before
 
 

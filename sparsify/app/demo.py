@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from sparsify.prepare.recipe import builtin_recipes
-from sparsify.app.results import thousands
+from sparsify.app.results import counted, thousands
 from sparsify.app.resume import CONFIG
 from sparsify.app.train import TrainConfig, train
 
@@ -104,7 +104,8 @@ def run_demo(out: str = "demo-out", *, epochs: int | None = None, seed: int = 0,
     threads = torch.get_num_threads()
     t0 = time.time()
     rows = []
-    say(f"sparsify demo: small CNN on 8x8 digits, {epochs} epochs per run, {len(names)} runs -> {out_dir}/")
+    say(f"sparsify demo: small CNN on 8x8 digits, {counted(epochs, 'epoch')} per run, "
+        f"{counted(len(names), 'run')} -> {out_dir}/")
     for name in names:
         t = time.time()
         cfg = TrainConfig(model="cnn", recipe=None if name == "dense" else name, data="digits", epochs=epochs,
@@ -137,7 +138,8 @@ def run_demo(out: str = "demo-out", *, epochs: int | None = None, seed: int = 0,
     (out_dir / "comparison.md").write_text(table + "\n")
     (out_dir / "comparison.json").write_text(json.dumps({"epochs": epochs, "seed": seed, "seconds": total,
                                                          "rows": rows}, indent=2))
-    plot_comparison(rows, out_dir / "comparison.png", f"small CNN on digits, {epochs} epochs, seed {seed}")
-    say(f"\n{len(rows)} runs in {total:.0f}s; table, plot and per-run reports in {out_dir}/ "
+    plot_comparison(rows, out_dir / "comparison.png",
+                    f"small CNN on digits, {counted(epochs, 'epoch')}, seed {seed}")
+    say(f"\n{counted(len(rows), 'run')} in {total:.0f}s; table, plot and per-run reports in {out_dir}/ "
         "(comparison.md, comparison.png, <run>/report.json)")
     return rows

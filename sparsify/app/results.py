@@ -24,6 +24,15 @@ def thousands(v) -> str:
     return "-" if v is None else f"{v:,}"
 
 
+def counted(n: int, word: str) -> str:
+    """``n`` and ``word``, plural unless ``n`` is 1 (what a user reads: "1 epoch", not "1 epochs").
+
+    >>> counted(1, "epoch"), counted(3, "batch")
+    ('1 epoch', '3 batches')
+    """
+    return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith('ch') else 's'}"
+
+
 def _finish(model, cfg, data, out, history, opt_settings, total_steps, test_batches, example, seconds, say,
             ema=None, warned: list[str] | None = None) -> dict:
     from sparsify.app.plots import plot_history, plot_layers

@@ -41,7 +41,7 @@ from sparsify.app.batches import _batches, _channel_fixer, _epoch_order, _train_
 from sparsify.app.data import fingerprint, load_data
 from sparsify.app.device import autocast, on_device, resolve_device
 from sparsify.app.replace import Replacing
-from sparsify.app.results import _finish
+from sparsify.app.results import _finish, counted
 from sparsify.app.warning_lines import warning_lines
 from sparsify.app.summary import dead_inputs, dead_message, evaluate, summarize, weight_sparsity
 from sparsify.app.models import build_model, input_channels
@@ -59,7 +59,7 @@ def _data_change(then: dict, now: dict) -> str:
     """
     said = []
     if then.get("files") != now.get("files"):
-        said.append(f"{now.get('files')} files now, {then.get('files')} then")
+        said.append(f"{counted(now.get('files'), 'file')} now, {then.get('files')} then")
     elif then.get("sha256") != now.get("sha256"):
         said.append("the same number of files, but other names or sizes")
     if (then.get("train"), then.get("test")) != (now["train"], now["test"]):
@@ -194,8 +194,9 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False, warned: list[
         epoch, batch = meta["epoch"], meta["batch"]
         if epoch > cfg.epochs or batch >= steps_per_epoch or (epoch == cfg.epochs and batch):
             raise CheckpointError(f"--resume {cfg.resume}: {CHECKPOINT_META} places the run at epoch {meta['epoch']}, "
-                                  f"batch {meta['batch']}, outside its {cfg.epochs} epochs of {steps_per_epoch} "
-                                  "batches (edited or damaged); the run cannot be resumed from it")
+                                  f"batch {meta['batch']}, outside its {counted(cfg.epochs, 'epoch')} of "
+                                  f"{counted(steps_per_epoch, 'batch')} (edited or damaged); the run cannot be "
+                                  "resumed from it")
         # its position must be the one the hashed scheduler counted (checked before the JSON's digest,
         # which can only say "edited", so that an edited position is named)
         saved_sched = ckpt.get("scheduler")
@@ -213,7 +214,8 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False, warned: list[
         finished = start_epoch == cfg.epochs
         # only after the checks of any resume: a damaged or edited finished run is reported, not called complete
         if finished and (out / REPORT).is_file():
-            say(f"{out}: the run is complete ({cfg.epochs} epochs, results in {out / REPORT}); nothing to do")
+            say(f"{out}: the run is complete ({counted(cfg.epochs, 'epoch')}, results in {out / REPORT}); "
+                "nothing to do")
             return {"complete": True, "out": str(out)}
         if finished:
             say(f"{out}: the run finished training but not its write-up (no {REPORT}); writing it now")
