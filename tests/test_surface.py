@@ -173,12 +173,15 @@ def test_semistructured_step_without_loss_warns_once():
     assert not [w for w in caught if "no loss" in str(w.message)]
 
 
-@pytest.mark.parametrize("recipe, kind, lo, hi", [("sas", "input slots", 0.5, 0.5),
-                                                  ("semi-structured", "output positions", 0.1, 0.3),
-                                                  ("tl1", "activations", 0.01, 1.0)])
-def test_each_method_reports_what_it_sparsifies(recipe, kind, lo, hi, tmp_path, capsys):
+@pytest.mark.parametrize("recipe, kind, shown, lo, hi", [
+    ("sas", "input slots", "input slots", 0.5, 0.5),
+    ("semi-structured", "output positions", "output positions", 0.1, 0.3),
+    # not "activations sparsity" beside the "activation sparsity" of the layer inputs: two measures, two names
+    ("tl1", "activations", "regularized-activation", 0.01, 1.0)])
+def test_each_method_reports_what_it_sparsifies(recipe, kind, shown, lo, hi, tmp_path, capsys):
     """Report table, report.json, the epoch lines, history and the plots all carry the method's own
-    sparsity (not a 0.0% weight sparsity), under the MAC names of docs/macs.md."""
+    sparsity (not a 0.0% weight sparsity), under the MAC names of docs/macs.md; the epoch line names
+    the layer inputs' zeros and a regularizer's apart."""
     rc = main(["train", "--model", "cnn", "--recipe", recipe, "--epochs", "1", "--threads", "1",
                "--out", str(tmp_path), "--no-progress"])
     out = capsys.readouterr().out
@@ -186,7 +189,9 @@ def test_each_method_reports_what_it_sparsifies(recipe, kind, lo, hi, tmp_path, 
     report = json.loads((tmp_path / "report.json").read_text())
     achieved = report["report"]["totals"]["achieved"][kind]
     assert lo <= achieved <= hi
-    assert f"{kind} sparsity {achieved:.3f}" in out.splitlines()[0]  # the epoch line
+    epoch_line = out.splitlines()[0]
+    assert f"  {shown} sparsity {achieved:.3f}" in epoch_line and "layer-input sparsity 0." in epoch_line
+    assert " activation sparsity" not in epoch_line and " activations sparsity" not in epoch_line, epoch_line
     assert {r["sparsifies"] for r in report["report"]["layers"]} == {kind}
     assert "non-zero-weight MACs" in out and "MACs per sample (docs/macs.md): dense" in out
     assert report["history"][-1]["achieved"][kind] == pytest.approx(achieved, abs=0.05)  # 2 test batches there

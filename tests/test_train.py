@@ -136,6 +136,18 @@ def test_plot_write_is_atomic(tmp_path, monkeypatch):
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["training.png"]
 
 
+def test_training_plot_names_the_two_activation_measures_apart(monkeypatch, tmp_path):
+    """training.png's legend said "activations (measured)" (zeros of the layer inputs) beside "activations"
+    (zeros a regularizer sees): each now says what it counts; history.json's keys stay."""
+    import sparsify.app.plots as plots
+    legends = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: legends.append(
+        [t.get_text() for t in fig.axes[1].get_legend().get_texts()]))
+    plots.plot_history([{"epoch": 1, "test_acc": 0.5, "weight_sparsity": 0.2, "activation_sparsity": 0.4,
+                         "achieved": {"weights": 0.2, "activations": 0.6}}], tmp_path / "training.png")
+    assert legends == [["weights (achieved)", "layer inputs (measured)", "regularized activations"]]
+
+
 def test_overrides_and_dense_run(tmp_path):
     res = train(cfg(tmp_path, "half", epochs=1, overrides={"sparsity": 0.5, "fix": None}), quiet=True)
     assert res["weight_sparsity"] == pytest.approx(0.5, abs=0.005)

@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from sparsify.app.checkpoint import _tmp_name  # noqa: E402
+from sparsify.app.summary import shown_kind  # noqa: E402
 
 __all__ = ["plot_layers", "plot_history", "plot_comparison"]
 
@@ -56,7 +57,7 @@ def plot_layers(weight: dict[str, float | None], activation: dict[str, float], p
         axes[0].legend(fontsize=8, loc="lower right")
     axes[0].set_title(f"{label} (% zeros)")
     axes[1].barh(pos, [100 * activation.get(n, 0.0) for n in names], color="tab:orange")
-    axes[1].set_title("input activation sparsity (% zeros, measured)")
+    axes[1].set_title("layer-input sparsity (% zeros, measured)")
     axes[0].set_yticks(pos, names, fontsize=7)
     axes[0].invert_yaxis()
     for ax in axes:
@@ -77,12 +78,13 @@ def plot_history(history: list[dict], path, title: str = "") -> str:
     a1.set_title("accuracy (%)")
     a1.set_xlabel("epoch")
     for key, label, style in (("weight_sparsity", "weights (achieved)", "-o"), ("target", "weights (scheduled)", "--"),
-                              ("activation_sparsity", "activations (measured)", "-o")):
+                              ("activation_sparsity", "layer inputs (measured)", "-o")):
         if any(h.get(key) for h in history):
             a2.plot(ep, [100 * (h.get(key) or 0) for h in history], style, label=label)
     # what other methods sparsify (SAS slots, masked positions, regularized activations)
     for kind in dict.fromkeys(k for h in history for k in (h.get("achieved") or {}) if k != "weights"):
-        a2.plot(ep, [100 * ((h.get("achieved") or {}).get(kind) or 0) for h in history], "-s", label=kind)
+        a2.plot(ep, [100 * ((h.get("achieved") or {}).get(kind) or 0) for h in history], "-s",
+                label=shown_kind(kind, adjective=False))
     a2.set_title("sparsity (% zeros)")
     a2.set_xlabel("epoch")
     a2.set_ylim(0, 100)

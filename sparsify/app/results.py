@@ -10,7 +10,7 @@ import torch
 import sparsify as sp
 
 from sparsify.app.checkpoint import save_atomic, write_json
-from sparsify.app.summary import dead_inputs, dead_message, library_measurement, summarize
+from sparsify.app.summary import dead_inputs, dead_message, library_measurement, shown_kind, summarize
 from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.stats.runstats import activation_stats
 
@@ -52,7 +52,7 @@ def _finish(model, cfg, data, out, history, opt_settings, total_steps, test_batc
         # per layer: what its method sparsifies (weights, SAS slots, masked positions, ...)
         weights = {r.name: r.achieved for r in rep.layers if r.achieved is not None}
         targets = {r.name: r.target for r in rep.layers}
-        kinds = sorted({"weight" if r.sparsifies == "weights" else r.sparsifies for r in rep.layers})
+        kinds = sorted({"weight" if r.sparsifies == "weights" else shown_kind(r.sparsifies) for r in rep.layers})
         say(str(rep))
         result["finalize"] = _save_finalized(model, example, out / "final_state_dict.pt", say, "finalize")
     else:
@@ -70,7 +70,7 @@ def _finish(model, cfg, data, out, history, opt_settings, total_steps, test_batc
     result["warnings"] = list(warned or ())  # the run's, also those scrolled away or not shown (quiet)
     write_json(result, out / "report.json")
     say(f"test accuracy {result['accuracy']:.4f}; weight sparsity {summary['weight_sparsity'] or 0:.3f}; "
-        f"activation sparsity {summary['activation_sparsity']:.3f}; MACs per sample (docs/macs.md): dense "
+        f"layer-input sparsity {summary['activation_sparsity']:.3f}; MACs per sample (docs/macs.md): dense "
         f"{thousands(summary['dense_macs'])}, non-zero-weight {thousands(summary['nonzero_macs'])}, effective "
         f"{thousands(summary['effective_macs'])}, executed {thousands(summary['executed_macs'])}; results in {out}")
     return result

@@ -10,7 +10,21 @@ from sparsify.core.layers import WEIGHT_TYPES, SparseWeightMixin
 from sparsify.core.modes import kept_modes
 from sparsify.prepare.inputs import positions_per_sample
 
-__all__ = ["evaluate", "weight_sparsity", "summarize", "library_measurement", "dead_inputs", "dead_message"]
+__all__ = ["evaluate", "weight_sparsity", "summarize", "library_measurement", "dead_inputs", "dead_message",
+           "shown_kind"]
+
+
+def shown_kind(kind: str, adjective: bool = True) -> str:
+    """How the epoch line (``adjective``: "... sparsity") and ``training.png`` name what a method
+    sparsifies (a ``sparsify.report`` kind): the regularizers' "activations" read as the same figure as
+    the layer-input sparsity beside it, which counts zeros elsewhere (the inputs of Conv/Linear layers).
+
+    >>> shown_kind("activations"), shown_kind("activations", adjective=False), shown_kind("input slots")
+    ('regularized-activation', 'regularized activations', 'input slots')
+    """
+    if kind == "activations":
+        return "regularized-activation" if adjective else "regularized activations"
+    return kind
 
 
 def evaluate(model: nn.Module, batches) -> float:

@@ -43,7 +43,7 @@ from sparsify.app.device import autocast, on_device, resolve_device
 from sparsify.app.replace import Replacing
 from sparsify.app.results import _finish, counted
 from sparsify.app.warning_lines import warning_lines
-from sparsify.app.summary import dead_inputs, dead_message, evaluate, summarize, weight_sparsity
+from sparsify.app.summary import dead_inputs, dead_message, evaluate, shown_kind, summarize, weight_sparsity
 from sparsify.app.models import build_model, input_channels
 from sparsify.stats.runstats import activation_stats
 
@@ -306,10 +306,11 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False, warned: list[
             checkpoint(epoch + 1, 0)
             say(f"epoch {h['epoch']}/{cfg.epochs}: loss {h['train_loss']:.4f}  train acc {h['train_acc']:.4f}  "
                 f"test acc {h['test_acc']:.4f}  weight sparsity {h['weight_sparsity'] or 0:.3f}  "
-                f"activation sparsity {h['activation_sparsity']:.3f}"
+                f"layer-input sparsity {h['activation_sparsity']:.3f}"
                 + (f"  ema test acc {h['ema_test_acc']:.4f}" if ema is not None else "")
                 # what the recipe's own methods sparsify besides weights (SAS slots, masked positions, ...)
-                + "".join(f"  {kind} sparsity {v:.3f}" for kind, v in achieved.items() if kind != "weights"))
+                + "".join(f"  {shown_kind(kind)} sparsity {v:.3f}" for kind, v in achieved.items()
+                          if kind != "weights"))
             if (dead := dead_inputs(act)) and not warned_dead:
                 warned_dead = True
                 say(dead_message(dead, f"after epoch {h['epoch']}"))
