@@ -209,3 +209,41 @@ def test_momentum_with_adam_is_refused(tmp_path, capsys, argv, no_data):
     argv = [str(recipe) if a == "RECIPE" else a for a in argv]
     err = cli_error(capsys, ["train", "--epochs", "1", *argv, "--out", str(tmp_path / "o"), *QUICK])
     assert "--momentum" in err and "optimizer is adam" in err and not no_data
+
+
+@pytest.mark.parametrize("then", ["kept", "edited", "moved"])
+def test_a_run_resumes_with_its_own_recipe_whatever_became_of_the_file(then, tmp_path, capsys):
+    """An edited recipe file (the next experiment's sparsity, options.train.lr) made a run un-resumable
+    ("checkpoint.pt does not fit the model ..."), a moved one too ("does not exist"): the run goes on
+    with the recipe its checkpoint saved, overrides applied, and says so in one line."""
+    path = tmp_path / "mine.json"
+    doc = {"version": 1, "rules": [{"match": {"type": ["Conv2d", "Linear"]}, "method": "magnitude",
+                                    "params": {"sparsity": 0.8}}], "options": {"train": {"lr": 0.04}}}
+    path.write_text(json.dumps(doc))
+    out = tmp_path / "run"
+    cfg = TrainConfig(model="cnn", recipe=str(path), overrides={"sparsity": 0.7}, epochs=2, batch_size=512,
+                      out=str(out), progress=False, threads=1)
+    assert train(cfg, on_step=ctrl_c_at(2), quiet=True)["interrupted"]
+    if then == "edited":
+        doc["rules"][0]["params"]["sparsity"], doc["options"]["train"]["lr"] = 0.9, 0.5
+        path.write_text(json.dumps(doc))
+    elif then == "moved":
+        path.rename(tmp_path / "elsewhere.json")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), *QUICK]) == 0
+    err = capsys.readouterr().err.strip()
+    if then == "kept":
+        assert err == "", err
+    else:
+        since = "changed since the run started" if then == "edited" else "no longer exists"
+        assert err == (f"warning: recipe file {path} {since}; resuming with the run's own recipe (saved in "
+                       f"{out / 'checkpoint.pt'})"), err
+    report = json.loads((out / "report.json").read_text())
+    assert report["optimizer"]["lr"] == 0.04 and report["report"]["recipe"] == "mine"
+    assert report["weight_sparsity"] == pytest.approx(0.7, abs=0.01)
+
+
+def test_a_checkpoint_without_a_saved_recipe_reads_the_recipe_again():
+    """A model state without sparsify's saved recipe: the recipe is read from cfg.recipe, as before."""
+    from sparsify.app.config import run_recipe
+    assert run_recipe(TrainConfig(recipe="st3", resume="run"), {"model": {"fc.weight": None}}) == (None, None)

@@ -9,16 +9,18 @@ always win.
 """
 from __future__ import annotations
 
+import json
 import os
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from sparsify.app.checkpoint import CheckpointError
-from sparsify.app.resume import CONFIG, load_run
-from sparsify.prepare.recipe import builtin_recipes, load_recipe
+from sparsify.app.checkpoint import CHECKPOINT, CheckpointError
+from sparsify.app.resume import CONFIG, load_run, saved_recipe
+from sparsify.prepare.recipe import Recipe, builtin_recipes, load_recipe
+from sparsify.prepare.validate import RecipeError
 
-__all__ = ["TrainConfig", "config_from_args", "METHOD_DEFAULTS", "BASE_DEFAULTS", "resolve_optimizer"]
+__all__ = ["TrainConfig", "config_from_args", "METHOD_DEFAULTS", "BASE_DEFAULTS", "resolve_optimizer", "run_recipe"]
 
 #: Optimizer settings a method needs to work in a short run (applied unless given explicitly).
 #: STR sparsifies only through weight decay on its threshold parameters; with the library's
@@ -98,9 +100,11 @@ def _absolute_data(data: str) -> str:
     return f"{kind}:{os.path.abspath(os.path.expanduser(path))}" if kind == "imagefolder" and path else data
 
 
-def resolve_optimizer(cfg: TrainConfig) -> dict:
+def resolve_optimizer(cfg: TrainConfig, recipe=None) -> dict:
     """The optimizer name, lr and weight decay for ``cfg``: explicit values, else the recipe's
     ``options.train``, else :data:`METHOD_DEFAULTS` of its methods, else :data:`BASE_DEFAULTS`.
+    ``recipe``: the one to read instead of ``cfg.recipe`` and its overrides (a resumed run's own,
+    :func:`run_recipe`).
 
     >>> resolve_optimizer(TrainConfig(recipe="st3"))
     {'optimizer': 'sgd', 'lr': 0.05, 'weight_decay': 0.0005}
@@ -110,7 +114,7 @@ def resolve_optimizer(cfg: TrainConfig) -> dict:
     hints: dict = {}
     options: dict = {}
     if not cfg.dense:
-        recipe = load_recipe(cfg.recipe, **cfg.overrides)
+        recipe = load_recipe(cfg.recipe, **cfg.overrides) if recipe is None else load_recipe(recipe)
         for rule in recipe.rules:
             hints.update(METHOD_DEFAULTS.get(rule.method or "", {}))
         options = recipe.options.get("train", {}) if isinstance(recipe.options, dict) else {}
@@ -122,6 +126,29 @@ def resolve_optimizer(cfg: TrainConfig) -> dict:
     pick = lambda key, given: given if given is not None else hints.get(key, base[key])  # noqa: E731
     return {"optimizer": name, "lr": float(pick("lr", cfg.lr)), "weight_decay": float(pick("weight_decay",
                                                                                            cfg.weight_decay))}
+
+
+def run_recipe(cfg: TrainConfig, tensors: dict) -> tuple:
+    """``(recipe, note)`` for a resumed sparse run: the recipe its checkpoint ``tensors`` saved (resolved,
+    ``cfg.overrides`` applied) and, when the file or built-in ``cfg.recipe`` now resolves to another
+    recipe or to none, one line saying the run goes on with its own. A checkpoint that holds no
+    recipe: ``(None, None)``, ``cfg.recipe`` is read again as the run first read it."""
+    saved = saved_recipe(tensors)
+    if saved is None:
+        return None, None
+    # named after the file or built-in it came from, as when it was read from there (a recipe without a "name")
+    own = load_recipe(Recipe(name="", description="", source=str(cfg.recipe), data=saved, rules=()))
+    try:
+        changed = json.loads(load_recipe(cfg.recipe, **cfg.overrides).to_json()) != saved
+    except RecipeError:  # moved, deleted, or no longer loading with the run's overrides
+        changed = True
+    if not changed:
+        return own, None
+    is_file = cfg.recipe.endswith(".json") or "/" in cfg.recipe or cfg.recipe not in builtin_recipes()
+    what = f"recipe file {cfg.recipe}" if is_file else f"built-in recipe {cfg.recipe!r}"
+    since = "no longer exists" if is_file and not os.path.exists(cfg.recipe) else "changed since the run started"
+    return own, (f"{what} {since}; resuming with the run's own recipe (saved in "
+                 f"{os.path.join(str(cfg.resume), CHECKPOINT)})")
 
 
 def _default_out(cfg: TrainConfig) -> str:

@@ -17,9 +17,11 @@ import torch
 
 from sparsify.app.checkpoint import (CHECKPOINT, CHECKPOINT_META, CheckpointError, load_checkpoint, meta_digest,
                                      meta_problem, save_checkpoint)
+from sparsify.core.extra_state import unpack
+from sparsify.core.state import STATE_ATTR
 
 __all__ = ["CONFIG", "RUN_FILES", "RUN_KEYS", "load_run", "check_out", "restore", "save_run",
-           "checkpoint_meta", "meta_edited", "REPORT"]
+           "checkpoint_meta", "meta_edited", "REPORT", "saved_recipe"]
 
 CONFIG = "config.json"
 #: written last by a finished run: a run folder holding it has nothing left to do
@@ -70,6 +72,23 @@ def load_run(folder: Path, given_model: str | None, default_model: str) -> tuple
         raise CheckpointError(f"--resume {folder}: {CHECKPOINT} was made by another run than {CONFIG} describes "
                               f"(different {', '.join(diff) or 'settings'}); copy the whole folder of that run instead")
     return saved, tensors, meta
+
+
+def saved_recipe(tensors: dict) -> dict | None:
+    """The resolved recipe (its overrides applied) that the model in a checkpoint was sparsified with:
+    ``sparsify`` keeps it in the model's ``state_dict``, so a run folder holds its own recipe whatever
+    becomes of the file it was read from. None for a dense run's checkpoint."""
+    model = tensors.get("model")
+    suffix = f"{STATE_ATTR}._extra_state"
+    keys = sorted((k for k in model if k == suffix or k.endswith("." + suffix)), key=len) if isinstance(
+        model, dict) else []
+    if not keys:
+        return None
+    try:
+        recipe = json.loads(unpack(model[keys[0]])["recipe"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):  # the model's own load check says what is wrong
+        return None
+    return recipe if isinstance(recipe, dict) else None
 
 
 def check_out(out: Path, overwrite: bool) -> list[str]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from sparsify.app.checkpoint import (CHECKPOINT, CHECKPOINT_META, CheckpointErro
                                      remove_stale_temporaries, write_json)
 from sparsify.app.resume import CONFIG, REPORT, RUN_KEYS, check_out, meta_edited, restore, save_run
 from sparsify.app.config import (BASE_DEFAULTS, METHOD_DEFAULTS, TrainConfig, _default_out, _load_resume,
-                                 config_from_args, resolve_optimizer)
+                                 config_from_args, resolve_optimizer, run_recipe)
 from sparsify.app.batches import _batches, _channel_fixer, _epoch_order, _train_size
 from sparsify.app.data import fingerprint, load_data
 from sparsify.app.device import autocast, on_device, resolve_device
@@ -180,9 +181,14 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False, warned: list[
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     example = (next(_batches(data.test, torch.arange(min(2, len(data.test))), 2, fix_channels=fix))[0].to(device),)
+    # a resumed run rebuilds from the recipe its checkpoint saved: the file may have been edited or moved since
+    recipe, note = run_recipe(cfg, ckpt) if ckpt is not None and not cfg.dense else (None, None)
+    if note is not None:
+        warnings.warn(note, stacklevel=1)
     if not cfg.dense:
-        model = sp.sparsify(model, cfg.recipe, total_steps=total_steps, example_inputs=example, **cfg.overrides)
-    opt_settings = resolve_optimizer(cfg)
+        model = sp.sparsify(model, cfg.recipe if recipe is None else recipe, total_steps=total_steps,
+                            example_inputs=example, **(cfg.overrides if recipe is None else {}))
+    opt_settings = resolve_optimizer(cfg, recipe)
     optimizer, sched = _make_optimizer(model, cfg, opt_settings, total_steps)
     ema = _make_ema(model, cfg.ema)
     # the training forward only: evaluation, EMA and checkpoints use the model itself
