@@ -237,8 +237,11 @@ class HeldLayers:
     loaded model reports what the saved one did before its next update."""
 
     def get_extra_state(self):
-        every = set(self.members) | set(self.floored)  # a replaced layer stays held until the next update
-        return pack({"held_at_min_density": list(self.floored)}, like={"held_at_min_density": list(every)})
+        # a replaced layer stays held until the next update, and a layer swapped out since sparsify
+        # (timm's reset_classifier; core/state.forget_replaced) keeps its room: the tensor an EMA
+        # copy made before the swap holds must not change size
+        every = set(self.members) | set(self.floored) | self.__dict__.get("_held_room", set())
+        return pack({"held_at_min_density": list(self.floored)}, like={"held_at_min_density": sorted(every)})
 
     def set_extra_state(self, state) -> None:
         self.floored = list(unpack(state).get("held_at_min_density", []))

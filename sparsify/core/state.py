@@ -314,6 +314,9 @@ def forget_replaced(root: nn.Module, state: SparsifyState) -> list[str]:
                 set_submodule(root, name, plain_copy(member, share=True))
             if now is not member or resized:
                 del group.members[name]
+                # its name keeps its room in the group's extra state (core/keep.py: an EMA copy made
+                # before the swap holds a tensor of the size with it)
+                group.__dict__.setdefault("_held_room", set()).add(name)
                 gone.append(name)
     return gone
 
