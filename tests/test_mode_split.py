@@ -112,3 +112,33 @@ def test_timm_models_whose_activations_sit_in_batchnormact2d(name):
         m(x)  # the evaluation report's figure comes from
     rows = [row for row in sparsify.report(m).layers if row.sparsifies == "activations"]
     assert rows and all(row.achieved is not None for row in rows)
+
+
+class _TrainBranch(nn.Module):
+    """A root whose forward branches on self.training around everything (timm's RegNet under SAS)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+        return x * 2 if self.training else x
+
+
+def test_sparsify_says_when_eval_will_skip_the_inserted_nodes():
+    """The graph holds the training branch, so eval runs the model's own forward without the
+    semi-structured mask: sparsify says so at once, and the plan's capture notes keep it (before,
+    only the first eval call said it); a weight recipe, which inserts nothing, says nothing."""
+    x = torch.randn(1, 3, 8, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = sparsify.sparsify(_TrainBranch(), "semi-structured", total_steps=4, example_inputs=x)
+    said_ = [str(w.message) for w in caught if "branches on self.training" in str(w.message)]
+    assert len(said_) == 1 and said_[0].startswith("sparsify: _TrainBranch (<root>) branches on self.training")
+    assert "without conv_pmask" in said_[0]
+    assert [n for n in m.sparsify_state.plan.capture_notes if "branches on self.training" in n]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sparsify.sparsify(_TrainBranch(), "gmp", total_steps=4, example_inputs=x)
+    assert not [w for w in caught if "branches on self.training" in str(w.message)]

@@ -21,6 +21,7 @@ from passes.call_inputs import input_tuple
 from sparsify.prepare.open_transformer import close_transformers
 from sparsify.prepare.inputs import FIT_HINT, misfit_error, refuse_empty, state_inputs
 from sparsify.prepare.pretrained import guard_foreign_layout, unguard_save_pretrained
+from sparsify.prepare.training_only import training_only_graphs
 from sparsify.core.registry import get_method
 from sparsify.core.dead_outputs import dead_outputs, dead_outputs_message
 from sparsify.core.diverged import diverged_message, nonfinite_parameters
@@ -287,17 +288,12 @@ def _warn_training_only_graphs(source: nn.Module) -> None:
     """The check compares eval outputs; a graph that holds the training branch of a module's
     ``if self.training:`` runs that module's own forward in eval, without the nodes a method
     inserted (semi-structured's masks), in the sparse model and the finalized one alike."""
-    for name, m in source.named_modules():
-        guard = m.__dict__.get("_call_guard")
-        if guard is None or not any(flag == "training" and value for (_, flag), value in guard.modes.items()):
-            continue
-        skipped = guard.added(m, training=False)
-        if skipped:
-            warnings.warn(f"finalize: {type(m).__name__} ({name or '<root>'}) branches on self.training and its "
-                          f"graph holds the training branch, so in eval (and in the finalized model) its own forward "
-                          f"runs without {', '.join(skipped[:3])}{'...' if len(skipped) > 3 else ''}: the deployed "
-                          "model does not apply them, and this check cannot see it (docs/capture.md#training-and-"
-                          "eval-branches)", FinalizeWarning, stacklevel=4)
+    for name, cls, skipped in training_only_graphs(source):
+        warnings.warn(f"finalize: {cls} ({name or '<root>'}) branches on self.training and its "
+                      f"graph holds the training branch, so in eval (and in the finalized model) its own forward "
+                      f"runs without {', '.join(skipped[:3])}{'...' if len(skipped) > 3 else ''}: the deployed "
+                      "model does not apply them, and this check cannot see it (docs/capture.md#training-and-"
+                      "eval-branches)", FinalizeWarning, stacklevel=4)
 
 
 def _finalize_tied(final: nn.Module) -> None:

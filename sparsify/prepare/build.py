@@ -35,6 +35,7 @@ from sparsify.prepare.adapters import adapter_reason, is_tuner_layer
 from sparsify.prepare.pretrained import guard_save_pretrained
 from sparsify.prepare.unhandled import frozen_reason, unhandled_entries
 from sparsify.prepare.recipe import Recipe
+from sparsify.prepare.training_only import training_only_graphs
 from sparsify.prepare.undo import TreeSnapshot, mirror_children
 from sparsify.prepare.validate import check_times
 from sparsify.core.load_hooks import before_load
@@ -43,6 +44,17 @@ from sparsify.core.state import STATE_ATTR, SparsifyState, after_load, start_gro
 __all__ = ["build", "check_model"]
 
 _WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel")
+
+
+def _note_training_only(root: nn.Module, plan: Plan) -> None:
+    """Say, in the plan and once here, each graph whose eval calls skip the nodes just inserted
+    (docs/capture.md#training-and-eval-branches): before, only the first eval call said it."""
+    for name, cls, skipped in training_only_graphs(root):
+        note = (f"{cls} ({name or '<root>'}) branches on self.training and its graph holds the training branch, so "
+                f"in eval its own forward runs without {', '.join(skipped[:3])}{'...' if len(skipped) > 3 else ''}: "
+                "evaluation and the finalized model do not apply them (docs/capture.md#training-and-eval-branches)")
+        plan.capture_notes.append(note)
+        warnings.warn(f"sparsify: {note}", stacklevel=4)
 
 
 def check_model(model) -> None:
@@ -252,6 +264,8 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
         changes = changes_by_graph.get(prefix, [])
         # swapping the module a node calls leaves the graph's code as it is: no recompile needed
         Pipeline([lambda g, ch=changes: PassResult(g, any(c.kind != "replace" for c in ch), ch)]).run(gm)
+    if not dry_run:
+        _note_training_only(root, plan)
 
     # a guessed input costs a full forward at 224²: only the dry run and methods that size
     # buffers at build time pay it now; sparsify() guesses on first use (report, finalize)
