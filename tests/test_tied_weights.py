@@ -275,3 +275,73 @@ def test_a_block_registered_under_two_names(recipe):
         fresh = sparsify.sparsify(_TwoNames(), recipe, example_inputs=(x,), total_steps=4)
     fresh.load_state_dict(m.state_dict())
     assert torch.equal(fresh.eval()(x), m(x))
+
+
+class _CpeBlock(nn.Module):
+    def __init__(self, cpe):
+        super().__init__()
+        self.cpe, self.fc = cpe, nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        return self.fc(self.cpe(x) + x)
+
+
+class _UntracedBlock(_CpeBlock):
+    """Its branch on a value is captured as a graph of its own, which calls the conv as ``cpe``."""
+
+    def forward(self, x):
+        y = self.cpe(x)
+        if float(y.sum()) > 1e9:
+            y = y * 2
+        return self.fc(y + x)
+
+
+class _SharedCpe(nn.Module):
+    """timm's CoaT: one ConvPosEnc registered as ``cpe1`` and as the ``cpe`` of every block,
+    alone (``shared="conv"``; ``"graphs"``: called under both names) or with the block around it
+    (``shared="block"``)."""
+
+    def __init__(self, shared):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        conv = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.cpe1 = nn.Sequential(conv) if shared == "block" else conv
+        block = _UntracedBlock if shared == "graphs" else _CpeBlock
+        self.blocks = nn.Sequential(block(self.cpe1), block(self.cpe1))
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def _cpes(model, shared):
+    """The conv under each of its names: cpe1, blocks.0.cpe, blocks.1.cpe."""
+    mods = [model.cpe1, model.blocks[0].cpe, model.blocks[1].cpe]
+    return [mod[0] if shared == "block" else mod for mod in mods]
+
+
+@pytest.mark.parametrize("recipe", ["gmp", "st3", "str"])
+@pytest.mark.parametrize("shared", ["conv", "block", "graphs"])
+def test_one_layer_registered_under_several_names_is_sparsified_once(recipe, shared):
+    """A module under several names is one layer (sparsify refused it as tied to itself): one sparse
+    module, so one mask, under every name; it trains, reloads and finalizes to one plain module."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = sparsify.sparsify(_SharedCpe(shared), recipe, example_inputs=(x,), total_steps=4)
+        fresh = sparsify.sparsify(_SharedCpe(shared), recipe, example_inputs=(x,), total_steps=4)
+    first, *others = _cpes(m, shared)
+    assert isinstance(first, SparseWeightMixin) and all(o is first for o in others)
+    if shared == "graphs":
+        entries = {e.name: e for e in sparsify.plan(_SharedCpe(shared), recipe, example_inputs=(x,)).entries}
+        assert entries["blocks.1.cpe"].reason.startswith("the same module as blocks.0.cpe")
+    _train(m, (x,), steps=4)
+    fresh.load_state_dict(m.state_dict())
+    assert torch.equal(fresh.eval()(x), m.eval()(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        final = sparsify.finalize(m, (x,))
+    first, *others = _cpes(final, shared)
+    assert type(first) is nn.Conv2d and all(o is first for o in others)
+    torch.testing.assert_close(final(x), m(x))

@@ -140,6 +140,7 @@ def _finalize_model(model: nn.Module, example_inputs, *, check: bool, rtol: floa
     final = deepcopy_module(source, kept_hooks(source))  # the caller's hook objects run in it, not copies
     fstate: SparsifyState = getattr(final, STATE_ATTR)
     foreign = []  # what the model's class does not build
+    replaced: dict[int, nn.Module] = {}
     for group in fstate.groups.values():
         layout = get_method(group.method_name).deploy_layout
         for name, member in group.members.items():
@@ -151,6 +152,8 @@ def _finalize_model(model: nn.Module, example_inputs, *, check: bool, rtol: floa
                     raise FinalizeError(f"could not remove {name} from the graph")
             elif new is not member:
                 set_submodule(final, name, new)
+                replaced[id(member)] = new
+    _point_aliases(final, replaced)
     from sparsify.prepare.hidden import finalize_hidden  # weights read outside module calls (Swin, MultiheadAttention)
     finalize_hidden(final, fstate.graph_paths)
     _finalize_tied(final)
@@ -294,6 +297,14 @@ def _warn_training_only_graphs(source: nn.Module) -> None:
                       f"runs without {', '.join(skipped[:3])}{'...' if len(skipped) > 3 else ''}: the deployed "
                       "model does not apply them, and this check cannot see it (docs/capture.md#training-and-"
                       "eval-branches)", FinalizeWarning, stacklevel=4)
+
+
+def _point_aliases(final: nn.Module, replaced: dict[int, nn.Module]) -> None:
+    """A layer registered under several names (timm CoaT's shared ``cpe1``) is finalized once, under
+    the name its group knows: its other names get that same plain module, so it stays one module."""
+    for name, m in list(final.named_modules(remove_duplicate=False)):
+        if id(m) in replaced:
+            set_submodule(final, name, replaced[id(m)])
 
 
 def _finalize_tied(final: nn.Module) -> None:

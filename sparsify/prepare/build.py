@@ -30,7 +30,7 @@ from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.core.modes import modes_of, restore_modes
 from sparsify.core.contract import GroupContext, Site
 from sparsify.prepare.plan import Plan, PlanEntry
-from sparsify.prepare.tied import param_owners, share_tied, tie_decision
+from sparsify.prepare.tied import module_aliases, param_owners, point_aliases, share_tied, tie_decision
 from sparsify.prepare.adapters import adapter_reason, is_tuner_layer
 from sparsify.prepare.pretrained import guard_save_pretrained
 from sparsify.prepare.unhandled import frozen_reason, unhandled_entries
@@ -215,7 +215,7 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     watched = {c.name for c in cands if measured is not None and c not in hidden
                and isinstance(c.module, WEIGHT_TYPES) and getattr(matcher.winner(c), "method", None) is not None}
     direct = direct_reads(root, sorted(watched), example_inputs)  # Mamba's dt_proj.weight @ x
-    owners = param_owners(root)
+    owners, aliases, originals, rewritten_as = param_owners(root), module_aliases(root), {}, {}
     tied_users: dict[str, str] = {}  # module -> the rewritten layer whose weight it reads
     for c in cands + hidden:
         w = matcher.winner(c)
@@ -233,6 +233,8 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
         weight_params = c.module.weight.numel() if isinstance(c.module, WEIGHT_TYPES) else 0
         if c.name in tied_users:  # counted once, with the layer owning the mask
             why, weight_params = f"tied to {tied_users[c.name]}: computes with its effective weight (one mask)", 0
+        if rewritten_as.get(id(c.module), c.name) != c.name:  # one module registered under two names
+            why, weight_params = f"the same module as {rewritten_as[id(c.module)]}: sparsified there (one layer)", 0
         users = []
         if not why and weight_params:
             why = adapter_reason(root, c.name, recipe.options) or frozen_reason(c.module, recipe.options)
@@ -243,6 +245,9 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
             continue
         plan.entries.append(PlanEntry(c.name, c.kind, w.rule.method, w.rule.index, "", weight_params))
         rewritten.add(c.name)
+        originals.setdefault(c.name, c.module)
+        if id(c.module) in aliases:
+            rewritten_as.setdefault(id(c.module), c.name)
         tied_users.update(dict.fromkeys(users, c.name))
         if not dry_run:
             w.method.apply(site, w.rule.params)
@@ -252,6 +257,7 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     if direct and not dry_run:
         warnings.warn(direct_warning(direct), stacklevel=3)
     if not dry_run:
+        point_aliases(root, originals, aliases)
         for prefix, ch in rewire_hidden_reads(tr.graphs, rewritten).items():
             changes_by_graph[prefix].extend(ch)
     listed = {e.name for e in plan.entries}  # sites a method refused are listed already, with its reason

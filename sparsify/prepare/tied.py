@@ -21,7 +21,7 @@ from passes import set_submodule
 
 from sparsify.core.tied import TiedUse, tied_user, why_not_shared
 
-__all__ = ["param_owners", "tied_names", "tie_decision", "share_tied", "TIED_MODES"]
+__all__ = ["param_owners", "tied_names", "tie_decision", "share_tied", "module_aliases", "point_aliases", "TIED_MODES"]
 
 TIED_MODES = ("share", "dense", "error")
 
@@ -55,12 +55,20 @@ def tied_names(root: nn.Module, name: str, module: nn.Module, owners: dict[int, 
     if w is None:
         return []
     owners = param_owners(root) if owners is None else owners
+    try:
+        now = root.get_submodule(name)  # rewritten already by an earlier call of the same layer
+    except AttributeError:  # a site that is no module (a function call's node)
+        now = module
     out = []
     for full in owners.get(id(w), ()):
         other = full.rpartition(".")[0]
         # the layer itself, or an enclosing module holding the same tensor: the one being rewritten
         # through this layer (MultiheadAttention's in_proj_weight behind its in_proj view, see hidden.py)
         if other == name or not other or name.startswith(f"{other}."):
+            continue
+        # the layer itself under another name (rewritten already, by an earlier call through an aliased
+        # parent): one layer, no tie
+        if root.get_submodule(other) in (module, now):
             continue
         out.append(full)
     return out
@@ -124,3 +132,31 @@ def share_tied(root: nn.Module, owner_name: str, users: list[str]) -> None:
         if id(user) not in made:
             made[id(user)] = tied_user(user, owner, owner_name)
         set_submodule(root, user_name, made[id(user)])
+
+
+def module_aliases(root: nn.Module) -> dict[int, list[str]]:
+    """``id(module) -> its qualified names`` for each module registered under several names (timm
+    CoaT's ``cpe1`` is also ``serial_blocks1.0.cpe``): one layer, whichever name a graph calls.
+
+    >>> conv = nn.Conv2d(2, 2, 1)
+    >>> list(module_aliases(nn.ModuleDict({"a": conv, "b": nn.Sequential(conv)})).values())
+    [['a', 'b.0']]
+    """
+    names: dict[int, list[str]] = {}
+    for name, m in root.named_modules(remove_duplicate=False):
+        if name:
+            names.setdefault(id(m), []).append(name)
+    return {k: v for k, v in names.items() if len(v) > 1}
+
+
+def point_aliases(root: nn.Module, originals: dict[str, nn.Module], aliases: dict[int, list[str]]) -> None:
+    """After the rewrite, every other name of a rewritten layer (``originals``: name -> the module
+    it replaced) holds the new module, so the layer stays one module with one mask."""
+    for name, old in originals.items():
+        if id(old) not in aliases:  # most layers (and sites that are no module) have one name
+            continue
+        new = root.get_submodule(name)
+        for other in aliases[id(old)]:
+            # a name reached through an aliased parent (MONAI's DynUNet) already holds the new module
+            if other != name and root.get_submodule(other) is old:
+                set_submodule(root, other, new)
