@@ -93,3 +93,23 @@ def test_a_report_says_its_macs_leave_out_weights_multiplied_by_their_own_kernel
     plain = sparsify.report(sparsify.sparsify(_TokenLM(), "gmp", total_steps=4,
                                               example_inputs=torch.zeros(1, 5, dtype=torch.long)))
     assert plain.totals["uncounted"] is None and "Conv/Linear layers only" not in str(plain)
+
+
+def test_the_target_is_beside_the_zeros_of_the_same_layers():
+    """With SAS (no weight target, its widened weights half zero) beside a 0.9 weight target, the
+    summary line printed all layers' zeros beside that target: now it names both populations."""
+    recipe = {"version": 1, "name": "sas+magnitude", "rules": [
+        {"match": {"type": "Conv2d"}, "method": "sas", "params": {"m": 2, "input": "rewire", "not_relu": "dense"}},
+        {"match": {"type": "Linear"}, "method": "magnitude", "params": {"sparsity": 0.9, "begin": 0, "end": 0}}]}
+    x = torch.randn(2, 3, 8, 8)
+    m = sparsify.sparsify(_model(), recipe, example_inputs=x)
+    sparsify.step(m)
+    rep = sparsify.report(m)
+    t = rep.totals
+    line = next(s for s in str(rep).splitlines() if s.startswith("sparsified layers"))
+    assert (f"sparsified layers: {100 * t['weight_sparsity']:.1f}% of their weights are zero; the 2 layers with a "
+            "weight target: 90.0% (target now 90.0%); ") in line
+    assert t["targeted_layers"] == 2 and t["target"] == pytest.approx(0.9)
+    assert t["targeted_weight_sparsity"] == pytest.approx(0.9, abs=0.01) and t["weight_sparsity"] < 0.85
+    alone = str(sparsify.report(sparsify.sparsify(_model(), RECIPE, example_inputs=x)))
+    assert "% of their weights are zero (target now " in alone

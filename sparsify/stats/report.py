@@ -51,6 +51,22 @@ class Report:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
+    def _sparsified_line(self) -> str:
+        """The zeros of the sparsified layers' weights, and the scheduled target beside the zeros of
+        the same layers: where some layers have no weight target (SAS, semi-structured, STR) both
+        are said, each naming its layers."""
+        t = self.totals
+        if t["weight_sparsity"] is None:
+            return ""
+        line = f"sparsified layers: {100 * t['weight_sparsity']:.1f}% of their weights are zero"
+        if t["target"] is None:
+            return line + "; "
+        n = t["targeted_layers"]
+        if n == sum(1 for r in self.layers if r.params):
+            return line + f" (target now {100 * t['target']:.1f}%); "
+        return (line + f"; the {n} layer{'s' * (n != 1)} with a weight target: "
+                f"{100 * t['targeted_weight_sparsity']:.1f}% (target now {100 * t['target']:.1f}%); ")
+
     def __str__(self) -> str:
         def pct(v):
             return "-" if v is None else f"{100 * v:.1f}%"
@@ -76,8 +92,7 @@ class Report:
                          "the reason sparsify.plan(model, recipe) gives)")
         t = self.totals
         lines.append(
-            (f"sparsified layers: {pct(t['weight_sparsity'])} of their weights are zero (target now "
-             f"{pct(t['target'])}); " if t["weight_sparsity"] is not None else "")
+            self._sparsified_line()
             + f"whole model: {num(t['nonzero_params'])} of {num(t['params'])} parameters non-zero"
             + (f"; Conv/Linear non-zero-weight MACs {num(t['nonzero_macs'])} of {num(t['macs'])} dense "
                f"({pct(t['mac_reduction'])} fewer)" if t["macs"] else "")
@@ -177,7 +192,11 @@ def build_report(root, state: SparsifyState) -> Report:
     sparse_rows = [r for r in layers if r.params]
     sp = sum(r.params for r in sparse_rows)
     snz = sum(r.nonzero_params for r in sparse_rows)
-    targets = [(r.target, r.params) for r in sparse_rows if r.target is not None]
+    # the headline target and the zeros it is compared with count the same layers: those with a weight
+    # target (SAS's widened weights and semi-structured's have targets of their own kinds: `achieved`)
+    targeted = [r for r in sparse_rows if r.sparsifies == "weights" and r.target is not None]
+    targets = [(r.target, r.params) for r in targeted]
+    tp = sum(r.params for r in targeted)
     # the model's parameters as finalize ships them: not the methods' own (STR's thresholds)
     method_only = {id(p) for p in state.parameters()} | {
         id(p) for m in state.members() if isinstance(m, SparseWeightMixin)
@@ -202,7 +221,9 @@ def build_report(root, state: SparsifyState) -> Report:
                  if factors else None)  # what dense hardware runs (SAS: M x the counted MACs)
     totals = {
         "weight_sparsity": 1.0 - snz / sp if sp else None,
-        "target": sum(t * p for t, p in targets) / sum(p for _, p in targets) if targets else None,
+        "target": sum(t * p for t, p in targets) / tp if tp else None,
+        "targeted_weight_sparsity": 1.0 - sum(r.nonzero_params for r in targeted) / tp if tp else None,
+        "targeted_layers": len(targeted),
         "params": param_total, "nonzero_params": param_nnz,
         "macs": macs, "nonzero_macs": nz_macs, "executed_macs": exec_macs,
         "mac_reduction": 1.0 - nz_macs / macs if macs else None,
