@@ -95,9 +95,15 @@ class Glob:
     def __init__(self, pattern: str):
         self.pattern = pattern
         # ("lit", c) | ("any",) one non-dot | ("star",) non-dots | ("dstar",) anything | ("cls", regex)
+        # | ("skip",) before a whole-component dstar: reads nothing
         tokens = []
-        for p in re.split(r"(\*\*|\*|\?|\[[^\]]*\])", pattern):
+        parts = re.split(r"(\*\*|\*|\?|\[[^\]]*\])", pattern)
+        for k, p in enumerate(parts):
             if p == "**":
+                # a whole component ("**.conv1", "a.**.b") also stands for no component, as gitignore's
+                # "**/": "skip" lets the match pass it and the dot after it before it reads anything
+                if parts[k + 1].startswith(".") and (not tokens or tokens[-1] == ("lit", ".")):
+                    tokens.append(("skip", None))
                 tokens.append(("dstar", None))
             elif p == "*":
                 tokens.append(("star", None))
@@ -115,9 +121,12 @@ class Glob:
         todo, seen = list(states), set(states)
         while todo:
             i = todo.pop()
-            if i < len(self._tokens) and self._tokens[i][0] in ("star", "dstar") and i + 1 not in seen:
-                seen.add(i + 1)
-                todo.append(i + 1)
+            if i >= len(self._tokens) or self._tokens[i][0] not in ("star", "dstar", "skip"):
+                continue
+            for j in (i + 1, i + 3) if self._tokens[i][0] == "skip" else (i + 1,):
+                if j not in seen:
+                    seen.add(j)
+                    todo.append(j)
         return seen
 
     def fullmatch(self, name: str) -> bool:
@@ -141,7 +150,7 @@ class Glob:
                 elif kind == "star":
                     if ch != ".":
                         nxt.add(i)
-                else:  # dstar
+                elif kind == "dstar":
                     nxt.add(i)
             if not nxt:
                 return False
@@ -153,7 +162,8 @@ class Glob:
 
 
 def compile_glob(pattern: str) -> Glob:
-    """A full-match glob: ``*`` matches within one dotted component, ``**`` across components,
+    """A full-match glob: ``*`` matches within one dotted component, ``**`` across components (a
+    whole component ``**`` also matches none: ``**.conv1`` matches ``conv1``, ``a.**.b`` ``a.b``),
     ``?`` one character of a component, ``[...]`` a character class. Linear in the name's length.
 
     >>> compile_glob("layer1.*.conv1").fullmatch("layer1.0.conv1")
@@ -162,5 +172,7 @@ def compile_glob(pattern: str) -> Glob:
     False
     >>> compile_glob("layer**").fullmatch("layer1.0.conv1")
     True
+    >>> [compile_glob("**.conv1").fullmatch(n) for n in ("conv1", "layer1.0.conv1", "xconv1")]
+    [True, True, False]
     """
     return Glob(pattern)

@@ -176,8 +176,17 @@ def test_module_path_of():
     ("a.b", "aXb", False),  # dots are literal
     ("features.*", "features.0", True),
     ("*.0", "features.0.1", False),
+    # a whole-component ** is zero or more components, as gitignore's **/
+    ("**.conv1", "conv1", True),
+    ("**.conv1", "layer1.0.conv1", True),
+    ("**.conv1", "xconv1", False),
+    ("layer1.**.conv1", "layer1.conv1", True),
+    ("layer1.**.conv1", "layer1.xconv1", False),
+    ("layer1.**", "layer1", False),
+    ("a**.b", "b", False),
 ])
 def test_globs(pattern, name, hit):
+    """Globs match whole names; ``**.`` also matches no component (``**.conv1`` the root's conv1)."""
     assert bool(compile_glob(pattern).fullmatch(name)) == hit
 
 

@@ -167,3 +167,16 @@ def test_load_recipe_refuses_stages_out_of_order_itself():
     with pytest.raises(RecipeError, match=re.escape("$.stages[1].begin: stages are listed in the order")):
         sparsify.load_recipe({"version": 1, "stages": unordered, "rules": [rule]})
     sparsify.load_recipe({"version": 1, "stages": unordered[::-1], "rules": [rule]})
+
+
+def test_a_name_matching_a_block_says_how_to_match_its_layers():
+    """``{"name": "layer1"}`` names a block, which holds layers but is none: the warning says 'layer1.**'."""
+    model = nn.Sequential()
+    model.add_module("layer1", net())
+    r = {"version": 1, "name": "mine", "schedule": {"begin": 0, "end": 0},
+         "rules": [{"match": {"name": ["layer1", "nothing"]}, "method": "magnitude", "params": {"sparsity": 0.5}}]}
+    with pytest.warns(UserWarning) as record:
+        sparsify.sparsify(model, r, example_inputs=X)
+    assert any("matched nothing ({'name': ['layer1', 'nothing']}) ('layer1' matches the block layer1, not a layer: "
+               "'layer1.**' matches what it holds); see" in str(w.message) for w in record)
+    assert "matched nothing ('layer1' matches the block" in str(sparsify.plan(model, r, example_inputs=X))

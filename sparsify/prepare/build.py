@@ -24,7 +24,7 @@ from sparsify.prepare.hidden import convert_hidden, hidden_candidates, hidden_po
 from sparsify.prepare.hidden_positions import unreached, watched_names
 from sparsify.prepare.inputs import guess_example_inputs, positions_per_sample
 from sparsify.prepare.model_kinds import refuse_model_kind
-from sparsify.prepare.matching import MatchTable
+from sparsify.prepare.matching import MatchTable, block_hint
 from sparsify.methods import SparseWeightMixin, get_method
 from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.core.modes import modes_of, restore_modes
@@ -264,6 +264,7 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     plan.entries.extend(e for e in dense_entries(root, tr, first_cands, matcher, rewritten) if e.name not in listed)
     plan.entries.extend(e for e in unhandled_entries(root, tr.graphs) if e.name not in listed)
     plan.unmatched_rules = matcher.unmatched()
+    plan.unmatched_hints = {i: h for i in plan.unmatched_rules if (h := block_hint(recipe.rules[i].match, root))}
     plan.overruled_rules = matcher.overruled()
 
     for prefix, gm in tr.graphs.items():

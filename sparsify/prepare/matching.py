@@ -13,7 +13,7 @@ from sparsify.core.activations import activation_kind
 from sparsify.core.contract import Site
 from sparsify.core.conv1d import is_conv1d
 
-__all__ = ["Candidate", "MatchTable", "compile_match", "op_name"]
+__all__ = ["Candidate", "MatchTable", "compile_match", "op_name", "block_hint"]
 
 
 @dataclass
@@ -221,3 +221,25 @@ class MatchTable:
             if covering:
                 out.append({"rule": i, "later": max(covering), "sites": len(names), "first": names[0]})
         return out
+
+
+def block_hint(match: dict, root: nn.Module) -> str:
+    """`` (... matches a block, not a layer: ...)`` for a ``name`` glob of a rule that matched
+    nothing where it names a module holding layers (``"layer1"``): the glob for what it holds
+    is ``layer1.**``. Empty otherwise.
+
+    >>> block_hint({"name": "layer1"}, nn.ModuleDict({"layer1": nn.Sequential(nn.Conv2d(1, 1, 1))}))
+    " ('layer1' matches the block layer1, not a layer: 'layer1.**' matches what it holds)"
+    """
+    if "name" not in match:
+        return ""
+    hints = []
+    for pattern in _as_list(match["name"]):
+        glob = compile_glob(pattern)
+        blocks = [name for name, m in root.named_modules() if name and glob.fullmatch(name)
+                  and next(m.children(), None) is not None]
+        if blocks:
+            more = f" (and {len(blocks) - 1} more)" if len(blocks) > 1 else ""
+            hints.append(f"{pattern!r} matches the block {blocks[0]}{more}, not a layer: "
+                         f"{pattern + '.**'!r} matches what it holds")
+    return f" ({'; '.join(hints)})" if hints else ""

@@ -86,6 +86,7 @@ class Plan:
     fallbacks: list[dict] = field(default_factory=list)  # {"name", "reason", "chosen"}: submodules run as they are
     trace_warnings: list[str] = field(default_factory=list)  # warnings raised while tracing (held back)
     unmatched_rules: list[int] = field(default_factory=list)
+    unmatched_hints: dict[int, str] = field(default_factory=dict)  # rule -> what its name glob meant (block_hint)
     # {"rule", "later", "sites", "first"}: a rule that matched layers but decides none of them, as
     # the later rule "later" matches every one of them too (MatchTable.overruled)
     overruled_rules: list[dict] = field(default_factory=list)
@@ -136,7 +137,8 @@ class Plan:
         for i in self.unmatched_rules:
             if not recipe.data["rules"][i].get("optional"):  # optional: may match nothing (no downsample layers)
                 out.append(f"sparsify: rule {i} of recipe {recipe.name!r} matched nothing "
-                           f"({recipe.rules[i].match}){misspelt_types(recipe.rules[i].match)}; see "
+                           f"({recipe.rules[i].match}){misspelt_types(recipe.rules[i].match)}"
+                           f"{self.unmatched_hints.get(i, '')}; see "
                            "sparsify.plan(model, recipe)")
         for o in self.overruled_rules:
             if not recipe.data["rules"][o["rule"]].get("optional"):  # as for a rule that matches nothing
@@ -250,7 +252,7 @@ class Plan:
         for w in self.trace_warnings:
             lines.append(f"warning while tracing: {w}")
         for i in self.unmatched_rules:
-            lines.append(f"warning: rule {i} matched nothing")
+            lines.append(f"warning: rule {i} matched nothing{self.unmatched_hints.get(i, '')}")
         for o in self.overruled_rules:
             lines.append(f"warning: {overruled_line(o)}")
         return "\n".join(lines)
