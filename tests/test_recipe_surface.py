@@ -60,6 +60,16 @@ def test_a_rule_given_twice_is_warned():
     assert any("rule 0 (st3) decides nothing" in m and "rule 1 (st3)" in m for m in said), said
 
 
+def test_two_methods_on_the_same_layers_are_said_not_to_combine():
+    """A weight method and then another method on the same layers: the later one alone applies; the
+    warning says a layer takes one method, not to add an exception."""
+    later = dict(BROAD, method="magnitude")
+    _, said = sparsify_warnings(recipe(BROAD, later))
+    lines = [m for m in said if "decides nothing" in m]
+    assert len(lines) == 1 and "a layer takes one method, so two methods on the same layers do not combine" \
+        in lines[0] and "exception" not in lines[0], said
+
+
 def test_exceptions_after_the_broad_rule_are_not_warned():
     # the usual shape: broad first, then narrower exceptions, which here override it everywhere
     rules = recipe(BROAD, {"match": {"name": "0"}, "method": None},

@@ -142,8 +142,11 @@ class Plan:
                            "sparsify.plan(model, recipe)")
         for o in self.overruled_rules:
             if not recipe.data["rules"][o["rule"]].get("optional"):  # as for a rule that matches nothing
-                out.append(f"sparsify: recipe {recipe.name!r}: {overruled_line(o, recipe.rules)}; put an "
-                           "exception after the broad rule it narrows; see sparsify.plan(model, recipe)")
+                both = recipe.rules[o["rule"]].method and recipe.rules[o["later"]].method
+                fix = ("a layer takes one method, so two methods on the same layers do not combine: give each "
+                       "rule its own layers" if both else "put an exception after the broad rule it narrows")
+                out.append(f"sparsify: recipe {recipe.name!r}: {overruled_line(o, recipe.rules)}; {fix}; see "
+                           "sparsify.plan(model, recipe)")
         # sites a rule with a method matched and its method left dense (not: no rule, an exclusion)
         # (computed weights are named above; a PEFT model's frozen base layers are what adapters mean)
         declined = [e for e in dense if e.rule is not None and recipe.rules[e.rule].method is not None
