@@ -5,9 +5,9 @@ non-persistent buffer stays out of the finalized state_dict), load_state_dict's 
 saved under their former nested names load, a refusal names every difference it counts and a
 rule added), pack's fixed size, the dead-outputs message, direct parameter reads inside a list or
 as a keyword, Conv/Linear subclasses (_conv_forward overrides stay dense, timm's Linear is
-rewritten), penalty terms left out of copies and pickles, and the Lightning callback (a resume
-whose model is ahead, a manual run ended by its epochs, a wrapped network stepped once,
-sparsify_as_saved's keywords and its refusal of a sparsified root)."""
+rewritten), penalty terms left out of copies and pickles, and the Lightning integration (a wrapped
+network stepped once, sparsify_as_saved's keywords and its refusal of a sparsified root; the
+callback's own cases are in tests/test_lightning_callback_steps.py)."""
 from __future__ import annotations
 
 import warnings
@@ -275,94 +275,8 @@ def test_copies_and_pickles_start_with_no_penalty_terms():
 
 # --- Lightning ---------------------------------------------------------------------------------
 
-def _fit(module, callbacks, loader, ckpt_path=None, **kw):
-    pl = pytest.importorskip("lightning.pytorch", reason="lightning is not installed")
-    trainer = pl.Trainer(callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu", **kw)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.fit(module, loader, ckpt_path=ckpt_path)
-    return trainer, [str(w.message) for w in caught if "sparsify" in str(w.message).lower()]
-
-
-def _loader(n, width, target):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n * 2, width, generator=g)
-    tensors = (x, torch.randn(n * 2, 1, generator=g)) if target else (x,)
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*tensors), batch_size=2)
-
-
 def _mlp(n_in, n_out):
     return nn.Sequential(nn.Linear(n_in, 16), nn.ReLU(), nn.Linear(16, n_out))
-
-
-def test_lightning_a_resume_where_the_models_step_is_ahead_says_which_it_follows(tmp_path):
-    """Run 1 stepped the schedule twice per optimizer step (model at 6, trainer at 3): the
-    resumed run follows the model's step and says so, as it does for a model that lags."""
-    pl = pytest.importorskip("lightning.pytorch", reason="lightning is not installed")
-    from sparsify.integrations.lightning import SparsifyCallback
-
-    class Regressor(pl.LightningModule):
-        def __init__(self, twice=False):
-            super().__init__()
-            torch.manual_seed(0)
-            self.twice = twice
-            self.net = sparsify.sparsify(_mlp(8, 1), "gmp", total_steps=12, example_inputs=torch.zeros(1, 8))
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return F.mse_loss(self.net(x), y)
-
-        def on_train_batch_end(self, outputs, batch, batch_idx):
-            if self.twice:
-                sparsify.step(self.net)
-                sparsify.step(self.net)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(sparsify.param_groups(self.net), lr=0.01)
-
-    first, _ = _fit(Regressor(twice=True), [], _loader(6, 8, True), max_steps=3)
-    first.save_checkpoint(tmp_path / "run1.ckpt")
-    module = Regressor()
-    _, messages = _fit(module, [SparsifyCallback()], _loader(6, 8, True), tmp_path / "run1.ckpt", max_steps=5)
-    told = [w for w in messages if "resumes at global_step" in w]
-    assert len(told) == 1 and "net is at sparsify step 6" in told[0] and "global_step 3" in told[0], messages
-    assert int(module.net.sparsify_state.step) == 8
-
-
-def test_lightning_a_manual_run_ended_by_its_epochs_is_not_told_its_total_is_wrong():
-    """A GAN sparsified by the callback (generator: 1 of 2 optimizer steps a batch) under
-    max_epochs=1 and a larger max_steps: the epoch ends the run, at 10 generator steps, which is
-    the total taken from the trainer: no warning about total_steps."""
-    pl = pytest.importorskip("lightning.pytorch", reason="lightning is not installed")
-    from sparsify.integrations.lightning import SparsifyCallback
-
-    class GAN(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.automatic_optimization = False
-            self.gen, self.disc = _mlp(8, 4), _mlp(4, 1)
-
-        def training_step(self, batch, batch_idx):
-            (x,) = batch
-            opt_g, opt_d = self.optimizers()
-            fake = self.gen(torch.randn(x.shape[0], 8))
-            opt_d.zero_grad()
-            self.manual_backward(F.softplus(self.disc(fake.detach())).mean() + F.softplus(-self.disc(x)).mean())
-            opt_d.step()
-            opt_g.zero_grad()
-            self.manual_backward(F.softplus(-self.disc(fake)).mean() + sparsify.penalty(self.gen))
-            opt_g.step()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.gen.parameters(), lr=0.01), torch.optim.SGD(self.disc.parameters(), lr=0.01)
-
-    module = GAN()
-    callback = SparsifyCallback("gmp", attr="gen", example_inputs=torch.zeros(1, 8))
-    _, messages = _fit(module, [callback], _loader(10, 4, False), max_epochs=1, max_steps=100)
-    assert int(module.gen.sparsify_state.step) == module.gen.sparsify_state.total_steps == 10
-    assert not [w for w in messages if "optimizer steps of this batch" in w], messages
 
 
 def test_lightning_a_wrapped_sparsified_network_is_one_module_to_step():

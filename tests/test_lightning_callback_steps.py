@@ -70,14 +70,14 @@ class Regressor(pl.LightningModule):
 
 
 class SteppedByHand(Regressor):
-    """A run before the callback: the user's own hook steps the schedule (or not)."""
+    """A run before the callback: the user's own hook steps the schedule (or not, or ``times`` a batch)."""
 
-    def __init__(self, step=True):
+    def __init__(self, step=True, times=1):
         super().__init__()
-        self.step = step
+        self.step, self.times = step, times
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        if self.step:
+        for _ in range(self.times if self.step else 0):
             sparsify.step(self.net)
 
 
@@ -182,3 +182,26 @@ def test_a_checkpoint_of_the_callbacks_sparsifying_loads_with_load_from_checkpoi
         assert torch.equal(loaded.eval().net(x), trained.eval().net(x))
     assert sparsify.report(loaded.net).totals["weight_sparsity"] == pytest.approx(0.5, abs=0.02)
     assert type(sparsify.finalize(loaded.net)[0]) is nn.Linear
+
+
+def test_a_resume_where_the_models_step_is_ahead_says_which_it_follows(tmp_path):
+    """Run 1 stepped the schedule twice per optimizer step (model at 6, trainer at 3): the
+    resumed run follows the model's step and says so, as it does for a model that lags."""
+    first, _ = fit(SteppedByHand(times=2), [], data(6, 2, True), max_steps=3)
+    first.save_checkpoint(tmp_path / "run1.ckpt")
+    module = Regressor()
+    _, messages = fit(module, [SparsifyCallback()], data(6, 2, True), tmp_path / "run1.ckpt", max_steps=5)
+    told = [w for w in messages if "resumes at global_step" in w]
+    assert len(told) == 1 and "net is at sparsify step 6" in told[0] and "global_step 3" in told[0], messages
+    assert int(module.net.sparsify_state.step) == 8
+
+
+def test_a_manual_run_ended_by_its_epochs_is_not_told_its_total_is_wrong():
+    """A GAN sparsified by the callback (generator: 1 of 2 optimizer steps a batch) under
+    max_epochs=1 and a larger max_steps: the epoch ends the run, at 10 generator steps, which is
+    the total taken from the trainer: no warning about total_steps."""
+    module = GAN()
+    callback = SparsifyCallback("gmp", attr="gen", example_inputs=torch.zeros(1, 8))
+    _, messages = fit(module, [callback], data(10, 2, False), max_epochs=1, max_steps=100)
+    assert int(module.gen.sparsify_state.step) == module.gen.sparsify_state.total_steps == 10
+    assert not [w for w in messages if "optimizer steps of this batch" in w], messages
