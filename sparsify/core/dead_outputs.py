@@ -3,7 +3,8 @@
 A global threshold (st3, gmp, STR, l1-prune) can take every weight of one output row of the last
 layer: that output is then its bias alone, the same for every input. For a classifier those are
 classes it can no longer tell apart (a ViT's head under the default st3: 7 of its 10 rows). It is
-looked at when training ends (the run's last step, finalize): a row that is zero then is dead,
+looked at when training ends (the run's last step, finalize) and where a group fixes its masks
+(its ``fix`` step; a run without ``total_steps`` is told there): a row that is zero then is dead,
 whatever made it so (torchvision's ViT head starts at zero, and is not said at the start), except
 the padding row of a head tied to an embedding with a ``padding_idx`` (RoBERTa's, BART's, Gemma's
 pad token): that row is zero by the embedding's design and the pad token is never predicted.

@@ -48,9 +48,9 @@ def as_loss(loss) -> float | None:
 
 def after_step(state: SparsifyState, root: nn.Module, t: int, loss: float | None) -> list[tuple[str, str]]:
     """The problems step ``t`` of ``state`` (unwrapped model ``root``) shows: a non-finite loss, a
-    penalty no gradient reached, NaN/inf parameters (at :func:`check_due` steps), runaway weights, last-layer
-    outputs pruned whole (at the run's last step), layers left dense as frozen unfrozen since, a
-    step past ``total_steps``, and what each group says.
+    penalty no gradient reached, NaN/inf parameters (at :func:`check_due` steps), runaway weights,
+    last-layer outputs pruned whole (at the run's last step and where a group fixes its masks),
+    layers left dense as frozen unfrozen since, a step past ``total_steps``, and what each group says.
 
     >>> import torch, sparsify
     >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), "st3", total_steps=1, begin=0, end=0)
@@ -68,7 +68,9 @@ def after_step(state: SparsifyState, root: nn.Module, t: int, loss: float | None
             said.append(("nonfinite-params", diverged_message("sparsify.step", bad, t)))
     if growth_due(t) and "weights-grew" not in state.warned:
         said += _growth(state, root, t)
-    if t == state.total_steps and (dead := dead_outputs(root, getattr(state, "output_layers", []))):
+    # at the run's last step, and where a group fixes its masks (then a dead row stays dead)
+    fixing = any(getattr(group, "fix_at", None) == t for group in state.groups.values())
+    if (t == state.total_steps or fixing) and (dead := dead_outputs(root, getattr(state, "output_layers", []))):
         said.append(("dead-outputs", dead_outputs_message("sparsify.step", dead)))
     if getattr(state, "frozen_dense", None) and "unfrozen" not in state.warned and (thawed := _thawed(root, state)):
         said.append(("unfrozen", f"sparsify.step: {len(thawed)} layer(s) left dense at sparsify() because they were "
