@@ -138,3 +138,14 @@ def test_a_fractional_width_gives_the_2x_parameter_lenet5():
     n1 = sum(p.numel() for p in build_model("lenet5", in_channels=1, image_size=28).parameters())
     n2 = sum(p.numel() for p in build_model("lenet5", in_channels=1, image_size=28, width=1.41).parameters())
     assert 1.9 < n2 / n1 < 2.1
+
+
+def test_an_unreadable_file_in_an_image_folder_is_named_in_one_line(tmp_path):
+    """A file with an image's name that PIL cannot read: a DataError naming it and what to do, not
+    PIL's message about a BufferedReader."""
+    write_images(tmp_path / "bad", ["a", "b"], 4)
+    (tmp_path / "bad" / "a" / "broken.jpg").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"^image folder: .*broken\.jpg cannot be read as an image "
+                                        r"\(UnidentifiedImageError\): remove it"):
+        load_data(f"imagefolder:{tmp_path / 'bad'}", image_size=16)
+

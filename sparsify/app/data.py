@@ -114,6 +114,17 @@ def _preload(dataset: Dataset, workers: int = 0, progress: bool = False, split: 
     return TensorDataset(torch.cat(xs), torch.cat(ys))
 
 
+def _read_image(path: str):
+    """An image as RGB (torchvision's loader), or one line naming the file PIL cannot read."""
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except OSError as e:  # PIL's UnidentifiedImageError, a truncated file
+        raise DataError(f"image folder: {path} cannot be read as an image ({e.__class__.__name__}): remove it or "
+                        "move it out of the class folders") from None
+
+
 def _image_folder(path: str, image_size: int, workers: int = 0, preload_limit: int = PRELOAD_LIMIT,
                   progress: bool = False) -> Data:
     from torchvision import datasets, transforms
@@ -125,6 +136,9 @@ def _image_folder(path: str, image_size: int, workers: int = 0, preload_limit: i
                              transforms.Normalize([0.5] * 3, [0.25] * 3)])
 
     class Folder(datasets.ImageFolder):
+        def __init__(self, root, transform):
+            super().__init__(root, transform=transform, loader=_read_image)
+
         def find_classes(self, directory):  # hidden folders (.git, .ipynb_checkpoints) are not classes
             classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
             if not classes:
