@@ -82,3 +82,17 @@ def test_layers_that_grow_from_a_tiny_start_and_stay_small_are_not_said():
                 m.get_submodule("6").weight.add_(5.0)  # from zero (4e-6 after the first step)
                 m.get_submodule("0").weight.mul_(200.0)  # 200x, still small
     assert not [s for s in _train(m, 16, x, y, lr=1e-4, at=grow) if "grew" in s]
+
+
+def test_nan_weights_are_left_to_the_divergence_warning():
+    """Weights turned NaN are said once, as NaN (core/diverged.py), not also as grown."""
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    m = sparsify.sparsify(net(), "gmp", total_steps=40, example_inputs=x[:1])
+
+    def poison(t):
+        if t == 4:
+            with torch.no_grad():
+                m.get_submodule("0").weight.fill_(float("nan"))
+    messages = _train(m, 8, x, y, lr=1e-4, at=poison)
+    assert [s for s in messages if "NaN or inf in" in s] and not [s for s in messages if "grew" in s], messages

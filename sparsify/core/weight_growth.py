@@ -17,6 +17,7 @@ at the first look (torchvision's ViT head before training) has no scale to compa
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -71,12 +72,13 @@ def grown(first: dict[str, float], now: dict[str, float]) -> list[tuple[str, flo
     """``(layer, first, now)`` for the layers whose largest weight grew :data:`GROWTH` times and
     to :data:`LARGE` or more, the largest growth first.
 
-    >>> grown({"a": 0.5, "b": 1.0, "c": 0.0}, {"a": 400.0, "b": 2.0, "c": 50.0})
+    >>> grown({"a": 0.5, "b": 1.0, "c": 0.0, "d": 1.0}, {"a": 400.0, "b": 2.0, "c": 50.0, "d": float("nan")})
     [('a', 0.5, 400.0)]
     """
+    # NaN and inf are the divergence check's (core/diverged.py), said on their own
     out = [(n, first[n], v) for n, v in now.items()
-           if first.get(n, 0.0) > 0 and (v >= GROWTH * first[n] and v >= LARGE or v != v)]
-    return sorted(out, key=lambda r: -(r[2] / r[1]) if r[2] == r[2] else float("-inf"))
+           if first.get(n, 0.0) > 0 and math.isfinite(v) and v >= GROWTH * first[n] and v >= LARGE]
+    return sorted(out, key=lambda r: -(r[2] / r[1]))
 
 
 def growth_message(rows: list[tuple[str, float, float]], step: int, since: int) -> str:
