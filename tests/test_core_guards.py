@@ -156,18 +156,21 @@ def test_held_at_min_density_does_not_name_a_layer_the_second_threshold_puts_exa
 DEAD = "outputs pruned (rows"
 
 
-def test_pruned_classes_are_said_at_the_runs_last_step_not_when_they_die():
-    """Output rows of the last layer pruned whole at step 1 are said at step total_steps (when
-    training ends), not at the steps before it."""
+@pytest.mark.parametrize("recipe, at", [("st3", 3), ("gmp", 0)])
+def test_pruned_classes_are_said_once_when_they_are_dead_for_good(recipe, at):
+    """Output rows of the last layer pruned whole at step 1 are said once: at the step where the
+    group fixes its masks (gmp: its ramp's end, step 1), else at step total_steps (st3 with
+    "fix": null, whose rows could come back until training ends), not at every step."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     with torch.no_grad():
         net[2].weight[:2] *= 1e-4  # two classes a global threshold takes whole
-    m = sparsify.sparsify(net, "gmp", total_steps=4, begin=0, end=1, sparsity=0.5,
-                          example_inputs=torch.zeros(1, 8))
+    fix = {"fix": None} if recipe == "st3" else {}
+    m = sparsify.sparsify(net, recipe, total_steps=4, begin=0, end=1, sparsity=0.5,
+                          example_inputs=torch.zeros(1, 8), **fix)
     told = [[w for w in said(sparsify.step, m) if DEAD in w] for _ in range(4)]
-    assert [len(s) for s in told] == [0, 0, 0, 1], told
-    assert "2: every weight of 2 of its 4 outputs pruned (rows 0, 1)" in told[3][0]
+    assert [len(s) for s in told] == [int(i == at) for i in range(4)], told
+    assert "2: every weight of 2 of its 4 outputs pruned (rows 0, 1)" in told[at][0]
 
 
 NO_ENTRIES = "holds no entries for"
