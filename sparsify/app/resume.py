@@ -18,7 +18,7 @@ import torch
 from sparsify.app.checkpoint import (CHECKPOINT, CHECKPOINT_META, CheckpointError, load_checkpoint, meta_digest,
                                      meta_problem, save_checkpoint)
 from sparsify.core.extra_state import unpack
-from sparsify.core.state import STATE_ATTR
+from sparsify.core.state import saved_states
 
 __all__ = ["CONFIG", "RUN_FILES", "RUN_KEYS", "load_run", "check_out", "restore", "save_run",
            "checkpoint_meta", "meta_edited", "REPORT", "saved_recipe"]
@@ -79,13 +79,11 @@ def saved_recipe(tensors: dict) -> dict | None:
     ``sparsify`` keeps it in the model's ``state_dict``, so a run folder holds its own recipe whatever
     becomes of the file it was read from. None for a dense run's checkpoint."""
     model = tensors.get("model")
-    suffix = f"{STATE_ATTR}._extra_state"
-    keys = sorted((k for k in model if k == suffix or k.endswith("." + suffix)), key=len) if isinstance(
-        model, dict) else []
-    if not keys:
+    states = saved_states(model) if isinstance(model, dict) else []
+    if not states:
         return None
     try:
-        recipe = json.loads(unpack(model[keys[0]])["recipe"])
+        recipe = json.loads(unpack(model[states[0][1]])["recipe"])
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):  # the model's own load check says what is wrong
         return None
     return recipe if isinstance(recipe, dict) else None

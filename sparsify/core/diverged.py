@@ -12,7 +12,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-__all__ = ["check_due", "nonfinite_parameters", "diverged_message", "refuse_nonfinite"]
+__all__ = ["check_due", "local_values", "nonfinite_parameters", "diverged_message", "refuse_nonfinite"]
 
 
 def check_due(step: int, total_steps: int | None) -> bool:
@@ -24,7 +24,9 @@ def check_due(step: int, total_steps: int | None) -> bool:
     return step > 0 and (step & (step - 1) == 0 or step % 100 == 0 or step == total_steps)
 
 
-def _local(p: torch.Tensor) -> torch.Tensor | None:
+def local_values(p: torch.Tensor) -> torch.Tensor | None:
+    """This process's values of ``p``: itself, the local shard of a DTensor (FSDP2), or None on
+    the meta device (no values)."""
     if p.device.type == "meta":
         return None
     to_local = getattr(p, "to_local", None)  # a DTensor shard (FSDP2): this rank's part
@@ -43,7 +45,7 @@ def nonfinite_parameters(root: nn.Module) -> list[str]:
     """
     by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = defaultdict(list)
     for name, p in root.named_parameters():
-        local = _local(p.detach())
+        local = local_values(p.detach())
         if local is not None and local.numel() and local.is_floating_point():
             by_device[local.device].append((name, local))
     bad = []

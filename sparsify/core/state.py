@@ -25,7 +25,7 @@ from sparsify.core.sharded import full_parameters
 
 __all__ = ["SparsifyState", "STATE_ATTR", "AVERAGING_WRAPPERS", "find_state", "unwrap", "after_load",
            "forget_replaced", "check_filled", "refuse_unfilled", "is_wrapper",
-           "start_groups", "partial_load"]
+           "start_groups", "partial_load", "saved_states"]
 
 STATE_ATTR = "sparsify_state"
 
@@ -284,6 +284,18 @@ def find_state(model: nn.Module, *, required: bool = True, where: str = "sparsif
                             "(a rule {\"match\": {\"name\": \"head.**\"}, \"method\": null}, docs/recipes.md#rules)")
         raise TypeError(not_sparsified(root, where, what))
     return state
+
+
+def saved_states(state_dict: dict) -> list[tuple[str, str]]:
+    """``(module path, key)`` of each sparsify state a ``state_dict`` holds, outermost first (the
+    path ``""``: a model sparsified whole).
+
+    >>> saved_states({"net.sparsify_state._extra_state": 0, "net.0.weight": 1})
+    [('net', 'net.sparsify_state._extra_state')]
+    """
+    suffix = f"{STATE_ATTR}._extra_state"
+    keys = sorted((k for k in state_dict if k == suffix or k.endswith("." + suffix)), key=len)
+    return [(k[:-len(suffix)].rstrip("."), k) for k in keys]
 
 
 def forget_replaced(root: nn.Module, state: SparsifyState) -> list[str]:

@@ -23,6 +23,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from sparsify.core.diverged import local_values
 from sparsify.core.layers import SparseWeightMixin
 
 __all__ = ["GROWTH", "LARGE", "growth_due", "largest_weights", "grown", "growth_message"]
@@ -55,12 +56,9 @@ def largest_weights(root: nn.Module) -> dict[str, float]:
     by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = defaultdict(list)
     for name, layer in root.named_modules():
         w = getattr(layer, "weight", None) if isinstance(layer, SparseWeightMixin) else None
-        if not isinstance(w, torch.Tensor) or w.is_meta:
-            continue
-        to_local = getattr(w, "to_local", None)  # a DTensor shard (FSDP2): this rank's part
-        w = to_local() if callable(to_local) else w
-        if w.numel() and w.is_floating_point():
-            by_device[w.device].append((name, w.detach()))
+        w = local_values(w.detach()) if isinstance(w, torch.Tensor) else None  # this rank's shard (FSDP2)
+        if w is not None and w.numel() and w.is_floating_point():
+            by_device[w.device].append((name, w))
     out = {}
     for layers in by_device.values():
         peaks = torch.stack([w.abs().amax().float() for _, w in layers]).tolist()

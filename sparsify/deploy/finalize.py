@@ -21,7 +21,8 @@ from passes.call_inputs import input_tuple
 from sparsify.prepare.open_transformer import close_transformers
 from sparsify.prepare.inputs import FIT_HINT, misfit_error, refuse_empty, state_inputs
 from sparsify.prepare.pretrained import guard_foreign_layout, unguard_save_pretrained
-from sparsify.prepare.training_only import training_only_graphs
+from sparsify.prepare.tied import point_aliases
+from sparsify.prepare.training_only import skipping_line, training_only_graphs
 from sparsify.core.registry import get_method
 from sparsify.core.dead_outputs import dead_outputs, dead_outputs_message
 from sparsify.core.diverged import diverged_message, nonfinite_parameters
@@ -153,7 +154,7 @@ def _finalize_model(model: nn.Module, example_inputs, *, check: bool, rtol: floa
             elif new is not member:
                 set_submodule(final, name, new)
                 replaced[id(member)] = new
-    _point_aliases(final, replaced)
+    point_aliases(final, replaced)  # a layer under several names (timm CoaT's cpe1) stays one module
     from sparsify.prepare.hidden import finalize_hidden  # weights read outside module calls (Swin, MultiheadAttention)
     finalize_hidden(final, fstate.graph_paths)
     _finalize_tied(final)
@@ -292,19 +293,9 @@ def _warn_training_only_graphs(source: nn.Module) -> None:
     ``if self.training:`` runs that module's own forward in eval, without the nodes a method
     inserted (semi-structured's masks), in the sparse model and the finalized one alike."""
     for name, cls, skipped in training_only_graphs(source):
-        warnings.warn(f"finalize: {cls} ({name or '<root>'}) branches on self.training and its "
-                      f"graph holds the training branch, so in eval (and in the finalized model) its own forward "
-                      f"runs without {', '.join(skipped[:3])}{'...' if len(skipped) > 3 else ''}: the deployed "
-                      "model does not apply them, and this check cannot see it (docs/capture.md#training-and-"
+        warnings.warn(f"finalize: {skipping_line(name, cls, skipped, 'in eval (and in the finalized model)')}: the "
+                      "deployed model does not apply them, and this check cannot see it (docs/capture.md#training-and-"
                       "eval-branches)", FinalizeWarning, stacklevel=4)
-
-
-def _point_aliases(final: nn.Module, replaced: dict[int, nn.Module]) -> None:
-    """A layer registered under several names (timm CoaT's shared ``cpe1``) is finalized once, under
-    the name its group knows: its other names get that same plain module, so it stays one module."""
-    for name, m in list(final.named_modules(remove_duplicate=False)):
-        if id(m) in replaced:
-            set_submodule(final, name, replaced[id(m)])
 
 
 def _finalize_tied(final: nn.Module) -> None:

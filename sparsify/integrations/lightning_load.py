@@ -10,7 +10,7 @@ from torch import nn
 
 import sparsify
 from sparsify.core.extra_state import unpack
-from sparsify.core.state import STATE_ATTR, find_state
+from sparsify.core.state import find_state, saved_states
 
 __all__ = ["sparsify_as_saved"]
 
@@ -38,10 +38,8 @@ def sparsify_as_saved(pl_module: nn.Module, checkpoint: dict, **sparsify_kwargs)
     <All keys matched successfully>
     """
     state_dict = checkpoint.get("state_dict", checkpoint)
-    suffix = f"{STATE_ATTR}._extra_state"
     done, made = [], []
-    for key in sorted((k for k in state_dict if k == suffix or k.endswith("." + suffix)), key=len):
-        path = key[:-len(suffix)].rstrip(".")
+    for path, key in saved_states(state_dict):
         if any(path == d or path.startswith(d + ".") for d in done):
             continue  # inside a module sparsified whole
         done.append(path)

@@ -35,7 +35,7 @@ from sparsify.prepare.adapters import adapter_reason, is_tuner_layer
 from sparsify.prepare.pretrained import guard_save_pretrained
 from sparsify.prepare.unhandled import frozen_reason, unhandled_entries
 from sparsify.prepare.recipe import Recipe
-from sparsify.prepare.training_only import training_only_graphs
+from sparsify.prepare.training_only import skipping_line, training_only_graphs
 from sparsify.prepare.undo import TreeSnapshot, mirror_children
 from sparsify.prepare.validate import check_times
 from sparsify.core.load_hooks import before_load
@@ -50,9 +50,8 @@ def _note_training_only(root: nn.Module, plan: Plan) -> None:
     """Say, in the plan and once here, each graph whose eval calls skip the nodes just inserted
     (docs/capture.md#training-and-eval-branches): before, only the first eval call said it."""
     for name, cls, skipped in training_only_graphs(root):
-        note = (f"{cls} ({name or '<root>'}) branches on self.training and its graph holds the training branch, so "
-                f"in eval its own forward runs without {', '.join(skipped[:3])}{'...' if len(skipped) > 3 else ''}: "
-                "evaluation and the finalized model do not apply them (docs/capture.md#training-and-eval-branches)")
+        note = (skipping_line(name, cls, skipped) + ": evaluation and the finalized model do not apply them "
+                "(docs/capture.md#training-and-eval-branches)")
         plan.capture_notes.append(note)
         warnings.warn(f"sparsify: {note}", stacklevel=4)
 
@@ -215,7 +214,8 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     watched = {c.name for c in cands if measured is not None and c not in hidden
                and isinstance(c.module, WEIGHT_TYPES) and getattr(matcher.winner(c), "method", None) is not None}
     direct = direct_reads(root, sorted(watched), example_inputs)  # Mamba's dt_proj.weight @ x
-    owners, aliases, originals, rewritten_as = param_owners(root), module_aliases(root), {}, {}
+    owners, aliases = param_owners(root), module_aliases(root)
+    rewritten_as: dict[int, str] = {}  # a module under several names -> the name it was rewritten at
     tied_users: dict[str, str] = {}  # module -> the rewritten layer whose weight it reads
     for c in cands + hidden:
         w = matcher.winner(c)
@@ -245,7 +245,6 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
             continue
         plan.entries.append(PlanEntry(c.name, c.kind, w.rule.method, w.rule.index, "", weight_params))
         rewritten.add(c.name)
-        originals.setdefault(c.name, c.module)
         if id(c.module) in aliases:
             rewritten_as.setdefault(id(c.module), c.name)
         tied_users.update(dict.fromkeys(users, c.name))
@@ -257,7 +256,7 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     if direct and not dry_run:
         warnings.warn(direct_warning(direct), stacklevel=3)
     if not dry_run:
-        point_aliases(root, originals, aliases)
+        point_aliases(root, {i: root.get_submodule(name) for i, name in rewritten_as.items()})
         for prefix, ch in rewire_hidden_reads(tr.graphs, rewritten).items():
             changes_by_graph[prefix].extend(ch)
     listed = {e.name for e in plan.entries}  # sites a method refused are listed already, with its reason

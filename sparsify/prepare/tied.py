@@ -149,14 +149,19 @@ def module_aliases(root: nn.Module) -> dict[int, list[str]]:
     return {k: v for k, v in names.items() if len(v) > 1}
 
 
-def point_aliases(root: nn.Module, originals: dict[str, nn.Module], aliases: dict[int, list[str]]) -> None:
-    """After the rewrite, every other name of a rewritten layer (``originals``: name -> the module
-    it replaced) holds the new module, so the layer stays one module with one mask."""
-    for name, old in originals.items():
-        if id(old) not in aliases:  # most layers (and sites that are no module) have one name
-            continue
-        new = root.get_submodule(name)
-        for other in aliases[id(old)]:
-            # a name reached through an aliased parent (MONAI's DynUNet) already holds the new module
-            if other != name and root.get_submodule(other) is old:
-                set_submodule(root, other, new)
+def point_aliases(root: nn.Module, replaced: dict[int, nn.Module]) -> None:
+    """Every name a replaced module is registered under (``replaced``: id of the old module -> the
+    new one) holds the new one, so a layer registered under several names (timm CoaT's ``cpe1``)
+    stays one module with one mask, in the sparse model and the finalized one. A name reached
+    through an aliased parent (MONAI's DynUNet) holds the new module already.
+
+    >>> conv, new = nn.Conv2d(2, 2, 1), nn.Conv2d(2, 2, 1)
+    >>> root = nn.ModuleDict({"a": conv, "b": nn.Sequential(conv)})
+    >>> root["a"] = new; point_aliases(root, {id(conv): new}); root["b"][0] is new
+    True
+    """
+    if not replaced:  # most models: no pass over the module tree
+        return
+    for name, m in list(root.named_modules(remove_duplicate=False)):
+        if id(m) in replaced:
+            set_submodule(root, name, replaced[id(m)])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["training_only_graphs"]
+__all__ = ["training_only_graphs", "skipping_line"]
 
 
 def training_only_graphs(root: nn.Module) -> list[tuple[str, str, list[str]]]:
@@ -36,3 +36,12 @@ def training_only_graphs(root: nn.Module) -> list[tuple[str, str, list[str]]]:
             out.append((name, type(m).__name__, skipped))
     return out
 
+
+def skipping_line(name: str, cls: str, skipped: list[str], when: str = "in eval") -> str:
+    """What one of :func:`training_only_graphs`' entries means, for the warnings that say it.
+
+    >>> skipping_line("", "Net", ["conv_pmask"])
+    'Net (<root>) branches on self.training and its graph holds the training branch, so in eval its own forward runs without conv_pmask'
+    """
+    return (f"{cls} ({name or '<root>'}) branches on self.training and its graph holds the training branch, so "
+            f"{when} its own forward runs without {', '.join(skipped[:3])}{'...' if len(skipped) > 3 else ''}")
