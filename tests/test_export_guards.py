@@ -1,5 +1,6 @@
-"""What the export helpers promise beyond a round trip, on tiny models: each puts the model in eval
-mode itself (a Dropout left in training mode exports and compares as in eval), the ONNX file's batch
+"""What the export helpers promise beyond a round trip, on tiny models: each exports the eval forward
+(a Dropout left in training mode exports and compares as in eval) and leaves every module in the
+caller's mode, export_program's batch is symbolic as ONNX's is, the ONNX file's batch
 dimension is symbolic on outputs as on inputs, the attention fast-path setting is the caller's
 again afterwards, ``path`` is where the file goes, and ``check_deployable(onnx=False)`` runs no
 ONNX."""
@@ -23,9 +24,40 @@ def test_export_program_exports_the_eval_forward_of_a_model_left_in_training():
     """export_program exports what the model computes in eval mode, even if the user left it training."""
     m, x = dropout_net(), torch.randn(4, 6)
     got = export_program(m, x).module()(x)
-    assert not m.training
+    assert m.training, "export_program left the caller's model in eval mode"
     with torch.no_grad():
-        assert torch.allclose(got, m(x), atol=1e-6), "the exported program dropped activations"
+        assert torch.allclose(got, m.eval()(x), atol=1e-6), "the exported program dropped activations"
+
+
+def test_every_export_helper_leaves_each_module_in_the_callers_mode():
+    """Exporting mid-training must not freeze BatchNorm and switch Dropout off for the epochs after;
+    a module the user put in eval on purpose (a frozen BatchNorm) stays in eval."""
+    m = nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6), nn.Dropout(0.5), nn.Linear(6, 3)).train()
+    m[1].eval()
+    before = [mod.training for mod in m.modules()]
+    x = torch.randn(4, 6)
+    for call in (lambda: export_program(m, x), lambda: export_onnx(m, x), lambda: check_deployable(m, x)):
+        call()
+        assert [mod.training for mod in m.modules()] == before
+
+
+def test_export_program_batch_is_symbolic_like_onnx():
+    """The exported program runs at another batch size than the example's, as the ONNX file does."""
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    m(torch.randn(2, 3, 6, 6))
+    ep = export_program(m, torch.randn(2, 3, 6, 6))
+    x = torch.randn(7, 3, 6, 6)
+    with torch.no_grad():
+        assert torch.allclose(ep.module()(x), m(x), atol=1e-6)
+    fixed = export_program(m, torch.randn(2, 3, 6, 6), dynamic_batch=False)
+    with pytest.raises(Exception):
+        fixed.module()(x)
+
+
+def test_export_program_says_a_batch_of_one_fixes_the_batch():
+    """torch.export specializes a size-1 dimension; the user who wanted a symbolic batch is told."""
+    with pytest.warns(UserWarning, match="batch of 1 fixes"):
+        export_program(nn.Linear(3, 2), torch.randn(1, 3))
 
 
 def test_check_deployable_compares_eval_outputs_of_a_model_left_in_training():

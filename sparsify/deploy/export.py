@@ -27,17 +27,53 @@ def _as_tuple(inputs) -> tuple:
     return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 
 
-def export_program(model: nn.Module, example_inputs) -> "torch.export.ExportedProgram":
-    """``torch.export.export`` of ``model`` in eval mode on ``example_inputs``.
+@contextlib.contextmanager
+def _in_eval(model: nn.Module):
+    """``model`` in eval mode for the block, then in the caller's mode again: exporting a checkpoint
+    mid-training must not leave BatchNorm frozen and Dropout off for the epochs that follow."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _batch_shapes(inputs: tuple):
+    """``dynamic_shapes`` for ``torch.export``: dimension 0 of every tensor input whose dimension 0
+    is the batch (the first tensor input's) as ``Dim.AUTO`` (symbolic where the program allows it,
+    fixed where the model fixes it), anything else static. ``None`` when the batch is 1, which
+    torch.export specializes."""
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0]
+    if not tensors or tensors[0].shape[0] < 2:
+        return None
+    batch, auto = tensors[0].shape[0], torch.export.Dim.AUTO
+    return tuple({0: auto} if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch else None
+                 for x in inputs)
+
+
+def export_program(model: nn.Module, example_inputs, *,
+                   dynamic_batch: bool = True) -> "torch.export.ExportedProgram":
+    """``torch.export.export`` of ``model``'s eval forward on ``example_inputs``; the model is in
+    the caller's mode again afterwards. ``dynamic_batch`` makes the batch (the first dimension of
+    the tensor inputs that share the first input's) symbolic where the model allows it, as
+    ``export_onnx`` does; an example batch of 1 fixes it (torch.export specializes sizes 0 and 1),
+    which is warned.
 
     >>> import torch
-    >>> ep = export_program(torch.nn.Linear(3, 2), torch.randn(1, 3))
-    >>> tuple(ep.module()(torch.ones(1, 3)).shape)
-    (1, 2)
+    >>> ep = export_program(torch.nn.Linear(3, 2), torch.randn(2, 3))
+    >>> tuple(ep.module()(torch.ones(5, 3)).shape)
+    (5, 2)
     """
-    model.eval()
-    with torch.no_grad():
-        return torch.export.export(model, _as_tuple(positional_inputs(model, example_inputs)))
+    inputs = _as_tuple(positional_inputs(model, example_inputs))
+    shapes = _batch_shapes(inputs) if dynamic_batch else None
+    if dynamic_batch and shapes is None and any(isinstance(x, torch.Tensor) and x.dim() > 0 for x in inputs):
+        warnings.warn("export_program: an example batch of 1 fixes the exported program's batch size; "
+                      "pass a batch of 2 or more for a symbolic batch (or dynamic_batch=False to silence this)",
+                      stacklevel=2)
+    with _in_eval(model), torch.no_grad():
+        return torch.export.export(model, inputs, dynamic_shapes=shapes)
 
 
 @contextlib.contextmanager
@@ -55,8 +91,8 @@ def _attention_unfused():
 
 def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike | None = None, *,
                 opset: int = 17, dynamo: bool = False, dynamic_batch: bool = True) -> bytes:
-    """Export ``model`` (eval mode) to ONNX; returns the serialized model, also written to ``path``
-    if given. ``dynamic_batch`` makes the first dimension of every input symbolic (``"batch"``); an
+    """Export ``model``'s eval forward to ONNX; returns the serialized model, also written to ``path``
+    if given, and leaves the model in the caller's mode. ``dynamic_batch`` makes the first dimension of every input symbolic (``"batch"``); an
     output's dimensions are the ones the exporter derives from it (``"batch"`` where it is the batch,
     a symbol of its own for a concatenation's 2 x batch, a number where it does not depend on it).
 
@@ -65,8 +101,12 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike | None
     >>> blob[:2] != b""
     True
     """
-    model.eval()
     inputs = _as_tuple(positional_inputs(model, example_inputs))
+    with _in_eval(model):
+        return _write_onnx(model, inputs, path, opset, dynamo, dynamic_batch)
+
+
+def _write_onnx(model: nn.Module, inputs: tuple, path, opset: int, dynamo: bool, dynamic_batch: bool) -> bytes:
     names = [f"input{i}" for i in range(len(inputs))]
     kwargs = {}
     if not dynamo:
@@ -126,10 +166,16 @@ def check_deployable(model: nn.Module, example_inputs, reference=None, *, rtol: 
     ['onnx', 'torch.export']
     """
     inputs = _as_tuple(positional_inputs(model, example_inputs))
-    model.eval()
+    with _in_eval(model):
+        return _check(model, inputs, reference, rtol, atol, onnx)
+
+
+def _check(model: nn.Module, inputs: tuple, reference, rtol: float, atol: float, onnx: bool) -> DeployCheck:
+    # a batch of 1 cannot be made symbolic (export_program warns); checking the fixed program is the check
+    dynamic = _batch_shapes(inputs) is not None
     with torch.no_grad():
         expected = model(*inputs) if reference is None else reference
-        got = export_program(model, inputs).module()(*inputs)
+        got = export_program(model, inputs, dynamic_batch=dynamic).module()(*inputs)
     result = DeployCheck()
     ok, worst = outputs_close(expected, got, rtol, atol)
     if not ok:
