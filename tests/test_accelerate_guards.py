@@ -378,3 +378,14 @@ def test_patch_skip_conv_cast_to_float64_after_use_computes_in_float64():
         fast(x)
         got = fast.double()(x.double())
         assert got.dtype == torch.float64 and torch.allclose(got, conv.double()(x.double()) * keep, atol=1e-9)
+
+
+def test_accelerate_leaves_the_callers_model_in_its_own_modes():
+    """accelerate compares in eval, then gives every module of the caller's model its mode back
+    (it left the whole model in eval)."""
+    net = nn.Sequential(_prune(nn.Linear(64, 64), 60 * 64), nn.BatchNorm1d(64), nn.Dropout(0.1)).train()
+    net[1].eval()
+    before = [m.training for m in net.modules()]
+    fast = accelerate(net, torch.randn(4, 64), decide="always")
+    assert [m.training for m in net.modules()] == before
+    assert not fast.training

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from passes.call_inputs import positional_inputs
+from sparsify.core.modes import kept_modes
 from sparsify.deploy.compare import outputs_close
 
 __all__ = ["export_program", "export_onnx", "run_onnx", "check_deployable", "DeployCheck"]
@@ -25,19 +26,6 @@ __all__ = ["export_program", "export_onnx", "run_onnx", "check_deployable", "Dep
 
 def _as_tuple(inputs) -> tuple:
     return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-
-
-@contextlib.contextmanager
-def _in_eval(model: nn.Module):
-    """``model`` in eval mode for the block, then in the caller's mode again: exporting a checkpoint
-    mid-training must not leave BatchNorm frozen and Dropout off for the epochs that follow."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _batch_shapes(inputs: tuple):
@@ -72,7 +60,7 @@ def export_program(model: nn.Module, example_inputs, *,
         warnings.warn("export_program: an example batch of 1 fixes the exported program's batch size; "
                       "pass a batch of 2 or more for a symbolic batch (or dynamic_batch=False to silence this)",
                       stacklevel=2)
-    with _in_eval(model), torch.no_grad():
+    with kept_modes(model, training=False), torch.no_grad():
         return torch.export.export(model, inputs, dynamic_shapes=shapes)
 
 
@@ -102,7 +90,7 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike | None
     True
     """
     inputs = _as_tuple(positional_inputs(model, example_inputs))
-    with _in_eval(model):
+    with kept_modes(model, training=False):
         return _write_onnx(model, inputs, path, opset, dynamo, dynamic_batch)
 
 
@@ -166,7 +154,7 @@ def check_deployable(model: nn.Module, example_inputs, reference=None, *, rtol: 
     ['onnx', 'torch.export']
     """
     inputs = _as_tuple(positional_inputs(model, example_inputs))
-    with _in_eval(model):
+    with kept_modes(model, training=False):
         return _check(model, inputs, reference, rtol, atol, onnx)
 
 

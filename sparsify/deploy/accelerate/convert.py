@@ -24,6 +24,7 @@ from torch import nn
 from passes import replace_uses, set_submodule
 from passes.call_inputs import positional_inputs
 
+from sparsify.core.modes import kept_modes
 from sparsify.deploy.accelerate.direct_conv import DirectSparseConv2d, direct_available, supports_direct
 from sparsify.deploy.accelerate.fuse import fuse_relu_pass, fuse_residual_pass
 from sparsify.deploy.accelerate.graph_edits import erase, is_relu, only_user, qual, rewrite_graphs
@@ -293,7 +294,6 @@ def accelerate(model: nn.Module, example_inputs, *, decide: str = "measure", min
     if elsewhere:  # candidates are built and timed on CPU tensors: a GPU model would fail deep inside
         raise ValueError(f"accelerate() builds CPU inference layers, but the model or its example inputs are on "
                          f"{', '.join(elsewhere)}: call it on model.cpu() with CPU inputs")
-    model.eval()
     out = copy.deepcopy(model).eval()
     shapes = _record_inputs(out, inputs)
     rows: list[LayerPath] = []
@@ -314,7 +314,8 @@ def accelerate(model: nn.Module, example_inputs, *, decide: str = "measure", min
     report = AccelerationReport(rows, decide, [list(x.shape) for x in inputs if hasattr(x, "shape")], folded)
     out.acceleration = report
     if check:
-        ok, worst = outputs_close(model(*inputs), out(*inputs), rtol, atol)
+        with kept_modes(model, training=False), torch.no_grad():  # the caller's model keeps its mode
+            ok, worst = outputs_close(model(*inputs), out(*inputs), rtol, atol)
         if not ok:
             raise AccelerationError(f"the accelerated model's output differs from the finalized model's "
                                     f"(largest relative difference {worst:.3g}; rtol={rtol}, atol={atol})\n{report}")
