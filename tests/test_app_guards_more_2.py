@@ -160,6 +160,17 @@ def test_the_demo_says_epoch_and_run_in_the_singular_for_one(tmp_path, monkeypat
     out = capsys.readouterr().out
     assert "1 epoch per run, 1 run ->" in out and "\n1 run in " in out, out
 
+
+def test_the_demo_says_epochs_in_the_plural(tmp_path, monkeypatch, capsys):
+    """Eight epochs read "8 epoches per run": the plural added "es" to every word ending in "ch"."""
+    from sparsify.app import demo
+    monkeypatch.setattr(demo, "train", lambda cfg, quiet=False: (_ for _ in ()).throw(RuntimeError("not trained")))
+    import sparsify.app.plots as plots
+    monkeypatch.setattr(plots, "plot_comparison", lambda *a, **k: None)
+    demo.run_demo(str(tmp_path / "d"), epochs=8, recipes=["dense", "st3"])
+    out = capsys.readouterr().out
+    assert "8 epochs per run, 2 runs ->" in out, out
+
 # --- the write-up ------------------------------------------------------------------------------------------
 
 

@@ -27,10 +27,11 @@ def thousands(v) -> str:
 def counted(n: int, word: str) -> str:
     """``n`` and ``word``, plural unless ``n`` is 1 (what a user reads: "1 epoch", not "1 epochs").
 
-    >>> counted(1, "epoch"), counted(3, "batch")
-    ('1 epoch', '3 batches')
+    >>> counted(1, "epoch"), counted(8, "epoch"), counted(3, "batch")
+    ('1 epoch', '8 epochs', '3 batches')
     """
-    return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith('ch') else 's'}"
+    # "epoch" ends in a hard "ch": only the sibilant endings take "es"
+    return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith(('tch', 'sh', 'ss', 'x')) else 's'}"
 
 
 def _finish(model, cfg, data, out, history, opt_settings, total_steps, test_batches, example, seconds, say,
