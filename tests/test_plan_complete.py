@@ -227,3 +227,14 @@ def test_layers_a_method_declines_are_warned_when_they_weigh():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an RGB stem is a small share: not worth a line
         sparsify.sparsify(torchvision.models.resnet18(num_classes=10), "nm-2-4", total_steps=4)
+
+
+def test_a_small_frozen_share_is_not_said_as_zero():
+    """A frozen stem of ResNet-18 (9,408 of 11.2 M weights) read "0% of the model's weight parameters"."""
+    net = torchvision.models.resnet18(num_classes=10)
+    net.conv1.weight.requires_grad_(False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sparsify.sparsify(net, "st3", total_steps=10, example_inputs=torch.zeros(1, 3, 32, 32))
+    said = [str(w.message) for w in caught if "frozen layer(s)" in str(w.message)]
+    assert len(said) == 1 and "stay dense, 0.084% of the model's weight parameters" in said[0], said

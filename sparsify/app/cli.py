@@ -291,10 +291,10 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
             action.default = argparse.SUPPRESS
 
     p = sub.add_parser("demo", help="dense + every built-in recipe on digits, one comparison table")
-    p.add_argument("--out", default="demo-out")
+    p.add_argument("--out", default="demo-out", help="folder for the table, the plot and each run (default: demo-out)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the demo's own)")
     p.add_argument("--recipes", default=None, help="comma-separated subset of recipes (default: all built-in)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of every run (default: 0)")
     p.add_argument("--progress", action="store_true", help="show per-run progress bars")
     return parser
 

@@ -53,6 +53,17 @@ def overruled_line(o: dict, rules=None) -> str:
             f"all matched by {named(o['later'])} too, and later rules win")
 
 
+def share_text(share: float) -> str:
+    """A share of the model's weights for a warning: never "0%" for some nor "100%" for not all.
+
+    >>> share_text(0.0008), share_text(0.25), share_text(0.998), share_text(1.0)
+    ('0.08%', '25%', 'over 99%', '100%')
+    """
+    if 0 < share < 0.005:
+        return f"{share * 100:.2g}%"
+    return "over 99%" if 0.995 <= share < 1 else f"{share:.0%}"
+
+
 def once(entries) -> list:
     """``entries`` with each layer once (its first entry): a layer called several times has an
     entry per call, its weights one set, counted once in shares and totals.
@@ -127,7 +138,7 @@ class Plan:
         computed = [e for e in dense if COMPUTED_WEIGHT in e.reason]
         if computed:  # weight_norm & co.: the user can remove the parametrization first
             share = sum(e.params for e in computed) / max(1, total)
-            out.append(f"sparsify: {len(computed)} layer(s) left dense, {share:.0%} of the model's weight "
+            out.append(f"sparsify: {len(computed)} layer(s) left dense, {share_text(share)} of the model's weight "
                        f"parameters: their weight is computed, not a parameter (first: {computed[0].name}: "
                        f"{computed[0].reason})")
         adapters = [e for e in dense if e.reason.startswith(ADAPTER)]
@@ -162,7 +173,7 @@ class Plan:
                  and not e.reason.startswith(ADAPTER)]
         if self.rewritten and quiet and sum(e.params for e in quiet) >= 0.1 * total:  # N:M on Linear(30, ...)
             out.append(f"sparsify: {len(quiet)} layer(s) the recipe matched stay dense, declined by their method, "
-                       f"{sum(e.params for e in quiet) / total:.0%} of the model's weight parameters (first: "
+                       f"{share_text(sum(e.params for e in quiet) / total)} of the model's weight parameters (first: "
                        f"{quiet[0].name}: {quiet[0].reason}); see sparsify.plan(model, recipe)")
         by_rule: dict[tuple[int, int], list[dict]] = {}
         for s in self.shadowed:
@@ -177,18 +188,18 @@ class Plan:
             # (a PEFT model's base layers are frozen by design: what its adapters mean)
             share = sum(e.params for e in frozen) / max(1, total)
             out.append(f"sparsify: {len(frozen)} frozen layer(s) (requires_grad=False) that the recipe matched "
-                       f"stay dense, {'over 99%' if 0.995 <= share < 1 else f'{share:.0%}'} of the model's weight "
+                       f"stay dense, {share_text(share)} of the model's weight "
                        f"parameters (first: {frozen[0].name}); "
                        '"options": {"frozen": "include"} in the recipe sparsifies them too (see sparsify.plan)')
         fused = [e for e in dense if OWN_KERNEL in e.reason]
         if fused and sum(e.params for e in fused) >= 0.05 * total:  # an LSTM is 41% of timm's sequencer2d
             out.append(f"sparsify: {len(fused)} module(s) whose weights a fused kernel reads stay dense, "
-                       f"{sum(e.params for e in fused) / total:.0%} of the model's weight parameters (first: "
+                       f"{share_text(sum(e.params for e in fused) / total)} of the model's weight parameters (first: "
                        f"{fused[0].name}, {fused[0].kind}): no method rewrites them (see sparsify.plan)")
         stacked = [e for e in dense if e.reason.startswith(STACKED)]
         if stacked:  # the report's "sparsified layers" figure would read as the model's
             out.append(f"sparsify: {len(stacked)} stacked weight tensor(s) stay dense, "
-                       f"{sum(e.params for e in stacked) / total:.0%} of the model's weight parameters "
+                       f"{share_text(sum(e.params for e in stacked) / total)} of the model's weight parameters "
                        f"(first: {stacked[0].name}, read by the forward of {stacked[0].kind.split('.')[0]}: fused "
                        "experts, which no method rewrites); see docs/transformers.md#mixture-of-experts")
         return out

@@ -26,8 +26,8 @@ __all__ = ["dense_macs", "layer_factors"]
 def layer_factors(state: SparsifyState, root: nn.Module) -> dict[str, float]:
     """Output positions per sample (MACs per weight element) of each Conv/Linear of ``root``, by name.
 
-    Measured by one eval-mode forward on the example inputs the first time a report asks, not
-    inside ``sparsify()``, which then costs about a trace and a copy; stored in
+    Measured by one eval-mode forward on the example inputs: inside ``sparsify()`` when it was
+    given them, else the first time a report asks (on a guessed input); stored in
     ``state.layer_factors`` (an empty dict when no input runs).
     """
     if state.layer_factors is not None:
