@@ -338,7 +338,9 @@ def time_demo(runs_dir: Path) -> str:
         f"`make demo` (= `sparsify demo --out demo-out`: the small CNN on 8x8 digits, {summary['epochs']} epochs "
         f"per run, {len(summary['rows'])} runs, one after the other on one thread) takes **{cpu:.0f} s of CPU time** "
         f"(torch {_torch_version()}); the runs are sequential and single-threaded, so that is the wall time on "
-        "an idle machine. The runs are seeded and deterministic. It prints (the *time* column is each run's wall "
+        "an idle machine. The runs are seeded and deterministic on one machine; another CPU's floating-point "
+        "order moves some rows by a test image or two (0.28 points) and a few tenths of a point of sparsity. "
+        "It prints (the *time* column is each run's wall "
         "time in the run that made this table, with other processes on the cores):", "",
         (out / "comparison.md").read_text().strip()])
 
