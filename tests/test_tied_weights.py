@@ -345,3 +345,21 @@ def test_one_layer_registered_under_several_names_is_sparsified_once(recipe, sha
     first, *others = _cpes(final, shared)
     assert type(first) is nn.Conv2d and all(o is first for o in others)
     torch.testing.assert_close(final(x), m(x))
+
+
+def test_the_plan_says_a_shared_tie_puts_the_zeros_in_the_embedding_too():
+    """Under the default "share", the head's zeros are the embedding's: the plan said nothing on the
+    head's line, and a user deploying the model did not learn that the input embedding changes."""
+    plan = sparsify.plan(TinyLM(), "st3", example_inputs=IDS)
+    head = next(e for e in plan.entries if e.name == "head")
+    assert head.method == "st3" and head.reason == "weight shared with emb: one mask, the zeros reach both"
+    assert "weight shared with emb" in str(plan)
+
+
+def test_a_head_left_dense_by_options_tied_is_warned_once():
+    """With "tied": "dense" the head was warned twice, the second time as "declined by their method"."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sparsify.sparsify(TinyLM(), _recipe("st3", "dense"), total_steps=4, example_inputs=IDS)
+    about_head = [str(w.message) for w in caught if "head" in str(w.message)]
+    assert len(about_head) == 1 and "options.tied is 'dense'" in about_head[0], about_head

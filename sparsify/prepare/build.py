@@ -243,7 +243,9 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
         if why:
             plan.entries.append(PlanEntry(c.name, c.kind, None, w.rule.index, why, weight_params))
             continue
-        plan.entries.append(PlanEntry(c.name, c.kind, w.rule.method, w.rule.index, "", weight_params))
+        # a tie shares the mask: the other module (an input embedding) gets the same zeros, said in the plan
+        note = f"weight shared with {', '.join(users)}: one mask, the zeros reach both" if users else ""
+        plan.entries.append(PlanEntry(c.name, c.kind, w.rule.method, w.rule.index, note, weight_params))
         rewritten.add(c.name)
         if id(c.module) in aliases:
             rewritten_as.setdefault(id(c.module), c.name)

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from sparsify.core.subclasses import COMPUTED_WEIGHT, OWN_FORWARD
 from sparsify.prepare.adapters import ADAPTER
 from sparsify.prepare.direct_reads import READ_DIRECTLY
+from sparsify.prepare.tied import TIED_DENSE
 
 __all__ = ["PlanEntry", "Plan", "STACKED", "FROZEN", "OWN_KERNEL", "FOREIGN_LAYER", "once"]
 
@@ -83,7 +84,7 @@ class PlanEntry:
     kind: str  # module class name or op name
     method: str | None  # None: stays dense
     rule: int | None  # index of the winning rule, None when no rule matched
-    reason: str = ""  # why it stays dense (empty for rewritten sites)
+    reason: str = ""  # why it stays dense; on a rewritten site, a note (the modules sharing its weight) or ""
     params: int = 0  # weight parameters (Conv/Linear)
     macs: int | None = None  # dense MACs per sample at the example input size
 
@@ -162,7 +163,7 @@ class Plan:
         # (computed weights are named above; a PEFT model's frozen base layers are what adapters mean)
         declined = [e for e in dense if e.rule is not None and recipe.rules[e.rule].method is not None
                     and COMPUTED_WEIGHT not in e.reason]
-        said = (OWN_FORWARD, FROZEN, READ_DIRECTLY)  # each has a line of its own
+        said = (OWN_FORWARD, FROZEN, READ_DIRECTLY, TIED_DENSE)  # each has a line of its own
         if not self.rewritten and declined and not adapters:  # rules matched, every method left its sites alone
             first = next((e for e in declined if not any(s in e.reason for s in said)), declined[0])
             out.append(f"sparsify: recipe {recipe.name!r} rewrote nothing in this model: {len(declined)} matched "
@@ -249,7 +250,7 @@ class Plan:
             lines.append(f"{len(once(self.rewritten))} sites rewritten; no weight matrices found")
         else:
             lines.append(f"{len(once(self.rewritten))} sites rewritten, {len(once(self.dense))} weight layers left "
-                         f"dense; rewritten layers hold {s['param_share']:.1%} of the weight parameters"
+                         f"dense; rewritten layers hold {s['param_share']:.1%} of the weight parameters listed"
                          + (f" and {s['mac_share']:.1%} of their MACs" if s["mac_share"] is not None else
                             " (MACs unknown for some layers: pass example_inputs that run them)"))
         how = {}

@@ -24,6 +24,7 @@ from sparsify.core.tied import TiedUse, tied_user, why_not_shared
 __all__ = ["param_owners", "tied_names", "tie_decision", "share_tied", "module_aliases", "point_aliases", "TIED_MODES"]
 
 TIED_MODES = ("share", "dense", "error")
+TIED_DENSE = "(options.tied is 'dense')"  # in the plan's reason: sparsify() warns it once, by the layer's name
 
 
 def param_owners(root: nn.Module) -> dict[int, list[str]]:
@@ -97,7 +98,7 @@ def tie_decision(root: nn.Module, name: str, module: nn.Module, method, options:
         raise ValueError(f"sparsify: options.tied is {mode!r}: use 'share' (the default), 'dense' or 'error'")
     names = ", ".join(tied)
     if mode == "dense":
-        why = (f"weight tied to {names}: left dense (options.tied is 'dense'); "
+        why = (f"weight tied to {names}: left dense {TIED_DENSE}; "
                "'share' sparsifies both uses with one mask")
         if not dry_run:
             warnings.warn(f"sparsify: {name} stays dense: {why}", stacklevel=4)
