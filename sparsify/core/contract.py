@@ -144,11 +144,15 @@ class Group(nn.Module):
         group says False on the steps that leave them alone (e.g. between GMP's pruning steps)."""
         return True
 
-    def writes_weights(self, step: int) -> bool:
+    def writes_weights(self, step: int) -> bool | None:
         """Whether :meth:`update` at ``step`` writes its members' weights in place (ST-3's fix,
         the ``l1-prune`` step). ``sparsify()`` runs step 0: weights written there get their own
-        copy first, so that the caller's model, which shares the other tensors, is left as it was."""
-        return False
+        copy first, so that the caller's model, which shares the other tensors, is left as it was.
+        ``None`` (the default): not said. A group with its own :meth:`update` then gets a copy of
+        every tensor of the caller's that its members hold, for step 0, and keeps only the copies
+        step 0 changed (the rest are shared again); saying False (or True on the steps it writes)
+        saves that copy."""
+        return None
 
     def penalty(self) -> torch.Tensor | None:
         """The regularization term recorded since the last call (then forgotten), or None."""

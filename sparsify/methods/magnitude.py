@@ -131,6 +131,9 @@ class MagnitudeGroup(HeldLayers, Group):
         return (step <= self.fix_at and self.target(step) > 0
                 and not ((step - self.begin) % self.every and step not in (self.end, self.fix_at)))
 
+    def writes_weights(self, step: int) -> bool:
+        return False  # its update writes masks, never the weights
+
     @torch.no_grad()
     def update(self, step: int, loss=None) -> None:
         layers = list(self.members.items())

@@ -38,6 +38,7 @@ from sparsify.prepare.recipe import Recipe
 from sparsify.prepare.training_only import skipping_line, training_only_graphs
 from sparsify.prepare.undo import TreeSnapshot, mirror_children
 from sparsify.prepare.validate import check_times
+from sparsify.prepare.written import own_written_weights, share_unwritten
 from sparsify.core.load_hooks import before_load
 from sparsify.core.state import STATE_ATTR, SparsifyState, after_load, start_groups
 
@@ -167,8 +168,9 @@ def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps:
         raise ValueError("sparsify: inplace=True rewrites the caller's model and copy=True copies it; pick one")
     check_times(recipe, get_method, total_steps, require=not dry_run)  # before anything is touched
     if not inplace:
+        caller = None if copy else {id(t) for t in itertools.chain(model.parameters(), model.buffers())}
         return _build(copy_structure(model, share_tensors=not copy), recipe, example_inputs, total_steps, dry_run,
-                      factors, capture, shared=not copy)
+                      factors, capture, caller=caller)
     snapshot = TreeSnapshot(model)
     try:
         root, plan = _build(model, recipe, example_inputs, total_steps, dry_run, factors, capture)
@@ -182,8 +184,8 @@ def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps:
 
 
 def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | None, dry_run: bool,
-           measured: dict | None, mode: str = "auto", shared: bool = False):
-    """:func:`build` on ``root`` (``shared``: its tensors are the caller's model's)."""
+           measured: dict | None, mode: str = "auto", caller: set[int] | None = None):
+    """:func:`build` on ``root`` (``caller``: ids of the caller's model's tensors it shares)."""
     modes = modes_of(root)
     root.train()  # both captures record the training forward
     matcher = MatchTable(recipe.rules, get_method)
@@ -334,9 +336,9 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     root.register_load_state_dict_pre_hook(before_load)  # before any layer takes another run's values
     root.register_load_state_dict_post_hook(after_load)
     guard_save_pretrained(root)
-    if shared:
-        own_written_weights(root, state.groups.values())
+    pairs = own_written_weights(root, state.groups.values(), caller) if caller else []
     start_groups(state)
+    share_unwritten(root, pairs)
     return root, plan
 
 
@@ -347,17 +349,3 @@ def _taken_before(matcher: MatchTable, c, root: nn.Module) -> int | None:
         if not rule.method.accepts(Site(c.name, c.module, c.gm, c.node, c.prefix, root, params=rule.rule.params)):
             return i
     return None
-
-
-def own_written_weights(root: nn.Module, groups) -> None:
-    """Give the weights that a group writes at step 0 (a fix or prune scheduled at the start)
-    their own copy, in every module of ``root`` that holds them (tied weights stay tied): the
-    caller's model shares ``root``'s other tensors, and ``sparsify()`` writes nothing into it."""
-    written = {id(m.weight) for g in groups if g.writes_weights(0) for m in g.members.values()}
-    copies: dict[int, nn.Parameter] = {}
-    for module in root.modules():
-        for name, p in list(module._parameters.items()):
-            if p is not None and id(p) in written:
-                if id(p) not in copies:
-                    copies[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
-                module._parameters[name] = copies[id(p)]

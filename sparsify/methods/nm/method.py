@@ -39,6 +39,9 @@ class NMGroup(Group):
     def reads_weights(self, step: int) -> bool:
         return step >= self.begin and not all(bool(m.fixed) for m in self.members.values())
 
+    def writes_weights(self, step: int) -> bool:
+        return False  # its update writes masks, never the weights
+
     @torch.no_grad()
     def update(self, step: int, loss=None) -> None:
         for m in self.members.values():

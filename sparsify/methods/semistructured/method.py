@@ -153,6 +153,9 @@ class SemiStructuredGroup(Group):
         torch.distributed.all_reduce(t)
         return float(t) / torch.distributed.get_world_size()
 
+    def writes_weights(self, step: int) -> bool:
+        return False  # its update writes masks and scores, never the weights
+
     @torch.no_grad()
     def update(self, step: int, loss=None) -> None:
         self._unmask_shared()  # found by the forwards since the last step, frozen or not

@@ -105,6 +105,9 @@ class STRGroup(Group):
         _reshape_scalar_s(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def writes_weights(self, step: int) -> bool:
+        return False  # its update writes thresholds, never the weights
+
     @torch.no_grad()
     def update(self, step: int, loss=None) -> None:
         # a threshold whose loss gradient is exactly zero (sigmoid(s) underflows, as with the

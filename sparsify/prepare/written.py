@@ -1,0 +1,89 @@
+"""The caller's tensors that ``sparsify()``'s step 0 may write, and their own copies.
+
+In the default mode the sparse model shares the caller's parameter and buffer tensors, and
+``sparsify()`` runs every group's step-0 update (docs/index.md: ``sparsify`` itself changes
+nothing). A group that writes its members' tensors there (ST-3's fix at step 0, a one-shot prune)
+must write a copy. A group says so with :meth:`~sparsify.core.contract.Group.writes_weights`; one
+that does not say (``None``, a method written outside the library) and has its own ``update`` gets
+copies of every caller tensor its members hold, and after step 0 the copies it left unchanged are
+dropped again, so the model shares what was not written.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparsify.core.contract import Group
+
+__all__ = ["own_written_weights", "share_unwritten"]
+
+
+def _may_write(group: Group) -> bool | None:
+    """True / False as the group declares for step 0; None: undeclared and it has an update."""
+    declared = group.writes_weights(0)
+    if declared is None:
+        return None if type(group).update is not Group.update else False
+    return bool(declared)
+
+
+def _tensors(member: nn.Module, weight_only: bool):
+    if weight_only:
+        return [("weight", member)] if isinstance(getattr(member, "weight", None), nn.Parameter) else []
+    return [(name, m) for m in member.modules()
+            for name in (*m._parameters, *m._buffers) if getattr(m, name, None) is not None]
+
+
+def own_written_weights(root: nn.Module, groups, caller: set[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Give the caller's tensors (ids in ``caller``) that a group may write at step 0 their own copy
+    in every module of ``root`` that holds them (tied weights stay tied). Returns ``(original, copy)``
+    of the copies made for undeclared groups, for :func:`share_unwritten` after step 0.
+
+    >>> import torch
+    >>> from types import SimpleNamespace
+    >>> class Pruning(Group):  # an update that declares nothing
+    ...     def update(self, step, loss=None): ...
+    >>> net = torch.nn.Linear(2, 2)
+    >>> g = Pruning(SimpleNamespace(name="p"), {}, {"": net}, None)
+    >>> pairs = own_written_weights(net, [g], {id(net.weight), id(net.bias)})
+    >>> len(pairs), net.weight is pairs[0][1] or net.weight is pairs[1][1]
+    (2, True)
+    """
+    written: set[int] = set()
+    checked: set[int] = set()
+    for g in groups:
+        may = _may_write(g)
+        if may is False:
+            continue
+        for member in g.members.values():
+            for name, m in _tensors(member, weight_only=may is True):
+                t = getattr(m, name)
+                if id(t) in caller:
+                    written.add(id(t))
+                    if may is None:
+                        checked.add(id(t))
+    copies: dict[int, torch.Tensor] = {}
+    originals: dict[int, torch.Tensor] = {}
+    for module in root.modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in list(store.items()):
+                if t is None or id(t) not in written:
+                    continue
+                if id(t) not in copies:
+                    originals[id(t)] = t
+                    copies[id(t)] = (nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad)
+                                     if isinstance(t, nn.Parameter) else t.detach().clone())
+                store[name] = copies[id(t)]
+    return [(originals[i], copies[i]) for i in checked if i in copies]
+
+
+def share_unwritten(root: nn.Module, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Put the caller's tensor back wherever step 0 left its copy equal to it (compared by value:
+    a write through ``.data`` does not count as a version change), so the model shares it again."""
+    back = {id(c): o for o, c in pairs if torch.equal(o, c)}
+    if not back:
+        return
+    for module in root.modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in list(store.items()):
+                if t is not None and id(t) in back:
+                    store[name] = back[id(t)]

@@ -1,0 +1,102 @@
+"""Methods written outside the library, as docs/writing-a-method.md shows: the hooks a user's group
+leaves at their defaults, and the mistakes such a file can make, give what the built-in methods give."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+import sparsify
+from sparsify.core.contract import Group, Method
+from sparsify.core.params import Params, param
+from sparsify.core.registry import REGISTRY, register
+
+
+@pytest.fixture
+def registered():
+    """Register methods for one test; they leave the registry after it."""
+    names = []
+
+    def add(cls):
+        register(cls)
+        names.append(cls.name)
+        return cls
+    yield add
+    for name in names:
+        REGISTRY.pop(name, None)
+
+
+def net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def rules(method, **params):
+    return {"version": 1, "rules": [{"match": {"type": "Linear"}, "method": method, "params": params}]}
+
+
+@dataclass
+class OneShotParams(Params):
+    sparsity: float = param(0.5, "Fraction of each layer's weights zeroed at `at`.", ge=0, lt=1)
+    at: float = param(0, "Step of the pruning.", time=True)
+
+
+class OneShotGroup(Group):
+    """docs/writing-a-method.md's group: prunes plain layers in place at ``at``, declares nothing."""
+
+    def __init__(self, method, params, members, ctx):
+        super().__init__(method, params, members, ctx)
+        self.at = ctx.time(params["at"], "at")
+
+    @torch.no_grad()
+    def update(self, step, loss=None):
+        if step != self.at:
+            return
+        for m in self.members.values():
+            k = int(self.params["sparsity"] * m.weight.numel())
+            cut = m.weight.abs().flatten().kthvalue(k).values
+            m.weight[m.weight.abs() <= cut] = 0
+
+    def finalize_member(self, name, module):
+        return module
+
+
+def one_shot(name="t-one-shot", group=OneShotGroup):
+    class OneShot(Method):
+        Params = OneShotParams
+        group_class = group
+
+        def apply(self, site, params):
+            site.replace(site.module)
+    OneShot.name = name
+    return OneShot
+
+
+def test_a_step0_write_of_an_undeclared_group_leaves_the_callers_weights(registered):
+    """A method that prunes at step 0 and does not declare writes_weights: sparsify() (default mode)
+    writes a copy, so the caller's weights are unchanged, also when the update fails halfway; a group
+    whose step 0 writes nothing keeps sharing the caller's tensors."""
+    registered(one_shot())
+    dense = net()
+    before = [p.clone() for p in dense.parameters()]
+    model = sparsify.sparsify(dense, rules("t-one-shot"), example_inputs=torch.randn(2, 8))
+    assert all(torch.equal(a, b) for a, b in zip(before, dense.parameters()))
+    assert float((model[0].weight == 0).float().mean()) == 0.5
+    assert model[0].bias is dense[0].bias  # left unchanged by step 0: shared again
+
+    class Failing(OneShotGroup):
+        @torch.no_grad()
+        def update(self, step, loss=None):
+            for i, m in enumerate(self.members.values()):
+                m.weight.data.zero_()  # through .data: no version change
+                if i == 1:
+                    raise RuntimeError("bug in the method")
+    registered(one_shot("t-failing", Failing))
+    with pytest.raises(RuntimeError, match="bug in the method"):
+        sparsify.sparsify(dense, rules("t-failing"), example_inputs=torch.randn(2, 8))
+    assert all(torch.equal(a, b) for a, b in zip(before, dense.parameters()))
+
+    late = sparsify.sparsify(dense, rules("t-one-shot", at=3), example_inputs=torch.randn(2, 8), total_steps=10)
+    assert late[0].weight is dense[0].weight and late[2].weight is dense[2].weight
