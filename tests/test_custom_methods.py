@@ -100,3 +100,14 @@ def test_a_step0_write_of_an_undeclared_group_leaves_the_callers_weights(registe
 
     late = sparsify.sparsify(dense, rules("t-one-shot", at=3), example_inputs=torch.randn(2, 8), total_steps=10)
     assert late[0].weight is dense[0].weight and late[2].weight is dense[2].weight
+
+
+def test_report_counts_the_zeros_of_plain_layer_members(registered):
+    """A method that prunes plain layers in place (no SparseWeightMixin): the report counts their
+    zeros, non-zero parameters and non-zero-weight MACs, rather than saying nothing was pruned."""
+    registered(one_shot())
+    model = sparsify.sparsify(net(), rules("t-one-shot"), example_inputs=torch.randn(2, 8))
+    rep = sparsify.report(model)
+    assert [(r.params, r.nonzero_params, r.achieved) for r in rep.layers] == [(128, 64, 0.5), (64, 32, 0.5)]
+    assert (rep.totals["macs"], rep.totals["nonzero_macs"]) == (192, 96)
+    assert rep.totals["weight_sparsity"] == 0.5 and rep.totals["nonzero_params"] == 212 - 96

@@ -152,6 +152,15 @@ def _achieved_by_kind(rows: list[LayerRow]) -> dict:
     return out
 
 
+def _weight(mod) -> torch.Tensor | None:
+    """The weight a member ships: a sparse layer's deployed weight, a plain layer's own (a method
+    that prunes plain layers in place, docs/writing-a-method.md); None for members without one."""
+    if isinstance(mod, SparseWeightMixin):
+        return mod.deployed_weight()
+    w = getattr(mod, "weight", None)
+    return w.detach() if isinstance(w, torch.Tensor) else None
+
+
 @torch.no_grad()
 def build_report(root, state: SparsifyState) -> Report:
     """The :class:`Report` of ``root`` (the unwrapped model) at ``state``'s current step, what
@@ -173,8 +182,8 @@ def build_report(root, state: SparsifyState) -> Report:
             extra = dict(group.layer_stats(name, mod, factors.get(name)))
             row = LayerRow(name, group.method_name, type(mod).__name__, group.target(step), group.final_target(),
                            None, 0, 0, None, None, extra)
-            if isinstance(mod, SparseWeightMixin):
-                w = mod.deployed_weight()
+            w = _weight(mod)
+            if w is not None:
                 nnz = int(torch.count_nonzero(w))
                 row.params, row.nonzero_params = w.numel(), nnz
                 row.weight_sparsity = 1.0 - nnz / w.numel()
@@ -206,7 +215,7 @@ def build_report(root, state: SparsifyState) -> Report:
     param_total = sum(p.numel() for _, p in model_params)
     # model-wide non-zeros: the sparsified layers' effective weights replace their latent ones
     # (by identity too: a tied weight is listed once, perhaps under its embedding's name)
-    sparse_weights = {id(m.weight) for m in state.members() if isinstance(m, SparseWeightMixin)}
+    sparse_weights = {id(m.weight) for m in state.members() if _weight(m) is not None}
     param_nnz = sum(int(torch.count_nonzero(p)) for n, p in model_params
                     if (n.rpartition(".")[0] not in rewritten or not n.endswith("weight")) and id(p) not in sparse_weights)
     param_nnz += snz
