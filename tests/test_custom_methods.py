@@ -2,6 +2,7 @@
 leaves at their defaults, and the mistakes such a file can make, give what the built-in methods give."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -111,3 +112,41 @@ def test_report_counts_the_zeros_of_plain_layer_members(registered):
     assert [(r.params, r.nonzero_params, r.achieved) for r in rep.layers] == [(128, 64, 0.5), (64, 32, 0.5)]
     assert (rep.totals["macs"], rep.totals["nonzero_macs"]) == (192, 96)
     assert rep.totals["weight_sparsity"] == 0.5 and rep.totals["nonzero_params"] == 212 - 96
+
+
+class Recorder(nn.Module):
+    """A user's inserted module that does not call sparsify.core.forwards.entered."""
+
+    def forward(self, x):
+        return x * 1.0
+
+
+class Inserting(Method):
+    name = "t-inserting"
+    site = "node"
+    inserts_after = True
+
+    def apply(self, site, params):
+        site.insert_after(Recorder(), "rec")
+
+
+def test_members_that_do_not_call_entered_are_watched(registered):
+    """Members of a user's method that do not call entered() themselves (a plain layer kept, an
+    inserted module): training the sparse model says nothing about another model being trained,
+    torch.fx retracing the model is refused, and the finalized model carries no hook of sparsify's."""
+    registered(one_shot())
+    registered(Inserting)
+    recipe = {"version": 1, "rules": [{"match": {"type": "Linear"}, "method": "t-one-shot", "params": {"at": 1}},
+                                      {"match": {"type": "ReLU"}, "method": "t-inserting"}]}
+    model = sparsify.sparsify(net(), recipe, example_inputs=torch.randn(2, 8), total_steps=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            model(torch.randn(4, 8)).sum().backward()
+            opt.step()
+            sparsify.step(model)
+    with pytest.raises(RuntimeError, match="cannot be traced again by torch.fx"):
+        torch.fx.symbolic_trace(model)
+    final = sparsify.finalize(model)
+    assert not any(m._forward_pre_hooks for m in final.modules())

@@ -18,7 +18,7 @@ from torch import nn
 
 from sparsify.core.retrace import refuse_retrace
 
-__all__ = ["entered", "note_forward", "forwarded"]
+__all__ = ["entered", "note_forward", "forwarded", "watch_forwards", "entered_hook"]
 
 
 def entered(layer: nn.Module, x) -> None:
@@ -31,6 +31,25 @@ def entered(layer: nn.Module, x) -> None:
     """
     refuse_retrace(x)
     note_forward(layer)
+
+
+def entered_hook(module: nn.Module, args) -> None:
+    """:func:`entered` as a forward pre-hook (:func:`watch_forwards`)."""
+    entered(module, args[0] if args else None)
+
+
+def watch_forwards(module: nn.Module) -> None:
+    """Make ``module``, a group member, run :func:`entered` in every call: the modules of the
+    library call it in their forward (their class says ``calls_entered = True``); a method's own
+    module or a plain layer a method keeps gets it as a forward pre-hook, so another tracer is
+    refused there too and ``sparsify.step`` sees its forwards. ``sparsify.finalize`` removes it.
+
+    >>> layer = nn.Linear(1, 1)
+    >>> watch_forwards(layer); _ = layer(torch.ones(1)); forwarded([layer])
+    True
+    """
+    if not getattr(type(module), "calls_entered", False) and entered_hook not in module._forward_pre_hooks.values():
+        module.register_forward_pre_hook(entered_hook)
 
 
 def _flag(layer: nn.Module) -> list[bool]:

@@ -66,6 +66,7 @@ class SparseWeightMixin:
     """
 
     out_axis: int = 0
+    calls_entered = True  # its forward calls sparsify.core.forwards.entered (no pre-hook needed)
     #: the weight shape its masks and thresholds were made for (:meth:`from_dense`); see :meth:`resized`
     _sparse_shape: torch.Size | None = None
 

@@ -24,6 +24,7 @@ from sparsify.prepare.pretrained import guard_foreign_layout, unguard_save_pretr
 from sparsify.prepare.tied import point_aliases
 from sparsify.prepare.training_only import skipping_line, training_only_graphs
 from sparsify.core.registry import get_method
+from sparsify.core.forwards import entered_hook
 from sparsify.core.dead_outputs import dead_outputs, dead_outputs_message
 from sparsify.core.diverged import diverged_message, nonfinite_parameters
 from sparsify.core.eval_loop import internal, samples_in
@@ -163,6 +164,8 @@ def _finalize_model(model: nn.Module, example_inputs, *, check: bool, rtol: floa
     remove_hooks(final, "_load_state_dict_post_hooks", after_load)
     remove_hooks(final, "_load_state_dict_pre_hooks", before_load)
     remove_hooks(final, "_forward_pre_hooks", refuse_unfilled)  # a model sparsified on meta
+    for m in final.modules():  # a method's own module or a plain layer it kept (core/forwards.py)
+        remove_hooks(m, "_forward_pre_hooks", entered_hook)
     unguard_save_pretrained(final)
     if foreign:
         guard_foreign_layout(final, " and ".join(foreign))

@@ -39,6 +39,7 @@ from sparsify.prepare.training_only import skipping_line, training_only_graphs
 from sparsify.prepare.undo import TreeSnapshot, mirror_children
 from sparsify.prepare.validate import check_times
 from sparsify.prepare.written import own_written_weights, share_unwritten
+from sparsify.core.forwards import watch_forwards
 from sparsify.core.load_hooks import before_load
 from sparsify.core.state import STATE_ATTR, SparsifyState, after_load, start_groups
 
@@ -336,6 +337,8 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     root.register_load_state_dict_pre_hook(before_load)  # before any layer takes another run's values
     root.register_load_state_dict_post_hook(after_load)
     guard_save_pretrained(root)
+    for m in state.members():
+        watch_forwards(m)  # a method's own module or kept plain layer: refuse retracing, note forwards
     pairs = own_written_weights(root, state.groups.values(), caller) if caller else []
     start_groups(state)
     share_unwritten(root, pairs)

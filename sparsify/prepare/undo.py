@@ -12,7 +12,8 @@ from torch import nn
 
 __all__ = ["TreeSnapshot", "mirror_children"]
 
-_CONTAINERS = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set")
+# (the forward pre-hooks: sparsify.core.forwards.watch_forwards adds one to a kept plain layer)
+_CONTAINERS = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set", "_forward_pre_hooks")
 
 
 class TreeSnapshot:

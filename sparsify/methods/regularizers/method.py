@@ -124,6 +124,7 @@ class ActivationRegularizer(RecordsMixin, nn.Module):
     :meth:`clear_records` (``sparsify.step``).
     """
 
+    calls_entered = True  # its forward calls sparsify.core.forwards.entered (no pre-hook needed)
     identity_in_eval = True  # records nothing outside training: a CallGuard need not warn
     returns_input = True  # graph analyses (SAS's relu search) may look through it
 

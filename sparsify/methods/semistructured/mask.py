@@ -96,6 +96,8 @@ class PositionMask(nn.Module):
     the folded bias ``β − γμ/sqrt(σ²+ε)``, not 0: compute ``conv_without_bias(x) ⊙ mask + b_folded``.
     """
 
+    calls_entered = True  # its forward calls sparsify.core.forwards.entered (no pre-hook needed)
+
     def __init__(self, mask: torch.Tensor | None = None, layer: str = ""):
         super().__init__()
         self.layer = layer  # the conv it masks, for messages (its own name sits beside it: features_0_pmask)
