@@ -150,3 +150,19 @@ def test_members_that_do_not_call_entered_are_watched(registered):
         torch.fx.symbolic_trace(model)
     final = sparsify.finalize(model)
     assert not any(m._forward_pre_hooks for m in final.modules())
+
+
+def test_step0_update_runs_without_autograd_as_later_steps_do(registered):
+    """An update that writes its members' weights in place without its own torch.no_grad() works
+    at step 0 (run by sparsify()) as at the later steps (run by sparsify.step)."""
+    seen = []
+
+    class Writing(OneShotGroup):
+        def update(self, step, loss=None):  # no @torch.no_grad()
+            seen.append(torch.is_grad_enabled())
+            for m in self.members.values():
+                m.weight[0, 0] = 0.0
+    registered(one_shot("t-writing", Writing))
+    model = sparsify.sparsify(net(), rules("t-writing"), example_inputs=torch.randn(2, 8))
+    sparsify.step(model)
+    assert seen == [False, False] and float(model[0].weight.detach()[0, 0]) == 0.0

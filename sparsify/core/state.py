@@ -363,10 +363,12 @@ def refuse_unfilled(module: nn.Module, args) -> None:
         check_filled(state, "forward")
 
 
+@torch.no_grad()  # as sparsify.step runs the later ones (core/advance.py): an update writing weights in place works at 0 too
 def start_groups(state: SparsifyState) -> None:
     """Every group's step-0 update, as ``sparsify()`` ends and when a dense checkpoint is loaded at
-    step 0 (:func:`after_load`; under FSDP2 the groups see the whole weights). On a ``meta`` model a
-    method that reads the weights' values there (ST-3's thresholds, N:M's masks) says so in one line."""
+    step 0 (:func:`after_load`; under FSDP2 the groups see the whole weights), without autograd.
+    On a ``meta`` model a method that reads the weights' values there (ST-3's thresholds, N:M's
+    masks) says so in one line."""
     readers = [m for g in state.groups.values() for m in (g, *g.members.values())]
     with full_parameters(readers):
         for name, group in state.groups.items():
