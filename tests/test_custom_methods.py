@@ -166,3 +166,15 @@ def test_step0_update_runs_without_autograd_as_later_steps_do(registered):
     model = sparsify.sparsify(net(), rules("t-writing"), example_inputs=torch.randn(2, 8))
     sparsify.step(model)
     assert seen == [False, False] and float(model[0].weight.detach()[0, 0]) == 0.0
+
+
+def test_a_user_methods_time_params_take_the_schedule_block_and_are_warned_past_the_run(registered):
+    """A time param of a user's method (docs/writing-a-method.md's ``at``) is filled by the recipe's
+    schedule block, as the generated schema says, and a time after the run is warned, as ``end`` is."""
+    registered(one_shot())
+    recipe = {"version": 1, "schedule": {"at": 3}, "rules": [{"match": {"type": "Linear"}, "method": "t-one-shot"}]}
+    assert sparsify.load_recipe(recipe).rules[0].params["at"] == 3
+    with pytest.raises(sparsify.RecipeError, match=r"\$\.schedule\.atx: unknown key 'atx' \(allowed here: at, begin"):
+        sparsify.load_recipe({**recipe, "schedule": {"atx": 3}})
+    with pytest.warns(UserWarning, match="at is step 30, after the run's total_steps=20: the run never reaches it"):
+        sparsify.sparsify(net(), rules("t-one-shot", at=30), example_inputs=torch.randn(2, 8), total_steps=20)

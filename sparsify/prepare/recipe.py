@@ -15,6 +15,7 @@ from typing import Any
 
 from sparsify.core.schedules import plain_number
 from sparsify.methods import REGISTRY, get_method
+from sparsify.prepare.schema import generated_schema
 from sparsify.prepare.validate import (RecipeError, check_duplicates, check_finite, check_ranges, check_time_values,
                                        json_path, loads_strict)
 
@@ -128,6 +129,21 @@ def schema() -> dict:
     return json.loads((_recipe_dir() / "recipe.schema.json").read_text())
 
 
+_CURRENT: dict = {}  # the registry as it was -> its validator (one entry)
+
+
+def _validator():
+    """A validator of :func:`schema` with the parts of the methods registered now
+    (:func:`~sparsify.prepare.schema.generated_schema`): a method registered outside the library has
+    its time params in the ``schedule`` block too. Made again when the registry changes."""
+    import jsonschema
+    key = tuple(REGISTRY.items())
+    if key not in _CURRENT:
+        _CURRENT.clear()
+        _CURRENT[key] = jsonschema.Draft202012Validator(generated_schema(schema()))
+    return _CURRENT[key]
+
+
 def builtin_recipes() -> dict[str, str]:
     """Built-in recipe names and their one-line descriptions.
 
@@ -233,7 +249,7 @@ def _validate_schema(data, source: str) -> None:
                           "installed (pip install jsonschema); the methods' own parameter checks still run",
                           stacklevel=3)
         return
-    validator = jsonschema.Draft202012Validator(schema())
+    validator = _validator()
     errors = sorted((e for e in validator.iter_errors(data) if not _checked_elsewhere(list(e.absolute_path))),
                     key=lambda e: (list(e.absolute_path), e.message))
     if not errors:

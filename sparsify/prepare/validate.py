@@ -262,7 +262,8 @@ def schedule_warnings(recipe, get_method, total_steps: int | None) -> list[str]:
     """What a valid recipe's times mean for a run of ``total_steps`` that its author may not
     expect: a method that never acts (``begin`` at or past the end, or an empty active range), a
     stage the run's length rounds to no step, a ramp that ends after the run (the target is never
-    reached), masks that never freeze (``fix`` after the run). Times already pass
+    reached), masks that never freeze (``fix`` after the run), any other time of a method after the
+    run. Times already pass
     :func:`check_times`.
 
     >>> from sparsify.prepare.recipe import load_recipe
@@ -316,4 +317,10 @@ def schedule_warnings(recipe, get_method, total_steps: int | None) -> list[str]:
         if fix is not None and fix > total_steps:
             out.append(f"{head}fix is step {fix}, after the run's total_steps={total_steps}: the masks never "
                        "freeze and the run has no fine-tuning phase")
+        for key in method.schedule_keys:  # the method's other times (a user method's `at`, `start`)
+            if key in ("begin", "end", "fix") or p.get(key) is None:
+                continue
+            if (step := resolve_time(p[key], total_steps, what=key)) > total_steps:
+                out.append(f"{head}{key} is step {step}, after the run's total_steps={total_steps}: the run never "
+                           "reaches it; give it as a fraction of the run (0.5) or check total_steps")
     return out
