@@ -178,3 +178,41 @@ def test_a_user_methods_time_params_take_the_schedule_block_and_are_warned_past_
         sparsify.load_recipe({**recipe, "schedule": {"atx": 3}})
     with pytest.warns(UserWarning, match="at is step 30, after the run's total_steps=20: the run never reaches it"):
         sparsify.sparsify(net(), rules("t-one-shot", at=30), example_inputs=torch.randn(2, 8), total_steps=20)
+
+
+def _method_with(params_cls):
+    class Bad(Method):
+        name = "t-bad"
+        Params = params_cls
+    return Bad
+
+
+def test_params_class_mistakes_are_one_line_errors_naming_method_and_field(registered):
+    """A Params class without @dataclass, a field not made with param(), an unsupported type: a
+    TypeError naming the method and the field when the method is defined; recipe params given to a
+    method without params say it takes none."""
+    class Undecorated(Params):
+        sparsity: float = param(0.5, "fraction of zeros")
+    with pytest.raises(TypeError, match=r"^method 't-bad': Undecorated is not a dataclass: decorate it with @dataclass"):
+        _method_with(Undecorated)
+
+    @dataclass
+    class Plain(Params):
+        sparsity: float = 0.5
+    with pytest.raises(TypeError, match=r"^method 't-bad': Plain.sparsity is not made with sparsify.core.params.param"):
+        _method_with(Plain)
+
+    @dataclass
+    class Tupled(Params):
+        shape: tuple = param((2, 4), "a block shape")
+    with pytest.raises(TypeError, match=r"^method 't-bad': Tupled.shape: unsupported parameter type <class 'tuple'>"):
+        _method_with(Tupled)
+
+    class NoParams(Method):
+        name = "t-no-params"
+
+        def apply(self, site, params):
+            site.replace(site.module)
+    registered(NoParams)
+    with pytest.raises(sparsify.RecipeError, match=r"unknown parameter of method 't-no-params'; it takes none$"):
+        sparsify.load_recipe(rules("t-no-params", sparsity=0.5))

@@ -251,6 +251,8 @@ class Method:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        if why := cls.Params.refusal():  # said here, where the method is written, not by a recipe later
+            raise TypeError(f"method {cls.name or cls.__name__!r}: {why}")
         cls.params = cls.Params.defaults()
         cls.schedule_keys = cls.Params.time_keys()
 

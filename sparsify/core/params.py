@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import types
 import typing
-from dataclasses import MISSING, asdict, field, fields
+from dataclasses import MISSING, asdict, field, fields, is_dataclass
 from typing import Any, ClassVar, Literal
 
 __all__ = ["Params", "param", "Literal"]
@@ -97,6 +97,17 @@ def _schema_type(tp) -> dict:
     return {"type": {bool: "boolean", int: "integer", float: "number", str: "string", dict: "object"}[tp]}
 
 
+def _supported(tp) -> bool:
+    if tp in _NAMES:
+        return True
+    if typing.get_origin(tp) is list:
+        return len(typing.get_args(tp)) == 1 and _supported(typing.get_args(tp)[0])
+    return typing.get_origin(tp) is Literal
+
+
+_TYPES = "bool, int, float, str, dict, list[...], Literal[...], each optionally | None"
+
+
 class Params:
     """Base of a method's params dataclass (decorate the subclass with ``@dataclass``)."""
 
@@ -113,6 +124,40 @@ class Params:
         for f in fields(cls):
             tp, nullable = _split(hints[f.name])
             yield f, tp, nullable, f.metadata
+
+    @classmethod
+    def refusal(cls) -> str | None:
+        """What is wrong with this params class as a method declares it, in one line; None when
+        nothing is (checked when the method's class is defined).
+
+        >>> from dataclasses import dataclass
+        >>> class Undecorated(Params):
+        ...     sparsity: float = param(0.5, "fraction of zeros")
+        >>> Undecorated.refusal()
+        'Undecorated is not a dataclass: decorate it with @dataclass (from dataclasses import dataclass)'
+        >>> @dataclass
+        ... class Plain(Params):
+        ...     sparsity: float = 0.5
+        >>> Plain.refusal()
+        "Plain.sparsity is not made with sparsify.core.params.param(default, doc, ...): write sparsity: float = param(0.5, 'what it is')"
+        """
+        own = cls.__dict__.get("__annotations__", {})
+        if not is_dataclass(cls) or "__dataclass_fields__" not in cls.__dict__ and own:
+            return f"{cls.__name__} is not a dataclass: decorate it with @dataclass (from dataclasses import dataclass)"
+        try:
+            hints = typing.get_type_hints(cls)
+        except Exception as e:
+            return f"{cls.__name__}: a field's type cannot be resolved ({type(e).__name__}: {e})"
+        for f in fields(cls):
+            if "doc" not in f.metadata:
+                default = f.default if f.default is not MISSING else "..."
+                return (f"{cls.__name__}.{f.name} is not made with sparsify.core.params.param(default, doc, ...): "
+                        f"write {f.name}: {getattr(hints[f.name], '__name__', hints[f.name])} = "
+                        f"param({default!r}, 'what it is')")
+            tp, _ = _split(hints[f.name])
+            if not _supported(tp):
+                return f"{cls.__name__}.{f.name}: unsupported parameter type {hints[f.name]!r} (supported: {_TYPES})"
+        return None
 
     @classmethod
     def defaults(cls) -> dict:

@@ -315,7 +315,8 @@ def _resolve_params(index: int, raw: dict, schedule: dict, source: str) -> dict 
     if unknown:  # every one named, as for unknown recipe and rule keys
         keys = ", ".join(f"{path}.params.{key}" for key in unknown)
         raise RecipeError(f"{source}: {keys}: unknown parameter{'s' if len(unknown) > 1 else ''} of method "
-                          f"{method_name!r}; its parameters: {', '.join(sorted(method.params))}")
+                          f"{method_name!r}; " + (f"its parameters: {', '.join(sorted(method.params))}"
+                                                  if method.params else "it takes none"))
     for key, value in raw.get("params", {}).items():
         params[key] = value
     return params
