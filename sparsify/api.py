@@ -27,7 +27,7 @@ from sparsify.core.sharded import full_parameters
 from sparsify.core.state import check_filled, find_state, forget_replaced, refuse_unfilled, unwrap
 from sparsify.core.wrong_model import remember_sparsified
 from sparsify.core.advance import advance
-from sparsify.core.penalty_watch import watch_penalty
+from sparsify.core.penalty_watch import penalty_terms, watch_penalty
 from sparsify.core.diverged import diverged_message, nonfinite_parameters, refuse_nonfinite
 from sparsify.core.step_checks import after_step, as_loss, say_once
 from sparsify.prepare.inputs import check_inputs, refuse_misfit, state_inputs
@@ -222,10 +222,10 @@ def penalty(model: nn.Module):
     0.0
     """
     state = find_state(model, where="sparsify.penalty")
-    terms = [p for g in state.groups.values() if (p := g.penalty()) is not None]
+    terms = penalty_terms(state)
     if not terms:
         return 0.0
-    total = torch.stack([t.float().reshape(()) for t in terms]).sum()
+    total = torch.stack(terms).sum()
     watch_penalty(state, total)  # the next step says if no gradient passed through it
     return total
 

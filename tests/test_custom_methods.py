@@ -216,3 +216,27 @@ def test_params_class_mistakes_are_one_line_errors_naming_method_and_field(regis
     registered(NoParams)
     with pytest.raises(sparsify.RecipeError, match=r"unknown parameter of method 't-no-params'; it takes none$"):
         sparsify.load_recipe(rules("t-no-params", sparsity=0.5))
+
+
+def test_a_penalty_that_is_no_scalar_names_the_method_and_a_number_is_taken(registered):
+    """sparsify.penalty takes a group's Python number as a constant term, and refuses a tensor of
+    several elements naming the method and the group and what is expected."""
+    returned = [2.0]
+
+    class Penalizing(Group):
+        def penalty(self):
+            return returned[0]
+
+    class Pen(Method):
+        name = "t-penalty"
+        group_class = Penalizing
+
+        def apply(self, site, params):
+            site.replace(site.module)
+    registered(Pen)
+    model = sparsify.sparsify(net(), rules("t-penalty"), example_inputs=torch.randn(2, 8))
+    assert float(sparsify.penalty(model)) == 2.0
+    returned[0] = torch.ones(2, 3)
+    with pytest.raises(TypeError, match=r"^sparsify.penalty: t-penalty \(rule0_t_penalty\): penalty\(\) returned a "
+                                        r"tensor of shape \(2, 3\); it must return a scalar tensor"):
+        sparsify.penalty(model)

@@ -154,8 +154,9 @@ class Group(nn.Module):
         saves that copy."""
         return None
 
-    def penalty(self) -> torch.Tensor | None:
-        """The regularization term recorded since the last call (then forgotten), or None."""
+    def penalty(self) -> torch.Tensor | float | None:
+        """The regularization term recorded since the last call (then forgotten): a scalar tensor
+        (a number is taken as a constant), or None."""
         return None
 
     def clear(self) -> None:

@@ -1,4 +1,4 @@
-"""Whether the penalty reached the backward pass.
+"""The penalty's terms as the groups give them, and whether the penalty reached the backward pass.
 
 ``sparsify.penalty(model)`` collects the regularizers' terms (and forgets them), so the tensor it
 returns is the only way their gradient reaches the model. Two common loops lose it without an
@@ -11,7 +11,36 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["watch_penalty", "unreached_penalty"]
+__all__ = ["penalty_terms", "watch_penalty", "unreached_penalty"]
+
+
+def penalty_terms(state) -> list[torch.Tensor]:
+    """Every group's :meth:`~sparsify.core.contract.Group.penalty` as a float32 scalar tensor: a
+    one-element tensor as it is, a Python number as a constant; anything else is an error naming
+    the method and the group.
+
+    >>> from types import SimpleNamespace as NS
+    >>> state = NS(groups={"rule0_mine": NS(method_name="mine", penalty=lambda: torch.ones(2))})
+    >>> penalty_terms(state)
+    Traceback (most recent call last):
+    ...
+    TypeError: sparsify.penalty: mine (rule0_mine): penalty() returned a tensor of shape (2,); it must return a scalar tensor (the term added to the loss), a number, or None
+    """
+    terms, device = [], None
+    for name, group in state.groups.items():
+        p = group.penalty()
+        if p is None:
+            continue
+        if isinstance(p, (int, float)) and not isinstance(p, bool):
+            p = torch.tensor(float(p))  # put beside the tensors below
+        elif not isinstance(p, torch.Tensor) or p.numel() != 1:
+            got = f"a tensor of shape {tuple(p.shape)}" if isinstance(p, torch.Tensor) else f"a {type(p).__name__}"
+            raise TypeError(f"sparsify.penalty: {group.method_name} ({name}): penalty() returned {got}; it must "
+                            "return a scalar tensor (the term added to the loss), a number, or None")
+        else:
+            device = device or p.device
+        terms.append(p.float().reshape(()))
+    return [t.to(device) for t in terms] if device is not None else terms
 
 
 def _counts(state) -> list[int]:
