@@ -240,3 +240,35 @@ def test_a_penalty_that_is_no_scalar_names_the_method_and_a_number_is_taken(regi
     with pytest.raises(TypeError, match=r"^sparsify.penalty: t-penalty \(rule0_t_penalty\): penalty\(\) returned a "
                                         r"tensor of shape \(2, 3\); it must return a scalar tensor"):
         sparsify.penalty(model)
+
+
+class Doubling(nn.Module):
+    def forward(self, x):
+        return 2 * x
+
+
+def test_finalize_keeps_plain_layer_members_and_names_a_member_it_removed(registered):
+    """Without a finalize_member: a plain Linear member stays in the finalized model as it is; an
+    inserted module that is no identity is removed by the default, and the output check's error
+    names it and the missing finalize_member."""
+    class Keep(Method):
+        name = "t-keep"
+
+        def apply(self, site, params):
+            site.replace(site.module)
+
+    class Double(Inserting):
+        name = "t-double"
+
+        def apply(self, site, params):
+            site.insert_after(Doubling(), "x2")
+    registered(Keep)
+    registered(Double)
+    model = sparsify.sparsify(net(), rules("t-keep"), example_inputs=torch.randn(2, 8))
+    final = sparsify.finalize(model)
+    assert [type(m).__name__ for m in final.children()] == ["Linear", "ReLU", "Linear"]
+    recipe = {"version": 1, "rules": [{"match": {"type": "ReLU"}, "method": "t-double"}]}
+    model = sparsify.sparsify(net(), recipe, example_inputs=torch.randn(2, 8))
+    with pytest.raises(sparsify.FinalizeError, match=r"finalize removed 1_x2 \(t-double: Doubling\): its group has "
+                                                     "no finalize_member"):
+        sparsify.finalize(model)

@@ -200,9 +200,13 @@ class Group(nn.Module):
     # -- deployment ----------------------------------------------------------------------
     def finalize_member(self, name: str, module: nn.Module) -> nn.Module | None:
         """The plain module that replaces ``module``; ``None`` removes the node (its input is
-        used instead). Default: a plain layer with :meth:`SparseWeightMixin.deployed_weight`."""
+        used instead). Default: a plain layer with :meth:`SparseWeightMixin.deployed_weight`; a
+        plain Conv/Linear (a method that prunes layers in place) as it is; any other module (an
+        inserted identity such as a regularizer) removed."""
         if isinstance(module, SparseWeightMixin):
             return plain_copy(module)
+        if isinstance(module, WEIGHT_TYPES):
+            return module
         return None
 
 

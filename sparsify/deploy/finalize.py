@@ -23,6 +23,7 @@ from sparsify.prepare.inputs import FIT_HINT, misfit_error, refuse_empty, state_
 from sparsify.prepare.pretrained import guard_foreign_layout, unguard_save_pretrained
 from sparsify.prepare.tied import point_aliases
 from sparsify.prepare.training_only import skipping_line, training_only_graphs
+from sparsify.core.contract import Group
 from sparsify.core.registry import get_method
 from sparsify.core.forwards import entered_hook
 from sparsify.core.dead_outputs import dead_outputs, dead_outputs_message
@@ -143,6 +144,7 @@ def _finalize_model(model: nn.Module, example_inputs, *, check: bool, rtol: floa
     fstate: SparsifyState = getattr(final, STATE_ATTR)
     foreign = []  # what the model's class does not build
     replaced: dict[int, nn.Module] = {}
+    removed = []  # members the default finalize_member removed, for the output check's error
     for group in fstate.groups.values():
         layout = get_method(group.method_name).deploy_layout
         for name, member in group.members.items():
@@ -150,6 +152,8 @@ def _finalize_model(model: nn.Module, example_inputs, *, check: bool, rtol: floa
             if new is not None and layout and layout not in foreign:
                 foreign.append(layout)
             if new is None:
+                if type(group).finalize_member is Group.finalize_member:
+                    removed.append(f"{name} ({group.method_name}: {type(member).__name__})")
                 if not _remove_node(final, fstate.graph_paths, name):
                     raise FinalizeError(f"could not remove {name} from the graph")
             elif new is not member:
@@ -216,7 +220,15 @@ def _finalize_model(model: nn.Module, example_inputs, *, check: bool, rtol: floa
         got = final(*inputs)
     ok, worst = outputs_close(expected, got, rtol, atol)
     if not ok:
-        _explain_difference(source, final, inputs, worst, rtol, atol)
+        try:
+            _explain_difference(source, final, inputs, worst, rtol, atol)
+        except FinalizeError as e:
+            if not removed:
+                raise
+            raise FinalizeError(f"{e}; finalize removed {', '.join(removed[:3])}{' ...' if len(removed) > 3 else ''}: "
+                                "its group has no finalize_member, and the default removes a member that is no sparse "
+                                "layer (an inserted identity); give the group a finalize_member returning the "
+                                "module the finalized model should hold (docs/writing-a-method.md)") from None
     return final
 
 
