@@ -272,3 +272,34 @@ def test_finalize_keeps_plain_layer_members_and_names_a_member_it_removed(regist
     with pytest.raises(sparsify.FinalizeError, match=r"finalize removed 1_x2 \(t-double: Doubling\): its group has "
                                                      "no finalize_member"):
         sparsify.finalize(model)
+
+
+class ListRecorder(nn.Module):
+    """A user's regularizer keeping its terms in a plain list (not RecordsMixin)."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def forward(self, x):
+        if self.training and torch.is_grad_enabled():
+            self.records.append(x.abs().mean())
+        return x
+
+
+def test_finalize_names_the_module_holding_a_live_graph(registered):
+    """finalize after a training forward of a regularizer keeping its terms in a plain list: the
+    error names the attribute holding them and RecordsMixin, not torch's deepcopy message alone."""
+    class Rec(Inserting):
+        name = "t-list-rec"
+
+        def apply(self, site, params):
+            site.insert_after(ListRecorder(), "rec")
+    registered(Rec)
+    recipe = {"version": 1, "rules": [{"match": {"type": "ReLU"}, "method": "t-list-rec"}]}
+    model = sparsify.sparsify(net(), recipe, example_inputs=torch.randn(2, 8))
+    model.train()
+    model(torch.randn(4, 8))
+    with pytest.raises(sparsify.FinalizeError, match=r"1_rec.records holds tensors of a training forward's autograd "
+                                                     r"graph.*RecordsMixin"):
+        sparsify.finalize(model)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["RecordsMixin", "RecordsGroupMixin", "in_backward", "backpropagated"]
+__all__ = ["RecordsMixin", "RecordsGroupMixin", "in_backward", "backpropagated", "graph_holders"]
 
 
 def in_backward() -> bool:
@@ -58,6 +58,27 @@ def backpropagated(term: torch.Tensor, limit: int = 64) -> bool:
                         return True
         todo.extend(n for n, _ in node.next_functions)
     return False
+
+
+def graph_holders(root) -> list[str]:
+    """``module.attribute`` of each attribute of ``root``'s modules holding a tensor of a live
+    autograd graph (a non-leaf), directly or in a list, tuple or dict: what ``copy.deepcopy``
+    refuses. A :class:`RecordsMixin` module's ``records`` is copied empty, so it is not listed.
+
+    >>> m = torch.nn.Linear(1, 1)
+    >>> m.kept = [m(torch.ones(1))]
+    >>> graph_holders(torch.nn.Sequential(m))
+    ['0.kept']
+    """
+    def live(v) -> bool:
+        if isinstance(v, torch.Tensor):
+            return v.grad_fn is not None
+        if isinstance(v, (list, tuple)):
+            return any(live(x) for x in v)
+        return isinstance(v, dict) and any(live(x) for x in v.values())
+    return [f"{name or '<root>'}.{key}" if name else key for name, m in root.named_modules()
+            for key, v in vars(m).items()
+            if not key.startswith("_") and not (key == "records" and isinstance(m, RecordsMixin)) and live(v)]
 
 
 class RecordsMixin:

@@ -26,6 +26,7 @@ from sparsify.prepare.training_only import skipping_line, training_only_graphs
 from sparsify.core.contract import Group
 from sparsify.core.registry import get_method
 from sparsify.core.forwards import entered_hook
+from sparsify.core.records import graph_holders
 from sparsify.core.dead_outputs import dead_outputs, dead_outputs_message
 from sparsify.core.diverged import diverged_message, nonfinite_parameters
 from sparsify.core.eval_loop import internal, samples_in
@@ -140,7 +141,15 @@ def _finalize_model(model: nn.Module, example_inputs, *, check: bool, rtol: floa
         if check:
             raise FinalizeError(diverged_message("sparsify.finalize", bad) + "; nothing here is worth deploying")
         warnings.warn(diverged_message("sparsify.finalize", bad), stacklevel=5)
-    final = deepcopy_module(source, kept_hooks(source))  # the caller's hook objects run in it, not copies
+    try:
+        final = deepcopy_module(source, kept_hooks(source))  # the caller's hook objects run in it, not copies
+    except RuntimeError as e:
+        if "deepcopy" not in str(e) or not (held := graph_holders(source)):
+            raise
+        raise FinalizeError(f"finalize cannot copy the model: {', '.join(held[:3])} {'hold' if len(held) > 1 else 'holds'} tensors of a "
+                            "training forward's autograd graph, which torch cannot deepcopy; keep recorded terms in a module "
+                            "built on sparsify.core.records.RecordsMixin (its copies start without them), or clear "
+                            "them before finalize (docs/writing-a-method.md)") from None
     fstate: SparsifyState = getattr(final, STATE_ATTR)
     foreign = []  # what the model's class does not build
     replaced: dict[int, nn.Module] = {}
