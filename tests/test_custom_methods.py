@@ -303,3 +303,25 @@ def test_finalize_names_the_module_holding_a_live_graph(registered):
     with pytest.raises(sparsify.FinalizeError, match=r"1_rec.records holds tensors of a training forward's autograd "
                                                      r"graph.*RecordsMixin"):
         sparsify.finalize(model)
+
+
+def test_the_same_class_defined_again_replaces_its_registration(registered):
+    """A notebook cell run twice defines the method's class again (same module and qualified
+    name): the second registration replaces the first; another class under the name is an error
+    naming both and what to do."""
+    def define():
+        class Again(Method):
+            name = "t-again"
+
+            def apply(self, site, params):
+                site.replace(site.module)
+        return Again
+    first, second = define(), define()
+    registered(first)
+    register(second)
+    assert type(REGISTRY["t-again"]) is second
+
+    class Other(Method):
+        name = "t-again"
+    with pytest.raises(ValueError, match=r"method 't-again' is registered twice .*: give one of them another name"):
+        register(Other)

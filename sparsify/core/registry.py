@@ -23,12 +23,17 @@ def register(cls: type[Method]) -> type[Method]:
     >>> get_method("demo-doc").name
     'demo-doc'
     >>> del REGISTRY["demo-doc"]
+
+    The same class defined again (a notebook cell run twice, a module reloaded: the same module and
+    qualified name) replaces the first; another class under a name already registered is an error.
     """
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name: set the class attribute `name` recipes use")
-    if cls.name in REGISTRY and type(REGISTRY[cls.name]) is not cls:
-        raise ValueError(f"method {cls.name!r} is registered twice ({type(REGISTRY[cls.name]).__name__} "
-                         f"and {cls.__name__})")
+    old = type(REGISTRY[cls.name]) if cls.name in REGISTRY else cls
+    if (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"method {cls.name!r} is registered twice ({old.__module__}.{old.__qualname__} and "
+                         f"{cls.__module__}.{cls.__qualname__}): give one of them another name, or del "
+                         f"sparsify.core.registry.REGISTRY[{cls.name!r}] first")
     REGISTRY[cls.name] = cls()
     return cls
 
