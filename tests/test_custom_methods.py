@@ -2,6 +2,7 @@
 leaves at their defaults, and the mistakes such a file can make, give what the built-in methods give."""
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
 
@@ -325,3 +326,30 @@ def test_the_same_class_defined_again_replaces_its_registration(registered):
         name = "t-again"
     with pytest.raises(ValueError, match=r"method 't-again' is registered twice .*: give one of them another name"):
         register(Other)
+
+
+def test_report_to_json_takes_tensors_a_method_describes_with(registered):
+    """describe, layer_stats and target returning tensors: the report holds Python numbers and
+    to_json works."""
+    class Tensors(Group):
+        def target(self, step):
+            return torch.tensor(0.5)
+
+        def describe(self, step):
+            return {"threshold": torch.tensor(0.25), "per_layer": [torch.tensor([1, 2])]}
+
+        def layer_stats(self, name, module, factor=None):
+            return {"score": torch.tensor(0.75)}
+
+    class T(Method):
+        name = "t-tensors"
+        group_class = Tensors
+
+        def apply(self, site, params):
+            site.replace(site.module)
+    registered(T)
+    model = sparsify.sparsify(net(), rules("t-tensors"), example_inputs=torch.randn(2, 8))
+    d = json.loads(sparsify.report(model).to_json())
+    assert d["groups"]["rule0_t_tensors"] == {"method": "t-tensors", "target": 0.5, "threshold": 0.25,
+                                              "per_layer": [[1, 2]]}
+    assert d["layers"][0]["extra"] == {"score": 0.75} and d["layers"][0]["target"] == 0.5

@@ -152,6 +152,23 @@ def _achieved_by_kind(rows: list[LayerRow]) -> dict:
     return out
 
 
+def _plain(value):
+    """``value`` with tensors as Python numbers (one element) or lists, in dicts and lists too:
+    what a method's ``describe`` / ``layer_stats`` / ``target`` give goes into ``to_json``.
+
+    >>> _plain({"tau": torch.tensor(0.5), "counts": [torch.tensor([1, 2])]})
+    {'tau': 0.5, 'counts': [[1, 2]]}
+    """
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def _weight(mod) -> torch.Tensor | None:
     """The weight a member ships: a sparse layer's deployed weight, a plain layer's own (a method
     that prunes plain layers in place, docs/writing-a-method.md); None for members without one."""
@@ -177,10 +194,11 @@ def build_report(root, state: SparsifyState) -> Report:
     factors = layer_factors(state, root)
     layers, groups = [], {}
     for gname, group in state.groups.items():
-        groups[gname] = {"method": group.method_name, "target": group.target(step), **group.describe(step)}
+        target = _plain(group.target(step))
+        groups[gname] = _plain({"method": group.method_name, "target": target, **group.describe(step)})
         for name, mod in group.members.items():
-            extra = dict(group.layer_stats(name, mod, factors.get(name)))
-            row = LayerRow(name, group.method_name, type(mod).__name__, group.target(step), group.final_target(),
+            extra = _plain(dict(group.layer_stats(name, mod, factors.get(name))))
+            row = LayerRow(name, group.method_name, type(mod).__name__, target, _plain(group.final_target()),
                            None, 0, 0, None, None, extra)
             w = _weight(mod)
             if w is not None:
