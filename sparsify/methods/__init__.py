@@ -13,7 +13,7 @@ Adding a method:
    ``python -m sparsify.prepare.schema`` to regenerate the recipe schema;
 3. a recipe ``sparsify/recipes/<name>.json`` and a docs page ``docs/methods/<name>.md``.
 
-docs/recipes.md ("Writing a method") walks through an example.
+docs/writing-a-method.md walks through an example (and a method registered from a user's own module).
 """
 from __future__ import annotations
 
