@@ -104,6 +104,19 @@ def test_a_step0_write_of_an_undeclared_group_leaves_the_callers_weights(registe
     assert late[0].weight is dense[0].weight and late[2].weight is dense[2].weight
 
 
+def test_an_undeclared_group_on_a_meta_model_keeps_sharing_its_weights(registered):
+    """On a model built on the meta device (no values), an undeclared group whose step 0 reads
+    nothing: sparsify() shares the caller's tensors as it does for the built-in methods."""
+    class Quiet(OneShotGroup):
+        def update(self, step, loss=None):
+            pass
+    registered(one_shot("t-quiet", Quiet))
+    with torch.device("meta"):
+        dense = nn.Sequential(nn.Linear(8, 8))
+    model = sparsify.sparsify(dense, rules("t-quiet"))
+    assert model[0].weight is dense[0].weight
+
+
 def test_report_counts_the_zeros_of_plain_layer_members(registered):
     """A method that prunes plain layers in place (no SparseWeightMixin): the report counts their
     zeros, non-zero parameters and non-zero-weight MACs, rather than saying nothing was pruned."""

@@ -79,7 +79,8 @@ def own_written_weights(root: nn.Module, groups, caller: set[int]) -> list[tuple
 def share_unwritten(root: nn.Module, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Put the caller's tensor back wherever step 0 left its copy equal to it (compared by value:
     a write through ``.data`` does not count as a version change), so the model shares it again."""
-    back = {id(c): o for o, c in pairs if torch.equal(o, c)}
+    # (a meta tensor has no values to write: shared again as it is)
+    back = {id(c): o for o, c in pairs if o.is_meta or torch.equal(o, c)}
     if not back:
         return
     for module in root.modules():
