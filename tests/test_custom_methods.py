@@ -366,3 +366,13 @@ def test_report_to_json_takes_tensors_a_method_describes_with(registered):
     assert d["groups"]["rule0_t_tensors"] == {"method": "t-tensors", "target": 0.5, "threshold": 0.25,
                                               "per_layer": [[1, 2]]}
     assert d["layers"][0]["extra"] == {"score": 0.75} and d["layers"][0]["target"] == 0.5
+
+
+def test_every_builtin_group_with_an_update_says_whether_step_0_writes_weights():
+    """A group that leaves writes_weights undeclared gets a copy of every caller tensor its members hold
+    during sparsify() (what a user's method gets, to be safe); a built-in one must say, or it pays that copy."""
+    undeclared = sorted(name for name, method in REGISTRY.items()
+                        if method.__module__.startswith("sparsify.methods")
+                        and method.group_class.update is not Group.update
+                        and method.group_class.writes_weights is Group.writes_weights)
+    assert not undeclared, f"built-in groups with an update but no writes_weights: {undeclared}"

@@ -220,6 +220,9 @@ class ActivationRegGroup(RecordsGroupMixin, Group):
         for m in self.members.values():
             m.active = on
 
+    def writes_weights(self, step: int) -> bool:
+        return False  # it switches its nodes on and off: sparsify() copies none of the caller's tensors
+
     def target(self, step: int):
         return None
 
