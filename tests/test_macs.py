@@ -161,3 +161,25 @@ def test_a_list_of_images_counts_one_sample_per_image(n):
     assert rows["conv"].macs == 8 * 8 * 4 * 3 * 9 and rows["fc"].macs == 8  # per image, whatever n
     measured = sparsify.measure(m, [(images,), (images,)], input_fn=lambda b: b)
     assert measured.samples == 2 * n
+
+
+def test_a_dense_layer_with_zeros_counts_them_in_the_non_zero_weight_macs():
+    """A layer no method rewrote but whose weight has zeros (pruned with torch.nn.utils.prune before
+    sparsify) counted as fully dense in the non-zero-weight MACs: the report said 206,629 of 231,264
+    where the layer computes with half its weights zero."""
+    import torch.nn.utils.prune as prune
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
+    prune.l1_unstructured(net[2], "weight", amount=0.5)
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning):  # the pruned layer stays dense, said
+        m = sparsify.sparsify(net, "gmp", total_steps=4, example_inputs=x)
+    t = sparsify.report(m).totals
+    positions = 4 * 4  # conv 2's output positions per sample
+    zeros = int((net[2].weight == 0).sum())
+    assert zeros == 288
+    rows = {r.name: r for r in sparsify.report(m).layers}
+    assert "2" not in rows  # left dense
+    sparse_nz = sum(r.nonzero_macs for r in rows.values())
+    assert t["nonzero_macs"] == sparse_nz + positions * (net[2].weight.numel() - zeros)
+    assert t["macs"] - t["nonzero_macs"] >= positions * zeros

@@ -5,6 +5,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 import torch
+from torch import nn
 
 from sparsify.core.layers import SparseWeightMixin
 from sparsify.core.state import SparsifyState
@@ -237,13 +238,14 @@ def build_report(root, state: SparsifyState) -> Report:
     param_nnz = sum(int(torch.count_nonzero(p)) for n, p in model_params
                     if (n.rpartition(".")[0] not in rewritten or not n.endswith("weight")) and id(p) not in sparse_weights)
     param_nnz += snz
-    dense_rest = 0
+    dense_rest = dense_rest_nz = 0
     mods = dict(root.named_modules())
     for name, factor in factors.items():
         if name not in rewritten and (numel := weight_numel(mods, name)) is not None:
             dense_rest += int(round(factor * numel))
+            dense_rest_nz += int(round(factor * _nonzero_weight(mods.get(name), numel)))
     macs = sum(r.macs or 0 for r in sparse_rows) + dense_rest if factors else None
-    nz_macs = sum(r.nonzero_macs or 0 for r in sparse_rows) + dense_rest if factors else None
+    nz_macs = sum(r.nonzero_macs or 0 for r in sparse_rows) + dense_rest_nz if factors else None
     exec_macs = (sum(r.extra.get("executed_macs", r.macs or 0) for r in sparse_rows) + dense_rest
                  if factors else None)  # what dense hardware runs (SAS: M x the counted MACs)
     totals = {
@@ -263,6 +265,15 @@ def build_report(root, state: SparsifyState) -> Report:
     # into the recipe's JSON, which checkpoints are compared with)
     name = state.recipe.get("name") or (state.plan.recipe if state.plan is not None else "")
     return Report(name, step, state.total_steps, layers, groups, totals)
+
+
+def _nonzero_weight(mod, numel: int) -> int:
+    """Non-zeros of a layer no method rewrote, as it computes (a layer under torch.nn.utils.prune
+    multiplies by ``weight``, its mask applied); ``numel`` where that weight cannot be read."""
+    w = getattr(mod, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.numel() != numel or w.is_meta or type(w) not in (torch.Tensor, nn.Parameter):
+        return numel
+    return int(torch.count_nonzero(w))
 
 
 def silenced_activations(rep: Report) -> str | None:
