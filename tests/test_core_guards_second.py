@@ -242,6 +242,44 @@ def test_a_conv_overriding_conv_forward_stays_dense():
     assert by_name["2"].method is not None
 
 
+class _Doubled:
+    """A mixin whose forward wraps the torch layer's: no subclass of nn.Conv2d itself."""
+
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class _DoubledConv(_Doubled, nn.Conv2d):
+    pass
+
+
+def test_a_conv_whose_forward_comes_from_a_mixin_stays_dense():
+    """A forward from a mixin (or an intermediate base that is no Conv2d, as torch.ao's QAT
+    ConvBn2d's _ConvBnNd) overrides nn.Conv2d's: the layer stays dense, with the own-forward
+    warning, and the model computes as before. It was rewritten as a plain sparse conv."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), _DoubledConv(8, 8, 3), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(128, 4))
+    x = torch.randn(2, 3, 8, 8)
+    before = net(x)
+    with pytest.warns(UserWarning, match=r"_DoubledConv computes with its own forward"):
+        m = sparsify.sparsify(net, "gmp", total_steps=10, example_inputs=(x,))
+    assert type(m[2]) is _DoubledConv and not isinstance(m[2], SparseWeightMixin)
+    torch.testing.assert_close(m(x), before)
+
+
+def test_a_qat_conv_bn_stays_dense():
+    """torch.ao's QAT ConvBn2d (BatchNorm folded into the weight, fake-quantised) computes in
+    _ConvBnNd.forward, which a plain sparse conv would drop."""
+    import torch.ao.nn.intrinsic.qat as nniqat
+    import torch.ao.quantization as tq
+    conv = nniqat.ConvBn2d(8, 8, 3, qconfig=tq.get_default_qat_qconfig("x86"))
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), conv, nn.ReLU(), nn.Flatten(), nn.Linear(128, 4))
+    plan = sparsify.plan(net, "gmp", example_inputs=(torch.randn(2, 3, 8, 8),), total_steps=4)
+    entry = next(e for e in plan.entries if e.name == "2")
+    assert entry.method is None and "ConvBn2d computes with its own forward" in entry.reason, entry.reason
+
+
 def test_timms_linear_is_rewritten_and_finalizes_to_its_class():
     """timm's Linear (F.linear on self.weight as it is) is sparsified by the weight methods and
     finalizes back to timm's class."""

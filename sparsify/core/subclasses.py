@@ -85,19 +85,30 @@ def computed_weight_reason(module: nn.Module) -> str | None:
 
 
 def own_forward_class(module: nn.Module, base: type) -> type | None:
-    """The class between ``type(module)`` and its torch weight class ``base`` that defines
-    ``forward`` (or ``_conv_forward``), or None when the layer computes as ``base`` does.
+    """The class before the torch weight class ``base`` in ``type(module)``'s method order that
+    defines ``forward`` (or ``_conv_forward``), or None when the layer computes as ``base`` does.
+
+    Every class before ``base`` counts, also one that is no subclass of it: a mixin
+    (``class C(Doubled, nn.Conv2d)``) or an intermediate base (torch.ao's QAT ``ConvBn2d``, whose
+    ``_ConvBnNd`` folds the BatchNorm and fake-quantises the weight) overrides ``base``'s forward.
 
     >>> class Padded(nn.Conv2d):
     ...     def forward(self, x):
     ...         return super().forward(nn.functional.pad(x, (1, 1, 1, 1)))
     >>> own_forward_class(Padded(1, 1, 3), nn.Conv2d).__name__
     'Padded'
+    >>> class Doubled:
+    ...     def forward(self, x):
+    ...         return super().forward(x) * 2
+    >>> class DoubledConv(Doubled, nn.Conv2d):
+    ...     pass
+    >>> own_forward_class(DoubledConv(1, 1, 3), nn.Conv2d).__name__
+    'Doubled'
     >>> own_forward_class(nn.Conv2d(1, 1, 3), nn.Conv2d) is None
     True
     """
     for cls in type(module).__mro__:
-        if cls is base or not issubclass(cls, base):
+        if cls is base:
             return None
         if "forward" in vars(cls) or "_conv_forward" in vars(cls):
             return cls
