@@ -298,3 +298,44 @@ def test_hooks_registered_later_on_called_modules_run_and_stay_quiet(recipe):
         model(X)
     assert [p for p, n in counts.items() if n == 0] == []
     assert not [w for w in seen if "a hook registered on" in str(w.message)]
+
+
+@pytest.mark.parametrize("recipe", ["st3", "gmp", "str", "nm-2-4", "dual", "semi-structured", "tl1"])
+def test_hooks_on_sparsified_layers_run_after_finalize(recipe):
+    """finalize's plain layers carry the hooks of the sparse layers they replace: a pre-hook that
+    changes the input (with kwargs too), a forward hook that changes the output, one that records
+    it and a backward hook all run, and the finalized model computes what the sparse one did.
+    The plain layers were built without hooks."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 16, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(16 * 12 * 12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    x = torch.randn(4, 3, 16, 16)
+    seen, grads = Record(), []
+    net[3].register_forward_pre_hook(lambda mod, args: (args[0] * 2,))
+    net[3].register_forward_pre_hook(lambda mod, args, kwargs: ((args[0] + 0.5,), kwargs), with_kwargs=True)
+    net[6].register_forward_hook(lambda mod, args, out: out + 1.0)
+    net[6].register_forward_hook(seen)
+    net[6].register_full_backward_hook(lambda mod, gin, gout: grads.append(gout[0].shape))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = sparsify.sparsify(net, recipe, example_inputs=(x,), total_steps=4)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        for _ in range(4):
+            loss = model(x).square().mean() + sparsify.penalty(model)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sparsify.step(model)
+        with torch.no_grad():
+            expected = model.eval()(x)
+        expected_seen = seen.outputs[-1]
+        final = sparsify.finalize(model)
+    seen.outputs.clear()
+    grads.clear()
+    out = final(x)
+    torch.testing.assert_close(out, expected)
+    assert len(seen.outputs) == 1
+    torch.testing.assert_close(seen.outputs[0], expected_seen)
+    out.sum().backward()
+    assert grads == [(4, 32)]

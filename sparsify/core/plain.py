@@ -1,7 +1,7 @@
 """The plain torch layer a sparse layer finalizes to (:func:`plain_copy`): the class of the layer it
 was made from, holding the deployed weight and whatever else that layer held (its bias, a
 subclass's own parameters, buffers and children), without the sparse layer's masks and
-thresholds."""
+thresholds, and the hooks registered on it (they run around the plain layer's call)."""
 from __future__ import annotations
 
 import copy
@@ -9,6 +9,7 @@ import copy
 import torch
 from torch import nn
 
+from passes.hooks import share_hooks
 from sparsify.core.layers import SparseWeightMixin
 
 __all__ = ["plain_copy"]
@@ -32,7 +33,8 @@ def plain_copy(layer: nn.Module, weight: torch.Tensor | None = None, share: bool
     nn.Module.__init__(new)
     # the attributes the dense layer had (a Conv's private _reversed_padding_repeated_twice, which
     # its forward reads for reflect / circular padding and TorchScript compiles), not the sparse
-    # layer's own; fresh module internals (no hooks)
+    # layer's own; fresh module internals, then the layer's hooks (a pre-hook that changes the
+    # input, a forward hook that reads or changes the output: the plain layer computes the same)
     dense_keys = layer.__dict__.get("_dense_keys")
     for k, v in layer.__dict__.items():
         if k in _MODULE_INTERNALS or k == "training":
@@ -57,4 +59,5 @@ def plain_copy(layer: nn.Module, weight: torch.Tensor | None = None, share: bool
         b = layer._buffers.get(name)
         new.register_buffer(name, None if b is None else b.clone(),
                             persistent=name not in layer._non_persistent_buffers_set)
+    share_hooks(layer.__dict__, new)
     return new
