@@ -12,6 +12,7 @@ import hashlib
 import operator
 from collections import OrderedDict
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -334,14 +335,27 @@ def deepcopy_module(module: nn.Module, memo: dict | None = None) -> nn.Module:
     ...             return getattr(self.inner, name)
     >>> type(copy.deepcopy(Forwarding())).__name__, type(deepcopy_module(Forwarding())).__name__
     ('GraphModule', 'Forwarding')
+
+    A tensor a forward pre-hook left as a plain attribute (``torch.nn.utils.prune``'s and the old
+    ``weight_norm``'s ``weight``, computed from parameters in a training forward) is no graph leaf,
+    which ``deepcopy`` refuses: the copy gets it detached (the hook computes it again at each call).
+
+    >>> conv = nn.utils.weight_norm(nn.Conv1d(2, 2, 3)); _ = conv(torch.ones(1, 2, 3))
+    >>> deepcopy_module(conv).weight.grad_fn is None
+    True
     """
+    memo = {} if memo is None else memo
+    for m in module.modules():
+        for value in m.__dict__.values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf and id(value) not in memo:
+                memo[id(value)] = value.detach().clone()
     patched = [cls for cls in {type(m) for m in module.modules()}
                if cls.__getattr__ is not nn.Module.__getattr__ and "__deepcopy__" not in vars(cls)
                and getattr(cls, "__deepcopy__", None) is None]
     for cls in patched:
         cls.__deepcopy__ = None
     try:
-        return copy.deepcopy(module, {} if memo is None else memo)
+        return copy.deepcopy(module, memo)
     finally:
         for cls in patched:
             del cls.__deepcopy__
