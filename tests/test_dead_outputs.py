@@ -104,3 +104,27 @@ def test_a_tied_heads_padding_row_is_not_said_pruned():
         sparsify.finalize(m)
     said = [str(w.message) for w in caught if SAID in str(w.message)]
     assert len(said) == 2 and all("head: every weight of 1 of its 10 outputs pruned (rows 6)" in s for s in said), said
+
+
+@pytest.mark.parametrize("recipe", ["gmp", "dual", "str"])
+def test_a_grouped_conv_transpose_as_the_last_layer_is_looked_at(recipe):
+    """A grouped ConvTranspose's output channel o of group g reads weight[g*in/g:(g+1)*in/g, o - g*out/g]:
+    the look for dead outputs reads it there (it raised 'a ConvTranspose with groups=2 has no
+    (out, in, ...) view of its weight' in sparsify.step and finalize)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(16, 8, 4, stride=2, groups=2))
+    with torch.no_grad():
+        model[2].weight[8:, 1] *= 1e-4  # group 1's second output: channel 4 + 1
+    x = torch.randn(2, 8, 6, 6)
+    m = sparsify.sparsify(model, recipe, total_steps=4, example_inputs=(x,),
+                          **({} if recipe == "str" else {"sparsity": 0.6}))
+    opt = torch.optim.SGD(sparsify.param_groups(m), lr=1e-6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            loss = m(x).square().mean() + sparsify.penalty(m)
+            opt.zero_grad(); loss.backward(); opt.step(); sparsify.step(m, loss)
+        sparsify.finalize(m)
+    dead = [str(w.message) for w in caught if SAID in str(w.message)]
+    if recipe == "gmp":  # a global magnitude threshold takes the small channel whole
+        assert dead and all("2: every weight of 1 of its 8 outputs pruned (rows 5)" in s for s in dead), dead

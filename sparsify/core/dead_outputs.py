@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparsify.core.conv1d import torch_layout
+from sparsify.core.conv1d import grouped_transpose, torch_layout
 from sparsify.core.layers import SparseWeightMixin
 from sparsify.core.sharded import is_sharded
 from sparsify.core.tied import TiedUse
@@ -45,12 +45,31 @@ def dead_outputs(root: nn.Module, names: list[str]) -> list[tuple[str, list[int]
             continue
         if not isinstance(layer, SparseWeightMixin) or is_sharded(layer.weight) or layer.weight.is_meta:
             continue
-        eff = torch_layout(layer, layer.deployed_weight())
-        rows = torch.nonzero(~eff.reshape(eff.shape[0], -1).ne(0).any(1)).flatten().tolist()
+        live = _live_outputs(layer, layer.deployed_weight())
+        rows = torch.nonzero(~live).flatten().tolist()
         rows = [r for r in rows if r not in padding.get(name, ())]
         if rows:
-            out.append((name, rows, eff.shape[0]))
+            out.append((name, rows, live.numel()))
     return out
+
+
+def _live_outputs(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """Per output (channel), whether any weight computes it.
+
+    A grouped ConvTranspose's weight is ``(in, out/groups, *kernel)``: output ``g * out/groups + j``
+    reads ``weight[g * in/groups:(g + 1) * in/groups, j]``.
+
+    >>> conv = nn.ConvTranspose2d(4, 6, 3, groups=2)
+    >>> w = torch.ones(4, 3, 3, 3); w[2:, 1] = 0  # group 1's second output
+    >>> _live_outputs(conv, w).tolist()
+    [True, True, True, True, False, True]
+    """
+    if grouped_transpose(layer):
+        groups = layer.groups
+        per_group = weight.reshape(groups, weight.shape[0] // groups, weight.shape[1], -1)
+        return per_group.ne(0).any(3).any(1).reshape(-1)
+    eff = torch_layout(layer, weight)
+    return eff.reshape(eff.shape[0], -1).ne(0).any(1)
 
 
 def _padding_rows(root: nn.Module) -> dict[str, set[int]]:
