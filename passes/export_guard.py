@@ -35,7 +35,8 @@ class ExportGuard(CallGuard):
     same rank and dtype and the same size in every dimension but the dynamic ones (whose sizes
     must pass the export's own ``_guards_fn`` checks), every other input equal to the example's
     (``torch.export`` specialises on them); with ``modes`` set, the modules in the mode they had
-    at capture too. Other calls run the module's own forward.
+    at capture too. Other calls run the module's own forward. A call with exactly the example's
+    sizes fits whatever the export's checks say (the graph was checked to reproduce it there).
 
     >>> import torch
     >>> class Net(torch.nn.Module):
@@ -55,6 +56,10 @@ class ExportGuard(CallGuard):
                         dict(dynamic.get(j, {}))) if isinstance(x, torch.Tensor) else ("value", x)
                        for j, x in enumerate(flat)]
         self.checks = checks  # torch.export's _guards_fn (not picklable: dropped by pickling)
+        # the graph reproduces the forward at the example's own sizes (export_trace checks that),
+        # also where the export's guards, written for the doubled batch of a batch-one example,
+        # refuse them (a relation such as ``a.size(0) + b.size(0) - (1 + a.size(0) + b.size(0)) // 2 != 1``)
+        self.example_shapes = tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in flat)
         self.layout = self._layout(forward, example)
 
     @staticmethod
@@ -121,7 +126,8 @@ class ExportGuard(CallGuard):
             try:
                 self.checks(*flat)
             except Exception:
-                return False
+                shapes = tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in flat)
+                return shapes == self.__dict__.get("example_shapes")
         return True
 
     def __getstate__(self):

@@ -178,6 +178,38 @@ def test_export_graph_serves_other_batch_sizes_and_sends_misfits_to_the_forward(
     assert torch.allclose(m(_x(2, 4)), net(_x(2, 4)), atol=1e-6)  # ran its own forward
 
 
+class _PairNet(nn.Module):
+    """RAFT's pattern: two images in one batch, split again. Exported on the doubled batch, the
+    export's guard holds `a.size(0) + b.size(0) - (1 + a.size(0) + b.size(0)) // 2 != 1`, which
+    the example's batch of one fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.conv2 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)
+
+    def forward(self, a, b):
+        f = self.conv2(torch.relu(self.conv(torch.cat([a, b], 0))))
+        f1, f2 = torch.chunk(f, 2, 0)
+        return (f1 * f2).mean((1, 2, 3))
+
+
+def test_the_example_batch_of_one_runs_the_graph_where_the_exports_guard_refuses_it():
+    """A call with the example's own sizes ran the model's own forward (tl1 recorded nothing,
+    and the warning advised passing example inputs that call it so): the graph is checked to
+    reproduce the forward there, so it serves that call."""
+    torch.manual_seed(0)
+    a, b = torch.randn(1, 3, 16, 16), torch.randn(1, 3, 16, 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = sparsify.sparsify(_PairNet(), "tl1", capture="export", example_inputs=(a, b), total_steps=10)
+        m.train()
+        m(a, b)
+    assert float(sparsify.penalty(m)) > 0
+    assert not [w for w in caught if "its own forward runs" in str(w.message)], [str(w.message) for w in caught]
+    m(torch.randn(3, 3, 16, 16), torch.randn(3, 3, 16, 16))  # other batches still take the graph
+    assert float(sparsify.penalty(m)) > 0
+
+
 def test_mode_stays_live_in_the_exported_graph():
     r = export_trace(ShapeBranchNet().train(), _x())
     code = r.module.code
