@@ -339,3 +339,53 @@ def test_hooks_on_sparsified_layers_run_after_finalize(recipe):
     torch.testing.assert_close(seen.outputs[0], expected_seen)
     out.sum().backward()
     assert grads == [(4, 32)]
+
+
+def _relu_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(16 * 12 * 12, 10))
+
+
+@pytest.mark.parametrize("hook", ["relu forward", "relu pre", "conv pre", "conv backward"])
+def test_sas_leaves_dense_a_layer_whose_rewiring_would_change_hooks(hook):
+    """SAS rewires the conv after a relu to read the relu's input: a hook on that relu would be
+    bypassed (and a folded relu's dropped), a pre-hook on the conv would see another input. Such a
+    conv stays dense, with a warning naming the hook; the model computes what it did (the
+    pre-hook's conv got the relu's input plus one, silently)."""
+    net = _relu_net()
+    if hook == "relu forward":
+        net[1].register_forward_hook(lambda mod, args, out: out * 0.5)
+    elif hook == "relu pre":
+        net[1].register_forward_pre_hook(lambda mod, args: (args[0] - 0.1,))
+    elif hook == "conv pre":
+        net[2].register_forward_pre_hook(lambda mod, args: (args[0] + 1.0,))
+    else:
+        net[2].register_full_backward_hook(lambda mod, gin, gout: None)
+    x = torch.randn(2, 3, 16, 16)
+    expected = net(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = sparsify.sparsify(net, "sas", example_inputs=(x,), total_steps=4)
+    said = [str(w.message) for w in caught if "left dense for the hooks registered on" in str(w.message)]
+    assert len(said) == 1 and ("relu 1" if hook.startswith("relu") else "on it (") in said[0], said
+    assert type(m[2]) is torch.nn.Conv2d and type(m[5]).__name__ == "SASLinear"
+    torch.testing.assert_close(m.eval()(x), expected, rtol=1e-5, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(sparsify.finalize(m)(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_forward_hook_on_a_sas_layer_runs_after_finalize():
+    """A forward hook on the rewired conv sees its output, the same before and after: SAS takes
+    the layer and its deployed module carries the hook."""
+    net = _relu_net()
+    net[2].register_forward_hook(lambda mod, args, out: out + 1.0)
+    x = torch.randn(2, 3, 16, 16)
+    expected = net(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = sparsify.sparsify(net, "sas", example_inputs=(x,), total_steps=4)
+        final = sparsify.finalize(m)
+    assert type(m[2]).__name__ == "SASConv2d"
+    torch.testing.assert_close(final(x), expected, rtol=1e-5, atol=1e-5)

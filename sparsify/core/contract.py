@@ -27,7 +27,11 @@ from sparsify.core.params import Params
 from sparsify.core.schedules import resolve_time
 from sparsify.core.subclasses import computed_weight_reason, refusal
 
-__all__ = ["Method", "Group", "Site", "GroupContext"]
+__all__ = ["Method", "Group", "Site", "GroupContext", "HOOKED"]
+
+#: what a method's reason for a layer it leaves dense because a rewrite would bypass or change the
+#: caller's module hooks says (SAS's rewiring past a hooked relu); ``sparsify`` warns about them
+HOOKED = "left dense for the hooks registered on"
 
 # --------------------------------------------------------------------------------------------
 # rewriting one matched site

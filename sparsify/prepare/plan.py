@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from sparsify.core.contract import HOOKED
 from sparsify.core.subclasses import COMPUTED_WEIGHT, OWN_FORWARD
 from sparsify.prepare.adapters import ADAPTER
 from sparsify.prepare.direct_reads import READ_DIRECTLY
@@ -142,6 +143,11 @@ class Plan:
             out.append(f"sparsify: {len(computed)} layer(s) left dense, {share_text(share)} of the model's weight "
                        f"parameters: their weight is computed, not a parameter (first: {computed[0].name}: "
                        f"{computed[0].reason})")
+        hooked = [e for e in dense if HOOKED in e.reason]
+        if hooked:  # the rewrite would bypass or change what the caller's hooks do: said, not silent
+            out.append(f"sparsify: {len(hooked)} layer(s) left dense for the hooks registered on them or on the "
+                       f"relu feeding them (first: {hooked[0].name}: {hooked[0].reason}); see "
+                       "sparsify.plan(model, recipe) and docs/hooks.md")
         adapters = [e for e in dense if e.reason.startswith(ADAPTER)]
         if adapters:  # sparse LoRA factors would make nothing sparse: said, with the ways in
             out.append(f"sparsify: {len(adapters)} layer(s) of PEFT adapters left dense ({adapters[0].reason}); see "
@@ -163,7 +169,7 @@ class Plan:
         # (computed weights are named above; a PEFT model's frozen base layers are what adapters mean)
         declined = [e for e in dense if e.rule is not None and recipe.rules[e.rule].method is not None
                     and COMPUTED_WEIGHT not in e.reason]
-        said = (OWN_FORWARD, FROZEN, READ_DIRECTLY, TIED_DENSE)  # each has a line of its own
+        said = (OWN_FORWARD, FROZEN, READ_DIRECTLY, TIED_DENSE, HOOKED)  # each has a line of its own
         if not self.rewritten and declined and not adapters:  # rules matched, every method left its sites alone
             first = next((e for e in declined if not any(s in e.reason for s in said)), declined[0])
             out.append(f"sparsify: recipe {recipe.name!r} rewrote nothing in this model: {len(declined)} matched "

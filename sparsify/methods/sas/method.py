@@ -9,13 +9,15 @@ import torch.fx as fx
 from torch import nn
 
 
+from passes.hooks import share_hooks
+
 from sparsify.core.contract import Group, Method, Site
 from sparsify.core.registry import register
 from sparsify.core.params import Literal, Params, param
 from sparsify.core.layers import weight_base
 from sparsify.methods.sas.rules import make_slot_rule
 from sparsify.methods.sas.layer import SAS_CLASSES
-from sparsify.methods.sas.rewire import _non_negative, _rewire, find_relu_input
+from sparsify.methods.sas.rewire import _non_negative, _rewire, find_relu_input, hooks_in_the_way
 
 
 class SASGroup(Group):
@@ -43,7 +45,11 @@ class SASGroup(Group):
         return out
 
     def finalize_member(self, name: str, module: nn.Module) -> nn.Module:
-        return module.deploy_module()
+        # the caller's hooks run around the deployed layer (those a rewiring would change left
+        # the layer dense: SASMethod.accepts)
+        deployed = module.deploy_module()
+        share_hooks(module.__dict__, deployed)
+        return deployed
 
 
 @dataclass
@@ -99,6 +105,10 @@ class SASMethod(Method):
         if why:
             return why
         p = {**self.params, **site.params}
+        if p["input"] == "rewire" and site.node is not None:
+            found = find_relu_input(site.gm, site.node, p["through_average"])
+            if found is not None and (hooked := hooks_in_the_way(site.gm, site.node, site.module, found)):
+                return f"sas: {hooked}"
         if p["input"] == "as_is" or p["not_relu"] == "as_is":
             return None
         if site.node is None:

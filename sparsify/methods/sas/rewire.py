@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from passes import Change, copy_chain, insert_call, remove_node, replace_uses, reroute_input
+from sparsify.core.contract import HOOKED
 
 
 
@@ -146,6 +147,39 @@ def find_relu_input(gm: fx.GraphModule, node: fx.Node, through_average: bool = F
         exact = exact and kind == "exact"
         chain.append(cur)
         cur = cur.args[0]
+    return None
+
+
+_HOOK_KINDS = {"_forward_pre_hooks": "forward pre-hook", "_forward_hooks": "forward hook",
+               "_backward_pre_hooks": "backward pre-hook", "_backward_hooks": "backward hook"}
+
+
+def _hook_kinds(module: nn.Module, kinds=tuple(_HOOK_KINDS)) -> list[str]:
+    return [_HOOK_KINDS[k] for k in kinds if module.__dict__.get(k)]
+
+
+def hooks_in_the_way(gm: fx.GraphModule, node: fx.Node, layer: nn.Module, found) -> str | None:
+    """Why rewiring ``layer`` (called at ``node``) past the relu ``found`` (:func:`find_relu_input`)
+    would change what the caller's hooks do, or None. Hooks on the relu or on an op between it and
+    the layer would no longer act on (or see) what the layer reads; a forward pre-hook on the
+    layer would see the relu's input, and a full backward hook the gradient of it.
+
+    >>> seq = nn.Sequential(nn.Conv2d(1, 1, 1), nn.ReLU(), nn.Conv2d(1, 1, 1))
+    >>> _ = seq[1].register_forward_hook(lambda m, a, out: out + 1)
+    >>> gm = fx.symbolic_trace(seq); node = list(gm.graph.nodes)[3]
+    >>> hooks_in_the_way(gm, node, seq[2], find_relu_input(gm, node)).split(":")[0]
+    'left dense for the hooks registered on relu 1 (forward hook)'
+    """
+    relu, chain, _ = found
+    for n in (relu, *chain):
+        mod = _module(gm, n)
+        if mod is not None and (kinds := _hook_kinds(mod)):
+            what = "relu" if n is relu else "op"
+            return (f"{HOOKED} {what} {n.target} ({', '.join(kinds)}): rewired to read the relu's input, the layer "
+                    "would bypass them")
+    if kinds := _hook_kinds(layer, ("_forward_pre_hooks", "_backward_hooks")):
+        return (f"{HOOKED} it ({', '.join(kinds)}): rewired, the layer reads the relu's input, so they would see "
+                "another input (and its gradient) than they do now")
     return None
 
 
