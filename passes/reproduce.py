@@ -82,6 +82,11 @@ def kept_state(module: nn.Module) -> Iterator[None]:
     ...     drawn = torch.rand(3)
     >>> bn.running_mean.tolist(), int(bn.num_batches_tracked), bool(torch.equal(torch.rand(3), drawn))
     ([0.0, 0.0], 0, True)
+    >>> observer = torch.ao.quantization.PerChannelMinMaxObserver()  # resizes its buffers from empty
+    >>> with kept_state(observer):
+    ...     _ = observer(torch.ones(3, 2))
+    >>> tuple(observer.min_val.shape)
+    (0,)
     """
     buffers = [(b, b.detach().clone()) for b in module.buffers()]
     cpu, py = torch.random.get_rng_state(), random.getstate()
@@ -91,6 +96,8 @@ def kept_state(module: nn.Module) -> Iterator[None]:
     finally:
         with torch.no_grad():
             for b, saved in buffers:
+                if b.shape != saved.shape:  # resized in place (a per-channel observer's min_val, from empty)
+                    b.resize_(saved.shape)
                 b.copy_(saved)
         torch.random.set_rng_state(cpu)
         random.setstate(py)

@@ -9,6 +9,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from passes import kept_state
+
 from sparsify.core.modes import kept_modes
 
 __all__ = ["run_eval", "internal", "in_internal", "samples_in"]
@@ -60,8 +62,9 @@ def in_internal() -> bool:
 def run_eval(model: nn.Module, batches: Iterable, input_fn: Callable, max_batches: int | None, handles,
              context: Callable[[], contextlib.AbstractContextManager] | None = None) -> int:
     """Run ``model`` in eval mode on ``input_fn(batch)`` for each of at most ``max_batches``
-    batches, then put back its mode and remove the hook ``handles`` (also on an error). Returns
-    the samples seen: per batch, the first dimension of its first non-scalar input tensor, else 1.
+    batches, then put back its mode, its buffers and the random generators and remove the hook
+    ``handles`` (also on an error). Returns the samples seen: per batch, the first dimension of
+    its first non-scalar input tensor, else 1.
     ``context()``, when given, is entered around each batch's forward.
 
     >>> net = nn.Linear(2, 1).train()
@@ -70,7 +73,9 @@ def run_eval(model: nn.Module, batches: Iterable, input_fn: Callable, max_batche
     """
     samples = 0
     try:
-        with kept_modes(model, training=False):
+        # what the forwards change is put back: an observer or fake-quantizer (QAT) updates its
+        # statistics in eval mode too, and counting changes nothing in the model
+        with kept_modes(model, training=False), kept_state(model):
             for i, batch in enumerate(batches):
                 if max_batches is not None and i >= max_batches:
                     break
