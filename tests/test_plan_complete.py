@@ -238,3 +238,21 @@ def test_a_small_frozen_share_is_not_said_as_zero():
         sparsify.sparsify(net, "st3", total_steps=10, example_inputs=torch.zeros(1, 3, 32, 32))
     said = [str(w.message) for w in caught if "frozen layer(s)" in str(w.message)]
     assert len(said) == 1 and "stay dense, 0.084% of the model's weight parameters" in said[0], said
+
+
+class _EinsumHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.w = nn.Linear(8, 8), nn.Parameter(torch.randn(8, 4))
+
+    def forward(self, x):
+        return torch.einsum("bi,ij->bj", self.lin(x), self.w)
+
+
+def test_the_plans_footer_names_weights_without_macs_and_why():
+    """With example_inputs the footer advised passing example_inputs that run the layers; the
+    weight without MACs is a bare parameter an einsum multiplies: it says that, by name."""
+    plan = sparsify.plan(_EinsumHead(), "gmp", example_inputs=(torch.randn(2, 8),), total_steps=4)
+    footer = next(line for line in str(plan).splitlines() if "sites rewritten" in line)
+    assert "MACs unknown for w: bare parameters multiplied by einsum / matmul" in footer, footer
+    assert "pass example_inputs" not in footer

@@ -232,6 +232,17 @@ class Plan:
             out["mac_share"] = hit_m / total_m if total_m else 0.0
         return out
 
+    def _macs_unknown(self) -> str:
+        """Why the plan gives no MAC share: which weights have no MAC count, and what would count them."""
+        if self.input_shapes is None:
+            return "MACs unknown for some layers: pass example_inputs that run them"
+        unknown = [e for e in once(self.entries) if e.params and e.macs is None]
+        names = ", ".join(e.name for e in unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+        if unknown and all(e.kind == "Parameter" for e in unknown):
+            return (f"MACs unknown for {names}: bare parameters multiplied by einsum / matmul in the forward are "
+                    "not counted")
+        return f"MACs unknown for {names}: the example forward did not run them as layers"
+
     def to_dict(self) -> dict:
         return {"recipe": self.recipe, "entries": [asdict(e) for e in self.entries],
                 "fallbacks": self.fallbacks, "trace_warnings": self.trace_warnings, "unmatched_rules": self.unmatched_rules,
@@ -258,7 +269,7 @@ class Plan:
             lines.append(f"{len(once(self.rewritten))} sites rewritten, {len(once(self.dense))} weight layers left "
                          f"dense; rewritten layers hold {s['param_share']:.1%} of the weight parameters listed"
                          + (f" and {s['mac_share']:.1%} of their MACs" if s["mac_share"] is not None else
-                            " (MACs unknown for some layers: pass example_inputs that run them)"))
+                            f" ({self._macs_unknown()})"))
         how = {}
         for c in self.captures:
             how.setdefault(c["capture"], []).append(c["name"] or "<root>")
