@@ -302,3 +302,28 @@ def test_a_width_not_a_multiple_of_four_is_not_two_four():
     w = torch.tensor([[1.0, 0, 0, 0, 0, 1], [1.0, 0, 0, 0, 0, 1]])  # flat groups of 4: 1, 2, 1 non-zeros
     assert _two_four(w) is False
     assert _two_four(torch.tensor([[1.0, 0, 1, 0, 0, 1, 0, 1]])) is True
+
+
+@pytest.mark.parametrize("recipe", ["st3", "gmp", "sas"])
+def test_finalize_keeps_a_channels_last_models_weight_layout(recipe):
+    """A model moved to channels_last finalized to contiguous conv weights under st3, gmp (the
+    deployed weight computed from masks) and SAS (its wide weight made contiguous at sparsify):
+    the deployed convolutions ran in another layout than the model was set up for."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(16 * 10 * 10, 4)).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 16, 16).to(memory_format=torch.channels_last)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = sparsify.sparsify(net, recipe, example_inputs=(x,), total_steps=4)
+        opt = torch.optim.SGD(sparsify.param_groups(m), lr=0.01)
+        for _ in range(4):
+            loss = m(x).square().mean() + sparsify.penalty(m)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sparsify.step(m, loss)
+        final = sparsify.finalize(m)
+    layouts = {n: p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+               for n, p in final.named_parameters() if p.dim() == 4}
+    assert len(layouts) == 3 and all(layouts.values()), layouts

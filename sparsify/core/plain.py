@@ -12,9 +12,25 @@ from torch import nn
 from passes.hooks import share_hooks
 from sparsify.core.layers import SparseWeightMixin
 
-__all__ = ["plain_copy"]
+__all__ = ["plain_copy", "memory_format_of"]
 
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__)
+
+
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    """The memory format ``t`` is stored in: channels-last for a 4-d (5-d) tensor laid out so (a
+    model moved with ``.to(memory_format=torch.channels_last)``), else the contiguous one; a copy
+    made in it keeps the layout the convolution kernels were chosen for.
+
+    >>> memory_format_of(torch.zeros(2, 3, 4, 4).to(memory_format=torch.channels_last))
+    torch.channels_last
+    >>> memory_format_of(torch.zeros(2, 3))
+    torch.contiguous_format
+    """
+    for dim, fmt in ((4, torch.channels_last), (5, torch.channels_last_3d)):
+        if t.dim() == dim and not t.is_contiguous() and t.is_contiguous(memory_format=fmt):
+            return fmt
+    return torch.contiguous_format
 
 
 def plain_copy(layer: nn.Module, weight: torch.Tensor | None = None, share: bool = False) -> nn.Module:
@@ -47,7 +63,9 @@ def plain_copy(layer: nn.Module, weight: torch.Tensor | None = None, share: bool
     if share:
         new.weight, new.bias = layer.weight, bias
     else:
-        new.weight = nn.Parameter(weight.detach().clone(), requires_grad=layer.weight.requires_grad)
+        # in the layer's memory format (a deployed weight computed from masks comes out contiguous)
+        new.weight = nn.Parameter(weight.detach().clone(memory_format=memory_format_of(layer.weight)),
+                                  requires_grad=layer.weight.requires_grad)
         new.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
     for name in layer.__dict__.get("_dense_children", ()):  # an own forward's children (a padding module)
         new.add_module(name, copy.deepcopy(layer._modules[name]))

@@ -11,6 +11,7 @@ from torch import nn
 
 
 from sparsify.core.layers import SparseWeightMixin, specialize, weight_base
+from sparsify.core.plain import memory_format_of
 from sparsify.core.buffers import eager
 from sparsify.core.forwards import entered
 from sparsify.methods.sas.rules import make_slot_rule
@@ -58,7 +59,9 @@ class SASMixin(SparseWeightMixin):
         >>> layer.widen(torch.ones(2, 3))[0].tolist()
         [1.0, -1.0, 1.0, -1.0, 1.0, -1.0]
         """
-        return torch.stack([c * dense for c in self.sas_coefficients], 2).flatten(1, 2).contiguous()
+        # stored as the dense weight is (channels-last: the model's convolutions run in that layout)
+        wide = torch.stack([c * dense for c in self.sas_coefficients], 2).flatten(1, 2)
+        return wide.contiguous(memory_format=memory_format_of(dense))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a dense (pretrained) checkpoint: its narrow weight is converted as sparsify() converted
