@@ -162,3 +162,14 @@ def test_a_penalty_added_on_the_last_micro_batch_only_is_refused_by_name(recipe)
                                            r"whose loss was already backpropagated"):
         sparsify.penalty(model)
     loss.backward()
+
+
+def test_an_optimizer_whose_filter_left_out_the_thresholds_is_not_told_it_came_first():
+    """An optimizer built after sparsify() from a filter that drops STR's '.s' thresholds was told
+    'the optimizer was built before sparsify()' as a fact: the warning gives both causes."""
+    model = sparsify.sparsify(resnet(), "str", total_steps=4, example_inputs=X)
+    opt = torch.optim.SGD([p for n, p in model.named_parameters() if not n.endswith(".s")], lr=0.01)
+    said = steps(model, [opt])
+    assert len(said) == 1 and "may have been built before sparsify()" in said[0], said
+    assert "a filter of the parameters that left them out" in said[0] and "'<layer>.s'" in said[0]
+    assert "the optimizer was built before" not in said[0]

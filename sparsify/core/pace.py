@@ -141,16 +141,16 @@ def reset(state) -> None:
 
 def check_held(state) -> str | None:
     """Once, at the first ``sparsify.step`` after an optimizer step: what to warn when the
-    optimizers miss parameters ``sparsify`` created (they were built before it); None when they
-    hold them all (or nothing is known yet).
+    optimizers miss parameters ``sparsify`` created (built before it, or from a filter that left
+    them out); None when they hold them all (or nothing is known yet).
 
     >>> import torch, sparsify
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
     >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)     # before sparsify: misses STR's thresholds
     >>> m = sparsify.sparsify(net, "str", total_steps=10)
     >>> m(torch.ones(1, 4)).sum().backward(); opt.step()
-    >>> print(check_held(m.sparsify_state)[:103])
-    sparsify: no optimizer updates 1 parameter that sparsify() added or replaced ('0.s'): the optimizer was
+    >>> print(check_held(m.sparsify_state)[:105])
+    sparsify: no optimizer updates 1 parameter that sparsify() added or replaced ('0.s'), so they never train
     """
     entry = _HELD.get(state)
     model = _MODELS.get(state, lambda: None)()
@@ -169,8 +169,9 @@ def check_held(state) -> str | None:
                 f"tensors): the optimizer was built before sparsify(); {fix}")
     names = ", ".join(repr(n) for n in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
     return (f"sparsify: no optimizer updates {len(missing)} parameter{'s' if len(missing) > 1 else ''} that "
-            f"sparsify() added or replaced ({names}): the optimizer was built before sparsify() and holds the "
-            f"model's parameters from then, so these never train (STR's thresholds, SAS's wider weights); {fix}")
+            f"sparsify() added or replaced ({names}), so they never train (STR's thresholds, SAS's wider weights): "
+            "the optimizer may have been built before sparsify(), or from a filter of the parameters that left "
+            f"them out (STR's thresholds are named '<layer>.s'); {fix}")
 
 
 def check_idle(state) -> str | None:
