@@ -182,3 +182,38 @@ def test_a_missing_key_tied_to_nothing_loaded_is_still_missing():
         warnings.simplefilter("always")
         fresh.load_state_dict(folder, strict=False)
     assert [w for w in caught if "holds no entries for 1 sparse layer(s) (head" in str(w.message)]
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod."])
+def test_a_wrappers_prefixed_checkpoint_is_named_so_not_called_dense(prefix):
+    """A DDP or torch.compile state_dict (keys under module. / _orig_mod.) was called a checkpoint
+    "saved from a model before sparsify()", whose advice, strict=False, then loaded nothing: the
+    model stayed at step 0 with no word."""
+    state = {prefix + k: v for k, v in trained("st3").state_dict().items()}
+    fresh = sparsify.sparsify(net(), "st3", total_steps=8, example_inputs=torch.zeros(1, 3, 8, 8))
+    with pytest.raises(RuntimeError) as err:
+        fresh.load_state_dict(state)
+    assert f"the checkpoint's keys start with {prefix!r}" in str(err.value)
+    assert "holds no sparsify state" not in str(err.value)
+    with pytest.warns(UserWarning, match=f"keys start with {prefix!r} .* nothing of it was loaded: strip it"):
+        fresh.load_state_dict(state, strict=False)
+    assert int(sparsify.core.state.find_state(fresh).step) == 0
+
+
+def test_a_load_starts_a_new_evaluation_of_the_regularized_activations():
+    """The report's activation figure averaged the evaluations before and after a load_state_dict
+    (a model left in eval mode): it belongs to the weights the load replaced."""
+    m = trained("tl1", steps=2)
+    ck = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in m.state_dict().items()}
+    x = torch.randn(4, 3, 8, 8)
+    m.eval()
+    with torch.no_grad():
+        m(x * 5 - 2)
+        m.load_state_dict(ck)
+        m(x)
+    fresh = sparsify.sparsify(net(), "tl1", total_steps=8, example_inputs=torch.zeros(1, 3, 8, 8))
+    fresh.load_state_dict(ck)
+    fresh.eval()
+    with torch.no_grad():
+        fresh(x)
+    assert sparsify.report(m).totals["achieved"] == sparsify.report(fresh).totals["achieved"]

@@ -30,7 +30,7 @@ def before_load(module: nn.Module, state_dict, prefix, local_metadata, strict, m
                            "recipe, overrides and total_steps before load_state_dict")
     for member in state.members():  # their graph holds the weights as they were (load_check.py)
         if isinstance(member, RecordsMixin):
-            member.records = []
+            member.loaded()
     # (a name moved out of a container has a "_" where the container's "." was)
     members = {id(m) for m in state.members()}
     own = [f"{prefix}{name}.{key}" for name, m in module.named_modules() if id(m) in members and "_" in name

@@ -118,6 +118,12 @@ class RecordsMixin:
         out, self.records = self.records, []
         return out
 
+    def loaded(self) -> None:
+        """``load_state_dict`` is replacing the weights: the terms recorded so far hold the old ones
+        in their graph (see ``load_check.py``), so they go; a module measuring something from its
+        forwards starts over too."""
+        self.records = []
+
     def clear_records(self) -> tuple[int, int, int]:
         """Forget this step's terms: ``(terms never collected, forwards whose term was lost,
         eval-mode forwards with gradients in a step that recorded nothing)``."""

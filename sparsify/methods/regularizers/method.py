@@ -149,6 +149,12 @@ class ActivationRegularizer(RecordsMixin, nn.Module):
             self._counting = False
         return super().train(mode)
 
+    def loaded(self) -> None:
+        # the counts are of the weights being replaced: the next eval-mode forward starts a new
+        # evaluation (it averaged the two), and until then the report says the figure is old
+        super().loaded()
+        self._counting, self.stale = False, True
+
     def forward(self, x):
         entered(self, x)  # another tracer would drop the term: record() is no graph op
         if (self.active and self.lam != 0.0 and isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel()
