@@ -2,19 +2,11 @@
 sparsify()/symbolic_trace time ratios, keeping the sections other scripts own."""
 from __future__ import annotations
 
-import importlib.util
 import os
 
 
-def sibling(name: str):
-    """benchmarks/<name>.py, also when the caller was loaded by path (tests/test_zoo_subset.py)."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def write_markdown(out: str, results: dict, models: list[tuple[str, str]], recipes: list[str]) -> None:
+def write_markdown(out: str, results: dict, models: list[tuple[str, str]], recipes: list[str], block_tools) -> None:
+    """``block_tools``: benchmarks/_blocks.py (the sections other scripts own are kept)."""
     rows = [r for r in results.values() if r["recipe"] != "__trace__"]
     traces = {r["model"]: r for r in results.values() if r["recipe"] == "__trace__"}
     done_models = [(f, n) for f, n in models if all((n, rc) in results for rc in recipes)]
@@ -101,6 +93,6 @@ def write_markdown(out: str, results: dict, models: list[tuple[str, str]], recip
         i = text.find("\n## Notes")
         tail = text[i:] if i >= 0 else ""
         # sections other scripts own (transformers_coverage.py's table) stay
-        blocks = [b for b in sibling("_blocks").extract_blocks(text) if b not in tail]
+        blocks = [b for b in block_tools.extract_blocks(text) if b not in tail]
     with open(out, "w") as f:
         f.write("\n".join(L) + ("\n" + "\n".join(blocks) if blocks else "") + tail)

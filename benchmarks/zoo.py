@@ -235,7 +235,7 @@ def _sibling(name: str):
 
 def write_markdown(out: str, results: dict, models: list[tuple[str, str]], recipes: list[str]) -> None:
     """docs/coverage.md from the sweep's results (benchmarks/_zoo_markdown.py)."""
-    _sibling("_zoo_markdown").write_markdown(out, results, models, recipes)
+    _sibling("_zoo_markdown").write_markdown(out, results, models, recipes, _sibling("_blocks"))
 
 
 def _best(f, n: int) -> float:
