@@ -18,6 +18,10 @@ inside autograd ("modified by an inplace operation"). The load drops them.
 Modules a recipe inserts inside a nested ``nn.Sequential`` were once kept in it
 (``features.0_pmask``); they now sit beside it (``features_0_pmask``), and a checkpoint of such a
 run is loaded under the new names (:func:`moved_keys`).
+
+A checkpoint saved from the model inside a wrapper (DDP's ``module.``, ``torch.compile``'s
+``_orig_mod.``) holds the state under other names, and a load takes none of it: the missing key's
+note names the prefix instead of calling it a dense checkpoint (:func:`prefixed_line`).
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import json
 
 from sparsify.core.extra_state import unpack
 
-__all__ = ["run_difference", "moved_keys"]
+__all__ = ["run_difference", "moved_keys", "prefixed_line"]
 
 
 def _differences(a, b, path: str = "") -> list[str]:
@@ -105,3 +109,28 @@ def moved_keys(saved: list[str], own: list[str]) -> dict[str, str]:
         if key not in own_set and len(found) == 1:
             out[key] = found[0]
     return out
+
+
+def prefixed_line(key: str, unexpected: list[str]) -> str | None:
+    """What to do when the checkpoint holds this model's sparsify state (missing as ``key``) under
+    other key names (a DDP-wrapped model's ``module.``, ``torch.compile``'s ``_orig_mod.``, or a
+    wrapper the model lacks); None when it holds none.
+
+    >>> prefixed_line("sparsify_state._extra_state", ["module.conv.weight", "module.sparsify_state._extra_state"]).split(" (")[0]
+    "the checkpoint's keys start with 'module.'"
+    """
+    tail = ".".join(key.split(".")[-2:])  # sparsify_state._extra_state
+    for u in unexpected:
+        if not (u == tail or u.endswith("." + tail)):
+            continue
+        if u.endswith("." + key):
+            extra = u[:-len(key)]
+            return (f"the checkpoint's keys start with {extra!r} (saved from a wrapper: DDP's module, "
+                    f"torch.compile's _orig_mod, ...) and nothing of it was loaded: strip it first, "
+                    f"{{k.removeprefix({extra!r}): v for k, v in checkpoint.items()}}, or load it into the same wrapper")
+        if key.endswith("." + u):
+            missing_prefix = key[:-len(u)]
+            return (f"the checkpoint's keys lack the prefix {missing_prefix!r} this model's have (saved from the "
+                    "model inside a wrapper) and nothing of it was loaded: load it into that inner model, or add "
+                    f"the prefix, {{{missing_prefix!r} + k: v for k, v in checkpoint.items()}}")
+    return None

@@ -17,7 +17,7 @@ from torch.utils import _pytree as pytree
 from passes import set_submodule
 
 from sparsify.core.extra_state import pack, unpack
-from sparsify.core.load_check import run_difference
+from sparsify.core.load_check import prefixed_line, run_difference
 from sparsify.core.layers import SparseWeightMixin
 from sparsify.core.wrong_model import check_module, not_sparsified
 from sparsify.core.plain import plain_copy
@@ -184,31 +184,6 @@ def after_load(module: nn.Module, incompatible_keys) -> None:
                       f"{step}: its masks and thresholds stay those computed from its earlier weights; to start "
                       "sparse training from these weights, load them before the first sparsify.step (or call "
                       "sparsify() on the loaded model)", stacklevel=3)
-
-
-def prefixed_line(key: str, unexpected: list[str]) -> str | None:
-    """What to do when the checkpoint holds this model's sparsify state under other key names (a
-    DDP-wrapped model's ``module.``, ``torch.compile``'s ``_orig_mod.``, or a wrapper the model
-    lacks); None when it holds none.
-
-    >>> prefixed_line("sparsify_state._extra_state", ["module.conv.weight", "module.sparsify_state._extra_state"]).split(" (")[0]
-    "the checkpoint's keys start with 'module.'"
-    """
-    tail = f"{STATE_ATTR}._extra_state"
-    for u in unexpected:
-        if not (u == tail or u.endswith("." + tail)):
-            continue
-        if u.endswith("." + key):
-            extra = u[:-len(key)]
-            return (f"the checkpoint's keys start with {extra!r} (saved from a wrapper: DDP's module, "
-                    f"torch.compile's _orig_mod, ...) and nothing of it was loaded: strip it first, "
-                    f"{{k.removeprefix({extra!r}): v for k, v in checkpoint.items()}}, or load it into the same wrapper")
-        if key.endswith("." + u):
-            missing_prefix = key[:-len(u)]
-            return (f"the checkpoint's keys lack the prefix {missing_prefix!r} this model's have (saved from the "
-                    "model inside a wrapper) and nothing of it was loaded: load it into that inner model, or add "
-                    f"the prefix, {{{missing_prefix!r} + k: v for k, v in checkpoint.items()}}")
-    return None
 
 
 _PARTIAL_LOADS = [0]  # > 0 while the library loads a part of a state_dict on purpose (sparsify.sync)
