@@ -376,3 +376,55 @@ def test_every_builtin_group_with_an_update_says_whether_step_0_writes_weights()
                         and method.group_class.update is not Group.update
                         and method.group_class.writes_weights is Group.writes_weights)
     assert not undeclared, f"built-in groups with an update but no writes_weights: {undeclared}"
+
+
+class Scaled(nn.Linear):
+    """A Linear subclass holding a buffer of its own (no forward of its own: rewritten as a Linear)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.register_buffer("scale", torch.ones(1))
+
+
+def test_step0_copies_keep_ties_frozen_flags_and_cover_buffers_of_undeclared_groups(registered):
+    """The copies step 0 writes: an undeclared group's buffers and biases get one too (the caller's
+    stay), a weight tied to a module outside the group stays tied to it, a frozen weight stays
+    frozen; a group declaring writes_weights(0) copies its weights only and shares the rest."""
+    class Everything(OneShotGroup):
+        @torch.no_grad()
+        def update(self, step, loss=None):
+            super().update(step, loss)
+            for m in self.members.values():
+                m.bias.add_(1)
+                if hasattr(m, "scale"):
+                    m.scale.fill_(2)
+    registered(one_shot("t-everything", Everything))
+    torch.manual_seed(0)
+    dense = nn.Sequential(Scaled(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    dense[0].weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    recipe = {**rules("t-everything"), "options": {"frozen": "include"}}
+    model = sparsify.sparsify(dense, recipe, example_inputs=torch.randn(2, 8))
+    assert all(torch.equal(before[k], v) for k, v in dense.state_dict().items())
+    assert float(model[0].scale) == 2 and not model[0].weight.requires_grad
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(8, 8), nn.Linear(8, 8)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(self.emb(ids))
+    registered(one_shot())
+    tied = Tied()
+    model = sparsify.sparsify(tied, rules("t-one-shot"), example_inputs=torch.zeros(2, dtype=torch.long))
+    assert model.head.weight is model.emb.weight and model.head.weight is not tied.head.weight
+
+    class Declared(OneShotGroup):
+        def writes_weights(self, step):
+            return step == self.at
+    registered(one_shot("t-declared", Declared))
+    dense = net()
+    model = sparsify.sparsify(dense, rules("t-declared"), example_inputs=torch.randn(2, 8))
+    assert model[0].weight is not dense[0].weight and model[0].bias is dense[0].bias
