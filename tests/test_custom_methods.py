@@ -254,6 +254,28 @@ def test_a_penalty_that_is_no_scalar_names_the_method_and_a_number_is_taken(regi
     with pytest.raises(TypeError, match=r"^sparsify.penalty: t-penalty \(rule0_t_penalty\): penalty\(\) returned a "
                                         r"tensor of shape \(2, 3\); it must return a scalar tensor"):
         sparsify.penalty(model)
+    returned[0] = True  # a bool is no number here
+    with pytest.raises(TypeError, match=r"penalty\(\) returned a bool; it must return"):
+        sparsify.penalty(model)
+    returned[0] = torch.tensor([3.0], dtype=torch.float64)  # one element: taken, in float32
+    total = sparsify.penalty(model)
+    assert total.dtype == torch.float32 and total.shape == () and float(total) == 3.0
+
+    # a number goes beside the other groups' tensors (on their device; meta here), also when it comes first
+    returned[0] = 1.0
+    two = {"version": 1, "rules": [{"match": {"name": "0"}, "method": "t-penalty"},
+                                   {"match": {"name": "2"}, "method": "t-penalty-meta"}]}
+
+    class OnMeta(Group):
+        def penalty(self):
+            return torch.ones((), device="meta")
+
+    class PenMeta(Pen):
+        name = "t-penalty-meta"
+        group_class = OnMeta
+    registered(PenMeta)
+    model = sparsify.sparsify(net(), two, example_inputs=torch.randn(2, 8))
+    assert sparsify.penalty(model).device.type == "meta"
 
 
 class Doubling(nn.Module):
