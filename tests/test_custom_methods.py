@@ -222,6 +222,17 @@ def test_params_class_mistakes_are_one_line_errors_naming_method_and_field(regis
     with pytest.raises(TypeError, match=r"^method 't-bad': Tupled.shape: unsupported parameter type <class 'tuple'>"):
         _method_with(Tupled)
 
+    @dataclass
+    class ListOfTuples(Params):
+        shapes: list[tuple] = param([], "block shapes")
+    with pytest.raises(TypeError, match=r"^method 't-bad': ListOfTuples.shapes: unsupported parameter type"):
+        _method_with(ListOfTuples)
+
+    class Extended(OneShotParams):  # adds a field without @dataclass: the field would not be one
+        margin: float = param(0.1, "a margin")
+    with pytest.raises(TypeError, match=r"^method 't-bad': Extended is not a dataclass"):
+        _method_with(Extended)
+
     class NoParams(Method):
         name = "t-no-params"
 
@@ -356,6 +367,11 @@ def test_the_same_class_defined_again_replaces_its_registration(registered):
     registered(first)
     register(second)
     assert type(REGISTRY["t-again"]) is second
+
+    elsewhere = define()
+    elsewhere.__module__ = "another_module"  # the same qualified name in another module: another class
+    with pytest.raises(ValueError, match=r"registered twice .*another_module\."):
+        register(elsewhere)
 
     class Other(Method):
         name = "t-again"
