@@ -384,10 +384,14 @@ def test_report_to_json_takes_tensors_a_method_describes_with(registered):
     to_json works."""
     class Tensors(Group):
         def target(self, step):
+            return torch.tensor([0.5])  # one element: a number
+
+        def final_target(self):
             return torch.tensor(0.5)
 
         def describe(self, step):
-            return {"threshold": torch.tensor(0.25), "per_layer": [torch.tensor([1, 2])]}
+            return {"threshold": torch.tensor(0.25), "per_layer": [torch.tensor([1, 2])],
+                    "pair": (torch.tensor(1), torch.tensor(2))}
 
         def layer_stats(self, name, module, factor=None):
             return {"score": torch.tensor(0.75)}
@@ -402,8 +406,9 @@ def test_report_to_json_takes_tensors_a_method_describes_with(registered):
     model = sparsify.sparsify(net(), rules("t-tensors"), example_inputs=torch.randn(2, 8))
     d = json.loads(sparsify.report(model).to_json())
     assert d["groups"]["rule0_t_tensors"] == {"method": "t-tensors", "target": 0.5, "threshold": 0.25,
-                                              "per_layer": [[1, 2]]}
+                                              "per_layer": [[1, 2]], "pair": [1, 2]}
     assert d["layers"][0]["extra"] == {"score": 0.75} and d["layers"][0]["target"] == 0.5
+    assert d["layers"][0]["final_target"] == 0.5
 
 
 def test_every_builtin_group_with_an_update_says_whether_step_0_writes_weights():
