@@ -217,3 +217,15 @@ def test_a_load_starts_a_new_evaluation_of_the_regularized_activations():
     with torch.no_grad():
         fresh(x)
     assert sparsify.report(m).totals["achieved"] == sparsify.report(fresh).totals["achieved"]
+
+
+def test_a_bare_checkpoint_loaded_into_a_wrapper_says_the_prefix_it_lacks():
+    """The converse of a wrapper's checkpoint: the model's own state_dict loaded into a module that
+    holds it under a name is not called a checkpoint saved before sparsify()."""
+    state = trained("st3").state_dict()
+    wrapper = nn.Module()
+    wrapper.inner = sparsify.sparsify(net(), "st3", total_steps=8, example_inputs=torch.zeros(1, 3, 8, 8))
+    with pytest.raises(RuntimeError) as err:
+        wrapper.load_state_dict(state)
+    assert "the checkpoint's keys lack the prefix 'inner.'" in str(err.value)
+    assert "holds no sparsify state" not in str(err.value)
