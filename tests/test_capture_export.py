@@ -208,6 +208,9 @@ def test_the_example_batch_of_one_runs_the_graph_where_the_exports_guard_refuses
     assert not [w for w in caught if "its own forward runs" in str(w.message)], [str(w.message) for w in caught]
     m(torch.randn(3, 3, 16, 16), torch.randn(3, 3, 16, 16))  # other batches still take the graph
     assert float(sparsify.penalty(m)) > 0
+    # only the example's own sizes pass where the export's checks refuse: unequal batches do not
+    guard = export_trace(_PairNet(), (a, b)).module._call_guard
+    assert guard.fits((a, b), {}) and not guard.fits((a, torch.randn(2, 3, 16, 16)), {})
 
 
 def test_mode_stays_live_in_the_exported_graph():
