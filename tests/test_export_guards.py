@@ -6,6 +6,8 @@ again afterwards, ``path`` is where the file goes, and ``check_deployable(onnx=F
 ONNX."""
 from __future__ import annotations
 
+import warnings
+
 import onnx
 import pytest
 import torch
@@ -58,6 +60,28 @@ def test_export_program_says_a_batch_of_one_fixes_the_batch():
     """torch.export specializes a size-1 dimension; the user who wanted a symbolic batch is told."""
     with pytest.warns(UserWarning, match="batch of 1 fixes"):
         export_program(nn.Linear(3, 2), torch.randn(1, 3))
+
+
+class Scaled(nn.Module):
+    """A scalar first input, the batch second, a table whose rows are not the batch third."""
+
+    def forward(self, t, x, table):
+        return t * x @ table.T
+
+
+def test_export_program_makes_only_the_batch_symbolic_and_warns_only_a_batch_of_one():
+    """The batch is that of the first input with a dimension (a 0-d scalar before it has none);
+    another input whose first size is not the batch stays fixed; inputs without a dimension, and
+    check_deployable's own batch-one export, are not warned about a batch."""
+    t, table = torch.tensor(2.0), torch.randn(4, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ep = export_program(Scaled(), (t, torch.randn(2, 3), table))
+        export_program(nn.ReLU(), torch.tensor(1.0))
+        check_deployable(nn.Linear(3, 2), torch.randn(1, 3), onnx=False)
+    assert tuple(ep.module()(t, torch.randn(5, 3), table).shape) == (5, 4)
+    with pytest.raises(Exception):
+        ep.module()(t, torch.randn(5, 3), torch.randn(6, 3))
 
 
 def test_check_deployable_compares_eval_outputs_of_a_model_left_in_training():
