@@ -347,7 +347,7 @@ def _relu_net():
                                torch.nn.Flatten(), torch.nn.Linear(16 * 12 * 12, 10))
 
 
-@pytest.mark.parametrize("hook", ["relu forward", "relu pre", "conv pre", "conv backward"])
+@pytest.mark.parametrize("hook", ["relu forward", "relu pre", "relu backward", "conv pre", "conv backward"])
 def test_sas_leaves_dense_a_layer_whose_rewiring_would_change_hooks(hook):
     """SAS rewires the conv after a relu to read the relu's input: a hook on that relu would be
     bypassed (and a folded relu's dropped), a pre-hook on the conv would see another input. Such a
@@ -358,6 +358,8 @@ def test_sas_leaves_dense_a_layer_whose_rewiring_would_change_hooks(hook):
         net[1].register_forward_hook(lambda mod, args, out: out * 0.5)
     elif hook == "relu pre":
         net[1].register_forward_pre_hook(lambda mod, args: (args[0] - 0.1,))
+    elif hook == "relu backward":
+        net[1].register_full_backward_hook(lambda mod, gin, gout: None)
     elif hook == "conv pre":
         net[2].register_forward_pre_hook(lambda mod, args: (args[0] + 1.0,))
     else:
@@ -374,6 +376,22 @@ def test_sas_leaves_dense_a_layer_whose_rewiring_would_change_hooks(hook):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.testing.assert_close(sparsify.finalize(m)(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sas_leaves_dense_a_layer_behind_a_hooked_op_after_the_relu():
+    """A hook on an op SAS looks through (the Flatten between the relu and the Linear) would be
+    bypassed too: that Linear stays dense, named with the op."""
+    net = _relu_net()
+    net[4].register_forward_hook(lambda mod, args, out: out * 0.5)
+    x = torch.randn(2, 3, 16, 16)
+    expected = net(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = sparsify.sparsify(net, "sas", example_inputs=(x,), total_steps=4)
+    said = [str(w.message) for w in caught if "left dense for the hooks registered on" in str(w.message)]
+    assert len(said) == 1 and "op 4 (forward hook)" in said[0], said
+    assert type(m[5]) is torch.nn.Linear and type(m[2]).__name__ == "SASConv2d"
+    torch.testing.assert_close(m.eval()(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_forward_hook_on_a_sas_layer_runs_after_finalize():
