@@ -58,8 +58,8 @@ def overruled_line(o: dict, rules=None) -> str:
 def share_text(share: float) -> str:
     """A share of the model's weights for a warning: never "0%" for some nor "100%" for not all.
 
-    >>> share_text(0.0008), share_text(0.25), share_text(0.998), share_text(1.0)
-    ('0.08%', '25%', 'over 99%', '100%')
+    >>> share_text(0.0008), share_text(0.003), share_text(0.25), share_text(0.998), share_text(1.0)
+    ('0.08%', '0.3%', '25%', 'over 99%', '100%')
     """
     if 0 < share < 0.005:
         return f"{share * 100:.2g}%"
