@@ -341,6 +341,14 @@ def test_hooks_on_sparsified_layers_run_after_finalize(recipe):
     assert grads == [(4, 32)]
 
 
+def _sas_with_hook_warnings(net, x):
+    """``sparsify(net, "sas")`` and the warnings it gave about layers left dense for hooks."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = sparsify.sparsify(net, "sas", example_inputs=(x,), total_steps=4)
+    return m, [str(w.message) for w in caught if "left dense for the hooks registered on" in str(w.message)]
+
+
 def _relu_net():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3), torch.nn.ReLU(),
@@ -366,10 +374,7 @@ def test_sas_leaves_dense_a_layer_whose_rewiring_would_change_hooks(hook):
         net[2].register_full_backward_hook(lambda mod, gin, gout: None)
     x = torch.randn(2, 3, 16, 16)
     expected = net(x)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        m = sparsify.sparsify(net, "sas", example_inputs=(x,), total_steps=4)
-    said = [str(w.message) for w in caught if "left dense for the hooks registered on" in str(w.message)]
+    m, said = _sas_with_hook_warnings(net, x)
     assert len(said) == 1 and ("relu 1" if hook.startswith("relu") else "on it (") in said[0], said
     assert type(m[2]) is torch.nn.Conv2d and type(m[5]).__name__ == "SASLinear"
     torch.testing.assert_close(m.eval()(x), expected, rtol=1e-5, atol=1e-5)
@@ -385,10 +390,7 @@ def test_sas_leaves_dense_a_layer_behind_a_hooked_op_after_the_relu():
     net[4].register_forward_hook(lambda mod, args, out: out * 0.5)
     x = torch.randn(2, 3, 16, 16)
     expected = net(x)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        m = sparsify.sparsify(net, "sas", example_inputs=(x,), total_steps=4)
-    said = [str(w.message) for w in caught if "left dense for the hooks registered on" in str(w.message)]
+    m, said = _sas_with_hook_warnings(net, x)
     assert len(said) == 1 and "op 4 (forward hook)" in said[0], said
     assert type(m[5]) is torch.nn.Linear and type(m[2]).__name__ == "SASConv2d"
     torch.testing.assert_close(m.eval()(x), expected, rtol=1e-5, atol=1e-5)
