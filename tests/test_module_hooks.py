@@ -409,3 +409,23 @@ def test_a_forward_hook_on_a_sas_layer_runs_after_finalize():
         final = sparsify.finalize(m)
     assert type(m[2]).__name__ == "SASConv2d"
     torch.testing.assert_close(final(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_always_called_and_state_dict_hooks_reach_the_finalized_layer():
+    """The other hook dictionaries finalize's plain layer takes: a forward hook registered with
+    always_call=True runs, and a state_dict post-hook still shapes the layer's entries."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    calls = []
+    net[2].register_forward_hook(lambda mod, args, out: calls.append(1), always_call=True)
+
+    def tag(module, state_dict, prefix, local_metadata):
+        state_dict[prefix + "tagged"] = torch.ones(1)
+    net[2]._register_state_dict_hook(tag)
+    x = torch.randn(2, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        final = sparsify.finalize(sparsify.sparsify(net, "gmp", example_inputs=(x,), total_steps=4))
+    calls.clear()
+    final(x)
+    assert calls == [1] and "2.tagged" in final.state_dict()
