@@ -48,7 +48,7 @@ def own_written_weights(root: nn.Module, groups, caller: set[int]) -> list[tuple
     >>> len(pairs), net.weight is pairs[0][1] or net.weight is pairs[1][1]
     (2, True)
     """
-    written: set[int] = set()
+    written: dict[int, torch.Tensor] = {}
     checked: set[int] = set()
     for g in groups:
         may = _may_write(g)
@@ -58,33 +58,29 @@ def own_written_weights(root: nn.Module, groups, caller: set[int]) -> list[tuple
             for name, m in _tensors(member, weight_only=may is True):
                 t = getattr(m, name)
                 if id(t) in caller:
-                    written.add(id(t))
+                    written[id(t)] = t
                     if may is None:
                         checked.add(id(t))
-    copies: dict[int, torch.Tensor] = {}
-    originals: dict[int, torch.Tensor] = {}
+    copies = {i: nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad) if isinstance(t, nn.Parameter)
+              else t.detach().clone() for i, t in written.items()}
+    _put(root, copies)
+    return [(written[i], copies[i]) for i in checked]
+
+
+def _put(root: nn.Module, by_id: dict[int, torch.Tensor]) -> None:
+    """Register ``by_id[id(t)]`` instead of ``t`` wherever a module of ``root`` holds ``t`` as a
+    parameter or buffer (every holder: tied tensors stay tied)."""
+    if not by_id:
+        return
     for module in root.modules():
         for store in (module._parameters, module._buffers):
             for name, t in list(store.items()):
-                if t is None or id(t) not in written:
-                    continue
-                if id(t) not in copies:
-                    originals[id(t)] = t
-                    copies[id(t)] = (nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad)
-                                     if isinstance(t, nn.Parameter) else t.detach().clone())
-                store[name] = copies[id(t)]
-    return [(originals[i], copies[i]) for i in checked if i in copies]
+                if t is not None and id(t) in by_id:
+                    store[name] = by_id[id(t)]
 
 
 def share_unwritten(root: nn.Module, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Put the caller's tensor back wherever step 0 left its copy equal to it (compared by value:
     a write through ``.data`` does not count as a version change), so the model shares it again."""
     # (a meta tensor has no values to write: shared again as it is)
-    back = {id(c): o for o, c in pairs if o.is_meta or torch.equal(o, c)}
-    if not back:
-        return
-    for module in root.modules():
-        for store in (module._parameters, module._buffers):
-            for name, t in list(store.items()):
-                if t is not None and id(t) in back:
-                    store[name] = back[id(t)]
+    _put(root, {id(c): o for o, c in pairs if o.is_meta or torch.equal(o, c)})

@@ -194,6 +194,8 @@ def build_report(root, state: SparsifyState) -> Report:
     step = int(state.step)
     factors = layer_factors(state, root)
     layers, groups = [], {}
+    # the members' own weights, which their deployed (or pruned) ones stand for in the totals
+    sparse_weights: set[int] = set()
     for gname, group in state.groups.items():
         target = _plain(group.target(step))
         groups[gname] = _plain({"method": group.method_name, "target": target, **group.describe(step)})
@@ -203,6 +205,7 @@ def build_report(root, state: SparsifyState) -> Report:
                            None, 0, 0, None, None, extra)
             w = _weight(mod)
             if w is not None:
+                sparse_weights.add(id(mod.weight))
                 nnz = int(torch.count_nonzero(w))
                 row.params, row.nonzero_params = w.numel(), nnz
                 row.weight_sparsity = 1.0 - nnz / w.numel()
@@ -233,8 +236,7 @@ def build_report(root, state: SparsifyState) -> Report:
     rewritten = {r.name for r in sparse_rows}
     param_total = sum(p.numel() for _, p in model_params)
     # model-wide non-zeros: the sparsified layers' effective weights replace their latent ones
-    # (by identity too: a tied weight is listed once, perhaps under its embedding's name)
-    sparse_weights = {id(m.weight) for m in state.members() if _weight(m) is not None}
+    # (by identity too, sparse_weights: a tied weight is listed once, perhaps under its embedding's name)
     param_nnz = sum(int(torch.count_nonzero(p)) for n, p in model_params
                     if (n.rpartition(".")[0] not in rewritten or not n.endswith("weight")) and id(p) not in sparse_weights)
     param_nnz += snz
