@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from passes import Change, copy_chain, insert_call, remove_node, replace_uses, reroute_input
+from passes.hooks import CALL_HOOKS
 from sparsify.core.contract import HOOKED
 
 
@@ -150,8 +151,8 @@ def find_relu_input(gm: fx.GraphModule, node: fx.Node, through_average: bool = F
     return None
 
 
-_HOOK_KINDS = {"_forward_pre_hooks": "forward pre-hook", "_forward_hooks": "forward hook",
-               "_backward_pre_hooks": "backward pre-hook", "_backward_hooks": "backward hook"}
+# what each of the hook dictionaries that act around a call (passes.hooks.CALL_HOOKS) is called in a message
+_HOOK_KINDS = dict(zip(CALL_HOOKS, ("forward pre-hook", "forward hook", "backward pre-hook", "backward hook")))
 
 
 def _hook_kinds(module: nn.Module, kinds=tuple(_HOOK_KINDS)) -> list[str]:
