@@ -111,18 +111,16 @@ def moved_keys(saved: list[str], own: list[str]) -> dict[str, str]:
     return out
 
 
-def prefixed_line(key: str, unexpected: list[str]) -> str | None:
+def prefixed_line(key: str, saved: list[str]) -> str | None:
     """What to do when the checkpoint holds this model's sparsify state (missing as ``key``) under
-    other key names (a DDP-wrapped model's ``module.``, ``torch.compile``'s ``_orig_mod.``, or a
-    wrapper the model lacks); None when it holds none.
+    other key names, ``saved`` (the checkpoint's sparsify-state keys it did not load:
+    ``sparsify.core.state.saved_states``): a DDP-wrapped model's ``module.``, ``torch.compile``'s
+    ``_orig_mod.``, or a wrapper the model lacks; None when none of them is.
 
-    >>> prefixed_line("sparsify_state._extra_state", ["module.conv.weight", "module.sparsify_state._extra_state"]).split(" (")[0]
+    >>> prefixed_line("sparsify_state._extra_state", ["module.sparsify_state._extra_state"]).split(" (")[0]
     "the checkpoint's keys start with 'module.'"
     """
-    tail = ".".join(key.split(".")[-2:])  # sparsify_state._extra_state
-    for u in unexpected:
-        if not (u == tail or u.endswith("." + tail)):
-            continue
+    for u in saved:
         if u.endswith("." + key):
             extra = u[:-len(key)]
             return (f"the checkpoint's keys start with {extra!r} (saved from a wrapper: DDP's module, "

@@ -163,7 +163,7 @@ def after_load(module: nn.Module, incompatible_keys) -> None:
     dense = False
     for i, k in enumerate(missing):
         if k == key or k.endswith("." + key):
-            if line := prefixed_line(k, incompatible_keys.unexpected_keys):
+            if line := prefixed_line(k, [s for _, s in saved_states(incompatible_keys.unexpected_keys)]):
                 missing[i] = f"{k} ({line})"
                 warnings.warn(f"load_state_dict: {line}", stacklevel=3)  # strict=False loaded nothing
                 continue
@@ -290,9 +290,9 @@ def find_state(model: nn.Module, *, required: bool = True, where: str = "sparsif
     return state
 
 
-def saved_states(state_dict: dict) -> list[tuple[str, str]]:
-    """``(module path, key)`` of each sparsify state a ``state_dict`` holds, outermost first (the
-    path ``""``: a model sparsified whole).
+def saved_states(state_dict) -> list[tuple[str, str]]:
+    """``(module path, key)`` of each sparsify state a ``state_dict`` (or a list of its keys) holds,
+    outermost first (the path ``""``: a model sparsified whole).
 
     >>> saved_states({"net.sparsify_state._extra_state": 0, "net.0.weight": 1})
     [('net', 'net.sparsify_state._extra_state')]
