@@ -32,8 +32,10 @@ from sparsify.methods.semistructured import SemiStructuredMethod
 from sparsify.methods.dual import L1PruneMethod
 from sparsify.methods.sas import SASMethod
 
+#: the methods this package defines (a user's are registered later, from their own modules)
+BUILT_IN = frozenset(type(m) for m in REGISTRY.values())
 
-__all__ = ["REGISTRY", "get_method", "register", "Method", "Group", "GroupContext", "Site",
+__all__ = ["BUILT_IN", "REGISTRY", "get_method", "register", "Method", "Group", "GroupContext", "Site",
            "SparseWeightMixin", "specialize", "plain_copy", "weight_base", "ST3Method", "STRMethod",
            "MagnitudeMethod", "NMMethod", "TL1Method", "ActivationL1Method", "HoyerSquareMethod",
            "SemiStructuredMethod", "L1PruneMethod", "SASMethod"]

@@ -38,6 +38,7 @@ from sparsify.prepare.recipe import Recipe
 from sparsify.prepare.training_only import skipping_line, training_only_graphs
 from sparsify.prepare.undo import TreeSnapshot, mirror_children
 from sparsify.prepare.validate import check_times
+from sparsify.prepare.effective_check import check_effective_weights
 from sparsify.prepare.written import own_written_weights, share_unwritten
 from sparsify.core.forwards import watch_forwards
 from sparsify.core.load_hooks import before_load
@@ -341,6 +342,7 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
         watch_forwards(m)  # a method's own module or kept plain layer: refuse retracing, note forwards
     pairs = own_written_weights(root, state.groups.values(), caller) if caller else []
     start_groups(state)
+    check_effective_weights(state.groups.values())  # a method of the user's: its layers' weights fit
     share_unwritten(root, pairs)
     return root, plan
 
