@@ -102,3 +102,28 @@ def test_a_rollback_after_a_stray_training_forward_trains_on(recipe):
         warnings.simplefilter("ignore")
         again = run_steps(fresh, torch.optim.SGD(fresh.parameters(), lr=0.01), [(X, Y)] * 2, penalty=True)
     assert losses == pytest.approx(again, rel=1e-6)
+
+
+def test_a_checkpoint_without_its_recipe_record_is_said_as_such_not_as_a_dense_one():
+    """Dropping ``sparsify_state._extra_state`` (the record the refusal checks) to load a run into a
+    model built for more steps: the warning says the saved step, masks and thresholds were loaded
+    unchecked; it said "a checkpoint without sparsify state ... masks and thresholds stay those
+    computed from its earlier weights", untrue for the masks it had just loaded."""
+    saved = trained("gmp", total_steps=10)
+    entries = {k: v for k, v in saved.state_dict().items() if k != "sparsify_state._extra_state"}
+    longer = sparsify.sparsify(net(), "gmp", total_steps=20, example_inputs=X)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = longer.load_state_dict(entries, strict=False)
+    said = [str(w.message) for w in caught]
+    assert [s for s in said if "sparsify_state._extra_state was loaded" in s] == [
+        "sparsify: a sparsified checkpoint without sparsify_state._extra_state was loaded: its step (4), masks and "
+        "thresholds were not checked against this model's recipe and total_steps (20 here) and go on under them; "
+        "schedule times given as fractions now fall on other steps than in the saved run"]
+    assert not [s for s in said if "without sparsify state" in s]
+    assert result.missing_keys == ["sparsify_state._extra_state (the checkpoint's sparsify state was loaded "
+                                   "without this record of its recipe)"]
+    assert int(longer.sparsify_state.step) == 4
+    for (k, v), w in zip(saved.state_dict().items(), longer.state_dict().values()):
+        if k != "sparsify_state._extra_state":
+            assert torch.equal(v, w), k

@@ -6,7 +6,6 @@ and recipe resumes exactly.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import warnings
 
@@ -18,6 +17,7 @@ from passes import set_submodule
 
 from sparsify.core.extra_state import pack, unpack
 from sparsify.core.load_check import prefixed_line, run_difference
+from sparsify.core.load_warnings import partial_load, warn_partial, warn_unrecorded
 from sparsify.core.layers import SparseWeightMixin
 from sparsify.core.wrong_model import check_module, not_sparsified
 from sparsify.core.plain import plain_copy
@@ -157,24 +157,31 @@ def after_load(module: nn.Module, incompatible_keys) -> None:
     then ``load_state_dict(dense, strict=False)`` equals ``sparsify`` of the loaded model. Past
     step 0 the masks and thresholds stay those of the earlier weights (a schedule's history cannot
     be redone): a warning says so, leaving out a key whose tensor the checkpoint holds under another
-    name (a tied head transformers leaves out of its folders)."""
+    name (a tied head transformers leaves out of its folders). A sparsified checkpoint without its
+    record of recipe and ``total_steps`` (its step loaded, its ``_extra_state`` missing) is no dense
+    one: it is loaded as it is, and a warning says it went unchecked."""
     missing = incompatible_keys.missing_keys
     key = f"{STATE_ATTR}._extra_state"
     dense = False
+    state = getattr(module, STATE_ATTR, None)
+    state = state if isinstance(state, SparsifyState) else None
     for i, k in enumerate(missing):
         if k == key or k.endswith("." + key):
             if line := prefixed_line(k, [s for _, s in saved_states(incompatible_keys.unexpected_keys)]):
                 missing[i] = f"{k} ({line})"
                 warnings.warn(f"load_state_dict: {line}", stacklevel=3)  # strict=False loaded nothing
                 continue
+            if k[:-len("_extra_state")] + "step" not in missing:  # its step was loaded: a sparsified checkpoint
+                missing[i] = f"{k} (the checkpoint's sparsify state was loaded without this record of its recipe)"
+                warn_unrecorded(state, k)
+                continue
             dense = True
             missing[i] = (f"{k} (this checkpoint holds no sparsify state: it was saved from a model before "
                           "sparsify(); load it with strict=False to take its weights into the sparsified "
                           "model, or save the sparsified model's own state_dict)")
-    state = getattr(module, STATE_ATTR, None)
-    if not dense and isinstance(state, SparsifyState) and not state.step.is_meta and int(state.step) > 0:
-        _warn_partial(module, state, missing)
-    if not dense or not isinstance(state, SparsifyState) or state.unfilled or state.step.is_meta:
+    if not dense and state is not None and not state.step.is_meta and int(state.step) > 0:
+        warn_partial(module, state, missing)
+    if not dense or state is None or state.unfilled or state.step.is_meta:
         return  # a model materialized from meta stays refused until a sparsified checkpoint fills it
     step = int(state.step)
     if step == 0:
@@ -184,59 +191,6 @@ def after_load(module: nn.Module, incompatible_keys) -> None:
                       f"{step}: its masks and thresholds stay those computed from its earlier weights; to start "
                       "sparse training from these weights, load them before the first sparsify.step (or call "
                       "sparsify() on the loaded model)", stacklevel=3)
-
-
-_PARTIAL_LOADS = [0]  # > 0 while the library loads a part of a state_dict on purpose (sparsify.sync)
-
-
-@contextlib.contextmanager
-def partial_load():
-    """A ``load_state_dict(..., strict=False)`` of some entries on purpose: not warned."""
-    _PARTIAL_LOADS[0] += 1
-    try:
-        yield
-    finally:
-        _PARTIAL_LOADS[0] -= 1
-
-
-def _warn_partial(module: nn.Module, state: SparsifyState, missing: list[str]) -> None:
-    """A sparsified checkpoint loaded with ``strict=False`` that lacks some sparse layers' entries:
-    those layers keep what they held (a fresh model's masks and thresholds) at the loaded step,
-    and the schedule cannot redo their history (gmp ended 0.8% sparse of a 90% target)."""
-    if _PARTIAL_LOADS[0] or not missing:  # (a whole checkpoint: no state_dict walk below)
-        return
-    # (left in missing_keys, as torch does: safetensors' load_model expects a tied duplicate it
-    # left out of the file there, and calls it unexpected otherwise)
-    missing = _untied(module, missing)
-    # members holding values (a regularizer node's only state is whether it is active)
-    members = {id(m) for m in state.members() if any(True for _ in m.parameters(recurse=False))
-               or any(True for _ in m.buffers(recurse=False))}
-    names = [name for name, m in module.named_modules() if id(m) in members and name]
-    # keys are the loaded module's: ours, or a wrapper's holding this model (module.<name>....), whose
-    # prefix the pre-hook saw (a dense layer's key holding ".fc." is not the sparse fc's)
-    prefix = getattr(state, "load_prefix", None)  # None: a model pickled before it existed
-    if prefix is None:
-        short = [name for name in names if any(k.startswith(name + ".") or f".{name}." in k for k in missing)]
-    else:
-        short = [name for name in names if any(k.startswith(f"{prefix}{name}.") for k in missing)]
-    if short:
-        warnings.warn(f"sparsify: the checkpoint loaded at step {int(state.step)} holds no entries for {len(short)} "
-                      f"sparse layer(s) ({', '.join(short[:3])}{' ...' if len(short) > 3 else ''}; strict=False "
-                      "took the rest): they keep the masks, thresholds and weights they had before the load, not "
-                      "the saved run's, and will not reach the recipe's sparsity as that run would; load a "
-                      "checkpoint of the same model (keys renamed by a library are a common cause)", stacklevel=4)
-
-
-def _untied(module: nn.Module, missing: list[str]) -> list[str]:
-    """``missing`` without the keys of tensors the checkpoint loaded under another name: a tied
-    head's weight, which transformers leaves out of save_pretrained folders and Trainer
-    checkpoints (its embedding's entry restores it, as transformers' from_pretrained counts it)."""
-    state = getattr(module, STATE_ATTR, None)
-    prefix = getattr(state, "load_prefix", None) or ""
-    entries = module.state_dict(prefix=prefix, keep_vars=True)
-    gone = set(missing)
-    loaded = {id(v) for k, v in entries.items() if k not in gone}
-    return [k for k in missing if k not in entries or id(entries[k]) not in loaded]
 
 
 # matched by name, so that neither torch.distributed nor timm is imported here
