@@ -105,6 +105,37 @@ def test_two_layers_sharing_a_weight():
     assert final[0].weight is final[2].weight and type(final[2]) is nn.Linear
 
 
+def _shared_pair():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6))
+    model[2].weight = model[0].weight
+    return model
+
+
+@pytest.mark.parametrize("first, second, said", [
+    ({"method": "st3"}, {"method": "magnitude"}, r"2 is matched by rule 1 \(magnitude\) and 0 by rule 0 \(st3\)"),
+    ({"method": None}, {"method": "magnitude"}, r"0 is matched by rule 0 \(null: dense\) and 2 by rule 1"),
+    ({"method": "magnitude", "params": {"sparsity": 0.5}}, {"method": "magnitude", "params": {"sparsity": 0.8}},
+     r"2 is matched by rule 1 \(magnitude with other params\) and 0 by rule 0")])
+def test_tied_layers_matched_by_disagreeing_rules_are_refused(first, second, said):
+    """Two rules asking different things of one shared weight: the later-processed layer's rule
+    was dropped without a word (b computed with a's 50% mask under an 80% rule), or a layer a
+    null rule excluded computed with the other's 80% zeros while the plan said "excluded"."""
+    recipe = {"version": 1, "rules": [{"match": {"name": "0"}, **first}, {"match": {"name": "2"}, **second}]}
+    x = torch.randn(3, 6)
+    with pytest.raises(ValueError, match=said + ".*the tie has one weight: match both with one rule"):
+        sparsify.sparsify(_shared_pair(), recipe, example_inputs=x, total_steps=3)
+    assert "sparsify refuses" in next(e.reason for e in sparsify.plan(_shared_pair(), recipe, example_inputs=x).entries
+                                      if e.name == "2")
+
+
+def test_tied_layers_matched_by_rules_asking_the_same_share_one_mask():
+    rule = {"method": "magnitude", "params": {"sparsity": 0.5, "begin": 0, "end": 0}}
+    recipe = {"version": 1, "rules": [{"match": {"name": "0"}, **rule}, {"match": {"name": "2"}, **rule}]}
+    m = sparsify.sparsify(_shared_pair(), recipe, example_inputs=torch.randn(3, 6), total_steps=3)
+    assert isinstance(m[2], TiedUse) and float((m[0].effective_weight() == 0).float().mean()) == 0.5
+
+
 def test_dense_option_keeps_the_old_behaviour():
     with pytest.warns(UserWarning, match="head stays dense: weight tied to emb.weight"):
         m = sparsify.sparsify(TinyLM(), _recipe("st3", "dense"), example_inputs=IDS, total_steps=3)

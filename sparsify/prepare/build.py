@@ -221,6 +221,7 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     owners, aliases = param_owners(root), module_aliases(root)
     rewritten_as: dict[int, str] = {}  # a module under several names -> the name it was rewritten at
     tied_users: dict[str, str] = {}  # module -> the rewritten layer whose weight it reads
+    deciding = {c.name: w.rule for c in cands + hidden if (w := matcher.winner(c)) is not None}
     for c in cands + hidden:
         w = matcher.winner(c)
         if w is None or w.method is None:
@@ -243,7 +244,7 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
         if not why and weight_params:
             why = adapter_reason(root, c.name, recipe.options) or frozen_reason(c.module, recipe.options)
             why, users = (why, []) if why else tie_decision(root, c.name, c.module, w.method, recipe.options, owners,
-                                                            dry_run=dry_run)
+                                                            dry_run=dry_run, rule=w.rule, rules=deciding)
         if why:
             plan.entries.append(PlanEntry(c.name, c.kind, None, w.rule.index, why, weight_params))
             continue

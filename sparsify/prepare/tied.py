@@ -86,10 +86,23 @@ def _problem(root: nn.Module, name: str, module: nn.Module, method, full: str) -
     return f"{user_name}: {why}" if why else ""
 
 
+def _other_rule(user: str, name: str, rule, rules: dict) -> str:
+    """Why ``user``'s own rule (``rules``: layer name -> the rule that decides it) conflicts with
+    ``rule``, the one deciding the owner ``name``: a tie has one mask, so both must ask the same."""
+    other = rules.get(user)
+    if other is None or other.index == rule.index or (other.method, other.params) == (rule.method, rule.params):
+        return ""
+    what = f"{other.method} with other params" if other.method == rule.method else (other.method or "null: dense")
+    return (f"{user} is matched by rule {other.index} ({what}) and {name} by rule {rule.index} ({rule.method}), "
+            "but the tie has one weight: match both with one rule")
+
+
 def tie_decision(root: nn.Module, name: str, module: nn.Module, method, options: dict,
-                 owners: dict[int, list[str]], *, dry_run: bool) -> tuple[str, list[str]]:
+                 owners: dict[int, list[str]], *, dry_run: bool, rule=None,
+                 rules: dict | None = None) -> tuple[str, list[str]]:
     """``(why the layer stays dense, modules to turn into tied users after the rewrite)`` for the
-    matched layer ``name``; raises ValueError where ``sparsify`` refuses (the plan lists it)."""
+    matched layer ``name`` (decided by the recipe rule ``rule``; ``rules``: the rule deciding each
+    other matched layer); raises ValueError where ``sparsify`` refuses (the plan lists it)."""
     tied = tied_names(root, name, module, owners)
     if not tied or method.tied_weights == "keep":
         return "", []
@@ -104,6 +117,8 @@ def tie_decision(root: nn.Module, name: str, module: nn.Module, method, options:
             warnings.warn(f"sparsify: {name} stays dense: {why}", stacklevel=4)
         return why, []
     problems = [p for p in (_problem(root, name, module, method, f) for f in tied) if p]
+    if rule is not None:
+        problems += [p for f in tied if (p := _other_rule(f.rpartition(".")[0], name, rule, rules or {}))]
     if mode == "error":
         problems.insert(0, "options.tied is 'error'")
     if problems:
