@@ -30,6 +30,10 @@ def said(recipe, total_steps, **overrides) -> list[str]:
     ("gmp", dict(begin=100, end=200), "never acts"),
     ("tl1", dict(begin=100), "never acts"),
     ("activation-l1", dict(begin=0.99), "begin is step 40, at or after"),
+    # pruning methods act in the update of the run's last step: not "never" but with no training after
+    ("gmp", dict(begin=40, end=40), "begin is step 40, the run's last step (total_steps=40): the method acts only "
+                                    "after the last optimizer step, so the model is made sparse with no training"),
+    ("nm-2-4", dict(begin=40, fix=None), "a one-shot prune"),
     ("st3", dict(begin=0, end=100, fix=None), "end is step 100, after the run's total_steps=40: the ramp never reaches"),
     ("semi-structured", dict(end=50), "the ramp never reaches"),
     ("st3", dict(begin=0, end=10, fix=100), "fix is step 100, after the run's total_steps=40: the masks never freeze"),

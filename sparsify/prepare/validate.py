@@ -302,6 +302,12 @@ def schedule_warnings(recipe, get_method, total_steps: int | None) -> list[str]:
                 end = resolve_time(p["end"], total_steps, what="end")
         fix = p.get("fix") if "fix" in method.schedule_keys else None
         fix = resolve_time(fix, total_steps, what="fix") if fix is not None else None
+        if begin is not None and begin == total_steps and not window:  # its update at the last sparsify.step
+            out.append(f"{head}{where}begin is step {begin}, the run's last step (total_steps={total_steps}): the "
+                       "method acts only after the last optimizer step, so the model is made sparse with no "
+                       "training at its sparsity (a one-shot prune); give times as fractions of the run (0.1) or "
+                       "check total_steps")
+            continue
         if begin is not None and begin >= total_steps:
             out.append(f"{head}{where}begin is step {begin}, at or after the run's total_steps={total_steps}: "
                        "the method never acts in this run; give times as fractions of the run (0.1) or check "
