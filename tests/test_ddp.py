@@ -138,3 +138,41 @@ def test_a_step_under_a_process_group_collects_garbage_at_exit(monkeypatch):
     finally:
         dist.destroy_process_group()
     assert registered == [gc.collect]
+
+
+def _missed_step_worker(rank, port, outdir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+        model = sparsify.sparsify(net, "gmp", total_steps=8, begin=0, end=4, frequency=1)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(0)
+        gaps = []
+        for i in range(3):
+            x, y = torch.randn(8, 16, generator=g), torch.randint(0, 4, (8,), generator=g)
+            out = ddp(x)  # DDP broadcasts rank 0's buffers (masks included) first
+            outs = [torch.zeros_like(out) for _ in range(WORLD)]
+            dist.all_gather(outs, out.detach())
+            gaps.append(float((outs[0] - outs[1]).abs().max()))
+            nn.functional.cross_entropy(out, y).backward()
+            opt.step()
+            opt.zero_grad()
+            if not (rank == 1 and i == 0):  # rank 1 misses one sparsify.step
+                sparsify.step(ddp)
+        torch.save(gaps, os.path.join(outdir, f"gaps{rank}.pt"))
+    finally:
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def test_a_rank_that_missed_a_step_computes_with_the_masks_ddp_broadcast(tmp_path):
+    """DDP writes rank 0's buffers into rank 1's masks without bumping their version counters: a
+    rank that missed one sparsify.step kept its float copy of the old mask, and its next forward
+    differed from rank 0's by 0.24 while the parameters and buffers were equal (assert_synchronized
+    passed). A second training forward without a step between drops the layer's caches."""
+    spawn(_missed_step_worker, str(tmp_path), nprocs=WORLD)
+    assert torch.load(tmp_path / "gaps1.pt") == [0.0, 0.0, 0.0]

@@ -16,7 +16,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from sparsify.core.buffers import eager
 from sparsify.core.retrace import refuse_retrace
+from sparsify.core.sharded import is_distributed
 
 __all__ = ["entered", "note_forward", "forwarded", "watch_forwards", "entered_hook"]
 
@@ -73,7 +75,15 @@ def note_forward(layer: nn.Module) -> None:
     False
     """
     if torch.is_grad_enabled():
-        _flag(layer)[0] = True
+        box = _flag(layer)
+        if box[0] and is_distributed() and eager():
+            # a second training forward without a sparsify.step between (gradient accumulation, or
+            # a rank that missed a step): DDP's buffer broadcast before it may have written rank 0's
+            # masks and thresholds without bumping the version counters the layer's caches go by
+            drop = getattr(layer, "drop_caches", None)
+            if drop is not None:
+                drop()
+        box[0] = True
 
 
 def forwarded(layers: Iterable[nn.Module]) -> bool:
