@@ -50,9 +50,28 @@ def test_exclusion_before_the_broad_rule_is_warned_and_planned():
     assert "(first: 3)" in lines[0]
 
     plan = sparsify.plan(net(), rules, total_steps=4, example_inputs=X)
-    assert plan.overruled_rules == [{"rule": 0, "later": 1, "sites": 1, "first": "3"}]
+    assert plan.overruled_rules == [{"rule": 0, "later": 1, "sites": 1, "first": "3", "broader": True}]
     assert json.loads(plan.to_json())["overruled_rules"] == plan.overruled_rules
     assert "warning: rule 0 decides nothing" in str(plan) and "matched by rule 1 too" in str(plan)
+
+
+def test_exceptions_after_rules_that_match_only_them_get_no_reorder_advice():
+    """Broad rules first, exceptions after (the recommended shape), where on this model an exception
+    matches exactly the layers of an earlier rule (the only Conv2d is the first layer): the warning
+    says the later rule decides them, not to move an exception that already comes after."""
+    rules = recipe({"match": {"type": "Conv2d"}, "method": "st3"},
+                   {"match": {"type": "Linear"}, "method": "st3", "params": {"sparsity": 0.5}},
+                   {"match": {"first": True}, "method": None}, {"match": {"last": True}, "method": None})
+    _, said = sparsify_warnings(rules)
+    lines = [m for m in said if "decides nothing" in m]
+    assert len(lines) == 2, said
+    assert "rule 0 (st3) decides nothing: on this model every layer it matches (1, first: 0) is decided by " \
+        "rule 2 (null: dense)" in lines[0], lines
+    assert "rule 1 (st3) decides nothing" in lines[1] and "rule 3 (null: dense)" in lines[1], lines
+    assert not [m for m in lines if "exception" in m or "broad rule" in m], lines
+    plan = sparsify.plan(net(), rules, total_steps=4, example_inputs=X)
+    assert [o["broader"] for o in plan.overruled_rules] == [False, False]
+    assert "warning: rule 0 decides nothing: on this model every layer it matches" in str(plan)
 
 
 def test_a_rule_given_twice_is_warned():

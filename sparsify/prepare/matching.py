@@ -191,8 +191,10 @@ class MatchTable:
     def overruled(self) -> list[dict]:
         """The rules that matched candidates but decide none of them, because one later rule
         matches every one of them too (later rules win): an exception written before the broad
-        rule it means to narrow, or a rule given twice. ``{"rule", "later", "sites", "first"}``
-        each: ``later`` the last such rule, ``sites`` how many candidates, ``first`` one's name.
+        rule it means to narrow, or a rule given twice. ``{"rule", "later", "sites", "first",
+        "broader"}`` each: ``later`` the last such rule, ``sites`` how many candidates, ``first``
+        one's name, ``broader`` whether ``later`` also matches candidates the rule does not (false:
+        on this model both match the same ones, as an exception can the only layer of a type).
 
         A broad rule that narrower later rules overrule between them (the usual shape, broad
         rule first, then exceptions) is not listed: each of those matches only part of it.
@@ -203,7 +205,7 @@ class MatchTable:
         ...     {"match": {"type": "Linear"}, "method": "st3"}]}).rules
         >>> table = MatchTable(rules, get_method)
         >>> table.winner(Candidate("fc", nn.Linear(1, 1))).rule.index, table.overruled()
-        (1, [{'rule': 0, 'later': 1, 'sites': 1, 'first': 'fc'}])
+        (1, [{'rule': 0, 'later': 1, 'sites': 1, 'first': 'fc', 'broader': False}])
         """
         sites: dict[int, list[str]] = {}
         won = set()
@@ -219,7 +221,9 @@ class MatchTable:
                 continue
             covering = [j for j in sites if j > i and set(sites[j]) >= set(names)]
             if covering:
-                out.append({"rule": i, "later": max(covering), "sites": len(names), "first": names[0]})
+                later = max(covering)
+                out.append({"rule": i, "later": later, "sites": len(names), "first": names[0],
+                            "broader": len(set(sites[later])) > len(set(names))})
         return out
 
 

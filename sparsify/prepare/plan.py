@@ -44,13 +44,19 @@ def misspelt_types(match: dict) -> str:
 
 def overruled_line(o: dict, rules=None) -> str:
     """What an entry of :attr:`Plan.overruled_rules` means, in words (``rules``: the recipe's
-    resolved rules, to name their methods).
+    resolved rules, to name their methods). Where the later rule matches no more layers than the
+    overruled one, nothing says which of the two is the exception: the line states the outcome.
 
-    >>> overruled_line({"rule": 0, "later": 1, "sites": 1, "first": "fc"})
+    >>> overruled_line({"rule": 0, "later": 1, "sites": 1, "first": "fc", "broader": True})
     'rule 0 decides nothing: the 1 layer(s) it matches (first: fc) are all matched by rule 1 too, and later rules win'
+    >>> overruled_line({"rule": 1, "later": 3, "sites": 1, "first": "fc", "broader": False})
+    'rule 1 decides nothing: on this model every layer it matches (1, first: fc) is decided by rule 3, a later rule matching the same layers'
     """
     def named(i):
         return f"rule {i}" if rules is None else f"rule {i} ({rules[i].method or 'null: dense'})"
+    if not o.get("broader", True):
+        return (f"{named(o['rule'])} decides nothing: on this model every layer it matches ({o['sites']}, first: "
+                f"{o['first']}) is decided by {named(o['later'])}, a later rule matching the same layers")
     return (f"{named(o['rule'])} decides nothing: the {o['sites']} layer(s) it matches (first: {o['first']}) are "
             f"all matched by {named(o['later'])} too, and later rules win")
 
@@ -100,8 +106,8 @@ class Plan:
     trace_warnings: list[str] = field(default_factory=list)  # warnings raised while tracing (held back)
     unmatched_rules: list[int] = field(default_factory=list)
     unmatched_hints: dict[int, str] = field(default_factory=dict)  # rule -> what its name glob meant (block_hint)
-    # {"rule", "later", "sites", "first"}: a rule that matched layers but decides none of them, as
-    # the later rule "later" matches every one of them too (MatchTable.overruled)
+    # {"rule", "later", "sites", "first", "broader"}: a rule that matched layers but decides none of
+    # them, as the later rule "later" matches every one of them too (MatchTable.overruled)
     overruled_rules: list[dict] = field(default_factory=list)
     # {"name", "rule", "earlier", "reason"}: a site a rule's method declined that an earlier rule's
     # method would rewrite (later rules win: it stays dense)
@@ -161,9 +167,12 @@ class Plan:
         for o in self.overruled_rules:
             if not recipe.data["rules"][o["rule"]].get("optional"):  # as for a rule that matches nothing
                 both = recipe.rules[o["rule"]].method and recipe.rules[o["later"]].method
+                # the reorder advice only where the later rule is the broad one: an exception that
+                # matches exactly the earlier rule's layers (the only Linear is the last) is already after
                 fix = ("a layer takes one method, so two methods on the same layers do not combine: give each "
-                       "rule its own layers" if both else "put an exception after the broad rule it narrows")
-                out.append(f"sparsify: recipe {recipe.name!r}: {overruled_line(o, recipe.rules)}; {fix}; see "
+                       "rule its own layers; " if both else
+                       "put an exception after the broad rule it narrows; " if o.get("broader", True) else "")
+                out.append(f"sparsify: recipe {recipe.name!r}: {overruled_line(o, recipe.rules)}; {fix}see "
                            "sparsify.plan(model, recipe)")
         # sites a rule with a method matched and its method left dense (not: no rule, an exclusion)
         # (computed weights are named above; a PEFT model's frozen base layers are what adapters mean)
