@@ -99,6 +99,14 @@ def test_recipe_errors_name_every_unknown_key_and_the_overrides(tmp_path, capsys
     assert err.endswith("end (0.5 = step 12) is before begin (0.6 = step 14) (begin from the call's overrides)"), err
 
 
+def test_a_bad_time_from_the_command_line_names_the_recipe_file(tmp_path, capsys):
+    path = tmp_path / "f.json"
+    path.write_text('{"version": 1, "rules": [{"match": {"type": "Linear"}, "method": "st3"}]}')
+    assert main(["plan", "--model", "cnn", "--recipe", str(path), "--set", "end=1.0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"error: {path}: $.rules[0].params.end=1.0 would be step 1" in err, err
+
+
 def test_wrong_shaped_example_inputs_fail_at_sparsify_time():
     with pytest.raises(ValueError, match=r"example_inputs do not fit the model: shapes \(1, 3, 32\)"):
         sparsify.sparsify(torchvision.models.resnet18(), "st3", example_inputs=(torch.zeros(1, 3, 32),),

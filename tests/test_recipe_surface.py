@@ -188,6 +188,22 @@ def test_a_non_whole_step_count_is_refused_not_truncated():
     assert m is not None  # a whole float above 1 is still a step count
 
 
+def test_a_bad_time_is_a_recipe_error_that_starts_with_the_recipe_s_source(tmp_path):
+    """docs/recipes.md: recipe errors raise RecipeError and start with the source; the times' errors
+    were plain ValueErrors starting at the JSON path."""
+    path = tmp_path / "end1.json"
+    path.write_text(json.dumps(recipe({"match": {"type": "Linear"}, "method": "st3", "params": {"end": 1.0}})))
+    with pytest.raises(RecipeError, match=re.escape(f"{path}: $.rules[0].params.end=1.0 would be step 1")) as e:
+        sparsify.sparsify(nn.Sequential(nn.Linear(4, 4)), str(path), total_steps=10)
+    assert isinstance(e.value, ScheduleError) and str(e.value).startswith(f"{path}: ")
+    with pytest.raises(RecipeError, match=r"^built-in:st3: \$\.rules\[0\]\.params\.begin=0\.05 is a fraction"):
+        sparsify.sparsify(nn.Sequential(nn.Linear(4, 4)), "st3")  # found by sparsify(), not load_recipe
+    stages = recipe({"match": {"type": "Linear"}, "method": "l1-prune", "params": {"stage": "w"}})
+    stages["stages"] = [{"name": "w", "begin": 1.5, "end": None}]
+    with pytest.raises(RecipeError, match=re.escape("<dict>: $.stages[0].begin=1.5 is neither a step count")):
+        sparsify.load_recipe(stages)
+
+
 def test_load_recipe_refuses_stages_out_of_order_itself():
     """It was said only by sparsify(): a recipe file checked with load_recipe (or `sparsify recipes
     --show`) passed with its stages out of order."""

@@ -11,18 +11,22 @@ import numbers
 
 import torch
 
+from sparsify.core.errors import RecipeError
+
 __all__ = ["resolve_time", "cubic", "polynomial", "ScheduleError", "plain_number"]
 
 
-class ScheduleError(ValueError):
-    """A schedule time could not be resolved (e.g. a fraction without ``total_steps``).
+class ScheduleError(RecipeError):
+    """A schedule time could not be resolved (e.g. a fraction without ``total_steps``): a
+    :class:`~sparsify.core.errors.RecipeError` (a ``ValueError``), whose message starts with the
+    recipe's source where a recipe's time caused it.
 
     >>> import torch, sparsify
     >>> try:
     ...     sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(2, 2)), "st3")   # times: fractions of the run
     ... except sparsify.ScheduleError as e:
-    ...     print(str(e)[:71])
-    $.rules[0].params.begin=0.05 is a fraction of the training length: pass
+    ...     print(str(e)[:85])
+    built-in:st3: $.rules[0].params.begin=0.05 is a fraction of the training length: pass
     """
 
 

@@ -350,7 +350,7 @@ def load_recipe(spec, **overrides) -> Recipe:
     >>> load_recipe({"version": 1, "rules": [{"match": {"typ": "Conv2d"}, "method": "st3"}]})
     Traceback (most recent call last):
     ...
-    sparsify.prepare.validate.RecipeError: <dict>: invalid recipe: $.rules[0].match.typ: unknown key 'typ' (allowed here: depthwise, first, grouped, in_channels, kernel_size, last, name, not_name, op, out_channels, type)
+    sparsify.core.errors.RecipeError: <dict>: invalid recipe: $.rules[0].match.typ: unknown key 'typ' (allowed here: depthwise, first, grouped, in_channels, kernel_size, last, name, not_name, op, out_channels, type)
     """
     data, source = _read(spec)
     overrides = {k: plain_number(v) for k, v in overrides.items()}  # np.int64(5) is the step 5

@@ -14,22 +14,11 @@ import json
 import math
 from typing import Any, Iterator
 
-from sparsify.core.schedules import plain_number, resolve_time
+from sparsify.core.errors import RecipeError
+from sparsify.core.schedules import ScheduleError, plain_number, resolve_time
 
 __all__ = ["RecipeError", "json_path", "loads_strict", "check_duplicates", "check_finite", "check_ranges",
            "check_total_steps", "check_time_values", "check_times", "schedule_warnings"]
-
-
-class RecipeError(ValueError):
-    """A recipe is malformed; the message says where (the recipe's source, then a JSON path) and what.
-
-    >>> import sparsify
-    >>> try:
-    ...     sparsify.load_recipe({"version": 1, "rules": [{"match": {"typ": "Linear"}, "method": "st3"}]})
-    ... except sparsify.RecipeError as e:
-    ...     print(str(e)[:63])
-    <dict>: invalid recipe: $.rules[0].match.typ: unknown key 'typ'
-    """
 
 
 def json_path(parts) -> str:
@@ -145,12 +134,16 @@ def check_total_steps(total_steps) -> int | None:
     return value
 
 
-def _time(value, total_steps, what: str, require: bool):
+def _time(value, total_steps, what: str, require: bool, source: str):
     """The step of a recipe time; None when it is None, or a fraction nobody can resolve yet (a
-    dry run without total_steps)."""
+    dry run without total_steps). Its error starts with the recipe's ``source``, as every recipe
+    error does."""
     if not require and total_steps is None and isinstance(value, float) and 0 < value < 1:
         return None
-    return resolve_time(value, total_steps, what=what)
+    try:
+        return resolve_time(value, total_steps, what=what)
+    except ScheduleError as e:
+        raise ScheduleError(f"{source}: {e}") from None
 
 
 def _comparable(raw_a, step_a, raw_b, step_b):
@@ -170,8 +163,8 @@ def _stage_ranges(stages: list[dict], total_steps, require: bool, source: str) -
         path = f"$.stages[{i}]"
         if st["name"] in ranges:
             raise RecipeError(f"{source}: {path}.name: stage {st['name']!r} is defined twice")
-        begin = _time(st["begin"], total_steps, f"{path}.begin", require)
-        end = _time(st.get("end"), total_steps, f"{path}.end", require)
+        begin = _time(st["begin"], total_steps, f"{path}.begin", require, source)
+        end = _time(st.get("end"), total_steps, f"{path}.end", require, source)
         pair = _comparable(st["begin"], begin, st.get("end"), end)
         if pair is not None and pair[1] < pair[0]:
             raise RecipeError(f"{source}: {path}.end: end ({pair[1]}) is before begin ({pair[0]})")
@@ -199,14 +192,14 @@ def check_time_values(recipe, get_method) -> None:
     >>> load_recipe("st3", begin=-1)
     Traceback (most recent call last):
     ...
-    sparsify.core.schedules.ScheduleError: $.rules[0].params.begin must be a step count >= 0 or a fraction in (0, 1), got -1
+    sparsify.core.schedules.ScheduleError: built-in:st3: $.rules[0].params.begin must be a step count >= 0 or a fraction in (0, 1), got -1
     """
     for rule in recipe.rules:
         if rule.method is None:
             continue
         for key in get_method(rule.method).schedule_keys:
             if key in rule.params:
-                _time(rule.params[key], None, f"{rule.path}.params.{key}", require=False)
+                _time(rule.params[key], None, f"{rule.path}.params.{key}", False, recipe.source)
     _stage_ranges(recipe.stages, None, False, recipe.source)  # stages out of order, or defined twice
 
 
@@ -222,7 +215,7 @@ def check_times(recipe, get_method, total_steps: int | None, *, require: bool = 
     >>> check_times(load_recipe("st3", begin=10, end=5, fix=None), get_method, None)
     Traceback (most recent call last):
     ...
-    sparsify.prepare.validate.RecipeError: built-in:st3: $.rules[0].params.end: end (5) is before begin (10) (begin and end from the call's overrides)
+    sparsify.core.errors.RecipeError: built-in:st3: $.rules[0].params.end: end (5) is before begin (10) (begin and end from the call's overrides)
     """
     total_steps = check_total_steps(total_steps)
     source = recipe.source
@@ -239,7 +232,7 @@ def check_times(recipe, get_method, total_steps: int | None, *, require: bool = 
                 raise RecipeError(f"{source}: {at}.stage: unknown stage {stage!r}; the recipe's stages: {known}")
             continue  # the stage's range replaces the rule's own begin / end
         method = get_method(rule.method)
-        steps = {key: _time(p.get(key), total_steps, f"{at}.{key}", require)
+        steps = {key: _time(p.get(key), total_steps, f"{at}.{key}", require, source)
                  for key in method.schedule_keys if key in p}
         for a, b in method.Params.time_order:
             if a not in steps or b not in steps:
