@@ -10,6 +10,7 @@ differed."""
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 
 import pytest
@@ -54,6 +55,37 @@ def test_nothing_is_loaded_and_the_difference_is_named(theirs, ours, named):
     assert named in str(caught.value) and "nothing was loaded" in str(caught.value)
     after = model.state_dict()
     assert [k for k in before if not torch.equal(before[k], after[k])] == []
+
+
+def test_display_only_recipe_fields_do_not_refuse_a_checkpoint(tmp_path):
+    """A rule's comment, the recipe's name (a file's stem when it has none), its description and a
+    stage's description change nothing a run computes: a checkpoint whose recipe differs only in
+    them loads. Any other difference is still refused, named with both recipes' names."""
+    def build(name, data):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return sparsify.sparsify(net(), str(path), total_steps=10, example_inputs=X)
+
+    def data(comment, description, sparsity=0.5, **top):
+        return {"version": 1, **top, "description": description,
+                "stages": [{"name": "w", "begin": 0, "end": None, "description": description}],
+                "rules": [{"match": {"type": "Linear"}, "method": "st3", "params": {"sparsity": sparsity},
+                           "comment": comment}]}
+    saved = build("v1", data("v1", "first try", name="mine"))
+    run_steps(saved, torch.optim.SGD(saved.parameters(), lr=0.01), [(X, Y)] * 3)
+    for name, other in [("v2", data("v2", "second try", name="mine")), ("v3", data("v2", "second try", name="yours")),
+                        ("v4", data("v1", "first try"))]:  # a file's stem as its name: "v4"
+        model = build(name, other)
+        model.load_state_dict(saved.state_dict())
+        assert int(model.sparsify_state.step) == 3 and torch.equal(model[3].mask, saved[3].mask), name
+    model = build("v5", data("v1", "first try", sparsity=0.6, name="yours"))
+    with pytest.raises(RuntimeError, match='recipe "mine" in the checkpoint, "yours" here'):
+        model.load_state_dict(saved.state_dict())
+    model = build("v6", data("v2", "first try", sparsity=0.6, name="mine"))
+    with pytest.raises(RuntimeError, match=r"\(rules\[0\]\.params\.sparsity: 0\.5 in the checkpoint, 0\.6 here\)"):
+        model.load_state_dict(saved.state_dict())
 
 
 def test_inside_a_wrapper_module_the_prefix_is_followed():

@@ -53,11 +53,29 @@ def _differences(a, b, path: str = "") -> list[str]:
     return [] if a == b else [f"{path or 'recipe'}: {json.dumps(a)} in the checkpoint, {json.dumps(b)} here"]
 
 
+def _what_runs(recipe: dict) -> dict:
+    """``recipe`` without the fields that are only shown (its name, a file's stem when it has none;
+    its description; a rule's comment; a stage's description): a checkpoint whose recipe differs
+    only in them is of the same run.
+
+    >>> _what_runs({"name": "a", "description": "d", "rules": [{"method": "st3", "comment": "v1"}]})
+    {'rules': [{'method': 'st3'}]}
+    """
+    def without(items, key):
+        return [{k: v for k, v in x.items() if k != key} if isinstance(x, dict) else x for x in items] \
+            if isinstance(items, list) else items
+    out = {k: v for k, v in recipe.items() if k not in ("name", "description")}
+    for block, key in (("rules", "comment"), ("stages", "description")):
+        if block in out:
+            out[block] = without(out[block], key)
+    return out
+
+
 def run_difference(saved, recipe_json: str, total_steps: int | None) -> str | None:
     """What differs between the run a checkpoint's packed state ``saved`` describes and the model's
-    (its recipe as JSON text, its ``total_steps``); None when nothing does. Recipes of two names
-    are named; for one name, the first values that differ (its description only when nothing
-    else does).
+    (its recipe as JSON text, its ``total_steps``); None when nothing does. Fields that are only
+    shown (name, description, comments: :func:`_what_runs`) do not count. Recipes of two names
+    are named; for one name, the first values that differ.
 
     >>> from sparsify.core.extra_state import pack
     >>> saved = pack({"recipe": '{"name": "st3", "rules": [{"method": "st3"}]}', "total_steps": 10})
@@ -67,6 +85,8 @@ def run_difference(saved, recipe_json: str, total_steps: int | None) -> str | No
     'recipe "st3" in the checkpoint, "gmp" here'
     >>> run_difference(saved, '{"name": "st3", "rules": [{"method": "st3", "params": {"sparsity": 0.5}}]}', 10)
     'rules[0].params: absent in the checkpoint, {"sparsity": 0.5} here'
+    >>> run_difference(saved, '{"name": "mine", "rules": [{"method": "st3", "comment": "v2"}]}', 10) is None
+    True
     """
     state = unpack(saved)
     if state["recipe"] == recipe_json and state["total_steps"] == total_steps:
@@ -78,12 +98,16 @@ def run_difference(saved, recipe_json: str, total_steps: int | None) -> str | No
         a, b = json.loads(state["recipe"]), json.loads(recipe_json)
     except (TypeError, ValueError):
         a = b = None
-    if isinstance(a, dict) and isinstance(b, dict) and a.get("name") != b.get("name"):
-        found.append(f"recipe {json.dumps(a.get('name'))} in the checkpoint, {json.dumps(b.get('name'))} here")
-    elif isinstance(a, dict) and isinstance(b, dict):
-        diffs = _differences(a, b)
-        named = [d for d in diffs if not d.startswith("description:")]
-        found.extend(named or diffs)
+    if isinstance(a, dict) and isinstance(b, dict):
+        runs_a, runs_b = _what_runs(a), _what_runs(b)
+        # compared as JSON text too: 1 and 1.0, or true and 1, are equal in Python but not to a method
+        if json.dumps(runs_a, sort_keys=True) == json.dumps(runs_b, sort_keys=True):
+            if not found:
+                return None
+        elif a.get("name") != b.get("name"):
+            found.append(f"recipe {json.dumps(a.get('name'))} in the checkpoint, {json.dumps(b.get('name'))} here")
+        else:
+            found.extend(_differences(runs_a, runs_b) or ["the recipe"])
     elif state["recipe"] != recipe_json:
         found.append("the recipe")
     shown = "; ".join(found[:3]) + (f"; and {len(found) - 3} more" if len(found) > 3 else "")
