@@ -1,6 +1,8 @@
 """Dual sparse training: the staged recipe ``dual`` (dense → weight ℓ1 + pruning → activation Tℓ1)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -111,7 +113,7 @@ def test_checkpoint_resume_keeps_masks_and_flags():
 
 def test_unknown_stage_and_missing_total_steps_are_clear_errors():
     net = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
-    bad = sparsify.load_recipe("dual").data
+    bad = json.loads(sparsify.load_recipe("dual").to_json())  # an editable copy (its data is read-only)
     bad["rules"][1]["params"]["stage"] = "activation"
     with pytest.raises(ValueError, match="unknown stage 'activation'.*'activations'"):
         sparsify.sparsify(net, bad, example_inputs=torch.randn(1, 4), total_steps=10)

@@ -168,6 +168,29 @@ def test_a_loaded_recipes_rules_cannot_be_edited_silently():
     assert m.sparsify_state.recipe["rules"][0]["params"]["sparsity"] == 0.5
 
 
+def test_a_loaded_recipes_data_cannot_be_edited_in_place():
+    """recipe.data was a plain dict: an edit of it changed what sparsify() built while recipe.rules
+    still said the loaded value. It refuses edits as the rules do; a copy of it is editable."""
+    r = sparsify.load_recipe("st3", sparsity=0.8)
+    for edit in (lambda: r.data["rules"][0]["params"].__setitem__("sparsity", 0.3),
+                 lambda: r.data.__setitem__("name", "x"), lambda: r.data["rules"].append({}),
+                 lambda: r.data["rules"][0]["match"]["type"].append("Embedding")):
+        with pytest.raises(TypeError, match="read-only .* override"):
+            edit()
+    m = sparsify.sparsify(nn.Sequential(nn.Linear(4, 4)), r, total_steps=4)
+    assert m.sparsify_state.recipe["rules"][0]["params"]["sparsity"] == 0.8 == r.rules[0].params["sparsity"]
+    assert json.loads(json.dumps(r.data)) == json.loads(r.to_json()) and dict(r.data)["name"] == "st3"
+    mine = json.loads(r.to_json())  # what the error says to edit
+    mine["rules"][0]["params"]["sparsity"] = 0.3
+    top = dict(r.data)
+    top["name"] = "mine"
+    assert sparsify.load_recipe(mine).rules[0].params["sparsity"] == 0.3 and sparsify.load_recipe(top).name == "mine"
+    for c in (copy.deepcopy(r), pickle.loads(pickle.dumps(r))):
+        with pytest.raises(TypeError, match="read-only"):
+            c.data["rules"][0]["params"]["sparsity"] = 0.3
+        assert sparsify.load_recipe(c, sparsity=0.5).rules[0].params["sparsity"] == 0.5
+
+
 # ---------------------------------------------------------------------------------------------
 # schedule times
 # ---------------------------------------------------------------------------------------------

@@ -15,58 +15,13 @@ from typing import Any
 
 from sparsify.core.schedules import plain_number
 from sparsify.methods import REGISTRY, get_method
+# ReadOnlyDict / ReadOnlyList: pickles of a Recipe made before they moved name them here
+from sparsify.prepare.read_only import ReadOnlyDict, ReadOnlyList, editable, read_only  # noqa: F401
 from sparsify.prepare.schema import generated_schema
 from sparsify.prepare.validate import (RecipeError, check_duplicates, check_finite, check_ranges, check_time_values,
                                        json_path, loads_strict)
 
 __all__ = ["RecipeError", "Rule", "Recipe", "load_recipe", "builtin_recipes", "schema"]
-
-
-# sparsify() builds from a Recipe's ``data``: an edit of its rules would be ignored, so it fails instead
-_READ_ONLY = ("a loaded recipe's rules are read-only (sparsify builds from the recipe's JSON, recipe.data): "
-              "set a parameter with an override, load_recipe(spec, sparsity=0.8) or sparsify(model, recipe, "
-              "sparsity=0.8), or edit a dict copy of recipe.data and pass that")
-
-
-class ReadOnlyDict(dict):
-    """A dict that refuses every edit (a :class:`Rule`'s ``match`` and ``params``); its copies
-    and pickles are read-only too, ``dict(d)`` is an editable one.
-
-    >>> d = ReadOnlyDict(sparsity=0.9)
-    >>> d["sparsity"] = 0.1
-    Traceback (most recent call last):
-    ...
-    TypeError: a loaded recipe's rules are read-only (sparsify builds from the recipe's JSON, recipe.data): set a parameter with an override, load_recipe(spec, sparsity=0.8) or sparsify(model, recipe, sparsity=0.8), or edit a dict copy of recipe.data and pass that
-    """
-
-    def _refuse(self, *args, **kwargs):
-        raise TypeError(_READ_ONLY)
-
-    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _refuse
-
-    def __reduce__(self):  # built whole by __init__ (pickle's default would set item by item)
-        return type(self), (dict(self),)
-
-
-class ReadOnlyList(list):
-    """A list that refuses every edit (a list in a :class:`Rule`); ``list(x)`` is an editable copy."""
-
-    def _refuse(self, *args, **kwargs):
-        raise TypeError(_READ_ONLY)
-
-    __setitem__ = __delitem__ = __iadd__ = __imul__ = append = clear = extend = insert = pop = remove = \
-        reverse = sort = _refuse
-
-    def __reduce__(self):
-        return type(self), (list(self),)
-
-
-def _read_only(value):
-    if isinstance(value, dict):
-        return ReadOnlyDict({k: _read_only(v) for k, v in value.items()})
-    if isinstance(value, list):
-        return ReadOnlyList(_read_only(v) for v in value)
-    return value
 
 
 @dataclass(frozen=True)
@@ -78,7 +33,7 @@ class Rule:
     >>> load_recipe("st3").rules[0].params["sparsity"] = 0.5
     Traceback (most recent call last):
     ...
-    TypeError: a loaded recipe's rules are read-only (sparsify builds from the recipe's JSON, recipe.data): set a parameter with an override, load_recipe(spec, sparsity=0.8) or sparsify(model, recipe, sparsity=0.8), or edit a dict copy of recipe.data and pass that
+    TypeError: a loaded recipe is read-only (sparsify builds from the recipe's JSON, recipe.data): set a parameter with an override, load_recipe(spec, sparsity=0.8) or sparsify(model, recipe, sparsity=0.8), or edit a copy, json.loads(recipe.to_json()), and pass that
     """
 
     index: int
@@ -87,8 +42,8 @@ class Rule:
     params: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        object.__setattr__(self, "match", _read_only(self.match))
-        object.__setattr__(self, "params", _read_only(self.params))
+        object.__setattr__(self, "match", read_only(self.match))
+        object.__setattr__(self, "params", read_only(self.params))
 
     @property
     def path(self) -> str:
@@ -98,7 +53,15 @@ class Rule:
 @dataclass(frozen=True)
 class Recipe:
     """A validated recipe with overrides applied. ``data`` is the resolved JSON document, what
-    ``sparsify`` builds from; the other fields are read-only views of it."""
+    ``sparsify`` builds from, read-only as the rules are (an edit would make the two disagree);
+    the other fields are read-only views of it. ``json.loads(recipe.to_json())`` is an editable copy.
+
+    >>> recipe = load_recipe("st3")
+    >>> recipe.data["rules"][0]["params"]["sparsity"] = 0.5
+    Traceback (most recent call last):
+    ...
+    TypeError: a loaded recipe is read-only (sparsify builds from the recipe's JSON, recipe.data): set a parameter with an override, load_recipe(spec, sparsity=0.8) or sparsify(model, recipe, sparsity=0.8), or edit a copy, json.loads(recipe.to_json()), and pass that
+    """
 
     name: str
     description: str
@@ -108,13 +71,17 @@ class Recipe:
     #: the parameters the call's overrides set (error messages name them)
     overrides: tuple[str, ...] = ()
 
+    def __post_init__(self):
+        object.__setattr__(self, "data", read_only(self.data))
+
     @property
     def options(self) -> dict:
         return self.data.get("options", {})
 
     @property
     def stages(self) -> list[dict]:
-        return self.data.get("stages", [])
+        # plain copies: the groups keep them (a model's state holds no type of this layer's)
+        return editable(self.data.get("stages", []))
 
     def to_json(self) -> str:
         return json.dumps(self.data, indent=2, sort_keys=True)
@@ -198,7 +165,7 @@ def _plain(data):
 
 def _read(spec) -> tuple[dict, str]:
     if isinstance(spec, Recipe):  # load_recipe's result: its resolved document, loaded again
-        return copy.deepcopy(spec.data), spec.source
+        return editable(spec.data), spec.source
     if isinstance(spec, dict):
         return _plain(copy.deepcopy(spec)), "<dict>"
     if isinstance(spec, str) and spec.lstrip().startswith(("{", "[")):
