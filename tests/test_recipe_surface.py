@@ -237,6 +237,24 @@ def test_load_recipe_refuses_stages_out_of_order_itself():
     sparsify.load_recipe({"version": 1, "stages": unordered[::-1], "rules": [rule]})
 
 
+def test_a_weight_method_on_modules_it_does_not_take_says_why_it_matched_nothing():
+    """``{"type": "ReLU"}`` with st3: the rule matches only the layers st3 rewrites, so nothing; the
+    warning said so with no reason."""
+    r = recipe({"match": {"type": "ReLU"}, "method": "st3"})
+    _, said = sparsify_warnings(r)
+    lines = [m for m in said if "matched nothing" in m]
+    assert len(lines) == 1 and "matched nothing ({'type': 'ReLU'}) (it matched 1 module st3 does not take, " \
+        "ReLU: st3 applies to Conv1d, Conv2d" in lines[0], said
+    assert "(it matched 1 module st3 does not take, ReLU" in str(sparsify.plan(net(), r, total_steps=4))
+
+
+@pytest.mark.parametrize("given", ["torch.nn.Conv2d", "nn.Conv2d", "conv2d"])
+def test_a_qualified_type_name_says_did_you_mean(given):
+    rules = recipe({"match": {"type": given}, "method": "st3"}, {"match": {"type": "Linear"}, "method": "st3"})
+    _, said = sparsify_warnings(rules)
+    assert any(f"matched nothing ({{'type': '{given}'}}) (did you mean 'Conv2d'?)" in m for m in said), said
+
+
 def test_a_name_matching_a_block_says_how_to_match_its_layers():
     """``{"name": "layer1"}`` names a block, which holds layers but is none: the warning says 'layer1.**'."""
     model = nn.Sequential()

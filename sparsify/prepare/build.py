@@ -270,7 +270,9 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     plan.entries.extend(e for e in dense_entries(root, tr, first_cands, matcher, rewritten) if e.name not in listed)
     plan.entries.extend(e for e in unhandled_entries(root, tr.graphs) if e.name not in listed)
     plan.unmatched_rules = matcher.unmatched()
-    plan.unmatched_hints = {i: h for i in plan.unmatched_rules if (h := block_hint(recipe.rules[i].match, root))}
+    # a name naming a block says what to write instead; else the modules the rule's method did not take
+    plan.unmatched_hints = {i: h for i in plan.unmatched_rules
+                            if (h := block_hint(recipe.rules[i].match, root) or matcher.untaken(i))}
     plan.overruled_rules = matcher.overruled()
 
     for prefix, gm in tr.graphs.items():

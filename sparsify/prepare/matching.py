@@ -183,6 +183,30 @@ class MatchTable:
                 why = f"{r.method.accepts(Site(c.name, c.module))} (rule {r.rule.index})"
         return why
 
+    def untaken(self, index: int) -> str:
+        """`` (it matched 1 module st3 does not take, ReLU: ...)`` for rule ``index`` whose match
+        holds for candidates its weight method does not rewrite (``{"type": "ReLU"}`` with st3):
+        why it matched nothing. Empty when there are none.
+
+        >>> from sparsify.prepare.recipe import load_recipe
+        >>> from sparsify.methods import get_method
+        >>> rules = load_recipe({"version": 1, "rules": [{"match": {"type": "ReLU"}, "method": "sas"}]}).rules
+        >>> table = MatchTable(rules, get_method)
+        >>> table.winner(Candidate("relu", nn.ReLU())), table.untaken(0)
+        (None, ' (it matched 1 module sas does not take, ReLU: sas applies to Conv1d, Conv2d, Conv3d, Linear only)')
+        """
+        r = self.rules[index]
+        if r.method is None or r.method.site != "module":
+            return ""
+        seen = {id(c.module): c for _, _, c in self._table.values()
+                if c.module is not None and not isinstance(c.module, r.method.targets) and r.pred(c)}
+        if not seen:
+            return ""
+        first = next(iter(seen.values()))
+        kinds = ", ".join(sorted({c.kind for c in seen.values()}))
+        return (f" (it matched {len(seen)} module{'s' if len(seen) > 1 else ''} {r.method.name} does not take, "
+                f"{kinds}: {r.method.accepts(Site(first.name, first.module))})")
+
     def unmatched(self) -> list[int]:
         """Indices of the rules that matched none of the candidates looked up so far."""
         hit = {i for _, matched, _ in self._table.values() for i in matched}

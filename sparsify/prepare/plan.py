@@ -25,11 +25,12 @@ FOREIGN_LAYER = "not a torch Conv/Linear layer"
 
 def misspelt_types(match: dict) -> str:
     """`` (did you mean ...?)`` for ``"type"`` names of a rule's match that differ from a torch.nn
-    class name only in case (``"Conv2D"``: a rule that matches nothing, a run that trains dense);
-    empty otherwise (a model's own class names are matched as given).
+    class name only in case (``"Conv2D"``) or by a module path (``"torch.nn.Conv2d"``, ``"nn.Linear"``:
+    types are matched by class name alone): a rule that matches nothing, a run that trains dense.
+    Empty otherwise (a model's own class names are matched as given).
 
-    >>> misspelt_types({"type": ["Conv2D", "Linear", "MyBlock"]})
-    " (did you mean 'Conv2d'?)"
+    >>> misspelt_types({"type": ["Conv2D", "Linear", "MyBlock", "torch.nn.Linear"]})
+    " (did you mean 'Conv2d', 'Linear'?)"
     >>> misspelt_types({"name": "fc"})
     ''
     """
@@ -37,8 +38,9 @@ def misspelt_types(match: dict) -> str:
 
     names = match.get("type", [])
     by_lower = {n.lower(): n for n in dir(nn) if isinstance(getattr(nn, n), type)}
-    fixes = [by_lower[t.lower()] for t in ([names] if isinstance(names, str) else names)
-             if isinstance(t, str) and t.lower() in by_lower and by_lower[t.lower()] != t]
+    fixes = [by_lower[t.rsplit(".", 1)[-1].lower()] for t in ([names] if isinstance(names, str) else names)
+             if isinstance(t, str) and t.rsplit(".", 1)[-1].lower() in by_lower
+             and by_lower[t.rsplit(".", 1)[-1].lower()] != t]
     return f" (did you mean {', '.join(map(repr, fixes))}?)" if fixes else ""
 
 
@@ -105,7 +107,9 @@ class Plan:
     fallbacks: list[dict] = field(default_factory=list)  # {"name", "reason", "chosen"}: submodules run as they are
     trace_warnings: list[str] = field(default_factory=list)  # warnings raised while tracing (held back)
     unmatched_rules: list[int] = field(default_factory=list)
-    unmatched_hints: dict[int, str] = field(default_factory=dict)  # rule -> what its name glob meant (block_hint)
+    # rule -> why it matched nothing: modules its method does not take (MatchTable.untaken), what its
+    # name glob meant (block_hint)
+    unmatched_hints: dict[int, str] = field(default_factory=dict)
     # {"rule", "later", "sites", "first", "broader"}: a rule that matched layers but decides none of
     # them, as the later rule "later" matches every one of them too (MatchTable.overruled)
     overruled_rules: list[dict] = field(default_factory=list)
