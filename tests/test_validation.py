@@ -132,6 +132,15 @@ def test_fractions_are_ordered_without_total_steps():
     sparsify.plan(model, "st3", begin=10, end=0.5)
 
 
+def test_an_unknown_stage_says_whether_the_stages_block_is_empty_or_absent():
+    rule = {"match": {"type": "Linear"}, "method": "l1-prune", "params": {"stage": "w"}}
+    for stages, said in (([], "the recipe's stages block is empty"), (None, "the recipe's stages: none (the recipe "
+                                                                           "has no stages block)")):
+        spec = recipe(rule) if stages is None else recipe(rule, stages=stages)
+        with pytest.raises(RecipeError, match=re.escape(f"$.rules[0].params.stage: unknown stage 'w'; {said}")):
+            sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), spec, total_steps=10)
+
+
 def test_stages_are_checked_up_front():
     rule = {"match": CONV, "method": "l1-prune", "params": {"stage": "w"}}
     bad_end = [{"name": "w", "begin": 10, "end": 5}]

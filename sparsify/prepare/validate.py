@@ -228,8 +228,10 @@ def check_times(recipe, get_method, total_steps: int | None, *, require: bool = 
         stage = p.get("stage")
         if stage is not None:
             if stage not in stages:
-                known = ", ".join(map(repr, stages)) or "none (the recipe has no stages block)"
-                raise RecipeError(f"{source}: {at}.stage: unknown stage {stage!r}; the recipe's stages: {known}")
+                known = ("the recipe's stages: " + ", ".join(map(repr, stages)) if stages else
+                         "the recipe's stages block is empty" if "stages" in recipe.data else
+                         "the recipe's stages: none (the recipe has no stages block)")
+                raise RecipeError(f"{source}: {at}.stage: unknown stage {stage!r}; {known}")
             continue  # the stage's range replaces the rule's own begin / end
         method = get_method(rule.method)
         steps = {key: _time(p.get(key), total_steps, f"{at}.{key}", require, source)
