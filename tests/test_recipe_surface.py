@@ -180,8 +180,9 @@ def test_a_loaded_recipes_data_cannot_be_edited_in_place():
     m = sparsify.sparsify(nn.Sequential(nn.Linear(4, 4)), r, total_steps=4)
     assert m.sparsify_state.recipe["rules"][0]["params"]["sparsity"] == 0.8 == r.rules[0].params["sparsity"]
     assert json.loads(json.dumps(r.data)) == json.loads(r.to_json()) and dict(r.data)["name"] == "st3"
-    mine = json.loads(r.to_json())  # what the error says to edit
+    mine = copy.deepcopy(r.data)  # what the error says to edit (json.loads(r.to_json()) is one too)
     mine["rules"][0]["params"]["sparsity"] = 0.3
+    assert json.loads(r.to_json()) == mine | {"rules": r.data["rules"]}
     top = dict(r.data)
     top["name"] = "mine"
     assert sparsify.load_recipe(mine).rules[0].params["sparsity"] == 0.3 and sparsify.load_recipe(top).name == "mine"

@@ -11,18 +11,19 @@ __all__ = ["ReadOnlyDict", "ReadOnlyList", "read_only", "editable"]
 
 _READ_ONLY = ("a loaded recipe is read-only (sparsify builds from the recipe's JSON, recipe.data): "
               "set a parameter with an override, load_recipe(spec, sparsity=0.8) or sparsify(model, recipe, "
-              "sparsity=0.8), or edit a copy, json.loads(recipe.to_json()), and pass that")
+              "sparsity=0.8), or edit a copy, copy.deepcopy(recipe.data), and pass that")
 
 
 class ReadOnlyDict(dict):
     """A dict that refuses every edit (a rule's ``match`` and ``params``, a recipe's ``data``); its
-    copies and pickles are read-only too, ``dict(d)`` is an editable one (of its top level).
+    shallow copies and pickles are read-only too, ``copy.deepcopy(d)`` is an editable plain copy
+    (the way to edit a recipe), ``dict(d)`` one of its top level.
 
     >>> d = ReadOnlyDict(sparsity=0.9)
     >>> d["sparsity"] = 0.1
     Traceback (most recent call last):
     ...
-    TypeError: a loaded recipe is read-only (sparsify builds from the recipe's JSON, recipe.data): set a parameter with an override, load_recipe(spec, sparsity=0.8) or sparsify(model, recipe, sparsity=0.8), or edit a copy, json.loads(recipe.to_json()), and pass that
+    TypeError: a loaded recipe is read-only (sparsify builds from the recipe's JSON, recipe.data): set a parameter with an override, load_recipe(spec, sparsity=0.8) or sparsify(model, recipe, sparsity=0.8), or edit a copy, copy.deepcopy(recipe.data), and pass that
     """
 
     def _refuse(self, *args, **kwargs):
@@ -33,9 +34,13 @@ class ReadOnlyDict(dict):
     def __reduce__(self):  # built whole by __init__ (pickle's default would set item by item)
         return type(self), (dict(self),)
 
+    def __deepcopy__(self, memo):
+        return editable(self)
+
 
 class ReadOnlyList(list):
-    """A list that refuses every edit (a list in a recipe's data or rules); ``list(x)`` is an editable copy."""
+    """A list that refuses every edit (a list in a recipe's data or rules); ``list(x)`` is an editable
+    copy of its top level, ``copy.deepcopy(x)`` a plain deep one."""
 
     def _refuse(self, *args, **kwargs):
         raise TypeError(_READ_ONLY)
@@ -45,6 +50,9 @@ class ReadOnlyList(list):
 
     def __reduce__(self):
         return type(self), (list(self),)
+
+    def __deepcopy__(self, memo):
+        return editable(self)
 
 
 def read_only(value):

@@ -33,7 +33,7 @@ class Rule:
     >>> load_recipe("st3").rules[0].params["sparsity"] = 0.5
     Traceback (most recent call last):
     ...
-    TypeError: a loaded recipe is read-only (sparsify builds from the recipe's JSON, recipe.data): set a parameter with an override, load_recipe(spec, sparsity=0.8) or sparsify(model, recipe, sparsity=0.8), or edit a copy, json.loads(recipe.to_json()), and pass that
+    TypeError: a loaded recipe is read-only (sparsify builds from the recipe's JSON, recipe.data): set a parameter with an override, load_recipe(spec, sparsity=0.8) or sparsify(model, recipe, sparsity=0.8), or edit a copy, copy.deepcopy(recipe.data), and pass that
     """
 
     index: int
@@ -54,13 +54,14 @@ class Rule:
 class Recipe:
     """A validated recipe with overrides applied. ``data`` is the resolved JSON document, what
     ``sparsify`` builds from, read-only as the rules are (an edit would make the two disagree);
-    the other fields are read-only views of it. ``json.loads(recipe.to_json())`` is an editable copy.
+    the other fields are read-only views of it. ``copy.deepcopy(recipe.data)`` is an editable copy
+    (a deep copy of the recipe itself is the recipe: nothing in it changes).
 
     >>> recipe = load_recipe("st3")
     >>> recipe.data["rules"][0]["params"]["sparsity"] = 0.5
     Traceback (most recent call last):
     ...
-    TypeError: a loaded recipe is read-only (sparsify builds from the recipe's JSON, recipe.data): set a parameter with an override, load_recipe(spec, sparsity=0.8) or sparsify(model, recipe, sparsity=0.8), or edit a copy, json.loads(recipe.to_json()), and pass that
+    TypeError: a loaded recipe is read-only (sparsify builds from the recipe's JSON, recipe.data): set a parameter with an override, load_recipe(spec, sparsity=0.8) or sparsify(model, recipe, sparsity=0.8), or edit a copy, copy.deepcopy(recipe.data), and pass that
     """
 
     name: str
@@ -73,6 +74,9 @@ class Recipe:
 
     def __post_init__(self):
         object.__setattr__(self, "data", read_only(self.data))
+
+    def __deepcopy__(self, memo):  # read-only all through: the copy would equal it in every way
+        return self
 
     @property
     def options(self) -> dict:
