@@ -356,6 +356,13 @@ def test_stale_fix_differs_from_the_official_one():
     assert any(not torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(stale, ref))
 
 
+def test_reported_phase_changes_at_begin_end_and_fix():
+    # the report's phase: dense before begin, ramp from begin, hold from end, fixed from fix
+    m = sparsify.sparsify(small_net(), "st3", sparsity=0.5, begin=2, end=5, fix=8, example_inputs=inputs())
+    phases = {t: group_of(m).describe(t)["phase"] for t in (1, 2, 4, 5, 7, 8)}
+    assert phases == {1: "dense", 2: "ramp", 4: "ramp", 5: "hold", 7: "hold", 8: "fixed"}
+
+
 def test_cubic_with_begin_equal_end_is_a_step():
     # one-shot pruning (begin == end) goes through the same cubic schedule, without a special case
     from sparsify.core.schedules import cubic
@@ -380,6 +387,8 @@ def test_a_low_precision_layer_has_one_effective_weight_whichever_path_made_it(d
     layer.set_threshold(tau)
     cached = layer.effective_weight().detach()
     assert not bool((cached[~layer.mask] != 0).any())  # W_eff is zero outside M
+    # c from the same M: the rows' means of |W| ⊙ M leave out the weights equal to v
+    assert torch.allclose(layer.scale.float(), st3_scale(layer.weight, layer.mask).float(), rtol=1e-2)
     definition = st3_effective_weight(layer.weight.detach(), layer._tau(), layer.mask, layer.scale)
     assert torch.equal(cached, definition)
     copy = pickle.loads(pickle.dumps(layer))  # no cached W_eff: computed by the formula
