@@ -12,6 +12,7 @@ from torch import nn
 
 import sparsify
 from sparsify.core.schedules import ScheduleError, resolve_time
+from sparsify.core.state import find_state
 
 from warned import said
 
@@ -38,6 +39,15 @@ def test_a_step_count_of_two_to_the_62_is_refused():
         resolve_time(2 ** 62, None, what="end")
     assert resolve_time(2 ** 62 - 1, None) == 2 ** 62 - 1
 
+
+def test_a_fraction_rounds_to_the_nearest_step():
+    """A fraction of the run is rounded, not truncated: 0.29 of 100 steps is step 29, though
+    0.29 * 100 is 28.999999999999996 in floating point."""
+    assert [resolve_time(f, 100) for f in (0.29, 0.57, 0.07)] == [29, 57, 7]
+    assert resolve_time(0.5, 3) == 2  # half-way: Python's round, to the even step
+    g = sparsify.sparsify(_mlp(), "gmp", total_steps=100, begin=0.29, end=0.57)
+    (group,) = find_state(g).groups.values()
+    assert (group.begin, group.end) == (29, 57)
 
 
 def test_a_one_element_tensor_is_not_taken_for_a_number():
