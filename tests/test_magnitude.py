@@ -217,6 +217,46 @@ def test_masks_change_only_every_pruning_interval(frequency, ramp, interval):
     assert interval in changed_at
 
 
+def test_the_fix_step_selects_the_frozen_mask_from_its_own_weights():
+    # fix later than end and off the pruning interval: the mask frozen at fix is selected from the
+    # weights of that step (one last re-selection), not kept from the last interval step
+    m = make(begin=0, end=0, fix=7, frequency=5, sparsity=0.5)
+    run(m, 7, lr=0.5)
+    ls = layers(m)
+    mags = torch.cat([l.weight.detach().abs().reshape(-1) for l in ls])
+    kth = torch.sort(mags).values[pruned_count(mags.numel(), 0.5) - 1]  # the largest pruned magnitude
+    for l in ls:
+        assert torch.equal(l.mask, l.weight.detach().abs() > kth)
+    frozen = _masks(m)
+    run(m, 3, lr=0.5)
+    assert all(torch.equal(a, b) for a, b in zip(frozen, _masks(m)))
+
+
+def test_reported_phase_changes_at_begin_end_and_fix():
+    m = make(begin=2, end=5, fix=8, sparsity=0.5)
+    (g,) = sparsify.api.find_state(m).groups.values()
+    phases = {t: g.describe(t)["phase"] for t in (1, 2, 4, 5, 7, 8, 9)}
+    assert phases == {1: "dense", 2: "ramp", 4: "ramp", 5: "hold", 7: "hold", 8: "fixed", 9: "fixed"}
+
+
+def test_pruning_steps_count_from_begin():
+    # the mask is re-selected every `frequency` steps counted from begin (13, 23, ...), not at
+    # the multiples of frequency
+    m = make(begin=3, end=103, frequency=10, sparsity=0.9)
+    opt = torch.optim.SGD(sparsify.param_groups(m, 1e-4), lr=0.05, momentum=0.9)
+    changed_at, before = [], _masks(m)
+    for step in range(1, 35):
+        F.cross_entropy(m(X), torch.arange(2)).backward()
+        opt.step()
+        opt.zero_grad()
+        sparsify.step(m)
+        now = _masks(m)
+        if any(not torch.equal(a, b) for a, b in zip(before, now)):
+            changed_at.append(step)
+        before = now
+    assert changed_at == [13, 23, 33]
+
+
 def test_frequency_must_be_null_or_a_positive_whole_number():
     with pytest.raises(RecipeError, match="frequency"):
         make(frequency=0)
