@@ -64,6 +64,21 @@ def test_soft_threshold_gradcheck_in_float64(shape, t_shape):
 
 
 @pytest.mark.parametrize("shape,t_shape", SHAPES)
+def test_soft_threshold_first_gradients_with_create_graph_equal_the_plain_ones(shape, t_shape):
+    # create_graph=True (a gradient penalty) takes the backward's differentiable branch: its
+    # values must be those of the plain composition (gradgradcheck alone would accept any
+    # self-consistent first derivative)
+    g = torch.Generator().manual_seed(2)
+    w = (torch.randn(shape, generator=g) * 0.3).requires_grad_()
+    t = (torch.rand(t_shape, generator=g) * 0.3 + 0.05).requires_grad_()
+    go = torch.randn(shape, generator=g)
+    ref = torch.autograd.grad(str_weight(w, t), (w, t), go)
+    got = torch.autograd.grad(soft_threshold(w, t), (w, t), go, create_graph=True)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("shape,t_shape", SHAPES)
 def test_soft_threshold_equals_the_plain_composition_in_float32(shape, t_shape):
     g = torch.Generator().manual_seed(2)
     w = torch.randn(shape, generator=g) * 0.3
