@@ -92,6 +92,16 @@ def test_reported_sparsity_is_the_fraction_of_zero_effective_weights():
     assert rep.layers[0].extra["threshold"] == pytest.approx(float(torch.sigmoid(torch.tensor(-3.0))))
 
 
+def test_reported_threshold_mean_is_the_mean_over_the_layers():
+    m = make(s_init=-3.0)
+    with torch.no_grad():
+        for i, layer in enumerate(str_layers(m)):
+            layer.s.fill_(-3.0 + i)
+    (g,) = sparsify.api.find_state(m).groups.values()
+    expected = [float(torch.sigmoid(torch.tensor(-3.0 + i))) for i in range(len(str_layers(m)))]
+    assert g.describe(0)["threshold_mean"] == pytest.approx(sum(expected) / len(expected))
+
+
 def test_channel_granularity_has_one_threshold_per_output_channel():
     m = make("channel")
     conv, lin = str_layers(m)[0], str_layers(m)[-1]
