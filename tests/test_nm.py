@@ -120,6 +120,13 @@ def test_before_begin_the_model_is_dense():
     assert all(float(l.mask.float().mean()) == 0.5 for l in layers(m))
 
 
+def test_reported_phase_changes_at_begin_and_fix():
+    m = sparsify.sparsify(small_cnn(), "nm-2-4", begin=2, fix=5, example_inputs=X)
+    (g,) = sparsify.api.find_state(m).groups.values()
+    phases = {t: g.describe(t)["phase"] for t in (1, 2, 4, 5, 6)}
+    assert phases == {1: "dense", 2: "straight-through", 4: "straight-through", 5: "fixed", 6: "fixed"}
+
+
 def test_bad_n_m():
     with pytest.raises(RecipeError, match="1 <= n < m"):
         sparsify.sparsify(small_cnn(), "nm-2-4", n=4, m=4)
