@@ -79,6 +79,22 @@ def test_l1_penalty_value_and_absolute_threshold():
 
 
 
+@pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.75])
+def test_pruning_by_sparsity_removes_the_exact_count_and_the_weights_at_the_threshold(sparsity):
+    # |w| <= τ is pruned: τ, the linear-interpolated quantile, is itself a weight when (N-1)·r is
+    # whole, and that weight goes too (floor((N-1)·r) + 1 pruned, as st3 and magnitude)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 4))  # N = 21 weights: (N-1)·r whole
+    rec = {"version": 1, "rules": [{"match": {"type": "Linear"}, "method": "l1-prune",
+                                    "params": {"l1": 0.0, "sparsity": sparsity, "min_density": 0.0,
+                                               "begin": 0, "end": 2}}]}
+    m = sparsify.sparsify(net, rec, example_inputs=torch.randn(1, 3))
+    for _ in range(2):
+        sparsify.step(m)
+    n = sum(mod.weight.numel() for mod in layers(m))
+    assert sum(int((~mod.mask).sum()) for mod in layers(m)) == pruned_count(n, sparsity)
+
+
 def test_prune_step_zeroes_the_pruned_latent_weights_and_the_state_dict():
     # not only W ⊙ M in the forward: .weight itself (what a dense load or an export reads) is zero there
     torch.manual_seed(0)
