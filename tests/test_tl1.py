@@ -371,3 +371,14 @@ def test_report_says_activation_zeros_come_from_eval_forwards():
         m.eval()(x)
     text = str(sparsify.report(m))
     assert "counted by eval-mode forwards" not in text and "achieved (what each method sparsifies): activations" in text
+
+
+def test_tl1_grad_is_the_derivative_of_tl1():
+    # dρ/dx = a(1+a)·sign(x)/(a+|x|)², against autograd of ρ at several a (the docstring's point,
+    # x = 0.5 with a = 0.5, has a + |x| = 1 and cannot tell the power)
+    from sparsify.methods.regularizers.method import tl1, tl1_grad
+    x = torch.tensor([-3.0, -1.0, -0.2, 0.3, 0.5, 2.0], dtype=torch.float64, requires_grad=True)
+    for a in (0.1, 1.0, 4.0):
+        (ref,) = torch.autograd.grad(tl1(x, a).sum(), x)
+        torch.testing.assert_close(tl1_grad(x.detach(), a), ref)
+    assert float(tl1_grad(torch.tensor([-1.0]), 1.0)) == pytest.approx(-0.5)
