@@ -95,6 +95,17 @@ def test_pruning_by_sparsity_removes_the_exact_count_and_the_weights_at_the_thre
     assert sum(int((~mod.mask).sum()) for mod in layers(m)) == pruned_count(n, sparsity)
 
 
+def test_target_sparsity_is_reached_at_the_prune_step():
+    # what the report shows as the target: 0 until the prune step, `sparsity` from it on
+    net = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 4))
+    rec = {"version": 1, "rules": [{"match": {"type": "Linear"}, "method": "l1-prune",
+                                    "params": {"sparsity": 0.5, "begin": 0, "end": 4}}]}
+    m = sparsify.sparsify(net, rec, example_inputs=torch.randn(1, 3))
+    (g,) = sparsify.api.find_state(m).groups.values()
+    assert g.prune_step == 2
+    assert [g.target(t) for t in (1, 2, 3)] == [0.0, 0.5, 0.5]
+
+
 def test_prune_step_zeroes_the_pruned_latent_weights_and_the_state_dict():
     # not only W ⊙ M in the forward: .weight itself (what a dense load or an export reads) is zero there
     torch.manual_seed(0)
