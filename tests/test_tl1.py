@@ -376,9 +376,23 @@ def test_report_says_activation_zeros_come_from_eval_forwards():
 def test_tl1_grad_is_the_derivative_of_tl1():
     # dρ/dx = a(1+a)·sign(x)/(a+|x|)², against autograd of ρ at several a (the docstring's point,
     # x = 0.5 with a = 0.5, has a + |x| = 1 and cannot tell the power)
-    from sparsify.methods.regularizers.method import tl1, tl1_grad
     x = torch.tensor([-3.0, -1.0, -0.2, 0.3, 0.5, 2.0], dtype=torch.float64, requires_grad=True)
     for a in (0.1, 1.0, 4.0):
         (ref,) = torch.autograd.grad(tl1(x, a).sum(), x)
         torch.testing.assert_close(tl1_grad(x.detach(), a), ref)
     assert float(tl1_grad(torch.tensor([-1.0]), 1.0)) == pytest.approx(-0.5)
+
+
+
+def test_measured_activation_sparsity_counts_the_zeros_of_eval_forwards():
+    torch.manual_seed(0)
+    m = sparsify.sparsify(nn.Sequential(nn.Linear(4, 8), nn.ReLU()), "tl1", example_inputs=torch.randn(1, 4))
+    m.eval()
+    x = torch.randn(16, 4)
+    with torch.no_grad():
+        zeros = int((m(x) == 0).sum())
+    ((name, node),) = [(n, mod) for n, mod in m.named_modules() if isinstance(mod, ActivationRegularizer)]
+    (g,) = sparsify.api.find_state(m).groups.values()
+    assert 0 < zeros < 128
+    assert (node.zeros, node.seen) == (zeros, 128)
+    assert g.layer_stats(name, node)["achieved"] == pytest.approx(zeros / 128)
