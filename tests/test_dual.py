@@ -95,6 +95,17 @@ def test_pruning_by_sparsity_removes_the_exact_count_and_the_weights_at_the_thre
     assert sum(int((~mod.mask).sum()) for mod in layers(m)) == pruned_count(n, sparsity)
 
 
+def test_pruning_at_sparsity_zero_removes_nothing():
+    # docs/methods/dual.md: none at sparsity 0, as st3 and magnitude (the quantile's count would take one)
+    net = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 4))
+    rec = {"version": 1, "rules": [{"match": {"type": "Linear"}, "method": "l1-prune",
+                                    "params": {"sparsity": 0.0, "min_density": 0.0, "begin": 0, "end": 2}}]}
+    m = sparsify.sparsify(net, rec, example_inputs=torch.randn(1, 3))
+    for _ in range(2):
+        sparsify.step(m)
+    assert all(mod._fixed and bool(mod.mask.all()) for mod in layers(m))
+
+
 def test_target_sparsity_is_reached_at_the_prune_step():
     # what the report shows as the target: 0 until the prune step, `sparsity` from it on
     net = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 4))
