@@ -419,3 +419,15 @@ def test_finalize_keeps_the_attributes_model_code_reads():
     assert final.stage.downsample.conv.kernel_size == (3, 3) and final.stage.downsample.conv.in_channels == 8
     with torch.no_grad():
         torch.testing.assert_close(final(x), m.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls, args", [(SASLinear, (64, 512)), (SASConv2d, (16, 512, 2))])
+def test_fresh_layer_bias_is_bounded_by_the_narrow_fan_in(cls, args):
+    # the official initialisation: bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with the dense layer's
+    # fan-in (64), not the M-times-wider weight's (128): its values reach past 1/sqrt(128)
+    torch.manual_seed(0)
+    layer = cls(*args, m=2)
+    bound = 1 / math.sqrt(64)
+    b = layer.bias.detach().abs()
+    assert float(b.max()) <= bound
+    assert float(b.max()) > 1 / math.sqrt(128)
