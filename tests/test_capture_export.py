@@ -83,6 +83,35 @@ def test_auto_takes_export_only_where_fx_falls_back_and_export_reaches_more():
     assert [c["capture"] for c in resnet.captures] == ["torch.fx"]
 
 
+class KeywordShapeBranchNet(ShapeBranchNet):
+    """ShapeBranchNet called as transformers' models are: by keyword, its forward taking **kwargs
+    (and an activation module, which module-by-module rewriting reaches)."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = nn.ReLU()
+
+    def forward(self, pixel_values=None, labels=None, **kwargs):
+        out = self.act(super().forward(pixel_values))
+        return out if labels is None else F.cross_entropy(out, labels)
+
+
+def test_auto_keeps_fx_for_a_model_called_by_keyword():
+    """An exported root takes the example's positional form: keyword calls (the Trainer's
+    model(**batch)) ran the model's own forward without the inserted nodes (tl1's penalty was 0 at
+    every step of a DistilBERT whose root auto exported), and the graph's signature hid `labels`
+    from the Trainer's column filter."""
+    net = KeywordShapeBranchNet()
+    for example in (_x(), {"pixel_values": _x()}):
+        auto = _quiet(sparsify.plan, net, "tl1", example_inputs=example)
+        assert [c["capture"] for c in auto.captures] == ["module by module"]
+        assert any("forward takes **kwargs: an exported graph serves positional calls only" in n
+                   or "the example inputs are keyword arguments" in n for n in auto.capture_notes), auto.capture_notes
+    model = _quiet(sparsify.sparsify, net, "tl1", example_inputs=_x(), total_steps=3)
+    model(pixel_values=_x(), labels=torch.tensor([0, 1]))
+    assert float(sparsify.penalty(model)) > 0
+
+
 class ShapeCheckNet(ShapeBranchNet):
     """Untraceable for torch.fx like ShapeBranchNet (a branch on the input's shape), but its own
     code calls no activation function: its ReLU is a module."""

@@ -6,6 +6,7 @@ about it.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 
 from torch import nn
 
@@ -267,6 +268,10 @@ def capture(root: nn.Module, matcher: MatchTable, example_inputs=None, mode: str
         return tr, cands, first
     if example_inputs is None or not any(r.method is not None and r.method.site == "node" for r in matcher.rules):
         return tr, cands, first
+    if why := _keyword_calls(root, example_inputs):
+        tr.notes.append(f"auto: {why}: an exported graph serves positional calls only; kept torch.fx with "
+                        "module-by-module rewriting")
+        return tr, cands, first
     if not _export_may_reach_more(tr, matcher, example_inputs):
         tr.notes.append("auto: the code torch.fx could not trace calls no function a rule inserts after; kept "
                         "torch.fx with module-by-module rewriting")
@@ -285,6 +290,21 @@ def capture(root: nn.Module, matcher: MatchTable, example_inputs=None, mode: str
                     f"{'...' if len(tr.fallbacks) > 3 else ''}; torch.export reaches "
                     f"{_reached(ex_cands, matcher)} sites instead of {_reached(cands, matcher)}")
     return ex, ex_cands, ex_cands
+
+
+def _keyword_calls(root: nn.Module, example_inputs) -> str:
+    """Why ``root`` is likely called by keyword ("" if not): its example inputs are keyword
+    arguments (a dict, a tokenizer's output) or its forward takes ``**kwargs`` (transformers'
+    models). An exported graph takes the example's positional form, so such calls would run the
+    model's own forward, without the nodes a method inserted (and the root's signature it
+    replaces would hide ``labels`` from the Trainer's column filter)."""
+    if isinstance(example_inputs, Mapping):
+        return "the example inputs are keyword arguments"
+    try:
+        params = inspect.signature(root.forward).parameters.values()
+    except (TypeError, ValueError):
+        return ""
+    return f"{type(root).__name__}.forward takes **kwargs" if any(p.kind is p.VAR_KEYWORD for p in params) else ""
 
 
 def _export_may_reach_more(tr: TraceResult, matcher: MatchTable, example_inputs) -> bool:
