@@ -318,6 +318,39 @@ def test_finalize_export_and_state_dict_roundtrip():
         assert torch.equal(again(X32), model(X32))
 
 
+class _Head(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Linear(16, 4)
+
+    def forward(self, h):
+        return self.dense(h)
+
+
+class _UntracedBlock(nn.Module):
+    """torch.fx cannot trace its forward (a branch on a value), so its relu and its child's Linear
+    land in different graphs, as BERT's intermediate act and output.dense do."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act, self.head = nn.Linear(8, 16), nn.ReLU(), _Head()
+
+    def forward(self, x):
+        if x.sum() > 1e9:
+            x = x / 2
+        return self.head(self.act(self.fc(x)))
+
+
+def test_a_layer_whose_input_comes_from_another_graph_is_not_said_to_follow_no_relu():
+    """BERT with hidden_act='relu': output.dense reads the relu's output, but torch.fx traced
+    BertOutput apart; the plan said "input hidden_states is not a relu output" and suggested
+    not_relu='as_is', which would convert a relu'd input."""
+    reasons = {e.name: e.reason for e in sparsify.plan(_UntracedBlock(), "sas", example_inputs=torch.randn(2, 8)).dense}
+    assert reasons["head.dense"].startswith("sas: input h is an argument of head, traced apart from the code that "
+                                            "computes it"), reasons
+    assert "is not a relu output" not in reasons["head.dense"]
+
+
 def test_plan_says_why_layers_stay_dense_and_bad_params():
     plan = sparsify.plan(torchvision.models.mobilenet_v2(), "sas", example_inputs=X32[:1])
     assert len(plan.entries) == len({e.name for e in plan.entries})

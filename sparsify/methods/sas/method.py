@@ -114,8 +114,14 @@ class SASMethod(Method):
         if site.node is None:
             return "sas: input unknown (layer outside a traced graph); not_relu='as_is' converts it as is"
         if find_relu_input(site.gm, site.node, p["through_average"]) is None:
-            src = site.node.args[0].name if site.node.args and isinstance(site.node.args[0], fx.Node) else "?"
-            return f"sas: input {src} is not a relu output (not_relu='as_is' would convert it as is)"
+            src = site.node.args[0] if site.node.args and isinstance(site.node.args[0], fx.Node) else None
+            if src is not None and src.op == "placeholder":  # made in another graph: whether by a relu is unknown
+                owner = f"of {site.prefix}" if site.prefix else "of the model"
+                return (f"sas: input {src.name} is an argument {owner}, traced apart from the code that computes it "
+                        "(torch.fx could not trace the module around both), so whether it is a relu output is "
+                        "unknown; not_relu='as_is' would convert it as is")
+            name = src.name if src is not None else "?"
+            return f"sas: input {name} is not a relu output (not_relu='as_is' would convert it as is)"
         return None
 
     def apply(self, site: Site, params) -> None:
