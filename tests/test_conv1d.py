@@ -198,6 +198,14 @@ def test_linear_rules_match_conv1d_and_sas_leaves_it_alone():
     assert not any(n in done for n in _conv1d_names(model))
     reasons = {e.name: e.reason for e in plan.entries}
     assert "not to transformers' Conv1D" in reasons["transformer.h.1.attn.c_attn"]
+    # the rule that matched them is named, and sparsify's one line gives their reason: it counted
+    # only lm_head ("1 matched site(s) stay dense (first: lm_head: input unknown ...)")
+    assert {e.rule for e in plan.entries if e.name in _conv1d_names(model) and "Conv1D" in e.reason} == {0}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sparsify.sparsify(model, "sas", example_inputs=inputs)
+    said = [str(w.message) for w in caught if "rewrote nothing" in str(w.message)]
+    assert len(said) == 1 and "not to transformers' Conv1D" in said[0], said
 
 
 def test_sparse_conv1d_pickles_and_its_class_resolves_by_name():

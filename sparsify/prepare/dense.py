@@ -70,12 +70,13 @@ def dense_entries(root: nn.Module, tr: TraceResult, all_cands: list[Candidate], 
         # the rules see it, so the plan names the rule that kept it dense
         c = by_name.get(name) or Candidate(name, m, first=name in first, last=name in last)
         w = matcher.winner(c)
+        rule = w.rule.index if w else None
         if name in get_attr_owners:
             reason = f"weight read outside a module call (get_attr in graph {get_attr_owners[name]})"
         elif owner_leaf is not None:
             reason = f"inside leaf {type(leaves[owner_leaf]).__name__} {owner_leaf}, which reads the weights directly"
-        elif w is None and matcher.refused(c):
-            reason = matcher.refused(c)
+        elif w is None and (refusal := matcher.refusal(c)):
+            reason, rule = refusal  # the rule that matched it, whose method does not take its type
         elif w is not None and w.method is None:
             reason = f"excluded by rule {w.rule.index}"
         elif w is not None:
@@ -84,5 +85,5 @@ def dense_entries(root: nn.Module, tr: TraceResult, all_cands: list[Candidate], 
             reason = "no rule matched (inside an untraceable submodule)"
         else:
             reason = "no rule matched"
-        entries.append(PlanEntry(name, type(m).__name__, None, w.rule.index if w else None, reason, m.weight.numel()))
+        entries.append(PlanEntry(name, type(m).__name__, None, rule, reason, m.weight.numel()))
     return entries

@@ -176,12 +176,17 @@ class MatchTable:
     def refused(self, c: Candidate) -> str | None:
         """Why the last rule that would match ``c`` but whose method does not take its module
         type (SAS and a Conv1D) skipped it, for the plan; None when there is no such rule."""
-        why = None
+        found = self.refusal(c)
+        return None if found is None else found[0]
+
+    def refusal(self, c: Candidate) -> tuple[str, int] | None:
+        """:meth:`refused`'s reason with the index of that rule."""
+        found = None
         for r in self.rules:
             if r.method is not None and r.method.site == "module" and c.module is not None \
                     and not isinstance(c.module, r.method.targets) and r.pred(c):
-                why = f"{r.method.accepts(Site(c.name, c.module))} (rule {r.rule.index})"
-        return why
+                found = (f"{r.method.accepts(Site(c.name, c.module))} (rule {r.rule.index})", r.rule.index)
+        return found
 
     def untaken(self, index: int) -> str:
         """`` (it matched 1 module st3 does not take, ReLU: ...)`` for rule ``index`` whose match

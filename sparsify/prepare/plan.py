@@ -1,6 +1,8 @@
 """The dry run's result: what each rule matched, what stays dense and why, expected shares."""
 from __future__ import annotations
 
+from collections import Counter
+
 import json
 from dataclasses import asdict, dataclass, field
 
@@ -184,10 +186,13 @@ class Plan:
                     and COMPUTED_WEIGHT not in e.reason]
         said = (OWN_FORWARD, FROZEN, READ_DIRECTLY, TIED_DENSE, HOOKED)  # each has a line of its own
         if not self.rewritten and declined and not adapters:  # rules matched, every method left its sites alone
-            first = next((e for e in declined if not any(s in e.reason for s in said)), declined[0])
+            pool = [e for e in declined if not any(s in e.reason for s in said)] or declined
+            reasons = Counter(e.reason for e in pool)
+            first = max(pool, key=lambda e: reasons[e.reason])  # the first of the most common reason
+            shown = (f"first: {first.name}" if reasons[first.reason] == 1 else
+                     f"{reasons[first.reason]} of them for this reason, first: {first.name}")
             out.append(f"sparsify: recipe {recipe.name!r} rewrote nothing in this model: {len(declined)} matched "
-                       f"site(s) stay dense (first: {first.name}: {first.reason}); see "
-                       "sparsify.plan(model, recipe)")
+                       f"site(s) stay dense ({shown}: {first.reason}); see sparsify.plan(model, recipe)")
         shadowed = {s["name"] for s in self.shadowed}
         quiet = [e for e in declined if not any(s in e.reason for s in said) and e.name not in shadowed
                  and not e.reason.startswith(ADAPTER)]
