@@ -149,3 +149,20 @@ def test_an_unreadable_file_in_an_image_folder_is_named_in_one_line(tmp_path):
                                         r"\(UnidentifiedImageError\): remove it"):
         load_data(f"imagefolder:{tmp_path / 'bad'}", image_size=16)
 
+
+
+def test_hidden_files_inside_class_folders_are_not_images_and_an_empty_class_is_named(tmp_path):
+    """Hidden files and folders inside a class were trained on (class0/.hidden.png, .sub/img.png:
+    165 images read as 167), and macOS's ._img.png stopped the run; one empty class folder among
+    others was reported as 'holds no images in class sub-folders'."""
+    write_images(tmp_path / "f", ["a", "b"], 4)
+    (tmp_path / "f" / "a" / "._img0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (tmp_path / "f" / "a" / ".ipynb_checkpoints").mkdir()
+    real = next(p for p in sorted((tmp_path / "f" / "a").iterdir()) if not p.name.startswith("."))
+    (tmp_path / "f" / "a" / ".ipynb_checkpoints" / real.name).write_bytes(real.read_bytes())
+    d = load_data(f"imagefolder:{tmp_path / 'f'}", image_size=8)
+    assert len(d.train) + len(d.test) == 8
+    (tmp_path / "f" / "c").mkdir()
+    (tmp_path / "f" / "c" / "notes.txt").write_text("no images here")
+    with pytest.raises(DataError, match=r"^image folder '.*': class folder\(s\) c hold no images: remove them"):
+        load_data(f"imagefolder:{tmp_path / 'f'}", image_size=8)

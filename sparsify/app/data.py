@@ -125,6 +125,15 @@ def _read_image(path: str):
                         "move it out of the class folders") from None
 
 
+def _visible_image(path: str, root) -> bool:
+    """Whether ``path`` is an image of a class folder under ``root``: hidden files and folders inside
+    a class (macOS's ``._img.png``, ``.ipynb_checkpoints``) are not, as hidden folders at the top are
+    not classes."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    parts = Path(os.path.relpath(path, root)).parts
+    return path.lower().endswith(IMG_EXTENSIONS) and not any(part.startswith(".") for part in parts)
+
+
 def _image_folder(path: str, image_size: int, workers: int = 0, preload_limit: int = PRELOAD_LIMIT,
                   progress: bool = False) -> Data:
     from torchvision import datasets, transforms
@@ -137,7 +146,8 @@ def _image_folder(path: str, image_size: int, workers: int = 0, preload_limit: i
 
     class Folder(datasets.ImageFolder):
         def __init__(self, root, transform):
-            super().__init__(root, transform=transform, loader=_read_image)
+            super().__init__(root, transform=transform, loader=_read_image,
+                             is_valid_file=lambda f: _visible_image(f, root))
 
         def find_classes(self, directory):  # hidden folders (.git, .ipynb_checkpoints) are not classes
             classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
@@ -149,6 +159,11 @@ def _image_folder(path: str, image_size: int, workers: int = 0, preload_limit: i
         try:
             folder = Folder(str(p), transform=tf)
         except (FileNotFoundError, RuntimeError) as e:
+            empty = [d.name for d in sorted(p.iterdir()) if d.is_dir() and not d.name.startswith(".")
+                     and not any(_visible_image(str(f), p) for f in d.rglob("*") if f.is_file())]
+            if empty and len(empty) < sum(1 for d in p.iterdir() if d.is_dir() and not d.name.startswith(".")):
+                raise DataError(f"image folder {str(p)!r}: class folder(s) {', '.join(empty)} hold no images: "
+                                "remove them or add images") from None
             raise DataError(f"image folder {str(p)!r} holds no images in class sub-folders "
                             f"(expected {p}/<class name>/<image>.png|jpg|...): {e}") from None
         if len(folder.classes) < 2:
