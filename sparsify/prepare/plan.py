@@ -109,6 +109,7 @@ class Plan:
     fallbacks: list[dict] = field(default_factory=list)  # {"name", "reason", "chosen"}: submodules run as they are
     trace_warnings: list[str] = field(default_factory=list)  # warnings raised while tracing (held back)
     unmatched_rules: list[int] = field(default_factory=list)
+    optional_rules: list[int] = field(default_factory=list)  # rules marked "optional": may match nothing
     # rule -> why it matched nothing: modules its method does not take (MatchTable.untaken), what its
     # name glob meant (block_hint)
     unmatched_hints: dict[int, str] = field(default_factory=dict)
@@ -302,7 +303,10 @@ class Plan:
         for w in self.trace_warnings:
             lines.append(f"warning while tracing: {w}")
         for i in self.unmatched_rules:
-            lines.append(f"warning: rule {i} matched nothing{self.unmatched_hints.get(i, '')}")
+            if i in self.optional_rules:  # as sparsify() does not warn about it
+                lines.append(f"note: rule {i} (optional) matched nothing{self.unmatched_hints.get(i, '')}")
+            else:
+                lines.append(f"warning: rule {i} matched nothing{self.unmatched_hints.get(i, '')}")
         for o in self.overruled_rules:
             lines.append(f"warning: {overruled_line(o)}")
         return "\n".join(lines)
