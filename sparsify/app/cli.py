@@ -17,7 +17,7 @@ import os
 import sys
 
 from sparsify.app.overrides import parse_overrides
-from sparsify.app.settings import AMP_CHOICES, OPTIMIZERS, check_settings
+from sparsify.app.settings import AMP_CHOICES, DEMO_EPOCHS, OPTIMIZERS, check_settings
 
 __all__ = ["main", "parse_overrides"]
 
@@ -260,14 +260,14 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--data", default="digits", help="digits (default), mnist, or imagefolder:PATH")
     p.add_argument("--image-size", type=int, default=None, help="resize imagefolder images to this size (default 64)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=10, help="passes over the training data (default 10)")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per optimizer step (default 64)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
                    help="default: the recipe's method default (sgd with momentum 0.9 for most)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: per optimizer and method)")
     p.add_argument("--weight-decay", type=float, default=None, help="default: per method (STR needs more)")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model's initialisation and the data order (default 0)")
     p.add_argument("--out", default=None, help="output folder (default runs/<model>-<recipe>-s<seed>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (its settings are reused)")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (else refused); it is kept aside until the "
@@ -292,8 +292,8 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="dense + every built-in recipe on digits, one comparison table")
     p.add_argument("--out", default="demo-out", help="folder for the table, the plot and each run (default: demo-out)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the demo's own)")
-    p.add_argument("--recipes", default=None, help="comma-separated subset of recipes (default: all built-in)")
+    p.add_argument("--epochs", type=int, default=None, help=f"epochs per run (default {DEMO_EPOCHS})")
+    p.add_argument("--recipes", default=None, help="comma-separated recipes to run after dense, which always runs (default: every built-in one)")
     p.add_argument("--seed", type=int, default=0, help="seed of every run (default: 0)")
     p.add_argument("--progress", action="store_true", help="show per-run progress bars")
     return parser

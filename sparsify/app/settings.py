@@ -7,6 +7,10 @@ from __future__ import annotations
 OPTIMIZERS = ("sgd", "adam", "adamw")
 #: ``--amp`` choices
 AMP_CHOICES = ("bf16",)
+
+#: the demo's epochs: 8 of 23 steps, so that ST-3's cubic ramp (5%..50% of the run) and its
+#: fine-tuning after the fix (90%) both get a few dozen steps; every run takes a few seconds on one core
+DEMO_EPOCHS = 8
 #: ``--threads`` above this is refused: torch segfaults creating 100,000 threads; a fixed bound, not
 #: the CPU count, so a run saved on a large machine resumes on a small one
 MAX_THREADS = 1024
