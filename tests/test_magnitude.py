@@ -196,15 +196,11 @@ def _masks(m):
     return [l.mask.clone() for l in layers(m)]
 
 
-@pytest.mark.parametrize("frequency, ramp, interval", [(None, (0, 6400), 100), (None, (0, 320), 10), (7, (0, 6400), 7)])
-def test_masks_change_only_every_pruning_interval(frequency, ramp, interval):
-    # Zhu & Gupta's Δt: 100 steps by default, fewer in a short ramp (>= 32 updates), or as given
-    kw = {} if frequency is None else {"frequency": frequency}
-    m = make(begin=ramp[0], end=ramp[1], sparsity=0.9, **kw)
+def _mask_change_steps(m, steps: int) -> list[int]:
+    """The steps (1..steps) of a training run after which some mask differs from the step before."""
     opt = torch.optim.SGD(sparsify.param_groups(m, 1e-4), lr=0.05, momentum=0.9)
-    changed_at = []
-    before = _masks(m)
-    for step in range(1, 2 * interval + 2):
+    changed_at, before = [], _masks(m)
+    for step in range(1, steps + 1):
         F.cross_entropy(m(X), torch.arange(2)).backward()
         opt.step()
         opt.zero_grad()
@@ -213,6 +209,15 @@ def test_masks_change_only_every_pruning_interval(frequency, ramp, interval):
         if any(not torch.equal(a, b) for a, b in zip(before, now)):
             changed_at.append(step)
         before = now
+    return changed_at
+
+
+@pytest.mark.parametrize("frequency, ramp, interval", [(None, (0, 6400), 100), (None, (0, 320), 10), (7, (0, 6400), 7)])
+def test_masks_change_only_every_pruning_interval(frequency, ramp, interval):
+    # Zhu & Gupta's Δt: 100 steps by default, fewer in a short ramp (>= 32 updates), or as given
+    kw = {} if frequency is None else {"frequency": frequency}
+    m = make(begin=ramp[0], end=ramp[1], sparsity=0.9, **kw)
+    changed_at = _mask_change_steps(m, 2 * interval + 1)
     assert changed_at and all(s % interval == 0 for s in changed_at), changed_at
     assert interval in changed_at
 
@@ -243,18 +248,7 @@ def test_pruning_steps_count_from_begin():
     # the mask is re-selected every `frequency` steps counted from begin (13, 23, ...), not at
     # the multiples of frequency
     m = make(begin=3, end=103, frequency=10, sparsity=0.9)
-    opt = torch.optim.SGD(sparsify.param_groups(m, 1e-4), lr=0.05, momentum=0.9)
-    changed_at, before = [], _masks(m)
-    for step in range(1, 35):
-        F.cross_entropy(m(X), torch.arange(2)).backward()
-        opt.step()
-        opt.zero_grad()
-        sparsify.step(m)
-        now = _masks(m)
-        if any(not torch.equal(a, b) for a, b in zip(before, now)):
-            changed_at.append(step)
-        before = now
-    assert changed_at == [13, 23, 33]
+    assert _mask_change_steps(m, 34) == [13, 23, 33]
 
 
 def test_frequency_must_be_null_or_a_positive_whole_number():
