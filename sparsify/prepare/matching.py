@@ -128,6 +128,13 @@ class CompiledRule:
     method: object  # Method or None
 
 
+def _matched_not_taken(r, c: Candidate) -> bool:
+    """Whether compiled rule ``r`` matches ``c`` but its (module-swapping) method does not take the
+    module's type (SAS and a Conv1D, st3 and a ReLU)."""
+    return (r.method is not None and r.method.site == "module" and c.module is not None
+            and not isinstance(c.module, r.method.targets) and r.pred(c))
+
+
 class MatchTable:
     """Which rule wins each candidate: computed once per candidate and kept, so the trace, the
     rewrite, the plan and the dense reasons all read the same answer. Queries change nothing
@@ -183,8 +190,7 @@ class MatchTable:
         """:meth:`refused`'s reason with the index of that rule."""
         found = None
         for r in self.rules:
-            if r.method is not None and r.method.site == "module" and c.module is not None \
-                    and not isinstance(c.module, r.method.targets) and r.pred(c):
+            if _matched_not_taken(r, c):
                 found = (f"{r.method.accepts(Site(c.name, c.module))} (rule {r.rule.index})", r.rule.index)
         return found
 
@@ -201,10 +207,7 @@ class MatchTable:
         (None, ' (it matched 1 module sas does not take, ReLU: sas applies to Conv1d, Conv2d, Conv3d, Linear only)')
         """
         r = self.rules[index]
-        if r.method is None or r.method.site != "module":
-            return ""
-        seen = {id(c.module): c for _, _, c in self._table.values()
-                if c.module is not None and not isinstance(c.module, r.method.targets) and r.pred(c)}
+        seen = {id(c.module): c for _, _, c in self._table.values() if _matched_not_taken(r, c)}
         if not seen:
             return ""
         first = next(iter(seen.values()))
