@@ -1,9 +1,8 @@
 """The dry run's result: what each rule matched, what stays dense and why, expected shares."""
 from __future__ import annotations
 
-from collections import Counter
-
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from sparsify.core.contract import HOOKED
@@ -40,9 +39,8 @@ def misspelt_types(match: dict) -> str:
 
     names = match.get("type", [])
     by_lower = {n.lower(): n for n in dir(nn) if isinstance(getattr(nn, n), type)}
-    fixes = [by_lower[t.rsplit(".", 1)[-1].lower()] for t in ([names] if isinstance(names, str) else names)
-             if isinstance(t, str) and t.rsplit(".", 1)[-1].lower() in by_lower
-             and by_lower[t.rsplit(".", 1)[-1].lower()] != t]
+    given = [t for t in ([names] if isinstance(names, str) else names) if isinstance(t, str)]
+    fixes = [fix for t in given if (fix := by_lower.get(t.rsplit(".", 1)[-1].lower())) is not None and fix != t]
     return f" (did you mean {', '.join(map(repr, fixes))}?)" if fixes else ""
 
 
