@@ -165,6 +165,10 @@ def test_optimizer_defaults_per_method_and_explicit_values_win(tmp_path):
     path = tmp_path / "mine.json"
     path.write_text(json.dumps(recipe))
     assert resolve_optimizer(TrainConfig(recipe=str(path))) == {"optimizer": "adam", "lr": 0.003, "weight_decay": 0.0}
+    # --optimizer naming another one: the recipe's Adam lr (0.003) was applied to SGD, silently
+    assert resolve_optimizer(TrainConfig(recipe=str(path), optimizer="sgd")) == {"optimizer": "sgd", "lr": 0.05,
+                                                                                 "weight_decay": 5e-4}
+    assert resolve_optimizer(TrainConfig(recipe=str(path), optimizer="adam"))["lr"] == 0.003
 
 
 def test_torchvision_model_on_an_image_folder(tmp_path):

@@ -110,6 +110,9 @@ def resolve_optimizer(cfg: TrainConfig, recipe=None) -> dict:
     {'optimizer': 'sgd', 'lr': 0.05, 'weight_decay': 0.0005}
     >>> resolve_optimizer(TrainConfig(recipe="sas", optimizer="adam"))["lr"]  # SAS's lower lr is SGD's
     0.001
+
+    A recipe's ``options.train`` lr and weight decay hold for its optimizer (SGD when it names
+    none): ``--optimizer`` naming another one takes that one's defaults.
     """
     hints: dict = {}
     options: dict = {}
@@ -121,6 +124,8 @@ def resolve_optimizer(cfg: TrainConfig, recipe=None) -> dict:
     name = cfg.optimizer or options.get("optimizer", "sgd")
     if name != "sgd":  # the methods' learning rates are SGD's (SAS's 0.02 is 20x Adam's default)
         hints.pop("lr", None)
+    if name != options.get("optimizer", "sgd"):  # the recipe's lr and decay were tuned for its own optimizer
+        options = {k: v for k, v in options.items() if k not in ("lr", "weight_decay")}
     hints.update(options)
     base = BASE_DEFAULTS[name]
     pick = lambda key, given: given if given is not None else hints.get(key, base[key])  # noqa: E731
