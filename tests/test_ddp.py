@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import warnings
 
 import pytest
 import torch
@@ -151,8 +152,8 @@ def _missed_step_worker(rank, port, outdir):
         ddp = nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         g = torch.Generator().manual_seed(0)
-        gaps = []
-        for i in range(3):
+        gaps, said = [], []
+        for i in range(4):
             x, y = torch.randn(8, 16, generator=g), torch.randint(0, 4, (8,), generator=g)
             out = ddp(x)  # DDP broadcasts rank 0's buffers (masks included) first
             outs = [torch.zeros_like(out) for _ in range(WORLD)]
@@ -161,9 +162,12 @@ def _missed_step_worker(rank, port, outdir):
             nn.functional.cross_entropy(out, y).backward()
             opt.step()
             opt.zero_grad()
-            if not (rank == 1 and i == 0):  # rank 1 misses one sparsify.step
-                sparsify.step(ddp)
-        torch.save(gaps, os.path.join(outdir, f"gaps{rank}.pt"))
+            if not (rank == 1 and i == 1):  # rank 1 misses one sparsify.step
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    sparsify.step(ddp)
+                said += [str(w.message) for w in caught if "this rank's step counter" in str(w.message)]
+        torch.save({"gaps": gaps, "said": said}, os.path.join(outdir, f"gaps{rank}.pt"))
     finally:
         gc.collect()
         dist.destroy_process_group()
@@ -173,6 +177,13 @@ def test_a_rank_that_missed_a_step_computes_with_the_masks_ddp_broadcast(tmp_pat
     """DDP writes rank 0's buffers into rank 1's masks without bumping their version counters: a
     rank that missed one sparsify.step kept its float copy of the old mask, and its next forward
     differed from rank 0's by 0.24 while the parameters and buffers were equal (assert_synchronized
-    passed). A second training forward without a step between drops the layer's caches."""
+    passed). A second training forward without a step between drops the layer's caches; and the rank
+    is told at its next step that its counter came from rank 0 (nothing was said)."""
     spawn(_missed_step_worker, str(tmp_path), nprocs=WORLD)
-    assert torch.load(tmp_path / "gaps1.pt") == [0.0, 0.0, 0.0]
+    rank0, rank1 = (torch.load(tmp_path / f"gaps{r}.pt") for r in range(WORLD))
+    assert rank1["gaps"] == [0.0, 0.0, 0.0, 0.0]
+    # and the rank that missed it is told, at its next step (nothing was said before)
+    assert rank0["said"] == [] and rank1["said"] == [
+        "sparsify.step: this rank's step counter is 2, but its last sparsify.step left it at 1: DDP's broadcast "
+        "gave it rank 0's, so this rank called sparsify.step fewer (or more) times than rank 0; call it on every "
+        "rank after every optimizer step (docs/distributed.md)"]

@@ -24,8 +24,18 @@ def advance(state: SparsifyState, root: nn.Module, loss: float | None, said: lis
     >>> advance(m.sparsify_state, m, None, [])
     1
     """
+    counted = getattr(state, "_stepped", None)  # None: a model pickled before it was kept
+    if counted and is_distributed() and int(state.step) != counted:
+        # only a raw write changes the counter between steps: DDP's broadcast of rank 0's buffers
+        # (not said before this rank's first step or load: a checkpoint loaded on rank 0 alone
+        # reaches the others by DDP's first broadcast on purpose)
+        said.append(("rank_missed_step", f"sparsify.step: this rank's step counter is {int(state.step)}, but its "
+                     f"last sparsify.step left it at {counted}: DDP's broadcast gave it rank 0's, so this rank "
+                     "called sparsify.step fewer (or more) times than rank 0; call it on every rank after every "
+                     "optimizer step (docs/distributed.md)"))
     state.step += 1
     t = int(state.step)
+    state.__dict__["_stepped"] = t
     members = [m for m in state.members() if isinstance(m, SparseWeightMixin)]
     # an optimizer may write a weight without bumping its version counter (torch's fused AdamW
     # and SGD kernels, the default of transformers' Trainer; writes through .data): nothing a

@@ -36,6 +36,7 @@ class SparsifyState(nn.Module):
     def __init__(self, recipe_json: str, total_steps: int | None, graph_paths: list[str]):
         super().__init__()
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        self._stepped = 0  # ``step`` as this process's last sparsify.step or load left it (not saved)
         self.groups = nn.ModuleDict()
         self.recipe_json = recipe_json
         self.total_steps = total_steps
@@ -165,6 +166,8 @@ def after_load(module: nn.Module, incompatible_keys) -> None:
     dense = False
     state = getattr(module, STATE_ATTR, None)
     state = state if isinstance(state, SparsifyState) else None
+    if state is not None and not state.step.is_meta:  # a load sets the counter (core.advance compares)
+        state.__dict__["_stepped"] = int(state.step)
     for i, k in enumerate(missing):
         if k == key or k.endswith("." + key):
             if line := prefixed_line(k, [s for _, s in saved_states(incompatible_keys.unexpected_keys)]):
