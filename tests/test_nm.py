@@ -120,6 +120,13 @@ def test_before_begin_the_model_is_dense():
     assert all(float(l.mask.float().mean()) == 0.5 for l in layers(m))
 
 
+def test_target_sparsity_is_one_minus_n_over_m_from_begin():
+    # what the report shows as the target: 0 before `begin`, 1 − N/M at `begin` and after
+    m = sparsify.sparsify(small_cnn(), "nm-2-4", begin=2, fix=None, example_inputs=X)
+    (g,) = sparsify.api.find_state(m).groups.values()
+    assert [g.target(t) for t in (1, 2, 3)] == [0.0, 0.5, 0.5]
+
+
 def test_reported_phase_changes_at_begin_and_fix():
     m = sparsify.sparsify(small_cnn(), "nm-2-4", begin=2, fix=5, example_inputs=X)
     (g,) = sparsify.api.find_state(m).groups.values()
