@@ -97,6 +97,13 @@ def test_schedule_is_quadratic_when_a_rule_omits_power():
     assert g.target(50) == pytest.approx(0.3)  # 0.75·s at the midpoint (a cubic ramp: 0.875·s)
 
 
+def test_without_a_ramp_the_target_is_the_sparsity_from_end_on():
+    # begin == end: no ramp, the report's target jumps from 0 to `sparsity` at that step
+    m = sparsify.sparsify(nn.Sequential(nn.Conv2d(3, 4, 3)), recipe(sparsity=0.4, begin=3, end=3),
+                          example_inputs=torch.randn(1, 3, 12, 12))
+    assert [group(m).target(t) for t in (2, 3, 4)] == [0.0, 0.4, 0.4]
+
+
 def test_resnet18_masks_per_layer_shared_by_resolution_and_1x1_skipped(resnet):
     m = sparsify.sparsify(resnet, "semi-structured", example_inputs=X32, begin=0, end=0)
     ms = masks(m)
