@@ -208,6 +208,41 @@ def test_pre_activation_placement_on_inplace_relus_backpropagates(resnet):
     (out.sum() + sparsify.penalty(m)).backward()
 
 
+class _UpdatesInPlace(nn.Module):
+    def __init__(self, form: str):
+        super().__init__()
+        self.fc1, self.fc2, self.form = nn.Linear(4, 6), nn.Linear(6, 2), form
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x))
+        if self.form == "method":
+            h.add_(1.0)  # a statement: what follows reads h itself
+        else:
+            h += 1.0
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("form", ["method", "augmented"])
+def test_an_in_place_update_of_the_regularized_activation_keeps_outputs_and_gradients(capture, form):
+    # made out of place (the penalty's backward reads the activation), and what read the updated
+    # tensor reads the update's result: outputs as the dense model's, gradients as the equations'
+    x = torch.randn(3, 4)
+    torch.manual_seed(0)
+    dense = _UpdatesInPlace(form)
+    ref = copy.deepcopy(dense)
+    m = sparsify.sparsify(copy.deepcopy(dense), rule(match={"op": ["relu"]}, lam=0.5), example_inputs=x,
+                          capture=capture)
+    assert len(regs(m)) == 1
+    out = m(x)
+    assert torch.equal(out, dense(x))
+    (out.sum() + sparsify.penalty(m)).backward()
+    h = F.relu(ref.fc1(x))
+    (ref.fc2(h + 1.0).sum() + 0.5 * (2 * h / (1 + h)).mean()).backward()  # λ·mean ρ_a(h), a = 1
+    grad = dict(m.named_parameters())
+    assert torch.allclose(next(g.grad for n, g in grad.items() if n.endswith("fc1.weight")), ref.fc1.weight.grad)
+
+
 def test_pre_placement_value_and_network_input_excluded():
     net = nn.Sequential(nn.ReLU(), nn.Linear(4, 4), nn.ReLU())
     x = torch.randn(3, 4)
