@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["Change", "recast", "replace_module", "insert_after", "insert_call", "reroute_input", "replace_uses",
+__all__ = ["Change", "recast", "replace_module", "insert_after", "insert_call", "reroute_input", "reroute_later_reads",
+           "replace_uses",
            "remove_node", "copy_chain", "set_call", "set_submodule", "unique_name"]
 
 
@@ -144,6 +145,20 @@ def reroute_input(user: fx.Node, old: fx.Node, new: fx.Node) -> Change:
     """
     user.replace_input_with(old, new)
     return Change("reroute", user.name, f"input {old.name} -> {new.name}")
+
+
+def reroute_later_reads(value: fx.Node, writer: fx.Node) -> list[Change]:
+    """Make the users of ``value`` placed after ``writer`` read ``writer`` instead: once an in-place
+    op ``writer`` on ``value`` is made out of place, what read the updated ``value`` after it reads
+    the op's result (the same values).
+
+    >>> import torch
+    >>> gm = torch.fx.symbolic_trace(lambda x: x.relu_() + x)
+    >>> x, relu, add, out = gm.graph.nodes
+    >>> [c.detail for c in reroute_later_reads(x, relu)], add.args
+    (['input x -> relu_'], (relu_, relu_))
+    """
+    return [reroute_input(user, value, writer) for user in list(value.users) if user is not writer and user > writer]
 
 
 def insert_call(gm: fx.GraphModule, anchor: fx.Node, op: str, target, args: tuple = (), kwargs: dict | None = None,

@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from passes import Change, reroute_input, set_call
+from passes import Change, reroute_later_reads, set_call
 
 from sparsify.core.extra_state import pack, unpack
 from sparsify.core.contract import Group, GroupContext, Method, Site
@@ -204,8 +204,7 @@ def _out_of_place(target):
 def _make_users_out_of_place(gm: fx.GraphModule, node: fx.Node) -> list[Change]:
     """Turn in-place consumers of ``node`` into out-of-place ones (same values); returns what changed."""
     changed = []
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    for user in sorted(node.users, key=order.__getitem__):
+    for user in sorted(node.users):  # graph order
         first = user.args[0] if user.args else None
         if first is not node:
             continue
@@ -231,7 +230,7 @@ def _make_users_out_of_place(gm: fx.GraphModule, node: fx.Node) -> list[Change]:
         changed.append(change)
         # the in-place op changed ``node`` itself: what reads ``node`` after it (``h.add_(1)`` as a
         # statement, then ``fc(h)``) must read the out-of-place result now
-        changed += [reroute_input(later, node, user) for later in list(node.users) if order[later] > order[user]]
+        changed += reroute_later_reads(node, user)
     return changed
 
 

@@ -8,7 +8,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from passes import Change, copy_chain, insert_call, remove_node, replace_uses, reroute_input
+from passes import Change, copy_chain, insert_call, remove_node, replace_uses, reroute_input, reroute_later_reads
 from passes.hooks import CALL_HOOKS
 from sparsify.core.contract import HOOKED
 
@@ -202,10 +202,7 @@ def _make_relu_out_of_place(gm: fx.GraphModule, relu: fx.Node, changes: list[Cha
     if not _relu_inplace(gm, relu):
         return relu
     x = relu.args[0]
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    for user in list(x.users):
-        if user is not relu and order[user] > order[relu]:
-            changes.append(reroute_input(user, x, relu))
+    changes.extend(reroute_later_reads(x, relu))
     new, change = insert_call(gm, relu, "call_function", torch.relu, (x,), meta_from=relu)
     changes.append(change)
     changes.append(remove_node(gm, relu, new, detail=f"in-place relu -> torch.relu ({new.name}) so that its "
