@@ -106,7 +106,7 @@ def test_auto_keeps_fx_for_a_model_called_by_keyword():
         auto = _quiet(sparsify.plan, net, "tl1", example_inputs=example)
         assert [c["capture"] for c in auto.captures] == ["module by module"]
         assert any("forward takes **kwargs: an exported graph serves positional calls only" in n
-                   or "the example inputs are keyword arguments" in n for n in auto.capture_notes), auto.capture_notes
+                   for n in auto.capture_notes), auto.capture_notes
     model = _quiet(sparsify.sparsify, net, "tl1", example_inputs=_x(), total_steps=3)
     model(pixel_values=_x(), labels=torch.tensor([0, 1]))
     assert float(sparsify.penalty(model)) > 0

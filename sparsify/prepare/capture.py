@@ -6,7 +6,6 @@ about it.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
 
 from torch import nn
 
@@ -268,7 +267,7 @@ def capture(root: nn.Module, matcher: MatchTable, example_inputs=None, mode: str
         return tr, cands, first
     if example_inputs is None or not any(r.method is not None and r.method.site == "node" for r in matcher.rules):
         return tr, cands, first
-    if why := _keyword_calls(root, example_inputs):
+    if why := _keyword_calls(root):
         tr.notes.append(f"auto: {why}: an exported graph serves positional calls only; kept torch.fx with "
                         "module-by-module rewriting")
         return tr, cands, first
@@ -292,14 +291,12 @@ def capture(root: nn.Module, matcher: MatchTable, example_inputs=None, mode: str
     return ex, ex_cands, ex_cands
 
 
-def _keyword_calls(root: nn.Module, example_inputs) -> str:
-    """Why ``root`` is likely called by keyword ("" if not): its example inputs are keyword
-    arguments (a dict, a tokenizer's output) or its forward takes ``**kwargs`` (transformers'
-    models). An exported graph takes the example's positional form, so such calls would run the
-    model's own forward, without the nodes a method inserted (and the root's signature it
-    replaces would hide ``labels`` from the Trainer's column filter)."""
-    if isinstance(example_inputs, Mapping):
-        return "the example inputs are keyword arguments"
+def _keyword_calls(root: nn.Module) -> str:
+    """Why ``root`` is likely called by keyword ("" if not): its forward takes ``**kwargs``
+    (transformers' models). An exported graph takes the example's positional form and cannot map
+    such calls onto it, so they would run the model's own forward, without the nodes a method
+    inserted (and the root's signature it replaces would hide ``labels`` from the Trainer's column
+    filter). A forward without ``**kwargs`` has its keyword calls mapped onto the example's form."""
     try:
         params = inspect.signature(root.forward).parameters.values()
     except (TypeError, ValueError):
