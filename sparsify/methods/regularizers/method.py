@@ -17,14 +17,12 @@ nothing activation-sized in the forward and only the returned gradient in the ba
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from passes import Change, reroute_later_reads, set_call
 
 from sparsify.core.extra_state import pack, unpack
 from sparsify.core.contract import Group, GroupContext, Method, Site
@@ -34,6 +32,7 @@ from sparsify.core.params import Literal, Params, param
 from sparsify.core.buffers import eager
 from sparsify.core.eval_loop import in_internal
 from sparsify.core.records import RecordsGroupMixin, RecordsMixin
+from sparsify.methods.regularizers.in_place import make_users_out_of_place
 from sparsify.methods.regularizers.kernels import hoyer_square, l1_sum, plain_penalty, tl1_sum
 from sparsify.core.staging import active_range, in_range, resolve_stages, stage_at
 
@@ -183,57 +182,6 @@ class ActivationRegularizer(RecordsMixin, nn.Module):
                 f"placement={self.placement}, active={self.active}")
 
 
-# in-place users of a regularized tensor would modify what the penalty's backward reads
-_INPLACE_FUNCS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
-                  operator.itruediv: operator.truediv}
-
-
-def _out_of_place(target):
-    """The out-of-place twin of an in-place torch function or ATen op (``torch.relu_``,
-    ``aten.add_.Tensor``: a trailing ``_``), else None."""
-    if isinstance(target, torch._ops.OpOverload):  # a torch.export graph
-        name = target.overloadpacket.__name__
-        packet = getattr(getattr(torch.ops, target.namespace), name[:-1], None) if name.endswith("_") else None
-        return getattr(packet, target._overloadname, None)
-    name = getattr(target, "__name__", "")
-    if name.endswith("_") and not name.endswith("__") and getattr(torch, name, None) is target:
-        return getattr(torch, name[:-1], None)
-    return None
-
-
-def _make_users_out_of_place(gm: fx.GraphModule, node: fx.Node) -> list[Change]:
-    """Turn in-place consumers of ``node`` into out-of-place ones (same values); returns what changed."""
-    changed = []
-    for user in sorted(node.users):  # graph order
-        first = user.args[0] if user.args else None
-        if first is not node:
-            continue
-        change = None
-        if user.op == "call_module":
-            mod = gm.get_submodule(user.target)
-            if getattr(mod, "inplace", False):
-                mod.inplace = False  # a module attribute, not a graph edit: the node stays as it is
-                change = Change("edit", str(user.target), "inplace=False")
-        elif user.op == "call_function":
-            if user.kwargs.get("inplace"):
-                change = set_call(user, kwargs={"inplace": False})
-            elif user.target in _INPLACE_FUNCS:
-                change = set_call(user, target=_INPLACE_FUNCS[user.target])
-            elif (twin := _out_of_place(user.target)) is not None:
-                change = set_call(user, target=twin)
-        elif user.op == "call_method":
-            t = str(user.target)
-            if t.endswith("_") and not t.endswith("__") and hasattr(torch.Tensor, t[:-1]):
-                change = set_call(user, target=t[:-1])
-        if change is None:
-            continue
-        changed.append(change)
-        # the in-place op changed ``node`` itself: what reads ``node`` after it (``h.add_(1)`` as a
-        # statement, then ``fc(h)``) must read the out-of-place result now
-        changed += reroute_later_reads(node, user)
-    return changed
-
-
 class ActivationRegGroup(RecordsGroupMixin, Group):
     """Every regularizer node of one rule: switches them on in their step range, collects penalties."""
 
@@ -345,7 +293,7 @@ class _ActivationRegMethod(Method):
                                     params["placement"], regularizes=target.name,
                                     nonneg=produces_nonnegative(site.gm, target))
         new = site.insert_after(reg, self.name.replace("-", "_"), node=target)
-        site.changes.extend(_make_users_out_of_place(site.gm, new))
+        site.changes.extend(make_users_out_of_place(site.gm, new))
 
 
 @register
