@@ -64,9 +64,29 @@ def test_a_report_without_macs_says_why():
     torch.manual_seed(0)
     bare = str(sparsify.report(sparsify.sparsify(_TokenLM(), "gmp", total_steps=4)))
     assert "MACs: '-'" in bare and "example_inputs=" in bare
+    # the one reason that applies, not both
+    assert "rejected the guessed sample (zeros of shape (1, 8)" in bare and "failed" not in bare
     given = sparsify.report(sparsify.sparsify(_TokenLM(), "gmp", total_steps=4,
                                               example_inputs=torch.zeros(1, 5, dtype=torch.long)))
     assert given.totals["macs"] == 5 * (64 + 80) and "MACs: '-'" not in str(given)
+
+
+def test_a_report_whose_inputs_fail_says_so(monkeypatch):
+    """Example inputs that fail when the report runs them: the warning, then the report's line
+    naming that reason (not the missing-inputs one)."""
+    import sparsify.stats.macs as macs
+    from sparsify.core.state import find_state
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    m = sparsify.sparsify(_TokenLM(), "gmp", total_steps=4, example_inputs=torch.zeros(1, 5, dtype=torch.long))
+    find_state(m).layer_factors = None  # measured again by the next report
+    monkeypatch.setattr(macs, "positions_per_sample", fail)
+    with pytest.warns(UserWarning, match="could not run the example inputs to count MACs"):
+        rep = sparsify.report(m)
+    assert rep.totals["macs"] is None and rep.totals["macs_missing"].startswith("the example inputs failed")
+    assert "failed to run (RuntimeError, as warned)" in str(rep) and "got no example_inputs" not in str(rep)
 
 
 class _Recurrent(nn.Module):

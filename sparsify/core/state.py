@@ -49,6 +49,7 @@ class SparsifyState(nn.Module):
         self.output_layers: list[str] = []  # rewritten last compute layers (sparsify.core.dead_outputs)
         self.frozen_dense: list[str] = []  # layers a rule matched, left dense as frozen (core.step_checks)
         self.layer_factors: dict[str, float] | None = None  # MACs per weight element by layer (stats)
+        self.macs_missing = ""  # why no input ran to count MACs, for the report (stats.macs)
         self.warned: set[str] = set()
         self.first_weights = None  # (step, largest |w| per sparse layer) at the first check (core.weight_growth)
         self.synced = False  # an averaged copy that sparsify.sync gave a model's sparsity (saved)

@@ -15,7 +15,7 @@ from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.core.modes import kept_modes
 from sparsify.core.state import SparsifyState
 
-__all__ = ["positions_per_sample", "guess_example_inputs", "state_inputs", "check_inputs", "describe_inputs",
+__all__ = ["positions_per_sample", "guess_shape", "guess_example_inputs", "state_inputs", "check_inputs", "describe_inputs",
            "misfit_error", "refuse_misfit", "refuse_empty", "FIT_HINT"]
 
 #: what to do about example inputs a forward rejects
@@ -52,22 +52,33 @@ def positions_per_sample(model: nn.Module, example_inputs: Sequence) -> dict[str
     return out
 
 
-def guess_example_inputs(model: nn.Module) -> tuple | None:
-    """A plausible single-sample input from the first Conv/Linear layer (224² images, 112² video
-    clips of 8 frames, 128-long sequences), or None when the model rejects it."""
+def guess_shape(model: nn.Module) -> tuple | None:
+    """The shape :func:`guess_example_inputs` tries, from the first Conv/Linear layer; None without one.
+
+    >>> guess_shape(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
+    (1, 3, 224, 224)
+    """
     first = next((m for m in model.modules() if isinstance(m, WEIGHT_TYPES)), None)
     if first is None:
         return None
     if isinstance(first, CONV_TRANSPOSE_TYPES):  # a decoder or generator: a small feature map
-        shape = (1, first.in_channels, *([8] * (first.weight.dim() - 2)))
-    elif isinstance(first, nn.Conv2d):
-        shape = (1, first.in_channels, 224, 224)
-    elif isinstance(first, nn.Conv3d):
-        shape = (1, first.in_channels, 8, 112, 112)
-    elif isinstance(first, nn.Conv1d):
-        shape = (1, first.in_channels, 128)
-    else:
-        shape = (1, in_features_of(first))
+        return (1, first.in_channels, *([8] * (first.weight.dim() - 2)))
+    if isinstance(first, nn.Conv2d):
+        return (1, first.in_channels, 224, 224)
+    if isinstance(first, nn.Conv3d):
+        return (1, first.in_channels, 8, 112, 112)
+    if isinstance(first, nn.Conv1d):
+        return (1, first.in_channels, 128)
+    return (1, in_features_of(first))
+
+
+def guess_example_inputs(model: nn.Module) -> tuple | None:
+    """A plausible single-sample input from the first Conv/Linear layer (224² images, 112² video
+    clips of 8 frames, 128-long sequences), or None when the model rejects it."""
+    shape = guess_shape(model)
+    if shape is None:
+        return None
+    first = next(m for m in model.modules() if isinstance(m, WEIGHT_TYPES))
     x = (torch.zeros(shape, device=first.weight.device, dtype=first.weight.dtype),)
     try:
         # internal: the guess's zeros are no evaluation of the user's (activation counts ignore it)

@@ -18,7 +18,7 @@ from sparsify.core.eval_loop import internal
 from sparsify.core.state import SparsifyState
 from sparsify.prepare.hidden import hidden_positions
 from sparsify.prepare.hidden_positions import unreached, watched_names, weight_numel
-from sparsify.prepare.inputs import positions_per_sample, state_inputs
+from sparsify.prepare.inputs import guess_shape, positions_per_sample, state_inputs
 
 __all__ = ["dense_macs", "layer_factors"]
 
@@ -34,7 +34,12 @@ def layer_factors(state: SparsifyState, root: nn.Module) -> dict[str, float]:
         return state.layer_factors
     inputs = state_inputs(state, root)
     factors: dict[str, float] = {}
-    if inputs is not None:
+    if inputs is None:  # the report says which of the two reasons applies (state.macs_missing)
+        shape = guess_shape(root)
+        state.macs_missing = ("sparsify(...) got no example_inputs" + (
+            "" if shape is None else f", and the model rejected the guessed sample (zeros of shape "
+            f"{tuple(shape)}; a model of token ids or of another input size does)"))
+    else:
         try:
             # the model may have moved (model.cuda()) since the inputs were given
             device = next(root.parameters()).device
@@ -47,6 +52,7 @@ def layer_factors(state: SparsifyState, root: nn.Module) -> dict[str, float]:
             warnings.warn(f"sparsify: could not run the example inputs to count MACs ({type(exc).__name__}: "
                           f"{exc}); the report shows no MACs")
             factors = {}
+            state.macs_missing = f"the example inputs failed to run ({type(exc).__name__}, as warned)"
     state.layer_factors = factors
     return factors
 

@@ -99,9 +99,8 @@ class Report:
                f"({pct(t['mac_reduction'])} fewer)" if t["macs"] else "")
             + (f"; executed MACs {num(t['executed_macs'])}" if t.get("executed_macs") not in (None, t["macs"]) else ""))
         if t["macs"] is None and any(r.params for r in self.layers):
-            lines.append("MACs: '-': they are counted by one forward on example inputs, and none ran (sparsify(...) "
-                         "got no example_inputs and the model does not take a guessed float sample, as a model of "
-                         "token ids does not; or they failed, as warned): pass example_inputs=... to sparsify")
+            lines.append("MACs: '-': they are counted by one forward on example inputs, and none ran: "
+                         + (t.get("macs_missing") or "no input ran") + "; pass example_inputs=... to sparsify")
         if (u := t.get("uncounted")) and t["macs"]:
             lines.append(f"MACs: Conv/Linear layers only; {pct(u['share'])} of the model's weights (first: "
                          f"{u['first']}) are multiplied by kernels of their own (fused experts, recurrent "
@@ -258,6 +257,7 @@ def build_report(root, state: SparsifyState) -> Report:
         "params": param_total, "nonzero_params": param_nnz,
         "macs": macs, "nonzero_macs": nz_macs, "executed_macs": exec_macs,
         "mac_reduction": 1.0 - nz_macs / macs if macs else None,
+        "macs_missing": state.macs_missing if macs is None else None,  # why no MACs
         "achieved": _achieved_by_kind(layers),
         # layers with every weight pruned (a collapsed layer: see docs/methods/st3.md)
         "empty_layers": [r.name for r in sparse_rows if r.nonzero_params == 0],
