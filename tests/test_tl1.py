@@ -214,31 +214,35 @@ class _UpdatesInPlace(nn.Module):
         self.fc1, self.fc2, self.form = nn.Linear(4, 6), nn.Linear(6, 2), form
 
     def forward(self, x):
-        h = F.relu(self.fc1(x))
+        h = F.gelu(self.fc1(x))  # GELU's backward reads its input: the dense model can update h in place
         if self.form == "method":
             h.add_(1.0)  # a statement: what follows reads h itself
-        else:
+        elif self.form == "augmented":
             h += 1.0
+        elif self.form == "view":
+            h[:, :2].mul_(2.0)  # through a view: cannot be made out of place
+        else:
+            torch.narrow(h, 1, 0, 1).zero_()
         return self.fc2(h)
 
 
 @pytest.mark.parametrize("capture", ["fx", "export"])
-@pytest.mark.parametrize("form", ["method", "augmented"])
+@pytest.mark.parametrize("form", ["method", "augmented", "view", "narrow"])
 def test_an_in_place_update_of_the_regularized_activation_keeps_outputs_and_gradients(capture, form):
-    # made out of place (the penalty's backward reads the activation), and what read the updated
-    # tensor reads the update's result: outputs as the dense model's, gradients as the equations'
+    # made out of place, or (through a view) the penalty reads a copy: its backward reads the
+    # activation as it was; outputs as the dense model's, gradients as the equations'
     x = torch.randn(3, 4)
     torch.manual_seed(0)
     dense = _UpdatesInPlace(form)
     ref = copy.deepcopy(dense)
-    m = sparsify.sparsify(copy.deepcopy(dense), rule(match={"op": ["relu"]}, lam=0.5), example_inputs=x,
+    m = sparsify.sparsify(copy.deepcopy(dense), rule(match={"op": ["gelu"]}, lam=0.5), example_inputs=x,
                           capture=capture)
-    assert len(regs(m)) == 1
+    assert len(regs(m)) == 1 and regs(m)[0].copies_input == (form in ("view", "narrow"))
     out = m(x)
     assert torch.equal(out, dense(x))
     (out.sum() + sparsify.penalty(m)).backward()
-    h = F.relu(ref.fc1(x))
-    (ref.fc2(h + 1.0).sum() + 0.5 * (2 * h / (1 + h)).mean()).backward()  # λ·mean ρ_a(h), a = 1
+    h = F.gelu(ref.fc1(x)).abs()
+    (ref(x).sum() + 0.5 * (2 * h / (1 + h)).mean()).backward()  # λ·mean ρ_a(h), a = 1
     grad = dict(m.named_parameters())
     assert torch.allclose(next(g.grad for n, g in grad.items() if n.endswith("fc1.weight")), ref.fc1.weight.grad)
 

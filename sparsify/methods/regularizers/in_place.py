@@ -1,7 +1,9 @@
 """In-place consumers of a regularized tensor, made out of place when a regularizer node is
 inserted after it (docs/methods/tl1.md): the penalty's backward reads the tensor, which an in-place
 op after it would have modified. Same values, a little more memory; what reads the tensor after
-such an op reads the op's result."""
+such an op reads the op's result. A write through a view of it (``h[:, :2].mul_(2)``,
+``h[0] = 0``) cannot be made out of place that way: :func:`written_through_alias` finds it, and the
+regularizer then computes its penalty on a copy."""
 from __future__ import annotations
 
 import operator
@@ -11,7 +13,7 @@ import torch.fx as fx
 
 from passes import Change, reroute_later_reads, set_call
 
-__all__ = ["make_users_out_of_place"]
+__all__ = ["make_users_out_of_place", "written_through_alias"]
 
 
 # in-place users of a regularized tensor would modify what the penalty's backward reads
@@ -63,3 +65,58 @@ def make_users_out_of_place(gm: fx.GraphModule, node: fx.Node) -> list[Change]:
         # statement, then ``fc(h)``) must read the out-of-place result now
         changed += reroute_later_reads(node, user)
     return changed
+
+
+# calls whose result shares memory with their first argument (torch.fx graphs; export graphs
+# read the ATen schemas instead)
+_VIEW_METHODS = {"view", "view_as", "narrow", "select", "transpose", "permute", "t", "unsqueeze", "squeeze",
+                 "expand", "expand_as", "as_strided", "unflatten", "diagonal", "unbind", "split", "chunk",
+                 "movedim", "swapaxes", "reshape", "flatten", "__getitem__", "detach", "real", "imag"}
+_VIEW_FUNCS = {operator.getitem} | {getattr(torch, n) for n in _VIEW_METHODS if hasattr(torch, n)}
+
+
+def _is_view(node: fx.Node) -> bool:
+    if isinstance(node.target, torch._ops.OpOverload):
+        returns = node.target._schema.returns
+        return bool(returns) and returns[0].alias_info is not None and not returns[0].alias_info.is_write
+    if node.op == "call_method":
+        return node.target in _VIEW_METHODS
+    return node.op == "call_function" and node.target in _VIEW_FUNCS
+
+
+def _writes_first(node: fx.Node) -> bool:
+    """``node`` writes into its first argument (``x.mul_(2)``, ``x[i] = v``, ``aten.copy_``)."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        args = target._schema.arguments
+        return bool(args) and args[0].alias_info is not None and args[0].alias_info.is_write
+    if node.op == "call_method":
+        t = str(target)
+        return t.endswith("_") and not t.endswith("__") or t == "__setitem__"
+    if node.op == "call_function":
+        return (target is operator.setitem or target in _INPLACE_FUNCS or _out_of_place(target) is not None
+                or bool(node.kwargs.get("inplace")))
+    return False
+
+
+def written_through_alias(node: fx.Node) -> bool:
+    """Whether a later op writes into ``node``'s tensor through a view of it or item assignment,
+    which would modify what the penalty's backward reads (its direct in-place users are made out of
+    place first: :func:`make_users_out_of_place`).
+
+    >>> g = fx.symbolic_trace(lambda h: h[:, :2].mul_(2)).graph
+    >>> written_through_alias(next(n for n in g.nodes if n.op == "placeholder"))
+    True
+    """
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        for user in current.users:
+            if user in seen or not user.args or user.args[0] is not current:
+                continue
+            seen.add(user)
+            if _writes_first(user):
+                return True
+            if _is_view(user):
+                stack.append(user)
+    return False

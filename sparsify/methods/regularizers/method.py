@@ -32,7 +32,7 @@ from sparsify.core.params import Literal, Params, param
 from sparsify.core.buffers import eager
 from sparsify.core.eval_loop import in_internal
 from sparsify.core.records import RecordsGroupMixin, RecordsMixin
-from sparsify.methods.regularizers.in_place import make_users_out_of_place
+from sparsify.methods.regularizers.in_place import make_users_out_of_place, written_through_alias
 from sparsify.methods.regularizers.kernels import hoyer_square, l1_sum, plain_penalty, tl1_sum
 from sparsify.core.staging import active_range, in_range, resolve_stages, stage_at
 
@@ -133,6 +133,9 @@ class ActivationRegularizer(RecordsMixin, nn.Module):
         self.function, self.lam, self.a, self.reduction = function, float(lam), float(a), reduction
         self.placement, self.regularizes = placement, regularizes
         self.nonneg = bool(nonneg)  # the regularized value is a ReLU output: no abs needed
+        # a later op writes into the value through a view (in_place.written_through_alias): the
+        # penalty's backward reads a copy (set by the method's apply; structure, not state)
+        self.copies_input = False
         self.active = True
         self.records: list[torch.Tensor] = []
         # zeros among the values seen by the eval-mode forwards of the last evaluation: since the
@@ -158,7 +161,8 @@ class ActivationRegularizer(RecordsMixin, nn.Module):
         entered(self, x)  # another tracer would drop the term: record() is no graph op
         if (self.active and self.lam != 0.0 and isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel()
                 and self.recording()):
-            self.record(penalty_value(x, self.function, self.a, self.reduction, weight=self.lam, nonneg=self.nonneg))
+            value = x.clone() if self.copies_input else x
+            self.record(penalty_value(value, self.function, self.a, self.reduction, weight=self.lam, nonneg=self.nonneg))
         if self.training:
             self._counting, self.stale = False, True  # stores only: a read would be guarded on under compile
         elif isinstance(x, torch.Tensor) and x.numel() and eager() and not in_internal():
@@ -294,6 +298,7 @@ class _ActivationRegMethod(Method):
                                     nonneg=produces_nonnegative(site.gm, target))
         new = site.insert_after(reg, self.name.replace("-", "_"), node=target)
         site.changes.extend(make_users_out_of_place(site.gm, new))
+        reg.copies_input = written_through_alias(new)
 
 
 @register
