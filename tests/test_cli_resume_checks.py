@@ -211,7 +211,7 @@ def test_momentum_with_adam_is_refused(tmp_path, capsys, argv, no_data):
     assert "--momentum" in err and "optimizer is adam" in err and not no_data
 
 
-@pytest.mark.parametrize("then", ["kept", "edited", "moved"])
+@pytest.mark.parametrize("then", ["kept", "edited", "moved", "commented"])
 def test_a_run_resumes_with_its_own_recipe_whatever_became_of_the_file(then, tmp_path, capsys):
     """An edited recipe file (the next experiment's sparsity, options.train.lr) made a run un-resumable
     ("checkpoint.pt does not fit the model ..."), a moved one too ("does not exist"): the run goes on
@@ -229,10 +229,13 @@ def test_a_run_resumes_with_its_own_recipe_whatever_became_of_the_file(then, tmp
         path.write_text(json.dumps(doc))
     elif then == "moved":
         path.rename(tmp_path / "elsewhere.json")
+    elif then == "commented":  # nothing that runs changed: no note
+        doc["description"], doc["rules"][0]["comment"] = "first try", "0.8 was too much"
+        path.write_text(json.dumps(doc))
     capsys.readouterr()
     assert main(["train", "--resume", str(out), *QUICK]) == 0
     err = capsys.readouterr().err.strip()
-    if then == "kept":
+    if then in ("kept", "commented"):
         assert err == "", err
     else:
         since = "changed since the run started" if then == "edited" else "no longer exists"

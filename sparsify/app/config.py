@@ -17,6 +17,7 @@ from pathlib import Path
 
 from sparsify.app.checkpoint import CHECKPOINT, CheckpointError
 from sparsify.app.resume import CONFIG, load_run, saved_recipe
+from sparsify.core.load_check import what_runs
 from sparsify.prepare.recipe import Recipe, builtin_recipes, load_recipe
 from sparsify.prepare.validate import RecipeError
 
@@ -144,7 +145,9 @@ def run_recipe(cfg: TrainConfig, tensors: dict) -> tuple:
     # named after the file or built-in it came from, as when it was read from there (a recipe without a "name")
     own = load_recipe(Recipe(name="", description="", source=str(cfg.recipe), data=saved, rules=()))
     try:
-        changed = json.loads(load_recipe(cfg.recipe, **cfg.overrides).to_json()) != saved
+        # as a checkpoint load compares them: an edited comment or description changes nothing that runs
+        now = json.loads(load_recipe(cfg.recipe, **cfg.overrides).to_json())
+        changed = json.dumps(what_runs(now), sort_keys=True) != json.dumps(what_runs(saved), sort_keys=True)
     except RecipeError:  # moved, deleted, or no longer loading with the run's overrides
         changed = True
     if not changed:

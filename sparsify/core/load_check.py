@@ -29,7 +29,7 @@ import json
 
 from sparsify.core.extra_state import unpack
 
-__all__ = ["run_difference", "moved_keys", "prefixed_line"]
+__all__ = ["run_difference", "what_runs", "moved_keys", "prefixed_line"]
 
 
 def _differences(a, b, path: str = "") -> list[str]:
@@ -53,12 +53,12 @@ def _differences(a, b, path: str = "") -> list[str]:
     return [] if a == b else [f"{path or 'recipe'}: {json.dumps(a)} in the checkpoint, {json.dumps(b)} here"]
 
 
-def _what_runs(recipe: dict) -> dict:
+def what_runs(recipe: dict) -> dict:
     """``recipe`` without the fields that are only shown (its name, a file's stem when it has none;
     its description; a rule's comment; a stage's description): a checkpoint whose recipe differs
     only in them is of the same run.
 
-    >>> _what_runs({"name": "a", "description": "d", "rules": [{"method": "st3", "comment": "v1"}]})
+    >>> what_runs({"name": "a", "description": "d", "rules": [{"method": "st3", "comment": "v1"}]})
     {'rules': [{'method': 'st3'}]}
     """
     def without(items, key):
@@ -74,7 +74,7 @@ def _what_runs(recipe: dict) -> dict:
 def run_difference(saved, recipe_json: str, total_steps: int | None) -> str | None:
     """What differs between the run a checkpoint's packed state ``saved`` describes and the model's
     (its recipe as JSON text, its ``total_steps``); None when nothing does. Fields that are only
-    shown (name, description, comments: :func:`_what_runs`) do not count. Recipes of two names
+    shown (name, description, comments: :func:`what_runs`) do not count. Recipes of two names
     are named; for one name, the first values that differ.
 
     >>> from sparsify.core.extra_state import pack
@@ -99,7 +99,7 @@ def run_difference(saved, recipe_json: str, total_steps: int | None) -> str | No
     except (TypeError, ValueError):
         a = b = None
     if isinstance(a, dict) and isinstance(b, dict):
-        runs_a, runs_b = _what_runs(a), _what_runs(b)
+        runs_a, runs_b = what_runs(a), what_runs(b)
         # compared as JSON text too: 1 and 1.0, or true and 1, are equal in Python but not to a method
         if json.dumps(runs_a, sort_keys=True) == json.dumps(runs_b, sort_keys=True):
             if not found:
