@@ -212,6 +212,7 @@ class _UpdatesInPlace(nn.Module):
     def __init__(self, form: str):
         super().__init__()
         self.fc1, self.fc2, self.form = nn.Linear(4, 6), nn.Linear(6, 2), form
+        self.clip = nn.Hardtanh(-0.1, 0.1, inplace=True)
 
     def forward(self, x):
         h = F.gelu(self.fc1(x))  # GELU's backward reads its input: the dense model can update h in place
@@ -221,13 +222,15 @@ class _UpdatesInPlace(nn.Module):
             h += 1.0
         elif self.form == "view":
             h[:, :2].mul_(2.0)  # through a view: cannot be made out of place
-        else:
+        elif self.form == "narrow":
             torch.narrow(h, 1, 0, 1).zero_()
+        else:
+            self.clip(h[:, 1:3])  # an in-place module on a view
         return self.fc2(h)
 
 
 @pytest.mark.parametrize("capture", ["fx", "export"])
-@pytest.mark.parametrize("form", ["method", "augmented", "view", "narrow"])
+@pytest.mark.parametrize("form", ["method", "augmented", "view", "narrow", "module"])
 def test_an_in_place_update_of_the_regularized_activation_keeps_outputs_and_gradients(capture, form):
     # made out of place, or (through a view) the penalty reads a copy: its backward reads the
     # activation as it was; outputs as the dense model's, gradients as the equations'
@@ -237,7 +240,7 @@ def test_an_in_place_update_of_the_regularized_activation_keeps_outputs_and_grad
     ref = copy.deepcopy(dense)
     m = sparsify.sparsify(copy.deepcopy(dense), rule(match={"op": ["gelu"]}, lam=0.5), example_inputs=x,
                           capture=capture)
-    assert len(regs(m)) == 1 and regs(m)[0].copies_input == (form in ("view", "narrow"))
+    assert len(regs(m)) == 1 and regs(m)[0].copies_input == (form in ("view", "narrow", "module"))
     out = m(x)
     assert torch.equal(out, dense(x))
     (out.sum() + sparsify.penalty(m)).backward()

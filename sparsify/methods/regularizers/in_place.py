@@ -93,6 +93,9 @@ def _writes_first(node: fx.Node) -> bool:
     if node.op == "call_method":
         t = str(target)
         return t.endswith("_") and not t.endswith("__") or t == "__setitem__"
+    if node.op == "call_module":  # nn.ReLU(inplace=True) on a view
+        owner = node.graph.owning_module
+        return owner is not None and bool(getattr(owner.get_submodule(str(target)), "inplace", False))
     if node.op == "call_function":
         return (target is operator.setitem or target in _INPLACE_FUNCS or _out_of_place(target) is not None
                 or bool(node.kwargs.get("inplace")))
