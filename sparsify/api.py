@@ -25,7 +25,7 @@ from sparsify.core.pace import check_bypassed, check_held, check_idle, reset, sc
 from sparsify.core.schedules import plain_number
 from sparsify.core.sharded import full_parameters
 from sparsify.core.state import check_filled, find_state, forget_replaced, refuse_unfilled, unwrap
-from sparsify.core.wrong_model import remember_sparsified
+from sparsify.core.wrong_model import given_to_sparsify, remember_sparsified
 from sparsify.core.advance import advance
 from sparsify.core.penalty_watch import penalty_terms, watch_penalty
 from sparsify.core.diverged import diverged_message, nonfinite_parameters, refuse_nonfinite
@@ -205,8 +205,15 @@ def sync(averaged: nn.Module, model: nn.Module) -> nn.Module:
     >>> bool(torch.equal(sparsify.sync(ema, m).module[0].mask, m[0].mask))
     True
     """
-    find_state(averaged, where="sparsify.sync", what="averaged")
     find_state(model, where="sparsify.sync")
+    try:
+        find_state(averaged, where="sparsify.sync", what="averaged")
+    except TypeError:  # the usual cause: the copy was made before sparsify() returned the model
+        if not isinstance(averaged, nn.Module) or given_to_sparsify(averaged):
+            raise
+        raise TypeError(f"sparsify.sync: averaged ({type(averaged).__name__}) holds no sparsify state: make the "
+                        "averaged copy from the model sparsify returned (model = sparsify.sparsify(model, ...), "
+                        "then AveragedModel(model))") from None
     sync_sparsity(averaged, model)
     return averaged
 

@@ -188,7 +188,9 @@ def test_sync_refuses_what_is_not_an_averaged_copy():
         sparsify.sync(model, model)
     with pytest.raises(ValueError, match="another recipe"):
         sparsify.sync(AveragedModel(sparse("st3")), model)
-    with pytest.raises(TypeError, match="not made by sparsify"):
+    # made from the dense model before sparsify(): the message says which model to average
+    with pytest.raises(TypeError, match=r"averaged \(AveragedModel\) holds no sparsify state: make the averaged "
+                                        r"copy from the model sparsify returned"):
         sparsify.sync(AveragedModel(net()), model)
     other = sparsify.sparsify(nn.Sequential(nn.Linear(4, 4)), "gmp", total_steps=12)
     with pytest.raises(ValueError, match="not a copy"):

@@ -11,7 +11,7 @@ from torch import nn
 
 from sparsify.core.layers import SparseWeightMixin
 
-__all__ = ["check_module", "not_sparsified", "remember_sparsified"]
+__all__ = ["check_module", "given_to_sparsify", "not_sparsified", "remember_sparsified"]
 
 
 # what sparsify() was given and what it returned, weakly, by id (a model class may define __eq__
@@ -28,9 +28,14 @@ def remember_sparsified(given: nn.Module, returned: nn.Module) -> None:
     _RETURNED[id(returned)] = returned
 
 
+def given_to_sparsify(module: nn.Module) -> bool:
+    """Whether ``module`` was given to a ``sparsify()`` that returned another module."""
+    return _GIVEN.get(id(module)) is module
+
+
 def not_sparsified(root: nn.Module, where: str, what: str) -> str:
     """Why ``root``, which holds no state, is not what ``where`` takes, as well as can be told."""
-    if _GIVEN.get(id(root)) is root:
+    if given_to_sparsify(root):
         return (f"{where}: {what} is the model given to sparsify.sparsify, which returns a new module: pass the one it "
                 "returned (model = sparsify.sparsify(model, ...))")
     # the library's own classes live only inside a sparsified model: a part of one was passed
