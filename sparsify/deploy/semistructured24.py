@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsify.core.counted import CountedLayer, plain_linear
 from sparsify.methods.nm import nm_compliant
 
 __all__ = ["SemiStructuredLinear", "semi_structured_available", "to_semi_structured", "SemiStructuredError"]
@@ -53,7 +54,7 @@ def _two_four(w: torch.Tensor) -> bool:
     return w.shape[1] % 4 == 0 and nm_compliant(w, 2, 4)
 
 
-class SemiStructuredLinear(nn.Module):
+class SemiStructuredLinear(CountedLayer, nn.Module):
     """A Linear whose 2:4 weight is stored compressed (values + metadata) for the sparse tensor
     cores; same outputs as the dense layer up to the kernels' rounding."""
 
@@ -68,6 +69,10 @@ class SemiStructuredLinear(nn.Module):
         lead = x.shape[:-1]
         y = F.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
         return y.view(*lead, self.out_features)
+
+    def counted_as(self) -> tuple[nn.Linear, None]:
+        """The Linear of the decompressed weight (``sparsify.measure`` counts its multiplies)."""
+        return plain_linear(self.weight.to_dense(), self.bias), None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, 2:4 semi-structured"

@@ -7,6 +7,10 @@ to ``F.linear`` themselves (torchvision's Swin). A torch function mode watches t
 
 * ``F.linear(x, W)`` with a layer's weight (or, in a sparsified model, its effective weight),
   outside that layer's own call: counted like the layer's own call would be.
+* ``F.linear`` / ``F.conv1d/2d/3d`` with a 2-d or larger parameter of a module that is no
+  Conv/Linear (a finalized SAS layer: a ``GraphModule`` holding the wide weight; a layer class
+  of another library that calls the functions itself): counted under that module's name (and
+  the parameter's, when it is not ``weight``).
 * ``F.multi_head_attention_forward``: the packed input projection, from the query, key and
   value and the three row blocks of ``in_proj_weight``, or the separate ``q_proj_weight`` /
   ``k_proj_weight`` / ``v_proj_weight`` (``kdim`` / ``vdim`` other than ``embed_dim``), each from
@@ -22,10 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsify.core.counted import CountedLayer
 from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.prepare.hidden_positions import MHA_IN_PROJ, MHA_OUT_PROJ, MHA_SEPARATE, recording, weight_owner
 
-__all__ = ["FunctionalReads", "linear_counts"]
+__all__ = ["FunctionalReads", "linear_counts", "conv_counts", "weight_holders", "counted_elsewhere"]
+
+_CONVS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_CONV_ARGS = ("stride", "padding", "dilation", "groups")
 
 Counts = tuple[int, int, int, int]  # dense MACs, multiplicative MACs, input zeros, input elements
 
@@ -46,6 +54,55 @@ def linear_counts(w: torch.Tensor, x: torch.Tensor, inputs_known: bool = True) -
     per_in = (w != 0).sum(0).to(torch.float64)  # products an input feature takes part in
     mult = float(((x != 0).reshape(-1, w.shape[1]).to(torch.float64) @ per_in).sum())
     return rows * w.numel(), int(round(mult)), int((x == 0).sum()), x.numel()
+
+
+@torch.no_grad()
+def conv_counts(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, stride=1, padding=0, dilation=1, groups: int = 1,
+                out_mask: torch.Tensor | None = None) -> Counts | None:
+    """Counts of ``F.conv{1,2,3}d(x, w, ...)`` (zero padding) with output ``y``: a conv of the 0/1
+    input indicator with the per-group number of non-zero weights gives the products per output
+    position; ``out_mask`` (the output positions computed) keeps those positions only.
+
+    >>> x = torch.tensor([[[0., 1., 1.]]]); w = torch.tensor([[[1., 0.]]])
+    >>> conv_counts(w, x, torch.nn.functional.conv1d(x, w))  # 2 positions x 2 taps; 1 product is non-zero
+    (4, 1, 1, 3)
+    """
+    if x.dim() != w.dim() or x.shape[1] != w.shape[1] * groups:
+        return None
+    cout_g = w.shape[0] // groups
+    # float32 counts are exact below 2**24 products per output position
+    dtype = torch.float32 if w[0].numel() * cout_g < 2 ** 24 else torch.float64
+    # non-zero weights per (group, input channel, tap), summed over the group's output channels
+    per_tap = (w != 0).reshape(groups, cout_g, *w.shape[1:]).sum(1).to(dtype)
+    fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[w.dim() - 2]
+    counts = fn((x != 0).to(dtype), per_tap, None, stride, padding, dilation, groups)  # (N, g, *out)
+    if out_mask is not None:
+        counts = counts * out_mask.to(dtype)
+    dense = y.numel() // w.shape[0] * w.numel()
+    mult = float(counts.sum(dtype=torch.float64))
+    return dense, int(round(mult)), int((x == 0).sum()), x.numel()
+
+
+def weight_holders(root: nn.Module, skip: Callable[[nn.Module], bool]):
+    """(name, module, parameter) of each 2-d or larger parameter a module holds itself, for the
+    modules ``skip`` does not rule out; named after the module, with the parameter's own name
+    unless it is ``weight``.
+
+    >>> [name for name, _, _ in weight_holders(nn.Sequential(nn.Bilinear(2, 2, 1)), lambda m: False)]
+    ['0']
+    """
+    for name, mod in root.named_modules():
+        if skip(mod):
+            continue
+        for pname, p in mod.named_parameters(recurse=False):
+            if p.dim() >= 2:
+                yield (name if pname == "weight" else f"{name}.{pname}" if name else pname), mod, p
+
+
+def counted_elsewhere(mod: nn.Module) -> bool:
+    """Whether ``mod``'s own call (a Conv/Linear, an accelerated layer) or its attention function
+    counts its weights, or its weight is looked up, not multiplied (an embedding)."""
+    return isinstance(mod, WEIGHT_TYPES + (CountedLayer, nn.MultiheadAttention, nn.Embedding, nn.EmbeddingBag))
 
 
 def _add(a: Counts | None, b: Counts | None) -> Counts | None:
@@ -82,6 +139,10 @@ class FunctionalReads(torch.overrides.TorchFunctionMode):
                     weight = mod._parameters.get(f"{proj}_weight")
                     if isinstance(weight, torch.Tensor):
                         self.names[id(weight)] = (f"{name}.{proj}" if name else proj, id(weight))
+        # other modules' weights handed to F.linear / F.conv*: a Conv/Linear's (its own call
+        # counts it, else the code above) or an attention's stay theirs (a tied embedding's too)
+        for name, mod, p in weight_holders(root, counted_elsewhere):
+            self.names.setdefault(id(p), (name, id(mod)))
         self.record: dict = {}
 
     def __enter__(self):
@@ -106,6 +167,11 @@ class FunctionalReads(torch.overrides.TorchFunctionMode):
             layer = self._layer(args[1])
             if layer is not None and layer[1] not in self.inside:
                 self._count(layer[0], linear_counts(args[1], args[0]))
+        elif func in _CONVS and len(args) > 1 and isinstance(result, torch.Tensor):
+            layer = self._layer(args[1])
+            if layer is not None and layer[1] not in self.inside:
+                geometry = dict(zip(_CONV_ARGS, args[3:]), **{k: v for k, v in kwargs.items() if k in _CONV_ARGS})
+                self._count(layer[0], conv_counts(args[1], args[0], result, **geometry))
         elif func is F.multi_head_attention_forward:
             self._attention(args, kwargs)
         return result

@@ -7,8 +7,11 @@ dense MACs and the multiplicative MACs of docs/methods/dual.md (the paper's coun
 weight *and* the input activation are both non-zero (and, after a position mask, only at output
 positions the mask keeps: those are never computed). Padding zeros are zero inputs; dense MACs
 count them, as ``macs.py`` does. Weights multiplied outside their module's call
-(``nn.MultiheadAttention``'s projections, ``F.linear(x, layer.weight)``) are counted too
-(:mod:`sparsify.stats.functional_reads`).
+(``nn.MultiheadAttention``'s projections, ``F.linear(x, layer.weight)``, a finalized SAS layer's
+``F.conv2d`` of its wide weight) are counted too (:mod:`sparsify.stats.functional_reads`), and so
+are the accelerated layers of ``finalize(accelerate=...)``, as the plain layer each computes
+(:class:`~sparsify.core.counted.CountedLayer`). A module holding a weight none of these count is
+named in ``Measurement.uncounted``, never dropped silently.
 
 The count per layer is exact and cheap: a conv of the 0/1 input indicator with the per-group
 number of non-zero weights (summed over output channels), i.e. one small conv per layer.
@@ -29,11 +32,14 @@ from torch import nn
 from passes.call_inputs import positional_inputs
 from sparsify.core.eval_loop import run_eval
 from sparsify.prepare.inputs import describe_inputs, misfit_error
-from sparsify.stats.functional_reads import FunctionalReads, linear_counts
+from sparsify.stats.functional_reads import (FunctionalReads, conv_counts, counted_elsewhere, linear_counts,
+                                             weight_holders)
+from sparsify.core.counted import CountedLayer
 from sparsify.core.layers import WEIGHT_TYPES, SparseWeightMixin
 from sparsify.core.conv1d import CONV_TRANSPOSE_TYPES, linear_like, out_features_of, torch_layout
 from sparsify.methods.regularizers import ActivationRegularizer
 from sparsify.methods.semistructured import PositionMask
+from sparsify.methods.sas.layer import SASMixin
 from sparsify.core.state import unwrap
 
 __all__ = ["NodeStats", "LayerMacs", "Measurement", "measure"]
@@ -62,6 +68,9 @@ class Measurement:
     samples: int
     nodes: list[NodeStats] = field(default_factory=list)
     layers: list[LayerMacs] = field(default_factory=list)
+    #: "name (Class)" of each module holding a 2-d or larger parameter of which no multiply was
+    #: counted (an LSTM, a layer class computing by its own kernel): its MACs are in no row or total
+    uncounted: list[str] = field(default_factory=list)
 
     @property
     def zero_fraction(self) -> float | None:
@@ -85,7 +94,8 @@ class Measurement:
 
     def to_dict(self) -> dict:
         return {"samples": self.samples, "nodes": [asdict(n) for n in self.nodes],
-                "layers": [asdict(r) for r in self.layers], "zero_fraction": self.zero_fraction,
+                "layers": [asdict(r) for r in self.layers], "uncounted": list(self.uncounted),
+                "zero_fraction": self.zero_fraction,
                 "dense_macs": self.dense_macs, "mult_macs": self.mult_macs, "mult_reduction": self.mult_reduction}
 
     def to_json(self) -> str:
@@ -108,6 +118,9 @@ class Measurement:
                 lines.append(f"{r.name.ljust(w)}  {r.dense_macs:>14,}  {mm:>14}  {iz:>11}")
             lines.append(f"Conv/Linear MACs per sample: {self.mult_macs:,} multiplicative of {self.dense_macs:,} "
                          f"dense ({100 * (self.mult_reduction or 0):.1f}% of the multiplies removed)")
+        if self.uncounted:
+            lines.append(f"not counted, in no row or total (modules holding weights measure saw no Conv/Linear "
+                         f"multiply of; a table only added or indexed has none): {', '.join(self.uncounted)}")
         return "\n".join(lines)
 
 
@@ -116,37 +129,24 @@ def _weight(mod: nn.Module) -> torch.Tensor:
     return torch_layout(mod, mod.deployed_weight() if isinstance(mod, SparseWeightMixin) else mod.weight.detach())
 
 
-def _conv_nd(x, w, mod):
-    fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[w.dim() - 2]
-    pad = mod.padding
-    if mod.padding_mode != "zeros":
-        x = F.pad(x, mod._reversed_padding_repeated_twice, mode=mod.padding_mode)
-        pad = 0
-    return fn(x, w, None, mod.stride, pad, mod.dilation, mod.groups)
-
-
 @torch.no_grad()
 def _layer_counts(mod: nn.Module, x: torch.Tensor, y: torch.Tensor, out_mask: torch.Tensor | None):
     """(dense MACs, multiplicative MACs, input zeros, input elements) for one call, whole batch."""
     if isinstance(mod, CONV_TRANSPOSE_TYPES):
         return _transpose_counts(mod, x)
     w = _weight(mod)
+    if isinstance(mod, SASMixin):  # its wide weight multiplies the slots of the input, as finalized
+        dim = -1 if isinstance(mod, nn.Linear) else 2
+        x = torch.stack(mod.slot_rule.slots(x), dim).flatten(dim - 1, dim)
     if linear_like(mod):
         return linear_counts(w, x)
-    g = mod.groups
-    if x.shape[1] != w.shape[1] * g:
+    if x.shape[1] != w.shape[1] * mod.groups:
         return None
-    cout_g = w.shape[0] // g
-    # float32 counts are exact below 2**24 products per output position
-    dtype = torch.float32 if w[0].numel() * cout_g < 2 ** 24 else torch.float64
-    # non-zero weights per (group, input channel, tap), summed over the group's output channels
-    per_tap = (w != 0).reshape(g, cout_g, *w.shape[1:]).sum(1).to(dtype)
-    counts = _conv_nd((x != 0).to(dtype), per_tap, mod)  # (N, g, *out): products per position
-    if out_mask is not None:
-        counts = counts * out_mask.to(dtype)
-    dense = y.numel() // mod.out_channels * w.numel()
-    mult = float(counts.sum(dtype=torch.float64))
-    return dense, int(round(mult)), int((x == 0).sum()), x.numel()
+    pad = mod.padding
+    if mod.padding_mode != "zeros":
+        x = F.pad(x, mod._reversed_padding_repeated_twice, mode=mod.padding_mode)
+        pad = 0
+    return conv_counts(w, x, y, mod.stride, pad, mod.dilation, mod.groups, out_mask)
 
 
 def _transpose_counts(mod: nn.Module, x: torch.Tensor):
@@ -289,13 +289,16 @@ def measure(model: nn.Module, batches: Iterable, *, input_fn: Callable | None = 
                     if getattr(src, "op", None) == "call_module":
                         mask_after[id(prefix_mod.get_submodule(src.target))] = mod
 
-    def layer_hook(name):
+    def layer_hook(name, counted_as=None):
+        # counted_as: an accelerated layer's (plain layer, output positions it computes)
         def hook(mod, inp, out):
             inside.discard(id(mod))
             if not inp or not isinstance(inp[0], torch.Tensor):
                 return
             pm = mask_after.get(id(mod))
             out_mask = pm.mask if pm is not None and pm.enabled else None
+            if counted_as is not None:
+                mod, out_mask = counted_as
             res = _layer_counts(mod, inp[0], out, out_mask)
             if res is None:  # dense MACs only: the input cannot be related to the weight
                 add_counts(name, (out.numel() // out_features_of(mod) * mod.weight.numel(), 0, 0, 0))
@@ -341,7 +344,13 @@ def measure(model: nn.Module, batches: Iterable, *, input_fn: Callable | None = 
             raise
         seen["forwards"] += 1
 
+    # modules holding weights no hook counts (a hook on one would not run where the traced graph
+    # inlined its code): named when nothing under their name was counted
+    holders = {id(mod): (name, mod) for name, mod, _ in weight_holders(root, counted_elsewhere)}
     for name, mod in root.named_modules():
+        if isinstance(mod, CountedLayer):
+            handles.append(mod.register_forward_pre_hook(enter))
+            handles.append(mod.register_forward_hook(layer_hook(name, mod.counted_as())))
         if isinstance(mod, WEIGHT_TYPES):
             handles.append(mod.register_forward_pre_hook(enter))
         if isinstance(mod, ActivationRegularizer):
@@ -369,4 +378,6 @@ def measure(model: nn.Module, batches: Iterable, *, input_fn: Callable | None = 
     for name, (dense, mult, zeros, n, ok) in layer_acc.items():
         out.layers.append(LayerMacs(name, int(round(dense / samples)), int(round(mult / samples)) if ok else None,
                                     zeros / n if ok and n else None))
+    out.uncounted = [f"{name or 'the model'} ({type(mod).__name__})" for name, mod in holders.values()
+                     if not any(k == name or k.startswith(f"{name}.") or not name for k in layer_acc)]
     return out

@@ -16,8 +16,8 @@ counted through :class:`~sparsify.stats.functional_reads.FunctionalReads`, summe
 calls and divided by the samples; the attention's output projection, whose input nothing sees,
 counts every input as non-zero and adds nothing to the activation sparsity.
 
-``sparsify.measure`` counts by another convention (padding as zero input, SAS layers not related
-to their input, masked output positions skipped), so only its weight view and batch loop are
+``sparsify.measure`` counts by another convention (padding as zero input, SAS layers at their
+wide weight on their input's slots, masked output positions skipped), so only its weight view and batch loop are
 shared here: the numbers ``train`` / ``demo`` report keep the paper's convention.
 """
 from __future__ import annotations

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.deploy.accelerate.extension import EXTENSION_NAME, direct_available
+from sparsify.core.counted import CountedLayer, plain_conv2d
 from sparsify.core.subclasses import own_forward_reason
 
 __all__ = ["DirectSparseConv2d", "supports_direct", "direct_available", "EXTENSION_NAME"]
@@ -54,7 +55,7 @@ def supports_direct(conv: nn.Module) -> str | None:
     return None
 
 
-class DirectSparseConv2d(nn.Module):
+class DirectSparseConv2d(CountedLayer, nn.Module):
     """A Conv2d holding only its non-zero weights: per output channel (CSR-like ``rowptr``) the
     taps ``(input channel, ky, kx)`` and their values, built once from the dense weight.
 
@@ -160,6 +161,11 @@ class DirectSparseConv2d(nn.Module):
             c, ky, kx = self.taps.long().unbind(1)
             w[o, c - (o // (self.out_channels // self.groups)) * w.shape[1], ky, kx] = self.values
         return w
+
+    def counted_as(self) -> tuple[nn.Conv2d, None]:
+        """The conv these taps compute (``sparsify.measure`` counts its multiplies)."""
+        return plain_conv2d(self.dense_weight(), self.bias, self.stride, self.padding, self.dilation,
+                            self.groups), None
 
     def plan(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Tap offsets into one image of the padded, phase-split input, the (out, blocks + 1)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from sparsify.deploy.accelerate.gemm import PackCache, gemm
+from sparsify.core.counted import CountedLayer, plain_conv2d
 from sparsify.core.subclasses import own_forward_reason
 
 __all__ = ["PatchSkipConv2d", "fold_bn", "supports_patch_skip", "CHUNK_BYTES"]
@@ -81,7 +82,7 @@ def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Module) -> t
     return w, (b - bn.running_mean) * scale + shift
 
 
-class PatchSkipConv2d(nn.Module):
+class PatchSkipConv2d(CountedLayer, nn.Module):
     """Conv2d over a fixed input size computing only the output positions where ``keep`` is True;
     skipped positions hold ``skip_value`` (per channel; default 0). See the module docstring.
 
@@ -133,6 +134,11 @@ class PatchSkipConv2d(nn.Module):
         self._pack = PackCache()
         self._batch_cache: dict = {}
         self._gemm_weight = (None, None)
+
+    def counted_as(self) -> tuple[nn.Conv2d, torch.Tensor]:
+        """The conv this layer computes and the output positions it computes it at
+        (``sparsify.measure`` counts its multiplies there only)."""
+        return plain_conv2d(self.weight, self.bias, self.stride, self.padding, self.dilation), self.keep
 
     def gemm_weight(self) -> torch.Tensor:
         """The weight in the gathered column order (kernel row, kernel column, input channel),

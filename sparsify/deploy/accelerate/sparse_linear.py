@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsify.core.counted import CountedLayer, plain_conv2d, plain_linear
 from sparsify.core.subclasses import own_forward_reason
 
 __all__ = ["SparseLinear", "SparseConv1x1", "supports_sparse_linear"]
@@ -47,7 +48,7 @@ def supports_sparse_linear(module: nn.Module) -> str | None:
     return f"{type(module).__name__} (Linear or 1x1 Conv2d only)"
 
 
-class _SparseWeight(nn.Module):
+class _SparseWeight(CountedLayer, nn.Module):
     """Holds an (out, in) weight as CSR (``blocksize`` None) or BSR components."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, layout: str = "csr",
@@ -140,6 +141,10 @@ class SparseLinear(_SparseWeight):
     def from_linear(cls, linear: nn.Linear, layout: str = "csr", blocksize: int | None = None) -> "SparseLinear":
         return cls(linear.weight, linear.bias, layout, blocksize)
 
+    def counted_as(self) -> tuple[nn.Linear, None]:
+        """The Linear this sparse matrix computes (``sparsify.measure`` counts its multiplies)."""
+        return plain_linear(self.dense_weight(), self.bias), None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         y = self.matmul_rows(x.reshape(-1, self.in_features))
@@ -163,6 +168,11 @@ class SparseConv1x1(_SparseWeight):
         if why:
             raise ValueError(f"cannot hold this conv's weight as a sparse matrix: {why}")
         return cls(conv.weight, conv.bias, layout, blocksize, conv.stride)
+
+    def counted_as(self) -> tuple[nn.Conv2d, None]:
+        """The 1x1 conv this sparse matrix computes (``sparsify.measure`` counts its multiplies)."""
+        w = self.dense_weight()
+        return plain_conv2d(w.reshape(*w.shape, 1, 1), self.bias, self.stride), None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride != (1, 1):
