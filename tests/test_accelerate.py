@@ -397,3 +397,19 @@ def test_accelerate_refuses_a_model_off_the_cpu_in_one_line():
         accelerate(lin, torch.randn(2, 8), decide="always")
     with pytest.raises(ValueError, match="on meta"):
         accelerate(nn.Sequential(nn.Linear(8, 8)), torch.randn(2, 8, device="meta"), decide="always")
+
+
+def test_finalized_sas_layers_are_listed_in_the_report():
+    """The report of a SAS ResNet-18 listed conv1 and maxpool only: its 20 SAS layers (graphs,
+    no Conv/Linear module) were in no row, where the docs say every candidate layer is listed."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    x = torch.randn(2, 3, 6, 6)
+    m = sparsify.sparsify(net, "sas", total_steps=2, example_inputs=x)
+    report = sparsify.finalize(m, accelerate={"decide": "always"}).acceleration
+    sas = {r.name: r for r in report.layers if r.kind.startswith("SAS")}
+    assert sorted(sas) == ["2", "5"]
+    assert sas["2"].kind == "SAS Conv2d 3x3" and sas["5"].kind == "SAS Linear"
+    assert all(r.path == "dense" and "no sparse kernel" in r.reason for r in sas.values())
+    assert "SAS Conv2d 3x3" in str(report)

@@ -12,7 +12,8 @@ implementations, layer by layer, and check the result against the model it came 
 * each replacement is kept only if it is faster on the layer's real input shape (``decide``);
   everything else stays dense, with eval BatchNorms that follow a conv folded into it
   (``fold_bn``; a masked conv that stays dense then fills its skipped positions with ``BN(0)``,
-  :class:`PositionFill`). The :class:`AccelerationReport` lists every candidate layer.
+  :class:`PositionFill`). The :class:`AccelerationReport` lists every candidate layer, and every
+  finalized SAS layer (dense: no sparse kernel runs its wide conv over the slots).
 """
 from __future__ import annotations
 
@@ -259,6 +260,18 @@ def _sparse_linear_pass(model, shapes, decide, margin, min_sparsity, rows, done,
             set_submodule(model, name, options[path])
 
 
+def _sas_rows(model: nn.Module, rows: list[LayerPath]) -> None:
+    """A dense row for each finalized SAS layer (a graph, no Conv/Linear module: no pass sees it)."""
+    for name, m in model.named_modules():
+        if (slots := getattr(m, "sas_m", None)) is None or not isinstance(getattr(m, "weight", None), torch.Tensor):
+            continue
+        w = m.weight.detach()
+        kind = "Linear" if w.dim() == 2 else f"Conv{w.dim() - 2}d " + "x".join(map(str, w.shape[2:]))
+        rows.append(LayerPath(name, f"SAS {kind}", "dense", f"SAS layer: one {slots}x-wide "
+                              f"{'linear' if w.dim() == 2 else 'conv'} over the input's slots (no sparse kernel)",
+                              float((w == 0).float().mean())))
+
+
 @torch.no_grad()
 def accelerate(model: nn.Module, example_inputs, *, decide: str = "measure", min_sparsity: float = 0.8,
                min_conv_sparsity: float = 0.5, margin: float = 0.05, channels_last: bool | None = None, fold_bn: bool = True, check: bool = True,
@@ -301,6 +314,7 @@ def accelerate(model: nn.Module, example_inputs, *, decide: str = "measure", min
     _patch_skip_pass(out, shapes, decide, margin, rows, done, fold=fold_bn)
     folded = _fold_bn_pass(out) if fold_bn else 0
     _sparse_linear_pass(out, shapes, decide, margin, min_sparsity, rows, done, min_conv_sparsity)
+    _sas_rows(out, rows)
     fuse_residual_pass(out, rows)
     fuse_relu_pass(out, rows)
     if channels_last is None:

@@ -125,13 +125,19 @@ class SASMixin(SparseWeightMixin):
 
         >>> layer = SASConv2d(4, 8, 3, padding=1)
         >>> gm = layer.deploy_module()
-        >>> gm.kernel_size, gm.in_channels, gm.padding, tuple(gm.weight.shape)
-        ((3, 3), 4, (1, 1), (8, 8, 3, 3))
+        >>> gm.kernel_size, gm.in_channels, gm.padding, tuple(gm.weight.shape), gm.sas_m
+        ((3, 3), 4, (1, 1), (8, 8, 3, 3), 2)
+        >>> import copy; copy.deepcopy(gm).in_channels
+        4
         """
         gm = fx.symbolic_trace(SASDeploy(self))
-        for name in _LAYER_ATTRIBUTES:
-            if name in self.__dict__:
-                setattr(gm, name, self.__dict__[name])
+        # sas_m marks it as a SAS layer (accelerate lists it); GraphModule's deepcopy keeps only
+        # the attributes named under this meta key (accelerate and finalize copy the model)
+        kept = {name: self.__dict__[name] for name in _LAYER_ATTRIBUTES if name in self.__dict__}
+        kept["sas_m"] = self.sas_m
+        for name, value in kept.items():
+            setattr(gm, name, value)
+        gm.meta["_user_preserved_attributes"] = kept
         return gm
 
     def sparse_repr(self) -> str:
