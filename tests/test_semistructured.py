@@ -256,6 +256,19 @@ def test_another_resolution_is_refused_and_leaves_the_masks_size():
     assert torch.equal(m(y)[0, 0], torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
 
 
+def test_a_finalized_model_at_another_resolution_names_the_layer_and_sizes():
+    """The finalized model said only 'this conv's output size is not the one its mask was made
+    for', where the training model names the conv and both sizes; in TorchScript too."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+    m = sparsify.sparsify(net, "semi-structured", example_inputs=torch.randn(1, 3, 8, 8), begin=0, end=0,
+                          sparsity=0.3)
+    final = sparsify.finalize(m)
+    want = r"mask is \(8, 8\) but 0's output is \(16, 16\): run the model at the input resolution it was trained at"
+    for model in (final, torch.jit.script(final)):
+        with pytest.raises((RuntimeError, torch.jit.Error), match=want):  # (TorchScript's is no RuntimeError)
+            model(torch.randn(1, 3, 16, 16))
+
+
 @pytest.mark.parametrize("size, sparsity, said, first", [
     (32, 0.2, "masks no output position of 4 map(s)", "layer4.0.conv1 (1x1)"),  # round(0.2) = 0
     (32, 0.6, "masks every output position of 4 map(s)", "layer4.0.conv1 (1x1)"),  # round(0.6) = 1 of 1

@@ -160,6 +160,9 @@ class DeployedPositionMask(PositionMask):
         # (a trace records the sizes as tensors: comparing them would warn, and the traced
         # graph is for the traced size anyway)
         if not torch.jit.is_tracing() and (y.shape[-2] != self.mask.shape[0] or y.shape[-1] != self.mask.shape[1]):
-            raise RuntimeError("PositionMask: this conv's output size is not the one its mask was made for: run "
-                               "the model at the input resolution it was trained at")
+            # (concatenated: torch.jit.script compiles this forward)
+            raise RuntimeError("PositionMask: the mask is (" + str(self.mask.shape[0]) + ", " + str(self.mask.shape[1])
+                               + ") but " + (self.layer if self.layer else "this conv") + "'s output is ("
+                               + str(y.shape[-2]) + ", " + str(y.shape[-1]) + "): run the model at the input "
+                               "resolution it was trained at")
         return y * self.mask.to(y.dtype)
