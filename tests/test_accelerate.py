@@ -413,3 +413,31 @@ def test_finalized_sas_layers_are_listed_in_the_report():
     assert sas["2"].kind == "SAS Conv2d 3x3" and sas["5"].kind == "SAS Linear"
     assert all(r.path == "dense" and "no sparse kernel" in r.reason for r in sas.values())
     assert "SAS Conv2d 3x3" in str(report)
+
+
+def test_torch_sparse_beta_warning_does_not_reach_the_user():
+    """accelerate let torch's "Sparse CSR tensor support is in beta state" UserWarning through
+    (from the CSR conversion). torch raises it once per process, so a fresh process checks it."""
+    import os
+    import subprocess
+    import sys
+    code = """if True:
+        import warnings, torch
+        from sparsify.deploy.accelerate import accelerate
+        net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
+        with torch.no_grad():
+            net[0].weight[:, :60] = 0
+            net[2].weight[:16] = 0  # whole 16x16 blocks: a BSR candidate too
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            fast = accelerate(net, torch.randn(4, 64), decide="always")
+            fast(torch.randn(4, 64))
+        print(sorted(fast.acceleration.count()))
+        print([str(w.message)[:60] for w in seen if "beta" in str(w.message)])
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout's sparsify
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    paths, beta = out.stdout.strip().splitlines()[-2:]
+    assert "'csr'" in paths or "'bsr16'" in paths  # a compressed sparse tensor was made
+    assert beta == "[]"

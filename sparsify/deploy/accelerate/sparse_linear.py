@@ -14,6 +14,7 @@ True
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -48,6 +49,16 @@ def supports_sparse_linear(module: nn.Module) -> str | None:
     return f"{type(module).__name__} (Linear or 1x1 Conv2d only)"
 
 
+@contextlib.contextmanager
+def _beta_quiet():
+    """Without torch's "Sparse CSR tensor support is in beta state" warning, which the first
+    compressed sparse tensor of a process raises: the library chose the layout, the user cannot
+    act on it. Other warnings pass."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Sparse \w+ tensor support is in beta", category=UserWarning)
+        yield
+
+
 class _SparseWeight(CountedLayer, nn.Module):
     """Holds an (out, in) weight as CSR (``blocksize`` None) or BSR components."""
 
@@ -63,7 +74,8 @@ class _SparseWeight(CountedLayer, nn.Module):
         self.layout, self.blocksize = layout, blocksize
         self.out_features, self.in_features = weight.shape
         w = weight.detach()
-        sp = w.to_sparse_csr() if layout == "csr" else w.to_sparse_bsr((blocksize, blocksize))
+        with _beta_quiet():
+            sp = w.to_sparse_csr() if layout == "csr" else w.to_sparse_bsr((blocksize, blocksize))
         self.register_buffer("crow_indices", sp.crow_indices().clone())
         self.register_buffer("col_indices", sp.col_indices().clone())
         self.register_buffer("values", sp.values().clone())
@@ -76,8 +88,7 @@ class _SparseWeight(CountedLayer, nn.Module):
         key = tuple((t.data_ptr(), t._version) for t in (self.crow_indices, self.col_indices, self.values))
         if self._cache[0] != key:
             make = torch.sparse_csr_tensor if self.layout == "csr" else torch.sparse_bsr_tensor
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+            with _beta_quiet():
                 w = make(self.crow_indices, self.col_indices, self.values,
                          (self.out_features, self.in_features), check_invariants=False)
             self._cache = (key, w)
