@@ -15,7 +15,7 @@ from typing import Callable
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["same_in_both_modes", "graph_key", "mode_split", "MODE_SPLIT"]
+__all__ = ["same_in_both_modes", "graph_key", "mode_split", "MODE_SPLIT", "MODE_KEPT"]
 
 #: calls that return their input's values unchanged (only the memory layout may differ)
 _LAYOUT_ONLY = {"contiguous"}
@@ -69,19 +69,24 @@ def same_in_both_modes(root: nn.Module, graph: fx.Graph, baked: dict, retrace: C
 MODE_SPLIT = ("its forward branches on self.training, so a traced graph would hold one mode's branch and the "
               "other mode would run without the inserted nodes: it runs as it is in both modes, its activations "
               "reached through graphs of their own")
+#: the same when no activation gets a graph of its own (a rewrite that reads across it, as SAS does)
+MODE_KEPT = ("its forward branches on self.training, so a traced graph would hold one mode's branch and the "
+             "other mode would run without the rewrites across its activation: it runs as it is in both modes")
 
 
 def mode_split(root: nn.Module, baked: dict, prefix: str, forced: set[str], is_site: Callable,
-               shell: Callable | None) -> list[str]:
+               wraps: Callable | None) -> list[str]:
     """Local paths of the modules a graph of ``root`` inlined whose ``training`` flag the trace
     baked (``baked``: the tracer's ``{(path, flag): value}``) and that are better run as they are:
-    each calls an activation ``shell`` accepts (one that may get nodes inserted after it) and
-    holds no other module ``is_site`` rewrites. timm's ``BatchNormAct2d`` (batch norm's training
+    each calls an activation ``wraps`` names (one that may get nodes inserted after it, or one a
+    rewrite would read across, as SAS reads a relu's input) and holds no other module ``is_site``
+    rewrites. timm's ``BatchNormAct2d`` (batch norm's training
     branch, then ``self.act``) is one: inlined, it sent every eval call of the whole graph to the
     model's own forward, so the nodes inserted after its activation never ran in eval (no
     activation figures for ``measure`` / ``report``; semi-structured's masks not applied). Run
     as it is, with its activation in a one-call graph, both modes run the nodes, and the graph
-    around it no longer depends on the mode.
+    around it no longer depends on the mode. Under SAS, inlined, it made the rewired layers read the
+    relu's input in training only: the layers after it now read its output in both modes.
 
     >>> import torch
     >>> class BNAct(torch.nn.BatchNorm2d):
@@ -95,7 +100,7 @@ def mode_split(root: nn.Module, baked: dict, prefix: str, forced: set[str], is_s
     >>> mode_split(root, {("1", "training"): True}, "", set(), lambda n, m: False, None)
     []
     """
-    if shell is None:
+    if wraps is None:
         return []
     out = []
     for path, flag in baked:
@@ -107,7 +112,7 @@ def mode_split(root: nn.Module, baked: dict, prefix: str, forced: set[str], is_s
             continue
         full = f"{prefix}.{path}" if prefix else path
         inside = [(f"{full}.{name}", m) for name, m in module.named_modules() if name]
-        shelled = [name for name, m in inside if shell(name, m)]
+        shelled = [name for name, m in inside if wraps(name, m)]
         if shelled and not any(is_site(name, m) for name, m in inside if name not in shelled):
             out.append(path)
     return sorted(out)

@@ -21,7 +21,7 @@ from .checkpoint_guard import CheckpointInGraph, refuse_checkpoint
 from .depth_tracer import Descend, _DepthTracer, _first_line, _hold, capture_graph  # noqa: F401  (_DepthTracer: pickles name it here)
 from .depth_tracer import proxies_are_tensors, python_draws
 from .mistraced import NOT_REPRODUCED, RANDOM_DRAW, mistraced_modules
-from .mode_branches import MODE_SPLIT, mode_split, same_in_both_modes
+from .mode_branches import MODE_KEPT, MODE_SPLIT, mode_split, same_in_both_modes
 from .module_stack import enclosing_modules, module_path_of, traced_through  # noqa: F401  (re-exported)
 from .reproduce import reproduces
 from .traced import TracedModule, traced_module
@@ -80,7 +80,8 @@ class TraceResult:
 
 def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend | None = None,
           prefix: str = "", max_fallbacks: int = 1000, calls: CallRecord | None = None,
-          concrete_args: dict | None = None, shell: Descend | None = None, split: str | None = None) -> TraceResult:
+          concrete_args: dict | None = None, shell: Descend | None = None, split: str | None = None,
+          wraps: Descend | None = None) -> TraceResult:
     """Symbolically trace ``root``, descending only where ``descend`` says, with fallbacks.
 
     ``descend(qualname, module)`` is asked for every non-standard submodule (``torch.nn``'s own
@@ -92,7 +93,10 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
     calls them (arguments it passes as ``None`` or as a flag); ``concrete_args`` goes to
     ``torch.fx.Tracer.trace`` for ``root`` itself. ``shell(qualname, module)`` names leaves (an
     activation module) that, called by an untraceable parent, get a graph of their own holding one
-    call of them (:func:`passes.calls.call_shell`), so nodes can be inserted after them. ``split``,
+    call of them (:func:`passes.calls.call_shell`), so nodes can be inserted after them. ``wraps``
+    (``shell`` when None) names the activations whose module, when its forward branches on
+    ``self.training``, runs as it is (:func:`passes.mode_branches.mode_split`): a caller that gives
+    no shell still keeps such a module out of its graph, which then serves both modes. ``split``,
     a reason: ``root`` runs its own forward and its children are traced one by one, as if it were
     untraceable (a caller's policy: one graph of ``root`` would not serve all of its calls).
 
@@ -106,9 +110,11 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
     result = TraceResult(module=root)
     forced: set[str] = set()
     checkpointing: set[str] = set()  # leaves forced for calling torch.utils.checkpoint
+    split_all: set[str] = set()  # leaves forced for their mode branch (mode_split)
     example: tuple | None = None
     if split is not None:
-        return _fall_back(root, descend, is_site, prefix, result, calls, shell, forced, split, chosen=True)
+        return _fall_back(root, descend, is_site, prefix, result, calls, shell, forced, split, chosen=True,
+                          wraps=wraps)
 
     def example_call():  # the module's inputs in the example forward, fetched at the first question
         nonlocal example
@@ -128,15 +134,17 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
                 # checkpoint_seq): each block gets its own graph, or one graph over the Sequential
                 # would hold their inserted nodes where those calls never look
                 return _fall_back(root, descend, is_site, prefix, result, calls, shell, forced, _first_line(error),
-                                  blockwise=isinstance(error, CheckpointInGraph))
+                                  blockwise=isinstance(error, CheckpointInGraph), wraps=wraps)
             _force(forced, [culprit], _first_line(error), prefix, result)
             if isinstance(error, CheckpointInGraph):
                 checkpointing.add(culprit)
         gm = _graph_module(root, descend, forced, prefix, concrete_args, tracer, graph, example_call)
         guard = gm.__dict__.get("_call_guard")
-        split_modes = mode_split(root, guard.modes if guard is not None else {}, prefix, forced, is_site, shell)
+        split_modes = mode_split(root, guard.modes if guard is not None else {}, prefix, forced, is_site,
+                                 wraps or shell)
         if split_modes and len(forced) < max_fallbacks:
-            _force(forced, split_modes, MODE_SPLIT, prefix, result, chosen=True)
+            _force(forced, split_modes, MODE_SPLIT if shell is not None else MODE_KEPT, prefix, result, chosen=True)
+            split_all.update(split_modes)
             continue
         if not tracer.drew_random:
             through = traced_through(graph)
@@ -153,16 +161,20 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
         wrong = mistraced_modules(root, descend, prefix, forced, calls)
         if not wrong or len(forced) >= max_fallbacks:
             return _fall_back(root, descend, is_site, prefix, result, calls, shell, forced,
-                              RANDOM_DRAW if tracer.drew_random else NOT_REPRODUCED)
+                              RANDOM_DRAW if tracer.drew_random else NOT_REPRODUCED, wraps=wraps)
         for path, reason in wrong:
             _force(forced, [path], reason, prefix, result)
     result.module = gm
     result.graphs[prefix] = gm
+    if split_all & forced:
+        # which leaves run as they are for their mode branch: a rewrite that reads across one says why
+        gm.__dict__["_mode_split"] = tuple(sorted(split_all & forced))
     for leaf in sorted(forced):
         # a checkpointing leaf (timm's ConvNeXt stage: checkpoint_seq over its blocks) runs its
         # Sequential's blocks one by one, as a checkpointing root does
         _trace_children(gm.get_submodule(leaf), descend, is_site,
-                        f"{prefix}.{leaf}" if prefix else leaf, result, calls, shell, blockwise=leaf in checkpointing)
+                        f"{prefix}.{leaf}" if prefix else leaf, result, calls, shell, blockwise=leaf in checkpointing,
+                        wraps=wraps)
     hooked = sorted(tracer.hooked)  # modules with hooks: called by the graph, their code in a graph of their own
     if hooked and calls is not None:
         calls.hold_inputs([f"{prefix}.{p}" if prefix else p for p in hooked])
@@ -171,7 +183,7 @@ def trace(root: nn.Module, descend: Descend | None = None, *, is_site: Descend |
         result.notes.append(f"{full} keeps its own call for the hooks registered on it (they run); no rewrite "
                             "reaches across that call")
         parent, _, name = path.rpartition(".")
-        _trace_alone(gm.get_submodule(parent), name, full, descend, is_site, result, calls, shell)
+        _trace_alone(gm.get_submodule(parent), name, full, descend, is_site, result, calls, shell, wraps)
     return result
 
 
@@ -215,18 +227,18 @@ def _graph_module(root: nn.Module, descend: Descend, forced: set[str], prefix: s
 
 def _fall_back(root: nn.Module, descend: Descend, is_site: Descend, prefix: str, result: TraceResult,
                calls: CallRecord | None, shell: Descend | None, forced: set[str], reason: str,
-               blockwise: bool = False, chosen: bool = False) -> TraceResult:
+               blockwise: bool = False, chosen: bool = False, wraps: Descend | None = None) -> TraceResult:
     """``root`` runs its own forward; its children are traced one by one, where the culprits
     forced to leaves so far are met again (so they are not listed twice)."""
     result.fallbacks = [f for f in result.fallbacks if f.name not in {f"{prefix}.{c}" if prefix else c for c in forced}]
     result.fallbacks.append(Fallback(prefix, reason, chosen))
-    _trace_children(root, descend, is_site, prefix, result, calls, shell, blockwise=blockwise)
+    _trace_children(root, descend, is_site, prefix, result, calls, shell, blockwise=blockwise, wraps=wraps)
     return result
 
 
 def _trace_children(parent: nn.Module, descend: Descend, is_site: Descend, prefix: str,
                     result: TraceResult, calls: CallRecord | None = None, shell: Descend | None = None,
-                    blockwise: bool = False) -> None:
+                    blockwise: bool = False, wraps: Descend | None = None) -> None:
     children = [(name, child, f"{prefix}.{name}" if prefix else name) for name, child in parent.named_children()]
 
     def kind(full: str, child: nn.Module) -> str | None:
@@ -258,23 +270,25 @@ def _trace_children(parent: nn.Module, descend: Descend, is_site: Descend, prefi
         if k == "site":
             result.direct.append(full)
         elif k == "container":
-            _trace_children(child, descend, is_site, full, result, calls, shell, blockwise)
+            _trace_children(child, descend, is_site, full, result, calls, shell, blockwise, wraps)
         elif k == "shell":
             gm = call_shell(child, child_name)
             result.replaced.append((parent, child_name, child))
             setattr(parent, child_name, gm)
             result.graphs[full] = gm
         elif k == "trace":
-            _trace_alone(parent, child_name, full, descend, is_site, result, calls, shell)
+            _trace_alone(parent, child_name, full, descend, is_site, result, calls, shell, wraps)
 
 
 def _trace_alone(parent: nn.Module, child_name: str, full: str, descend: Descend, is_site: Descend,
-                 result: TraceResult, calls: CallRecord | None, shell: Descend | None) -> None:
+                 result: TraceResult, calls: CallRecord | None, shell: Descend | None,
+                 wraps: Descend | None = None) -> None:
     """Trace ``parent``'s child ``child_name`` (``full`` in the model) on its own, as the code that
     calls it calls it, and put its module in its place."""
     child = parent._modules[child_name]
     concrete = calls.concrete_args(full, child) if calls is not None else None
-    sub = trace(child, descend, is_site=is_site, prefix=full, calls=calls, concrete_args=concrete, shell=shell)
+    sub = trace(child, descend, is_site=is_site, prefix=full, calls=calls, concrete_args=concrete, shell=shell,
+                wraps=wraps)
     result.replaced.extend(sub.replaced)
     if sub.module is not child:
         result.replaced.append((parent, child_name, child))

@@ -114,6 +114,90 @@ def test_timm_models_whose_activations_sit_in_batchnormact2d(name):
     assert rows and all(row.achieved is not None for row in rows)
 
 
+class SameBNAct(BNAct):
+    """A mode branch that computes the same in both modes (batch statistics, no update) by other
+    code: a graph holding one branch would still be told apart from the other."""
+
+    def forward(self, x):
+        if self.training:
+            x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True, 0.0, self.eps)
+        else:
+            x = F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        return self.act(x)
+
+
+def sas_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), SameBNAct(8), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+@pytest.mark.parametrize("recipe", ["sas", "sas-m4"])
+def test_sas_computes_the_same_in_both_modes_around_a_mode_branching_relu(recipe):
+    """SAS traced into the module to reach its ReLU: the graph held the training branch, so the
+    layers rewired to read the relu's input did so in training only, and every eval call (and the
+    finalized model) fed them the relu's output. The module now runs as it is, the layer after it
+    stays dense with the reason, and the relu outside it is rewired in both modes."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = sparsify.sparsify(sas_net(), recipe, total_steps=4, example_inputs=X, init="identity")
+    assert not [w for w in caught if "branches on self.training and its graph" in str(w.message)]
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    for _ in range(3):
+        loss = F.cross_entropy(m(X), Y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sparsify.step(m, loss)
+    with torch.no_grad():
+        train_out = m(X)
+        m.eval()
+        eval_out = m(X)
+    torch.testing.assert_close(eval_out, train_out)
+    torch.testing.assert_close(sparsify.finalize(m)(X), eval_out)
+    rows = {row["name"]: row for row in sparsify.plan(sas_net(), recipe, example_inputs=X).to_dict()["entries"]}
+    assert rows["4"]["method"] == "sas"
+    assert rows["2"]["method"] is None and rows["2"]["reason"].startswith(
+        "sas: its ReLU is inside 1 (SameBNAct), whose forward branches on self.training: SAS would run in training "
+        "mode only")
+
+
+@pytest.mark.parametrize("name", ["regnetx_002", "mobilenetv3_small_100"])
+def test_sas_on_timm_models_whose_relus_sit_in_batchnormact2d(name):
+    """Before, their graph held BatchNormAct2d's training branch: eval (and the finalized model)
+    fed the layers rewired past its relu the relu's output (after training, eval CE 64 where the
+    training forward had 0)."""
+    timm = pytest.importorskip("timm", reason="timm is not installed (pip install -e '.[dev]')")
+    from sparsify.prepare.training_only import training_only_graphs
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    model = timm.create_model(name, num_classes=4)
+    for bn in model.modules():  # RegNet zeroes each residual branch's last one: those branches would add nothing
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            nn.init.ones_(bn.weight)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # identity coefficients: a layer reading the relu's output computes something else than one rewired
+        m = sparsify.sparsify(model, "sas", total_steps=4, example_inputs=x, init="identity")
+        assert training_only_graphs(m) == []
+        m.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(sparsify.finalize(m)(x), m(x))
+        for bn in m.modules():  # batch statistics in both modes, none updated: both compute the same function
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                bn.momentum = 0.0
+        m.train()
+        with torch.no_grad():
+            train_out = m(x)
+            for bn in m.modules():
+                if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                    bn.track_running_stats, bn.running_mean, bn.running_var = False, None, None
+            m.eval()
+            torch.testing.assert_close(m(x), train_out)
+    reasons = [e.reason for e in m.sparsify_state.plan.entries if "its ReLU is inside" in e.reason]
+    assert reasons and "(BatchNormAct2d), whose forward branches on self.training" in reasons[0]
+
+
 class _TrainBranch(nn.Module):
     """A root whose forward branches on self.training around everything (timm's RegNet under SAS)."""
 

@@ -12,6 +12,7 @@ from torch import nn
 from passes import ExportCaptureError, export_trace, model_ends, node_name, own_calls, target_module, trace
 from passes.call_inputs import input_tuple
 from passes.calls import CallShell
+from passes.mode_branches import MODE_KEPT
 from passes.tracing import CallRecord, TraceResult, enclosing_modules
 
 from sparsify.core.activations import is_activation_module, shell_activation
@@ -157,21 +158,26 @@ def fx_capture(root: nn.Module, matcher: MatchTable, example_inputs=None):
         # one the example forward never called gets none: Mamba hands its act to a kernel by name, so a
         # shell there would never run, its penalty stay 0, and every step blame the training loop
         shell = lambda name, m: shell_activation(name, m) and name in ran  # noqa: E731
-    tr = trace(root, _not_a_layer, is_site=is_site, calls=calls, shell=shell, concrete_args=root_args)
+    # a method that reads across an activation (SAS: the relu's input) keeps a module whose forward
+    # branches on self.training around it out of the graph: inlined, the graph would hold the training
+    # branch and the layers rewired past the relu would read its input in training only
+    full = any(r.method is not None and r.method.full_trace for r in matcher.rules)
+    wraps = shell or (shell_activation if full else None)
+    tr = trace(root, _not_a_layer, is_site=is_site, calls=calls, shell=shell, concrete_args=root_args, wraps=wraps)
     cands = _candidates(tr, root, calls)
     split = _takes_labels(root)
     if split is not None and "" in tr.graphs and not _root_code_needed(cands, matcher):
         # every site the root's own code holds is a layer a module swap rewrites: tracing the
         # children instead loses nothing
         tr.restore()
-        tr = trace(root, _not_a_layer, is_site=is_site, calls=calls, shell=shell, concrete_args=root_args, split=split)
+        tr = trace(root, _not_a_layer, is_site=is_site, calls=calls, shell=shell, concrete_args=root_args, split=split,
+                   wraps=wraps)
         cands = _candidates(tr, root, calls)
     else:
         split = None
     # a method whose rewrite reads the nodes around a site (SAS: the relu feeding a layer, which may
     # sit inside a module with nothing to rewrite) needs every module holding a layer or an
     # activation traced through; modules with neither (stochastic depth) still stay leaves
-    full = any(r.method is not None and r.method.full_trace for r in matcher.rules)
     descended, needed = set(), set()
     for c in cands:
         # a graph traced below an untraceable parent (fallback) is reached through its own path
@@ -183,6 +189,11 @@ def fx_capture(root: nn.Module, matcher: MatchTable, example_inputs=None):
         if (w is not None and w.method is not None) or (full and _structural(c)):
             needed.update(paths)
     needed |= needed_paths(tr.graphs, matcher.winner)  # forwards that read a rewritten weight
+    for f in tr.fallbacks:
+        if f.chosen and f.reason == MODE_KEPT:
+            # traced into again, so that the retrace keeps it running as it is for the same reason (a plain
+            # leaf would do the same, but the plan would not say why the layer after it stays dense)
+            needed.update(f.name.rsplit(".", k)[0] for k in range(f.name.count(".") + 1))
     if descended <= needed:
         _note_opened(tr, opened)
         return tr, cands, cands
@@ -191,7 +202,7 @@ def fx_capture(root: nn.Module, matcher: MatchTable, example_inputs=None):
     # an opened layer with nothing a rule reaches gets torch's class (and its fused inference path) back
     opened = [n for n in opened if n not in close_transformers(root, [n for n in opened if n not in needed])]
     tr = trace(root, lambda name, m: name in needed and _not_a_layer(name, m), is_site=is_site, calls=calls,
-               shell=shell, concrete_args=root_args, split=split)
+               shell=shell, concrete_args=root_args, split=split, wraps=wraps)
     # first/last describe the model, not how deep this trace went (a leaf stem hides its conv):
     # the full-depth trace saw more of it
     tr.ends = ends

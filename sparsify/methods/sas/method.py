@@ -17,7 +17,7 @@ from sparsify.core.params import Literal, Params, param
 from sparsify.core.layers import weight_base
 from sparsify.methods.sas.rules import make_slot_rule
 from sparsify.methods.sas.layer import SAS_CLASSES
-from sparsify.methods.sas.rewire import _non_negative, _rewire, find_relu_input, hooks_in_the_way
+from sparsify.methods.sas.rewire import _non_negative, _rewire, find_relu_input, hooks_in_the_way, mode_branching_source
 
 
 class SASGroup(Group):
@@ -120,6 +120,11 @@ class SASMethod(Method):
                 return (f"sas: input {src.name} is an argument {owner}, traced apart from the code that computes it "
                         "(torch.fx could not trace the module around both), so whether it is a relu output is "
                         "unknown; not_relu='as_is' would convert it as is")
+            if (inside := mode_branching_source(site.gm, site.node, p["through_average"])) is not None:
+                path = site.qualify(inside)
+                return (f"sas: its ReLU is inside {path} ({type(site.gm.get_submodule(inside)).__name__}), whose "
+                        "forward branches on self.training: SAS would run in training mode only, so the layer stays "
+                        "dense (not_relu='as_is' would convert it on its actual input)")
             name = src.name if src is not None else "?"
             return f"sas: input {name} is not a relu output (not_relu='as_is' would convert it as is)"
         return None

@@ -151,6 +151,39 @@ def find_relu_input(gm: fx.GraphModule, node: fx.Node, through_average: bool = F
     return None
 
 
+def mode_branching_source(gm: fx.GraphModule, node: fx.Node, through_average: bool = False) -> str | None:
+    """The local path of the module whose output the layer call ``node`` reads (through the ops
+    :func:`find_relu_input` looks through) when that module holds a ReLU and runs as it is because
+    its forward branches on ``self.training`` (``passes.mode_branches.mode_split``: timm's
+    ``BatchNormAct2d``), else None. Its relu cannot be rewired: inlined, the graph would hold the
+    training branch and the layer would read the relu's input in training mode only.
+
+    >>> class BNAct(nn.Module):  # timm's BatchNormAct2d, in short
+    ...     def __init__(self):
+    ...         super().__init__(); self.act = nn.ReLU()
+    ...     def forward(self, x):
+    ...         return self.act(x if self.training else x * 2)
+    >>> class Leaves(fx.Tracer):
+    ...     def is_leaf_module(self, m, name): return True
+    >>> root = nn.Sequential(BNAct(), nn.Conv2d(2, 2, 1))
+    >>> gm = fx.GraphModule(root, Leaves().trace(root))
+    >>> gm.__dict__["_mode_split"] = ("0",)  # as passes.trace marks the modules mode_split keeps whole
+    >>> mode_branching_source(gm, list(gm.graph.nodes)[2])
+    '0'
+    """
+    split = gm.__dict__.get("_mode_split", ())
+    cur = node.args[0] if node.args else None
+    for _ in range(16):
+        if not isinstance(cur, fx.Node):
+            return None
+        if cur.op == "call_module" and cur.target in split:
+            return cur.target if any(type(m) is nn.ReLU for m in _module(gm, cur).modules()) else None
+        if _pass_through(gm, cur, through_average) is None or not cur.args:
+            return None
+        cur = cur.args[0]
+    return None
+
+
 # what each of the hook dictionaries that act around a call (passes.hooks.CALL_HOOKS) is called in a message
 _HOOK_KINDS = dict(zip(CALL_HOOKS, ("forward pre-hook", "forward hook", "backward pre-hook", "backward hook")))
 
