@@ -269,6 +269,44 @@ def test_a_finalized_model_at_another_resolution_names_the_layer_and_sizes():
             model(torch.randn(1, 3, 16, 16))
 
 
+def test_masks_keep_the_example_resolution_and_training_at_another_is_refused_at_the_step():
+    """The masks were made for the size of the latest forward: a step at 96x96 after example_inputs
+    at 64x64 made 96x96-sized masks, and the next 64x64 call (and finalize) failed."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1))
+    model = sparsify.sparsify(net, "semi-structured", total_steps=5, example_inputs=torch.zeros(1, 3, 16, 16))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 24, 24))  # evaluating at another size before masks are on is no training
+    loss = model(torch.randn(2, 3, 24, 24)).square().mean()
+    loss.backward()
+    said = (r"^semi-structured: a training forward ran 0 at output size 24x24, but its position mask is made for "
+            r"16x16, its size on sparsify\(\)'s example_inputs \(16x16\): .*; train at that resolution, or give "
+            r"sparsify\(\.\.\.\) example_inputs at the resolution you train at$")
+    with pytest.raises(RuntimeError, match=said):
+        sparsify.step(model, loss.detach())
+    for _ in range(4):  # at the example resolution the run goes on, its masks at that size
+        loss = model(X32[:, :, :16, :16]).square().mean()
+        loss.backward()
+        sparsify.step(model, loss.detach())
+    assert [tuple(m.mask.shape) for m in masks(model).values()] == [(16, 16), (8, 8)]
+    assert any(bool((m.mask == 0).any()) for m in masks(model).values())
+    sparsify.finalize(model)
+
+
+def test_without_example_inputs_the_first_forward_sizes_the_masks():
+    """sparsify's own guess (an image at 224²) is no resolution the caller chose: it sizes nothing."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1))
+    model = sparsify.sparsify(net, "semi-structured", total_steps=3)
+    for _ in range(3):
+        loss = model(X32).square().mean()
+        loss.backward()
+        sparsify.step(model, loss.detach())
+    assert [tuple(m.mask.shape) for m in masks(model).values()] == [(32, 32), (16, 16)]
+    with pytest.raises(RuntimeError, match=r"mask is \(32, 32\) but 0's output is \(24, 24\)"):
+        model(torch.randn(1, 3, 24, 24))
+
+
 @pytest.mark.parametrize("size, sparsity, said, first", [
     (32, 0.2, "masks no output position of 4 map(s)", "layer4.0.conv1 (1x1)"),  # round(0.2) = 0
     (32, 0.6, "masks every output position of 4 map(s)", "layer4.0.conv1 (1x1)"),  # round(0.6) = 1 of 1

@@ -163,3 +163,50 @@ def test_fasterrcnn_fpn_trains_with_its_rpn_head_unmasked():
     # (rpn.head.conv.0 is a Conv2dNormActivation, a Sequential: the mask sits beside it, named for the path)
     assert not pm["rpn.head.conv.0_0_pmask"].enabled and pm["rpn.head.conv.0_0_pmask"].layer == "rpn.head.conv.0.0"
     assert any(p.enabled for n, p in pm.items() if n.startswith("backbone.body"))
+
+
+@pytest.mark.parametrize("fixed_size, total_steps, refused_by", [(None, 10, "step"), (None, 3, "forward"),
+                                                                 ((160, 128), 3, None)])
+def test_a_detector_that_sizes_its_batches_itself_is_warned_and_trains_with_fixed_size(fixed_size, total_steps,
+                                                                                       refused_by):
+    """GeneralizedRCNNTransform resizes each image to its own aspect ratio and pads the batch: a
+    batch of other images reached the backbone at another size, and the masks, made for the size of
+    the latest training batch, crashed the next one with a hint (example_inputs at the training
+    resolution) that cannot be followed. Now sparsify() warns, the step refuses the other size,
+    and fixed_size=(W, H) gives every batch one size."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(
+            weights=None, weights_backbone=None, num_classes=3, min_size=128, max_size=256, fixed_size=fixed_size)
+        target = [{"boxes": torch.tensor([[10.0, 20.0, 60.0, 80.0]]), "labels": torch.tensor([1])}]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            m = sparsify.sparsify(model, "semi-structured", total_steps=total_steps,
+                                  example_inputs=([torch.rand(3, 120, 150)],))
+        warned = [str(w.message) for w in caught if "GeneralizedRCNNTransform" in str(w.message)]
+        assert len(warned) == (1 if fixed_size is None else 0)
+        m.train()
+        opt = torch.optim.SGD(sparsify.param_groups(m, 1e-4), lr=0.001)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for shape in [(3, 120, 150), (3, 200, 100), (3, 64, 250)]:
+                if refused_by == "forward" and shape != (3, 120, 150):
+                    said = (r"^PositionMask: the mask is \(64, 80\) but backbone\.body\.0\.0's output is "
+                            r"\(128, 64\).*fixed_size=\(W, H\)")
+                    with pytest.raises(RuntimeError, match=said):
+                        m([torch.rand(*shape)], target)
+                    return
+                loss = sum(m([torch.rand(*shape)], target).values())
+                opt.zero_grad(); loss.backward(); opt.step()
+                if refused_by == "step" and shape != (3, 120, 150):
+                    said = (r"^semi-structured: a training forward ran backbone\.body\.0\.0 at output size 128x64, "
+                            r"but its position mask is made for 64x80.* fixed_size=\(W, H\)")
+                    with pytest.raises(RuntimeError, match=said):
+                        sparsify.step(m, loss.detach())
+                    return
+                sparsify.step(m, loss.detach())
+    finally:
+        torch.set_num_threads(threads)
+    assert any(p.enabled for n, p in masks(m).items() if n.startswith("backbone.body"))

@@ -103,6 +103,7 @@ class GroupContext:
     total_steps: int | None = None
     stages: list[dict] = field(default_factory=list)  # the recipe's "stages" block, unresolved
     example_inputs: tuple | None = None  # inputs used for shapes (None when unknown)
+    guessed: bool = False  # example_inputs are sparsify's guess (an image at 224²), not the caller's
 
     def time(self, value, what: str) -> int | None:
         """Resolve a recipe time (steps, or a fraction of ``total_steps``) to a step index."""

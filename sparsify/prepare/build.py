@@ -324,7 +324,8 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     guard_graphs(tr.graphs)  # a hook registered later on a module whose code a graph runs: a warning
     state = SparsifyState(recipe.to_json(), total_steps, list(tr.graphs))
     state.graph_fingerprints = fingerprints
-    ctx = GroupContext(root=root, total_steps=total_steps, stages=recipe.stages, example_inputs=example_inputs)
+    ctx = GroupContext(root=root, total_steps=total_steps, stages=recipe.stages, example_inputs=example_inputs,
+                       guessed=guessed)
     for rule in recipe.rules:
         if rule.index in members:
             method = get_method(rule.method)

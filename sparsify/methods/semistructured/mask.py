@@ -11,7 +11,9 @@ from torch import nn
 
 from sparsify.core.forwards import entered
 
-__all__ = ["PositionMask", "DeployedPositionMask", "Calls", "Sizes", "sizes_of"]
+__all__ = ["PositionMask", "DeployedPositionMask", "Calls", "Sizes", "sizes_of", "FIX"]
+
+FIX = "give sparsify(...) example_inputs at the resolution you train at"  # the advice of a size error
 
 
 class Calls:
@@ -34,6 +36,7 @@ class Sizes:
         self.calls = calls if calls is not None else Calls()
         self.calls.sizes.append(self)
         self.shared = False
+        self.trained: tuple[int, int] | None = None  # the size of the latest forward with gradients
         self.forget()
 
     def forget(self) -> None:
@@ -101,6 +104,7 @@ class PositionMask(nn.Module):
     def __init__(self, mask: torch.Tensor | None = None, layer: str = ""):
         super().__init__()
         self.layer = layer  # the conv it masks, for messages (its own name sits beside it: features_0_pmask)
+        self.fix = FIX  # what a size error advises (the group names a detector's own resizing instead)
         self.register_buffer("mask", torch.ones(0, 0) if mask is None else mask.detach().float().clone())
         self.size: tuple[int, int] | None = tuple(self.mask.shape) if mask is not None else None
         self.enabled = bool(self.mask.numel()) and bool((self.mask == 0).any())
@@ -117,17 +121,22 @@ class PositionMask(nn.Module):
         size = (int(y.shape[-2]), int(y.shape[-1]))
         # eager only: under torch.compile reading the call counter would guard, and recompile,
         # on every call (the forward sparsify() runs has already found the shared convs)
-        if not torch.compiler.is_compiling() and sizes_of(self).call(size):
-            self.enabled = False  # shared across levels: no single mask fits (the group resets it)
-            self.size = size
-            return y
-        if self.enabled and size != tuple(self.mask.shape):  # (the size the masks were made for stays)
+        if not torch.compiler.is_compiling():
+            sizes = sizes_of(self)
+            if torch.is_grad_enabled():  # read by the group's next update (a training resolution check)
+                sizes.trained = size
+            if sizes.call(size):
+                self.enabled = False  # shared across levels: no single mask fits (the group resets it)
+                self.size = size
+                return y
+        if self.enabled and size != tuple(self.mask.shape):
             raise RuntimeError(
                 f"PositionMask: the mask is {tuple(self.mask.shape)} but {self.layer or 'this conv'}'s output is {size}: "
                 "semi-structured masks mask output positions of one input resolution; run the model at the "
-                "resolution its masks were made for (train and evaluate alike), and give sparsify(...) "
-                "example_inputs at the resolution you train at")
-        self.size = size
+                f"resolution its masks were made for (train and evaluate alike), and "
+                f"{getattr(self, 'fix', FIX)}")  # (pickled before it had one: FIX)
+        if self.size is None:  # the first forward (sparsify()'s, on example_inputs) sizes the masks
+            self.size = size
         return y * self.mask.to(y.dtype) if self.enabled else y
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -135,6 +144,8 @@ class PositionMask(nn.Module):
         if key in state_dict and state_dict[key].shape != self.mask.shape:
             self.mask = torch.empty_like(state_dict[key], device=self.mask.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.mask.numel():  # the masks of the run saved: their size is the one to keep
+            self.size = tuple(self.mask.shape)
         shared = "_sizes" in self.__dict__ and self.__dict__["_sizes"].shared
         self.enabled = bool(self.mask.numel()) and bool((self.mask == 0).any()) and not shared
 

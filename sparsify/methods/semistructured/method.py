@@ -17,6 +17,7 @@ from sparsify.core.schedules import polynomial
 from sparsify.core.contract import Group, GroupContext, Method, Site
 from sparsify.core.registry import register
 from sparsify.methods.semistructured.mask import Calls, DeployedPositionMask, PositionMask, Sizes, sizes_of
+from sparsify.methods.semistructured.resolution import advice, resizing_transforms, resizing_warning, trained_elsewhere
 from sparsify.core.params import Params, param
 from sparsify.core.sharded import is_distributed
 from sparsify.core.staging import active_range, resolve_stages, stage_at
@@ -70,25 +71,35 @@ class SemiStructuredGroup(Group):
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
         self.generator = torch.Generator().manual_seed(int(params["seed"]))
         self.missing_loss = False
+        self._resizing = resizing_transforms(ctx.root)  # names only: said by sparsify()
         calls = Calls()  # one clock for the group's masks: a shared conv is told by the others' calls
         for m in members.values():
             m.__dict__["_sizes"] = Sizes(calls)
+            m.fix = advice(self._resizing)
+        self.sized_on = "the first forward"  # where the masks' sizes come from, for the size error
         if ctx.example_inputs is not None and any(m.size is None for m in members.values()):
-            self._probe_sizes(ctx.root, ctx.example_inputs)
+            ran = self._probe_sizes(ctx.root, ctx.example_inputs)
             for m in members.values():  # one forward, one input: a second size is a second feature level
                 if len(sizes_of(m).seen) > 1:
                     sizes_of(m).shared = True
+            if ran and not ctx.guessed:
+                shown = f" ({self.input_size[0]}x{self.input_size[1]})" if self.input_size else ""
+                self.sized_on = f"sparsify()'s example_inputs{shown}"
+        for m in members.values() if ctx.guessed else ():
+            m.size = None  # a guessed 224² image (run before this) is no resolution the caller chose
 
     @torch.no_grad()
-    def _probe_sizes(self, root: nn.Module, example_inputs) -> None:
-        """One eval forward so every mask learns its conv's output size (masks are identities now)."""
+    def _probe_sizes(self, root: nn.Module, example_inputs) -> bool:
+        """One eval forward so every mask learns its conv's output size (masks are identities now);
+        False when it failed."""
         for m in self.members.values():
             sizes_of(m).forget()
         with kept_modes(root, training=False), internal():
             try:
                 root(*example_inputs)
-            except Exception:  # sizes are then learned at the first training forward
-                pass
+            except Exception:  # sizes are then learned at the first forward
+                return False
+        return True
 
     # -- schedule --------------------------------------------------------------------------
     def target(self, step: int) -> float:
@@ -158,6 +169,12 @@ class SemiStructuredGroup(Group):
 
     @torch.no_grad()
     def update(self, step: int, loss=None) -> None:
+        wrong = trained_elsewhere(self.members, getattr(self, "sized_on", "the first forward"),
+                                 getattr(self, "_resizing", []))  # (pickled before they were kept: defaults)
+        for m in self.members.values():
+            sizes_of(m).trained = None  # the next check reads the forwards of the next step
+        if wrong:  # now, not once the masks come on and the next forward cannot run
+            raise RuntimeError(wrong)
         self._unmask_shared()  # found by the forwards since the last step, frozen or not
         if bool(self.frozen):
             return
@@ -198,7 +215,8 @@ class SemiStructuredGroup(Group):
         return out
 
     def build_warnings(self) -> list[str]:
-        return self._size_warnings() + self._shared_warnings()  # sizes are known when example inputs were given
+        # sizes are known when example inputs were given
+        return resizing_warning(self._resizing) + self._size_warnings() + self._shared_warnings()
 
     def _shared_warnings(self) -> list[str]:
         # a mask restored shared from a checkpoint, whose sizes this process has not seen, was said there
