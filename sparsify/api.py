@@ -177,7 +177,7 @@ def step(model: nn.Module, loss=None) -> int:
         said.append(("held", held))
     if (idle := check_idle(state)) is not None:  # called more often than the optimizer steps
         said.append(("idle", idle))
-    if (bypassed := check_bypassed(state)) is not None:  # the loop trains the model given to sparsify()
+    if (bypassed := check_bypassed(state, unwrap(model))) is not None:  # the given model trained, or timm's methods
         said.append(("bypassed", bypassed))
     reset(state)
     t = advance(state, unwrap(model), loss, said)

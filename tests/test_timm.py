@@ -298,3 +298,23 @@ def test_a_recipe_that_rewrites_nothing_says_so():
         sparsify.sparsify(_model("vit_tiny_patch16_224", img_size=32), "sas", total_steps=4, example_inputs=(x,))
     said = [str(w.message) for w in caught if "rewrote nothing" in str(w.message)]
     assert len(said) == 1 and "not a relu output" in said[0] and "sparsify.plan" in said[0]
+
+
+@pytest.mark.parametrize("recipe", ["tl1", "semi-structured"])
+def test_training_through_forward_features_is_told_as_such(recipe):
+    """The loop trains the returned model through timm's forward_features / forward_head, which
+    skip the inserted nodes: the warning said the loop trained another model (the one given to
+    sparsify()), which it did not; it now names timm's methods first."""
+    x, y = _x(32, n=4), torch.tensor([0, 1, 2, 3])
+    model = sparsify.sparsify(_model("resnet18").train(), recipe, total_steps=4, example_inputs=x)
+    opt = torch.optim.SGD(sparsify.param_groups(model, 1e-4), lr=0.01)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            loss = F.cross_entropy(model.forward_head(model.forward_features(x)), y)
+            opt.zero_grad(); loss.backward(); opt.step(); sparsify.step(model, loss.detach())
+    said = [str(w.message) for w in caught if "no forward with gradients ran" in str(w.message)]
+    assert len(said) == 1, said
+    assert said[0].split(": ", 2)[2].startswith("this model has forward_features: the loop calls methods other than "
+                                                "forward (timm's forward_features / forward_head)"), said[0]
+    assert "call model(x)" in said[0]

@@ -210,12 +210,15 @@ def check_idle(state) -> str | None:
             "bfloat16 has float32's range)")
 
 
-def check_bypassed(state) -> str | None:
+def check_bypassed(state, root: nn.Module | None = None) -> str | None:
     """Called by ``sparsify.step`` before :func:`reset`: what to warn when an optimizer stepped the
     sparse layers' weights since the last step but no forward with gradients ran through any of
     them (:mod:`sparsify.core.forwards`): the loop trains the model ``sparsify`` was given, whose
-    parameters the sparse model shares, and no loss sees the masks; None otherwise. Clears the
-    forward flags either way.
+    parameters the sparse model shares, or it trains the sparse model ``root`` through methods
+    other than ``forward`` (timm's ``forward_features`` / ``forward_head`` call the submodules
+    directly and skip the nodes a recipe inserted); no loss sees the masks; None otherwise. A
+    ``root`` with a ``forward_features`` method gets the second cause first. Clears the forward
+    flags either way.
 
     >>> import torch, sparsify
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
@@ -237,10 +240,15 @@ def check_bypassed(state) -> str | None:
                 "through its sparse layers since the last step: a traced module was called with arguments its "
                 "graph was not traced for and ran its own forward without them (see the warning that names it): "
                 "pass example_inputs to sparsify() that call it as the training loop does")
-    return ("sparsify.step: an optimizer stepped the sparse model's weights, but no forward with gradients ran "
-            "through its sparse layers since the last step: the loop trains another model holding the same "
-            "parameters (the one given to sparsify(), which returns a new model: model = sparsify.sparsify(model, "
-            "...), then train that one), so no loss sees the masks and thresholds")
+    other = ("the loop trains another model holding the same parameters (the one given to sparsify(), which "
+             "returns a new model: model = sparsify.sparsify(model, ...), then train that one)")
+    methods = ("the loop calls methods other than forward (timm's forward_features / forward_head), which call the "
+               "submodules directly and skip the nodes the recipe inserted: call model(x) (docs/integrations.md)")
+    head = ("sparsify.step: an optimizer stepped the sparse model's weights, but no forward with gradients ran "
+            "through its sparse layers since the last step, so no loss sees the masks and thresholds: ")
+    if callable(getattr(root, "forward_features", None)):
+        return head + f"this model has forward_features: {methods}; or {other}"
+    return head + f"{other}; or {methods}"
 
 
 def optimizer_steps(state) -> int:
