@@ -61,3 +61,16 @@ def test_detection_backbone_sparsified_through_fallback():
     final = sparsify.finalize(m, ([image],), rtol=1e-3, atol=1e-4)
     assert not any(type(x).__module__.startswith("sparsify") for x in final.modules())
 
+
+
+@pytest.mark.parametrize("name", ["r3d_18", "mc3_18"])
+def test_the_coverage_table_of_sas_on_3d_resnets_is_what_plan_finds(name):
+    """docs/coverage.jsonl (which docs/coverage.md is written from) said SAS rewrote 4 layers of
+    r3d_18 and mc3_18 (1% and 3% of the weights), from a sweep older than SAS's Conv3d support;
+    plan finds 20 (99.9%, 99.8%)."""
+    cached = zoo.load_cache(str(pathlib.Path(__file__).resolve().parents[1] / "docs" / "coverage.jsonl"))
+    x = torch.randn(zoo._candidates("video", name)[0])  # the sweep's input: the first candidate that ran
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        found = sparsify.plan(zoo.build_model("video", name), "sas", total_steps=10, example_inputs=(x,)).shares()
+    assert cached[(name, "sas")]["param_share"] == pytest.approx(found["param_share"], abs=1e-3)
