@@ -12,8 +12,8 @@ from torch import nn
 
 from passes import (Change, PassResult, Pipeline, compile_glob, compute_nodes, copy_chain, first_and_last,
                     insert_after, insert_call, is_depthwise, is_grouped, kernel_size_in, module_path_of, node_name,
-                    remove_node, replace_module, replace_uses, reroute_input, set_call, set_submodule, target_module,
-                    to_networkx, trace, unique_name)
+                    remove_node, replace_module, replace_uses, reroute_input, reroute_later_reads, set_call,
+                    set_submodule, target_module, to_networkx, trace, unique_name)
 
 
 def select(gm, pred):
@@ -343,6 +343,40 @@ def test_replace_uses_remove_node_and_insert_call():
     ident = fx.symbolic_trace(nn.Sequential(nn.Identity(), nn.ReLU()))
     remove_node(ident, list(ident.graph.nodes)[1])
     assert [n.op for n in ident.graph.nodes] == ["placeholder", "call_module", "output"]
+    assert isinstance(ident.get_submodule("0"), nn.Identity)  # no delete_module: the module stays
+
+
+def test_remove_node_keeps_a_module_another_node_still_calls():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.act(x) - 1)
+
+    gm = fx.symbolic_trace(Twice())
+    first = next(n for n in gm.graph.nodes if n.op == "call_module")
+    remove_node(gm, first, delete_module=True)
+    gm.graph.lint()
+    gm.recompile()
+    assert isinstance(gm.act, nn.ReLU)  # the second call still needs it
+    x = torch.randn(5)
+    torch.testing.assert_close(gm(x), torch.relu(x - 1))
+
+
+def test_reroute_later_reads_leaves_the_reads_before_the_write():
+    """An in-place op made out of place: what read the value before the write still reads the value
+    (the old one), what read it after reads the op's result."""
+    gm = fx.symbolic_trace(lambda x: (x * 2) + x.relu_() + x)
+    x, mul, relu, add, add_1, out = gm.graph.nodes
+    reroute_later_reads(x, relu)
+    assert mul.args[0] is x and relu.args == (x,) and add_1.args[1] is relu
+    relu.target = "relu"  # out of place now
+    gm.graph.lint()
+    gm.recompile()
+    v = torch.tensor([-1.0, 2.0])
+    torch.testing.assert_close(gm(v), v * 2 + v.relu() + v.relu())
 
 
 def test_copy_chain_and_set_call():
