@@ -267,3 +267,12 @@ def test_a_name_matching_a_block_says_how_to_match_its_layers():
     assert any("matched nothing ({'name': ['layer1', 'nothing']}) ('layer1' matches the block layer1, not a layer: "
                "'layer1.**' matches what it holds); see" in str(w.message) for w in record)
     assert "matched nothing ('layer1' matches the block" in str(sparsify.plan(model, r, example_inputs=X))
+
+
+def test_a_name_matching_a_layer_is_not_called_a_block():
+    """``{"name": "1"}`` with st3 names the ReLU, a layer holding nothing: the warning gives st3's
+    reason, not the block hint ('1.**' would match nothing either)."""
+    _, said = sparsify_warnings(recipe({"match": {"name": "1"}, "method": "st3"}))
+    lines = [m for m in said if "matched nothing" in m]
+    assert len(lines) == 1 and "(it matched 1 module st3 does not take, ReLU" in lines[0], said
+    assert "matches the block" not in lines[0]

@@ -198,3 +198,15 @@ def test_exception_split_by_later_rules_is_not_overruled():
     plan = sparsify.plan(chain(), rules, example_inputs=X4)
     assert plan.overruled_rules == []
     assert not [w for w in plan.warnings(sparsify.load_recipe(rules)) if "later rules win" in w]
+
+
+def test_a_null_rule_before_a_declining_rule_is_not_an_earlier_method():
+    """`"method": null` for `4`, then N:M on every Linear, which declines `4` (3 inputs make no groups
+    of 4): the null rule has no method that would have rewritten `4`, so nothing is reported shadowed
+    and `4` stays dense with N:M's reason."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3), nn.ReLU(), nn.Linear(3, 2))
+    rules = recipe({"match": {"name": "4"}, "method": None}, {"match": {"type": "Linear"}, "method": "nm"})
+    plan = sparsify.plan(model, rules, example_inputs=X4)
+    assert methods(plan) == {"0": "nm", "2": "nm", "4": None}
+    assert plan.shadowed == []
+    assert "multiple of 4" in next(e.reason for e in plan.entries if e.name == "4")
