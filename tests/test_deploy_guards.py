@@ -19,6 +19,7 @@ from sparsify.deploy.accelerate import PatchSkipConv2d, accelerate
 from sparsify.deploy.accelerate.gemm import PackCache, gemm, onednn_available
 from sparsify.deploy.compare import answered_alike, outputs_close, same_outputs
 from sparsify.deploy.divergence import _differs, locate_divergence
+from sparsify.deploy.finalize import check_options
 from sparsify.deploy.official import to_official_state_dict
 from sparsify.deploy.serialize import FORMAT, compact_state_dict, expand_state_dict, load
 from sparsify.methods.st3 import ST3Mixin
@@ -117,6 +118,40 @@ def test_same_outputs_compares_floating_tensors_only_and_needs_some():
     assert same_outputs(torch.tensor([1]), torch.tensor([1])) is False
     assert same_outputs(torch.ones(2), torch.ones(2)) is True
     assert not [w for w in _finalize_warnings(1) if IGNORES_INPUT in w]
+
+
+class HugeBias(nn.Module):
+    """An untrained head beside a bias so large that float32 rounds its input-dependent part away."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        with torch.no_grad():
+            self.fc.bias.fill_(1e9)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_outputs_rounded_alike_that_still_depend_on_the_input_are_not_said_to_ignore_it():
+    """Both samples give the same output (the bias swallows the rest), but the output has a gradient
+    with respect to the input: the model is not cut off from it, and finalize does not say it is."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = sparsify.sparsify(HugeBias(), "gmp", sparsity=0.5, begin=0, end=0, example_inputs=(x,))
+        final = sparsify.finalize(m, (x,))
+    assert torch.equal(final(x)[0], final(x)[1])  # the premise: answered alike
+    assert not [str(w.message) for w in caught if IGNORES_INPUT in str(w.message)]
+
+
+def test_a_zero_tolerance_is_a_tolerance():
+    """finalize's rtol and atol are finite numbers >= 0: 0 asks for exact equality, and is taken."""
+    for rtol, atol in [(0, 0), (0.0, 1e-5), (1e-4, 0.0)]:
+        check_options(True, rtol, atol, False, False)
+    with pytest.raises(ValueError, match="atol is a tolerance, a finite number >= 0; got -1e-09"):
+        check_options(True, 0, -1e-9, False, False)
 
 
 # --- serialize ------------------------------------------------------------------------------
