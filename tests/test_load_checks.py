@@ -159,3 +159,34 @@ def test_a_checkpoint_without_its_recipe_record_is_said_as_such_not_as_a_dense_o
     for (k, v), w in zip(saved.state_dict().items(), longer.state_dict().values()):
         if k != "sparsify_state._extra_state":
             assert torch.equal(v, w), k
+
+
+def _saved(recipe: dict, total_steps=10):
+    from sparsify.core.extra_state import pack
+    return pack({"recipe": json.dumps(recipe), "total_steps": total_steps})
+
+
+def test_run_difference_names_what_a_python_comparison_misses():
+    """1 and 1.0 are equal in Python but not to a method (a count, a fraction): a checkpoint of the
+    other is refused; a rule added is named at the rules; past three differences the rest are counted."""
+    from sparsify.core.load_check import run_difference
+    rule = {"match": {"type": "Linear"}, "method": "nm", "params": {"n": 2}}
+    ours = json.dumps({"name": "r", "rules": [rule]})
+    assert run_difference(_saved({"name": "r", "rules": [rule]}), ours, 10) is None
+    as_float = {**rule, "params": {"n": 2.0}}
+    assert run_difference(_saved({"name": "r", "rules": [as_float]}), ours, 10) is not None
+    two = run_difference(_saved({"name": "r", "rules": [rule, rule]}), ours, 10)
+    assert two.startswith("rules: [") and two.endswith(" here")
+    many = {"name": "r", "schedule": {"begin": 1}, "options": {"frozen": "include"}, "version": 2, "rules": [rule]}
+    said = run_difference(_saved(many), ours, 20)
+    assert said.startswith("total_steps: 10 in the checkpoint, 20 here; ") and said.endswith("; and 1 more"), said
+
+
+def test_moved_keys_renames_only_an_entry_it_can_place_once():
+    """``moved_keys`` maps a checkpoint key to the one model key it stands for: not a key the model
+    has itself, not onto a key the checkpoint holds already, not one of two candidates."""
+    from sparsify.core.load_check import moved_keys
+    assert moved_keys(["f.0_m.mask"], ["f_0_m.mask"]) == {"f.0_m.mask": "f_0_m.mask"}
+    assert moved_keys(["f.0_m.mask"], ["f_0_m.mask", "f_0.m.mask"]) == {}  # two candidates
+    assert moved_keys(["f_0_m.mask"], ["f_0_m.mask", "f.0_m_mask"]) == {}  # the model's own key
+    assert moved_keys(["f_0_m.mask", "f.0_m.mask"], ["f_0_m.mask"]) == {}  # its key is in the checkpoint
