@@ -471,3 +471,31 @@ def test_step0_copies_keep_ties_frozen_flags_and_cover_buffers_of_undeclared_gro
     dense = net()
     model = sparsify.sparsify(dense, rules("t-declared"), example_inputs=torch.randn(2, 8))
     assert model[0].weight is not dense[0].weight and model[0].bias is dense[0].bias
+
+
+class SlotsGroup(OneShotGroup):
+    """Its target is of another kind than the weights' (docs/index.md: SAS's input slots)."""
+
+    def layer_stats(self, name, module, factor=None):
+        return {"sparsifies": "input slots", "achieved": 0.25}
+
+
+class OwnAchievedGroup(OneShotGroup):
+    def layer_stats(self, name, module, factor=None):
+        return {"achieved": 0.75}
+
+
+def test_a_methods_own_achieved_and_kind_are_what_the_report_totals(registered):
+    """docs/writing-a-method.md: ``layer_stats``' ``achieved`` is the method's figure, and a target of
+    another kind than the weights' (``sparsifies``) stays out of the headline weight target."""
+    registered(one_shot("t-slots", SlotsGroup))
+    registered(one_shot("t-own", OwnAchievedGroup))
+    x = torch.randn(2, 8)
+    rep = sparsify.report(sparsify.sparsify(net(), rules("t-slots"), example_inputs=x))
+    assert [(r.sparsifies, r.target, r.achieved) for r in rep.layers] == [("input slots", 0.5, 0.25)] * 2
+    t = rep.totals
+    assert (t["targeted_layers"], t["target"], t["targeted_weight_sparsity"]) == (0, None, None)
+    assert t["weight_sparsity"] == 0.5 and t["achieved"] == {"input slots": 0.25}
+    rep = sparsify.report(sparsify.sparsify(net(), rules("t-own"), example_inputs=x))
+    assert [(r.sparsifies, r.weight_sparsity, r.achieved) for r in rep.layers] == [("weights", 0.5, 0.75)] * 2
+    assert rep.totals["achieved"] == {"weights": 0.75} and rep.totals["targeted_layers"] == 2
