@@ -46,3 +46,26 @@ def test_sas_converts_a_layer_when_every_call_is_fed_by_a_relu():
     assert [e.method for e in sparsify.plan(model, "sas", example_inputs=(X,), total_steps=10).entries
             if e.name == "conv"] == ["sas", "sas"]
     torch.testing.assert_close(sparse(X), ref, rtol=1e-5, atol=1e-6)  # relu coefficients: the same output
+
+
+class TwiceWithFrozenHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.fc, self.head = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+        self.head.requires_grad_(False)
+
+    def forward(self, x):
+        return self.head(self.fc(torch.relu(self.fc(self.stem(x)))))
+
+
+def test_a_layer_called_twice_counts_once_in_the_plans_shares():
+    """``fc`` (64 weights) is called twice, one layer: the plan's shares, its count of sites and the
+    share its frozen-layer warning gives are over 32 + 64 + 16 weights, not with ``fc`` per call."""
+    rules = {"version": 1, "rules": [{"match": {"type": "Linear"}, "method": "st3"}]}
+    plan = sparsify.plan(TwiceWithFrozenHead(), rules, example_inputs=torch.zeros(1, 4))
+    assert [e.name for e in plan.entries].count("fc") == 2  # the premise: an entry per call
+    assert plan.shares()["param_share"] == pytest.approx((32 + 64) / (32 + 64 + 16))
+    assert "2 sites rewritten, 1 weight layers left dense; rewritten layers hold 85.7%" in str(plan)
+    said = [w for w in plan.warnings(sparsify.load_recipe(rules)) if "frozen layer(s)" in w]
+    assert len(said) == 1 and "14% of the model's weight parameters" in said[0], said
+

@@ -256,3 +256,26 @@ def test_the_plans_footer_names_weights_without_macs_and_why():
     footer = next(line for line in str(plan).splitlines() if "sites rewritten" in line)
     assert "MACs unknown for w: bare parameters multiplied by einsum / matmul" in footer, footer
     assert "pass example_inputs" not in footer
+
+
+def test_a_recipe_that_rewrote_nothing_cites_the_reason_no_other_line_gives():
+    """N:M declines ``0`` (3 inputs make no groups of 4); ``2`` and ``4`` are frozen, which a line of
+    its own says. The "rewrote nothing" warning cites N:M's reason, though frozen is the commoner."""
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    model[2].requires_grad_(False)
+    model[4].requires_grad_(False)
+    rules = {"version": 1, "rules": [{"match": {"type": "Linear"}, "method": "nm"}]}
+    plan = sparsify.plan(model, rules, example_inputs=torch.zeros(1, 3))
+    said = [w for w in plan.warnings(sparsify.load_recipe(rules)) if "rewrote nothing" in w]
+    assert len(said) == 1 and "3 matched site(s) stay dense (first: 0: N:M groups run along the input" in said[0], said
+
+
+def test_a_layer_with_a_computed_weight_is_said_once():
+    """A weight_norm'd Linear (its weight computed from two parameters) has a warning line of its
+    own; it is not counted again among the layers a method declined."""
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.utils.parametrizations.weight_norm(nn.Linear(64, 64)))
+    rules = {"version": 1, "rules": [{"match": {"type": "Linear"}, "method": "st3"}]}
+    plan = sparsify.plan(model, rules, example_inputs=torch.zeros(1, 8))
+    said = plan.warnings(sparsify.load_recipe(rules))
+    assert len([w for w in said if "their weight is computed" in w]) == 1, said
+    assert not [w for w in said if "declined by their method" in w or "rewrote nothing" in w], said
