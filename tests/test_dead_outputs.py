@@ -128,3 +128,12 @@ def test_a_grouped_conv_transpose_as_the_last_layer_is_looked_at(recipe):
     dead = [str(w.message) for w in caught if SAID in str(w.message)]
     if recipe == "gmp":  # a global magnitude threshold takes the small channel whole
         assert dead and all("2: every weight of 1 of its 8 outputs pruned (rows 5)" in s for s in dead), dead
+
+
+def test_rows_of_a_hidden_layer_pruned_whole_are_not_said():
+    """Hidden layers' dead channels are structured sparsity: only the last layer's rows are classes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    with torch.no_grad():
+        model[2].weight[:4] *= 1e-4  # four hidden channels a global threshold takes whole
+    assert run("gmp", model, begin=0, end=2, sparsity=0.8) == [[], []]

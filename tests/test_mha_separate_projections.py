@@ -243,3 +243,22 @@ def test_a_packed_cross_attention_counts_its_key_and_value_tokens_too():
     assert next(e.macs for e in plan.entries if e.name == "attn.in_proj") == expected
     assert {r.name: r for r in sparsify.measure(Packed(), [args], input_fn=tuple).layers}["attn.in_proj"].dense_macs \
         == expected
+
+
+class _DenseAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha, self.fc = nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.mha(x, x, x)[0])
+
+
+def test_the_plan_counts_the_macs_of_a_dense_packed_projection():
+    """A dense attention's packed projection is listed as ``mha.in_proj_weight`` and counted as
+    ``mha.in_proj``: 5 tokens x 3 x 8 x 8 weights, so the plan's MAC share covers it."""
+    rules = {"version": 1, "rules": [{"match": {"name": "fc"}, "method": "st3"}]}
+    plan = sparsify.plan(_DenseAttention(), rules, example_inputs=torch.zeros(1, 5, 8))
+    macs = {e.name: e.macs for e in plan.entries}
+    assert macs == {"fc": 5 * 32, "mha.in_proj_weight": 5 * 192, "mha.out_proj": 5 * 64}
+    assert plan.shares()["mac_share"] == pytest.approx(32 / (32 + 192 + 64))

@@ -210,3 +210,13 @@ def test_a_null_rule_before_a_declining_rule_is_not_an_earlier_method():
     assert methods(plan) == {"0": "nm", "2": "nm", "4": None}
     assert plan.shadowed == []
     assert "multiple of 4" in next(e.reason for e in plan.entries if e.name == "4")
+
+
+def test_a_declined_layer_names_the_last_earlier_rule_that_would_take_it():
+    """st3 then magnitude on every Linear, then N:M, which declines `4` (3 inputs): later rules win,
+    so `4` stays dense, and the plan names magnitude's rule 1, the last that would have rewritten it."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3), nn.ReLU(), nn.Linear(3, 2))
+    rules = recipe({"match": {"type": "Linear"}, "method": "st3"}, {"match": {"type": "Linear"}, "method": "magnitude"},
+                   {"match": {"type": "Linear"}, "method": "nm"})
+    plan = sparsify.plan(model, rules, example_inputs=X4)
+    assert [(s["name"], s["rule"], s["earlier"]) for s in plan.shadowed] == [("4", 2, 1)]

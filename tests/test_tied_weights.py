@@ -367,6 +367,7 @@ def test_one_layer_registered_under_several_names_is_sparsified_once(recipe, sha
     if shared == "graphs":
         entries = {e.name: e for e in sparsify.plan(_SharedCpe(shared), recipe, example_inputs=(x,)).entries}
         assert entries["blocks.1.cpe"].reason.startswith("the same module as blocks.0.cpe")
+        assert entries["blocks.1.cpe"].params == 0 < entries["blocks.0.cpe"].params  # one layer: counted once
     _train(m, (x,), steps=4)
     fresh.load_state_dict(m.state_dict())
     assert torch.equal(fresh.eval()(x), m.eval()(x))
