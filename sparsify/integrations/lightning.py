@@ -158,8 +158,9 @@ class SparsifyCallback(pl.Callback):
         if not sparsified_modules(pl_module):
             raise RuntimeError("SparsifyCallback: no sparsified module in the LightningModule; pass "
                                "SparsifyCallback(recipe, attr='net') or sparsify the network yourself")
-        steps = trainer.estimated_stepping_batches
-        if stage in (None, "fit") and math.isfinite(steps):
+        # only a fit has a run length: the estimate needs the train dataloader, which test does not
+        steps = trainer.estimated_stepping_batches if stage in (None, "fit") else math.inf
+        if math.isfinite(steps):
             for m in sparsified_modules(pl_module):
                 if short := schedule_short(m, int(steps)):
                     warnings.warn(short + " (SparsifyCallback: the Trainer's estimated_stepping_batches)", stacklevel=2)

@@ -1,0 +1,70 @@
+"""Lightning: SparsifyCallback outside one bounded ``fit``: ``test`` / ``validate`` / ``predict``
+after fit or from a checkpoint, a network built in ``configure_model``, a run without a set
+length, and a resumed run made longer."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparsify
+
+pytest.importorskip("lightning", reason="the Lightning callback needs lightning (pip install fx-sparsify[integrations])")
+
+import lightning.pytorch as pl  # noqa: E402
+
+from sparsify.integrations.lightning import SparsifyCallback  # noqa: E402
+from test_integrations import loader, tiny_cnn  # noqa: E402
+
+X = torch.zeros(1, 3, 16, 16)
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_cnn()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self.net(x), y))
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_loss", F.cross_entropy(self.net(x), y))
+
+    def predict_step(self, batch, batch_idx):
+        return self.net(batch[0])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(sparsify.param_groups(self.net), lr=0.1)
+
+
+def trainer(callbacks, **kw):
+    kw = {"logger": False, "enable_checkpointing": False, **kw}
+    return pl.Trainer(callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
+                      accelerator="cpu", **kw)
+
+
+def said(caught) -> list[str]:
+    return [str(w.message) for w in caught if "sparsify" in str(w.message).lower()]
+
+
+def test_test_validate_and_predict_after_a_fit_bounded_by_max_epochs(tmp_path):
+    """They crashed: setup read estimated_stepping_batches, which needs the train dataloader."""
+    module = Classifier()
+    t = trainer([SparsifyCallback("gmp", attr="net", example_inputs=X)], max_epochs=1,
+                enable_checkpointing=True, default_root_dir=tmp_path)
+    t.fit(module, loader())
+    step = int(module.net.sparsify_state.step)
+    assert step == 3
+    assert t.test(module, loader(), verbose=False)[0]["test_loss"] > 0
+    assert t.validate(module, loader(), verbose=False)[0]["val_loss"] > 0
+    assert len(t.predict(module, loader())) == 3
+    assert t.test(module, loader(), ckpt_path="best", verbose=False)[0]["test_loss"] > 0
+    assert int(module.net.sparsify_state.step) == step  # evaluation takes no sparsify step
