@@ -15,7 +15,7 @@ pytest.importorskip("lightning", reason="the Lightning callback needs lightning 
 
 import lightning.pytorch as pl  # noqa: E402
 
-from sparsify.integrations.lightning import SparsifyCallback  # noqa: E402
+from sparsify.integrations.lightning import SparsifyCallback, sparsify_as_saved  # noqa: E402
 from test_integrations import loader, tiny_cnn  # noqa: E402
 
 X = torch.zeros(1, 3, 16, 16)
@@ -68,3 +68,48 @@ def test_test_validate_and_predict_after_a_fit_bounded_by_max_epochs(tmp_path):
     assert len(t.predict(module, loader())) == 3
     assert t.test(module, loader(), ckpt_path="best", verbose=False)[0]["test_loss"] > 0
     assert int(module.net.sparsify_state.step) == step  # evaluation takes no sparsify step
+
+
+class LoadsAsSaved(Classifier):
+    """What docs/integrations.md suggests for ``load_from_checkpoint``."""
+
+    def on_load_checkpoint(self, checkpoint):
+        sparsify_as_saved(self, checkpoint, example_inputs=X)
+
+
+def written_checkpoint(tmp_path):
+    """A checkpoint of a run ``SparsifyCallback("gmp", attr="net")`` sparsified, and its val loss."""
+    module = Classifier()
+    t = trainer([SparsifyCallback("gmp", attr="net", example_inputs=X)], max_epochs=1,
+                enable_checkpointing=True, default_root_dir=tmp_path)
+    t.fit(module, loader())
+    return t.checkpoint_callback.best_model_path, t.validate(module, loader(), verbose=False)[0]["val_loss"]
+
+
+@pytest.mark.parametrize("module_type, callback", [
+    (Classifier, lambda: SparsifyCallback("gmp", attr="net", example_inputs=X)),
+    (LoadsAsSaved, lambda: SparsifyCallback("gmp", attr="net", example_inputs=X)),
+    (LoadsAsSaved, SparsifyCallback)], ids=["callback", "on_load_checkpoint+callback", "on_load_checkpoint"])
+def test_validate_a_fresh_module_from_a_checkpoint_of_a_sparse_run(tmp_path, module_type, callback):
+    """A new process: callback setup runs before the checkpoint is restored, and refused the module
+    as not sparsified, also when its on_load_checkpoint would have sparsified it."""
+    path, val_loss = written_checkpoint(tmp_path)
+    fresh = module_type()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = trainer([callback()], max_epochs=1).validate(fresh, loader(), ckpt_path=path, verbose=False)
+    assert out[0]["val_loss"] == pytest.approx(val_loss)
+    assert int(fresh.net.sparsify_state.step) == 3
+    assert not [w for w in said(caught) if "dense" in w], said(caught)
+
+
+@pytest.mark.parametrize("callback", [lambda: SparsifyCallback("gmp", attr="net"), SparsifyCallback])
+def test_a_dense_baseline_validates_as_it_is_and_says_so(callback):
+    module = Classifier()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = trainer([callback()], max_epochs=1)
+        assert t.validate(module, loader(), verbose=False)[0]["val_loss"] > 0
+        assert len(t.predict(module, loader())) == 3
+    assert not sparsify.core.state.find_state(module.net, required=False)
+    assert len([w for w in said(caught) if "runs" in w and "dense" in w]) == 2, said(caught)

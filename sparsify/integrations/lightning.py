@@ -14,7 +14,8 @@ GAN's discriminator optimizer does not advance the generator's schedule); on res
 from the module's own step counter (restored with its weights). A checkpoint written when the
 callback sparsified the module holds it sparse, and ``load_from_checkpoint`` builds it dense: call
 :func:`sparsify_as_saved` in the module's ``on_load_checkpoint``, or sparsify in ``__init__`` and
-pass ``SparsifyCallback()``.
+pass ``SparsifyCallback()``. In ``validate`` / ``test`` / ``predict`` with ``ckpt_path=`` the
+callback does that itself for ``attr``; a module nothing sparsified runs dense, with a one-line note.
 
 With Lightning's ``WeightAveraging`` callbacks (``EMAWeightAveraging``, your own subclasses), in
 either order in ``callbacks=[...]``, the averaged copy is made from the sparsified module and keeps the
@@ -36,7 +37,7 @@ import sparsify
 from sparsify.core.layers import drop_all_caches
 from sparsify.core.pace import schedule_short
 from sparsify.core.state import find_state
-from sparsify.integrations.lightning_load import sparsify_as_saved  # noqa: F401  (imported from here)
+from sparsify.integrations.lightning_load import sparsify_as_saved
 from sparsify.prepare.capture import check_capture
 from sparsify.prepare.recipe import CALL_KEYWORDS, load_recipe
 from sparsify.prepare.validate import check_total_steps
@@ -133,8 +134,9 @@ class SparsifyCallback(pl.Callback):
         self._batch_start = 0
 
     def setup(self, trainer, pl_module, stage=None):
-        if self.recipe is not None and stage in (None, "fit") and \
-                find_state(self._target(pl_module), required=False) is None:
+        fit = stage in (None, "fit")
+        self._wrap_load(pl_module)
+        if self.recipe is not None and fit and find_state(self._target(pl_module), required=False) is None:
             launcher = getattr(trainer.strategy, "launcher", None)
             if hasattr(launcher, "_recover_results_in_main_process"):
                 # spawned or forked processes: the module of the process that called fit stays
@@ -155,11 +157,12 @@ class SparsifyCallback(pl.Callback):
             for callback in averaging_callbacks(trainer, _COPYING):
                 if _averaged(callback) is not None:  # it copied the module before it was sparsified
                     callback.setup(trainer, pl_module, stage or "fit")
-        if not sparsified_modules(pl_module):
+        if fit and not sparsified_modules(pl_module):
+            # (validate / test / predict: a checkpoint restored after setup may still sparsify it)
             raise RuntimeError("SparsifyCallback: no sparsified module in the LightningModule; pass "
                                "SparsifyCallback(recipe, attr='net') or sparsify the network yourself")
         # only a fit has a run length: the estimate needs the train dataloader, which test does not
-        steps = trainer.estimated_stepping_batches if stage in (None, "fit") else math.inf
+        steps = trainer.estimated_stepping_batches if fit else math.inf
         if math.isfinite(steps):
             for m in sparsified_modules(pl_module):
                 if short := schedule_short(m, int(steps)):
@@ -181,6 +184,46 @@ class SparsifyCallback(pl.Callback):
                 return out + penalty
             pl_module.training_step = training_step
             pl_module._sparsify_penalty_wrapped = True
+
+    def _wrap_load(self, pl_module) -> None:
+        """Make the LightningModule's ``on_load_checkpoint`` (which Lightning calls before it loads
+        the weights, in every stage, after ``setup``) sparsify ``pl_module.<attr>`` as the
+        checkpoint holds it, when no fit did: ``trainer.validate(Module(), ckpt_path=...)``."""
+        if getattr(pl_module, "_sparsify_load_wrapped", False):
+            return
+        original = pl_module.on_load_checkpoint
+
+        def on_load_checkpoint(checkpoint):
+            original(checkpoint)
+            trainer = pl_module._trainer
+            if trainer is not None and any(c is self for c in trainer.callbacks):  # not once it has left
+                self._restore(pl_module, checkpoint)
+        pl_module.on_load_checkpoint = on_load_checkpoint
+        pl_module._sparsify_load_wrapped = True
+
+    def _restore(self, pl_module, checkpoint: dict) -> None:
+        if self.recipe is not None and find_state(self._target(pl_module), required=False) is None:
+            sparsify_as_saved(pl_module, checkpoint,
+                              **{k: v for k, v in self.kwargs.items() if k in CALL_KEYWORDS and k != "total_steps"})
+
+    def _note_dense(self, pl_module, stage: str) -> None:
+        """validate / test / predict of a module nothing sparsified (a dense baseline before fit) runs
+        it as it is, and says so."""
+        if sparsified_modules(pl_module):
+            return
+        what = f"pl_module.{self.attr}" if self.recipe is not None else "the LightningModule"
+        warnings.warn(f"SparsifyCallback: {stage} runs {what} dense: nothing in it is sparsified yet (the callback "
+                      "sparsifies at fit, or as a checkpoint of a sparse run holds it with ckpt_path=...)",
+                      stacklevel=2)
+
+    def on_validation_start(self, trainer, pl_module):
+        self._note_dense(pl_module, "validate")  # (in a fit, setup made sure something is sparsified)
+
+    def on_test_start(self, trainer, pl_module):
+        self._note_dense(pl_module, "test")
+
+    def on_predict_start(self, trainer, pl_module):
+        self._note_dense(pl_module, "predict")
 
     def _target(self, pl_module) -> nn.Module:
         """``pl_module.<attr>``, or an error naming the attribute and what the module holds."""
