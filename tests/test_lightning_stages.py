@@ -113,3 +113,37 @@ def test_a_dense_baseline_validates_as_it_is_and_says_so(callback):
         assert len(t.predict(module, loader())) == 3
     assert not sparsify.core.state.find_state(module.net, required=False)
     assert len([w for w in said(caught) if "runs" in w and "dense" in w]) == 2, said(caught)
+
+
+class BuiltInConfigureModel(Classifier):
+    """Lightning's FSDP path: the network is built in configure_model, after callback setup."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = None
+
+    def configure_model(self):
+        if self.net is None:  # Lightning calls it in every stage
+            self.net = tiny_cnn()
+
+
+@pytest.mark.parametrize("ema", ["none", "before", "after"])
+def test_a_network_built_in_configure_model_is_sparsified_after_it(ema):
+    """It failed with 'BuiltInConfigureModel.net is NoneType'. EMAWeightAveraging calls
+    configure_model in its own setup: listed either side, its copy is of the sparse network."""
+    module = BuiltInConfigureModel()
+    callback = SparsifyCallback("gmp", attr="net", example_inputs=X)
+    averaging = [pl.callbacks.EMAWeightAveraging()] if ema != "none" else []
+    callbacks = averaging + [callback] if ema == "before" else [callback] + averaging
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = trainer(callbacks, max_epochs=2)
+        t.fit(module, loader())
+    state = module.net.sparsify_state
+    assert int(state.step) == state.total_steps == 6, said(caught)
+    held = {id(p) for g in t.optimizers[0].param_groups for p in g["params"]}
+    assert held == {id(p) for p in module.net.parameters() if p.requires_grad}  # the optimizer has the sparse net's
+    assert sparsify.report(module.net).to_dict()["totals"]["targeted_weight_sparsity"] == pytest.approx(0.9, abs=0.02)
+    if averaging:
+        assert sparsify.core.state.find_state(averaging[0]._average_model.module.net, required=False) is not None
+    assert t.test(module, loader(), verbose=False)[0]["test_loss"] > 0

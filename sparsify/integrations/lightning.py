@@ -5,7 +5,8 @@
 >>> trainer = lightning.Trainer(max_steps=1000, callbacks=[SparsifyCallback("st3", attr="net")])  # doctest: +SKIP
 
 With ``recipe`` and ``attr`` the callback sparsifies ``pl_module.<attr>`` itself at ``setup``
-(before ``configure_optimizers`` runs), with ``total_steps = trainer.estimated_stepping_batches``.
+(before ``configure_optimizers`` runs; right after ``configure_model`` when that builds it), with
+``total_steps = trainer.estimated_stepping_batches``.
 Without them it drives every submodule the user already sparsified, and warns when the run ends
 before its schedules do. Under manual optimization (``automatic_optimization = False``) the
 training step runs its own backward: add ``sparsify.penalty(self.net)`` to the loss there. Each
@@ -26,17 +27,20 @@ that, the averaged masks (the union of all masks so far) are what validation run
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import warnings
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 import sparsify
 from sparsify.core.layers import drop_all_caches
 from sparsify.core.pace import schedule_short
 from sparsify.core.state import find_state
+from sparsify.integrations.lightning_hooks import add_penalty, run_after
 from sparsify.integrations.lightning_load import sparsify_as_saved
 from sparsify.prepare.capture import check_capture
 from sparsify.prepare.recipe import CALL_KEYWORDS, load_recipe
@@ -135,74 +139,70 @@ class SparsifyCallback(pl.Callback):
 
     def setup(self, trainer, pl_module, stage=None):
         fit = stage in (None, "fit")
-        self._wrap_load(pl_module)
+        # Lightning calls the module's on_load_checkpoint before it loads the weights, in every
+        # stage, after setup: validate(Module(), ckpt_path=...) sparsifies pl_module.<attr> there
+        run_after(pl_module, "on_load_checkpoint", functools.partial(self._restore, pl_module))
+        add_penalty(pl_module, functools.partial(sparsified_modules, pl_module))
+        if self.recipe is not None and fit and getattr(pl_module, self.attr, None) is None and \
+                is_overridden("configure_model", pl_module):
+            # built in configure_model, which Lightning calls after setup and before it wraps the
+            # module (FSDP) and calls configure_optimizers: sparsified right after it
+            run_after(pl_module, "configure_model", functools.partial(self._built, pl_module))
+            return
         if self.recipe is not None and fit and find_state(self._target(pl_module), required=False) is None:
-            launcher = getattr(trainer.strategy, "launcher", None)
-            if hasattr(launcher, "_recover_results_in_main_process"):
-                # spawned or forked processes: the module of the process that called fit stays
-                # dense, and Lightning loads the trained weights into it (not strictly) at the end
-                raise RuntimeError(
-                    f"SparsifyCallback({self.recipe!r}, attr={self.attr!r}) would sparsify inside the processes "
-                    f"strategy {type(trainer.strategy).__name__} ({getattr(launcher, '_start_method', '?')}) starts: "
-                    "the module of the process that calls fit stays dense and gets the trained weights without "
-                    f"their masks. Sparsify it before fit (pl_module.{self.attr} = sparsify.sparsify(..., "
-                    "total_steps=...), then SparsifyCallback()), or use strategy='ddp'")
-            kwargs = dict(self.kwargs)
-            if "total_steps" not in kwargs:
-                kwargs["total_steps"] = int(trainer.estimated_stepping_batches)
-                # Lightning's estimate counts batches, or max_steps, which under manual optimization
-                # counts every optimizer's steps: how many are this module's is seen at the first batch
-                self._derived = None if pl_module.automatic_optimization else kwargs["total_steps"]
-            setattr(pl_module, self.attr, sparsify.sparsify(getattr(pl_module, self.attr), self.recipe, **kwargs))
-            for callback in averaging_callbacks(trainer, _COPYING):
-                if _averaged(callback) is not None:  # it copied the module before it was sparsified
-                    callback.setup(trainer, pl_module, stage or "fit")
-        if fit and not sparsified_modules(pl_module):
-            # (validate / test / predict: a checkpoint restored after setup may still sparsify it)
+            self._sparsify_target(trainer, pl_module, stage)
+        if fit:
+            self._check_fit(trainer, pl_module)
+
+    def _built(self, pl_module) -> None:
+        trainer = pl_module._trainer
+        if self._mine(trainer) and trainer.state.fn == "fit" and \
+                find_state(self._target(pl_module), required=False) is None:
+            self._sparsify_target(trainer, pl_module, "fit")
+            self._check_fit(trainer, pl_module)
+
+    def _mine(self, trainer) -> bool:
+        """Whether this callback drives ``trainer`` (the module's wrapped hooks outlive a run)."""
+        return trainer is not None and any(c is self for c in trainer.callbacks)
+
+    def _sparsify_target(self, trainer, pl_module, stage) -> None:
+        launcher = getattr(trainer.strategy, "launcher", None)
+        if hasattr(launcher, "_recover_results_in_main_process"):
+            # spawned or forked processes: the module of the process that called fit stays
+            # dense, and Lightning loads the trained weights into it (not strictly) at the end
+            raise RuntimeError(
+                f"SparsifyCallback({self.recipe!r}, attr={self.attr!r}) would sparsify inside the processes "
+                f"strategy {type(trainer.strategy).__name__} ({getattr(launcher, '_start_method', '?')}) starts: "
+                "the module of the process that calls fit stays dense and gets the trained weights without "
+                f"their masks. Sparsify it before fit (pl_module.{self.attr} = sparsify.sparsify(..., "
+                "total_steps=...), then SparsifyCallback()), or use strategy='ddp'")
+        kwargs = dict(self.kwargs)
+        if "total_steps" not in kwargs:
+            kwargs["total_steps"] = int(trainer.estimated_stepping_batches)
+            # Lightning's estimate counts batches, or max_steps, which under manual optimization
+            # counts every optimizer's steps: how many are this module's is seen at the first batch
+            self._derived = None if pl_module.automatic_optimization else kwargs["total_steps"]
+        setattr(pl_module, self.attr, sparsify.sparsify(self._target(pl_module), self.recipe, **kwargs))
+        for callback in averaging_callbacks(trainer, _COPYING):
+            if _averaged(callback) is not None:  # it copied the module before it was sparsified
+                callback.setup(trainer, pl_module, stage or "fit")
+
+    def _check_fit(self, trainer, pl_module) -> None:
+        """Something to drive, and a run as long as its schedules."""
+        # (only in fit: in validate / test / predict a checkpoint restored after setup may sparsify it)
+        if not sparsified_modules(pl_module):
             raise RuntimeError("SparsifyCallback: no sparsified module in the LightningModule; pass "
                                "SparsifyCallback(recipe, attr='net') or sparsify the network yourself")
-        # only a fit has a run length: the estimate needs the train dataloader, which test does not
-        steps = trainer.estimated_stepping_batches if fit else math.inf
+        steps = trainer.estimated_stepping_batches  # (test has none: it needs the train dataloader)
         if math.isfinite(steps):
             for m in sparsified_modules(pl_module):
                 if short := schedule_short(m, int(steps)):
                     warnings.warn(short + " (SparsifyCallback: the Trainer's estimated_stepping_batches)", stacklevel=2)
-        if not getattr(pl_module, "_sparsify_penalty_wrapped", False):
-            original = pl_module.training_step
-
-            def training_step(*args, **kwargs):
-                out = original(*args, **kwargs)
-                if not pl_module.automatic_optimization:
-                    # the step already ran its backward: the penalty is the user's to add before
-                    # it, and sparsify.step warns when the recorded terms were never collected
-                    return out
-                penalty = sum((sparsify.penalty(m) for m in sparsified_modules(pl_module)), 0.0)
-                if out is None or (isinstance(penalty, float) and penalty == 0.0):
-                    return out  # None: Lightning skips this batch, and its terms are forgotten
-                if isinstance(out, dict):
-                    return {**out, "loss": out["loss"] + penalty}
-                return out + penalty
-            pl_module.training_step = training_step
-            pl_module._sparsify_penalty_wrapped = True
-
-    def _wrap_load(self, pl_module) -> None:
-        """Make the LightningModule's ``on_load_checkpoint`` (which Lightning calls before it loads
-        the weights, in every stage, after ``setup``) sparsify ``pl_module.<attr>`` as the
-        checkpoint holds it, when no fit did: ``trainer.validate(Module(), ckpt_path=...)``."""
-        if getattr(pl_module, "_sparsify_load_wrapped", False):
-            return
-        original = pl_module.on_load_checkpoint
-
-        def on_load_checkpoint(checkpoint):
-            original(checkpoint)
-            trainer = pl_module._trainer
-            if trainer is not None and any(c is self for c in trainer.callbacks):  # not once it has left
-                self._restore(pl_module, checkpoint)
-        pl_module.on_load_checkpoint = on_load_checkpoint
-        pl_module._sparsify_load_wrapped = True
 
     def _restore(self, pl_module, checkpoint: dict) -> None:
-        if self.recipe is not None and find_state(self._target(pl_module), required=False) is None:
+        """Sparsify ``pl_module.<attr>`` as ``checkpoint`` holds it, when no fit did."""
+        if self._mine(pl_module._trainer) and self.recipe is not None and \
+                find_state(self._target(pl_module), required=False) is None:
             sparsify_as_saved(pl_module, checkpoint,
                               **{k: v for k, v in self.kwargs.items() if k in CALL_KEYWORDS and k != "total_steps"})
 
@@ -235,7 +235,7 @@ class SparsifyCallback(pl.Callback):
                                  + (f"; did you mean {close[0]!r}?" if close else ""))
         if not isinstance(target, nn.Module):
             raise TypeError(f"{where}: {type(pl_module).__name__}.{self.attr} is {type(target).__name__}, not the "
-                            "nn.Module to sparsify")
+                            "nn.Module to sparsify (build it in __init__ or in configure_model)")
         return target
 
     def _sync_averages(self, trainer, pl_module) -> None:
