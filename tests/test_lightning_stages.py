@@ -147,3 +147,18 @@ def test_a_network_built_in_configure_model_is_sparsified_after_it(ema):
     if averaging:
         assert sparsify.core.state.find_state(averaging[0]._average_model.module.net, required=False) is not None
     assert t.test(module, loader(), verbose=False)[0]["test_loss"] > 0
+
+
+def test_a_run_without_a_set_length_asks_for_total_steps():
+    """max_epochs=-1 with max_time: 'OverflowError: cannot convert float infinity to integer'."""
+    module = Classifier()
+    t = trainer([SparsifyCallback("gmp", attr="net", example_inputs=X)], max_epochs=-1, max_time={"seconds": 1})
+    with pytest.raises(ValueError, match=r"no run length .* pass SparsifyCallback\('gmp', attr='net', total_steps=N\)"):
+        t.fit(module, loader())
+    module = Classifier()
+    t = trainer([SparsifyCallback("gmp", attr="net", example_inputs=X, total_steps=4)], max_epochs=-1,
+                max_time={"seconds": 1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the run may go past total_steps: it is only a second long)
+        t.fit(module, loader())
+    assert module.net.sparsify_state.total_steps == 4 and int(module.net.sparsify_state.step) > 0

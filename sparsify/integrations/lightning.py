@@ -178,7 +178,11 @@ class SparsifyCallback(pl.Callback):
                 "total_steps=...), then SparsifyCallback()), or use strategy='ddp'")
         kwargs = dict(self.kwargs)
         if "total_steps" not in kwargs:
-            kwargs["total_steps"] = int(trainer.estimated_stepping_batches)
+            if not math.isfinite(steps := trainer.estimated_stepping_batches):
+                raise ValueError(f"SparsifyCallback: the Trainer sets no run length (max_epochs={trainer.max_epochs}, "
+                                 f"max_steps={trainer.max_steps}), so total_steps cannot be taken from it: pass "
+                                 f"SparsifyCallback({self.recipe!r}, attr={self.attr!r}, total_steps=N)")
+            kwargs["total_steps"] = int(steps)
             # Lightning's estimate counts batches, or max_steps, which under manual optimization
             # counts every optimizer's steps: how many are this module's is seen at the first batch
             self._derived = None if pl_module.automatic_optimization else kwargs["total_steps"]
