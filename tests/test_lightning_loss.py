@@ -100,3 +100,32 @@ def test_a_run_shorter_than_the_users_schedule_is_told_before_training():
     said = fit(Classifier(net=net), SparsifyCallback(), loader(), max_steps=3)
     short = [w for w in said if "the run takes 3 optimizer steps" in w]
     assert len(short) == 1 and "total_steps=3" in short[0]
+
+
+class Recorded(Classifier):
+    """Keeps the loss each training step returned."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.returned = []
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.returned.append(float(loss))
+        return loss
+
+
+def test_sparsify_step_gets_the_mean_loss_of_the_steps_micro_batches(monkeypatch):
+    """Under accumulate_grad_batches=k it got the last micro-batch's loss divided by k (Lightning's
+    outputs["loss"]), penalty included; now, as the Hugging Face callback gives it, the mean of the
+    losses the step's micro-batches returned. Semi-structured keeps the mask map of the lowest."""
+    given, original = [], sparsify.step
+
+    def step(model, loss=None):
+        given.append(float(loss))
+        return original(model, loss)
+    monkeypatch.setattr(sparsify, "step", step)
+    module = Recorded()
+    fit(module, SparsifyCallback("tl1", attr="net"), loader(n=12, batch=2), max_steps=3, accumulate_grad_batches=2)
+    r = module.returned
+    assert given == pytest.approx([(r[0] + r[1]) / 2, (r[2] + r[3]) / 2, (r[4] + r[5]) / 2])

@@ -32,7 +32,6 @@ import math
 import warnings
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
@@ -40,7 +39,7 @@ import sparsify
 from sparsify.core.layers import drop_all_caches
 from sparsify.core.pace import schedule_short
 from sparsify.core.state import find_state
-from sparsify.integrations.lightning_hooks import add_penalty, run_after
+from sparsify.integrations.lightning_hooks import add_penalty, run_after, step_loss
 from sparsify.integrations.lightning_load import sparsify_as_saved
 from sparsify.prepare.capture import check_capture
 from sparsify.prepare.recipe import CALL_KEYWORDS, load_recipe
@@ -275,6 +274,7 @@ class SparsifyCallback(pl.Callback):
 
     def on_train_start(self, trainer, pl_module):
         self._pending, self._stepped = {}, False
+        step_loss(pl_module)  # (forget the losses of an interrupted run)
         # the module's own step counter (restored with its weights) is what the schedule follows:
         # nothing is replayed. Under automatic optimization Lightning's one optimizer makes
         # global_step the same count; under manual optimization it sums every optimizer's steps.
@@ -320,7 +320,7 @@ class SparsifyCallback(pl.Callback):
         if not self._stepped:  # accumulating: no optimizer step in this batch
             return
         pending, self._pending, self._stepped = self._pending, {}, False
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs  # {} when the step returned None
+        loss = step_loss(pl_module)  # (outputs["loss"] is the last micro-batch's, divided by the accumulation)
         # Lightning's StochasticWeightAveraging ends with an epoch that only refreshes the
         # BatchNorm statistics: no backward, so its one optimizer step is no training step
         trained = not getattr(trainer.fit_loop, "_skip_backward", False)
@@ -328,5 +328,5 @@ class SparsifyCallback(pl.Callback):
             if self._derived is not None and pending.get(id(m)) and m is getattr(pl_module, self.attr, None):
                 self._check_manual_total(trainer, pending[id(m)])
             for _ in range(pending.get(id(m), 0)):
-                sparsify.step(m, loss if isinstance(loss, torch.Tensor) else None)
+                sparsify.step(m, loss)
         self._sync_averages(trainer, pl_module)  # the averaging callbacks listed before this one updated

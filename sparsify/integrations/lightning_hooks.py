@@ -6,11 +6,12 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
+import torch
 from torch import nn
 
 import sparsify
 
-__all__ = ["run_after", "add_penalty"]
+__all__ = ["run_after", "add_penalty", "step_loss"]
 
 
 def run_after(pl_module: nn.Module, hook: str, after: Callable) -> None:
@@ -38,13 +39,18 @@ def run_after(pl_module: nn.Module, hook: str, after: Callable) -> None:
 
 def add_penalty(pl_module: nn.Module, modules: Callable[[], list]) -> None:
     """Make ``pl_module.training_step`` return its loss plus the penalty of ``modules()`` (under
-    automatic optimization; under manual optimization the step ran its own backward)."""
+    automatic optimization; under manual optimization the step ran its own backward), and keep
+    the loss it returned, before the penalty, in ``pl_module._sparsify_losses`` (:func:`step_loss`)."""
     if getattr(pl_module, "_sparsify_penalty_wrapped", False):
         return
     original = pl_module.training_step
+    pl_module._sparsify_losses = []
 
     def training_step(*args, **kwargs):
         out = original(*args, **kwargs)
+        loss = out.get("loss") if isinstance(out, dict) else out
+        if isinstance(loss, torch.Tensor):  # undivided: Lightning divides by the accumulation after this
+            pl_module._sparsify_losses.append(loss.detach())
         if not pl_module.automatic_optimization:
             # the step already ran its backward: the penalty is the user's to add before
             # it, and sparsify.step warns when the recorded terms were never collected
@@ -57,3 +63,16 @@ def add_penalty(pl_module: nn.Module, modules: Callable[[], list]) -> None:
         return out + penalty
     pl_module.training_step = training_step
     pl_module._sparsify_penalty_wrapped = True
+
+
+def step_loss(pl_module: nn.Module) -> torch.Tensor | None:
+    """The training loss of the optimizer step that just ran: the mean of the losses its
+    micro-batches' ``training_step`` returned (as the Hugging Face callback's ``step_loss``); the
+    list is emptied for the next step.
+
+    >>> m = nn.Module(); m._sparsify_losses = [torch.tensor(1.0), torch.tensor(3.0)]
+    >>> float(step_loss(m)), step_loss(m)
+    (2.0, None)
+    """
+    losses, pl_module._sparsify_losses = getattr(pl_module, "_sparsify_losses", []), []
+    return torch.stack([v.float().reshape(()) for v in losses]).mean() if losses else None
