@@ -162,3 +162,19 @@ def test_a_run_without_a_set_length_asks_for_total_steps():
         warnings.simplefilter("ignore")  # (the run may go past total_steps: it is only a second long)
         t.fit(module, loader())
     assert module.net.sparsify_state.total_steps == 4 and int(module.net.sparsify_state.step) > 0
+
+
+def test_a_resumed_run_made_longer_is_told_which_total_steps_to_pass(tmp_path):
+    """max_epochs 1 -> 2 on resume: the load was refused with 'build the model with the same recipe,
+    overrides and total_steps before load_state_dict', which SparsifyCallback does, not the user."""
+    path, _ = written_checkpoint(tmp_path)
+    longer = trainer([SparsifyCallback("gmp", attr="net", example_inputs=X)], max_epochs=2)
+    with pytest.raises(RuntimeError, match=r"total_steps: 3 in the checkpoint, 6 here.*"
+                                           r"SparsifyCallback\('gmp', attr='net', total_steps=3\)"):
+        longer.fit(Classifier(), loader(), ckpt_path=path)
+    module = Classifier()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (it trains on past total_steps, at the final sparsity)
+        trainer([SparsifyCallback("gmp", attr="net", example_inputs=X, total_steps=3)], max_epochs=2).fit(
+            module, loader(), ckpt_path=path)
+    assert int(module.net.sparsify_state.step) == 6

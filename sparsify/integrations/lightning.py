@@ -38,7 +38,9 @@ from torch import nn
 import sparsify
 from sparsify.core.layers import drop_all_caches
 from sparsify.core.pace import schedule_short
-from sparsify.core.state import find_state
+from sparsify.core.extra_state import unpack
+from sparsify.core.load_check import run_difference
+from sparsify.core.state import STATE_ATTR, find_state
 from sparsify.integrations.lightning_hooks import add_penalty, run_after, step_loss
 from sparsify.integrations.lightning_load import sparsify_as_saved
 from sparsify.prepare.capture import check_capture
@@ -203,11 +205,27 @@ class SparsifyCallback(pl.Callback):
                     warnings.warn(short + " (SparsifyCallback: the Trainer's estimated_stepping_batches)", stacklevel=2)
 
     def _restore(self, pl_module, checkpoint: dict) -> None:
-        """Sparsify ``pl_module.<attr>`` as ``checkpoint`` holds it, when no fit did."""
-        if self._mine(pl_module._trainer) and self.recipe is not None and \
-                find_state(self._target(pl_module), required=False) is None:
+        """Sparsify ``pl_module.<attr>`` as ``checkpoint`` holds it, when no fit did; when one did,
+        refuse a checkpoint of another run naming what to pass this callback."""
+        if not self._mine(pl_module._trainer) or self.recipe is None:
+            return
+        state = find_state(self._target(pl_module), required=False)
+        if state is None:
             sparsify_as_saved(pl_module, checkpoint,
                               **{k: v for k, v in self.kwargs.items() if k in CALL_KEYWORDS and k != "total_steps"})
+            return
+        saved = checkpoint.get("state_dict", {}).get(f"{self.attr}.{STATE_ATTR}._extra_state")
+        if saved is None or not (why := run_difference(saved, state.recipe_json, state.total_steps)):
+            return
+        # (load_state_dict would refuse it too, telling the user to build the model, which this callback does)
+        total = unpack(saved)["total_steps"]
+        same = run_difference(saved, state.recipe_json, total) is None
+        estimated = total != state.total_steps and "total_steps" not in self.kwargs
+        raise RuntimeError(f"SparsifyCallback: the checkpoint's pl_module.{self.attr} was trained in another run ({why}"
+                           f"{', from the Trainer' if estimated else ''}); nothing "
+                           "was loaded: to resume it, pass SparsifyCallback("
+                           + (f"{self.recipe!r}" if same else "<its recipe and overrides>")
+                           + f", attr={self.attr!r}, total_steps={total})")
 
     def _note_dense(self, pl_module, stage: str) -> None:
         """validate / test / predict of a module nothing sparsified (a dense baseline before fit) runs
