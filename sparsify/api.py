@@ -133,12 +133,21 @@ def _forget_replaced(model: nn.Module, where: str) -> None:
     model materialized from ``meta`` without its state's values is refused)."""
     state = find_state(model, where=f"sparsify.{where}")
     check_filled(state, where)
-    gone = forget_replaced(unwrap(model), state)
+    root = unwrap(model)
+    gone = forget_replaced(root, state)
     if gone:
         key = "replaced:" + ",".join(gone)
         if key not in state.warned:
             state.warned.add(key)
-            warnings.warn(f"sparsify.{where}: {', '.join(gone[:5])}{' ...' if len(gone) > 5 else ''} replaced after "
+            names = f"{', '.join(gone[:5])}{' ...' if len(gone) > 5 else ''}"
+            # (a name forget_replaced returns resolves: the layer now there replaced the member)
+            if any(type(root.get_submodule(n)).__module__.split(".")[0] == "peft" for n in gone):
+                warnings.warn(f"sparsify.{where}: {names} wrapped by PEFT adapters after sparsify() (get_peft_model, "
+                              "LoRA): a wrapped sparse layer leaves the schedule, report and finalize, and the "
+                              "adapter's update is dense; merge the adapters and sparsify after "
+                              "(docs/integrations.md#peft-lora)", stacklevel=3)
+                return
+            warnings.warn(f"sparsify.{where}: {names} replaced after "
                           "sparsify() (as timm's reset_classifier does), or given a weight of another shape (as "
                           "transformers' resize_token_embeddings does): the new layer stays dense and the sparse "
                           "one it replaced leaves the schedule, report and finalize; to sparsify the new layer, "

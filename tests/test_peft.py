@@ -168,3 +168,31 @@ def test_a_lora_wrapper_around_a_traced_model_stays_the_wrapper():
         warnings.simplefilter("ignore")
         m = sparsify.sparsify(model, "tl1", total_steps=2, example_inputs=torch.zeros(1, 8))
     assert type(m).__name__ == "PeftModel"
+
+
+def test_lora_added_after_sparsify_is_named_and_finalize_of_the_peft_model_says_what_to_do():
+    """sparsify-then-LoRA: the step warning blamed timm's reset_classifier and advised to replace the
+    layer before sparsify() (LoRA-then-sparsify makes nothing sparse); finalize(peft_model) crashed
+    with AttributeError 'sparsify_state' (PEFT forwards getattr, not delattr)."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, num_labels=3, max_position_embeddings=64)
+    ids = torch.randint(1, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    model = sparsify.sparsify(transformers.BertForSequenceClassification(cfg), "gmp", total_steps=4,
+                              example_inputs={"input_ids": ids[:1]})
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            loss = lora(input_ids=ids, labels=torch.tensor([0, 1, 2, 0])).loss + sparsify.penalty(model)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sparsify.step(model)
+    said = [str(w.message) for w in caught if "replaced" in str(w.message) or "PEFT" in str(w.message)]
+    assert len(said) == 1 and "wrapped by PEFT adapters" in said[0] and "merge the adapters" in said[0], said
+    assert "reset_classifier" not in said[0] and "before calling sparsify()" not in said[0]
+    with pytest.raises(TypeError, match=r"wraps the model sparsify\(\) returned \(at \.base_model\.model\) in PEFT "
+                                        r"adapters.*merge the adapters first and sparsify after"):
+        sparsify.finalize(lora)

@@ -129,6 +129,15 @@ def _finalize_model(model: nn.Module, example_inputs, *, check: bool, rtol: floa
         refuse_empty(input_tuple(example_inputs), "finalize: example_inputs", "the check would compare nothing; ")
     state: SparsifyState = find_state(model)
     source = unwrap(model)
+    if STATE_ATTR not in source._modules:  # reached through a wrapper's attribute forwarding (PEFT's)
+        inner = next((n for n, m in source.named_modules() if STATE_ATTR in m._modules), "?")
+        if type(source).__module__.split(".")[0] != "peft":
+            raise TypeError(f"finalize: this {type(source).__name__} wraps the model sparsify() returned (at "
+                            f".{inner}): finalize that model")
+        raise TypeError(f"finalize: this {type(source).__name__} wraps the model sparsify() returned (at .{inner}) in "
+                        "PEFT adapters, which finalize does not fold in (the sparse layers they wrap left the schedule, "
+                        "and their update is dense); for LoRA and a sparse model, merge the adapters first and "
+                        "sparsify after (docs/integrations.md#peft-lora)")
     if sharded_modules(source.modules()):
         raise RuntimeError("finalize: this model's parameters are sharded (FSDP2's fully_shard); finalize a full "
                            "copy instead: get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, "
