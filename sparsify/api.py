@@ -21,7 +21,8 @@ from sparsify.methods import get_method
 from sparsify.stats.report import Report, build_report, silenced_activations
 from sparsify.core.devices import model_device, move_buffers
 from sparsify.core.averaging import sync_sparsity, unsynced_warning
-from sparsify.core.pace import check_bypassed, check_held, check_idle, reset, schedule_unfinished, watch
+from sparsify.core.pace import (check_bypassed, check_held, check_idle, check_rate, reset, schedule_unfinished,
+                                 watch)
 from sparsify.core.schedules import plain_number
 from sparsify.core.sharded import full_parameters
 from sparsify.core.state import check_filled, find_state, forget_replaced, refuse_unfilled, unwrap
@@ -186,6 +187,8 @@ def step(model: nn.Module, loss=None) -> int:
         said.append(("held", held))
     if (idle := check_idle(state)) is not None:  # called more often than the optimizer steps
         said.append(("idle", idle))
+    if (rate := check_rate(state)) is not None:  # called less often than the optimizer steps
+        said.append(("rate", rate))
     if (bypassed := check_bypassed(state, unwrap(model))) is not None:  # the given model trained, or timm's methods
         said.append(("bypassed", bypassed))
     reset(state)

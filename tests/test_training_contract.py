@@ -173,3 +173,40 @@ def test_an_optimizer_whose_filter_left_out_the_thresholds_is_not_told_it_came_f
     assert len(said) == 1 and "may have been built before sparsify()" in said[0], said
     assert "a filter of the parameters that left them out" in said[0] and "'<layer>.s'" in said[0]
     assert "the optimizer was built before" not in said[0]
+
+
+RATE = "times in the last 20 sparsify.step calls"
+
+
+def every_other(model, optimizers, n: int, every: int = 2) -> list[str]:
+    """``n`` iterations, each stepping every optimizer; sparsify.step after every ``every``-th."""
+    x, y = torch.randn(4, 8), torch.tensor([0, 1, 2, 3])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(n):
+            loss = F.cross_entropy(model(x), y) + sparsify.penalty(model)
+            loss.backward()
+            for opt in optimizers:
+                opt.step()
+                opt.zero_grad()
+            if i % every == every - 1:
+                sparsify.step(model)
+    return [str(w.message) for w in caught if RATE in str(w.message)]
+
+
+def test_a_step_on_every_other_optimizer_step_is_told():
+    """It kept the lag at 2 (the check waits for 20 in a row): nothing was said while gmp's ramp
+    stretched to twice the run and ST-3 / N:M never reached their fix."""
+    model = sparsify.sparsify(small(), "gmp", total_steps=100)
+    said = every_other(model, [torch.optim.SGD(model.parameters(), lr=0.01)], 100)
+    assert len(said) == 1 and "stepped this model 40 times" in said[0] and "2 times slower" in said[0], said
+
+
+def test_two_optimizers_stepping_one_model_each_step_are_quiet():
+    """Weights and STR's thresholds in two optimizers: two steps per sparsify.step, one each."""
+    model = sparsify.sparsify(small(), "str", total_steps=100)
+    thresholds = [p for n, p in model.named_parameters() if n.endswith(".s")]
+    weights = [p for n, p in model.named_parameters() if not n.endswith(".s")]
+    assert thresholds
+    optimizers = [torch.optim.SGD(weights, lr=0.01), torch.optim.SGD(thresholds, lr=0.01)]
+    assert every_other(model, optimizers, 60, every=1) == []

@@ -18,6 +18,12 @@ micro-batch under gradient accumulation, or a float16 ``GradScaler`` skipping ev
 non-finite gradients) runs the schedules ahead of training: :func:`check_idle` warns when half of
 :data:`LAG` calls in a row followed no optimizer step (once an optimizer has stepped the model).
 
+Called less often at a steady rate (on every other optimizer step) keeps the lag under
+:data:`LAG`: :func:`check_rate` warns when, over a window of :data:`LAG` calls, one optimizer
+stepped the model at least 1.5 times as often. It counts each optimizer apart, so two optimizers
+stepping one model once per iteration each (weights and thresholds apart) stay at 1; gradient
+accumulation and a ``GradScaler`` skipping steps only lower the count.
+
 The same hook sees which parameters the optimizers hold. An optimizer built *before* ``sparsify``
 holds the model's parameters from then: not the ones the recipe added or replaced (STR's
 thresholds, SAS's wider weights), which then never train, and nothing fails. At the first
@@ -41,7 +47,8 @@ from sparsify.core.forwards import forwarded
 from sparsify.core.records import RecordsGroupMixin
 from sparsify.core.state import find_state, unwrap
 
-__all__ = ["LAG", "ADVICE", "watch", "reset", "optimizer_steps", "check_held", "check_idle", "check_bypassed",
+__all__ = ["LAG", "ADVICE", "watch", "reset", "optimizer_steps", "check_held", "check_idle", "check_rate",
+           "check_bypassed",
            "schedule_unfinished", "schedule_short"]
 
 #: optimizer steps in a row without ``sparsify.step`` that warn (a once-per-epoch call is caught
@@ -64,6 +71,9 @@ _HELD: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 # watched states an optimizer has stepped -> [sparsify.step calls in the current window of LAG,
 # those that followed no optimizer step]
 _IDLE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# watched states an optimizer has stepped -> [sparsify.step calls in the current window of LAG,
+# {id(optimizer): its steps on the model in the window}]
+_RATE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _HOOK = None
 
 
@@ -97,6 +107,8 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
         if stepped.isdisjoint(_weights(state)):
             continue
         n = _COUNTS[state] = _COUNTS[state] + 1
+        steps = _RATE.setdefault(state, [0, {}])[1]
+        steps[id(optimizer)] = steps.get(id(optimizer), 0) + 1
         dropped = _drop_records(state) if n >= 2 else 0  # a whole iteration without sparsify.step
         if n == LAG and "lag" not in state.warned:
             state.warned.add("lag")
@@ -208,6 +220,37 @@ def check_idle(state) -> str | None:
             "accumulation, only after the optimizer.step that ends each accumulation). Under float16 autocast, a "
             "GradScaler that skips steps on non-finite gradients does this too (check scaler.get_scale(); "
             "bfloat16 has float32's range)")
+
+
+def check_rate(state) -> str | None:
+    """Called by ``sparsify.step``: what to warn when, over the current window of :data:`LAG`
+    calls, one optimizer stepped the model 1.5 times as often or more (``sparsify.step`` on every
+    other optimizer step: the schedules run at half speed, a ``fix`` comes late or never); None
+    otherwise. Each optimizer is counted apart (two stepping one model each step once per call).
+
+    >>> import torch, sparsify
+    >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), "gmp", total_steps=100)
+    >>> opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    >>> said = []
+    >>> for i in range(80):
+    ...     m(torch.ones(1, 4)).sum().backward(); opt.step()
+    ...     if i % 2: said.append(check_rate(m.sparsify_state)); _ = reset(m.sparsify_state)
+    >>> [i for i, s in enumerate(said) if s], said[19][:79]
+    ([19, 39], 'sparsify: an optimizer stepped this model 40 times in the last 20 sparsify.step')
+    """
+    window = _RATE.get(state)
+    if window is None:
+        return None
+    window[0] += 1
+    if window[0] < LAG:
+        return None
+    most = max(window[1].values(), default=0)
+    window[:] = [0, {}]
+    if 2 * most < 3 * LAG:
+        return None
+    return (f"sparsify: an optimizer stepped this model {most} times in the last {LAG} sparsify.step calls, so its "
+            f"schedules run {most / LAG:.2g} times slower than training (a ramp stretches past the run, a fix comes "
+            "late or never): " + ADVICE)
 
 
 def check_bypassed(state, root: nn.Module | None = None) -> str | None:
