@@ -74,3 +74,31 @@ def test_a_stage_the_run_rounds_to_no_step_is_said_once():
     messages = said(recipe, 40)
     assert len(messages) == 1 and "rules 0 (tl1), 1 (l1-prune) get no step inside it" in messages[0], messages
     assert said("dual", 3) == []
+
+
+def finalize_after(recipe, steps, total_steps=20) -> list[str]:
+    """Train ``steps`` of ``total_steps`` with ``recipe``, then finalize: what finalize says of the schedule."""
+    model = sparsify.sparsify(net(), recipe, total_steps=total_steps, example_inputs=torch.zeros(1, 3, 8, 8))
+    opt = torch.optim.SGD(sparsify.param_groups(model), lr=0.01)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            model(x).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            sparsify.step(model)
+        sparsify.finalize(model, (x,))
+    return [str(w.message) for w in caught if str(w.message).startswith("sparsify.finalize: at step")]
+
+
+@pytest.mark.parametrize("recipe,steps,phase", [("st3", 12, "hold"), ("nm-2-4", 12, "straight-through")])
+def test_finalize_before_a_fix_is_said(recipe, steps, phase):
+    """ST-3 / N:M stopped after their target but before their fix (step 18 of 20) finalized quietly."""
+    said = finalize_after(recipe, steps)
+    assert len(said) == 1 and f"is in its '{phase}' phase, before its fix at step 18" in said[0], said
+
+
+@pytest.mark.parametrize("recipe", ["st3", "nm-2-4"])
+def test_finalize_after_the_fix_is_quiet(recipe):
+    assert finalize_after(recipe, 20) == []

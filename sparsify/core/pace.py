@@ -301,9 +301,9 @@ def optimizer_steps(state) -> int:
 
 def schedule_unfinished(model: nn.Module) -> str | None:
     """What ``finalize`` warns when the model is not where its schedules end: ``sparsify.step``
-    never called although the model trained (it has gradients), or a target sparsity not reached
-    yet (training stopped early, or ``step`` was called less often than the optimizer's, e.g. once
-    per epoch); None when neither.
+    never called although the model trained (it has gradients), a target sparsity not reached
+    yet, or a ``fix`` step not reached (ST-3 / N:M; training stopped early, or ``step`` was called
+    less often than the optimizer's, e.g. once per epoch); None when none.
 
     >>> import torch, sparsify
     >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 8)), "gmp", total_steps=100)
@@ -322,6 +322,11 @@ def schedule_unfinished(model: nn.Module) -> str | None:
     if t == 0 and any(p.grad is not None for p in unwrap(model).parameters()):
         return ("sparsify.finalize: the model has gradients but sparsify.step was never called, so no method "
                 "moved past step 0; " + ADVICE)
+    if late := _before_fix(state, t):
+        recipe, name, fix, phase = late
+        return (f"sparsify.finalize: at step {t} the {recipe} schedule ({name}) is in its {phase!r} phase, before its "
+                f"fix at step {fix}: the training under frozen masks that follows the fix never ran: training stopped "
+                "before the schedule's end, or sparsify.step was not called after every optimizer step: " + ADVICE)
     return None
 
 
@@ -346,6 +351,18 @@ def _behind(state, t: int):
         final, now = g.final_target(), g.target(t)
         if final is not None and now is not None and now < final - 1e-9:
             return state.recipe.get("name") or g.method_name, name, now, final
+    return None
+
+
+def _before_fix(state, t: int):
+    """(recipe name, group name, fix step, phase) of the first group whose schedule has a ``fix``
+    (ST-3, N:M, magnitude) not reached at step ``t``; None when none has. A fix after
+    ``total_steps`` is left out: ``sparsify()`` warned that it never comes."""
+    for name, g in state.groups.items():
+        about = g.describe(t)
+        fix = about.get("fix")
+        if fix is not None and t < fix and (state.total_steps is None or fix <= state.total_steps):
+            return state.recipe.get("name") or g.method_name, name, fix, about.get("phase", "?")
     return None
 
 
