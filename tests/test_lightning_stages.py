@@ -178,3 +178,16 @@ def test_a_resumed_run_made_longer_is_told_which_total_steps_to_pass(tmp_path):
         trainer([SparsifyCallback("gmp", attr="net", example_inputs=X, total_steps=3)], max_epochs=2).fit(
             module, loader(), ckpt_path=path)
     assert int(module.net.sparsify_state.step) == 6
+
+
+class SparsifiedInConfigureModel(BuiltInConfigureModel):
+    def configure_model(self):
+        if self.net is None:
+            self.net = sparsify.sparsify(tiny_cnn(), "gmp", total_steps=3, example_inputs=X)
+
+
+def test_a_network_the_user_sparsifies_in_configure_model_is_driven():
+    """SparsifyCallback() refused it at setup ('no sparsified module'): configure_model runs after."""
+    module = SparsifiedInConfigureModel()
+    trainer([SparsifyCallback()], max_epochs=1).fit(module, loader())
+    assert int(module.net.sparsify_state.step) == 3

@@ -137,6 +137,7 @@ class SparsifyCallback(pl.Callback):
         self._stepped = False  # an optimizer stepped since the last batch end
         self._derived = None  # total_steps taken from the trainer under manual optimization, to check
         self._batch_start = 0
+        self._awaiting = False  # setup left sparsifying (or checking) to after configure_model
 
     def setup(self, trainer, pl_module, stage=None):
         fit = stage in (None, "fit")
@@ -144,10 +145,11 @@ class SparsifyCallback(pl.Callback):
         # stage, after setup: validate(Module(), ckpt_path=...) sparsifies pl_module.<attr> there
         run_after(pl_module, "on_load_checkpoint", functools.partial(self._restore, pl_module))
         add_penalty(pl_module, functools.partial(sparsified_modules, pl_module))
-        if self.recipe is not None and fit and getattr(pl_module, self.attr, None) is None and \
-                is_overridden("configure_model", pl_module):
+        self._awaiting = fit and is_overridden("configure_model", pl_module) and (
+            getattr(pl_module, self.attr, None) is None if self.recipe is not None else not sparsified_modules(pl_module))
+        if self._awaiting:
             # built in configure_model, which Lightning calls after setup and before it wraps the
-            # module (FSDP) and calls configure_optimizers: sparsified right after it
+            # module (FSDP) and calls configure_optimizers: sparsified (or checked) right after it
             run_after(pl_module, "configure_model", functools.partial(self._built, pl_module))
             return
         if self.recipe is not None and fit and find_state(self._target(pl_module), required=False) is None:
@@ -157,10 +159,12 @@ class SparsifyCallback(pl.Callback):
 
     def _built(self, pl_module) -> None:
         trainer = pl_module._trainer
-        if self._mine(trainer) and trainer.state.fn == "fit" and \
-                find_state(self._target(pl_module), required=False) is None:
+        if not (self._awaiting and self._mine(trainer)):
+            return  # (Lightning calls configure_model again after a WeightAveraging callback's setup did)
+        self._awaiting = False
+        if self.recipe is not None and find_state(self._target(pl_module), required=False) is None:
             self._sparsify_target(trainer, pl_module, "fit")
-            self._check_fit(trainer, pl_module)
+        self._check_fit(trainer, pl_module)
 
     def _mine(self, trainer) -> bool:
         """Whether this callback drives ``trainer`` (the module's wrapped hooks outlive a run)."""
