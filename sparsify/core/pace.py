@@ -188,7 +188,8 @@ def check_held(state) -> str | None:
 
 def check_idle(state) -> str | None:
     """Called by ``sparsify.step`` before :func:`reset`: what to warn when, in the current window
-    of :data:`LAG` calls, half or more followed no optimizer step on the model; None otherwise
+    of :data:`LAG` calls, half or more followed no optimizer step on the model (calls right after
+    one that followed ``k`` steps count as following one each, up to ``k - 1`` of them); None otherwise
     (or before any optimizer has stepped it: a frozen backbone's sparse layers are never
     stepped, and optimizers outside ``torch.optim`` are not seen).
 
@@ -206,13 +207,19 @@ def check_idle(state) -> str | None:
     n = _COUNTS.get(state)
     if n is None or (n == 0 and state not in _IDLE):
         return None
-    window = _IDLE.setdefault(state, [0, 0])
+    window = _IDLE.setdefault(state, [0, 0, 0])
     window[0] += 1
-    window[1] += n == 0
+    if n == 0 and window[2]:
+        # catching up, call after call, with the optimizer steps an earlier call came after (a
+        # trainer callback that steps a module once per optimizer step at the batch's end)
+        window[2] -= 1
+    else:
+        window[1] += n == 0
+        window[2] = max(n - 1, 0)
     if window[0] < LAG:
         return None
     idle = window[1]
-    window[:] = [0, 0]
+    window[:2] = [0, 0]
     if 2 * idle < LAG:
         return None
     return (f"sparsify: {idle} of the last {LAG} sparsify.step calls followed no optimizer step on this model, so "
