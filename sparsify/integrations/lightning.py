@@ -36,10 +36,10 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 import sparsify
-from sparsify.core.layers import drop_all_caches
-from sparsify.core.pace import schedule_short
 from sparsify.core.extra_state import unpack
+from sparsify.core.layers import drop_all_caches
 from sparsify.core.load_check import run_difference
+from sparsify.core.pace import schedule_short
 from sparsify.core.state import STATE_ATTR, find_state
 from sparsify.integrations.lightning_hooks import add_penalty, run_after, step_loss
 from sparsify.integrations.lightning_load import sparsify_as_saved
