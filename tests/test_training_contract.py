@@ -25,17 +25,21 @@ def resnet():
     return torchvision.models.resnet18(num_classes=10)
 
 
-def steps(model, optimizers, n=2) -> list[str]:
+def steps(model, optimizers, n=2, every: int = 1, batch=None, said: str = SAID) -> list[str]:
+    """``n`` iterations, each stepping every optimizer, sparsify.step after every ``every``-th;
+    the warnings that contain ``said``."""
+    x, y = batch if batch is not None else (X, Y)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for _ in range(n):
-            loss = F.cross_entropy(model(X), Y) + sparsify.penalty(model)
+        for i in range(n):
+            loss = F.cross_entropy(model(x), y) + sparsify.penalty(model)
             loss.backward()
             for opt in optimizers:
                 opt.step()
                 opt.zero_grad()
-            sparsify.step(model)
-    return [str(w.message) for w in caught if SAID in str(w.message)]
+            if i % every == every - 1:
+                sparsify.step(model)
+    return [str(w.message) for w in caught if said in str(w.message)]
 
 
 @pytest.mark.parametrize("recipe,created", [("str", "conv1.s"), ("sas", "layer1.0.conv1.weight")])
@@ -180,18 +184,7 @@ RATE = "times in the last 20 sparsify.step calls"
 
 def every_other(model, optimizers, n: int, every: int = 2) -> list[str]:
     """``n`` iterations, each stepping every optimizer; sparsify.step after every ``every``-th."""
-    x, y = torch.randn(4, 8), torch.tensor([0, 1, 2, 3])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for i in range(n):
-            loss = F.cross_entropy(model(x), y) + sparsify.penalty(model)
-            loss.backward()
-            for opt in optimizers:
-                opt.step()
-                opt.zero_grad()
-            if i % every == every - 1:
-                sparsify.step(model)
-    return [str(w.message) for w in caught if RATE in str(w.message)]
+    return steps(model, optimizers, n, every, (torch.randn(4, 8), torch.tensor([0, 1, 2, 3])), RATE)
 
 
 def test_a_step_on_every_other_optimizer_step_is_told():
