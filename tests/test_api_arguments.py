@@ -309,7 +309,8 @@ def test_lightning_callback_names_a_missing_attribute():
     assert one_line(e) == "SparsifyCallback(attr='nett'): LM has no attribute 'nett'; did you mean 'net'?"
     with pytest.raises(TypeError) as e:
         lightning.SparsifyCallback("st3", attr="lr").setup(None, LM(), "fit")
-    assert one_line(e) == "SparsifyCallback(attr='lr'): LM.lr is float, not the nn.Module to sparsify"
+    assert one_line(e) == ("SparsifyCallback(attr='lr'): LM.lr is float, not the nn.Module to sparsify (build it in "
+                           "__init__ or in configure_model)")
     with pytest.raises(TypeError) as e:
         lightning.sparsified_modules(None)
     assert one_line(e).startswith("sparsified_modules: module must be an nn.Module")

@@ -171,13 +171,14 @@ def test_pl_a_dict_returning_step_gets_the_penalty(monkeypatch):
 
 
 def test_pl_sparsify_step_gets_the_training_loss(monkeypatch):
-    """Each sparsify.step gets the batch's training loss (penalty included), not None: semi-structured
-    keeps the mask map of the lowest loss, and a non-finite loss is reported (docs/integrations.md)."""
+    """Each sparsify.step gets the batch's training loss (what training_step returned, before the
+    penalty), not None: semi-structured keeps the mask map of the lowest loss, and a non-finite loss
+    is reported (docs/integrations.md)."""
     from sparsify.integrations.lightning import SparsifyCallback
     module = _classifier(returns_dict=False)
     _, ends, stepped = _pl_fit(module, SparsifyCallback("tl1", attr="net"), monkeypatch, max_steps=2)
     assert len(stepped) == 2 and None not in stepped
-    assert stepped == pytest.approx(ends, rel=1e-6)
+    assert stepped == pytest.approx(module.task, rel=1e-6) and stepped != pytest.approx(ends, rel=1e-6)
 
 
 def test_pl_an_optimizer_of_flat_copies_still_steps_the_schedule():

@@ -92,11 +92,11 @@ def finalize_after(recipe, steps, total_steps=20) -> list[str]:
     return [str(w.message) for w in caught if str(w.message).startswith("sparsify.finalize: at step")]
 
 
-@pytest.mark.parametrize("recipe,steps,phase", [("st3", 12, "hold"), ("nm-2-4", 12, "straight-through")])
-def test_finalize_before_a_fix_is_said(recipe, steps, phase):
+@pytest.mark.parametrize("recipe,steps", [("st3", 12), ("nm-2-4", 12)])
+def test_finalize_before_a_fix_is_said(recipe, steps):
     """ST-3 / N:M stopped after their target but before their fix (step 18 of 20) finalized quietly."""
     said = finalize_after(recipe, steps)
-    assert len(said) == 1 and f"is in its '{phase}' phase, before its fix at step 18" in said[0], said
+    assert len(said) == 1 and "at step 12 the" in said[0] and "is before its fix at step 18" in said[0], said
 
 
 @pytest.mark.parametrize("recipe", ["st3", "nm-2-4"])

@@ -330,8 +330,8 @@ def schedule_unfinished(model: nn.Module) -> str | None:
         return ("sparsify.finalize: the model has gradients but sparsify.step was never called, so no method "
                 "moved past step 0; " + ADVICE)
     if late := _before_fix(state, t):
-        recipe, name, fix, phase = late
-        return (f"sparsify.finalize: at step {t} the {recipe} schedule ({name}) is in its {phase!r} phase, before its "
+        recipe, name, fix = late
+        return (f"sparsify.finalize: at step {t} the {recipe} schedule ({name}) is before its "
                 f"fix at step {fix}: the training under frozen masks that follows the fix never ran: training stopped "
                 "before the schedule's end, or sparsify.step was not called after every optimizer step: " + ADVICE)
     return None
@@ -362,14 +362,14 @@ def _behind(state, t: int):
 
 
 def _before_fix(state, t: int):
-    """(recipe name, group name, fix step, phase) of the first group whose schedule has a ``fix``
-    (ST-3, N:M, magnitude) not reached at step ``t``; None when none has. A fix after
-    ``total_steps`` is left out: ``sparsify()`` warned that it never comes."""
+    """(recipe name, group name, fix step) of the first group whose schedule has a ``fix`` (ST-3,
+    N:M, magnitude: ``fix_at``) not reached at step ``t``; None when none has. A fix after
+    ``total_steps`` is left out: ``sparsify()`` warned that it never comes. (Not ``describe``:
+    N:M's reads every weight, which on a sharded model finalize has yet to refuse is a collective.)"""
     for name, g in state.groups.items():
-        about = g.describe(t)
-        fix = about.get("fix")
+        fix = getattr(g, "fix_at", None)
         if fix is not None and t < fix and (state.total_steps is None or fix <= state.total_steps):
-            return state.recipe.get("name") or g.method_name, name, fix, about.get("phase", "?")
+            return state.recipe.get("name") or g.method_name, name, int(fix)
     return None
 
 
