@@ -112,6 +112,8 @@ def test_python_dash_m_sparsify_is_the_command():
     assert as_module.returncode == 0 and json.loads(as_module.stdout) == json.loads(as_cli.stdout)
     bad = run("sparsify", "plan", "--model", "cnn", "--recipe", "nosuch")
     assert bad.returncode == 2 and "unknown recipe 'nosuch'" in bad.stderr
+    # what a command line can pass instead; the dict only from Python
+    assert "(or a path to a .json file; from Python, also a dict)" in bad.stderr
     assert run("sparsify", "--help").stdout.startswith("usage: sparsify")
 
 

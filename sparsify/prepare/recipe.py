@@ -197,7 +197,7 @@ def _read(spec) -> tuple[dict, str]:
             return _read(Path(spec))  # or a folder: said as one, not an unknown name
         if spec not in known:
             raise RecipeError(f"unknown recipe {spec!r}{_did_you_mean(spec, known)}; built-in recipes: "
-                              f"{', '.join(known)} (or pass a path to a .json file, or a dict)")
+                              f"{', '.join(known)} (or a path to a .json file; from Python, also a dict)")
         entry = _recipe_dir() / f"{spec}.json"
         return _parse(entry.read_text(), f"<built-in {spec}>"), f"built-in:{spec}"
     raise RecipeError(f"a recipe is a built-in name, a path to a JSON file, or a dict (or the Recipe load_recipe "
