@@ -58,9 +58,15 @@ def guess_shape(model: nn.Module) -> tuple | None:
     >>> guess_shape(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
     (1, 3, 224, 224)
     """
-    first = next((m for m in model.modules() if isinstance(m, WEIGHT_TYPES)), None)
-    if first is None:
-        return None
+    first = _first_layer(model)
+    return None if first is None else _shape_for(first)
+
+
+def _first_layer(model: nn.Module) -> nn.Module | None:
+    return next((m for m in model.modules() if isinstance(m, WEIGHT_TYPES)), None)
+
+
+def _shape_for(first: nn.Module) -> tuple:
     if isinstance(first, CONV_TRANSPOSE_TYPES):  # a decoder or generator: a small feature map
         return (1, first.in_channels, *([8] * (first.weight.dim() - 2)))
     if isinstance(first, nn.Conv2d):
@@ -75,11 +81,10 @@ def guess_shape(model: nn.Module) -> tuple | None:
 def guess_example_inputs(model: nn.Module) -> tuple | None:
     """A plausible single-sample input from the first Conv/Linear layer (224² images, 112² video
     clips of 8 frames, 128-long sequences), or None when the model rejects it."""
-    shape = guess_shape(model)
-    if shape is None:
+    first = _first_layer(model)
+    if first is None:
         return None
-    first = next(m for m in model.modules() if isinstance(m, WEIGHT_TYPES))
-    x = (torch.zeros(shape, device=first.weight.device, dtype=first.weight.dtype),)
+    x = (torch.zeros(_shape_for(first), device=first.weight.device, dtype=first.weight.dtype),)
     try:
         # internal: the guess's zeros are no evaluation of the user's (activation counts ignore it)
         with torch.no_grad(), kept_modes(model, training=False), internal():
