@@ -204,7 +204,14 @@ def _build_module(root: nn.Module, egm: fx.GraphModule) -> fx.GraphModule:
             root.get_submodule(target) if node.op == "call_module" else _resolve(root, target)
         except AttributeError:
             if "." in target:
-                raise ExportCaptureError(f"the exported graph reads {target}, which the model does not hold") from None
+                value = _resolve(egm, target) if node.op == "get_attr" else None
+                if not isinstance(value, torch.Tensor):
+                    raise ExportCaptureError(f"the exported graph reads {target}, which the model does not hold") from None
+                # a constant the export lifted out of a submodule's forward (Swin's attention): kept
+                # on the graph module under a flat name, so the user's submodule gains no attribute
+                node.target = target = _free_name(root, egm, target.replace(".", "_"))
+                extra[target] = src.__dict__[target] = value
+                continue
             extra[target] = value = _resolve(egm, target)
             if isinstance(value, nn.Module):
                 src._modules[target] = value
@@ -215,8 +222,8 @@ def _build_module(root: nn.Module, egm: fx.GraphModule) -> fx.GraphModule:
     for name, value in extra.items():
         if isinstance(value, nn.Module):
             gm._modules[name] = value
-        else:
-            gm.__dict__[name] = value  # a plain attribute: no new state_dict key
+        else:  # a constant: moves with .to() as torch's own unlifted module's does, but no state_dict key
+            gm.register_buffer(name, value, persistent=False)
     _keep_attributes(root.__dict__, gm)
     gm.__dict__["_in_spec"], gm.__dict__["_out_spec"] = egm._in_spec, egm._out_spec
     gm.training = root.training
@@ -224,6 +231,15 @@ def _build_module(root: nn.Module, egm: fx.GraphModule) -> fx.GraphModule:
     # that keeps `self.training` a run-time read
     gm.graph._tracer_cls = gm._tracer_cls = _DepthTracer
     return gm
+
+
+def _free_name(root: nn.Module, egm: fx.GraphModule, name: str) -> str:
+    """``name``, or ``name_1``, ``name_2`` ..., whichever neither module holds."""
+    candidate, i = name, 0
+    while hasattr(root, candidate) or hasattr(egm, candidate):
+        i += 1
+        candidate = f"{name}_{i}"
+    return candidate
 
 
 def _resolve(obj, target: str):

@@ -292,6 +292,10 @@ def _unpickle_traced(original: type, name: str, fn, args) -> fx.GraphModule:
     plain = fn(*args)  # torch's own unpickling: a GraphModule holding every attribute
     body = next((a for a in args if isinstance(a, dict)), {})
     _keep_non_persistent(body, plain)
+    # torch re-traces the code, running an exported graph's lift_fresh_copy of a constant: the copy
+    # becomes a new buffer, a constant like the original's (non-persistent), not a state_dict key
+    plain._non_persistent_buffers_set |= {n for n in plain._buffers if n.startswith("_tensor_constant")
+                                          and n not in body.get("_buffers", {})}
     cls = _traced_class(original)
     gm = cls.__new__(cls)
     gm.__dict__.update(plain.__dict__)

@@ -324,3 +324,49 @@ def test_recipe_option_selects_the_capture():
     assert [c["capture"] for c in p.captures] == ["torch.export"] and len(p.rewritten) == 2
     p = sparsify.plan(ShapeBranchNet(), recipe, example_inputs=_x(), capture="fx")  # the argument wins
     assert [c["capture"] for c in p.captures] == ["module by module"]
+
+
+class _Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):  # a tensor made in forward: torch.export lifts it as this module's constant
+        return self.fc(x) * torch.tensor([1.0, 2.0, 3.0, 4.0])
+
+
+class ConstantsNet(nn.Module):
+    """Constants made in the forward of the root and of a submodule, as Swin's attention makes its
+    relative position index (the export named it ``features.1.1.attn.lifted_tensor_0``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sub = _Scaled()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.sub(x) + torch.tensor([0.5, 0.0, 0.0, 1.0])))
+
+
+def test_constants_made_in_forward_capture_without_new_state_dict_keys_or_attributes():
+    import pickle
+    torch.manual_seed(0)
+    model, x = ConstantsNet(), torch.randn(3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sm = sparsify.sparsify(model, "st3", total_steps=10, example_inputs=(x,), capture="export")
+    assert not hasattr(model.sub, "lifted_tensor_0")  # the user's submodule is not written to
+    keys = sorted(ConstantsNet().state_dict())
+    for copy_ in (sm, copy.deepcopy(sm), pickle.loads(pickle.dumps(sm))):
+        assert torch.allclose(copy_(x), model(x))
+        assert not [k for k in copy_.state_dict() if k not in sm.state_dict()]
+        assert not [k for k in copy_.state_dict() if "constant" in k or "lifted" in k]
+    wide = copy.deepcopy(sm).double()  # the constants move with the model, as buffers do
+    assert wide(x.double()).dtype == torch.float64
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        final = sparsify.finalize(copy.deepcopy(sm).eval())
+    assert sorted(final.state_dict()) == keys
+    fresh = ConstantsNet()
+    fresh.load_state_dict(final.state_dict())  # strict
+    assert torch.allclose(fresh(x), final(x))
