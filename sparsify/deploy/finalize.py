@@ -1,22 +1,21 @@
 """``sparsify.finalize``: plain torch modules for deployment, checked against the sparse model."""
 from __future__ import annotations
 
-import inspect
-import math
-import numbers
 import warnings
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from passes import kept_state, remove_node, set_submodule
-from passes.calls import CallShell
+from passes import kept_state, set_submodule
 from passes.hooks import kept_hooks, remove_hooks, unguard_called
-from passes.traced import deepcopy_module, graph_fingerprint, untraced
+from passes.traced import deepcopy_module
 
 from sparsify.deploy.wrapped_forward import class_forward
-from sparsify.deploy.compare import answered_alike, flatten_tensors, outputs_close, rolled, same_outputs
+from sparsify.deploy.compare import flatten_tensors, outputs_close
+from sparsify.deploy.finalize_options import check_options
+from sparsify.deploy.input_dependence import _answered_alike
+from sparsify.deploy.plain_modules import _finalize_tied, _remove_node, _untrace
 from passes.call_inputs import input_tuple
 from sparsify.prepare.open_transformer import close_transformers
 from sparsify.prepare.inputs import FIT_HINT, misfit_error, refuse_empty, state_inputs
@@ -29,12 +28,11 @@ from sparsify.core.forwards import entered_hook
 from sparsify.core.records import graph_holders
 from sparsify.core.dead_outputs import dead_outputs, dead_outputs_message
 from sparsify.core.diverged import diverged_message, nonfinite_parameters
-from sparsify.core.eval_loop import internal, samples_in
+from sparsify.core.eval_loop import internal
 from sparsify.core.modes import kept_modes
 from sparsify.core.sharded import sharded_modules
 from sparsify.core.load_hooks import before_load
 from sparsify.core.state import STATE_ATTR, SparsifyState, after_load, find_state, refuse_unfilled, unwrap
-from sparsify.core.tied import TiedUse, plain_tied
 
 __all__ = ["FinalizeError", "FinalizeWarning", "finalize_model", "check_options"]
 
@@ -61,57 +59,6 @@ class FinalizeWarning(UserWarning):
     >>> warnings.simplefilter("error", sparsify.FinalizeWarning)   # to make it an error in CI
     >>> warnings.resetwarnings()
     """
-
-
-def check_options(check, rtol, atol, accelerate, semi_structured) -> None:
-    """One-line errors for :func:`sparsify.finalize`'s options: a string or number where a flag
-    goes would count as true, and a negative or NaN tolerance fails inside ``torch.allclose``.
-
-    >>> check_options("no", 1e-4, 1e-5, False, False)
-    Traceback (most recent call last):
-    TypeError: finalize: check is True or False; got 'no'
-    >>> check_options(True, -1, 1e-5, False, False)
-    Traceback (most recent call last):
-    ValueError: finalize: rtol is a tolerance, a finite number >= 0; got -1
-    """
-    if not isinstance(check, bool):
-        raise TypeError(f"finalize: check is True or False; got {check!r}")
-    for name, value in (("rtol", rtol), ("atol", atol)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"finalize: {name} is a tolerance, a finite number >= 0; got {type(value).__name__} "
-                            f"{value!r}")
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"finalize: {name} is a tolerance, a finite number >= 0; got {value!r}")
-    if not isinstance(accelerate, (bool, dict)):
-        raise TypeError(f"finalize: accelerate is True, False or a dict of options for "
-                        f"sparsify.deploy.accelerate.accelerate; got {type(accelerate).__name__} {accelerate!r}")
-    if isinstance(accelerate, dict):
-        from sparsify.deploy.accelerate import accelerate as fn
-        takes = [p.name for p in inspect.signature(fn).parameters.values() if p.kind == p.KEYWORD_ONLY]
-        if unknown := [k for k in accelerate if k not in takes]:
-            raise TypeError(f"finalize: accelerate has no option {unknown[0]!r} (a dict of options for "
-                            f"sparsify.deploy.accelerate.accelerate, which takes {', '.join(takes)})")
-    if not isinstance(semi_structured, (bool, torch.dtype)):
-        raise TypeError(f"finalize: semi_structured is True, False or a torch.dtype (torch.float16, "
-                        f"torch.bfloat16); got {type(semi_structured).__name__} {semi_structured!r}")
-
-
-def _remove_node(root: nn.Module, graph_paths: list[str], qualname: str) -> bool:
-    """Drop the call of module ``qualname`` from its graph: its users read its input instead."""
-    for prefix in graph_paths:
-        if prefix and not qualname.startswith(prefix + "."):
-            continue  # else a cut-off name ("...conv.2_tl1" under a longer prefix: "1") hits another node
-        gm = root.get_submodule(prefix) if prefix else root
-        if not isinstance(gm, fx.GraphModule):
-            continue
-        local = qualname[len(prefix) + 1:] if prefix else qualname
-        for node in gm.graph.nodes:
-            if node.op == "call_module" and node.target == local:
-                remove_node(gm, node, delete_module=True)
-                gm.graph.lint()
-                gm.recompile()
-                return True
-    return False
 
 
 @torch.no_grad()
@@ -263,64 +210,6 @@ def _refuse_nan_outputs(expected, inputs) -> None:
                         "rate) and training diverged; nothing here is worth deploying")
 
 
-def _answered_alike(source: nn.Module, inputs: tuple, expected) -> int:
-    """How many different inputs ``source`` (in eval mode) answered alike: the example batch's
-    samples, or, for a batch of one, the sample and the sample rolled by one along its last
-    dimension (one more forward); 0 when it told them apart, that cannot be seen, or the output
-    still has a gradient with respect to a float input (an untrained net's input-dependent part
-    rounded away beside its bias: alike, but not cut off from its input)."""
-    try:
-        with kept_state(source), internal():
-            if samples_in(inputs) != 1:
-                n = answered_alike(inputs, expected)
-            else:
-                other = rolled(inputs)
-                n = 2 if other is not None and same_outputs(expected, source(*other)) else 0
-            return n if n and not _reaches_input(source, inputs) else 0
-    except Exception:  # a model that rejects the rolled input (positions, masks) is not judged
-        return 0
-
-
-def _reaches_input(source: nn.Module, inputs: tuple) -> bool:
-    """Whether a random projection of ``source``'s output has a non-zero gradient with respect to
-    one of its floating inputs (one forward and backward, only for a model that answered alike)."""
-    given = [t.detach().clone().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-             for t in inputs]
-    leaves = [t for t in given if isinstance(t, torch.Tensor) and t.requires_grad]
-    if not leaves:
-        return False
-    with torch.enable_grad():
-        outs = [t for t in flatten_tensors(source(*given)) if t.is_floating_point() and t.requires_grad]
-        if not outs:
-            return False
-        g = torch.Generator(device=outs[0].device).manual_seed(0)
-        projection = sum((t * torch.randn(t.shape, generator=g, device=t.device, dtype=t.dtype)).sum() for t in outs)
-        grads = torch.autograd.grad(projection, leaves, allow_unused=True)
-    return any(d is not None and bool(d.ne(0).any()) for d in grads)
-
-
-def _untrace(final: nn.Module, state: SparsifyState) -> nn.Module:
-    """Give each traced module whose finalized graph is the graph as captured (the weight and
-    regularizer recipes: layers swapped back, inserted nodes removed) its own class back, running
-    its own forward (:func:`passes.traced.untraced`; an activation's one-call shell gives back the
-    activation): the finalized model is then the user's classes and torch's layers only, and
-    pickles without fx-sparsify. Graphs a recipe changed for
-    good (SAS's rewiring, semi-structured's masks) stay graphs. Deepest first, the root last."""
-    for prefix in sorted(state.graph_paths, key=lambda p: (p.count(".") + bool(p), p), reverse=True):
-        gm = final.get_submodule(prefix) if prefix else final
-        if not isinstance(gm, fx.GraphModule) or state.graph_fingerprints.get(prefix) != graph_fingerprint(gm.graph):
-            continue
-        # an activation's one-call graph (passes.calls.call_shell) gives back the activation it calls
-        plain = gm.get_submodule(gm.shell_of) if isinstance(gm, CallShell) else untraced(gm)
-        if plain is None:
-            continue
-        if prefix:
-            set_submodule(final, prefix, plain)
-        else:
-            final = plain
-    return final
-
-
 def _warn_training_only_graphs(source: nn.Module) -> None:
     """The check compares eval outputs; a graph that holds the training branch of a module's
     ``if self.training:`` runs that module's own forward in eval, without the nodes a method
@@ -329,17 +218,6 @@ def _warn_training_only_graphs(source: nn.Module) -> None:
         warnings.warn(f"finalize: {skipping_line(name, cls, skipped, 'in eval (and in the finalized model)')}: the "
                       "deployed model does not apply them, and this check cannot see it (docs/capture.md#training-and-"
                       "eval-branches)", FinalizeWarning, stacklevel=4)
-
-
-def _finalize_tied(final: nn.Module) -> None:
-    """Tied users (:mod:`sparsify.core.tied`) become plain modules registered with their finalized
-    owner's parameter, which holds the deployed weight: the tie is kept."""
-    made: dict[int, nn.Module] = {}  # a module registered under several names stays one module
-    for name, m in list(final.named_modules(remove_duplicate=False)):
-        if isinstance(m, TiedUse):
-            if id(m) not in made:
-                made[id(m)] = plain_tied(m, final.get_submodule(m.tied_to).weight)
-            set_submodule(final, name, made[id(m)])
 
 
 def _explain_difference(source: nn.Module, final: nn.Module, inputs, worst: float, rtol: float, atol: float) -> None:
