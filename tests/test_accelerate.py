@@ -14,7 +14,7 @@ from torch import nn
 
 import sparsify
 from sparsify.deploy.accelerate import (AccelerationError, PatchSkipConv2d, SparseConv1x1, SparseLinear, accelerate, fold_bn, supports_patch_skip)
-from sparsify.deploy.accelerate.convert import _bsr_block
+from sparsify.deploy.accelerate.weight_sparse_pass import _bsr_block
 from sparsify.deploy.accelerate.fold import PositionFill, folded_conv
 from sparsify.deploy.accelerate.select import choose
 from sparsify.deploy.compare import outputs_close

@@ -15,7 +15,7 @@ from torch import nn
 import pytest
 
 from sparsify.deploy.accelerate import SparseConv1x1, SparseLinear, accelerate
-from sparsify.deploy.accelerate import convert
+from sparsify.deploy.accelerate import weight_sparse_pass
 from sparsify.deploy.accelerate.select import time_calls
 from sparsify.deploy.compare import outputs_close
 from sparsify.methods.semistructured import PositionMask
@@ -122,14 +122,14 @@ def test_row_block_candidates_follow_the_rows_the_layer_sees():
 
 def test_a_row_block_choice_builds_the_layer_with_that_block(monkeypatch):
     """When CSR in row blocks of 32 wins, the layer takes 32 rows per call and reports path csr."""
-    real = convert.choose
+    real = weight_sparse_pass.choose
 
     def prefer_blocks(cands, decide, margin):
         if "csr/32" in cands:
             return "csr/32", {k: 1.0 for k in cands}, "fastest: 2.00x dense on this input"
         return real(cands, decide, margin)
 
-    monkeypatch.setattr(convert, "choose", prefer_blocks)
+    monkeypatch.setattr(weight_sparse_pass, "choose", prefer_blocks)
     lin = nn.Sequential(_prune(nn.Linear(32, 32), 950))
     x = torch.randn(100, 32)
     fast = accelerate(lin, x)
