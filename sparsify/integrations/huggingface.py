@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 import sparsify
 from sparsify.core.pace import schedule_short
 from sparsify.core.state import find_state
-from sparsify.prepare.plan import once
+from sparsify.prepare.plan_entry import once
 
 __all__ = ["SparsifyTrainerCallback", "linear_share", "penalty_share", "step_loss"]
 

@@ -29,7 +29,8 @@ from sparsify.methods import SparseWeightMixin, get_method
 from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.core.modes import modes_of, restore_modes
 from sparsify.core.contract import GroupContext, Site
-from sparsify.prepare.plan import Plan, PlanEntry
+from sparsify.prepare.plan import Plan
+from sparsify.prepare.plan_entry import PlanEntry
 from sparsify.prepare.tied import module_aliases, param_owners, point_aliases, share_tied, tie_decision
 from sparsify.prepare.adapters import adapter_reason, is_tuner_layer
 from sparsify.prepare.pretrained import guard_save_pretrained

@@ -12,7 +12,7 @@ from sparsify.core.contract import Site
 from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.prepare.fast_path import TRANSFORMER_LAYERS  # their linear1 / linear2 are rewritable
 from sparsify.prepare.matching import Candidate, MatchTable
-from sparsify.prepare.plan import PlanEntry
+from sparsify.prepare.plan_entry import PlanEntry
 
 __all__ = ["dense_entries"]
 

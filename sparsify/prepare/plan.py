@@ -9,93 +9,11 @@ from sparsify.core.contract import HOOKED
 from sparsify.core.subclasses import COMPUTED_WEIGHT, OWN_FORWARD
 from sparsify.prepare.adapters import ADAPTER
 from sparsify.prepare.direct_reads import READ_DIRECTLY
+from sparsify.prepare.plan_entry import FOREIGN_LAYER, FROZEN, OWN_KERNEL, STACKED, PlanEntry, once
+from sparsify.prepare.plan_wording import misspelt_types, overruled_line, share_text
 from sparsify.prepare.tied import TIED_DENSE
 
 __all__ = ["PlanEntry", "Plan", "STACKED", "FROZEN", "OWN_KERNEL", "FOREIGN_LAYER", "once"]
-
-#: how the plan's reason for a stacked weight tensor (fused MoE experts) begins
-STACKED = "stacked weight matrices"
-#: how the plan's reason for a layer left dense because it is frozen begins (prepare.unhandled)
-FROZEN = "frozen (requires_grad=False)"
-#: what the plan's reason for weights a fused kernel reads (LSTM, GRU, RNN, Bilinear)
-#: says (prepare.unhandled)
-OWN_KERNEL = "read by its own kernel"
-#: what the plan's reason for another library's layer (a MoE router, PyG's Linear) says
-FOREIGN_LAYER = "not a torch Conv/Linear layer"
-
-
-def misspelt_types(match: dict) -> str:
-    """`` (did you mean ...?)`` for ``"type"`` names of a rule's match that differ from a torch.nn
-    class name only in case (``"Conv2D"``) or by a module path (``"torch.nn.Conv2d"``, ``"nn.Linear"``:
-    types are matched by class name alone): a rule that matches nothing, a run that trains dense.
-    Empty otherwise (a model's own class names are matched as given).
-
-    >>> misspelt_types({"type": ["Conv2D", "Linear", "MyBlock", "torch.nn.Linear"]})
-    " (did you mean 'Conv2d', 'Linear'?)"
-    >>> misspelt_types({"name": "fc"})
-    ''
-    """
-    from torch import nn
-
-    names = match.get("type", [])
-    by_lower = {n.lower(): n for n in dir(nn) if isinstance(getattr(nn, n), type)}
-    given = [t for t in ([names] if isinstance(names, str) else names) if isinstance(t, str)]
-    fixes = [fix for t in given if (fix := by_lower.get(t.rsplit(".", 1)[-1].lower())) is not None and fix != t]
-    return f" (did you mean {', '.join(map(repr, fixes))}?)" if fixes else ""
-
-
-def overruled_line(o: dict, rules=None) -> str:
-    """What an entry of :attr:`Plan.overruled_rules` means, in words (``rules``: the recipe's
-    resolved rules, to name their methods). Where the later rule matches no more layers than the
-    overruled one, nothing says which of the two is the exception: the line states the outcome.
-
-    >>> overruled_line({"rule": 0, "later": 1, "sites": 1, "first": "fc", "broader": True})
-    'rule 0 decides nothing: the 1 layer(s) it matches (first: fc) are all matched by rule 1 too, and later rules win'
-    >>> overruled_line({"rule": 1, "later": 3, "sites": 1, "first": "fc", "broader": False})
-    'rule 1 decides nothing: on this model every layer it matches (1, first: fc) is decided by rule 3, a later rule matching the same layers'
-    """
-    def named(i):
-        return f"rule {i}" if rules is None else f"rule {i} ({rules[i].method or 'null: dense'})"
-    if not o.get("broader", True):
-        return (f"{named(o['rule'])} decides nothing: on this model every layer it matches ({o['sites']}, first: "
-                f"{o['first']}) is decided by {named(o['later'])}, a later rule matching the same layers")
-    return (f"{named(o['rule'])} decides nothing: the {o['sites']} layer(s) it matches (first: {o['first']}) are "
-            f"all matched by {named(o['later'])} too, and later rules win")
-
-
-def share_text(share: float) -> str:
-    """A share of the model's weights for a warning: never "0%" for some nor "100%" for not all.
-
-    >>> share_text(0.0008), share_text(0.003), share_text(0.25), share_text(0.998), share_text(1.0)
-    ('0.08%', '0.3%', '25%', 'over 99%', '100%')
-    """
-    if 0 < share < 0.005:
-        return f"{share * 100:.2g}%"
-    return "over 99%" if 0.995 <= share < 1 else f"{share:.0%}"
-
-
-def once(entries) -> list:
-    """``entries`` with each layer once (its first entry): a layer called several times has an
-    entry per call, its weights one set, counted once in shares and totals.
-
-    >>> [e.name for e in once([PlanEntry("fc", "Linear", None, 0), PlanEntry("fc", "Linear", None, 0)])]
-    ['fc']
-    """
-    seen: set[str] = set()
-    return [e for e in entries if not (e.name in seen or seen.add(e.name))]
-
-
-@dataclass
-class PlanEntry:
-    """One matched site, one Conv/Linear left dense, or another weight matrix no method rewrites."""
-
-    name: str
-    kind: str  # module class name or op name
-    method: str | None  # None: stays dense
-    rule: int | None  # index of the winning rule, None when no rule matched
-    reason: str = ""  # why it stays dense; on a rewritten site, a note (the modules sharing its weight) or ""
-    params: int = 0  # weight parameters (Conv/Linear)
-    macs: int | None = None  # dense MACs per sample at the example input size
 
 
 @dataclass

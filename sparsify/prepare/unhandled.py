@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.core.layers import WEIGHT_TYPES
-from sparsify.prepare.plan import FOREIGN_LAYER, FROZEN, OWN_KERNEL, STACKED, PlanEntry
+from sparsify.prepare.plan_entry import FOREIGN_LAYER, FROZEN, OWN_KERNEL, STACKED, PlanEntry
 
 __all__ = ["unhandled_entries", "frozen_reason"]
 
