@@ -1,7 +1,8 @@
 """How the model's forward is captured for rewriting: ``torch.fx`` (with module-by-module rewriting
 where a submodule cannot be traced) or ``torch.export`` (:mod:`passes.export_capture`), chosen by
 ``capture`` (``"auto"``, ``"fx"`` or ``"export"``; see docs/capture.md), and what the plan says
-about it.
+about it. A trace is read as candidates in :mod:`sparsify.prepare.capture_candidates`; what the
+auto mode weighs before and after trying torch.export is in :mod:`sparsify.prepare.export_choice`.
 """
 from __future__ import annotations
 
@@ -9,66 +10,23 @@ import inspect
 
 from torch import nn
 
-from passes import ExportCaptureError, export_trace, model_ends, node_name, own_calls, target_module, trace
+from passes import ExportCaptureError, export_trace, trace
 from passes.call_inputs import input_tuple
 from passes.calls import CallShell
 from passes.mode_branches import MODE_KEPT
-from passes.tracing import CallRecord, TraceResult, enclosing_modules
+from passes.tracing import CallRecord, TraceResult
 
 from sparsify.core.activations import is_activation_module, shell_activation
 from sparsify.core.layers import WEIGHT_TYPES
+from sparsify.prepare.capture_candidates import _candidates, _enclosing, _is_compute, _structural
+from sparsify.prepare.export_choice import _export_may_reach_more, _keyword_calls, _reached
 from sparsify.prepare.hidden import needed_paths
-from sparsify.prepare.matching import Candidate, MatchTable, op_name
+from sparsify.prepare.matching import Candidate, MatchTable
 from sparsify.prepare.open_transformer import close_transformers, open_transformers
 
 __all__ = ["CAPTURES", "capture", "fx_capture", "check_capture", "capture_report", "swaps_only"]
 
 CAPTURES = ("auto", "fx", "export")
-
-
-def _is_compute(m: nn.Module) -> bool:
-    return isinstance(m, WEIGHT_TYPES)
-
-
-def _candidates(tr: TraceResult, root: nn.Module, calls: CallRecord | None = None) -> list[Candidate]:
-    """Every node of every graph, and the layers swapped inside untraceable modules; ``first`` /
-    ``last`` over the whole model (docs/recipes.md#first-and-last), not within each graph."""
-    out = []
-    if tr.ends is None:
-        tr.ends = model_ends(tr, _is_compute, calls.call_order() if calls is not None and tr.fallbacks else None)
-    first, last = tr.ends
-    for prefix, gm in tr.graphs.items():
-        for node in gm.graph.nodes:
-            if node.op in ("placeholder", "output", "get_attr"):
-                continue
-            # the one call in a shell (passes.calls.call_shell) is named as the parent calls it
-            shelled = node.op == "call_module" and node.target == getattr(gm, "shell_of", None)
-            mod = target_module(gm, node)
-            name = prefix if shelled else node_name(node, prefix)
-            compute = mod is not None and _is_compute(mod)
-            out.append(Candidate(name, mod, node, gm, prefix, compute and name in first, compute and name in last))
-    for name in tr.direct:
-        mod = root.get_submodule(name)
-        out.append(Candidate(name, mod, first=_is_compute(mod) and name in first, last=_is_compute(mod) and name in last))
-    return out
-
-
-def _enclosing(c: Candidate) -> list[str]:
-    """Qualified names of the modules whose forward contains ``c`` (not ``c``'s own module)."""
-    if c.node is None:
-        return []
-    return [f"{c.prefix}.{p}" if c.prefix else p for p in enclosing_modules(c.node)]
-
-
-_ACTIVATION_OPS = {"relu", "relu6", "gelu", "silu", "hardswish", "hardsigmoid", "leaky_relu", "elu",
-                   "selu", "celu", "mish", "sigmoid", "tanh", "hardtanh", "softplus"}
-
-
-def _structural(c: Candidate) -> bool:
-    """A Conv/Linear call or an activation call: what rewrites that read around a site look for."""
-    if c.module is not None:
-        return isinstance(c.module, WEIGHT_TYPES) or is_activation_module(c.module)
-    return op_name(c.node) in _ACTIVATION_OPS
 
 
 def _not_a_layer(name: str, m: nn.Module) -> bool:
@@ -230,13 +188,6 @@ def check_capture(value) -> str:
         raise ValueError(f"capture={value!r} is not a capture mode: use \"auto\" (torch.fx, torch.export where "
                          "that reaches more), \"fx\" or \"export\" (needs example_inputs)")
     return value
-
-
-def _reached(cands: list[Candidate], matcher: MatchTable) -> int:
-    """How many sites a rule with a method matches."""
-    return sum(1 for c in cands if (w := matcher.winner(c)) is not None and w.method is not None)
-
-
 def swaps_only(matcher: MatchTable) -> bool:
     """Whether every rule of ``matcher`` only swaps Conv/Linear modules (the weight methods): then
     module-by-module rewriting reaches every site a graph would, and code torch.fx could not trace
@@ -300,43 +251,6 @@ def capture(root: nn.Module, matcher: MatchTable, example_inputs=None, mode: str
                     f"{'...' if len(tr.fallbacks) > 3 else ''}; torch.export reaches "
                     f"{_reached(ex_cands, matcher)} sites instead of {_reached(cands, matcher)}")
     return ex, ex_cands, ex_cands
-
-
-def _keyword_calls(root: nn.Module) -> str:
-    """Why ``root`` is likely called by keyword ("" if not): its forward takes ``**kwargs``
-    (transformers' models). An exported graph takes the example's positional form and cannot map
-    such calls onto it, so they would run the model's own forward, without the nodes a method
-    inserted (and the root's signature it replaces would hide ``labels`` from the Trainer's column
-    filter). A forward without ``**kwargs`` has its keyword calls mapped onto the example's form."""
-    try:
-        params = inspect.signature(root.forward).parameters.values()
-    except (TypeError, ValueError):
-        return ""
-    return f"{type(root).__name__}.forward takes **kwargs" if any(p.kind is p.VAR_KEYWORD for p in params) else ""
-
-
-def _export_may_reach_more(tr: TraceResult, matcher: MatchTable, example_inputs) -> bool:
-    """Could ``torch.export`` reach sites that module-by-module rewriting misses? Those are calls
-    of functions (``F.relu``) in the code of the modules that run their own forward: activation
-    modules they call are reached through one-call graphs, everything else through the graphs of
-    their children. So: does that code, run once on the example inputs, call a function that a
-    rule inserting nodes matches by ``op``? (A rule matching nodes by name alone could match any
-    call: then export is tried.)"""
-    ops: set[str] = set()
-    for r in matcher.rules:
-        if r.method is None or r.method.site != "node":
-            continue
-        if "op" not in r.rule.match:
-            if "type" not in r.rule.match:
-                return True
-            continue
-        op = r.rule.match["op"]
-        ops |= {o.rstrip("_") for o in ([op] if isinstance(op, str) else op)}
-    if not ops:
-        return False
-    inputs = input_tuple(example_inputs)
-    called = own_calls(tr.module, [f.name for f in tr.fallbacks], inputs)
-    return called is None or bool(called & ops)
 
 
 def capture_report(tr: TraceResult) -> list[dict]:
