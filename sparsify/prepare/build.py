@@ -11,21 +11,22 @@ import warnings
 from collections import defaultdict
 
 from torch import nn
-from torch.nn.modules.lazy import LazyModuleMixin
 
 from passes import PassResult, Pipeline
 from passes.hooks import guard_graphs, kept_hooks
 from passes.traced import deepcopy_module, graph_fingerprint
 
 from sparsify.prepare.capture import capture, capture_report, check_capture, swaps_only
+from sparsify.prepare.capture_warnings import _note_training_only, tracing_summary
 from sparsify.prepare.dense import dense_entries
 from sparsify.prepare.direct_reads import direct_reads, direct_warning
 from sparsify.prepare.hidden import convert_hidden, hidden_candidates, hidden_positions, hidden_reads, rewire_hidden_reads
 from sparsify.prepare.hidden_positions import unreached, watched_names
 from sparsify.prepare.inputs import guess_example_inputs, positions_per_sample
-from sparsify.prepare.model_kinds import refuse_model_kind
+from sparsify.prepare.model_checks import check_model
 from sparsify.prepare.matching import MatchTable, block_hint
-from sparsify.methods import SparseWeightMixin, get_method
+from sparsify.prepare.multi_calls import _is_call, _refused_multi_calls
+from sparsify.methods import get_method
 from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.core.modes import modes_of, restore_modes
 from sparsify.core.contract import GroupContext, Site
@@ -36,7 +37,6 @@ from sparsify.prepare.adapters import adapter_reason, is_tuner_layer
 from sparsify.prepare.pretrained import guard_save_pretrained
 from sparsify.prepare.unhandled import frozen_reason, unhandled_entries
 from sparsify.prepare.recipe import Recipe
-from sparsify.prepare.training_only import skipping_line, training_only_graphs
 from sparsify.prepare.undo import TreeSnapshot, mirror_children
 from sparsify.prepare.validate import check_times
 from sparsify.prepare.effective_check import check_effective_weights
@@ -46,42 +46,6 @@ from sparsify.core.load_hooks import before_load
 from sparsify.core.state import STATE_ATTR, SparsifyState, after_load, start_groups
 
 __all__ = ["build", "check_model"]
-
-_WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel")
-
-
-def _note_training_only(root: nn.Module, plan: Plan) -> None:
-    """Say, in the plan and once here, each graph whose eval calls skip the nodes just inserted
-    (docs/capture.md#training-and-eval-branches): before, only the first eval call said it."""
-    for name, cls, skipped in training_only_graphs(root):
-        note = (skipping_line(name, cls, skipped) + ": evaluation and the finalized model do not apply them "
-                "(docs/capture.md#training-and-eval-branches)")
-        plan.capture_notes.append(note)
-        warnings.warn(f"sparsify: {note}", stacklevel=4)
-
-
-def check_model(model) -> None:
-    """Reject what ``sparsify`` cannot take, saying what to do instead."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"sparsify takes a torch.nn.Module, got {type(model).__name__}")
-    if type(model).__name__ in _WRAPPERS:
-        raise TypeError(f"the model is wrapped in {type(model).__name__}: call sparsify on the plain model "
-                        "first, then wrap the result (DDP(sparsify.sparsify(model, recipe)))")
-    if hasattr(model, "_orig_mod"):
-        raise TypeError("the model was compiled with torch.compile: call sparsify on the plain model, "
-                        "then torch.compile the result")
-    for name, m in model.named_modules():
-        if isinstance(m, (SparsifyState, SparseWeightMixin)):
-            raise ValueError(f"the model is already sparsified ({name or 'root'} is "
-                             f"{type(m).__name__}): start from the dense model, or call "
-                             "sparsify.finalize(model) to get plain modules first")
-    refuse_model_kind(model)  # a `sparsify_state` of its own, a ModuleList, a lone Linear
-    lazy = [f"{name or 'the root'}: {type(m).__name__}" for name, m in model.named_modules()
-            if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
-    if lazy:
-        more = f" and {len(lazy) - 1} more" if len(lazy) > 1 else ""
-        raise ValueError(f"the model has lazy layers without their shapes yet ({lazy[0]}{more}): run one forward "
-                         "(model(example_batch)) to initialize them, then sparsify")
 
 
 def copy_structure(model: nn.Module, share_tensors: bool = True) -> nn.Module:
@@ -100,59 +64,6 @@ def copy_structure(model: nn.Module, share_tensors: bool = True) -> nn.Module:
         for t in itertools.chain(model.parameters(), model.buffers()):
             memo[id(t)] = t
     return deepcopy_module(model, memo)  # a PEFT wrapper around a traced model stays the wrapper
-
-
-def tracing_summary(fallbacks, held: list[str]) -> str | None:
-    """One line for everything tracing fell back on (the per-submodule reasons are in the plan).
-
-    >>> from passes.tracing import Fallback
-    >>> tracing_summary([Fallback("", "TypeError: x"), Fallback("h.0", "ValueError: y")], ["UserWarning: z"])[:60]
-    'sparsify: torch.fx could not trace 2 submodules (the model r'
-    """
-    fallbacks = [f for f in fallbacks if not f.chosen]  # the plan gives the reason of a chosen one
-    if not fallbacks and not held:
-        return None
-    names = [f.name or "the model root" for f in fallbacks]
-    shown = ", ".join(names[:4]) + (f", ... ({len(names) - 4} more)" if len(names) > 4 else "")
-    parts = []
-    if fallbacks:
-        parts.append(f"torch.fx could not trace {len(names)} submodule{'s' if len(names) != 1 else ''} ({shown}): "
-                     "they run as they are and the layers inside them are rewritten module by module")
-    if held:
-        parts.append(f"{len(held)} warning{'s' if len(held) != 1 else ''} raised while tracing held back")
-    return "sparsify: " + "; ".join(parts) + "; see sparsify.plan(model, recipe) for each reason"
-
-
-def _is_call(c) -> bool:
-    return c.node is not None and c.node.op == "call_module"
-
-
-def _refused_multi_calls(cands, matcher, root) -> dict[str, str]:
-    """Modules called more than once whose rewrite some call does not allow, with why: a module
-    is one layer, so it is converted for every call or for none (e.g. SAS rewires a call fed by a
-    relu; converting a call that is not would change the output at step 0)."""
-    calls = defaultdict(list)
-    for c in cands:
-        if _is_call(c):
-            calls[c.name].append(c)
-    refused = {}
-    for name, group in calls.items():
-        if len(group) < 2:
-            continue
-        winners = [matcher.winner(c) for c in group]
-        if any(w is None or w.method is None for w in winners):
-            continue
-        if len({(w.rule.index, w.method.name) for w in winners}) > 1:
-            refused[name] = (f"called {len(group)} times and the calls match different rules: a layer is "
-                             "converted only when every call is converted the same way")
-            continue
-        for i, (c, w) in enumerate(zip(group, winners), 1):
-            why = w.method.accepts(Site(c.name, c.module, c.gm, c.node, c.prefix, root, params=w.rule.params))
-            if why:
-                refused[name] = (f"called {len(group)} times and call {i} ({c.node.name}) does not qualify "
-                                 f"({why}); a layer is converted only when every call does")
-                break
-    return refused
 
 
 def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps: int | None = None,
