@@ -2,14 +2,12 @@
 ``finalize``, ``param_groups``."""
 from __future__ import annotations
 
-import math
-import numbers
 import warnings
 
 import torch
 from torch import nn
 
-from passes.call_inputs import input_tuple, positional_inputs
+from passes.call_inputs import positional_inputs
 from sparsify.prepare.build import build, check_model
 from sparsify.prepare.capture import check_capture
 from sparsify.deploy.finalize import check_options, finalize_model
@@ -20,19 +18,21 @@ from sparsify.prepare.validate import check_total_steps, schedule_warnings
 from sparsify.methods import get_method
 from sparsify.stats.report import Report, build_report, silenced_activations
 from sparsify.core.devices import model_device, move_buffers
-from sparsify.core.averaging import sync_sparsity, unsynced_warning
+from sparsify.core.averaging import sync_sparsity
 from sparsify.core.pace import (check_bypassed, check_held, check_idle, check_rate, reset, schedule_unfinished,
                                  watch)
-from sparsify.core.schedules import plain_number
 from sparsify.core.sharded import full_parameters
-from sparsify.core.state import check_filled, find_state, forget_replaced, refuse_unfilled, unwrap
+from sparsify.core.state import find_state, refuse_unfilled, unwrap
 from sparsify.core.wrong_model import given_to_sparsify, remember_sparsified
 from sparsify.core.advance import advance
 from sparsify.core.penalty_watch import penalty_terms, watch_penalty
 from sparsify.core.diverged import diverged_message, nonfinite_parameters, refuse_nonfinite
 from sparsify.core.step_checks import after_step, as_loss, say_once
-from sparsify.prepare.inputs import check_inputs, refuse_misfit, state_inputs
+from sparsify.prepare.inputs import check_inputs
 from sparsify.prepare.sharing import SHARED_WARNING, mark_trained, remember_holder, trained_through_earlier
+from sparsify.changed_model import _check_averaged, _forget_replaced
+from sparsify.inference_targets import check_target, for_target
+from sparsify.optimizer_groups import build_param_groups
 
 __all__ = ["sparsify", "plan", "step", "sync", "penalty", "report", "finalize", "param_groups", "measure",
            "Measurement"]
@@ -127,41 +127,6 @@ def plan(model: nn.Module, recipe, *, example_inputs=None, total_steps: int | No
     _, plan_ = build(model, recipe, example_inputs=example_inputs, total_steps=total_steps, dry_run=True,
                      factors=factors, capture=capture)
     return plan_
-
-
-def _forget_replaced(model: nn.Module, where: str) -> None:
-    """Layers the user replaced after ``sparsify`` leave their groups, said once per model (and a
-    model materialized from ``meta`` without its state's values is refused)."""
-    state = find_state(model, where=f"sparsify.{where}")
-    check_filled(state, where)
-    root = unwrap(model)
-    gone = forget_replaced(root, state)
-    if gone:
-        key = "replaced:" + ",".join(gone)
-        if key not in state.warned:
-            state.warned.add(key)
-            names = f"{', '.join(gone[:5])}{' ...' if len(gone) > 5 else ''}"
-            # (a name forget_replaced returns resolves: the layer now there replaced the member)
-            if any(type(root.get_submodule(n)).__module__.split(".")[0] == "peft" for n in gone):
-                warnings.warn(f"sparsify.{where}: {names} wrapped by PEFT adapters after sparsify() (get_peft_model, "
-                              "LoRA): a wrapped sparse layer leaves the schedule, report and finalize, and the "
-                              "adapter's update is dense; merge the adapters and sparsify after "
-                              "(docs/integrations.md#peft-lora)", stacklevel=3)
-                return
-            warnings.warn(f"sparsify.{where}: {names} replaced after "
-                          "sparsify() (as timm's reset_classifier does), or given a weight of another shape (as "
-                          "transformers' resize_token_embeddings does): the new layer stays dense and the sparse "
-                          "one it replaced leaves the schedule, report and finalize; to sparsify the new layer, "
-                          "replace it before calling sparsify()", stacklevel=3)
-
-
-def _check_averaged(model: nn.Module, where: str) -> None:
-    """An EMA / SWA wrapper that sync never updated: said once per model."""
-    msg = unsynced_warning(model, where)
-    state = find_state(model)
-    if msg and "unsynced" not in state.warned:
-        state.warned.add("unsynced")
-        warnings.warn(msg, stacklevel=3)
 
 
 def step(model: nn.Module, loss=None) -> int:
@@ -302,9 +267,7 @@ def finalize(model: nn.Module, example_inputs=None, *, check: bool = True, rtol:
     got. See docs/gpu.md.
     """
     check_options(check, rtol, atol, accelerate, semi_structured)
-    if accelerate and semi_structured:
-        raise ValueError("finalize: accelerate (CPU inference) and semi_structured (CUDA inference) "
-                         "exclude each other: pass one")
+    check_target(accelerate, semi_structured)
     _forget_replaced(model, "finalize")
     _check_averaged(model, "finalize")
     if (msg := schedule_unfinished(model)) is not None:
@@ -312,25 +275,7 @@ def finalize(model: nn.Module, example_inputs=None, *, check: bool = True, rtol:
     example_inputs = positional_inputs(unwrap(model), example_inputs)
     # accelerate rewrites the finalized graphs: they stay graphs then
     final = finalize_model(model, example_inputs, check=check, rtol=rtol, atol=atol, plain_classes=not accelerate)
-    if semi_structured:
-        from sparsify.deploy.semistructured24 import to_semi_structured
-        if isinstance(semi_structured, torch.dtype):
-            final = final.to(semi_structured)
-        return to_semi_structured(final)
-    if accelerate:
-        from sparsify.deploy.accelerate import accelerate as _accelerate
-        inputs = example_inputs if example_inputs is not None else state_inputs(find_state(model), unwrap(model))
-        if inputs is None:
-            raise ValueError("finalize(accelerate=True) builds and times layers on example inputs: pass "
-                             "example_inputs=... here or to sparsify(...)")
-        options = accelerate if isinstance(accelerate, dict) else {}
-        try:
-            final = _accelerate(final, inputs, **{"check": check, **options})
-        except Exception as e:
-            if example_inputs is not None and not check:  # the check would have said it: say so here
-                refuse_misfit("finalize: example_inputs", final, input_tuple(example_inputs), e)
-            raise
-    return final
+    return for_target(final, model, example_inputs, check, accelerate, semi_structured)
 
 
 def param_groups(model: nn.Module, weight_decay: float | None = None, *, no_decay: tuple[str, ...] = (),
@@ -350,51 +295,4 @@ def param_groups(model: nn.Module, weight_decay: float | None = None, *, no_deca
     >>> torch.optim.SGD(sparsify.param_groups(m), lr=0.1, weight_decay=5e-4).param_groups[0]["weight_decay"]
     0.0005
     """
-    if "params" in options:  # spread into every group, it replaced the group's parameters: an optimizer training nothing
-        raise TypeError("sparsify.param_groups: params= is no option (it fills each group's params from the model; "
-                        "to leave parameters out of training, set requires_grad=False on them)")
-    state = find_state(model, where="sparsify.param_groups")
-    weight_decay, no_decay = _decay_arguments(weight_decay, no_decay)
-    root = unwrap(model)
-    claimed = {}
-    groups = []
-    for g in state.groups.values():
-        for params, opts in g.param_options(weight_decay):
-            params = [p for p in params if id(p) not in claimed]
-            for p in params:
-                claimed[id(p)] = True
-            if params:
-                groups.append({"params": params, **options, **opts})
-    decay, plain = [], []
-    for name, p in root.named_parameters():
-        if id(p) in claimed:
-            continue
-        (plain if no_decay and name.endswith(tuple(no_decay)) else decay).append(p)
-    base = []
-    if decay:  # no key for None: a group's value would override the optimizer's (it silently dropped it)
-        base.append({"params": decay, **({} if weight_decay is None else {"weight_decay": weight_decay}), **options})
-    if plain:
-        base.append({"params": plain, "weight_decay": 0.0, **options})
-    return base + groups
-
-
-def _decay_arguments(weight_decay, no_decay) -> tuple[float, tuple[str, ...]]:
-    """``param_groups``' ``weight_decay`` as a float (or None) and ``no_decay`` as a tuple of suffixes."""
-    weight_decay = plain_number(weight_decay)
-    if weight_decay is not None and (isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real)):
-        raise TypeError(f"sparsify.param_groups: weight_decay must be a number >= 0 or None, got "
-                        f"{type(weight_decay).__name__}")
-    if weight_decay is not None and not (math.isfinite(weight_decay) and weight_decay >= 0):
-        raise ValueError(f"sparsify.param_groups: weight_decay must be a finite number >= 0, got {weight_decay!r}")
-    # a bare string would be split into its letters by tuple(), each letter a suffix
-    suffixes = (no_decay,) if isinstance(no_decay, str) else no_decay
-    try:
-        suffixes = tuple(suffixes)
-    except TypeError:
-        suffixes = None
-    if suffixes is None or not all(isinstance(x, str) for x in suffixes):
-        bad = type(no_decay).__name__ if suffixes is None else \
-            f"{type(no_decay).__name__} holding {type(next(x for x in suffixes if not isinstance(x, str))).__name__}"
-        raise TypeError(f"sparsify.param_groups: no_decay must be a name suffix or a tuple of them "
-                        f"(\"bias\" or (\"bias\", \"bn\")), got {bad}")
-    return (None if weight_decay is None else float(weight_decay)), suffixes
+    return build_param_groups(model, weight_decay, no_decay, options)
