@@ -26,7 +26,6 @@ that, the averaged masks (the union of all masks so far) are what validation run
 """
 from __future__ import annotations
 
-import difflib
 import functools
 import math
 import warnings
@@ -36,16 +35,14 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 import sparsify
-from sparsify.core.extra_state import unpack
 from sparsify.core.layers import drop_all_caches
-from sparsify.core.load_check import run_difference
 from sparsify.core.pace import schedule_short
-from sparsify.core.state import STATE_ATTR, find_state
+from sparsify.core.state import find_state
 from sparsify.integrations.lightning_hooks import add_penalty, run_after, step_loss
-from sparsify.integrations.lightning_load import sparsify_as_saved
-from sparsify.prepare.capture import check_capture
-from sparsify.prepare.recipe import CALL_KEYWORDS, load_recipe
-from sparsify.prepare.validate import check_total_steps
+from sparsify.integrations.lightning_load import refuse_other_run, sparsify_as_saved
+from sparsify.integrations.lightning_steps import _check_manual_total, _updated
+from sparsify.integrations.lightning_target import check_arguments, refuse_spawned, target_of
+from sparsify.prepare.recipe import CALL_KEYWORDS
 
 __all__ = ["SparsifyCallback", "sparsified_modules", "averaging_callbacks", "sparsify_as_saved"]
 
@@ -88,50 +85,13 @@ def _averaged(callback) -> nn.Module | None:
     return getattr(callback, "_average_model", None)
 
 
-_MISSING = object()
-
-
-def _updated(optimizer, modules: list[nn.Module], pl_module: nn.Module) -> list[bool]:
-    """Which of ``modules`` ``optimizer`` updates (holds a parameter of)."""
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    hit = [any(id(p) in held for p in m.parameters()) for m in modules]
-    if any(hit) or any(id(p) in held for p in pl_module.parameters()):
-        return hit
-    # it holds copies, none of the module's own tensors (DeepSpeed ZeRO's flat partitions): which
-    # module it updates cannot be told, and such a strategy runs this one optimizer for them all
-    return [True] * len(modules)
-
-
-def _manual_run_steps(trainer, mine: int, all_steps: int) -> int | None:
-    """The optimizer steps a module gets in a manual-optimization run whose batches give it
-    ``mine`` of their ``all_steps`` steps (max_steps counts every optimizer's steps)."""
-    ends = []
-    if trainer.max_epochs not in (None, -1) and math.isfinite(trainer.num_training_batches):
-        ends.append(int(trainer.num_training_batches) * trainer.max_epochs * mine)
-    if trainer.max_steps not in (None, -1):
-        ends.append(trainer.max_steps * mine // all_steps)
-    return min(ends) if ends else None
-
-
 class SparsifyCallback(pl.Callback):
     """Penalty in the loss, ``sparsify.step`` after each optimizer step that updates the sparsified
     module (gradient accumulation respected: a step is the optimizer's, not a batch)."""
 
     def __init__(self, recipe=None, attr: str | None = None, **sparsify_kwargs):
         super().__init__()
-        if (recipe is None) != (attr is None):
-            raise ValueError("give both recipe and attr (the LightningModule attribute to sparsify), or neither")
-        if recipe is None and sparsify_kwargs:  # they would be ignored: nothing is sparsified here
-            raise TypeError(f"SparsifyCallback: {', '.join(sorted(sparsify_kwargs))} given without recipe and attr: "
-                            "sparsify()'s arguments are for the module the callback sparsifies itself")
-        if recipe is not None:  # checked here: a wrong argument would otherwise surface only inside fit
-            if not (isinstance(attr, str) and attr.isidentifier()):
-                raise TypeError(f"SparsifyCallback: attr must be the name of the LightningModule attribute to "
-                                f"sparsify (a str such as 'net'), got {attr!r}")
-            load_recipe(recipe, **{k: v for k, v in sparsify_kwargs.items() if k not in CALL_KEYWORDS})
-            check_total_steps(sparsify_kwargs.get("total_steps"))
-            if sparsify_kwargs.get("capture") is not None:
-                check_capture(sparsify_kwargs["capture"])
+        check_arguments(recipe, attr, sparsify_kwargs)
         self.recipe, self.attr, self.kwargs = recipe, attr, sparsify_kwargs
         self._pending: dict[int, int] = {}  # id(sparsified module) -> optimizer steps not yet followed
         self._stepped = False  # an optimizer stepped since the last batch end
@@ -171,16 +131,7 @@ class SparsifyCallback(pl.Callback):
         return trainer is not None and any(c is self for c in trainer.callbacks)
 
     def _sparsify_target(self, trainer, pl_module, stage) -> None:
-        launcher = getattr(trainer.strategy, "launcher", None)
-        if hasattr(launcher, "_recover_results_in_main_process"):
-            # spawned or forked processes: the module of the process that called fit stays
-            # dense, and Lightning loads the trained weights into it (not strictly) at the end
-            raise RuntimeError(
-                f"SparsifyCallback({self.recipe!r}, attr={self.attr!r}) would sparsify inside the processes "
-                f"strategy {type(trainer.strategy).__name__} ({getattr(launcher, '_start_method', '?')}) starts: "
-                "the module of the process that calls fit stays dense and gets the trained weights without "
-                f"their masks. Sparsify it before fit (pl_module.{self.attr} = sparsify.sparsify(..., "
-                "total_steps=...), then SparsifyCallback()), or use strategy='ddp'")
+        refuse_spawned(trainer, self.recipe, self.attr)
         kwargs = dict(self.kwargs)
         if "total_steps" not in kwargs:
             if not math.isfinite(steps := trainer.estimated_stepping_batches):
@@ -218,18 +169,7 @@ class SparsifyCallback(pl.Callback):
             sparsify_as_saved(pl_module, checkpoint,
                               **{k: v for k, v in self.kwargs.items() if k in CALL_KEYWORDS and k != "total_steps"})
             return
-        saved = checkpoint.get("state_dict", {}).get(f"{self.attr}.{STATE_ATTR}._extra_state")
-        if saved is None or not (why := run_difference(saved, state.recipe_json, state.total_steps)):
-            return
-        # (load_state_dict would refuse it too, telling the user to build the model, which this callback does)
-        total = unpack(saved)["total_steps"]
-        same = run_difference(saved, state.recipe_json, total) is None
-        estimated = total != state.total_steps and "total_steps" not in self.kwargs
-        raise RuntimeError(f"SparsifyCallback: the checkpoint's pl_module.{self.attr} was trained in another run ({why}"
-                           f"{', from the Trainer' if estimated else ''}); nothing "
-                           "was loaded: to resume it, pass SparsifyCallback("
-                           + (f"{self.recipe!r}" if same else "<its recipe and overrides>")
-                           + f", attr={self.attr!r}, total_steps={total})")
+        refuse_other_run(checkpoint, state, self.recipe, self.attr, self.kwargs)
 
     def _note_dense(self, pl_module, stage: str) -> None:
         """validate / test / predict of a module nothing sparsified (a dense baseline before fit) runs
@@ -252,16 +192,7 @@ class SparsifyCallback(pl.Callback):
 
     def _target(self, pl_module) -> nn.Module:
         """``pl_module.<attr>``, or an error naming the attribute and what the module holds."""
-        where = f"SparsifyCallback(attr={self.attr!r})"
-        target = getattr(pl_module, self.attr, _MISSING)
-        if target is _MISSING:
-            close = difflib.get_close_matches(self.attr, [n for n, _ in pl_module.named_children()], n=1)
-            raise AttributeError(f"{where}: {type(pl_module).__name__} has no attribute {self.attr!r}"
-                                 + (f"; did you mean {close[0]!r}?" if close else ""))
-        if not isinstance(target, nn.Module):
-            raise TypeError(f"{where}: {type(pl_module).__name__}.{self.attr} is {type(target).__name__}, not the "
-                            "nn.Module to sparsify (build it in __init__ or in configure_model)")
-        return target
+        return target_of(pl_module, self.attr)
 
     def _sync_averages(self, trainer, pl_module) -> None:
         """Give every averaged copy the training model's sparsity (after an update of it, and before
@@ -326,18 +257,6 @@ class SparsifyCallback(pl.Callback):
             if hit:
                 self._pending[id(m)] = self._pending.get(id(m), 0) + 1
 
-    def _check_manual_total(self, trainer, mine: int) -> None:
-        """Under manual optimization, whether the total_steps taken from the trainer matches the
-        steps this batch's share of optimizer steps gives the module over the run."""
-        derived, self._derived = self._derived, None
-        expected = _manual_run_steps(trainer, mine, max(trainer.global_step - self._batch_start, mine))
-        if expected is not None and expected != derived:
-            warnings.warn(f"SparsifyCallback: pl_module.{self.attr} took {mine} of the "
-                          f"{trainer.global_step - self._batch_start} optimizer steps of this batch, so the run "
-                          f"gives it about {expected} steps, not total_steps={derived} (the Trainer's "
-                          f"estimated_stepping_batches): pass SparsifyCallback(..., total_steps={expected})",
-                          stacklevel=2)
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not self._stepped:  # accumulating: no optimizer step in this batch
             return
@@ -348,7 +267,8 @@ class SparsifyCallback(pl.Callback):
         trained = not getattr(trainer.fit_loop, "_skip_backward", False)
         for m in sparsified_modules(pl_module) if trained else ():
             if self._derived is not None and pending.get(id(m)) and m is getattr(pl_module, self.attr, None):
-                self._check_manual_total(trainer, pending[id(m)])
+                derived, self._derived = self._derived, None
+                _check_manual_total(trainer, pending[id(m)], derived, self._batch_start, self.attr)
             for _ in range(pending.get(id(m), 0)):
                 sparsify.step(m, loss)
         self._sync_averages(trainer, pl_module)  # the averaging callbacks listed before this one updated

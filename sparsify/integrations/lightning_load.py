@@ -1,6 +1,7 @@
 """Opening with ``LightningModule.load_from_checkpoint`` a checkpoint whose network
 ``SparsifyCallback(recipe, attr=...)`` sparsified at ``setup``: the module's ``__init__`` builds it
-dense, and the saved sparse ``state_dict`` would not load (docs/integrations.md)."""
+dense, and the saved sparse ``state_dict`` would not load (docs/integrations.md). And the refusal,
+when the callback has sparsified the module already, of a checkpoint of another run."""
 from __future__ import annotations
 
 import json
@@ -10,9 +11,10 @@ from torch import nn
 
 import sparsify
 from sparsify.core.extra_state import unpack
-from sparsify.core.state import find_state, saved_states
+from sparsify.core.load_check import run_difference
+from sparsify.core.state import STATE_ATTR, find_state, saved_states
 
-__all__ = ["sparsify_as_saved"]
+__all__ = ["sparsify_as_saved", "refuse_other_run"]
 
 
 def sparsify_as_saved(pl_module: nn.Module, checkpoint: dict, **sparsify_kwargs) -> list[str]:
@@ -55,3 +57,20 @@ def sparsify_as_saved(pl_module: nn.Module, checkpoint: dict, **sparsify_kwargs)
             module, json.loads(saved["recipe"]), total_steps=saved["total_steps"], **sparsify_kwargs))
         made.append(path)
     return made
+
+
+def refuse_other_run(checkpoint: dict, state, recipe, attr: str, kwargs: dict) -> None:
+    """Refuse a ``checkpoint`` whose ``pl_module.<attr>`` another run trained (``state``: the one the
+    callback's ``SparsifyCallback(recipe, attr=attr, **kwargs)`` sparsified), naming what to pass."""
+    saved = checkpoint.get("state_dict", {}).get(f"{attr}.{STATE_ATTR}._extra_state")
+    if saved is None or not (why := run_difference(saved, state.recipe_json, state.total_steps)):
+        return
+    # (load_state_dict would refuse it too, telling the user to build the model, which this callback does)
+    total = unpack(saved)["total_steps"]
+    same = run_difference(saved, state.recipe_json, total) is None
+    estimated = total != state.total_steps and "total_steps" not in kwargs
+    raise RuntimeError(f"SparsifyCallback: the checkpoint's pl_module.{attr} was trained in another run ({why}"
+                       f"{', from the Trainer' if estimated else ''}); nothing "
+                       "was loaded: to resume it, pass SparsifyCallback("
+                       + (f"{recipe!r}" if same else "<its recipe and overrides>")
+                       + f", attr={attr!r}, total_steps={total})")
