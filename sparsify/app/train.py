@@ -16,7 +16,8 @@ The loop is the one the README asks users to write (loss = task loss + ``sparsif
 
 Optimizer defaults (lr, weight decay; a method's own, a recipe's ``options.train``) and the run's
 settings: :mod:`sparsify.app.config`; the epochs' batches: :mod:`sparsify.app.batches`; what a
-finished run writes: :mod:`sparsify.app.results`.
+finished run writes: :mod:`sparsify.app.results`; what a resumed run is checked for:
+:mod:`sparsify.app.resume_checks`.
 """
 from __future__ import annotations
 
@@ -33,9 +34,9 @@ import torch.nn.functional as F
 
 import sparsify as sp
 
-from sparsify.app.checkpoint import (CHECKPOINT, CHECKPOINT_META, CheckpointError, StopOnSigint,
-                                     remove_stale_temporaries, write_json)
+from sparsify.app.checkpoint import CHECKPOINT, StopOnSigint, remove_stale_temporaries, write_json
 from sparsify.app.resume import CONFIG, REPORT, RUN_KEYS, check_out, meta_edited, restore, save_run
+from sparsify.app.resume_checks import check_position, check_same_data
 from sparsify.app.config import (BASE_DEFAULTS, METHOD_DEFAULTS, TrainConfig, _default_out, _load_resume,
                                  config_from_args, resolve_optimizer, run_recipe)
 from sparsify.app.batches import _batches, _channel_fixer, _epoch_order, _train_size
@@ -50,23 +51,6 @@ from sparsify.stats.runstats import activation_stats
 
 __all__ = ["TrainConfig", "TrainingDiverged", "train", "config_from_args", "METHOD_DEFAULTS", "resolve_optimizer",
            "summarize", "BASE_DEFAULTS"]
-
-
-def _data_change(then: dict, now: dict) -> str:
-    """What differs between two :func:`~sparsify.app.data.fingerprint` s, in words.
-
-    >>> _data_change({"train": 8, "test": 2, "files": 10}, {"train": 9, "test": 2, "files": 11})
-    '11 files now, 10 then; 9 train / 2 test images now, 8 / 2 then'
-    """
-    said = []
-    if then.get("files") != now.get("files"):
-        said.append(f"{counted(now.get('files'), 'file')} now, {then.get('files')} then")
-    elif then.get("sha256") != now.get("sha256"):
-        said.append("the same number of files, but other names or sizes")
-    if (then.get("train"), then.get("test")) != (now["train"], now["test"]):
-        said.append(f"{now['train']} train / {now['test']} test images now, "
-                    f"{then.get('train')} / {then.get('test')} then")
-    return "; ".join(said) or "another dataset"
 
 
 def _seed_all(seed: int) -> None:
@@ -135,11 +119,6 @@ def train(cfg: TrainConfig, *, on_step=None, quiet: bool = False) -> dict:
         torch.set_num_threads(previous)
 
 
-def _edited(cfg: TrainConfig) -> CheckpointError:
-    return CheckpointError(f"--resume {cfg.resume}: {CHECKPOINT_META} is not what was saved with {CHECKPOINT} "
-                           "(edited or damaged); the run cannot be resumed from it")
-
-
 def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False, warned: list[str] | None = None,
            replacing: Replacing) -> dict:
     ckpt, meta, edited = None, {}, False
@@ -168,11 +147,8 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False, warned: list[
     workers = cfg.workers or 0  # None: a new run's default
     data = load_data(cfg.data, image_size=cfg.image_size, workers=workers, progress=cfg.progress and not quiet)
     dataset = fingerprint(data)
-    if ckpt is not None and not edited and meta.get("dataset", dataset) != dataset:
-        change = _data_change(meta["dataset"], dataset)
-        raise CheckpointError(f"--resume {cfg.resume}: the data changed since the run started ({change}); its "
-                              "train/test split and schedule would not be the run's: restore the data, or start a "
-                              "new run")
+    if ckpt is not None and not edited:
+        check_same_data(cfg, meta, dataset)
     _seed_all(cfg.seed)
     model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels,
                         image_size=data.image_size, width=cfg.width).to(device)
@@ -197,22 +173,7 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False, warned: list[
     history: list[dict] = []
     start_epoch, start_batch, running = 0, 0, {"loss": 0.0, "correct": 0, "seen": 0}
     if ckpt is not None:
-        epoch, batch = meta["epoch"], meta["batch"]
-        if epoch > cfg.epochs or batch >= steps_per_epoch or (epoch == cfg.epochs and batch):
-            raise CheckpointError(f"--resume {cfg.resume}: {CHECKPOINT_META} places the run at epoch {meta['epoch']}, "
-                                  f"batch {meta['batch']}, outside its {counted(cfg.epochs, 'epoch')} of "
-                                  f"{counted(steps_per_epoch, 'batch')} (edited or damaged); the run cannot be "
-                                  "resumed from it")
-        # its position must be the one the hashed scheduler counted (checked before the JSON's digest,
-        # which can only say "edited", so that an edited position is named)
-        saved_sched = ckpt.get("scheduler")
-        done = saved_sched.get("last_epoch") if isinstance(saved_sched, dict) else None
-        if done != epoch * steps_per_epoch + batch:
-            raise CheckpointError(f"--resume {cfg.resume}: {CHECKPOINT_META} places the run at step "
-                                  f"{epoch * steps_per_epoch + batch} (epoch {epoch}, batch {batch}), {CHECKPOINT} "
-                                  f"at step {done} (edited or damaged); the run cannot be resumed from it")
-        if edited:
-            raise _edited(cfg)
+        check_position(cfg, ckpt, meta, steps_per_epoch, edited)
         restore(model, optimizer, sched, ckpt, meta, cfg.resume, ema=ema, device=device)
         history, running = meta["history"], meta["running"]
         start_epoch, start_batch = meta["epoch"], meta["batch"]
