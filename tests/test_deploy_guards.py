@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pickle
 import warnings
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -55,6 +56,22 @@ def test_finalize_check_leaves_the_callers_rng_and_the_models_buffers_alone():
         final = sparsify.finalize(m, (x,))
     rng_kept = bool(torch.equal(torch.rand(3), expected))
     assert (rng_kept, float(final.calls)) == (True, calls), "finalize's check moved the caller's RNG or a buffer"
+
+
+def test_removing_a_node_reads_its_name_under_its_own_graph_only():
+    """Two traced children with the same inner names: removing ``b.act_tl1`` leaves ``a``'s node
+    (cut by ``a``'s prefix length, the name would read ``act_tl1`` in ``a``'s graph too)."""
+    from sparsify.deploy.plain_modules import _remove_node
+
+    def block():
+        return fx.symbolic_trace(nn.Sequential(OrderedDict(fc=nn.Linear(2, 2), act_tl1=nn.ReLU())))
+
+    root = nn.Module()
+    root.a, root.b = block(), block()
+    assert _remove_node(root, ["a", "b"], "b.act_tl1")
+    called = {p: [n.target for n in root.get_submodule(p).graph.nodes if n.op == "call_module"] for p in "ab"}
+    assert called == {"a": ["fc", "act_tl1"], "b": ["fc"]}
+    assert not _remove_node(root, ["a", "b"], "c.act_tl1")
 
 
 # --- compare --------------------------------------------------------------------------------

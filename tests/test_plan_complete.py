@@ -171,6 +171,7 @@ def test_weights_of_other_layer_classes_are_listed_once(traced):
     other = [e for e in plan.dense if "OtherLinear" in e.reason or e.name in ("conv", "conv.weight", "1.weight")]
     assert len(other) == 1 and other[0].params == 256, [(e.name, e.reason) for e in plan.entries]
     assert plan.shares()["param_share"] == pytest.approx((128 + 48) / (128 + 48 + 256))
+    assert plan.kernel_weights() == other  # outside the MAC counts, which the report says
 
 
 def test_a_later_rule_whose_method_declines_what_an_earlier_one_takes_is_said():
