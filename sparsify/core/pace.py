@@ -6,8 +6,9 @@ else than the run, and nothing fails. Two checks say so:
 * during training, a global optimizer post-step hook counts, for every sparsified model still
   alive, the ``torch.optim`` steps that updated one of its sparse layers' weights;
   ``sparsify.step`` resets the count, and :data:`LAG` steps in a row without it warn once;
-* at ``finalize``, :func:`schedule_unfinished` says when a schedule has not reached its final
-  target, or when the model has gradients but never took a ``sparsify.step``.
+* at ``finalize``, :func:`~sparsify.core.schedule_end.schedule_unfinished` says when a schedule
+  has not reached its final target, or when the model has gradients but never took a
+  ``sparsify.step``.
 
 Two optimizers stepping one model (weights and thresholds apart) count twice per iteration and
 stay far below :data:`LAG`; an optimizer that updates none of the sparse layers (a frozen
@@ -45,7 +46,8 @@ from passes.calls import skipped_edit_calls
 
 from sparsify.core.forwards import forwarded
 from sparsify.core.records import RecordsGroupMixin
-from sparsify.core.state import find_state, unwrap
+# the finalize-time checks moved to schedule_end; their names stay importable from here
+from sparsify.core.schedule_end import ADVICE, schedule_short, schedule_unfinished  # noqa: F401
 
 __all__ = ["LAG", "ADVICE", "watch", "reset", "optimizer_steps", "check_held", "check_idle", "check_rate",
            "check_bypassed",
@@ -54,10 +56,6 @@ __all__ = ["LAG", "ADVICE", "watch", "reset", "optimizer_steps", "check_held", "
 #: optimizer steps in a row without ``sparsify.step`` that warn (a once-per-epoch call is caught
 #: within its first epoch of this many batches)
 LAG = 20
-
-ADVICE = ("call sparsify.step(model) after every optimizer step (not once per epoch; with transformers' Trainer "
-          "pass callbacks=[SparsifyTrainerCallback()], with Lightning SparsifyCallback), and give sparsify() "
-          "total_steps= the number of optimizer steps the run takes")
 
 # watched states (the models still alive) -> optimizer steps since their last sparsify.step
 _COUNTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -304,93 +302,3 @@ def check_bypassed(state, root: nn.Module | None = None) -> str | None:
 def optimizer_steps(state) -> int:
     """The optimizer steps on ``state``'s model since its last ``sparsify.step``."""
     return _COUNTS.get(state, 0)
-
-
-def schedule_unfinished(model: nn.Module) -> str | None:
-    """What ``finalize`` warns when the model is not where its schedules end: ``sparsify.step``
-    never called although the model trained (it has gradients), a target sparsity not reached
-    yet, or a ``fix`` step not reached (ST-3 / N:M; training stopped early, or ``step`` was called
-    less often than the optimizer's, e.g. once per epoch); None when none.
-
-    >>> import torch, sparsify
-    >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 8)), "gmp", total_steps=100)
-    >>> schedule_unfinished(m).split(",")[0]
-    'sparsify.finalize: at step 0 the gmp schedule (rule0_magnitude) is at sparsity 0 of its final 0.9'
-    """
-    state = find_state(model)
-    t = int(state.step)
-    behind = _behind(state, t)
-    if behind:
-        recipe, name, now, final = behind
-        now_s, final_s = _apart(now, final)
-        return (f"sparsify.finalize: at step {t} the {recipe} schedule ({name}) is at sparsity {now_s} of its final "
-                f"{final_s}, so the deployed model is less sparse than the recipe's target: training stopped before "
-                "the schedule's end, or sparsify.step was not called after every optimizer step: " + ADVICE)
-    if t == 0 and any(p.grad is not None for p in unwrap(model).parameters()):
-        return ("sparsify.finalize: the model has gradients but sparsify.step was never called, so no method "
-                "moved past step 0; " + ADVICE)
-    if late := _before_fix(state, t):
-        recipe, name, fix = late
-        return (f"sparsify.finalize: at step {t} the {recipe} schedule ({name}) is before its "
-                f"fix at step {fix}: the training under frozen masks that follows the fix never ran: training stopped "
-                "before the schedule's end, or sparsify.step was not called after every optimizer step: " + ADVICE)
-    return None
-
-
-def _apart(now: float, final: float) -> tuple[str, str]:
-    """``now`` and ``final`` to 3 significant digits, or to as many more as it takes to tell them
-    apart (a schedule one step short of its end reads 0.89999, not 0.9 of its final 0.9).
-
-    >>> _apart(0.268, 0.9), _apart(0.8999901, 0.9)
-    (('0.268', '0.9'), ('0.89999', '0.9'))
-    """
-    for digits in range(3, 18):
-        now_s, final_s = f"{now:.{digits}g}", f"{final:.{digits}g}"
-        if now_s != final_s:
-            break
-    return now_s, final_s
-
-
-def _behind(state, t: int):
-    """(recipe name, group name, target at step ``t``, final target) of the first group whose
-    schedule has not reached its final target at step ``t``; None when every one has."""
-    for name, g in state.groups.items():
-        final, now = g.final_target(), g.target(t)
-        if final is not None and now is not None and now < final - 1e-9:
-            return state.recipe.get("name") or g.method_name, name, now, final
-    return None
-
-
-def _before_fix(state, t: int):
-    """(recipe name, group name, fix step) of the first group whose schedule has a ``fix`` (ST-3,
-    N:M, magnitude: ``fix_at``) not reached at step ``t``; None when none has. A fix after
-    ``total_steps`` is left out: ``sparsify()`` warned that it never comes. (Not ``describe``:
-    N:M's reads every weight, which on a sharded model finalize has yet to refuse is a collective.)"""
-    for name, g in state.groups.items():
-        fix = getattr(g, "fix_at", None)
-        if fix is not None and t < fix and (state.total_steps is None or fix <= state.total_steps):
-            return state.recipe.get("name") or g.method_name, name, int(fix)
-    return None
-
-
-def schedule_short(model: nn.Module, steps: int) -> str | None:
-    """What a trainer that knows its run length (``steps`` optimizer steps in all) warns before
-    training when the run ends before the recipe's schedules do; None when it does not.
-
-    >>> import torch, sparsify
-    >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 8)), "gmp", total_steps=100)
-    >>> schedule_short(m, 100) is None
-    True
-    >>> print(schedule_short(m, 10))  # doctest: +NORMALIZE_WHITESPACE
-    sparsify: the run takes 10 optimizer steps, and at its end the gmp schedule (rule0_magnitude) is at
-    sparsity 0.268 of its final 0.9: give sparsify() total_steps=10 (it has total_steps=100)
-    """
-    state = find_state(model)
-    behind = _behind(state, int(steps))
-    if behind is None:
-        return None
-    recipe, name, now, final = behind
-    now_s, final_s = _apart(now, final)
-    return (f"sparsify: the run takes {steps} optimizer steps, and at its end the {recipe} schedule ({name}) is at "
-            f"sparsity {now_s} of its final {final_s}: give sparsify() total_steps={steps} (it has "
-            f"total_steps={state.total_steps})")

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 import sparsify
-from sparsify.core.pace import schedule_short
+from sparsify.core.schedule_end import schedule_short
 from sparsify.core.state import find_state
 from sparsify.prepare.plan_entry import once
 
