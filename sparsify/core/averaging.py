@@ -22,7 +22,8 @@ import warnings
 from torch import nn
 
 from sparsify.core.layers import SparseWeightMixin, drop_all_caches
-from sparsify.core.state import find_state, is_wrapper, partial_load, unwrap
+from sparsify.core.state import find_state, partial_load
+from sparsify.core.wrappers import is_wrapper, unwrap
 
 __all__ = ["sparsity_entries", "sync_sparsity", "unsynced_warning"]
 

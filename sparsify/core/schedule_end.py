@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from sparsify.core.state import find_state, unwrap
+from sparsify.core.state import find_state
+from sparsify.core.wrappers import unwrap
 
 __all__ = ["ADVICE", "schedule_unfinished", "schedule_short"]
 

@@ -11,7 +11,6 @@ import warnings
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
 from passes import set_submodule
 
@@ -19,9 +18,12 @@ from sparsify.core.extra_state import pack, unpack
 from sparsify.core.load_check import prefixed_line, run_difference
 from sparsify.core.load_warnings import partial_load, warn_partial, warn_unrecorded
 from sparsify.core.layers import SparseWeightMixin
+from sparsify.core.moved_inputs import _moved_like, _off_meta
 from sparsify.core.wrong_model import check_module, not_sparsified
 from sparsify.core.plain import plain_copy
 from sparsify.core.sharded import full_parameters
+# AVERAGING_WRAPPERS and is_wrapper were defined here before wrappers.py: they stay importable from here
+from sparsify.core.wrappers import AVERAGING_WRAPPERS, is_wrapper, unwrap  # noqa: F401
 
 __all__ = ["SparsifyState", "STATE_ATTR", "AVERAGING_WRAPPERS", "find_state", "unwrap", "after_load",
            "forget_replaced", "check_filled", "refuse_unfilled", "is_wrapper",
@@ -106,48 +108,6 @@ class SparsifyState(nn.Module):
         return f"step={int(self.step)}, groups={list(self.groups)}"
 
 
-def _moved_like(value, fn):
-    """``value`` (a tensor, or a pytree of them: tuples, lists, dicts) with each tensor moved and
-    cast as ``fn`` (the function ``Module._apply`` got from ``.to()``, ``.cuda()``, ``.half()``...)
-    moves and casts a tensor of its dtype and device; values kept (``fn`` itself may make empty
-    tensors: ``to_empty``). A tensor that ``fn`` does not turn into a plain tensor stays as it is.
-
-    >>> half = lambda t: t.half() if t.is_floating_point() else t
-    >>> x, rest = _moved_like((torch.ones(2), {"ids": torch.ones(2, dtype=torch.int64)}), half)
-    >>> x.dtype, rest["ids"].dtype
-    (torch.float16, torch.int64)
-    """
-    seen: dict = {}
-
-    def move(v):
-        if not isinstance(v, torch.Tensor) or v.is_meta:
-            return v
-        key = (v.dtype, v.device)
-        if key not in seen:
-            try:
-                probe = fn(torch.zeros((), dtype=v.dtype, device=v.device))
-            except Exception:  # a function meant for parameters only: the inputs stay
-                probe = None
-            seen[key] = (probe.device, probe.dtype) if type(probe) is torch.Tensor and not probe.is_meta else None
-        return v if seen[key] is None else v.to(device=seen[key][0], dtype=seen[key][1])
-
-    return pytree.tree_map(move, value)
-
-
-def _off_meta(value, device: torch.device):
-    """``value`` (a pytree, as for :func:`_moved_like`) with its meta tensors as tensors of the
-    same shape on ``device``: floating ones drawn from a fixed seed (finalize's check compares
-    outputs on them), the others zero."""
-    def materialize(v):
-        if not (isinstance(v, torch.Tensor) and v.is_meta):
-            return v
-        if v.is_floating_point():
-            return torch.randn(v.shape, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=v.dtype)
-        return torch.zeros(v.shape, dtype=v.dtype, device=device)
-
-    return pytree.tree_map(materialize, value)
-
-
 def after_load(module: nn.Module, incompatible_keys) -> None:
     """``load_state_dict`` post-hook of a sparsified model, for a checkpoint that holds no sparsify
     state (saved from the model before ``sparsify``: a pretrained or dense checkpoint).
@@ -195,37 +155,6 @@ def after_load(module: nn.Module, incompatible_keys) -> None:
                       f"{step}: its masks and thresholds stay those computed from its earlier weights; to start "
                       "sparse training from these weights, load them before the first sparsify.step (or call "
                       "sparsify() on the loaded model)", stacklevel=3)
-
-
-# matched by name, so that neither torch.distributed nor timm is imported here
-AVERAGING_WRAPPERS = ("AveragedModel", "ModelEma", "ModelEmaV2", "ModelEmaV3")  # torch's, timm's
-_WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel") + AVERAGING_WRAPPERS
-
-
-def is_wrapper(model, names: tuple[str, ...] = AVERAGING_WRAPPERS) -> bool:
-    """Whether ``model``'s class, or a class it derives from, is called one of ``names``
-    (torchvision's reference scripts keep their EMA in a subclass of ``AveragedModel``).
-
-    >>> from torch.optim.swa_utils import AveragedModel
-    >>> class ExponentialMovingAverage(AveragedModel): pass
-    >>> is_wrapper(ExponentialMovingAverage(nn.Linear(1, 1)))
-    True
-    """
-    return any(c.__name__ in names for c in type(model).__mro__)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside DDP / DataParallel / FSDP / torch.compile wrappers, and inside the
-    weight-averaging wrappers that hold a copy as ``.module`` (torch's ``AveragedModel``, timm's
-    ``ModelEmaV2`` / ``ModelEmaV3``), so that ``report`` and ``finalize`` take an EMA as it is."""
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif is_wrapper(model, _WRAPPERS) and isinstance(getattr(model, "module", None), nn.Module):
-            model = model.module
-    return model
 
 
 def find_state(model: nn.Module, *, required: bool = True, where: str = "sparsify",

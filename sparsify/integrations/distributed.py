@@ -22,7 +22,8 @@ from torch import nn
 
 from sparsify.core.layers import SparseWeightMixin
 from sparsify.core.sharded import full_parameters, is_distributed
-from sparsify.core.state import find_state, unwrap
+from sparsify.core.state import find_state
+from sparsify.core.wrappers import unwrap
 
 __all__ = ["state_fingerprint", "assert_synchronized", "is_distributed", "fsdp_units"]
 
