@@ -4,7 +4,8 @@
   ``Conv1D``) whose forward uses an effective weight; :func:`specialize` makes one class per
   weight class, so a sparse layer keeps its class's behaviour, its qualified name and its
   parameter names (``layer1.0.conv1.weight`` stays ``layer1.0.conv1.weight``);
-* :func:`masked_weight`: ``W ⊙ M`` with its gradient, reused while neither changes.
+* :func:`~sparsify.core.masked_weight.masked_weight`: ``W ⊙ M`` with its gradient, reused while
+  neither changes.
 
 The plain torch layer a sparse layer finalizes to: :func:`sparsify.core.plain.plain_copy`.
 
@@ -25,6 +26,8 @@ from sparsify.core.conv1d import (CONV_TRANSPOSE_TYPES, Conv1DLike, conv1d_forwa
                                   is_conv1d_class)
 from sparsify.core import recompute
 from sparsify.core.forwards import entered
+# defined here before masked_weight.py: methods/st3.py still imports it from here
+from sparsify.core.masked_weight import masked_weight  # noqa: F401
 from sparsify.core.records import RecordsMixin  # noqa: F401  (its home before records.py)
 from sparsify.core.sharded import check_gathered, note_fsdp
 from sparsify.core.subclasses import own_forward_class, own_forward_with
@@ -243,20 +246,6 @@ class SparseWeightMixin:
         return super()._apply(fn, recurse)
 
 
-class _MaskedProduct(torch.autograd.Function):
-    """Forward: ``W ⊙ M`` computed beforehand (``product``). Backward: ``grad ⊙ M`` to ``W``."""
-
-    @staticmethod
-    def forward(ctx, weight, product, mask_f):
-        ctx.save_for_backward(mask_f)
-        return product
-
-    @staticmethod
-    def backward(ctx, grad):
-        (mask_f,) = ctx.saved_tensors
-        return grad * mask_f, None, None
-
-
 def drop_all_caches(root: nn.Module) -> None:
     """Forget what every sparse layer under ``root`` computed from its weights: after a write
     that no version counter sees (Lightning's weight swaps through ``.data``) or an in-place
@@ -264,37 +253,6 @@ def drop_all_caches(root: nn.Module) -> None:
     for m in root.modules():
         if isinstance(m, SparseWeightMixin):
             m.drop_caches()
-
-
-def masked_weight(layer: "SparseWeightMixin", mask: torch.Tensor) -> torch.Tensor:
-    """``layer.weight * mask`` (a bool mask), gradients included: the same values and gradients,
-    but the product is written into a scratch tensor and reused until the weight or the mask
-    changes, and both products use a float copy of the mask (mixed bool/float multiplies are
-    several times slower on CPU).
-
-    >>> from sparsify.methods.magnitude import MAGNITUDE_CLASSES
-    >>> layer = MAGNITUDE_CLASSES[nn.Linear].from_dense(nn.Linear(2, 1))
-    >>> mask = torch.tensor([[True, False]])
-    >>> bool(torch.equal(masked_weight(layer, mask), layer.weight * mask))
-    True
-    """
-    w = layer.weight
-    # eager() first: compiled code must not read the buffers' weak map (dynamo guarded on its
-    # keys, so other models' layers coming and going recompiled, or crashed building the guard)
-    if not eager() or ((bufs := layer_buffers(layer, create=False)) is not None and bufs.transient):
-        # the same values and gradients; autograd keeps the bool mask, not a float copy
-        return w * mask
-    mask_f = layer.cached("mask_f", mask)
-    if mask_f is None:
-        # bool -> float copies are ~8x slower than uint8 -> float ones (same bytes)
-        src = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-        mask_f = layer.store_cached("mask_f", layer.scratch("mask_f", w).copy_(src), mask)
-    product = layer.cached("masked", w, mask)
-    if product is None:
-        with torch.no_grad():
-            product = torch.mul(w, mask_f, out=layer.scratch("masked", w))
-        layer.store_cached("masked", product, w, mask)
-    return _MaskedProduct.apply(w, product, mask_f)
 
 
 class _Specialized(dict):

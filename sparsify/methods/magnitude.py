@@ -17,7 +17,7 @@ values are kept), and ``M`` is recomputed from ``|W|`` every Δt steps (``freque
 Speed: ``|W|`` goes into the layer's (stale) ``W ⊙ M`` buffer, the global threshold is found over the
 layers' ``|W|`` without concatenating them, masks are written in place, and the forward's
 ``W ⊙ M`` (and its backward) use a float copy of the mask and a reused product
-(:func:`~sparsify.core.layers.masked_weight`); see docs/performance.md.
+(:func:`~sparsify.core.masked_weight.masked_weight`); see docs/performance.md.
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ from sparsify.core.contract import Group, GroupContext, Method
 from sparsify.core.registry import register
 from sparsify.core.params import Literal, Params, param
 from sparsify.core.buffers import eager
-from sparsify.core.layers import SparseWeightMixin, masked_weight, specialize, weight_base
+from sparsify.core.layers import SparseWeightMixin, specialize, weight_base
+from sparsify.core.masked_weight import masked_weight
 from sparsify.core.conv1d import torch_layout
 
 __all__ = ["MagnitudeMethod", "MagnitudeMixin", "block_scores", "expand_blocks"]
