@@ -293,6 +293,34 @@ def test_masks_keep_the_example_resolution_and_training_at_another_is_refused_at
     sparsify.finalize(model)
 
 
+def test_a_step_refused_for_another_resolution_leaves_the_state_as_it_was():
+    """The refused step had counted itself before the check: the run went on one step ahead of
+    a run that never had the bad batch (its ramp, masks and frozen map all shifted by one)."""
+    def run(bad_batch: bool) -> dict:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1))
+        model = sparsify.sparsify(net, recipe(begin=2, end=4, sparsity=0.5), example_inputs=torch.zeros(1, 3, 16, 16))
+        for i in range(6):
+            if bad_batch and i == 1:  # before the masks come on: the step refuses it
+                loss = model(torch.randn(2, 3, 24, 24)).square().mean()
+                loss.backward()
+                with pytest.raises(RuntimeError, match="a training forward ran 0 at output size 24x24"):
+                    sparsify.step(model, loss.detach())
+            loss = model(X32[:, :, :16, :16] + i).square().mean()
+            loss.backward()
+            sparsify.step(model, loss.detach())
+        return model.state_dict()
+
+    clean, caught = run(False), run(True)
+    assert int(caught["sparsify_state.step"]) == 6
+    assert list(caught) == list(clean)
+    for key, value in clean.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(caught[key], value), key
+        else:
+            assert repr(caught[key]) == repr(value), key
+
+
 def test_without_example_inputs_the_first_forward_sizes_the_masks():
     """sparsify's own guess (an image at 224²) is no resolution the caller chose: it sizes nothing."""
     torch.manual_seed(0)

@@ -17,13 +17,17 @@ __all__ = ["advance"]
 def advance(state: SparsifyState, root: nn.Module, loss: float | None, said: list[tuple[str, str]]) -> int:
     """Count one optimizer step on ``state`` (of the unwrapped model ``root``) and give every group
     its update for it; what should be warned goes to ``said`` as (key, message). Returns the new
-    step count.
+    step count. A group's :meth:`~sparsify.core.contract.Group.refuse_step` raises its
+    ``RuntimeError`` before anything changes.
 
     >>> import torch, sparsify
     >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), "gmp", total_steps=10)
     >>> advance(m.sparsify_state, m, None, [])
     1
     """
+    for group in state.groups.values():  # before anything moves: a caught refusal leaves the run as it was
+        if (why := group.refuse_step()) is not None:
+            raise RuntimeError(why)
     counted = getattr(state, "_stepped", None)  # None: a model pickled before it was kept
     if counted and is_distributed() and int(state.step) != counted:
         # only a raw write changes the counter between steps: DDP's broadcast of rank 0's buffers

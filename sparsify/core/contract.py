@@ -140,6 +140,13 @@ class Group(nn.Module):
         object.__setattr__(self, "members", dict(members))
 
     # -- called by sparsify.step --------------------------------------------------------
+    def refuse_step(self) -> str | None:
+        """The one-line error that refuses this ``sparsify.step`` (e.g. semi-structured masks after
+        a training forward at another resolution), else None. Asked of every group before the
+        step counter or any group moves, so that a caller who catches the error and goes on gets
+        the run the refused step never happened in."""
+        return None
+
     def update(self, step: int, loss: float | None = None) -> None:
         """Advance to optimizer step ``step`` (recompute thresholds, masks, ...)."""
 

@@ -167,14 +167,16 @@ class SemiStructuredGroup(Group):
     def writes_weights(self, step: int) -> bool:
         return False  # its update writes masks and scores, never the weights
 
-    @torch.no_grad()
-    def update(self, step: int, loss=None) -> None:
+    def refuse_step(self) -> str | None:
+        # now, not once the masks come on and the next forward cannot run
         wrong = trained_elsewhere(self.members, getattr(self, "sized_on", "the first forward"),
                                  getattr(self, "_resizing", []))  # (pickled before they were kept: defaults)
         for m in self.members.values():
             sizes_of(m).trained = None  # the next check reads the forwards of the next step
-        if wrong:  # now, not once the masks come on and the next forward cannot run
-            raise RuntimeError(wrong)
+        return wrong
+
+    @torch.no_grad()
+    def update(self, step: int, loss=None) -> None:
         self._unmask_shared()  # found by the forwards since the last step, frozen or not
         if bool(self.frozen):
             return
