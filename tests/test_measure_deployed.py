@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import sparsify
+from sparsify.deploy.accelerate import accelerate
 from sparsify.deploy.accelerate.direct_conv import DirectSparseConv2d
 from sparsify.deploy.accelerate.patch_conv import PatchSkipConv2d
 from sparsify.deploy.accelerate.sparse_linear import SparseConv1x1, SparseLinear
@@ -67,6 +68,26 @@ def test_patch_skipping_conv_counts_the_kept_positions_only():
     r = sparsify.measure(nn.Sequential(PatchSkipConv2d.from_conv(conv, keep)), [x])
     dense, mult, _, _ = _layer_counts(conv, x, conv(x), keep)
     assert [(row.name, row.dense_macs, row.mult_macs) for row in r.layers] == [("0", dense // 2, mult // 2)]
+
+
+def test_a_masked_conv_accelerate_kept_dense_counts_the_kept_positions_only():
+    """A semi-structured conv that accelerate kept dense (BN folded, the mask turned into a fill of
+    BN(0) at the skipped positions) was counted at every output position: twice the finalized
+    model's count at sparsity 0.5, for the same function with the same zeros."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    x = torch.randn(2, 3, 16, 16)
+    m = sparsify.sparsify(net, "semi-structured", example_inputs=x, begin=0, end=0, sparsity=0.5).eval()
+    final = sparsify.finalize(m, example_inputs=x)
+    batches = [torch.randn(2, 3, 16, 16)]
+    want = sparsify.measure(final, batches)
+    for decide in ("never", "always"):  # kept dense, patch-skipping
+        fast = accelerate(final, x, decide=decide)
+        assert {row.path for row in fast.acceleration.layers} == {"dense" if decide == "never" else "patch-skip"}
+        got = sparsify.measure(fast, batches)
+        assert _rows(got) == _rows(want), decide
+    assert want.mult_macs < want.dense_macs // 2  # half the positions skipped, and ReLU zeros on top
 
 
 class _Gated(nn.Module):

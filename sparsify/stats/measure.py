@@ -5,7 +5,9 @@ semi-structured :class:`~sparsify.methods.semistructured.PositionMask` node: the
 zeros in what it sees, and their element-weighted global value. For every Conv/Linear layer: the
 dense MACs and the multiplicative MACs of docs/methods/dual.md (the paper's count), where a multiply counts only when the
 weight *and* the input activation are both non-zero (and, after a position mask, only at output
-positions the mask keeps: those are never computed). Padding zeros are zero inputs; dense MACs
+positions the mask keeps: those are never computed; so too before a module whose
+``computed_positions()`` names them, as the fill that ``finalize(accelerate=...)`` leaves after a
+masked conv it keeps dense). Padding zeros are zero inputs; dense MACs
 count them, as ``macs.py`` does. Weights multiplied outside their module's call
 (``nn.MultiheadAttention``'s projections, ``F.linear(x, layer.weight)``, a finalized SAS layer's
 ``F.conv2d`` of its wide weight) are counted too (:mod:`sparsify.stats.functional_reads`), and so
@@ -127,6 +129,15 @@ class Measurement:
 def _weight(mod: nn.Module) -> torch.Tensor:
     """The weight in torch's (out, in, ...) layout (a Conv1D's transposed)."""
     return torch_layout(mod, mod.deployed_weight() if isinstance(mod, SparseWeightMixin) else mod.weight.detach())
+
+
+def _computed_positions(after: nn.Module | None) -> torch.Tensor | None:
+    """The output positions of a conv that the module ``after`` it needs (None: all of them): a
+    position mask's kept ones, or those ``after.computed_positions()`` names (accelerate's fill of
+    the skipped positions of a masked conv it kept dense: the same function, the same count)."""
+    if isinstance(after, PositionMask):
+        return after.mask if after.enabled else None
+    return None if after is None else after.computed_positions()
 
 
 @torch.no_grad()
@@ -261,7 +272,7 @@ def measure(model: nn.Module, batches: Iterable, *, input_fn: Callable | None = 
     node_zero: dict[str, list[int]] = {}
     node_kind: dict[str, str] = {}
     layer_acc: dict[str, list] = {}
-    mask_after: dict[int, PositionMask] = {}
+    mask_after: dict[int, nn.Module] = {}
     handles = []
 
     def node_hook(name, kind):
@@ -273,7 +284,8 @@ def measure(model: nn.Module, batches: Iterable, *, input_fn: Callable | None = 
                 acc[1] += t.numel()
         return hook
 
-    # a PositionMask right after a conv: that conv's masked output positions are never computed
+    # a PositionMask (or a module that says computed_positions()) right after a conv: that conv's
+    # other output positions are never computed
     for prefix_mod in root.modules():
         graph = getattr(prefix_mod, "graph", None)
         if graph is None:
@@ -284,7 +296,7 @@ def measure(model: nn.Module, batches: Iterable, *, input_fn: Callable | None = 
                     mod = prefix_mod.get_submodule(node.target)
                 except AttributeError:
                     continue
-                if isinstance(mod, PositionMask):
+                if isinstance(mod, PositionMask) or callable(getattr(mod, "computed_positions", None)):
                     src = node.args[0]
                     if getattr(src, "op", None) == "call_module":
                         mask_after[id(prefix_mod.get_submodule(src.target))] = mod
@@ -295,8 +307,7 @@ def measure(model: nn.Module, batches: Iterable, *, input_fn: Callable | None = 
             inside.discard(id(mod))
             if not inp or not isinstance(inp[0], torch.Tensor):
                 return
-            pm = mask_after.get(id(mod))
-            out_mask = pm.mask if pm is not None and pm.enabled else None
+            out_mask = _computed_positions(mask_after.get(id(mod)))
             if counted_as is not None:
                 mod, out_mask = counted_as
             res = _layer_counts(mod, inp[0], out, out_mask)

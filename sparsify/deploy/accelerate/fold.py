@@ -80,5 +80,11 @@ class PositionFill(nn.Module):
             y.view(n, c, h * w)[:, :, self.skipped] = fill.view(1, c, 1)
         return y
 
+    def computed_positions(self) -> torch.Tensor:
+        """The output positions of the conv before it that the model needs (the others it
+        overwrites): ``sparsify.measure`` counts that conv's multiplies there only, as it does
+        for the position mask this fill replaced."""
+        return self.keep
+
     def extra_repr(self) -> str:
         return f"channels={self.fill.numel()}, skipped={self.skipped.numel()}/{self.keep.numel()} positions"
