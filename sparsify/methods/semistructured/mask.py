@@ -168,6 +168,14 @@ class DeployedPositionMask(PositionMask):
     """
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if y.is_quantized:
+            # eager torch.ao.quantization handed it a quantized conv's output; even with the
+            # multiply made to work, that mode cannot run a finalized model (its trace keeps no
+            # QuantStub / FloatFunctional, and conv+BN fusion by names would cross the mask)
+            raise RuntimeError("PositionMask: " + (self.layer if self.layer else "this conv") + "'s output is "
+                               "quantized: eager-mode quantization (torch.ao.quantization prepare/convert) of a "
+                               "semi-structured model is not supported; use FX graph mode (prepare_fx/convert_fx "
+                               "with DeployedPositionMask as a non-traceable module class), see docs/deployment.md")
         # (a trace records the sizes as tensors: comparing them would warn, and the traced
         # graph is for the traced size anyway)
         if not torch.jit.is_tracing() and (y.shape[-2] != self.mask.shape[0] or y.shape[-1] != self.mask.shape[1]):
