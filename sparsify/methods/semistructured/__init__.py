@@ -15,8 +15,9 @@ frozen at ``s_final``. Under ``torch.distributed`` the map is broadcast from ran
 is averaged over ranks before the comparison, so every rank holds the same masks. No rescaling;
 masks stay on in eval mode.
 
-Two parts: the node and its deployed form (``mask.py``), the masks, group and recipe method
-(``method.py``).
+Parts: the node, its deployed form and the 0/1 map (``mask.py``), the group that schedules, draws
+and freezes the maps (``group.py``), the resolution checks (``resolution.py``) and the recipe
+method (``method.py``).
 """
 from __future__ import annotations
 

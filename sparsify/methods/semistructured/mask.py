@@ -1,17 +1,18 @@
 """The node semi-structured activation sparsity inserts after each selected conv
 (:class:`PositionMask`: ``y = conv(x) ⊙ m[h, w]``) and what ``finalize`` keeps of it
-(:class:`DeployedPositionMask`). The masks themselves are made in
-:mod:`sparsify.methods.semistructured.method`; the package re-exports both classes (pickles made
-when the method was one module name them there).
+(:class:`DeployedPositionMask`), and the 0/1 map a mask holds (:func:`position_mask`). The group
+that draws, schedules and freezes the maps is :mod:`sparsify.methods.semistructured.group`; the
+package re-exports both classes (pickles made when the method was one module name them there).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sparsify.core.forwards import entered
 
-__all__ = ["PositionMask", "DeployedPositionMask", "Calls", "Sizes", "sizes_of", "FIX"]
+__all__ = ["PositionMask", "DeployedPositionMask", "Calls", "Sizes", "sizes_of", "FIX", "position_mask"]
 
 FIX = "give sparsify(...) example_inputs at the resolution you train at"  # the advice of a size error
 
@@ -185,3 +186,22 @@ class DeployedPositionMask(PositionMask):
                                + str(y.shape[-2]) + ", " + str(y.shape[-1]) + "): run the model at the input "
                                "resolution it was trained at")
         return y * self.mask.to(y.dtype)
+
+
+def position_mask(scores: torch.Tensor, size: tuple[int, int], sparsity: float) -> torch.Tensor:
+    """The float32 ``(H, W)`` 0/1 mask for one layer: ``scores`` (the input-resolution map)
+    avg-pooled to ``size``, then its ``round(sparsity·H·W)`` lowest positions set to 0 (ties broken
+    by position, so equal inputs give equal masks).
+
+    >>> m = position_mask(torch.rand(32, 32), (8, 8), 0.25)
+    >>> int((m == 0).sum())
+    16
+    """
+    h, w = int(size[0]), int(size[1])
+    pooled = F.adaptive_avg_pool2d(scores.float()[None, None], (h, w))[0, 0].reshape(-1)
+    k = int(round(sparsity * h * w))
+    mask = torch.ones(h * w, dtype=torch.float32, device=scores.device)
+    if k > 0:
+        order = torch.sort(pooled, stable=True).indices
+        mask[order[:k]] = 0.0
+    return mask.reshape(h, w)

@@ -4,11 +4,12 @@ training loop that runs at another one (:func:`trained_elsewhere`, checked by ev
 (:func:`resizing_transforms`, warned at ``sparsify()``)."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from sparsify.methods.semistructured.mask import FIX, sizes_of
 
-__all__ = ["trained_elsewhere", "resizing_transforms", "resizing_warning", "advice"]
+__all__ = ["trained_elsewhere", "resizing_transforms", "resizing_warning", "advice", "input_size_of"]
 
 
 def _hw(size) -> str:
@@ -79,3 +80,11 @@ def resizing_warning(names: list[str]) -> list[str]:
             "which the position masks (made at the size of example_inputs) do not fit: training stops with an error; "
             "build the detector with fixed_size=(W, H) so that every batch has one size, see "
             "docs/methods/semistructured.md"]
+
+
+def input_size_of(example_inputs) -> tuple[int, int] | None:
+    """The spatial size ``(H, W)`` of the first image-like (>= 3-D) example input, else None."""
+    for x in example_inputs or ():
+        if isinstance(x, torch.Tensor) and x.dim() >= 3:
+            return int(x.shape[-2]), int(x.shape[-1])
+    return None
