@@ -183,3 +183,35 @@ def test_a_dense_layer_with_zeros_counts_them_in_the_non_zero_weight_macs():
     sparse_nz = sum(r.nonzero_macs for r in rows.values())
     assert t["nonzero_macs"] == sparse_nz + positions * (net[2].weight.numel() - zeros)
     assert t["macs"] - t["nonzero_macs"] >= positions * zeros
+
+
+class _DictBatch(nn.Module):
+    """A forward taking one dict: two inputs of one batch (256 MACs per sample)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc = nn.Linear(8, 16), nn.Linear(4, 16), nn.Linear(16, 4)
+
+    def forward(self, batch):
+        return self.fc(torch.relu(self.a(batch["x"])) + torch.relu(self.b(batch["y"])))
+
+
+class _PairBatch(_DictBatch):
+    """The same on one (x, y) tuple."""
+
+    def forward(self, pair):
+        x, y = pair
+        return self.fc(torch.relu(self.a(x)) + torch.relu(self.b(y)))
+
+
+@pytest.mark.parametrize("factory, batch", [
+    (_DictBatch, {"x": torch.randn(3, 8), "y": torch.randn(3, 4)}),
+    (_PairBatch, (torch.randn(6, 8), torch.randn(6, 4))),
+])
+def test_a_dict_or_tuple_argument_counts_its_tensors_rows_as_samples(factory, batch):
+    per_sample = 8 * 16 + 4 * 16 + 16 * 4
+    m = sparsify.sparsify(factory(), "gmp", total_steps=10, example_inputs=(batch,))
+    assert sparsify.report(m).totals["macs"] == per_sample  # the batch of 3 read as 1 sample said 768
+    measured = sparsify.measure(m, [(batch,)], input_fn=lambda b: b)
+    rows = len(next(iter(batch.values())) if isinstance(batch, dict) else batch[0])
+    assert measured.samples == rows and measured.dense_macs == per_sample

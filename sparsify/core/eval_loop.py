@@ -4,6 +4,7 @@ mode it came in with its hooks removed, also when a forward fails."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import Callable, Iterable
 
 import torch
@@ -19,21 +20,44 @@ _DEPTH = [0]
 
 
 def samples_in(inputs) -> int:
-    """The samples in one call's positional inputs: the first batched tensor's length, or the length
-    of a list of unbatched samples (a torchvision detector's list of ``(C, H, W)`` images).
+    """The samples in one call's positional inputs: the leading dimension of the first batched
+    tensor, looked for inside dicts, lists and tuples too (a tokenizer's dict, an ``(x, y)`` pair),
+    else 1. A list or tuple of tensors is read by one rule, as the shapes cannot always tell: a
+    4-D-and-up first item means batches per item (feature levels); a tuple, or items of mixed
+    dimensions, whose leading dimensions agree is the parts of one batch; otherwise each item is a
+    sample (a torchvision detector's list of ``(C, H, W)`` images, sequences of their own lengths).
 
     >>> samples_in((torch.zeros(4, 3, 8, 8),)), samples_in(([torch.zeros(3, 8, 8), torch.zeros(3, 6, 9)],))
     (4, 2)
     >>> samples_in(([torch.zeros(2, 8, 4, 4), torch.zeros(2, 8, 2, 2)],))  # feature levels of one batch
     2
+    >>> samples_in(({"x": torch.zeros(3, 8), "y": torch.zeros(3, 4)},)), samples_in(((torch.zeros(6, 8), torch.zeros(6, 4)),))
+    (3, 6)
     """
     for x in inputs:
-        if isinstance(x, torch.Tensor) and x.dim() > 0:
-            return int(x.shape[0])
-        if isinstance(x, (list, tuple)) and x and all(isinstance(t, torch.Tensor) for t in x):
-            # (C, H, W) images or (L, F) sequences, one per sample; 4-D and up are batches per item
-            return len(x) if x[0].dim() <= 3 else int(x[0].shape[0])
+        n = _batch_of(x)
+        if n is not None:
+            return n
     return 1
+
+
+def _batch_of(x) -> int | None:
+    """The samples one argument holds (see :func:`samples_in`); None when it holds no batched tensor."""
+    if isinstance(x, torch.Tensor):
+        return int(x.shape[0]) if x.dim() > 0 else None
+    if isinstance(x, Mapping):  # named parts of one batch (a tokenizer's dict): its first batched value
+        return next((n for n in map(_batch_of, x.values()) if n is not None), None)
+    if not isinstance(x, (list, tuple)) or not x:
+        return None
+    if not all(isinstance(t, torch.Tensor) for t in x):
+        return next((n for n in map(_batch_of, x) if n is not None), None)
+    if x[0].dim() > 3:
+        return int(x[0].shape[0])
+    leading = {int(t.shape[0]) for t in x if t.dim() > 0}
+    if (isinstance(x, tuple) or len({t.dim() for t in x}) > 1) and len(leading) == 1:
+        return leading.pop()
+    # a list of same-rank tensors is one sample per item: a detector's images need not share a size
+    return len(x)
 
 
 @contextlib.contextmanager
