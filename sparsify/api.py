@@ -206,11 +206,11 @@ def penalty(model: nn.Module):
     0.0
     """
     state = find_state(model, where="sparsify.penalty")
-    terms = penalty_terms(state)
+    terms, computed = penalty_terms(state)
     if not terms:
         return 0.0
     total = torch.stack(terms).sum()
-    watch_penalty(state, total)  # the next step says if no gradient passed through it
+    watch_penalty(state, total, computed)  # the next step says if no gradient passed through it
     return total
 
 

@@ -85,3 +85,78 @@ def test_terms_of_extra_forwards_dropped_before_the_trained_one_are_not_said():
         return F.cross_entropy(m((x + 0.01 * grad.sign()).detach()), y) + sparsify.penalty(m)
     for recipe in REGULARIZERS:
         assert run(recipe, attacked) == [], recipe
+
+
+NO_GRADIENT = "get no gradient"  # sparsify()'s warning, and sparsify.step's for a penalty with none
+
+
+def frozen_backbone():
+    """Convs frozen, the head trainable: what the probe's model was (tl1's penalty stayed 0.0476, constant)."""
+    m = net()
+    m[0].requires_grad_(False)
+    m[2].requires_grad_(False)
+    return m
+
+
+def train_said(m, steps=5):
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.01)
+    penalties = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            loss = F.cross_entropy(m(x), y)
+            p = sparsify.penalty(m)
+            penalties.append(p)
+            opt.zero_grad()
+            (loss + p).backward()
+            opt.step()
+            sparsify.step(m)
+    said = [str(w.message) for w in caught if NO_GRADIENT in str(w.message)]
+    return penalties, said
+
+
+@pytest.mark.parametrize("recipe", ["tl1", "activation-l1", "dual"])
+def test_regularized_activations_after_frozen_layers_are_said_at_sparsify(recipe):
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = sparsify.sparsify(frozen_backbone(), recipe, total_steps=10, example_inputs=x)
+    said = [str(w.message) for w in caught if NO_GRADIENT in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("sparsify: 2 regularized activation(s) get no gradient (first: "), said
+    notes = {e.name: e.reason for e in m.sparsify_state.plan.entries if e.method in ("tl1", "activation-l1")}
+    assert len(notes) == 2 and all(n.startswith("no gradient reaches it") for n in notes.values()), notes
+    assert not any(e.reason.startswith("no gradient") for e in sparsify.plan(net(), recipe, total_steps=10,
+                                                                             example_inputs=x).entries)
+
+
+def test_a_penalty_with_no_gradient_is_said_once_by_step():
+    """Frozen after sparsify(), which could not see it: the step says it, once."""
+    m = sparsify.sparsify(net(), "tl1", total_steps=10, example_inputs=torch.randn(2, 3, 8, 8))
+    m[0].requires_grad_(False)
+    m[2].requires_grad_(False)
+    penalties, said = train_said(m)
+    assert all(isinstance(p, torch.Tensor) and not p.requires_grad and p > 0 for p in penalties)
+    assert len(said) == 1 and said[0].startswith("sparsify.step: the penalty returned by sparsify.penalty() has no "
+                                                 "gradient"), said
+
+
+def test_frozen_before_sparsify_is_said_once_in_all():
+    m = sparsify.sparsify(frozen_backbone(), "tl1", total_steps=10, example_inputs=torch.randn(2, 3, 8, 8))
+    assert train_said(m)[1] == []  # sparsify() said it; the steps do not repeat it
+
+
+def test_eval_and_no_grad_loops_are_not_said():
+    m = sparsify.sparsify(net(), "tl1", total_steps=10, example_inputs=torch.randn(2, 3, 8, 8))
+    m[0].requires_grad_(False)
+    m[2].requires_grad_(False)
+    x = torch.randn(4, 3, 8, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for train in (False, True):
+            m.train(train)
+            with torch.no_grad():
+                m(x)
+                assert sparsify.penalty(m) == 0.0  # nothing recorded without gradients
+            sparsify.step(m)
+    assert not [w for w in caught if NO_GRADIENT in str(w.message)]

@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["penalty_terms", "watch_penalty", "unreached_penalty"]
+__all__ = ["penalty_terms", "watch_penalty", "unreached_penalty", "CONSTANT_PENALTY"]
+
+#: the warning when every penalty since the last step was a constant (a frozen backbone)
+CONSTANT_PENALTY = ("sparsify.step: the penalty returned by sparsify.penalty() has no gradient, so the activation "
+                    "regularizers train nothing: the regularized activations get no gradient (only frozen layers, "
+                    "requires_grad=False, before them); unfreeze those layers, or regularize activations that "
+                    "trainable layers compute")
 
 
-def penalty_terms(state) -> list[torch.Tensor]:
+def penalty_terms(state) -> tuple[list[torch.Tensor], bool]:
     """Every group's :meth:`~sparsify.core.contract.Group.penalty` as a float32 scalar tensor: a
     one-element tensor as it is, a Python number as a constant; anything else is an error naming
-    the method and the group.
+    the method and the group. Also whether some group gave a tensor (a term the forwards computed).
 
     >>> from types import SimpleNamespace as NS
     >>> state = NS(groups={"rule0_mine": NS(method_name="mine", penalty=lambda: torch.ones(2))})
@@ -40,21 +46,28 @@ def penalty_terms(state) -> list[torch.Tensor]:
         else:
             device = device or p.device
         terms.append(p.float().reshape(()))
-    return [t.to(device) for t in terms] if device is not None else terms
+    return ([t.to(device) for t in terms], True) if device is not None else (terms, False)
 
 
 def _counts(state) -> list[int]:
     counts = state.__dict__.get("penalty_counts")
     if counts is None:  # a state saved before this was tracked
-        counts = state.__dict__["penalty_counts"] = [0, 0]  # returned, reached by a gradient
-    return counts
+        counts = state.__dict__["penalty_counts"] = [0, 0, 0]
+    counts.extend([0] * (3 - len(counts)))  # one saved before the constants were counted
+    return counts  # returned, reached by a gradient, computed by the forwards with none to get
 
 
-def watch_penalty(state, total: torch.Tensor) -> None:
-    """Note ``total`` (a penalty ``sparsify.penalty`` returned) as waiting for its gradient."""
-    if not total.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(total):
+def watch_penalty(state, total: torch.Tensor, computed: bool = True) -> None:
+    """Note ``total`` (a penalty ``sparsify.penalty`` returned) as waiting for its gradient;
+    ``computed``: some term came from the forwards (not only numbers a group returned)."""
+    if torch._C._functorch.is_functorch_wrapped_tensor(total):
         return  # torch.func transforms run their own autograd: nothing to hook
     counts = _counts(state)
+    if not total.requires_grad:
+        # terms are recorded only by training forwards with gradients on (records.py): a constant
+        # one means the regularized activations had no gradient
+        counts[2] += computed
+        return
     counts[0] += 1
 
     def reached(grad):
@@ -75,8 +88,10 @@ def unreached_penalty(state) -> str | None:
     'sparsify.step: the penalty returned by sparsify.penalty() got no gradient'
     """
     counts = _counts(state)
-    returned, reached = counts
-    counts[0] = counts[1] = 0
+    returned, reached, constant = counts
+    counts[:] = [0, 0, 0]
+    if constant and not returned:
+        return CONSTANT_PENALTY
     if not returned or reached:
         return None
     return ("sparsify.step: the penalty returned by sparsify.penalty() got no gradient before this step, so the "

@@ -14,7 +14,7 @@ from torch import nn
 
 from sparsify.core.dead_outputs import dead_outputs, dead_outputs_message
 from sparsify.core.diverged import check_due, diverged_message, nonfinite_parameters
-from sparsify.core.penalty_watch import unreached_penalty
+from sparsify.core.penalty_watch import CONSTANT_PENALTY, unreached_penalty
 from sparsify.core.state import SparsifyState
 from sparsify.core.weight_growth import grown, growth_due, growth_message, largest_weights
 
@@ -62,7 +62,7 @@ def after_step(state: SparsifyState, root: nn.Module, t: int, loss: float | None
         said.append(("nonfinite-loss", f"sparsify.step: the loss is {loss} at step {t}: training diverged; "
                      "lower the learning rate or check the loss (stop at the first non-finite loss)"))
     if (lost := unreached_penalty(state)) is not None:
-        said.append(("penalty-unreached", lost))
+        said.append(("penalty-constant" if lost == CONSTANT_PENALTY else "penalty-unreached", lost))
     if check_due(t, state.total_steps) and "nonfinite-params" not in state.warned:
         if bad := nonfinite_parameters(root):
             said.append(("nonfinite-params", diverged_message("sparsify.step", bad, t)))

@@ -26,6 +26,7 @@ from sparsify.prepare.inputs import guess_example_inputs, positions_per_sample
 from sparsify.prepare.model_checks import check_model
 from sparsify.prepare.matching import MatchTable, block_hint
 from sparsify.prepare.multi_calls import _is_call, _refused_multi_calls
+from sparsify.prepare.no_gradient import FROZEN_BEFORE, frozen_before, frozen_before_warning
 from sparsify.methods import get_method
 from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.core.modes import modes_of, restore_modes
@@ -121,6 +122,8 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     changes_by_graph = defaultdict(list)
     rewritten = set()
     plan_warned: set[str] = set()
+    no_gradient: list[str] = []  # regularized activations only frozen layers compute
+    frozen_nodes: set = set()  # graph nodes only frozen layers compute, found so far
     called = {c.name for c in cands if c.node is not None and c.node.op == "call_module"}
     hidden, swaps = hidden_candidates(root, tr.graphs, matcher.winner, called=called)
     if not dry_run:
@@ -162,6 +165,11 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
             continue
         # a tie shares the mask: the other module (an input embedding) gets the same zeros, said in the plan
         note = f"weight shared with {', '.join(users)}: one mask, the zeros reach both" if users else ""
+        regularized = getattr(w.method, "_regularized_node", None)  # an activation regularizer's node
+        if regularized and frozen_before(c.gm, regularized(site, w.rule.params["placement"]), c.prefix == "",
+                                         frozen_nodes):
+            note = FROZEN_BEFORE
+            no_gradient.append(c.name)
         plan.entries.append(PlanEntry(c.name, c.kind, w.rule.method, w.rule.index, note, weight_params))
         rewritten.add(c.name)
         if id(c.module) in aliases:
@@ -174,6 +182,8 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
             changes_by_graph[c.prefix].extend(site.changes)
     if direct and not dry_run:
         warnings.warn(direct_warning(direct), stacklevel=3)
+    if no_gradient and not dry_run:
+        warnings.warn(frozen_before_warning(no_gradient), stacklevel=3)
     if not dry_run:
         point_aliases(root, {i: root.get_submodule(name) for i, name in rewritten_as.items()})
         for prefix, ch in rewire_hidden_reads(tr.graphs, rewritten).items():
@@ -251,6 +261,8 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     # (a PEFT model's frozen base layers are what its adapters mean: they stay frozen)
     state.frozen_dense = [] if plan.has_adapters else [e.name for e in plan.frozen_matched(recipe)]
     state.layer_factors = factors
+    if no_gradient:  # said above: sparsify.step need not say it again
+        state.warned.add("penalty-constant")
     root.add_module(STATE_ATTR, state)
     root.register_load_state_dict_pre_hook(before_load)  # before any layer takes another run's values
     root.register_load_state_dict_post_hook(after_load)
