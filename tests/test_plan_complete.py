@@ -255,7 +255,7 @@ def test_the_plans_footer_names_weights_without_macs_and_why():
     weight without MACs is a bare parameter an einsum multiplies: it says that, by name."""
     plan = sparsify.plan(_EinsumHead(), "gmp", example_inputs=(torch.randn(2, 8),), total_steps=4)
     footer = next(line for line in str(plan).splitlines() if "sites rewritten" in line)
-    assert "MACs unknown for w: bare parameters multiplied by einsum / matmul" in footer, footer
+    assert "MACs unknown for w: bare parameters multiplied by einsum in the forward" in footer, footer
     assert "pass example_inputs" not in footer
 
 
@@ -280,3 +280,43 @@ def test_a_layer_with_a_computed_weight_is_said_once():
     said = plan.warnings(sparsify.load_recipe(rules))
     assert len([w for w in said if "their weight is computed" in w]) == 1, said
     assert not [w for w in said if "declined by their method" in w or "rewrote nothing" in w], said
+
+
+class _FunctionalStem(nn.Module):
+    """A conv stem computed by ``F.conv2d`` on parameters the model holds, then a Conv2d and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.b = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.2), nn.Parameter(torch.zeros(8))
+        self.conv, self.fc = nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = F.relu(F.conv2d(x, self.w, self.b, padding=1))
+        return self.fc(F.relu(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("recipe, rewritten", [("gmp", 576 + 32), ("sas", 32)])
+def test_a_functional_conv_lists_its_weight_not_its_bias_and_names_the_conv(recipe, rewritten):
+    """The bias was listed as a 'bare parameter multiplied by conv2d' and counted as a weight
+    layer left dense; the advice said nn.Linear and the footer 'einsum / matmul'."""
+    plan = sparsify.plan(_FunctionalStem(), recipe, total_steps=10, example_inputs=torch.randn(2, 3, 8, 8))
+    bare = [e for e in plan.entries if e.kind == "Parameter"]
+    assert [(e.name, e.params) for e in bare] == [("w", 216)]
+    assert bare[0].reason.endswith("(wrap it in an nn.Conv2d to sparsify it)"), bare[0].reason
+    assert plan.shares()["param_share"] == pytest.approx(rewritten / (576 + 32 + 216))
+    footer = next(line for line in str(plan).splitlines() if "sites rewritten" in line)
+    assert f"{len(plan.dense)} weight layers left dense" in footer and len(plan.dense) == (1 if recipe == "gmp" else 2)
+    assert "MACs unknown for w: bare parameters multiplied by conv2d in the forward are not counted" in footer, footer
+
+
+def test_a_bias_added_after_a_matmul_is_not_listed():
+    class Affine(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.b = nn.Parameter(torch.randn(8, 4)), nn.Parameter(torch.zeros(4))
+
+        def forward(self, x):
+            return torch.addmm(self.b, x, self.w)
+
+    plan = sparsify.plan(Affine(), "gmp", total_steps=4, example_inputs=torch.randn(2, 8))
+    assert [(e.name, e.reason.endswith("(wrap it in an nn.Linear to sparsify it)")) for e in plan.entries] == [("w", True)]

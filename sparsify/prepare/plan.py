@@ -9,7 +9,7 @@ from sparsify.core.contract import HOOKED
 from sparsify.core.subclasses import COMPUTED_WEIGHT, OWN_FORWARD
 from sparsify.prepare.adapters import ADAPTER
 from sparsify.prepare.direct_reads import READ_DIRECTLY
-from sparsify.prepare.plan_entry import FOREIGN_LAYER, FROZEN, OWN_KERNEL, STACKED, PlanEntry, once
+from sparsify.prepare.plan_entry import FOREIGN_LAYER, FROZEN, OWN_KERNEL, STACKED, PlanEntry, bare_op, once
 from sparsify.prepare.plan_wording import misspelt_types, overruled_line, share_text
 from sparsify.prepare.tied import TIED_DENSE
 
@@ -173,8 +173,9 @@ class Plan:
             return "MACs unknown for some layers: pass example_inputs that run them"
         unknown = [e for e in once(self.entries) if e.params and e.macs is None]
         names = ", ".join(e.name for e in unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
-        if unknown and all(e.kind == "Parameter" for e in unknown):
-            return (f"MACs unknown for {names}: bare parameters multiplied by einsum / matmul in the forward are "
+        ops = list(dict.fromkeys(bare_op(e.reason) for e in unknown))
+        if unknown and None not in ops:
+            return (f"MACs unknown for {names}: bare parameters multiplied by {' / '.join(ops)} in the forward are "
                     "not counted")
         return f"MACs unknown for {names}: the example forward did not run them as layers"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["PlanEntry", "STACKED", "FROZEN", "OWN_KERNEL", "FOREIGN_LAYER", "once"]
+__all__ = ["PlanEntry", "STACKED", "FROZEN", "OWN_KERNEL", "FOREIGN_LAYER", "BARE", "bare_op", "once"]
 
 #: how the plan's reason for a stacked weight tensor (fused MoE experts) begins
 STACKED = "stacked weight matrices"
@@ -19,6 +19,20 @@ FROZEN = "frozen (requires_grad=False)"
 OWN_KERNEL = "read by its own kernel"
 #: what the plan's reason for another library's layer (a MoE router, PyG's Linear) says
 FOREIGN_LAYER = "not a torch Conv/Linear layer"
+#: how the plan's reason for a bare parameter a traced forward multiplies begins (prepare.unhandled),
+#: followed by the op's name and " in graph "
+BARE = "bare parameter multiplied by "
+
+
+def bare_op(reason: str) -> str | None:
+    """The op a :data:`BARE` reason names (``conv2d``, ``einsum``), else None.
+
+    >>> bare_op(BARE + "conv2d in graph <root>: no layer to rewrite"), bare_op("frozen")
+    ('conv2d', None)
+    """
+    if not reason.startswith(BARE):
+        return None
+    return reason[len(BARE):].split(" in graph ", 1)[0]
 
 
 def once(entries) -> list:

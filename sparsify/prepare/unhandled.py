@@ -6,8 +6,8 @@ multiplies with.
   cells, ``Bilinear`` (``nn.MultiheadAttention``'s projections, packed or separate, are rewritten
   through :class:`~sparsify.prepare.hidden.SparseMultiheadAttention`; one left dense is listed by
   :mod:`sparsify.prepare.dense`);
-* bare ``nn.Parameter`` s (owned by a module that is no weight layer) that a traced forward feeds to
-  ``F.linear``, ``F.conv*``, ``matmul`` and friends;
+* bare ``nn.Parameter`` s (owned by a module that is no weight layer) that a traced forward multiplies
+  with ``F.linear``, ``F.conv*``, ``matmul`` and friends (as their weight: a bias they add is none);
 * the 2-D ``weight`` of a module that is no torch weight layer (PyTorch Geometric's ``Linear``, a
   MoE router), unless a traced forward already showed it multiplied (above);
 * stacked weight matrices: a 3-D parameter of more than one matrix owned by a module that is no
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.core.layers import WEIGHT_TYPES
-from sparsify.prepare.plan_entry import FOREIGN_LAYER, FROZEN, OWN_KERNEL, STACKED, PlanEntry
+from sparsify.prepare.plan_entry import BARE, FOREIGN_LAYER, FROZEN, OWN_KERNEL, STACKED, PlanEntry
 
 __all__ = ["unhandled_entries", "frozen_reason"]
 
@@ -36,6 +36,32 @@ _FUSED = (nn.RNNBase, nn.RNNCellBase, nn.Bilinear)
 _MATMUL = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
            F.bilinear, torch.matmul, torch.mm, torch.bmm, torch.addmm, torch.einsum, operator.matmul,
            "matmul", "mm", "bmm", "__matmul__", "__rmatmul__"}
+# where a layer op takes the multiplied weight (position, keyword); its other tensors are added (a
+# bias, addmm's input) or are the data; ops not listed multiply every operand
+_WEIGHT_SLOTS = {**dict.fromkeys([F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
+                                  F.conv_transpose3d], {1, "weight"}),
+                 F.bilinear: {2, "weight"}, torch.addmm: {1, 2, "mat1", "mat2"}}
+# the layer that would hold such a weight, so that a method can rewrite it (no method rewrites a
+# bilinear weight); the rest are matrix products: an nn.Linear
+_LAYER_FOR = {F.conv1d: "nn.Conv1d", F.conv2d: "nn.Conv2d", F.conv3d: "nn.Conv3d",
+              F.conv_transpose1d: "nn.ConvTranspose1d", F.conv_transpose2d: "nn.ConvTranspose2d",
+              F.conv_transpose3d: "nn.ConvTranspose3d", F.bilinear: None}
+
+
+def _multiplies(user: fx.Node, node: fx.Node) -> bool:
+    """Whether ``user`` multiplies ``node`` by its input (the bias of ``F.conv2d`` is only added)."""
+    if user.target not in _MATMUL:
+        return False
+    slots = _WEIGHT_SLOTS.get(user.target)
+    if slots is None:
+        return True
+    return (any(a is node for i, a in enumerate(user.args) if i in slots)
+            or any(v is node for k, v in user.kwargs.items() if k in slots))
+
+
+def _advice(op) -> str:
+    layer = _LAYER_FOR.get(op, "nn.Linear")
+    return f"wrap it in an {layer} to sparsify it" if layer else "no method rewrites a bilinear weight"
 
 
 def _weights(m: nn.Module) -> int:
@@ -57,7 +83,7 @@ def unhandled_entries(root: nn.Module, graphs: dict[str, fx.GraphModule]) -> lis
     seen = set()
     for prefix, gm in graphs.items():
         for node in gm.graph.nodes:
-            if node.op != "get_attr" or not any(u.target in _MATMUL for u in node.users):
+            if node.op != "get_attr" or not any(_multiplies(u, node) for u in node.users):
                 continue
             owner, _, attr = str(node.target).rpartition(".")
             try:
@@ -69,11 +95,11 @@ def unhandled_entries(root: nn.Module, graphs: dict[str, fx.GraphModule]) -> lis
             if not isinstance(p, nn.Parameter) or isinstance(holder, WEIGHT_TYPES) or full in seen:
                 continue
             seen.add(full)
-            user = next(u for u in node.users if u.target in _MATMUL)
+            user = next(u for u in node.users if _multiplies(u, node))
             fn = getattr(user.target, "__name__", str(user.target))
             out.append(PlanEntry(full, "Parameter", None, None,
-                                 f"bare parameter multiplied by {fn} in graph {prefix or '<root>'}: no layer to "
-                                 "rewrite (wrap it in an nn.Linear to sparsify it)", p.numel()))
+                                 f"{BARE}{fn} in graph {prefix or '<root>'}: no layer to rewrite "
+                                 f"({_advice(user.target)})", p.numel()))
     for name, m in root.named_modules():
         # a ParametrizationList holds the tensors a parametrized layer (weight_norm) computes its
         # weight from: that layer is listed already, with why it stays dense
