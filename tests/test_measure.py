@@ -9,7 +9,7 @@ from torch import nn
 
 import sparsify
 from sparsify.stats.macs import dense_macs
-from sparsify.stats.measure import _layer_counts
+from sparsify.stats.layer_counts import _layer_counts
 
 
 def brute_force_mult(conv: nn.Conv2d, x: torch.Tensor) -> int:

@@ -11,7 +11,7 @@ from sparsify.deploy.accelerate import accelerate
 from sparsify.deploy.accelerate.direct_conv import DirectSparseConv2d
 from sparsify.deploy.accelerate.patch_conv import PatchSkipConv2d
 from sparsify.deploy.accelerate.sparse_linear import SparseConv1x1, SparseLinear
-from sparsify.stats.measure import _layer_counts
+from sparsify.stats.layer_counts import _layer_counts
 
 
 def _net() -> nn.Module:

@@ -16,32 +16,30 @@ are the accelerated layers of ``finalize(accelerate=...)``, as the plain layer e
 named in ``Measurement.uncounted``, never dropped silently.
 
 The count per layer is exact and cheap: a conv of the 0/1 input indicator with the per-group
-number of non-zero weights (summed over output channels), i.e. one small conv per layer.
+number of non-zero weights (summed over output channels), i.e. one small conv per layer
+(:mod:`sparsify.stats.layer_counts`). What a batch gives the model, and the argument checks, are in
+:mod:`sparsify.stats.measure_inputs`.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import numbers
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from passes.call_inputs import positional_inputs
 from sparsify.core.eval_loop import run_eval
 from sparsify.prepare.inputs import describe_inputs, misfit_error
-from sparsify.stats.functional_reads import (FunctionalReads, conv_counts, counted_elsewhere, linear_counts,
-                                             weight_holders)
+from sparsify.stats.functional_reads import FunctionalReads, counted_elsewhere, weight_holders
+from sparsify.stats.layer_counts import _computed_positions, _layer_counts
+from sparsify.stats.measure_inputs import _BATCHES, _check_arguments, _default_inputs, _given_inputs, _one_batch
 from sparsify.core.counted import CountedLayer
-from sparsify.core.layers import WEIGHT_TYPES, SparseWeightMixin
-from sparsify.core.conv1d import CONV_TRANSPOSE_TYPES, linear_like, out_features_of, torch_layout
+from sparsify.core.layers import WEIGHT_TYPES
+from sparsify.core.conv1d import out_features_of
 from sparsify.methods.regularizers import ActivationRegularizer
 from sparsify.methods.semistructured import PositionMask
-from sparsify.methods.sas.layer import SASMixin
 from sparsify.core.state import unwrap
 
 __all__ = ["NodeStats", "LayerMacs", "Measurement", "measure"]
@@ -124,118 +122,6 @@ class Measurement:
             lines.append(f"not counted, in no row or total (modules holding weights measure saw no Conv/Linear "
                          f"multiply of; a table only added or indexed has none): {', '.join(self.uncounted)}")
         return "\n".join(lines)
-
-
-def _weight(mod: nn.Module) -> torch.Tensor:
-    """The weight in torch's (out, in, ...) layout (a Conv1D's transposed)."""
-    return torch_layout(mod, mod.deployed_weight() if isinstance(mod, SparseWeightMixin) else mod.weight.detach())
-
-
-def _computed_positions(after: nn.Module | None) -> torch.Tensor | None:
-    """The output positions of a conv that the module ``after`` it needs (None: all of them): a
-    position mask's kept ones, or those ``after.computed_positions()`` names (accelerate's fill of
-    the skipped positions of a masked conv it kept dense: the same function, the same count)."""
-    if isinstance(after, PositionMask):
-        return after.mask if after.enabled else None
-    return None if after is None else after.computed_positions()
-
-
-@torch.no_grad()
-def _layer_counts(mod: nn.Module, x: torch.Tensor, y: torch.Tensor, out_mask: torch.Tensor | None):
-    """(dense MACs, multiplicative MACs, input zeros, input elements) for one call, whole batch."""
-    if isinstance(mod, CONV_TRANSPOSE_TYPES):
-        return _transpose_counts(mod, x)
-    w = _weight(mod)
-    if isinstance(mod, SASMixin):  # its wide weight multiplies the slots of the input, as finalized
-        dim = -1 if isinstance(mod, nn.Linear) else 2
-        x = torch.stack(mod.slot_rule.slots(x), dim).flatten(dim - 1, dim)
-    if linear_like(mod):
-        return linear_counts(w, x)
-    if x.shape[1] != w.shape[1] * mod.groups:
-        return None
-    pad = mod.padding
-    if mod.padding_mode != "zeros":
-        x = F.pad(x, mod._reversed_padding_repeated_twice, mode=mod.padding_mode)
-        pad = 0
-    return conv_counts(w, x, y, mod.stride, pad, mod.dilation, mod.groups, out_mask)
-
-
-def _transpose_counts(mod: nn.Module, x: torch.Tensor):
-    """:func:`_layer_counts` of a ConvTranspose: input element ``(i, p)`` is multiplied by every
-    weight of ``W[i]`` (``(out/groups, *kernel)``), so its products are the non-zeros of ``W[i]``."""
-    w = mod.deployed_weight() if isinstance(mod, SparseWeightMixin) else mod.weight.detach()
-    if x.shape[1] != w.shape[0]:
-        return None
-    per_in = (w != 0).reshape(w.shape[0], -1).sum(1).to(torch.float64)
-    nz = (x != 0).to(torch.float64).movedim(1, -1).reshape(-1, w.shape[0])
-    dense = x.numel() // w.shape[0] * w.numel()
-    return dense, int(round(float((nz @ per_in).sum()))), int((x == 0).sum()), x.numel()
-
-
-_BATCHES = "measure: batches is an iterable of batches (a DataLoader or a list)"
-
-
-def _check_arguments(batches, input_fn, max_batches) -> None:
-    """One-line errors for arguments that would otherwise fail deep inside, or be iterated wrongly
-    (a tensor iterates over its rows: each row would count as a batch)."""
-    if isinstance(batches, torch.Tensor):
-        raise TypeError(f"{_BATCHES}; got one Tensor of shape {tuple(batches.shape)}: pass [x]")
-    if isinstance(batches, Mapping):
-        raise TypeError(f"{_BATCHES}; got one {type(batches).__name__} (keys {', '.join(map(str, batches))}): "
-                        "pass [batch]")
-    if isinstance(batches, (str, bytes)) or not any(hasattr(type(batches), a) for a in ("__iter__", "__getitem__")):
-        raise TypeError(f"{_BATCHES}; got {type(batches).__name__}")
-    if input_fn is not None and not callable(input_fn):
-        raise TypeError(f"measure: input_fn is a function of a batch returning the model's positional inputs; got "
-                        f"{type(input_fn).__name__}")
-    if max_batches is not None:
-        if isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral):
-            raise TypeError(f"measure: max_batches is how many batches to run, an int >= 1 (or None: all of them); "
-                            f"got {type(max_batches).__name__} {max_batches!r}")
-        if max_batches < 1:
-            raise ValueError(f"measure: max_batches is how many batches to run, an int >= 1 (or None: all of them); "
-                             f"got {max_batches}")
-
-
-def _bound(model: nn.Module, inputs: Mapping) -> tuple:
-    """Keyword inputs as forward's positional ones, as ``sparsify(example_inputs=dict)`` binds them."""
-    args = positional_inputs(model, inputs, "measure: batches")
-    return (args,) if isinstance(args, Mapping) else tuple(args)
-
-
-def _default_inputs(model: nn.Module, batch) -> tuple:
-    if isinstance(batch, torch.Tensor):
-        return (batch,)
-    if isinstance(batch, Mapping):  # a tokenizer's or HF collator's batch: what model(**batch) takes
-        return _bound(model, batch)
-    if isinstance(batch, (list, tuple)) and batch:
-        # (inputs, targets) as DataLoaders yield them
-        return _bound(model, batch[0]) if isinstance(batch[0], Mapping) else (batch[0],)
-    raise TypeError(f"measure: cannot take model inputs from a {type(batch).__name__}; pass input_fn")
-
-
-def _given_inputs(model: nn.Module, got) -> tuple:
-    """What ``input_fn`` returned as positional inputs: a tuple or list is them, a tensor the one,
-    a dict keyword inputs."""
-    if isinstance(got, (tuple, list)):
-        return tuple(got)
-    if isinstance(got, torch.Tensor):
-        return (got,)
-    if isinstance(got, Mapping):
-        return _bound(model, got)
-    raise TypeError(f"measure: input_fn returned a {type(got).__name__}; return the model's positional inputs "
-                    "as a tuple (or one tensor, or a dict of its keyword inputs)")
-
-
-def _one_batch(batches, failed: int) -> str | None:
-    """The shapes of ``batches`` when it looks like one ``(input, target)`` batch rather than
-    batches: tensors of one length, the item that failed of another rank than the first, which ran."""
-    if not isinstance(batches, (list, tuple)) or not 2 <= len(batches) <= 4 or failed >= len(batches) or \
-            not all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in batches):
-        return None
-    if len({t.shape[0] for t in batches}) != 1 or batches[failed].dim() == batches[0].dim():
-        return None
-    return describe_inputs(batches)
 
 
 @torch.no_grad()

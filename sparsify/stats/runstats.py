@@ -28,7 +28,7 @@ from torch import nn
 
 from sparsify.core.eval_loop import run_eval
 from sparsify.stats.functional_reads import FunctionalReads
-from sparsify.stats.measure import _transpose_counts, _weight
+from sparsify.stats.layer_counts import _transpose_counts, _weight
 from sparsify.core.layers import WEIGHT_TYPES
 from sparsify.core.conv1d import CONV_TRANSPOSE_TYPES, linear_like
 
