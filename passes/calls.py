@@ -48,9 +48,11 @@ class CallGuard:
 
     ``fixed`` maps argument names to the ``None`` or ``bool`` the trace specialised on; every other
     named argument was a graph input (any value but ``None`` fits; the trace took ``x is None`` as
-    false). Extra positional or keyword arguments (``*args``, ``**kwargs``) fit only when absent or
-    ``None``, except the keys of a ``**kwargs`` the trace read (``var_keys``), which must all come
-    with a value. ``nodes`` are the graph's node names at trace time, to tell later edits apart.
+    false). A ``*args`` traced with ``var_count`` items (the example call's: ``x, y = args`` takes
+    two) must come with that many, none ``None``, like named inputs. Other extra positional or
+    keyword arguments fit only when absent or ``None``, except the keys of a ``**kwargs`` the trace
+    read (``var_keys``), which must all come with a value. ``nodes`` are the graph's node names at
+    trace time, to tell later edits apart.
 
     >>> def forward(self, x, mask=None, scale=True): ...
     >>> g = CallGuard(forward, {"mask": None})
@@ -59,7 +61,7 @@ class CallGuard:
     """
 
     def __init__(self, forward, fixed: dict, nodes=(), modes: dict | None = None, ranks: dict | None = None,
-                 var_keys: tuple | None = None):
+                 var_keys: tuple | None = None, var_count: int | None = None):
         self.forward = forward  # the original Python forward, called unbound on the traced module
         params = list(inspect.signature(forward).parameters.values())[1:]  # drop self
         self.names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -76,13 +78,19 @@ class CallGuard:
         # the keys a `**kwargs` argument was traced with (None: it was not read), which every call
         # must pass with a value, and no others but None
         self.var_keys = None if var_keys is None else frozenset(var_keys)
+        # how many items a `*args` argument was traced with (None: not known, and a call passing
+        # any fits none): unpacking `x, y = args` holds the count in the graph
+        self.var_count = var_count
         self._warned: set = set()
 
     @classmethod
     def for_module(cls, module: nn.Module, fixed: dict, graph: fx.Graph, modes: dict | None = None,
-                   ranks: dict | None = None, var_keys: tuple | None = None) -> CallGuard | None:
+                   ranks: dict | None = None, var_keys: tuple | None = None,
+                   example=None) -> CallGuard | None:
         """The guard for ``module`` traced into ``graph`` (``modes``: the ``training`` flags its
-        control flow read; ``ranks``: the ranks of arguments it read); None when no call could
+        control flow read; ``ranks``: the ranks of arguments it read; ``var_keys``: the ``**kwargs``
+        keys the trace read; ``example()``: the example call's ``(args, kwargs)`` or None, asked
+        for the count of ``*args`` items the graph holds); None when no call could
         misfit (every argument required, no ``*args``/``**kwargs``, no mode or rank read) or the
         forward is not a plain function."""
         old = module.__dict__.get("_call_guard")
@@ -100,6 +108,10 @@ class CallGuard:
         except (TypeError, ValueError):  # a signature inspect cannot read
             return None
         params = list(inspect.signature(forward).parameters.values())[1:]
+        if any(p.kind == p.VAR_POSITIONAL for p in params):
+            inputs = example() if example is not None else None
+            guard.var_count = (max(len(inputs[0]) - len(guard.names), 0) if inputs is not None
+                               else getattr(old, "var_count", None))
         if not guard.fixed and not guard.modes and not guard.ranks and all(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
                                    for p in params):
             return None
@@ -121,8 +133,10 @@ class CallGuard:
         """Does the call ``(args, kwargs)`` of ``module`` take the path the graph was traced on?"""
         if module is not None and self.off_mode(module) is not None:
             return False
-        n = len(self.names)
-        if len(args) > n and any(a is not None for a in args[n:]):
+        n, var = len(self.names), self.var_count or 0
+        if var and (len(args) < n + var or any(a is None for a in args[n:n + var])):
+            return False
+        if len(args) > n + var and any(a is not None for a in args[n + var:]):
             return False
         for i, name in enumerate(self.names):
             if not self._fits(name, args[i] if i < len(args) else kwargs.get(name, _Absent), i < len(args)):
@@ -199,6 +213,7 @@ class CallGuard:
         self.modes = _mode_keys(state.get("modes") or {})
         self.ranks = state.get("ranks") or {}  # guards pickled before ranks were read
         self.var_keys = state.get("var_keys")
+        self.var_count = state.get("var_count")
 
 
 def _mode_keys(modes: dict) -> dict:

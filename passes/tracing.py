@@ -221,7 +221,7 @@ def _graph_module(root: nn.Module, descend: Descend, forced: set[str], prefix: s
     if output_type is not None:
         gm.__dict__["_output_type"] = output_type
     ranks = {str(t.target): rank for t, rank in tracer.ranks.items() if t.op == "placeholder"}
-    gm._call_guard = CallGuard.for_module(root, concrete_args or {}, graph, baked, ranks, tracer.var_keys)
+    gm._call_guard = CallGuard.for_module(root, concrete_args or {}, graph, baked, ranks, tracer.var_keys, example)
     return gm
 
 

@@ -201,6 +201,20 @@ def test_an_extra_positional_argument_does_not_fit():
     assert guard.fits((1, None), {})
 
 
+def star_forward(self, *inputs):
+    x, y = inputs
+    return x + y
+
+
+def test_a_varargs_call_fits_with_the_traced_count_only():
+    """A graph of forward(*inputs) traced with two inputs serves calls with two (or a None after
+    them), not with one, three, or a None among the two."""
+    guard = CallGuard(star_forward, {}, var_count=2)
+    assert guard.fits((1, 2), {}) and guard.fits((1, 2, None), {})
+    assert not guard.fits((1,), {}) and not guard.fits((1, 2, 3), {}) and not guard.fits((1, None), {})
+    assert not CallGuard(star_forward, {}).fits((1, 2), {})  # a count not known: no call fits
+
+
 def test_a_flag_traced_as_true_does_not_fit_one():
     """A graph traced for flag=True does not serve flag=1 (the forward may test `is True`)."""
     guard = CallGuard(flag_forward, {"flag": True})
