@@ -19,6 +19,7 @@ from .calls import keep_argument_names
 from .checkpoint_guard import refuse_checkpoint
 from .example_answers import Example, ExampleAnswers
 from .hooks import HOOK_DICTS, has_call_hooks
+from .kept_calls import kept_calls
 from .library_leaves import library_functions, library_leaf
 from .proxy_reads import rank_reads, symbolic_type_info, values_not_callable
 
@@ -80,7 +81,7 @@ class _DepthTracer(ExampleAnswers, fx.Tracer):
         self.start_answers(root)
         try:
             with no_stored_proxies(root if isinstance(root, nn.Module) else None), symbolic_type_info(self), \
-                    rank_reads(self), values_not_callable():
+                    rank_reads(self), values_not_callable(), kept_calls(self, root):
                 graph = super().trace(root, concrete_args)
             _unmark_torch_wrapped(graph)
             return graph

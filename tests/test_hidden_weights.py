@@ -187,3 +187,34 @@ def test_every_weight_recipe_reaches_hidden_weights(recipe):
         train(m, x, steps=2)
         final = sparsify.finalize(m, x[:1])
         assert not any(isinstance(mod, (SparseWeightMixin, SparseMultiheadAttention)) for mod in final.modules())
+
+
+class ReadsEmbWeight(nn.Module):
+    """Reads a sparse layer's weight directly: the graph computes with effective_weight_of(emb)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.out = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.emb(x))
+        return self.out(h) + nn.functional.linear(h, self.emb.weight.t())
+
+
+@pytest.mark.parametrize("recipe", ["gmp", "st3"])
+@pytest.mark.filterwarnings("ignore:sparsify.step:UserWarning")  # four steps prune `out` whole rows
+def test_a_pickled_model_reading_a_weight_loads_and_computes_the_same(recipe):
+    """torch.load traces a pickled graph's code again: effective_weight_of stays one call node."""
+    import io
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    m = sparsify.sparsify(ReadsEmbWeight(), recipe, total_steps=4, example_inputs=x)
+    train(m, x, steps=2)
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    called = [n for n in loaded.graph.nodes if n.target is effective_weight_of]
+    assert [n.args[0].target for n in called] == ["emb"]
+    m.eval(), loaded.eval()
+    torch.testing.assert_close(loaded(x), m(x))

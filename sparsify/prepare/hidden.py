@@ -32,6 +32,7 @@ from torch import nn
 
 from passes import Change, insert_call, remove_node, set_submodule
 from passes.rewrite import recast
+from passes.kept_calls import kept_call
 from passes.hooks import remove_hooks
 
 from sparsify.prepare.matching import Candidate
@@ -45,6 +46,7 @@ __all__ = ["effective_weight_of", "SparseMultiheadAttention", "hidden_reads", "h
            "rewire_hidden_reads", "finalize_hidden", "hidden_positions"]
 
 
+@kept_call  # one graph call in every trace, torch.load's of a pickled graph included
 def effective_weight_of(layer: nn.Module) -> torch.Tensor:
     """The weight ``layer`` computes with: its effective weight when sparse, else ``layer.weight``.
 
