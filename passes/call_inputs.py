@@ -1,6 +1,7 @@
 """Example inputs as one call's positional arguments: a list or tuple is the arguments, one tensor
 the only one, and keyword arguments (a dict, a tokenizer's ``BatchEncoding``) are bound to
-``forward``'s parameters by name, with one-line errors for keys that name none."""
+``forward``'s parameters by name, with one-line errors for keys that name none (which a
+``**kwargs`` cannot take either: the library's calls are positional)."""
 from __future__ import annotations
 
 import inspect
@@ -39,6 +40,12 @@ def positional_inputs(module: nn.Module, example_inputs, what: str = "example_in
     >>> positional_inputs(Net(), {"input_ids": 2, "pixel_values": 1})
     Traceback (most recent call last):
     ValueError: example_inputs: Net.forward has no parameter 'pixel_values' (it takes input_ids, attention_mask, token_type_ids, labels)
+    >>> class Extra(nn.Module):
+    ...     def forward(self, x, **kwargs):
+    ...         return x
+    >>> positional_inputs(Extra(), {"x": 1, "scale": 2})
+    Traceback (most recent call last):
+    ValueError: example_inputs: Extra.forward has no parameter 'scale' (it takes x), and its **kwargs cannot get it from example inputs, which are bound to positional parameters: give forward a parameter for it or leave it out
     >>> positional_inputs(Net(), {"features": 1})
     {'features': 1}
     >>> class Image(nn.Module):
@@ -70,7 +77,7 @@ def positional_inputs(module: nn.Module, example_inputs, what: str = "example_in
     if unknown:
         keys = ", ".join(repr(k) for k in unknown)
         raise ValueError(f"{what}: {owner}.forward has no parameter{'s' if len(unknown) > 1 else ''} {keys} "
-                         f"(it takes {takes})")
+                         f"(it takes {takes})" + _kwargs_note(what, params, len(unknown)))
     last = max((names.index(k) for k in example_inputs), default=-1)
     args = []
     for p in positional[:last + 1]:
@@ -81,6 +88,17 @@ def positional_inputs(module: nn.Module, example_inputs, what: str = "example_in
         else:
             raise ValueError(f"{what}: {owner}.forward needs {p.name!r}, which they leave out")
     return tuple(args)
+
+
+def _kwargs_note(what: str, params: list, count: int) -> str:
+    """Why a forward's ``**kwargs`` does not take the ``count`` keys that name no parameter (every
+    call the library makes, capture, MAC count, finalize's check, is positional), and the fix."""
+    var = next((p.name for p in params if p.kind == p.VAR_KEYWORD), None)
+    if var is None:
+        return ""
+    them = "it" if count == 1 else "them"
+    return (f", and its **{var} cannot get {them} from {what.rpartition(': ')[2].replace('_', ' ')}, which are "
+            f"bound to positional parameters: give forward a parameter for {them} or leave {them} out")
 
 
 def whole_dict_note(module: nn.Module, inputs) -> str:

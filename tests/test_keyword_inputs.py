@@ -109,6 +109,28 @@ def test_a_keyword_only_parameter_is_named_as_such():
         positional_inputs(KeywordOnly(), {"x": torch.zeros(1), "scale": 2.0})
 
 
+def test_a_key_only_kwargs_would_take_says_why_it_does_not():
+    """forward(x, **kwargs) given {"x", "scale"}: the refusal says why **kwargs does not take
+    'scale' (the calls made with example inputs are positional) and the fix; sparsify says the same."""
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 4)
+
+        def forward(self, x, **kwargs):
+            h = self.a(x)
+            return h * kwargs["scale"] if "scale" in kwargs else h
+
+    inputs = {"x": torch.zeros(3, 8), "scale": torch.tensor(2.0)}
+    message = (r"^example_inputs: Scaled.forward has no parameter 'scale' \(it takes x\), and its \*\*kwargs cannot "
+               "get it from example inputs, which are bound to positional parameters: give forward a parameter for it "
+               "or leave it out$")
+    with pytest.raises(ValueError, match=message):
+        positional_inputs(Scaled(), inputs)
+    with pytest.raises(ValueError, match=message):
+        sparsify.sparsify(Scaled(), "gmp", total_steps=10, example_inputs=inputs)
+
+
 def test_a_required_parameter_left_out_is_one_line():
     class Two(nn.Module):
         def forward(self, x, y):
