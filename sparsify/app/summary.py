@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import sparsify as sp
+from sparsify.app.outputs import logits_of
 from sparsify.core.layers import WEIGHT_TYPES, SparseWeightMixin
 from sparsify.core.modes import kept_modes
 from sparsify.prepare.inputs import positions_per_sample
@@ -32,7 +33,7 @@ def evaluate(model: nn.Module, batches) -> float:
     correct = total = 0
     with kept_modes(model, training=False):
         for x, y in batches:
-            correct += int((model(x).argmax(1) == y).sum())
+            correct += int((logits_of(model(x)).argmax(1) == y).sum())
             total += len(y)
     return correct / max(total, 1)
 

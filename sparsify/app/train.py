@@ -47,6 +47,7 @@ from sparsify.app.results import _finish, counted
 from sparsify.app.warning_lines import warning_lines
 from sparsify.app.summary import dead_inputs, dead_message, evaluate, shown_kind, summarize, weight_sparsity
 from sparsify.app.models import build_model, input_channels
+from sparsify.app.outputs import check_output, logits_of
 from sparsify.stats.runstats import activation_stats
 
 __all__ = ["TrainConfig", "TrainingDiverged", "train", "config_from_args", "METHOD_DEFAULTS", "resolve_optimizer",
@@ -157,6 +158,7 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False, warned: list[
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     example = (next(_batches(data.test, torch.arange(min(2, len(data.test))), 2, fix_channels=fix))[0].to(device),)
+    check_output(model, example, data.num_classes, cfg.model)  # before anything is sparsified or written
     # a resumed run rebuilds from the recipe its checkpoint saved: the file may have been edited or moved since
     recipe, note = run_recipe(cfg, ckpt) if ckpt is not None and not cfg.dense else (None, None)
     if note is not None:
@@ -217,7 +219,7 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False, warned: list[
             batches = on_device(_batches(data.train, order, cfg.batch_size, workers, fix), device)
             for b, (x, y) in enumerate(batches, start_batch):
                 with autocast(device, cfg.amp):
-                    logits = forward(x)
+                    logits = logits_of(forward(x))
                     task = F.cross_entropy(logits, y)
                     loss = task + sp.penalty(model) if not cfg.dense else task
                 task_value = float(task.detach())
