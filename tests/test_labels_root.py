@@ -113,3 +113,13 @@ def test_a_root_whose_own_code_holds_needed_sites_stays_one_graph():
     m = sparsify.sparsify(OwnCode(), "tl1", total_steps=4, example_inputs=EXAMPLES["dict"])
     with pytest.warns(UserWarning, match="called with arguments its graph was not traced for"):
         m(pixel_values=X, labels=Y)
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_the_plan_does_not_call_a_root_kept_for_its_labels_untraceable(model):
+    """Such a root is kept by choice, not because it cannot be traced: its layers that no rule
+    matched (tl1 takes activations) read "no rule matched", not "... (inside an untraceable
+    submodule)", both inside its traced children and in a child with nothing to trace."""
+    plan = sparsify.plan(MODELS[model](), "tl1", total_steps=6, example_inputs={"pixel_values": X, "labels": Y})
+    reasons = {e.reason for e in plan.entries if e.method is None and e.kind in ("Conv2d", "Linear")}
+    assert reasons == {"no rule matched"}, reasons

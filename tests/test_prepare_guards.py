@@ -343,3 +343,38 @@ def test_plan_and_sparsify_leave_a_qat_models_observers_as_they_were():
         assert changed() == []
         sparsify.sparsify(net, "gmp", example_inputs=(x,), total_steps=4)
         assert changed() == []
+
+
+class _Branchy(nn.Module):
+    """Branches on its input's values: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.inner(x) if x.sum() > 0 else -self.inner(x)
+
+
+class _UntraceableRoot(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+        self.odd = _Branchy()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.odd(self.body(x))
+        return self.head(x) if x.mean() > 0 else self.head(-x)
+
+
+def test_only_layers_inside_an_untraceable_module_get_that_note():
+    """Every unmatched layer of a model whose root could not be traced read "no rule matched (inside an
+    untraceable submodule)", also those of the children traced below it (here ``body``): the note is
+    for layers that no graph holds (in ``odd``, or called by the root's own forward)."""
+    recipe = {"version": 1, "rules": [{"match": {"name": "body.0"}, "method": "magnitude",
+                                       "params": {"sparsity": 0.5}}]}
+    plan = sparsify.plan(_UntraceableRoot(), recipe, total_steps=10, example_inputs=torch.randn(2, 4))
+    reasons = {e.name: e.reason for e in plan.entries if e.method is None}
+    untraceable = "no rule matched (inside an untraceable submodule)"
+    assert reasons == {"body.2": "no rule matched", "odd.inner": untraceable, "head": untraceable}, reasons

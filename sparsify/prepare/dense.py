@@ -41,6 +41,24 @@ def _attention_entries(name: str, mha: nn.MultiheadAttention, matcher: MatchTabl
     return entries
 
 
+def _in_untraceable(name: str, tr: TraceResult) -> bool:
+    """Whether the innermost module around layer ``name`` that the trace kept or captured is one
+    it kept because it could not be traced: not a graph traced below it (a root kept module by
+    module, its children traced), nor a module kept by choice (``Fallback.chosen``).
+
+    >>> from passes.tracing import Fallback
+    >>> tr = TraceResult(nn.Module(), graphs={"body": None}, fallbacks=[Fallback("", "untraceable")])
+    >>> _in_untraceable("body.0", tr), _in_untraceable("head", tr)
+    (False, True)
+    """
+    def depth(prefix: str) -> int | None:  # how deep ``prefix`` holds ``name``, None when it does not
+        return len(prefix) if prefix == "" or name.startswith(prefix + ".") else None
+    # (depth, a graph wins a tie, untraceable) of every graph and kept module around it
+    around = [(d, 1, False) for p in tr.graphs if (d := depth(p)) is not None]
+    around += [(d, 0, not f.chosen) for f in tr.fallbacks if (d := depth(f.name)) is not None]
+    return max(around, default=(0, 0, False))[2]
+
+
 def dense_entries(root: nn.Module, tr: TraceResult, all_cands: list[Candidate], matcher: MatchTable,
                    rewritten: set[str]) -> list[PlanEntry]:
     """Every Conv/Linear weight (and MultiheadAttention projection) left dense, with why."""
@@ -57,7 +75,6 @@ def dense_entries(root: nn.Module, tr: TraceResult, all_cands: list[Candidate], 
         if not isinstance(m, (*WEIGHT_TYPES, nn.ModuleList, nn.ModuleDict)) and type(m) not in TRANSFORMER_LAYERS \
                 and fx.Tracer().is_leaf_module(m, "") and any(isinstance(c, WEIGHT_TYPES) for c in m.modules()):
             leaves[name] = m
-    fallbacks = [f.name for f in tr.fallbacks]
     entries = []
     for name, m in root.named_modules():
         if isinstance(m, nn.MultiheadAttention):
@@ -65,7 +82,7 @@ def dense_entries(root: nn.Module, tr: TraceResult, all_cands: list[Candidate], 
         if not isinstance(m, WEIGHT_TYPES) or name in rewritten:
             continue
         owner_leaf = next((leaf for leaf in leaves if name.startswith(leaf + ".")), None)
-        inside_fallback = any(name.startswith(f + ".") or f == "" for f in fallbacks)
+        inside_fallback = _in_untraceable(name, tr)
         # a layer no graph reached (inside a fallback, or a leaf holding no site) is matched as
         # the rules see it, so the plan names the rule that kept it dense
         c = by_name.get(name) or Candidate(name, m, first=name in first, last=name in last)
