@@ -391,3 +391,38 @@ def test_sas_looks_through_a_regularizer_on_its_relu():
     sparse.train()
     sparse(X32)
     assert float(sparsify.penalty(sparse)) > 0
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.squash, self.fc, self.side = nn.Linear(4, 8), nn.Sequential(nn.Tanh()), nn.Linear(8, 2), nn.Linear(4, 2)
+
+    def forward(self, x, y):
+        return self.fc(self.squash(self.stem(x))) + self.side(y)
+
+
+class _UntracedRoot(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.mid = nn.Linear(4, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.mid(torch.relu(self.stem(x)))
+        return h / 2 if h.sum() > 1e9 else h  # a branch on a value: torch.fx cannot trace the root
+
+
+def test_the_plan_names_a_layers_input_as_the_model_does():
+    """The plan said "sas: input _0 is not a relu output" (torch.fx's name of the node feeding the layer)
+    and "input unknown ...; not_relu='as_is' converts it as is" where every other reason says "would
+    convert": the feeding module by its qualified name, the model's input by its argument."""
+    every_linear = {"version": 1, "rules": [{"match": {"type": "Linear"}, "method": "sas"}]}
+    plan = sparsify.plan(_TwoInputs(), every_linear, example_inputs=(torch.randn(2, 4), torch.randn(2, 4)))
+    reasons = {e.name: e.reason for e in plan.dense}
+    would = "not a relu output (not_relu='as_is' would convert it as is)"
+    assert reasons == {"stem": f"sas: its input is the model's input 'x', {would}",
+                       "fc": f"sas: its input, the output of squash.0 (Tanh), is {would}",
+                       "side": f"sas: its input is the model's input 'y', {would}"}, reasons
+    reasons = {e.name: e.reason for e in sparsify.plan(_UntracedRoot(), every_linear,
+                                                       example_inputs=torch.randn(2, 4)).dense}
+    assert reasons["mid"] == "sas: input unknown (layer outside a traced graph); not_relu='as_is' would convert it as is"

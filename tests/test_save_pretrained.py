@@ -123,6 +123,12 @@ def test_a_finalized_model_its_class_cannot_rebuild_says_so_at_save_pretrained(t
         final.save_pretrained(tmp_path / "b")
     said = [str(w.message) for w in caught if "which ResNetForImageClassification does not build" in str(w.message)]
     assert len(said) == int(warned), said
+    # what from_pretrained does with the method's modules, only that (it said "drops the masks
+    # silently, or refuses the wider weights" after either)
+    if recipe == "sas":
+        assert "from_pretrained refuses the wider weights" in said[0] and "drops" not in said[0], said
+    if recipe == "semi-structured":
+        assert "from_pretrained drops them silently" in said[0] and "refuses" not in said[0], said
     if recipe == "semi-structured":  # what it warns about: the reloaded model lost the masks
         reloaded = transformers.ResNetForImageClassification.from_pretrained(tmp_path / "a").eval()
         with torch.no_grad():

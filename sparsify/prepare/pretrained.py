@@ -54,9 +54,9 @@ def save_pretrained(self, *args, **kwargs):
     why = self.__dict__.pop("_sparsify_foreign_layout", None)  # said once
     if why:
         warnings.warn(f"sparsify: this finalized model holds {why}, which {type(self).__name__} does not build: "
-                      "from_pretrained of the folder save_pretrained writes gives another model (it drops the "
-                      "masks silently, or refuses the wider weights). Serve it through torch.export, or "
-                      "torch.save(model) where fx-sparsify is installed (docs/deployment.md#serving-without-fx-sparsify)",
+                      "from_pretrained of the folder save_pretrained writes does not give this model back. Serve it "
+                      "through torch.export, or torch.save(model) where fx-sparsify is installed "
+                      "(docs/deployment.md#serving-without-fx-sparsify)",
                       stacklevel=2)
     return type(self).save_pretrained(self, *args, **kwargs)
 

@@ -20,6 +20,27 @@ from sparsify.methods.sas.layer import SAS_CLASSES
 from sparsify.methods.sas.rewire import _non_negative, _rewire, find_relu_input, hooks_in_the_way, mode_branching_source
 
 
+def _made_by(site: Site, src: fx.Node | None) -> str:
+    """What computes a layer's input, as the user's model names it: a module or attribute by its
+    qualified name, a function or tensor method by its own name (not torch.fx's node names such as
+    ``_0`` or ``add_1``).
+
+    >>> gm = fx.symbolic_trace(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))
+    >>> flatten, linear = [n for n in gm.graph.nodes if n.op == "call_module"]
+    >>> _made_by(Site("head.1", gm.get_submodule("1"), gm=gm, node=linear, prefix="head"), flatten)
+    'the output of head.0 (Flatten)'
+    """
+    if src is None:
+        return "not a tensor computed in its graph"
+    if src.op == "call_module":
+        return f"the output of {site.qualify(str(src.target))} ({type(site.gm.get_submodule(src.target)).__name__})"
+    if src.op == "get_attr":
+        return f"the attribute {site.qualify(str(src.target))}"
+    if src.op == "call_method":
+        return f"the output of the tensor method .{src.target}()"
+    return f"the output of {getattr(src.target, '__name__', src.target)}()"
+
+
 class SASGroup(Group):
     """The SAS layers of one rule: no per-step state; reporting and deployment."""
 
@@ -96,7 +117,9 @@ class SASMethod(Method):
     # not transformers' Conv1D (its slot layout is not implemented), nor ConvTranspose (docs/methods/sas.md)
     targets = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
     full_trace = True  # the relu feeding a layer may sit inside a module with nothing to rewrite
-    deploy_layout = "SAS layers M times wider than the dense ones, fed by rewired ReLUs"
+    # said by the finalized model's save_pretrained, with what from_pretrained does with it
+    deploy_layout = ("SAS layers M times wider than the dense ones, fed by rewired ReLUs (from_pretrained refuses "
+                     "the wider weights)")
     training_layout = "SAS layers M times wider than the dense ones"
     tied_weights = "refuse"  # the weight gets M times wider: a tied embedding cannot read it
 
@@ -112,9 +135,12 @@ class SASMethod(Method):
         if p["input"] == "as_is" or p["not_relu"] == "as_is":
             return None
         if site.node is None:
-            return "sas: input unknown (layer outside a traced graph); not_relu='as_is' converts it as is"
+            return "sas: input unknown (layer outside a traced graph); not_relu='as_is' would convert it as is"
         if find_relu_input(site.gm, site.node, p["through_average"]) is None:
             src = site.node.args[0] if site.node.args and isinstance(site.node.args[0], fx.Node) else None
+            if src is not None and src.op == "placeholder" and not site.prefix:
+                return (f"sas: its input is the model's input {src.target!r}, not a relu output (not_relu='as_is' "
+                        "would convert it as is)")
             if src is not None and src.op == "placeholder":  # made in another graph: whether by a relu is unknown
                 owner = f"of {site.prefix}" if site.prefix else "of the model"
                 return (f"sas: input {src.name} is an argument {owner}, traced apart from the code that computes it "
@@ -125,8 +151,8 @@ class SASMethod(Method):
                 return (f"sas: its ReLU is inside {path} ({type(site.gm.get_submodule(inside)).__name__}), whose "
                         "forward branches on self.training: SAS would run in training mode only, so the layer stays "
                         "dense (not_relu='as_is' would convert it on its actual input)")
-            name = src.name if src is not None else "?"
-            return f"sas: input {name} is not a relu output (not_relu='as_is' would convert it as is)"
+            return (f"sas: its input, {_made_by(site, src)}, is not a relu output (not_relu='as_is' would convert it "
+                    "as is)")
         return None
 
     def apply(self, site: Site, params) -> None:

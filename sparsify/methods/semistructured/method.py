@@ -48,7 +48,9 @@ class SemiStructuredMethod(Method):
     needs_example_inputs = True  # masks are sized from the input resolution at build time
     site = "module"
     inserts_after = True  # the mask node after the conv's call
-    deploy_layout = "semi-structured's position masks, modules of their own after the masked convs"
+    # said by the finalized model's save_pretrained, with what from_pretrained does with it
+    deploy_layout = ("semi-structured's position masks, modules of their own after the masked convs (from_pretrained "
+                     "drops them silently: the outputs change)")
     targets = (nn.Conv2d,)
     tied_weights = "keep"  # the conv keeps its weight; masks go after it
     Params = SemiStructuredParams
