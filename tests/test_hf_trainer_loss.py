@@ -54,10 +54,10 @@ def token_data(n=8, causal=True):
     return rows
 
 
-def one_step(model, data, *, accumulate, batch, callbacks=None, **kw):
+def one_step(model, data, *, accumulate, batch, callbacks=None, max_steps=1, **kw):
     """The change of every parameter after one plain-SGD optimizer step (lr 1) of the Trainer."""
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    args = TrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=1, per_device_train_batch_size=batch,
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=max_steps, per_device_train_batch_size=batch,
                              gradient_accumulation_steps=accumulate, use_cpu=True, report_to=[], save_strategy="no",
                              logging_strategy="no", learning_rate=1.0, lr_scheduler_type="constant", optim="sgd",
                              weight_decay=0.0, max_grad_norm=0, seed=0, dataloader_num_workers=0, **kw)
@@ -81,8 +81,41 @@ def test_accumulated_step_equals_the_whole_batch_step(recipe, monkeypatch):
     whole = one_step(gpt2(recipe), token_data(), accumulate=1, batch=8)
     accumulated = one_step(gpt2(recipe), token_data(), accumulate=4, batch=2)
     assert rel_diff(whole, accumulated) < PENALTY_RECIPES[recipe]
-    monkeypatch.setattr(hf, "penalty_share", lambda model, kwargs: None)  # the penalty at full weight each time
+    monkeypatch.setattr(hf, "penalty_share", lambda kwargs, **weights: None)  # the penalty at full weight each time
     assert rel_diff(whole, one_step(gpt2(recipe), token_data(), accumulate=4, batch=2)) > 10 * PENALTY_RECIPES[recipe]
+
+
+def modernbert_mlm():
+    from transformers import ModernBertConfig, ModernBertForMaskedLM
+    torch.manual_seed(0)
+    m = ModernBertForMaskedLM(ModernBertConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=16, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
+        embedding_dropout=0.0, mlp_dropout=0.0, attention_dropout=0.0))
+    return sparsify.sparsify(m, "tl1", total_steps=10)
+
+
+def test_the_penalty_of_micro_batches_with_unequal_label_counts_adds_up_to_the_whole_batch():
+    """Masked LM: the micro-batches of 2 carry 0, 10, 4 and 16 labels. The penalty (a mean over
+    activation elements) used to be weighed by the micro-batch's share of the labels: the first
+    got weight 0 and the penalty's part of the update differed from the whole batch's by 30%.
+    Each micro-batch now weighs its share of the step's samples (1/4 here)."""
+    g = torch.Generator().manual_seed(1)
+    data = []
+    for n in [0, 0, 2, 8, 1, 3, 8, 8]:
+        ids = torch.randint(3, 50, (12,), generator=g)
+        labels = torch.full_like(ids, -100)
+        labels[:n] = ids[:n]
+        data.append({"input_ids": ids, "labels": labels})
+
+    def penalty_update(batch, accumulate):  # the step with the callback minus the step of the loss alone
+        with_penalty = one_step(modernbert_mlm(), data, accumulate=accumulate, batch=batch)
+        without = one_step(modernbert_mlm(), data, accumulate=accumulate, batch=batch, callbacks=[])
+        return {k: v - without[k] for k, v in with_penalty.items()}
+
+    whole, accumulated = penalty_update(8, 1), penalty_update(2, 4)
+    assert sum(float(v.norm()) for v in whole.values()) > 0
+    assert rel_diff(whole, accumulated) < 1e-4
 
 
 def test_a_head_that_drops_num_items_is_exact_with_accepts_loss_kwargs_false():
@@ -96,20 +129,34 @@ def test_a_head_that_drops_num_items_is_exact_with_accepts_loss_kwargs_false():
     assert rel_diff(whole, one_step(model, token_data(causal=False), accumulate=4, batch=2)) < 1e-5
 
 
-def test_the_share_counts_items_as_the_trainer_does():
-    """A micro-batch's penalty weight is its items over the accumulated batch's, counted by the
-    Trainer's rule: labels that are not -100, shifted by one for a model whose loss_type is the
-    causal-LM loss (GPT-2 built from a config has none, and the Trainer counts it unshifted)."""
-    model = gpt2("tl1")
-    labels = torch.tensor([[1, 2, 3, -100], [4, -100, -100, -100]])
-    assert float(hf.penalty_share(model, {"labels": labels, "num_items_in_batch": torch.tensor(6)})) == pytest.approx(4 / 6)
-    model.loss_type = "ForCausalLM"
-    assert float(hf.penalty_share(model, {"labels": labels, "num_items_in_batch": torch.tensor(6)})) == pytest.approx(2 / 6)
-    shifted = {"labels": labels, "shift_labels": labels, "num_items_in_batch": 8}
-    assert float(hf.penalty_share(model, shifted)) == 4 / 8
-    assert hf.penalty_share(model, {"labels": labels}) is None  # the Trainer divides it
-    with pytest.raises(ValueError, match="without labels"):
-        hf.penalty_share(model, {"num_items_in_batch": 8})
+def test_the_share_is_the_micro_batch_share_of_the_step_whatever_the_labels():
+    """A micro-batch's penalty weight is 1 over the micro-batches of its optimizer step (fewer in
+    an epoch's last step, by the Trainer's rule), over the Trainer's multiplication by the number
+    of processes; its labels do not count (they weighed it before: all -100 gave 0)."""
+    from types import SimpleNamespace
+    none = {"labels": torch.full((2, 4), -100), "num_items_in_batch": torch.tensor(6)}
+    assert hf.penalty_share(none, micro_batches=4) == 0.25
+    assert hf.penalty_share(none, micro_batches=4, loss_scale=2) == 0.125
+    assert hf.penalty_share({"labels": none["labels"]}, micro_batches=4) is None  # the Trainer divides it
+    args = SimpleNamespace(gradient_accumulation_steps=4)
+    # 10 micro-batches an epoch: steps of 4, 4 and 2, in every epoch; no length: always 4
+    steps = [hf._micro_batches(args, SimpleNamespace(global_step=s), range(10)) for s in range(7)]
+    assert steps == [4, 4, 2, 4, 4, 2, 4]
+    assert hf._micro_batches(args, SimpleNamespace(global_step=2), iter(range(10))) == 4
+    averaging = SimpleNamespace(average_tokens_across_devices=True, n_gpu=1, world_size=2)
+    assert hf._loss_scale(averaging, gpt2("tl1")) == 2
+    assert hf._loss_scale(SimpleNamespace(**{**vars(averaging), "average_tokens_across_devices": False}), None) == 1
+
+
+def test_the_last_short_step_of_an_epoch_weighs_its_penalty_once(monkeypatch):
+    """10 equal samples, micro-batches of 2, 4 accumulated: the epoch's second step holds one
+    micro-batch, which the Trainer does not divide, so its penalty weighs 1 there. The two steps
+    then equal two steps on batches of 2 of the same sample."""
+    data = token_data(1) * 10
+    reference = one_step(gpt2("tl1"), data[:4], accumulate=1, batch=2, max_steps=2)
+    assert rel_diff(reference, one_step(gpt2("tl1"), data, accumulate=4, batch=2, max_steps=2)) < 1e-5
+    monkeypatch.setattr(hf, "_micro_batches", lambda args, state, loader: args.gradient_accumulation_steps)
+    assert rel_diff(reference, one_step(gpt2("tl1"), data, accumulate=4, batch=2, max_steps=2)) > 1e-4
 
 
 def test_a_tuple_output_gets_the_penalty_in_its_loss():

@@ -52,51 +52,58 @@ def _with_loss(output, loss):
     return (loss, *output[1:])
 
 
-def _shifts_labels(model) -> bool:
-    """The Trainer's own rule for counting a causal LM's items as ``labels[..., 1:]``."""
-    try:
-        from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
-    except ImportError:
-        return False
-    return (LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss
-            and not getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+def penalty_share(kwargs: dict, micro_batches: int, loss_scale: int = 1):
+    """The weight of this forward's penalty in an optimizer step of ``transformers.Trainer`` that
+    accumulates ``micro_batches`` micro-batches, or None when the Trainer applies it itself.
 
+    The penalty is a mean over activation elements, as a step on the whole batch would take it:
+    each micro-batch weighs its share of the step's samples, ``1 / micro_batches`` (a short last
+    micro-batch weighs as a full one, as the Trainer weighs the loss of a model that takes no
+    ``num_items_in_batch``). Without ``num_items_in_batch`` the Trainer divides each micro-batch's
+    loss by ``micro_batches`` itself, the penalty with it. With it (models that take loss kwargs,
+    when labels are given) the loss is already a sum over the whole accumulated batch divided by
+    its item count and is not divided; under ``average_tokens_across_devices`` the Trainer also
+    multiplies it by the number of processes (``loss_scale``) and DDP averages the gradients, so
+    the share is divided by ``loss_scale``: the shares of one optimizer step add up to 1 on one
+    process and on several. The share does not depend on the labels: a micro-batch whose labels
+    are all -100 has activations all the same.
 
-def penalty_share(model: nn.Module, kwargs: dict):
-    """The weight of this forward's penalty in an optimizer step of ``transformers.Trainer``, or
-    None when the Trainer applies it itself.
-
-    Without ``num_items_in_batch`` the Trainer divides each micro-batch's loss by the number of
-    micro-batches it accumulates, the penalty with it. With it (models that take loss kwargs,
-    when labels are given), the loss is already a sum over the whole accumulated batch divided
-    by its item count (across processes with ``average_tokens_across_devices``, where the
-    Trainer then multiplies by the number of processes and DDP averages) and is not divided:
-    the penalty added at full weight to every micro-batch would count once per micro-batch. It
-    gets the micro-batch's share of the items instead, the weight its loss terms have, so the
-    shares of one optimizer step add up to 1 on one process and on several.
-
-    >>> import torch
-    >>> labels = torch.tensor([[1, 2, -100], [3, -100, -100]])
-    >>> float(penalty_share(torch.nn.Linear(1, 1), {"labels": labels, "num_items_in_batch": torch.tensor(12)}))
+    >>> penalty_share({"num_items_in_batch": torch.tensor(12)}, micro_batches=4)
     0.25
-    >>> penalty_share(torch.nn.Linear(1, 1), {"labels": labels}) is None
+    >>> penalty_share({"num_items_in_batch": torch.tensor(12)}, micro_batches=4, loss_scale=2)
+    0.125
+    >>> penalty_share({}, micro_batches=4) is None
     True
     """
-    total = kwargs.get("num_items_in_batch")
-    if total is None:
+    if kwargs.get("num_items_in_batch") is None:
         return None
-    labels = kwargs.get("shift_labels")
-    if labels is None:
-        labels = kwargs.get("labels")
-        if labels is not None and _shifts_labels(model):
-            labels = labels[..., 1:]
-    if not isinstance(labels, torch.Tensor):
-        raise ValueError("sparsify: the Trainer passed num_items_in_batch without labels, so the penalty's share of "
-                         "the accumulated batch is unknown; pass labels in the batch")
-    return labels.ne(-100).sum() / total
+    return 1 / (micro_batches * loss_scale)
 
 
-def _add_penalty(module, args, kwargs, output, losses: list | None = None):
+def _micro_batches(args, state, train_dataloader) -> int:
+    """The Trainer's ``current_gradient_accumulation_steps`` for the optimizer step about to run:
+    ``gradient_accumulation_steps``, the rest in an epoch's last step when the epoch's micro-batches
+    do not divide evenly (the Trainer's own rule, from the per-process dataloader's length)."""
+    acc = args.gradient_accumulation_steps
+    try:
+        n = len(train_dataloader)
+    except TypeError:  # no length (an iterable dataset, or none given): the Trainer takes acc each step
+        return acc
+    per_epoch = max(n // acc + int(n % acc > 0), 1)
+    return acc if state.global_step % per_epoch != per_epoch - 1 else (n % acc or acc)
+
+
+def _loss_scale(args, model) -> int:
+    """What the Trainer multiplies a loss normalized by ``num_items_in_batch`` by (processes
+    averaging their item counts, less tensor-parallel replicas)."""
+    if not getattr(args, "average_tokens_across_devices", False):
+        return 1
+    if args.n_gpu > 1:
+        return args.n_gpu
+    return max(args.world_size // (getattr(model, "_tp_size", None) or 1), 1)
+
+
+def _add_penalty(module, args, kwargs, output, losses: list | None = None, weights: dict | None = None):
     loss = _loss_of(output) if module.training else None
     if loss is None:
         # no loss to add to (Trainer's label smoothing or compute_loss_func computes it outside
@@ -108,7 +115,7 @@ def _add_penalty(module, args, kwargs, output, losses: list | None = None):
     penalty = sparsify.penalty(module)
     if not isinstance(penalty, torch.Tensor):
         return output
-    share = penalty_share(module, kwargs)
+    share = penalty_share(kwargs, **(weights or {"micro_batches": 1}))
     return _with_loss(output, loss + (penalty if share is None else penalty * share))
 
 
@@ -129,24 +136,29 @@ def step_loss(losses: list) -> float | None:
 
 class SparsifyTrainerCallback(TrainerCallback):
     """Drives a model made by ``sparsify.sparsify`` inside ``transformers.Trainer``: adds the
-    penalty to the model output's loss, weighted as the Trainer weights that loss under gradient
-    accumulation (:func:`penalty_share`), calls ``sparsify.step`` with the step's training loss
-    after every optimizer step (semi-structured keeps the mask map of the lowest loss; a
-    non-finite loss is reported), and warns before training when the run is shorter than the
-    recipe's schedules."""
+    penalty to the model output's loss, each micro-batch's at its share of the optimizer step
+    (:func:`penalty_share`), calls ``sparsify.step`` with the step's training loss after every
+    optimizer step (semi-structured keeps the mask map of the lowest loss; a non-finite loss is
+    reported), and warns before training when the run is shorter than the recipe's schedules."""
 
     def __init__(self):
         self._hook = None
         self._losses: list = []
+        self._weights: dict = {"micro_batches": 1, "loss_scale": 1}  # the hook reads them at each forward
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         find_state(model, where="SparsifyTrainerCallback").in_trainer = True  # (a clear error when not sparsified)
         if state.max_steps and (short := schedule_short(model, state.max_steps)):
             warnings.warn(short + " (SparsifyTrainerCallback: TrainingArguments give the run's length)", stacklevel=2)
+        self._weights.update(micro_batches=args.gradient_accumulation_steps, loss_scale=_loss_scale(args, model))
         if self._hook is None:
             self._losses = []
-            self._hook = model.register_forward_hook(functools.partial(_add_penalty, losses=self._losses),
-                                                     with_kwargs=True)
+            self._hook = model.register_forward_hook(
+                functools.partial(_add_penalty, losses=self._losses, weights=self._weights), with_kwargs=True)
+
+    def on_step_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        # before the step's first micro-batch: how many micro-batches it accumulates
+        self._weights["micro_batches"] = _micro_batches(args, state, train_dataloader)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         # once per optimizer step (after gradient accumulation), with the loss of its micro-batches
