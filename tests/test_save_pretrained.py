@@ -153,3 +153,47 @@ def test_a_sas_training_folder_is_said_to_be_refused(tmp_path):
     with pytest.raises(RuntimeError, match="mismatched"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         transformers.ResNetForImageClassification.from_pretrained(tmp_path)
+
+
+def test_a_removed_weight_norm_is_said_at_finalize_and_putting_it_back_reloads(tmp_path):
+    """Wav2Vec2's positional conv is weight_norm'ed; sparsify advises removing the norm to take the
+    layer in. Following that, finalize + save_pretrained wrote a plain ``weight`` the class does
+    not load (it reads the norm's keys): from_pretrained gave NaN outputs, silently. Now sparsify's
+    advice and a finalize warning give the call that puts the norm back, after which the folder
+    reloads to the same outputs, the layer's zeros kept."""
+    from torch.nn.utils import parametrize
+    torch.manual_seed(0)
+    cfg = transformers.Wav2Vec2Config(
+        vocab_size=20, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4, pad_token_id=0, mask_time_prob=0.0, layerdrop=0.0)
+    model = transformers.Wav2Vec2ForCTC(cfg)
+    x, labels = torch.randn(2, 800), torch.randint(1, 20, (2, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = sparsify.plan(model, "gmp", example_inputs={"input_values": x})
+    advice = {e.name: e.reason for e in plan.dense}["wav2vec2.encoder.pos_conv_embed.conv"]  # sparsify() warns it
+    assert "remove_parametrizations" in advice and "parametrizations.weight_norm(layer, 'weight', dim=2)" in advice
+    parametrize.remove_parametrizations(model.wav2vec2.encoder.pos_conv_embed.conv, "weight")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = sparsify.sparsify(model, "gmp", total_steps=2, example_inputs={"input_values": x}, begin=0, end=1)
+    for _ in range(2):
+        model(input_values=x, labels=labels).loss.backward()
+        sparsify.step(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        final = sparsify.finalize(model)
+    said = [str(w.message) for w in caught
+            if "builds wav2vec2.encoder.pos_conv_embed.conv with weight_norm" in str(w.message)]
+    call = "torch.nn.utils.parametrizations.weight_norm(model.wav2vec2.encoder.pos_conv_embed.conv, 'weight', dim=2)"
+    assert len(said) == 1 and call in said[0], [str(w.message) for w in caught]
+    conv = final.wav2vec2.encoder.pos_conv_embed.conv
+    zeros = int((conv.weight == 0).sum())
+    assert zeros > 0
+    torch.nn.utils.parametrizations.weight_norm(conv, "weight", dim=2)  # what the warning says
+    final.save_pretrained(tmp_path)
+    reloaded = transformers.Wav2Vec2ForCTC.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_values=x).logits, final.eval()(input_values=x).logits)
+    assert int((reloaded.wav2vec2.encoder.pos_conv_embed.conv.weight == 0).sum()) == zeros

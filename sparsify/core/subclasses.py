@@ -37,6 +37,10 @@ KEEPS_WEIGHT = {
 
 OWN_FORWARD = "computes with its own forward"  # the plan's reason starts so (sparsify() warns once)
 COMPUTED_WEIGHT = "weight is computed by"  # a parametrized layer's reason holds this (sparsify() warns once)
+# a transformers class that builds the norm (wav2vec2, HuBERT) loads checkpoints by its keys only
+PUT_BACK = ("; where the model's class builds the layer so (transformers' wav2vec2), put the norm back on the "
+            "finalized model before save_pretrained, {} (docs/transformers.md#weight-normed-layers-wav2vec2), "
+            "or from_pretrained finds no weight for it")
 
 
 def computed_weight_reason(module: nn.Module) -> str | None:
@@ -65,6 +69,9 @@ def computed_weight_reason(module: nn.Module) -> str | None:
         fix = ("sparsifier.squash_mask() (torch.ao.pruning) before sparsify() takes it in, its zeros kept"
                if any(type(p).__name__ == "FakeSparsity" for p in via) else
                "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight') before sparsify() takes it in")
+        norm = [p for p in via if type(p).__name__ == "_WeightNorm"]
+        if norm:
+            fix += PUT_BACK.format(f"torch.nn.utils.parametrizations.weight_norm(layer, 'weight', dim={norm[0].dim})")
     elif pruning:
         # a PruningContainer holds the methods applied one after the other
         names = [type(m).__name__ for h in pruning for m in getattr(h, "_pruning_methods", (h,))]
@@ -80,6 +87,9 @@ def computed_weight_reason(module: nn.Module) -> str | None:
         fix = (f"{' and '.join(removers[h] for h in hooks if h in removers) or 'removing the hook'} before sparsify() "
                "makes it a parameter again and takes it in" if hooks else
                "make it a parameter of the layer before sparsify() to take it in")
+        norm = [h for h in module._forward_pre_hooks.values() if type(h).__name__ == "WeightNorm"]
+        if norm and getattr(norm[0], "name", None) == "weight":
+            fix += PUT_BACK.format(f"torch.nn.utils.weight_norm(layer, 'weight', dim={norm[0].dim})")
     # neither a mask on the stored tensors nor a sparse copy of the weight would hold
     return f"the {COMPUTED_WEIGHT} {how}, which a sparse layer would not keep: left dense; {fix}"
 

@@ -16,6 +16,7 @@ from sparsify.deploy.compare import flatten_tensors, outputs_close
 from sparsify.deploy.finalize_options import check_options
 from sparsify.deploy.input_dependence import _answered_alike
 from sparsify.deploy.plain_modules import _finalize_tied, _remove_node, _untrace
+from sparsify.deploy.removed_norms import warn_removed_weight_norms
 from passes.call_inputs import input_tuple
 from sparsify.prepare.open_transformer import close_transformers
 from sparsify.prepare.inputs import FIT_HINT, misfit_error, refuse_empty, state_inputs
@@ -154,6 +155,8 @@ def _finalize_model(model: nn.Module, example_inputs, *, check: bool, rtol: floa
     trainable = {n: p.requires_grad for n, p in source.named_parameters()}
     for n, p in final.named_parameters():
         p.requires_grad_(trainable.get(n, p.requires_grad))
+    # a weight norm removed before sparsify() (its advice) that the class loads checkpoints by
+    warn_removed_weight_norms(final, stacklevel=5)
     if not check:
         return final
     inputs = example_inputs if example_inputs is not None else state_inputs(state, unwrap(model))
