@@ -65,33 +65,45 @@ class ExportGuard(CallGuard):
     @staticmethod
     def _layout(forward, example: tuple):
         """``(names passed by position, names passed by keyword)`` in the example, or None when
-        the signature cannot say (``*args`` / ``**kwargs``, an unreadable signature)."""
+        the signature cannot say (``*args``, an unreadable signature, an example that passed
+        keys to ``**kwargs``). A ``**kwargs`` the example left empty stays so: transformers'
+        ``forward(pixel_values=None, labels=None, **kwargs)`` is served by keyword too."""
         try:
             sig = inspect.signature(forward)
             params = list(sig.parameters.values())[1:]
             bound = sig.bind(None, *example[0], **example[1])
         except (TypeError, ValueError):
             return None
-        if any(p.kind in _VAR for p in params):
+        if any(p.kind is p.VAR_POSITIONAL or (p.kind is p.VAR_KEYWORD and p.name in bound.arguments)
+               for p in params):
             return None
         given = list(bound.arguments)[1:]
         return tuple(given[:len(example[0])]), tuple(given[len(example[0]):])
 
+    def _bound(self, args: tuple, kwargs: dict):
+        """``(signature, the call's arguments by name)``, or ``(signature, None)`` when forward
+        refuses the call (its own forward raises the right TypeError)."""
+        sig = self.__dict__.get("_signature")
+        if sig is None:  # read once per guard (a call of the model root per training step)
+            sig = self.__dict__["_signature"] = inspect.signature(self.forward)
+        try:
+            return sig, sig.bind(None, *args, **kwargs).arguments
+        except TypeError:
+            return sig, None
+
     def adapt(self, args: tuple, kwargs: dict, module: nn.Module | None = None):
         """The call in the example's form when the graph serves it, else None: arguments named
         by keyword that the example passed by position (or the reverse) are moved; an argument
-        the example left at its default must be left there (or passed as that default)."""
+        the example left at its default must be left there (or passed as that default), and a
+        ``**kwargs`` empty."""
         layout = self.__dict__.get("layout")  # None: pickled before calls were adapted
         if layout is not None:
-            sig = self.__dict__.get("_signature")
-            if sig is None:  # read once per guard (a call of the model root per training step)
-                sig = self.__dict__["_signature"] = inspect.signature(self.forward)
-            try:
-                given = sig.bind(None, *args, **kwargs).arguments
-            except TypeError:
+            sig, given = self._bound(args, kwargs)
+            if given is None:
                 return None
             pos, kw = layout
             for name, p in list(sig.parameters.items())[1:]:
+                # a **kwargs that got keys has no default to equal: the graph never saw them
                 if name in given and name not in pos and name not in kw and not _same(given[name], p.default):
                     return None
             value = lambda name: given[name] if name in given else sig.parameters[name].default  # noqa: E731

@@ -155,3 +155,42 @@ def test_export_helpers_take_keyword_inputs():
     x, s = torch.randn(3, 4), torch.full((1,), 2.0)
     ep = export_program(net, {"x": x, "scale": s})
     torch.testing.assert_close(ep.module()(x, s), net(x, s))
+
+
+def convnext():
+    torch.manual_seed(0)
+    cfg = transformers.ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, num_labels=10)
+    return transformers.ConvNextForImageClassification(cfg)
+
+
+PIXELS = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+LABELS = torch.tensor([0, 3, 5, 9])
+SKIPS = "its own forward runs"
+
+
+def _exported(example):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = sparsify.sparsify(convnext(), "tl1", example_inputs=example, capture="export")
+    return model.train(), [str(w.message) for w in caught]
+
+
+def _penalty_and_warnings(model, *args, **kwargs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(*args, **kwargs)
+    return float(torch.as_tensor(sparsify.penalty(model)).detach()), [str(w.message) for w in caught if SKIPS in str(w.message)]
+
+
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_an_exported_transformers_model_runs_its_graph_for_the_examples_own_call(with_labels):
+    """ConvNext's forward(pixel_values=None, labels=None, **kwargs) exported on keyword example
+    inputs: the example's own call, by keyword as given and by position, runs the graph (tl1's
+    penalty > 0, no warning). Before, its **kwargs made every keyword call, and with labels every
+    call, run the model's own forward: penalty 0 and a warning to pass the example it was given."""
+    example = {"pixel_values": PIXELS, "labels": LABELS} if with_labels else {"pixel_values": PIXELS}
+    model, _ = _exported(example)
+    for args, kwargs in (((), example), (tuple(example.values()), {})):
+        penalty, skipped = _penalty_and_warnings(model, *args, **kwargs)
+        assert penalty > 0 and not skipped, (args, list(kwargs), penalty, skipped)
+
