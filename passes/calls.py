@@ -153,6 +153,11 @@ class CallGuard:
         own forward (:class:`passes.export_guard.ExportGuard` reorders them)."""
         return (args, kwargs) if self.fits(args, kwargs, module) else None
 
+    def misfit(self, args: tuple, kwargs: dict) -> str:
+        """What differs in a call the graph does not serve, and the fix, for the warning of
+        :meth:`eager`: a traced graph is specialised to how the example inputs called it."""
+        return "pass example_inputs that call it this way"
+
     def _fits(self, name: str, value, positional: bool) -> bool:
         rank = self.ranks.get(name)
         if rank is not None and isinstance(value, torch.Tensor) and value.dim() != rank:
@@ -199,7 +204,7 @@ class CallGuard:
                        if mode[1] == "training" else f"with {mode[1]}={flag}, which its graph's control flow did not take")
                 warnings.warn(f"{type(module).__name__} was called {why}; its own forward runs, without the "
                               f"nodes added to its graph ({', '.join(added[:4])}{'...' if len(added) > 4 else ''})"
-                              + ("" if mode is not None else ": pass example_inputs that call it this way"),
+                              + ("" if mode is not None else f": {self.misfit(args, kwargs)}"),
                               stacklevel=3)
         return self.forward(module, *args, **kwargs)
 

@@ -110,6 +110,46 @@ class ExportGuard(CallGuard):
             args, kwargs = tuple(value(n) for n in pos), {n: value(n) for n in kw}
         return (args, kwargs) if self.fits(args, kwargs, module) else None
 
+    def misfit(self, args: tuple, kwargs: dict) -> str:
+        """Why the exported graph does not serve the call ``(args, kwargs)``, and a fix that works.
+
+        >>> class Head(torch.nn.Module):
+        ...     def forward(self, pixel_values=None, labels=None, **kwargs):
+        ...         return pixel_values
+        >>> g = ExportGuard(Head.forward, ((torch.zeros(2, 3),), {}), {})
+        >>> g.misfit((), {"pixel_values": torch.zeros(2, 3), "labels": torch.zeros(2)}).split(" (")[0]
+        'it passes labels, which example_inputs left out'
+        """
+        layout = self.__dict__.get("layout")
+        sig, given = self._bound(args, kwargs)
+        shaped = "pass example_inputs shaped like this call"
+        if layout is None or given is None:
+            if kwargs and any(p.kind is p.VAR_POSITIONAL for p in sig.parameters.values()):
+                return ("the exported graph takes the example's positional inputs, and a forward with *args gives "
+                        "keyword arguments no place among them: pass them by position, as the example did")
+            return f"its inputs differ from the example's in structure, rank, dtype or a fixed size: {shaped}"
+        pos, kw = layout
+        fx = ("; or sparsify with capture=\"fx\" (docs/capture.md), whose graphs serve calls with and without "
+              "such arguments")
+        params = list(sig.parameters.values())[1:]
+        keys = [k for p in params if p.kind is p.VAR_KEYWORD for k in given.get(p.name, {})]
+        if keys:
+            var = next(p.name for p in params if p.kind is p.VAR_KEYWORD)
+            return (f"it passes {_listed(keys)} to **{var}, which the exported graph does not take (torch.export "
+                    f"captured the example's named inputs only): leave {_them(keys)} out of the call" + fx)
+        extra = [p.name for p in params if p.name in given and p.kind not in _VAR and p.name not in pos + kw
+                 and not _same(given[p.name], p.default)]
+        if extra:
+            return (f"it passes {_listed(extra)}, which example_inputs left out (the exported graph computes with "
+                    f"the example's arguments only): add {_them(extra)} to example_inputs, if every call that "
+                    "matters passes " + _them(extra) + fx)
+        missing = [n for n in pos + kw if n not in given]
+        if missing:
+            return (f"it leaves out {_listed(missing)}, which example_inputs passed (the exported graph needs "
+                    f"{_them(missing)}): leave {_them(missing)} out of example_inputs, if no call that matters passes "
+                    + _them(missing) + fx)
+        return f"its inputs differ from the example's in rank, dtype or a fixed size: {shaped}"
+
     def fits(self, args: tuple, kwargs: dict, module: nn.Module | None = None) -> bool:
         if module is not None and self.off_mode(module) is not None:
             return False
@@ -147,3 +187,11 @@ class ExportGuard(CallGuard):
         state["checks"] = None
         state.pop("_signature", None)  # read again after loading (defaults need not pickle)
         return state
+
+
+def _listed(names: list) -> str:
+    return ", ".join(names[:4]) + ("..." if len(names) > 4 else "")
+
+
+def _them(names: list) -> str:
+    return "it" if len(names) == 1 else "them"

@@ -97,15 +97,15 @@ class KeywordShapeBranchNet(ShapeBranchNet):
 
 
 def test_auto_keeps_fx_for_a_model_called_by_keyword():
-    """An exported root takes the example's positional form: keyword calls (the Trainer's
-    model(**batch)) ran the model's own forward without the inserted nodes (tl1's penalty was 0 at
-    every step of a DistilBERT whose root auto exported), and the graph's signature hid `labels`
-    from the Trainer's column filter."""
+    """An exported root serves the example's arguments only: the Trainer's model(**batch) passes
+    labels (and keys only **kwargs takes), so it ran the model's own forward without the inserted
+    nodes (tl1's penalty was 0 at every step of a DistilBERT whose root auto exported), and the
+    graph's signature hid `labels` from the Trainer's column filter."""
     net = KeywordShapeBranchNet()
     for example in (_x(), {"pixel_values": _x()}):
         auto = _quiet(sparsify.plan, net, "tl1", example_inputs=example)
         assert [c["capture"] for c in auto.captures] == ["module by module"]
-        assert any("forward takes **kwargs: an exported graph serves positional calls only" in n
+        assert any("forward takes **kwargs: an exported graph serves calls with the example's arguments only" in n
                    for n in auto.capture_notes), auto.capture_notes
     model = _quiet(sparsify.sparsify, net, "tl1", example_inputs=_x(), total_steps=3)
     model(pixel_values=_x(), labels=torch.tensor([0, 1]))

@@ -179,7 +179,8 @@ def _penalty_and_warnings(model, *args, **kwargs):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model(*args, **kwargs)
-    return float(torch.as_tensor(sparsify.penalty(model)).detach()), [str(w.message) for w in caught if SKIPS in str(w.message)]
+    penalty = float(torch.as_tensor(sparsify.penalty(model)).detach())
+    return penalty, [str(w.message) for w in caught if SKIPS in str(w.message)]
 
 
 @pytest.mark.parametrize("with_labels", [False, True])
@@ -194,3 +195,20 @@ def test_an_exported_transformers_model_runs_its_graph_for_the_examples_own_call
         penalty, skipped = _penalty_and_warnings(model, *args, **kwargs)
         assert penalty > 0 and not skipped, (args, list(kwargs), penalty, skipped)
 
+
+def test_an_exported_transformers_model_says_which_calls_it_cannot_serve_and_why():
+    """Calls with other arguments than the example's run the model's own forward: the warning names
+    the argument and a fix that works (not "pass example_inputs that call it this way", which the
+    call already did), and sparsify() said at once which calls the graph serves."""
+    model, built = _exported({"pixel_values": PIXELS})
+    said = [m for m in built if 'capture="export": the graph of ConvNextForImageClassification serves' in m]
+    assert len(said) == 1 and "also passes labels" in said[0] and "**kwargs" in said[0], built
+    assert any(n in said[0] for n in model.sparsify_state.plan.capture_notes)
+    penalty, skipped = _penalty_and_warnings(model, pixel_values=PIXELS, labels=LABELS)
+    assert penalty == 0 and len(skipped) == 1, skipped
+    assert "it passes labels, which example_inputs left out" in skipped[0] and 'capture="fx"' in skipped[0]
+    _, skipped = _penalty_and_warnings(model, PIXELS, output_hidden_states=True)
+    assert "it passes output_hidden_states to **kwargs" in skipped[0], skipped
+    labelled, _ = _exported({"pixel_values": PIXELS, "labels": LABELS})
+    _, skipped = _penalty_and_warnings(labelled, PIXELS)
+    assert "it leaves out labels, which example_inputs passed" in skipped[0], skipped

@@ -17,7 +17,7 @@ from passes.hooks import guard_graphs, kept_hooks
 from passes.traced import deepcopy_module, graph_fingerprint
 
 from sparsify.prepare.capture import capture, capture_report, check_capture, swaps_only
-from sparsify.prepare.capture_warnings import _note_training_only, tracing_summary
+from sparsify.prepare.capture_warnings import _note_export_calls, _note_training_only, tracing_summary
 from sparsify.prepare.dense import dense_entries
 from sparsify.prepare.direct_reads import direct_reads, direct_warning
 from sparsify.prepare.hidden import convert_hidden, hidden_candidates, hidden_positions, hidden_reads, rewire_hidden_reads
@@ -204,6 +204,8 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
         Pipeline([lambda g, ch=changes: PassResult(g, any(c.kind != "replace" for c in ch), ch)]).run(gm)
     if not dry_run:
         _note_training_only(root, plan)
+        if mode == "export":  # auto exports no forward taking **kwargs
+            _note_export_calls(root, plan)
 
     # a guessed input costs a full forward at 224²: only the dry run and methods that size
     # buffers at build time pay it now; sparsify() guesses on first use (report, finalize)

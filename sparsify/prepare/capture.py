@@ -230,7 +230,8 @@ def capture(root: nn.Module, matcher: MatchTable, example_inputs=None, mode: str
     if example_inputs is None or not any(r.method is not None and r.method.site == "node" for r in matcher.rules):
         return tr, cands, first
     if why := _keyword_calls(root):
-        tr.notes.append(f"auto: {why}: an exported graph serves positional calls only; kept torch.fx with "
+        tr.notes.append(f"auto: {why}: an exported graph serves calls with the example's arguments only, and "
+                        "model(**batch) passes others (labels, keys only **kwargs takes); kept torch.fx with "
                         "module-by-module rewriting")
         return tr, cands, first
     if not _export_may_reach_more(tr, matcher, example_inputs):

@@ -1,5 +1,6 @@
 """What ``capture="auto"`` weighs around ``torch.export`` (:func:`sparsify.prepare.capture.capture`):
-whether the model is likely called by keyword (an exported graph serves positional calls only),
+whether the model is likely called with arguments the example lacks (an exported graph serves the
+example's arguments only),
 whether export could reach a function call that module-by-module rewriting misses (else it is not
 tried), and how many sites each capture reaches.
 
@@ -24,11 +25,12 @@ def _reached(cands: list[Candidate], matcher: MatchTable) -> int:
 
 
 def _keyword_calls(root: nn.Module) -> str:
-    """Why ``root`` is likely called by keyword ("" if not): its forward takes ``**kwargs``
-    (transformers' models). An exported graph takes the example's positional form and cannot map
-    such calls onto it, so they would run the model's own forward, without the nodes a method
-    inserted (and the root's signature it replaces would hide ``labels`` from the Trainer's column
-    filter). A forward without ``**kwargs`` has its keyword calls mapped onto the example's form."""
+    """Why ``root`` is likely called with arguments the example lacks ("" if not): its forward
+    takes ``**kwargs`` (transformers' models, called as ``model(**batch)``). An exported graph
+    serves the arguments the example passed, by position or keyword, and no others: a batch with
+    ``labels`` the example left out, or a key only ``**kwargs`` takes, would run the model's own
+    forward, without the nodes a method inserted (and the root's signature the graph replaces
+    would hide ``labels`` from the Trainer's column filter)."""
     try:
         params = inspect.signature(root.forward).parameters.values()
     except (TypeError, ValueError):
