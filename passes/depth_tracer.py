@@ -17,6 +17,7 @@ from torch import nn
 
 from .calls import keep_argument_names
 from .checkpoint_guard import refuse_checkpoint
+from .grad_mode_guard import refuse_grad_modes
 from .example_answers import Example, ExampleAnswers
 from .hooks import HOOK_DICTS, has_call_hooks
 from .kept_calls import kept_calls
@@ -271,8 +272,11 @@ def capture_graph(root: nn.Module, descend: Descend, forced: set[str], prefix: s
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             try:
-                # a graph would drop checkpointing, and hold one fixed outcome of each Python draw
-                with refuse_checkpoint(root), proxies_are_tensors(), python_draws() as drew:
+                # a graph would drop checkpointing and grad-mode switches, and hold one fixed outcome of
+                # each Python draw
+                tracing = lambda: not tracer.evaluating  # noqa: E731  (example values run real modules)
+                with refuse_checkpoint(root), refuse_grad_modes(tracing), \
+                        proxies_are_tensors(), python_draws() as drew:
                     graph = tracer.trace(root, concrete_args or None)
             finally:
                 caught.extend(seen)

@@ -38,6 +38,7 @@ from torch.utils import _pytree as pytree
 
 from .call_inputs import input_tuple
 from .checkpoint_guard import refuse_checkpoint
+from .grad_mode_guard import refuse_unrecorded_grad_modes
 from .export_guard import ExportGuard  # also where pickles made before the split find it
 from .traced import _keep_attributes, _keep_hierarchy, _traced_class
 from .depth_tracer import _DepthTracer, _first_line, _hold
@@ -172,7 +173,8 @@ def _export(root: nn.Module, inputs: tuple, result: TraceResult):
             try:
                 # torch logs and prints whole graphs when a data-dependent size has no user frame
                 # (PyG's int(batch.max())): an attempt whose failure becomes one line of the plan
-                with refuse_checkpoint(root), _quiet("torch.fx.experimental.symbolic_shapes"), \
+                with refuse_checkpoint(root), refuse_unrecorded_grad_modes(), \
+                        _quiet("torch.fx.experimental.symbolic_shapes"), \
                         contextlib.redirect_stderr(io.StringIO()):
                     return torch.export.export(root, args, strict=False, dynamic_shapes=dyn)
             finally:

@@ -18,6 +18,7 @@ from torch import nn
 from .call_record import CallRecord
 from .calls import CallGuard, _is_torch_leaf, call_shell, keep_argument_names
 from .checkpoint_guard import CheckpointInGraph, refuse_checkpoint
+from .grad_mode_guard import refuse_grad_modes
 from .depth_tracer import Descend, _DepthTracer, _first_line, _hold, capture_graph  # noqa: F401  (_DepthTracer: pickles name it here)
 from .depth_tracer import proxies_are_tensors, python_draws
 from .mistraced import NOT_REPRODUCED, RANDOM_DRAW, mistraced_modules
@@ -208,7 +209,9 @@ def _graph_module(root: nn.Module, descend: Descend, forced: set[str], prefix: s
     if any(flag == "training" for _, flag in baked):
         def retrace():
             again = _DepthTracer(descend, forced, prefix, example)
-            with warnings.catch_warnings(), refuse_checkpoint(root), proxies_are_tensors(), python_draws():
+            tracing = lambda: not again.evaluating  # noqa: E731
+            with warnings.catch_warnings(), refuse_checkpoint(root), refuse_grad_modes(tracing), \
+                    proxies_are_tensors(), python_draws():
                 warnings.simplefilter("ignore")
                 g = again.trace(root, concrete_args or None)
             keep_argument_names(g, concrete_args or {})
