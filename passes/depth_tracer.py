@@ -18,6 +18,7 @@ from torch import nn
 from .calls import keep_argument_names
 from .checkpoint_guard import refuse_checkpoint
 from .grad_mode_guard import refuse_grad_modes
+from .state_guard import MODE_FLAGS, refuse_state_writes  # MODE_FLAGS lives there: reproduce.py reads it too
 from .example_answers import Example, ExampleAnswers
 from .hooks import HOOK_DICTS, has_call_hooks
 from .kept_calls import kept_calls
@@ -25,12 +26,6 @@ from .library_leaves import library_functions, library_leaf
 from .proxy_reads import rank_reads, symbolic_type_info, values_not_callable
 
 Descend = Callable[[str, nn.Module], bool]
-
-
-#: module attributes that switch a forward's behaviour like ``training`` does: a graph follows the
-#: value they had at trace time, and a call made with another value runs the module's own forward
-#: (``grad_checkpointing``: timm's switch; ``gradient_checkpointing``: transformers')
-MODE_FLAGS = ("training", "grad_checkpointing", "gradient_checkpointing")
 
 
 class _DepthTracer(ExampleAnswers, fx.Tracer):
@@ -134,6 +129,11 @@ class _DepthTracer(ExampleAnswers, fx.Tracer):
             if self.culprit is None:
                 self.culprit = self.path_of_module(m)
             raise
+
+    def buffer_proxy(self, name: str) -> fx.Proxy:
+        """A graph read of the root's buffer ``name``: where an in-place write to it is recorded
+        (:func:`passes.state_guard.refuse_state_writes`)."""
+        return self.create_proxy("get_attr", name, (), {})
 
     def _installed(self, m: nn.Module) -> bool:
         try:
@@ -272,11 +272,12 @@ def capture_graph(root: nn.Module, descend: Descend, forced: set[str], prefix: s
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             try:
-                # a graph would drop checkpointing and grad-mode switches, and hold one fixed outcome of
-                # each Python draw
+                # a graph would drop checkpointing and grad-mode switches, freeze writes to the module's
+                # state, and hold one fixed outcome of each Python draw
                 tracing = lambda: not tracer.evaluating  # noqa: E731  (example values run real modules)
                 with refuse_checkpoint(root), refuse_grad_modes(tracing), \
-                        proxies_are_tensors(), python_draws() as drew:
+                        refuse_state_writes(root, tracing, tracer.buffer_proxy), proxies_are_tensors(), \
+                        python_draws() as drew:
                     graph = tracer.trace(root, concrete_args or None)
             finally:
                 caught.extend(seen)

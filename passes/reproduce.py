@@ -22,6 +22,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from .state_guard import MODE_FLAGS
+
 __all__ = ["same_outputs", "reproduces"]
 
 
@@ -72,9 +74,10 @@ def same_outputs(a, b, rtol: float = 1e-4, atol: float = 1e-5, _depth: int = 0) 
 
 @contextlib.contextmanager
 def kept_state(module: nn.Module) -> Iterator[None]:
-    """Buffers (running statistics, caches) and the random generators (torch's, CUDA's once it is
-    initialised, Python's) as they were, whatever runs inside: on exit the values the buffers had
-    on entry are copied back into them (in place) and the generators' states are set back.
+    """Buffers (running statistics, caches), number attributes of the modules (a call counter; not
+    the mode flags) and the random generators (torch's, CUDA's once it is initialised, Python's) as
+    they were, whatever runs inside: on exit the values the buffers had on entry are copied back
+    into them (in place), the numbers set back, and the generators' states set back.
 
     >>> bn = nn.BatchNorm1d(2)  # in train mode: a forward moves its running statistics
     >>> with kept_state(bn):
@@ -89,6 +92,8 @@ def kept_state(module: nn.Module) -> Iterator[None]:
     (0,)
     """
     buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    numbers = [(m, {k: v for k, v in vars(m).items() if type(v) in (int, float, bool) and k not in MODE_FLAGS})
+               for m in module.modules()]
     cpu, py = torch.random.get_rng_state(), random.getstate()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     try:
@@ -99,6 +104,8 @@ def kept_state(module: nn.Module) -> Iterator[None]:
                 if b.shape != saved.shape:  # resized in place (a per-channel observer's min_val, from empty)
                     b.resize_(saved.shape)
                 b.copy_(saved)
+        for m, saved in numbers:
+            m.__dict__.update(saved)
         torch.random.set_rng_state(cpu)
         random.setstate(py)
         if cuda is not None:

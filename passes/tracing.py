@@ -19,6 +19,7 @@ from .call_record import CallRecord
 from .calls import CallGuard, _is_torch_leaf, call_shell, keep_argument_names
 from .checkpoint_guard import CheckpointInGraph, refuse_checkpoint
 from .grad_mode_guard import refuse_grad_modes
+from .state_guard import refuse_state_writes
 from .depth_tracer import Descend, _DepthTracer, _first_line, _hold, capture_graph  # noqa: F401  (_DepthTracer: pickles name it here)
 from .depth_tracer import proxies_are_tensors, python_draws
 from .mistraced import NOT_REPRODUCED, RANDOM_DRAW, mistraced_modules
@@ -211,7 +212,7 @@ def _graph_module(root: nn.Module, descend: Descend, forced: set[str], prefix: s
             again = _DepthTracer(descend, forced, prefix, example)
             tracing = lambda: not again.evaluating  # noqa: E731
             with warnings.catch_warnings(), refuse_checkpoint(root), refuse_grad_modes(tracing), \
-                    proxies_are_tensors(), python_draws():
+                    refuse_state_writes(root, tracing, again.buffer_proxy), proxies_are_tensors(), python_draws():
                 warnings.simplefilter("ignore")
                 g = again.trace(root, concrete_args or None)
             keep_argument_names(g, concrete_args or {})
