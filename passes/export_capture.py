@@ -3,7 +3,7 @@
 ``torch.export.export(..., strict=False)`` runs the forward on fake tensors, so Python control
 flow on shapes, loops over sizes, ``isinstance`` checks and other code that a ``torch.fx`` proxy
 rejects are simply executed. Its graph holds ATen ops; :func:`export_trace` turns it into a graph
-the rest of the library reads as it reads a ``torch.fx`` one:
+the rest of the library reads as it reads a ``torch.fx`` one (:mod:`passes.export_module_calls`):
 
 * every call of a torch leaf module (``Conv2d``, ``BatchNorm2d``, ``ReLU``, ``Dropout``...) whose
   ops form one single-input, single-output group becomes a ``call_module`` node of the *original*
@@ -32,11 +32,11 @@ from typing import Iterator
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
 from .call_inputs import input_tuple
+from .export_module_calls import _collapse_leaves, _live_modes, _torch_level
 from .checkpoint_guard import refuse_checkpoint
 from .grad_mode_guard import refuse_unrecorded_grad_modes
 from .export_guard import ExportGuard  # also where pickles made before the split find it
@@ -50,92 +50,6 @@ __all__ = ["ExportCaptureError", "ExportGuard", "dynamic_spec", "export_trace"]
 
 class ExportCaptureError(RuntimeError):
     """``torch.export`` could not capture the model (or its graph does not reproduce it)."""
-
-
-_OPS = torch.ops.aten
-# ATen activations called through the torch function the rest of the library recognises
-_AS_TORCH = {_OPS.relu.default: torch.relu, _OPS.relu_.default: torch.relu_, _OPS.gelu.default: F.gelu,
-             _OPS.silu.default: F.silu, _OPS.sigmoid.default: torch.sigmoid, _OPS.tanh.default: torch.tanh,
-             _OPS.hardswish.default: F.hardswish, _OPS.hardsigmoid.default: F.hardsigmoid,
-             _OPS.mish.default: F.mish}
-# op -> index of its ``training`` argument
-_MODE_ARGS = {_OPS.dropout.default: 2, _OPS.feature_dropout.default: 2, _OPS.alpha_dropout.default: 2,
-              _OPS.feature_alpha_dropout.default: 2, _OPS.batch_norm.default: 5}
-
-
-def _innermost(node: fx.Node) -> tuple[str, str] | None:
-    """``(call key, module path)`` of the innermost module call that created ``node``."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return None
-    key, (path, _) = list(stack.items())[-1]
-    return key, path
-
-
-def _is_torch_leaf(m: nn.Module) -> bool:
-    return fx.Tracer().is_leaf_module(m, "") and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
-
-
-def _collapse_leaves(gm: fx.GraphModule) -> int:
-    """Replace the ops of each torch leaf module call by one ``call_module`` node (see the module
-    docstring); returns how many calls were collapsed."""
-    groups: dict[str, list[fx.Node]] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and (where := _innermost(node)) is not None and where[1]:
-            groups.setdefault(where[0], []).append(node)
-    done = 0
-    for key, nodes in groups.items():
-        path = _innermost(nodes[0])[1]
-        try:
-            module = gm.get_submodule(path)
-        except AttributeError:
-            continue
-        if not _is_torch_leaf(module):
-            continue
-        inside = set(nodes)
-        owned = path + "."
-        inputs, outputs = [], []
-        for n in nodes:
-            for a in n.all_input_nodes:
-                own_state = a.op == "get_attr" and str(a.target).startswith(owned)
-                if a not in inside and not own_state and a not in inputs:
-                    inputs.append(a)
-            if any(u not in inside for u in n.users):
-                outputs.append(n)
-        if len(inputs) != 1 or len(outputs) != 1:
-            continue  # several inputs (attention) or outputs (LSTM): the ops stay as they are
-        out = outputs[0]
-        with gm.graph.inserting_after(out):
-            call = gm.graph.call_module(path, (inputs[0],))
-        call.meta.update({k: v for k, v in out.meta.items() if k in ("nn_module_stack", "val", "stack_trace")})
-        out.replace_all_uses_with(call)
-        for n in reversed(nodes):
-            gm.graph.erase_node(n)
-        done += 1
-    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op == "call_module" or n.is_impure())
-    return done
-
-
-def _live_modes(gm: fx.GraphModule) -> None:
-    """Make the ``training`` argument of dropout / batch_norm ops read the owning module's flag."""
-    for node in list(gm.graph.nodes):
-        index = _MODE_ARGS.get(node.target) if node.op == "call_function" else None
-        if index is None or len(node.args) <= index or not isinstance(node.args[index], bool):
-            continue
-        if node.target is _OPS.batch_norm.default and node.args[3] is None:
-            continue  # no running statistics: batch statistics in both modes
-        path = (_innermost(node) or ("", ""))[1]
-        with gm.graph.inserting_before(node), warnings.catch_warnings():
-            # a bool attribute read at run time, as passes.tracing reads `self.training`
-            warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
-            flag = gm.graph.get_attr(f"{path}.training" if path else "training")
-        node.args = node.args[:index] + (flag,) + node.args[index + 1:]
-
-
-def _torch_level(gm: fx.GraphModule) -> None:
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in _AS_TORCH:
-            node.target = _AS_TORCH[node.target]
 
 
 def _auto(a):
