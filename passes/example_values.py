@@ -121,7 +121,8 @@ class ExampleValues:
         """Put back buffers and random generators as they were before the first run."""
         if self._state is not None:
             state, self._state = self._state, None
-            state.__exit__(None, None, None)
+            with self._tracer.evaluating_examples():  # its no_grad is the library's own switch
+                state.__exit__(None, None, None)
         self._values.clear()
 
     def _arguments(self) -> dict[str, Any]:
@@ -156,7 +157,8 @@ class ExampleValues:
             self._state.__enter__()
         args, kwargs = fx.node.map_arg((n.args, n.kwargs), self._values.__getitem__)
         try:
-            with torch.no_grad(), self._tracer.evaluating_examples():
+            # evaluating first: the no_grad switch is the library's own, not the traced forward's
+            with self._tracer.evaluating_examples(), torch.no_grad():
                 if n.op == "get_attr":
                     value = self._root
                     for part in str(n.target).split("."):
