@@ -261,6 +261,18 @@ def python_draws() -> Iterator[list]:
             np.random.set_state(before[1])
 
 
+@contextlib.contextmanager
+def traced_under_guards(tracer: _DepthTracer, root: nn.Module) -> Iterator[list]:
+    """What every trace of ``root`` by ``tracer`` runs inside (the capture and the retrace in the
+    other mode alike): a graph would drop checkpointing and grad-mode switches, freeze writes to
+    the module's state, and hold one fixed outcome of each Python draw (yielded: ``[True]`` when the
+    forward drew one). The guards stand aside while the tracer runs real modules on example values."""
+    tracing = lambda: not tracer.evaluating  # noqa: E731
+    with refuse_checkpoint(root), refuse_grad_modes(tracing), refuse_state_writes(root, tracing, tracer.buffer_proxy), \
+            proxies_are_tensors(), python_draws() as drew:
+        yield drew
+
+
 def capture_graph(root: nn.Module, descend: Descend, forced: set[str], prefix: str, concrete_args: dict | None,
                   caught: list, example: Example | None = None) -> tuple[_DepthTracer, fx.Graph | None, Exception | None]:
     """One trace of ``root`` with ``forced`` leaves: ``(tracer, graph, None)`` or ``(tracer, None,
@@ -272,12 +284,7 @@ def capture_graph(root: nn.Module, descend: Descend, forced: set[str], prefix: s
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             try:
-                # a graph would drop checkpointing and grad-mode switches, freeze writes to the module's
-                # state, and hold one fixed outcome of each Python draw
-                tracing = lambda: not tracer.evaluating  # noqa: E731  (example values run real modules)
-                with refuse_checkpoint(root), refuse_grad_modes(tracing), \
-                        refuse_state_writes(root, tracing, tracer.buffer_proxy), proxies_are_tensors(), \
-                        python_draws() as drew:
+                with traced_under_guards(tracer, root) as drew:
                     graph = tracer.trace(root, concrete_args or None)
             finally:
                 caught.extend(seen)

@@ -17,11 +17,9 @@ from torch import nn
 
 from .call_record import CallRecord
 from .calls import CallGuard, _is_torch_leaf, call_shell, keep_argument_names
-from .checkpoint_guard import CheckpointInGraph, refuse_checkpoint
-from .grad_mode_guard import refuse_grad_modes
-from .state_guard import refuse_state_writes
+from .checkpoint_guard import CheckpointInGraph
 from .depth_tracer import Descend, _DepthTracer, _first_line, _hold, capture_graph  # noqa: F401  (_DepthTracer: pickles name it here)
-from .depth_tracer import proxies_are_tensors, python_draws
+from .depth_tracer import traced_under_guards
 from .mistraced import NOT_REPRODUCED, RANDOM_DRAW, mistraced_modules
 from .mode_branches import MODE_KEPT, MODE_SPLIT, mode_split, same_in_both_modes
 from .module_stack import enclosing_modules, module_path_of, traced_through  # noqa: F401  (re-exported)
@@ -210,9 +208,7 @@ def _graph_module(root: nn.Module, descend: Descend, forced: set[str], prefix: s
     if any(flag == "training" for _, flag in baked):
         def retrace():
             again = _DepthTracer(descend, forced, prefix, example)
-            tracing = lambda: not again.evaluating  # noqa: E731
-            with warnings.catch_warnings(), refuse_checkpoint(root), refuse_grad_modes(tracing), \
-                    refuse_state_writes(root, tracing, again.buffer_proxy), proxies_are_tensors(), python_draws():
+            with warnings.catch_warnings(), traced_under_guards(again, root):
                 warnings.simplefilter("ignore")
                 g = again.trace(root, concrete_args or None)
             keep_argument_names(g, concrete_args or {})
