@@ -20,8 +20,8 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.utils import prune
 
-__all__ = ["KEEPS_WEIGHT", "OWN_FORWARD", "own_forward_class", "own_forward_reason", "keeps_weight", "refusal",
-           "own_forward_with"]
+__all__ = ["KEEPS_WEIGHT", "OWN_FORWARD", "put_back", "own_forward_class", "own_forward_reason", "keeps_weight",
+           "refusal", "own_forward_with"]
 
 # qualified names of classes whose forward is the torch layer's computation on ``self.weight`` as
 # it is (after padding the input, or a dtype cast under TorchScript): a sparse weight stays sparse
@@ -41,6 +41,23 @@ COMPUTED_WEIGHT = "weight is computed by"  # a parametrized layer's reason holds
 PUT_BACK = ("; where the model's class builds the layer so (transformers' wav2vec2), put the norm back on the "
             "finalized model before save_pretrained, {} (docs/transformers.md#weight-normed-layers-wav2vec2), "
             "or from_pretrained finds no weight for it")
+
+
+def put_back(module: nn.Module, layer: str = "layer") -> str | None:
+    """The call that gives ``layer`` the weight norm computing ``module.weight`` (a
+    parametrization or the deprecated pre-hook), or None when there is none.
+
+    >>> put_back(nn.utils.parametrizations.weight_norm(nn.Conv1d(2, 2, 3), dim=2))
+    "torch.nn.utils.parametrizations.weight_norm(layer, 'weight', dim=2)"
+    """
+    via = getattr(getattr(module, "parametrizations", None), "weight", None)
+    for p in via or ():
+        if type(p).__name__ == "_WeightNorm":
+            return f"torch.nn.utils.parametrizations.weight_norm({layer}, 'weight', dim={p.dim})"
+    for h in module._forward_pre_hooks.values():
+        if type(h).__name__ == "WeightNorm" and getattr(h, "name", None) == "weight":
+            return f"torch.nn.utils.weight_norm({layer}, 'weight', dim={h.dim})"
+    return None
 
 
 def computed_weight_reason(module: nn.Module) -> str | None:
@@ -69,9 +86,6 @@ def computed_weight_reason(module: nn.Module) -> str | None:
         fix = ("sparsifier.squash_mask() (torch.ao.pruning) before sparsify() takes it in, its zeros kept"
                if any(type(p).__name__ == "FakeSparsity" for p in via) else
                "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight') before sparsify() takes it in")
-        norm = [p for p in via if type(p).__name__ == "_WeightNorm"]
-        if norm:
-            fix += PUT_BACK.format(f"torch.nn.utils.parametrizations.weight_norm(layer, 'weight', dim={norm[0].dim})")
     elif pruning:
         # a PruningContainer holds the methods applied one after the other
         names = [type(m).__name__ for h in pruning for m in getattr(h, "_pruning_methods", (h,))]
@@ -87,9 +101,8 @@ def computed_weight_reason(module: nn.Module) -> str | None:
         fix = (f"{' and '.join(removers[h] for h in hooks if h in removers) or 'removing the hook'} before sparsify() "
                "makes it a parameter again and takes it in" if hooks else
                "make it a parameter of the layer before sparsify() to take it in")
-        norm = [h for h in module._forward_pre_hooks.values() if type(h).__name__ == "WeightNorm"]
-        if norm and getattr(norm[0], "name", None) == "weight":
-            fix += PUT_BACK.format(f"torch.nn.utils.weight_norm(layer, 'weight', dim={norm[0].dim})")
+    if (call := put_back(module)) is not None:
+        fix += PUT_BACK.format(call)
     # neither a mask on the stored tensors nor a sparse copy of the weight would hold
     return f"the {COMPUTED_WEIGHT} {how}, which a sparse layer would not keep: left dense; {fix}"
 

@@ -18,24 +18,9 @@ import warnings
 import torch
 from torch import nn
 
+from sparsify.core.subclasses import put_back
+
 __all__ = ["put_back", "removed_weight_norms", "warn_removed_weight_norms"]
-
-
-def put_back(module: nn.Module, layer: str = "layer") -> str | None:
-    """The call that gives ``layer`` the weight norm computing ``module.weight`` (a
-    parametrization or the deprecated pre-hook), or None when there is none.
-
-    >>> put_back(nn.utils.parametrizations.weight_norm(nn.Conv1d(2, 2, 3), dim=2))
-    "torch.nn.utils.parametrizations.weight_norm(layer, 'weight', dim=2)"
-    """
-    via = getattr(getattr(module, "parametrizations", None), "weight", None)
-    for p in via or ():
-        if type(p).__name__ == "_WeightNorm":
-            return f"torch.nn.utils.parametrizations.weight_norm({layer}, 'weight', dim={p.dim})"
-    for h in module._forward_pre_hooks.values():
-        if type(h).__name__ == "WeightNorm" and getattr(h, "name", None) == "weight":
-            return f"torch.nn.utils.weight_norm({layer}, 'weight', dim={h.dim})"
-    return None
 
 
 def removed_weight_norms(model: nn.Module) -> dict[str, str]:
