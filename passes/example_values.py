@@ -127,7 +127,10 @@ class ExampleValues:
 
     def _arguments(self) -> dict[str, Any]:
         if self._bound is None:
-            example = self._inputs()
+            # the inputs may come from a forward of the whole model run now (its no_grad, its
+            # module calls are the library's own, not the traced forward's)
+            with self._tracer.evaluating_examples():
+                example = self._inputs()
             if example is None:
                 raise NoValue("no example inputs")
             args, kwargs = example

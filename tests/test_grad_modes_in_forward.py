@@ -102,3 +102,64 @@ def test_enable_grad_inside_forward_is_kept(recipe):
     sparse = sparsify.sparsify(Energy(), recipe, total_steps=10, example_inputs=x)
     with torch.no_grad():
         assert Energy()(x).requires_grad and sparse(x).requires_grad
+
+
+class _Gated(nn.Module):
+    """Mamba2's gated norm: unpacks its input's shape, which torch.fx answers from example values."""
+
+    def forward(self, x, gate=None):
+        h = x * F.silu(gate)
+        *pre, last = h.shape
+        return h.view(*pre, 2, last // 2).flatten(-2)
+
+
+class _Mixer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.norm, self.proj = nn.Linear(4, 8), _Gated(), nn.Sequential(nn.Linear(4, 4))
+
+    def forward(self, x):
+        a, b = self.lin(x).chunk(2, -1)
+        for _ in a:  # torch.fx cannot iterate a proxy: the mixer runs its own forward, its children are traced
+            pass
+        return self.proj(self.norm(a, gate=b))
+
+
+class _Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mixer, self.head = _Mixer(), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.head(self.mixer(x))
+
+
+def test_example_inputs_fetched_while_tracing_are_not_the_forwards_grad_mode_switch():
+    """A module traced a second time fetches its example inputs from a forward of the whole model,
+    run without gradients while the trace is under way: that switch was taken for the module's
+    own, the module ran its own forward and its activation got no node (Mamba2's gated norm, tl1:
+    penalty 0, "matched nothing")."""
+    plan = sparsify.plan(_Mixed(), "tl1", total_steps=4, example_inputs=torch.randn(2, 3, 4), capture="fx")
+    assert [(e.name, e.method) for e in plan.entries if e.method] == [("mixer.norm.silu", "tl1")]
+    assert [f["name"] for f in plan.fallbacks] == ["mixer"]
+    assert plan.unmatched_rules == []
+
+
+def test_a_rule_whose_only_matches_were_in_graphs_given_up_matched_nothing(monkeypatch):
+    """Nodes matched in a graph that the capture's second trace gave up (the module then runs its
+    own forward) got nothing inserted: the rule is said to match nothing, with where its matches
+    were, not taken for one that matched."""
+    from passes import example_values
+    real, traced = example_values.ExampleValues._arguments, []
+
+    def arguments(self):  # the gated norm switches the gradient mode in every trace after the first
+        if self._bound is None and isinstance(self._root, _Gated):
+            traced.append(1)
+            if len(traced) > 1:
+                torch.set_grad_enabled(torch.is_grad_enabled())
+        return real(self)
+    monkeypatch.setattr(example_values.ExampleValues, "_arguments", arguments)
+    plan = sparsify.plan(_Mixed(), "tl1", total_steps=4, example_inputs=torch.randn(2, 3, 4), capture="fx")
+    assert len(traced) == 2 and [e.name for e in plan.entries if e.method] == []
+    assert plan.unmatched_rules == [0]
+    assert "mixer.norm, which torch.fx traced and then gave up" in plan.unmatched_hints[0]

@@ -191,11 +191,12 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     listed = {e.name for e in plan.entries}  # sites a method refused are listed already, with its reason
     plan.entries.extend(e for e in dense_entries(root, tr, first_cands, matcher, rewritten) if e.name not in listed)
     plan.entries.extend(e for e in unhandled_entries(root, tr.graphs) if e.name not in listed)
-    plan.unmatched_rules = matcher.unmatched()
+    plan.unmatched_rules = matcher.unmatched(graphs=list(tr.graphs.values()))
     plan.optional_rules = [r.index for r in recipe.rules if recipe.data["rules"][r.index].get("optional")]
     # a name naming a block says what to write instead; else the modules the rule's method did not take
     plan.unmatched_hints = {i: h for i in plan.unmatched_rules
-                            if (h := block_hint(recipe.rules[i].match, root) or matcher.untaken(i))}
+                            if (h := block_hint(recipe.rules[i].match, root) or matcher.untaken(i)
+                                  or matcher.lost(i, tr.graphs.values()))}
     plan.overruled_rules = matcher.overruled()
 
     for prefix, gm in tr.graphs.items():

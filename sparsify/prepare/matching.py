@@ -215,10 +215,43 @@ class MatchTable:
         return (f" (it matched {len(seen)} module{'s' if len(seen) > 1 else ''} {r.method.name} does not take, "
                 f"{kinds}: {r.method.accepts(Site(first.name, first.module))})")
 
-    def unmatched(self) -> list[int]:
-        """Indices of the rules that matched none of the candidates looked up so far."""
-        hit = {i for _, matched, _ in self._table.values() for i in matched}
+    def unmatched(self, graphs=None) -> list[int]:
+        """Indices of the rules that matched none of the candidates looked up so far. ``graphs``:
+        the graph modules the capture kept; a node a method inserts at (an activation) in a graph
+        not among them (traced, then given up for a module running its own forward) does not count,
+        since nothing was inserted there.
+
+        >>> from sparsify.prepare.recipe import load_recipe
+        >>> from sparsify.methods import get_method
+        >>> gm = torch.fx.symbolic_trace(nn.ReLU())
+        >>> table = MatchTable(load_recipe("tl1").rules, get_method)
+        >>> relu = next(n for n in gm.graph.nodes if n.op == "call_function")
+        >>> _ = table.winner(Candidate("relu", None, relu, gm))
+        >>> table.unmatched(), table.unmatched(graphs=[gm]), table.unmatched(graphs=[])
+        ([], [], [0])
+        """
+        hit = {i for i, lost in self._hits(graphs) if not lost}
         return [r.rule.index for r in self.rules if r.rule.index not in hit]
+
+    def lost(self, index: int, graphs) -> str:
+        """`` (it matched silu in a.norm, ...: ...)`` for rule ``index`` when its only matches were
+        nodes of graphs the capture gave up (:meth:`unmatched`): why it matched nothing."""
+        where = sorted({c.prefix or "<root>" for i, lost, c in self._hits(graphs, with_candidates=True)
+                        if i == index and lost})
+        if not where:
+            return ""
+        return (f" (its matches were in {', '.join(where[:3])}{', ...' if len(where) > 3 else ''}, which torch.fx "
+                "traced and then gave up: they run their own forward, with no node to insert at; see the plan's "
+                "'untraceable' lines)")
+
+    def _hits(self, graphs, with_candidates: bool = False):
+        # (rule index, lost) for every match; lost: a node a method inserts at, outside ``graphs``
+        kept = None if graphs is None else {id(g) for g in graphs}
+        for _, matched, c in self._table.values():
+            gone = kept is not None and c.node is not None and id(c.gm) not in kept
+            for i in matched:
+                lost = gone and self.rules[i].method is not None and self.rules[i].method.site == "node"
+                yield (i, lost, c) if with_candidates else (i, lost)
 
     def overruled(self) -> list[dict]:
         """The rules that matched candidates but decide none of them, because one later rule
