@@ -142,6 +142,19 @@ def test_dense_option_keeps_the_old_behaviour():
     assert type(m.head) is nn.Linear and type(m.emb) is nn.Embedding and m.head.weight is m.emb.weight
 
 
+def test_dense_option_names_share_only_where_the_method_can_share():
+    """SAS changes the weight's shape: the warning advised 'share', which SAS refuses."""
+    sas = {"version": 1, "name": "s", "options": {"tied": "dense"},
+           "rules": [{"match": {"type": "Linear"}, "method": "sas", "params": {"not_relu": "as_is"}}]}
+    with pytest.warns(UserWarning, match=r"head stays dense: weight tied to emb.weight") as caught:
+        m = sparsify.sparsify(TinyLM(), sas, example_inputs=IDS, total_steps=3)
+    said = next(str(w.message) for w in caught if "head stays dense" in str(w.message))
+    assert "'share' cannot sparsify both uses (sas changes the weight's shape, so emb cannot share it)" in said, said
+    assert type(m.head) is nn.Linear
+    with pytest.warns(UserWarning, match="'share' sparsifies both uses with one mask"):
+        sparsify.sparsify(TinyLM(), _recipe("st3", "dense"), example_inputs=IDS, total_steps=3)
+
+
 def test_tied_option_is_checked_where_jsonschema_is_missing(no_jsonschema):
     with pytest.warns(UserWarning, match="jsonschema is not installed"), \
             pytest.raises(ValueError, match=r"^sparsify: options.tied is 'sometimes': use 'share'"):

@@ -110,13 +110,15 @@ def tie_decision(root: nn.Module, name: str, module: nn.Module, method, options:
     if mode not in ("share", "dense", "error"):  # the schema says so too, where jsonschema is installed
         raise ValueError(f"sparsify: options.tied is {mode!r}: use 'share' (the default), 'dense' or 'error'")
     names = ", ".join(tied)
+    problems = [p for p in (_problem(root, name, module, method, f) for f in tied) if p]
     if mode == "dense":
-        why = (f"weight tied to {names}: left dense {TIED_DENSE}; "
-               "'share' sparsifies both uses with one mask")
+        # the alternative named only where it exists: SAS cannot share (it changes the weight's shape)
+        why = (f"weight tied to {names}: left dense {TIED_DENSE}; " +
+               (f"'share' cannot sparsify both uses ({problems[0]})" if problems else
+                "'share' sparsifies both uses with one mask"))
         if not dry_run:
             warnings.warn(f"sparsify: {name} stays dense: {why}", stacklevel=4)
         return why, []
-    problems = [p for p in (_problem(root, name, module, method, f) for f in tied) if p]
     if rule is not None:
         problems += [p for f in tied if (p := _other_rule(f.rpartition(".")[0], name, rule, rules or {}))]
     if mode == "error":
