@@ -203,3 +203,80 @@ def test_two_optimizers_stepping_one_model_each_step_are_quiet():
     assert thresholds
     optimizers = [torch.optim.SGD(weights, lr=0.01), torch.optim.SGD(thresholds, lr=0.01)]
     assert every_other(model, optimizers, 60, every=1) == []
+
+
+# -- sparsify.step called before optimizer.step ----------------------------------------------------
+
+ORDER = "ran after sparsify.step() with no training forward between"
+
+
+def _conv_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4))
+
+
+def ordered(model, opt, n: int, step_first: bool, between=None, closure: bool = False) -> list[str]:
+    x = torch.randn(4, 3, 8, 8) if isinstance(model[0], torch.nn.Conv2d) else torch.randn(4, 8)
+    y = torch.tensor([0, 1, 2, 3])
+
+    def loss_of():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y) + sparsify.penalty(model)
+        loss.backward()
+        return loss
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(n):
+            if closure:
+                opt.step(loss_of)
+                sparsify.step(model)
+                continue
+            loss = loss_of()
+            if step_first:
+                sparsify.step(model, loss)
+                if between is not None:
+                    between()
+                opt.step()
+            else:
+                opt.step()
+                sparsify.step(model, loss)
+                if between is not None:
+                    between()
+    return [str(w.message) for w in caught if ORDER in str(w.message)]
+
+
+@pytest.mark.parametrize("recipe", ["st3", "str", "gmp", "nm-2-4", "sas", "tl1", "dual", "semi-structured"])
+def test_a_step_before_the_optimizer_step_is_told_once(recipe):
+    """Nothing fails when sparsify.step comes before optimizer.step(): masks and thresholds come
+    from weights one update old. Said once, at the optimizer step that follows it."""
+    net = _conv_net() if recipe == "semi-structured" else small()
+    model = sparsify.sparsify(net, recipe, total_steps=20)
+    said = ordered(model, torch.optim.SGD(sparsify.param_groups(model, 1e-4), lr=0.01), 4, step_first=True)
+    assert len(said) == 1 and said[0].startswith("sparsify: SGD.step() ran after sparsify.step()"), said
+    assert "forward, backward, optimizer.step(), sparsify.step(model)" in said[0]
+
+
+def test_a_forward_without_gradients_between_does_not_hide_the_order():
+    model = sparsify.sparsify(small(), "st3", total_steps=20)
+
+    def evaluate():
+        with torch.no_grad():
+            model(torch.randn(2, 8))
+    said = ordered(model, torch.optim.SGD(model.parameters(), lr=0.01), 3, step_first=True, between=evaluate)
+    assert len(said) == 1
+
+
+@pytest.mark.parametrize("recipe", ["st3", "tl1"])
+def test_the_documented_order_is_quiet_with_validation_and_closures(recipe):
+    model = sparsify.sparsify(small(), recipe, total_steps=20)
+
+    def validate():
+        model.eval()
+        with torch.no_grad():
+            model(torch.randn(2, 8))
+        model.train()
+    assert ordered(model, torch.optim.SGD(model.parameters(), lr=0.01), 4, step_first=False, between=validate) == []
+    # LBFGS runs its forward inside step(): the step after sparsify.step has one
+    lbfgs = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=2)
+    assert ordered(model, lbfgs, 3, step_first=False, closure=True) == []

@@ -20,7 +20,7 @@ from sparsify.core.buffers import eager
 from sparsify.core.retrace import refuse_retrace
 from sparsify.core.sharded import is_distributed
 
-__all__ = ["entered", "note_forward", "forwarded", "watch_forwards", "entered_hook"]
+__all__ = ["entered", "note_forward", "forwarded", "forwarded_yet", "watch_forwards", "entered_hook"]
 
 
 def entered(layer: nn.Module, x) -> None:
@@ -84,6 +84,17 @@ def note_forward(layer: nn.Module) -> None:
             if drop is not None:
                 drop()
         box[0] = True
+
+
+def forwarded_yet(layers: Iterable[nn.Module]) -> bool:
+    """Whether any of ``layers`` ran a forward with gradients since :func:`forwarded` last looked,
+    leaving the flags as they are.
+
+    >>> layer = nn.Linear(1, 1)
+    >>> note_forward(layer); forwarded_yet([layer]), forwarded_yet([layer])
+    (True, True)
+    """
+    return any(layer.__dict__.get("_forwarded", (False,))[0] for layer in layers)
 
 
 def forwarded(layers: Iterable[nn.Module]) -> bool:

@@ -31,6 +31,10 @@ thresholds, SAS's wider weights), which then never train, and nothing fails. At 
 ``sparsify.step`` after an optimizer step, :func:`check_held` warns when no optimizer stepped
 one of them (or, with ``copy=True``, any parameter of the model).
 
+The same hook sees the order: an optimizer step that comes right after ``sparsify.step``, with no
+forward with gradients through the sparse layers between, means the loop calls ``sparsify.step``
+before ``optimizer.step()`` (:func:`_check_order`, once).
+
 And when an optimizer stepped the sparse layers' weights but no forward with gradients ran through
 any sparse layer since the last ``sparsify.step`` (:mod:`sparsify.core.forwards`), the loop trains
 the model given to ``sparsify``, which shares those weights: :func:`check_bypassed` warns once.
@@ -44,7 +48,7 @@ from torch import nn
 
 from passes.calls import skipped_edit_calls
 
-from sparsify.core.forwards import forwarded
+from sparsify.core.forwards import forwarded, forwarded_yet
 from sparsify.core.records import RecordsGroupMixin
 # the finalize-time checks moved to schedule_end; their names stay importable from here
 from sparsify.core.schedule_end import ADVICE, schedule_short, schedule_unfinished  # noqa: F401
@@ -72,6 +76,8 @@ _IDLE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 # watched states an optimizer has stepped -> [sparsify.step calls in the current window of LAG,
 # {id(optimizer): its steps on the model in the window}]
 _RATE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# watched states whose last event was a sparsify.step (no optimizer step since), for check of order
+_AFTER_STEP: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _HOOK = None
 
 
@@ -104,6 +110,8 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
     for state in list(_COUNTS):
         if stepped.isdisjoint(_weights(state)):
             continue
+        if _AFTER_STEP.pop(state, False):
+            _check_order(state, optimizer)
         n = _COUNTS[state] = _COUNTS[state] + 1
         steps = _RATE.setdefault(state, [0, {}])[1]
         steps[id(optimizer)] = steps.get(id(optimizer), 0) + 1
@@ -114,6 +122,22 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
                     "the recipe's penalty recorded meanwhile was never added to a loss")
             warnings.warn(f"sparsify: {type(optimizer).__name__} stepped {n} times since the last sparsify.step, "
                           f"and {what}: {ADVICE}", stacklevel=3)
+
+
+def _check_order(state, optimizer) -> None:
+    """An optimizer step right after ``sparsify.step`` with no forward with gradients through the
+    sparse layers between: the loop calls ``sparsify.step`` before ``optimizer.step()``. Nothing
+    fails; every step's masks and thresholds come from weights one update old, and the last update
+    is never masked. Warned once (a closure optimizer such as LBFGS runs its forward inside
+    ``step``, before this hook: not taken for it)."""
+    layers = state.members()
+    if not layers or forwarded_yet(layers) or "order" in state.warned:
+        return
+    state.warned.add("order")
+    warnings.warn(f"sparsify: {type(optimizer).__name__}.step() ran after sparsify.step() with no training forward "
+                  "between, so sparsify.step comes before optimizer.step() in this loop: its masks and thresholds "
+                  "are then computed from the weights before each update (one step old). Call it after: forward, "
+                  "backward, optimizer.step(), sparsify.step(model)", stacklevel=4)
 
 
 def watch(state, model: nn.Module | None = None, created: list[str] = ()) -> None:
@@ -147,6 +171,7 @@ def reset(state) -> None:
     """``sparsify.step`` ran: no optimizer step is behind it."""
     if state in _COUNTS:
         _COUNTS[state] = 0
+        _AFTER_STEP[state] = True
 
 
 def check_held(state) -> str | None:
