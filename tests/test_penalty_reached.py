@@ -116,6 +116,24 @@ def train_said(m, steps=5):
     return penalties, said
 
 
+class _GatedByInput(torch.nn.Module):
+    """A gate computed from the input alone (Mamba2's gated norm, its gate the network input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(x) * F.silu(x)
+
+
+def test_an_activation_of_the_input_alone_is_not_said_to_follow_frozen_layers():
+    """No layer computes silu(x) at all: the note said "only frozen layers compute it"."""
+    plan = sparsify.plan(_GatedByInput(), "tl1", total_steps=4, example_inputs=torch.randn(2, 8))
+    note = next(e.reason for e in plan.entries if e.method == "tl1")
+    assert note.startswith("no gradient reaches it: no trainable layer computes it") and "the inputs alone" in note
+
+
 @pytest.mark.parametrize("recipe", ["tl1", "activation-l1", "dual"])
 def test_regularized_activations_after_frozen_layers_are_said_at_sparsify(recipe):
     x = torch.randn(2, 3, 8, 8)

@@ -10,7 +10,8 @@ from torch import fx, nn
 __all__ = ["frozen_before", "FROZEN_BEFORE", "frozen_before_warning"]
 
 #: the plan's note on such a site
-FROZEN_BEFORE = "no gradient reaches it: only frozen layers (requires_grad=False) compute it, its penalty is a constant"
+FROZEN_BEFORE = ("no gradient reaches it: no trainable layer computes it (only frozen ones, requires_grad=False, or the "
+                 "inputs alone), its penalty is a constant")
 
 
 def frozen_before(gm: fx.GraphModule, node: fx.Node, whole_model: bool, known: set | None = None) -> bool:
@@ -58,6 +59,7 @@ def frozen_before_warning(names: list[str]) -> str:
     >>> frozen_before_warning(["relu", "relu_1"])[:62]
     'sparsify: 2 regularized activation(s) get no gradient (first: '
     """
-    return (f"sparsify: {len(names)} regularized activation(s) get no gradient (first: {names[0]}): only frozen "
-            "layers (requires_grad=False) compute them, so their penalty is a constant that trains nothing; "
+    return (f"sparsify: {len(names)} regularized activation(s) get no gradient (first: {names[0]}): no trainable "
+            "layer computes them (only frozen ones, requires_grad=False, or the inputs alone), so their penalty is a "
+            "constant that trains nothing; "
             "unfreeze those layers before sparsify(), or regularize activations that trainable layers compute")
