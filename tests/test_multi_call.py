@@ -69,3 +69,12 @@ def test_a_layer_called_twice_counts_once_in_the_plans_shares():
     said = [w for w in plan.warnings(sparsify.load_recipe(rules)) if "frozen layer(s)" in w]
     assert len(said) == 1 and "14% of the model's weight parameters" in said[0], said
 
+
+
+def test_the_plans_table_gives_a_layers_weights_and_macs_in_its_first_row_only():
+    """Each row of a layer called twice gave its whole weights and summed MACs: the table read as two
+    layers of the same size."""
+    rules = {"version": 1, "rules": [{"match": {"type": "Linear"}, "method": "st3"}]}
+    plan = sparsify.plan(TwiceWithFrozenHead(), rules, example_inputs=torch.zeros(1, 4))
+    rows = [line.split() for line in str(plan).splitlines() if line.startswith("fc ")]
+    assert len(rows) == 2 and rows[0][4] == "64" and rows[1][4:7] == ["call", "2", "of"], rows

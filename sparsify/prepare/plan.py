@@ -191,9 +191,14 @@ class Plan:
 
     def __str__(self) -> str:
         rows = [("layer / node", "kind", "rule", "method", "params", "MACs", "note")]
+        calls: dict[str, int] = {}
         for e in self.entries:
+            # a layer called several times has a row per call: its weights and MACs in the first
+            k = calls[e.name] = calls.get(e.name, 0) + 1
+            again = f"call {k} of this layer (its weights and MACs are in its first row)" if k > 1 else ""
             rows.append((e.name, e.kind, "-" if e.rule is None else str(e.rule), e.method or "dense",
-                         f"{e.params:,}" if e.params else "", f"{e.macs:,}" if e.macs else "", e.reason))
+                         f"{e.params:,}" if e.params and not again else "",
+                         f"{e.macs:,}" if e.macs and not again else "", "; ".join(filter(None, (again, e.reason)))))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
         lines = [f"plan for recipe {self.recipe!r}"]
         for r in rows:
