@@ -53,6 +53,10 @@ def too_few_classes():
     return Head(3, "tensor")
 
 
+def wrong_size(num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, num_classes))  # wants 32x32 images
+
+
 def hf_resnet(num_classes, in_channels):
     import transformers as T
     return T.ResNetForImageClassification(T.ResNetConfig(
@@ -96,6 +100,9 @@ def test_a_dict_with_logits_trains(factories, tmp_path, capsys):
     ("no_logits", "returned dict without a 'logits' tensor (keys: scores)"),
     ("a_map", "its logits have shape [2, 10, 2, 2] for a batch of 2"),
     ("too_few_classes", "outputs 3 classes (logits of shape [2, 3]); the data has 10"),
+    # the forward itself raised: was a traceback from inside the model (vit_b_16 on digits too)
+    ("wrong_size", "cannot take the data's inputs, shape [2, 1, 8, 8]: RuntimeError: mat1 and mat2 shapes cannot "
+                   "be multiplied (2x64 and 3072x10); --data digits has 8x8 images: pick a model that takes them"),
 ])
 def test_an_output_training_cannot_read_is_one_line_before_anything_is_written(factories, factory, says,
                                                                                   tmp_path, capsys):

@@ -46,19 +46,28 @@ def logits_of(out) -> torch.Tensor:
     return found
 
 
-def check_output(model, example: tuple, num_classes: int, name: str) -> None:
+def check_output(model, example: tuple, num_classes: int, name: str, size_hint: str = "") -> None:
     """Run ``model`` on ``example`` (eval mode, no gradients; the mode it had is restored) and
-    refuse, in one line naming ``name`` (``--model``), an output training cannot read: no logits
-    (:func:`logits_of`), logits that are not (batch, classes), or fewer classes than the data has.
-    Called before the model is sparsified: the user hears it before anything is written.
+    refuse, in one line naming ``name`` (``--model``), inputs it cannot take (``size_hint``: what
+    sets their size) and an output training cannot read: no logits (:func:`logits_of`), logits
+    that are not (batch, classes), or fewer classes than the data has. Called before the model is
+    sparsified: the user hears it before anything is written.
 
     >>> check_output(torch.nn.Linear(4, 3), (torch.zeros(2, 4),), 10, "mine:factory")
     Traceback (most recent call last):
     ValueError: model 'mine:factory' outputs 3 classes (logits of shape [2, 3]); the data has 10
+    >>> check_output(torch.nn.Linear(5, 3), (torch.zeros(2, 4),), 3, "mine:factory", "--image-size sets it")
+    Traceback (most recent call last):
+    ValueError: model 'mine:factory' cannot take the data's inputs, shape [2, 4]: RuntimeError: mat1 and mat2 shapes cannot be multiplied (2x4 and 5x3); --image-size sets it
     """
     from sparsify.core.modes import kept_modes
     with torch.no_grad(), kept_modes(model, training=False):
-        out = model(*example)
+        try:
+            out = model(*example)
+        except Exception as e:  # the model's own assertion or shape error, said in one line
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise ValueError(f"model {name!r} cannot take the data's inputs, shape {list(example[0].shape)}: "
+                             f"{type(e).__name__}: {first}" + (f"; {size_hint}" if size_hint else "")) from None
     try:
         logits = logits_of(out)
     except ValueError as e:

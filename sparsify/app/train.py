@@ -158,7 +158,11 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False, warned: list[
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     example = (next(_batches(data.test, torch.arange(min(2, len(data.test))), 2, fix_channels=fix))[0].to(device),)
-    check_output(model, example, data.num_classes, cfg.model)  # before anything is sparsified or written
+    size_hint = (f"--image-size sets the images' size (now {data.image_size})" if cfg.data.startswith("imagefolder:")
+                 else f"--data {cfg.data} has {data.image_size}x{data.image_size} images: pick a model that takes "
+                      "them (the built-ins lenet5, lenet300, cnn, resnet8, resnet20 do), or imagefolder data with "
+                      "--image-size")
+    check_output(model, example, data.num_classes, cfg.model, size_hint)  # before anything is sparsified or written
     # a resumed run rebuilds from the recipe its checkpoint saved: the file may have been edited or moved since
     recipe, note = run_recipe(cfg, ckpt) if ckpt is not None and not cfg.dense else (None, None)
     if note is not None:
