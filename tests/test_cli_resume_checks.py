@@ -81,6 +81,16 @@ def test_flags_with_the_runs_own_values_are_accepted(runs, tmp_path, capsys):
     assert main(["train", "--resume", str(run), *argv, *QUICK]) == 0
 
 
+def test_optimizer_settings_left_to_their_defaults_accept_what_they_resolved_to(runs, tmp_path, capsys):
+    """The run's config stores None for them: --lr 0.05 (what it trained with) was refused as "the
+    run's --lr is the default, not 0.05"."""
+    run = copy_run(runs, tmp_path)
+    argv = ["--optimizer", "sgd", "--lr", "0.05", "--weight-decay", "5e-4"]
+    assert main(["train", "--resume", str(run), *argv, *QUICK]) == 0
+    err = cli_error(capsys, ["train", "--resume", str(run), "--lr", "0.1", *QUICK])
+    assert "the run's --lr is 0.05, not 0.1" in err
+
+
 def test_a_finished_run_is_left_as_it_is(runs, tmp_path, capsys):
     """It said "resuming ... at epoch 2, batch 0" and wrote report.json, plots and weights again."""
     run = copy_run(runs, tmp_path)

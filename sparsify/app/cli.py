@@ -53,8 +53,11 @@ def _resume_conflicts(args, given: set[str]) -> list[tuple[str, str]]:
         return []
     dense = (None, "", "dense")
     conflicts = []
+    resolved = _run_optimizer(saved)
     for key in (k for k in RESUME_FIXED if k in given):
         value, run = getattr(args, key), saved.get(key)
+        if key in resolved and run is None:  # left to the defaults: the run trained with what they resolved to
+            run = resolved[key]
         if key == "set":
             value, run = parse_overrides(value), saved.get("overrides")
         elif key == "recipe":
@@ -73,6 +76,19 @@ def _resume_conflicts(args, given: set[str]) -> list[tuple[str, str]]:
         if value != run:
             conflicts.append((_flag(key), f"the run's {_flag(key)} is {_shown(run)}, not {_shown(value)}"))
     return conflicts
+
+
+def _run_optimizer(saved: dict) -> dict:
+    """The optimizer, lr and weight decay the saved run trained with (its config stores None for a
+    default, resolved from its recipe); ``{}`` when they cannot be worked out (its recipe file gone)."""
+    from dataclasses import fields
+
+    from sparsify.app.config import TrainConfig, resolve_optimizer
+    known = {f.name for f in fields(TrainConfig)}
+    try:
+        return resolve_optimizer(TrainConfig(**{k: v for k, v in saved.items() if k in known}))
+    except Exception:  # an edited or moved run: compared as stored, and resuming says what is wrong
+        return {}
 
 
 def _shown(value) -> str:
