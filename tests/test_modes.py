@@ -116,3 +116,38 @@ def test_weights_written_at_step_zero_are_not_the_callers(method):
     assert m.head.weight is not model.head.weight
     assert 0.45 <= float((m.a.weight == 0).float().mean()) <= 0.55  # the write happened, on the copy
     assert m.head.bias is model.head.bias  # what is not written stays shared
+
+
+class _WrongEffectiveWeight(SparseWeightMixin):
+    """A user's layer whose effective weight has the wrong shape: sparsify() refuses it after step 0."""
+
+    def effective_weight(self):
+        return self.weight.t()
+
+
+@pytest.mark.parametrize("method", sorted(FIX_AT_START))
+def test_a_failed_inplace_call_leaves_the_callers_values_as_they_were(method, monkeypatch):
+    """Step 0 (ST-3's fix, l1-prune's prune) wrote the caller's own weights under inplace=True; the
+    refusal that followed put the modules back but left the weights pruned (docs/recipes.md: a failed
+    call leaves the caller's model as it was)."""
+    from sparsify.core.contract import Method
+    from sparsify.core.layers import specialize
+    from sparsify.core.registry import REGISTRY
+    wrong = specialize(_WrongEffectiveWeight, prefix="Wrong")
+
+    class Transposed(Method):
+        name = "transposed-test"
+
+        def apply(self, site, params):
+            site.replace(wrong[type(site.module)].from_dense(site.module))
+    monkeypatch.setitem(REGISTRY, Transposed.name, Transposed())
+    torch.manual_seed(0)
+    model = _Tied()
+    model.head = torch.nn.Linear(8, 4)  # rectangular: its transpose does not fit
+    state, kinds = _snapshot(model)
+    recipe = {**FIX_AT_START[method], "rules": [{**FIX_AT_START[method]["rules"][0], "match": {"name": ["a", "b"]}},
+                                                {"match": {"name": "head"}, "method": Transposed.name}]}
+    with pytest.raises(ValueError, match="effective_weight"):
+        sparsify.sparsify(model, recipe, total_steps=10, example_inputs=torch.randn(2, 8), inplace=True)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert {n: type(m) for n, m in model.named_modules()} == kinds

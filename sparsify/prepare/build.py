@@ -41,7 +41,7 @@ from sparsify.prepare.recipe import Recipe
 from sparsify.prepare.undo import TreeSnapshot, mirror_children
 from sparsify.prepare.validate import check_times
 from sparsify.prepare.effective_check import check_effective_weights
-from sparsify.prepare.written import own_written_weights, share_unwritten
+from sparsify.prepare.written import own_written_weights, put_values_back, share_unwritten, values_written_at_start
 from sparsify.core.forwards import watch_forwards
 from sparsify.core.load_hooks import before_load
 from sparsify.core.state import STATE_ATTR, SparsifyState, after_load, start_groups
@@ -88,7 +88,7 @@ def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps:
                       factors, capture, caller=caller)
     snapshot = TreeSnapshot(model)
     try:
-        root, plan = _build(model, recipe, example_inputs, total_steps, dry_run, factors, capture)
+        root, plan = _build(model, recipe, example_inputs, total_steps, dry_run, factors, capture, inplace=True)
     except BaseException:
         snapshot.restore()  # a failed sparsify leaves the caller's model as it was
         raise
@@ -99,8 +99,9 @@ def build(model: nn.Module, recipe: Recipe, *, example_inputs=None, total_steps:
 
 
 def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | None, dry_run: bool,
-           measured: dict | None, mode: str = "auto", caller: set[int] | None = None):
-    """:func:`build` on ``root`` (``caller``: ids of the caller's model's tensors it shares)."""
+           measured: dict | None, mode: str = "auto", caller: set[int] | None = None, inplace: bool = False):
+    """:func:`build` on ``root`` (``caller``: ids of the caller's model's tensors it shares;
+    ``inplace``: ``root`` is the caller's model)."""
     modes = modes_of(root)
     root.train()  # both captures record the training forward
     matcher = MatchTable(recipe.rules, get_method)
@@ -273,8 +274,14 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     for m in state.members():
         watch_forwards(m)  # a method's own module or kept plain layer: refuse retracing, note forwards
     pairs = own_written_weights(root, state.groups.values(), caller) if caller else []
-    start_groups(state)
-    check_effective_weights(state.groups.values())  # a method of the user's: its layers' weights fit
+    # inplace: step 0 writes the caller's own tensors; a refusal after it must leave their values as they were
+    saved = values_written_at_start(state.groups.values()) if inplace else []
+    try:
+        start_groups(state)
+        check_effective_weights(state.groups.values())  # a method of the user's: its layers' weights fit
+    except BaseException:
+        put_values_back(saved)
+        raise
     share_unwritten(root, pairs)
     return root, plan
 

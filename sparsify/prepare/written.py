@@ -15,7 +15,7 @@ from torch import nn
 
 from sparsify.core.contract import Group
 
-__all__ = ["own_written_weights", "share_unwritten"]
+__all__ = ["own_written_weights", "share_unwritten", "values_written_at_start", "put_values_back"]
 
 
 def _may_write(group: Group) -> bool | None:
@@ -84,3 +84,39 @@ def share_unwritten(root: nn.Module, pairs: list[tuple[torch.Tensor, torch.Tenso
     a write through ``.data`` does not count as a version change), so the model shares it again."""
     # (a meta tensor has no values to write: shared again as it is)
     _put(root, {id(c): o for o, c in pairs if o.is_meta or torch.equal(o, c)})
+
+
+def values_written_at_start(groups) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(tensor, a copy of its values)`` for every tensor a group may write at step 0, found as
+    :func:`own_written_weights` finds them: ``sparsify(..., inplace=True)`` writes the caller's
+    own, and a failure after step 0 (a method's effective weight refused) puts them back with
+    :func:`put_values_back` (docs/recipes.md: a failed call leaves the caller's model as it was).
+
+    >>> import torch
+    >>> from types import SimpleNamespace
+    >>> class Pruning(Group):
+    ...     def update(self, step, loss=None): ...
+    >>> net = torch.nn.Linear(2, 2)
+    >>> saved = values_written_at_start([Pruning(SimpleNamespace(name="p"), {}, {"": net}, None)])
+    >>> with torch.no_grad(): _ = net.weight.zero_()
+    >>> put_values_back(saved); bool(net.weight.eq(0).all())
+    False
+    """
+    out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for g in groups:
+        may = _may_write(g)
+        if may is False:
+            continue
+        for member in g.members.values():
+            for name, m in _tensors(member, weight_only=may is True):
+                t = getattr(m, name)
+                if id(t) not in out and not t.is_meta:
+                    out[id(t)] = (t, t.detach().clone())
+    return list(out.values())
+
+
+def put_values_back(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Write back the values :func:`values_written_at_start` copied."""
+    with torch.no_grad():
+        for t, values in saved:
+            t.copy_(values)
