@@ -204,3 +204,36 @@ def test_a_finalized_layer_behind_amplifying_selection_is_not_blamed(monkeypatch
     assert d.amplified_only and [n for n, _ in d.own] == [""], d  # the top-k in the root's graph
     with pytest.warns(sparsify.FinalizeWarning, match=r"<root> \(.*\) differ while everything they call agrees"):
         sparsify.finalize(m)
+
+
+def test_a_layer_finalize_replaced_by_one_of_the_same_class_with_other_values_is_named(monkeypatch):
+    """A method that keeps plain layers and whose finalize_member builds a new one (forgetting the
+    bias): the check took the same class for unchanged code and said the outputs only amplified
+    rounding (a FinalizeWarning; the outputs 0.85 apart)."""
+    from sparsify.core.contract import Method
+    from sparsify.core.registry import REGISTRY
+
+    class Forgetful(Group):
+        def writes_weights(self, step):
+            return False
+
+        def finalize_member(self, name, module):
+            new = nn.Linear(module.in_features, module.out_features)
+            with torch.no_grad():
+                new.weight.copy_(module.weight)
+                new.bias.zero_()
+            return new
+
+    class KeepPlain(Method):
+        name, group_class = "keep-plain-test", Forgetful
+
+        def apply(self, site, params):
+            site.replace(site.module)
+    monkeypatch.setitem(REGISTRY, KeepPlain.name, KeepPlain())
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    m = sparsify.sparsify(net, {"version": 1, "rules": [{"match": {"type": "Linear"}, "method": KeepPlain.name}]},
+                          example_inputs=x)
+    with pytest.raises(sparsify.FinalizeError, match=r"starts in code finalize changed: 0 \("):
+        sparsify.finalize(m)

@@ -14,7 +14,7 @@ the calls by module name and occurrence, comparing what each call got and what i
 and either its output differs while every call made inside it agrees, or its own code (between
 the calls it makes) handed a call inside it differing inputs before any of them diverged. If
 each such call runs code that is the same in both models (same class, or a graph with the same
-code), finalize changed nothing that caused the difference: inputs that agree within the
+code) on the same parameters and buffers of its own, finalize changed nothing that caused the difference: inputs that agree within the
 tolerance went through identical code, which amplified them. If one of them is code finalize
 changed (a finalized layer, an edited graph), that is a real difference and it is named. So is
 unchanged code that hands a parameter to an op itself, outside a call of the layer holding it,
@@ -151,6 +151,26 @@ def _differs(source: nn.Module, final: nn.Module, name: str) -> bool:
     return a.shape != b.shape or not torch.equal(a.detach().to(b.device, b.dtype), b.detach())
 
 
+def _own_tensors_differ(a: nn.Module, b: nn.Module) -> bool:
+    """Whether ``b`` holds other parameters or buffers of its own (not its children's) than ``a``.
+
+    >>> _own_tensors_differ(nn.Linear(2, 2), nn.Linear(2, 2)), _own_tensors_differ(*[nn.Linear(2, 2)] * 2)
+    (True, False)
+    """
+    mine = {**a._parameters, **a._buffers}
+    theirs = {**b._parameters, **b._buffers}
+    if mine.keys() != theirs.keys():
+        return True
+    for name, t in mine.items():
+        u = theirs[name]
+        if (t is None) != (u is None):
+            return True
+        if t is not None and (t.shape != u.shape or t.is_meta or u.is_meta
+                              or not torch.equal(t.detach().to(u.device, u.dtype), u.detach())):
+            return True
+    return False
+
+
 @torch.no_grad()
 def locate_divergence(source: nn.Module, final: nn.Module, inputs: tuple, rtol: float = 1e-4,
                       atol: float = 1e-5, captured: dict[str, str] | None = None) -> Divergence:
@@ -194,7 +214,9 @@ def locate_divergence(source: nn.Module, final: nn.Module, inputs: tuple, rtol: 
         own_keys.append(key)
         out.own.append((key[0], worst))
         out.worst_agreeing = max([out.worst_agreeing] + [gave[c][1] for c in agreeing_inside])
-        if not same_code(smods[key[0]], fmods[key[0]], captured.get(key[0])):
+        a, b = smods[key[0]], fmods[key[0]]
+        # the same class holding other values (a method's finalize_member made a new layer) is changed too
+        if not same_code(a, b, captured.get(key[0])) or _own_tensors_differ(a, b):
             out.changed.append((key[0], worst))
 
     def visit(key):  # a call whose inputs agree
