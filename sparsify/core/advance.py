@@ -18,7 +18,8 @@ def advance(state: SparsifyState, root: nn.Module, loss: float | None, said: lis
     """Count one optimizer step on ``state`` (of the unwrapped model ``root``) and give every group
     its update for it; what should be warned goes to ``said`` as (key, message). Returns the new
     step count. A group's :meth:`~sparsify.core.contract.Group.refuse_step` raises its
-    ``RuntimeError`` before anything changes.
+    ``RuntimeError`` before anything changes; a group whose update raises (a method of the user's)
+    misses the step while the others take it, and a ``RuntimeError`` naming it follows.
 
     >>> import torch, sparsify
     >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), "gmp", total_steps=10)
@@ -48,6 +49,7 @@ def advance(state: SparsifyState, root: nn.Module, loss: float | None, said: lis
         m.drop_caches()
     # FSDP2: the groups that read weights this step see them whole (docs/distributed.md)
     readers = [m for g in state.groups.values() if g.reads_weights(t) for m in (g, *g.members.values())]
+    failed = None
     with full_parameters(readers):
         for name, group in state.groups.items():
             group.clear()
@@ -56,6 +58,8 @@ def advance(state: SparsifyState, root: nn.Module, loss: float | None, said: lis
             except FloatingPointError as e:  # non-finite weights: keep the last thresholds and masks
                 said.append((f"nonfinite:{name}", f"sparsify.step: {name} ({group.method_name}) met "
                              f"non-finite weights at step {t} and kept its previous thresholds and masks ({e})"))
+            except Exception as e:  # (a method of the user's) the other groups still take the step
+                failed = failed or (name, group, e)
     if is_distributed():
         collect_at_exit()
     if is_distributed() and sharded_modules(root.modules()):
@@ -66,4 +70,10 @@ def advance(state: SparsifyState, root: nn.Module, loss: float | None, said: lis
             note_fsdp(m)
             m.drop_caches(free=True)
         release_workspaces()  # sized to the largest weight or activation the thread met
+    if failed is not None:
+        name, group, e = failed
+        others = [n for n in state.groups if n != name]
+        raise RuntimeError(f"sparsify.step: {name} ({group.method_name}) raised at step {t}: {type(e).__name__}: "
+                           f"{e}" + (f"; the other groups ({', '.join(others)}) took step {t}, {name} missed it"
+                                     if others else "")) from e
     return t
