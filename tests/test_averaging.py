@@ -356,3 +356,54 @@ def test_an_average_lagging_st3s_schedule_is_warned_once():
     lagging = run(0.999)
     assert len(lagging) == 1 and "turns their sign" in lagging[0] and "smaller decay" in lagging[0]
     assert run(0.0) == []  # the copy is the model: nothing lags
+
+
+def test_sync_carries_the_sparsity_of_a_method_written_outside_the_library(monkeypatch):
+    """A user's method: its layer class (made with specialize) and its group live in the user's
+    module, and sync copied nothing of theirs; the EMA copy kept the union of the masks (dense)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from sparsify.core.contract import Group, Method
+    from sparsify.core.layers import SparseWeightMixin, specialize
+    from sparsify.core.registry import REGISTRY
+
+    class MaskMixin(SparseWeightMixin):
+        def init_sparse(self, **params):
+            self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.bool))
+
+        def effective_weight(self):
+            return self.weight * self.mask
+    masked = specialize(MaskMixin, prefix="UserMasked")
+
+    class Half(Group):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.register_buffer("pruned_at", torch.tensor(-1))
+
+        def writes_weights(self, step):
+            return False
+
+        @torch.no_grad()
+        def update(self, step, loss=None):
+            if step == 2:
+                self.pruned_at.fill_(step)
+                for m in self.members.values():
+                    m.mask.copy_(m.weight.abs() > m.weight.abs().median())
+
+    class HalfMethod(Method):
+        name, group_class = "half-test", Half
+
+        def apply(self, site, params):
+            site.replace(masked[type(site.module)].from_dense(site.module))
+    monkeypatch.setitem(REGISTRY, HalfMethod.name, HalfMethod())
+    torch.manual_seed(0)
+    model = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(16, 16)),
+                              {"version": 1, "rules": [{"match": {"type": "Linear"}, "method": HalfMethod.name}]})
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    for _ in range(3):
+        sparsify.step(model)
+        ema.update_parameters(model)
+        sparsify.sync(ema, model)
+    assert torch.equal(ema.module[0].mask, model[0].mask) and float(model[0].mask.float().mean()) == 0.5
+    group = next(iter(ema.module.sparsify_state.groups.values()))
+    assert int(group.pruned_at) == 2

@@ -10,7 +10,8 @@ state (a regularizer's active flag, a generator) stays where it was when the cop
 A mask, a threshold computed from the weights, a schedule step is not a quantity to average: the
 averaged model should compute with the training model's sparsity, applied to its own averaged
 weights. :func:`sync_sparsity` copies exactly that part, the buffers and extra state of the
-library's modules, through the modules' own loading (which re-shapes lazily sized maps and sets
+library's modules and of every method's groups, layers and inserted modules (a method written
+outside the library too), through the modules' own loading (which re-shapes lazily sized maps and sets
 the Python flags that follow a buffer). Learned parameters (STR's thresholds, SAS's weights) are
 parameters: the averaging tool averages them, and the method computes from the averages.
 See docs/averaging.md.
@@ -32,9 +33,23 @@ def _is_library_module(module: nn.Module) -> bool:
     return type(module).__module__.split(".")[0] == "sparsify"
 
 
+def _sparsity_owners(model: nn.Module) -> set[str]:
+    """Names of the modules whose buffers and extra state are sparsity: the library's own, the
+    state and its groups, and every group's members and inserted modules, whatever their class's
+    module (a method written outside the library: its layers made with ``specialize`` and its group
+    classes live in the user's module)."""
+    state = find_state(model, required=False)
+    ids = {id(m) for m in state.modules()} if state is not None else set()
+    if state is not None:
+        ids |= {id(m) for m in state.members()}
+    return {name for name, module in model.named_modules(remove_duplicate=False)
+            if _is_library_module(module) or id(module) in ids}
+
+
 def sparsity_entries(model: nn.Module) -> dict:
     """The ``state_dict`` entries that hold ``model``'s sparsity: the buffers and extra state of
-    the library's modules (sparse layers, inserted nodes, groups, the step), not the parameters.
+    the library's modules and of every method's (sparse layers, inserted nodes, groups, the step),
+    not the parameters.
 
     >>> import torch, sparsify
     >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), "gmp", total_steps=10)
@@ -42,7 +57,7 @@ def sparsity_entries(model: nn.Module) -> dict:
     ['0.mask', 'sparsify_state._extra_state', 'sparsify_state.groups.rule0_magnitude._extra_state', \
 'sparsify_state.groups.rule0_magnitude.tau', 'sparsify_state.step']
     """
-    owners = {name for name, module in model.named_modules(remove_duplicate=False) if _is_library_module(module)}
+    owners = _sparsity_owners(model)
     parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     return {key: value for key, value in model.state_dict().items()
             if key not in parameters and key.rpartition(".")[0] in owners}
