@@ -260,3 +260,19 @@ def test_a_checkpoint_without_a_saved_recipe_reads_the_recipe_again():
     """A model state without sparsify's saved recipe: the recipe is read from cfg.recipe, as before."""
     from sparsify.app.config import run_recipe
     assert run_recipe(TrainConfig(recipe="st3", resume="run"), {"model": {"fc.weight": None}}) == (None, None)
+
+
+def test_an_interrupted_factory_run_is_told_the_command_that_resumes_it(tmp_path, monkeypatch, capsys):
+    """It said "continue with: sparsify train --resume OUT", which then refused to import the run's
+    model unless --model names it."""
+    (tmp_path / "resume_factory.py").write_text(
+        "import torch\n"
+        "def net(num_classes, in_channels):\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(in_channels * 64, num_classes))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    cfg = TrainConfig(model="resume_factory:net", epochs=2, batch_size=512, out=str(out), progress=False, threads=1)
+    assert train(cfg, on_step=ctrl_c_at(2))["interrupted"]
+    said = capsys.readouterr().out
+    assert f"continue with: sparsify train --resume {out} --model resume_factory:net" in said, said
+    assert main(["train", "--resume", str(out), "--model", "resume_factory:net", *QUICK]) == 0

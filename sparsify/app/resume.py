@@ -20,8 +20,8 @@ from sparsify.app.checkpoint import (CHECKPOINT, CHECKPOINT_META, CheckpointErro
 from sparsify.core.extra_state import unpack
 from sparsify.core.state import saved_states
 
-__all__ = ["CONFIG", "RUN_FILES", "RUN_KEYS", "load_run", "check_out", "restore", "save_run",
-           "checkpoint_meta", "meta_edited", "REPORT", "saved_recipe"]
+__all__ = ["CONFIG", "RUN_FILES", "RUN_KEYS", "load_run", "resume_command", "check_out", "restore",
+           "save_run", "checkpoint_meta", "meta_edited", "REPORT", "saved_recipe"]
 
 CONFIG = "config.json"
 #: written last by a finished run: a run folder holding it has nothing left to do
@@ -36,6 +36,16 @@ RUN_FILES = (CONFIG, CHECKPOINT, CHECKPOINT_META, REPORT, "history.json", "final
 #: the settings that define a run: a checkpoint is resumed only into a run with the same ones
 RUN_KEYS = ("model", "recipe", "overrides", "data", "image_size", "width", "epochs", "batch_size", "optimizer",
             "lr", "weight_decay", "momentum", "seed", "ema", "amp")
+
+
+def resume_command(folder, model: str) -> str:
+    """The command that continues the run in ``folder``: a ``module:function`` model is named, since
+    resuming imports it only when the command line does (:func:`load_run`).
+
+    >>> resume_command("runs/a", "resnet18"), resume_command("runs/b", "mine:net")
+    ('sparsify train --resume runs/a', 'sparsify train --resume runs/b --model mine:net')
+    """
+    return f"sparsify train --resume {folder}" + (f" --model {model}" if ":" in model else "")
 
 
 def load_run(folder: Path, given_model: str | None, default_model: str) -> tuple[dict, dict, dict]:

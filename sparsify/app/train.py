@@ -35,7 +35,8 @@ import torch.nn.functional as F
 import sparsify as sp
 
 from sparsify.app.checkpoint import CHECKPOINT, StopOnSigint, remove_stale_temporaries, write_json
-from sparsify.app.resume import CONFIG, REPORT, RUN_KEYS, check_out, meta_edited, restore, save_run
+from sparsify.app.resume import (CONFIG, REPORT, RUN_KEYS, check_out, meta_edited, restore, resume_command,
+                                 save_run)
 from sparsify.app.resume_checks import check_position, check_same_data
 from sparsify.app.config import (BASE_DEFAULTS, METHOD_DEFAULTS, TrainConfig, _default_out, _load_resume,
                                  config_from_args, resolve_optimizer, run_recipe)
@@ -291,7 +292,7 @@ def _train(cfg: TrainConfig, *, on_step=None, quiet: bool = False, warned: list[
                 interrupted = epoch + 1 < cfg.epochs
                 break
     if interrupted:
-        say(f"interrupted: checkpoint saved in {out / CHECKPOINT}; continue with: sparsify train --resume {out}")
+        say(f"interrupted: checkpoint saved in {out / CHECKPOINT}; continue with: {resume_command(out, cfg.model)}")
         return {"interrupted": True, "out": str(out)}
     with StopOnSigint() as late:  # a Ctrl-C now would leave a run without its report: the seconds left finish it
         result = _finish(model, cfg, data, out, history, opt_settings, total_steps, test_batches, example,
