@@ -379,6 +379,14 @@ def test_the_same_class_defined_again_replaces_its_registration(registered):
         register(Other)
 
 
+def test_a_name_with_a_dot_is_refused_at_registration():
+    """It registered, then every sparsify() failed in torch: "module name can't contain '.'"."""
+    class Dotted(Method):
+        name = "my.method"
+    with pytest.raises(ValueError, match=r"^Dotted.name is 'my.method': a method's name is a string without '.'"):
+        register(Dotted)
+
+
 def test_report_to_json_takes_tensors_a_method_describes_with(registered):
     """describe, layer_stats and target returning tensors: the report holds Python numbers and
     to_json works."""

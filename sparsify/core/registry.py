@@ -25,10 +25,20 @@ def register(cls: type[Method]) -> type[Method]:
     >>> del REGISTRY["demo-doc"]
 
     The same class defined again (a notebook cell run twice, a module reloaded: the same module and
-    qualified name) replaces the first; another class under a name already registered is an error.
+    qualified name) replaces the first; another class under a name already registered is an error,
+    as is a name with a '.' (it names the method's group module).
+
+    >>> @register
+    ... class Dotted(Method):
+    ...     name = "my.method"
+    Traceback (most recent call last):
+    ValueError: Dotted.name is 'my.method': a method's name is a string without '.' (letters, digits, '-' and '_')
     """
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name: set the class attribute `name` recipes use")
+    if not isinstance(cls.name, str) or "." in cls.name:  # it names the method's group module (rule0_<name>)
+        raise ValueError(f"{cls.__name__}.name is {cls.name!r}: a method's name is a string without '.' "
+                         "(letters, digits, '-' and '_')")
     old = type(REGISTRY[cls.name]) if cls.name in REGISTRY else cls
     if (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
         raise ValueError(f"method {cls.name!r} is registered twice ({old.__module__}.{old.__qualname__} and "
