@@ -337,6 +337,7 @@ def test_every_method_documents_its_params():
     ("nm", "n", 2.0, "must be an integer >= 1, got 2.0"),
     ("nm", "n", True, "must be an integer >= 1, got True"),
     ("magnitude", "block", [4, 0], "must be null or [rows, cols] of positive integers, got [4, 0]"),
+    ("magnitude", "block", [4, "a"], "must be null or [rows, cols] of positive integers, got [4, 'a']"),  # once
     ("magnitude", "scope", "net", "must be one of 'global', 'layer', got 'net'"),
     ("sas", "slot_options", [], "must be an object, got []"),
     ("semi-structured", "seed", 0.5, "must be an integer, got 0.5"),
@@ -346,6 +347,20 @@ def test_every_method_documents_its_params():
 def test_typed_params(method, key, bad, says):
     msg = _message(recipe({"match": CONV, "method": method, "params": {key: bad}}))
     assert f"$.rules[0].params.{key}: {says}" in msg
+
+
+def test_a_list_params_type_reads_plainly():
+    """It read "must be a list of  integers" (the article cut at a fixed width)."""
+    from dataclasses import dataclass
+
+    from sparsify.core.params import Params, param
+
+    @dataclass
+    class Sizes(Params):
+        sizes: list[int] = param([1], "Sizes.")
+        ratios: list[float] = param([0.5], "Ratios.")
+    assert Sizes.problems({"sizes": ["a"], "ratios": [None]}) == [
+        ("sizes", "must be a list of integers, got ['a']"), ("ratios", "must be a list of numbers, got [None]")]
 
 
 def test_without_jsonschema_one_warning_per_process(no_jsonschema, recwarn):

@@ -78,7 +78,7 @@ def _describe(tp, meta) -> str:
         return "one of " + ", ".join(map(repr, typing.get_args(tp)))
     if typing.get_origin(tp) is list:
         item = typing.get_args(tp)[0]
-        return f"a list of {_NAMES[item][2:] if item in _NAMES else item}s"
+        return f"a list of {_NAMES[item].split(' ', 1)[1] if item in _NAMES else item}s"  # "an integer" -> integers
     bounds = [f"{op} {meta[k]}" for k, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
               if meta[k] is not None]
     return " and ".join([f"{_NAMES[tp]} {bounds[0]}" if bounds else _NAMES[tp]] + bounds[1:])
@@ -185,8 +185,9 @@ class Params:
             if isinstance(v, float) and not math.isfinite(v):
                 out.append((f.name, f"must be a finite number, got {v!r}"))
             elif not _is(v, tp) or (tp in (int, float) and not meta.get("time") and not _in_range(v, meta)):
-                null = " or null" if nullable else ""
-                out.append((f.name, f"must be {_describe(tp, meta)}{null}, got {v!r}"))
+                what = _describe(tp, meta)
+                null = " or null" if nullable and "null" not in what else ""  # a `what` may name null itself
+                out.append((f.name, f"must be {what}{null}, got {v!r}"))
         if not out:
             out = cls(**{k: v for k, v in values.items() if k in {f.name for f in fields(cls)}}).check()
         return out
