@@ -102,7 +102,7 @@ class Report:
             lines.append("MACs: '-': they are counted by one forward on example inputs, and none ran: "
                          + (t.get("macs_missing") or "no input ran") + "; pass example_inputs=... to sparsify")
         if (u := t.get("uncounted")) and t["macs"]:
-            lines.append(f"MACs: Conv/Linear layers only; {pct(u['share'])} of the model's weights (first: "
+            lines.append(f"MACs: Conv/Linear layers only; {pct(u['share'])} of the model's weight parameters (first: "
                          f"{u['first']}) are multiplied by kernels of their own (fused experts, recurrent "
                          "layers, other libraries' layers), stay dense, and are not in these counts")
         if t.get("achieved"):
@@ -121,11 +121,15 @@ class Report:
         return "\n".join(lines)
 
 
-def _outside_macs(plan, total: int) -> dict | None:
+def _outside_macs(plan) -> dict | None:
     """``{"share", "first"}`` of the weights the plan lists as multiplied outside Conv/Linear layers
-    (fused experts, recurrent kernels, other libraries' layers) when they are 5% of the model's
-    parameters or more: the MAC counts leave them out (a Qwen-MoE's '90% fewer' was the attention's)."""
-    if plan is None or not total:
+    (fused experts, recurrent kernels, other libraries' layers) when they are 5% of the weight
+    parameters the plan lists or more (the share sparsify()'s warning gives): the MAC counts leave
+    them out (a Qwen-MoE's '90% fewer' was the attention's)."""
+    if plan is None:
+        return None
+    total = sum({e.name: e.params for e in plan.entries}.values())  # a layer called twice counts once
+    if not total:
         return None
     outside = plan.kernel_weights()
     share = sum(e.params for e in outside) / total
@@ -261,7 +265,7 @@ def build_report(root, state: SparsifyState) -> Report:
         "achieved": _achieved_by_kind(layers),
         # layers with every weight pruned (a collapsed layer: see docs/methods/st3.md)
         "empty_layers": [r.name for r in sparse_rows if r.nonzero_params == 0],
-        "uncounted": _outside_macs(getattr(state, "plan", None), param_total),
+        "uncounted": _outside_macs(getattr(state, "plan", None)),
     }
     # a recipe file without "name" is named after the file, as plan says (the name is not written
     # into the recipe's JSON, which checkpoints are compared with)
