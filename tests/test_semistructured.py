@@ -362,3 +362,5 @@ def test_masks_that_round_to_all_or_nothing_are_said(size, sparsity, said, first
         assert messages == []
     else:
         assert len(messages) == 1 and said in messages[0] and first in messages[0], messages
+        rounds = "rounds to 0 positions there" if "no output" in said else "rounds to all H x W positions there"
+        assert f"since {sparsity:g} x H x W {rounds}: " in messages[0], messages  # it read "round(...) of 0 positions"

@@ -226,9 +226,9 @@ class SemiStructuredGroup(Group):
                 why = ("their layers' outputs no longer depend on their inputs; lower the sparsity or leave "
                        "small maps dense with a rule" if names is every else
                        "those layers stay dense (a larger input resolution has more positions to mask)")
-                out.append(f"sparsify: semi-structured at sparsity {s:g} masks {what} {len(names)} map(s), "
-                           f"round(sparsity x H x W) of {'H x W' if names is every else '0'} positions: {shown}"
-                           f"{more}: {why}")
+                out.append(f"sparsify: semi-structured at sparsity {s:g} masks {what} {len(names)} map(s), since "
+                           f"{s:g} x H x W rounds to {'all H x W' if names is every else '0'} positions there: "
+                           f"{shown}{more}; {why}")
         return out
 
     # -- reporting --------------------------------------------------------------------------
