@@ -27,7 +27,7 @@ from sparsify.core.wrong_model import given_to_sparsify, remember_sparsified
 from sparsify.core.advance import advance
 from sparsify.core.penalty_watch import penalty_terms, watch_penalty
 from sparsify.core.diverged import diverged_message, nonfinite_parameters, refuse_nonfinite
-from sparsify.core.step_checks import after_step, as_loss, say_once
+from sparsify.core.step_checks import after_step, as_loss, group_messages, say_once
 from sparsify.prepare.inputs import check_inputs
 from sparsify.prepare.sharing import SHARED_WARNING, mark_trained, remember_holder, trained_through_earlier
 from sparsify.changed_model import _check_averaged, _forget_replaced
@@ -93,7 +93,7 @@ def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int 
         remember_holder(root)
     remember_sparsified(model, root)  # to name them in errors: the model given, a layer of the one returned
     state = find_state(root)  # its groups make their buffers (step, thresholds) on the CPU
-    say_once(state, [(m, m) for g in state.groups.values() for m in g.build_warnings()], stacklevel=2)
+    say_once(state, [(m, m) for g in state.groups.values() for m in group_messages(g, "build_warnings")], stacklevel=2)
     move_buffers((state, *state.groups.values()), model_device(root))
     if state.step.is_meta:  # a shape-only model: refuse to run once materialized without values
         root.register_forward_pre_hook(refuse_unfilled)

@@ -507,3 +507,47 @@ def test_a_methods_own_achieved_and_kind_are_what_the_report_totals(registered):
     rep = sparsify.report(sparsify.sparsify(net(), rules("t-own"), example_inputs=x))
     assert [(r.sparsifies, r.weight_sparsity, r.achieved) for r in rep.layers] == [("weights", 0.5, 0.75)] * 2
     assert rep.totals["achieved"] == {"weights": 0.75} and rep.totals["targeted_layers"] == 2
+
+
+@pytest.mark.parametrize("hook", ["warnings", "build_warnings"])
+def test_a_group_whose_warnings_are_one_string_is_told(registered, hook):
+    """One string was warned one character at a time ("s", "o", "m", ...)."""
+    class Chatty(Group):
+        def writes_weights(self, step):
+            return False
+
+    setattr(Chatty, hook, lambda self: "something is off")
+
+    @registered
+    class ChattyMethod(Method):
+        name, group_class = "t-chatty", Chatty
+
+        def apply(self, site, params):
+            site.replace(site.module)
+    said = rf"^method 't-chatty': its group's {hook}\(\) returned a str; it returns a list of messages"
+    if hook == "build_warnings":
+        with pytest.raises(TypeError, match=said):
+            sparsify.sparsify(net(), rules("t-chatty"), total_steps=4)
+        return
+    m = sparsify.sparsify(net(), rules("t-chatty"), total_steps=4)
+    with pytest.raises(TypeError, match=said):
+        sparsify.step(m)
+
+
+def test_an_apply_that_rewrites_nothing_and_a_missing_apply_are_told(registered):
+    """An apply() that neither replaced nor inserted was a silent no-op (a group with 0 members, only
+    report saying "no layer is sparsified"); a Method without apply raised an empty NotImplementedError."""
+    @registered
+    class Idle(Method):
+        name = "t-idle"
+
+        def apply(self, site, params):
+            pass
+
+    @registered
+    class NoApply(Method):
+        name = "t-no-apply"
+    with pytest.raises(RuntimeError, match=r"^method 't-idle': apply\(\) gave 0 no module \(neither site.replace"):
+        sparsify.sparsify(net(), rules("t-idle"), total_steps=4)
+    with pytest.raises(NotImplementedError, match=r"^method 't-no-apply' \(NoApply\) has no apply\(site, params\)"):
+        sparsify.sparsify(net(), rules("t-no-apply"), total_steps=4)

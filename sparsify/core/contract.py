@@ -307,7 +307,8 @@ class Method:
     def apply(self, site: Site, params: dict) -> None:
         """Rewrite ``site``; every module created must go through ``site.replace`` /
         ``site.insert_after`` so the group gets it."""
-        raise NotImplementedError
+        raise NotImplementedError(f"method {self.name!r} ({type(self).__name__}) has no apply(site, params): "
+                                  "define it to rewrite each site with site.replace or site.insert_after")
 
     def make_group(self, params: dict, members: dict[str, nn.Module], ctx: GroupContext) -> Group:
         return self.group_class(self, params, members, ctx)

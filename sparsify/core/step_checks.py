@@ -18,7 +18,7 @@ from sparsify.core.penalty_watch import CONSTANT_PENALTY, unreached_penalty
 from sparsify.core.state import SparsifyState
 from sparsify.core.weight_growth import grown, growth_due, growth_message, largest_weights
 
-__all__ = ["after_step", "as_loss", "say_once"]
+__all__ = ["after_step", "as_loss", "say_once", "group_messages"]
 
 
 def as_loss(loss) -> float | None:
@@ -44,6 +44,27 @@ def as_loss(loss) -> float | None:
     if isinstance(loss, bool) or not isinstance(loss, numbers.Real):
         raise TypeError(f"sparsify.step: loss must be a number or a one-element tensor, got {type(loss).__name__}")
     return float(loss)
+
+
+def group_messages(group, hook: str) -> list[str]:
+    """What ``group.<hook>()`` (``warnings`` or ``build_warnings``) returns, checked: a list of
+    strings (a method of the user's returning one string was said one character at a time).
+
+    >>> from types import SimpleNamespace
+    >>> group_messages(SimpleNamespace(warnings=lambda: ["a"]), "warnings")
+    ['a']
+    >>> group_messages(SimpleNamespace(warnings=lambda: "abc", method_name="mine"), "warnings")
+    Traceback (most recent call last):
+    TypeError: method 'mine': its group's warnings() returned a str; it returns a list of messages (one string each)
+    """
+    said = getattr(group, hook)()
+    if said is None:
+        return []
+    if isinstance(said, (str, bytes)) or not all(isinstance(m, str) for m in said):
+        raise TypeError(f"method {getattr(group, 'method_name', type(group).__name__)!r}: its group's {hook}() "
+                        f"returned {'a ' + type(said).__name__ if isinstance(said, (str, bytes)) else 'other items'}"
+                        "; it returns a list of messages (one string each)")
+    return list(said)
 
 
 def after_step(state: SparsifyState, root: nn.Module, t: int, loss: float | None) -> list[tuple[str, str]]:
@@ -83,7 +104,7 @@ def after_step(state: SparsifyState, root: nn.Module, t: int, loss: float | None
                      "the run really takes (epochs x batches per epoch, divided by the gradient accumulation "
                      "steps)"))
     for group in state.groups.values():
-        said += [(msg, msg) for msg in group.warnings()]
+        said += [(msg, msg) for msg in group_messages(group, "warnings")]
     return said
 
 

@@ -178,6 +178,10 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
         tied_users.update(dict.fromkeys(users, c.name))
         if not dry_run:
             w.method.apply(site, w.rule.params)
+            if not site.members:  # a user's apply that neither replaced nor inserted: the site would stay as it was
+                raise RuntimeError(f"method {w.method.name!r}: apply() gave {c.name} no module (neither site.replace "
+                                   "nor site.insert_after): every site a method accepts must be rewritten through "
+                                   "them; decline it in accepts() instead")
             share_tied(root, c.name, users)
             members[w.rule.index].update(site.members)
             changes_by_graph[c.prefix].extend(site.changes)
