@@ -379,3 +379,27 @@ def test_finalize_keeps_a_channels_last_models_weight_layout(recipe):
     layouts = {n: p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
                for n, p in final.named_parameters() if p.dim() == 4}
     assert len(layouts) == 3 and all(layouts.values()), layouts
+
+
+class _Overflowing(nn.Module):
+    """Finite parameters, an output of NaN: inf - inf after the activations overflow."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        big = self.fc(x) * 1e30 * 1e30
+        return big - big
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_nan_outputs_with_finite_parameters_are_refused_with_their_cause(dtype):
+    """A model held in float16 overflows on its own (a dense resnet18 in float16 answers NaN in eval
+    after three SGD steps on the CPU): it was told its training diverged and to lower the learning rate."""
+    x = torch.randn(2, 4, dtype=dtype)
+    m = sparsify.sparsify(_Overflowing().to(dtype), "gmp", total_steps=4, example_inputs=x)
+    said = (r"it computes in float16, whose range \(65504\) an activation exceeded" if dtype == torch.float16 else
+            r"an activation overflowed \(weights grown too large: lower the learning rate\)")
+    with pytest.raises(sparsify.FinalizeError, match=said):
+        sparsify.finalize(m)
