@@ -33,6 +33,18 @@ def _tensors(member: nn.Module, weight_only: bool):
             for name in (*m._parameters, *m._buffers) if getattr(m, name, None) is not None]
 
 
+def _may_be_written(groups):
+    """``(tensor, declared)`` for every tensor of a member that its group may write at step 0:
+    the weights of a group that declares it writes, every tensor of one that does not say."""
+    for g in groups:
+        may = _may_write(g)
+        if may is False:
+            continue
+        for member in g.members.values():
+            for name, m in _tensors(member, weight_only=may is True):
+                yield getattr(m, name), may is True
+
+
 def own_written_weights(root: nn.Module, groups, caller: set[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Give the caller's tensors (ids in ``caller``) that a group may write at step 0 their own copy
     in every module of ``root`` that holds them (tied weights stay tied). Returns ``(original, copy)``
@@ -50,17 +62,11 @@ def own_written_weights(root: nn.Module, groups, caller: set[int]) -> list[tuple
     """
     written: dict[int, torch.Tensor] = {}
     checked: set[int] = set()
-    for g in groups:
-        may = _may_write(g)
-        if may is False:
-            continue
-        for member in g.members.values():
-            for name, m in _tensors(member, weight_only=may is True):
-                t = getattr(m, name)
-                if id(t) in caller:
-                    written[id(t)] = t
-                    if may is None:
-                        checked.add(id(t))
+    for t, declared in _may_be_written(groups):
+        if id(t) in caller:
+            written[id(t)] = t
+            if not declared:
+                checked.add(id(t))
     copies = {i: nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad) if isinstance(t, nn.Parameter)
               else t.detach().clone() for i, t in written.items()}
     _put(root, copies)
@@ -103,15 +109,9 @@ def values_written_at_start(groups) -> list[tuple[torch.Tensor, torch.Tensor]]:
     False
     """
     out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for g in groups:
-        may = _may_write(g)
-        if may is False:
-            continue
-        for member in g.members.values():
-            for name, m in _tensors(member, weight_only=may is True):
-                t = getattr(m, name)
-                if id(t) not in out and not t.is_meta:
-                    out[id(t)] = (t, t.detach().clone())
+    for t, _ in _may_be_written(groups):
+        if id(t) not in out and not t.is_meta:
+            out[id(t)] = (t, t.detach().clone())
     return list(out.values())
 
 
