@@ -14,8 +14,9 @@ the calls by module name and occurrence, comparing what each call got and what i
 and either its output differs while every call made inside it agrees, or its own code (between
 the calls it makes) handed a call inside it differing inputs before any of them diverged. If
 each such call runs code that is the same in both models (same class, or a graph with the same
-code) on the same parameters and buffers of its own, finalize changed nothing that caused the difference: inputs that agree within the
-tolerance went through identical code, which amplified them. If one of them is code finalize
+code) on the same parameters and buffers of its own, finalize changed nothing that caused the
+difference: inputs that agree within the tolerance went through identical code, which amplified
+them. If one of them is code finalize
 changed (a finalized layer, an edited graph), that is a real difference and it is named. So is
 unchanged code that hands a parameter to an op itself, outside a call of the layer holding it,
 when that parameter differs between the models: code around a rewritten layer that reads its
