@@ -10,8 +10,8 @@ from torch import fx, nn
 __all__ = ["frozen_before", "FROZEN_BEFORE", "frozen_before_warning"]
 
 #: the plan's note on such a site
-FROZEN_BEFORE = ("no gradient reaches it: no trainable layer computes it (only frozen ones, requires_grad=False, or the "
-                 "inputs alone), its penalty is a constant")
+FROZEN_BEFORE = ("no gradient reaches it: no trainable layer computes it (only frozen ones, requires_grad=False, "
+                 "or the inputs alone), its penalty is a constant")
 
 
 def frozen_before(gm: fx.GraphModule, node: fx.Node, whole_model: bool, known: set | None = None) -> bool:
