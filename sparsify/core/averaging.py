@@ -11,10 +11,10 @@ A mask, a threshold computed from the weights, a schedule step is not a quantity
 averaged model should compute with the training model's sparsity, applied to its own averaged
 weights. :func:`sync_sparsity` copies exactly that part, the buffers and extra state of the
 library's modules and of every method's groups, layers and inserted modules (a method written
-outside the library too), through the modules' own loading (which re-shapes lazily sized maps and sets
-the Python flags that follow a buffer). Learned parameters (STR's thresholds, SAS's weights) are
-parameters: the averaging tool averages them, and the method computes from the averages.
-See docs/averaging.md.
+outside the library too), through the modules' own loading (which re-shapes lazily sized maps
+and sets the Python flags that follow a buffer). Learned parameters (STR's thresholds, SAS's
+weights) are parameters: the averaging tool averages them, and the method computes from the
+averages. See docs/averaging.md.
 """
 from __future__ import annotations
 
