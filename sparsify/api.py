@@ -197,8 +197,8 @@ def sync(averaged: nn.Module, model: nn.Module) -> nn.Module:
 
 def penalty(model: nn.Module):
     """The sum of the activation regularizers recorded by the training-mode forwards since the
-    last call (then forgotten: two forwards before one call give both terms), in float32;
-    ``0.0`` when the recipe regularizes nothing.
+    last call (then forgotten: two forwards before one call give both terms), in float32
+    (float64 when a term is: a float64 model's); ``0.0`` when the recipe regularizes nothing.
 
     >>> import torch, sparsify
     >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), "st3", begin=0, end=2, fix=None)

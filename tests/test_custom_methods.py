@@ -268,9 +268,11 @@ def test_a_penalty_that_is_no_scalar_names_the_method_and_a_number_is_taken(regi
     returned[0] = True  # a bool is no number here
     with pytest.raises(TypeError, match=r"penalty\(\) returned a bool; it must return"):
         sparsify.penalty(model)
-    returned[0] = torch.tensor([3.0], dtype=torch.float64)  # one element: taken, in float32
+    returned[0] = torch.tensor([3.0], dtype=torch.float16)  # one element: taken, in float32
     total = sparsify.penalty(model)
     assert total.dtype == torch.float32 and total.shape == () and float(total) == 3.0
+    returned[0] = torch.tensor([3.0], dtype=torch.float64)  # a float64 term (a float64 model's) stays float64
+    assert sparsify.penalty(model).dtype == torch.float64
 
     # a number goes beside the other groups' tensors (on their device; meta here), also when it comes first
     returned[0] = 1.0

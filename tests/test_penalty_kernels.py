@@ -204,3 +204,16 @@ def test_tracers_get_the_plain_expression_so_torch_compile_sees_no_break():
     h = net[1](net[0](x))
     ref = penalty_kernels.plain_penalty(h, "tl1") + penalty_kernels.plain_penalty(net[3](net[2](h)), "tl1")
     torch.testing.assert_close(eager, 0.01 * ref)  # the default lam
+
+
+@pytest.mark.parametrize("recipe", ["tl1", "activation-l1", "activation-hoyer"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_sparsify_penalty_keeps_a_float64_models_precision(recipe, dtype):
+    """Each term of a float64 model is float64, and sparsify.penalty rounded their sum to float32;
+    a bfloat16 model's terms are summed in float32 (not in bfloat16)."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU()).to(dtype)
+    m = sparsify.sparsify(net, recipe, total_steps=4, example_inputs=torch.zeros(1, 3, 8, 8, dtype=dtype))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    m(x.to(dtype))
+    want = torch.float64 if dtype == torch.float64 else torch.float32
+    assert sparsify.penalty(m).dtype == want

@@ -169,7 +169,9 @@ class RecordsGroupMixin:
         terms = [t for ts in pending for t in ts]
         if not terms:
             return None
-        return torch.stack([t.float().reshape(()) for t in terms]).sum()
+        # float32 (a bf16 model's terms summed without its rounding), float64 for a float64 model's
+        wide = torch.float64 if any(t.dtype == torch.float64 for t in terms) else torch.float32
+        return torch.stack([t.to(wide).reshape(()) for t in terms]).sum()
 
     def clear(self) -> None:
         for m in self.members.values():
