@@ -11,6 +11,7 @@ from sparsify.core.layers import SparseWeightMixin
 from sparsify.core.state import SparsifyState
 from sparsify.stats.macs import layer_factors
 from sparsify.prepare.hidden_positions import weight_numel
+from sparsify.prepare.plan_wording import share_text
 
 __all__ = ["LayerRow", "Report", "build_report", "silenced_activations"]
 
@@ -102,7 +103,8 @@ class Report:
             lines.append("MACs: '-': they are counted by one forward on example inputs, and none ran: "
                          + (t.get("macs_missing") or "no input ran") + "; pass example_inputs=... to sparsify")
         if (u := t.get("uncounted")) and t["macs"]:
-            lines.append(f"MACs: Conv/Linear layers only; {pct(u['share'])} of the model's weight parameters (first: "
+            # worded and rounded as sparsify()'s warning says the same share
+            lines.append(f"MACs: Conv/Linear layers only; {share_text(u['share'])} of the model's weight parameters (first: "
                          f"{u['first']}) are multiplied by kernels of their own (fused experts, recurrent "
                          "layers, other libraries' layers), stay dense, and are not in these counts")
         if t.get("achieved"):
