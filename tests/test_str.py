@@ -92,6 +92,22 @@ def test_reported_sparsity_is_the_fraction_of_zero_effective_weights():
     assert rep.layers[0].extra["threshold"] == pytest.approx(float(torch.sigmoid(torch.tensor(-3.0))))
 
 
+@pytest.mark.parametrize("granularity", ["layer", "channel", "global"])
+def test_report_counts_the_finalized_model_and_names_the_thresholds_it_leaves_out(granularity):
+    """report's "whole model" count is the model finalize ships, without STR's thresholds; it said
+    so nowhere, and docs tables counting the training model's parameters read 4 more for one model."""
+    m = make(granularity)
+    thresholds = sum(p.numel() for n, p in m.named_parameters() if n.endswith(".s") or n == "s")
+    rep = sparsify.report(m)
+    shipped = sum(p.numel() for p in sparsify.finalize(m).parameters())
+    assert rep.totals["params"] == shipped == sum(p.numel() for p in m.parameters()) - thresholds
+    assert rep.totals["method_params"] == {"str": thresholds}
+    assert (f"of {shipped:,} parameters non-zero, as finalize ships it (without the {thresholds:,} "
+            f"parameter{'s' * (thresholds > 1)} str trains besides the weights)") in str(rep)
+    dense = sparsify.report(sparsify.sparsify(small_cnn(), "st3", total_steps=4, example_inputs=torch.zeros(1, 3, 8, 8)))
+    assert dense.totals["method_params"] == {} and "as finalize ships it" not in str(dense)
+
+
 def test_reported_threshold_mean_is_the_mean_over_the_layers():
     m = make(s_init=-3.0)
     with torch.no_grad():

@@ -96,6 +96,7 @@ class Report:
         lines.append(
             self._sparsified_line()
             + f"whole model: {num(t['nonzero_params'])} of {num(t['params'])} parameters non-zero"
+            + _left_out(t.get("method_params"))
             + (f"; Conv/Linear non-zero-weight MACs {num(t['nonzero_macs'])} of {num(t['macs'])} dense "
                f"({pct(t['mac_reduction'])} fewer)" if t["macs"] else "")
             + (f"; executed MACs {num(t['executed_macs'])}" if t.get("executed_macs") not in (None, t["macs"]) else ""))
@@ -185,6 +186,43 @@ def _weight(mod) -> torch.Tensor | None:
 
 
 @torch.no_grad()
+def _method_parameters(state: SparsifyState) -> dict[str, dict[int, int]]:
+    """``{method: {id(parameter): numel}}``: the parameters each method trains besides the model's
+    weights (STR's per-layer thresholds on its layers, str-global's one in its group), which
+    ``finalize`` does not ship; a parameter shared by several is counted once."""
+    own: dict[str, dict[int, int]] = {}
+    for group in state.groups.values():
+        found = own.setdefault(group.method_name, {})
+        found.update((id(p), p.numel()) for p in group.parameters())
+        found.update((id(p), p.numel()) for m in group.members.values() if isinstance(m, SparseWeightMixin)
+                     for n, p in m.named_parameters(recurse=False) if n not in ("weight", "bias"))
+    found = {id(p): p.numel() for p in state.parameters()}  # any held by the state outside its groups
+    seen = {i for ps in own.values() for i in ps}
+    if extra := {i: n for i, n in found.items() if i not in seen}:
+        own["sparsify"] = extra
+    return own
+
+
+def _left_out(method_params: dict | None) -> str:
+    """What the "whole model" count leaves out, said after it (nothing when the methods train no
+    parameter of their own).
+
+    >>> _left_out({"str": 4})
+    ', as finalize ships it (without the 4 parameters str trains besides the weights)'
+    >>> _left_out({"str": 4, "mine": 1})
+    ', as finalize ships it (without the parameters the methods train besides the weights: str 4, mine 1)'
+    >>> _left_out({})
+    ''
+    """
+    if not method_params:
+        return ""
+    if len(method_params) == 1:
+        (name, n), = method_params.items()
+        return f", as finalize ships it (without the {n:,} parameter{'s' * (n > 1)} {name} trains besides the weights)"
+    said = ", ".join(f"{name} {n:,}" for name, n in method_params.items())
+    return f", as finalize ships it (without the parameters the methods train besides the weights: {said})"
+
+
 def build_report(root, state: SparsifyState) -> Report:
     """The :class:`Report` of ``root`` (the unwrapped model) at ``state``'s current step, what
     :func:`sparsify.report` returns: one row per sparsified layer of each group (scheduled and final
@@ -233,10 +271,10 @@ def build_report(root, state: SparsifyState) -> Report:
     targeted = [r for r in sparse_rows if r.sparsifies == "weights" and r.target is not None]
     targets = [(r.target, r.params) for r in targeted]
     tp = sum(r.params for r in targeted)
-    # the model's parameters as finalize ships them: not the methods' own (STR's thresholds)
-    method_only = {id(p) for p in state.parameters()} | {
-        id(p) for m in state.members() if isinstance(m, SparseWeightMixin)
-        for n, p in m.named_parameters(recurse=False) if n not in ("weight", "bias")}
+    # the model's parameters as finalize ships them: not the methods' own (STR's thresholds), which
+    # the totals count apart so that the report can say what its parameter count leaves out
+    own = _method_parameters(state)
+    method_only = {i for ps in own.values() for i in ps}
     model_params = [(n, p) for n, p in root.named_parameters() if id(p) not in method_only]
     rewritten = {r.name for r in sparse_rows}
     param_total = sum(p.numel() for _, p in model_params)
@@ -261,6 +299,7 @@ def build_report(root, state: SparsifyState) -> Report:
         "targeted_weight_sparsity": 1.0 - sum(r.nonzero_params for r in targeted) / tp if tp else None,
         "targeted_layers": len(targeted),
         "params": param_total, "nonzero_params": param_nnz,
+        "method_params": {name: sum(ps.values()) for name, ps in own.items() if ps},
         "macs": macs, "nonzero_macs": nz_macs, "executed_macs": exec_macs,
         "mac_reduction": 1.0 - nz_macs / macs if macs else None,
         "macs_missing": state.macs_missing if macs is None else None,  # why no MACs
