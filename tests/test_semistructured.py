@@ -336,9 +336,9 @@ def test_without_example_inputs_the_first_forward_sizes_the_masks():
 
 
 @pytest.mark.parametrize("size, sparsity, said, first", [
-    (32, 0.2, "masks no output position of 4 map(s)", "layer4.0.conv1 (1x1)"),  # round(0.2) = 0
-    (32, 0.6, "masks every output position of 4 map(s)", "layer4.0.conv1 (1x1)"),  # round(0.6) = 1 of 1
-    (32, 0.9, "masks every output position of 8 map(s)", "layer3.0.conv1 (2x2)"),  # round(3.6) = 4 of 4
+    (32, 0.2, "masks no output position of 4 maps", "layer4.0.conv1 (1x1)"),  # round(0.2) = 0
+    (32, 0.6, "masks every output position of 4 maps", "layer4.0.conv1 (1x1)"),  # round(0.6) = 1 of 1
+    (32, 0.9, "masks every output position of 8 maps", "layer3.0.conv1 (2x2)"),  # round(3.6) = 4 of 4
     (64, 0.2, None, None),  # 2x2 maps and up: round(0.8) = 1 of 4
 ])
 def test_masks_that_round_to_all_or_nothing_are_said(size, sparsity, said, first):
@@ -364,3 +364,20 @@ def test_masks_that_round_to_all_or_nothing_are_said(size, sparsity, said, first
         assert len(messages) == 1 and said in messages[0] and first in messages[0], messages
         rounds = "rounds to 0 positions there" if "no output" in said else "rounds to all H x W positions there"
         assert f"since {sparsity:g} x H x W {rounds}: " in messages[0], messages  # it read "round(...) of 0 positions"
+
+
+@pytest.mark.parametrize("sparsity, said", [
+    (0.2, "masks no output position of 1 map, since 0.2 x H x W rounds to 0 positions there: 2 (1x1); "
+          "that layer stays dense"),
+    (0.6, "masks every output position of 1 map, since 0.6 x H x W rounds to all H x W positions there: 2 (1x1); "
+          "its layer's output no longer depends on its input"),
+])
+def test_one_map_that_rounds_to_all_or_nothing_is_said_in_the_singular(sparsity, said):
+    """It read "1 map(s)" and "those layers stay dense" for one layer."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sparsify.sparsify(net, "semi-structured", sparsity=sparsity, total_steps=3,
+                          example_inputs=torch.zeros(1, 3, 2, 2))  # maps 2x2 and 1x1
+    messages = [str(w.message) for w in caught if "output position of" in str(w.message)]
+    assert len(messages) == 1 and said in messages[0], messages

@@ -223,10 +223,14 @@ class SemiStructuredGroup(Group):
             if names:
                 shown = ", ".join(f"{self._layer(n)} ({sizes[n][0]}x{sizes[n][1]})" for n in names[:3])
                 more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-                why = ("their layers' outputs no longer depend on their inputs; lower the sparsity or leave "
-                       "small maps dense with a rule" if names is every else
-                       "those layers stay dense (a larger input resolution has more positions to mask)")
-                out.append(f"sparsify: semi-structured at sparsity {s:g} masks {what} {len(names)} map(s), since "
+                one = len(names) == 1
+                why = (("its layer's output no longer depends on its input" if one else
+                        "their layers' outputs no longer depend on their inputs")
+                       + "; lower the sparsity or leave small maps dense with a rule" if names is every else
+                       f"{'that layer stays' if one else 'those layers stay'} dense (a larger input resolution has "
+                       "more positions to mask)")
+                out.append(f"sparsify: semi-structured at sparsity {s:g} masks {what} {len(names)} "
+                           f"map{'' if one else 's'}, since "
                            f"{s:g} x H x W rounds to {'all H x W' if names is every else '0'} positions there: "
                            f"{shown}{more}; {why}")
         return out
