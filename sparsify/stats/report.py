@@ -105,8 +105,8 @@ class Report:
                          + (t.get("macs_missing") or "no input ran") + "; pass example_inputs=... to sparsify")
         if (u := t.get("uncounted")) and t["macs"]:
             # worded and rounded as sparsify()'s warning says the same share
-            lines.append(f"MACs: Conv/Linear layers only; {share_text(u['share'])} of the model's weight parameters (first: "
-                         f"{u['first']}) are multiplied by kernels of their own (fused experts, recurrent "
+            lines.append(f"MACs: Conv/Linear layers only; {share_text(u['share'])} of the model's weight parameters "
+                         f"(first: {u['first']}) are multiplied by kernels of their own (fused experts, recurrent "
                          "layers, other libraries' layers), stay dense, and are not in these counts")
         if t.get("achieved"):
             lines.append("achieved (what each method sparsifies): " + "; ".join(
@@ -185,7 +185,6 @@ def _weight(mod) -> torch.Tensor | None:
     return w.detach() if isinstance(w, torch.Tensor) else None
 
 
-@torch.no_grad()
 def _method_parameters(state: SparsifyState) -> dict[str, dict[int, int]]:
     """``{method: {id(parameter): numel}}``: the parameters each method trains besides the model's
     weights (STR's per-layer thresholds on its layers, str-global's one in its group), which
@@ -223,6 +222,7 @@ def _left_out(method_params: dict | None) -> str:
     return f", as finalize ships it (without the parameters the methods train besides the weights: {said})"
 
 
+@torch.no_grad()
 def build_report(root, state: SparsifyState) -> Report:
     """The :class:`Report` of ``root`` (the unwrapped model) at ``state``'s current step, what
     :func:`sparsify.report` returns: one row per sparsified layer of each group (scheduled and final
