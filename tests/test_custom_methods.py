@@ -3,8 +3,12 @@ leaves at their defaults, and the mistakes such a file can make, give what the b
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -387,6 +391,32 @@ def test_a_name_with_a_dot_is_refused_at_registration():
         name = "my.method"
     with pytest.raises(ValueError, match=r"^Dotted.name is 'my.method': a method's name is a string without '.'"):
         register(Dotted)
+
+
+def test_a_built_in_name_is_refused_at_registration_before_the_built_ins_load():
+    """``import sparsify`` does not import sparsify.methods: a user's method named 'magnitude'
+    registered, and the error came later, from inside the built-in's import at the first sparsify()."""
+    code = textwrap.dedent("""
+        from sparsify.core.contract import Method
+        from sparsify.core.registry import register
+        class MyGMP(Method):
+            name = "magnitude"
+        try:
+            register(MyGMP)
+        except ValueError as e:
+            print(e)
+        """)
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root)
+    assert out.stdout.strip() == ("method 'magnitude' is a built-in method's name (__main__.MyGMP): give yours another "
+                                  "name"), out.stdout + out.stderr
+
+
+def test_the_built_in_names_core_knows_are_the_methods_packages():
+    """core/registry.py lists them (core does not import methods): the list follows the package."""
+    from sparsify.core.registry import BUILT_IN_NAMES
+    from sparsify.methods import BUILT_IN
+    assert BUILT_IN_NAMES == {m.name for m in BUILT_IN}
 
 
 def test_report_to_json_takes_tensors_a_method_describes_with(registered):

@@ -32,8 +32,8 @@ from sparsify.methods.semistructured import SemiStructuredMethod
 from sparsify.methods.dual import L1PruneMethod
 from sparsify.methods.sas import SASMethod
 
-#: the methods this package defines (a user's are registered later, from their own modules)
-BUILT_IN = frozenset(type(m) for m in REGISTRY.values())
+#: the methods this package defines (a user's method may be registered before this import)
+BUILT_IN = frozenset(type(m) for m in REGISTRY.values() if type(m).__module__.startswith(__name__ + "."))
 
 __all__ = ["BUILT_IN", "REGISTRY", "get_method", "register", "Method", "Group", "GroupContext", "Site",
            "SparseWeightMixin", "specialize", "plain_copy", "weight_base", "ST3Method", "STRMethod",
