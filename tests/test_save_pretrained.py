@@ -135,6 +135,61 @@ def test_a_finalized_model_its_class_cannot_rebuild_says_so_at_save_pretrained(t
             assert not torch.allclose(reloaded(pixel_values=x).logits, final(pixel_values=x).logits)
 
 
+class Clip(torch.nn.Module):
+    """A user's module: zero the activations below 0.3."""
+
+    def forward(self, x):
+        return torch.where(x.abs() < 0.3, torch.zeros_like(x), x)
+
+
+@pytest.mark.parametrize("layout,said_with", [
+    (None, "modules of method 't-clip' that its finalize_member keeps (Clip; the method declares no deploy_layout)"),
+    ("the clips", "holds the clips, which"), ("", None)])
+def test_a_user_method_keeping_its_own_module_is_said_at_save_pretrained(tmp_path, layout, said_with):
+    """A user's method whose finalize_member keeps a module of its own, declaring no deploy_layout:
+    from_pretrained of the finalized model's folder dropped the module without a word (outputs 0.14
+    off on GPT-2). Undeclared, the kept modules are named; deploy_layout "" says there is nothing."""
+    from sparsify.core.contract import Group, Method
+    from sparsify.core.registry import REGISTRY, register
+
+    class ClipGroup(Group):
+        def target(self, step):
+            return None
+
+        def final_target(self):
+            return None
+
+        def finalize_member(self, name, module):
+            return module  # part of the deployed model
+
+    @register
+    class ClipMethod(Method):
+        name, site, inserts_after, group_class, deploy_layout = "t-clip", "node", True, ClipGroup, layout
+
+        def apply(self, site, params):
+            site.insert_after(Clip(), "clip")
+    try:
+        torch.manual_seed(0)
+        net = transformers.ResNetForImageClassification(transformers.ResNetConfig(
+            embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3))
+        x = torch.randn(2, 3, 32, 32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = sparsify.sparsify(net, {"version": 1, "rules": [{"match": {"type": "ReLU"}, "method": "t-clip"}]},
+                                      example_inputs={"pixel_values": x})
+        final = sparsify.finalize(model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            final.save_pretrained(tmp_path)
+    finally:
+        REGISTRY.pop("t-clip", None)
+    said = [str(w.message) for w in caught if "which ResNetForImageClassification does not build" in str(w.message)]
+    assert len(said) == (said_with is not None) and all(said_with in m for m in said), said
+    reloaded = transformers.ResNetForImageClassification.from_pretrained(tmp_path).eval()  # what it warns about
+    with torch.no_grad():
+        assert not torch.allclose(reloaded(pixel_values=x).logits, final(pixel_values=x).logits)
+
+
 def test_a_sas_training_folder_is_said_to_be_refused(tmp_path):
     """SAS's training weights are M times wider than the class's: from_pretrained of the folder
     refuses them (it does not give the dense model), and the warning says so and points to

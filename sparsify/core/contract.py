@@ -250,8 +250,9 @@ class Method:
     needs_example_inputs: ClassVar[bool] = False  # True: the group sizes buffers from input shapes at build
     full_trace: ClassVar[bool] = False  # True: rewrites read the nodes around a site (trace every module holding one)
     inserts_after: ClassVar[bool] = False  # True: apply inserts nodes after the site's call (needs its graph)
-    # what finalize's modules hold that the dense model's class does not build (None: nothing), said
-    # when the finalized model is saved with save_pretrained, whose from_pretrained rebuilds the class
+    # what finalize's modules hold that the dense model's class does not build, said when the finalized
+    # model is saved with save_pretrained, whose from_pretrained rebuilds the class ("": nothing; None:
+    # undeclared, and the kept modules that are not plain Conv/Linear layers are named instead)
     deploy_layout: ClassVar[str | None] = None
     # what the model in training holds in place of weights of the class's shapes (None: the class's
     # weights, masks and thresholds as extra entries), said when it is saved with save_pretrained:

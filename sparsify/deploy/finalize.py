@@ -20,7 +20,7 @@ from sparsify.deploy.removed_norms import warn_removed_weight_norms
 from passes.call_inputs import input_tuple
 from sparsify.prepare.open_transformer import close_transformers
 from sparsify.prepare.inputs import FIT_HINT, misfit_error, refuse_empty, state_inputs
-from sparsify.prepare.pretrained import guard_foreign_layout, unguard_save_pretrained
+from sparsify.prepare.pretrained import guard_foreign_layout, kept_layout, unguard_save_pretrained
 from sparsify.prepare.tied import point_aliases
 from sparsify.prepare.training_only import skipping_line, training_only_graphs
 from sparsify.core.contract import Group
@@ -112,11 +112,11 @@ def _finalize_model(model: nn.Module, example_inputs, *, check: bool, rtol: floa
     replaced: dict[int, nn.Module] = {}
     removed = []  # members the default finalize_member removed, for the output check's error
     for group in fstate.groups.values():
-        layout = get_method(group.method_name).deploy_layout
+        kept = []
         for name, member in group.members.items():
             new = group.finalize_member(name, member)
-            if new is not None and layout and layout not in foreign:
-                foreign.append(layout)
+            if new is not None:
+                kept.append(new)
             if new is None:
                 if type(group).finalize_member is Group.finalize_member:
                     removed.append(f"{name} ({group.method_name}: {type(member).__name__})")
@@ -125,6 +125,8 @@ def _finalize_model(model: nn.Module, example_inputs, *, check: bool, rtol: floa
             elif new is not member:
                 set_submodule(final, name, new)
                 replaced[id(member)] = new
+        if (layout := kept_layout(get_method(group.method_name), kept)) and layout not in foreign:
+            foreign.append(layout)
     point_aliases(final, replaced)  # a layer under several names (timm CoaT's cpe1) stays one module
     from sparsify.prepare.hidden import finalize_hidden  # weights read outside module calls (Swin, MultiheadAttention)
     finalize_hidden(final, fstate.graph_paths)

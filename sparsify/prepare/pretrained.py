@@ -9,8 +9,10 @@ when it is called outside a running ``Trainer`` (whose checkpoints are resumed i
 model: ``SparsifyTrainerCallback`` marks the run, see :attr:`SparsifyState.in_trainer`).
 
 A finalized model saves as its class does, unless it holds modules the class does not build (SAS's
-wider layers, semi-structured's masks: a method's ``deploy_layout``): ``from_pretrained`` could not
-restore them, and :func:`guard_foreign_layout` makes its ``save_pretrained`` say so, once.
+wider layers, semi-structured's masks: a method's ``deploy_layout``; for a method that declares
+none, the modules it keeps that are not plain Conv/Linear layers: :func:`kept_layout`):
+``from_pretrained`` could not restore them, and :func:`guard_foreign_layout` makes its
+``save_pretrained`` say so, once.
 """
 from __future__ import annotations
 
@@ -19,10 +21,12 @@ import warnings
 
 from torch import nn
 
+from sparsify.core.contract import Method
+from sparsify.core.layers import WEIGHT_TYPES, SparseWeightMixin
 from sparsify.core.registry import get_method
 from sparsify.core.state import find_state
 
-__all__ = ["guard_save_pretrained", "unguard_save_pretrained", "guard_foreign_layout"]
+__all__ = ["guard_save_pretrained", "unguard_save_pretrained", "guard_foreign_layout", "kept_layout"]
 
 RESUME_ADVICE = ("to resume training, build the model with the same sparsify(...) call and load_state_dict the "
                  "folder's weights (strict=False where a tied head's weight was left out: "
@@ -82,6 +86,31 @@ def unguard_save_pretrained(root: nn.Module) -> None:
     method = root.__dict__.get("save_pretrained")
     if isinstance(method, types.MethodType) and method.__func__ is save_pretrained:
         del root.__dict__["save_pretrained"]
+
+
+def kept_layout(method: Method, kept: list[nn.Module]) -> str | None:
+    """What ``kept``, the modules ``method``'s ``finalize_member`` put in the finalized model, hold
+    that the model's class does not build: the method's ``deploy_layout`` (``""``: nothing) or,
+    where it declares none (``None``, a method of the user's that keeps a module of its own), its
+    kept modules that are not plain Conv/Linear layers; None when there is nothing to say.
+
+    >>> import torch
+    >>> class Gate(Method):
+    ...     name = "gate"
+    >>> kept_layout(Gate(), [torch.nn.Linear(2, 2), torch.nn.Hardtanh()])
+    "modules of method 'gate' that its finalize_member keeps (Hardtanh; the method declares no deploy_layout)"
+    >>> kept_layout(Gate(), [torch.nn.Linear(2, 2)]) is None
+    True
+    """
+    if not kept:
+        return None
+    if method.deploy_layout is not None:
+        return method.deploy_layout or None
+    own = sorted({type(m).__name__ for m in kept if isinstance(m, SparseWeightMixin) or not isinstance(m, WEIGHT_TYPES)})
+    if not own:
+        return None
+    return (f"modules of method {method.name!r} that its finalize_member keeps ({', '.join(own)}; the method declares "
+            "no deploy_layout)")
 
 
 def guard_foreign_layout(root: nn.Module, why: str) -> None:
