@@ -49,7 +49,7 @@ def advance(state: SparsifyState, root: nn.Module, loss: float | None, said: lis
         m.drop_caches()
     # FSDP2: the groups that read weights this step see them whole (docs/distributed.md)
     readers = [m for g in state.groups.values() if g.reads_weights(t) for m in (g, *g.members.values())]
-    failed = None
+    failed = []
     with full_parameters(readers):
         for name, group in state.groups.items():
             group.clear()
@@ -59,7 +59,7 @@ def advance(state: SparsifyState, root: nn.Module, loss: float | None, said: lis
                 said.append((f"nonfinite:{name}", f"sparsify.step: {name} ({group.method_name}) met "
                              f"non-finite weights at step {t} and kept its previous thresholds and masks ({e})"))
             except Exception as e:  # (a method of the user's) the other groups still take the step
-                failed = failed or (name, group, e)
+                failed.append((name, group, e))
     if is_distributed():
         collect_at_exit()
     if is_distributed() and sharded_modules(root.modules()):
@@ -70,10 +70,18 @@ def advance(state: SparsifyState, root: nn.Module, loss: float | None, said: lis
             note_fsdp(m)
             m.drop_caches(free=True)
         release_workspaces()  # sized to the largest weight or activation the thread met
-    if failed is not None:
-        name, group, e = failed
-        others = [n for n in state.groups if n != name]
-        raise RuntimeError(f"sparsify.step: {name} ({group.method_name}) raised at step {t}: {type(e).__name__}: "
-                           f"{e}" + (f"; the other groups ({', '.join(others)}) took step {t}, {name} missed it"
-                                     if others else "")) from e
+    if failed:
+        raise RuntimeError(_failure_message(state, failed, t)) from failed[0][2]
     return t
+
+
+def _failure_message(state: SparsifyState, failed: list, t: int) -> str:
+    """One line naming every group whose update raised at step ``t`` and the groups that took it."""
+    (name, group, e), *more = failed
+    said = f"sparsify.step: {name} ({group.method_name}) raised at step {t}: {type(e).__name__}: {e}"
+    said += "".join(f"; {n} ({g.method_name}) raised too: {type(x).__name__}: {x}" for n, g, x in more)
+    missed = [n for n, _, _ in failed]
+    others = [n for n in state.groups if n not in missed]
+    if others:
+        said += f"; the other groups ({', '.join(others)}) took step {t}, {' and '.join(missed)} missed it"
+    return said
