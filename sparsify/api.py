@@ -93,7 +93,7 @@ def sparsify(model: nn.Module, recipe, *, example_inputs=None, total_steps: int 
         remember_holder(root)
     remember_sparsified(model, root)  # to name them in errors: the model given, a layer of the one returned
     state = find_state(root)  # its groups make their buffers (step, thresholds) on the CPU
-    say_once(state, [(m, m) for g in state.groups.values() for m in group_messages(g, "build_warnings")], stacklevel=2)
+    say_once(state, [(m, m) for m in state.build_said], stacklevel=2)
     move_buffers((state, *state.groups.values()), model_device(root))
     if state.step.is_meta:  # a shape-only model: refuse to run once materialized without values
         root.register_forward_pre_hook(refuse_unfilled)

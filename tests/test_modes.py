@@ -151,3 +151,34 @@ def test_a_failed_inplace_call_leaves_the_callers_values_as_they_were(method, mo
         sparsify.sparsify(model, recipe, total_steps=10, example_inputs=torch.randn(2, 8), inplace=True)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert {n: type(m) for n, m in model.named_modules()} == kinds
+
+
+@pytest.mark.parametrize("method", sorted(FIX_AT_START))
+def test_an_inplace_call_refusing_a_groups_build_warnings_leaves_the_callers_model(method, monkeypatch):
+    """A method's build_warnings() returning one string is refused (TypeError), but that was checked
+    after the caller's modules were rewritten and step 0 had pruned its weights: they stayed so."""
+    from sparsify.core.contract import Group, Method
+    from sparsify.core.registry import REGISTRY
+
+    class OneString(Group):
+        def writes_weights(self, step):
+            return False
+
+        def build_warnings(self):
+            return "something is off"
+
+    class Chatty(Method):
+        name, group_class = "chatty-test", OneString
+
+        def apply(self, site, params):
+            site.replace(site.module)
+    monkeypatch.setitem(REGISTRY, Chatty.name, Chatty())
+    torch.manual_seed(0)
+    model = _Tied()
+    state, kinds = _snapshot(model)
+    recipe = {**FIX_AT_START[method], "rules": [{**FIX_AT_START[method]["rules"][0], "match": {"name": ["a", "b"]}},
+                                                {"match": {"name": "head"}, "method": Chatty.name}]}
+    with pytest.raises(TypeError, match="build_warnings"):
+        sparsify.sparsify(model, recipe, total_steps=10, example_inputs=torch.randn(2, 8), inplace=True)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert {n: type(m) for n, m in model.named_modules()} == kinds

@@ -53,6 +53,7 @@ class SparsifyState(nn.Module):
         self.layer_factors: dict[str, float] | None = None  # MACs per weight element by layer (stats)
         self.macs_missing = ""  # why no input ran to count MACs, for the report (stats.macs)
         self.warned: set[str] = set()
+        self.build_said: list[str] = []  # what the groups' build_warnings() returned, for sparsify() (not saved)
         self.first_weights = None  # (step, largest |w| per sparse layer) at the first check (core.weight_growth)
         self.synced = False  # an averaged copy that sparsify.sync gave a model's sparsity (saved)
         self.unfilled = False  # sparsified on meta, then materialized: the state holds no values

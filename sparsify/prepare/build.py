@@ -45,6 +45,7 @@ from sparsify.prepare.written import own_written_weights, put_values_back, share
 from sparsify.core.forwards import watch_forwards
 from sparsify.core.load_hooks import before_load
 from sparsify.core.state import STATE_ATTR, SparsifyState, after_load, start_groups
+from sparsify.core.step_checks import group_messages
 
 __all__ = ["build", "check_model"]
 
@@ -283,6 +284,8 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     try:
         start_groups(state)
         check_effective_weights(state.groups.values())  # a method of the user's: its layers' weights fit
+        # checked here, not when sparsify() says them: a refused one must find the caller's model restored
+        state.build_said = [m for g in state.groups.values() for m in group_messages(g, "build_warnings")]
     except BaseException:
         put_values_back(saved)
         raise
