@@ -27,7 +27,7 @@ from sparsify.core.wrong_model import given_to_sparsify, remember_sparsified
 from sparsify.core.advance import advance
 from sparsify.core.penalty_watch import penalty_terms, watch_penalty
 from sparsify.core.diverged import diverged_message, nonfinite_parameters, refuse_nonfinite
-from sparsify.core.step_checks import after_step, as_loss, group_messages, say_once
+from sparsify.core.step_checks import after_step, as_loss, say_once
 from sparsify.prepare.inputs import check_inputs
 from sparsify.prepare.sharing import SHARED_WARNING, mark_trained, remember_holder, trained_through_earlier
 from sparsify.changed_model import _check_averaged, _forget_replaced
