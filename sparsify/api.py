@@ -26,6 +26,7 @@ from sparsify.core.state import find_state, refuse_unfilled, unwrap
 from sparsify.core.wrong_model import given_to_sparsify, remember_sparsified
 from sparsify.core.advance import advance
 from sparsify.core.penalty_watch import penalty_terms, watch_penalty
+from sparsify.core.records import penalty_sum
 from sparsify.core.diverged import diverged_message, nonfinite_parameters, refuse_nonfinite
 from sparsify.core.step_checks import after_step, as_loss, say_once
 from sparsify.prepare.inputs import check_inputs
@@ -209,7 +210,7 @@ def penalty(model: nn.Module):
     terms, computed = penalty_terms(state)
     if not terms:
         return 0.0
-    total = torch.stack(terms).sum()
+    total = penalty_sum(terms)
     watch_penalty(state, total, computed)  # the next step says if no gradient passed through it
     return total
 

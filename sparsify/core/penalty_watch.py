@@ -21,10 +21,10 @@ CONSTANT_PENALTY = ("sparsify.step: the penalty returned by sparsify.penalty() h
 
 
 def penalty_terms(state) -> tuple[list[torch.Tensor], bool]:
-    """Every group's :meth:`~sparsify.core.contract.Group.penalty` as a float32 scalar tensor (all
-    float64 when one is: a float64 model's terms): a
-    one-element tensor as it is, a Python number as a constant; anything else is an error naming
-    the method and the group. Also whether some group gave a tensor (a term the forwards computed).
+    """Every group's :meth:`~sparsify.core.contract.Group.penalty` as a one-element tensor, for
+    :func:`~sparsify.core.records.penalty_sum`: a one-element tensor as it is, a Python number as a
+    constant; anything else is an error naming the method and the group. Also whether some group
+    gave a tensor (a term the forwards computed).
 
     >>> from types import SimpleNamespace as NS
     >>> state = NS(groups={"rule0_mine": NS(method_name="mine", penalty=lambda: torch.ones(2))})
@@ -46,10 +46,7 @@ def penalty_terms(state) -> tuple[list[torch.Tensor], bool]:
                             "return a scalar tensor (the term added to the loss), a number, or None")
         else:
             device = device or p.device
-        terms.append((p if p.dtype == torch.float64 else p.float()).reshape(()))
-    # a float64 model's terms keep float64 (rounding them to float32 lost what its loss keeps)
-    wide = torch.float64 if any(t.dtype == torch.float64 for t in terms) else torch.float32
-    terms = [t.to(wide) for t in terms]
+        terms.append(p.reshape(()))
     return ([t.to(device) for t in terms], True) if device is not None else (terms, False)
 
 

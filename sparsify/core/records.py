@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["RecordsMixin", "RecordsGroupMixin", "in_backward", "backpropagated", "graph_holders"]
+__all__ = ["RecordsMixin", "RecordsGroupMixin", "in_backward", "backpropagated", "graph_holders", "penalty_sum"]
 
 
 def in_backward() -> bool:
@@ -167,11 +167,7 @@ class RecordsGroupMixin:
                 "micro-batch only), and backward() freed their graphs: add sparsify.penalty(model) to every "
                 "micro-batch's loss, scaled as that loss is")
         terms = [t for ts in pending for t in ts]
-        if not terms:
-            return None
-        # float32 (a bf16 model's terms summed without its rounding), float64 for a float64 model's
-        wide = torch.float64 if any(t.dtype == torch.float64 for t in terms) else torch.float32
-        return torch.stack([t.to(wide).reshape(()) for t in terms]).sum()
+        return penalty_sum(terms) if terms else None
 
     def clear(self) -> None:
         for m in self.members.values():
@@ -197,3 +193,17 @@ class RecordsGroupMixin:
                        "left on), where the recipe's penalty is not computed; call model.train() before the "
                        "training forwards")
         return out
+
+
+def penalty_sum(terms: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of one-element penalty ``terms`` in float32 (a bfloat16 model's terms summed without
+    its rounding), in float64 when a term is (a float64 model's: rounding it to float32 would lose
+    what its loss keeps); ``terms`` share a device.
+
+    >>> penalty_sum([torch.ones(1, dtype=torch.bfloat16), torch.ones(())]).dtype
+    torch.float32
+    >>> penalty_sum([torch.ones((), dtype=torch.float64), torch.ones(())]).dtype
+    torch.float64
+    """
+    wide = torch.float64 if any(t.dtype == torch.float64 for t in terms) else torch.float32
+    return torch.stack([t.to(wide).reshape(()) for t in terms]).sum()
