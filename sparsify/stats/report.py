@@ -11,7 +11,9 @@ from sparsify.core.layers import SparseWeightMixin
 from sparsify.core.state import SparsifyState
 from sparsify.stats.macs import layer_factors
 from sparsify.prepare.hidden_positions import weight_numel
+from sparsify.prepare.plan_entry import once
 from sparsify.prepare.plan_wording import share_text
+from sparsify.stats.method_params import left_out, method_parameters
 
 __all__ = ["LayerRow", "Report", "build_report", "silenced_activations"]
 
@@ -96,7 +98,7 @@ class Report:
         lines.append(
             self._sparsified_line()
             + f"whole model: {num(t['nonzero_params'])} of {num(t['params'])} parameters non-zero"
-            + _left_out(t.get("method_params"))
+            + left_out(t.get("method_params"))
             + (f"; Conv/Linear non-zero-weight MACs {num(t['nonzero_macs'])} of {num(t['macs'])} dense "
                f"({pct(t['mac_reduction'])} fewer)" if t["macs"] else "")
             + (f"; executed MACs {num(t['executed_macs'])}" if t.get("executed_macs") not in (None, t["macs"]) else ""))
@@ -131,7 +133,7 @@ def _outside_macs(plan) -> dict | None:
     them out (a Qwen-MoE's '90% fewer' was the attention's)."""
     if plan is None:
         return None
-    total = sum({e.name: e.params for e in plan.entries}.values())  # a layer called twice counts once
+    total = sum(e.params for e in once(plan.entries))  # a layer called twice counts once
     if not total:
         return None
     outside = plan.kernel_weights()
@@ -185,43 +187,6 @@ def _weight(mod) -> torch.Tensor | None:
     return w.detach() if isinstance(w, torch.Tensor) else None
 
 
-def _method_parameters(state: SparsifyState) -> dict[str, dict[int, int]]:
-    """``{method: {id(parameter): numel}}``: the parameters each method trains besides the model's
-    weights (STR's per-layer thresholds on its layers, str-global's one in its group), which
-    ``finalize`` does not ship; a parameter shared by several is counted once."""
-    own: dict[str, dict[int, int]] = {}
-    for group in state.groups.values():
-        found = own.setdefault(group.method_name, {})
-        found.update((id(p), p.numel()) for p in group.parameters())
-        found.update((id(p), p.numel()) for m in group.members.values() if isinstance(m, SparseWeightMixin)
-                     for n, p in m.named_parameters(recurse=False) if n not in ("weight", "bias"))
-    found = {id(p): p.numel() for p in state.parameters()}  # any held by the state outside its groups
-    seen = {i for ps in own.values() for i in ps}
-    if extra := {i: n for i, n in found.items() if i not in seen}:
-        own["sparsify"] = extra
-    return own
-
-
-def _left_out(method_params: dict | None) -> str:
-    """What the "whole model" count leaves out, said after it (nothing when the methods train no
-    parameter of their own).
-
-    >>> _left_out({"str": 4})
-    ', as finalize ships it (without the 4 parameters str trains besides the weights)'
-    >>> _left_out({"str": 4, "mine": 1})
-    ', as finalize ships it (without the parameters the methods train besides the weights: str 4, mine 1)'
-    >>> _left_out({})
-    ''
-    """
-    if not method_params:
-        return ""
-    if len(method_params) == 1:
-        (name, n), = method_params.items()
-        return f", as finalize ships it (without the {n:,} parameter{'s' * (n > 1)} {name} trains besides the weights)"
-    said = ", ".join(f"{name} {n:,}" for name, n in method_params.items())
-    return f", as finalize ships it (without the parameters the methods train besides the weights: {said})"
-
-
 @torch.no_grad()
 def build_report(root, state: SparsifyState) -> Report:
     """The :class:`Report` of ``root`` (the unwrapped model) at ``state``'s current step, what
@@ -273,7 +238,7 @@ def build_report(root, state: SparsifyState) -> Report:
     tp = sum(r.params for r in targeted)
     # the model's parameters as finalize ships them: not the methods' own (STR's thresholds), which
     # the totals count apart so that the report can say what its parameter count leaves out
-    own = _method_parameters(state)
+    own = method_parameters(state)
     method_only = {i for ps in own.values() for i in ps}
     model_params = [(n, p) for n, p in root.named_parameters() if id(p) not in method_only]
     rewritten = {r.name for r in sparse_rows}
