@@ -41,7 +41,7 @@ from sparsify.prepare.recipe import Recipe
 from sparsify.prepare.undo import TreeSnapshot, mirror_children
 from sparsify.prepare.validate import check_times
 from sparsify.prepare.effective_check import check_effective_weights
-from sparsify.prepare.written import own_written_weights, put_values_back, share_unwritten, values_written_at_start
+from sparsify.prepare.written import step_zero_writes
 from sparsify.core.forwards import watch_forwards
 from sparsify.core.load_hooks import before_load
 from sparsify.core.state import STATE_ATTR, SparsifyState, after_load, start_groups
@@ -150,7 +150,7 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
             warnings.warn(f"sparsify: {c.name} stays dense: {why}", stacklevel=3)
         why = why or direct.get(c.name) or w.method.accepts(site)
         # declined here, though an earlier rule's method would take it: it stays dense, said (Plan.shadowed)
-        if why and (earlier := _taken_before(matcher, c, root)) is not None:
+        if why and (earlier := matcher.taken_before(c, root)) is not None:
             plan.shadowed.append({"name": c.name, "rule": w.rule.index, "earlier": earlier, "reason": why})
         weight_params = c.module.weight.numel() if isinstance(c.module, WEIGHT_TYPES) else 0
         if c.name in tied_users:  # counted once, with the layer owning the mask
@@ -278,25 +278,10 @@ def _build(root: nn.Module, recipe: Recipe, example_inputs, total_steps: int | N
     guard_save_pretrained(root)
     for m in state.members():
         watch_forwards(m)  # a method's own module or kept plain layer: refuse retracing, note forwards
-    pairs = own_written_weights(root, state.groups.values(), caller) if caller else []
-    # inplace: step 0 writes the caller's own tensors; a refusal after it must leave their values as they were
-    saved = values_written_at_start(state.groups.values()) if inplace else []
-    try:
+    # step 0 writes copies of the caller's tensors, or under inplace its own, put back if refused after
+    with step_zero_writes(root, state.groups.values(), caller, inplace):
         start_groups(state)
         check_effective_weights(state.groups.values())  # a method of the user's: its layers' weights fit
         # checked here, not when sparsify() says them: a refused one must find the caller's model restored
         state.build_said = [m for g in state.groups.values() for m in group_messages(g, "build_warnings")]
-    except BaseException:
-        put_values_back(saved)
-        raise
-    share_unwritten(root, pairs)
     return root, plan
-
-
-def _taken_before(matcher: MatchTable, c, root: nn.Module) -> int | None:
-    """The last rule before ``c``'s winner whose method would have rewritten ``c``, or None."""
-    for i in reversed(matcher.overridden(c)):
-        rule = matcher.rules[i]
-        if not rule.method.accepts(Site(c.name, c.module, c.gm, c.node, c.prefix, root, params=rule.rule.params)):
-            return i
-    return None

@@ -180,6 +180,14 @@ class MatchTable:
         return [i for i in matched if winner is not None and i < winner.rule.index
                 and self.rules[i].method is not None]
 
+    def taken_before(self, c: Candidate, root: nn.Module) -> int | None:
+        """The last rule before ``c``'s winner whose method would have rewritten ``c``, or None."""
+        for i in reversed(self.overridden(c)):
+            rule = self.rules[i]
+            if not rule.method.accepts(Site(c.name, c.module, c.gm, c.node, c.prefix, root, params=rule.rule.params)):
+                return i
+        return None
+
     def refused(self, c: Candidate) -> str | None:
         """Why the last rule that would match ``c`` but whose method does not take its module
         type (SAS and a Conv1D) skipped it, for the plan; None when there is no such rule."""
@@ -230,28 +238,26 @@ class MatchTable:
         >>> table.unmatched(), table.unmatched(graphs=[gm]), table.unmatched(graphs=[])
         ([], [], [0])
         """
-        hit = {i for i, lost in self._hits(graphs) if not lost}
+        hit = {i for i, lost, _ in self._hits(graphs) if not lost}
         return [r.rule.index for r in self.rules if r.rule.index not in hit]
 
     def lost(self, index: int, graphs) -> str:
         """`` (it matched silu in a.norm, ...: ...)`` for rule ``index`` when its only matches were
         nodes of graphs the capture gave up (:meth:`unmatched`): why it matched nothing."""
-        where = sorted({c.prefix or "<root>" for i, lost, c in self._hits(graphs, with_candidates=True)
-                        if i == index and lost})
+        where = sorted({c.prefix or "<root>" for i, lost, c in self._hits(graphs) if i == index and lost})
         if not where:
             return ""
         return (f" (its matches were in {', '.join(where[:3])}{', ...' if len(where) > 3 else ''}, which torch.fx "
                 "traced and then gave up: they run their own forward, with no node to insert at; see the plan's "
                 "'untraceable' lines)")
 
-    def _hits(self, graphs, with_candidates: bool = False):
-        # (rule index, lost) for every match; lost: a node a method inserts at, outside ``graphs``
+    def _hits(self, graphs):
+        # (rule index, lost, candidate) for every match; lost: a node a method inserts at, outside ``graphs``
         kept = None if graphs is None else {id(g) for g in graphs}
         for _, matched, c in self._table.values():
             gone = kept is not None and c.node is not None and id(c.gm) not in kept
             for i in matched:
-                lost = gone and self.rules[i].method is not None and self.rules[i].method.site == "node"
-                yield (i, lost, c) if with_candidates else (i, lost)
+                yield i, gone and self.rules[i].method is not None and self.rules[i].method.site == "node", c
 
     def overruled(self) -> list[dict]:
         """The rules that matched candidates but decide none of them, because one later rule

@@ -10,12 +10,16 @@ dropped again, so the model shares what was not written.
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 from torch import nn
 
 from sparsify.core.contract import Group
 
-__all__ = ["own_written_weights", "share_unwritten", "values_written_at_start", "put_values_back"]
+__all__ = ["step_zero_writes", "own_written_weights", "share_unwritten", "values_written_at_start",
+           "put_values_back"]
 
 
 def _may_write(group: Group) -> bool | None:
@@ -120,3 +124,21 @@ def put_values_back(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     with torch.no_grad():
         for t, values in saved:
             t.copy_(values)
+
+
+@contextlib.contextmanager
+def step_zero_writes(root: nn.Module, groups, caller: set[int] | None, inplace: bool) -> Iterator[None]:
+    """Around step 0 (the groups' ``update(0)`` and what may refuse after it): the caller's tensors
+    (ids in ``caller``, the default mode) that a group may write get copies first, and those left
+    unchanged are shared again after (:func:`own_written_weights`, :func:`share_unwritten`); under
+    ``inplace`` the values a group may write are copied and put back if anything inside raises
+    (:func:`values_written_at_start`)."""
+    groups = list(groups)
+    pairs = own_written_weights(root, groups, caller) if caller else []
+    saved = values_written_at_start(groups) if inplace else []
+    try:
+        yield
+    except BaseException:
+        put_values_back(saved)
+        raise
+    share_unwritten(root, pairs)
