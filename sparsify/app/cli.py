@@ -81,12 +81,9 @@ def _resume_conflicts(args, given: set[str]) -> list[tuple[str, str]]:
 def _run_optimizer(saved: dict) -> dict:
     """The optimizer, lr and weight decay the saved run trained with (its config stores None for a
     default, resolved from its recipe); ``{}`` when they cannot be worked out (its recipe file gone)."""
-    from dataclasses import fields
-
-    from sparsify.app.config import TrainConfig, resolve_optimizer
-    known = {f.name for f in fields(TrainConfig)}
+    from sparsify.app.config import resolve_optimizer, saved_config
     try:
-        return resolve_optimizer(TrainConfig(**{k: v for k, v in saved.items() if k in known}))
+        return resolve_optimizer(saved_config(saved))
     except Exception:  # an edited or moved run: compared as stored, and resuming says what is wrong
         return {}
 

@@ -21,7 +21,8 @@ from sparsify.core.load_check import what_runs
 from sparsify.prepare.recipe import Recipe, builtin_recipes, load_recipe
 from sparsify.prepare.validate import RecipeError
 
-__all__ = ["TrainConfig", "config_from_args", "METHOD_DEFAULTS", "BASE_DEFAULTS", "resolve_optimizer", "run_recipe"]
+__all__ = ["TrainConfig", "config_from_args", "METHOD_DEFAULTS", "BASE_DEFAULTS", "resolve_optimizer", "run_recipe",
+           "saved_config"]
 
 #: Optimizer settings a method needs to work in a short run (applied unless given explicitly).
 #: STR sparsifies only through weight decay on its threshold parameters; with the library's
@@ -182,13 +183,23 @@ def _type_problem(saved: dict) -> str | None:
     return None
 
 
+def saved_config(saved: dict) -> TrainConfig:
+    """The :class:`TrainConfig` a run folder's ``config.json`` (read as ``saved``) holds; keys of
+    other versions are left out.
+
+    >>> saved_config({"model": "cnn", "epochs": 3, "gone": 1}).epochs
+    3
+    """
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in saved.items() if k in known})
+
+
 def _load_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict, dict]:
     saved, tensors, meta = load_run(Path(cfg.resume), cfg.model, TrainConfig.model)
     if (bad := _type_problem(saved)) is not None:
         raise CheckpointError(f"--resume {cfg.resume}: {CONFIG} holds {bad}, not a value of that setting (edited or "
                               "damaged); the run cannot be resumed from it")
-    known = {f.name for f in fields(TrainConfig)}
-    new = TrainConfig(**{k: v for k, v in saved.items() if k in known})
+    new = saved_config(saved)
     new.out, new.resume, new.progress, new.overwrite = str(cfg.resume), str(cfg.resume), cfg.progress, False
     if cfg.threads is not None:  # else the saved run's: the thread count changes float reductions
         new.threads = cfg.threads

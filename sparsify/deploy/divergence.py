@@ -149,7 +149,11 @@ def _differs(source: nn.Module, final: nn.Module, name: str) -> bool:
         a, b = source.get_parameter(name), final.get_parameter(name)
     except AttributeError:
         return False
-    return a.shape != b.shape or not torch.equal(a.detach().to(b.device, b.dtype), b.detach())
+    return not _same_values(a, b)
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a.detach().to(b.device, b.dtype), b.detach())
 
 
 def _own_tensors_differ(a: nn.Module, b: nn.Module) -> bool:
@@ -166,8 +170,7 @@ def _own_tensors_differ(a: nn.Module, b: nn.Module) -> bool:
         u = theirs[name]
         if (t is None) != (u is None):
             return True
-        if t is not None and (t.shape != u.shape or t.is_meta or u.is_meta
-                              or not torch.equal(t.detach().to(u.device, u.dtype), u.detach())):
+        if t is not None and (t.is_meta or u.is_meta or not _same_values(t, u)):
             return True
     return False
 
